@@ -1,0 +1,57 @@
+// Argument checks shared by the CPU and CUDA entry points. The Python layer gives friendlier
+// messages first; these keep direct torch.ops.cetnet.* calls from ever reading out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace cetnet {
+
+inline void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D [batch, members], got ",
+                    logits.dim(), "-D");
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits needs at least one member (K >= 1)");
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), op,
+                   ": logits must be floating point, got ", logits.scalar_type());
+}
+
+inline void check_temperature(const at::Tensor& temperature, const at::Tensor& logits,
+                              const char* op) {
+  TORCH_CHECK_VALUE(temperature.numel() == 1 && temperature.dim() == 0, op,
+                    ": temperature must be a 0-dim tensor");
+  TORCH_CHECK_TYPE(at::isFloatingType(temperature.scalar_type()), op,
+                   ": temperature must be floating point");
+  TORCH_CHECK(temperature.device() == logits.device(), op,
+              ": temperature must be on the device of logits (", logits.device(), "), got ",
+              temperature.device());
+}
+
+inline void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name,
+                       const char* op) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name,
+                    " must have shape [", logits.size(0), "], got ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be floating point");
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device());
+}
+
+inline void check_like_logits(const at::Tensor& t, const at::Tensor& logits, const char* name,
+                              const char* op) {
+  TORCH_CHECK_VALUE(t.sizes() == logits.sizes(), op, ": ", name, " must have shape ",
+                    logits.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be floating point");
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device());
+}
+
+// The accumulation dtype: float64 for float64 inputs, float32 for the rest.
+inline at::ScalarType acc_type_of(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// 0 = none, 1 = mean, 2 = sum (the values of at::Reduction).
+inline void check_reduction(int64_t reduction, const char* op) {
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, op,
+                    ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+}  // namespace cetnet

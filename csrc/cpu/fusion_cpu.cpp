@@ -1,0 +1,323 @@
+// CPU kernels: the row math of fusion_math.h run on at::vec::Vectorized, one SIMD lane per row.
+//
+// Rows are processed in tiles of L = Vec::size() rows: a tile's logits are transposed into
+// member-major SIMD vectors (any input strides), each member's sigmoid/log-sigmoid/entropy is
+// computed once and cached, and the row functions run on whole vectors. Tiles are grouped in
+// fixed blocks of kBlockRows rows and blocks run in parallel (at::parallel_for); reductions sum
+// one partial per block in block order, so results are bitwise identical for any thread count.
+#include "cpu/vec_math.h"  // before fusion_math.h: provides the Vectorized overloads
+#include "fusion_math.h"
+
+#include "checks.h"
+#include "cpu/fusion_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace cetnet::cpu {
+namespace {
+
+constexpr int64_t kBlockRows = 512;
+
+// Per-task scratch: the cached member values of one tile and a transpose buffer.
+template <typename acc_t>
+struct Scratch {
+  static constexpr int L = Vec<acc_t>::size();
+  explicit Scratch(int K) : cache(K), buf(static_cast<size_t>(K) * L), row(K, cache.data()) {}
+  struct Row {
+    Row(int K_, const Elem<Vec<acc_t>>* c) : K(K_), cache(c) {}
+    int K;
+    const Elem<Vec<acc_t>>* cache;
+    const Elem<Vec<acc_t>>& elem(int k) const { return cache[k]; }
+  };
+  std::vector<Elem<Vec<acc_t>>> cache;
+  std::vector<acc_t> buf;  // [K][L] member-major
+  Row row;
+};
+
+// Gathers rows [b0, b0 + n) of a strided [B, K] tensor into buf[k * L + r] (zero-padded).
+template <typename scalar_t, typename acc_t>
+inline void gather_tile(const scalar_t* x, int64_t s0, int64_t s1, int64_t b0, int n, int K,
+                        acc_t* buf) {
+  constexpr int L = Vec<acc_t>::size();
+  for (int k = 0; k < K; ++k) {
+    const scalar_t* col = x + b0 * s0 + k * s1;
+    acc_t* out = buf + k * L;
+    for (int r = 0; r < n; ++r) out[r] = static_cast<acc_t>(col[r * s0]);
+    for (int r = n; r < L; ++r) out[r] = acc_t(0);
+  }
+}
+
+// Writes buf[k * L + r] to rows [b0, b0 + n) of a contiguous [B, K] tensor.
+template <typename scalar_t, typename acc_t>
+inline void scatter_tile(const acc_t* buf, int64_t b0, int n, int K, scalar_t* x) {
+  constexpr int L = Vec<acc_t>::size();
+  for (int r = 0; r < n; ++r) {
+    scalar_t* dst = x + (b0 + r) * K;
+    for (int k = 0; k < K; ++k) dst[k] = static_cast<scalar_t>(buf[k * L + r]);
+  }
+}
+
+// Gathers n values of a strided 1-D tensor, zero-padded to L.
+template <typename scalar_t, typename acc_t>
+inline Vec<acc_t> gather_rows(const scalar_t* x, int64_t s0, int64_t b0, int n) {
+  constexpr int L = Vec<acc_t>::size();
+  alignas(64) acc_t tmp[L];
+  for (int r = 0; r < n; ++r) tmp[r] = static_cast<acc_t>(x[(b0 + r) * s0]);
+  for (int r = n; r < L; ++r) tmp[r] = acc_t(0);
+  return Vec<acc_t>::loadu(tmp);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_rows(const Vec<acc_t>& v, int64_t b0, int n, scalar_t* x) {
+  constexpr int L = Vec<acc_t>::size();
+  alignas(64) acc_t tmp[L];
+  v.store(tmp);
+  for (int r = 0; r < n; ++r) x[b0 + r] = static_cast<scalar_t>(tmp[r]);
+}
+
+template <typename acc_t>
+inline acc_t sum_lanes(const Vec<acc_t>& v, int n) {
+  constexpr int L = Vec<acc_t>::size();
+  alignas(64) acc_t tmp[L];
+  v.store(tmp);
+  acc_t s = 0;
+  for (int r = 0; r < n; ++r) s += tmp[r];
+  return s;
+}
+
+// Computes the elems of a tile from the gathered logits in scratch.buf.
+template <typename acc_t>
+inline void fill_cache(Scratch<acc_t>& s, int K) {
+  constexpr int L = Vec<acc_t>::size();
+  for (int k = 0; k < K; ++k) s.cache[k] = make_elem(Vec<acc_t>::loadu(s.buf.data() + k * L));
+}
+
+// Runs body(scratch, block, row_begin, row_end) over fixed blocks of rows, in parallel.
+template <typename acc_t, typename Body>
+void parallel_blocks(int64_t B, int K, const Body& body) {
+  const int64_t nblocks = (B + kBlockRows - 1) / kBlockRows;
+  // About 32k logits per task: small batches stay on the calling thread (no fork cost).
+  const int64_t grain = std::max<int64_t>(1, 32768 / (kBlockRows * K));
+  at::parallel_for(0, nblocks, grain, [&](int64_t lo, int64_t hi) {
+    Scratch<acc_t> scratch(K);
+    for (int64_t blk = lo; blk < hi; ++blk)
+      body(scratch, blk, blk * kBlockRows, std::min(B, (blk + 1) * kBlockRows));
+  });
+}
+
+double read_temperature(const at::Tensor& temperature, const char* op) {
+  const double tau = temperature.item<double>();
+  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, op,
+                    ": temperature must be finite and > 0, got ", tau);
+  return tau;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
+                                                     const at::Tensor& temperature,
+                                                     bool logit_space) {
+  const char* op = "cetnet::confidence_fusion";
+  check_logits(logits, op);
+  check_temperature(temperature, logits, op);
+  const double tau = read_temperature(temperature, op);
+  const int64_t B = logits.size(0);
+  const int K = static_cast<int>(logits.size(1));
+  at::Tensor prob = at::empty({B}, logits.options());
+  at::Tensor weights = at::empty({B, K}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_fusion_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using V = Vec<acc_t>;
+    constexpr int L = V::size();
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    scalar_t* p_out = prob.mutable_data_ptr<scalar_t>();
+    scalar_t* w_out = weights.mutable_data_ptr<scalar_t>();
+    const V inv_tau(static_cast<acc_t>(1.0 / tau));
+    parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t, int64_t lo, int64_t hi) {
+      for (int64_t b0 = lo; b0 < hi; b0 += L) {
+        const int n = static_cast<int>(std::min<int64_t>(L, hi - b0));
+        gather_tile(z, s0, s1, b0, n, K, s.buf.data());
+        fill_cache(s, K);
+        acc_t* wbuf = s.buf.data();  // the logits are cached: reuse the buffer for weights
+        const V p = fusion_forward_row<V>(s.row, inv_tau, logit_space,
+                                          [&](int k, const V& w) { w.store(wbuf + k * L); });
+        store_rows(p, b0, n, p_out);
+        scatter_tile(wbuf, b0, n, K, w_out);
+      }
+    });
+  });
+  return {prob, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
+    const std::optional<at::Tensor>& grad_prob, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& logits, const at::Tensor& temperature, bool logit_space,
+    bool detach_weights, bool compute_temperature_grad) {
+  const char* op = "cetnet::confidence_fusion_backward";
+  check_logits(logits, op);
+  check_temperature(temperature, logits, op);
+  const double tau = read_temperature(temperature, op);
+  const int64_t B = logits.size(0);
+  const int K = static_cast<int>(logits.size(1));
+  const bool has_gp = grad_prob.has_value() && grad_prob->defined();
+  const bool has_gw = grad_weights.has_value() && grad_weights->defined();
+  at::Tensor gp, gw;
+  if (has_gp) {
+    check_rows(*grad_prob, logits, "grad_prob", op);
+    gp = grad_prob->to(logits.scalar_type());
+  }
+  if (has_gw) {
+    check_like_logits(*grad_weights, logits, "grad_weights", op);
+    gw = grad_weights->to(logits.scalar_type());
+  }
+  const bool want_gt = compute_temperature_grad && !detach_weights;
+  const int64_t nblocks = (B + kBlockRows - 1) / kBlockRows;
+  std::vector<double> gt_partial(nblocks, 0.0);
+  at::Tensor grad_logits = at::empty({B, K}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_fusion_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using V = Vec<acc_t>;
+    constexpr int L = V::size();
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const scalar_t* gp_ptr = has_gp ? gp.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gw_ptr = has_gw ? gw.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t gp_s0 = has_gp ? gp.stride(0) : 0;
+    const int64_t gw_s0 = has_gw ? gw.stride(0) : 0, gw_s1 = has_gw ? gw.stride(1) : 0;
+    scalar_t* gz_out = grad_logits.mutable_data_ptr<scalar_t>();
+    const V inv_tau(static_cast<acc_t>(1.0 / tau));
+    parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t blk, int64_t lo, int64_t hi) {
+      std::vector<acc_t> gwbuf(has_gw ? static_cast<size_t>(K) * L : 0);
+      double gt_sum = 0.0;
+      for (int64_t b0 = lo; b0 < hi; b0 += L) {
+        const int n = static_cast<int>(std::min<int64_t>(L, hi - b0));
+        gather_tile(z, s0, s1, b0, n, K, s.buf.data());
+        fill_cache(s, K);
+        if (has_gw) gather_tile(gw_ptr, gw_s0, gw_s1, b0, n, K, gwbuf.data());
+        const V g_p = has_gp ? gather_rows<scalar_t, acc_t>(gp_ptr, gp_s0, b0, n) : V(0);
+        acc_t* gzbuf = s.buf.data();
+        const V gt = fusion_backward_row<V>(
+            s.row, inv_tau, logit_space, detach_weights, g_p,
+            [&](int k) { return has_gw ? V::loadu(gwbuf.data() + k * L) : V(0); },
+            [&](int k, const V& g) { g.store(gzbuf + k * L); });
+        scatter_tile(gzbuf, b0, n, K, gz_out);
+        if (want_gt) gt_sum += static_cast<double>(sum_lanes(gt, n));
+      }
+      gt_partial[blk] = gt_sum;
+    });
+  });
+  double gt_total = 0.0;
+  for (double v : gt_partial) gt_total += v;
+  at::Tensor grad_temperature =
+      at::scalar_tensor(want_gt ? gt_total : 0.0, logits.options().dtype(acc_type_of(logits)));
+  return {grad_logits, grad_temperature};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& temperature,
+    double ensemble_weight, double member_weight, double distill_weight, double mutual_weight,
+    bool logit_space, bool detach_weights, int64_t reduction, bool compute_grad,
+    bool compute_temperature_grad) {
+  const char* op = "cetnet::collaborative_loss";
+  check_logits(logits, op);
+  check_rows(labels, logits, "labels", op);
+  check_temperature(temperature, logits, op);
+  check_reduction(reduction, op);
+  const double tau = read_temperature(temperature, op);
+  const int64_t B = logits.size(0);
+  const int K = static_cast<int>(logits.size(1));
+  const auto acc_dtype = acc_type_of(logits);
+  const at::Tensor y_t = labels.to(acc_dtype);
+  const bool per_row = reduction == 0;
+  const bool want_gt = compute_grad && compute_temperature_grad;
+  const LossWeights weights{member_weight, ensemble_weight, distill_weight, mutual_weight};
+
+  at::Tensor prob = at::empty({B}, logits.options());
+  at::Tensor grad_logits =
+      compute_grad ? at::empty({B, K}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor loss_rows = per_row ? at::empty({B}, logits.options().dtype(acc_dtype)) : at::Tensor();
+  at::Tensor gt_rows =
+      (per_row && want_gt) ? at::empty({B}, logits.options().dtype(acc_dtype)) : at::Tensor();
+  const int64_t nblocks = (B + kBlockRows - 1) / kBlockRows;
+  std::vector<double> loss_partial(nblocks, 0.0), gt_partial(nblocks, 0.0);
+  std::vector<int64_t> bad_label(nblocks, -1);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_fusion_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using V = Vec<acc_t>;
+    constexpr int L = V::size();
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const acc_t* y_ptr = y_t.const_data_ptr<acc_t>();
+    const int64_t y_s0 = y_t.stride(0);
+    scalar_t* p_out = prob.mutable_data_ptr<scalar_t>();
+    scalar_t* gz_out = compute_grad ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr;
+    acc_t* loss_out = per_row ? loss_rows.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* gt_out = gt_rows.defined() ? gt_rows.mutable_data_ptr<acc_t>() : nullptr;
+    const V inv_tau(static_cast<acc_t>(1.0 / tau));
+    parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t blk, int64_t lo, int64_t hi) {
+      // Labels outside [0, 1] (or NaN) are an input error: remember the first, raise later.
+      for (int64_t b = lo; b < hi; ++b) {
+        const acc_t y = y_ptr[b * y_s0];
+        if (!(y >= acc_t(0) && y <= acc_t(1))) {
+          bad_label[blk] = b;
+          return;
+        }
+      }
+      double loss_sum = 0.0, gt_sum = 0.0;
+      for (int64_t b0 = lo; b0 < hi; b0 += L) {
+        const int n = static_cast<int>(std::min<int64_t>(L, hi - b0));
+        gather_tile(z, s0, s1, b0, n, K, s.buf.data());
+        fill_cache(s, K);
+        const V y = gather_rows<acc_t, acc_t>(y_ptr, y_s0, b0, n);
+        acc_t* gzbuf = s.buf.data();
+        const LossRowOut<V> r = collaborative_loss_row<V>(
+            s.row, y, inv_tau, logit_space, detach_weights, weights, compute_grad,
+            [&](int k, const V& g) { g.store(gzbuf + k * L); });
+        store_rows(r.p, b0, n, p_out);
+        if (compute_grad) scatter_tile(gzbuf, b0, n, K, gz_out);
+        if (per_row) {
+          store_rows(r.loss, b0, n, loss_out);
+          if (gt_out) store_rows(r.gtau, b0, n, gt_out);
+        } else {
+          loss_sum += static_cast<double>(sum_lanes(r.loss, n));
+          if (want_gt) gt_sum += static_cast<double>(sum_lanes(r.gtau, n));
+        }
+      }
+      loss_partial[blk] = loss_sum;
+      gt_partial[blk] = gt_sum;
+    });
+  });
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    if (bad_label[blk] >= 0) {
+      const int64_t b = bad_label[blk];
+      TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, 1]; labels[", b,
+                        "] = ", y_t[b].item<double>());
+    }
+  }
+  const auto acc_opts = logits.options().dtype(acc_dtype);
+  at::Tensor loss, grad_temperature;
+  if (per_row) {
+    loss = loss_rows;
+    grad_temperature = want_gt ? gt_rows : at::zeros({}, acc_opts);
+  } else {
+    double total = 0.0, gt_total = 0.0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      total += loss_partial[blk];
+      gt_total += gt_partial[blk];
+    }
+    if (reduction == 1 && B > 0) total /= static_cast<double>(B);
+    loss = at::scalar_tensor(total, acc_opts);
+    grad_temperature = at::scalar_tensor(want_gt ? gt_total : 0.0, acc_opts);
+  }
+  return {loss, prob, grad_logits, grad_temperature};
+}
+
+}  // namespace cetnet::cpu

@@ -1,0 +1,308 @@
+// Per-row math of the confidence fusion and the collaborative loss (design: MATH.md §1-2).
+//
+// Written once, templated on the value type V, and shared by every compiled backend:
+//   * CUDA: V = float/double, one thread per row;
+//   * CPU:  V = at::vec::Vectorized<float/double>, one SIMD lane per row (csrc/cpu/).
+// The row is reached through an accessor `Row` with `int K` and `Elem<V> elem(int k)`, so a
+// backend decides whether per-member values are cached (CPU tile, CUDA shared memory) or
+// recomputed from the logit.
+//
+// Everything is in logit form: softplus, log-sigmoid and entropy come from one exp and one
+// log1p of -|z|; log p and log(1-p) of the fused prediction are log-sum-exps; the ratios
+// r_j/p and r_j/(1-p) of the ensemble-BCE gradient are formed in log space. Nothing is
+// clamped, and a NaN/inf logit only poisons its own row.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CETNET_HD __host__ __device__ __forceinline__
+#else
+#define CETNET_HD inline
+#endif
+
+namespace cetnet {
+
+// ---------------------------------------------------------------------------------------------
+// Scalar primitives. The Vectorized overloads live in csrc/cpu/vec_math.h.
+// ---------------------------------------------------------------------------------------------
+CETNET_HD float vexp(float x) { return ::expf(x); }
+CETNET_HD double vexp(double x) { return ::exp(x); }
+CETNET_HD float vlog(float x) { return ::logf(x); }
+CETNET_HD double vlog(double x) { return ::log(x); }
+CETNET_HD float vlog1p(float x) { return ::log1pf(x); }
+CETNET_HD double vlog1p(double x) { return ::log1p(x); }
+CETNET_HD float vabs(float x) { return ::fabsf(x); }
+CETNET_HD double vabs(double x) { return ::fabs(x); }
+// NaN-propagating max: a NaN in either argument gives NaN (its row is poisoned anyway).
+template <typename T>
+CETNET_HD T vmax(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+// x >= 0 ? a : b
+template <typename T>
+CETNET_HD T select_nonneg(T x, T a, T b) {
+  return x >= T(0) ? a : b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One member's values, derived from its logit z.
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+struct Elem {
+  V z;    // logit
+  V p;    // sigmoid(z)
+  V q;    // 1 - p = sigmoid(-z), exact (not 1 - p)
+  V lsp;  // log sigmoid(z)  = -softplus(-z)
+  V lsq;  // log sigmoid(-z) = -softplus(z)
+  V c;    // confidence = -H(p) = z*p - softplus(z)
+};
+
+template <typename V>
+CETNET_HD Elem<V> make_elem(V z) {
+  const V zero(0), one(1);
+  const V e = vexp(-vabs(z));  // in (0, 1]: never overflows
+  const V l = vlog1p(e);
+  const V r = one / (one + e);
+  const V er = e * r;
+  Elem<V> out;
+  out.z = z;
+  out.p = select_nonneg(z, r, er);
+  out.q = select_nonneg(z, er, r);
+  out.lsp = -(vmax(-z, zero) + l);
+  out.lsq = -(vmax(z, zero) + l);
+  out.c = z * out.p + out.lsq;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row statistics of the fusion: the max-subtracted softmax of c/tau and the fused prediction.
+// log w_k = c_k/tau - m - logS.
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+struct FusionStats {
+  V m;       // max_k c_k/tau
+  V logS;    // log sum_k exp(c_k/tau - m)
+  V cbar;    // sum_k w_k c_k
+  V zf;      // sum_k w_k z_k (logit space only)
+  V p;       // fused probability
+  V logp;    // log p       (only when with_logs)
+  V log1mp;  // log (1 - p) (only when with_logs)
+};
+
+template <typename V, typename Row>
+CETNET_HD V log_weight(const Row& row, int k, const FusionStats<V>& st, V inv_tau) {
+  return row.elem(k).c * inv_tau - st.m - st.logS;
+}
+
+// with_logs: also form log p and log(1-p) exactly (needed by the BCE/KL terms). Without it,
+// prob-space p is the direct positive sum sum_k w_k p_k, which is all the fusion op needs.
+template <typename V, typename Row>
+CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_space, bool with_logs) {
+  const int K = row.K;
+  FusionStats<V> st;
+  V m = row.elem(0).c * inv_tau;
+  for (int k = 1; k < K; ++k) m = vmax(m, row.elem(k).c * inv_tau);
+  V S(0), Sc(0), Sz(0), Sp(0);
+  for (int k = 0; k < K; ++k) {
+    const Elem<V> el = row.elem(k);
+    const V e = vexp(el.c * inv_tau - m);
+    S = S + e;
+    Sc = Sc + e * el.c;
+    Sz = Sz + e * el.z;
+    Sp = Sp + e * el.p;
+  }
+  const V invS = V(1) / S;
+  st.m = m;
+  st.logS = vlog(S);
+  st.cbar = Sc * invS;
+  st.zf = Sz * invS;
+  if (logit_space) {
+    const Elem<V> f = make_elem(st.zf);
+    st.p = f.p;
+    st.logp = f.lsp;
+    st.log1mp = f.lsq;
+    return st;
+  }
+  if (!with_logs) {
+    st.p = Sp * invS;
+    st.logp = st.log1mp = V(0);
+    return st;
+  }
+  // log p = LSE_k(log w_k + log sigmoid(z_k)), log(1-p) = LSE_k(log w_k + log sigmoid(-z_k)).
+  const V ninf(-std::numeric_limits<float>::infinity());
+  V ma = ninf, mb = ninf;
+  for (int k = 0; k < K; ++k) {
+    const Elem<V> el = row.elem(k);
+    const V lw = el.c * inv_tau - m - st.logS;
+    ma = vmax(ma, lw + el.lsp);
+    mb = vmax(mb, lw + el.lsq);
+  }
+  V sa(0), sb(0);
+  for (int k = 0; k < K; ++k) {
+    const Elem<V> el = row.elem(k);
+    const V lw = el.c * inv_tau - m - st.logS;
+    sa = sa + vexp(lw + el.lsp - ma);
+    sb = sb + vexp(lw + el.lsq - mb);
+  }
+  st.logp = ma + vlog(sa);
+  st.log1mp = mb + vlog(sb);
+  st.p = vexp(st.logp);
+  return st;
+}
+
+// ---------------------------------------------------------------------------------------------
+// confidence_fusion forward: p and (optionally, through `put_w(k, w_k)`) the weights.
+// ---------------------------------------------------------------------------------------------
+template <typename V, typename Row, typename PutW>
+CETNET_HD V fusion_forward_row(const Row& row, V inv_tau, bool logit_space, PutW put_w) {
+  const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, /*with_logs=*/false);
+  for (int k = 0; k < row.K; ++k) put_w(k, vexp(log_weight<V>(row, k, st, inv_tau)));
+  return st.p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// confidence_fusion backward (vector-Jacobian product). g_p: upstream grad of p for this row;
+// get_gw(k): upstream grad of w_k; put_gz(k, g): writes dL/dz_k. Returns this row's dL/dtau.
+//   u_k = g_w_k + g_m m_k, with m_k = p_k (prob space) or z_k (logit space)
+//   g_c_k = w_k (u_k - sum_j w_j u_j) / tau                (0 with detach_weights)
+//   g_z_k = g_m w_k dm_k/dz_k + g_c_k z_k p_k (1-p_k),  g_tau = -(1/tau) sum_k g_c_k c_k
+// ---------------------------------------------------------------------------------------------
+template <typename V, typename Row, typename GetGW, typename PutGZ>
+CETNET_HD V fusion_backward_row(const Row& row, V inv_tau, bool logit_space, bool detach_weights,
+                                V g_p, GetGW get_gw, PutGZ put_gz) {
+  const int K = row.K;
+  const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, /*with_logs=*/false);
+  // In logit space p = sigmoid(z_f): carry the upstream grad to z_f.
+  const V g_m = logit_space ? g_p * st.p * (V(1) - st.p) : g_p;
+  V ubar(0);
+  if (!detach_weights) {
+    for (int k = 0; k < K; ++k) {
+      const Elem<V> el = row.elem(k);
+      const V w = vexp(el.c * inv_tau - st.m - st.logS);
+      ubar = ubar + w * (get_gw(k) + g_m * (logit_space ? el.z : el.p));
+    }
+  }
+  V gt(0);
+  for (int k = 0; k < K; ++k) {
+    const Elem<V> el = row.elem(k);
+    const V w = vexp(el.c * inv_tau - st.m - st.logS);
+    const V pq = el.p * el.q;
+    V gz = g_m * w * (logit_space ? V(1) : pq);
+    if (!detach_weights) {
+      const V u = get_gw(k) + g_m * (logit_space ? el.z : el.p);
+      const V gc = w * (u - ubar) * inv_tau;
+      gz = gz + gc * el.z * pq;
+      gt = gt + gc * el.c;
+    }
+    put_gz(k, gz);
+  }
+  return -inv_tau * gt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Collaborative loss of one row (MATH.md §2), and, with compute_grad, dloss/dz_k and dloss/dtau
+// of that row (unreduced). Weights: alpha member BCE, beta ensemble BCE, gamma distillation to
+// the detached ensemble, delta mutual learning between members.
+// ---------------------------------------------------------------------------------------------
+struct LossWeights {
+  double alpha, beta, gamma, delta;
+};
+
+template <typename V>
+struct LossRowOut {
+  V loss;
+  V p;
+  V gtau;
+};
+
+template <typename V, typename Row, typename PutGZ>
+CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, bool logit_space,
+                                               bool detach_weights, const LossWeights& lw,
+                                               bool compute_grad, PutGZ put_gz) {
+  const int K = row.K;
+  const V one(1);
+  const V alpha(lw.alpha), beta(lw.beta), gamma(lw.gamma), delta(lw.delta);
+  const bool use_a = lw.alpha != 0, use_b = lw.beta != 0, use_g = lw.gamma != 0;
+  const bool use_d = lw.delta != 0 && K > 1;
+  const bool need_logs = use_b || use_g;
+  const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, need_logs);
+  const V p = st.p;
+  // 1 - p, exact near p = 1 (p itself would round to 1).
+  const V q = need_logs ? vexp(st.log1mp) : one - p;
+
+  LossRowOut<V> out;
+  out.p = p;
+  out.gtau = V(0);
+  V loss(0);
+  V P(0), C(0), Q(0);  // sums over members, for the mutual term
+  for (int k = 0; k < K; ++k) {
+    const Elem<V> el = row.elem(k);
+    if (use_a) loss = loss + alpha * (-el.lsq - y * el.z);  // softplus(z) - y z
+    if (use_g) loss = loss + gamma * (p * (st.logp - el.lsp) + q * (st.log1mp - el.lsq));
+    if (use_d) {
+      P = P + el.p;
+      Q = Q + el.q;
+      C = C + el.c;
+    }
+  }
+  if (use_b) loss = loss - beta * (y * st.logp + (one - y) * st.log1mp);
+  const V inv_km1(use_d ? 1.0 / (K - 1) : 0.0);
+  if (use_d) {
+    // sum_{j != k} KL(p_j || p_k) = (C - c_k) - (P - p_k) log p_k - (Q - q_k) log(1 - p_k)
+    for (int k = 0; k < K; ++k) {
+      const Elem<V> el = row.elem(k);
+      loss = loss + delta * inv_km1 * ((C - el.c) - (P - el.p) * el.lsp - (Q - el.q) * el.lsq);
+    }
+  }
+  out.loss = loss;
+  if (!compute_grad) return out;
+
+  // Temperature: only the ensemble BCE depends on tau (the gamma/delta targets are detached).
+  if (use_b && !detach_weights) {
+    const V inv_tau2 = inv_tau * inv_tau;
+    V s1(0), s2(0);
+    for (int k = 0; k < K; ++k) {
+      const Elem<V> el = row.elem(k);
+      const V lwk = el.c * inv_tau - st.m - st.logS;
+      if (logit_space) {
+        s1 = s1 + vexp(lwk) * el.z * el.c;  // sum_k w_k z_k c_k
+      } else {
+        s1 = s1 + vexp(lwk + el.lsp - st.logp) * el.c;    // sum_k a_k c_k, a_k = w_k p_k / p
+        s2 = s2 + vexp(lwk + el.lsq - st.log1mp) * el.c;  // sum_k b_k c_k, b_k = w_k q_k / (1-p)
+      }
+    }
+    if (logit_space) {
+      // d BCE/dtau = (p - y) dz_f/dtau, dz_f/dtau = -(1/tau^2) (sum w z c - z_f cbar)
+      out.gtau = -beta * (p - y) * inv_tau2 * (s1 - st.zf * st.cbar);
+    } else {
+      out.gtau = beta * inv_tau2 * (y * (s1 - st.cbar) + (one - y) * (s2 - st.cbar));
+    }
+  }
+  for (int j = 0; j < K; ++j) {
+    const Elem<V> el = row.elem(j);
+    V g(0);
+    if (use_a) g = g + alpha * (el.p - y);
+    if (use_g) g = g + gamma * (el.p - p);
+    if (use_d) g = g + delta * inv_km1 * (V(K) * el.p - P);
+    if (use_b) {
+      const V lwj = el.c * inv_tau - st.m - st.logS;
+      if (logit_space) {
+        const V br = detach_weights ? one : one + el.z * el.p * el.q * (el.z - st.zf) * inv_tau;
+        g = g + beta * (p - y) * vexp(lwj) * br;
+      } else {
+        const V rho0 = vexp(lwj + el.lsp - st.logp) * el.q;    // r_j / p
+        const V rho1 = vexp(lwj + el.lsq - st.log1mp) * el.p;  // r_j / (1 - p)
+        const V br = detach_weights ? one : one + el.z * (el.p - p) * inv_tau;
+        g = g + beta * ((one - y) * rho1 - y * rho0) * br;
+      }
+    }
+    put_gz(j, g);
+  }
+  return out;
+}
+
+}  // namespace cetnet
