@@ -94,7 +94,7 @@ def collaborative_loss_reference(
     log_p, log_1mp = _log_fused(z, w, fusion_space)
     p = torch.exp(log_p)
 
-    row = torch.zeros(B, dtype=cdt, device=z.device)
+    row = (z * 0).sum(dim=1)  # zeros that stay connected to z (a zero-weight loss has grad 0)
     if ensemble_weight != 0:
         row = row - ensemble_weight * (y * log_p + (1 - y) * log_1mp)
     if member_weight != 0:

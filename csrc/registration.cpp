@@ -2,7 +2,7 @@
 // Fake (meta) kernels and autograd are registered in Python (cetnet_kernels/ops.py).
 //
 // Contracts (acc = float64 for float64 logits, float32 otherwise; reduction 0 none/1 mean/2 sum):
-//   confidence_fusion(logits [B,K], temperature []) -> (prob [B], weights [B,K])   logits.dtype
+//   confidence_fusion(logits [B,K], temperature [], logit_space, detach_weights) -> (prob [B], weights [B,K])   logits.dtype
 //   confidence_fusion_backward(grad_prob [B]?, grad_weights [B,K]?, logits, temperature, ...)
 //       -> (grad_logits [B,K] logits.dtype, grad_temperature [] acc: sum over rows of dL/dtau)
 //   collaborative_loss(logits, labels [B], temperature, weights..., reduction, compute_grad, ...)
@@ -19,7 +19,10 @@
 #endif
 
 TORCH_LIBRARY(cetnet, m) {
-  m.def("confidence_fusion(Tensor logits, Tensor temperature, bool logit_space) -> (Tensor, Tensor)");
+  // detach_weights does not change the forward values; it is in the schema so autograd sees it.
+  m.def(
+      "confidence_fusion(Tensor logits, Tensor temperature, bool logit_space, bool detach_weights) "
+      "-> (Tensor, Tensor)");
   m.def(
       "confidence_fusion_backward(Tensor? grad_prob, Tensor? grad_weights, Tensor logits, "
       "Tensor temperature, bool logit_space, bool detach_weights, bool compute_temperature_grad) "

@@ -9,7 +9,7 @@ namespace cetnet::cpu {
 
 std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
                                                      const at::Tensor& temperature,
-                                                     bool logit_space);
+                                                     bool logit_space, bool detach_weights);
 
 std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
     const std::optional<at::Tensor>& grad_prob, const std::optional<at::Tensor>& grad_weights,

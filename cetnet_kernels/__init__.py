@@ -1,0 +1,29 @@
+"""cetnet_kernels: fused PyTorch ops for multi-model CTR ensembles.
+
+- :func:`confidence_fusion`: CETNet's confidence-weighted fusion of K member logits.
+- :func:`collaborative_loss`: the collaborative training loss and its gradient in one kernel.
+- :class:`CETNetFusion`: a drop-in ``nn.Module`` ensembling any models' logits.
+
+Backends: C++ (CPU), CUDA, Triton and a plain-PyTorch reference; ``backend="auto"`` (or the
+``CETNET_BACKEND`` environment variable) picks the fastest one available for the tensors' device.
+"""
+
+from cetnet_kernels._extension import build_info
+from cetnet_kernels.backends import BACKENDS, available_backends
+from cetnet_kernels.fusion import collaborative_loss, confidence_fusion
+from cetnet_kernels.modules import CETNetFusion, FusionOutput
+from cetnet_kernels.reference import collaborative_loss_reference, confidence_fusion_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "CETNetFusion",
+    "FusionOutput",
+    "available_backends",
+    "build_info",
+    "collaborative_loss",
+    "collaborative_loss_reference",
+    "confidence_fusion",
+    "confidence_fusion_reference",
+]

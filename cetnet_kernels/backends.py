@@ -1,0 +1,78 @@
+"""Choice of the implementation behind each fused op."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from cetnet_kernels._extension import HAS_C, _C
+
+__all__ = ["BACKENDS", "available_backends", "resolve_backend"]
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_C_CUDA = HAS_C and bool(_C.build_info()["cuda"])
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if not _HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    # The interpreter runs Triton kernels on CPU tensors (used by the tests).
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on tensors of ``device`` in this installation."""
+    device = torch.device(device)
+    out = ["reference"]
+    if HAS_C and device.type == "cpu":
+        out.append("cpu")
+    if _HAS_C_CUDA and device.type == "cuda":
+        out.append("cuda")
+    if _triton_runs_on(device):
+        out.append("triton")
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turns ``backend`` ("auto" or a name; env CETNET_BACKEND overrides "auto") into the name of
+    a backend that can run on ``device``, or raises ValueError/RuntimeError saying why not."""
+    if backend == "auto":
+        backend = os.environ.get("CETNET_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            if _HAS_C_CUDA:
+                return "cuda"
+            return "triton" if _HAS_TRITON else "reference"
+        if device.type == "cpu" and HAS_C:
+            return "cpu"
+        return "reference"
+    if backend == "reference":
+        return backend
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
+        if not HAS_C:
+            raise RuntimeError("backend 'cpu' is not available: cetnet_kernels._C is not built")
+        return backend
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        if not _HAS_C_CUDA:
+            raise RuntimeError(
+                "backend 'cuda' is not available: cetnet_kernels._C was built without CUDA "
+                "(build with a CUDA torch and nvcc, or CETNET_CUDA=1)"
+            )
+        return backend
+    if not _triton_runs_on(device):
+        why = "triton is not installed" if not _HAS_TRITON else (
+            f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}")
+        raise RuntimeError(f"backend 'triton' is not available: {why}")
+    return backend

@@ -1,0 +1,386 @@
+"""The fused ensemble head: confidence fusion and the collaborative loss (MATH.md §1-2).
+
+Public functions validate their arguments, pick a backend and call one registered op:
+``torch.ops.cetnet.*`` (C++ CPU / CUDA kernels, csrc/) or ``torch.ops.cetnet.*_triton``
+(cetnet_kernels/triton/). Autograd and fake (meta) kernels of those ops are registered here, so
+they work under ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``.
+
+``collaborative_loss`` computes the loss and its gradient in one forward launch; backward only
+scales the stored gradient (plus a fusion VJP if the returned ``prob`` also receives a gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from cetnet_kernels import reference
+from cetnet_kernels._extension import HAS_C
+from cetnet_kernels.backends import _triton_runs_on, resolve_backend
+
+__all__ = ["confidence_fusion", "collaborative_loss", "REDUCTIONS", "FUSION_SPACES"]
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+FUSION_SPACES = ("prob", "logit")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registered ops of one backend family, and their autograd / fake kernels.
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _OpSet:
+    fusion: Callable
+    fusion_backward: Callable
+    loss: Callable
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fusion_fake(logits, temperature, logit_space, detach_weights):
+    B, K = logits.shape
+    return logits.new_empty((B,)), logits.new_empty((B, K))
+
+
+def _fusion_backward_fake(grad_prob, grad_weights, logits, temperature, logit_space,
+                          detach_weights, compute_temperature_grad):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), logits.new_empty(
+        (), dtype=_acc_dtype(logits.dtype))
+
+
+def _loss_fake(logits, labels, temperature, ensemble_weight, member_weight, distill_weight,
+               mutual_weight, logit_space, detach_weights, reduction, compute_grad,
+               compute_temperature_grad):
+    B, K = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    loss = logits.new_empty((B,) if reduction == 0 else (), dtype=acc)
+    grad = logits.new_empty((B, K) if compute_grad else (0,))
+    per_row_t = reduction == 0 and compute_grad and compute_temperature_grad
+    grad_t = logits.new_empty((B,) if per_row_t else (), dtype=acc)
+    return loss, logits.new_empty((B,)), grad, grad_t
+
+
+def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
+    fusion_name, loss_name = names
+
+    def fusion_setup(ctx, inputs, output):
+        logits, temperature, logit_space, detach_weights = inputs
+        ctx.save_for_backward(logits, temperature)
+        ctx.logit_space = logit_space
+        ctx.detach_weights = detach_weights
+
+    def fusion_backward(ctx, grad_prob, grad_weights):
+        logits, temperature = ctx.saved_tensors
+        want_t = ctx.needs_input_grad[1] and not ctx.detach_weights
+        if ctx.detach_weights:
+            grad_weights = None  # the weights are constants: no gradient flows through them
+        grad_z, grad_t = ops.fusion_backward(grad_prob, grad_weights, logits, temperature,
+                                             ctx.logit_space, ctx.detach_weights, want_t)
+        return (grad_z if ctx.needs_input_grad[0] else None,
+                grad_t.to(temperature.dtype) if want_t else None, None, None)
+
+    def loss_setup(ctx, inputs, output):
+        (logits, _labels, temperature, _ew, _mw, _dw, _uw, logit_space, detach_weights,
+         reduction, compute_grad, _ct) = inputs
+        _loss, _prob, grad_logits, grad_t = output
+        ctx.save_for_backward(logits, temperature, grad_logits, grad_t)
+        ctx.logit_space = logit_space
+        ctx.detach_weights = detach_weights
+        ctx.reduction = reduction
+        ctx.compute_grad = compute_grad
+
+    def loss_backward(ctx, grad_loss, grad_prob, _g_grad, _g_t):
+        logits, temperature, grad_logits, grad_t = ctx.saved_tensors
+        need_z, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_z = gt = None
+        if (need_z or need_t) and grad_loss is not None:
+            if not ctx.compute_grad:
+                raise RuntimeError(
+                    "collaborative_loss was called with compute_grad=False; its gradient was not "
+                    "computed in the forward pass")
+            if ctx.reduction == 0:
+                scale = grad_loss[:, None]
+                grad_z = grad_logits * scale
+                gt = (grad_t * grad_loss).sum() if grad_t.dim() == 1 else None
+            else:
+                B = logits.shape[0]
+                scale = grad_loss / B if ctx.reduction == 1 and B > 0 else grad_loss
+                grad_z = grad_logits * scale  # bf16/fp16 * fp32 0-dim: computed in fp32
+                gt = grad_t * scale
+            grad_z = grad_z.to(logits.dtype)
+        if grad_prob is not None and (need_z or need_t):
+            gz2, gt2 = ops.fusion_backward(grad_prob, None, logits, temperature, ctx.logit_space,
+                                           ctx.detach_weights, need_t and not ctx.detach_weights)
+            grad_z = gz2 if grad_z is None else grad_z + gz2
+            gt = gt2 if gt is None else gt + gt2
+        if need_t and gt is None:
+            gt = torch.zeros((), dtype=temperature.dtype, device=temperature.device)
+        return (grad_z if need_z else None, None,
+                gt.to(temperature.dtype) if need_t else None,
+                None, None, None, None, None, None, None, None, None)
+
+    torch.library.register_autograd(fusion_name, fusion_backward, setup_context=fusion_setup)
+    torch.library.register_autograd(loss_name, loss_backward, setup_context=loss_setup)
+
+
+_OPSETS: dict[str, _OpSet] = {}
+
+if HAS_C:
+    _cet = torch.ops.cetnet
+    torch.library.register_fake("cetnet::confidence_fusion")(_fusion_fake)
+    torch.library.register_fake("cetnet::confidence_fusion_backward")(_fusion_backward_fake)
+    torch.library.register_fake("cetnet::collaborative_loss")(_loss_fake)
+    _OPSETS["cpu"] = _OPSETS["cuda"] = _OpSet(
+        _cet.confidence_fusion.default, _cet.confidence_fusion_backward.default,
+        _cet.collaborative_loss.default)
+    _register_autograd(_OPSETS["cpu"], ("cetnet::confidence_fusion", "cetnet::collaborative_loss"))
+
+
+_TRITON_ERROR: str | None = None
+
+
+def _load_triton() -> None:
+    from cetnet_kernels.triton import fusion as tf  # noqa: F401  (defines the *_triton ops)
+
+    t = torch.ops.cetnet
+    ops = _OpSet(t.confidence_fusion_triton.default, t.confidence_fusion_backward_triton.default,
+                 t.collaborative_loss_triton.default)
+    _register_autograd(ops, ("cetnet::confidence_fusion_triton", "cetnet::collaborative_loss_triton"))
+    _OPSETS["triton"] = ops
+
+
+# Triton ops are defined at import when they can run here (a GPU, or the interpreter), so that
+# torch.compile never traces their registration.
+if (torch.cuda.is_available() and _triton_runs_on(torch.device("cuda"))) or _triton_runs_on(
+        torch.device("cpu")):
+    try:
+        _load_triton()
+    except Exception as exc:  # a broken triton install must not break the other backends
+        _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _ops_for(backend: str) -> _OpSet:
+    if backend == "triton" and "triton" not in _OPSETS:
+        if _TRITON_ERROR is not None:
+            raise RuntimeError(f"backend 'triton' failed to load: {_TRITON_ERROR}")
+        _load_triton()
+    return _OPSETS[backend]
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks: clear Python exceptions naming the argument.
+# ------------------------------------------------------------------------------------------------
+def _check_logits(logits: object, op: str) -> Tensor:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: logits must be float16, bfloat16, float32 or float64, "
+                        f"got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be 2-D [batch, members], got shape "
+                         f"{tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{op}: logits must have at least one member (K >= 1), got K = 0")
+    return logits
+
+
+def _check_labels(labels: object, logits: Tensor, op: str) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.device != logits.device:
+        raise ValueError(f"{op}: labels are on {labels.device} but logits on {logits.device}")
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"{op}: labels must have shape [{logits.shape[0]}] to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+    if labels.is_complex():
+        raise TypeError(f"{op}: labels must be real, got {labels.dtype}")
+    if not labels.is_floating_point():  # 0/1 integer or bool labels are fine
+        labels = labels.to(_acc_dtype(logits.dtype))
+    return labels
+
+
+def _check_label_values(labels: Tensor, op: str) -> None:
+    bad = ~((labels >= 0) & (labels <= 1))  # NaN is bad too
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: labels must lie in [0, 1]; labels[{i}] = {labels[i].item()}")
+
+
+def _check_weight(value: object, name: str, op: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (0 <= value < math.inf):  # NaN fails too (plain compares: dynamo-friendly)
+        raise ValueError(f"{op}: {name} must be finite and >= 0, got {value}")
+    return value
+
+
+_TAU_CACHE: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _temperature(temperature: object, logits: Tensor, op: str, validate: bool,
+                 backend: str) -> Tensor:
+    """The temperature as a 0-dim tensor on the logits' device (float: checked and cached)."""
+    if isinstance(temperature, Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"{op}: temperature must be a float or a floating-point tensor, "
+                            f"got {temperature.dtype}")
+        if temperature.numel() != 1:
+            raise ValueError(f"{op}: temperature must hold one value, got shape "
+                             f"{tuple(temperature.shape)}")
+        if temperature.device != logits.device:
+            if temperature.device.type != "cpu":
+                raise ValueError(f"{op}: temperature is on {temperature.device} but logits on "
+                                 f"{logits.device}")
+            temperature = temperature.to(logits.device)
+        temperature = temperature.reshape(())
+        # The CPU kernel checks the value itself; elsewhere it costs a host sync.
+        if validate and backend != "cpu" and not torch.compiler.is_compiling():
+            t = float(temperature.detach())
+            if not (0 < t < math.inf):
+                raise ValueError(f"{op}: temperature must be finite and > 0, got {t}")
+        return temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{op}: temperature must be a float or a tensor, got "
+                        f"{type(temperature).__name__}")
+    t = float(temperature)
+    if not (0 < t < math.inf):
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {t}")
+    dtype = _acc_dtype(logits.dtype)
+    if torch.compiler.is_compiling():
+        return torch.full((), t, dtype=dtype, device=logits.device)
+    key = (t, dtype, logits.device)
+    cached = _TAU_CACHE.get(key)
+    if cached is None:
+        if len(_TAU_CACHE) > 64:
+            _TAU_CACHE.clear()
+        cached = _TAU_CACHE[key] = torch.full((), t, dtype=dtype, device=logits.device)
+    return cached
+
+
+def _fusion_space(fusion_space: object, op: str) -> bool:
+    if fusion_space not in FUSION_SPACES:
+        raise ValueError(f"{op}: fusion_space must be 'prob' or 'logit', got {fusion_space!r}")
+    return fusion_space == "logit"
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+def confidence_fusion(
+    logits: Tensor,
+    temperature: float | Tensor = 1.0,
+    *,
+    fusion_space: str = "prob",
+    detach_weights: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Fuses K member predictions by confidence (CETNet, MATH.md §1).
+
+    Each member's confidence is its negated binary entropy ``c_k = -H(sigmoid(z_k))``; the weights
+    are ``softmax_k(c_k / temperature)`` and the fused probability is ``sum_k w_k sigmoid(z_k)``
+    (``fusion_space="prob"``) or ``sigmoid(sum_k w_k z_k)`` (``"logit"``).
+
+    Args:
+        logits: ``[B, K]`` member logits (float16/bfloat16/float32/float64, any strides).
+        temperature: softmax temperature > 0, a float or a 0-dim tensor; if the tensor requires
+            grad, its gradient is computed (learnable temperature).
+        fusion_space: ``"prob"`` or ``"logit"``.
+        detach_weights: treat the weights as constants in backward (no gradient through them).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+        validate: check a CUDA temperature tensor's value (a host sync); CPU always checks.
+
+    Returns:
+        ``(prob [B], weights [B, K])`` in the dtype of ``logits``; computed in float32 (float64
+        for float64 input). A NaN/inf logit makes only its own row NaN.
+    """
+    op = "confidence_fusion"
+    _check_logits(logits, op)
+    logit_space = _fusion_space(fusion_space, op)
+    be = resolve_backend(backend, logits.device)
+    tau = _temperature(temperature, logits, op, validate, be)
+    if be == "reference":
+        return reference.confidence_fusion_reference(
+            logits, tau, fusion_space=fusion_space, detach_weights=detach_weights)
+    return _ops_for(be).fusion(logits, tau, logit_space, bool(detach_weights))
+
+
+def collaborative_loss(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float | Tensor = 1.0,
+    *,
+    ensemble_weight: float = 1.0,
+    member_weight: float = 1.0,
+    distill_weight: float = 0.0,
+    mutual_weight: float = 0.0,
+    fusion_space: str = "prob",
+    detach_weights: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The CETNet collaborative loss and fused prediction, in one fused kernel (MATH.md §2).
+
+    Per row, with ``p`` the confidence-fused prediction and ``p_k = sigmoid(z_k)``::
+
+        ensemble_weight * BCE(p, y) + member_weight * sum_k BCE(p_k, y)
+        + distill_weight * sum_k KL(sg(p) || p_k) + mutual_weight * sum_k mean_{j!=k} KL(sg(p_j) || p_k)
+
+    (``sg`` = stop-gradient). Stable log-space forms throughout: finite and exact for
+    ``|z| <= 100`` in float32, nothing clamped. The forward pass also computes the gradient with
+    respect to the logits (and the temperature), so backward is a scaling.
+
+    Args:
+        logits: ``[B, K]`` member logits (K >= 1; float16/bfloat16/float32/float64, any strides).
+        labels: ``[B]`` (or ``[B, 1]``) targets in ``[0, 1]``; soft labels allowed; bool/int ok.
+            Labels get no gradient.
+        temperature: fusion temperature > 0 (float or 0-dim tensor; learnable if it requires grad).
+        ensemble_weight, member_weight, distill_weight, mutual_weight: the term weights
+            (beta, alpha, gamma, delta in MATH.md), each finite and >= 0. With K = 1 the loss
+            is ``(member_weight + ensemble_weight) * BCEWithLogits(z, y)``.
+        fusion_space: ``"prob"`` or ``"logit"``.
+        detach_weights: no gradient through the fusion weights.
+        reduction: ``"mean"`` (of an empty batch: 0), ``"sum"`` or ``"none"`` (per row).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+        validate: check label values on non-CPU backends (a host sync; the CPU kernel always
+            checks, fused into its pass).
+
+    Returns:
+        ``(loss, prob)``: the loss in float32 (float64 for float64 logits) and the fused
+        prediction ``[B]`` in the dtype of ``logits``.
+    """
+    op = "collaborative_loss"
+    _check_logits(logits, op)
+    labels = _check_labels(labels, logits, op)
+    logit_space = _fusion_space(fusion_space, op)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    weights = [_check_weight(v, n, op) for v, n in (
+        (ensemble_weight, "ensemble_weight"), (member_weight, "member_weight"),
+        (distill_weight, "distill_weight"), (mutual_weight, "mutual_weight"))]
+    be = resolve_backend(backend, logits.device)
+    tau = _temperature(temperature, logits, op, validate, be)
+    if be != "cpu" and validate and not torch.compiler.is_compiling():
+        _check_label_values(labels, op)  # the CPU kernel checks labels in its own pass
+    if be == "reference":
+        return reference.collaborative_loss_reference(
+            logits, labels, tau, ensemble_weight=weights[0], member_weight=weights[1],
+            distill_weight=weights[2], mutual_weight=weights[3], fusion_space=fusion_space,
+            detach_weights=detach_weights, reduction=reduction)
+    grad_on = torch.is_grad_enabled()
+    want_t = grad_on and tau.requires_grad
+    compute_grad = grad_on and (logits.requires_grad or want_t)
+    loss, prob, _, _ = _ops_for(be).loss(
+        logits, labels, tau, *weights, logit_space, bool(detach_weights), REDUCTIONS[reduction],
+        compute_grad, want_t)
+    return loss, prob

@@ -1,0 +1,163 @@
+"""``CETNetFusion``: the drop-in layer that ensembles any K models' logits."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cetnet_kernels.fusion import FUSION_SPACES, REDUCTIONS, collaborative_loss, confidence_fusion
+
+__all__ = ["CETNetFusion", "FusionOutput"]
+
+
+class FusionOutput:
+    """What :class:`CETNetFusion` returns.
+
+    Attributes:
+        prob: ``[B]`` fused click probability (differentiable).
+        loss: the collaborative loss when labels were given, else ``None``.
+        logits: the ``[B, K]`` member logits that were fused.
+        weights: ``[B, K]`` fusion weights. With labels they are computed on first access (the
+            loss kernel does not write them), without gradient.
+    """
+
+    def __init__(self, prob: Tensor, logits: Tensor, weights: Tensor | None,
+                 loss: Tensor | None, fusion: "CETNetFusion") -> None:
+        self.prob = prob
+        self.logits = logits
+        self.loss = loss
+        self._weights = weights
+        self._fusion = fusion
+
+    @property
+    def weights(self) -> Tensor:
+        if self._weights is None:
+            with torch.no_grad():
+                _, self._weights = self._fusion.fuse(self.logits.detach())
+        return self._weights
+
+    @property
+    def member_probs(self) -> Tensor:
+        """``[B, K]`` each member's own probability, ``sigmoid(logits)``."""
+        return torch.sigmoid(self.logits)
+
+    def __repr__(self) -> str:
+        loss = None if self.loss is None else float(self.loss.detach().float().mean())
+        return f"FusionOutput(B={self.prob.shape[0]}, K={self.logits.shape[1]}, loss={loss})"
+
+
+class CETNetFusion(nn.Module):
+    """Confidence-based fusion of K CTR models with the collaborative loss (CETNet).
+
+    ``forward(logits, labels=None)`` takes the members' logits, either a ``[B, K]`` tensor or a
+    list of K tensors shaped ``[B]`` or ``[B, 1]`` (the raw outputs of any models), and returns a
+    :class:`FusionOutput`. With labels it runs the fused collaborative-loss kernel (loss and
+    gradient in one pass); without, the fusion kernel.
+
+    Args:
+        num_models: K, the number of members (>= 1).
+        temperature: softmax temperature over member confidences (> 0).
+        learnable_temperature: learn the temperature (parameterized as ``log tau``, so it stays
+            positive).
+        fusion_space: ``"prob"`` (mix probabilities) or ``"logit"`` (mix logits).
+        ensemble_weight, member_weight, distill_weight, mutual_weight: loss-term weights, see
+            :func:`cetnet_kernels.collaborative_loss`.
+        detach_weights: no gradient through the fusion weights.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: kernel backend (``"auto"`` picks the fastest available).
+    """
+
+    def __init__(
+        self,
+        num_models: int,
+        temperature: float = 1.0,
+        learnable_temperature: bool = False,
+        fusion_space: str = "prob",
+        ensemble_weight: float = 1.0,
+        member_weight: float = 1.0,
+        distill_weight: float = 0.0,
+        mutual_weight: float = 0.0,
+        *,
+        detach_weights: bool = False,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
+            raise ValueError(f"CETNetFusion: num_models must be an int >= 1, got {num_models!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                and temperature > 0):
+            raise ValueError(f"CETNetFusion: temperature must be finite and > 0, got {temperature!r}")
+        if fusion_space not in FUSION_SPACES:
+            raise ValueError(f"CETNetFusion: fusion_space must be 'prob' or 'logit', got {fusion_space!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"CETNetFusion: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.num_models = num_models
+        self.fusion_space = fusion_space
+        self.ensemble_weight = ensemble_weight
+        self.member_weight = member_weight
+        self.distill_weight = distill_weight
+        self.mutual_weight = mutual_weight
+        self.detach_weights = detach_weights
+        self.reduction = reduction
+        self.backend = backend
+        if learnable_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        else:
+            self.register_parameter("log_temperature", None)
+            self._temperature = float(temperature)
+
+    @property
+    def temperature(self) -> float | Tensor:
+        """The current temperature (a 0-dim tensor when learnable)."""
+        if self.log_temperature is not None:
+            return self.log_temperature.exp()
+        return self._temperature
+
+    def stack(self, logits: Tensor | Sequence[Tensor]) -> Tensor:
+        """Turns the members' outputs into one ``[B, K]`` tensor, checking K and shapes."""
+        if isinstance(logits, Tensor):
+            z = logits
+        else:
+            parts = list(logits)
+            if not parts or not all(isinstance(t, Tensor) for t in parts):
+                raise TypeError("CETNetFusion: logits must be a [B, K] tensor or a list of K tensors")
+            flat = []
+            for i, t in enumerate(parts):
+                if t.dim() == 2 and t.shape[1] == 1:
+                    t = t[:, 0]
+                if t.dim() != 1:
+                    raise ValueError(f"CETNetFusion: member {i} output must be [B] or [B, 1], "
+                                     f"got shape {tuple(t.shape)}")
+                flat.append(t)
+            z = torch.stack(flat, dim=1)
+        if z.dim() != 2 or z.shape[1] != self.num_models:
+            raise ValueError(f"CETNetFusion: expected logits of {self.num_models} members "
+                             f"([B, {self.num_models}]), got shape {tuple(z.shape)}")
+        return z
+
+    def fuse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(prob, weights)`` of ``[B, K]`` logits."""
+        return confidence_fusion(z, self.temperature, fusion_space=self.fusion_space,
+                                 detach_weights=self.detach_weights, backend=self.backend)
+
+    def forward(self, logits: Tensor | Sequence[Tensor], labels: Tensor | None = None) -> FusionOutput:
+        z = self.stack(logits)
+        if labels is None:
+            prob, weights = self.fuse(z)
+            return FusionOutput(prob, z, weights, None, self)
+        loss, prob = collaborative_loss(
+            z, labels, self.temperature, ensemble_weight=self.ensemble_weight,
+            member_weight=self.member_weight, distill_weight=self.distill_weight,
+            mutual_weight=self.mutual_weight, fusion_space=self.fusion_space,
+            detach_weights=self.detach_weights, reduction=self.reduction, backend=self.backend)
+        return FusionOutput(prob, z, None, loss, self)
+
+    def extra_repr(self) -> str:
+        t = "learnable" if self.log_temperature is not None else self._temperature
+        return (f"num_models={self.num_models}, temperature={t}, fusion_space={self.fusion_space!r}, "
+                f"weights=(ensemble={self.ensemble_weight}, member={self.member_weight}, "
+                f"distill={self.distill_weight}, mutual={self.mutual_weight})")

@@ -1,0 +1,50 @@
+"""Helpers shared by the test modules: backends to test, tolerances, reference gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from cetnet_kernels import available_backends, collaborative_loss_reference
+
+TERMS = {
+    "ensemble": dict(ensemble_weight=1.0, member_weight=0.0),
+    "member": dict(ensemble_weight=0.0, member_weight=1.0),
+    "distill": dict(ensemble_weight=0.0, member_weight=0.0, distill_weight=1.0),
+    "mutual": dict(ensemble_weight=0.0, member_weight=0.0, mutual_weight=1.0),
+    "all": dict(ensemble_weight=0.7, member_weight=0.4, distill_weight=0.3, mutual_weight=0.2),
+}
+
+
+def compiled_backends(device: str) -> list[str]:
+    """Every non-reference backend that runs on ``device`` here."""
+    return [b for b in available_backends(device) if b != "reference"]
+
+
+def all_backend_params(device: str = "cpu") -> list[str]:
+    return available_backends(device)
+
+
+def make_logits(B: int, K: int, *, scale: float = 3.0, dtype=torch.float64, device="cpu"):
+    return (torch.randn(B, K, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def reference_loss_grads(z, y, tau, *, reduction="mean", grad_prob=None, **kw):
+    """Loss, prob and autograd gradients (logits, temperature) of the float64 reference."""
+    z64 = z.detach().double().requires_grad_()
+    t64 = torch.tensor(float(tau), dtype=torch.float64, requires_grad=True)
+    loss, prob = collaborative_loss_reference(z64, y.double(), t64, reduction=reduction, **kw)
+    total = loss.sum()
+    if grad_prob is not None:
+        total = total + (prob * grad_prob.double()).sum()
+    gz, gt = torch.autograd.grad(total, [z64, t64], allow_unused=True)
+    if gt is None:
+        gt = torch.zeros((), dtype=torch.float64)
+    return loss.detach(), prob.detach(), gz, gt
+
+
+def lowp_tolerance_ok(ours, ref_lowp, ref64, atol: float) -> tuple[bool, float, float]:
+    """flash-attention rule: our low-precision error is at most 2x the low-precision reference's
+    error (both against float64), plus a small absolute slack."""
+    err = (ours.double() - ref64).abs().max().item()
+    base = (ref_lowp.double() - ref64).abs().max().item()
+    return err <= 2 * base + atol, err, base

@@ -1,0 +1,342 @@
+"""confidence_fusion and collaborative_loss on every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cetnet_kernels as ck
+from cetnet_kernels import collaborative_loss, confidence_fusion, confidence_fusion_reference
+
+from conftest import DEVICES
+from helpers import TERMS, all_backend_params, lowp_tolerance_ok, make_logits, reference_loss_grads
+
+CPU_BACKENDS = all_backend_params("cpu")
+SPACES = ["prob", "logit"]
+
+
+def _shapes(backend):
+    # The Triton interpreter is slow: keep its shapes small, the compiled ones see large K too.
+    if backend == "triton":
+        return [(1, 1), (3, 2), (37, 7)]
+    return [(1, 1), (3, 2), (37, 7), (1031, 3), (130, 16), (65, 64)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward and gradients vs the float64 reference
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("space", SPACES)
+def test_fusion_forward_and_vjp_float64(backend, space):
+    for B, K in _shapes(backend):
+        z = make_logits(B, K)
+        z[0, 0] = 100.0 if B > 1 else z[0, 0]
+        tau = 0.7
+        zr = z.clone().requires_grad_()
+        tr = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+        p_ref, w_ref = confidence_fusion_reference(zr, tr, fusion_space=space)
+        gp, gw = torch.randn(B, dtype=torch.float64), torch.randn(B, K, dtype=torch.float64)
+        gz_ref, gt_ref = torch.autograd.grad((p_ref * gp).sum() + (w_ref * gw).sum(), [zr, tr])
+
+        zo = z.clone().requires_grad_()
+        to = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+        p, w = confidence_fusion(zo, to, fusion_space=space, backend=backend)
+        assert p.shape == (B,) and w.shape == (B, K) and p.dtype == w.dtype == torch.float64
+        torch.testing.assert_close(p, p_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-14)
+        gz, gt = torch.autograd.grad((p * gp).sum() + (w * gw).sum(), [zo, to])
+        torch.testing.assert_close(gz, gz_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gt, gt_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("space", SPACES)
+def test_fusion_detached_weights(backend, space):
+    z = make_logits(37, 5)
+    zr = z.clone().requires_grad_()
+    p_ref, _ = confidence_fusion_reference(zr, 0.5, fusion_space=space, detach_weights=True)
+    (g_ref,) = torch.autograd.grad(p_ref.sum(), zr)
+    zo = z.clone().requires_grad_()
+    to = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    p, w = confidence_fusion(zo, to, fusion_space=space, detach_weights=True, backend=backend)
+    gz, gt = torch.autograd.grad(p.sum() + w.sum(), [zo, to], allow_unused=True)
+    torch.testing.assert_close(gz, g_ref, rtol=1e-10, atol=1e-12)
+    assert gt is None or float(gt) == 0.0  # no gradient reaches tau through constant weights
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("terms", list(TERMS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_float64(backend, space, detach, terms, reduction):
+    shapes = [(37, 5), (1, 1)] if backend == "triton" else [(37, 5), (1, 1), (1031, 3), (65, 16)]
+    for B, K in shapes:
+        z = make_logits(B, K)
+        y = torch.rand(B, dtype=torch.float64)
+        y[: B // 2] = y[: B // 2].round()  # hard and soft labels
+        kw = dict(fusion_space=space, detach_weights=detach, **TERMS[terms])
+        g_loss = torch.rand(B, dtype=torch.float64) if reduction == "none" else None
+        l_ref, p_ref, gz_ref, gt_ref = reference_loss_grads(z, y, 0.8, reduction=reduction, **kw)
+        if g_loss is not None:  # a non-trivial upstream gradient for per-row losses
+            z64 = z.clone().requires_grad_()
+            t64 = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+            lr, _ = ck.collaborative_loss_reference(z64, y, t64, reduction="none", **kw)
+            gz_ref, gt_ref = torch.autograd.grad((lr * g_loss).sum(), [z64, t64], allow_unused=True)
+            gt_ref = torch.zeros((), dtype=torch.float64) if gt_ref is None else gt_ref
+
+        zo = z.clone().requires_grad_()
+        to = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+        loss, prob = collaborative_loss(zo, y, to, reduction=reduction, backend=backend, **kw)
+        assert loss.dtype == torch.float64 and loss.shape == ((B,) if reduction == "none" else ())
+        torch.testing.assert_close(loss, l_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(prob, p_ref, rtol=1e-12, atol=1e-14)
+        upstream = loss.sum() if g_loss is None else (loss * g_loss).sum()
+        gz, gt = torch.autograd.grad(upstream, [zo, to], allow_unused=True)
+        gt = torch.zeros((), dtype=torch.float64) if gt is None else gt
+        torch.testing.assert_close(gz, gz_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gt, gt_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("space", SPACES)
+def test_loss_gradient_through_prob_too(backend, space):
+    """A gradient on the returned prob (e.g. an extra loss on the fused output) is exact too."""
+    z, y = make_logits(64, 4), torch.rand(64, dtype=torch.float64)
+    g_prob = torch.randn(64, dtype=torch.float64)
+    kw = dict(fusion_space=space, **TERMS["all"])
+    _, _, gz_ref, gt_ref = reference_loss_grads(z, y, 1.3, grad_prob=g_prob, **kw)
+    zo = z.clone().requires_grad_()
+    to = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    loss, prob = collaborative_loss(zo, y, to, backend=backend, **kw)
+    gz, gt = torch.autograd.grad(loss + (prob * g_prob).sum(), [zo, to])
+    torch.testing.assert_close(gz, gz_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gt, gt_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_gradcheck(backend):
+    """Finite differences in float64. The distill/mutual 'gradients' use stop-gradient targets by
+    definition (not derivatives of the loss), so gradcheck covers the ensemble and member terms;
+    the others are checked against autograd of the reference above."""
+    z = make_logits(6, 3, scale=2.0).requires_grad_()
+    y = torch.rand(6, dtype=torch.float64)
+    tau = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    for space in SPACES:
+        assert torch.autograd.gradcheck(
+            lambda z, t: confidence_fusion(z, t, fusion_space=space, backend=backend), (z, tau))
+        for red in ["mean", "sum", "none"]:
+            assert torch.autograd.gradcheck(
+                lambda z, t: collaborative_loss(z, y, t, ensemble_weight=0.6, member_weight=0.3,
+                                                fusion_space=space, reduction=red,
+                                                backend=backend), (z, tau))
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration: opcheck and torch.compile
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not ck.build_info()["cpu"], reason="extension not built")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    ops = torch.ops.cetnet
+    z = make_logits(13, 4, dtype=torch.float32, device=device).requires_grad_()
+    y = torch.rand(13, device=device)
+    t = torch.tensor(0.6, device=device)
+    tg = torch.tensor(0.6, device=device, requires_grad=True)
+    for space in (False, True):
+        torch.library.opcheck(ops.confidence_fusion.default, (z, t, space, False))
+        torch.library.opcheck(ops.confidence_fusion.default, (z, tg, space, True))
+        torch.library.opcheck(
+            ops.confidence_fusion_backward.default,
+            (torch.randn(13, device=device), torch.randn(13, 4, device=device), z.detach(), t,
+             space, False, True))
+        torch.library.opcheck(ops.confidence_fusion_backward.default,
+                              (None, None, z.detach(), t, space, False, False))
+        for red in (0, 1, 2):
+            torch.library.opcheck(ops.collaborative_loss.default,
+                                  (z, y, tg, 1.0, 0.5, 0.3, 0.2, space, False, red, True, True))
+            torch.library.opcheck(ops.collaborative_loss.default,
+                                  (z.detach(), y, t, 1.0, 1.0, 0.0, 0.0, space, True, red, False,
+                                   False))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+def test_torch_compile_fullgraph_dynamic(backend):
+    def f(z, y, t):
+        loss, prob = collaborative_loss(z, y, t, distill_weight=0.2, mutual_weight=0.1,
+                                        backend=backend)
+        p2, w = confidence_fusion(z, t, fusion_space="logit", backend=backend)
+        return loss + 0.1 * (prob * p2).sum() + w[:, 0].mean()
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for B in (16, 33, 70):  # new sizes reuse the dynamic graph
+        z = make_logits(B, 3, dtype=torch.float32)
+        y = torch.rand(B)
+        zc, ze = z.clone().requires_grad_(), z.clone().requires_grad_()
+        tc = torch.tensor(0.8, requires_grad=True)
+        te = torch.tensor(0.8, requires_grad=True)
+        out_c, out_e = cf(zc, y, tc), f(ze, y, te)
+        torch.testing.assert_close(out_c, out_e)
+        out_c.backward()
+        out_e.backward()
+        torch.testing.assert_close(zc.grad, ze.grad)
+        torch.testing.assert_close(tc.grad, te.grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision, shapes and layouts
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("space", SPACES)
+def test_dtype_matrix(backend, dtype, space):
+    B, K = (67, 4) if backend == "triton" else (1031, 4)
+    z64 = make_logits(B, K, scale=2.5)
+    y = torch.rand(B)
+    z = z64.to(dtype)
+    zq = z.double()  # the inputs as the low-precision kernel sees them
+    kw = dict(fusion_space=space, **TERMS["all"])
+    l64, p64, g64, _ = reference_loss_grads(zq, y, 0.8, reduction="sum", **kw)
+    zl = z.clone().requires_grad_()
+    l_low, p_low = ck.collaborative_loss_reference(zl, y, 0.8, reduction="sum", **kw)
+    (g_low,) = torch.autograd.grad(l_low, zl)
+    zo = z.clone().requires_grad_()
+    loss, prob = collaborative_loss(zo, y, 0.8, reduction="sum", backend=backend, **kw)
+    (g,) = torch.autograd.grad(loss, zo)
+    assert prob.dtype == dtype and g.dtype == dtype and loss.dtype == torch.float32
+    atol = 1e-6 if dtype == torch.float32 else 1e-4
+    for name, ours, low, ref in (("prob", prob, p_low, p64), ("grad", g, g_low, g64)):
+        ok, err, base = lowp_tolerance_ok(ours, low, ref, atol)
+        assert ok, f"{name}: error {err:.3g} > 2 x reference's {base:.3g}"
+    # The loss is float32 in both; compare relative to its size.
+    assert abs(loss.double() - l64).item() <= 2 * abs(l_low.double() - l64).item() + 1e-6 * abs(l64).item() + 1e-5
+    p, w = confidence_fusion(z, 0.8, fusion_space=space, backend=backend)
+    p_ref64, w_ref64 = confidence_fusion_reference(zq, 0.8, fusion_space=space)
+    p_lo, w_lo = confidence_fusion_reference(z, 0.8, fusion_space=space)
+    assert p.dtype == w.dtype == dtype
+    assert lowp_tolerance_ok(p, p_lo, p_ref64, atol)[0]
+    assert lowp_tolerance_ok(w, w_lo, w_ref64, atol)[0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    cases = {
+        "transposed": make_logits(6, 40).T,  # [40, 6], stride (1, 40)
+        "column_slice": make_logits(40, 9)[:, 1:7:2],
+        "row_step": make_logits(80, 3)[::2],
+        "expanded": make_logits(40, 1).expand(40, 4),  # stride 0 over members
+    }
+    y = torch.rand(80, dtype=torch.float64)[::2]  # strided labels too
+    for name, z in cases.items():
+        assert not z.is_contiguous(), name
+        zc = z.contiguous()
+        for fn in (lambda t: confidence_fusion(t, 0.7, backend=backend),
+                   lambda t: collaborative_loss(t, y, 0.7, mutual_weight=0.5, reduction="none",
+                                                backend=backend)):
+            for x, r in zip(fn(z), fn(zc)):
+                torch.testing.assert_close(x, r, rtol=1e-13, atol=1e-14, msg=name)
+        zs = z.detach().requires_grad_()  # a non-contiguous leaf
+        zr = zc.detach().clone().requires_grad_()
+        collaborative_loss(zs, y, backend=backend)[0].backward()
+        collaborative_loss(zr, y, backend=backend)[0].backward()
+        torch.testing.assert_close(zs.grad, zr.grad, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("space", SPACES)
+def test_single_member_is_bce_with_logits(backend, space):
+    z = make_logits(50, 1).requires_grad_()
+    y = torch.rand(50, dtype=torch.float64)
+    loss, prob = collaborative_loss(z, y, 0.3, ensemble_weight=0.4, member_weight=0.9,
+                                    distill_weight=0.7, mutual_weight=0.5, fusion_space=space,
+                                    backend=backend)
+    z2 = z.detach().clone().requires_grad_()
+    expected = 1.3 * F.binary_cross_entropy_with_logits(z2[:, 0], y)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prob, torch.sigmoid(z2[:, 0]).detach(), rtol=1e-12, atol=1e-14)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_extreme_logits_exact_in_float32(backend):
+    """|z| up to 100 in float32: finite, and as exact as float32 allows (no clamping)."""
+    vals = torch.tensor([-100.0, -60.0, -20.0, -1.0, 0.0, 1.0, 20.0, 60.0, 100.0])
+    z = torch.cartesian_prod(vals, vals, vals)  # [729, 3]
+    y = (torch.arange(z.shape[0]) % 3 / 2).float()  # 0, 0.5, 1
+    for space in SPACES:
+        kw = dict(fusion_space=space, **TERMS["all"])
+        l64, p64, g64, _ = reference_loss_grads(z.double(), y, 1.0, reduction="none", **kw)
+        zo = z.clone().requires_grad_()
+        loss, prob = collaborative_loss(zo, y, 1.0, reduction="none", backend=backend, **kw)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(prob).all()
+        assert torch.isfinite(zo.grad).all()
+        torch.testing.assert_close(loss.double(), l64, rtol=2e-5, atol=1e-4)
+        torch.testing.assert_close(zo.grad.double(), g64, rtol=1e-4, atol=1e-5)
+        # log of tiny probabilities is what matters: compare prob relatively where it is normal
+        normal = p64 > 1e-37
+        torch.testing.assert_close(prob.double()[normal], p64[normal], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_row_is_isolated(backend, bad):
+    z = make_logits(40, 4, dtype=torch.float32)
+    y = torch.rand(40)
+    z[7, 2] = bad
+    zo = z.clone().requires_grad_()
+    loss, prob = collaborative_loss(zo, y, 0.9, reduction="none", mutual_weight=0.3,
+                                    distill_weight=0.2, backend=backend)
+    loss.sum().backward()
+    assert torch.isnan(loss[7]) and torch.isnan(prob[7])
+    others = torch.arange(40) != 7
+    l_ref, p_ref, g_ref, _ = reference_loss_grads(z[others], y[others], 0.9, reduction="none",
+                                                  mutual_weight=0.3, distill_weight=0.2)
+    torch.testing.assert_close(loss[others].double(), l_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prob[others].double(), p_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(zo.grad[others].double(), g_ref, rtol=1e-5, atol=1e-6)
+    p, w = confidence_fusion(z, backend=backend)
+    assert torch.isnan(p[7]) and torch.isfinite(p[others]).all() and torch.isfinite(w[others]).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend):
+    z = torch.empty(0, 3, requires_grad=True)
+    y = torch.empty(0)
+    for red, shape in (("mean", ()), ("sum", ()), ("none", (0,))):
+        loss, prob = collaborative_loss(z, y, reduction=red, backend=backend)
+        assert loss.shape == shape and prob.shape == (0,)
+        if red != "none":
+            assert loss.item() == 0.0  # mean of no rows is defined as 0, not NaN
+        loss.sum().backward()
+        assert z.grad.shape == (0, 3)
+    p, w = confidence_fusion(z, backend=backend)
+    assert p.shape == (0,) and w.shape == (0, 3)
+
+
+@pytest.mark.skipif(not ck.build_info()["cpu"], reason="extension not built")
+def test_cpu_bitwise_deterministic_across_threads():
+    z = make_logits(50_000, 4, dtype=torch.float32)
+    y = torch.rand(50_000)
+    t = torch.tensor(0.8, requires_grad=True)
+
+    def run():
+        zo = z.clone().requires_grad_()
+        t.grad = None
+        loss, prob = collaborative_loss(zo, y, t, distill_weight=0.1, backend="cpu")
+        loss.backward()
+        return loss.detach(), prob, zo.grad, t.grad.clone()
+
+    n = torch.get_num_threads()
+    try:
+        first, second = run(), run()
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(n)
+    for a, b, c in zip(first, second, single):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -1,0 +1,88 @@
+"""CETNetFusion as a drop-in layer over other people's models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cetnet_kernels import CETNetFusion, collaborative_loss, confidence_fusion
+
+
+class TinyCTR(nn.Module):
+    """Someone else's CTR model: embeddings + MLP, returns a [B, 1] logit."""
+
+    def __init__(self, vocab: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.emb(ids).flatten(1))
+
+
+def test_list_and_tensor_inputs_agree():
+    fusion = CETNetFusion(3, temperature=0.5, distill_weight=0.1)
+    outs = [torch.randn(10), torch.randn(10, 1), torch.randn(10)]
+    stacked = torch.stack([outs[0], outs[1][:, 0], outs[2]], dim=1)
+    y = torch.randint(0, 2, (10,))
+    a, b = fusion(outs, y), fusion(stacked, y)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.prob, b.prob)
+    ref_loss, ref_prob = collaborative_loss(stacked, y, 0.5, distill_weight=0.1)
+    torch.testing.assert_close(a.loss, ref_loss)
+    # weights are produced lazily with labels, eagerly without; both match the op
+    torch.testing.assert_close(a.weights, confidence_fusion(stacked, 0.5)[1])
+    no_labels = fusion(outs)
+    assert no_labels.loss is None
+    torch.testing.assert_close(no_labels.prob, ref_prob)
+    torch.testing.assert_close(no_labels.member_probs, torch.sigmoid(stacked))
+
+
+def test_learnable_temperature_gets_gradient_and_stays_positive():
+    fusion = CETNetFusion(2, temperature=2.0, learnable_temperature=True)
+    assert abs(float(fusion.temperature.detach()) - 2.0) < 1e-6
+    opt = torch.optim.SGD(fusion.parameters(), lr=5.0)
+    z = torch.randn(256, 2) * 3
+    y = (torch.rand(256) < torch.sigmoid(z[:, 0])).float()  # member 0 is the informative one
+    for _ in range(20):
+        opt.zero_grad()
+        out = fusion(z, y)
+        out.loss.backward()
+        assert fusion.log_temperature.grad is not None
+        opt.step()
+    assert float(fusion.temperature.detach()) > 0
+    assert float(fusion.temperature.detach()) != 2.0
+    state = fusion.state_dict()
+    clone = CETNetFusion(2, learnable_temperature=True)
+    clone.load_state_dict(state)
+    assert float(clone.temperature.detach()) == float(fusion.temperature.detach())
+
+
+def test_drop_in_ensemble_of_two_models_trains():
+    torch.manual_seed(0)
+    n, vocab = 2048, 50
+    ids = torch.randint(0, vocab, (n, 2))
+    # planted interaction: click when the two ids are "compatible"
+    y = (((ids[:, 0] * 7 + ids[:, 1] * 3) % 5) < 2).float()
+    a, b = TinyCTR(vocab, 8, 16), TinyCTR(vocab, 4, 32)
+    fusion = CETNetFusion(2, mutual_weight=0.1)
+    params = [*a.parameters(), *b.parameters(), *fusion.parameters()]
+    opt = torch.optim.Adam(params, lr=0.02)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        out = fusion([a(ids), b(ids)], y)
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    # both members received gradient and the fused prediction is a probability
+    assert all(p.grad is not None for p in params)
+    assert ((out.prob >= 0) & (out.prob <= 1)).all()
+
+
+def test_reduction_none_and_backend_choice():
+    fusion = CETNetFusion(2, reduction="none", backend="reference")
+    out = fusion(torch.randn(7, 2), torch.rand(7))
+    assert out.loss.shape == (7,)
+    assert "num_models=2" in repr(fusion)
