@@ -1,0 +1,54 @@
+# Set-up and checks. `make demo` runs the main job, `make test` the test suite; both create the
+# virtual environment and build the extension first.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch (this project's CI machine has it on local disk).
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: setup demo test bench cmake-test cuda-build-check ci clean
+
+setup:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
+		pytest-benchmark matplotlib
+	$(PIP) install -q --no-build-isolation -e .
+
+demo: setup
+	$(PY) -m cetnet.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PIP) install -q "fbgemm-gpu-cpu==1.8.0" || echo "fbgemm-gpu-cpu not installable: FBGEMM rows skipped"
+	$(PY) -m pytest bench/bench_fusion.py --benchmark-json=bench/fusion_cpu.json
+	$(PY) bench/render.py bench/fusion_cpu.json
+
+# The same csrc/ built against libtorch with CMake, plus the C++ test through the dispatcher.
+cmake-test: setup
+	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build-cmake -j2
+	cd build-cmake && ctest --output-on-failure
+
+# Compiles the CUDA kernels (nothing runs: no GPU needed) against a CUDA build of torch.
+cuda-build-check:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)" setuptools wheel ninja numpy
+	rm -rf build-cuda
+	CETNET_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
+	CPLUS_INCLUDE_PATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')" \
+	MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build-cuda/tmp --build-lib build-cuda/lib
+	ls build-cuda/lib/cetnet_kernels/_C*.so
+
+ci: test cmake-test cuda-build-check
+
+clean:
+	rm -rf build build-cmake build-cuda *.egg-info cetnet_kernels/_C*.so
