@@ -122,7 +122,7 @@ double read_temperature(const at::Tensor& temperature, const char* op) {
 
 std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
                                                      const at::Tensor& temperature,
-                                                     bool logit_space, bool detach_weights) {
+                                                     bool logit_space, bool /*detach_weights*/) {
   const char* op = "cetnet::confidence_fusion";
   check_logits(logits, op);
   check_temperature(temperature, logits, op);
