@@ -141,7 +141,8 @@ if HAS_C:
     _OPSETS["cpu"] = _OPSETS["cuda"] = _OpSet(
         _cet.confidence_fusion.default, _cet.confidence_fusion_backward.default,
         _cet.collaborative_loss.default)
-    _register_autograd(_OPSETS["cpu"], ("cetnet::confidence_fusion", "cetnet::collaborative_loss"))
+    # Their autograd is registered in C++ (csrc/autograd.cpp): a Python one costs more per call
+    # than the kernels at CTR batch sizes.
 
 
 _TRITON_ERROR: str | None = None

@@ -1,5 +1,6 @@
 // The one registration file: the schemas of every cetnet op and their CPU/CUDA kernels.
-// Fake (meta) kernels and autograd are registered in Python (cetnet_kernels/ops.py).
+// Autograd is C++ (autograd.cpp: far cheaper per call than Python's register_autograd); fake
+// (meta) kernels are registered in Python (cetnet_kernels/fusion.py).
 //
 // Contracts (acc = float64 for float64 logits, float32 otherwise; reduction 0 none/1 mean/2 sum):
 //   confidence_fusion(logits [B,K], temperature [], logit_space, detach_weights) -> (prob [B], weights [B,K])   logits.dtype
@@ -13,6 +14,7 @@
 // temperature is a 0-dim floating tensor on the logits' device; logits may have any strides.
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "cpu/fusion_cpu.h"
 #ifdef CETNET_WITH_CUDA
 #include "cuda/fusion_cuda.h"
@@ -38,6 +40,11 @@ TORCH_LIBRARY_IMPL(cetnet, CPU, m) {
   m.impl("confidence_fusion", &cetnet::cpu::confidence_fusion);
   m.impl("confidence_fusion_backward", &cetnet::cpu::confidence_fusion_backward);
   m.impl("collaborative_loss", &cetnet::cpu::collaborative_loss);
+}
+
+TORCH_LIBRARY_IMPL(cetnet, Autograd, m) {
+  m.impl("confidence_fusion", &cetnet::confidence_fusion_autograd);
+  m.impl("collaborative_loss", &cetnet::collaborative_loss_autograd);
 }
 
 #ifdef CETNET_WITH_CUDA
