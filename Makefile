@@ -10,14 +10,18 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: setup demo test bench cmake-test cuda-build-check ci clean
+.PHONY: venv setup demo test bench cmake-test cuda-build-check ci clean
 
-setup:
+# The environment: torch (CPU), the build tools, the test and benchmark tools.
+venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
 		pytest-benchmark matplotlib
+
+# ... plus this package, its extension built against that torch.
+setup: venv
 	$(PIP) install -q --no-build-isolation -e .
 
 demo: setup
@@ -32,7 +36,7 @@ bench: setup
 	$(PY) bench/render.py bench/fusion_cpu.json
 
 # The same csrc/ built against libtorch with CMake, plus the C++ test through the dispatcher.
-cmake-test: setup
+cmake-test: venv
 	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build-cmake -j2
