@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <utility>
+
 namespace cetnet {
 
 inline void check_logits(const at::Tensor& logits, const char* op) {
@@ -41,6 +44,23 @@ inline void check_like_logits(const at::Tensor& t, const at::Tensor& logits, con
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
                    " must be floating point");
   TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device());
+}
+
+// Checks the optional upstream gradients of confidence_fusion_backward and brings them to the
+// logits' dtype; an absent one comes back undefined.
+inline std::pair<at::Tensor, at::Tensor> fusion_upstream_grads(
+    const std::optional<at::Tensor>& grad_prob, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& logits, const char* op) {
+  at::Tensor gp, gw;
+  if (grad_prob.has_value() && grad_prob->defined()) {
+    check_rows(*grad_prob, logits, "grad_prob", op);
+    gp = grad_prob->to(logits.scalar_type());
+  }
+  if (grad_weights.has_value() && grad_weights->defined()) {
+    check_like_logits(*grad_weights, logits, "grad_weights", op);
+    gw = grad_weights->to(logits.scalar_type());
+  }
+  return {gp, gw};
 }
 
 // The accumulation dtype: float64 for float64 inputs, float32 for the rest.

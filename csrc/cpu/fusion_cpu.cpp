@@ -173,17 +173,9 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
   const double tau = read_temperature(temperature, op);
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
-  const bool has_gp = grad_prob.has_value() && grad_prob->defined();
-  const bool has_gw = grad_weights.has_value() && grad_weights->defined();
-  at::Tensor gp, gw;
-  if (has_gp) {
-    check_rows(*grad_prob, logits, "grad_prob", op);
-    gp = grad_prob->to(logits.scalar_type());
-  }
-  if (has_gw) {
-    check_like_logits(*grad_weights, logits, "grad_weights", op);
-    gw = grad_weights->to(logits.scalar_type());
-  }
+  at::Tensor gp, gw;  // not structured bindings: lambdas below capture them (C++17)
+  std::tie(gp, gw) = fusion_upstream_grads(grad_prob, grad_weights, logits, op);
+  const bool has_gp = gp.defined(), has_gw = gw.defined();
   const bool want_gt = compute_temperature_grad && !detach_weights;
   const int64_t nblocks = (B + kBlockRows - 1) / kBlockRows;
   std::vector<double> gt_partial(nblocks, 0.0);
