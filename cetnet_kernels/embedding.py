@@ -391,7 +391,7 @@ class MultiTableEmbedding(nn.Module):
         """
         f = self._feature_index(name)
         if ids is not None:
-            cols = self._column_layout(self._normalize(ids)[3])
+            cols = self._column_layout(self._normalize(ids)[4])
         elif self._last_columns is not None:
             cols = self._last_columns
         else:
