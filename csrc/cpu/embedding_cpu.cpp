@@ -234,7 +234,10 @@ struct BadId {
 template <typename scalar_t, typename acc_t>
 inline void copy_row(acc_t* dst, const scalar_t* src, int64_t D) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(dst, src, sizeof(acc_t) * D);
+    using V = at::vec::Vectorized<acc_t>;  // inline: a libc memcpy call per row costs more
+    int64_t d = 0;
+    for (; d + V::size() <= D; d += V::size()) V::loadu(src + d).store(dst + d);
+    if (d < D) V::loadu(src + d, D - d).store(dst + d, D - d);
   } else {
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
   }
@@ -272,6 +275,19 @@ inline int64_t forward_grain(const Layout& L) {
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, L.N * L.M));
 }
 
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+// Rows of a tile whose table-row addresses are resolved before they are copied, so that the
+// copy loop can prefetch kAhead rows ahead: random row reads are latency bound, and this keeps
+// several of them in flight per core.
+constexpr int64_t kTile = 32;
+constexpr int64_t kAhead = 12;
+
+// One id column of the output: feature f, position t of its [B, T] ids, output column n.
+struct IdColumn {
+  int64_t f, t, T, n;
+};
+
 template <typename scalar_t>
 void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::Tensor>& outs,
                     const char* op) {
@@ -281,37 +297,75 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
   for (int64_t m = 0; m < L.M; ++m) out_p[m] = outs[m].mutable_data_ptr<acc_t>();
   const bool has_pad = L.padding_idx.has_value();
   const int64_t pad = has_pad ? *L.padding_idx : 0;
+  std::vector<IdColumn> cols;
+  std::vector<int64_t> bags;
+  for (int64_t f = 0; f < L.F; ++f) {
+    if (is_bag(L.mode[f])) {
+      bags.push_back(f);
+      continue;
+    }
+    for (int64_t t = 0; t < L.ncols[f]; ++t) cols.push_back({f, t, L.ncols[f], L.col_start[f] + t});
+  }
+  const int64_t C = static_cast<int64_t>(cols.size()), M = L.M;
   BadId bad;
   at::parallel_for(0, L.B, forward_grain(L), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t f = 0; f < L.F; ++f) {
-        const int64_t V = L.vocab[f];
-        const IdReader& ids = L.id_r[f];
-        const int64_t n0 = L.col_start[f];
-        if (!is_bag(L.mode[f])) {
-          const int64_t T = L.ncols[f];
-          for (int64_t t = 0; t < T; ++t) {
-            const int64_t id = ids[b * T + t];
-            const bool valid = id >= 0 && id < V;
-            if (!valid && !(has_pad && id == pad)) bad.record(b, f, t, id);
-            for (int64_t m = 0; m < L.M; ++m) {
-              const int64_t D = L.dims[m];
-              acc_t* dst = out_p[m] + (b * L.N + n0 + t) * D;
-              if (valid && !(has_pad && id == pad))
-                copy_row(dst, w + L.table_off[m * L.F + f] + id * D, D);
-              else
-                std::fill(dst, dst + D, acc_t(0));
-            }
+    // src[((b - bt) * C + c) * M + m]: the table row to copy, or nullptr for a zero row.
+    std::vector<const scalar_t*> src(kTile * C * M);
+    for (int64_t bt = b0; bt < b1; bt += kTile) {
+      const int64_t be = std::min(bt + kTile, b1);
+      // 1. resolve and bounds-check the ids of the tile, column by column (contiguous reads)
+      for (int64_t c = 0; c < C; ++c) {
+        const IdColumn& ic = cols[c];
+        const int64_t V = L.vocab[ic.f];
+        const IdReader& ids = L.id_r[ic.f];
+        for (int64_t b = bt; b < be; ++b) {
+          const int64_t id = ids[b * ic.T + ic.t];
+          const bool valid = id >= 0 && id < V && !(has_pad && id == pad);
+          if (!valid && !(has_pad && id == pad)) bad.record(b, ic.f, ic.t, id);
+          const scalar_t** s = src.data() + ((b - bt) * C + c) * M;
+          for (int64_t m = 0; m < M; ++m)
+            s[m] = valid ? w + L.table_off[m * L.F + ic.f] + id * L.dims[m] : nullptr;
+        }
+      }
+      // 2. copy, prefetching kAhead rows ahead
+      const int64_t total = (be - bt) * C * M;
+      int64_t i = 0;
+      for (int64_t k = 0; k < std::min(kAhead, total); ++k)
+        if (src[k]) prefetch(src[k]);
+      for (int64_t b = bt; b < be; ++b) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t n = cols[c].n;
+          for (int64_t m = 0; m < M; ++m, ++i) {
+            if (i + kAhead < total && src[i + kAhead]) prefetch(src[i + kAhead]);
+            const int64_t D = L.dims[m];
+            acc_t* dst = out_p[m] + (b * L.N + n) * D;
+            if (src[i])
+              copy_row(dst, src[i], D);
+            else
+              std::fill(dst, dst + D, acc_t(0));
           }
-        } else {
+        }
+      }
+      // 3. pooled bags
+      for (int64_t b = bt; b < be; ++b) {
+        for (int64_t f : bags) {
+          const int64_t V = L.vocab[f];
+          const IdReader& ids = L.id_r[f];
+          const int64_t n0 = L.col_start[f];
           const IdReader& off = L.off_r[f];
           const int64_t k0 = off[b], k1 = off[b + 1];
-          for (int64_t m = 0; m < L.M; ++m) {
+          for (int64_t m = 0; m < M; ++m) {
             acc_t* dst = out_p[m] + (b * L.N + n0) * L.dims[m];
             std::fill(dst, dst + L.dims[m], acc_t(0));
           }
           int64_t count = 0;
           for (int64_t k = k0; k < k1; ++k) {
+            if (k + 2 < k1) {  // the next values' rows
+              const int64_t nid = ids[k + 2];
+              if (nid >= 0 && nid < V)
+                for (int64_t m = 0; m < M; ++m)
+                  prefetch(w + L.table_off[m * L.F + f] + nid * L.dims[m]);
+            }
             const int64_t id = ids[k];
             if (has_pad && id == pad) continue;
             if (id < 0 || id >= V) {
@@ -320,14 +374,14 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
             }
             ++count;
             const acc_t a = L.psw_f[f] ? static_cast<acc_t>(L.psw_f[f][k]) : acc_t(1);
-            for (int64_t m = 0; m < L.M; ++m) {
+            for (int64_t m = 0; m < M; ++m) {
               const int64_t D = L.dims[m];
               axpy_row(out_p[m] + (b * L.N + n0) * D, a,
                        w + L.table_off[m * L.F + f] + id * D, D);
             }
           }
           if (L.mode[f] == kBagMean && count > 1) {
-            for (int64_t m = 0; m < L.M; ++m)
+            for (int64_t m = 0; m < M; ++m)
               scale_row(out_p[m] + (b * L.N + n0) * L.dims[m], acc_t(1) / acc_t(count),
                         L.dims[m]);
           }
@@ -492,9 +546,28 @@ inline void reduce_run(const Entries& e, const Run& r, const acc_t* g, int64_t D
   if (g == nullptr) return;
   const bool scaled = !e.scale.empty();
   for (int64_t i = r.begin; i < r.end; ++i) {
+    // Hot ids have long runs of gradient rows scattered over the batch: keep reads in flight.
+    if (i + 8 < r.end) prefetch(g + e.src[e.order[i + 8]] * D);
     const int64_t k = e.order[i];
     const acc_t a = scaled ? static_cast<acc_t>(e.scale[k]) : acc_t(1);
     axpy_row(acc, a, g + e.src[k] * D, D);
+  }
+}
+
+// Prefetches what run r will read: its table rows and the gradient rows of its first entries
+// (most runs of a Zipf batch have one entry). Called kAhead runs early: the reads are random.
+template <typename scalar_t, typename acc_t>
+inline void prefetch_run(const Layout& L, const std::vector<Entries>& E, const Run& r,
+                         const scalar_t* w, const std::vector<const void*>& gv) {
+  const Entries& e = E[r.f];
+  const int64_t id = e.key[e.order[r.begin]];
+  const int64_t last = std::min(r.end, r.begin + 4);
+  for (int64_t m = 0; m < L.M; ++m) {
+    const int64_t D = L.dims[m];
+    prefetch(w + L.table_off[m * L.F + r.f] + id * D);
+    const acc_t* g = static_cast<const acc_t*>(gv[m]);
+    if (g)
+      for (int64_t i = r.begin; i < last; ++i) prefetch(g + e.src[e.order[i]] * D);
   }
 }
 
@@ -514,6 +587,7 @@ void dense_backward_kernel(const Layout& L, const std::vector<Entries>& E,
   at::parallel_for(0, static_cast<int64_t>(runs.size()), run_grain(L), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> acc(max_d);
     for (int64_t ri = r0; ri < r1; ++ri) {
+      if (ri + kAhead < r1) prefetch_run<scalar_t, acc_t>(L, E, runs[ri + kAhead], gw, gv);
       const Run& r = runs[ri];
       const Entries& e = E[r.f];
       const int64_t id = e.key[e.order[r.begin]];
@@ -541,12 +615,14 @@ void update_kernel(const Layout& L, const std::vector<Entries>& E, const std::ve
   at::parallel_for(0, static_cast<int64_t>(runs.size()), run_grain(L), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> acc(max_d);
     for (int64_t ri = r0; ri < r1; ++ri) {
+      if (ri + kAhead < r1) prefetch_run<scalar_t, acc_t>(L, E, runs[ri + kAhead], w, gv);
       const Run& r = runs[ri];
       const Entries& e = E[r.f];
       const int64_t id = e.key[e.order[r.begin]];
       for (int64_t m = 0; m < L.M; ++m) {
         const int64_t D = L.dims[m];
         const int64_t t = m * L.F + r.f;
+        if (st) prefetch(st + L.state_off[t] + id);
         reduce_run(e, r, static_cast<const acc_t*>(gv[m]), D, acc.data());
         scalar_t* row = w + L.table_off[t] + id * D;
         if (wd != acc_t(0))  // L2 decay of the rows this batch touches (FBGEMM's L2 mode)
@@ -564,6 +640,107 @@ void update_kernel(const Layout& L, const std::vector<Entries>& E, const std::ve
         } else {
           for (int64_t d = 0; d < D; ++d)
             row[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) - step * acc[d]);
+        }
+      }
+    }
+  });
+}
+
+// Plain SGD (no weight decay) is linear in the gradient, so it needs no per-row reduction:
+// each task owns the rows of one feature (or of one id range of it, when there are fewer
+// features than threads), walks the batch in order and applies w -= lr * scale * g entry by
+// entry. Row ownership makes it race-free and the batch order makes it bitwise reproducible;
+// gradient rows are read sequentially and table rows are prefetched. The ids were checked
+// beforehand (check_ids), so nothing is written when one is bad.
+void check_ids(const Layout& L, const char* op) {
+  const bool has_pad = L.padding_idx.has_value();
+  const int64_t pad = has_pad ? *L.padding_idx : 0;
+  BadId bad;
+  at::parallel_for(0, L.F, 1, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      const IdReader& ids = L.id_r[f];
+      const int64_t V = L.vocab[f];
+      const int64_t n = L.ids[f].numel();
+      const int64_t T = is_bag(L.mode[f]) ? 0 : L.ncols[f];
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t id = ids[i];
+        if ((id < 0 || id >= V) && !(has_pad && id == pad)) {
+          // the batch row of a bag value: search the offsets (error path only)
+          int64_t b = 0, pos = i;
+          if (T > 0) {
+            b = i / T;
+            pos = i % T;
+          } else {
+            const IdReader& off = L.off_r[f];
+            while (b + 1 < L.B && off[b + 1] <= i) ++b;
+            pos = i - off[b];
+          }
+          bad.record(b, f, pos, id);
+        }
+      }
+    }
+  });
+  bad.raise_if_found(L, op);
+}
+
+template <typename scalar_t>
+void sgd_direct_kernel(const Layout& L, const std::vector<const void*>& gv,
+                       const at::Tensor& weight, double lr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* w = weight.mutable_data_ptr<scalar_t>();
+  const bool has_pad = L.padding_idx.has_value();
+  const int64_t pad = has_pad ? *L.padding_idx : 0;
+  const int64_t R = std::max<int64_t>(1, (2 * at::get_num_threads() + L.F - 1) / L.F);
+  const acc_t neg_lr = static_cast<acc_t>(-lr);
+  at::parallel_for(0, L.F * R, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t f = task / R, r = task % R;
+      const int64_t V = L.vocab[f];
+      const int64_t lo = V * r / R, hi = V * (r + 1) / R;
+      const IdReader& ids = L.id_r[f];
+      const int64_t n = L.ids[f].numel();
+      // apply(i, b, n_out, scale): the update of entry i (id ids[i]) from output row b*N+n_out
+      auto apply = [&](int64_t i, int64_t b, int64_t n_out, acc_t scale) {
+        if (i + kAhead < n) {
+          const int64_t nid = ids[i + kAhead];
+          if (nid >= lo && nid < hi)
+            for (int64_t m = 0; m < L.M; ++m)
+              prefetch(w + L.table_off[m * L.F + f] + nid * L.dims[m]);
+        }
+        const int64_t id = ids[i];
+        if (id < lo || id >= hi || (has_pad && id == pad)) return;
+        for (int64_t m = 0; m < L.M; ++m) {
+          const acc_t* g = static_cast<const acc_t*>(gv[m]);
+          if (g == nullptr) continue;
+          const int64_t D = L.dims[m];
+          scalar_t* row = w + L.table_off[m * L.F + f] + id * D;
+          const acc_t* grow = g + (b * L.N + n_out) * D;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            axpy_row(row, neg_lr * scale, grow, D);
+          } else {
+            for (int64_t d = 0; d < D; ++d)
+              row[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) +
+                                             neg_lr * scale * grow[d]);
+          }
+        }
+      };
+      if (!is_bag(L.mode[f])) {
+        const int64_t T = L.ncols[f];
+        for (int64_t b = 0, i = 0; b < L.B; ++b)
+          for (int64_t t = 0; t < T; ++t, ++i) apply(i, b, L.col_start[f] + t, acc_t(1));
+      } else {
+        const IdReader& off = L.off_r[f];
+        const float* psw = L.psw_f[f];
+        for (int64_t b = 0; b < L.B; ++b) {
+          const int64_t k0 = off[b], k1 = off[b + 1];
+          acc_t scale = acc_t(1);
+          if (L.mode[f] == kBagMean) {
+            int64_t count = 0;
+            for (int64_t k = k0; k < k1; ++k) count += !(has_pad && ids[k] == pad);
+            if (count > 0) scale = acc_t(1) / static_cast<acc_t>(count);
+          }
+          for (int64_t k = k0; k < k1; ++k)
+            apply(k, b, L.col_start[f], psw ? static_cast<acc_t>(psw[k]) : scale);
         }
       }
     }
@@ -657,9 +834,19 @@ void multi_embedding_update(at::TensorList grads, const at::Tensor& weight,
                       " ", state.sizes());
     TORCH_CHECK(state.device().is_cpu(), op, ": state must be a CPU tensor");
   }
+  std::vector<at::Tensor> keep;
+  if (optimizer == kSGD && weight_decay == 0.0) {
+    check_ids(L, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                    "cetnet_multi_embedding_sgd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto g = grad_pointers<acc_t>(L, grads, keep, op);
+      sgd_direct_kernel<scalar_t>(L, as_void(g), weight, lr);
+    });
+    return;
+  }
   std::vector<Entries> E = collect_entries(L, op);
   std::vector<Run> runs = all_runs(E);
-  std::vector<at::Tensor> keep;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "cetnet_multi_embedding_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
