@@ -1,0 +1,218 @@
+"""Forward + backward benchmarks of the fused ensemble head (pytest-benchmark).
+
+Ops (fp32 logits [B, K], default arguments):
+- ``collaborative_loss``: ``loss, prob = op(logits, labels); loss.backward()`` with the default
+  loss weights (ensemble=1, member=1): the ANCHORS baseline "prob-space fusion + ensemble BCE +
+  member BCE".
+- ``confidence_fusion``: ``prob, weights = op(logits); prob.sum().backward()`` (no gradient on
+  the weights).
+
+Providers: ``cetnet-cpu`` / ``cetnet-cuda`` / ``cetnet-triton`` (the library, one backend each),
+``eager`` (the plain-PyTorch references of cetnet_kernels.reference), ``compile``
+(``torch.compile(reference, dynamic=False)``, compiled and warmed up per shape outside the timed
+region) and, on CUDA, ``copy``: a device-to-device copy moving the same number of bytes as the op
+must move at minimum (see :func:`bytes_moved`), the bandwidth yardstick of render.py.
+
+Each timed call sets ``logits.grad = None`` first (as ``zero_grad(set_to_none=True)`` does), so no
+gradient accumulation is timed, and ends with ``torch.cuda.synchronize()`` on CUDA.
+
+Matrix knobs (environment): CETNET_BENCH_DEVICES (cpu,cuda; default: cuda if there is a GPU,
+else cpu), CETNET_BENCH_OPS, CETNET_BENCH_PROVIDERS, CETNET_BENCH_K, CETNET_BENCH_B,
+CETNET_BENCH_TARGET_S (timed seconds per benchmark; default 1.0 on CPU, 0.5 on CUDA),
+CETNET_BENCH_VALIDATE=1 (keep the library's label check, a host sync on CUDA; off by default
+because the eager/compile references do not check). ``-k`` works too: ids look like
+``cpu-cetnet-cpu-K4-B65536``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+
+import pytest
+import torch
+
+import cetnet_kernels as ck
+from _common import device_name, env_ints, env_strs, selected_devices
+
+OPS = ("collaborative_loss", "confidence_fusion")
+KS = (2, 4, 8)
+B_CPU = (256, 4096, 65536, 1048576)
+B_CUDA = B_CPU + (4194304,)  # 4M rows: the bandwidth target size
+PROVIDERS = {
+    "cpu": ("cetnet-cpu", "eager", "compile"),
+    "cuda": ("cetnet-cuda", "cetnet-triton", "eager", "compile", "copy"),
+}
+DTYPE = torch.float32
+VALIDATE = os.environ.get("CETNET_BENCH_VALIDATE", "0") == "1"
+
+_REFERENCE = {
+    "collaborative_loss": ck.collaborative_loss_reference,
+    "confidence_fusion": ck.confidence_fusion_reference,
+}
+_LIBRARY = {
+    "collaborative_loss": ck.collaborative_loss,
+    "confidence_fusion": ck.confidence_fusion,
+}
+
+
+def bytes_moved(op: str, K: int, B: int, elt: int = 4) -> int:
+    """The bytes the op must move at minimum (fp32), forward + backward.
+
+    collaborative_loss: read logits [B,K] + labels [B], write grad [B,K] + prob [B].
+    confidence_fusion: forward reads logits, writes prob [B] + weights [B,K]; backward reads the
+    prob gradient [B] and the logits, writes grad [B,K].
+    """
+    if op == "collaborative_loss":
+        return elt * (2 * B * K + 2 * B)
+    return elt * (4 * B * K + 2 * B)
+
+
+def _params():
+    ops = env_strs("CETNET_BENCH_OPS", list(OPS))
+    ks = env_ints("CETNET_BENCH_K", list(KS))
+    b_override = os.environ.get("CETNET_BENCH_B", "").strip()
+    out = {op: [] for op in ops}
+    for device in selected_devices():
+        bs = env_ints("CETNET_BENCH_B", []) if b_override else list(
+            B_CUDA if device == "cuda" else B_CPU)
+        providers = env_strs("CETNET_BENCH_PROVIDERS", list(PROVIDERS.get(device, ())))
+        providers = [p for p in providers if p in PROVIDERS.get(device, ())]
+        for op in ops:
+            for provider in providers:
+                for K in ks:
+                    for B in bs:
+                        out[op].append(pytest.param(device, provider, K, B,
+                                                    id=f"{device}-{provider}-K{K}-B{B}"))
+    return out
+
+
+_PARAMS = _params()
+
+
+def _skip_reason(device: str, provider: str) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
+    if provider.startswith("cetnet-"):
+        backend = provider.split("-", 1)[1]
+        avail = ck.available_backends(device)
+        if backend not in avail:
+            info = ck.build_info()
+            why = info.get("error") or f"available on {device}: {avail}"
+            return f"backend {backend!r} is not available on {device} ({why})"
+        if backend == "triton":
+            from cetnet_kernels import fusion
+
+            err = getattr(fusion, "_TRITON_ERROR", None)
+            if err:
+                return f"backend 'triton' failed to load: {err}"
+    return None
+
+
+def _sync(device: str):
+    if device == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _make_step(op: str, device: str, provider: str, K: int, B: int, info: dict):
+    """The timed callable (forward + backward, synchronized) for one benchmark."""
+    sync = _sync(device)
+    if provider == "copy":
+        n = bytes_moved(op, K, B) // 2 // 4  # read n floats + write n floats
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+
+        def copy_step():
+            dst.copy_(src)
+            sync()
+
+        return copy_step
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, K, generator=gen, dtype=DTYPE) * 2).to(device).requires_grad_()
+    labels = torch.randint(0, 2, (B,), generator=gen).to(device=device, dtype=DTYPE)
+
+    if provider.startswith("cetnet-"):
+        fn = partial(_LIBRARY[op], backend=provider.split("-", 1)[1], validate=VALIDATE)
+    elif provider == "eager":
+        fn = _REFERENCE[op]
+    elif provider == "compile":
+        torch._dynamo.reset()  # a fresh cache per shape: no recompile limit, no stale graphs
+        fn = torch.compile(_REFERENCE[op], dynamic=False)
+    else:
+        raise ValueError(provider)
+
+    if op == "collaborative_loss":
+        def step():
+            logits.grad = None
+            loss, _prob = fn(logits, labels)
+            loss.backward()
+            sync()
+    else:
+        def step():
+            logits.grad = None
+            prob, _weights = fn(logits)
+            prob.sum().backward()
+            sync()
+
+    if provider == "compile":
+        t0 = time.perf_counter()
+        try:
+            step()  # compiles forward and backward
+        except Exception as exc:  # e.g. no C++ compiler / no working triton for inductor
+            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
+        info["compile_s"] = round(time.perf_counter() - t0, 2)
+    return step
+
+
+def _plan(step, device: str) -> tuple[int, int]:
+    """Warms up, then picks (rounds, iterations) so one benchmark takes about the target time."""
+    target = float(os.environ.get("CETNET_BENCH_TARGET_S", "1.0" if device == "cpu" else "0.5"))
+    step()
+    t0 = time.perf_counter()
+    step()
+    t = time.perf_counter() - t0
+    if t < 0.05:  # cheap: a better estimate
+        for _ in range(3):
+            step()
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t0)
+        t = sorted(ts)[len(ts) // 2]
+    t = max(t, 1e-7)
+    iterations = 1 if t >= 2e-5 else math.ceil(1e-4 / t)
+    min_rounds = 3 if t > 0.25 else 5
+    rounds = max(min_rounds, min(2000, math.ceil(target / (t * iterations))))
+    return rounds, iterations
+
+
+def _run(benchmark, op: str, device: str, provider: str, K: int, B: int):
+    reason = _skip_reason(device, provider)
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    info = {}
+    step = _make_step(op, device, provider, K, B, info)
+    rounds, iterations = _plan(step, device)
+    multi = len(selected_devices()) > 1
+    benchmark.group = f"{op}-K{K}-B{B}" + (f"-{device}" if multi else "")
+    benchmark.extra_info.update(
+        op=op, provider=provider, device=device, device_name=device_name(device), K=K, B=B,
+        dtype="float32", bytes=bytes_moved(op, K, B), validate=VALIDATE,
+        torch_version=torch.__version__, **info)
+    benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("device,provider,K,B", _PARAMS.get("collaborative_loss", []))
+def bench_collaborative_loss(benchmark, device, provider, K, B):
+    _run(benchmark, "collaborative_loss", device, provider, K, B)
+
+
+@pytest.mark.parametrize("device,provider,K,B", _PARAMS.get("confidence_fusion", []))
+def bench_confidence_fusion(benchmark, device, provider, K, B):
+    _run(benchmark, "confidence_fusion", device, provider, K, B)

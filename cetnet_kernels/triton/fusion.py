@@ -1,0 +1,705 @@
+"""Triton kernels of the confidence fusion and the collaborative loss (design: MATH.md §1-2).
+
+Registers three ops, with the same contracts as the compiled ``cetnet::*`` ops
+(see csrc/registration.cpp):
+
+* ``cetnet::confidence_fusion_triton(logits, temperature, logit_space, detach_weights)
+  -> (prob, weights)`` (detach_weights does not change the values)
+* ``cetnet::confidence_fusion_backward_triton(grad_prob?, grad_weights?, logits, temperature,
+  logit_space, detach_weights, compute_temperature_grad) -> (grad_logits, grad_temperature)``
+* ``cetnet::collaborative_loss_triton(logits, labels, temperature, ensemble_weight,
+  member_weight, distill_weight, mutual_weight, logit_space, detach_weights, reduction,
+  compute_grad, compute_temperature_grad) -> (loss, prob, grad_logits, grad_temperature)``
+
+The per-row algorithm mirrors csrc/fusion_math.h (make_elem, fusion_stats, fusion_backward_row,
+collaborative_loss_row): everything in logit form from one exp(-|z|) and one log1p per member,
+max-subtracted softmax, log p / log(1-p) of the fused prediction as log-sum-exps, the ratios of the
+ensemble-BCE gradient formed in log space, nothing clamped; a NaN logit poisons only its row.
+
+Layout: one program handles BLOCK_B rows as a [BLOCK_B, BLOCK_K] tile, BLOCK_K =
+next_power_of_2(K); masked member slots contribute -inf to maxima / LSEs and 0 to sums. Row
+offsets are int64. Any input strides. Compute in float32 (float64 for float64 logits).
+
+Launch: on GPU the ops are ``torch.library.triton_op``s launched through ``wrap_triton`` so that
+torch.compile traces into the kernels. Under ``TRITON_INTERPRET=1`` (CPU tests) ``@triton.jit``
+gives interpreted functions that cannot be traced into a graph; the ops are then plain
+``torch.library.custom_op``s (same names and schemas) with a fake implementation, so
+torch.compile treats them as opaque calls.
+"""
+
+import math
+import struct
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+__all__ = [
+    "confidence_fusion_triton",
+    "confidence_fusion_backward_triton",
+    "collaborative_loss_triton",
+    "INTERPRETED",
+]
+
+# Tile size (elements) one program works on; BLOCK_B = TILE // BLOCK_K rows, capped.
+_TILE = 2048
+_MAX_BLOCK_B = 256
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+#: True when the kernels run in the Triton interpreter (TRITON_INTERPRET=1 at import time).
+INTERPRETED = _is_interpreted(_probe)
+# The interpreter casts float32 -> bfloat16 by truncation (triton 3.9); compiled Triton rounds
+# to nearest even. Under the interpreter, bfloat16 outputs are rounded by hand (_to_out).
+_BF16_RTNE_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+# =============================================================================================
+# Per-member and per-row helpers (fusion_math.h: make_elem, fusion_stats)
+# =============================================================================================
+@triton.jit
+def _log1p_unit(e):
+    # log1p(e) for e in [0, 1] from a correctly rounded log (Goldberg): with u = fl(1 + e),
+    # log1p(e) = log(u) * e / (u - 1), and = e when u == 1. Portable to the interpreter, where
+    # libdevice.log1p is not available; accurate to a few ulp.
+    u = 1.0 + e
+    d = u - 1.0
+    small = d == 0.0
+    return tl.where(small, e, tl.log(u) * (e / tl.where(small, 1.0, d)))
+
+
+@triton.jit
+def _to_out(x, ptr):
+    # x cast to the element type of ptr, rounding to nearest even.
+    ty = ptr.dtype.element_ty
+    if _BF16_RTNE_BY_HAND:
+        if ty == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            y = tl.where(x != x, x.to(tl.bfloat16), bits.to(tl.uint16).to(tl.bfloat16, bitcast=True))
+        else:
+            y = x.to(ty)
+    else:
+        y = x.to(ty)
+    return y
+
+
+@triton.jit
+def _member(z):
+    # make_elem: p = sigmoid(z), q = sigmoid(-z) (exact, not 1 - p), lsp = log sigmoid(z),
+    # lsq = log sigmoid(-z), c = z p - softplus(z) = -H(p). One exp, one log1p.
+    e = tl.exp(-tl.abs(z))  # in (0, 1]: never overflows
+    l = _log1p_unit(e)
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    nonneg = z >= 0.0
+    p = tl.where(nonneg, r, er)
+    q = tl.where(nonneg, er, r)
+    lsp = -(tl.maximum(-z, 0.0) + l)
+    lsq = -(tl.maximum(z, 0.0) + l)
+    c = z * p + lsq
+    return p, q, lsp, lsq, c
+
+
+@triton.jit
+def _fusion_stats(
+    z,  # [BLOCK_B, BLOCK_K] logits (acc dtype)
+    p,  # [BLOCK_B, BLOCK_K] sigmoid(z)
+    lsp,  # [BLOCK_B, BLOCK_K] log sigmoid(z)
+    lsq,  # [BLOCK_B, BLOCK_K] log sigmoid(-z)
+    c,  # [BLOCK_B, BLOCK_K] confidence
+    kmask,  # [1, BLOCK_K] valid member slots
+    inv_tau,  # [] 1 / temperature
+    LOGIT_SPACE: tl.constexpr,
+    WITH_LOGS: tl.constexpr,
+):
+    # fusion_stats: log w_k = c_k/tau - m - logS. Returns per-row [BLOCK_B]
+    # (m, logS, cbar, zf, p_fused, log p, log(1 - p)); the logs only with WITH_LOGS or in logit
+    # space (else zeros). Without logs, prob-space p is the positive sum sum_k w_k p_k.
+    s = tl.where(kmask, c * inv_tau, float("-inf"))
+    m = tl.max(s, axis=1)
+    e = tl.exp(s - m[:, None])  # masked slots: exp(-inf) = 0
+    S = tl.sum(e, axis=1)
+    invS = 1.0 / S
+    logS = tl.log(S)
+    cbar = tl.sum(e * c, axis=1) * invS
+    zf = tl.sum(e * z, axis=1) * invS
+    if LOGIT_SPACE:
+        pf, qf, logp, log1mp, cf = _member(zf)
+    elif WITH_LOGS:
+        # log p = LSE_k(log w_k + log sigmoid(z_k)), log(1-p) = LSE_k(log w_k + log sigmoid(-z_k))
+        lw = c * inv_tau - m[:, None] - logS[:, None]
+        a = tl.where(kmask, lw + lsp, float("-inf"))
+        b = tl.where(kmask, lw + lsq, float("-inf"))
+        ma = tl.max(a, axis=1)
+        mb = tl.max(b, axis=1)
+        logp = ma + tl.log(tl.sum(tl.exp(a - ma[:, None]), axis=1))
+        log1mp = mb + tl.log(tl.sum(tl.exp(b - mb[:, None]), axis=1))
+        pf = tl.exp(logp)
+    else:
+        pf = tl.sum(e * p, axis=1) * invS
+        logp = tl.zeros_like(pf)
+        log1mp = tl.zeros_like(pf)
+    return m, logS, cbar, zf, pf, logp, log1mp
+
+
+@triton.jit
+def _row_col_offsets(BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # int64: B*K may exceed 2^31
+    cols = tl.arange(0, BLOCK_K)
+    return rows, cols
+
+
+# =============================================================================================
+# (a) confidence_fusion forward
+# =============================================================================================
+@triton.jit
+def _confidence_fusion_fwd_kernel(
+    z_ptr,  # [B, K] logits, any float dtype, strides (stride_zb, stride_zk)
+    tau_ptr,  # [] temperature, any float dtype
+    prob_ptr,  # [B] out, logits dtype, contiguous
+    w_ptr,  # [B, K] out, logits dtype, contiguous
+    B,
+    K,
+    stride_zb,
+    stride_zk,
+    LOGIT_SPACE: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
+    row_mask = rows < B
+    col_mask = cols < K
+    kmask = col_mask[None, :]
+    mask = row_mask[:, None] & kmask
+
+    z = tl.load(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zk, mask=mask, other=0.0)
+    if IS_FP64:
+        z = z.to(tl.float64)
+    else:
+        z = z.to(tl.float32)
+    inv_tau = 1.0 / tl.load(tau_ptr).to(z.dtype)
+
+    p, q, lsp, lsq, c = _member(z)
+    m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
+        z, p, lsp, lsq, c, kmask, inv_tau, LOGIT_SPACE, False
+    )
+    w = tl.exp(c * inv_tau - m[:, None] - logS[:, None])
+
+    tl.store(prob_ptr + rows, _to_out(pf, prob_ptr), mask=row_mask)
+    tl.store(w_ptr + rows[:, None] * K + cols[None, :], _to_out(w, w_ptr), mask=mask)
+
+
+# =============================================================================================
+# (b) confidence_fusion backward (VJP)
+# =============================================================================================
+@triton.jit
+def _confidence_fusion_bwd_kernel(
+    gp_ptr,  # [B] grad of prob, any float dtype, stride stride_gp (None unless HAS_GP)
+    gw_ptr,  # [B, K] grad of weights, any float dtype, strides (stride_gwb, stride_gwk) (HAS_GW)
+    z_ptr,  # [B, K] logits, any float dtype, strides (stride_zb, stride_zk)
+    tau_ptr,  # [] temperature, any float dtype
+    gz_ptr,  # [B, K] out grad of logits, logits dtype, contiguous
+    gt_ptr,  # [B] out per-row grad of temperature, acc dtype (None unless COMPUTE_TGRAD)
+    B,
+    K,
+    stride_gp,
+    stride_gwb,
+    stride_gwk,
+    stride_zb,
+    stride_zk,
+    HAS_GP: tl.constexpr,
+    HAS_GW: tl.constexpr,
+    LOGIT_SPACE: tl.constexpr,
+    DETACH: tl.constexpr,
+    COMPUTE_TGRAD: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # fusion_backward_row:
+    #   u_k = g_w_k + g_m m_k, m_k = p_k (prob space) or z_k (logit space)
+    #   g_c_k = w_k (u_k - sum_j w_j u_j) / tau                (0 with detach_weights)
+    #   g_z_k = g_m w_k dm_k/dz_k + g_c_k z_k p_k (1-p_k),  g_tau = -(1/tau) sum_k g_c_k c_k
+    rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
+    row_mask = rows < B
+    col_mask = cols < K
+    kmask = col_mask[None, :]
+    mask = row_mask[:, None] & kmask
+
+    z = tl.load(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zk, mask=mask, other=0.0)
+    if IS_FP64:
+        z = z.to(tl.float64)
+    else:
+        z = z.to(tl.float32)
+    inv_tau = 1.0 / tl.load(tau_ptr).to(z.dtype)
+
+    p, q, lsp, lsq, c = _member(z)
+    m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
+        z, p, lsp, lsq, c, kmask, inv_tau, LOGIT_SPACE, False
+    )
+    # Masked member slots hold z = 0: zero their weight so they drop out of every sum.
+    w = tl.where(kmask, tl.exp(c * inv_tau - m[:, None] - logS[:, None]), 0.0)
+    pq = p * q
+
+    if HAS_GP:
+        g_p = tl.load(gp_ptr + rows * stride_gp, mask=row_mask, other=0.0).to(z.dtype)
+    else:
+        g_p = tl.zeros_like(pf)
+    # In logit space p = sigmoid(z_f): carry the upstream grad to z_f.
+    if LOGIT_SPACE:
+        g_m = g_p * pf * (1.0 - pf)
+        gz = g_m[:, None] * w
+    else:
+        g_m = g_p
+        gz = g_m[:, None] * w * pq
+
+    if not DETACH:
+        if LOGIT_SPACE:
+            u = g_m[:, None] * z
+        else:
+            u = g_m[:, None] * p
+        if HAS_GW:
+            gw = tl.load(
+                gw_ptr + rows[:, None] * stride_gwb + cols[None, :] * stride_gwk, mask=mask, other=0.0
+            )
+            u = gw.to(z.dtype) + u
+        ubar = tl.sum(w * u, axis=1)
+        gc = w * (u - ubar[:, None]) * inv_tau
+        gz = gz + gc * z * pq
+        if COMPUTE_TGRAD:
+            gt = -inv_tau * tl.sum(gc * c, axis=1)
+            tl.store(gt_ptr + rows, gt, mask=row_mask)
+
+    tl.store(gz_ptr + rows[:, None] * K + cols[None, :], _to_out(gz, gz_ptr), mask=mask)
+
+
+# =============================================================================================
+# (c) collaborative loss: loss, prob and (optionally) the per-row gradient in one pass
+# =============================================================================================
+@triton.jit
+def _scalar_weight(hi, lo, IS_FP64: tl.constexpr):
+    # A Python float reaches the kernel as fp32; float64 runs get it back as hi + lo (~2^-48 rel).
+    # (A float argument is an fp32 scalar when compiled and a Python float when interpreted.)
+    if IS_FP64:
+        zero = tl.zeros((1,), dtype=tl.float64)
+        return (zero + hi) + lo
+    else:
+        return hi
+
+
+@triton.jit
+def _collaborative_loss_kernel(
+    z_ptr,  # [B, K] logits, any float dtype, strides (stride_zb, stride_zk)
+    y_ptr,  # [B] labels, any float dtype, stride stride_y
+    tau_ptr,  # [] temperature, any float dtype
+    loss_ptr,  # [B] out per-row loss, acc dtype
+    prob_ptr,  # [B] out fused prob, logits dtype
+    gz_ptr,  # [B, K] out per-row d(row loss)/dz, logits dtype, contiguous (None unless COMPUTE_GRAD)
+    gt_ptr,  # [B] out per-row d(row loss)/dtau, acc dtype (None unless COMPUTE_TGRAD)
+    B,
+    K,
+    stride_zb,
+    stride_zk,
+    stride_y,
+    alpha_hi,  # member BCE weight (fp32 hi part)
+    alpha_lo,  # fp32 remainder
+    beta_hi,  # ensemble BCE weight
+    beta_lo,
+    gamma_hi,  # distillation weight
+    gamma_lo,
+    delta_hi,  # mutual-learning weight
+    delta_lo,
+    USE_A: tl.constexpr,
+    USE_B: tl.constexpr,
+    USE_G: tl.constexpr,
+    USE_D: tl.constexpr,  # delta != 0 and K > 1
+    LOGIT_SPACE: tl.constexpr,
+    DETACH: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    COMPUTE_TGRAD: tl.constexpr,  # COMPUTE_GRAD and USE_B and not DETACH and asked for
+    NEED_LOGS: tl.constexpr,  # USE_B or USE_G: form log p and log(1 - p)
+    IS_FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
+    row_mask = rows < B
+    col_mask = cols < K
+    kmask = col_mask[None, :]
+    mask = row_mask[:, None] & kmask
+
+    z = tl.load(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zk, mask=mask, other=0.0)
+    if IS_FP64:
+        z = z.to(tl.float64)
+    else:
+        z = z.to(tl.float32)
+    y = tl.load(y_ptr + rows * stride_y, mask=row_mask, other=0.0).to(z.dtype)
+    inv_tau = 1.0 / tl.load(tau_ptr).to(z.dtype)
+
+    p, q, lsp, lsq, c = _member(z)
+    m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
+        z, p, lsp, lsq, c, kmask, inv_tau, LOGIT_SPACE, NEED_LOGS
+    )
+    # 1 - p, exact near p = 1 (p itself would round to 1).
+    if NEED_LOGS:
+        qf = tl.exp(log1mp)
+    else:
+        qf = 1.0 - pf
+
+    loss = tl.zeros_like(pf)
+    if USE_A:
+        alpha = _scalar_weight(alpha_hi, alpha_lo, IS_FP64)
+        # softplus(z) - y z
+        loss = loss + alpha * tl.sum(tl.where(kmask, -lsq - y[:, None] * z, 0.0), axis=1)
+    if USE_G:
+        gamma = _scalar_weight(gamma_hi, gamma_lo, IS_FP64)
+        kl = pf[:, None] * (logp[:, None] - lsp) + qf[:, None] * (log1mp[:, None] - lsq)
+        loss = loss + gamma * tl.sum(tl.where(kmask, kl, 0.0), axis=1)
+    if USE_B:
+        beta = _scalar_weight(beta_hi, beta_lo, IS_FP64)
+        loss = loss - beta * (y * logp + (1.0 - y) * log1mp)
+    if USE_D:
+        delta = _scalar_weight(delta_hi, delta_lo, IS_FP64)
+        pm = tl.where(kmask, p, 0.0)
+        P = tl.sum(pm, axis=1)
+        Q = tl.sum(tl.where(kmask, q, 0.0), axis=1)
+        C = tl.sum(tl.where(kmask, c, 0.0), axis=1)
+        Kf = tl.sum(tl.where(kmask, 1.0, 0.0), axis=1).to(z.dtype)  # [1]: K as acc dtype
+        inv_km1 = 1.0 / (Kf - 1.0)
+        # sum_{j != k} KL(p_j || p_k) = (C - c_k) - (P - p_k) log p_k - (Q - q_k) log(1 - p_k)
+        mut = (C[:, None] - c) - (P[:, None] - p) * lsp - (Q[:, None] - q) * lsq
+        loss = loss + delta * inv_km1 * tl.sum(tl.where(kmask, mut, 0.0), axis=1)
+
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(prob_ptr + rows, _to_out(pf, prob_ptr), mask=row_mask)
+
+    if COMPUTE_GRAD:
+        if USE_B:
+            # log w; -inf in masked slots so that every exp(lw + ...) there is 0.
+            lw = tl.where(kmask, c * inv_tau - m[:, None] - logS[:, None], float("-inf"))
+        # Temperature: only the ensemble BCE depends on tau (the gamma/delta targets are detached).
+        if COMPUTE_TGRAD:
+            inv_tau2 = inv_tau * inv_tau
+            if LOGIT_SPACE:
+                # d BCE/dtau = (p - y) dz_f/dtau, dz_f/dtau = -(1/tau^2) (sum w z c - z_f cbar)
+                s1 = tl.sum(tl.where(kmask, tl.exp(lw) * z * c, 0.0), axis=1)
+                gt = -beta * (pf - y) * inv_tau2 * (s1 - zf * cbar)
+            else:
+                # a_k = w_k p_k / p, b_k = w_k q_k / (1-p)
+                s1 = tl.sum(tl.where(kmask, tl.exp(lw + lsp - logp[:, None]) * c, 0.0), axis=1)
+                s2 = tl.sum(tl.where(kmask, tl.exp(lw + lsq - log1mp[:, None]) * c, 0.0), axis=1)
+                gt = beta * inv_tau2 * (y * (s1 - cbar) + (1.0 - y) * (s2 - cbar))
+            tl.store(gt_ptr + rows, gt, mask=row_mask)
+
+        g = tl.zeros_like(z)
+        if USE_A:
+            g = g + alpha * (p - y[:, None])
+        if USE_G:
+            g = g + gamma * (p - pf[:, None])
+        if USE_D:
+            g = g + delta * inv_km1 * (Kf * p - P[:, None])
+        if USE_B:
+            if LOGIT_SPACE:
+                if DETACH:
+                    br = 1.0
+                else:
+                    br = 1.0 + z * p * q * (z - zf[:, None]) * inv_tau
+                g = g + beta * (pf - y)[:, None] * tl.exp(lw) * br
+            else:
+                rho0 = tl.exp(lw + lsp - logp[:, None]) * q  # r_j / p
+                rho1 = tl.exp(lw + lsq - log1mp[:, None]) * p  # r_j / (1 - p)
+                if DETACH:
+                    br = 1.0
+                else:
+                    br = 1.0 + z * (p - pf[:, None]) * inv_tau
+                g = g + beta * ((1.0 - y[:, None]) * rho1 - y[:, None] * rho0) * br
+        tl.store(gz_ptr + rows[:, None] * K + cols[None, :], _to_out(g, gz_ptr), mask=mask)
+
+
+# =============================================================================================
+# Launch plumbing
+# =============================================================================================
+def _launch(kernel, grid, args, constexprs, num_warps):
+    if INTERPRETED:
+        # The interpreter reads data pointers: nothing to do for fake/meta tensors (shape-only).
+        if any(
+            isinstance(a, Tensor) and (a.device.type == "meta" or is_fake(a))
+            for a in args
+        ):
+            return
+        kernel[grid](*args, **constexprs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _blocks(K: int) -> tuple[int, int, int]:
+    block_k = triton.next_power_of_2(K)
+    block_b = max(1, min(_MAX_BLOCK_B, _TILE // block_k))
+    num_warps = 8 if block_b * block_k >= 4096 else 4
+    return block_b, block_k, num_warps
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fp32(x: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _split(x: float) -> tuple[float, float]:
+    """x = hi + lo with hi, lo float32 (hi = fl32(x)); ~48 bits of x survive."""
+    x = float(x)
+    hi = _fp32(x)
+    lo = _fp32(x - hi) if math.isfinite(hi) else 0.0
+    return hi, lo
+
+
+def _check_logits(logits: Tensor, op: str) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be 2-D [batch, members], got {logits.dim()}-D")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
+    torch._check_value(logits.shape[1] >= 1, lambda: f"{op}: logits needs at least one member (K >= 1)")
+
+
+def _check_temperature(temperature: Tensor, logits: Tensor, op: str) -> None:
+    if temperature.dim() != 0:
+        raise ValueError(f"{op}: temperature must be a 0-dim tensor")
+    if not temperature.dtype.is_floating_point:
+        raise TypeError(f"{op}: temperature must be floating point")
+    if temperature.device != logits.device:
+        raise ValueError(f"{op}: temperature must be on the device of logits ({logits.device}), "
+                         f"got {temperature.device}")
+
+
+def _check_rows(t: Tensor, logits: Tensor, name: str, op: str) -> None:
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must have shape [{logits.shape[0]}], got {tuple(t.shape)}")
+    torch._check_value(t.shape[0] == logits.shape[0],
+                       lambda: f"{op}: {name} must have shape [{logits.shape[0]}], got {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must be floating point")
+    if t.device != logits.device:
+        raise ValueError(f"{op}: {name} must be on {logits.device}")
+
+
+def _check_like_logits(t: Tensor, logits: Tensor, name: str, op: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must have shape {tuple(logits.shape)}, got {tuple(t.shape)}")
+    torch._check_value(t.shape[0] == logits.shape[0] and t.shape[1] == logits.shape[1],
+                       lambda: f"{op}: {name} must have shape {tuple(logits.shape)}, got {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must be floating point")
+    if t.device != logits.device:
+        raise ValueError(f"{op}: {name} must be on {logits.device}")
+
+
+# =============================================================================================
+# Op implementations (also their fake implementations: shapes only, the launch is traced/skipped)
+# =============================================================================================
+def _confidence_fusion(
+    logits: Tensor, temperature: Tensor, logit_space: bool, detach_weights: bool
+) -> tuple[Tensor, Tensor]:
+    # detach_weights does not change the forward values; it is in the schema for autograd.
+    op = "confidence_fusion_triton"
+    _check_logits(logits, op)
+    _check_temperature(temperature, logits, op)
+    B, K = logits.shape
+    prob = torch.empty((B,), dtype=logits.dtype, device=logits.device)
+    weights = torch.empty((B, K), dtype=logits.dtype, device=logits.device)
+    if B > 0:
+        block_b, block_k, num_warps = _blocks(K)
+        _launch(
+            _confidence_fusion_fwd_kernel,
+            (triton.cdiv(B, block_b),),
+            (logits, temperature, prob, weights, B, K, logits.stride(0), logits.stride(1)),
+            dict(
+                LOGIT_SPACE=bool(logit_space),
+                IS_FP64=logits.dtype == torch.float64,
+                BLOCK_B=block_b,
+                BLOCK_K=block_k,
+            ),
+            num_warps,
+        )
+    return prob, weights
+
+
+def _confidence_fusion_backward(
+    grad_prob: Optional[Tensor],
+    grad_weights: Optional[Tensor],
+    logits: Tensor,
+    temperature: Tensor,
+    logit_space: bool,
+    detach_weights: bool,
+    compute_temperature_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    op = "confidence_fusion_backward_triton"
+    _check_logits(logits, op)
+    _check_temperature(temperature, logits, op)
+    if grad_prob is not None:
+        _check_rows(grad_prob, logits, "grad_prob", op)
+    if grad_weights is not None:
+        _check_like_logits(grad_weights, logits, "grad_weights", op)
+    B, K = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    tgrad = bool(compute_temperature_grad) and not detach_weights
+    grad_logits = torch.empty((B, K), dtype=logits.dtype, device=logits.device)
+    gt_rows = torch.empty((B,), dtype=acc, device=logits.device) if tgrad else None
+    if B > 0:
+        block_b, block_k, num_warps = _blocks(K)
+        # Absent inputs / unused outputs are passed as None (their pointers are never touched).
+        _launch(
+            _confidence_fusion_bwd_kernel,
+            (triton.cdiv(B, block_b),),
+            (
+                grad_prob, grad_weights, logits, temperature, grad_logits, gt_rows, B, K,
+                grad_prob.stride(0) if grad_prob is not None else 0,
+                grad_weights.stride(0) if grad_weights is not None else 0,
+                grad_weights.stride(1) if grad_weights is not None else 0,
+                logits.stride(0), logits.stride(1),
+            ),
+            dict(
+                HAS_GP=grad_prob is not None,
+                HAS_GW=grad_weights is not None,
+                LOGIT_SPACE=bool(logit_space),
+                DETACH=bool(detach_weights),
+                COMPUTE_TGRAD=tgrad,
+                IS_FP64=logits.dtype == torch.float64,
+                BLOCK_B=block_b,
+                BLOCK_K=block_k,
+            ),
+            num_warps,
+        )
+    if tgrad:
+        grad_temperature = gt_rows.sum()
+    else:
+        grad_temperature = torch.zeros((), dtype=acc, device=logits.device)
+    return grad_logits, grad_temperature
+
+
+def _collaborative_loss(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: Tensor,
+    ensemble_weight: float,
+    member_weight: float,
+    distill_weight: float,
+    mutual_weight: float,
+    logit_space: bool,
+    detach_weights: bool,
+    reduction: int,
+    compute_grad: bool,
+    compute_temperature_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    op = "collaborative_loss_triton"
+    _check_logits(logits, op)
+    _check_rows(labels, logits, "labels", op)
+    _check_temperature(temperature, logits, op)
+    if reduction not in (0, 1, 2):
+        raise ValueError(f"{op}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    B, K = logits.shape
+    dev = logits.device
+    acc = _acc_dtype(logits.dtype)
+    use_a, use_b = member_weight != 0, ensemble_weight != 0
+    use_g, use_d = distill_weight != 0, mutual_weight != 0 and K > 1
+    compute_grad = bool(compute_grad)
+    tgrad_asked = compute_grad and bool(compute_temperature_grad)
+    tgrad = tgrad_asked and use_b and not detach_weights  # else dloss/dtau is exactly 0
+
+    loss_rows = torch.empty((B,), dtype=acc, device=dev)
+    prob = torch.empty((B,), dtype=logits.dtype, device=dev)
+    grad_logits = torch.empty((B, K) if compute_grad else (0,), dtype=logits.dtype, device=dev)
+    # Unused outputs are passed as None (their pointers are never touched).
+    gz_buf = grad_logits if compute_grad else None
+    gt_rows = torch.empty((B,), dtype=acc, device=dev) if tgrad else None
+    if B > 0:
+        block_b, block_k, num_warps = _blocks(K)
+        a_hi, a_lo = _split(member_weight)
+        b_hi, b_lo = _split(ensemble_weight)
+        g_hi, g_lo = _split(distill_weight)
+        d_hi, d_lo = _split(mutual_weight)
+        _launch(
+            _collaborative_loss_kernel,
+            (triton.cdiv(B, block_b),),
+            (
+                logits, labels, temperature, loss_rows, prob, gz_buf, gt_rows, B, K,
+                logits.stride(0), logits.stride(1), labels.stride(0),
+                a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, d_hi, d_lo,
+            ),
+            dict(
+                USE_A=use_a,
+                USE_B=use_b,
+                USE_G=use_g,
+                USE_D=use_d,
+                LOGIT_SPACE=bool(logit_space),
+                DETACH=bool(detach_weights),
+                COMPUTE_GRAD=compute_grad,
+                COMPUTE_TGRAD=tgrad,
+                NEED_LOGS=use_b or use_g,
+                IS_FP64=logits.dtype == torch.float64,
+                BLOCK_B=block_b,
+                BLOCK_K=block_k,
+            ),
+            num_warps,
+        )
+
+    if reduction == 0:
+        loss = loss_rows
+    elif reduction == 2:
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() / B if B > 0 else torch.zeros((), dtype=acc, device=dev)
+
+    if tgrad:
+        grad_temperature = gt_rows if reduction == 0 else gt_rows.sum()
+    elif tgrad_asked and reduction == 0:
+        grad_temperature = torch.zeros((B,), dtype=acc, device=dev)
+    else:
+        grad_temperature = torch.zeros((), dtype=acc, device=dev)
+    return loss, prob, grad_logits, grad_temperature
+
+
+# =============================================================================================
+# Registration
+# =============================================================================================
+def _register(name: str, fn):
+    qualname = f"cetnet::{name}"
+    if INTERPRETED:
+        # Interpreted kernels cannot be captured by wrap_triton: an opaque custom op whose fake
+        # implementation is the same function (the launch is skipped for fake/meta tensors).
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fn)
+    else:
+        # triton_op registers `fn` itself as the fake implementation and decomposes the op into
+        # the traced kernel launches under torch.compile.
+        op = torch.library.triton_op(qualname, fn, mutates_args=())
+    return op
+
+
+confidence_fusion_triton = _register("confidence_fusion_triton", _confidence_fusion)
+confidence_fusion_backward_triton = _register(
+    "confidence_fusion_backward_triton", _confidence_fusion_backward
+)
+collaborative_loss_triton = _register("collaborative_loss_triton", _collaborative_loss)
