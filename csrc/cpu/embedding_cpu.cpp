@@ -277,11 +277,20 @@ inline int64_t forward_grain(const Layout& L) {
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
+// Every cache line of a row of `bytes` bytes (rows of D > 16 floats, or unaligned odd D, span
+// several lines).
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(c) & ~uintptr_t(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(c + bytes - 1) & ~uintptr_t(63);
+  for (uintptr_t a = first; a <= last; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+}
+
 // Rows of a tile whose table-row addresses are resolved before they are copied, so that the
 // copy loop can prefetch kAhead rows ahead: random row reads are latency bound, and this keeps
 // several of them in flight per core.
 constexpr int64_t kTile = 32;
-constexpr int64_t kAhead = 12;
+constexpr int64_t kAhead = 32;
 
 // One id column of the output: feature f, position t of its [B, T] ids, output column n.
 struct IdColumn {
@@ -330,13 +339,16 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
       // 2. copy, prefetching kAhead rows ahead
       const int64_t total = (be - bt) * C * M;
       int64_t i = 0;
+      // row bytes of entry k: the member is k % M
+      auto row_bytes = [&](int64_t k) { return L.dims[k % M] * int64_t(sizeof(scalar_t)); };
       for (int64_t k = 0; k < std::min(kAhead, total); ++k)
-        if (src[k]) prefetch(src[k]);
+        if (src[k]) prefetch_row(src[k], row_bytes(k));
       for (int64_t b = bt; b < be; ++b) {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t n = cols[c].n;
           for (int64_t m = 0; m < M; ++m, ++i) {
-            if (i + kAhead < total && src[i + kAhead]) prefetch(src[i + kAhead]);
+            if (i + kAhead < total && src[i + kAhead])
+              prefetch_row(src[i + kAhead], row_bytes(i + kAhead));
             const int64_t D = L.dims[m];
             acc_t* dst = out_p[m] + (b * L.N + n) * D;
             if (src[i])
@@ -364,7 +376,8 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
               const int64_t nid = ids[k + 2];
               if (nid >= 0 && nid < V)
                 for (int64_t m = 0; m < M; ++m)
-                  prefetch(w + L.table_off[m * L.F + f] + nid * L.dims[m]);
+                  prefetch_row(w + L.table_off[m * L.F + f] + nid * L.dims[m],
+                               L.dims[m] * int64_t(sizeof(scalar_t)));
             }
             const int64_t id = ids[k];
             if (has_pad && id == pad) continue;
@@ -705,7 +718,8 @@ void sgd_direct_kernel(const Layout& L, const std::vector<const void*>& gv,
           const int64_t nid = ids[i + kAhead];
           if (nid >= lo && nid < hi)
             for (int64_t m = 0; m < L.M; ++m)
-              prefetch(w + L.table_off[m * L.F + f] + nid * L.dims[m]);
+              prefetch_row(w + L.table_off[m * L.F + f] + nid * L.dims[m],
+                           L.dims[m] * int64_t(sizeof(scalar_t)));
         }
         const int64_t id = ids[i];
         if (id < lo || id >= hi || (has_pad && id == pad)) return;
@@ -726,12 +740,27 @@ void sgd_direct_kernel(const Layout& L, const std::vector<const void*>& gv,
       };
       if (!is_bag(L.mode[f])) {
         const int64_t T = L.ncols[f];
-        for (int64_t b = 0, i = 0; b < L.B; ++b)
+        for (int64_t b = 0, i = 0; b < L.B; ++b) {
+          // The gradient rows of one feature are N * D apart: too far for the hardware
+          // prefetcher to follow across pages.
+          if (b + 4 < L.B)
+            for (int64_t m = 0; m < L.M; ++m)
+              if (gv[m])
+                prefetch_row(static_cast<const acc_t*>(gv[m]) +
+                                 ((b + 4) * L.N + L.col_start[f]) * L.dims[m],
+                             T * L.dims[m] * int64_t(sizeof(acc_t)));
           for (int64_t t = 0; t < T; ++t, ++i) apply(i, b, L.col_start[f] + t, acc_t(1));
+        }
       } else {
         const IdReader& off = L.off_r[f];
         const float* psw = L.psw_f[f];
         for (int64_t b = 0; b < L.B; ++b) {
+          if (b + 4 < L.B)
+            for (int64_t m = 0; m < L.M; ++m)
+              if (gv[m])
+                prefetch_row(static_cast<const acc_t*>(gv[m]) +
+                                 ((b + 4) * L.N + L.col_start[f]) * L.dims[m],
+                             L.dims[m] * int64_t(sizeof(acc_t)));
           const int64_t k0 = off[b], k1 = off[b + 1];
           acc_t scale = acc_t(1);
           if (L.mode[f] == kBagMean) {
