@@ -23,7 +23,9 @@ CETNET_BENCH_TARGET_S sets the timed seconds per benchmark (default 1.0).
 
 Useful bytes (FBGEMM's accounting): forward reads the looked-up rows and writes the outputs,
 ``2 * lookups * M * D * 4``; forward + backward counts twice that. ``extra_info`` carries them;
-``python bench/bench_embedding.py results.json`` prints the table of ms, GB/s and ratios.
+``python bench/bench_embedding.py summarize results.json`` prints the table of ms, GB/s and
+ratios. ``python bench/bench_embedding.py interleaved [--headline] [--threads N]`` times the
+providers round-robin instead (robust to load from other processes on a shared machine).
 """
 
 from __future__ import annotations
@@ -251,5 +253,55 @@ def summarize(path: str) -> str:
     return "\n".join(lines)
 
 
+def interleaved(shapes, providers, rounds: int) -> str:
+    """Times the providers round-robin (one step each per round) and reports median / min ms,
+    useful GB/s and ratios. On a shared machine, load changes hit every provider alike, which
+    pytest-benchmark's one-provider-after-the-other runs cannot guarantee."""
+    lines = [f"threads = {torch.get_num_threads()}, rounds = {rounds}, {device_name('cpu')}", "",
+             "| M | B | D | T | provider | median ms | min ms | useful GB/s | / cetnet-cpu |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for M, B, D, T in shapes:
+        steps = {}
+        for p in providers:
+            try:
+                steps[p] = _make_step(p, M, B, D, T, {})
+            except pytest.skip.Exception as exc:
+                lines.append(f"| {M} | {B} | {D} | {T or '-'} | {p} | skipped: {exc} | | | |")
+        for step in steps.values():
+            step()
+            step()
+        times: dict[str, list[float]] = {p: [] for p in steps}
+        for _ in range(rounds):
+            for p, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[p].append(time.perf_counter() - t0)
+        med = {p: sorted(v)[len(v) // 2] * 1e3 for p, v in times.items()}
+        for p in steps:
+            gbs = useful_bytes(M, B, D, T) / med[p] / 1e6
+            ratio = f"{med[p] / med['cetnet-cpu']:.2f}x" if "cetnet-cpu" in med else "-"
+            lines.append(f"| {M} | {B} | {D} | {T or '-'} | {p} | {med[p]:.2f} | "
+                         f"{min(times[p]) * 1e3:.2f} | {gbs:.2f} | {ratio} |")
+        del steps
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(summarize(sys.argv[1]))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s1 = sub.add_parser("summarize", help="table from a --benchmark-json file")
+    s1.add_argument("json")
+    s2 = sub.add_parser("interleaved", help="round-robin timing of the providers")
+    s2.add_argument("--threads", type=int, default=torch.get_num_threads())
+    s2.add_argument("--rounds", type=int, default=20)
+    s2.add_argument("--providers", default="cetnet-cpu,loop,fbgemm")
+    s2.add_argument("--headline", action="store_true", help="only M=2, B=4096, D=16")
+    a = ap.parse_args()
+    if a.cmd == "summarize":
+        print(summarize(a.json))
+    else:
+        torch.set_num_threads(a.threads)
+        shapes = [(2, 4096, 16, 0)] if a.headline else _shapes()
+        print(interleaved(shapes, a.providers.split(","), a.rounds))
