@@ -573,3 +573,23 @@ def test_bad_constructor_arguments():
         MultiTableEmbedding(1, [("a", 3)], 2, optimizer="sgd", backend="reference")
     with pytest.raises(TypeError, match="weights_dtype"):
         MultiTableEmbedding(1, [("a", 3)], 2, weights_dtype=torch.int32)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_update_16bit_storage(dtype, optimizer):
+    """16-bit tables are updated in float32 and rounded once per row update."""
+    rng = np.random.default_rng(3)
+    mod = MultiTableEmbedding(2, FEATURES, [3, 16], optimizer=optimizer, lr=0.1,
+                              weights_dtype=dtype)
+    ref = MultiTableEmbedding(2, FEATURES, [3, 16], optimizer=optimizer, lr=0.1,
+                              weights_dtype=torch.float32)
+    with torch.no_grad():
+        ref.weight.copy_(mod.weight.float())
+    for ids in _batches(2, 16, rng):
+        for m in (mod, ref):
+            outs = m(ids)
+            loss_of(outs, [torch.ones(o.shape, dtype=torch.float64) for o in outs]).backward()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(mod.weight.float(), ref.weight, rtol=4 * eps, atol=4 * eps)
