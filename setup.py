@@ -72,15 +72,16 @@ def _cpu_flags() -> list[str]:
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # No -std: torch's BuildExtension picks the standard its headers need (C++20 from torch 2.14).
     # -fopenmp: at::parallel_for is header code; without it the OpenMP pragma is dropped and
     # every CPU kernel runs on one thread.
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp", *_cpu_flags()]
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp", *_cpu_flags()]
     macros = []
     extra = {"cxx": cxx}
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         macros.append(("CETNET_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         cls = CUDAExtension

@@ -71,6 +71,7 @@ def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
 
     def fusion_setup(ctx, inputs, output):
         logits, temperature, logit_space, detach_weights = inputs
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work
         ctx.save_for_backward(logits, temperature)
         ctx.logit_space = logit_space
         ctx.detach_weights = detach_weights
@@ -89,6 +90,7 @@ def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
         (logits, _labels, temperature, _ew, _mw, _dw, _uw, logit_space, detach_weights,
          reduction, compute_grad, _ct) = inputs
         _loss, _prob, grad_logits, grad_t = output
+        ctx.set_materialize_grads(False)  # prob usually gets no gradient: skip its VJP then
         ctx.save_for_backward(logits, temperature, grad_logits, grad_t)
         ctx.logit_space = logit_space
         ctx.detach_weights = detach_weights
@@ -110,7 +112,7 @@ def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
                 gt = (grad_t * grad_loss).sum() if grad_t.dim() == 1 else None
             else:
                 B = logits.shape[0]
-                scale = grad_loss / B if ctx.reduction == 1 and B > 0 else grad_loss
+                scale = grad_loss * (1.0 / B) if ctx.reduction == 1 and B > 0 else grad_loss
                 grad_z = grad_logits * scale  # bf16/fp16 * fp32 0-dim: computed in fp32
                 gt = grad_t * scale
             grad_z = grad_z.to(logits.dtype)
@@ -139,7 +141,8 @@ if HAS_C:
     _OPSETS["cpu"] = _OPSETS["cuda"] = _OpSet(
         _cet.confidence_fusion.default, _cet.confidence_fusion_backward.default,
         _cet.collaborative_loss.default)
-    _register_autograd(_OPSETS["cpu"], ("cetnet::confidence_fusion", "cetnet::collaborative_loss"))
+    # Their autograd is registered in C++ (csrc/autograd.cpp): a Python one costs more per call
+    # than the kernels at CTR batch sizes.
 
 
 _TRITON_ERROR: str | None = None

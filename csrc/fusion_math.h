@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CETNET_HD __host__ __device__ __forceinline__
@@ -80,59 +81,101 @@ CETNET_HD Elem<V> make_elem(V z) {
 
 // ---------------------------------------------------------------------------------------------
 // Row statistics of the fusion: the max-subtracted softmax of c/tau and the fused prediction.
-// log w_k = c_k/tau - m - logS.
+// e_k = exp(c_k/tau - m), w_k = e_k / S.
+//
+// A row accessor may cache e_k (Row::kCachesE with set_e/e: the CPU tile does) so that the
+// softmax exponentials are computed once per member; otherwise they are recomputed.
 // ---------------------------------------------------------------------------------------------
+template <typename R, typename = void>
+struct caches_e : std::false_type {};
+template <typename R>
+struct caches_e<R, std::void_t<decltype(R::kCachesE)>> : std::integral_constant<bool, R::kCachesE> {};
+
+// Below this, a positive sum of e_k p_k may have lost precision to underflowed (subnormal)
+// terms: take the log-space path. 1e-30 leaves float's subnormal terms below 1e-8 relative.
+CETNET_HD float tiny_sum(float) { return 1e-30f; }
+CETNET_HD double tiny_sum(double) { return 1e-290; }
+// a < b ? x : y per lane, and whether any lane has a < b.
+template <typename T>
+CETNET_HD T select_lt(T a, T b, T x, T y) {
+  return a < b ? x : y;
+}
+CETNET_HD bool any_lt(float a, float b) { return a < b; }
+CETNET_HD bool any_lt(double a, double b) { return a < b; }
+
 template <typename V>
 struct FusionStats {
   V m;       // max_k c_k/tau
-  V logS;    // log sum_k exp(c_k/tau - m)
+  V invS;    // 1 / sum_k e_k
+  V logS;    // log sum_k e_k
   V cbar;    // sum_k w_k c_k
   V zf;      // sum_k w_k z_k (logit space only)
   V p;       // fused probability
-  V logp;    // log p       (only when with_logs)
-  V log1mp;  // log (1 - p) (only when with_logs)
+  V q;       // 1 - p, exact        (only when with_logs)
+  V logp;    // log p               (only when with_logs)
+  V log1mp;  // log (1 - p)         (only when with_logs)
+  V inv_sp;  // 1 / sum_k e_k p_k   (prob space, with_logs)
+  V inv_sq;  // 1 / sum_k e_k q_k   (prob space, with_logs)
+  V smin;    // min of those two sums: below tiny_sum, a lane took the log-space path
+  bool any_slow;
 };
 
 template <typename V, typename Row>
-CETNET_HD V log_weight(const Row& row, int k, const FusionStats<V>& st, V inv_tau) {
-  return row.elem(k).c * inv_tau - st.m - st.logS;
+CETNET_HD V member_e(const Row& row, int k, const FusionStats<V>& st, V inv_tau) {
+  if constexpr (caches_e<Row>::value) {
+    return row.e(k);
+  } else {
+    return vexp(row.elem(k).c * inv_tau - st.m);
+  }
 }
 
-// with_logs: also form log p and log(1-p) exactly (needed by the BCE/KL terms). Without it,
-// prob-space p is the direct positive sum sum_k w_k p_k, which is all the fusion op needs.
+// with_logs: also form q = 1 - p, log p and log(1-p) exactly (needed by the BCE/KL terms).
+// Prob space: p = sum_k e_k p_k / S and 1 - p = sum_k e_k q_k / S are sums of positive terms,
+// accurate unless they underflow; a lane whose sum is below tiny_sum instead takes
+// log p = LSE_k(log w_k + log sigmoid(z_k)) and log(1-p) = LSE_k(log w_k + log sigmoid(-z_k)).
 template <typename V, typename Row>
 CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_space, bool with_logs) {
   const int K = row.K;
   FusionStats<V> st;
   V m = row.elem(0).c * inv_tau;
   for (int k = 1; k < K; ++k) m = vmax(m, row.elem(k).c * inv_tau);
-  V S(0), Sc(0), Sz(0), Sp(0);
+  V S(0), Sc(0), Sz(0), Sp(0), Sq(0);
   for (int k = 0; k < K; ++k) {
     const Elem<V> el = row.elem(k);
     const V e = vexp(el.c * inv_tau - m);
+    if constexpr (caches_e<Row>::value) row.set_e(k, e);
     S = S + e;
     Sc = Sc + e * el.c;
     Sz = Sz + e * el.z;
     Sp = Sp + e * el.p;
+    Sq = Sq + e * el.q;
   }
-  const V invS = V(1) / S;
+  const V one(1);
+  st.invS = one / S;
   st.m = m;
   st.logS = vlog(S);
-  st.cbar = Sc * invS;
-  st.zf = Sz * invS;
+  st.cbar = Sc * st.invS;
+  st.zf = Sz * st.invS;
+  st.any_slow = false;
   if (logit_space) {
     const Elem<V> f = make_elem(st.zf);
     st.p = f.p;
+    st.q = f.q;
     st.logp = f.lsp;
     st.log1mp = f.lsq;
     return st;
   }
-  if (!with_logs) {
-    st.p = Sp * invS;
-    st.logp = st.log1mp = V(0);
-    return st;
-  }
-  // log p = LSE_k(log w_k + log sigmoid(z_k)), log(1-p) = LSE_k(log w_k + log sigmoid(-z_k)).
+  st.p = Sp * st.invS;
+  st.q = Sq * st.invS;
+  if (!with_logs) return st;
+  st.inv_sp = one / Sp;
+  st.inv_sq = one / Sq;
+  st.logp = vlog(Sp) - st.logS;
+  st.log1mp = vlog(Sq) - st.logS;
+  const V tiny(tiny_sum(V(0)));
+  st.smin = select_lt(Sp, Sq, Sp, Sq);
+  st.any_slow = any_lt(st.smin, tiny);
+  if (!st.any_slow) return st;
   const V ninf(-std::numeric_limits<float>::infinity());
   V ma = ninf, mb = ninf;
   for (int k = 0; k < K; ++k) {
@@ -148,10 +191,26 @@ CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_spac
     sa = sa + vexp(lw + el.lsp - ma);
     sb = sb + vexp(lw + el.lsq - mb);
   }
-  st.logp = ma + vlog(sa);
-  st.log1mp = mb + vlog(sb);
-  st.p = vexp(st.logp);
+  const V logp = ma + vlog(sa), log1mp = mb + vlog(sb);
+  st.logp = select_lt(st.smin, tiny, logp, st.logp);
+  st.log1mp = select_lt(st.smin, tiny, log1mp, st.log1mp);
+  st.p = select_lt(st.smin, tiny, vexp(logp), st.p);
+  st.q = select_lt(st.smin, tiny, vexp(log1mp), st.q);
   return st;
+}
+
+// a_k = w_k p_k / p and b_k = w_k q_k / (1 - p), both in [0, 1] (prob space, with_logs).
+template <typename V>
+CETNET_HD void member_ratios(const Elem<V>& el, V e, const FusionStats<V>& st, V inv_tau, V& a,
+                             V& b) {
+  a = e * el.p * st.inv_sp;
+  b = e * el.q * st.inv_sq;
+  if (st.any_slow) {
+    const V tiny(tiny_sum(V(0)));
+    const V lw = el.c * inv_tau - st.m - st.logS;
+    a = select_lt(st.smin, tiny, vexp(lw + el.lsp - st.logp), a);
+    b = select_lt(st.smin, tiny, vexp(lw + el.lsq - st.log1mp), b);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -160,7 +219,7 @@ CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_spac
 template <typename V, typename Row, typename PutW>
 CETNET_HD V fusion_forward_row(const Row& row, V inv_tau, bool logit_space, PutW put_w) {
   const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, /*with_logs=*/false);
-  for (int k = 0; k < row.K; ++k) put_w(k, vexp(log_weight<V>(row, k, st, inv_tau)));
+  for (int k = 0; k < row.K; ++k) put_w(k, member_e<V>(row, k, st, inv_tau) * st.invS);
   return st.p;
 }
 
@@ -182,14 +241,14 @@ CETNET_HD V fusion_backward_row(const Row& row, V inv_tau, bool logit_space, boo
   if (!detach_weights) {
     for (int k = 0; k < K; ++k) {
       const Elem<V> el = row.elem(k);
-      const V w = vexp(el.c * inv_tau - st.m - st.logS);
+      const V w = member_e<V>(row, k, st, inv_tau) * st.invS;
       ubar = ubar + w * (get_gw(k) + g_m * (logit_space ? el.z : el.p));
     }
   }
   V gt(0);
   for (int k = 0; k < K; ++k) {
     const Elem<V> el = row.elem(k);
-    const V w = vexp(el.c * inv_tau - st.m - st.logS);
+    const V w = member_e<V>(row, k, st, inv_tau) * st.invS;
     const V pq = el.p * el.q;
     V gz = g_m * w * (logit_space ? V(1) : pq);
     if (!detach_weights) {
@@ -231,8 +290,7 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
   const bool need_logs = use_b || use_g;
   const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, need_logs);
   const V p = st.p;
-  // 1 - p, exact near p = 1 (p itself would round to 1).
-  const V q = need_logs ? vexp(st.log1mp) : one - p;
+  const V q = st.q;  // 1 - p, exact near p = 1 (p itself would round to 1)
 
   LossRowOut<V> out;
   out.p = p;
@@ -267,12 +325,14 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
     V s1(0), s2(0);
     for (int k = 0; k < K; ++k) {
       const Elem<V> el = row.elem(k);
-      const V lwk = el.c * inv_tau - st.m - st.logS;
+      const V e = member_e<V>(row, k, st, inv_tau);
       if (logit_space) {
-        s1 = s1 + vexp(lwk) * el.z * el.c;  // sum_k w_k z_k c_k
+        s1 = s1 + e * st.invS * el.z * el.c;  // sum_k w_k z_k c_k
       } else {
-        s1 = s1 + vexp(lwk + el.lsp - st.logp) * el.c;    // sum_k a_k c_k, a_k = w_k p_k / p
-        s2 = s2 + vexp(lwk + el.lsq - st.log1mp) * el.c;  // sum_k b_k c_k, b_k = w_k q_k / (1-p)
+        V a, b;
+        member_ratios<V>(el, e, st, inv_tau, a, b);
+        s1 = s1 + a * el.c;  // sum_k a_k c_k
+        s2 = s2 + b * el.c;  // sum_k b_k c_k
       }
     }
     if (logit_space) {
@@ -289,13 +349,15 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
     if (use_g) g = g + gamma * (el.p - p);
     if (use_d) g = g + delta * inv_km1 * (V(K) * el.p - P);
     if (use_b) {
-      const V lwj = el.c * inv_tau - st.m - st.logS;
+      const V e = member_e<V>(row, j, st, inv_tau);
       if (logit_space) {
         const V br = detach_weights ? one : one + el.z * el.p * el.q * (el.z - st.zf) * inv_tau;
-        g = g + beta * (p - y) * vexp(lwj) * br;
+        g = g + beta * (p - y) * e * st.invS * br;
       } else {
-        const V rho0 = vexp(lwj + el.lsp - st.logp) * el.q;    // r_j / p
-        const V rho1 = vexp(lwj + el.lsq - st.log1mp) * el.p;  // r_j / (1 - p)
+        V a, b;
+        member_ratios<V>(el, e, st, inv_tau, a, b);
+        const V rho0 = a * el.q;  // r_j / p
+        const V rho1 = b * el.p;  // r_j / (1 - p)
         const V br = detach_weights ? one : one + el.z * (el.p - p) * inv_tau;
         g = g + beta * ((one - y) * rho1 - y * rho0) * br;
       }

@@ -1,5 +1,6 @@
 // The one registration file: the schemas of every cetnet op and their CPU/CUDA kernels.
-// Fake (meta) kernels and autograd are registered in Python (cetnet_kernels/ops.py).
+// Autograd is C++ (autograd.cpp: far cheaper per call than Python's register_autograd); fake
+// (meta) kernels are registered in Python (cetnet_kernels/fusion.py).
 //
 // Contracts (acc = float64 for float64 logits, float32 otherwise; reduction 0 none/1 mean/2 sum):
 //   confidence_fusion(logits [B,K], temperature [], logit_space, detach_weights) -> (prob [B], weights [B,K])   logits.dtype
@@ -12,7 +13,8 @@
 //           grad_temperature acc: [B] per row for none, [] row sum otherwise; [] zero if not asked)
 // temperature is a 0-dim floating tensor on the logits' device; logits may have any strides.
 //
-// Multi-table embedding (cetnet_kernels/embedding.py): M members x F features, one flat weight
+// Multi-table embedding (cetnet_kernels/embedding.py, which also registers their fake kernels and
+// autograd in Python): M members x F features, one flat weight
 // holding the T = M*F tables member-major, table (m, f) = row-major [vocab[f], dims[m]].
 //   multi_embedding(weight [W], ids[F], offsets[F], per_sample_weights[F], modes[F], dims[M],
 //                   vocab[F], padding_idx?, feature_names) -> M outputs [B, N, dims[m]]
@@ -32,6 +34,7 @@
 //       the rows the batch touched; state: one opmath-dtype value per table row (adagrad).
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "cpu/embedding_cpu.h"
 #include "cpu/fusion_cpu.h"
 #ifdef CETNET_WITH_CUDA
@@ -80,6 +83,11 @@ TORCH_LIBRARY_IMPL(cetnet, CPU, m) {
   m.impl("multi_embedding_fused", &cetnet::cpu::multi_embedding_fused);
   m.impl("multi_embedding_backward", &cetnet::cpu::multi_embedding_backward);
   m.impl("multi_embedding_update", &cetnet::cpu::multi_embedding_update);
+}
+
+TORCH_LIBRARY_IMPL(cetnet, Autograd, m) {
+  m.impl("confidence_fusion", &cetnet::confidence_fusion_autograd);
+  m.impl("collaborative_loss", &cetnet::collaborative_loss_autograd);
 }
 
 #ifdef CETNET_WITH_CUDA

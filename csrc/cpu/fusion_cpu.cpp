@@ -24,18 +24,25 @@ namespace {
 
 constexpr int64_t kBlockRows = 512;
 
-// Per-task scratch: the cached member values of one tile and a transpose buffer.
+// Per-task scratch: the cached member values (and softmax exponentials) of one tile and a
+// transpose buffer.
 template <typename acc_t>
 struct Scratch {
   static constexpr int L = Vec<acc_t>::size();
-  explicit Scratch(int K) : cache(K), buf(static_cast<size_t>(K) * L), row(K, cache.data()) {}
+  explicit Scratch(int K)
+      : cache(K), e(K), buf(static_cast<size_t>(K) * L), row(K, cache.data(), e.data()) {}
   struct Row {
-    Row(int K_, const Elem<Vec<acc_t>>* c) : K(K_), cache(c) {}
+    static constexpr bool kCachesE = true;
+    Row(int K_, const Elem<Vec<acc_t>>* c, Vec<acc_t>* e_) : K(K_), cache(c), ecache(e_) {}
     int K;
     const Elem<Vec<acc_t>>* cache;
+    Vec<acc_t>* ecache;
     const Elem<Vec<acc_t>>& elem(int k) const { return cache[k]; }
+    void set_e(int k, const Vec<acc_t>& v) const { ecache[k] = v; }
+    const Vec<acc_t>& e(int k) const { return ecache[k]; }
   };
   std::vector<Elem<Vec<acc_t>>> cache;
+  std::vector<Vec<acc_t>> e;
   std::vector<acc_t> buf;  // [K][L] member-major
   Row row;
 };
@@ -122,7 +129,7 @@ double read_temperature(const at::Tensor& temperature, const char* op) {
 
 std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
                                                      const at::Tensor& temperature,
-                                                     bool logit_space, bool detach_weights) {
+                                                     bool logit_space, bool /*detach_weights*/) {
   const char* op = "cetnet::confidence_fusion";
   check_logits(logits, op);
   check_temperature(temperature, logits, op);

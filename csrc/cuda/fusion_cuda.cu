@@ -198,7 +198,7 @@ struct LaunchConfig {
 template <typename acc_t>
 LaunchConfig launch_config(int64_t B, int K) {
   static_assert(sizeof(Elem<acc_t>) == kElemFields * sizeof(acc_t), "Elem has 6 fields");
-  const size_t per_thread = static_cast<size_t>(kElemFields) * static_cast<size_t>(K) * sizeof(acc_t);
+  const size_t per_thread = kElemFields * static_cast<size_t>(K) * sizeof(acc_t);
   LaunchConfig cfg{false, kMaxThreads, 0, 1};
   for (int t = kMaxThreads; t >= kMinCachedThreads; t /= 2) {
     if (per_thread * static_cast<size_t>(t) <= kMaxSharedBytes) {
@@ -258,13 +258,13 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
   if (B == 0) return {prob, weights};
   const at::Tensor tau = temperature_f64(temperature);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_fusion_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LaunchConfig cfg = launch_config<acc_t>(B, K);
     CETNET_LAUNCH(fusion_forward_kernel, cfg, stream,
                   logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
-                  tau.const_data_ptr<double>(), B, K, logit_space, prob.mutable_data_ptr<scalar_t>(),
-                  weights.mutable_data_ptr<scalar_t>());
+                  tau.const_data_ptr<double>(), B, K, logit_space,
+                  prob.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>());
   });
   return {prob, weights};
 }
@@ -298,16 +298,19 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
   at::Tensor gt_rows = want_gt ? at::empty({B}, acc_opts) : at::Tensor();
   const at::Tensor tau = temperature_f64(temperature);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_fusion_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LaunchConfig cfg = launch_config<acc_t>(B, K);
+    const scalar_t* gp_ptr = has_gp ? gp.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gw_ptr = has_gw ? gw.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t gp_s0 = has_gp ? gp.stride(0) : 0;
+    const int64_t gw_s0 = has_gw ? gw.stride(0) : 0, gw_s1 = has_gw ? gw.stride(1) : 0;
+    acc_t* gt_out = want_gt ? gt_rows.mutable_data_ptr<acc_t>() : nullptr;
     CETNET_LAUNCH(fusion_backward_kernel, cfg, stream,
-                  has_gp ? gp.const_data_ptr<scalar_t>() : nullptr, has_gp ? gp.stride(0) : int64_t{0},
-                  has_gw ? gw.const_data_ptr<scalar_t>() : nullptr, has_gw ? gw.stride(0) : int64_t{0},
-                  has_gw ? gw.stride(1) : int64_t{0}, logits.const_data_ptr<scalar_t>(), logits.stride(0),
-                  logits.stride(1), tau.const_data_ptr<double>(), B, K, logit_space, detach_weights,
-                  grad_logits.mutable_data_ptr<scalar_t>(),
-                  want_gt ? gt_rows.mutable_data_ptr<acc_t>() : nullptr);
+                  gp_ptr, gp_s0, gw_ptr, gw_s0, gw_s1,
+                  logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
+                  tau.const_data_ptr<double>(), B, K, logit_space, detach_weights,
+                  grad_logits.mutable_data_ptr<scalar_t>(), gt_out);
   });
   at::Tensor grad_temperature =
       want_gt ? sum_rows(gt_rows, acc_dtype, /*mean=*/false) : at::zeros({}, acc_opts);
@@ -342,15 +345,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
     const at::Tensor y_t = labels.to(acc_dtype);
     const at::Tensor tau = temperature_f64(temperature);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_fusion_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const LaunchConfig cfg = launch_config<acc_t>(B, K);
+      scalar_t* gz_out = compute_grad ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr;
+      acc_t* gt_out = want_gt ? gt_rows.mutable_data_ptr<acc_t>() : nullptr;
       CETNET_LAUNCH(collaborative_loss_kernel, cfg, stream,
                     logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
                     y_t.const_data_ptr<acc_t>(), y_t.stride(0), tau.const_data_ptr<double>(), B, K,
-                    logit_space, detach_weights, weights, compute_grad, prob.mutable_data_ptr<scalar_t>(),
-                    compute_grad ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr,
-                    loss_rows.mutable_data_ptr<acc_t>(), want_gt ? gt_rows.mutable_data_ptr<acc_t>() : nullptr);
+                    logit_space, detach_weights, weights, compute_grad,
+                    prob.mutable_data_ptr<scalar_t>(), gz_out, loss_rows.mutable_data_ptr<acc_t>(),
+                    gt_out);
     });
   }
   at::Tensor loss, grad_temperature;
@@ -359,7 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
     grad_temperature = want_gt ? gt_rows : at::zeros({}, acc_opts);
   } else {
     loss = sum_rows(loss_rows, acc_dtype, /*mean=*/reduction == 1);
-    grad_temperature = want_gt ? sum_rows(gt_rows, acc_dtype, /*mean=*/false) : at::zeros({}, acc_opts);
+    grad_temperature =
+        want_gt ? sum_rows(gt_rows, acc_dtype, /*mean=*/false) : at::zeros({}, acc_opts);
   }
   return {loss, prob, grad_logits, grad_temperature};
 }

@@ -1,0 +1,169 @@
+// Autograd of the fused ops, in C++ (registered for the Autograd key in registration.cpp).
+//
+// Python's torch.library.register_autograd costs far more per call than the kernels at CTR batch
+// sizes, so the backward formulas live here. The forward of collaborative_loss already computed
+// the per-row gradient; backward scales it by the upstream gradient, and adds the fusion VJP only
+// when the returned prob also received a gradient (unused outputs are not materialized).
+#include "autograd.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+
+namespace cetnet {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using at::Tensor;
+
+using FusionFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, bool, bool);
+using FusionBackwardFn = std::tuple<Tensor, Tensor>(const std::optional<Tensor>&,
+                                                    const std::optional<Tensor>&, const Tensor&,
+                                                    const Tensor&, bool, bool, bool);
+using LossFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                          const Tensor&, double, double, double,
+                                                          double, bool, bool, int64_t, bool,
+                                                          bool);
+
+c10::TypedOperatorHandle<FusionFn>& fusion_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cetnet::confidence_fusion", "")
+                       .typed<FusionFn>();
+  return op;
+}
+
+c10::TypedOperatorHandle<FusionBackwardFn>& fusion_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cetnet::confidence_fusion_backward", "")
+                       .typed<FusionBackwardFn>();
+  return op;
+}
+
+c10::TypedOperatorHandle<LossFn>& loss_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cetnet::collaborative_loss", "")
+                       .typed<LossFn>();
+  return op;
+}
+
+class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits,
+                               const Tensor& temperature, bool logit_space, bool detach_weights) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [prob, weights] = fusion_op().call(logits, temperature, logit_space, detach_weights);
+    ctx->save_for_backward({logits, temperature});
+    ctx->saved_data["logit_space"] = logit_space;
+    ctx->saved_data["detach_weights"] = detach_weights;
+    ctx->set_materialize_grads(false);
+    return {prob, weights};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& logits = saved[0];
+    const Tensor& temperature = saved[1];
+    const bool detach = ctx->saved_data["detach_weights"].toBool();
+    const bool need_z = ctx->needs_input_grad(0);
+    const bool need_t = ctx->needs_input_grad(1) && !detach;
+    std::optional<Tensor> g_prob, g_w;
+    if (grads[0].defined()) g_prob = grads[0];
+    if (grads[1].defined() && !detach) g_w = grads[1];  // constant weights pass no gradient
+    Tensor gz, gt;
+    if ((need_z || need_t) && (g_prob || g_w)) {
+      std::tie(gz, gt) = fusion_backward_op().call(g_prob, g_w, logits, temperature,
+                                                   ctx->saved_data["logit_space"].toBool(), detach,
+                                                   need_t);
+    }
+    if (need_t && !gt.defined()) gt = at::zeros({}, temperature.options());
+    return {need_z ? gz : Tensor(), need_t ? gt.to(temperature.scalar_type()) : Tensor(),
+            Tensor(), Tensor()};
+  }
+};
+
+class CollaborativeLossFunction : public torch::autograd::Function<CollaborativeLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& labels,
+                               const Tensor& temperature, double ensemble_weight,
+                               double member_weight, double distill_weight, double mutual_weight,
+                               bool logit_space, bool detach_weights, int64_t reduction,
+                               bool compute_grad, bool compute_temperature_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, prob, grad_logits, grad_t] = loss_op().call(
+        logits, labels, temperature, ensemble_weight, member_weight, distill_weight,
+        mutual_weight, logit_space, detach_weights, reduction, compute_grad,
+        compute_temperature_grad);
+    ctx->save_for_backward({logits, temperature, grad_logits, grad_t});
+    ctx->saved_data["logit_space"] = logit_space;
+    ctx->saved_data["detach_weights"] = detach_weights;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["compute_grad"] = compute_grad;
+    ctx->mark_non_differentiable({grad_logits, grad_t});
+    ctx->set_materialize_grads(false);
+    return {loss, prob, grad_logits, grad_t};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& logits = saved[0];
+    const Tensor& temperature = saved[1];
+    const Tensor& grad_logits = saved[2];
+    const Tensor& grad_t = saved[3];
+    const bool detach = ctx->saved_data["detach_weights"].toBool();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const bool need_z = ctx->needs_input_grad(0);
+    const bool need_t = ctx->needs_input_grad(2);
+    const Tensor& g_loss = grads[0];
+    const Tensor& g_prob = grads[1];
+    Tensor gz, gt;
+    if ((need_z || need_t) && g_loss.defined()) {
+      TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(),
+                  "collaborative_loss was called with compute_grad=False; its gradient was not "
+                  "computed in the forward pass");
+      if (reduction == 0) {
+        if (need_z) gz = grad_logits * g_loss.unsqueeze(1);
+        if (need_t && grad_t.dim() == 1) gt = (grad_t * g_loss).sum();
+      } else {
+        const int64_t B = logits.size(0);
+        const Tensor scale = (reduction == 1 && B > 0) ? g_loss * (1.0 / B) : g_loss;
+        if (need_z) gz = grad_logits * scale;  // low-precision * fp32 0-dim: computed in fp32
+        if (need_t) gt = grad_t * scale;
+      }
+      if (gz.defined()) gz = gz.to(logits.scalar_type());
+    }
+    if (g_prob.defined() && (need_z || need_t)) {
+      auto [gz2, gt2] = fusion_backward_op().call(g_prob, std::nullopt, logits, temperature,
+                                                  ctx->saved_data["logit_space"].toBool(), detach,
+                                                  need_t && !detach);
+      gz = gz.defined() ? gz + gz2 : gz2;
+      gt = gt.defined() ? gt + gt2 : gt2;
+    }
+    if (need_t && !gt.defined()) gt = at::zeros({}, temperature.options());
+    return {need_z ? gz : Tensor(),
+            Tensor(),
+            need_t ? gt.to(temperature.scalar_type()) : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor()};
+  }
+};
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> confidence_fusion_autograd(const Tensor& logits,
+                                                      const Tensor& temperature, bool logit_space,
+                                                      bool detach_weights) {
+  auto out = ConfidenceFusionFunction::apply(logits, temperature, logit_space, detach_weights);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> collaborative_loss_autograd(
+    const Tensor& logits, const Tensor& labels, const Tensor& temperature, double ensemble_weight,
+    double member_weight, double distill_weight, double mutual_weight, bool logit_space,
+    bool detach_weights, int64_t reduction, bool compute_grad, bool compute_temperature_grad) {
+  auto out = CollaborativeLossFunction::apply(
+      logits, labels, temperature, ensemble_weight, member_weight, distill_weight, mutual_weight,
+      logit_space, detach_weights, reduction, compute_grad, compute_temperature_grad);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace cetnet
