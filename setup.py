@@ -73,7 +73,9 @@ def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # No -std: torch's BuildExtension picks the standard its headers need (C++20 from torch 2.14).
-    cxx = ["-O3", "-fvisibility=hidden", *_cpu_flags()]
+    # -fopenmp: at::parallel_for is header code; without it the OpenMP pragma is dropped and
+    # every CPU kernel runs on one thread.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp", *_cpu_flags()]
     macros = []
     extra = {"cxx": cxx}
     if with_cuda:
@@ -91,6 +93,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
     )
 
 

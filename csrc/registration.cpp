@@ -12,9 +12,30 @@
 //           grad_logits [B,K] logits.dtype: unreduced per-row d(row loss)/dz, or [0] if !compute_grad,
 //           grad_temperature acc: [B] per row for none, [] row sum otherwise; [] zero if not asked)
 // temperature is a 0-dim floating tensor on the logits' device; logits may have any strides.
+//
+// Multi-table embedding (cetnet_kernels/embedding.py, which also registers their fake kernels and
+// autograd in Python): M members x F features, one flat weight
+// holding the T = M*F tables member-major, table (m, f) = row-major [vocab[f], dims[m]].
+//   multi_embedding(weight [W], ids[F], offsets[F], per_sample_weights[F], modes[F], dims[M],
+//                   vocab[F], padding_idx?, feature_names) -> M outputs [B, N, dims[m]]
+//       (float32 for 16-bit weights, else weight.dtype). modes[f]: 0 = ids [B] (1 column) or
+//       [B, T] (T columns); 1/2/3 = bag sum/mean/weighted sum of ids[f] (values, 1-D) split by
+//       offsets[f] [B+1]; per_sample_weights[f] (float32, mode 3 only, else ignored). Unused
+//       offsets/weights entries are empty tensors. feature_names: the F names joined by '\n'
+//       (error messages only). Ids == padding_idx give zeros; other ids outside [0, vocab[f])
+//       raise IndexError after the pass (never read).
+//   multi_embedding_fused(weight, state, placeholder, ..., optimizer, lr, eps, weight_decay)
+//       the same forward; its autograd applies multi_embedding_update (placeholder: a tensor
+//       that requires grad, so autograd runs although weight does not).
+//   multi_embedding_backward(grads[M], weight, ids..., padding_idx?) -> grad_weight [W]
+//       (dense, weight.dtype; empty grads[m] = zero gradient).
+//   multi_embedding_update(grads[M], weight!, state!, ..., optimizer 1 = sgd / 2 =
+//       rowwise_adagrad, lr, eps, weight_decay) -> (): in-place, deterministic sparse update of
+//       the rows the batch touched; state: one opmath-dtype value per table row (adagrad).
 #include <torch/library.h>
 
 #include "autograd.h"
+#include "cpu/embedding_cpu.h"
 #include "cpu/fusion_cpu.h"
 #ifdef CETNET_WITH_CUDA
 #include "cuda/fusion_cuda.h"
@@ -34,12 +55,34 @@ TORCH_LIBRARY(cetnet, m) {
       "float member_weight, float distill_weight, float mutual_weight, bool logit_space, "
       "bool detach_weights, int reduction, bool compute_grad, bool compute_temperature_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "multi_embedding(Tensor weight, Tensor[] ids, Tensor[] offsets, "
+      "Tensor[] per_sample_weights, int[] modes, int[] dims, int[] vocab, int? padding_idx, "
+      "str feature_names) -> Tensor[]");
+  m.def(
+      "multi_embedding_fused(Tensor weight, Tensor state, Tensor placeholder, Tensor[] ids, "
+      "Tensor[] offsets, Tensor[] per_sample_weights, int[] modes, int[] dims, int[] vocab, "
+      "int? padding_idx, str feature_names, int optimizer, float lr, float eps, "
+      "float weight_decay) -> Tensor[]");
+  m.def(
+      "multi_embedding_backward(Tensor[] grads, Tensor weight, Tensor[] ids, Tensor[] offsets, "
+      "Tensor[] per_sample_weights, int[] modes, int[] dims, int[] vocab, int? padding_idx) "
+      "-> Tensor");
+  m.def(
+      "multi_embedding_update(Tensor[] grads, Tensor(a!) weight, Tensor(b!) state, "
+      "Tensor[] ids, Tensor[] offsets, Tensor[] per_sample_weights, int[] modes, int[] dims, "
+      "int[] vocab, int? padding_idx, int optimizer, float lr, float eps, float weight_decay) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(cetnet, CPU, m) {
   m.impl("confidence_fusion", &cetnet::cpu::confidence_fusion);
   m.impl("confidence_fusion_backward", &cetnet::cpu::confidence_fusion_backward);
   m.impl("collaborative_loss", &cetnet::cpu::collaborative_loss);
+  m.impl("multi_embedding", &cetnet::cpu::multi_embedding);
+  m.impl("multi_embedding_fused", &cetnet::cpu::multi_embedding_fused);
+  m.impl("multi_embedding_backward", &cetnet::cpu::multi_embedding_backward);
+  m.impl("multi_embedding_update", &cetnet::cpu::multi_embedding_update);
 }
 
 TORCH_LIBRARY_IMPL(cetnet, Autograd, m) {

@@ -1,0 +1,307 @@
+"""Training-step benchmarks of the multi-table embedding (pytest-benchmark), CPU.
+
+Step = lookup + backward + SGD update of M members x F features (one table each, 100k rows per
+table, fp32), Zipf(1.05) ids (``(zipf - 1) % rows``; 4 pre-drawn batches used in turn), the
+same constant output gradient for every provider. Providers:
+
+- ``cetnet-cpu``: ``MultiTableEmbedding(optimizer="sgd")``: one lookup launch, SGD applied in
+  backward (no gradient tensor).
+- ``loop``: what FuxiCTR / DeepCTR users do: M x F ``nn.Embedding(sparse=True)``, members'
+  outputs ``torch.stack``-ed to ``[B, F, D]``, ``torch.optim.SGD`` (``zero_grad``, ``step``).
+- ``compile``: the ``loop`` lookups under ``torch.compile`` (backward + SGD step as in ``loop``);
+  compiled and warmed up outside the timed region.
+- ``fbgemm``: one FBGEMM CPU TBE holding all M x F tables, ``EXACT_SGD``
+  (``fbgemm-gpu-cpu``; skipped with the reason when it is not importable, and at D = 10: TBE
+  needs dims that are multiples of 4). With the sequence case it runs ``PoolingMode.NONE``.
+
+Shapes (``cpu-<provider>-M2-F26-B4096-D16``; ``-T50``: one of the 26 features is a [B, 50]
+history sequence, the rest single ids). The default matrix is the issue's trimmed to run in
+about 8 minutes on 2 cores: M=2 x B in {512, 4096, 16384} at D=16, D in {10, 64} at B=4096,
+M=4 at B=4096, and the sequence case. CETNET_BENCH_EMB_FULL=1 runs M in {2, 4} x B in {512,
+4096, 16384} x D in {10, 16, 64} + the sequence case. CETNET_BENCH_PROVIDERS filters providers,
+CETNET_BENCH_TARGET_S sets the timed seconds per benchmark (default 1.0).
+
+Useful bytes (FBGEMM's accounting): forward reads the looked-up rows and writes the outputs,
+``2 * lookups * M * D * 4``; forward + backward counts twice that. ``extra_info`` carries them;
+``python bench/bench_embedding.py summarize results.json`` prints the table of ms, GB/s and
+ratios. ``python bench/bench_embedding.py interleaved [--headline] [--threads N]`` times the
+providers round-robin instead (robust to load from other processes on a shared machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, env_strs  # noqa: E402
+
+import cetnet_kernels as ck  # noqa: E402
+
+ROWS = 100_000
+F = 26
+LR = 0.01
+ZIPF_A = 1.05
+N_BATCHES = 4
+PROVIDERS = ("cetnet-cpu", "loop", "compile", "fbgemm")
+
+
+def _shapes() -> list[tuple[int, int, int, int]]:
+    """(M, B, D, T) with T = 0 for single ids only, else the length of one history feature."""
+    if os.environ.get("CETNET_BENCH_EMB_FULL", "0") == "1":
+        out = [(M, B, D, 0) for M in (2, 4) for B in (512, 4096, 16384) for D in (10, 16, 64)]
+    else:
+        out = [(2, 512, 16, 0), (2, 4096, 16, 0), (2, 16384, 16, 0), (2, 4096, 10, 0),
+               (2, 4096, 64, 0), (4, 4096, 16, 0)]
+    return out + [(2, 4096, 16, 50)]
+
+
+def _params():
+    providers = [p for p in env_strs("CETNET_BENCH_PROVIDERS", list(PROVIDERS)) if p in PROVIDERS]
+    return [pytest.param(p, M, B, D, T,
+                         id=f"cpu-{p}-M{M}-F{F}-B{B}-D{D}" + (f"-T{T}" if T else ""))
+            for (M, B, D, T) in _shapes() for p in providers]
+
+
+def lookups_per_member(B: int, T: int) -> int:
+    return B * (F - 1 + T) if T else B * F
+
+
+def useful_bytes(M: int, B: int, D: int, T: int) -> int:
+    """Forward + backward bytes, FBGEMM's accounting: 2 x (rows read + outputs written)."""
+    return 2 * 2 * lookups_per_member(B, T) * M * D * 4
+
+
+def _batches(B: int, T: int) -> list[dict[str, torch.Tensor]]:
+    rng = np.random.default_rng(0)
+
+    def zipf(*shape):
+        return torch.from_numpy((rng.zipf(ZIPF_A, shape) - 1) % ROWS)
+
+    out = []
+    for _ in range(N_BATCHES):
+        ids = {f"f{f}": zipf(B) for f in range(F)}
+        if T:
+            ids["f0"] = zipf(B, T)
+        out.append(ids)
+    return out
+
+
+class _Cycle:
+    """Hands out the pre-drawn batches in turn."""
+
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def __call__(self):
+        x = self.items[self.i % len(self.items)]
+        self.i += 1
+        return x
+
+
+def _make_step(provider: str, M: int, B: int, D: int, T: int, info: dict):
+    torch.manual_seed(0)
+    batches = _batches(B, T)
+    ncols = F - 1 + T if T else F
+    next_batch = _Cycle(batches)
+
+    if provider == "cetnet-cpu":
+        if "cpu" not in ck.available_backends("cpu"):
+            pytest.skip(f"cetnet_kernels._C is not built: {ck.build_info()['error']}")
+        mod = ck.MultiTableEmbedding(M, [(f"f{f}", ROWS) for f in range(F)], D, optimizer="sgd",
+                                     lr=LR, backend="cpu")
+        grads = [torch.ones(B, ncols, D) for _ in range(M)]
+
+        def step():
+            outs = mod(next_batch())
+            torch.autograd.backward(outs, grads)
+
+        return step
+
+    if provider in ("loop", "compile"):
+        embs = nn.ModuleList(nn.Embedding(ROWS, D, sparse=True) for _ in range(M * F))
+        opt = torch.optim.SGD(embs.parameters(), lr=LR)
+
+        def lookup(ids):
+            return [torch.cat([embs[m * F + f](ids[f"f{f}"]).view(B, -1, D) for f in range(F)],
+                              dim=1) for m in range(M)]
+
+        fn = lookup
+        if provider == "compile":
+            torch._dynamo.reset()
+            fn = torch.compile(lookup, dynamic=False)
+        grads = [torch.ones(B, ncols, D) for _ in range(M)]
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            outs = fn(next_batch())
+            torch.autograd.backward(outs, grads)
+            opt.step()
+
+        if provider == "compile":
+            t0 = time.perf_counter()
+            try:
+                step()
+            except Exception as exc:  # e.g. no C++ compiler for inductor
+                pytest.skip(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
+            info["compile_s"] = round(time.perf_counter() - t0, 2)
+        return step
+
+    if provider == "fbgemm":
+        try:
+            from fbgemm_gpu.split_embedding_configs import EmbOptimType
+            from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+                EmbeddingLocation, PoolingMode)
+            from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+                ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+        except Exception as exc:  # not installed, or built for another torch
+            pytest.skip(f"fbgemm_gpu is not importable ({type(exc).__name__}: {exc}); "
+                        "pip install fbgemm-gpu-cpu==1.8.0")
+        if D % 4:
+            pytest.skip(f"FBGEMM's TBE needs embedding dims that are multiples of 4, got D={D}")
+        pooling = PoolingMode.NONE if T else PoolingMode.SUM
+        tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            [(ROWS, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * (M * F),
+            optimizer=EmbOptimType.EXACT_SGD, learning_rate=LR, pooling_mode=pooling)
+        # Feature-major TBE input: table t = m * F + f reads feature f's ids (bag length 1 for
+        # single ids; with PoolingMode.NONE a bag of length T is the sequence).
+        prepared = []
+        for ids in batches:
+            indices, lengths = [], []
+            for m in range(M):
+                for f in range(F):
+                    x = ids[f"f{f}"]
+                    indices.append(x.reshape(-1))
+                    lengths.append(torch.full((B,), x.shape[1] if x.dim() == 2 else 1))
+            lengths = torch.cat(lengths)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            prepared.append((torch.cat(indices), offsets))
+        next_input = _Cycle(prepared)
+        out0 = tbe(*prepared[0])
+        grad = torch.ones_like(out0)
+
+        def step():
+            out = tbe(*next_input())
+            out.backward(grad)
+
+        return step
+
+    raise ValueError(provider)
+
+
+def _plan(step) -> tuple[int, int]:
+    target = float(os.environ.get("CETNET_BENCH_TARGET_S", "1.0"))
+    step()
+    t0 = time.perf_counter()
+    step()
+    t = max(time.perf_counter() - t0, 1e-6)
+    return max(5, min(200, math.ceil(target / t))), 1
+
+
+@pytest.mark.parametrize("provider,M,B,D,T", _params())
+def bench_embedding_step(benchmark, provider, M, B, D, T):
+    info: dict = {}
+    step = _make_step(provider, M, B, D, T, info)
+    rounds, iterations = _plan(step)
+    benchmark.group = f"embedding-M{M}-F{F}-B{B}-D{D}" + (f"-T{T}" if T else "")
+    benchmark.extra_info.update(
+        op="embedding_step", provider=provider, device="cpu", device_name=device_name("cpu"),
+        M=M, F=F, B=B, D=D, T=T, rows=ROWS, zipf=ZIPF_A, bytes=useful_bytes(M, B, D, T),
+        torch_version=torch.__version__, **info)
+    benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)
+
+
+def summarize(path: str) -> str:
+    """A markdown table (median ms, useful GB/s, cetnet's speed-up) from a benchmark JSON."""
+    data = json.loads(Path(path).read_text())
+    rows: dict[tuple, dict[str, dict]] = {}
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        key = (e["M"], e["B"], e["D"], e["T"])
+        rows.setdefault(key, {})[e["provider"]] = {"ms": b["stats"]["median"] * 1e3,
+                                                    "min_ms": b["stats"]["min"] * 1e3,
+                                                    "bytes": e["bytes"]}
+    provs = [p for p in PROVIDERS if any(p in r for r in rows.values())]
+    head = ("| M | B | D | T | " + " | ".join(f"{p} ms (GB/s)" for p in provs)
+            + " | " + " | ".join(f"{p} / cetnet" for p in provs if p != "cetnet-cpu") + " |")
+    lines = [head, "|" + "---|" * (4 + 2 * len(provs) - 1)]
+    for key in sorted(rows):
+        r = rows[key]
+        cells = []
+        for p in provs:
+            if p in r:
+                cells.append(f"{r[p]['ms']:.2f} ({r[p]['bytes'] / r[p]['ms'] / 1e6:.2f})")
+            else:
+                cells.append("-")
+        ratios = []
+        for p in provs:
+            if p == "cetnet-cpu":
+                continue
+            ok = p in r and "cetnet-cpu" in r
+            ratios.append(f"{r[p]['ms'] / r['cetnet-cpu']['ms']:.2f}x" if ok else "-")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3] or '-'} | "
+                     + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def interleaved(shapes, providers, rounds: int) -> str:
+    """Times the providers round-robin (one step each per round) and reports median / min ms,
+    useful GB/s and ratios. On a shared machine, load changes hit every provider alike, which
+    pytest-benchmark's one-provider-after-the-other runs cannot guarantee."""
+    lines = [f"threads = {torch.get_num_threads()}, rounds = {rounds}, {device_name('cpu')}", "",
+             "| M | B | D | T | provider | median ms | min ms | useful GB/s | / cetnet-cpu |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for M, B, D, T in shapes:
+        steps = {}
+        for p in providers:
+            try:
+                steps[p] = _make_step(p, M, B, D, T, {})
+            except pytest.skip.Exception as exc:
+                lines.append(f"| {M} | {B} | {D} | {T or '-'} | {p} | skipped: {exc} | | | |")
+        for step in steps.values():
+            step()
+            step()
+        times: dict[str, list[float]] = {p: [] for p in steps}
+        for _ in range(rounds):
+            for p, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[p].append(time.perf_counter() - t0)
+        med = {p: sorted(v)[len(v) // 2] * 1e3 for p, v in times.items()}
+        for p in steps:
+            gbs = useful_bytes(M, B, D, T) / med[p] / 1e6
+            ratio = f"{med[p] / med['cetnet-cpu']:.2f}x" if "cetnet-cpu" in med else "-"
+            lines.append(f"| {M} | {B} | {D} | {T or '-'} | {p} | {med[p]:.2f} | "
+                         f"{min(times[p]) * 1e3:.2f} | {gbs:.2f} | {ratio} |")
+        del steps
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s1 = sub.add_parser("summarize", help="table from a --benchmark-json file")
+    s1.add_argument("json")
+    s2 = sub.add_parser("interleaved", help="round-robin timing of the providers")
+    s2.add_argument("--threads", type=int, default=torch.get_num_threads())
+    s2.add_argument("--rounds", type=int, default=20)
+    s2.add_argument("--providers", default="cetnet-cpu,loop,fbgemm")
+    s2.add_argument("--headline", action="store_true", help="only M=2, B=4096, D=16")
+    a = ap.parse_args()
+    if a.cmd == "summarize":
+        print(summarize(a.json))
+    else:
+        torch.set_num_threads(a.threads)
+        shapes = [(2, 4096, 16, 0)] if a.headline else _shapes()
+        print(interleaved(shapes, a.providers.split(","), a.rounds))

@@ -1,0 +1,592 @@
+"""Table-batched embeddings for M-member ensembles: every member's lookups of every feature in
+one kernel launch (issue 3).
+
+:class:`MultiTableEmbedding` keeps all M x F tables in one flat parameter (FBGEMM TBE layout,
+member-major: table (m, f) is a row-major ``[num_embeddings_f, D_m]`` block), so one forward
+launch gathers single ids, padded sequences and pooled bags for all members, and one backward
+launch either produces the dense gradient of the flat parameter (``optimizer=None``) or applies
+SGD / row-wise Adagrad to the touched rows in place (``optimizer="sgd"`` /
+``"rowwise_adagrad"``; no gradient tensor is materialized).
+
+Registered ops (schemas in csrc/registration.cpp): ``cetnet::multi_embedding``,
+``multi_embedding_fused``, ``multi_embedding_backward``, ``multi_embedding_update``. Their fake
+kernels and autograd formulas are registered here, so the module works under
+``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from cetnet_kernels._extension import HAS_C
+from cetnet_kernels.embedding_reference import multi_table_embedding_reference
+
+__all__ = ["EmbeddingFeature", "MultiTableEmbedding", "OPTIMIZERS", "POOLINGS"]
+
+POOLINGS = ("sum", "mean")
+OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
+_OPT_CODE = {"sgd": 1, "rowwise_adagrad": 2}
+_ID_DTYPES = (torch.int32, torch.int64)
+_WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Kernel modes per feature (see csrc/registration.cpp).
+_IDS, _BAG_SUM, _BAG_MEAN, _BAG_WEIGHTED = 0, 1, 2, 3
+
+IdsInput = Union[Tensor, tuple]
+
+
+@dataclass(frozen=True)
+class EmbeddingFeature:
+    """One categorical feature: every member gets its own ``[num_embeddings, D_m]`` table.
+
+    Args:
+        name: the key of this feature in ``forward``'s ``ids`` mapping.
+        num_embeddings: vocabulary size; valid ids are ``0 .. num_embeddings - 1``.
+        pooling: ``"sum"`` or ``"mean"``, applied when the feature is given as a bag.
+    """
+
+    name: str
+    num_embeddings: int
+    pooling: str = "sum"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "\n" in self.name:
+            raise ValueError(f"EmbeddingFeature: name must be a non-empty string without "
+                             f"newlines, got {self.name!r}")
+        if isinstance(self.num_embeddings, bool) or not isinstance(self.num_embeddings, int) \
+                or self.num_embeddings < 1:
+            raise ValueError(f"EmbeddingFeature {self.name!r}: num_embeddings must be an int "
+                             f">= 1, got {self.num_embeddings!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"EmbeddingFeature {self.name!r}: pooling must be 'sum' or 'mean', "
+                             f"got {self.pooling!r}")
+
+
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _advise_hugepages(t: Tensor) -> bool:
+    """Asks Linux to back the 2 MiB-aligned part of ``t``'s (not yet touched) memory with
+    transparent huge pages. Row reads of a large flat table are random: with 4 KiB pages nearly
+    every one also misses the TLB. Best effort; CETNET_EMBEDDING_HUGEPAGES=0 turns it off."""
+    if (not sys.platform.startswith("linux") or t.device.type != "cpu"
+            or os.environ.get("CETNET_EMBEDDING_HUGEPAGES", "1") == "0"):
+        return False
+    start = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE * _HUGE
+    if end <= start:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                            _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _out_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels and autograd of the registered ops
+# ------------------------------------------------------------------------------------------------
+def _batch_and_columns(ids: Sequence[Tensor], offsets: Sequence[Tensor],
+                       modes: Sequence[int]) -> tuple[Any, Any]:
+    B = ids[0].shape[0] if modes[0] == _IDS else offsets[0].shape[0] - 1
+    N = 0
+    for x, mode in zip(ids, modes):
+        N = N + (x.shape[1] if mode == _IDS and x.dim() == 2 else 1)
+    return B, N
+
+
+def _forward_fake(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
+                  feature_names):
+    B, N = _batch_and_columns(ids, offsets, modes)
+    dt = _out_dtype(weight.dtype)
+    return [weight.new_empty((B, N, d), dtype=dt) for d in dims]
+
+
+def _fused_fake(weight, state, placeholder, ids, offsets, per_sample_weights, modes, dims, vocab,
+                padding_idx, feature_names, optimizer, lr, eps, weight_decay):
+    return _forward_fake(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
+                         padding_idx, feature_names)
+
+
+def _backward_fake(grads, weight, ids, offsets, per_sample_weights, modes, dims, vocab,
+                   padding_idx):
+    return torch.empty_like(weight)
+
+
+def _update_fake(grads, weight, state, ids, offsets, per_sample_weights, modes, dims, vocab,
+                 padding_idx, optimizer, lr, eps, weight_decay):
+    return None
+
+
+def _grads_or_empty(grads: Sequence[Tensor | None], like: Tensor) -> list[Tensor]:
+    # An absent gradient is a zero gradient; the kernels skip empty tensors.
+    return [g if g is not None else like.new_empty((0,), dtype=_out_dtype(like.dtype))
+            for g in grads]
+
+
+def _setup_dense(ctx, inputs, output):
+    weight, ids, offsets, psw, modes, dims, vocab, padding_idx, _names = inputs
+    F = len(ids)
+    ctx.save_for_backward(weight, *ids, *offsets, *psw)
+    ctx.meta = (F, modes, dims, vocab, padding_idx)
+
+
+def _backward_dense(ctx, grads):
+    F, modes, dims, vocab, padding_idx = ctx.meta
+    weight, *rest = ctx.saved_tensors
+    ids, offsets, psw = rest[:F], rest[F:2 * F], rest[2 * F:]
+    grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_weight = torch.ops.cetnet.multi_embedding_backward(
+            _grads_or_empty(grads, weight), weight, ids, offsets, psw, modes, dims, vocab,
+            padding_idx)
+    none = [None] * F
+    return grad_weight, none, none, none, None, None, None, None, None
+
+
+def _setup_fused(ctx, inputs, output):
+    (weight, state, _placeholder, ids, offsets, psw, modes, dims, vocab, padding_idx, _names,
+     optimizer, lr, eps, weight_decay) = inputs
+    F = len(ids)
+    # weight and state are updated in place by backward: they are kept as attributes, not saved
+    # tensors, so that two lookups sharing one backward pass do not trip the version check.
+    ctx.weight, ctx.state = weight, state
+    ctx.save_for_backward(*ids, *offsets, *psw)
+    ctx.meta = (F, modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay)
+
+
+def _backward_fused(ctx, grads):
+    F, modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay = ctx.meta
+    saved = ctx.saved_tensors
+    ids, offsets, psw = saved[:F], saved[F:2 * F], saved[2 * F:]
+    torch.ops.cetnet.multi_embedding_update(
+        _grads_or_empty(grads, ctx.weight), ctx.weight, ctx.state, ids, offsets, psw, modes,
+        dims, vocab, padding_idx, optimizer, lr, eps, weight_decay)
+    none = [None] * F
+    return (None, None, None, none, none, none) + (None,) * 9
+
+
+if HAS_C:
+    torch.library.register_fake("cetnet::multi_embedding")(_forward_fake)
+    torch.library.register_fake("cetnet::multi_embedding_fused")(_fused_fake)
+    torch.library.register_fake("cetnet::multi_embedding_backward")(_backward_fake)
+    torch.library.register_fake("cetnet::multi_embedding_update")(_update_fake)
+    torch.library.register_autograd("cetnet::multi_embedding", _backward_dense,
+                                    setup_context=_setup_dense)
+    torch.library.register_autograd("cetnet::multi_embedding_fused", _backward_fused,
+                                    setup_context=_setup_fused)
+
+
+# ------------------------------------------------------------------------------------------------
+# The module
+# ------------------------------------------------------------------------------------------------
+def _as_feature(f: object, i: int) -> EmbeddingFeature:
+    if isinstance(f, EmbeddingFeature):
+        return f
+    if isinstance(f, (tuple, list)) and len(f) in (2, 3):
+        return EmbeddingFeature(*f)
+    raise TypeError(f"MultiTableEmbedding: features[{i}] must be an EmbeddingFeature or a "
+                    f"(name, num_embeddings[, pooling]) tuple, got {f!r}")
+
+
+class MultiTableEmbedding(nn.Module):
+    """Every ensemble member's embedding tables of every feature, looked up in one launch.
+
+    Args:
+        num_models: M, the number of ensemble members (each has its own table per feature).
+        features: ``EmbeddingFeature(name, num_embeddings, pooling)`` or ``(name,
+            num_embeddings[, pooling])`` per feature; forward's output columns follow this order.
+        dims: the embedding dim of all members (int) or one per member (mixed dims); any dim >= 1.
+        optimizer: ``None`` (a dense gradient on :attr:`weight`, for any torch optimizer),
+            ``"sgd"`` or ``"rowwise_adagrad"``: the update of the rows a batch touched is applied
+            inside backward (FBGEMM's EXACT_SGD / EXACT_ROWWISE_ADAGRAD), deterministically, with
+            no gradient tensor; :attr:`weight` then does not require grad.
+        lr, eps, weight_decay: the fused optimizer's settings. Row-wise Adagrad keeps one state
+            per table row: ``s += mean(g**2); w -= lr * g / (sqrt(s) + eps)``. ``weight_decay``
+            adds ``weight_decay * w`` to the gradient of the touched rows (FBGEMM's L2 mode).
+        weights_dtype: storage dtype: float32 (default), float64, float16 or bfloat16; 16-bit
+            storage is read and updated in float32 and the outputs are float32.
+        padding_idx: ids equal to it give zero vectors and no gradient (and are left out of bag
+            means); None disables padding.
+        backend: ``"auto"`` (the C++ kernels when built, else the reference), ``"cpu"`` or
+            ``"reference"`` (one ``F.embedding`` per table; dense gradient only).
+        init: ``"uniform"`` (``U(-s, s)``, ``s = init_scale or 1/sqrt(num_embeddings)``, FBGEMM's
+            default) or ``"normal"`` (``N(0, init_scale or 1)``, ``nn.Embedding``'s default). Use
+            :meth:`from_tables` to start from existing tensors.
+        device: where to allocate the tables.
+
+    Attributes:
+        weight: the flat ``[sum_m sum_f num_embeddings_f * D_m]`` storage of all tables.
+        optimizer_state: row-wise Adagrad's ``[M * sum_f num_embeddings_f]`` state (float32, or
+            float64 for float64 weights); in the ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        num_models: int,
+        features: Sequence[EmbeddingFeature | tuple],
+        dims: int | Sequence[int],
+        *,
+        optimizer: str | None = None,
+        lr: float = 0.01,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        weights_dtype: torch.dtype = torch.float32,
+        padding_idx: int | None = -1,
+        backend: str = "auto",
+        init: str = "uniform",
+        init_scale: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        op = "MultiTableEmbedding"
+        if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
+            raise ValueError(f"{op}: num_models must be an int >= 1, got {num_models!r}")
+        feats = [_as_feature(f, i) for i, f in enumerate(features)]
+        if not feats:
+            raise ValueError(f"{op}: features must name at least one feature")
+        names = [f.name for f in feats]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"{op}: feature names must be unique, repeated: {dup}")
+        if isinstance(dims, int) and not isinstance(dims, bool):
+            dims = [dims] * num_models
+        dims = list(dims)
+        if len(dims) != num_models:
+            raise ValueError(f"{op}: dims must be one int or {num_models} ints (one per member), "
+                             f"got {len(dims)}")
+        for m, d in enumerate(dims):
+            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                raise ValueError(f"{op}: dims[{m}] must be an int >= 1, got {d!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"{op}: optimizer must be None, 'sgd' or 'rowwise_adagrad', got "
+                             f"{optimizer!r}")
+        for name, v, lo in (("lr", lr, 0.0), ("eps", eps, 0.0), ("weight_decay", weight_decay,
+                                                                   0.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v < math.inf):
+                raise ValueError(f"{op}: {name} must be a finite float >= 0, got {v!r}")
+        if weights_dtype not in _WEIGHT_DTYPES:
+            raise TypeError(f"{op}: weights_dtype must be one of {_WEIGHT_DTYPES}, got "
+                            f"{weights_dtype}")
+        if padding_idx is not None and (isinstance(padding_idx, bool)
+                                        or not isinstance(padding_idx, int)):
+            raise TypeError(f"{op}: padding_idx must be an int or None, got {padding_idx!r}")
+        if backend not in ("auto", "cpu", "reference"):
+            raise ValueError(f"{op}: backend must be 'auto', 'cpu' or 'reference' (the CUDA and "
+                             f"Triton embedding kernels are not built yet), got {backend!r}")
+        if backend == "cpu" and not HAS_C:
+            raise RuntimeError(f"{op}: backend 'cpu' is not available: cetnet_kernels._C is not "
+                               "built")
+        if backend == "reference" and optimizer is not None:
+            raise ValueError(f"{op}: the reference backend computes a dense gradient only; use "
+                             "optimizer=None with it (and a torch optimizer)")
+
+        self.num_models = num_models
+        self.features = tuple(feats)
+        self.dims = tuple(dims)
+        self.optimizer = optimizer
+        self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
+        self.padding_idx = padding_idx
+        self.backend = backend
+        self._names = tuple(names)
+        self._index = {n: i for i, n in enumerate(names)}
+        self._vocab = tuple(f.num_embeddings for f in feats)
+        self._joined_names = "\n".join(names)
+        # Flat layout (member-major), as in csrc/cpu/embedding_cpu.cpp.
+        self._table_offsets: list[int] = []
+        self._state_offsets: list[int] = []
+        numel = rows = 0
+        for d in self.dims:
+            for v in self._vocab:
+                self._table_offsets.append(numel)
+                self._state_offsets.append(rows)
+                numel += v * d
+                rows += v
+        storage = torch.empty(numel, dtype=weights_dtype, device=device)
+        _advise_hugepages(storage)  # before reset_parameters touches the pages
+        self.weight = nn.Parameter(storage, requires_grad=optimizer is None)
+        state_dtype = torch.float64 if weights_dtype == torch.float64 else torch.float32
+        if optimizer == "rowwise_adagrad":
+            self.register_buffer("optimizer_state",
+                                 torch.zeros(rows, dtype=state_dtype, device=device))
+        else:
+            self.optimizer_state = None
+        # Fused mode: autograd reaches the in-place update through this tensor (weight itself
+        # does not require grad), also under torch.compile.
+        self.register_buffer("_placeholder", torch.zeros(0, device=device, requires_grad=True)
+                             if optimizer is not None else torch.zeros(0, device=device),
+                             persistent=False)
+        self.register_buffer("_empty_ids", torch.zeros(0, dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("_empty_weights", torch.zeros(0, device=device), persistent=False)
+        self._last_columns: dict[str, slice] | None = None
+        self.reset_parameters(init, init_scale)
+
+    # -------------------------------------------------------------------------------- tables
+    @classmethod
+    def from_tables(cls, tables: Sequence[Sequence[Tensor]],
+                    features: Sequence[EmbeddingFeature | tuple], **kwargs: Any
+                    ) -> "MultiTableEmbedding":
+        """Builds the module from existing tables: ``tables[m][f]`` is member m's
+        ``[num_embeddings_f, D_m]`` table of feature f (copied; dims are taken from them)."""
+        feats = [_as_feature(f, i) for i, f in enumerate(features)]
+        if len(tables) < 1 or any(len(t) != len(feats) for t in tables):
+            raise ValueError("MultiTableEmbedding.from_tables: tables must be M lists of one "
+                             f"table per feature ({len(feats)})")
+        dims = []
+        for m, member in enumerate(tables):
+            for f, (t, feat) in enumerate(zip(member, feats)):
+                if t.dim() != 2 or t.shape[0] != feat.num_embeddings or \
+                        t.shape[1] != member[0].shape[1]:
+                    raise ValueError(
+                        f"MultiTableEmbedding.from_tables: tables[{m}][{f}] must be "
+                        f"[{feat.num_embeddings}, D_{m}] (feature {feat.name!r}), got "
+                        f"{tuple(t.shape)}")
+            dims.append(int(member[0].shape[1]))
+        kwargs.setdefault("device", tables[0][0].device)
+        module = cls(len(tables), feats, dims, **kwargs)
+        with torch.no_grad():
+            for m, member in enumerate(tables):
+                for feat, t in zip(feats, member):
+                    module.table(m, feat.name).copy_(t)
+        return module
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "uniform", init_scale: float | None = None) -> None:
+        """Re-initializes every table (see the class docstring) and the optimizer state."""
+        if init not in ("uniform", "normal"):
+            raise ValueError(f"MultiTableEmbedding: init must be 'uniform' or 'normal', got "
+                             f"{init!r}")
+        for m in range(self.num_models):
+            for feat in self.features:
+                t = self.table(m, feat.name)
+                if init == "uniform":
+                    s = init_scale if init_scale is not None else 1.0 / math.sqrt(
+                        feat.num_embeddings)
+                    t.uniform_(-s, s)
+                else:
+                    t.normal_(0.0, init_scale if init_scale is not None else 1.0)
+        if self.optimizer_state is not None:
+            self.optimizer_state.zero_()
+
+    def table(self, m: int, name: str) -> Tensor:
+        """Member ``m``'s ``[num_embeddings, D_m]`` table of feature ``name``: a view of
+        :attr:`weight` (writes go to the module; write under ``torch.no_grad()``)."""
+        if not 0 <= m < self.num_models:
+            raise IndexError(f"MultiTableEmbedding.table: member {m} out of range for "
+                             f"num_models = {self.num_models}")
+        f = self._feature_index(name)
+        off = self._table_offsets[m * len(self.features) + f]
+        V, D = self._vocab[f], self.dims[m]
+        return self.weight[off:off + V * D].view(V, D)
+
+    def row_state(self, m: int, name: str) -> Tensor:
+        """Row-wise Adagrad's ``[num_embeddings]`` state of member m's table ``name`` (a view)."""
+        if self.optimizer_state is None:
+            raise ValueError("MultiTableEmbedding.row_state: only optimizer='rowwise_adagrad' "
+                             "has a row-wise state")
+        f = self._feature_index(name)
+        off = self._state_offsets[m * len(self.features) + f]
+        return self.optimizer_state[off:off + self._vocab[f]]
+
+    def _feature_index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"MultiTableEmbedding: unknown feature {name!r}; features are "
+                             f"{list(self._names)}") from None
+
+    # ------------------------------------------------------------------------------- columns
+    def columns(self, name: str, ids: Mapping[str, IdsInput] | None = None) -> slice:
+        """The column slice of feature ``name`` in forward's ``[B, N, D_m]`` outputs.
+
+        Sequence features take T columns, so the layout depends on the input: it is computed
+        from ``ids`` when given, else taken from the latest eager forward call.
+        """
+        f = self._feature_index(name)
+        if ids is not None:
+            cols = self._column_layout(self._normalize(ids)[4])
+        elif self._last_columns is not None:
+            cols = self._last_columns
+        else:
+            raise ValueError("MultiTableEmbedding.columns: no forward call yet; pass ids")
+        return cols[self._names[f]]
+
+    def _column_layout(self, ncols: Sequence[int]) -> dict[str, slice]:
+        out, start = {}, 0
+        for name, n in zip(self._names, ncols):
+            out[name] = slice(start, start + n)
+            start += n
+        return out
+
+    # ------------------------------------------------------------------------------- forward
+    def _normalize(self, ids: Mapping[str, IdsInput]):
+        """Checks ``ids`` and returns the per-feature kernel inputs, modes and column counts."""
+        op = "MultiTableEmbedding"
+        if not isinstance(ids, Mapping):
+            raise TypeError(f"{op}: ids must map feature names to tensors, got "
+                            f"{type(ids).__name__}")
+        if len(ids) != len(self._names) or any(k not in self._index for k in ids):
+            unknown = [k for k in ids if k not in self._index]
+            if unknown:
+                raise ValueError(f"{op}: unknown feature name(s) {unknown}; features are "
+                                 f"{list(self._names)}")
+            missing = [n for n in self._names if n not in ids]
+            raise ValueError(f"{op}: missing feature(s) {missing}")
+        device = self.weight.device
+        vals, offs, psws, modes, ncols = [], [], [], [], []
+        B = None
+        B_from = ""
+        for feat in self.features:
+            name = feat.name
+            x = ids[name]
+            if isinstance(x, Tensor):
+                self._check_ids(x, name, "ids", device)
+                if x.dim() not in (1, 2):
+                    raise ValueError(f"{op}: feature {name!r}: ids must be [B] or [B, T], got "
+                                     f"shape {tuple(x.shape)}")
+                Bf = x.shape[0]
+                vals.append(x)
+                offs.append(self._empty_ids)
+                psws.append(self._empty_weights)
+                modes.append(_IDS)
+                ncols.append(x.shape[1] if x.dim() == 2 else 1)
+            elif isinstance(x, (tuple, list)) and len(x) in (2, 3):
+                values, offsets = x[0], x[1]
+                psw = x[2] if len(x) == 3 else None
+                self._check_ids(values, name, "bag values", device)
+                self._check_ids(offsets, name, "bag offsets", device)
+                if values.dim() != 1:
+                    raise ValueError(f"{op}: feature {name!r}: bag values must be 1-D, got shape "
+                                     f"{tuple(values.shape)}")
+                if offsets.dim() != 1 or offsets.shape[0] < 1:
+                    raise ValueError(f"{op}: feature {name!r}: bag offsets must be 1-D of length "
+                                     f"B + 1, got shape {tuple(offsets.shape)}")
+                Bf = offsets.shape[0] - 1
+                vals.append(values)
+                offs.append(offsets)
+                if psw is None:
+                    psws.append(self._empty_weights)
+                    modes.append(_BAG_MEAN if feat.pooling == "mean" else _BAG_SUM)
+                else:
+                    if not isinstance(psw, Tensor) or not psw.is_floating_point():
+                        raise TypeError(f"{op}: feature {name!r}: per_sample_weights must be a "
+                                        f"floating-point tensor")
+                    if feat.pooling != "sum":
+                        raise ValueError(f"{op}: feature {name!r}: per_sample_weights need "
+                                         f"pooling='sum' (as in F.embedding_bag), the feature "
+                                         f"pools by {feat.pooling!r}")
+                    if psw.shape != values.shape:
+                        raise ValueError(f"{op}: feature {name!r}: per_sample_weights must have "
+                                         f"the shape of the values {tuple(values.shape)}, got "
+                                         f"{tuple(psw.shape)}")
+                    if psw.requires_grad and torch.is_grad_enabled():
+                        raise ValueError(f"{op}: feature {name!r}: per_sample_weights that "
+                                         "require grad are not supported (they are constants)")
+                    psws.append(psw.to(torch.float32))
+                    modes.append(_BAG_WEIGHTED)
+                ncols.append(1)
+            else:
+                raise TypeError(f"{op}: feature {name!r}: expected an int tensor [B] or [B, T] "
+                                f"or a (values, offsets[, per_sample_weights]) bag, got "
+                                f"{type(x).__name__}")
+            if B is None:
+                B, B_from = Bf, name
+            elif Bf != B:
+                raise ValueError(f"{op}: feature {name!r} has batch size {Bf} but feature "
+                                 f"{B_from!r} has {B}")
+        return vals, offs, psws, modes, ncols
+
+    @staticmethod
+    def _check_ids(x: object, name: str, what: str, device: torch.device) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MultiTableEmbedding: feature {name!r}: {what} must be a tensor, got "
+                            f"{type(x).__name__}")
+        if x.dtype not in _ID_DTYPES:
+            raise TypeError(f"MultiTableEmbedding: feature {name!r}: {what} must be int32 or "
+                            f"int64, got {x.dtype}")
+        if x.device != device:
+            raise ValueError(f"MultiTableEmbedding: feature {name!r}: {what} are on {x.device} "
+                             f"but the tables on {device}")
+
+    def _resolved_backend(self) -> str:
+        if self.backend == "auto":
+            return "cpu" if HAS_C and self.weight.device.type == "cpu" else "reference"
+        return self.backend
+
+    def forward(self, ids: Mapping[str, IdsInput]) -> list[Tensor]:
+        """Looks up every feature for every member.
+
+        Args:
+            ids: feature name -> an int32/int64 tensor ``[B]`` (one id per row; 1 column),
+                ``[B, T]`` (a padded sequence; T columns; ``padding_idx`` entries give zeros), or a
+                bag ``(values [L], offsets [B + 1])`` / ``(values, offsets, per_sample_weights)``
+                pooled by the feature's pooling (1 column; an empty bag gives zeros).
+
+        Returns:
+            M tensors, member m's ``[B, N, D_m]`` (contiguous), columns in the order of
+            ``features`` (see :meth:`columns`). float32 for 16-bit weights.
+
+        Raises:
+            IndexError: an id outside ``[0, num_embeddings)`` other than ``padding_idx`` (the
+                message names the feature, the id and the vocabulary size).
+            TypeError: non-integer ids. ValueError: unknown/missing features, ragged batch
+                sizes, malformed offsets.
+        """
+        vals, offs, psws, modes, ncols = self._normalize(ids)
+        if not torch.compiler.is_compiling():
+            self._last_columns = self._column_layout(ncols)
+        be = self._resolved_backend()
+        if be == "reference":
+            return self._forward_reference(vals, offs, psws, modes)
+        if self.optimizer is not None and torch.is_grad_enabled():
+            return torch.ops.cetnet.multi_embedding_fused(
+                self.weight, self.optimizer_state if self.optimizer_state is not None
+                else self._empty_weights, self._placeholder, vals, offs, psws, modes,
+                list(self.dims), list(self._vocab), self.padding_idx, self._joined_names,
+                _OPT_CODE[self.optimizer], self.lr, self.eps, self.weight_decay)
+        return torch.ops.cetnet.multi_embedding(
+            self.weight, vals, offs, psws, modes, list(self.dims), list(self._vocab),
+            self.padding_idx, self._joined_names)
+
+    def _forward_reference(self, vals, offs, psws, modes) -> list[Tensor]:
+        for f, feat in enumerate(self.features):  # the reference needs valid ids up front
+            if modes[f] != _IDS:
+                o = offs[f]
+                if int(o[0]) != 0 or bool((o.diff() < 0).any()) or int(o[-1]) != vals[f].numel():
+                    raise ValueError(f"MultiTableEmbedding: feature {feat.name!r}: offsets must "
+                                     f"start at 0, be non-decreasing and end at the number of "
+                                     f"values ({vals[f].numel()})")
+            x = vals[f]
+            bad = (x < 0) | (x >= feat.num_embeddings)
+            if self.padding_idx is not None:
+                bad &= x != self.padding_idx
+            if bool(bad.any()):
+                v = int(x[bad][0])
+                raise IndexError(f"MultiTableEmbedding: feature {feat.name!r}: id {v} is out of "
+                                 f"range for its vocabulary of size {feat.num_embeddings}")
+        tables = [[self.table(m, f.name) for f in self.features] for m in range(self.num_models)]
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            tables = [[t.float() for t in member] for member in tables]
+        inputs = [v if mode == _IDS else (v, o, p if mode == _BAG_WEIGHTED else None)
+                  for v, o, p, mode in zip(vals, offs, psws, modes)]
+        return multi_table_embedding_reference(tables, inputs, [f.pooling for f in self.features],
+                                               self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return (f"num_models={self.num_models}, features={len(self.features)}, dims={self.dims}, "
+                f"rows={sum(self._vocab)}, optimizer={self.optimizer!r}, "
+                f"weights_dtype={self.weight.dtype}, backend={self.backend!r}")

@@ -1,0 +1,595 @@
+"""MultiTableEmbedding (cetnet_kernels/embedding.py) against the float64 loop-of-F.embedding
+reference: every input kind, pooling, mixed/odd dims, dense gradient, the fused SGD and row-wise
+Adagrad updates, determinism, opcheck, torch.compile, shape fuzzing and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cetnet_kernels import (EmbeddingFeature, MultiTableEmbedding, available_backends,
+                            multi_table_embedding_reference)
+
+HAS_CPU = "cpu" in available_backends("cpu")
+BACKENDS = ["cpu", "reference"] if HAS_CPU else ["reference"]
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="cetnet_kernels._C is not built")
+
+FEATURES = [
+    EmbeddingFeature("user", 40),                  # single id, int64
+    EmbeddingFeature("item", 31),                  # single id, int32
+    EmbeddingFeature("history", 25),               # padded sequence [B, T]
+    EmbeddingFeature("tags", 17, pooling="sum"),   # bag (with an empty bag)
+    EmbeddingFeature("genres", 9, pooling="mean"),  # bag (mean)
+    EmbeddingFeature("scores", 12),                # weighted bag
+]
+DIMS = [1, 10, 16]  # wide part, odd dim, SIMD-width dim
+
+
+def make_ids(B: int = 6, *, pad: int | None = -1, gen: torch.Generator | None = None):
+    """One input of every kind (B >= 3), with padding entries and an empty bag."""
+    g = gen or torch.Generator().manual_seed(1)
+    ids = {
+        "user": torch.randint(0, 40, (B,), generator=g),
+        "item": torch.randint(0, 31, (B,), generator=g, dtype=torch.int32),
+        "history": torch.randint(0, 25, (B, 5), generator=g),
+    }
+    if pad is not None:
+        ids["history"][0, 3:] = pad
+        ids["history"][2, 0] = pad
+    lens = torch.randint(0, 5, (B,), generator=g)
+    lens[1] = 0  # an empty bag
+    for name, V in (("tags", 17), ("genres", 9), ("scores", 12)):
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+        values = torch.randint(0, V, (int(lens.sum()),), generator=g)
+        if pad is not None and values.numel() > 2:
+            values[1] = pad
+        ids[name] = (values, offsets)
+        lens = lens.roll(1)
+    v, o = ids["scores"]
+    ids["scores"] = (v.int(), o.int(), torch.rand(v.shape, generator=g))
+    return ids
+
+
+def reference_outputs(mod: MultiTableEmbedding, ids, weight64: torch.Tensor | None = None):
+    """The float64 reference on (a float64 copy of) the module's tables; with ``weight64`` (a
+    flat float64 leaf) the tables are its views, so gradients land in ``weight64.grad``."""
+    if weight64 is None:
+        weight64 = mod.weight.detach().double()
+    tables = []
+    for m, d in enumerate(mod.dims):
+        row = []
+        for f, feat in enumerate(mod.features):
+            off = mod._table_offsets[m * len(mod.features) + f]
+            row.append(weight64[off:off + feat.num_embeddings * d].view(feat.num_embeddings, d))
+        tables.append(row)
+    inputs = []
+    for feat in mod.features:
+        x = ids[feat.name]
+        if isinstance(x, torch.Tensor):
+            inputs.append(x)
+        else:
+            psw = x[2].double() if len(x) == 3 else None
+            inputs.append((x[0], x[1], psw))
+    return multi_table_embedding_reference(tables, inputs, [f.pooling for f in mod.features],
+                                           mod.padding_idx)
+
+
+def zipf_ids(n: int, vocab: int, rng: np.random.Generator, a: float = 1.05) -> torch.Tensor:
+    return torch.from_numpy((rng.zipf(a, n) - 1) % vocab)
+
+
+def loss_of(outs, grads):
+    return sum((o.double() * g).sum() for o, g in zip(outs, grads))
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6),
+                                       (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_forward_every_input_kind(backend, dtype, tol):
+    mod = MultiTableEmbedding(3, FEATURES, DIMS, weights_dtype=dtype, backend=backend)
+    ids = make_ids()
+    outs = mod(ids)
+    refs = reference_outputs(mod, ids)
+    assert len(outs) == 3
+    for m, (o, r) in enumerate(zip(outs, refs)):
+        assert o.shape == (6, 1 + 1 + 5 + 3, DIMS[m])
+        assert o.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        torch.testing.assert_close(o.double(), r, rtol=tol, atol=tol)
+    # padding entries and the empty bag give zero vectors
+    assert mod.columns("history") == slice(2, 7) and mod.columns("tags") == slice(7, 8)
+    for o in outs:
+        assert torch.all(o[0, 2 + 3:2 + 5] == 0) and torch.all(o[2, 2] == 0)
+        assert torch.all(o[1, 7] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_dims_and_int32(backend):
+    for dims in ([1], [10], [7, 1, 33]):
+        mod = MultiTableEmbedding(len(dims), [("a", 100), ("b", 3)], dims,
+                                  weights_dtype=torch.float64, backend=backend)
+        ids = {"a": torch.randint(0, 100, (257,), dtype=torch.int32),
+               "b": torch.randint(0, 3, (257,))}
+        for o, r in zip(mod(ids), reference_outputs(mod, ids)):
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
+
+
+def test_padding_idx_none_and_nonnegative():
+    mod = MultiTableEmbedding(1, [("a", 5)], 4, padding_idx=0, weights_dtype=torch.float64)
+    out = mod({"a": torch.tensor([[0, 1, 2]])})[0]
+    assert torch.all(out[0, 0] == 0)
+    torch.testing.assert_close(out[0, 1], mod.table(0, "a")[1].detach())
+    mod = MultiTableEmbedding(1, [("a", 5)], 4, padding_idx=None)
+    with pytest.raises(IndexError):
+        mod({"a": torch.tensor([-1])})
+
+
+def test_columns_and_tables():
+    mod = MultiTableEmbedding(2, FEATURES, [3, 5])
+    ids = make_ids()
+    assert mod.columns("scores", ids) == slice(9, 10)
+    t = mod.table(1, "item")
+    assert t.shape == (31, 5) and t.data_ptr() >= mod.weight.data_ptr()
+    with torch.no_grad():
+        t[4] = 7.0
+    out = mod({**ids, "item": torch.full((6,), 4, dtype=torch.int32)})
+    assert torch.all(out[1][:, mod.columns("item")] == 7.0)
+    with pytest.raises(ValueError, match="unknown feature"):
+        mod.columns("nope")
+
+
+def test_init_options_and_from_tables():
+    mod = MultiTableEmbedding(2, [("a", 10000), ("b", 4)], 8)
+    s = 1 / math.sqrt(10000)
+    assert mod.table(0, "a").abs().max() <= s and mod.table(0, "a").std() > s / 3
+    mod = MultiTableEmbedding(1, [("a", 10000)], 8, init="normal", init_scale=0.5)
+    assert abs(mod.table(0, "a").std().item() - 0.5) < 0.02
+    tables = [[torch.randn(10, 3), torch.randn(4, 3)], [torch.randn(10, 2), torch.randn(4, 2)]]
+    mod = MultiTableEmbedding.from_tables(tables, [("a", 10), ("b", 4, "mean")],
+                                          optimizer="sgd")
+    assert mod.dims == (3, 2) and mod.features[1].pooling == "mean"
+    for m in range(2):
+        torch.testing.assert_close(mod.table(m, "b"), tables[m][1], rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        MultiTableEmbedding.from_tables([[torch.randn(9, 3), torch.randn(4, 3)]],
+                                        [("a", 10), ("b", 4)])
+
+
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_state_dict_round_trip(optimizer):
+    feats = [("a", 50), ("b", 20)]
+    src = MultiTableEmbedding(2, feats, [4, 3], optimizer=optimizer, lr=0.1)
+    ids = {"a": torch.randint(0, 50, (32,)), "b": torch.randint(0, 20, (32, 3))}
+    if optimizer is not None:
+        sum(o.sum() for o in src(ids)).backward()
+    sd = src.state_dict()
+    assert set(sd) == ({"weight", "optimizer_state"} if optimizer == "rowwise_adagrad"
+                       else {"weight"})
+    dst = MultiTableEmbedding(2, feats, [4, 3], optimizer=optimizer, lr=0.1)
+    dst.load_state_dict(sd)
+    for a, b in zip(src(ids), dst(ids)):
+        assert torch.equal(a, b)
+    if optimizer is not None:  # the next update continues from the same state
+        sum(o.sum() for o in src(ids)).backward()
+        sum(o.sum() for o in dst(ids)).backward()
+        assert torch.equal(src.weight, dst.weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense gradient
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dense_gradient(backend, dtype):
+    mod = MultiTableEmbedding(3, FEATURES, DIMS, weights_dtype=dtype, backend=backend)
+    ids = make_ids(B=9)
+    outs = mod(ids)
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    loss_of(outs, grads).backward()
+    w64 = mod.weight.detach().double().requires_grad_()
+    loss_of(reference_outputs(mod, ids, w64), grads).backward()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(mod.weight.grad.double(), w64.grad, rtol=tol, atol=tol)
+
+
+@needs_cpu
+def test_dense_gradient_one_member_unused():
+    mod = MultiTableEmbedding(2, FEATURES, [3, 4], weights_dtype=torch.float64)
+    ids = make_ids()
+    outs = mod(ids)
+    outs[1].sum().backward()  # member 0's output gets no gradient
+    w64 = mod.weight.detach().clone().requires_grad_()
+    reference_outputs(mod, ids, w64)[1].sum().backward()
+    torch.testing.assert_close(mod.weight.grad, w64.grad, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused optimizers vs a dense reference
+# ------------------------------------------------------------------------------------------------
+def _batches(steps: int, B: int, rng: np.random.Generator):
+    """Batches with repeated ids, hot Zipf ids, sequences with padding and bags."""
+    out = []
+    for _ in range(steps):
+        hist = zipf_ids(B * 4, 25, rng).view(B, 4)
+        hist[0, 2:] = -1
+        lens = torch.from_numpy(rng.integers(0, 4, B))
+        out.append({
+            "user": zipf_ids(B, 40, rng),
+            "item": torch.full((B,), 3, dtype=torch.int32),  # every row the same id
+            "history": hist,
+            "tags": (zipf_ids(int(lens.sum()), 17, rng),
+                     torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])),
+            "genres": (zipf_ids(int(lens.sum()), 9, rng),
+                       torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])),
+            "scores": (zipf_ids(int(lens.sum()), 12, rng),
+                       torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
+                       torch.from_numpy(rng.random(int(lens.sum()))).float()),
+        })
+    return out
+
+
+def _touched_rows(mod: MultiTableEmbedding, ids) -> torch.Tensor:
+    """[M * sum V] bool: the table rows a batch reads (padding excluded)."""
+    mask = torch.zeros(mod.num_models * sum(mod._vocab), dtype=torch.bool)
+    for m in range(mod.num_models):
+        for f, feat in enumerate(mod.features):
+            x = ids[feat.name]
+            x = (x if isinstance(x, torch.Tensor) else x[0]).reshape(-1).long()
+            x = x[x != mod.padding_idx] if mod.padding_idx is not None else x
+            off = mod._state_offsets[m * len(mod.features) + f]
+            mask[off + x] = True
+    return mask
+
+
+def _row_view(mod: MultiTableEmbedding, flat: torch.Tensor, m: int, f: int) -> torch.Tensor:
+    off = mod._table_offsets[m * len(mod.features) + f]
+    V, D = mod._vocab[f], mod.dims[m]
+    return flat[off:off + V * D].view(V, D)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_fused_sgd_matches_torch_optim(dtype, tol):
+    rng = np.random.default_rng(0)
+    mod = MultiTableEmbedding(3, FEATURES, DIMS, optimizer="sgd", lr=0.3, weights_dtype=dtype)
+    ref = mod.weight.detach().double().clone().requires_grad_()
+    opt = torch.optim.SGD([ref], lr=0.3)
+    for ids in _batches(4, 16, rng):
+        outs = mod(ids)
+        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+        loss_of(outs, grads).backward()
+        assert mod.weight.grad is None  # no gradient tensor: the update happened in backward
+        opt.zero_grad()
+        loss_of(reference_outputs(mod, ids, ref), grads).backward()
+        opt.step()
+        torch.testing.assert_close(mod.weight.detach().double(), ref.detach(), rtol=tol, atol=tol)
+
+
+def _adagrad_reference_step(mod, ref_w, ref_s, grad, touched, lr, eps, wd):
+    """FBGEMM EXACT_ROWWISE_ADAGRAD on the rows a batch touched, written out by hand."""
+    for m in range(mod.num_models):
+        for f in range(len(mod.features)):
+            w = _row_view(mod, ref_w, m, f)
+            g = _row_view(mod, grad, m, f) + wd * w
+            off = mod._state_offsets[m * len(mod.features) + f]
+            rows = touched[off:off + mod._vocab[f]]
+            s = ref_s[off:off + mod._vocab[f]]
+            s[rows] += (g[rows] ** 2).mean(dim=1)
+            w[rows] -= lr * g[rows] / (s[rows].sqrt() + eps)[:, None]
+
+
+@needs_cpu
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_fused_rowwise_adagrad_matches_hand_written(wd):
+    rng = np.random.default_rng(1)
+    lr, eps = 0.2, 1e-8
+    mod = MultiTableEmbedding(3, FEATURES, DIMS, optimizer="rowwise_adagrad", lr=lr, eps=eps,
+                              weight_decay=wd, weights_dtype=torch.float64)
+    ref_w = mod.weight.detach().clone()
+    ref_s = torch.zeros(mod.optimizer_state.shape, dtype=torch.float64)
+    for ids in _batches(4, 16, rng):
+        outs = mod(ids)
+        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+        loss_of(outs, grads).backward()
+        w64 = ref_w.clone().requires_grad_()
+        loss_of(reference_outputs(mod, ids, w64), grads).backward()
+        _adagrad_reference_step(mod, ref_w, ref_s, w64.grad, _touched_rows(mod, ids), lr, eps, wd)
+        torch.testing.assert_close(mod.weight.detach(), ref_w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mod.optimizer_state, ref_s, rtol=1e-12, atol=1e-12)
+    assert mod.row_state(0, "item")[3] > 0
+
+
+@needs_cpu
+def test_fused_sgd_weight_decay_touches_only_batch_rows():
+    mod = MultiTableEmbedding(1, [("a", 10)], 3, optimizer="sgd", lr=0.5, weight_decay=0.1,
+                              weights_dtype=torch.float64)
+    w0 = mod.weight.detach().clone().view(10, 3)
+    out = mod({"a": torch.tensor([2, 2, 5])})[0]
+    out.sum().backward()
+    w = mod.weight.detach().view(10, 3)
+    expect = w0.clone()
+    expect[2] -= 0.5 * (2.0 + 0.1 * w0[2])
+    expect[5] -= 0.5 * (1.0 + 0.1 * w0[5])
+    torch.testing.assert_close(w, expect, rtol=1e-14, atol=1e-14)
+
+
+@needs_cpu
+def test_fused_no_update_without_grad_and_two_lookups_one_backward():
+    mod = MultiTableEmbedding(1, [("a", 10)], 2, optimizer="sgd", lr=1.0,
+                              weights_dtype=torch.float64)
+    w0 = mod.weight.detach().clone()
+    with torch.no_grad():
+        mod({"a": torch.tensor([1])})
+    assert torch.equal(mod.weight, w0)
+    o1 = mod({"a": torch.tensor([1])})[0]
+    o2 = mod({"a": torch.tensor([1, 4])})[0]
+    (o1.sum() + o2.sum()).backward()  # two updates, one per lookup
+    expect = w0.clone().view(10, 2)
+    expect[1] -= 2.0
+    expect[4] -= 1.0
+    torch.testing.assert_close(mod.weight.view(10, 2), expect, rtol=0, atol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism
+# ------------------------------------------------------------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_deterministic_across_runs_and_thread_counts(optimizer):
+    def run(threads: int):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(0)
+            rng = np.random.default_rng(2)
+            mod = MultiTableEmbedding(2, FEATURES, [16, 10], optimizer=optimizer, lr=0.1)
+            for ids in _batches(3, 2048, rng):
+                outs = mod(ids)
+                loss = sum((o * o).sum() for o in outs)
+                loss.backward()
+            return mod.weight.detach().clone() if optimizer else mod.weight.grad.clone()
+        finally:
+            torch.set_num_threads(prev)
+
+    a, b, c = run(2), run(2), run(1)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# ------------------------------------------------------------------------------------------------
+def _op_args(mod: MultiTableEmbedding, ids):
+    vals, offs, psws, modes, _ = mod._normalize(ids)
+    return vals, offs, psws, modes, list(mod.dims), list(mod._vocab)
+
+
+@needs_cpu
+def test_opcheck():
+    mod = MultiTableEmbedding(2, FEATURES, [3, 4])
+    vals, offs, psws, modes, dims, vocab = _op_args(mod, make_ids())
+    w = mod.weight.detach().clone().requires_grad_()
+    names = "\n".join(f.name for f in FEATURES)
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding.default,
+                          (w, vals, offs, psws, modes, dims, vocab, -1, names))
+    outs = torch.ops.cetnet.multi_embedding(w.detach(), vals, offs, psws, modes, dims, vocab, -1,
+                                            names)
+    grads = [torch.randn_like(o) for o in outs]
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_backward.default,
+                          (grads, w.detach(), vals, offs, psws, modes, dims, vocab, -1))
+    state = torch.zeros(2 * sum(mod._vocab))
+    placeholder = torch.zeros(0, requires_grad=True)
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_fused.default,
+                          (w.detach(), state, placeholder, vals, offs, psws, modes, dims, vocab,
+                           -1, names, 2, 0.1, 1e-8, 0.0),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_static"))
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_update.default,
+                          (grads, w.detach().clone(), state.clone(), vals, offs, psws, modes,
+                           dims, vocab, -1, 2, 0.1, 1e-8, 0.0))
+
+
+@needs_cpu
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_torch_compile_fullgraph(optimizer):
+    torch._dynamo.reset()
+    ids = make_ids()
+    eager = MultiTableEmbedding(2, FEATURES, [3, 10], optimizer=optimizer, lr=0.1)
+    compiled = MultiTableEmbedding(2, FEATURES, [3, 10], optimizer=optimizer, lr=0.1)
+    compiled.load_state_dict(eager.state_dict())
+
+    def loss_fn(mod, ids):
+        a, b = mod(ids)
+        return (a * a).sum() + b.sum()
+
+    cfn = torch.compile(loss_fn, fullgraph=True)
+    for _ in range(3):
+        for mod, fn in ((eager, loss_fn), (compiled, cfn)):
+            loss = fn(mod, ids)
+            loss.backward()
+            if optimizer is None:
+                with torch.no_grad():
+                    mod.weight -= 0.1 * mod.weight.grad
+                mod.weight.grad = None
+        torch.testing.assert_close(compiled.weight, eager.weight, rtol=1e-6, atol=1e-6)
+    if optimizer == "rowwise_adagrad":
+        torch.testing.assert_close(compiled.optimizer_state, eager.optimizer_state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shape fuzzing
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def _configs(draw):
+    M = draw(st.integers(1, 3))
+    F = draw(st.integers(1, 4))
+    dims = [draw(st.integers(1, 19)) for _ in range(M)]
+    B = draw(st.integers(0, 7))
+    feats, kinds = [], []
+    for f in range(F):
+        V = draw(st.integers(1, 30))
+        kind = draw(st.sampled_from(["single", "seq", "bag", "wbag"]))
+        pooling = "sum" if kind == "wbag" else draw(st.sampled_from(["sum", "mean"]))
+        feats.append(EmbeddingFeature(f"f{f}", V, pooling))
+        kinds.append((kind, draw(st.integers(0, 4)), draw(st.integers(0, 2**31 - 1)),
+                      draw(st.sampled_from([torch.int32, torch.int64]))))
+    return M, feats, dims, B, kinds
+
+
+@needs_cpu
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_configs())
+def test_fuzz_forward_and_gradient(cfg):
+    M, feats, dims, B, kinds = cfg
+    ids = {}
+    for feat, (kind, T, seed, dt) in zip(feats, kinds):
+        g = torch.Generator().manual_seed(seed)
+        V = feat.num_embeddings
+        if kind == "single":
+            ids[feat.name] = torch.randint(-1, V, (B,), generator=g).to(dt)
+        elif kind == "seq":
+            ids[feat.name] = torch.randint(-1, V, (B, T), generator=g).to(dt)
+        else:
+            lens = torch.randint(0, T + 1, (B,), generator=g)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(dt)
+            values = torch.randint(-1, V, (int(lens.sum()),), generator=g).to(dt)
+            ids[feat.name] = ((values, offsets, torch.rand(values.shape, generator=g))
+                              if kind == "wbag" else (values, offsets))
+    mod = MultiTableEmbedding(M, feats, dims, weights_dtype=torch.float64)
+    outs = mod(ids)
+    w64 = mod.weight.detach().clone().requires_grad_()
+    refs = reference_outputs(mod, ids, w64)
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    loss_of(outs, grads).backward()
+    if mod.weight.grad is None:  # B == 0 or no columns: nothing reached the weight
+        return
+    loss_of(refs, grads).backward()
+    torch.testing.assert_close(mod.weight.grad, w64.grad, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend,optimizer", [(b, o) for b in BACKENDS for o in (None, "sgd")
+                                               if b != "reference" or o is None])
+def test_out_of_range_ids_raise_index_error(backend, optimizer):
+    mod = MultiTableEmbedding(2, FEATURES, [3, 4], backend=backend, optimizer=optimizer)
+    w0 = mod.weight.detach().clone()
+    base = make_ids()
+    cases = [("user", 40), ("item", -2), ("history", 25), ("tags", 17), ("genres", -5)]
+    for name, bad in cases:
+        ids = dict(base)
+        x = ids[name]
+        if isinstance(x, torch.Tensor):
+            x = x.clone()
+            x.view(-1)[-1] = bad
+            ids[name] = x
+        else:
+            v = x[0].clone()
+            v[-1] = bad
+            ids[name] = (v, *x[1:])
+        with pytest.raises(IndexError, match=rf"'{name}'.*id {bad}\b.*size {mod._vocab[mod._index[name]]}"):
+            mod(ids)
+    assert torch.equal(mod.weight, w0)
+
+
+@needs_cpu
+def test_backward_op_checks_ids_before_writing():
+    mod = MultiTableEmbedding(1, [("a", 5)], 2, optimizer="sgd")
+    w = mod.weight.detach().clone()
+    with pytest.raises(IndexError, match="id 9"):
+        torch.ops.cetnet.multi_embedding_update(
+            [torch.ones(1, 1, 2)], w, torch.zeros(0), [torch.tensor([9])],
+            [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0)], [0], [2], [5], None, 1, 0.1,
+            0.0, 0.0)
+    assert torch.equal(w, mod.weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_types_and_shapes(backend):
+    mod = MultiTableEmbedding(2, FEATURES, [3, 4], backend=backend)
+    base = make_ids()
+
+    def with_(name, value):
+        ids = dict(base)
+        ids[name] = value
+        return ids
+
+    with pytest.raises(TypeError, match="'user'.*int32 or int64"):
+        mod(with_("user", base["user"].float()))
+    with pytest.raises(TypeError, match="'tags'.*bag values"):
+        mod(with_("tags", (base["tags"][0].double(), base["tags"][1])))
+    with pytest.raises(TypeError):
+        mod(with_("user", [1, 2, 3, 4, 5, 6]))
+    with pytest.raises(TypeError):
+        mod([base["user"]])
+    with pytest.raises(ValueError, match="'item' has batch size 5"):
+        mod(with_("item", base["item"][:5]))
+    with pytest.raises(ValueError, match="batch size"):
+        mod(with_("tags", (base["tags"][0], base["tags"][1][:-1])))
+    with pytest.raises(ValueError, match="unknown feature.*'nope'"):
+        mod({**base, "nope": base["user"]})
+    missing = dict(base)
+    del missing["genres"]
+    with pytest.raises(ValueError, match="missing feature.*'genres'"):
+        mod(missing)
+    with pytest.raises(ValueError, match=r"\[B\] or \[B, T\]"):
+        mod(with_("user", base["user"].view(6, 1, 1)))
+    v, o = base["tags"]
+    dec = o.clone()
+    dec[2], dec[3] = o[3] + 1, o[2]
+    for bad_o in (dec, torch.cat([o[:-1], o[-1:] + 1]), torch.cat([o[:1] + 1, o[1:]])):
+        with pytest.raises(ValueError, match="'tags'.*offsets"):
+            mod(with_("tags", (v, bad_o)))
+    with pytest.raises(ValueError, match="pooling='sum'"):
+        g = base["genres"]
+        mod(with_("genres", (g[0], g[1], torch.ones(g[0].shape))))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="unique"):
+        MultiTableEmbedding(1, [("a", 3), ("a", 4)], 2)
+    with pytest.raises(ValueError, match="dims"):
+        MultiTableEmbedding(2, [("a", 3)], [2])
+    with pytest.raises(ValueError, match="dims"):
+        MultiTableEmbedding(1, [("a", 3)], 0)
+    with pytest.raises(ValueError, match="num_embeddings"):
+        MultiTableEmbedding(1, [("a", 0)], 2)
+    with pytest.raises(ValueError, match="pooling"):
+        EmbeddingFeature("a", 3, "max")
+    with pytest.raises(ValueError, match="optimizer"):
+        MultiTableEmbedding(1, [("a", 3)], 2, optimizer="adam")
+    with pytest.raises(ValueError, match="lr"):
+        MultiTableEmbedding(1, [("a", 3)], 2, optimizer="sgd", lr=float("nan"))
+    with pytest.raises(ValueError, match="reference"):
+        MultiTableEmbedding(1, [("a", 3)], 2, optimizer="sgd", backend="reference")
+    with pytest.raises(TypeError, match="weights_dtype"):
+        MultiTableEmbedding(1, [("a", 3)], 2, weights_dtype=torch.int32)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_update_16bit_storage(dtype, optimizer):
+    """16-bit tables are updated in float32 and rounded once per row update."""
+    rng = np.random.default_rng(3)
+    mod = MultiTableEmbedding(2, FEATURES, [3, 16], optimizer=optimizer, lr=0.1,
+                              weights_dtype=dtype)
+    ref = MultiTableEmbedding(2, FEATURES, [3, 16], optimizer=optimizer, lr=0.1,
+                              weights_dtype=torch.float32)
+    with torch.no_grad():
+        ref.weight.copy_(mod.weight.float())
+    for ids in _batches(2, 16, rng):
+        for m in (mod, ref):
+            outs = m(ids)
+            loss_of(outs, [torch.ones(o.shape, dtype=torch.float64) for o in outs]).backward()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(mod.weight.float(), ref.weight, rtol=4 * eps, atol=4 * eps)
