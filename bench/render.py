@@ -96,7 +96,8 @@ def fmt_ratio(num: float | None, den: float | None) -> str:
     return f"{r:.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
 
 
-def render_device(dev: str, entry: dict, plot_name: str | None) -> str:
+def render_device(dev: str, entry: dict, plot_name: str | None, only_k: int | None = None,
+                  heading: str = "##") -> str:
     meta, rows = entry["meta"], entry["rows"]
     providers = sorted({p for r in rows.values() for p in r}, key=_provider_key)
     cetnets = [p for p in providers if p.startswith("cetnet-")]
@@ -107,7 +108,7 @@ def render_device(dev: str, entry: dict, plot_name: str | None) -> str:
     except ValueError:
         pass
     build = meta.get("cetnet_build") or {}
-    lines = [f"<!-- device: {dev} -->", f"## {dev.upper()}: {meta['device_name']}", ""]
+    lines = [f"<!-- device: {dev} -->", f"{heading} {dev.upper()}: {meta['device_name']}", ""]
     facts = [f"date {when}", f"torch {meta['torch']}"]
     if meta.get("triton"):
         facts.append(f"triton {meta['triton']}")
@@ -127,7 +128,7 @@ def render_device(dev: str, entry: dict, plot_name: str | None) -> str:
     lines.append("")
 
     for op in OPS:
-        keys = sorted(k for k in rows if k[0] == op)
+        keys = sorted(k for k in rows if k[0] == op and only_k in (None, k[1]))
         if not keys:
             continue
         cols = ["K", "B"] + [f"{p} ms" for p in providers]
@@ -139,7 +140,7 @@ def render_device(dev: str, entry: dict, plot_name: str | None) -> str:
         if has_copy:
             cols.append("copy GB/s")
             cols += [f"{c} %copy" for c in cetnets]
-        lines += [f"### {OP_TITLES.get(op, op)}", "",
+        lines += [f"{heading}# {OP_TITLES.get(op, op)}", "",
                   "| " + " | ".join(cols) + " |",
                   "|" + "|".join("---:" for _ in cols) + "|"]
         for key in keys:
@@ -212,6 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--plot-k", type=int, default=4, help="K of the time-vs-B plot (default 4)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="also put the K=--plot-k rows between the <!-- bench:begin/end --> "
+                         "markers of this file (the README's table)")
     args = ap.parse_args(argv)
 
     devices = load(args.json)
@@ -234,7 +238,30 @@ def main(argv=None) -> int:
                                             else len(DEVICE_ORDER), d))
     out.write_text(HEADER + "\n" + "\n".join(sections[d] for d in order))
     print(f"render.py: wrote {out}")
+    if args.readme is not None:
+        update_readme(args.readme, devices, args.plot_k)
     return 0
+
+
+README_RE = re.compile(r"(<!-- bench:begin -->\n).*?(<!-- bench:end -->)", re.S)
+
+
+def update_readme(path: Path, devices: dict[str, dict], k: int) -> None:
+    """Replaces the README's table (between the bench markers) with the K = k rows of this run,
+    keeping the sections of devices this run did not measure."""
+    text = path.read_text()
+    m = README_RE.search(text)
+    if m is None:
+        raise SystemExit(f"render.py: no <!-- bench:begin --> ... <!-- bench:end --> in {path}")
+    kept = {d.group(1): d.group(0).rstrip("\n") + "\n" for d in SECTION_RE.finditer(m.group(0))}
+    for dev, entry in devices.items():
+        kept[dev] = render_device(dev, entry, None, only_k=k, heading="###")
+    body = "\n".join(kept[d] for d in sorted(kept, key=lambda d: (
+        DEVICE_ORDER.index(d) if d in DEVICE_ORDER else len(DEVICE_ORDER), d)))
+    path.write_text(text[:m.start()] + m.group(1) + f"K = {k} members, fp32, forward + backward, "
+                    f"median ms (all K and the plots: bench/RESULTS.md).\n\n" + body
+                    + m.group(2) + text[m.end():])
+    print(f"render.py: updated {path}")
 
 
 if __name__ == "__main__":

@@ -118,11 +118,27 @@ void parallel_blocks(int64_t B, int K, const Body& body) {
   });
 }
 
+// Reads the 0-dim CPU temperature through its pointer: a dispatched .item() costs more than the
+// whole kernel at small batch sizes.
 double read_temperature(const at::Tensor& temperature, const char* op) {
-  const double tau = temperature.item<double>();
+  double tau = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, temperature.scalar_type(),
+                                  "cetnet_temperature",
+                                  [&] { tau = static_cast<double>(*temperature.const_data_ptr<scalar_t>()); });
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, op,
                     ": temperature must be finite and > 0, got ", tau);
   return tau;
+}
+
+// A 0-dim tensor holding v, written through its pointer (cheaper than at::scalar_tensor).
+at::Tensor scalar_out(double v, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty({}, opts);
+  if (t.scalar_type() == at::kDouble) {
+    *t.mutable_data_ptr<double>() = v;
+  } else {
+    *t.mutable_data_ptr<float>() = static_cast<float>(v);
+  }
+  return t;
 }
 
 }  // namespace
@@ -215,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
   double gt_total = 0.0;
   for (double v : gt_partial) gt_total += v;
   at::Tensor grad_temperature =
-      at::scalar_tensor(want_gt ? gt_total : 0.0, logits.options().dtype(acc_type_of(logits)));
+      scalar_out(want_gt ? gt_total : 0.0, logits.options().dtype(acc_type_of(logits)));
   return {grad_logits, grad_temperature};
 }
 
@@ -233,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
   const auto acc_dtype = acc_type_of(logits);
-  const at::Tensor y_t = labels.to(acc_dtype);
+  const at::Tensor y_t = labels.scalar_type() == acc_dtype ? labels : labels.to(acc_dtype);
   const bool per_row = reduction == 0;
   const bool want_gt = compute_grad && compute_temperature_grad;
   const LossWeights weights{member_weight, ensemble_weight, distill_weight, mutual_weight};
@@ -305,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   at::Tensor loss, grad_temperature;
   if (per_row) {
     loss = loss_rows;
-    grad_temperature = want_gt ? gt_rows : at::zeros({}, acc_opts);
+    grad_temperature = want_gt ? gt_rows : scalar_out(0.0, acc_opts);
   } else {
     double total = 0.0, gt_total = 0.0;
     for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -313,8 +329,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
       gt_total += gt_partial[blk];
     }
     if (reduction == 1 && B > 0) total /= static_cast<double>(B);
-    loss = at::scalar_tensor(total, acc_opts);
-    grad_temperature = at::scalar_tensor(want_gt ? gt_total : 0.0, acc_opts);
+    loss = scalar_out(total, acc_opts);
+    grad_temperature = scalar_out(want_gt ? gt_total : 0.0, acc_opts);
   }
   return {loss, prob, grad_logits, grad_temperature};
 }
