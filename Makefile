@@ -18,7 +18,7 @@ venv:
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
-		pytest-benchmark matplotlib
+		pytest-benchmark matplotlib pyyaml tqdm
 
 # ... plus this package, its extension built against that torch.
 setup: venv

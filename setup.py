@@ -17,7 +17,7 @@ import os
 import platform
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 import torch
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
@@ -98,8 +98,10 @@ def _extension():
 
 
 setup(
-    packages=["cetnet_kernels", "cetnet_kernels.triton", "cetnet"],
+    # cetnet_kernels at the top level; the model library (cetnet and its subpackages) in python/.
+    packages=["cetnet_kernels", "cetnet_kernels.triton"] + find_packages("python"),
     package_dir={"cetnet": "python/cetnet"},
+    package_data={"cetnet": ["configs/*.yaml"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
