@@ -9,6 +9,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 __all__ = ["HAS_C", "build_info", "load_error"]
 
 _C: Any = None

@@ -48,7 +48,7 @@ def _fusion_fake(logits, temperature, logit_space, detach_weights):
     return logits.new_empty((B,)), logits.new_empty((B, K))
 
 
-def _fusion_backward_fake(grad_prob, grad_weights, logits, temperature, logit_space,
+def _fusion_backward_fake(grad_prob, grad_weights, logits, weights, temperature, logit_space,
                           detach_weights, compute_temperature_grad):
     return torch.empty_like(logits, memory_format=torch.contiguous_format), logits.new_empty(
         (), dtype=_acc_dtype(logits.dtype))

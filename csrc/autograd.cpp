@@ -19,7 +19,8 @@ using at::Tensor;
 using FusionFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, bool, bool);
 using FusionBackwardFn = std::tuple<Tensor, Tensor>(const std::optional<Tensor>&,
                                                     const std::optional<Tensor>&, const Tensor&,
-                                                    const Tensor&, bool, bool, bool);
+                                                    const std::optional<Tensor>&, const Tensor&,
+                                                    bool, bool, bool);
 using LossFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
                                                           const Tensor&, double, double, double,
                                                           double, bool, bool, int64_t, bool,
@@ -52,7 +53,11 @@ class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusi
                                const Tensor& temperature, bool logit_space, bool detach_weights) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [prob, weights] = fusion_op().call(logits, temperature, logit_space, detach_weights);
-    ctx->save_for_backward({logits, temperature});
+    // Backward reuses the weights on CPU, where recomputing them costs more than reading them;
+    // not in 16-bit (their rounding would reach the gradient) nor on GPUs (memory-bound).
+    const bool keep_w = logits.device().is_cpu() &&
+                        (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble);
+    ctx->save_for_backward({logits, temperature, keep_w ? weights : Tensor()});
     ctx->saved_data["logit_space"] = logit_space;
     ctx->saved_data["detach_weights"] = detach_weights;
     ctx->set_materialize_grads(false);
@@ -63,6 +68,8 @@ class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusi
     const auto saved = ctx->get_saved_variables();
     const Tensor& logits = saved[0];
     const Tensor& temperature = saved[1];
+    std::optional<Tensor> weights;
+    if (saved[2].defined()) weights = saved[2];
     const bool detach = ctx->saved_data["detach_weights"].toBool();
     const bool need_z = ctx->needs_input_grad(0);
     const bool need_t = ctx->needs_input_grad(1) && !detach;
@@ -71,7 +78,7 @@ class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusi
     if (grads[1].defined() && !detach) g_w = grads[1];  // constant weights pass no gradient
     Tensor gz, gt;
     if ((need_z || need_t) && (g_prob || g_w)) {
-      std::tie(gz, gt) = fusion_backward_op().call(g_prob, g_w, logits, temperature,
+      std::tie(gz, gt) = fusion_backward_op().call(g_prob, g_w, logits, weights, temperature,
                                                    ctx->saved_data["logit_space"].toBool(), detach,
                                                    need_t);
     }
@@ -132,7 +139,8 @@ class CollaborativeLossFunction : public torch::autograd::Function<Collaborative
       if (gz.defined()) gz = gz.to(logits.scalar_type());
     }
     if (g_prob.defined() && (need_z || need_t)) {
-      auto [gz2, gt2] = fusion_backward_op().call(g_prob, std::nullopt, logits, temperature,
+      auto [gz2, gt2] = fusion_backward_op().call(g_prob, std::nullopt, logits, std::nullopt,
+                                                  temperature,
                                                   ctx->saved_data["logit_space"].toBool(), detach,
                                                   need_t && !detach);
       gz = gz.defined() ? gz + gz2 : gz2;

@@ -63,6 +63,17 @@ inline std::pair<at::Tensor, at::Tensor> fusion_upstream_grads(
   return {gp, gw};
 }
 
+// Checks the optional forward weights passed to confidence_fusion_backward; absent: undefined.
+inline at::Tensor saved_weights(const std::optional<at::Tensor>& weights, const at::Tensor& logits,
+                                const char* op) {
+  if (!weights.has_value() || !weights->defined()) return at::Tensor();
+  check_like_logits(*weights, logits, "weights", op);
+  TORCH_CHECK_TYPE(weights->scalar_type() == logits.scalar_type(), op,
+                   ": weights must have the logits' dtype ", logits.scalar_type(), ", got ",
+                   weights->scalar_type());
+  return *weights;
+}
+
 // The accumulation dtype: float64 for float64 inputs, float32 for the rest.
 inline at::ScalarType acc_type_of(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -34,8 +34,9 @@ CETNET_HD float vexp(float x) { return ::expf(x); }
 CETNET_HD double vexp(double x) { return ::exp(x); }
 CETNET_HD float vlog(float x) { return ::logf(x); }
 CETNET_HD double vlog(double x) { return ::log(x); }
-CETNET_HD float vlog1p(float x) { return ::log1pf(x); }
-CETNET_HD double vlog1p(double x) { return ::log1p(x); }
+// log(1 + x) for x in [0, 1] (the only range the row math needs: x = exp(-|z|)).
+CETNET_HD float vlog1p_unit(float x) { return ::log1pf(x); }
+CETNET_HD double vlog1p_unit(double x) { return ::log1p(x); }
 CETNET_HD float vabs(float x) { return ::fabsf(x); }
 CETNET_HD double vabs(double x) { return ::fabs(x); }
 // NaN-propagating max: a NaN in either argument gives NaN (its row is poisoned anyway).
@@ -66,7 +67,7 @@ template <typename V>
 CETNET_HD Elem<V> make_elem(V z) {
   const V zero(0), one(1);
   const V e = vexp(-vabs(z));  // in (0, 1]: never overflows
-  const V l = vlog1p(e);
+  const V l = vlog1p_unit(e);
   const V r = one / (one + e);
   const V er = e * r;
   Elem<V> out;
@@ -76,6 +77,24 @@ CETNET_HD Elem<V> make_elem(V z) {
   out.lsp = -(vmax(-z, zero) + l);
   out.lsq = -(vmax(z, zero) + l);
   out.c = z * out.p + out.lsq;
+  return out;
+}
+
+// p and q only, no logarithm: all the backward needs when the weights come from the forward.
+// The other fields are zero.
+template <typename V>
+CETNET_HD Elem<V> make_elem_pq(V z) {
+  const V zero(0), one(1);
+  const V e = vexp(-vabs(z));
+  const V r = one / (one + e);
+  const V er = e * r;
+  Elem<V> out;
+  out.z = z;
+  out.p = select_nonneg(z, r, er);
+  out.q = select_nonneg(z, er, r);
+  out.lsp = zero;
+  out.lsq = zero;
+  out.c = zero;
   return out;
 }
 
@@ -153,7 +172,8 @@ CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_spac
   const V one(1);
   st.invS = one / S;
   st.m = m;
-  st.logS = vlog(S);
+  // log S only serves the log-space paths below (with_logs); the forward skips its log.
+  st.logS = with_logs ? vlog(S) : V(0);
   st.cbar = Sc * st.invS;
   st.zf = Sz * st.invS;
   st.any_slow = false;
@@ -225,41 +245,57 @@ CETNET_HD V fusion_forward_row(const Row& row, V inv_tau, bool logit_space, PutW
 
 // ---------------------------------------------------------------------------------------------
 // confidence_fusion backward (vector-Jacobian product). g_p: upstream grad of p for this row;
-// get_gw(k): upstream grad of w_k; put_gz(k, g): writes dL/dz_k. Returns this row's dL/dtau.
+// get_w(k): the fusion weight w_k; get_gw(k): upstream grad of w_k; put_gz(k, g): writes dL/dz_k.
+// Returns this row's dL/dtau when want_gt (it needs c_k: the row must then hold full elems; the
+// rest needs only z_k, p_k and q_k, see make_elem_pq).
 //   u_k = g_w_k + g_m m_k, with m_k = p_k (prob space) or z_k (logit space)
 //   g_c_k = w_k (u_k - sum_j w_j u_j) / tau                (0 with detach_weights)
 //   g_z_k = g_m w_k dm_k/dz_k + g_c_k z_k p_k (1-p_k),  g_tau = -(1/tau) sum_k g_c_k c_k
 // ---------------------------------------------------------------------------------------------
-template <typename V, typename Row, typename GetGW, typename PutGZ>
-CETNET_HD V fusion_backward_row(const Row& row, V inv_tau, bool logit_space, bool detach_weights,
-                                V g_p, GetGW get_gw, PutGZ put_gz) {
+template <typename V, typename Row, typename GetW, typename GetGW, typename PutGZ>
+CETNET_HD V fusion_backward_row_w(const Row& row, V inv_tau, bool logit_space, bool detach_weights,
+                                  bool want_gt, V g_p, GetW get_w, GetGW get_gw, PutGZ put_gz) {
   const int K = row.K;
-  const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, /*with_logs=*/false);
-  // In logit space p = sigmoid(z_f): carry the upstream grad to z_f.
-  const V g_m = logit_space ? g_p * st.p * (V(1) - st.p) : g_p;
+  V g_m = g_p;
+  if (logit_space) {
+    // p = sigmoid(z_f), z_f = sum_k w_k z_k: carry the upstream grad to z_f.
+    V zf(0);
+    for (int k = 0; k < K; ++k) zf = zf + get_w(k) * row.elem(k).z;
+    const Elem<V> f = make_elem_pq(zf);
+    g_m = g_p * f.p * f.q;
+  }
   V ubar(0);
   if (!detach_weights) {
     for (int k = 0; k < K; ++k) {
-      const Elem<V> el = row.elem(k);
-      const V w = member_e<V>(row, k, st, inv_tau) * st.invS;
-      ubar = ubar + w * (get_gw(k) + g_m * (logit_space ? el.z : el.p));
+      const Elem<V>& el = row.elem(k);
+      ubar = ubar + get_w(k) * (get_gw(k) + g_m * (logit_space ? el.z : el.p));
     }
   }
   V gt(0);
   for (int k = 0; k < K; ++k) {
-    const Elem<V> el = row.elem(k);
-    const V w = member_e<V>(row, k, st, inv_tau) * st.invS;
+    const Elem<V>& el = row.elem(k);
+    const V w = get_w(k);
     const V pq = el.p * el.q;
     V gz = g_m * w * (logit_space ? V(1) : pq);
     if (!detach_weights) {
       const V u = get_gw(k) + g_m * (logit_space ? el.z : el.p);
       const V gc = w * (u - ubar) * inv_tau;
       gz = gz + gc * el.z * pq;
-      gt = gt + gc * el.c;
+      if (want_gt) gt = gt + gc * el.c;
     }
     put_gz(k, gz);
   }
   return -inv_tau * gt;
+}
+
+// The same, with the weights recomputed from the logits (the row must hold full elems).
+template <typename V, typename Row, typename GetGW, typename PutGZ>
+CETNET_HD V fusion_backward_row(const Row& row, V inv_tau, bool logit_space, bool detach_weights,
+                                V g_p, GetGW get_gw, PutGZ put_gz) {
+  const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, /*with_logs=*/false);
+  return fusion_backward_row_w<V>(
+      row, inv_tau, logit_space, detach_weights, /*want_gt=*/true, g_p,
+      [&](int k) { return member_e<V>(row, k, st, inv_tau) * st.invS; }, get_gw, put_gz);
 }
 
 // ---------------------------------------------------------------------------------------------

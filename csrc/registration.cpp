@@ -4,7 +4,9 @@
 //
 // Contracts (acc = float64 for float64 logits, float32 otherwise; reduction 0 none/1 mean/2 sum):
 //   confidence_fusion(logits [B,K], temperature [], logit_space, detach_weights) -> (prob [B], weights [B,K])   logits.dtype
-//   confidence_fusion_backward(grad_prob [B]?, grad_weights [B,K]?, logits, temperature, ...)
+//   confidence_fusion_backward(grad_prob [B]?, grad_weights [B,K]?, logits, weights [B,K]?,
+//                              temperature, ...)   weights: the forward's (used on CPU to skip
+//                              recomputing them; checked and ignored on CUDA)
 //       -> (grad_logits [B,K] logits.dtype, grad_temperature [] acc: sum over rows of dL/dtau)
 //   collaborative_loss(logits, labels [B], temperature, weights..., reduction, compute_grad, ...)
 //       -> (loss acc: [B] for none, [] for mean/sum (mean of B = 0 is 0),
@@ -48,7 +50,8 @@ TORCH_LIBRARY(cetnet, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "confidence_fusion_backward(Tensor? grad_prob, Tensor? grad_weights, Tensor logits, "
-      "Tensor temperature, bool logit_space, bool detach_weights, bool compute_temperature_grad) "
+      "Tensor? weights, Tensor temperature, bool logit_space, bool detach_weights, "
+      "bool compute_temperature_grad) "
       "-> (Tensor, Tensor)");
   m.def(
       "collaborative_loss(Tensor logits, Tensor labels, Tensor temperature, float ensemble_weight, "

@@ -151,8 +151,14 @@ def test_direct_op_calls_are_checked_in_cpp():
     with pytest.raises(ValueError, match="temperature must be finite"):
         ops.confidence_fusion(torch.randn(3, 2), torch.tensor(-1.0), False, False)
     with pytest.raises(ValueError, match="grad_weights must have shape"):
-        ops.confidence_fusion_backward(None, torch.randn(3, 3), torch.randn(3, 2), t, False,
+        ops.confidence_fusion_backward(None, torch.randn(3, 3), torch.randn(3, 2), None, t, False,
                                        False, True)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        ops.confidence_fusion_backward(torch.randn(3), None, torch.randn(3, 2), torch.rand(3, 3), t,
+                                       False, False, True)
+    with pytest.raises(TypeError, match="weights must have the logits' dtype"):
+        ops.confidence_fusion_backward(torch.randn(3), None, torch.randn(3, 2),
+                                       torch.rand(3, 2, dtype=torch.float64), t, False, False, True)
 
 
 def test_module_arguments():

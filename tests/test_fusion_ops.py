@@ -149,10 +149,15 @@ def test_opcheck(device):
         torch.library.opcheck(ops.confidence_fusion.default, (z, tg, space, True))
         torch.library.opcheck(
             ops.confidence_fusion_backward.default,
-            (torch.randn(13, device=device), torch.randn(13, 4, device=device), z.detach(), t,
-             space, False, True))
+            (torch.randn(13, device=device), torch.randn(13, 4, device=device), z.detach(), None,
+             t, space, False, True))
         torch.library.opcheck(ops.confidence_fusion_backward.default,
-                              (None, None, z.detach(), t, space, False, False))
+                              (None, None, z.detach(), None, t, space, False, False))
+        w = ops.confidence_fusion(z.detach(), t, space, False)[1]
+        torch.library.opcheck(
+            ops.confidence_fusion_backward.default,
+            (torch.randn(13, device=device), torch.randn(13, 4, device=device), z.detach(), w, t,
+             space, False, True))
         for red in (0, 1, 2):
             torch.library.opcheck(ops.collaborative_loss.default,
                                   (z, y, tg, 1.0, 0.5, 0.3, 0.2, space, False, red, True, True))

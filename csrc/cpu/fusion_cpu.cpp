@@ -98,11 +98,15 @@ inline acc_t sum_lanes(const Vec<acc_t>& v, int n) {
   return s;
 }
 
-// Computes the elems of a tile from the gathered logits in scratch.buf.
+// Computes the elems of a tile from the gathered logits in scratch.buf: all fields, or (full =
+// false) only p and q.
 template <typename acc_t>
-inline void fill_cache(Scratch<acc_t>& s, int K) {
+inline void fill_cache(Scratch<acc_t>& s, int K, bool full = true) {
   constexpr int L = Vec<acc_t>::size();
-  for (int k = 0; k < K; ++k) s.cache[k] = make_elem(Vec<acc_t>::loadu(s.buf.data() + k * L));
+  for (int k = 0; k < K; ++k) {
+    const Vec<acc_t> z = Vec<acc_t>::loadu(s.buf.data() + k * L);
+    s.cache[k] = full ? make_elem(z) : make_elem_pq(z);
+  }
 }
 
 // Runs body(scratch, block, row_begin, row_end) over fixed blocks of rows, in parallel.
@@ -181,8 +185,9 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
 
 std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
     const std::optional<at::Tensor>& grad_prob, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& logits, const at::Tensor& temperature, bool logit_space,
-    bool detach_weights, bool compute_temperature_grad) {
+    const at::Tensor& logits, const std::optional<at::Tensor>& weights,
+    const at::Tensor& temperature, bool logit_space, bool detach_weights,
+    bool compute_temperature_grad) {
   const char* op = "cetnet::confidence_fusion_backward";
   check_logits(logits, op);
   check_temperature(temperature, logits, op);
@@ -191,7 +196,10 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
   const int K = static_cast<int>(logits.size(1));
   at::Tensor gp, gw;  // not structured bindings: lambdas below capture them (C++17)
   std::tie(gp, gw) = fusion_upstream_grads(grad_prob, grad_weights, logits, op);
-  const bool has_gp = gp.defined(), has_gw = gw.defined();
+  // The forward's weights spare the softmax (one exp) and the entropy (one log) per member: on
+  // a CPU this op is compute-bound, so reading them is cheaper than recomputing them.
+  const at::Tensor w = saved_weights(weights, logits, op);
+  const bool has_gp = gp.defined(), has_gw = gw.defined(), has_w = w.defined();
   const bool want_gt = compute_temperature_grad && !detach_weights;
   const int64_t nblocks = (B + kBlockRows - 1) / kBlockRows;
   std::vector<double> gt_partial(nblocks, 0.0);
@@ -204,24 +212,36 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
     const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
     const scalar_t* gp_ptr = has_gp ? gp.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* gw_ptr = has_gw ? gw.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* w_ptr = has_w ? w.const_data_ptr<scalar_t>() : nullptr;
     const int64_t gp_s0 = has_gp ? gp.stride(0) : 0;
     const int64_t gw_s0 = has_gw ? gw.stride(0) : 0, gw_s1 = has_gw ? gw.stride(1) : 0;
+    const int64_t w_s0 = has_w ? w.stride(0) : 0, w_s1 = has_w ? w.stride(1) : 0;
     scalar_t* gz_out = grad_logits.mutable_data_ptr<scalar_t>();
     const V inv_tau(static_cast<acc_t>(1.0 / tau));
     parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t blk, int64_t lo, int64_t hi) {
       std::vector<acc_t> gwbuf(has_gw ? static_cast<size_t>(K) * L : 0);
+      std::vector<acc_t> wbuf(has_w ? static_cast<size_t>(K) * L : 0);
       double gt_sum = 0.0;
       for (int64_t b0 = lo; b0 < hi; b0 += L) {
         const int n = static_cast<int>(std::min<int64_t>(L, hi - b0));
         gather_tile(z, s0, s1, b0, n, K, s.buf.data());
-        fill_cache(s, K);
         if (has_gw) gather_tile(gw_ptr, gw_s0, gw_s1, b0, n, K, gwbuf.data());
         const V g_p = has_gp ? gather_rows<scalar_t, acc_t>(gp_ptr, gp_s0, b0, n) : V(0);
+        const auto get_gw = [&](int k) { return has_gw ? V::loadu(gwbuf.data() + k * L) : V(0); };
         acc_t* gzbuf = s.buf.data();
-        const V gt = fusion_backward_row<V>(
-            s.row, inv_tau, logit_space, detach_weights, g_p,
-            [&](int k) { return has_gw ? V::loadu(gwbuf.data() + k * L) : V(0); },
-            [&](int k, const V& g) { g.store(gzbuf + k * L); });
+        const auto put_gz = [&](int k, const V& g) { g.store(gzbuf + k * L); };
+        V gt;
+        if (has_w) {
+          gather_tile(w_ptr, w_s0, w_s1, b0, n, K, wbuf.data());
+          fill_cache(s, K, /*full=*/want_gt);
+          gt = fusion_backward_row_w<V>(
+              s.row, inv_tau, logit_space, detach_weights, want_gt, g_p,
+              [&](int k) { return V::loadu(wbuf.data() + k * L); }, get_gw, put_gz);
+        } else {
+          fill_cache(s, K, /*full=*/true);
+          gt = fusion_backward_row<V>(s.row, inv_tau, logit_space, detach_weights, g_p, get_gw,
+                                      put_gz);
+        }
         scatter_tile(gzbuf, b0, n, K, gz_out);
         if (want_gt) gt_sum += static_cast<double>(sum_lanes(gt, n));
       }

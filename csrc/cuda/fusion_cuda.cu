@@ -271,11 +271,15 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
 
 std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
     const std::optional<at::Tensor>& grad_prob, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& logits, const at::Tensor& temperature, bool logit_space,
-    bool detach_weights, bool compute_temperature_grad) {
+    const at::Tensor& logits, const std::optional<at::Tensor>& weights,
+    const at::Tensor& temperature, bool logit_space, bool detach_weights,
+    bool compute_temperature_grad) {
   const char* op = "cetnet::confidence_fusion_backward";
   check_logits(logits, op);
   check_temperature(temperature, logits, op);
+  // The weights are checked but recomputed: on a GPU this op is memory-bound, and re-deriving
+  // them from the logits costs less than reading [B, K] more bytes.
+  (void)saved_weights(weights, logits, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));

@@ -20,8 +20,9 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
 
 std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
     const std::optional<at::Tensor>& grad_prob, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& logits, const at::Tensor& temperature, bool logit_space,
-    bool detach_weights, bool compute_temperature_grad);
+    const at::Tensor& logits, const std::optional<at::Tensor>& weights,
+    const at::Tensor& temperature, bool logit_space, bool detach_weights,
+    bool compute_temperature_grad);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& temperature,

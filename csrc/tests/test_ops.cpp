@@ -70,13 +70,14 @@ T2 fusion(const at::Tensor& z, const at::Tensor& tau, bool logit_space, bool det
 
 T2 fusion_backward(const std::optional<at::Tensor>& gp, const std::optional<at::Tensor>& gw,
                    const at::Tensor& z, const at::Tensor& tau, bool logit_space, bool detach,
-                   bool compute_tau_grad) {
+                   bool compute_tau_grad, const std::optional<at::Tensor>& w = std::nullopt) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("cetnet::confidence_fusion_backward", "")
           .typed<T2(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                    const at::Tensor&, const at::Tensor&, bool, bool, bool)>();
-  return op.call(gp, gw, z, tau, logit_space, detach, compute_tau_grad);
+                    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, bool,
+                    bool, bool)>();
+  return op.call(gp, gw, z, w, tau, logit_space, detach, compute_tau_grad);
 }
 
 struct Weights {
@@ -350,6 +351,14 @@ void test_fusion_backward() {
     const auto [gz_w, gt_w] = fusion_backward(std::nullopt, gw, z, scalar(tau), ls, false, true);
     auto Lw = [&](const at::Tensor& zz) { return (std::get<1>(fusion(zz, scalar(tau), ls)) * gw).sum().item<double>(); };
     check_tensor_close(gz_w, finite_diff(z, Lw), 1e-6, 1e-8, "fusion grad (weights only) vs FD" + tag);
+    // From the forward's weights (the CPU fast path): the same gradients.
+    const at::Tensor fw = std::get<1>(fusion(z, scalar(tau), ls));
+    for (bool want_t : {false, true}) {
+      const auto [gz_s, gt_s] = fusion_backward(gp, gw, z, scalar(tau), ls, false, want_t, fw);
+      check_tensor_close(gz_s, to_vec(gz), 1e-13, 1e-15, "fusion grad from saved weights" + tag);
+      check_close(gt_s.item<double>(), want_t ? gt.item<double>() : 0.0, 1e-13, 1e-15,
+                  "fusion grad_tau from saved weights" + tag);
+    }
   }
   // detach_weights, prob space: dp/dz_j = w_j p_j (1 - p_j).
   const auto [p, w] = fusion(z, scalar(tau), false);
