@@ -63,29 +63,11 @@ struct Elem {
   V c;    // confidence = -H(p) = z*p - softplus(z)
 };
 
+// z, p and q of an elem (logs zero), and e = exp(-|z|) for the logs.
 template <typename V>
-CETNET_HD Elem<V> make_elem(V z) {
+CETNET_HD Elem<V> elem_probs(V z, V& e) {
   const V zero(0), one(1);
-  const V e = vexp(-vabs(z));  // in (0, 1]: never overflows
-  const V l = vlog1p_unit(e);
-  const V r = one / (one + e);
-  const V er = e * r;
-  Elem<V> out;
-  out.z = z;
-  out.p = select_nonneg(z, r, er);
-  out.q = select_nonneg(z, er, r);
-  out.lsp = -(vmax(-z, zero) + l);
-  out.lsq = -(vmax(z, zero) + l);
-  out.c = z * out.p + out.lsq;
-  return out;
-}
-
-// p and q only, no logarithm: all the backward needs when the weights come from the forward.
-// The other fields are zero.
-template <typename V>
-CETNET_HD Elem<V> make_elem_pq(V z) {
-  const V zero(0), one(1);
-  const V e = vexp(-vabs(z));
+  e = vexp(-vabs(z));  // in (0, 1]: never overflows
   const V r = one / (one + e);
   const V er = e * r;
   Elem<V> out;
@@ -96,6 +78,25 @@ CETNET_HD Elem<V> make_elem_pq(V z) {
   out.lsq = zero;
   out.c = zero;
   return out;
+}
+
+template <typename V>
+CETNET_HD Elem<V> make_elem(V z) {
+  const V zero(0);
+  V e;
+  Elem<V> out = elem_probs(z, e);
+  const V l = vlog1p_unit(e);
+  out.lsp = -(vmax(-z, zero) + l);
+  out.lsq = -(vmax(z, zero) + l);
+  out.c = z * out.p + out.lsq;
+  return out;
+}
+
+// p and q only, no logarithm: all the backward needs when the weights come from the forward.
+template <typename V>
+CETNET_HD Elem<V> make_elem_pq(V z) {
+  V e;
+  return elem_probs(z, e);
 }
 
 // ---------------------------------------------------------------------------------------------
