@@ -48,7 +48,7 @@ _GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy"
            "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 _AGE_BUCKETS = [(18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"),
                 (56, "50-55")]
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +335,7 @@ def build_movielens(raw: MovieLensRaw, *, max_seq_len: int = 50, min_count: int 
         splits[name] = Split(
             schema, sparse=cat, dense=dense, multihot=cat, sequence=cat, label=label[bnd],
             group=user[bnd],  # raw ids: users unseen in train keep their own gAUC group
+            extras={"timestamp": ts[bnd]},
             stats=SplitStats(oov={f: s[k][0] for f, s in stats.items()},
                              cells={f: s[k][1] for f, s in stats.items()},
                              imputed={"age": int(imputed[0])}))
