@@ -28,7 +28,7 @@ from cetnet.data.csvio import DataFormatError, read_chunks
 from cetnet.data.dataset import SPLITS, CTRDataset, Split, SplitStats
 from cetnet.data.normalize import DenseStats
 from cetnet.data.schema import OOV_ID, PAD_ID, FeatureSpec, Schema
-from cetnet.data.vocab import MISSING, encode_with_train_vocab
+from cetnet.data.vocab import MISSING, encode_with_train_vocab, factorize
 
 __all__ = ["GROUPLENS_URL", "RECBOLE_SPEC", "fetch_raw", "read_raw", "MovieLensRaw",
            "build_movielens", "load_movielens"]
@@ -195,8 +195,8 @@ def read_raw(folder: str | Path) -> MovieLensRaw:
     lines, c = _read_table(p, "user")
     ids = _ints(c["user_id:token"], p, lines, "user_id:token")
     _ints(c["age:token"], p, lines, "age:token")  # validates: age is the dense feature
-    users = {int(u): v for u, *v in zip(ids, c["age:token"], c["gender:token"],
-                                         c["occupation:token"], c["zip_code:token"])}
+    users = {int(u): tuple(v) for u, *v in zip(ids, c["age:token"], c["gender:token"],
+                                                c["occupation:token"], c["zip_code:token"])}
     p = folder / "ml-100k.item"
     lines, c = _read_table(p, "item")
     ids = _ints(c["item_id:token"], p, lines, "item_id:token")
@@ -269,51 +269,50 @@ def build_movielens(raw: MovieLensRaw, *, max_seq_len: int = 50, min_count: int 
     bounds = [slice(0, a), slice(a, b), slice(b, n)]
     train = bounds[0]
 
-    def user_col(k: int) -> list[str]:
-        return [raw.users[u][k] if u in raw.users else MISSING for u in user.tolist()]
-
-    def item_field(u: int, k: int):
-        return raw.items[u][k] if u in raw.items else None
-
-    age_raw = user_col(0)
-    year = [item_field(i, 0) for i in item.tolist()]
-    tokens = {
-        "user": user.astype(str),
-        "item": item.astype(str),
-        "age_bucket": np.array([_age_bucket(x) if x else MISSING for x in age_raw]),
-        "gender": np.array(user_col(1)),
-        "occupation": np.array(user_col(2)),
-        "zip_prefix": np.array([z[:3] if z else MISSING for z in user_col(3)]),
+    # Work on the user and item tables (943 and 1,682 rows), then gather per interaction.
+    uniq_user, user_row = np.unique(user, return_inverse=True)
+    uniq_item, item_row = np.unique(item, return_inverse=True)
+    profile = [raw.users.get(int(u), (MISSING,) * 4) for u in uniq_user]
+    movie = [raw.items.get(int(i), (MISSING, [])) for i in uniq_item]
+    age_raw = [p[0] for p in profile]
+    table_tokens = {
+        "user": ([str(u) for u in uniq_user], user_row),
+        "item": ([str(i) for i in uniq_item], item_row),
+        "age_bucket": ([_age_bucket(x) if x else MISSING for x in age_raw], user_row),
+        "gender": ([p[1] for p in profile], user_row),
+        "occupation": ([p[2] for p in profile], user_row),
+        "zip_prefix": ([p[3][:3] for p in profile], user_row),
         # a few items have 'unknown' or garbled years: missing, so OOV (and counted)
-        "release_year": np.array([y if y and y.isdigit() else MISSING for y in year]),
+        "release_year": ([y if y.isdigit() else MISSING for y, _ in movie], item_row),
     }
     ids, vocabs, stats = {}, {}, {}
-    for name, tok in tokens.items():
-        vocabs[name], ids[name] = encode_with_train_vocab(tok, train, min_count)
+    for name, (tokens, rows) in table_tokens.items():
+        categories, codes = factorize(tokens)
+        vocabs[name], ids[name] = encode_with_train_vocab(categories, codes[rows], train,
+                                                          min_count)
         stats[name] = _stats(ids[name], None, bounds)
 
-    genres = [item_field(i, 1) or [] for i in item.tolist()]
-    width = max(1, max(len(g) for g in genres))
-    bag = np.full((n, width), MISSING, dtype=object)
-    for r, g in enumerate(genres):
-        bag[r, :len(g)] = g
-    pad = bag == MISSING
-    vocabs["genres"], ids["genres"] = encode_with_train_vocab(bag.astype(str), train, min_count)
-    ids["genres"][pad] = PAD_ID
-    stats["genres"] = _stats(ids["genres"], pad, bounds)
+    genre_names, _ = factorize(g for _, gs in movie for g in gs)
+    genre_code = {g: k for k, g in enumerate(genre_names)}
+    width = max(1, max(len(gs) for _, gs in movie))
+    item_bag = np.full((len(movie), width), -1, dtype=np.int64)
+    for k, (_, gs) in enumerate(movie):
+        item_bag[k, :len(gs)] = [genre_code[g] for g in gs]
+    bag = item_bag[item_row]
+    vocabs["genres"], ids["genres"] = encode_with_train_vocab(genre_names, bag, train, min_count)
+    stats["genres"] = _stats(ids["genres"], bag < 0, bounds)
 
     hist = history(user, ts, max_seq_len)
     pad = hist < 0
     ids["hist_item"] = np.where(pad, PAD_ID, ids["item"][np.maximum(hist, 0)])
     stats["hist_item"] = _stats(ids["hist_item"], pad, bounds)
-    primary = np.array([g[0] if g else MISSING for g in genres])
-    hist_genre = np.where(pad, MISSING, primary[np.maximum(hist, 0)])
-    vocabs["hist_genre"], ids["hist_genre"] = encode_with_train_vocab(hist_genre, train,
-                                                                      min_count)
-    ids["hist_genre"][pad] = PAD_ID
+    # the primary genre of each history item: its first genre (-1 for an item without any)
+    hist_genre = np.where(pad, -1, item_bag[item_row[np.maximum(hist, 0)], 0])
+    vocabs["hist_genre"], ids["hist_genre"] = encode_with_train_vocab(genre_names, hist_genre,
+                                                                      train, min_count)
     stats["hist_genre"] = _stats(ids["hist_genre"], pad, bounds)
 
-    age = np.array([float(x) if x else np.nan for x in age_raw])[:, None]
+    age = np.array([float(x) if x else np.nan for x in age_raw])[user_row][:, None]
     dense_stats = DenseStats.fit(age[train])
 
     def spec(name: str, kind: str = "sparse", **kw) -> FeatureSpec:

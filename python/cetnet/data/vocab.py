@@ -7,14 +7,13 @@ count (ties by token), so the same train data always gives the same ids.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cetnet.data.schema import FIRST_ID, OOV_ID
+from cetnet.data.schema import FIRST_ID, OOV_ID, PAD_ID
 
-__all__ = ["MISSING", "Vocabulary", "TokenCounter", "encode_with_train_vocab"]
+__all__ = ["MISSING", "Vocabulary", "TokenCounter", "factorize", "encode_with_train_vocab"]
 
 MISSING = ""  # the token of an empty cell: always OOV, never in a vocabulary
 
@@ -108,17 +107,26 @@ class TokenCounter:
         return vocab, table
 
 
-def encode_with_train_vocab(tokens: np.ndarray, train_rows: np.ndarray | slice,
-                            min_count: int = 1) -> tuple[Vocabulary, np.ndarray]:
-    """Builds a vocabulary from ``tokens[train_rows]`` and encodes every element of ``tokens``.
+def factorize(tokens: Iterable[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct tokens (in order of first appearance) and each token's index among them."""
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(t, len(index)) for t in tokens), dtype=np.int64)
+    return list(index), codes
 
-    ``tokens`` is an array of strings of any shape (sequences padded with :data:`MISSING` get
-    id 1; the caller zeroes padding cells). Vectorized through the unique tokens, so it is cheap
-    for large arrays with few distinct values.
+
+def encode_with_train_vocab(categories: Sequence[str], codes: np.ndarray,
+                            train_rows: np.ndarray | slice,
+                            min_count: int = 1) -> tuple[Vocabulary, np.ndarray]:
+    """Builds a vocabulary from the train rows and encodes every row.
+
+    ``codes`` (any shape, rows first) index ``categories``; ``-1`` marks padding (id 0). The
+    vocabulary counts ``codes[train_rows]`` only, so a value that first appears after train is
+    OOV. Vectorized through the categories: cheap however many rows there are.
     """
-    uniq, inverse = np.unique(tokens, return_inverse=True)
-    inverse = inverse.reshape(tokens.shape)
-    train_counts = np.bincount(inverse[train_rows].ravel(), minlength=len(uniq))
-    counts = Counter({str(t): int(c) for t, c in zip(uniq, train_counts) if c})
-    vocab = Vocabulary.from_counts(counts, min_count)
-    return vocab, vocab.encode(str(t) for t in uniq)[inverse]
+    codes = np.asarray(codes, dtype=np.int64)
+    train = codes[train_rows].ravel()
+    counts = np.bincount(train[train >= 0], minlength=len(categories))
+    vocab = Vocabulary.from_counts({t: int(c) for t, c in zip(categories, counts) if c},
+                                   min_count)
+    table = vocab.encode(categories)
+    return vocab, np.where(codes >= 0, table[np.maximum(codes, 0)], PAD_ID)
