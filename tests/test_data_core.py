@@ -13,7 +13,7 @@ from cetnet.data import (DataFormatError, DenseStats, FeatureSpec, Schema, Split
                          Vocabulary, load_dataset, make_synthetic, prepare)
 from cetnet.data.csvio import parse_float, read_chunks
 from cetnet.data.dataset import CTRDataset
-from cetnet.data.vocab import MISSING, encode_with_train_vocab
+from cetnet.data.vocab import MISSING, encode_with_train_vocab, factorize
 
 
 def auc(score: np.ndarray, label: np.ndarray) -> float:
@@ -57,12 +57,16 @@ def test_token_counter_table_maps_provisional_codes():
 
 
 def test_vocabulary_built_on_train_only():
-    tokens = np.array(["a", "a", "b", "c", "c", "d", "e", "a"])
-    vocab, ids = encode_with_train_vocab(tokens, slice(0, 5), min_count=1)
+    categories, codes = factorize(["a", "a", "b", "c", "c", "d", "e", "a"])
+    assert categories == ["a", "b", "c", "d", "e"] and codes.tolist() == [0, 0, 1, 2, 2, 3, 4, 0]
+    vocab, ids = encode_with_train_vocab(categories, codes, slice(0, 5), min_count=1)
     assert sorted(vocab.tokens) == ["a", "b", "c"]  # d, e only occur after train
     assert ids[5:].tolist() == [1, 1, vocab.id("a")]
-    vocab2, ids2 = encode_with_train_vocab(tokens, slice(0, 5), min_count=2)
+    vocab2, ids2 = encode_with_train_vocab(categories, codes, slice(0, 5), min_count=2)
     assert vocab2.tokens == ["a", "c"] and ids2[2] == 1  # 'b' seen once in train -> OOV
+    bags = np.array([[0, 1], [2, -1], [3, -1]])  # -1 pads a bag
+    _, bag_ids = encode_with_train_vocab(categories, bags, slice(0, 2))
+    assert bag_ids[1, 1] == 0 and bag_ids[2, 0] == 1  # padding 0, unseen 'd' OOV
 
 
 # ------------------------------------------------------------------------- dense features
