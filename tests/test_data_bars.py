@@ -316,6 +316,10 @@ def test_bars_min_count_and_seq_order_options(tmp_path):
     first = rows[r]["cate_history"].split("^")[0]
     assert int(ds.splits["train"].sequence["cate_history"][r, 0]) == ds.vocabs["cate_id"].id(
         first)
+    cached = load_bars(cfg, cache_dir=tmp_path / "cache")
+    again = load_bars(cfg, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert again.summary() == cached.summary() and again.splits["valid"] is again.splits["test"]
     few = load_bars(cfg, max_rows=17)
     assert len(few.splits["train"]) == 17 and len(few.splits["test"]) == 17
 

@@ -30,6 +30,7 @@ one table lookup turns them into vocabulary ids.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import sys
@@ -247,7 +248,7 @@ class _SplitReader:
 def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None = None,
               chunk_size: int = 100_000, min_count: int | None = None,
               seq_order: str = "oldest_first", max_rows: int | None = None,
-              verbose: bool = False) -> CTRDataset:
+              cache_dir: str | Path | None = None, verbose: bool = False) -> CTRDataset:
     """Reads a BARS / FuxiCTR csv dataset into a :class:`CTRDataset`.
 
     Vocabularies (``min_categr_count`` or ``min_count``) and dense statistics come from the train
@@ -261,6 +262,8 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
         min_count: overrides the YAML's ``min_categr_count``.
         seq_order: default order of ids in sequence cells (see :func:`read_config`).
         max_rows: read at most this many rows of each file (quick looks at big files).
+        cache_dir: if given, the encoded dataset is saved there and reloaded while the config,
+            the options and the csv files (size and modification time) are unchanged.
         verbose: report progress on stderr.
 
     Raises:
@@ -268,6 +271,22 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
             (naming file, line and column).
     """
     cfg = read_config(config, dataset_id=dataset_id, min_count=min_count, seq_order=seq_order)
+    cached = None
+    if cache_dir is not None:
+        files = sorted({str(p.resolve()): p.stat() for p in cfg.files.values()}.items())
+        key = repr((cfg, [(f, st.st_size, st.st_mtime_ns) for f, st in files], max_rows))
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        cached = Path(cache_dir).expanduser() / f"{cfg.dataset_id}-{digest}.pt"
+        if cached.exists():
+            return CTRDataset.load(cached)
+    ds = _encode(cfg, chunk_size, max_rows, verbose)
+    if cached is not None:
+        ds.save(cached)
+    return ds
+
+
+def _encode(cfg: BarsConfig, chunk_size: int, max_rows: int | None,
+            verbose: bool) -> CTRDataset:
     feats = [c for c in cfg.columns if c.type != "meta"]
     roots = {c.name: _root(cfg, c.name) for c in feats if c.type != "numeric"}
     counters = {r.name: TokenCounter() for r in roots.values()}

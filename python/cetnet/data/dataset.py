@@ -221,8 +221,12 @@ class CTRDataset:
         """Writes everything (tensors, schema, vocabularies) to one file for :meth:`load`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        splits: dict[str, dict | str] = {}
+        for k, s in self.splits.items():  # a split shared by two names (valid = test): once
+            twin = next((j for j in splits if self.splits[j] is s), None)
+            splits[k] = twin if twin is not None else s.state_dict()
         state = {"version": _FORMAT_VERSION, "name": self.name, "schema": self.schema.to_dict(),
-                 "splits": {k: s.state_dict() for k, s in self.splits.items()},
+                 "splits": splits,
                  "vocabs": {k: v.to_dict() for k, v in self.vocabs.items()},
                  "dense_stats": self.dense_stats.to_dict() if self.dense_stats else None,
                  "group_key": self.group_key, "notes": self.notes}
@@ -238,7 +242,9 @@ class CTRDataset:
                              f"{_FORMAT_VERSION}")
         schema = Schema.from_dict(state["schema"])
         ds = state["dense_stats"]
-        return cls(state["name"], schema,
-                   {k: Split.from_state_dict(schema, s) for k, s in state["splits"].items()},
+        splits: dict[str, Split] = {}
+        for k, s in state["splits"].items():
+            splits[k] = splits[s] if isinstance(s, str) else Split.from_state_dict(schema, s)
+        return cls(state["name"], schema, splits,
                    {k: Vocabulary.from_dict(v) for k, v in state["vocabs"].items()},
                    DenseStats.from_dict(ds) if ds else None, state["group_key"], state["notes"])
