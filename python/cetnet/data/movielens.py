@@ -1,0 +1,372 @@
+"""MovieLens-100k, the default real dataset, framed as CTR prediction.
+
+Fetched once into ``<root>/movielens-100k/`` as RecBole-style "atomic" files (tab-separated,
+header cells ``name:type``): from the GroupLens zip if it can be reached, else read out of the
+``recbole==1.2.1`` wheel (fetched with ``pip download --no-deps``, never installed). The encoded
+dataset is cached next to them, so later loads are fast and offline.
+
+Framing: label = rating >= 4; rows sorted by timestamp and cut 80/10/10 into train/valid/test;
+``hist_item`` = the user's items rated strictly before the row's timestamp, most recent first.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cetnet.data.cache import default_root, write_atomic
+from cetnet.data.csvio import DataFormatError, read_chunks
+from cetnet.data.dataset import SPLITS, CTRDataset, Split, SplitStats
+from cetnet.data.normalize import DenseStats
+from cetnet.data.schema import OOV_ID, PAD_ID, FeatureSpec, Schema
+from cetnet.data.vocab import MISSING, encode_with_train_vocab, factorize
+
+__all__ = ["GROUPLENS_URL", "RECBOLE_SPEC", "fetch_raw", "read_raw", "MovieLensRaw",
+           "build_movielens", "load_movielens"]
+
+GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+RECBOLE_SPEC = "recbole==1.2.1"
+_WHEEL_DIR = "recbole/dataset_example/ml-100k/"
+_PARTS = ("inter", "user", "item")
+_HEADERS = {
+    "inter": ["user_id:token", "item_id:token", "rating:float", "timestamp:float"],
+    "user": ["user_id:token", "age:token", "gender:token", "occupation:token", "zip_code:token"],
+    "item": ["item_id:token", "movie_title:token_seq", "release_year:token", "class:token_seq"],
+}
+# u.genre of the GroupLens archive, in the order of u.item's 19 flag columns.
+_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+           "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+           "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+_AGE_BUCKETS = [(18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"),
+                (56, "50-55")]
+_CACHE_VERSION = 2
+
+
+# --------------------------------------------------------------------------------------------
+# fetching
+
+
+def _log(msg: str, verbose: bool) -> None:
+    if verbose:
+        print(f"[cetnet.data] {msg}", file=sys.stderr)
+
+
+def fetch_raw(root: str | Path | None = None, *, sources: Sequence[str] = ("grouplens", "recbole"),
+              timeout: float = 5.0, verbose: bool = True) -> Path:
+    """Makes sure ``<root>/movielens-100k/ml-100k.{inter,user,item}`` exist; returns the folder.
+
+    Args:
+        root: the cache directory (default ``$CETNET_DATA`` or ``~/.cache/cetnet``).
+        sources: what to try, in order: ``"grouplens"`` (the official zip, ``timeout`` seconds)
+            and ``"recbole"`` (the files inside the recbole wheel from the package index).
+        timeout: seconds for the GroupLens request.
+        verbose: say on stderr where the files came from.
+
+    Raises:
+        RuntimeError: every source failed (the message lists why).
+    """
+    folder = default_root(root) / "movielens-100k"
+    if all((folder / f"ml-100k.{p}").exists() for p in _PARTS):
+        return folder
+    errors = []
+    for source in sources:
+        try:
+            files = {"grouplens": _from_grouplens, "recbole": _from_recbole}[source](timeout)
+        except Exception as e:  # noqa: BLE001 - any failure means: try the next source
+            errors.append(f"{source}: {type(e).__name__}: {e}")
+            _log(f"MovieLens-100k from {source} failed ({e}); trying the next source", verbose)
+            continue
+        for part in _PARTS:
+            write_atomic(folder / f"ml-100k.{part}", files[part])
+        write_atomic(folder / "SOURCE", source.encode())
+        _log(f"MovieLens-100k fetched from {source} into {folder}", verbose)
+        return folder
+    raise RuntimeError("could not fetch MovieLens-100k: " + "; ".join(errors))
+
+
+def _from_grouplens(timeout: float) -> dict[str, bytes]:
+    with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as r:
+        data = r.read()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return grouplens_to_atomic(z.read("ml-100k/u.data"), z.read("ml-100k/u.user"),
+                                   z.read("ml-100k/u.item"))
+
+
+def grouplens_to_atomic(u_data: bytes, u_user: bytes, u_item: bytes) -> dict[str, bytes]:
+    """Converts the GroupLens ``u.data`` / ``u.user`` / ``u.item`` files to the atomic format."""
+    def table(part: str, rows: list[list[str]]) -> bytes:
+        lines = ["\t".join(_HEADERS[part])] + ["\t".join(r) for r in rows]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+    inter = [line.split("\t") for line in u_data.decode("latin-1").splitlines() if line.strip()]
+    user = [line.split("|") for line in u_user.decode("latin-1").splitlines() if line.strip()]
+    items = []
+    for k, line in enumerate(u_item.decode("latin-1").splitlines(), 1):
+        if not line.strip():
+            continue
+        f = line.split("|")
+        if len(f) != 5 + len(_GENRES):
+            raise DataFormatError("u.item", k, None, f"expected {5 + len(_GENRES)} fields, "
+                                  f"got {len(f)}")
+        title = f[1].rsplit(" (", 1)[0] if f[1].endswith(")") else f[1]
+        year = f[2][-4:] if f[2] else "unknown"
+        genres = [g for g, flag in zip(_GENRES, f[5:]) if flag.strip() == "1"] or ["unknown"]
+        items.append([f[0], title, year, " ".join(genres)])
+    return {"inter": table("inter", inter), "user": table("user", user),
+            "item": table("item", items)}
+
+
+def _from_recbole(timeout: float) -> dict[str, bytes]:
+    del timeout  # pip has its own
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", RECBOLE_SPEC,
+               "-d", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("recbole-*.whl"))
+        if res.returncode != 0 or not wheels:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            return {p: z.read(f"{_WHEEL_DIR}ml-100k.{p}") for p in _PARTS}
+
+
+# --------------------------------------------------------------------------------------------
+# raw tables
+
+
+@dataclass
+class MovieLensRaw:
+    """The three raw tables, interactions as parallel arrays in file order."""
+
+    user: np.ndarray       # [N] int64 raw user ids
+    item: np.ndarray       # [N] int64 raw item ids
+    rating: np.ndarray     # [N] float64
+    timestamp: np.ndarray  # [N] int64
+    users: dict[int, tuple[str, str, str, str]]  # user -> (age, gender, occupation, zip code)
+    items: dict[int, tuple[str, list[str]]]      # item -> (release year, genres)
+
+
+def _read_table(path: Path, part: str) -> tuple[list[int], dict[str, tuple[str, ...]]]:
+    lines, cols = [], {c: () for c in _HEADERS[part]}
+    for chunk_lines, chunk in read_chunks(path, [c for c in _HEADERS[part]
+                                                 if c != "movie_title:token_seq"],
+                                          delimiter="\t", chunk_size=1 << 20):
+        lines += chunk_lines
+        cols = {c: cols[c] + chunk.get(c, ()) for c in cols}
+    return lines, cols
+
+
+def _ints(values: Sequence[str], path: Path, lines: list[int], column: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float64).astype(np.int64)
+    except ValueError:
+        for k, v in enumerate(values):
+            try:
+                float(v)
+            except ValueError:
+                raise DataFormatError(path, lines[k], column, f"not a number: {v!r}") from None
+        raise
+
+
+def read_raw(folder: str | Path) -> MovieLensRaw:
+    """Parses ``ml-100k.{inter,user,item}`` in ``folder``.
+
+    Raises:
+        DataFormatError: a missing column, a wrong column count or a non-numeric id, rating,
+            timestamp or age (naming file, line and column).
+    """
+    folder = Path(folder)
+    p = folder / "ml-100k.inter"
+    lines, c = _read_table(p, "inter")
+    user = _ints(c["user_id:token"], p, lines, "user_id:token")
+    item = _ints(c["item_id:token"], p, lines, "item_id:token")
+    rating = _ints(c["rating:float"], p, lines, "rating:float").astype(np.float64)
+    ts = _ints(c["timestamp:float"], p, lines, "timestamp:float")
+
+    p = folder / "ml-100k.user"
+    lines, c = _read_table(p, "user")
+    ids = _ints(c["user_id:token"], p, lines, "user_id:token")
+    _ints(c["age:token"], p, lines, "age:token")  # validates: age is the dense feature
+    users = {int(u): tuple(v) for u, *v in zip(ids, c["age:token"], c["gender:token"],
+                                                c["occupation:token"], c["zip_code:token"])}
+    p = folder / "ml-100k.item"
+    lines, c = _read_table(p, "item")
+    ids = _ints(c["item_id:token"], p, lines, "item_id:token")
+    items = {int(i): (y, g.split()) for i, y, g in zip(ids, c["release_year:token"],
+                                                         c["class:token_seq"])}
+    return MovieLensRaw(user, item, rating, ts, users, items)
+
+
+# --------------------------------------------------------------------------------------------
+# CTR framing
+
+
+def _age_bucket(age: str) -> str:
+    a = int(age)
+    return next((name for limit, name in _AGE_BUCKETS if a < limit), "56+")
+
+
+def history(user: np.ndarray, timestamp: np.ndarray, max_len: int) -> np.ndarray:
+    """``[N, max_len]`` row indices of each row's history (-1 = padding).
+
+    Row ``r``'s history is the rows of the same user with a timestamp strictly smaller than
+    ``timestamp[r]``, most recent first (ties in time are never each other's history: a user
+    rating several movies in the same second leaks nothing between them).
+    """
+    n = len(user)
+    order = np.lexsort((np.arange(n), timestamp, user))  # by user, then time, then file order
+    u, t = user[order], timestamp[order]
+    pos = np.arange(n)
+    new_user = np.r_[True, u[1:] != u[:-1]]
+    new_time = new_user | np.r_[True, t[1:] != t[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, pos, 0))
+    time_start = np.maximum.accumulate(np.where(new_time, pos, 0))
+    hist_sorted = np.full((n, max_len), -1, dtype=np.int64)
+    for j in range(max_len):
+        src = time_start - 1 - j  # the j-th most recent earlier row, in sorted order
+        ok = src >= user_start
+        hist_sorted[ok, j] = order[src[ok]]
+    hist = np.empty_like(hist_sorted)
+    hist[order] = hist_sorted
+    return hist
+
+
+def _stats(ids: np.ndarray, pad: np.ndarray | None, bounds: list[slice]) -> list[tuple[int, int]]:
+    """(OOV count, id cells) per split; padding cells count as neither."""
+    out = []
+    for b in bounds:
+        x = ids[b]
+        real = np.ones(x.shape, bool) if pad is None else ~pad[b]
+        out.append((int(((x == OOV_ID) & real).sum()), int(real.sum())))
+    return out
+
+
+def build_movielens(raw: MovieLensRaw, *, max_seq_len: int = 50, min_count: int = 1,
+                    genre_pooling: str = "mean", split_fractions: tuple[float, float] = (0.8, 0.9),
+                    ) -> CTRDataset:
+    """Frames the raw tables as a CTR dataset (see the module docstring).
+
+    Args:
+        raw: the tables from :func:`read_raw`.
+        max_seq_len: length T of ``hist_item`` / ``hist_genre``.
+        min_count: train occurrences a value needs to get its own id (else OOV, id 1).
+        genre_pooling: ``"mean"`` or ``"sum"`` for the ``genres`` multi-hot feature.
+        split_fractions: the cumulative fractions where train and valid end.
+    """
+    order = np.argsort(raw.timestamp, kind="stable")
+    user, item = raw.user[order], raw.item[order]
+    ts, rating = raw.timestamp[order], raw.rating[order]
+    n = len(order)
+    a, b = (int(round(f * n)) for f in split_fractions)
+    bounds = [slice(0, a), slice(a, b), slice(b, n)]
+    train = bounds[0]
+
+    # Work on the user and item tables (943 and 1,682 rows), then gather per interaction.
+    uniq_user, user_row = np.unique(user, return_inverse=True)
+    uniq_item, item_row = np.unique(item, return_inverse=True)
+    profile = [raw.users.get(int(u), (MISSING,) * 4) for u in uniq_user]
+    movie = [raw.items.get(int(i), (MISSING, [])) for i in uniq_item]
+    age_raw = [p[0] for p in profile]
+    table_tokens = {
+        "user": ([str(u) for u in uniq_user], user_row),
+        "item": ([str(i) for i in uniq_item], item_row),
+        "age_bucket": ([_age_bucket(x) if x else MISSING for x in age_raw], user_row),
+        "gender": ([p[1] for p in profile], user_row),
+        "occupation": ([p[2] for p in profile], user_row),
+        "zip_prefix": ([p[3][:3] for p in profile], user_row),
+        # a few items have 'unknown' or garbled years: missing, so OOV (and counted)
+        "release_year": ([y if y.isdigit() else MISSING for y, _ in movie], item_row),
+    }
+    ids, vocabs, stats = {}, {}, {}
+    for name, (tokens, rows) in table_tokens.items():
+        categories, codes = factorize(tokens)
+        vocabs[name], ids[name] = encode_with_train_vocab(categories, codes[rows], train,
+                                                          min_count)
+        stats[name] = _stats(ids[name], None, bounds)
+
+    genre_names, _ = factorize(g for _, gs in movie for g in gs)
+    genre_code = {g: k for k, g in enumerate(genre_names)}
+    width = max(1, max(len(gs) for _, gs in movie))
+    item_bag = np.full((len(movie), width), -1, dtype=np.int64)
+    for k, (_, gs) in enumerate(movie):
+        item_bag[k, :len(gs)] = [genre_code[g] for g in gs]
+    bag = item_bag[item_row]
+    vocabs["genres"], ids["genres"] = encode_with_train_vocab(genre_names, bag, train, min_count)
+    stats["genres"] = _stats(ids["genres"], bag < 0, bounds)
+
+    hist = history(user, ts, max_seq_len)
+    pad = hist < 0
+    ids["hist_item"] = np.where(pad, PAD_ID, ids["item"][np.maximum(hist, 0)])
+    stats["hist_item"] = _stats(ids["hist_item"], pad, bounds)
+    # the primary genre of each history item: its first genre (-1 for an item without any)
+    hist_genre = np.where(pad, -1, item_bag[item_row[np.maximum(hist, 0)], 0])
+    vocabs["hist_genre"], ids["hist_genre"] = encode_with_train_vocab(genre_names, hist_genre,
+                                                                      train, min_count)
+    stats["hist_genre"] = _stats(ids["hist_genre"], pad, bounds)
+
+    age = np.array([float(x) if x else np.nan for x in age_raw])[user_row][:, None]
+    dense_stats = DenseStats.fit(age[train])
+
+    def spec(name: str, kind: str = "sparse", **kw) -> FeatureSpec:
+        return FeatureSpec(name, kind, vocabs[name].size if kind != "dense" else 0, **kw)
+
+    schema = Schema([
+        spec("user"), spec("item"), FeatureSpec("age", "dense"), spec("age_bucket"),
+        spec("gender"), spec("occupation"), spec("zip_prefix"), spec("release_year"),
+        spec("genres", "multihot", max_len=width, pooling=genre_pooling),
+        FeatureSpec("hist_item", "sequence", vocabs["item"].size, max_len=max_seq_len,
+                    source="item"),
+        spec("hist_genre", "sequence", max_len=max_seq_len),
+    ], label="label", group="user")
+    label = (rating >= 4).astype(np.float32)
+    splits = {}
+    for k, (name, bnd) in enumerate(zip(SPLITS, bounds)):
+        dense, imputed = dense_stats.transform(age[bnd])
+        cat = {f.name: ids[f.name][bnd] for f in schema.categorical}
+        splits[name] = Split(
+            schema, sparse=cat, dense=dense, multihot=cat, sequence=cat, label=label[bnd],
+            group=user[bnd],  # raw ids: users unseen in train keep their own gAUC group
+            extras={"timestamp": ts[bnd]},
+            stats=SplitStats(oov={f: s[k][0] for f, s in stats.items()},
+                             cells={f: s[k][1] for f, s in stats.items()},
+                             imputed={"age": int(imputed[0])}))
+    return CTRDataset("movielens-100k", schema, splits, vocabs, dense_stats, group_key="user",
+                      notes=[f"label = rating >= 4; split by time {split_fractions[0]:.0%}/"
+                             f"{split_fractions[1] - split_fractions[0]:.0%}/"
+                             f"{1 - split_fractions[1]:.0%}; hist_* hold items rated strictly "
+                             f"before the row, most recent first"])
+
+
+def load_movielens(root: str | Path | None = None, *, max_seq_len: int = 50, min_count: int = 1,
+                   genre_pooling: str = "mean", refresh: bool = False, verbose: bool = True,
+                   sources: Sequence[str] = ("grouplens", "recbole"),
+                   timeout: float = 5.0) -> CTRDataset:
+    """MovieLens-100k as a :class:`CTRDataset`, fetched and encoded once, then read from cache.
+
+    Args:
+        root: the cache directory (default ``$CETNET_DATA`` or ``~/.cache/cetnet``).
+        max_seq_len, min_count, genre_pooling: see :func:`build_movielens`.
+        refresh: re-encode even if an encoded cache exists (the raw files are kept).
+        verbose: report fetching and caching on stderr.
+        sources, timeout: see :func:`fetch_raw`.
+    """
+    folder = fetch_raw(root, sources=sources, timeout=timeout, verbose=verbose)
+    cached = folder / (f"encoded-v{_CACHE_VERSION}-T{max_seq_len}-min{min_count}-"
+                       f"{genre_pooling}.pt")
+    if cached.exists() and not refresh:
+        return CTRDataset.load(cached)
+    ds = build_movielens(read_raw(folder), max_seq_len=max_seq_len, min_count=min_count,
+                         genre_pooling=genre_pooling)
+    source = (folder / "SOURCE").read_text().strip() if (folder / "SOURCE").exists() else "?"
+    ds.notes.append(f"raw files from {source}, cached in {folder}")
+    ds.save(cached)
+    _log(f"encoded MovieLens-100k cached at {cached}", verbose)
+    return ds

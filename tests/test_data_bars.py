@@ -1,0 +1,358 @@
+"""BARS / FuxiCTR csv datasets: small generated files with the exact column layouts and dataset
+configs of AmazonElectronics_x1, TaobaoAd_x1, KuaiVideo_x1, Criteo_x1 and Avazu_x1."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cetnet.data import DataFormatError, load_bars, load_dataset
+
+TAOBAO_CATS = ["userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level",
+               "pvalue_level", "shopping_level", "occupation", "new_user_class_level",
+               "adgroup_id", "cate_id", "campaign_id", "customer", "brand", "pid", "btag"]
+CRITEO_I = [f"I{k}" for k in range(1, 14)]
+CRITEO_C = [f"C{k}" for k in range(1, 27)]
+AVAZU = [f"feat_{k}" for k in range(1, 23)]
+
+# Dataset configs as BARS publishes them (paths point at the generated files).
+CONFIGS = {
+    "amazonelectronics_x1": """
+amazonelectronics_x1:
+    data_root: ../data/Amazon/
+    data_format: csv
+    train_data: train.csv
+    valid_data: test.csv
+    test_data: test.csv
+    min_categr_count: 1
+    feature_cols:
+        - {name: user_id, active: True, dtype: int, type: meta, remap: False}
+        - {name: item_id, active: True, dtype: str, type: categorical}
+        - {name: cate_id, active: True, dtype: str, type: categorical}
+        - {name: item_history, active: True, dtype: str, type: sequence, splitter: ^,
+           max_len: 100, share_embedding: item_id, feature_encoder: layers.MaskedAveragePooling()}
+        - {name: cate_history, active: True, dtype: str, type: sequence, splitter: ^,
+           max_len: 100, share_embedding: cate_id, feature_encoder: layers.MaskedAveragePooling()}
+    label_col: {name: label, dtype: float}
+""",
+    "taobaoad_x1": """
+base_config: ../model_zoo/DCNv2/config/
+base_expid: DCNv2_default
+dataset_id: taobaoad_x1
+dataset_config:
+    taobaoad_x1:
+        data_root: ../data/Taobao/
+        data_format: csv
+        train_data: train.csv
+        valid_data: test.csv
+        test_data: test.csv
+        min_categr_count: 10
+        feature_cols:
+            - {name: "group_id", active: True, dtype: int, type: meta,
+               preprocess: "copy_from(userid)", remap: False}
+            - {name: ["userid","cms_segid","cms_group_id","final_gender_code","age_level",
+                      "pvalue_level","shopping_level","occupation","new_user_class_level",
+                      "adgroup_id","cate_id","campaign_id","customer","brand","pid","btag"],
+                      active: True, dtype: str, type: categorical}
+            - {name: price, active: True, dtype: float, type: numeric}
+            - {name: cate_his, active: True, dtype: str, splitter: ^, type: sequence,
+               max_len: 50, padding: pre, share_embedding: cate_id}
+            - {name: brand_his, active: True, dtype: str, splitter: ^, type: sequence,
+               max_len: 50, padding: pre, share_embedding: brand}
+            - {name: btag_his, active: True, dtype: str, splitter: ^, type: sequence,
+               max_len: 50, padding: pre, share_embedding: btag}
+        label_col: {name: clk, dtype: float}
+tuner_space:
+    embedding_dim: 32
+    group_id: group_id
+""",
+    "kuaivideo_x1": """
+kuaivideo_x1:
+    data_root: ../data/KuaiShou/
+    data_format: csv
+    train_data: train.csv
+    valid_data: test.csv # no validation data split in original paper
+    test_data: test.csv
+    min_categr_count: 10
+    feature_cols:
+        - {name: group_id, active: True, dtype: int, type: meta,
+           preprocess: "copy_from(user_id)", remap: False}
+        - {name: user_id, active: True, dtype: str, type: categorical}
+        - {name: item_id, active: True, dtype: str, type: categorical}
+        - {name: item_emb, active: True, dtype: str, type: categorical, embedding_dim: 64,
+           preprocess: "copy_from(item_id)", pretrained_emb: "item_visual_emb_dim64.h5",
+           min_categr_count: 1}
+        - {name: pos_items, active: True, dtype: str, type: sequence, splitter: ^,
+           max_len: 100, padding: pre, share_embedding: item_id}
+        - {name: neg_items, active: True, dtype: str, type: sequence, splitter: ^,
+           max_len: 100, padding: pre, share_embedding: item_id}
+        - {name: pos_items_emb, active: True, dtype: str, type: sequence, splitter: ^,
+           max_len: 100, embedding_dim: 64, padding: pre,
+           pretrained_emb: "item_visual_emb_dim64.h5", min_categr_count: 1,
+           share_embedding: item_emb, preprocess: "copy_from(pos_items)"}
+    label_col: {name: is_click, dtype: float}
+""",
+    "criteo_x1": """
+criteo_x1:
+    data_format: csv
+    train_data: train.csv
+    valid_data: valid.csv
+    test_data: test.csv
+    min_categr_count: 1
+    feature_cols:
+        - {active: True, dtype: float, name: [I1, I2, I3, I4, I5, I6, I7, I8, I9, I10, I11,
+           I12, I13], type: numeric}
+        - {active: True, dtype: float, name: [C1, C2, C3, C4, C5, C6, C7, C8, C9, C10, C11,
+           C12, C13, C14, C15, C16, C17, C18, C19, C20, C21, C22, C23, C24, C25, C26],
+           type: categorical}
+    label_col: {name: label, dtype: float}
+""",
+    "avazu_x1": """
+avazu_x1:
+    data_format: csv
+    train_data: train.csv
+    valid_data: valid.csv
+    test_data: test.csv
+    min_categr_count: 1
+    feature_cols:
+        - {active: True, dtype: float, name: [feat_1, feat_2, feat_3, feat_4, feat_5, feat_6,
+           feat_7, feat_8, feat_9, feat_10, feat_11, feat_12, feat_13, feat_14, feat_15, feat_16,
+           feat_17, feat_18, feat_19, feat_20, feat_21, feat_22], type: categorical}
+    label_col: {name: label, dtype: float}
+""",
+}
+
+HEADERS = {
+    "amazonelectronics_x1": ["label", "user_id", "item_id", "cate_id", "item_history",
+                             "cate_history"],
+    "taobaoad_x1": ["clk", "btag_his", "cate_his", "brand_his", *TAOBAO_CATS[:-2], "price",
+                    "pid", "btag"],
+    "kuaivideo_x1": ["timestamp", "user_id", "item_id", "is_click", "is_like", "is_follow",
+                     "pos_items", "neg_items"],
+    "criteo_x1": ["label", *CRITEO_I, *CRITEO_C],
+    "avazu_x1": ["label", *AVAZU],
+}
+MIN_COUNT = {"amazonelectronics_x1": 1, "taobaoad_x1": 10, "kuaivideo_x1": 10, "criteo_x1": 1,
+             "avazu_x1": 1}
+LABEL = {"amazonelectronics_x1": "label", "taobaoad_x1": "clk", "kuaivideo_x1": "is_click",
+         "criteo_x1": "label", "avazu_x1": "label"}
+
+
+def _cell(rng, column: str, name: str) -> str:
+    """A plausible value for a column of the dataset."""
+    if column == LABEL[name]:
+        return str(int(rng.random() < 0.3))
+    if column in ("item_history", "cate_history", "cate_his", "brand_his", "btag_his",
+                  "pos_items", "neg_items"):
+        n = int(rng.integers(0, 60 if name == "taobaoad_x1" else 8))
+        space = 4 if column == "btag_his" else 40
+        return "^".join(str(rng.integers(1, space)) for _ in range(n))
+    if column in CRITEO_I or column == "price":
+        return "" if rng.random() < 0.1 else f"{rng.normal(3, 2):.3f}"
+    if column in ("is_like", "is_follow"):
+        return str(int(rng.random() < 0.1))
+    if column == "timestamp":
+        return str(int(rng.integers(10**9, 2 * 10**9)))
+    if column in ("user_id", "userid"):
+        return str(rng.integers(0, 15))
+    return "" if rng.random() < 0.02 else str(rng.integers(0, 25))
+
+
+def make_bars(tmp: Path, name: str, rows: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """Writes the dataset's csv files and its YAML; returns the YAML path."""
+    rows = rows or {"train": 300, "valid": 80, "test": 80}
+    rng = np.random.default_rng(seed)
+    folder = tmp / name
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_text = CONFIGS[name]
+    for split, n in rows.items():
+        if f"{split}.csv" not in cfg_text:
+            continue
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(HEADERS[name])
+            w.writerows([_cell(rng, c, name) for c in HEADERS[name]] for _ in range(n))
+    (folder / "dataset_config.yaml").write_text(cfg_text)
+    return folder / "dataset_config.yaml"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def reference_vocab(train: list[dict], columns: list[tuple[str, bool, int]], min_count: int,
+                    ) -> list[str]:
+    """Tokens that get ids: counted in train over a feature and the sequences sharing it
+    (only the ``max_len`` most recent items of a sequence are used, so only they count)."""
+    counts = Counter()
+    for row in train:
+        for col, is_seq, max_len in columns:
+            v = row[col]
+            if is_seq:
+                counts.update((v.split("^") if v else [])[::-1][:max_len])
+            else:
+                counts[v] += 1
+    return sorted((t for t, c in counts.items() if c >= min_count and t != ""),
+                  key=lambda t: (-counts[t], t))
+
+
+EXPECTED_FEATURES = {
+    "amazonelectronics_x1": [("item_id", "sparse"), ("cate_id", "sparse"),
+                             ("item_history", "sequence"), ("cate_history", "sequence")],
+    "taobaoad_x1": [(c, "sparse") for c in TAOBAO_CATS] + [
+        ("price", "dense"), ("cate_his", "sequence"), ("brand_his", "sequence"),
+        ("btag_his", "sequence")],
+    "kuaivideo_x1": [("user_id", "sparse"), ("item_id", "sparse"), ("pos_items", "sequence"),
+                     ("neg_items", "sequence")],
+    "criteo_x1": [(c, "dense") for c in CRITEO_I] + [(c, "sparse") for c in CRITEO_C],
+    "avazu_x1": [(c, "sparse") for c in AVAZU],
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bars_schema_and_encoding(tmp_path, name):
+    cfg_path = make_bars(tmp_path, name)
+    ds = load_bars(cfg_path, chunk_size=64)
+    assert [(f.name, f.kind) for f in ds.schema.features] == EXPECTED_FEATURES[name]
+    assert ds.schema.label == LABEL[name]
+    folder = cfg_path.parent
+    files = {s: folder / f"{s if (folder / f'{s}.csv').exists() else 'test'}.csv"
+             for s in ("train", "valid", "test")}
+    rows = {s: read_rows(p) for s, p in files.items()}
+    assert [len(ds.splits[s]) for s in rows] == [len(r) for r in rows.values()]
+    if files["valid"] == files["test"]:
+        assert ds.splits["valid"] is ds.splits["test"]
+    min_count = MIN_COUNT[name]
+
+    seqs = {f.name: f for f in ds.schema.sequence}
+    for f in ds.schema.categorical:
+        root = f.source or f.name
+        users = [(root, root in seqs, seqs[root].max_len if root in seqs else 0)] + [
+            (s.name, True, s.max_len) for s in ds.schema.sequence if s.source == root
+            and s.name != root]
+        tokens = reference_vocab(rows["train"], users, min_count)
+        assert ds.vocabs[f.name].tokens == tokens, f.name
+        assert f.vocab_size == len(tokens) + 2
+        for split, split_rows in rows.items():
+            ids = (ds.splits[split].sparse if f.kind == "sparse"
+                   else ds.splits[split].sequence)[f.name]
+            for r in (0, len(split_rows) // 2, len(split_rows) - 1):
+                v = split_rows[r][f.name]
+                if f.kind == "sparse":
+                    assert int(ids[r]) == ds.vocabs[f.name].id(v)
+                else:  # reversed to most-recent-first, truncated, 0-padded
+                    toks = (v.split("^") if v else [])[::-1][:f.max_len]
+                    want = [ds.vocabs[f.name].id(t) for t in toks]
+                    assert ids[r].tolist() == want + [0] * (f.max_len - len(want))
+            assert ds.splits[split].stats.oov[f.name] == int((ids == 1).sum())
+
+    for f in ds.schema.dense:  # train statistics, missing cells imputed and counted
+        x = np.array([float(r[f.name]) for r in rows["train"] if r[f.name]])
+        i = ds.schema.dense.index(f)
+        assert np.isclose(ds.dense_stats.mean[i], x.mean())
+        assert np.isclose(ds.dense_stats.std[i], x.std())
+        for split, split_rows in rows.items():
+            assert ds.splits[split].stats.imputed[f.name] == sum(
+                not r[f.name] for r in split_rows)
+            col = ds.splits[split].dense[:, i].numpy()
+            empty = np.array([not r[f.name] for r in split_rows])
+            assert np.allclose(col[empty], 0.0)
+    y = np.array([float(r[LABEL[name]]) for r in rows["test"]], dtype=np.float32)
+    assert np.array_equal(ds.splits["test"].label.numpy(), y)
+    b = next(ds.splits["train"].batches(32, shuffle=True, seed=1))
+    assert b.dense.shape == (32, len(ds.schema.dense)) and b.label.shape == (32,)
+    assert ds.summary().startswith(f"dataset {name}")
+
+
+def test_bars_share_embedding_and_group(tmp_path):
+    ds = load_bars(make_bars(tmp_path, "amazonelectronics_x1"))
+    s = ds.schema
+    assert s.by_name("item_history").source == "item_id"
+    assert s.by_name("item_history").vocab_size == s.by_name("item_id").vocab_size
+    assert s.by_name("item_history").max_len == 100
+    assert ds.group_key == "user_id" and s.group is None  # user_id is meta, not a feature
+    rows = read_rows(tmp_path / "amazonelectronics_x1" / "train.csv")
+    g = ds.splits["train"].group.tolist()
+    same = [(rows[i]["user_id"] == rows[j]["user_id"]) == (g[i] == g[j])
+            for i in range(40) for j in range(40)]
+    assert all(same)
+
+    tb = load_bars(make_bars(tmp_path, "taobaoad_x1"))
+    assert tb.group_key == "group_id" and tb.schema.group == "userid"
+    assert tb.schema.by_name("brand_his").source == "brand"
+    assert tb.schema.by_name("cate_his").max_len == 50
+    kv = load_bars(make_bars(tmp_path, "kuaivideo_x1"))
+    assert any("item_emb" in n and "pretrained" in n for n in kv.notes)
+    assert kv.schema.by_name("neg_items").source == "item_id"
+
+
+def test_bars_chunked_reading_matches_one_chunk(tmp_path):
+    cfg = make_bars(tmp_path, "taobaoad_x1", {"train": 250, "test": 60})
+    small = load_bars(cfg, chunk_size=7)
+    whole = load_bars(cfg, chunk_size=10**6)
+    assert small.summary() == whole.summary()
+    for k in small.splits:
+        for x, y in zip(next(small.splits[k].batches(10**6)).tensors(),
+                        next(whole.splits[k].batches(10**6)).tensors()):
+            assert torch.equal(x, y)
+    assert small.splits["train"].sequence["cate_his"].dtype == torch.int32  # compact storage
+
+
+def test_bars_min_count_and_seq_order_options(tmp_path):
+    cfg = make_bars(tmp_path, "amazonelectronics_x1")
+    ds = load_dataset("bars", config=str(cfg), min_count=40, seq_order="newest_first")
+    rows = read_rows(tmp_path / "amazonelectronics_x1" / "train.csv")
+    shared = [("cate_id", False, 0), ("cate_history", True, 100)]  # short: order is moot
+    assert ds.vocabs["cate_id"].tokens == reference_vocab(rows, shared, 40)
+    assert 0 < len(reference_vocab(rows, shared, 40)) < len(reference_vocab(rows, shared, 1))
+    r = next(i for i, row in enumerate(rows) if row["cate_history"].count("^") >= 2)
+    first = rows[r]["cate_history"].split("^")[0]
+    assert int(ds.splits["train"].sequence["cate_history"][r, 0]) == ds.vocabs["cate_id"].id(
+        first)
+    cached = load_bars(cfg, cache_dir=tmp_path / "cache")
+    again = load_bars(cfg, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert again.summary() == cached.summary() and again.splits["valid"] is again.splits["test"]
+    few = load_bars(cfg, max_rows=17)
+    assert len(few.splits["train"]) == 17 and len(few.splits["test"]) == 17
+
+
+def _set_cell(lines: list[str], line: int, column: int, value: str) -> list[str]:
+    cells = lines[line].split(",")
+    cells[column] = value
+    return lines[:line] + [",".join(cells)] + lines[line + 1:]
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda lines: [lines[0].replace(",C26", "")] + [l.rsplit(",", 1)[0] for l in lines[1:]],
+     r"train\.csv, line 1, column 'C26': column is missing"),
+    (lambda lines: lines[:5] + [lines[5].rsplit(",", 2)[0]] + lines[6:],
+     r"train\.csv, line 6, column 'C25': expected 40 columns, got 38"),
+    (lambda lines: _set_cell(lines, 7, 5, "abc"),
+     r"train\.csv, line 8, column 'I5': not a finite number: 'abc'"),
+    (lambda lines: lines[:3] + ["2" + lines[3][1:]] + lines[4:],
+     r"train\.csv, line 4, column 'label': label must be 0 or 1"),
+])
+def test_bars_malformed_files_name_file_line_and_column(tmp_path, edit, pattern):
+    cfg = make_bars(tmp_path, "criteo_x1")
+    train = cfg.parent / "train.csv"
+    train.write_text("\n".join(edit(train.read_text().splitlines())) + "\n")
+    with pytest.raises(DataFormatError, match=pattern):
+        load_bars(cfg, chunk_size=3)
+
+
+def test_bars_config_errors(tmp_path):
+    cfg = yaml.safe_load(CONFIGS["avazu_x1"])["avazu_x1"]
+    with pytest.raises(ValueError, match="unsupported type"):
+        load_bars({**cfg, "feature_cols": [{"name": "x", "type": "weird"}]})
+    with pytest.raises(ValueError, match="only csv"):
+        load_bars({**cfg, "data_format": "h5"})
+    with pytest.raises(ValueError, match="choose dataset_id"):
+        load_bars({"a": cfg, "b": cfg})
