@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pytest
 import torch
 
+import cetnet_kernels
 from cetnet.train import BEST, LAST, LRSchedule, load_checkpoint, run_training, save_checkpoint
 from cetnet.train.rundir import read_json
 
@@ -57,8 +59,17 @@ def _without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
 
 
-def test_resume_gives_identical_metrics(train_config, tmp_path):
+FUSED = pytest.mark.skipif(not cetnet_kernels.build_info()["cpu"],
+                           reason="the fused embedding optimizer needs cetnet_kernels._C")
+
+
+@pytest.mark.parametrize("embedding_optimizer", [None, pytest.param("rowwise_adagrad",
+                                                                    marks=FUSED)])
+def test_resume_gives_identical_metrics(train_config, tmp_path, embedding_optimizer):
     cfg = train_config(epochs=2, patience=None)  # cosine + warm-up, dropout, shuffling
+    if embedding_optimizer is not None:  # its row state must travel in the checkpoint
+        cfg["model"]["embedding_optimizer"] = embedding_optimizer
+        cfg["backend"] = "auto"
     straight, _ = run_training(cfg, tmp_path / "straight", quiet=True, plots=False)
 
     class Interrupt(Exception):
@@ -95,6 +106,14 @@ def test_checkpoints_load_with_weights_only(train_config, tmp_path):
     assert isinstance(last["rng"]["torch"], torch.Tensor)
     best = torch.load(run_dir / BEST, weights_only=True)
     assert best["epoch"] == 1 and "embedding.weight" in best["model"]
+
+
+def test_progress_bars_show_live_loss_and_auc(train_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are off when not a tty
+    run_training(train_config(epochs=1, log_every=2), tmp_path / "run", plots=False)
+    captured = capsys.readouterr()
+    assert "loss=" in captured.err and "auc=" in captured.err
+    assert "epoch 1/1: train loss" in captured.out and "fused" in captured.out
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
