@@ -33,6 +33,7 @@ def plot_run(history: Sequence[dict], out_dir: str | Path,
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         warnings.warn("matplotlib is not installed: skipping the run's plots", stacklevel=2)
         return []
@@ -51,6 +52,7 @@ def plot_run(history: Sequence[dict], out_dir: str | Path,
     axes[2].set_title("validation (fused)")
     axes[2].legend()
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -67,6 +69,7 @@ def plot_run(history: Sequence[dict], out_dir: str | Path,
     ax.plot(epochs, [_nan(h["valid"]["fused"]["auc"]) for h in history], "k*-", lw=2,
             label="fused")
     ax.set_title("validation AUC")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     ax.legend()
