@@ -1,0 +1,89 @@
+"""Where a run gets its dataset and model: ``cetnet.data`` / ``cetnet.models``, or a registry.
+
+The registry is the extension point for datasets and ensembles that are not part of the
+library (a private log, an experimental model) and for test fixtures: register a factory
+under a name and every config that names it (``data.name``, ``model.ensemble``) uses it,
+from Python or, through a plugin module (``cetnet --plugin MODULE``, :func:`load_plugins`),
+from the command line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Callable, Sequence
+
+from cetnet.data.schema import Schema
+
+__all__ = ["DatasetFactory", "ModelFactory", "register_dataset", "register_model",
+           "unregister_dataset", "unregister_model", "load_dataset", "build_model",
+           "prepare_dataset", "load_plugins", "PLUGINS_ENV"]
+
+#: ``factory(**options) -> CTRDataset`` (the options of the config's ``data:`` section).
+DatasetFactory = Callable[..., Any]
+#: ``factory(model_config, schema, backend=...) -> Ensemble``, as ``cetnet.models.build_model``.
+ModelFactory = Callable[..., Any]
+
+#: Comma-separated modules the CLI imports before running (each registers its factories).
+PLUGINS_ENV = "CETNET_PLUGINS"
+
+_DATASETS: dict[str, DatasetFactory] = {}
+_MODELS: dict[str, ModelFactory] = {}
+
+
+def register_dataset(name: str, factory: DatasetFactory) -> None:
+    """Makes ``data.name == name`` load with ``factory(**options)`` instead of
+    ``cetnet.data.load_dataset`` (re-registering a name replaces it)."""
+    _DATASETS[name] = factory
+
+
+def register_model(ensemble: str, factory: ModelFactory) -> None:
+    """Makes ``model.ensemble == ensemble`` build with ``factory(config, schema,
+    backend=backend)`` instead of ``cetnet.models.build_model``."""
+    _MODELS[ensemble] = factory
+
+
+def unregister_dataset(name: str) -> None:
+    _DATASETS.pop(name, None)
+
+
+def unregister_model(ensemble: str) -> None:
+    _MODELS.pop(ensemble, None)
+
+
+def load_dataset(name: str, **options: Any) -> Any:
+    """The dataset ``name``: a registered factory, else ``cetnet.data.load_dataset``."""
+    if name in _DATASETS:
+        return _DATASETS[name](**options)
+    from cetnet.data import load_dataset as library_load  # imported late: optional at import
+
+    return library_load(name, **options)
+
+
+def prepare_dataset(name: str, **options: Any) -> Any:
+    """Downloads/caches dataset ``name`` (``cetnet.data.prepare``); a registered dataset is
+    prepared by loading it."""
+    if name in _DATASETS:
+        return _DATASETS[name](**options)
+    from cetnet.data import prepare
+
+    return prepare(name, **options)
+
+
+def build_model(config: dict, schema: Schema, *, backend: str = "auto") -> Any:
+    """The ensemble of a ``model:`` section: a registered factory for ``config["ensemble"]``,
+    else ``cetnet.models.build_model``."""
+    factory = _MODELS.get(config.get("ensemble"))
+    if factory is not None:
+        return factory(config, schema, backend=backend)
+    from cetnet.models import build_model as library_build
+
+    return library_build(config, schema, backend=backend)
+
+
+def load_plugins(modules: Sequence[str] = ()) -> None:
+    """Imports plugin modules (and those named in ``$CETNET_PLUGINS``) so that they can
+    register datasets and models."""
+    names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    for name in [*names, *modules]:
+        importlib.import_module(name)

@@ -1,0 +1,87 @@
+"""Evaluation: AUC, gAUC and logloss of the fused prediction and of every member."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cetnet.metrics import auc, gauc, logloss
+
+__all__ = ["Predictions", "predict", "score", "evaluate", "model_device"]
+
+
+@dataclass
+class Predictions:
+    """A split's predictions, on the CPU, in split order."""
+
+    prob: Tensor               # [N] the ensemble's prediction
+    logits: Tensor             # [N, K] member logits
+    weights: Tensor | None     # [N, K] fusion weights, when the ensemble has them
+    label: Tensor              # [N]
+    group: Tensor              # [N]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for an empty model)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Any, *, batch_size: int = 4096,
+            device: torch.device | str | None = None) -> Predictions:
+    """Runs ``model`` (in eval mode; its mode is restored after) over ``split`` in order."""
+    device = model_device(model) if device is None else torch.device(device)
+    was_training = model.training
+    model.eval()
+    probs, logits, weights, labels, groups = [], [], [], [], []
+    try:
+        for batch in split.batches(batch_size, shuffle=False):
+            out = model(batch.to(device))
+            probs.append(out.prob.float().cpu())
+            logits.append(out.logits.float().cpu())
+            if out.weights is not None:
+                weights.append(out.weights.float().cpu())
+            labels.append(batch.label.cpu())
+            groups.append(batch.group.cpu())
+    finally:
+        model.train(was_training)
+    if not probs:
+        raise ValueError("evaluate: the split has no rows")
+    return Predictions(torch.cat(probs), torch.cat(logits),
+                       torch.cat(weights) if len(weights) == len(probs) else None,
+                       torch.cat(labels), torch.cat(groups))
+
+
+def _scores(prob: Tensor, label: Tensor, group: Tensor) -> dict[str, float]:
+    return {"auc": auc(prob, label), "gauc": gauc(prob, label, group),
+            "logloss": logloss(prob, label)}
+
+
+def score(pred: Predictions, member_names: list[str]) -> dict[str, Any]:
+    """``{"fused": {auc, gauc, logloss}, "members": {name: {...}}}`` plus, when the ensemble
+    has fusion weights, ``"fusion_weights": {name: mean weight}``. A member's probability is
+    ``sigmoid(logits[:, k])``."""
+    if pred.logits.shape[1] != len(member_names):
+        raise ValueError(f"evaluate: the model has {len(member_names)} member names but "
+                         f"{pred.logits.shape[1]} logit columns")
+    out: dict[str, Any] = {
+        "fused": _scores(pred.prob, pred.label, pred.group),
+        "members": {name: _scores(torch.sigmoid(pred.logits[:, k]), pred.label, pred.group)
+                    for k, name in enumerate(member_names)},
+    }
+    if pred.weights is not None:
+        mean = pred.weights.double().mean(0)
+        out["fusion_weights"] = {name: float(mean[k]) for k, name in enumerate(member_names)}
+    return out
+
+
+def evaluate(model: nn.Module, split: Any, *, batch_size: int = 4096,
+             device: torch.device | str | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on ``split`` (see :func:`score`)."""
+    return score(predict(model, split, batch_size=batch_size, device=device),
+                 list(model.member_names))

@@ -1,0 +1,197 @@
+"""``fit``: the training loop (Adam + lr schedule, early stopping on validation fused AUC,
+checkpoints every epoch, exact resume) and the run directory it writes."""
+
+from __future__ import annotations
+
+import collections
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cetnet.config import dump_config, validate_config
+from cetnet.metrics import auc
+from cetnet.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from cetnet.train.evaluate import evaluate
+from cetnet.train.plots import plot_run
+from cetnet.train.report import format_metrics_table
+from cetnet.train.rng import rng_state, seed_everything, set_rng_state, shuffle_seed
+from cetnet.train.rundir import CONFIG_FILE, METRICS_FILE, write_json
+from cetnet.train.schedule import LRSchedule
+
+__all__ = ["fit", "resolve_device", "EpochCallback"]
+
+#: ``callback(epoch, history_entry)``, called after each epoch's checkpoints are written.
+EpochCallback = Callable[[int, dict], None]
+
+_LIVE_WINDOW = 50  # batches in the progress bar's running train AUC
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _better(value: float, best: float) -> bool:
+    return not math.isnan(value) and value > best
+
+
+def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
+        resume: bool = False, quiet: bool = False, plots: bool = True,
+        on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
+    """Trains ``model`` on ``dataset.splits["train"]`` and writes the run directory.
+
+    Adam (``train.lr``, ``train.weight_decay``) updates ``model.dense_parameters()``, with the
+    lr of :class:`~cetnet.train.schedule.LRSchedule`; the embedding's fused optimizer, if any,
+    updates its rows inside ``backward``. After every epoch the model is evaluated on
+    ``"valid"``; a better fused AUC writes ``best.pt``, ``train.patience`` epochs without one
+    stop the run, and ``last.pt`` (model, optimizer, schedule, RNG states, history) is written
+    so that ``resume=True`` continues exactly where it stopped: the same batches, dropout
+    masks and updates as an uninterrupted run, hence the same metrics.
+
+    At the end the best model is loaded back (``model`` holds it after the call) and scored on
+    ``"test"``. Returns what is written to ``metrics.json``: the test ``fused`` / ``members``
+    (/ ``fusion_weights``) metrics, the validation ``history``, the best epoch and the train
+    throughput.
+
+    Args:
+        model: an Ensemble (docs/MODEL_LIBRARY.md), freshly built (its weights are replaced
+            from ``last.pt`` when resuming).
+        dataset: a ``CTRDataset`` with ``train``, ``valid`` and ``test`` splits.
+        config: the full run config (see :mod:`cetnet.config`).
+        out_dir: the run directory (created if needed).
+        resume: continue from ``out_dir/last.pt``.
+        quiet: no progress bars and no per-epoch lines (bars are also off when stderr is not
+            a terminal).
+        plots: write the PNG plots.
+        on_epoch_end: called as ``on_epoch_end(epoch, history_entry)`` after each epoch.
+    """
+    config = validate_config(config)
+    t = config["train"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, out_dir / CONFIG_FILE)
+    device = resolve_device(config["device"])
+    model.to(device)
+
+    train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
+    batch_size = t["batch_size"]
+    steps_per_epoch = math.ceil(len(train_split) / batch_size)
+    if t["max_steps_per_epoch"] is not None:
+        steps_per_epoch = min(steps_per_epoch, t["max_steps_per_epoch"])
+
+    params = list(model.dense_parameters())
+    optimizer = torch.optim.Adam(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    schedule = LRSchedule(optimizer, t["lr_schedule"], t["lr"],
+                          total_steps=t["epochs"] * steps_per_epoch,
+                          warmup_steps=t["warmup_steps"], min_lr_ratio=t["min_lr_ratio"],
+                          step_epochs=t["step_epochs"], gamma=t["gamma"],
+                          plateau_factor=t["plateau_factor"],
+                          plateau_patience=t["plateau_patience"])
+
+    st: dict[str, Any] = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_epochs": 0,
+                          "stopped": False, "history": [], "train_seconds": 0.0,
+                          "train_samples": 0}
+    if resume:
+        if not (out_dir / LAST).exists():
+            raise FileNotFoundError(f"resume: no {LAST} in {out_dir} (nothing to resume)")
+        ckpt = load_checkpoint(out_dir / LAST)  # on the CPU: RNG states must stay there
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        set_rng_state(ckpt["rng"])
+        st.update({k: ckpt[k] for k in st})
+    else:
+        seed_everything(t["seed"])
+
+    show_bars = not quiet and sys.stderr.isatty()
+    say = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stdout))
+    for epoch in range(st["epoch"] + 1, t["epochs"] + 1):
+        if st["stopped"]:
+            break
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        rows = 0
+        window: collections.deque = collections.deque(maxlen=_LIVE_WINDOW)
+        lr = schedule.lr()
+        batches = train_split.batches(batch_size, shuffle=True,
+                                      seed=shuffle_seed(t["seed"], epoch))
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t['epochs']}", leave=False,
+                  disable=not show_bars, dynamic_ncols=True) as bar:
+            for step, batch in enumerate(batches):
+                if step >= steps_per_epoch:
+                    break
+                batch = batch.to(device)
+                lr = schedule.step()
+                loss, out = model.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # also applies the embedding's fused optimizer, if any
+                if t["grad_clip"] is not None:
+                    nn.utils.clip_grad_norm_(params, t["grad_clip"])
+                optimizer.step()
+                loss_sum += loss.detach().double() * len(batch)
+                rows += len(batch)
+                if show_bars:
+                    window.append((out.prob.detach(), batch.label))
+                    if (step + 1) % t["log_every"] == 0:
+                        p, y = (torch.cat(x) for x in zip(*window))
+                        bar.set_postfix(loss=f"{float(loss_sum) / rows:.4f}",
+                                        auc=f"{auc(p, y):.4f}", lr=f"{lr:.2e}")
+                    bar.update()
+        if rows == 0:
+            raise ValueError("fit: the train split gave no batches")
+        st["train_seconds"] += time.perf_counter() - start
+        st["train_samples"] += rows
+
+        valid = evaluate(model, valid_split, batch_size=t["eval_batch_size"], device=device)
+        metric = valid["fused"]["auc"]
+        schedule.epoch_end(metric)
+        entry = {"epoch": epoch, "train_loss": float(loss_sum) / rows, "lr": lr, "valid": valid}
+        st["history"].append(entry)
+        st["epoch"] = epoch
+        if _better(metric, st["best_metric"]) or st["best_epoch"] == 0:
+            st["best_metric"] = metric if not math.isnan(metric) else -math.inf
+            st["best_epoch"], st["bad_epochs"] = epoch, 0
+            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "valid": valid},
+                            out_dir / BEST)
+        else:
+            st["bad_epochs"] += 1
+            if t["patience"] is not None and st["bad_epochs"] >= t["patience"]:
+                st["stopped"] = True
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "schedule": schedule.state_dict(), "rng": rng_state(), **st},
+                        out_dir / LAST)
+        f = valid["fused"]
+        say(f"epoch {epoch}/{t['epochs']}: train loss {entry['train_loss']:.4f} | valid AUC "
+            f"{f['auc']:.4f} gAUC {f['gauc']:.4f} logloss {f['logloss']:.4f} | lr {lr:.2e}"
+            + (" | best" if st["best_epoch"] == epoch else "")
+            + (f" | early stop (patience {t['patience']})" if st["stopped"] else ""))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, entry)
+
+    if not st["history"]:
+        raise ValueError("fit: no epoch was trained (train.epochs is below the resumed epoch)")
+    model.load_state_dict(load_checkpoint(out_dir / BEST, map_location=device)["model"])
+    test = evaluate(model, test_split, batch_size=t["eval_batch_size"], device=device)
+    best = st["history"][st["best_epoch"] - 1]
+    metrics = {
+        "name": config["name"], "split": "test", **test,
+        "best_epoch": st["best_epoch"], "valid": best["valid"],
+        "epochs_completed": st["epoch"], "stopped_early": st["stopped"],
+        "history": st["history"],
+        "train_samples": st["train_samples"], "train_seconds": st["train_seconds"],
+        "train_samples_per_s": st["train_samples"] / max(st["train_seconds"], 1e-9),
+    }
+    write_json(metrics, out_dir / METRICS_FILE)
+    if plots:
+        plot_run(st["history"], out_dir, test)
+    say(format_metrics_table(test))
+    return metrics

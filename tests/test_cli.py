@@ -1,0 +1,81 @@
+"""The ``cetnet`` command line: train (a real ``python -m cetnet`` process), evaluate, data
+prepare, resume and config errors. Dataset and model come from the ``train_config`` /
+``train_plugin`` fixtures (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cetnet.cli import main
+from cetnet.config import dump_config
+from cetnet.train.rundir import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_config(cfg: dict, path: Path) -> Path:
+    dump_config(cfg, path)
+    return path
+
+
+def test_python_m_cetnet_train_then_evaluate(train_config, train_plugin, tmp_path, capsys):
+    config = _write_config(train_config(epochs=2), tmp_path / "tiny.yaml")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT / "tests")]),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cetnet", "--plugin", train_plugin, "train", "--config",
+         str(config), "--out", str(run_dir), "--epochs", "1", "--seed", "3", "--device", "cpu",
+         "--backend", "reference", "--no-plots", "--set", "train.max_steps_per_epoch=5",
+         "model.fusion.temperature=0.5"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "fused" in proc.stdout and "mlp_a" in proc.stdout and "gAUC" in proc.stdout
+    assert f"run directory: {run_dir}" in proc.stdout
+    saved = read_json(run_dir / "metrics.json")
+    resolved = (run_dir / "config.yaml").read_text()
+    assert "seed: 3" in resolved and "temperature: 0.5" in resolved
+    assert saved["epochs_completed"] == 1 and saved["train_samples"] == 5 * 128
+
+    # evaluate rebuilds dataset + model from the run directory: the same test metrics
+    assert main(["evaluate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "mlp_b" in out and "eval_test.json" in out
+    evaluated = read_json(run_dir / "eval_test.json")
+    assert evaluated["fused"] == saved["fused"] and evaluated["members"] == saved["members"]
+    assert main(["evaluate", str(run_dir), "--split", "valid"]) == 0
+    assert read_json(run_dir / "eval_valid.json")["fused"] == saved["valid"]["fused"]
+
+
+def test_cli_resume_extends_a_run(train_config, tmp_path, capsys):
+    config = _write_config(train_config(epochs=1, lr_schedule="constant"), tmp_path / "c.yaml")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run_dir), "--quiet",
+                 "--no-plots"]) == 0
+    assert "fused" in capsys.readouterr().out  # the table, also when quiet
+    assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet",
+                 "--no-plots"]) == 0
+    metrics = read_json(run_dir / "metrics.json")
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+
+
+def test_cli_errors_are_clear(train_config, tmp_path, capsys):
+    config = _write_config(train_config(), tmp_path / "c.yaml")
+    assert main(["train", "--config", str(config), "train.epoch=2"]) == 2
+    assert "unknown key 'train.epoch'" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--resume", str(tmp_path / "nope")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_data_prepare_prints_the_summary(train_plugin, capsys):
+    assert main(["data", "prepare", "tiny", "num_rows=500"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "'train': 350" in out

@@ -1,0 +1,157 @@
+"""cetnet.train: fit, early stopping, the run directory, checkpoints and exact resume.
+
+The dataset and model come from the ``train_config`` fixture (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import cetnet_kernels
+from cetnet.train import BEST, LAST, LRSchedule, load_checkpoint, run_training, save_checkpoint
+from cetnet.train.rundir import read_json
+
+METRIC_KEYS = {"auc", "gauc", "logloss"}
+TIMING_KEYS = ("train_seconds", "train_samples_per_s")
+
+
+def test_fit_learns_and_writes_the_run_directory(train_config, tmp_path):
+    run_dir, metrics = run_training(train_config(epochs=3), tmp_path / "run", quiet=True)
+    for name in ("config.yaml", "metrics.json", BEST, LAST, "curves.png", "members_auc.png"):
+        assert (run_dir / name).is_file(), name
+    on_disk = read_json(run_dir / "metrics.json")
+    assert set(on_disk["fused"]) == METRIC_KEYS
+    members = on_disk["members"]
+    assert list(members) == ["mlp_a", "mlp_b"]
+    assert all(set(m) == METRIC_KEYS for m in members.values())
+    assert set(on_disk["fusion_weights"]) == set(members)
+    assert sum(on_disk["fusion_weights"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert on_disk["train_samples_per_s"] > 0 and on_disk["train_samples"] > 0
+    history = on_disk["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(set(h["valid"]["fused"]) == METRIC_KEYS for h in history)
+    # it learns the planted signal
+    assert history[-1]["valid"]["fused"]["logloss"] < history[0]["valid"]["fused"]["logloss"]
+    assert on_disk["fused"]["auc"] > 0.6 and on_disk["fused"]["gauc"] > 0.55
+    best = max(history, key=lambda h: h["valid"]["fused"]["auc"])
+    assert on_disk["best_epoch"] == best["epoch"] and on_disk["valid"] == best["valid"]
+
+
+def test_early_stopping_on_a_flat_validation_auc(train_config, tmp_path):
+    # lr 0: nothing changes, so the validation AUC never improves after epoch 1
+    _, metrics = run_training(train_config(epochs=10, lr=0.0, patience=2), tmp_path / "run",
+                              quiet=True, plots=False)
+    assert metrics["stopped_early"] is True
+    assert metrics["epochs_completed"] == 3 and metrics["best_epoch"] == 1
+
+
+def test_max_steps_per_epoch_caps_training(train_config, tmp_path):
+    cfg = train_config(epochs=1, max_steps_per_epoch=2, batch_size=64)
+    _, metrics = run_training(cfg, tmp_path / "run", quiet=True, plots=False)
+    assert metrics["train_samples"] == 128
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+FUSED = pytest.mark.skipif(not cetnet_kernels.build_info()["cpu"],
+                           reason="the fused embedding optimizer needs cetnet_kernels._C")
+
+
+@pytest.mark.parametrize("embedding_optimizer", [None, pytest.param("rowwise_adagrad",
+                                                                    marks=FUSED)])
+def test_resume_gives_identical_metrics(train_config, tmp_path, embedding_optimizer):
+    cfg = train_config(epochs=2, patience=None)  # cosine + warm-up, dropout, shuffling
+    if embedding_optimizer is not None:  # its row state must travel in the checkpoint
+        cfg["model"]["embedding_optimizer"] = embedding_optimizer
+        cfg["backend"] = "auto"
+    straight, _ = run_training(cfg, tmp_path / "straight", quiet=True, plots=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(epoch: int, entry: dict) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_training(cfg, tmp_path / "resumed", quiet=True, plots=False,
+                     on_epoch_end=interrupt)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    assert load_checkpoint(tmp_path / "resumed" / LAST)["epoch"] == 1
+    resumed, _ = run_training(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False)
+
+    a, b = read_json(straight / "metrics.json"), read_json(resumed / "metrics.json")
+    assert _without_timing(a) == _without_timing(b)  # exact, not approximate
+    sa, sb = load_checkpoint(straight / LAST)["model"], load_checkpoint(resumed / LAST)["model"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_without_a_checkpoint_is_an_error(train_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run_training(train_config(), tmp_path / "empty", resume=True, quiet=True)
+
+
+def test_checkpoints_load_with_weights_only(train_config, tmp_path):
+    run_dir, _ = run_training(train_config(epochs=1), tmp_path / "run", quiet=True,
+                              plots=False)
+    last = torch.load(run_dir / LAST, weights_only=True)
+    assert {"model", "optimizer", "schedule", "rng", "epoch", "best_metric", "history"} <= \
+        set(last)
+    assert isinstance(last["rng"]["torch"], torch.Tensor)
+    best = torch.load(run_dir / BEST, weights_only=True)
+    assert best["epoch"] == 1 and "embedding.weight" in best["model"]
+
+
+def test_progress_bars_show_live_loss_and_auc(train_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are off when not a tty
+    run_training(train_config(epochs=1, log_every=2), tmp_path / "run", plots=False)
+    captured = capsys.readouterr()
+    assert "loss=" in captured.err and "auc=" in captured.err
+    assert "epoch 1/1: train loss" in captured.out and "fused" in captured.out
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"w": torch.arange(3), "epoch": 1}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"w": torch.zeros(3), "epoch": 2}, path)
+    monkeypatch.undo()
+    kept = load_checkpoint(path)
+    assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.arange(3))
+    assert os.listdir(tmp_path) == ["ck.pt"]  # the temp file is gone
+
+
+def test_lr_schedule_shapes():
+    p = torch.nn.Parameter(torch.zeros(1))
+
+    def lrs(kind: str, steps: int, per_epoch: int = 0, metrics=(), **kw) -> list[float]:
+        s = LRSchedule(torch.optim.SGD([p], lr=1.0), kind, 1.0, total_steps=steps, **kw)
+        out, m = [], iter(metrics)
+        for i in range(steps):
+            out.append(s.step())
+            if per_epoch and (i + 1) % per_epoch == 0:
+                s.epoch_end(next(m, 0.5))
+        return out
+
+    warm = lrs("constant", 6, warmup_steps=4)
+    assert warm == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = lrs("cosine", 11, warmup_steps=1, min_lr_ratio=0.1)
+    assert cos[1] == pytest.approx(1.0) and cos[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (
+        1 + math.cos(math.pi * 0.9)))
+    assert all(a >= b for a, b in zip(cos[1:], cos[2:]))
+    assert lrs("step", 6, per_epoch=2, step_epochs=1, gamma=0.5) == [1, 1, .5, .5, .25, .25]
+    plateau = lrs("plateau", 8, per_epoch=2, metrics=[0.6, 0.6, 0.6, 0.6],
+                  plateau_factor=0.1, plateau_patience=1)
+    assert plateau == pytest.approx([1, 1, 1, 1, 1, 1, 0.1, 0.1])
