@@ -9,9 +9,13 @@ SGD / row-wise Adagrad to the touched rows in place (``optimizer="sgd"`` /
 ``"rowwise_adagrad"``; no gradient tensor is materialized).
 
 Registered ops (schemas in csrc/registration.cpp): ``cetnet::multi_embedding``,
-``multi_embedding_fused``, ``multi_embedding_backward``, ``multi_embedding_update``. Their fake
-kernels and autograd formulas are registered here, so the module works under
+``multi_embedding_fused``, ``multi_embedding_backward``, ``multi_embedding_update`` (C++ CPU and
+CUDA kernels), and the same four with a ``_triton`` suffix (cetnet_kernels/triton/embedding.py).
+Their fake kernels and autograd formulas are registered here, so the module works under
 ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+
+Inputs may also be a torchrec ``KeyedJaggedTensor`` (duck-typed: torchrec is not a dependency):
+every key becomes a bag (see :meth:`MultiTableEmbedding.forward`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from cetnet_kernels._extension import HAS_C
+from cetnet_kernels.backends import BACKENDS, _triton_runs_on, resolve_backend
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
 
 __all__ = ["EmbeddingFeature", "MultiTableEmbedding", "OPTIMIZERS", "POOLINGS"]
@@ -144,17 +149,21 @@ def _setup_dense(ctx, inputs, output):
     ctx.meta = (F, modes, dims, vocab, padding_idx)
 
 
-def _backward_dense(ctx, grads):
-    F, modes, dims, vocab, padding_idx = ctx.meta
-    weight, *rest = ctx.saved_tensors
-    ids, offsets, psw = rest[:F], rest[F:2 * F], rest[2 * F:]
-    grad_weight = None
-    if ctx.needs_input_grad[0]:
-        grad_weight = torch.ops.cetnet.multi_embedding_backward(
-            _grads_or_empty(grads, weight), weight, ids, offsets, psw, modes, dims, vocab,
-            padding_idx)
-    none = [None] * F
-    return grad_weight, none, none, none, None, None, None, None, None
+def _make_backward_dense(backward_op):
+    """The autograd formula of a lookup op whose dense backward is ``backward_op``."""
+
+    def _backward_dense(ctx, grads):
+        F, modes, dims, vocab, padding_idx = ctx.meta
+        weight, *rest = ctx.saved_tensors
+        ids, offsets, psw = rest[:F], rest[F:2 * F], rest[2 * F:]
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = backward_op(_grads_or_empty(grads, weight), weight, ids, offsets, psw,
+                                      modes, dims, vocab, padding_idx)
+        none = [None] * F
+        return grad_weight, none, none, none, None, None, None, None, None
+
+    return _backward_dense
 
 
 def _setup_fused(ctx, inputs, output):
@@ -168,31 +177,123 @@ def _setup_fused(ctx, inputs, output):
     ctx.meta = (F, modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay)
 
 
-def _backward_fused(ctx, grads):
-    F, modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay = ctx.meta
-    saved = ctx.saved_tensors
-    ids, offsets, psw = saved[:F], saved[F:2 * F], saved[2 * F:]
-    torch.ops.cetnet.multi_embedding_update(
-        _grads_or_empty(grads, ctx.weight), ctx.weight, ctx.state, ids, offsets, psw, modes,
-        dims, vocab, padding_idx, optimizer, lr, eps, weight_decay)
-    none = [None] * F
-    return (None, None, None, none, none, none) + (None,) * 9
+def _make_backward_fused(update_op):
+    """The autograd formula of a fused lookup op: applies ``update_op`` in place."""
+
+    def _backward_fused(ctx, grads):
+        F, modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay = ctx.meta
+        saved = ctx.saved_tensors
+        ids, offsets, psw = saved[:F], saved[F:2 * F], saved[2 * F:]
+        update_op(_grads_or_empty(grads, ctx.weight), ctx.weight, ctx.state, ids, offsets, psw,
+                  modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay)
+        none = [None] * F
+        return (None, None, None, none, none, none) + (None,) * 9
+
+    return _backward_fused
 
 
+class _EmbeddingOps:
+    """The lookup and fused-lookup ops of one backend family."""
+
+    def __init__(self, suffix: str) -> None:
+        ns = torch.ops.cetnet
+        self.lookup = getattr(ns, "multi_embedding" + suffix).default
+        self.fused = getattr(ns, "multi_embedding_fused" + suffix).default
+
+
+def _register_ops(suffix: str) -> _EmbeddingOps:
+    """Registers the fake kernels and autograd of the ``cetnet::multi_embedding*<suffix>``
+    ops (suffix "" for the C++ CPU/CUDA ops, "_triton" for the Triton ones)."""
+    q = "cetnet::multi_embedding"
+    ns = torch.ops.cetnet
+    torch.library.register_fake(q + suffix)(_forward_fake)
+    torch.library.register_fake(q + "_fused" + suffix)(_fused_fake)
+    torch.library.register_fake(q + "_backward" + suffix)(_backward_fake)
+    torch.library.register_fake(q + "_update" + suffix)(_update_fake)
+    torch.library.register_autograd(
+        q + suffix, _make_backward_dense(getattr(ns, "multi_embedding_backward" + suffix)),
+        setup_context=_setup_dense)
+    torch.library.register_autograd(
+        q + "_fused" + suffix, _make_backward_fused(getattr(ns, "multi_embedding_update" + suffix)),
+        setup_context=_setup_fused)
+    return _EmbeddingOps(suffix)
+
+
+_OPS: dict[str, _EmbeddingOps] = {}
 if HAS_C:
-    torch.library.register_fake("cetnet::multi_embedding")(_forward_fake)
-    torch.library.register_fake("cetnet::multi_embedding_fused")(_fused_fake)
-    torch.library.register_fake("cetnet::multi_embedding_backward")(_backward_fake)
-    torch.library.register_fake("cetnet::multi_embedding_update")(_update_fake)
-    torch.library.register_autograd("cetnet::multi_embedding", _backward_dense,
-                                    setup_context=_setup_dense)
-    torch.library.register_autograd("cetnet::multi_embedding_fused", _backward_fused,
-                                    setup_context=_setup_fused)
+    _OPS["cpu"] = _OPS["cuda"] = _register_ops("")
+
+_TRITON_ERROR: str | None = None
+
+
+def _load_triton() -> None:
+    from cetnet_kernels.triton import embedding as _te  # noqa: F401  (defines the *_triton ops)
+
+    _OPS["triton"] = _register_ops("_triton")
+
+
+# Defined at import when Triton can run here (a GPU, or the interpreter), so that torch.compile
+# never traces their registration (as cetnet_kernels/fusion.py does).
+if (torch.cuda.is_available() and _triton_runs_on(torch.device("cuda"))) or _triton_runs_on(
+        torch.device("cpu")):
+    try:
+        _load_triton()
+    except Exception as exc:  # a broken triton install must not break the other backends
+        _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _ops_for(backend: str) -> _EmbeddingOps:
+    if backend == "triton" and "triton" not in _OPS:
+        if _TRITON_ERROR is not None:
+            raise RuntimeError(f"backend 'triton' failed to load: {_TRITON_ERROR}")
+        _load_triton()
+    return _OPS[backend]
 
 
 # ------------------------------------------------------------------------------------------------
 # The module
 # ------------------------------------------------------------------------------------------------
+def _is_kjt(x: object) -> bool:
+    """Duck-typed torchrec ``KeyedJaggedTensor`` (torchrec is not a dependency)."""
+    return (not isinstance(x, Mapping) and callable(getattr(x, "keys", None))
+            and callable(getattr(x, "values", None)) and callable(getattr(x, "offsets", None)))
+
+
+def _kjt_to_ids(kjt: Any) -> dict[str, tuple]:
+    """Turns a ``KeyedJaggedTensor`` into ``{key: (values, offsets[, weights])}`` bags.
+
+    Every key is a bag, also when all its lengths are 1: bags are the faithful mapping of a
+    jagged tensor (a length can be 0), and a one-value bag pools to that value's row (sum and
+    mean alike), so the result equals a single-id lookup, one column per key. Weights, when the
+    KJT has them, become per-sample weights (they need pooling="sum"). One host sync reads the
+    key boundaries. Variable batch sizes per key are not supported.
+    """
+    keys = list(kjt.keys())
+    vsk = getattr(kjt, "variable_stride_per_key", None)
+    if callable(vsk) and vsk():
+        raise ValueError("MultiTableEmbedding: KeyedJaggedTensor with a variable batch size per "
+                         "key is not supported")
+    values, offsets = kjt.values(), kjt.offsets()
+    wfn = getattr(kjt, "weights_or_none", None)
+    weights = wfn() if callable(wfn) else None
+    F = len(keys)
+    if F == 0:
+        return {}
+    n = offsets.numel() - 1
+    if n < 0 or n % F:
+        raise ValueError(f"MultiTableEmbedding: KeyedJaggedTensor offsets of length {n + 1} do "
+                         f"not hold {F} keys of one batch size")
+    B = n // F
+    bounds = offsets[::B].tolist() if B > 0 else [int(offsets[0])] * (F + 1)
+    out: dict[str, tuple] = {}
+    for k, key in enumerate(keys):
+        lo, hi = bounds[k], bounds[k + 1]
+        o = offsets[k * B:(k + 1) * B + 1] - lo
+        v = values[lo:hi]
+        out[key] = (v, o) if weights is None else (v, o, weights[lo:hi])
+    return out
+
+
 def _as_feature(f: object, i: int) -> EmbeddingFeature:
     if isinstance(f, EmbeddingFeature):
         return f
@@ -221,8 +322,12 @@ class MultiTableEmbedding(nn.Module):
             storage is read and updated in float32 and the outputs are float32.
         padding_idx: ids equal to it give zero vectors and no gradient (and are left out of bag
             means); None disables padding.
-        backend: ``"auto"`` (the C++ kernels when built, else the reference), ``"cpu"`` or
-            ``"reference"`` (one ``F.embedding`` per table; dense gradient only).
+        backend: ``"auto"``, ``"cpu"`` (C++), ``"cuda"``, ``"triton"`` or ``"reference"``
+            (one ``F.embedding`` per table; dense gradient only). ``"auto"`` (or the
+            ``CETNET_BACKEND`` environment variable) picks, for the tables' device at each call:
+            cuda, else triton, for CUDA tensors; cpu for CPU tensors; the reference when nothing
+            is compiled (as :func:`cetnet_kernels.confidence_fusion`). ``"triton"`` runs on CPU
+            tensors only under ``TRITON_INTERPRET=1`` (tests).
         init: ``"uniform"`` (``U(-s, s)``, ``s = init_scale or 1/sqrt(num_embeddings)``, FBGEMM's
             default) or ``"normal"`` (``N(0, init_scale or 1)``, ``nn.Embedding``'s default). Use
             :meth:`from_tables` to start from existing tensors.
@@ -284,9 +389,8 @@ class MultiTableEmbedding(nn.Module):
         if padding_idx is not None and (isinstance(padding_idx, bool)
                                         or not isinstance(padding_idx, int)):
             raise TypeError(f"{op}: padding_idx must be an int or None, got {padding_idx!r}")
-        if backend not in ("auto", "cpu", "reference"):
-            raise ValueError(f"{op}: backend must be 'auto', 'cpu' or 'reference' (the CUDA and "
-                             f"Triton embedding kernels are not built yet), got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "cpu" and not HAS_C:
             raise RuntimeError(f"{op}: backend 'cpu' is not available: cetnet_kernels._C is not "
                                "built")
@@ -436,8 +540,11 @@ class MultiTableEmbedding(nn.Module):
     def _normalize(self, ids: Mapping[str, IdsInput]):
         """Checks ``ids`` and returns the per-feature kernel inputs, modes and column counts."""
         op = "MultiTableEmbedding"
+        if _is_kjt(ids):
+            ids = _kjt_to_ids(ids)
         if not isinstance(ids, Mapping):
-            raise TypeError(f"{op}: ids must map feature names to tensors, got "
+            raise TypeError(f"{op}: ids must map feature names to tensors (or be a torchrec "
+                            f"KeyedJaggedTensor), got "
                             f"{type(ids).__name__}")
         if len(ids) != len(self._names) or any(k not in self._index for k in ids):
             unknown = [k for k in ids if k not in self._index]
@@ -523,9 +630,13 @@ class MultiTableEmbedding(nn.Module):
                              f"but the tables on {device}")
 
     def _resolved_backend(self) -> str:
-        if self.backend == "auto":
-            return "cpu" if HAS_C and self.weight.device.type == "cpu" else "reference"
-        return self.backend
+        be = resolve_backend(self.backend, self.weight.device)  # raises saying why not
+        if be == "reference" and self.optimizer is not None:
+            raise RuntimeError(
+                f"MultiTableEmbedding: optimizer={self.optimizer!r} needs the cpu, cuda or "
+                f"triton backend, but only the reference runs here on {self.weight.device} "
+                "(build cetnet_kernels._C, or use optimizer=None with a torch optimizer)")
+        return be
 
     def forward(self, ids: Mapping[str, IdsInput]) -> list[Tensor]:
         """Looks up every feature for every member.
@@ -534,7 +645,9 @@ class MultiTableEmbedding(nn.Module):
             ids: feature name -> an int32/int64 tensor ``[B]`` (one id per row; 1 column),
                 ``[B, T]`` (a padded sequence; T columns; ``padding_idx`` entries give zeros), or a
                 bag ``(values [L], offsets [B + 1])`` / ``(values, offsets, per_sample_weights)``
-                pooled by the feature's pooling (1 column; an empty bag gives zeros).
+                pooled by the feature's pooling (1 column; an empty bag gives zeros). Or a
+                torchrec ``KeyedJaggedTensor`` whose keys are the feature names: every key is
+                a bag (with the KJT's weights as per-sample weights), one column per feature.
 
         Returns:
             M tensors, member m's ``[B, N, D_m]`` (contiguous), columns in the order of
@@ -552,13 +665,14 @@ class MultiTableEmbedding(nn.Module):
         be = self._resolved_backend()
         if be == "reference":
             return self._forward_reference(vals, offs, psws, modes)
+        ops = _ops_for(be)
         if self.optimizer is not None and torch.is_grad_enabled():
-            return torch.ops.cetnet.multi_embedding_fused(
+            return ops.fused(
                 self.weight, self.optimizer_state if self.optimizer_state is not None
                 else self._empty_weights, self._placeholder, vals, offs, psws, modes,
                 list(self.dims), list(self._vocab), self.padding_idx, self._joined_names,
                 _OPT_CODE[self.optimizer], self.lr, self.eps, self.weight_decay)
-        return torch.ops.cetnet.multi_embedding(
+        return ops.lookup(
             self.weight, vals, offs, psws, modes, list(self.dims), list(self._vocab),
             self.padding_idx, self._joined_names)
 

@@ -42,6 +42,9 @@
 #ifdef CETNET_WITH_CUDA
 #include "cuda/fusion_cuda.h"
 #endif
+#ifdef CETNET_WITH_CUDA
+#include "cuda/embedding_cuda.h"
+#endif
 
 TORCH_LIBRARY(cetnet, m) {
   // detach_weights does not change the forward values; it is in the schema so autograd sees it.
@@ -98,5 +101,15 @@ TORCH_LIBRARY_IMPL(cetnet, CUDA, m) {
   m.impl("confidence_fusion", &cetnet::cuda::confidence_fusion);
   m.impl("confidence_fusion_backward", &cetnet::cuda::confidence_fusion_backward);
   m.impl("collaborative_loss", &cetnet::cuda::collaborative_loss);
+}
+#endif
+
+#ifdef CETNET_WITH_CUDA
+// The multi-table embedding's CUDA kernels (csrc/cuda/embedding_cuda.cu).
+TORCH_LIBRARY_IMPL(cetnet, CUDA, m) {
+  m.impl("multi_embedding", &cetnet::cuda::multi_embedding);
+  m.impl("multi_embedding_fused", &cetnet::cuda::multi_embedding_fused);
+  m.impl("multi_embedding_backward", &cetnet::cuda::multi_embedding_backward);
+  m.impl("multi_embedding_update", &cetnet::cuda::multi_embedding_update);
 }
 #endif

@@ -79,6 +79,21 @@ def reference_outputs(mod: MultiTableEmbedding, ids, weight64: torch.Tensor | No
                                            mod.padding_idx)
 
 
+def with_bad_id(base, name: str, bad: int):
+    """A copy of the ids ``base`` whose feature ``name`` has ``bad`` as its last id."""
+    ids = dict(base)
+    x = ids[name]
+    if isinstance(x, torch.Tensor):
+        x = x.clone()
+        x.view(-1)[-1] = bad
+        ids[name] = x
+    else:
+        v = x[0].clone()
+        v[-1] = bad
+        ids[name] = (v, *x[1:])
+    return ids
+
+
 def zipf_ids(n: int, vocab: int, rng: np.random.Generator, a: float = 1.05) -> torch.Tensor:
     return torch.from_numpy((rng.zipf(a, n) - 1) % vocab)
 
@@ -486,16 +501,7 @@ def test_out_of_range_ids_raise_index_error(backend, optimizer):
     base = make_ids()
     cases = [("user", 40), ("item", -2), ("history", 25), ("tags", 17), ("genres", -5)]
     for name, bad in cases:
-        ids = dict(base)
-        x = ids[name]
-        if isinstance(x, torch.Tensor):
-            x = x.clone()
-            x.view(-1)[-1] = bad
-            ids[name] = x
-        else:
-            v = x[0].clone()
-            v[-1] = bad
-            ids[name] = (v, *x[1:])
+        ids = with_bad_id(base, name, bad)
         with pytest.raises(IndexError, match=rf"'{name}'.*id {bad}\b.*size {mod._vocab[mod._index[name]]}"):
             mod(ids)
     assert torch.equal(mod.weight, w0)

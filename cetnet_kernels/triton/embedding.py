@@ -1,0 +1,588 @@
+"""Triton kernels of the multi-table embedding (issue 3; the CPU and CUDA kernels are in csrc/).
+
+Registers four ops with the schemas and contracts of the compiled ``cetnet::multi_embedding*``
+ops (see csrc/registration.cpp), under the names ``cetnet::multi_embedding_triton``,
+``multi_embedding_fused_triton``, ``multi_embedding_backward_triton`` and
+``multi_embedding_update_triton`` (the last one updates ``weight`` and ``state`` in place).
+Their fake kernels and autograd are registered by :mod:`cetnet_kernels.embedding`.
+
+Kernels (storage as in csrc/cpu/embedding_cpu.cpp: table (m, f) is a row-major [V_f, D_m] block
+at ``table_base[m] + D_m * row_base[f]``; ``row_base[f] + id`` is the "key" of a row of every
+member; member m's row-wise state of key k is ``state[m * Vtot + k]``):
+
+* ``_gather_kernel``: every single-id and sequence column of every member in one launch, grid
+  (row blocks of the [B, C] id columns, M); a [BLOCK_R, BLOCK_D] tile per program.
+* ``_bags_kernel``: every pooled bag (sum / mean / weighted) in one more launch, grid
+  (B * bag features, M); the bag's values in [BLOCK_L, BLOCK_D] tiles.
+* ``_runs_kernel``: backward, grid (touched rows, M). The host sorts the (key, output row,
+  scale) entries of the batch by key with a stable ``torch.sort`` and cuts them into runs of
+  equal keys (``torch.unique_consecutive``); each program sums one run's gradient rows in sorted
+  (= batch) order in fixed-size tiles and writes the dense gradient row or applies SGD /
+  row-wise Adagrad (FBGEMM semantics, as the CPU kernel) to the row. Each row has one program:
+  no atomics, a fixed summation order, bitwise reproducible.
+
+The M outputs (and the M gradients in backward) are separate tensors; a kernel reaches member
+m's through ``base + delta[m]``, with ``delta[m]`` the element distance of its data pointer from
+member 0's (all have one dtype, so the distances are exact).
+
+Ids and offsets are checked on the host with torch ops before any launch (one synchronizing
+copy of a few flags per call): out-of-range ids other than ``padding_idx`` raise IndexError with
+the CPU's message, malformed offsets ValueError; the kernels also mask every load, so nothing is
+ever read out of bounds. The host-side checks, sort and run cut are data dependent, so these are
+opaque ``torch.library.custom_op``s (also on GPU, unlike the fusion ops' ``triton_op``):
+torch.compile calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors
+(tests).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+from cetnet_kernels.triton.fusion import INTERPRETED  # TRITON_INTERPRET=1 at import time
+
+__all__ = [
+    "INTERPRETED",
+    "multi_embedding_backward_triton",
+    "multi_embedding_fused_triton",
+    "multi_embedding_triton",
+    "multi_embedding_update_triton",
+]
+
+# Modes per feature and optimizer codes (csrc/registration.cpp).
+_IDS, _BAG_SUM, _BAG_MEAN, _BAG_WEIGHTED = 0, 1, 2, 3
+_DENSE, _SGD, _ROWWISE_ADAGRAD = 0, 1, 2
+_TILE = 4096  # elements of one [rows, BLOCK_D] tile
+
+
+
+
+# =============================================================================================
+# Kernels
+# =============================================================================================
+@triton.jit
+def _gather_kernel(
+    w_ptr,          # [W] flat tables (any float dtype)
+    ids_ptr,        # [B, C] int64: every id column (single ids and sequence positions)
+    col_feat_ptr,   # [C] int32: feature of each column
+    col_n_ptr,      # [C] int64: output column of each id column
+    vocab_ptr,      # [F] int64
+    row_base_ptr,   # [F] int64
+    dims_ptr,       # [M] int64
+    table_base_ptr,  # [M] int64
+    out_ptr,        # member 0's output [B, N, D_0] (acc dtype)
+    out_delta_ptr,  # [M] int64: member m's output is out_ptr + out_delta[m]
+    BC, C, N, pad,
+    HAS_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = r < BC
+    b = r // C
+    c = r - b * C
+    ids = tl.load(ids_ptr + r, mask=rmask, other=0)
+    f = tl.load(col_feat_ptr + c, mask=rmask, other=0)
+    n = tl.load(col_n_ptr + c, mask=rmask, other=0)
+    V = tl.load(vocab_ptr + f, mask=rmask, other=1)
+    rb = tl.load(row_base_ptr + f, mask=rmask, other=0)
+    valid = rmask & (ids >= 0) & (ids < V)
+    if HAS_PAD:
+        valid = valid & (ids != pad)
+    D = tl.load(dims_ptr + m)
+    tb = tl.load(table_base_ptr + m)
+    od = tl.load(out_delta_ptr + m)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    src = w_ptr + tb + D * (rb + ids)[:, None] + d[None, :]
+    rows = tl.load(src, mask=valid[:, None] & dmask[None, :], other=0.0)
+    dst = out_ptr + od + (b * N + n)[:, None] * D + d[None, :]
+    tl.store(dst, rows.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _bags_kernel(
+    w_ptr,          # [W] flat tables
+    vals_ptr,       # [L] int64: every bag feature's values, concatenated
+    psw_ptr,        # [L] float32: per-value weights (1 for unweighted bags)
+    offs_ptr,       # [J, B + 1] int64: bag offsets into vals (already shifted)
+    bag_feat_ptr,   # [J] int32
+    bag_n_ptr,      # [J] int64: output column
+    bag_mean_ptr,   # [J] int32: 1 for mean pooling
+    vocab_ptr, row_base_ptr, dims_ptr, table_base_ptr, out_ptr, out_delta_ptr,
+    B, J, N, pad,
+    HAS_PAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1)
+    b = pid // J
+    j = pid - b * J
+    f = tl.load(bag_feat_ptr + j)
+    n = tl.load(bag_n_ptr + j)
+    V = tl.load(vocab_ptr + f)
+    rb = tl.load(row_base_ptr + f)
+    k0 = tl.load(offs_ptr + j * (B + 1) + b)
+    k1 = tl.load(offs_ptr + j * (B + 1) + b + 1)
+    D = tl.load(dims_ptr + m)
+    tb = tl.load(table_base_ptr + m)
+    od = tl.load(out_delta_ptr + m)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    acc_ty = out_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_D], dtype=acc_ty)
+    count = tl.zeros([BLOCK_L], dtype=tl.int32)
+    for k in range(k0, k1, BLOCK_L):
+        kk = k + tl.arange(0, BLOCK_L).to(tl.int64)
+        km = kk < k1
+        ids = tl.load(vals_ptr + kk, mask=km, other=0)
+        valid = km & (ids >= 0) & (ids < V)
+        if HAS_PAD:
+            valid = valid & (ids != pad)
+        wgt = tl.load(psw_ptr + kk, mask=valid, other=0.0).to(acc_ty)
+        rows = tl.load(w_ptr + tb + D * (rb + ids)[:, None] + d[None, :],
+                       mask=valid[:, None] & dmask[None, :], other=0.0).to(acc_ty)
+        acc += tl.sum(rows * wgt[:, None], axis=0)
+        count += valid.to(tl.int32)
+    cnt = tl.sum(count, axis=0)
+    is_mean = tl.load(bag_mean_ptr + j) != 0
+    scale = tl.where(is_mean & (cnt > 1), 1.0 / tl.maximum(cnt, 1).to(acc_ty), 1.0).to(acc_ty)
+    tl.store(out_ptr + od + (b * N + n) * D + d, acc * scale, mask=dmask)
+
+
+@triton.jit
+def _runs_kernel(
+    w_ptr,          # [W] flat tables (updated in place by SGD / Adagrad)
+    gw_ptr,         # [W] dense gradient (DENSE mode), else unused
+    state_ptr,      # [M * Vtot] row-wise Adagrad state (acc dtype), else unused
+    g_ptr,          # member 0's gradient [B * N * D_0] (acc dtype)
+    g_delta_ptr,    # [M] int64: member m's gradient is g_ptr + g_delta[m]
+    has_g_ptr,      # [M] int32: 0 when member m's gradient is zero (absent)
+    src_ptr,        # [E] int64: output row (b * N + n) of each sorted entry
+    scale_ptr,      # [E] acc dtype: factor of each sorted entry
+    run_start_ptr,  # [R] int64
+    run_end_ptr,    # [R] int64
+    run_key_ptr,    # [R] int64: row_base[f] + id
+    dims_ptr, table_base_ptr,
+    hyper_ptr,      # [3] acc dtype: lr, eps, weight_decay
+    Vtot,
+    MODE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1)
+    start = tl.load(run_start_ptr + r)
+    end = tl.load(run_end_ptr + r)
+    key = tl.load(run_key_ptr + r)
+    D = tl.load(dims_ptr + m)
+    tb = tl.load(table_base_ptr + m)
+    gd = tl.load(g_delta_ptr + m)
+    # an absent gradient: an empty range of entries (the row still gets decay / the update)
+    stop = start + (end - start) * tl.load(has_g_ptr + m).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    acc_ty = g_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_D], dtype=acc_ty)
+    for i in range(start, stop, BLOCK_E):
+        ii = i + tl.arange(0, BLOCK_E).to(tl.int64)
+        im = ii < stop
+        src = tl.load(src_ptr + ii, mask=im, other=0)
+        sc = tl.load(scale_ptr + ii, mask=im, other=0.0)
+        g = tl.load(g_ptr + gd + src[:, None] * D + d[None, :], mask=im[:, None] & dmask[None, :],
+                    other=0.0)
+        acc += tl.sum(g * sc[:, None], axis=0)
+    row = tb + D * key + d
+    if MODE == 0:
+        tl.store(gw_ptr + row, acc.to(gw_ptr.dtype.element_ty), mask=dmask)
+    else:
+        lr = tl.load(hyper_ptr)
+        wd = tl.load(hyper_ptr + 2)
+        cur = tl.load(w_ptr + row, mask=dmask, other=0.0).to(acc_ty)
+        a = tl.where(dmask, acc + wd * cur, 0.0)
+        step = lr
+        if MODE == 2:
+            eps = tl.load(hyper_ptr + 1)
+            si = m * Vtot + key
+            s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D.to(acc_ty)
+            tl.store(state_ptr + si, s)
+            step = lr / (tl.sqrt(s) + eps)
+        tl.store(w_ptr + row, (cur - step * a).to(w_ptr.dtype.element_ty), mask=dmask)
+
+
+# =============================================================================================
+# Host side
+# =============================================================================================
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _skip_launch(*tensors: Tensor) -> bool:
+    # Nothing to compute for fake/meta tensors (shape propagation only).
+    return any(t.device.type == "meta" or is_fake(t) for t in tensors)
+
+
+def _deltas(tensors: list[Tensor], base: Tensor) -> Tensor:
+    """Element distances of the tensors' data pointers from ``base``'s (one dtype)."""
+    es = base.element_size()
+    return torch.tensor([(t.data_ptr() - base.data_ptr()) // es for t in tensors],
+                        dtype=torch.int64, device=base.device)
+
+
+class _Plan:
+    """The validated layout of one call (the checks of csrc/cuda/embedding_cuda.cu make_plan)."""
+
+    def __init__(self, op: str, weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
+                 psw: list[Tensor], modes: list[int], dims: list[int], vocab: list[int],
+                 padding_idx: Optional[int], feature_names: str) -> None:
+        M, F = len(dims), len(vocab)
+        if M < 1 or F < 1:
+            raise ValueError(f"{op}: dims and vocab must name at least one member and feature")
+        if not (len(ids) == len(offsets) == len(psw) == len(modes) == F):
+            raise ValueError(f"{op}: ids, offsets, per_sample_weights and modes need one entry "
+                             f"per feature ({F}), got {len(ids)}, {len(offsets)}, {len(psw)}, "
+                             f"{len(modes)}")
+        names = feature_names.split("\n") if feature_names else []
+        self.names = names if len(names) == F else [f"#{f}" for f in range(F)]
+        if any(d < 1 for d in dims):
+            raise ValueError(f"{op}: dims must be >= 1, got {list(dims)}")
+        if any(v < 1 for v in vocab):
+            raise ValueError(f"{op}: vocabulary sizes must be >= 1, got {list(vocab)}")
+        self.M, self.F = M, F
+        self.dims, self.vocab, self.modes = list(dims), list(vocab), list(modes)
+        self.padding_idx = padding_idx
+        self.row_base, vt = [], 0
+        for v in vocab:
+            self.row_base.append(vt)
+            vt += v
+        self.Vtot = vt
+        self.table_base, numel = [], 0
+        for dm in dims:
+            self.table_base.append(numel)
+            numel += dm * vt
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
+        if weight.dim() != 1 or weight.numel() != numel:
+            raise ValueError(f"{op}: weight must be 1-D with {numel} elements, got shape "
+                             f"{tuple(weight.shape)}")
+        if not weight.is_contiguous():
+            raise ValueError(f"{op}: weight must be contiguous")
+        self.device = weight.device
+        self.B, self.ncols, self.col_start, N = None, [], [], 0
+        for f in range(F):
+            nm, mode, x = self.names[f], modes[f], ids[f]
+            if mode not in (_IDS, _BAG_SUM, _BAG_MEAN, _BAG_WEIGHTED):
+                raise ValueError(f"{op}: feature '{nm}': unknown mode {mode}")
+            if x.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{op}: feature '{nm}': ids must be int32 or int64, got {x.dtype}")
+            if x.device != self.device:
+                raise ValueError(f"{op}: feature '{nm}': ids must be on {self.device}")
+            if mode == _IDS:
+                if x.dim() not in (1, 2):
+                    raise ValueError(f"{op}: feature '{nm}': ids must be [B] or [B, T], got shape "
+                                     f"{tuple(x.shape)}")
+                Bf, nc = x.shape[0], (x.shape[1] if x.dim() == 2 else 1)
+            else:
+                o = offsets[f]
+                if x.dim() != 1:
+                    raise ValueError(f"{op}: feature '{nm}': bag values must be 1-D, got shape "
+                                     f"{tuple(x.shape)}")
+                if o.dtype not in (torch.int32, torch.int64):
+                    raise TypeError(f"{op}: feature '{nm}': offsets must be int32 or int64, got "
+                                    f"{o.dtype}")
+                if o.dim() != 1 or o.numel() < 1:
+                    raise ValueError(f"{op}: feature '{nm}': offsets must be 1-D of length B + 1, "
+                                     f"got shape {tuple(o.shape)}")
+                if o.device != self.device:
+                    raise ValueError(f"{op}: feature '{nm}': offsets must be on {self.device}")
+                if mode == _BAG_WEIGHTED:
+                    p = psw[f]
+                    if p.dtype != torch.float32:
+                        raise TypeError(f"{op}: feature '{nm}': per_sample_weights must be "
+                                        f"float32, got {p.dtype}")
+                    if p.dim() != 1 or p.numel() != x.numel():
+                        raise ValueError(f"{op}: feature '{nm}': per_sample_weights must have "
+                                         f"shape [{x.numel()}], got {tuple(p.shape)}")
+                Bf, nc = o.numel() - 1, 1
+            if self.B is None:
+                self.B = Bf
+            elif Bf != self.B:
+                raise ValueError(f"{op}: feature '{nm}' has batch size {Bf} but feature "
+                                 f"'{self.names[0]}' has {self.B}")
+            self.ncols.append(nc)
+            self.col_start.append(N)
+            N += nc
+        self.N = N
+        self.ids, self.offsets, self.psw = ids, offsets, psw
+
+    # ------------------------------------------------------------------ checks (host, torch)
+    def check(self, op: str) -> None:
+        """Raises ValueError for malformed offsets, then IndexError for the first bad id (by
+        batch row, feature, position, as on CPU). One synchronizing copy when all is well."""
+        flags = []  # per feature: offsets ok, ids ok
+        dev = self.device
+        for f in range(self.F):
+            x = self.ids[f]
+            if self.modes[f] != _IDS:
+                o = self.offsets[f]
+                ok = (o[0] == 0) & (o[-1] == x.numel())
+                if o.numel() > 1:
+                    ok = ok & (o[1:] >= o[:-1]).all()
+                flags.append(ok.reshape(1))
+            else:
+                flags.append(torch.ones(1, dtype=torch.bool, device=dev))
+            flags.append((~self._bad_mask(f)).all().reshape(1))
+        ok = torch.cat(flags).cpu().tolist()
+        if all(ok):
+            return
+        for f in range(self.F):
+            if not ok[2 * f]:
+                o = self.offsets[f].cpu().tolist()
+                nm, nvals = self.names[f], self.ids[f].numel()
+                if o[0] != 0:
+                    raise ValueError(f"{op}: feature '{nm}': offsets[0] must be 0, got {o[0]}")
+                for b in range(len(o) - 1):
+                    if o[b] > o[b + 1]:
+                        raise ValueError(f"{op}: feature '{nm}': offsets must be non-decreasing, "
+                                         f"but offsets[{b}] = {o[b]} > offsets[{b + 1}] = "
+                                         f"{o[b + 1]}")
+                raise ValueError(f"{op}: feature '{nm}': offsets[-1] must equal the number of "
+                                 f"values ({nvals}), got {o[-1]}")
+        first = None
+        for f in range(self.F):
+            if ok[2 * f + 1]:
+                continue
+            i = int(self._bad_mask(f).reshape(-1).nonzero()[0, 0])
+            if self.modes[f] == _IDS:
+                b, pos = divmod(i, self.ncols[f])
+            else:
+                o = self.offsets[f].cpu()
+                b = int(torch.searchsorted(o, torch.tensor(i, dtype=o.dtype), right=True)) - 1
+                b = min(max(b, 0), self.B - 1)
+                pos = i - int(o[b])
+            cand = (b, f, pos, int(self.ids[f].reshape(-1)[i]))
+            if first is None or cand[:3] < first[:3]:
+                first = cand
+        b, f, pos, v = first
+        V = self.vocab[f]
+        pad = "" if self.padding_idx is None else f", or padding_idx = {self.padding_idx}"
+        raise IndexError(f"{op}: feature '{self.names[f]}': id {v} is out of range for its "
+                         f"vocabulary of size {V} (valid ids: 0 .. {V - 1}{pad}; batch row {b}, "
+                         f"position {pos})")
+
+    def _bad_mask(self, f: int) -> Tensor:
+        x = self.ids[f]
+        bad = (x < 0) | (x >= self.vocab[f])
+        if self.padding_idx is not None:
+            bad &= x != self.padding_idx
+        return bad
+
+    def _valid_mask(self, x: Tensor) -> Tensor:
+        # after check(): every id is in range or padding
+        return x != self.padding_idx if self.padding_idx is not None else \
+            torch.ones_like(x, dtype=torch.bool)
+
+    def tensor(self, values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+
+def _block_d(dims: list[int]) -> int:
+    return triton.next_power_of_2(max(dims))
+
+
+# ------------------------------------------------------------------------------------ forward
+def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
+                     per_sample_weights: list[Tensor], modes: list[int], dims: list[int],
+                     vocab: list[int], padding_idx: Optional[int],
+                     feature_names: str) -> list[Tensor]:
+    op = "cetnet::multi_embedding_triton"
+    P = _Plan(op, weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
+              feature_names)
+    acc = _acc_dtype(weight.dtype)
+    B, N = P.B, P.N
+    outs = [torch.empty((B, N, dm), dtype=acc, device=P.device) for dm in dims]
+    if B == 0 or _skip_launch(weight, *ids):
+        return outs
+    P.check(op)
+    has_pad = padding_idx is not None
+    pad = int(padding_idx) if has_pad else 0
+    vocab_t, row_base_t = P.tensor(P.vocab), P.tensor(P.row_base)
+    dims_t, table_base_t = P.tensor(P.dims), P.tensor(P.table_base)
+    out_delta = _deltas(outs, outs[0])
+    block_d = _block_d(P.dims)
+    M = P.M
+    id_feats = [f for f in range(P.F) if modes[f] == _IDS and P.ncols[f] > 0]
+    if id_feats:
+        cols = torch.cat([ids[f].reshape(B, -1).to(torch.int64) for f in id_feats], dim=1)
+        col_feat = P.tensor([f for f in id_feats for _ in range(P.ncols[f])], torch.int32)
+        col_n = P.tensor([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
+        C = cols.shape[1]
+        block_r = max(1, min(128, _TILE // block_d))
+        _gather_kernel[(triton.cdiv(B * C, block_r), M)](
+            weight, cols.contiguous(), col_feat, col_n, vocab_t, row_base_t, dims_t,
+            table_base_t, outs[0], out_delta, B * C, C, N, pad,
+            HAS_PAD=has_pad, BLOCK_R=block_r, BLOCK_D=block_d)
+    bag_feats = [f for f in range(P.F) if modes[f] != _IDS]
+    if bag_feats:
+        vals, psws, offs, base = [], [], [], 0
+        for f in bag_feats:
+            x = ids[f].to(torch.int64)
+            vals.append(x)
+            psws.append(per_sample_weights[f] if modes[f] == _BAG_WEIGHTED
+                        else torch.ones(x.shape, dtype=torch.float32, device=P.device))
+            offs.append(offsets[f].to(torch.int64) + base)
+            base += x.numel()
+        J = len(bag_feats)
+        vals_t = torch.cat(vals) if base > 0 else torch.zeros(1, dtype=torch.int64,
+                                                              device=P.device)
+        psw_t = torch.cat(psws) if base > 0 else torch.zeros(1, device=P.device)
+        block_l = max(1, min(64, _TILE // block_d))
+        _bags_kernel[(B * J, M)](
+            weight, vals_t, psw_t.contiguous(), torch.stack(offs).contiguous(),
+            P.tensor(bag_feats, torch.int32), P.tensor([P.col_start[f] for f in bag_feats]),
+            P.tensor([int(modes[f] == _BAG_MEAN) for f in bag_feats], torch.int32),
+            vocab_t, row_base_t, dims_t, table_base_t, outs[0], out_delta, B, J, N, pad,
+            HAS_PAD=has_pad, BLOCK_L=block_l, BLOCK_D=block_d)
+    return outs
+
+
+def _multi_embedding_fused(weight: Tensor, state: Tensor, placeholder: Tensor, ids: list[Tensor],
+                           offsets: list[Tensor], per_sample_weights: list[Tensor],
+                           modes: list[int], dims: list[int], vocab: list[int],
+                           padding_idx: Optional[int], feature_names: str, optimizer: int,
+                           lr: float, eps: float, weight_decay: float) -> list[Tensor]:
+    # The plain lookup; the other inputs are for the fused backward (the update op).
+    return _multi_embedding(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
+                            padding_idx, feature_names)
+
+
+# ----------------------------------------------------------------------------------- backward
+def _runs(P: _Plan, op: str, acc: torch.dtype):
+    """The batch's entries sorted by key and cut into runs: (src, scale, start, end, key) or
+    None when no row is touched. Deterministic: a stable sort keeps equal keys in batch order."""
+    keys, srcs, scales = [], [], []
+    B, N, dev = P.B, P.N, P.device
+    for f in range(P.F):
+        x = P.ids[f].to(torch.int64)
+        if P.modes[f] == _IDS:
+            T = P.ncols[f]
+            x = x.reshape(B, T)
+            src = (torch.arange(B, device=dev)[:, None] * N + P.col_start[f]
+                   + torch.arange(T, device=dev)[None, :])
+            keep = P._valid_mask(x)
+            keys.append((x + P.row_base[f])[keep])
+            srcs.append(src[keep])
+            scales.append(torch.ones(int(keys[-1].numel()), dtype=acc, device=dev))
+            continue
+        o = P.offsets[f].to(torch.int64)
+        lens = o[1:] - o[:-1]
+        bag_of = torch.repeat_interleave(torch.arange(B, device=dev), lens,
+                                         output_size=x.numel())
+        keep = P._valid_mask(x)
+        if P.modes[f] == _BAG_WEIGHTED:
+            sc = P.psw[f].to(acc)
+        elif P.modes[f] == _BAG_MEAN:
+            # valid values per bag from a prefix sum (exact, no atomics)
+            cv = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
+                            keep.to(torch.int64).cumsum(0)])
+            count = (cv[o[1:]] - cv[o[:-1]]).clamp_min(1).to(acc)
+            sc = (1.0 / count)[bag_of]
+        else:
+            sc = torch.ones(x.shape, dtype=acc, device=dev)
+        keys.append((x + P.row_base[f])[keep])
+        srcs.append((bag_of * N + P.col_start[f])[keep])
+        scales.append(sc[keep])
+    key = torch.cat(keys)
+    if key.numel() == 0:
+        return None
+    skey, perm = torch.sort(key, stable=True)
+    ukey, counts = torch.unique_consecutive(skey, return_counts=True)
+    end = counts.cumsum(0)
+    start = end - counts
+    return (torch.cat(srcs)[perm].contiguous(), torch.cat(scales)[perm].contiguous(), start,
+            end, ukey)
+
+
+def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Optional[Tensor],
+                state: Optional[Tensor], mode: int, lr: float, eps: float, wd: float,
+                op: str) -> None:
+    acc = _acc_dtype(weight.dtype)
+    if len(grads) != P.M:
+        raise ValueError(f"{op}: expected {P.M} gradients (one per member), got {len(grads)}")
+    gs, has_g = [], []
+    for m, g in enumerate(grads):
+        if g is None or g.numel() == 0:
+            gs.append(None)
+            has_g.append(0)
+            continue
+        if tuple(g.shape) != (P.B, P.N, P.dims[m]):
+            raise ValueError(f"{op}: grads[{m}] must have shape [{P.B}, {P.N}, {P.dims[m]}], "
+                             f"got {tuple(g.shape)}")
+        gs.append(g.to(acc).contiguous())
+        has_g.append(1)
+    if P.B == 0 or _skip_launch(weight, *P.ids):
+        return
+    P.check(op)  # before anything is written
+    runs = _runs(P, op, acc)
+    if runs is None:
+        return
+    src, scale, start, end, ukey = runs
+    live = [g for g in gs if g is not None]
+    g0 = live[0] if live else torch.zeros(1, dtype=acc, device=P.device)
+    g_delta = _deltas([g if g is not None else g0 for g in gs], g0)
+    block_d = _block_d(P.dims)
+    hyper = torch.tensor([lr, eps, wd], dtype=acc, device=P.device)
+    _runs_kernel[(ukey.numel(), P.M)](
+        weight, grad_weight if grad_weight is not None else weight,
+        state if state is not None and state.numel() > 0 else hyper,
+        g0, g_delta, P.tensor(has_g, torch.int32), src, scale, start, end, ukey,
+        P.tensor(P.dims), P.tensor(P.table_base), hyper, P.Vtot,
+        MODE=mode, BLOCK_E=max(1, min(32, _TILE // block_d)), BLOCK_D=block_d)
+
+
+def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Tensor],
+                              offsets: list[Tensor], per_sample_weights: list[Tensor],
+                              modes: list[int], dims: list[int], vocab: list[int],
+                              padding_idx: Optional[int]) -> Tensor:
+    op = "cetnet::multi_embedding_backward_triton"
+    P = _Plan(op, weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx, "")
+    grad_weight = torch.zeros_like(weight)
+    _apply_runs(P, grads, weight, grad_weight, None, _DENSE, 0.0, 0.0, 0.0, op)
+    return grad_weight
+
+
+def _multi_embedding_update(grads: list[Tensor], weight: Tensor, state: Tensor,
+                            ids: list[Tensor], offsets: list[Tensor],
+                            per_sample_weights: list[Tensor], modes: list[int], dims: list[int],
+                            vocab: list[int], padding_idx: Optional[int], optimizer: int,
+                            lr: float, eps: float, weight_decay: float) -> None:
+    op = "cetnet::multi_embedding_update_triton"
+    P = _Plan(op, weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx, "")
+    if optimizer not in (_SGD, _ROWWISE_ADAGRAD):
+        raise ValueError(f"{op}: optimizer must be 1 (sgd) or 2 (rowwise_adagrad), got "
+                         f"{optimizer}")
+    if optimizer == _ROWWISE_ADAGRAD:
+        acc = _acc_dtype(weight.dtype)
+        if (state.dim() != 1 or state.numel() != P.M * P.Vtot or not state.is_contiguous()
+                or state.dtype != acc or state.device != weight.device):
+            raise ValueError(f"{op}: state must be a contiguous 1-D {acc} tensor of "
+                             f"{P.M * P.Vtot} elements (one per table row) on {weight.device}, "
+                             f"got {state.dtype} {tuple(state.shape)}")
+    _apply_runs(P, grads, weight, None, state if optimizer == _ROWWISE_ADAGRAD else None,
+                optimizer, lr, eps, weight_decay, op)
+
+
+# =============================================================================================
+# Registration (opaque custom ops; fake kernels and autograd: cetnet_kernels/embedding.py)
+# =============================================================================================
+multi_embedding_triton = torch.library.custom_op(
+    "cetnet::multi_embedding_triton", _multi_embedding, mutates_args=())
+multi_embedding_fused_triton = torch.library.custom_op(
+    "cetnet::multi_embedding_fused_triton", _multi_embedding_fused, mutates_args=())
+multi_embedding_backward_triton = torch.library.custom_op(
+    "cetnet::multi_embedding_backward_triton", _multi_embedding_backward, mutates_args=())
+multi_embedding_update_triton = torch.library.custom_op(
+    "cetnet::multi_embedding_update_triton", _multi_embedding_update,
+    mutates_args=("weight", "state"))

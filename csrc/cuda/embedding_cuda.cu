@@ -1,0 +1,886 @@
+// CUDA kernels of the multi-table embedding (MultiTableEmbedding, cetnet_kernels/embedding.py).
+//
+// Storage as on CPU (csrc/cpu/embedding_cpu.cpp): one flat weight holding the M * F tables
+// member-major; table (m, f) = row-major [V_f, D_m] at table_base[m] + D_m * row_base[f], where
+// table_base[m] = sum_{m' < m} D_m' * Vtot and row_base[f] = sum_{f' < f} V_f'. The row-wise
+// state of row `id` of table (m, f) is state[m * Vtot + row_base[f] + id]. The "key"
+// row_base[f] + id names a row of every member at once (all members read the same ids).
+//
+// Per-call metadata (input pointers, dims, column and bag lists) is packed into one pinned host
+// buffer and copied to the device with one asynchronous copy: any number of features.
+//
+// Forward: launch 1 gathers every single-id / sequence column of every member (a group of G
+// lanes per (batch row, column); lanes stride over the dim, 4-wide when rows are aligned);
+// launch 2 pools every bag (a group per (batch row, bag feature), values visited in order).
+//
+// Bounds check: ids outside [0, V) other than padding_idx are never read; the kernels write a
+// zero row instead and record the smallest bad flat index of the feature with atomicMin (an
+// order-free, so deterministic, record). Malformed offsets are recorded the same way (the bag
+// is skipped, nothing out of range is read). After the launches one small D2H copy of the
+// 2 F records tells the host whether to raise IndexError / ValueError with the CPU's message.
+//
+// Backward (dense gradient and fused SGD / row-wise Adagrad), deterministic and atomic-free:
+//   1. one launch writes an entry (key, output row, scale) per id slot and bag value, checking
+//      ids and offsets; the host raises before anything is written if one is bad;
+//   2. at::sort(stable) by key (a radix sort: deterministic), run starts via at::nonzero;
+//   3. one launch with a group per run (= per touched row): for every member, each lane sums
+//      its dims over the run's entries in sorted (= batch) order, then writes the dense
+//      gradient row or applies the optimizer to the row. Every row belongs to one run: no races,
+//      no float atomics, and the summation order is fixed, so results are bitwise reproducible.
+//      Row-wise Adagrad needs the whole row's sum of squares before the update: the lanes
+//      reduce it with a fixed shuffle tree, and the gradient is summed again in the same order
+//      for the update pass (twice the gradient reads, no shared memory limit on the dim).
+#include "cuda/embedding_cuda.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <tuple>
+
+namespace cetnet::cuda {
+namespace {
+
+enum Mode : int64_t { kIds = 0, kBagSum = 1, kBagMean = 2, kBagWeightedSum = 3 };
+enum Optimizer : int { kDense = 0, kSGD = 1, kRowwiseAdagrad = 2 };
+
+constexpr int kThreads = 256;
+constexpr unsigned long long kNoBad = ~0ULL;  // "nothing recorded" (atomicMin identity)
+
+struct FeatureMeta {
+  const void* ids;      // contiguous, int32 or int64
+  const void* offsets;  // bags: [B + 1], int32 or int64; else nullptr
+  const float* psw;     // weighted bags: per-sample weights [nvals]; else nullptr
+  int64_t vocab;
+  int64_t row_base;   // sum of the previous features' vocabularies
+  int64_t nvals;      // numel of ids
+  int64_t task_base;  // backward entry kernel: first task of this feature
+  int32_t mode;
+  int32_t ids64;
+  int32_t offs64;
+  int32_t ncols;      // T (columns) of an id feature, 1 for a bag
+  int64_t col_start;  // first output column
+};
+
+struct MemberMeta {
+  int64_t table_base;  // first element of member m's tables in the flat weight
+  int64_t dim;
+  void* ptr;           // forward: the output [B, N, D] (acc_t); backward: grads (acc_t) or null
+  int64_t vec4;        // forward: rows and output can be moved 4 elements at a time
+};
+
+__device__ __forceinline__ int64_t read_index(const void* p, int32_t is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(p)[i]
+              : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+}
+
+__device__ __forceinline__ void record_min(unsigned long long* slot, int64_t v) {
+  atomicMin(slot, static_cast<unsigned long long>(v));
+}
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward launch 1: single-id and sequence columns.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, int G>
+__global__ void gather_columns_kernel(const scalar_t* __restrict__ w,
+                                      const FeatureMeta* __restrict__ feats,
+                                      const MemberMeta* __restrict__ mem,
+                                      const int32_t* __restrict__ col_f,
+                                      const int32_t* __restrict__ col_t, int64_t B, int64_t C,
+                                      int64_t N, int M, bool has_pad, int64_t pad,
+                                      unsigned long long* bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % G;
+  const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / G);
+  for (int64_t task = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+       task < B * C; task += groups) {
+    const int64_t b = task / C;
+    const int64_t c = task - b * C;
+    const int f = col_f[c];
+    const int64_t t = col_t[c];
+    const FeatureMeta& fm = feats[f];
+    const int64_t i = b * fm.ncols + t;
+    const int64_t id = read_index(fm.ids, fm.ids64, i);
+    const bool is_pad = has_pad && id == pad;
+    const bool valid = !is_pad && id >= 0 && id < fm.vocab;
+    if (!valid && !is_pad && lane == 0) record_min(&bad[f], i);
+    const int64_t n = fm.col_start + t;
+    for (int m = 0; m < M; ++m) {
+      const int64_t D = mem[m].dim;
+      acc_t* out = static_cast<acc_t*>(mem[m].ptr) + (b * N + n) * D;
+      if (!valid) {
+        for (int64_t d = lane; d < D; d += G) out[d] = acc_t(0);
+        continue;
+      }
+      const scalar_t* src = w + mem[m].table_base + D * (fm.row_base + id);
+      if (mem[m].vec4) {
+        for (int64_t d = 4 * lane; d < D; d += 4 * G) {
+          const Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(src + d);
+          Vec4<acc_t> y;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) y.v[k] = static_cast<acc_t>(x.v[k]);
+          *reinterpret_cast<Vec4<acc_t>*>(out + d) = y;
+        }
+      } else {
+        for (int64_t d = lane; d < D; d += G) out[d] = static_cast<acc_t>(src[d]);
+      }
+    }
+  }
+}
+
+// Checks bag b of feature f's offsets; returns false (and records b) when they are malformed.
+// [k0, k1) is then a range of values that is safe to read.
+__device__ __forceinline__ bool bag_range(const FeatureMeta& fm, int64_t b, int64_t B,
+                                          unsigned long long* bad_off, int64_t& k0,
+                                          int64_t& k1) {
+  k0 = read_index(fm.offsets, fm.offs64, b);
+  k1 = read_index(fm.offsets, fm.offs64, b + 1);
+  const bool ok = k0 <= k1 && k0 >= 0 && k1 <= fm.nvals && (b != 0 || k0 == 0) &&
+                  (b != B - 1 || k1 == fm.nvals);
+  if (!ok) record_min(bad_off, b);
+  return ok;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward launch 2: pooled bags (sum, mean, weighted sum), values summed in order.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, int G>
+__global__ void pool_bags_kernel(const scalar_t* __restrict__ w,
+                                 const FeatureMeta* __restrict__ feats,
+                                 const MemberMeta* __restrict__ mem,
+                                 const int32_t* __restrict__ bag_f, int64_t B, int64_t J,
+                                 int64_t N, int M, int64_t F, bool has_pad, int64_t pad,
+                                 unsigned long long* bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % G;
+  const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / G);
+  for (int64_t task = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+       task < B * J; task += groups) {
+    const int64_t b = task / J;
+    const int f = bag_f[task - b * J];
+    const FeatureMeta& fm = feats[f];
+    const int64_t n = fm.col_start;
+    int64_t k0, k1;
+    if (!bag_range(fm, b, B, &bad[F + f], k0, k1)) {
+      k0 = k1 = 0;  // the op raises after the launch; nothing is read
+    }
+    int64_t count = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t id = read_index(fm.ids, fm.ids64, k);
+      if (has_pad && id == pad) continue;
+      if (id < 0 || id >= fm.vocab) {
+        if (lane == 0) record_min(&bad[f], k);
+        continue;
+      }
+      ++count;
+    }
+    const acc_t mean_scale =
+        fm.mode == kBagMean && count > 1 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(1);
+    for (int m = 0; m < M; ++m) {
+      const int64_t D = mem[m].dim;
+      acc_t* out = static_cast<acc_t*>(mem[m].ptr) + (b * N + n) * D;
+      const scalar_t* table = w + mem[m].table_base + D * fm.row_base;
+      for (int64_t d = lane; d < D; d += G) {
+        acc_t acc = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t id = read_index(fm.ids, fm.ids64, k);
+          if ((has_pad && id == pad) || id < 0 || id >= fm.vocab) continue;
+          const acc_t a = fm.psw ? static_cast<acc_t>(fm.psw[k]) : acc_t(1);
+          acc += a * static_cast<acc_t>(table[id * D + d]);
+        }
+        out[d] = acc * mean_scale;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward launch 1: entries (key, output row, scale), one task per id slot or per bag.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ int find_feature(const FeatureMeta* feats, int F, int64_t task) {
+  int lo = 0, hi = F - 1;  // the last feature whose task_base <= task
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (feats[mid].task_base <= task) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename key_t, typename acc_t>
+__global__ void entries_kernel(const FeatureMeta* __restrict__ feats, int F, int64_t tasks,
+                               int64_t B, int64_t N, bool has_pad, int64_t pad, key_t sentinel,
+                               const int64_t* __restrict__ entry_base, key_t* __restrict__ key,
+                               int64_t* __restrict__ src, acc_t* __restrict__ scale,
+                               unsigned long long* bad) {
+  for (int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; task < tasks;
+       task += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int f = find_feature(feats, F, task);
+    const FeatureMeta& fm = feats[f];
+    const int64_t local = task - fm.task_base;
+    const int64_t e0 = entry_base[f];
+    if (fm.mode == kIds) {
+      const int64_t i = local;
+      const int64_t b = i / fm.ncols, t = i - b * fm.ncols;
+      const int64_t id = read_index(fm.ids, fm.ids64, i);
+      const bool is_pad = has_pad && id == pad;
+      const bool valid = !is_pad && id >= 0 && id < fm.vocab;
+      if (!valid && !is_pad) record_min(&bad[f], i);
+      key[e0 + i] = valid ? static_cast<key_t>(fm.row_base + id) : sentinel;
+      src[e0 + i] = b * N + fm.col_start + t;
+      scale[e0 + i] = acc_t(1);
+      continue;
+    }
+    const int64_t b = local;
+    int64_t k0, k1;
+    if (!bag_range(fm, b, B, &bad[F + f], k0, k1)) continue;  // the op raises; no writes used
+    int64_t count = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t id = read_index(fm.ids, fm.ids64, k);
+      if (has_pad && id == pad) continue;
+      if (id < 0 || id >= fm.vocab) {
+        record_min(&bad[f], k);
+        continue;
+      }
+      ++count;
+    }
+    const acc_t mean_scale =
+        fm.mode == kBagMean && count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(1);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t id = read_index(fm.ids, fm.ids64, k);
+      const bool valid = !(has_pad && id == pad) && id >= 0 && id < fm.vocab;
+      key[e0 + k] = valid ? static_cast<key_t>(fm.row_base + id) : sentinel;
+      src[e0 + k] = b * N + fm.col_start;
+      scale[e0 + k] = fm.psw ? static_cast<acc_t>(fm.psw[k]) : mean_scale;
+    }
+  }
+}
+
+template <typename key_t>
+__global__ void run_flags_kernel(const key_t* __restrict__ skey, int64_t E, key_t sentinel,
+                                 bool* __restrict__ flag) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < E;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    flag[i] = skey[i] != sentinel && (i == 0 || skey[i] != skey[i - 1]);
+}
+
+// The feature whose rows hold `key` (row_base ascending).
+__device__ __forceinline__ int feature_of_key(const FeatureMeta* feats, int F, int64_t key) {
+  int lo = 0, hi = F - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (feats[mid].row_base <= key) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// The sum over the run's entries (in sorted = batch order) of scale * grad[src][d].
+template <typename key_t, typename acc_t>
+__device__ __forceinline__ acc_t reduce_run(const key_t* skey, const int64_t* perm,
+                                            const int64_t* src, const acc_t* scale,
+                                            const acc_t* g, int64_t D, int64_t d, int64_t begin,
+                                            int64_t end, key_t k) {
+  acc_t acc = 0;
+  if (g == nullptr) return acc;
+  for (int64_t i = begin; i < end && skey[i] == k; ++i) {
+    const int64_t e = perm[i];
+    acc += scale[e] * g[src[e] * D + d];
+  }
+  return acc;
+}
+
+// Sum of v over the G lanes of a group (a fixed xor tree: deterministic).
+// The lanes of this thread's group of G (groups of one warp may leave the task loop at
+// different times, so the warp-level primitives name only the group's lanes).
+template <int G>
+__device__ __forceinline__ unsigned group_mask() {
+  if constexpr (G == 32) {
+    return 0xffffffffu;
+  } else {
+    return ((1u << G) - 1u) << ((threadIdx.x % 32) / G * G);
+  }
+}
+
+template <int G, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v) {
+#pragma unroll
+  for (int o = G / 2; o > 0; o /= 2) v += __shfl_xor_sync(group_mask<G>(), v, o, G);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward launch 2: one group per run (touched row); dense gradient or in-place update.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, typename key_t, int G, int kOpt>
+__global__ void apply_runs_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ grad_weight,
+                                  at::opmath_type<scalar_t>* __restrict__ state,
+                                  const FeatureMeta* __restrict__ feats,
+                                  const MemberMeta* __restrict__ mem, int F, int M, int64_t Vtot,
+                                  const key_t* __restrict__ skey,
+                                  const int64_t* __restrict__ perm,
+                                  const int64_t* __restrict__ src,
+                                  const at::opmath_type<scalar_t>* __restrict__ scale,
+                                  const int64_t* __restrict__ starts, int64_t R, int64_t E,
+                                  at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> eps,
+                                  at::opmath_type<scalar_t> wd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % G;
+  const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / G);
+  // Every lane of a group runs the same number of iterations (the task and loop bounds are
+  // group-uniform), so the shuffles below see all G lanes.
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G; r < R;
+       r += groups) {
+    const int64_t begin = starts[r];
+    const int64_t end = r + 1 < R ? starts[r + 1] : E;
+    const key_t k = skey[begin];
+    const int f = feature_of_key(feats, F, static_cast<int64_t>(k));
+    const int64_t id = static_cast<int64_t>(k) - feats[f].row_base;
+    for (int m = 0; m < M; ++m) {
+      const int64_t D = mem[m].dim;
+      const acc_t* g = static_cast<const acc_t*>(mem[m].ptr);
+      const int64_t row = mem[m].table_base + D * (feats[f].row_base + id);
+      if constexpr (kOpt == kDense) {
+        for (int64_t d = lane; d < D; d += G)
+          grad_weight[row + d] =
+              static_cast<scalar_t>(reduce_run(skey, perm, src, scale, g, D, d, begin, end, k));
+        continue;
+      }
+      acc_t step = lr;
+      if constexpr (kOpt == kRowwiseAdagrad) {
+        acc_t sq = 0;
+        for (int64_t d0 = 0; d0 < D; d0 += G) {  // group-uniform trip count
+          const int64_t d = d0 + lane;
+          if (d < D) {
+            const acc_t a = reduce_run(skey, perm, src, scale, g, D, d, begin, end, k) +
+                            wd * static_cast<acc_t>(w[row + d]);
+            sq += a * a;
+          }
+        }
+        sq = group_sum<G>(sq);
+        const int64_t si = static_cast<int64_t>(m) * Vtot + static_cast<int64_t>(k);
+        const acc_t s = state[si] + sq / static_cast<acc_t>(D);
+        __syncwarp(group_mask<G>());  // every lane has read the old state
+        if (lane == 0) state[si] = s;
+        step = lr / (sqrt(s) + eps);
+      }
+      for (int64_t d = lane; d < D; d += G) {
+        const acc_t cur = static_cast<acc_t>(w[row + d]);
+        const acc_t a = reduce_run(skey, perm, src, scale, g, D, d, begin, end, k) + wd * cur;
+        w[row + d] = static_cast<scalar_t>(cur - step * a);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+std::vector<std::string> split_names(const std::string& joined, int64_t F) {
+  std::vector<std::string> out;
+  std::stringstream ss(joined);
+  std::string item;
+  while (std::getline(ss, item, '\n')) out.push_back(item);
+  if (static_cast<int64_t>(out.size()) != F) {
+    out.clear();
+    for (int64_t f = 0; f < F; ++f) out.push_back("#" + std::to_string(f));
+  }
+  return out;
+}
+
+// Everything about one call that the kernels need, validated (all but the id and offsets
+// values, which live on the device and are checked by the kernels).
+struct Plan {
+  int64_t M = 0, F = 0, B = -1, N = 0, Vtot = 0, weight_numel = 0, max_dim = 1;
+  std::vector<std::string> names;
+  std::vector<int64_t> dims, vocab, mode, ncols, col_start, row_base;
+  std::vector<at::Tensor> ids, offsets, psw;  // contiguous (kept alive for the launches)
+  std::optional<int64_t> padding_idx;
+  at::Device device = at::kCPU;
+};
+
+void check_int_tensor(const at::Tensor& t, const char* what, const std::string& name,
+                      const char* op) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op,
+                   ": feature '", name, "': ", what, " must be int32 or int64, got ",
+                   t.scalar_type());
+}
+
+Plan make_plan(const at::Tensor& weight, at::TensorList ids, at::TensorList offsets,
+               at::TensorList psw, at::IntArrayRef modes, at::IntArrayRef dims,
+               at::IntArrayRef vocab, std::optional<int64_t> padding_idx,
+               const std::string& feature_names, const char* op) {
+  Plan P;
+  P.M = static_cast<int64_t>(dims.size());
+  P.F = static_cast<int64_t>(vocab.size());
+  TORCH_CHECK_VALUE(P.M >= 1, op, ": dims must name at least one member");
+  TORCH_CHECK_VALUE(P.F >= 1, op, ": vocab must name at least one feature");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(ids.size()) == P.F &&
+                        static_cast<int64_t>(offsets.size()) == P.F &&
+                        static_cast<int64_t>(psw.size()) == P.F &&
+                        static_cast<int64_t>(modes.size()) == P.F,
+                    op, ": ids, offsets, per_sample_weights and modes need one entry per "
+                    "feature (", P.F, "), got ", ids.size(), ", ", offsets.size(), ", ",
+                    psw.size(), ", ", modes.size());
+  P.names = split_names(feature_names, P.F);
+  P.dims.assign(dims.begin(), dims.end());
+  P.vocab.assign(vocab.begin(), vocab.end());
+  P.mode.assign(modes.begin(), modes.end());
+  P.padding_idx = padding_idx;
+  for (int64_t m = 0; m < P.M; ++m) {
+    TORCH_CHECK_VALUE(P.dims[m] >= 1, op, ": dims[", m, "] must be >= 1, got ", P.dims[m]);
+    P.max_dim = std::max(P.max_dim, P.dims[m]);
+  }
+  P.row_base.resize(P.F);
+  for (int64_t f = 0; f < P.F; ++f) {
+    TORCH_CHECK_VALUE(P.vocab[f] >= 1, op, ": feature '", P.names[f],
+                      "': vocabulary size must be >= 1, got ", P.vocab[f]);
+    P.row_base[f] = P.Vtot;
+    P.Vtot += P.vocab[f];
+  }
+  for (int64_t m = 0; m < P.M; ++m) P.weight_numel += P.dims[m] * P.Vtot;
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op,
+                   ": weight must be floating point, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.numel() == P.weight_numel, op,
+                    ": weight must be 1-D with ", P.weight_numel, " elements, got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight must be contiguous");
+  TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor");
+  P.device = weight.device();
+
+  P.ncols.resize(P.F);
+  P.col_start.resize(P.F);
+  P.ids.resize(P.F);
+  P.offsets.resize(P.F);
+  P.psw.resize(P.F);
+  for (int64_t f = 0; f < P.F; ++f) {
+    const std::string& nm = P.names[f];
+    const int64_t mode = P.mode[f];
+    TORCH_CHECK_VALUE(mode >= kIds && mode <= kBagWeightedSum, op, ": feature '", nm,
+                      "': unknown mode ", mode);
+    check_int_tensor(ids[f], "ids", nm, op);
+    TORCH_CHECK(ids[f].device() == P.device, op, ": feature '", nm, "': ids must be on ",
+                P.device, ", got ", ids[f].device());
+    int64_t Bf;
+    if (mode == kIds) {
+      TORCH_CHECK_VALUE(ids[f].dim() == 1 || ids[f].dim() == 2, op, ": feature '", nm,
+                        "': ids must be [B] or [B, T], got shape ", ids[f].sizes());
+      Bf = ids[f].size(0);
+      P.ncols[f] = ids[f].dim() == 2 ? ids[f].size(1) : 1;
+    } else {
+      TORCH_CHECK_VALUE(ids[f].dim() == 1, op, ": feature '", nm,
+                        "': bag values must be 1-D, got shape ", ids[f].sizes());
+      check_int_tensor(offsets[f], "offsets", nm, op);
+      TORCH_CHECK_VALUE(offsets[f].dim() == 1 && offsets[f].numel() >= 1, op, ": feature '",
+                        nm, "': offsets must be 1-D of length B + 1, got shape ",
+                        offsets[f].sizes());
+      TORCH_CHECK(offsets[f].device() == P.device, op, ": feature '", nm,
+                  "': offsets must be on ", P.device);
+      Bf = offsets[f].numel() - 1;
+      P.ncols[f] = 1;
+      P.offsets[f] = offsets[f].contiguous();
+      if (mode == kBagWeightedSum) {
+        TORCH_CHECK_TYPE(psw[f].scalar_type() == at::kFloat, op, ": feature '", nm,
+                         "': per_sample_weights must be float32, got ", psw[f].scalar_type());
+        TORCH_CHECK_VALUE(psw[f].dim() == 1 && psw[f].numel() == ids[f].numel(), op,
+                          ": feature '", nm, "': per_sample_weights must have shape [",
+                          ids[f].numel(), "], got ", psw[f].sizes());
+        TORCH_CHECK(psw[f].device() == P.device, op, ": feature '", nm,
+                    "': per_sample_weights must be on ", P.device);
+        P.psw[f] = psw[f].contiguous();
+      }
+    }
+    if (P.B < 0) P.B = Bf;
+    TORCH_CHECK_VALUE(Bf == P.B, op, ": feature '", nm, "' has batch size ", Bf,
+                      " but feature '", P.names[0], "' has ", P.B);
+    P.col_start[f] = P.N;
+    P.N += P.ncols[f];
+    P.ids[f] = ids[f].contiguous();
+  }
+  return P;
+}
+
+// Host copy of the per-feature metadata (the task bases are filled by the backward).
+std::vector<FeatureMeta> feature_meta(const Plan& P) {
+  std::vector<FeatureMeta> fm(P.F);
+  for (int64_t f = 0; f < P.F; ++f) {
+    FeatureMeta& x = fm[f];
+    std::memset(&x, 0, sizeof(x));
+    x.ids = P.ids[f].const_data_ptr();
+    x.ids64 = P.ids[f].scalar_type() == at::kLong;
+    if (P.mode[f] != kIds) {
+      x.offsets = P.offsets[f].const_data_ptr();
+      x.offs64 = P.offsets[f].scalar_type() == at::kLong;
+    }
+    x.psw = P.psw[f].defined() ? P.psw[f].const_data_ptr<float>() : nullptr;
+    x.vocab = P.vocab[f];
+    x.row_base = P.row_base[f];
+    x.nvals = P.ids[f].numel();
+    x.mode = static_cast<int32_t>(P.mode[f]);
+    x.ncols = static_cast<int32_t>(P.ncols[f]);
+    x.col_start = P.col_start[f];
+  }
+  return fm;
+}
+
+// Packs host arrays into one pinned buffer and copies it to the device with one asynchronous
+// copy (the caching host allocator keeps the pinned block alive until the copy is done).
+class DeviceMeta {
+ public:
+  template <typename T>
+  size_t add(const std::vector<T>& v) {
+    const size_t at = (bytes_.size() + 15) / 16 * 16;
+    bytes_.resize(at + std::max<size_t>(1, v.size() * sizeof(T)));
+    if (!v.empty()) std::memcpy(bytes_.data() + at, v.data(), v.size() * sizeof(T));
+    return at;
+  }
+  void upload(const at::Device& device) {
+    at::Tensor host = at::empty({static_cast<int64_t>(bytes_.size())},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), bytes_.data(), bytes_.size());
+    dev_ = host.to(device, /*non_blocking=*/true);
+  }
+  template <typename T>
+  const T* at_offset(size_t off) const {
+    return reinterpret_cast<const T*>(static_cast<const uint8_t*>(dev_.const_data_ptr()) + off);
+  }
+
+ private:
+  std::vector<uint8_t> bytes_;
+  at::Tensor dev_;
+};
+
+int launch_blocks(int64_t threads_needed) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = (threads_needed + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 16)));
+}
+
+// Calls f(std::integral_constant<int, G>) with the group size for rows of `lanes_needed`
+// elements per lane-pass: 4, 8, 16 or 32 lanes.
+template <typename Fn>
+void with_group(int64_t lanes_needed, const Fn& fn) {
+  if (lanes_needed <= 4) fn(std::integral_constant<int, 4>{});
+  else if (lanes_needed <= 8) fn(std::integral_constant<int, 8>{});
+  else if (lanes_needed <= 16) fn(std::integral_constant<int, 16>{});
+  else fn(std::integral_constant<int, 32>{});
+}
+
+// Raises the CPU's error for the first recorded bad id / malformed offsets (error path: the
+// offending values are copied to the host here).
+void raise_if_bad(const Plan& P, const at::Tensor& bad_dev, const char* op) {
+  const at::Tensor bad = bad_dev.to(at::kCPU);  // the one D2H copy (synchronizes)
+  const int64_t* rec = bad.const_data_ptr<int64_t>();
+  auto none = [](int64_t v) { return static_cast<unsigned long long>(v) == kNoBad; };
+  for (int64_t f = 0; f < P.F; ++f) {  // malformed offsets first, as on CPU
+    if (none(rec[P.F + f])) continue;
+    const at::Tensor o = P.offsets[f].to(at::kCPU).to(at::kLong);
+    const int64_t* ov = o.const_data_ptr<int64_t>();
+    const int64_t nvals = P.ids[f].numel();
+    const std::string& nm = P.names[f];
+    TORCH_CHECK_VALUE(ov[0] == 0, op, ": feature '", nm, "': offsets[0] must be 0, got ",
+                      ov[0]);
+    for (int64_t b = 0; b < P.B; ++b)
+      TORCH_CHECK_VALUE(ov[b] <= ov[b + 1], op, ": feature '", nm,
+                        "': offsets must be non-decreasing, but offsets[", b, "] = ", ov[b],
+                        " > offsets[", b + 1, "] = ", ov[b + 1]);
+    TORCH_CHECK_VALUE(ov[P.B] == nvals, op, ": feature '", nm, "': offsets[-1] must equal "
+                      "the number of values (", nvals, "), got ", ov[P.B]);
+  }
+  bool found = false;
+  int64_t fb = 0, ff = 0, fpos = 0, fidx = 0;
+  for (int64_t f = 0; f < P.F; ++f) {
+    if (none(rec[f])) continue;
+    const int64_t i = rec[f];
+    int64_t b, pos;
+    if (P.mode[f] == kIds) {
+      b = i / P.ncols[f];
+      pos = i % P.ncols[f];
+    } else {
+      const at::Tensor o = P.offsets[f].to(at::kCPU).to(at::kLong);
+      const int64_t* ov = o.const_data_ptr<int64_t>();
+      b = static_cast<int64_t>(std::upper_bound(ov, ov + P.B + 1, i) - ov) - 1;
+      b = std::min(std::max<int64_t>(b, 0), P.B - 1);
+      pos = i - ov[b];
+    }
+    if (!found || std::tie(b, f, pos) < std::tie(fb, ff, fpos)) {
+      found = true;
+      fb = b;
+      ff = f;
+      fpos = pos;
+      fidx = i;
+    }
+  }
+  if (!found) return;
+  const int64_t id = P.ids[ff].reshape({-1})[fidx].item<int64_t>();
+  TORCH_CHECK_INDEX(false, op, ": feature '", P.names[ff], "': id ", id,
+                    " is out of range for its vocabulary of size ", P.vocab[ff],
+                    " (valid ids: 0 .. ", P.vocab[ff] - 1, P.padding_idx.has_value()
+                        ? ", or padding_idx = " + std::to_string(*P.padding_idx)
+                        : std::string(), "; batch row ", fb, ", position ", fpos, ")");
+}
+
+at::Tensor new_bad_record(const Plan& P) {
+  // all ones = kNoBad for every slot: [0, F) bad ids, [F, 2F) malformed offsets
+  return at::full({2 * P.F}, -1, at::TensorOptions().dtype(at::kLong).device(P.device));
+}
+
+// ---- forward ----
+void forward_impl(const Plan& P, const at::Tensor& weight, std::vector<at::Tensor>& outs,
+                  const char* op) {
+  const bool has_pad = P.padding_idx.has_value();
+  const int64_t pad = has_pad ? *P.padding_idx : 0;
+  std::vector<FeatureMeta> fm = feature_meta(P);
+  std::vector<int32_t> col_f, col_t, bag_f;
+  for (int64_t f = 0; f < P.F; ++f) {
+    if (P.mode[f] != kIds) {
+      bag_f.push_back(static_cast<int32_t>(f));
+      continue;
+    }
+    for (int64_t t = 0; t < P.ncols[f]; ++t) {
+      col_f.push_back(static_cast<int32_t>(f));
+      col_t.push_back(static_cast<int32_t>(t));
+    }
+  }
+  const int64_t w_align = 4 * static_cast<int64_t>(weight.element_size());
+  const int64_t o_align = 4 * static_cast<int64_t>(outs[0].element_size());
+  std::vector<MemberMeta> mm(P.M);
+  bool all_vec4 = true;
+  for (int64_t m = 0, base = 0; m < P.M; ++m) {
+    mm[m].table_base = base;
+    mm[m].dim = P.dims[m];
+    mm[m].ptr = outs[m].data_ptr();
+    mm[m].vec4 = P.dims[m] % 4 == 0 && base % 4 == 0 &&
+                 reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % w_align == 0 &&
+                 reinterpret_cast<uintptr_t>(outs[m].const_data_ptr()) % o_align == 0;
+    all_vec4 = all_vec4 && mm[m].vec4;
+    base += P.dims[m] * P.Vtot;
+  }
+  const int64_t C = static_cast<int64_t>(col_f.size()), J = static_cast<int64_t>(bag_f.size());
+  if (P.B == 0) return;
+  DeviceMeta meta;
+  const size_t o_f = meta.add(fm), o_m = meta.add(mm), o_cf = meta.add(col_f),
+               o_ct = meta.add(col_t), o_bf = meta.add(bag_f);
+  meta.upload(P.device);
+  at::Tensor bad = new_bad_record(P);
+  auto* bad_p = reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "cetnet_multi_embedding_cuda", [&] {
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    if (C > 0) {
+      with_group(all_vec4 ? (P.max_dim + 3) / 4 : P.max_dim, [&](auto g) {
+        constexpr int G = decltype(g)::value;
+        gather_columns_kernel<scalar_t, G><<<launch_blocks(P.B * C * G), kThreads, 0, stream>>>(
+            w, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
+            meta.at_offset<int32_t>(o_cf), meta.at_offset<int32_t>(o_ct), P.B, C, P.N,
+            static_cast<int>(P.M), has_pad, pad, bad_p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    if (J > 0) {
+      with_group(P.max_dim, [&](auto g) {
+        constexpr int G = decltype(g)::value;
+        pool_bags_kernel<scalar_t, G><<<launch_blocks(P.B * J * G), kThreads, 0, stream>>>(
+            w, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
+            meta.at_offset<int32_t>(o_bf), P.B, J, P.N, static_cast<int>(P.M), P.F, has_pad,
+            pad, bad_p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+  });
+  raise_if_bad(P, bad, op);
+}
+
+// ---- backward: entries, sort, runs, apply ----
+template <typename key_t>
+void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight,
+                   const at::Tensor& grad_weight, const at::Tensor& state, int opt, double lr,
+                   double eps, double weight_decay, const char* op) {
+  const bool has_pad = P.padding_idx.has_value();
+  const int64_t pad = has_pad ? *P.padding_idx : 0;
+  const auto acc_dtype = at::toOpMathType(weight.scalar_type());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == P.M, op, ": expected ", P.M,
+                    " gradients (one per member), got ", grads.size());
+  std::vector<at::Tensor> g(P.M);
+  for (int64_t m = 0; m < P.M; ++m) {
+    if (!grads[m].defined() || grads[m].numel() == 0) continue;
+    TORCH_CHECK_VALUE(grads[m].dim() == 3 && grads[m].size(0) == P.B &&
+                          grads[m].size(1) == P.N && grads[m].size(2) == P.dims[m],
+                      op, ": grads[", m, "] must have shape [", P.B, ", ", P.N, ", ",
+                      P.dims[m], "], got ", grads[m].sizes());
+    TORCH_CHECK(grads[m].device() == P.device, op, ": grads[", m, "] must be on ", P.device);
+    g[m] = grads[m].to(acc_dtype).contiguous();
+  }
+  std::vector<FeatureMeta> fm = feature_meta(P);
+  std::vector<int64_t> entry_base(P.F);
+  int64_t E = 0, tasks = 0;
+  for (int64_t f = 0; f < P.F; ++f) {
+    entry_base[f] = E;
+    E += P.ids[f].numel();
+    fm[f].task_base = tasks;
+    tasks += P.mode[f] == kIds ? P.ids[f].numel() : P.B;
+  }
+  std::vector<MemberMeta> mm(P.M);
+  for (int64_t m = 0, base = 0; m < P.M; ++m) {
+    mm[m].table_base = base;
+    mm[m].dim = P.dims[m];
+    mm[m].ptr = g[m].defined() ? g[m].data_ptr() : nullptr;
+    mm[m].vec4 = 0;
+    base += P.dims[m] * P.Vtot;
+  }
+  if (tasks == 0) return;
+  DeviceMeta meta;
+  const size_t o_f = meta.add(fm), o_m = meta.add(mm), o_e = meta.add(entry_base);
+  meta.upload(P.device);
+  const auto dev = at::TensorOptions().device(P.device);
+  const auto key_dtype = std::is_same_v<key_t, int32_t> ? at::kInt : at::kLong;
+  const key_t sentinel = std::numeric_limits<key_t>::max();
+  at::Tensor key = at::empty({E}, dev.dtype(key_dtype));
+  at::Tensor src = at::empty({E}, dev.dtype(at::kLong));
+  at::Tensor scale = at::empty({E}, dev.dtype(acc_dtype));
+  at::Tensor bad = new_bad_record(P);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "cetnet_multi_embedding_entries_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    entries_kernel<key_t, acc_t><<<launch_blocks(tasks), kThreads, 0, stream>>>(
+        meta.at_offset<FeatureMeta>(o_f), static_cast<int>(P.F), tasks, P.B, P.N, has_pad, pad,
+        sentinel, meta.at_offset<int64_t>(o_e), key.data_ptr<key_t>(), src.data_ptr<int64_t>(),
+        scale.data_ptr<acc_t>(), reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  raise_if_bad(P, bad, op);  // before anything is written
+  if (E == 0) return;
+  // A stable radix sort: equal keys keep their batch order, which fixes the summation order.
+  at::Tensor skey, perm;
+  std::tie(skey, perm) = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor flags = at::empty({E}, dev.dtype(at::kBool));
+  run_flags_kernel<key_t><<<launch_blocks(E), kThreads, 0, stream>>>(
+      skey.const_data_ptr<key_t>(), E, sentinel, flags.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor starts = at::nonzero(flags).view({-1}).contiguous();  // synchronizes
+  const int64_t R = starts.numel();
+  if (R == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "cetnet_multi_embedding_apply_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = opt == kDense ? nullptr : weight.data_ptr<scalar_t>();
+    scalar_t* gw = opt == kDense ? grad_weight.data_ptr<scalar_t>() : nullptr;
+    acc_t* st = opt == kRowwiseAdagrad ? state.data_ptr<acc_t>() : nullptr;
+    with_group(P.max_dim, [&](auto gsize) {
+      constexpr int G = decltype(gsize)::value;
+      auto launch = [&](auto kernel) {
+        kernel<<<launch_blocks(R * G), kThreads, 0, stream>>>(
+            w, gw, st, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
+            static_cast<int>(P.F), static_cast<int>(P.M), P.Vtot, skey.const_data_ptr<key_t>(),
+            perm.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(),
+            scale.const_data_ptr<acc_t>(), starts.const_data_ptr<int64_t>(), R, E,
+            static_cast<acc_t>(lr), static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (opt == kDense) launch(apply_runs_kernel<scalar_t, key_t, G, kDense>);
+      else if (opt == kSGD) launch(apply_runs_kernel<scalar_t, key_t, G, kSGD>);
+      else launch(apply_runs_kernel<scalar_t, key_t, G, kRowwiseAdagrad>);
+    });
+  });
+}
+
+void run_backward(const Plan& P, at::TensorList grads, const at::Tensor& weight,
+                  const at::Tensor& grad_weight, const at::Tensor& state, int opt, double lr,
+                  double eps, double weight_decay, const char* op) {
+  // int32 keys (half the sort passes) whenever every row key and the sentinel fit
+  if (P.Vtot < std::numeric_limits<int32_t>::max())
+    backward_impl<int32_t>(P, grads, weight, grad_weight, state, opt, lr, eps, weight_decay, op);
+  else
+    backward_impl<int64_t>(P, grads, weight, grad_weight, state, opt, lr, eps, weight_decay, op);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> multi_embedding(const at::Tensor& weight, at::TensorList ids,
+                                        at::TensorList offsets,
+                                        at::TensorList per_sample_weights,
+                                        at::IntArrayRef modes, at::IntArrayRef dims,
+                                        at::IntArrayRef vocab,
+                                        std::optional<int64_t> padding_idx,
+                                        const std::string& feature_names) {
+  const char* op = "cetnet::multi_embedding";
+  const c10::cuda::CUDAGuard guard(weight.device());
+  Plan P = make_plan(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
+                     feature_names, op);
+  const auto acc_dtype = at::toOpMathType(weight.scalar_type());
+  std::vector<at::Tensor> outs;
+  outs.reserve(P.M);
+  for (int64_t m = 0; m < P.M; ++m)
+    outs.push_back(at::empty({P.B, P.N, P.dims[m]}, weight.options().dtype(acc_dtype)));
+  forward_impl(P, weight, outs, op);
+  return outs;
+}
+
+std::vector<at::Tensor> multi_embedding_fused(
+    const at::Tensor& weight, const at::Tensor& state, const at::Tensor& placeholder,
+    at::TensorList ids, at::TensorList offsets, at::TensorList per_sample_weights,
+    at::IntArrayRef modes, at::IntArrayRef dims, at::IntArrayRef vocab,
+    std::optional<int64_t> padding_idx, const std::string& feature_names, int64_t optimizer,
+    double lr, double eps, double weight_decay) {
+  // The plain lookup; the other inputs are for the fused backward (multi_embedding_update).
+  (void)state;
+  (void)placeholder;
+  (void)optimizer;
+  (void)lr;
+  (void)eps;
+  (void)weight_decay;
+  return multi_embedding(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
+                         padding_idx, feature_names);
+}
+
+at::Tensor multi_embedding_backward(at::TensorList grads, const at::Tensor& weight,
+                                    at::TensorList ids, at::TensorList offsets,
+                                    at::TensorList per_sample_weights, at::IntArrayRef modes,
+                                    at::IntArrayRef dims, at::IntArrayRef vocab,
+                                    std::optional<int64_t> padding_idx) {
+  const char* op = "cetnet::multi_embedding_backward";
+  const c10::cuda::CUDAGuard guard(weight.device());
+  Plan P = make_plan(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
+                     "", op);
+  at::Tensor grad_weight = at::zeros_like(weight);
+  run_backward(P, grads, weight, grad_weight, at::Tensor(), kDense, 0.0, 0.0, 0.0, op);
+  return grad_weight;
+}
+
+void multi_embedding_update(at::TensorList grads, const at::Tensor& weight,
+                            const at::Tensor& state, at::TensorList ids, at::TensorList offsets,
+                            at::TensorList per_sample_weights, at::IntArrayRef modes,
+                            at::IntArrayRef dims, at::IntArrayRef vocab,
+                            std::optional<int64_t> padding_idx, int64_t optimizer, double lr,
+                            double eps, double weight_decay) {
+  const char* op = "cetnet::multi_embedding_update";
+  const c10::cuda::CUDAGuard guard(weight.device());
+  Plan P = make_plan(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
+                     "", op);
+  TORCH_CHECK_VALUE(optimizer == kSGD || optimizer == kRowwiseAdagrad, op,
+                    ": optimizer must be 1 (sgd) or 2 (rowwise_adagrad), got ", optimizer);
+  if (optimizer == kRowwiseAdagrad) {
+    const auto acc_dtype = at::toOpMathType(weight.scalar_type());
+    TORCH_CHECK_VALUE(state.dim() == 1 && state.numel() == P.M * P.Vtot &&
+                          state.is_contiguous() && state.scalar_type() == acc_dtype,
+                      op, ": state must be a contiguous 1-D ", acc_dtype, " tensor of ",
+                      P.M * P.Vtot, " elements (one per table row), got ", state.scalar_type(),
+                      " ", state.sizes());
+    TORCH_CHECK(state.device() == weight.device(), op, ": state must be on ", weight.device());
+  }
+  run_backward(P, grads, weight, at::Tensor(), state, static_cast<int>(optimizer), lr, eps,
+               weight_decay, op);
+}
+
+}  // namespace cetnet::cuda

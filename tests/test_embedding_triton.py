@@ -1,0 +1,179 @@
+"""MultiTableEmbedding(backend="triton") against the float64 reference: every input kind,
+pooling, mixed/odd/dim-1 dims, dense gradient, fused SGD and row-wise Adagrad over several steps
+with repeated and hot ids, determinism and bad input. Without a GPU the kernels run in the
+Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the shapes are small."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cetnet_kernels import MultiTableEmbedding, available_backends
+from test_embedding import (FEATURES, _adagrad_reference_step, _batches, _touched_rows,
+                            loss_of, make_ids, reference_outputs, with_bad_id)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
+                                reason=f"the triton backend cannot run on {DEVICE} here")
+
+
+def _to(ids, device=DEVICE):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else tuple(t.to(device) for t in v))
+            for k, v in ids.items()}
+
+
+def _cpu(ids):
+    return _to(ids, "cpu")
+
+
+def _module(M, dims, **kw):
+    return MultiTableEmbedding(M, FEATURES, dims, backend="triton", device=DEVICE, **kw)
+
+
+def _reference(mod, ids, w64=None):
+    """The float64 reference on CPU copies."""
+    if w64 is None:
+        w64 = mod.weight.detach().double().cpu()
+    return reference_outputs(mod, _cpu(ids), w64)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6),
+                                       (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_forward_every_input_kind(dtype, tol):
+    mod = _module(3, [1, 10, 16], weights_dtype=dtype)
+    ids = _to(make_ids())
+    outs = mod(ids)
+    for m, (o, r) in enumerate(zip(outs, _reference(mod, ids))):
+        assert o.shape == (6, 10, [1, 10, 16][m]) and o.is_contiguous()
+        assert o.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        torch.testing.assert_close(o.double().cpu(), r, rtol=tol, atol=tol)
+    for o in outs:  # padding and the empty bag give zeros
+        assert torch.all(o[0, 5:7] == 0) and torch.all(o[2, 2] == 0) and torch.all(o[1, 7] == 0)
+
+
+def test_single_and_odd_dims_int32_no_padding():
+    for dims, pad in (([1], -1), ([7, 1, 33], None)):
+        mod = MultiTableEmbedding(len(dims), [("a", 100), ("b", 3, "mean")], dims,
+                                  weights_dtype=torch.float64, backend="triton", device=DEVICE,
+                                  padding_idx=pad)
+        ids = {"a": torch.randint(0, 100, (37,), dtype=torch.int32, device=DEVICE),
+               "b": (torch.randint(0, 3, (50,), device=DEVICE),
+                     torch.tensor([0] + sorted(np.random.default_rng(0).integers(0, 50, 36)
+                                               .tolist()) + [50], device=DEVICE))}
+        for o, r in zip(mod(ids), _reference(mod, ids)):
+            torch.testing.assert_close(o.cpu(), r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_dense_gradient(dtype, tol):
+    mod = _module(2, [3, 10], weights_dtype=dtype)
+    ids = _to(make_ids(B=7))
+    outs = mod(ids)
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    loss_of(outs, [g.to(DEVICE) for g in grads]).backward()
+    w64 = mod.weight.detach().double().cpu().requires_grad_()
+    loss_of(_reference(mod, ids, w64), grads).backward()
+    torch.testing.assert_close(mod.weight.grad.double().cpu(), w64.grad, rtol=tol, atol=tol)
+    # one member without gradient
+    mod.weight.grad = None
+    mod(ids)[1].sum().backward()
+    w64.grad = None
+    _reference(mod, ids, w64)[1].sum().backward()
+    torch.testing.assert_close(mod.weight.grad.double().cpu(), w64.grad, rtol=tol, atol=tol)
+
+
+def test_fused_sgd_matches_torch_optim():
+    rng = np.random.default_rng(0)
+    mod = _module(2, [1, 10], optimizer="sgd", lr=0.3, weights_dtype=torch.float64)
+    ref = mod.weight.detach().cpu().clone().requires_grad_()
+    opt = torch.optim.SGD([ref], lr=0.3)
+    for ids in _batches(2, 6, rng):
+        outs = mod(_to(ids))
+        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+        loss_of(outs, [g.to(DEVICE) for g in grads]).backward()
+        assert mod.weight.grad is None
+        opt.zero_grad()
+        loss_of(_reference(mod, ids, ref), grads).backward()
+        opt.step()
+        torch.testing.assert_close(mod.weight.detach().cpu(), ref.detach(), rtol=1e-12,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_fused_rowwise_adagrad_matches_hand_written(wd):
+    rng = np.random.default_rng(1)
+    lr, eps = 0.2, 1e-8
+    mod = _module(2, [3, 10], optimizer="rowwise_adagrad", lr=lr, eps=eps, weight_decay=wd,
+                  weights_dtype=torch.float64)
+    ref_w = mod.weight.detach().cpu().clone()
+    ref_s = torch.zeros(mod.optimizer_state.shape, dtype=torch.float64)
+    for ids in _batches(2, 6, rng):
+        outs = mod(_to(ids))
+        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+        loss_of(outs, [g.to(DEVICE) for g in grads]).backward()
+        w64 = ref_w.clone().requires_grad_()
+        loss_of(_reference(mod, ids, w64), grads).backward()
+        _adagrad_reference_step(mod, ref_w, ref_s, w64.grad, _touched_rows(mod, ids), lr, eps, wd)
+        torch.testing.assert_close(mod.weight.detach().cpu(), ref_w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mod.optimizer_state.cpu(), ref_s, rtol=1e-12, atol=1e-12)
+    assert mod.row_state(0, "item")[3] > 0
+
+
+@pytest.mark.parametrize("optimizer", [None, "rowwise_adagrad"])
+def test_deterministic(optimizer):
+    def run():
+        torch.manual_seed(0)
+        mod = _module(2, [16, 3], optimizer=optimizer, lr=0.1)
+        for ids in _batches(1, 6, np.random.default_rng(2)):
+            outs = mod(_to(ids))
+            sum((o * o).sum() for o in outs).backward()
+        return mod.weight.detach().clone() if optimizer else mod.weight.grad.clone()
+
+    assert torch.equal(run(), run())
+
+
+def test_bad_ids_and_offsets():
+    mod = _module(2, [3, 4], optimizer="sgd")
+    w0 = mod.weight.detach().clone()
+    base = _to(make_ids())
+    for name, bad in (("user", 40), ("history", -2), ("tags", 17)):
+        ids = with_bad_id(base, name, bad)
+        with pytest.raises(IndexError, match=rf"'{name}'.*id {bad}\b.*size "
+                                             rf"{mod._vocab[mod._index[name]]}"):
+            mod(ids)
+    v, o = base["tags"]
+    dec = o.clone()
+    dec[2], dec[3] = o[3] + 1, o[2]
+    for bad_o in (dec, torch.cat([o[:-1], o[-1:] + 1])):
+        with pytest.raises(ValueError, match="'tags'.*offsets"):
+            mod({**base, "tags": (v, bad_o)})
+    assert torch.equal(mod.weight, w0)
+    # the update op checks the ids before writing anything
+    w = mod.weight.detach().clone()
+    with pytest.raises(IndexError, match="id 9"):
+        torch.ops.cetnet.multi_embedding_update_triton(
+            [torch.ones(1, 6, 3, device=DEVICE), torch.ones(1, 6, 4, device=DEVICE)], w,
+            torch.zeros(0, device=DEVICE), [torch.tensor([9], device=DEVICE)] * 6,
+            [torch.zeros(0, dtype=torch.int64, device=DEVICE)] * 6,
+            [torch.zeros(0, device=DEVICE)] * 6, [0] * 6, [3, 4], list(mod._vocab), None, 1,
+            0.1, 0.0, 0.0)
+    assert torch.equal(w, mod.weight)
+
+
+def test_opcheck_forward():
+    mod = _module(2, [3, 4])
+    vals, offs, psws, modes, _ = mod._normalize(_to(make_ids(B=3)))
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_triton.default,
+                          (mod.weight.detach().clone().requires_grad_(), vals, offs, psws, modes,
+                           [3, 4], list(mod._vocab), -1, mod._joined_names),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU-tensor rule of the triton backend")
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    mod = _module(1, [2])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        mod({k: v for k, v in make_ids().items()})
