@@ -19,6 +19,11 @@ venv:
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
 		pytest-benchmark matplotlib pyyaml tqdm
+	# torchrec for the KeyedJaggedTensor interop tests (not a dependency of cetnet). Its own
+	# requirements would pull fbgemm-gpu and another torch, so: no deps, plus the pure-Python ones.
+	$(PIP) install -q --no-deps torchrec==1.9.2 tensordict==0.15.3 pyvers cloudpickle \
+		pyre-extensions typing-inspect mypy-extensions iopath portalocker \
+		|| echo "torchrec not installable: the KeyedJaggedTensor tests will be skipped"
 
 # ... plus this package, its extension built against that torch.
 setup: venv
