@@ -10,7 +10,8 @@ Ops (fp32 logits [B, K], default arguments):
 Providers: ``cetnet-cpu`` / ``cetnet-cuda`` / ``cetnet-triton`` (the library, one backend each),
 ``eager`` (the plain-PyTorch references of cetnet_kernels.reference), ``compile``
 (``torch.compile(reference, dynamic=False)``, compiled and warmed up per shape outside the timed
-region) and, on CUDA, ``copy``: a device-to-device copy moving the same number of bytes as the op
+region), ``autograd-floor`` (``logits.sum().backward()`` alone: the fixed cost of one autograd
+backward pass that every provider's step includes) and, on CUDA, ``copy``: a device-to-device copy moving the same number of bytes as the op
 must move at minimum (see :func:`bytes_moved`), the bandwidth yardstick of render.py.
 
 Each timed call sets ``logits.grad = None`` first (as ``zero_grad(set_to_none=True)`` does), so no
@@ -42,8 +43,8 @@ KS = (2, 4, 8)
 B_CPU = (256, 4096, 65536, 1048576)
 B_CUDA = B_CPU + (4194304,)  # 4M rows: the bandwidth target size
 PROVIDERS = {
-    "cpu": ("cetnet-cpu", "eager", "compile"),
-    "cuda": ("cetnet-cuda", "cetnet-triton", "eager", "compile", "copy"),
+    "cpu": ("cetnet-cpu", "eager", "compile", "autograd-floor"),
+    "cuda": ("cetnet-cuda", "cetnet-triton", "eager", "compile", "copy", "autograd-floor"),
 }
 DTYPE = torch.float32
 VALIDATE = os.environ.get("CETNET_BENCH_VALIDATE", "0") == "1"
@@ -134,6 +135,15 @@ def _make_step(op: str, device: str, provider: str, K: int, B: int, info: dict):
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(B, K, generator=gen, dtype=DTYPE) * 2).to(device).requires_grad_()
     labels = torch.randint(0, 2, (B,), generator=gen).to(device=device, dtype=DTYPE)
+    if provider == "autograd-floor":
+        # What every provider's step pays besides its own kernels: one autograd backward pass
+        # into a leaf (engine start-up, the sum's backward, AccumulateGrad).
+        def floor_step():
+            logits.grad = None
+            logits.sum().backward()
+            sync()
+
+        return floor_step
 
     if provider.startswith("cetnet-"):
         fn = partial(_LIBRARY[op], backend=provider.split("-", 1)[1], validate=VALIDATE)

@@ -24,10 +24,12 @@ OP_TITLES = {
                           "(prob-space fusion + ensemble BCE + member BCE)",
     "confidence_fusion": "confidence_fusion: forward + `prob.sum().backward()`",
 }
-PROVIDER_ORDER = ("cetnet-cpu", "cetnet-cuda", "cetnet-triton", "eager", "compile", "copy")
+PROVIDER_ORDER = ("cetnet-cpu", "cetnet-cuda", "cetnet-triton", "eager", "compile", "copy",
+                  "autograd-floor")
 DEVICE_ORDER = ("cpu", "cuda")
 COLORS = {"cetnet-cpu": "tab:blue", "cetnet-cuda": "tab:blue", "cetnet-triton": "tab:purple",
-          "eager": "tab:orange", "compile": "tab:green", "copy": "gray"}
+          "eager": "tab:orange", "compile": "tab:green", "copy": "gray",
+          "autograd-floor": "lightgray"}
 SECTION_RE = re.compile(r"<!-- device: (\S+) -->\n.*?<!-- /device: \1 -->\n?", re.S)
 HEADER = """# cetnet benchmark results
 
@@ -37,6 +39,8 @@ Times are the median over rounds of one forward + backward call, fp32 logits `[B
 Ratios `eager / X` and `compile / X` are speedups of cetnet provider X (> 1: X is faster).
 `X %copy` is the bandwidth of X (the bytes the op must move at minimum, see `bytes_moved` in
 bench_fusion.py) as a percentage of a device-to-device copy of the same bytes.
+`autograd-floor` is `logits.sum().backward()` alone: the fixed cost of one autograd backward
+pass, which every provider's time includes (at small B it is most of the time).
 """
 
 
@@ -188,7 +192,7 @@ def plot_device(dev: str, entry: dict, path: Path, want_k: int) -> bool:
                 continue
             xs, ys = zip(*pts)
             style = dict(marker="o", linewidth=1.6, color=COLORS.get(p))
-            if p == "copy":
+            if p in ("copy", "autograd-floor"):
                 style.update(linestyle="--", marker="x")
             elif p.startswith("cetnet-"):
                 style.update(linewidth=2.4)
