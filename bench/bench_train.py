@@ -1,0 +1,119 @@
+"""End-to-end training speed of CETNet (DHEN + InterFormer) on MovieLens-100k (pytest-benchmark).
+
+One timed call = one training step on the next of a fixed ring of real mini-batches: forward,
+``loss.backward()``, Adam on the dense parameters (plus the embedding's fused optimizer when it
+has one). Providers:
+
+- ``fused``: the default run config (``cetnet train``): cetnet's fused kernels (one-launch
+  multi-table embedding with row-wise Adagrad applied in backward, the fused collaborative loss).
+- ``fused-dense-emb``: the fused kernels with ordinary dense embedding gradients trained by Adam.
+- ``reference``: the same model on the plain-PyTorch ops (``--backend reference``): one
+  ``F.embedding`` per member and feature, dense embedding gradients trained by Adam, the
+  eager reference of the collaborative loss.
+
+Knobs: CETNET_TRAIN_BENCH_B (batch sizes, default 512,2048), CETNET_BENCH_TARGET_S. The extra
+info of each benchmark holds samples/s and the bytes of parameters, gradients and optimizer state
+(the memory a step needs beyond activations). ``python bench/profile_train.py`` profiles one step.
+"""
+
+from __future__ import annotations
+
+import os
+from copy import deepcopy
+
+import pytest
+import torch
+
+from _common import device_name, env_ints
+
+PROVIDERS = ("fused", "fused-dense-emb", "reference")
+B_DEFAULT = (512, 2048)
+RING = 8  # distinct batches cycled through (real data, not one batch repeated)
+
+
+def provider_config(provider: str) -> dict:
+    """The run config of a provider: the default config with its backend and embedding mode."""
+    from cetnet.config import load_config
+
+    cfg = load_config()
+    if provider == "fused":
+        cfg["backend"] = "auto"
+    elif provider == "fused-dense-emb":
+        cfg["backend"] = "auto"
+        cfg["model"]["embedding_optimizer"] = None
+    elif provider == "reference":
+        cfg["backend"] = "reference"
+        cfg["model"]["embedding_optimizer"] = None
+    else:
+        raise ValueError(provider)
+    return cfg
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters, buffers (incl. fused optimizer state), gradients, Adam state."""
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    n += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+             if p.grad is not None)
+    for st in optimizer.state.values():
+        n += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    return n
+
+
+def make_trainer(provider: str, B: int, seed: int = 0):
+    """(step, model, optimizer, dataset) for one provider: step() trains on the next batch."""
+    from cetnet.data import load_dataset
+    from cetnet.models import build_model
+
+    cfg = provider_config(provider)
+    data_opts = {k: v for k, v in cfg["data"].items() if k != "name"}
+    try:
+        dataset = load_dataset(cfg["data"]["name"], **data_opts)
+    except Exception as exc:  # offline and no cached copy
+        pytest.skip(f"MovieLens-100k is not available: {type(exc).__name__}: {exc}")
+    torch.manual_seed(seed)
+    model = build_model(deepcopy(cfg["model"]), dataset.schema, backend=cfg["backend"])
+    model.train()
+    optimizer = torch.optim.Adam(model.dense_parameters(), lr=cfg["train"]["lr"])
+    batches = []
+    for batch in dataset.splits["train"].batches(B, shuffle=True, seed=seed, drop_last=True):
+        batches.append(batch)
+        if len(batches) == RING:
+            break
+    it = [0]
+
+    def step():
+        batch = batches[it[0] % len(batches)]
+        it[0] += 1
+        loss, _ = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step, model, optimizer, dataset
+
+
+def _params():
+    bs = env_ints("CETNET_TRAIN_BENCH_B", list(B_DEFAULT))
+    return [pytest.param(p, B, id=f"cpu-{p}-B{B}") for B in bs for p in PROVIDERS]
+
+
+@pytest.mark.parametrize("provider,B", _params())
+def bench_train_step(benchmark, provider: str, B: int):
+    torch.manual_seed(0)
+    step, model, optimizer, _ = make_trainer(provider, B)
+    for _ in range(3):  # warm-up: allocator, first-call dispatch, optimizer state
+        step()
+    target = float(os.environ.get("CETNET_BENCH_TARGET_S", "3.0"))
+    import time
+
+    t0 = time.perf_counter()
+    step()
+    t = time.perf_counter() - t0
+    rounds = max(5, min(200, int(target / max(t, 1e-4))))
+    benchmark.group = f"train-step-B{B}"
+    benchmark.extra_info.update(provider=provider, device="cpu", device_name=device_name("cpu"),
+                                B=B, torch_version=torch.__version__,
+                                state_bytes=state_bytes(model, optimizer),
+                                members=list(model.member_names))
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["samples_per_s"] = B / benchmark.stats.stats.median
