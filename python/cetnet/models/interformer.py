@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from cetnet.data.schema import Schema
 from cetnet.models.dhen import DHENLayer
 from cetnet.models.front import MemberInputs
-from cetnet.models.layers import MLP, SchemaShape, activation, check_dim
+from cetnet.models.layers import MLP, SchemaShape, check_dim
 
 __all__ = ["InterFormer", "Gate", "PMA", "RotarySelfAttention", "CrossArch", "SequenceLayer"]
 
