@@ -25,28 +25,39 @@ def _seed():
 
 
 # --- training tests (tests/test_train*.py, tests/test_cli*.py) -----------------------------------
-# TEMPORARY until cetnet.data / cetnet.models are merged: the tiny dataset and ensemble of
-# tests/_train_fixtures.py stand in for them. At the merge, switch these fixtures to the real
-# "synthetic" dataset and a real small model config; the tests only use these fixtures.
+# The real synthetic dataset (planted interactions) and real members, kept small.
+
+
+def small_run_config(**train: object) -> dict:
+    """A complete run config: CETNet(DNN + DCNv2) on a 3000-row synthetic dataset."""
+    return {
+        "name": "synthetic-small",
+        "data": {"name": "synthetic", "num_rows": 3000, "num_users": 60, "num_items": 120,
+                 "num_clusters": 6, "cross_size": 8, "num_tags": 12, "max_seq_len": 6,
+                 "seed": 0},
+        "model": {"ensemble": "cetnet", "members": ["dnn", "dcnv2"], "embedding_dim": 8,
+                  "embedding_optimizer": None,
+                  "dnn": {"hidden": [32], "dropout": 0.1},
+                  "dcnv2": {"cross_layers": 2, "hidden": [32], "dropout": 0.1},
+                  "fusion": {"temperature": 1.0, "member_weight": 1.0}},
+        "train": {"epochs": 3, "batch_size": 128, "eval_batch_size": 512, "lr": 0.01,
+                  "lr_schedule": "cosine", "warmup_steps": 5, "patience": 2, "seed": 0,
+                  **train},
+        "backend": "reference",
+        "device": "cpu",
+    }
 
 
 @pytest.fixture
-def train_plugin():
-    """The module that registers the run config's dataset and model (a CLI --plugin). Runs
-    with one torch thread: the models are tiny, and on a shared small machine more threads
-    only contend (10x slower)."""
-    import _train_fixtures
-
-    _train_fixtures.register()
+def one_thread():
+    """The models are tiny: on a small shared machine more threads only contend."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield "_train_fixtures"
+    yield
     torch.set_num_threads(threads)
 
 
 @pytest.fixture
-def train_config(train_plugin):
+def train_config(one_thread):
     """``train_config(**train_overrides) -> dict``: a small complete run config."""
-    import _train_fixtures
-
-    return _train_fixtures.tiny_config
+    return small_run_config

@@ -1,6 +1,6 @@
 """The ``cetnet`` command line: train (a real ``python -m cetnet`` process), evaluate, data
-prepare, resume and config errors. Dataset and model come from the ``train_config`` /
-``train_plugin`` fixtures (tests/conftest.py)."""
+prepare, resume and config errors. Dataset and model come from the ``train_config``
+fixture (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -21,19 +21,18 @@ def _write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
-def test_python_m_cetnet_train_then_evaluate(train_config, train_plugin, tmp_path, capsys):
+def test_python_m_cetnet_train_then_evaluate(train_config, tmp_path, capsys):
     config = _write_config(train_config(epochs=2), tmp_path / "tiny.yaml")
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cetnet", "--plugin", train_plugin, "train", "--config",
+        [sys.executable, "-m", "cetnet", "train", "--config",
          str(config), "--out", str(run_dir), "--epochs", "1", "--seed", "3", "--device", "cpu",
          "--backend", "reference", "--no-plots", "--set", "train.max_steps_per_epoch=5",
          "model.fusion.temperature=0.5"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "fused" in proc.stdout and "mlp_a" in proc.stdout and "gAUC" in proc.stdout
+    assert "fused" in proc.stdout and "dnn" in proc.stdout and "gAUC" in proc.stdout
     assert f"run directory: {run_dir}" in proc.stdout
     saved = read_json(run_dir / "metrics.json")
     resolved = (run_dir / "config.yaml").read_text()
@@ -43,7 +42,7 @@ def test_python_m_cetnet_train_then_evaluate(train_config, train_plugin, tmp_pat
     # evaluate rebuilds dataset + model from the run directory: the same test metrics
     assert main(["evaluate", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "mlp_b" in out and "eval_test.json" in out
+    assert "dcnv2" in out and "eval_test.json" in out
     evaluated = read_json(run_dir / "eval_test.json")
     assert evaluated["fused"] == saved["fused"] and evaluated["members"] == saved["members"]
     assert main(["evaluate", str(run_dir), "--split", "valid"]) == 0
@@ -75,7 +74,7 @@ def test_cli_errors_are_clear(train_config, tmp_path, capsys):
     assert "no config.yaml" in capsys.readouterr().err
 
 
-def test_data_prepare_prints_the_summary(train_plugin, capsys):
-    assert main(["data", "prepare", "tiny", "num_rows=500"]) == 0
+def test_data_prepare_prints_the_summary(one_thread, capsys):
+    assert main(["data", "prepare", "synthetic", "num_rows=500", "seed=1"]) == 0
     out = capsys.readouterr().out
-    assert "tiny" in out and "'train': 350" in out
+    assert "synthetic" in out and "400" in out

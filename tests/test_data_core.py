@@ -224,9 +224,9 @@ def test_save_and_load_round_trip(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(ba.tensors(), bb.tensors()))
 
 
-def test_registry(capsys):
+def test_registry():
     ds = prepare("synthetic", num_rows=300, seed=0)
-    assert "dataset synthetic" in capsys.readouterr().out
+    assert "dataset synthetic" in ds.summary()
     assert load_dataset("synthetic", num_rows=300, seed=0).summary() == ds.summary()
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("nope")

@@ -26,7 +26,7 @@ def test_fit_learns_and_writes_the_run_directory(train_config, tmp_path):
     on_disk = read_json(run_dir / "metrics.json")
     assert set(on_disk["fused"]) == METRIC_KEYS
     members = on_disk["members"]
-    assert list(members) == ["mlp_a", "mlp_b"]
+    assert list(members) == ["dnn", "dcnv2"]
     assert all(set(m) == METRIC_KEYS for m in members.values())
     assert set(on_disk["fusion_weights"]) == set(members)
     assert sum(on_disk["fusion_weights"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -105,7 +105,7 @@ def test_checkpoints_load_with_weights_only(train_config, tmp_path):
         set(last)
     assert isinstance(last["rng"]["torch"], torch.Tensor)
     best = torch.load(run_dir / BEST, weights_only=True)
-    assert best["epoch"] == 1 and "embedding.weight" in best["model"]
+    assert best["epoch"] == 1 and "front.embedding.weight" in best["model"]
 
 
 def test_progress_bars_show_live_loss_and_auc(train_config, tmp_path, monkeypatch, capsys):

@@ -49,10 +49,8 @@ def load_dataset(name: str = "movielens-100k", **options: Any) -> CTRDataset:
 
 
 def prepare(name: str = "movielens-100k", **options: Any) -> CTRDataset:
-    """Fetches / encodes / caches the dataset, prints its summary and returns it
-    (``cetnet data prepare NAME``)."""
+    """Fetches / encodes / caches the dataset (with progress messages) and returns it;
+    ``cetnet data prepare NAME`` prints its summary."""
     if name in ("movielens-100k", "bars"):
         options.setdefault("verbose", True)
-    ds = load_dataset(name, **options)
-    print(ds.summary())
-    return ds
+    return load_dataset(name, **options)
