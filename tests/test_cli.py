@@ -78,3 +78,16 @@ def test_data_prepare_prints_the_summary(one_thread, capsys):
     assert main(["data", "prepare", "synthetic", "num_rows=500", "seed=1"]) == 0
     out = capsys.readouterr().out
     assert "synthetic" in out and "400" in out
+
+
+def test_reference_backend_switches_a_fused_embedding_optimizer_off(train_config, tmp_path,
+                                                                    capsys):
+    cfg = train_config(epochs=1, max_steps_per_epoch=3)
+    cfg["model"]["embedding_optimizer"] = "rowwise_adagrad"
+    cfg["backend"] = "auto"
+    config = _write_config(cfg, tmp_path / "c.yaml")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet",
+                 "--no-plots", "--backend", "reference"]) == 0
+    assert "training the embedding with Adam instead" in capsys.readouterr().err
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "backend: reference" in resolved and "embedding_optimizer: null" in resolved

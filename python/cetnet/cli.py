@@ -87,6 +87,14 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(path, overrides)
+    model_cfg = config.get("model") or {}
+    if config.get("backend") == "reference" and model_cfg.get("embedding_optimizer"):
+        # The plain-PyTorch embedding has no fused optimizer: the comparison run trains its
+        # tables with Adam on dense gradients instead (said, not silently).
+        print(f"--backend reference: embedding_optimizer {model_cfg['embedding_optimizer']!r} "
+              "is a fused-kernel optimizer; training the embedding with Adam instead "
+              "(model.embedding_optimizer=null)", file=sys.stderr)
+        model_cfg["embedding_optimizer"] = None
     run_dir, metrics = run_training(config, out, resume=resume, quiet=args.quiet,
                                     plots=not args.no_plots)
     if args.quiet:  # fit prints the table itself otherwise
