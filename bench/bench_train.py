@@ -11,7 +11,13 @@ has one). Providers:
   ``F.embedding`` per member and feature, dense embedding gradients trained by Adam, the
   eager reference of the collaborative loss.
 
-Knobs: CETNET_TRAIN_BENCH_B (batch sizes, default 512,2048), CETNET_BENCH_TARGET_S. The extra
+Workloads: ``ml100k`` (the default config: MovieLens-100k, small vocabularies: 753 users, 1,618
+items) and ``synthetic-700k-ids`` (the same model on the synthetic dataset with 200k users and
+500k items: production-like vocabularies, where a dense embedding gradient and Adam over every
+row cost more than the batch's own rows).
+
+Knobs: CETNET_TRAIN_BENCH_B (batch sizes, default 512,2048), CETNET_TRAIN_BENCH_WORKLOADS,
+CETNET_BENCH_TARGET_S. The extra
 info of each benchmark holds samples/s and the bytes of parameters, gradients and optimizer state
 (the memory a step needs beyond activations). ``python bench/profile_train.py`` profiles one step.
 """
@@ -24,18 +30,25 @@ from copy import deepcopy
 import pytest
 import torch
 
-from _common import device_name, env_ints
+from _common import device_name, env_ints, env_strs
 
 PROVIDERS = ("fused", "fused-dense-emb", "reference")
 B_DEFAULT = (512, 2048)
 RING = 8  # distinct batches cycled through (real data, not one batch repeated)
+WORKLOADS = {
+    "ml100k": None,  # the default config's data section
+    "synthetic-700k-ids": {"name": "synthetic", "num_rows": 40_000, "num_users": 200_000,
+                           "num_items": 500_000, "max_seq_len": 20, "seed": 0},
+}
 
 
-def provider_config(provider: str) -> dict:
+def provider_config(provider: str, workload: str = "ml100k") -> dict:
     """The run config of a provider: the default config with its backend and embedding mode."""
     from cetnet.config import load_config
 
     cfg = load_config()
+    if WORKLOADS[workload] is not None:
+        cfg["data"] = dict(WORKLOADS[workload])
     if provider == "fused":
         cfg["backend"] = "auto"
     elif provider == "fused-dense-emb":
@@ -59,17 +72,22 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
     return n
 
 
-def make_trainer(provider: str, B: int, seed: int = 0):
+_DATASETS: dict = {}
+
+
+def make_trainer(provider: str, B: int, seed: int = 0, workload: str = "ml100k"):
     """(step, model, optimizer, dataset) for one provider: step() trains on the next batch."""
     from cetnet.data import load_dataset
     from cetnet.models import build_model
 
-    cfg = provider_config(provider)
+    cfg = provider_config(provider, workload)
     data_opts = {k: v for k, v in cfg["data"].items() if k != "name"}
     try:
-        dataset = load_dataset(cfg["data"]["name"], **data_opts)
+        if workload not in _DATASETS:
+            _DATASETS[workload] = load_dataset(cfg["data"]["name"], **data_opts)
+        dataset = _DATASETS[workload]
     except Exception as exc:  # offline and no cached copy
-        pytest.skip(f"MovieLens-100k is not available: {type(exc).__name__}: {exc}")
+        pytest.skip(f"dataset {workload} is not available: {type(exc).__name__}: {exc}")
     torch.manual_seed(seed)
     model = build_model(deepcopy(cfg["model"]), dataset.schema, backend=cfg["backend"])
     model.train()
@@ -94,13 +112,15 @@ def make_trainer(provider: str, B: int, seed: int = 0):
 
 def _params():
     bs = env_ints("CETNET_TRAIN_BENCH_B", list(B_DEFAULT))
-    return [pytest.param(p, B, id=f"cpu-{p}-B{B}") for B in bs for p in PROVIDERS]
+    ws = env_strs("CETNET_TRAIN_BENCH_WORKLOADS", list(WORKLOADS))
+    return [pytest.param(w, p, B, id=f"cpu-{w}-{p}-B{B}") for w in ws for B in bs
+            for p in PROVIDERS]
 
 
-@pytest.mark.parametrize("provider,B", _params())
-def bench_train_step(benchmark, provider: str, B: int):
+@pytest.mark.parametrize("workload,provider,B", _params())
+def bench_train_step(benchmark, workload: str, provider: str, B: int):
     torch.manual_seed(0)
-    step, model, optimizer, _ = make_trainer(provider, B)
+    step, model, optimizer, _ = make_trainer(provider, B, workload=workload)
     for _ in range(3):  # warm-up: allocator, first-call dispatch, optimizer state
         step()
     target = float(os.environ.get("CETNET_BENCH_TARGET_S", "3.0"))
@@ -110,8 +130,8 @@ def bench_train_step(benchmark, provider: str, B: int):
     step()
     t = time.perf_counter() - t0
     rounds = max(5, min(200, int(target / max(t, 1e-4))))
-    benchmark.group = f"train-step-B{B}"
-    benchmark.extra_info.update(provider=provider, device="cpu", device_name=device_name("cpu"),
+    benchmark.group = f"train-step-{workload}-B{B}"
+    benchmark.extra_info.update(workload=workload, provider=provider, device="cpu", device_name=device_name("cpu"),
                                 B=B, torch_version=torch.__version__,
                                 state_bytes=state_bytes(model, optimizer),
                                 members=list(model.member_names))

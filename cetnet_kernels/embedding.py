@@ -692,7 +692,14 @@ class MultiTableEmbedding(nn.Module):
                 v = int(x[bad][0])
                 raise IndexError(f"MultiTableEmbedding: feature {feat.name!r}: id {v} is out of "
                                  f"range for its vocabulary of size {feat.num_embeddings}")
-        tables = [[self.table(m, f.name) for f in self.features] for m in range(self.num_models)]
+        # One split of the flat weight into its M x F tables (the flat layout is (m, f)-major and
+        # gap-free): autograd then assembles the flat gradient once, where M x F slices would
+        # each materialize a full-size zero gradient (O(M F) times the table bytes per step).
+        F_ = len(self.features)
+        sizes = [self._vocab[f] * d for d in self.dims for f in range(F_)]
+        chunks = torch.split(self.weight, sizes)
+        tables = [[chunks[m * F_ + f].view(self._vocab[f], self.dims[m]) for f in range(F_)]
+                  for m in range(self.num_models)]
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             tables = [[t.float() for t in member] for member in tables]
         inputs = [v if mode == _IDS else (v, o, p if mode == _BAG_WEIGHTED else None)
