@@ -1,5 +1,5 @@
-# Set-up and checks. `make demo` runs the main job, `make test` the test suite; both create the
-# virtual environment and build the extension first.
+# Set-up and checks. `make train` runs the main job (cetnet train: CETNet on MovieLens-100k),
+# `make test` the test suite; both create the virtual environment and build the extension first.
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel of torch (this project's CI machine has it on local disk).
@@ -10,7 +10,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: venv setup demo test bench cmake-test cuda-build-check ci clean
+.PHONY: venv setup train demo test bench cmake-test cuda-build-check ci clean
 
 # The environment: torch (CPU), the build tools, the test and benchmark tools.
 venv:
@@ -28,6 +28,9 @@ venv:
 # ... plus this package, its extension built against that torch.
 setup: venv
 	$(PIP) install -q --no-build-isolation -e .
+
+train: setup
+	$(PY) -m cetnet train
 
 demo: setup
 	$(PY) -m cetnet.demo
