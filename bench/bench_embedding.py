@@ -293,6 +293,8 @@ if __name__ == "__main__":
     sub = ap.add_subparsers(dest="cmd", required=True)
     s1 = sub.add_parser("summarize", help="table from a --benchmark-json file")
     s1.add_argument("json")
+    s1.add_argument("--into", help="write the table between the <!-- matrix:begin/end --> "
+                                   "markers of this markdown file (bench/EMBEDDING_RESULTS.md)")
     s2 = sub.add_parser("interleaved", help="round-robin timing of the providers")
     s2.add_argument("--threads", type=int, default=torch.get_num_threads())
     s2.add_argument("--rounds", type=int, default=20)
@@ -300,7 +302,31 @@ if __name__ == "__main__":
     s2.add_argument("--headline", action="store_true", help="only M=2, B=4096, D=16")
     a = ap.parse_args()
     if a.cmd == "summarize":
-        print(summarize(a.json))
+        table = summarize(a.json)
+        if a.into:
+            import re
+            from datetime import datetime
+
+            meta = json.loads(Path(a.json).read_text())
+            when = meta.get("datetime", "")
+            try:
+                when = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC")
+            except ValueError:
+                pass
+            names = {b["extra_info"].get("device_name") for b in meta["benchmarks"]}
+            block = (f"<!-- matrix:begin -->\nMedian ms of pytest-benchmark rounds (useful GB/s), "
+                     f"{', '.join(sorted(n for n in names if n))}, {when}, torch "
+                     f"{meta.get('machine_info', {}).get('torch_version', '?')}, source "
+                     f"`{Path(a.json).name}`:\n\n{table}\n<!-- matrix:end -->")
+            target = Path(a.into)
+            text = target.read_text()
+            pattern = re.compile(r"<!-- matrix:begin -->.*?<!-- matrix:end -->", re.S)
+            if not pattern.search(text):
+                raise SystemExit(f"{target}: no <!-- matrix:begin/end --> markers")
+            target.write_text(pattern.sub(lambda _: block, text))
+            print(f"wrote the matrix into {target}")
+        else:
+            print(table)
     else:
         torch.set_num_threads(a.threads)
         shapes = [(2, 4096, 16, 0)] if a.headline else _shapes()

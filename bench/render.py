@@ -41,6 +41,10 @@ Ratios `eager / X` and `compile / X` are speedups of cetnet provider X (> 1: X i
 bench_fusion.py) as a percentage of a device-to-device copy of the same bytes.
 `autograd-floor` is `logits.sum().backward()` alone: the fixed cost of one autograd backward
 pass, which every provider's time includes (at small B it is most of the time).
+
+The other benchmark tables: [EMBEDDING_RESULTS.md](EMBEDDING_RESULTS.md) (`MultiTableEmbedding`
+training steps vs `nn.Embedding` loops, `torch.compile` and FBGEMM's TBE) and
+[TRAIN_RESULTS.md](TRAIN_RESULTS.md) (end-to-end CETNet training steps, fused vs reference ops).
 """
 
 
