@@ -20,8 +20,9 @@ venv:
 	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
 		pytest-benchmark matplotlib pyyaml tqdm
 	# torchrec for the KeyedJaggedTensor interop tests (not a dependency of cetnet). Its own
-	# requirements would pull fbgemm-gpu and another torch, so: no deps, plus the pure-Python ones.
-	$(PIP) install -q --no-deps torchrec==1.9.2 tensordict==0.15.3 pyvers cloudpickle \
+	# requirements would pull fbgemm-gpu and another torch, so: no deps, plus the pure-Python ones
+	# and fbgemm-gpu-cpu 1.8.0 (the FBGEMM CPU build made for torch 2.13, which torchrec imports).
+	$(PIP) install -q --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 pyvers cloudpickle \
 		pyre-extensions typing-inspect mypy-extensions iopath portalocker \
 		|| echo "torchrec not installable: the KeyedJaggedTensor tests will be skipped"
 
