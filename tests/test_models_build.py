@@ -62,3 +62,12 @@ def test_reference_backend_needs_dense_embedding_gradients():
         build_model({}, tiny_schema(), backend="reference")
     model = build_model({"embedding_optimizer": None}, tiny_schema(), backend="reference")
     assert model.embedding.backend == "reference" and model.fusion.backend == "reference"
+
+
+
+@pytest.mark.parametrize("section,value", [
+    ("fusion", {"bogus": 1}), ("naive", {"averag": "logit"}), ("dhen", {"typo_key": 3})])
+def test_sections_the_ensemble_does_not_read_are_still_checked(section, value):
+    cfg = {"ensemble": "kdef", "members": ["dnn"], "embedding_optimizer": None, section: value}
+    with pytest.raises(ValueError, match=f"in model.{section}"):
+        build_model(cfg, tiny_schema())

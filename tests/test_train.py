@@ -155,3 +155,11 @@ def test_lr_schedule_shapes():
     plateau = lrs("plateau", 8, per_epoch=2, metrics=[0.6, 0.6, 0.6, 0.6],
                   plateau_factor=0.1, plateau_patience=1)
     assert plateau == pytest.approx([1, 1, 1, 1, 1, 1, 0.1, 0.1])
+
+
+def test_a_one_row_remainder_batch_is_skipped_with_batch_norm(train_config, tmp_path):
+    cfg = train_config(epochs=1, batch_size=2399, warmup_steps=0)  # 2400 train rows: 2399 + 1
+    cfg["model"]["members"] = ["dnn"]
+    cfg["model"]["dnn"] = {"hidden": [16], "batch_norm": True}
+    _, metrics = run_training(cfg, tmp_path / "run", quiet=True, plots=False)
+    assert metrics["train_samples"] == 2399

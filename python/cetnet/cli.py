@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="score a finished run's checkpoint on a split")
     ev.add_argument("run_dir", type=Path)
-    ev.add_argument("--split", default="test", help="train, valid or test (default test)")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"],
+                    help="the split to score (default test)")
     ev.add_argument("--checkpoint", default="best.pt", help="best.pt (default) or last.pt")
     ev.add_argument("--device", help="override the run's device")
 

@@ -44,7 +44,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,                  # Adam on the dense parameters
     "weight_decay": 0.0,         # Adam's L2 term
     "lr_schedule": "cosine",     # constant | cosine | step | plateau (see cetnet.train.schedule)
-    "warmup_steps": 0,           # linear warm-up from 0, in optimizer steps
+    "warmup_steps": 0,           # linear warm-up (lr/warmup_steps up to lr), in optimizer steps
     "min_lr_ratio": 0.0,         # cosine: the final lr as a fraction of lr
     "step_epochs": 1,            # step: multiply the lr by gamma every step_epochs epochs
     "gamma": 0.5,

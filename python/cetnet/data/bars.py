@@ -49,6 +49,9 @@ from cetnet.data.vocab import TokenCounter, Vocabulary
 
 __all__ = ["BarsColumn", "BarsConfig", "read_config", "load_bars"]
 
+# Bump when the encoding changes: cached encodings of older code are then not reused.
+_CACHE_VERSION = 2
+
 _COPY_FROM = re.compile(r"^\s*copy_from\(\s*([^)\s]+)\s*\)\s*$")
 Lookup = Callable[[list], list]
 
@@ -274,7 +277,8 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
     cached = None
     if cache_dir is not None:
         files = sorted({str(p.resolve()): p.stat() for p in cfg.files.values()}.items())
-        key = repr((cfg, [(f, st.st_size, st.st_mtime_ns) for f, st in files], max_rows))
+        key = repr((_CACHE_VERSION, cfg, [(f, st.st_size, st.st_mtime_ns) for f, st in files],
+                    max_rows))
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         cached = Path(cache_dir).expanduser() / f"{cfg.dataset_id}-{digest}.pt"
         if cached.exists():

@@ -56,6 +56,20 @@ def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _check_unused_sections(cfg: Mapping[str, Any]) -> None:
+    """Checks the keys of every section present, also those this ensemble does not read (a
+    `fusion:` under kdef, a `dhen:` with no dhen member): a typo there must not pass unnoticed."""
+    for kind, cls in MEMBERS.items():
+        if kind in cfg:
+            _check_keys(_section(cfg, kind), _keywords(cls, ("self", "schema", "dim")),
+                        f"model.{kind}")
+    if "fusion" in cfg:
+        _check_keys(_section(cfg, "fusion"), _keywords(CETNetFusion.__init__, _FUSION_SKIP),
+                    "model.fusion")
+    if "naive" in cfg:
+        _check_keys(_section(cfg, "naive"), ["average"], "model.naive")
+
+
 def build_member(kind: str, schema: Schema, dim: int, **hyperparameters: Any) -> nn.Module:
     """A member by registry name (``dnn``, ``dcnv2``, ``dhen``, ``interformer``); unknown names
     and hyperparameters raise ValueError naming them."""
@@ -109,6 +123,7 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     lr = float(cfg["embedding_lr"])
     dims = cfg["embedding_dim"]
     shared = bool(cfg["shared_embedding"])
+    _check_unused_sections(cfg)
 
     if ensemble == "multi_embedding":
         if shared:

@@ -252,7 +252,8 @@ class InterFormer(nn.Module):
             seqs = [F.pad(x, (0, 0, 0, T - x.shape[1])) for x in seqs]
             masks = [F.pad(m, (0, T - m.shape[1])) for m in masks]
             mask = torch.stack(masks).any(0)
-            return self.merge(torch.cat(seqs, dim=-1)), mask
+            # zero the padding again: the merge's bias would otherwise fill it
+            return self.merge(torch.cat(seqs, dim=-1)) * mask.unsqueeze(-1), mask
         # pad each sequence to its schema length: the position compression has fixed inputs
         s = torch.cat([F.pad(x, (0, 0, 0, self.shape.max_len[n] - x.shape[1]))
                        for x, n in zip(seqs, names)], dim=1)

@@ -129,6 +129,10 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
             for step, batch in enumerate(batches):
                 if step >= steps_per_epoch:
                     break
+                if step > 0 and len(batch) < 2:
+                    # A 1-row remainder batch: BatchNorm cannot train on one row. Skipping it
+                    # depends only on the split size, so runs stay reproducible.
+                    continue
                 batch = batch.to(device)
                 lr = schedule.step()
                 loss, out = model.loss(batch)
