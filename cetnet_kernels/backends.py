@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Callable
 
 import torch
 
 from cetnet_kernels._extension import HAS_C, _C
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend"]
+__all__ = ["BACKENDS", "available_backends", "load_triton_eagerly", "resolve_backend"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -76,3 +77,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}")
         raise RuntimeError(f"backend 'triton' is not available: {why}")
     return backend
+
+
+def load_triton_eagerly(load: Callable[[], None]) -> str | None:
+    """Runs ``load`` (which defines Triton ops) now when Triton can run here (a GPU, or the
+    interpreter), so that torch.compile never traces their registration. Returns why it failed
+    (a broken triton install must not break the other backends), or None."""
+    if not ((torch.cuda.is_available() and _triton_runs_on(torch.device("cuda")))
+            or _triton_runs_on(torch.device("cpu"))):
+        return None
+    try:
+        load()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None

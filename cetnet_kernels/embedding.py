@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from cetnet_kernels._extension import HAS_C
-from cetnet_kernels.backends import BACKENDS, _triton_runs_on, resolve_backend
+from cetnet_kernels.backends import BACKENDS, load_triton_eagerly, resolve_backend
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
 
 __all__ = ["EmbeddingFeature", "MultiTableEmbedding", "OPTIMIZERS", "POOLINGS"]
@@ -232,14 +232,7 @@ def _load_triton() -> None:
     _OPS["triton"] = _register_ops("_triton")
 
 
-# Defined at import when Triton can run here (a GPU, or the interpreter), so that torch.compile
-# never traces their registration (as cetnet_kernels/fusion.py does).
-if (torch.cuda.is_available() and _triton_runs_on(torch.device("cuda"))) or _triton_runs_on(
-        torch.device("cpu")):
-    try:
-        _load_triton()
-    except Exception as exc:  # a broken triton install must not break the other backends
-        _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+_TRITON_ERROR = load_triton_eagerly(_load_triton)
 
 
 def _ops_for(backend: str) -> _EmbeddingOps:

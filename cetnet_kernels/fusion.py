@@ -20,7 +20,7 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._extension import HAS_C
-from cetnet_kernels.backends import _triton_runs_on, resolve_backend
+from cetnet_kernels.backends import load_triton_eagerly, resolve_backend
 
 __all__ = ["confidence_fusion", "collaborative_loss", "REDUCTIONS", "FUSION_SPACES"]
 
@@ -158,14 +158,7 @@ def _load_triton() -> None:
     _OPSETS["triton"] = ops
 
 
-# Triton ops are defined at import when they can run here (a GPU, or the interpreter), so that
-# torch.compile never traces their registration.
-if (torch.cuda.is_available() and _triton_runs_on(torch.device("cuda"))) or _triton_runs_on(
-        torch.device("cpu")):
-    try:
-        _load_triton()
-    except Exception as exc:  # a broken triton install must not break the other backends
-        _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+_TRITON_ERROR = load_triton_eagerly(_load_triton)
 
 
 def _ops_for(backend: str) -> _OpSet:

@@ -14,6 +14,7 @@
 // to the row. Each row belongs to exactly one run, so there are no races and no atomics, and the
 // summation order does not depend on the thread count: results are bitwise reproducible.
 #include "cpu/embedding_cpu.h"
+#include "embedding_args.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,12 +32,8 @@
 namespace cetnet::cpu {
 namespace {
 
-// modes[f]: how feature f's input is read (the Python layer builds them).
-enum Mode : int64_t { kIds = 0, kBagSum = 1, kBagMean = 2, kBagWeightedSum = 3 };
 // optimizer codes of multi_embedding_update.
 enum Optimizer : int64_t { kSGD = 1, kRowwiseAdagrad = 2 };
-
-inline bool is_bag(int64_t mode) { return mode != kIds; }
 
 // Reads ids of either integer width without converting the tensor.
 struct IdReader {
@@ -55,42 +52,14 @@ IdReader reader_of(const at::Tensor& t) {
   return r;
 }
 
-// The static table layout plus this call's column layout and (contiguous) inputs.
-struct Layout {
-  int64_t M = 0, F = 0, B = 0, N = 0;
-  std::vector<int64_t> dims, vocab, mode;
+// The checked arguments (embedding_args.h) plus the table offsets and the (contiguous) inputs.
+struct Layout : EmbeddingArgs {
   std::vector<int64_t> table_off, state_off;  // [M * F]
-  std::vector<int64_t> col_start, ncols;      // [F]
-  int64_t weight_numel = 0, state_rows = 0;
-  std::vector<std::string> names;
+  int64_t state_rows = 0;
   std::vector<at::Tensor> ids, offsets, psw;  // contiguous copies (no-ops when already so)
   std::vector<IdReader> id_r, off_r;
   std::vector<const float*> psw_f;  // per-sample weights (float32), or nullptr
-  std::optional<int64_t> padding_idx;
-
-  const std::string& name(int64_t f) const { return names[f]; }
 };
-
-std::vector<std::string> split_names(const std::string& joined, int64_t F) {
-  std::vector<std::string> out;
-  std::stringstream ss(joined);
-  std::string item;
-  while (std::getline(ss, item, '\n')) out.push_back(item);
-  if (static_cast<int64_t>(out.size()) != F) {
-    out.clear();
-    for (int64_t f = 0; f < F; ++f) out.push_back("#" + std::to_string(f));
-  }
-  return out;
-}
-
-void check_int_tensor(const at::Tensor& t, const char* what, const std::string& name,
-                      const char* op) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op,
-                   ": feature '", name, "': ", what, " must be int32 or int64, got ",
-                   t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), op, ": feature '", name, "': ", what,
-              " must be a CPU tensor, got ", t.device());
-}
 
 // Validates everything but the id values and builds the layout. Offsets values are checked
 // here (one cheap pass over B + 1 values per bag feature) because they bound the reads.
@@ -99,74 +68,19 @@ Layout make_layout(const at::Tensor& weight, at::TensorList ids, at::TensorList 
                    at::IntArrayRef vocab, std::optional<int64_t> padding_idx,
                    const std::string& feature_names, const char* op) {
   Layout L;
-  L.M = static_cast<int64_t>(dims.size());
-  L.F = static_cast<int64_t>(vocab.size());
-  TORCH_CHECK_VALUE(L.M >= 1, op, ": dims must name at least one member");
-  TORCH_CHECK_VALUE(L.F >= 1, op, ": vocab must name at least one feature");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(ids.size()) == L.F &&
-                        static_cast<int64_t>(offsets.size()) == L.F &&
-                        static_cast<int64_t>(psw.size()) == L.F &&
-                        static_cast<int64_t>(modes.size()) == L.F,
-                    op, ": ids, offsets, per_sample_weights and modes need one entry per "
-                    "feature (", L.F, "), got ", ids.size(), ", ", offsets.size(), ", ",
-                    psw.size(), ", ", modes.size());
-  L.names = split_names(feature_names, L.F);
-  L.dims.assign(dims.begin(), dims.end());
-  L.vocab.assign(vocab.begin(), vocab.end());
-  L.mode.assign(modes.begin(), modes.end());
-  L.padding_idx = padding_idx;
-  for (int64_t m = 0; m < L.M; ++m)
-    TORCH_CHECK_VALUE(L.dims[m] >= 1, op, ": dims[", m, "] must be >= 1, got ", L.dims[m]);
+  static_cast<EmbeddingArgs&>(L) = check_embedding_args(
+      weight, ids, offsets, psw, modes, dims, vocab, padding_idx, feature_names, at::kCPU, op);
+  // Flat layout, member-major: member m's table of feature f, then the next feature.
   L.table_off.resize(L.M * L.F);
   L.state_off.resize(L.M * L.F);
+  int64_t numel = 0;
   for (int64_t m = 0; m < L.M; ++m) {
     for (int64_t f = 0; f < L.F; ++f) {
-      TORCH_CHECK_VALUE(L.vocab[f] >= 1, op, ": feature '", L.name(f),
-                        "': vocabulary size must be >= 1, got ", L.vocab[f]);
-      L.table_off[m * L.F + f] = L.weight_numel;
+      L.table_off[m * L.F + f] = numel;
       L.state_off[m * L.F + f] = L.state_rows;
-      L.weight_numel += L.vocab[f] * L.dims[m];
+      numel += L.vocab[f] * L.dims[m];
       L.state_rows += L.vocab[f];
     }
-  }
-  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op,
-                   ": weight must be floating point, got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.numel() == L.weight_numel, op,
-                    ": weight must be 1-D with ", L.weight_numel, " elements, got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight must be contiguous");
-  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor");
-
-  L.B = -1;
-  L.col_start.resize(L.F);
-  L.ncols.resize(L.F);
-  for (int64_t f = 0; f < L.F; ++f) {
-    const std::string& nm = L.name(f);
-    const int64_t mode = L.mode[f];
-    TORCH_CHECK_VALUE(mode >= kIds && mode <= kBagWeightedSum, op, ": feature '", nm,
-                      "': unknown mode ", mode);
-    check_int_tensor(ids[f], "ids", nm, op);
-    int64_t Bf;
-    if (!is_bag(mode)) {
-      TORCH_CHECK_VALUE(ids[f].dim() == 1 || ids[f].dim() == 2, op, ": feature '", nm,
-                        "': ids must be [B] or [B, T], got shape ", ids[f].sizes());
-      Bf = ids[f].size(0);
-      L.ncols[f] = ids[f].dim() == 2 ? ids[f].size(1) : 1;
-    } else {
-      TORCH_CHECK_VALUE(ids[f].dim() == 1, op, ": feature '", nm,
-                        "': bag values must be 1-D, got shape ", ids[f].sizes());
-      check_int_tensor(offsets[f], "offsets", nm, op);
-      TORCH_CHECK_VALUE(offsets[f].dim() == 1 && offsets[f].numel() >= 1, op, ": feature '",
-                        nm, "': offsets must be 1-D of length B + 1, got shape ",
-                        offsets[f].sizes());
-      Bf = offsets[f].numel() - 1;
-      L.ncols[f] = 1;
-    }
-    if (L.B < 0) L.B = Bf;
-    TORCH_CHECK_VALUE(Bf == L.B, op, ": feature '", nm, "' has batch size ", Bf,
-                      " but feature '", L.name(0), "' has ", L.B);
-    L.col_start[f] = L.N;
-    L.N += L.ncols[f];
   }
 
   L.ids.resize(L.F);
@@ -192,11 +106,6 @@ Layout make_layout(const at::Tensor& weight, at::TensorList ids, at::TensorList 
     TORCH_CHECK_VALUE(o[L.B] == nvals, op, ": feature '", nm, "': offsets[-1] must equal "
                       "the number of values (", nvals, "), got ", o[L.B]);
     if (L.mode[f] == kBagWeightedSum) {
-      TORCH_CHECK_TYPE(psw[f].scalar_type() == at::kFloat, op, ": feature '", nm,
-                       "': per_sample_weights must be float32, got ", psw[f].scalar_type());
-      TORCH_CHECK_VALUE(psw[f].dim() == 1 && psw[f].numel() == nvals, op, ": feature '", nm,
-                        "': per_sample_weights must have shape [", nvals, "], got ",
-                        psw[f].sizes());
       L.psw[f] = psw[f].contiguous();
       L.psw_f[f] = L.psw[f].const_data_ptr<float>();
     }

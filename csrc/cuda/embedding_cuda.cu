@@ -31,6 +31,7 @@
 //      reduce it with a fixed shuffle tree, and the gradient is summed again in the same order
 //      for the update pass (twice the gradient reads, no shared memory limit on the dim).
 #include "cuda/embedding_cuda.h"
+#include "embedding_args.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -47,7 +48,6 @@
 namespace cetnet::cuda {
 namespace {
 
-enum Mode : int64_t { kIds = 0, kBagSum = 1, kBagMean = 2, kBagWeightedSum = 3 };
 enum Optimizer : int { kDense = 0, kSGD = 1, kRowwiseAdagrad = 2 };
 
 constexpr int kThreads = 256;
@@ -385,126 +385,37 @@ __global__ void apply_runs_kernel(scalar_t* __restrict__ w, scalar_t* __restrict
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-std::vector<std::string> split_names(const std::string& joined, int64_t F) {
-  std::vector<std::string> out;
-  std::stringstream ss(joined);
-  std::string item;
-  while (std::getline(ss, item, '\n')) out.push_back(item);
-  if (static_cast<int64_t>(out.size()) != F) {
-    out.clear();
-    for (int64_t f = 0; f < F; ++f) out.push_back("#" + std::to_string(f));
-  }
-  return out;
-}
-
-// Everything about one call that the kernels need, validated (all but the id and offsets
-// values, which live on the device and are checked by the kernels).
-struct Plan {
-  int64_t M = 0, F = 0, B = -1, N = 0, Vtot = 0, weight_numel = 0, max_dim = 1;
-  std::vector<std::string> names;
-  std::vector<int64_t> dims, vocab, mode, ncols, col_start, row_base;
-  std::vector<at::Tensor> ids, offsets, psw;  // contiguous (kept alive for the launches)
-  std::optional<int64_t> padding_idx;
+// Everything about one call that the kernels need: the checked arguments (embedding_args.h)
+// plus the contiguous inputs (kept alive for the launches). The id and offsets values live on
+// the device and are checked by the kernels.
+struct Plan : EmbeddingArgs {
+  int64_t max_dim = 1;
+  std::vector<int64_t> row_base;  // [F]: first row of feature f in a member's Vtot rows
+  std::vector<at::Tensor> ids, offsets, psw;
   at::Device device = at::kCPU;
 };
-
-void check_int_tensor(const at::Tensor& t, const char* what, const std::string& name,
-                      const char* op) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op,
-                   ": feature '", name, "': ", what, " must be int32 or int64, got ",
-                   t.scalar_type());
-}
 
 Plan make_plan(const at::Tensor& weight, at::TensorList ids, at::TensorList offsets,
                at::TensorList psw, at::IntArrayRef modes, at::IntArrayRef dims,
                at::IntArrayRef vocab, std::optional<int64_t> padding_idx,
                const std::string& feature_names, const char* op) {
   Plan P;
-  P.M = static_cast<int64_t>(dims.size());
-  P.F = static_cast<int64_t>(vocab.size());
-  TORCH_CHECK_VALUE(P.M >= 1, op, ": dims must name at least one member");
-  TORCH_CHECK_VALUE(P.F >= 1, op, ": vocab must name at least one feature");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(ids.size()) == P.F &&
-                        static_cast<int64_t>(offsets.size()) == P.F &&
-                        static_cast<int64_t>(psw.size()) == P.F &&
-                        static_cast<int64_t>(modes.size()) == P.F,
-                    op, ": ids, offsets, per_sample_weights and modes need one entry per "
-                    "feature (", P.F, "), got ", ids.size(), ", ", offsets.size(), ", ",
-                    psw.size(), ", ", modes.size());
-  P.names = split_names(feature_names, P.F);
-  P.dims.assign(dims.begin(), dims.end());
-  P.vocab.assign(vocab.begin(), vocab.end());
-  P.mode.assign(modes.begin(), modes.end());
-  P.padding_idx = padding_idx;
-  for (int64_t m = 0; m < P.M; ++m) {
-    TORCH_CHECK_VALUE(P.dims[m] >= 1, op, ": dims[", m, "] must be >= 1, got ", P.dims[m]);
-    P.max_dim = std::max(P.max_dim, P.dims[m]);
-  }
-  P.row_base.resize(P.F);
-  for (int64_t f = 0; f < P.F; ++f) {
-    TORCH_CHECK_VALUE(P.vocab[f] >= 1, op, ": feature '", P.names[f],
-                      "': vocabulary size must be >= 1, got ", P.vocab[f]);
-    P.row_base[f] = P.Vtot;
-    P.Vtot += P.vocab[f];
-  }
-  for (int64_t m = 0; m < P.M; ++m) P.weight_numel += P.dims[m] * P.Vtot;
-  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op,
-                   ": weight must be floating point, got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.numel() == P.weight_numel, op,
-                    ": weight must be 1-D with ", P.weight_numel, " elements, got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight must be contiguous");
-  TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor");
+  static_cast<EmbeddingArgs&>(P) = check_embedding_args(
+      weight, ids, offsets, psw, modes, dims, vocab, padding_idx, feature_names, at::kCUDA, op);
   P.device = weight.device();
-
-  P.ncols.resize(P.F);
-  P.col_start.resize(P.F);
+  for (int64_t m = 0; m < P.M; ++m) P.max_dim = std::max(P.max_dim, P.dims[m]);
+  P.row_base.resize(P.F);
+  for (int64_t f = 0, base = 0; f < P.F; ++f) {
+    P.row_base[f] = base;
+    base += P.vocab[f];
+  }
   P.ids.resize(P.F);
   P.offsets.resize(P.F);
   P.psw.resize(P.F);
   for (int64_t f = 0; f < P.F; ++f) {
-    const std::string& nm = P.names[f];
-    const int64_t mode = P.mode[f];
-    TORCH_CHECK_VALUE(mode >= kIds && mode <= kBagWeightedSum, op, ": feature '", nm,
-                      "': unknown mode ", mode);
-    check_int_tensor(ids[f], "ids", nm, op);
-    TORCH_CHECK(ids[f].device() == P.device, op, ": feature '", nm, "': ids must be on ",
-                P.device, ", got ", ids[f].device());
-    int64_t Bf;
-    if (mode == kIds) {
-      TORCH_CHECK_VALUE(ids[f].dim() == 1 || ids[f].dim() == 2, op, ": feature '", nm,
-                        "': ids must be [B] or [B, T], got shape ", ids[f].sizes());
-      Bf = ids[f].size(0);
-      P.ncols[f] = ids[f].dim() == 2 ? ids[f].size(1) : 1;
-    } else {
-      TORCH_CHECK_VALUE(ids[f].dim() == 1, op, ": feature '", nm,
-                        "': bag values must be 1-D, got shape ", ids[f].sizes());
-      check_int_tensor(offsets[f], "offsets", nm, op);
-      TORCH_CHECK_VALUE(offsets[f].dim() == 1 && offsets[f].numel() >= 1, op, ": feature '",
-                        nm, "': offsets must be 1-D of length B + 1, got shape ",
-                        offsets[f].sizes());
-      TORCH_CHECK(offsets[f].device() == P.device, op, ": feature '", nm,
-                  "': offsets must be on ", P.device);
-      Bf = offsets[f].numel() - 1;
-      P.ncols[f] = 1;
-      P.offsets[f] = offsets[f].contiguous();
-      if (mode == kBagWeightedSum) {
-        TORCH_CHECK_TYPE(psw[f].scalar_type() == at::kFloat, op, ": feature '", nm,
-                         "': per_sample_weights must be float32, got ", psw[f].scalar_type());
-        TORCH_CHECK_VALUE(psw[f].dim() == 1 && psw[f].numel() == ids[f].numel(), op,
-                          ": feature '", nm, "': per_sample_weights must have shape [",
-                          ids[f].numel(), "], got ", psw[f].sizes());
-        TORCH_CHECK(psw[f].device() == P.device, op, ": feature '", nm,
-                    "': per_sample_weights must be on ", P.device);
-        P.psw[f] = psw[f].contiguous();
-      }
-    }
-    if (P.B < 0) P.B = Bf;
-    TORCH_CHECK_VALUE(Bf == P.B, op, ": feature '", nm, "' has batch size ", Bf,
-                      " but feature '", P.names[0], "' has ", P.B);
-    P.col_start[f] = P.N;
-    P.N += P.ncols[f];
     P.ids[f] = ids[f].contiguous();
+    if (is_bag(P.mode[f])) P.offsets[f] = offsets[f].contiguous();
+    if (P.mode[f] == kBagWeightedSum) P.psw[f] = psw[f].contiguous();
   }
   return P;
 }
