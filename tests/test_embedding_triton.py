@@ -171,6 +171,52 @@ def test_opcheck_forward():
                                       "test_autograd_registration"))
 
 
+def test_opcheck_backward_fused_update():
+    mod = _module(2, [3, 4])
+    vals, offs, psws, modes, _ = mod._normalize(_to(make_ids(B=3)))
+    dims, vocab, names = [3, 4], list(mod._vocab), mod._joined_names
+    w = mod.weight.detach().clone()
+    outs = torch.ops.cetnet.multi_embedding_triton(w, vals, offs, psws, modes, dims, vocab, -1,
+                                                   names)
+    grads = [torch.randn_like(o) for o in outs]
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_backward_triton.default,
+                          (grads, w, vals, offs, psws, modes, dims, vocab, -1),
+                          test_utils=("test_schema", "test_faketensor"))
+    state = torch.zeros(2 * sum(vocab), device=DEVICE)
+    placeholder = torch.zeros(0, requires_grad=True, device=DEVICE)
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_fused_triton.default,
+                          (w, state, placeholder, vals, offs, psws, modes, dims, vocab, -1,
+                           names, 2, 0.1, 1e-8, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_update_triton.default,
+                          (grads, w.clone(), state.clone(), vals, offs, psws, modes, dims, vocab,
+                           -1, 2, 0.1, 1e-8, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("optimizer", [None, "rowwise_adagrad"])
+def test_torch_compile_fullgraph(optimizer):
+    torch._dynamo.reset()
+    ids = _to(make_ids(B=3))
+    eager = _module(2, [3, 4], optimizer=optimizer, lr=0.1)
+    compiled = _module(2, [3, 4], optimizer=optimizer, lr=0.1)
+    compiled.load_state_dict(eager.state_dict())
+
+    def loss_fn(mod, ids):
+        a, b = mod(ids)
+        return (a * a).sum() + b.sum()
+
+    cfn = torch.compile(loss_fn, fullgraph=True)
+    for _ in range(2):
+        for mod, fn in ((eager, loss_fn), (compiled, cfn)):
+            fn(mod, ids).backward()
+            if optimizer is None:
+                with torch.no_grad():
+                    mod.weight -= 0.1 * mod.weight.grad
+                mod.weight.grad = None
+        torch.testing.assert_close(compiled.weight, eager.weight, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU-tensor rule of the triton backend")
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     mod = _module(1, [2])
