@@ -12,7 +12,12 @@ import pytest
 import torch
 import yaml
 
+from cetnet.cli import main
+from cetnet.config import dump_config
 from cetnet.data import DataFormatError, load_bars, load_dataset
+from cetnet.train import run_training
+from cetnet.train.loop import VALID_IS_TEST_WARNING
+from cetnet.train.rundir import read_json
 
 TAOBAO_CATS = ["userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level",
                "pvalue_level", "shopping_level", "occupation", "new_user_class_level",
@@ -356,3 +361,29 @@ def test_bars_config_errors(tmp_path):
         load_bars({**cfg, "data_format": "h5"})
     with pytest.raises(ValueError, match="choose dataset_id"):
         load_bars({"a": cfg, "b": cfg})
+
+
+def test_a_run_without_valid_data_records_that_it_selected_on_test(train_config, tmp_path,
+                                                                    capsys):
+    cfg_path = make_bars(tmp_path, "criteo_x1")
+    text = cfg_path.read_text()
+    cfg_path.write_text(text.replace("    valid_data: valid.csv\n", ""))  # valid = test.csv
+    ds = load_bars(cfg_path)
+    assert ds.splits["valid"] is ds.splits["test"]
+    assert any("same file (test.csv)" in n and "test set" in n for n in ds.notes)
+
+    run = train_config(epochs=2, max_steps_per_epoch=2, batch_size=64)
+    run["data"] = {"name": "bars", "config": str(cfg_path)}
+    dump_config(run, tmp_path / "run.yaml")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out",
+                 str(tmp_path / "run"), "--quiet", "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {VALID_IS_TEST_WARNING}") == 2  # at the start, under the table
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert metrics["valid_is_test"] is True and metrics["warnings"] == [VALID_IS_TEST_WARNING]
+    assert metrics["fused"] == metrics["valid"]["fused"]  # the selected epoch's "valid" is test
+
+    cfg_path.write_text(text)  # with its own valid.csv there is nothing to flag
+    _, metrics = run_training(run, tmp_path / "run2", quiet=True, plots=False)
+    assert metrics["valid_is_test"] is False and metrics["warnings"] == []
+    assert "warning" not in capsys.readouterr().err

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from cetnet.train import format_metrics_table, run_training
+    from cetnet.train.loop import print_warnings
 
     out = args.out
     if isinstance(args.resume, str):
@@ -98,8 +99,9 @@ def _train(args: argparse.Namespace) -> int:
         model_cfg["embedding_optimizer"] = None
     run_dir, metrics = run_training(config, out, resume=resume, quiet=args.quiet,
                                     plots=not args.no_plots)
-    if args.quiet:  # fit prints the table itself otherwise
+    if args.quiet:  # fit prints the table and the warnings under it itself otherwise
         print(format_metrics_table(metrics))
+        print_warnings(metrics["warnings"])
     print(f"run directory: {run_dir}")
     return 0
 

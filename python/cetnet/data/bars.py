@@ -366,7 +366,8 @@ def _encode(cfg: BarsConfig, chunk_size: int, max_rows: int | None,
         splits[split] = Split(schema, sparse=ids, dense=dense, multihot={}, sequence=ids,
                               label=data[cfg.label], group=group, stats=stats)
     notes = list(cfg.notes)
-    if cfg.files["valid"] == cfg.files["test"]:
-        notes.append(f"valid and test are the same file ({cfg.files['test'].name})")
+    if splits["valid"] is splits["test"]:  # what fit checks to flag metrics.json valid_is_test
+        notes.append(f"valid and test are the same file ({cfg.files['test'].name}): no separate "
+                     f"validation data, so early stopping selects on the test set")
     vocabs = {c.name: vocabs[roots[c.name].name] for c in feats if c.name in roots}
     return CTRDataset(cfg.dataset_id, schema, splits, vocabs, stats_dense, cfg.group, notes)

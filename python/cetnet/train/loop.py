@@ -24,12 +24,23 @@ from cetnet.train.rng import rng_state, seed_everything, set_rng_state, shuffle_
 from cetnet.train.rundir import CONFIG_FILE, METRICS_FILE, write_json
 from cetnet.train.schedule import LRSchedule
 
-__all__ = ["fit", "resolve_device", "EpochCallback"]
+__all__ = ["fit", "resolve_device", "print_warnings", "EpochCallback", "VALID_IS_TEST_WARNING"]
 
 #: ``callback(epoch, history_entry)``, called after each epoch's checkpoints are written.
 EpochCallback = Callable[[int, dict], None]
 
 _LIVE_WINDOW = 50  # batches in the progress bar's running train AUC
+
+#: In ``metrics.json["warnings"]`` (and printed) when the dataset's valid split is its test split.
+VALID_IS_TEST_WARNING = ("the dataset has no separate validation data: its valid split is the "
+                         "test split, so early stopping and the best checkpoint were selected on "
+                         "the test set and the test metrics are optimistic")
+
+
+def print_warnings(messages: list[str]) -> None:
+    """Prints a run's warnings (``metrics.json["warnings"]``) on stderr."""
+    for m in messages:
+        print(f"warning: {m}", file=sys.stderr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,8 +69,9 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
 
     At the end the best model is loaded back (``model`` holds it after the call) and scored on
     ``"test"``. Returns what is written to ``metrics.json``: the test ``fused`` / ``members``
-    (/ ``fusion_weights``) metrics, the validation ``history``, the best epoch and the train
-    throughput.
+    (/ ``fusion_weights``) metrics, the validation ``history``, the best epoch, the train
+    throughput, ``valid_is_test`` (the dataset's valid split is its test split: selection was
+    on the test set) and ``warnings`` (sentences, also printed on stderr; empty when all is well).
 
     Args:
         model: an Ensemble (docs/MODEL_LIBRARY.md), freshly built (its weights are replaced
@@ -82,6 +94,11 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     model.to(device)
 
     train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
+    # A benchmark without validation data (BARS' valid_data: test.csv, or none given) hands the
+    # test split in as "valid": then early stopping selects on the test set. The run still
+    # trains (that is how those benchmarks are reported) but says so, loudly and in metrics.json.
+    run_warnings = [VALID_IS_TEST_WARNING] if valid_split is test_split else []
+    print_warnings(run_warnings)
     batch_size = t["batch_size"]
     steps_per_epoch = math.ceil(len(train_split) / batch_size)
     if t["max_steps_per_epoch"] is not None:
@@ -189,6 +206,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     metrics = {
         "name": config["name"], "split": "test", **test,
         "best_epoch": st["best_epoch"], "valid": best["valid"],
+        "valid_is_test": valid_split is test_split, "warnings": run_warnings,
         "epochs_completed": st["epoch"], "stopped_early": st["stopped"],
         "history": st["history"],
         "train_samples": st["train_samples"], "train_seconds": st["train_seconds"],
@@ -198,4 +216,6 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     if plots:
         plot_run(st["history"], out_dir, test)
     say(format_metrics_table(test))
+    if not quiet:  # again under the results: the start of a long run has scrolled away
+        print_warnings(run_warnings)
     return metrics
