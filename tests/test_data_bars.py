@@ -4,6 +4,7 @@ configs of AmazonElectronics_x1, TaobaoAd_x1, KuaiVideo_x1, Criteo_x1 and Avazu_
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -296,6 +297,50 @@ def test_bars_share_embedding_and_group(tmp_path):
     kv = load_bars(make_bars(tmp_path, "kuaivideo_x1"))
     assert any("item_emb" in n and "pretrained" in n for n in kv.notes)
     assert kv.schema.by_name("neg_items").source == "item_id"
+
+
+def _edit_config(cfg_path: Path, old: str, new: str) -> Path:
+    text = cfg_path.read_text()
+    assert old in text
+    cfg_path.write_text(text.replace(old, new))
+    return cfg_path
+
+
+def test_bars_group_id_naming_a_categorical_column_groups_by_its_raw_values(tmp_path):
+    cfg = _edit_config(make_bars(tmp_path, "criteo_x1"), "    min_categr_count: 1\n",
+                       "    min_categr_count: 1\n    group_id: C3\n")
+    ds = load_bars(cfg, min_count=13)  # rare C3 values: OOV as a feature, not as a group
+    assert ds.group_key == "C3" and ds.schema.group == "C3"
+    rows = {s: read_rows(cfg.parent / f"{s}.csv") for s in ("train", "valid", "test")}
+    raw = [r["C3"] for s in rows for r in rows[s]]
+    groups = torch.cat([ds.splits[s].group for s in rows]).tolist()
+    # the same group exactly when the same raw value, across splits
+    assert len(set(zip(raw, groups))) == len(set(raw)) == len(set(groups))
+    ids = ds.splits["train"].sparse["C3"]
+    assert int((ids == 1).sum()) > 0
+    assert len(set(ds.splits["train"].group.tolist())) > len(set(ids.tolist()))
+
+    # tuner_space.group_id (a BARS tuner config), also as a one-choice list
+    for value in ("userid", "[userid]"):
+        tb = load_bars(_edit_config(make_bars(tmp_path / value, "taobaoad_x1"),
+                                    "    group_id: group_id\n", f"    group_id: {value}\n"))
+        assert tb.group_key == "userid" and tb.schema.group == "userid"
+        raw = [r["userid"] for r in read_rows(tmp_path / value / "taobaoad_x1" / "train.csv")]
+        assert len(set(zip(raw, tb.splits["train"].group.tolist()))) == len(set(raw))
+
+
+@pytest.mark.parametrize("name, old, new, pattern", [
+    ("criteo_x1", "    min_categr_count: 1\n", "    min_categr_count: 1\n    group_id: I1\n",
+     r"dataset 'criteo_x1': group_id 'I1' names a numeric column; gAUC groups by a meta or "
+     r"categorical column: C1, C2"),
+    ("taobaoad_x1", "    group_id: group_id\n", "    group_id: user\n",
+     r"dataset 'taobaoad_x1': tuner_space.group_id 'user' names no active column; .*: group_id, "
+     r"userid"),
+])
+def test_bars_group_id_naming_no_usable_column_is_an_error(tmp_path, name, old, new, pattern):
+    cfg = _edit_config(make_bars(tmp_path, name), old, new)
+    with pytest.raises(ValueError, match=re.escape(f"dataset config {cfg}, ") + pattern):
+        load_bars(cfg)
 
 
 def test_bars_chunked_reading_matches_one_chunk(tmp_path):

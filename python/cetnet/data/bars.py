@@ -8,7 +8,7 @@ BARS tuner config with a ``dataset_config:`` section, or the config mapping itse
     test_data: AmazonElectronics_x1/test.csv
     min_categr_count: 1
     feature_cols:
-      - {name: user_id, type: meta, remap: False}          # the gAUC group key
+      - {name: user_id, type: meta, remap: False}          # the gAUC group (first meta column)
       - {name: [item_id, cate_id], type: categorical}      # a list names several columns
       - {name: price, type: numeric}
       - {name: item_history, type: sequence, splitter: ^, max_len: 100,
@@ -17,7 +17,9 @@ BARS tuner config with a ``dataset_config:`` section, or the config mapping itse
 
 Honoured keys: ``name`` (str or list), ``type`` (categorical, numeric, sequence, meta),
 ``active``, ``splitter``, ``max_len``, ``share_embedding``, ``min_categr_count``, ``preprocess:
-copy_from(col)``, and our own ``order: oldest_first | newest_first`` for sequences. Columns with
+copy_from(col)``, ``group_id`` (in the dataset config or a tuner config's ``tuner_space``: the
+meta or categorical column gAUC groups by, default the first meta column), and our own ``order:
+oldest_first | newest_first`` for sequences. Columns with
 ``pretrained_emb`` are skipped (no h5 reader here) and listed in the dataset's notes; model keys
 (``embedding_dim``, ``feature_encoder``, ...) are ignored. Sequence cells in the BARS x1 files list
 the oldest behaviour first (FuxiCTR pads and truncates at the front); they are reversed so column 0
@@ -50,7 +52,9 @@ from cetnet.data.vocab import TokenCounter, Vocabulary
 __all__ = ["BarsColumn", "BarsConfig", "read_config", "load_bars"]
 
 # Bump when the encoding changes: cached encodings of older code are then not reused.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
+# The key of the gAUC group array among a split's raw arrays (no csv column is named so).
+_GROUP = "\x00group"
 
 _COPY_FROM = re.compile(r"^\s*copy_from\(\s*([^)\s]+)\s*\)\s*$")
 Lookup = Callable[[list], list]
@@ -78,7 +82,8 @@ class BarsConfig:
     files: dict[str, Path]      # split -> csv (valid and test may be the same file)
     columns: list[BarsColumn]
     label: str
-    group: str | None           # the meta column used as gAUC key
+    group: str | None           # the meta or categorical column used as gAUC key
+    group_column: str | None    # the csv column it reads (differs with copy_from): raw values
     notes: list[str]
 
 
@@ -102,9 +107,9 @@ def read_config(config: str | Path | Mapping[str, Any], *, dataset_id: str | Non
         seq_order: ``"oldest_first"`` (BARS files) or ``"newest_first"``: the default order of
             ids in sequence cells, per column overridable with ``order:``.
     """
-    base = Path.cwd()
+    base, origin = Path.cwd(), "(a mapping)"
     if not isinstance(config, Mapping):
-        base = Path(config).expanduser().resolve().parent
+        base, origin = Path(config).expanduser().resolve().parent, str(config)
         with open(config, encoding="utf-8") as f:
             config = yaml.safe_load(f)
     if not isinstance(config, Mapping):
@@ -166,13 +171,35 @@ def read_config(config: str | Path | Mapping[str, Any], *, dataset_id: str | Non
     names = [c.name for c in columns]
     if len(set(names)) != len(names):
         raise ValueError(f"dataset config: duplicate feature names in {names}")
-    metas = [c.name for c in columns if c.type == "meta"]
-    group = cfg.get("group_id") or (top.get("tuner_space") or {}).get("group_id")
-    group = group if isinstance(group, str) and group in metas else (metas[0] if metas else None)
+    group = _group_column(cfg, top, columns, f"dataset config {origin}, dataset {dataset_id!r}")
     label = cfg["label_col"]
     if isinstance(label, list):
         raise ValueError("dataset config: one label_col only (multi-task labels unsupported)")
-    return BarsConfig(str(dataset_id), files, columns, label["name"], group, notes)
+    return BarsConfig(str(dataset_id), files, columns, label["name"],
+                      group.name if group else None, group.column if group else None, notes)
+
+
+def _group_column(cfg: Mapping, top: Mapping, columns: list[BarsColumn],
+                  where: str) -> BarsColumn | None:
+    """The column gAUC groups by: the one ``group_id`` names (in the dataset config, else in the
+    tuner config's ``tuner_space``, as FuxiCTR takes it), else the first meta column."""
+    tuner = top.get("tuner_space") or {}
+    for key, section in (("group_id", cfg), ("tuner_space.group_id", tuner)):
+        if section.get("group_id"):
+            name = section["group_id"]
+            break
+    else:
+        return next((c for c in columns if c.type == "meta"), None)
+    if isinstance(name, list) and len(name) == 1:  # a tuner_space value may be a 1-choice list
+        name = name[0]
+    col = next((c for c in columns if c.name == name), None)
+    if col is None or col.type not in ("meta", "categorical"):
+        # Never fall back silently: gAUC over the wrong (or no) groups looks like a real number.
+        usable = [c.name for c in columns if c.type in ("meta", "categorical")]
+        what = "no active column" if col is None else f"a {col.type} column"
+        raise ValueError(f"{where}: {key} {name!r} names {what}; gAUC groups by a meta or "
+                         f"categorical column: {', '.join(usable) or 'none'}")
+    return col
 
 
 def _root(cfg: BarsConfig, name: str, seen: tuple = ()) -> BarsColumn:
@@ -197,10 +224,13 @@ class _SplitReader:
         self.chunk_size, self.max_rows = chunk_size, max_rows
 
     def read(self, path: Path) -> dict[str, np.ndarray]:
+        """Feature name / label / ``_GROUP`` -> the file's array."""
         cfg = self.cfg
-        wanted = sorted({c.column for c in cfg.columns} | {cfg.label})
-        parts: dict[str, list[np.ndarray]] = {c.name: [] for c in cfg.columns}
-        parts[cfg.label] = []
+        feats = [c for c in cfg.columns if c.type != "meta"]  # metas only matter as the group
+        wanted = sorted({c.column for c in feats} | {cfg.label} | (
+            {cfg.group_column} if cfg.group_column else set()))
+        parts: dict[str, list[np.ndarray]] = {c.name: [] for c in feats}
+        parts[cfg.label], parts[_GROUP] = [], []
         rows = 0
         for lines, chunk in read_chunks(path, wanted, chunk_size=self.chunk_size):
             if self.max_rows is not None:
@@ -210,15 +240,24 @@ class _SplitReader:
                 lines, chunk = lines[:keep], {k: v[:keep] for k, v in chunk.items()}
             rows += len(lines)
             parts[cfg.label].append(self._label(chunk[cfg.label], path, lines))
-            for c in cfg.columns:
+            for c in feats:
                 parts[c.name].append(self._column(c, chunk[c.column], path, lines))
+            parts[_GROUP].append(self._groups(chunk[cfg.group_column]) if cfg.group_column
+                                 else np.zeros(len(lines), np.int64))
         return {k: (np.concatenate(v) if v else self._empty(k)) for k, v in parts.items()}
 
     def _empty(self, name: str) -> np.ndarray:
         c = next((c for c in self.cfg.columns if c.name == name), None)
         if c is not None and c.type == "sequence":
             return np.zeros((0, c.max_len), np.int32)
-        return np.zeros(0, np.float64 if c is None or c.type == "numeric" else np.int64)
+        numeric = name != _GROUP and (c is None or c.type == "numeric")  # the label is float
+        return np.zeros(0, np.float64 if numeric else np.int64)
+
+    def _groups(self, values) -> np.ndarray:
+        # By raw value, with ids shared across splits: a user unseen in train (OOV as a feature)
+        # still gets a gAUC group of its own.
+        g = self.groups
+        return np.fromiter((g.setdefault(v, len(g)) for v in values), np.int64, len(values))
 
     def _label(self, values, path: Path, lines: list[int]) -> np.ndarray:
         y = np.asarray(parse_float(values, path, lines, self.cfg.label))
@@ -231,9 +270,6 @@ class _SplitReader:
     def _column(self, c: BarsColumn, values, path: Path, lines: list[int]) -> np.ndarray:
         if c.type == "numeric":
             return np.asarray(parse_float(values, path, lines, c.column))
-        if c.type == "meta":
-            g = self.groups
-            return np.fromiter((g.setdefault(v, len(g)) for v in values), np.int64, len(values))
         lookup = self.lookups[c.name]
         if c.type == "categorical":
             return np.asarray(lookup(list(values)), dtype=np.int32)
@@ -341,9 +377,9 @@ def _encode(cfg: BarsConfig, chunk_size: int, max_rows: int | None,
             source = root.name if root.type == "categorical" and root is not c else None
             schema_feats.append(FeatureSpec(c.name, "sequence", size, max_len=c.max_len,
                                             source=source))
-    group_col = next((c for c in cfg.columns if c.name == cfg.group), None)
-    schema_group = (group_col.column if group_col is not None and any(
-        f.name == group_col.column and f.kind == "sparse" for f in schema_feats) else None)
+    # the sparse feature gAUC groups by: the group itself, or the one a meta copies from
+    sparse = {f.name for f in schema_feats if f.kind == "sparse"}
+    schema_group = next((g for g in (cfg.group, cfg.group_column) if g in sparse), None)
     schema = Schema(schema_feats, label=cfg.label, group=schema_group)
 
     splits: dict[str, Split] = {}
@@ -362,9 +398,8 @@ def _encode(cfg: BarsConfig, chunk_size: int, max_rows: int | None,
             real = x != 0 if f.kind == "sequence" else np.ones(x.shape, bool)
             stats.oov[f.name] = int((x == OOV_ID).sum())
             stats.cells[f.name] = int(real.sum())
-        group = data[cfg.group] if cfg.group else np.zeros(n, np.int64)
         splits[split] = Split(schema, sparse=ids, dense=dense, multihot={}, sequence=ids,
-                              label=data[cfg.label], group=group, stats=stats)
+                              label=data[cfg.label], group=data[_GROUP], stats=stats)
     notes = list(cfg.notes)
     if splits["valid"] is splits["test"]:  # what fit checks to flag metrics.json valid_is_test
         notes.append(f"valid and test are the same file ({cfg.files['test'].name}): no separate "
