@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cetnet.cli import main
+import pytest
+
+from cetnet.cli import main, parse_args
 from cetnet.config import dump_config
 from cetnet.train.rundir import read_json
 
@@ -55,10 +57,12 @@ def test_cli_resume_extends_a_run(train_config, tmp_path, capsys):
     assert main(["train", "--config", str(config), "--out", str(run_dir), "--quiet",
                  "--no-plots"]) == 0
     assert "fused" in capsys.readouterr().out  # the table, also when quiet
-    assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet",
-                 "--no-plots"]) == 0
+    # overrides before and after --resume RUN_DIR; --out may repeat the directory
+    assert main(["train", "train.log_every=5", "--resume", str(run_dir), "train.epochs=2",
+                 "--quiet", "--out", str(run_dir), "--no-plots"]) == 0
     metrics = read_json(run_dir / "metrics.json")
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert "log_every: 5" in (run_dir / "config.yaml").read_text()
 
 
 def test_cli_errors_are_clear(train_config, tmp_path, capsys):
@@ -72,6 +76,37 @@ def test_cli_errors_are_clear(train_config, tmp_path, capsys):
     assert not (tmp_path / "nope").exists()
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_train_arguments_parse_unambiguously(capsys):
+    args = parse_args(["train", "a.b=1", "--resume", "runs/x", "c.d=2", "--quiet", "e.f=3",
+                       "--set", "g.h=4", "i.j=5"])
+    assert args.resume == Path("runs/x") and args.out is None
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=3"] and args.set_ == ["g.h=4", "i.j=5"]
+    args = parse_args(["train", "--set", "a.b=1", "--resume", "runs/lr=0.1"])
+    assert args.resume == Path("runs/lr=0.1") and args.set_ == ["a.b=1"] and not args.overrides
+    assert parse_args(["train", "--quiet", "a.b=1"]).resume is None
+    # RUN_DIR is required: never the run's --out, never the next option
+    for argv in (["train", "--resume"], ["train", "--resume", "--set", "a.b=1"],
+                 ["train", "--out", "runs/x", "--resume"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert "--resume: expected one argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["train", "a.b=1", "--bogus", "c.d=2"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["evaluate", "runs/x", "a.b=1"])
+    assert "unrecognized arguments: a.b=1" in capsys.readouterr().err
+
+
+def test_resume_errors_name_the_mistake(tmp_path, capsys):
+    # an override where RUN_DIR belongs is not read as a directory
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "train.epochs=3"]) == 2
+    assert "--resume takes the run directory first" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "a"), "--resume", str(tmp_path / "b")]) == 2
+    assert "name different directories" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "a").exists()
 
 
 def test_data_prepare_prints_the_summary(one_thread, capsys):

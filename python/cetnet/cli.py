@@ -4,7 +4,7 @@ Examples::
 
     cetnet train                                   # the default config (CETNet on ML-100k)
     cetnet train --config my.yaml --epochs 3 --set model.fusion.temperature=0.5
-    cetnet train --resume runs/cetnet_ml100k-20250101-120000
+    cetnet train --resume runs/cetnet_ml100k-20250101-120000 --epochs 12
     cetnet evaluate runs/cetnet_ml100k-20250101-120000 --split valid
     cetnet data prepare movielens-100k
     cetnet --plugin my_datasets train --set data.name=my_log   # a module that registers more
@@ -21,7 +21,7 @@ from cetnet.config import ConfigError, load_config, parse_value
 from cetnet.train.checkpoint import LAST
 from cetnet.train.rundir import CONFIG_FILE
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, help="run directory (default runs/<name>-<timestamp>)")
     tr.add_argument("--epochs", type=int, help="train.epochs")
     tr.add_argument("--seed", type=int, help="train.seed")
-    tr.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                    help="continue the interrupted run in RUN_DIR (or --out)")
+    # RUN_DIR is required: with an optional one, `--resume train.epochs=3` read the override
+    # as the directory and `--out D --resume` made the next argument's meaning depend on it.
+    tr.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                    help="continue the interrupted run in RUN_DIR (with its config.yaml unless "
+                         "--config is given; --out, if given, must name the same directory)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     tr.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
 
@@ -65,18 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses a command line; ``train`` takes its KEY=VALUE overrides anywhere among the options.
+
+    argparse fills a ``nargs="*"`` positional from one run of arguments only, so in ``train a=1
+    --quiet b=2`` it would reject ``b=2``; the leftover non-option arguments are overrides too.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides += [x for x in extra if not x.startswith("-")]
+        extra = [x for x in extra if x.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _train(args: argparse.Namespace) -> int:
     from cetnet.train import format_metrics_table, run_training
     from cetnet.train.loop import print_warnings
 
-    out = args.out
-    if isinstance(args.resume, str):
-        if out is not None and Path(args.resume) != out:
+    out, resume = args.out, args.resume is not None
+    if resume:
+        if "=" in str(args.resume) and not args.resume.is_dir():
+            raise ConfigError(f"--resume takes the run directory first: --resume RUN_DIR "
+                              f"[KEY=VALUE ...]; {str(args.resume)!r} is no directory and looks "
+                              f"like an override")
+        if out is not None and out.resolve() != args.resume.resolve():
             raise ConfigError("--resume RUN_DIR and --out name different directories")
-        out = Path(args.resume)
-    resume = args.resume is not None
-    if resume and out is None:
-        raise ConfigError("--resume needs the run directory: --resume RUN_DIR")
+        out = args.resume
     if resume and not (out / LAST).exists():
         raise FileNotFoundError(f"--resume: no {LAST} in {out} (nothing to resume)")
     path = args.config
@@ -133,7 +153,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cetnet`` / ``python -m cetnet``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         from cetnet.train import load_plugins
 
