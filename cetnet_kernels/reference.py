@@ -24,8 +24,14 @@ def _as_tensor(temperature: float | Tensor, like: Tensor) -> Tensor:
     return torch.tensor(float(temperature), dtype=like.dtype, device=like.device)
 
 
+def _softplus(z: Tensor) -> Tensor:
+    """log(1 + e^z) without F.softplus's linear cut-off above z = 20 (off by e^-z there: the
+    whole confidence of a sure member, and 1e-9 relative in float64 weights)."""
+    return -F.logsigmoid(-z)
+
+
 def _weights(z: Tensor, tau: Tensor, detach_weights: bool) -> Tensor:
-    confidence = z * torch.sigmoid(z) - F.softplus(z)  # -H(sigmoid(z)), logit form
+    confidence = z * torch.sigmoid(z) - _softplus(z)  # -H(sigmoid(z)), logit form
     w = torch.softmax(confidence / tau, dim=1)
     return w.detach() if detach_weights else w
 
@@ -64,7 +70,7 @@ def _log_fused(z: Tensor, w: Tensor, fusion_space: str) -> tuple[Tensor, Tensor]
 
 def _kl(q: Tensor, log_q: Tensor, log_1mq: Tensor, z: Tensor) -> Tensor:
     """KL(Bernoulli(q) || Bernoulli(sigmoid(z))) with q's logs given (q is a target)."""
-    return q * (log_q + F.softplus(-z)) + (1 - q) * (log_1mq + F.softplus(z))
+    return q * (log_q + _softplus(-z)) + (1 - q) * (log_1mq + _softplus(z))
 
 
 def collaborative_loss_reference(
@@ -98,7 +104,7 @@ def collaborative_loss_reference(
     if ensemble_weight != 0:
         row = row - ensemble_weight * (y * log_p + (1 - y) * log_1mp)
     if member_weight != 0:
-        bce = F.softplus(z) - y[:, None] * z
+        bce = _softplus(z) - y[:, None] * z
         row = row + member_weight * bce.sum(dim=1)
     if distill_weight != 0:
         q, lq, l1q = p.detach()[:, None], log_p.detach()[:, None], log_1mp.detach()[:, None]

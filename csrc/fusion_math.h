@@ -63,32 +63,46 @@ struct Elem {
   V c;    // confidence = -H(p) = z*p - softplus(z)
 };
 
-// z, p and q of an elem (logs zero), and e = exp(-|z|) for the logs.
+// Sets z, p and q of `out` (nothing else) and returns e = exp(-|z|) for the logs. Written in
+// place: a CPU tile fills its cache with it, and copying whole Elems of SIMD vectors is not free.
 template <typename V>
-CETNET_HD Elem<V> elem_probs(V z, V& e) {
-  const V zero(0), one(1);
-  e = vexp(-vabs(z));  // in (0, 1]: never overflows
+CETNET_HD V set_probs(Elem<V>& out, V z) {
+  const V one(1);
+  const V e = vexp(-vabs(z));  // in (0, 1]: never overflows
   const V r = one / (one + e);
   const V er = e * r;
-  Elem<V> out;
   out.z = z;
   out.p = select_nonneg(z, r, er);
   out.q = select_nonneg(z, er, r);
+  return e;
+}
+
+// z, p and q of an elem (logs zero), and e = exp(-|z|) for the logs.
+template <typename V>
+CETNET_HD Elem<V> elem_probs(V z, V& e) {
+  const V zero(0);
+  Elem<V> out;
+  e = set_probs(out, z);
   out.lsp = zero;
   out.lsq = zero;
   out.c = zero;
   return out;
 }
 
+// All fields of `out`, in place.
 template <typename V>
-CETNET_HD Elem<V> make_elem(V z) {
+CETNET_HD void set_elem(Elem<V>& out, V z) {
   const V zero(0);
-  V e;
-  Elem<V> out = elem_probs(z, e);
-  const V l = vlog1p_unit(e);
+  const V l = vlog1p_unit(set_probs(out, z));
   out.lsp = -(vmax(-z, zero) + l);
   out.lsq = -(vmax(z, zero) + l);
   out.c = z * out.p + out.lsq;
+}
+
+template <typename V>
+CETNET_HD Elem<V> make_elem(V z) {
+  Elem<V> out;
+  set_elem(out, z);
   return out;
 }
 
@@ -242,6 +256,38 @@ CETNET_HD V fusion_forward_row(const Row& row, V inv_tau, bool logit_space, PutW
   const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, /*with_logs=*/false);
   for (int k = 0; k < row.K; ++k) put_w(k, member_e<V>(row, k, st, inv_tau) * st.invS);
   return st.p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// confidence_fusion forward at tau = 1 (the default) without a logarithm. With r = sigmoid(|z|)
+// and s = sigmoid(-|z|), the confidence is c = z p - softplus(z) = log r - |z| s, so
+//   exp(c) = r exp(-|z| s),  in [exp(-0.279) / 2, 1]:
+// no max to subtract (nothing under- or overflows), and p, q, r, s all come from one exp(-|z|).
+// The row needs p and q only (make_elem_pq) and must cache e (Row::set_e / e).
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+CETNET_HD V exp_confidence(const Elem<V>& el) {
+  const V r = select_nonneg(el.z, el.p, el.q);
+  const V s = select_nonneg(el.z, el.q, el.p);
+  return r * vexp(-vabs(el.z) * s);
+}
+
+template <typename V, typename Row, typename PutW>
+CETNET_HD V fusion_forward_row_unit_tau(const Row& row, bool logit_space, PutW put_w) {
+  static_assert(caches_e<Row>::value, "the row must cache the softmax exponentials");
+  const int K = row.K;
+  V S(0), Sm(0);
+  for (int k = 0; k < K; ++k) {
+    const Elem<V>& el = row.elem(k);
+    const V e = exp_confidence(el);
+    row.set_e(k, e);
+    S = S + e;
+    Sm = Sm + e * (logit_space ? el.z : el.p);
+  }
+  const V invS = V(1) / S;
+  for (int k = 0; k < K; ++k) put_w(k, row.e(k) * invS);
+  const V m = Sm * invS;  // fused logit (logit space) or fused probability
+  return logit_space ? make_elem_pq(m).p : m;
 }
 
 // ---------------------------------------------------------------------------------------------

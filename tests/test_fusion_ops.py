@@ -345,3 +345,78 @@ def test_cpu_bitwise_deterministic_across_threads():
         torch.set_num_threads(n)
     for a, b, c in zip(first, second, single):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# float32 fast paths of the CPU kernels: the in-register tile transposes (blocks of 8 and 4
+# members, any row stride, scalar for the rest and for partial tiles) and the log-free
+# forward at temperature 1.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not ck.build_info()["cpu"], reason="extension not built")
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 8, 9, 12, 13, 16, 20])
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_cpu_float32_tile_layouts(K, tau):
+    B = 37  # four full tiles of 8 rows and a partial one
+    wide = make_logits(B, K + 3, dtype=torch.float32)
+    layouts = {
+        "contiguous": wide[:, 1:1 + K].contiguous(),
+        "row_stride": wide[:, 1:1 + K],  # members contiguous, rows K + 3 apart
+        "transposed": wide[:, 1:1 + K].T.contiguous().T,  # members B apart: scalar path
+    }
+    g = torch.rand(B)
+    ref = confidence_fusion_reference(layouts["contiguous"].double(), tau)
+    zr = layouts["contiguous"].double().requires_grad_()
+    (confidence_fusion_reference(zr, tau)[0] * g.double()).sum().backward()
+    outs = {}
+    for name, z in layouts.items():
+        zo = z.detach().requires_grad_()
+        p, w = confidence_fusion(zo, tau, backend="cpu")
+        (p * g).sum().backward()
+        outs[name] = (p, w, zo.grad)
+        torch.testing.assert_close(p.double(), ref[0], rtol=2e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(w.double(), ref[1], rtol=2e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(zo.grad.double(), zr.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for name in ("row_stride", "transposed"):  # the layout changes how values move, not them
+        for a, b in zip(outs[name], outs["contiguous"]):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not ck.build_info()["cpu"], reason="extension not built")
+@pytest.mark.parametrize("space", SPACES)
+def test_cpu_unit_temperature_forward(space):
+    """tau = 1 takes the forward without a logarithm: it agrees with the general path (tau a hair
+    away from 1) and with the float64 reference, finite for |z| up to 100."""
+    vals = torch.tensor([-100.0, -60.0, -20.0, -3.0, -1e-3, 0.0, 0.5, 20.0, 60.0, 100.0])
+    z = torch.cartesian_prod(vals, vals, vals, vals)  # [10^4, 4]
+    for dtype in (torch.float32, torch.float64):
+        zt = z.to(dtype)
+        p1, w1 = confidence_fusion(zt, 1.0, fusion_space=space, backend="cpu")
+        near = 1.0 + torch.finfo(dtype).eps
+        pn, wn = confidence_fusion(zt, near, fusion_space=space, backend="cpu")
+        pr, wr = confidence_fusion_reference(z.double(), 1.0, fusion_space=space)
+        assert torch.isfinite(p1).all() and torch.isfinite(w1).all()
+        tol = dict(rtol=4e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(p1, pn, **tol)
+        torch.testing.assert_close(w1, wn, **tol)
+        torch.testing.assert_close(w1.double(), wr, **tol)
+        torch.testing.assert_close(w1.sum(1), torch.ones_like(p1), **tol)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_float64_weights_exact_for_sure_members(backend):
+    """Members with |z| > 20 (where F.softplus switches to its linear cut-off) get weights exact
+    to float64 rounding: checked against 50-digit arithmetic (mpmath), the oracle included."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    z = torch.tensor([[-2.0, 21.0, 17.7, -83.0, 101.1],
+                      [25.0, 30.0, -35.0, 40.0, 0.5]], dtype=torch.float64)
+
+    def exact_row(row):
+        c = [mp.mpf(x) * (1 / (1 + mp.e ** -mp.mpf(x))) - mp.log(1 + mp.e ** mp.mpf(x)) for x in row]
+        e = [mp.e ** (ci / mp.mpf("0.7")) for ci in c]
+        return [float(ei / sum(e)) for ei in e]
+
+    expected = torch.tensor([exact_row(r.tolist()) for r in z], dtype=torch.float64)
+    for name, fn in (("kernel", lambda t: confidence_fusion(t, 0.7, backend=backend)),
+                     ("reference", lambda t: confidence_fusion_reference(t, 0.7))):
+        torch.testing.assert_close(fn(z)[1], expected, rtol=1e-14, atol=0, msg=name)

@@ -10,6 +10,7 @@
 
 #include "checks.h"
 #include "cpu/fusion_cpu.h"
+#include "cpu/tile_transpose.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace cetnet::cpu {
@@ -52,7 +54,13 @@ template <typename scalar_t, typename acc_t>
 inline void gather_tile(const scalar_t* x, int64_t s0, int64_t s1, int64_t b0, int n, int K,
                         acc_t* buf) {
   constexpr int L = Vec<acc_t>::size();
-  for (int k = 0; k < K; ++k) {
+  int k = 0;
+#ifdef CETNET_HAS_TILE_TRANSPOSE
+  if constexpr (std::is_same_v<scalar_t, float> && L == 8) {
+    if (n == L && s1 == 1) k = gather_tile_f32(x + b0 * s0, s0, K, buf);
+  }
+#endif
+  for (; k < K; ++k) {
     const scalar_t* col = x + b0 * s0 + k * s1;
     acc_t* out = buf + k * L;
     for (int r = 0; r < n; ++r) out[r] = static_cast<acc_t>(col[r * s0]);
@@ -64,9 +72,15 @@ inline void gather_tile(const scalar_t* x, int64_t s0, int64_t s1, int64_t b0, i
 template <typename scalar_t, typename acc_t>
 inline void scatter_tile(const acc_t* buf, int64_t b0, int n, int K, scalar_t* x) {
   constexpr int L = Vec<acc_t>::size();
+  int k0 = 0;
+#ifdef CETNET_HAS_TILE_TRANSPOSE
+  if constexpr (std::is_same_v<scalar_t, float> && L == 8) {
+    if (n == L) k0 = scatter_tile_f32(buf, K, x + b0 * K);
+  }
+#endif
   for (int r = 0; r < n; ++r) {
     scalar_t* dst = x + (b0 + r) * K;
-    for (int k = 0; k < K; ++k) dst[k] = static_cast<scalar_t>(buf[k * L + r]);
+    for (int k = k0; k < K; ++k) dst[k] = static_cast<scalar_t>(buf[k * L + r]);
   }
 }
 
@@ -105,7 +119,11 @@ inline void fill_cache(Scratch<acc_t>& s, int K, bool full = true) {
   constexpr int L = Vec<acc_t>::size();
   for (int k = 0; k < K; ++k) {
     const Vec<acc_t> z = Vec<acc_t>::loadu(s.buf.data() + k * L);
-    s.cache[k] = full ? make_elem(z) : make_elem_pq(z);
+    if (full) {
+      set_elem(s.cache[k], z);
+    } else {
+      set_probs(s.cache[k], z);  // in place; the log fields keep stale values, never read
+    }
   }
 }
 
@@ -167,14 +185,16 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
     scalar_t* p_out = prob.mutable_data_ptr<scalar_t>();
     scalar_t* w_out = weights.mutable_data_ptr<scalar_t>();
     const V inv_tau(static_cast<acc_t>(1.0 / tau));
+    const bool unit_tau = tau == 1.0;  // the default: no logarithm needed (exp_confidence)
     parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t, int64_t lo, int64_t hi) {
       for (int64_t b0 = lo; b0 < hi; b0 += L) {
         const int n = static_cast<int>(std::min<int64_t>(L, hi - b0));
         gather_tile(z, s0, s1, b0, n, K, s.buf.data());
-        fill_cache(s, K);
+        fill_cache(s, K, /*full=*/!unit_tau);
         acc_t* wbuf = s.buf.data();  // the logits are cached: reuse the buffer for weights
-        const V p = fusion_forward_row<V>(s.row, inv_tau, logit_space,
-                                          [&](int k, const V& w) { w.store(wbuf + k * L); });
+        const auto put_w = [&](int k, const V& w) { w.store(wbuf + k * L); };
+        const V p = unit_tau ? fusion_forward_row_unit_tau<V>(s.row, logit_space, put_w)
+                             : fusion_forward_row<V>(s.row, inv_tau, logit_space, put_w);
         store_rows(p, b0, n, p_out);
         scatter_tile(wbuf, b0, n, K, w_out);
       }
