@@ -42,7 +42,7 @@ test: setup
 bench: setup
 	$(PIP) install -q "fbgemm-gpu-cpu==1.8.0" || echo "fbgemm-gpu-cpu not installable: FBGEMM rows skipped"
 	$(PY) -m pytest bench/bench_fusion.py --benchmark-json=bench/fusion_cpu.json
-	$(PY) bench/render.py bench/fusion_cpu.json
+	$(PY) bench/render.py bench/fusion_cpu.json --readme README.md
 
 # The same csrc/ built against libtorch with CMake, plus the C++ test through the dispatcher.
 cmake-test: venv
