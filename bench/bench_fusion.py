@@ -11,7 +11,9 @@ Providers: ``cetnet-cpu`` / ``cetnet-cuda`` / ``cetnet-triton`` (the library, on
 ``eager`` (the plain-PyTorch references of cetnet_kernels.reference), ``compile``
 (``torch.compile(reference, dynamic=False)``, compiled and warmed up per shape outside the timed
 region), ``autograd-floor`` (``logits.sum().backward()`` alone: the fixed cost of one autograd
-backward pass that every provider's step includes) and, on CUDA, ``copy``: a device-to-device copy moving the same number of bytes as the op
+backward pass that every provider's step includes), ``ops-direct`` (cetnet's forward op and its
+backward, called through ``torch.ops.cetnet`` with no autograd engine: what a framework that
+drives the ops itself pays, and the kernels' own cost at small B) and, on CUDA, ``copy``: a device-to-device copy moving the same number of bytes as the op
 must move at minimum (see :func:`bytes_moved`), the bandwidth yardstick of render.py.
 
 Each timed call sets ``logits.grad = None`` first (as ``zero_grad(set_to_none=True)`` does), so no
@@ -43,8 +45,9 @@ KS = (2, 4, 8)
 B_CPU = (256, 4096, 65536, 1048576)
 B_CUDA = B_CPU + (4194304,)  # 4M rows: the bandwidth target size
 PROVIDERS = {
-    "cpu": ("cetnet-cpu", "eager", "compile", "autograd-floor"),
-    "cuda": ("cetnet-cuda", "cetnet-triton", "eager", "compile", "copy", "autograd-floor"),
+    "cpu": ("cetnet-cpu", "eager", "compile", "autograd-floor", "ops-direct"),
+    "cuda": ("cetnet-cuda", "cetnet-triton", "eager", "compile", "copy", "autograd-floor",
+             "ops-direct"),
 }
 DTYPE = torch.float32
 VALIDATE = os.environ.get("CETNET_BENCH_VALIDATE", "0") == "1"
@@ -145,6 +148,11 @@ def _make_step(op: str, device: str, provider: str, K: int, B: int, info: dict):
 
         return floor_step
 
+    if provider == "ops-direct":
+        return _direct_step(op, device, logits.detach(), labels, sync)
+
+    if provider == "ops-direct":
+        return _direct_step(op, device, logits.detach(), labels, sync)
     if provider.startswith("cetnet-"):
         fn = partial(_LIBRARY[op], backend=provider.split("-", 1)[1], validate=VALIDATE)
     elif provider == "eager":
@@ -176,6 +184,33 @@ def _make_step(op: str, device: str, provider: str, K: int, B: int, info: dict):
             pytest.skip(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
         info["compile_s"] = round(time.perf_counter() - t0, 2)
     return step
+
+
+def _direct_step(op: str, device: str, logits: torch.Tensor, labels: torch.Tensor, sync):
+    """Forward op + backward op of the compiled backend (cpu / cuda), as the C++ autograd of
+    csrc/autograd.cpp calls them, without the engine: default arguments, mean reduction,
+    temperature 1, and for confidence_fusion the gradient of prob.sum() (ones)."""
+    if ck.build_info().get(device) is not True:
+        pytest.skip(f"the compiled {device} ops are not built")
+    ops = torch.ops.cetnet
+    tau = torch.tensor(1.0, device=device)
+    ones = torch.ones(logits.shape[0], device=device, dtype=logits.dtype)
+    keep_w = device == "cpu"  # the CPU backward reuses the forward's weights (autograd.cpp)
+    inv_b = 1.0 / max(logits.shape[0], 1)
+
+    if op == "collaborative_loss":
+        def direct():
+            _loss, _prob, grad, _gt = ops.collaborative_loss(
+                logits, labels, tau, 1.0, 1.0, 0.0, 0.0, False, False, 1, True, False)
+            grad * inv_b  # what the backward does with the stored gradient
+            sync()
+    else:
+        def direct():
+            _prob, w = ops.confidence_fusion(logits, tau, False, False)
+            ops.confidence_fusion_backward(ones, None, logits, w if keep_w else None, tau,
+                                           False, False, False)
+            sync()
+    return direct
 
 
 def _plan(step, device: str) -> tuple[int, int]:

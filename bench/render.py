@@ -25,11 +25,11 @@ OP_TITLES = {
     "confidence_fusion": "confidence_fusion: forward + `prob.sum().backward()`",
 }
 PROVIDER_ORDER = ("cetnet-cpu", "cetnet-cuda", "cetnet-triton", "eager", "compile", "copy",
-                  "autograd-floor")
+                  "autograd-floor", "ops-direct")
 DEVICE_ORDER = ("cpu", "cuda")
 COLORS = {"cetnet-cpu": "tab:blue", "cetnet-cuda": "tab:blue", "cetnet-triton": "tab:purple",
           "eager": "tab:orange", "compile": "tab:green", "copy": "gray",
-          "autograd-floor": "lightgray"}
+          "autograd-floor": "lightgray", "ops-direct": "tab:cyan"}
 SECTION_RE = re.compile(r"<!-- device: (\S+) -->\n.*?<!-- /device: \1 -->\n?", re.S)
 HEADER = """# cetnet benchmark results
 
@@ -40,7 +40,9 @@ Ratios `eager / X` and `compile / X` are speedups of cetnet provider X (> 1: X i
 `X %copy` is the bandwidth of X (the bytes the op must move at minimum, see `bytes_moved` in
 bench_fusion.py) as a percentage of a device-to-device copy of the same bytes.
 `autograd-floor` is `logits.sum().backward()` alone: the fixed cost of one autograd backward
-pass, which every provider's time includes (at small B it is most of the time).
+pass, which every provider's time includes (at small B it is most of the time). `ops-direct` is
+cetnet's forward and backward op called through `torch.ops.cetnet` without the autograd engine
+(the kernels' own cost plus dispatch; no ratio columns: it is not a drop-in step).
 
 The other benchmark tables: [EMBEDDING_RESULTS.md](EMBEDDING_RESULTS.md) (`MultiTableEmbedding`
 training steps vs `nn.Embedding` loops, `torch.compile` and FBGEMM's TBE) and
@@ -196,7 +198,7 @@ def plot_device(dev: str, entry: dict, path: Path, want_k: int) -> bool:
                 continue
             xs, ys = zip(*pts)
             style = dict(marker="o", linewidth=1.6, color=COLORS.get(p))
-            if p in ("copy", "autograd-floor"):
+            if p in ("copy", "autograd-floor", "ops-direct"):
                 style.update(linestyle="--", marker="x")
             elif p.startswith("cetnet-"):
                 style.update(linewidth=2.4)

@@ -432,3 +432,19 @@ def test_a_run_without_valid_data_records_that_it_selected_on_test(train_config,
     _, metrics = run_training(run, tmp_path / "run2", quiet=True, plots=False)
     assert metrics["valid_is_test"] is False and metrics["warnings"] == []
     assert "warning" not in capsys.readouterr().err
+
+
+def test_cli_reports_a_malformed_file_without_a_traceback(train_config, tmp_path, capsys):
+    cfg_path = make_bars(tmp_path, "criteo_x1")
+    train = cfg_path.parent / "train.csv"
+    lines = train.read_text().splitlines()
+    lines[3] = lines[3] + ",extra"  # line 4: one column too many
+    train.write_text("\n".join(lines) + "\n")
+    run = train_config(epochs=1, max_steps_per_epoch=1, batch_size=64)
+    run["data"] = {"name": "bars", "config": str(cfg_path)}
+    dump_config(run, tmp_path / "run.yaml")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"),
+                 "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "cetnet train: error:" in err and "train.csv, line 4" in err
+    assert "Traceback" not in err

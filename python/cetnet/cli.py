@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cetnet.config import ConfigError, load_config, parse_value
+from cetnet.data.csvio import DataFormatError
 from cetnet.train.checkpoint import LAST
 from cetnet.train.rundir import CONFIG_FILE
 
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(args)
         return _prepare(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataFormatError, FileNotFoundError) as e:  # the user's input: no traceback
         print(f"cetnet {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
