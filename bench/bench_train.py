@@ -10,16 +10,23 @@ has one). Providers:
 - ``reference``: the same model on the plain-PyTorch ops (``--backend reference``): one
   ``F.embedding`` per member and feature, dense embedding gradients trained by Adam, the
   eager reference of the collaborative loss.
+- ``members-only``: a bound, not a way to train: the members' forward, backward and Adam alone,
+  on embedding outputs computed once before timing (leaf tensors that still receive their
+  gradient), with the fused loss. What a step would cost if the embedding lookup, its backward
+  and its optimizer were free: ``reference / members-only`` is the most any embedding + loss
+  kernels can speed the step up (Amdahl).
 
 Workloads: ``ml100k`` (the default config: MovieLens-100k, small vocabularies: 753 users, 1,618
 items) and ``synthetic-700k-ids`` (the same model on the synthetic dataset with 200k users and
 500k items: production-like vocabularies, where a dense embedding gradient and Adam over every
 row cost more than the batch's own rows).
 
-Knobs: CETNET_TRAIN_BENCH_B (batch sizes, default 512,2048), CETNET_TRAIN_BENCH_WORKLOADS,
-CETNET_BENCH_TARGET_S. The extra
-info of each benchmark holds samples/s and the bytes of parameters, gradients and optimizer state
-(the memory a step needs beyond activations). ``python bench/profile_train.py`` profiles one step.
+The providers of one (workload, B) run in interleaved rounds (see ``bench_train_step``), so a
+machine whose speed drifts skews none of them. Knobs: CETNET_TRAIN_BENCH_B (batch sizes, default
+512,2048), CETNET_TRAIN_BENCH_WORKLOADS, CETNET_TRAIN_BENCH_PROVIDERS, CETNET_BENCH_TARGET_S
+(seconds of rounds per benchmark, default 20). The extra info of each benchmark holds, per
+provider, the median and min step time, samples/s and the bytes of parameters, gradients and
+optimizer state (the memory a step needs beyond activations). ``python bench/profile_train.py`` profiles one step.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 
 from _common import device_name, env_ints, env_strs
 
-PROVIDERS = ("fused", "fused-dense-emb", "reference")
+PROVIDERS = ("fused", "fused-dense-emb", "reference", "members-only")
 B_DEFAULT = (512, 2048)
 RING = 8  # distinct batches cycled through (real data, not one batch repeated)
 WORKLOADS = {
@@ -49,7 +56,7 @@ def provider_config(provider: str, workload: str = "ml100k") -> dict:
     cfg = load_config()
     if WORKLOADS[workload] is not None:
         cfg["data"] = dict(WORKLOADS[workload])
-    if provider == "fused":
+    if provider in ("fused", "members-only"):
         cfg["backend"] = "auto"
     elif provider == "fused-dense-emb":
         cfg["backend"] = "auto"
@@ -99,6 +106,8 @@ def make_trainer(provider: str, B: int, seed: int = 0, workload: str = "ml100k")
         if len(batches) == RING:
             break
     it = [0]
+    if provider == "members-only":
+        return _members_only_step(model, optimizer, batches), model, optimizer, dataset
 
     def step():
         batch = batches[it[0] % len(batches)]
@@ -111,30 +120,94 @@ def make_trainer(provider: str, B: int, seed: int = 0, workload: str = "ml100k")
     return step, model, optimizer, dataset
 
 
+def _members_only_step(model, optimizer, batches):
+    """A training step of the members alone on precomputed embedding outputs (see the module
+    docstring): the embedding's share of the step removed, everything else as in ``fused``."""
+    from dataclasses import replace
+
+    def leaf(t):
+        return t.detach().clone().requires_grad_()
+
+    views = []
+    with torch.no_grad():
+        for batch in batches:
+            views.append([replace(v, fields=leaf(v.fields),
+                                  sequences={k: leaf(x) for k, x in v.sequences.items()})
+                          for v in model.front(batch)])
+    members = list(model.members.values())
+    it = [0]
+
+    def step():
+        i = it[0] % len(batches)
+        it[0] += 1
+        vs = views[i]
+        for v in vs:  # as a fresh lookup would: no gradient accumulation across steps
+            v.fields.grad = None
+            for x in v.sequences.values():
+                x.grad = None
+        z = torch.stack([m(v) for m, v in zip(members, vs)], dim=1)
+        loss = model.fusion(z, batches[i].label).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def _params():
     bs = env_ints("CETNET_TRAIN_BENCH_B", list(B_DEFAULT))
     ws = env_strs("CETNET_TRAIN_BENCH_WORKLOADS", list(WORKLOADS))
-    return [pytest.param(w, p, B, id=f"cpu-{w}-{p}-B{B}") for w in ws for B in bs
-            for p in PROVIDERS]
+    return [pytest.param(w, B, id=f"cpu-{w}-B{B}") for w in ws for B in bs]
 
 
-@pytest.mark.parametrize("workload,provider,B", _params())
-def bench_train_step(benchmark, workload: str, provider: str, B: int):
-    torch.manual_seed(0)
-    step, model, optimizer, _ = make_trainer(provider, B, workload=workload)
-    for _ in range(3):  # warm-up: allocator, first-call dispatch, optimizer state
-        step()
-    target = float(os.environ.get("CETNET_BENCH_TARGET_S", "3.0"))
+@pytest.mark.parametrize("workload,B", _params())
+def bench_train_step(benchmark, workload: str, B: int):
+    """All providers of one (workload, B), timed in interleaved rounds.
+
+    One timed round = one training step of every provider, in an order rotated each round; each
+    step is also timed on its own. On a shared machine whose speed drifts over minutes, timing the
+    providers one after the other skews their ratios by more than the effects measured here;
+    interleaved, every provider sees the same conditions. pytest-benchmark's stats describe the
+    whole round; ``extra_info["providers"]`` holds each provider's own median / min step time,
+    samples/s and state bytes (what render_train.py tabulates).
+    """
+    import statistics
     import time
 
+    providers = [p for p in env_strs("CETNET_TRAIN_BENCH_PROVIDERS", list(PROVIDERS))
+                 if p in PROVIDERS]
+    trainers = {}
+    for p in providers:
+        torch.manual_seed(0)
+        step, model, optimizer, _ = make_trainer(p, B, workload=workload)
+        for _ in range(3):  # warm-up: allocator, first-call dispatch, optimizer state
+            step()
+        trainers[p] = (step, model, optimizer)
+    times: dict[str, list[float]] = {p: [] for p in providers}
+    turn = [0]
+
+    def one_round():
+        k = turn[0] % len(providers)
+        turn[0] += 1
+        for p in providers[k:] + providers[:k]:
+            t0 = time.perf_counter()
+            trainers[p][0]()
+            times[p].append(time.perf_counter() - t0)
+
     t0 = time.perf_counter()
-    step()
+    one_round()
     t = time.perf_counter() - t0
+    target = float(os.environ.get("CETNET_BENCH_TARGET_S", "20.0"))
     rounds = max(5, min(200, int(target / max(t, 1e-4))))
+    for p in providers:
+        times[p].clear()
     benchmark.group = f"train-step-{workload}-B{B}"
-    benchmark.extra_info.update(workload=workload, provider=provider, device="cpu", device_name=device_name("cpu"),
+    benchmark.extra_info.update(workload=workload, device="cpu", device_name=device_name("cpu"),
                                 B=B, torch_version=torch.__version__,
-                                state_bytes=state_bytes(model, optimizer),
-                                members=list(model.member_names))
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
-    benchmark.extra_info["samples_per_s"] = B / benchmark.stats.stats.median
+                                members=list(trainers[providers[0]][1].member_names))
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["providers"] = {
+        p: {"median_s": statistics.median(ts), "min_s": min(ts), "rounds": len(ts),
+            "samples_per_s": B / statistics.median(ts),
+            "state_bytes": state_bytes(trainers[p][1], trainers[p][2])}
+        for p, ts in times.items()}
