@@ -13,24 +13,28 @@ Providers: ``cetnet-cpu`` / ``cetnet-cuda`` / ``cetnet-triton`` (the library, on
 region), ``autograd-floor`` (``logits.sum().backward()`` alone: the fixed cost of one autograd
 backward pass that every provider's step includes), ``ops-direct`` (cetnet's forward op and its
 backward, called through ``torch.ops.cetnet`` with no autograd engine: what a framework that
-drives the ops itself pays, and the kernels' own cost at small B) and, on CUDA, ``copy``: a device-to-device copy moving the same number of bytes as the op
-must move at minimum (see :func:`bytes_moved`), the bandwidth yardstick of render.py.
+drives the ops itself pays, and the kernels' own cost at small B) and, on CUDA, ``copy``: a
+device-to-device copy moving the same number of bytes as the op must move at minimum (see
+:func:`bytes_moved`), the bandwidth yardstick of render.py.
 
-Each timed call sets ``logits.grad = None`` first (as ``zero_grad(set_to_none=True)`` does), so no
-gradient accumulation is timed, and ends with ``torch.cuda.synchronize()`` on CUDA.
+One benchmark per (device, op, K, B) times all its providers in interleaved rounds (see
+:func:`_run`), so a drift of the machine's speed hits every provider alike. Each timed call sets
+``logits.grad = None`` first (as ``zero_grad(set_to_none=True)`` does), so no gradient
+accumulation is timed, and ends with ``torch.cuda.synchronize()`` on CUDA.
 
 Matrix knobs (environment): CETNET_BENCH_DEVICES (cpu,cuda; default: cuda if there is a GPU,
 else cpu), CETNET_BENCH_OPS, CETNET_BENCH_PROVIDERS, CETNET_BENCH_K, CETNET_BENCH_B,
-CETNET_BENCH_TARGET_S (timed seconds per benchmark; default 1.0 on CPU, 0.5 on CUDA),
+CETNET_BENCH_TARGET_S (timed seconds of rounds per benchmark; default 2.0 on CPU, 1.0 on CUDA),
 CETNET_BENCH_VALIDATE=1 (keep the library's label check, a host sync on CUDA; off by default
 because the eager/compile references do not check). ``-k`` works too: ids look like
-``cpu-cetnet-cpu-K4-B65536``.
+``bench_confidence_fusion[cpu-K4-B65536]``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from functools import partial
 
@@ -82,15 +86,16 @@ def _params():
     for device in selected_devices():
         bs = env_ints("CETNET_BENCH_B", []) if b_override else list(
             B_CUDA if device == "cuda" else B_CPU)
-        providers = env_strs("CETNET_BENCH_PROVIDERS", list(PROVIDERS.get(device, ())))
-        providers = [p for p in providers if p in PROVIDERS.get(device, ())]
         for op in ops:
-            for provider in providers:
-                for K in ks:
-                    for B in bs:
-                        out[op].append(pytest.param(device, provider, K, B,
-                                                    id=f"{device}-{provider}-K{K}-B{B}"))
+            for K in ks:
+                for B in bs:
+                    out[op].append(pytest.param(device, K, B, id=f"{device}-K{K}-B{B}"))
     return out
+
+
+def _providers(device: str) -> list[str]:
+    chosen = env_strs("CETNET_BENCH_PROVIDERS", list(PROVIDERS.get(device, ())))
+    return [p for p in chosen if p in PROVIDERS.get(device, ())]
 
 
 _PARAMS = _params()
@@ -213,51 +218,83 @@ def _direct_step(op: str, device: str, logits: torch.Tensor, labels: torch.Tenso
     return direct
 
 
-def _plan(step, device: str) -> tuple[int, int]:
-    """Warms up, then picks (rounds, iterations) so one benchmark takes about the target time."""
-    target = float(os.environ.get("CETNET_BENCH_TARGET_S", "1.0" if device == "cpu" else "0.5"))
-    step()
-    t0 = time.perf_counter()
-    step()
-    t = time.perf_counter() - t0
-    if t < 0.05:  # cheap: a better estimate
+def _run(benchmark, op: str, device: str, K: int, B: int):
+    """Times every provider of one (op, device, K, B) in interleaved rounds.
+
+    A timed round runs each provider's step for a burst of calls (order rotated every round);
+    each burst is also timed on its own, per call. Providers timed one after the other would each see a different stretch of a
+    shared machine whose speed drifts, which skews ratios more than the effects measured here.
+    pytest-benchmark's stats describe the whole round; ``extra_info["providers"]`` holds each
+    provider's own median / min / rounds (what render.py tabulates) and ``skipped`` the providers
+    that cannot run here, with the reason.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    steps, skipped, compile_s = {}, {}, None
+    for provider in _providers(device):
+        reason = _skip_reason(device, provider)
+        if reason is None:
+            torch.manual_seed(0)
+            info: dict = {}
+            try:
+                steps[provider] = _make_step(op, device, provider, K, B, info)
+            except pytest.skip.Exception as exc:
+                reason = str(exc)
+            compile_s = info.get("compile_s", compile_s)
+        if reason is not None:
+            skipped[provider] = reason
+    if not steps:
+        pytest.skip(f"no provider can run: {skipped}")
+    # Each provider runs a burst of calls per round (~20 ms, at least one call), timed as a
+    # whole: steady-state (warm-cache) cost per call, while rounds of ~0.1 s interleave the
+    # providers on a time scale far below the machine's drift.
+    burst = {}
+    for p, step in steps.items():  # warm-up (allocator, dispatch caches) and calibration
         for _ in range(3):
             step()
-        ts = []
-        for _ in range(5):
+        t0 = time.perf_counter()
+        step()
+        step()
+        burst[p] = max(1, math.ceil(0.02 / max((time.perf_counter() - t0) / 2, 1e-7)))
+    names = list(steps)
+    times: dict[str, list[float]] = {p: [] for p in names}
+    turn = [0]
+
+    def one_round():
+        k = turn[0] % len(names)
+        turn[0] += 1
+        for p in names[k:] + names[:k]:
+            step, n = steps[p], burst[p]
             t0 = time.perf_counter()
-            step()
-            ts.append(time.perf_counter() - t0)
-        t = sorted(ts)[len(ts) // 2]
-    t = max(t, 1e-7)
-    iterations = 1 if t >= 2e-5 else math.ceil(1e-4 / t)
-    min_rounds = 3 if t > 0.25 else 5
-    rounds = max(min_rounds, min(2000, math.ceil(target / (t * iterations))))
-    return rounds, iterations
+            for _ in range(n):
+                step()
+            times[p].append((time.perf_counter() - t0) / n)
 
-
-def _run(benchmark, op: str, device: str, provider: str, K: int, B: int):
-    reason = _skip_reason(device, provider)
-    if reason:
-        pytest.skip(reason)
-    torch.manual_seed(0)
-    info = {}
-    step = _make_step(op, device, provider, K, B, info)
-    rounds, iterations = _plan(step, device)
+    t0 = time.perf_counter()
+    one_round()
+    t = time.perf_counter() - t0
+    for ts in times.values():
+        ts.clear()
+    target = float(os.environ.get("CETNET_BENCH_TARGET_S", "2.0" if device == "cpu" else "1.0"))
+    rounds = max(5, min(2000, math.ceil(target / max(t, 1e-7))))
     multi = len(selected_devices()) > 1
     benchmark.group = f"{op}-K{K}-B{B}" + (f"-{device}" if multi else "")
     benchmark.extra_info.update(
-        op=op, provider=provider, device=device, device_name=device_name(device), K=K, B=B,
-        dtype="float32", bytes=bytes_moved(op, K, B), validate=VALIDATE,
-        torch_version=torch.__version__, **info)
-    benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=0)
+        op=op, device=device, device_name=device_name(device), K=K, B=B, dtype="float32",
+        bytes=bytes_moved(op, K, B), validate=VALIDATE, torch_version=torch.__version__,
+        skipped=skipped, **({"compile_s": compile_s} if compile_s is not None else {}))
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["providers"] = {
+        p: {"median_s": statistics.median(ts), "min_s": min(ts), "rounds": len(ts),
+            "calls_per_round": burst[p]}
+        for p, ts in times.items()}
 
 
-@pytest.mark.parametrize("device,provider,K,B", _PARAMS.get("collaborative_loss", []))
-def bench_collaborative_loss(benchmark, device, provider, K, B):
-    _run(benchmark, "collaborative_loss", device, provider, K, B)
+@pytest.mark.parametrize("device,K,B", _PARAMS.get("collaborative_loss", []))
+def bench_collaborative_loss(benchmark, device, K, B):
+    _run(benchmark, "collaborative_loss", device, K, B)
 
 
-@pytest.mark.parametrize("device,provider,K,B", _PARAMS.get("confidence_fusion", []))
-def bench_confidence_fusion(benchmark, device, provider, K, B):
-    _run(benchmark, "confidence_fusion", device, provider, K, B)
+@pytest.mark.parametrize("device,K,B", _PARAMS.get("confidence_fusion", []))
+def bench_confidence_fusion(benchmark, device, K, B):
+    _run(benchmark, "confidence_fusion", device, K, B)
