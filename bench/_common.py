@@ -50,3 +50,48 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name()
     return f"{cpu_name()} ({torch.get_num_threads()} torch threads)"
 
+
+
+class InterleavedTimer:
+    """Times several callables in interleaved rounds.
+
+    One round runs each callable for its burst of calls (``burst[name]``, default 1), in an order
+    rotated every round, and records the time per call of each burst. Timed one after the other,
+    each provider would see a different stretch of a shared machine whose speed drifts over
+    minutes; interleaved, drift hits them alike and their ratios hold.
+    """
+
+    def __init__(self, steps: dict, burst: dict | None = None) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.steps = steps
+        self.names = list(steps)
+        self.burst = {p: (burst or {}).get(p, 1) for p in self.names}
+        self.times: dict[str, list[float]] = {p: [] for p in self.names}
+        self._turn = 0
+
+    def round(self) -> None:
+        k = self._turn % len(self.names)
+        self._turn += 1
+        for p in self.names[k:] + self.names[:k]:
+            step, n = self.steps[p], self.burst[p]
+            t0 = self._clock()
+            for _ in range(n):
+                step()
+            self.times[p].append((self._clock() - t0) / n)
+
+    def calibrate(self) -> float:
+        """Runs one untimed round and returns its duration in seconds."""
+        t0 = self._clock()
+        self.round()
+        for ts in self.times.values():
+            ts.clear()
+        return self._clock() - t0
+
+    def summary(self) -> dict[str, dict]:
+        """name -> median_s, min_s, rounds, calls_per_round."""
+        import statistics
+
+        return {p: {"median_s": statistics.median(ts), "min_s": min(ts), "rounds": len(ts),
+                    "calls_per_round": self.burst[p]} for p, ts in self.times.items()}

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from functools import partial
 
@@ -42,7 +41,7 @@ import pytest
 import torch
 
 import cetnet_kernels as ck
-from _common import device_name, env_ints, env_strs, selected_devices
+from _common import InterleavedTimer, device_name, env_ints, env_strs, selected_devices
 
 OPS = ("collaborative_loss", "confidence_fusion")
 KS = (2, 4, 8)
@@ -256,25 +255,8 @@ def _run(benchmark, op: str, device: str, K: int, B: int):
         step()
         step()
         burst[p] = max(1, math.ceil(0.02 / max((time.perf_counter() - t0) / 2, 1e-7)))
-    names = list(steps)
-    times: dict[str, list[float]] = {p: [] for p in names}
-    turn = [0]
-
-    def one_round():
-        k = turn[0] % len(names)
-        turn[0] += 1
-        for p in names[k:] + names[:k]:
-            step, n = steps[p], burst[p]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                step()
-            times[p].append((time.perf_counter() - t0) / n)
-
-    t0 = time.perf_counter()
-    one_round()
-    t = time.perf_counter() - t0
-    for ts in times.values():
-        ts.clear()
+    timer = InterleavedTimer(steps, burst)
+    t = timer.calibrate()
     target = float(os.environ.get("CETNET_BENCH_TARGET_S", "2.0" if device == "cpu" else "1.0"))
     rounds = max(5, min(2000, math.ceil(target / max(t, 1e-7))))
     multi = len(selected_devices()) > 1
@@ -283,11 +265,8 @@ def _run(benchmark, op: str, device: str, K: int, B: int):
         op=op, device=device, device_name=device_name(device), K=K, B=B, dtype="float32",
         bytes=bytes_moved(op, K, B), validate=VALIDATE, torch_version=torch.__version__,
         skipped=skipped, **({"compile_s": compile_s} if compile_s is not None else {}))
-    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
-    benchmark.extra_info["providers"] = {
-        p: {"median_s": statistics.median(ts), "min_s": min(ts), "rounds": len(ts),
-            "calls_per_round": burst[p]}
-        for p, ts in times.items()}
+    benchmark.pedantic(timer.round, rounds=rounds, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["providers"] = timer.summary()
 
 
 @pytest.mark.parametrize("device,K,B", _PARAMS.get("collaborative_loss", []))

@@ -37,7 +37,7 @@ from copy import deepcopy
 import pytest
 import torch
 
-from _common import device_name, env_ints, env_strs
+from _common import InterleavedTimer, device_name, env_ints, env_strs
 
 PROVIDERS = ("fused", "fused-dense-emb", "reference", "members-only")
 B_DEFAULT = (512, 2048)
@@ -171,8 +171,6 @@ def bench_train_step(benchmark, workload: str, B: int):
     whole round; ``extra_info["providers"]`` holds each provider's own median / min step time,
     samples/s and state bytes (what render_train.py tabulates).
     """
-    import statistics
-    import time
 
     providers = [p for p in env_strs("CETNET_TRAIN_BENCH_PROVIDERS", list(PROVIDERS))
                  if p in PROVIDERS]
@@ -183,31 +181,17 @@ def bench_train_step(benchmark, workload: str, B: int):
         for _ in range(3):  # warm-up: allocator, first-call dispatch, optimizer state
             step()
         trainers[p] = (step, model, optimizer)
-    times: dict[str, list[float]] = {p: [] for p in providers}
-    turn = [0]
-
-    def one_round():
-        k = turn[0] % len(providers)
-        turn[0] += 1
-        for p in providers[k:] + providers[:k]:
-            t0 = time.perf_counter()
-            trainers[p][0]()
-            times[p].append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    one_round()
-    t = time.perf_counter() - t0
+    timer = InterleavedTimer({p: trainers[p][0] for p in providers})
+    t = timer.calibrate()
     target = float(os.environ.get("CETNET_BENCH_TARGET_S", "20.0"))
     rounds = max(5, min(200, int(target / max(t, 1e-4))))
-    for p in providers:
-        times[p].clear()
     benchmark.group = f"train-step-{workload}-B{B}"
     benchmark.extra_info.update(workload=workload, device="cpu", device_name=device_name("cpu"),
                                 B=B, torch_version=torch.__version__,
                                 members=list(trainers[providers[0]][1].member_names))
-    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
-    benchmark.extra_info["providers"] = {
-        p: {"median_s": statistics.median(ts), "min_s": min(ts), "rounds": len(ts),
-            "samples_per_s": B / statistics.median(ts),
-            "state_bytes": state_bytes(trainers[p][1], trainers[p][2])}
-        for p, ts in times.items()}
+    benchmark.pedantic(timer.round, rounds=rounds, iterations=1, warmup_rounds=0)
+    stats = timer.summary()
+    for p, st in stats.items():
+        st["samples_per_s"] = B / st["median_s"]
+        st["state_bytes"] = state_bytes(trainers[p][1], trainers[p][2])
+    benchmark.extra_info["providers"] = stats
