@@ -175,7 +175,7 @@ CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_spac
   for (int k = 1; k < K; ++k) m = vmax(m, row.elem(k).c * inv_tau);
   V S(0), Sc(0), Sz(0), Sp(0), Sq(0);
   for (int k = 0; k < K; ++k) {
-    const Elem<V> el = row.elem(k);
+    const Elem<V>& el = row.elem(k);
     const V e = vexp(el.c * inv_tau - m);
     if constexpr (caches_e<Row>::value) row.set_e(k, e);
     S = S + e;
@@ -214,14 +214,14 @@ CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_spac
   const V ninf(-std::numeric_limits<float>::infinity());
   V ma = ninf, mb = ninf;
   for (int k = 0; k < K; ++k) {
-    const Elem<V> el = row.elem(k);
+    const Elem<V>& el = row.elem(k);
     const V lw = el.c * inv_tau - m - st.logS;
     ma = vmax(ma, lw + el.lsp);
     mb = vmax(mb, lw + el.lsq);
   }
   V sa(0), sb(0);
   for (int k = 0; k < K; ++k) {
-    const Elem<V> el = row.elem(k);
+    const Elem<V>& el = row.elem(k);
     const V lw = el.c * inv_tau - m - st.logS;
     sa = sa + vexp(lw + el.lsp - ma);
     sb = sb + vexp(lw + el.lsq - mb);
@@ -381,7 +381,7 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
   V loss(0);
   V P(0), C(0), Q(0);  // sums over members, for the mutual term
   for (int k = 0; k < K; ++k) {
-    const Elem<V> el = row.elem(k);
+    const Elem<V>& el = row.elem(k);
     if (use_a) loss = loss + alpha * (-el.lsq - y * el.z);  // softplus(z) - y z
     if (use_g) loss = loss + gamma * (p * (st.logp - el.lsp) + q * (st.log1mp - el.lsq));
     if (use_d) {
@@ -395,7 +395,7 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
   if (use_d) {
     // sum_{j != k} KL(p_j || p_k) = (C - c_k) - (P - p_k) log p_k - (Q - q_k) log(1 - p_k)
     for (int k = 0; k < K; ++k) {
-      const Elem<V> el = row.elem(k);
+      const Elem<V>& el = row.elem(k);
       loss = loss + delta * inv_km1 * ((C - el.c) - (P - el.p) * el.lsp - (Q - el.q) * el.lsq);
     }
   }
@@ -407,7 +407,7 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
     const V inv_tau2 = inv_tau * inv_tau;
     V s1(0), s2(0);
     for (int k = 0; k < K; ++k) {
-      const Elem<V> el = row.elem(k);
+      const Elem<V>& el = row.elem(k);
       const V e = member_e<V>(row, k, st, inv_tau);
       if (logit_space) {
         s1 = s1 + e * st.invS * el.z * el.c;  // sum_k w_k z_k c_k
@@ -426,7 +426,7 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
     }
   }
   for (int j = 0; j < K; ++j) {
-    const Elem<V> el = row.elem(j);
+    const Elem<V>& el = row.elem(j);
     V g(0);
     if (use_a) g = g + alpha * (el.p - y);
     if (use_g) g = g + gamma * (el.p - p);
