@@ -126,3 +126,27 @@ def test_reference_backend_switches_a_fused_embedding_optimizer_off(train_config
     assert "training the embedding with Adam instead" in capsys.readouterr().err
     resolved = (tmp_path / "run" / "config.yaml").read_text()
     assert "backend: reference" in resolved and "embedding_optimizer: null" in resolved
+
+
+def test_interrupt_hint_names_the_run_directory(train_config, tmp_path):
+    """Ctrl-C (a KeyboardInterrupt out of the training loop) carries the run directory, and the
+    hint says the exact --resume command once an epoch has written its checkpoint."""
+    from cetnet.cli import interrupt_hint
+    from cetnet.train import run_training
+
+    def interrupt(epoch, entry):
+        raise KeyboardInterrupt
+
+    for after_checkpoint in (True, False):
+        run_dir = tmp_path / f"run-{after_checkpoint}"
+        with pytest.raises(KeyboardInterrupt) as info:
+            run_training(train_config(epochs=2, max_steps_per_epoch=2), run_dir, quiet=True,
+                         plots=False, on_epoch_end=interrupt)
+        if not after_checkpoint:
+            (run_dir / "last.pt").unlink()  # as if Ctrl-C came during the first epoch
+        hint = interrupt_hint(info.value)
+        if after_checkpoint:
+            assert hint == f"interrupted: continue with `cetnet train --resume {run_dir}`"
+        else:
+            assert hint == f"interrupted before the first epoch ended: nothing to resume in {run_dir}"
+    assert interrupt_hint(KeyboardInterrupt()) == "interrupted"

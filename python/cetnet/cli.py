@@ -167,9 +167,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataFormatError, FileNotFoundError) as e:  # the user's input: no traceback
         print(f"cetnet {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: continue with `cetnet train --resume RUN_DIR`", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"\n{interrupt_hint(exc)}", file=sys.stderr)
         return 130
+
+
+def interrupt_hint(exc: KeyboardInterrupt) -> str:
+    """What to tell a user who pressed Ctrl-C: the exact resume command, or that no epoch
+    finished (run_training attaches the run directory to the exception)."""
+    run_dir = getattr(exc, "run_dir", None)
+    if run_dir is None:
+        return "interrupted"
+    if (Path(run_dir) / LAST).exists():
+        return f"interrupted: continue with `cetnet train --resume {run_dir}`"
+    return f"interrupted before the first epoch ended: nothing to resume in {run_dir}"
 
 
 if __name__ == "__main__":

@@ -42,8 +42,12 @@ def run_training(config: dict, out: str | Path | None = None, *, resume: bool = 
         raise FileNotFoundError(f"resume: no {LAST} in {out} (nothing to resume)")
     run_dir = make_run_dir(config["name"], out)
     dataset, model = build_run(config)
-    metrics = fit(model, dataset, config, run_dir, resume=resume, quiet=quiet, plots=plots,
-                  on_epoch_end=on_epoch_end)
+    try:
+        metrics = fit(model, dataset, config, run_dir, resume=resume, quiet=quiet, plots=plots,
+                      on_epoch_end=on_epoch_end)
+    except KeyboardInterrupt as exc:
+        exc.run_dir = run_dir  # the CLI names it in its --resume hint
+        raise
     return run_dir, metrics
 
 
