@@ -16,7 +16,7 @@ import yaml
 from cetnet.cli import main
 from cetnet.config import dump_config
 from cetnet.data import DataFormatError, load_bars, load_dataset
-from cetnet.train import run_training
+from cetnet.train import evaluate_run, run_training
 from cetnet.train.loop import VALID_IS_TEST_WARNING
 from cetnet.train.rundir import read_json
 
@@ -427,10 +427,16 @@ def test_a_run_without_valid_data_records_that_it_selected_on_test(train_config,
     metrics = read_json(tmp_path / "run" / "metrics.json")
     assert metrics["valid_is_test"] is True and metrics["warnings"] == [VALID_IS_TEST_WARNING]
     assert metrics["fused"] == metrics["valid"]["fused"]  # the selected epoch's "valid" is test
+    assert main(["evaluate", str(tmp_path / "run"), "--split", "valid"]) == 0
+    assert f"warning: {VALID_IS_TEST_WARNING}" in capsys.readouterr().err
+    evaluated = read_json(tmp_path / "run" / "eval_valid.json")
+    assert evaluated["valid_is_test"] is True and evaluated["warnings"] == [VALID_IS_TEST_WARNING]
 
     cfg_path.write_text(text)  # with its own valid.csv there is nothing to flag
     _, metrics = run_training(run, tmp_path / "run2", quiet=True, plots=False)
     assert metrics["valid_is_test"] is False and metrics["warnings"] == []
+    evaluated = evaluate_run(tmp_path / "run2", "valid", write=False)
+    assert evaluated["valid_is_test"] is False and evaluated["warnings"] == []
     assert "warning" not in capsys.readouterr().err
 
 

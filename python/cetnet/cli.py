@@ -129,10 +129,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from cetnet.train import evaluate_run, format_metrics_table
+    from cetnet.train.loop import print_warnings
 
     metrics = evaluate_run(args.run_dir, args.split, checkpoint=args.checkpoint,
                            device=args.device)
     print(format_metrics_table(metrics, args.split))
+    print_warnings(metrics["warnings"])
     print(f"written: {args.run_dir / f'eval_{args.split}.json'}")
     return 0
 
