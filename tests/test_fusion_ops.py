@@ -352,30 +352,40 @@ def test_cpu_bitwise_deterministic_across_threads():
 # members, any row stride, scalar for the rest and for partial tiles) and the log-free
 # forward at temperature 1.
 # ------------------------------------------------------------------------------------------------
+_TILE_TOL = {torch.float32: (2e-6, 1e-7, 1e-5, 1e-6), torch.bfloat16: (8e-3, 1e-5, 2e-2, 1e-4),
+             torch.float16: (1e-3, 1e-5, 4e-3, 1e-4)}  # prob/weights rtol, atol; grad rtol, atol
+
+
 @pytest.mark.skipif(not ck.build_info()["cpu"], reason="extension not built")
+@pytest.mark.parametrize("dtype", list(_TILE_TOL), ids=str)
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 8, 9, 12, 13, 16, 20])
 @pytest.mark.parametrize("tau", [1.0, 0.7])
-def test_cpu_float32_tile_layouts(K, tau):
+def test_cpu_tile_layouts(K, tau, dtype):
+    """The vector tile paths (float, and bfloat16 / half converted on the way) agree with the
+    float64 reference and bitwise with the scalar path (a member stride that is not 1)."""
     B = 37  # four full tiles of 8 rows and a partial one
-    wide = make_logits(B, K + 3, dtype=torch.float32)
+    wide = make_logits(B, K + 3, dtype=torch.float32).to(dtype)
+    if dtype != torch.float32:  # sure members too: rounding of p near 1 and of tiny gradients
+        wide[::5, 0] = 25.0
     layouts = {
         "contiguous": wide[:, 1:1 + K].contiguous(),
         "row_stride": wide[:, 1:1 + K],  # members contiguous, rows K + 3 apart
         "transposed": wide[:, 1:1 + K].T.contiguous().T,  # members B apart: scalar path
     }
-    g = torch.rand(B)
+    g = torch.rand(B).to(dtype)
     ref = confidence_fusion_reference(layouts["contiguous"].double(), tau)
     zr = layouts["contiguous"].double().requires_grad_()
     (confidence_fusion_reference(zr, tau)[0] * g.double()).sum().backward()
+    rtol, atol, grtol, gatol = _TILE_TOL[dtype]
     outs = {}
     for name, z in layouts.items():
         zo = z.detach().requires_grad_()
         p, w = confidence_fusion(zo, tau, backend="cpu")
         (p * g).sum().backward()
         outs[name] = (p, w, zo.grad)
-        torch.testing.assert_close(p.double(), ref[0], rtol=2e-6, atol=1e-7, msg=name)
-        torch.testing.assert_close(w.double(), ref[1], rtol=2e-6, atol=1e-7, msg=name)
-        torch.testing.assert_close(zo.grad.double(), zr.grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.double(), ref[0], rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(w.double(), ref[1], rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(zo.grad.double(), zr.grad, rtol=grtol, atol=gatol, msg=name)
     for name in ("row_stride", "transposed"):  # the layout changes how values move, not them
         for a, b in zip(outs[name], outs["contiguous"]):
             assert torch.equal(a, b), name
@@ -420,3 +430,17 @@ def test_float64_weights_exact_for_sure_members(backend):
     for name, fn in (("kernel", lambda t: confidence_fusion(t, 0.7, backend=backend)),
                      ("reference", lambda t: confidence_fusion_reference(t, 0.7))):
         torch.testing.assert_close(fn(z)[1], expected, rtol=1e-14, atol=0, msg=name)
+
+
+@pytest.mark.skipif(not ck.build_info()["cpu"], reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_low_precision_nan_row_is_isolated(dtype):
+    z = make_logits(16, 4, dtype=torch.float32).to(dtype)  # two full tiles: the vector path
+    z[5, 1] = float("nan")
+    zo = z.clone().requires_grad_()
+    p, w = confidence_fusion(zo, backend="cpu")
+    p.sum().backward()
+    others = torch.arange(16) != 5
+    assert torch.isnan(p[5]) and torch.isnan(w[5]).all() and torch.isnan(zo.grad[5]).all()
+    assert torch.isfinite(p[others]).all() and torch.isfinite(w[others]).all()
+    assert torch.isfinite(zo.grad[others]).all()

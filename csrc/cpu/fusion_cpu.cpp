@@ -56,8 +56,8 @@ inline void gather_tile(const scalar_t* x, int64_t s0, int64_t s1, int64_t b0, i
   constexpr int L = Vec<acc_t>::size();
   int k = 0;
 #ifdef CETNET_HAS_TILE_TRANSPOSE
-  if constexpr (std::is_same_v<scalar_t, float> && L == 8) {
-    if (n == L && s1 == 1) k = gather_tile_f32(x + b0 * s0, s0, K, buf);
+  if constexpr (kHasTileIO<scalar_t> && std::is_same_v<acc_t, float> && L == 8) {
+    if (n == L && s1 == 1) k = gather_tile_vec(x + b0 * s0, s0, K, buf);
   }
 #endif
   for (; k < K; ++k) {
@@ -74,8 +74,8 @@ inline void scatter_tile(const acc_t* buf, int64_t b0, int n, int K, scalar_t* x
   constexpr int L = Vec<acc_t>::size();
   int k0 = 0;
 #ifdef CETNET_HAS_TILE_TRANSPOSE
-  if constexpr (std::is_same_v<scalar_t, float> && L == 8) {
-    if (n == L) k0 = scatter_tile_f32(buf, K, x + b0 * K);
+  if constexpr (kHasTileIO<scalar_t> && std::is_same_v<acc_t, float> && L == 8) {
+    if (n == L) k0 = scatter_tile_vec(buf, K, x + b0 * K);
   }
 #endif
   for (int r = 0; r < n; ++r) {

@@ -4,11 +4,16 @@
 // The scalar loops of fusion_cpu.cpp move one float at a time: about 0.4 ns per element each
 // way, a fifth of a fusion forward + backward. Here the members of a row are read and written
 // as contiguous vectors (blocks of 8, then 4 members; any row stride) and transposed with
-// shuffles; members left over (K mod 4) keep the scalar path. Only float tiles of full height:
-// the caller falls back to its scalar loop otherwise.
+// shuffles; members left over (K mod 4) keep the scalar path. float, bfloat16 and half tiles
+// (converted to / from float on the way, rounding exactly as c10's scalar conversions do) of full
+// height: the caller falls back to its scalar loop otherwise.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 #include <immintrin.h>
@@ -50,18 +55,83 @@ inline void transpose4x4_lanes(const __m256 in[4], __m256 out[4]) {
   out[3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
 }
 
+// Loads and stores of 8 and 4 consecutive values of T as float vectors.
+template <typename T>
+struct TileIO;
+
+template <>
+struct TileIO<float> {
+  static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+  static __m128 load4(const float* p) { return _mm_loadu_ps(p); }
+  static void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+  static void store4(float* p, __m128 v) { _mm_storeu_ps(p, v); }
+};
+
+// bfloat16 -> float is exact (the high half of the bits); float -> bfloat16 rounds to nearest
+// even and maps NaN to 0x7FC0, as c10::BFloat16's constructor does.
+template <>
+struct TileIO<c10::BFloat16> {
+  static __m256 load8(const c10::BFloat16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static __m128 load4(const c10::BFloat16* p) {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+  }
+  static __m128i round8(__m256 v) {  // 8 bfloat16 bit patterns as 32-bit lanes
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+    // values fit in 16 bits: the saturating pack is exact; then undo its per-lane interleave
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    return _mm256_castsi256_si128(packed);
+  }
+  static void store8(c10::BFloat16* p, __m256 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), round8(v));
+  }
+  static void store4(c10::BFloat16* p, __m128 v) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), round8(_mm256_castps128_ps256(v)));
+  }
+};
+
+// half <-> float with F16C, rounding to nearest even (c10::Half's conversion).
+template <>
+struct TileIO<c10::Half> {
+  static __m256 load8(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static __m128 load4(const c10::Half* p) {
+    return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static void store8(c10::Half* p, __m256 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static void store4(c10::Half* p, __m128 v) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+
+template <typename T>
+inline constexpr bool kHasTileIO = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                                   std::is_same_v<T, c10::Half>;
+
 // One vector from two rows' 4-member blocks: `lo` in the low 128-bit lane, `hi` in the high.
-inline __m256 load_row_pair(const float* lo, const float* hi) {
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo)), _mm_loadu_ps(hi), 1);
+template <typename T>
+inline __m256 load_row_pair(const T* lo, const T* hi) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(TileIO<T>::load4(lo)), TileIO<T>::load4(hi), 1);
 }
 
 // buf[k * 8 + r] = x[r * s0 + k] for 8 rows, members [0, K) in blocks of 8 and 4; returns the
 // first member not handled (the caller's scalar loop does the rest).
-inline int gather_tile_f32(const float* x, int64_t s0, int K, float* buf) {
+template <typename T>
+inline int gather_tile_vec(const T* x, int64_t s0, int K, float* buf) {
   int k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 rows[8], cols[8];
-    for (int r = 0; r < 8; ++r) rows[r] = _mm256_loadu_ps(x + r * s0 + k);
+    for (int r = 0; r < 8; ++r) rows[r] = TileIO<T>::load8(x + r * s0 + k);
     transpose8x8(rows, cols);
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(buf + (k + j) * 8, cols[j]);
   }
@@ -79,21 +149,22 @@ inline int gather_tile_f32(const float* x, int64_t s0, int K, float* buf) {
 
 // x[r * K + k] = buf[k * 8 + r] for 8 rows of a contiguous [B, K] output (x points at row 0);
 // returns the first member not handled.
-inline int scatter_tile_f32(const float* buf, int K, float* x) {
+template <typename T>
+inline int scatter_tile_vec(const float* buf, int K, T* x) {
   int k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 cols[8], rows[8];
     for (int j = 0; j < 8; ++j) cols[j] = _mm256_loadu_ps(buf + (k + j) * 8);
     transpose8x8(cols, rows);
-    for (int r = 0; r < 8; ++r) _mm256_storeu_ps(x + r * K + k, rows[r]);
+    for (int r = 0; r < 8; ++r) TileIO<T>::store8(x + r * K + k, rows[r]);
   }
   if (k + 4 <= K) {
     __m256 cols[4], rows[4];
     for (int j = 0; j < 4; ++j) cols[j] = _mm256_loadu_ps(buf + (k + j) * 8);
     transpose4x4_lanes(cols, rows);  // rows[i]: row i (low lane), row i + 4 (high lane)
     for (int r = 0; r < 4; ++r) {
-      _mm_storeu_ps(x + r * K + k, _mm256_castps256_ps128(rows[r]));
-      _mm_storeu_ps(x + (r + 4) * K + k, _mm256_extractf128_ps(rows[r], 1));
+      TileIO<T>::store4(x + r * K + k, _mm256_castps256_ps128(rows[r]));
+      TileIO<T>::store4(x + (r + 4) * K + k, _mm256_extractf128_ps(rows[r], 1));
     }
     k += 4;
   }
