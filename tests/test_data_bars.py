@@ -17,7 +17,7 @@ from cetnet.cli import main
 from cetnet.config import dump_config
 from cetnet.data import DataFormatError, load_bars, load_dataset
 from cetnet.train import evaluate_run, run_training
-from cetnet.train.loop import VALID_IS_TEST_WARNING
+from cetnet.train.loop import SCORED_ON_TRAIN_WARNING, VALID_IS_TEST_WARNING
 from cetnet.train.rundir import read_json
 
 TAOBAO_CATS = ["userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level",
@@ -454,3 +454,19 @@ def test_cli_reports_a_malformed_file_without_a_traceback(train_config, tmp_path
     err = capsys.readouterr().err
     assert "cetnet train: error:" in err and "train.csv, line 4" in err
     assert "Traceback" not in err
+
+
+def test_a_valid_split_read_from_the_train_file_is_flagged(train_config, tmp_path):
+    cfg_path = make_bars(tmp_path, "criteo_x1")
+    cfg_path.write_text(cfg_path.read_text().replace("    valid_data: valid.csv\n",
+                                                     "    valid_data: train.csv\n"))
+    ds = load_bars(cfg_path)
+    assert ds.splits["valid"] is ds.splits["train"] and ds.splits["test"] is not ds.splits["train"]
+    assert any("valid and train are the same file (train.csv)" in n for n in ds.notes)
+    run = train_config(epochs=1, max_steps_per_epoch=2, batch_size=64)
+    run["data"] = {"name": "bars", "config": str(cfg_path)}
+    _, metrics = run_training(run, tmp_path / "run", quiet=True, plots=False)
+    assert metrics["valid_is_test"] is False
+    assert metrics["warnings"] == [SCORED_ON_TRAIN_WARNING.format(split="valid")]
+    evaluated = evaluate_run(tmp_path / "run", "valid", write=False)
+    assert evaluated["warnings"] == metrics["warnings"]

@@ -404,5 +404,9 @@ def _encode(cfg: BarsConfig, chunk_size: int, max_rows: int | None,
     if splits["valid"] is splits["test"]:  # what fit checks to flag metrics.json valid_is_test
         notes.append(f"valid and test are the same file ({cfg.files['test'].name}): no separate "
                      f"validation data, so early stopping selects on the test set")
+    for split in ("valid", "test"):
+        if splits[split] is splits["train"]:
+            notes.append(f"{split} and train are the same file ({cfg.files['train'].name}): "
+                         f"{split} metrics are measured on training data")
     vocabs = {c.name: vocabs[roots[c.name].name] for c in feats if c.name in roots}
     return CTRDataset(cfg.dataset_id, schema, splits, vocabs, stats_dense, cfg.group, notes)

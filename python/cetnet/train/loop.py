@@ -24,7 +24,8 @@ from cetnet.train.rng import rng_state, seed_everything, set_rng_state, shuffle_
 from cetnet.train.rundir import CONFIG_FILE, METRICS_FILE, write_json
 from cetnet.train.schedule import LRSchedule
 
-__all__ = ["fit", "resolve_device", "print_warnings", "EpochCallback", "VALID_IS_TEST_WARNING"]
+__all__ = ["fit", "resolve_device", "print_warnings", "split_warnings", "EpochCallback",
+           "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING"]
 
 #: ``callback(epoch, history_entry)``, called after each epoch's checkpoints are written.
 EpochCallback = Callable[[int, dict], None]
@@ -35,6 +36,19 @@ _LIVE_WINDOW = 50  # batches in the progress bar's running train AUC
 VALID_IS_TEST_WARNING = ("the dataset has no separate validation data: its valid split is the "
                          "test split, so early stopping and the best checkpoint were selected on "
                          "the test set and the test metrics are optimistic")
+SCORED_ON_TRAIN_WARNING = ("the dataset's {split} split is its train split: {split} metrics are "
+                           "measured on training data")
+
+
+def split_warnings(splits: dict) -> list[str]:
+    """The warnings a run's metrics carry about its dataset's splits: a valid split that is the
+    test split (selection on test), a valid or test split that is the train split (scores on
+    training data). Splits are compared by identity: datasets share one Split object when two
+    names read the same data (BARS: the same csv file)."""
+    warnings = [VALID_IS_TEST_WARNING] if splits["valid"] is splits["test"] else []
+    warnings += [SCORED_ON_TRAIN_WARNING.format(split=s) for s in ("valid", "test")
+                 if splits[s] is splits["train"]]
+    return warnings
 
 
 def dense_optimizer(params: list[nn.Parameter], lr: float,
@@ -108,7 +122,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     # A benchmark without validation data (BARS' valid_data: test.csv, or none given) hands the
     # test split in as "valid": then early stopping selects on the test set. The run still
     # trains (that is how those benchmarks are reported) but says so, loudly and in metrics.json.
-    run_warnings = [VALID_IS_TEST_WARNING] if valid_split is test_split else []
+    run_warnings = split_warnings(dataset.splits)
     print_warnings(run_warnings)
     batch_size = t["batch_size"]
     steps_per_epoch = math.ceil(len(train_split) / batch_size)

@@ -10,7 +10,7 @@ from cetnet.config import read_yaml, validate_config
 from cetnet.train.builders import build_model, load_dataset
 from cetnet.train.checkpoint import BEST, LAST, load_checkpoint
 from cetnet.train.evaluate import evaluate
-from cetnet.train.loop import VALID_IS_TEST_WARNING, EpochCallback, fit, resolve_device
+from cetnet.train.loop import EpochCallback, fit, resolve_device, split_warnings
 from cetnet.train.rng import seed_everything
 from cetnet.train.rundir import CONFIG_FILE, make_run_dir, write_json
 
@@ -75,10 +75,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
     model.to(dev)
     # The same flag as the run's metrics.json: scores of a valid split that is the test split
     # are test scores the checkpoint was selected on.
-    valid_is_test = dataset.splits.get("valid") is dataset.splits.get("test")
     metrics = {"split": split, "checkpoint": checkpoint, "epoch": state.get("epoch"),
-               "valid_is_test": valid_is_test,
-               "warnings": [VALID_IS_TEST_WARNING] if valid_is_test else [],
+               "valid_is_test": dataset.splits["valid"] is dataset.splits["test"],
+               "warnings": split_warnings(dataset.splits),
                **evaluate(model, dataset.splits[split],
                           batch_size=config["train"]["eval_batch_size"], device=dev)}
     if write:
