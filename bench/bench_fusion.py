@@ -221,8 +221,9 @@ def _run(benchmark, op: str, device: str, K: int, B: int):
     """Times every provider of one (op, device, K, B) in interleaved rounds.
 
     A timed round runs each provider's step for a burst of calls (order rotated every round);
-    each burst is also timed on its own, per call. Providers timed one after the other would each see a different stretch of a
-    shared machine whose speed drifts, which skews ratios more than the effects measured here.
+    each burst is also timed on its own, per call. Providers timed one after the other would
+    each see a different stretch of a shared machine whose speed drifts, which skews ratios more
+    than the effects measured here.
     pytest-benchmark's stats describe the whole round; ``extra_info["providers"]`` holds each
     provider's own median / min / rounds (what render.py tabulates) and ``skipped`` the providers
     that cannot run here, with the reason.

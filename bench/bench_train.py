@@ -26,7 +26,8 @@ machine whose speed drifts skews none of them. Knobs: CETNET_TRAIN_BENCH_B (batc
 512,2048), CETNET_TRAIN_BENCH_WORKLOADS, CETNET_TRAIN_BENCH_PROVIDERS, CETNET_BENCH_TARGET_S
 (seconds of rounds per benchmark, default 20). The extra info of each benchmark holds, per
 provider, the median and min step time, samples/s and the bytes of parameters, gradients and
-optimizer state (the memory a step needs beyond activations). ``python bench/profile_train.py`` profiles one step.
+optimizer state (the memory a step needs beyond activations). ``python bench/profile_train.py``
+profiles one step.
 """
 
 from __future__ import annotations

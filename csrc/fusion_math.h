@@ -263,7 +263,7 @@ CETNET_HD V fusion_forward_row(const Row& row, V inv_tau, bool logit_space, PutW
 // and s = sigmoid(-|z|), the confidence is c = z p - softplus(z) = log r - |z| s, so
 //   exp(c) = r exp(-|z| s),  in [exp(-0.279) / 2, 1]:
 // no max to subtract (nothing under- or overflows), and p, q, r, s all come from one exp(-|z|).
-// The row needs p and q only (make_elem_pq) and must cache e (Row::set_e / e).
+// The row needs z, p and q only (set_probs) and must cache e (Row::set_e / e).
 // ---------------------------------------------------------------------------------------------
 template <typename V>
 CETNET_HD V exp_confidence(const Elem<V>& el) {

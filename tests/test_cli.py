@@ -148,5 +148,6 @@ def test_interrupt_hint_names_the_run_directory(train_config, tmp_path):
         if after_checkpoint:
             assert hint == f"interrupted: continue with `cetnet train --resume {run_dir}`"
         else:
-            assert hint == f"interrupted before the first epoch ended: nothing to resume in {run_dir}"
+            assert hint == ("interrupted before the first epoch ended: nothing to resume in "
+                            f"{run_dir}")
     assert interrupt_hint(KeyboardInterrupt()) == "interrupted"

@@ -422,7 +422,8 @@ def test_float64_weights_exact_for_sure_members(backend):
                       [25.0, 30.0, -35.0, 40.0, 0.5]], dtype=torch.float64)
 
     def exact_row(row):
-        c = [mp.mpf(x) * (1 / (1 + mp.e ** -mp.mpf(x))) - mp.log(1 + mp.e ** mp.mpf(x)) for x in row]
+        xs = [mp.mpf(x) for x in row]
+        c = [x / (1 + mp.e ** -x) - mp.log(1 + mp.e ** x) for x in xs]  # z p - softplus(z)
         e = [mp.e ** (ci / mp.mpf("0.7")) for ci in c]
         return [float(ei / sum(e)) for ei in e]
 

@@ -82,7 +82,8 @@ struct TileIO<c10::BFloat16> {
   static __m128i round8(__m256 v) {  // 8 bfloat16 bit patterns as 32-bit lanes
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
     // values fit in 16 bits: the saturating pack is exact; then undo its per-lane interleave
@@ -121,7 +122,8 @@ inline constexpr bool kHasTileIO = std::is_same_v<T, float> || std::is_same_v<T,
 // One vector from two rows' 4-member blocks: `lo` in the low 128-bit lane, `hi` in the high.
 template <typename T>
 inline __m256 load_row_pair(const T* lo, const T* hi) {
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(TileIO<T>::load4(lo)), TileIO<T>::load4(hi), 1);
+  const __m256 low = _mm256_castps128_ps256(TileIO<T>::load4(lo));
+  return _mm256_insertf128_ps(low, TileIO<T>::load4(hi), 1);
 }
 
 // buf[k * 8 + r] = x[r * s0 + k] for 8 rows, members [0, K) in blocks of 8 and 4; returns the
