@@ -48,3 +48,12 @@ def lowp_tolerance_ok(ours, ref_lowp, ref64, atol: float) -> tuple[bool, float, 
     err = (ours.double() - ref64).abs().max().item()
     base = (ref_lowp.double() - ref64).abs().max().item()
     return err <= 2 * base + atol, err, base
+
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+requires_expecttest = pytest.mark.skipif(importlib.util.find_spec("expecttest") is None,
+                                         reason="torch.library.opcheck needs expecttest "
+                                                "(not installed)")

@@ -5,16 +5,26 @@ Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the shapes ar
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from cetnet_kernels import MultiTableEmbedding, available_backends
+from helpers import requires_expecttest
 from test_embedding import (FEATURES, _adagrad_reference_step, _batches, _touched_rows,
                             loss_of, make_ids, reference_outputs, with_bad_id)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
+HAVE_TRITON = "triton" in available_backends(DEVICE)
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from cetnet_kernels.triton.embedding import _state_index
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON,
                                 reason=f"the triton backend cannot run on {DEVICE} here")
 
 
@@ -161,6 +171,7 @@ def test_bad_ids_and_offsets():
     assert torch.equal(w, mod.weight)
 
 
+@requires_expecttest
 def test_opcheck_forward():
     mod = _module(2, [3, 4])
     vals, offs, psws, modes, _ = mod._normalize(_to(make_ids(B=3)))
@@ -171,6 +182,7 @@ def test_opcheck_forward():
                                       "test_autograd_registration"))
 
 
+@requires_expecttest
 def test_opcheck_backward_fused_update():
     mod = _module(2, [3, 4])
     vals, offs, psws, modes, _ = mod._normalize(_to(make_ids(B=3)))
@@ -192,6 +204,69 @@ def test_opcheck_backward_fused_update():
                           (grads, w.clone(), state.clone(), vals, offs, psws, modes, dims, vocab,
                            -1, 2, 0.1, 1e-8, 0.0),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_chunked_grid(monkeypatch):
+    # Grids whose first axis passes CUDA's grid.x limit are launched in chunks (pid0 = the
+    # chunk's first program): with a limit of 2 programs (and one-row tiles, so that the gather
+    # has many programs too) every kernel runs in several chunks and still matches the float64
+    # reference (forward, dense gradient, row-wise Adagrad).
+    from cetnet_kernels.triton import embedding as triton_embedding
+
+    monkeypatch.setattr(triton_embedding, "_MAX_GRID_X", 2)
+    monkeypatch.setattr(triton_embedding, "_TILE", 16)
+    test_forward_every_input_kind(torch.float64, 1e-12)
+    test_dense_gradient(torch.float64, 1e-12)
+    test_fused_rowwise_adagrad_matches_hand_written(0.01)
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _state_index_probe(key_ptr, out_ptr, Vtot):
+        m = tl.program_id(1)  # int32, as in _runs_kernel
+        tl.store(out_ptr + m, _state_index(m, Vtot, tl.load(key_ptr + m)))
+
+
+def test_state_index_int64():
+    # The row-wise Adagrad state index m * Vtot + key: m is a program id and Vtot an int
+    # argument below 2^31, both int32 in the kernel; (M-1) * Vtot >= 2^31 must not wrap. A state
+    # that large (8 GiB+) cannot be allocated here: the kernel's own helper is run on its own
+    # (under the interpreter int32 products wrap exactly as on a GPU).
+    M, Vtot = 4, 2**30 + 7
+    keys = torch.tensor([0, 5, Vtot - 1, 123], dtype=torch.int64, device=DEVICE)
+    out = torch.empty(M, dtype=torch.int64, device=DEVICE)
+    _state_index_probe[(1, M)](keys, out, Vtot)
+    expected = torch.arange(M, dtype=torch.int64) * Vtot + keys.cpu()
+    assert expected.max() >= 2**31
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_launch_device_guard_is_noop_on_cpu(monkeypatch):
+    from cetnet_kernels.triton.fusion import _device_guard
+
+    assert isinstance(_device_guard(torch.zeros(1)), contextlib.nullcontext)
+    if DEVICE == "cpu":
+        def no_cuda(*a, **k):
+            raise AssertionError("torch.cuda.device called for a CPU launch")
+
+        monkeypatch.setattr(torch.cuda, "device", no_cuda)
+        test_fused_rowwise_adagrad_matches_hand_written(0.0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu():
+    # Module and ids on cuda:1 while the current device is cuda:0: launches follow the tensors.
+    mod = MultiTableEmbedding(2, FEATURES, [3, 10], backend="triton", device="cuda:1",
+                              weights_dtype=torch.float64, optimizer="rowwise_adagrad", lr=0.1)
+    ids = _to(make_ids(), "cuda:1")
+    w64 = mod.weight.detach().double().cpu()
+    with torch.cuda.device(0):
+        outs = mod(ids)
+        sum(o.sum() for o in outs).backward()
+    torch.cuda.synchronize(1)
+    for o, r in zip(outs, reference_outputs(mod, _cpu(ids), w64)):
+        torch.testing.assert_close(o.detach().cpu(), r, rtol=1e-12, atol=1e-12)
+    assert mod.optimizer_state.abs().sum() > 0
 
 
 @pytest.mark.parametrize("optimizer", [None, "rowwise_adagrad"])

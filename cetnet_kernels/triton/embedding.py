@@ -25,6 +25,14 @@ The M outputs (and the M gradients in backward) are separate tensors; a kernel r
 m's through ``base + delta[m]``, with ``delta[m]`` the element distance of its data pointer from
 member 0's (all have one dtype, so the distances are exact).
 
+Index arithmetic is int64 throughout: program ids are widened before any product, every loaded
+index (ids, keys, offsets, dims, table bases, output deltas) is int64, and the row-wise state index
+``m * Vtot + key`` is formed by _state_index with m widened first (``Vtot`` arrives as int32 when
+it is below 2^31, and ``(M - 1) * Vtot`` passes 2^31 for large tables). The grids' first axis is
+launched in chunks of at most _MAX_GRID_X programs (CUDA's grid.x limit), the chunk's first
+program id passed as ``pid0``. Only within-row column offsets (< D) stay int32. Every launch runs
+under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in the interpreter).
+
 Ids and offsets are checked on the host with torch ops before any launch (one synchronizing
 copy of a few flags per call): out-of-range ids other than ``padding_idx`` raise IndexError with
 the CPU's message, malformed offsets ValueError; the kernels also mask every load, so nothing is
@@ -45,6 +53,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from cetnet_kernels.triton.fusion import INTERPRETED  # TRITON_INTERPRET=1 at import time
+from cetnet_kernels.triton.fusion import _device_guard
 
 __all__ = [
     "INTERPRETED",
@@ -58,6 +67,7 @@ __all__ = [
 _IDS, _BAG_SUM, _BAG_MEAN, _BAG_WEIGHTED = 0, 1, 2, 3
 _DENSE, _SGD, _ROWWISE_ADAGRAD = 0, 1, 2
 _TILE = 4096  # elements of one [rows, BLOCK_D] tile
+_MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid.x: larger first axes are launched in chunks
 
 
 
@@ -65,6 +75,14 @@ _TILE = 4096  # elements of one [rows, BLOCK_D] tile
 # =============================================================================================
 # Kernels
 # =============================================================================================
+@triton.jit
+def _state_index(m, Vtot, key):
+    # Member m's row-wise state of key: m * Vtot + key in int64. m (a program id) and Vtot (an
+    # int argument below 2^31) are int32: the product is widened first, as (M-1) * Vtot can
+    # pass 2^31.
+    return m.to(tl.int64) * Vtot + key
+
+
 @triton.jit
 def _gather_kernel(
     w_ptr,          # [W] flat tables (any float dtype)
@@ -77,10 +95,10 @@ def _gather_kernel(
     table_base_ptr,  # [M] int64
     out_ptr,        # member 0's output [B, N, D_0] (acc dtype)
     out_delta_ptr,  # [M] int64: member m's output is out_ptr + out_delta[m]
-    BC, C, N, pad,
+    BC, C, N, pad, pid0,
     HAS_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64) + pid0
     m = tl.program_id(1)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rmask = r < BC
@@ -115,10 +133,10 @@ def _bags_kernel(
     bag_n_ptr,      # [J] int64: output column
     bag_mean_ptr,   # [J] int32: 1 for mean pooling
     vocab_ptr, row_base_ptr, dims_ptr, table_base_ptr, out_ptr, out_delta_ptr,
-    B, J, N, pad,
+    B, J, N, pad, pid0,
     HAS_PAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64) + pid0
     m = tl.program_id(1)
     b = pid // J
     j = pid - b * J
@@ -169,10 +187,10 @@ def _runs_kernel(
     run_key_ptr,    # [R] int64: row_base[f] + id
     dims_ptr, table_base_ptr,
     hyper_ptr,      # [3] acc dtype: lr, eps, weight_decay
-    Vtot,
+    Vtot, pid0,
     MODE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) + pid0
     m = tl.program_id(1)
     start = tl.load(run_start_ptr + r)
     end = tl.load(run_end_ptr + r)
@@ -205,7 +223,7 @@ def _runs_kernel(
         step = lr
         if MODE == 2:
             eps = tl.load(hyper_ptr + 1)
-            si = m * Vtot + key
+            si = _state_index(m, Vtot, key)
             s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D.to(acc_ty)
             tl.store(state_ptr + si, s)
             step = lr / (tl.sqrt(s) + eps)
@@ -392,6 +410,14 @@ def _block_d(dims: list[int]) -> int:
     return triton.next_power_of_2(max(dims))
 
 
+def _launch(kernel, n: int, M: int, device_of: Tensor, *args, **constexprs) -> None:
+    """kernel[(n, M)](*args, pid0, **constexprs) on device_of's device, the first grid axis
+    cut into chunks of at most _MAX_GRID_X programs (the kernel adds pid0 to its program id)."""
+    with _device_guard(device_of):
+        for pid0 in range(0, n, _MAX_GRID_X):
+            kernel[(min(_MAX_GRID_X, n - pid0), M)](*args, pid0, **constexprs)
+
+
 # ------------------------------------------------------------------------------------ forward
 def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
                      per_sample_weights: list[Tensor], modes: list[int], dims: list[int],
@@ -420,7 +446,8 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
         col_n = P.tensor([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
         C = cols.shape[1]
         block_r = max(1, min(128, _TILE // block_d))
-        _gather_kernel[(triton.cdiv(B * C, block_r), M)](
+        _launch(
+            _gather_kernel, triton.cdiv(B * C, block_r), M, weight,
             weight, cols.contiguous(), col_feat, col_n, vocab_t, row_base_t, dims_t,
             table_base_t, outs[0], out_delta, B * C, C, N, pad,
             HAS_PAD=has_pad, BLOCK_R=block_r, BLOCK_D=block_d)
@@ -439,7 +466,8 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
                                                               device=P.device)
         psw_t = torch.cat(psws) if base > 0 else torch.zeros(1, device=P.device)
         block_l = max(1, min(64, _TILE // block_d))
-        _bags_kernel[(B * J, M)](
+        _launch(
+            _bags_kernel, B * J, M, weight,
             weight, vals_t, psw_t.contiguous(), torch.stack(offs).contiguous(),
             P.tensor(bag_feats, torch.int32), P.tensor([P.col_start[f] for f in bag_feats]),
             P.tensor([int(modes[f] == _BAG_MEAN) for f in bag_feats], torch.int32),
@@ -534,7 +562,8 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     g_delta = _deltas([g if g is not None else g0 for g in gs], g0)
     block_d = _block_d(P.dims)
     hyper = torch.tensor([lr, eps, wd], dtype=acc, device=P.device)
-    _runs_kernel[(ukey.numel(), P.M)](
+    _launch(
+        _runs_kernel, ukey.numel(), P.M, weight,
         weight, grad_weight if grad_weight is not None else weight,
         state if state is not None and state.numel() > 0 else hyper,
         g0, g_delta, P.tensor(has_g, torch.int32), src, scale, start, end, ukey,

@@ -17,8 +17,27 @@ max-subtracted softmax, log p / log(1-p) of the fused prediction as log-sum-exps
 ensemble-BCE gradient formed in log space, nothing clamped; a NaN logit poisons only its row.
 
 Layout: one program handles BLOCK_B rows as a [BLOCK_B, BLOCK_K] tile, BLOCK_K =
-next_power_of_2(K); masked member slots contribute -inf to maxima / LSEs and 0 to sums. Row
-offsets are int64. Any input strides. Compute in float32 (float64 for float64 logits).
+next_power_of_2(K); masked member slots contribute -inf to maxima / LSEs and 0 to sums. Any input
+strides. Compute in float32 (float64 for float64 logits).
+
+Index arithmetic: every element offset is int64 (_row_col_offsets, _tile_offsets): rows are int64
+from the program id on, and a member column is widened before it meets an input's member stride
+(a column-major [B, K] view has stride(1) = B, so col * stride can pass 2^31 while B * K fits in
+memory). Integer kernel arguments below 2^31 arrive as int32, so products of two arguments or of
+an argument and an int32 index would wrap. Only the within-row column index itself stays int32.
+
+GPU accuracy (NVIDIA): Triton lowers float32 tl.exp to ex2.approx.f32, not libdevice (~2 ulp,
+plus ~|x| ulp from the log2(e) scaling: harmless here, every exp argument is <= 0 and large
+arguments give results far below the tolerances); float64 tl.exp / tl.log go through libdevice
+(__nv_exp / __nv_log) and float64 '/' is div.rn.f64, so the float64 path is accurate to a few ulp
+as on CPU. No explicit libdevice calls are needed (the interpreter has none). Results are not
+bitwise those of the interpreter (numpy) or of another layout's specialization (stride-1
+specialization changes vector widths and reduction trees): the tests hold GPU results to the
+tolerance rule, not to bitwise equality across layouts.
+
+Device: every launch runs under ``torch.cuda.device(<the inputs' device>)`` (_device_guard; a
+no-op for CPU tensors in the interpreter and for fake tensors while tracing), so tensors on a
+GPU other than the current one are launched on their own device.
 
 Launch: on GPU the ops are ``torch.library.triton_op``s launched through ``wrap_triton`` so that
 torch.compile traces into the kernels. Under ``TRITON_INTERPRET=1`` (CPU tests) ``@triton.jit``
@@ -27,6 +46,7 @@ gives interpreted functions that cannot be traced into a graph; the ops are then
 torch.compile treats them as opaque calls.
 """
 
+import contextlib
 import math
 import struct
 from typing import Optional
@@ -162,8 +182,16 @@ def _fusion_stats(
 def _row_col_offsets(BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # int64: B*K may exceed 2^31
-    cols = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_K)  # int32: < K
     return rows, cols
+
+
+@triton.jit
+def _tile_offsets(rows, cols, stride_b, stride_k):
+    # [BLOCK_B, BLOCK_K] int64 element offsets of a strided [B, K] tensor. The column is widened
+    # before the product: stride_k arrives as int32 when < 2^31, and col * stride_k of a
+    # column-major view (stride_k = B) passes 2^31 once K * B does.
+    return rows[:, None] * stride_b + cols[None, :].to(tl.int64) * stride_k
 
 
 # =============================================================================================
@@ -190,7 +218,7 @@ def _confidence_fusion_fwd_kernel(
     kmask = col_mask[None, :]
     mask = row_mask[:, None] & kmask
 
-    z = tl.load(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zk, mask=mask, other=0.0)
+    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
     if IS_FP64:
         z = z.to(tl.float64)
     else:
@@ -244,7 +272,7 @@ def _confidence_fusion_bwd_kernel(
     kmask = col_mask[None, :]
     mask = row_mask[:, None] & kmask
 
-    z = tl.load(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zk, mask=mask, other=0.0)
+    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
     if IS_FP64:
         z = z.to(tl.float64)
     else:
@@ -277,9 +305,8 @@ def _confidence_fusion_bwd_kernel(
         else:
             u = g_m[:, None] * p
         if HAS_GW:
-            gw = tl.load(
-                gw_ptr + rows[:, None] * stride_gwb + cols[None, :] * stride_gwk, mask=mask, other=0.0
-            )
+            gw = tl.load(gw_ptr + _tile_offsets(rows, cols, stride_gwb, stride_gwk), mask=mask,
+                         other=0.0)
             u = gw.to(z.dtype) + u
         ubar = tl.sum(w * u, axis=1)
         gc = w * (u - ubar[:, None]) * inv_tau
@@ -346,7 +373,7 @@ def _collaborative_loss_kernel(
     kmask = col_mask[None, :]
     mask = row_mask[:, None] & kmask
 
-    z = tl.load(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zk, mask=mask, other=0.0)
+    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
     if IS_FP64:
         z = z.to(tl.float64)
     else:
@@ -437,7 +464,18 @@ def _collaborative_loss_kernel(
 # =============================================================================================
 # Launch plumbing
 # =============================================================================================
+def _device_guard(t: Tensor):
+    """``torch.cuda.device(t.device)`` for a real CUDA tensor: Triton launches on the current
+    device, which need not be the tensors'. A no-op (nullcontext) for CPU tensors (interpreter),
+    meta tensors and fake/functional tensors while tracing (nothing is launched then, and the
+    traced graph's launches are guarded by whoever runs them)."""
+    if t.device.type != "cuda" or is_fake(t):
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
 def _launch(kernel, grid, args, constexprs, num_warps):
+    first = next(a for a in args if isinstance(a, Tensor))
     if INTERPRETED:
         # The interpreter reads data pointers: nothing to do for fake/meta tensors (shape-only).
         if any(
@@ -445,9 +483,11 @@ def _launch(kernel, grid, args, constexprs, num_warps):
             for a in args
         ):
             return
-        kernel[grid](*args, **constexprs)
+        with _device_guard(first):
+            kernel[grid](*args, **constexprs)
     else:
-        torch.library.wrap_triton(kernel)[grid](*args, **constexprs, num_warps=num_warps)
+        with _device_guard(first):
+            torch.library.wrap_triton(kernel)[grid](*args, **constexprs, num_warps=num_warps)
 
 
 def _blocks(K: int) -> tuple[int, int, int]:
