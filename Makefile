@@ -10,7 +10,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: venv setup train demo test bench cmake-test cuda-build-check ci clean
+.PHONY: venv setup train demo test bench cmake-test cuda-build-check gpu-check ci clean
 
 # The environment: torch (CPU), the build tools, the test and benchmark tools.
 venv:
@@ -60,6 +60,12 @@ cuda-build-check:
 	CPLUS_INCLUDE_PATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')" \
 	MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build-cuda/tmp --build-lib build-cuda/lib
 	ls build-cuda/lib/cetnet_kernels/_C*.so
+
+# On a machine with an NVIDIA GPU and torch (CUDA) + Triton already installed, no internet needed:
+# CUDA build for the local arch, every CUDA/Triton test, compute-sanitizer, GPU benchmarks ->
+# bench/GPU_RESULTS.md. Uses $(PYTHON) as it is (no venv). Exit 2 at once without a GPU.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
 
 ci: test cmake-test cuda-build-check
 

@@ -1,0 +1,326 @@
+"""GPU benchmarks (pytest-benchmark) of the fused ensemble head and the multi-table embedding,
+timed with CUDA events and reported as a fraction of the measured device-copy bandwidth.
+
+Run by ``make gpu-check`` (bench/gpu_check.py), or alone on a machine with a CUDA GPU::
+
+    python -m pytest bench/bench_gpu.py --benchmark-json=bench/gpu_cuda.json
+    python bench/render_gpu.py bench/gpu_cuda.json       # -> bench/GPU_RESULTS.md
+
+Skipped without a CUDA GPU.
+
+Fusion (fp32 logits [B, K], K = 4, B in {1M, 4M}; ``bench_gpu_fusion[<op>-K4-B4194304]``):
+
+- ``cetnet-cuda`` / ``cetnet-triton``: the public op, forward + ``backward()`` through autograd
+  (``validate=False``), what a training step pays.
+- ``kernels-cuda`` / ``kernels-triton``: the backend's forward op and backward op called
+  through ``torch.ops.cetnet`` with no autograd engine: the kernels' own throughput.
+- ``eager``: the plain-PyTorch reference, forward + backward.
+- ``copy``: a device-to-device copy moving the op's minimum bytes (``bytes_moved`` of
+  bench_fusion.py): the bandwidth yardstick.
+
+Embedding (M = 2 members x F = 26 features, one table of ``ROWS`` rows each, D = 64, fp32,
+B = 65536 single ids per feature; ``uniform`` ids or Zipf(1.05) ids ``(zipf - 1) % ROWS``, whose
+hottest row holds several % of a feature's lookups; ``bench_gpu_embedding[<ids>-<mode>-...]``):
+
+- mode ``forward``: the lookup alone (``torch.no_grad``).
+- mode ``sgd`` / ``rowwise_adagrad``: lookup + backward with the fused optimizer update.
+- providers ``cetnet-cuda``, ``cetnet-triton``; ``torch-loop`` (one ``nn.Embedding`` per member
+  and feature, ``sparse=True`` + ``torch.optim.SGD``/``Adagrad``: what a plain PyTorch user
+  writes; forward and sgd only), and ``copy`` of the mode's bytes.
+
+Useful bytes follow FBGEMM's accounting: the forward reads each looked-up row and writes its
+output (``2 * L * D * 4`` for ``L = M * F * B`` lookups); the fused backward reads the output
+gradient and reads + writes each looked-up row (``3 * L * D * 4`` more; rows shared by several
+lookups are counted once per lookup, so Zipf and uniform ids have the same byte count).
+
+Timing: every provider of one benchmark is timed in interleaved rounds; in a round each
+provider runs a burst of calls between two CUDA events (no host sync inside the burst), and its
+time per call is recorded. ``extra_info["providers"]`` holds each provider's median / min per
+call in seconds; render_gpu.py turns them into GB/s and % of copy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import env_ints, env_strs  # noqa: E402
+from bench_fusion import bytes_moved  # noqa: E402
+
+import cetnet_kernels as ck  # noqa: E402
+
+if not torch.cuda.is_available():
+    pytest.skip("the GPU benchmarks need a CUDA GPU", allow_module_level=True)
+
+FUSION_OPS = ("collaborative_loss", "confidence_fusion")
+FUSION_PROVIDERS = ("cetnet-cuda", "cetnet-triton", "kernels-cuda", "kernels-triton", "eager",
+                    "copy")
+EMB_PROVIDERS = ("cetnet-cuda", "cetnet-triton", "torch-loop", "copy")
+EMB_MODES = ("forward", "sgd", "rowwise_adagrad")
+M, F, D = 2, 26, 64
+ROWS = int(os.environ.get("CETNET_BENCH_ROWS", "1000000"))
+ZIPF_A = 1.05
+N_BATCHES = 3
+LR = 0.01
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+class EventTimer:
+    """Interleaved rounds of bursts, each burst timed by a pair of CUDA events."""
+
+    def __init__(self, steps: dict, target_s: float) -> None:
+        self.steps = steps
+        self.names = list(steps)
+        self.times: dict[str, list[float]] = {p: [] for p in self.names}
+        self.burst: dict[str, int] = {}
+        for p, step in steps.items():  # warm-up (JIT, allocator) and burst size: ~5 ms a burst
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            t = self._burst(step, 3) / 3
+            self.burst[p] = max(1, min(200, math.ceil(5e-3 / max(t, 1e-7))))
+        per_round = sum(self.burst[p] * self._burst(s, 1) for p, s in steps.items())
+        self.rounds = max(5, min(400, math.ceil(target_s / max(per_round, 1e-7))))
+        self._turn = 0
+
+    @staticmethod
+    def _burst(step, n: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def round(self) -> None:
+        k = self._turn % len(self.names)
+        self._turn += 1
+        for p in self.names[k:] + self.names[:k]:
+            n = self.burst[p]
+            self.times[p].append(self._burst(self.steps[p], n) / n)
+
+    def summary(self) -> dict[str, dict]:
+        return {p: {"median_s": statistics.median(ts), "min_s": min(ts), "rounds": len(ts),
+                    "calls_per_round": self.burst[p]} for p, ts in self.times.items() if ts}
+
+
+def _target_s() -> float:
+    return float(os.environ.get("CETNET_BENCH_TARGET_S", "0.5"))
+
+
+def _copy_step(nbytes: int):
+    n = max(nbytes // 2 // 4, 1)  # read n floats + write n floats
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def _run(benchmark, steps: dict, skipped: dict, group: str, info: dict) -> None:
+    if not steps:
+        pytest.skip(f"no provider can run: {skipped}")
+    timer = EventTimer(steps, _target_s())
+    benchmark.group = group
+    benchmark.extra_info.update(device="cuda", device_name=torch.cuda.get_device_name(),
+                                torch_version=torch.__version__, skipped=skipped, **info)
+    benchmark.pedantic(timer.round, rounds=timer.rounds, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["providers"] = timer.summary()
+    timer.steps.clear()  # drop the tables the steps hold (13 GB a set) before the next benchmark
+
+
+def _backend_reason(backend: str) -> str | None:
+    if backend not in ck.available_backends("cuda"):
+        return f"backend {backend!r} is not available on cuda: {ck.build_info()}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Fusion ops
+# ------------------------------------------------------------------------------------------------
+def _fusion_params():
+    ks = env_ints("CETNET_BENCH_K", [4])
+    bs = env_ints("CETNET_BENCH_B", [1 << 20, 1 << 22])
+    return [pytest.param(op, K, B, id=f"{op}-K{K}-B{B}")
+            for op in env_strs("CETNET_BENCH_OPS", list(FUSION_OPS)) for K in ks for B in bs]
+
+
+def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Tensor):
+    tau = torch.tensor(1.0, device="cuda")
+    if provider.startswith("kernels-"):
+        backend = provider.split("-", 1)[1]
+        z = logits.detach()
+        ones = torch.ones(z.shape[0], device="cuda")
+        inv_b = 1.0 / z.shape[0]
+        t = torch.ops.cetnet
+        if op == "collaborative_loss":
+            loss_op = t.collaborative_loss if backend == "cuda" else t.collaborative_loss_triton
+
+            def direct():
+                _l, _p, grad, _gt = loss_op(z, labels, tau, 1.0, 1.0, 0.0, 0.0, False, False, 1,
+                                            True, False)
+                grad.mul_(inv_b)  # what autograd's backward does with the stored gradient
+            return direct
+        if backend == "cuda":
+            def direct():
+                _p, _w = t.confidence_fusion(z, tau, False, False)
+                t.confidence_fusion_backward(ones, None, z, None, tau, False, False, False)
+        else:
+            def direct():
+                _p, _w = t.confidence_fusion_triton(z, tau, False, False)
+                t.confidence_fusion_backward_triton(ones, None, z, tau, False, False, False)
+        return direct
+
+    if provider == "eager":
+        fn = ck.collaborative_loss_reference if op == "collaborative_loss" else \
+            ck.confidence_fusion_reference
+    else:
+        lib = ck.collaborative_loss if op == "collaborative_loss" else ck.confidence_fusion
+        backend = provider.split("-", 1)[1]
+
+        def fn(*args):
+            return lib(*args, backend=backend, validate=False)
+
+    if op == "collaborative_loss":
+        def step():
+            logits.grad = None
+            loss, _prob = fn(logits, labels)
+            loss.backward()
+    else:
+        def step():
+            logits.grad = None
+            prob, _w = fn(logits)
+            prob.sum().backward()
+    return step
+
+
+@pytest.mark.parametrize("op,K,B", _fusion_params())
+def bench_gpu_fusion(benchmark, op, K, B):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(B, K, generator=gen, device="cuda") * 2).requires_grad_()
+    labels = torch.randint(0, 2, (B,), generator=gen, device="cuda").float()
+    steps, skipped = {}, {}
+    for p in env_strs("CETNET_BENCH_PROVIDERS", list(FUSION_PROVIDERS)):
+        if p not in FUSION_PROVIDERS:
+            continue
+        reason = _backend_reason(p.split("-", 1)[1]) if "-" in p else None
+        if reason:
+            skipped[p] = reason
+            continue
+        steps[p] = (_copy_step(bytes_moved(op, K, B)) if p == "copy"
+                    else _fusion_step(op, p, logits, labels))
+    _run(benchmark, steps, skipped, f"{op}-K{K}-B{B}",
+         dict(kind="fusion", op=op, K=K, B=B, dtype="float32", bytes=bytes_moved(op, K, B)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding
+# ------------------------------------------------------------------------------------------------
+def _emb_params():
+    bs = env_ints("CETNET_BENCH_EMB_B", [65536])
+    dists = env_strs("CETNET_BENCH_IDS", ["uniform", "zipf"])
+    modes = [m for m in env_strs("CETNET_BENCH_EMB_MODES", list(EMB_MODES)) if m in EMB_MODES]
+    return [pytest.param(dist, mode, B, id=f"{dist}-{mode}-M{M}-F{F}-B{B}-D{D}")
+            for dist in dists for mode in modes for B in bs]
+
+
+def emb_bytes(mode: str, B: int) -> int:
+    lookups = M * F * B
+    return (2 if mode == "forward" else 5) * lookups * D * 4
+
+
+def _emb_batches(dist: str, B: int) -> list[dict[str, torch.Tensor]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(N_BATCHES):
+        if dist == "uniform":
+            ids = rng.integers(0, ROWS, (F, B))
+        else:
+            ids = (rng.zipf(ZIPF_A, (F, B)) - 1) % ROWS
+        t = torch.from_numpy(ids).cuda()
+        out.append({f"f{f}": t[f] for f in range(F)})
+    return out
+
+
+def hottest_share(batch: dict[str, torch.Tensor]) -> float:
+    """The largest share of one feature's lookups that a single row takes."""
+    return max(float(torch.bincount(x).max()) / x.numel() for x in batch.values())
+
+
+def _module(backend: str, optimizer: str | None):
+    return ck.MultiTableEmbedding(M, [(f"f{f}", ROWS) for f in range(F)], D, optimizer=optimizer,
+                                  lr=LR, backend=backend, device="cuda")
+
+
+def _emb_step(provider: str, mode: str, batches, B: int):
+    it = iter(range(1 << 62))
+
+    def next_batch():
+        return batches[next(it) % len(batches)]
+
+    grads = [torch.ones(B, F, D, device="cuda") for _ in range(M)]
+    if provider.startswith("cetnet-"):
+        backend = provider.split("-", 1)[1]
+        mod = _module(backend, None if mode == "forward" else mode)
+        if mode == "forward":
+            def step():
+                with torch.no_grad():
+                    mod(next_batch())
+        else:
+            def step():
+                torch.autograd.backward(mod(next_batch()), grads)
+        return step
+
+    # torch-loop: M * F nn.Embedding(sparse=True) + a torch optimizer.
+    if mode == "rowwise_adagrad":
+        pytest.skip("torch has no row-wise Adagrad")
+    embs = torch.nn.ModuleList(torch.nn.Embedding(ROWS, D, sparse=True, device="cuda")
+                               for _ in range(M * F))
+    opt = torch.optim.SGD(embs.parameters(), lr=LR)
+
+    def lookup(ids):
+        return [torch.stack([embs[m * F + f](ids[f"f{f}"]) for f in range(F)], dim=1)
+                for m in range(M)]
+
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                lookup(next_batch())
+    else:
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.autograd.backward(lookup(next_batch()), grads)
+            opt.step()
+    return step
+
+
+@pytest.mark.parametrize("dist,mode,B", _emb_params())
+def bench_gpu_embedding(benchmark, dist, mode, B):
+    batches = _emb_batches(dist, B)
+    steps, skipped = {}, {}
+    for p in env_strs("CETNET_BENCH_PROVIDERS", list(EMB_PROVIDERS)):
+        if p not in EMB_PROVIDERS:
+            continue
+        reason = _backend_reason(p.split("-", 1)[1]) if p.startswith("cetnet-") else None
+        if reason is None:
+            try:
+                steps[p] = (_copy_step(emb_bytes(mode, B)) if p == "copy"
+                            else _emb_step(p, mode, batches, B))
+            except pytest.skip.Exception as exc:
+                reason = str(exc)
+        if reason:
+            skipped[p] = reason
+    _run(benchmark, steps, skipped, f"embedding-{dist}-{mode}",
+         dict(kind="embedding", ids=dist, mode=mode, M=M, F=F, B=B, D=D, rows=ROWS,
+              hottest_share=round(hottest_share(batches[0]), 4), bytes=emb_bytes(mode, B)))
+    steps.clear()
+    torch.cuda.empty_cache()  # the next benchmark allocates its own tables (13 GB a set)

@@ -1,0 +1,216 @@
+"""`make gpu-check`: the one command for a machine with an NVIDIA GPU.
+
+Builds the extension with CUDA for the local GPU's arch (all cores), runs every CUDA and Triton
+test (``pytest -m gpu``, in parallel when pytest-xdist is there), runs compute-sanitizer memcheck
+on a small smoke script when compute-sanitizer is on the PATH, then the GPU benchmarks
+(bench/bench_gpu.py), and writes bench/GPU_RESULTS.md naming the device. Needs torch >= 2.6 with
+CUDA and Triton already installed; needs no internet. Prints progress; each step has a time
+limit so that a hang cannot eat the whole budget (the issue's target: 8 minutes on an H200 from a
+bare checkout, build included).
+
+Without a CUDA GPU it exits at once with status 2 and one line. Exit status 1 when a step failed
+(the report is still written), 0 when all passed.
+
+Logs, the benchmark JSON and a copy of the report go to ``--out`` (default ``$OUT`` when set,
+else ``build-gpu-check/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[gpu-check {time.monotonic() - T0:6.1f} s] {msg}", flush=True)
+
+
+def run_step(name: str, cmd: list[str], out_dir: Path, timeout: float, env: dict | None = None
+             ) -> dict:
+    """Runs ``cmd`` with its output teed to ``out_dir/<name>.log``; never raises."""
+    log(f"{name}: {' '.join(cmd)} (limit {timeout:.0f} s)")
+    path = out_dir / f"{name}.log"
+    t0 = time.monotonic()
+    killed = threading.Event()
+    with open(path, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+        def kill() -> None:  # a hang with no output must not block the read below
+            killed.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        tail: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            tail.append(line)
+            del tail[:-60]
+        proc.wait()
+        timer.cancel()
+        rc = "timeout" if killed.is_set() else proc.returncode
+        if killed.is_set():
+            f.write(f"\n[gpu-check] killed after {timeout:.0f} s\n")
+            tail.append(f"[gpu-check] killed after {timeout:.0f} s\n")
+    secs = time.monotonic() - t0
+    log(f"{name}: {'ok' if rc == 0 else f'FAILED ({rc})'} in {secs:.0f} s")
+    if rc != 0:
+        sys.stdout.write("".join(tail[-25:]))
+    return {"name": name, "rc": rc, "seconds": round(secs, 1), "log": path.name,
+            "tail": "".join(tail[-40:])}
+
+
+def pytest_summary(text: str) -> str:
+    """pytest's closing line ('== 12 passed, 3 skipped in 4.5s ==') from a log tail."""
+    for line in reversed(text.splitlines()):
+        s = line.strip().strip("=").strip()
+        if " in " in s and any(w in s for w in ("passed", "failed", "error", "skipped")):
+            return s
+    return "no summary line"
+
+
+def skip_reasons(junit: Path) -> dict[str, int]:
+    """Skip reason -> count, from pytest's junit XML (what the GPU run could not check)."""
+    import xml.etree.ElementTree as ET
+
+    counts: dict[str, int] = {}
+    try:
+        root = ET.parse(junit).getroot()
+    except (OSError, ET.ParseError):
+        return counts
+    for el in root.iter("skipped"):
+        why = (el.get("message") or "no reason").strip().splitlines()[0][:200]
+        counts[why] = counts.get(why, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or
+                                                     ROOT / "build-gpu-check"))
+    ap.add_argument("--skip-build", action="store_true", help="use the extension already built")
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--test-timeout", type=float, default=240)
+    ap.add_argument("--bench-timeout", type=float, default=200)
+    args = ap.parse_args(argv)
+
+    try:
+        import torch
+    except ImportError:
+        print("gpu-check: torch is not installed (install torch >= 2.6 with CUDA first)")
+        return 2
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU visible to torch "
+              f"({torch.__version__}, CUDA {torch.version.cuda}); nothing to check")
+        return 2
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cap = torch.cuda.get_device_capability()
+    arch = f"{cap[0]}.{cap[1]}"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:  # a missing triton is reported, not fatal: the CUDA backend runs
+        triton_version = f"not importable ({type(exc).__name__})"
+    info = {
+        "device": torch.cuda.get_device_name(), "capability": arch,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+        "python": platform.python_version(), "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    log(f"{info['device']} (sm_{cap[0]}{cap[1]}), torch {info['torch']}, CUDA {info['cuda']}, "
+        f"triton {triton_version}, {info['cpus']} CPUs")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("TRITON_INTERPRET", None)
+    steps: list[dict] = []
+
+    # 1. Build: in place (no pip, no network), CUDA on, for this GPU's arch, every core.
+    if not args.skip_build:
+        benv = dict(env, CETNET_CUDA="1", TORCH_CUDA_ARCH_LIST=arch,
+                    MAX_JOBS=str(os.cpu_count() or 4))
+        if not shutil.which("nvcc") and not os.environ.get("CUDA_HOME"):
+            for guess in ("/usr/local/cuda", "/opt/cuda"):
+                if Path(guess, "bin", "nvcc").exists():
+                    benv["CUDA_HOME"] = guess
+        steps.append(run_step("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace",
+                                        "--build-temp", "build-gpu/tmp"], out, 360, benv))
+    probe = subprocess.run(
+        [sys.executable, "-c", "import json, cetnet_kernels as c; print(json.dumps("
+         "{k: str(v) for k, v in c.build_info().items()}))"],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    info["build_info"] = probe.stdout.strip() or probe.stderr.strip()[-500:]
+    log(f"build_info: {info['build_info']}")
+
+    # 2. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py).
+    if not args.skip_tests:
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-ra", "-p", "no:cacheprovider",
+               f"--junitxml={out / 'gpu-tests.xml'}", "tests"]
+        import importlib.util
+
+        if importlib.util.find_spec("xdist") is not None:
+            cmd[3:3] = ["-n", str(min(16, os.cpu_count() or 2))]
+        s = run_step("tests", cmd, out, args.test_timeout, env)
+        s["summary"] = pytest_summary(s["tail"])
+        s["skip_reasons"] = skip_reasons(out / "gpu-tests.xml")
+        log(f"tests: {s['summary']}")
+        for why, n in s["skip_reasons"].items():
+            log(f"  skipped {n} x {why}")
+        steps.append(s)
+
+        # 3. compute-sanitizer memcheck of a small run of every CUDA and Triton kernel.
+        sanitizer = shutil.which("compute-sanitizer")
+        if sanitizer is None:
+            steps.append({"name": "memcheck", "rc": "skipped", "seconds": 0,
+                          "summary": "compute-sanitizer not on PATH"})
+            log("memcheck: skipped (compute-sanitizer not on PATH)")
+        else:
+            s = run_step("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
+                                      sys.executable, "tests/gpu_smoke.py"], out, 150, env)
+            s["summary"] = next((ln for ln in reversed(s["tail"].splitlines())
+                                 if "ERROR SUMMARY" in ln or "smoke" in ln), "no summary")
+            steps.append(s)
+
+    # 4. Benchmarks -> GPU_RESULTS.md
+    bench_json = out / "gpu_cuda.json"
+    if not args.skip_bench:
+        s = run_step("bench", [sys.executable, "-m", "pytest", "bench/bench_gpu.py", "-q",
+                               f"--benchmark-json={bench_json}"], out, args.bench_timeout, env)
+        s["summary"] = pytest_summary(s["tail"])
+        steps.append(s)
+
+    info["steps"] = [{k: v for k, v in s.items() if k != "tail"} for s in steps]
+    info["total_s"] = round(time.monotonic() - T0, 1)
+    (out / "gpu_check.json").write_text(json.dumps(info, indent=1))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from render_gpu import render
+
+    md = render(info, json.loads(bench_json.read_text()) if bench_json.exists() else None)
+    (ROOT / "bench" / "GPU_RESULTS.md").write_text(md)
+    print(md)
+    failed = [s["name"] for s in steps if s["rc"] not in (0, "skipped")]
+    log(f"done in {info['total_s']} s; " + (f"FAILED: {', '.join(failed)}" if failed
+                                             else "all steps passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

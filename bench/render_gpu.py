@@ -1,0 +1,183 @@
+"""bench/GPU_RESULTS.md from a gpu-check run: the steps (build, tests, memcheck, benchmarks) and
+the benchmark tables of bench_gpu.py as time, GB/s and % of the measured device-copy bandwidth.
+
+    python bench/render_gpu.py OUT/gpu_check.json OUT/gpu_cuda.json   # -> stdout
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+FUSION_ORDER = ("kernels-cuda", "kernels-triton", "cetnet-cuda", "cetnet-triton", "eager")
+EMB_ORDER = ("cetnet-cuda", "cetnet-triton", "torch-loop")
+# The issue's targets on H100/H200 (fraction of copy bandwidth).
+TARGETS = {"fusion": 0.70, "forward": 0.60, "backward": 0.30, "zipf_over_uniform": 1.5}
+
+
+def _ms(s: float | None) -> str:
+    if s is None:
+        return "–"
+    ms = s * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def _gbs(nbytes: float, s: float | None) -> str:
+    return "–" if not s else f"{nbytes / s / 1e9:.0f}"
+
+
+def _median(b: dict, p: str) -> float | None:
+    r = b["extra_info"].get("providers", {}).get(p)
+    return r["median_s"] if r else None
+
+
+def render_steps(info: dict) -> list[str]:
+    lines = ["| step | result | seconds | summary |", "|---|---|---:|---|"]
+    for s in info.get("steps", []):
+        rc = s["rc"]
+        res = "ok" if rc == 0 else ("skipped" if rc == "skipped" else f"FAILED ({rc})")
+        lines.append(f"| {s['name']} | {res} | {s['seconds']} | {s.get('summary', '')} |")
+    skipped = [(why, n) for s in info.get("steps", []) for why, n in s.get("skip_reasons", {})
+               .items()]
+    if skipped:
+        lines += ["", "Tests skipped on the GPU, by reason:", ""]
+        lines += [f"- {n} × {why}" for why, n in sorted(skipped, key=lambda x: -x[1])]
+    return lines
+
+
+def render_fusion(benches: list[dict]) -> list[str]:
+    if not benches:
+        return []
+    provs = [p for p in FUSION_ORDER if any(_median(b, p) for b in benches)]
+    head = ["op", "K", "B", "copy ms", "copy GB/s"] + [f"{p} ms (%copy)" for p in provs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    for b in sorted(benches, key=lambda b: (b["extra_info"]["op"], b["extra_info"]["K"],
+                                            b["extra_info"]["B"])):
+        e = b["extra_info"]
+        t_copy = _median(b, "copy")
+        cells = [e["op"], str(e["K"]), f"{e['B']:,}", _ms(t_copy), _gbs(e["bytes"], t_copy)]
+        for p in provs:
+            t = _median(b, p)
+            cells.append(f"{_ms(t)} ({_pct(t_copy / t if t and t_copy else None)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_embedding(benches: list[dict]) -> list[str]:
+    if not benches:
+        return []
+    by = {(b["extra_info"]["ids"], b["extra_info"]["mode"], b["extra_info"]["B"]): b
+          for b in benches}
+    provs = [p for p in EMB_ORDER if any(_median(b, p) for b in benches)]
+    head = ["ids", "mode", "B", "hottest row", "copy GB/s"] + [f"{p} ms (%copy)" for p in provs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    for key in sorted(by, key=lambda k: (k[0], ("forward", "sgd", "rowwise_adagrad").index(k[1])
+                                         if k[1] in ("forward", "sgd", "rowwise_adagrad")
+                                         else 9, k[2])):
+        b = by[key]
+        e = b["extra_info"]
+        t_copy = _median(b, "copy")
+        cells = [e["ids"], e["mode"], f"{e['B']:,}", f"{100 * e['hottest_share']:.1f}%",
+                 _gbs(e["bytes"], t_copy)]
+        for p in provs:
+            t = _median(b, p)
+            cells.append(f"{_ms(t)} ({_pct(t_copy / t if t and t_copy else None)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    # The backward alone: (lookup + backward + update) - lookup, against its own bytes.
+    derived = []
+    for (ids, mode, B), b in sorted(by.items()):
+        fwd = by.get((ids, "forward", B))
+        if mode == "forward" or fwd is None:
+            continue
+        e = b["extra_info"]
+        bwd_bytes = e["bytes"] - fwd["extra_info"]["bytes"]
+        t_copy = _median(b, "copy")
+        copy_bw = e["bytes"] / t_copy if t_copy else None
+        for p in ("cetnet-cuda", "cetnet-triton"):
+            ts, tf = _median(b, p), _median(fwd, p)
+            if ts is None or tf is None or ts <= tf:
+                continue
+            bw = bwd_bytes / (ts - tf)
+            derived.append(f"| {ids} | {mode} | {B:,} | {p} | {_ms(ts - tf)} | {bw / 1e9:.0f} | "
+                           f"{_pct(bw / copy_bw if copy_bw else None)} |")
+    if derived:
+        lines += ["", "The fused backward alone (step − lookup; reads the output gradient, reads "
+                  "and writes each looked-up row):", "",
+                  "| ids | optimizer | B | backend | ms | GB/s | %copy |",
+                  "|---|---|---:|---|---:|---:|---:|", *derived]
+    ratios = []
+    for (ids, mode, B), b in sorted(by.items()):
+        if ids != "zipf" or ("uniform", mode, B) not in by:
+            continue
+        u = by[("uniform", mode, B)]
+        for p in ("cetnet-cuda", "cetnet-triton"):
+            tz, tu = _median(b, p), _median(u, p)
+            if tz and tu:
+                ratios.append(f"{mode} {p} {tz / tu:.2f}x")
+    if ratios:
+        lines += ["", "Zipf / uniform time (target ≤ 1.5x): " + ", ".join(ratios) + "."]
+    return lines
+
+
+def render(info: dict, bench: dict | None) -> str:
+    lines = [
+        "# GPU results",
+        "",
+        "Written by `make gpu-check` (bench/gpu_check.py): build with CUDA for the local arch, "
+        "every CUDA and Triton test, compute-sanitizer memcheck of a smoke run, then "
+        "bench/bench_gpu.py. Times are medians per call from CUDA events over bursts of calls in "
+        "interleaved rounds; `%copy` is the provider's bandwidth (the op's minimum bytes over its "
+        "time) as a share of a device-to-device copy of the same bytes, measured in the same "
+        "rounds.",
+        "",
+        f"- device: **{info.get('device')}** (compute capability {info.get('capability')}), "
+        f"{info.get('cpus')} CPUs",
+        f"- date {info.get('date')} · torch {info.get('torch')} (CUDA {info.get('cuda')}) · "
+        f"triton {info.get('triton')} · Python {info.get('python')} · gpu-check took "
+        f"{info.get('total_s')} s",
+        "",
+        "## Steps",
+        "",
+        *render_steps(info),
+    ]
+    if bench:
+        benches = bench.get("benchmarks", [])
+        fusion = [b for b in benches if b["extra_info"].get("kind") == "fusion"]
+        emb = [b for b in benches if b["extra_info"].get("kind") == "embedding"]
+        if fusion:
+            lines += ["", "## Fusion ops (fp32, forward + backward)", "",
+                      "`kernels-*`: the backend's forward and backward ops alone "
+                      "(torch.ops.cetnet, no autograd); `cetnet-*`: the public op with "
+                      "`loss.backward()` / `prob.sum().backward()`; `eager`: the plain-PyTorch "
+                      f"reference. Target: ≥ {100 * TARGETS['fusion']:.0f}% of copy at B = 4M.",
+                      "", *render_fusion(fusion)]
+        if emb:
+            e0 = emb[0]["extra_info"]
+            lines += ["", f"## Multi-table embedding (M = {e0['M']} members × F = {e0['F']} "
+                      f"features, {e0['rows']:,} rows per table, D = {e0['D']}, fp32)", "",
+                      "`forward`: the lookup; `sgd` / `rowwise_adagrad`: lookup + backward with "
+                      "the fused update. Bytes: FBGEMM's accounting (forward 2·L·D·4, backward "
+                      "3·L·D·4 more, L = M·F·B lookups). `torch-loop`: one `nn.Embedding"
+                      "(sparse=True)` per member and feature + `torch.optim.SGD`. Targets: "
+                      f"forward ≥ {100 * TARGETS['forward']:.0f}%, fused-SGD backward ≥ "
+                      f"{100 * TARGETS['backward']:.0f}% of copy; Zipf within "
+                      f"{TARGETS['zipf_over_uniform']}x of uniform.", "",
+                      *render_embedding(emb)]
+    else:
+        lines += ["", "No benchmark results (the bench step did not run or failed)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    info = json.loads(open(argv[0]).read())
+    bench = json.loads(open(argv[1]).read()) if len(argv) > 1 else None
+    sys.stdout.write(render(info, bench))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
