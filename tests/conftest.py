@@ -1,7 +1,9 @@
 """Shared test setup. Triton kernels run through the interpreter when there is no GPU, so the
 variable must be set before anything imports triton."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -13,6 +15,57 @@ import pytest  # noqa: E402
 import cetnet_kernels  # noqa: E402,F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# torch.library.opcheck imports expecttest, which a bare GPU image may lack.
+requires_expecttest = pytest.mark.skipif(
+    importlib.util.find_spec("expecttest") is None,
+    reason="torch.library.opcheck needs the 'expecttest' package (pip install expecttest)")
+
+
+def backend_device_params(*, exclude=(), skip_triton_interpreter: bool = False):
+    """pytest.param(backend, device) for every backend of available_backends(device), for every
+    device in DEVICES; ids like "cpu-cpu", "reference-cuda", "triton-cuda", "triton-cpu" (the
+    interpreter). ``exclude``: backend names left out; ``skip_triton_interpreter``: leave out
+    triton on cpu (too slow for the test)."""
+    from cetnet_kernels import available_backends
+
+    out = []
+    for device in DEVICES:
+        for backend in available_backends(device):
+            if backend in exclude or (skip_triton_interpreter and backend == "triton"
+                                      and device == "cpu"):
+                continue
+            out.append(pytest.param(backend, device, id=f"{backend}-{device}"))
+    return out
+
+
+# --- `pytest -m gpu`: only the tests that run on the GPU ----------------------------------------
+GPU_ONLY_FILES = {"test_embedding_cuda.py", "test_triton_fusion.py", "test_embedding_triton.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: runs on CUDA tensors (a 'cuda' device/backend parameter, or a GPU-only "
+        "test file when CUDA is available); select with `pytest -m gpu`")
+
+
+def _runs_on_gpu(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any("cuda" in str(v) for v in callspec.params.values()):
+        return True
+    if "cuda" in item.nodeid.split("::", 1)[-1]:  # the test name or its parameter ids
+        return True
+    return Path(str(item.fspath)).name in GPU_ONLY_FILES
+
+
+def pytest_collection_modifyitems(config, items):
+    # Without CUDA nothing runs on a GPU ("cuda" in a parameter there is an error-message test
+    # on CPU tensors): `pytest -m gpu` then selects nothing.
+    if not torch.cuda.is_available():
+        return
+    for item in items:
+        if _runs_on_gpu(item):
+            item.add_marker(pytest.mark.gpu)
 
 
 def pytest_report_header(config):

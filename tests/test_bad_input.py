@@ -8,12 +8,18 @@ import torch
 import cetnet_kernels as ck
 from cetnet_kernels import CETNetFusion, collaborative_loss, confidence_fusion
 
-from helpers import all_backend_params
+from conftest import DEVICES, backend_device_params
 
-BACKENDS = all_backend_params("cpu")
+# (backend, device) pairs: the Python checks must give the same message on CUDA tensors.
+CASES = backend_device_params()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _on(x, device):
+    """``x`` moved to ``device`` if it is a tensor (non-tensors test the type checks)."""
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize(
     "logits, exc, match",
     [
@@ -25,14 +31,15 @@ BACKENDS = all_backend_params("cpu")
         ([[0.1, 0.2]], TypeError, "logits must be a torch.Tensor"),
     ],
 )
-def test_bad_logits(backend, logits, exc, match):
+def test_bad_logits(backend, device, logits, exc, match):
+    logits = _on(logits, device)
     with pytest.raises(exc, match=match):
         confidence_fusion(logits, backend=backend)
     with pytest.raises(exc, match=match):
-        collaborative_loss(logits, torch.rand(8), backend=backend)
+        collaborative_loss(logits, torch.rand(8, device=device), backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize(
     "labels, exc, match",
     [
@@ -44,28 +51,30 @@ def test_bad_logits(backend, logits, exc, match):
         ([0.0] * 8, TypeError, "labels must be a torch.Tensor"),
     ],
 )
-def test_bad_labels(backend, labels, exc, match):
+def test_bad_labels(backend, device, labels, exc, match):
     with pytest.raises(exc, match=match):
-        collaborative_loss(torch.randn(8, 3), labels, backend=backend)
+        collaborative_loss(torch.randn(8, 3, device=device), _on(labels, device), backend=backend)
 
 
-def test_bad_label_found_in_a_large_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_label_found_in_a_large_batch(device):
     y = torch.rand(100_000)
     y[77_777] = 2.0
     with pytest.raises(ValueError, match=r"labels\[77777\] = 2"):
-        collaborative_loss(torch.randn(100_000, 4), y)
+        collaborative_loss(torch.randn(100_000, 4, device=device), y.to(device))
 
 
-def test_integer_and_column_labels_are_accepted():
-    z = torch.randn(8, 3)
-    y = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
-    ref = collaborative_loss(z, y.float())[0]
-    torch.testing.assert_close(collaborative_loss(z, y)[0], ref)
-    torch.testing.assert_close(collaborative_loss(z, y.bool())[0], ref)
-    torch.testing.assert_close(collaborative_loss(z, y.float()[:, None])[0], ref)
+@pytest.mark.parametrize("backend, device", CASES)
+def test_integer_and_column_labels_are_accepted(backend, device):
+    z = torch.randn(8, 3, device=device)
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], device=device)
+    ref = collaborative_loss(z, y.float(), backend=backend)[0]
+    for labels in (y, y.bool(), y.float()[:, None]):
+        torch.testing.assert_close(collaborative_loss(z, labels, backend=backend)[0].cpu(),
+                                   ref.cpu())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize(
     "temperature, exc, match",
     [
@@ -80,11 +89,14 @@ def test_integer_and_column_labels_are_accepted():
         ("1.0", TypeError, "temperature must be a float or a tensor"),
     ],
 )
-def test_bad_temperature(backend, temperature, exc, match):
+def test_bad_temperature(backend, device, temperature, exc, match):
+    # a tensor temperature on the logits' device (a CUDA one is checked by the Python layer)
+    temperature = _on(temperature, device)
     with pytest.raises(exc, match=match):
-        confidence_fusion(torch.randn(4, 2), temperature, backend=backend)
+        confidence_fusion(torch.randn(4, 2, device=device), temperature, backend=backend)
     with pytest.raises(exc, match=match):
-        collaborative_loss(torch.randn(4, 2), torch.rand(4), temperature, backend=backend)
+        collaborative_loss(torch.randn(4, 2, device=device), torch.rand(4, device=device),
+                           temperature, backend=backend)
 
 
 @pytest.mark.parametrize(
@@ -124,41 +136,58 @@ def test_cuda_tensors_required_message():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_devices_must_match():
+def test_cuda_devices_must_match():  # "cuda" in the name: selected by `pytest -m gpu`
     z = torch.randn(4, 2, device="cuda")
     with pytest.raises(ValueError, match="labels are on cpu but logits on cuda"):
         collaborative_loss(z, torch.rand(4))
+    with pytest.raises(ValueError, match=r"labels are on cuda(:\d+)? but logits on cpu"):
+        collaborative_loss(torch.randn(4, 2), torch.rand(4, device="cuda"))
     with pytest.raises(ValueError, match="temperature is on cuda"):
         confidence_fusion(torch.randn(4, 2), torch.tensor(1.0, device="cuda"))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
         collaborative_loss(z, torch.full((4,), 3.0, device="cuda"))
+    # a CPU temperature tensor goes to the logits' device (a learnable one keeps its gradient)
+    t = torch.tensor(0.7, requires_grad=True)
+    confidence_fusion(z, t)[0].sum().backward()
+    assert t.grad is not None and t.grad.device.type == "cpu"
+    with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors"):
+        confidence_fusion(z, backend="cpu")
 
 
 @pytest.mark.skipif(not ck.build_info()["cpu"], reason="extension not built")
-def test_direct_op_calls_are_checked_in_cpp():
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_op_calls_are_checked_in_cpp(device):
     """torch.ops.cetnet.* called without the Python layer still refuse bad shapes (ValueError
-    from TORCH_CHECK_VALUE) instead of reading out of bounds."""
+    from TORCH_CHECK_VALUE) instead of reading out of bounds; the CUDA kernels share the checks
+    (csrc/checks.h), except the temperature's value, which only the CPU kernel reads (on a GPU
+    it would cost a host sync: the Python layer checks it)."""
+    if device == "cuda" and not ck.build_info()["cuda"]:
+        pytest.skip("extension built without CUDA")
     ops = torch.ops.cetnet
-    t = torch.tensor(1.0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    t = torch.tensor(1.0, device=device)
     with pytest.raises(ValueError, match="logits must be 2-D"):
-        ops.confidence_fusion(torch.randn(3), t, False, False)
+        ops.confidence_fusion(r(3), t, False, False)
     with pytest.raises(ValueError, match="labels must have shape"):
-        ops.collaborative_loss(torch.randn(3, 2), torch.rand(4), t, 1., 1., 0., 0., False, False,
+        ops.collaborative_loss(r(3, 2), r(4).sigmoid(), t, 1., 1., 0., 0., False, False,
                                1, True, False)
     with pytest.raises(ValueError, match="reduction must be"):
-        ops.collaborative_loss(torch.randn(3, 2), torch.rand(3), t, 1., 1., 0., 0., False, False,
+        ops.collaborative_loss(r(3, 2), r(3).sigmoid(), t, 1., 1., 0., 0., False, False,
                                7, True, False)
-    with pytest.raises(ValueError, match="temperature must be finite"):
-        ops.confidence_fusion(torch.randn(3, 2), torch.tensor(-1.0), False, False)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="temperature must be finite"):
+            ops.confidence_fusion(r(3, 2), torch.tensor(-1.0), False, False)
     with pytest.raises(ValueError, match="grad_weights must have shape"):
-        ops.confidence_fusion_backward(None, torch.randn(3, 3), torch.randn(3, 2), None, t, False,
-                                       False, True)
+        ops.confidence_fusion_backward(None, r(3, 3), r(3, 2), None, t, False, False, True)
     with pytest.raises(ValueError, match="weights must have shape"):
-        ops.confidence_fusion_backward(torch.randn(3), None, torch.randn(3, 2), torch.rand(3, 3), t,
+        ops.confidence_fusion_backward(r(3), None, r(3, 2), r(3, 3).sigmoid(), t,
                                        False, False, True)
     with pytest.raises(TypeError, match="weights must have the logits' dtype"):
-        ops.confidence_fusion_backward(torch.randn(3), None, torch.randn(3, 2),
-                                       torch.rand(3, 2, dtype=torch.float64), t, False, False, True)
+        ops.confidence_fusion_backward(r(3), None, r(3, 2), r(3, 2, dtype=torch.float64).sigmoid(),
+                                       t, False, False, True)
 
 
 def test_module_arguments():

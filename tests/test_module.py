@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from cetnet_kernels import CETNetFusion, collaborative_loss, confidence_fusion
+
+from conftest import backend_device_params
+
+# (backend, device) pairs: "cpu-cpu", "reference-cuda", "cuda-cuda", "triton-cuda", ...
+CASES = backend_device_params()
+
+
+def _close(actual, expected, **tol):
+    torch.testing.assert_close(actual.detach().cpu(), expected.detach().cpu(), **tol)
 
 
 class TinyCTR(nn.Module):
@@ -20,30 +30,40 @@ class TinyCTR(nn.Module):
         return self.mlp(self.emb(ids).flatten(1))
 
 
-def test_list_and_tensor_inputs_agree():
-    fusion = CETNetFusion(3, temperature=0.5, distill_weight=0.1)
-    outs = [torch.randn(10), torch.randn(10, 1), torch.randn(10)]
+@pytest.mark.parametrize("backend, device", CASES)
+def test_list_and_tensor_inputs_agree(backend, device):
+    fusion = CETNetFusion(3, temperature=0.5, distill_weight=0.1, backend=backend)
+    outs = [t.to(device) for t in (torch.randn(10), torch.randn(10, 1), torch.randn(10))]
     stacked = torch.stack([outs[0], outs[1][:, 0], outs[2]], dim=1)
-    y = torch.randint(0, 2, (10,))
+    y = torch.randint(0, 2, (10,)).to(device)
     a, b = fusion(outs, y), fusion(stacked, y)
-    torch.testing.assert_close(a.loss, b.loss)
-    torch.testing.assert_close(a.prob, b.prob)
-    ref_loss, ref_prob = collaborative_loss(stacked, y, 0.5, distill_weight=0.1)
-    torch.testing.assert_close(a.loss, ref_loss)
+    assert a.loss.device.type == a.prob.device.type == device
+    _close(a.loss, b.loss)
+    _close(a.prob, b.prob)
+    ref_loss, ref_prob = collaborative_loss(stacked, y, 0.5, distill_weight=0.1, backend=backend)
+    _close(a.loss, ref_loss)
     # weights are produced lazily with labels, eagerly without; both match the op
-    torch.testing.assert_close(a.weights, confidence_fusion(stacked, 0.5)[1])
+    _close(a.weights, confidence_fusion(stacked, 0.5, backend=backend)[1])
     no_labels = fusion(outs)
     assert no_labels.loss is None
-    torch.testing.assert_close(no_labels.prob, ref_prob)
-    torch.testing.assert_close(no_labels.member_probs, torch.sigmoid(stacked))
+    _close(no_labels.prob, ref_prob)
+    _close(no_labels.member_probs, torch.sigmoid(stacked))
+    # and the module agrees with the float64 reference on CPU (float32 rule)
+    ref64, _ = collaborative_loss(stacked.double().cpu(), y.cpu(), 0.5, distill_weight=0.1,
+                                  backend="reference")
+    _close(a.loss.double(), ref64, rtol=1e-5, atol=1e-6)
 
 
-def test_learnable_temperature_gets_gradient_and_stays_positive():
-    fusion = CETNetFusion(2, temperature=2.0, learnable_temperature=True)
+@pytest.mark.parametrize("backend, device", CASES)
+def test_learnable_temperature_gets_gradient_and_stays_positive(backend, device):
+    fusion = CETNetFusion(2, temperature=2.0, learnable_temperature=True, backend=backend)
+    fusion = fusion.to(device)
+    assert fusion.log_temperature.device.type == device
     assert abs(float(fusion.temperature.detach()) - 2.0) < 1e-6
     opt = torch.optim.SGD(fusion.parameters(), lr=5.0)
     z = torch.randn(256, 2) * 3
     y = (torch.rand(256) < torch.sigmoid(z[:, 0])).float()  # member 0 is the informative one
+    z, y = z.to(device), y.to(device)
     for _ in range(20):
         opt.zero_grad()
         out = fusion(z, y)
@@ -54,18 +74,23 @@ def test_learnable_temperature_gets_gradient_and_stays_positive():
     assert float(fusion.temperature.detach()) != 2.0
     state = fusion.state_dict()
     clone = CETNetFusion(2, learnable_temperature=True)
-    clone.load_state_dict(state)
-    assert float(clone.temperature.detach()) == float(fusion.temperature.detach())
+    clone.load_state_dict(state)  # a CUDA state dict loads into a CPU module too
+    assert torch.equal(clone.log_temperature.detach(), fusion.log_temperature.detach().cpu())
+    assert abs(float(clone.temperature.detach()) - float(fusion.temperature.detach())) <= (
+        1e-6 * float(clone.temperature.detach()))  # exp on CPU vs on the device: an ulp or two
 
 
-def test_drop_in_ensemble_of_two_models_trains():
+# 60 steps of 2048 rows: too slow for the Triton interpreter.
+@pytest.mark.parametrize("backend, device", backend_device_params(skip_triton_interpreter=True))
+def test_drop_in_ensemble_of_two_models_trains(backend, device):
     torch.manual_seed(0)
     n, vocab = 2048, 50
     ids = torch.randint(0, vocab, (n, 2))
     # planted interaction: click when the two ids are "compatible"
     y = (((ids[:, 0] * 7 + ids[:, 1] * 3) % 5) < 2).float()
-    a, b = TinyCTR(vocab, 8, 16), TinyCTR(vocab, 4, 32)
-    fusion = CETNetFusion(2, mutual_weight=0.1)
+    ids, y = ids.to(device), y.to(device)
+    a, b = TinyCTR(vocab, 8, 16).to(device), TinyCTR(vocab, 4, 32).to(device)
+    fusion = CETNetFusion(2, mutual_weight=0.1, backend=backend).to(device)
     params = [*a.parameters(), *b.parameters(), *fusion.parameters()]
     opt = torch.optim.Adam(params, lr=0.02)
     losses = []
@@ -78,11 +103,13 @@ def test_drop_in_ensemble_of_two_models_trains():
     assert losses[-1] < 0.6 * losses[0]
     # both members received gradient and the fused prediction is a probability
     assert all(p.grad is not None for p in params)
+    assert out.prob.device.type == device
     assert ((out.prob >= 0) & (out.prob <= 1)).all()
 
 
-def test_reduction_none_and_backend_choice():
-    fusion = CETNetFusion(2, reduction="none", backend="reference")
-    out = fusion(torch.randn(7, 2), torch.rand(7))
-    assert out.loss.shape == (7,)
+@pytest.mark.parametrize("backend, device", CASES)
+def test_reduction_none_and_backend_choice(backend, device):
+    fusion = CETNetFusion(2, reduction="none", backend=backend)
+    out = fusion(torch.randn(7, 2).to(device), torch.rand(7).to(device))
+    assert out.loss.shape == (7,) and out.loss.device.type == device
     assert "num_models=2" in repr(fusion)
