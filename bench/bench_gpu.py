@@ -12,8 +12,9 @@ Fusion (fp32 logits [B, K], K = 4, B in {1M, 4M}; ``bench_gpu_fusion[<op>-K4-B41
 
 - ``cetnet-cuda`` / ``cetnet-triton``: the public op, forward + ``backward()`` through autograd
   (``validate=False``), what a training step pays.
-- ``kernels-cuda`` / ``kernels-triton``: the backend's forward op and backward op called
-  through ``torch.ops.cetnet`` with no autograd engine: the kernels' own throughput.
+- ``kernels-cuda`` / ``kernels-triton``: the backend's ops called through ``torch.ops.cetnet``
+  with no autograd engine: the kernels' own throughput (confidence_fusion: forward op + backward
+  op; collaborative_loss: the one op computing the loss and its per-row gradient).
 - ``eager``: the plain-PyTorch reference, forward + backward.
 - ``copy``: a device-to-device copy moving the op's minimum bytes (``bytes_moved`` of
   bench_fusion.py): the bandwidth yardstick.
@@ -160,15 +161,13 @@ def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Ten
         backend = provider.split("-", 1)[1]
         z = logits.detach()
         ones = torch.ones(z.shape[0], device="cuda")
-        inv_b = 1.0 / z.shape[0]
         t = torch.ops.cetnet
         if op == "collaborative_loss":
             loss_op = t.collaborative_loss if backend == "cuda" else t.collaborative_loss_triton
 
-            def direct():
-                _l, _p, grad, _gt = loss_op(z, labels, tau, 1.0, 1.0, 0.0, 0.0, False, False, 1,
-                                            True, False)
-                grad.mul_(inv_b)  # what autograd's backward does with the stored gradient
+            def direct():  # the loss and its per-row gradient in one op (autograd's backward
+                # then scales that gradient by the upstream gradient / B: the cetnet-* rows)
+                loss_op(z, labels, tau, 1.0, 1.0, 0.0, 0.0, False, False, 1, True, False)
             return direct
         if backend == "cuda":
             def direct():

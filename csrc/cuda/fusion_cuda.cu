@@ -1,17 +1,26 @@
 // CUDA kernels: the row math of fusion_math.h run with V = float/double, one thread per row.
 //
-// This file only holds launch glue, the row accessors and the reductions; all the math is the
-// shared, CPU-tested code of fusion_math.h (acc_t = at::opmath_type: double for double logits,
-// float otherwise).
+// This file only holds launch glue, the row accessors, the tile I/O and the reductions; all the
+// math is the shared, CPU-tested code of fusion_math.h (acc_t = at::opmath_type: double for
+// double logits, float otherwise).
 //
-// Row accessors:
-//   * CachedRow: each member's Elem<acc_t> (6 values derived from the logit) is computed once and
-//     kept in dynamic shared memory laid out [field][k][thread], so a warp's accesses hit 32
-//     consecutive words (no bank conflicts). The block size is chosen so the cache fits in 48 KB.
-//   * GlobalRow: for K too large for that, elem(k) recomputes make_elem from the global logit.
-// Rows are visited by a grid-stride loop with 64-bit indices; inputs may have any strides.
-// Reductions over rows are deterministic: per-row values go to a [B] buffer, summed by at::sum
-// in float64 (no atomics).
+// Tiled path (K small enough that a block's caches fit in 48 KB of shared memory):
+//   * A block of T threads works on tiles of T*R rows (R = 1 or 2 rows per thread). The tile's
+//     logits (and grad_weights, if any) are staged in shared memory with coalesced loads (for
+//     contiguous inputs: consecutive threads read consecutive elements of the tile's T*R*K
+//     contiguous values; other strides: each thread reads its own rows). The first kPrefetch
+//     elements per thread of the next tile, and its per-row scalars (grad_prob / labels), are
+//     loaded into registers before the current tile is computed, so loads overlap the math.
+//   * Each thread then runs its rows from shared memory: each member's Elem (6 values) and its
+//     softmax exponential are computed once into a per-thread column laid out [field][k][T]
+//     (a warp's accesses hit 32 consecutive words: no bank conflicts), and the row's outputs
+//     (weights / grad) go back to the staged row, then to global memory with coalesced stores.
+//   * tau == 1 (read on the device) takes the log-free paths (exp_confidence), as the CPU does.
+// Global path (larger K): one thread per row, member values recomputed from the global logits.
+// Blocks loop over tiles/rows (grid sized by the occupancy calculator); indices into global
+// memory are 64-bit. Reductions over rows are deterministic: each thread sums its rows in
+// float64, each block reduces its threads in a fixed tree to one float64 partial, and one
+// single-block kernel sums the partials in a fixed order (no atomics).
 #include "fusion_math.h"
 
 #include "checks.h"
@@ -30,30 +39,75 @@
 namespace cetnet::cuda {
 namespace {
 
-constexpr int kElemFields = 6;                 // z, p, q, lsp, lsq, c
-constexpr size_t kMaxSharedBytes = 48 * 1024;  // per block, without opt-in
+constexpr int kCacheFields = 7;                // z, p, q, lsp, lsq, c and the softmax exp e
+// Dynamic shared memory per block without opt-in: 48 KB less block_sum's static 32 doubles.
+constexpr size_t kMaxSharedBytes = 48 * 1024 - 32 * sizeof(double);
 constexpr int kMaxThreads = 256;
-constexpr int kMinCachedThreads = 32;
+constexpr int kMinThreads = 32;
+constexpr int kMaxRowsPerThread = 2;
+// Logits per thread loaded one tile ahead: 8 for float accumulation (all of a tile's for
+// R*K <= 8); none for double, whose kernels need those registers (no spills at 128).
+template <typename acc_t>
+constexpr int prefetch_count() {
+  return sizeof(acc_t) == 8 ? 0 : 8;
+}
+constexpr int kFinalizeThreads = 256;
+
+// Register budget: __launch_bounds__(256, kMinBlocks) caps float kernels at 64 registers.
+template <typename acc_t>
+constexpr int min_blocks() {
+  return sizeof(acc_t) == 8 ? 2 : 4;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Row accessors.
 // ---------------------------------------------------------------------------------------------
-template <typename acc_t>
-struct CachedRow {
+// A thread's column of the shared-memory cache: field f of member k at col[(f * K + k) * T].
+// kFull = false: only z, p and q were filled (set_probs); the log fields read as 0.
+template <typename acc_t, bool kFull>
+struct SmemRow {
+  static constexpr bool kCachesE = true;
   int K;
-  int T;              // blockDim.x: the distance between consecutive members of one thread
-  const acc_t* base;  // this thread's column of the cache: base[(f * K + k) * T]
-  __host__ __device__ __forceinline__ Elem<acc_t> elem(int k) const {
-    const acc_t* s = base + k * T;
-    const int fs = K * T;  // distance between fields
+  int T;
+  acc_t* col;
+  __device__ __forceinline__ acc_t& at(int f, int k) const { return col[(f * K + k) * T]; }
+  __device__ __forceinline__ Elem<acc_t> elem(int k) const {
     Elem<acc_t> e;
-    e.z = s[0];
-    e.p = s[fs];
-    e.q = s[2 * fs];
-    e.lsp = s[3 * fs];
-    e.lsq = s[4 * fs];
-    e.c = s[5 * fs];
+    e.z = at(0, k);
+    e.p = at(1, k);
+    e.q = at(2, k);
+    if constexpr (kFull) {
+      e.lsp = at(3, k);
+      e.lsq = at(4, k);
+      e.c = at(5, k);
+    } else {
+      e.lsp = acc_t(0);
+      e.lsq = acc_t(0);
+      e.c = acc_t(0);
+    }
     return e;
+  }
+  __device__ __forceinline__ void set_e(int k, acc_t v) const { at(6, k) = v; }
+  __device__ __forceinline__ acc_t e(int k) const { return at(6, k); }
+  // Computes member k's values from its logit (all fields, or z, p and q only).
+  __device__ __forceinline__ void fill(int k, acc_t z) const {
+    Elem<acc_t> el;
+    if constexpr (kFull) {
+      set_elem(el, z);
+    } else {
+      (void)set_probs(el, z);
+    }
+    at(0, k) = el.z;
+    at(1, k) = el.p;
+    at(2, k) = el.q;
+    if constexpr (kFull) {
+      at(3, k) = el.lsp;
+      at(4, k) = el.lsq;
+      at(5, k) = el.c;
+    }
+  }
+  __device__ __forceinline__ void fill_row(const acc_t* z) const {
+    for (int k = 0; k < K; ++k) fill(k, z[k]);
   }
 };
 
@@ -67,31 +121,6 @@ struct GlobalRow {
   }
 };
 
-// Builds the accessor of one row (filling this thread's shared-memory column if kCached) and
-// calls f(row).
-template <bool kCached, typename scalar_t, typename acc_t, typename F>
-__device__ __forceinline__ void with_row(const scalar_t* z_row, int64_t s1, int K, acc_t* cache,
-                                         const F& f) {
-  if constexpr (kCached) {
-    const int T = static_cast<int>(blockDim.x);
-    acc_t* col = cache + threadIdx.x;
-    const int fs = K * T;
-    for (int k = 0; k < K; ++k) {
-      const Elem<acc_t> e = make_elem(static_cast<acc_t>(z_row[static_cast<int64_t>(k) * s1]));
-      acc_t* s = col + k * T;
-      s[0] = e.z;
-      s[fs] = e.p;
-      s[2 * fs] = e.q;
-      s[3 * fs] = e.lsp;
-      s[4 * fs] = e.lsq;
-      s[5 * fs] = e.c;
-    }
-    f(CachedRow<acc_t>{K, T, col});
-  } else {
-    f(GlobalRow<scalar_t, acc_t>{K, z_row, s1});
-  }
-}
-
 // The dynamic shared memory of a block, as acc_t.
 template <typename acc_t>
 __device__ __forceinline__ acc_t* shared_cache() {
@@ -99,14 +128,182 @@ __device__ __forceinline__ acc_t* shared_cache() {
   return reinterpret_cast<acc_t*>(cetnet_smem);
 }
 
-// 1 / tau, read on the device. A non-positive or non-finite tau (rejected by the Python layer)
-// gives NaN, so results are NaN rather than silently wrong.
+// ---------------------------------------------------------------------------------------------
+// Temperature, read on the device in its own dtype (no conversion kernel, no host sync).
+// ---------------------------------------------------------------------------------------------
+struct TauRef {
+  const void* ptr;
+  int kind;  // 0 float, 1 double, 2 half, 3 bfloat16
+};
+
+__device__ __forceinline__ double read_tau(const TauRef& t) {
+  switch (t.kind) {
+    case 0:
+      return static_cast<double>(*static_cast<const float*>(t.ptr));
+    case 2:
+      return static_cast<double>(static_cast<float>(*static_cast<const at::Half*>(t.ptr)));
+    case 3:
+      return static_cast<double>(static_cast<float>(*static_cast<const at::BFloat16*>(t.ptr)));
+    default:
+      return *static_cast<const double*>(t.ptr);
+  }
+}
+
+// 1 / tau. A non-positive or non-finite tau (rejected by the Python layer) gives NaN, so results
+// are NaN rather than silently wrong.
 template <typename acc_t>
-__device__ __forceinline__ acc_t inverse_temperature(const double* tau) {
-  const double t = *tau;
+__device__ __forceinline__ acc_t inverse_temperature(double t) {
   return (t > 0.0 && t <= std::numeric_limits<double>::max())
              ? static_cast<acc_t>(1.0 / t)
              : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic sums.
+// ---------------------------------------------------------------------------------------------
+// Sum of v over the block (blockDim.x a multiple of 32), valid in thread 0. All threads of the
+// block must call it (it synchronizes).
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_sums[32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int nwarps = static_cast<int>(blockDim.x) >> 5;
+  __syncthreads();  // warp_sums may still be read by a previous call
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = 0.0;
+  if (warp == 0) {
+    v = lane < nwarps ? warp_sums[lane] : 0.0;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  return v;
+}
+
+// One block: out0 = sum(partials[0, :]) (divided by `count` if mean), out1 = sum(partials[1, :])
+// (when out1 is not null), each cast to acc_t. partials: [2, n] float64, rows n apart.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_sums_kernel(const double* __restrict__ partials, int n, double count, bool mean,
+                         acc_t* __restrict__ out0, acc_t* __restrict__ out1) {
+  double s0 = 0.0, s1 = 0.0;
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += static_cast<int>(blockDim.x)) {
+    if (out0 != nullptr) s0 += partials[i];
+    if (out1 != nullptr) s1 += partials[n + i];
+  }
+  s0 = block_sum(s0);
+  s1 = block_sum(s1);
+  if (threadIdx.x == 0) {
+    if (out0 != nullptr) out0[0] = static_cast<acc_t>(mean && count > 0.0 ? s0 / count : s0);
+    if (out1 != nullptr) out1[0] = static_cast<acc_t>(s1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile I/O.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, typename rs_t>
+struct TileIO {
+  const scalar_t* z;  // logits [B, K], any strides
+  int64_t s0, s1;
+  const scalar_t* gw;  // grad_weights [B, K] (any strides), or null
+  int64_t gw_s0, gw_s1;
+  const rs_t* rs;  // one value per row (grad_prob / labels), or null (reads as 0)
+  int64_t rs_s0;
+  scalar_t* out;  // [B, K] contiguous output (weights / grad), or null
+  int64_t B;
+  int K;
+  int R;  // rows per thread per tile (1 or kMaxRowsPerThread)
+};
+
+// Runs body(zrow, gwrow, rs, b) for every row b of the block's tiles. zrow: the row's K staged
+// logits (acc_t, shared memory), overwritten by the body with the row's K outputs, which are
+// then stored to io.out; gwrow: its staged grad_weights (null if none); rs: its row scalar.
+// Shared memory: [cache: kCacheFields*K*T][logits: T*R*K][grad_weights: T*R*K if any].
+// Every thread of the block must call it (it synchronizes; the tile loop is block-uniform).
+template <typename acc_t, typename scalar_t, typename rs_t, typename Body>
+__device__ __forceinline__ void tile_loop(const TileIO<scalar_t, rs_t>& io, acc_t* smem,
+                                          const Body& body) {
+  const int T = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int K = io.K, R = io.R;
+  const int tile_rows = T * R;
+  acc_t* stage = smem + kCacheFields * K * T;
+  acc_t* gstage = stage + tile_rows * K;
+  const bool contiguous = io.s1 == 1 && io.s0 == K;
+  const bool gw_contiguous = io.gw_s1 == 1 && io.gw_s0 == K;
+  const int64_t ntiles = (io.B + tile_rows - 1) / tile_rows;
+  const int64_t step = gridDim.x;
+
+  constexpr int kPrefetch = prefetch_count<acc_t>();
+  scalar_t pf[kPrefetch > 0 ? kPrefetch : 1];
+  rs_t pr0 = rs_t(0), pr1 = rs_t(0);
+  // Loads the start of tile `tile` (if any) into registers.
+  const auto prefetch = [&](int64_t tile) {
+    if (tile >= ntiles) return;
+    const int64_t b0 = tile * tile_rows;
+    const int n = static_cast<int>(std::min<int64_t>(tile_rows, io.B - b0));
+    if (contiguous) {
+      const scalar_t* src = io.z + b0 * K;
+      const int cnt = n * K;
+#pragma unroll
+      for (int j = 0; j < kPrefetch; ++j) {
+        const int i = tid + j * T;
+        if (i < cnt) pf[j] = src[i];
+      }
+    }
+    if (io.rs != nullptr) {
+      if (tid < n) pr0 = io.rs[(b0 + tid) * io.rs_s0];
+      if (R > 1 && T + tid < n) pr1 = io.rs[(b0 + T + tid) * io.rs_s0];
+    }
+  };
+
+  int64_t tile = blockIdx.x;
+  prefetch(tile);
+  for (; tile < ntiles; tile += step) {
+    const int64_t b0 = tile * tile_rows;
+    const int n = static_cast<int>(std::min<int64_t>(tile_rows, io.B - b0));
+    const int cnt = n * K;
+    if (contiguous) {
+#pragma unroll
+      for (int j = 0; j < kPrefetch; ++j) {
+        const int i = tid + j * T;
+        if (i < cnt) stage[i] = static_cast<acc_t>(pf[j]);
+      }
+      const scalar_t* src = io.z + b0 * K;
+      for (int i = tid + kPrefetch * T; i < cnt; i += T) stage[i] = static_cast<acc_t>(src[i]);
+    } else {
+      for (int lr = tid; lr < n; lr += T) {
+        const scalar_t* zr = io.z + (b0 + lr) * io.s0;
+        for (int k = 0; k < K; ++k) stage[lr * K + k] = static_cast<acc_t>(zr[k * io.s1]);
+      }
+    }
+    if (io.gw != nullptr) {
+      if (gw_contiguous) {
+        const scalar_t* src = io.gw + b0 * K;
+        for (int i = tid; i < cnt; i += T) gstage[i] = static_cast<acc_t>(src[i]);
+      } else {
+        for (int lr = tid; lr < n; lr += T) {
+          const scalar_t* gr = io.gw + (b0 + lr) * io.gw_s0;
+          for (int k = 0; k < K; ++k) gstage[lr * K + k] = static_cast<acc_t>(gr[k * io.gw_s1]);
+        }
+      }
+    }
+    const rs_t cur0 = pr0, cur1 = pr1;
+    __syncthreads();  // the tile is staged
+    prefetch(tile + step);
+    for (int r = 0; r < R; ++r) {
+      const int lr = r * T + tid;
+      if (lr < n) {
+        body(stage + lr * K, io.gw != nullptr ? gstage + lr * K : nullptr,
+             static_cast<acc_t>(r == 0 ? cur0 : cur1), b0 + lr);
+      }
+    }
+    __syncthreads();  // the outputs are staged
+    if (io.out != nullptr) {
+      scalar_t* dst = io.out + b0 * K;
+      for (int i = tid; i < cnt; i += T) dst[i] = static_cast<scalar_t>(stage[i]);
+    }
+    __syncthreads();  // the stage may be refilled
+  }
 }
 
 #define CETNET_ROW_LOOP(b, B)                                                            \
@@ -114,71 +311,160 @@ __device__ __forceinline__ acc_t inverse_temperature(const double* tau) {
        b += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 // ---------------------------------------------------------------------------------------------
-// Kernels.
+// Kernels. kCached: the tiled path (dynamic shared memory); otherwise the global path.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t, bool kCached>
-__global__ void fusion_forward_kernel(const scalar_t* __restrict__ z, int64_t s0, int64_t s1,
-                                      const double* __restrict__ tau, int64_t B, int K,
-                                      bool logit_space, scalar_t* __restrict__ p_out,
-                                      scalar_t* __restrict__ w_out) {
-  const acc_t inv_tau = inverse_temperature<acc_t>(tau);
-  acc_t* cache = kCached ? shared_cache<acc_t>() : nullptr;
-  CETNET_ROW_LOOP(b, B) {
-    scalar_t* w_row = w_out + b * K;
-    with_row<kCached>(z + b * s0, s1, K, cache, [&](const auto& row) {
+__global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
+    fusion_forward_kernel(TileIO<scalar_t, scalar_t> io, TauRef tau, bool logit_space,
+                          scalar_t* __restrict__ p_out) {
+  const double t = read_tau(tau);
+  const acc_t inv_tau = inverse_temperature<acc_t>(t);
+  const bool unit_tau = t == 1.0;  // the default: no logarithm (exp_confidence)
+  const int K = io.K;
+  if constexpr (kCached) {
+    acc_t* smem = shared_cache<acc_t>();
+    acc_t* col = smem + threadIdx.x;
+    const int T = static_cast<int>(blockDim.x);
+    tile_loop(io, smem, [&](acc_t* zrow, const acc_t*, acc_t, int64_t b) {
+      const auto put_w = [&](int k, acc_t w) { zrow[k] = w; };
+      acc_t p;
+      if (unit_tau) {
+        const SmemRow<acc_t, false> row{K, T, col};
+        row.fill_row(zrow);
+        p = fusion_forward_row_unit_tau<acc_t>(row, logit_space, put_w);
+      } else {
+        const SmemRow<acc_t, true> row{K, T, col};
+        row.fill_row(zrow);
+        p = fusion_forward_row<acc_t>(row, inv_tau, logit_space, put_w);
+      }
+      p_out[b] = static_cast<scalar_t>(p);
+    });
+  } else {
+    CETNET_ROW_LOOP(b, io.B) {
+      scalar_t* w_row = io.out + b * K;
+      const GlobalRow<scalar_t, acc_t> row{K, io.z + b * io.s0, io.s1};
       const acc_t p = fusion_forward_row<acc_t>(
           row, inv_tau, logit_space, [&](int k, acc_t w) { w_row[k] = static_cast<scalar_t>(w); });
       p_out[b] = static_cast<scalar_t>(p);
-    });
+    }
   }
 }
 
+// gt_partial: one float64 partial of dL/dtau per block (want_gt), else gt_zero[0] is set to 0.
 template <typename scalar_t, typename acc_t, bool kCached>
-__global__ void fusion_backward_kernel(const scalar_t* __restrict__ gp, int64_t gp_s0,
-                                       const scalar_t* __restrict__ gw, int64_t gw_s0,
-                                       int64_t gw_s1, const scalar_t* __restrict__ z, int64_t s0,
-                                       int64_t s1, const double* __restrict__ tau, int64_t B,
-                                       int K, bool logit_space, bool detach_weights,
-                                       scalar_t* __restrict__ gz_out, acc_t* __restrict__ gt_out) {
-  const acc_t inv_tau = inverse_temperature<acc_t>(tau);
-  acc_t* cache = kCached ? shared_cache<acc_t>() : nullptr;
-  CETNET_ROW_LOOP(b, B) {
-    const acc_t g_p = gp != nullptr ? static_cast<acc_t>(gp[b * gp_s0]) : acc_t(0);
-    const scalar_t* gw_row = gw != nullptr ? gw + b * gw_s0 : nullptr;
-    scalar_t* gz_row = gz_out + b * K;
-    with_row<kCached>(z + b * s0, s1, K, cache, [&](const auto& row) {
+__global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
+    fusion_backward_kernel(TileIO<scalar_t, scalar_t> io, TauRef tau, bool logit_space,
+                           bool detach_weights, bool want_gt, double* __restrict__ gt_partial,
+                           acc_t* __restrict__ gt_zero) {
+  const double t = read_tau(tau);
+  const acc_t inv_tau = inverse_temperature<acc_t>(t);
+  const bool unit_tau = t == 1.0;
+  const int K = io.K;
+  double gt_sum = 0.0;
+  if constexpr (kCached) {
+    acc_t* smem = shared_cache<acc_t>();
+    acc_t* col = smem + threadIdx.x;
+    const int T = static_cast<int>(blockDim.x);
+    tile_loop(io, smem, [&](acc_t* zrow, const acc_t* gwrow, acc_t g_p, int64_t) {
+      const auto get_gw = [&](int k) { return gwrow != nullptr ? gwrow[k] : acc_t(0); };
+      const auto put_gz = [&](int k, acc_t g) { zrow[k] = g; };
+      if (unit_tau && !want_gt) {
+        // Weights from the log-free forward (kept in the e slots), then the VJP on z, p, q.
+        const SmemRow<acc_t, false> row{K, T, col};
+        row.fill_row(zrow);
+        (void)fusion_forward_row_unit_tau<acc_t>(row, logit_space,
+                                                 [&](int k, acc_t w) { row.set_e(k, w); });
+        (void)fusion_backward_row_w<acc_t>(
+            row, inv_tau, logit_space, detach_weights, /*want_gt=*/false, g_p,
+            [&](int k) { return row.e(k); }, get_gw, put_gz);
+      } else {
+        const SmemRow<acc_t, true> row{K, T, col};
+        row.fill_row(zrow);
+        const acc_t gt = fusion_backward_row<acc_t>(row, inv_tau, logit_space, detach_weights,
+                                                    g_p, get_gw, put_gz);
+        if (want_gt) gt_sum += static_cast<double>(gt);
+      }
+    });
+  } else {
+    CETNET_ROW_LOOP(b, io.B) {
+      const acc_t g_p = io.rs != nullptr ? static_cast<acc_t>(io.rs[b * io.rs_s0]) : acc_t(0);
+      const scalar_t* gw_row = io.gw != nullptr ? io.gw + b * io.gw_s0 : nullptr;
+      scalar_t* gz_row = io.out + b * K;
+      const GlobalRow<scalar_t, acc_t> row{K, io.z + b * io.s0, io.s1};
       const acc_t gt = fusion_backward_row<acc_t>(
           row, inv_tau, logit_space, detach_weights, g_p,
           [&](int k) {
-            return gw_row != nullptr ? static_cast<acc_t>(gw_row[static_cast<int64_t>(k) * gw_s1])
-                                     : acc_t(0);
+            return gw_row != nullptr
+                       ? static_cast<acc_t>(gw_row[static_cast<int64_t>(k) * io.gw_s1])
+                       : acc_t(0);
           },
           [&](int k, acc_t g) { gz_row[k] = static_cast<scalar_t>(g); });
-      if (gt_out != nullptr) gt_out[b] = gt;
-    });
+      if (want_gt) gt_sum += static_cast<double>(gt);
+    }
+  }
+  if (want_gt) {
+    gt_sum = block_sum(gt_sum);  // want_gt is uniform: every thread gets here
+    if (threadIdx.x == 0) gt_partial[blockIdx.x] = gt_sum;
+  } else if (gt_zero != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    gt_zero[0] = acc_t(0);
   }
 }
 
+// per_row: loss_out[b] (and gt_out[b] if not null) per row. Otherwise one float64 partial per
+// block of the losses (partials[blockIdx.x]) and of dloss/dtau (partials[gridDim.x +
+// blockIdx.x], if want_gt). gt_zero (if not null) is set to 0.
+// (double: one block of 256 per SM guaranteed, which keeps it free of spills.)
 template <typename scalar_t, typename acc_t, bool kCached>
-__global__ void collaborative_loss_kernel(
-    const scalar_t* __restrict__ z, int64_t s0, int64_t s1, const acc_t* __restrict__ y,
-    int64_t y_s0, const double* __restrict__ tau, int64_t B, int K, bool logit_space,
-    bool detach_weights, LossWeights weights, bool compute_grad, scalar_t* __restrict__ p_out,
-    scalar_t* __restrict__ gz_out, acc_t* __restrict__ loss_out, acc_t* __restrict__ gt_out) {
-  const acc_t inv_tau = inverse_temperature<acc_t>(tau);
-  acc_t* cache = kCached ? shared_cache<acc_t>() : nullptr;
-  CETNET_ROW_LOOP(b, B) {
-    const acc_t yb = y[b * y_s0];
-    scalar_t* gz_row = gz_out != nullptr ? gz_out + b * K : nullptr;
-    with_row<kCached>(z + b * s0, s1, K, cache, [&](const auto& row) {
-      const LossRowOut<acc_t> r = collaborative_loss_row<acc_t>(
-          row, yb, inv_tau, logit_space, detach_weights, weights, compute_grad,
-          [&](int k, acc_t g) { gz_row[k] = static_cast<scalar_t>(g); });
-      p_out[b] = static_cast<scalar_t>(r.p);
+__global__ void __launch_bounds__(kMaxThreads, sizeof(acc_t) == 8 ? 1 : min_blocks<acc_t>())
+    collaborative_loss_kernel(TileIO<scalar_t, acc_t> io, TauRef tau, bool logit_space,
+                              bool detach_weights, LossWeights weights, bool compute_grad,
+                              bool per_row, bool want_gt, scalar_t* __restrict__ p_out,
+                              acc_t* __restrict__ loss_out, acc_t* __restrict__ gt_out,
+                              double* __restrict__ partials, acc_t* __restrict__ gt_zero) {
+  const acc_t inv_tau = inverse_temperature<acc_t>(read_tau(tau));
+  const int K = io.K;
+  double loss_sum = 0.0, gt_sum = 0.0;
+  // The per-row outputs; gz(k, g) stores dloss/dz_k.
+  const auto finish = [&](const LossRowOut<acc_t>& r, int64_t b) {
+    p_out[b] = static_cast<scalar_t>(r.p);
+    if (per_row) {
       loss_out[b] = r.loss;
-      if (gt_out != nullptr) gt_out[b] = r.gtau;
+      if (want_gt) gt_out[b] = r.gtau;
+    } else {
+      loss_sum += static_cast<double>(r.loss);
+      if (want_gt) gt_sum += static_cast<double>(r.gtau);
+    }
+  };
+  if constexpr (kCached) {
+    acc_t* smem = shared_cache<acc_t>();
+    const SmemRow<acc_t, true> row{K, static_cast<int>(blockDim.x), smem + threadIdx.x};
+    tile_loop(io, smem, [&](acc_t* zrow, const acc_t*, acc_t y, int64_t b) {
+      row.fill_row(zrow);
+      const LossRowOut<acc_t> r = collaborative_loss_row<acc_t>(
+          row, y, inv_tau, logit_space, detach_weights, weights, compute_grad,
+          [&](int k, acc_t g) { zrow[k] = g; });
+      finish(r, b);
     });
+  } else {
+    CETNET_ROW_LOOP(b, io.B) {
+      const acc_t y = io.rs[b * io.rs_s0];
+      scalar_t* gz_row = io.out != nullptr ? io.out + b * K : nullptr;
+      const GlobalRow<scalar_t, acc_t> row{K, io.z + b * io.s0, io.s1};
+      const LossRowOut<acc_t> r = collaborative_loss_row<acc_t>(
+          row, y, inv_tau, logit_space, detach_weights, weights, compute_grad,
+          [&](int k, acc_t g) { gz_row[k] = static_cast<scalar_t>(g); });
+      finish(r, b);
+    }
   }
+  if (!per_row) {  // uniform: every thread gets here
+    loss_sum = block_sum(loss_sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = loss_sum;
+    if (want_gt) {
+      gt_sum = block_sum(gt_sum);
+      if (threadIdx.x == 0) partials[gridDim.x + blockIdx.x] = gt_sum;
+    }
+  }
+  if (gt_zero != nullptr && blockIdx.x == 0 && threadIdx.x == 0) gt_zero[0] = acc_t(0);
 }
 
 #undef CETNET_ROW_LOOP
@@ -189,45 +475,50 @@ __global__ void collaborative_loss_kernel(
 struct LaunchConfig {
   bool cached;
   int threads;
+  int rows;  // rows per thread per tile (tiled path)
   size_t smem;
   unsigned int blocks;
 };
 
-// The most threads (a power of two in [32, 256]) whose cache fits in 48 KB; without one (K
-// above 64 for float, 32 for double) the kernels recompute member values from global memory.
-template <typename acc_t>
-LaunchConfig launch_config(int64_t B, int K) {
-  static_assert(sizeof(Elem<acc_t>) == kElemFields * sizeof(acc_t), "Elem has 6 fields");
-  const size_t per_thread = kElemFields * static_cast<size_t>(K) * sizeof(acc_t);
-  LaunchConfig cfg{false, kMaxThreads, 0, 1};
-  for (int t = kMaxThreads; t >= kMinCachedThreads; t /= 2) {
-    if (per_thread * static_cast<size_t>(t) <= kMaxSharedBytes) {
-      cfg.cached = true;
-      cfg.threads = t;
-      cfg.smem = per_thread * static_cast<size_t>(t);
-      break;
+// Tiled path: the most threads (a power of two in [32, 256]), then the most rows per thread,
+// whose cache and staging buffers fit in 48 KB (for float, K up to 48 without grad_weights; for
+// double, 24). Otherwise the global path, 256 threads. The grid is as many blocks as fit on the
+// device at once (occupancy calculator), at most one per tile/row group; blocks loop over the
+// rest. The grid depends only on the kernel, K and the device, so the reductions' order is fixed.
+template <typename acc_t, typename KC, typename KG>
+LaunchConfig launch_config(int64_t B, int K, bool has_gw, KC cached_kernel, KG global_kernel) {
+  LaunchConfig cfg{false, kMaxThreads, 1, 0, 1};
+  const size_t cache = kCacheFields * static_cast<size_t>(K) * sizeof(acc_t);  // per thread
+  const size_t stage = (has_gw ? 2 : 1) * static_cast<size_t>(K) * sizeof(acc_t);  // per row
+  for (int t = kMaxThreads; t >= kMinThreads && !cfg.cached; t /= 2) {
+    for (int r = kMaxRowsPerThread; r >= 1; --r) {
+      const size_t bytes = static_cast<size_t>(t) * (cache + static_cast<size_t>(r) * stage);
+      if (bytes <= kMaxSharedBytes) {
+        cfg = LaunchConfig{true, t, r, bytes, 1};
+        break;
+      }
     }
   }
-  // Enough blocks to fill the device once; the grid-stride loop covers the rest.
+  int per_sm = 0;
+  if (cfg.cached) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cached_kernel,
+                                                                 cfg.threads, cfg.smem));
+  } else {
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, global_kernel, cfg.threads, 0));
+  }
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t per_sm = std::max(1, prop->maxThreadsPerMultiProcessor / cfg.threads);
-  const int64_t max_blocks = std::max<int64_t>(1, prop->multiProcessorCount * per_sm);
-  const int64_t needed = (B + cfg.threads - 1) / cfg.threads;
+  const int64_t max_blocks =
+      std::max<int64_t>(1, static_cast<int64_t>(prop->multiProcessorCount) * std::max(per_sm, 1));
+  const int64_t rows_per_block = static_cast<int64_t>(cfg.threads) * cfg.rows;
+  const int64_t needed = (B + rows_per_block - 1) / rows_per_block;
   cfg.blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min(needed, max_blocks)));
   return cfg;
 }
 
-// The temperature as a float64 0-dim tensor on the logits' device (a device-side cast, no sync).
-at::Tensor temperature_f64(const at::Tensor& temperature) {
-  return temperature.to(at::kDouble);
-}
-
-// sum over rows in float64, cast to the acc dtype, as a 0-dim tensor (deterministic).
-at::Tensor sum_rows(const at::Tensor& rows, at::ScalarType acc_dtype, bool mean) {
-  at::Tensor total = rows.sum(at::kDouble);
-  if (mean && rows.size(0) > 0) total = total.div(static_cast<double>(rows.size(0)));
-  return total.to(acc_dtype);
-}
+#define CETNET_CONFIG(KERNEL, B, K, has_gw)                                                 \
+  launch_config<acc_t>((B), (K), (has_gw), KERNEL<scalar_t, acc_t, true>,                    \
+                       KERNEL<scalar_t, acc_t, false>)
 
 // Launches KERNEL<scalar_t, acc_t, cached or not> with cfg on stream, then checks the launch.
 #define CETNET_LAUNCH(KERNEL, cfg, stream, ...)                                                \
@@ -240,6 +531,34 @@ at::Tensor sum_rows(const at::Tensor& rows, at::ScalarType acc_dtype, bool mean)
     }                                                                                          \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                            \
   } while (0)
+
+// The temperature as the kernels read it: its own storage for float/double/half/bfloat16 (no
+// conversion kernel), else a float64 copy kept alive in `holder`.
+TauRef tau_ref(const at::Tensor& temperature, at::Tensor& holder) {
+  switch (temperature.scalar_type()) {
+    case at::kFloat:
+      return TauRef{temperature.const_data_ptr(), 0};
+    case at::kDouble:
+      return TauRef{temperature.const_data_ptr(), 1};
+    case at::kHalf:
+      return TauRef{temperature.const_data_ptr(), 2};
+    case at::kBFloat16:
+      return TauRef{temperature.const_data_ptr(), 3};
+    default:
+      holder = temperature.to(at::kDouble);
+      return TauRef{holder.const_data_ptr(), 1};
+  }
+}
+
+// Sums the per-block float64 partials into out0 (mean over `count` if mean) and out1 (if not
+// null), in one single-block launch.
+template <typename acc_t>
+void launch_finalize(const at::Tensor& partials, int n, int64_t count, bool mean, acc_t* out0,
+                     acc_t* out1, cudaStream_t stream) {
+  finalize_sums_kernel<acc_t><<<1, kFinalizeThreads, 0, stream>>>(
+      partials.const_data_ptr<double>(), n, static_cast<double>(count), mean, out0, out1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 }  // namespace
 
@@ -256,15 +575,26 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
   at::Tensor prob = at::empty({B}, logits.options());
   at::Tensor weights = at::empty({B, K}, logits.options());
   if (B == 0) return {prob, weights};
-  const at::Tensor tau = temperature_f64(temperature);
+  at::Tensor tau_holder;
+  const TauRef tau = tau_ref(temperature, tau_holder);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LaunchConfig cfg = launch_config<acc_t>(B, K);
-    CETNET_LAUNCH(fusion_forward_kernel, cfg, stream,
-                  logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
-                  tau.const_data_ptr<double>(), B, K, logit_space,
-                  prob.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>());
+    const LaunchConfig cfg = CETNET_CONFIG(fusion_forward_kernel, B, K, false);
+    const TileIO<scalar_t, scalar_t> io{logits.const_data_ptr<scalar_t>(),
+                                        logits.stride(0),
+                                        logits.stride(1),
+                                        nullptr,
+                                        0,
+                                        0,
+                                        nullptr,
+                                        0,
+                                        weights.mutable_data_ptr<scalar_t>(),
+                                        B,
+                                        K,
+                                        cfg.rows};
+    CETNET_LAUNCH(fusion_forward_kernel, cfg, stream, io, tau, logit_space,
+                  prob.mutable_data_ptr<scalar_t>());
   });
   return {prob, weights};
 }
@@ -291,25 +621,38 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
   const auto acc_opts = logits.options().dtype(acc_dtype);
   at::Tensor grad_logits = at::empty({B, K}, logits.options());
   if (B == 0) return {grad_logits, at::zeros({}, acc_opts)};
-  at::Tensor gt_rows = want_gt ? at::empty({B}, acc_opts) : at::Tensor();
-  const at::Tensor tau = temperature_f64(temperature);
+  // Written by the kernels: the finalize kernel's sum (want_gt), else a 0 from the main kernel.
+  at::Tensor grad_temperature = at::empty({}, acc_opts);
+  at::Tensor tau_holder;
+  const TauRef tau = tau_ref(temperature, tau_holder);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LaunchConfig cfg = launch_config<acc_t>(B, K);
-    const scalar_t* gp_ptr = has_gp ? gp.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gw_ptr = has_gw ? gw.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t gp_s0 = has_gp ? gp.stride(0) : 0;
-    const int64_t gw_s0 = has_gw ? gw.stride(0) : 0, gw_s1 = has_gw ? gw.stride(1) : 0;
-    acc_t* gt_out = want_gt ? gt_rows.mutable_data_ptr<acc_t>() : nullptr;
-    CETNET_LAUNCH(fusion_backward_kernel, cfg, stream,
-                  gp_ptr, gp_s0, gw_ptr, gw_s0, gw_s1,
-                  logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
-                  tau.const_data_ptr<double>(), B, K, logit_space, detach_weights,
-                  grad_logits.mutable_data_ptr<scalar_t>(), gt_out);
+    const LaunchConfig cfg = CETNET_CONFIG(fusion_backward_kernel, B, K, has_gw);
+    const TileIO<scalar_t, scalar_t> io{logits.const_data_ptr<scalar_t>(),
+                                        logits.stride(0),
+                                        logits.stride(1),
+                                        has_gw ? gw.const_data_ptr<scalar_t>() : nullptr,
+                                        has_gw ? gw.stride(0) : 0,
+                                        has_gw ? gw.stride(1) : 0,
+                                        has_gp ? gp.const_data_ptr<scalar_t>() : nullptr,
+                                        has_gp ? gp.stride(0) : 0,
+                                        grad_logits.mutable_data_ptr<scalar_t>(),
+                                        B,
+                                        K,
+                                        cfg.rows};
+    acc_t* gt_out = grad_temperature.mutable_data_ptr<acc_t>();
+    const at::Tensor partials =
+        want_gt ? at::empty({static_cast<int64_t>(cfg.blocks)}, logits.options().dtype(at::kDouble))
+                : at::Tensor();
+    CETNET_LAUNCH(fusion_backward_kernel, cfg, stream, io, tau, logit_space, detach_weights,
+                  want_gt, want_gt ? partials.mutable_data_ptr<double>() : nullptr,
+                  want_gt ? nullptr : gt_out);
+    if (want_gt) {
+      launch_finalize<acc_t>(partials, static_cast<int>(cfg.blocks), B, /*mean=*/false, gt_out,
+                             nullptr, stream);
+    }
   });
-  at::Tensor grad_temperature =
-      want_gt ? sum_rows(gt_rows, acc_dtype, /*mean=*/false) : at::zeros({}, acc_opts);
   return {grad_logits, grad_temperature};
 }
 
@@ -335,34 +678,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   at::Tensor prob = at::empty({B}, logits.options());
   at::Tensor grad_logits =
       compute_grad ? at::empty({B, K}, logits.options()) : at::empty({0}, logits.options());
-  at::Tensor loss_rows = at::empty({B}, acc_opts);
-  at::Tensor gt_rows = want_gt ? at::empty({B}, acc_opts) : at::Tensor();
-  if (B > 0) {
-    const at::Tensor y_t = labels.to(acc_dtype);
-    const at::Tensor tau = temperature_f64(temperature);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const LaunchConfig cfg = launch_config<acc_t>(B, K);
-      scalar_t* gz_out = compute_grad ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr;
-      acc_t* gt_out = want_gt ? gt_rows.mutable_data_ptr<acc_t>() : nullptr;
-      CETNET_LAUNCH(collaborative_loss_kernel, cfg, stream,
-                    logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
-                    y_t.const_data_ptr<acc_t>(), y_t.stride(0), tau.const_data_ptr<double>(), B, K,
-                    logit_space, detach_weights, weights, compute_grad,
-                    prob.mutable_data_ptr<scalar_t>(), gz_out, loss_rows.mutable_data_ptr<acc_t>(),
-                    gt_out);
-    });
+  // reduction 'none': per-row losses (and per-row dloss/dtau if want_gt); otherwise 0-dim
+  // tensors written by the kernels.
+  at::Tensor loss = per_row ? at::empty({B}, acc_opts) : at::empty({}, acc_opts);
+  at::Tensor grad_temperature =
+      (per_row && want_gt) ? at::empty({B}, acc_opts) : at::empty({}, acc_opts);
+  if (B == 0) {
+    if (!per_row) loss.zero_();
+    if (!(per_row && want_gt)) grad_temperature.zero_();
+    return {loss, prob, grad_logits, grad_temperature};
   }
-  at::Tensor loss, grad_temperature;
-  if (per_row) {
-    loss = loss_rows;
-    grad_temperature = want_gt ? gt_rows : at::zeros({}, acc_opts);
-  } else {
-    loss = sum_rows(loss_rows, acc_dtype, /*mean=*/reduction == 1);
-    grad_temperature =
-        want_gt ? sum_rows(gt_rows, acc_dtype, /*mean=*/false) : at::zeros({}, acc_opts);
-  }
+  const at::Tensor y_t = labels.to(acc_dtype);
+  at::Tensor tau_holder;
+  const TauRef tau = tau_ref(temperature, tau_holder);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LaunchConfig cfg = CETNET_CONFIG(collaborative_loss_kernel, B, K, false);
+    const TileIO<scalar_t, acc_t> io{logits.const_data_ptr<scalar_t>(),
+                                     logits.stride(0),
+                                     logits.stride(1),
+                                     nullptr,
+                                     0,
+                                     0,
+                                     y_t.const_data_ptr<acc_t>(),
+                                     y_t.stride(0),
+                                     compute_grad ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr,
+                                     B,
+                                     K,
+                                     cfg.rows};
+    const at::Tensor partials =
+        per_row ? at::Tensor()
+                : at::empty({2, static_cast<int64_t>(cfg.blocks)},
+                            logits.options().dtype(at::kDouble));
+    acc_t* gt_ptr = grad_temperature.mutable_data_ptr<acc_t>();
+    CETNET_LAUNCH(collaborative_loss_kernel, cfg, stream, io, tau, logit_space, detach_weights,
+                  weights, compute_grad, per_row, want_gt, prob.mutable_data_ptr<scalar_t>(),
+                  per_row ? loss.mutable_data_ptr<acc_t>() : nullptr,
+                  (per_row && want_gt) ? gt_ptr : nullptr,
+                  per_row ? nullptr : partials.mutable_data_ptr<double>(),
+                  want_gt ? nullptr : gt_ptr);
+    if (!per_row) {
+      launch_finalize<acc_t>(partials, static_cast<int>(cfg.blocks), B, /*mean=*/reduction == 1,
+                             loss.mutable_data_ptr<acc_t>(), want_gt ? gt_ptr : nullptr, stream);
+    }
+  });
   return {loss, prob, grad_logits, grad_temperature};
 }
 
