@@ -10,7 +10,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: venv setup train demo test bench cmake-test cuda-build-check gpu-check ci clean
+.PHONY: venv setup train demo test bench cmake-test cuda-build-check triton-oldest-test gpu-check ci clean
 
 # The environment: torch (CPU), the build tools, the test and benchmark tools.
 venv:
@@ -61,13 +61,25 @@ cuda-build-check:
 	MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build-cuda/tmp --build-lib build-cuda/lib
 	ls build-cuda/lib/cetnet_kernels/_C*.so
 
+# The Triton kernels (interpreter, CPU) under the oldest Triton the project supports, 3.6 (the
+# GPU image's), beside the same torch and the extension built by `make setup`. Triton 3.6's
+# interpreter needs numpy < 2.3 (it calls int() on 1-element arrays, an error from numpy 2.3 on).
+TRITON_OLDEST_VENV ?= .venv-triton36
+triton-oldest-test: setup
+	test -x $(TRITON_OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_OLDEST_VENV)
+	$(TRITON_OLDEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "triton==3.6.0" "numpy<2.3" \
+		pytest hypothesis expecttest pyyaml
+	PYTHONPATH=$(CURDIR):$(CURDIR)/python $(TRITON_OLDEST_VENV)/bin/python -m pytest -q \
+		-p no:cacheprovider --disable-warnings tests/test_triton_fusion.py tests/test_embedding_triton.py \
+		tests/test_fusion_ops.py -k triton
+
 # On a machine with an NVIDIA GPU and torch (CUDA) + Triton already installed, no internet needed:
 # CUDA build for the local arch, every CUDA/Triton test, compute-sanitizer, GPU benchmarks ->
 # bench/GPU_RESULTS.md. Uses $(PYTHON) as it is (no venv). Exit 2 at once without a GPU.
 gpu-check:
 	$(PYTHON) bench/gpu_check.py
 
-ci: test cmake-test cuda-build-check
+ci: test triton-oldest-test cmake-test cuda-build-check
 
 clean:
 	rm -rf build build-cmake build-cuda *.egg-info cetnet_kernels/_C*.so

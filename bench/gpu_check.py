@@ -24,6 +24,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -165,32 +166,38 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py).
     if not args.skip_tests:
+        junit = Path(tempfile.gettempdir()) / "cetnet-gpu-tests.xml"  # read for skip reasons
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-ra", "-p", "no:cacheprovider",
-               "--continue-on-collection-errors", f"--junitxml={out / 'gpu-tests.xml'}", "tests"]
+               "--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
         import importlib.util
 
         if importlib.util.find_spec("xdist") is not None:
             cmd[3:3] = ["-n", str(min(16, os.cpu_count() or 2))]
         s = run_step("tests", cmd, out, args.test_timeout, env)
         s["summary"] = pytest_summary(s["tail"])
-        s["skip_reasons"] = skip_reasons(out / "gpu-tests.xml")
+        s["skip_reasons"] = skip_reasons(junit)
         log(f"tests: {s['summary']}")
         for why, n in s["skip_reasons"].items():
             log(f"  skipped {n} x {why}")
         steps.append(s)
 
-        # 3. compute-sanitizer memcheck of a small run of every CUDA and Triton kernel.
+        # 3. compute-sanitizer over a small run of every CUDA and Triton kernel: memcheck (out
+        # of bounds, misaligned, leaks) and racecheck (shared-memory hazards of the tiled kernels).
         sanitizer = shutil.which("compute-sanitizer")
-        if sanitizer is None:
-            steps.append({"name": "memcheck", "rc": "skipped", "seconds": 0,
-                          "summary": "compute-sanitizer not on PATH"})
-            log("memcheck: skipped (compute-sanitizer not on PATH)")
-        else:
-            s = run_step("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
-                                      sys.executable, "tests/gpu_smoke.py"], out, args.memcheck_timeout,
-                         env)
-            s["summary"] = next((ln for ln in reversed(s["tail"].splitlines())
-                                 if "ERROR SUMMARY" in ln or "smoke" in ln), "no summary")
+        if sanitizer is None and Path("/usr/local/cuda/bin/compute-sanitizer").exists():
+            sanitizer = "/usr/local/cuda/bin/compute-sanitizer"
+        for tool in ("memcheck", "racecheck"):
+            if sanitizer is None:
+                steps.append({"name": tool, "rc": "skipped", "seconds": 0,
+                              "summary": "compute-sanitizer not found"})
+                log(f"{tool}: skipped (compute-sanitizer not found)")
+                continue
+            s = run_step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1",
+                                sys.executable, "tests/gpu_smoke.py"], out,
+                         args.memcheck_timeout, env)
+            s["summary"] = next((ln.strip("= ") for ln in reversed(s["tail"].splitlines())
+                                 if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln),
+                                "no summary")
             steps.append(s)
 
     # 4. Benchmarks -> GPU_RESULTS.md

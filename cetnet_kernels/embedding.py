@@ -304,7 +304,10 @@ class MultiTableEmbedding(nn.Module):
         features: ``EmbeddingFeature(name, num_embeddings, pooling)`` or ``(name,
             num_embeddings[, pooling])`` per feature; forward's output columns follow this order.
         dims: the embedding dim of all members (int) or one per member (mixed dims); any dim >= 1.
-        optimizer: ``None`` (a dense gradient on :attr:`weight`, for any torch optimizer),
+        optimizer: ``None`` (a dense gradient on :attr:`weight`, for any torch optimizer: it
+            is as large as all tables together and written in full every step, zeros except the
+            touched rows, so this mode is for small vocabularies; with large tables use a fused
+            optimizer, which touches only the rows a batch looked up),
             ``"sgd"`` or ``"rowwise_adagrad"``: the update of the rows a batch touched is applied
             inside backward (FBGEMM's EXACT_SGD / EXACT_ROWWISE_ADAGRAD), deterministically, with
             no gradient tensor; :attr:`weight` then does not require grad.
