@@ -30,6 +30,17 @@
 //      Row-wise Adagrad needs the whole row's sum of squares before the update: the lanes
 //      reduce it with a fixed shuffle tree, and the gradient is summed again in the same order
 //      for the update pass (twice the gradient reads, no shared memory limit on the dim).
+//   4. runs of more than kLongRun entries (hot rows: a Zipf-distributed feature puts thousands
+//      of lookups on one row) would make one group walk thousands of entries serially, so
+//      launch 3 skips them and pushes their run index onto a list (an atomic counter into a
+//      buffer of E / (kLongRun + 1) slots, which bounds the number of such disjoint runs: no
+//      host sync); launch 4 then gives each long run a block (grid-stride over the list, whose
+//      order does not matter: every run is processed by one block on its own). The block stages
+//      a tile of entries (source row, scale) in shared memory; thread (p, lane) sums the entries
+//      p, p + P, ... of every tile for its dims in a fixed order, and the P partial sums are
+//      combined with a fixed-shape tree in shared memory: bitwise reproducible, though not the
+//      serial association of launch 3. The update per row is the one of launch 3 (Adagrad:
+//      the block reduces the sum of squares with a fixed tree, then sums the run again).
 #include "cuda/embedding_cuda.h"
 #include "embedding_args.h"
 
@@ -51,6 +62,10 @@ namespace {
 enum Optimizer : int { kDense = 0, kSGD = 1, kRowwiseAdagrad = 2 };
 
 constexpr int kThreads = 256;
+// Runs with more entries than this go to the block-per-run kernel (apply_long_runs_kernel).
+constexpr int64_t kLongRun = 64;
+constexpr int kLongThreads = 256;  // block of apply_long_runs_kernel; also its tile of entries
+constexpr int kLongVec = 4;        // dims per thread per chunk in apply_long_runs_kernel
 constexpr unsigned long long kNoBad = ~0ULL;  // "nothing recorded" (atomicMin identity)
 
 struct FeatureMeta {
@@ -332,7 +347,9 @@ __global__ void apply_runs_kernel(scalar_t* __restrict__ w, scalar_t* __restrict
                                   const at::opmath_type<scalar_t>* __restrict__ scale,
                                   const int64_t* __restrict__ starts, int64_t R, int64_t E,
                                   at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> eps,
-                                  at::opmath_type<scalar_t> wd) {
+                                  at::opmath_type<scalar_t> wd, int64_t* __restrict__ long_list,
+                                  unsigned long long* __restrict__ long_count,
+                                  int64_t long_cap) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % G;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / G);
@@ -342,6 +359,14 @@ __global__ void apply_runs_kernel(scalar_t* __restrict__ w, scalar_t* __restrict
        r += groups) {
     const int64_t begin = starts[r];
     const int64_t end = r + 1 < R ? starts[r + 1] : E;
+    if (long_list != nullptr && end - begin > kLongRun) {  // group-uniform: the whole group skips
+      if (lane == 0) {  // launch 4 handles it; at most long_cap such (disjoint) runs exist
+        const unsigned long long slot = atomicAdd(long_count, 1ULL);
+        if (slot < static_cast<unsigned long long>(long_cap))
+          long_list[slot] = r;
+      }
+      continue;
+    }
     const key_t k = skey[begin];
     const int f = feature_of_key(feats, F, static_cast<int64_t>(k));
     const int64_t id = static_cast<int64_t>(k) - feats[f].row_base;
@@ -377,6 +402,144 @@ __global__ void apply_runs_kernel(scalar_t* __restrict__ w, scalar_t* __restrict
         const acc_t cur = static_cast<acc_t>(w[row + d]);
         const acc_t a = reduce_run(skey, perm, src, scale, g, D, d, begin, end, k) + wd * cur;
         w[row + d] = static_cast<scalar_t>(cur - step * a);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward launch 4: one block per long run (more than kLongRun entries); see the header.
+// ---------------------------------------------------------------------------------------------
+// Threads: P = kLongThreads / W partitions of W lanes. A chunk is CW = W * kLongVec consecutive
+// dims of the row; thread (p, lane) owns the chunk's dims j * W + lane (j < kLongVec) and, for
+// each tile of kLongThreads consecutive entries of the run, sums the tile's entries p, p + P, ...
+// Every loop bound below that contains a __syncthreads is block-uniform (it depends only on the
+// run, the member and the chunk), and the shared buffers are reused only after a barrier.
+template <typename scalar_t, typename key_t, int W, int kOpt>
+__global__ void __launch_bounds__(kLongThreads) apply_long_runs_kernel(
+    scalar_t* __restrict__ w, scalar_t* __restrict__ grad_weight,
+    at::opmath_type<scalar_t>* __restrict__ state, const FeatureMeta* __restrict__ feats,
+    const MemberMeta* __restrict__ mem, int F, int M, int64_t Vtot,
+    const key_t* __restrict__ skey, const int64_t* __restrict__ perm,
+    const int64_t* __restrict__ src, const at::opmath_type<scalar_t>* __restrict__ scale,
+    const int64_t* __restrict__ starts, int64_t R, int64_t E,
+    at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> wd,
+    const int64_t* __restrict__ long_list, const unsigned long long* __restrict__ long_count,
+    int64_t long_cap) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int P = kLongThreads / W;
+  constexpr int CW = W * kLongVec;
+  static_assert(kLongThreads % W == 0 && (P & (P - 1)) == 0, "P must be a power of two");
+  static_assert((kLongThreads & (kLongThreads - 1)) == 0, "the block must be a power of two");
+  static_assert(CW <= kLongThreads, "one thread per chunk dim in the update");
+  __shared__ int64_t s_off[kLongThreads];  // tile: src[e] * D of each staged entry
+  __shared__ acc_t s_scale[kLongThreads];  // tile: scale[e]
+  __shared__ acc_t s_red[P * CW];          // partial sums [P][CW]; also the sum-of-squares tree
+  static_assert(P * CW >= kLongThreads, "s_red also holds one value per thread");
+  const int tid = static_cast<int>(threadIdx.x);
+  const int p = tid / W;
+  const int lane = tid % W;
+  const unsigned long long pushed = *long_count;  // written by launch 3 (same stream)
+  const int64_t count = pushed < static_cast<unsigned long long>(long_cap)
+                            ? static_cast<int64_t>(pushed) : long_cap;
+  for (int64_t j = blockIdx.x; j < count; j += gridDim.x) {  // block-uniform
+    const int64_t r = long_list[j];
+    const int64_t begin = starts[r];
+    int64_t end = r + 1 < R ? starts[r + 1] : E;
+    const key_t k = skey[begin];
+    if (r == R - 1) {
+      // The last run may be followed by the sentinel keys (padding): its entries are the
+      // prefix [begin, end) with key k (keys ascend, the sentinel is the largest).
+      int64_t lo = begin + 1, hi = end;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (skey[mid] == k) lo = mid + 1; else hi = mid;
+      }
+      end = lo;
+    }
+    const int f = feature_of_key(feats, F, static_cast<int64_t>(k));
+    const int64_t id = static_cast<int64_t>(k) - feats[f].row_base;
+    for (int m = 0; m < M; ++m) {
+      const int64_t D = mem[m].dim;
+      const acc_t* g = static_cast<const acc_t*>(mem[m].ptr);
+      const int64_t row = mem[m].table_base + D * (feats[f].row_base + id);
+      acc_t step = lr;
+      acc_t sq = 0;
+      // Row-wise Adagrad: pass 0 sums the squares, pass 1 sums the run again (same code, same
+      // order: the same values) and updates. SGD and the dense gradient: pass 1 only.
+      for (int pass = kOpt == kRowwiseAdagrad ? 0 : 1; pass < 2; ++pass) {
+        for (int64_t d0 = 0; d0 < D; d0 += CW) {
+          acc_t acc[kLongVec];
+#pragma unroll
+          for (int v = 0; v < kLongVec; ++v) acc[v] = acc_t(0);
+          if (g != nullptr) {
+            for (int64_t t0 = begin; t0 < end; t0 += kLongThreads) {
+              const int n = end - t0 < kLongThreads ? static_cast<int>(end - t0) : kLongThreads;
+              __syncthreads();  // the previous tile has been read
+              if (tid < n) {
+                const int64_t e = perm[t0 + tid];
+                s_off[tid] = src[e] * D;
+                s_scale[tid] = scale[e];
+              }
+              __syncthreads();
+#pragma unroll 4
+              for (int t = p; t < n; t += P) {
+                const int64_t off = s_off[t];
+                const acc_t a = s_scale[t];
+#pragma unroll
+                for (int v = 0; v < kLongVec; ++v) {
+                  const int64_t d = d0 + v * W + lane;
+                  if (d < D) acc[v] += a * g[off + d];
+                }
+              }
+            }
+          }
+          __syncthreads();  // s_red's previous readers are done
+#pragma unroll
+          for (int v = 0; v < kLongVec; ++v) s_red[p * CW + v * W + lane] = acc[v];
+          __syncthreads();
+#pragma unroll
+          for (int h = P / 2; h > 0; h /= 2) {
+            if (p < h) {
+#pragma unroll
+              for (int v = 0; v < kLongVec; ++v)
+                s_red[p * CW + v * W + lane] += s_red[(p + h) * CW + v * W + lane];
+            }
+            __syncthreads();
+          }
+          // s_red[c] is the run's sum for dim d0 + c
+          const int64_t d = d0 + tid;
+          if (tid < CW && d < D) {
+            const acc_t sum = s_red[tid];
+            if constexpr (kOpt == kDense) {
+              grad_weight[row + d] = static_cast<scalar_t>(sum);
+            } else {
+              const acc_t cur = static_cast<acc_t>(w[row + d]);
+              const acc_t a = sum + wd * cur;
+              if (pass == 0) sq += a * a;
+              else w[row + d] = static_cast<scalar_t>(cur - step * a);
+            }
+          }
+        }
+        if constexpr (kOpt == kRowwiseAdagrad) {
+          if (pass == 0) {
+            __syncthreads();  // s_red's readers are done
+            s_red[tid] = sq;
+            __syncthreads();
+#pragma unroll
+            for (int h = kLongThreads / 2; h > 0; h /= 2) {
+              if (tid < h) s_red[tid] += s_red[tid + h];
+              __syncthreads();
+            }
+            // every thread computes the same new state (uniform code, as in launch 3); thread 0
+            // writes it once all have read the old one
+            const int64_t si = static_cast<int64_t>(m) * Vtot + static_cast<int64_t>(k);
+            const acc_t s = state[si] + s_red[0] / static_cast<acc_t>(D);
+            __syncthreads();
+            if (tid == 0) state[si] = s;
+            step = lr / (sqrt(s) + eps);
+          }
+        }
       }
     }
   }
@@ -682,6 +845,18 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
   const at::Tensor starts = at::nonzero(flags).view({-1}).contiguous();  // synchronizes
   const int64_t R = starts.numel();
   if (R == 0) return;
+  // Long runs (> kLongRun entries) are disjoint, so there are at most E / (kLongRun + 1) of
+  // them (and at most R): the list's capacity. None can exist when that is 0.
+  const int64_t long_cap = std::min<int64_t>(R, E / (kLongRun + 1));
+  at::Tensor long_list, long_count;
+  if (long_cap > 0) {
+    long_list = at::empty({long_cap}, dev.dtype(at::kLong));
+    long_count = at::zeros({1}, dev.dtype(at::kLong));  // an async memset, no sync
+  }
+  int64_t* long_list_p = long_cap > 0 ? long_list.data_ptr<int64_t>() : nullptr;
+  auto* long_count_p =
+      long_cap > 0 ? reinterpret_cast<unsigned long long*>(long_count.data_ptr<int64_t>())
+                   : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "cetnet_multi_embedding_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -696,12 +871,36 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
             static_cast<int>(P.F), static_cast<int>(P.M), P.Vtot, skey.const_data_ptr<key_t>(),
             perm.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(),
             scale.const_data_ptr<acc_t>(), starts.const_data_ptr<int64_t>(), R, E,
-            static_cast<acc_t>(lr), static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay));
+            static_cast<acc_t>(lr), static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay),
+            long_list_p, long_count_p, long_cap);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (opt == kDense) launch(apply_runs_kernel<scalar_t, key_t, G, kDense>);
       else if (opt == kSGD) launch(apply_runs_kernel<scalar_t, key_t, G, kSGD>);
       else launch(apply_runs_kernel<scalar_t, key_t, G, kRowwiseAdagrad>);
+    });
+    if (long_cap == 0) return;
+    // One block per long run (their number is known only on the device: a grid for the
+    // capacity, capped; surplus blocks exit at once, a smaller grid strides over the list).
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int blocks =
+        static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(long_cap, int64_t(sms) * 32)));
+    // kLongVec dims per lane: the lanes a chunk needs for the widest member
+    with_group((P.max_dim + kLongVec - 1) / kLongVec, [&](auto wsize) {
+      constexpr int W = decltype(wsize)::value;
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks, kLongThreads, 0, stream>>>(
+            w, gw, st, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
+            static_cast<int>(P.F), static_cast<int>(P.M), P.Vtot, skey.const_data_ptr<key_t>(),
+            perm.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(),
+            scale.const_data_ptr<acc_t>(), starts.const_data_ptr<int64_t>(), R, E,
+            static_cast<acc_t>(lr), static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay),
+            long_list_p, long_count_p, long_cap);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (opt == kDense) launch(apply_long_runs_kernel<scalar_t, key_t, W, kDense>);
+      else if (opt == kSGD) launch(apply_long_runs_kernel<scalar_t, key_t, W, kSGD>);
+      else launch(apply_long_runs_kernel<scalar_t, key_t, W, kRowwiseAdagrad>);
     });
   });
 }

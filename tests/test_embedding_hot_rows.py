@@ -1,0 +1,184 @@
+"""Hot rows in the MultiTableEmbedding backward: one id repeated 10^5 times, and a Zipf mix with a
+few very hot rows, bags and sequences, against the float64 reference (dense gradient, fused SGD,
+fused row-wise Adagrad) on every backend of every device. On CUDA these runs are longer than the
+backward's long-run threshold, so they go through the block-per-run kernel
+(csrc/cuda/embedding_cuda.cu, apply_long_runs_kernel); the triton interpreter gets 10^4 repeats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cetnet_kernels import MultiTableEmbedding, available_backends
+from conftest import DEVICES
+from test_embedding import (_adagrad_reference_step, _row_view, _touched_rows, loss_of,
+                            reference_outputs, zipf_ids)
+
+OPTIMIZERS = [None, "sgd", "rowwise_adagrad"]
+LR, EPS, WD = 0.01, 1e-8, 0.01
+
+
+def _cases(optimizers=OPTIMIZERS):
+    out = []
+    for device in DEVICES:
+        for backend in available_backends(device):
+            for opt in optimizers:
+                if backend == "reference" and opt is not None:
+                    continue  # the reference backend has no fused optimizer
+                out.append(pytest.param(backend, device, opt, id=f"{backend}-{device}-{opt}"))
+    return out
+
+
+def _interpreted(backend: str, device: str) -> bool:
+    return backend == "triton" and device == "cpu"
+
+
+def _sgd_reference_step(mod, ref_w, grad, touched, lr, wd):
+    """Fused SGD on the rows a batch touched (weight decay on those rows only)."""
+    for m in range(mod.num_models):
+        for f in range(len(mod.features)):
+            w = _row_view(mod, ref_w, m, f)
+            g = _row_view(mod, grad, m, f) + wd * w
+            off = mod._state_offsets[m * len(mod.features) + f]
+            rows = touched[off:off + mod._vocab[f]]
+            w[rows] -= lr * g[rows]
+
+
+def _make(features, dims, backend, device, optimizer, dtype=torch.float64):
+    kw = dict(optimizer=optimizer, lr=LR, eps=EPS, weight_decay=WD) if optimizer else {}
+    return MultiTableEmbedding(len(dims), features, dims, weights_dtype=dtype, backend=backend,
+                               device=device, **kw)
+
+
+def _to(ids, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else tuple(t.to(device) for t in v))
+            for k, v in ids.items()}
+
+
+def _step_and_check(mod, ids, device, tol):
+    """One forward + backward of ``mod`` on ``ids`` (CPU tensors) against the float64 reference:
+    the dense gradient, or the weights (and Adagrad state) after the fused update."""
+    w0 = mod.weight.detach().double().cpu().clone()
+    s0 = (mod.optimizer_state.detach().double().cpu().clone()
+          if mod.optimizer == "rowwise_adagrad" else None)
+    mod.weight.grad = None
+    outs = mod(_to(ids, device))
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    loss_of(outs, [g.to(device) for g in grads]).backward()
+    w64 = w0.clone().requires_grad_()
+    loss_of(reference_outputs(mod, ids, w64), grads).backward()
+    if mod.optimizer is None:
+        torch.testing.assert_close(mod.weight.grad.double().cpu(), w64.grad, rtol=tol, atol=tol)
+        return
+    assert mod.weight.grad is None
+    touched = _touched_rows(mod, ids)
+    if mod.optimizer == "sgd":
+        _sgd_reference_step(mod, w0, w64.grad, touched, LR, WD)
+    else:
+        _adagrad_reference_step(mod, w0, s0, w64.grad, touched, LR, EPS, WD)
+        torch.testing.assert_close(mod.optimizer_state.double().cpu(), s0, rtol=tol, atol=tol)
+    torch.testing.assert_close(mod.weight.detach().double().cpu(), w0, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend, device, optimizer", _cases())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_id_repeated(backend, device, optimizer, dtype):
+    """One row takes every lookup (and padding follows it in the sorted order); dims: 1, odd,
+    and above one 128-dim chunk of the long-run kernel."""
+    interp = _interpreted(backend, device)
+    n = 10_000 if interp else 100_000
+    dims = [1, 33] if interp else [1, 33, 130]  # the interpreter is slow
+    mod = _make([("hot", 50)], dims, backend, device, optimizer, dtype)
+    ids = torch.full((n,), 7, dtype=torch.int64)
+    ids[-n // 10:] = -1  # padding: sorts after the hot row's run
+    # Sums of 10^5 terms: float64 agrees to ~1e-12 relative; float32 sums serially on some
+    # backends (|sum| ~ 300: a few 1e-3 absolute on the gradient, lr times that on the weights).
+    if dtype == torch.float64:
+        tol = 1e-9
+    else:
+        tol = 1e-2 if optimizer is None else 1e-4
+    _step_and_check(mod, {"hot": ids}, device, tol)
+
+
+@pytest.mark.parametrize("backend, device, optimizer", _cases())
+def test_wide_rows_hot_id(backend, device, optimizer):
+    """Dims up to 1100 (several chunks, the last partial) on a run of a few thousand entries."""
+    interp = _interpreted(backend, device)
+    n = 200 if interp else 3000
+    mod = _make([("a", 10), ("b", 4)], [300 if interp else 1100, 5], backend, device, optimizer)
+    ids = {"a": torch.cat([torch.full((n,), 2), torch.arange(10)]),
+           "b": torch.randint(0, 4, (n + 10, 2))}
+    _step_and_check(mod, ids, device, 1e-9)
+
+
+def _zipf_batch(B: int, rng: np.random.Generator, last_hot: bool):
+    """Zipf ids with a few very hot rows: single ids, a padded sequence, sum / mean / weighted
+    bags; the last feature's largest id (the last run of the sorted keys, followed by every
+    padding entry) is hot or appears once."""
+    user = zipf_ids(B, 1000, rng)
+    user[rng.random(B) < 0.3] = 3          # ~30% of the lookups on one row
+    hist = zipf_ids(B * 3, 200, rng).view(B, 3)
+    hist[rng.random((B, 3)) < 0.2] = -1    # padding
+    hist[:, 1][rng.random(B) < 0.5] = 199  # hot, and the feature's last row
+    lens = torch.from_numpy(rng.integers(0, 5, B))
+    nv = int(lens.sum())
+    offs = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    tags = zipf_ids(nv, 50, rng)
+    tags[rng.random(nv) < 0.1] = -1
+    last = torch.full((B, 2), -1, dtype=torch.int64)
+    last[:, 0] = zipf_ids(B, 99, rng)      # ids 0..98
+    if last_hot:
+        last[::2, 1] = 99
+    else:
+        last[B // 2, 1] = 99
+    return {
+        "user": user.int(),
+        "hist": hist,
+        "tags": (tags, offs),
+        "genres": (zipf_ids(nv, 20, rng).int(), offs.int()),
+        "scores": (zipf_ids(nv, 30, rng), offs,
+                   torch.from_numpy(rng.random(nv)).float()),
+        "last": last,
+    }
+
+
+ZIPF_FEATURES = [("user", 1000), ("hist", 200), ("tags", 50, "sum"), ("genres", 20, "mean"),
+                 ("scores", 30), ("last", 100)]
+
+
+@pytest.mark.parametrize("backend, device, optimizer",
+                         [p for p in _cases() if not _interpreted(*p.values[:2])])  # too slow
+@pytest.mark.parametrize("last_hot", [False, True])
+def test_zipf_mix(backend, device, optimizer, last_hot):
+    B = 20_000 if device == "cuda" else 10_000
+    rng = np.random.default_rng(5)
+    mod = _make(ZIPF_FEATURES, [4, 67], backend, device, optimizer)
+    for _ in range(2):  # the second step starts from updated weights / state
+        _step_and_check(mod, _zipf_batch(B, rng, last_hot), device, 1e-9)
+
+
+@pytest.mark.parametrize("backend, device, optimizer",
+                         [p for p in _cases() if p.values[0] in ("cuda", "triton")
+                          and p.values[1] == "cuda"] or
+                         [pytest.param(None, None, None, marks=pytest.mark.skip(
+                             reason="needs a GPU and the cuda or triton embedding kernels"))])
+def test_hot_rows_deterministic_on_gpu(backend, device, optimizer):
+    """Two identical steps on hot rows give bitwise equal weights / gradients / state."""
+    def run():
+        torch.manual_seed(0)
+        mod = _make(ZIPF_FEATURES + [("one", 3)], [16, 130], backend, device, optimizer,
+                    torch.float32)
+        rng = np.random.default_rng(7)
+        for _ in range(2):
+            ids = _zipf_batch(20_000, rng, True)
+            ids["one"] = torch.full((20_000, 5), 1)  # a run of 10^5 entries
+            outs = mod(_to(ids, device))
+            sum((o * o).sum() for o in outs).backward()
+        state = mod.optimizer_state.clone() if optimizer == "rowwise_adagrad" else None
+        return (mod.weight.detach().clone() if optimizer else mod.weight.grad.clone()), state
+
+    (w1, s1), (w2, s2) = run(), run()
+    assert torch.equal(w1, w2)
+    if s1 is not None:
+        assert torch.equal(s1, s2)
