@@ -126,13 +126,25 @@ def exception_probe(out: Path, env: dict) -> dict:
     facts = []
     for cmd in (["sh", "-c", "echo CC=$CC CXX=$CXX; command -v c++ g++ gcc; g++ --version | "
                  "head -1; ldd cetnet_kernels/_C*.so | grep -E 'stdc|gcc_s|gomp'"],
-                ["sh", "-c", "nm -D --defined-only cetnet_kernels/_C*.so | "
-                 "grep -c -E '__cxa_throw|_Unwind_RaiseException' || true"]):
+                # a libstdc++ / libgcc linked statically into the extension (a compiler wrapper
+                # adding -static-libstdc++) would give it its own exception runtime
+                ["sh", "-c", "readelf -d cetnet_kernels/_C*.so | grep NEEDED; echo "
+                 "defines-cxa_throw: $(nm cetnet_kernels/_C*.so 2>/dev/null | "
+                 "grep -c -E ' [TtWw] (__cxa_throw|_Unwind_RaiseException)$')"]):
         try:
             facts.append(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                         timeout=30).stdout.strip())
         except (OSError, subprocess.TimeoutExpired) as exc:
             facts.append(f"{cmd[-1][:40]}: {exc}")
+    dbg = shutil.which("gdb") or shutil.which("cuda-gdb")
+    if dbg and rc < 0:  # the innermost frames of the crash
+        try:
+            bt = subprocess.run([dbg, "-q", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
+                                 sys.executable, "-c", _PROBE], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120).stdout
+            facts.append("\n".join(ln for ln in bt.splitlines() if ln.startswith("#")))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            facts.append(f"{dbg}: {exc}")
     why = ("killed by signal %d" % -rc) if rc < 0 else f"exit {rc}"
     step["summary"] = (f"a C++ exception from cetnet_kernels._C does not reach Python ({why}): "
                        "argument errors crash the process on this toolchain")

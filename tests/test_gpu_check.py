@@ -1,0 +1,97 @@
+"""`make gpu-check` (bench/gpu_check.py) and its report (bench/render_gpu.py), on the CPU: the
+no-GPU exit, the exception probe, skip reasons from junit XML, and the rendered tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_check  # noqa: E402
+from render_gpu import render  # noqa: E402
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python")]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_exits_2_at_once_without_a_gpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert lines == [lines[0]] and "no CUDA GPU" in lines[0]
+
+
+def test_exception_probe(tmp_path):
+    step = gpu_check.exception_probe(tmp_path, _env())
+    assert step["rc"] == 0, step
+    assert "ValueError" in step["summary"]
+
+
+def test_exception_probe_reports_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "_PROBE",
+                        "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # no debugger run
+    step = gpu_check.exception_probe(tmp_path, _env())
+    assert step["rc"] == -11 and "signal 11" in step["summary"]
+    assert (tmp_path / "exception-probe.log").exists()
+
+
+def test_skip_reasons_from_junit(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<testsuites><testsuite><testcase name="a"><skipped message="needs two GPUs"/></testcase>'
+        '<testcase name="b"><skipped message="needs two GPUs"/></testcase>'
+        '<testcase name="c"><skipped message="no expecttest"/></testcase>'
+        '<testcase name="d"/></testsuite></testsuites>')
+    assert gpu_check.skip_reasons(xml) == {"needs two GPUs": 2, "no expecttest": 1}
+    assert gpu_check.skip_reasons(tmp_path / "missing.xml") == {}
+
+
+def test_pytest_summary():
+    tail = "....\nFAILED x\n==== 2 failed, 580 passed, 8 skipped in 122.56s ====\n"
+    assert gpu_check.pytest_summary(tail) == "2 failed, 580 passed, 8 skipped in 122.56s"
+    assert gpu_check.pytest_summary("killed") == "no summary line"
+
+
+def _bench(kind: str, providers: dict, **extra) -> dict:
+    return {"extra_info": {"kind": kind, "providers": {p: {"median_s": t}
+                                                       for p, t in providers.items()}, **extra}}
+
+
+def test_render_tables_and_ratios():
+    info = {"device": "NVIDIA H200", "capability": "9.0", "cpus": 16, "date": "d",
+            "torch": "2.11", "cuda": "13.0", "triton": "3.6", "python": "3.12", "total_s": 9,
+            "steps": [{"name": "build", "rc": 0, "seconds": 40},
+                      {"name": "tests", "rc": 1, "seconds": 99, "summary": "1 failed",
+                       "skip_reasons": {"needs two GPUs": 2}}]}
+    emb = dict(M=2, F=26, D=64, rows=10 ** 6, B=65536, hottest_share=0.05)
+    L = 2 * 26 * 65536
+    bench = {"benchmarks": [
+        _bench("fusion", {"copy": 4e-5, "kernels-cuda": 5e-5}, op="collaborative_loss", K=4,
+               B=4194304, bytes=160 << 20),
+        _bench("embedding", {"copy": 4e-4, "cetnet-cuda": 8e-4}, ids="uniform", mode="forward",
+               bytes=2 * L * 256, **emb),
+        _bench("embedding", {"copy": 1e-3, "cetnet-cuda": 2e-3}, ids="uniform", mode="sgd",
+               bytes=5 * L * 256, **emb),
+        _bench("embedding", {"copy": 1e-3, "cetnet-cuda": 3e-3}, ids="zipf", mode="sgd",
+               bytes=5 * L * 256, **emb),
+    ]}
+    md = render(info, bench)
+    assert "**NVIDIA H200**" in md and "| tests | FAILED (1) | 99 | 1 failed |" in md
+    assert "2 × needs two GPUs" in md
+    assert "| collaborative_loss | 4 | 4,194,304 |" in md and "0.05 (80%)" in md
+    assert "| uniform | forward | 65,536 | 5.0% |" in md and "0.8 (50%)" in md
+    assert "sgd cetnet-cuda 1.50x" in md  # Zipf / uniform
+    # backward alone: (2 - 0.8) ms for 3 L D 4 bytes against the sgd copy bandwidth
+    assert "| uniform | sgd | 65,536 | cetnet-cuda | 1.2 |" in md
+    assert "No benchmark results" in render(info, None)
