@@ -1,7 +1,6 @@
 """Shared test setup. Triton kernels run through the interpreter when there is no GPU, so the
 variable must be set before anything imports triton."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -15,11 +14,6 @@ import pytest  # noqa: E402
 import cetnet_kernels  # noqa: E402,F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-# torch.library.opcheck imports expecttest, which a bare GPU image may lack.
-requires_expecttest = pytest.mark.skipif(
-    importlib.util.find_spec("expecttest") is None,
-    reason="torch.library.opcheck needs the 'expecttest' package (pip install expecttest)")
 
 
 def backend_device_params(*, exclude=(), skip_triton_interpreter: bool = False):

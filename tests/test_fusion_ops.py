@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import cetnet_kernels as ck
 from cetnet_kernels import collaborative_loss, confidence_fusion, confidence_fusion_reference
 
-from conftest import DEVICES, backend_device_params, requires_expecttest
-from helpers import TERMS, lowp_tolerance_ok, make_logits, reference_loss_grads
+from conftest import DEVICES, backend_device_params
+from helpers import (TERMS, lowp_tolerance_ok, make_logits, reference_loss_grads,
+                     requires_expecttest)
 
 # (backend, device) for every backend that runs on each device: "cpu-cpu", "triton-cpu" (the
 # interpreter), "reference-cuda", "cuda-cuda", "triton-cuda", ...
