@@ -130,6 +130,27 @@ def test_fused_rowwise_adagrad_matches_hand_written(wd):
     assert mod.row_state(0, "item")[3] > 0
 
 
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_padding_only_batch_touches_nothing(optimizer):
+    """Padding entries keep a sentinel key past every row in the backward's sort (no boolean
+    indexing): a batch of padding alone changes no weight, state or gradient row."""
+    feats = [("seq", 7), ("bag", 5, "sum")]
+    mod = MultiTableEmbedding(2, feats, [3, 4], backend="triton", device=DEVICE,
+                              optimizer=optimizer, lr=0.5, weight_decay=0.1)
+    w0 = mod.weight.detach().clone()
+    ids = {"seq": torch.full((4, 3), -1, device=DEVICE),
+           "bag": (torch.full((5,), -1, device=DEVICE),
+                   torch.tensor([0, 2, 2, 4, 5], device=DEVICE))}
+    outs = mod(ids)
+    assert all(float(o.abs().sum()) == 0.0 for o in outs)
+    loss_of(outs, [torch.randn(o.shape, device=DEVICE) for o in outs]).backward()
+    assert torch.equal(mod.weight.detach(), w0)
+    if optimizer is None:
+        assert float(mod.weight.grad.abs().sum()) == 0.0
+    if optimizer == "rowwise_adagrad":
+        assert float(mod.optimizer_state.abs().sum()) == 0.0
+
+
 @pytest.mark.parametrize("optimizer", [None, "rowwise_adagrad"])
 def test_deterministic(optimizer):
     def run():

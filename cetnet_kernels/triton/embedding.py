@@ -195,13 +195,17 @@ def _runs_kernel(
     start = tl.load(run_start_ptr + r)
     end = tl.load(run_end_ptr + r)
     key = tl.load(run_key_ptr + r)
+    # The padding entries carry the key Vtot (past every row) and sort last: their run, if
+    # any, touches nothing (masked loads and stores, key clamped to a valid address).
+    live = key < Vtot
     D = tl.load(dims_ptr + m)
     tb = tl.load(table_base_ptr + m)
     gd = tl.load(g_delta_ptr + m)
     # an absent gradient: an empty range of entries (the row still gets decay / the update)
-    stop = start + (end - start) * tl.load(has_g_ptr + m).to(tl.int64)
+    stop = start + (end - start) * tl.load(has_g_ptr + m).to(tl.int64) * live.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
+    dmask = (d < D) & ((d * 0 + key) < Vtot)  # block-shaped: no row of a padding run
+    key = tl.where(live, key, 0)
     acc_ty = g_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_D], dtype=acc_ty)
     for i in range(start, stop, BLOCK_E):
@@ -224,8 +228,9 @@ def _runs_kernel(
         if MODE == 2:
             eps = tl.load(hyper_ptr + 1)
             si = _state_index(m, Vtot, key)
-            s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D.to(acc_ty)
-            tl.store(state_ptr + si, s)
+            s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D.to(acc_ty)  # key clamped
+            if live:
+                tl.store(state_ptr + si, s)
             step = lr / (tl.sqrt(s) + eps)
         tl.store(w_ptr + row, (cur - step * a).to(w_ptr.dtype.element_ty), mask=dmask)
 
@@ -489,7 +494,10 @@ def _multi_embedding_fused(weight: Tensor, state: Tensor, placeholder: Tensor, i
 # ----------------------------------------------------------------------------------- backward
 def _runs(P: _Plan, op: str, acc: torch.dtype):
     """The batch's entries sorted by key and cut into runs: (src, scale, start, end, key) or
-    None when no row is touched. Deterministic: a stable sort keeps equal keys in batch order."""
+    None when the batch has no entry. Deterministic: a stable sort keeps equal keys in batch
+    order. Padding entries are kept with the key P.Vtot (no boolean-mask indexing, which would
+    synchronize three times per feature): they sort last and _runs_kernel skips their run. The
+    one synchronization is the number of runs (unique_consecutive)."""
     keys, srcs, scales = [], [], []
     B, N, dev = P.B, P.N, P.device
     for f in range(P.F):
@@ -499,10 +507,9 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
             x = x.reshape(B, T)
             src = (torch.arange(B, device=dev)[:, None] * N + P.col_start[f]
                    + torch.arange(T, device=dev)[None, :])
-            keep = P._valid_mask(x)
-            keys.append((x + P.row_base[f])[keep])
-            srcs.append(src[keep])
-            scales.append(torch.ones(int(keys[-1].numel()), dtype=acc, device=dev))
+            keys.append(torch.where(P._valid_mask(x), x + P.row_base[f], P.Vtot).reshape(-1))
+            srcs.append(src.reshape(-1))
+            scales.append(torch.ones(x.numel(), dtype=acc, device=dev))
             continue
         o = P.offsets[f].to(torch.int64)
         lens = o[1:] - o[:-1]
@@ -519,9 +526,9 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
             sc = (1.0 / count)[bag_of]
         else:
             sc = torch.ones(x.shape, dtype=acc, device=dev)
-        keys.append((x + P.row_base[f])[keep])
-        srcs.append((bag_of * N + P.col_start[f])[keep])
-        scales.append(sc[keep])
+        keys.append(torch.where(keep, x + P.row_base[f], P.Vtot))
+        srcs.append(bag_of * N + P.col_start[f])
+        scales.append(sc)
     key = torch.cat(keys)
     if key.numel() == 0:
         return None
