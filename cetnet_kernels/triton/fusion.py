@@ -710,7 +710,8 @@ def _collaborative_loss(
     elif reduction == 2:
         loss = loss_rows.sum()
     else:
-        loss = loss_rows.sum() / B if B > 0 else torch.zeros((), dtype=acc, device=dev)
+        # one reduction launch (mean), not a sum and a division
+        loss = loss_rows.mean() if B > 0 else torch.zeros((), dtype=acc, device=dev)
 
     if tgrad:
         grad_temperature = gt_rows if reduction == 0 else gt_rows.sum()
