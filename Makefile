@@ -65,7 +65,8 @@ cuda-build-check:
 # GPU image's), beside the same torch and the extension built by `make setup`. Triton 3.6's
 # interpreter needs numpy < 2.3 (it calls int() on 1-element arrays, an error from numpy 2.3 on).
 TRITON_OLDEST_VENV ?= .venv-triton36
-triton-oldest-test: setup
+triton-oldest-test:
+	ls cetnet_kernels/_C*.so >/dev/null 2>&1 || $(MAKE) setup  # the extension, built once
 	test -x $(TRITON_OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_OLDEST_VENV)
 	$(TRITON_OLDEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "triton==3.6.0" "numpy<2.3" \
 		pytest hypothesis expecttest pyyaml
