@@ -130,6 +130,41 @@ def test_fused_rowwise_adagrad_matches_hand_written(wd):
     assert mod.row_state(0, "item")[3] > 0
 
 
+def test_bounds_check_costs_the_same_for_any_number_of_features():
+    """The id / offsets check of a call is a fixed handful of kernels (one concatenation of
+    every feature's ids, one stack of every bag's offsets, one synchronizing copy), not kernels
+    per feature: counted through a dispatch mode (views, which launch nothing, left out), 4 and
+    40 features cost the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cetnet_kernels.triton.embedding import _Plan
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    def ops_of_check(F):
+        B = 16
+        ids = [torch.randint(0, 9, (B, 2) if f % 2 else (B,)) for f in range(F)]
+        ids += [torch.randint(-1, 5, (3 * B,)), torch.randint(0, 5, (2 * B,))]
+        offs = [torch.zeros(0, dtype=torch.int64)] * F + [torch.arange(0, 3 * B + 1, 3),
+                                                          torch.arange(0, 2 * B + 1, 2)]
+        vocab, dims = [9] * F + [5, 5], [3, 4]
+        weight = torch.zeros(sum(vocab) * sum(dims))
+        P = _Plan("op", weight, ids, offs, [torch.zeros(0)] * (F + 2), [0] * F + [1, 2], dims,
+                  vocab, -1, "")
+        with Count() as c:
+            P.check("op")
+        return c.n
+
+    assert ops_of_check(4) == ops_of_check(40)
+
+
 @pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
 def test_padding_only_batch_touches_nothing(optimizer):
     """Padding entries keep a sentinel key past every row in the backward's sort (no boolean

@@ -343,7 +343,44 @@ class _Plan:
     # ------------------------------------------------------------------ checks (host, torch)
     def check(self, op: str) -> None:
         """Raises ValueError for malformed offsets, then IndexError for the first bad id (by
-        batch row, feature, position, as on CPU). One synchronizing copy when all is well."""
+        batch row, feature, position, as on CPU). All is checked at once: every feature's ids in
+        one concatenation against their vocabulary sizes, every bag's offsets in one stack, so a
+        call costs a handful of launches and one synchronizing copy, whatever the number of
+        features; the per-feature search for the message runs only when something is wrong."""
+        if self._all_ok():
+            return
+        self._raise_first_bad(op)
+
+    def _all_ok(self) -> bool:
+        def bad_of(x: Tensor, vocab: Tensor) -> Tensor:
+            bad = (x < 0) | (x >= vocab)
+            if self.padding_idx is not None:
+                bad &= x != self.padding_idx
+            return bad.any().reshape(1)
+
+        flags = []
+        single = [f for f in range(self.F) if self.modes[f] == _IDS and self.ncols[f] > 0]
+        if single and self.B > 0:  # [B, C] ids against a [C] row of vocabulary sizes
+            cols = torch.cat([self.ids[f].reshape(self.B, -1).to(torch.int64) for f in single],
+                             dim=1)
+            flags.append(bad_of(cols, self.tensor([self.vocab[f] for f in single
+                                                   for _ in range(self.ncols[f])])))
+        bags = [f for f in range(self.F) if self.modes[f] != _IDS]
+        if bags:
+            counts = [self.ids[f].numel() for f in bags]
+            if sum(counts) > 0:
+                vals = torch.cat([self.ids[f].to(torch.int64) for f in bags])
+                flags.append(bad_of(vals, torch.repeat_interleave(
+                    self.tensor([self.vocab[f] for f in bags]), self.tensor(counts),
+                    output_size=sum(counts))))
+            o = torch.stack([self.offsets[f].to(torch.int64) for f in bags])  # [J, B + 1]
+            ok = (o[:, 0] == 0).all() & (o[:, -1] == self.tensor(counts)).all()
+            if o.shape[1] > 1:
+                ok = ok & (o[:, 1:] >= o[:, :-1]).all()
+            flags.append(~ok.reshape(1))
+        return not flags or not bool(torch.cat(flags).any().cpu())
+
+    def _raise_first_bad(self, op: str) -> None:
         flags = []  # per feature: offsets ok, ids ok
         dev = self.device
         for f in range(self.F):
