@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if importlib.util.find_spec("xdist") is not None:
             cmd[3:3] = ["-n", str(min(16, os.cpu_count() or 2))]
+        if importlib.util.find_spec("pytest_timeout") is not None:
+            cmd[3:3] = ["--timeout", "150"]  # a hung test fails alone, not the whole step
         s = run_step("tests", cmd, out, args.test_timeout, env)
         s["summary"] = pytest_summary(s["tail"])
         s["skip_reasons"] = skip_reasons(junit)
