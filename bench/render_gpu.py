@@ -128,11 +128,11 @@ def render(info: dict, bench: dict | None) -> str:
         "# GPU results",
         "",
         "Written by `make gpu-check` (bench/gpu_check.py): build with CUDA for the local arch, "
-        "every CUDA and Triton test, compute-sanitizer memcheck of a smoke run, then "
-        "bench/bench_gpu.py. Times are medians per call from CUDA events over bursts of calls in "
-        "interleaved rounds; `%copy` is the provider's bandwidth (the op's minimum bytes over its "
-        "time) as a share of a device-to-device copy of the same bytes, measured in the same "
-        "rounds.",
+        "a probe that C++ exceptions reach Python, every CUDA and Triton test, compute-sanitizer "
+        "(memcheck, racecheck) over a smoke run, then bench/bench_gpu.py. Times are medians per "
+        "call from CUDA events over bursts of calls in interleaved rounds; `%copy` is the "
+        "provider's bandwidth (the op's minimum bytes over its time) as a share of a "
+        "device-to-device copy of the same bytes, measured in the same rounds.",
         "",
         f"- device: **{info.get('device')}** (compute capability {info.get('capability')}), "
         f"{info.get('cpus')} CPUs",
