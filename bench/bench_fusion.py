@@ -2,7 +2,7 @@
 
 Ops (fp32 logits [B, K], default arguments):
 - ``collaborative_loss``: ``loss, prob = op(logits, labels); loss.backward()`` with the default
-  loss weights (ensemble=1, member=1): the ANCHORS baseline "prob-space fusion + ensemble BCE +
+  loss weights (ensemble=1, member=1): the reference baseline "prob-space fusion + ensemble BCE +
   member BCE".
 - ``confidence_fusion``: ``prob, weights = op(logits); prob.sum().backward()`` (no gradient on
   the weights).
