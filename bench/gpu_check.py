@@ -145,9 +145,14 @@ def exception_probe(out: Path, env: dict) -> dict:
             facts.append("\n".join(ln for ln in bt.splitlines() if ln.startswith("#")))
         except (OSError, subprocess.TimeoutExpired) as exc:
             facts.append(f"{dbg}: {exc}")
+    if rc < 0:
+        step["summary"] = (f"a C++ exception from cetnet_kernels._C does not reach Python "
+                           f"(killed by signal {-rc}): argument errors crash the process on this "
+                           "toolchain")
+    else:  # e.g. the extension did not build or import: say so, not "crash"
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        step["summary"] = f"probe failed (exit {rc}): {last}"
     why = ("killed by signal %d" % -rc) if rc < 0 else f"exit {rc}"
-    step["summary"] = (f"a C++ exception from cetnet_kernels._C does not reach Python ({why}): "
-                       "argument errors crash the process on this toolchain")
     (out / "exception-probe.log").write_text(proc.stdout + proc.stderr + "\n" + "\n".join(facts))
     step["log"] = "exception-probe.log"
     log(f"exception-probe: FAILED ({why}); toolchain: {' | '.join(facts)[:600]}")
