@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cetnet.atomic import write_bytes_atomic
+
 __all__ = ["default_root", "write_atomic"]
 
 
@@ -17,8 +19,7 @@ def default_root(root: str | Path | None = None) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Writes through a temporary file, so an interrupted fetch never leaves a partial file."""
+    """Writes through a unique temporary file, so an interrupted fetch never leaves a partial
+    file and two concurrent fetches never share a temporary."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_bytes_atomic(path, data)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cetnet.atomic import atomic_write
 from cetnet.data.normalize import DenseStats
 from cetnet.data.schema import Batch, Schema
 from cetnet.data.vocab import Vocabulary
@@ -230,9 +231,9 @@ class CTRDataset:
                  "vocabs": {k: v.to_dict() for k, v in self.vocabs.items()},
                  "dense_stats": self.dense_stats.to_dict() if self.dense_stats else None,
                  "group_key": self.group_key, "notes": self.notes}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # atomic: a killed run never leaves half a cache file
+        # atomic, unique temporary: a killed run never leaves half a cache file and two
+        # concurrent prepares never write through the same temporary
+        atomic_write(path, lambda f: torch.save(state, f))
 
     @classmethod
     def load(cls, path: str | Path) -> "CTRDataset":

@@ -7,12 +7,12 @@ cannot run code. :func:`save_checkpoint` writes a temporary file in the same dir
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cetnet.atomic import atomic_write
 
 __all__ = ["BEST", "LAST", "save_checkpoint", "load_checkpoint"]
 
@@ -22,20 +22,7 @@ LAST = "last.pt"   # everything needed to resume, written after every epoch
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Writes ``state`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from cetnet.atomic import write_text_atomic
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "default_run_dir", "make_run_dir", "write_json",
            "read_json", "json_safe"]
@@ -54,16 +54,7 @@ def json_safe(obj: Any) -> Any:
 
 def write_json(obj: Any, path: str | Path) -> None:
     """Writes ``obj`` as indented JSON, atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(obj), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

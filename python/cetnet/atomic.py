@@ -1,0 +1,82 @@
+"""Atomic file writes, shared by run directories, checkpoints and the dataset cache.
+
+Every write goes to a temporary file with a unique name in the target's directory, is flushed
+to disk, then ``os.replace``-d over the target: a reader sees the old file or the new one, never
+half of one, and two processes writing the same target never share a temporary file. A write
+killed before the replace leaves its temporary behind; :func:`remove_stale_temps` sweeps those
+on the next start. Files get the permissions ``open()`` would give (``0o666`` less the umask),
+not ``mkstemp``'s ``0o600``, so the files of one run all look alike.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Callable
+
+__all__ = ["TEMP_SUFFIX", "atomic_write", "write_bytes_atomic", "write_text_atomic",
+           "remove_stale_temps"]
+
+TEMP_SUFFIX = ".tmp"  # temporaries are ".<target name>.<random>.tmp" beside the target
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it back at once.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], *, binary: bool = True,
+                 fsync: bool = True) -> None:
+    """Calls ``write(f)`` on a temporary file beside ``path``, then replaces ``path`` with it.
+
+    The parent directory must exist (creating it is the caller's decision). On any exception
+    (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def remove_stale_temps(directory: str | Path, *, older_than_s: float = 3600.0) -> list[Path]:
+    """Deletes temporaries of :func:`atomic_write` in ``directory`` older than ``older_than_s``.
+
+    A temporary that young may belong to a write in progress in another process, so it stays.
+    Returns the files removed.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    cutoff = time.time() - older_than_s
+    for p in directory.glob(f".*{TEMP_SUFFIX}"):
+        try:
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # another process swept it first
+            pass
+    return removed

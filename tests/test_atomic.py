@@ -1,0 +1,55 @@
+"""cetnet.atomic: unique temporaries, no partial files, umask permissions, stale sweeping."""
+
+import os
+import stat
+import time
+
+import pytest
+
+from cetnet.atomic import atomic_write, remove_stale_temps, write_bytes_atomic
+
+
+def test_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_failed_write_keeps_old_file_and_removes_temporary(tmp_path):
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+
+    def boom(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, boom)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_permissions_follow_umask_like_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "a", b"x")
+        (tmp_path / "b").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o644
+
+
+def test_remove_stale_temps_keeps_young_ones_and_other_files(tmp_path):
+    stale, young = tmp_path / ".x.pt.abc.tmp", tmp_path / ".x.pt.def.tmp"
+    keep = tmp_path / "x.pt"
+    for p in (stale, young, keep):
+        p.write_bytes(b"")
+    past = time.time() - 7200
+    os.utime(stale, (past, past))
+    os.utime(keep, (past, past))
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".x.pt.def.tmp", "x.pt"]
+    assert remove_stale_temps(tmp_path / "missing") == []
