@@ -1,4 +1,5 @@
-"""gAUC (cetnet.metrics.gauc) against a brute-force loop over groups."""
+"""cetnet.metrics: gAUC against a brute-force loop over groups; the contract on NaN, infinite
+and mismatched inputs (NaN when undefined, in every row order)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cetnet.metrics import auc, gauc
+from cetnet.metrics import auc, gauc, logloss
 
 
 def gauc_loop(scores, labels, groups) -> float:
@@ -51,3 +52,68 @@ def test_gauc_single_group_is_auc_and_degenerate_cases():
     assert gauc(s2, y2, groups) == pytest.approx(auc(s, y))
     with pytest.raises(ValueError, match="same number"):
         gauc(s, y, groups)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _permutations(n: int, count: int = 8):
+    g = torch.Generator().manual_seed(n)
+    yield torch.arange(n)
+    yield torch.arange(n).flip(0)
+    for _ in range(count):
+        yield torch.randperm(n, generator=g)
+
+
+def test_auc_of_nan_scores_is_nan_in_every_row_order():
+    # Before: NaN sorted as the largest score and was ranked, the result depended on the order
+    scores = torch.tensor([0.1, NAN, 0.8, 0.3, NAN, 0.6, 0.2])
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    for perm in _permutations(len(scores)):
+        assert math.isnan(auc(scores[perm], labels[perm]))
+        assert math.isnan(gauc(scores[perm], labels[perm], groups[perm]))
+        assert math.isnan(logloss(scores[perm], labels[perm]))
+
+
+def test_nan_labels_or_groups_give_nan():
+    s = torch.tensor([0.1, 0.7, 0.8, 0.3])
+    y = torch.tensor([0.0, NAN, 1.0, 0.0])
+    assert math.isnan(auc(s, y)) and math.isnan(logloss(s, y))
+    assert math.isnan(gauc(s, y, torch.zeros(4, dtype=torch.long)))
+    y_ok = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    assert math.isnan(gauc(s, y_ok, torch.tensor([0.0, NAN, 0.0, 1.0])))
+
+
+def test_infinite_scores_are_ranked_not_nan():
+    s = torch.tensor([-INF, 0.2, INF, 0.4, INF, -INF])
+    y = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    finite = torch.tensor([-1e9, 0.2, 1e9, 0.4, 1e9, -1e9])  # the same order and ties
+    expected = auc(finite, y)
+    assert not math.isnan(expected)
+    for perm in _permutations(len(s)):
+        assert auc(s[perm], y[perm]) == pytest.approx(expected, abs=1e-15)
+        assert gauc(s[perm], y[perm], torch.zeros(6, dtype=torch.long)) == \
+            pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("bad", [INF, -INF, 1.5, -0.01, NAN])
+def test_logloss_of_an_out_of_range_probability_is_nan(bad):
+    # Before: clamp() turned an infinite "probability" into 1 - eps and gave a finite loss
+    p = torch.tensor([0.2, bad, 0.7])
+    y = torch.tensor([0.0, 1.0, 1.0])
+    assert math.isnan(logloss(p, y))
+    assert math.isnan(logloss(torch.tensor([0.2, 0.5]), torch.tensor([0.0, 2.0])))
+    assert math.isnan(logloss(p[:0], y[:0]))
+    assert logloss(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0])) == pytest.approx(
+        -math.log(1 - 1e-7))
+
+
+def test_length_mismatch_is_an_error_in_every_metric():
+    s, y = torch.rand(5), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="auc: the inputs must have the same number"):
+        auc(s, y)
+    with pytest.raises(ValueError, match="logloss: the inputs must have the same number"):
+        logloss(s, y)  # before: [5] vs [1] broadcast silently
+    with pytest.raises(ValueError, match="logloss: eps"):
+        logloss(s[:4], y, eps=float("nan"))
