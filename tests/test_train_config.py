@@ -1,11 +1,13 @@
-"""cetnet.config: YAML + dotted overrides, types, unknown keys."""
+"""cetnet.config: YAML + dotted overrides, types, unknown keys, finite values in range, bools
+that are no numbers, float literals beyond float64, one-line errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from cetnet.config import (TRAIN_DEFAULTS, ConfigError, apply_overrides, default_config_path,
-                           dump_config, load_config, parse_value, read_yaml, validate_config)
+from cetnet.config import (_TRAIN_SPECS, SEED_RANGE, TRAIN_DEFAULTS, ConfigError, apply_overrides,
+                           default_config_path, dump_config, load_config, parse_value, read_yaml,
+                           validate_config)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -86,3 +88,111 @@ def test_dump_and_reload_round_trip(tmp_path):
     cfg = load_config(overrides=["train.lr=1e-4", "model.fusion.temperature=0.25"])
     dump_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+# --- values: finite, in range, of the right type (bool is no number) ----------------------------
+
+FLOAT_KEYS = [k for k, s in _TRAIN_SPECS.items() if s.kind is float]
+INT_KEYS = [k for k, s in _TRAIN_SPECS.items() if s.kind is int]
+
+
+def test_every_float_key_is_covered():
+    assert set(FLOAT_KEYS) == {"lr", "weight_decay", "min_lr_ratio", "gamma", "plateau_factor",
+                               "grad_clip"}
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN"])
+def test_non_finite_floats_are_rejected_naming_the_key(key, value):
+    # Before: train.lr=.inf, grad_clip=.nan, min_lr_ratio=.nan, gamma=.inf ... were accepted
+    with pytest.raises(ConfigError, match=rf"^config: train\.{key} must be finite, got "):
+        load_config(overrides=[f"train.{key}={value}"])
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS + INT_KEYS)
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_a_bool_is_not_a_number(key, value):
+    with pytest.raises(ConfigError, match=rf"^config: train\.{key} must be .*(an int|a float), "
+                                          rf"got (True|False)$"):
+        load_config(overrides=[f"train.{key}={value}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.min_lr_ratio=1.5", r"train.min_lr_ratio must be in \[0, 1\], got 1.5"),
+    ("train.plateau_factor=2", r"train.plateau_factor must be in \[0, 1\], got 2.0"),
+    ("train.grad_clip=0", r"train.grad_clip must be null or > 0, got 0.0"),
+    ("train.lr=-1e-3", r"train.lr must be >= 0, got -0.001"),
+    (f"train.seed={2**64}", rf"train.seed must be in \[{SEED_RANGE[0]}, {SEED_RANGE[1]}\]"),
+    (f"train.seed={-2**63 - 1}", r"train.seed must be in \["),
+    (f"train.batch_size={2**63}", r"train.batch_size must be <= 9223372036854775807 \(int64\)"),
+    (f"train.lr={10**400}", r"train.lr must be a finite float, got an integer of 401 digits"),
+    ("train.epochs=1e300", r"train.epochs must be <= 9223372036854775807 \(int64\), got 1000"),
+    ("train.lr=1e-400", r"override 'train.lr=1e-400': '1e-400' is too small for a float64 "
+                        r"\(it would read as 0.0\)"),
+    ("train.weight_decay=-2.5e-999", r"'-2.5e-999' is too small for a float64"),
+    ("train.lr=1e400", r"'1e400' is too large for a float64 \(it would read as inf"),
+    ("train.lr=" + "9" * 5000, r"not a readable number: Exceeds the limit"),
+    ("backend=bogus", r"backend must be one of auto, reference, cpu, cuda, triton, got 'bogus'"),
+    ("backend=true", r"backend must be a str, got True"),
+    ("device=[cuda]", r"device must be auto, cpu, cuda or cuda:N, got \['cuda'\]"),
+    ("name=a/b", r"name must be a non-empty string without '/'"),
+])
+def test_out_of_range_values_raise_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(overrides=[override])
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_seed_range_is_what_torch_accepts():
+    import torch
+
+    for seed in SEED_RANGE:
+        assert load_config(overrides=[f"train.seed={seed}"])["train"]["seed"] == seed
+        torch.manual_seed(seed)
+    for seed in (SEED_RANGE[0] - 1, SEED_RANGE[1] + 1):
+        with pytest.raises((RuntimeError, ValueError)):
+            torch.manual_seed(seed)
+
+
+def test_backends_match_the_kernels():
+    from cetnet_kernels import BACKENDS
+
+    for backend in BACKENDS:
+        assert load_config(overrides=[f"backend={backend}"])["backend"] == backend
+
+
+def test_float_literals_beyond_float64_in_a_file_name_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: mine\nmodel:\n  fusion:\n    temperature: 1e-400\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: line 4, column 18: '1e-400' "
+                                          r"is too small for a float64 \(it would read as 0.0\)"):
+        load_config(path)
+    path.write_text("name: mine\ntrain: {lr: .inf, gamma: 0.0e0, weight_decay: 0.0}\n")
+    with pytest.raises(ConfigError, match="train.lr must be finite"):  # .inf is a literal inf
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: [unclosed\n", r"not valid YAML: line 2, column 1: expected ',' or ']'"),
+    ("train: [1, 2]\n", r"c.yaml: train must be a mapping, got \[1, 2\]"),
+    ("train:\n  1: 2\n", r"unknown train key\(s\) \[1\]"),
+])
+def test_bad_files_give_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_binary_file_is_no_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\x80\x81\xff\x00name: x")
+    with pytest.raises(ConfigError, match=r"c.yaml: not a YAML file \(not UTF-8 text\)"):
+        load_config(path)
+
+
+def test_unknown_key_of_a_file_with_int_keys_is_a_config_error():
+    # before: ", ".join() of the known keys raised TypeError on an int key
+    with pytest.raises(ConfigError, match="unknown key 'train.x'"):
+        apply_overrides({"train": {1: 2}}, ["train.x=1"])

@@ -19,6 +19,7 @@ override fails before any training.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -27,9 +28,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "default_config_path",
-           "load_config", "parse_value", "apply_overrides", "validate_config", "dump_config",
-           "read_yaml"]
+from cetnet.atomic import write_text_atomic
+
+__all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "Spec", "INT64_MAX", "SEED_RANGE",
+           "default_config_path", "load_config", "parse_value", "apply_overrides",
+           "validate_config", "check_device", "dump_config", "read_yaml"]
 
 DEFAULT_CONFIG = "cetnet_ml100k.yaml"
 TOP_LEVEL_KEYS = ("name", "data", "model", "train", "backend", "device")
@@ -58,23 +61,41 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+INT64_MAX = 2**63 - 1
+#: What ``torch.manual_seed`` accepts (negative seeds are remapped by torch).
+SEED_RANGE = (-2**63, 2**64 - 1)
+
+
 @dataclass(frozen=True)
-class _Spec:
-    kind: type            # int, float, str or bool
+class Spec:
+    """The type and range of a config value: ``kind`` int, float, str or bool (a bool is never
+    an int or a float here, although Python makes it one); floats must be finite; ``minimum``
+    / ``maximum`` bound numbers (inclusive; ``above=True`` makes the minimum exclusive); ints
+    are at most :data:`INT64_MAX` unless ``maximum`` says otherwise; ``choices`` lists the
+    strings allowed."""
+
+    kind: type
     minimum: float | None = None
+    maximum: float | None = None
+    above: bool = False
     nullable: bool = False
     choices: tuple[str, ...] = ()
 
+    def check(self, key: str, value: Any) -> Any:
+        """``value`` coerced (int -> float, integral float -> int) and checked; ConfigError
+        naming ``key`` otherwise."""
+        return _check_value(key, value, self)
 
-_TRAIN_SPECS: dict[str, _Spec] = {
-    "epochs": _Spec(int, 1), "batch_size": _Spec(int, 1), "eval_batch_size": _Spec(int, 1),
-    "lr": _Spec(float, 0), "weight_decay": _Spec(float, 0),
-    "lr_schedule": _Spec(str, choices=LR_SCHEDULES), "warmup_steps": _Spec(int, 0),
-    "min_lr_ratio": _Spec(float, 0), "step_epochs": _Spec(int, 1), "gamma": _Spec(float, 0),
-    "plateau_factor": _Spec(float, 0), "plateau_patience": _Spec(int, 0),
-    "patience": _Spec(int, 1, nullable=True), "seed": _Spec(int),
-    "max_steps_per_epoch": _Spec(int, 1, nullable=True),
-    "grad_clip": _Spec(float, 0, nullable=True), "log_every": _Spec(int, 1),
+
+_TRAIN_SPECS: dict[str, Spec] = {
+    "epochs": Spec(int, 1), "batch_size": Spec(int, 1), "eval_batch_size": Spec(int, 1),
+    "lr": Spec(float, 0), "weight_decay": Spec(float, 0),
+    "lr_schedule": Spec(str, choices=LR_SCHEDULES), "warmup_steps": Spec(int, 0),
+    "min_lr_ratio": Spec(float, 0, 1), "step_epochs": Spec(int, 1), "gamma": Spec(float, 0),
+    "plateau_factor": Spec(float, 0, 1), "plateau_patience": Spec(int, 0),
+    "patience": Spec(int, 1, nullable=True), "seed": Spec(int, *SEED_RANGE),
+    "max_steps_per_epoch": Spec(int, 1, nullable=True),
+    "grad_clip": Spec(float, 0, above=True, nullable=True), "log_every": Spec(int, 1),
 }
 assert _TRAIN_SPECS.keys() == TRAIN_DEFAULTS.keys()
 
@@ -84,8 +105,32 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``) and refuses a
+    float literal that float64 cannot hold: ``1e-400`` would silently read as 0.0 (a
+    temperature of 0) and ``1e400`` as inf."""
 
+
+class _NumberRangeError(yaml.constructor.ConstructorError):
+    """A float literal beyond float64 (raised while parsing, named with its line)."""
+
+
+_INF_LITERAL = re.compile(r"[-+]?\.(?:inf|Inf|INF)")
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    text = str(node.value)
+    mantissa = re.split(r"[eE]", text)[0]
+    if value == 0.0 and re.search(r"[1-9]", mantissa):
+        raise _NumberRangeError(None, None, f"{_show(text)} is too small for a float64 (it would "
+                                            "read as 0.0)", node.start_mark)
+    if math.isinf(value) and not _INF_LITERAL.fullmatch(text):
+        raise _NumberRangeError(None, None, f"{_show(text)} is too large for a float64 (it would "
+                                            "read as inf; .inf is infinity)", node.start_mark)
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -97,13 +142,34 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters for one-line messages."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}...{text[-10:]} ({len(text)} characters)"
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: ``line L, column C: problem``."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Reads a YAML mapping (with :class:`_Loader`'s number rules)."""
+    """Reads a YAML mapping (with :class:`_Loader`'s number rules); ConfigError naming the file
+    (and the line) when it is not UTF-8 YAML holding a mapping."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML file (not UTF-8 text)") from None
+    except ValueError as e:  # int() refuses literals of more than sys.get_int_max_str_digits()
+        raise ConfigError(f"{path}: not a readable number: {str(e).split(';')[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -114,11 +180,16 @@ def read_yaml(path: str | Path) -> dict:
 def parse_value(text: str) -> Any:
     """Parses an override's value as YAML: ``3`` -> int, ``0.5``/``1e-3`` -> float,
     ``true``/``false`` -> bool, ``null``/``~`` -> None, ``[a, 2]`` -> list, ``{k: v}`` -> dict;
-    anything else stays a string."""
+    anything else stays a string. A number float64 cannot hold (``1e-400``, ``1e400``) or an
+    integer too long to parse is a ConfigError, not a silent 0.0 / inf."""
     try:
         return yaml.load(text, Loader=_Loader) if text.strip() else ""
+    except _NumberRangeError as e:
+        raise ConfigError(e.problem) from None
     except yaml.YAMLError:
         return text
+    except ValueError as e:  # int() refuses literals of more than sys.get_int_max_str_digits()
+        raise ConfigError(f"not a readable number: {str(e).split(';')[0]}") from None
 
 
 def default_config_path() -> Path:
@@ -130,12 +201,15 @@ def _split_override(item: str) -> tuple[list[str], Any]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, e.g. "
+        raise ConfigError(f"override {_show(item)}: expected KEY=VALUE with a dotted KEY, e.g. "
                           "train.epochs=3")
     parts = key.split(".")
     if any(not p for p in parts):
-        raise ConfigError(f"override {item!r}: empty component in key {key!r}")
-    return parts, parse_value(value)
+        raise ConfigError(f"override {_show(item)}: empty component in key {_show(key)}")
+    try:
+        return parts, parse_value(value)
+    except ConfigError as e:
+        raise ConfigError(f"override {_show(item)}: {e}") from None
 
 
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
@@ -148,46 +222,74 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
     for item in overrides:
         parts, value = _split_override(item)
         if parts[0] not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"override {item!r}: unknown top-level key {parts[0]!r}; known: "
-                              f"{', '.join(TOP_LEVEL_KEYS)}")
+            raise ConfigError(f"override {_show(item)}: unknown top-level key "
+                              f"{_show(parts[0])}; known: {', '.join(TOP_LEVEL_KEYS)}")
         node: Any = config
         for depth, part in enumerate(parts[:-1]):
             where = ".".join(parts[:depth + 1])
             if part not in node:
                 if parts[0] not in OPEN_SECTIONS:
-                    raise ConfigError(f"override {item!r}: unknown key {where!r}")
+                    raise ConfigError(f"override {_show(item)}: unknown key {_show(where)}")
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {where!r} is a {type(node).__name__}, "
-                                  "not a mapping")
+                raise ConfigError(f"override {_show(item)}: {_show(where)} is a "
+                                  f"{type(node).__name__}, not a mapping")
         last = parts[-1]
         if parts[0] not in OPEN_SECTIONS and len(parts) > 1 and last not in node:
-            known = ", ".join(node) if isinstance(node, dict) else ""
-            raise ConfigError(f"override {item!r}: unknown key {'.'.join(parts)!r}; known: "
-                              f"{known}")
+            known = ", ".join(map(str, node)) if isinstance(node, dict) else ""
+            raise ConfigError(f"override {_show(item)}: unknown key {_show('.'.join(parts))}; "
+                              f"known: {known}")
         node[last] = value
     return config
 
 
-def _check_value(key: str, value: Any, spec: _Spec) -> Any:
+def _kind_name(spec: Spec) -> str:
+    article = "an" if spec.kind is int else "a"
+    return f"{'null or ' if spec.nullable else ''}{article} {spec.kind.__name__}"
+
+
+def _range_text(spec: Spec) -> str:
+    lo, hi = spec.minimum, spec.maximum
+    if lo is not None and hi is not None and not spec.above:
+        return f"in [{lo:g}, {hi:g}]" if spec.kind is float else f"in [{lo}, {hi}]"
+    parts = [f"{'>' if spec.above else '>='} {lo}"] if lo is not None else []
+    parts += [f"<= {hi}"] if hi is not None else []
+    return " and ".join(parts)
+
+
+def _check_value(key: str, value: Any, spec: Spec) -> Any:
     if value is None:
         if spec.nullable:
             return None
         raise ConfigError(f"config: {key} must not be null")
-    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+    # bool is an int subclass: True must not pass as 1 (or as 1.0)
+    if isinstance(value, bool) != (spec.kind is bool):
+        raise ConfigError(f"config: {key} must be {_kind_name(spec)}, got {_show(value)}")
+    if spec.kind is float and isinstance(value, int):
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"config: {key} must be a finite float, got an integer of "
+                              f"{len(str(abs(value)))} digits") from None
     if spec.kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)  # e.g. 1e4 steps
-    if not isinstance(value, spec.kind) or (spec.kind is not bool and isinstance(value, bool)):
-        raise ConfigError(f"config: {key} must be {'null or ' if spec.nullable else ''}"
-                          f"{'an' if spec.kind is int else 'a'} {spec.kind.__name__}, got "
-                          f"{value!r}")
-    if spec.minimum is not None and value < spec.minimum:
-        raise ConfigError(f"config: {key} must be >= {spec.minimum}, got {value!r}")
+    if not isinstance(value, spec.kind):
+        raise ConfigError(f"config: {key} must be {_kind_name(spec)}, got {_show(value)}")
+    if spec.kind is float and not math.isfinite(value):
+        raise ConfigError(f"config: {key} must be finite, got {value!r}")
+    if spec.kind in (int, float):
+        lo, hi = spec.minimum, spec.maximum
+        if ((lo is not None and (value < lo or (spec.above and value == lo)))
+                or (hi is not None and value > hi)):
+            raise ConfigError(f"config: {key} must be {'null or ' if spec.nullable else ''}"
+                              f"{_range_text(spec)}, got {_show(value)}")
+        if spec.kind is int and hi is None and value > INT64_MAX:
+            raise ConfigError(f"config: {key} must be <= {INT64_MAX} (int64), got "
+                              f"{_show(value)}")
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"config: {key} must be one of {', '.join(spec.choices)}, got "
-                          f"{value!r}")
+                          f"{_show(value)}")
     return value
 
 
@@ -206,29 +308,37 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     _reject_unknown(config, TOP_LEVEL_KEYS, "top-level")
     out = copy.deepcopy(dict(config))
     name = out.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ConfigError(f"config: name must be a non-empty string without '/', got {name!r}")
+    if not isinstance(name, str) or not name or "/" in name or not name.isprintable():
+        raise ConfigError(f"config: name must be a non-empty string without '/' or control "
+                          f"characters (it names the run directory), got {_show(name)}")
     data = out.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         raise ConfigError(f"config: data must be a mapping with a string 'name' (the dataset), "
-                          f"got {data!r}")
+                          f"got {_show(data)}")
     if not isinstance(out.get("model"), dict):
         raise ConfigError(f"config: model must be a mapping (see docs/MODEL_LIBRARY.md), got "
-                          f"{out.get('model')!r}")
+                          f"{_show(out.get('model'))}")
     train = out.get("train") or {}
     if not isinstance(train, dict):
-        raise ConfigError(f"config: train must be a mapping, got {train!r}")
+        raise ConfigError(f"config: train must be a mapping, got {_show(train)}")
     _reject_unknown(train, TRAIN_DEFAULTS, "train")
     out["train"] = {k: _check_value(f"train.{k}", train.get(k, default), _TRAIN_SPECS[k])
                     for k, default in TRAIN_DEFAULTS.items()}
-    for key, default in (("backend", "auto"), ("device", "auto")):
-        value = out.setdefault(key, default)
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"config: {key} must be a non-empty string, got {value!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", out["device"]):
-        raise ConfigError(f"config: device must be auto, cpu, cuda or cuda:N, got "
-                          f"{out['device']!r}")
+    from cetnet_kernels.backends import BACKENDS  # imported late: it loads the extension
+
+    out["backend"] = _check_value("backend", out.get("backend", "auto"),
+                                  Spec(str, choices=BACKENDS))
+    out["device"] = check_device(out.get("device", "auto"))
     return out
+
+
+def check_device(value: Any, key: str = "device") -> str:
+    """``value`` if it names a device a config may give (auto, cpu, cuda, cuda:N), else a
+    ConfigError naming ``key``. Whether CUDA is there is checked when the run starts
+    (:func:`cetnet.train.loop.resolve_device`)."""
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,6})?", value):
+        raise ConfigError(f"config: {key} must be auto, cpu, cuda or cuda:N, got {_show(value)}")
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
@@ -243,14 +353,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         default = read_yaml(default_config_path())
         for key in ("name", "data", "model"):
             config.setdefault(key, copy.deepcopy(default.get(key)))
-    config.setdefault("train", {})
-    config["train"] = {**TRAIN_DEFAULTS, **(config["train"] or {})}
+    train = config.setdefault("train", {}) or {}
+    if not isinstance(train, dict):
+        raise ConfigError(f"{path}: train must be a mapping, got {_show(train)}")
+    config["train"] = {**TRAIN_DEFAULTS, **train}
     config.setdefault("backend", "auto")
     config.setdefault("device", "auto")
     return validate_config(apply_overrides(config, overrides))
 
 
 def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
-    """Writes a (resolved) config as YAML, keys in their order."""
-    with open(path, "w") as f:
-        yaml.safe_dump(dict(config), f, sort_keys=False, default_flow_style=None)
+    """Writes a (resolved) config as YAML, keys in their order, atomically (a reader sees the
+    old file or the new one, never half of one)."""
+    write_text_atomic(path, yaml.safe_dump(dict(config), sort_keys=False,
+                                           default_flow_style=None))
