@@ -3,6 +3,8 @@ that are no numbers, float literals beyond float64, one-line errors."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cetnet.config import (_TRAIN_SPECS, SEED_RANGE, TRAIN_DEFAULTS, ConfigError, apply_overrides,
@@ -196,3 +198,110 @@ def test_unknown_key_of_a_file_with_int_keys_is_a_config_error():
     # before: ", ".join() of the known keys raised TypeError on an int key
     with pytest.raises(ConfigError, match="unknown key 'train.x'"):
         apply_overrides({"train": {1: 2}}, ["train.x=1"])
+
+
+# --- model options: checked by build_model against the keyword they feed -------------------------
+
+def _option_annotations() -> list[tuple[str, str, object]]:
+    """(section, option, annotation) of every option of every model section."""
+    import inspect
+
+    from cetnet.models.build import (_FUSION_SKIP, _MEMBER_SKIP, _MULTI_SKIP, MEMBERS,
+                                     MultiEmbedding, NaiveEnsemble)
+    from cetnet_kernels import CETNetFusion
+
+    targets = {**{k: (cls, _MEMBER_SKIP) for k, cls in MEMBERS.items()},
+               "fusion": (CETNetFusion.__init__, _FUSION_SKIP),
+               "naive": (NaiveEnsemble.__init__, ("self", "front", "members")),
+               "multi_embedding": (MultiEmbedding.build, _MULTI_SKIP)}
+    return [(section, name, p.annotation)
+            for section, (fn, skip) in targets.items()
+            for name, p in inspect.signature(fn, eval_str=True).parameters.items()
+            if name not in skip]
+
+
+def _model_error(cfg: dict) -> str:
+    from cetnet.models import build_model
+    from models_support import tiny_schema
+
+    with pytest.raises(ConfigError) as info:
+        build_model({"embedding_optimizer": None, **cfg}, tiny_schema(), backend="reference")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("config: ")
+    return message
+
+
+NUMERIC_OPTIONS = [(s, n, a) for s, n, a in _option_annotations()
+                   if a in (int, float) or str(a) == "int | None"]
+
+
+def test_the_numeric_options_are_all_found():
+    names = {f"{s}.{n}" for s, n, _ in NUMERIC_OPTIONS}
+    assert {"fusion.temperature", "fusion.ensemble_weight", "fusion.mutual_weight",
+            "dnn.dropout", "dhen.num_layers", "dcnv2.rank", "interformer.num_heads",
+            "multi_embedding.num_sets"} <= names
+    assert len(names) >= 20
+
+
+@pytest.mark.parametrize("section, name, annotation", NUMERIC_OPTIONS,
+                         ids=[f"{s}.{n}" for s, n, _ in NUMERIC_OPTIONS])
+def test_every_numeric_model_option_rejects_bools_and_non_finite_values(section, name,
+                                                                        annotation):
+    # Before: fusion.temperature=True built a model (True is an int), NaN loss weights were
+    # found by the loss kernel at the first step, a NaN dropout by torch
+    ensemble = "multi_embedding" if section == "multi_embedding" else "cetnet"
+    for bad in (True, float("nan"), float("inf"), "1", [1]):
+        message = _model_error({"ensemble": ensemble, "members": ["dnn"], section: {name: bad}})
+        assert message.startswith(f"config: model.{section}.{name} must be "), message
+        assert message.endswith(f"got {bad!r}"), message
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"dnn": {"hidden": [32, -3]}}, r"model.dnn.hidden\[1\] must be >= 1, got -3$"),
+    ({"dnn": {"hidden": [0]}}, r"model.dnn.hidden\[0\] must be >= 1, got 0$"),
+    ({"dcnv2": {"hidden": [16, 0]}}, r"model.dcnv2.hidden\[1\] must be >= 1"),
+    ({"dhen": {"head": [-1]}}, r"model.dhen.head\[0\] must be >= 1"),  # a section not read
+    ({"interformer": {"dot_hidden": [8, -8]}}, r"model.interformer.dot_hidden\[1\] must be"),
+    ({"multi_embedding": {"hidden": [-4]}}, r"model.multi_embedding.hidden\[0\] must be >= 1"),
+    ({"dnn": {"hidden": "32"}}, r"model.dnn.hidden must be a list of ints, got '32'"),
+    ({"embedding_dim": 0}, r"model.embedding_dim must be >= 1, got 0"),
+    ({"embedding_dim": [8, -1]}, r"model.embedding_dim\[1\] must be >= 1, got -1"),
+    ({"embedding_dim": {"a": 1}}, r"model.embedding_dim must be an int or a list of ints"),
+    ({"embedding_dim": True}, r"model.embedding_dim must be an int or a list of ints, got True"),
+    ({"embedding_dim": 2**64}, r"model.embedding_dim must be <= 9223372036854775807"),
+    ({"fusion": {"temperature": 0.0}}, r"model.fusion.temperature must be >= 1.17549435\d*e-38, "
+                                       r"got 0.0 \(.*a smaller literal such as 1e-400 reads as "
+                                       r"0.0\)$"),
+    ({"fusion": {"temperature": 1e-320}}, r"model.fusion.temperature must be >= 1.1754"),
+    ({"fusion": {"temperature": True}}, r"model.fusion.temperature must be a float, got True$"),
+    ({"fusion": {"reduction": "none"}}, r"model.fusion.reduction must be mean or sum"),
+    ({"fusion": {"detach_weights": "yes"}}, r"model.fusion.detach_weights must be a bool"),
+    ({"dnn": {"dropout": 1.5}}, r"model.dnn.dropout must be in \[0, 1\], got 1.5$"),
+    ({"dnn": {"activation": ["relu"]}}, r"model.dnn.activation must be a str, got \['relu'\]$"),
+    ({"interformer": {"num_heads": 0}}, r"model.interformer.num_heads must be >= 1, got 0$"),
+    ({"members": ["interformer"], "embedding_dim": 6}, r"^config: model.interformer: "
+                                                       r"InterFormer: dim 6 must split"),
+    ({"shared_embedding": "false"}, r"model.shared_embedding must be a bool, got 'false'$"),
+    ({"members": 5}, r"model.members must be a member name or a list of them, got 5$"),
+    ({"members": [["dnn"]]}, r"model.members must be a member name or a list of them"),
+    ({"ensemble": ["cetnet"]}, r"model.ensemble must be a str"),
+    ({"embedding_lr": float("inf")}, r"model.embedding_lr must be finite, got inf$"),
+    ({"embedding_lr": "x"}, r"model.embedding_lr must be a float, got 'x'$"),
+    ({"embedding_optimizer": 1}, r"model.embedding_optimizer must be null or a str, got 1$"),
+    ({"ensemble": "multi_embedding", "embedding_dim": [8, 8], "multi_embedding": {"num_sets": 3}},
+     r"^config: model.multi_embedding: EmbeddingFront: 2 embedding dims for 3 members$"),
+])
+def test_model_option_errors_name_the_key(cfg, message):
+    cfg = {"members": ["dnn", "dcnv2"], **cfg}
+    assert re.search(message, _model_error(cfg))
+
+
+def test_valid_model_options_are_coerced():
+    from cetnet.models import build_model
+    from models_support import tiny_schema
+
+    model = build_model({"members": ["dnn"], "embedding_optimizer": None, "embedding_lr": 1,
+                         "dnn": {"dropout": 0, "hidden": [8.0]}, "fusion": {"temperature": 2}},
+                        tiny_schema(), backend="reference")
+    assert model.members["dnn"].mlp[0].out_features == 8
+    assert model.fusion.temperature == 2.0

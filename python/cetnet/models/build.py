@@ -3,11 +3,18 @@ section (docs/MODEL_LIBRARY.md)."""
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
+import dataclasses
 import inspect
-from typing import Any, Callable, Mapping
+import types
+import typing
+from typing import Any, Callable, Iterator, Mapping
 
+import torch
 from torch import nn
 
+from cetnet.config import ConfigError, Spec, short_repr
 from cetnet.data.schema import Schema
 from cetnet.models.dcnv2 import DCNv2
 from cetnet.models.dhen import DHEN
@@ -36,48 +43,162 @@ DEFAULTS: dict[str, Any] = {
 # Sections of ensemble-specific options (keyword arguments of NaiveEnsemble / MultiEmbedding.build).
 _SECTIONS = ("naive", "multi_embedding")
 _FUSION_SKIP = ("self", "num_models", "backend")
+_MEMBER_SKIP = ("self", "schema", "dim")
+_MULTI_SKIP = ("schema", "dims", "optimizer", "lr", "backend")
+
+# --- the values of model options ----------------------------------------------------------------
+# Every option is checked against the annotation of the keyword it feeds (int, float, bool, str,
+# X | None, Sequence[int], Sequence[str]) before anything is built, with the ranges below: a
+# float must be finite, a bool is never a number (Python makes True an int), an int is a width,
+# a count or a size (>= 1) unless named in _MAY_BE_ZERO. ConfigError names the key.
+
+#: The smallest temperature a run may use: the fusion divides float32 logits by it.
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+_MAY_BE_ZERO = {"cross_layers", "dcn_layers", "num_pma", "num_recent", "num_layers"}
+_FLOATS = {
+    "dropout": Spec(float, 0, 1),
+    "temperature": Spec(float, MIN_TEMPERATURE, why="float32's smallest normal number: the "
+                        "fusion divides float32 logits by it; a smaller literal such as 1e-400 "
+                        "reads as 0.0"),
+    "lr": Spec(float, 0),
+}
 
 
-def _keywords(fn: Callable[..., Any], skip: tuple[str, ...]) -> list[str]:
-    return [p for p in inspect.signature(fn).parameters if p not in skip]
+def _float_spec(name: str, nullable: bool) -> Spec:
+    spec = _FLOATS.get(name) or Spec(float, 0 if name.endswith("_weight") else None)
+    return dataclasses.replace(spec, nullable=nullable)
+
+
+def _int_spec(name: str, nullable: bool = False) -> Spec:
+    return Spec(int, 0 if name in _MAY_BE_ZERO else 1, nullable=nullable)
+
+
+def _sequence_of(annotation: Any) -> type | None:
+    """``int`` for ``Sequence[int]``, ``str`` for ``Sequence[str]``, else None."""
+    if typing.get_origin(annotation) in (collections.abc.Sequence, list, tuple):
+        args = typing.get_args(annotation)
+        if len(args) == 1 and args[0] in (int, str):
+            return args[0]
+    return None
+
+
+def _check_list(key: str, value: Any, item: type) -> list:
+    """A list (or tuple) of ints (widths, dims: each >= 1) or of strings."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config: {key} must be a list of {item.__name__}s, got "
+                          f"{short_repr(value)}")
+    spec = _int_spec(key.rsplit(".", 1)[-1]) if item is int else Spec(str)
+    return [spec.check(f"{key}[{i}]", v) for i, v in enumerate(value)]
+
+
+def check_option(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` of the option ``key`` (``model.dnn.dropout``), checked against the annotation
+    of the keyword it feeds and the option's range, returned coerced (``0`` -> ``0.0`` for a
+    float); ConfigError naming ``key`` otherwise. An annotation not understood passes."""
+    name = key.rsplit(".", 1)[-1]
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = [a for a in (typing.get_args(annotation) if union else (annotation,))
+             if a is not type(None)]
+    nullable = union and len(kinds) < len(typing.get_args(annotation))
+    if nullable and value is None:
+        return None
+    if len(kinds) == 2 and int in kinds and _sequence_of(kinds[kinds[0] is int]) is int:
+        # int | Sequence[int]: one dim for all, or one per member / set
+        if isinstance(value, (list, tuple)):
+            return _check_list(key, value, int)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config: {key} must be an int or a list of ints, got "
+                              f"{short_repr(value)}")
+        return _int_spec(name).check(key, value)
+    kind = kinds[0] if len(kinds) == 1 else None
+    if kind is float:
+        return _float_spec(name, nullable).check(key, value)
+    if kind is int:
+        return _int_spec(name, nullable).check(key, value)
+    if kind in (bool, str):
+        return Spec(kind, nullable=nullable).check(key, value)
+    item = _sequence_of(kind)
+    return value if item is None else _check_list(key, value, item)
+
+
+def _checked_options(given: Mapping[str, Any], fn: Callable[..., Any], skip: tuple[str, ...],
+                     where: str) -> dict[str, Any]:
+    """The options of section ``where``, keys and values checked against the keyword arguments
+    of ``fn`` (less ``skip``)."""
+    params = {k: p for k, p in inspect.signature(fn, eval_str=True).parameters.items()
+              if k not in skip}
+    _check_keys(given, list(params), where)
+    return {k: check_option(f"{where}.{k}", v, params[k].annotation) for k, v in given.items()}
 
 
 def _check_keys(given: Mapping[str, Any], allowed: list[str], where: str) -> None:
-    unknown = sorted(set(given) - set(allowed))
+    unknown = sorted(map(str, set(given) - set(allowed)))
     if unknown:
-        raise ValueError(f"build_model: unknown key(s) {unknown} in {where}; allowed: "
-                         f"{sorted(allowed)}")
+        raise ConfigError(f"config: unknown key(s) {unknown} in {where}; allowed: "
+                          f"{sorted(allowed)}")
 
 
 def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = config.get(key) or {}
     if not isinstance(value, Mapping):
-        raise ValueError(f"build_model: model.{key} must be a mapping, got {value!r}")
+        raise ConfigError(f"config: model.{key} must be a mapping, got {short_repr(value)}")
     return dict(value)
 
 
-def _check_unused_sections(cfg: Mapping[str, Any]) -> None:
-    """Checks the keys of every section present, also those this ensemble does not read (a
-    `fusion:` under kdef, a `dhen:` with no dhen member): a typo there must not pass unnoticed."""
-    for kind, cls in MEMBERS.items():
-        if kind in cfg:
-            _check_keys(_section(cfg, kind), _keywords(cls, ("self", "schema", "dim")),
-                        f"model.{kind}")
-    if "fusion" in cfg:
-        _check_keys(_section(cfg, "fusion"), _keywords(CETNetFusion.__init__, _FUSION_SKIP),
-                    "model.fusion")
-    if "naive" in cfg:
-        _check_keys(_section(cfg, "naive"), ["average"], "model.naive")
+def _section_options(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The checked options of every section present (keys and values), also of those this
+    ensemble does not read (a ``fusion:`` under kdef, a ``dhen:`` with no dhen member): a typo
+    there must not pass unnoticed."""
+    targets: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+        **{kind: (cls, _MEMBER_SKIP) for kind, cls in MEMBERS.items()},
+        "fusion": (CETNetFusion.__init__, _FUSION_SKIP),
+        "naive": (NaiveEnsemble.__init__, ("self", "front", "members")),
+        "multi_embedding": (MultiEmbedding.build, _MULTI_SKIP),
+    }
+    out = {key: _checked_options(_section(cfg, key), fn, skip, f"model.{key}")
+           for key, (fn, skip) in targets.items() if key in cfg}
+    if out.get("fusion", {}).get("reduction", "mean") == "none":
+        raise ConfigError("config: model.fusion.reduction must be mean or sum (a run trains on "
+                          "one loss value), got 'none'")
+    return out
+
+
+@contextlib.contextmanager
+def _building(where: str) -> Iterator[None]:
+    """Turns a ValueError of a constructor (an option it rejects) into a ConfigError naming
+    the config section it came from."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"config: {where}: {e}") from e
 
 
 def build_member(kind: str, schema: Schema, dim: int, **hyperparameters: Any) -> nn.Module:
-    """A member by registry name (``dnn``, ``dcnv2``, ``dhen``, ``interformer``); unknown names
-    and hyperparameters raise ValueError naming them."""
+    """A member by registry name (``dnn``, ``dcnv2``, ``dhen``, ``interformer``); unknown names,
+    hyperparameters and bad values raise ConfigError (a ValueError) naming them."""
     if kind not in MEMBERS:
-        raise ValueError(f"build_model: unknown member {kind!r}; choose from {sorted(MEMBERS)}")
+        raise ConfigError(f"config: unknown member {short_repr(kind)}; choose from "
+                          f"{sorted(MEMBERS)}")
     cls = MEMBERS[kind]
-    _check_keys(hyperparameters, _keywords(cls, ("self", "schema", "dim")), f"model.{kind}")
-    return cls(schema, dim, **hyperparameters)
+    options = _checked_options(hyperparameters, cls, _MEMBER_SKIP, f"model.{kind}")
+    with _building(f"model.{kind}"):
+        return cls(schema, dim, **options)
+
+
+def _members(value: Any) -> list[str]:
+    kinds = [value] if isinstance(value, str) else value
+    if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds):
+        raise ConfigError(f"config: model.members must be a member name or a list of them, got "
+                          f"{short_repr(value)}")
+    if not kinds:
+        raise ConfigError("config: model.members must name at least one member")
+    bad = [k for k in kinds if k not in MEMBERS]
+    if bad:
+        raise ConfigError(f"config: unknown member(s) {bad} in model.members; choose from "
+                          f"{sorted(MEMBERS)}")
+    return list(kinds)
 
 
 def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
@@ -89,11 +210,17 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     ``dnn_1``…; one member is an ensemble of one), ``embedding_dim`` (int or one per member),
     ``embedding_optimizer`` (null | sgd | rowwise_adagrad), ``embedding_lr``,
     ``shared_embedding`` (one embedding set for all members, KDEF's variant), ``fusion``
-    (:class:`~cetnet_kernels.CETNetFusion` keywords; CETNet only), one section per member kind
-    with its hyperparameters (``dhen: {num_layers: 2}``; repeats of a kind share it),
-    ``naive: {average: prob|logit}`` and ``multi_embedding: {num_sets, cross_layers, rank,
-    hidden, activation}`` (the multi-embedding model ignores ``members``; its
-    ``embedding_dim`` is an int or one per set).
+    (:class:`~cetnet_kernels.CETNetFusion` keywords; CETNet only; ``reduction`` mean or sum),
+    one section per member kind with its hyperparameters (``dhen: {num_layers: 2}``; repeats of
+    a kind share it), ``naive: {average: prob|logit}`` and ``multi_embedding: {num_sets,
+    cross_layers, rank, hidden, activation}`` (the multi-embedding model ignores ``members``;
+    its ``embedding_dim`` is an int or one per set).
+
+    Every value is checked before anything is built, against the type of the keyword it feeds
+    (a bool is no number; floats finite) and its range: widths, dims, heads, ranks and slots
+    >= 1; ``cross_layers``, ``dcn_layers``, ``num_pma``, ``num_recent``, ``num_layers`` >= 0;
+    ``dropout`` in [0, 1]; loss weights and learning rates >= 0; ``temperature`` >=
+    :data:`MIN_TEMPERATURE` (float32's smallest normal number: the fusion divides by it).
 
     Args:
         config: the ``model:`` section (None or {} for every default).
@@ -104,65 +231,57 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
             optimizer: use ``embedding_optimizer: null`` with it.
 
     Raises:
-        ValueError: unknown keys (named), unknown ensemble or member names, inconsistent
-            dims, a fused embedding optimizer with ``backend="reference"``.
+        ConfigError (a ValueError): naming the key: unknown keys, wrong types, values out of
+            range, unknown ensemble or member names, inconsistent dims, a fused embedding
+            optimizer with ``backend="reference"``, or an option a member rejects.
     """
     config = dict(config or {})
     _check_keys(config, list(DEFAULTS) + list(MEMBERS) + list(_SECTIONS), "model")
     cfg = {**DEFAULTS, **config}
-    ensemble = cfg["ensemble"]
+    ensemble = Spec(str).check("model.ensemble", cfg["ensemble"])
     if ensemble not in ENSEMBLES:
-        raise ValueError(f"build_model: unknown ensemble {ensemble!r}; choose from {ENSEMBLES}")
-    optimizer = cfg["embedding_optimizer"]
+        raise ConfigError(f"config: unknown ensemble {short_repr(ensemble)} in model.ensemble; "
+                          f"choose from {ENSEMBLES}")
+    optimizer = Spec(str, nullable=True).check("model.embedding_optimizer",
+                                               cfg["embedding_optimizer"])
     if optimizer not in (None, "sgd", "rowwise_adagrad"):
-        raise ValueError(f"build_model: embedding_optimizer must be null, 'sgd' or "
-                         f"'rowwise_adagrad', got {optimizer!r}")
+        raise ConfigError(f"config: model.embedding_optimizer must be null, 'sgd' or "
+                          f"'rowwise_adagrad', got {short_repr(optimizer)}")
     if backend == "reference" and optimizer is not None:
-        raise ValueError(f"build_model: backend='reference' has no fused embedding optimizer; "
-                         f"set embedding_optimizer: null (got {optimizer!r})")
-    lr = float(cfg["embedding_lr"])
-    dims = cfg["embedding_dim"]
-    shared = bool(cfg["shared_embedding"])
-    _check_unused_sections(cfg)
+        raise ConfigError(f"config: backend='reference' has no fused embedding optimizer; "
+                          f"set model.embedding_optimizer: null (got {optimizer!r})")
+    lr = Spec(float, 0).check("model.embedding_lr", cfg["embedding_lr"])
+    dims = check_option("model.embedding_dim", cfg["embedding_dim"], int | typing.Sequence[int])
+    shared = Spec(bool).check("model.shared_embedding", cfg["shared_embedding"])
+    sections = _section_options(cfg)
 
     if ensemble == "multi_embedding":
         if shared:
-            raise ValueError("build_model: multi_embedding needs separate embedding sets "
-                             "(shared_embedding: false)")
-        opts = _section(cfg, "multi_embedding")
-        _check_keys(opts, _keywords(MultiEmbedding.build,
-                                    ("schema", "dims", "optimizer", "lr", "backend")),
-                    "model.multi_embedding")
+            raise ConfigError("config: multi_embedding needs separate embedding sets "
+                              "(model.shared_embedding: false)")
+        opts = sections.get("multi_embedding", {})
         if not isinstance(dims, int):
             opts.setdefault("num_sets", len(dims))
-        return MultiEmbedding.build(schema, dims, optimizer=optimizer, lr=lr, backend=backend,
-                                    **opts)
+        with _building("model.multi_embedding"):
+            return MultiEmbedding.build(schema, dims, optimizer=optimizer, lr=lr,
+                                        backend=backend, **opts)
 
-    kinds = cfg["members"]
-    if isinstance(kinds, str):
-        kinds = [kinds]
-    if not kinds:
-        raise ValueError("build_model: members must name at least one member")
-    bad = [k for k in kinds if k not in MEMBERS]
-    if bad:
-        raise ValueError(f"build_model: unknown member(s) {bad}; choose from {sorted(MEMBERS)}")
+    kinds = _members(cfg["members"])
     K = len(kinds)
-    if isinstance(dims, int) and not isinstance(dims, bool):
-        dims = [dims] * K
-    dims = list(dims)
+    dims = [dims] * K if isinstance(dims, int) else dims
     if len(dims) != K:
-        raise ValueError(f"build_model: embedding_dim has {len(dims)} entries for {K} members")
-    front = EmbeddingFront(schema, dims, K, shared=shared, optimizer=optimizer, lr=lr,
-                           backend=backend)
+        raise ConfigError(f"config: model.embedding_dim has {len(dims)} entries for {K} members")
+    with _building("model"):
+        front = EmbeddingFront(schema, dims, K, shared=shared, optimizer=optimizer, lr=lr,
+                               backend=backend)
     names = unique_names(kinds)
-    members = {name: build_member(kind, schema, d, **_section(cfg, kind))
+    members = {name: build_member(kind, schema, d, **sections.get(kind, {}))
                for name, kind, d in zip(names, kinds, dims)}
     if ensemble == "cetnet":
-        fusion_opts = _section(cfg, "fusion")
-        _check_keys(fusion_opts, _keywords(CETNetFusion.__init__, _FUSION_SKIP), "model.fusion")
-        return CETNet(front, members, CETNetFusion(K, backend=backend, **fusion_opts))
+        with _building("model.fusion"):
+            return CETNet(front, members, CETNetFusion(K, backend=backend,
+                                                       **sections.get("fusion", {})))
     if ensemble == "naive":
-        opts = _section(cfg, "naive")
-        _check_keys(opts, ["average"], "model.naive")
-        return NaiveEnsemble(front, members, **opts)
+        with _building("model.naive"):
+            return NaiveEnsemble(front, members, **sections.get("naive", {}))
     return KDEF(front, members)
