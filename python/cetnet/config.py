@@ -123,11 +123,12 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
     text = str(node.value)
     mantissa = re.split(r"[eE]", text)[0]
     if value == 0.0 and re.search(r"[1-9]", mantissa):
-        raise _NumberRangeError(None, None, f"{short_repr(text)} is too small for a float64 (it would "
-                                            "read as 0.0)", node.start_mark)
+        raise _NumberRangeError(None, None, f"{short_repr(text)} is too small for a float64 (it "
+                                            "would read as 0.0)", node.start_mark)
     if math.isinf(value) and not _INF_LITERAL.fullmatch(text):
-        raise _NumberRangeError(None, None, f"{short_repr(text)} is too large for a float64 (it would "
-                                            "read as inf; .inf is infinity)", node.start_mark)
+        raise _NumberRangeError(None, None, f"{short_repr(text)} is too large for a float64 (it "
+                                            "would read as inf; .inf is infinity)",
+                                node.start_mark)
     return value
 
 
@@ -202,8 +203,8 @@ def _split_override(item: str) -> tuple[list[str], Any]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {short_repr(item)}: expected KEY=VALUE with a dotted KEY, e.g. "
-                          "train.epochs=3")
+        raise ConfigError(f"override {short_repr(item)}: expected KEY=VALUE with a dotted KEY, "
+                          "e.g. train.epochs=3")
     parts = key.split(".")
     if any(not p for p in parts):
         raise ConfigError(f"override {short_repr(item)}: empty component in key {short_repr(key)}")
@@ -230,7 +231,8 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
             where = ".".join(parts[:depth + 1])
             if part not in node:
                 if parts[0] not in OPEN_SECTIONS:
-                    raise ConfigError(f"override {short_repr(item)}: unknown key {short_repr(where)}")
+                    raise ConfigError(f"override {short_repr(item)}: unknown key "
+                                      f"{short_repr(where)}")
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
@@ -239,8 +241,8 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         last = parts[-1]
         if parts[0] not in OPEN_SECTIONS and len(parts) > 1 and last not in node:
             known = ", ".join(map(str, node)) if isinstance(node, dict) else ""
-            raise ConfigError(f"override {short_repr(item)}: unknown key {short_repr('.'.join(parts))}; "
-                              f"known: {known}")
+            raise ConfigError(f"override {short_repr(item)}: unknown key "
+                              f"{short_repr('.'.join(parts))}; known: {known}")
         node[last] = value
     return config
 
@@ -339,7 +341,8 @@ def check_device(value: Any, key: str = "device") -> str:
     ConfigError naming ``key``. Whether CUDA is there is checked when the run starts
     (:func:`cetnet.train.loop.resolve_device`)."""
     if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,6})?", value):
-        raise ConfigError(f"config: {key} must be auto, cpu, cuda or cuda:N, got {short_repr(value)}")
+        raise ConfigError(f"config: {key} must be auto, cpu, cuda or cuda:N, got "
+                          f"{short_repr(value)}")
     return value
 
 
