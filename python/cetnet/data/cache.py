@@ -1,25 +1,131 @@
-"""Where downloaded and processed datasets are kept."""
+"""Where downloaded and processed datasets are kept, and how encoded datasets are cached.
+
+A cache file's name carries a digest of everything its contents depend on (the loader's cache
+version, :data:`~cetnet.data.dataset.FORMAT_VERSION`, the options, the input files' sizes and
+modification times), so a cache of other options or another format is never read for this one.
+Every write is atomic (:mod:`cetnet.atomic`): concurrent prepares into one directory each write
+through their own temporary and the last ``os.replace`` wins with a complete file; temporaries of
+killed writes are swept on the next start. An unreadable cache file (empty, truncated, corrupt,
+another format) is rebuilt.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
-from cetnet.atomic import write_bytes_atomic
+from cetnet.atomic import remove_stale_temps, write_bytes_atomic
+from cetnet.data.dataset import FORMAT_VERSION, CacheError, CTRDataset
 
-__all__ = ["default_root", "write_atomic"]
+__all__ = ["default_root", "user_path", "write_atomic", "open_cache_dir", "cache_file",
+           "file_stamp", "read_cache", "write_cache", "cached", "CacheError"]
+
+
+def user_path(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded (kept as it is when that user is
+    unknown: the file check then says the path does not exist)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
 
 
 def default_root(root: str | Path | None = None) -> Path:
     """``root`` if given, else ``$CETNET_DATA``, else ``~/.cache/cetnet``."""
     if root is not None:
-        return Path(root).expanduser()
+        return user_path(root)
     env = os.environ.get("CETNET_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cetnet"
+    return user_path(env) if env else Path.home() / ".cache" / "cetnet"
+
+
+def open_cache_dir(directory: str | Path) -> Path:
+    """Creates ``directory`` if needed and sweeps the temporaries that killed writes left there.
+
+    Raises:
+        CacheError: it cannot be created (a file is in the way, no permission, ...).
+    """
+    directory = user_path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise CacheError(directory, f"cannot use it as a data/cache directory "
+                                    f"({getattr(e, 'strerror', None) or e})") from None
+    remove_stale_temps(directory)
+    return directory
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Writes through a unique temporary file, so an interrupted fetch never leaves a partial
-    file and two concurrent fetches never share a temporary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, data)
+    file and two concurrent fetches never share a temporary.
+
+    Raises:
+        CacheError: the file cannot be written (no permission, disk full, ...).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
+    except OSError as e:
+        raise CacheError(path, f"cannot write it ({e.strerror or e})") from None
+
+
+def file_stamp(path: Path) -> tuple[str, int, int]:
+    """What a cache key records of an input file: resolved path, size, modification time."""
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def cache_file(directory: Path, stem: str, key: Any) -> Path:
+    """``<directory>/<stem>-<digest>.pt``: ``digest`` hashes ``repr(key)`` with the dataset
+    format version; ``stem`` (e.g. a dataset id from a YAML) is reduced to safe characters, so it
+    can neither leave the directory nor look like a temporary."""
+    digest = hashlib.sha1(repr((FORMAT_VERSION, key)).encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.+=-]+", "_", stem).lstrip(".")[:80] or "dataset"
+    return directory / f"{safe}-{digest}.pt"
+
+
+def read_cache(path: Path, verbose: bool = False) -> CTRDataset | None:
+    """The cached dataset, or None when there is none or it is unreadable (then it is rebuilt:
+    a warning on stderr says so)."""
+    if not path.exists():
+        return None
+    try:
+        ds = CTRDataset.load(path)
+    except FileNotFoundError:  # removed meanwhile
+        return None
+    except CacheError as e:
+        print(f"[cetnet.data] warning: {e}; rebuilding it", file=sys.stderr)
+        return None
+    if verbose:
+        print(f"[cetnet.data] {ds.name}: read from cache {path}", file=sys.stderr)
+    return ds
+
+
+def write_cache(ds: CTRDataset, path: Path) -> None:
+    """Saves ``ds`` at ``path`` atomically.
+
+    Raises:
+        CacheError: it cannot be written (naming the file and why).
+    """
+    try:
+        ds.save(path)
+    except OSError as e:
+        raise CacheError(path, f"cannot write the cache file ({e.strerror or e}); fix the "
+                               f"directory's permissions or choose another cache "
+                               f"directory") from None
+
+
+def cached(path: Path | None, build: Callable[[], CTRDataset], *, refresh: bool = False,
+           verbose: bool = False) -> CTRDataset:
+    """``path``'s dataset if readable (and not ``refresh``), else ``build()`` saved there."""
+    if path is not None and not refresh:
+        ds = read_cache(path, verbose)
+        if ds is not None:
+            return ds
+    ds = build()
+    if path is not None:
+        write_cache(ds, path)
+    return ds

@@ -16,14 +16,23 @@ import torch
 from torch import Tensor
 
 from cetnet.atomic import atomic_write
+from cetnet.data.csvio import DataFormatError, clip, shorten
 from cetnet.data.normalize import DenseStats
 from cetnet.data.schema import Batch, Schema
 from cetnet.data.vocab import Vocabulary
 
-__all__ = ["SplitStats", "Split", "CTRDataset", "SPLITS"]
+__all__ = ["SplitStats", "Split", "CTRDataset", "SPLITS", "FORMAT_VERSION", "CacheError"]
 
 SPLITS = ("train", "valid", "test")
-_FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the file CTRDataset.save writes; part of every cache key
+
+
+class CacheError(DataFormatError):
+    """A saved dataset (cache file) that cannot be read (truncated, empty, not a dataset, from
+    another format version) or written; the loaders rebuild an unreadable cache."""
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        super().__init__(path, None, None, message)
 
 
 @dataclass
@@ -45,6 +54,21 @@ def _ids(x: Tensor | np.ndarray) -> Tensor:
     if t.numel() and int(t.max()) > torch.iinfo(torch.int32).max:
         raise ValueError("ids do not fit in int32")
     return t.to(torch.int32).contiguous()
+
+
+def _labels(label: Tensor | np.ndarray) -> Tensor:
+    """float32 labels, checked to lie in [0, 1] before the cast (so 1.00000001 is not first
+    rounded to 1); a bad one is reported exactly (repr)."""
+    t = torch.as_tensor(label)
+    if t.is_complex():
+        raise TypeError(f"labels must be real, got {t.dtype}")
+    if t.dtype != torch.bool and t.numel():
+        flat = t.reshape(-1)
+        bad = (~((flat >= 0) & (flat <= 1))).nonzero()  # NaN is bad too
+        if len(bad):
+            i = int(bad[0, 0])
+            raise ValueError(f"labels must lie in [0, 1]; label[{i}] = {flat[i].item()!r}")
+    return t.to(torch.float32).contiguous()
 
 
 class Split:
@@ -69,7 +93,7 @@ class Split:
                  group: Tensor | np.ndarray, stats: SplitStats | None = None,
                  extras: Mapping[str, Tensor | np.ndarray] | None = None) -> None:
         self.schema = schema
-        self.label = torch.as_tensor(label).to(torch.float32).contiguous()
+        self.label = _labels(label)
         n = self.num_rows = int(self.label.shape[0])
         self.sparse = {f.name: _ids(sparse[f.name]) for f in schema.sparse}
         self.multihot = {f.name: _ids(multihot[f.name]) for f in schema.multihot}
@@ -226,7 +250,7 @@ class CTRDataset:
         for k, s in self.splits.items():  # a split shared by two names (valid = test): once
             twin = next((j for j in splits if self.splits[j] is s), None)
             splits[k] = twin if twin is not None else s.state_dict()
-        state = {"version": _FORMAT_VERSION, "name": self.name, "schema": self.schema.to_dict(),
+        state = {"version": FORMAT_VERSION, "name": self.name, "schema": self.schema.to_dict(),
                  "splits": splits,
                  "vocabs": {k: v.to_dict() for k, v in self.vocabs.items()},
                  "dense_stats": self.dense_stats.to_dict() if self.dense_stats else None,
@@ -237,15 +261,38 @@ class CTRDataset:
 
     @classmethod
     def load(cls, path: str | Path) -> "CTRDataset":
-        state = torch.load(path, weights_only=True)
-        if state.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: cache format {state.get('version')}, expected "
-                             f"{_FORMAT_VERSION}")
-        schema = Schema.from_dict(state["schema"])
-        ds = state["dense_stats"]
-        splits: dict[str, Split] = {}
-        for k, s in state["splits"].items():
-            splits[k] = splits[s] if isinstance(s, str) else Split.from_state_dict(schema, s)
-        return cls(state["name"], schema, splits,
-                   {k: Vocabulary.from_dict(v) for k, v in state["vocabs"].items()},
-                   DenseStats.from_dict(ds) if ds else None, state["group_key"], state["notes"])
+        """Reads a file written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            CacheError: the file is not a readable dataset of this format version (empty,
+                truncated, corrupt, another file type, an older or newer cetnet).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - whatever the bytes are, the file is unusable
+            size = path.stat().st_size if path.exists() else 0
+            what = "empty (0 bytes)" if size == 0 else f"truncated or corrupt ({size:,} bytes)"
+            raise CacheError(path, f"unreadable saved dataset: {what}; "
+                                   f"{type(e).__name__}: {clip(str(e), 100)}") from None
+        if not isinstance(state, dict) or "version" not in state:
+            raise CacheError(path, "not a saved dataset")
+        if state["version"] != FORMAT_VERSION:
+            raise CacheError(path, f"saved dataset of format {shorten(state['version'])}, this "
+                                   f"cetnet reads format {FORMAT_VERSION}")
+        try:
+            schema = Schema.from_dict(state["schema"])
+            ds = state["dense_stats"]
+            splits: dict[str, Split] = {}
+            for k, s in state["splits"].items():
+                splits[k] = splits[s] if isinstance(s, str) else Split.from_state_dict(schema, s)
+            return cls(state["name"], schema, splits,
+                       {k: Vocabulary.from_dict(v) for k, v in state["vocabs"].items()},
+                       DenseStats.from_dict(ds) if ds else None, state["group_key"],
+                       state["notes"])
+        except Exception as e:  # noqa: BLE001 - a missing key or bad shape: an unusable file
+            raise CacheError(path, f"inconsistent saved dataset ({type(e).__name__}: "
+                                   f"{clip(str(e))})") from None
