@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable
 
 from cetnet.data.bars import load_bars
+from cetnet.data.csvio import shorten, shorten_list
 from cetnet.data.dataset import CTRDataset
 from cetnet.data.movielens import load_movielens
+from cetnet.data.options import ConfigError
 from cetnet.data.synthetic import make_synthetic
 
 __all__ = ["DATASETS", "load_dataset", "prepare"]
 
 
+@functools.wraps(load_bars)  # its signature: the options checked below
 def _bars(**options: Any) -> CTRDataset:
-    if "config" not in options:
-        raise ValueError("load_dataset('bars') needs config=<dataset yaml path>")
     return load_bars(options.pop("config"), **options)
 
 
+@functools.wraps(load_movielens)
 def _movielens(**options: Any) -> CTRDataset:
     options.setdefault("verbose", False)
     return load_movielens(**options)
@@ -30,6 +34,32 @@ DATASETS: dict[str, Callable[..., CTRDataset]] = {
 }
 
 
+def _check_options(name: str, loader: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Every option is one the loader takes and the required ones are there (a loader taking
+    ``**kwargs`` is not checked)."""
+    try:
+        params = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):  # a builtin or other callable without a signature
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes = [p.name for p in named]
+    unknown = [k for k in options if k not in takes]
+    if unknown:
+        them = "option " + shorten(unknown[0]) if len(unknown) == 1 else (
+            "options " + ", ".join(map(shorten, unknown)))
+        raise ConfigError(
+            f"dataset {name!r}: unknown {them}; it takes {', '.join(takes) or 'no options'}. "
+            f"(Switching datasets with --set data.name=... keeps the old dataset's options in "
+            f"the data section: give the whole section instead, e.g. --set "
+            f"'data={{name: {name}}}'.)")
+    missing = [p.name for p in named if p.default is p.empty and p.name not in options]
+    if missing:
+        raise ConfigError(f"dataset {name!r} needs " + ", ".join(f"{m}=..." for m in missing)
+                          + (" (the dataset YAML)" if missing == ["config"] else ""))
+
+
 def load_dataset(name: str = "movielens-100k", **options: Any) -> CTRDataset:
     """The dataset ``name`` with its options.
 
@@ -39,12 +69,17 @@ def load_dataset(name: str = "movielens-100k", **options: Any) -> CTRDataset:
     - ``"synthetic"``: ``num_rows``, ``seed``, sizes — see
       :func:`cetnet.data.synthetic.make_synthetic`.
     - ``"bars"``: ``config`` (dataset YAML), ``dataset_id``, ``chunk_size``, ``min_count``,
-      ``seq_order``, ``max_rows`` — see :func:`cetnet.data.bars.load_bars`.
+      ``seq_order``, ``max_rows``, ``cache_dir`` — see :func:`cetnet.data.bars.load_bars`.
+
+    Raises:
+        ConfigError: an unknown dataset, an option it does not take, a missing required one,
+            or a bad value (naming it).
     """
-    try:
-        loader = DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
+    loader = DATASETS.get(name) if isinstance(name, str) else None
+    if loader is None:
+        raise ConfigError(f"unknown dataset {shorten(name)}; choose one of "
+                          f"{shorten_list(sorted(DATASETS))}")
+    _check_options(name, loader, options)
     return loader(**options)
 
 

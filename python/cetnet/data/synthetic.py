@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from cetnet.data.csvio import shorten
 from cetnet.data.dataset import SPLITS, CTRDataset, Split, SplitStats
 from cetnet.data.normalize import DenseStats
+from cetnet.data.options import MAX_SEQ_LEN, ConfigError, check_float, check_int
 from cetnet.data.schema import FIRST_ID, FeatureSpec, Schema
 
 __all__ = ["make_synthetic"]
@@ -37,10 +39,33 @@ def make_synthetic(num_rows: int = 100_000, *, seed: int = 0, num_users: int = 1
             max_seq_len: sizes of the feature spaces.
         signal: scales the planted logit (0 gives labels independent of the features).
         split_fractions: cumulative fractions where train and valid end.
+
+    Raises:
+        ConfigError: an option of the wrong type or out of range (naming it).
     """
-    if num_rows < 3 or num_clusters < 1 or num_items < num_clusters or max_seq_len < 1:
-        raise ValueError("make_synthetic: need num_rows >= 3, num_items >= num_clusters >= 1 "
-                         "and max_seq_len >= 1")
+    where = "dataset 'synthetic'"
+    num_rows = check_int(num_rows, "num_rows", where, minimum=3)
+    seed = check_int(seed, "seed", where, minimum=0)
+    for key, value, low in (("num_users", num_users, 1), ("num_clusters", num_clusters, 1),
+                            ("cross_size", cross_size, 1), ("num_dense", num_dense, 0),
+                            ("num_tags", num_tags, 1), ("max_tags", max_tags, 1)):
+        check_int(value, key, where, minimum=low)
+    num_items = check_int(num_items, "num_items", where, minimum=num_clusters)
+    max_seq_len = check_int(max_seq_len, "max_seq_len", where, minimum=1, maximum=MAX_SEQ_LEN)
+    signal = check_float(signal, "signal", where)
+    if (not isinstance(split_fractions, (list, tuple)) or len(split_fractions) != 2
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                       for f in split_fractions)
+            or not 0 < split_fractions[0] < split_fractions[1] < 1):
+        raise ConfigError(f"{where}: split_fractions: expected two cumulative fractions "
+                          f"0 < train < valid < 1 (e.g. [0.8, 0.9]), got "
+                          f"{shorten(split_fractions)}")
+    cut = [0, *(int(round(f * num_rows)) for f in split_fractions), num_rows]
+    empty = [name for k, name in enumerate(SPLITS) if cut[k + 1] <= cut[k]]
+    if empty:
+        raise ConfigError(f"{where}: num_rows {num_rows} with split_fractions "
+                          f"{list(split_fractions)} leaves the {' and '.join(empty)} split "
+                          f"empty; use more rows")
     rng = np.random.default_rng(seed)
     n = num_rows
     # latent structure
@@ -99,7 +124,6 @@ def make_synthetic(num_rows: int = 100_000, *, seed: int = 0, num_users: int = 1
     # dense features get a missing value now and then so imputation is exercised
     dense_raw = dense.copy()
     dense_raw[rng.random(dense.shape) < 0.01] = np.nan
-    cut = [0, *(int(round(f * n)) for f in split_fractions), n]
     dense_stats = DenseStats.fit(dense_raw[:cut[1]])
     names = [f.name for f in schema.dense]
     splits = {}
