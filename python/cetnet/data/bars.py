@@ -32,20 +32,24 @@ one table lookup turns them into vocabulary ids.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import re
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import yaml
 
-from cetnet.data.csvio import DataFormatError, parse_float, read_chunks
+from cetnet.data.cache import cache_file, cached, file_stamp, open_cache_dir, user_path
+from cetnet.data.csvio import (DataFormatError, check_data_file, clip, parse_float,
+                               read_chunks, shorten, shorten_list)
 from cetnet.data.dataset import CTRDataset, Split, SplitStats
 from cetnet.data.normalize import DenseStats
+from cetnet.data.options import (MAX_SEQ_LEN, ConfigError, check_bool, check_choice, check_int,
+                                 check_str)
 from cetnet.data.schema import OOV_ID, FeatureSpec, Schema
 from cetnet.data.vocab import TokenCounter, Vocabulary
 
@@ -76,7 +80,8 @@ class BarsColumn:
 
 @dataclass
 class BarsConfig:
-    """A parsed dataset YAML."""
+    """A parsed dataset YAML (its repr, which names everything the encoding depends on, is part
+    of the cache key)."""
 
     dataset_id: str
     files: dict[str, Path]      # split -> csv (valid and test may be the same file)
@@ -85,14 +90,161 @@ class BarsConfig:
     group: str | None           # the meta or categorical column used as gAUC key
     group_column: str | None    # the csv column it reads (differs with copy_from): raw values
     notes: list[str]
+    where: str = field(default="dataset config", repr=False, compare=False)  # message prefix
+    file_keys: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+_TYPES = ("categorical", "numeric", "sequence", "meta")
+_ORDERS = ("oldest_first", "newest_first")
+_MAX_CONFIG_BYTES = 16 << 20  # a dataset YAML is a few KB; anything this big is a data file
 
 
 def _resolve(p: str, base: Path) -> Path:
-    path = Path(p).expanduser()
+    path = user_path(p)
     if path.is_absolute():
         return path
     # relative to the YAML first (portable), else to the working directory (FuxiCTR's way)
-    return base / path if (base / path).exists() or not path.exists() else path
+    try:
+        return base / path if (base / path).exists() or not path.exists() else path
+    except OSError:  # e.g. a name too long: the file check reports it
+        return base / path
+
+
+def _load_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; every way it can be unreadable is one ConfigError naming
+    the file (and the line), or FileNotFoundError."""
+    where = f"dataset config {path}"
+    try:
+        st = check_data_file(path, "a YAML file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: no such file") from None
+    except DataFormatError as e:
+        raise ConfigError(f"{where}: {e.reason}") from None
+    if st.st_size > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {st.st_size:,} bytes is too large for a dataset config "
+                          f"(is it a data file?)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{where}, line {line}: not valid UTF-8 text (byte "
+                          f"0x{data[e.start]:02x}); is it a YAML file?") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (a control code)
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise ConfigError(f"{where}, line {line}, column {column}: not valid YAML: character "
+                          f"{char}: {e.reason}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(x) for x in (getattr(e, "context", None),
+                                         getattr(e, "problem", None)) if x) or type(e).__name__
+        raise ConfigError(f"{where}{at}: not valid YAML: {clip(what, 160)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+
+
+def _names(value: Any, where: str) -> list[str]:
+    """A feature's ``name``: a column name or a non-empty list of distinct ones."""
+    what = "a column name or a list of column names"
+    names = value if isinstance(value, list) else [value]
+    if not names:
+        raise ConfigError(f"{where}: name: expected {what}, got an empty list")
+    for n in names:
+        check_str(n, "name", where, what=what)
+    counts = Counter(names)
+    dup = next((n for n in names if counts[n] > 1), None)
+    if dup is not None:
+        raise ConfigError(f"{where}: name: {shorten(dup)} is listed twice")
+    return names
+
+
+def _feature(col: Any, k: int, where: str, default_min: int, seq_order: str,
+             notes: list[str]) -> list[BarsColumn]:
+    """The columns of ``feature_cols[k]`` (none when inactive or skipped)."""
+    at = f"{where}: feature_cols[{k}]"
+    if not isinstance(col, Mapping):
+        raise ConfigError(f"{at}: expected a mapping like {{name: x, type: categorical}}, got "
+                          f"{shorten(col)}")
+    if "name" not in col:
+        raise ConfigError(f"{at}: 'name' is missing (every feature names its column)")
+    names = _names(col["name"], at)
+    at += f" {shorten(names[0] if len(names) == 1 else names)}"
+    kind = col.get("type")
+    if kind not in _TYPES:
+        raise ConfigError(f"{at}: type: unsupported type {shorten(kind)}; one of "
+                          f"{', '.join(_TYPES)}")
+    if not check_bool(col.get("active", True), "active", at):
+        return []
+    if col.get("pretrained_emb"):
+        notes.append(f"skipped {', '.join(names)}: pretrained embeddings are not read")
+        return []
+    source = None
+    if col.get("preprocess") is not None:
+        m = _COPY_FROM.match(check_str(col["preprocess"], "preprocess", at))
+        if not m:
+            raise ConfigError(f"{at}: preprocess: unsupported {shorten(col['preprocess'])} "
+                              f"(only copy_from(column))")
+        source = m.group(1)
+    order = check_choice(col.get("order", seq_order), "order", at, _ORDERS)
+    splitter = check_str(col.get("splitter", "^"), "splitter", at,
+                         what="a non-empty separator string")
+    max_len = 0
+    if "max_len" in col:
+        max_len = check_int(col["max_len"], "max_len", at, minimum=1, maximum=MAX_SEQ_LEN)
+    elif kind == "sequence":
+        raise ConfigError(f"{at}: max_len is missing (a sequence needs max_len >= 1)")
+    share = col.get("share_embedding")
+    if share is not None:
+        share = check_str(share, "share_embedding", at, what="a feature name")
+        if kind == "numeric":
+            raise ConfigError(f"{at}: share_embedding: a numeric feature has no embedding "
+                              f"table to share")
+    min_count = check_int(col.get("min_categr_count", default_min), "min_categr_count", at,
+                          minimum=1)
+    return [BarsColumn(name, source or name, kind, splitter, max_len if kind == "sequence"
+                       else 0, share, min_count, order == "newest_first") for name in names]
+
+
+def _check_columns(columns: list[BarsColumn], positions: list[int], label: str,
+                   where: str) -> None:
+    """Distinct names; no feature reads the label; share_embedding names a categorical or
+    sequence feature, without cycles."""
+    seen: dict[str, int] = {}
+    for c, k in zip(columns, positions):
+        if c.name in seen:
+            raise ConfigError(f"{where}: feature_cols[{k}] {shorten(c.name)}: duplicate "
+                              f"feature name (also feature_cols[{seen[c.name]}])")
+        seen[c.name] = k
+        if label in (c.name, c.column):
+            how = "is" if c.column == c.name else f"copies ({c.column})"
+            raise ConfigError(f"{where}: feature_cols[{k}] {shorten(c.name)}: {how} the label "
+                              f"column {shorten(label)} of label_col; a feature must not read "
+                              f"the label")
+    by_name = {c.name: c for c in columns}
+    for c, k in zip(columns, positions):
+        if c.type in ("meta", "numeric") or c.share is None:
+            continue
+        chain, cur = [c.name], c
+        while cur.share is not None:
+            target = by_name.get(cur.share)
+            if target is None or target.type not in ("categorical", "sequence"):
+                what = "no active feature" if target is None else f"a {target.type} column"
+                raise ConfigError(f"{where}: feature_cols[{k}] {shorten(c.name)}: "
+                                  f"share_embedding {shorten(cur.share)} names {what}; it must "
+                                  f"name a categorical or sequence feature")
+            if target.name in chain:
+                raise ConfigError(f"{where}: feature_cols[{k}] {shorten(c.name)}: "
+                                  f"share_embedding cycle {' -> '.join(chain + [target.name])}")
+            chain.append(target.name)
+            cur = target
 
 
 def read_config(config: str | Path | Mapping[str, Any], *, dataset_id: str | None = None,
@@ -106,113 +258,128 @@ def read_config(config: str | Path | Mapping[str, Any], *, dataset_id: str | Non
         min_count: overrides ``min_categr_count``.
         seq_order: ``"oldest_first"`` (BARS files) or ``"newest_first"``: the default order of
             ids in sequence cells, per column overridable with ``order:``.
+
+    Raises:
+        ConfigError: anything wrong in the config (naming the file, the key and the feature).
+        FileNotFoundError: the YAML file does not exist.
     """
     base, origin = Path.cwd(), "(a mapping)"
     if not isinstance(config, Mapping):
-        base, origin = Path(config).expanduser().resolve().parent, str(config)
-        with open(config, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
+        if not isinstance(config, (str, Path)) or not str(config) or "\x00" in str(config):
+            raise ConfigError(f"dataset config: expected a YAML file path, got "
+                              f"{shorten(config)}")
+        path = user_path(config)
+        config = _load_yaml(path)
+        base, origin = path.resolve().parent, str(path)
+    where = f"dataset config {origin}"
     if not isinstance(config, Mapping):
-        raise ValueError("dataset config: expected a mapping")
+        # the file's contents are not quoted: it may be any file (a system file, a csv)
+        got = "an empty file" if config is None else "YAML " + {
+            str: "text", list: "a list", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(config), f"a {type(config).__name__}")
+        raise ConfigError(f"{where}: expected a YAML mapping (dataset_id -> settings, or the "
+                          f"settings), got {got}; is it a dataset config?")
     top = config
-    dataset_id = dataset_id or top.get("dataset_id")
-    cfg: Mapping = top.get("dataset_config", top)
+    if dataset_id is None:
+        dataset_id = top.get("dataset_id")
+    if dataset_id is not None:
+        check_str(dataset_id, "dataset_id", where)
+    cfg = top.get("dataset_config", top)
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{where}: dataset_config: expected a mapping, got {shorten(cfg)}")
     if "train_data" not in cfg:
         ids = [k for k, v in cfg.items() if isinstance(v, Mapping) and "train_data" in v]
         if dataset_id is None and len(ids) == 1:
             dataset_id = ids[0]
         if dataset_id not in ids:
-            raise ValueError(f"dataset config: choose dataset_id among {ids}")
+            chosen = f"dataset_id {shorten(dataset_id)} is not one of them; " if (
+                dataset_id is not None) else ""
+            raise ConfigError(f"{where}: no dataset settings with train_data found" if not ids
+                              else f"{where}: {chosen}choose dataset_id among "
+                                   f"{shorten_list(ids)}")
         cfg = cfg[dataset_id]
-    dataset_id = dataset_id or "bars"
+    dataset_id = str(dataset_id or "bars")
+    where = f"{where}, dataset {shorten(dataset_id)}"
     if cfg.get("data_format", "csv") != "csv":
-        raise ValueError(f"dataset config: data_format {cfg['data_format']!r}; only csv is read")
-    if seq_order not in ("oldest_first", "newest_first"):
-        raise ValueError(f"seq_order must be 'oldest_first' or 'newest_first', got {seq_order!r}")
+        raise ConfigError(f"{where}: data_format {shorten(cfg['data_format'])}; only csv is read")
+    seq_order = check_choice(seq_order, "seq_order", "bars", _ORDERS)
     for key in ("train_data", "feature_cols", "label_col"):
         if key not in cfg:
-            raise ValueError(f"dataset config: {key!r} is missing")
-    files = {"train": cfg["train_data"], "valid": cfg.get("valid_data") or cfg.get("test_data"),
-             "test": cfg.get("test_data") or cfg.get("valid_data")}
-    if files["valid"] is None:
-        raise ValueError("dataset config: needs valid_data or test_data")
-    files = {k: _resolve(str(v), base) for k, v in files.items()}
+            raise ConfigError(f"{where}: {key!r} is missing")
+    keys = {"train": "train_data",
+            "valid": "valid_data" if cfg.get("valid_data") is not None else "test_data",
+            "test": "test_data" if cfg.get("test_data") is not None else "valid_data"}
+    if cfg.get(keys["valid"]) is None:
+        raise ConfigError(f"{where}: needs valid_data or test_data")
+    files = {split: _resolve(check_str(cfg[key], key, where, what="a file path"), base)
+             for split, key in keys.items()}
 
-    default_min = int(min_count if min_count is not None else cfg.get("min_categr_count", 1))
-    columns, notes = [], []
-    for col in cfg["feature_cols"]:
-        names = col["name"] if isinstance(col["name"], list) else [col["name"]]
-        kind = col.get("type")
-        if kind not in ("categorical", "numeric", "sequence", "meta"):
-            raise ValueError(f"dataset config: feature {names}: unsupported type {kind!r}")
-        if not col.get("active", True):
-            continue
-        if col.get("pretrained_emb"):
-            notes.append(f"skipped {', '.join(names)}: pretrained embeddings are not read")
-            continue
-        source = None
-        if col.get("preprocess"):
-            m = _COPY_FROM.match(str(col["preprocess"]))
-            if not m:
-                raise ValueError(f"dataset config: feature {names}: unsupported preprocess "
-                                 f"{col['preprocess']!r} (only copy_from(column))")
-            source = m.group(1)
-        order = col.get("order", seq_order)
-        if order not in ("oldest_first", "newest_first"):
-            raise ValueError(f"dataset config: feature {names}: order must be 'oldest_first' or "
-                             f"'newest_first', got {order!r}")
-        for name in names:
-            if kind == "sequence" and int(col.get("max_len", 0)) < 1:
-                raise ValueError(f"dataset config: sequence {name!r} needs max_len >= 1")
-            columns.append(BarsColumn(
-                name, source or name, kind, str(col.get("splitter", "^")),
-                int(col.get("max_len", 0)), col.get("share_embedding"),
-                int(col.get("min_categr_count", default_min)), order == "newest_first"))
-    names = [c.name for c in columns]
-    if len(set(names)) != len(names):
-        raise ValueError(f"dataset config: duplicate feature names in {names}")
-    group = _group_column(cfg, top, columns, f"dataset config {origin}, dataset {dataset_id!r}")
+    if min_count is not None:
+        default_min = check_int(min_count, "min_count", "bars", minimum=1)
+    else:
+        default_min = check_int(cfg.get("min_categr_count", 1), "min_categr_count", where,
+                                minimum=1)
+    feature_cols = cfg["feature_cols"]
+    if not isinstance(feature_cols, list) or not feature_cols:
+        raise ConfigError(f"{where}: feature_cols: expected a list of features, got "
+                          f"{shorten(feature_cols)}")
+    columns, positions, notes = [], [], []
+    for k, col in enumerate(feature_cols):
+        cols = _feature(col, k, where, default_min, seq_order, notes)
+        columns += cols
+        positions += [k] * len(cols)
     label = cfg["label_col"]
     if isinstance(label, list):
-        raise ValueError("dataset config: one label_col only (multi-task labels unsupported)")
-    return BarsConfig(str(dataset_id), files, columns, label["name"],
-                      group.name if group else None, group.column if group else None, notes)
+        raise ConfigError(f"{where}: label_col: one label_col only (multi-task labels "
+                          f"unsupported)")
+    if not isinstance(label, Mapping):
+        raise ConfigError(f"{where}: label_col: expected a mapping like {{name: label, dtype: "
+                          f"float}}, got {shorten(label)}")
+    if "name" not in label:
+        raise ConfigError(f"{where}: label_col: 'name' is missing")
+    label = check_str(label["name"], "label_col.name", where, what="a column name")
+    if not any(c.type != "meta" for c in columns):
+        raise ConfigError(f"{where}: feature_cols: no active feature (besides meta columns)")
+    _check_columns(columns, positions, label, where)
+    group = _group_column(cfg, top, columns, where)
+    return BarsConfig(dataset_id, files, columns, label,
+                      group.name if group else None, group.column if group else None, notes,
+                      where, keys)
 
 
 def _group_column(cfg: Mapping, top: Mapping, columns: list[BarsColumn],
                   where: str) -> BarsColumn | None:
     """The column gAUC groups by: the one ``group_id`` names (in the dataset config, else in the
     tuner config's ``tuner_space``, as FuxiCTR takes it), else the first meta column."""
-    tuner = top.get("tuner_space") or {}
+    tuner = top.get("tuner_space")
+    if tuner is None:
+        tuner = {}
+    if not isinstance(tuner, Mapping):
+        raise ConfigError(f"{where}: tuner_space: expected a mapping, got {shorten(tuner)}")
     for key, section in (("group_id", cfg), ("tuner_space.group_id", tuner)):
-        if section.get("group_id"):
+        if section.get("group_id") is not None:
             name = section["group_id"]
             break
     else:
         return next((c for c in columns if c.type == "meta"), None)
     if isinstance(name, list) and len(name) == 1:  # a tuner_space value may be a 1-choice list
         name = name[0]
+    check_str(name, key, where, what="a column name")
     col = next((c for c in columns if c.name == name), None)
     if col is None or col.type not in ("meta", "categorical"):
         # Never fall back silently: gAUC over the wrong (or no) groups looks like a real number.
         usable = [c.name for c in columns if c.type in ("meta", "categorical")]
         what = "no active column" if col is None else f"a {col.type} column"
-        raise ValueError(f"{where}: {key} {name!r} names {what}; gAUC groups by a meta or "
-                         f"categorical column: {', '.join(usable) or 'none'}")
+        raise ConfigError(f"{where}: {key} {shorten(name)} names {what}; gAUC groups by a meta "
+                          f"or categorical column: {', '.join(usable) or 'none'}")
     return col
 
 
-def _root(cfg: BarsConfig, name: str, seen: tuple = ()) -> BarsColumn:
-    """The feature whose vocabulary ``name`` uses (following share_embedding)."""
-    col = next((c for c in cfg.columns if c.name == name and c.type != "meta"), None)
-    if col is None or col.type == "numeric":
-        raise ValueError(f"dataset config: share_embedding {name!r} is not a categorical or "
-                         f"sequence feature")
-    if col.share is None:
-        return col
-    if col.name in seen:
-        raise ValueError(f"dataset config: share_embedding cycle through {name!r}")
-    return _root(cfg, col.share, seen + (col.name,))
+def _root(cfg: BarsConfig, name: str) -> BarsColumn:
+    """The feature whose vocabulary ``name`` uses (following share_embedding; read_config has
+    checked the chain ends at a categorical or sequence feature without a cycle)."""
+    col = next(c for c in cfg.columns if c.name == name and c.type != "meta")
+    return col if col.share is None else _root(cfg, col.share)
 
 
 class _SplitReader:
@@ -244,14 +411,7 @@ class _SplitReader:
                 parts[c.name].append(self._column(c, chunk[c.column], path, lines))
             parts[_GROUP].append(self._groups(chunk[cfg.group_column]) if cfg.group_column
                                  else np.zeros(len(lines), np.int64))
-        return {k: (np.concatenate(v) if v else self._empty(k)) for k, v in parts.items()}
-
-    def _empty(self, name: str) -> np.ndarray:
-        c = next((c for c in self.cfg.columns if c.name == name), None)
-        if c is not None and c.type == "sequence":
-            return np.zeros((0, c.max_len), np.int32)
-        numeric = name != _GROUP and (c is None or c.type == "numeric")  # the label is float
-        return np.zeros(0, np.float64 if numeric else np.int64)
+        return {k: np.concatenate(v) for k, v in parts.items()}  # read_chunks: >= 1 row
 
     def _groups(self, values) -> np.ndarray:
         # By raw value, with ids shared across splits: a user unseen in train (OOV as a feature)
@@ -264,7 +424,7 @@ class _SplitReader:
         bad = np.flatnonzero(~np.isin(y, (0.0, 1.0)))
         if len(bad):
             raise DataFormatError(path, lines[bad[0]], self.cfg.label,
-                                  f"label must be 0 or 1, got {values[bad[0]]!r}")
+                                  f"label must be 0 or 1, got {shorten(values[bad[0]])}")
         return y
 
     def _column(self, c: BarsColumn, values, path: Path, lines: list[int]) -> np.ndarray:
@@ -306,23 +466,42 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
         verbose: report progress on stderr.
 
     Raises:
-        DataFormatError: missing column, wrong column count, non-numeric value or non-0/1 label
-            (naming file, line and column).
+        ConfigError: a bad option or dataset config (naming the file, key and feature).
+        FileNotFoundError: the YAML or a csv file does not exist.
+        DataFormatError: a csv file that is not readable text, has no data rows, lacks a
+            column, has a line with the wrong column count, a non-numeric value or a non-0/1
+            label, a quote never closed (naming file, line and column); or a cache file that
+            cannot be written (:class:`~cetnet.data.dataset.CacheError`). An unreadable cache
+            file is rebuilt.
     """
     cfg = read_config(config, dataset_id=dataset_id, min_count=min_count, seq_order=seq_order)
-    cached = None
+    chunk_size = check_int(chunk_size, "chunk_size", "bars", minimum=1)
+    if max_rows is not None:
+        max_rows = check_int(max_rows, "max_rows", "bars", minimum=1)
+    verbose = check_bool(verbose, "verbose", "bars")
+    _check_files(cfg)  # all of them before reading any: a missing test file fails at once
+    path = None
     if cache_dir is not None:
-        files = sorted({str(p.resolve()): p.stat() for p in cfg.files.values()}.items())
-        key = repr((_CACHE_VERSION, cfg, [(f, st.st_size, st.st_mtime_ns) for f, st in files],
-                    max_rows))
-        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-        cached = Path(cache_dir).expanduser() / f"{cfg.dataset_id}-{digest}.pt"
-        if cached.exists():
-            return CTRDataset.load(cached)
-    ds = _encode(cfg, chunk_size, max_rows, verbose)
-    if cached is not None:
-        ds.save(cached)
-    return ds
+        if not isinstance(cache_dir, (str, Path)):
+            raise ConfigError(f"bars: cache_dir: expected a directory path, got "
+                              f"{shorten(cache_dir)}")
+        stamps = sorted({file_stamp(p) for p in cfg.files.values()})
+        path = cache_file(open_cache_dir(cache_dir), cfg.dataset_id,
+                          (_CACHE_VERSION, cfg, stamps, max_rows))
+    return cached(path, lambda: _encode(cfg, chunk_size, max_rows, verbose), verbose=verbose)
+
+
+def _check_files(cfg: BarsConfig) -> None:
+    """Every split's csv exists and is a readable regular file (naming the YAML key)."""
+    for split, p in cfg.files.items():
+        key = cfg.file_keys.get(split, f"{split}_data")
+        try:
+            check_data_file(p)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{cfg.where}: {key}: no such file {p}") from None
+        except DataFormatError as e:
+            raise DataFormatError(p, e.line, e.column,
+                                  f"{e.reason} ({key} of {cfg.where})") from None
 
 
 def _encode(cfg: BarsConfig, chunk_size: int, max_rows: int | None,

@@ -23,15 +23,18 @@ from typing import Sequence
 
 import numpy as np
 
-from cetnet.data.cache import default_root, write_atomic
-from cetnet.data.csvio import DataFormatError, read_chunks
+from cetnet.data.cache import (cache_file, cached, default_root, file_stamp, open_cache_dir,
+                               write_atomic)
+from cetnet.data.csvio import DataFormatError, clip, read_chunks, shorten
 from cetnet.data.dataset import SPLITS, CTRDataset, Split, SplitStats
 from cetnet.data.normalize import DenseStats
+from cetnet.data.options import (MAX_SEQ_LEN, ConfigError, check_bool, check_choice,
+                                 check_float, check_int)
 from cetnet.data.schema import OOV_ID, PAD_ID, FeatureSpec, Schema
 from cetnet.data.vocab import MISSING, encode_with_train_vocab, factorize
 
-__all__ = ["GROUPLENS_URL", "RECBOLE_SPEC", "fetch_raw", "read_raw", "MovieLensRaw",
-           "build_movielens", "load_movielens"]
+__all__ = ["GROUPLENS_URL", "RECBOLE_SPEC", "FetchError", "fetch_raw", "read_raw",
+           "MovieLensRaw", "build_movielens", "load_movielens"]
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 RECBOLE_SPEC = "recbole==1.2.1"
@@ -49,6 +52,12 @@ _GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy"
 _AGE_BUCKETS = [(18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"),
                 (56, "50-55")]
 _CACHE_VERSION = 2
+_SOURCES = ("grouplens", "recbole")
+
+
+class FetchError(RuntimeError, FileNotFoundError):
+    """The raw files are not there and no source could provide them (the message says why for
+    each source). A FileNotFoundError too, so the CLI reports it in one line."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,9 +81,17 @@ def fetch_raw(root: str | Path | None = None, *, sources: Sequence[str] = ("grou
         verbose: say on stderr where the files came from.
 
     Raises:
-        RuntimeError: every source failed (the message lists why).
+        FetchError: every source failed (the message lists why).
+        CacheError: the folder cannot be created or written.
     """
-    folder = default_root(root) / "movielens-100k"
+    where = "dataset 'movielens-100k'"
+    if isinstance(sources, str) or not all(isinstance(x, str) and x in _SOURCES
+                                           for x in sources):
+        raise ConfigError(f"{where}: sources: expected a list of {', '.join(_SOURCES)}, got "
+                          f"{shorten(sources)}")
+    timeout = check_float(timeout, "timeout", where, minimum=0)
+    verbose = check_bool(verbose, "verbose", where)
+    folder = open_cache_dir(default_root(root) / "movielens-100k")  # sweeps killed writes
     if all((folder / f"ml-100k.{p}").exists() for p in _PARTS):
         return folder
     errors = []
@@ -82,15 +99,17 @@ def fetch_raw(root: str | Path | None = None, *, sources: Sequence[str] = ("grou
         try:
             files = {"grouplens": _from_grouplens, "recbole": _from_recbole}[source](timeout)
         except Exception as e:  # noqa: BLE001 - any failure means: try the next source
-            errors.append(f"{source}: {type(e).__name__}: {e}")
-            _log(f"MovieLens-100k from {source} failed ({e}); trying the next source", verbose)
+            errors.append(f"{source}: {type(e).__name__}: {clip(str(e), 300)}")
+            _log(f"MovieLens-100k from {source} failed ({clip(str(e), 300)}); trying "
+                 f"the next source", verbose)
             continue
         for part in _PARTS:
             write_atomic(folder / f"ml-100k.{part}", files[part])
         write_atomic(folder / "SOURCE", source.encode())
         _log(f"MovieLens-100k fetched from {source} into {folder}", verbose)
         return folder
-    raise RuntimeError("could not fetch MovieLens-100k: " + "; ".join(errors))
+    raise FetchError(f"could not fetch MovieLens-100k into {folder}: " + ("; ".join(errors)
+                                                                          or "no source given"))
 
 
 def _from_grouplens(timeout: float) -> dict[str, bytes]:
@@ -165,15 +184,24 @@ def _read_table(path: Path, part: str) -> tuple[list[int], dict[str, tuple[str, 
 
 
 def _ints(values: Sequence[str], path: Path, lines: list[int], column: str) -> np.ndarray:
+    """The column as int64; a cell that is not a whole number is a DataFormatError (``1e3``
+    and ``5.0`` are whole; ``nan``, ``inf`` and ``2.5`` are not)."""
     try:
-        return np.asarray(values, dtype=np.float64).astype(np.int64)
+        x = np.asarray(values, dtype=np.float64)
     except ValueError:
-        for k, v in enumerate(values):
-            try:
-                float(v)
-            except ValueError:
-                raise DataFormatError(path, lines[k], column, f"not a number: {v!r}") from None
-        raise
+        x = None
+    if x is not None and np.isfinite(x).all() and (x == np.round(x)).all() and (
+            np.abs(x) < 2.0 ** 62).all():
+        return x.astype(np.int64)
+    for k, v in enumerate(values):
+        try:
+            f = float(v)
+        except ValueError:
+            f = None
+        if f is None or not np.isfinite(f) or f != round(f) or abs(f) >= 2.0 ** 62:
+            raise DataFormatError(path, lines[k], column,
+                                  f"not a whole number: {shorten(v)}") from None
+    raise AssertionError("unreachable: some value failed the vectorized check")
 
 
 def read_raw(folder: str | Path) -> MovieLensRaw:
@@ -194,9 +222,10 @@ def read_raw(folder: str | Path) -> MovieLensRaw:
     p = folder / "ml-100k.user"
     lines, c = _read_table(p, "user")
     ids = _ints(c["user_id:token"], p, lines, "user_id:token")
-    _ints(c["age:token"], p, lines, "age:token")  # validates: age is the dense feature
-    users = {int(u): tuple(v) for u, *v in zip(ids, c["age:token"], c["gender:token"],
-                                                c["occupation:token"], c["zip_code:token"])}
+    ages = _ints(c["age:token"], p, lines, "age:token")  # the dense feature: whole years
+    users = {int(u): (str(a), *v) for u, a, *v in zip(ids, ages, c["gender:token"],
+                                                       c["occupation:token"],
+                                                       c["zip_code:token"])}
     p = folder / "ml-100k.item"
     lines, c = _read_table(p, "item")
     ids = _ints(c["item_id:token"], p, lines, "item_id:token")
@@ -358,15 +387,25 @@ def load_movielens(root: str | Path | None = None, *, max_seq_len: int = 50, min
         verbose: report fetching and caching on stderr.
         sources, timeout: see :func:`fetch_raw`.
     """
+    where = "dataset 'movielens-100k'"
+    if root is not None and (not isinstance(root, (str, Path)) or not str(root)):
+        raise ConfigError(f"{where}: root: expected a directory path, got {shorten(root)}")
+    max_seq_len = check_int(max_seq_len, "max_seq_len", where, minimum=1, maximum=MAX_SEQ_LEN)
+    min_count = check_int(min_count, "min_count", where, minimum=1)
+    genre_pooling = check_choice(genre_pooling, "genre_pooling", where, ("mean", "sum"))
+    refresh = check_bool(refresh, "refresh", where)
     folder = fetch_raw(root, sources=sources, timeout=timeout, verbose=verbose)
-    cached = folder / (f"encoded-v{_CACHE_VERSION}-T{max_seq_len}-min{min_count}-"
-                       f"{genre_pooling}.pt")
-    if cached.exists() and not refresh:
-        return CTRDataset.load(cached)
-    ds = build_movielens(read_raw(folder), max_seq_len=max_seq_len, min_count=min_count,
-                         genre_pooling=genre_pooling)
-    source = (folder / "SOURCE").read_text().strip() if (folder / "SOURCE").exists() else "?"
-    ds.notes.append(f"raw files from {source}, cached in {folder}")
-    ds.save(cached)
-    _log(f"encoded MovieLens-100k cached at {cached}", verbose)
-    return ds
+    stamps = [file_stamp(folder / f"ml-100k.{p}") for p in _PARTS]
+    path = cache_file(folder, f"encoded-T{max_seq_len}-min{min_count}-{genre_pooling}",
+                      (_CACHE_VERSION, max_seq_len, min_count, genre_pooling, stamps))
+
+    def build() -> CTRDataset:
+        ds = build_movielens(read_raw(folder), max_seq_len=max_seq_len, min_count=min_count,
+                             genre_pooling=genre_pooling)
+        source = folder / "SOURCE"
+        ds.notes.append(f"raw files from {source.read_text().strip() if source.exists() else '?'}"
+                        f", cached in {folder}")
+        _log(f"encoded MovieLens-100k, caching it at {path}", verbose)
+        return ds
+
+    return cached(path, build, refresh=refresh)
