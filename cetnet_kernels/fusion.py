@@ -12,6 +12,7 @@ scales the stored gradient (plus a fusion VJP if the returned ``prob`` also rece
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -172,6 +173,9 @@ def _ops_for(backend: str) -> _OpSet:
 # ------------------------------------------------------------------------------------------------
 # Argument checks: clear Python exceptions naming the argument.
 # ------------------------------------------------------------------------------------------------
+_MAX_MEMBERS = 2**31 - 1  # the kernels count members in int
+
+
 def _check_logits(logits: object, op: str) -> Tensor:
     if not isinstance(logits, Tensor):
         raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -183,6 +187,8 @@ def _check_logits(logits: object, op: str) -> Tensor:
                          f"{tuple(logits.shape)}")
     if logits.shape[1] == 0:
         raise ValueError(f"{op}: logits must have at least one member (K >= 1), got K = 0")
+    if logits.shape[1] > _MAX_MEMBERS:  # e.g. a stride-0 view: refused, never truncated
+        raise ValueError(f"{op}: at most {_MAX_MEMBERS} members (K), got {logits.shape[1]}")
     return logits
 
 
@@ -222,6 +228,21 @@ def _check_weight(value: object, name: str, op: str) -> float:
 _TAU_CACHE: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
 
+def _check_representable(t: float, logits: Tensor, op: str) -> torch.dtype:
+    """The compute dtype of ``logits``, after checking that ``t`` is finite and > 0 in it."""
+    dtype = _acc_dtype(logits.dtype)
+    if dtype == torch.float32:
+        try:
+            t32 = struct.unpack("f", struct.pack("f", t))[0]
+        except OverflowError:  # above float32's max
+            t32 = math.inf
+        if t32 == 0 or t32 == math.inf:
+            what = "underflows to 0" if t32 == 0 else "overflows to inf"
+            raise ValueError(f"{op}: temperature {t!r} {what} in {dtype}, the compute dtype of "
+                             f"{logits.dtype} logits; use float64 logits or another temperature")
+    return dtype
+
+
 def _temperature(temperature: object, logits: Tensor, op: str, validate: bool,
                  backend: str) -> Tensor:
     """The temperature as a 0-dim tensor on the logits' device (float: checked and cached)."""
@@ -243,6 +264,7 @@ def _temperature(temperature: object, logits: Tensor, op: str, validate: bool,
             t = float(temperature.detach())
             if not (0 < t < math.inf):
                 raise ValueError(f"{op}: temperature must be finite and > 0, got {t}")
+            _check_representable(t, logits, op)
         return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{op}: temperature must be a float or a tensor, got "
@@ -250,7 +272,7 @@ def _temperature(temperature: object, logits: Tensor, op: str, validate: bool,
     t = float(temperature)
     if not (0 < t < math.inf):
         raise ValueError(f"{op}: temperature must be finite and > 0, got {t}")
-    dtype = _acc_dtype(logits.dtype)
+    dtype = _check_representable(t, logits, op)
     if torch.compiler.is_compiling():
         return torch.full((), t, dtype=dtype, device=logits.device)
     key = (t, dtype, logits.device)

@@ -30,10 +30,39 @@ def _softplus(z: Tensor) -> Tensor:
     return -F.logsigmoid(-z)
 
 
-def _weights(z: Tensor, tau: Tensor, detach_weights: bool) -> Tensor:
+class _DivideByTemperature(torch.autograd.Function):
+    """``x / tau`` whose backward takes ``0 * inf = 0``: at a tiny tau the losing members' x/tau
+    is -inf with an upstream gradient of exactly 0, and autograd's ``-g * (x / tau) / tau``
+    would make the temperature's gradient NaN where its true limit is 0."""
+
+    @staticmethod
+    def forward(x: Tensor, tau: Tensor) -> Tensor:
+        return x / tau
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        tau, out = ctx.saved_tensors
+        grad_x = grad / tau if ctx.needs_input_grad[0] else None
+        grad_tau = None
+        if ctx.needs_input_grad[1]:
+            terms = torch.where(grad == 0, torch.zeros_like(grad), grad * out)
+            grad_tau = -(terms / tau).sum_to_size(tau.shape)  # tau may broadcast
+        return grad_x, grad_tau
+
+
+def _log_weights(z: Tensor, tau: Tensor, detach_weights: bool) -> Tensor:
+    """log w = log_softmax_k(c_k / tau): finite where softmax would underflow to 0 (so that
+    log w and its gradient stay exact), -inf only where the exponent itself is -inf."""
     confidence = z * torch.sigmoid(z) - _softplus(z)  # -H(sigmoid(z)), logit form
-    w = torch.softmax(confidence / tau, dim=1)
-    return w.detach() if detach_weights else w
+    # Subtract the row max before dividing (the softmax is invariant to it, so it is detached):
+    # the winner's exponent is exactly 0 at any tau > 0, where c/tau alone overflows to -inf.
+    centred = confidence - confidence.amax(dim=1, keepdim=True).detach()
+    log_w = torch.log_softmax(_DivideByTemperature.apply(centred, tau), dim=1)
+    return log_w.detach() if detach_weights else log_w
 
 
 def confidence_fusion_reference(
@@ -46,7 +75,7 @@ def confidence_fusion_reference(
     """Reference of :func:`cetnet_kernels.confidence_fusion`: returns ``(prob [B], weights [B, K])``."""
     z = logits.to(_compute_dtype(logits.dtype))
     tau = _as_tensor(temperature, z)
-    w = _weights(z, tau, detach_weights)
+    w = torch.exp(_log_weights(z, tau, detach_weights))
     if fusion_space == "prob":
         p = (w * torch.sigmoid(z)).sum(dim=1)
     elif fusion_space == "logit":
@@ -56,15 +85,14 @@ def confidence_fusion_reference(
     return p.to(logits.dtype), w.to(logits.dtype)
 
 
-def _log_fused(z: Tensor, w: Tensor, fusion_space: str) -> tuple[Tensor, Tensor]:
+def _log_fused(z: Tensor, log_w: Tensor, fusion_space: str) -> tuple[Tensor, Tensor]:
     """log p and log(1 - p) of the fused prediction, in stable form."""
     if fusion_space == "logit":
-        zf = (w * z).sum(dim=1)
+        zf = (torch.exp(log_w) * z).sum(dim=1)
         return F.logsigmoid(zf), F.logsigmoid(-zf)
-    logw = torch.log(w)
     return (
-        torch.logsumexp(logw + F.logsigmoid(z), dim=1),
-        torch.logsumexp(logw + F.logsigmoid(-z), dim=1),
+        torch.logsumexp(log_w + F.logsigmoid(z), dim=1),
+        torch.logsumexp(log_w + F.logsigmoid(-z), dim=1),
     )
 
 
@@ -93,11 +121,10 @@ def collaborative_loss_reference(
     """
     cdt = _compute_dtype(logits.dtype)
     z = logits.to(cdt)
-    y = labels.to(cdt)
+    y = labels.detach().to(cdt)  # labels are data: no gradient, as on every other backend
     tau = _as_tensor(temperature, z)
     B, K = z.shape
-    w = _weights(z, tau, detach_weights)
-    log_p, log_1mp = _log_fused(z, w, fusion_space)
+    log_p, log_1mp = _log_fused(z, _log_weights(z, tau, detach_weights), fusion_space)
     p = torch.exp(log_p)
 
     row = (z * 0).sum(dim=1)  # zeros that stay connected to z (a zero-weight loss has grad 0)
@@ -110,12 +137,17 @@ def collaborative_loss_reference(
         q, lq, l1q = p.detach()[:, None], log_p.detach()[:, None], log_1mp.detach()[:, None]
         row = row + distill_weight * _kl(q, lq, l1q, z).sum(dim=1)
     if mutual_weight != 0 and K > 1:
+        # sum_k sum_{j != k} KL(sg(p_j) || p_k), summed over j in closed form (O(B K) memory; the
+        # B x K x K pair tensor would need 17 GB at K = 65,537 even for B = 0):
+        #   sum_{j != k} [p_j log p_j + q_j log q_j] - (sum_{j != k} p_j) log p_k
+        #                                            - (sum_{j != k} q_j) log q_k
         zd = z.detach()
-        pj, lpj, l1pj = torch.sigmoid(zd), F.logsigmoid(zd), F.logsigmoid(-zd)
-        # pair[b, j, k] = KL(sg(p_j) || p_k)
-        pair = _kl(pj[:, :, None], lpj[:, :, None], l1pj[:, :, None], z[:, None, :])
-        off_diagonal = 1 - torch.eye(K, dtype=cdt, device=z.device)
-        row = row + mutual_weight * (pair * off_diagonal).sum(dim=(1, 2)) / (K - 1)
+        pj, qj = torch.sigmoid(zd), torch.sigmoid(-zd)
+        neg_entropy = pj * F.logsigmoid(zd) + qj * F.logsigmoid(-zd)
+        others = lambda v: v.sum(dim=1, keepdim=True) - v  # noqa: E731 - sum over j != k
+        pair_sum = (others(neg_entropy) - others(pj) * F.logsigmoid(z)
+                    - others(qj) * F.logsigmoid(-z))
+        row = row + mutual_weight * pair_sum.sum(dim=1) / (K - 1)
 
     if reduction == "none":
         loss = row

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
 #include <utility>
 
@@ -13,6 +14,11 @@ inline void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D [batch, members], got ",
                     logits.dim(), "-D");
   TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits needs at least one member (K >= 1)");
+  // The row math counts members in int: refuse what it cannot count rather than truncate K
+  // (a stride-0 view can have K >= 2^31 without the memory to back it).
+  TORCH_CHECK_VALUE(logits.size(1) <= std::numeric_limits<int>::max(), op,
+                    ": at most ", std::numeric_limits<int>::max(), " members (K), got ",
+                    logits.size(1));
   TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), op,
                    ": logits must be floating point, got ", logits.scalar_type());
 }

@@ -115,7 +115,7 @@ CETNET_HD Elem<V> make_elem_pq(V z) {
 
 // ---------------------------------------------------------------------------------------------
 // Row statistics of the fusion: the max-subtracted softmax of c/tau and the fused prediction.
-// e_k = exp(c_k/tau - m), w_k = e_k / S.
+// e_k = exp((c_k - m)/tau) with m = max_j c_j, w_k = e_k / S.
 //
 // A row accessor may cache e_k (Row::kCachesE with set_e/e: the CPU tile does) so that the
 // softmax exponentials are computed once per member; otherwise they are recomputed.
@@ -137,14 +137,44 @@ CETNET_HD T select_lt(T a, T b, T x, T y) {
 CETNET_HD bool any_lt(float a, float b) { return a < b; }
 CETNET_HD bool any_lt(double a, double b) { return a < b; }
 
+// ---------------------------------------------------------------------------------------------
+// Division by the temperature. Every "x / tau" of the row math goes through this: x * (1/tau)
+// while 1/tau is finite (the fast path), x / tau once 1/tau overflows (tau below ~1/FLT_MAX in
+// float), where x * inf would turn an exact 0 (the winning member's exponent, a one-hot weight's
+// gradient) into NaN. The row math divides differences that are exactly 0 at the winner
+// (c_k - max_j c_j, u_k - ubar, c_k - cbar) and multiplies by a weight before dividing, so a
+// weight that underflowed to 0 stays 0 at any tau > 0.
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+struct TempScale {
+  V inv;        // 1 / tau (rounded once from double)
+  V tau;
+  bool divide;  // 1/tau is not finite: divide by tau instead
+  CETNET_HD V operator()(V x) const { return divide ? x / tau : x * inv; }
+};
+
+// The scale for a temperature read as double; S is the compute scalar type. A tau that is not
+// finite and > 0 in S (the host layers reject it) gives NaN everywhere, never a silent number.
+template <typename V, typename S>
+CETNET_HD TempScale<V> temp_scale(double tau) {
+  const S t = static_cast<S>(tau);
+  if (!(t > S(0)) || !(t - t == S(0))) {
+    const S nan = std::numeric_limits<S>::quiet_NaN();
+    return {V(nan), V(nan), false};
+  }
+  const S inv = static_cast<S>(1.0 / tau);
+  return {V(inv), V(t), !(inv - inv == S(0))};
+}
+
 template <typename V>
 struct FusionStats {
-  V m;       // max_k c_k/tau
+  V m;       // max_k c_k (the softmax exponent of member k is (c_k - m) / tau, exactly 0 at the max)
   V invS;    // 1 / sum_k e_k
   V logS;    // log sum_k e_k
   V cbar;    // sum_k w_k c_k
   V zf;      // sum_k w_k z_k (logit space only)
   V p;       // fused probability
+  V pw;      // sum_k w_k p_k as summed (prob space): p itself may come from exp(log p)
   V q;       // 1 - p, exact        (only when with_logs)
   V logp;    // log p               (only when with_logs)
   V log1mp;  // log (1 - p)         (only when with_logs)
@@ -155,11 +185,11 @@ struct FusionStats {
 };
 
 template <typename V, typename Row>
-CETNET_HD V member_e(const Row& row, int k, const FusionStats<V>& st, V inv_tau) {
+CETNET_HD V member_e(const Row& row, int k, const FusionStats<V>& st, const TempScale<V>& ts) {
   if constexpr (caches_e<Row>::value) {
     return row.e(k);
   } else {
-    return vexp(row.elem(k).c * inv_tau - st.m);
+    return vexp(ts(row.elem(k).c - st.m));
   }
 }
 
@@ -168,15 +198,18 @@ CETNET_HD V member_e(const Row& row, int k, const FusionStats<V>& st, V inv_tau)
 // accurate unless they underflow; a lane whose sum is below tiny_sum instead takes
 // log p = LSE_k(log w_k + log sigmoid(z_k)) and log(1-p) = LSE_k(log w_k + log sigmoid(-z_k)).
 template <typename V, typename Row>
-CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_space, bool with_logs) {
+CETNET_HD FusionStats<V> fusion_stats(const Row& row, const TempScale<V>& ts, bool logit_space,
+                                       bool with_logs) {
   const int K = row.K;
   FusionStats<V> st;
-  V m = row.elem(0).c * inv_tau;
-  for (int k = 1; k < K; ++k) m = vmax(m, row.elem(k).c * inv_tau);
+  // Subtract the max before scaling: c_k/tau - max c/tau overflows to -inf - -inf = NaN at tiny
+  // tau, and a contracted fma(c, 1/tau, -m) leaves the winner an exponent of its rounding error.
+  V m = row.elem(0).c;
+  for (int k = 1; k < K; ++k) m = vmax(m, row.elem(k).c);
   V S(0), Sc(0), Sz(0), Sp(0), Sq(0);
   for (int k = 0; k < K; ++k) {
     const Elem<V>& el = row.elem(k);
-    const V e = vexp(el.c * inv_tau - m);
+    const V e = vexp(ts(el.c - m));
     if constexpr (caches_e<Row>::value) row.set_e(k, e);
     S = S + e;
     Sc = Sc + e * el.c;
@@ -201,6 +234,7 @@ CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_spac
     return st;
   }
   st.p = Sp * st.invS;
+  st.pw = st.p;
   st.q = Sq * st.invS;
   if (!with_logs) return st;
   st.inv_sp = one / Sp;
@@ -215,14 +249,14 @@ CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_spac
   V ma = ninf, mb = ninf;
   for (int k = 0; k < K; ++k) {
     const Elem<V>& el = row.elem(k);
-    const V lw = el.c * inv_tau - m - st.logS;
+    const V lw = ts(el.c - m) - st.logS;
     ma = vmax(ma, lw + el.lsp);
     mb = vmax(mb, lw + el.lsq);
   }
   V sa(0), sb(0);
   for (int k = 0; k < K; ++k) {
     const Elem<V>& el = row.elem(k);
-    const V lw = el.c * inv_tau - m - st.logS;
+    const V lw = ts(el.c - m) - st.logS;
     sa = sa + vexp(lw + el.lsp - ma);
     sb = sb + vexp(lw + el.lsq - mb);
   }
@@ -236,13 +270,13 @@ CETNET_HD FusionStats<V> fusion_stats(const Row& row, V inv_tau, bool logit_spac
 
 // a_k = w_k p_k / p and b_k = w_k q_k / (1 - p), both in [0, 1] (prob space, with_logs).
 template <typename V>
-CETNET_HD void member_ratios(const Elem<V>& el, V e, const FusionStats<V>& st, V inv_tau, V& a,
-                             V& b) {
+CETNET_HD void member_ratios(const Elem<V>& el, V e, const FusionStats<V>& st,
+                             const TempScale<V>& ts, V& a, V& b) {
   a = e * el.p * st.inv_sp;
   b = e * el.q * st.inv_sq;
   if (st.any_slow) {
     const V tiny(tiny_sum(V(0)));
-    const V lw = el.c * inv_tau - st.m - st.logS;
+    const V lw = ts(el.c - st.m) - st.logS;
     a = select_lt(st.smin, tiny, vexp(lw + el.lsp - st.logp), a);
     b = select_lt(st.smin, tiny, vexp(lw + el.lsq - st.log1mp), b);
   }
@@ -252,9 +286,10 @@ CETNET_HD void member_ratios(const Elem<V>& el, V e, const FusionStats<V>& st, V
 // confidence_fusion forward: p and (optionally, through `put_w(k, w_k)`) the weights.
 // ---------------------------------------------------------------------------------------------
 template <typename V, typename Row, typename PutW>
-CETNET_HD V fusion_forward_row(const Row& row, V inv_tau, bool logit_space, PutW put_w) {
-  const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, /*with_logs=*/false);
-  for (int k = 0; k < row.K; ++k) put_w(k, member_e<V>(row, k, st, inv_tau) * st.invS);
+CETNET_HD V fusion_forward_row(const Row& row, const TempScale<V>& ts, bool logit_space,
+                               PutW put_w) {
+  const FusionStats<V> st = fusion_stats<V>(row, ts, logit_space, /*with_logs=*/false);
+  for (int k = 0; k < row.K; ++k) put_w(k, member_e<V>(row, k, st, ts) * st.invS);
   return st.p;
 }
 
@@ -300,7 +335,8 @@ CETNET_HD V fusion_forward_row_unit_tau(const Row& row, bool logit_space, PutW p
 //   g_z_k = g_m w_k dm_k/dz_k + g_c_k z_k p_k (1-p_k),  g_tau = -(1/tau) sum_k g_c_k c_k
 // ---------------------------------------------------------------------------------------------
 template <typename V, typename Row, typename GetW, typename GetGW, typename PutGZ>
-CETNET_HD V fusion_backward_row_w(const Row& row, V inv_tau, bool logit_space, bool detach_weights,
+CETNET_HD V fusion_backward_row_w(const Row& row, const TempScale<V>& ts, bool logit_space,
+                                  bool detach_weights,
                                   bool want_gt, V g_p, GetW get_w, GetGW get_gw, PutGZ put_gz) {
   const int K = row.K;
   V g_m = g_p;
@@ -319,6 +355,9 @@ CETNET_HD V fusion_backward_row_w(const Row& row, V inv_tau, bool logit_space, b
     }
   }
   V gt(0);
+  // sum_k g_c_k c_k = sum_k g_c_k (c_k - c_0), as sum_k g_c_k = 0: the confidences differ by
+  // far less than their size, and the difference keeps dL/dtau accurate at small tau.
+  const V c0 = want_gt ? row.elem(0).c : V(0);
   for (int k = 0; k < K; ++k) {
     const Elem<V>& el = row.elem(k);
     const V w = get_w(k);
@@ -326,23 +365,23 @@ CETNET_HD V fusion_backward_row_w(const Row& row, V inv_tau, bool logit_space, b
     V gz = g_m * w * (logit_space ? V(1) : pq);
     if (!detach_weights) {
       const V u = get_gw(k) + g_m * (logit_space ? el.z : el.p);
-      const V gc = w * (u - ubar) * inv_tau;
+      const V gc = ts(w * (u - ubar));
       gz = gz + gc * el.z * pq;
-      if (want_gt) gt = gt + gc * el.c;
+      if (want_gt) gt = gt + gc * (el.c - c0);
     }
     put_gz(k, gz);
   }
-  return -inv_tau * gt;
+  return -ts(gt);
 }
 
 // The same, with the weights recomputed from the logits (the row must hold full elems).
 template <typename V, typename Row, typename GetGW, typename PutGZ>
-CETNET_HD V fusion_backward_row(const Row& row, V inv_tau, bool logit_space, bool detach_weights,
-                                V g_p, GetGW get_gw, PutGZ put_gz) {
-  const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, /*with_logs=*/false);
+CETNET_HD V fusion_backward_row(const Row& row, const TempScale<V>& ts, bool logit_space,
+                                bool detach_weights, V g_p, GetGW get_gw, PutGZ put_gz) {
+  const FusionStats<V> st = fusion_stats<V>(row, ts, logit_space, /*with_logs=*/false);
   return fusion_backward_row_w<V>(
-      row, inv_tau, logit_space, detach_weights, /*want_gt=*/true, g_p,
-      [&](int k) { return member_e<V>(row, k, st, inv_tau) * st.invS; }, get_gw, put_gz);
+      row, ts, logit_space, detach_weights, /*want_gt=*/true, g_p,
+      [&](int k) { return member_e<V>(row, k, st, ts) * st.invS; }, get_gw, put_gz);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -362,7 +401,8 @@ struct LossRowOut {
 };
 
 template <typename V, typename Row, typename PutGZ>
-CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, bool logit_space,
+CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, const TempScale<V>& ts,
+                                               bool logit_space,
                                                bool detach_weights, const LossWeights& lw,
                                                bool compute_grad, PutGZ put_gz) {
   const int K = row.K;
@@ -371,7 +411,7 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
   const bool use_a = lw.alpha != 0, use_b = lw.beta != 0, use_g = lw.gamma != 0;
   const bool use_d = lw.delta != 0 && K > 1;
   const bool need_logs = use_b || use_g;
-  const FusionStats<V> st = fusion_stats<V>(row, inv_tau, logit_space, need_logs);
+  const FusionStats<V> st = fusion_stats<V>(row, ts, logit_space, need_logs);
   const V p = st.p;
   const V q = st.q;  // 1 - p, exact near p = 1 (p itself would round to 1)
 
@@ -404,25 +444,32 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
 
   // Temperature: only the ensemble BCE depends on tau (the gamma/delta targets are detached).
   if (use_b && !detach_weights) {
-    const V inv_tau2 = inv_tau * inv_tau;
+    // With sum_k w_k = sum_k a_k = sum_k b_k = 1 and d_k = c_k - max_j c_j:
+    //   sum_k a_k c_k - cbar = sum_k (a_k - w_k) d_k,  sum_k w_k z_k c_k - z_f cbar
+    //   = sum_k w_k (z_k - z_f) d_k.
+    // The confidences differ by far less than their size, so the plain sums would lose the
+    // result to the rounding of cbar (percents at tau = 1e-3 in float32); these forms keep it,
+    // and are exactly 0 for one-hot weights at any tau.
     V s1(0), s2(0);
     for (int k = 0; k < K; ++k) {
       const Elem<V>& el = row.elem(k);
-      const V e = member_e<V>(row, k, st, inv_tau);
+      const V e = member_e<V>(row, k, st, ts);
+      const V w = e * st.invS;
+      const V d = el.c - st.m;
       if (logit_space) {
-        s1 = s1 + e * st.invS * el.z * el.c;  // sum_k w_k z_k c_k
+        s1 = s1 + w * (el.z - st.zf) * d;
       } else {
         V a, b;
-        member_ratios<V>(el, e, st, inv_tau, a, b);
-        s1 = s1 + a * el.c;  // sum_k a_k c_k
-        s2 = s2 + b * el.c;  // sum_k b_k c_k
+        member_ratios<V>(el, e, st, ts, a, b);
+        s1 = s1 + (a - w) * d;
+        s2 = s2 + (b - w) * d;
       }
     }
     if (logit_space) {
-      // d BCE/dtau = (p - y) dz_f/dtau, dz_f/dtau = -(1/tau^2) (sum w z c - z_f cbar)
-      out.gtau = -beta * (p - y) * inv_tau2 * (s1 - st.zf * st.cbar);
+      // d BCE/dtau = (p - y) dz_f/dtau, dz_f/dtau = -(1/tau^2) sum_k w_k (z_k - z_f) d_k
+      out.gtau = -beta * (p - y) * ts(ts(s1));
     } else {
-      out.gtau = beta * inv_tau2 * (y * (s1 - st.cbar) + (one - y) * (s2 - st.cbar));
+      out.gtau = beta * ts(ts(y * s1 + (one - y) * s2));
     }
   }
   for (int j = 0; j < K; ++j) {
@@ -432,17 +479,20 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, V inv_tau, b
     if (use_g) g = g + gamma * (el.p - p);
     if (use_d) g = g + delta * inv_km1 * (V(K) * el.p - P);
     if (use_b) {
-      const V e = member_e<V>(row, j, st, inv_tau);
+      // (weight x the 1 + x/tau of the softmax) as weight + (weight x x)/tau: a weight that
+      // underflowed to 0 gives 0, not 0 * inf.
+      const V e = member_e<V>(row, j, st, ts);
       if (logit_space) {
-        const V br = detach_weights ? one : one + el.z * el.p * el.q * (el.z - st.zf) * inv_tau;
-        g = g + beta * (p - y) * e * st.invS * br;
+        const V w = e * st.invS;
+        const V wbr = detach_weights ? w : w + ts(w * el.z * el.p * el.q * (el.z - st.zf));
+        g = g + beta * (p - y) * wbr;
       } else {
         V a, b;
-        member_ratios<V>(el, e, st, inv_tau, a, b);
-        const V rho0 = a * el.q;  // r_j / p
-        const V rho1 = b * el.p;  // r_j / (1 - p)
-        const V br = detach_weights ? one : one + el.z * (el.p - p) * inv_tau;
-        g = g + beta * ((one - y) * rho1 - y * rho0) * br;
+        member_ratios<V>(el, e, st, ts, a, b);
+        const V rho = (one - y) * (b * el.p) - y * (a * el.q);  // r_j/(1-p), r_j/p terms
+        // p_j - p with p as summed: exactly 0 for the winner of one-hot weights.
+        const V rbr = detach_weights ? rho : rho + ts(rho * el.z * (el.p - st.pw));
+        g = g + beta * rbr;
       }
     }
     put_gz(j, g);

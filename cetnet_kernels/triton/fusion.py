@@ -137,6 +137,19 @@ def _member(z):
 
 
 @triton.jit
+def _over_tau(x, tau, inv_tau):
+    # x / tau: x * (1/tau) while 1/tau is finite, a true division once it overflows (tau below
+    # ~1/FLT_MAX), where x * inf would turn an exact 0 into NaN. The callers divide differences
+    # that are exactly 0 at the winning member and multiply by a weight before dividing, so the
+    # results stay exact (and free of 0 * inf) at any tau > 0, as in csrc/fusion_math.h.
+    if inv_tau < float("inf"):
+        r = x * inv_tau
+    else:
+        r = x / tau
+    return r
+
+
+@triton.jit
 def _fusion_stats(
     z,  # [BLOCK_B, BLOCK_K] logits (acc dtype)
     p,  # [BLOCK_B, BLOCK_K] sigmoid(z)
@@ -144,16 +157,18 @@ def _fusion_stats(
     lsq,  # [BLOCK_B, BLOCK_K] log sigmoid(-z)
     c,  # [BLOCK_B, BLOCK_K] confidence
     kmask,  # [1, BLOCK_K] valid member slots
+    tau,  # [] temperature (acc dtype)
     inv_tau,  # [] 1 / temperature
     LOGIT_SPACE: tl.constexpr,
     WITH_LOGS: tl.constexpr,
 ):
-    # fusion_stats: log w_k = c_k/tau - m - logS. Returns per-row [BLOCK_B]
+    # fusion_stats: log w_k = (c_k - m)/tau - logS with m = max_k c_k (the max is subtracted
+    # before scaling: the winner's exponent is exactly 0 at any tau). Returns per-row [BLOCK_B]
     # (m, logS, cbar, zf, p_fused, log p, log(1 - p)); the logs only with WITH_LOGS or in logit
     # space (else zeros). Without logs, prob-space p is the positive sum sum_k w_k p_k.
-    s = tl.where(kmask, c * inv_tau, float("-inf"))
+    s = tl.where(kmask, c, float("-inf"))
     m = tl.max(s, axis=1)
-    e = tl.exp(s - m[:, None])  # masked slots: exp(-inf) = 0
+    e = tl.exp(_over_tau(s - m[:, None], tau, inv_tau))  # masked slots: exp(-inf) = 0
     S = tl.sum(e, axis=1)
     invS = 1.0 / S
     logS = tl.log(S)
@@ -163,7 +178,7 @@ def _fusion_stats(
         pf, qf, logp, log1mp, cf = _member(zf)
     elif WITH_LOGS:
         # log p = LSE_k(log w_k + log sigmoid(z_k)), log(1-p) = LSE_k(log w_k + log sigmoid(-z_k))
-        lw = c * inv_tau - m[:, None] - logS[:, None]
+        lw = _over_tau(c - m[:, None], tau, inv_tau) - logS[:, None]
         a = tl.where(kmask, lw + lsp, float("-inf"))
         b = tl.where(kmask, lw + lsq, float("-inf"))
         ma = tl.max(a, axis=1)
@@ -223,13 +238,14 @@ def _confidence_fusion_fwd_kernel(
         z = z.to(tl.float64)
     else:
         z = z.to(tl.float32)
-    inv_tau = 1.0 / tl.load(tau_ptr).to(z.dtype)
+    tau = tl.load(tau_ptr).to(z.dtype)
+    inv_tau = 1.0 / tau
 
     p, q, lsp, lsq, c = _member(z)
     m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
-        z, p, lsp, lsq, c, kmask, inv_tau, LOGIT_SPACE, False
+        z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, False
     )
-    w = tl.exp(c * inv_tau - m[:, None] - logS[:, None])
+    w = tl.exp(_over_tau(c - m[:, None], tau, inv_tau) - logS[:, None])
 
     tl.store(prob_ptr + rows, _to_out(pf, prob_ptr), mask=row_mask)
     tl.store(w_ptr + rows[:, None] * K + cols[None, :], _to_out(w, w_ptr), mask=mask)
@@ -277,14 +293,15 @@ def _confidence_fusion_bwd_kernel(
         z = z.to(tl.float64)
     else:
         z = z.to(tl.float32)
-    inv_tau = 1.0 / tl.load(tau_ptr).to(z.dtype)
+    tau = tl.load(tau_ptr).to(z.dtype)
+    inv_tau = 1.0 / tau
 
     p, q, lsp, lsq, c = _member(z)
     m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
-        z, p, lsp, lsq, c, kmask, inv_tau, LOGIT_SPACE, False
+        z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, False
     )
     # Masked member slots hold z = 0: zero their weight so they drop out of every sum.
-    w = tl.where(kmask, tl.exp(c * inv_tau - m[:, None] - logS[:, None]), 0.0)
+    w = tl.where(kmask, tl.exp(_over_tau(c - m[:, None], tau, inv_tau) - logS[:, None]), 0.0)
     pq = p * q
 
     if HAS_GP:
@@ -309,10 +326,12 @@ def _confidence_fusion_bwd_kernel(
                          other=0.0)
             u = gw.to(z.dtype) + u
         ubar = tl.sum(w * u, axis=1)
-        gc = w * (u - ubar[:, None]) * inv_tau
+        gc = _over_tau(w * (u - ubar[:, None]), tau, inv_tau)
         gz = gz + gc * z * pq
         if COMPUTE_TGRAD:
-            gt = -inv_tau * tl.sum(gc * c, axis=1)
+            # sum_k g_c_k c_k = sum_k g_c_k (c_k - max c), as sum_k g_c_k = 0 (accurate at
+            # small tau; see csrc/fusion_math.h).
+            gt = -_over_tau(tl.sum(gc * (c - m[:, None]), axis=1), tau, inv_tau)
             tl.store(gt_ptr + rows, gt, mask=row_mask)
 
     tl.store(gz_ptr + rows[:, None] * K + cols[None, :], _to_out(gz, gz_ptr), mask=mask)
@@ -379,11 +398,12 @@ def _collaborative_loss_kernel(
     else:
         z = z.to(tl.float32)
     y = tl.load(y_ptr + rows * stride_y, mask=row_mask, other=0.0).to(z.dtype)
-    inv_tau = 1.0 / tl.load(tau_ptr).to(z.dtype)
+    tau = tl.load(tau_ptr).to(z.dtype)
+    inv_tau = 1.0 / tau
 
     p, q, lsp, lsq, c = _member(z)
     m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
-        z, p, lsp, lsq, c, kmask, inv_tau, LOGIT_SPACE, NEED_LOGS
+        z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, NEED_LOGS
     )
     # 1 - p, exact near p = 1 (p itself would round to 1).
     if NEED_LOGS:
@@ -421,19 +441,27 @@ def _collaborative_loss_kernel(
     if COMPUTE_GRAD:
         if USE_B:
             # log w; -inf in masked slots so that every exp(lw + ...) there is 0.
-            lw = tl.where(kmask, c * inv_tau - m[:, None] - logS[:, None], float("-inf"))
+            lw = tl.where(kmask, _over_tau(c - m[:, None], tau, inv_tau) - logS[:, None],
+                          float("-inf"))
         # Temperature: only the ensemble BCE depends on tau (the gamma/delta targets are detached).
         if COMPUTE_TGRAD:
-            inv_tau2 = inv_tau * inv_tau
+            # sum_k a_k c_k - cbar = sum_k (a_k - w_k) d_k and sum_k w_k z_k c_k - z_f cbar =
+            # sum_k w_k (z_k - z_f) d_k with d_k = c_k - max c: accurate at small tau, exactly
+            # 0 for one-hot weights (see csrc/fusion_math.h).
+            d = c - m[:, None]
+            wl = tl.exp(lw)
             if LOGIT_SPACE:
-                # d BCE/dtau = (p - y) dz_f/dtau, dz_f/dtau = -(1/tau^2) (sum w z c - z_f cbar)
-                s1 = tl.sum(tl.where(kmask, tl.exp(lw) * z * c, 0.0), axis=1)
-                gt = -beta * (pf - y) * inv_tau2 * (s1 - zf * cbar)
+                # d BCE/dtau = (p - y) dz_f/dtau, dz_f/dtau = -(1/tau^2) sum_k w_k (z_k - z_f) d_k
+                s1 = tl.sum(tl.where(kmask, wl * (z - zf[:, None]) * d, 0.0), axis=1)
+                gt = -beta * (pf - y) * _over_tau(_over_tau(s1, tau, inv_tau), tau, inv_tau)
             else:
                 # a_k = w_k p_k / p, b_k = w_k q_k / (1-p)
-                s1 = tl.sum(tl.where(kmask, tl.exp(lw + lsp - logp[:, None]) * c, 0.0), axis=1)
-                s2 = tl.sum(tl.where(kmask, tl.exp(lw + lsq - log1mp[:, None]) * c, 0.0), axis=1)
-                gt = beta * inv_tau2 * (y * (s1 - cbar) + (1.0 - y) * (s2 - cbar))
+                a = tl.exp(lw + lsp - logp[:, None])
+                b = tl.exp(lw + lsq - log1mp[:, None])
+                s1 = tl.sum(tl.where(kmask, (a - wl) * d, 0.0), axis=1)
+                s2 = tl.sum(tl.where(kmask, (b - wl) * d, 0.0), axis=1)
+                gt = beta * _over_tau(_over_tau(y * s1 + (1.0 - y) * s2, tau, inv_tau), tau,
+                                      inv_tau)
             tl.store(gt_ptr + rows, gt, mask=row_mask)
 
         g = tl.zeros_like(z)
@@ -444,20 +472,22 @@ def _collaborative_loss_kernel(
         if USE_D:
             g = g + delta * inv_km1 * (Kf * p - P[:, None])
         if USE_B:
+            # weight x (1 + x/tau) as weight + (weight x)/tau: an underflowed weight gives 0.
             if LOGIT_SPACE:
-                if DETACH:
-                    br = 1.0
-                else:
-                    br = 1.0 + z * p * q * (z - zf[:, None]) * inv_tau
-                g = g + beta * (pf - y)[:, None] * tl.exp(lw) * br
+                wl = tl.exp(lw)
+                if not DETACH:
+                    wl = wl + _over_tau(wl * z * p * q * (z - zf[:, None]), tau, inv_tau)
+                g = g + beta * (pf - y)[:, None] * wl
             else:
                 rho0 = tl.exp(lw + lsp - logp[:, None]) * q  # r_j / p
                 rho1 = tl.exp(lw + lsq - log1mp[:, None]) * p  # r_j / (1 - p)
-                if DETACH:
-                    br = 1.0
-                else:
-                    br = 1.0 + z * (p - pf[:, None]) * inv_tau
-                g = g + beta * ((1.0 - y[:, None]) * rho1 - y[:, None] * rho0) * br
+                rho = (1.0 - y[:, None]) * rho1 - y[:, None] * rho0
+                if not DETACH:
+                    # p_j - p with p as the weighted sum (pf comes from exp(log p)): exactly 0
+                    # for the winner of one-hot weights, whose 1/tau would amplify a rounding.
+                    pw = tl.sum(tl.where(kmask, tl.exp(lw) * p, 0.0), axis=1)
+                    rho = rho + _over_tau(rho * z * (p - pw[:, None]), tau, inv_tau)
+                g = g + beta * rho
         tl.store(gz_ptr + rows[:, None] * K + cols[None, :], _to_out(g, gz_ptr), mask=mask)
 
 
@@ -488,6 +518,9 @@ def _launch(kernel, grid, args, constexprs, num_warps):
     else:
         with _device_guard(first):
             torch.library.wrap_triton(kernel)[grid](*args, **constexprs, num_warps=num_warps)
+
+
+_MAX_K = getattr(tl, "TRITON_MAX_TENSOR_NUMEL", 1 << 20)
 
 
 def _blocks(K: int) -> tuple[int, int, int]:
@@ -522,6 +555,10 @@ def _check_logits(logits: Tensor, op: str) -> None:
     if not logits.dtype.is_floating_point:
         raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
     torch._check_value(logits.shape[1] >= 1, lambda: f"{op}: logits needs at least one member (K >= 1)")
+    # One program holds a [BLOCK_B, next_power_of_2(K)] tile: Triton's tensors end at 2^20.
+    torch._check_value(logits.shape[1] <= _MAX_K, lambda: f"{op}: the triton backend handles at "
+                       f"most {_MAX_K} members (K), got {logits.shape[1]}; use backend='cpu' "
+                       f"or 'cuda'")
 
 
 def _check_temperature(temperature: Tensor, logits: Tensor, op: str) -> None:

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iomanip>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -152,6 +154,17 @@ double read_temperature(const at::Tensor& temperature, const char* op) {
   return tau;
 }
 
+// The temperature's scale in the compute type, refusing a tau that rounds to 0 there (1e-300
+// is 0 in float: the kernels would divide by zero).
+template <typename acc_t>
+TempScale<Vec<acc_t>> checked_temp_scale(double tau, const char* op) {
+  TORCH_CHECK_VALUE(static_cast<acc_t>(tau) > acc_t(0), op, ": temperature ", tau,
+                    " underflows to 0 in ", c10::CppTypeToScalarType<acc_t>::value,
+                    ", the compute dtype of these logits; use a larger temperature or float64 "
+                    "logits");
+  return temp_scale<Vec<acc_t>, acc_t>(tau);
+}
+
 // A 0-dim tensor holding v, written through its pointer (cheaper than at::scalar_tensor).
 at::Tensor scalar_out(double v, const at::TensorOptions& opts) {
   at::Tensor t = at::empty({}, opts);
@@ -184,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
     const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
     scalar_t* p_out = prob.mutable_data_ptr<scalar_t>();
     scalar_t* w_out = weights.mutable_data_ptr<scalar_t>();
-    const V inv_tau(static_cast<acc_t>(1.0 / tau));
+    const TempScale<V> ts = checked_temp_scale<acc_t>(tau, op);
     const bool unit_tau = tau == 1.0;  // the default: no logarithm needed (exp_confidence)
     parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t, int64_t lo, int64_t hi) {
       for (int64_t b0 = lo; b0 < hi; b0 += L) {
@@ -194,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
         acc_t* wbuf = s.buf.data();  // the logits are cached: reuse the buffer for weights
         const auto put_w = [&](int k, const V& w) { w.store(wbuf + k * L); };
         const V p = unit_tau ? fusion_forward_row_unit_tau<V>(s.row, logit_space, put_w)
-                             : fusion_forward_row<V>(s.row, inv_tau, logit_space, put_w);
+                             : fusion_forward_row<V>(s.row, ts, logit_space, put_w);
         store_rows(p, b0, n, p_out);
         scatter_tile(wbuf, b0, n, K, w_out);
       }
@@ -237,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
     const int64_t gw_s0 = has_gw ? gw.stride(0) : 0, gw_s1 = has_gw ? gw.stride(1) : 0;
     const int64_t w_s0 = has_w ? w.stride(0) : 0, w_s1 = has_w ? w.stride(1) : 0;
     scalar_t* gz_out = grad_logits.mutable_data_ptr<scalar_t>();
-    const V inv_tau(static_cast<acc_t>(1.0 / tau));
+    const TempScale<V> ts = checked_temp_scale<acc_t>(tau, op);
     parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t blk, int64_t lo, int64_t hi) {
       std::vector<acc_t> gwbuf(has_gw ? static_cast<size_t>(K) * L : 0);
       std::vector<acc_t> wbuf(has_w ? static_cast<size_t>(K) * L : 0);
@@ -255,11 +268,11 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
           gather_tile(w_ptr, w_s0, w_s1, b0, n, K, wbuf.data());
           fill_cache(s, K, /*full=*/want_gt);
           gt = fusion_backward_row_w<V>(
-              s.row, inv_tau, logit_space, detach_weights, want_gt, g_p,
+              s.row, ts, logit_space, detach_weights, want_gt, g_p,
               [&](int k) { return V::loadu(wbuf.data() + k * L); }, get_gw, put_gz);
         } else {
           fill_cache(s, K, /*full=*/true);
-          gt = fusion_backward_row<V>(s.row, inv_tau, logit_space, detach_weights, g_p, get_gw,
+          gt = fusion_backward_row<V>(s.row, ts, logit_space, detach_weights, g_p, get_gw,
                                       put_gz);
         }
         scatter_tile(gzbuf, b0, n, K, gz_out);
@@ -316,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
     scalar_t* gz_out = compute_grad ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* loss_out = per_row ? loss_rows.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* gt_out = gt_rows.defined() ? gt_rows.mutable_data_ptr<acc_t>() : nullptr;
-    const V inv_tau(static_cast<acc_t>(1.0 / tau));
+    const TempScale<V> ts = checked_temp_scale<acc_t>(tau, op);
     parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t blk, int64_t lo, int64_t hi) {
       // Labels outside [0, 1] (or NaN) are an input error: remember the first, raise later.
       for (int64_t b = lo; b < hi; ++b) {
@@ -334,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
         const V y = gather_rows<acc_t, acc_t>(y_ptr, y_s0, b0, n);
         acc_t* gzbuf = s.buf.data();
         const LossRowOut<V> r = collaborative_loss_row<V>(
-            s.row, y, inv_tau, logit_space, detach_weights, weights, compute_grad,
+            s.row, y, ts, logit_space, detach_weights, weights, compute_grad,
             [&](int k, const V& g) { g.store(gzbuf + k * L); });
         store_rows(r.p, b0, n, p_out);
         if (compute_grad) scatter_tile(gzbuf, b0, n, K, gz_out);
@@ -353,8 +366,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     if (bad_label[blk] >= 0) {
       const int64_t b = bad_label[blk];
-      TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, 1]; labels[", b,
-                        "] = ", y_t[b].item<double>());
+      // Every digit: 1.0000001 must not read "= 1".
+      TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, 1]; labels[", b, "] = ",
+                        std::setprecision(std::numeric_limits<double>::max_digits10),
+                        y_t[b].item<double>());
     }
   }
   const auto acc_opts = logits.options().dtype(acc_dtype);

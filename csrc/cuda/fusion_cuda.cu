@@ -149,15 +149,6 @@ __device__ __forceinline__ double read_tau(const TauRef& t) {
   }
 }
 
-// 1 / tau. A non-positive or non-finite tau (rejected by the Python layer) gives NaN, so results
-// are NaN rather than silently wrong.
-template <typename acc_t>
-__device__ __forceinline__ acc_t inverse_temperature(double t) {
-  return (t > 0.0 && t <= std::numeric_limits<double>::max())
-             ? static_cast<acc_t>(1.0 / t)
-             : std::numeric_limits<acc_t>::quiet_NaN();
-}
-
 // ---------------------------------------------------------------------------------------------
 // Deterministic sums.
 // ---------------------------------------------------------------------------------------------
@@ -318,7 +309,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
     fusion_forward_kernel(TileIO<scalar_t, scalar_t> io, TauRef tau, bool logit_space,
                           scalar_t* __restrict__ p_out) {
   const double t = read_tau(tau);
-  const acc_t inv_tau = inverse_temperature<acc_t>(t);
+  const TempScale<acc_t> ts = temp_scale<acc_t, acc_t>(t);
   const bool unit_tau = t == 1.0;  // the default: no logarithm (exp_confidence)
   const int K = io.K;
   if constexpr (kCached) {
@@ -335,7 +326,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
       } else {
         const SmemRow<acc_t, true> row{K, T, col};
         row.fill_row(zrow);
-        p = fusion_forward_row<acc_t>(row, inv_tau, logit_space, put_w);
+        p = fusion_forward_row<acc_t>(row, ts, logit_space, put_w);
       }
       p_out[b] = static_cast<scalar_t>(p);
     });
@@ -344,7 +335,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
       scalar_t* w_row = io.out + b * K;
       const GlobalRow<scalar_t, acc_t> row{K, io.z + b * io.s0, io.s1};
       const acc_t p = fusion_forward_row<acc_t>(
-          row, inv_tau, logit_space, [&](int k, acc_t w) { w_row[k] = static_cast<scalar_t>(w); });
+          row, ts, logit_space, [&](int k, acc_t w) { w_row[k] = static_cast<scalar_t>(w); });
       p_out[b] = static_cast<scalar_t>(p);
     }
   }
@@ -357,7 +348,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
                            bool detach_weights, bool want_gt, double* __restrict__ gt_partial,
                            acc_t* __restrict__ gt_zero) {
   const double t = read_tau(tau);
-  const acc_t inv_tau = inverse_temperature<acc_t>(t);
+  const TempScale<acc_t> ts = temp_scale<acc_t, acc_t>(t);
   const bool unit_tau = t == 1.0;
   const int K = io.K;
   double gt_sum = 0.0;
@@ -375,12 +366,12 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
         (void)fusion_forward_row_unit_tau<acc_t>(row, logit_space,
                                                  [&](int k, acc_t w) { row.set_e(k, w); });
         (void)fusion_backward_row_w<acc_t>(
-            row, inv_tau, logit_space, detach_weights, /*want_gt=*/false, g_p,
+            row, ts, logit_space, detach_weights, /*want_gt=*/false, g_p,
             [&](int k) { return row.e(k); }, get_gw, put_gz);
       } else {
         const SmemRow<acc_t, true> row{K, T, col};
         row.fill_row(zrow);
-        const acc_t gt = fusion_backward_row<acc_t>(row, inv_tau, logit_space, detach_weights,
+        const acc_t gt = fusion_backward_row<acc_t>(row, ts, logit_space, detach_weights,
                                                     g_p, get_gw, put_gz);
         if (want_gt) gt_sum += static_cast<double>(gt);
       }
@@ -392,7 +383,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
       scalar_t* gz_row = io.out + b * K;
       const GlobalRow<scalar_t, acc_t> row{K, io.z + b * io.s0, io.s1};
       const acc_t gt = fusion_backward_row<acc_t>(
-          row, inv_tau, logit_space, detach_weights, g_p,
+          row, ts, logit_space, detach_weights, g_p,
           [&](int k) {
             return gw_row != nullptr
                        ? static_cast<acc_t>(gw_row[static_cast<int64_t>(k) * io.gw_s1])
@@ -421,7 +412,7 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(acc_t) == 8 ? 1 : min_bloc
                               bool per_row, bool want_gt, scalar_t* __restrict__ p_out,
                               acc_t* __restrict__ loss_out, acc_t* __restrict__ gt_out,
                               double* __restrict__ partials, acc_t* __restrict__ gt_zero) {
-  const acc_t inv_tau = inverse_temperature<acc_t>(read_tau(tau));
+  const TempScale<acc_t> ts = temp_scale<acc_t, acc_t>(read_tau(tau));
   const int K = io.K;
   double loss_sum = 0.0, gt_sum = 0.0;
   // The per-row outputs; gz(k, g) stores dloss/dz_k.
@@ -441,7 +432,7 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(acc_t) == 8 ? 1 : min_bloc
     tile_loop(io, smem, [&](acc_t* zrow, const acc_t*, acc_t y, int64_t b) {
       row.fill_row(zrow);
       const LossRowOut<acc_t> r = collaborative_loss_row<acc_t>(
-          row, y, inv_tau, logit_space, detach_weights, weights, compute_grad,
+          row, y, ts, logit_space, detach_weights, weights, compute_grad,
           [&](int k, acc_t g) { zrow[k] = g; });
       finish(r, b);
     });
@@ -451,7 +442,7 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(acc_t) == 8 ? 1 : min_bloc
       scalar_t* gz_row = io.out != nullptr ? io.out + b * K : nullptr;
       const GlobalRow<scalar_t, acc_t> row{K, io.z + b * io.s0, io.s1};
       const LossRowOut<acc_t> r = collaborative_loss_row<acc_t>(
-          row, y, inv_tau, logit_space, detach_weights, weights, compute_grad,
+          row, y, ts, logit_space, detach_weights, weights, compute_grad,
           [&](int k, acc_t g) { gz_row[k] = static_cast<scalar_t>(g); });
       finish(r, b);
     }
