@@ -5,7 +5,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -42,6 +44,21 @@ inline std::vector<std::string> split_names(const std::string& joined, int64_t F
   return out;
 }
 
+// a + b and a * b of sizes computed from user values, refused when they pass int64: a wrapped
+// product (vocab 2^62 x dim 4 = 16) would pass the weight-size check and index out of bounds.
+inline int64_t checked_add(int64_t a, int64_t b, const char* what, const char* op) {
+  int64_t out = 0;
+  TORCH_CHECK_VALUE(!c10::add_overflows(a, b, &out), op, ": ", what,
+                    " overflows int64 (", a, " + ", b, ")");
+  return out;
+}
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what, const char* op) {
+  int64_t out = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(a, b, &out), op, ": ", what,
+                    " overflows int64 (", a, " x ", b, ")");
+  return out;
+}
+
 inline void check_feature_tensor(const at::Tensor& t, const char* what, const std::string& name,
                                  const at::Device& device, const char* op) {
   TORCH_CHECK(t.device() == device, op, ": feature '", name, "': ", what, " must be on ",
@@ -68,6 +85,11 @@ inline EmbeddingArgs check_embedding_args(
   A.F = static_cast<int64_t>(vocab.size());
   TORCH_CHECK_VALUE(A.M >= 1, op, ": dims must name at least one member");
   TORCH_CHECK_VALUE(A.F >= 1, op, ": vocab must name at least one feature");
+  // Kernels count members and features in int.
+  TORCH_CHECK_VALUE(A.M <= std::numeric_limits<int>::max() &&
+                        A.F <= std::numeric_limits<int>::max(),
+                    op, ": at most ", std::numeric_limits<int>::max(),
+                    " members and features, got ", A.M, " and ", A.F);
   TORCH_CHECK_VALUE(static_cast<int64_t>(ids.size()) == A.F &&
                         static_cast<int64_t>(offsets.size()) == A.F &&
                         static_cast<int64_t>(psw.size()) == A.F &&
@@ -85,9 +107,12 @@ inline EmbeddingArgs check_embedding_args(
   for (int64_t f = 0; f < A.F; ++f) {
     TORCH_CHECK_VALUE(A.vocab[f] >= 1, op, ": feature '", A.name(f),
                       "': vocabulary size must be >= 1, got ", A.vocab[f]);
-    A.Vtot += A.vocab[f];
+    A.Vtot = checked_add(A.Vtot, A.vocab[f], "the total vocabulary size", op);
   }
-  for (int64_t m = 0; m < A.M; ++m) A.weight_numel += A.dims[m] * A.Vtot;
+  for (int64_t m = 0; m < A.M; ++m)
+    A.weight_numel = checked_add(
+        A.weight_numel, checked_mul(A.dims[m], A.Vtot, "vocabulary x dim", op),
+        "the weight size (sum of vocabulary x dim over members)", op);
   TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op,
                    ": weight must be floating point, got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.numel() == A.weight_numel, op,
@@ -134,7 +159,7 @@ inline EmbeddingArgs check_embedding_args(
     TORCH_CHECK_VALUE(Bf == A.B, op, ": feature '", nm, "' has batch size ", Bf,
                       " but feature '", A.name(0), "' has ", A.B);
     A.col_start[f] = A.N;
-    A.N += A.ncols[f];
+    A.N = checked_add(A.N, A.ncols[f], "the number of output columns", op);
   }
   return A;
 }

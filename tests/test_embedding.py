@@ -599,3 +599,45 @@ def test_fused_update_16bit_storage(dtype, optimizer):
             loss_of(outs, [torch.ones(o.shape, dtype=torch.float64) for o in outs]).backward()
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(mod.weight.float(), ref.weight, rtol=4 * eps, atol=4 * eps)
+
+
+def _op_suffixes() -> list[str]:
+    """The registered op families runnable on CPU tensors here: C++ and Triton (interpreter)."""
+    out = [""] if HAS_CPU else []
+    if "triton" in available_backends("cpu"):
+        from cetnet_kernels.embedding import _ops_for
+
+        _ops_for("triton")  # registers the *_triton ops
+        out.append("_triton")
+    return out
+
+
+@pytest.mark.parametrize("suffix", _op_suffixes())
+@pytest.mark.parametrize("dims, vocab", [
+    ([4], [2**62, 4]),              # vocab x dim wraps to 16 (it used to pass and segfault)
+    ([1], [2**62, 2**62]),          # the total vocabulary wraps
+    ([2**61] * 4, [2, 2]),          # the weight size summed over members wraps
+])
+def test_direct_op_calls_refuse_sizes_that_overflow(suffix, dims, vocab):
+    """Sizes computed from user values are overflow-checked in every op (forward, fused forward,
+    backward, update), before any memory is touched: a wrapped product must never pass the
+    weight-size check."""
+    ns = torch.ops.cetnet
+    E = torch.zeros(0, dtype=torch.long)
+    ids = [torch.tensor([2**40]), torch.tensor([0])]
+    w = torch.zeros(16)
+    tail = (ids, [E, E], [torch.zeros(0)] * 2, [0, 0], dims, vocab, None)
+    named = (*tail, "x\ny")
+    grads = [torch.zeros(1, 2, d if d < 64 else 1) for d in dims]
+    calls = {
+        "forward": lambda: getattr(ns, "multi_embedding" + suffix)(w, *named),
+        "fused": lambda: getattr(ns, "multi_embedding_fused" + suffix)(
+            w, torch.zeros(0), torch.zeros(0), *named, 1, 0.1, 0.0, 0.0),
+        "backward": lambda: getattr(ns, "multi_embedding_backward" + suffix)(grads, w, *tail),
+        "update": lambda: getattr(ns, "multi_embedding_update" + suffix)(
+            grads, w, torch.zeros(0), *tail, 1, 0.1, 0.0, 0.0),
+    }
+    for name, call in calls.items():
+        with pytest.raises((ValueError, RuntimeError), match=r"overflow|weight must be 1-D"):
+            call()
+        assert torch.equal(w, torch.zeros(16)), name
