@@ -311,7 +311,10 @@ def confidence_fusion(
     Args:
         logits: ``[B, K]`` member logits (float16/bfloat16/float32/float64, any strides).
         temperature: softmax temperature > 0, a float or a 0-dim tensor; if the tensor requires
-            grad, its gradient is computed (learnable temperature).
+            grad, its gradient is computed (learnable temperature). Exact at any value: the most
+            confident member's exponent is exactly 0, so a temperature that drifts towards 0
+            gives the argmax fusion (ties shared), never NaN; a value that rounds to 0 or inf in
+            the compute dtype (float32 unless the logits are float64) is refused by name.
         fusion_space: ``"prob"`` or ``"logit"``.
         detach_weights: treat the weights as constants in backward (no gradient through them).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
@@ -363,6 +366,7 @@ def collaborative_loss(
         labels: ``[B]`` (or ``[B, 1]``) targets in ``[0, 1]``; soft labels allowed; bool/int ok.
             Labels get no gradient.
         temperature: fusion temperature > 0 (float or 0-dim tensor; learnable if it requires grad).
+            Exact at any value (as for :func:`confidence_fusion`).
         ensemble_weight, member_weight, distill_weight, mutual_weight: the term weights
             (beta, alpha, gamma, delta in MATH.md), each finite and >= 0. With K = 1 the loss
             is ``(member_weight + ensemble_weight) * BCEWithLogits(z, y)``.

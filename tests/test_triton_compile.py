@@ -1,0 +1,149 @@
+"""Every Triton kernel launch the CPU tests make also compiles for a Hopper GPU (sm_90: PTX and
+cubin through Triton's bundled ptxas), without a GPU.
+
+The interpreter runs the kernels' Python, not Triton's compiler: a construct the compiler rejects
+(a type mismatch between branches of a runtime ``if``, an int64/int32 mix, a bad constexpr) would
+only show on the first GPU run. This test records the launches of a representative set of op calls
+under the interpreter (kernel, argument types, constexpr values), then compiles each distinct one
+ahead of time in a subprocess without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from cetnet_kernels import available_backends
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends("cpu"),
+                                reason="Triton (interpreter) not available")
+
+_PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16",
+        torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1",
+        torch.uint8: "*u8"}
+
+
+def _arg_type(value: object) -> str | None:
+    """Triton signature type of a runtime argument; None for a None argument (a constexpr)."""
+    if isinstance(value, torch.Tensor):
+        return _PTR[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    if value is None:
+        return None
+    raise TypeError(f"unexpected kernel argument {type(value).__name__}")
+
+
+def _record_launches(monkeypatch) -> list[dict]:
+    """Patches the interpreter's ``kernel[grid]`` to note every launch (then run it)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: list[dict] = []
+    getitem = InterpretedFunction.__getitem__
+
+    def recording_getitem(self, grid):
+        launch = getitem(self, grid)
+
+        def run(*args, **kwargs):
+            names = list(self.arg_names)
+            spec = {"module": self.fn.__module__, "kernel": self.fn.__name__,
+                    "signature": {}, "constexprs": {}}
+            for name, value in zip(names, args):
+                kind = _arg_type(value)
+                if kind is None:
+                    spec["signature"][name] = "constexpr"
+                    spec["constexprs"][name] = None
+                else:
+                    spec["signature"][name] = kind
+            for name, value in kwargs.items():
+                if name in names:
+                    spec["signature"][name] = "constexpr"
+                    spec["constexprs"][name] = value
+            seen.append(spec)
+            return launch(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(InterpretedFunction, "__getitem__", recording_getitem)
+    return seen
+
+
+def _exercise_ops() -> None:
+    """A small call of every op family, in the variants that change the compiled kernel."""
+    from cetnet_kernels import MultiTableEmbedding, collaborative_loss, confidence_fusion
+    from cetnet_kernels.embedding import OPTIMIZERS
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        z = (torch.randn(5, 3, generator=g) * 2).to(dtype).requires_grad_()
+        y = torch.rand(5, generator=g)
+        t = torch.tensor(0.7, requires_grad=True)
+        for space in ("prob", "logit"):
+            for detach in (False, True):
+                p, w = confidence_fusion(z, t, fusion_space=space, detach_weights=detach,
+                                         backend="triton")
+                (p.sum() + w[:, 0].sum()).backward()
+                loss, _ = collaborative_loss(z, y, t, fusion_space=space, detach_weights=detach,
+                                             mutual_weight=0.2, distill_weight=0.3,
+                                             backend="triton")
+                loss.backward()
+    features = [("user", 7), ("item", 11), ("tags", 5, "sum")]
+    ids = {"user": torch.tensor([1, 2, 6]), "item": torch.tensor([[0, 10], [3, 4], [5, 5]]),
+           "tags": (torch.tensor([0, 1, 4, 2]), torch.tensor([0, 2, 3, 4]))}
+    for optimizer in OPTIMIZERS:
+        for dtype in (torch.float32, torch.bfloat16):
+            mod = MultiTableEmbedding(2, features, [4, 3], optimizer=optimizer,
+                                      weights_dtype=dtype, backend="triton")
+            outs = mod(ids)
+            sum(o.float().sum() for o in outs).backward()
+
+
+_COMPILE = textwrap.dedent("""
+    import importlib, json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    failures = []
+    for spec in json.load(open(sys.argv[1])):
+        kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+        try:
+            src = ASTSource(kernel, spec["signature"], constexprs=spec["constexprs"])
+            out = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+            assert out.asm.get("cubin"), "no cubin"
+        except Exception as e:  # report every kernel that fails, not only the first
+            failures.append(f"{spec['kernel']} {spec['constexprs']}: {type(e).__name__}: {e}")
+    print("\\n".join(failures))
+    sys.exit(1 if failures else 0)
+""")
+
+
+def test_every_recorded_triton_launch_compiles_for_sm90(monkeypatch, tmp_path):
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    seen = _record_launches(monkeypatch)
+    _exercise_ops()
+    unique = {json.dumps(s, sort_keys=True): s for s in seen}
+    kernels = {s["kernel"] for s in unique.values()}
+    assert len(kernels) >= 5, kernels  # fusion fwd/bwd/loss and the embedding kernels
+    print(f"{len(unique)} distinct launches of {len(kernels)} kernels")
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps(list(unique.values())))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set, so Triton does not warn
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(specs)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{len(unique)} launches; failures:\n{proc.stdout}{proc.stderr[-3000:]}"
