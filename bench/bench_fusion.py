@@ -113,7 +113,7 @@ def _skip_reason(device: str, provider: str) -> str | None:
         if backend == "triton":
             from cetnet_kernels import fusion
 
-            err = getattr(fusion, "_TRITON_ERROR", None)
+            err = fusion._TRITON.error
             if err:
                 return f"backend 'triton' failed to load: {err}"
     return None

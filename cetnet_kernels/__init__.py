@@ -2,6 +2,7 @@
 
 - :func:`confidence_fusion`: CETNet's confidence-weighted fusion of K member logits.
 - :func:`collaborative_loss`: the collaborative training loss and its gradient in one kernel.
+- :func:`kdef_loss`: the KDEF (knowledge-driven ensemble) loss and its gradient, fused.
 - :class:`CETNetFusion`: a drop-in ``nn.Module`` ensembling any models' logits.
 - :class:`MultiTableEmbedding`: every member's embedding tables of every feature, looked up in
   one launch (flat TBE-style storage, optional fused SGD / row-wise Adagrad in backward).
@@ -15,8 +16,10 @@ from cetnet_kernels.backends import BACKENDS, available_backends
 from cetnet_kernels.embedding import EmbeddingFeature, MultiTableEmbedding
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
 from cetnet_kernels.fusion import collaborative_loss, confidence_fusion
+from cetnet_kernels.kdef import kdef_loss
 from cetnet_kernels.modules import CETNetFusion, FusionOutput
-from cetnet_kernels.reference import collaborative_loss_reference, confidence_fusion_reference
+from cetnet_kernels.reference import (collaborative_loss_reference, confidence_fusion_reference,
+                                      kdef_loss_reference)
 
 __version__ = "0.1.0"
 
@@ -32,5 +35,7 @@ __all__ = [
     "collaborative_loss_reference",
     "confidence_fusion",
     "confidence_fusion_reference",
+    "kdef_loss",
+    "kdef_loss_reference",
     "multi_table_embedding_reference",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from cetnet_kernels._extension import HAS_C, _C
 
-__all__ = ["BACKENDS", "available_backends", "load_triton_eagerly", "resolve_backend"]
+__all__ = ["BACKENDS", "TritonLoader", "available_backends", "resolve_backend"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -79,15 +79,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def load_triton_eagerly(load: Callable[[], None]) -> str | None:
-    """Runs ``load`` (which defines Triton ops) now when Triton can run here (a GPU, or the
-    interpreter), so that torch.compile never traces their registration. Returns why it failed
-    (a broken triton install must not break the other backends), or None."""
-    if not ((torch.cuda.is_available() and _triton_runs_on(torch.device("cuda")))
-            or _triton_runs_on(torch.device("cpu"))):
-        return None
-    try:
-        load()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
+class TritonLoader:
+    """Loads one op family's Triton ops: ``load`` imports the module that defines them and
+    registers what they need. It runs at import when Triton can run here (a GPU, or the
+    interpreter), so that torch.compile never traces the registration; a broken Triton install
+    is remembered, not raised, so the other backends keep working, and :meth:`ensure` says why
+    when the triton backend is asked for."""
+
+    def __init__(self, load: Callable[[], None]) -> None:
+        self._load = load
+        self.loaded = False
+        self.error: str | None = None
+        if (torch.cuda.is_available() and _triton_runs_on(torch.device("cuda"))) \
+                or _triton_runs_on(torch.device("cpu")):
+            try:
+                self._run()
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+
+    def _run(self) -> None:
+        self._load()
+        self.loaded = True
+
+    def ensure(self) -> None:
+        """Loads the ops if not yet done; RuntimeError if loading failed at import."""
+        if self.loaded:
+            return
+        if self.error is not None:
+            raise RuntimeError(f"backend 'triton' failed to load: {self.error}")
+        self._run()

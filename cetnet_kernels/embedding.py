@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from cetnet_kernels._extension import HAS_C
-from cetnet_kernels.backends import BACKENDS, load_triton_eagerly, resolve_backend
+from cetnet_kernels.backends import BACKENDS, TritonLoader, resolve_backend
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
 
 __all__ = ["EmbeddingFeature", "MultiTableEmbedding", "OPTIMIZERS", "POOLINGS"]
@@ -223,23 +223,18 @@ _OPS: dict[str, _EmbeddingOps] = {}
 if HAS_C:
     _OPS["cpu"] = _OPS["cuda"] = _register_ops("")
 
-_TRITON_ERROR: str | None = None
-
-
 def _load_triton() -> None:
     from cetnet_kernels.triton import embedding as _te  # noqa: F401  (defines the *_triton ops)
 
     _OPS["triton"] = _register_ops("_triton")
 
 
-_TRITON_ERROR = load_triton_eagerly(_load_triton)
+_TRITON = TritonLoader(_load_triton)
 
 
 def _ops_for(backend: str) -> _EmbeddingOps:
-    if backend == "triton" and "triton" not in _OPS:
-        if _TRITON_ERROR is not None:
-            raise RuntimeError(f"backend 'triton' failed to load: {_TRITON_ERROR}")
-        _load_triton()
+    if backend == "triton":
+        _TRITON.ensure()
     return _OPS[backend]
 
 

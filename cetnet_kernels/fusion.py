@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._extension import HAS_C
-from cetnet_kernels.backends import load_triton_eagerly, resolve_backend
+from cetnet_kernels.backends import TritonLoader, resolve_backend
 
 __all__ = ["confidence_fusion", "collaborative_loss", "REDUCTIONS", "FUSION_SPACES"]
 
@@ -146,9 +146,6 @@ if HAS_C:
     # than the kernels at CTR batch sizes.
 
 
-_TRITON_ERROR: str | None = None
-
-
 def _load_triton() -> None:
     from cetnet_kernels.triton import fusion as tf  # noqa: F401  (defines the *_triton ops)
 
@@ -159,14 +156,12 @@ def _load_triton() -> None:
     _OPSETS["triton"] = ops
 
 
-_TRITON_ERROR = load_triton_eagerly(_load_triton)
+_TRITON = TritonLoader(_load_triton)
 
 
 def _ops_for(backend: str) -> _OpSet:
-    if backend == "triton" and "triton" not in _OPSETS:
-        if _TRITON_ERROR is not None:
-            raise RuntimeError(f"backend 'triton' failed to load: {_TRITON_ERROR}")
-        _load_triton()
+    if backend == "triton":
+        _TRITON.ensure()
     return _OPSETS[backend]
 
 

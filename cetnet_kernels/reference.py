@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["confidence_fusion_reference", "collaborative_loss_reference"]
+__all__ = ["confidence_fusion_reference", "collaborative_loss_reference", "kdef_loss_reference",
+           "kdef_loss_terms_reference"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -158,3 +159,46 @@ def collaborative_loss_reference(
     else:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return loss, p.to(logits.dtype)
+
+
+def kdef_loss_terms_reference(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """The KDEF loss of :func:`cetnet_kernels.kdef_loss` term by term: ``label``, ``t2s``,
+    ``s2s`` (0-dim) and ``teacher`` (``[B]``, logits dtype).
+
+    ``p = sigmoid(z)``, teacher ``p_T = sigmoid(mean_k z_k)`` (detached in the loss), exam scores
+    ``s_k = mean_b (1 - |y_b - p_bk|)`` (not detached)::
+
+        label = mean_{b,k} BCE(p_bk, y_b)
+        t2s   = sum_k a_k mean_b (p_bk - sg(p_T,b))^2,                        a = softmax(-s)
+        s2s   = (1/K) sum_i sum_{j != i} b_ij mean_b (p_bi - sg(p_bj))^2,
+                b_ij = exp(s_j) / sum_{l != i} exp(s_l)
+
+    An empty batch has every term 0. Labels get no gradient. Memory: ``B x K x K`` (the pairs).
+    """
+    cdt = _compute_dtype(logits.dtype)
+    z = logits.to(cdt)
+    y = labels.detach().to(cdt).reshape(-1, 1)
+    B, K = z.shape
+    teacher = torch.sigmoid(z.mean(dim=1))
+    zero = (z * 0).sum()  # connected to z: a zero term has gradient 0
+    terms = {"label": zero, "t2s": zero, "s2s": zero, "teacher": teacher.to(logits.dtype)}
+    if B == 0:
+        return terms
+    p = torch.sigmoid(z)
+    terms["label"] = (_softplus(z) - y * z).mean()
+    scores = (1 - (y - p).abs()).mean(dim=0)
+    a = torch.softmax(-scores, dim=0)
+    terms["t2s"] = (a * (p - teacher.detach()[:, None]).pow(2).mean(dim=0)).sum()
+    if K > 1:
+        off = ~torch.eye(K, dtype=torch.bool, device=z.device)
+        b = torch.softmax(scores.expand(K, K).masked_fill(~off, float("-inf")), dim=1)
+        n = (p[:, :, None] - p.detach()[:, None, :]).pow(2).mean(dim=0)  # n[i, j]
+        terms["s2s"] = (b * n).masked_fill(~off, 0.0).sum() / K
+    return terms
+
+
+def kdef_loss_reference(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`cetnet_kernels.kdef_loss`: ``(label + t2s + s2s, teacher_prob [B])``
+    of :func:`kdef_loss_terms_reference`."""
+    t = kdef_loss_terms_reference(logits, labels)
+    return t["label"] + t["t2s"] + t["s2s"], t["teacher"]

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <iomanip>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -78,6 +79,24 @@ inline at::Tensor saved_weights(const std::optional<at::Tensor>& weights, const 
                    ": weights must have the logits' dtype ", logits.scalar_type(), ", got ",
                    weights->scalar_type());
   return *weights;
+}
+
+// Labels outside [0, 1] (or NaN) are an input error. The kernels look for the first bad one of
+// each block of rows inside their pass (first_bad_label) and raise after it (raise_bad_label),
+// printing every digit: 1.0000001 must not read "= 1".
+template <typename T>
+inline int64_t first_bad_label(const T* y, int64_t stride, int64_t lo, int64_t hi) {
+  for (int64_t b = lo; b < hi; ++b) {
+    const T v = y[b * stride];
+    if (!(v >= T(0) && v <= T(1))) return b;
+  }
+  return -1;
+}
+
+inline void raise_bad_label(const char* op, const at::Tensor& labels, int64_t b) {
+  TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, 1]; labels[", b, "] = ",
+                    std::setprecision(std::numeric_limits<double>::max_digits10),
+                    labels[b].item<double>());
 }
 
 // The accumulation dtype: float64 for float64 inputs, float32 for the rest.

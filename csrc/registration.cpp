@@ -13,6 +13,10 @@
 //           prob [B] logits.dtype,
 //           grad_logits [B,K] logits.dtype: unreduced per-row d(row loss)/dz, or [0] if !compute_grad,
 //           grad_temperature acc: [B] per row for none, [] row sum otherwise; [] zero if not asked)
+//   kdef_loss(logits [B,K], labels [B], compute_grad)
+//       -> (loss acc [] (0 for B = 0), teacher_prob [B] logits.dtype = sigmoid(mean_k z),
+//           grad_logits [B,K] logits.dtype: dloss/dz, or [0] if !compute_grad)
+//       (autograd and fake kernels in Python: cetnet_kernels/kdef.py)
 // temperature is a 0-dim floating tensor on the logits' device; logits may have any strides.
 //
 // Multi-table embedding (cetnet_kernels/embedding.py, which also registers their fake kernels and
@@ -39,8 +43,10 @@
 #include "autograd.h"
 #include "cpu/embedding_cpu.h"
 #include "cpu/fusion_cpu.h"
+#include "cpu/kdef_cpu.h"
 #ifdef CETNET_WITH_CUDA
 #include "cuda/fusion_cuda.h"
+#include "cuda/kdef_cuda.h"
 #endif
 #ifdef CETNET_WITH_CUDA
 #include "cuda/embedding_cuda.h"
@@ -61,6 +67,7 @@ TORCH_LIBRARY(cetnet, m) {
       "float member_weight, float distill_weight, float mutual_weight, bool logit_space, "
       "bool detach_weights, int reduction, bool compute_grad, bool compute_temperature_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("kdef_loss(Tensor logits, Tensor labels, bool compute_grad) -> (Tensor, Tensor, Tensor)");
   m.def(
       "multi_embedding(Tensor weight, Tensor[] ids, Tensor[] offsets, "
       "Tensor[] per_sample_weights, int[] modes, int[] dims, int[] vocab, int? padding_idx, "
@@ -85,6 +92,7 @@ TORCH_LIBRARY_IMPL(cetnet, CPU, m) {
   m.impl("confidence_fusion", &cetnet::cpu::confidence_fusion);
   m.impl("confidence_fusion_backward", &cetnet::cpu::confidence_fusion_backward);
   m.impl("collaborative_loss", &cetnet::cpu::collaborative_loss);
+  m.impl("kdef_loss", &cetnet::cpu::kdef_loss);
   m.impl("multi_embedding", &cetnet::cpu::multi_embedding);
   m.impl("multi_embedding_fused", &cetnet::cpu::multi_embedding_fused);
   m.impl("multi_embedding_backward", &cetnet::cpu::multi_embedding_backward);
@@ -101,6 +109,7 @@ TORCH_LIBRARY_IMPL(cetnet, CUDA, m) {
   m.impl("confidence_fusion", &cetnet::cuda::confidence_fusion);
   m.impl("confidence_fusion_backward", &cetnet::cuda::confidence_fusion_backward);
   m.impl("collaborative_loss", &cetnet::cuda::collaborative_loss);
+  m.impl("kdef_loss", &cetnet::cuda::kdef_loss);
 }
 #endif
 

@@ -144,3 +144,12 @@ def test_cetnet_forward_weights():
     assert out.weights.shape == (8, 3)
     torch.testing.assert_close(out.weights.sum(1), torch.ones(8))
     torch.testing.assert_close(out.prob, (out.weights * torch.sigmoid(out.logits)).sum(1))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton", "cuda"])
+def test_the_backend_reaches_every_op_family(backend):
+    """model.backend picks the embedding's kernels as well as the fusion's (the front mapped
+    "triton" and "cuda" to "auto" for the embedding, so those runs mixed backends)."""
+    model = _model("cetnet", embedding_optimizer=None, backend=backend)
+    assert model.embedding.backend == backend
+    assert model.fusion.backend == backend

@@ -10,7 +10,7 @@
 
 #include "checks.h"
 #include "cpu/fusion_cpu.h"
-#include "cpu/tile_transpose.h"
+#include "cpu/tile_io.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <iomanip>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -50,69 +49,6 @@ struct Scratch {
   std::vector<acc_t> buf;  // [K][L] member-major
   Row row;
 };
-
-// Gathers rows [b0, b0 + n) of a strided [B, K] tensor into buf[k * L + r] (zero-padded).
-template <typename scalar_t, typename acc_t>
-inline void gather_tile(const scalar_t* x, int64_t s0, int64_t s1, int64_t b0, int n, int K,
-                        acc_t* buf) {
-  constexpr int L = Vec<acc_t>::size();
-  int k = 0;
-#ifdef CETNET_HAS_TILE_TRANSPOSE
-  if constexpr (kHasTileIO<scalar_t> && std::is_same_v<acc_t, float> && L == 8) {
-    if (n == L && s1 == 1) k = gather_tile_vec(x + b0 * s0, s0, K, buf);
-  }
-#endif
-  for (; k < K; ++k) {
-    const scalar_t* col = x + b0 * s0 + k * s1;
-    acc_t* out = buf + k * L;
-    for (int r = 0; r < n; ++r) out[r] = static_cast<acc_t>(col[r * s0]);
-    for (int r = n; r < L; ++r) out[r] = acc_t(0);
-  }
-}
-
-// Writes buf[k * L + r] to rows [b0, b0 + n) of a contiguous [B, K] tensor.
-template <typename scalar_t, typename acc_t>
-inline void scatter_tile(const acc_t* buf, int64_t b0, int n, int K, scalar_t* x) {
-  constexpr int L = Vec<acc_t>::size();
-  int k0 = 0;
-#ifdef CETNET_HAS_TILE_TRANSPOSE
-  if constexpr (kHasTileIO<scalar_t> && std::is_same_v<acc_t, float> && L == 8) {
-    if (n == L) k0 = scatter_tile_vec(buf, K, x + b0 * K);
-  }
-#endif
-  for (int r = 0; r < n; ++r) {
-    scalar_t* dst = x + (b0 + r) * K;
-    for (int k = k0; k < K; ++k) dst[k] = static_cast<scalar_t>(buf[k * L + r]);
-  }
-}
-
-// Gathers n values of a strided 1-D tensor, zero-padded to L.
-template <typename scalar_t, typename acc_t>
-inline Vec<acc_t> gather_rows(const scalar_t* x, int64_t s0, int64_t b0, int n) {
-  constexpr int L = Vec<acc_t>::size();
-  alignas(64) acc_t tmp[L];
-  for (int r = 0; r < n; ++r) tmp[r] = static_cast<acc_t>(x[(b0 + r) * s0]);
-  for (int r = n; r < L; ++r) tmp[r] = acc_t(0);
-  return Vec<acc_t>::loadu(tmp);
-}
-
-template <typename scalar_t, typename acc_t>
-inline void store_rows(const Vec<acc_t>& v, int64_t b0, int n, scalar_t* x) {
-  constexpr int L = Vec<acc_t>::size();
-  alignas(64) acc_t tmp[L];
-  v.store(tmp);
-  for (int r = 0; r < n; ++r) x[b0 + r] = static_cast<scalar_t>(tmp[r]);
-}
-
-template <typename acc_t>
-inline acc_t sum_lanes(const Vec<acc_t>& v, int n) {
-  constexpr int L = Vec<acc_t>::size();
-  alignas(64) acc_t tmp[L];
-  v.store(tmp);
-  acc_t s = 0;
-  for (int r = 0; r < n; ++r) s += tmp[r];
-  return s;
-}
 
 // Computes the elems of a tile from the gathered logits in scratch.buf: all fields, or (full =
 // false) only p and q.
@@ -331,14 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
     acc_t* gt_out = gt_rows.defined() ? gt_rows.mutable_data_ptr<acc_t>() : nullptr;
     const TempScale<V> ts = checked_temp_scale<acc_t>(tau, op);
     parallel_blocks<acc_t>(B, K, [&](Scratch<acc_t>& s, int64_t blk, int64_t lo, int64_t hi) {
-      // Labels outside [0, 1] (or NaN) are an input error: remember the first, raise later.
-      for (int64_t b = lo; b < hi; ++b) {
-        const acc_t y = y_ptr[b * y_s0];
-        if (!(y >= acc_t(0) && y <= acc_t(1))) {
-          bad_label[blk] = b;
-          return;
-        }
-      }
+      // A bad label is an input error: remember the first, raise after the pass.
+      if ((bad_label[blk] = first_bad_label(y_ptr, y_s0, lo, hi)) >= 0) return;
       double loss_sum = 0.0, gt_sum = 0.0;
       for (int64_t b0 = lo; b0 < hi; b0 += L) {
         const int n = static_cast<int>(std::min<int64_t>(L, hi - b0));
@@ -363,15 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
       gt_partial[blk] = gt_sum;
     });
   });
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    if (bad_label[blk] >= 0) {
-      const int64_t b = bad_label[blk];
-      // Every digit: 1.0000001 must not read "= 1".
-      TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, 1]; labels[", b, "] = ",
-                        std::setprecision(std::numeric_limits<double>::max_digits10),
-                        y_t[b].item<double>());
-    }
-  }
+  for (int64_t blk = 0; blk < nblocks; ++blk)
+    if (bad_label[blk] >= 0) raise_bad_label(op, y_t, bad_label[blk]);
   const auto acc_opts = logits.options().dtype(acc_dtype);
   at::Tensor loss, grad_temperature;
   if (per_row) {

@@ -17,10 +17,9 @@ from cetnet.models.ensembles import (CETNet, Ensemble, EnsembleOutput, KDEF, Mul
                                      NaiveEnsemble, unique_names)
 from cetnet.models.front import EmbeddingFront, MemberInputs
 from cetnet.models.interformer import InterFormer
-from cetnet.models.kdef_loss import kdef_loss, kdef_loss_terms
 from cetnet.models.layers import count_parameters
 
 __all__ = ["CETNet", "DCNv2", "DEFAULTS", "DHEN", "DNN", "ENSEMBLES", "EmbeddingFront",
            "Ensemble", "EnsembleOutput", "InterFormer", "KDEF", "MEMBERS", "MemberInputs",
            "MultiEmbedding", "NaiveEnsemble", "build_member", "build_model", "count_parameters",
-           "kdef_loss", "kdef_loss_terms", "unique_names"]
+           "unique_names"]

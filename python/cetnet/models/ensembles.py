@@ -12,9 +12,8 @@ from torch import Tensor, nn
 from cetnet.data.schema import Batch, Schema
 from cetnet.models.dcnv2 import CrossNetV2
 from cetnet.models.front import EmbeddingFront, MemberInputs
-from cetnet.models.kdef_loss import kdef_loss
 from cetnet.models.layers import MLP, SchemaShape, check_dim, flat_inputs, pooled_sequences
-from cetnet_kernels import CETNetFusion, MultiTableEmbedding
+from cetnet_kernels import CETNetFusion, MultiTableEmbedding, kdef_loss
 
 __all__ = ["CETNet", "CrossBranch", "Ensemble", "EnsembleOutput", "KDEF", "MultiEmbedding",
            "NaiveEnsemble", "unique_names"]
@@ -156,8 +155,20 @@ class NaiveEnsemble(Ensemble):
 
 class KDEF(Ensemble):
     """Knowledge-Driven Ensemble Framework: the teacher ``σ(mean_k z_k)`` is the prediction, the
-    loss is :func:`~cetnet.models.kdef_loss.kdef_loss` (label + exam-weighted teacher-to-student
-    and student-to-student transfer). Shared embedding: build the front with ``shared=True``."""
+    loss is the fused :func:`~cetnet_kernels.kdef_loss` (label + exam-weighted teacher-to-student
+    and student-to-student transfer). Shared embedding: build the front with ``shared=True``.
+
+    Args:
+        front, members: see :class:`Ensemble`.
+        backend: the loss kernel's backend (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``,
+            ``"reference"``).
+    """
+
+    def __init__(self, front: EmbeddingFront,
+                 members: Mapping[str, nn.Module] | Sequence[nn.Module],
+                 backend: str = "auto") -> None:
+        super().__init__(front, members)
+        self.backend = backend
 
     def forward(self, batch: Batch) -> EnsembleOutput:
         z = self.member_logits(batch)
@@ -165,7 +176,8 @@ class KDEF(Ensemble):
 
     def loss(self, batch: Batch) -> tuple[Tensor, EnsembleOutput]:
         z = self.member_logits(batch)
-        return kdef_loss(z, batch.label), EnsembleOutput(z, torch.sigmoid(z.mean(1)))
+        loss, teacher = kdef_loss(z, batch.label, backend=self.backend)
+        return loss, EnsembleOutput(z, teacher.detach())
 
 
 class CrossBranch(nn.Module):

@@ -11,10 +11,7 @@ from torch import Tensor, nn
 from cetnet.data.schema import PAD_ID, Batch, Schema
 from cetnet_kernels import EmbeddingFeature, MultiTableEmbedding
 
-__all__ = ["EMBEDDING_BACKENDS", "EmbeddingFront", "MemberInputs"]
-
-# The backends MultiTableEmbedding has; other fusion backends ("cuda", "triton") map to "auto".
-EMBEDDING_BACKENDS = ("auto", "cpu", "reference")
+__all__ = ["EmbeddingFront", "MemberInputs"]
 
 
 @dataclass
@@ -50,7 +47,8 @@ class EmbeddingFront(nn.Module):
         num_models: K members fed by this front.
         shared: one embedding set shared by all K members (KDEF's variant; dims must agree).
         optimizer, lr: the embedding's fused optimizer (None: a dense gradient on its weight).
-        backend: the embedding backend; fusion-only backends ("cuda", "triton") mean "auto".
+        backend: the embedding's backend (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or
+            ``"reference"``), resolved by :class:`~cetnet_kernels.MultiTableEmbedding` itself.
     """
 
     def __init__(self, schema: Schema, dims: int | Sequence[int], num_models: int, *,
@@ -79,7 +77,7 @@ class EmbeddingFront(nn.Module):
         self.embedding = MultiTableEmbedding(
             1 if shared else num_models, feats, dims[:1] if shared else dims,
             optimizer=optimizer, lr=lr, padding_idx=PAD_ID,
-            backend=backend if backend in EMBEDDING_BACKENDS else "auto")
+            backend=backend)
 
     def ids(self, batch: Batch) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
         """The embedding's input: feature name -> ids ``[B]``, a bag, or ``[B, T]``."""
