@@ -6,6 +6,7 @@ Ops (fp32 logits [B, K], default arguments):
   member BCE".
 - ``confidence_fusion``: ``prob, weights = op(logits); prob.sum().backward()`` (no gradient on
   the weights).
+- ``kdef_loss``: ``loss, teacher = op(logits, labels); loss.backward()`` (the KDEF loss).
 
 Providers: ``cetnet-cpu`` / ``cetnet-cuda`` / ``cetnet-triton`` (the library, one backend each),
 ``eager`` (the plain-PyTorch references of cetnet_kernels.reference), ``compile``
@@ -43,7 +44,7 @@ import torch
 import cetnet_kernels as ck
 from _common import InterleavedTimer, device_name, env_ints, env_strs, selected_devices
 
-OPS = ("collaborative_loss", "confidence_fusion")
+OPS = ("collaborative_loss", "confidence_fusion", "kdef_loss")
 KS = (2, 4, 8)
 B_CPU = (256, 4096, 65536, 1048576)
 B_CUDA = B_CPU + (4194304,)  # 4M rows: the bandwidth target size
@@ -58,21 +59,23 @@ VALIDATE = os.environ.get("CETNET_BENCH_VALIDATE", "0") == "1"
 _REFERENCE = {
     "collaborative_loss": ck.collaborative_loss_reference,
     "confidence_fusion": ck.confidence_fusion_reference,
+    "kdef_loss": ck.kdef_loss_reference,
 }
 _LIBRARY = {
     "collaborative_loss": ck.collaborative_loss,
     "confidence_fusion": ck.confidence_fusion,
+    "kdef_loss": ck.kdef_loss,
 }
 
 
 def bytes_moved(op: str, K: int, B: int, elt: int = 4) -> int:
     """The bytes the op must move at minimum (fp32), forward + backward.
 
-    collaborative_loss: read logits [B,K] + labels [B], write grad [B,K] + prob [B].
+    collaborative_loss, kdef_loss: read logits [B,K] + labels [B], write grad [B,K] + prob [B].
     confidence_fusion: forward reads logits, writes prob [B] + weights [B,K]; backward reads the
     prob gradient [B] and the logits, writes grad [B,K].
     """
-    if op == "collaborative_loss":
+    if op in ("collaborative_loss", "kdef_loss"):
         return elt * (2 * B * K + 2 * B)
     return elt * (4 * B * K + 2 * B)
 
@@ -154,9 +157,6 @@ def _make_step(op: str, device: str, provider: str, K: int, B: int, info: dict):
 
     if provider == "ops-direct":
         return _direct_step(op, device, logits.detach(), labels, sync)
-
-    if provider == "ops-direct":
-        return _direct_step(op, device, logits.detach(), labels, sync)
     if provider.startswith("cetnet-"):
         fn = partial(_LIBRARY[op], backend=provider.split("-", 1)[1], validate=VALIDATE)
     elif provider == "eager":
@@ -167,7 +167,7 @@ def _make_step(op: str, device: str, provider: str, K: int, B: int, info: dict):
     else:
         raise ValueError(provider)
 
-    if op == "collaborative_loss":
+    if op in ("collaborative_loss", "kdef_loss"):
         def step():
             logits.grad = None
             loss, _prob = fn(logits, labels)
@@ -207,6 +207,11 @@ def _direct_step(op: str, device: str, logits: torch.Tensor, labels: torch.Tenso
             _loss, _prob, grad, _gt = ops.collaborative_loss(
                 logits, labels, tau, 1.0, 1.0, 0.0, 0.0, False, False, 1, True, False)
             grad * inv_b  # what the backward does with the stored gradient
+            sync()
+    elif op == "kdef_loss":
+        def direct():
+            _loss, _teacher, grad = ops.kdef_loss(logits, labels, True)
+            grad * 1.0  # the backward scales the stored gradient by grad_loss
             sync()
     else:
         def direct():
@@ -278,3 +283,8 @@ def bench_collaborative_loss(benchmark, device, K, B):
 @pytest.mark.parametrize("device,K,B", _PARAMS.get("confidence_fusion", []))
 def bench_confidence_fusion(benchmark, device, K, B):
     _run(benchmark, "confidence_fusion", device, K, B)
+
+
+@pytest.mark.parametrize("device,K,B", _PARAMS.get("kdef_loss", []))
+def bench_kdef_loss(benchmark, device, K, B):
+    _run(benchmark, "kdef_loss", device, K, B)
