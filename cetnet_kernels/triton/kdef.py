@@ -1,0 +1,300 @@
+"""Triton kernels of the KDEF loss (contract: the float64 reference
+``cetnet_kernels.reference.kdef_loss_reference``; math in docs/MATH.md §3).
+
+Registers ``cetnet::kdef_loss_triton(Tensor logits, Tensor labels, bool compute_grad)
+-> (Tensor loss, Tensor teacher_prob, Tensor grad_logits)``: loss 0-dim in the compute ("acc")
+dtype (float64 for float64 logits, else float32), teacher_prob [B] and grad_logits [B, K] (d loss /
+d logits; an empty [0] tensor without compute_grad) in the logits dtype, contiguous. Labels are
+not range-checked here (the Python layer does that); a NaN logit or label makes the loss NaN.
+
+With p = sigmoid(z) (stable, q = 1 - p exact), teacher pT_b = sigmoid((1/K) sum_k z_bk):
+
+  s_k = (1/B) sum_b (1 - |y_b - p_bk|)      M_k = (1/B) sum_b (p_bk - pT_b)^2
+  N_ij = (1/B) sum_b (p_bi - p_bj)^2        Lbce = (1/(K B)) sum_{b,k} softplus(z_bk) - y_b z_bk
+  a = softmax(-s), E_j = exp(s_j - max s), Z_i = sum_{l != i} E_l, b_ij = E_j / Z_i (b_ii = 0)
+  R_i = sum_j b_ij N_ij,  loss = Lbce + sum_k a_k M_k + (1/K) sum_i R_i
+  G_k = -a_k (M_k - sum_l a_l M_l) + (1/K) sum_{i != k} b_ik (N_ik - R_i)
+  g_bk = (p - y)/(K B) + (2/B) pq [a_k d_bk + (1/K) sum_{j != k} b_kj (p_bk - p_bj)]
+         + (1/B) pq sgn(y_b - p_bk) G_k,      d_bk = p_bk - pT_b
+
+Three steps, no host synchronization:
+
+1. ``_kdef_reduce_kernel``, grid (row chunks, member tiles). Program (c, t) walks the rows of
+   chunk c in [BLOCK_R, BLOCK_K] tiles (the whole row: BLOCK_K = next_power_of_2(K)) and owns
+   the members i of tile t (BLOCK_I of them). Per row tile it forms the pairwise squared
+   differences (p_bi - p_bj)^2 as a [BLOCK_R, BLOCK_I, BLOCK_K] broadcast and sums them over the
+   rows into a [BLOCK_I, BLOCK_K] float64 accumulator (the squared difference itself, never moments:
+   no cancellation; N_ii = 0 and N_ij = N_ji exactly); s_k, M_k and the BCE of its members the
+   same way. Small K: one member tile (BLOCK_I = BLOCK_K, the row tile is reused); larger K:
+   BLOCK_I shrinks so that the accumulator stays at most _ACC_TILE elements, and the programs of
+   one chunk reload its rows (from L2). The tile sums are formed in the acc dtype over at most
+   BLOCK_R rows, then accumulated in float64; each chunk writes one row of a float64 partials
+   buffer [chunks, K*K + 3K] (N row-major, then s, M, BCE per member). The t = 0 programs store
+   the teacher. The chunking depends only on (B, K), never on the device, so results are
+   bitwise reproducible; no atomics.
+2. Torch on the device: ``partials.sum(0)`` (fixed order) and the K-sized math (a, E, Z, b, R,
+   G, loss) in float64 — tiny tensors, no sync. The gradient coefficients go to a vector
+   coef = [E (K), 2a/B (K), 2/(K B Z) (K), G/B (K), sum E, 1/(K B)] in the acc dtype.
+3. ``_kdef_grad_kernel`` (with compute_grad), elementwise over [BLOCK_B, BLOCK_K] row tiles:
+   the S2S sum in O(K) per row as sum_j E_j (d_k - d_j) = d_k sum E - sum_j E_j d_j with the
+   teacher-centred d = p - pT (the centring keeps the rounding proportional to |p - pT|).
+
+So two passes over [B, K] (pass 1 reads each row once per member tile). K is limited to 1024
+(_MAX_KDEF_K: the K x K partials and the K^2 work per row). B = 0 gives loss 0 without a launch.
+
+Conventions as in :mod:`cetnet_kernels.triton.fusion` (helpers imported from there): int64 row
+offsets and _tile_offsets for strided inputs, _member for the stable sigmoid, _to_out for the
+output casts (bf16 rounding under the interpreter), _device_guard/_launch, _register (triton_op on
+GPU, custom_op under TRITON_INTERPRET=1); the gradient grid is chunked at _MAX_GRID_X programs
+with pid0 as in :mod:`cetnet_kernels.triton.embedding`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cetnet_kernels.triton.embedding import _MAX_GRID_X
+from cetnet_kernels.triton.fusion import (
+    INTERPRETED,
+    _acc_dtype,
+    _blocks,
+    _check_logits,
+    _check_rows,
+    _launch,
+    _member,
+    _register,
+    _tile_offsets,
+    _to_out,
+)
+
+__all__ = ["kdef_loss_triton", "INTERPRETED"]
+
+_MAX_KDEF_K = 1024  # K x K partials per chunk and a K^2 pairwise tile per row
+_ACC_TILE = 2048  # float64 [BLOCK_I, BLOCK_K] accumulator elements per program
+_PAIR_TILE = 4096  # [BLOCK_R, BLOCK_I, BLOCK_K] pairwise-difference elements per row tile
+_MAX_BLOCK_R = 64  # rows per tile of pass 1 (sums of at most this many rows in float32)
+_TARGET_PROGRAMS = 1024  # pass-1 programs (chunks x member tiles), at most
+_MAX_PARTIALS = 1 << 22  # float64 elements of the partials buffer (chunks x (K^2 + 3K)), about
+
+
+# =============================================================================================
+# Kernels
+# =============================================================================================
+@triton.jit
+def _to_acc(x, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        r = x.to(tl.float64)
+    else:
+        r = x.to(tl.float32)
+    return r
+
+
+@triton.jit
+def _teacher(z, kmask):
+    # pT = sigmoid((1/K) sum_k z_k) from a [rows, BLOCK_K] tile (masked slots hold 0). K as the
+    # acc dtype from the mask (K itself may arrive as the constexpr 1).
+    kf = tl.sum(tl.where(kmask, 1.0, 0.0), axis=1).to(z.dtype)
+    pt, qt, lspt, lsqt, ct = _member(tl.sum(z, axis=1) / kf)
+    return pt
+
+
+@triton.jit
+def _kdef_reduce_kernel(
+    z_ptr,  # [B, K] logits, any float dtype, strides (stride_zb, stride_zk)
+    y_ptr,  # [B] labels, any float dtype, stride stride_y
+    t_ptr,  # [B] out teacher prob, logits dtype, contiguous
+    part_ptr,  # [chunks, W] out float64 partial sums: N (K*K), s (K), M (K), BCE (K)
+    B,
+    K,
+    stride_zb,
+    stride_zk,
+    stride_y,
+    rows_per_chunk,  # a multiple of BLOCK_R
+    W,  # K*K + 3K
+    IS_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_K)  # int32: < K
+    icols = tile * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's members i
+    kmask = cols < K
+    imask = icols < K
+    row0 = chunk * rows_per_chunk  # int64
+    t_rows = tl.where(tile == 0, B, 0)  # the member tile 0 programs store the teacher
+    acc_n = tl.zeros([BLOCK_I, BLOCK_K], dtype=tl.float64)
+    acc_s = tl.zeros([BLOCK_I], dtype=tl.float64)
+    acc_m = tl.zeros([BLOCK_I], dtype=tl.float64)
+    acc_l = tl.zeros([BLOCK_I], dtype=tl.float64)
+    for r in range(0, rows_per_chunk, BLOCK_R):
+        rows = row0 + r + tl.arange(0, BLOCK_R).to(tl.int64)
+        rmask = rows < B
+        mask = rmask[:, None] & kmask[None, :]
+        z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
+        z = _to_acc(z, IS_FP64)
+        y = _to_acc(tl.load(y_ptr + rows * stride_y, mask=rmask, other=0.0), IS_FP64)
+        pt = _teacher(z, kmask[None, :])
+        tl.store(t_ptr + rows, _to_out(pt, t_ptr), mask=rows < t_rows)
+        p, q, lsp, lsq, c = _member(z)
+        if BLOCK_I == BLOCK_K:
+            zi = z
+            pi = p
+            lsqi = lsq
+        else:
+            imask2 = rmask[:, None] & imask[None, :]
+            zi = tl.load(z_ptr + _tile_offsets(rows, icols, stride_zb, stride_zk), mask=imask2,
+                         other=0.0)
+            zi = _to_acc(zi, IS_FP64)
+            pi, qi, lspi, lsqi, ci = _member(zi)
+        m2 = rmask[:, None] & imask[None, :]
+        # Rows past B hold z = 0 in every slot: their pairwise differences are exactly 0. Slots
+        # j >= K (or i >= K) of the N tile are never stored.
+        dif = pi[:, :, None] - p[:, None, :]
+        acc_n += tl.sum(dif * dif, axis=0).to(tl.float64)
+        acc_s += tl.sum(tl.where(m2, 1.0 - tl.abs(y[:, None] - pi), 0.0), axis=0).to(tl.float64)
+        dt = pi - pt[:, None]
+        acc_m += tl.sum(tl.where(m2, dt * dt, 0.0), axis=0).to(tl.float64)
+        # softplus(z) - y z = -log sigmoid(-z) - y z
+        acc_l += tl.sum(tl.where(m2, -lsqi - y[:, None] * zi, 0.0), axis=0).to(tl.float64)
+    base = part_ptr + chunk * W
+    kk = K * K
+    tl.store(base + icols[:, None] * K + cols[None, :], acc_n, mask=imask[:, None] & kmask[None, :])
+    tl.store(base + kk + icols, acc_s, mask=imask)
+    tl.store(base + kk + K + icols, acc_m, mask=imask)
+    tl.store(base + kk + 2 * K + icols, acc_l, mask=imask)
+
+
+@triton.jit
+def _kdef_grad_kernel(
+    z_ptr,  # [B, K] logits, any float dtype, strides (stride_zb, stride_zk)
+    y_ptr,  # [B] labels, any float dtype, stride stride_y
+    coef_ptr,  # [4K + 2] acc dtype: E, 2a/B, 2/(K B Z), G/B, sum E, 1/(K B)
+    gz_ptr,  # [B, K] out d loss / d logits, logits dtype, contiguous
+    B,
+    K,
+    stride_zb,
+    stride_zk,
+    stride_y,
+    pid0,  # first program id of this launch (grids above _MAX_GRID_X are launched in chunks)
+    IS_FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64) + pid0
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    rmask = rows < B
+    kmask = cols < K
+    mask = rmask[:, None] & kmask[None, :]
+    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
+    z = _to_acc(z, IS_FP64)
+    y = _to_acc(tl.load(y_ptr + rows * stride_y, mask=rmask, other=0.0), IS_FP64)[:, None]
+    e = tl.load(coef_ptr + cols, mask=kmask, other=0.0)[None, :]
+    ca = tl.load(coef_ptr + K + cols, mask=kmask, other=0.0)[None, :]
+    cs = tl.load(coef_ptr + 2 * K + cols, mask=kmask, other=0.0)[None, :]
+    cg = tl.load(coef_ptr + 3 * K + cols, mask=kmask, other=0.0)[None, :]
+    esum = tl.load(coef_ptr + 4 * K)
+    cbce = tl.load(coef_ptr + 4 * K + 1)
+
+    pt = _teacher(z, kmask[None, :])
+    p, q, lsp, lsq, c = _member(z)
+    d = p - pt[:, None]
+    # sum_{j != k} E_j (p_k - p_j) = d_k sum_j E_j - sum_j E_j d_j (the j = k term is 0)
+    wd = tl.sum(tl.where(mask, e * d, 0.0), axis=1)[:, None]
+    sgn = tl.where(y > p, 1.0, tl.where(y < p, -1.0, 0.0))  # sgn(0) = 0
+    g = (p - y) * cbce + (p * q) * (ca * d + cs * (d * esum - wd) + sgn * cg)
+    tl.store(gz_ptr + rows[:, None] * K + cols[None, :], _to_out(g, gz_ptr), mask=mask)
+
+
+# =============================================================================================
+# Host side
+# =============================================================================================
+def _reduce_plan(B: int, K: int) -> tuple[int, int, int, int, int, int, int]:
+    """(block_r, block_i, block_k, member tiles, rows per chunk, chunks, num_warps) of pass 1;
+    a function of (B, K) only (the summation order must not depend on the device)."""
+    block_k = triton.next_power_of_2(K)
+    block_i = min(block_k, max(1, _ACC_TILE // block_k))
+    block_r = max(1, min(_MAX_BLOCK_R, _PAIR_TILE // (block_i * block_k)))
+    n_tiles = triton.cdiv(K, block_i)
+    row_tiles = triton.cdiv(B, block_r)
+    max_chunks = max(1, min(triton.cdiv(_TARGET_PROGRAMS, n_tiles),
+                            _MAX_PARTIALS // (K * K + 3 * K)))
+    rows_per_chunk = triton.cdiv(row_tiles, min(row_tiles, max_chunks)) * block_r
+    n_chunks = triton.cdiv(B, rows_per_chunk)
+    num_warps = 8 if block_i * block_k >= 1024 else 4
+    return block_r, block_i, block_k, n_tiles, rows_per_chunk, n_chunks, num_warps
+
+
+def _kdef_loss(logits: Tensor, labels: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    op = "kdef_loss_triton"
+    _check_logits(logits, op)
+    torch._check_value(
+        logits.shape[1] <= _MAX_KDEF_K,
+        lambda: f"{op}: the triton backend handles at most {_MAX_KDEF_K} members (K) for the KDEF "
+        f"loss (its pairwise terms take a K x K tile), got {logits.shape[1]}; use backend='cpu' "
+        f"or 'cuda'")
+    _check_rows(labels, logits, "labels", op)
+    B, K = logits.shape
+    dev = logits.device
+    acc = _acc_dtype(logits.dtype)
+    is_fp64 = logits.dtype == torch.float64
+    compute_grad = bool(compute_grad)
+    teacher = torch.empty((B,), dtype=logits.dtype, device=dev)
+    grad = torch.empty((B, K) if compute_grad else (0,), dtype=logits.dtype, device=dev)
+    if B == 0:
+        return torch.zeros((), dtype=acc, device=dev), teacher, grad
+
+    # Pass 1: teacher and per-chunk float64 partial sums.
+    block_r, block_i, block_k, n_tiles, rows_per_chunk, n_chunks, num_warps = _reduce_plan(B, K)
+    width = K * K + 3 * K
+    part = torch.empty((n_chunks, width), dtype=torch.float64, device=dev)
+    _launch(
+        _kdef_reduce_kernel,
+        (n_chunks, n_tiles),
+        (logits, labels, teacher, part, B, K, logits.stride(0), logits.stride(1),
+         labels.stride(0), rows_per_chunk, width),
+        dict(IS_FP64=is_fp64, BLOCK_R=block_r, BLOCK_I=block_i, BLOCK_K=block_k),
+        num_warps,
+    )
+
+    # The K-sized math, on the device in float64 (no host sync).
+    tot = part.sum(0)
+    N = tot[: K * K].view(K, K) / B
+    s = tot[K * K: K * K + K] / B
+    M = tot[K * K + K: K * K + 2 * K] / B
+    lbce = tot[K * K + 2 * K:].sum() / (K * B)
+    a = torch.softmax(-s, dim=0)
+    E = torch.exp(s - s.max())
+    off = ~torch.eye(K, dtype=torch.bool, device=dev)
+    Z = torch.where(off, E[None, :], 0.0).sum(1)  # sum_{l != i} E_l (0 for K = 1)
+    bmat = torch.where(off, E[None, :] / Z[:, None], 0.0)  # b_ij; K = 1: [[0]]
+    R = (bmat * N).sum(1)
+    aM = (a * M).sum()
+    loss = (lbce + aM + R.sum() / K).to(acc)
+
+    if compute_grad:
+        G = -a * (M - aM) + (bmat * (N - R[:, None])).sum(0) / K
+        cs = torch.where(Z > 0, 2.0 / (K * B * Z), 0.0)  # K = 1: no S2S term
+        scal = torch.stack([E.sum(), torch.full((), 1.0 / (K * B), dtype=torch.float64,
+                                                device=dev)])
+        coef = torch.cat([E, (2.0 / B) * a, cs, G / B, scal]).to(acc)
+        block_b, block_k2, warps2 = _blocks(K)
+        n = triton.cdiv(B, block_b)
+        for pid0 in range(0, n, _MAX_GRID_X):
+            _launch(
+                _kdef_grad_kernel,
+                (min(_MAX_GRID_X, n - pid0),),
+                (logits, labels, coef, grad, B, K, logits.stride(0), logits.stride(1),
+                 labels.stride(0), pid0),
+                dict(IS_FP64=is_fp64, BLOCK_B=block_b, BLOCK_K=block_k2),
+                warps2,
+            )
+    return loss, teacher, grad
+
+
+kdef_loss_triton = _register("kdef_loss_triton", _kdef_loss)
