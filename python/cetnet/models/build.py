@@ -50,11 +50,21 @@ _MULTI_SKIP = ("schema", "dims", "optimizer", "lr", "backend")
 # Every option is checked against the annotation of the keyword it feeds (int, float, bool, str,
 # X | None, Sequence[int], Sequence[str]) before anything is built, with the ranges below: a
 # float must be finite, a bool is never a number (Python makes True an int), an int is a width,
-# a count or a size (>= 1) unless named in _MAY_BE_ZERO. ConfigError names the key.
+# a count or a size (>= 1) unless named in _MAY_BE_ZERO, bounded by MAX_COUNT / MAX_WIDTH.
+# ConfigError names the key.
 
 #: The smallest temperature a run may use: the fusion divides float32 logits by it.
 MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
 _MAY_BE_ZERO = {"cross_layers", "dcn_layers", "num_pma", "num_recent", "num_layers"}
+#: The most layers, sets, heads or tokens of one kind: far beyond any CTR model, and a typo like
+#: 1e9 would otherwise build modules in a loop for hours.
+MAX_COUNT = 1024
+_COUNTS = {"cross_layers", "dcn_layers", "num_layers", "num_sets", "num_heads", "num_cls",
+           "num_pma", "num_recent", "slots"}
+#: The widest layer width, embedding dim or rank: with it, no product of sizes in a model
+#: overflows int64 (torch fails on that even on the meta device); a million is far beyond
+#: any CTR model.
+MAX_WIDTH = 2**20
 _FLOATS = {
     "dropout": Spec(float, 0, 1),
     "temperature": Spec(float, MIN_TEMPERATURE, why="float32's smallest normal number: the "
@@ -70,7 +80,9 @@ def _float_spec(name: str, nullable: bool) -> Spec:
 
 
 def _int_spec(name: str, nullable: bool = False) -> Spec:
-    return Spec(int, 0 if name in _MAY_BE_ZERO else 1, nullable=nullable)
+    """Counts (``_COUNTS``) up to MAX_COUNT; every other int is a width, dim or rank."""
+    return Spec(int, 0 if name in _MAY_BE_ZERO else 1,
+                MAX_COUNT if name in _COUNTS else MAX_WIDTH, nullable=nullable)
 
 
 def _sequence_of(annotation: Any) -> type | None:
@@ -219,6 +231,8 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     Every value is checked before anything is built, against the type of the keyword it feeds
     (a bool is no number; floats finite) and its range: widths, dims, heads, ranks and slots
     >= 1; ``cross_layers``, ``dcn_layers``, ``num_pma``, ``num_recent``, ``num_layers`` >= 0;
+    counts of layers, sets, heads and tokens <= :data:`MAX_COUNT`, widths, dims and ranks <=
+    :data:`MAX_WIDTH`;
     ``dropout`` in [0, 1]; loss weights and learning rates >= 0; ``temperature`` >=
     :data:`MIN_TEMPERATURE` (float32's smallest normal number: the fusion divides by it).
 

@@ -73,7 +73,8 @@ def prepare_dataset(name: str, **options: Any) -> Any:
 def build_model(config: dict, schema: Schema, *, backend: str = "auto") -> Any:
     """The ensemble of a ``model:`` section: a registered factory for ``config["ensemble"]``,
     else ``cetnet.models.build_model``."""
-    factory = _MODELS.get(config.get("ensemble"))
+    ensemble = config.get("ensemble") if isinstance(config, dict) else None
+    factory = _MODELS.get(ensemble) if isinstance(ensemble, str) else None
     if factory is not None:
         return factory(config, schema, backend=backend)
     from cetnet.models import build_model as library_build
