@@ -336,13 +336,12 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     return out
 
 
-def check_device(value: Any, key: str = "device") -> str:
+def check_device(value: Any, key: str = "config: device") -> str:
     """``value`` if it names a device a config may give (auto, cpu, cuda, cuda:N), else a
     ConfigError naming ``key``. Whether CUDA is there is checked when the run starts
     (:func:`cetnet.train.loop.resolve_device`)."""
     if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,6})?", value):
-        raise ConfigError(f"config: {key} must be auto, cpu, cuda or cuda:N, got "
-                          f"{short_repr(value)}")
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {short_repr(value)}")
     return value
 
 

@@ -3,21 +3,34 @@
 A checkpoint holds only tensors and primitive containers (no pickled classes), so loading one
 cannot run code. :func:`save_checkpoint` writes a temporary file in the same directory and
 ``os.replace``-s it over the target: a crash mid-write leaves the previous checkpoint intact.
+:func:`load_checkpoint` turns a file torch cannot read (empty, truncated, not a checkpoint)
+into a :class:`CheckpointError` naming it; :func:`check_model_state` says, before
+``load_state_dict``, how a checkpoint and a model differ.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from cetnet.atomic import atomic_write
 
-__all__ = ["BEST", "LAST", "save_checkpoint", "load_checkpoint"]
+__all__ = ["BEST", "LAST", "LAST_KEYS", "CheckpointError", "save_checkpoint", "load_checkpoint",
+           "check_model_state", "first_line"]
 
 BEST = "best.pt"   # the model at the epoch with the best validation fused AUC
 LAST = "last.pt"   # everything needed to resume, written after every epoch
+#: What ``last.pt`` holds besides ``model`` (see cetnet.train.loop.fit).
+LAST_KEYS = ("optimizer", "schedule", "rng", "epoch", "best_metric", "best_epoch", "bad_epochs",
+             "stopped", "history", "train_seconds", "train_samples")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model (the message names it)."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -25,6 +38,74 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Reads a checkpoint with ``weights_only=True`` (tensors and primitive containers only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    keys: Iterable[str] = ()) -> dict:
+    """Reads a checkpoint with ``weights_only=True`` (tensors and primitive containers only);
+    ``keys`` are the entries it must have (``("model",)`` for a model to load).
+
+    Raises:
+        OSError: the file cannot be opened (FileNotFoundError when it is missing).
+        CheckpointError: the file is empty, truncated or corrupt, holds objects that
+            ``weights_only`` does not load, is not a mapping or lacks one of ``keys``.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:  # an OSError here: the file cannot be opened
+        size = os.fstat(f.fileno()).st_size
+        try:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            detail = first_line(e)
+            if "Weights only load failed" in detail:
+                detail = "it holds objects other than tensors and primitive containers"
+            raise CheckpointError(f"{path}: not a cetnet checkpoint ({detail})") from e
+        except Exception as e:  # noqa: BLE001 - torch.load of bad bytes raises anything
+            if size == 0:
+                raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint") from e
+            raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes, truncated "
+                                  f"or corrupt: {first_line(e)})") from e
+    return _check_state(state, path, keys)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 120 characters), for one-line errors."""
+    return (str(e).strip().splitlines() or [""])[0][:120] or type(e).__name__
+
+
+def _check_state(state: Any, path: Path, keys: Iterable[str]) -> dict:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a cetnet checkpoint (it holds a "
+                              f"{type(state).__name__}, not a mapping)")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete cetnet checkpoint (no {', '.join(missing)})")
+    if "model" in state and not isinstance(state["model"], Mapping):
+        raise CheckpointError(f"{path}: not a cetnet checkpoint (its 'model' is no state dict)")
+    return state
+
+
+def _shape(x: Any) -> tuple[int, ...] | str:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit
+                                      else "")
+
+
+def check_model_state(state: Mapping[str, Any], model: torch.nn.Module,
+                      path: str | Path) -> None:
+    """CheckpointError naming ``path`` when the state dict ``state`` does not fit ``model``:
+    missing or unexpected entries, or a tensor of another shape. Shapes are compared without
+    touching values, so ``model`` may live on the meta device."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {_shape(state[k])} vs {_shape(v)}" for k, v in expected.items()
+              if k in state and _shape(state[k]) != _shape(v)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = ([f"missing {_names(missing)}"] if missing else []) + \
+        ([f"unexpected {_names(unexpected)}"] if unexpected else []) + \
+        ([f"other shapes (checkpoint vs model): {_names(shapes, 2)}"] if shapes else [])
+    raise CheckpointError(f"{path} does not fit the model of the config (another "
+                          f"architecture?): {'; '.join(parts)}")

@@ -1,5 +1,11 @@
 """``fit``: the training loop (Adam + lr schedule, early stopping on validation fused AUC,
-checkpoints every epoch, exact resume) and the run directory it writes."""
+checkpoints every epoch, exact resume) and the run directory it writes.
+
+Non-finite numbers never pass silently: a non-finite training loss stops the run with a
+:class:`TrainingError` naming the epoch and step before anything of that epoch is saved (so
+``last.pt`` keeps the last good epoch), and an epoch whose validation AUC is NaN is never the
+best one.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cetnet.config import dump_config, validate_config
+from cetnet.config import ConfigError, check_device, dump_config, validate_config
 from cetnet.metrics import auc
-from cetnet.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, CheckpointError, check_model_state,
+                                     first_line, load_checkpoint, save_checkpoint)
 from cetnet.train.evaluate import evaluate
 from cetnet.train.plots import plot_run
 from cetnet.train.report import format_metrics_table
@@ -25,7 +32,8 @@ from cetnet.train.rundir import CONFIG_FILE, METRICS_FILE, write_json
 from cetnet.train.schedule import LRSchedule
 
 __all__ = ["fit", "resolve_device", "print_warnings", "split_warnings", "EpochCallback",
-           "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING"]
+           "TrainingError", "check_backend", "check_valid_split", "VALID_IS_TEST_WARNING",
+           "SCORED_ON_TRAIN_WARNING"]
 
 #: ``callback(epoch, history_entry)``, called after each epoch's checkpoints are written.
 EpochCallback = Callable[[int, dict], None]
@@ -38,6 +46,12 @@ VALID_IS_TEST_WARNING = ("the dataset has no separate validation data: its valid
                          "the test set and the test metrics are optimistic")
 SCORED_ON_TRAIN_WARNING = ("the dataset's {split} split is its train split: {split} metrics are "
                            "measured on training data")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: a non-finite training loss, a valid split with one class, no
+    epoch with a finite validation AUC. The message names the epoch and what ``last.pt``
+    holds."""
 
 
 def split_warnings(splits: dict) -> list[str]:
@@ -68,20 +82,94 @@ def print_warnings(messages: list[str]) -> None:
         print(f"warning: {m}", file=sys.stderr)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
+def resolve_device(name: str, key: str = "config: device") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as
+    ``torch.device``. ConfigError naming ``key`` for another name and for a CUDA device this
+    machine does not have (one line, not torch's lazy-init traceback at the first tensor)."""
+    check_device(name, key)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        why = ("a CPU-only build" if torch.version.cuda is None
+               else f"built with CUDA {torch.version.cuda}, but no GPU is usable")
+        raise ConfigError(f"{key} is {name!r} but CUDA is not available (torch "
+                          f"{torch.__version__}: {why}); use cpu or auto")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"{key} is {name!r} but this machine has {count} CUDA device(s)")
+    return device
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """ConfigError when the kernel ``backend`` (other than auto) cannot run on ``device`` in
+    this installation (``backend=cuda`` on a CPU run failed at the first batch)."""
+    from cetnet_kernels import available_backends
+
+    available = available_backends(device)
+    if backend != "auto" and backend not in available:
+        raise ConfigError(f"config: backend {backend!r} does not run on {device.type} here; "
+                          f"use one of auto, {', '.join(available)}")
 
 
 def _better(value: float, best: float) -> bool:
-    return not math.isnan(value) and value > best
+    """Whether a validation AUC beats the best so far: NaN (or inf) never does."""
+    return math.isfinite(value) and value > best
+
+
+def check_valid_split(split: Any) -> None:
+    """A valid split needs both classes: with one, its AUC is NaN every epoch and nothing can
+    be selected."""
+    labels = getattr(split, "label", None)
+    if labels is None or labels.numel() == 0:
+        return
+    positives = int((labels > 0.5).sum())
+    if positives in (0, labels.numel()):
+        raise TrainingError(f"the valid split has only {'positive' if positives else 'negative'}"
+                            f" labels ({labels.numel()} rows): its AUC is undefined, so early "
+                            "stopping and the best checkpoint cannot be selected")
+
+
+def _saved(st: dict, out_dir: Path) -> str:
+    """What a run that stops now leaves to resume."""
+    if st["epoch"]:
+        return (f"{LAST} keeps epoch {st['epoch']}: continue with `cetnet train --resume "
+                f"{out_dir}` (e.g. with a lower train.lr or a train.grad_clip)")
+    return "no epoch had finished, so there is nothing to resume"
+
+
+def _stop_if_diverged(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int, steps: int,
+                      st: dict, out_dir: Path) -> None:
+    """TrainingError when a step of this epoch had a non-finite loss (one host sync)."""
+    step = int(bad_step)
+    if step >= 0:
+        raise TrainingError(f"epoch {epoch}, step {step + 1}/{steps}: the training loss is "
+                            f"{float(bad_loss)}; the run stopped before saving this epoch; "
+                            f"{_saved(st, out_dir)}")
+
+
+def _restore(ckpt: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             schedule: LRSchedule, st: dict) -> None:
+    """Loads ``last.pt`` into the model, optimizer, schedule, RNGs and loop state;
+    CheckpointError naming ``path`` when it does not fit."""
+    check_model_state(ckpt["model"], model, path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        set_rng_state(ckpt["rng"])
+        st.update({k: ckpt[k] for k in st})
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: "
+                              f"{first_line(e)})") from e
 
 
 def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
         resume: bool = False, quiet: bool = False, plots: bool = True,
-        on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
+        on_epoch_end: EpochCallback | None = None,
+        checkpoint: dict | None = None) -> dict[str, Any]:
     """Trains ``model`` on ``dataset.splits["train"]`` and writes the run directory.
 
     Adam (``train.lr``, ``train.weight_decay``) updates ``model.dense_parameters()``, with the
@@ -90,7 +178,15 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     ``"valid"``; a better fused AUC writes ``best.pt``, ``train.patience`` epochs without one
     stop the run, and ``last.pt`` (model, optimizer, schedule, RNG states, history) is written
     so that ``resume=True`` continues exactly where it stopped: the same batches, dropout
-    masks and updates as an uninterrupted run, hence the same metrics.
+    masks and updates as an uninterrupted run, hence the same metrics. ``config.yaml`` is
+    written once the checkpoint has been loaded into the model: a resume that fails changes
+    nothing.
+
+    A non-finite training loss raises :class:`TrainingError` (naming the epoch and the step)
+    before that epoch writes anything; the model's weights are then undefined, ``last.pt``
+    still holds the last good epoch. An epoch with a NaN validation AUC is never the best one;
+    a run none of whose epochs had a finite one raises TrainingError at the end, as does a
+    valid split with a single class (before training).
 
     At the end the best model is loaded back (``model`` holds it after the call) and scored on
     ``"test"``. Returns what is written to ``metrics.json``: the test ``fused`` / ``members``
@@ -105,6 +201,8 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
         config: the full run config (see :mod:`cetnet.config`).
         out_dir: the run directory (created if needed).
         resume: continue from ``out_dir/last.pt``.
+        checkpoint: ``last.pt`` already loaded (by :func:`~cetnet.train.runner.run_training`,
+            which checks it before touching the directory); read from ``out_dir`` if None.
         quiet: no progress bars and no per-epoch lines (bars are also off when stderr is not
             a terminal).
         plots: write the PNG plots.
@@ -113,12 +211,12 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     config = validate_config(config)
     t = config["train"]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, out_dir / CONFIG_FILE)
     device = resolve_device(config["device"])
+    check_backend(config["backend"], device)
+    train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
+    check_valid_split(valid_split)
     model.to(device)
 
-    train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
     # A benchmark without validation data (BARS' valid_data: test.csv, or none given) hands the
     # test split in as "valid": then early stopping selects on the test set. The run still
     # trains (that is how those benchmarks are reported) but says so, loudly and in metrics.json.
@@ -142,16 +240,19 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
                           "stopped": False, "history": [], "train_seconds": 0.0,
                           "train_samples": 0}
     if resume:
-        if not (out_dir / LAST).exists():
-            raise FileNotFoundError(f"resume: no {LAST} in {out_dir} (nothing to resume)")
-        ckpt = load_checkpoint(out_dir / LAST)  # on the CPU: RNG states must stay there
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        set_rng_state(ckpt["rng"])
-        st.update({k: ckpt[k] for k in st})
+        if checkpoint is None:
+            if not (out_dir / LAST).exists():
+                raise FileNotFoundError(f"resume: no {LAST} in {out_dir} (nothing to resume)")
+            # on the CPU: RNG states must stay there
+            checkpoint = load_checkpoint(out_dir / LAST, keys=("model", *LAST_KEYS))
+        _restore(checkpoint, out_dir / LAST, model, optimizer, schedule, st)
+        if st["epoch"] > t["epochs"]:
+            raise ConfigError(f"resume: train.epochs={t['epochs']} is below the {st['epoch']} "
+                              f"epochs the run in {out_dir} has completed")
     else:
         seed_everything(t["seed"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, out_dir / CONFIG_FILE)  # last: a failed resume leaves the old one
 
     show_bars = not quiet and sys.stderr.isatty()
     say = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stdout))
@@ -162,6 +263,11 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
         start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = 0
+        # The first step of the epoch with a non-finite loss and that loss, kept on the device:
+        # a check per step would synchronize every step; it is made every log_every steps and
+        # before the epoch saves anything.
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        bad_loss = torch.zeros((), dtype=torch.float64, device=device)
         window: collections.deque = collections.deque(maxlen=_LIVE_WINDOW)
         lr = schedule.lr()
         batches = train_split.batches(batch_size, shuffle=True,
@@ -178,6 +284,9 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
                 batch = batch.to(device)
                 lr = schedule.step()
                 loss, out = model.loss(batch)
+                first = (bad_step < 0) & ~torch.isfinite(loss.detach())
+                bad_step = torch.where(first, step, bad_step)
+                bad_loss = torch.where(first, loss.detach().double(), bad_loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # also applies the embedding's fused optimizer, if any
                 if t["grad_clip"] is not None:
@@ -187,13 +296,16 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
                 rows += len(batch)
                 if show_bars:
                     window.append((out.prob.detach(), batch.label))
-                    if (step + 1) % t["log_every"] == 0:
+                if (step + 1) % t["log_every"] == 0:
+                    _stop_if_diverged(bad_step, bad_loss, epoch, steps_per_epoch, st, out_dir)
+                    if show_bars:
                         p, y = (torch.cat(x) for x in zip(*window))
                         bar.set_postfix(loss=f"{float(loss_sum) / rows:.4f}",
                                         auc=f"{auc(p, y):.4f}", lr=f"{lr:.2e}")
-                    bar.update()
+                bar.update()
         if rows == 0:
             raise ValueError("fit: the train split gave no batches")
+        _stop_if_diverged(bad_step, bad_loss, epoch, steps_per_epoch, st, out_dir)
         st["train_seconds"] += time.perf_counter() - start
         st["train_samples"] += rows
 
@@ -203,9 +315,8 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
         entry = {"epoch": epoch, "train_loss": float(loss_sum) / rows, "lr": lr, "valid": valid}
         st["history"].append(entry)
         st["epoch"] = epoch
-        if _better(metric, st["best_metric"]) or st["best_epoch"] == 0:
-            st["best_metric"] = metric if not math.isnan(metric) else -math.inf
-            st["best_epoch"], st["bad_epochs"] = epoch, 0
+        if _better(metric, st["best_metric"]):
+            st["best_metric"], st["best_epoch"], st["bad_epochs"] = metric, epoch, 0
             save_checkpoint({"model": model.state_dict(), "epoch": epoch, "valid": valid},
                             out_dir / BEST)
         else:
@@ -223,8 +334,10 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
         if on_epoch_end is not None:
             on_epoch_end(epoch, entry)
 
-    if not st["history"]:
-        raise ValueError("fit: no epoch was trained (train.epochs is below the resumed epoch)")
+    if not st["best_epoch"]:
+        raise TrainingError(f"none of the {st['epoch']} epochs had a finite validation AUC (the "
+                            f"model's validation predictions were not finite), so there is no "
+                            f"best model and no test score; {_saved(st, out_dir)}")
     model.load_state_dict(load_checkpoint(out_dir / BEST, map_location=device)["model"])
     test = evaluate(model, test_split, batch_size=t["eval_batch_size"], device=device)
     best = st["history"][st["best_epoch"] - 1]

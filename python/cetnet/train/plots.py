@@ -1,7 +1,8 @@
 """PNG plots of a run: training curves and per-member vs fused validation AUC.
 
 matplotlib is optional: it is imported here only (Agg backend, no display needed) and the
-plots are skipped with a warning when it is missing.
+plots are skipped with a warning when it is missing. Like every file of a run, a plot is written
+atomically (:mod:`cetnet.atomic`: the permissions of the run's other files, never half a PNG).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
+
+from cetnet.atomic import atomic_write
 
 __all__ = ["CURVES_PNG", "MEMBERS_PNG", "plot_run"]
 
@@ -18,6 +21,11 @@ MEMBERS_PNG = "members_auc.png"
 
 def _nan(x: Any) -> float:
     return float("nan") if x is None else float(x)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    return path
 
 
 def plot_run(history: Sequence[dict], out_dir: str | Path,
@@ -56,9 +64,8 @@ def plot_run(history: Sequence[dict], out_dir: str | Path,
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / CURVES_PNG, dpi=100)
+    written.append(_save(fig, out_dir / CURVES_PNG))
     plt.close(fig)
-    written.append(out_dir / CURVES_PNG)
 
     fig, axes = plt.subplots(1, 2 if test else 1, figsize=(11 if test else 6, 3.6), squeeze=False)
     ax = axes[0][0]
@@ -84,7 +91,6 @@ def plot_run(history: Sequence[dict], out_dir: str | Path,
             ax.set_ylim(max(0.0, min(finite) - 0.02), min(1.0, max(finite) + 0.01))
         ax.set_title("test AUC")
     fig.tight_layout()
-    fig.savefig(out_dir / MEMBERS_PNG, dpi=100)
+    written.append(_save(fig, out_dir / MEMBERS_PNG))
     plt.close(fig)
-    written.append(out_dir / MEMBERS_PNG)
     return written
