@@ -81,7 +81,8 @@ def _record_launches(monkeypatch) -> list[dict]:
 
 def _exercise_ops() -> None:
     """A small call of every op family, in the variants that change the compiled kernel."""
-    from cetnet_kernels import MultiTableEmbedding, collaborative_loss, confidence_fusion
+    from cetnet_kernels import (MultiTableEmbedding, collaborative_loss, confidence_fusion,
+                                kdef_loss)
     from cetnet_kernels.embedding import OPTIMIZERS
 
     g = torch.Generator().manual_seed(0)
@@ -98,6 +99,9 @@ def _exercise_ops() -> None:
                                              mutual_weight=0.2, distill_weight=0.3,
                                              backend="triton")
                 loss.backward()
+        for K in (1, 3, 16):
+            zk = (torch.randn(5, K, generator=g) * 2).to(dtype).requires_grad_()
+            kdef_loss(zk, y, backend="triton")[0].backward()
     features = [("user", 7), ("item", 11), ("tags", 5, "sum")]
     ids = {"user": torch.tensor([1, 2, 6]), "item": torch.tensor([[0, 10], [3, 4], [5, 5]]),
            "tags": (torch.tensor([0, 1, 4, 2]), torch.tensor([0, 2, 3, 4]))}
