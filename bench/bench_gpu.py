@@ -61,7 +61,7 @@ import cetnet_kernels as ck  # noqa: E402
 if not torch.cuda.is_available():
     pytest.skip("the GPU benchmarks need a CUDA GPU", allow_module_level=True)
 
-FUSION_OPS = ("collaborative_loss", "confidence_fusion")
+FUSION_OPS = ("collaborative_loss", "confidence_fusion", "kdef_loss")
 FUSION_PROVIDERS = ("cetnet-cuda", "cetnet-triton", "kernels-cuda", "kernels-triton", "eager",
                     "copy")
 EMB_PROVIDERS = ("cetnet-cuda", "cetnet-triton", "torch-loop", "copy")
@@ -162,6 +162,12 @@ def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Ten
         z = logits.detach()
         ones = torch.ones(z.shape[0], device="cuda")
         t = torch.ops.cetnet
+        if op == "kdef_loss":
+            kdef_op = t.kdef_loss if backend == "cuda" else t.kdef_loss_triton
+
+            def direct():  # both passes: the batch statistics, then the gradient
+                kdef_op(z, labels, True)
+            return direct
         if op == "collaborative_loss":
             loss_op = t.collaborative_loss if backend == "cuda" else t.collaborative_loss_triton
 
@@ -179,17 +185,21 @@ def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Ten
                 t.confidence_fusion_backward_triton(ones, None, z, tau, False, False, False)
         return direct
 
+    reference = {"collaborative_loss": ck.collaborative_loss_reference,
+                 "confidence_fusion": ck.confidence_fusion_reference,
+                 "kdef_loss": ck.kdef_loss_reference}
+    library = {"collaborative_loss": ck.collaborative_loss,
+               "confidence_fusion": ck.confidence_fusion, "kdef_loss": ck.kdef_loss}
     if provider == "eager":
-        fn = ck.collaborative_loss_reference if op == "collaborative_loss" else \
-            ck.confidence_fusion_reference
+        fn = reference[op]
     else:
-        lib = ck.collaborative_loss if op == "collaborative_loss" else ck.confidence_fusion
+        lib = library[op]
         backend = provider.split("-", 1)[1]
 
         def fn(*args):
             return lib(*args, backend=backend, validate=False)
 
-    if op == "collaborative_loss":
+    if op in ("collaborative_loss", "kdef_loss"):
         def step():
             logits.grad = None
             loss, _prob = fn(logits, labels)

@@ -1,4 +1,4 @@
-"""A small run of every CUDA and Triton kernel, for compute-sanitizer (``make gpu-check`` runs it
+"""A small run of every CUDA and Triton kernel (fusion, collaborative and KDEF losses, embedding), for compute-sanitizer (``make gpu-check`` runs it
 under ``compute-sanitizer --tool memcheck``): odd shapes, every optimizer mode, padding, bags and
 sequences, fp32 and bf16. Not a pytest module (the checks of values are in tests/); it only
 exercises the kernels and checks that the results are finite. Exits 0 and prints "smoke ok"."""
@@ -23,6 +23,10 @@ def fusion(backend: str) -> None:
         loss, p = ck.collaborative_loss(z, y, t, distill_weight=0.3, mutual_weight=0.2,
                                         backend=backend)
         loss.backward()
+        assert torch.isfinite(z.grad.float()).all() and torch.isfinite(loss)
+        z.grad = None
+        loss, teacher = ck.kdef_loss(z, y, backend=backend)
+        (loss + teacher.float().mean()).backward()
         assert torch.isfinite(z.grad.float()).all() and torch.isfinite(loss)
 
 
