@@ -149,5 +149,40 @@ def test_interrupt_hint_names_the_run_directory(train_config, tmp_path):
             assert hint == f"interrupted: continue with `cetnet train --resume {run_dir}`"
         else:
             assert hint == ("interrupted before the first epoch ended: nothing to resume in "
-                            f"{run_dir}")
+                            f"{run_dir} (start again with --out {run_dir} --overwrite)")
     assert interrupt_hint(KeyboardInterrupt()) == "interrupted"
+
+
+def test_input_errors_are_one_line_with_exit_status_2(train_config, tmp_path, capsys):
+    """Every failure the input causes: `cetnet <cmd>: error: ...`, one line, status 2."""
+    config = _write_config(train_config(epochs=1, max_steps_per_epoch=2), tmp_path / "c.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run_dir), "--quiet",
+                 "--no-plots"]) == 0
+    capsys.readouterr()
+    cases = [
+        (["--plugin", "no_such_plugin", "train"], "train",
+         "--plugin no_such_plugin: no module named 'no_such_plugin'"),
+        (["train", "--config", str(tmp_path)], "train", "Is a directory"),
+        (["train", "--config", str(tmp_path / "missing.yaml")], "train", "missing.yaml"),
+        (["train", "--config", str(binary)], "train", "not a YAML file (not UTF-8 text)"),
+        (["train", "--config", str(config), "train.lr=.nan"], "train",
+         "config: train.lr must be finite, got nan"),
+        (["train", "--config", str(config), "train.seed=18446744073709551616"], "train",
+         "train.seed must be in [-9223372036854775808, 18446744073709551615]"),
+        (["train", "--config", str(config), "model.fusion.temperature=1e-400"], "train",
+         "'1e-400' is too small for a float64 (it would read as 0.0)"),
+        (["train", "--config", str(config), "model.fusion.temperature=true"], "train",
+         "model.fusion.temperature must be a float, got True"),
+        (["train", "--config", str(config), "name=[a,\n b]"], "train", "config: name must be"),
+        (["evaluate", str(run_dir), "--device", "tpu"], "evaluate",
+         "evaluate: --device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ]
+    for argv, command, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"cetnet {command}: error: "), err
+        assert message in lines[0], (argv, lines[0])

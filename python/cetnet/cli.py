@@ -5,9 +5,15 @@ Examples::
     cetnet train                                   # the default config (CETNet on ML-100k)
     cetnet train --config my.yaml --epochs 3 --set model.fusion.temperature=0.5
     cetnet train --resume runs/cetnet_ml100k-20250101-120000 --epochs 12
+    cetnet train --out runs/t05 --overwrite        # replace the run in runs/t05
+    cetnet train --dry-run --set model.dnn.hidden=[64]   # check everything, write nothing
     cetnet evaluate runs/cetnet_ml100k-20250101-120000 --split valid
     cetnet data prepare movielens-100k
     cetnet --plugin my_datasets train --set data.name=my_log   # a module that registers more
+
+A failure caused by the input (a config value, a file, a checkpoint, a run directory in use,
+a training loss that stopped being finite) ends in one line ``cetnet <command>: error: ...``
+and exit status 2; a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ from typing import Sequence
 
 from cetnet.config import ConfigError, load_config, parse_value
 from cetnet.data.csvio import DataFormatError
-from cetnet.train.checkpoint import LAST
-from cetnet.train.rundir import CONFIG_FILE
+from cetnet.train.checkpoint import LAST, CheckpointError
+from cetnet.train.loop import TrainingError
+from cetnet.train.rundir import CONFIG_FILE, RunDirError
 
-__all__ = ["main", "build_parser", "parse_args"]
+__all__ = ["main", "build_parser", "parse_args", "train_config"]
+
+#: The embedding optimizers of the fused kernels (``model.embedding_optimizer``).
+FUSED_EMBEDDING_OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,14 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="KEY=VALUE", help="config overrides (same as the positional ones)")
     tr.add_argument("--backend", choices=["auto", "reference"], help="kernel backend")
     tr.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    tr.add_argument("--out", type=Path, help="run directory (default runs/<name>-<timestamp>)")
+    tr.add_argument("--out", type=Path, help="run directory (default runs/<name>-<timestamp>); "
+                                             "it must be empty or new unless --resume or "
+                                             "--overwrite")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run in --out: its files are deleted before the new run "
+                         "writes (files that are not a run's are never deleted)")
     tr.add_argument("--epochs", type=int, help="train.epochs")
     tr.add_argument("--seed", type=int, help="train.seed")
     # RUN_DIR is required: with an optional one, `--resume train.epochs=3` read the override
     # as the directory and `--out D --resume` made the next argument's meaning depend on it.
     tr.add_argument("--resume", type=Path, metavar="RUN_DIR",
                     help="continue the interrupted run in RUN_DIR (with its config.yaml unless "
-                         "--config is given; --out, if given, must name the same directory)")
+                         "--config is given; --out, if given, must name the same directory); "
+                         "its data and model must not change, other changes are printed")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="check the config, the dataset, the model (built without memory), the "
+                         "run directory and the --resume checkpoint; write nothing")
     tr.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     tr.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
 
@@ -85,10 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _train(args: argparse.Namespace) -> int:
-    from cetnet.train import format_metrics_table, run_training
-    from cetnet.train.loop import print_warnings
-
+def train_config(args: argparse.Namespace) -> tuple[dict, Path | None, bool]:
+    """``(config, run_dir, resume)`` of parsed ``cetnet train`` arguments: the config file
+    (with ``--resume``: the run's) with the overrides and flags applied, validated."""
     out, resume = args.out, args.resume is not None
     if resume:
         if "=" in str(args.resume) and not args.resume.is_dir():
@@ -110,16 +128,38 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(path, overrides)
-    model_cfg = config.get("model") or {}
-    if config.get("backend") == "reference" and model_cfg.get("embedding_optimizer"):
+    model_cfg = config["model"]
+    fused = model_cfg.get("embedding_optimizer")
+    if config["backend"] == "reference" and fused in FUSED_EMBEDDING_OPTIMIZERS:
         # The plain-PyTorch embedding has no fused optimizer: the comparison run trains its
-        # tables with Adam on dense gradients instead (said, not silently).
-        print(f"--backend reference: embedding_optimizer {model_cfg['embedding_optimizer']!r} "
-              "is a fused-kernel optimizer; training the embedding with Adam instead "
-              "(model.embedding_optimizer=null)", file=sys.stderr)
+        # tables with Adam on dense gradients instead (said, not silently). Another value is
+        # left for build_model to reject.
+        print(f"backend reference: embedding_optimizer {fused!r} is a fused-kernel optimizer; "
+              "training the embedding with Adam instead (model.embedding_optimizer=null)",
+              file=sys.stderr)
         model_cfg["embedding_optimizer"] = None
-    run_dir, metrics = run_training(config, out, resume=resume, quiet=args.quiet,
-                                    plots=not args.no_plots)
+    return config, out, resume
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cetnet.train import format_metrics_table, run_training
+    from cetnet.train.loop import print_warnings
+    from cetnet.train.runner import check_run
+
+    config, out, resume = train_config(args)
+    if args.dry_run:
+        plan = check_run(config, out, resume=resume, overwrite=args.overwrite)
+        for change in plan.changes:
+            print(f"resume: {change} (config.yaml would be updated)", file=sys.stderr)
+        rows = ", ".join(f"{s} {len(split):,}" for s, split in plan.dataset.splits.items())
+        what = (f"resume {out} from epoch {plan.checkpoint['epoch']}" if plan.checkpoint
+                else f"train into {out or 'a new directory under runs/'}")
+        print(f"dry run: the config, the dataset ({rows} rows), the model "
+              f"({plan.num_parameters:,} parameters) and the run directory are fine; it would "
+              f"{what}; nothing was written")
+        return 0
+    run_dir, metrics = run_training(config, out, resume=resume, overwrite=args.overwrite,
+                                    quiet=args.quiet, plots=not args.no_plots)
     if args.quiet:  # fit prints the table and the warnings under it itself otherwise
         print(format_metrics_table(metrics))
         print_warnings(metrics["warnings"])
@@ -154,8 +194,23 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What the user's input causes (a config value, a dataset file, a checkpoint, a run directory,
+#: a run that diverged, a file that cannot be opened): one line, exit status 2. A ValueError,
+#: TypeError etc. out of the code is a bug and keeps its traceback (ConfigError, DataFormatError
+#: and CheckpointError are ValueErrors raised deliberately, naming the input).
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataFormatError, CheckpointError,
+                                            RunDirError, TrainingError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (a multi-line message joined with '; ')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``cetnet`` / ``python -m cetnet``; returns the exit status."""
+    """Entry point of ``cetnet`` / ``python -m cetnet``; returns the exit status (0, 2 for an
+    error the input causes, printed as one line, 130 for Ctrl-C)."""
     args = parse_args(argv)
     try:
         from cetnet.train import load_plugins
@@ -166,8 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(args)
         return _prepare(args)
-    except (ConfigError, DataFormatError, FileNotFoundError) as e:  # the user's input: no traceback
-        print(f"cetnet {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"cetnet {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"\n{interrupt_hint(exc)}", file=sys.stderr)
@@ -182,7 +237,8 @@ def interrupt_hint(exc: KeyboardInterrupt) -> str:
         return "interrupted"
     if (Path(run_dir) / LAST).exists():
         return f"interrupted: continue with `cetnet train --resume {run_dir}`"
-    return f"interrupted before the first epoch ended: nothing to resume in {run_dir}"
+    return (f"interrupted before the first epoch ended: nothing to resume in {run_dir} (start "
+            f"again with --out {run_dir} --overwrite)")
 
 
 if __name__ == "__main__":

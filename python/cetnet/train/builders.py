@@ -13,6 +13,7 @@ import importlib
 import os
 from typing import Any, Callable, Sequence
 
+from cetnet.config import ConfigError
 from cetnet.data.schema import Schema
 
 __all__ = ["DatasetFactory", "ModelFactory", "register_dataset", "register_model",
@@ -84,7 +85,15 @@ def build_model(config: dict, schema: Schema, *, backend: str = "auto") -> Any:
 
 def load_plugins(modules: Sequence[str] = ()) -> None:
     """Imports plugin modules (and those named in ``$CETNET_PLUGINS``) so that they can
-    register datasets and models."""
+    register datasets and models; ConfigError naming one that does not exist."""
     names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
     for name in [*names, *modules]:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # the plugin itself (or its package) is missing: the user's input, one line; a
+            # module missing inside the plugin is the plugin's error and keeps its traceback
+            if e.name is None or not (name == e.name or name.startswith(f"{e.name}.")):
+                raise
+            where = f"${PLUGINS_ENV}" if name in names else "--plugin"
+            raise ConfigError(f"{where} {name}: no module named {e.name!r}") from None

@@ -32,7 +32,7 @@ from cetnet.train.rundir import CONFIG_FILE, METRICS_FILE, write_json
 from cetnet.train.schedule import LRSchedule
 
 __all__ = ["fit", "resolve_device", "print_warnings", "split_warnings", "EpochCallback",
-           "TrainingError", "check_backend", "check_valid_split", "VALID_IS_TEST_WARNING",
+           "TrainingError", "check_backend", "check_splits", "VALID_IS_TEST_WARNING",
            "SCORED_ON_TRAIN_WARNING"]
 
 #: ``callback(epoch, history_entry)``, called after each epoch's checkpoints are written.
@@ -119,11 +119,14 @@ def _better(value: float, best: float) -> bool:
     return math.isfinite(value) and value > best
 
 
-def check_valid_split(split: Any) -> None:
-    """A valid split needs both classes: with one, its AUC is NaN every epoch and nothing can
-    be selected."""
-    labels = getattr(split, "label", None)
-    if labels is None or labels.numel() == 0:
+def check_splits(splits: dict) -> None:
+    """TrainingError unless the train, valid and test splits have rows and the valid split
+    has both classes (with one, its AUC is NaN every epoch and nothing can be selected)."""
+    for name in ("train", "valid", "test"):
+        if len(splits[name]) == 0:
+            raise TrainingError(f"the dataset's {name} split has no rows")
+    labels = getattr(splits["valid"], "label", None)
+    if labels is None:
         return
     positives = int((labels > 0.5).sum())
     if positives in (0, labels.numel()):
@@ -137,7 +140,8 @@ def _saved(st: dict, out_dir: Path) -> str:
     if st["epoch"]:
         return (f"{LAST} keeps epoch {st['epoch']}: continue with `cetnet train --resume "
                 f"{out_dir}` (e.g. with a lower train.lr or a train.grad_clip)")
-    return "no epoch had finished, so there is nothing to resume"
+    return ("no epoch had finished, so there is nothing to resume (start again with --out "
+            f"{out_dir} --overwrite)")
 
 
 def _stop_if_diverged(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int, steps: int,
@@ -214,7 +218,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     device = resolve_device(config["device"])
     check_backend(config["backend"], device)
     train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
-    check_valid_split(valid_split)
+    check_splits(dataset.splits)
     model.to(device)
 
     # A benchmark without validation data (BARS' valid_data: test.csv, or none given) hands the
@@ -246,6 +250,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
             # on the CPU: RNG states must stay there
             checkpoint = load_checkpoint(out_dir / LAST, keys=("model", *LAST_KEYS))
         _restore(checkpoint, out_dir / LAST, model, optimizer, schedule, st)
+        checkpoint = None  # its tensors are copied: do not hold a second model for the run
         if st["epoch"] > t["epochs"]:
             raise ConfigError(f"resume: train.epochs={t['epochs']} is below the {st['epoch']} "
                               f"epochs the run in {out_dir} has completed")
@@ -304,7 +309,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
                                         auc=f"{auc(p, y):.4f}", lr=f"{lr:.2e}")
                 bar.update()
         if rows == 0:
-            raise ValueError("fit: the train split gave no batches")
+            raise TrainingError(f"epoch {epoch}: the train split gave no batches")
         _stop_if_diverged(bad_step, bad_loss, epoch, steps_per_epoch, st, out_dir)
         st["train_seconds"] += time.perf_counter() - start
         st["train_samples"] += rows

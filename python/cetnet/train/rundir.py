@@ -1,25 +1,47 @@
-"""The run directory: its file names, creation and JSON files.
+"""The run directory: its file names, creation, lock and JSON files.
 
 Layout: ``config.yaml`` (the resolved config), ``metrics.json``, ``best.pt`` / ``last.pt``
-(see :mod:`cetnet.train.checkpoint`), ``curves.png`` / ``members_auc.png`` (plots) and
-``eval_<split>.json`` from ``cetnet evaluate``.
+(see :mod:`cetnet.train.checkpoint`), ``curves.png`` / ``members_auc.png`` (plots),
+``eval_<split>.json`` from ``cetnet evaluate`` and ``.lock``.
+
+One directory holds one run. A training run holds an exclusive ``fcntl.flock`` on ``.lock``
+for its whole life (the OS releases it when the process ends, however it ends), so a second
+run into the same directory fails at once instead of interleaving its files with the first's;
+``cetnet evaluate`` holds a shared lock while it reads the checkpoint and writes its JSON. The
+lock file is never replaced or deleted: a new inode would be a second, independent lock.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from cetnet.atomic import write_text_atomic
+from cetnet.atomic import TEMP_SUFFIX, write_text_atomic
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "default_run_dir", "make_run_dir", "write_json",
-           "read_json", "json_safe"]
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "LOCK_FILE", "RunDirError", "RunLock",
+           "default_run_dir", "make_run_dir", "run_files", "foreign_files", "check_run_dir",
+           "clear_run", "write_json", "read_json", "json_safe"]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+LOCK_FILE = ".lock"
+# What a run writes (checkpoint and plot names are repeated here to keep this module free of
+# torch and matplotlib; tests check they agree).
+_RUN_FILE = re.compile(r"config\.yaml|metrics\.json|best\.pt|last\.pt|curves\.png"
+                       r"|members_auc\.png|eval_[a-z]+\.json|\.lock"
+                       rf"|\..+\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}")
+
+
+class RunDirError(Exception):
+    """A run directory that cannot be used as asked: in use by another process, holding a run
+    already, or holding files that are not a run's (the message names the directory)."""
 
 
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:
@@ -28,17 +50,158 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
 
 
 def make_run_dir(name: str, out: str | Path | None = None) -> Path:
-    """Creates (if needed) and returns the run directory: ``out``, or the default for ``name``
-    (suffixed ``-2``, ``-3`` ... if that already exists)."""
+    """Creates (if needed) and returns the run directory: ``out``, or a new directory for
+    ``name`` (the default, suffixed ``-2``, ``-3`` ... if taken). A default directory is
+    claimed by an exclusive ``mkdir``: two runs started in the same second get two."""
     if out is not None:
         path = Path(out)
-    else:
-        base = path = default_run_dir(name)
-        n = 2
-        while path.exists():
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base = path = default_run_dir(name)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 2
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
             path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+
+
+def run_files(run_dir: str | Path) -> list[str]:
+    """The names in ``run_dir`` but the lock file (sorted; [] for a missing directory)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+
+
+def foreign_files(run_dir: str | Path) -> list[str]:
+    """The names in ``run_dir`` that a run does not write (a directory is always foreign)."""
+    run_dir = Path(run_dir)
+    return [n for n in run_files(run_dir)
+            if not _RUN_FILE.fullmatch(n) or not (run_dir / n).is_file()]
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_run_dir(run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Whether a run may write ``run_dir``, without writing anything: RunDirError when another
+    process holds its lock, when it holds files and neither ``resume`` nor ``overwrite`` is
+    given, or when ``overwrite`` would have to delete files that are not a run's."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a run directory")
+    lock = run_dir / LOCK_FILE
+    if lock.exists():
+        RunLock(run_dir).probe()
+    names = run_files(run_dir)
+    if resume or not names:
+        return
+    if not overwrite:
+        raise RunDirError(f"{run_dir} already holds a run ({_listing(names)}): continue it with "
+                          f"--resume {run_dir}, replace it with --overwrite, or give another "
+                          "--out")
+    _refuse_foreign(run_dir)
+
+
+def _refuse_foreign(run_dir: Path) -> None:
+    foreign = foreign_files(run_dir)
+    if foreign:
+        raise RunDirError(f"--overwrite: {run_dir} holds files that are not a cetnet run's "
+                          f"({_listing(foreign)}); refusing to delete them")
+
+
+def clear_run(run_dir: str | Path) -> list[str]:
+    """Deletes the files of a previous run in ``run_dir`` (``--overwrite``), all but the lock
+    file; call it holding the lock. Refuses (RunDirError) when a file is not a run's."""
+    _refuse_foreign(Path(run_dir))
+    removed = []
+    for name in run_files(run_dir):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+        removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+class RunLock:
+    """``fcntl.flock`` on ``run_dir/.lock``: exclusive for a training run (which writes its pid
+    into the file), shared for an evaluation. Non-blocking: a lock held by another process is a
+    RunDirError at once. Use as a context manager, or :meth:`acquire` / :meth:`release`."""
+
+    def __init__(self, run_dir: str | Path, *, shared: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.shared = shared
+        self._fd: int | None = None
+
+    def _holder(self) -> str:
+        """`` (pid N)`` when the file names a live process, else ``""``."""
+        try:
+            pid = int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return ""
+        return f" (pid {pid})" if pid > 0 and pid != os.getpid() and _pid_alive(pid) else ""
+
+    def _busy(self) -> RunDirError:
+        what = ("a training run is writing it" if self.shared
+                else "another cetnet process is using it")
+        return RunDirError(f"{self.run_dir}: {what}{self._holder()} (it holds {self.path}); "
+                           "wait for it to finish or use another directory")
+
+    def probe(self) -> None:
+        """RunDirError if another process holds the lock now; takes nothing, writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise self._busy() from None
+        finally:
+            os.close(fd)  # closing drops the lock taken for the probe
+
+    def acquire(self) -> RunLock:
+        """Takes the lock (creating the file, permissions as ``open()`` gives them)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise self._busy() from None
+        if not self.shared:  # in place: the lock file must keep its inode
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def json_safe(obj: Any) -> Any:

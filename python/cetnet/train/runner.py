@@ -1,53 +1,253 @@
 """Runs from a config: build the dataset and the model, then train (:func:`run_training`) or
-score a finished run's checkpoint (:func:`evaluate_run`)."""
+score a finished run's checkpoint (:func:`evaluate_run`).
+
+A run is checked whole before its directory is touched (:func:`check_run`): the config, the
+device, the dataset, the model (built on the meta device: no memory, whatever its size), the
+directory (not in use by another process, holding no other run unless resuming or
+overwriting) and, to resume, ``last.pt`` against the model and ``config.yaml``. Only then is
+the directory created and locked (see :mod:`cetnet.train.rundir`); a resumed run's
+``config.yaml`` is rewritten only after its checkpoint has been loaded.
+"""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cetnet.config import read_yaml, validate_config
-from cetnet.train.builders import build_model, load_dataset
-from cetnet.train.checkpoint import BEST, LAST, load_checkpoint
-from cetnet.train.evaluate import evaluate
-from cetnet.train.loop import EpochCallback, fit, resolve_device, split_warnings
-from cetnet.train.rng import seed_everything
-from cetnet.train.rundir import CONFIG_FILE, make_run_dir, write_json
+import torch
 
-__all__ = ["build_run", "run_training", "evaluate_run", "load_run_config"]
+from cetnet.atomic import remove_stale_temps
+from cetnet.config import ConfigError, read_yaml, short_repr, validate_config
+from cetnet.train.builders import build_model, load_dataset
+from cetnet.train.checkpoint import BEST, LAST, LAST_KEYS, check_model_state, load_checkpoint
+from cetnet.train.evaluate import evaluate
+from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_splits, fit,
+                               resolve_device, split_warnings)
+from cetnet.train.rng import seed_everything
+from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirError, RunLock,
+                                 check_run_dir, clear_run, make_run_dir, run_files, write_json)
+
+__all__ = ["RunPlan", "build_run", "check_run", "run_training", "evaluate_run",
+           "load_run_config", "checkpoint_path"]
+
+#: The sections a resumed run must keep: they define what ``last.pt`` holds and what
+#: ``cetnet evaluate`` rebuilds from ``config.yaml``.
+FROZEN_ON_RESUME = ("data", "model")
+
+
+@dataclass
+class RunPlan:
+    """What :func:`check_run` found: the validated config, the loaded dataset, the run
+    directory (None: a new default one), ``last.pt`` of a resumed run, the model's parameter
+    count, and the settings a resume changes (``"train.lr: 0.001 -> 0.0005"``)."""
+
+    config: dict
+    dataset: Any
+    run_dir: Path | None
+    checkpoint: dict | None = None
+    num_parameters: int = 0
+    changes: list[str] = field(default_factory=list)
+    # (size, mtime) of config.yaml and last.pt when checked: a resume refuses to start if
+    # another process changed them in between
+    _stamps: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+
+    def take_checkpoint(self) -> dict | None:
+        """The checkpoint, no longer held here (fit drops it once loaded: a run does not keep
+        a second copy of the model and optimizer in memory)."""
+        checkpoint, self.checkpoint = self.checkpoint, None
+        return checkpoint
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _load_dataset(config: dict) -> Any:
+    data = dict(config["data"])
+    return load_dataset(data.pop("name"), **data)
+
+
+def _build(config: dict, schema: Any) -> Any:
+    """The model, seeded with ``train.seed`` right before it is built (its initial weights
+    depend on the seed only); an allocation that fails is a one-line ConfigError."""
+    seed_everything(config["train"]["seed"])
+    try:
+        return build_model(config["model"], schema, backend=config["backend"])
+    except (MemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, MemoryError) and "allocate" not in text and \
+                "out of memory" not in text:
+            raise
+        raise ConfigError(f"config: model: its parameters do not fit in memory "
+                          f"({short_repr(text.strip().splitlines()[-1] if text else '', 100)})"
+                          ) from e
+
+
+def _meta_model(config: dict, schema: Any) -> Any:
+    """The model built on the meta device (shapes, no memory): the config is checked whatever
+    the model's size. A registered factory that cannot build there is built for real."""
+    try:
+        with torch.device("meta"):
+            return build_model(config["model"], schema, backend=config["backend"])
+    except (NotImplementedError, RuntimeError):
+        return _build(config, schema)
 
 
 def build_run(config: dict) -> tuple[Any, Any]:
     """``(dataset, model)`` of a validated config; the model is built right after seeding with
     ``train.seed``, so its initial weights depend on the seed only."""
-    data = dict(config["data"])
-    dataset = load_dataset(data.pop("name"), **data)
-    seed_everything(config["train"]["seed"])
-    model = build_model(config["model"], dataset.schema, backend=config["backend"])
-    return dataset, model
+    dataset = _load_dataset(config)
+    return dataset, _build(config, dataset.schema)
+
+
+def _diff(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between two configs (or config sections)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in _diff(old.get(k, "<unset>"), new.get(k, "<unset>"),
+                               f"{key}.{k}" if key else str(k))]
+    return [] if old == new and type(old) is type(new) else [(key, old, new)]
+
+
+def _resume_changes(run_dir: Path, config: dict) -> list[str]:
+    """How ``config`` differs from the run's ``config.yaml``: ConfigError for a change of the
+    data or the model, the other changes as sentences."""
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return []
+    saved = validate_config(read_yaml(path))
+    frozen = [d for s in FROZEN_ON_RESUME for d in _diff(saved[s], config[s], s)]
+    if frozen:
+        shown = "; ".join(f"{k}: {short_repr(a, 30)} -> {short_repr(b, 30)}"
+                          for k, a, b in frozen[:3])
+        raise ConfigError(f"resume: {shown}{' ...' if len(frozen) > 3 else ''}: a resumed run "
+                          f"keeps the data and the model of {path}; train another run "
+                          "(another --out) to change them")
+    rest = {k: v for k, v in saved.items() if k not in FROZEN_ON_RESUME}
+    now = {k: v for k, v in config.items() if k not in FROZEN_ON_RESUME}
+    return [f"{k}: {short_repr(a, 30)} -> {short_repr(b, 30)}" for k, a, b in _diff(rest, now, "")]
+
+
+def _check_resumable(ckpt: dict, config: dict, run_dir: Path) -> None:
+    """ConfigError when ``last.pt`` leaves nothing to do with this config."""
+    done, epochs = ckpt["epoch"], config["train"]["epochs"]
+    if done > epochs:
+        raise ConfigError(f"resume: train.epochs={epochs} is below the {done} epochs the run in "
+                          f"{run_dir} has completed; give train.epochs > {done} to train on")
+    if not (run_dir / METRICS_FILE).exists():
+        return  # interrupted after its last epoch, before its test scores: finish it
+    if ckpt["stopped"]:
+        raise ConfigError(f"resume: the run in {run_dir} stopped early at epoch {done} "
+                          f"({ckpt['bad_epochs']} epochs without a better validation AUC) and "
+                          "has finished: nothing to resume")
+    if done == epochs:
+        raise ConfigError(f"resume: the run in {run_dir} has finished its {done} epochs: nothing "
+                          f"to resume; give train.epochs > {done} (--epochs) to train on")
+
+
+def check_run(config: dict, out: str | Path | None = None, *, resume: bool = False,
+              overwrite: bool = False) -> RunPlan:
+    """Checks everything a run needs and writes nothing (``cetnet train --dry-run``).
+
+    Raises ConfigError (config, device, model, resume settings), the dataset's errors,
+    RunDirError (directory in use, holding another run), FileNotFoundError (nothing to
+    resume) or CheckpointError (``last.pt`` unreadable or of another model).
+    """
+    config = validate_config(config)
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run, --overwrite replaces it: give one")
+    if resume and out is None:
+        raise ConfigError("resume: give the run directory to resume")
+    run_dir = None if out is None else Path(out)
+    changes: list[str] = []
+    if run_dir is not None:
+        if resume and not (run_dir / LAST).exists():
+            raise FileNotFoundError(f"resume: no {LAST} in {run_dir} (nothing to resume)")
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            changes = _resume_changes(run_dir, config)
+    check_backend(config["backend"], resolve_device(config["device"]))
+    dataset = _load_dataset(config)
+    check_splits(dataset.splits)
+    model = _meta_model(config, dataset.schema)
+    plan = RunPlan(config, dataset, run_dir, changes=changes,
+                   num_parameters=sum(p.numel() for p in model.parameters()))
+    if resume:
+        assert run_dir is not None
+        plan._stamps = {n: _stamp(run_dir / n) for n in (CONFIG_FILE, LAST)}
+        # on the CPU: RNG states must stay there
+        plan.checkpoint = load_checkpoint(run_dir / LAST, keys=("model", *LAST_KEYS))
+        check_model_state(plan.checkpoint["model"], model, run_dir / LAST)
+        _check_resumable(plan.checkpoint, config, run_dir)
+    return plan
+
+
+def _claim(plan: RunPlan, resume: bool, overwrite: bool) -> tuple[Path, RunLock, bool]:
+    """Creates and locks the run directory, then checks again what :func:`check_run` saw:
+    another process may have written it in between."""
+    created = plan.run_dir is None or not plan.run_dir.exists()
+    run_dir = make_run_dir(plan.config["name"], plan.run_dir)
+    lock = RunLock(run_dir).acquire()
+    try:
+        if resume:
+            if any(_stamp(run_dir / n) != s for n, s in plan._stamps.items()):
+                raise RunDirError(f"{run_dir}: the run changed while this one was starting "
+                                  "(another process resumed it?); start the resume again")
+        elif overwrite:
+            clear_run(run_dir)
+        elif run_files(run_dir):
+            raise RunDirError(f"{run_dir} already holds a run: another process wrote it while "
+                              "this one was starting")
+        remove_stale_temps(run_dir)
+    except BaseException:
+        _release(run_dir, lock, created)
+        raise
+    return run_dir, lock, created
+
+
+def _release(run_dir: Path, lock: RunLock, created: bool) -> None:
+    """Unlocks; a directory this run created and left empty (but the lock) goes away."""
+    if created and not run_files(run_dir):
+        try:
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
+        except OSError:
+            pass
+    lock.release()
 
 
 def run_training(config: dict, out: str | Path | None = None, *, resume: bool = False,
-                 quiet: bool = False, plots: bool = True,
+                 overwrite: bool = False, quiet: bool = False, plots: bool = True,
                  on_epoch_end: EpochCallback | None = None) -> tuple[Path, dict]:
     """Trains the run a config describes; returns ``(run_dir, metrics)``.
 
-    ``out`` is the run directory (default ``runs/<name>-<timestamp>``); with ``resume`` it
-    must be the directory of the interrupted run.
+    ``out`` is the run directory (default ``runs/<name>-<timestamp>``). It must be empty or
+    missing, unless ``resume`` (continue the interrupted run in it; its data and model
+    sections must not change, other changes are printed) or ``overwrite`` (delete the run in
+    it first; files that are not a run's are never deleted). Nothing is written before
+    :func:`check_run` has passed; the directory is locked for the whole run, so a second run
+    into it fails at once (RunDirError).
     """
-    config = validate_config(config)
-    if resume and out is None:
-        raise ValueError("resume: give the run directory to resume")
-    if resume and not (Path(out) / LAST).exists():
-        raise FileNotFoundError(f"resume: no {LAST} in {out} (nothing to resume)")
-    run_dir = make_run_dir(config["name"], out)
-    dataset, model = build_run(config)
+    plan = check_run(config, out, resume=resume, overwrite=overwrite)
+    for change in plan.changes:
+        print(f"resume: {change} (config.yaml is updated)", file=sys.stderr)
+    model = _build(plan.config, plan.dataset.schema)
+    run_dir, lock, created = _claim(plan, resume, overwrite)
     try:
-        metrics = fit(model, dataset, config, run_dir, resume=resume, quiet=quiet, plots=plots,
-                      on_epoch_end=on_epoch_end)
+        metrics = fit(model, plan.dataset, plan.config, run_dir, resume=resume, quiet=quiet,
+                      plots=plots, on_epoch_end=on_epoch_end,
+                      checkpoint=plan.take_checkpoint())
     except KeyboardInterrupt as exc:
         exc.run_dir = run_dir  # the CLI names it in its --resume hint
         raise
+    finally:
+        _release(run_dir, lock, created)
     return run_dir, metrics
 
 
@@ -59,27 +259,58 @@ def load_run_config(run_dir: str | Path) -> dict:
     return validate_config(read_yaml(path))
 
 
+def checkpoint_path(run_dir: str | Path, name: str) -> Path:
+    """``run_dir/name`` for a checkpoint file name; ConfigError for anything that is not the
+    name of a file inside the run directory (a path, ``..``, a link leading out of it),
+    FileNotFoundError when there is no such file."""
+    run_dir = Path(run_dir)
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ConfigError(f"evaluate: --checkpoint takes the name of a checkpoint in the run "
+                          f"directory ({BEST} or {LAST}), got {short_repr(name)}")
+    path = run_dir / name
+    if path.resolve().parent != run_dir.resolve():
+        raise ConfigError(f"evaluate: --checkpoint {name!r} leads outside {run_dir}")
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluate: no {name} in {run_dir}"
+                                + (" (no epoch of the run has finished?)"
+                                   if name in (BEST, LAST) else ""))
+    return path
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = BEST,
                  device: str | None = None, write: bool = True) -> dict:
-    """Rebuilds a run's dataset and model from its ``config.yaml``, loads ``checkpoint`` and
-    scores ``split``; writes ``eval_<split>.json`` into the run directory when ``write``."""
+    """Rebuilds a run's dataset and model from its ``config.yaml``, loads ``checkpoint`` (the
+    name of a file in ``run_dir``) and scores ``split``; writes ``eval_<split>.json`` into the
+    run directory when ``write``, holding the directory's shared lock: a training run writing
+    it is an error (RunDirError), not a mixture."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    dataset, model = build_run(config)
-    if split not in dataset.splits:
-        raise ValueError(f"evaluate: no split {split!r}; the dataset has "
-                         f"{', '.join(dataset.splits)}")
-    dev = resolve_device(device or config["device"])
-    state = load_checkpoint(run_dir / checkpoint, map_location=dev)
-    model.load_state_dict(state["model"])
-    model.to(dev)
-    # The same flag as the run's metrics.json: scores of a valid split that is the test split
-    # are test scores the checkpoint was selected on.
-    metrics = {"split": split, "checkpoint": checkpoint, "epoch": state.get("epoch"),
-               "valid_is_test": dataset.splits["valid"] is dataset.splits["test"],
-               "warnings": split_warnings(dataset.splits),
-               **evaluate(model, dataset.splits[split],
-                          batch_size=config["train"]["eval_batch_size"], device=dev)}
-    if write:
-        write_json(metrics, run_dir / f"eval_{split}.json")
+    path = checkpoint_path(run_dir, checkpoint)
+    dev = resolve_device(device or config["device"], "evaluate: --device" if device else
+                         f"{run_dir / CONFIG_FILE}: device")
+    check_backend(config["backend"], dev)
+    lock = RunLock(run_dir, shared=True).acquire() if write else None
+    try:
+        dataset, model = build_run(config)
+        if split not in dataset.splits:
+            raise ConfigError(f"evaluate: no split {split!r}; the dataset has "
+                              f"{', '.join(dataset.splits)}")
+        if len(dataset.splits[split]) == 0:
+            raise TrainingError(f"evaluate: the dataset's {split} split has no rows")
+        state = load_checkpoint(path, map_location=dev, keys=("model",))
+        check_model_state(state["model"], model, path)
+        model.load_state_dict(state["model"])
+        model.to(dev)
+        # The same flag as the run's metrics.json: scores of a valid split that is the test
+        # split are test scores the checkpoint was selected on.
+        metrics = {"split": split, "checkpoint": checkpoint, "epoch": state.get("epoch"),
+                   "valid_is_test": dataset.splits["valid"] is dataset.splits["test"],
+                   "warnings": split_warnings(dataset.splits),
+                   **evaluate(model, dataset.splits[split],
+                              batch_size=config["train"]["eval_batch_size"], device=dev)}
+        if write:
+            write_json(metrics, run_dir / f"eval_{split}.json")
+    finally:
+        if lock is not None:
+            lock.release()
     return metrics
