@@ -163,3 +163,13 @@ def test_a_one_row_remainder_batch_is_skipped_with_batch_norm(train_config, tmp_
     cfg["model"]["dnn"] = {"hidden": [16], "batch_norm": True}
     _, metrics = run_training(cfg, tmp_path / "run", quiet=True, plots=False)
     assert metrics["train_samples"] == 2399
+
+
+@pytest.mark.parametrize("name", ["base_lr", "min_lr_ratio", "gamma", "plateau_factor"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, True])
+def test_lr_schedule_refuses_non_finite_rates(name, bad):
+    p = torch.nn.Parameter(torch.zeros(1))
+    kwargs = {"base_lr": 1.0, name: bad}
+    with pytest.raises(ValueError, match=f"LRSchedule: {name} must be a finite number >= 0"):
+        LRSchedule(torch.optim.SGD([p], lr=1.0), "cosine", kwargs.pop("base_lr"),
+                   total_steps=10, **kwargs)

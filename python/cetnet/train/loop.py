@@ -192,6 +192,9 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     a run none of whose epochs had a finite one raises TrainingError at the end, as does a
     valid split with a single class (before training).
 
+    ``fit`` itself takes no lock on ``out_dir`` and does not check that it is free:
+    :func:`~cetnet.train.runner.run_training` does both.
+
     At the end the best model is loaded back (``model`` holds it after the call) and scored on
     ``"test"``. Returns what is written to ``metrics.json``: the test ``fused`` / ``members``
     (/ ``fusion_weights``) metrics, the validation ``history``, the best epoch, the train

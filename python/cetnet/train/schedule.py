@@ -28,6 +28,9 @@ class LRSchedule:
         base_lr: the peak learning rate.
         total_steps: the optimizer steps of the whole run (cosine).
         warmup_steps: linear warm-up from ``base_lr / warmup_steps`` to ``base_lr``.
+
+    The rates and factors must be finite and >= 0 (ValueError): a NaN lr would train on
+    silently as NaN weights.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, kind: str, base_lr: float, *,
@@ -36,6 +39,12 @@ class LRSchedule:
                  plateau_patience: int = 0) -> None:
         if kind not in ("constant", "cosine", "step", "plateau"):
             raise ValueError(f"LRSchedule: unknown schedule {kind!r}")
+        for name, value in (("base_lr", base_lr), ("min_lr_ratio", min_lr_ratio),
+                            ("gamma", gamma), ("plateau_factor", plateau_factor)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"LRSchedule: {name} must be a finite number >= 0, got "
+                                 f"{value!r}")
         self.optimizer = optimizer
         self.kind = kind
         self.base_lr = base_lr
