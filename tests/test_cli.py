@@ -98,6 +98,14 @@ def test_train_arguments_parse_unambiguously(capsys):
     with pytest.raises(SystemExit):
         parse_args(["evaluate", "runs/x", "a.b=1"])
     assert "unrecognized arguments: a.b=1" in capsys.readouterr().err
+    # a usage error is one line like every other error
+    for argv, prog in ((["train", "--epochs", "x"], "cetnet train"), (["trian"], "cetnet")):
+        with pytest.raises(SystemExit) as info:
+            parse_args(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and \
+            err.endswith(f"(see {prog} --help)\n"), err
 
 
 def test_resume_errors_name_the_mistake(tmp_path, capsys):

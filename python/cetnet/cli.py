@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from cetnet.config import ConfigError, load_config, parse_value
 from cetnet.data.csvio import DataFormatError
@@ -35,8 +35,16 @@ __all__ = ["main", "build_parser", "parse_args", "train_config"]
 FUSED_EMBEDDING_OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line like every other error of the CLI
+    (``cetnet train: error: ...``, status 2); the usage is one ``--help`` away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cetnet", description="Train and evaluate CTR ensembles.")
+    ap = _Parser(prog="cetnet", description="Train and evaluate CTR ensembles.")
     ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                     help="import MODULE first (it may register datasets and models); "
                          "repeatable; also $CETNET_PLUGINS=mod1,mod2")
