@@ -229,7 +229,7 @@ def test_a_failed_resume_changes_nothing(train_config, tmp_path, capsys):
     # then loading last.pt failed, leaving a run neither evaluate nor --resume could use
     assert main(["train", "--resume", str(run_dir), "model.dnn.hidden=[64]"]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "resume: model.dnn.hidden: [32] -> [64]: a resumed run keeps the data and the model" \
+    assert "resume: model.dnn.hidden[0]: 32 -> 64: a resumed run keeps the data and the model" \
         in line
     assert _snapshot(run_dir) == before
     assert main(["evaluate", str(run_dir), "--checkpoint", LAST]) == 0

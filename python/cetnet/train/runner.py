@@ -107,12 +107,16 @@ def build_run(config: dict) -> tuple[Any, Any]:
 
 
 def _diff(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
-    """The dotted keys whose values differ between two configs (or config sections)."""
+    """The dotted keys whose values differ between two configs (or config sections); 1 and
+    1.0 are the same value, True and 1 are not."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in dict.fromkeys([*old, *new])
                 for d in _diff(old.get(k, "<unset>"), new.get(k, "<unset>"),
                                f"{key}.{k}" if key else str(k))]
-    return [] if old == new and type(old) is type(new) else [(key, old, new)]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _diff(a, b, f"{key}[{i}]")]
+    same = old == new and isinstance(old, bool) == isinstance(new, bool)
+    return [] if same else [(key, old, new)]
 
 
 def _resume_changes(run_dir: Path, config: dict) -> list[str]:
