@@ -153,3 +153,5 @@ def test_the_backend_reaches_every_op_family(backend):
     model = _model("cetnet", embedding_optimizer=None, backend=backend)
     assert model.embedding.backend == backend
     assert model.fusion.backend == backend
+    kdef = _model("kdef", embedding_optimizer=None, backend=backend)
+    assert kdef.embedding.backend == kdef.backend == backend

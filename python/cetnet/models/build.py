@@ -298,4 +298,4 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     if ensemble == "naive":
         with _building("model.naive"):
             return NaiveEnsemble(front, members, **sections.get("naive", {}))
-    return KDEF(front, members)
+    return KDEF(front, members, backend=backend)
