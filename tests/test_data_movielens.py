@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,3 +212,87 @@ def test_malformed_raw_file_names_file_line_and_column(tmp_path, raw):
     (tmp_path / "ml-100k.inter").write_text(f"{header}\n1\t2\t3\n")
     with pytest.raises(DataFormatError, match=r"line 2, column 'timestamp:float': expected 4"):
         read_raw(tmp_path)
+
+
+# --- split: global_time | user_time | random -----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def other_splits(raw):
+    return {s: build_movielens(raw, max_seq_len=10, split=s, split_seed=3)
+            for s in ("user_time", "random")}
+
+
+@pytest.mark.parametrize("kind", ["user_time", "random"])
+def test_other_splits_partition_the_rows(other_splits, raw, kind):
+    ds = other_splits[kind]
+    sizes = [len(ds.splits[k]) for k in ("train", "valid", "test")]
+    assert sum(sizes) == 100_000
+    assert all(abs(n - want) <= 100 for n, want in zip(sizes, (80_000, 10_000, 10_000)))
+    # the rows of the three splits are the raw rows, each once
+    order, (a, b) = ml.split_order(raw, kind, split_seed=3)
+    assert sorted(order.tolist()) == list(range(100_000)) and (a, b) == (sizes[0], sum(sizes[:2]))
+    for k, sl in (("train", order[:a]), ("valid", order[a:b]), ("test", order[b:])):
+        assert np.array_equal(ds.splits[k].group.numpy(), raw.user[sl])
+        t = ds.splits[k].extras["timestamp"].numpy()
+        assert np.array_equal(t, raw.timestamp[sl]) and (t[1:] >= t[:-1]).all()
+    assert "split " + kind in ds.notes[0]
+
+
+def test_user_time_split_puts_each_users_last_rows_in_valid_then_test(raw):
+    order, (a, b) = ml.split_order(raw, "user_time")
+    part = np.empty(100_000, dtype=np.int64)
+    part[order[:a]], part[order[a:b]], part[order[b:]] = 0, 1, 2
+    for u in np.unique(raw.user)[:200].tolist():
+        rows = np.flatnonzero(raw.user == u)
+        rows = rows[np.lexsort((rows, raw.timestamp[rows]))]  # the user's rows by time
+        p = part[rows]
+        assert (np.diff(p) >= 0).all()  # train, then valid, then test, per user
+        n = len(rows)
+        assert (p == 2).sum() == n - round(0.9 * n) >= 1  # MovieLens users have >= 20 ratings
+        assert (p == 1).sum() == round(0.9 * n) - round(0.8 * n) >= 1
+        t = raw.timestamp[rows]
+        assert t[p == 0].max() <= t[p >= 1].min()
+    # every valid / test user is a train user (unlike global_time)
+    assert set(raw.user[order[a:]].tolist()) <= set(raw.user[order[:a]].tolist())
+
+
+def test_random_split_is_seeded(raw):
+    o1, _ = ml.split_order(raw, "random", split_seed=3)
+    o2, _ = ml.split_order(raw, "random", split_seed=3)
+    o3, _ = ml.split_order(raw, "random", split_seed=4)
+    assert np.array_equal(o1, o2) and not np.array_equal(o1, o3)
+    g, _ = ml.split_order(raw, "global_time")
+    assert np.array_equal(g, np.argsort(raw.timestamp, kind="stable"))
+
+
+@pytest.mark.parametrize("kind", ["user_time", "random"])
+def test_other_splits_keep_histories_causal(other_splits, raw, kind):
+    ds = other_splits[kind]
+    ts_of = np.full((raw.user.max() + 1, raw.item.max() + 1), -1, dtype=np.int64)
+    ts_of[raw.user, raw.item] = raw.timestamp
+    raw_item = np.array([-1, -1] + [int(t) for t in ds.vocabs["item"].tokens])
+    for split in ds.splits.values():
+        hist = split.sequence["hist_item"].numpy()
+        known = hist >= 2
+        t = np.where(known, ts_of[split.group.numpy()[:, None], np.maximum(raw_item[hist], 0)],
+                     -1)
+        row_ts = np.broadcast_to(split.extras["timestamp"].numpy()[:, None], t.shape)
+        assert (t[known] >= 0).all() and (t[known] < row_ts[known]).all()
+    # vocabularies come from the train rows only
+    order, (a, _) = ml.split_order(raw, kind, split_seed=3)
+    assert ds.schema.by_name("user").vocab_size == len(np.unique(raw.user[order[:a]])) + 2
+
+
+def test_split_option_is_checked_and_keyed(ml_root, raw):
+    with pytest.raises(ValueError, match="split"):
+        load_movielens(ml_root, verbose=False, split="by_magic")
+    with pytest.raises(ValueError, match="split"):
+        build_movielens(raw, split="by_magic")
+    ds = load_movielens(ml_root, verbose=False, split="user_time", max_seq_len=5)
+    again = load_dataset("movielens-100k", root=ml_root, split="user_time", max_seq_len=5)
+    assert again.summary() == ds.summary()
+    glob = load_movielens(ml_root, verbose=False, max_seq_len=5)
+    assert len(glob.splits["valid"]) == 10_000 != len(ds.splits["valid"])
+    names = sorted(p.name for p in (Path(ml_root) / "movielens-100k").glob("encoded-T5-*"))
+    assert any("user_time" in n for n in names) and any("user_time" not in n for n in names)

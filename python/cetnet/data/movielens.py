@@ -5,8 +5,13 @@ header cells ``name:type``): from the GroupLens zip if it can be reached, else r
 ``recbole==1.2.1`` wheel (fetched with ``pip download --no-deps``, never installed). The encoded
 dataset is cached next to them, so later loads are fast and offline.
 
-Framing: label = rating >= 4; rows sorted by timestamp and cut 80/10/10 into train/valid/test;
-``hist_item`` = the user's items rated strictly before the row's timestamp, most recent first.
+Framing: label = rating >= 4; rows cut 80/10/10 into train/valid/test by ``split``:
+``global_time`` (default: rows sorted by timestamp, cut at two moments; most valid/test rows
+are then of users unseen in training), ``user_time`` (each user's own interactions sorted by
+time, the user's last 10 % are test, the 10 % before valid) or ``random`` (rows drawn at
+random, seeded by ``split_seed``). Within each split rows are in time order.
+``hist_item`` = the user's items rated strictly before the row's timestamp, most recent first
+(whatever split those items are in: the history is causal in time).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from cetnet.data.options import (MAX_SEQ_LEN, ConfigError, check_bool, check_cho
 from cetnet.data.schema import OOV_ID, PAD_ID, FeatureSpec, Schema
 from cetnet.data.vocab import MISSING, encode_with_train_vocab, factorize
 
-__all__ = ["GROUPLENS_URL", "RECBOLE_SPEC", "FetchError", "fetch_raw", "read_raw",
+__all__ = ["GROUPLENS_URL", "RECBOLE_SPEC", "SPLIT_KINDS", "FetchError", "fetch_raw", "read_raw",
            "MovieLensRaw", "build_movielens", "load_movielens"]
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -53,6 +58,8 @@ _AGE_BUCKETS = [(18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "
                 (56, "50-55")]
 _CACHE_VERSION = 2
 _SOURCES = ("grouplens", "recbole")
+#: How the rows are cut into train / valid / test (see the module docstring).
+SPLIT_KINDS = ("global_time", "user_time", "random")
 
 
 class FetchError(RuntimeError, FileNotFoundError):
@@ -278,9 +285,50 @@ def _stats(ids: np.ndarray, pad: np.ndarray | None, bounds: list[slice]) -> list
     return out
 
 
+def split_order(raw: MovieLensRaw, split: str = "global_time",
+                split_fractions: tuple[float, float] = (0.8, 0.9),
+                split_seed: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(order, (a, b))``: the raw rows in dataset order and where train and valid end in it
+    (train = ``order[:a]``, valid = ``order[a:b]``, test = ``order[b:]``; each in time order,
+    ties in file order).
+
+    - ``global_time``: all rows by time, cut at the fractions.
+    - ``user_time``: each user's rows by time (then file order); the user's first
+      ``round(f0 * n_u)`` are train, up to ``round(f1 * n_u)`` valid, the rest test.
+    - ``random``: a random permutation (``numpy.random.default_rng(split_seed)``) cut at the
+      fractions.
+    """
+    n = len(raw.user)
+    if split == "global_time":
+        order = np.argsort(raw.timestamp, kind="stable")
+        a, b = (int(round(f * n)) for f in split_fractions)
+        return order, (a, b)
+    part = np.empty(n, dtype=np.int64)
+    if split == "user_time":
+        by_user = np.lexsort((np.arange(n), raw.timestamp, raw.user))
+        u = raw.user[by_user]
+        starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+        sizes = np.diff(np.r_[starts, n])
+        rank = np.arange(n) - np.repeat(starts, sizes)  # position within the user's rows
+        n_u = np.repeat(sizes, sizes)
+        cut_a = np.round(split_fractions[0] * n_u).astype(np.int64)
+        cut_b = np.round(split_fractions[1] * n_u).astype(np.int64)
+        part[by_user] = np.where(rank < cut_a, 0, np.where(rank < cut_b, 1, 2))
+    elif split == "random":
+        perm = np.random.default_rng(split_seed).permutation(n)
+        a, b = (int(round(f * n)) for f in split_fractions)
+        part[perm[:a]], part[perm[a:b]], part[perm[b:]] = 0, 1, 2
+    else:
+        raise ConfigError(f"dataset 'movielens-100k': split: expected one of "
+                          f"{', '.join(SPLIT_KINDS)}, got {shorten(split)}")
+    order = np.lexsort((np.arange(n), raw.timestamp, part))
+    counts = np.bincount(part, minlength=3)
+    return order, (int(counts[0]), int(counts[0] + counts[1]))
+
+
 def build_movielens(raw: MovieLensRaw, *, max_seq_len: int = 50, min_count: int = 1,
                     genre_pooling: str = "mean", split_fractions: tuple[float, float] = (0.8, 0.9),
-                    ) -> CTRDataset:
+                    split: str = "global_time", split_seed: int = 0) -> CTRDataset:
     """Frames the raw tables as a CTR dataset (see the module docstring).
 
     Args:
@@ -288,13 +336,15 @@ def build_movielens(raw: MovieLensRaw, *, max_seq_len: int = 50, min_count: int 
         max_seq_len: length T of ``hist_item`` / ``hist_genre``.
         min_count: train occurrences a value needs to get its own id (else OOV, id 1).
         genre_pooling: ``"mean"`` or ``"sum"`` for the ``genres`` multi-hot feature.
-        split_fractions: the cumulative fractions where train and valid end.
+        split_fractions: the cumulative fractions where train and valid end (per user for
+            ``split="user_time"``).
+        split: ``"global_time"``, ``"user_time"`` or ``"random"`` (see :func:`split_order`).
+        split_seed: the seed of the ``random`` split.
     """
-    order = np.argsort(raw.timestamp, kind="stable")
+    order, (a, b) = split_order(raw, split, split_fractions, split_seed)
     user, item = raw.user[order], raw.item[order]
     ts, rating = raw.timestamp[order], raw.rating[order]
     n = len(order)
-    a, b = (int(round(f * n)) for f in split_fractions)
     bounds = [slice(0, a), slice(a, b), slice(b, n)]
     train = bounds[0]
 
@@ -368,21 +418,25 @@ def build_movielens(raw: MovieLensRaw, *, max_seq_len: int = 50, min_count: int 
                              cells={f: s[k][1] for f, s in stats.items()},
                              imputed={"age": int(imputed[0])}))
     return CTRDataset("movielens-100k", schema, splits, vocabs, dense_stats, group_key="user",
-                      notes=[f"label = rating >= 4; split by time {split_fractions[0]:.0%}/"
+                      notes=[f"label = rating >= 4; split {split}"
+                             + (f" (seed {split_seed})" if split == "random" else "")
+                             + f" {split_fractions[0]:.0%}/"
                              f"{split_fractions[1] - split_fractions[0]:.0%}/"
                              f"{1 - split_fractions[1]:.0%}; hist_* hold items rated strictly "
                              f"before the row, most recent first"])
 
 
 def load_movielens(root: str | Path | None = None, *, max_seq_len: int = 50, min_count: int = 1,
-                   genre_pooling: str = "mean", refresh: bool = False, verbose: bool = True,
+                   genre_pooling: str = "mean", split: str = "global_time",
+                   split_seed: int = 0, refresh: bool = False, verbose: bool = True,
                    sources: Sequence[str] = ("grouplens", "recbole"),
                    timeout: float = 5.0) -> CTRDataset:
     """MovieLens-100k as a :class:`CTRDataset`, fetched and encoded once, then read from cache.
 
     Args:
         root: the cache directory (default ``$CETNET_DATA`` or ``~/.cache/cetnet``).
-        max_seq_len, min_count, genre_pooling: see :func:`build_movielens`.
+        max_seq_len, min_count, genre_pooling, split, split_seed: see
+            :func:`build_movielens` (``split`` and ``split_seed`` are part of the cache key).
         refresh: re-encode even if an encoded cache exists (the raw files are kept).
         verbose: report fetching and caching on stderr.
         sources, timeout: see :func:`fetch_raw`.
@@ -393,15 +447,21 @@ def load_movielens(root: str | Path | None = None, *, max_seq_len: int = 50, min
     max_seq_len = check_int(max_seq_len, "max_seq_len", where, minimum=1, maximum=MAX_SEQ_LEN)
     min_count = check_int(min_count, "min_count", where, minimum=1)
     genre_pooling = check_choice(genre_pooling, "genre_pooling", where, ("mean", "sum"))
+    split = check_choice(split, "split", where, SPLIT_KINDS)
+    split_seed = check_int(split_seed, "split_seed", where, minimum=0)
     refresh = check_bool(refresh, "refresh", where)
     folder = fetch_raw(root, sources=sources, timeout=timeout, verbose=verbose)
     stamps = [file_stamp(folder / f"ml-100k.{p}") for p in _PARTS]
-    path = cache_file(folder, f"encoded-T{max_seq_len}-min{min_count}-{genre_pooling}",
-                      (_CACHE_VERSION, max_seq_len, min_count, genre_pooling, stamps))
+    # the default split keeps its old key (and cache file); another split is another file
+    tag, key = "", (_CACHE_VERSION, max_seq_len, min_count, genre_pooling, stamps)
+    if split != "global_time":
+        tag = f"-{split}" + (f"{split_seed}" if split == "random" else "")
+        key += (split, split_seed if split == "random" else 0)
+    path = cache_file(folder, f"encoded-T{max_seq_len}-min{min_count}-{genre_pooling}{tag}", key)
 
     def build() -> CTRDataset:
         ds = build_movielens(read_raw(folder), max_seq_len=max_seq_len, min_count=min_count,
-                             genre_pooling=genre_pooling)
+                             genre_pooling=genre_pooling, split=split, split_seed=split_seed)
         source = folder / "SOURCE"
         ds.notes.append(f"raw files from {source.read_text().strip() if source.exists() else '?'}"
                         f", cached in {folder}")

@@ -1,0 +1,124 @@
+"""``cetnet reproduce`` / ``python -m cetnet.reproduce``: train and compare the rows over
+seeds with equal data, budget and tuning, then write the report (docs/REPRODUCE.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from cetnet.config import ConfigError
+from cetnet.data.movielens import SPLIT_KINDS
+from cetnet.models.build import MEMBERS
+from cetnet.reproduce.experiment import GRIDS, Experiment, base_config, grid_points
+from cetnet.reproduce.report import comparisons, summarize, write_report
+from cetnet.reproduce.rows import ROW_NAMES, parse_rows
+
+__all__ = ["add_arguments", "run", "main", "build_parser"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the options of ``cetnet reproduce`` to ``parser``."""
+    a = parser.add_argument
+    a("--dataset", default="movielens-100k",
+      help="movielens-100k (default), synthetic, or a BARS dataset YAML")
+    a("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5)")
+    a("--rows", default="all", help=f"comma-separated rows (default all): {','.join(ROW_NAMES)}")
+    a("--out", default=None, help="where runs and results are cached (default "
+      "runs/reproduce-<dataset>)")
+    a("--resume", action="store_true", help="continue the experiment in --out (re-running "
+      "does the same: finished runs are never trained again); refuses an --out without results")
+    a("--split", choices=SPLIT_KINDS, default=None,
+      help="MovieLens-100k split (default global_time)")
+    a("--grid", choices=list(GRIDS), default="small",
+      help="tuning grid per (row, seed): small = train.lr x model.embedding_lr 2x2 (default), "
+      "none = the config's values")
+    a("--config", default=None, help="base config (default: the packaged CETNet config)")
+    a("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+      help="config overrides for every row, e.g. train.epochs=3 data.num_rows=5000")
+    a("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
+    a("--scaled-arch", default="auto", choices=["auto", *MEMBERS],
+      help="architecture of scaled_single (auto: the best of CETNet's members trained alone, "
+      "by mean validation AUC)")
+    a("--report", default="docs/RESULTS.md", help="the Markdown report (plots go to "
+      "results/ beside it; default docs/RESULTS.md)")
+    a("--note", default="", help="a line put at the top of the report (e.g. 'reduced run: ...')")
+    a("--no-plots", action="store_true", help="write no PNG plots")
+    a("--keep-checkpoints", action="store_true", help="keep each run's directory "
+      "(checkpoints); by default only its result JSON is kept")
+    a("--retry-failed", action="store_true", help="train again the runs stored as failed")
+    a("--dry-run", action="store_true", help="list the runs (and parameter counts), train "
+      "nothing, write no report")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(
+        prog="cetnet reproduce", description=__doc__.splitlines()[0]))
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Runs the command for parsed ``args``; ``argv`` (for the report) defaults to
+    ``sys.argv[2:]`` when run as ``cetnet reproduce``."""
+    if argv is None:
+        argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "reproduce" else sys.argv[1:]
+    try:
+        if args.seeds < 1:
+            raise ConfigError("reproduce: --seeds must be >= 1")
+        overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"]
+                                            if args.epochs is not None else [])
+        base = base_config(args.dataset, config=args.config, overrides=overrides,
+                           split=args.split)
+        stem = Path(args.dataset).stem if args.dataset.endswith((".yaml", ".yml")) \
+            else args.dataset
+        out = Path(args.out or f"runs/reproduce-{stem}")
+        if args.resume and not (out / "results").is_dir():
+            raise FileNotFoundError(f"reproduce: --resume: no results in {out} to continue")
+        rows = parse_rows(args.rows)
+        exp = Experiment(base, rows, list(range(args.seeds)), args.grid, out,
+                         scaled_arch=args.scaled_arch, keep_checkpoints=args.keep_checkpoints,
+                         retry_failed=args.retry_failed)
+        for row in rows:  # every row validates before anything trains
+            if row != "scaled_single":
+                print(f"{row}: {exp.num_parameters(row):,} parameters", flush=True)
+        exp.run(dry_run=args.dry_run)
+        if args.dry_run:
+            return 0
+        chosen = {}
+        all_results = {}
+        for row in rows:
+            results = [r for r in (exp.read_result(j.key) for j in exp._jobs_cached(row))
+                       if r is not None]
+            all_results[row] = results
+            chosen[row] = {s: c for s in exp.seeds
+                           if (c := exp.chosen(row, s)) is not None}
+        summary = summarize(chosen, all_results)
+        comps = comparisons(chosen, summary, base["model"].get("members") or [])
+        path = write_report(args.report, command=list(argv), summary=summary, comps=comps,
+                            base=base, seeds=exp.seeds, grid=args.grid,
+                            points=grid_points(args.grid), scaled=exp.scaled, out=out,
+                            note=args.note, plots=not args.no_plots)
+        print(f"reproduce: report written to {path}")
+        for c in comps:
+            d = c["diffs"]["auc"]
+            print(f"  {c['a']} - {c['b']}: test AUC {d.mean:+.4f} "
+                  + (f"[{d.low:+.4f}, {d.high:+.4f}] " if d.n >= 2 else "")
+                  + f"-> {d.verdict()}")
+        return 0
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue where it stopped",
+              file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(build_parser().parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The experiment: jobs (row x seed x grid point), their cached results, and the selection of
+the grid point on validation.
+
+Each job's result is a JSON file ``<out>/results/<key>.json`` where ``key`` hashes the job's
+resolved config (everything but its ``name``): the same config is never trained twice, and an
+interrupted experiment continues where it stopped (a job interrupted mid-training resumes from
+its run directory's ``last.pt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from cetnet.atomic import write_text_atomic
+from cetnet.config import ConfigError, apply_overrides, load_config, validate_config
+from cetnet.reproduce.rows import (SINGLE_ROWS, check_model, row_config,
+                                   scaled_single_model)
+
+__all__ = ["GRIDS", "RESULT_VERSION", "Job", "Experiment", "base_config", "config_key",
+           "grid_points", "select"]
+
+RESULT_VERSION = 1
+
+#: The tuning grids: train.lr x model.embedding_lr (``small``: 2 x 2 around the defaults).
+GRIDS: dict[str, dict[str, list[float]]] = {
+    "none": {},
+    "small": {"train.lr": [1.0e-3, 3.0e-3], "model.embedding_lr": [0.02, 0.05]},
+}
+
+
+def grid_points(grid: str | Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
+    """The points of a grid (a name of :data:`GRIDS` or ``{dotted key: values}``), each a dict
+    ``{dotted key: value}``; ``none`` is one empty point (the base config's values)."""
+    if isinstance(grid, str):
+        if grid not in GRIDS:
+            raise ConfigError(f"reproduce: --grid must be one of {', '.join(GRIDS)}, got "
+                              f"{grid!r}")
+        grid = GRIDS[grid]
+    points: list[dict[str, float]] = [{}]
+    for key, values in grid.items():
+        if key not in ("train.lr", "model.embedding_lr"):
+            raise ConfigError(f"reproduce: grid key {key!r}: the grid tunes train.lr and "
+                              "model.embedding_lr")
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def base_config(dataset: str = "movielens-100k", *, config: str | Path | None = None,
+                overrides: Sequence[str] = (), split: str | None = None) -> dict:
+    """The config every row starts from: the packaged CETNet config (or ``config``), its data
+    section replaced by ``dataset`` (``movielens-100k``, ``synthetic`` or a BARS dataset YAML,
+    the other data options then dropped), ``split`` for MovieLens, then ``overrides``
+    (``KEY=VALUE``, e.g. ``train.epochs=3``, ``data.num_rows=5000``)."""
+    cfg = load_config(config)
+    data = dict(cfg["data"])
+    if dataset in ("movielens-100k", "movielens"):
+        if data.get("name") != "movielens-100k":
+            data = {"name": "movielens-100k"}
+    elif dataset == "synthetic":
+        data = {"name": "synthetic"}
+    elif dataset.endswith((".yaml", ".yml")):
+        if not Path(dataset).is_file():
+            raise FileNotFoundError(f"reproduce: --dataset {dataset}: no such BARS dataset YAML")
+        data = {"name": "bars", "config": str(Path(dataset).resolve())}
+    else:
+        raise ConfigError(f"reproduce: --dataset must be movielens-100k, synthetic or a BARS "
+                          f"dataset YAML, got {dataset!r}")
+    if split is not None:
+        if data["name"] != "movielens-100k":
+            raise ConfigError("reproduce: --split is an option of movielens-100k")
+        data["split"] = split
+    cfg["data"] = data
+    return validate_config(apply_overrides(cfg, list(overrides)))
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """A hash of the resolved config without its ``name`` (20 hex digits)."""
+    body = {k: v for k, v in config.items() if k != "name"}
+    text = json.dumps([RESULT_VERSION, body], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@dataclass
+class Job:
+    row: str
+    seed: int
+    point: int
+    grid: dict[str, float]
+    config: dict
+    key: str
+
+    def label(self) -> str:
+        g = " ".join(f"{k.split('.')[-1]}={v:g}" for k, v in self.grid.items())
+        return f"{self.row} seed {self.seed}" + (f" [{g}]" if g else "")
+
+
+def _grid_overrides(point: Mapping[str, float]) -> tuple[dict, dict]:
+    train = {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("train.")}
+    model = {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("model.")}
+    return train, model
+
+
+def select(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The result with the best validation fused AUC (of its best epoch); failed results and
+    NaN AUCs never win; ties go to the earlier grid point. None when none finished."""
+    best, best_auc = None, -math.inf
+    for r in sorted(results, key=lambda r: r["point"]):
+        if r.get("error"):
+            continue
+        a = r["metrics"]["valid"]["fused"]["auc"]
+        if a is not None and math.isfinite(a) and a > best_auc:
+            best, best_auc = r, a
+    return best
+
+
+@dataclass
+class Experiment:
+    """Rows x seeds x grid points on one base config, cached under ``out``."""
+
+    base: dict
+    rows: list[str]
+    seeds: list[int]
+    grid: str | Mapping[str, Sequence[float]] = "small"
+    out: Path = Path("runs/reproduce")
+    scaled_arch: str = "auto"
+    keep_checkpoints: bool = False
+    retry_failed: bool = False
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
+    _schema: Any = None
+    scaled: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.points = grid_points(self.grid)
+
+    # -- datasets and rows ------------------------------------------------------------------
+    @property
+    def schema(self) -> Any:
+        if self._schema is None:
+            from cetnet.data import load_dataset
+
+            data = dict(self.base["data"])
+            self._schema = load_dataset(data.pop("name"), **data).schema
+        return self._schema
+
+    def result_path(self, key: str) -> Path:
+        return self.out / "results" / f"{key}.json"
+
+    def read_result(self, key: str) -> dict | None:
+        path = self.result_path(key)
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if data.get("version") != RESULT_VERSION or data.get("key") != key:
+            return None
+        if data.get("error") and self.retry_failed:
+            return None
+        return data
+
+    def _scaled_arch(self) -> str:
+        """The architecture scaled_single widens: ``scaled_arch``, or with ``auto`` the single
+        row (among the default CETNet's members) with the best mean validation AUC over the
+        seeds it has finished; the first CETNet member when none has."""
+        if self.scaled_arch != "auto":
+            return self.scaled_arch
+        members = list(self.base["model"].get("members") or ["dhen", "interformer"])
+        scores = {}
+        for kind in dict.fromkeys(members):
+            if kind not in SINGLE_ROWS:
+                continue
+            chosen = [self.chosen(kind, s) for s in self.seeds]
+            vals = [c["metrics"]["valid"]["fused"]["auc"] for c in chosen if c]
+            if vals:
+                scores[kind] = sum(vals) / len(vals)
+        if scores:
+            return max(scores, key=scores.get)
+        return members[0]
+
+    def resolve_scaled(self) -> dict:
+        if self.scaled is None:
+            kind = self._scaled_arch()
+            self.scaled = scaled_single_model(self.base, self.schema, kind)
+            self.log(f"scaled_single: {kind} at embedding dim {self.scaled['dim']}: "
+                     f"{self.scaled['num_parameters']:,} parameters (default CETNet "
+                     f"{self.scaled['target']:,})")
+        return self.scaled
+
+    def jobs(self, row: str) -> list[Job]:
+        extra = self.resolve_scaled()["model"] if row == "scaled_single" else None
+        out = []
+        for seed in self.seeds:
+            for i, point in enumerate(self.points):
+                train, model = _grid_overrides(point)
+                model = {**(extra or {}), **model}
+                cfg = row_config(self.base, row, seed=seed, train=train, model=model)
+                out.append(Job(row, seed, i, dict(point), cfg, config_key(cfg)))
+        return out
+
+    def num_parameters(self, row: str) -> int:
+        return check_model(self.jobs(row)[0].config, self.schema)
+
+    # -- running ----------------------------------------------------------------------------
+    def run_job(self, job: Job) -> dict:
+        """Trains one job (resuming its run directory if it was interrupted) and stores its
+        result; a TrainingError / ConfigError is stored as a failed result."""
+        from cetnet.train.loop import TrainingError
+        from cetnet.train.runner import run_training
+
+        run_dir = self.out / "runs" / job.key
+        params = check_model(job.config, self.schema)
+        start = time.perf_counter()
+        result: dict[str, Any] = {"version": RESULT_VERSION, "key": job.key, "row": job.row,
+                                  "seed": job.seed, "point": job.point, "grid": job.grid,
+                                  "num_parameters": params, "config": job.config}
+        try:
+            metrics = self._train(run_training, job, run_dir)
+        except (TrainingError, ConfigError) as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+            self.log(f"  failed: {result['error']}")
+        else:
+            result["metrics"] = {k: metrics[k] for k in
+                                 ("fused", "members", "fusion_weights", "valid", "best_epoch",
+                                  "epochs_completed", "stopped_early", "train_seconds",
+                                  "train_samples", "warnings") if k in metrics}
+            result["metrics"]["history"] = [
+                {"epoch": h["epoch"], "train_loss": h["train_loss"],
+                 "valid_auc": h["valid"]["fused"]["auc"]} for h in metrics.get("history", [])]
+        result["wall_seconds"] = time.perf_counter() - start
+        self.result_path(job.key).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.result_path(job.key), json.dumps(result, indent=1) + "\n")
+        if not self.keep_checkpoints:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return result
+
+    @staticmethod
+    def _train(run_training: Callable[..., Any], job: Job, run_dir: Path) -> dict:
+        metrics_file = run_dir / "metrics.json"
+        if metrics_file.exists():  # trained, but killed before its result was stored
+            try:
+                metrics = json.loads(metrics_file.read_text())
+                if metrics.get("name") == job.config["name"]:
+                    return metrics
+            except json.JSONDecodeError:
+                pass
+        if (run_dir / "last.pt").exists():
+            try:
+                return run_training(job.config, run_dir, resume=True, quiet=True,
+                                    plots=False)[1]
+            except Exception as e:  # noqa: BLE001 - a run that cannot resume starts again
+                print(f"  cannot resume {run_dir} ({type(e).__name__}: {e}); starting again",
+                      file=sys.stderr)
+        return run_training(job.config, run_dir, overwrite=run_dir.exists(), quiet=True,
+                            plots=False)[1]
+
+    def run(self, dry_run: bool = False) -> dict[str, list[dict]]:
+        """Runs every job not yet cached (rows in order: scaled_single after the single
+        rows it is chosen from); returns ``{row: [results]}``."""
+        order = sorted(self.rows, key=lambda r: (r == "scaled_single", self.rows.index(r)))
+        # count what is left (scaled_single's jobs are known once its arch is chosen)
+        total = sum(len(self.seeds) * len(self.points) for _ in order)
+        done = {r: [] for r in order}
+        pending_est = 0
+        for row in order:
+            if row == "scaled_single" and self.scaled_arch == "auto":
+                pending_est += len(self.seeds) * len(self.points)
+                continue
+            pending_est += sum(self.read_result(j.key) is None for j in self.jobs(row))
+        self.log(f"reproduce: {len(order)} rows x {len(self.seeds)} seeds x "
+                 f"{len(self.points)} grid points = {total} runs, ~{pending_est} to train, "
+                 f"cached in {self.out}")
+        trained, spent, k = 0, 0.0, 0
+        for row in order:
+            for job in self.jobs(row):
+                k += 1
+                cached = self.read_result(job.key)
+                if cached is not None:
+                    done[row].append(cached)
+                    continue
+                if dry_run:
+                    self.log(f"[{k}/{total}] {job.label()}: to train ({job.key})")
+                    continue
+                left = pending_est - trained
+                eta = "" if not trained else f", ETA {_hms(spent / trained * left)}"
+                self.log(f"[{k}/{total}] {job.label()}: training ({left} left{eta})")
+                result = self.run_job(job)
+                trained += 1
+                spent += result["wall_seconds"]
+                if "metrics" in result:
+                    m = result["metrics"]
+                    self.log(f"  valid AUC {m['valid']['fused']['auc']:.4f} | test AUC "
+                             f"{m['fused']['auc']:.4f} in {result['wall_seconds']:.0f}s")
+                done[row].append(result)
+        self.log(f"reproduce: trained {trained} runs in {_hms(spent)}; "
+                 f"{total - trained} were cached" if not dry_run else "reproduce: dry run")
+        return done
+
+    def chosen(self, row: str, seed: int) -> dict | None:
+        """The selected grid point's result for (row, seed), from the cache."""
+        return select([r for r in (self.read_result(j.key) for j in self._jobs_cached(row))
+                       if r is not None and r["seed"] == seed])
+
+    def _jobs_cached(self, row: str) -> list[Job]:
+        if row == "scaled_single" and self.scaled is None:
+            return []
+        return self.jobs(row)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else \
+        f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,193 @@
+"""`cetnet reproduce` (cetnet.reproduce): rows, caching / resume, statistics, the report.
+Tiny synthetic runs (1 epoch of 2 steps) with DNN / DCNv2 members keep it fast."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cetnet.data import load_dataset
+from cetnet.reproduce import experiment as ex
+from cetnet.reproduce.__main__ import build_parser, main
+from cetnet.reproduce.report import comparisons, summarize
+from cetnet.reproduce.rows import ROW_NAMES, check_model, row_config, scaled_single_model
+from cetnet.reproduce.stats import T975, mean_std, paired_difference, t_quantile_975
+
+TINY = ["data.num_rows=1200", "train.epochs=1", "train.max_steps_per_epoch=2",
+        "train.batch_size=64", "train.warmup_steps=0", "model.members=[dnn, dcnv2]",
+        "model.embedding_dim=4", "model.dnn.hidden=[8]", "model.dcnv2.hidden=[8]",
+        "device=cpu"]
+
+
+def _args(tmp_path, *extra, rows="dnn,cetnet", seeds=2, grid="none"):
+    return ["--dataset", "synthetic", "--seeds", str(seeds), "--rows", rows, "--grid", grid,
+            "--out", str(tmp_path / "out"), "--report", str(tmp_path / "doc" / "RESULTS.md"),
+            "--no-plots", "--set", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return ex.base_config("synthetic", overrides=TINY[:1])
+
+
+@pytest.fixture(scope="module")
+def schema(base):
+    data = dict(base["data"])
+    return load_dataset(data.pop("name"), **data).schema
+
+
+def test_every_row_validates_and_builds(base, schema):
+    counts = {}
+    for row in ROW_NAMES:
+        if row == "scaled_single":
+            continue
+        cfg = row_config(base, row, seed=3, train={"lr": 2e-3})
+        assert cfg["train"]["seed"] == 3 and cfg["train"]["lr"] == 2e-3
+        assert cfg["data"] == base["data"] and cfg["train"]["epochs"] == base["train"]["epochs"]
+        counts[row] = check_model(cfg, schema)
+    assert row_config(base, "dnn")["model"]["members"] == ["dnn"]
+    assert "fusion" not in row_config(base, "kdef")["model"]
+    assert row_config(base, "cetnet_both")["model"]["fusion"]["mutual_weight"] == 0.5
+    assert counts["cetnet"] == counts["naive"] and counts["dnn"] < counts["cetnet"]
+    for kind in ("dhen", "dnn", "interformer"):
+        s = scaled_single_model(base, schema, kind)
+        assert s["target"] == counts["cetnet"]
+        assert abs(s["num_parameters"] - s["target"]) / s["target"] < 0.05, s
+        assert s["dim"] > 16
+        cfg = row_config(base, "scaled_single", model=s["model"])
+        assert check_model(cfg, schema) == s["num_parameters"]
+        assert cfg["model"]["members"] == [kind]
+
+
+def test_t_quantiles():
+    assert t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile_975(4) == pytest.approx(2.7764, abs=1e-4)
+    assert len(T975) == 30
+    # beyond the table: continuous with it and with known values
+    assert t_quantile_975(31) == pytest.approx(2.0395, abs=1e-4)
+    assert t_quantile_975(60) == pytest.approx(2.0003, abs=1e-4)
+    assert t_quantile_975(10**6) == pytest.approx(1.95997, abs=1e-4)
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_paired_interval_matches_a_hand_computation():
+    a = {0: 0.70, 1: 0.72, 2: 0.71, 7: 0.5}  # seed 7 has no partner: left out
+    b = {0: 0.69, 1: 0.70, 2: 0.70}
+    d = paired_difference(a, b)
+    # diffs 0.01, 0.02, 0.01: mean 0.013333, sd sqrt(((-1/300)^2 * 2 + (2/300)^2) / 2)
+    sd = math.sqrt(((1 / 300) ** 2 * 2 + (2 / 300) ** 2) / 2)
+    half = 4.302652730 * sd / math.sqrt(3)
+    assert d.n == 3 and d.seeds == [0, 1, 2]
+    assert d.mean == pytest.approx(0.04 / 3) and d.std == pytest.approx(sd)
+    assert (d.low, d.high) == (pytest.approx(0.04 / 3 - half), pytest.approx(0.04 / 3 + half))
+    assert d.verdict() == "within seed noise"  # the interval [-0.0010, 0.0277] holds 0
+    tight = paired_difference({0: 1.0, 1: 1.1, 2: 1.2}, {0: 0.9, 1: 1.0, 2: 1.09})
+    assert tight.verdict() == "better" and tight.verdict(higher_is_better=False) == "worse"
+    one = paired_difference({0: 1.0}, {0: 0.5})
+    assert one.n == 1 and math.isnan(one.low) and one.verdict().startswith("n/a")
+    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+
+
+def _result(seed, point, valid, test, error=None):
+    m = {"fused": {"auc": test, "gauc": test, "logloss": 1 - test},
+         "members": {"m": {"auc": test, "gauc": test, "logloss": 1 - test}},
+         "valid": {"fused": {"auc": valid}}, "train_seconds": 1.0, "best_epoch": 1}
+    r = {"seed": seed, "point": point, "grid": {"train.lr": point}, "num_parameters": 10,
+         "wall_seconds": 2.0, "metrics": m}
+    if error:
+        r = {**r, "error": error}
+        del r["metrics"]
+    return r
+
+
+def test_grid_point_is_chosen_on_validation():
+    results = [_result(0, 0, 0.70, 0.9), _result(0, 1, 0.75, 0.6), _result(0, 2, 0.75, 0.8),
+               _result(0, 3, math.nan, 0.99), _result(0, 4, None, 0.99, error="TrainingError")]
+    assert ex.select(results)["point"] == 1  # best validation AUC; tie -> the earlier point
+    assert ex.select([_result(0, 0, None, 1, error="x")]) is None
+    pts = ex.grid_points("small")
+    assert len(pts) == 4 and {p["train.lr"] for p in pts} == {1e-3, 3e-3}
+    assert ex.grid_points("none") == [{}]
+    with pytest.raises(ValueError, match="grid"):
+        ex.grid_points("huge")
+
+
+def test_comparisons_pick_the_best_member_on_validation():
+    chosen = {"dnn": {s: _result(s, 0, 0.60, 0.70 + s / 100) for s in range(3)},
+              "dcnv2": {s: _result(s, 0, 0.65, 0.60) for s in range(3)},
+              "cetnet": {s: _result(s, 0, 0.7, 0.72 + s / 100) for s in range(3)},
+              "naive": {s: _result(s, 0, 0.7, 0.71) for s in range(3)}}
+    summary = summarize(chosen, {r: list(c.values()) for r, c in chosen.items()})
+    assert summary["dnn"]["test"]["auc"] == [0.70, 0.71, 0.72]
+    comps = comparisons(chosen, summary, ["dnn", "dcnv2"])
+    first = comps[0]
+    assert (first["a"], first["b"]) == ("cetnet", "dcnv2")  # better on validation, not test
+    naive = next(c for c in comps if c["b"] == "naive")
+    assert naive["diffs"]["auc"].diffs == pytest.approx([0.01, 0.02, 0.03])
+    assert naive["diffs"]["logloss"].mean == pytest.approx(-0.02)
+
+
+def test_runs_are_cached_resumed_and_reported(tmp_path, monkeypatch):
+    trained = []
+    real = ex.Experiment.run_job
+
+    def counting(self, job):
+        trained.append(job.label())
+        if len(trained) == 3 and not getattr(counting, "interrupted", False):
+            counting.interrupted = True
+            raise KeyboardInterrupt  # stop in the middle, as ^C would
+        return real(self, job)
+
+    monkeypatch.setattr(ex.Experiment, "run_job", counting)
+    assert main(_args(tmp_path)) == 130  # interrupted at the third run
+    results = list((tmp_path / "out" / "results").glob("*.json"))
+    assert len(results) == 2
+    trained.clear()
+    assert main(_args(tmp_path, rows="dnn,cetnet")) == 0  # the same command continues
+    assert len(trained) == 2  # only what was left
+    assert len(list((tmp_path / "out" / "results").glob("*.json"))) == 4
+    assert not (tmp_path / "out" / "runs").exists() or not any(
+        (tmp_path / "out" / "runs").iterdir())  # checkpoints are not kept
+    report = (tmp_path / "doc" / "RESULTS.md").read_text()
+    assert "cetnet reproduce --dataset synthetic" in report and "torch" in report
+    assert "| cetnet |" in report and "| dnn |" in report and "(a) best member alone (dnn)" \
+        in report
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["summary"]["cetnet"]["seeds"] == [0, 1]
+    one = json.loads(results[0].read_text())
+    assert one["key"] == results[0].stem and one["num_parameters"] > 0
+    assert ex.config_key(one["config"]) == one["key"]
+
+    # a second run trains nothing; --resume is accepted
+    trained.clear()
+    (tmp_path / "doc" / "RESULTS.md").unlink()
+    assert main(_args(tmp_path, "--resume")) == 0
+    assert trained == [] and (tmp_path / "doc" / "RESULTS.md").exists()
+    # another budget is another config, hence another key
+    assert main(_args(tmp_path, "--dry-run", "--epochs", "2")) == 0
+    assert trained == []
+
+
+def test_report_has_plots(tmp_path):
+    args = [a for a in _args(tmp_path, rows="dnn", seeds=1) if a != "--no-plots"]
+    assert main(args) == 0
+    assert (tmp_path / "doc" / "results" / "test_auc_by_row.png").stat().st_size > 1000
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    assert main(_args(tmp_path, "--resume")) == 2  # nothing to resume yet
+    assert main(_args(tmp_path, "--split", "user_time")) == 2  # a MovieLens option
+    assert main(_args(tmp_path, rows="dnn,nope")) == 2
+    assert main([*_args(tmp_path)[:-len(TINY)], "train.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing" in err or "no results" in err
+    assert "unknown row" in err and "movielens" in err
+
+
+def test_parser_exposes_the_options():
+    ns = build_parser().parse_args(["--seeds", "3", "--rows", "dnn", "--split", "random"])
+    assert (ns.seeds, ns.rows, ns.split, ns.grid, ns.dataset) == (
+        3, "dnn", "random", "small", "movielens-100k")
