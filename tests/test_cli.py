@@ -194,3 +194,10 @@ def test_input_errors_are_one_line_with_exit_status_2(train_config, tmp_path, ca
         lines = err.splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"cetnet {command}: error: "), err
         assert message in lines[0], (argv, lines[0])
+
+
+def test_data_prepare_errors_name_the_subcommand(capsys):
+    assert main(["data", "prepare", "synthetic", "no_such_option=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cetnet data prepare: error:") and "no_such_option" in err, err
+    assert len(err.splitlines()) == 1

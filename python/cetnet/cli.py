@@ -230,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(args)
         return _prepare(args)
     except USER_ERRORS as e:
-        print(f"cetnet {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"cetnet {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"\n{interrupt_hint(exc)}", file=sys.stderr)

@@ -29,10 +29,11 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from cetnet.atomic import write_text_atomic
+from cetnet.messages import shorten
 
 __all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "Spec", "INT64_MAX", "SEED_RANGE",
            "default_config_path", "load_config", "parse_value", "apply_overrides",
-           "validate_config", "check_device", "dump_config", "read_yaml", "short_repr"]
+           "validate_config", "check_device", "dump_config", "read_yaml"]
 
 DEFAULT_CONFIG = "cetnet_ml100k.yaml"
 TOP_LEVEL_KEYS = ("name", "data", "model", "train", "backend", "device")
@@ -123,10 +124,10 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
     text = str(node.value)
     mantissa = re.split(r"[eE]", text)[0]
     if value == 0.0 and re.search(r"[1-9]", mantissa):
-        raise _NumberRangeError(None, None, f"{short_repr(text)} is too small for a float64 (it "
+        raise _NumberRangeError(None, None, f"{shorten(text)} is too small for a float64 (it "
                                             "would read as 0.0)", node.start_mark)
     if math.isinf(value) and not _INF_LITERAL.fullmatch(text):
-        raise _NumberRangeError(None, None, f"{short_repr(text)} is too large for a float64 (it "
+        raise _NumberRangeError(None, None, f"{shorten(text)} is too large for a float64 (it "
                                             "would read as inf; .inf is infinity)",
                                 node.start_mark)
     return value
@@ -142,14 +143,6 @@ _Loader.add_implicit_resolver(
                   |[-+]?\.(?:inf|Inf|INF)
                   |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, shortened to about ``limit`` characters for one-line messages."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit // 2]}...{text[-10:]} ({len(text)} characters)"
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -203,15 +196,15 @@ def _split_override(item: str) -> tuple[list[str], Any]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {short_repr(item)}: expected KEY=VALUE with a dotted KEY, "
+        raise ConfigError(f"override {shorten(item)}: expected KEY=VALUE with a dotted KEY, "
                           "e.g. train.epochs=3")
     parts = key.split(".")
     if any(not p for p in parts):
-        raise ConfigError(f"override {short_repr(item)}: empty component in key {short_repr(key)}")
+        raise ConfigError(f"override {shorten(item)}: empty component in key {shorten(key)}")
     try:
         return parts, parse_value(value)
     except ConfigError as e:
-        raise ConfigError(f"override {short_repr(item)}: {e}") from None
+        raise ConfigError(f"override {shorten(item)}: {e}") from None
 
 
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
@@ -224,25 +217,25 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
     for item in overrides:
         parts, value = _split_override(item)
         if parts[0] not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"override {short_repr(item)}: unknown top-level key "
-                              f"{short_repr(parts[0])}; known: {', '.join(TOP_LEVEL_KEYS)}")
+            raise ConfigError(f"override {shorten(item)}: unknown top-level key "
+                              f"{shorten(parts[0])}; known: {', '.join(TOP_LEVEL_KEYS)}")
         node: Any = config
         for depth, part in enumerate(parts[:-1]):
             where = ".".join(parts[:depth + 1])
             if part not in node:
                 if parts[0] not in OPEN_SECTIONS:
-                    raise ConfigError(f"override {short_repr(item)}: unknown key "
-                                      f"{short_repr(where)}")
+                    raise ConfigError(f"override {shorten(item)}: unknown key "
+                                      f"{shorten(where)}")
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {short_repr(item)}: {short_repr(where)} is a "
+                raise ConfigError(f"override {shorten(item)}: {shorten(where)} is a "
                                   f"{type(node).__name__}, not a mapping")
         last = parts[-1]
         if parts[0] not in OPEN_SECTIONS and len(parts) > 1 and last not in node:
             known = ", ".join(map(str, node)) if isinstance(node, dict) else ""
-            raise ConfigError(f"override {short_repr(item)}: unknown key "
-                              f"{short_repr('.'.join(parts))}; known: {known}")
+            raise ConfigError(f"override {shorten(item)}: unknown key "
+                              f"{shorten('.'.join(parts))}; known: {known}")
         node[last] = value
     return config
 
@@ -268,7 +261,7 @@ def _check_value(key: str, value: Any, spec: Spec) -> Any:
         raise ConfigError(f"config: {key} must not be null")
     # bool is an int subclass: True must not pass as 1 (or as 1.0)
     if isinstance(value, bool) != (spec.kind is bool):
-        raise ConfigError(f"config: {key} must be {_kind_name(spec)}, got {short_repr(value)}")
+        raise ConfigError(f"config: {key} must be {_kind_name(spec)}, got {shorten(value)}")
     if spec.kind is float and isinstance(value, int):
         try:
             value = float(value)
@@ -278,7 +271,7 @@ def _check_value(key: str, value: Any, spec: Spec) -> Any:
     if spec.kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)  # e.g. 1e4 steps
     if not isinstance(value, spec.kind):
-        raise ConfigError(f"config: {key} must be {_kind_name(spec)}, got {short_repr(value)}")
+        raise ConfigError(f"config: {key} must be {_kind_name(spec)}, got {shorten(value)}")
     if spec.kind is float and not math.isfinite(value):
         raise ConfigError(f"config: {key} must be finite, got {value!r}")
     if spec.kind in (int, float):
@@ -286,14 +279,14 @@ def _check_value(key: str, value: Any, spec: Spec) -> Any:
         if ((lo is not None and (value < lo or (spec.above and value == lo)))
                 or (hi is not None and value > hi)):
             raise ConfigError(f"config: {key} must be {'null or ' if spec.nullable else ''}"
-                              f"{_range_text(spec)}, got {short_repr(value)}"
+                              f"{_range_text(spec)}, got {shorten(value)}"
                               + (f" ({spec.why})" if spec.why else ""))
         if spec.kind is int and hi is None and value > INT64_MAX:
             raise ConfigError(f"config: {key} must be <= {INT64_MAX} (int64), got "
-                              f"{short_repr(value)}")
+                              f"{shorten(value)}")
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"config: {key} must be one of {', '.join(spec.choices)}, got "
-                          f"{short_repr(value)}")
+                          f"{shorten(value)}")
     return value
 
 
@@ -314,17 +307,17 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     name = out.get("name")
     if not isinstance(name, str) or not name or "/" in name or not name.isprintable():
         raise ConfigError(f"config: name must be a non-empty string without '/' or control "
-                          f"characters (it names the run directory), got {short_repr(name)}")
+                          f"characters (it names the run directory), got {shorten(name)}")
     data = out.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         raise ConfigError(f"config: data must be a mapping with a string 'name' (the dataset), "
-                          f"got {short_repr(data)}")
+                          f"got {shorten(data)}")
     if not isinstance(out.get("model"), dict):
         raise ConfigError(f"config: model must be a mapping (see docs/MODEL_LIBRARY.md), got "
-                          f"{short_repr(out.get('model'))}")
+                          f"{shorten(out.get('model'))}")
     train = out.get("train") or {}
     if not isinstance(train, dict):
-        raise ConfigError(f"config: train must be a mapping, got {short_repr(train)}")
+        raise ConfigError(f"config: train must be a mapping, got {shorten(train)}")
     _reject_unknown(train, TRAIN_DEFAULTS, "train")
     out["train"] = {k: _check_value(f"train.{k}", train.get(k, default), _TRAIN_SPECS[k])
                     for k, default in TRAIN_DEFAULTS.items()}
@@ -341,7 +334,7 @@ def check_device(value: Any, key: str = "config: device") -> str:
     ConfigError naming ``key``. Whether CUDA is there is checked when the run starts
     (:func:`cetnet.train.loop.resolve_device`)."""
     if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,6})?", value):
-        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {short_repr(value)}")
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {shorten(value)}")
     return value
 
 
@@ -359,7 +352,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             config.setdefault(key, copy.deepcopy(default.get(key)))
     train = config.setdefault("train", {}) or {}
     if not isinstance(train, dict):
-        raise ConfigError(f"{path}: train must be a mapping, got {short_repr(train)}")
+        raise ConfigError(f"{path}: train must be a mapping, got {shorten(train)}")
     config["train"] = {**TRAIN_DEFAULTS, **train}
     config.setdefault("backend", "auto")
     config.setdefault("device", "auto")

@@ -16,11 +16,12 @@ import io
 import itertools
 import math
 import os
-import reprlib
 import stat
 from collections import Counter
 from pathlib import Path
 from typing import IO, Iterator, Sequence
+
+from cetnet.messages import SHORT, clip, shorten, shorten_list  # noqa: F401  (re-exported)
 
 __all__ = ["DataFormatError", "read_chunks", "parse_float", "shorten", "clip", "shorten_list",
            "check_data_file"]
@@ -28,39 +29,7 @@ __all__ = ["DataFormatError", "read_chunks", "parse_float", "shorten", "clip", "
 # Sequence columns of the BARS csv files can be long strings of ids.
 csv.field_size_limit(1 << 30)
 
-SHORT = 80          # characters of a user's value quoted in a message
 _SNIFF = 8192       # bytes looked at for NULs (a binary file) before reading
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = SHORT
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
-_repr.maxlevel = 3
-
-
-def shorten(value: object, limit: int = SHORT) -> str:
-    """``repr(value)``, cut to about ``limit`` characters with an ellipsis and the full length.
-
-    Every value from a user's file or config that goes into a message goes through this, so a
-    10 MB cell (or a YAML structure built from aliases) never lands whole in a message.
-    """
-    if isinstance(value, str):
-        if len(value) <= limit:
-            return repr(value)
-        return f"{value[:limit]!r}… ({len(value):,} characters)"
-    text = _repr.repr(value)  # bounded depth and width: never expands a huge structure
-    return text if len(text) <= limit + 20 else f"{text[:limit]}…"
-
-
-def clip(text: str, limit: int = 200) -> str:
-    """``text`` (e.g. another exception's message) cut to ``limit`` characters, unquoted."""
-    text = " ".join(text.split())  # one line
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
-
-
-def shorten_list(values: Sequence[object], limit: int = 12) -> str:
-    """``[a, b, ...]`` with each value :func:`shorten` ed and at most ``limit`` of them."""
-    head = ", ".join(shorten(v, 40) for v in values[:limit])
-    more = f", … ({len(values):,} in all)" if len(values) > limit else ""
-    return f"[{head}{more}]"
 
 
 class DataFormatError(ValueError):

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from cetnet.config import ConfigError, Spec, short_repr
+from cetnet.config import ConfigError, Spec
+from cetnet.messages import shorten
 from cetnet.data.schema import Schema
 from cetnet.models.dcnv2 import DCNv2
 from cetnet.models.dhen import DHEN
@@ -98,7 +99,7 @@ def _check_list(key: str, value: Any, item: type) -> list:
     """A list (or tuple) of ints (widths, dims: each >= 1) or of strings."""
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"config: {key} must be a list of {item.__name__}s, got "
-                          f"{short_repr(value)}")
+                          f"{shorten(value)}")
     spec = _int_spec(key.rsplit(".", 1)[-1]) if item is int else Spec(str)
     return [spec.check(f"{key}[{i}]", v) for i, v in enumerate(value)]
 
@@ -120,7 +121,7 @@ def check_option(key: str, value: Any, annotation: Any) -> Any:
             return _check_list(key, value, int)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"config: {key} must be an int or a list of ints, got "
-                              f"{short_repr(value)}")
+                              f"{shorten(value)}")
         return _int_spec(name).check(key, value)
     kind = kinds[0] if len(kinds) == 1 else None
     if kind is float:
@@ -153,7 +154,7 @@ def _check_keys(given: Mapping[str, Any], allowed: list[str], where: str) -> Non
 def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = config.get(key) or {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"config: model.{key} must be a mapping, got {short_repr(value)}")
+        raise ConfigError(f"config: model.{key} must be a mapping, got {shorten(value)}")
     return dict(value)
 
 
@@ -191,7 +192,7 @@ def build_member(kind: str, schema: Schema, dim: int, **hyperparameters: Any) ->
     """A member by registry name (``dnn``, ``dcnv2``, ``dhen``, ``interformer``); unknown names,
     hyperparameters and bad values raise ConfigError (a ValueError) naming them."""
     if kind not in MEMBERS:
-        raise ConfigError(f"config: unknown member {short_repr(kind)}; choose from "
+        raise ConfigError(f"config: unknown member {shorten(kind)}; choose from "
                           f"{sorted(MEMBERS)}")
     cls = MEMBERS[kind]
     options = _checked_options(hyperparameters, cls, _MEMBER_SKIP, f"model.{kind}")
@@ -203,7 +204,7 @@ def _members(value: Any) -> list[str]:
     kinds = [value] if isinstance(value, str) else value
     if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds):
         raise ConfigError(f"config: model.members must be a member name or a list of them, got "
-                          f"{short_repr(value)}")
+                          f"{shorten(value)}")
     if not kinds:
         raise ConfigError("config: model.members must name at least one member")
     bad = [k for k in kinds if k not in MEMBERS]
@@ -254,13 +255,13 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     cfg = {**DEFAULTS, **config}
     ensemble = Spec(str).check("model.ensemble", cfg["ensemble"])
     if ensemble not in ENSEMBLES:
-        raise ConfigError(f"config: unknown ensemble {short_repr(ensemble)} in model.ensemble; "
+        raise ConfigError(f"config: unknown ensemble {shorten(ensemble)} in model.ensemble; "
                           f"choose from {ENSEMBLES}")
     optimizer = Spec(str, nullable=True).check("model.embedding_optimizer",
                                                cfg["embedding_optimizer"])
     if optimizer not in (None, "sgd", "rowwise_adagrad"):
         raise ConfigError(f"config: model.embedding_optimizer must be null, 'sgd' or "
-                          f"'rowwise_adagrad', got {short_repr(optimizer)}")
+                          f"'rowwise_adagrad', got {shorten(optimizer)}")
     if backend == "reference" and optimizer is not None:
         raise ConfigError(f"config: backend='reference' has no fused embedding optimizer; "
                           f"set model.embedding_optimizer: null (got {optimizer!r})")

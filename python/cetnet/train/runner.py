@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from cetnet.atomic import remove_stale_temps
-from cetnet.config import ConfigError, read_yaml, short_repr, validate_config
+from cetnet.config import ConfigError, read_yaml, validate_config
+from cetnet.messages import shorten
 from cetnet.train.builders import build_model, load_dataset
 from cetnet.train.checkpoint import BEST, LAST, LAST_KEYS, check_model_state, load_checkpoint
 from cetnet.train.evaluate import evaluate
@@ -85,7 +86,7 @@ def _build(config: dict, schema: Any) -> Any:
                 "out of memory" not in text:
             raise
         raise ConfigError(f"config: model: its parameters do not fit in memory "
-                          f"({short_repr(text.strip().splitlines()[-1] if text else '', 100)})"
+                          f"({shorten(text.strip().splitlines()[-1] if text else '', 100)})"
                           ) from e
 
 
@@ -128,14 +129,14 @@ def _resume_changes(run_dir: Path, config: dict) -> list[str]:
     saved = validate_config(read_yaml(path))
     frozen = [d for s in FROZEN_ON_RESUME for d in _diff(saved[s], config[s], s)]
     if frozen:
-        shown = "; ".join(f"{k}: {short_repr(a, 30)} -> {short_repr(b, 30)}"
+        shown = "; ".join(f"{k}: {shorten(a, 30)} -> {shorten(b, 30)}"
                           for k, a, b in frozen[:3])
         raise ConfigError(f"resume: {shown}{' ...' if len(frozen) > 3 else ''}: a resumed run "
                           f"keeps the data and the model of {path}; train another run "
                           "(another --out) to change them")
     rest = {k: v for k, v in saved.items() if k not in FROZEN_ON_RESUME}
     now = {k: v for k, v in config.items() if k not in FROZEN_ON_RESUME}
-    return [f"{k}: {short_repr(a, 30)} -> {short_repr(b, 30)}" for k, a, b in _diff(rest, now, "")]
+    return [f"{k}: {shorten(a, 30)} -> {shorten(b, 30)}" for k, a, b in _diff(rest, now, "")]
 
 
 def _check_resumable(ckpt: dict, config: dict, run_dir: Path) -> None:
@@ -270,7 +271,7 @@ def checkpoint_path(run_dir: str | Path, name: str) -> Path:
     run_dir = Path(run_dir)
     if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
         raise ConfigError(f"evaluate: --checkpoint takes the name of a checkpoint in the run "
-                          f"directory ({BEST} or {LAST}), got {short_repr(name)}")
+                          f"directory ({BEST} or {LAST}), got {shorten(name)}")
     path = run_dir / name
     if path.resolve().parent != run_dir.resolve():
         raise ConfigError(f"evaluate: --checkpoint {name!r} leads outside {run_dir}")
