@@ -201,3 +201,14 @@ def test_data_prepare_errors_name_the_subcommand(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("cetnet data prepare: error:") and "no_such_option" in err, err
     assert len(err.splitlines()) == 1
+
+
+def test_reproduce_is_a_subcommand(tmp_path, capsys):
+    """`cetnet reproduce ...` hands every argument after it to cetnet.reproduce's own parser."""
+    args = ["reproduce", "--dataset", "synthetic", "--seeds", "1", "--rows", "dnn",
+            "--grid", "none", "--dry-run", "--out", str(tmp_path / "rp")]
+    assert main(args) == 0
+    assert "dry run" in capsys.readouterr().out
+    assert main(["reproduce", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cetnet reproduce: error:") and len(err.splitlines()) == 1

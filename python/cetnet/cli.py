@@ -9,6 +9,7 @@ Examples::
     cetnet train --dry-run --set model.dnn.hidden=[64]   # check everything, write nothing
     cetnet evaluate runs/cetnet_ml100k-20250101-120000 --split valid
     cetnet data prepare movielens-100k
+    cetnet reproduce --dataset movielens-100k --seeds 5       # the evidence (docs/REPRODUCE.md)
     cetnet --plugin my_datasets train --set data.name=my_log   # a module that registers more
 
 A failure caused by the input (a config value, a file, a checkpoint, a run directory in use,
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("name")
     pr.add_argument("options", nargs="*", metavar="KEY=VALUE",
                     help="options of the dataset (e.g. root=~/.cache/cetnet)")
+
+    # Its own parser (cetnet.reproduce) reads the rest: `cetnet reproduce --help` shows it, and
+    # the other commands do not import the experiment code.
+    rp = sub.add_parser("reproduce", add_help=False,
+                        help="train and compare the ensembles and their baselines over seeds, "
+                             "write docs/RESULTS.md (cetnet reproduce --help)")
+    rp.add_argument("args", nargs="*", help=argparse.SUPPRESS)  # filled by parse_args
     return ap
 
 
@@ -103,6 +111,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     --quiet b=2`` it would reject ``b=2``; the leftover non-option arguments are overrides too.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "reproduce" in argv:  # everything after it is cetnet.reproduce's (options included)
+        i = argv.index("reproduce")
+        args = parser.parse_args(argv[:i + 1])
+        if args.command == "reproduce":
+            args.args = argv[i + 1:]
+            return args
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
         args.overrides += [x for x in extra if not x.startswith("-")]
@@ -228,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "reproduce":
+            from cetnet.reproduce.__main__ import main as reproduce
+
+            return reproduce(args.args)
         return _prepare(args)
     except USER_ERRORS as e:
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
                   + f"-> {d.verdict()}")
         return 0
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"cetnet reproduce: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to continue where it stopped",
