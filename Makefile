@@ -72,7 +72,8 @@ triton-oldest-test:
 		pytest hypothesis expecttest pyyaml
 	PYTHONPATH=$(CURDIR):$(CURDIR)/python $(TRITON_OLDEST_VENV)/bin/python -m pytest -q \
 		-p no:cacheprovider --disable-warnings tests/test_triton_fusion.py tests/test_embedding_triton.py \
-		tests/test_fusion_ops.py -k triton
+		tests/test_fusion_ops.py tests/test_fusion_limits.py tests/test_kdef_ops.py tests/test_kdef_triton.py \
+		tests/test_triton_compile.py -k triton
 
 # On a machine with an NVIDIA GPU and torch (CUDA) + Triton already installed, no internet needed:
 # CUDA build for the local arch, every CUDA/Triton test, compute-sanitizer, GPU benchmarks ->
