@@ -14,7 +14,8 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -31,9 +32,9 @@ from cetnet.train.rng import rng_state, seed_everything, set_rng_state, shuffle_
 from cetnet.train.rundir import CONFIG_FILE, METRICS_FILE, write_json
 from cetnet.train.schedule import LRSchedule
 
-__all__ = ["fit", "resolve_device", "print_warnings", "split_warnings", "EpochCallback",
-           "TrainingError", "check_backend", "check_splits", "VALID_IS_TEST_WARNING",
-           "SCORED_ON_TRAIN_WARNING"]
+__all__ = ["fit", "EpochRunner", "EpochResult", "LoopState", "resume_state", "resolve_device",
+           "print_warnings", "split_warnings", "EpochCallback", "TrainingError", "check_backend",
+           "check_splits", "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING"]
 
 #: ``callback(epoch, history_entry)``, called after each epoch's checkpoints are written.
 EpochCallback = Callable[[int, dict], None]
@@ -135,39 +136,246 @@ def check_splits(splits: dict) -> None:
                             "stopping and the best checkpoint cannot be selected")
 
 
-def _saved(st: dict, out_dir: Path) -> str:
+@dataclass
+class LoopState:
+    """The training loop's progress: what ``last.pt`` holds besides the model, optimizer,
+    schedule and RNG states (the fields are those :data:`LAST_KEYS`, in that order), from which
+    a resumed run continues exactly.
+
+    Attributes:
+        epoch: epochs completed.
+        best_metric: the best validation fused AUC so far (-inf before any finite one).
+        best_epoch: its epoch (0: none yet).
+        bad_epochs: epochs since the best one.
+        stopped: ``train.patience`` bad epochs in a row: no epoch follows.
+        history: one entry per epoch: ``epoch``, ``train_loss``, ``lr``, ``valid`` metrics.
+        train_seconds: time spent in training steps (evaluation excluded).
+        train_samples: rows trained on.
+    """
+
+    epoch: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_samples: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any]) -> "LoopState":
+        """The state a ``last.pt`` holds; KeyError when it lacks a field."""
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fields as ``last.pt`` keys (the objects themselves, not copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def next_epoch(self, epochs: int) -> int | None:
+        """The epoch to train next; None when the run is over (``epochs`` done, or stopped)."""
+        return None if self.stopped or self.epoch >= epochs else self.epoch + 1
+
+    def record(self, entry: dict, metric: float, patience: int | None) -> bool:
+        """Records the epoch ``entry["epoch"]`` (its history entry, with validation AUC
+        ``metric``) and returns whether it is the best so far; a NaN never is. An epoch that is
+        not counts as bad; ``patience`` bad epochs in a row stop the run (None: never)."""
+        epoch = entry["epoch"]
+        self.history.append(entry)
+        self.epoch = epoch
+        if _better(metric, self.best_metric):
+            self.best_metric, self.best_epoch, self.bad_epochs = metric, epoch, 0
+            return True
+        self.bad_epochs += 1
+        if patience is not None and self.bad_epochs >= patience:
+            self.stopped = True
+        return False
+
+
+class EpochResult(NamedTuple):
+    """What an epoch's training steps give its end: the mean train loss per row and the lr of
+    its last step."""
+
+    train_loss: float
+    lr: float
+
+
+def _saved(state: LoopState, out_dir: Path) -> str:
     """What a run that stops now leaves to resume."""
-    if st["epoch"]:
-        return (f"{LAST} keeps epoch {st['epoch']}: continue with `cetnet train --resume "
+    if state.epoch:
+        return (f"{LAST} keeps epoch {state.epoch}: continue with `cetnet train --resume "
                 f"{out_dir}` (e.g. with a lower train.lr or a train.grad_clip)")
     return ("no epoch had finished, so there is nothing to resume (start again with --out "
             f"{out_dir} --overwrite)")
 
 
 def _stop_if_diverged(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int, steps: int,
-                      st: dict, out_dir: Path) -> None:
+                      state: LoopState, out_dir: Path) -> None:
     """TrainingError when a step of this epoch had a non-finite loss (one host sync)."""
     step = int(bad_step)
     if step >= 0:
         raise TrainingError(f"epoch {epoch}, step {step + 1}/{steps}: the training loss is "
                             f"{float(bad_loss)}; the run stopped before saving this epoch; "
-                            f"{_saved(st, out_dir)}")
+                            f"{_saved(state, out_dir)}")
 
 
-def _restore(ckpt: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             schedule: LRSchedule, st: dict) -> None:
-    """Loads ``last.pt`` into the model, optimizer, schedule, RNGs and loop state;
-    CheckpointError naming ``path`` when it does not fit."""
-    check_model_state(ckpt["model"], model, path)
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        set_rng_state(ckpt["rng"])
-        st.update({k: ckpt[k] for k in st})
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-        raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: "
-                              f"{first_line(e)})") from e
+class EpochRunner:
+    """What stays fixed through one :func:`fit` (the model, its optimizer and lr schedule, the
+    ``train`` settings, the run directory) and the two halves of an epoch: :meth:`train`, its
+    steps, and :meth:`end`: evaluation, best tracking and early stopping, checkpoints, the log
+    line.
+
+    Args:
+        model: the Ensemble being trained (already on ``device``).
+        train: the config's ``train`` section (validated).
+        device: where batches go.
+        out_dir: the run directory the checkpoints are written to.
+        steps_per_epoch: steps an epoch takes at most (the schedule's length is epochs times it).
+        quiet: no progress bars and no per-epoch lines.
+    """
+
+    def __init__(self, model: nn.Module, train: dict, device: torch.device, out_dir: Path,
+                 steps_per_epoch: int, *, quiet: bool = False) -> None:
+        self.model, self.t, self.device, self.out_dir = model, train, device, out_dir
+        self.steps_per_epoch = steps_per_epoch
+        self.quiet = quiet
+        self.show_bars = not quiet and sys.stderr.isatty()
+        self.params = list(model.dense_parameters())
+        self.optimizer = dense_optimizer(self.params, train["lr"], train["weight_decay"])
+        self.schedule = LRSchedule(self.optimizer, train["lr_schedule"], train["lr"],
+                                   total_steps=train["epochs"] * steps_per_epoch,
+                                   warmup_steps=train["warmup_steps"],
+                                   min_lr_ratio=train["min_lr_ratio"],
+                                   step_epochs=train["step_epochs"], gamma=train["gamma"],
+                                   plateau_factor=train["plateau_factor"],
+                                   plateau_patience=train["plateau_patience"])
+
+    def say(self, msg: str) -> None:
+        """Prints a line of the run's log (on stdout, below the progress bars) unless quiet."""
+        if not self.quiet:
+            tqdm.write(msg, file=sys.stdout)
+
+    def restore(self, ckpt: dict, path: Path) -> LoopState:
+        """Loads ``last.pt`` into the model, optimizer, schedule and RNGs and returns its loop
+        state; CheckpointError naming ``path`` when it does not fit."""
+        check_model_state(ckpt["model"], self.model, path)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.schedule.load_state_dict(ckpt["schedule"])
+            set_rng_state(ckpt["rng"])
+            return LoopState.from_checkpoint(ckpt)
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: "
+                                  f"{first_line(e)})") from e
+
+    def last_checkpoint(self, state: LoopState) -> dict[str, Any]:
+        """What ``last.pt`` holds: everything :meth:`restore` needs to continue exactly."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "rng": rng_state(),
+                **state.state_dict()}
+
+    def train(self, epoch: int, split: Any, state: LoopState) -> EpochResult:
+        """Trains epoch ``epoch`` on ``split`` (its batches shuffled by the seed and the epoch)
+        and adds its time and rows to ``state``; TrainingError on a non-finite loss, before
+        anything of the epoch is saved."""
+        t, device, steps_per_epoch = self.t, self.device, self.steps_per_epoch
+        model, optimizer, schedule = self.model, self.optimizer, self.schedule
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        rows = 0
+        # The first step of the epoch with a non-finite loss and that loss, kept on the device:
+        # a check per step would synchronize every step; it is made every log_every steps and
+        # before the epoch saves anything.
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        window: collections.deque = collections.deque(maxlen=_LIVE_WINDOW)
+        lr = schedule.lr()
+        batches = split.batches(t["batch_size"], shuffle=True,
+                                seed=shuffle_seed(t["seed"], epoch))
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t['epochs']}", leave=False,
+                  disable=not self.show_bars, dynamic_ncols=True) as bar:
+            for step, batch in enumerate(batches):
+                if step >= steps_per_epoch:
+                    break
+                if step > 0 and len(batch) < 2:
+                    # A 1-row remainder batch: BatchNorm cannot train on one row. Skipping it
+                    # depends only on the split size, so runs stay reproducible.
+                    continue
+                batch = batch.to(device)
+                lr = schedule.step()
+                loss, out = model.loss(batch)
+                first = (bad_step < 0) & ~torch.isfinite(loss.detach())
+                bad_step = torch.where(first, step, bad_step)
+                bad_loss = torch.where(first, loss.detach().double(), bad_loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # also applies the embedding's fused optimizer, if any
+                if t["grad_clip"] is not None:
+                    nn.utils.clip_grad_norm_(self.params, t["grad_clip"])
+                optimizer.step()
+                loss_sum += loss.detach().double() * len(batch)
+                rows += len(batch)
+                if self.show_bars:
+                    window.append((out.prob.detach(), batch.label))
+                if (step + 1) % t["log_every"] == 0:
+                    _stop_if_diverged(bad_step, bad_loss, epoch, steps_per_epoch, state,
+                                      self.out_dir)
+                    if self.show_bars:
+                        p, y = (torch.cat(x) for x in zip(*window))
+                        bar.set_postfix(loss=f"{float(loss_sum) / rows:.4f}",
+                                        auc=f"{auc(p, y):.4f}", lr=f"{lr:.2e}")
+                bar.update()
+        if rows == 0:
+            raise TrainingError(f"epoch {epoch}: the train split gave no batches")
+        _stop_if_diverged(bad_step, bad_loss, epoch, steps_per_epoch, state, self.out_dir)
+        state.train_seconds += time.perf_counter() - start
+        state.train_samples += rows
+        return EpochResult(float(loss_sum) / rows, lr)
+
+    def end(self, epoch: int, result: EpochResult, valid_split: Any,
+            state: LoopState) -> dict:
+        """Ends epoch ``epoch``: evaluates on ``valid_split``, records the epoch in ``state``
+        (best tracking, early stopping), writes ``best.pt`` when it is the best and ``last.pt``
+        always, and logs a line. Returns the epoch's history entry."""
+        t = self.t
+        valid = evaluate(self.model, valid_split, batch_size=t["eval_batch_size"],
+                         device=self.device)
+        metric = valid["fused"]["auc"]
+        self.schedule.epoch_end(metric)
+        entry = {"epoch": epoch, "train_loss": result.train_loss, "lr": result.lr,
+                 "valid": valid}
+        if state.record(entry, metric, t["patience"]):
+            save_checkpoint({"model": self.model.state_dict(), "epoch": epoch, "valid": valid},
+                            self.out_dir / BEST)
+        save_checkpoint(self.last_checkpoint(state), self.out_dir / LAST)
+        f = valid["fused"]
+        self.say(f"epoch {epoch}/{t['epochs']}: train loss {result.train_loss:.4f} | valid AUC "
+                 f"{f['auc']:.4f} gAUC {f['gauc']:.4f} logloss {f['logloss']:.4f} | lr "
+                 f"{result.lr:.2e}" + (" | best" if state.best_epoch == epoch else "")
+                 + (f" | early stop (patience {t['patience']})" if state.stopped else ""))
+        return entry
+
+
+def resume_state(runner: EpochRunner, out_dir: Path, checkpoint: dict | None = None) -> LoopState:
+    """Restores the run in ``out_dir`` from its ``last.pt`` (``checkpoint``: already loaded)
+    into ``runner`` and returns its loop state.
+
+    Raises:
+        FileNotFoundError: no ``last.pt`` to resume from.
+        CheckpointError: it does not fit the model (or is not a ``last.pt``).
+        ConfigError: it has completed more epochs than ``train.epochs``.
+    """
+    if checkpoint is None:
+        if not (out_dir / LAST).exists():
+            raise FileNotFoundError(f"resume: no {LAST} in {out_dir} (nothing to resume)")
+        # on the CPU: RNG states must stay there
+        checkpoint = load_checkpoint(out_dir / LAST, keys=("model", *LAST_KEYS))
+    state = runner.restore(checkpoint, out_dir / LAST)
+    epochs = runner.t["epochs"]
+    if state.epoch > epochs:
+        raise ConfigError(f"resume: train.epochs={epochs} is below the {state.epoch} "
+                          f"epochs the run in {out_dir} has completed")
+    return state
 
 
 def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
@@ -229,139 +437,51 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     # trains (that is how those benchmarks are reported) but says so, loudly and in metrics.json.
     run_warnings = split_warnings(dataset.splits)
     print_warnings(run_warnings)
-    batch_size = t["batch_size"]
-    steps_per_epoch = math.ceil(len(train_split) / batch_size)
+    steps_per_epoch = math.ceil(len(train_split) / t["batch_size"])
     if t["max_steps_per_epoch"] is not None:
         steps_per_epoch = min(steps_per_epoch, t["max_steps_per_epoch"])
-
-    params = list(model.dense_parameters())
-    optimizer = dense_optimizer(params, t["lr"], t["weight_decay"])
-    schedule = LRSchedule(optimizer, t["lr_schedule"], t["lr"],
-                          total_steps=t["epochs"] * steps_per_epoch,
-                          warmup_steps=t["warmup_steps"], min_lr_ratio=t["min_lr_ratio"],
-                          step_epochs=t["step_epochs"], gamma=t["gamma"],
-                          plateau_factor=t["plateau_factor"],
-                          plateau_patience=t["plateau_patience"])
-
-    st: dict[str, Any] = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_epochs": 0,
-                          "stopped": False, "history": [], "train_seconds": 0.0,
-                          "train_samples": 0}
+    runner = EpochRunner(model, t, device, out_dir, steps_per_epoch, quiet=quiet)
     if resume:
-        if checkpoint is None:
-            if not (out_dir / LAST).exists():
-                raise FileNotFoundError(f"resume: no {LAST} in {out_dir} (nothing to resume)")
-            # on the CPU: RNG states must stay there
-            checkpoint = load_checkpoint(out_dir / LAST, keys=("model", *LAST_KEYS))
-        _restore(checkpoint, out_dir / LAST, model, optimizer, schedule, st)
+        state = resume_state(runner, out_dir, checkpoint)
         checkpoint = None  # its tensors are copied: do not hold a second model for the run
-        if st["epoch"] > t["epochs"]:
-            raise ConfigError(f"resume: train.epochs={t['epochs']} is below the {st['epoch']} "
-                              f"epochs the run in {out_dir} has completed")
     else:
         seed_everything(t["seed"])
+        state = LoopState()
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, out_dir / CONFIG_FILE)  # last: a failed resume leaves the old one
 
-    show_bars = not quiet and sys.stderr.isatty()
-    say = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stdout))
-    for epoch in range(st["epoch"] + 1, t["epochs"] + 1):
-        if st["stopped"]:
-            break
-        model.train()
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        rows = 0
-        # The first step of the epoch with a non-finite loss and that loss, kept on the device:
-        # a check per step would synchronize every step; it is made every log_every steps and
-        # before the epoch saves anything.
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        bad_loss = torch.zeros((), dtype=torch.float64, device=device)
-        window: collections.deque = collections.deque(maxlen=_LIVE_WINDOW)
-        lr = schedule.lr()
-        batches = train_split.batches(batch_size, shuffle=True,
-                                      seed=shuffle_seed(t["seed"], epoch))
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t['epochs']}", leave=False,
-                  disable=not show_bars, dynamic_ncols=True) as bar:
-            for step, batch in enumerate(batches):
-                if step >= steps_per_epoch:
-                    break
-                if step > 0 and len(batch) < 2:
-                    # A 1-row remainder batch: BatchNorm cannot train on one row. Skipping it
-                    # depends only on the split size, so runs stay reproducible.
-                    continue
-                batch = batch.to(device)
-                lr = schedule.step()
-                loss, out = model.loss(batch)
-                first = (bad_step < 0) & ~torch.isfinite(loss.detach())
-                bad_step = torch.where(first, step, bad_step)
-                bad_loss = torch.where(first, loss.detach().double(), bad_loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # also applies the embedding's fused optimizer, if any
-                if t["grad_clip"] is not None:
-                    nn.utils.clip_grad_norm_(params, t["grad_clip"])
-                optimizer.step()
-                loss_sum += loss.detach().double() * len(batch)
-                rows += len(batch)
-                if show_bars:
-                    window.append((out.prob.detach(), batch.label))
-                if (step + 1) % t["log_every"] == 0:
-                    _stop_if_diverged(bad_step, bad_loss, epoch, steps_per_epoch, st, out_dir)
-                    if show_bars:
-                        p, y = (torch.cat(x) for x in zip(*window))
-                        bar.set_postfix(loss=f"{float(loss_sum) / rows:.4f}",
-                                        auc=f"{auc(p, y):.4f}", lr=f"{lr:.2e}")
-                bar.update()
-        if rows == 0:
-            raise TrainingError(f"epoch {epoch}: the train split gave no batches")
-        _stop_if_diverged(bad_step, bad_loss, epoch, steps_per_epoch, st, out_dir)
-        st["train_seconds"] += time.perf_counter() - start
-        st["train_samples"] += rows
-
-        valid = evaluate(model, valid_split, batch_size=t["eval_batch_size"], device=device)
-        metric = valid["fused"]["auc"]
-        schedule.epoch_end(metric)
-        entry = {"epoch": epoch, "train_loss": float(loss_sum) / rows, "lr": lr, "valid": valid}
-        st["history"].append(entry)
-        st["epoch"] = epoch
-        if _better(metric, st["best_metric"]):
-            st["best_metric"], st["best_epoch"], st["bad_epochs"] = metric, epoch, 0
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "valid": valid},
-                            out_dir / BEST)
-        else:
-            st["bad_epochs"] += 1
-            if t["patience"] is not None and st["bad_epochs"] >= t["patience"]:
-                st["stopped"] = True
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "schedule": schedule.state_dict(), "rng": rng_state(), **st},
-                        out_dir / LAST)
-        f = valid["fused"]
-        say(f"epoch {epoch}/{t['epochs']}: train loss {entry['train_loss']:.4f} | valid AUC "
-            f"{f['auc']:.4f} gAUC {f['gauc']:.4f} logloss {f['logloss']:.4f} | lr {lr:.2e}"
-            + (" | best" if st["best_epoch"] == epoch else "")
-            + (f" | early stop (patience {t['patience']})" if st["stopped"] else ""))
+    while (epoch := state.next_epoch(t["epochs"])) is not None:
+        entry = runner.end(epoch, runner.train(epoch, train_split, state), valid_split, state)
         if on_epoch_end is not None:
             on_epoch_end(epoch, entry)
 
-    if not st["best_epoch"]:
-        raise TrainingError(f"none of the {st['epoch']} epochs had a finite validation AUC (the "
+    if not state.best_epoch:
+        raise TrainingError(f"none of the {state.epoch} epochs had a finite validation AUC (the "
                             f"model's validation predictions were not finite), so there is no "
-                            f"best model and no test score; {_saved(st, out_dir)}")
+                            f"best model and no test score; {_saved(state, out_dir)}")
     model.load_state_dict(load_checkpoint(out_dir / BEST, map_location=device)["model"])
     test = evaluate(model, test_split, batch_size=t["eval_batch_size"], device=device)
-    best = st["history"][st["best_epoch"] - 1]
-    metrics = {
-        "name": config["name"], "split": "test", **test,
-        "best_epoch": st["best_epoch"], "valid": best["valid"],
-        "valid_is_test": valid_split is test_split, "warnings": run_warnings,
-        "epochs_completed": st["epoch"], "stopped_early": st["stopped"],
-        "history": st["history"],
-        "train_samples": st["train_samples"], "train_seconds": st["train_seconds"],
-        "train_samples_per_s": st["train_samples"] / max(st["train_seconds"], 1e-9),
-    }
+    metrics = _run_metrics(config["name"], test, state, valid_split is test_split, run_warnings)
     write_json(metrics, out_dir / METRICS_FILE)
     if plots:
-        plot_run(st["history"], out_dir, test)
-    say(format_metrics_table(test))
+        plot_run(state.history, out_dir, test)
+    runner.say(format_metrics_table(test))
     if not quiet:  # again under the results: the start of a long run has scrolled away
         print_warnings(run_warnings)
     return metrics
+
+
+def _run_metrics(name: str, test: dict, state: LoopState, valid_is_test: bool,
+                 warnings: list[str]) -> dict[str, Any]:
+    """What ``metrics.json`` holds: the test metrics of the best model, its epoch and
+    validation metrics, the history, the throughput and the run's warnings."""
+    best = state.history[state.best_epoch - 1]
+    return {
+        "name": name, "split": "test", **test,
+        "best_epoch": state.best_epoch, "valid": best["valid"],
+        "valid_is_test": valid_is_test, "warnings": warnings,
+        "epochs_completed": state.epoch, "stopped_early": state.stopped,
+        "history": state.history,
+        "train_samples": state.train_samples, "train_seconds": state.train_seconds,
+        "train_samples_per_s": state.train_samples / max(state.train_seconds, 1e-9),
+    }
