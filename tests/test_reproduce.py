@@ -191,3 +191,61 @@ def test_parser_exposes_the_options():
     ns = build_parser().parse_args(["--seeds", "3", "--rows", "dnn", "--split", "random"])
     assert (ns.seeds, ns.rows, ns.split, ns.grid, ns.dataset) == (
         3, "dnn", "random", "small", "movielens-100k")
+
+
+def _study_args(tmp_path, study, *extra):
+    return ["--dataset", "synthetic", "--study", study, "--seeds", "2", "--grid", "none",
+            "--out", str(tmp_path / "out"), "--report", str(tmp_path / "doc" / "STUDY.md"),
+            "--set", *TINY, *extra]
+
+
+def test_scaling_study_reports_members_and_abundance(tmp_path):
+    assert main(_study_args(tmp_path, "scaling", "--archs", "dnn", "--ks", "1,2")) == 0
+    report = (tmp_path / "doc" / "STUDY.md").read_text()
+    # K = 1 once, then 2 tables x 3 methods at K = 2
+    for row in ("| dnn | 1 | separate | single |", "| dnn | 2 | separate | naive |",
+                "| dnn | 2 | shared | cetnet |", "| dnn | 2 | shared | kdef |"):
+        assert row in report, row
+    assert (tmp_path / "doc" / "results" / "scaling_dnn.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    shared = data["summary"]["dnn_k2_shared_naive"]
+    separate = data["summary"]["dnn_k2_separate_naive"]
+    assert list(shared["abundance"]) == ["shared"]  # one set feeds both members
+    assert list(separate["abundance"]) == ["dnn", "dnn_1"]
+    assert all(1.0 <= v <= 4.0 for v in separate["abundance"]["dnn"])  # dim 4 tables
+    assert separate["embedding_parameters"] == 2 * shared["embedding_parameters"]
+
+
+def test_embedding_size_study_pairs_cetnet_with_larger_multi_embedding(tmp_path):
+    assert main(_study_args(tmp_path, "embedding-size", "--dims", "4,8")) == 0
+    report = (tmp_path / "doc" / "STUDY.md").read_text()
+    assert "| cetnet | 4 |" in report and "| multi_embedding | 8 |" in report
+    for a, b in (("cetnet_d4", "multi_embedding_d4"), ("cetnet_d4", "multi_embedding_d8"),
+                 ("cetnet_d8", "multi_embedding_d8")):
+        assert f"| {a} | {b} |" in report
+    assert "| cetnet_d8 | multi_embedding_d4 |" not in report
+    assert (tmp_path / "doc" / "results" /
+            "embedding_size_auc_vs_embedding_parameters.png").stat().st_size > 1000
+
+
+def test_study_options_are_checked(tmp_path, capsys):
+    assert main(_study_args(tmp_path, "scaling", "--ks", "0,2")) == 2
+    assert main(_study_args(tmp_path, "scaling", "--archs", "dnn,mlp")) == 2
+    assert main(_study_args(tmp_path, "embedding-size", "--dims", "x")) == 2
+    err = capsys.readouterr().err
+    assert "--ks" in err and "--archs" in err and "--dims" in err
+
+
+def test_information_abundance():
+    import torch
+
+    from cetnet.metrics import information_abundance
+
+    assert information_abundance(torch.eye(5)) == pytest.approx(5.0)
+    assert information_abundance(torch.ones(7, 3)) == pytest.approx(1.0)  # collapsed
+    padded = torch.cat([torch.zeros(1, 4), torch.randn(50, 4, dtype=torch.float64)])
+    assert information_abundance(padded) == pytest.approx(information_abundance(padded[1:]))
+    assert math.isnan(information_abundance(torch.zeros(3, 3)))
+    assert math.isnan(information_abundance(torch.tensor([[1.0, float("nan")]])))
+    with pytest.raises(ValueError, match="matrix"):
+        information_abundance(torch.ones(3))

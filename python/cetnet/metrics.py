@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["auc", "gauc", "logloss"]
+__all__ = ["auc", "gauc", "logloss", "information_abundance"]
 
 _NAN = float("nan")
 
@@ -126,3 +126,24 @@ def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
     group_auc = u / (n_pos[valid] * n_neg[valid])
     w = group_len[valid].double()
     return float((group_auc * w).sum() / w.sum())
+
+
+def information_abundance(matrix: Tensor) -> float:
+    """Information abundance of an embedding table: ``sum_i s_i / max_i s_i`` over its singular
+    values ``s_i`` (float64), from 1 (every row on one direction: a collapsed table) to ``min(V,
+    D)`` (all directions used equally) -- the collapse diagnostic of the multi-embedding and KDEF
+    papers. All-zero rows (e.g. padding) change no singular value. NaN for an empty or all-zero
+    matrix, or one with a non-finite entry.
+
+    Raises:
+        ValueError: when ``matrix`` is not 2-D.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"information_abundance: a [rows, dim] matrix is needed, got shape "
+                         f"{tuple(matrix.shape)}")
+    m = matrix.detach().to(torch.float64)
+    if m.numel() == 0 or not bool(torch.isfinite(m).all()):
+        return _NAN
+    s = torch.linalg.svdvals(m)
+    top = float(s.max())
+    return float(s.sum()) / top if top > 0 else _NAN

@@ -240,9 +240,9 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     Args:
         config: the ``model:`` section (None or {} for every default).
         schema: the dataset's features.
-        backend: ``"auto"`` (fused kernels) or ``"reference"`` (plain PyTorch) for the fusion
-            and the embedding; other fusion backends ("cpu", "cuda", "triton") are passed to the
-            fusion, the embedding then uses "auto". The reference embedding has no fused
+        backend: the backend of the fusion, the fused losses and the embedding alike:
+            ``"auto"`` (the fused kernels for the device), ``"cpu"``, ``"cuda"``, ``"triton"``
+            or ``"reference"`` (plain PyTorch). The reference embedding has no fused
             optimizer: use ``embedding_optimizer: null`` with it.
 
     Raises:

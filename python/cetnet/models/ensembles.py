@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cetnet.data.schema import Batch, Schema
+from cetnet.metrics import information_abundance
 from cetnet.models.dcnv2 import CrossNetV2
 from cetnet.models.front import EmbeddingFront, MemberInputs
 from cetnet.models.layers import MLP, SchemaShape, check_dim, flat_inputs, pooled_sequences
@@ -82,6 +83,24 @@ class Ensemble(nn.Module):
         """``[B, K]``: one embedding lookup, then every member on its own view."""
         views = self.front(batch)
         return torch.stack([m(v) for m, v in zip(self.members.values(), views)], dim=1)
+
+    def embedding_sets(self) -> list[str]:
+        """A name per embedding set of the front: the member names, ``["shared"]`` for one
+        shared set, ``["set0", ...]`` when sets and members do not match one to one."""
+        n = self.embedding.num_models
+        if self.front.shared:
+            return ["shared"]
+        return list(self.member_names) if len(self.member_names) == n else \
+            [f"set{i}" for i in range(n)]
+
+    def information_abundance(self) -> dict[str, dict[str, float]]:
+        """Embedding set -> feature -> :func:`cetnet.metrics.information_abundance` of that
+        set's table of the feature (a table collapses when its rows crowd onto few
+        directions)."""
+        emb = self.embedding
+        return {name: {f.name: information_abundance(emb.table(i, f.name))
+                       for f in emb.features}
+                for i, name in enumerate(self.embedding_sets())}
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every parameter except the embedding's flat weight when its fused optimizer updates

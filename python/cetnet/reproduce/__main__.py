@@ -14,8 +14,11 @@ from cetnet.models.build import MEMBERS
 from cetnet.reproduce.experiment import GRIDS, Experiment, base_config, grid_points
 from cetnet.reproduce.report import comparisons, summarize, write_report
 from cetnet.reproduce.rows import ROW_NAMES, parse_rows
+from cetnet.reproduce.studies import (DEFAULT_ARCHS, DEFAULT_DIMS, DEFAULT_KS, STUDIES,
+                                      embedding_size_rows, parse_archs, parse_ints, scaling_rows)
+from cetnet.reproduce.study_report import write_study_report
 
-__all__ = ["add_arguments", "run", "main", "build_parser"]
+__all__ = ["add_arguments", "run", "main", "build_parser", "study_rows"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -24,7 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--dataset", default="movielens-100k",
       help="movielens-100k (default), synthetic, or a BARS dataset YAML")
     a("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5)")
-    a("--rows", default="all", help=f"comma-separated rows (default all): {','.join(ROW_NAMES)}")
+    a("--study", choices=STUDIES, default="main",
+      help="main: the rows of the comparison (default); embedding-size: CETNet and "
+      "multi-embedding at --dims; scaling: K = --ks members of each of --archs, separate or "
+      "shared tables, naive / CETNet / KDEF")
+    a("--rows", default="all", help=f"comma-separated rows of the main study (default all): "
+      f"{','.join(ROW_NAMES)}")
+    a("--dims", default=",".join(map(str, DEFAULT_DIMS)),
+      help="embedding dims of the embedding-size study (default %(default)s)")
+    a("--ks", default=",".join(map(str, DEFAULT_KS)),
+      help="member counts of the scaling study (default %(default)s)")
+    a("--archs", default=",".join(DEFAULT_ARCHS),
+      help="member architectures of the scaling study (default %(default)s)")
     a("--out", default=None, help="where runs and results are cached (default "
       "runs/reproduce-<dataset>)")
     a("--resume", action="store_true", help="continue the experiment in --out (re-running "
@@ -41,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--scaled-arch", default="auto", choices=["auto", *MEMBERS],
       help="architecture of scaled_single (auto: the best of CETNet's members trained alone, "
       "by mean validation AUC)")
-    a("--report", default="docs/RESULTS.md", help="the Markdown report (plots go to "
-      "results/ beside it; default docs/RESULTS.md)")
+    a("--report", default=None, help="the Markdown report (plots go to results/ beside it; "
+      "default docs/RESULTS.md, docs/RESULTS-<study>.md for a study)")
     a("--note", default="", help="a line put at the top of the report (e.g. 'reduced run: ...')")
     a("--no-plots", action="store_true", help="write no PNG plots")
     a("--keep-checkpoints", action="store_true", help="keep each run's directory "
@@ -51,6 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--dry-run", action="store_true", help="list the runs (and parameter counts), train "
       "nothing, write no report")
     return parser
+
+
+def study_rows(args: argparse.Namespace) -> list:
+    """The rows the chosen ``--study`` trains (names for main, :class:`Row` s otherwise)."""
+    if args.study == "embedding-size":
+        return embedding_size_rows(parse_ints(args.dims, "--dims"))
+    if args.study == "scaling":
+        return scaling_rows(parse_archs(args.archs), parse_ints(args.ks, "--ks"))
+    return parse_rows(args.rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,14 +95,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
                            split=args.split)
         stem = Path(args.dataset).stem if args.dataset.endswith((".yaml", ".yml")) \
             else args.dataset
-        out = Path(args.out or f"runs/reproduce-{stem}")
+        suffix = "" if args.study == "main" else f"-{args.study}"
+        out = Path(args.out or f"runs/reproduce-{stem}{suffix}")
         if args.resume and not (out / "results").is_dir():
             raise FileNotFoundError(f"reproduce: --resume: no results in {out} to continue")
-        rows = parse_rows(args.rows)
+        rows = study_rows(args)
         exp = Experiment(base, rows, list(range(args.seeds)), args.grid, out,
                          scaled_arch=args.scaled_arch, keep_checkpoints=args.keep_checkpoints,
                          retry_failed=args.retry_failed)
-        for row in rows:  # every row validates before anything trains
+        for row in exp.rows:  # every row validates before anything trains
             if row != "scaled_single":
                 print(f"{row}: {exp.num_parameters(row):,} parameters", flush=True)
         exp.run(dry_run=args.dry_run)
@@ -87,15 +111,23 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             return 0
         chosen = {}
         all_results = {}
-        for row in rows:
+        for row in exp.rows:
             results = [r for r in (exp.read_result(j.key) for j in exp._jobs_cached(row))
                        if r is not None]
             all_results[row] = results
             chosen[row] = {s: c for s in exp.seeds
                            if (c := exp.chosen(row, s)) is not None}
         summary = summarize(chosen, all_results)
+        report = args.report or f"docs/RESULTS{suffix}.md"
+        if args.study != "main":
+            path = write_study_report(report, args.study, command=list(argv), specs=exp.specs,
+                                      summary=summary, chosen=chosen, base=base,
+                                      seeds=exp.seeds, points=grid_points(args.grid), out=out,
+                                      note=args.note, plots=not args.no_plots)
+            print(f"reproduce: report written to {path}")
+            return 0
         comps = comparisons(chosen, summary, base["model"].get("members") or [])
-        path = write_report(args.report, command=list(argv), summary=summary, comps=comps,
+        path = write_report(report, command=list(argv), summary=summary, comps=comps,
                             base=base, seeds=exp.seeds, grid=args.grid,
                             points=grid_points(args.grid), scaled=exp.scaled, out=out,
                             note=args.note, plots=not args.no_plots)

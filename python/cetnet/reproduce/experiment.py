@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from cetnet.atomic import write_text_atomic
 from cetnet.config import ConfigError, apply_overrides, load_config, validate_config
-from cetnet.reproduce.rows import (SINGLE_ROWS, check_model, row_config,
-                                   scaled_single_model)
+from cetnet.reproduce.rows import (SINGLE_ROWS, Row, check_model, embedding_parameter_count,
+                                   row_config, row_spec, scaled_single_model)
 
 __all__ = ["GRIDS", "RESULT_VERSION", "Job", "Experiment", "base_config", "config_key",
            "grid_points", "select"]
@@ -126,7 +126,7 @@ class Experiment:
     """Rows x seeds x grid points on one base config, cached under ``out``."""
 
     base: dict
-    rows: list[str]
+    rows: list[str | Row]
     seeds: list[int]
     grid: str | Mapping[str, Sequence[float]] = "small"
     out: Path = Path("runs/reproduce")
@@ -140,6 +140,9 @@ class Experiment:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.points = grid_points(self.grid)
+        #: row name -> its :class:`Row` (registered rows by name, a study's rows as given)
+        self.specs = {(spec := row_spec(r)).name: spec for r in self.rows}
+        self.rows = list(self.specs)
 
     # -- datasets and rows ------------------------------------------------------------------
     @property
@@ -201,7 +204,8 @@ class Experiment:
             for i, point in enumerate(self.points):
                 train, model = _grid_overrides(point)
                 model = {**(extra or {}), **model}
-                cfg = row_config(self.base, row, seed=seed, train=train, model=model)
+                cfg = row_config(self.base, self.specs[row], seed=seed, train=train,
+                                 model=model)
                 out.append(Job(row, seed, i, dict(point), cfg, config_key(cfg)))
         return out
 
@@ -220,7 +224,10 @@ class Experiment:
         start = time.perf_counter()
         result: dict[str, Any] = {"version": RESULT_VERSION, "key": job.key, "row": job.row,
                                   "seed": job.seed, "point": job.point, "grid": job.grid,
-                                  "num_parameters": params, "config": job.config}
+                                  "num_parameters": params,
+                                  "embedding_parameters": embedding_parameter_count(
+                                      job.config, self.schema),
+                                  "config": job.config}
         try:
             metrics = self._train(run_training, job, run_dir)
         except (TrainingError, ConfigError) as e:
@@ -234,12 +241,32 @@ class Experiment:
             result["metrics"]["history"] = [
                 {"epoch": h["epoch"], "train_loss": h["train_loss"],
                  "valid_auc": h["valid"]["fused"]["auc"]} for h in metrics.get("history", [])]
+            abundance = self._abundance(job, run_dir)
+            if abundance is not None:
+                result["metrics"]["abundance"] = abundance
         result["wall_seconds"] = time.perf_counter() - start
         self.result_path(job.key).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.result_path(job.key), json.dumps(result, indent=1) + "\n")
         if not self.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
         return result
+
+    def _abundance(self, job: Job, run_dir: Path) -> dict[str, dict[str, float]] | None:
+        """Information abundance of every table of the run's best model (``best.pt``), or
+        None when the checkpoint is gone (a result recovered from ``metrics.json``)."""
+        from cetnet.models.build import build_model
+        from cetnet.train.checkpoint import BEST, CheckpointError, load_checkpoint
+
+        if not (run_dir / BEST).exists():
+            return None
+        try:
+            state = load_checkpoint(run_dir / BEST, keys=("model",))["model"]
+        except CheckpointError as e:
+            self.log(f"  no abundance: {e}")
+            return None
+        model = build_model(job.config["model"], self.schema, backend=job.config["backend"])
+        model.load_state_dict(state)
+        return model.information_abundance()
 
     @staticmethod
     def _train(run_training: Callable[..., Any], job: Job, run_dir: Path) -> dict:

@@ -16,7 +16,8 @@ from cetnet.atomic import write_bytes_atomic, write_text_atomic
 from cetnet.reproduce.rows import CETNET_VARIANTS, ROWS, SINGLE_ROWS
 from cetnet.reproduce.stats import PairedDiff, mean_std, paired_difference
 
-__all__ = ["METRICS", "summarize", "comparisons", "write_report", "machine_info"]
+__all__ = ["METRICS", "summarize", "comparisons", "write_report", "report_header",
+           "machine_info", "pyplot", "save_png"]
 
 #: (name, higher is better)
 METRICS = (("auc", True), ("gauc", True), ("logloss", False))
@@ -27,6 +28,11 @@ def _ms(values: Sequence[float], digits: int = 4) -> str:
     if math.isnan(m):
         return "–"
     return f"{m:.{digits}f}" + ("" if math.isnan(s) else f" ± {s:.{digits}f}")
+
+
+def _mean_finite(values: Any) -> float:
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(xs) / len(xs) if xs else math.nan
 
 
 def summarize(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],
@@ -51,6 +57,11 @@ def summarize(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],
             "failed": [f"seed {r['seed']} point {r['point']}: {r['error']}"
                        for r in all_results[row] if r.get("error")],
         }
+        entry["embedding_parameters"] = res[0].get("embedding_parameters") if res else None
+        if m and all("abundance" in x for x in m):
+            # per embedding set: the mean over its features' tables, one value per seed
+            entry["abundance"] = {name: [_mean_finite(x["abundance"][name].values())
+                                         for x in m] for name in m[0]["abundance"]}
         members = list(m[0]["members"]) if m else []
         entry["members"] = {name: {k: [x["members"][name][k] for x in m] for k, _ in METRICS}
                             for name in members}
@@ -127,22 +138,33 @@ def _ci(d: PairedDiff, digits: int = 4) -> str:
     return f"{d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
 
 
-def _plots(summary: Mapping[str, dict], comps: Sequence[dict], folder: Path) -> list[str]:
-    """PNG plots into ``folder``; returns their file names."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
+    return plt
+
+
+def save_png(fig: Any, path: Path) -> str:
+    """Writes ``fig`` as a PNG to ``path`` atomically, closes it; returns the file name."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buf.getvalue())
+    return path.name
+
+
+def _plots(summary: Mapping[str, dict], comps: Sequence[dict], folder: Path) -> list[str]:
+    """PNG plots into ``folder``; returns their file names."""
+    plt = pyplot()
+    names: list[str] = []
 
     def save(fig: Any, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        write_bytes_atomic(folder / name, buf.getvalue())
-        names.append(name)
+        names.append(save_png(fig, folder / name))
 
     rows = [r for r in summary if summary[r]["seeds"]]
     if rows:
@@ -186,18 +208,13 @@ def _plots(summary: Mapping[str, dict], comps: Sequence[dict], folder: Path) -> 
     return names
 
 
-def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[str, dict],
-                 comps: Sequence[dict], base: Mapping[str, Any], seeds: Sequence[int],
-                 grid: Mapping[str, Sequence[float]] | str, points: Sequence[Mapping],
-                 scaled: Mapping[str, Any] | None, out: Path, note: str = "",
-                 plots: bool = True) -> Path:
-    """Writes the Markdown report (and ``results/*.png`` beside it, and ``results.json`` in
-    ``out``); returns its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
+def report_header(title: str, *, command: Sequence[str], base: Mapping[str, Any],
+                  seeds: Sequence[int], points: Sequence[Mapping], out: Path, note: str,
+                  info: Mapping[str, Any]) -> list[str]:
+    """The report's first lines: title, note, the exact command, machine, data, the training
+    budget every row shares, seeds, tuning and where the raw results are."""
     t = base["train"]
-    lines = ["# CETNet reproduction results", ""]
+    lines = [title, ""]
     if note:
         lines += [f"> **{note}**", ""]
     lines += [
@@ -222,6 +239,21 @@ def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[s
         + "; the point with the best validation fused AUC is kept, its test metrics reported",
         f"- raw results: `{out}` (one JSON per run, keyed by a hash of its config)",
     ]
+    return lines
+
+
+def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[str, dict],
+                 comps: Sequence[dict], base: Mapping[str, Any], seeds: Sequence[int],
+                 grid: Mapping[str, Sequence[float]] | str, points: Sequence[Mapping],
+                 scaled: Mapping[str, Any] | None, out: Path, note: str = "",
+                 plots: bool = True) -> Path:
+    """Writes the Markdown report (and ``results/*.png`` beside it, and ``results.json`` in
+    ``out``); returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    lines = report_header("# CETNet reproduction results", command=command, base=base,
+                          seeds=seeds, points=points, out=out, note=note, info=info)
     if scaled:
         lines.append(f"- scaled_single = `{scaled['kind']}` at embedding dim {scaled['dim']} "
                      f"(widths scaled alike): {scaled['num_parameters']:,} parameters vs the "

@@ -22,7 +22,8 @@ from cetnet.config import ConfigError, validate_config
 from cetnet.models.build import MEMBERS, build_model
 
 __all__ = ["Row", "ROWS", "ROW_NAMES", "SINGLE_ROWS", "CETNET_VARIANTS", "DELETE",
-           "row_config", "check_model", "count_model_parameters", "scale_member",
+           "row_config", "row_spec", "check_model", "count_model_parameters",
+           "embedding_parameter_count", "scale_member",
            "scaled_single_model", "parse_rows"]
 
 #: In a row's overrides: remove the key from the model section.
@@ -42,6 +43,8 @@ class Row:
     what: str
     model: Mapping[str, Any] = field(default_factory=dict)
     group: str = ""
+    #: what a study varies in this row (e.g. ``{"kind": "cetnet", "dim": 8}``), for its report
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _single(kind: str) -> Row:
@@ -109,17 +112,26 @@ def _apply(model: dict, overrides: Mapping[str, Any]) -> dict:
     return model
 
 
-def row_config(base: Mapping[str, Any], row: str, *, seed: int | None = None,
-               train: Mapping[str, Any] | None = None,
-               model: Mapping[str, Any] | None = None) -> dict:
-    """The validated config of ``row`` on top of ``base`` (a full config): the row's model
-    overrides, then ``model`` (e.g. scaled_single's widths), ``train`` values (grid point) and
-    ``train.seed``; ``name`` is ``reproduce-<row>``."""
+def row_spec(row: str | Row) -> Row:
+    """``row`` itself, or the registered row of that name (ConfigError for an unknown one)."""
+    if isinstance(row, Row):
+        return row
     if row not in ROWS:
         raise ConfigError(f"reproduce: unknown row {row!r}; rows: {', '.join(ROW_NAMES)}")
+    return ROWS[row]
+
+
+def row_config(base: Mapping[str, Any], row: str | Row, *, seed: int | None = None,
+               train: Mapping[str, Any] | None = None,
+               model: Mapping[str, Any] | None = None) -> dict:
+    """The validated config of ``row`` (a registered name or a study's :class:`Row`) on top of
+    ``base`` (a full config): the row's model overrides, then ``model`` (e.g. scaled_single's
+    widths), ``train`` values (grid point) and ``train.seed``; ``name`` is
+    ``reproduce-<row>``."""
+    spec = row_spec(row)
     config = copy.deepcopy(dict(base))
-    config["name"] = f"reproduce-{row}"
-    config["model"] = _apply(config["model"], ROWS[row].model)
+    config["name"] = f"reproduce-{spec.name}"
+    config["model"] = _apply(config["model"], spec.model)
     if model:
         config["model"] = _apply(config["model"], model)
     config["train"] = {**config["train"], **(train or {})}
@@ -141,6 +153,12 @@ def check_model(config: Mapping[str, Any], schema: Any) -> int:
 
 
 count_model_parameters = check_model
+
+
+def embedding_parameter_count(config: Mapping[str, Any], schema: Any) -> int:
+    """The number of embedding-table entries of the config's model (all sets, all features)."""
+    model = _meta_build(config["model"], schema, config.get("backend", "auto"))
+    return model.embedding.weight.numel()
 
 
 def _member_defaults(kind: str) -> dict[str, Any]:
