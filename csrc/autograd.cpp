@@ -5,6 +5,7 @@
 // the per-row gradient; backward scales it by the upstream gradient, and adds the fusion VJP only
 // when the returned prob also received a gradient (unused outputs are not materialized).
 #include "autograd.h"
+#include "codes.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -127,12 +128,13 @@ class CollaborativeLossFunction : public torch::autograd::Function<Collaborative
       TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(),
                   "collaborative_loss was called with compute_grad=False; its gradient was not "
                   "computed in the forward pass");
-      if (reduction == 0) {
+      if (reduction == kReduceNone) {
         if (need_z) gz = grad_logits * g_loss.unsqueeze(1);
         if (need_t && grad_t.dim() == 1) gt = (grad_t * g_loss).sum();
       } else {
         const int64_t B = logits.size(0);
-        const Tensor scale = (reduction == 1 && B > 0) ? g_loss * (1.0 / B) : g_loss;
+        const Tensor scale =
+            (reduction == kReduceMean && B > 0) ? g_loss * (1.0 / B) : g_loss;
         if (need_z) gz = grad_logits * scale;  // low-precision * fp32 0-dim: computed in fp32
         if (need_t) gt = grad_t * scale;
       }

@@ -2,6 +2,8 @@
 // messages first; these keep direct torch.ops.cetnet.* calls from ever reading out of bounds.
 #pragma once
 
+#include "codes.h"
+
 #include <ATen/ATen.h>
 
 #include <iomanip>
@@ -104,9 +106,8 @@ inline at::ScalarType acc_type_of(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// 0 = none, 1 = mean, 2 = sum (the values of at::Reduction).
 inline void check_reduction(int64_t reduction, const char* op) {
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, op,
+  TORCH_CHECK_VALUE(reduction >= kReduceNone && reduction <= kReduceSum, op,
                     ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 

@@ -3,6 +3,8 @@
 // (CPU: on the host before the pass; CUDA: by the kernels, raised after the launch).
 #pragma once
 
+#include "codes.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/safe_numerics.h>
@@ -14,10 +16,6 @@
 #include <vector>
 
 namespace cetnet {
-
-// How a feature's ids are read (the `modes` argument of the ops).
-enum Mode : int64_t { kIds = 0, kBagSum = 1, kBagMean = 2, kBagWeightedSum = 3 };
-inline bool is_bag(int64_t mode) { return mode != kIds; }
 
 // The validated shape of one call: M members, F features, B rows, N output columns.
 struct EmbeddingArgs {

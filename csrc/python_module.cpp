@@ -4,6 +4,7 @@
 #include <torch/version.h>
 
 #include "build_info.h"
+#include "codes.h"
 
 #ifdef CETNET_WITH_CUDA
 #include "cuda/fusion_cuda.h"
@@ -20,6 +21,13 @@ bool cpu_supports_build() {
 #endif
 #endif
   return true;
+}
+
+template <size_t N>
+pybind11::dict code_dict(const cetnet::CodeName (&names)[N]) {
+  pybind11::dict d;
+  for (const auto& c : names) d[c.name] = c.value;
+  return d;
 }
 
 }  // namespace
@@ -45,4 +53,15 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "Which backends and CPU vector ISA this build of cetnet_kernels._C contains.");
+  m.def(
+      "codes",
+      [] {
+        pybind11::dict codes;
+        codes["InputMode"] = code_dict(cetnet::kInputModeNames);
+        codes["Optimizer"] = code_dict(cetnet::kOptimizerNames);
+        codes["Reduction"] = code_dict(cetnet::kReductionNames);
+        return codes;
+      },
+      "The integer codes of the op schemas (csrc/codes.h), by the member names of "
+      "cetnet_kernels.codes' IntEnums.");
 }

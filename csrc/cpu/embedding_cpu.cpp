@@ -32,9 +32,6 @@
 namespace cetnet::cpu {
 namespace {
 
-// optimizer codes of multi_embedding_update.
-enum Optimizer : int64_t { kSGD = 1, kRowwiseAdagrad = 2 };
-
 // Reads ids of either integer width without converting the tensor.
 struct IdReader {
   const void* ptr = nullptr;

@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   const int K = static_cast<int>(logits.size(1));
   const auto acc_dtype = acc_type_of(logits);
   const at::Tensor y_t = labels.scalar_type() == acc_dtype ? labels : labels.to(acc_dtype);
-  const bool per_row = reduction == 0;
+  const bool per_row = reduction == kReduceNone;
   const bool want_gt = compute_grad && compute_temperature_grad;
   const LossWeights weights{member_weight, ensemble_weight, distill_weight, mutual_weight};
 
@@ -306,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
       total += loss_partial[blk];
       gt_total += gt_partial[blk];
     }
-    if (reduction == 1 && B > 0) total /= static_cast<double>(B);
+    if (reduction == kReduceMean && B > 0) total /= static_cast<double>(B);
     loss = scalar_out(total, acc_opts);
     grad_temperature = scalar_out(want_gt ? gt_total : 0.0, acc_opts);
   }

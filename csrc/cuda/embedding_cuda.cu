@@ -59,8 +59,6 @@
 namespace cetnet::cuda {
 namespace {
 
-enum Optimizer : int { kDense = 0, kSGD = 1, kRowwiseAdagrad = 2 };
-
 constexpr int kThreads = 256;
 // Runs with more entries than this go to the block-per-run kernel (apply_long_runs_kernel).
 constexpr int64_t kLongRun = 64;

@@ -662,7 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   const int K = static_cast<int>(logits.size(1));
   const auto acc_dtype = acc_type_of(logits);
   const auto acc_opts = logits.options().dtype(acc_dtype);
-  const bool per_row = reduction == 0;
+  const bool per_row = reduction == kReduceNone;
   const bool want_gt = compute_grad && compute_temperature_grad;
   const LossWeights weights{member_weight, ensemble_weight, distill_weight, mutual_weight};
 
@@ -710,7 +710,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
                   per_row ? nullptr : partials.mutable_data_ptr<double>(),
                   want_gt ? nullptr : gt_ptr);
     if (!per_row) {
-      launch_finalize<acc_t>(partials, static_cast<int>(cfg.blocks), B, /*mean=*/reduction == 1,
+      launch_finalize<acc_t>(partials, static_cast<int>(cfg.blocks), B, /*mean=*/reduction == kReduceMean,
                              loss.mutable_data_ptr<acc_t>(), want_gt ? gt_ptr : nullptr, stream);
     }
   });

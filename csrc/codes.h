@@ -1,0 +1,35 @@
+// The integer codes the op schemas carry (a torch.library schema has no enum type), in one place
+// for the CPU and CUDA kernels. The Python home is cetnet_kernels/codes.py; the two are checked
+// against each other through cetnet_kernels._C.codes() (tests/test_codes.py), which reads the
+// name tables below.
+#pragma once
+
+#include <cstdint>
+
+namespace cetnet {
+
+// How a feature's ids arrive in the multi-table embedding ops (`modes`, one per feature).
+enum InputMode : int64_t { kIds = 0, kBagSum = 1, kBagMean = 2, kBagWeightedSum = 3 };
+inline bool is_bag(int64_t mode) { return mode != kIds; }
+
+// What the embedding backward does with a row's gradient (`optimizer` of
+// multi_embedding_update, which takes kSGD and kRowwiseAdagrad; kDense is the plain backward).
+enum Optimizer : int64_t { kDense = 0, kSGD = 1, kRowwiseAdagrad = 2 };
+
+// How collaborative_loss reduces its per-row loss (the values of at::Reduction).
+enum Reduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+
+// The member names of the Python IntEnums, for _C.codes().
+struct CodeName {
+  const char* name;
+  int64_t value;
+};
+inline constexpr CodeName kInputModeNames[] = {
+    {"IDS", kIds}, {"BAG_SUM", kBagSum}, {"BAG_MEAN", kBagMean},
+    {"BAG_WEIGHTED_SUM", kBagWeightedSum}};
+inline constexpr CodeName kOptimizerNames[] = {
+    {"DENSE", kDense}, {"SGD", kSGD}, {"ROWWISE_ADAGRAD", kRowwiseAdagrad}};
+inline constexpr CodeName kReductionNames[] = {
+    {"NONE", kReduceNone}, {"MEAN", kReduceMean}, {"SUM", kReduceSum}};
+
+}  // namespace cetnet
