@@ -23,7 +23,8 @@ oldest_first | newest_first`` for sequences. Columns with
 ``pretrained_emb`` are skipped (no h5 reader here) and listed in the dataset's notes; model keys
 (``embedding_dim``, ``feature_encoder``, ...) are ignored. Sequence cells in the BARS x1 files list
 the oldest behaviour first (FuxiCTR pads and truncates at the front); they are reversed so column 0
-is the most recent, and the ``max_len`` most recent are kept.
+is the most recent, and the ``max_len`` most recent are kept. :mod:`cetnet.data.bars_config`
+parses and checks the YAML (:func:`read_config`); this module reads the csv files it names.
 
 Files are read in chunks of ``chunk_size`` rows with the csv module: text is never held whole;
 the encoded ids are (int32). Train is read once: tokens get provisional codes while counted, then
