@@ -25,6 +25,14 @@ venv:
 	$(PIP) install -q --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 pyvers cloudpickle \
 		pyre-extensions typing-inspect mypy-extensions iopath portalocker \
 		|| echo "torchrec not installable: the KeyedJaggedTensor tests will be skipped"
+	# FuxiCTR for the peer rows of `cetnet reproduce` (cetnet.reproduce.peers: its DNN / DCNv2 trained
+	# by its own trainer; not a dependency of cetnet). No deps: its requirements pull ray[data],
+	# used only by its dataset building, which the peer does not use; plus what its trainer,
+	# layers and metrics import (polars, h5py, scikit-learn).
+	$(PIP) install -q --no-deps fuxictr==2.3.10 \
+		|| echo "fuxictr not installable: the FuxiCTR peer tests will be skipped"
+	$(PIP) install -q polars h5py scikit-learn \
+		|| echo "polars/h5py/scikit-learn not installable: the FuxiCTR peer tests will be skipped"
 
 # ... plus this package, its extension built against that torch.
 setup: venv
