@@ -4,6 +4,7 @@ seeds with equal data, budget and tuning, then write the report (docs/REPRODUCE.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -13,7 +14,7 @@ from cetnet.data.movielens import SPLIT_KINDS
 from cetnet.models.build import MEMBERS
 from cetnet.reproduce.experiment import GRIDS, Experiment, base_config, grid_points
 from cetnet.reproduce.report import comparisons, summarize, write_report
-from cetnet.reproduce.rows import ROW_NAMES, parse_rows
+from cetnet.reproduce.rows import ROW_NAMES, ROWS, parse_rows
 from cetnet.reproduce.studies import (DEFAULT_ARCHS, DEFAULT_DIMS, DEFAULT_KS, STUDIES,
                                       embedding_size_rows, parse_archs, parse_ints, scaling_rows)
 from cetnet.reproduce.study_report import write_study_report
@@ -100,6 +101,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         if args.resume and not (out / "results").is_dir():
             raise FileNotFoundError(f"reproduce: --resume: no results in {out} to continue")
         rows = study_rows(args)
+        peers = [r for r in rows if isinstance(r, str) and ROWS[r].trainer == "fuxictr"]
+        if peers and importlib.util.find_spec("fuxictr") is None:
+            raise ConfigError(f"reproduce: rows {', '.join(peers)} need FuxiCTR: pip install "
+                              f"'cetnet[peers]' (or leave those rows out with --rows)")
         exp = Experiment(base, rows, list(range(args.seeds)), args.grid, out,
                          scaled_arch=args.scaled_arch, keep_checkpoints=args.keep_checkpoints,
                          retry_failed=args.retry_failed)

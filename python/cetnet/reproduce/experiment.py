@@ -81,9 +81,12 @@ def base_config(dataset: str = "movielens-100k", *, config: str | Path | None = 
     return validate_config(apply_overrides(cfg, list(overrides)))
 
 
-def config_key(config: Mapping[str, Any]) -> str:
-    """A hash of the resolved config without its ``name`` (20 hex digits)."""
+def config_key(config: Mapping[str, Any], trainer: str = "cetnet") -> str:
+    """A hash of the resolved config without its ``name`` and of who trains it, when that is
+    not cetnet (20 hex digits)."""
     body = {k: v for k, v in config.items() if k != "name"}
+    if trainer != "cetnet":
+        body["_trainer"] = trainer
     text = json.dumps([RESULT_VERSION, body], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -206,7 +209,8 @@ class Experiment:
                 model = {**(extra or {}), **model}
                 cfg = row_config(self.base, self.specs[row], seed=seed, train=train,
                                  model=model)
-                out.append(Job(row, seed, i, dict(point), cfg, config_key(cfg)))
+                out.append(Job(row, seed, i, dict(point), cfg,
+                               config_key(cfg, self.specs[row].trainer)))
         return out
 
     def num_parameters(self, row: str) -> int:
@@ -229,7 +233,13 @@ class Experiment:
                                       job.config, self.schema),
                                   "config": job.config}
         try:
-            metrics = self._train(run_training, job, run_dir)
+            if self.specs[job.row].trainer == "fuxictr":
+                from cetnet.reproduce.peers import train_fuxictr
+
+                metrics = train_fuxictr(job.config, job.config["model"]["members"][0], run_dir)
+                result["num_parameters"] = metrics.get("num_parameters", params)
+            else:
+                metrics = self._train(run_training, job, run_dir)
         except (TrainingError, ConfigError) as e:
             result["error"] = f"{type(e).__name__}: {e}"
             self.log(f"  failed: {result['error']}")
@@ -241,7 +251,8 @@ class Experiment:
             result["metrics"]["history"] = [
                 {"epoch": h["epoch"], "train_loss": h["train_loss"],
                  "valid_auc": h["valid"]["fused"]["auc"]} for h in metrics.get("history", [])]
-            abundance = self._abundance(job, run_dir)
+            abundance = None if self.specs[job.row].trainer != "cetnet" else \
+                self._abundance(job, run_dir)
             if abundance is not None:
                 result["metrics"]["abundance"] = abundance
         result["wall_seconds"] = time.perf_counter() - start

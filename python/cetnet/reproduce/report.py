@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cetnet.atomic import write_bytes_atomic, write_text_atomic
-from cetnet.reproduce.rows import CETNET_VARIANTS, ROWS, SINGLE_ROWS
+from cetnet.reproduce.rows import CETNET_VARIANTS, PEER_ROWS, ROWS, SINGLE_ROWS
 from cetnet.reproduce.stats import PairedDiff, mean_std, paired_difference
 
 __all__ = ["METRICS", "summarize", "comparisons", "write_report", "report_header",
@@ -50,6 +50,8 @@ def summarize(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],
             "test": {k: [x["fused"][k] for x in m] for k, _ in METRICS},
             "valid_auc": [x["valid"]["fused"]["auc"] for x in m],
             "train_seconds": [x["train_seconds"] for x in m],
+            "samples_per_s": [x["train_samples"] / x["train_seconds"] for x in m
+                              if x.get("train_samples") and x.get("train_seconds")],
             "grid_seconds": [sum(r.get("wall_seconds", 0.0) for r in all_results[row]
                                  if r["seed"] == s) for s in sorted(by_seed)],
             "best_epoch": [x["best_epoch"] for x in m],
@@ -105,6 +107,10 @@ def comparisons(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],
     for v in CETNET_VARIANTS:
         if v in chosen and "naive" in chosen:
             pairs.append((v, "naive", "variant vs naive ensemble"))
+    for peer in PEER_ROWS:
+        mine = peer.removeprefix("fuxictr_")
+        if peer in chosen and mine in chosen:
+            pairs.append((mine, peer, f"cetnet's {mine} vs FuxiCTR's (the peer)"))
     out = []
     for a, b, what in pairs:
         diffs = {m: paired_difference(_by_seed(chosen[a], m), _by_seed(chosen[b], m))
@@ -263,14 +269,15 @@ def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[s
         p = s["num_parameters"]
         lines.append(f"| {r} | {ROWS[r].what} | {p:,} |" if p else f"| {r} | {ROWS[r].what} | – |")
     lines += ["", "## Test metrics (chosen grid point), mean ± std over seeds", "",
-              "| row | seeds | AUC | gAUC | logloss | valid AUC | train s | grid s | best epoch |",
-              "|---|---:|---|---|---|---|---:|---:|---:|"]
+              "| row | seeds | AUC | gAUC | logloss | valid AUC | train s | samples/s | grid s "
+              "| best epoch |",
+              "|---|---:|---|---|---|---|---:|---:|---:|---:|"]
     for r, s in summary.items():
         lines.append(
             f"| {r} | {len(s['seeds'])} | {_ms(s['test']['auc'])} | {_ms(s['test']['gauc'])} "
             f"| {_ms(s['test']['logloss'])} | {_ms(s['valid_auc'])} | "
-            f"{_ms(s['train_seconds'], 0)} | {_ms(s['grid_seconds'], 0)} | "
-            f"{_ms(s['best_epoch'], 1)} |")
+            f"{_ms(s['train_seconds'], 0)} | {_ms(s.get('samples_per_s', []), 0)} | "
+            f"{_ms(s['grid_seconds'], 0)} | {_ms(s['best_epoch'], 1)} |")
     multi = {r: s for r, s in summary.items() if len(s["members"]) > 1}
     if multi:
         lines += ["", "## Members inside the ensembles (test, mean ± std over seeds)", "",

@@ -21,7 +21,8 @@ import torch
 from cetnet.config import ConfigError, validate_config
 from cetnet.models.build import MEMBERS, build_model
 
-__all__ = ["Row", "ROWS", "ROW_NAMES", "SINGLE_ROWS", "CETNET_VARIANTS", "DELETE",
+__all__ = ["Row", "ROWS", "ROW_NAMES", "SINGLE_ROWS", "PEER_ROWS", "CETNET_VARIANTS",
+           "DELETE",
            "row_config", "row_spec", "check_model", "count_model_parameters",
            "embedding_parameter_count", "scale_member",
            "scaled_single_model", "parse_rows"]
@@ -45,6 +46,9 @@ class Row:
     group: str = ""
     #: what a study varies in this row (e.g. ``{"kind": "cetnet", "dim": 8}``), for its report
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: who trains it: ``cetnet`` (cetnet's trainer) or ``fuxictr`` (FuxiCTR's model and trainer
+    #: on the same data, :mod:`cetnet.reproduce.peers`; the member kind is ``model.members[0]``)
+    trainer: str = "cetnet"
 
 
 def _single(kind: str) -> Row:
@@ -53,8 +57,17 @@ def _single(kind: str) -> Row:
                {"ensemble": "naive", "members": [kind], "fusion": DELETE}, "single")
 
 
+def _peer(kind: str) -> Row:
+    # the same config as the single row (data, dim, budget); FuxiCTR builds and trains the model
+    return Row(f"fuxictr_{kind}", f"FuxiCTR's {kind} trained by FuxiCTR's own trainer (the peer "
+               f"a user would pick instead of cetnet's {kind})",
+               {"ensemble": "naive", "members": [kind], "fusion": DELETE}, "peer",
+               trainer="fuxictr")
+
+
 _ROWS = [
     *(_single(k) for k in ("dnn", "dcnv2", "dhen", "interformer")),
+    *(_peer(k) for k in ("dnn", "dcnv2")),
     Row("scaled_single", "the best single architecture, widened (embedding dim and hidden "
         "sizes) to the default CETNet's parameter count", {}, "baseline"),
     Row("naive", "naive ensemble of dhen + interformer: independent members, mean probability",
@@ -85,6 +98,7 @@ _ROWS = [
 ROWS: dict[str, Row] = {r.name: r for r in _ROWS}
 ROW_NAMES = tuple(ROWS)
 SINGLE_ROWS = tuple(r.name for r in _ROWS if r.group == "single")
+PEER_ROWS = tuple(r.name for r in _ROWS if r.group == "peer")
 CETNET_VARIANTS = tuple(r.name for r in _ROWS if r.group == "cetnet" and r.name != "cetnet")
 
 
