@@ -15,8 +15,8 @@ same constant output gradient for every provider. Providers:
   needs dims that are multiples of 4). With the sequence case it runs ``PoolingMode.NONE``.
 
 Shapes (``cpu-<provider>-M2-F26-B4096-D16``; ``-T50``: one of the 26 features is a [B, 50]
-history sequence, the rest single ids). The default matrix is the issue's trimmed to run in
-about 8 minutes on 2 cores: M=2 x B in {512, 4096, 16384} at D=16, D in {10, 64} at B=4096,
+history sequence, the rest single ids). The default matrix is the full one (below) trimmed to
+run in about 8 minutes on 2 cores: M=2 x B in {512, 4096, 16384} at D=16, D in {10, 64} at B=4096,
 M=4 at B=4096, and the sequence case. CETNET_BENCH_EMB_FULL=1 runs M in {2, 4} x B in {512,
 4096, 16384} x D in {10, 16, 64} + the sequence case. CETNET_BENCH_PROVIDERS filters providers,
 CETNET_BENCH_TARGET_S sets the timed seconds per benchmark (default 1.0).

@@ -5,8 +5,8 @@ test (``pytest -m gpu``, in parallel when pytest-xdist is there), runs compute-s
 on a small smoke script when compute-sanitizer is on the PATH, then the GPU benchmarks
 (bench/bench_gpu.py), and writes bench/GPU_RESULTS.md naming the device. Needs torch >= 2.6 with
 CUDA and Triton already installed; needs no internet. Prints progress; each step has a time
-limit so that a hang cannot eat the whole budget (the issue's target: 8 minutes on an H200 from a
-bare checkout, build included).
+limit so that a hang cannot eat the whole budget (the target: 8 minutes on an H200 from a bare
+checkout, build included).
 
 Without a CUDA GPU it exits at once with status 2 and one line. Exit status 1 when a step failed
 (the report is still written), 0 when all passed.
