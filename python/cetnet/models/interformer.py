@@ -39,8 +39,8 @@ class Gate(nn.Module):
     """Token-wise gating of summary tokens ``[B, n, d]``.
 
     ``mode="self"`` (default): ``Y ⊙ σ(MLP(Y))``, a self-gate that selects features and keeps
-    their scale; ``mode="sigmoid"``: ``σ(Y ⊙ MLP(Y))``, the formula as written in
-    docs/MODELS.md (bounds the summaries to (0, 1)).
+    their scale; ``mode="sigmoid"``: ``σ(Y ⊙ MLP(Y))``, the paper's formula (quoted in
+    docs/MODELS.md; bounds the summaries to (0, 1)).
     """
 
     def __init__(self, dim: int, mode: str = "self", act: str = "swish") -> None:
