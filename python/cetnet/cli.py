@@ -1,4 +1,5 @@
-"""The ``cetnet`` command line: ``cetnet train``, ``cetnet evaluate``, ``cetnet data prepare``.
+"""The ``cetnet`` command line: ``cetnet train``, ``cetnet evaluate``, ``cetnet data prepare``,
+``cetnet data list``, ``cetnet models``, ``cetnet reproduce``, ``cetnet --version``.
 
 Examples::
 
@@ -8,7 +9,9 @@ Examples::
     cetnet train --out runs/t05 --overwrite        # replace the run in runs/t05
     cetnet train --dry-run --set model.dnn.hidden=[64]   # check everything, write nothing
     cetnet evaluate runs/cetnet_ml100k-20250101-120000 --split valid
-    cetnet data prepare movielens-100k
+    cetnet data prepare movielens-100k                # what the default config trains on
+    cetnet data list                                  # datasets and their options
+    cetnet models                                     # ensembles, members, their options
     cetnet reproduce --dataset movielens-100k --seeds 5       # the evidence (docs/REPRODUCE.md)
     cetnet --plugin my_datasets train --set data.name=my_log   # a module that registers more
 
@@ -44,8 +47,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Version(argparse.Action):
+    """``--version``: computed when asked (it imports torch and the kernels)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of cetnet, torch and the kernels, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        from cetnet.catalog import version_text
+
+        print(version_text())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="cetnet", description="Train and evaluate CTR ensembles.")
+    ap.add_argument("--version", action=_Version)
     ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                     help="import MODULE first (it may register datasets and models); "
                          "repeatable; also $CETNET_PLUGINS=mod1,mod2")
@@ -88,12 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default="best.pt", help="best.pt (default) or last.pt")
     ev.add_argument("--device", help="override the run's device")
 
+    sub.add_parser("models", help="list the ensembles and members with their options")
+
     da = sub.add_parser("data", help="dataset commands")
     dsub = da.add_subparsers(dest="data_command", required=True)
+    dsub.add_parser("list", help="list the datasets and their options")
     pr = dsub.add_parser("prepare", help="download and cache a dataset, print its summary")
     pr.add_argument("name")
     pr.add_argument("options", nargs="*", metavar="KEY=VALUE",
-                    help="options of the dataset (e.g. root=~/.cache/cetnet)")
+                    help="options of the dataset (e.g. root=~/.cache/cetnet); for the dataset "
+                         "of the default config, its options (e.g. max_seq_len) unless given")
 
     # Its own parser (cetnet.reproduce) reads the rest: `cetnet reproduce --help` shows it, and
     # the other commands do not import the experiment code.
@@ -192,13 +215,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from cetnet.train import evaluate_run, format_metrics_table
+    from cetnet.train.runner import evaluation_path
     from cetnet.train.loop import print_warnings
 
     metrics = evaluate_run(args.run_dir, args.split, checkpoint=args.checkpoint,
                            device=args.device)
     print(format_metrics_table(metrics, args.split))
     print_warnings(metrics["warnings"])
-    print(f"written: {args.run_dir / f'eval_{args.split}.json'}")
+    print(f"written: {evaluation_path(args.run_dir, args.split, args.checkpoint)}")
     return 0
 
 
@@ -211,6 +235,9 @@ def _prepare(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigError(f"option {item!r}: expected KEY=VALUE")
         options[key] = parse_value(value)
+    default = load_config(None)["data"]
+    if args.name == default["name"]:  # prepare what `cetnet train` will train on
+        options = {**{k: v for k, v in default.items() if k != "name"}, **options}
     result = prepare_dataset(args.name, **options)
     summary = getattr(result, "summary", None)
     print(summary() if callable(summary) else result)
@@ -247,6 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cetnet.reproduce.__main__ import main as reproduce
 
             return reproduce(args.args)
+        if args.command == "models":
+            from cetnet.catalog import models_text
+
+            print(models_text())
+            return 0
+        if args.data_command == "list":
+            from cetnet.catalog import datasets_text
+
+            print(datasets_text())
+            return 0
         return _prepare(args)
     except USER_ERRORS as e:
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))

@@ -17,7 +17,7 @@ from cetnet.config import ConfigError
 from cetnet.data.schema import Schema
 
 __all__ = ["DatasetFactory", "ModelFactory", "register_dataset", "register_model",
-           "unregister_dataset", "unregister_model", "load_dataset", "build_model",
+           "unregister_dataset", "unregister_model", "registered_datasets", "load_dataset", "build_model",
            "prepare_dataset", "load_plugins", "PLUGINS_ENV"]
 
 #: ``factory(**options) -> CTRDataset`` (the options of the config's ``data:`` section).
@@ -42,6 +42,11 @@ def register_model(ensemble: str, factory: ModelFactory) -> None:
     """Makes ``model.ensemble == ensemble`` build with ``factory(config, schema,
     backend=backend)`` instead of ``cetnet.models.build_model``."""
     _MODELS[ensemble] = factory
+
+
+def registered_datasets() -> list[str]:
+    """The dataset names registered (by plugins or code) besides the library's."""
+    return sorted(_DATASETS)
 
 
 def unregister_dataset(name: str) -> None:

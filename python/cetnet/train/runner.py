@@ -31,7 +31,7 @@ from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirErr
                                  check_run_dir, clear_run, make_run_dir, run_files, write_json)
 
 __all__ = ["RunPlan", "build_run", "check_run", "run_training", "evaluate_run",
-           "load_run_config", "checkpoint_path"]
+           "load_run_config", "checkpoint_path", "evaluation_path"]
 
 #: The sections a resumed run must keep: they define what ``last.pt`` holds and what
 #: ``cetnet evaluate`` rebuilds from ``config.yaml``.
@@ -282,10 +282,19 @@ def checkpoint_path(run_dir: str | Path, name: str) -> Path:
     return path
 
 
+def evaluation_path(run_dir: str | Path, split: str, checkpoint: str = BEST) -> Path:
+    """Where :func:`evaluate_run` writes: ``eval_<split>.json`` for the best checkpoint,
+    ``eval_<split>_<checkpoint stem>.json`` for another (``last.pt`` never overwrites the best
+    checkpoint's evaluation)."""
+    stem = Path(checkpoint).stem
+    suffix = "" if Path(checkpoint).name == BEST else f"_{stem}"
+    return Path(run_dir) / f"eval_{split}{suffix}.json"
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = BEST,
                  device: str | None = None, write: bool = True) -> dict:
     """Rebuilds a run's dataset and model from its ``config.yaml``, loads ``checkpoint`` (the
-    name of a file in ``run_dir``) and scores ``split``; writes ``eval_<split>.json`` into the
+    name of a file in ``run_dir``) and scores ``split``; writes :func:`evaluation_path` into the
     run directory when ``write``, holding the directory's shared lock: a training run writing
     it is an error (RunDirError), not a mixture."""
     run_dir = Path(run_dir)
@@ -314,7 +323,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
                    **evaluate(model, dataset.splits[split],
                               batch_size=config["train"]["eval_batch_size"], device=dev)}
         if write:
-            write_json(metrics, run_dir / f"eval_{split}.json")
+            write_json(metrics, evaluation_path(run_dir, split, checkpoint))
     finally:
         if lock is not None:
             lock.release()

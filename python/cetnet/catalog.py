@@ -1,0 +1,106 @@
+"""What the library offers, as text for ``cetnet models``, ``cetnet data list`` and
+``cetnet --version``: ensembles and members with their config options and defaults, datasets
+with their options, and the versions of what runs."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from importlib import metadata
+from typing import Any, Callable
+
+__all__ = ["version_text", "models_text", "datasets_text", "signature_options"]
+
+#: One line per ensemble kind (``model.ensemble``).
+ENSEMBLE_TEXT = {
+    "cetnet": "confidence fusion of K members (negated entropy -> temperature softmax -> "
+              "weighted mix) with the collaborative loss; options in model.fusion",
+    "naive": "K independent members, mean probability (model.naive.average: prob | logit)",
+    "multi_embedding": "one model with several embedding sets, a cross-net branch per set and "
+                       "a shared top (options in model.multi_embedding)",
+    "kdef": "knowledge-driven ensemble: exam-scored members distilled from their mean-logit "
+            "teacher and from each other (fused KDEF loss)",
+}
+
+
+def signature_options(fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """``name=default`` for every keyword of ``fn`` (``name=<required>`` without a default;
+    ``skip`` left out)."""
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in skip or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if p.default is p.empty:
+            out.append(f"{p.name}=<required>")
+            continue
+        default = list(p.default) if isinstance(p.default, tuple) else p.default
+        out.append(f"{p.name}={default!r}")
+    return out
+
+
+def _first_line(obj: Any) -> str:
+    """The first line of ``obj``'s docstring without reST markup."""
+    doc = (inspect.getdoc(obj) or "").splitlines()
+    return re.sub(r":\w+:`~?([^`]+)`|``([^`]+)``", lambda m: m.group(1) or m.group(2),
+                  doc[0]) if doc else ""
+
+
+def version_text() -> str:
+    """``cetnet <version>`` and what runs it: torch, the compiled kernels (CPU ISA, CUDA),
+    Triton."""
+    import torch
+
+    from cetnet_kernels import build_info
+
+    try:
+        version = metadata.version("cetnet")
+    except metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    info = build_info()
+    kernels = "not built" if not info.get("cpu") else (
+        f"CPU {info.get('cpu_capability', '?')}"
+        + (f", CUDA {info.get('cuda_version')} {info.get('cuda_archs')}" if info.get("cuda")
+           else ", no CUDA"))
+    return (f"cetnet {version}\ntorch {torch.__version__}\nkernels: {kernels}\n"
+            f"triton: {'yes' if info.get('triton') else 'no'}")
+
+
+def models_text() -> str:
+    """The ensembles and the member kinds with their options (keys of the ``model:`` config
+    section and of ``model.<kind>``), defaults included."""
+    from cetnet.models.build import DEFAULTS, ENSEMBLES, MEMBERS
+    from cetnet_kernels import CETNetFusion
+
+    lines = ["Ensembles (model.ensemble):"]
+    lines += [f"  {name:<16} {ENSEMBLE_TEXT.get(name, '')}" for name in ENSEMBLES]
+    lines += ["", "Common keys of model: (defaults):"]
+    lines += [f"  {k}: {v!r}" for k, v in DEFAULTS.items() if k != "fusion"]
+    lines += ["", "model.fusion (cetnet only):",
+              "  " + ", ".join(signature_options(CETNetFusion, skip=("num_models", "backend")))]
+    lines += ["", "Members (model.members; options under model.<kind>):"]
+    for kind, cls in MEMBERS.items():
+        lines.append(f"  {kind:<12} {_first_line(cls)}")
+        lines.append("    " + ", ".join(signature_options(cls, skip=("schema", "dim"))))
+    lines += ["", "docs/MODEL_LIBRARY.md has the full reference."]
+    return "\n".join(lines)
+
+
+def datasets_text() -> str:
+    """The datasets (``data.name``) with their options and defaults, and what the default
+    training config uses."""
+    from cetnet.config import load_config
+    from cetnet.data.registry import DATASETS
+    from cetnet.train.builders import registered_datasets
+
+    default = load_config(None)["data"]
+    lines = ["Datasets (data.name):"]
+    for name, loader in DATASETS.items():
+        lines.append(f"  {name:<16} {_first_line(loader)}")
+        lines.append("    " + ", ".join(signature_options(loader)))
+    extra = registered_datasets()
+    if extra:
+        lines += ["", "Registered by plugins: " + ", ".join(extra)]
+    options = {k: v for k, v in default.items() if k != "name"}
+    lines += ["", f"The default config trains on {default['name']} with {options}; "
+              f"`cetnet data prepare {default['name']}` prepares exactly that."]
+    return "\n".join(lines)

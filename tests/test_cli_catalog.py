@@ -1,0 +1,70 @@
+"""``cetnet --version``, ``cetnet models``, ``cetnet data list``, what ``cetnet data prepare``
+prepares by default, and ``cetnet evaluate --checkpoint last.pt`` writing its own file."""
+
+from __future__ import annotations
+
+import pytest
+
+from cetnet.cli import main
+from cetnet.config import dump_config, load_config
+from cetnet.models.build import ENSEMBLES, MEMBERS
+from cetnet.train.rundir import read_json
+from cetnet.train.runner import evaluation_path
+
+
+def test_version_names_cetnet_torch_and_the_kernels(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cetnet ") and "torch " in out and "kernels: " in out
+
+
+def test_models_lists_every_ensemble_and_member_with_defaults(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in (*ENSEMBLES, *MEMBERS):
+        assert f"  {name} " in out, name
+    assert "hidden=[256, 128]" in out and "temperature=1.0" in out
+
+
+def test_data_list_names_the_datasets_and_their_options(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "movielens-100k" in out and "synthetic" in out and "bars" in out
+    assert "config=<required>" in out and "max_seq_len=" in out
+
+
+def test_data_prepare_uses_the_default_configs_options(monkeypatch, capsys):
+    seen = {}
+
+    def prepare(name, **options):
+        seen.update(name=name, **options)
+        return "prepared"
+
+    monkeypatch.setattr("cetnet.train.prepare_dataset", prepare)
+    default = load_config(None)["data"]
+    assert main(["data", "prepare", default["name"]]) == 0
+    assert seen["max_seq_len"] == default["max_seq_len"]  # not the loader's own default
+    assert main(["data", "prepare", default["name"], "max_seq_len=7"]) == 0
+    assert seen["max_seq_len"] == 7  # a given option wins
+
+
+def test_evaluate_last_checkpoint_keeps_the_best_ones_file(train_config, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    dump_config(train_config(epochs=2), config)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run_dir), "--quiet",
+                 "--no-plots", "--set", "train.max_steps_per_epoch=3"]) == 0
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert main(["evaluate", str(run_dir), "--checkpoint", "last.pt"]) == 0
+    out = capsys.readouterr().out
+    best, last = evaluation_path(run_dir, "test"), evaluation_path(run_dir, "test", "last.pt")
+    assert best.name == "eval_test.json" and last.name == "eval_test_last.json"
+    assert f"written: {last}" in out
+    assert read_json(best)["checkpoint"] == "best.pt"
+    assert read_json(last)["checkpoint"] == "last.pt"
+    # --overwrite knows both as the run's files
+    assert main(["train", "--config", str(config), "--out", str(run_dir), "--overwrite",
+                 "--quiet", "--no-plots", "--set", "train.max_steps_per_epoch=3"]) == 0
+    assert not last.exists()
