@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable
+from typing import Callable, Generic, TypeVar
 
 import torch
 
 from cetnet_kernels._extension import HAS_C, _C
 
-__all__ = ["BACKENDS", "TritonLoader", "available_backends", "resolve_backend"]
+__all__ = ["BACKENDS", "OpTable", "TritonLoader", "available_backends", "resolve_backend"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -108,3 +108,32 @@ class TritonLoader:
         if self.error is not None:
             raise RuntimeError(f"backend 'triton' failed to load: {self.error}")
         self._run()
+
+
+Ops = TypeVar("Ops")
+
+
+class OpTable(Generic[Ops]):
+    """The registered ops of one op family, per backend name: ``compiled()`` gives the C++ ops
+    (run once at construction, when ``cetnet_kernels._C`` is loaded; shared by "cpu" and
+    "cuda") and ``load_triton()`` imports and registers the Triton ones (through a
+    :class:`TritonLoader`, so at import where Triton can run, else on first use).
+
+    Args:
+        compiled: returns the C++ family's ops (after registering their fakes/autograd), or
+            None when the family has no compiled ops.
+        load_triton: returns the Triton family's ops after registering what they need.
+    """
+
+    def __init__(self, compiled: Callable[[], Ops] | None, load_triton: Callable[[], Ops]) -> None:
+        self._ops: dict[str, Ops] = {}
+        if HAS_C and compiled is not None:
+            self._ops["cpu"] = self._ops["cuda"] = compiled()
+        self.triton = TritonLoader(lambda: self._ops.__setitem__("triton", load_triton()))
+
+    def __call__(self, backend: str) -> Ops:
+        """The ops of a resolved ``backend`` ("cpu", "cuda" or "triton"; not "reference");
+        RuntimeError when the Triton ops failed to load."""
+        if backend == "triton":
+            self.triton.ensure()
+        return self._ops[backend]

@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from cetnet_kernels import reference
-from cetnet_kernels._extension import HAS_C
-from cetnet_kernels.backends import TritonLoader, resolve_backend
+from cetnet_kernels._host import acc_dtype as _acc_dtype
+from cetnet_kernels.backends import OpTable, resolve_backend
+from cetnet_kernels.codes import REDUCTION_CODES, Reduction
 
 __all__ = ["confidence_fusion", "collaborative_loss", "REDUCTIONS", "FUSION_SPACES"]
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+REDUCTIONS = REDUCTION_CODES  # the public name of the reduction codes
 FUSION_SPACES = ("prob", "logit")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -38,10 +39,6 @@ class _OpSet:
     fusion: Callable
     fusion_backward: Callable
     loss: Callable
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fusion_fake(logits, temperature, logit_space, detach_weights):
@@ -60,9 +57,9 @@ def _loss_fake(logits, labels, temperature, ensemble_weight, member_weight, dist
                compute_temperature_grad):
     B, K = logits.shape
     acc = _acc_dtype(logits.dtype)
-    loss = logits.new_empty((B,) if reduction == 0 else (), dtype=acc)
+    loss = logits.new_empty((B,) if reduction == Reduction.NONE else (), dtype=acc)
     grad = logits.new_empty((B, K) if compute_grad else (0,))
-    per_row_t = reduction == 0 and compute_grad and compute_temperature_grad
+    per_row_t = reduction == Reduction.NONE and compute_grad and compute_temperature_grad
     grad_t = logits.new_empty((B,) if per_row_t else (), dtype=acc)
     return loss, logits.new_empty((B,)), grad, grad_t
 
@@ -107,13 +104,13 @@ def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
                 raise RuntimeError(
                     "collaborative_loss was called with compute_grad=False; its gradient was not "
                     "computed in the forward pass")
-            if ctx.reduction == 0:
+            if ctx.reduction == Reduction.NONE:
                 scale = grad_loss[:, None]
                 grad_z = grad_logits * scale
                 gt = (grad_t * grad_loss).sum() if grad_t.dim() == 1 else None
             else:
                 B = logits.shape[0]
-                scale = grad_loss * (1.0 / B) if ctx.reduction == 1 and B > 0 else grad_loss
+                scale = grad_loss * (1.0 / B) if ctx.reduction == Reduction.MEAN and B > 0 else grad_loss
                 grad_z = grad_logits * scale  # bf16/fp16 * fp32 0-dim: computed in fp32
                 gt = grad_t * scale
             grad_z = grad_z.to(logits.dtype)
@@ -132,37 +129,29 @@ def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
     torch.library.register_autograd(loss_name, loss_backward, setup_context=loss_setup)
 
 
-_OPSETS: dict[str, _OpSet] = {}
-
-if HAS_C:
-    _cet = torch.ops.cetnet
+def _compiled_ops() -> _OpSet:
+    cet = torch.ops.cetnet
     torch.library.register_fake("cetnet::confidence_fusion")(_fusion_fake)
     torch.library.register_fake("cetnet::confidence_fusion_backward")(_fusion_backward_fake)
     torch.library.register_fake("cetnet::collaborative_loss")(_loss_fake)
-    _OPSETS["cpu"] = _OPSETS["cuda"] = _OpSet(
-        _cet.confidence_fusion.default, _cet.confidence_fusion_backward.default,
-        _cet.collaborative_loss.default)
     # Their autograd is registered in C++ (csrc/autograd.cpp): a Python one costs more per call
     # than the kernels at CTR batch sizes.
+    return _OpSet(cet.confidence_fusion.default, cet.confidence_fusion_backward.default,
+                  cet.collaborative_loss.default)
 
 
-def _load_triton() -> None:
+def _load_triton() -> _OpSet:
     from cetnet_kernels.triton import fusion as tf  # noqa: F401  (defines the *_triton ops)
 
     t = torch.ops.cetnet
     ops = _OpSet(t.confidence_fusion_triton.default, t.confidence_fusion_backward_triton.default,
                  t.collaborative_loss_triton.default)
     _register_autograd(ops, ("cetnet::confidence_fusion_triton", "cetnet::collaborative_loss_triton"))
-    _OPSETS["triton"] = ops
+    return ops
 
 
-_TRITON = TritonLoader(_load_triton)
-
-
-def _ops_for(backend: str) -> _OpSet:
-    if backend == "triton":
-        _TRITON.ensure()
-    return _OPSETS[backend]
+_ops_for = OpTable(_compiled_ops, _load_triton)
+_TRITON = _ops_for.triton  # why the Triton ops did not load (bench/bench_fusion.py reads it)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,9 +269,17 @@ def _temperature(temperature: object, logits: Tensor, op: str, validate: bool,
 
 
 def _fusion_space(fusion_space: object, op: str) -> bool:
+    """Whether ``fusion_space`` (checked) is "logit"."""
     if fusion_space not in FUSION_SPACES:
         raise ValueError(f"{op}: fusion_space must be 'prob' or 'logit', got {fusion_space!r}")
     return fusion_space == "logit"
+
+
+def _reduction_code(reduction: object, op: str) -> Reduction:
+    """The code of the ``reduction`` name (checked)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return REDUCTIONS[reduction]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,8 +377,7 @@ def collaborative_loss(
     _check_logits(logits, op)
     labels = _check_labels(labels, logits, op)
     logit_space = _fusion_space(fusion_space, op)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    reduction_code = _reduction_code(reduction, op)
     weights = [_check_weight(v, n, op) for v, n in (
         (ensemble_weight, "ensemble_weight"), (member_weight, "member_weight"),
         (distill_weight, "distill_weight"), (mutual_weight, "mutual_weight"))]
@@ -398,6 +394,6 @@ def collaborative_loss(
     want_t = grad_on and tau.requires_grad
     compute_grad = grad_on and (logits.requires_grad or want_t)
     loss, prob, _, _ = _ops_for(be).loss(
-        logits, labels, tau, *weights, logit_space, bool(detach_weights), REDUCTIONS[reduction],
-        compute_grad, want_t)
+        logits, labels, tau, *weights, logit_space, bool(detach_weights),
+        int(reduction_code), compute_grad, want_t)
     return loss, prob

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from cetnet_kernels import reference
-from cetnet_kernels._extension import HAS_C
-from cetnet_kernels.backends import TritonLoader, resolve_backend
-from cetnet_kernels.fusion import _acc_dtype, _check_label_values, _check_labels, _check_logits
+from cetnet_kernels._host import acc_dtype as _acc_dtype
+from cetnet_kernels.backends import OpTable, resolve_backend
+from cetnet_kernels.fusion import _check_label_values, _check_labels, _check_logits
 
 __all__ = ["kdef_loss"]
 
@@ -74,28 +74,21 @@ def _backward(ctx, grad_loss, grad_teacher, _grad_grad):
     return (grad_z.to(ctx.dtype) if grad_z is not None else None), None, None
 
 
-_OPS: dict[str, Callable] = {}
-
-if HAS_C:
+def _compiled_op() -> Callable:
     torch.library.register_fake("cetnet::kdef_loss")(_kdef_fake)
     torch.library.register_autograd("cetnet::kdef_loss", _backward, setup_context=_setup)
-    _OPS["cpu"] = _OPS["cuda"] = torch.ops.cetnet.kdef_loss.default
+    return torch.ops.cetnet.kdef_loss.default
 
 
-def _load_triton() -> None:
+def _load_triton() -> Callable:
     from cetnet_kernels.triton import kdef  # noqa: F401  (defines cetnet::kdef_loss_triton)
 
     torch.library.register_autograd("cetnet::kdef_loss_triton", _backward, setup_context=_setup)
-    _OPS["triton"] = torch.ops.cetnet.kdef_loss_triton.default
+    return torch.ops.cetnet.kdef_loss_triton.default
 
 
-_TRITON = TritonLoader(_load_triton)
-
-
-def _op_for(backend: str) -> Callable:
-    if backend == "triton":
-        _TRITON.ensure()
-    return _OPS[backend]
+_op_for = OpTable(_compiled_op, _load_triton)
+_TRITON = _op_for.triton
 
 
 def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",

@@ -8,7 +8,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from cetnet_kernels.fusion import FUSION_SPACES, REDUCTIONS, collaborative_loss, confidence_fusion
+from cetnet_kernels._host import check_count
+from cetnet_kernels.fusion import (_fusion_space, _reduction_code, collaborative_loss,
+                                   confidence_fusion)
 
 __all__ = ["CETNetFusion", "FusionOutput"]
 
@@ -86,15 +88,12 @@ class CETNetFusion(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
-            raise ValueError(f"CETNetFusion: num_models must be an int >= 1, got {num_models!r}")
+        check_count(num_models, "num_models", "CETNetFusion")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
                 and temperature > 0):
             raise ValueError(f"CETNetFusion: temperature must be finite and > 0, got {temperature!r}")
-        if fusion_space not in FUSION_SPACES:
-            raise ValueError(f"CETNetFusion: fusion_space must be 'prob' or 'logit', got {fusion_space!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"CETNetFusion: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        _fusion_space(fusion_space, "CETNetFusion")
+        _reduction_code(reduction, "CETNetFusion")
         self.num_models = num_models
         self.fusion_space = fusion_space
         self.ensemble_weight = ensemble_weight

@@ -11,12 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cetnet_kernels._host import acc_dtype
+
 __all__ = ["confidence_fusion_reference", "collaborative_loss_reference", "kdef_loss_reference",
            "kdef_loss_terms_reference"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as_tensor(temperature: float | Tensor, like: Tensor) -> Tensor:
@@ -74,7 +72,7 @@ def confidence_fusion_reference(
     detach_weights: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Reference of :func:`cetnet_kernels.confidence_fusion`: returns ``(prob [B], weights [B, K])``."""
-    z = logits.to(_compute_dtype(logits.dtype))
+    z = logits.to(acc_dtype(logits.dtype))
     tau = _as_tensor(temperature, z)
     w = torch.exp(_log_weights(z, tau, detach_weights))
     if fusion_space == "prob":
@@ -120,7 +118,7 @@ def collaborative_loss_reference(
     Per row: beta*BCE(p, y) + alpha*sum_k BCE(p_k, y) + gamma*sum_k KL(sg(p) || p_k)
     + delta*sum_k mean_{j != k} KL(sg(p_j) || p_k). ``mean`` of an empty batch is 0.
     """
-    cdt = _compute_dtype(logits.dtype)
+    cdt = acc_dtype(logits.dtype)
     z = logits.to(cdt)
     y = labels.detach().to(cdt)  # labels are data: no gradient, as on every other backend
     tau = _as_tensor(temperature, z)
@@ -175,7 +173,7 @@ def kdef_loss_terms_reference(logits: Tensor, labels: Tensor) -> dict[str, Tenso
 
     An empty batch has every term 0. Labels get no gradient. Memory: ``B x K x K`` (the pairs).
     """
-    cdt = _compute_dtype(logits.dtype)
+    cdt = acc_dtype(logits.dtype)
     z = logits.to(cdt)
     y = labels.detach().to(cdt).reshape(-1, 1)
     B, K = z.shape

@@ -46,7 +46,6 @@ gives interpreted functions that cannot be traced into a graph; the ops are then
 torch.compile treats them as opaque calls.
 """
 
-import contextlib
 import math
 import struct
 from typing import Optional
@@ -55,7 +54,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
+
+from cetnet_kernels._host import acc_dtype as _acc_dtype
+from cetnet_kernels._host import device_guard as _device_guard
+from cetnet_kernels._host import shape_only
+from cetnet_kernels.codes import Reduction
 
 __all__ = [
     "confidence_fusion_triton",
@@ -209,6 +212,25 @@ def _tile_offsets(rows, cols, stride_b, stride_k):
     return rows[:, None] * stride_b + cols[None, :].to(tl.int64) * stride_k
 
 
+@triton.jit
+def _logits_tile(z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The common prologue of the fusion kernels: this program's rows and member columns, their
+    # masks, the [BLOCK_B, BLOCK_K] logits tile in the compute dtype (masked slots hold 0), the
+    # temperature in that dtype and its inverse.
+    rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
+    row_mask = rows < B
+    kmask = (cols < K)[None, :]
+    mask = row_mask[:, None] & kmask
+    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
+    if IS_FP64:
+        z = z.to(tl.float64)
+    else:
+        z = z.to(tl.float32)
+    tau = tl.load(tau_ptr).to(z.dtype)
+    return rows, cols, row_mask, kmask, mask, z, tau, 1.0 / tau
+
+
 # =============================================================================================
 # (a) confidence_fusion forward
 # =============================================================================================
@@ -227,19 +249,8 @@ def _confidence_fusion_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
-    row_mask = rows < B
-    col_mask = cols < K
-    kmask = col_mask[None, :]
-    mask = row_mask[:, None] & kmask
-
-    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
-    if IS_FP64:
-        z = z.to(tl.float64)
-    else:
-        z = z.to(tl.float32)
-    tau = tl.load(tau_ptr).to(z.dtype)
-    inv_tau = 1.0 / tau
+    rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
+        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K)
 
     p, q, lsp, lsq, c = _member(z)
     m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
@@ -282,19 +293,8 @@ def _confidence_fusion_bwd_kernel(
     #   u_k = g_w_k + g_m m_k, m_k = p_k (prob space) or z_k (logit space)
     #   g_c_k = w_k (u_k - sum_j w_j u_j) / tau                (0 with detach_weights)
     #   g_z_k = g_m w_k dm_k/dz_k + g_c_k z_k p_k (1-p_k),  g_tau = -(1/tau) sum_k g_c_k c_k
-    rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
-    row_mask = rows < B
-    col_mask = cols < K
-    kmask = col_mask[None, :]
-    mask = row_mask[:, None] & kmask
-
-    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
-    if IS_FP64:
-        z = z.to(tl.float64)
-    else:
-        z = z.to(tl.float32)
-    tau = tl.load(tau_ptr).to(z.dtype)
-    inv_tau = 1.0 / tau
+    rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
+        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K)
 
     p, q, lsp, lsq, c = _member(z)
     m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
@@ -386,20 +386,9 @@ def _collaborative_loss_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
-    row_mask = rows < B
-    col_mask = cols < K
-    kmask = col_mask[None, :]
-    mask = row_mask[:, None] & kmask
-
-    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
-    if IS_FP64:
-        z = z.to(tl.float64)
-    else:
-        z = z.to(tl.float32)
+    rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
+        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K)
     y = tl.load(y_ptr + rows * stride_y, mask=row_mask, other=0.0).to(z.dtype)
-    tau = tl.load(tau_ptr).to(z.dtype)
-    inv_tau = 1.0 / tau
 
     p, q, lsp, lsq, c = _member(z)
     m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
@@ -494,24 +483,11 @@ def _collaborative_loss_kernel(
 # =============================================================================================
 # Launch plumbing
 # =============================================================================================
-def _device_guard(t: Tensor):
-    """``torch.cuda.device(t.device)`` for a real CUDA tensor: Triton launches on the current
-    device, which need not be the tensors'. A no-op (nullcontext) for CPU tensors (interpreter),
-    meta tensors and fake/functional tensors while tracing (nothing is launched then, and the
-    traced graph's launches are guarded by whoever runs them)."""
-    if t.device.type != "cuda" or is_fake(t):
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
-
-
 def _launch(kernel, grid, args, constexprs, num_warps):
     first = next(a for a in args if isinstance(a, Tensor))
     if INTERPRETED:
         # The interpreter reads data pointers: nothing to do for fake/meta tensors (shape-only).
-        if any(
-            isinstance(a, Tensor) and (a.device.type == "meta" or is_fake(a))
-            for a in args
-        ):
+        if shape_only(*args):
             return
         with _device_guard(first):
             kernel[grid](*args, **constexprs)
@@ -528,10 +504,6 @@ def _blocks(K: int) -> tuple[int, int, int]:
     block_b = max(1, min(_MAX_BLOCK_B, _TILE // block_k))
     num_warps = 8 if block_b * block_k >= 4096 else 4
     return block_b, block_k, num_warps
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fp32(x: float) -> float:
@@ -694,7 +666,7 @@ def _collaborative_loss(
     _check_logits(logits, op)
     _check_rows(labels, logits, "labels", op)
     _check_temperature(temperature, logits, op)
-    if reduction not in (0, 1, 2):
+    if reduction not in tuple(Reduction):
         raise ValueError(f"{op}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     B, K = logits.shape
     dev = logits.device
@@ -742,17 +714,17 @@ def _collaborative_loss(
             num_warps,
         )
 
-    if reduction == 0:
+    if reduction == Reduction.NONE:
         loss = loss_rows
-    elif reduction == 2:
+    elif reduction == Reduction.SUM:
         loss = loss_rows.sum()
     else:
         # one reduction launch (mean), not a sum and a division
         loss = loss_rows.mean() if B > 0 else torch.zeros((), dtype=acc, device=dev)
 
     if tgrad:
-        grad_temperature = gt_rows if reduction == 0 else gt_rows.sum()
-    elif tgrad_asked and reduction == 0:
+        grad_temperature = gt_rows if reduction == Reduction.NONE else gt_rows.sum()
+    elif tgrad_asked and reduction == Reduction.NONE:
         grad_temperature = torch.zeros((B,), dtype=acc, device=dev)
     else:
         grad_temperature = torch.zeros((), dtype=acc, device=dev)

@@ -56,10 +56,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cetnet_kernels._host import acc_dtype as _acc_dtype
 from cetnet_kernels.triton.embedding import _MAX_GRID_X
 from cetnet_kernels.triton.fusion import (
     INTERPRETED,
-    _acc_dtype,
     _blocks,
     _check_logits,
     _check_rows,

@@ -1,0 +1,43 @@
+"""Host-side helpers shared by every op family and backend (fusion, KDEF, embedding; the
+Python front ends and the Triton launchers alike)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+__all__ = ["acc_dtype", "check_count", "device_guard", "shape_only"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The compute (accumulation) dtype of inputs of ``dtype``: float64 stays float64, every
+    other floating dtype (float32, float16, bfloat16) computes in float32, as in the kernels."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def shape_only(*args: Any) -> bool:
+    """True when a tensor among ``args`` is a meta or fake tensor: the call only propagates
+    shapes (torch.compile tracing, fake kernels), so nothing may be launched or read."""
+    return any(isinstance(a, Tensor) and (a.device.type == "meta" or is_fake(a)) for a in args)
+
+
+def device_guard(t: Tensor) -> ContextManager[Any]:
+    """``torch.cuda.device(t.device)`` for a real CUDA tensor: Triton launches on the current
+    device, which need not be the tensors'. A no-op (nullcontext) for CPU tensors (interpreter),
+    meta tensors and fake/functional tensors while tracing (nothing is launched then, and the
+    traced graph's launches are guarded by whoever runs them)."""
+    if t.device.type != "cuda" or is_fake(t):
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def check_count(value: object, name: str, op: str) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else ValueError ``"<op>: <name> must be an
+    int >= 1, got <value!r>"`` (member counts, dims, vocabulary sizes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+    return value
