@@ -8,14 +8,10 @@ launch either produces the dense gradient of the flat parameter (``optimizer=Non
 SGD / row-wise Adagrad to the touched rows in place (``optimizer="sgd"`` /
 ``"rowwise_adagrad"``; no gradient tensor is materialized).
 
-Registered ops (schemas in csrc/registration.cpp): ``cetnet::multi_embedding``,
-``multi_embedding_fused``, ``multi_embedding_backward``, ``multi_embedding_update`` (C++ CPU and
-CUDA kernels), and the same four with a ``_triton`` suffix (cetnet_kernels/triton/embedding.py).
-Their fake kernels and autograd formulas are registered here, so the module works under
-``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
-
-Inputs may also be a torchrec ``KeyedJaggedTensor`` (duck-typed: torchrec is not a dependency):
-every key becomes a bag (see :meth:`MultiTableEmbedding.forward`).
+The module calls the registered ``cetnet::multi_embedding*`` ops; their fake kernels, autograd
+and per-backend table are in :mod:`cetnet_kernels.embedding_ops`, the shared argument bundle in
+:mod:`cetnet_kernels.embedding_args`, the flat layout in :mod:`cetnet_kernels.layout`. Inputs may
+also be a torchrec ``KeyedJaggedTensor`` (:mod:`cetnet_kernels.embedding_kjt`).
 """
 
 from __future__ import annotations
@@ -31,18 +27,21 @@ import torch
 from torch import Tensor, nn
 
 from cetnet_kernels._extension import HAS_C
-from cetnet_kernels.backends import BACKENDS, TritonLoader, resolve_backend
+from cetnet_kernels._host import acc_dtype, check_count
+from cetnet_kernels.backends import BACKENDS, resolve_backend
+from cetnet_kernels.codes import OPTIMIZER_CODES, InputMode
+from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, OptimizerArgs, invalid_ids,
+                                           offsets_valid)
+from cetnet_kernels.embedding_kjt import is_kjt, kjt_to_ids
+from cetnet_kernels.embedding_ops import ops_for
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
+from cetnet_kernels.layout import TableLayout, table_layout
 
 __all__ = ["EmbeddingFeature", "MultiTableEmbedding", "OPTIMIZERS", "POOLINGS"]
 
 POOLINGS = ("sum", "mean")
-OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
-_OPT_CODE = {"sgd": 1, "rowwise_adagrad": 2}
-_ID_DTYPES = (torch.int32, torch.int64)
+OPTIMIZERS = tuple(OPTIMIZER_CODES)  # None, "sgd", "rowwise_adagrad"
 _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Kernel modes per feature (see csrc/registration.cpp).
-_IDS, _BAG_SUM, _BAG_MEAN, _BAG_WEIGHTED = 0, 1, 2, 3
 
 IdsInput = Union[Tensor, tuple]
 
@@ -65,10 +64,7 @@ class EmbeddingFeature:
         if not isinstance(self.name, str) or not self.name or "\n" in self.name:
             raise ValueError(f"EmbeddingFeature: name must be a non-empty string without "
                              f"newlines, got {self.name!r}")
-        if isinstance(self.num_embeddings, bool) or not isinstance(self.num_embeddings, int) \
-                or self.num_embeddings < 1:
-            raise ValueError(f"EmbeddingFeature {self.name!r}: num_embeddings must be an int "
-                             f">= 1, got {self.num_embeddings!r}")
+        check_count(self.num_embeddings, "num_embeddings", f"EmbeddingFeature {self.name!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"EmbeddingFeature {self.name!r}: pooling must be 'sum' or 'mean', "
                              f"got {self.pooling!r}")
@@ -95,191 +91,6 @@ def _advise_hugepages(t: Tensor) -> bool:
                             _MADV_HUGEPAGE) == 0
     except (OSError, AttributeError):
         return False
-
-
-def _out_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
-
-
-# ------------------------------------------------------------------------------------------------
-# Fake kernels and autograd of the registered ops
-# ------------------------------------------------------------------------------------------------
-def _batch_and_columns(ids: Sequence[Tensor], offsets: Sequence[Tensor],
-                       modes: Sequence[int]) -> tuple[Any, Any]:
-    B = ids[0].shape[0] if modes[0] == _IDS else offsets[0].shape[0] - 1
-    N = 0
-    for x, mode in zip(ids, modes):
-        N = N + (x.shape[1] if mode == _IDS and x.dim() == 2 else 1)
-    return B, N
-
-
-def _forward_fake(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
-                  feature_names):
-    B, N = _batch_and_columns(ids, offsets, modes)
-    dt = _out_dtype(weight.dtype)
-    return [weight.new_empty((B, N, d), dtype=dt) for d in dims]
-
-
-def _fused_fake(weight, state, placeholder, ids, offsets, per_sample_weights, modes, dims, vocab,
-                padding_idx, feature_names, optimizer, lr, eps, weight_decay):
-    return _forward_fake(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                         padding_idx, feature_names)
-
-
-def _backward_fake(grads, weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                   padding_idx):
-    return torch.empty_like(weight)
-
-
-def _update_fake(grads, weight, state, ids, offsets, per_sample_weights, modes, dims, vocab,
-                 padding_idx, optimizer, lr, eps, weight_decay):
-    return None
-
-
-def _grads_or_empty(grads: Sequence[Tensor | None], like: Tensor) -> list[Tensor]:
-    # An absent gradient is a zero gradient; the kernels skip empty tensors.
-    return [g if g is not None else like.new_empty((0,), dtype=_out_dtype(like.dtype))
-            for g in grads]
-
-
-def _setup_dense(ctx, inputs, output):
-    weight, ids, offsets, psw, modes, dims, vocab, padding_idx, _names = inputs
-    F = len(ids)
-    ctx.save_for_backward(weight, *ids, *offsets, *psw)
-    ctx.meta = (F, modes, dims, vocab, padding_idx)
-
-
-def _make_backward_dense(backward_op):
-    """The autograd formula of a lookup op whose dense backward is ``backward_op``."""
-
-    def _backward_dense(ctx, grads):
-        F, modes, dims, vocab, padding_idx = ctx.meta
-        weight, *rest = ctx.saved_tensors
-        ids, offsets, psw = rest[:F], rest[F:2 * F], rest[2 * F:]
-        grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = backward_op(_grads_or_empty(grads, weight), weight, ids, offsets, psw,
-                                      modes, dims, vocab, padding_idx)
-        none = [None] * F
-        return grad_weight, none, none, none, None, None, None, None, None
-
-    return _backward_dense
-
-
-def _setup_fused(ctx, inputs, output):
-    (weight, state, _placeholder, ids, offsets, psw, modes, dims, vocab, padding_idx, _names,
-     optimizer, lr, eps, weight_decay) = inputs
-    F = len(ids)
-    # weight and state are updated in place by backward: they are kept as attributes, not saved
-    # tensors, so that two lookups sharing one backward pass do not trip the version check.
-    ctx.weight, ctx.state = weight, state
-    ctx.save_for_backward(*ids, *offsets, *psw)
-    ctx.meta = (F, modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay)
-
-
-def _make_backward_fused(update_op):
-    """The autograd formula of a fused lookup op: applies ``update_op`` in place."""
-
-    def _backward_fused(ctx, grads):
-        F, modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay = ctx.meta
-        saved = ctx.saved_tensors
-        ids, offsets, psw = saved[:F], saved[F:2 * F], saved[2 * F:]
-        update_op(_grads_or_empty(grads, ctx.weight), ctx.weight, ctx.state, ids, offsets, psw,
-                  modes, dims, vocab, padding_idx, optimizer, lr, eps, weight_decay)
-        none = [None] * F
-        return (None, None, None, none, none, none) + (None,) * 9
-
-    return _backward_fused
-
-
-class _EmbeddingOps:
-    """The lookup and fused-lookup ops of one backend family."""
-
-    def __init__(self, suffix: str) -> None:
-        ns = torch.ops.cetnet
-        self.lookup = getattr(ns, "multi_embedding" + suffix).default
-        self.fused = getattr(ns, "multi_embedding_fused" + suffix).default
-
-
-def _register_ops(suffix: str) -> _EmbeddingOps:
-    """Registers the fake kernels and autograd of the ``cetnet::multi_embedding*<suffix>``
-    ops (suffix "" for the C++ CPU/CUDA ops, "_triton" for the Triton ones)."""
-    q = "cetnet::multi_embedding"
-    ns = torch.ops.cetnet
-    torch.library.register_fake(q + suffix)(_forward_fake)
-    torch.library.register_fake(q + "_fused" + suffix)(_fused_fake)
-    torch.library.register_fake(q + "_backward" + suffix)(_backward_fake)
-    torch.library.register_fake(q + "_update" + suffix)(_update_fake)
-    torch.library.register_autograd(
-        q + suffix, _make_backward_dense(getattr(ns, "multi_embedding_backward" + suffix)),
-        setup_context=_setup_dense)
-    torch.library.register_autograd(
-        q + "_fused" + suffix, _make_backward_fused(getattr(ns, "multi_embedding_update" + suffix)),
-        setup_context=_setup_fused)
-    return _EmbeddingOps(suffix)
-
-
-_OPS: dict[str, _EmbeddingOps] = {}
-if HAS_C:
-    _OPS["cpu"] = _OPS["cuda"] = _register_ops("")
-
-def _load_triton() -> None:
-    from cetnet_kernels.triton import embedding as _te  # noqa: F401  (defines the *_triton ops)
-
-    _OPS["triton"] = _register_ops("_triton")
-
-
-_TRITON = TritonLoader(_load_triton)
-
-
-def _ops_for(backend: str) -> _EmbeddingOps:
-    if backend == "triton":
-        _TRITON.ensure()
-    return _OPS[backend]
-
-
-# ------------------------------------------------------------------------------------------------
-# The module
-# ------------------------------------------------------------------------------------------------
-def _is_kjt(x: object) -> bool:
-    """Duck-typed torchrec ``KeyedJaggedTensor`` (torchrec is not a dependency)."""
-    return (not isinstance(x, Mapping) and callable(getattr(x, "keys", None))
-            and callable(getattr(x, "values", None)) and callable(getattr(x, "offsets", None)))
-
-
-def _kjt_to_ids(kjt: Any) -> dict[str, tuple]:
-    """Turns a ``KeyedJaggedTensor`` into ``{key: (values, offsets[, weights])}`` bags.
-
-    Every key is a bag, also when all its lengths are 1: bags are the faithful mapping of a
-    jagged tensor (a length can be 0), and a one-value bag pools to that value's row (sum and
-    mean alike), so the result equals a single-id lookup, one column per key. Weights, when the
-    KJT has them, become per-sample weights (they need pooling="sum"). One host sync reads the
-    key boundaries. Variable batch sizes per key are not supported.
-    """
-    keys = list(kjt.keys())
-    vsk = getattr(kjt, "variable_stride_per_key", None)
-    if callable(vsk) and vsk():
-        raise ValueError("MultiTableEmbedding: KeyedJaggedTensor with a variable batch size per "
-                         "key is not supported")
-    values, offsets = kjt.values(), kjt.offsets()
-    wfn = getattr(kjt, "weights_or_none", None)
-    weights = wfn() if callable(wfn) else None
-    F = len(keys)
-    if F == 0:
-        return {}
-    n = offsets.numel() - 1
-    if n < 0 or n % F:
-        raise ValueError(f"MultiTableEmbedding: KeyedJaggedTensor offsets of length {n + 1} do "
-                         f"not hold {F} keys of one batch size")
-    B = n // F
-    bounds = offsets[::B].tolist() if B > 0 else [int(offsets[0])] * (F + 1)
-    out: dict[str, tuple] = {}
-    for k, key in enumerate(keys):
-        lo, hi = bounds[k], bounds[k + 1]
-        o = offsets[k * B:(k + 1) * B + 1] - lo
-        v = values[lo:hi]
-        out[key] = (v, o) if weights is None else (v, o, weights[lo:hi])
-    return out
 
 
 def _as_feature(f: object, i: int) -> EmbeddingFeature:
@@ -349,8 +160,7 @@ class MultiTableEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         op = "MultiTableEmbedding"
-        if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
-            raise ValueError(f"{op}: num_models must be an int >= 1, got {num_models!r}")
+        check_count(num_models, "num_models", op)
         feats = [_as_feature(f, i) for i, f in enumerate(features)]
         if not feats:
             raise ValueError(f"{op}: features must name at least one feature")
@@ -365,8 +175,7 @@ class MultiTableEmbedding(nn.Module):
             raise ValueError(f"{op}: dims must be one int or {num_models} ints (one per member), "
                              f"got {len(dims)}")
         for m, d in enumerate(dims):
-            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-                raise ValueError(f"{op}: dims[{m}] must be an int >= 1, got {d!r}")
+            check_count(d, f"dims[{m}]", op)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"{op}: optimizer must be None, 'sgd' or 'rowwise_adagrad', got "
                              f"{optimizer!r}")
@@ -400,23 +209,14 @@ class MultiTableEmbedding(nn.Module):
         self._index = {n: i for i, n in enumerate(names)}
         self._vocab = tuple(f.num_embeddings for f in feats)
         self._joined_names = "\n".join(names)
-        # Flat layout (member-major), as in csrc/cpu/embedding_cpu.cpp.
-        self._table_offsets: list[int] = []
-        self._state_offsets: list[int] = []
-        numel = rows = 0
-        for d in self.dims:
-            for v in self._vocab:
-                self._table_offsets.append(numel)
-                self._state_offsets.append(rows)
-                numel += v * d
-                rows += v
-        storage = torch.empty(numel, dtype=weights_dtype, device=device)
+        #: The flat layout of the tables (one output column per feature; see :meth:`columns`).
+        self.layout: TableLayout = table_layout(self.dims, self._vocab)
+        storage = torch.empty(self.layout.weight_numel, dtype=weights_dtype, device=device)
         _advise_hugepages(storage)  # before reset_parameters touches the pages
         self.weight = nn.Parameter(storage, requires_grad=optimizer is None)
-        state_dtype = torch.float64 if weights_dtype == torch.float64 else torch.float32
         if optimizer == "rowwise_adagrad":
-            self.register_buffer("optimizer_state",
-                                 torch.zeros(rows, dtype=state_dtype, device=device))
+            self.register_buffer("optimizer_state", torch.zeros(
+                self.layout.state_rows, dtype=acc_dtype(weights_dtype), device=device))
         else:
             self.optimizer_state = None
         # Fused mode: autograd reaches the in-place update through this tensor (weight itself
@@ -427,7 +227,7 @@ class MultiTableEmbedding(nn.Module):
         self.register_buffer("_empty_ids", torch.zeros(0, dtype=torch.int64, device=device),
                              persistent=False)
         self.register_buffer("_empty_weights", torch.zeros(0, device=device), persistent=False)
-        self._last_columns: dict[str, slice] | None = None
+        self._last_layout: TableLayout | None = None
         self.reset_parameters(init, init_scale)
 
     # -------------------------------------------------------------------------------- tables
@@ -484,7 +284,7 @@ class MultiTableEmbedding(nn.Module):
             raise IndexError(f"MultiTableEmbedding.table: member {m} out of range for "
                              f"num_models = {self.num_models}")
         f = self._feature_index(name)
-        off = self._table_offsets[m * len(self.features) + f]
+        off = self.layout.table_offsets[m * len(self.features) + f]
         V, D = self._vocab[f], self.dims[m]
         return self.weight[off:off + V * D].view(V, D)
 
@@ -494,7 +294,7 @@ class MultiTableEmbedding(nn.Module):
             raise ValueError("MultiTableEmbedding.row_state: only optimizer='rowwise_adagrad' "
                              "has a row-wise state")
         f = self._feature_index(name)
-        off = self._state_offsets[m * len(self.features) + f]
+        off = self.layout.state_offsets[m * len(self.features) + f]
         return self.optimizer_state[off:off + self._vocab[f]]
 
     def _feature_index(self, name: str) -> int:
@@ -513,26 +313,22 @@ class MultiTableEmbedding(nn.Module):
         """
         f = self._feature_index(name)
         if ids is not None:
-            cols = self._column_layout(self._normalize(ids)[4])
-        elif self._last_columns is not None:
-            cols = self._last_columns
+            layout = self._layout_of(self._normalize(ids)[1])
+        elif self._last_layout is not None:
+            layout = self._last_layout
         else:
             raise ValueError("MultiTableEmbedding.columns: no forward call yet; pass ids")
-        return cols[self._names[f]]
+        return layout.columns(f)
 
-    def _column_layout(self, ncols: Sequence[int]) -> dict[str, slice]:
-        out, start = {}, 0
-        for name, n in zip(self._names, ncols):
-            out[name] = slice(start, start + n)
-            start += n
-        return out
+    def _layout_of(self, ncols: Sequence[int]) -> TableLayout:
+        return table_layout(self.dims, self._vocab, ncols)
 
     # ------------------------------------------------------------------------------- forward
-    def _normalize(self, ids: Mapping[str, IdsInput]):
-        """Checks ``ids`` and returns the per-feature kernel inputs, modes and column counts."""
+    def _normalize(self, ids: Mapping[str, IdsInput]) -> tuple[EmbeddingArgs, list[int]]:
+        """Checks ``ids`` and returns the ops' arguments and the column count per feature."""
         op = "MultiTableEmbedding"
-        if _is_kjt(ids):
-            ids = _kjt_to_ids(ids)
+        if is_kjt(ids):
+            ids = kjt_to_ids(ids)
         if not isinstance(ids, Mapping):
             raise TypeError(f"{op}: ids must map feature names to tensors (or be a torchrec "
                             f"KeyedJaggedTensor), got "
@@ -560,7 +356,7 @@ class MultiTableEmbedding(nn.Module):
                 vals.append(x)
                 offs.append(self._empty_ids)
                 psws.append(self._empty_weights)
-                modes.append(_IDS)
+                modes.append(InputMode.IDS)
                 ncols.append(x.shape[1] if x.dim() == 2 else 1)
             elif isinstance(x, (tuple, list)) and len(x) in (2, 3):
                 values, offsets = x[0], x[1]
@@ -578,7 +374,8 @@ class MultiTableEmbedding(nn.Module):
                 offs.append(offsets)
                 if psw is None:
                     psws.append(self._empty_weights)
-                    modes.append(_BAG_MEAN if feat.pooling == "mean" else _BAG_SUM)
+                    modes.append(InputMode.BAG_MEAN if feat.pooling == "mean"
+                                 else InputMode.BAG_SUM)
                 else:
                     if not isinstance(psw, Tensor) or not psw.is_floating_point():
                         raise TypeError(f"{op}: feature {name!r}: per_sample_weights must be a "
@@ -595,7 +392,7 @@ class MultiTableEmbedding(nn.Module):
                         raise ValueError(f"{op}: feature {name!r}: per_sample_weights that "
                                          "require grad are not supported (they are constants)")
                     psws.append(psw.to(torch.float32))
-                    modes.append(_BAG_WEIGHTED)
+                    modes.append(InputMode.BAG_WEIGHTED_SUM)
                 ncols.append(1)
             else:
                 raise TypeError(f"{op}: feature {name!r}: expected an int tensor [B] or [B, T] "
@@ -606,14 +403,16 @@ class MultiTableEmbedding(nn.Module):
             elif Bf != B:
                 raise ValueError(f"{op}: feature {name!r} has batch size {Bf} but feature "
                                  f"{B_from!r} has {B}")
-        return vals, offs, psws, modes, ncols
+        args = EmbeddingArgs(self.weight, vals, offs, psws, modes, list(self.dims),
+                             list(self._vocab), self.padding_idx, self._joined_names)
+        return args, ncols
 
     @staticmethod
     def _check_ids(x: object, name: str, what: str, device: torch.device) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"MultiTableEmbedding: feature {name!r}: {what} must be a tensor, got "
                             f"{type(x).__name__}")
-        if x.dtype not in _ID_DTYPES:
+        if x.dtype not in ID_DTYPES:
             raise TypeError(f"MultiTableEmbedding: feature {name!r}: {what} must be int32 or "
                             f"int64, got {x.dtype}")
         if x.device != device:
@@ -650,35 +449,30 @@ class MultiTableEmbedding(nn.Module):
             TypeError: non-integer ids. ValueError: unknown/missing features, ragged batch
                 sizes, malformed offsets.
         """
-        vals, offs, psws, modes, ncols = self._normalize(ids)
+        args, ncols = self._normalize(ids)
         if not torch.compiler.is_compiling():
-            self._last_columns = self._column_layout(ncols)
+            self._last_layout = self._layout_of(ncols)
         be = self._resolved_backend()
         if be == "reference":
-            return self._forward_reference(vals, offs, psws, modes)
-        ops = _ops_for(be)
+            return self._forward_reference(args)
+        ops = ops_for(be)
         if self.optimizer is not None and torch.is_grad_enabled():
-            return ops.fused(
-                self.weight, self.optimizer_state if self.optimizer_state is not None
-                else self._empty_weights, self._placeholder, vals, offs, psws, modes,
-                list(self.dims), list(self._vocab), self.padding_idx, self._joined_names,
-                _OPT_CODE[self.optimizer], self.lr, self.eps, self.weight_decay)
-        return ops.lookup(
-            self.weight, vals, offs, psws, modes, list(self.dims), list(self._vocab),
-            self.padding_idx, self._joined_names)
+            state = self.optimizer_state if self.optimizer_state is not None \
+                else self._empty_weights
+            opt = OptimizerArgs(int(OPTIMIZER_CODES[self.optimizer]), self.lr, self.eps,
+                                self.weight_decay)
+            return ops.fused(args, state, self._placeholder, opt)
+        return ops.lookup(args)
 
-    def _forward_reference(self, vals, offs, psws, modes) -> list[Tensor]:
+    def _forward_reference(self, args: EmbeddingArgs) -> list[Tensor]:
         for f, feat in enumerate(self.features):  # the reference needs valid ids up front
-            if modes[f] != _IDS:
-                o = offs[f]
-                if int(o[0]) != 0 or bool((o.diff() < 0).any()) or int(o[-1]) != vals[f].numel():
-                    raise ValueError(f"MultiTableEmbedding: feature {feat.name!r}: offsets must "
-                                     f"start at 0, be non-decreasing and end at the number of "
-                                     f"values ({vals[f].numel()})")
-            x = vals[f]
-            bad = (x < 0) | (x >= feat.num_embeddings)
-            if self.padding_idx is not None:
-                bad &= x != self.padding_idx
+            x = args.ids[f]
+            if args.modes[f] != InputMode.IDS and not bool(offsets_valid(args.offsets[f],
+                                                                         x.numel())):
+                raise ValueError(f"MultiTableEmbedding: feature {feat.name!r}: offsets must "
+                                 f"start at 0, be non-decreasing and end at the number of "
+                                 f"values ({x.numel()})")
+            bad = invalid_ids(x, feat.num_embeddings, self.padding_idx)
             if bool(bad.any()):
                 v = int(x[bad][0])
                 raise IndexError(f"MultiTableEmbedding: feature {feat.name!r}: id {v} is out of "
@@ -693,8 +487,10 @@ class MultiTableEmbedding(nn.Module):
                   for m in range(self.num_models)]
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             tables = [[t.float() for t in member] for member in tables]
-        inputs = [v if mode == _IDS else (v, o, p if mode == _BAG_WEIGHTED else None)
-                  for v, o, p, mode in zip(vals, offs, psws, modes)]
+        inputs = [v if mode == InputMode.IDS
+                  else (v, o, p if mode == InputMode.BAG_WEIGHTED_SUM else None)
+                  for v, o, p, mode in zip(args.ids, args.offsets, args.per_sample_weights,
+                                           args.modes)]
         return multi_table_embedding_reference(tables, inputs, [f.pooling for f in self.features],
                                                self.padding_idx)
 

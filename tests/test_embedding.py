@@ -12,95 +12,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cetnet_kernels import (EmbeddingFeature, MultiTableEmbedding, available_backends,
-                            multi_table_embedding_reference)
+from cetnet_kernels import EmbeddingFeature, MultiTableEmbedding, available_backends
+from embedding_support import (DIMS, FEATURES, adagrad_matches_hand_written, batches,
+                               compile_matches_eager, loss_of, make_ids, reference_outputs,
+                               sgd_matches_torch_optim, with_bad_id)
 
 HAS_CPU = "cpu" in available_backends("cpu")
 BACKENDS = ["cpu", "reference"] if HAS_CPU else ["reference"]
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="cetnet_kernels._C is not built")
-
-FEATURES = [
-    EmbeddingFeature("user", 40),                  # single id, int64
-    EmbeddingFeature("item", 31),                  # single id, int32
-    EmbeddingFeature("history", 25),               # padded sequence [B, T]
-    EmbeddingFeature("tags", 17, pooling="sum"),   # bag (with an empty bag)
-    EmbeddingFeature("genres", 9, pooling="mean"),  # bag (mean)
-    EmbeddingFeature("scores", 12),                # weighted bag
-]
-DIMS = [1, 10, 16]  # wide part, odd dim, SIMD-width dim
-
-
-def make_ids(B: int = 6, *, pad: int | None = -1, gen: torch.Generator | None = None):
-    """One input of every kind (B >= 3), with padding entries and an empty bag."""
-    g = gen or torch.Generator().manual_seed(1)
-    ids = {
-        "user": torch.randint(0, 40, (B,), generator=g),
-        "item": torch.randint(0, 31, (B,), generator=g, dtype=torch.int32),
-        "history": torch.randint(0, 25, (B, 5), generator=g),
-    }
-    if pad is not None:
-        ids["history"][0, 3:] = pad
-        ids["history"][2, 0] = pad
-    lens = torch.randint(0, 5, (B,), generator=g)
-    lens[1] = 0  # an empty bag
-    for name, V in (("tags", 17), ("genres", 9), ("scores", 12)):
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
-        values = torch.randint(0, V, (int(lens.sum()),), generator=g)
-        if pad is not None and values.numel() > 2:
-            values[1] = pad
-        ids[name] = (values, offsets)
-        lens = lens.roll(1)
-    v, o = ids["scores"]
-    ids["scores"] = (v.int(), o.int(), torch.rand(v.shape, generator=g))
-    return ids
-
-
-def reference_outputs(mod: MultiTableEmbedding, ids, weight64: torch.Tensor | None = None):
-    """The float64 reference on (a float64 copy of) the module's tables; with ``weight64`` (a
-    flat float64 leaf) the tables are its views, so gradients land in ``weight64.grad``."""
-    if weight64 is None:
-        weight64 = mod.weight.detach().double()
-    tables = []
-    for m, d in enumerate(mod.dims):
-        row = []
-        for f, feat in enumerate(mod.features):
-            off = mod._table_offsets[m * len(mod.features) + f]
-            row.append(weight64[off:off + feat.num_embeddings * d].view(feat.num_embeddings, d))
-        tables.append(row)
-    inputs = []
-    for feat in mod.features:
-        x = ids[feat.name]
-        if isinstance(x, torch.Tensor):
-            inputs.append(x)
-        else:
-            psw = x[2].double() if len(x) == 3 else None
-            inputs.append((x[0], x[1], psw))
-    return multi_table_embedding_reference(tables, inputs, [f.pooling for f in mod.features],
-                                           mod.padding_idx)
-
-
-def with_bad_id(base, name: str, bad: int):
-    """A copy of the ids ``base`` whose feature ``name`` has ``bad`` as its last id."""
-    ids = dict(base)
-    x = ids[name]
-    if isinstance(x, torch.Tensor):
-        x = x.clone()
-        x.view(-1)[-1] = bad
-        ids[name] = x
-    else:
-        v = x[0].clone()
-        v[-1] = bad
-        ids[name] = (v, *x[1:])
-    return ids
-
-
-def zipf_ids(n: int, vocab: int, rng: np.random.Generator, a: float = 1.05) -> torch.Tensor:
-    return torch.from_numpy((rng.zipf(a, n) - 1) % vocab)
-
-
-def loss_of(outs, grads):
-    return sum((o.double() * g).sum() for o, g in zip(outs, grads))
-
 
 # ------------------------------------------------------------------------------------------------
 # Forward
@@ -228,96 +147,19 @@ def test_dense_gradient_one_member_unused():
 # ------------------------------------------------------------------------------------------------
 # Fused optimizers vs a dense reference
 # ------------------------------------------------------------------------------------------------
-def _batches(steps: int, B: int, rng: np.random.Generator):
-    """Batches with repeated ids, hot Zipf ids, sequences with padding and bags."""
-    out = []
-    for _ in range(steps):
-        hist = zipf_ids(B * 4, 25, rng).view(B, 4)
-        hist[0, 2:] = -1
-        lens = torch.from_numpy(rng.integers(0, 4, B))
-        out.append({
-            "user": zipf_ids(B, 40, rng),
-            "item": torch.full((B,), 3, dtype=torch.int32),  # every row the same id
-            "history": hist,
-            "tags": (zipf_ids(int(lens.sum()), 17, rng),
-                     torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])),
-            "genres": (zipf_ids(int(lens.sum()), 9, rng),
-                       torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])),
-            "scores": (zipf_ids(int(lens.sum()), 12, rng),
-                       torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
-                       torch.from_numpy(rng.random(int(lens.sum()))).float()),
-        })
-    return out
-
-
-def _touched_rows(mod: MultiTableEmbedding, ids) -> torch.Tensor:
-    """[M * sum V] bool: the table rows a batch reads (padding excluded)."""
-    mask = torch.zeros(mod.num_models * sum(mod._vocab), dtype=torch.bool)
-    for m in range(mod.num_models):
-        for f, feat in enumerate(mod.features):
-            x = ids[feat.name]
-            x = (x if isinstance(x, torch.Tensor) else x[0]).reshape(-1).long()
-            x = x[x != mod.padding_idx] if mod.padding_idx is not None else x
-            off = mod._state_offsets[m * len(mod.features) + f]
-            mask[off + x] = True
-    return mask
-
-
-def _row_view(mod: MultiTableEmbedding, flat: torch.Tensor, m: int, f: int) -> torch.Tensor:
-    off = mod._table_offsets[m * len(mod.features) + f]
-    V, D = mod._vocab[f], mod.dims[m]
-    return flat[off:off + V * D].view(V, D)
-
-
 @needs_cpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 def test_fused_sgd_matches_torch_optim(dtype, tol):
-    rng = np.random.default_rng(0)
     mod = MultiTableEmbedding(3, FEATURES, DIMS, optimizer="sgd", lr=0.3, weights_dtype=dtype)
-    ref = mod.weight.detach().double().clone().requires_grad_()
-    opt = torch.optim.SGD([ref], lr=0.3)
-    for ids in _batches(4, 16, rng):
-        outs = mod(ids)
-        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-        loss_of(outs, grads).backward()
-        assert mod.weight.grad is None  # no gradient tensor: the update happened in backward
-        opt.zero_grad()
-        loss_of(reference_outputs(mod, ids, ref), grads).backward()
-        opt.step()
-        torch.testing.assert_close(mod.weight.detach().double(), ref.detach(), rtol=tol, atol=tol)
-
-
-def _adagrad_reference_step(mod, ref_w, ref_s, grad, touched, lr, eps, wd):
-    """FBGEMM EXACT_ROWWISE_ADAGRAD on the rows a batch touched, written out by hand."""
-    for m in range(mod.num_models):
-        for f in range(len(mod.features)):
-            w = _row_view(mod, ref_w, m, f)
-            g = _row_view(mod, grad, m, f) + wd * w
-            off = mod._state_offsets[m * len(mod.features) + f]
-            rows = touched[off:off + mod._vocab[f]]
-            s = ref_s[off:off + mod._vocab[f]]
-            s[rows] += (g[rows] ** 2).mean(dim=1)
-            w[rows] -= lr * g[rows] / (s[rows].sqrt() + eps)[:, None]
+    sgd_matches_torch_optim(mod, 4, 16, np.random.default_rng(0), 0.3, tol)
 
 
 @needs_cpu
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_fused_rowwise_adagrad_matches_hand_written(wd):
-    rng = np.random.default_rng(1)
-    lr, eps = 0.2, 1e-8
-    mod = MultiTableEmbedding(3, FEATURES, DIMS, optimizer="rowwise_adagrad", lr=lr, eps=eps,
+    mod = MultiTableEmbedding(3, FEATURES, DIMS, optimizer="rowwise_adagrad", lr=0.2, eps=1e-8,
                               weight_decay=wd, weights_dtype=torch.float64)
-    ref_w = mod.weight.detach().clone()
-    ref_s = torch.zeros(mod.optimizer_state.shape, dtype=torch.float64)
-    for ids in _batches(4, 16, rng):
-        outs = mod(ids)
-        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-        loss_of(outs, grads).backward()
-        w64 = ref_w.clone().requires_grad_()
-        loss_of(reference_outputs(mod, ids, w64), grads).backward()
-        _adagrad_reference_step(mod, ref_w, ref_s, w64.grad, _touched_rows(mod, ids), lr, eps, wd)
-        torch.testing.assert_close(mod.weight.detach(), ref_w, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(mod.optimizer_state, ref_s, rtol=1e-12, atol=1e-12)
+    adagrad_matches_hand_written(mod, 4, 16, np.random.default_rng(1))
     assert mod.row_state(0, "item")[3] > 0
 
 
@@ -365,7 +207,7 @@ def test_deterministic_across_runs_and_thread_counts(optimizer):
             torch.manual_seed(0)
             rng = np.random.default_rng(2)
             mod = MultiTableEmbedding(2, FEATURES, [16, 10], optimizer=optimizer, lr=0.1)
-            for ids in _batches(3, 2048, rng):
+            for ids in batches(3, 2048, rng):
                 outs = mod(ids)
                 loss = sum((o * o).sum() for o in outs)
                 loss.backward()
@@ -381,7 +223,7 @@ def test_deterministic_across_runs_and_thread_counts(optimizer):
 # opcheck and torch.compile
 # ------------------------------------------------------------------------------------------------
 def _op_args(mod: MultiTableEmbedding, ids):
-    vals, offs, psws, modes, _ = mod._normalize(ids)
+    _w, vals, offs, psws, modes, *_ = mod._normalize(ids)[0]
     return vals, offs, psws, modes, list(mod.dims), list(mod._vocab)
 
 
@@ -413,28 +255,9 @@ def test_opcheck():
 @needs_cpu
 @pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
 def test_torch_compile_fullgraph(optimizer):
-    torch._dynamo.reset()
-    ids = make_ids()
-    eager = MultiTableEmbedding(2, FEATURES, [3, 10], optimizer=optimizer, lr=0.1)
-    compiled = MultiTableEmbedding(2, FEATURES, [3, 10], optimizer=optimizer, lr=0.1)
-    compiled.load_state_dict(eager.state_dict())
-
-    def loss_fn(mod, ids):
-        a, b = mod(ids)
-        return (a * a).sum() + b.sum()
-
-    cfn = torch.compile(loss_fn, fullgraph=True)
-    for _ in range(3):
-        for mod, fn in ((eager, loss_fn), (compiled, cfn)):
-            loss = fn(mod, ids)
-            loss.backward()
-            if optimizer is None:
-                with torch.no_grad():
-                    mod.weight -= 0.1 * mod.weight.grad
-                mod.weight.grad = None
-        torch.testing.assert_close(compiled.weight, eager.weight, rtol=1e-6, atol=1e-6)
-    if optimizer == "rowwise_adagrad":
-        torch.testing.assert_close(compiled.optimizer_state, eager.optimizer_state)
+    compile_matches_eager(
+        lambda: MultiTableEmbedding(2, FEATURES, [3, 10], optimizer=optimizer, lr=0.1),
+        make_ids(), optimizer, steps=3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,7 +416,7 @@ def test_fused_update_16bit_storage(dtype, optimizer):
                               weights_dtype=torch.float32)
     with torch.no_grad():
         ref.weight.copy_(mod.weight.float())
-    for ids in _batches(2, 16, rng):
+    for ids in batches(2, 16, rng):
         for m in (mod, ref):
             outs = m(ids)
             loss_of(outs, [torch.ones(o.shape, dtype=torch.float64) for o in outs]).backward()
@@ -605,9 +428,9 @@ def _op_suffixes() -> list[str]:
     """The registered op families runnable on CPU tensors here: C++ and Triton (interpreter)."""
     out = [""] if HAS_CPU else []
     if "triton" in available_backends("cpu"):
-        from cetnet_kernels.embedding import _ops_for
+        from cetnet_kernels.embedding_ops import ops_for
 
-        _ops_for("triton")  # registers the *_triton ops
+        ops_for("triton")  # registers the *_triton ops
         out.append("_triton")
     return out
 

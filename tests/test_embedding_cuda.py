@@ -10,19 +10,18 @@ import pytest
 import torch
 
 from cetnet_kernels import MultiTableEmbedding, available_backends
-from test_embedding import (FEATURES, _adagrad_reference_step, _batches, _touched_rows,
-                            loss_of, make_ids, reference_outputs, with_bad_id)
+from embedding_support import (DIMS, FEATURES, adagrad_matches_hand_written, batches,
+                               compile_matches_eager, loss_of, make_ids, reference_outputs,
+                               sgd_matches_torch_optim, to_device, with_bad_id)
 
 GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available()
                 and b in available_backends("cuda")]
 pytestmark = pytest.mark.skipif(not GPU_BACKENDS, reason="needs a GPU and the cuda (or triton) "
                                 "embedding kernels")
-DIMS = [1, 10, 16]
 
 
 def _gpu(ids):
-    return {k: (v.cuda() if isinstance(v, torch.Tensor) else tuple(t.cuda() for t in v))
-            for k, v in ids.items()}
+    return to_device(ids, "cuda")
 
 
 def _ref(mod, ids_cpu, w64=None):
@@ -77,42 +76,18 @@ def test_dense_gradient(backend, dtype, tol):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_fused_sgd_matches_torch_optim(backend):
-    rng = np.random.default_rng(0)
     mod = MultiTableEmbedding(3, FEATURES, DIMS, optimizer="sgd", lr=0.3,
                               weights_dtype=torch.float64, backend=backend, device="cuda")
-    ref = mod.weight.detach().cpu().clone().requires_grad_()
-    opt = torch.optim.SGD([ref], lr=0.3)
-    for ids in _batches(4, 256, rng):
-        outs = mod(_gpu(ids))
-        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-        loss_of(outs, [g.cuda() for g in grads]).backward()
-        assert mod.weight.grad is None
-        opt.zero_grad()
-        loss_of(_ref(mod, ids, ref), grads).backward()
-        opt.step()
-        torch.testing.assert_close(mod.weight.detach().cpu(), ref.detach(), rtol=1e-12,
-                                   atol=1e-12)
+    sgd_matches_torch_optim(mod, 4, 256, np.random.default_rng(0), 0.3)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_fused_rowwise_adagrad_matches_hand_written(backend, wd):
-    rng = np.random.default_rng(1)
-    lr, eps = 0.2, 1e-8
-    mod = MultiTableEmbedding(3, FEATURES, DIMS, optimizer="rowwise_adagrad", lr=lr, eps=eps,
+    mod = MultiTableEmbedding(3, FEATURES, DIMS, optimizer="rowwise_adagrad", lr=0.2, eps=1e-8,
                               weight_decay=wd, weights_dtype=torch.float64, backend=backend,
                               device="cuda")
-    ref_w = mod.weight.detach().cpu().clone()
-    ref_s = torch.zeros(mod.optimizer_state.shape, dtype=torch.float64)
-    for ids in _batches(4, 256, rng):
-        outs = mod(_gpu(ids))
-        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-        loss_of(outs, [g.cuda() for g in grads]).backward()
-        w64 = ref_w.clone().requires_grad_()
-        loss_of(_ref(mod, ids, w64), grads).backward()
-        _adagrad_reference_step(mod, ref_w, ref_s, w64.grad, _touched_rows(mod, ids), lr, eps, wd)
-        torch.testing.assert_close(mod.weight.detach().cpu(), ref_w, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(mod.optimizer_state.cpu(), ref_s, rtol=1e-12, atol=1e-12)
+    adagrad_matches_hand_written(mod, 4, 256, np.random.default_rng(1))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -125,7 +100,7 @@ def test_fused_update_16bit_storage(backend, dtype, optimizer):
     ref = MultiTableEmbedding(2, FEATURES, [3, 16], weights_dtype=torch.float32, **kw)
     with torch.no_grad():
         ref.weight.copy_(mod.weight.float())
-    for ids in _batches(2, 64, rng):
+    for ids in batches(2, 64, rng):
         for m in (mod, ref):
             outs = m(_gpu(ids))
             sum(o.sum() for o in outs).backward()
@@ -140,7 +115,7 @@ def test_deterministic(backend, optimizer):
         torch.manual_seed(0)
         mod = MultiTableEmbedding(2, FEATURES, [16, 10], optimizer=optimizer, lr=0.1,
                                   backend=backend, device="cuda")
-        for ids in _batches(3, 4096, np.random.default_rng(2)):
+        for ids in batches(3, 4096, np.random.default_rng(2)):
             outs = mod(_gpu(ids))
             sum((o * o).sum() for o in outs).backward()
         return mod.weight.detach().clone() if optimizer else mod.weight.grad.clone()
@@ -187,20 +162,7 @@ def test_update_op_checks_ids_before_writing(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
-    ids = _gpu(make_ids())
-    eager = MultiTableEmbedding(2, FEATURES, [3, 10], optimizer="sgd", lr=0.1, backend=backend,
-                                device="cuda")
-    comp = MultiTableEmbedding(2, FEATURES, [3, 10], optimizer="sgd", lr=0.1, backend=backend,
-                               device="cuda")
-    comp.load_state_dict(eager.state_dict())
-
-    def loss_fn(mod, ids):
-        a, b = mod(ids)
-        return (a * a).sum() + b.sum()
-
-    cfn = torch.compile(loss_fn, fullgraph=True)
-    for _ in range(2):
-        loss_fn(eager, ids).backward()
-        cfn(comp, ids).backward()
-    torch.testing.assert_close(comp.weight, eager.weight, rtol=1e-6, atol=1e-6)
+    compile_matches_eager(
+        lambda: MultiTableEmbedding(2, FEATURES, [3, 10], optimizer="sgd", lr=0.1,
+                                    backend=backend, device="cuda"),
+        _gpu(make_ids()), "sgd", steps=2)

@@ -12,8 +12,8 @@ import torch
 
 from cetnet_kernels import MultiTableEmbedding, available_backends
 from conftest import DEVICES
-from test_embedding import (_adagrad_reference_step, _row_view, _touched_rows, loss_of,
-                            reference_outputs, zipf_ids)
+from embedding_support import (fused_reference_step, loss_of, reference_outputs, to_device,
+                               touched_rows, zipf_ids)
 
 OPTIMIZERS = [None, "sgd", "rowwise_adagrad"]
 LR, EPS, WD = 0.01, 1e-8, 0.01
@@ -34,26 +34,10 @@ def _interpreted(backend: str, device: str) -> bool:
     return backend == "triton" and device == "cpu"
 
 
-def _sgd_reference_step(mod, ref_w, grad, touched, lr, wd):
-    """Fused SGD on the rows a batch touched (weight decay on those rows only)."""
-    for m in range(mod.num_models):
-        for f in range(len(mod.features)):
-            w = _row_view(mod, ref_w, m, f)
-            g = _row_view(mod, grad, m, f) + wd * w
-            off = mod._state_offsets[m * len(mod.features) + f]
-            rows = touched[off:off + mod._vocab[f]]
-            w[rows] -= lr * g[rows]
-
-
 def _make(features, dims, backend, device, optimizer, dtype=torch.float64):
     kw = dict(optimizer=optimizer, lr=LR, eps=EPS, weight_decay=WD) if optimizer else {}
     return MultiTableEmbedding(len(dims), features, dims, weights_dtype=dtype, backend=backend,
                                device=device, **kw)
-
-
-def _to(ids, device):
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else tuple(t.to(device) for t in v))
-            for k, v in ids.items()}
 
 
 def _step_and_check(mod, ids, device, tol):
@@ -63,7 +47,7 @@ def _step_and_check(mod, ids, device, tol):
     s0 = (mod.optimizer_state.detach().double().cpu().clone()
           if mod.optimizer == "rowwise_adagrad" else None)
     mod.weight.grad = None
-    outs = mod(_to(ids, device))
+    outs = mod(to_device(ids, device))
     grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
     loss_of(outs, [g.to(device) for g in grads]).backward()
     w64 = w0.clone().requires_grad_()
@@ -72,11 +56,11 @@ def _step_and_check(mod, ids, device, tol):
         torch.testing.assert_close(mod.weight.grad.double().cpu(), w64.grad, rtol=tol, atol=tol)
         return
     assert mod.weight.grad is None
-    touched = _touched_rows(mod, ids)
+    touched = touched_rows(mod, ids)
     if mod.optimizer == "sgd":
-        _sgd_reference_step(mod, w0, w64.grad, touched, LR, WD)
+        fused_reference_step(mod, w0, w64.grad, touched, LR, WD)
     else:
-        _adagrad_reference_step(mod, w0, s0, w64.grad, touched, LR, EPS, WD)
+        fused_reference_step(mod, w0, w64.grad, touched, LR, WD, s0, EPS)
         torch.testing.assert_close(mod.optimizer_state.double().cpu(), s0, rtol=tol, atol=tol)
     torch.testing.assert_close(mod.weight.detach().double().cpu(), w0, rtol=tol, atol=tol)
 
@@ -173,7 +157,7 @@ def test_hot_rows_deterministic_on_gpu(backend, device, optimizer):
         for _ in range(2):
             ids = _zipf_batch(20_000, rng, True)
             ids["one"] = torch.full((20_000, 5), 1)  # a run of 10^5 entries
-            outs = mod(_to(ids, device))
+            outs = mod(to_device(ids, device))
             sum((o * o).sum() for o in outs).backward()
         state = mod.optimizer_state.clone() if optimizer == "rowwise_adagrad" else None
         return (mod.weight.detach().clone() if optimizer else mod.weight.grad.clone()), state

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cetnet_kernels import MultiTableEmbedding
-from test_embedding import reference_outputs
+from embedding_support import reference_outputs
 
 FEATURES = [("user", 20), ("tags", 11, "mean"), ("scores", 7)]
 

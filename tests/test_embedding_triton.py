@@ -13,8 +13,9 @@ import torch
 
 from cetnet_kernels import MultiTableEmbedding, available_backends
 from helpers import requires_expecttest
-from test_embedding import (FEATURES, _adagrad_reference_step, _batches, _touched_rows,
-                            loss_of, make_ids, reference_outputs, with_bad_id)
+from embedding_support import (FEATURES, adagrad_matches_hand_written, batches,
+                               compile_matches_eager, loss_of, make_ids, reference_outputs,
+                               sgd_matches_torch_optim, to_device, with_bad_id)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAVE_TRITON = "triton" in available_backends(DEVICE)
@@ -29,8 +30,7 @@ pytestmark = pytest.mark.skipif(not HAVE_TRITON,
 
 
 def _to(ids, device=DEVICE):
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else tuple(t.to(device) for t in v))
-            for k, v in ids.items()}
+    return to_device(ids, device)
 
 
 def _cpu(ids):
@@ -94,39 +94,15 @@ def test_dense_gradient(dtype, tol):
 
 
 def test_fused_sgd_matches_torch_optim():
-    rng = np.random.default_rng(0)
     mod = _module(2, [1, 10], optimizer="sgd", lr=0.3, weights_dtype=torch.float64)
-    ref = mod.weight.detach().cpu().clone().requires_grad_()
-    opt = torch.optim.SGD([ref], lr=0.3)
-    for ids in _batches(2, 6, rng):
-        outs = mod(_to(ids))
-        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-        loss_of(outs, [g.to(DEVICE) for g in grads]).backward()
-        assert mod.weight.grad is None
-        opt.zero_grad()
-        loss_of(_reference(mod, ids, ref), grads).backward()
-        opt.step()
-        torch.testing.assert_close(mod.weight.detach().cpu(), ref.detach(), rtol=1e-12,
-                                   atol=1e-12)
+    sgd_matches_torch_optim(mod, 2, 6, np.random.default_rng(0), 0.3)
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_fused_rowwise_adagrad_matches_hand_written(wd):
-    rng = np.random.default_rng(1)
-    lr, eps = 0.2, 1e-8
-    mod = _module(2, [3, 10], optimizer="rowwise_adagrad", lr=lr, eps=eps, weight_decay=wd,
+    mod = _module(2, [3, 10], optimizer="rowwise_adagrad", lr=0.2, eps=1e-8, weight_decay=wd,
                   weights_dtype=torch.float64)
-    ref_w = mod.weight.detach().cpu().clone()
-    ref_s = torch.zeros(mod.optimizer_state.shape, dtype=torch.float64)
-    for ids in _batches(2, 6, rng):
-        outs = mod(_to(ids))
-        grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-        loss_of(outs, [g.to(DEVICE) for g in grads]).backward()
-        w64 = ref_w.clone().requires_grad_()
-        loss_of(_reference(mod, ids, w64), grads).backward()
-        _adagrad_reference_step(mod, ref_w, ref_s, w64.grad, _touched_rows(mod, ids), lr, eps, wd)
-        torch.testing.assert_close(mod.weight.detach().cpu(), ref_w, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(mod.optimizer_state.cpu(), ref_s, rtol=1e-12, atol=1e-12)
+    adagrad_matches_hand_written(mod, 2, 6, np.random.default_rng(1))
     assert mod.row_state(0, "item")[3] > 0
 
 
@@ -137,6 +113,7 @@ def test_bounds_check_costs_the_same_for_any_number_of_features():
     40 features cost the same."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from cetnet_kernels.embedding_args import EmbeddingArgs
     from cetnet_kernels.triton.embedding import _Plan
 
     class Count(TorchDispatchMode):
@@ -156,8 +133,8 @@ def test_bounds_check_costs_the_same_for_any_number_of_features():
                                                           torch.arange(0, 2 * B + 1, 2)]
         vocab, dims = [9] * F + [5, 5], [3, 4]
         weight = torch.zeros(sum(vocab) * sum(dims))
-        P = _Plan("op", weight, ids, offs, [torch.zeros(0)] * (F + 2), [0] * F + [1, 2], dims,
-                  vocab, -1, "")
+        P = _Plan("op", EmbeddingArgs(weight, ids, offs, [torch.zeros(0)] * (F + 2),
+                                      [0] * F + [1, 2], dims, vocab, -1))
         with Count() as c:
             P.check("op")
         return c.n
@@ -191,7 +168,7 @@ def test_deterministic(optimizer):
     def run():
         torch.manual_seed(0)
         mod = _module(2, [16, 3], optimizer=optimizer, lr=0.1)
-        for ids in _batches(1, 6, np.random.default_rng(2)):
+        for ids in batches(1, 6, np.random.default_rng(2)):
             outs = mod(_to(ids))
             sum((o * o).sum() for o in outs).backward()
         return mod.weight.detach().clone() if optimizer else mod.weight.grad.clone()
@@ -230,7 +207,7 @@ def test_bad_ids_and_offsets():
 @requires_expecttest
 def test_opcheck_forward():
     mod = _module(2, [3, 4])
-    vals, offs, psws, modes, _ = mod._normalize(_to(make_ids(B=3)))
+    _w, vals, offs, psws, modes, *_ = mod._normalize(_to(make_ids(B=3)))[0]
     torch.library.opcheck(torch.ops.cetnet.multi_embedding_triton.default,
                           (mod.weight.detach().clone().requires_grad_(), vals, offs, psws, modes,
                            [3, 4], list(mod._vocab), -1, mod._joined_names),
@@ -241,7 +218,7 @@ def test_opcheck_forward():
 @requires_expecttest
 def test_opcheck_backward_fused_update():
     mod = _module(2, [3, 4])
-    vals, offs, psws, modes, _ = mod._normalize(_to(make_ids(B=3)))
+    _w, vals, offs, psws, modes, *_ = mod._normalize(_to(make_ids(B=3)))[0]
     dims, vocab, names = [3, 4], list(mod._vocab), mod._joined_names
     w = mod.weight.detach().clone()
     outs = torch.ops.cetnet.multi_embedding_triton(w, vals, offs, psws, modes, dims, vocab, -1,
@@ -327,25 +304,8 @@ def test_tensors_on_another_gpu():
 
 @pytest.mark.parametrize("optimizer", [None, "rowwise_adagrad"])
 def test_torch_compile_fullgraph(optimizer):
-    torch._dynamo.reset()
-    ids = _to(make_ids(B=3))
-    eager = _module(2, [3, 4], optimizer=optimizer, lr=0.1)
-    compiled = _module(2, [3, 4], optimizer=optimizer, lr=0.1)
-    compiled.load_state_dict(eager.state_dict())
-
-    def loss_fn(mod, ids):
-        a, b = mod(ids)
-        return (a * a).sum() + b.sum()
-
-    cfn = torch.compile(loss_fn, fullgraph=True)
-    for _ in range(2):
-        for mod, fn in ((eager, loss_fn), (compiled, cfn)):
-            fn(mod, ids).backward()
-            if optimizer is None:
-                with torch.no_grad():
-                    mod.weight -= 0.1 * mod.weight.grad
-                mod.weight.grad = None
-        torch.testing.assert_close(compiled.weight, eager.weight, rtol=1e-6, atol=1e-6)
+    compile_matches_eager(lambda: _module(2, [3, 4], optimizer=optimizer, lr=0.1),
+                          _to(make_ids(B=3)), optimizer, steps=2)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU-tensor rule of the triton backend")

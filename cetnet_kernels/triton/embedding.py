@@ -4,7 +4,7 @@ Registers four ops with the schemas and contracts of the compiled ``cetnet::mult
 ops (see csrc/registration.cpp), under the names ``cetnet::multi_embedding_triton``,
 ``multi_embedding_fused_triton``, ``multi_embedding_backward_triton`` and
 ``multi_embedding_update_triton`` (the last one updates ``weight`` and ``state`` in place).
-Their fake kernels and autograd are registered by :mod:`cetnet_kernels.embedding`.
+Their fake kernels and autograd are registered by :mod:`cetnet_kernels.embedding_ops`.
 
 Kernels (storage as in csrc/cpu/embedding_cpu.cpp: table (m, f) is a row-major [V_f, D_m] block
 at ``table_base[m] + D_m * row_base[f]``; ``row_base[f] + id`` is the "key" of a row of every
@@ -50,10 +50,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
+from cetnet_kernels._host import acc_dtype, device_guard, shape_only
+from cetnet_kernels.codes import InputMode, Optimizer
+from cetnet_kernels.embedding_args import ID_DTYPES, EmbeddingArgs, invalid_ids, offsets_valid
+from cetnet_kernels.layout import table_layout
 from cetnet_kernels.triton.fusion import INTERPRETED  # TRITON_INTERPRET=1 at import time
-from cetnet_kernels.triton.fusion import _device_guard
 
 __all__ = [
     "INTERPRETED",
@@ -63,13 +65,11 @@ __all__ = [
     "multi_embedding_update_triton",
 ]
 
-# Modes per feature and optimizer codes (csrc/registration.cpp).
-_IDS, _BAG_SUM, _BAG_MEAN, _BAG_WEIGHTED = 0, 1, 2, 3
-_DENSE, _SGD, _ROWWISE_ADAGRAD = 0, 1, 2
+# The optimizer codes as constexprs: _runs_kernel's MODE is one of them.
+_MODE_DENSE = tl.constexpr(int(Optimizer.DENSE))
+_MODE_ROWWISE_ADAGRAD = tl.constexpr(int(Optimizer.ROWWISE_ADAGRAD))
 _TILE = 4096  # elements of one [rows, BLOCK_D] tile
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid.x: larger first axes are launched in chunks
-
-
 
 
 # =============================================================================================
@@ -217,7 +217,7 @@ def _runs_kernel(
                     other=0.0)
         acc += tl.sum(g * sc[:, None], axis=0)
     row = tb + D * key + d
-    if MODE == 0:
+    if MODE == _MODE_DENSE:
         tl.store(gw_ptr + row, acc.to(gw_ptr.dtype.element_ty), mask=dmask)
     else:
         lr = tl.load(hyper_ptr)
@@ -225,7 +225,7 @@ def _runs_kernel(
         cur = tl.load(w_ptr + row, mask=dmask, other=0.0).to(acc_ty)
         a = tl.where(dmask, acc + wd * cur, 0.0)
         step = lr
-        if MODE == 2:
+        if MODE == _MODE_ROWWISE_ADAGRAD:
             eps = tl.load(hyper_ptr + 1)
             si = _state_index(m, Vtot, key)
             s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D.to(acc_ty)  # key clamped
@@ -238,15 +238,6 @@ def _runs_kernel(
 # =============================================================================================
 # Host side
 # =============================================================================================
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _skip_launch(*tensors: Tensor) -> bool:
-    # Nothing to compute for fake/meta tensors (shape propagation only).
-    return any(t.device.type == "meta" or is_fake(t) for t in tensors)
-
-
 def _deltas(tensors: list[Tensor], base: Tensor) -> Tensor:
     """Element distances of the tensors' data pointers from ``base``'s (one dtype)."""
     es = base.element_size()
@@ -255,11 +246,11 @@ def _deltas(tensors: list[Tensor], base: Tensor) -> Tensor:
 
 
 class _Plan:
-    """The validated layout of one call (the checks of csrc/cuda/embedding_cuda.cu make_plan)."""
+    """The validated layout of one call (the checks of csrc/cuda/embedding_cuda.cu make_plan;
+    the layout itself is :func:`cetnet_kernels.layout.table_layout`)."""
 
-    def __init__(self, op: str, weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
-                 psw: list[Tensor], modes: list[int], dims: list[int], vocab: list[int],
-                 padding_idx: Optional[int], feature_names: str) -> None:
+    def __init__(self, op: str, a: EmbeddingArgs) -> None:
+        weight, ids, offsets, psw, modes, dims, vocab, padding_idx, feature_names = a
         M, F = len(dims), len(vocab)
         if M < 1 or F < 1:
             raise ValueError(f"{op}: dims and vocab must name at least one member and feature")
@@ -276,15 +267,7 @@ class _Plan:
         self.M, self.F = M, F
         self.dims, self.vocab, self.modes = list(dims), list(vocab), list(modes)
         self.padding_idx = padding_idx
-        self.row_base, vt = [], 0
-        for v in vocab:
-            self.row_base.append(vt)
-            vt += v
-        self.Vtot = vt
-        self.table_base, numel = [], 0
-        for dm in dims:
-            self.table_base.append(numel)
-            numel += dm * vt
+        numel = table_layout(dims, vocab).weight_numel
         if not weight.dtype.is_floating_point:
             raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
         if weight.dim() != 1 or weight.numel() != numel:
@@ -293,16 +276,16 @@ class _Plan:
         if not weight.is_contiguous():
             raise ValueError(f"{op}: weight must be contiguous")
         self.device = weight.device
-        self.B, self.ncols, self.col_start, N = None, [], [], 0
+        self.B, self.ncols = None, []
         for f in range(F):
             nm, mode, x = self.names[f], modes[f], ids[f]
-            if mode not in (_IDS, _BAG_SUM, _BAG_MEAN, _BAG_WEIGHTED):
+            if mode not in tuple(InputMode):
                 raise ValueError(f"{op}: feature '{nm}': unknown mode {mode}")
-            if x.dtype not in (torch.int32, torch.int64):
+            if x.dtype not in ID_DTYPES:
                 raise TypeError(f"{op}: feature '{nm}': ids must be int32 or int64, got {x.dtype}")
             if x.device != self.device:
                 raise ValueError(f"{op}: feature '{nm}': ids must be on {self.device}")
-            if mode == _IDS:
+            if mode == InputMode.IDS:
                 if x.dim() not in (1, 2):
                     raise ValueError(f"{op}: feature '{nm}': ids must be [B] or [B, T], got shape "
                                      f"{tuple(x.shape)}")
@@ -312,7 +295,7 @@ class _Plan:
                 if x.dim() != 1:
                     raise ValueError(f"{op}: feature '{nm}': bag values must be 1-D, got shape "
                                      f"{tuple(x.shape)}")
-                if o.dtype not in (torch.int32, torch.int64):
+                if o.dtype not in ID_DTYPES:
                     raise TypeError(f"{op}: feature '{nm}': offsets must be int32 or int64, got "
                                     f"{o.dtype}")
                 if o.dim() != 1 or o.numel() < 1:
@@ -320,7 +303,7 @@ class _Plan:
                                      f"got shape {tuple(o.shape)}")
                 if o.device != self.device:
                     raise ValueError(f"{op}: feature '{nm}': offsets must be on {self.device}")
-                if mode == _BAG_WEIGHTED:
+                if mode == InputMode.BAG_WEIGHTED_SUM:
                     p = psw[f]
                     if p.dtype != torch.float32:
                         raise TypeError(f"{op}: feature '{nm}': per_sample_weights must be "
@@ -335,9 +318,9 @@ class _Plan:
                 raise ValueError(f"{op}: feature '{nm}' has batch size {Bf} but feature "
                                  f"'{self.names[0]}' has {self.B}")
             self.ncols.append(nc)
-            self.col_start.append(N)
-            N += nc
-        self.N = N
+        self.layout = L = table_layout(dims, vocab, self.ncols)
+        self.row_base, self.Vtot, self.table_base = list(L.row_base), L.rows, list(L.table_base)
+        self.col_start, self.N = list(L.col_start), L.num_columns
         self.ids, self.offsets, self.psw = ids, offsets, psw
 
     # ------------------------------------------------------------------ checks (host, torch)
@@ -353,19 +336,16 @@ class _Plan:
 
     def _all_ok(self) -> bool:
         def bad_of(x: Tensor, vocab: Tensor) -> Tensor:
-            bad = (x < 0) | (x >= vocab)
-            if self.padding_idx is not None:
-                bad &= x != self.padding_idx
-            return bad.any().reshape(1)
+            return invalid_ids(x, vocab, self.padding_idx).any().reshape(1)
 
         flags = []
-        single = [f for f in range(self.F) if self.modes[f] == _IDS and self.ncols[f] > 0]
+        single = [f for f in range(self.F) if self.modes[f] == InputMode.IDS and self.ncols[f] > 0]
         if single and self.B > 0:  # [B, C] ids against a [C] row of vocabulary sizes
             cols = torch.cat([self.ids[f].reshape(self.B, -1).to(torch.int64) for f in single],
                              dim=1)
             flags.append(bad_of(cols, self.tensor([self.vocab[f] for f in single
                                                    for _ in range(self.ncols[f])])))
-        bags = [f for f in range(self.F) if self.modes[f] != _IDS]
+        bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
         if bags:
             counts = [self.ids[f].numel() for f in bags]
             if sum(counts) > 0:
@@ -374,10 +354,7 @@ class _Plan:
                     self.tensor([self.vocab[f] for f in bags]), self.tensor(counts),
                     output_size=sum(counts))))
             o = torch.stack([self.offsets[f].to(torch.int64) for f in bags])  # [J, B + 1]
-            ok = (o[:, 0] == 0).all() & (o[:, -1] == self.tensor(counts)).all()
-            if o.shape[1] > 1:
-                ok = ok & (o[:, 1:] >= o[:, :-1]).all()
-            flags.append(~ok.reshape(1))
+            flags.append(~offsets_valid(o, self.tensor(counts)).reshape(1))
         return not flags or not bool(torch.cat(flags).any().cpu())
 
     def _raise_first_bad(self, op: str) -> None:
@@ -385,12 +362,8 @@ class _Plan:
         dev = self.device
         for f in range(self.F):
             x = self.ids[f]
-            if self.modes[f] != _IDS:
-                o = self.offsets[f]
-                ok = (o[0] == 0) & (o[-1] == x.numel())
-                if o.numel() > 1:
-                    ok = ok & (o[1:] >= o[:-1]).all()
-                flags.append(ok.reshape(1))
+            if self.modes[f] != InputMode.IDS:
+                flags.append(offsets_valid(self.offsets[f], x.numel()).reshape(1))
             else:
                 flags.append(torch.ones(1, dtype=torch.bool, device=dev))
             flags.append((~self._bad_mask(f)).all().reshape(1))
@@ -415,7 +388,7 @@ class _Plan:
             if ok[2 * f + 1]:
                 continue
             i = int(self._bad_mask(f).reshape(-1).nonzero()[0, 0])
-            if self.modes[f] == _IDS:
+            if self.modes[f] == InputMode.IDS:
                 b, pos = divmod(i, self.ncols[f])
             else:
                 o = self.offsets[f].cpu()
@@ -433,11 +406,7 @@ class _Plan:
                          f"position {pos})")
 
     def _bad_mask(self, f: int) -> Tensor:
-        x = self.ids[f]
-        bad = (x < 0) | (x >= self.vocab[f])
-        if self.padding_idx is not None:
-            bad &= x != self.padding_idx
-        return bad
+        return invalid_ids(self.ids[f], self.vocab[f], self.padding_idx)
 
     def _valid_mask(self, x: Tensor) -> Tensor:
         # after check(): every id is in range or padding
@@ -455,7 +424,7 @@ def _block_d(dims: list[int]) -> int:
 def _launch(kernel, n: int, M: int, device_of: Tensor, *args, **constexprs) -> None:
     """kernel[(n, M)](*args, pid0, **constexprs) on device_of's device, the first grid axis
     cut into chunks of at most _MAX_GRID_X programs (the kernel adds pid0 to its program id)."""
-    with _device_guard(device_of):
+    with device_guard(device_of):
         for pid0 in range(0, n, _MAX_GRID_X):
             kernel[(min(_MAX_GRID_X, n - pid0), M)](*args, pid0, **constexprs)
 
@@ -466,12 +435,12 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
                      vocab: list[int], padding_idx: Optional[int],
                      feature_names: str) -> list[Tensor]:
     op = "cetnet::multi_embedding_triton"
-    P = _Plan(op, weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
-              feature_names)
-    acc = _acc_dtype(weight.dtype)
+    P = _Plan(op, EmbeddingArgs(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
+                                padding_idx, feature_names))
+    acc = acc_dtype(weight.dtype)
     B, N = P.B, P.N
     outs = [torch.empty((B, N, dm), dtype=acc, device=P.device) for dm in dims]
-    if B == 0 or _skip_launch(weight, *ids):
+    if B == 0 or shape_only(weight, *ids):
         return outs
     P.check(op)
     has_pad = padding_idx is not None
@@ -481,7 +450,7 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     out_delta = _deltas(outs, outs[0])
     block_d = _block_d(P.dims)
     M = P.M
-    id_feats = [f for f in range(P.F) if modes[f] == _IDS and P.ncols[f] > 0]
+    id_feats = [f for f in range(P.F) if modes[f] == InputMode.IDS and P.ncols[f] > 0]
     if id_feats:
         cols = torch.cat([ids[f].reshape(B, -1).to(torch.int64) for f in id_feats], dim=1)
         col_feat = P.tensor([f for f in id_feats for _ in range(P.ncols[f])], torch.int32)
@@ -493,13 +462,13 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
             weight, cols.contiguous(), col_feat, col_n, vocab_t, row_base_t, dims_t,
             table_base_t, outs[0], out_delta, B * C, C, N, pad,
             HAS_PAD=has_pad, BLOCK_R=block_r, BLOCK_D=block_d)
-    bag_feats = [f for f in range(P.F) if modes[f] != _IDS]
+    bag_feats = [f for f in range(P.F) if modes[f] != InputMode.IDS]
     if bag_feats:
         vals, psws, offs, base = [], [], [], 0
         for f in bag_feats:
             x = ids[f].to(torch.int64)
             vals.append(x)
-            psws.append(per_sample_weights[f] if modes[f] == _BAG_WEIGHTED
+            psws.append(per_sample_weights[f] if modes[f] == InputMode.BAG_WEIGHTED_SUM
                         else torch.ones(x.shape, dtype=torch.float32, device=P.device))
             offs.append(offsets[f].to(torch.int64) + base)
             base += x.numel()
@@ -512,7 +481,7 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
             _bags_kernel, B * J, M, weight,
             weight, vals_t, psw_t.contiguous(), torch.stack(offs).contiguous(),
             P.tensor(bag_feats, torch.int32), P.tensor([P.col_start[f] for f in bag_feats]),
-            P.tensor([int(modes[f] == _BAG_MEAN) for f in bag_feats], torch.int32),
+            P.tensor([int(modes[f] == InputMode.BAG_MEAN) for f in bag_feats], torch.int32),
             vocab_t, row_base_t, dims_t, table_base_t, outs[0], out_delta, B, J, N, pad,
             HAS_PAD=has_pad, BLOCK_L=block_l, BLOCK_D=block_d)
     return outs
@@ -539,7 +508,7 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
     B, N, dev = P.B, P.N, P.device
     for f in range(P.F):
         x = P.ids[f].to(torch.int64)
-        if P.modes[f] == _IDS:
+        if P.modes[f] == InputMode.IDS:
             T = P.ncols[f]
             x = x.reshape(B, T)
             src = (torch.arange(B, device=dev)[:, None] * N + P.col_start[f]
@@ -553,9 +522,9 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
         bag_of = torch.repeat_interleave(torch.arange(B, device=dev), lens,
                                          output_size=x.numel())
         keep = P._valid_mask(x)
-        if P.modes[f] == _BAG_WEIGHTED:
+        if P.modes[f] == InputMode.BAG_WEIGHTED_SUM:
             sc = P.psw[f].to(acc)
-        elif P.modes[f] == _BAG_MEAN:
+        elif P.modes[f] == InputMode.BAG_MEAN:
             # valid values per bag from a prefix sum (exact, no atomics)
             cv = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
                             keep.to(torch.int64).cumsum(0)])
@@ -580,7 +549,7 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
 def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Optional[Tensor],
                 state: Optional[Tensor], mode: int, lr: float, eps: float, wd: float,
                 op: str) -> None:
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     if len(grads) != P.M:
         raise ValueError(f"{op}: expected {P.M} gradients (one per member), got {len(grads)}")
     gs, has_g = [], []
@@ -594,7 +563,7 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
                              f"got {tuple(g.shape)}")
         gs.append(g.to(acc).contiguous())
         has_g.append(1)
-    if P.B == 0 or _skip_launch(weight, *P.ids):
+    if P.B == 0 or shape_only(weight, *P.ids):
         return
     P.check(op)  # before anything is written
     runs = _runs(P, op, acc)
@@ -612,7 +581,7 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
         state if state is not None and state.numel() > 0 else hyper,
         g0, g_delta, P.tensor(has_g, torch.int32), src, scale, start, end, ukey,
         P.tensor(P.dims), P.tensor(P.table_base), hyper, P.Vtot,
-        MODE=mode, BLOCK_E=max(1, min(32, _TILE // block_d)), BLOCK_D=block_d)
+        MODE=int(mode), BLOCK_E=max(1, min(32, _TILE // block_d)), BLOCK_D=block_d)
 
 
 def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Tensor],
@@ -620,9 +589,10 @@ def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Ten
                               modes: list[int], dims: list[int], vocab: list[int],
                               padding_idx: Optional[int]) -> Tensor:
     op = "cetnet::multi_embedding_backward_triton"
-    P = _Plan(op, weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx, "")
+    P = _Plan(op, EmbeddingArgs(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
+                                padding_idx))
     grad_weight = torch.zeros_like(weight)
-    _apply_runs(P, grads, weight, grad_weight, None, _DENSE, 0.0, 0.0, 0.0, op)
+    _apply_runs(P, grads, weight, grad_weight, None, Optimizer.DENSE, 0.0, 0.0, 0.0, op)
     return grad_weight
 
 
@@ -632,23 +602,25 @@ def _multi_embedding_update(grads: list[Tensor], weight: Tensor, state: Tensor,
                             vocab: list[int], padding_idx: Optional[int], optimizer: int,
                             lr: float, eps: float, weight_decay: float) -> None:
     op = "cetnet::multi_embedding_update_triton"
-    P = _Plan(op, weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx, "")
-    if optimizer not in (_SGD, _ROWWISE_ADAGRAD):
+    P = _Plan(op, EmbeddingArgs(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
+                                padding_idx))
+    if optimizer not in (Optimizer.SGD, Optimizer.ROWWISE_ADAGRAD):
         raise ValueError(f"{op}: optimizer must be 1 (sgd) or 2 (rowwise_adagrad), got "
                          f"{optimizer}")
-    if optimizer == _ROWWISE_ADAGRAD:
-        acc = _acc_dtype(weight.dtype)
+    if optimizer == Optimizer.ROWWISE_ADAGRAD:
+        acc = acc_dtype(weight.dtype)
         if (state.dim() != 1 or state.numel() != P.M * P.Vtot or not state.is_contiguous()
                 or state.dtype != acc or state.device != weight.device):
             raise ValueError(f"{op}: state must be a contiguous 1-D {acc} tensor of "
                              f"{P.M * P.Vtot} elements (one per table row) on {weight.device}, "
                              f"got {state.dtype} {tuple(state.shape)}")
-    _apply_runs(P, grads, weight, None, state if optimizer == _ROWWISE_ADAGRAD else None,
-                optimizer, lr, eps, weight_decay, op)
+    adagrad = optimizer == Optimizer.ROWWISE_ADAGRAD
+    _apply_runs(P, grads, weight, None, state if adagrad else None, optimizer, lr, eps,
+                weight_decay, op)
 
 
 # =============================================================================================
-# Registration (opaque custom ops; fake kernels and autograd: cetnet_kernels/embedding.py)
+# Registration (opaque custom ops; fake kernels and autograd: cetnet_kernels/embedding_ops.py)
 # =============================================================================================
 multi_embedding_triton = torch.library.custom_op(
     "cetnet::multi_embedding_triton", _multi_embedding, mutates_args=())

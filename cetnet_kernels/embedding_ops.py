@@ -1,0 +1,166 @@
+"""Registration of the ``cetnet::multi_embedding*`` ops: fake kernels, autograd, op table.
+
+Schemas (csrc/registration.cpp), with ``ARGS`` the shared tail of :class:`EmbeddingArgs`
+(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx, feature_names)::
+
+    multi_embedding(ARGS) -> Tensor[]                                   (M outputs [B, N, D_m])
+    multi_embedding_fused(weight, state, placeholder, ARGS[1:], optimizer, lr, eps, weight_decay)
+    multi_embedding_backward(grads, ARGS[:8]) -> grad_weight
+    multi_embedding_update(grads, weight, state, ARGS[1:8], optimizer, lr, eps, weight_decay)
+
+The C++ ops (CPU and CUDA) have no suffix; the Triton ones (cetnet_kernels/triton/embedding.py)
+end in ``_triton``. The fake kernels and autograd formulas registered here make the lookups work
+under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from cetnet_kernels._host import acc_dtype
+from cetnet_kernels.backends import OpTable
+from cetnet_kernels.codes import InputMode
+from cetnet_kernels.embedding_args import EmbeddingArgs, OptimizerArgs
+
+__all__ = ["EmbeddingOps", "ops_for"]
+
+
+def _split_fused(inputs: Sequence[Any]) -> tuple[EmbeddingArgs, Tensor, Tensor, OptimizerArgs]:
+    """The fused lookup's inputs as (args, state, placeholder, optimizer arguments)."""
+    weight, state, placeholder, *rest = inputs
+    return EmbeddingArgs(weight, *rest[:8]), state, placeholder, OptimizerArgs(*rest[8:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels
+# ------------------------------------------------------------------------------------------------
+def _batch_and_columns(a: EmbeddingArgs) -> tuple[Any, Any]:
+    # Shapes only (ints or SymInts): the kernels check the inputs.
+    first_ids = a.modes[0] == InputMode.IDS
+    B = a.ids[0].shape[0] if first_ids else a.offsets[0].shape[0] - 1
+    N = 0
+    for x, mode in zip(a.ids, a.modes):
+        N = N + (x.shape[1] if mode == InputMode.IDS and x.dim() == 2 else 1)
+    return B, N
+
+
+def _forward_fake(*inputs: Any) -> list[Tensor]:
+    a = EmbeddingArgs(*inputs)
+    B, N = _batch_and_columns(a)
+    return [a.weight.new_empty((B, N, d), dtype=acc_dtype(a.weight.dtype)) for d in a.dims]
+
+
+def _fused_fake(*inputs: Any) -> list[Tensor]:
+    return _forward_fake(*_split_fused(inputs)[0])
+
+
+def _backward_fake(grads: list[Tensor], weight: Tensor, *_args: Any) -> Tensor:
+    return torch.empty_like(weight)
+
+
+def _update_fake(*_inputs: Any) -> None:
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd
+# ------------------------------------------------------------------------------------------------
+def _grads_or_empty(grads: Sequence[Tensor | None], like: Tensor) -> list[Tensor]:
+    # An absent gradient is a zero gradient; the kernels skip empty tensors.
+    return [g if g is not None else like.new_empty((0,), dtype=acc_dtype(like.dtype))
+            for g in grads]
+
+
+def _setup_dense(ctx: Any, inputs: Sequence[Any], output: Any) -> None:
+    a = EmbeddingArgs(*inputs)
+    ctx.save_for_backward(a.weight, *a.input_tensors())
+    ctx.args = a.without_tensors()
+
+
+def _make_backward_dense(backward_op: Any) -> Any:
+    """The autograd formula of a lookup op whose dense backward is ``backward_op``."""
+
+    def _backward_dense(ctx: Any, grads: Sequence[Tensor | None]) -> tuple:
+        weight, *saved = ctx.saved_tensors
+        a = ctx.args.with_tensors(weight, saved)
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = backward_op(_grads_or_empty(grads, weight), weight, *a.update_args())
+        return (grad_weight,) + a.no_grads()[1:]
+
+    return _backward_dense
+
+
+def _setup_fused(ctx: Any, inputs: Sequence[Any], output: Any) -> None:
+    a, state, _placeholder, opt = _split_fused(inputs)
+    # weight and state are updated in place by backward: they are kept as attributes, not saved
+    # tensors, so that two lookups sharing one backward pass do not trip the version check.
+    ctx.weight, ctx.state, ctx.opt = a.weight, state, opt
+    ctx.save_for_backward(*a.input_tensors())
+    ctx.args = a.without_tensors()
+
+
+def _make_backward_fused(update_op: Any) -> Any:
+    """The autograd formula of a fused lookup op: applies ``update_op`` in place."""
+
+    def _backward_fused(ctx: Any, grads: Sequence[Tensor | None]) -> tuple:
+        a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors)
+        update_op(_grads_or_empty(grads, ctx.weight), ctx.weight, ctx.state, *a.update_args(),
+                  *ctx.opt)
+        # weight, state, placeholder, then the other eight of EmbeddingArgs and the optimizer's
+        return (None, None) + a.no_grads() + (None,) * len(OptimizerArgs._fields)
+
+    return _backward_fused
+
+
+# ------------------------------------------------------------------------------------------------
+# Op table
+# ------------------------------------------------------------------------------------------------
+class EmbeddingOps:
+    """The lookup and fused-lookup ops of one backend family, called with bundled arguments."""
+
+    def __init__(self, suffix: str) -> None:
+        ns = torch.ops.cetnet
+        self._lookup = getattr(ns, "multi_embedding" + suffix).default
+        self._fused = getattr(ns, "multi_embedding_fused" + suffix).default
+
+    def lookup(self, a: EmbeddingArgs) -> list[Tensor]:
+        """The lookup with a dense backward."""
+        return self._lookup(*a)
+
+    def fused(self, a: EmbeddingArgs, state: Tensor, placeholder: Tensor,
+              opt: OptimizerArgs) -> list[Tensor]:
+        """The lookup whose backward applies the optimizer ``opt`` in place."""
+        return self._fused(a.weight, state, placeholder, *a[1:], *opt)
+
+
+def _register_ops(suffix: str) -> EmbeddingOps:
+    """Registers the fake kernels and autograd of the ``cetnet::multi_embedding*<suffix>``
+    ops (suffix "" for the C++ CPU/CUDA ops, "_triton" for the Triton ones)."""
+    q = "cetnet::multi_embedding"
+    ns = torch.ops.cetnet
+    torch.library.register_fake(q + suffix)(_forward_fake)
+    torch.library.register_fake(q + "_fused" + suffix)(_fused_fake)
+    torch.library.register_fake(q + "_backward" + suffix)(_backward_fake)
+    torch.library.register_fake(q + "_update" + suffix)(_update_fake)
+    torch.library.register_autograd(
+        q + suffix, _make_backward_dense(getattr(ns, "multi_embedding_backward" + suffix)),
+        setup_context=_setup_dense)
+    torch.library.register_autograd(
+        q + "_fused" + suffix, _make_backward_fused(getattr(ns, "multi_embedding_update" + suffix)),
+        setup_context=_setup_fused)
+    return EmbeddingOps(suffix)
+
+
+def _load_triton() -> EmbeddingOps:
+    from cetnet_kernels.triton import embedding as _te  # noqa: F401  (defines the *_triton ops)
+
+    return _register_ops("_triton")
+
+
+#: ``ops_for(backend)``: the :class:`EmbeddingOps` of a resolved backend ("cpu", "cuda",
+#: "triton"); its ``.triton`` loader says why the Triton ops did not load.
+ops_for = OpTable(lambda: _register_ops(""), _load_triton)
