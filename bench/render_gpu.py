@@ -11,7 +11,7 @@ import sys
 
 FUSION_ORDER = ("kernels-cuda", "kernels-triton", "cetnet-cuda", "cetnet-triton", "eager")
 EMB_ORDER = ("cetnet-cuda", "cetnet-triton", "torch-loop")
-# The targets on H100/H200 (fraction of copy bandwidth).
+# Targets on H100/H200 (fraction of copy bandwidth).
 TARGETS = {"fusion": 0.70, "forward": 0.60, "backward": 0.30, "zipf_over_uniform": 1.5}
 
 

@@ -1,7 +1,7 @@
 """Pins what the BARS reader produces, byte for byte: the saved dataset (what the cache file
 holds) of every BARS layout in ``test_data_bars`` and the cache key of every parsed config.
 
-The digests were recorded before ``bars._encode`` was split into phases (issue 15); a change to
+The digests were recorded before ``bars._encode`` was split into phases; a change to
 either is a change of the encoding or of the cache format, which must bump ``_CACHE_VERSION`` (or
 the dataset ``FORMAT_VERSION``) and re-record them here on purpose.
 """

@@ -249,3 +249,20 @@ def test_information_abundance():
     assert math.isnan(information_abundance(torch.tensor([[1.0, float("nan")]])))
     with pytest.raises(ValueError, match="matrix"):
         information_abundance(torch.ones(3))
+
+
+def test_abundance_leaves_the_padding_row_out(base, schema):
+    import torch
+
+    from cetnet.metrics import information_abundance
+    from cetnet.models.build import build_model
+
+    model = build_model(row_config(base, "naive")["model"], schema)
+    emb = model.embedding
+    name = emb.features[0].name
+    with torch.no_grad():
+        emb.table(0, name)[0] = 1e6  # the padding row (id 0): never read
+    got = model.information_abundance()
+    assert list(got) == model.member_names
+    assert got[model.member_names[0]][name] == pytest.approx(
+        information_abundance(emb.table(0, name)[1:]))

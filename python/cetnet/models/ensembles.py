@@ -95,10 +95,21 @@ class Ensemble(nn.Module):
 
     def information_abundance(self) -> dict[str, dict[str, float]]:
         """Embedding set -> feature -> :func:`cetnet.metrics.information_abundance` of that
-        set's table of the feature (a table collapses when its rows crowd onto few
-        directions)."""
+        set's table of the feature without its padding row (a table collapses when its rows
+        crowd onto few directions; rows never seen in training keep their initial values and
+        count, as in the papers)."""
         emb = self.embedding
-        return {name: {f.name: information_abundance(emb.table(i, f.name))
+
+        def used_rows(table: Tensor) -> Tensor:
+            # the padding row is never read (padding ids give zero vectors): leave it out
+            pad = emb.padding_idx
+            if pad is None or not 0 <= pad < table.shape[0]:  # an id, not a Python index
+                return table
+            keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+            keep[pad] = False
+            return table[keep]
+
+        return {name: {f.name: information_abundance(used_rows(emb.table(i, f.name)))
                        for f in emb.features}
                 for i, name in enumerate(self.embedding_sets())}
 
