@@ -266,3 +266,20 @@ def test_abundance_leaves_the_padding_row_out(base, schema):
     assert list(got) == model.member_names
     assert got[model.member_names[0]][name] == pytest.approx(
         information_abundance(emb.table(0, name)[1:]))
+
+
+def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path):
+    from cetnet.reproduce.peers import INSTALL_HINT, fuxictr_available
+
+    if not fuxictr_available():
+        pytest.skip(f"fuxictr is not installed ({INSTALL_HINT})")
+    assert main(_args(tmp_path, rows="dnn,fuxictr_dnn")) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    peer = data["summary"]["fuxictr_dnn"]
+    assert peer["seeds"] == [0, 1] and list(peer["members"]) == ["fuxictr_dnn"]
+    assert peer["num_parameters"] != data["summary"]["dnn"]["num_parameters"]  # its own model
+    report = (tmp_path / "doc" / "RESULTS.md").read_text()
+    assert "| dnn | fuxictr_dnn | cetnet's dnn vs FuxiCTR's (the peer) |" in report
+    # the same config under another trainer is another cache entry
+    keys = {p.stem for p in (tmp_path / "out" / "results").glob("*.json")}
+    assert len(keys) == 4

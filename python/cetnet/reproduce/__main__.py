@@ -4,7 +4,6 @@ seeds with equal data, budget and tuning, then write the report (docs/REPRODUCE.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -102,9 +101,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             raise FileNotFoundError(f"reproduce: --resume: no results in {out} to continue")
         rows = study_rows(args)
         peers = [r for r in rows if isinstance(r, str) and ROWS[r].trainer == "fuxictr"]
-        if peers and importlib.util.find_spec("fuxictr") is None:
-            raise ConfigError(f"reproduce: rows {', '.join(peers)} need FuxiCTR: pip install "
-                              f"'cetnet[peers]' (or leave those rows out with --rows)")
+        if peers:
+            from cetnet.reproduce.peers import INSTALL_HINT, fuxictr_available
+
+            if not fuxictr_available():
+                raise ConfigError(f"reproduce: rows {', '.join(peers)} need FuxiCTR: "
+                                  f"{INSTALL_HINT}; or leave those rows out with --rows")
         exp = Experiment(base, rows, list(range(args.seeds)), args.grid, out,
                          scaled_arch=args.scaled_arch, keep_checkpoints=args.keep_checkpoints,
                          retry_failed=args.retry_failed)
