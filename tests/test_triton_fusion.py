@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 tl = triton.language
 
+from cetnet_kernels._host import acc_dtype  # noqa: E402
+from cetnet_kernels.codes import REDUCTION_CODES  # noqa: E402
 from cetnet_kernels.reference import (  # noqa: E402
     collaborative_loss_reference,
     confidence_fusion_reference,
@@ -40,7 +42,7 @@ F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat1
 # GPU such comparisons use the tolerance rule of check() instead (see same_values).
 BITWISE_ACROSS_SPECIALIZATIONS = fusion.INTERPRETED and DEVICE == "cpu"
 SPACES = ("prob", "logit")
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+REDUCTIONS = REDUCTION_CODES  # reduction name -> the op's code
 # (ensemble, member, distill, mutual): each term alone and all together.
 TERMS = {
     "ensemble": (1.0, 0.0, 0.0, 0.0),
@@ -277,41 +279,33 @@ def test_fusion_backward(dtype, space, detach, which):
 @pytest.mark.parametrize("B,K", [(0, 3), (1, 1), (3, 2), (130, 16)])
 @pytest.mark.parametrize("space", SPACES)
 def test_fusion_backward_shapes(B, K, space):
-    z = make_logits(B, K, F64)
-    tau = tau_t(1.3)
-    gp, gw = _upstream(B, K, "both", F64)
+    _check_backward(make_logits(B, K, F64), tau_t(1.3), space)
+
+
+def _check_backward(z, tau, space, atol=None):
+    """The fusion VJP of ``z`` (both upstream gradients) against the reference; returns it."""
+    B, K = z.shape
+    gp, gw = _upstream(B, K, "both", z.dtype)
     gz, gt = fusion_bwd(gp, gw, z, tau, space == "logit", False, True)
+    assert gz.dtype == z.dtype and gt.dtype == acc_dtype(z.dtype)
     rgz, rgt = ref_fusion_vjp(z, tau, space, False, gp, gw)
-    check(gz, rgz, F64, what="grad_logits")
-    check_row_sum(gt, rgt, F64, what="grad_temperature")
+    check(gz, rgz, z.dtype, atol=atol, what="grad_logits")
+    check_row_sum(gt, rgt, gt.dtype, what="grad_temperature")
+    return gz, gt
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("space", SPACES)
 def test_fusion_low_precision_backward(dtype, space):
-    B, K = 37, 7
-    z = make_logits(B, K, dtype)
-    tau = tau_t(0.7, F32)
-    gp, gw = _upstream(B, K, "both", dtype)
-    gz, gt = fusion_bwd(gp, gw, z, tau, space == "logit", False, True)
-    assert gz.dtype == dtype and gt.dtype == F32
-    rgz, rgt = ref_fusion_vjp(z, tau, space, False, gp, gw)
-    check(gz, rgz, dtype, what="grad_logits")
-    check_row_sum(gt, rgt, F32, what="grad_temperature")
+    _check_backward(make_logits(37, 7, dtype), tau_t(0.7, F32), space)
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("space", SPACES)
 def test_fusion_backward_extreme(dtype, space):
-    B, K = 37, 7
-    z = extreme_logits(B, K, dtype)
-    tau = tau_t(0.4)
-    gp, gw = _upstream(B, K, "both", dtype)
-    gz, gt = fusion_bwd(gp, gw, z, tau, space == "logit", False, True)
-    rgz, rgt = ref_fusion_vjp(z, tau, space, False, gp, gw)
+    gz, _ = _check_backward(extreme_logits(37, 7, dtype), tau_t(0.4), space,
+                            atol=1e-11 if dtype == F64 else None)
     assert torch.isfinite(gz).all()
-    check(gz, rgz, dtype, atol=1e-11 if dtype == F64 else None, what="grad_logits")
-    check_row_sum(gt, rgt, dtype, what="grad_temperature")
 
 
 # ---------------------------------------------------------------------------------------------
