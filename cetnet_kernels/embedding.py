@@ -227,7 +227,8 @@ class MultiTableEmbedding(nn.Module):
         self.register_buffer("_empty_ids", torch.zeros(0, dtype=torch.int64, device=device),
                              persistent=False)
         self.register_buffer("_empty_weights", torch.zeros(0, device=device), persistent=False)
-        self._last_layout: TableLayout | None = None
+        # Output columns per feature of the latest forward call (eager or compiled).
+        self._last_ncols: tuple[int, ...] | None = None
         self.reset_parameters(init, init_scale)
 
     # -------------------------------------------------------------------------------- tables
@@ -309,19 +310,17 @@ class MultiTableEmbedding(nn.Module):
         """The column slice of feature ``name`` in forward's ``[B, N, D_m]`` outputs.
 
         Sequence features take T columns, so the layout depends on the input: it is computed
-        from ``ids`` when given, else taken from the latest eager forward call.
+        from ``ids`` when given, else from the column counts of the latest forward call (eager
+        or under torch.compile, which records them too).
         """
         f = self._feature_index(name)
         if ids is not None:
-            layout = self._layout_of(self._normalize(ids)[1])
-        elif self._last_layout is not None:
-            layout = self._last_layout
+            ncols = self._normalize(ids)[1]
+        elif self._last_ncols is not None:
+            ncols = self._last_ncols
         else:
             raise ValueError("MultiTableEmbedding.columns: no forward call yet; pass ids")
-        return layout.columns(f)
-
-    def _layout_of(self, ncols: Sequence[int]) -> TableLayout:
-        return table_layout(self.dims, self._vocab, ncols)
+        return table_layout(self.dims, self._vocab, ncols).columns(f)
 
     # ------------------------------------------------------------------------------- forward
     def _normalize(self, ids: Mapping[str, IdsInput]) -> tuple[EmbeddingArgs, list[int]]:
@@ -450,8 +449,8 @@ class MultiTableEmbedding(nn.Module):
                 sizes, malformed offsets.
         """
         args, ncols = self._normalize(ids)
-        if not torch.compiler.is_compiling():
-            self._last_layout = self._layout_of(ncols)
+        # ints, also when compiled: torch.compile replays this assignment after the graph
+        self._last_ncols = tuple(ncols)
         be = self._resolved_backend()
         if be == "reference":
             return self._forward_reference(args)

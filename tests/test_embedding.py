@@ -79,6 +79,20 @@ def test_columns_and_tables():
         mod.columns("nope")
 
 
+@needs_cpu
+def test_columns_follow_compiled_calls():
+    # The column counts of a torch.compile'd forward are recorded as in eager mode: columns()
+    # describes the latest call, not the latest eager one.
+    torch._dynamo.reset()
+    mod = MultiTableEmbedding(2, FEATURES, [3, 5])
+    fn = torch.compile(lambda m, ids: m(ids), fullgraph=True)
+    ids = make_ids()
+    fn(mod, ids)
+    assert mod.columns("history") == slice(2, 7) and mod.columns("tags") == slice(7, 8)
+    fn(mod, {**ids, "history": ids["history"][:, :2].contiguous()})
+    assert mod.columns("history") == slice(2, 4) and mod.columns("scores") == slice(6, 7)
+
+
 def test_init_options_and_from_tables():
     mod = MultiTableEmbedding(2, [("a", 10000), ("b", 4)], 8)
     s = 1 / math.sqrt(10000)
