@@ -6,8 +6,8 @@ f + 1, then member m + 1's tables. The row-wise optimizer state holds one value 
 the same order. The outputs are M tensors ``[B, N, D_m]`` whose columns follow the features:
 feature f takes ``ncols[f]`` columns (T for a ``[B, T]`` sequence, else 1) from ``col_start[f]``.
 
-The C++ kernels compute the same layout (csrc: the CPU ``Layout``, the CUDA ``Plan``);
-``tests/test_layout.py`` checks the two agree. Used by :class:`MultiTableEmbedding` (its tables
+The C++ kernels compute the same layout (``TableLayout`` in csrc/embedding_layout.h, exposed
+as ``cetnet_kernels._C.table_layout``); ``tests/test_layout.py`` checks the two agree. Used by :class:`MultiTableEmbedding` (its tables
 and columns) and by the Triton kernels' plan.
 """
 

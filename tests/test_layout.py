@@ -9,7 +9,7 @@ import torch
 
 from cetnet_kernels import MultiTableEmbedding
 from cetnet_kernels._extension import _C
-from cetnet_kernels.layout import TableLayout, table_layout
+from cetnet_kernels.layout import table_layout
 
 # (dims, vocab, ncols): odd dims, dim 1, one member / one feature, many features, sequences.
 CONFIGS = [
@@ -57,24 +57,17 @@ def test_module_tables_follow_the_layout():
 
 
 _C_LAYOUT = getattr(_C, "table_layout", None) if _C is not None else None
-# C++ field names (csrc/embedding_layout.h TableLayout) -> TableLayout attributes.
+# C++ field names (csrc/embedding_layout.h TableLayout, as _C.table_layout returns them) -> the
+# TableLayout attributes.
 _FIELDS = {"table_off": "table_offsets", "state_off": "state_offsets", "row_base": "row_base",
            "table_base": "table_base", "Vtot": "rows", "weight_numel": "weight_numel",
            "state_rows": "state_rows", "col_start": "col_start", "N": "num_columns"}
 
 
-def _as_python(c_layout: object) -> dict[str, object]:
-    """The C++ layout's fields under the Python names (a dict or an object with attributes)."""
-    get = c_layout.get if isinstance(c_layout, dict) else (
-        lambda k, default=None: getattr(c_layout, k, default))
-    out = {}
-    for c_name, py_name in _FIELDS.items():
-        v = get(c_name, None)
-        if v is None:
-            v = get(py_name, None)
-        if v is not None:
-            out[py_name] = tuple(v) if isinstance(v, (list, tuple)) else int(v)
-    return out
+def _as_python(c_layout: dict) -> dict[str, object]:
+    """The C++ layout's fields under the Python names, lists as tuples."""
+    return {py: tuple(c_layout[c]) if isinstance(c_layout[c], list) else c_layout[c]
+            for c, py in _FIELDS.items()}
 
 
 @pytest.mark.skipif(_C_LAYOUT is None,
@@ -82,8 +75,9 @@ def _as_python(c_layout: object) -> dict[str, object]:
                            "before csrc/python_module.cpp exposed it)")
 @pytest.mark.parametrize("dims,vocab,ncols", CONFIGS)
 def test_python_layout_equals_cpp(dims, vocab, ncols):
-    cpp = _as_python(_C_LAYOUT(dims, vocab, ncols))
-    assert "table_offsets" in cpp, f"unexpected _C.table_layout result: {cpp}"
     py = table_layout(dims, vocab, ncols)
-    assert cpp == {k: getattr(py, k) for k in cpp}
-    assert isinstance(py, TableLayout)
+    assert _as_python(_C_LAYOUT(dims, vocab, ncols)) == {p: getattr(py, p) for p in
+                                                         _FIELDS.values()}
+    # the default: one column per feature, on both sides
+    assert _as_python(_C_LAYOUT(dims, vocab)) == {p: getattr(table_layout(dims, vocab), p)
+                                                  for p in _FIELDS.values()}
