@@ -30,8 +30,9 @@ from cetnet_kernels._extension import HAS_C
 from cetnet_kernels._host import acc_dtype, check_count
 from cetnet_kernels.backends import BACKENDS, resolve_backend
 from cetnet_kernels.codes import OPTIMIZER_CODES, InputMode
-from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, OptimizerArgs, invalid_ids,
-                                           offsets_valid)
+from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, OptimizerArgs,
+                                           check_bag_values, check_batch_size, id_columns,
+                                           invalid_ids, offsets_valid)
 from cetnet_kernels.embedding_kjt import is_kjt, kjt_to_ids
 from cetnet_kernels.embedding_ops import ops_for
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
@@ -348,23 +349,18 @@ class MultiTableEmbedding(nn.Module):
             x = ids[name]
             if isinstance(x, Tensor):
                 self._check_ids(x, name, "ids", device)
-                if x.dim() not in (1, 2):
-                    raise ValueError(f"{op}: feature {name!r}: ids must be [B] or [B, T], got "
-                                     f"shape {tuple(x.shape)}")
-                Bf = x.shape[0]
+                Bf, nc = id_columns(x, repr(name), op)
                 vals.append(x)
                 offs.append(self._empty_ids)
                 psws.append(self._empty_weights)
                 modes.append(InputMode.IDS)
-                ncols.append(x.shape[1] if x.dim() == 2 else 1)
+                ncols.append(nc)
             elif isinstance(x, (tuple, list)) and len(x) in (2, 3):
                 values, offsets = x[0], x[1]
                 psw = x[2] if len(x) == 3 else None
                 self._check_ids(values, name, "bag values", device)
                 self._check_ids(offsets, name, "bag offsets", device)
-                if values.dim() != 1:
-                    raise ValueError(f"{op}: feature {name!r}: bag values must be 1-D, got shape "
-                                     f"{tuple(values.shape)}")
+                check_bag_values(values, repr(name), op)
                 if offsets.dim() != 1 or offsets.shape[0] < 1:
                     raise ValueError(f"{op}: feature {name!r}: bag offsets must be 1-D of length "
                                      f"B + 1, got shape {tuple(offsets.shape)}")
@@ -399,9 +395,8 @@ class MultiTableEmbedding(nn.Module):
                                 f"{type(x).__name__}")
             if B is None:
                 B, B_from = Bf, name
-            elif Bf != B:
-                raise ValueError(f"{op}: feature {name!r} has batch size {Bf} but feature "
-                                 f"{B_from!r} has {B}")
+            else:
+                check_batch_size(Bf, B, repr(name), repr(B_from), op)
         args = EmbeddingArgs(self.weight, vals, offs, psws, modes, list(self.dims),
                              list(self._vocab), self.padding_idx, self._joined_names)
         return args, ncols

@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["EmbeddingArgs", "ID_DTYPES", "OptimizerArgs", "invalid_ids", "offsets_valid"]
+__all__ = ["EmbeddingArgs", "ID_DTYPES", "OptimizerArgs", "check_bag_values", "check_batch_size",
+           "id_columns", "invalid_ids", "offsets_valid"]
 
 
 class EmbeddingArgs(NamedTuple):
@@ -98,3 +99,27 @@ def offsets_valid(offsets: Tensor, nvals: int | Tensor) -> Tensor:
     if offsets.shape[-1] > 1:
         ok = ok & (offsets[..., 1:] >= offsets[..., :-1]).all()
     return ok
+
+
+# Shape rules of one feature's input, shared by MultiTableEmbedding and the Triton plan. ``feature``
+# is the feature as the caller's messages quote it (the module: repr(name); the ops: 'name').
+def id_columns(ids: Tensor, feature: str, op: str) -> tuple[int, int]:
+    """(B, output columns) of ids given one per row ``[B]`` (1 column) or as ``[B, T]``."""
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"{op}: feature {feature}: ids must be [B] or [B, T], got shape "
+                         f"{tuple(ids.shape)}")
+    return ids.shape[0], (ids.shape[1] if ids.dim() == 2 else 1)
+
+
+def check_bag_values(values: Tensor, feature: str, op: str) -> None:
+    """A bag's values are 1-D."""
+    if values.dim() != 1:
+        raise ValueError(f"{op}: feature {feature}: bag values must be 1-D, got shape "
+                         f"{tuple(values.shape)}")
+
+
+def check_batch_size(B: int, first_B: int, feature: str, first: str, op: str) -> None:
+    """Every feature has the batch size of the first one."""
+    if B != first_B:
+        raise ValueError(f"{op}: feature {feature} has batch size {B} but feature {first} has "
+                         f"{first_B}")

@@ -53,7 +53,9 @@ from torch import Tensor
 
 from cetnet_kernels._host import acc_dtype, device_guard, shape_only
 from cetnet_kernels.codes import InputMode, Optimizer
-from cetnet_kernels.embedding_args import ID_DTYPES, EmbeddingArgs, invalid_ids, offsets_valid
+from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, check_bag_values,
+                                           check_batch_size, id_columns, invalid_ids,
+                                           offsets_valid)
 from cetnet_kernels.layout import table_layout
 from cetnet_kernels.triton.fusion import INTERPRETED  # TRITON_INTERPRET=1 at import time
 
@@ -286,15 +288,10 @@ class _Plan:
             if x.device != self.device:
                 raise ValueError(f"{op}: feature '{nm}': ids must be on {self.device}")
             if mode == InputMode.IDS:
-                if x.dim() not in (1, 2):
-                    raise ValueError(f"{op}: feature '{nm}': ids must be [B] or [B, T], got shape "
-                                     f"{tuple(x.shape)}")
-                Bf, nc = x.shape[0], (x.shape[1] if x.dim() == 2 else 1)
+                Bf, nc = id_columns(x, f"'{nm}'", op)
             else:
                 o = offsets[f]
-                if x.dim() != 1:
-                    raise ValueError(f"{op}: feature '{nm}': bag values must be 1-D, got shape "
-                                     f"{tuple(x.shape)}")
+                check_bag_values(x, f"'{nm}'", op)
                 if o.dtype not in ID_DTYPES:
                     raise TypeError(f"{op}: feature '{nm}': offsets must be int32 or int64, got "
                                     f"{o.dtype}")
@@ -314,9 +311,8 @@ class _Plan:
                 Bf, nc = o.numel() - 1, 1
             if self.B is None:
                 self.B = Bf
-            elif Bf != self.B:
-                raise ValueError(f"{op}: feature '{nm}' has batch size {Bf} but feature "
-                                 f"'{self.names[0]}' has {self.B}")
+            else:
+                check_batch_size(Bf, self.B, f"'{nm}'", f"'{self.names[0]}'", op)
             self.ncols.append(nc)
         self.layout = L = table_layout(dims, vocab, self.ncols)
         self.row_base, self.Vtot, self.table_base = list(L.row_base), L.rows, list(L.table_base)
