@@ -8,8 +8,8 @@ compared **paired by seed**: tables give the mean of the per-seed differences an
 Student-t interval. An interval that contains 0 is "no evidence of a difference", not "equal".
 
 Part A — post-hoc fusion of two members trained independently: the fusion rule alone (average,
-confidence fusion at several temperatures, logit space), on calibrated members and on the same
-members with one made over-confident (its logits multiplied by ``s``, which leaves its AUC
+confidence fusion at several temperatures, logit space), on the members as trained and with the
+weaker or the stronger one made over-confident (its logits multiplied by 4, which leaves its AUC
 unchanged), and the calibration-gap fallback.
 
 Part B — joint training with ``CETNetFusion``'s collaborative loss: temperature (fixed,
@@ -20,6 +20,9 @@ learnable, learnable within a range), uniform-weight warm-up, logit space, detac
 * ``bad_init``: DNN + an FM initialised with large embeddings (``std=0.5``, the demo uses 0.05): over-confident and
   noisy at the start (the user report: it took most of the weight);
 * ``split_fields``: two DNNs that each see only half of the fields (complementary members).
+
+Part C — learnable-temperature drift: the temperature after each epoch over a longer run with
+smaller batches (``--drift-epochs``, ``--drift-batch``), unbounded and bounded to [0.5, 4].
 
 The safeguards are prototyped here by subclassing ``CETNetFusion`` (:class:`GuardedFusion`);
 docs/FUSION_GUIDE.md has the results and the recommended change.
