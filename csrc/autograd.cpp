@@ -4,7 +4,7 @@
 // sizes, so the backward formulas live here. The forward of collaborative_loss already computed
 // the per-row gradient; backward scales it by the upstream gradient, and adds the fusion VJP only
 // when the returned prob also received a gradient (unused outputs are not materialized).
-#include "autograd.h"
+#include "kernels.h"
 #include "codes.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,15 +17,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using at::Tensor;
 
-using FusionFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, bool, bool);
-using FusionBackwardFn = std::tuple<Tensor, Tensor>(const std::optional<Tensor>&,
-                                                    const std::optional<Tensor>&, const Tensor&,
-                                                    const std::optional<Tensor>&, const Tensor&,
-                                                    bool, bool, bool);
-using LossFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                          const Tensor&, double, double, double,
-                                                          double, bool, bool, int64_t, bool,
-                                                          bool);
+using FusionFn = ConfidenceFusionFn;
+using FusionBackwardFn = ConfidenceFusionBackwardFn;
+using LossFn = CollaborativeLossFn;
 
 c10::TypedOperatorHandle<FusionFn>& fusion_op() {
   static auto op = c10::Dispatcher::singleton()

@@ -9,6 +9,7 @@
 #include <iomanip>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 namespace cetnet {
@@ -109,6 +110,44 @@ inline at::ScalarType acc_type_of(const at::Tensor& logits) {
 inline void check_reduction(int64_t reduction, const char* op) {
   TORCH_CHECK_VALUE(reduction >= kReduceNone && reduction <= kReduceSum, op,
                     ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// The arguments of each fusion op, checked in the same order on every backend.
+inline void check_fusion_args(const at::Tensor& logits, const at::Tensor& temperature,
+                              const char* op) {
+  check_logits(logits, op);
+  check_temperature(temperature, logits, op);
+}
+
+// confidence_fusion_backward: (grad_prob, grad_weights, weights), each checked and brought to
+// the logits' dtype, or undefined when absent.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> check_fusion_backward_args(
+    const std::optional<at::Tensor>& grad_prob, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& logits, const std::optional<at::Tensor>& weights,
+    const at::Tensor& temperature, const char* op) {
+  check_fusion_args(logits, temperature, op);
+  auto [gp, gw] = fusion_upstream_grads(grad_prob, grad_weights, logits, op);
+  return {gp, gw, saved_weights(weights, logits, op)};
+}
+
+inline void check_loss_args(const at::Tensor& logits, const at::Tensor& labels,
+                            const at::Tensor& temperature, int64_t reduction, const char* op) {
+  check_logits(logits, op);
+  check_rows(labels, logits, "labels", op);
+  check_temperature(temperature, logits, op);
+  check_reduction(reduction, op);
+}
+
+inline void check_kdef_args(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
+  check_logits(logits, op);
+  check_rows(labels, logits, "labels", op);
+}
+
+// The grad_logits output of the loss ops: [B, K] in the logits' dtype, or [0] when the
+// gradient is not asked for.
+inline at::Tensor grad_logits_out(const at::Tensor& logits, bool compute_grad) {
+  return compute_grad ? at::empty(logits.sizes(), logits.options())
+                      : at::empty({0}, logits.options());
 }
 
 }  // namespace cetnet

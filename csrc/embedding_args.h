@@ -4,26 +4,28 @@
 #pragma once
 
 #include "codes.h"
+#include "embedding_layout.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <c10/util/safe_numerics.h>
 
 #include <limits>
 #include <optional>
 #include <sstream>
+#include <utility>
 #include <string>
 #include <vector>
 
 namespace cetnet {
 
-// The validated shape of one call: M members, F features, B rows, N output columns.
-struct EmbeddingArgs {
-  int64_t M = 0, F = 0, B = -1, N = 0;
-  int64_t Vtot = 0;          // sum of the vocabulary sizes (rows of one member's tables)
-  int64_t weight_numel = 0;  // sum over members of Vtot * D_m
+// The validated shape of one call: the table layout (embedding_layout.h) plus B rows, the
+// feature names and input modes.
+struct EmbeddingArgs : TableLayout {
+  int64_t B = -1;
   std::vector<std::string> names;
-  std::vector<int64_t> dims, vocab, mode, ncols, col_start;
+  std::vector<int64_t> mode;
   std::optional<int64_t> padding_idx;
 
   const std::string& name(int64_t f) const { return names[f]; }
@@ -39,21 +41,6 @@ inline std::vector<std::string> split_names(const std::string& joined, int64_t F
     out.clear();
     for (int64_t f = 0; f < F; ++f) out.push_back("#" + std::to_string(f));
   }
-  return out;
-}
-
-// a + b and a * b of sizes computed from user values, refused when they pass int64: a wrapped
-// product (vocab 2^62 x dim 4 = 16) would pass the weight-size check and index out of bounds.
-inline int64_t checked_add(int64_t a, int64_t b, const char* what, const char* op) {
-  int64_t out = 0;
-  TORCH_CHECK_VALUE(!c10::add_overflows(a, b, &out), op, ": ", what,
-                    " overflows int64 (", a, " + ", b, ")");
-  return out;
-}
-inline int64_t checked_mul(int64_t a, int64_t b, const char* what, const char* op) {
-  int64_t out = 0;
-  TORCH_CHECK_VALUE(!c10::mul_overflows(a, b, &out), op, ": ", what,
-                    " overflows int64 (", a, " x ", b, ")");
   return out;
 }
 
@@ -79,15 +66,8 @@ inline EmbeddingArgs check_embedding_args(
     std::optional<int64_t> padding_idx, const std::string& feature_names,
     at::DeviceType device_type, const char* op) {
   EmbeddingArgs A;
-  A.M = static_cast<int64_t>(dims.size());
-  A.F = static_cast<int64_t>(vocab.size());
-  TORCH_CHECK_VALUE(A.M >= 1, op, ": dims must name at least one member");
-  TORCH_CHECK_VALUE(A.F >= 1, op, ": vocab must name at least one feature");
-  // Kernels count members and features in int.
-  TORCH_CHECK_VALUE(A.M <= std::numeric_limits<int>::max() &&
-                        A.F <= std::numeric_limits<int>::max(),
-                    op, ": at most ", std::numeric_limits<int>::max(),
-                    " members and features, got ", A.M, " and ", A.F);
+  A.names = split_names(feature_names, static_cast<int64_t>(vocab.size()));
+  A.set_tables(dims, vocab, A.names, op);
   TORCH_CHECK_VALUE(static_cast<int64_t>(ids.size()) == A.F &&
                         static_cast<int64_t>(offsets.size()) == A.F &&
                         static_cast<int64_t>(psw.size()) == A.F &&
@@ -95,22 +75,8 @@ inline EmbeddingArgs check_embedding_args(
                     op, ": ids, offsets, per_sample_weights and modes need one entry per "
                     "feature (", A.F, "), got ", ids.size(), ", ", offsets.size(), ", ",
                     psw.size(), ", ", modes.size());
-  A.names = split_names(feature_names, A.F);
-  A.dims.assign(dims.begin(), dims.end());
-  A.vocab.assign(vocab.begin(), vocab.end());
   A.mode.assign(modes.begin(), modes.end());
   A.padding_idx = padding_idx;
-  for (int64_t m = 0; m < A.M; ++m)
-    TORCH_CHECK_VALUE(A.dims[m] >= 1, op, ": dims[", m, "] must be >= 1, got ", A.dims[m]);
-  for (int64_t f = 0; f < A.F; ++f) {
-    TORCH_CHECK_VALUE(A.vocab[f] >= 1, op, ": feature '", A.name(f),
-                      "': vocabulary size must be >= 1, got ", A.vocab[f]);
-    A.Vtot = checked_add(A.Vtot, A.vocab[f], "the total vocabulary size", op);
-  }
-  for (int64_t m = 0; m < A.M; ++m)
-    A.weight_numel = checked_add(
-        A.weight_numel, checked_mul(A.dims[m], A.Vtot, "vocabulary x dim", op),
-        "the weight size (sum of vocabulary x dim over members)", op);
   TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op,
                    ": weight must be floating point, got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.numel() == A.weight_numel, op,
@@ -121,8 +87,7 @@ inline EmbeddingArgs check_embedding_args(
               c10::DeviceTypeName(device_type), " tensor, got ", weight.device());
   const at::Device device = weight.device();
 
-  A.ncols.resize(A.F);
-  A.col_start.resize(A.F);
+  std::vector<int64_t> ncols(A.F);
   for (int64_t f = 0; f < A.F; ++f) {
     const std::string& nm = A.name(f);
     const int64_t mode = A.mode[f];
@@ -134,7 +99,7 @@ inline EmbeddingArgs check_embedding_args(
       TORCH_CHECK_VALUE(ids[f].dim() == 1 || ids[f].dim() == 2, op, ": feature '", nm,
                         "': ids must be [B] or [B, T], got shape ", ids[f].sizes());
       Bf = ids[f].size(0);
-      A.ncols[f] = ids[f].dim() == 2 ? ids[f].size(1) : 1;
+      ncols[f] = ids[f].dim() == 2 ? ids[f].size(1) : 1;
     } else {
       TORCH_CHECK_VALUE(ids[f].dim() == 1, op, ": feature '", nm,
                         "': bag values must be 1-D, got shape ", ids[f].sizes());
@@ -143,7 +108,7 @@ inline EmbeddingArgs check_embedding_args(
                         nm, "': offsets must be 1-D of length B + 1, got shape ",
                         offsets[f].sizes());
       Bf = offsets[f].numel() - 1;
-      A.ncols[f] = 1;
+      ncols[f] = 1;
       if (mode == kBagWeightedSum) {
         TORCH_CHECK_TYPE(psw[f].scalar_type() == at::kFloat, op, ": feature '", nm,
                          "': per_sample_weights must be float32, got ", psw[f].scalar_type());
@@ -156,10 +121,61 @@ inline EmbeddingArgs check_embedding_args(
     if (A.B < 0) A.B = Bf;
     TORCH_CHECK_VALUE(Bf == A.B, op, ": feature '", nm, "' has batch size ", Bf,
                       " but feature '", A.name(0), "' has ", A.B);
-    A.col_start[f] = A.N;
-    A.N = checked_add(A.N, A.ncols[f], "the number of output columns", op);
   }
+  A.set_columns(std::move(ncols), op);
   return A;
+}
+
+// The M forward outputs [B, N, D_m], in the weight's opmath dtype (float32 for 16-bit weights).
+inline std::vector<at::Tensor> embedding_outputs(const EmbeddingArgs& A, const at::Tensor& weight) {
+  const auto acc_dtype = at::toOpMathType(weight.scalar_type());
+  std::vector<at::Tensor> outs;
+  outs.reserve(A.M);
+  for (int64_t m = 0; m < A.M; ++m)
+    outs.push_back(at::empty({A.B, A.N, A.dims[m]}, weight.options().dtype(acc_dtype)));
+  return outs;
+}
+
+// The backward ops' output gradients, one per member, checked against the call's shape and
+// brought to the weight's opmath dtype, contiguous; an absent or empty one comes back undefined
+// (a zero gradient).
+inline std::vector<at::Tensor> embedding_grads(const EmbeddingArgs& A, at::TensorList grads,
+                                               const at::Tensor& weight, const char* op) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == A.M, op, ": expected ", A.M,
+                    " gradients (one per member), got ", grads.size());
+  const auto acc_dtype = at::toOpMathType(weight.scalar_type());
+  std::vector<at::Tensor> g(A.M);
+  for (int64_t m = 0; m < A.M; ++m) {
+    if (!grads[m].defined() || grads[m].numel() == 0) continue;
+    TORCH_CHECK_VALUE(grads[m].dim() == 3 && grads[m].size(0) == A.B &&
+                          grads[m].size(1) == A.N && grads[m].size(2) == A.dims[m],
+                      op, ": grads[", m, "] must have shape [", A.B, ", ", A.N, ", ",
+                      A.dims[m], "], got ", grads[m].sizes());
+    TORCH_CHECK(grads[m].device() == weight.device(), op, ": grads[", m, "] must be on ",
+                weight.device());
+    g[m] = grads[m].to(acc_dtype).contiguous();
+  }
+  return g;
+}
+
+// multi_embedding_update's optimizer code and, for row-wise Adagrad, its state: one opmath
+// value per table row, on the weight's device.
+inline void check_update_args(const EmbeddingArgs& A, int64_t optimizer, const at::Tensor& state,
+                              const at::Tensor& weight, const char* op) {
+  TORCH_CHECK_VALUE(optimizer == kSGD || optimizer == kRowwiseAdagrad, op,
+                    ": optimizer must be 1 (sgd) or 2 (rowwise_adagrad), got ", optimizer);
+  if (optimizer != kRowwiseAdagrad) return;
+  const auto acc_dtype = at::toOpMathType(weight.scalar_type());
+  TORCH_CHECK_VALUE(state.dim() == 1 && state.numel() == A.state_rows &&
+                        state.is_contiguous() && state.scalar_type() == acc_dtype,
+                    op, ": state must be a contiguous 1-D ", acc_dtype, " tensor of ",
+                    A.state_rows, " elements (one per table row), got ", state.scalar_type(),
+                    " ", state.sizes());
+  if (weight.is_cpu()) {  // the CPU op's message names the device type
+    TORCH_CHECK(state.device().is_cpu(), op, ": state must be a CPU tensor");
+  } else {
+    TORCH_CHECK(state.device() == weight.device(), op, ": state must be on ", weight.device());
+  }
 }
 
 }  // namespace cetnet

@@ -1,14 +1,15 @@
 // The Python extension module cetnet_kernels._C. Importing it runs the static op registrations
-// (registration.cpp); build_info() says what was compiled. Not part of the libtorch (CMake) build.
+// (registration.cpp); build_info() says what was compiled, codes() and table_layout() expose the
+// shared definitions to the Python tests. Not part of the libtorch (CMake) build.
 #include <torch/extension.h>
 #include <torch/version.h>
 
 #include "build_info.h"
 #include "codes.h"
+#include "embedding_args.h"
+#include "embedding_layout.h"
 
-#ifdef CETNET_WITH_CUDA
-#include "cuda/fusion_cuda.h"
-#endif
+#include "kernels.h"
 
 namespace {
 
@@ -64,4 +65,39 @@ PYBIND11_MODULE(_C, m) {
       },
       "The integer codes of the op schemas (csrc/codes.h), by the member names of "
       "cetnet_kernels.codes' IntEnums.");
+  m.def(
+      "table_layout",
+      [](std::vector<int64_t> dims, std::vector<int64_t> vocab,
+         std::optional<std::vector<int64_t>> ncols) {
+        const char* op = "cetnet::table_layout";
+        const int64_t F = static_cast<int64_t>(vocab.size());
+        cetnet::TableLayout L;
+        L.set_tables(dims, vocab, cetnet::split_names("", F), op);
+        std::vector<int64_t> cols = ncols.value_or(std::vector<int64_t>(F, 1));
+        TORCH_CHECK_VALUE(static_cast<int64_t>(cols.size()) == F, op,
+                          ": ncols needs one entry per feature (", F, "), got ", cols.size());
+        for (int64_t f = 0; f < F; ++f)
+          TORCH_CHECK_VALUE(cols[f] >= 0, op, ": ncols[", f, "] must be >= 0, got ", cols[f]);
+        L.set_columns(std::move(cols), op);
+        pybind11::dict d;
+        d["M"] = L.M;
+        d["F"] = L.F;
+        d["dims"] = L.dims;
+        d["vocab"] = L.vocab;
+        d["ncols"] = L.ncols;
+        d["Vtot"] = L.Vtot;
+        d["weight_numel"] = L.weight_numel;
+        d["state_rows"] = L.state_rows;
+        d["max_dim"] = L.max_dim;
+        d["N"] = L.N;
+        d["row_base"] = L.row_base;
+        d["table_base"] = L.table_base;
+        d["table_off"] = L.table_off;
+        d["state_off"] = L.state_off;
+        d["col_start"] = L.col_start;
+        return d;
+      },
+      pybind11::arg("dims"), pybind11::arg("vocab"), pybind11::arg("ncols") = pybind11::none(),
+      "The flat table layout of the multi-table embedding (csrc/embedding_layout.h) for member "
+      "dims [M], vocabulary sizes [F] and output columns per feature [F] (default: 1 each).");
 }

@@ -2,7 +2,8 @@
 // Autograd is C++ (autograd.cpp: far cheaper per call than Python's register_autograd); fake
 // (meta) kernels are registered in Python (cetnet_kernels/fusion.py).
 //
-// Contracts (acc = float64 for float64 logits, float32 otherwise; reduction 0 none/1 mean/2 sum):
+// Contracts (acc = float64 for float64 logits, float32 otherwise; reduction 0 none/1 mean/2 sum;
+// the integer codes are defined in csrc/codes.h, the C++ signatures in csrc/kernels.h):
 //   confidence_fusion(logits [B,K], temperature [], logit_space, detach_weights) -> (prob [B], weights [B,K])   logits.dtype
 //   confidence_fusion_backward(grad_prob [B]?, grad_weights [B,K]?, logits, weights [B,K]?,
 //                              temperature, ...)   weights: the forward's (used on CPU to skip
@@ -40,17 +41,7 @@
 //       the rows the batch touched; state: one opmath-dtype value per table row (adagrad).
 #include <torch/library.h>
 
-#include "autograd.h"
-#include "cpu/embedding_cpu.h"
-#include "cpu/fusion_cpu.h"
-#include "cpu/kdef_cpu.h"
-#ifdef CETNET_WITH_CUDA
-#include "cuda/fusion_cuda.h"
-#include "cuda/kdef_cuda.h"
-#endif
-#ifdef CETNET_WITH_CUDA
-#include "cuda/embedding_cuda.h"
-#endif
+#include "kernels.h"
 
 TORCH_LIBRARY(cetnet, m) {
   // detach_weights does not change the forward values; it is in the schema so autograd sees it.
@@ -88,16 +79,19 @@ TORCH_LIBRARY(cetnet, m) {
       "-> ()");
 }
 
-TORCH_LIBRARY_IMPL(cetnet, CPU, m) {
-  m.impl("confidence_fusion", &cetnet::cpu::confidence_fusion);
-  m.impl("confidence_fusion_backward", &cetnet::cpu::confidence_fusion_backward);
-  m.impl("collaborative_loss", &cetnet::cpu::collaborative_loss);
-  m.impl("kdef_loss", &cetnet::cpu::kdef_loss);
-  m.impl("multi_embedding", &cetnet::cpu::multi_embedding);
-  m.impl("multi_embedding_fused", &cetnet::cpu::multi_embedding_fused);
-  m.impl("multi_embedding_backward", &cetnet::cpu::multi_embedding_backward);
-  m.impl("multi_embedding_update", &cetnet::cpu::multi_embedding_update);
-}
+// Every op's kernel of backend `ns` (cetnet::cpu or cetnet::cuda, declared in kernels.h);
+// multi_embedding_fused's forward is the backend's plain lookup.
+#define CETNET_REGISTER_BACKEND(m, ns)                                                    \
+  m.impl("confidence_fusion", &cetnet::ns::confidence_fusion);                            \
+  m.impl("confidence_fusion_backward", &cetnet::ns::confidence_fusion_backward);          \
+  m.impl("collaborative_loss", &cetnet::ns::collaborative_loss);                          \
+  m.impl("kdef_loss", &cetnet::ns::kdef_loss);                                            \
+  m.impl("multi_embedding", &cetnet::ns::multi_embedding);                                \
+  m.impl("multi_embedding_fused", &cetnet::multi_embedding_fused<&cetnet::ns::multi_embedding>); \
+  m.impl("multi_embedding_backward", &cetnet::ns::multi_embedding_backward);              \
+  m.impl("multi_embedding_update", &cetnet::ns::multi_embedding_update);
+
+TORCH_LIBRARY_IMPL(cetnet, CPU, m) { CETNET_REGISTER_BACKEND(m, cpu) }
 
 TORCH_LIBRARY_IMPL(cetnet, Autograd, m) {
   m.impl("confidence_fusion", &cetnet::confidence_fusion_autograd);
@@ -105,20 +99,5 @@ TORCH_LIBRARY_IMPL(cetnet, Autograd, m) {
 }
 
 #ifdef CETNET_WITH_CUDA
-TORCH_LIBRARY_IMPL(cetnet, CUDA, m) {
-  m.impl("confidence_fusion", &cetnet::cuda::confidence_fusion);
-  m.impl("confidence_fusion_backward", &cetnet::cuda::confidence_fusion_backward);
-  m.impl("collaborative_loss", &cetnet::cuda::collaborative_loss);
-  m.impl("kdef_loss", &cetnet::cuda::kdef_loss);
-}
-#endif
-
-#ifdef CETNET_WITH_CUDA
-// The multi-table embedding's CUDA kernels (csrc/cuda/embedding_cuda.cu).
-TORCH_LIBRARY_IMPL(cetnet, CUDA, m) {
-  m.impl("multi_embedding", &cetnet::cuda::multi_embedding);
-  m.impl("multi_embedding_fused", &cetnet::cuda::multi_embedding_fused);
-  m.impl("multi_embedding_backward", &cetnet::cuda::multi_embedding_backward);
-  m.impl("multi_embedding_update", &cetnet::cuda::multi_embedding_update);
-}
+TORCH_LIBRARY_IMPL(cetnet, CUDA, m) { CETNET_REGISTER_BACKEND(m, cuda) }
 #endif

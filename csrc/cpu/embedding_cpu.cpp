@@ -1,8 +1,8 @@
 // CPU kernels of the multi-table embedding (MultiTableEmbedding, cetnet_kernels/embedding.py).
 //
-// Storage: one flat 1-D weight holding T = M * F tables, member-major: table (m, f) is a
-// row-major [V_f, D_m] block at element offset table_off[m * F + f]. The row-wise optimizer
-// state holds one value per table row, at row offset state_off[m * F + f].
+// Storage: one flat 1-D weight holding T = M * F tables, member-major (embedding_layout.h):
+// table (m, f) is a row-major [V_f, D_m] block at element offset table_off[m * F + f]; the
+// row-wise optimizer state of its rows starts at state_off[m * F + f].
 //
 // Forward: one parallel pass over the batch rows gathers every feature's rows of every member
 // (single ids, padded sequences and pooled bags alike) into M outputs [B, N, D_m]. Ids are
@@ -13,8 +13,8 @@
 // each run in its sorted (= batch) order and write the dense gradient row or apply the optimizer
 // to the row. Each row belongs to exactly one run, so there are no races and no atomics, and the
 // summation order does not depend on the thread count: results are bitwise reproducible.
-#include "cpu/embedding_cpu.h"
 #include "embedding_args.h"
+#include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,10 +49,8 @@ IdReader reader_of(const at::Tensor& t) {
   return r;
 }
 
-// The checked arguments (embedding_args.h) plus the table offsets and the (contiguous) inputs.
+// The checked arguments and table layout (embedding_args.h) plus the (contiguous) inputs.
 struct Layout : EmbeddingArgs {
-  std::vector<int64_t> table_off, state_off;  // [M * F]
-  int64_t state_rows = 0;
   std::vector<at::Tensor> ids, offsets, psw;  // contiguous copies (no-ops when already so)
   std::vector<IdReader> id_r, off_r;
   std::vector<const float*> psw_f;  // per-sample weights (float32), or nullptr
@@ -67,19 +65,6 @@ Layout make_layout(const at::Tensor& weight, at::TensorList ids, at::TensorList 
   Layout L;
   static_cast<EmbeddingArgs&>(L) = check_embedding_args(
       weight, ids, offsets, psw, modes, dims, vocab, padding_idx, feature_names, at::kCPU, op);
-  // Flat layout, member-major: member m's table of feature f, then the next feature.
-  L.table_off.resize(L.M * L.F);
-  L.state_off.resize(L.M * L.F);
-  int64_t numel = 0;
-  for (int64_t m = 0; m < L.M; ++m) {
-    for (int64_t f = 0; f < L.F; ++f) {
-      L.table_off[m * L.F + f] = numel;
-      L.state_off[m * L.F + f] = L.state_rows;
-      numel += L.vocab[f] * L.dims[m];
-      L.state_rows += L.vocab[f];
-    }
-  }
-
   L.ids.resize(L.F);
   L.offsets.resize(L.F);
   L.psw.resize(L.F);
@@ -440,21 +425,13 @@ std::vector<Run> all_runs(const std::vector<Entries>& E) {
 
 // The gradient of output rows, one contiguous acc_t tensor per member (nullptr: zero gradient).
 template <typename acc_t>
-std::vector<const acc_t*> grad_pointers(const Layout& L, at::TensorList grads,
-                                        std::vector<at::Tensor>& keep, const char* op) {
-  TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == L.M, op, ": expected ", L.M,
-                    " gradients (one per member), got ", grads.size());
-  std::vector<const acc_t*> g(L.M, nullptr);
-  keep.resize(L.M);
-  for (int64_t m = 0; m < L.M; ++m) {
-    if (!grads[m].defined() || grads[m].numel() == 0) continue;
-    TORCH_CHECK_VALUE(grads[m].dim() == 3 && grads[m].size(0) == L.B &&
-                          grads[m].size(1) == L.N && grads[m].size(2) == L.dims[m],
-                      op, ": grads[", m, "] must have shape [", L.B, ", ", L.N, ", ", L.dims[m],
-                      "], got ", grads[m].sizes());
-    keep[m] = grads[m].to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    g[m] = keep[m].const_data_ptr<acc_t>();
-  }
+std::vector<const void*> grad_pointers(const Layout& L, at::TensorList grads,
+                                       const at::Tensor& weight, std::vector<at::Tensor>& keep,
+                                       const char* op) {
+  keep = embedding_grads(L, grads, weight, op);
+  std::vector<const void*> g(L.M, nullptr);
+  for (int64_t m = 0; m < L.M; ++m)
+    if (keep[m].defined()) g[m] = keep[m].const_data_ptr<acc_t>();
   return g;
 }
 
@@ -682,11 +659,6 @@ void sgd_direct_kernel(const Layout& L, const std::vector<const void*>& gv,
   });
 }
 
-template <typename acc_t>
-std::vector<const void*> as_void(const std::vector<const acc_t*>& p) {
-  return std::vector<const void*>(p.begin(), p.end());
-}
-
 }  // namespace
 
 std::vector<at::Tensor> multi_embedding(const at::Tensor& weight, at::TensorList ids,
@@ -699,33 +671,11 @@ std::vector<at::Tensor> multi_embedding(const at::Tensor& weight, at::TensorList
   const char* op = "cetnet::multi_embedding";
   Layout L = make_layout(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
                          padding_idx, feature_names, op);
-  const auto acc_dtype = at::toOpMathType(weight.scalar_type());
-  std::vector<at::Tensor> outs;
-  outs.reserve(L.M);
-  for (int64_t m = 0; m < L.M; ++m)
-    outs.push_back(at::empty({L.B, L.N, L.dims[m]}, weight.options().dtype(acc_dtype)));
+  std::vector<at::Tensor> outs = embedding_outputs(L, weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "cetnet_multi_embedding_cpu",
                                   [&] { forward_kernel<scalar_t>(L, weight, outs, op); });
   return outs;
-}
-
-std::vector<at::Tensor> multi_embedding_fused(
-    const at::Tensor& weight, const at::Tensor& state, const at::Tensor& placeholder,
-    at::TensorList ids, at::TensorList offsets, at::TensorList per_sample_weights,
-    at::IntArrayRef modes, at::IntArrayRef dims, at::IntArrayRef vocab,
-    std::optional<int64_t> padding_idx, const std::string& feature_names, int64_t optimizer,
-    double lr, double eps, double weight_decay) {
-  // The forward pass is the plain lookup; state, the placeholder and the optimizer settings are
-  // inputs only so that autograd hands them to the fused backward (multi_embedding_update).
-  (void)state;
-  (void)placeholder;
-  (void)optimizer;
-  (void)lr;
-  (void)eps;
-  (void)weight_decay;
-  return multi_embedding(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                         padding_idx, feature_names);
 }
 
 at::Tensor multi_embedding_backward(at::TensorList grads, const at::Tensor& weight,
@@ -743,8 +693,8 @@ at::Tensor multi_embedding_backward(at::TensorList grads, const at::Tensor& weig
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "cetnet_multi_embedding_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto g = grad_pointers<acc_t>(L, grads, keep, op);
-    dense_backward_kernel<scalar_t>(L, E, runs, as_void(g), grad_weight);
+    const auto g = grad_pointers<acc_t>(L, grads, weight, keep, op);
+    dense_backward_kernel<scalar_t>(L, E, runs, g, grad_weight);
   });
   return grad_weight;
 }
@@ -758,25 +708,15 @@ void multi_embedding_update(at::TensorList grads, const at::Tensor& weight,
   const char* op = "cetnet::multi_embedding_update";
   Layout L = make_layout(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
                          padding_idx, "", op);
-  TORCH_CHECK_VALUE(optimizer == kSGD || optimizer == kRowwiseAdagrad, op,
-                    ": optimizer must be 1 (sgd) or 2 (rowwise_adagrad), got ", optimizer);
-  if (optimizer == kRowwiseAdagrad) {
-    const auto acc_dtype = at::toOpMathType(weight.scalar_type());
-    TORCH_CHECK_VALUE(state.dim() == 1 && state.numel() == L.state_rows &&
-                          state.is_contiguous() && state.scalar_type() == acc_dtype,
-                      op, ": state must be a contiguous 1-D ", acc_dtype, " tensor of ",
-                      L.state_rows, " elements (one per table row), got ", state.scalar_type(),
-                      " ", state.sizes());
-    TORCH_CHECK(state.device().is_cpu(), op, ": state must be a CPU tensor");
-  }
+  check_update_args(L, optimizer, state, weight, op);
   std::vector<at::Tensor> keep;
   if (optimizer == kSGD && weight_decay == 0.0) {
     check_ids(L, op);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                     "cetnet_multi_embedding_sgd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      auto g = grad_pointers<acc_t>(L, grads, keep, op);
-      sgd_direct_kernel<scalar_t>(L, as_void(g), weight, lr);
+      const auto g = grad_pointers<acc_t>(L, grads, weight, keep, op);
+      sgd_direct_kernel<scalar_t>(L, g, weight, lr);
     });
     return;
   }
@@ -785,9 +725,8 @@ void multi_embedding_update(at::TensorList grads, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "cetnet_multi_embedding_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto g = grad_pointers<acc_t>(L, grads, keep, op);
-    update_kernel<scalar_t>(L, E, runs, as_void(g), weight, state, optimizer, lr, eps,
-                            weight_decay);
+    const auto g = grad_pointers<acc_t>(L, grads, weight, keep, op);
+    update_kernel<scalar_t>(L, E, runs, g, weight, state, optimizer, lr, eps, weight_decay);
   });
 }
 

@@ -9,8 +9,8 @@
 #include "fusion_math.h"
 
 #include "checks.h"
-#include "cpu/fusion_cpu.h"
 #include "cpu/tile_io.h"
+#include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -118,8 +118,7 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
                                                      const at::Tensor& temperature,
                                                      bool logit_space, bool /*detach_weights*/) {
   const char* op = "cetnet::confidence_fusion";
-  check_logits(logits, op);
-  check_temperature(temperature, logits, op);
+  check_fusion_args(logits, temperature, op);
   const double tau = read_temperature(temperature, op);
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
@@ -158,16 +157,14 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
     const at::Tensor& temperature, bool logit_space, bool detach_weights,
     bool compute_temperature_grad) {
   const char* op = "cetnet::confidence_fusion_backward";
-  check_logits(logits, op);
-  check_temperature(temperature, logits, op);
+  // The forward's weights w spare the softmax (one exp) and the entropy (one log) per member:
+  // on a CPU this op is compute-bound, so reading them is cheaper than recomputing them.
+  at::Tensor gp, gw, w;  // not structured bindings: lambdas below capture them (C++17)
+  std::tie(gp, gw, w) =
+      check_fusion_backward_args(grad_prob, grad_weights, logits, weights, temperature, op);
   const double tau = read_temperature(temperature, op);
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
-  at::Tensor gp, gw;  // not structured bindings: lambdas below capture them (C++17)
-  std::tie(gp, gw) = fusion_upstream_grads(grad_prob, grad_weights, logits, op);
-  // The forward's weights spare the softmax (one exp) and the entropy (one log) per member: on
-  // a CPU this op is compute-bound, so reading them is cheaper than recomputing them.
-  const at::Tensor w = saved_weights(weights, logits, op);
   const bool has_gp = gp.defined(), has_gw = gw.defined(), has_w = w.defined();
   const bool want_gt = compute_temperature_grad && !detach_weights;
   const int64_t nblocks = (B + kBlockRows - 1) / kBlockRows;
@@ -230,10 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
     bool logit_space, bool detach_weights, int64_t reduction, bool compute_grad,
     bool compute_temperature_grad) {
   const char* op = "cetnet::collaborative_loss";
-  check_logits(logits, op);
-  check_rows(labels, logits, "labels", op);
-  check_temperature(temperature, logits, op);
-  check_reduction(reduction, op);
+  check_loss_args(logits, labels, temperature, reduction, op);
   const double tau = read_temperature(temperature, op);
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
@@ -244,8 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   const LossWeights weights{member_weight, ensemble_weight, distill_weight, mutual_weight};
 
   at::Tensor prob = at::empty({B}, logits.options());
-  at::Tensor grad_logits =
-      compute_grad ? at::empty({B, K}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad_logits = grad_logits_out(logits, compute_grad);
   at::Tensor loss_rows = per_row ? at::empty({B}, logits.options().dtype(acc_dtype)) : at::Tensor();
   at::Tensor gt_rows =
       (per_row && want_gt) ? at::empty({B}, logits.options().dtype(acc_dtype)) : at::Tensor();

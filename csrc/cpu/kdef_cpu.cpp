@@ -8,8 +8,8 @@
 #include "fusion_math.h"
 
 #include "checks.h"
-#include "cpu/kdef_cpu.h"
 #include "cpu/tile_io.h"
+#include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -103,15 +103,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kdef_loss(const at::Tensor& logit
                                                          const at::Tensor& labels,
                                                          bool compute_grad) {
   const char* op = "cetnet::kdef_loss";
-  check_logits(logits, op);
-  check_rows(labels, logits, "labels", op);
+  check_kdef_args(logits, labels, op);
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor");
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));  // check_logits: K <= INT_MAX
   const at::ScalarType acc_dtype = acc_type_of(logits);
   at::Tensor teacher = at::empty({B}, logits.options());
-  at::Tensor grad = compute_grad ? at::empty({B, K}, logits.options())
-                                 : at::empty({0}, logits.options());
+  at::Tensor grad = grad_logits_out(logits, compute_grad);
   if (B == 0) return {at::zeros({}, logits.options().dtype(acc_dtype)), teacher, grad};
   const at::Tensor y_t = labels.to(acc_dtype);
   const KdefSums I(K);

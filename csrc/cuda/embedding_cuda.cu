@@ -1,10 +1,9 @@
 // CUDA kernels of the multi-table embedding (MultiTableEmbedding, cetnet_kernels/embedding.py).
 //
-// Storage as on CPU (csrc/cpu/embedding_cpu.cpp): one flat weight holding the M * F tables
-// member-major; table (m, f) = row-major [V_f, D_m] at table_base[m] + D_m * row_base[f], where
-// table_base[m] = sum_{m' < m} D_m' * Vtot and row_base[f] = sum_{f' < f} V_f'. The row-wise
-// state of row `id` of table (m, f) is state[m * Vtot + row_base[f] + id]. The "key"
-// row_base[f] + id names a row of every member at once (all members read the same ids).
+// Storage as on CPU, laid out by csrc/embedding_layout.h: one flat weight holding the M * F
+// tables member-major; table (m, f) = row-major [V_f, D_m] at table_base[m] + D_m * row_base[f].
+// The row-wise state of row `id` of table (m, f) is state[m * Vtot + row_base[f] + id]. The
+// "key" row_base[f] + id names a row of every member at once (all members read the same ids).
 //
 // Per-call metadata (input pointers, dims, column and bag lists) is packed into one pinned host
 // buffer and copied to the device with one asynchronous copy: any number of features.
@@ -41,8 +40,8 @@
 //      combined with a fixed-shape tree in shared memory: bitwise reproducible, though not the
 //      serial association of launch 3. The update per row is the one of launch 3 (Adagrad:
 //      the block reduces the sum of squares with a fixed tree, then sums the run again).
-#include "cuda/embedding_cuda.h"
 #include "embedding_args.h"
+#include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -546,12 +545,10 @@ __global__ void __launch_bounds__(kLongThreads) apply_long_runs_kernel(
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-// Everything about one call that the kernels need: the checked arguments (embedding_args.h)
-// plus the contiguous inputs (kept alive for the launches). The id and offsets values live on
-// the device and are checked by the kernels.
+// Everything about one call that the kernels need: the checked arguments and table layout
+// (embedding_args.h) plus the contiguous inputs (kept alive for the launches). The id and
+// offsets values live on the device and are checked by the kernels.
 struct Plan : EmbeddingArgs {
-  int64_t max_dim = 1;
-  std::vector<int64_t> row_base;  // [F]: first row of feature f in a member's Vtot rows
   std::vector<at::Tensor> ids, offsets, psw;
   at::Device device = at::kCPU;
 };
@@ -564,12 +561,6 @@ Plan make_plan(const at::Tensor& weight, at::TensorList ids, at::TensorList offs
   static_cast<EmbeddingArgs&>(P) = check_embedding_args(
       weight, ids, offsets, psw, modes, dims, vocab, padding_idx, feature_names, at::kCUDA, op);
   P.device = weight.device();
-  for (int64_t m = 0; m < P.M; ++m) P.max_dim = std::max(P.max_dim, P.dims[m]);
-  P.row_base.resize(P.F);
-  for (int64_t f = 0, base = 0; f < P.F; ++f) {
-    P.row_base[f] = base;
-    base += P.vocab[f];
-  }
   P.ids.resize(P.F);
   P.offsets.resize(P.F);
   P.psw.resize(P.F);
@@ -727,15 +718,14 @@ void forward_impl(const Plan& P, const at::Tensor& weight, std::vector<at::Tenso
   const int64_t o_align = 4 * static_cast<int64_t>(outs[0].element_size());
   std::vector<MemberMeta> mm(P.M);
   bool all_vec4 = true;
-  for (int64_t m = 0, base = 0; m < P.M; ++m) {
-    mm[m].table_base = base;
+  for (int64_t m = 0; m < P.M; ++m) {
+    mm[m].table_base = P.table_base[m];
     mm[m].dim = P.dims[m];
     mm[m].ptr = outs[m].data_ptr();
-    mm[m].vec4 = P.dims[m] % 4 == 0 && base % 4 == 0 &&
+    mm[m].vec4 = P.dims[m] % 4 == 0 && P.table_base[m] % 4 == 0 &&
                  reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % w_align == 0 &&
                  reinterpret_cast<uintptr_t>(outs[m].const_data_ptr()) % o_align == 0;
     all_vec4 = all_vec4 && mm[m].vec4;
-    base += P.dims[m] * P.Vtot;
   }
   const int64_t C = static_cast<int64_t>(col_f.size()), J = static_cast<int64_t>(bag_f.size());
   if (P.B == 0) return;
@@ -781,18 +771,7 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
   const bool has_pad = P.padding_idx.has_value();
   const int64_t pad = has_pad ? *P.padding_idx : 0;
   const auto acc_dtype = at::toOpMathType(weight.scalar_type());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == P.M, op, ": expected ", P.M,
-                    " gradients (one per member), got ", grads.size());
-  std::vector<at::Tensor> g(P.M);
-  for (int64_t m = 0; m < P.M; ++m) {
-    if (!grads[m].defined() || grads[m].numel() == 0) continue;
-    TORCH_CHECK_VALUE(grads[m].dim() == 3 && grads[m].size(0) == P.B &&
-                          grads[m].size(1) == P.N && grads[m].size(2) == P.dims[m],
-                      op, ": grads[", m, "] must have shape [", P.B, ", ", P.N, ", ",
-                      P.dims[m], "], got ", grads[m].sizes());
-    TORCH_CHECK(grads[m].device() == P.device, op, ": grads[", m, "] must be on ", P.device);
-    g[m] = grads[m].to(acc_dtype).contiguous();
-  }
+  const std::vector<at::Tensor> g = embedding_grads(P, grads, weight, op);
   std::vector<FeatureMeta> fm = feature_meta(P);
   std::vector<int64_t> entry_base(P.F);
   int64_t E = 0, tasks = 0;
@@ -803,12 +782,11 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
     tasks += P.mode[f] == kIds ? P.ids[f].numel() : P.B;
   }
   std::vector<MemberMeta> mm(P.M);
-  for (int64_t m = 0, base = 0; m < P.M; ++m) {
-    mm[m].table_base = base;
+  for (int64_t m = 0; m < P.M; ++m) {
+    mm[m].table_base = P.table_base[m];
     mm[m].dim = P.dims[m];
     mm[m].ptr = g[m].defined() ? g[m].data_ptr() : nullptr;
     mm[m].vec4 = 0;
-    base += P.dims[m] * P.Vtot;
   }
   if (tasks == 0) return;
   DeviceMeta meta;
@@ -926,30 +904,9 @@ std::vector<at::Tensor> multi_embedding(const at::Tensor& weight, at::TensorList
   const c10::cuda::CUDAGuard guard(weight.device());
   Plan P = make_plan(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
                      feature_names, op);
-  const auto acc_dtype = at::toOpMathType(weight.scalar_type());
-  std::vector<at::Tensor> outs;
-  outs.reserve(P.M);
-  for (int64_t m = 0; m < P.M; ++m)
-    outs.push_back(at::empty({P.B, P.N, P.dims[m]}, weight.options().dtype(acc_dtype)));
+  std::vector<at::Tensor> outs = embedding_outputs(P, weight);
   forward_impl(P, weight, outs, op);
   return outs;
-}
-
-std::vector<at::Tensor> multi_embedding_fused(
-    const at::Tensor& weight, const at::Tensor& state, const at::Tensor& placeholder,
-    at::TensorList ids, at::TensorList offsets, at::TensorList per_sample_weights,
-    at::IntArrayRef modes, at::IntArrayRef dims, at::IntArrayRef vocab,
-    std::optional<int64_t> padding_idx, const std::string& feature_names, int64_t optimizer,
-    double lr, double eps, double weight_decay) {
-  // The plain lookup; the other inputs are for the fused backward (multi_embedding_update).
-  (void)state;
-  (void)placeholder;
-  (void)optimizer;
-  (void)lr;
-  (void)eps;
-  (void)weight_decay;
-  return multi_embedding(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                         padding_idx, feature_names);
 }
 
 at::Tensor multi_embedding_backward(at::TensorList grads, const at::Tensor& weight,
@@ -976,17 +933,7 @@ void multi_embedding_update(at::TensorList grads, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(weight.device());
   Plan P = make_plan(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
                      "", op);
-  TORCH_CHECK_VALUE(optimizer == kSGD || optimizer == kRowwiseAdagrad, op,
-                    ": optimizer must be 1 (sgd) or 2 (rowwise_adagrad), got ", optimizer);
-  if (optimizer == kRowwiseAdagrad) {
-    const auto acc_dtype = at::toOpMathType(weight.scalar_type());
-    TORCH_CHECK_VALUE(state.dim() == 1 && state.numel() == P.M * P.Vtot &&
-                          state.is_contiguous() && state.scalar_type() == acc_dtype,
-                      op, ": state must be a contiguous 1-D ", acc_dtype, " tensor of ",
-                      P.M * P.Vtot, " elements (one per table row), got ", state.scalar_type(),
-                      " ", state.sizes());
-    TORCH_CHECK(state.device() == weight.device(), op, ": state must be on ", weight.device());
-  }
+  check_update_args(P, optimizer, state, weight, op);
   run_backward(P, grads, weight, at::Tensor(), state, static_cast<int>(optimizer), lr, eps,
                weight_decay, op);
 }

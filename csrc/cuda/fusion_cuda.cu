@@ -24,7 +24,7 @@
 #include "fusion_math.h"
 
 #include "checks.h"
-#include "cuda/fusion_cuda.h"
+#include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -558,8 +558,7 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
                                                      bool logit_space, bool /*detach_weights*/) {
   // detach_weights only matters to the backward: the forward values do not depend on it.
   const char* op = "cetnet::confidence_fusion";
-  check_logits(logits, op);
-  check_temperature(temperature, logits, op);
+  check_fusion_args(logits, temperature, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
@@ -596,16 +595,14 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
     const at::Tensor& temperature, bool logit_space, bool detach_weights,
     bool compute_temperature_grad) {
   const char* op = "cetnet::confidence_fusion_backward";
-  check_logits(logits, op);
-  check_temperature(temperature, logits, op);
   // The weights are checked but recomputed: on a GPU this op is memory-bound, and re-deriving
   // them from the logits costs less than reading [B, K] more bytes.
-  (void)saved_weights(weights, logits, op);
+  at::Tensor gp, gw;  // not structured bindings: lambdas below capture them (C++17)
+  std::tie(gp, gw, std::ignore) =
+      check_fusion_backward_args(grad_prob, grad_weights, logits, weights, temperature, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
-  at::Tensor gp, gw;  // not structured bindings: lambdas below capture them (C++17)
-  std::tie(gp, gw) = fusion_upstream_grads(grad_prob, grad_weights, logits, op);
   const bool has_gp = gp.defined(), has_gw = gw.defined();
   const bool want_gt = compute_temperature_grad && !detach_weights;
   const auto acc_dtype = acc_type_of(logits);
@@ -653,10 +650,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
     bool logit_space, bool detach_weights, int64_t reduction, bool compute_grad,
     bool compute_temperature_grad) {
   const char* op = "cetnet::collaborative_loss";
-  check_logits(logits, op);
-  check_rows(labels, logits, "labels", op);
-  check_temperature(temperature, logits, op);
-  check_reduction(reduction, op);
+  check_loss_args(logits, labels, temperature, reduction, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
@@ -667,8 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   const LossWeights weights{member_weight, ensemble_weight, distill_weight, mutual_weight};
 
   at::Tensor prob = at::empty({B}, logits.options());
-  at::Tensor grad_logits =
-      compute_grad ? at::empty({B, K}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad_logits = grad_logits_out(logits, compute_grad);
   // reduction 'none': per-row losses (and per-row dloss/dtau if want_gt); otherwise 0-dim
   // tensors written by the kernels.
   at::Tensor loss = per_row ? at::empty({B}, acc_opts) : at::empty({}, acc_opts);

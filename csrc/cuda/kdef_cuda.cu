@@ -41,7 +41,7 @@
 #include "fusion_math.h"
 
 #include "checks.h"
-#include "cuda/kdef_cuda.h"
+#include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -861,8 +861,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kdef_loss(const at::Tensor& logit
                                                          const at::Tensor& labels,
                                                          bool compute_grad) {
   const char* op = "cetnet::kdef_loss";
-  check_logits(logits, op);
-  check_rows(labels, logits, "labels", op);
+  check_kdef_args(logits, labels, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0);
   const int K = static_cast<int>(logits.size(1));
@@ -870,8 +869,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kdef_loss(const at::Tensor& logit
   const auto acc_opts = logits.options().dtype(acc_dtype);
   const auto f64_opts = logits.options().dtype(at::kDouble);
   at::Tensor teacher = at::empty({B}, logits.options());
-  at::Tensor grad =
-      compute_grad ? at::empty({B, K}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad = grad_logits_out(logits, compute_grad);
   if (B == 0) return {at::zeros({}, acc_opts), teacher, grad};
   // The stage is indexed in int (rows x pitch): only a K whose K^2 partials could never be
   // allocated comes near the limit.
