@@ -19,6 +19,8 @@ venv:
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
 		pytest-benchmark matplotlib pyyaml tqdm
+	# TensorBoard's writer for the runs' event files (optional: runs skip it when absent)
+	$(PIP) install -q tensorboard || echo "tensorboard not installable: runs write no event files"
 	# torchrec for the KeyedJaggedTensor interop tests (not a dependency of cetnet). Its own
 	# requirements would pull fbgemm-gpu and another torch, so: no deps, plus the pure-Python ones
 	# and fbgemm-gpu-cpu 1.8.0 (the FBGEMM CPU build made for torch 2.13, which torchrec imports).

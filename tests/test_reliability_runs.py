@@ -211,6 +211,11 @@ def test_dry_run_checks_everything_and_writes_nothing(train_config, tmp_path, ca
 
 # --- resume: validate first, write config.yaml last ----------------------------------------------
 
+def _is_event_file(name: str) -> bool:
+    """TensorBoard's event file (written when tensorboard is installed)."""
+    return name.startswith("events.out.tfevents.")
+
+
 def _finished_run(train_config, tmp_path, **train) -> tuple[Path, Path]:
     config = tmp_path / "c.yaml"
     dump_config(_quick(train_config, **train), config)
@@ -295,8 +300,8 @@ def test_a_used_out_directory_is_refused_without_resume_or_overwrite(train_confi
     # Before: a second `cetnet train --out run` silently overwrote the finished run
     assert main(["train", "--config", str(config), "--out", str(run_dir), "--seed", "5"]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert f"{run_dir} already holds a run (best.pt, config.yaml, last.pt, metrics.json): " \
-           f"continue it with --resume {run_dir}, replace it with --overwrite" in line
+    assert f"{run_dir} already holds a run (best.pt, config.yaml, " in line
+    assert f"continue it with --resume {run_dir}, replace it with --overwrite" in line
     assert _snapshot(run_dir) == before
     assert main(["train", "--config", str(config), "--out", str(run_dir), "--overwrite",
                  "--resume", str(run_dir)]) == 2
@@ -310,9 +315,10 @@ def test_overwrite_clears_the_old_run_first(train_config, tmp_path, capsys):
     stale.write_bytes(b"half a checkpoint")
     assert main(["train", "--config", str(config), "--out", str(run_dir), "--overwrite",
                  "--epochs", "1", "--quiet", "--no-plots"]) == 0
-    names = sorted(p.name for p in run_dir.iterdir())
+    names = sorted(p.name for p in run_dir.iterdir() if not _is_event_file(p.name))
     # the old run's eval_test.json (of another checkpoint) and temporaries are gone
-    assert names == [LOCK_FILE, BEST, "config.yaml", LAST, "metrics.json"]
+    assert names == [LOCK_FILE, BEST, "config.yaml", "history.csv", LAST, "metrics.json",
+                     "train.log"]
     assert read_json(run_dir / "metrics.json")["epochs_completed"] == 1
     assert "epochs: 1" in (run_dir / "config.yaml").read_text()
 
@@ -437,8 +443,9 @@ def test_every_file_of_a_run_gets_the_same_permissions(train_config, tmp_path):
     finally:
         os.umask(previous)
     modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir()}
-    assert set(modes) == {LOCK_FILE, BEST, LAST, "config.yaml", "metrics.json", "curves.png",
-                          "members_auc.png", "eval_valid.json"}
+    assert {n for n in modes if not _is_event_file(n)} == {
+        LOCK_FILE, BEST, LAST, "config.yaml", "metrics.json", "curves.png", "members_auc.png",
+        "eval_valid.json", "train.log", "history.csv"}
     # before: config.yaml and the plots were written by open()/savefig, not atomically
     assert set(modes.values()) == {0o640}, modes
 

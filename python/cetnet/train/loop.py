@@ -30,6 +30,7 @@ from cetnet.train.plots import plot_run
 from cetnet.train.report import format_metrics_table
 from cetnet.train.rng import rng_state, seed_everything, set_rng_state, shuffle_seed
 from cetnet.train.rundir import CONFIG_FILE, METRICS_FILE, write_json
+from cetnet.train.runlog import RunLog, environment
 from cetnet.train.schedule import LRSchedule
 
 __all__ = ["fit", "EpochRunner", "EpochResult", "LoopState", "resume_state", "resolve_device",
@@ -234,10 +235,12 @@ class EpochRunner:
     """
 
     def __init__(self, model: nn.Module, train: dict, device: torch.device, out_dir: Path,
-                 steps_per_epoch: int, *, quiet: bool = False) -> None:
+                 steps_per_epoch: int, *, quiet: bool = False,
+                 log: RunLog | None = None) -> None:
         self.model, self.t, self.device, self.out_dir = model, train, device, out_dir
         self.steps_per_epoch = steps_per_epoch
         self.quiet = quiet
+        self.log = log
         self.show_bars = not quiet and sys.stderr.isatty()
         self.params = list(model.dense_parameters())
         self.optimizer = dense_optimizer(self.params, train["lr"], train["weight_decay"])
@@ -250,9 +253,13 @@ class EpochRunner:
                                    plateau_patience=train["plateau_patience"])
 
     def say(self, msg: str) -> None:
-        """Prints a line of the run's log (on stdout, below the progress bars) unless quiet."""
-        if not self.quiet:
+        """A line of the run's log: printed on stdout (below the progress bars, flushed) unless
+        quiet, and appended to ``train.log`` when the runner has a :class:`RunLog`."""
+        if self.log is not None:
+            self.log.line(msg)
+        elif not self.quiet:
             tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
 
     def restore(self, ckpt: dict, path: Path) -> LoopState:
         """Loads ``last.pt`` into the model, optimizer, schedule and RNGs and returns its loop
@@ -348,6 +355,8 @@ class EpochRunner:
             save_checkpoint({"model": self.model.state_dict(), "epoch": epoch, "valid": valid},
                             self.out_dir / BEST)
         save_checkpoint(self.last_checkpoint(state), self.out_dir / LAST)
+        if self.log is not None:
+            self.log.epoch(state.history)
         f = valid["fused"]
         self.say(f"epoch {epoch}/{t['epochs']}: train loss {result.train_loss:.4f} | valid AUC "
                  f"{f['auc']:.4f} gAUC {f['gauc']:.4f} logloss {f['logloss']:.4f} | lr "
@@ -450,6 +459,20 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, out_dir / CONFIG_FILE)  # last: a failed resume leaves the old one
 
+    with RunLog(out_dir, quiet=quiet, first_epoch=state.epoch + 1) as runner.log:
+        metrics = _train_and_test(runner, state, config, dataset, run_warnings, plots,
+                                  on_epoch_end)
+    if not quiet:  # again under the results: the start of a long run has scrolled away
+        print_warnings(run_warnings)
+    return metrics
+
+
+def _train_and_test(runner: EpochRunner, state: LoopState, config: dict, dataset: Any,
+                    run_warnings: list[str], plots: bool,
+                    on_epoch_end: EpochCallback | None) -> dict[str, Any]:
+    """The epochs, then the best model scored on the test split and ``metrics.json``."""
+    t, out_dir, model, device = config["train"], runner.out_dir, runner.model, runner.device
+    train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
     while (epoch := state.next_epoch(t["epochs"])) is not None:
         entry = runner.end(epoch, runner.train(epoch, train_split, state), valid_split, state)
         if on_epoch_end is not None:
@@ -462,12 +485,11 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     model.load_state_dict(load_checkpoint(out_dir / BEST, map_location=device)["model"])
     test = evaluate(model, test_split, batch_size=t["eval_batch_size"], device=device)
     metrics = _run_metrics(config["name"], test, state, valid_split is test_split, run_warnings)
+    metrics["environment"] = environment(device)
     write_json(metrics, out_dir / METRICS_FILE)
     if plots:
         plot_run(state.history, out_dir, test)
     runner.say(format_metrics_table(test))
-    if not quiet:  # again under the results: the start of a long run has scrolled away
-        print_warnings(run_warnings)
     return metrics
 
 

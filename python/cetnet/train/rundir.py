@@ -3,7 +3,8 @@
 Layout: ``config.yaml`` (the resolved config), ``metrics.json``, ``best.pt`` / ``last.pt``
 (see :mod:`cetnet.train.checkpoint`), ``curves.png`` / ``members_auc.png`` (plots),
 ``eval_<split>.json`` (``eval_<split>_last.json`` for ``--checkpoint last.pt``) from
-``cetnet evaluate`` and ``.lock``.
+``cetnet evaluate``, ``train.log`` (the log lines), ``history.csv`` (metrics per epoch),
+TensorBoard's ``events.out.tfevents.*`` when tensorboard is installed, and ``.lock``.
 
 One directory holds one run. A training run holds an exclusive ``fcntl.flock`` on ``.lock``
 for its whole life (the OS releases it when the process ends, however it ends), so a second
@@ -37,6 +38,7 @@ LOCK_FILE = ".lock"
 # torch and matplotlib; tests check they agree).
 _RUN_FILE = re.compile(r"config\.yaml|metrics\.json|best\.pt|last\.pt|curves\.png"
                        r"|members_auc\.png|eval_[a-z]+(?:_[A-Za-z0-9_.-]+)?\.json|\.lock"
+                       r"|train\.log|history\.csv|events\.out\.tfevents\.[^/]+"
                        rf"|\..+\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}")
 
 
