@@ -164,13 +164,14 @@ def save_png(fig: Any, path: Path) -> str:
     return path.name
 
 
-def _plots(summary: Mapping[str, dict], comps: Sequence[dict], folder: Path) -> list[str]:
+def _plots(summary: Mapping[str, dict], comps: Sequence[dict], folder: Path,
+           prefix: str = "") -> list[str]:
     """PNG plots into ``folder``; returns their file names."""
     plt = pyplot()
     names: list[str] = []
 
     def save(fig: Any, name: str) -> None:
-        names.append(save_png(fig, folder / name))
+        names.append(save_png(fig, folder / (prefix + name)))
 
     rows = [r for r in summary if summary[r]["seeds"]]
     if rows:
@@ -306,7 +307,10 @@ def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[s
         lines += ["", "## Failures", ""] + [f"- {x}" for x in failed + [
             f"{m}: no finished grid point" for m in missing]]
     if plots:
-        pngs = _plots(summary, comps, path.parent / "results")
+        # plots of another report beside docs/RESULTS.md get their own names
+        prefix = "" if path.stem == "RESULTS" else \
+            path.stem.lower().removeprefix("results").strip("-_") + "_"
+        pngs = _plots(summary, comps, path.parent / "results", prefix)
         if pngs:
             lines += ["", "## Plots", ""] + [f"![{n}](results/{n})" for n in pngs]
     lines.append("")
