@@ -1,4 +1,4 @@
-"""When does CETNet's confidence fusion help, and when does it hurt? (issue 9 §4)
+"""When does CETNet's confidence fusion help, and when does it hurt?
 
 Run with ``python examples/fusion_study.py --seeds 5`` (a few minutes on a 2-core CPU;
 ``--quick`` for a smoke run). Synthetic clicks (``cetnet.demo.synthetic_clicks``), two small
