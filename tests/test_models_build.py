@@ -33,7 +33,7 @@ def test_names_dims_and_sections():
     cet = build_model({"members": "dnn", "fusion": {"temperature": 2.0,
                                                     "learnable_temperature": True}},
                       tiny_schema())
-    assert cet.member_names == ["dnn"] and cet.fusion.log_temperature is not None
+    assert cet.member_names == ["dnn"] and cet.fusion.learnable_temperature
 
 
 @pytest.mark.parametrize("cfg,match", [
