@@ -16,14 +16,42 @@ import cetnet_kernels  # noqa: E402,F401
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_device_params(*, exclude=(), skip_triton_interpreter: bool = False):
+# Every (backend, device) pair a backend is built for: "cpu" and "cuda" are tied to their device,
+# "reference" and "triton" (the interpreter on CPU tensors) run on both.
+ALL_BACKEND_DEVICES = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
+                       ("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+
+
+def _why_not(backend: str, device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device here"
+    if backend == "triton":
+        if device == "cpu":
+            return ("the Triton interpreter is off (TRITON_INTERPRET unset, or triton not "
+                    "installed)")
+        return "triton is not installed"
+    return f"cetnet_kernels was built without the {backend} kernels"
+
+
+def backend_device_params(*, exclude=(), skip_triton_interpreter: bool = False, backends=None):
     """pytest.param(backend, device) for every backend of available_backends(device), for every
     device in DEVICES; ids like "cpu-cpu", "reference-cuda", "triton-cuda", "triton-cpu" (the
     interpreter). ``exclude``: backend names left out; ``skip_triton_interpreter``: leave out
-    triton on cpu (too slow for the test)."""
+    triton on cpu (too slow for the test). ``backends``: only these backends, and every pair of
+    ALL_BACKEND_DEVICES among them is listed: one that cannot run here (no GPU, no build of it)
+    is a skipped parameter that says why."""
     from cetnet_kernels import available_backends
 
     out = []
+    if backends is not None:
+        for backend, device in ALL_BACKEND_DEVICES:
+            if backend not in backends or backend in exclude or (
+                    skip_triton_interpreter and backend == "triton" and device == "cpu"):
+                continue
+            runs = (device in DEVICES) and backend in available_backends(device)
+            marks = () if runs else pytest.mark.skip(reason=_why_not(backend, device))
+            out.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+        return out
     for device in DEVICES:
         for backend in available_backends(device):
             if backend in exclude or (skip_triton_interpreter and backend == "triton"
@@ -34,7 +62,7 @@ def backend_device_params(*, exclude=(), skip_triton_interpreter: bool = False):
 
 
 # --- `pytest -m gpu`: only the tests that run on the GPU ----------------------------------------
-GPU_ONLY_FILES = {"test_embedding_cuda.py", "test_triton_fusion.py", "test_embedding_triton.py"}
+GPU_ONLY_FILES = {"test_triton_fusion.py"}
 
 
 def pytest_configure(config):

@@ -101,6 +101,12 @@ def to_device(ids, device):
             for k, v in ids.items()}
 
 
+def sample_inputs(device, B: int = 6, **kw):
+    """The shared input of the embedding op family: one input of every kind (:func:`make_ids`,
+    with padding entries and an empty bag) on ``device``, for a module of :data:`FEATURES`."""
+    return to_device(make_ids(B, **kw), device)
+
+
 def batches(steps: int, B: int, rng: np.random.Generator):
     """Batches with repeated ids, hot Zipf ids, sequences with padding and bags."""
     out = []

@@ -1,0 +1,414 @@
+"""MultiTableEmbedding on the device backends, every (backend, device) pair of "cuda" and "triton"
+(triton-cpu: the Triton interpreter, tests/conftest.py sets TRITON_INTERPRET=1 without a GPU),
+against the float64 reference on CPU: every input kind, weight dtypes, int32/int64 ids, dense
+gradient, fused SGD and row-wise Adagrad over several steps with hot ids, 16-bit storage,
+determinism, the fused bounds check, malformed offsets and torch.compile. Pairs that cannot run
+here are skipped parameters that say why. Interpreted pairs use small shapes.
+
+The "cpu" and "reference" backends of the module are tested in test_embedding.py; Triton-only
+and CUDA-only specifics are at the end of this file."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from cetnet_kernels import MultiTableEmbedding, available_backends
+from conftest import DEVICES, backend_device_params
+from embedding_support import (DIMS, FEATURES, adagrad_matches_hand_written, batches,
+                               compile_matches_eager, loss_of, reference_outputs, sample_inputs,
+                               sgd_matches_torch_optim, to_device, with_bad_id)
+from helpers import requires_expecttest
+
+# ("cuda", "cuda"), ("triton", "cpu"), ("triton", "cuda"): each a skipped parameter where it
+# cannot run.
+CASES = backend_device_params(backends=("cuda", "triton"))
+TRITON_CASES = backend_device_params(backends=("triton",))
+HAVE_TRITON = any("triton" in available_backends(d) for d in DEVICES)
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from cetnet_kernels.triton.embedding import _state_index
+
+
+def _interpreted(backend: str, device: str) -> bool:
+    """The Triton interpreter (triton on CPU tensors) is slow: such tests use small shapes."""
+    return backend == "triton" and device == "cpu"
+
+
+def _reference(mod, ids, w64=None):
+    """The float64 reference on CPU copies of ``ids`` (and of the module's weight)."""
+    if w64 is None:
+        w64 = mod.weight.detach().double().cpu()
+    return reference_outputs(mod, to_device(ids, "cpu"), w64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every backend, every device
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6),
+                                       (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_forward_every_input_kind(backend, device, dtype, tol):
+    B = 6 if _interpreted(backend, device) else 37
+    mod = MultiTableEmbedding(3, FEATURES, DIMS, weights_dtype=dtype, backend=backend,
+                              device=device)
+    ids = sample_inputs(device, B)
+    outs = mod(ids)
+    for m, (o, r) in enumerate(zip(outs, _reference(mod, ids))):
+        assert o.device.type == device and o.shape == (B, 10, DIMS[m]) and o.is_contiguous()
+        assert o.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        torch.testing.assert_close(o.double().cpu(), r, rtol=tol, atol=tol)
+    for o in outs:  # padding and the empty bag give zeros
+        assert torch.all(o[0, 5:7] == 0) and torch.all(o[2, 2] == 0) and torch.all(o[1, 7] == 0)
+
+
+@pytest.mark.parametrize("backend, device",
+                         backend_device_params(backends=("cuda", "triton"),
+                                               skip_triton_interpreter=True))
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_large_batch_mixed_dims(backend, device, id_dtype):
+    dims = [1, 7, 64, 130]  # dim 1, odd, vector width, above one warp's lanes
+    feats = [("a", 1000), ("b", 5, "mean"), ("s", 300)]
+    mod = MultiTableEmbedding(4, feats, dims, weights_dtype=torch.float32, backend=backend,
+                              device=device)
+    B = 4099
+    lens = torch.randint(0, 6, (B,))
+    ids = {"a": torch.randint(0, 1000, (B,), dtype=id_dtype),
+           "b": (torch.randint(0, 5, (int(lens.sum()),), dtype=id_dtype),
+                 torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(id_dtype)),
+           "s": torch.randint(-1, 300, (B, 3), dtype=id_dtype)}
+    for o, r in zip(mod(to_device(ids, device)), _reference(mod, ids)):
+        torch.testing.assert_close(o.double().cpu(), r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_dense_gradient(backend, device, dtype, tol):
+    M, dims, B = (2, [3, 10], 7) if _interpreted(backend, device) else (3, DIMS, 64)
+    mod = MultiTableEmbedding(M, FEATURES, dims, weights_dtype=dtype, backend=backend,
+                              device=device)
+    ids = sample_inputs(device, B)
+    outs = mod(ids)
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    loss_of(outs, [g.to(device) for g in grads]).backward()
+    w64 = mod.weight.detach().double().cpu().requires_grad_()
+    loss_of(_reference(mod, ids, w64), grads).backward()
+    torch.testing.assert_close(mod.weight.grad.double().cpu(), w64.grad, rtol=tol, atol=tol)
+    # one member without gradient
+    mod.weight.grad = None
+    mod(ids)[1].sum().backward()
+    w64.grad = None
+    _reference(mod, ids, w64)[1].sum().backward()
+    torch.testing.assert_close(mod.weight.grad.double().cpu(), w64.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+def test_fused_sgd_matches_torch_optim(backend, device):
+    M, dims, steps, B = ((2, [1, 10], 2, 6) if _interpreted(backend, device)
+                         else (3, DIMS, 4, 256))
+    mod = MultiTableEmbedding(M, FEATURES, dims, optimizer="sgd", lr=0.3,
+                              weights_dtype=torch.float64, backend=backend, device=device)
+    sgd_matches_torch_optim(mod, steps, B, np.random.default_rng(0), 0.3)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_fused_rowwise_adagrad_matches_hand_written(backend, device, wd):
+    M, dims, steps, B = ((2, [3, 10], 2, 6) if _interpreted(backend, device)
+                         else (3, DIMS, 4, 256))
+    mod = MultiTableEmbedding(M, FEATURES, dims, optimizer="rowwise_adagrad", lr=0.2, eps=1e-8,
+                              weight_decay=wd, weights_dtype=torch.float64, backend=backend,
+                              device=device)
+    adagrad_matches_hand_written(mod, steps, B, np.random.default_rng(1))
+    assert mod.row_state(0, "item")[3] > 0  # every batch reads item 3
+
+
+@pytest.mark.parametrize("backend, device",
+                         backend_device_params(backends=("cuda", "triton"),
+                                               skip_triton_interpreter=True))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_update_16bit_storage(backend, device, dtype, optimizer):
+    rng = np.random.default_rng(3)
+    kw = dict(optimizer=optimizer, lr=0.1, backend=backend, device=device)
+    mod = MultiTableEmbedding(2, FEATURES, [3, 16], weights_dtype=dtype, **kw)
+    ref = MultiTableEmbedding(2, FEATURES, [3, 16], weights_dtype=torch.float32, **kw)
+    with torch.no_grad():
+        ref.weight.copy_(mod.weight.float())
+    for ids in batches(2, 64, rng):
+        for m in (mod, ref):
+            outs = m(to_device(ids, device))
+            sum(o.sum() for o in outs).backward()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(mod.weight.float(), ref.weight, rtol=4 * eps, atol=4 * eps)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_deterministic(backend, device, optimizer):
+    steps, B, dims = (1, 6, [16, 3]) if _interpreted(backend, device) else (3, 4096, [16, 10])
+
+    def run():
+        torch.manual_seed(0)
+        mod = MultiTableEmbedding(2, FEATURES, dims, optimizer=optimizer, lr=0.1,
+                                  backend=backend, device=device)
+        for ids in batches(steps, B, np.random.default_rng(2)):
+            outs = mod(to_device(ids, device))
+            sum((o * o).sum() for o in outs).backward()
+        return mod.weight.detach().clone() if optimizer else mod.weight.grad.clone()
+
+    assert torch.equal(run(), run())
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("optimizer", [None, "sgd"])
+def test_bounds_check_raises_index_error(backend, device, optimizer):
+    mod = MultiTableEmbedding(2, FEATURES, [3, 4], backend=backend, optimizer=optimizer,
+                              device=device)
+    w0 = mod.weight.detach().clone()
+    base = sample_inputs(device)
+    for name, bad in [("user", 40), ("item", -2), ("history", 25), ("history", -2),
+                      ("tags", 17), ("genres", -5), ("scores", 10 ** 9)]:
+        ids = with_bad_id(base, name, bad)
+        with pytest.raises(IndexError, match=rf"'{name}'.*id {bad}\b.*size "
+                                             rf"{mod._vocab[mod._index[name]]}"):
+            mod(ids)
+    v, o = base["tags"]
+    dec = o.clone()
+    dec[2], dec[3] = o[3] + 1, o[2]
+    for bad_o in (dec, torch.cat([o[:-1], o[-1:] + 1]), torch.cat([o[:1] + 1, o[1:]])):
+        with pytest.raises(ValueError, match="'tags'.*offsets"):
+            mod({**base, "tags": (v, bad_o)})
+    if device == "cuda":
+        torch.cuda.synchronize()  # no device-side fault was left behind
+    assert torch.equal(mod.weight, w0)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("F, dims, vocab", [(1, [2], [5]), (6, [3, 4], [40, 31, 25, 17, 9, 12])],
+                         ids=["one-feature", "six-features"])
+def test_update_op_checks_ids_before_writing(backend, device, F, dims, vocab):
+    suffix = "_triton" if backend == "triton" else ""
+    update = getattr(torch.ops.cetnet, "multi_embedding_update" + suffix)
+    w = torch.randn(sum(vocab) * sum(dims), device=device)
+    w0 = w.clone()
+    with pytest.raises(IndexError, match="id 9"):
+        update([torch.ones(1, F, d, device=device) for d in dims], w,
+               torch.zeros(0, device=device), [torch.tensor([9], device=device)] * F,
+               [torch.zeros(0, dtype=torch.int64, device=device)] * F,
+               [torch.zeros(0, device=device)] * F, [0] * F, dims, vocab, None, 1, 0.1, 0.0,
+               0.0)
+    assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_torch_compile_fullgraph(backend, device, optimizer):
+    dims, B = ([3, 4], 3) if _interpreted(backend, device) else ([3, 10], 6)
+    compile_matches_eager(
+        lambda: MultiTableEmbedding(2, FEATURES, dims, optimizer=optimizer, lr=0.1,
+                                    backend=backend, device=device),
+        sample_inputs(device, B), optimizer, steps=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton only (every device the triton backend runs on)
+# ------------------------------------------------------------------------------------------------
+def _triton(M, dims, device, **kw):
+    return MultiTableEmbedding(M, FEATURES, dims, backend="triton", device=device, **kw)
+
+
+@pytest.mark.parametrize("backend, device", TRITON_CASES)
+def test_single_and_odd_dims_int32_no_padding(backend, device):
+    for dims, pad in (([1], -1), ([7, 1, 33], None)):
+        mod = MultiTableEmbedding(len(dims), [("a", 100), ("b", 3, "mean")], dims,
+                                  weights_dtype=torch.float64, backend=backend, device=device,
+                                  padding_idx=pad)
+        ids = {"a": torch.randint(0, 100, (37,), dtype=torch.int32, device=device),
+               "b": (torch.randint(0, 3, (50,), device=device),
+                     torch.tensor([0] + sorted(np.random.default_rng(0).integers(0, 50, 36)
+                                               .tolist()) + [50], device=device))}
+        for o, r in zip(mod(ids), _reference(mod, ids)):
+            torch.testing.assert_close(o.cpu(), r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot run here (not installed, or no GPU "
+                    "and no interpreter)")
+def test_bounds_check_costs_the_same_for_any_number_of_features():
+    """The id / offsets check of a triton call is a fixed handful of kernels (one concatenation
+    of every feature's ids, one stack of every bag's offsets, one synchronizing copy), not
+    kernels per feature: counted through a dispatch mode (views, which launch nothing, left
+    out), 4 and 40 features cost the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cetnet_kernels.embedding_args import EmbeddingArgs
+    from cetnet_kernels.triton.embedding import _Plan
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    def ops_of_check(F):
+        B = 16
+        ids = [torch.randint(0, 9, (B, 2) if f % 2 else (B,)) for f in range(F)]
+        ids += [torch.randint(-1, 5, (3 * B,)), torch.randint(0, 5, (2 * B,))]
+        offs = [torch.zeros(0, dtype=torch.int64)] * F + [torch.arange(0, 3 * B + 1, 3),
+                                                          torch.arange(0, 2 * B + 1, 2)]
+        vocab, dims = [9] * F + [5, 5], [3, 4]
+        weight = torch.zeros(sum(vocab) * sum(dims))
+        P = _Plan("op", EmbeddingArgs(weight, ids, offs, [torch.zeros(0)] * (F + 2),
+                                      [0] * F + [1, 2], dims, vocab, -1))
+        with Count() as c:
+            P.check("op")
+        return c.n
+
+    assert ops_of_check(4) == ops_of_check(40)
+
+
+@pytest.mark.parametrize("backend, device", TRITON_CASES)
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_padding_only_batch_touches_nothing(backend, device, optimizer):
+    """Padding entries keep a sentinel key past every row in the backward's sort (no boolean
+    indexing): a batch of padding alone changes no weight, state or gradient row."""
+    feats = [("seq", 7), ("bag", 5, "sum")]
+    mod = MultiTableEmbedding(2, feats, [3, 4], backend=backend, device=device,
+                              optimizer=optimizer, lr=0.5, weight_decay=0.1)
+    w0 = mod.weight.detach().clone()
+    ids = {"seq": torch.full((4, 3), -1, device=device),
+           "bag": (torch.full((5,), -1, device=device),
+                   torch.tensor([0, 2, 2, 4, 5], device=device))}
+    outs = mod(ids)
+    assert all(float(o.abs().sum()) == 0.0 for o in outs)
+    loss_of(outs, [torch.randn(o.shape, device=device) for o in outs]).backward()
+    assert torch.equal(mod.weight.detach(), w0)
+    if optimizer is None:
+        assert float(mod.weight.grad.abs().sum()) == 0.0
+    if optimizer == "rowwise_adagrad":
+        assert float(mod.optimizer_state.abs().sum()) == 0.0
+
+
+@requires_expecttest
+@pytest.mark.parametrize("backend, device", TRITON_CASES)
+def test_opcheck_forward(backend, device):
+    mod = _triton(2, [3, 4], device)
+    _w, vals, offs, psws, modes, *_ = mod._normalize(sample_inputs(device, 3))[0]
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_triton.default,
+                          (mod.weight.detach().clone().requires_grad_(), vals, offs, psws, modes,
+                           [3, 4], list(mod._vocab), -1, mod._joined_names),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+@requires_expecttest
+@pytest.mark.parametrize("backend, device", TRITON_CASES)
+def test_opcheck_backward_fused_update(backend, device):
+    mod = _triton(2, [3, 4], device)
+    _w, vals, offs, psws, modes, *_ = mod._normalize(sample_inputs(device, 3))[0]
+    dims, vocab, names = [3, 4], list(mod._vocab), mod._joined_names
+    w = mod.weight.detach().clone()
+    outs = torch.ops.cetnet.multi_embedding_triton(w, vals, offs, psws, modes, dims, vocab, -1,
+                                                   names)
+    grads = [torch.randn_like(o) for o in outs]
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_backward_triton.default,
+                          (grads, w, vals, offs, psws, modes, dims, vocab, -1),
+                          test_utils=("test_schema", "test_faketensor"))
+    state = torch.zeros(2 * sum(vocab), device=device)
+    placeholder = torch.zeros(0, requires_grad=True, device=device)
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_fused_triton.default,
+                          (w, state, placeholder, vals, offs, psws, modes, dims, vocab, -1,
+                           names, 2, 0.1, 1e-8, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.cetnet.multi_embedding_update_triton.default,
+                          (grads, w.clone(), state.clone(), vals, offs, psws, modes, dims, vocab,
+                           -1, 2, 0.1, 1e-8, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend, device", TRITON_CASES)
+def test_chunked_grid(monkeypatch, backend, device):
+    # Grids whose first axis passes CUDA's grid.x limit are launched in chunks (pid0 = the
+    # chunk's first program): with a limit of 2 programs (and one-row tiles, so that the gather
+    # has many programs too) every kernel runs in several chunks and still matches the float64
+    # reference (forward, dense gradient, row-wise Adagrad).
+    from cetnet_kernels.triton import embedding as triton_embedding
+
+    monkeypatch.setattr(triton_embedding, "_MAX_GRID_X", 2)
+    monkeypatch.setattr(triton_embedding, "_TILE", 16)
+    test_forward_every_input_kind(backend, device, torch.float64, 1e-12)
+    test_dense_gradient(backend, device, torch.float64, 1e-12)
+    test_fused_rowwise_adagrad_matches_hand_written(backend, device, 0.01)
+
+if HAVE_TRITON:
+    @triton.jit
+    def _state_index_probe(key_ptr, out_ptr, Vtot):
+        m = tl.program_id(1)  # int32, as in _runs_kernel
+        tl.store(out_ptr + m, _state_index(m, Vtot, tl.load(key_ptr + m)))
+
+
+@pytest.mark.parametrize("backend, device", TRITON_CASES)
+def test_state_index_int64(backend, device):
+    # The row-wise Adagrad state index m * Vtot + key: m is a program id and Vtot an int
+    # argument below 2^31, both int32 in the kernel; (M-1) * Vtot >= 2^31 must not wrap. A state
+    # that large (8 GiB+) cannot be allocated here: the kernel's own helper is run on its own
+    # (under the interpreter int32 products wrap exactly as on a GPU).
+    M, Vtot = 4, 2**30 + 7
+    keys = torch.tensor([0, 5, Vtot - 1, 123], dtype=torch.int64, device=device)
+    out = torch.empty(M, dtype=torch.int64, device=device)
+    _state_index_probe[(1, M)](keys, out, Vtot)
+    expected = torch.arange(M, dtype=torch.int64) * Vtot + keys.cpu()
+    assert expected.max() >= 2**31
+    assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend, device", TRITON_CASES)
+def test_launch_device_guard_is_noop_on_cpu(monkeypatch, backend, device):
+    from cetnet_kernels.triton.fusion import _device_guard
+
+    assert isinstance(_device_guard(torch.zeros(1)), contextlib.nullcontext)
+    if device == "cpu":
+        def no_cuda(*a, **k):
+            raise AssertionError("torch.cuda.device called for a CPU launch")
+
+        monkeypatch.setattr(torch.cuda, "device", no_cuda)
+        test_fused_rowwise_adagrad_matches_hand_written(backend, device, 0.0)
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"),
+                    reason="checks the CPU-tensor rule of the triton backend, which needs the "
+                    "Triton interpreter on here (set without a GPU by tests/conftest.py)")
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    mod = _triton(1, [2], "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        mod(sample_inputs("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Several GPUs
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.skipif("triton" not in available_backends("cuda"),
+                    reason="needs the triton backend on the GPU")
+def test_tensors_on_another_gpu():
+    # Module and ids on cuda:1 while the current device is cuda:0: launches follow the tensors.
+    mod = MultiTableEmbedding(2, FEATURES, [3, 10], backend="triton", device="cuda:1",
+                              weights_dtype=torch.float64, optimizer="rowwise_adagrad", lr=0.1)
+    ids = sample_inputs("cuda:1")
+    w64 = mod.weight.detach().double().cpu()
+    with torch.cuda.device(0):
+        outs = mod(ids)
+        sum(o.sum() for o in outs).backward()
+    torch.cuda.synchronize(1)
+    for o, r in zip(outs, _reference(mod, ids, w64)):
+        torch.testing.assert_close(o.detach().cpu(), r, rtol=1e-12, atol=1e-12)
+    assert mod.optimizer_state.abs().sum() > 0
