@@ -31,6 +31,18 @@ def make_logits(B: int, K: int, *, scale: float = 3.0, dtype=torch.float64, devi
     return (torch.randn(B, K, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
+def sample_inputs(device, B: int = 37, K: int = 5, *, dtype=torch.float64):
+    """The shared input of the fusion op family (confidence_fusion, collaborative_loss):
+    ``(logits [B, K], labels [B], temperature 0-dim)`` on ``device``, in ``dtype``: logits of
+    scale 3 with one saturated member, 0/1 labels, temperature 0.7."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(B, K, generator=g, dtype=torch.float64) * 3.0
+    z[0, 0] = 100.0
+    y = (torch.rand(B, generator=g, dtype=torch.float64) > 0.5).double()
+    tau = torch.tensor(0.7, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (z, y, tau))
+
+
 def reference_loss_grads(z, y, tau, *, reduction="mean", grad_prob=None, **kw):
     """Loss, prob and autograd gradients (logits, temperature) of the float64 reference."""
     z64 = z.detach().double().requires_grad_()
