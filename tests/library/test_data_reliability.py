@@ -33,7 +33,7 @@ from cetnet.data.movielens import FetchError, load_movielens
 
 from test_data_bars import CONFIGS, make_bars
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 USER_ERRORS = (ConfigError, DataFormatError, FileNotFoundError)  # what the CLI prints in a line
 
 

@@ -15,7 +15,7 @@ from cetnet.cli import main, parse_args
 from cetnet.config import dump_config
 from cetnet.train.rundir import read_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_config(cfg: dict, path: Path) -> Path:

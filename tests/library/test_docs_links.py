@@ -32,8 +32,8 @@ from urllib.parse import unquote
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SELF = "tests/test_docs_links.py"
+ROOT = Path(__file__).resolve().parents[2]
+SELF = "tests/library/test_docs_links.py"
 
 # Findings (path, offending text) waiting for a fix in a file this change does not own. The
 # text is the matched text as the failure message prints it. Empty the set as they are fixed.

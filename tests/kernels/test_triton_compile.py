@@ -146,7 +146,7 @@ def test_every_recorded_triton_launch_compiles_for_sm90(monkeypatch, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set, so Triton does not warn
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", _COMPILE, str(specs)], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fusion_study.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fusion_study.py"
 
 
 @pytest.fixture(scope="module")
