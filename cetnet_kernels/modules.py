@@ -51,6 +51,18 @@ class FusionOutput:
         return f"FusionOutput(B={self.prob.shape[0]}, K={self.logits.shape[1]}, loss={loss})"
 
 
+def _check_range(temperature_range: object, temperature: float) -> tuple[float, float]:
+    """``(low, high)`` with ``0 < low < temperature < high``, finite; ValueError otherwise."""
+    ok = isinstance(temperature_range, (tuple, list)) and len(temperature_range) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+        for b in temperature_range)
+    if not ok or not 0 < temperature_range[0] < temperature < temperature_range[1]:
+        raise ValueError(f"CETNetFusion: temperature_range must be (low, high) with 0 < low < "
+                         f"temperature ({temperature!r}) < high, both finite, or None for an "
+                         f"unbounded learnable temperature; got {temperature_range!r}")
+    return float(temperature_range[0]), float(temperature_range[1])
+
+
 class CETNetFusion(nn.Module):
     """Confidence-based fusion of K CTR models with the collaborative loss (CETNet).
 
@@ -62,8 +74,13 @@ class CETNetFusion(nn.Module):
     Args:
         num_models: K, the number of members (>= 1).
         temperature: softmax temperature over member confidences (> 0).
-        learnable_temperature: learn the temperature (parameterized as ``log tau``, so it stays
-            positive).
+        learnable_temperature: learn the temperature, starting at ``temperature``.
+        temperature_range: with a learnable temperature, the ``(low, high)`` it is kept in:
+            ``tau = exp(log low + (log high - log low) * sigmoid(theta))``, theta the parameter
+            ``temperature_logit``. A learned temperature drifts down in training, and a low
+            one lets an over-confident member take most of the weight (docs/FUSION_GUIDE.md),
+            so the default bounds it to ``(0.5, 4.0)``; ``None``: unbounded, parameterized as
+            ``log_temperature``. Ignored for a fixed temperature.
         fusion_space: ``"prob"`` (mix probabilities) or ``"logit"`` (mix logits).
         ensemble_weight, member_weight, distill_weight, mutual_weight: loss-term weights, see
             :func:`cetnet_kernels.collaborative_loss`.
@@ -86,6 +103,7 @@ class CETNetFusion(nn.Module):
         detach_weights: bool = False,
         reduction: str = "mean",
         backend: str = "auto",
+        temperature_range: tuple[float, float] | None = (0.5, 4.0),
     ) -> None:
         super().__init__()
         check_count(num_models, "num_models", "CETNetFusion")
@@ -103,15 +121,29 @@ class CETNetFusion(nn.Module):
         self.detach_weights = detach_weights
         self.reduction = reduction
         self.backend = backend
-        if learnable_temperature:
+        self.temperature_range: tuple[float, float] | None = None
+        self.register_parameter("log_temperature", None)
+        self.register_parameter("temperature_logit", None)
+        self._temperature = float(temperature)
+        if learnable_temperature and temperature_range is not None:
+            low, high = _check_range(temperature_range, temperature)
+            self.temperature_range = (low, high)
+            # sigmoid(theta) places log(temperature) between log(low) and log(high)
+            share = (math.log(temperature) - math.log(low)) / (math.log(high) - math.log(low))
+            self.temperature_logit = nn.Parameter(torch.tensor(math.log(share / (1 - share))))
+        elif learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
-        else:
-            self.register_parameter("log_temperature", None)
-            self._temperature = float(temperature)
+
+    @property
+    def learnable_temperature(self) -> bool:
+        return self.log_temperature is not None or self.temperature_logit is not None
 
     @property
     def temperature(self) -> float | Tensor:
         """The current temperature (a 0-dim tensor when learnable)."""
+        if self.temperature_logit is not None:
+            low, high = (math.log(b) for b in self.temperature_range)
+            return torch.exp(low + (high - low) * torch.sigmoid(self.temperature_logit))
         if self.log_temperature is not None:
             return self.log_temperature.exp()
         return self._temperature
@@ -156,7 +188,9 @@ class CETNetFusion(nn.Module):
         return FusionOutput(prob, z, None, loss, self)
 
     def extra_repr(self) -> str:
-        t = "learnable" if self.log_temperature is not None else self._temperature
+        t = self._temperature
+        if self.learnable_temperature:
+            t = "learnable" + (f" in {self.temperature_range}" if self.temperature_range else "")
         return (f"num_models={self.num_models}, temperature={t}, fusion_space={self.fusion_space!r}, "
                 f"weights=(ensemble={self.ensemble_weight}, member={self.member_weight}, "
                 f"distill={self.distill_weight}, mutual={self.mutual_weight})")

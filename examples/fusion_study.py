@@ -80,9 +80,9 @@ class GuardedFusion(CETNetFusion):
     """``CETNetFusion`` plus the safeguards under study.
 
     Args (besides CETNetFusion's):
-        temperature_range: ``(lo, hi)``; a learnable temperature is parameterised as
-            ``log tau = log lo + (log hi - log lo) * sigmoid(theta)`` so it stays in the range
-            (smoothly, with gradient everywhere). Ignored for a fixed temperature.
+        temperature_range: ``(lo, hi)`` for a learnable temperature, passed to CETNetFusion
+            (which keeps it in the range through a sigmoid); None (the default here, unlike
+            CETNetFusion's): unbounded, as the study compares both.
         warmup_steps: the first ``warmup_steps`` training calls (with labels, in train mode) use
             uniform weights (the plain average in prob space).
         calibration_gap: if set, a running (EMA) estimate per member of
@@ -94,19 +94,8 @@ class GuardedFusion(CETNetFusion):
     def __init__(self, num_models: int, *args, temperature_range: tuple[float, float] | None = None,
                  warmup_steps: int = 0, calibration_gap: float | None = None,
                  gap_momentum: float = 0.05, **kwargs) -> None:
-        super().__init__(num_models, *args, **kwargs)
-        self.temperature_range = temperature_range
-        if temperature_range is not None and self.log_temperature is not None:
-            lo, hi = (math.log(v) for v in temperature_range)
-            t0 = float(self.log_temperature.detach())
-            if not lo < t0 < hi:
-                raise ValueError("initial temperature must lie inside temperature_range")
-            s = (t0 - lo) / (hi - lo)
-            with torch.no_grad():
-                self.log_temperature.fill_(math.log(s / (1 - s)))  # theta
-            self._log_range = (lo, hi)
-        else:
-            self._log_range = None
+        # the bounded temperature is CETNetFusion's own (its temperature_range option)
+        super().__init__(num_models, *args, temperature_range=temperature_range, **kwargs)
         self.warmup_steps = warmup_steps
         self.calibration_gap = calibration_gap
         self.gap_momentum = gap_momentum
@@ -122,9 +111,6 @@ class GuardedFusion(CETNetFusion):
 
     @property
     def learned_temperature(self) -> float | Tensor:
-        if self._log_range is not None:
-            lo, hi = self._log_range
-            return torch.exp(lo + (hi - lo) * torch.sigmoid(self.log_temperature))
         return CETNetFusion.temperature.fget(self)
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -54,11 +56,16 @@ def test_list_and_tensor_inputs_agree(backend, device):
     _close(a.loss.double(), ref64, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bounds", [(0.5, 4.0), None], ids=["bounded", "unbounded"])
 @pytest.mark.parametrize("backend, device", CASES)
-def test_learnable_temperature_gets_gradient_and_stays_positive(backend, device):
-    fusion = CETNetFusion(2, temperature=2.0, learnable_temperature=True, backend=backend)
+def test_learnable_temperature_gets_gradient_and_stays_positive(backend, device, bounds):
+    fusion = CETNetFusion(2, temperature=2.0, learnable_temperature=True, backend=backend,
+                          temperature_range=bounds)
     fusion = fusion.to(device)
-    assert fusion.log_temperature.device.type == device
+    param = fusion.temperature_logit if bounds else fusion.log_temperature
+    assert [n for n, _ in fusion.named_parameters()] == (
+        ["temperature_logit"] if bounds else ["log_temperature"])
+    assert param.device.type == device
     assert abs(float(fusion.temperature.detach()) - 2.0) < 1e-6
     opt = torch.optim.SGD(fusion.parameters(), lr=5.0)
     z = torch.randn(256, 2) * 3
@@ -68,16 +75,43 @@ def test_learnable_temperature_gets_gradient_and_stays_positive(backend, device)
         opt.zero_grad()
         out = fusion(z, y)
         out.loss.backward()
-        assert fusion.log_temperature.grad is not None
+        assert param.grad is not None
         opt.step()
     assert float(fusion.temperature.detach()) > 0
     assert float(fusion.temperature.detach()) != 2.0
     state = fusion.state_dict()
-    clone = CETNetFusion(2, learnable_temperature=True)
+    clone = CETNetFusion(2, learnable_temperature=True, temperature_range=bounds)
     clone.load_state_dict(state)  # a CUDA state dict loads into a CPU module too
-    assert torch.equal(clone.log_temperature.detach(), fusion.log_temperature.detach().cpu())
+    clone_param = clone.temperature_logit if bounds else clone.log_temperature
+    assert torch.equal(clone_param.detach(), param.detach().cpu())
     assert abs(float(clone.temperature.detach()) - float(fusion.temperature.detach())) <= (
         1e-6 * float(clone.temperature.detach()))  # exp on CPU vs on the device: an ulp or two
+
+
+def test_a_bounded_temperature_stays_in_its_range():
+    for sign in (1.0, -1.0):  # push it far down / far up
+        fusion = CETNetFusion(2, learnable_temperature=True)  # the default range (0.5, 4)
+        assert fusion.temperature_range == (0.5, 4.0)
+        assert "learnable in (0.5, 4.0)" in repr(fusion)
+        opt = torch.optim.SGD(fusion.parameters(), lr=100.0)
+        for _ in range(50):
+            opt.zero_grad()
+            (sign * fusion.temperature).backward()
+            opt.step()
+        t = float(fusion.temperature.detach())
+        assert 0.5 <= t <= 4.0 and abs(t - (0.5 if sign > 0 else 4.0)) < 1e-3
+
+
+def test_temperature_range_is_checked_and_state_dicts_do_not_mix():
+    for bad in [(1.0, 4.0), (0.5, 1.0), (0.0, 4.0), (0.5, math.inf), (2.0, 0.5), (0.5,),
+                "0.5,4", (True, 4.0)]:
+        with pytest.raises(ValueError, match="temperature_range"):
+            CETNetFusion(2, learnable_temperature=True, temperature_range=bad)
+    fixed = CETNetFusion(2, temperature=0.1, temperature_range=(0.5, 4.0))  # ignored when fixed
+    assert fixed.temperature == 0.1 and not list(fixed.parameters())
+    unbounded = CETNetFusion(2, learnable_temperature=True, temperature_range=None)
+    with pytest.raises(RuntimeError, match="temperature_logit|log_temperature"):
+        CETNetFusion(2, learnable_temperature=True).load_state_dict(unbounded.state_dict())
 
 
 # 60 steps of 2048 rows: too slow for the Triton interpreter.

@@ -38,7 +38,7 @@ def test_bounded_learnable_temperature_stays_in_range(study):
     assert abs(float(f.temperature.detach()) - 1.0) < 1e-6
     z = torch.randn(256, 2) * 3
     y = (torch.rand(256) < torch.sigmoid(z[:, 0])).float()
-    theta = f.log_temperature
+    theta = f.temperature_logit
     for _ in range(30):  # plain gradient steps, large enough to leave the range if it were open
         theta.grad = None
         f(z, y).loss.backward()

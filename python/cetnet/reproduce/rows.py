@@ -88,8 +88,11 @@ _ROWS = [
         {"fusion": {"distill_weight": 0.5, "mutual_weight": 0.5}}, "cetnet"),
     Row("cetnet_uniform", "CETNet loss with uniform average fusion (temperature 1e6: the "
         "confidence softmax is flat)", {"fusion": {"temperature": 1.0e6}}, "cetnet"),
-    Row("cetnet_learnable_tau", "CETNet with a learned fusion temperature",
+    Row("cetnet_learnable_tau", "CETNet with a learned fusion temperature, kept in (0.5, 4) "
+        "(CETNetFusion's default temperature_range)",
         {"fusion": {"learnable_temperature": True}}, "cetnet"),
+    Row("cetnet_learnable_tau_unbounded", "CETNet with a learned fusion temperature, unbounded",
+        {"fusion": {"learnable_temperature": True, "temperature_range": None}}, "cetnet"),
     Row("cetnet_logit", "CETNet fusing logits instead of probabilities",
         {"fusion": {"fusion_space": "logit"}}, "cetnet"),
     Row("cetnet_detached", "CETNet with no gradient through the fusion weights",
