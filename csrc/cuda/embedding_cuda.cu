@@ -638,6 +638,15 @@ void with_group(int64_t lanes_needed, const Fn& fn) {
   else fn(std::integral_constant<int, 32>{});
 }
 
+// Calls fn(std::integral_constant<int, opt>) for the optimizer code `opt` (codes.h): kernels
+// take it as a template argument.
+template <typename Fn>
+void with_optimizer(int opt, const Fn& fn) {
+  if (opt == kDense) fn(std::integral_constant<int, kDense>{});
+  else if (opt == kSGD) fn(std::integral_constant<int, kSGD>{});
+  else fn(std::integral_constant<int, kRowwiseAdagrad>{});
+}
+
 // Raises the CPU's error for the first recorded bad id / malformed offsets (error path: the
 // offending values are copied to the host here).
 void raise_if_bad(const Plan& P, const at::Tensor& bad_dev, const char* op) {
@@ -839,44 +848,34 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
     scalar_t* w = opt == kDense ? nullptr : weight.data_ptr<scalar_t>();
     scalar_t* gw = opt == kDense ? grad_weight.data_ptr<scalar_t>() : nullptr;
     acc_t* st = opt == kRowwiseAdagrad ? state.data_ptr<acc_t>() : nullptr;
-    with_group(P.max_dim, [&](auto gsize) {
-      constexpr int G = decltype(gsize)::value;
-      auto launch = [&](auto kernel) {
-        kernel<<<launch_blocks(R * G), kThreads, 0, stream>>>(
-            w, gw, st, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
-            static_cast<int>(P.F), static_cast<int>(P.M), P.Vtot, skey.const_data_ptr<key_t>(),
-            perm.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(),
-            scale.const_data_ptr<acc_t>(), starts.const_data_ptr<int64_t>(), R, E,
-            static_cast<acc_t>(lr), static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay),
-            long_list_p, long_count_p, long_cap);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (opt == kDense) launch(apply_runs_kernel<scalar_t, key_t, G, kDense>);
-      else if (opt == kSGD) launch(apply_runs_kernel<scalar_t, key_t, G, kSGD>);
-      else launch(apply_runs_kernel<scalar_t, key_t, G, kRowwiseAdagrad>);
-    });
-    if (long_cap == 0) return;
-    // One block per long run (their number is known only on the device: a grid for the
-    // capacity, capped; surplus blocks exit at once, a smaller grid strides over the list).
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int blocks =
-        static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(long_cap, int64_t(sms) * 32)));
-    // kLongVec dims per lane: the lanes a chunk needs for the widest member
-    with_group((P.max_dim + kLongVec - 1) / kLongVec, [&](auto wsize) {
-      constexpr int W = decltype(wsize)::value;
-      auto launch = [&](auto kernel) {
-        kernel<<<blocks, kLongThreads, 0, stream>>>(
-            w, gw, st, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
-            static_cast<int>(P.F), static_cast<int>(P.M), P.Vtot, skey.const_data_ptr<key_t>(),
-            perm.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(),
-            scale.const_data_ptr<acc_t>(), starts.const_data_ptr<int64_t>(), R, E,
-            static_cast<acc_t>(lr), static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay),
-            long_list_p, long_count_p, long_cap);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (opt == kDense) launch(apply_long_runs_kernel<scalar_t, key_t, W, kDense>);
-      else if (opt == kSGD) launch(apply_long_runs_kernel<scalar_t, key_t, W, kSGD>);
-      else launch(apply_long_runs_kernel<scalar_t, key_t, W, kRowwiseAdagrad>);
+    // The two apply kernels take the same arguments; only their grids differ.
+    auto launch = [&](auto kernel, int blocks, int threads) {
+      kernel<<<blocks, threads, 0, stream>>>(
+          w, gw, st, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
+          static_cast<int>(P.F), static_cast<int>(P.M), P.Vtot, skey.const_data_ptr<key_t>(),
+          perm.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(),
+          scale.const_data_ptr<acc_t>(), starts.const_data_ptr<int64_t>(), R, E,
+          static_cast<acc_t>(lr), static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay),
+          long_list_p, long_count_p, long_cap);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    with_optimizer(opt, [&](auto kopt) {
+      constexpr int kOpt = decltype(kopt)::value;
+      with_group(P.max_dim, [&](auto gsize) {
+        constexpr int G = decltype(gsize)::value;
+        launch(apply_runs_kernel<scalar_t, key_t, G, kOpt>, launch_blocks(R * G), kThreads);
+      });
+      if (long_cap == 0) return;
+      // One block per long run (their number is known only on the device: a grid for the
+      // capacity, capped; surplus blocks exit at once, a smaller grid strides over the list).
+      const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      const int blocks =
+          static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(long_cap, int64_t(sms) * 32)));
+      // kLongVec dims per lane: the lanes a chunk needs for the widest member
+      with_group((P.max_dim + kLongVec - 1) / kLongVec, [&](auto wsize) {
+        constexpr int W = decltype(wsize)::value;
+        launch(apply_long_runs_kernel<scalar_t, key_t, W, kOpt>, blocks, kLongThreads);
+      });
     });
   });
 }
