@@ -81,9 +81,9 @@ triton-oldest-test:
 	$(TRITON_OLDEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "triton==3.6.0" "numpy<2.3" \
 		pytest hypothesis expecttest pyyaml
 	PYTHONPATH=$(CURDIR):$(CURDIR)/python $(TRITON_OLDEST_VENV)/bin/python -m pytest -q \
-		-p no:cacheprovider --disable-warnings tests/test_triton_fusion.py tests/kernels/test_embedding_backends.py \
-		tests/test_fusion_ops.py tests/test_fusion_limits.py tests/test_kdef_ops.py tests/test_kdef_triton.py \
-		tests/test_triton_compile.py -k triton
+		-p no:cacheprovider --disable-warnings tests/kernels/test_triton_fusion.py tests/kernels/test_embedding_backends.py \
+		tests/kernels/test_fusion_ops.py tests/kernels/test_fusion_limits.py tests/kernels/test_kdef_ops.py tests/kernels/test_kdef_triton.py \
+		tests/kernels/test_triton_compile.py -k triton
 
 # On a machine with an NVIDIA GPU and torch (CUDA) + Triton already installed, no internet needed:
 # CUDA build for the local arch, every CUDA/Triton test, compute-sanitizer, GPU benchmarks ->

@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             # racecheck: the CUDA kernels only. Triton's generated code showed write-write
             # hazards on the per-row stores after a row reduction (every lane of the row stores
             # the same value; H200, Triton 3.6): not ours to fix there, reported in the notes.
-            smoke = ["tests/gpu_smoke.py"] + (["cuda"] if tool == "racecheck" else [])
+            smoke = ["tests/kernels/gpu_smoke.py"] + (["cuda"] if tool == "racecheck" else [])
             s = run_step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1",
                                 sys.executable, *smoke], out, args.memcheck_timeout, env)
             s["summary"] = next((ln.strip("= ") for ln in reversed(s["tail"].splitlines())

@@ -99,7 +99,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-# --- training tests (tests/test_train*.py, tests/test_cli*.py) -----------------------------------
+# --- training tests (tests/library/test_train*.py, tests/library/test_cli*.py) -------------------
 # The real synthetic dataset (planted interactions) and real members, kept small.
 
 

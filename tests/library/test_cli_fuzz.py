@@ -6,7 +6,7 @@ lists; mappings). Every outcome is a config that passes validation or one line
 Fast: ``--dry-run`` checks the config, the dataset and the model (built on the meta device)
 and writes nothing; a config that passes is then built for real (when small) and one batch is
 run through the model, so that what validation accepts also works. The ``data`` section is
-left to the dataset's own checks (tests/test_data_*.py): its options reach the loaders.
+left to the dataset's own checks (tests/library/test_data_*.py): its options reach the loaders.
 """
 
 from __future__ import annotations
