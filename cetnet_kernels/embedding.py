@@ -1,5 +1,5 @@
 """Table-batched embeddings for M-member ensembles: every member's lookups of every feature in
-one kernel launch (issue 3).
+one kernel launch.
 
 :class:`MultiTableEmbedding` keeps all M x F tables in one flat parameter (FBGEMM TBE layout,
 member-major: table (m, f) is a row-major ``[num_embeddings_f, D_m]`` block), so one forward

@@ -20,8 +20,8 @@
 //       (autograd and fake kernels in Python: cetnet_kernels/kdef.py)
 // temperature is a 0-dim floating tensor on the logits' device; logits may have any strides.
 //
-// Multi-table embedding (cetnet_kernels/embedding.py, which also registers their fake kernels and
-// autograd in Python): M members x F features, one flat weight
+// Multi-table embedding (cetnet_kernels/embedding.py; cetnet_kernels/embedding_ops.py registers
+// their fake kernels and autograd in Python): M members x F features, one flat weight
 // holding the T = M*F tables member-major, table (m, f) = row-major [vocab[f], dims[m]].
 //   multi_embedding(weight [W], ids[F], offsets[F], per_sample_weights[F], modes[F], dims[M],
 //                   vocab[F], padding_idx?, feature_names) -> M outputs [B, N, dims[m]]

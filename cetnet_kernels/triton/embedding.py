@@ -1,4 +1,4 @@
-"""Triton kernels of the multi-table embedding (issue 3; the CPU and CUDA kernels are in csrc/).
+"""Triton kernels of the multi-table embedding (the CPU and CUDA kernels are in csrc/).
 
 Registers four ops with the schemas and contracts of the compiled ``cetnet::multi_embedding*``
 ops (see csrc/registration.cpp), under the names ``cetnet::multi_embedding_triton``,
@@ -248,7 +248,8 @@ def _deltas(tensors: list[Tensor], base: Tensor) -> Tensor:
 
 
 class _Plan:
-    """The validated layout of one call (the checks of csrc/cuda/embedding_cuda.cu make_plan;
+    """The validated layout of one call (the checks of csrc/embedding_args.h and
+    csrc/embedding_layout.h;
     the layout itself is :func:`cetnet_kernels.layout.table_layout`)."""
 
     def __init__(self, op: str, a: EmbeddingArgs) -> None:
