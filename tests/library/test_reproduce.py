@@ -283,3 +283,15 @@ def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path):
     # the same config under another trainer is another cache entry
     keys = {p.stem for p in (tmp_path / "out" / "results").glob("*.json")}
     assert len(keys) == 4
+
+
+def test_scaled_single_runs_after_the_single_rows_but_otherwise_in_place(base):
+    def order(rows):
+        return ex.Experiment(base, rows, [0], "none", "/tmp/unused", log=lambda m: None) \
+            .run_order()
+
+    assert order(["scaled_single", "dnn", "cetnet", "dcnv2", "naive"]) == [
+        "dnn", "cetnet", "dcnv2", "scaled_single", "naive"]
+    assert order(["dnn", "scaled_single", "cetnet", "kdef"]) == [
+        "dnn", "scaled_single", "cetnet", "kdef"]
+    assert order(["cetnet", "scaled_single"]) == ["cetnet", "scaled_single"]

@@ -299,10 +299,20 @@ class Experiment:
         return run_training(job.config, run_dir, overwrite=run_dir.exists(), quiet=True,
                             plots=False)[1]
 
+    def run_order(self) -> list[str]:
+        """The rows in the order given, except that scaled_single comes after every single row
+        (its architecture is chosen from their validation AUCs)."""
+        order = [r for r in self.rows if r != "scaled_single"]
+        if "scaled_single" in self.rows:
+            singles = [i for i, r in enumerate(order) if r in SINGLE_ROWS]
+            at = max(self.rows.index("scaled_single"), singles[-1] + 1 if singles else 0)
+            order.insert(min(at, len(order)), "scaled_single")
+        return order
+
     def run(self, dry_run: bool = False) -> dict[str, list[dict]]:
         """Runs every job not yet cached (rows in order: scaled_single after the single
         rows it is chosen from); returns ``{row: [results]}``."""
-        order = sorted(self.rows, key=lambda r: (r == "scaled_single", self.rows.index(r)))
+        order = self.run_order()
         # count what is left (scaled_single's jobs are known once its arch is chosen)
         total = sum(len(self.seeds) * len(self.points) for _ in order)
         done = {r: [] for r in order}
