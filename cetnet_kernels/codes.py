@@ -1,7 +1,7 @@
 """The integer codes the op schemas carry, in one place for every Python backend.
 
-The C++ kernels read the same values from ``csrc/codes.h``; ``tests/test_codes.py`` checks the two
-against each other through ``cetnet_kernels._C.codes()``. The op schemas take plain ints (a
+The C++ kernels read the same values from ``csrc/codes.h``; ``tests/kernels/test_codes.py``
+checks the two against each other through ``cetnet_kernels._C.codes()``. The op schemas take plain ints (a
 ``torch.library`` schema has no enum type), so these are ``IntEnum``s: they pass where an int is
 expected and print their name in messages.
 """

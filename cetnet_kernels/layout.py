@@ -7,8 +7,8 @@ the same order. The outputs are M tensors ``[B, N, D_m]`` whose columns follow t
 feature f takes ``ncols[f]`` columns (T for a ``[B, T]`` sequence, else 1) from ``col_start[f]``.
 
 The C++ kernels compute the same layout (``TableLayout`` in csrc/embedding_layout.h, exposed
-as ``cetnet_kernels._C.table_layout``); ``tests/test_layout.py`` checks the two agree. Used by :class:`MultiTableEmbedding` (its tables
-and columns) and by the Triton kernels' plan.
+as ``cetnet_kernels._C.table_layout``); ``tests/kernels/test_layout.py`` checks the two agree.
+Used by :class:`MultiTableEmbedding` (its tables and columns) and by the Triton kernels' plan.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // The integer codes the op schemas carry (a torch.library schema has no enum type), in one place
 // for the CPU and CUDA kernels. The Python home is cetnet_kernels/codes.py; the two are checked
-// against each other through cetnet_kernels._C.codes() (tests/test_codes.py), which reads the
+// against each other through cetnet_kernels._C.codes() (tests/kernels/test_codes.py), which reads the
 // name tables below.
 #pragma once
 

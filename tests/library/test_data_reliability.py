@@ -416,8 +416,9 @@ def test_switching_to_synthetic_on_the_default_config_is_one_clear_error(tmp_pat
                  str(tmp_path / "run"), "--quiet", "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1, err
-    assert "cetnet train: error: dataset 'synthetic': unknown option 'min_count'; it takes " \
-           "num_rows, seed" in err
+    # the default config's MovieLens options (min_count, split) do not fit the synthetic data
+    assert "cetnet train: error: dataset 'synthetic': unknown options 'min_count', 'split'; it " \
+           "takes num_rows, seed" in err
     assert "--set 'data={name: synthetic}'" in err
 
 
