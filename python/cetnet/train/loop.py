@@ -488,7 +488,8 @@ def _train_and_test(runner: EpochRunner, state: LoopState, config: dict, dataset
     metrics["environment"] = environment(device)
     write_json(metrics, out_dir / METRICS_FILE)
     if plots:
-        plot_run(state.history, out_dir, test)
+        plot_run(state.history, out_dir, test, config=config, best_epoch=state.best_epoch,
+                 stopped_early=state.stopped)
     runner.say(format_metrics_table(test))
     return metrics
 
