@@ -1,0 +1,430 @@
+"""Using a finished run: load it, score a split or a csv of new rows, export it for serving.
+
+A run directory (``cetnet train --out RUN``) holds the resolved ``config.yaml`` and the
+checkpoints ``best.pt`` / ``last.pt``. This module turns it into predictions and into a
+``torch.export`` program (docs/EXTENDING.md):
+
+- :func:`load_run`: the run's dataset and model with a checkpoint loaded, in eval mode.
+- :func:`encode_csv`: rows of a csv (raw values, one column per schema feature) encoded with
+  the run's vocabularies and dense statistics, as a :class:`~cetnet.data.Split`.
+- :func:`write_predictions` / :func:`predict_run`: predictions of a split or a csv written as
+  csv (``predict_run`` is what a ``cetnet predict`` command would call).
+- :class:`ServingModule`, :func:`export_model`, :func:`export_run`, :func:`load_exported`: the
+  ensemble as a ``torch.export`` program over plain tensors (``export_run`` is what a
+  ``cetnet export`` command would call). The fused ops are registered with ``torch.library``
+  and have fake kernels, so the program holds them as ``torch.ops.cetnet.*`` calls: it runs
+  wherever ``cetnet_kernels`` is importable (``import cetnet_kernels`` before
+  ``torch.export.load``), without the ``cetnet`` library or the run directory.
+
+Export runs under ``torch.no_grad()`` on an eval-mode model: with gradients enabled, an
+embedding trained by a fused optimizer (``model.embedding_optimizer: sgd | rowwise_adagrad``)
+takes its training path, the ``multi_embedding_fused`` op whose backward updates the tables in
+place; without gradients it is the plain lookup ``cetnet::multi_embedding``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cetnet.atomic import write_text_atomic
+from cetnet.config import ConfigError
+from cetnet.data.csvio import DataFormatError, check_data_file, shorten
+from cetnet.data.dataset import Split, SplitStats
+from cetnet.data.schema import OOV_ID, PAD_ID, Batch, Schema
+from cetnet.train.builders import load_plugins
+from cetnet.train.checkpoint import BEST, check_model_state, load_checkpoint
+from cetnet.train.evaluate import Predictions, predict, score
+from cetnet.train.loop import check_backend, resolve_device
+from cetnet.train.rundir import CONFIG_FILE
+from cetnet.train.runner import build_run, checkpoint_path, load_run_config
+
+__all__ = ["LoadedRun", "ExportedRun", "ServingModule", "load_run", "encode_csv",
+           "write_predictions", "predict_run", "batch_inputs", "example_inputs",
+           "dynamic_shapes", "export_model", "export_run", "load_exported", "SCHEMA_FILE",
+           "LIST_SEP"]
+
+#: The name under which :func:`export_run` stores the schema and member names in the
+#: exported file (``torch.export.save(..., extra_files=...)``).
+SCHEMA_FILE = "cetnet_serving.json"
+#: What separates the ids of a multi-hot bag or a sequence in one csv cell.
+LIST_SEP = "|"
+
+
+# ------------------------------------------------------------------------------------------------
+# A finished run
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedRun:
+    """A run rebuilt from its directory (:func:`load_run`).
+
+    Attributes:
+        run_dir: the run directory.
+        config: its validated ``config.yaml``.
+        dataset: the dataset the config names (rebuilt, so its vocabularies are the run's).
+        model: the ensemble with the checkpoint loaded, in eval mode, on ``device``.
+        device: where the model is.
+        epoch: the epoch the checkpoint was written after (None if it does not say).
+    """
+
+    run_dir: Path
+    config: dict
+    dataset: Any
+    model: nn.Module
+    device: torch.device
+    epoch: int | None
+
+    @property
+    def member_names(self) -> list[str]:
+        return list(self.model.member_names)
+
+
+def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None = None,
+             plugins: Sequence[str] = ()) -> LoadedRun:
+    """Rebuilds a run's dataset and model from ``run_dir/config.yaml`` and loads
+    ``checkpoint`` (the name of a file in ``run_dir``).
+
+    Args:
+        run_dir: a run directory written by ``cetnet train`` / ``run_training``.
+        checkpoint: ``best.pt`` (default) or ``last.pt``.
+        device: overrides the run's ``device`` (``cpu``, ``cuda``, ``auto``).
+        plugins: modules to import first, as ``cetnet --plugin``: a run of a registered
+            dataset or model needs the module that registers it.
+
+    Raises:
+        FileNotFoundError: no ``config.yaml`` or no such checkpoint.
+        ConfigError: a bad config, device or checkpoint name.
+        CheckpointError: a checkpoint that cannot be read or does not fit the model.
+    """
+    load_plugins(plugins)
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    path = checkpoint_path(run_dir, checkpoint)
+    dev = resolve_device(device or config["device"],
+                         "device" if device else f"{run_dir / CONFIG_FILE}: device")
+    check_backend(config["backend"], dev)
+    dataset, model = build_run(config)
+    state = load_checkpoint(path, map_location=dev, keys=("model",))
+    check_model_state(state["model"], model, path)
+    model.load_state_dict(state["model"])
+    model.to(dev).eval()
+    return LoadedRun(run_dir, config, dataset, model, dev, state.get("epoch"))
+
+
+# ------------------------------------------------------------------------------------------------
+# New rows from a csv
+# ------------------------------------------------------------------------------------------------
+def _vocab_of(dataset: Any, feature: Any) -> Any:
+    vocabs = getattr(dataset, "vocabs", None) or {}
+    return vocabs.get(feature.name) or (vocabs.get(feature.source) if feature.source else None)
+
+
+def _encode_tokens(tokens: list[str], vocab: Any, vocab_size: int, path: Path, line: int,
+                   column: str) -> tuple[list[int], int]:
+    """Ids of ``tokens`` and how many are OOV: through ``vocab`` when the dataset has one (an
+    unknown token is OOV), else the tokens are ids already (one outside ``[0, vocab_size)``
+    is OOV)."""
+    if vocab is not None:
+        ids = [vocab.id(t) for t in tokens]
+        return ids, sum(i == OOV_ID for i in ids)
+    ids = []
+    for t in tokens:
+        try:
+            i = int(t)
+        except ValueError:
+            raise DataFormatError(path, line, column, f"{shorten(t)} is no id (the dataset has "
+                                  "no vocabulary for this feature: give integer ids)") from None
+        ids.append(i if 0 <= i < vocab_size and i != PAD_ID else OOV_ID)
+    return ids, sum(i == OOV_ID for i in ids)
+
+
+def _padded(rows: list[list[int]], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), max(width, 1)), dtype=np.int64)
+    for r, ids in enumerate(rows):
+        ids = ids[:out.shape[1]]
+        out[r, :len(ids)] = ids
+    return out
+
+
+def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
+               list_sep: str = LIST_SEP) -> Split:
+    """Encodes the rows of a csv file as the run's dataset encodes its own rows.
+
+    The file has a header and one column per feature of ``dataset.schema`` (extra columns are
+    ignored): a sparse feature holds the raw value (looked up in ``dataset.vocabs``; an
+    unknown value is OOV) or, for a dataset without vocabularies (the synthetic one), the id;
+    a multi-hot bag or a sequence holds its values separated by ``list_sep`` (a sequence most
+    recent first; longer ones are cut to the schema's ``max_len``); a dense feature holds a
+    number, empty for missing (normalized with ``dataset.dense_stats``, a missing one imputed
+    with the train mean). The label column (``schema.label``) is optional: without it every
+    label is 0 and scores of these rows mean nothing. The gAUC group is the group feature's id.
+
+    Meant for a batch of new rows (the whole file is read at once).
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataFormatError: no header, a missing feature column, a bad number (naming the file,
+            line and column).
+    """
+    path = Path(path)
+    check_data_file(path, "a csv file")
+    schema: Schema = dataset.schema
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = reader.fieldnames or []
+        if not header:
+            raise DataFormatError(path, 1, None, "no header (one column per feature expected)")
+        missing = [ft.name for ft in schema.features if ft.name not in header]
+        if missing:
+            raise DataFormatError(path, 1, None, f"no column for the feature(s) {missing}; the "
+                                  f"run's features are {[ft.name for ft in schema.features]}")
+        rows = list(reader)
+    n = len(rows)
+    ids: dict[str, list[list[int]]] = {ft.name: [] for ft in schema.categorical}
+    oov = {ft.name: 0 for ft in schema.categorical}
+    dense = np.full((n, len(schema.dense)), np.nan)
+    labels = np.zeros(n, dtype=np.float32)
+    for r, row in enumerate(rows):
+        line = r + 2  # the header is line 1
+        for ft in schema.categorical:
+            cell = (row.get(ft.name) or "").strip()
+            tokens = [cell] if ft.kind == "sparse" else [t for t in cell.split(list_sep) if t]
+            got, bad = _encode_tokens(tokens, _vocab_of(dataset, ft), ft.vocab_size, path, line,
+                                      ft.name)
+            ids[ft.name].append(got)
+            oov[ft.name] += bad
+        for j, ft in enumerate(schema.dense):
+            cell = (row.get(ft.name) or "").strip()
+            if cell:
+                try:
+                    dense[r, j] = float(cell)
+                except ValueError:
+                    raise DataFormatError(path, line, ft.name,
+                                          f"{shorten(cell)} is not a number") from None
+        cell = (row.get(schema.label) or "").strip()
+        if cell:
+            try:
+                labels[r] = float(cell)
+            except ValueError:
+                raise DataFormatError(path, line, schema.label,
+                                      f"{shorten(cell)} is not a label in [0, 1]") from None
+    stats = getattr(dataset, "dense_stats", None)
+    if stats is not None and schema.dense:
+        z, imputed = stats.transform(dense)
+    else:
+        imputed = np.isnan(dense).sum(0)
+        z = np.nan_to_num(dense).astype(np.float32)
+    sparse = {ft.name: np.asarray([i[0] for i in ids[ft.name]], dtype=np.int64)
+              for ft in schema.sparse}
+    bags = {ft.name: _padded(ids[ft.name], max(map(len, ids[ft.name]), default=1))
+            for ft in schema.multihot}
+    seqs = {ft.name: _padded(ids[ft.name], ft.max_len) for ft in schema.sequence}
+    group = sparse.get(schema.group) if schema.group else None
+    cells = {name: sum(map(len, v)) for name, v in ids.items()}
+    return Split(schema, sparse=sparse, dense=z, multihot=bags, sequence=seqs,
+                 label=labels, group=group if group is not None else np.zeros(n, np.int64),
+                 stats=SplitStats(oov=oov, cells=cells,
+                                  imputed={ft.name: int(c) for ft, c in zip(schema.dense,
+                                                                            imputed)}))
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions
+# ------------------------------------------------------------------------------------------------
+def write_predictions(pred: Predictions, member_names: Sequence[str], path: str | Path) -> Path:
+    """Writes ``pred`` as csv: ``row, prob, label``, then ``prob_<member>`` per member and,
+    when the ensemble has fusion weights, ``weight_<member>`` (written atomically)."""
+    names = list(member_names)
+    cols = ["row", "prob", "label", *(f"prob_{m}" for m in names)]
+    member = torch.sigmoid(pred.logits.double())
+    parts = [pred.prob.double().unsqueeze(1), pred.label.double().unsqueeze(1), member]
+    if pred.weights is not None:
+        cols += [f"weight_{m}" for m in names]
+        parts.append(pred.weights.double())
+    table = torch.cat(parts, 1).tolist()
+    lines = [",".join(cols)]
+    lines += [",".join([str(i), *(f"{v:.6g}" for v in values)]) for i, values in enumerate(table)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "test",
+                csv_path: str | Path | None = None, checkpoint: str = BEST,
+                device: str | None = None, batch_size: int | None = None,
+                plugins: Sequence[str] = ()) -> tuple[Path, dict | None]:
+    """Scores a split of the run's dataset, or the rows of ``csv_path`` (:func:`encode_csv`;
+    it wins over ``split``), with the run's ``checkpoint`` and writes the predictions to
+    ``out`` (:func:`write_predictions`). Returns ``(out, scores)``: scores are
+    :func:`cetnet.train.evaluate.score`'s when the rows have labels (a split, or a csv with a
+    label column holding both classes), else None."""
+    run = load_run(run_dir, checkpoint=checkpoint, device=device, plugins=plugins)
+    if csv_path is not None:
+        rows = encode_csv(run.dataset, csv_path)
+        labelled = _has_label_column(Path(csv_path), run.dataset.schema.label)
+    else:
+        if split not in run.dataset.splits:
+            raise ConfigError(f"predict: no split {split!r}; the dataset has "
+                             f"{', '.join(run.dataset.splits)}")
+        rows, labelled = run.dataset.splits[split], True
+    pred = predict(run.model, rows, batch_size=batch_size or
+                   run.config["train"]["eval_batch_size"], device=run.device)
+    both = bool((pred.label > 0.5).any() and (pred.label <= 0.5).any())
+    scores = score(pred, run.member_names) if labelled and both else None
+    return write_predictions(pred, run.member_names, out), scores
+
+
+def _has_label_column(path: Path, label: str) -> bool:
+    with open(path, newline="", encoding="utf-8") as f:
+        return label in (next(csv.reader(f), None) or [])
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.export
+# ------------------------------------------------------------------------------------------------
+class ServingModule(nn.Module):
+    """An ensemble over plain tensors, what ``torch.export`` traces and a server calls.
+
+    ``forward(sparse, dense, multihot, sequence)`` takes the fields of a
+    :class:`~cetnet.data.Batch` (:func:`batch_inputs`): ``sparse`` name -> ``[B]`` int64 ids,
+    ``dense`` ``[B, n_dense]`` float32 (normalized), ``multihot`` name -> ``(values [nnz],
+    offsets [B + 1])``, ``sequence`` name -> ``[B, T]`` ids. It returns ``{"prob": [B],
+    "logits": [B, K]}`` plus ``"weights": [B, K]`` for an ensemble with fusion weights (CETNet).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, sparse: dict[str, Tensor], dense: Tensor,
+                multihot: dict[str, tuple[Tensor, Tensor]],
+                sequence: dict[str, Tensor]) -> dict[str, Tensor]:
+        # label and group are not read by a forward pass; Batch wants them
+        rows = torch.zeros(dense.shape[0], dtype=torch.int64, device=dense.device)
+        out = self.model(Batch(sparse, dense, multihot, sequence, rows.float(), rows))
+        result = {"prob": out.prob, "logits": out.logits}
+        if out.weights is not None:
+            result["weights"] = out.weights
+        return result
+
+
+def batch_inputs(batch: Batch) -> tuple[dict, Tensor, dict, dict]:
+    """The positional inputs of :class:`ServingModule` (and of an exported program) for a
+    batch: ``(sparse, dense, multihot, sequence)``."""
+    return (dict(batch.sparse), batch.dense, {k: tuple(v) for k, v in batch.multihot.items()},
+            dict(batch.sequence))
+
+
+def example_inputs(schema: Schema, batch_size: int = 4,
+                   device: torch.device | str = "cpu") -> tuple[dict, Tensor, dict, dict]:
+    """Inputs of ``batch_size`` rows for tracing: every id the OOV id (valid in every
+    vocabulary), two values per bag plus one, full sequences, zero dense values. The sizes
+    are chosen unequal and above 1 so that export does not specialize them."""
+    if batch_size < 2:
+        raise ValueError("example_inputs: batch_size must be >= 2 (export specializes 0 and 1)")
+    ids = torch.full((batch_size,), OOV_ID, dtype=torch.int64, device=device)
+    nnz = 2 * batch_size + 1
+    offsets = torch.arange(batch_size + 1, dtype=torch.int64, device=device) * 2
+    offsets[-1] = nnz
+    return ({f.name: ids.clone() for f in schema.sparse},
+            torch.zeros(batch_size, len(schema.dense), device=device),
+            {f.name: (torch.full((nnz,), OOV_ID, dtype=torch.int64, device=device),
+                      offsets.clone()) for f in schema.multihot},
+            {f.name: torch.full((batch_size, f.max_len), OOV_ID, dtype=torch.int64,
+                                device=device) for f in schema.sequence})
+
+
+def dynamic_shapes(schema: Schema) -> tuple[dict, dict, dict, dict]:
+    """``torch.export`` dynamic shapes of :class:`ServingModule`'s inputs: the batch size
+    (any >= 1) and each bag's number of values (any >= 0); sequence lengths and the number
+    of dense features are fixed by the schema."""
+    batch = torch.export.Dim("batch", min=1)
+    return ({f.name: {0: batch} for f in schema.sparse},
+            {0: batch},
+            {f.name: ({0: torch.export.Dim(f"bag_values_{i}", min=0)}, {0: batch + 1})
+             for i, f in enumerate(schema.multihot)},
+            {f.name: {0: batch} for f in schema.sequence})
+
+
+def export_model(model: nn.Module, schema: Schema) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of :class:`ServingModule` (``model`` in eval mode, no grad; see
+    the module docstring) on the model's device, with a dynamic batch size and bag sizes."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())),
+                  torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(ServingModule(model), example_inputs(schema, 4, device),
+                                          dynamic_shapes=dynamic_shapes(schema))
+    finally:
+        model.train(was_training)
+    # An embedding trained by a fused optimizer has a buffer that requires grad (its autograd
+    # placeholder, never read by the lookup); as a program constant it makes torch warn
+    # whenever the program becomes a module. A served program needs no grad from it.
+    for name, value in list(program.constants.items()):
+        if isinstance(value, Tensor) and value.requires_grad:
+            program.constants[name] = value.detach()
+    return program
+
+
+@dataclass
+class ExportedRun:
+    """A program written by :func:`export_run`, loaded by :func:`load_exported`.
+
+    Attributes:
+        program: the ``torch.export.ExportedProgram``.
+        schema: the run's feature schema (what the inputs hold).
+        member_names: the names of the logit / weight columns.
+    """
+
+    program: torch.export.ExportedProgram
+    schema: Schema
+    member_names: list[str]
+
+    def module(self) -> nn.Module:
+        """The callable module of the program (``module()(*batch_inputs(batch))``), for
+        inference: its parameters do not require grad."""
+        module = self.program.module()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return module
+
+
+def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = BEST,
+               device: str | None = "cpu", plugins: Sequence[str] = ()) -> Path:
+    """Exports a run's model (:func:`load_run`, :func:`export_model`) to ``out_path``
+    (``torch.export.save``; conventionally ``*.pt2``), with the schema and member names as
+    the extra file :data:`SCHEMA_FILE`. The program runs on the device it was exported on
+    (default the CPU)."""
+    run = load_run(run_dir, checkpoint=checkpoint, device=device, plugins=plugins)
+    program = export_model(run.model, run.dataset.schema)
+    meta = {"schema": run.dataset.schema.to_dict(), "member_names": run.member_names,
+            "run_dir": str(run.run_dir), "checkpoint": checkpoint, "epoch": run.epoch,
+            "device": str(run.device)}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, out_path, extra_files={SCHEMA_FILE: json.dumps(meta)})
+    return out_path
+
+
+def load_exported(path: str | Path) -> ExportedRun:
+    """Loads a file written by :func:`export_run` (importing ``cetnet_kernels`` first, which
+    registers the ``cetnet::*`` ops the program calls)."""
+    import cetnet_kernels  # noqa: F401  (registers torch.ops.cetnet.*)
+
+    extra = {SCHEMA_FILE: ""}
+    program = torch.export.load(Path(path), extra_files=extra)
+    if not extra[SCHEMA_FILE]:
+        raise ValueError(f"{path}: no {SCHEMA_FILE} in it: not written by cetnet.serve."
+                         "export_run (use torch.export.load for another program)")
+    meta: Mapping[str, Any] = json.loads(extra[SCHEMA_FILE])
+    return ExportedRun(program, Schema.from_dict(meta["schema"]), list(meta["member_names"]))
