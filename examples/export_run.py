@@ -80,7 +80,7 @@ def serve(program_path: Path, check_path: Path, tolerance: float) -> int:
         worst = max(worst, diff)
         print(f"  {key:<8} {tuple(served[key].shape)}  max |exported - eager| = {diff:.3g}")
     print(f"fresh process: the exported program {'matches' if worst <= tolerance else 'DIFFERS'}"
-          f" (tolerance {tolerance:g})")
+          f" (tolerance {tolerance:g}); cetnet imported: {'cetnet' in sys.modules}")
     return 0 if worst <= tolerance else 1
 
 
