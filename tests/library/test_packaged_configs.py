@@ -1,0 +1,152 @@
+"""The packaged configs (python/cetnet/configs/): every train config validates and builds its
+model; the MovieLens-100k ones differ from the default only in ``model:``; the BARS dataset
+YAMLs parse, hold the columns BARS defines, and load tiny csv files laid out as in FuxiCTR's
+data/ folder; one BARS config trains an epoch end to end through the CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cetnet.cli import main
+from cetnet.config import default_config_path, load_config, read_yaml
+from cetnet.data import load_bars, load_dataset
+from cetnet.data.bars_config import read_config
+from cetnet.reproduce.rows import check_model
+from cetnet.train.rundir import read_json
+
+from test_data_bars import CONFIGS as BARS_LAYOUTS, HEADERS, _cell
+
+CONFIG_DIR = default_config_path().parent
+DATASET_YAMLS = sorted(CONFIG_DIR.glob("*_dataset.yaml"))
+TRAIN_CONFIGS = sorted(set(CONFIG_DIR.glob("*.yaml")) - set(DATASET_YAMLS))
+ML100K = [p for p in TRAIN_CONFIGS if p.stem.endswith("_ml100k")]
+BARS_IDS = ["amazonelectronics_x1", "taobaoad_x1", "kuaivideo_x1", "criteo_x1", "avazu_x1"]
+# where each dataset's csv files lie below the data root (FuxiCTR's data/ folder)
+FOLDERS = {"amazonelectronics_x1": "Amazon/AmazonElectronics_x1",
+           "taobaoad_x1": "Taobao/TaobaoAd_x1", "kuaivideo_x1": "KuaiShou/KuaiVideo_x1",
+           "criteo_x1": "Criteo/Criteo_x1", "avazu_x1": "Avazu/Avazu_x1"}
+HAS_VALID = {"criteo_x1", "avazu_x1"}  # the others score valid on test.csv, as BARS does
+
+
+def _dataset_yaml(dataset_id: str) -> Path:
+    return CONFIG_DIR / f"bars_{dataset_id}_dataset.yaml"
+
+
+def test_the_expected_configs_are_packaged():
+    names = {p.name for p in CONFIG_DIR.glob("*.yaml")}
+    assert {"cetnet_ml100k.yaml", "naive_ml100k.yaml", "kdef_ml100k.yaml",
+            "multi_embedding_ml100k.yaml", "single_dhen_ml100k.yaml"} <= names
+    for dataset_id in BARS_IDS:
+        assert {f"bars_{dataset_id}.yaml", f"bars_{dataset_id}_dataset.yaml"} <= names
+    kinds = {read_yaml(p)["model"]["ensemble"] for p in ML100K}
+    assert kinds == {"cetnet", "naive", "kdef", "multi_embedding"}
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_every_train_config_validates(path):
+    config = load_config(path)  # read, completed and checked by validate_config
+    assert config["name"] == path.stem
+    # complete on its own: nothing is taken from the default config
+    assert {"name", "data", "model", "train"} <= set(read_yaml(path))
+
+
+@pytest.mark.parametrize("path", ML100K, ids=lambda p: p.stem)
+def test_ml100k_configs_differ_from_the_default_only_in_the_model(path):
+    default, config = load_config(), load_config(path)
+    for key in ("data", "train", "backend", "device"):
+        assert config[key] == default[key], key
+
+
+@pytest.mark.parametrize("path", ML100K, ids=lambda p: p.stem)
+def test_ml100k_configs_build_their_model(path):
+    # MovieLens-100k may not be downloaded here: the synthetic dataset has the same kinds of
+    # features (ids, genres, the user's previous items)
+    schema = load_dataset("synthetic", num_rows=200, max_seq_len=20, seed=0).schema
+    assert check_model(load_config(path), schema) > 0
+
+
+def test_the_single_member_config_is_one_member():
+    config = load_config(CONFIG_DIR / "single_dhen_ml100k.yaml")
+    assert config["model"]["members"] == ["dhen"]
+
+
+@pytest.mark.parametrize("dataset_id", BARS_IDS)
+def test_dataset_yamls_parse_with_the_columns_bars_defines(dataset_id):
+    cfg = read_config(_dataset_yaml(dataset_id))
+    assert cfg.dataset_id == dataset_id
+    # the same features as the layouts of test_data_bars (written down from BARS separately)
+    reference = read_config(yaml.safe_load(BARS_LAYOUTS[dataset_id]))
+    assert cfg.columns == reference.columns
+    assert (cfg.label, cfg.group, cfg.group_column) == (
+        reference.label, reference.group, reference.group_column)
+    # KuaiVideo's pretrained-embedding features are skipped, and said so
+    assert set(reference.notes) <= set(cfg.notes)
+    assert all("pretrained embeddings are not read" in n for n in cfg.notes)
+    folder = FOLDERS[dataset_id]
+    for split, path in cfg.files.items():
+        name = split if split == "train" or dataset_id in HAS_VALID else "test"
+        assert path.as_posix().endswith(f"{folder}/{name}.csv"), (split, path)
+
+
+def _write_data_root(root: Path, dataset_id: str, rows: int = 160, seed: int = 0) -> None:
+    """Tiny csv files with the dataset's columns, where the dataset YAML expects them below the
+    data root."""
+    rng = np.random.default_rng(seed)
+    folder = root / FOLDERS[dataset_id]
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {"train": rows, "test": rows // 2} | ({"valid": rows // 2}
+                                                  if dataset_id in HAS_VALID else {})
+    for split, n in splits.items():
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(HEADERS[dataset_id])
+            w.writerows([_cell(rng, c, dataset_id) for c in HEADERS[dataset_id]]
+                         for _ in range(n))
+
+
+@pytest.mark.parametrize("dataset_id", BARS_IDS)
+def test_dataset_yamls_load_csv_files_below_the_working_directory(tmp_path, monkeypatch,
+                                                                  dataset_id):
+    _write_data_root(tmp_path, dataset_id)
+    monkeypatch.chdir(tmp_path)  # the data root
+    ds = load_bars(_dataset_yaml(dataset_id))
+    cfg = read_config(_dataset_yaml(dataset_id))
+    assert len(ds.splits["train"]) == 160 and len(ds.splits["test"]) == 80
+    assert (ds.splits["valid"] is ds.splits["test"]) == (dataset_id not in HAS_VALID)
+    features = [c.name for c in cfg.columns if c.type != "meta"]
+    assert [f.name for f in ds.schema.features] == features
+    assert ds.schema.label == cfg.label
+
+
+@pytest.mark.parametrize("dataset_id", BARS_IDS)
+def test_bars_train_configs_build_their_model_on_the_dataset(tmp_path, monkeypatch, dataset_id):
+    _write_data_root(tmp_path, dataset_id)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(CONFIG_DIR / f"bars_{dataset_id}.yaml",
+                         [f"data.config={_dataset_yaml(dataset_id)}", "data.cache_dir=null"])
+    assert config["data"]["name"] == "bars"
+    data = dict(config["data"])
+    data.pop("name")
+    schema = load_dataset("bars", **data).schema
+    assert check_model(config, schema) > 0
+
+
+def test_a_bars_config_trains_an_epoch_with_the_documented_command(tmp_path, monkeypatch,
+                                                                   one_thread):
+    _write_data_root(tmp_path, "criteo_x1", rows=200)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(CONFIG_DIR / "bars_criteo_x1.yaml"),
+                 "--set", f"data.config={_dataset_yaml('criteo_x1')}",
+                 "--set", "device=cpu", "train.epochs=1", "train.batch_size=64",
+                 "train.eval_batch_size=256", "model.dnn.hidden=[16]",
+                 "model.dcnv2.hidden=[16]", "--out", str(run), "--quiet", "--no-plots"]) == 0
+    metrics = read_json(run / "metrics.json")
+    assert metrics["name"] == "bars_criteo_x1" and metrics["epochs_completed"] == 1
+    assert 0.0 <= metrics["fused"]["auc"] <= 1.0
+    assert (tmp_path / "cetnet_cache").is_dir()  # data.cache_dir is below the data root
