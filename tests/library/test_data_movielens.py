@@ -192,13 +192,15 @@ def test_fetch_falls_back_to_the_next_source(tmp_path, monkeypatch):
     def unreachable(timeout):
         raise OSError("no network")
 
-    fake = {p: "\t".join(ml._HEADERS[p]).encode() + b"\n" for p in ("inter", "user", "item")}
+    rows = {"inter": "1\t10\t5\t881250949", "user": "1\t24\tM\ttechnician\t85711",
+            "item": "10\tRichard III\t1995\tDrama War"}
+    fake = {p: ("\t".join(ml._HEADERS[p]) + "\n" + rows[p] + "\n").encode() for p in rows}
     monkeypatch.setattr(ml, "_from_grouplens", unreachable)
     monkeypatch.setattr(ml, "_from_recbole", lambda timeout: fake)
     folder = fetch_raw(tmp_path, verbose=False)
     assert (folder / "SOURCE").read_text() == "recbole"
     assert (folder / "ml-100k.user").read_bytes() == fake["user"]
-    with pytest.raises(RuntimeError, match="grouplens: OSError: no network"):
+    with pytest.raises(RuntimeError, match=r"grouplens \(.*\): OSError: no network"):
         fetch_raw(tmp_path / "other", sources=("grouplens",), verbose=False)
 
 

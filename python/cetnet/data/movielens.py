@@ -1,9 +1,13 @@
 """MovieLens-100k, the default real dataset, framed as CTR prediction.
 
-Fetched once into ``<root>/movielens-100k/`` as RecBole-style "atomic" files (tab-separated,
-header cells ``name:type``): from the GroupLens zip if it can be reached, else read out of the
-``recbole==1.2.1`` wheel (fetched with ``pip download --no-deps``, never installed). The encoded
-dataset is cached next to them, so later loads are fast and offline.
+Fetched once into ``<root>/movielens-100k/`` (``<root>``: ``$CETNET_DATA``, else
+``~/.cache/cetnet``) as RecBole-style "atomic" files (tab-separated, header cells
+``name:type``): from a local copy put there (``ml-100k.zip`` or its ``ml-100k/`` folder), else
+from the GroupLens zip (:data:`GROUPLENS_URL`, or ``$CETNET_MOVIELENS_URL``), else read out of
+the ``recbole==1.2.1`` wheel (fetched with ``pip download --no-deps``, never installed). Each
+download is announced on stderr; without network :class:`FetchError` says where to put a copy.
+:func:`install_raw` (``cetnet data prepare movielens-100k --from PATH``) installs a local copy.
+The encoded dataset is cached next to the raw files, so later loads are fast and offline.
 
 Framing: label = rating >= 4; rows cut 80/10/10 into train/valid/test by ``split``:
 ``global_time`` (default: rows sorted by timestamp, cut at two moments; most valid/test rows
@@ -16,32 +20,48 @@ random, seeded by ``split_seed``). Within each split rows are in time order.
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
 import io
+import itertools
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from cetnet.atomic import TEMP_SUFFIX
 from cetnet.data.cache import (cache_file, cached, default_root, file_stamp, open_cache_dir,
-                               write_atomic)
+                               user_path, write_atomic)
 from cetnet.data.csvio import DataFormatError, clip, read_chunks, shorten
-from cetnet.data.dataset import SPLITS, CTRDataset, Split, SplitStats
+from cetnet.data.dataset import SPLITS, CacheError, CTRDataset, Split, SplitStats
 from cetnet.data.normalize import DenseStats
 from cetnet.data.options import (MAX_SEQ_LEN, ConfigError, check_bool, check_choice,
                                  check_float, check_int)
 from cetnet.data.schema import OOV_ID, PAD_ID, FeatureSpec, Schema
 from cetnet.data.vocab import MISSING, encode_with_train_vocab, factorize
 
-__all__ = ["GROUPLENS_URL", "RECBOLE_SPEC", "SPLIT_KINDS", "FetchError", "fetch_raw", "read_raw",
-           "MovieLensRaw", "build_movielens", "load_movielens"]
+__all__ = ["GROUPLENS_URL", "URL_ENV", "RECBOLE_SPEC", "SPLIT_KINDS", "FetchError", "fetch_raw",
+           "install_raw", "grouplens_url", "read_raw", "MovieLensRaw", "build_movielens",
+           "load_movielens"]
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+#: Set to download the GroupLens zip from elsewhere (a mirror, a ``file://`` URL).
+URL_ENV = "CETNET_MOVIELENS_URL"
+_ZIP_NAME, _DIR_NAME = "ml-100k.zip", "ml-100k"
+_GROUPLENS_FILES = ("u.data", "u.user", "u.item")  # in the order of _PARTS
+_STAGING_PREFIX = ".install-"
 RECBOLE_SPEC = "recbole==1.2.1"
 _WHEEL_DIR = "recbole/dataset_example/ml-100k/"
 _PARTS = ("inter", "user", "item")
@@ -68,27 +88,50 @@ class FetchError(RuntimeError, FileNotFoundError):
 
 
 # --------------------------------------------------------------------------------------------
-# fetching
+# fetching and installing the raw files
 
 
-def _log(msg: str, verbose: bool) -> None:
+def _log(msg: str, verbose: bool = True) -> None:
     if verbose:
         print(f"[cetnet.data] {msg}", file=sys.stderr)
+
+
+def grouplens_url() -> str:
+    """Where the GroupLens source downloads from: ``$CETNET_MOVIELENS_URL`` (a mirror, or a
+    ``file://`` URL) if set, else :data:`GROUPLENS_URL`."""
+    return os.environ.get(URL_ENV) or GROUPLENS_URL
+
+
+def check_root(root: object, where: str = "dataset 'movielens-100k'") -> str | Path | None:
+    """``root`` if it can name a directory (None: the default cache root), else ConfigError."""
+    if root is not None and (not isinstance(root, (str, Path)) or not str(root)):
+        raise ConfigError(f"{where}: root: expected a directory path, got {shorten(root)}")
+    return root
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f"ml-100k.{p}").is_file() for p in _PARTS)
 
 
 def fetch_raw(root: str | Path | None = None, *, sources: Sequence[str] = ("grouplens", "recbole"),
               timeout: float = 5.0, verbose: bool = True) -> Path:
     """Makes sure ``<root>/movielens-100k/ml-100k.{inter,user,item}`` exist; returns the folder.
 
+    When they are missing, a local copy put into that folder (``ml-100k.zip`` or its unzipped
+    ``ml-100k/``) is installed; else the sources are tried in order, each download announced
+    on stderr (what, from where, into which folder) whatever ``verbose`` says.
+
     Args:
         root: the cache directory (default ``$CETNET_DATA`` or ``~/.cache/cetnet``).
-        sources: what to try, in order: ``"grouplens"`` (the official zip, ``timeout`` seconds)
-            and ``"recbole"`` (the files inside the recbole wheel from the package index).
-        timeout: seconds for the GroupLens request.
+        sources: what to try, in order: ``"grouplens"`` (the official zip from
+            :func:`grouplens_url`, ``timeout`` seconds) and ``"recbole"`` (the files inside the
+            recbole wheel from the package index pip uses).
+        timeout: seconds for a network request.
         verbose: say on stderr where the files came from.
 
     Raises:
-        FetchError: every source failed (the message lists why).
+        FetchError: every source failed; the message gives each reason, where to put a copy
+            and the ``cetnet data prepare movielens-100k --from`` command.
         CacheError: the folder cannot be created or written.
     """
     where = "dataset 'movielens-100k'"
@@ -98,33 +141,251 @@ def fetch_raw(root: str | Path | None = None, *, sources: Sequence[str] = ("grou
                           f"{shorten(sources)}")
     timeout = check_float(timeout, "timeout", where, minimum=0)
     verbose = check_bool(verbose, "verbose", where)
-    folder = open_cache_dir(default_root(root) / "movielens-100k")  # sweeps killed writes
-    if all((folder / f"ml-100k.{p}").exists() for p in _PARTS):
+    folder = _open_folder(check_root(root, where))
+    if _complete(folder):
         return folder
+    for local in (folder / _ZIP_NAME, folder / _DIR_NAME):
+        if local.exists():
+            _log(f"installing MovieLens-100k from {local} (found in the data cache)")
+            _install_copy(local, folder)
+            return folder
     errors = []
     for source in sources:
+        _log(_ANNOUNCE[source].format(url=grouplens_url(), folder=folder, spec=RECBOLE_SPEC))
         try:
             files = {"grouplens": _from_grouplens, "recbole": _from_recbole}[source](timeout)
+            with _staged(folder, files, source) as staged:
+                _check_staged(staged, {p: f"ml-100k.{p} of the {source} download"
+                                       for p in _PARTS})
+                _commit(staged, folder)
+        except CacheError:
+            raise  # the disk, not the source
         except Exception as e:  # noqa: BLE001 - any failure means: try the next source
-            errors.append(f"{source}: {type(e).__name__}: {clip(str(e), 300)}")
-            _log(f"MovieLens-100k from {source} failed ({clip(str(e), 300)}); trying "
-                 f"the next source", verbose)
+            name = _SOURCE_NAMES[source].format(url=grouplens_url())
+            errors.append(f"{name}: {_reason(e)}")
+            _log(f"MovieLens-100k from {name} failed: {_reason(e)}")
             continue
-        for part in _PARTS:
-            write_atomic(folder / f"ml-100k.{part}", files[part])
-        write_atomic(folder / "SOURCE", source.encode())
         _log(f"MovieLens-100k fetched from {source} into {folder}", verbose)
         return folder
-    raise FetchError(f"could not fetch MovieLens-100k into {folder}: " + ("; ".join(errors)
-                                                                          or "no source given"))
+    raise FetchError(offline_message(folder, root, errors))
+
+
+#: How an error names a source.
+_SOURCE_NAMES = {"grouplens": "grouplens ({url})", "recbole": "package index"}
+#: One line on stderr before each download.
+_ANNOUNCE = {
+    "grouplens": "downloading MovieLens-100k (about 5 MB) from {url} into {folder}",
+    "recbole": "downloading MovieLens-100k from the package index into {folder}: the files "
+               "inside the {spec} wheel (pip download --no-deps; nothing is installed)",
+}
+
+
+def offline_message(folder: Path, root: str | Path | None, errors: Sequence[str]) -> str:
+    """What :class:`FetchError` says: why each source failed, and how to install a copy."""
+    command = "cetnet data prepare movielens-100k" + (
+        f" root={shlex.quote(str(root))}" if root is not None else "")
+    return (f"could not fetch MovieLens-100k into {folder}: "
+            f"{'; '.join(errors) or 'no source given'}. Without network: download "
+            f"{GROUPLENS_URL} on another machine, then run `{command} --from ml-100k.zip`, or "
+            f"put ml-100k.zip (or the ml-100k/ folder inside it, holding "
+            f"{', '.join(_GROUPLENS_FILES)}) into {folder}/ and run again")
+
+
+def _reason(e: BaseException) -> str:
+    """A failure in a few words: the URL error's reason, pip's last error line, ..."""
+    if isinstance(e, urllib.error.HTTPError):
+        text = f"HTTP {e.code} {e.reason}"
+    elif isinstance(e, urllib.error.URLError):
+        text = f"{type(e).__name__}: {e.reason}"
+    elif type(e) is RuntimeError:  # pip's failure, said by _from_recbole
+        text = str(e)
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return clip(text, 300)
 
 
 def _from_grouplens(timeout: float) -> dict[str, bytes]:
-    with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as r:
+    url = grouplens_url()
+    with urllib.request.urlopen(url, timeout=timeout) as r:
         data = r.read()
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        return grouplens_to_atomic(z.read("ml-100k/u.data"), z.read("ml-100k/u.user"),
-                                   z.read("ml-100k/u.item"))
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return _read_zip(z, url)
+    except zipfile.BadZipFile:
+        raise DataFormatError(url, None, None, "not a zip file") from None
+
+
+def _from_recbole(timeout: float) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "1",
+               "--timeout", f"{max(timeout, 10.0):g}", RECBOLE_SPEC, "-d", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("recbole-*.whl"))
+        if res.returncode != 0 or not wheels:
+            lines = [ln.strip() for ln in res.stderr.splitlines() if ln.strip()]
+            last = next((ln for ln in reversed(lines) if ln.startswith("ERROR")),
+                        lines[-1] if lines else f"exit status {res.returncode}")
+            raise RuntimeError(f"pip download {RECBOLE_SPEC} failed: {last}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            return {p: z.read(f"{_WHEEL_DIR}ml-100k.{p}") for p in _PARTS}
+
+
+def install_raw(source: str | Path, root: str | Path | None = None, *,
+                verbose: bool = True) -> Path:
+    """Installs a local copy of MovieLens-100k into ``<root>/movielens-100k/``; returns the
+    folder (``cetnet data prepare movielens-100k --from SOURCE``).
+
+    ``source`` is GroupLens' ``ml-100k.zip``, the ``ml-100k/`` folder inside it (``u.data``,
+    ``u.user``, ``u.item``), a folder holding that ``ml-100k/``, or a folder of RecBole's
+    ``ml-100k.inter`` / ``.user`` / ``.item``. The tables are converted and checked in a
+    temporary folder, then moved in (``ml-100k.inter`` last: the copy counts as there only
+    once it is whole); a copy identical to the installed one changes nothing, another one
+    replaces it and the encoded caches of the old one.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        DataFormatError: it is no MovieLens-100k copy (naming the path and the missing file, or
+            the file and line that is malformed); nothing is installed then.
+        CacheError: the cache folder cannot be created or written.
+    """
+    where = "dataset 'movielens-100k'"
+    if not isinstance(source, (str, Path)) or not str(source):
+        raise ConfigError(f"{where}: --from: expected a file or folder path, got "
+                          f"{shorten(source)}")
+    folder = _open_folder(check_root(root, where))
+    changed = _install_copy(user_path(source), folder)
+    _log(f"MovieLens-100k from {source} {'installed in' if changed else 'is already in'} "
+         f"{folder}", verbose)
+    return folder
+
+
+def _open_folder(root: str | Path | None) -> Path:
+    """The dataset's cache folder, created; temporaries of killed writes swept."""
+    folder = open_cache_dir(default_root(root) / "movielens-100k")
+    cutoff = time.time() - 3600  # younger ones may belong to an install in progress
+    for p in folder.glob(f"{_STAGING_PREFIX}*{TEMP_SUFFIX}"):
+        try:
+            if p.is_dir() and p.stat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+    return folder
+
+
+def _install_copy(source: Path, folder: Path) -> bool:
+    """Reads, checks and installs the local copy ``source``; False if it was there already."""
+    files, names = _read_local(source)
+    with _staged(folder, files, f"local copy {source.resolve()}") as staged:
+        _check_staged(staged, names)
+        return _commit(staged, folder)
+
+
+_LAYOUT = (f"a MovieLens-100k copy is GroupLens' {_ZIP_NAME}, or a folder holding "
+           f"{', '.join(_GROUPLENS_FILES)} (the {_DIR_NAME}/ folder inside that zip)")
+
+
+def _read_local(source: Path) -> tuple[dict[str, bytes], dict[str, str]]:
+    """``(tables, names)``: the atomic tables of a local copy, and what each came from."""
+    if not source.exists():
+        raise FileNotFoundError(f"--from {source}: no such file or folder")
+    if not source.is_dir():
+        try:
+            with zipfile.ZipFile(source) as z:
+                return _read_zip(z, source), {p: f"{source}: {n}" for p, n in
+                                              zip(_PARTS, _GROUPLENS_FILES)}
+        except (zipfile.BadZipFile, zlib.error, EOFError):
+            raise DataFormatError(source, None, None, f"not a readable zip file ({_LAYOUT})"
+                                  ) from None
+    for d in (source, source / _DIR_NAME):
+        if all((d / f).is_file() for f in _GROUPLENS_FILES):
+            names = {p: str(d / f) for p, f in zip(_PARTS, _GROUPLENS_FILES)}
+            return _convert(*((d / f).read_bytes() for f in _GROUPLENS_FILES), names), names
+        if all((d / f"ml-100k.{p}").is_file() for p in _PARTS):  # RecBole's atomic files
+            return ({p: (d / f"ml-100k.{p}").read_bytes() for p in _PARTS},
+                    {p: str(d / f"ml-100k.{p}") for p in _PARTS})
+    d = source / _DIR_NAME if (source / _DIR_NAME).is_dir() else source
+    missing = [f for f in _GROUPLENS_FILES if not (d / f).is_file()]
+    raise DataFormatError(d, None, None, f"no {', '.join(missing)} in this folder ({_LAYOUT})")
+
+
+def _read_zip(z: zipfile.ZipFile, where: str | Path) -> dict[str, bytes]:
+    """The atomic tables of a GroupLens zip (``ml-100k/u.data`` ..., or the files at its top)."""
+    names = set(z.namelist())
+    prefix = next((p for p in (f"{_DIR_NAME}/", "") if f"{p}u.data" in names), f"{_DIR_NAME}/")
+    missing = [prefix + f for f in _GROUPLENS_FILES if prefix + f not in names]
+    if missing:
+        raise DataFormatError(where, None, None, f"no {', '.join(missing)} in the zip "
+                                                 f"({_LAYOUT})")
+    return _convert(*(z.read(prefix + f) for f in _GROUPLENS_FILES),
+                    {p: f"{where}: {prefix}{f}" for p, f in zip(_PARTS, _GROUPLENS_FILES)})
+
+
+def _convert(u_data: bytes, u_user: bytes, u_item: bytes,
+             names: dict[str, str]) -> dict[str, bytes]:
+    """:func:`grouplens_to_atomic`, a malformed line named in the copy's own file."""
+    try:
+        return grouplens_to_atomic(u_data, u_user, u_item)
+    except DataFormatError as e:
+        raise DataFormatError(names["item"], e.line, e.column, e.reason) from None
+
+
+@contextlib.contextmanager
+def _staged(folder: Path, files: dict[str, bytes], source: str) -> Iterator[Path]:
+    """A temporary folder inside ``folder`` holding the tables and ``SOURCE``; removed on
+    exit, whatever happens."""
+    try:
+        staged = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=TEMP_SUFFIX, dir=folder))
+    except OSError as e:
+        raise CacheError(folder, f"cannot write in it ({e.strerror or e})") from None
+    try:
+        for part in _PARTS:
+            write_atomic(staged / f"ml-100k.{part}", files[part])
+        write_atomic(staged / "SOURCE", source.encode())
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _check_staged(staged: Path, names: dict[str, str]) -> None:
+    """DataFormatError (naming the copy's file) unless the staged tables have rows and parse.
+    A line number of a converted GroupLens file is one less: it has no header."""
+    for part in _PARTS:
+        with open(staged / f"ml-100k.{part}", "rb") as f:
+            if len(list(itertools.islice((ln for ln in f if ln.strip()), 2))) < 2:
+                raise DataFormatError(names[part], None, None, "it has no rows")
+    try:
+        read_raw(staged)
+    except DataFormatError as e:
+        part = Path(e.path).suffix.lstrip(".")
+        name = names.get(part, e.path)
+        shift = 1 if name.endswith(_GROUPLENS_FILES) else 0
+        line = e.line - shift if e.line is not None and e.line > shift else None
+        raise DataFormatError(name, line, e.column, e.reason) from None
+
+
+def _commit(staged: Path, folder: Path) -> bool:
+    """Moves the staged tables into ``folder``; False when identical ones are there already.
+
+    ``ml-100k.inter`` is removed first and moved in last, so an interrupted install leaves an
+    incomplete copy (installed again next time), never a mixture of two. Encoded caches of a
+    replaced copy are removed (they can never be read again: their keys name the old files).
+    """
+    names = [f"ml-100k.{p}" for p in _PARTS]
+    if all((folder / n).is_file() and filecmp.cmp(staged / n, folder / n, shallow=False)
+           for n in names):
+        return False
+    replaced = any((folder / n).exists() for n in names)
+    try:
+        (folder / names[0]).unlink(missing_ok=True)
+        for n in (*names[1:], "SOURCE", names[0]):
+            os.replace(staged / n, folder / n)
+    except OSError as e:
+        raise CacheError(folder, f"cannot install the MovieLens-100k files ("
+                                 f"{e.strerror or e})") from None
+    if replaced:
+        for old in folder.glob("encoded-*.pt"):
+            old.unlink(missing_ok=True)
+    return True
 
 
 def grouplens_to_atomic(u_data: bytes, u_user: bytes, u_item: bytes) -> dict[str, bytes]:
@@ -149,19 +410,6 @@ def grouplens_to_atomic(u_data: bytes, u_user: bytes, u_item: bytes) -> dict[str
         items.append([f[0], title, year, " ".join(genres)])
     return {"inter": table("inter", inter), "user": table("user", user),
             "item": table("item", items)}
-
-
-def _from_recbole(timeout: float) -> dict[str, bytes]:
-    del timeout  # pip has its own
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", RECBOLE_SPEC,
-               "-d", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("recbole-*.whl"))
-        if res.returncode != 0 or not wheels:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(wheels[0]) as z:
-            return {p: z.read(f"{_WHEEL_DIR}ml-100k.{p}") for p in _PARTS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,8 +690,7 @@ def load_movielens(root: str | Path | None = None, *, max_seq_len: int = 50, min
         sources, timeout: see :func:`fetch_raw`.
     """
     where = "dataset 'movielens-100k'"
-    if root is not None and (not isinstance(root, (str, Path)) or not str(root)):
-        raise ConfigError(f"{where}: root: expected a directory path, got {shorten(root)}")
+    check_root(root, where)
     max_seq_len = check_int(max_seq_len, "max_seq_len", where, minimum=1, maximum=MAX_SEQ_LEN)
     min_count = check_int(min_count, "min_count", where, minimum=1)
     genre_pooling = check_choice(genre_pooling, "genre_pooling", where, ("mean", "sum"))

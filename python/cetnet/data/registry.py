@@ -1,4 +1,5 @@
-"""Datasets by name: :func:`load_dataset` for training code, :func:`prepare` for the CLI."""
+"""Datasets by name: :func:`load_dataset` for training code, :func:`prepare` and
+:func:`install` (a local copy of the raw files) for the CLI."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Any, Callable
 from cetnet.data.bars import load_bars
 from cetnet.data.csvio import shorten, shorten_list
 from cetnet.data.dataset import CTRDataset
-from cetnet.data.movielens import load_movielens
+from cetnet.data.movielens import install_raw, load_movielens
 from cetnet.data.options import ConfigError
 from cetnet.data.synthetic import make_synthetic
 
-__all__ = ["DATASETS", "load_dataset", "prepare"]
+__all__ = ["DATASETS", "INSTALLERS", "load_dataset", "prepare", "install"]
 
 
 @functools.wraps(load_bars)  # its signature: the options checked below
@@ -32,6 +33,10 @@ DATASETS: dict[str, Callable[..., CTRDataset]] = {
     "synthetic": make_synthetic,
     "bars": _bars,
 }
+
+#: Datasets whose raw files can come from a local copy instead of a download
+#: (``cetnet data prepare NAME --from PATH``): ``installer(path, root=None) -> folder``.
+INSTALLERS: dict[str, Callable[..., Any]] = {"movielens-100k": install_raw}
 
 
 def _check_options(name: str, loader: Callable[..., Any], options: dict[str, Any]) -> None:
@@ -89,3 +94,20 @@ def prepare(name: str = "movielens-100k", **options: Any) -> CTRDataset:
     if name in ("movielens-100k", "bars"):
         options.setdefault("verbose", True)
     return load_dataset(name, **options)
+
+
+def install(name: str, source: Any, **options: Any) -> Any:
+    """Installs the local copy ``source`` of dataset ``name``'s raw files into its cache (the
+    ``root`` option, if given, says where; the other options are the loader's and are not used
+    here); returns the folder.
+
+    Raises:
+        ConfigError: ``name`` takes no local copy.
+        FileNotFoundError, DataFormatError: ``source`` is missing or no copy of the dataset.
+    """
+    installer = INSTALLERS.get(name) if isinstance(name, str) else None
+    if installer is None:
+        raise ConfigError(f"--from: dataset {shorten(name)} has no raw files to install (only "
+                          f"{', '.join(INSTALLERS)} has; bars reads the files its dataset YAML "
+                          f"names, synthetic makes its rows)")
+    return installer(source, root=options.get("root"))
