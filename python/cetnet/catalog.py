@@ -1,6 +1,6 @@
 """What the library offers, as text for ``cetnet models``, ``cetnet data list`` and
 ``cetnet --version``: ensembles and members with their config options and defaults, datasets
-with their options, and the versions of what runs."""
+with their options and where their data comes from, and the versions of what runs."""
 
 from __future__ import annotations
 
@@ -89,6 +89,8 @@ def datasets_text() -> str:
     """The datasets (``data.name``) with their options and defaults, and what the default
     training config uses."""
     from cetnet.config import load_config
+    from cetnet.data.cache import default_root
+    from cetnet.data.movielens import grouplens_url
     from cetnet.data.registry import DATASETS
     from cetnet.train.builders import registered_datasets
 
@@ -102,5 +104,10 @@ def datasets_text() -> str:
         lines += ["", "Registered by plugins: " + ", ".join(extra)]
     options = {k: v for k, v in default.items() if k != "name"}
     lines += ["", f"The default config trains on {default['name']} with {options}; "
-              f"`cetnet data prepare {default['name']}` prepares exactly that."]
+              f"`cetnet data prepare {default['name']}` prepares exactly that.",
+              "", f"Data cache: {default_root()} ($CETNET_DATA, else ~/.cache/cetnet; the "
+                  f"root=DIR option for another). movielens-100k is downloaded once from "
+                  f"{grouplens_url()} (else from the recbole wheel on the package index); "
+                  f"offline, download that zip elsewhere and run `cetnet data prepare "
+                  f"movielens-100k --from ml-100k.zip`."]
     return "\n".join(lines)

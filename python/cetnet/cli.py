@@ -10,6 +10,7 @@ Examples::
     cetnet train --dry-run --set model.dnn.hidden=[64]   # check everything, write nothing
     cetnet evaluate runs/cetnet_ml100k-20250101-120000 --split valid
     cetnet data prepare movielens-100k                # what the default config trains on
+    cetnet data prepare movielens-100k --from ml-100k.zip    # offline: a copy from GroupLens
     cetnet data list                                  # datasets and their options
     cetnet models                                     # ensembles, members, their options
     cetnet reproduce --dataset movielens-100k --seeds 5       # the evidence (docs/REPRODUCE.md)
@@ -112,8 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     da = sub.add_parser("data", help="dataset commands")
     dsub = da.add_subparsers(dest="data_command", required=True)
     dsub.add_parser("list", help="list the datasets and their options")
-    pr = dsub.add_parser("prepare", help="download and cache a dataset, print its summary")
+    pr = dsub.add_parser(
+        "prepare", help="download and cache a dataset, print its summary",
+        description="Download (or install from --from) and encode a dataset into the data cache "
+                    "($CETNET_DATA, else ~/.cache/cetnet; root=DIR for another), then print its "
+                    "summary. movielens-100k is downloaded from "
+                    "https://files.grouplens.org/datasets/movielens/ml-100k.zip; without network, "
+                    "download that file elsewhere and give it with --from.")
     pr.add_argument("name")
+    pr.add_argument("--from", dest="from_", type=Path, metavar="PATH",
+                    help="install the raw files from a local copy instead of downloading: "
+                         "ml-100k.zip, or a folder holding u.data, u.user, u.item (or holding "
+                         "ml-100k/ with them)")
     pr.add_argument("options", nargs="*", metavar="KEY=VALUE",
                     help="options of the dataset (e.g. root=~/.cache/cetnet); for the dataset "
                          "of the default config, its options (e.g. max_seq_len) unless given")
@@ -238,6 +249,10 @@ def _prepare(args: argparse.Namespace) -> int:
     default = load_config(None)["data"]
     if args.name == default["name"]:  # prepare what `cetnet train` will train on
         options = {**{k: v for k, v in default.items() if k != "name"}, **options}
+    if args.from_ is not None:
+        from cetnet.data.registry import install
+
+        install(args.name, args.from_, **options)
     result = prepare_dataset(args.name, **options)
     summary = getattr(result, "summary", None)
     print(summary() if callable(summary) else result)

@@ -236,8 +236,9 @@ def run_training(config: dict, out: str | Path | None = None, *, resume: bool = 
     missing, unless ``resume`` (continue the interrupted run in it; its data and model
     sections must not change, other changes are printed) or ``overwrite`` (delete the run in
     it first; files that are not a run's are never deleted). Nothing is written before
-    :func:`check_run` has passed; the directory is locked for the whole run, so a second run
-    into it fails at once (RunDirError).
+    :func:`check_run` has passed and the model is built: data that cannot be loaded (e.g. not
+    downloadable) or a model that cannot be built leaves no run directory behind. The
+    directory is locked for the whole run, so a second run into it fails at once (RunDirError).
     """
     plan = check_run(config, out, resume=resume, overwrite=overwrite)
     for change in plan.changes:
