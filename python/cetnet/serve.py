@@ -239,8 +239,9 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
 # Predictions
 # ------------------------------------------------------------------------------------------------
 def write_predictions(pred: Predictions, member_names: Sequence[str], path: str | Path) -> Path:
-    """Writes ``pred`` as csv: ``row, prob, label``, then ``prob_<member>`` per member and,
-    when the ensemble has fusion weights, ``weight_<member>`` (written atomically)."""
+    """Writes ``pred`` as csv: ``row, prob, label`` (0 for rows read without a label), then
+    ``prob_<member>`` per member and, when the ensemble has fusion weights,
+    ``weight_<member>`` (written atomically)."""
     names = list(member_names)
     cols = ["row", "prob", "label", *(f"prob_{m}" for m in names)]
     member = torch.sigmoid(pred.logits.double())
