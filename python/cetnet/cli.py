@@ -1,5 +1,6 @@
-"""The ``cetnet`` command line: ``cetnet train``, ``cetnet evaluate``, ``cetnet data prepare``,
-``cetnet data list``, ``cetnet models``, ``cetnet reproduce``, ``cetnet --version``.
+"""The ``cetnet`` command line: ``cetnet train``, ``cetnet evaluate``, ``cetnet predict``,
+``cetnet export``, ``cetnet data prepare``, ``cetnet data list``, ``cetnet models``,
+``cetnet reproduce``, ``cetnet --version``.
 
 Examples::
 
@@ -9,6 +10,8 @@ Examples::
     cetnet train --out runs/t05 --overwrite        # replace the run in runs/t05
     cetnet train --dry-run --set model.dnn.hidden=[64]   # check everything, write nothing
     cetnet evaluate runs/cetnet_ml100k-20250101-120000 --split valid
+    cetnet predict runs/t05 --csv new_rows.csv --out new_rows_predictions.csv
+    cetnet export runs/t05 runs/t05/model.pt2      # torch.export program for serving
     cetnet data prepare movielens-100k                # what the default config trains on
     cetnet data prepare movielens-100k --from ml-100k.zip    # offline: a copy from GroupLens
     cetnet data list                                  # datasets and their options
@@ -18,12 +21,14 @@ Examples::
 
 A failure caused by the input (a config value, a file, a checkpoint, a run directory in use,
 a training loss that stopped being finite) ends in one line ``cetnet <command>: error: ...``
-and exit status 2; a traceback means a bug.
+and exit status 2; a traceback means a bug. Output cut short by a closed pipe (``cetnet data list
+| head -1``) ends quietly with exit status 141, as a program killed by SIGPIPE does.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -38,6 +43,12 @@ __all__ = ["main", "build_parser", "parse_args", "train_config"]
 
 #: The embedding optimizers of the fused kernels (``model.embedding_optimizer``).
 FUSED_EMBEDDING_OPTIMIZERS = ("sgd", "rowwise_adagrad")
+SPLITS = ("train", "valid", "test")
+#: The exit status when stdout is a pipe closed early: 128 + SIGPIPE, what a shell reports for
+#: a program that SIGPIPE ended (Python ignores the signal, so it ends the program itself).
+BROKEN_PIPE_STATUS = 141
+_CHECKPOINT_HELP = ("best.pt (default), last.pt, or the path of a checkpoint file (anything "
+                    "with a '/': one kept elsewhere; it must fit the run's model)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,10 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="score a finished run's checkpoint on a split")
     ev.add_argument("run_dir", type=Path)
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"],
+    ev.add_argument("--split", default="test", choices=SPLITS,
                     help="the split to score (default test)")
     ev.add_argument("--checkpoint", default="best.pt", help="best.pt (default) or last.pt")
     ev.add_argument("--device", help="override the run's device")
+
+    pd = _run_parser(
+        sub, "predict", "write a finished run's predictions of a split or of a csv of new rows",
+        "Rebuild a run's dataset and model from RUN_DIR (config.yaml and a checkpoint), score "
+        "a split of its dataset or the rows of a csv, print the scores when the rows have "
+        "labels of both classes, and write one csv line per row: row, prob, label, "
+        "prob_<member>... and, for CETNet, weight_<member>... A run of a registered dataset or "
+        "model needs `cetnet --plugin MODULE predict ...`.")
+    rows = pd.add_mutually_exclusive_group()
+    rows.add_argument("--split", default="test", choices=SPLITS,
+                      help="the split of the run's dataset to score (default test)")
+    rows.add_argument("--csv", type=Path, metavar="FILE",
+                      help="new rows to score: a header and one column per feature of the run, "
+                           "raw values as in the dataset's files ('|' between the values of a "
+                           "bag or a sequence); the label column is optional")
+    pd.add_argument("--out", type=Path, required=True, metavar="FILE",
+                    help="the predictions csv (refused if it exists, unless --overwrite)")
+    pd.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pd.add_argument("--batch-size", type=_positive_int, metavar="N",
+                    help="rows per forward pass (default the run's train.eval_batch_size)")
+    pd.add_argument("--device", help="override the run's device")
+
+    ex = _run_parser(
+        sub, "export", "export a finished run's model as a torch.export program (.pt2)",
+        "Rebuild a run's model from RUN_DIR (config.yaml and a checkpoint) and save it with "
+        "torch.export to OUT.pt2, with the feature schema and member names inside "
+        "(cetnet_serving.json). The program takes plain tensors (any batch size) and runs "
+        "wherever cetnet_kernels is importable, on the device it was exported on; "
+        "cetnet.serve.load_exported reads it. It needs the compiled kernels (a run trained "
+        "with backend reference is exported on them, with the same weights).")
+    ex.add_argument("out", type=Path, metavar="OUT.pt2",
+                    help="the program file (refused if it exists, unless --overwrite)")
+    ex.add_argument("--overwrite", action="store_true", help="replace OUT.pt2 if it exists")
+    ex.add_argument("--device", default="cpu",
+                    help="the device to export on, where the program will run (default cpu)")
 
     sub.add_parser("models", help="list the ensembles and members with their options")
 
@@ -136,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "write docs/RESULTS.md (cetnet reproduce --help)")
     rp.add_argument("args", nargs="*", help=argparse.SUPPRESS)  # filled by parse_args
     return ap
+
+
+def _run_parser(sub: argparse._SubParsersAction, name: str, help: str,
+                description: str) -> argparse.ArgumentParser:
+    """A command on a finished run: RUN_DIR and --checkpoint, as cetnet.serve reads them."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a run directory written by cetnet train")
+    parser.add_argument("--checkpoint", default="best.pt", help=_CHECKPOINT_HELP)
+    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -237,6 +293,59 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _check_inputs(args: argparse.Namespace, out: Path, out_flag: str) -> None:
+    """Before a run is loaded: RUN_DIR is a directory, the output is not a directory and is
+    new unless --overwrite (ConfigError / FileNotFoundError naming the argument)."""
+    if not args.run_dir.is_dir():
+        raise FileNotFoundError(f"RUN_DIR {args.run_dir}: no such directory")
+    if out.is_dir():
+        raise ConfigError(f"{out_flag} {out} is a directory; give a file name")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out_flag} {out} exists; --overwrite replaces it")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cetnet.serve import predict_run
+    from cetnet.train import format_metrics_table
+
+    _check_inputs(args, args.out, "--out")
+    if args.csv is not None and not args.csv.exists():
+        raise FileNotFoundError(f"--csv {args.csv}: no such file")
+    try:
+        out, scores = predict_run(args.run_dir, args.out,
+                                  split=None if args.csv is not None else args.split,
+                                  csv_path=args.csv, checkpoint=args.checkpoint,
+                                  device=args.device, batch_size=args.batch_size)
+    except DataFormatError as e:  # a bad --csv is named as the argument
+        if args.csv is None or e.path != str(args.csv):
+            raise
+        raise DataFormatError(f"--csv {e.path}", e.line, e.column, e.reason) from None
+    if scores is not None:
+        print(format_metrics_table(scores, args.csv.name if args.csv else args.split))
+    print(f"written: {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cetnet.serve import export_run
+
+    _check_inputs(args, args.out, "OUT.pt2")
+    out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, device=args.device)
+    print(f"exported {args.checkpoint} of {args.run_dir} on {args.device}: {out} "
+          f"({out.stat().st_size / 2**20:.2f} MiB)")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from cetnet.train import prepare_dataset
 
@@ -275,7 +384,31 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cetnet`` / ``python -m cetnet``; returns the exit status (0, 2 for an
-    error the input causes, printed as one line, 130 for Ctrl-C)."""
+    error the input causes, printed as one line, 130 for Ctrl-C, 141 when stdout is a pipe
+    closed before the output ended, e.g. ``cetnet data list | head -1``)."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # output still buffered meets a closed pipe here, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return BROKEN_PIPE_STATUS
+
+
+def _discard_stdout() -> None:
+    """Points stdout at /dev/null: what is still buffered for the closed pipe is dropped when
+    Python flushes it at exit, instead of raising again there."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     try:
         from cetnet.train import load_plugins
@@ -285,6 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "reproduce":
             from cetnet.reproduce.__main__ import main as reproduce
 
@@ -300,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(datasets_text())
             return 0
         return _prepare(args)
+    except BrokenPipeError:  # an OSError, but no error of the input: main ends quietly
+        raise
     except USER_ERRORS as e:
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
         print(f"cetnet {command}: error: {_one_line(e)}", file=sys.stderr)

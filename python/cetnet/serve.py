@@ -8,10 +8,10 @@ checkpoints ``best.pt`` / ``last.pt``. This module turns it into predictions and
 - :func:`encode_csv`: rows of a csv (raw values, one column per schema feature) encoded with
   the run's vocabularies and dense statistics, as a :class:`~cetnet.data.Split`.
 - :func:`write_predictions` / :func:`predict_run`: predictions of a split or a csv written as
-  csv (``predict_run`` is what a ``cetnet predict`` command would call).
+  csv (``predict_run`` is what ``cetnet predict`` calls).
 - :class:`ServingModule`, :func:`export_model`, :func:`export_run`, :func:`load_exported`: the
-  ensemble as a ``torch.export`` program over plain tensors (``export_run`` is what a
-  ``cetnet export`` command would call). The fused ops are registered with ``torch.library``
+  ensemble as a ``torch.export`` program over plain tensors (``export_run`` is what
+  ``cetnet export`` calls). The fused ops are registered with ``torch.library``
   and have fake kernels, so the program holds them as ``torch.ops.cetnet.*`` calls: it runs
   wherever ``cetnet_kernels`` is importable (``import cetnet_kernels`` before
   ``torch.export.load``), without the ``cetnet`` library or the run directory.
@@ -26,28 +26,31 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from cetnet_kernels.backends import BACKENDS, resolve_backend
 from torch import Tensor, nn
 
-from cetnet.atomic import write_text_atomic
-from cetnet.config import ConfigError
+from cetnet.atomic import atomic_write, write_text_atomic
+from cetnet.config import ConfigError, Spec
+from cetnet.data.cache import user_path
 from cetnet.data.csvio import DataFormatError, check_data_file, shorten
 from cetnet.data.dataset import Split, SplitStats
 from cetnet.data.schema import OOV_ID, PAD_ID, Batch, Schema
 from cetnet.train.builders import load_plugins
-from cetnet.train.checkpoint import BEST, check_model_state, load_checkpoint
+from cetnet.train.checkpoint import BEST, LAST, check_model_state, load_checkpoint
 from cetnet.train.evaluate import Predictions, predict, score
 from cetnet.train.loop import check_backend, resolve_device
 from cetnet.train.rundir import CONFIG_FILE
-from cetnet.train.runner import build_run, checkpoint_path, load_run_config
+from cetnet.train.runner import build_run, load_run_config
 
-__all__ = ["LoadedRun", "ExportedRun", "ServingModule", "load_run", "encode_csv",
-           "write_predictions", "predict_run", "batch_inputs", "example_inputs",
+__all__ = ["LoadedRun", "ExportedRun", "ServingModule", "load_run", "checkpoint_file",
+           "encode_csv", "write_predictions", "predict_run", "batch_inputs", "example_inputs",
            "dynamic_shapes", "export_model", "export_run", "load_exported", "SCHEMA_FILE",
            "LIST_SEP"]
 
@@ -87,16 +90,19 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None = None,
-             plugins: Sequence[str] = ()) -> LoadedRun:
+             plugins: Sequence[str] = (), backend: str | None = None) -> LoadedRun:
     """Rebuilds a run's dataset and model from ``run_dir/config.yaml`` and loads
     ``checkpoint`` (the name of a file in ``run_dir``).
 
     Args:
         run_dir: a run directory written by ``cetnet train`` / ``run_training``.
-        checkpoint: ``best.pt`` (default) or ``last.pt``.
+        checkpoint: ``best.pt`` (default) or ``last.pt`` (a file of ``run_dir``), or the path
+            of a checkpoint elsewhere (:func:`checkpoint_file`).
         device: overrides the run's ``device`` (``cpu``, ``cuda``, ``auto``).
         plugins: modules to import first, as ``cetnet --plugin``: a run of a registered
             dataset or model needs the module that registers it.
+        backend: overrides the run's kernel ``backend`` (every backend has the same weights);
+            ``config["backend"]`` of the result is the one the model was built with.
 
     Raises:
         FileNotFoundError: no ``config.yaml`` or no such checkpoint.
@@ -106,7 +112,9 @@ def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None 
     load_plugins(plugins)
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    path = checkpoint_path(run_dir, checkpoint)
+    if backend is not None:
+        config["backend"] = Spec(str, choices=BACKENDS).check("backend", backend)
+    path = checkpoint_file(run_dir, checkpoint)
     dev = resolve_device(device or config["device"],
                          "device" if device else f"{run_dir / CONFIG_FILE}: device")
     check_backend(config["backend"], dev)
@@ -116,6 +124,28 @@ def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None 
     model.load_state_dict(state["model"])
     model.to(dev).eval()
     return LoadedRun(run_dir, config, dataset, model, dev, state.get("epoch"))
+
+
+def checkpoint_file(run_dir: str | Path, checkpoint: str | Path) -> Path:
+    """The checkpoint file ``checkpoint`` names: a bare file name (``best.pt``, ``last.pt``) is
+    a file of ``run_dir``, anything with a ``/`` in it a path (e.g. ``other/best.pt``, a copy
+    kept elsewhere; it must still fit the run's model). FileNotFoundError naming
+    ``--checkpoint`` when there is no such file."""
+    text = str(checkpoint)
+    if not text or "\x00" in text:
+        raise ConfigError(f"--checkpoint: expected best.pt, last.pt or a path, got "
+                          f"{shorten(text)}")
+    if "/" in text or os.sep in text:
+        path = user_path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"--checkpoint {text}: no such file")
+        return path
+    path = Path(run_dir) / text
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: no {text} in {run_dir}"
+                                + (" (no epoch of the run has finished?)"
+                                   if text in (BEST, LAST) else ""))
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,8 +303,8 @@ def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "te
         labelled = _has_label_column(Path(csv_path), run.dataset.schema.label)
     else:
         if split not in run.dataset.splits:
-            raise ConfigError(f"predict: no split {split!r}; the dataset has "
-                             f"{', '.join(run.dataset.splits)}")
+            raise ConfigError(f"--split: the dataset has no split {shorten(split)}, only "
+                              f"{', '.join(run.dataset.splits)}")
         rows, labelled = run.dataset.splits[split], True
     pred = predict(run.model, rows, batch_size=batch_size or
                    run.config["train"]["eval_batch_size"], device=run.device)
@@ -404,16 +434,33 @@ def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = B
                device: str | None = "cpu", plugins: Sequence[str] = ()) -> Path:
     """Exports a run's model (:func:`load_run`, :func:`export_model`) to ``out_path``
     (``torch.export.save``; conventionally ``*.pt2``), with the schema and member names as
-    the extra file :data:`SCHEMA_FILE`. The program runs on the device it was exported on
-    (default the CPU)."""
-    run = load_run(run_dir, checkpoint=checkpoint, device=device, plugins=plugins)
+    the extra file :data:`SCHEMA_FILE`, written atomically. The program runs on the device it
+    was exported on (default the CPU).
+
+    The model is traced on the compiled kernels, whose ops the program keeps: a run trained
+    with ``backend: reference`` is rebuilt with ``auto`` (the same weights). Where only the
+    reference backend runs (the C++ extension not built, or ``CETNET_BACKEND=reference``),
+    ConfigError: its checks of the ids read tensor values, which ``torch.export`` cannot
+    trace."""
+    load_plugins(plugins)
+    trained = load_run_config(run_dir)["backend"]
+    run = load_run(run_dir, checkpoint=checkpoint, device=device,
+                   backend="auto" if trained == "reference" else None)
+    if resolve_backend(run.config["backend"], run.device) == "reference":
+        raise ConfigError(f"only the reference backend runs on {run.device} here (the C++ "
+                          "extension cetnet_kernels._C is not built, or "
+                          "CETNET_BACKEND=reference); exporting needs the compiled kernels' "
+                          "ops (the reference embedding checks ids by their values, which "
+                          "torch.export cannot trace)")
     program = export_model(run.model, run.dataset.schema)
     meta = {"schema": run.dataset.schema.to_dict(), "member_names": run.member_names,
             "run_dir": str(run.run_dir), "checkpoint": checkpoint, "epoch": run.epoch,
             "device": str(run.device)}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, out_path, extra_files={SCHEMA_FILE: json.dumps(meta)})
+    # atomically: a reader (or a server reloading the file) never sees half of a program
+    atomic_write(out_path, lambda f: torch.export.save(
+        program, f, extra_files={SCHEMA_FILE: json.dumps(meta)}))
     return out_path
 
 

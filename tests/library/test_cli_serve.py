@@ -1,0 +1,185 @@
+"""``cetnet predict`` and ``cetnet export`` on a tiny trained run (the synthetic dataset of the
+``train_config`` fixture, one short epoch): the predictions of a split, of a csv of the same
+rows, an exported program that matches the eager model, outputs that are never replaced
+without ``--overwrite``, and bad input as one line naming the argument. Also: output cut short
+by a closed pipe (``cetnet data list | head -1``) ends quietly."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cetnet import serve
+from cetnet.atomic import TEMP_SUFFIX
+from cetnet.cli import BROKEN_PIPE_STATUS, main
+from cetnet.config import dump_config
+from cetnet.train import predict
+from cetnet.train.rundir import read_json
+
+from conftest import small_run_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("serve")
+        config = root / "tiny.yaml"
+        dump_config(small_run_config(epochs=1, max_steps_per_epoch=4), config)
+        assert main(["train", "--config", str(config), "--out", str(root / "run"), "--quiet",
+                     "--no-plots"]) == 0
+        yield root / "run"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _split_as_csv(run: serve.LoadedRun, split: str, path: Path) -> int:
+    """The rows of ``split`` as raw values (dense features un-normalized, bags and sequences
+    '|'-separated without padding), plus a column the run does not read."""
+    schema, rows = run.dataset.schema, run.dataset.splits[split]
+    stats = run.dataset.dense_stats
+    raw = rows.dense.double().numpy() * stats.std + stats.mean
+    n = len(rows)
+    table = []
+    for r in range(n):
+        line = {f.name: int(rows.sparse[f.name][r]) for f in schema.sparse}
+        line |= {f.name: repr(float(raw[r, j])) for j, f in enumerate(schema.dense)}
+        for f in (*schema.multihot, *schema.sequence):
+            ids = (rows.multihot | rows.sequence)[f.name][r]
+            line[f.name] = "|".join(str(int(i)) for i in ids if int(i) != 0)
+        table.append(line | {"note": "ignored"})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    return n
+
+
+def test_predict_writes_a_split_and_prints_its_scores(run_dir, tmp_path, capsys):
+    out = tmp_path / "test.csv"
+    assert main(["predict", str(run_dir), "--out", str(out), "--batch-size", "100"]) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(out)
+    assert len(rows) == 300
+    assert list(rows[0]) == ["row", "prob", "label", "prob_dnn", "prob_dcnv2", "weight_dnn",
+                             "weight_dcnv2"]
+    # the scores of the best checkpoint on test, as the run recorded them
+    assert f"{read_json(run_dir / 'metrics.json')['fused']['auc']:.4f}" in printed
+    assert f"written: {out}" in printed
+    # another checkpoint, given as a path
+    assert main(["predict", str(run_dir), "--split", "valid", "--out", str(tmp_path / "v.csv"),
+                 "--checkpoint", str(run_dir / "last.pt")]) == 0
+    assert len(_rows(tmp_path / "v.csv")) == 300
+
+
+def test_predict_a_csv_of_new_rows_as_the_run_reads_its_own(run_dir, tmp_path, capsys):
+    run = serve.load_run(run_dir)
+    new_rows = tmp_path / "new_rows.csv"
+    n = _split_as_csv(run, "test", new_rows)
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run_dir), "--csv", str(new_rows), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "AUC" not in printed  # no label column: no scores
+    got = torch.tensor([float(r["prob"]) for r in _rows(out)])
+    assert len(got) == n and {r["label"] for r in _rows(out)} == {"0"}
+    expected = predict(run.model, run.dataset.splits["test"]).prob
+    torch.testing.assert_close(got, expected.double().float(), rtol=0, atol=2e-6)
+
+
+def test_export_writes_a_program_that_matches_the_run(run_dir, tmp_path, capsys):
+    out = tmp_path / "served" / "model.pt2"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    assert f"{out}" in capsys.readouterr().out
+    exported = serve.load_exported(out)
+    assert exported.member_names == ["dnn", "dcnv2"]
+    run = serve.load_run(run_dir)
+    batch = run.dataset.splits["test"].take(torch.arange(7))
+    with torch.no_grad():
+        served = exported.module()(*serve.batch_inputs(batch))
+        eager = run.model(batch)
+    torch.testing.assert_close(served["prob"], eager.prob, rtol=0, atol=1e-6)
+    torch.testing.assert_close(served["weights"], eager.weights, rtol=0, atol=1e-6)
+    # an existing program is kept unless --overwrite; a write leaves no temporary behind
+    before = out.read_bytes()
+    assert main(["export", str(run_dir), str(out), "--checkpoint", "last.pt"]) == 2
+    assert "OUT.pt2" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["export", str(run_dir), str(out), "--checkpoint", "last.pt",
+                 "--overwrite"]) == 0
+    assert serve.load_exported(out).member_names == ["dnn", "dcnv2"]
+    assert not list(out.parent.glob(f"*{TEMP_SUFFIX}"))
+
+
+def _bad_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.csv"
+    path.write_text("user,item\n1,2\n")
+    return path
+
+
+# (arguments after the command, what the error line must name); {run}, {tmp} are filled in
+BAD_INPUT = [
+    (["predict", "{tmp}/nope", "--out", "{tmp}/p.csv"], "RUN_DIR"),
+    (["predict", "{tmp}", "--out", "{tmp}/p.csv"], "config.yaml"),
+    (["predict", "{run}", "--out", "{tmp}/p.csv", "--checkpoint", "epoch3.pt"], "--checkpoint"),
+    (["predict", "{run}", "--out", "{tmp}/p.csv", "--checkpoint", "{tmp}/x.pt"],
+     "--checkpoint"),
+    (["predict", "{run}", "--out", "{tmp}/p.csv", "--csv", "{tmp}/none.csv"], "--csv"),
+    (["predict", "{run}", "--out", "{tmp}/p.csv", "--csv", "{tmp}/bad.csv"], "--csv"),
+    (["predict", "{run}", "--out", "{tmp}/exists.csv"], "--out"),
+    (["predict", "{run}", "--out", "{tmp}"], "--out"),
+    (["predict", "{run}", "--out", "{tmp}/p.csv", "--batch-size", "0"], "--batch-size"),
+    (["predict", "{run}"], "--out"),
+    (["export", "{tmp}/nope", "{tmp}/m.pt2"], "RUN_DIR"),
+    (["export", "{run}", "{tmp}/m.pt2", "--checkpoint", "epoch3.pt"], "--checkpoint"),
+    (["export", "{run}", "{tmp}/exists.csv"], "OUT.pt2"),
+]
+
+
+def _status(argv: list[str]) -> int:
+    """main's status, also for a usage error (argparse exits)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("argv, named", BAD_INPUT, ids=lambda v: " ".join(v)
+                         if isinstance(v, list) else v)
+def test_bad_input_is_one_line_naming_the_argument(run_dir, tmp_path, capsys, argv, named):
+    _bad_csv(tmp_path)
+    (tmp_path / "exists.csv").write_text("mine\n")
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
+    assert _status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"cetnet {argv[0]}: error: "), err
+    assert named in err and "Traceback" not in err
+    assert (tmp_path / "exists.csv").read_text() == "mine\n"  # never replaced
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.pt2").exists()
+
+
+def test_a_closed_pipe_ends_quietly():
+    # the reader goes away before cetnet writes (as `| head -1` does once it has its line):
+    # no "Broken pipe" error, the status of a program that SIGPIPE ended
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cetnet", "data", "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == BROKEN_PIPE_STATUS == 141
+    assert err == ""
+    # through a shell, as a user types it: the first line arrives, nothing on stderr
+    shell = subprocess.run(f"'{sys.executable}' -m cetnet data list | head -1",
+                           shell=True, capture_output=True, text=True, env=env, timeout=120)
+    assert shell.returncode == 0 and shell.stdout.startswith("Datasets")
+    assert shell.stderr == ""
