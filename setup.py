@@ -3,9 +3,12 @@
 Environment knobs:
   CETNET_CUDA=1|0      force / disable the CUDA kernels (default: built when torch has CUDA and
                        nvcc is found).
-  CETNET_CPU_ISA=auto|avx512|avx2|generic
-                       vector ISA of the CPU kernels (default: the best one this machine runs;
-                       use "generic" for a build that must run on any x86-64 / other CPU).
+  CETNET_CPU_ISA=all|native|default|<list>
+                       which builds of the CPU kernels to compile besides the default one (any
+                       CPU): "all" (default on x86-64: avx2 and avx512, the widest this CPU runs
+                       is picked at import, CETNET_CPU_CAPABILITY overrides), "native" (only the
+                       widest this build machine runs: quicker to build, not portable),
+                       "default" (none), or a comma list such as "avx2".
   TORCH_CUDA_ARCH_LIST  CUDA archs (default: the visible GPUs', else "8.0;9.0+PTX").
 Install with `pip install --no-build-isolation -e .` so the build uses the installed torch.
 """
@@ -47,26 +50,65 @@ def _want_cuda() -> bool:
     return available
 
 
-def _cpu_flags() -> list[str]:
-    """-m flags and at::vec CPU_CAPABILITY macros for the chosen vector ISA."""
-    isa = _flag("CETNET_CPU_ISA") or "auto"
-    if isa == "auto":
-        isa = "generic"
-        if platform.machine().lower() in ("x86_64", "amd64") and os.path.exists("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as f:
-                flags = set(f.read().split())
-            if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-                isa = "avx512"
-            elif {"avx2", "fma", "f16c"} <= flags:
-                isa = "avx2"
-    if isa == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if isa == "avx2":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if isa == "generic":
+# The -m flags and at::vec macros of each vector ISA the CPU kernels are also compiled for.
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+# The CPU kernels (compiled once per ISA); csrc/cpu/dispatch.cpp picks one at load time.
+CPU_KERNEL_SOURCES = sorted(set(glob.glob("csrc/cpu/*.cpp")) - {"csrc/cpu/dispatch.cpp"})
+
+
+def _native_isas() -> list[str]:
+    """The ISAs of ISA_FLAGS this build machine runs (from /proc/cpuinfo)."""
+    if not os.path.exists("/proc/cpuinfo"):
         return []
-    raise ValueError(f"CETNET_CPU_ISA must be auto, avx512, avx2 or generic, got {isa!r}")
+    with open("/proc/cpuinfo") as f:
+        flags = set(f.read().split())
+    isas = []
+    if {"avx2", "fma", "f16c"} <= flags:
+        isas.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            isas.append("avx512")
+    return isas
+
+
+def _cpu_isas() -> list[str]:
+    """The ISAs to compile the CPU kernels for besides the default build (CETNET_CPU_ISA)."""
+    choice = _flag("CETNET_CPU_ISA") or "all"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    if choice == "all":
+        return list(ISA_FLAGS)
+    if choice == "native":
+        return _native_isas()[-1:]
+    if choice in ("default", "none"):
+        return []
+    isas = [x.strip() for x in choice.split(",") if x.strip()]
+    bad = [x for x in isas if x not in ISA_FLAGS]
+    if bad or not isas:
+        raise ValueError("CETNET_CPU_ISA must be all, native, default or a comma list of "
+                         f"{', '.join(ISA_FLAGS)}; got {choice!r}")
+    return [x for x in ISA_FLAGS if x in isas]
+
+
+class BuildExtensionPerISA(BuildExtension):
+    """BuildExtension that also compiles the CPU kernels once per extra ISA (ext.cpu_isas),
+    each with its flags into its own folder, and links those objects after the default ones
+    (so the copies of shared inline code the linker keeps are the default build's)."""
+
+    def build_extension(self, ext):
+        objects = []
+        for isa in getattr(ext, "cpu_isas", []):
+            args = dict(ext.extra_compile_args)
+            args["cxx"] = list(args["cxx"]) + ISA_FLAGS[isa]
+            objects += self.compiler.compile(
+                CPU_KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, "isa-" + isa),
+                macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs=args, depends=ext.depends)
+        ext.extra_objects = [o for o in (ext.extra_objects or []) if "/isa-" not in o] + objects
+        super().build_extension(ext)
 
 
 def _extension():
@@ -75,8 +117,9 @@ def _extension():
     # No -std: torch's BuildExtension picks the standard its headers need (C++20 from torch 2.14).
     # -fopenmp: at::parallel_for is header code; without it the OpenMP pragma is dropped and
     # every CPU kernel runs on one thread.
-    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp", *_cpu_flags()]
-    macros = []
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    isas = _cpu_isas()
+    macros = [(f"CETNET_CPU_HAVE_{isa.upper()}", None) for isa in isas]
     extra = {"cxx": cxx}
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -87,7 +130,7 @@ def _extension():
         cls = CUDAExtension
     else:
         cls = CppExtension
-    return cls(
+    ext = cls(
         name="cetnet_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -95,6 +138,8 @@ def _extension():
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )
+    ext.cpu_isas = isas
+    return ext
 
 
 setup(
@@ -103,5 +148,5 @@ setup(
     package_dir={"cetnet": "python/cetnet"},
     package_data={"cetnet": ["configs/*.yaml"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionPerISA.with_options(use_ninja=True)},
 )

@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py).
     if not args.skip_tests:
         junit = Path(tempfile.gettempdir()) / "cetnet-gpu-tests.xml"  # read for skip reasons
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-ra", "--durations=15",
+        # ... and the CPU kernel builds' agreement (the GPU host's CPU often runs avx512).
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu or cpu_isa", "-q", "-ra", "--durations=15",
                "-p", "no:cacheprovider",
                "--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
         import importlib.util

@@ -9,9 +9,11 @@
 
 Backends: C++ (CPU), CUDA, Triton and a plain-PyTorch reference; ``backend="auto"`` (or the
 ``CETNET_BACKEND`` environment variable) picks the fastest one available for the tensors' device.
+The C++ CPU kernels are compiled for several vector ISAs; :func:`build_info` says which one runs
+(``CETNET_CPU_CAPABILITY`` or :func:`set_cpu_capability` choose another).
 """
 
-from cetnet_kernels._extension import build_info
+from cetnet_kernels._extension import build_info, set_cpu_capability
 from cetnet_kernels.backends import BACKENDS, available_backends
 from cetnet_kernels.embedding import EmbeddingFeature, MultiTableEmbedding
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
@@ -38,4 +40,5 @@ __all__ = [
     "kdef_loss",
     "kdef_loss_reference",
     "multi_table_embedding_reference",
+    "set_cpu_capability",
 ]

@@ -5,17 +5,6 @@
 
 namespace cetnet {
 
-// Compiled vector ISA of the CPU kernels ("avx512", "avx2" or "generic").
-inline const char* cpu_capability() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return "avx512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "avx2";
-#else
-  return "generic";
-#endif
-}
-
 inline bool with_cuda() {
 #ifdef CETNET_WITH_CUDA
   return true;

@@ -2,6 +2,8 @@
 // messages first; these keep direct torch.ops.cetnet.* calls from ever reading out of bounds.
 #pragma once
 
+#include "isa.h"
+
 #include "codes.h"
 
 #include <ATen/ATen.h>
@@ -13,6 +15,7 @@
 #include <utility>
 
 namespace cetnet {
+inline namespace CETNET_ISA_NS {  // isa.h
 
 inline void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D [batch, members], got ",
@@ -150,4 +153,5 @@ inline at::Tensor grad_logits_out(const at::Tensor& logits, bool compute_grad) {
                       : at::empty({0}, logits.options());
 }
 
+}  // inline namespace CETNET_ISA_NS
 }  // namespace cetnet

@@ -3,6 +3,8 @@
 // (CPU: on the host before the pass; CUDA: by the kernels, raised after the launch).
 #pragma once
 
+#include "isa.h"
+
 #include "codes.h"
 #include "embedding_layout.h"
 
@@ -19,6 +21,7 @@
 #include <vector>
 
 namespace cetnet {
+inline namespace CETNET_ISA_NS {  // isa.h
 
 // The validated shape of one call: the table layout (embedding_layout.h) plus B rows, the
 // feature names and input modes.
@@ -178,4 +181,5 @@ inline void check_update_args(const EmbeddingArgs& A, int64_t optimizer, const a
   }
 }
 
+}  // inline namespace CETNET_ISA_NS
 }  // namespace cetnet

@@ -10,6 +10,8 @@
 // [B, N, D_m] hold feature f in the columns [col_start[f], col_start[f] + ncols[f]).
 #pragma once
 
+#include "isa.h"
+
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include <c10/util/safe_numerics.h>
@@ -21,6 +23,7 @@
 #include <vector>
 
 namespace cetnet {
+inline namespace CETNET_ISA_NS {  // isa.h
 
 // a + b and a * b of sizes computed from user values, refused when they pass int64: a wrapped
 // product (vocab 2^62 x dim 4 = 16) would pass the weight-size check and index out of bounds.
@@ -107,4 +110,5 @@ struct TableLayout {
   }
 };
 
+}  // inline namespace CETNET_ISA_NS
 }  // namespace cetnet

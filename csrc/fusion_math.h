@@ -13,6 +13,8 @@
 // clamped, and a NaN/inf logit only poisons its own row.
 #pragma once
 
+#include "isa.h"
+
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -26,6 +28,7 @@
 #endif
 
 namespace cetnet {
+inline namespace CETNET_ISA_NS {  // isa.h
 
 // ---------------------------------------------------------------------------------------------
 // Scalar primitives. The Vectorized overloads live in csrc/cpu/vec_math.h.
@@ -500,4 +503,5 @@ CETNET_HD LossRowOut<V> collaborative_loss_row(const Row& row, V y, const TempSc
   return out;
 }
 
+}  // inline namespace CETNET_ISA_NS
 }  // namespace cetnet

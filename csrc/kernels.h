@@ -73,9 +73,17 @@ std::vector<at::Tensor> multi_embedding_fused(
   ::cetnet::MultiEmbeddingBackwardFn multi_embedding_backward;     \
   ::cetnet::MultiEmbeddingUpdateFn multi_embedding_update;
 
-namespace cetnet::cpu {
+// CPU: one build of the kernels per vector ISA (csrc/isa.h); cetnet::cpu::<op> (cpu/dispatch.h)
+// calls the build chosen at load time.
+namespace cetnet::cpu::base {
 CETNET_DECLARE_BACKEND_KERNELS
-}  // namespace cetnet::cpu
+}  // namespace cetnet::cpu::base
+namespace cetnet::cpu::avx2 {
+CETNET_DECLARE_BACKEND_KERNELS
+}  // namespace cetnet::cpu::avx2
+namespace cetnet::cpu::avx512 {
+CETNET_DECLARE_BACKEND_KERNELS
+}  // namespace cetnet::cpu::avx512
 
 // CUDA: the same contract, except that the temperature's validity (finite, > 0) and the labels'
 // range ([0, 1]) are checked by the Python layer: a bad temperature gives NaN results there,

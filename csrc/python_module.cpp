@@ -9,20 +9,10 @@
 #include "embedding_args.h"
 #include "embedding_layout.h"
 
+#include "cpu/dispatch.h"
 #include "kernels.h"
 
 namespace {
-
-bool cpu_supports_build() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#if defined(CPU_CAPABILITY_AVX512)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-#elif defined(CPU_CAPABILITY_AVX2)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-#endif
-  return true;
-}
 
 template <size_t N>
 pybind11::dict code_dict(const cetnet::CodeName (&names)[N]) {
@@ -40,8 +30,10 @@ PYBIND11_MODULE(_C, m) {
       [] {
         pybind11::dict info;
         info["cpu"] = true;
-        info["cpu_capability"] = cetnet::cpu_capability();
-        info["cpu_supported"] = cpu_supports_build();
+        // The call makes the choice: a bad CETNET_CPU_CAPABILITY is an error at import.
+        info["cpu_capability"] = cetnet::cpu::capability();
+        info["cpu_capabilities"] = cetnet::cpu::compiled_capabilities();
+        info["cpu_capabilities_runnable"] = cetnet::cpu::runnable_capabilities();
         info["cuda"] = cetnet::with_cuda();
 #ifdef CETNET_WITH_CUDA
         info["cuda_archs"] = cetnet::cuda::compiled_archs();
@@ -53,7 +45,10 @@ PYBIND11_MODULE(_C, m) {
         info["torch_version"] = TORCH_VERSION;
         return info;
       },
-      "Which backends and CPU vector ISA this build of cetnet_kernels._C contains.");
+      "Which backends and CPU kernel builds (vector ISAs) cetnet_kernels._C contains, and the "
+      "one in use.");
+  m.def("set_cpu_capability", &cetnet::cpu::set_capability, pybind11::arg("name"),
+        "Run the CPU ops with the kernel build `name` (default, avx2 or avx512) from now on.");
   m.def(
       "codes",
       [] {

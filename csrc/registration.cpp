@@ -41,6 +41,7 @@
 //       the rows the batch touched; state: one opmath-dtype value per table row (adagrad).
 #include <torch/library.h>
 
+#include "cpu/dispatch.h"
 #include "kernels.h"
 
 TORCH_LIBRARY(cetnet, m) {
@@ -79,18 +80,19 @@ TORCH_LIBRARY(cetnet, m) {
       "-> ()");
 }
 
-// Every op's kernel of backend `ns` (cetnet::cpu or cetnet::cuda, declared in kernels.h);
-// multi_embedding_fused's forward is the backend's plain lookup.
-#define CETNET_REGISTER_BACKEND(m, ns)                                           \
-  m.impl("confidence_fusion", &cetnet::ns::confidence_fusion);                   \
-  m.impl("confidence_fusion_backward", &cetnet::ns::confidence_fusion_backward); \
-  m.impl("collaborative_loss", &cetnet::ns::collaborative_loss);                 \
-  m.impl("kdef_loss", &cetnet::ns::kdef_loss);                                   \
-  m.impl("multi_embedding", &cetnet::ns::multi_embedding);                       \
-  m.impl("multi_embedding_fused",                                                \
-         &cetnet::multi_embedding_fused<&cetnet::ns::multi_embedding>);          \
-  m.impl("multi_embedding_backward", &cetnet::ns::multi_embedding_backward);     \
-  m.impl("multi_embedding_update", &cetnet::ns::multi_embedding_update);
+// Every op's kernel of backend `ns` (cetnet::cpu: the forwarders of cpu/dispatch.h to the
+// kernel build chosen for this CPU; cetnet::cuda: declared in kernels.h); multi_embedding_fused's
+// forward is the backend's plain lookup.
+#define CETNET_REGISTER_BACKEND(m, ns)                                         \
+  m.impl("confidence_fusion", cetnet::ns::confidence_fusion);                   \
+  m.impl("confidence_fusion_backward", cetnet::ns::confidence_fusion_backward); \
+  m.impl("collaborative_loss", cetnet::ns::collaborative_loss);                 \
+  m.impl("kdef_loss", cetnet::ns::kdef_loss);                                   \
+  m.impl("multi_embedding", cetnet::ns::multi_embedding);                       \
+  m.impl("multi_embedding_fused",                                               \
+         &cetnet::multi_embedding_fused<cetnet::ns::multi_embedding>);          \
+  m.impl("multi_embedding_backward", cetnet::ns::multi_embedding_backward);     \
+  m.impl("multi_embedding_update", cetnet::ns::multi_embedding_update);
 
 TORCH_LIBRARY_IMPL(cetnet, CPU, m) { CETNET_REGISTER_BACKEND(m, cpu) }
 

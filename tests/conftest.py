@@ -69,6 +69,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "gpu: runs on CUDA tensors (a 'cuda' device/backend parameter, or a GPU-only "
         "test file when CUDA is available); select with `pytest -m gpu`")
+    config.addinivalue_line(
+        "markers", "cpu_isa: compares the CPU kernel builds (default, avx2, avx512) this CPU "
+        "runs; make gpu-check runs them too, since GPU hosts usually have AVX-512")
 
 
 def _runs_on_gpu(item) -> bool:

@@ -13,6 +13,7 @@
 // each run in its sorted (= batch) order and write the dense gradient row or apply the optimizer
 // to the row. Each row belongs to exactly one run, so there are no races and no atomics, and the
 // summation order does not depend on the thread count: results are bitwise reproducible.
+#include "isa.h"  // the kernels namespace: one build per vector ISA
 #include "embedding_args.h"
 #include "kernels.h"
 
@@ -29,7 +30,7 @@
 #include <sstream>
 #include <tuple>
 
-namespace cetnet::cpu {
+namespace cetnet::cpu::CETNET_ISA {
 namespace {
 
 // Reads ids of either integer width without converting the tensor.
@@ -730,4 +731,4 @@ void multi_embedding_update(at::TensorList grads, const at::Tensor& weight,
   });
 }
 
-}  // namespace cetnet::cpu
+}  // namespace cetnet::cpu::CETNET_ISA

@@ -5,6 +5,7 @@
 // computed once and cached, and the row functions run on whole vectors. Tiles are grouped in
 // fixed blocks of kBlockRows rows and blocks run in parallel (at::parallel_for); reductions sum
 // one partial per block in block order, so results are bitwise identical for any thread count.
+#include "isa.h"  // the kernels namespace: one build per vector ISA
 #include "cpu/vec_math.h"  // before fusion_math.h: provides the Vectorized overloads
 #include "fusion_math.h"
 
@@ -22,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace cetnet::cpu {
+namespace cetnet::cpu::CETNET_ISA {
 namespace {
 
 constexpr int64_t kBlockRows = 512;
@@ -306,4 +307,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   return {loss, prob, grad_logits, grad_temperature};
 }
 
-}  // namespace cetnet::cpu
+}  // namespace cetnet::cpu::CETNET_ISA

@@ -4,6 +4,7 @@
 //      in block order, so the loss is bitwise identical for any thread count;
 //   2. with compute_grad, the gradient, elementwise, from K-sized coefficients (a, E/Z, G).
 // Rows are processed in tiles of L = Vec::size() rows, one SIMD lane per row (csrc/cpu/tile_io.h).
+#include "isa.h"  // the kernels namespace: one build per vector ISA
 #include "cpu/vec_math.h"  // before fusion_math.h: provides the Vectorized overloads
 #include "fusion_math.h"
 
@@ -19,7 +20,7 @@
 #include <cmath>
 #include <vector>
 
-namespace cetnet::cpu {
+namespace cetnet::cpu::CETNET_ISA {
 namespace {
 
 constexpr int64_t kKdefBlockRows = 512;
@@ -234,4 +235,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kdef_loss(const at::Tensor& logit
   return {loss_t, teacher, grad};
 }
 
-}  // namespace cetnet::cpu
+}  // namespace cetnet::cpu::CETNET_ISA

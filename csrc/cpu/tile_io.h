@@ -3,6 +3,8 @@
 // Shared by the fusion and KDEF kernels.
 #pragma once
 
+#include "isa.h"
+
 #include "cpu/tile_transpose.h"
 #include "cpu/vec_math.h"
 
@@ -10,6 +12,7 @@
 #include <type_traits>
 
 namespace cetnet::cpu {
+inline namespace CETNET_ISA_NS {  // isa.h
 
 // Gathers rows [b0, b0 + n) of a strided [B, K] tensor into buf[k * L + r] (zero-padded).
 template <typename scalar_t, typename acc_t>
@@ -74,4 +77,5 @@ inline acc_t sum_lanes(const Vec<acc_t>& v, int n) {
   return s;
 }
 
+}  // inline namespace CETNET_ISA_NS
 }  // namespace cetnet::cpu

@@ -9,6 +9,8 @@
 // height: the caller falls back to its scalar loop otherwise.
 #pragma once
 
+#include "isa.h"
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -20,6 +22,7 @@
 #define CETNET_HAS_TILE_TRANSPOSE 1
 
 namespace cetnet::cpu {
+inline namespace CETNET_ISA_NS {  // isa.h
 
 // 8x8: in[i] holds row i's 8 members; out[k] holds member k of rows 0..7. An involution.
 inline void transpose8x8(const __m256 in[8], __m256 out[8]) {
@@ -173,5 +176,6 @@ inline int scatter_tile_vec(const float* buf, int K, T* x) {
   return k;
 }
 
+}  // inline namespace CETNET_ISA_NS
 }  // namespace cetnet::cpu
 #endif

@@ -2,11 +2,14 @@
 // SIMD lane per row. Include this before fusion_math.h: its templates find these overloads.
 #pragma once
 
+#include "isa.h"
+
 #include <ATen/cpu/vec/vec.h>
 
 #include <type_traits>
 
 namespace cetnet {
+inline namespace CETNET_ISA_NS {  // isa.h
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -99,4 +102,5 @@ inline Vec<T> tiny_sum(const Vec<T>&) {
   return Vec<T>(std::is_same_v<T, double> ? T(1e-290) : T(1e-30));
 }
 
+}  // inline namespace CETNET_ISA_NS
 }  // namespace cetnet

@@ -58,7 +58,8 @@ def version_text() -> str:
         version = "unknown (not installed)"
     info = build_info()
     kernels = "not built" if not info.get("cpu") else (
-        f"CPU {info.get('cpu_capability', '?')}"
+        f"CPU {info.get('cpu_capability', '?')} (compiled: "
+        f"{', '.join(info.get('cpu_capabilities') or []) or '?'})"
         + (f", CUDA {info.get('cuda_version')} {info.get('cuda_archs')}" if info.get("cuda")
            else ", no CUDA"))
     return (f"cetnet {version}\ntorch {torch.__version__}\nkernels: {kernels}\n"

@@ -20,7 +20,9 @@ def test_build_info_keys():
         assert key in info
     if info["cpu"]:
         assert info["error"] is None
-        assert info["cpu_capability"] in ("generic", "avx2", "avx512")
+        assert info["cpu_capability"] in info["cpu_capabilities_runnable"]
+        assert set(info["cpu_capabilities_runnable"]) <= set(info["cpu_capabilities"])
+        assert info["cpu_capabilities"][0] == "default"
         assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     if torch.cuda.is_available() and info["cuda"]:
         assert info["cuda_archs"], "a CUDA build must list its archs"
