@@ -10,35 +10,51 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: venv setup train demo test bench cmake-test cuda-build-check triton-oldest-test gpu-check ci clean
+.PHONY: venv setup train demo test bench wheel cmake-test cuda-build-check triton-oldest-test gpu-check ci clean
 
-# The environment: torch (CPU), the build tools, the test and benchmark tools.
-venv:
+# Stamps in the venv make `make test` / `make train` start at once when nothing changed: the
+# environment is re-checked when this Makefile changes, the extension rebuilt when csrc/,
+# setup.py or pyproject.toml change (or the built module is gone). `make clean` forgets both.
+VENV_STAMP := $(VENV)/.cetnet-venv
+SETUP_STAMP := $(VENV)/.cetnet-setup
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+# Rebuild when the compiled module is missing even if the stamp is newer than the sources.
+REBUILD := $(if $(wildcard cetnet_kernels/_C*.so),,FORCE)
+
+venv: $(VENV_STAMP)
+setup: $(SETUP_STAMP)
+
+# The environment: torch (CPU), the build tools, the test and benchmark tools; TensorBoard's
+# writer for the runs' event files (optional: runs skip it when absent). torchrec for the
+# KeyedJaggedTensor interop tests (not a dependency of cetnet): its own requirements would pull
+# fbgemm-gpu and another torch, so no deps, plus the pure-Python ones and fbgemm-gpu-cpu 1.8.0
+# (the FBGEMM CPU build made for torch 2.13, which torchrec imports). FuxiCTR for the peer rows
+# of `cetnet reproduce` (cetnet.reproduce.peers; not a dependency of cetnet), also without its
+# deps (they pull ray[data], used only by its dataset building, which the peer does not use),
+# plus what its trainer, layers and metrics import (polars, h5py, scikit-learn).
+$(VENV_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
 		pytest-benchmark matplotlib pyyaml tqdm
-	# TensorBoard's writer for the runs' event files (optional: runs skip it when absent)
 	$(PIP) install -q tensorboard || echo "tensorboard not installable: runs write no event files"
-	# torchrec for the KeyedJaggedTensor interop tests (not a dependency of cetnet). Its own
-	# requirements would pull fbgemm-gpu and another torch, so: no deps, plus the pure-Python ones
-	# and fbgemm-gpu-cpu 1.8.0 (the FBGEMM CPU build made for torch 2.13, which torchrec imports).
 	$(PIP) install -q --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 pyvers cloudpickle \
 		pyre-extensions typing-inspect mypy-extensions iopath portalocker \
 		|| echo "torchrec not installable: the KeyedJaggedTensor tests will be skipped"
-	# FuxiCTR for the peer rows of `cetnet reproduce` (cetnet.reproduce.peers: its DNN / DCNv2 trained
-	# by its own trainer; not a dependency of cetnet). No deps: its requirements pull ray[data],
-	# used only by its dataset building, which the peer does not use; plus what its trainer,
-	# layers and metrics import (polars, h5py, scikit-learn).
 	$(PIP) install -q --no-deps fuxictr==2.3.10 \
 		|| echo "fuxictr not installable: the FuxiCTR peer tests will be skipped"
 	$(PIP) install -q polars h5py scikit-learn \
 		|| echo "polars/h5py/scikit-learn not installable: the FuxiCTR peer tests will be skipped"
+	touch $@
 
-# ... plus this package, its extension built against that torch.
-setup: venv
+# ... plus this package, its extension built against that torch (every CPU kernel build:
+# default, avx2, avx512; CETNET_CPU_ISA=native builds only the widest this machine runs).
+$(SETUP_STAMP): $(VENV_STAMP) $(BUILD_INPUTS) $(REBUILD)
 	$(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+FORCE:
 
 train: setup
 	$(PY) -m cetnet train
@@ -54,9 +70,15 @@ bench: setup
 	$(PY) -m pytest bench/bench_fusion.py --benchmark-json=bench/fusion_cpu.json
 	$(PY) bench/render.py bench/fusion_cpu.json --readme README.md
 
+# A wheel that installs and runs on any x86-64 CPU with the same torch (every CPU kernel build
+# inside; the widest the CPU runs is picked at import) -> dist/.
+wheel: venv
+	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+	ls dist/cetnet-*.whl
+
 # The same csrc/ built against libtorch with CMake, plus the C++ test through the dispatcher.
 cmake-test: venv
-	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release \
+	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release -DCETNET_CPU_ISA=$${CETNET_CPU_ISA:-avx2} \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build-cmake -j2
 	cd build-cmake && ctest --output-on-failure
@@ -66,7 +88,7 @@ cuda-build-check:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)" setuptools wheel ninja numpy
 	rm -rf build-cuda
-	CETNET_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
+	CETNET_CUDA=1 CETNET_CPU_ISA=$${CETNET_CPU_ISA:-default} CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
 	CPLUS_INCLUDE_PATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')" \
 	MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build-cuda/tmp --build-lib build-cuda/lib
 	ls build-cuda/lib/cetnet_kernels/_C*.so
@@ -94,4 +116,4 @@ gpu-check:
 ci: test triton-oldest-test cmake-test cuda-build-check
 
 clean:
-	rm -rf build build-cmake build-cuda *.egg-info cetnet_kernels/_C*.so
+	rm -rf build build-cmake build-cuda dist *.egg-info cetnet_kernels/_C*.so $(VENV_STAMP) $(SETUP_STAMP)

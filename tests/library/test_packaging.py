@@ -1,0 +1,50 @@
+"""The package as pip sees it: a CPU-only install pulls only torch and three small pure-Python
+packages (Triton, torchrec / FBGEMM, TensorBoard and FuxiCTR are extras), the license is an SPDX
+expression with its file, and every packaged config is declared as package data."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
+
+
+def test_core_dependencies_are_light():
+    assert sorted(_name(r) for r in PROJECT["dependencies"]) == ["numpy", "pyyaml", "torch",
+                                                                  "tqdm"]
+
+
+def test_heavy_or_optional_packages_are_extras():
+    extras = {k: {_name(r) for r in v} for k, v in PROJECT["optional-dependencies"].items()}
+    assert "triton" in extras["triton"]
+    assert "tensorboard" in extras["tensorboard"]
+    assert {"pytest", "hypothesis", "expecttest"} <= extras["test"]
+    assert {"pytest-benchmark", "fbgemm-gpu-cpu"} <= extras["bench"]
+    assert "fuxictr" in extras["peers"]
+    for name in ("triton", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "tensorboard", "fuxictr"):
+        assert name not in {_name(r) for r in PROJECT["dependencies"]}, name
+
+
+def test_license_is_spdx_with_its_file():
+    assert PROJECT["license"] == "Apache-2.0"
+    assert PROJECT["license-files"] == ["LICENSE"]
+    assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
+
+
+def test_every_packaged_config_is_package_data():
+    setup_py = (ROOT / "setup.py").read_text()
+    assert '"configs/*.yaml"' in setup_py
+    configs = ROOT / "python" / "cetnet" / "configs"
+    entries = list(configs.iterdir())
+    assert entries and all(p.is_file() and p.suffix == ".yaml" for p in entries), \
+        "a config that configs/*.yaml does not match would be missing from a wheel"
