@@ -4,7 +4,11 @@ A config has these top-level keys:
 
 - ``name``: the run's name (the run directory is ``runs/<name>-<timestamp>`` by default).
 - ``data``: ``{name: <dataset>, <option>: <value>, ...}``; the options go to
-  ``cetnet.data.load_dataset(name, **options)`` as they are.
+  ``cetnet.data.load_dataset(name, **options)`` as they are, but for one: a relative
+  ``data.config`` (the dataset YAML the ``bars`` dataset reads) written in a config file is
+  the file of that name next to the config file when there is one (made absolute, so that the
+  run directory's ``config.yaml`` names it from anywhere), else relative to the working
+  directory; a ``data.config=PATH`` override is relative to the working directory.
 - ``model``: the ``model:`` section of docs/MODEL_LIBRARY.md, passed to ``build_model`` as it is.
 - ``train``: the training settings of :data:`TRAIN_DEFAULTS` (checked here: unknown keys and
   wrong types are errors).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -33,7 +38,8 @@ from cetnet.messages import shorten
 
 __all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "Spec", "INT64_MAX", "SEED_RANGE",
            "default_config_path", "load_config", "parse_value", "apply_overrides",
-           "validate_config", "check_device", "dump_config", "read_yaml"]
+           "validate_config", "check_device", "dump_config", "read_yaml",
+           "resolve_data_config"]
 
 DEFAULT_CONFIG = "cetnet_ml100k.yaml"
 TOP_LEVEL_KEYS = ("name", "data", "model", "train", "backend", "device")
@@ -338,14 +344,36 @@ def check_device(value: Any, key: str = "config: device") -> str:
     return value
 
 
+def resolve_data_config(config: dict, config_path: str | Path) -> dict:
+    """Makes a relative ``data.config`` of the config read from ``config_path`` the absolute
+    path of the file of that name in ``config_path``'s folder, when that file exists; leaves
+    it as it is otherwise (relative to the working directory, where the dataset loader looks
+    for it). A packaged train config thus finds the packaged dataset YAML beside it from any
+    working directory. Returns ``config`` (changed in place)."""
+    data = config.get("data")
+    value = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(value, str) or not value or value.startswith("~"):
+        return config
+    try:
+        beside = Path(config_path).parent / value
+        if not Path(value).is_absolute() and beside.exists():
+            data["config"] = os.path.abspath(beside)
+    except (OSError, ValueError):  # a name too long, a NUL byte: the loader reports the value
+        pass
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Reads a config file (the packaged default when ``path`` is None), applies the dotted
     overrides and validates the result (see :func:`validate_config`).
 
     A file that leaves out ``data`` or ``model`` takes them from the default config; a
-    ``train`` section is completed from :data:`TRAIN_DEFAULTS`.
+    ``train`` section is completed from :data:`TRAIN_DEFAULTS`. A relative ``data.config`` in
+    the file is resolved beside it first (:func:`resolve_data_config`); one given by an
+    override stays relative to the working directory.
     """
-    config = read_yaml(default_config_path() if path is None else path)
+    file = default_config_path() if path is None else path
+    config = resolve_data_config(read_yaml(file), file)
     if path is not None:
         default = read_yaml(default_config_path())
         for key in ("name", "data", "model"):

@@ -1,7 +1,8 @@
 """The packaged configs (python/cetnet/configs/): every train config validates and builds its
 model; the MovieLens-100k ones differ from the default only in ``model:``; the BARS dataset
 YAMLs parse, hold the columns BARS defines, and load tiny csv files laid out as in FuxiCTR's
-data/ folder; one BARS config trains an epoch end to end through the CLI."""
+data/ folder; a train config finds the dataset YAML beside it (``data.config``); one BARS config
+trains an epoch end to end through the documented command and resumes from its run directory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from cetnet.cli import main
-from cetnet.config import default_config_path, load_config, read_yaml
+from cetnet.config import default_config_path, dump_config, load_config, read_yaml
 from cetnet.data import load_bars, load_dataset
 from cetnet.data.bars_config import read_config
 from cetnet.reproduce.rows import check_model
@@ -127,9 +128,9 @@ def test_dataset_yamls_load_csv_files_below_the_working_directory(tmp_path, monk
 def test_bars_train_configs_build_their_model_on_the_dataset(tmp_path, monkeypatch, dataset_id):
     _write_data_root(tmp_path, dataset_id)
     monkeypatch.chdir(tmp_path)
-    config = load_config(CONFIG_DIR / f"bars_{dataset_id}.yaml",
-                         [f"data.config={_dataset_yaml(dataset_id)}", "data.cache_dir=null"])
+    config = load_config(CONFIG_DIR / f"bars_{dataset_id}.yaml", ["data.cache_dir=null"])
     assert config["data"]["name"] == "bars"
+    assert config["data"]["config"] == str(_dataset_yaml(dataset_id))  # found beside it
     data = dict(config["data"])
     data.pop("name")
     schema = load_dataset("bars", **data).schema
@@ -138,11 +139,11 @@ def test_bars_train_configs_build_their_model_on_the_dataset(tmp_path, monkeypat
 
 def test_a_bars_config_trains_an_epoch_with_the_documented_command(tmp_path, monkeypatch,
                                                                    one_thread):
+    # docs/DATASETS.md: cd <data root>; cetnet train --config "$CONFIGS/bars_criteo_x1.yaml"
     _write_data_root(tmp_path, "criteo_x1", rows=200)
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     assert main(["train", "--config", str(CONFIG_DIR / "bars_criteo_x1.yaml"),
-                 "--set", f"data.config={_dataset_yaml('criteo_x1')}",
                  "--set", "device=cpu", "train.epochs=1", "train.batch_size=64",
                  "train.eval_batch_size=256", "model.dnn.hidden=[16]",
                  "model.dcnv2.hidden=[16]", "--out", str(run), "--quiet", "--no-plots"]) == 0
@@ -150,3 +151,40 @@ def test_a_bars_config_trains_an_epoch_with_the_documented_command(tmp_path, mon
     assert metrics["name"] == "bars_criteo_x1" and metrics["epochs_completed"] == 1
     assert 0.0 <= metrics["fused"]["auc"] <= 1.0
     assert (tmp_path / "cetnet_cache").is_dir()  # data.cache_dir is below the data root
+    # the run directory's config names the dataset YAML by its absolute path: it resumes
+    assert read_yaml(run / "config.yaml")["data"]["config"] == str(_dataset_yaml("criteo_x1"))
+    assert main(["train", "--resume", str(run), "train.epochs=2", "--quiet", "--no-plots"]) == 0
+    assert read_json(run / "metrics.json")["epochs_completed"] == 2
+
+
+def test_a_relative_data_config_is_found_beside_the_config_file(tmp_path, monkeypatch):
+    folder, elsewhere = tmp_path / "configs", tmp_path / "work"
+    (folder / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for name in ("mine_dataset.yaml", "sub/other.yaml"):
+        (folder / name).write_text("x: {}\n")
+    (elsewhere / "mine_dataset.yaml").write_text("x: {}\n")  # a copy in the working directory
+
+    def data_config(value, overrides=()):
+        dump_config({"name": "t", "data": {"name": "bars", "config": value}},
+                    folder / "train.yaml")
+        return load_config(folder / "train.yaml", list(overrides))["data"]["config"]
+
+    monkeypatch.chdir(elsewhere)
+    # beside the config file, whatever the working directory (absolute, so config.yaml keeps it)
+    assert data_config("mine_dataset.yaml") == str(folder / "mine_dataset.yaml")
+    assert data_config("sub/other.yaml") == str(folder / "sub" / "other.yaml")
+    assert data_config("./sub/../mine_dataset.yaml") == str(folder / "mine_dataset.yaml")
+    # not beside it: relative to the working directory, as before
+    assert data_config("nowhere.yaml") == "nowhere.yaml"
+    # an override is what the user typed: relative to the working directory
+    assert data_config("x.yaml", ["data.config=mine_dataset.yaml"]) == "mine_dataset.yaml"
+    # absolute and ~ paths are left alone
+    assert data_config(str(elsewhere / "mine_dataset.yaml")) == str(
+        elsewhere / "mine_dataset.yaml")
+    assert data_config("~/mine_dataset.yaml") == "~/mine_dataset.yaml"
+    # a config file named by a relative path: the result is absolute all the same
+    data_config("mine_dataset.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(Path("configs/train.yaml"))["data"]["config"] == str(
+        folder / "mine_dataset.yaml")
