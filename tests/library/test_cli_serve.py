@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cetnet_kernels import available_backends
 
 from cetnet import serve
 from cetnet.atomic import TEMP_SUFFIX
@@ -98,6 +99,8 @@ def test_predict_a_csv_of_new_rows_as_the_run_reads_its_own(run_dir, tmp_path, c
     torch.testing.assert_close(got, expected.double().float(), rtol=0, atol=2e-6)
 
 
+@pytest.mark.skipif("cpu" not in available_backends("cpu"),
+                    reason="export traces the compiled kernels; cetnet_kernels._C is not built")
 def test_export_writes_a_program_that_matches_the_run(run_dir, tmp_path, capsys):
     out = tmp_path / "served" / "model.pt2"
     assert main(["export", str(run_dir), str(out)]) == 0
@@ -119,6 +122,16 @@ def test_export_writes_a_program_that_matches_the_run(run_dir, tmp_path, capsys)
                  "--overwrite"]) == 0
     assert serve.load_exported(out).member_names == ["dnn", "dcnv2"]
     assert not list(out.parent.glob(f"*{TEMP_SUFFIX}"))
+
+
+def test_export_without_the_compiled_kernels_says_so(run_dir, tmp_path, capsys, monkeypatch):
+    # the run trained on the reference backend; export rebuilds it on "auto", which the
+    # environment turns back into the reference backend: no program, one line saying why
+    monkeypatch.setenv("CETNET_BACKEND", "reference")
+    assert main(["export", str(run_dir), str(tmp_path / "m.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only the reference backend runs" in err
+    assert not (tmp_path / "m.pt2").exists()
 
 
 def _bad_csv(tmp_path: Path) -> Path:
