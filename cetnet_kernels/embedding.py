@@ -136,6 +136,13 @@ class MultiTableEmbedding(nn.Module):
             :meth:`from_tables` to start from existing tensors.
         device: where to allocate the tables.
 
+    Data parallelism: a fused optimizer's update has no gradient for DistributedDataParallel
+    to all-reduce. :meth:`set_process_group` makes every backward a collective that all-gathers
+    every rank's ids and output gradients and applies the update of the whole global batch on
+    every rank (gradients divided by the world size, as DDP averages), so the ranks' tables
+    stay identical. With ``optimizer=None`` the dense gradient of :attr:`weight` is an ordinary
+    parameter gradient that DDP all-reduces itself.
+
     Attributes:
         weight: the flat ``[sum_m sum_f num_embeddings_f * D_m]`` storage of all tables.
         optimizer_state: row-wise Adagrad's ``[M * sum_f num_embeddings_f]`` state (float32, or
@@ -230,6 +237,8 @@ class MultiTableEmbedding(nn.Module):
         self.register_buffer("_empty_weights", torch.zeros(0, device=device), persistent=False)
         # Output columns per feature of the latest forward call (eager or compiled).
         self._last_ncols: tuple[int, ...] | None = None
+        #: The torch.distributed group whose ranks share each fused update (None: local).
+        self.process_group: Any = None
         self.reset_parameters(init, init_scale)
 
     # -------------------------------------------------------------------------------- tables
@@ -305,6 +314,24 @@ class MultiTableEmbedding(nn.Module):
         except (KeyError, TypeError):
             raise ValueError(f"MultiTableEmbedding: unknown feature {name!r}; features are "
                              f"{list(self._names)}") from None
+
+    def set_process_group(self, group: Any) -> "MultiTableEmbedding":
+        """Data-parallel fused updates over the ``torch.distributed`` process ``group`` (the
+        default group: ``torch.distributed.group.WORLD``), or local ones again (None).
+
+        With a group, each rank looks up its share of a global batch, and the backward of a
+        fused lookup is a collective (every rank of ``group`` must run it, in the same order):
+        it all-gathers the ranks' ids (bags: values, row lengths and per-sample weights) and
+        output gradients in rank order, divides the gradients by the group size (the average
+        DistributedDataParallel takes of the dense gradients, so the rank losses must be means
+        over their rows) and applies the optimizer to the rows the whole global batch touched.
+        Every rank thus applies the same deterministic update to the same tables: they stay
+        identical, and equal to those of a single process trained on the global batch whose
+        rows are the ranks' shares in rank order. Eager mode only (not under torch.compile).
+        The dense mode (``optimizer=None``) ignores the group: DDP all-reduces its gradient.
+        """
+        self.process_group = group
+        return self
 
     # ------------------------------------------------------------------------------- columns
     def columns(self, name: str, ids: Mapping[str, IdsInput] | None = None) -> slice:
@@ -455,6 +482,9 @@ class MultiTableEmbedding(nn.Module):
                 else self._empty_weights
             opt = OptimizerArgs(int(OPTIMIZER_CODES[self.optimizer]), self.lr, self.eps,
                                 self.weight_decay)
+            if self.process_group is not None:
+                return ops.fused_data_parallel(args, state, self._placeholder, opt,
+                                               self.process_group)
             return ops.fused(args, state, self._placeholder, opt)
         return ops.lookup(args)
 

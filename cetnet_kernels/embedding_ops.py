@@ -11,6 +11,12 @@ Schemas (csrc/registration.cpp), with ``ARGS`` the shared tail of :class:`Embedd
 The C++ ops (CPU and CUDA) have no suffix; the Triton ones (cetnet_kernels/triton/embedding.py)
 end in ``_triton``. The fake kernels and autograd formulas registered here make the lookups work
 under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
+
+Data parallelism (:meth:`EmbeddingOps.fused_data_parallel`): the fused update has no gradient
+for DistributedDataParallel to all-reduce, so the lookup's backward all-gathers every rank's
+inputs and output gradients (``torch.distributed`` collectives) and applies the update of the
+whole global batch on every rank, the gradients divided by the world size as DDP averages them:
+every rank's tables receive the same update and stay identical.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from cetnet_kernels.backends import OpTable
 from cetnet_kernels.codes import InputMode
 from cetnet_kernels.embedding_args import EmbeddingArgs, OptimizerArgs
 
-__all__ = ["EmbeddingOps", "ops_for"]
+__all__ = ["EmbeddingOps", "all_gather_rows", "ops_for"]
 
 
 def _split_fused(inputs: Sequence[Any]) -> tuple[EmbeddingArgs, Tensor, Tensor, OptimizerArgs]:
@@ -117,6 +123,81 @@ def _make_backward_fused(update_op: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
+# Data parallelism: the global batch's update on every rank
+# ------------------------------------------------------------------------------------------------
+def all_gather_rows(t: Tensor, group: Any = None) -> Tensor:
+    """Collective of ``torch.distributed``'s ``group``: every rank's ``t`` concatenated along
+    dim 0 in rank order. The row counts may differ between ranks; the other dims and the dtype
+    must agree (RuntimeError on every rank otherwise)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if t.dim() > 7:
+        raise ValueError(f"all_gather_rows: at most 7 dims, got {t.dim()}")
+    shape = torch.tensor([t.dim(), *t.shape, *([0] * (7 - t.dim()))], dtype=torch.int64,
+                         device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    dims = [tuple(int(x) for x in s[1:1 + int(s[0])]) for s in shapes]
+    if any(len(d) != len(dims[0]) or d[1:] != dims[0][1:] for d in dims):
+        raise RuntimeError(f"all_gather_rows: the ranks' tensors differ beyond dim 0: {dims}")
+    rows = [d[0] for d in dims]
+    padded = t.contiguous()
+    if t.shape[0] != max(rows):
+        padded = t.new_zeros((max(rows), *t.shape[1:]))
+        padded[:t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded, group=group)
+    return torch.cat([o[:n] for o, n in zip(out, rows)])
+
+
+def _gather_global_batch(a: EmbeddingArgs, grads: Sequence[Tensor | None],
+                         group: Any) -> tuple[EmbeddingArgs, list[Tensor]]:
+    """Every rank's inputs and output gradients concatenated in rank order (the global batch,
+    rows in the order of the ranks' shares), the gradients divided by the world size."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    B, N = _batch_and_columns(a)
+    ids, offsets, psws = [], [], []
+    for x, off, psw, mode in zip(a.ids, a.offsets, a.per_sample_weights, a.modes):
+        ids.append(all_gather_rows(x, group))
+        if mode == InputMode.IDS:
+            offsets.append(off)
+            psws.append(psw)
+            continue
+        # a bag's offsets from its rows' lengths: the global offsets are their running sum
+        lengths = all_gather_rows(off[1:] - off[:-1], group)
+        offsets.append(torch.cat([off.new_zeros(1), torch.cumsum(lengths, 0).to(off.dtype)]))
+        psws.append(all_gather_rows(psw, group) if mode == InputMode.BAG_WEIGHTED_SUM else psw)
+    out_dtype = acc_dtype(a.weight.dtype)
+    full = [(g if g is not None else a.weight.new_zeros((B, N, d), dtype=out_dtype))
+            .contiguous().div(world) for g, d in zip(grads, a.dims)]
+    return a._replace(ids=ids, offsets=offsets, per_sample_weights=psws), \
+        [all_gather_rows(g, group) for g in full]
+
+
+class _DataParallelFused(torch.autograd.Function):
+    """The fused lookup of one rank's share of a global batch; backward applies the fused
+    update of the whole global batch (see :func:`_gather_global_batch`) on every rank."""
+
+    @staticmethod
+    def forward(ctx: Any, placeholder: Tensor, ops: "EmbeddingOps", a: EmbeddingArgs,
+                state: Tensor, opt: OptimizerArgs, group: Any) -> tuple[Tensor, ...]:
+        ctx.ops, ctx.weight, ctx.state, ctx.opt, ctx.group = ops, a.weight, state, opt, group
+        ctx.save_for_backward(*a.input_tensors())
+        ctx.args = a.without_tensors()
+        return tuple(ops.lookup(a))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple:
+        a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors)
+        a, full = _gather_global_batch(a, grads, ctx.group)
+        ctx.ops._update(full, ctx.weight, ctx.state, *a.update_args(), *ctx.opt)
+        return (None,) * 6
+
+
+# ------------------------------------------------------------------------------------------------
 # Op table
 # ------------------------------------------------------------------------------------------------
 class EmbeddingOps:
@@ -126,6 +207,7 @@ class EmbeddingOps:
         ns = torch.ops.cetnet
         self._lookup = getattr(ns, "multi_embedding" + suffix).default
         self._fused = getattr(ns, "multi_embedding_fused" + suffix).default
+        self._update = getattr(ns, "multi_embedding_update" + suffix).default
 
     def lookup(self, a: EmbeddingArgs) -> list[Tensor]:
         """The lookup with a dense backward."""
@@ -135,6 +217,15 @@ class EmbeddingOps:
               opt: OptimizerArgs) -> list[Tensor]:
         """The lookup whose backward applies the optimizer ``opt`` in place."""
         return self._fused(a.weight, state, placeholder, *a[1:], *opt)
+
+    def fused_data_parallel(self, a: EmbeddingArgs, state: Tensor, placeholder: Tensor,
+                            opt: OptimizerArgs, group: Any) -> list[Tensor]:
+        """The fused lookup of this rank's share of a global batch: its backward is a
+        collective of the ``torch.distributed`` process ``group`` (every rank must run it) that
+        applies ``opt`` to the rows the whole global batch touched, with every rank's output
+        gradients divided by the world size (DDP's average), so every rank's tables get the
+        same update. Eager only (not under torch.compile)."""
+        return list(_DataParallelFused.apply(placeholder, self, a, state, opt, group))
 
 
 def _register_ops(suffix: str) -> EmbeddingOps:
