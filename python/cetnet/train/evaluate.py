@@ -8,9 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cetnet import distributed
 from cetnet.metrics import auc, gauc, logloss
 
-__all__ = ["Predictions", "predict", "score", "evaluate", "model_device"]
+__all__ = ["Predictions", "predict", "score", "evaluate", "model_device", "RowRange",
+           "gather_predictions"]
 
 
 @dataclass
@@ -57,6 +59,34 @@ def predict(model: nn.Module, split: Any, *, batch_size: int = 4096,
                        torch.cat(labels), torch.cat(groups))
 
 
+class RowRange:
+    """Rows ``[start, stop)`` of a split, batched in order (what :func:`predict` reads): a
+    rank's share of a split in a data-parallel evaluation."""
+
+    def __init__(self, split: Any, start: int, stop: int) -> None:
+        self.split, self.start, self.stop = split, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def batches(self, batch_size: int, *, shuffle: bool = False) -> Any:
+        for lo in range(self.start, self.stop, batch_size):
+            yield self.split.take(slice(lo, min(lo + batch_size, self.stop)))
+
+
+def gather_predictions(pred: Predictions) -> Predictions:
+    """Collective: every rank's predictions of its share, concatenated in rank order (the
+    split's order when the shares are :func:`cetnet.distributed.shard_range`'s)."""
+    dev = distributed.comm_device()
+
+    def gather(t: Tensor) -> Tensor:
+        return distributed.all_gather_rows(t.to(dev)).cpu()
+
+    return Predictions(gather(pred.prob), gather(pred.logits),
+                       None if pred.weights is None else gather(pred.weights),
+                       gather(pred.label), gather(pred.group))
+
+
 def _scores(prob: Tensor, label: Tensor, group: Tensor) -> dict[str, float]:
     return {"auc": auc(prob, label), "gauc": gauc(prob, label, group),
             "logloss": logloss(prob, label)}
@@ -81,7 +111,20 @@ def score(pred: Predictions, member_names: list[str]) -> dict[str, Any]:
 
 
 def evaluate(model: nn.Module, split: Any, *, batch_size: int = 4096,
-             device: torch.device | str | None = None) -> dict[str, Any]:
-    """Metrics of ``model`` on ``split`` (see :func:`score`)."""
-    return score(predict(model, split, batch_size=batch_size, device=device),
-                 list(model.member_names))
+             device: torch.device | str | None = None, sharded: bool = False) -> dict[str, Any]:
+    """Metrics of ``model`` on ``split`` (see :func:`score`).
+
+    ``sharded`` in a data-parallel run (a collective: every rank calls it, with the same
+    model): each rank predicts its contiguous share of the rows, the predictions, labels and
+    groups are all-gathered in split order and rank 0 scores them (AUC and gAUC of all rows,
+    not means of per-rank values) and hands the metrics to every rank, so all ranks agree on
+    them exactly. Without a process group ``sharded`` changes nothing."""
+    names = list(model.member_names)
+    if not (sharded and distributed.active()):
+        return score(predict(model, split, batch_size=batch_size, device=device), names)
+    if len(split) < distributed.world_size():
+        raise ValueError(f"evaluate: the split has {len(split)} rows, fewer than the "
+                         f"{distributed.world_size()} ranks")
+    share = RowRange(split, *distributed.shard_range(len(split)))
+    pred = gather_predictions(predict(model, share, batch_size=batch_size, device=device))
+    return distributed.from_main(lambda: score(pred, names))

@@ -10,6 +10,7 @@ best one.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cetnet import distributed
 from cetnet.config import ConfigError, check_device, dump_config, validate_config
 from cetnet.metrics import auc
 from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, CheckpointError, check_model_state,
@@ -34,8 +36,9 @@ from cetnet.train.runlog import RunLog, environment
 from cetnet.train.schedule import LRSchedule
 
 __all__ = ["fit", "EpochRunner", "EpochResult", "LoopState", "resume_state", "resolve_device",
-           "print_warnings", "split_warnings", "EpochCallback", "TrainingError", "check_backend",
-           "check_splits", "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING"]
+           "data_parallel", "local_embeddings", "shard_batches", "print_warnings",
+           "split_warnings", "EpochCallback", "TrainingError", "check_backend", "check_splits",
+           "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING"]
 
 #: ``callback(epoch, history_entry)``, called after each epoch's checkpoints are written.
 EpochCallback = Callable[[int, dict], None]
@@ -209,14 +212,94 @@ def _saved(state: LoopState, out_dir: Path) -> str:
             f"{out_dir} --overwrite)")
 
 
+def _first_bad_step(bad_step: torch.Tensor, bad_loss: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collective: the first step (and its loss) of any rank with a non-finite loss (-1: none),
+    so that every rank stops at the same check."""
+    mine = torch.stack([bad_step.double(), bad_loss.double()])[None]
+    every = distributed.all_gather_rows(mine.to(distributed.comm_device())).cpu()
+    bad = every[every[:, 0] >= 0]
+    if not len(bad):
+        return torch.tensor(-1), torch.tensor(0.0)
+    first = bad[int(bad[:, 0].argmin())]
+    return first[0].long(), first[1]
+
+
 def _stop_if_diverged(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int, steps: int,
                       state: LoopState, out_dir: Path) -> None:
-    """TrainingError when a step of this epoch had a non-finite loss (one host sync)."""
+    """TrainingError when a step of this epoch had a non-finite loss (one host sync; in a
+    data-parallel run a collective: every rank stops)."""
+    if distributed.active():
+        bad_step, bad_loss = _first_bad_step(bad_step, bad_loss)
     step = int(bad_step)
     if step >= 0:
         raise TrainingError(f"epoch {epoch}, step {step + 1}/{steps}: the training loss is "
                             f"{float(bad_loss)}; the run stopped before saving this epoch; "
                             f"{_saved(state, out_dir)}")
+
+
+class _LossOf(nn.Module):
+    """``model.loss`` as ``forward``: what DistributedDataParallel wraps (its bookkeeping runs
+    around ``forward``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> Any:
+        return self.model.loss(batch)
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.loss`` under DistributedDataParallel (dense gradients averaged over the ranks)
+    and its fused embeddings' updates shared by the ranks
+    (:meth:`~cetnet_kernels.MultiTableEmbedding.set_process_group`). A fused embedding's
+    weight and optimizer state are left out of DDP (DDP has no gradient of them to reduce and
+    would broadcast the whole tables every step): the ranks build them identically and update
+    them identically."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cetnet_kernels import MultiTableEmbedding
+
+    wrapper = _LossOf(model)
+    own: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, MultiTableEmbedding) and m.optimizer is not None:
+            m.set_process_group(dist.group.WORLD)
+            own |= {id(t) for t in (m.weight, m.optimizer_state, m._placeholder)
+                    if t is not None}
+    ignore = [n for n, t in (*wrapper.named_parameters(), *wrapper.named_buffers())
+              if id(t) in own]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, ignore)
+    # buffers (BatchNorm's running statistics) are rank 0's on every rank: DDP's default sync
+    return DistributedDataParallel(
+        wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def local_embeddings(model: nn.Module) -> None:
+    """Undoes :func:`data_parallel`'s process group on the model's fused embeddings: their
+    updates are local again (the model is usable without the group)."""
+    from cetnet_kernels import MultiTableEmbedding
+
+    for m in model.modules():
+        if isinstance(m, MultiTableEmbedding):
+            m.set_process_group(None)
+
+
+def shard_batches(split: Any, batch_size: int, seed: int) -> Any:
+    """This rank's shares of the global batches ``split.batches(batch_size, shuffle=True,
+    seed=seed)`` would give, as ``(batch, global batch rows)``: the same row order, each global
+    batch cut into contiguous shares in rank order (:func:`cetnet.distributed.shard_range`)."""
+    if not hasattr(split, "take"):
+        raise TrainingError("data-parallel training needs a train split with take(rows) "
+                            f"(cetnet.data.Split); got {type(split).__name__}")
+    n = len(split)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        lo, hi = distributed.shard_range(len(rows))
+        yield split.take(rows[lo:hi]), len(rows)
 
 
 class EpochRunner:
@@ -243,6 +326,8 @@ class EpochRunner:
         self.log = log
         self.show_bars = not quiet and sys.stderr.isatty()
         self.params = list(model.dense_parameters())
+        # data-parallel: model.loss under DDP (None in a single process: no collective at all)
+        self.ddp = data_parallel(model, device) if distributed.active() else None
         self.optimizer = dense_optimizer(self.params, train["lr"], train["weight_decay"])
         self.schedule = LRSchedule(self.optimizer, train["lr_schedule"], train["lr"],
                                    total_steps=train["epochs"] * steps_per_epoch,
@@ -261,6 +346,13 @@ class EpochRunner:
             tqdm.write(msg, file=sys.stdout)
             sys.stdout.flush()
 
+    def evaluate(self, split: Any) -> dict:
+        """The model's metrics on ``split``; in a data-parallel run a collective (each rank
+        predicts its share, rank 0 scores the gathered predictions, every rank gets them)."""
+        sharded = {"sharded": True} if self.ddp is not None else {}
+        return evaluate(self.model, split, batch_size=self.t["eval_batch_size"],
+                        device=self.device, **sharded)
+
     def restore(self, ckpt: dict, path: Path) -> LoopState:
         """Loads ``last.pt`` into the model, optimizer, schedule and RNGs and returns its loop
         state; CheckpointError naming ``path`` when it does not fit."""
@@ -270,16 +362,26 @@ class EpochRunner:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.schedule.load_state_dict(ckpt["schedule"])
             set_rng_state(ckpt["rng"])
-            return LoopState.from_checkpoint(ckpt)
+            state = LoopState.from_checkpoint(ckpt)
+            if distributed.active():
+                ranks, r = ckpt.get("rng_ranks"), distributed.rank()
+                if isinstance(ranks, list) and len(ranks) == distributed.world_size():
+                    set_rng_state(ranks[r])
+                elif r > 0:  # resumed with another world size: a fresh stream per rank
+                    seed_everything(shuffle_seed(self.t["seed"] + r, state.epoch))
+            return state
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: "
                                   f"{first_line(e)})") from e
 
     def last_checkpoint(self, state: LoopState) -> dict[str, Any]:
         """What ``last.pt`` holds: everything :meth:`restore` needs to continue exactly."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "rng": rng_state(),
                 **state.state_dict()}
+        if distributed.active():  # a collective: every rank's RNG states, in rank order
+            ckpt["rng_ranks"] = distributed.all_gather_objects(ckpt["rng"])
+        return ckpt
 
     def train(self, epoch: int, split: Any, state: LoopState) -> EpochResult:
         """Trains epoch ``epoch`` on ``split`` (its batches shuffled by the seed and the epoch)
@@ -298,25 +400,40 @@ class EpochRunner:
         bad_loss = torch.zeros((), dtype=torch.float64, device=device)
         window: collections.deque = collections.deque(maxlen=_LIVE_WINDOW)
         lr = schedule.lr()
-        batches = split.batches(t["batch_size"], shuffle=True,
-                                seed=shuffle_seed(t["seed"], epoch))
+        seed = shuffle_seed(t["seed"], epoch)
+        world = distributed.world_size() if self.ddp is not None else 1
+        if self.ddp is None:
+            batches = ((b, len(b)) for b in split.batches(t["batch_size"], shuffle=True,
+                                                          seed=seed))
+        else:  # this rank's share of each global batch
+            batches = shard_batches(split, t["batch_size"], seed)
         with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t['epochs']}", leave=False,
                   disable=not self.show_bars, dynamic_ncols=True) as bar:
-            for step, batch in enumerate(batches):
+            for step, (batch, global_rows) in enumerate(batches):
                 if step >= steps_per_epoch:
                     break
-                if step > 0 and len(batch) < 2:
-                    # A 1-row remainder batch: BatchNorm cannot train on one row. Skipping it
-                    # depends only on the split size, so runs stay reproducible.
+                if step > 0 and global_rows < 2 * world:
+                    # A remainder batch that leaves a rank one row: BatchNorm cannot train on
+                    # one row. Skipping it depends only on the split size (and the world
+                    # size), so runs stay reproducible.
                     continue
                 batch = batch.to(device)
                 lr = schedule.step()
-                loss, out = model.loss(batch)
+                if self.ddp is None:
+                    loss, out = model.loss(batch)
+                    objective = loss
+                else:
+                    loss, out = self.ddp(batch)
+                    # DDP averages the ranks' gradients: a share of another size than
+                    # global_rows / world (a remainder batch) is weighted by its rows, so the
+                    # average is the gradient of the global batch's mean loss
+                    objective = loss if len(batch) * world == global_rows else \
+                        loss * (len(batch) * world / global_rows)
                 first = (bad_step < 0) & ~torch.isfinite(loss.detach())
                 bad_step = torch.where(first, step, bad_step)
                 bad_loss = torch.where(first, loss.detach().double(), bad_loss)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # also applies the embedding's fused optimizer, if any
+                objective.backward()  # also applies the embedding's fused optimizer, if any
                 if t["grad_clip"] is not None:
                     nn.utils.clip_grad_norm_(self.params, t["grad_clip"])
                 optimizer.step()
@@ -332,6 +449,9 @@ class EpochRunner:
                         bar.set_postfix(loss=f"{float(loss_sum) / rows:.4f}",
                                         auc=f"{auc(p, y):.4f}", lr=f"{lr:.2e}")
                 bar.update()
+        if self.ddp is not None:  # the global batch's loss and rows
+            total, rows_total = distributed.all_sum([float(loss_sum), rows])
+            loss_sum, rows = torch.tensor(total, dtype=torch.float64), int(rows_total)
         if rows == 0:
             raise TrainingError(f"epoch {epoch}: the train split gave no batches")
         _stop_if_diverged(bad_step, bad_loss, epoch, steps_per_epoch, state, self.out_dir)
@@ -345,16 +465,20 @@ class EpochRunner:
         (best tracking, early stopping), writes ``best.pt`` when it is the best and ``last.pt``
         always, and logs a line. Returns the epoch's history entry."""
         t = self.t
-        valid = evaluate(self.model, valid_split, batch_size=t["eval_batch_size"],
-                         device=self.device)
+        # data-parallel: every rank gets rank 0's scores of the gathered predictions, so all
+        # ranks record the same best epoch and stop at the same epoch
+        valid = self.evaluate(valid_split)
         metric = valid["fused"]["auc"]
         self.schedule.epoch_end(metric)
         entry = {"epoch": epoch, "train_loss": result.train_loss, "lr": result.lr,
                  "valid": valid}
-        if state.record(entry, metric, t["patience"]):
-            save_checkpoint({"model": self.model.state_dict(), "epoch": epoch, "valid": valid},
-                            self.out_dir / BEST)
-        save_checkpoint(self.last_checkpoint(state), self.out_dir / LAST)
+        best = state.record(entry, metric, t["patience"])
+        last = self.last_checkpoint(state)
+        if distributed.is_main():  # rank 0 alone writes the run directory
+            if best:
+                save_checkpoint({"model": self.model.state_dict(), "epoch": epoch,
+                                 "valid": valid}, self.out_dir / BEST)
+            save_checkpoint(last, self.out_dir / LAST)
         if self.log is not None:
             self.log.epoch(state.history)
         f = valid["fused"]
@@ -435,7 +559,12 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     config = validate_config(config)
     t = config["train"]
     out_dir = Path(out_dir)
-    device = resolve_device(config["device"])
+    world, main = distributed.world_size(), distributed.is_main()
+    try:
+        distributed.check_batch_size(t["batch_size"], world)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+    device = distributed.local_device(resolve_device(config["device"]))
     check_backend(config["backend"], device)
     train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
     check_splits(dataset.splits)
@@ -445,24 +574,32 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     # test split in as "valid": then early stopping selects on the test set. The run still
     # trains (that is how those benchmarks are reported) but says so, loudly and in metrics.json.
     run_warnings = split_warnings(dataset.splits)
-    print_warnings(run_warnings)
+    if main:
+        print_warnings(run_warnings)
     steps_per_epoch = math.ceil(len(train_split) / t["batch_size"])
     if t["max_steps_per_epoch"] is not None:
         steps_per_epoch = min(steps_per_epoch, t["max_steps_per_epoch"])
-    runner = EpochRunner(model, t, device, out_dir, steps_per_epoch, quiet=quiet)
-    if resume:
-        state = resume_state(runner, out_dir, checkpoint)
-        checkpoint = None  # its tensors are copied: do not hold a second model for the run
-    else:
-        seed_everything(t["seed"])
-        state = LoopState()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, out_dir / CONFIG_FILE)  # last: a failed resume leaves the old one
-
-    with RunLog(out_dir, quiet=quiet, first_epoch=state.epoch + 1) as runner.log:
-        metrics = _train_and_test(runner, state, config, dataset, run_warnings, plots,
-                                  on_epoch_end)
-    if not quiet:  # again under the results: the start of a long run has scrolled away
+    runner = EpochRunner(model, t, device, out_dir, steps_per_epoch, quiet=quiet or not main)
+    try:
+        if resume:
+            state = resume_state(runner, out_dir, checkpoint)
+            checkpoint = None  # its tensors are copied: do not hold a second model for the run
+        else:
+            # rank r's RNG stream (dropout) starts from seed + r; rank 0's is the 1-process one
+            seed_everything(t["seed"] + distributed.rank())
+            state = LoopState()
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(config, out_dir / CONFIG_FILE)  # last: a failed resume leaves the old one
+        log = RunLog(out_dir, quiet=quiet, first_epoch=state.epoch + 1) if main else \
+            contextlib.nullcontext()
+        with log as runner.log:
+            metrics = _train_and_test(runner, state, config, dataset, run_warnings, plots,
+                                      on_epoch_end)
+    finally:
+        if runner.ddp is not None:
+            local_embeddings(model)
+    if not quiet and main:  # again under the results: the start of a long run has scrolled away
         print_warnings(run_warnings)
     return metrics
 
@@ -482,10 +619,17 @@ def _train_and_test(runner: EpochRunner, state: LoopState, config: dict, dataset
         raise TrainingError(f"none of the {state.epoch} epochs had a finite validation AUC (the "
                             f"model's validation predictions were not finite), so there is no "
                             f"best model and no test score; {_saved(state, out_dir)}")
-    model.load_state_dict(load_checkpoint(out_dir / BEST, map_location=device)["model"])
-    test = evaluate(model, test_split, batch_size=t["eval_batch_size"], device=device)
+    if distributed.is_main():
+        model.load_state_dict(load_checkpoint(out_dir / BEST, map_location=device)["model"])
+    if distributed.active():  # the best model from rank 0's best.pt on every rank
+        distributed.broadcast_state(model)
+    test = runner.evaluate(test_split)
     metrics = _run_metrics(config["name"], test, state, valid_split is test_split, run_warnings)
-    metrics["environment"] = environment(device)
+    world = distributed.world_size()
+    metrics["world_size"] = world
+    metrics["environment"] = environment(device, world)
+    if not distributed.is_main():
+        return metrics
     write_json(metrics, out_dir / METRICS_FILE)
     if plots:
         plot_run(state.history, out_dir, test, config=config, best_epoch=state.best_epoch,

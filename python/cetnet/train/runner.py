@@ -7,6 +7,9 @@ directory (not in use by another process, holding no other run unless resuming o
 overwriting) and, to resume, ``last.pt`` against the model and ``config.yaml``. Only then is
 the directory created and locked (see :mod:`cetnet.train.rundir`); a resumed run's
 ``config.yaml`` is rewritten only after its checkpoint has been loaded.
+
+Under torchrun (``$WORLD_SIZE`` > 1) :func:`run_training` trains data-parallel (see
+docs/DISTRIBUTED.md): every rank checks the run, rank 0 alone claims and writes the directory.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 
+from cetnet import distributed
 from cetnet.atomic import remove_stale_temps
 from cetnet.config import ConfigError, read_yaml, validate_config
 from cetnet.messages import shorten
@@ -178,6 +182,11 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
         if resume:
             changes = _resume_changes(run_dir, config)
     check_backend(config["backend"], resolve_device(config["device"]))
+    try:
+        distributed.check_batch_size(config["train"]["batch_size"],
+                                     distributed.planned_world_size())
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
     dataset = _load_dataset(config)
     check_splits(dataset.splits)
     model = _meta_model(config, dataset.schema)
@@ -239,12 +248,35 @@ def run_training(config: dict, out: str | Path | None = None, *, resume: bool = 
     :func:`check_run` has passed and the model is built: data that cannot be loaded (e.g. not
     downloadable) or a model that cannot be built leaves no run directory behind. The
     directory is locked for the whole run, so a second run into it fails at once (RunDirError).
+
+    Started by torchrun with ``$WORLD_SIZE`` > 1 (or with a process group already initialized)
+    the run is data-parallel (docs/DISTRIBUTED.md): the process group is initialized from
+    torchrun's environment (and destroyed at the end if it was initialized here), every rank
+    checks the run and builds the model, rank 0 alone creates, locks and writes the run
+    directory, and every rank returns the same ``(run_dir, metrics)``.
     """
+    device = resolve_device(validate_config(config)["device"])
+    with distributed.process_group(distributed.local_device(device, initialized=False)):
+        return _run_training(config, out, resume=resume, overwrite=overwrite, quiet=quiet,
+                             plots=plots, on_epoch_end=on_epoch_end)
+
+
+def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwrite: bool,
+                  quiet: bool, plots: bool, on_epoch_end: EpochCallback | None
+                  ) -> tuple[Path, dict]:
     plan = check_run(config, out, resume=resume, overwrite=overwrite)
-    for change in plan.changes:
-        print(f"resume: {change} (config.yaml is updated)", file=sys.stderr)
+    if distributed.is_main():
+        for change in plan.changes:
+            print(f"resume: {change} (config.yaml is updated)", file=sys.stderr)
     model = _build(plan.config, plan.dataset.schema)
-    run_dir, lock, created = _claim(plan, resume, overwrite)
+    distributed.barrier()  # every rank has checked the directory before rank 0 locks it
+    claimed: list = []
+
+    def claim() -> str:
+        claimed.extend(_claim(plan, resume, overwrite))
+        return str(claimed[0])
+
+    run_dir = Path(distributed.from_main(claim))
     try:
         metrics = fit(model, plan.dataset, plan.config, run_dir, resume=resume, quiet=quiet,
                       plots=plots, on_epoch_end=on_epoch_end,
@@ -253,7 +285,8 @@ def run_training(config: dict, out: str | Path | None = None, *, resume: bool = 
         exc.run_dir = run_dir  # the CLI names it in its --resume hint
         raise
     finally:
-        _release(run_dir, lock, created)
+        if claimed:
+            _release(*claimed)
     return run_dir, metrics
 
 

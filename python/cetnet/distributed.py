@@ -1,0 +1,216 @@
+"""Data-parallel training on ``torch.distributed`` (see docs/DISTRIBUTED.md).
+
+``torchrun --nproc_per_node N -m cetnet train ...`` starts N processes with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
+:func:`process_group` initializes the default process group from them (gloo for a CPU run,
+NCCL for a CUDA one) when ``WORLD_SIZE > 1`` and none exists yet. Without a process group
+(a plain ``cetnet train``) every helper here is a no-op returning the single-process answer,
+and no collective is ever issued.
+
+The helpers are collectives where they say so: every rank must call them in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+# every rank's rows in rank order (a collective; the embedding's data-parallel update uses it)
+from cetnet_kernels.embedding_ops import all_gather_rows
+
+__all__ = ["DistributedError", "active", "world_size", "rank", "is_main", "env_world_size",
+           "planned_world_size", "check_batch_size", "process_group", "local_device", "comm_device",
+           "shard_range", "all_gather_rows", "broadcast_object", "from_main", "broadcast_state",
+           "all_sum", "all_gather_objects", "barrier"]
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """A data-parallel run that cannot go on: bad torchrun settings, another rank's failure."""
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def active() -> bool:
+    """Whether a process group of more than one rank is initialized."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """The number of ranks of the initialized process group (1 without one)."""
+    dist = _dist()
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    dist = _dist()
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the process that writes the run directory."""
+    return rank() == 0
+
+
+def _env_int(name: str, default: int, low: int) -> int:
+    text = os.environ.get(name, "")
+    if not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise DistributedError(f"${name} must be an integer, got {text!r}") from None
+    if value < low:
+        raise DistributedError(f"${name} must be >= {low}, got {value}")
+    return value
+
+
+def env_world_size() -> int:
+    """``$WORLD_SIZE`` as torchrun sets it (1 when unset)."""
+    return _env_int("WORLD_SIZE", 1, 1)
+
+
+def planned_world_size() -> int:
+    """The world size of the initialized group, else the one ``$WORLD_SIZE`` announces (what a
+    check made before :func:`process_group` must assume)."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return env_world_size()
+
+
+def check_batch_size(batch_size: int, world: int, key: str = "train.batch_size") -> None:
+    """ValueError unless the global ``batch_size`` splits evenly over ``world`` ranks."""
+    if world > 1 and batch_size % world:
+        lower = batch_size // world * world
+        hint = f"{lower} or {lower + world}" if lower else str(world)
+        raise ValueError(f"{key} = {batch_size} is the global batch of a data-parallel run and "
+                         f"must be divisible by the world size {world} (each rank trains on "
+                         f"batch_size / world_size rows); use e.g. {hint}")
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Initializes the default process group from torchrun's environment when ``$WORLD_SIZE``
+    is above 1 and no group exists (NCCL when ``device`` is CUDA, gloo otherwise) and destroys
+    it on exit. A group that already exists (initialized by the caller) is used and kept; with
+    ``WORLD_SIZE`` unset or 1 nothing happens."""
+    dist = _dist()
+    if (dist.is_available() and dist.is_initialized()) or env_world_size() <= 1:
+        yield
+        return
+    if not dist.is_available():
+        raise DistributedError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise DistributedError(f"WORLD_SIZE is {env_world_size()} but ${', $'.join(missing)} "
+                               "unset: start data-parallel runs with torchrun")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_device(device, initialized=False))
+    dist.init_process_group(backend=backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def local_device(device: torch.device, *, initialized: bool = True) -> torch.device:
+    """This rank's device: ``cuda:$LOCAL_RANK`` for a CUDA device given without an index in a
+    data-parallel run, ``device`` otherwise."""
+    multi = active() if initialized else env_world_size() > 1
+    if device.type != "cuda" or device.index is not None or not multi:
+        return device
+    local = _env_int("LOCAL_RANK", 0, 0)
+    if local >= torch.cuda.device_count():
+        raise DistributedError(f"$LOCAL_RANK is {local} but this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s): start at most "
+                               "that many processes per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", local)
+
+
+def comm_device() -> torch.device:
+    """Where the tensors of a collective must be: this rank's CUDA device under NCCL, the CPU
+    otherwise (gloo)."""
+    if active() and _dist().get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_range(n: int, r: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """Rank ``r``'s contiguous share ``[start, stop)`` of ``n`` rows (``torch.tensor_split``'s
+    split: the first ``n % world`` ranks get one row more). Concatenating the shares in rank
+    order gives the rows in their order."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Collective: rank ``src``'s picklable ``obj`` on every rank."""
+    box = [obj]
+    _dist().broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: T) -> list[T]:
+    """Collective: every rank's picklable ``obj``, in rank order."""
+    out: list[Any] = [None] * world_size()
+    _dist().all_gather_object(out, obj)
+    return out
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """Runs ``fn`` on rank 0 only and hands its (picklable) result to every rank; when it
+    raises, rank 0 re-raises and the other ranks raise a DistributedError saying so (instead
+    of waiting for a result that never comes). Without a process group: ``fn()``."""
+    if not active():
+        return fn()
+    if is_main():
+        try:
+            value = fn()
+        except BaseException as e:
+            broadcast_object((False, f"{type(e).__name__}: {e}"))
+            raise
+        broadcast_object((True, value))
+        return value
+    ok, value = broadcast_object(None)
+    if not ok:
+        raise DistributedError(f"rank 0 failed: {value}")
+    return value
+
+
+def broadcast_state(module: nn.Module, src: int = 0) -> None:
+    """Collective: copies rank ``src``'s parameters and buffers into ``module`` on every rank
+    (in place, tensor by tensor)."""
+    dist = _dist()
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if isinstance(t, Tensor):
+                dist.broadcast(t, src=src)
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """Collective: the element-wise sum of ``values`` over the ranks (float64)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=comm_device())
+    _dist().all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    """Collective: returns when every rank has reached it (no-op without a process group)."""
+    if active():
+        _dist().barrier()

@@ -1,0 +1,267 @@
+"""Data-parallel training (docs/DISTRIBUTED.md) with real gloo processes on the CPU.
+
+The requirement: a 2-rank run equals a 1-rank run with the same global batch. Each rank
+trains on its contiguous half of every global batch, DDP averages the dense gradients, and
+the fused embedding update all-gathers both halves and applies the global batch's update on
+both ranks. Loss curve, validation/test metrics and embedding rows agree with the 1-rank run
+to RTOL (the dense layers multiply half-batches, so float sums run in another order; measured
+differences are ~1e-7), the two ranks' tables are bitwise identical, rank 0 alone writes the
+run directory, and a 2-rank run resumes from its last.pt to the 1-rank result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cetnet import distributed
+from cetnet.config import ConfigError
+from cetnet.data import load_dataset
+from cetnet.train import loop, runner
+from cetnet.train.loop import shard_batches
+from cetnet.train.rundir import read_json
+
+from conftest import small_run_config
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is needed")
+
+#: Relative tolerance between a 2-rank and a 1-rank run (summation order differs).
+RTOL = 1e-5
+WORLD = 2
+
+
+def _config(**model: object) -> dict:
+    cfg = small_run_config(epochs=3, batch_size=64, eval_batch_size=256, patience=None,
+                           log_every=5)
+    cfg["data"]["num_rows"] = 1200
+    cfg["model"].update({"dnn": {"hidden": [16], "dropout": 0.0},
+                         "dcnv2": {"cross_layers": 1, "hidden": [16], "dropout": 0.0},
+                         "embedding_optimizer": "rowwise_adagrad"}, **model)
+    cfg["backend"] = "cpu"
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Stop(KeyboardInterrupt):
+    """Raised by the epoch callback to interrupt a run (as Ctrl-C would)."""
+
+
+def _run(config: dict, out: Path, *, resume: bool = False, stop_after: int | None = None,
+         record: Path | None = None) -> dict:
+    """One rank's (or the single process's) run: the tables after every epoch go to
+    ``record`` (per epoch, before the best model is loaded back)."""
+    models = []
+    build = runner._build
+
+    def capture(cfg, schema):
+        models.append(build(cfg, schema))
+        return models[-1]
+
+    tables = {}
+
+    def on_epoch_end(epoch: int, entry: dict) -> None:
+        tables[epoch] = models[0].embedding.weight.detach().clone()
+        if stop_after is not None and epoch == stop_after:
+            raise _Stop()
+
+    runner._build = capture
+    try:
+        _, metrics = runner.run_training(config, out, resume=resume, quiet=True, plots=False,
+                                         on_epoch_end=on_epoch_end)
+    except _Stop:
+        metrics = {}
+    finally:
+        runner._build = build
+    if record is not None:
+        torch.save(tables, record)
+    return metrics
+
+
+def _writes_under(root: Path, events: list) -> None:
+    """Records every write-like file operation under ``root`` (an audit hook)."""
+    root_s = str(root)
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = (args[1] or "r"), (args[2] or 0)
+            writing = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR)
+            if writing and str(os.fsdecode(args[0])).startswith(root_s):
+                events.append((event, str(args[0])))
+        elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate",
+                       "os.chmod") and args and str(args[0]).startswith(root_s):
+            events.append((event, str(args[0])))
+
+    sys.addaudithook(hook)
+
+
+def _worker(rank: int, port: int, config: dict, out: str, resume: bool,
+            stop_after: int | None, results: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    events: list = []
+    if rank:
+        _writes_under(Path(out), events)
+    record = Path(results) / f"tables{rank}.pt"
+    metrics = _run(config, Path(out), resume=resume, stop_after=stop_after, record=record)
+    (Path(results) / f"rank{rank}.json").write_text(json.dumps(
+        {"metrics": metrics, "writes": events}, default=str))
+
+
+def _spawn(tmp_path: Path, name: str, config: dict, out: Path, *, resume: bool = False,
+           stop_after: int | None = None) -> list[dict]:
+    results = tmp_path / name
+    results.mkdir()
+    mp.spawn(_worker, args=(_free_port(), config, str(out), resume, stop_after, str(results)),
+             nprocs=WORLD, join=True)
+    return [dict(json.loads((results / f"rank{r}.json").read_text()),
+                 tables=torch.load(results / f"tables{r}.pt")) for r in range(WORLD)]
+
+
+def _close(a: float, b: float) -> bool:
+    return a == pytest.approx(b, rel=RTOL, abs=1e-7)
+
+
+def _assert_metrics_close(two: dict, one: dict) -> None:
+    for split in ("fused", *[f"members.{m}" for m in one["members"]]):
+        a, b = two, one
+        for k in split.split("."):
+            a, b = a[k], b[k]
+        for m in ("auc", "gauc", "logloss"):
+            assert _close(a[m], b[m]), (split, m, a[m], b[m])
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    """The 1-rank reference run (no process group)."""
+    tmp = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert not distributed.active() and "WORLD_SIZE" not in os.environ
+        metrics = _run(_config(), tmp / "run", record=tmp / "tables.pt")
+    finally:
+        torch.set_num_threads(threads)
+    return {"metrics": metrics, "tables": torch.load(tmp / "tables.pt"), "dir": tmp / "run"}
+
+
+def test_two_ranks_equal_one_rank_and_resume(single, tmp_path):
+    out = tmp_path / "run"
+    # a 2-rank run interrupted after epoch 2 (both ranks), then resumed by 2 ranks
+    first = _spawn(tmp_path, "first", _config(), out, stop_after=2)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == [
+        ".lock", "best.pt", "config.yaml", "history.csv", "last.pt", "train.log"]
+    second = _spawn(tmp_path, "second", _config(), out, resume=True)
+
+    # rank 0 alone wrote the run directory, in both attempts
+    for attempt in (first, second):
+        assert attempt[1]["writes"] == [], attempt[1]["writes"][:5]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == sorted(
+        p.name for p in single["dir"].iterdir() if not p.name.startswith("events"))
+
+    one = single["metrics"]
+    two = read_json(out / "metrics.json")
+    assert two["world_size"] == WORLD and two["environment"]["world_size"] == WORLD
+    assert one["world_size"] == 1
+    # every rank returns the same metrics
+    assert second[0]["metrics"]["fused"] == second[1]["metrics"]["fused"]
+
+    # the loss curve, the validation metrics of every epoch and the test metrics
+    assert [h["epoch"] for h in two["history"]] == [1, 2, 3]
+    for h2, h1 in zip(two["history"], one["history"]):
+        assert _close(h2["train_loss"], h1["train_loss"]), (h2["train_loss"], h1["train_loss"])
+        assert h2["lr"] == pytest.approx(h1["lr"], rel=1e-12)
+        _assert_metrics_close(h2["valid"], h1["valid"])
+    _assert_metrics_close(two, one)
+    assert two["best_epoch"] == one["best_epoch"]
+    assert two["train_samples"] == one["train_samples"]
+
+    # embedding tables: identical on both ranks (bitwise), equal to the 1-rank run's
+    for epoch, ranks in ((1, first), (2, first), (3, second)):
+        t0, t1 = ranks[0]["tables"][epoch], ranks[1]["tables"][epoch]
+        assert torch.equal(t0, t1), f"epoch {epoch}: the ranks' tables differ"
+        ref = single["tables"][epoch]
+        assert torch.allclose(t0, ref, rtol=RTOL, atol=1e-7), \
+            (epoch, float((t0 - ref).abs().max()))
+
+
+def test_dense_embedding_gradients_are_averaged_by_ddp(tmp_path):
+    """optimizer=None: the flat weight is an ordinary parameter whose gradient DDP averages."""
+    cfg = _config(embedding_optimizer=None)
+    cfg["train"]["epochs"] = 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _run(cfg, tmp_path / "one", record=tmp_path / "one.pt")
+    finally:
+        torch.set_num_threads(threads)
+    ranks = _spawn(tmp_path, "dense", cfg, tmp_path / "two")
+    two = read_json(tmp_path / "two" / "metrics.json")
+    for h2, h1 in zip(two["history"], one["history"]):
+        assert _close(h2["train_loss"], h1["train_loss"]), (h2["train_loss"], h1["train_loss"])
+    _assert_metrics_close(two, one)
+    ref = torch.load(tmp_path / "one.pt")[2]
+    assert torch.equal(ranks[0]["tables"][2], ranks[1]["tables"][2])
+    assert torch.allclose(ranks[0]["tables"][2], ref, rtol=RTOL, atol=1e-7)
+
+
+def test_shares_of_the_global_batches_are_the_one_process_batches(monkeypatch):
+    """Concatenated in rank order, the ranks' shares are the batches of Split.batches."""
+    split = load_dataset("synthetic", num_rows=300, seed=1).splits["train"]
+    whole = list(split.batches(64, shuffle=True, seed=7))
+    parts = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(distributed, "world_size", lambda: 3)
+        parts.append(list(shard_batches(split, 64, seed=7)))
+    assert len(whole) == len(parts[0])
+    for i, batch in enumerate(whole):
+        assert [p[i][1] for p in parts] == [len(batch)] * 3
+        for k in batch.sparse:
+            assert torch.equal(torch.cat([p[i][0].sparse[k] for p in parts]), batch.sparse[k])
+        assert torch.equal(torch.cat([p[i][0].label for p in parts]), batch.label)
+
+
+@pytest.mark.parametrize("n, world", [(10, 3), (64, 2), (2, 4), (0, 2)])
+def test_shard_ranges_tile_the_rows_in_order(n, world):
+    ranges = [distributed.shard_range(n, r, world) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_batch_size_the_world_size_does_not_divide_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = _config()
+    with pytest.raises(ConfigError, match=r"train.batch_size = 64 .* divisible by the world "
+                                          r"size 3"):
+        runner.check_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_a_process_group_nothing_is_collective(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.active() and distributed.world_size() == 1
+    assert distributed.rank() == 0 and distributed.is_main()
+    assert distributed.from_main(lambda: 5) == 5
+    distributed.barrier()
+    distributed.check_batch_size(7, 1)
+    with distributed.process_group(torch.device("cpu")):
+        assert not torch.distributed.is_initialized()
+    model = loop._LossOf(torch.nn.Linear(2, 1))
+    assert isinstance(model.model, torch.nn.Linear)
