@@ -19,9 +19,6 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-# every rank's rows in rank order (a collective; the embedding's data-parallel update uses it)
-from cetnet_kernels.embedding_ops import all_gather_rows
-
 __all__ = ["DistributedError", "active", "world_size", "rank", "is_main", "env_world_size",
            "planned_world_size", "check_batch_size", "process_group", "local_device", "comm_device",
            "shard_range", "all_gather_rows", "broadcast_object", "from_main", "broadcast_state",
@@ -157,6 +154,15 @@ def shard_range(n: int, r: int | None = None, world: int | None = None) -> tuple
     base, extra = divmod(n, world)
     start = r * base + min(r, extra)
     return start, start + base + (1 if r < extra else 0)
+
+
+def all_gather_rows(t: Tensor, group: Any = None) -> Tensor:
+    """Collective: every rank's ``t`` concatenated along dim 0 in rank order (row counts may
+    differ); the one the embedding's data-parallel update uses
+    (:func:`cetnet_kernels.embedding_ops.all_gather_rows`)."""
+    from cetnet_kernels.embedding_ops import all_gather_rows as gather
+
+    return gather(t, group)
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

@@ -5,6 +5,8 @@
   :func:`check_run` has checked all of it without writing anything).
 - :func:`evaluate` scores a model on a split (fused and per-member AUC, gAUC, logloss);
   :func:`evaluate_run` scores a finished run's checkpoint.
+- Started by ``torchrun`` (``WORLD_SIZE`` > 1), :func:`run_training` trains data-parallel on
+  ``torch.distributed`` (docs/DISTRIBUTED.md, :mod:`cetnet.distributed`).
 - :func:`register_dataset` / :func:`register_model`: the extension point that lets configs name
   datasets and ensembles from outside ``cetnet.data`` / ``cetnet.models``.
 """
