@@ -125,11 +125,13 @@ def process_group(device: torch.device) -> Iterator[None]:
 
 def local_device(device: torch.device, *, initialized: bool = True) -> torch.device:
     """This rank's device: ``cuda:$LOCAL_RANK`` for a CUDA device given without an index in a
-    data-parallel run, ``device`` otherwise."""
+    data-parallel run (without ``$LOCAL_RANK``, e.g. a group the caller initialized: the rank
+    modulo the GPU count), ``device`` otherwise."""
     multi = active() if initialized else env_world_size() > 1
     if device.type != "cuda" or device.index is not None or not multi:
         return device
-    local = _env_int("LOCAL_RANK", 0, 0)
+    fallback = rank() % max(torch.cuda.device_count(), 1) if initialized else 0
+    local = _env_int("LOCAL_RANK", fallback, 0)
     if local >= torch.cuda.device_count():
         raise DistributedError(f"$LOCAL_RANK is {local} but this machine has "
                                f"{torch.cuda.device_count()} CUDA device(s): start at most "
