@@ -255,28 +255,32 @@ def train_config(args: argparse.Namespace) -> tuple[dict, Path | None, bool]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from cetnet.distributed import launched_rank
     from cetnet.train import format_metrics_table, run_training
     from cetnet.train.loop import print_warnings
     from cetnet.train.runner import check_run
 
+    # under torchrun every rank runs this: rank 0 alone prints the summary lines
+    say = print if launched_rank() == 0 else (lambda *a, **k: None)
     config, out, resume = train_config(args)
     if args.dry_run:
         plan = check_run(config, out, resume=resume, overwrite=args.overwrite)
         for change in plan.changes:
-            print(f"resume: {change} (config.yaml would be updated)", file=sys.stderr)
+            say(f"resume: {change} (config.yaml would be updated)", file=sys.stderr)
         rows = ", ".join(f"{s} {len(split):,}" for s, split in plan.dataset.splits.items())
         what = (f"resume {out} from epoch {plan.checkpoint['epoch']}" if plan.checkpoint
                 else f"train into {out or 'a new directory under runs/'}")
-        print(f"dry run: the config, the dataset ({rows} rows), the model "
-              f"({plan.num_parameters:,} parameters) and the run directory are fine; it would "
-              f"{what}; nothing was written")
+        say(f"dry run: the config, the dataset ({rows} rows), the model "
+            f"({plan.num_parameters:,} parameters) and the run directory are fine; it would "
+            f"{what}; nothing was written")
         return 0
     run_dir, metrics = run_training(config, out, resume=resume, overwrite=args.overwrite,
                                     quiet=args.quiet, plots=not args.no_plots)
-    if args.quiet:  # fit prints the table and the warnings under it itself otherwise
-        print(format_metrics_table(metrics))
-        print_warnings(metrics["warnings"])
-    print(f"run directory: {run_dir}")
+    if launched_rank() == 0:
+        if args.quiet:  # fit prints the table and the warnings under it itself otherwise
+            print(format_metrics_table(metrics))
+            print_warnings(metrics["warnings"])
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -444,7 +448,10 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"cetnet {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"\n{interrupt_hint(exc)}", file=sys.stderr)
+        from cetnet.distributed import launched_rank
+
+        if launched_rank() == 0:  # one hint, not one per torchrun rank
+            print(f"\n{interrupt_hint(exc)}", file=sys.stderr)
         return 130
 
 

@@ -60,6 +60,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """This process's rank: the group's, else ``$RANK`` as torchrun sets it (0 when unset).
+    For what a command prints before the group exists or after it is gone: one rank speaks."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return _env_int("RANK", 0, 0)
+
+
 def _env_int(name: str, default: int, low: int) -> int:
     text = os.environ.get(name, "")
     if not text.strip():

@@ -212,3 +212,15 @@ def test_reproduce_is_a_subcommand(tmp_path, capsys):
     assert main(["reproduce", "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cetnet reproduce: error:") and len(err.splitlines()) == 1
+
+
+def test_train_prints_its_summary_from_rank_0_only(train_config, tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank runs `cetnet train`: only rank 0 ($RANK) prints the summary."""
+    config = _write_config(train_config(epochs=1), tmp_path / "c.yaml")
+    argv = ["train", "--config", str(config), "--out", str(tmp_path / "run"), "--dry-run"]
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 0
+    assert "dry run:" in capsys.readouterr().out
