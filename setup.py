@@ -144,9 +144,11 @@ def _extension():
 
 setup(
     # cetnet_kernels at the top level; the model library (cetnet and its subpackages) in python/.
-    packages=["cetnet_kernels", "cetnet_kernels.triton"] + find_packages("python"),
+    # cetnet.configs holds only YAML files: a data package, listed so setuptools ships it.
+    packages=["cetnet_kernels", "cetnet_kernels.triton", "cetnet.configs"]
+    + find_packages("python"),
     package_dir={"cetnet": "python/cetnet"},
-    package_data={"cetnet": ["configs/*.yaml"]},
+    package_data={"cetnet.configs": ["*.yaml"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtensionPerISA.with_options(use_ninja=True)},
 )

@@ -43,8 +43,8 @@ def test_license_is_spdx_with_its_file():
 
 def test_every_packaged_config_is_package_data():
     setup_py = (ROOT / "setup.py").read_text()
-    assert '"configs/*.yaml"' in setup_py
+    assert '"cetnet.configs"' in setup_py and '{"cetnet.configs": ["*.yaml"]}' in setup_py
     configs = ROOT / "python" / "cetnet" / "configs"
     entries = list(configs.iterdir())
     assert entries and all(p.is_file() and p.suffix == ".yaml" for p in entries), \
-        "a config that configs/*.yaml does not match would be missing from a wheel"
+        "a config that cetnet.configs' *.yaml does not match would be missing from a wheel"
