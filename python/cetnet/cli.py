@@ -175,6 +175,44 @@ def build_parser() -> argparse.ArgumentParser:
                     help="options of the dataset (e.g. root=~/.cache/cetnet); for the dataset "
                          "of the default config, its options (e.g. max_seq_len) unless given")
 
+    pl = sub.add_parser(
+        "plan", help="memory, communication and step time of the embedding tables on N GPUs",
+        description="Per GPU and training step, under data-parallel, table-wise, column-wise "
+                    "and row-wise sharding: the tables' and optimizer's memory, the bytes "
+                    "communicated, the embedding kernels' and communication time (kernel rates "
+                    "measured in bench/), and the sharding to choose. Formulas: "
+                    "docs/SCALING.md. --config takes the members, dims, optimizer and batch "
+                    "from a cetnet train config; the features' rows always come from --vocab.")
+    pl.add_argument("--config", type=Path, help="a cetnet train config (members, dims, "
+                                                "embedding_optimizer, train.batch_size)")
+    pl.add_argument("--members", type=int, help="M embedding sets (members); --dim then holds "
+                                                "one dim, or one per member")
+    pl.add_argument("--features", type=int, help="F features; --vocab then holds one count, or "
+                                                 "one per feature")
+    pl.add_argument("--vocab", required=True, metavar="V[,V2,...]",
+                    help="rows per table (1e9, 10^9 and 2^20 are fine)")
+    pl.add_argument("--dim", metavar="D[,D2,...]", help="embedding dim(s)")
+    pl.add_argument("--batch", type=int, help="global batch (rows per step, all GPUs)")
+    pl.add_argument("--gpus", default="8,64,1024", metavar="N[,N2,...]",
+                    help="GPU counts to plan for (default 8,64,1024)")
+    pl.add_argument("--optimizer", choices=["sgd", "rowwise_adagrad", "adam"],
+                    help="embedding optimizer (default the config's, else rowwise_adagrad; adam: "
+                         "the dense-gradient path, embedding_optimizer: null)")
+    pl.add_argument("--weights-dtype", choices=["fp32", "fp16"], default="fp32")
+    pl.add_argument("--ids-per-feature", type=int, default=1, metavar="H",
+                    help="ids per row and feature (multi-hot bags; default 1)")
+    pl.add_argument("--memory-gb", type=float, default=100.0,
+                    help="GB per GPU for the tables and optimizer state (default 100 of an "
+                         "H200's 141)")
+    pl.add_argument("--device", choices=["h200", "cpu"], default="h200",
+                    help="whose measured kernel rates (default h200)")
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--nvlink-gbytes", type=float, default=450.0,
+                    help="NVLink GB/s per GPU, one way (default 450)")
+    pl.add_argument("--link-gbps", type=float, default=400.0,
+                    help="inter-node Gb/s per GPU (default 400: 8 x 400 Gb/s InfiniBand per "
+                         "node of 8)")
+
     # Its own parser (cetnet.reproduce) reads the rest: `cetnet reproduce --help` shows it, and
     # the other commands do not import the experiment code.
     rp = sub.add_parser("reproduce", add_help=False,
@@ -372,6 +410,19 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from cetnet.plan import plan_text, workloads_from_flags
+
+    works = workloads_from_flags(
+        args.members, args.features, args.vocab, args.dim, args.batch, args.gpus,
+        optimizer=args.optimizer, weights_dtype=args.weights_dtype,
+        ids_per_feature=args.ids_per_feature, memory_gb=args.memory_gb, device=args.device,
+        gpus_per_node=args.gpus_per_node, nvlink_gbytes=args.nvlink_gbytes,
+        link_gbps=args.link_gbps, config=args.config)
+    print(plan_text(works))
+    return 0
+
+
 #: What the user's input causes (a config value, a dataset file, a checkpoint, a run directory,
 #: a run that diverged, a file that cannot be opened): one line, exit status 2. A ValueError,
 #: TypeError etc. out of the code is a bug and keeps its traceback (ConfigError, DataFormatError
@@ -426,6 +477,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _predict(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "reproduce":
             from cetnet.reproduce.__main__ import main as reproduce
 

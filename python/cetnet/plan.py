@@ -4,7 +4,7 @@
 formula and its tables are written by :func:`doc_blocks` (``python -m cetnet.plan
 docs/SCALING.md`` rewrites them, and tests/library/test_plan.py checks that they still match).
 
-Everything here is arithmetic on plain numbers (no torch). The notation of docs/SCALING.md:
+Everything here is arithmetic on plain numbers (no tensors). The notation of docs/SCALING.md:
 
 - ``M`` embedding sets (one per member, or one when the members share their tables), member
   ``m`` at dim ``D_m``; ``F`` features, feature ``f`` with ``V_f`` rows; ``H`` ids per row
