@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Build: in place (no pip, no network), CUDA on, for this GPU's arch, every core.
     if not args.skip_build:
-        benv = dict(env, CETNET_CUDA="1", TORCH_CUDA_ARCH_LIST=arch,
+        # CETNET_DEBUG: debug info, for the frames gdb prints when the exception probe fails
+        benv = dict(env, CETNET_CUDA="1", CETNET_DEBUG="1", TORCH_CUDA_ARCH_LIST=arch,
                     MAX_JOBS=str(os.cpu_count() or 4))
         if not shutil.which("nvcc") and not os.environ.get("CUDA_HOME"):
             for guess in ("/usr/local/cuda", "/opt/cuda"):
