@@ -13,7 +13,11 @@ The helpers are collectives where they say so: every rank must call them in the 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
 import os
+import signal
+import time
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -22,7 +26,15 @@ from torch import Tensor, nn
 __all__ = ["DistributedError", "active", "world_size", "rank", "is_main", "env_world_size",
            "planned_world_size", "check_batch_size", "process_group", "local_device", "comm_device",
            "shard_range", "all_gather_rows", "broadcast_object", "from_main", "broadcast_state",
-           "all_sum", "all_gather_objects", "barrier"]
+           "all_sum", "all_gather_objects", "barrier", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S",
+           "timeout_seconds", "restart_count", "collective_failure", "InjectedFault"]
+
+#: The process group's timeout in seconds: a collective that waits longer for another rank
+#: fails (instead of hanging the job forever).
+TIMEOUT_ENV = "CETNET_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+#: Test hook (docs/DISTRIBUTED.md): ``kill|hang:RANK:EPOCH:STEP``.
+FAULT_ENV = "CETNET_TEST_FAULT"
 
 T = TypeVar("T")
 
@@ -82,6 +94,71 @@ def _env_int(name: str, default: int, low: int) -> int:
     return value
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted the group (``$TORCHELASTIC_RESTART_COUNT``; 0 on
+    the first attempt and without torchrun)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0, 0)
+
+
+def timeout_seconds() -> float:
+    """``$CETNET_DIST_TIMEOUT`` (seconds, > 0; default :data:`DEFAULT_TIMEOUT_S`): how long a
+    collective waits for the other ranks before it fails."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise DistributedError(f"${TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is torch.distributed's failure of a collective or of the rendezvous (a
+    timeout, a rank that died), as opposed to an error of the run itself."""
+    dist = _dist()
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "Gloo", "NCCL", "Timed out", "timed out", "Connection closed",
+                            "Connection reset"))
+
+
+class InjectedFault:
+    """Test hook: ``$CETNET_TEST_FAULT=ACTION:RANK:EPOCH:STEP`` makes rank RANK, on torchrun's
+    first attempt only, SIGKILL itself (``kill``) or sleep forever (``hang``) right before step
+    STEP (1-based) of epoch EPOCH. Unset (always, outside tests): :meth:`parse` is None."""
+
+    def __init__(self, action: str, epoch: int, step: int) -> None:
+        self.action, self.epoch, self.step = action, epoch, step
+
+    @classmethod
+    def parse(cls, this_rank: int) -> "InjectedFault | None":
+        text = os.environ.get(FAULT_ENV, "").strip()
+        if not text or restart_count() > 0:
+            return None
+        parts = text.split(":")
+        try:
+            action, r, epoch, step = parts[0], *(int(p) for p in parts[1:])
+        except ValueError:
+            action = ""
+        if action not in ("kill", "hang"):
+            raise DistributedError(f"${FAULT_ENV} must be kill|hang:RANK:EPOCH:STEP, got {text!r}")
+        return cls(action, epoch, step) if r == this_rank else None
+
+    def at(self, epoch: int, step: int) -> None:
+        """Fires when ``(epoch, step)`` (step 1-based) is the fault's."""
+        if (epoch, step) != (self.epoch, self.step):
+            return
+        if self.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while True:
+            time.sleep(3600)
+
+
 def env_world_size() -> int:
     """``$WORLD_SIZE`` as torchrun sets it (1 when unset)."""
     return _env_int("WORLD_SIZE", 1, 1)
@@ -125,7 +202,17 @@ def process_group(device: torch.device) -> Iterator[None]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_device(device, initialized=False))
-    dist.init_process_group(backend=backend)
+    timeout = datetime.timedelta(seconds=timeout_seconds())
+    # torchrun's agent keeps one store across restarts: without a key prefix per attempt a
+    # restarted rank can read the address a dead rank of the failed attempt published there
+    # (gloo: "connectFullMesh failed ... Connection refused")
+    from torch.distributed.rendezvous import rendezvous
+
+    store, r, world = next(rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    store = dist.PrefixStore(f"cetnet/attempt{restart_count()}/default_pg", store)
+    dist.init_process_group(backend=backend, store=store, rank=r, world_size=world,
+                            timeout=timeout)
     try:
         yield
     finally:

@@ -166,7 +166,7 @@ def test_two_ranks_equal_one_rank_and_resume(single, tmp_path):
     # a 2-rank run interrupted after epoch 2 (both ranks), then resumed by 2 ranks
     first = _spawn(tmp_path, "first", _config(), out, stop_after=2)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == [
-        ".lock", "best.pt", "config.yaml", "history.csv", "last.pt", "train.log"]
+        ".lock", "best.pt", "config.yaml", "history.csv", "last.prev.pt", "last.pt", "train.log"]
     second = _spawn(tmp_path, "second", _config(), out, resume=True)
 
     # rank 0 alone wrote the run directory, in both attempts

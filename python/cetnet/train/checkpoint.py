@@ -3,6 +3,8 @@
 A checkpoint holds only tensors and primitive containers (no pickled classes), so loading one
 cannot run code. :func:`save_checkpoint` writes a temporary file in the same directory and
 ``os.replace``-s it over the target: a crash mid-write leaves the previous checkpoint intact.
+:func:`save_last` keeps the ``last.pt`` it replaces as ``last.prev.pt``, and :func:`load_last`
+falls back to it (with a warning naming the bad file) when ``last.pt`` is unreadable.
 :func:`load_checkpoint` turns a file torch cannot read (empty, truncated, not a checkpoint)
 into a :class:`CheckpointError` naming it; :func:`check_model_state` says, before
 ``load_state_dict``, how a checkpoint and a model differ.
@@ -13,17 +15,19 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from cetnet.atomic import atomic_write
+from cetnet.atomic import TEMP_SUFFIX, atomic_write
 
-__all__ = ["BEST", "LAST", "LAST_KEYS", "CheckpointError", "save_checkpoint", "load_checkpoint",
-           "check_model_state", "first_line"]
+__all__ = ["BEST", "LAST", "LAST_PREV", "LAST_KEYS", "CheckpointError", "save_checkpoint",
+           "load_checkpoint", "save_last", "load_last", "has_last", "check_model_state",
+           "first_line"]
 
 BEST = "best.pt"   # the model at the epoch with the best validation fused AUC
 LAST = "last.pt"   # everything needed to resume, written after every epoch
+LAST_PREV = "last.prev.pt"  # the last.pt before it: what a resume falls back to
 #: What ``last.pt`` holds besides ``model`` (see cetnet.train.loop.fit).
 LAST_KEYS = ("optimizer", "schedule", "rng", "epoch", "best_metric", "best_epoch", "bad_epochs",
              "stopped", "history", "train_seconds", "train_samples")
@@ -36,6 +40,61 @@ class CheckpointError(ValueError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Writes ``state`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_last(state: dict[str, Any], run_dir: str | Path) -> None:
+    """Writes ``run_dir/last.pt`` atomically, keeping the ``last.pt`` it replaces as
+    ``last.prev.pt``: the old file is hard-linked to a temporary name that is renamed over
+    ``last.prev.pt`` (atomic), so ``last.pt`` exists at every moment; on a filesystem without
+    hard links the old file is renamed to ``last.prev.pt`` before the new one is written."""
+    run_dir = Path(run_dir)
+    last, prev = run_dir / LAST, run_dir / LAST_PREV
+    if last.exists():
+        tmp = run_dir / f".{LAST_PREV}.link{TEMP_SUFFIX}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(last, tmp)
+            os.replace(tmp, prev)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            os.replace(last, prev)
+    save_checkpoint(state, last)
+
+
+def has_last(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a ``last.pt`` or a ``last.prev.pt`` to resume from."""
+    return any((Path(run_dir) / n).is_file() for n in (LAST, LAST_PREV))
+
+
+def load_last(run_dir: str | Path, keys: Iterable[str] = ("model", *LAST_KEYS),
+              warn: Callable[[str], None] | None = None) -> tuple[dict, Path]:
+    """``(checkpoint, path)``: ``run_dir/last.pt`` read on the CPU, or ``last.prev.pt`` when
+    ``last.pt`` is missing or unreadable (truncated, corrupt, incomplete: ``warn`` gets a line
+    naming it and the file used instead).
+
+    Raises:
+        FileNotFoundError: neither file exists (nothing to resume).
+        CheckpointError: no file is usable (the message names each and why).
+    """
+    run_dir = Path(run_dir)
+    keys = tuple(keys)
+    errors: list[CheckpointError] = []
+    for path in (run_dir / LAST, run_dir / LAST_PREV):
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path, keys=keys)
+        except CheckpointError as e:
+            errors.append(e)
+            continue
+        if errors and warn is not None:
+            for e in errors:
+                warn(f"{e}; resuming from {path} (epoch {state.get('epoch')}) instead")
+        return state, path
+    if errors:
+        raise CheckpointError(f"resume: no usable checkpoint in {run_dir}: "
+                              + "; ".join(str(e) for e in errors))
+    raise FileNotFoundError(f"resume: no {LAST} in {run_dir} (nothing to resume)")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",

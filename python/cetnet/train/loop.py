@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from cetnet import distributed
 from cetnet.config import ConfigError, check_device, dump_config, validate_config
 from cetnet.metrics import auc
-from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, CheckpointError, check_model_state,
-                                     first_line, load_checkpoint, save_checkpoint)
+from cetnet.train.checkpoint import (BEST, LAST, CheckpointError, check_model_state, first_line,
+                                     load_checkpoint, load_last, save_checkpoint, save_last)
 from cetnet.train.evaluate import evaluate
 from cetnet.train.plots import plot_run
 from cetnet.train.report import format_metrics_table
@@ -328,6 +328,7 @@ class EpochRunner:
         self.params = list(model.dense_parameters())
         # data-parallel: model.loss under DDP (None in a single process: no collective at all)
         self.ddp = data_parallel(model, device) if distributed.active() else None
+        self.fault = distributed.InjectedFault.parse(distributed.rank())  # None but in tests
         self.optimizer = dense_optimizer(self.params, train["lr"], train["weight_decay"])
         self.schedule = LRSchedule(self.optimizer, train["lr_schedule"], train["lr"],
                                    total_steps=train["epochs"] * steps_per_epoch,
@@ -417,6 +418,8 @@ class EpochRunner:
                     # one row. Skipping it depends only on the split size (and the world
                     # size), so runs stay reproducible.
                     continue
+                if self.fault is not None:
+                    self.fault.at(epoch, step + 1)
                 batch = batch.to(device)
                 lr = schedule.step()
                 if self.ddp is None:
@@ -478,7 +481,7 @@ class EpochRunner:
             if best:
                 save_checkpoint({"model": self.model.state_dict(), "epoch": epoch,
                                  "valid": valid}, self.out_dir / BEST)
-            save_checkpoint(last, self.out_dir / LAST)
+            save_last(last, self.out_dir)  # the previous last.pt stays as last.prev.pt
         if self.log is not None:
             self.log.epoch(state.history)
         f = valid["fused"]
@@ -498,12 +501,12 @@ def resume_state(runner: EpochRunner, out_dir: Path, checkpoint: dict | None = N
         CheckpointError: it does not fit the model (or is not a ``last.pt``).
         ConfigError: it has completed more epochs than ``train.epochs``.
     """
+    path = out_dir / LAST
     if checkpoint is None:
-        if not (out_dir / LAST).exists():
-            raise FileNotFoundError(f"resume: no {LAST} in {out_dir} (nothing to resume)")
-        # on the CPU: RNG states must stay there
-        checkpoint = load_checkpoint(out_dir / LAST, keys=("model", *LAST_KEYS))
-    state = runner.restore(checkpoint, out_dir / LAST)
+        # on the CPU: RNG states must stay there; last.prev.pt when last.pt is unreadable
+        checkpoint, path = load_last(out_dir, warn=lambda m: print(f"warning: {m}",
+                                                                   file=sys.stderr))
+    state = runner.restore(checkpoint, path)
     epochs = runner.t["epochs"]
     if state.epoch > epochs:
         raise ConfigError(f"resume: train.epochs={epochs} is below the {state.epoch} "
@@ -619,8 +622,18 @@ def _train_and_test(runner: EpochRunner, state: LoopState, config: dict, dataset
         raise TrainingError(f"none of the {state.epoch} epochs had a finite validation AUC (the "
                             f"model's validation predictions were not finite), so there is no "
                             f"best model and no test score; {_saved(state, out_dir)}")
-    if distributed.is_main():
-        model.load_state_dict(load_checkpoint(out_dir / BEST, map_location=device)["model"])
+    def load_best() -> None:
+        best = load_checkpoint(out_dir / BEST, map_location=device, keys=("model",))
+        if best.get("epoch") != state.best_epoch:
+            # e.g. a resume from last.prev.pt whose best epoch was not chosen again
+            raise TrainingError(f"{out_dir / BEST} holds epoch {best.get('epoch')}, but the "
+                                f"run's best epoch is {state.best_epoch}: its test metrics "
+                                f"cannot be computed; evaluate another checkpoint with "
+                                f"`cetnet evaluate {out_dir} --checkpoint {LAST}`")
+        model.load_state_dict(best["model"])
+
+    # rank 0 reads best.pt; its failure is every rank's (none waits for the broadcast)
+    distributed.from_main(load_best)
     if distributed.active():  # the best model from rank 0's best.pt on every rank
         distributed.broadcast_state(model)
     test = runner.evaluate(test_split)

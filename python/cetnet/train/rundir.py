@@ -1,7 +1,8 @@
 """The run directory: its file names, creation, lock and JSON files.
 
 Layout: ``config.yaml`` (the resolved config), ``metrics.json``, ``best.pt`` / ``last.pt``
-(see :mod:`cetnet.train.checkpoint`), ``curves.png`` / ``members_auc.png`` (plots),
+(see :mod:`cetnet.train.checkpoint`; ``last.prev.pt``: the ``last.pt`` before the latest,
+kept for a resume when ``last.pt`` is unreadable), ``curves.png`` / ``members_auc.png`` (plots),
 ``eval_<split>.json`` (``eval_<split>_last.json`` for ``--checkpoint last.pt``) from
 ``cetnet evaluate``, ``train.log`` (the log lines), ``history.csv`` (metrics per epoch),
 TensorBoard's ``events.out.tfevents.*`` when tensorboard is installed, and ``.lock``.
@@ -36,7 +37,7 @@ METRICS_FILE = "metrics.json"
 LOCK_FILE = ".lock"
 # What a run writes (checkpoint and plot names are repeated here to keep this module free of
 # torch and matplotlib; tests check they agree).
-_RUN_FILE = re.compile(r"config\.yaml|metrics\.json|best\.pt|last\.pt|curves\.png"
+_RUN_FILE = re.compile(r"config\.yaml|metrics\.json|best\.pt|last\.pt|last\.prev\.pt|curves\.png"
                        r"|members_auc\.png|eval_[a-z]+(?:_[A-Za-z0-9_.-]+)?\.json|\.lock"
                        r"|train\.log|history\.csv|events\.out\.tfevents\.[^/]+"
                        rf"|\..+\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}")

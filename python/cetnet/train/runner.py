@@ -10,6 +10,8 @@ the directory created and locked (see :mod:`cetnet.train.rundir`); a resumed run
 
 Under torchrun (``$WORLD_SIZE`` > 1) :func:`run_training` trains data-parallel (see
 docs/DISTRIBUTED.md): every rank checks the run, rank 0 alone claims and writes the directory.
+When torchrun restarts the group after a failure (``$TORCHELASTIC_RESTART_COUNT`` > 0), the
+run resumes from the run directory's last complete checkpoint (:func:`restart_plan`).
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from cetnet.atomic import remove_stale_temps
 from cetnet.config import ConfigError, read_yaml, validate_config
 from cetnet.messages import shorten
 from cetnet.train.builders import build_model, load_dataset
-from cetnet.train.checkpoint import BEST, LAST, LAST_KEYS, check_model_state, load_checkpoint
+from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV, check_model_state,
+                                     first_line, has_last, load_checkpoint, load_last)
 from cetnet.train.evaluate import evaluate
 from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_splits, fit,
                                resolve_device, split_warnings)
 from cetnet.train.rng import seed_everything
 from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirError, RunLock,
-                                 check_run_dir, clear_run, make_run_dir, run_files, write_json)
+                                 check_run_dir, clear_run, foreign_files, make_run_dir, run_files,
+                                 write_json)
 
-__all__ = ["RunPlan", "build_run", "check_run", "run_training", "evaluate_run",
+__all__ = ["RunPlan", "build_run", "check_run", "run_training", "restart_plan", "evaluate_run",
            "load_run_config", "checkpoint_path", "evaluation_path"]
 
 #: The sections a resumed run must keep: they define what ``last.pt`` holds and what
@@ -176,7 +180,7 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
     run_dir = None if out is None else Path(out)
     changes: list[str] = []
     if run_dir is not None:
-        if resume and not (run_dir / LAST).exists():
+        if resume and not has_last(run_dir):
             raise FileNotFoundError(f"resume: no {LAST} in {run_dir} (nothing to resume)")
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)
         if resume:
@@ -194,12 +198,32 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
                    num_parameters=sum(p.numel() for p in model.parameters()))
     if resume:
         assert run_dir is not None
-        plan._stamps = {n: _stamp(run_dir / n) for n in (CONFIG_FILE, LAST)}
-        # on the CPU: RNG states must stay there
-        plan.checkpoint = load_checkpoint(run_dir / LAST, keys=("model", *LAST_KEYS))
-        check_model_state(plan.checkpoint["model"], model, run_dir / LAST)
+        plan._stamps = {n: _stamp(run_dir / n) for n in (CONFIG_FILE, LAST, LAST_PREV)}
+        plan.checkpoint, path = _load_last(run_dir)
+        check_model_state(plan.checkpoint["model"], model, path)
         _check_resumable(plan.checkpoint, config, run_dir)
     return plan
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _load_last(run_dir: Path) -> tuple[dict, Path]:
+    """The checkpoint to resume from (on the CPU: RNG states must stay there): ``last.pt``, or
+    ``last.prev.pt`` when it is unreadable (a warning names it). In a data-parallel run rank 0
+    chooses (and warns) and every rank reads the file it chose."""
+    found: list = []
+
+    def choose() -> str:
+        found.extend(load_last(run_dir, warn=_warn))
+        return found[1].name
+
+    name = distributed.from_main(choose)
+    if found:
+        return found[0], found[1]
+    path = run_dir / name
+    return load_checkpoint(path, keys=("model", *LAST_KEYS)), path
 
 
 def _claim(plan: RunPlan, resume: bool, overwrite: bool) -> tuple[Path, RunLock, bool]:
@@ -254,16 +278,82 @@ def run_training(config: dict, out: str | Path | None = None, *, resume: bool = 
     torchrun's environment (and destroyed at the end if it was initialized here), every rank
     checks the run and builds the model, rank 0 alone creates, locks and writes the run
     directory, and every rank returns the same ``(run_dir, metrics)``.
+
+    When torchrun restarts the group after a rank failed (``$TORCHELASTIC_RESTART_COUNT`` > 0)
+    the run continues from its last complete checkpoint (:func:`restart_plan`). A collective
+    that fails (another rank died, or waited on longer than ``$CETNET_DIST_TIMEOUT`` seconds)
+    is a TrainingError saying so.
     """
     device = resolve_device(validate_config(config)["device"])
-    with distributed.process_group(distributed.local_device(device, initialized=False)):
-        return _run_training(config, out, resume=resume, overwrite=overwrite, quiet=quiet,
-                             plots=plots, on_epoch_end=on_epoch_end)
+    try:
+        with distributed.process_group(distributed.local_device(device, initialized=False)):
+            return _run_training(config, out, resume=resume, overwrite=overwrite, quiet=quiet,
+                                 plots=plots, on_epoch_end=on_epoch_end)
+    except TrainingError:
+        raise
+    except distributed.DistributedError as e:
+        raise TrainingError(f"data-parallel run, rank {distributed.launched_rank()}: {e}") from e
+    except RuntimeError as e:
+        if not distributed.collective_failure(e):
+            raise
+        raise TrainingError(_collective_failure_text(e)) from e
+
+
+def _collective_failure_text(e: BaseException) -> str:
+    """One line on a failed collective: which rank, whether it timed out, what to do."""
+    try:
+        limit = f"{distributed.timeout_seconds():g} s"
+    except distributed.DistributedError:
+        limit = "its limit"
+    text = first_line(e)
+    head = f"data-parallel run, rank {distributed.launched_rank()}: "
+    if "timed out" in text.lower() and "connect" not in text.lower():
+        return (head + f"waited ${distributed.TIMEOUT_ENV} = {limit} for another rank at a "
+                "collective: a rank hangs (or is that much slower; then raise "
+                f"${distributed.TIMEOUT_ENV}) (torch: {text})")
+    return (head + "a collective with the other ranks failed: another rank died or left "
+            f"(torch: {text})")
+
+
+def restart_plan(config: dict, out: Path | None, resume: bool, overwrite: bool
+                 ) -> tuple[bool, bool]:
+    """``(resume, overwrite)`` for this attempt. On a torchrun restart
+    (``$TORCHELASTIC_RESTART_COUNT`` > 0) of a run with a directory: resume when it holds a
+    checkpoint (``last.pt`` / ``last.prev.pt``: the failed attempt's last complete epoch);
+    without one, start again over what the failed attempt left (its ``config.yaml``, logs) when
+    its ``config.yaml`` is this run's config. Otherwise (first attempt, no directory given, or a
+    directory of another run) what the command asked. Decided by rank 0 for every rank."""
+    count = distributed.restart_count()
+    if count == 0 or out is None or resume:
+        return resume, overwrite
+    run_dir = Path(out)
+
+    def decide() -> tuple[bool, bool]:
+        say = print if distributed.is_main() else (lambda *a, **k: None)
+        if has_last(run_dir):
+            say(f"torchrun restart {count}: resuming {run_dir} from its last checkpoint",
+                file=sys.stderr)
+            return True, False
+        saved = run_dir / CONFIG_FILE
+        if not overwrite and saved.is_file() and not foreign_files(run_dir):
+            try:
+                same = validate_config(read_yaml(saved)) == validate_config(config)
+            except (ConfigError, OSError):
+                same = False
+            if same:
+                say(f"torchrun restart {count}: no epoch of {run_dir} had finished; starting it "
+                    "again", file=sys.stderr)
+                return False, True
+        return resume, overwrite
+
+    return distributed.from_main(decide)
 
 
 def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwrite: bool,
                   quiet: bool, plots: bool, on_epoch_end: EpochCallback | None
                   ) -> tuple[Path, dict]:
+    resume, overwrite = restart_plan(config, None if out is None else Path(out), resume,
+                                     overwrite)
     plan = check_run(config, out, resume=resume, overwrite=overwrite)
     if distributed.is_main():
         for change in plan.changes:
