@@ -1,6 +1,6 @@
 """The ``cetnet`` command line: ``cetnet train``, ``cetnet evaluate``, ``cetnet predict``,
 ``cetnet export``, ``cetnet data prepare``, ``cetnet data list``, ``cetnet models``,
-``cetnet reproduce``, ``cetnet --version``.
+``cetnet reproduce``, ``cetnet search``, ``cetnet --version``.
 
 Examples::
 
@@ -17,6 +17,7 @@ Examples::
     cetnet data list                                  # datasets and their options
     cetnet models                                     # ensembles, members, their options
     cetnet reproduce --dataset movielens-100k --seeds 5       # the evidence (docs/REPRODUCE.md)
+    cetnet search --dataset movielens-100k --trials 40        # Optuna search (docs/SEARCH.md)
     cetnet --plugin my_datasets train --set data.name=my_log   # a module that registers more
 
 A failure caused by the input (a config value, a file, a checkpoint, a run directory in use,
@@ -219,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train and compare the ensembles and their baselines over seeds, "
                              "write docs/RESULTS.md (cetnet reproduce --help)")
     rp.add_argument("args", nargs="*", help=argparse.SUPPRESS)  # filled by parse_args
+    # Likewise cetnet.search's own parser: the other commands do not import Optuna.
+    se = sub.add_parser("search", add_help=False,
+                        help="search ensembles and their hyperparameters with Optuna, each "
+                             "trial an ordinary run (cetnet search --help, docs/SEARCH.md)")
+    se.add_argument("args", nargs="*", help=argparse.SUPPRESS)  # filled by parse_args
     return ap
 
 
@@ -240,12 +246,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "reproduce" in argv:  # everything after it is cetnet.reproduce's (options included)
-        i = argv.index("reproduce")
-        args = parser.parse_args(argv[:i + 1])
-        if args.command == "reproduce":
-            args.args = argv[i + 1:]
-            return args
+    for own in ("reproduce", "search"):  # everything after it is its module's (options included)
+        if own in argv:
+            i = argv.index(own)
+            args = parser.parse_args(argv[:i + 1])
+            if args.command == own:
+                args.args = argv[i + 1:]
+                return args
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
         args.overrides += [x for x in extra if not x.startswith("-")]
@@ -483,6 +490,10 @@ def _main(argv: Sequence[str] | None) -> int:
             from cetnet.reproduce.__main__ import main as reproduce
 
             return reproduce(args.args)
+        if args.command == "search":
+            from cetnet.search.__main__ import main as search
+
+            return search(args.args)
         if args.command == "models":
             from cetnet.catalog import models_text
 

@@ -1,0 +1,17 @@
+"""``cetnet search``: architecture and hyperparameter search over the ensembles on Optuna
+(docs/SEARCH.md).
+
+- :mod:`cetnet.search.space`: the search-space YAML (packaged default: default_space.yaml) and
+  its define-by-run sampling into an ordinary run config.
+- :mod:`cetnet.search.cost`: FLOPs per sample (``torch.utils.flop_counter``) and parameters.
+- :mod:`cetnet.search.engine`: the study (samplers, the warm-up proxy and its pruner, storage,
+  resume) around :func:`cetnet.train.run_training`.
+- :mod:`cetnet.search.report`: trials.csv, pareto.csv, SEARCH.md, the plot, rank correlations.
+
+Optuna is imported only when a search runs (``pip install optuna``; PostgreSQL storage also
+needs ``psycopg2``).
+"""
+
+from cetnet.search.space import SpaceError, default_space_path, load_space, sample_config
+
+__all__ = ["SpaceError", "default_space_path", "load_space", "sample_config"]

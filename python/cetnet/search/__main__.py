@@ -1,0 +1,92 @@
+"""``cetnet search`` / ``python -m cetnet.search``: the command line of the search
+(docs/SEARCH.md). An error of the input is one line ``cetnet search: error: ...``, status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from cetnet.config import ConfigError
+from cetnet.data.csvio import DataFormatError
+from cetnet.train.checkpoint import CheckpointError
+from cetnet.train.loop import TrainingError
+from cetnet.train.rundir import RunDirError
+
+__all__ = ["build_parser", "main"]
+
+PROG = "cetnet search"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cetnet.search.engine import PRUNERS, SAMPLERS
+
+    ap = _Parser(prog=PROG, description="Search ensembles (kind, K, member architectures, "
+                 "dims, fusion, learning rates, batch size) with Optuna: each trial is an "
+                 "ordinary cetnet run under --out (docs/SEARCH.md).")
+    a = ap.add_argument
+    a("--dataset", default="movielens-100k",
+      help="movielens-100k (default), synthetic, or a BARS dataset YAML")
+    a("--space", default="default", help="the search-space YAML (default: the packaged one)")
+    a("--trials", type=int, default=20,
+      help="finished (complete or pruned) trials the study should hold (default 20)")
+    a("--objective", default="auc", help="auc (default): maximize validation AUC; auc,cost: "
+      "also minimize forward FLOPs per sample (a Pareto front)")
+    a("--sampler", choices=SAMPLERS, default="tpe", help="default tpe")
+    a("--pruner", choices=PRUNERS, default="median",
+      help="decides on the warm-up proxy which trials train fully (default median; "
+      "single-objective studies only)")
+    a("--warmup-fraction", type=float, default=0.25,
+      help="share of the training rows of the warm-up epoch (default 0.25; 0: no warm-up)")
+    a("--storage", default=None,
+      help="Optuna storage, any SQLAlchemy URL (default sqlite:///OUT/study.db), e.g. "
+      "postgresql://user@host/db for workers on several machines")
+    a("--study", default="cetnet-search", help="the study's name in the storage")
+    a("--out", type=Path, default=None, help="runs and reports (default runs/search-<dataset>)")
+    a("--resume", action="store_true",
+      help="continue the study (finished trials are kept, their runs reused)")
+    a("--seed", type=int, default=0, help="the sampler's seed (give each worker its own)")
+    a("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+      help="config overrides of every trial, e.g. data.num_rows=5000 train.epochs=3")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        from cetnet.search.engine import SearchOptions, main_command, run_search
+
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("needs Optuna: pip install optuna") from None
+        out = args.out or Path("runs") / f"search-{Path(args.dataset).stem}"
+        options = SearchOptions(
+            out=out, dataset=args.dataset, space=args.space, trials=args.trials,
+            objective=args.objective, sampler=args.sampler, pruner=args.pruner,
+            warmup_fraction=args.warmup_fraction, storage=args.storage, study=args.study,
+            resume=args.resume, seed=args.seed, overrides=args.overrides,
+            command=main_command(argv))
+        run_search(options)
+        print(f"{PROG}: wrote {out}/SEARCH.md, trials.csv, pareto.csv")
+        return 0
+    except (ConfigError, DataFormatError, CheckpointError, TrainingError, RunDirError,
+            OSError) as e:
+        text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"{PROG}: error: {text or type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted: continue with the same command and --resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

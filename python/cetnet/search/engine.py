@@ -1,0 +1,320 @@
+"""The study behind ``cetnet search``: Optuna samples, prunes and stores; cetnet trains.
+
+Every trial is an ordinary run: the sampled config is validated, its cost counted
+(:mod:`cetnet.search.cost`), then it trains with :func:`cetnet.train.run_training` in
+``OUT/runs/<config key>/warmup`` (one epoch capped at the warm-up fraction of the training
+rows) and, unless the pruner stops it there, ``OUT/runs/<config key>/full``. A run directory
+that holds ``metrics.json`` is reused as it is; one that holds ``last.pt`` is resumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cetnet.config import ConfigError, validate_config
+from cetnet.search.cost import model_cost
+from cetnet.search.report import write_outputs
+from cetnet.search.space import load_space, sample_config
+
+__all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "run_search",
+           "SAMPLERS", "PRUNERS", "OBJECTIVES"]
+
+SAMPLERS = ("random", "tpe")
+PRUNERS = ("median", "halving", "none")
+OBJECTIVES = {"auc": ("auc",), "auc,cost": ("auc", "cost")}
+#: Seconds between a running trial's heartbeats, and after which a silent one is failed (and
+#: retried with its parameters by another worker).
+HEARTBEAT_S, GRACE_S = 30, 120
+WARMUP_STEP = 1  # the intermediate value's step: the warm-up proxy
+
+
+class SearchError(ConfigError):
+    """A bad option or study state of ``cetnet search`` (one line, naming it)."""
+
+
+@dataclass
+class SearchOptions:
+    out: Path
+    dataset: str = "movielens-100k"
+    space: str = "default"
+    trials: int = 20
+    objective: str = "auc"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    warmup_fraction: float = 0.25
+    storage: str | None = None
+    study: str = "cetnet-search"
+    resume: bool = False
+    seed: int = 0
+    overrides: Sequence[str] = ()
+    command: str = ""
+    say: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
+
+
+def parse_objective(text: str) -> tuple[str, ...]:
+    """``auc`` -> ("auc",); ``auc,cost`` -> ("auc", "cost"); else a SearchError."""
+    key = ",".join(part.strip() for part in str(text).split(","))
+    if key not in OBJECTIVES:
+        raise SearchError(f"--objective must be {' or '.join(OBJECTIVES)}, got {text!r}")
+    return OBJECTIVES[key]
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _driver_url(url: str) -> str:
+    """``postgresql://`` names psycopg 3 in SQLAlchemy 2.1 (psycopg2 before): without psycopg
+    installed but with psycopg2, the URL names psycopg2."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna RDB storage (any SQLAlchemy URL) with heartbeats; a URL that cannot be opened
+    is a SearchError naming it (its password hidden)."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return RDBStorage(_driver_url(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                  max_retry=2))
+        except Exception as e:  # sqlalchemy: a bad URL, no driver, no server, no database
+            text = " ".join(str(e).split()) or type(e).__name__
+            raise SearchError(f"--storage {_hide_password(url)}: cannot open it "
+                              f"({text[:200]})") from None
+
+
+def _sampler(name: str, seed: int, trials: int) -> Any:
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "tpe":
+        # constant_liar: concurrent workers do not all sample next to the same running trial
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, trials // 3)),
+                                          constant_liar=True)
+    raise SearchError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+
+
+def _pruner(name: str) -> Any:
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=WARMUP_STEP,
+                                                      reduction_factor=2)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise SearchError(f"--pruner must be one of {', '.join(PRUNERS)}, got {name!r}")
+
+
+def _base(options: SearchOptions) -> dict:
+    from cetnet.reproduce.experiment import base_config
+
+    try:
+        return base_config(options.dataset, overrides=list(options.overrides))
+    except ConfigError as e:
+        raise SearchError(str(e).replace("reproduce: ", "")) from None
+
+
+def _load_dataset(config: dict) -> Any:
+    from cetnet.train import load_dataset
+
+    data = dict(config["data"])
+    return load_dataset(data.pop("name"), **data)
+
+
+def _train(config: dict, run_dir: Path) -> tuple[dict, bool]:
+    """``(metrics, reused)``: the finished run in ``run_dir`` when there is one, else the run
+    trained there (resumed from its ``last.pt``, or started over what a failed one left)."""
+    from cetnet.train import run_training
+    from cetnet.train.rundir import read_json
+
+    if (run_dir / "metrics.json").is_file():
+        return read_json(run_dir / "metrics.json"), True
+    resume = (run_dir / "last.pt").is_file()
+    overwrite = run_dir.exists() and not resume
+    _, metrics = run_training(config, run_dir, resume=resume, overwrite=overwrite, quiet=True,
+                              plots=False)
+    return metrics, False
+
+
+def warmup_config(config: dict, fraction: float, train_rows: int) -> dict:
+    """One epoch on ``fraction`` of the training rows (``train.max_steps_per_epoch``)."""
+    cfg = copy.deepcopy(config)
+    t = cfg["train"]
+    steps = max(1, math.ceil(fraction * train_rows / t["batch_size"]))
+    t["epochs"], t["patience"] = 1, None
+    t["max_steps_per_epoch"] = None if fraction >= 1 else steps
+    return cfg
+
+
+def _setup(options: SearchOptions, space_text: str) -> dict:
+    return {"dataset": options.dataset, "space": space_text, "objective": options.objective,
+            "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides)}
+
+
+def _fail_dead_trials(study: Any, say: Callable[[str], None]) -> None:
+    """Trials left RUNNING by a dead process of this host are failed and their parameters
+    queued again (their run directory is then resumed from its last checkpoint). Trials of
+    other hosts are failed by the heartbeat after GRACE_S seconds of silence."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or not isinstance(pid, int) or _pid_alive(pid):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        say(f"trial {t.number}: its process ({pid}) is gone; queued again")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict) -> Any:
+    import optuna
+
+    storage_url = options.storage or f"sqlite:///{(options.out / 'study.db').resolve()}"
+    storage = open_storage(storage_url)
+    exists = any(s.study_name == options.study for s in storage.get_all_studies())
+    if exists and not options.resume:
+        raise SearchError(f"study {options.study!r} already exists in "
+                          f"{_hide_password(storage_url)}: add --resume to continue it, or "
+                          "name another with --study")
+    directions = ["maximize"] + ["minimize"] * (len(objectives) - 1)
+    study = optuna.create_study(storage=storage, study_name=options.study, directions=directions,
+                                sampler=_sampler(options.sampler, options.seed, options.trials),
+                                pruner=_pruner(options.pruner), load_if_exists=True)
+    saved = study.user_attrs.get("setup")
+    if saved is None:
+        study.set_user_attr("setup", setup)
+    else:
+        changed = [k for k in setup if saved.get(k) != setup[k]]
+        if changed:
+            raise SearchError(f"study {options.study!r} was started with another "
+                              f"{', '.join(changed)}: continue it with the same options, or "
+                              "name a new study with --study")
+    return study
+
+
+def run_search(options: SearchOptions) -> Any:
+    """Runs (or continues) the study until it holds ``options.trials`` finished (complete or
+    pruned) trials, then writes trials.csv, pareto.csv, SEARCH.md and the plot into
+    ``options.out``. Returns the study."""
+    import optuna
+    from optuna.trial import TrialState
+
+    objectives = parse_objective(options.objective)
+    if not 0 <= options.warmup_fraction <= 1:
+        raise SearchError(f"--warmup-fraction must be in [0, 1] (0: no warm-up), got "
+                          f"{options.warmup_fraction}")
+    if options.trials < 0:
+        raise SearchError(f"--trials must be >= 0, got {options.trials}")
+    space = load_space(options.space)
+    space_path = options.space
+    base = _base(options)
+    options.out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _open_study(options, objectives, _setup(options, repr(space)))
+    dataset = _load_dataset(base)
+    train_rows = len(dataset.splits["train"])
+    if options.resume:
+        _fail_dead_trials(study, options.say)
+    multi = len(objectives) > 1
+    prune = options.warmup_fraction > 0 and not multi and options.pruner != "none"
+
+    def objective(trial: optuna.Trial) -> Any:
+        from cetnet.reproduce.experiment import config_key
+
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        config = sample_config(trial, space, base)
+        config["name"] = f"{options.study}-{trial.number}"
+        try:
+            config = validate_config(config)
+            flops, params = model_cost(config, dataset)
+        except ConfigError as e:
+            trial.set_user_attr("error", " ".join(str(e).split()))
+            options.say(f"trial {trial.number}: invalid config: {e}")
+            raise
+        key = config_key({**config, "name": ""})
+        run_root = options.out / "runs" / key
+        trial.set_user_attr("flops", flops)
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("run_dir", str(run_root))
+        start, reused = time.perf_counter(), []
+        if options.warmup_fraction > 0:
+            metrics, hit = _train(warmup_config(config, options.warmup_fraction, train_rows),
+                                  run_root / "warmup")
+            reused.append(hit)
+            proxy = metrics["valid"]["fused"]["auc"]
+            trial.set_user_attr("proxy_auc", proxy)
+            if not multi:  # Optuna's pruners are single-objective
+                trial.report(proxy, WARMUP_STEP)
+            if prune and trial.should_prune():
+                trial.set_user_attr("seconds", time.perf_counter() - start)
+                options.say(f"trial {trial.number}: pruned after the warm-up (proxy AUC "
+                            f"{proxy:.4f}, {flops:,.0f} FLOPs/sample)")
+                raise optuna.TrialPruned()
+        metrics, hit = _train(config, run_root / "full")
+        reused.append(hit)
+        valid = metrics["valid"]["fused"]
+        trial.set_user_attr("valid_auc", valid["auc"])
+        trial.set_user_attr("valid_gauc", valid["gauc"])
+        trial.set_user_attr("valid_logloss", valid["logloss"])
+        trial.set_user_attr("test_auc", metrics["fused"]["auc"])
+        trial.set_user_attr("seconds", time.perf_counter() - start)
+        trial.set_user_attr("reused", all(reused))
+        options.say(f"trial {trial.number}: valid AUC {valid['auc']:.4f}, {flops:,.0f} "
+                    f"FLOPs/sample{' (reused runs)' if all(reused) else ''}")
+        return (valid["auc"], flops) if multi else valid["auc"]
+
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    if options.trials > done:
+        from cetnet.train.loop import TrainingError
+        from cetnet.train.rundir import RunDirError
+
+        study.optimize(objective, n_trials=options.trials - done, gc_after_trial=True,
+                       catch=(ConfigError, TrainingError, RunDirError),
+                       callbacks=[optuna.study.MaxTrialsCallback(options.trials,
+                                                                 states=finished)])
+    write_outputs(study, options.out, objectives, options.command or
+                  f"cetnet search --space {space_path}")
+    return study
+
+
+def main_command(argv: Sequence[str]) -> str:
+    """The command line as it can be typed again."""
+    import shlex
+
+    return "cetnet search " + shlex.join(argv) if argv else "cetnet search"
+

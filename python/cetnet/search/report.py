@@ -1,0 +1,216 @@
+"""What ``cetnet search`` writes: trials.csv, pareto.csv, SEARCH.md and auc_vs_flops.png, and
+the warm-up proxy's rank correlation with the full-training AUC."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from cetnet.atomic import write_text_atomic
+
+__all__ = ["kendall_tau", "spearman", "rank_correlation", "pareto_front", "trial_rows",
+           "write_outputs"]
+
+METRICS = ("proxy_auc", "valid_auc", "valid_gauc", "valid_logloss", "test_auc", "flops",
+           "params", "seconds")
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Average ranks (ties share the mean of their positions), 1-based."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho: Pearson's correlation of the average ranks (nan when one side is
+    constant)."""
+    rx, ry = _ranks(x), _ranks(y)
+    n = len(rx)
+    mx, my = sum(rx) / n, sum(ry) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b (ties counted as scipy.stats.kendalltau does)."""
+    concordant = discordant = tie_x = tie_y = 0
+    n = len(x)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tie_x += 1
+            elif dy == 0:
+                tie_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denom = math.sqrt((concordant + discordant + tie_x) * (concordant + discordant + tie_y))
+    return (concordant - discordant) / denom if denom > 0 else math.nan
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """``{n, kendall_tau, spearman, by}``: scipy's when installed, else this module's."""
+    n = len(x)
+    if n < 3:
+        return {"n": n, "kendall_tau": math.nan, "spearman": math.nan, "by": "-"}
+    try:
+        from scipy import stats
+
+        return {"n": n, "kendall_tau": float(stats.kendalltau(x, y).statistic),
+                "spearman": float(stats.spearmanr(x, y).statistic), "by": "scipy"}
+    except ImportError:
+        return {"n": n, "kendall_tau": kendall_tau(x, y), "spearman": spearman(x, y),
+                "by": "cetnet.search.report"}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points ``(auc, flops)`` no other point dominates (an AUC at least as
+    high at no more FLOPs, better in one of them)."""
+    front = []
+    for i, (a, f) in enumerate(points):
+        if not any((b >= a and g <= f) and (b > a or g < f) for b, g in points):
+            front.append(i)
+    return front
+
+
+def trial_rows(study: Any) -> list[dict[str, Any]]:
+    """One row per trial: number, state, the metrics of :data:`METRICS`, the run directory
+    and every parameter (``param.<name>``; empty where the trial did not sample it)."""
+    trials = study.get_trials(deepcopy=False)
+    names = sorted({name for t in trials for name in t.params})
+    rows = []
+    for t in trials:
+        row = {"number": t.number, "state": t.state.name}
+        row.update({m: t.user_attrs.get(m, "") for m in METRICS})
+        row["run_dir"] = t.user_attrs.get("run_dir", "")
+        row["error"] = t.user_attrs.get("error", "")
+        row.update({f"param.{n}": t.params.get(n, "") for n in names})
+        rows.append(row)
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _front_rows(study: Any, rows: list[dict[str, Any]], multi: bool) -> list[dict[str, Any]]:
+    complete = [r for r in rows if r["state"] == "COMPLETE" and r["valid_auc"] != ""
+                and r["flops"] != ""]
+    if multi:
+        best = {t.number for t in study.best_trials}
+        front = [r for r in complete if r["number"] in best]
+    else:
+        front = [complete[i] for i in pareto_front([(r["valid_auc"], r["flops"])
+                                                    for r in complete])]
+    return sorted(front, key=lambda r: r["flops"])
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value == "" or value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    done = [r for r in rows if r["valid_auc"] != "" and r["flops"] != ""]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["flops"] for r in done], [r["valid_auc"] for r in done], s=18,
+               color="tab:blue", label="trials")
+    if front:
+        ax.plot([r["flops"] for r in front], [r["valid_auc"] for r in front], "o-",
+                color="tab:red", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("forward FLOPs per sample")
+    ax.set_ylabel("validation AUC (full training)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str) -> dict:
+    """Writes the four outputs; returns ``{"rows", "front", "correlation"}``."""
+    rows = trial_rows(study)
+    columns = list(rows[0]) if rows else ["number", "state", *METRICS, "run_dir", "error"]
+    write_text_atomic(out / "trials.csv", _csv(rows, columns))
+    multi = len(objectives) > 1
+    front = _front_rows(study, rows, multi)
+    write_text_atomic(out / "pareto.csv", _csv(front, columns))
+    pairs = [(r["proxy_auc"], r["valid_auc"]) for r in rows
+             if r["state"] == "COMPLETE" and r["proxy_auc"] != "" and r["valid_auc"] != ""]
+    corr = rank_correlation([p for p, _ in pairs], [a for _, a in pairs])
+    plotted = _plot(rows, front, out / "auc_vs_flops.png")
+    write_text_atomic(out / "SEARCH.md", _markdown(study, rows, front, corr, objectives,
+                                                   command, plotted))
+    return {"rows": rows, "front": front, "correlation": corr}
+
+
+def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]],
+              corr: dict[str, Any], objectives: Sequence[str], command: str,
+              plotted: bool) -> str:
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    lines = [f"# Search: {study.study_name}", "",
+             f"Objective: {' and '.join(objectives)} "
+             f"({'maximize validation AUC, minimize forward FLOPs per sample' if len(objectives) > 1 else 'maximize validation AUC'}).",
+             "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ".",
+             "", "Command:", "", "```", command, "```", "", "## Best trial", ""]
+    complete = [r for r in rows if r["state"] == "COMPLETE" and r["valid_auc"] != ""]
+    if complete:
+        best = max(complete, key=lambda r: r["valid_auc"])
+        lines += [f"Trial {best['number']}: validation AUC {_fmt(best['valid_auc'])}, gAUC "
+                  f"{_fmt(best['valid_gauc'])}, logloss {_fmt(best['valid_logloss'])}, test AUC "
+                  f"{_fmt(best['test_auc'])}, {_fmt(best['flops'], 0)} FLOPs/sample, "
+                  f"{best['params']} parameters; its run: `{best['run_dir']}/full` "
+                  "(config.yaml, metrics.json).", "", "| parameter | value |", "|---|---|"]
+        lines += [f"| {k[6:]} | {v} |" for k, v in best.items()
+                  if k.startswith("param.") and v != ""]
+    else:
+        lines.append("No trial completed.")
+    lines += ["", "## Pareto front (validation AUC vs FLOPs per sample)", "",
+              "| trial | valid AUC | FLOPs/sample | parameters | proxy AUC |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['number']} | {_fmt(r['valid_auc'])} | {_fmt(r['flops'], 0)} | "
+              f"{r['params']} | {_fmt(r['proxy_auc'])} |" for r in front]
+    lines += ["", "## Warm-up proxy", "",
+              f"Rank correlation of the warm-up validation AUC with the full-training validation "
+              f"AUC over the {corr['n']} completed trials that have both (pruned trials have no "
+              f"full AUC): Kendall tau {_fmt(corr['kendall_tau'], 3)}, Spearman "
+              f"{_fmt(corr['spearman'], 3)} (computed by {corr['by']}).", ""]
+    if plotted:
+        lines += ["![AUC vs FLOPs](auc_vs_flops.png)", ""]
+    lines += ["All trials: trials.csv; the front: pareto.csv.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""The search space of ``cetnet search``: a YAML file, checked whole when it is read, and its
+sampling into an ordinary run config through Optuna's define-by-run API.
+
+A parameter is a list (categorical choices), a mapping ``{low, high[, log]}`` (a range:
+integers when ``low`` and ``high`` are both integers, else floats) or a single value (fixed).
+A width list of a member (``hidden``, ``head``, ``dot_hidden``) may be given as
+``{width: <parameter>, depth: <parameter>}``: ``depth`` layers of one sampled width.
+
+Top-level keys (see ``default_space.yaml``): ``ensemble``, ``members: {count, kinds}``,
+``embedding_dim`` (one per member slot), ``member: {<kind>: {<option>: <parameter>}}``,
+``fusion`` (CETNet), ``naive``, ``multi_embedding``, ``model`` (other ``model:`` keys),
+``train`` (``train:`` keys) and ``base`` (fixed config values merged over the dataset's).
+A parameter under a member kind exists only in a trial that chose the kind, one under an
+ensemble section only in a trial of that ensemble: Optuna records only what was sampled.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from cetnet.config import TRAIN_DEFAULTS, ConfigError, read_yaml
+from cetnet.messages import shorten
+from cetnet.models.build import ENSEMBLES, MEMBERS
+
+__all__ = ["SpaceError", "default_space_path", "load_space", "sample_config", "merge"]
+
+TOP_KEYS = ("ensemble", "members", "embedding_dim", "member", "fusion", "naive",
+            "multi_embedding", "model", "train", "base")
+ENSEMBLE_SECTIONS = {"fusion": "cetnet", "naive": "naive", "multi_embedding": "multi_embedding"}
+MODEL_KEYS = ("embedding_optimizer", "embedding_lr", "shared_embedding")
+RANGE_KEYS = ("low", "high", "log")
+LAYERS_KEYS = ("width", "depth")
+
+
+class SpaceError(ConfigError):
+    """An invalid search space (the message names the file and the key)."""
+
+
+def default_space_path() -> Path:
+    """The packaged default space (python/cetnet/search/default_space.yaml)."""
+    return Path(str(resources.files("cetnet.search") / "default_space.yaml"))
+
+
+def _fail(where: str, key: str, message: str) -> SpaceError:
+    return SpaceError(f"search space {where}: {key}: {message}")
+
+
+def _check_param(where: str, key: str, value: Any, layers: bool = False) -> None:
+    """A parameter: a non-empty list of scalars, a {low, high[, log]} range, or a scalar
+    (with ``layers``, also ``{width, depth}``)."""
+    scalar = (type(None), bool, int, float, str)
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, scalar) for v in value):
+            raise _fail(where, key, f"a list of choices must be non-empty and hold numbers, "
+                                    f"strings, booleans or null, got {shorten(value)}")
+        return
+    if isinstance(value, Mapping):
+        if layers and set(value) <= set(LAYERS_KEYS) and value:
+            if set(value) != set(LAYERS_KEYS):
+                raise _fail(where, key, "a layer list needs both width and depth")
+            for k in LAYERS_KEYS:
+                _check_param(where, f"{key}.{k}", value[k])
+            return
+        unknown = [k for k in value if k not in RANGE_KEYS]
+        if unknown or "low" not in value or "high" not in value:
+            allowed = "{low, high[, log]}" + (" or {width, depth}" if layers else "")
+            raise _fail(where, key, f"a range is {allowed}, got {shorten(dict(value))}")
+        lo, hi = value["low"], value["high"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) \
+                or lo > hi:
+            raise _fail(where, key, f"low and high must be numbers with low <= high, got "
+                                    f"{shorten(lo)}, {shorten(hi)}")
+        log = value.get("log", False)
+        if not isinstance(log, bool) or (log and lo <= 0):
+            raise _fail(where, key, "log must be true or false, and a log range needs low > 0")
+        return
+    if not isinstance(value, scalar):
+        raise _fail(where, key, f"expected a list of choices, a {{low, high}} range or a value, "
+                                f"got {shorten(value)}")
+
+
+def _section(where: str, space: Mapping, key: str) -> dict:
+    value = space.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise _fail(where, key, f"must be a mapping, got {shorten(value)}")
+    return dict(value)
+
+
+def _choices(value: Any) -> list:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, Mapping):
+        return list(range(int(value["low"]), int(value["high"]) + 1))
+    return [value]
+
+
+def _check_space(space: Mapping, where: str) -> dict:
+    unknown = [k for k in space if k not in TOP_KEYS]
+    if unknown:
+        raise _fail(where, str(unknown[0]), f"unknown key; known: {', '.join(TOP_KEYS)}")
+    space = copy.deepcopy(dict(space))
+    space.setdefault("ensemble", ["cetnet"])
+    _check_param(where, "ensemble", space["ensemble"])
+    bad = [e for e in _choices(space["ensemble"]) if e not in ENSEMBLES]
+    if bad or isinstance(space["ensemble"], Mapping):
+        raise _fail(where, "ensemble", f"choose from {', '.join(ENSEMBLES)}, got {shorten(bad)}")
+    members = _section(where, space, "members")
+    unknown = [k for k in members if k not in ("count", "kinds")]
+    if unknown:
+        raise _fail(where, f"members.{unknown[0]}", "unknown key; known: count, kinds")
+    members.setdefault("count", 2)
+    members.setdefault("kinds", list(MEMBERS))
+    _check_param(where, "members.count", members["count"])
+    counts = _choices(members["count"])
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 16 for c in counts):
+        raise _fail(where, "members.count", f"member counts must be integers in [1, 16], got "
+                                            f"{shorten(members['count'])}")
+    _check_param(where, "members.kinds", members["kinds"])
+    kinds = _choices(members["kinds"])
+    if isinstance(members["kinds"], Mapping) or any(k not in MEMBERS for k in kinds):
+        raise _fail(where, "members.kinds", f"choose from {', '.join(MEMBERS)}, got "
+                                            f"{shorten(members['kinds'])}")
+    space["members"] = members
+    space.setdefault("embedding_dim", 16)
+    _check_param(where, "embedding_dim", space["embedding_dim"])
+    member = _section(where, space, "member")
+    for kind, options in member.items():
+        if kind not in MEMBERS:
+            raise _fail(where, f"member.{kind}", f"unknown member kind; known: "
+                                                 f"{', '.join(MEMBERS)}")
+        if not isinstance(options, Mapping):
+            raise _fail(where, f"member.{kind}", f"must be a mapping, got {shorten(options)}")
+        for k, v in options.items():
+            _check_param(where, f"member.{kind}.{k}", v, layers=True)
+    space["member"] = member
+    for key in ("fusion", "naive", "multi_embedding", "model", "train"):
+        section = _section(where, space, key)
+        for k, v in section.items():
+            if key == "model" and k not in MODEL_KEYS:
+                raise _fail(where, f"model.{k}", f"unknown key; known: {', '.join(MODEL_KEYS)} "
+                                                 "(the other model keys have their own sections)")
+            if key == "train" and k not in TRAIN_DEFAULTS:
+                raise _fail(where, f"train.{k}", f"unknown key; known: "
+                                                 f"{', '.join(TRAIN_DEFAULTS)}")
+            _check_param(where, f"{key}.{k}", v, layers=key == "multi_embedding")
+        space[key] = section
+    space["base"] = _section(where, space, "base")
+    return space
+
+
+def load_space(path: str | Path | None = None) -> dict:
+    """The space of a YAML file (``None`` or ``"default"``: the packaged one), checked: a bad
+    key or value is a :class:`SpaceError` naming the file and the key."""
+    if path is None or str(path) == "default":
+        path = default_space_path()
+    if not Path(path).is_file():
+        raise SpaceError(f"search space {path}: no such file (give a space YAML or 'default')")
+    return _check_space(read_yaml(path), str(path))
+
+
+def _suggest(trial: Any, name: str, value: Any) -> Any:
+    """One parameter of the trial (a fixed value is not an Optuna parameter)."""
+    if isinstance(value, list):
+        return value[0] if len(value) == 1 else trial.suggest_categorical(name, value)
+    if isinstance(value, Mapping) and "width" in value:
+        width = _suggest(trial, f"{name}.width", value["width"])
+        return [width] * int(_suggest(trial, f"{name}.depth", value["depth"]))
+    if isinstance(value, Mapping):
+        lo, hi, log = value["low"], value["high"], value.get("log", False)
+        if lo == hi:
+            return lo
+        if isinstance(lo, int) and isinstance(hi, int):
+            return trial.suggest_int(name, lo, hi, log=log)
+        return trial.suggest_float(name, float(lo), float(hi), log=log)
+    return value
+
+
+def merge(base: Mapping, over: Mapping) -> dict:
+    """``base`` with ``over`` merged in, mappings recursively."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) \
+            else copy.deepcopy(v)
+    return out
+
+
+def sample_config(trial: Any, space: Mapping, base: Mapping) -> dict:
+    """The run config of one trial: ``base`` (the dataset's config) with the space's ``base``
+    merged in, then the sampled model and train values (not yet validated). Of the dataset
+    config's ``model:`` only ``embedding_optimizer``, ``embedding_lr`` and ``shared_embedding``
+    are kept: the rest is the space's."""
+    config = copy.deepcopy(dict(base))
+    config["model"] = {k: v for k, v in config.get("model", {}).items() if k in MODEL_KEYS}
+    config = merge(config, space["base"])
+    model: dict[str, Any] = {}
+    ensemble = _suggest(trial, "ensemble", space["ensemble"])
+    model["ensemble"] = ensemble
+    for k, v in space["model"].items():
+        model[k] = _suggest(trial, f"model.{k}", v)
+    if ensemble == "multi_embedding":
+        options = {k: _suggest(trial, f"multi_embedding.{k}", v)
+                   for k, v in space["multi_embedding"].items()}
+        sets = int(options.get("num_sets", 2))
+        options["num_sets"] = sets
+        model["embedding_dim"] = [_suggest(trial, f"embedding_dim.{i}", space["embedding_dim"])
+                                  for i in range(sets)]
+        model["multi_embedding"] = options
+    else:
+        count = int(_suggest(trial, "members.count", space["members"]["count"]))
+        kinds = [_suggest(trial, f"members.{i}.kind", space["members"]["kinds"])
+                 for i in range(count)]
+        model["members"] = kinds
+        model["embedding_dim"] = [_suggest(trial, f"embedding_dim.{i}", space["embedding_dim"])
+                                  for i in range(count)]
+        for kind in dict.fromkeys(kinds):  # each chosen kind once, in order
+            options = space["member"].get(kind, {})
+            model[kind] = {k: _suggest(trial, f"member.{kind}.{k}", v)
+                           for k, v in options.items()}
+        for section, owner in ENSEMBLE_SECTIONS.items():
+            if owner == ensemble and section != "multi_embedding":
+                model[section] = {k: _suggest(trial, f"{section}.{k}", v)
+                                  for k, v in space[section].items()}
+    config["model"] = merge(config["model"], model)
+    train = dict(config.get("train", {}))
+    for k, v in space["train"].items():
+        train[k] = _suggest(trial, f"train.{k}", v)
+    config["train"] = train
+    return config

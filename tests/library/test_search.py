@@ -1,0 +1,325 @@
+"""cetnet search: the space, the study end to end (random, TPE), resume, the warm-up pruner,
+FLOPs, the Pareto front, the CLI's errors and a real PostgreSQL storage with two workers.
+
+Tiny runs: a 1000-row synthetic dataset, widths of 8-16, one epoch."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+optuna = pytest.importorskip("optuna")
+
+from cetnet.cli import main  # noqa: E402
+from cetnet.config import validate_config  # noqa: E402
+from cetnet.models.build import build_model  # noqa: E402
+from cetnet.search.cost import model_cost  # noqa: E402
+from cetnet.search.engine import SearchError, SearchOptions, run_search  # noqa: E402
+from cetnet.search.report import kendall_tau, pareto_front, spearman  # noqa: E402
+from cetnet.search.space import SpaceError, load_space, sample_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = ["data.num_rows=1000", "data.num_users=40", "data.num_items=80", "data.num_clusters=4",
+        "data.cross_size=6", "data.num_tags=8", "data.max_seq_len=4"]
+SPACE = """\
+ensemble: [cetnet, naive, kdef, multi_embedding]
+members: {count: {low: 1, high: 2}, kinds: [dnn, dcnv2]}
+embedding_dim: [4, 8]
+member:
+  dnn: {hidden: {width: [8, 16], depth: {low: 1, high: 2}}}
+  dcnv2: {cross_layers: {low: 1, high: 2}, hidden: {width: [8, 16], depth: 1}}
+fusion: {temperature: {low: 0.5, high: 2.0, log: true}, member_weight: {low: 0.0, high: 1.0}}
+multi_embedding: {num_sets: 2, cross_layers: 1, hidden: {width: [8, 16], depth: 1}}
+train: {lr: [1.0e-6, 0.01, 0.03], batch_size: [128, 256]}
+base:
+  backend: reference
+  device: cpu
+  model: {embedding_optimizer: null}
+  train: {epochs: 1, eval_batch_size: 1024, warmup_steps: 0, log_every: 1000}
+"""
+
+
+@pytest.fixture
+def space_file(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset():
+    from cetnet.search.engine import _base, _load_dataset
+
+    base = _base(SearchOptions(out=Path("."), dataset="synthetic", overrides=DATA))
+    return base, _load_dataset(base)
+
+
+def _options(tmp_path, space_file, **kw) -> SearchOptions:
+    kw.setdefault("trials", 4)
+    kw.setdefault("sampler", "random")
+    kw.setdefault("warmup_fraction", 0.5)
+    return SearchOptions(out=tmp_path / "out", dataset="synthetic", space=str(space_file),
+                         overrides=DATA, say=lambda text: None, **kw)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _finished(study) -> list:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(states=states)
+
+
+@pytest.mark.parametrize("which", ["default", "tiny"])
+def test_every_sampled_config_validates_and_builds(which, space_file, tiny_dataset):
+    base, dataset = tiny_dataset
+    space = load_space("default" if which == "default" else space_file)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    kinds_seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        config = sample_config(trial, space, base)
+        config["name"] = "t"
+        config = validate_config(config)
+        model_cfg = {**config["model"], "embedding_optimizer": None}
+        with torch.device("meta"):
+            build_model(model_cfg, dataset.schema, backend="reference")
+        params, model = trial.params, config["model"]
+        kinds_seen.add(model["ensemble"])
+        # conditional parameters: a kind's options exist only when it was chosen, an
+        # ensemble section's only under that ensemble
+        members = [] if model["ensemble"] == "multi_embedding" else model["members"]
+        for kind in ("dnn", "dcnv2", "dhen", "interformer"):
+            assert any(k.startswith(f"member.{kind}.") for k in params) == (kind in members) \
+                or not space["member"].get(kind)
+        assert any(k.startswith("fusion.") for k in params) == (model["ensemble"] == "cetnet")
+        assert any(k.startswith("multi_embedding.") for k in params) == \
+            (model["ensemble"] == "multi_embedding")
+        if members:
+            assert len(model["embedding_dim"]) == len(members) == params["members.count"]
+        study.tell(trial, 0.5)
+    assert kinds_seen == {"cetnet", "naive", "kdef", "multi_embedding"}
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_study_runs_end_to_end(sampler, tmp_path, space_file, one_thread):
+    options = _options(tmp_path, space_file, trials=5, sampler=sampler, pruner="none",
+                       command="cetnet search --dataset synthetic")
+    study = run_search(options)
+    out = options.out
+    for name in ("trials.csv", "pareto.csv", "SEARCH.md", "auc_vs_flops.png", "study.db"):
+        assert (out / name).is_file(), name
+    rows = _rows(out / "trials.csv")
+    assert len(rows) == 5 and {r["state"] for r in rows} == {"COMPLETE"}
+    for r in rows:
+        assert 0 < float(r["proxy_auc"]) < 1 and 0 < float(r["valid_auc"]) < 1
+        assert float(r["flops"]) > 0 and int(r["params"]) > 0 and float(r["seconds"]) > 0
+        for part in ("warmup", "full"):
+            run = Path(r["run_dir"]) / part
+            assert (run / "metrics.json").is_file() and (run / "config.yaml").is_file()
+    report = (out / "SEARCH.md").read_text()
+    for text in ("## Best trial", "## Pareto front", "Kendall tau", "Spearman",
+                 "cetnet search --dataset synthetic"):
+        assert text in report
+    assert len(_finished(study)) == 5
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_resume_continues_without_redoing_finished_trials(tmp_path, space_file, one_thread):
+    first = run_search(_options(tmp_path, space_file, trials=3, pruner="none"))
+    done = {t.number: t.user_attrs["run_dir"] for t in _finished(first)}
+    stamps = {n: (Path(d) / "full" / "metrics.json").stat().st_mtime_ns for n, d in done.items()}
+    with pytest.raises(SearchError, match="--resume"):
+        run_search(_options(tmp_path, space_file, trials=5))
+    # a trial left RUNNING by a process that died: failed and its parameters queued again
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = first.ask()
+    stale.set_user_attr("host", socket.gethostname())
+    stale.set_user_attr("pid", dead.pid)
+    study = run_search(_options(tmp_path, space_file, trials=5, pruner="none", resume=True))
+    trials = study.get_trials()
+    assert trials[stale.number].state == optuna.trial.TrialState.FAIL
+    assert len(_finished(study)) == 5
+    assert any(t.user_attrs.get("retry_of") == stale.number for t in trials)
+    for n, d in done.items():  # finished trials untouched, their runs not trained again
+        assert trials[n].user_attrs["run_dir"] == d
+        assert (Path(d) / "full" / "metrics.json").stat().st_mtime_ns == stamps[n]
+    # nothing left to do: no trial is added
+    again = run_search(_options(tmp_path, space_file, trials=5, resume=True))
+    assert len(again.get_trials()) == len(trials)
+
+
+def test_the_pruner_prunes_under_the_warmup_proxy(tmp_path, space_file, one_thread):
+    study = run_search(_options(tmp_path, space_file, trials=6, pruner="median",
+                                warmup_fraction=0.3))
+    pruned = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "no trial was pruned"
+    for t in pruned:
+        assert "proxy_auc" in t.user_attrs and "valid_auc" not in t.user_attrs
+        assert not (Path(t.user_attrs["run_dir"]) / "full").exists()
+        assert list(t.intermediate_values) == [1]
+    rows = {int(r["number"]): r for r in _rows(tmp_path / "out" / "trials.csv")}
+    assert all(rows[t.number]["state"] == "PRUNED" for t in pruned)
+
+
+def test_flops_are_positive_and_grow_with_width(tiny_dataset):
+    base, dataset = tiny_dataset
+    costs = []
+    for width in (8, 64):
+        config = validate_config({**base, "name": "t", "backend": "reference", "model": {
+            "ensemble": "cetnet", "members": ["dnn", "dcnv2"], "embedding_dim": 8,
+            "embedding_optimizer": None, "dnn": {"hidden": [width, width]},
+            "dcnv2": {"hidden": [width]}}})
+        costs.append(model_cost(config, dataset))
+    (narrow, narrow_params), (wide, wide_params) = costs
+    assert 0 < narrow < wide and 0 < narrow_params < wide_params
+
+
+def test_the_multi_objective_front_is_non_dominated(tmp_path, space_file, one_thread):
+    study = run_search(_options(tmp_path, space_file, trials=5, objective="auc,cost",
+                                warmup_fraction=0.0))
+    assert len(study.directions) == 2
+    out = tmp_path / "out"
+    front = [(float(r["valid_auc"]), float(r["flops"]), int(r["number"]))
+             for r in _rows(out / "pareto.csv")]
+    assert front and {n for *_, n in front} == {t.number for t in study.best_trials}
+    for a, f, n in front:
+        assert not any(b >= a and g <= f and (b > a or g < f) for b, g, _ in front)
+    for t in study.get_trials():
+        a, f = t.values
+        if t.number not in {n for *_, n in front}:  # dominated by a member of the front
+            assert any(b >= a and g <= f for b, g, _ in front)
+
+
+def test_pareto_and_rank_correlations_by_hand():
+    assert pareto_front([(0.7, 10), (0.8, 20), (0.75, 30), (0.8, 20.5), (0.6, 5)]) == [0, 1, 4]
+    x, y = [1, 2, 3, 4, 5], [2, 1, 4, 3, 5]
+    assert kendall_tau(x, y) == pytest.approx(0.6)
+    assert spearman(x, y) == pytest.approx(0.8)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x, y = [1, 2, 2, 3, 5, 4], [3, 1, 2, 2, 6, 5]
+    assert kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x, y).statistic)
+    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--space", "BAD"], "member.dnn.hidden: a range is"),
+    (["--space", "UNKNOWN"], "fusoin: unknown key"),
+    (["--objective", "auc,latency"], "--objective must be auc or auc,cost, got 'auc,latency'"),
+    (["--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open it"),
+    (["--storage", "postgresql://u:secret@127.0.0.1:1/db"], "u:***@127.0.0.1:1/db: cannot open"),
+])
+def test_cli_errors_are_one_line(args, expected, tmp_path, capsys):
+    (tmp_path / "BAD").write_text("member:\n  dnn: {hidden: {low: 1}}\n")
+    (tmp_path / "UNKNOWN").write_text("fusoin: {temperature: 1.0}\n")
+    args = [str(tmp_path / a) if a in ("BAD", "UNKNOWN") else a for a in args]
+    status = main(["search", "--dataset", "synthetic", "--out", str(tmp_path / "out"),
+                   "--trials", "1", "--set", *DATA, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("cetnet search: error: ") and expected in err[0], err[0]
+    assert "secret" not in err[0]
+
+
+def test_space_errors_name_the_key(tmp_path):
+    for text, key in [("members: {count: 0}\n", "members.count"),
+                      ("ensemble: [cetnet, mixture]\n", "ensemble"),
+                      ("train: {lrr: [0.1]}\n", "train.lrr"),
+                      ("member: {transformer: {}}\n", "member.transformer"),
+                      ("model: {embedding_lr: {low: 0, high: 1, log: true}}\n",
+                       "model.embedding_lr")]:
+        path = tmp_path / "s.yaml"
+        path.write_text(text)
+        with pytest.raises(SpaceError, match=f"{path}: {key}: "):
+            load_space(path)
+
+
+# --- a real PostgreSQL storage, two workers on one study ------------------------------------
+
+def _postgres_user() -> str | None:
+    """The OS user PostgreSQL runs as: ourselves, or as root (which PostgreSQL refuses) an
+    existing unprivileged account."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    pytest.skip("running as root, which PostgreSQL refuses, and no postgres/nobody account")
+
+
+@pytest.fixture
+def postgres_url():
+    for tool in ("initdb", "pg_ctl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"PostgreSQL's {tool} is not on PATH")
+    pytest.importorskip("psycopg2")
+    user = _postgres_user()
+    # not under tmp_path: pytest makes it 0700 for root, where the postgres account cannot go
+    root = Path(tempfile.mkdtemp(prefix="cetnet-pg-"))
+    os.chmod(root, 0o755)
+    data = root / "data"
+    data.mkdir(mode=0o700)
+    if user is not None:
+        shutil.chown(data, user)
+        shutil.chown(root, user)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = dict(user=user, capture_output=True, text=True, timeout=60, cwd=root)
+    try:
+        init = subprocess.run(["initdb", "-D", str(data), "-U", "cetnet", "--auth=trust",
+                               "-E", "UTF8", "--no-sync"], **run)
+        if init.returncode != 0:
+            pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
+        start = subprocess.run(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w",
+                                "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
+                                "-c fsync=off", "start"], **run)
+        if start.returncode != 0:
+            log = (root / "log").read_text()[-300:] if (root / "log").exists() else ""
+            pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-200:]} {log}")
+        yield f"postgresql://cetnet@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(["pg_ctl", "-D", str(data), "-m", "immediate", "stop"], **run)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, space_file):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), str(REPO),
+                                          os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "cetnet.search", "--dataset", "synthetic", "--space",
+               str(space_file), "--trials", "6", "--sampler", "random", "--pruner", "none",
+               "--warmup-fraction", "0.3", "--storage", postgres_url, "--study", "shared",
+               "--out", str(out), "--resume", "--set", *DATA]
+    started = time.perf_counter()
+    workers = [subprocess.Popen([*command, "--seed", str(i)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [w.communicate(timeout=240) for w in workers]
+    for w, (stdout, stderr) in zip(workers, results):
+        assert w.returncode == 0, stderr[-2000:]
+    study = optuna.load_study(study_name="shared", storage=postgres_url.replace(
+        "postgresql://", "postgresql+psycopg2://"))
+    finished = _finished(study)
+    assert len(finished) >= 6  # each worker stops at 6; one more may have been in flight
+    pids = {t.user_attrs["pid"] for t in finished}
+    assert pids == {w.pid for w in workers}, "both workers ran trials"
+    assert time.perf_counter() - started < 240
