@@ -6,7 +6,8 @@ the fused embedding update all-gathers both halves and applies the global batch'
 both ranks. Loss curve, validation/test metrics and embedding rows agree with the 1-rank run
 to RTOL (the dense layers multiply half-batches, so float sums run in another order; measured
 differences are ~1e-7), the two ranks' tables are bitwise identical, rank 0 alone writes the
-run directory, and a 2-rank run resumes from its last.pt to the 1-rank result.
+run directory, and a 2-rank run resumes to the 1-rank result (from last.prev.pt: its last.pt is
+cut in half first).
 """
 
 from __future__ import annotations
@@ -167,6 +168,10 @@ def test_two_ranks_equal_one_rank_and_resume(single, tmp_path):
     first = _spawn(tmp_path, "first", _config(), out, stop_after=2)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == [
         ".lock", "best.pt", "config.yaml", "history.csv", "last.prev.pt", "last.pt", "train.log"]
+    # last.pt cut in half: rank 0 chooses last.prev.pt (epoch 1), every rank reads it, and
+    # epochs 2 and 3 are trained again
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[:len(data) // 2])
     second = _spawn(tmp_path, "second", _config(), out, resume=True)
 
     # rank 0 alone wrote the run directory, in both attempts
@@ -193,7 +198,8 @@ def test_two_ranks_equal_one_rank_and_resume(single, tmp_path):
     assert two["train_samples"] == one["train_samples"]
 
     # embedding tables: identical on both ranks (bitwise), equal to the 1-rank run's
-    for epoch, ranks in ((1, first), (2, first), (3, second)):
+    assert sorted(second[0]["tables"]) == [2, 3]  # resumed from epoch 1
+    for epoch, ranks in ((1, first), (2, first), (2, second), (3, second)):
         t0, t1 = ranks[0]["tables"][epoch], ranks[1]["tables"][epoch]
         assert torch.equal(t0, t1), f"epoch {epoch}: the ranks' tables differ"
         ref = single["tables"][epoch]

@@ -5,7 +5,8 @@
   resumes from the last complete checkpoint and ends with exactly the metrics of an
   uninterrupted 2-rank run.
 - A truncated ``last.pt``: a resume warns, naming it, and continues from ``last.prev.pt`` to
-  the metrics of a straight run; without any usable checkpoint, one error.
+  the metrics of a straight run; without any usable checkpoint, one error. (The 2-rank case:
+  test_distributed's resume starts from a truncated ``last.pt``.)
 - A rank that hangs: the other rank's collective fails after ``$CETNET_DIST_TIMEOUT`` seconds
   with a clear message and the job exits non-zero instead of hanging.
 
@@ -72,16 +73,17 @@ def _same_results(a: dict, b: dict) -> None:
 
 
 def test_a_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
-    straight = _torchrun(tmp_path, tmp_path / "straight")
+    straight = _torchrun(tmp_path, tmp_path / "straight", epochs=2)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     # rank 1 SIGKILLs itself before step 5 of epoch 2 (first attempt only); torchrun restarts
-    killed = _torchrun(tmp_path, tmp_path / "killed", restarts=1, fault="kill:1:2:5")
+    killed = _torchrun(tmp_path, tmp_path / "killed", restarts=1, fault="kill:1:2:5",
+                       epochs=2)
     assert killed.returncode == 0, killed.stderr[-3000:]
     assert "torchrun restart 1: resuming" in killed.stderr, killed.stderr[-3000:]
     a, b = read_json(tmp_path / "killed" / "metrics.json"), \
         read_json(tmp_path / "straight" / "metrics.json")
-    assert a["world_size"] == 2
+    assert a["world_size"] == 2 and a["epochs_completed"] == 2
     _same_results(a, b)
     assert (tmp_path / "killed" / LAST_PREV).is_file()
 
@@ -121,6 +123,7 @@ def test_a_truncated_last_pt_resumes_from_the_previous_one(tmp_path, capsys):
     assert f"warning: {last}: not a readable checkpoint" in err, err
     assert f"resuming from {prev} (epoch 1) instead" in err, err
     _same_results(resumed, straight)
+
 
 
 def test_without_a_usable_checkpoint_a_resume_is_one_error(tmp_path):
