@@ -622,6 +622,7 @@ def _train_and_test(runner: EpochRunner, state: LoopState, config: dict, dataset
         raise TrainingError(f"none of the {state.epoch} epochs had a finite validation AUC (the "
                             f"model's validation predictions were not finite), so there is no "
                             f"best model and no test score; {_saved(state, out_dir)}")
+
     def load_best() -> None:
         best = load_checkpoint(out_dir / BEST, map_location=device, keys=("model",))
         if best.get("epoch") != state.best_epoch:
