@@ -88,7 +88,7 @@ def test_every_sampled_config_validates_and_builds(which, space_file, tiny_datas
     space = load_space("default" if which == "default" else space_file)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     kinds_seen = set()
-    for _ in range(40):
+    for _ in range(25):
         trial = study.ask()
         config = sample_config(trial, space, base)
         config["name"] = "t"
@@ -115,14 +115,14 @@ def test_every_sampled_config_validates_and_builds(which, space_file, tiny_datas
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_a_study_runs_end_to_end(sampler, tmp_path, space_file, one_thread):
-    options = _options(tmp_path, space_file, trials=5, sampler=sampler, pruner="none",
+    options = _options(tmp_path, space_file, trials=4, sampler=sampler, pruner="none",
                        command="cetnet search --dataset synthetic")
     study = run_search(options)
     out = options.out
     for name in ("trials.csv", "pareto.csv", "SEARCH.md", "auc_vs_flops.png", "study.db"):
         assert (out / name).is_file(), name
     rows = _rows(out / "trials.csv")
-    assert len(rows) == 5 and {r["state"] for r in rows} == {"COMPLETE"}
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
     for r in rows:
         assert 0 < float(r["proxy_auc"]) < 1 and 0 < float(r["valid_auc"]) < 1
         assert float(r["flops"]) > 0 and int(r["params"]) > 0 and float(r["seconds"]) > 0
@@ -133,7 +133,7 @@ def test_a_study_runs_end_to_end(sampler, tmp_path, space_file, one_thread):
     for text in ("## Best trial", "## Pareto front", "Kendall tau", "Spearman",
                  "cetnet search --dataset synthetic"):
         assert text in report
-    assert len(_finished(study)) == 5
+    assert len(_finished(study)) == 4
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
@@ -162,8 +162,9 @@ def test_resume_continues_without_redoing_finished_trials(tmp_path, space_file, 
     assert len(again.get_trials()) == len(trials)
 
 
-def test_the_pruner_prunes_under_the_warmup_proxy(tmp_path, space_file, one_thread):
-    study = run_search(_options(tmp_path, space_file, trials=6, pruner="median",
+@pytest.mark.parametrize("pruner", ["median", "halving"])
+def test_the_pruner_prunes_under_the_warmup_proxy(pruner, tmp_path, space_file, one_thread):
+    study = run_search(_options(tmp_path, space_file, trials=6, pruner=pruner,
                                 warmup_fraction=0.3))
     pruned = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, "no trial was pruned"
@@ -189,7 +190,7 @@ def test_flops_are_positive_and_grow_with_width(tiny_dataset):
 
 
 def test_the_multi_objective_front_is_non_dominated(tmp_path, space_file, one_thread):
-    study = run_search(_options(tmp_path, space_file, trials=5, objective="auc,cost",
+    study = run_search(_options(tmp_path, space_file, trials=4, objective="auc,cost",
                                 warmup_fraction=0.0))
     assert len(study.directions) == 2
     out = tmp_path / "out"
@@ -306,12 +307,18 @@ def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, space_file
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "python"), str(REPO),
                                           os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "cetnet.search", "--dataset", "synthetic", "--space",
-               str(space_file), "--trials", "6", "--sampler", "random", "--pruner", "none",
-               "--warmup-fraction", "0.3", "--storage", postgres_url, "--study", "shared",
-               "--out", str(out), "--resume", "--set", *DATA]
+    args = ["--dataset", "synthetic", "--space", str(space_file), "--trials", "6", "--sampler",
+            "random", "--pruner", "none", "--warmup-fraction", "0.3", "--storage", postgres_url,
+            "--study", "shared", "--out", str(out), "--resume", "--set", *DATA]
+    # each worker imports everything, then waits for the other: both run trials at once
+    barrier = ("import sys, time, pathlib; import cetnet.search.engine, cetnet.train; "
+               "me, other = map(pathlib.Path, sys.argv[1:3]); me.touch(); "
+               "[time.sleep(0.05) for _ in range(2400) if not other.exists()]; "
+               "from cetnet.search.__main__ import main; sys.exit(main(sys.argv[3:]))")
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
     started = time.perf_counter()
-    workers = [subprocess.Popen([*command, "--seed", str(i)], env=env, stdout=subprocess.PIPE,
+    workers = [subprocess.Popen([sys.executable, "-c", barrier, str(ready[i]), str(ready[1 - i]),
+                                 *args, "--seed", str(i)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [w.communicate(timeout=240) for w in workers]
     for w, (stdout, stderr) in zip(workers, results):
@@ -323,3 +330,30 @@ def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, space_file
     pids = {t.user_attrs["pid"] for t in finished}
     assert pids == {w.pid for w in workers}, "both workers ran trials"
     assert time.perf_counter() - started < 240
+
+
+def test_an_interrupted_trial_is_queued_again_and_its_runs_reused(tmp_path, space_file,
+                                                                  one_thread, monkeypatch):
+    from cetnet.search import engine
+
+    train, calls = engine._train, []
+
+    def interrupt_second_full_run(config, run_dir):
+        calls.append(run_dir)
+        if run_dir.name == "full" and sum(c.name == "full" for c in calls) == 2:
+            raise KeyboardInterrupt
+        return train(config, run_dir)
+
+    monkeypatch.setattr(engine, "_train", interrupt_second_full_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_options(tmp_path, space_file, trials=3, pruner="none"))
+    monkeypatch.setattr(engine, "_train", train)
+    study = run_search(_options(tmp_path, space_file, trials=3, pruner="none", resume=True))
+    trials = study.get_trials()
+    stopped = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(stopped) == 1 and stopped[0].state == optuna.trial.TrialState.FAIL
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == stopped[0].number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == stopped[0].params
+    assert retry[0].user_attrs["run_dir"] == stopped[0].user_attrs["run_dir"]
+    assert len(_finished(study)) == 3

@@ -90,16 +90,24 @@ def open_storage(url: str) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return RDBStorage(_driver_url(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                  max_retry=2))
-        except Exception as e:  # sqlalchemy: a bad URL, no driver, no server, no database
-            text = " ".join(str(e).split()) or type(e).__name__
-            raise SearchError(f"--storage {_hide_password(url)}: cannot open it "
-                              f"({text[:200]})") from None
+    for attempt in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(_driver_url(url), heartbeat_interval=HEARTBEAT_S,
+                                  grace_period=GRACE_S,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                      max_retry=2))
+            except Exception as e:  # sqlalchemy: a bad URL, no driver, no server, no database
+                text = " ".join(str(e).split()) or type(e).__name__
+                # two workers creating the tables of a new database at once: one loses the race
+                # (a table that "already exists"); the tables are there when it tries again
+                if ("already exists" in text or "duplicate key" in text) and attempt < 2:
+                    time.sleep(1.0 + attempt)
+                    continue
+                raise SearchError(f"--storage {_hide_password(url)}: cannot open it "
+                                  f"({text[:200]})") from None
+    raise AssertionError("unreachable")
 
 
 def _sampler(name: str, seed: int, trials: int) -> Any:
@@ -173,20 +181,32 @@ def _setup(options: SearchOptions, space_text: str) -> dict:
             "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides)}
 
 
-def _fail_dead_trials(study: Any, say: Callable[[str], None]) -> None:
-    """Trials left RUNNING by a dead process of this host are failed and their parameters
-    queued again (their run directory is then resumed from its last checkpoint). Trials of
-    other hosts are failed by the heartbeat after GRACE_S seconds of silence."""
+def _requeue_interrupted(study: Any, say: Callable[[str], None]) -> None:
+    """Trials interrupted (Ctrl-C) or left RUNNING by a dead process of this host are failed
+    and their parameters queued again, once: the same config, hence the same run directory,
+    whose finished warm-up is reused and whose training resumes from its last checkpoint.
+    Trials of other hosts are failed (and retried) by the heartbeat after GRACE_S seconds of
+    silence."""
     from optuna.trial import TrialState
 
     host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or not isinstance(pid, int) or _pid_alive(pid):
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if t.number in retried:
             continue
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if t.state == TrialState.RUNNING:
+            pid = t.user_attrs.get("pid")
+            if t.user_attrs.get("host") != host or not isinstance(pid, int) or _pid_alive(pid):
+                continue
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            why = f"its process ({pid}) is gone"
+        elif t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
+            why = "it was interrupted"
+        else:
+            continue
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
-        say(f"trial {t.number}: its process ({pid}) is gone; queued again")
+        say(f"trial {t.number}: {why}; queued again")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -247,11 +267,18 @@ def run_search(options: SearchOptions) -> Any:
     dataset = _load_dataset(base)
     train_rows = len(dataset.splits["train"])
     if options.resume:
-        _fail_dead_trials(study, options.say)
+        _requeue_interrupted(study, options.say)
     multi = len(objectives) > 1
     prune = options.warmup_fraction > 0 and not multi and options.pruner != "none"
 
     def objective(trial: optuna.Trial) -> Any:
+        try:
+            return run_trial(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)  # --resume queues its parameters again
+            raise
+
+    def run_trial(trial: optuna.Trial) -> Any:
         from cetnet.reproduce.experiment import config_key
 
         trial.set_user_attr("host", socket.gethostname())
