@@ -109,9 +109,20 @@ def _single(config: dict, out: Path, **kw) -> dict:
         torch.set_num_threads(threads)
 
 
-def test_a_truncated_last_pt_resumes_from_the_previous_one(tmp_path, capsys):
+def test_a_truncated_last_pt_resumes_from_the_previous_one(tmp_path, capsys, monkeypatch):
     cfg = _config()
     straight = _single(cfg, tmp_path / "straight")
+    # a torchrun restart of a run that had finished (a rank failed after metrics.json was
+    # written): its metrics, nothing trained, nothing written
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "straight").iterdir()}
+    capsys.readouterr()
+    run_dir, again = runner.run_training(cfg, tmp_path / "straight", quiet=True, plots=False)
+    assert "has finished (metrics.json): nothing to train" in capsys.readouterr().err
+    assert run_dir == tmp_path / "straight" and again == read_json(run_dir / "metrics.json")
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+
     _single(cfg, tmp_path / "run", stop_after=2)  # interrupted after epoch 2
     last, prev = tmp_path / "run" / LAST, tmp_path / "run" / LAST_PREV
     assert torch.load(prev, weights_only=True)["epoch"] == 1

@@ -35,10 +35,11 @@ from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, chec
                                resolve_device, split_warnings)
 from cetnet.train.rng import seed_everything
 from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirError, RunLock,
-                                 check_run_dir, clear_run, foreign_files, make_run_dir, run_files,
-                                 write_json)
+                                 check_run_dir, clear_run, foreign_files, make_run_dir, read_json,
+                                 run_files, write_json)
 
-__all__ = ["RunPlan", "build_run", "check_run", "run_training", "restart_plan", "evaluate_run",
+__all__ = ["RunPlan", "build_run", "check_run", "run_training", "restart_plan", "finished_run",
+           "evaluate_run",
            "load_run_config", "checkpoint_path", "evaluation_path"]
 
 #: The sections a resumed run must keep: they define what ``last.pt`` holds and what
@@ -349,9 +350,40 @@ def restart_plan(config: dict, out: Path | None, resume: bool, overwrite: bool
     return distributed.from_main(decide)
 
 
+def finished_run(config: dict, run_dir: Path) -> dict | None:
+    """The ``metrics.json`` of the run in ``run_dir`` when it has finished with this config
+    (its ``config.yaml``), else None. For a torchrun restart: a rank that failed after rank 0
+    wrote ``metrics.json`` leaves nothing to train, and the restart returns the run's metrics
+    instead of failing with "nothing to resume". Decided by rank 0 for every rank."""
+
+    def read() -> dict | None:
+        saved, path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
+        if not (saved.is_file() and path.is_file() and has_last(run_dir)):
+            return None
+        try:
+            if validate_config(read_yaml(saved)) != validate_config(config):
+                return None
+            metrics = read_json(path)
+        except (ConfigError, OSError, ValueError):
+            return None
+        if not isinstance(metrics, dict) or not (
+                metrics.get("stopped_early")
+                or metrics.get("epochs_completed", 0) >= config["train"]["epochs"]):
+            return None
+        print(f"torchrun restart {distributed.restart_count()}: {run_dir} has finished "
+              f"({METRICS_FILE}): nothing to train", file=sys.stderr)
+        return metrics
+
+    return distributed.from_main(read)
+
+
 def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwrite: bool,
                   quiet: bool, plots: bool, on_epoch_end: EpochCallback | None
                   ) -> tuple[Path, dict]:
+    if out is not None and distributed.restart_count() > 0:
+        done = finished_run(config, Path(out))
+        if done is not None:
+            return Path(out), done
     resume, overwrite = restart_plan(config, None if out is None else Path(out), resume,
                                      overwrite)
     plan = check_run(config, out, resume=resume, overwrite=overwrite)
