@@ -31,7 +31,8 @@ setup: $(SETUP_STAMP)
 # (the FBGEMM CPU build made for torch 2.13, which torchrec imports). FuxiCTR for the peer rows
 # of `cetnet reproduce` (cetnet.reproduce.peers; not a dependency of cetnet), also without its
 # deps (they pull ray[data], used only by its dataset building, which the peer does not use),
-# plus what its trainer, layers and metrics import (polars, h5py, scikit-learn).
+# plus what its trainer, layers and metrics import (polars, h5py, scikit-learn). Optuna (and the
+# PostgreSQL driver) for `cetnet search`.
 $(VENV_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -46,6 +47,8 @@ $(VENV_STAMP): Makefile
 		|| echo "fuxictr not installable: the FuxiCTR peer tests will be skipped"
 	$(PIP) install -q polars h5py scikit-learn \
 		|| echo "polars/h5py/scikit-learn not installable: the FuxiCTR peer tests will be skipped"
+	$(PIP) install -q "optuna>=4.9" scipy psycopg2-binary \
+		|| echo "optuna not installable: the cetnet search tests will be skipped"
 	touch $@
 
 # ... plus this package, its extension built against that torch (every CPU kernel build:

@@ -152,7 +152,7 @@ setup(
     packages=["cetnet_kernels", "cetnet_kernels.triton", "cetnet.configs"]
     + find_packages("python"),
     package_dir={"cetnet": "python/cetnet"},
-    package_data={"cetnet.configs": ["*.yaml"]},
+    package_data={"cetnet.configs": ["*.yaml"], "cetnet.search": ["default_space.yaml"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtensionPerISA.with_options(use_ninja=True)},
 )

@@ -31,7 +31,9 @@ def test_heavy_or_optional_packages_are_extras():
     assert {"pytest", "hypothesis", "expecttest"} <= extras["test"]
     assert {"pytest-benchmark", "fbgemm-gpu-cpu"} <= extras["bench"]
     assert "fuxictr" in extras["peers"]
-    for name in ("triton", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "tensorboard", "fuxictr"):
+    assert "optuna" in extras["search"]
+    for name in ("triton", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "tensorboard", "fuxictr",
+                 "optuna"):
         assert name not in {_name(r) for r in PROJECT["dependencies"]}, name
 
 
@@ -43,7 +45,9 @@ def test_license_is_spdx_with_its_file():
 
 def test_every_packaged_config_is_package_data():
     setup_py = (ROOT / "setup.py").read_text()
-    assert '"cetnet.configs"' in setup_py and '{"cetnet.configs": ["*.yaml"]}' in setup_py
+    assert '"cetnet.configs"' in setup_py and '"cetnet.configs": ["*.yaml"]' in setup_py
+    assert '"cetnet.search": ["default_space.yaml"]' in setup_py
+    assert (ROOT / "python" / "cetnet" / "search" / "default_space.yaml").is_file()
     configs = ROOT / "python" / "cetnet" / "configs"
     entries = list(configs.iterdir())
     assert entries and all(p.is_file() and p.suffix == ".yaml" for p in entries), \
