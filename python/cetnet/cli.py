@@ -36,7 +36,7 @@ from typing import NoReturn, Sequence
 
 from cetnet.config import ConfigError, load_config, parse_value
 from cetnet.data.csvio import DataFormatError
-from cetnet.train.checkpoint import LAST, CheckpointError
+from cetnet.train.checkpoint import LAST, CheckpointError, has_last
 from cetnet.train.loop import TrainingError
 from cetnet.train.rundir import CONFIG_FILE, RunDirError
 
@@ -274,7 +274,7 @@ def train_config(args: argparse.Namespace) -> tuple[dict, Path | None, bool]:
         if out is not None and out.resolve() != args.resume.resolve():
             raise ConfigError("--resume RUN_DIR and --out name different directories")
         out = args.resume
-    if resume and not (out / LAST).exists():
+    if resume and not has_last(out):  # last.pt, or the last.prev.pt kept while it is replaced
         raise FileNotFoundError(f"--resume: no {LAST} in {out} (nothing to resume)")
     path = args.config
     if resume and path is None:

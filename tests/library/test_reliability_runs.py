@@ -460,7 +460,8 @@ def test_every_file_of_a_run_gets_the_same_permissions(train_config, tmp_path):
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(train_config, tmp_path, capsys,
                                                          damage, message):
     _, run_dir = _finished_run(train_config, tmp_path)
-    for name in (BEST, LAST):
+    # every checkpoint damaged: last.prev.pt too, else resume falls back to it (tested elsewhere)
+    for name in (BEST, LAST, "last.prev.pt"):
         path = run_dir / name
         path.write_bytes(damage(path.read_bytes()))
     config_before = (run_dir / "config.yaml").read_bytes()

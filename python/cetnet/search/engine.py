@@ -24,6 +24,7 @@ from cetnet.config import ConfigError, validate_config
 from cetnet.search.cost import model_cost
 from cetnet.search.report import write_outputs
 from cetnet.search.space import load_space, sample_config
+from cetnet.train.checkpoint import has_last
 
 __all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "run_search",
            "SAMPLERS", "PRUNERS", "OBJECTIVES"]
@@ -159,7 +160,7 @@ def _train(config: dict, run_dir: Path) -> tuple[dict, bool]:
 
     if (run_dir / "metrics.json").is_file():
         return read_json(run_dir / "metrics.json"), True
-    resume = (run_dir / "last.pt").is_file()
+    resume = has_last(run_dir)  # last.pt, or last.prev.pt while it is being replaced
     overwrite = run_dir.exists() and not resume
     _, metrics = run_training(config, run_dir, resume=resume, overwrite=overwrite, quiet=True,
                               plots=False)
