@@ -23,7 +23,7 @@ from cetnet.config import dump_config
 from cetnet.train import predict
 from cetnet.train.rundir import read_json
 
-from conftest import small_run_config
+from run_support import small_run_config
 
 
 @pytest.fixture(scope="module")

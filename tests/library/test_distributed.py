@@ -30,7 +30,7 @@ from cetnet.train import loop, runner
 from cetnet.train.loop import shard_batches
 from cetnet.train.rundir import read_json
 
-from conftest import small_run_config
+from run_support import small_run_config
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),

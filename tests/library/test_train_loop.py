@@ -17,7 +17,7 @@ from cetnet.train import loop
 from cetnet.train.checkpoint import LAST_KEYS
 from cetnet.train.loop import EpochResult, EpochRunner, LoopState, resume_state
 
-from conftest import small_run_config
+from run_support import small_run_config
 
 
 class Tiny(nn.Linear):
