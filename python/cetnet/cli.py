@@ -449,6 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     error the input causes, printed as one line, 130 for Ctrl-C, 141 when stdout is a pipe
     closed before the output ended, e.g. ``cetnet data list | head -1``)."""
     try:
+        # The CPU kernel build is chosen when cetnet_kernels is imported, and a
+        # CETNET_CPU_CAPABILITY it cannot honour is a ValueError there: import it first, so
+        # that is one line whatever command would have imported it.
+        import cetnet_kernels  # noqa: F401
+    except ValueError as e:
+        print(f"cetnet: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    try:
         try:
             return _main(argv)
         finally:  # output still buffered meets a closed pipe here, not at interpreter exit

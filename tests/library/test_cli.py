@@ -224,3 +224,17 @@ def test_train_prints_its_summary_from_rank_0_only(train_config, tmp_path, capsy
     monkeypatch.setenv("RANK", "0")
     assert main(argv) == 0
     assert "dry run:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["--version"], ["train", "--dry-run"]])
+def test_a_cpu_capability_that_cannot_be_honoured_is_one_line(command):
+    env = {**os.environ, "CETNET_CPU_CAPABILITY": "avx9"}
+    proc = subprocess.run([sys.executable, "-m", "cetnet", *command], capture_output=True,
+                          text=True, env=env, timeout=300)
+    import cetnet_kernels
+
+    if not cetnet_kernels.build_info()["cpu"]:
+        pytest.skip("cetnet_kernels._C is not built: nothing reads CETNET_CPU_CAPABILITY")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith("cetnet: error: CETNET_CPU_CAPABILITY=avx9: must be one of")
