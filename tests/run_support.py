@@ -24,3 +24,38 @@ def small_run_config(**train: object) -> dict:
         "backend": "reference",
         "device": "cpu",
     }
+
+
+class StopRun(KeyboardInterrupt):
+    """Raised by :func:`train_with_epoch_hook` to interrupt a run after an epoch (as Ctrl-C
+    would)."""
+
+
+def train_with_epoch_hook(config: dict, out, hook, *, resume: bool = False,
+                          stop_after: int | None = None) -> dict:
+    """``runner.run_training`` (quiet, no plots) calling ``hook(model, epoch)`` after every
+    epoch with the model it built; interrupted after epoch ``stop_after`` (then the metrics
+    are ``{}``). Returns the run's metrics."""
+    from cetnet.train import runner
+
+    models = []
+    build = runner._build
+
+    def capture(cfg, schema):
+        models.append(build(cfg, schema))
+        return models[-1]
+
+    def on_epoch_end(epoch: int, entry: dict) -> None:
+        hook(models[0], epoch)
+        if stop_after is not None and epoch == stop_after:
+            raise StopRun()
+
+    runner._build = capture
+    try:
+        _, metrics = runner.run_training(config, out, resume=resume, quiet=True, plots=False,
+                                         on_epoch_end=on_epoch_end)
+    except StopRun:
+        metrics = {}
+    finally:
+        runner._build = build
+    return metrics

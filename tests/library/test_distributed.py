@@ -30,7 +30,7 @@ from cetnet.train import loop, runner
 from cetnet.train.loop import shard_batches
 from cetnet.train.rundir import read_json
 
-from run_support import small_run_config
+from run_support import small_run_config, train_with_epoch_hook
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
@@ -59,36 +59,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Stop(KeyboardInterrupt):
-    """Raised by the epoch callback to interrupt a run (as Ctrl-C would)."""
-
-
 def _run(config: dict, out: Path, *, resume: bool = False, stop_after: int | None = None,
          record: Path | None = None) -> dict:
     """One rank's (or the single process's) run: the tables after every epoch go to
     ``record`` (per epoch, before the best model is loaded back)."""
-    models = []
-    build = runner._build
-
-    def capture(cfg, schema):
-        models.append(build(cfg, schema))
-        return models[-1]
-
     tables = {}
 
-    def on_epoch_end(epoch: int, entry: dict) -> None:
-        tables[epoch] = models[0].embedding.weight.detach().clone()
-        if stop_after is not None and epoch == stop_after:
-            raise _Stop()
+    def keep(model, epoch: int) -> None:
+        tables[epoch] = model.embedding.weight.detach().clone()
 
-    runner._build = capture
-    try:
-        _, metrics = runner.run_training(config, out, resume=resume, quiet=True, plots=False,
-                                         on_epoch_end=on_epoch_end)
-    except _Stop:
-        metrics = {}
-    finally:
-        runner._build = build
+    metrics = train_with_epoch_hook(config, out, keep, resume=resume, stop_after=stop_after)
     if record is not None:
         torch.save(tables, record)
     return metrics
