@@ -10,7 +10,11 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: venv setup train demo test bench wheel cmake-test cuda-build-check triton-oldest-test gpu-check ci clean
+# pyproject's [distributed] extra (tests/library/test_packaging.py checks they agree)
+DISTRIBUTED_DEPS = fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 pyre-extensions typing-inspect \
+	mypy-extensions iopath cloudpickle pyvers
+
+.PHONY: venv torchrec setup train demo test bench wheel cmake-test cuda-build-check triton-oldest-test gpu-check ci clean
 
 # Stamps in the venv make `make test` / `make train` start at once when nothing changed: the
 # environment is re-checked when this Makefile changes, the extension rebuilt when csrc/,
@@ -40,8 +44,7 @@ $(VENV_STAMP): Makefile
 	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
 		pytest-benchmark matplotlib pyyaml tqdm
 	$(PIP) install -q tensorboard || echo "tensorboard not installable: runs write no event files"
-	$(PIP) install -q --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 pyvers cloudpickle \
-		pyre-extensions typing-inspect mypy-extensions iopath portalocker \
+	$(PIP) install -q --no-deps torchrec==1.9.2 $(DISTRIBUTED_DEPS) portalocker \
 		|| echo "torchrec not installable: the KeyedJaggedTensor tests will be skipped"
 	$(PIP) install -q --no-deps fuxictr==2.3.10 \
 		|| echo "fuxictr not installable: the FuxiCTR peer tests will be skipped"
@@ -56,6 +59,14 @@ $(VENV_STAMP): Makefile
 $(SETUP_STAMP): $(VENV_STAMP) $(BUILD_INPUTS) $(REBUILD)
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
+
+# TorchRec for `embedding: torchrec` in an environment of your own: the [distributed] extra
+# (FBGEMM's CPU build, torchrec's pure-Python requirements), then torchrec without its
+# requirements (they name the CUDA fbgemm-gpu and another torch). `make venv` does the same.
+# (A user of the wheel: pip install "cetnet[distributed]"; pip install --no-deps torchrec==1.9.2.)
+torchrec: venv
+	$(PIP) install -q $(DISTRIBUTED_DEPS)
+	$(PIP) install -q --no-deps torchrec==1.9.2
 
 FORCE:
 

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="KEY=VALUE", help="config overrides (same as the positional ones)")
     tr.add_argument("--backend", choices=["auto", "reference"], help="kernel backend")
     tr.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    tr.add_argument("--embedding", choices=["cetnet", "torchrec"],
+                    help="who holds the member tables: cetnet's fused embedding (default) or "
+                         "TorchRec's, sharded over the ranks (docs/DISTRIBUTED.md)")
     tr.add_argument("--out", type=Path, help="run directory (default runs/<name>-<timestamp>); "
                                              "it must be empty or new unless --resume or "
                                              "--overwrite")
@@ -281,8 +284,8 @@ def train_config(args: argparse.Namespace) -> tuple[dict, Path | None, bool]:
         path = out / CONFIG_FILE  # the interrupted run's resolved config
     overrides = [*args.overrides, *args.set_]
     for flag, key in (("backend", "backend"), ("device", "device"), ("epochs", "train.epochs"),
-                      ("seed", "train.seed")):
-        value = getattr(args, flag)
+                      ("seed", "train.seed"), ("embedding", "embedding")):
+        value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(path, overrides)

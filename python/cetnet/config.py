@@ -14,6 +14,9 @@ A config has these top-level keys:
   wrong types are errors).
 - ``backend``: the kernel backend for ``build_model`` (``"auto"`` or ``"reference"``).
 - ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
+- ``embedding``: who holds the member tables: ``"cetnet"`` (default: the fused multi-table
+  embedding, replicated on every rank of a data-parallel run) or ``"torchrec"`` (TorchRec
+  embedding modules, sharded over the ranks by ``DistributedModelParallel``; docs/DISTRIBUTED.md).
 
 ``data`` and ``model`` are open sections (their keys are checked by the dataset and the model
 builder); everything else is closed: a key that is not listed is an error, so a typo in an
@@ -36,13 +39,17 @@ import yaml
 from cetnet.atomic import write_text_atomic
 from cetnet.messages import shorten
 
-__all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "Spec", "INT64_MAX", "SEED_RANGE",
+__all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "EMBEDDINGS", "EMBEDDING_SHARDINGS", "Spec", "INT64_MAX", "SEED_RANGE",
            "default_config_path", "load_config", "parse_value", "apply_overrides",
            "validate_config", "check_device", "dump_config", "read_yaml",
            "resolve_data_config"]
 
 DEFAULT_CONFIG = "cetnet_ml100k.yaml"
-TOP_LEVEL_KEYS = ("name", "data", "model", "train", "backend", "device")
+TOP_LEVEL_KEYS = ("name", "data", "model", "train", "backend", "device", "embedding")
+#: ``embedding``: the fused tables of cetnet_kernels, or TorchRec's sharded ones.
+EMBEDDINGS = ("cetnet", "torchrec")
+#: ``train.embedding_sharding`` (``embedding: torchrec``): the shardings the planner may choose.
+EMBEDDING_SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise")
 OPEN_SECTIONS = ("data", "model")
 LR_SCHEDULES = ("constant", "cosine", "step", "plateau")
 
@@ -65,6 +72,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_steps_per_epoch": None,  # cap for smoke runs; null: the whole train split
     "grad_clip": None,           # max global L2 norm of the dense gradients; null: no clipping
     "log_every": 20,             # steps between progress-bar updates of the live loss/AUC
+    "embedding_sharding": "auto",  # embedding: torchrec: auto (the planner picks per table
+                                   # among table_wise, row_wise, column_wise) or one of them
 }
 
 
@@ -104,6 +113,7 @@ _TRAIN_SPECS: dict[str, Spec] = {
     "patience": Spec(int, 1, nullable=True), "seed": Spec(int, *SEED_RANGE),
     "max_steps_per_epoch": Spec(int, 1, nullable=True),
     "grad_clip": Spec(float, 0, above=True, nullable=True), "log_every": Spec(int, 1),
+    "embedding_sharding": Spec(str, choices=EMBEDDING_SHARDINGS),
 }
 assert _TRAIN_SPECS.keys() == TRAIN_DEFAULTS.keys()
 
@@ -332,6 +342,8 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     out["backend"] = _check_value("backend", out.get("backend", "auto"),
                                   Spec(str, choices=BACKENDS))
     out["device"] = check_device(out.get("device", "auto"))
+    out["embedding"] = _check_value("embedding", out.get("embedding", "cetnet"),
+                                    Spec(str, choices=EMBEDDINGS))
     return out
 
 
@@ -384,6 +396,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     config["train"] = {**TRAIN_DEFAULTS, **train}
     config.setdefault("backend", "auto")
     config.setdefault("device", "auto")
+    config.setdefault("embedding", "cetnet")
     return validate_config(apply_overrides(config, overrides))
 
 

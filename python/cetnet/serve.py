@@ -43,10 +43,11 @@ from cetnet.data.csvio import DataFormatError, check_data_file, shorten
 from cetnet.data.dataset import Split, SplitStats
 from cetnet.data.schema import OOV_ID, PAD_ID, Batch, Schema
 from cetnet.train.builders import load_plugins
-from cetnet.train.checkpoint import BEST, LAST, check_model_state, load_checkpoint
+from cetnet.train.checkpoint import BEST, LAST, load_checkpoint
 from cetnet.train.evaluate import Predictions, predict, score
 from cetnet.train.loop import check_backend, resolve_device
 from cetnet.train.rundir import CONFIG_FILE
+from cetnet.train.sharded import load_model_state
 from cetnet.train.runner import build_run, load_run_config
 
 __all__ = ["LoadedRun", "ExportedRun", "ServingModule", "load_run", "checkpoint_file",
@@ -120,8 +121,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None 
     check_backend(config["backend"], dev)
     dataset, model = build_run(config)
     state = load_checkpoint(path, map_location=dev, keys=("model",))
-    check_model_state(state["model"], model, path)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, path)
     model.to(dev).eval()
     return LoadedRun(run_dir, config, dataset, model, dev, state.get("epoch"))
 

@@ -37,6 +37,21 @@ def test_heavy_or_optional_packages_are_extras():
         assert name not in {_name(r) for r in PROJECT["dependencies"]}, name
 
 
+def test_the_distributed_extra_never_pulls_the_cuda_fbgemm():
+    """``embedding: torchrec``: the extra holds FBGEMM's CPU build and torchrec's pure-Python
+    requirements but not torchrec (whose requirement names the CUDA fbgemm-gpu and another
+    torch; it is installed with --no-deps), and ``make torchrec`` installs the same list."""
+    extra = PROJECT["optional-dependencies"]["distributed"]
+    names = {_name(r) for r in extra}
+    assert "fbgemm-gpu-cpu==1.8.0; platform_machine == 'x86_64'" in extra
+    assert not names & {"torchrec", "fbgemm-gpu", "torch", "torchmetrics"}
+    makefile = (ROOT / "Makefile").read_text()
+    deps = re.search(r"^DISTRIBUTED_DEPS = (.*?)(?<!\\)$", makefile, re.M | re.S).group(1)
+    assert sorted(deps.replace("\\", " ").split()) == sorted(
+        r.split(";")[0].strip() for r in extra)
+    assert "--no-deps torchrec==1.9.2" in makefile
+
+
 def test_license_is_spdx_with_its_file():
     assert PROJECT["license"] == "Apache-2.0"
     assert PROJECT["license-files"] == ["LICENSE"]

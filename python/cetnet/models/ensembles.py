@@ -114,11 +114,11 @@ class Ensemble(nn.Module):
                 for i, name in enumerate(self.embedding_sets())}
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        """Every parameter except the embedding's flat weight when its fused optimizer updates
-        it (with ``optimizer=None`` the weight is included, for a torch optimizer)."""
-        emb = self.embedding
-        fused = emb.optimizer is not None
-        return [p for p in self.parameters() if not (fused and p is emb.weight)]
+        """Every parameter except the tables a fused optimizer updates in backward
+        (``front.fused_parameters()``: the fused embedding's flat weight unless
+        ``optimizer=None``, every table of a TorchRec front)."""
+        fused = {id(p) for p in self.front.fused_parameters()}
+        return [p for p in self.parameters() if id(p) not in fused]
 
     def forward(self, batch: Batch) -> EnsembleOutput:  # pragma: no cover - abstract
         raise NotImplementedError

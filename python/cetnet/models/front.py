@@ -79,6 +79,11 @@ class EmbeddingFront(nn.Module):
             optimizer=optimizer, lr=lr, padding_idx=PAD_ID,
             backend=backend)
 
+    def fused_parameters(self) -> list[nn.Parameter]:
+        """The tables' flat weight when a fused optimizer updates it in backward, else none."""
+        emb = self.embedding
+        return [emb.weight] if emb.optimizer is not None else []
+
     def ids(self, batch: Batch) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
         """The embedding's input: feature name -> ids ``[B]``, a bag, or ``[B, T]``."""
         out: dict[str, Tensor | tuple[Tensor, Tensor]] = {}

@@ -85,6 +85,12 @@ def config_key(config: Mapping[str, Any], trainer: str = "cetnet") -> str:
     """A hash of the resolved config without its ``name`` and of who trains it, when that is
     not cetnet (20 hex digits)."""
     body = {k: v for k, v in config.items() if k != "name"}
+    # keys added since results were first cached: at their defaults they leave the key as it was
+    if body.get("embedding") == "cetnet":
+        del body["embedding"]
+    train = body.get("train")
+    if isinstance(train, dict) and train.get("embedding_sharding") == "auto":
+        body["train"] = {k: v for k, v in train.items() if k != "embedding_sharding"}
     if trainer != "cetnet":
         body["_trainer"] = trainer
     text = json.dumps([RESULT_VERSION, body], sort_keys=True, default=str)

@@ -84,6 +84,10 @@ def load_last(run_dir: str | Path, keys: Iterable[str] = ("model", *LAST_KEYS),
             continue
         try:
             state = load_checkpoint(path, keys=keys)
+            tables = state.get("tables")  # embedding: torchrec: the DCP folder it names
+            if tables is not None and not (run_dir / str(tables) / ".metadata").is_file():
+                raise CheckpointError(f"{path}: its tables folder {run_dir / str(tables)} is "
+                                      f"missing or incomplete")
         except CheckpointError as e:
             errors.append(e)
             continue
@@ -151,12 +155,14 @@ def _names(keys: list[str], limit: int = 4) -> str:
                                       else "")
 
 
-def check_model_state(state: Mapping[str, Any], model: torch.nn.Module,
-                      path: str | Path) -> None:
-    """CheckpointError naming ``path`` when the state dict ``state`` does not fit ``model``:
-    missing or unexpected entries, or a tensor of another shape. Shapes are compared without
-    touching values, so ``model`` may live on the meta device."""
-    expected = model.state_dict()
+def check_model_state(state: Mapping[str, Any], model: torch.nn.Module | None,
+                      path: str | Path, expected: Mapping[str, Any] | None = None) -> None:
+    """CheckpointError naming ``path`` when the state dict ``state`` does not fit ``model``
+    (or the state dict ``expected``): missing or unexpected entries, or a tensor of another
+    shape. Shapes are compared without touching values, so ``model`` may live on the meta
+    device."""
+    if expected is None:
+        expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {_shape(state[k])} vs {_shape(v)}" for k, v in expected.items()

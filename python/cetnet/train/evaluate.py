@@ -61,17 +61,27 @@ def predict(model: nn.Module, split: Any, *, batch_size: int = 4096,
 
 class RowRange:
     """Rows ``[start, stop)`` of a split, batched in order (what :func:`predict` reads): a
-    rank's share of a split in a data-parallel evaluation."""
+    rank's share of a split in a data-parallel evaluation. With ``num_batches`` the rows are
+    cut into exactly that many batches of near-equal size (``batch_size`` is then ignored):
+    sharded tables make every forward a collective, so every rank must run as many."""
 
-    def __init__(self, split: Any, start: int, stop: int) -> None:
+    def __init__(self, split: Any, start: int, stop: int, num_batches: int | None = None) -> None:
         self.split, self.start, self.stop = split, start, stop
+        self.num_batches = num_batches
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def batches(self, batch_size: int, *, shuffle: bool = False) -> Any:
-        for lo in range(self.start, self.stop, batch_size):
-            yield self.split.take(slice(lo, min(lo + batch_size, self.stop)))
+        if self.num_batches is None:
+            bounds = list(range(self.start, self.stop, batch_size)) + [self.stop]
+        else:
+            base, extra = divmod(len(self), self.num_batches)
+            bounds = [self.start]
+            for i in range(self.num_batches):
+                bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+        for lo, hi in zip(bounds, bounds[1:]):
+            yield self.split.take(slice(lo, hi))
 
 
 def gather_predictions(pred: Predictions) -> Predictions:
@@ -125,6 +135,10 @@ def evaluate(model: nn.Module, split: Any, *, batch_size: int = 4096,
     if len(split) < distributed.world_size():
         raise ValueError(f"evaluate: the split has {len(split)} rows, fewer than the "
                          f"{distributed.world_size()} ranks")
-    share = RowRange(split, *distributed.shard_range(len(split)))
+    n, world = len(split), distributed.world_size()
+    # as many batches on every rank (the fewest that keep each within batch_size on the
+    # largest share, at most one per row of the smallest share)
+    num_batches = max(1, min(-(-(-(-n // world)) // batch_size), n // world))
+    share = RowRange(split, *distributed.shard_range(n), num_batches=num_batches)
     pred = gather_predictions(predict(model, share, batch_size=batch_size, device=device))
     return distributed.from_main(lambda: score(pred, names))

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from cetnet import distributed
 from cetnet.config import ConfigError, check_device, dump_config, validate_config
 from cetnet.metrics import auc
-from cetnet.train.checkpoint import (BEST, LAST, CheckpointError, check_model_state, first_line,
+from cetnet.train.checkpoint import (BEST, LAST, CheckpointError, first_line,
                                      load_checkpoint, load_last, save_checkpoint, save_last)
+from cetnet.train import sharded
 from cetnet.train.evaluate import evaluate
 from cetnet.train.plots import plot_run
 from cetnet.train.report import format_metrics_table
@@ -325,9 +326,14 @@ class EpochRunner:
         self.quiet = quiet
         self.log = log
         self.show_bars = not quiet and sys.stderr.isatty()
+        # embedding: torchrec: the tables sharded by TorchRec's DMP, the dense rest under DDP
+        # (in a single process too: one rank, the same kernels and optimizer)
+        self.sharded = sharded.shard(model, device, train["embedding_sharding"]) \
+            if sharded.is_torchrec(model) else None
         self.params = list(model.dense_parameters())
         # data-parallel: model.loss under DDP (None in a single process: no collective at all)
-        self.ddp = data_parallel(model, device) if distributed.active() else None
+        self.ddp = self.sharded if self.sharded is not None else \
+            data_parallel(model, device) if distributed.active() else None
         self.fault = distributed.InjectedFault.parse(distributed.rank())  # None but in tests
         self.optimizer = dense_optimizer(self.params, train["lr"], train["weight_decay"])
         self.schedule = LRSchedule(self.optimizer, train["lr_schedule"], train["lr"],
@@ -357,9 +363,9 @@ class EpochRunner:
     def restore(self, ckpt: dict, path: Path) -> LoopState:
         """Loads ``last.pt`` into the model, optimizer, schedule and RNGs and returns its loop
         state; CheckpointError naming ``path`` when it does not fit."""
-        check_model_state(ckpt["model"], self.model, path)
         try:
-            self.model.load_state_dict(ckpt["model"])
+            # a TorchRec front's tables with their fused optimizer's state
+            sharded.load_model_state(self.model, ckpt, path, self.sharded, optimizer=True)
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.schedule.load_state_dict(ckpt["schedule"])
             set_rng_state(ckpt["rng"])
@@ -371,18 +377,29 @@ class EpochRunner:
                 elif r > 0:  # resumed with another world size: a fresh stream per rank
                     seed_everything(shuffle_seed(self.t["seed"] + r, state.epoch))
             return state
+        except CheckpointError:
+            raise
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: "
                                   f"{first_line(e)})") from e
 
     def last_checkpoint(self, state: LoopState) -> dict[str, Any]:
         """What ``last.pt`` holds: everything :meth:`restore` needs to continue exactly."""
-        ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        ckpt = {"model": self.model_state(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "rng": rng_state(),
                 **state.state_dict()}
         if distributed.active():  # a collective: every rank's RNG states, in rank order
             ckpt["rng_ranks"] = distributed.all_gather_objects(ckpt["rng"])
+        if self.sharded is not None:  # a collective: every rank writes its shards
+            ckpt["tables"] = sharded.save_tables(self.sharded, self.out_dir,
+                                                 f"last-e{state.epoch}", optimizer=True)
         return ckpt
+
+    def model_state(self) -> dict[str, Any]:
+        """The model's state dict as checkpoints hold it: without a TorchRec front's tables
+        (they are in the checkpoint's DCP folder)."""
+        return sharded.dense_state(self.model) if self.sharded is not None else \
+            self.model.state_dict()
 
     def train(self, epoch: int, split: Any, state: LoopState) -> EpochResult:
         """Trains epoch ``epoch`` on ``split`` (its batches shuffled by the seed and the epoch)
@@ -477,11 +494,20 @@ class EpochRunner:
                  "valid": valid}
         best = state.record(entry, metric, t["patience"])
         last = self.last_checkpoint(state)
+        best_tables = {}
+        if best and self.sharded is not None:  # a collective, before best.pt names it
+            best_tables["tables"] = sharded.save_tables(self.sharded, self.out_dir,
+                                                        f"best-e{epoch}", optimizer=False)
         if distributed.is_main():  # rank 0 alone writes the run directory
             if best:
-                save_checkpoint({"model": self.model.state_dict(), "epoch": epoch,
-                                 "valid": valid}, self.out_dir / BEST)
+                save_checkpoint({"model": self.model_state(), "epoch": epoch,
+                                 "valid": valid, **best_tables}, self.out_dir / BEST)
             save_last(last, self.out_dir)  # the previous last.pt stays as last.prev.pt
+            if self.sharded is not None:  # the folders no checkpoint names any more
+                sharded.prune_tables(self.out_dir, {
+                    f"{sharded.TABLES_DIR}/last-e{epoch}",
+                    f"{sharded.TABLES_DIR}/last-e{epoch - 1}",
+                    f"{sharded.TABLES_DIR}/best-e{state.best_epoch}"})
         if self.log is not None:
             self.log.epoch(state.history)
         f = valid["fused"]
@@ -600,7 +626,9 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
             metrics = _train_and_test(runner, state, config, dataset, run_warnings, plots,
                                       on_epoch_end)
     finally:
-        if runner.ddp is not None:
+        if runner.sharded is not None:
+            runner.sharded.close()
+        elif runner.ddp is not None:
             local_embeddings(model)
     if not quiet and main:  # again under the results: the start of a long run has scrolled away
         print_warnings(run_warnings)
@@ -631,16 +659,22 @@ def _train_and_test(runner: EpochRunner, state: LoopState, config: dict, dataset
                                 f"run's best epoch is {state.best_epoch}: its test metrics "
                                 f"cannot be computed; evaluate another checkpoint with "
                                 f"`cetnet evaluate {out_dir} --checkpoint {LAST}`")
-        model.load_state_dict(best["model"])
+        sharded.load_model_state(model, best, out_dir / BEST, runner.sharded)
 
-    # rank 0 reads best.pt; its failure is every rank's (none waits for the broadcast)
-    distributed.from_main(load_best)
-    if distributed.active():  # the best model from rank 0's best.pt on every rank
-        distributed.broadcast_state(model)
+    if runner.sharded is not None:  # every rank reads best.pt and its shards of the tables
+        distributed.barrier()  # once rank 0 has written it
+        load_best()
+    else:
+        # rank 0 reads best.pt; its failure is every rank's (none waits for the broadcast)
+        distributed.from_main(load_best)
+        if distributed.active():  # the best model from rank 0's best.pt on every rank
+            distributed.broadcast_state(model)
     test = runner.evaluate(test_split)
     metrics = _run_metrics(config["name"], test, state, valid_split is test_split, run_warnings)
     world = distributed.world_size()
     metrics["world_size"] = world
+    if runner.sharded is not None:  # embedding: torchrec: how the planner placed each table
+        metrics["embedding_plan"] = runner.sharded.describe()
     metrics["environment"] = environment(device, world)
     if not distributed.is_main():
         return metrics

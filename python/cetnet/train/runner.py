@@ -28,12 +28,13 @@ from cetnet.atomic import remove_stale_temps
 from cetnet.config import ConfigError, read_yaml, validate_config
 from cetnet.messages import shorten
 from cetnet.train.builders import build_model, load_dataset
-from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV, check_model_state,
+from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV,
                                      first_line, has_last, load_checkpoint, load_last)
 from cetnet.train.evaluate import evaluate
 from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_splits, fit,
                                resolve_device, split_warnings)
 from cetnet.train.rng import seed_everything
+from cetnet.train.sharded import check_model_checkpoint, load_model_state
 from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirError, RunLock,
                                  check_run_dir, clear_run, foreign_files, make_run_dir, read_json,
                                  run_files, write_json)
@@ -88,7 +89,8 @@ def _build(config: dict, schema: Any) -> Any:
     depend on the seed only); an allocation that fails is a one-line ConfigError."""
     seed_everything(config["train"]["seed"])
     try:
-        return build_model(config["model"], schema, backend=config["backend"])
+        return _with_embedding(build_model(config["model"], schema, backend=config["backend"]),
+                               config)
     except (MemoryError, RuntimeError) as e:
         text = str(e)
         if not isinstance(e, MemoryError) and "allocate" not in text and \
@@ -99,12 +101,23 @@ def _build(config: dict, schema: Any) -> Any:
                           ) from e
 
 
+def _with_embedding(model: Any, config: dict) -> Any:
+    """``model`` with the tables the config's ``embedding`` names (TorchRec's: its front
+    replaced, :func:`cetnet.train.sharded.use_torchrec`)."""
+    if config.get("embedding", "cetnet") == "torchrec":
+        from cetnet.train.sharded import use_torchrec
+
+        return use_torchrec(model)
+    return model
+
+
 def _meta_model(config: dict, schema: Any) -> Any:
     """The model built on the meta device (shapes, no memory): the config is checked whatever
     the model's size. A registered factory that cannot build there is built for real."""
     try:
         with torch.device("meta"):
-            return build_model(config["model"], schema, backend=config["backend"])
+            return _with_embedding(build_model(config["model"], schema,
+                                               backend=config["backend"]), config)
     except (NotImplementedError, RuntimeError):
         return _build(config, schema)
 
@@ -201,7 +214,7 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
         assert run_dir is not None
         plan._stamps = {n: _stamp(run_dir / n) for n in (CONFIG_FILE, LAST, LAST_PREV)}
         plan.checkpoint, path = _load_last(run_dir)
-        check_model_state(plan.checkpoint["model"], model, path)
+        check_model_checkpoint(model, plan.checkpoint, path)
         _check_resumable(plan.checkpoint, config, run_dir)
     return plan
 
@@ -468,8 +481,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
         if len(dataset.splits[split]) == 0:
             raise TrainingError(f"evaluate: the dataset's {split} split has no rows")
         state = load_checkpoint(path, map_location=dev, keys=("model",))
-        check_model_state(state["model"], model, path)
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, path)
         model.to(dev)
         # The same flag as the run's metrics.json: scores of a valid split that is the test
         # split are test scores the checkpoint was selected on.

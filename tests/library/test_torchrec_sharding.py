@@ -1,0 +1,317 @@
+"""``embedding: torchrec``: member tables sharded by TorchRec's DistributedModelParallel.
+
+Real processes (``torch.multiprocessing.spawn``, gloo on the CPU), real TorchRec and FBGEMM
+(fbgemm-gpu-cpu): sharded lookups equal the unsharded ones for each sharding the CPU offers,
+one training step of 2 ranks equals the 1-process step on the same global batch (loss and
+updated rows), and a 2-rank training run equals the 1-process run, checkpoints its tables
+with torch.distributed.checkpoint, resumes on the same world size and is evaluated in one
+process from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cetnet.config import ConfigError
+from cetnet.models.torchrec_front import torchrec_available
+
+from run_support import small_run_config, train_with_epoch_hook
+
+pytestmark = [
+    pytest.mark.skipif(torchrec_available() is not None,
+                       reason=f"TorchRec/FBGEMM not installed ({torchrec_available()})"),
+    pytest.mark.skipif(not torch.distributed.is_available()
+                       or not torch.distributed.is_gloo_available(),
+                       reason="torch.distributed with gloo is needed"),
+]
+
+WORLD = 2
+RTOL = 1e-5
+
+
+def _config(**train: object) -> dict:
+    cfg = small_run_config(epochs=3, batch_size=64, eval_batch_size=256, patience=None,
+                           log_every=5, **train)
+    cfg["data"]["num_rows"] = 1209  # 967 train rows: a remainder batch of 7 rows (4 + 3)
+    cfg["model"].update({"dnn": {"hidden": [16], "dropout": 0.0},
+                         "dcnv2": {"cross_layers": 1, "hidden": [16], "dropout": 0.0},
+                         "embedding_optimizer": "rowwise_adagrad", "embedding_lr": 0.05})
+    cfg["backend"] = "cpu"
+    cfg["embedding"] = "torchrec"
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def _model_and_data(config: dict):
+    from cetnet.train import runner
+
+    config = runner.validate_config(config)
+    return runner.build_run(config)
+
+
+def _spawn(fn, *args) -> None:
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+
+
+# -- lookups ------------------------------------------------------------------------------
+
+def _lookup_worker(rank: int, port: int, sharding: str, results: str) -> None:
+    _env(rank, port)
+    import torch.distributed as dist
+
+    from cetnet.train import sharded
+
+    dist.init_process_group("gloo")
+    try:
+        dataset, model = _model_and_data(_config(embedding_sharding=sharding))
+        model.eval()
+        unsharded = copy.deepcopy(model)
+        run = sharded.shard(model, torch.device("cpu"), sharding)
+        batch = dataset.splits["train"].take(slice(rank * 50, rank * 50 + 37 + rank))
+        with torch.no_grad():
+            got, want = model.front(batch), unsharded.front(batch)
+        err = max(max(float((g.fields - w.fields).abs().max()),
+                      *(float((g.sequences[n] - w.sequences[n]).abs().max())
+                        for n in w.sequences)) for g, w in zip(got, want))
+        full = sharded.gather_tables(model)
+        table_err = max(float((full[k] - v).abs().max())
+                        for k, v in unsharded.front.state_dict().items())
+        kinds = sorted({str(ps.sharding_type) for plan in run.plan.plan.values()
+                        for ps in plan.values()})
+        Path(results, f"rank{rank}.json").write_text(json.dumps(
+            {"err": err, "table_err": table_err, "kinds": kinds}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sharding, kinds", [
+    ("table_wise", {"table_wise"}),
+    ("column_wise", {"column_wise"}),
+    # the planner's choice: table-wise bags; row-wise is what it gives sequences
+    ("auto", None),
+])
+def test_sharded_lookups_equal_unsharded(tmp_path, sharding, kinds):
+    _spawn(_lookup_worker, sharding, str(tmp_path))
+    for r in range(WORLD):
+        out = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert out["err"] <= 1e-6, out  # mean pooling: one rounding of the division
+        assert out["table_err"] == 0.0, out  # the built tables copied into the shards
+        if kinds is not None:
+            assert set(out["kinds"]) == kinds, out
+        else:
+            assert set(out["kinds"]) <= {"table_wise", "row_wise", "column_wise"}, out
+
+
+# -- one training step --------------------------------------------------------------------
+
+def _step(model, run, batch, params, lr=0.01):
+    optimizer = torch.optim.SGD(params, lr=lr)
+    loss, _ = run(batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+
+def _step_worker(rank: int, port: int, results: str) -> None:
+    _env(rank, port)
+    import torch.distributed as dist
+
+    from cetnet import distributed
+    from cetnet.train import sharded
+
+    dist.init_process_group("gloo")
+    try:
+        dataset, model = _model_and_data(_config())
+        run = sharded.shard(model, torch.device("cpu"))
+        lo, hi = distributed.shard_range(64)
+        batch = dataset.splits["train"].take(slice(lo, hi))
+        loss = _step(model, run, batch, model.dense_parameters())
+        total = torch.tensor([loss * len(batch)], dtype=torch.float64)
+        dist.all_reduce(total)
+        tables = sharded.gather_tables(model)
+        dense = {k: v for k, v in sharded.dense_state(model).items()}
+        if rank == 0:
+            torch.save({"loss": float(total) / 64, "tables": tables, "dense": dense},
+                       Path(results, "two.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_step_of_two_ranks_equals_the_one_process_step(tmp_path):
+    from cetnet.train import sharded
+
+    dataset, model = _model_and_data(_config())
+    before = {k: v.clone() for k, v in model.front.state_dict().items()}
+    run = sharded.shard(model, torch.device("cpu"))
+    try:
+        loss = _step(model, run, dataset.splits["train"].take(slice(0, 64)),
+                     model.dense_parameters())
+        tables = sharded.gather_tables(model)
+        dense = sharded.dense_state(model)
+    finally:
+        run.close()
+    _spawn(_step_worker, str(tmp_path))
+    two = torch.load(tmp_path / "two.pt")
+    assert two["loss"] == pytest.approx(loss, rel=RTOL)
+    moved = 0
+    for k, v in tables.items():
+        assert torch.allclose(two["tables"][k], v, rtol=RTOL, atol=1e-7), \
+            (k, float((two["tables"][k] - v).abs().max()))
+        moved += int((v != before[k]).any(dim=1).sum())
+    assert moved > 50  # the step updated rows (the fused row-wise Adagrad ran)
+    for k, v in dense.items():
+        assert torch.allclose(two["dense"][k], v, rtol=RTOL, atol=1e-7), k
+
+
+# -- training runs, checkpoints, resume ---------------------------------------------------
+
+def _train(config: dict, out: Path, *, resume: bool = False,
+           stop_after: int | None = None) -> dict:
+    """A run (1 process, or this rank's) and its whole tables after every epoch."""
+    from cetnet.train import sharded
+
+    tables = {}
+
+    def keep(model, epoch: int) -> None:
+        tables[epoch] = sharded.gather_tables(model)  # a collective
+
+    metrics = train_with_epoch_hook(config, out, keep, resume=resume, stop_after=stop_after)
+    return {"metrics": metrics, "tables": tables}
+
+
+def _train_worker(rank: int, port: int, out: str, resume: bool, stop_after: int | None,
+                  results: str) -> None:
+    _env(rank, port)
+    got = _train(_config(), Path(out), resume=resume, stop_after=stop_after)
+    torch.save(got, Path(results, f"rank{rank}.pt"))
+
+
+def _spawn_train(tmp_path: Path, name: str, out: Path, **kw) -> list[dict]:
+    results = tmp_path / name
+    results.mkdir()
+    _spawn(_train_worker, str(out), kw.get("resume", False), kw.get("stop_after"), str(results))
+    return [torch.load(results / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _close(a: float, b: float) -> bool:
+    return a == pytest.approx(b, rel=RTOL, abs=1e-7)
+
+
+def test_two_rank_sharded_run_equals_one_process_resumes_and_evaluates(tmp_path):
+    from cetnet.train.checkpoint import LAST
+    from cetnet.train.rundir import read_json
+    from cetnet.train.runner import evaluate_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _train(_config(), tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+
+    out = tmp_path / "two"
+    first = _spawn_train(tmp_path, "first", out, stop_after=2)
+    assert sorted(p.name for p in (out / "tables").iterdir()) == [
+        "best-e2", "last-e1", "last-e2"]
+    assert all((out / "tables" / n / ".metadata").is_file() for n in ("last-e1", "last-e2"))
+    # a last.pt whose tables folder is gone: the resume falls back to last.prev.pt (epoch 1)
+    import shutil
+
+    shutil.rmtree(out / "tables" / "last-e2")
+    second = _spawn_train(tmp_path, "second", out, resume=True)
+
+    two = read_json(out / "metrics.json")
+    ref = one["metrics"]
+    assert two["world_size"] == WORLD
+    plan = two["embedding_plan"]  # 2 members x (5 pooled + 1 sequence) tables
+    assert sorted(plan) == sorted(f"m{k}_{t}" for k in (0, 1)
+                                  for t in ("f0", "f1", "f2", "f3", "f4", "s0"))
+    assert all(p["sharding"] in ("table_wise", "row_wise", "column_wise")
+               and set(p["ranks"]) <= {0, 1} for p in plan.values()), plan
+    assert [h["epoch"] for h in two["history"]] == [1, 2, 3]
+    for h2, h1 in zip(two["history"], ref["history"]):
+        assert _close(h2["train_loss"], h1["train_loss"]), (h2["train_loss"], h1["train_loss"])
+        assert _close(h2["valid"]["fused"]["auc"], h1["valid"]["fused"]["auc"])
+    for m in ("auc", "gauc", "logloss"):
+        assert _close(two["fused"][m], ref["fused"][m]), (m, two["fused"][m], ref["fused"][m])
+    # the tables after every epoch: the same on both ranks, equal to the 1-process run's
+    assert sorted(second[0]["tables"]) == [2, 3]
+    for epoch, ranks in ((1, first), (2, first), (2, second), (3, second)):
+        for k, v in ranks[0]["tables"][epoch].items():
+            assert torch.equal(v, ranks[1]["tables"][epoch][k])
+            assert torch.allclose(v, one["tables"][epoch][k], rtol=RTOL, atol=1e-7), \
+                (epoch, k, float((v - one["tables"][epoch][k]).abs().max()))
+    # one process reads the 2-rank checkpoint (DCP: its shards into whole tables)
+    again = evaluate_run(out, write=False)
+    for m in ("auc", "gauc", "logloss"):
+        assert again["fused"][m] == pytest.approx(two["fused"][m], rel=1e-6)
+    last = evaluate_run(out, checkpoint=LAST, write=False)
+    assert last["epoch"] == 3
+
+
+# -- errors -------------------------------------------------------------------------------
+
+def test_row_wise_pooled_tables_on_a_cpu_are_one_error():
+    from cetnet.train import sharded
+
+    _, model = _model_and_data(_config())
+    with pytest.raises(ConfigError, match=r"train.embedding_sharding=row_wise: TorchRec does "
+                                          r"not shard pooled .* on cpu"):
+        sharded.shard(model, torch.device("cpu"), "row_wise")
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # no process group left behind
+
+
+def test_torchrec_needs_a_fused_embedding_optimizer():
+    cfg = _config()
+    cfg["model"]["embedding_optimizer"] = None
+    with pytest.raises(ConfigError, match="embedding: torchrec needs a fused embedding "
+                                          "optimizer"):
+        _model_and_data(cfg)
+
+
+def test_an_unknown_embedding_or_sharding_is_one_error():
+    from cetnet.config import validate_config
+
+    with pytest.raises(ConfigError, match="embedding"):
+        validate_config({**_config(), "embedding": "fbgemm"})
+    cfg = _config()
+    cfg["train"]["embedding_sharding"] = "grid"
+    with pytest.raises(ConfigError, match="train.embedding_sharding"):
+        validate_config(cfg)
+
+
+def test_a_fused_checkpoint_does_not_load_into_a_torchrec_model(tmp_path):
+    from cetnet.train.checkpoint import CheckpointError
+    from cetnet.train.sharded import load_model_state
+
+    cfg = _config()
+    cfg["embedding"] = "cetnet"
+    _, fused = _model_and_data(cfg)
+    _, model = _model_and_data(_config())
+    with pytest.raises(CheckpointError, match="names no tables folder"):
+        load_model_state(model, {"model": fused.state_dict()}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match="holds TorchRec tables"):
+        load_model_state(fused, {"model": {}, "tables": "tables/best-e1"}, tmp_path / "best.pt")
