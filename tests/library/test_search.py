@@ -113,7 +113,7 @@ def test_every_sampled_config_validates_and_builds(which, space_file, tiny_datas
     assert kinds_seen == {"cetnet", "naive", "kdef", "multi_embedding"}
 
 
-@pytest.mark.parametrize("sampler", ["random", "tpe"])
+@pytest.mark.parametrize("sampler", ["random", "tpe", "predictor"])
 def test_a_study_runs_end_to_end(sampler, tmp_path, space_file, one_thread):
     options = _options(tmp_path, space_file, trials=4, sampler=sampler, pruner="none",
                        command="cetnet search --dataset synthetic")
@@ -134,6 +134,9 @@ def test_a_study_runs_end_to_end(sampler, tmp_path, space_file, one_thread):
                  "cetnet search --dataset synthetic"):
         assert text in report
     assert len(_finished(study)) == 4
+    if sampler == "predictor":  # 2 random startup trials, then the predictor's proposals
+        predicted = [t.user_attrs.get("predicted_value") for t in study.trials]
+        assert predicted[:2] == [None, None] and all(0 < p < 1 for p in predicted[2:])
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
@@ -221,6 +224,8 @@ def test_pareto_and_rank_correlations_by_hand():
     (["--space", "UNKNOWN"], "fusoin: unknown key"),
     (["--objective", "auc,latency"], "--objective must be auc or auc,cost, got 'auc,latency'"),
     (["--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open it"),
+    (["--sampler", "predictor", "--objective", "auc,cost"],
+     "--sampler predictor optimizes one objective"),
     (["--storage", "postgresql://u:secret@127.0.0.1:1/db"], "u:***@127.0.0.1:1/db: cannot open"),
 ])
 def test_cli_errors_are_one_line(args, expected, tmp_path, capsys):

@@ -29,7 +29,7 @@ from cetnet.train.checkpoint import has_last
 __all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "run_search",
            "SAMPLERS", "PRUNERS", "OBJECTIVES"]
 
-SAMPLERS = ("random", "tpe")
+SAMPLERS = ("random", "tpe", "predictor")
 PRUNERS = ("median", "halving", "none")
 OBJECTIVES = {"auc": ("auc",), "auc,cost": ("auc", "cost")}
 #: Seconds between a running trial's heartbeats, and after which a silent one is failed (and
@@ -111,9 +111,14 @@ def open_storage(url: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def _sampler(name: str, seed: int, trials: int) -> Any:
+def _sampler(name: str, seed: int, trials: int,
+             sample: Callable[[Any], Any] | None = None) -> Any:
     import optuna
 
+    if name == "predictor":  # sample: the space's define-by-run sampling, for the pool
+        from cetnet.search.predictor import PredictorSampler
+
+        return PredictorSampler(sample, seed=seed, n_startup=max(2, min(10, trials // 3)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
@@ -220,7 +225,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict) -> Any:
+def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict,
+                sample: Callable[[Any], Any] | None = None) -> Any:
     import optuna
 
     storage_url = options.storage or f"sqlite:///{(options.out / 'study.db').resolve()}"
@@ -232,7 +238,8 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
                           "name another with --study")
     directions = ["maximize"] + ["minimize"] * (len(objectives) - 1)
     study = optuna.create_study(storage=storage, study_name=options.study, directions=directions,
-                                sampler=_sampler(options.sampler, options.seed, options.trials),
+                                sampler=_sampler(options.sampler, options.seed, options.trials,
+                                                 sample),
                                 pruner=_pruner(options.pruner), load_if_exists=True)
     saved = study.user_attrs.get("setup")
     if saved is None:
@@ -259,12 +266,16 @@ def run_search(options: SearchOptions) -> Any:
                           f"{options.warmup_fraction}")
     if options.trials < 0:
         raise SearchError(f"--trials must be >= 0, got {options.trials}")
+    if options.sampler == "predictor" and len(objectives) > 1:
+        raise SearchError("--sampler predictor optimizes one objective: use --objective auc "
+                          "(or tpe / random for auc,cost)")
     space = load_space(options.space)
     space_path = options.space
     base = _base(options)
     options.out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _open_study(options, objectives, _setup(options, repr(space)))
+    study = _open_study(options, objectives, _setup(options, repr(space)),
+                        lambda trial: sample_config(trial, space, base))
     dataset = _load_dataset(base)
     train_rows = len(dataset.splits["train"])
     if options.resume:
