@@ -6,6 +6,7 @@ Tiny runs: a 1000-row synthetic dataset, widths of 8-16, one epoch."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import socket
@@ -125,12 +126,17 @@ def test_a_study_runs_end_to_end(sampler, tmp_path, space_file, one_thread):
     assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
     for r in rows:
         assert 0 < float(r["proxy_auc"]) < 1 and 0 < float(r["valid_auc"]) < 1
+        for name in ("sigeo", "zico", "fisher_rao", "neg_warmup_loss"):  # SiGeo-style proxies
+            assert math.isfinite(float(r[name])), (name, r[name])
+        assert float(r["sigeo"]) == pytest.approx(float(r["zico"]) + float(r["fisher_rao"])
+                                                  + float(r["neg_warmup_loss"]))
         assert float(r["flops"]) > 0 and int(r["params"]) > 0 and float(r["seconds"]) > 0
         for part in ("warmup", "full"):
             run = Path(r["run_dir"]) / part
             assert (run / "metrics.json").is_file() and (run / "config.yaml").is_file()
     report = (out / "SEARCH.md").read_text()
     for text in ("## Best trial", "## Pareto front", "Kendall tau", "Spearman",
+                 "| SiGeo-style score", "| parameters (baseline) |",
                  "cetnet search --dataset synthetic"):
         assert text in report
     assert len(_finished(study)) == 4
@@ -177,6 +183,38 @@ def test_the_pruner_prunes_under_the_warmup_proxy(pruner, tmp_path, space_file, 
         assert list(t.intermediate_values) == [1]
     rows = {int(r["number"]): r for r in _rows(tmp_path / "out" / "trials.csv")}
     assert all(rows[t.number]["state"] == "PRUNED" for t in pruned)
+
+
+def test_the_pruner_can_rank_by_the_sigeo_score(tmp_path, space_file, one_thread):
+    study = run_search(_options(tmp_path, space_file, trials=5, pruner="median", proxy="sigeo",
+                                warmup_fraction=0.3))
+    for t in study.get_trials():  # the intermediate value is the SiGeo score, not the AUC
+        assert t.intermediate_values == {1: pytest.approx(t.user_attrs["sigeo"])}
+    assert study.user_attrs["setup"]["proxy"] == "sigeo"
+    with pytest.raises(SearchError, match="another proxy"):  # a study remembers its proxy
+        run_search(_options(tmp_path, space_file, trials=5, resume=True))
+
+
+def test_warmup_statistics_are_deterministic_and_update_nothing(tmp_path, tiny_dataset):
+    from cetnet.search.proxies import warmup_statistics
+    from cetnet.train import run_training
+
+    base, dataset = tiny_dataset
+    config = validate_config({**base, "name": "w", "backend": "reference", "device": "cpu",
+                              "model": {"ensemble": "cetnet", "members": ["dnn", "dcnv2"],
+                                        "embedding_dim": 8, "embedding_optimizer": None,
+                                        "dnn": {"hidden": [16]}, "dcnv2": {"hidden": [16]}},
+                              "train": {**base["train"], "epochs": 1,
+                                        "max_steps_per_epoch": 3}})
+    run_training(config, tmp_path / "run", quiet=True, plots=False)
+    best = tmp_path / "run" / "best.pt"
+    before = best.read_bytes()
+    a = warmup_statistics(config, dataset, best)
+    b = warmup_statistics(config, dataset, best)
+    assert a == b and all(math.isfinite(v) for v in a.values()) and a["loss"] > 0
+    assert best.read_bytes() == before
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        warmup_statistics(config, dataset, best, batches=1)
 
 
 def test_flops_are_positive_and_grow_with_width(tiny_dataset):

@@ -6,6 +6,7 @@
 - :mod:`cetnet.search.cost`: FLOPs per sample (``torch.utils.flop_counter``) and parameters.
 - :mod:`cetnet.search.engine`: the study (samplers, the warm-up proxy and its pruner, storage,
   resume) around :func:`cetnet.train.run_training`.
+- :mod:`cetnet.search.proxies`: SiGeo-style statistics of a warmed-up candidate (``--proxy``).
 - :mod:`cetnet.search.predictor`: ``--sampler predictor``, a learned model of AUC proposing
   each trial from a random pool of candidates.
 - :mod:`cetnet.search.report`: trials.csv, pareto.csv, SEARCH.md, the plot, rank correlations.

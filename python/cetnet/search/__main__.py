@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cetnet.search.engine import PRUNERS, SAMPLERS
+    from cetnet.search.engine import PROXIES, PRUNERS, SAMPLERS
 
     ap = _Parser(prog=PROG, description="Search ensembles (kind, K, member architectures, "
                  "dims, fusion, learning rates, batch size) with Optuna: each trial is an "
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pruner", choices=PRUNERS, default="median",
       help="decides on the warm-up proxy which trials train fully (default median; "
       "single-objective studies only)")
+    a("--proxy", choices=PROXIES, default="auc",
+      help="what the pruner ranks warmed-up trials by: their validation AUC (default) or the "
+      "SiGeo-style score of their warmed-up weights (both are recorded)")
     a("--warmup-fraction", type=float, default=0.25,
       help="share of the training rows of the warm-up epoch (default 0.25; 0: no warm-up)")
     a("--storage", default=None,
@@ -71,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = SearchOptions(
             out=out, dataset=args.dataset, space=args.space, trials=args.trials,
             objective=args.objective, sampler=args.sampler, pruner=args.pruner,
-            warmup_fraction=args.warmup_fraction, storage=args.storage, study=args.study,
+            warmup_fraction=args.warmup_fraction, proxy=args.proxy, storage=args.storage, study=args.study,
             resume=args.resume, seed=args.seed, overrides=args.overrides,
             command=main_command(argv))
         run_search(options)

@@ -32,6 +32,9 @@ __all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "r
 SAMPLERS = ("random", "tpe", "predictor")
 PRUNERS = ("median", "halving", "none")
 OBJECTIVES = {"auc": ("auc",), "auc,cost": ("auc", "cost")}
+#: What the pruner ranks a warmed-up trial by: its validation AUC, or the SiGeo-style score of
+#: its warmed-up weights (cetnet.search.proxies); both are always recorded.
+PROXIES = ("auc", "sigeo")
 #: Seconds between a running trial's heartbeats, and after which a silent one is failed (and
 #: retried with its parameters by another worker).
 HEARTBEAT_S, GRACE_S = 30, 120
@@ -52,6 +55,7 @@ class SearchOptions:
     sampler: str = "tpe"
     pruner: str = "median"
     warmup_fraction: float = 0.25
+    proxy: str = "auc"
     storage: str | None = None
     study: str = "cetnet-search"
     resume: bool = False
@@ -183,8 +187,31 @@ def warmup_config(config: dict, fraction: float, train_rows: int) -> dict:
 
 
 def _setup(options: SearchOptions, space_text: str) -> dict:
-    return {"dataset": options.dataset, "space": space_text, "objective": options.objective,
-            "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides)}
+    setup = {"dataset": options.dataset, "space": space_text, "objective": options.objective,
+             "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides)}
+    if options.proxy != "auc":  # studies started before --proxy existed resume as they were
+        setup["proxy"] = options.proxy
+    return setup
+
+
+def _warmup_proxies(trial: Any, config: dict, dataset: Any, run_dir: Path,
+                    say: Callable[[str], None]) -> float | None:
+    """Records the SiGeo-style statistics of the warmed-up weights in ``run_dir/best.pt`` as
+    the trial's attributes; returns the SiGeo score (None, with the reason recorded, when they
+    cannot be computed)."""
+    from cetnet.search.proxies import sigeo_score, warmup_statistics
+
+    try:
+        stats = warmup_statistics(config, dataset, run_dir / "best.pt")
+    except (ValueError, RuntimeError, OSError) as e:
+        trial.set_user_attr("proxy_error", " ".join(str(e).split())[:200])
+        say(f"trial {trial.number}: no SiGeo statistics ({' '.join(str(e).split())[:120]})")
+        return None
+    score = sigeo_score(stats)
+    for name, value in (("zico", stats["zico"]), ("fisher_rao", stats["fisher_rao"]),
+                        ("neg_warmup_loss", -stats["loss"]), ("sigeo", score)):
+        trial.set_user_attr(name, value)
+    return score
 
 
 def _requeue_interrupted(study: Any, say: Callable[[str], None]) -> None:
@@ -245,7 +272,10 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
     if saved is None:
         study.set_user_attr("setup", setup)
     else:
-        changed = [k for k in setup if saved.get(k) != setup[k]]
+        def full(d: dict) -> dict:  # a setup saved without "proxy" ranked by the AUC
+            return {"proxy": "auc", **d}
+
+        changed = [k for k in full(setup) if full(saved).get(k) != full(setup)[k]]
         if changed:
             raise SearchError(f"study {options.study!r} was started with another "
                               f"{', '.join(changed)}: continue it with the same options, or "
@@ -266,6 +296,8 @@ def run_search(options: SearchOptions) -> Any:
                           f"{options.warmup_fraction}")
     if options.trials < 0:
         raise SearchError(f"--trials must be >= 0, got {options.trials}")
+    if options.proxy not in PROXIES:
+        raise SearchError(f"--proxy must be one of {', '.join(PROXIES)}, got {options.proxy!r}")
     if options.sampler == "predictor" and len(objectives) > 1:
         raise SearchError("--sampler predictor optimizes one objective: use --objective auc "
                           "(or tpe / random for auc,cost)")
@@ -316,12 +348,15 @@ def run_search(options: SearchOptions) -> Any:
             reused.append(hit)
             proxy = metrics["valid"]["fused"]["auc"]
             trial.set_user_attr("proxy_auc", proxy)
-            if not multi:  # Optuna's pruners are single-objective
-                trial.report(proxy, WARMUP_STEP)
-            if prune and trial.should_prune():
+            sigeo = _warmup_proxies(trial, config, dataset, run_root / "warmup", options.say)
+            ranked_by = sigeo if options.proxy == "sigeo" else proxy
+            if not multi and ranked_by is not None:  # Optuna's pruners are single-objective
+                trial.report(ranked_by, WARMUP_STEP)
+            if prune and ranked_by is not None and trial.should_prune():
                 trial.set_user_attr("seconds", time.perf_counter() - start)
                 options.say(f"trial {trial.number}: pruned after the warm-up (proxy AUC "
-                            f"{proxy:.4f}, {flops:,.0f} FLOPs/sample)")
+                            f"{proxy:.4f}" + (f", SiGeo {sigeo:.2f}" if sigeo is not None
+                                               else "") + f", {flops:,.0f} FLOPs/sample)")
                 raise optuna.TrialPruned()
         metrics, hit = _train(config, run_root / "full")
         reused.append(hit)

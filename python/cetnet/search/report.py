@@ -14,8 +14,17 @@ from cetnet.atomic import write_text_atomic
 __all__ = ["kendall_tau", "spearman", "rank_correlation", "pareto_front", "trial_rows",
            "write_outputs"]
 
-METRICS = ("proxy_auc", "valid_auc", "valid_gauc", "valid_logloss", "test_auc", "flops",
-           "params", "seconds")
+METRICS = ("proxy_auc", "sigeo", "zico", "fisher_rao", "neg_warmup_loss", "valid_auc",
+           "valid_gauc", "valid_logloss", "test_auc", "flops", "params", "seconds")
+#: What the report correlates with the full-training validation AUC: the proxies of a warmed-up
+#: trial (cetnet.search.proxies) and, as the naive baselines zero-cost proxies are measured
+#: against, the parameter count and the FLOPs.
+CORRELATED = (("proxy_auc", "warm-up validation AUC"),
+              ("sigeo", "SiGeo-style score (zico + fisher_rao - warm-up loss)"),
+              ("zico", "ZiCo term (gradient mean / spread)"),
+              ("fisher_rao", "Fisher-Rao norm (log)"),
+              ("neg_warmup_loss", "minus the warm-up training loss"),
+              ("params", "parameters (baseline)"), ("flops", "FLOPs per sample (baseline)"))
 
 
 def _ranks(values: Sequence[float]) -> list[float]:
@@ -168,9 +177,11 @@ def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str
     multi = len(objectives) > 1
     front = _front_rows(study, rows, multi)
     write_text_atomic(out / "pareto.csv", _csv(front, columns))
-    pairs = [(r["proxy_auc"], r["valid_auc"]) for r in rows
-             if r["state"] == "COMPLETE" and r["proxy_auc"] != "" and r["valid_auc"] != ""]
-    corr = rank_correlation([p for p, _ in pairs], [a for _, a in pairs])
+    corr = {}
+    for name, _ in CORRELATED:
+        pairs = [(float(r[name]), r["valid_auc"]) for r in rows
+                 if r["state"] == "COMPLETE" and r[name] != "" and r["valid_auc"] != ""]
+        corr[name] = rank_correlation([p for p, _ in pairs], [a for _, a in pairs])
     plotted = _plot(rows, front, out / "auc_vs_flops.png")
     write_text_atomic(out / "SEARCH.md", _markdown(study, rows, front, corr, objectives,
                                                    command, plotted))
@@ -178,7 +189,7 @@ def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str
 
 
 def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]],
-              corr: dict[str, Any], objectives: Sequence[str], command: str,
+              corr: dict[str, dict[str, Any]], objectives: Sequence[str], command: str,
               plotted: bool) -> str:
     states: dict[str, int] = {}
     for r in rows:
@@ -205,11 +216,13 @@ def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]
               "|---|---|---|---|---|"]
     lines += [f"| {r['number']} | {_fmt(r['valid_auc'])} | {_fmt(r['flops'], 0)} | "
               f"{r['params']} | {_fmt(r['proxy_auc'])} |" for r in front]
-    lines += ["", "## Warm-up proxy", "",
-              f"Rank correlation of the warm-up validation AUC with the full-training validation "
-              f"AUC over the {corr['n']} completed trials that have both (pruned trials have no "
-              f"full AUC): Kendall tau {_fmt(corr['kendall_tau'], 3)}, Spearman "
-              f"{_fmt(corr['spearman'], 3)} (computed by {corr['by']}).", ""]
+    lines += ["", "## Warm-up proxies", "",
+              "Rank correlation of each proxy with the full-training validation AUC, over the "
+              "completed trials that have both (pruned trials have no full AUC):", "",
+              "| proxy | trials | Kendall tau | Spearman |", "|---|---:|---:|---:|"]
+    lines += [f"| {what} | {corr[name]['n']} | {_fmt(corr[name]['kendall_tau'], 3)} | "
+              f"{_fmt(corr[name]['spearman'], 3)} |" for name, what in CORRELATED]
+    lines += ["", f"(computed by {corr['proxy_auc']['by']})", ""]
     if plotted:
         lines += ["![AUC vs FLOPs](auc_vs_flops.png)", ""]
     lines += ["All trials: trials.csv; the front: pareto.csv.", ""]
