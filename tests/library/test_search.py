@@ -195,6 +195,31 @@ def test_the_pruner_can_rank_by_the_sigeo_score(tmp_path, space_file, one_thread
         run_search(_options(tmp_path, space_file, trials=5, resume=True))
 
 
+def test_max_cost_skips_costlier_candidates_and_cost_weight_folds_the_cost(
+        tmp_path, space_file, one_thread):
+    # every candidate of the tiny space costs more than 10 FLOPs per sample: none trains
+    study = run_search(_options(tmp_path / "a", space_file, trials=3, max_cost=10.0))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 3
+    for t in study.trials:
+        assert t.user_attrs["over_max_cost"] and t.user_attrs["flops"] > 10
+        assert not Path(t.user_attrs["run_dir"]).exists()  # neither warm-up nor training
+    # DistDNAS-style: one objective, the AUC less 0.01 per decade of FLOPs
+    study = run_search(_options(tmp_path / "b", space_file, trials=3, pruner="none",
+                                cost_weight=0.01))
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        a = t.user_attrs
+        assert t.value == pytest.approx(a["valid_auc"] - 0.01 * math.log10(a["flops"]))
+        assert a["objective"] == pytest.approx(t.value)
+    report = (tmp_path / "b" / "out" / "SEARCH.md").read_text()
+    best = max(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)),
+               key=lambda t: t.value)
+    assert f"Trial {best.number}:" in report
+    with pytest.raises(SearchError, match="--cost-weight folds the cost into one objective"):
+        run_search(_options(tmp_path / "c", space_file, objective="auc,cost", cost_weight=0.1))
+    with pytest.raises(SearchError, match="--max-cost must be a positive"):
+        run_search(_options(tmp_path / "d", space_file, max_cost=0.0))
+
+
 def test_warmup_statistics_are_deterministic_and_update_nothing(tmp_path, tiny_dataset):
     from cetnet.search.proxies import warmup_statistics
     from cetnet.train import run_training

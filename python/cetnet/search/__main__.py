@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pruner", choices=PRUNERS, default="median",
       help="decides on the warm-up proxy which trials train fully (default median; "
       "single-objective studies only)")
+    a("--max-cost", type=float, default=None, metavar="FLOPS",
+      help="FLOPs per sample a candidate may have; costlier ones are never trained")
+    a("--cost-weight", type=float, default=0.0, metavar="W",
+      help="one cost-aware objective: validation AUC - W * log10(FLOPs per sample) "
+      "(with --objective auc; default 0: the AUC alone)")
     a("--proxy", choices=PROXIES, default="auc",
       help="what the pruner ranks warmed-up trials by: their validation AUC (default) or the "
       "SiGeo-style score of their warmed-up weights (both are recorded)")
@@ -74,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = SearchOptions(
             out=out, dataset=args.dataset, space=args.space, trials=args.trials,
             objective=args.objective, sampler=args.sampler, pruner=args.pruner,
-            warmup_fraction=args.warmup_fraction, proxy=args.proxy, storage=args.storage, study=args.study,
+            warmup_fraction=args.warmup_fraction, proxy=args.proxy, max_cost=args.max_cost,
+            cost_weight=args.cost_weight, storage=args.storage, study=args.study,
             resume=args.resume, seed=args.seed, overrides=args.overrides,
             command=main_command(argv))
         run_search(options)

@@ -56,6 +56,8 @@ class SearchOptions:
     pruner: str = "median"
     warmup_fraction: float = 0.25
     proxy: str = "auc"
+    max_cost: float | None = None
+    cost_weight: float = 0.0
     storage: str | None = None
     study: str = "cetnet-search"
     resume: bool = False
@@ -189,9 +191,22 @@ def warmup_config(config: dict, fraction: float, train_rows: int) -> dict:
 def _setup(options: SearchOptions, space_text: str) -> dict:
     setup = {"dataset": options.dataset, "space": space_text, "objective": options.objective,
              "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides)}
-    if options.proxy != "auc":  # studies started before --proxy existed resume as they were
+    # keys added later are saved only when set: older studies resume as they were
+    if options.proxy != "auc":
         setup["proxy"] = options.proxy
+    if options.max_cost is not None:
+        setup["max_cost"] = options.max_cost
+    if options.cost_weight:
+        setup["cost_weight"] = options.cost_weight
     return setup
+
+
+def objective_value(auc: float, flops: float, cost_weight: float) -> float:
+    """The single objective with ``--cost-weight`` (DistDNAS's cost-aware objective in its
+    simplest form): the validation AUC minus ``cost_weight * log10(FLOPs per sample)``."""
+    if not cost_weight:
+        return auc
+    return auc - cost_weight * math.log10(max(flops, 1.0))
 
 
 def _warmup_proxies(trial: Any, config: dict, dataset: Any, run_dir: Path,
@@ -272,8 +287,8 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
     if saved is None:
         study.set_user_attr("setup", setup)
     else:
-        def full(d: dict) -> dict:  # a setup saved without "proxy" ranked by the AUC
-            return {"proxy": "auc", **d}
+        def full(d: dict) -> dict:  # a setup saved without the later keys: their defaults
+            return {"proxy": "auc", "max_cost": None, "cost_weight": 0.0, **d}
 
         changed = [k for k in full(setup) if full(saved).get(k) != full(setup)[k]]
         if changed:
@@ -296,6 +311,15 @@ def run_search(options: SearchOptions) -> Any:
                           f"{options.warmup_fraction}")
     if options.trials < 0:
         raise SearchError(f"--trials must be >= 0, got {options.trials}")
+    if options.max_cost is not None and not (options.max_cost > 0 and
+                                             math.isfinite(options.max_cost)):
+        raise SearchError(f"--max-cost must be a positive number of FLOPs per sample, got "
+                          f"{options.max_cost}")
+    if not (options.cost_weight >= 0 and math.isfinite(options.cost_weight)):
+        raise SearchError(f"--cost-weight must be >= 0, got {options.cost_weight}")
+    if options.cost_weight and len(objectives) > 1:
+        raise SearchError("--cost-weight folds the cost into one objective: use it with "
+                          "--objective auc (auc,cost keeps the two on a Pareto front)")
     if options.proxy not in PROXIES:
         raise SearchError(f"--proxy must be one of {', '.join(PROXIES)}, got {options.proxy!r}")
     if options.sampler == "predictor" and len(objectives) > 1:
@@ -341,6 +365,12 @@ def run_search(options: SearchOptions) -> Any:
         trial.set_user_attr("flops", flops)
         trial.set_user_attr("params", params)
         trial.set_user_attr("run_dir", str(run_root))
+        if options.max_cost is not None and flops > options.max_cost:
+            # over the budget: never trained; pruned, so it counts as a finished trial
+            trial.set_user_attr("over_max_cost", True)
+            options.say(f"trial {trial.number}: {flops:,.0f} FLOPs/sample is over --max-cost "
+                        f"{options.max_cost:,.0f}; not trained")
+            raise optuna.TrialPruned()
         start, reused = time.perf_counter(), []
         if options.warmup_fraction > 0:
             metrics, hit = _train(warmup_config(config, options.warmup_fraction, train_rows),
@@ -369,7 +399,11 @@ def run_search(options: SearchOptions) -> Any:
         trial.set_user_attr("reused", all(reused))
         options.say(f"trial {trial.number}: valid AUC {valid['auc']:.4f}, {flops:,.0f} "
                     f"FLOPs/sample{' (reused runs)' if all(reused) else ''}")
-        return (valid["auc"], flops) if multi else valid["auc"]
+        if multi:
+            return valid["auc"], flops
+        value = objective_value(valid["auc"], flops, options.cost_weight)
+        trial.set_user_attr("objective", value)
+        return value
 
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))

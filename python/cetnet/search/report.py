@@ -14,7 +14,7 @@ from cetnet.atomic import write_text_atomic
 __all__ = ["kendall_tau", "spearman", "rank_correlation", "pareto_front", "trial_rows",
            "write_outputs"]
 
-METRICS = ("proxy_auc", "sigeo", "zico", "fisher_rao", "neg_warmup_loss", "valid_auc",
+METRICS = ("objective", "over_max_cost", "proxy_auc", "sigeo", "zico", "fisher_rao", "neg_warmup_loss", "valid_auc",
            "valid_gauc", "valid_logloss", "test_auc", "flops", "params", "seconds")
 #: What the report correlates with the full-training validation AUC: the proxies of a warmed-up
 #: trial (cetnet.search.proxies) and, as the naive baselines zero-cost proxies are measured
@@ -201,7 +201,9 @@ def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]
              "", "Command:", "", "```", command, "```", "", "## Best trial", ""]
     complete = [r for r in rows if r["state"] == "COMPLETE" and r["valid_auc"] != ""]
     if complete:
-        best = max(complete, key=lambda r: r["valid_auc"])
+        # by the study's objective (the AUC, or the AUC less the cost with --cost-weight)
+        best = max(complete, key=lambda r: r["objective"] if r["objective"] != ""
+                   else r["valid_auc"])
         lines += [f"Trial {best['number']}: validation AUC {_fmt(best['valid_auc'])}, gAUC "
                   f"{_fmt(best['valid_gauc'])}, logloss {_fmt(best['valid_logloss'])}, test AUC "
                   f"{_fmt(best['test_auc'])}, {_fmt(best['flops'], 0)} FLOPs/sample, "
