@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,22 @@ def run_files(run_dir: str | Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
 
 
+#: The one folder a run writes: the DCP checkpoints of TorchRec tables (cetnet.train.sharded).
+RUN_FOLDER = "tables"
+
+
+def _is_run_entry(run_dir: Path, name: str) -> bool:
+    path = run_dir / name
+    if name == RUN_FOLDER:
+        return path.is_dir() and not path.is_symlink()
+    return bool(_RUN_FILE.fullmatch(name)) and path.is_file()
+
+
 def foreign_files(run_dir: str | Path) -> list[str]:
-    """The names in ``run_dir`` that a run does not write (a directory is always foreign)."""
+    """The names in ``run_dir`` that a run does not write (a directory other than
+    :data:`RUN_FOLDER` is always foreign)."""
     run_dir = Path(run_dir)
-    return [n for n in run_files(run_dir)
-            if not _RUN_FILE.fullmatch(n) or not (run_dir / n).is_file()]
+    return [n for n in run_files(run_dir) if not _is_run_entry(run_dir, n)]
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
@@ -125,7 +137,11 @@ def clear_run(run_dir: str | Path) -> list[str]:
     _refuse_foreign(Path(run_dir))
     removed = []
     for name in run_files(run_dir):
-        (Path(run_dir) / name).unlink(missing_ok=True)
+        path = Path(run_dir) / name
+        if name == RUN_FOLDER and path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
         removed.append(name)
     return removed
 
@@ -165,20 +181,28 @@ class RunLock:
         return RunDirError(f"{self.run_dir}: {what}{self._holder()} (it holds {self.path}); "
                            "wait for it to finish or use another directory")
 
-    def probe(self) -> None:
-        """RunDirError if another process holds the lock now; takes nothing, writes nothing."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise self._busy() from None
-        finally:
-            os.close(fd)  # closing drops the lock taken for the probe
+    def probe(self, attempts: int = 5) -> None:
+        """RunDirError if another process holds the lock now; takes nothing, writes nothing.
+        The probe itself takes the lock for an instant, so two probes at once (the ranks of a
+        data-parallel run checking one directory) can meet: a refused probe is retried
+        ``attempts`` times over about half a second before the lock counts as held."""
+        for attempt in range(attempts):
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
+                            | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                if attempt == attempts - 1:
+                    raise self._busy() from None
+            finally:
+                os.close(fd)  # closing drops the lock taken for the probe
+            time.sleep(0.05 * (attempt + 1))
 
     def acquire(self) -> RunLock:
         """Takes the lock (creating the file, permissions as ``open()`` gives them)."""
