@@ -443,7 +443,12 @@ def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = B
     ConfigError: its checks of the ids read tensor values, which ``torch.export`` cannot
     trace."""
     load_plugins(plugins)
-    trained = load_run_config(run_dir)["backend"]
+    run_config = load_run_config(run_dir)
+    if run_config.get("embedding") == "torchrec":
+        raise ConfigError(f"{run_dir}: a run of embedding: torchrec cannot be exported "
+                          "(torch.export does not trace TorchRec's KeyedJaggedTensor lookups); "
+                          "serve it with cetnet predict / cetnet.serve.load_run")
+    trained = run_config["backend"]
     run = load_run(run_dir, checkpoint=checkpoint, device=device,
                    backend="auto" if trained == "reference" else None)
     if resolve_backend(run.config["backend"], run.device) == "reference":

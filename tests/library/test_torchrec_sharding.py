@@ -268,6 +268,78 @@ def test_two_rank_sharded_run_equals_one_process_resumes_and_evaluates(tmp_path)
         assert again["fused"][m] == pytest.approx(two["fused"][m], rel=1e-6)
     last = evaluate_run(out, checkpoint=LAST, write=False)
     assert last["epoch"] == 3
+    # export: one error (torch.export does not trace TorchRec's lookups)
+    from cetnet.serve import export_run
+
+    with pytest.raises(ConfigError, match="embedding: torchrec cannot be exported"):
+        export_run(out, tmp_path / "m.pt2")
+    # a shard file gone (its .metadata still there): one CheckpointError naming the folder
+    from cetnet.train.checkpoint import CheckpointError
+
+    from cetnet.train.checkpoint import load_checkpoint
+
+    folder = load_checkpoint(out / "best.pt")["tables"]  # tables/best-e<best epoch>
+    shards = list((out / folder).glob("*.distcp"))
+    assert shards
+    for shard_file in shards:
+        shard_file.unlink()
+    with pytest.raises(CheckpointError, match=rf"{folder}: cannot load the tables \("):
+        evaluate_run(out, write=False)
+
+
+def test_one_process_run_overwrite_and_the_model_after_fit(tmp_path):
+    """A 1-process TorchRec run: --overwrite replaces it (tables/ included), and the model
+    ``fit`` leaves behind predicts without the run's private process group, as the
+    checkpoint does."""
+    import torch.distributed as dist
+
+    from cetnet.train.evaluate import evaluate
+    from cetnet.train.runner import evaluate_run, run_training
+
+    cfg = _config()
+    cfg["train"]["epochs"] = 1
+    out = tmp_path / "run"
+    run_training(cfg, out, quiet=True, plots=False)
+    assert (out / "tables").is_dir()
+    from cetnet.train import runner
+
+    models = []
+    build = runner._build
+    runner._build = lambda c, s: models.append(build(c, s)) or models[-1]
+    try:
+        _, metrics = run_training(cfg, out, overwrite=True, quiet=True, plots=False)
+    finally:
+        runner._build = build
+    assert not dist.is_initialized()
+    dataset = _model_and_data(cfg)[0]
+    after = evaluate(models[0], dataset.splits["test"], batch_size=256)
+    assert after["fused"]["auc"] == pytest.approx(metrics["fused"]["auc"], rel=1e-6)
+    again = evaluate_run(out, write=False)
+    assert again["fused"]["auc"] == pytest.approx(metrics["fused"]["auc"], rel=1e-6)
+
+
+def test_mixed_member_dims_with_sequences_match_the_fused_front():
+    from cetnet.models.torchrec_front import TorchRecEmbeddingFront
+
+    cfg = _config()
+    cfg["embedding"] = "cetnet"
+    cfg["model"]["embedding_dim"] = [8, 4]
+    dataset, fused = _model_and_data(cfg)
+    front = TorchRecEmbeddingFront.from_front(fused.front)
+    assert sorted(front.sequence_tables) == ["d4", "d8"]  # one collection per dim
+    emb = fused.front.embedding
+    with torch.no_grad():
+        for k in range(2):
+            for i, f in enumerate(front.fields):
+                front.tables.embedding_bags[front.key(k, i)].weight.copy_(emb.table(k, f.name))
+            for i, f in enumerate(front.sequences):
+                front.sequence_tables[f"d{front.dims[k]}"].embeddings[
+                    front.key(k, i, "s")].weight.copy_(emb.table(k, f.name))
+    batch = dataset.splits["train"].take(slice(0, 50))
+    for got, want in zip(front(batch), fused.front(batch)):
+        assert torch.allclose(got.fields, want.fields, atol=1e-6)
+        for n in want.sequences:
+            assert torch.equal(got.sequences[n], want.sequences[n])
 
 
 # -- errors -------------------------------------------------------------------------------

@@ -63,7 +63,9 @@ class TorchRecEmbeddingFront(nn.Module):
 
     Attributes:
         tables: the ``EmbeddingBagCollection`` of the pooled features (None without any).
-        sequence_tables: the ``EmbeddingCollection`` of the sequences (None without any).
+        sequence_tables: ``"d<dim>"`` -> the ``EmbeddingCollection`` of the sequence tables of
+            that dim (TorchRec wants one dim per collection; sets may differ); empty without
+            sequences.
     """
 
     def __init__(self, fields: Sequence[FeatureSpec], sequences: Sequence[FeatureSpec],
@@ -98,13 +100,17 @@ class TorchRecEmbeddingFront(nn.Module):
                                          num_embeddings=f.vocab_size, embedding_dim=self.dims[k],
                                          pooling=pooling[f.pooling or "sum"])
                       for k in range(self.num_sets) for i, f in enumerate(self.fields)]
-        seq_tables = [EmbeddingConfig(name=self.key(k, i, "s"), feature_names=[self.key(k, i, "s")],
-                                      num_embeddings=f.vocab_size, embedding_dim=self.dims[k])
-                      for k in range(self.num_sets) for i, f in enumerate(self.sequences)]
+        by_dim: dict[int, list] = {}
+        for k in range(self.num_sets):
+            for i, f in enumerate(self.sequences):
+                by_dim.setdefault(self.dims[k], []).append(EmbeddingConfig(
+                    name=self.key(k, i, "s"), feature_names=[self.key(k, i, "s")],
+                    num_embeddings=f.vocab_size, embedding_dim=self.dims[k]))
         self.tables = EmbeddingBagCollection(tables=bag_tables, device=device) \
             if bag_tables else None
-        self.sequence_tables = EmbeddingCollection(tables=seq_tables, device=device) \
-            if seq_tables else None
+        self.sequence_tables = nn.ModuleDict({
+            f"d{dim}": EmbeddingCollection(tables=configs, device=device)
+            for dim, configs in by_dim.items()})
 
     @staticmethod
     def key(k: int, i: int, kind: str = "f") -> str:
@@ -124,11 +130,14 @@ class TorchRecEmbeddingFront(nn.Module):
         """Every parameter of the front: the tables, updated by their fused optimizer."""
         return list(self.parameters())
 
-    def _jagged(self, keys: list[str], per_feature: list[tuple[Tensor, Tensor]]) -> Any:
+    def _jagged(self, keys: list[str], per_feature: list[tuple[Tensor, Tensor]],
+                sets: int | None = None) -> Any:
+        """The KJT of ``keys``: the features' ids once per set (``sets``, default all)."""
         from torchrec import KeyedJaggedTensor
 
-        values = torch.cat([v for v, _ in per_feature] * self.num_sets)
-        lengths = torch.cat([n for _, n in per_feature] * self.num_sets)
+        sets = self.num_sets if sets is None else sets
+        values = torch.cat([v for v, _ in per_feature] * sets)
+        lengths = torch.cat([n for _, n in per_feature] * sets)
         return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths.to(torch.int32))
 
     def forward(self, batch: Batch) -> list[MemberInputs]:
@@ -157,12 +166,15 @@ class TorchRecEmbeddingFront(nn.Module):
             fields = [torch.zeros(B, 0, d, device=device) for d in self.dims[:self.num_sets]]
         masks = {f.name: batch.sequence[f.name] != PAD_ID for f in self.sequences}
         seqs: list[dict[str, Tensor]] = [{} for _ in range(self.num_sets)]
-        if self.sequence_tables is not None:
+        if self.sequences:
             per_feature = [(batch.sequence[f.name][masks[f.name]],
                             masks[f.name].sum(1)) for f in self.sequences]
-            keys = [self.key(k, i, "s") for k in range(self.num_sets)
-                    for i in range(len(self.sequences))]
-            looked = self.sequence_tables(self._jagged(keys, per_feature))
+            looked: dict[str, Any] = {}
+            for name, collection in self.sequence_tables.items():
+                dim = int(name[1:])
+                sets = [k for k in range(self.num_sets) if self.dims[k] == dim]
+                keys = [self.key(k, i, "s") for k in sets for i in range(len(self.sequences))]
+                looked.update(collection(self._jagged(keys, per_feature, len(sets))))
             for k in range(self.num_sets):
                 for i, f in enumerate(self.sequences):
                     mask = masks[f.name]

@@ -276,6 +276,10 @@ class Experiment:
 
         if not (run_dir / BEST).exists():
             return None
+        if job.config.get("embedding") == "torchrec":
+            self.log("  no abundance: the tables of an embedding: torchrec run are sharded "
+                     "(information abundance reads cetnet's fused tables)")
+            return None
         try:
             state = load_checkpoint(run_dir / BEST, keys=("model",))["model"]
         except CheckpointError as e:

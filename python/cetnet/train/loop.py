@@ -326,14 +326,8 @@ class EpochRunner:
         self.quiet = quiet
         self.log = log
         self.show_bars = not quiet and sys.stderr.isatty()
-        # embedding: torchrec: the tables sharded by TorchRec's DMP, the dense rest under DDP
-        # (in a single process too: one rank, the same kernels and optimizer)
-        self.sharded = sharded.shard(model, device, train["embedding_sharding"]) \
-            if sharded.is_torchrec(model) else None
+        # the dense parameters: the same before and after the tables are sharded
         self.params = list(model.dense_parameters())
-        # data-parallel: model.loss under DDP (None in a single process: no collective at all)
-        self.ddp = self.sharded if self.sharded is not None else \
-            data_parallel(model, device) if distributed.active() else None
         self.fault = distributed.InjectedFault.parse(distributed.rank())  # None but in tests
         self.optimizer = dense_optimizer(self.params, train["lr"], train["weight_decay"])
         self.schedule = LRSchedule(self.optimizer, train["lr_schedule"], train["lr"],
@@ -343,6 +337,14 @@ class EpochRunner:
                                    step_epochs=train["step_epochs"], gamma=train["gamma"],
                                    plateau_factor=train["plateau_factor"],
                                    plateau_patience=train["plateau_patience"])
+        # last, once nothing else can fail here (fit's cleanup needs the runner):
+        # embedding: torchrec: the tables sharded by TorchRec's DMP, the dense rest under DDP
+        # (in a single process too: one rank, the same kernels and optimizer)
+        self.sharded = sharded.shard(model, device, train["embedding_sharding"]) \
+            if sharded.is_torchrec(model) else None
+        # data-parallel: model.loss under DDP (None in a single process: no collective at all)
+        self.ddp = self.sharded if self.sharded is not None else \
+            data_parallel(model, device) if distributed.active() else None
 
     def say(self, msg: str) -> None:
         """A line of the run's log: printed on stdout (below the progress bars, flushed) unless

@@ -30,6 +30,7 @@ from torch import nn
 from cetnet import distributed
 from cetnet.config import ConfigError
 from cetnet.train.checkpoint import CheckpointError
+from cetnet.train.rundir import RUN_FOLDER
 
 # cetnet.models (hence cetnet_kernels) is imported inside the functions: the CLI imports the
 # trainer before it loads the kernels (which may refuse $CETNET_CPU_CAPABILITY in one line)
@@ -41,7 +42,7 @@ __all__ = ["SHARDINGS", "TABLES_DIR", "use_torchrec", "is_torchrec", "shard", "S
 #: ``train.embedding_sharding``: ``auto`` lets the planner choose per table among the three.
 SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise")
 #: Where a run directory keeps its DCP folders of tables (``tables/last-e3``, ``tables/best-e2``).
-TABLES_DIR = "tables"
+TABLES_DIR = RUN_FOLDER
 _METADATA = ".metadata"  # DCP writes it last: a folder without it is incomplete
 
 
@@ -95,9 +96,10 @@ def _constraints(front: Any, sharding: str, sharders: list[Any],
 
     wanted = ["table_wise", "row_wise", "column_wise"] if sharding == "auto" else [sharding]
     out = {}
-    for module, sharder in zip((front.tables, front.sequence_tables), sharders):
-        if module is None:
-            continue
+    pooled_sharder, sequence_sharder = sharders
+    modules = [(front.tables, pooled_sharder)] if front.tables is not None else []
+    modules += [(m, sequence_sharder) for m in front.sequence_tables.values()]
+    for module, sharder in modules:
         offered = sharder.sharding_types(compute)
         types = [t for t in wanted if t in offered]
         what = "pooled (sparse, multihot)" if module is front.tables else "sequence"
@@ -154,13 +156,28 @@ class ShardedRun:
                 for table, ps in module_plan.items()}
 
     def close(self) -> None:
-        """Drops the private one-rank process group (the model stays usable in this process)."""
+        """Drops the private one-rank process group. The model's front is first replaced by
+        an unsharded TorchRec front holding the trained tables, so the model stays usable in
+        this process (with a group of several ranks the model stays sharded: the group is
+        the caller's)."""
         if self.own_group:
             import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self.own_group = False
+            from cetnet.models.torchrec_front import TorchRecEmbeddingFront
+
+            try:
+                front = self.model.front
+                tables = gather_tables(self.model)
+                plain = TorchRecEmbeddingFront(
+                    front.fields, front.sequences, front.n_dense, front.dims,
+                    front.num_members, shared=front.shared, optimizer=front.optimizer,
+                    lr=front.lr, device=next(iter(tables.values())).device if tables else None)
+                plain.load_state_dict(tables)
+                self.model.front = plain
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                self.own_group = False
 
 
 def shard(model: nn.Module, device: torch.device, sharding: str = "auto") -> ShardedRun:
@@ -304,6 +321,7 @@ def load_tables(model: nn.Module, folder: Path, run: ShardedRun | None = None, *
     process. With ``optimizer``, the fused optimizer's state too (``run`` only).
     CheckpointError naming the folder when it does not fit."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         state: dict[str, Any] = {"tables": _table_state(model)}
@@ -317,10 +335,18 @@ def load_tables(model: nn.Module, folder: Path, run: ShardedRun | None = None, *
             dcp.load(state, checkpoint_id=str(folder), process_group=run.group)
             if optimizer:
                 run.fused_optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{folder}: cannot load the tables ({type(e).__name__}: "
-                              f"{first})") from e
+    except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
+        # DCP's CheckpointException (a BaseException) holds each rank's failure
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict) and failures:
+            first_failure = next(iter(failures.values()))  # (exception, stack summary)
+            if isinstance(first_failure, tuple):
+                first_failure = first_failure[0]
+            e_text = f"{type(first_failure).__name__}: {first_failure}"
+        else:
+            e_text = f"{type(e).__name__}: {e}"
+        first = (e_text.strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{folder}: cannot load the tables ({first})") from None
 
 
 def prune_tables(run_dir: Path, keep: set[str]) -> None:
