@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="finished (complete or pruned) trials the study should hold (default 20)")
     a("--objective", default="auc", help="auc (default): maximize validation AUC; auc,cost: "
       "also minimize forward FLOPs per sample (a Pareto front)")
-    a("--sampler", choices=SAMPLERS, default="tpe", help="default tpe")
+    a("--sampler", choices=SAMPLERS, default=None,
+      help="default tpe (predictor with --system)")
+    a("--system", action="store_true",
+      help="tune the system settings of the dataset config's model (batch size, threads, "
+      "kernel backend, embedding optimizer) for measured training throughput, with a "
+      "throughput predictor proposing the settings (CubicML's approach); writes SYSTEM.md")
     a("--pruner", choices=PRUNERS, default="median",
       help="decides on the warm-up proxy which trials train fully (default median; "
       "single-objective studies only)")
@@ -78,13 +83,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or Path("runs") / f"search-{Path(args.dataset).stem}"
         options = SearchOptions(
             out=out, dataset=args.dataset, space=args.space, trials=args.trials,
-            objective=args.objective, sampler=args.sampler, pruner=args.pruner,
+            objective=args.objective,
+            sampler=args.sampler or ("predictor" if args.system else "tpe"), pruner=args.pruner,
             warmup_fraction=args.warmup_fraction, proxy=args.proxy, max_cost=args.max_cost,
             cost_weight=args.cost_weight, storage=args.storage, study=args.study,
             resume=args.resume, seed=args.seed, overrides=args.overrides,
             command=main_command(argv))
-        run_search(options)
-        print(f"{PROG}: wrote {out}/SEARCH.md, trials.csv, pareto.csv")
+        if args.system:
+            from cetnet.search.system import run_system_search
+
+            run_system_search(options)
+            print(f"{PROG}: wrote {out}/SYSTEM.md, system.csv, best_system.yaml")
+        else:
+            run_search(options)
+            print(f"{PROG}: wrote {out}/SEARCH.md, trials.csv, pareto.csv")
         return 0
     except (ConfigError, DataFormatError, CheckpointError, TrainingError, RunDirError,
             OSError) as e:

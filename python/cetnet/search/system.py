@@ -1,0 +1,204 @@
+"""``cetnet search --system``: the system settings of one fixed model, tuned for throughput.
+
+CubicML (Meta) fits an ML model that predicts the training throughput of a job's system
+settings from a few measured runs, and lets a search pick the settings it predicts fastest.
+Here the model is the dataset config's (the default CETNet on MovieLens-100k, or ``--set``
+overrides of it); a trial samples
+
+- ``train.batch_size`` (256 ... 4096),
+- ``threads``: torch's intra-op threads (1 ... the CPU count),
+- ``backend``: ``auto`` (cetnet's fused kernels) or ``reference`` (plain PyTorch),
+- ``model.embedding_optimizer``: ``rowwise_adagrad``, ``sgd`` or ``null`` (a dense gradient
+  trained by Adam; the only choice of the reference backend, which has no fused optimizer),
+
+and **measures** them: ``steps`` training steps (forward, backward, Adam and the fused update)
+on a ring of real batches after ``warmup`` untimed ones, as training samples per second.
+The trials run in an Optuna study with the predictor-guided sampler
+(:mod:`cetnet.search.predictor`): after a few random trials an ensemble of small MLPs, fit to
+the measured log-throughputs, proposes the settings it predicts fastest (CubicML's loop).
+Each proposal's prediction is recorded next to its measurement, and the report gives their
+rank correlation: how far the predictor can be trusted.
+
+Changing the embedding optimizer or the batch size changes what the model learns, not only
+its speed: the report gives throughput, and the chosen settings deserve a training run
+(``best_system.yaml``) before they are adopted.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+__all__ = ["SYSTEM_SPACE", "sample_system", "measure_throughput", "run_system_search"]
+
+#: The system settings a trial samples (see the module docstring).
+SYSTEM_SPACE: dict[str, list] = {
+    "train.batch_size": [256, 512, 1024, 2048, 4096],
+    "backend": ["auto", "reference"],
+    "model.embedding_optimizer": ["rowwise_adagrad", "sgd", "null"],
+}
+
+
+def batch_sizes(train_rows: int) -> list[int]:
+    """The batch sizes of :data:`SYSTEM_SPACE` that fit in the train split (at least one full
+    batch to time)."""
+    return [b for b in SYSTEM_SPACE["train.batch_size"] if b <= train_rows]
+
+
+def sample_system(trial: Any, base: Mapping[str, Any], train_rows: int,
+                  max_threads: int | None = None) -> tuple[dict, int]:
+    """``(config, threads)`` of one trial: ``base`` with the sampled settings."""
+    config = copy.deepcopy(dict(base))
+    batch = trial.suggest_categorical("train.batch_size", batch_sizes(train_rows))
+    cpus = max(1, max_threads or os.cpu_count() or 1)
+    threads = trial.suggest_int("threads", 1, cpus) if cpus > 1 else 1
+    backend = trial.suggest_categorical("backend", SYSTEM_SPACE["backend"])
+    optimizer = "null" if backend == "reference" else trial.suggest_categorical(
+        "model.embedding_optimizer", SYSTEM_SPACE["model.embedding_optimizer"])
+    config["train"] = {**config["train"], "batch_size": int(batch)}
+    config["backend"] = backend
+    config["model"] = {**config["model"],
+                       "embedding_optimizer": None if optimizer == "null" else optimizer}
+    return config, int(threads)
+
+
+def measure_throughput(config: dict, dataset: Any, threads: int, *, steps: int = 12,
+                       warmup: int = 3, ring: int = 4) -> float:
+    """Training samples per second of ``config``'s model: ``steps`` timed steps after
+    ``warmup`` untimed ones, on a ring of ``ring`` real batches of ``train.batch_size``,
+    with ``threads`` torch threads (restored after)."""
+    from cetnet.train import build_model
+    from cetnet.train.loop import dense_optimizer
+
+    batch_size = config["train"]["batch_size"]
+    split = dataset.splits["train"]
+    batches = []
+    for b in split.batches(batch_size, shuffle=True, seed=0):
+        if len(b) == batch_size:
+            batches.append(b)
+        if len(batches) == ring:
+            break
+    if not batches:
+        raise ValueError(f"system search: the train split has fewer than train.batch_size="
+                         f"{batch_size} rows")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = build_model(config["model"], dataset.schema, backend=config["backend"])
+        model.train()
+        optimizer = dense_optimizer(list(model.dense_parameters()), config["train"]["lr"],
+                                    config["train"]["weight_decay"])
+
+        def step(i: int) -> None:
+            loss, _ = model.loss(batches[i % len(batches)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for i in range(warmup):
+            step(i)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
+    return steps * batch_size / seconds
+
+
+def _write_report(study: Any, out: Path, command: str) -> dict:
+    from optuna.trial import TrialState
+
+    from cetnet.atomic import write_text_atomic
+    from cetnet.config import dump_config
+    from cetnet.search.report import rank_correlation
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = sorted({n for t in done for n in t.params})
+    lines = ["number," + ",".join(names) + ",samples_per_s,predicted_samples_per_s"]
+    for t in done:
+        pred = t.user_attrs.get("predicted_value")
+        lines.append(",".join([str(t.number), *(str(t.params.get(n, "")) for n in names),
+                               f"{t.user_attrs['samples_per_s']:.1f}",
+                               "" if pred is None else f"{math.exp(pred):.1f}"]))
+    write_text_atomic(out / "system.csv", "\n".join(lines) + "\n")
+    pairs = [(t.user_attrs["predicted_value"], t.value) for t in done
+             if t.user_attrs.get("predicted_value") is not None]
+    corr = rank_correlation([p for p, _ in pairs], [m for _, m in pairs])
+    best = max(done, key=lambda t: t.value) if done else None
+    md = [f"# System search: {study.study_name}", "", "Command:", "", "```", command, "```", ""]
+    if best is not None:
+        md += [f"Fastest: trial {best.number}, {best.user_attrs['samples_per_s']:,.0f} "
+               f"training samples/s with "
+               + ", ".join(f"{k} = {v}" for k, v in sorted(best.params.items()))
+               + " (its config: best_system.yaml).", ""]
+        dump_config(best.user_attrs["config"], out / "best_system.yaml")
+    md += ["| trial | " + " | ".join(names) + " | samples/s | predicted |",
+           "|---|" + "---|" * len(names) + "---:|---:|"]
+    for t in sorted(done, key=lambda t: -t.value):
+        pred = t.user_attrs.get("predicted_value")
+        md.append(f"| {t.number} | " + " | ".join(str(t.params.get(n, "–")) for n in names)
+                  + f" | {t.user_attrs['samples_per_s']:,.0f} | "
+                  + ("–" if pred is None else f"{math.exp(pred):,.0f}") + " |")
+    md += ["", f"Predicted vs measured throughput of the {corr['n']} proposed trials: Kendall "
+           f"tau {corr['kendall_tau']:.3f}, Spearman {corr['spearman']:.3f} (by {corr['by']}).",
+           ""]
+    write_text_atomic(out / "SYSTEM.md", "\n".join(md))
+    return {"best": best, "correlation": corr}
+
+
+def run_system_search(options: Any, say: Callable[[str], None] | None = None) -> Any:
+    """The ``--system`` study of :class:`cetnet.search.engine.SearchOptions` ``options``:
+    ``options.trials`` measured settings (the predictor proposes after the startup trials),
+    then ``OUT/SYSTEM.md``, ``system.csv`` and ``best_system.yaml``. Returns the study."""
+    import optuna
+
+    from cetnet.search.engine import (SearchError, _base, _load_dataset, _sampler,
+                                      open_storage)
+
+    say = say or options.say
+    if options.trials < 1:
+        raise SearchError(f"--trials must be >= 1 with --system, got {options.trials}")
+    base = _base(options)
+    dataset = _load_dataset(base)
+    rows = len(dataset.splits["train"])
+    if not batch_sizes(rows):
+        raise SearchError(f"--system: the train split has {rows} rows, fewer than the smallest "
+                          f"batch size {SYSTEM_SPACE['train.batch_size'][0]}")
+    options.out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_url = options.storage or f"sqlite:///{(options.out / 'system.db').resolve()}"
+    storage = open_storage(storage_url)
+    name = f"{options.study}-system"
+    if any(s.study_name == name for s in storage.get_all_studies()) and not options.resume:
+        raise SearchError(f"study {name!r} already exists: add --resume to continue it, or "
+                          "name another with --study")
+    sampler = _sampler(options.sampler, options.seed, options.trials,
+                       lambda t: sample_system(t, base, rows))
+    # the trial's value is log(samples/s): the predictor models log throughput, in which a
+    # speed-up by a factor is the same step wherever it starts
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
+                                sampler=sampler, load_if_exists=True)
+
+    def objective(trial: Any) -> float:
+        config, threads = sample_system(trial, base, rows)
+        speed = measure_throughput(config, dataset, threads)
+        trial.set_user_attr("config", config)
+        trial.set_user_attr("samples_per_s", speed)
+        say(f"system trial {trial.number}: {speed:,.0f} samples/s ("
+            + ", ".join(f"{k}={v}" for k, v in sorted(trial.params.items())) + ")")
+        return math.log(speed)
+
+    done = len(study.get_trials(deepcopy=False,
+                                states=(optuna.trial.TrialState.COMPLETE,)))
+    if options.trials > done:
+        study.optimize(objective, n_trials=options.trials - done)
+    _write_report(study, options.out, options.command or "cetnet search --system")
+    return study
