@@ -240,8 +240,8 @@ def _stop_if_diverged(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int
 
 
 class _LossOf(nn.Module):
-    """``model.loss`` as ``forward``: what DistributedDataParallel wraps (its bookkeeping runs
-    around ``forward``)."""
+    """``model.loss`` as ``forward``: what DistributedDataParallel (or TorchRec's DMP, for
+    sharded tables) wraps (its bookkeeping runs around ``forward``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -116,17 +116,6 @@ def _constraints(front: Any, sharding: str, sharders: list[Any],
     return out
 
 
-class _LossOf(nn.Module):
-    """``model.loss`` as ``forward``: what DMP wraps (its data-parallel half runs around it)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Any) -> Any:
-        return self.model.loss(batch)
-
-
 class ShardedRun:
     """A model under DMP: ``run(batch) -> (loss, output)`` trains a step (the tables' rows are
     updated in backward), ``run.model`` is the ensemble (its front's modules now sharded: its
@@ -190,6 +179,8 @@ def shard(model: nn.Module, device: torch.device, sharding: str = "auto") -> Sha
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.types import ShardingEnv
+
+    from cetnet.train.loop import _LossOf  # what DDP wraps too (imported here: loop imports us)
 
     if sharding not in SHARDINGS:
         raise ConfigError(f"config: train.embedding_sharding must be one of {SHARDINGS}, got "
