@@ -132,3 +132,22 @@ def test_minimizing_flips_the_predictor():
     assert study.best_value < -0.74
     with pytest.raises(ValueError, match="direction"):
         PredictorSampler(lambda t: None, direction="up")
+
+
+def test_tried_settings_are_not_proposed_again_and_queued_trials_not_predicted():
+    def sample(t):
+        return (t.suggest_categorical("a", [1, 2, 3]), t.suggest_categorical("b", ["x", "y"]))
+
+    sampler = PredictorSampler(sample, seed=0, n_startup=2, pool_size=50)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(lambda t: float(sample(t)[0]), n_trials=6)
+    # 6 settings in all: every proposal is one no earlier trial had
+    keys = [tuple(sorted(t.params.items())) for t in study.trials]
+    proposed = [i for i, t in enumerate(study.trials) if "predicted_value" in t.user_attrs]
+    assert proposed
+    for i in proposed:
+        assert keys[i] not in keys[:i], (i, keys)
+    study.enqueue_trial({"a": 1, "b": "x"})
+    study.optimize(lambda t: float(sample(t)[0]), n_trials=1)
+    assert "predicted_value" not in study.trials[-1].user_attrs  # a queued retry: given params

@@ -72,3 +72,18 @@ def test_a_split_smaller_than_every_batch_size_is_one_error(tmp_path):
                             overrides=["data.num_rows=200"], say=lambda t: None)
     with pytest.raises(SearchError, match="fewer than the smallest batch size 256"):
         run_system_search(options)
+
+
+def test_a_resume_with_other_data_and_search_flags_are_one_line_errors(tmp_path, capsys):
+    run_system_search(_options(tmp_path, trials=1))
+    other = SearchOptions(out=tmp_path / "out", dataset="synthetic", resume=True, trials=2,
+                          overrides=[*DATA[1:], "data.num_rows=9000"], say=lambda t: None)
+    with pytest.raises(SearchError, match="was started with another overrides, batch_sizes"):
+        run_system_search(other)
+    from cetnet.cli import main
+
+    status = main(["search", "--system", "--dataset", "synthetic", "--out", str(tmp_path / "x"),
+                   "--objective", "auc,cost", "--max-cost", "1e6"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "--system measures one model's settings: --objective, --max-cost" in err[0]

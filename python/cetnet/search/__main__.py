@@ -92,6 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.system:
             from cetnet.search.system import run_system_search
 
+            ignored = [flag for flag, given in (
+                ("--objective", args.objective != "auc"), ("--proxy", args.proxy != "auc"),
+                ("--max-cost", args.max_cost is not None), ("--cost-weight", args.cost_weight),
+                ("--pruner", args.pruner != "median"), ("--space", args.space != "default"),
+                ("--warmup-fraction", args.warmup_fraction != 0.25)) if given]
+            if ignored:
+                raise ConfigError(f"--system measures one model's settings: "
+                                  f"{', '.join(ignored)} belong to the architecture search")
+
             run_system_search(options)
             print(f"{PROG}: wrote {out}/SYSTEM.md, system.csv, best_system.yaml")
         else:

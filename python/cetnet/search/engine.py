@@ -210,14 +210,15 @@ def objective_value(auc: float, flops: float, cost_weight: float) -> float:
 
 
 def _warmup_proxies(trial: Any, config: dict, dataset: Any, run_dir: Path,
-                    say: Callable[[str], None]) -> float | None:
+                    say: Callable[[str], None], asked: bool) -> float | None:
     """Records the SiGeo-style statistics of the warmed-up weights in ``run_dir/best.pt`` as
     the trial's attributes; returns the SiGeo score (None, with the reason recorded, when they
     cannot be computed)."""
-    from cetnet.search.proxies import sigeo_score, warmup_statistics
+    from cetnet.search.proxies import MAX_AUTO_WEIGHTS, sigeo_score, warmup_statistics
 
-    try:
-        stats = warmup_statistics(config, dataset, run_dir / "best.pt")
+    try:  # asked (--proxy sigeo): whatever the model's size; else for models up to a size
+        stats = warmup_statistics(config, dataset, run_dir / "best.pt",
+                                  max_weights=None if asked else MAX_AUTO_WEIGHTS)
     except (ValueError, RuntimeError, OSError) as e:
         trial.set_user_attr("proxy_error", " ".join(str(e).split())[:200])
         say(f"trial {trial.number}: no SiGeo statistics ({' '.join(str(e).split())[:120]})")
@@ -378,7 +379,8 @@ def run_search(options: SearchOptions) -> Any:
             reused.append(hit)
             proxy = metrics["valid"]["fused"]["auc"]
             trial.set_user_attr("proxy_auc", proxy)
-            sigeo = _warmup_proxies(trial, config, dataset, run_root / "warmup", options.say)
+            sigeo = _warmup_proxies(trial, config, dataset, run_root / "warmup", options.say,
+                                    asked=options.proxy == "sigeo")
             ranked_by = sigeo if options.proxy == "sigeo" else proxy
             if not multi and ranked_by is not None:  # Optuna's pruners are single-objective
                 trial.report(ranked_by, WARMUP_STEP)

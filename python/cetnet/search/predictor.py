@@ -35,6 +35,11 @@ import torch
 __all__ = ["PoolTrial", "Encoder", "Predictor", "PredictorSampler"]
 
 
+def _key(params: Mapping[str, Any]) -> tuple:
+    """A hashable identity of a parameter set."""
+    return tuple(sorted(params.items(), key=lambda kv: kv[0]))
+
+
 class PoolTrial:
     """A stand-in for ``optuna.Trial`` that draws every suggested parameter at random and
     records it (``params``) with its Optuna distribution (``distributions``)."""
@@ -227,12 +232,19 @@ def _sampler_class() -> type:
             return {}
 
         def before_trial(self, study: Any, trial: Any) -> None:
-            done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.values is not None and all(math.isfinite(v) for v in t.values)]
+            if trial.system_attrs.get("fixed_params"):
+                return  # a queued trial (a retry): its parameters are given, nothing to propose
+            trials = study.get_trials(deepcopy=False)
+            done = [t for t in trials if t.state == TrialState.COMPLETE
+                    and t.values is not None and all(math.isfinite(v) for v in t.values)]
             if len(done) < self.n_startup:
                 return
+            # what was tried (finished, pruned, running elsewhere) is not proposed again
+            tried = {_key(t.params) for t in trials if t.number != trial.number
+                     and t.state != TrialState.FAIL}
             proposal = self.propose([t.params for t in done], [t.distributions for t in done],
-                                    [t.values[0] for t in done], salt=trial.number)
+                                    [t.values[0] for t in done], salt=trial.number,
+                                    exclude=tried)
             if proposal is not None:
                 params, mean, spread = proposal
                 self._chosen[trial.number] = params
@@ -242,19 +254,21 @@ def _sampler_class() -> type:
 
         def propose(self, params: Sequence[Mapping[str, Any]],
                     distributions: Sequence[Mapping[str, Any]], values: Sequence[float],
-                    salt: int = 0) -> tuple[dict[str, Any], float, float] | None:
+                    salt: int = 0, exclude: set | None = None
+                    ) -> tuple[dict[str, Any], float, float] | None:
             """The best candidate of a fresh pool under a predictor fit on ``(params,
-            values)``: ``(its params, predicted mean, spread)``; None without a pool."""
+            values)``: ``(its params, predicted mean, spread)``; None without a pool (every
+            candidate drawn is in ``exclude``: a small discrete space fully tried)."""
             rng = random.Random(self.seed * 1_000_003 + salt)
             pool: list[PoolTrial] = []
-            seen: set = set()
+            seen: set = set(exclude or ())
             for _ in range(self.pool_size):
                 t = PoolTrial(rng)
                 try:
                     self.sample(t)
                 except (ValueError, KeyError, TypeError):
                     continue
-                key = tuple(sorted(t.params.items(), key=lambda kv: kv[0]))
+                key = _key(t.params)
                 if key not in seen:
                     seen.add(key)
                     pool.append(t)

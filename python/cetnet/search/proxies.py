@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["warmup_statistics", "sigeo_score", "SIGEO_WEIGHTS", "PROXY_NAMES"]
+__all__ = ["warmup_statistics", "sigeo_score", "SIGEO_WEIGHTS", "PROXY_NAMES", "MAX_AUTO_WEIGHTS"]
 
 #: The default weights of the three terms in :func:`sigeo_score` (zico, fisher_rao, loss).
 SIGEO_WEIGHTS = (1.0, 1.0, 1.0)
@@ -60,11 +60,19 @@ def _dense_model(config: dict, schema: Any, state: Mapping[str, torch.Tensor]) -
     return model
 
 
+#: Weights (embedding tables included) above which the statistics are computed only when
+#: asked for (``--proxy sigeo``): they keep three float64 sums per weight.
+MAX_AUTO_WEIGHTS = 20_000_000
+
+
 def warmup_statistics(config: dict, dataset: Any, checkpoint: str | Path, *,
-                      batches: int = 4, seed: int = 0) -> dict[str, float]:
+                      batches: int = 4, seed: int = 0,
+                      max_weights: int | None = None) -> dict[str, float]:
     """``{"zico", "fisher_rao", "loss"}`` of the model of ``config`` with the weights of
     ``checkpoint`` (a warm-up run's ``best.pt``), on the first ``batches`` training batches
-    of ``train.batch_size`` rows (dropout drawn from ``seed``)."""
+    of ``train.batch_size`` rows (dropout drawn from ``seed``). The gradients are summed as
+    they come (sum, sum of squares, sum of absolute values per weight, in float64), not kept;
+    a model of more than ``max_weights`` weights is a ValueError (None: no limit)."""
     from cetnet.train.checkpoint import load_checkpoint
 
     if batches < 2:
@@ -74,9 +82,16 @@ def warmup_statistics(config: dict, dataset: Any, checkpoint: str | Path, *,
     model = _dense_model(config, dataset.schema, state)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    torch.manual_seed(seed)
-    grads: list[list[torch.Tensor]] = []
+    n_weights = sum(p.numel() for p in params)
+    if max_weights is not None and n_weights > max_weights:
+        raise ValueError(f"warm-up proxy: {n_weights:,} weights, more than {max_weights:,}: "
+                         f"the statistics are computed for such models with --proxy sigeo only")
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    squares = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    absolute = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    projections: list[float] = []
     losses: list[float] = []
+    torch.manual_seed(seed)
     split = dataset.splits["train"]
     for i, batch in enumerate(split.batches(config["train"]["batch_size"], shuffle=False)):
         if i >= batches:
@@ -85,21 +100,30 @@ def warmup_statistics(config: dict, dataset: Any, checkpoint: str | Path, *,
         loss, _ = model.loss(batch)
         loss.backward()
         losses.append(float(loss.detach()))
-        grads.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                      for p in params])
-    if len(grads) < 2:
-        raise ValueError(f"warm-up proxy: the train split gives {len(grads)} batch(es) of "
+        projection = 0.0
+        with torch.no_grad():
+            for j, p in enumerate(params):
+                if p.grad is None:
+                    continue
+                g = p.grad.double()
+                total[j] += g
+                squares[j] += g * g
+                absolute[j] += g.abs()
+                projection += float((p.double() * g).sum())
+        projections.append(projection)
+    n = len(losses)
+    if n < 2:
+        raise ValueError(f"warm-up proxy: the train split gives {n} batch(es) of "
                          f"{config['train']['batch_size']} rows; 2 are needed")
     zico = 0.0
-    for j, p in enumerate(params):
-        g = torch.stack([gb[j] for gb in grads]).double()  # [batches, *shape]
-        spread = g.std(0, unbiased=False)
-        varies = spread > 0
+    for s, q, a in zip(total, squares, absolute):
+        mean = s / n
+        spread = (q / n - mean * mean).clamp_min(0).sqrt()
+        # a gradient that never varies (an embedding row no batch touched: 0 every time)
+        # has no spread; float rounding of E[g^2] - E[g]^2 is not a spread either
+        varies = spread > 1e-6 * (a / n) + 1e-30
         if bool(varies.any()):
-            ratio = float((g.abs().mean(0)[varies] / spread[varies]).sum())
+            ratio = float(((a / n)[varies] / spread[varies]).sum())
             zico += math.log(ratio) if ratio > 0 else 0.0
-    with torch.no_grad():
-        projections = torch.stack([sum((p.double() * gb[j].double()).sum()
-                                       for j, p in enumerate(params)) for gb in grads])
-    fisher_rao = math.log(float((projections ** 2).mean()) + 1e-300)
-    return {"zico": zico, "fisher_rao": fisher_rao, "loss": sum(losses) / len(losses)}
+    fisher_rao = math.log(sum(x * x for x in projections) / n + 1e-300)
+    return {"zico": zico, "fisher_rao": fisher_rao, "loss": sum(losses) / n}

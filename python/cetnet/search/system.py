@@ -138,7 +138,8 @@ def _write_report(study: Any, out: Path, command: str) -> dict:
         md += [f"Fastest: trial {best.number}, {best.user_attrs['samples_per_s']:,.0f} "
                f"training samples/s with "
                + ", ".join(f"{k} = {v}" for k, v in sorted(best.params.items()))
-               + " (its config: best_system.yaml).", ""]
+               + " (its config: best_system.yaml; no config key holds the thread count: "
+               f"run it with OMP_NUM_THREADS={best.params.get('threads', 1)}).", ""]
         dump_config(best.user_attrs["config"], out / "best_system.yaml")
     md += ["| trial | " + " | ".join(names) + " | samples/s | predicted |",
            "|---|" + "---|" * len(names) + "---:|---:|"]
@@ -186,10 +187,27 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     # speed-up by a factor is the same step wherever it starts
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                 sampler=sampler, load_if_exists=True)
+    # the study remembers what it measures: the model, the data and the settings offered
+    setup = {"dataset": options.dataset, "overrides": list(options.overrides),
+             "batch_sizes": batch_sizes(rows), "cpus": os.cpu_count() or 1}
+    saved = study.user_attrs.get("setup")
+    if saved is None:
+        study.set_user_attr("setup", setup)
+    elif saved != setup:
+        changed = [k for k in setup if saved.get(k) != setup[k]]
+        raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
+                          "continue it with the same options (and machine), or name a new "
+                          "study with --study")
 
     def objective(trial: Any) -> float:
         config, threads = sample_system(trial, base, rows)
-        speed = measure_throughput(config, dataset, threads)
+        try:
+            speed = measure_throughput(config, dataset, threads)
+        except (RuntimeError, ValueError, MemoryError) as e:  # the trial fails, the study goes on
+            text = " ".join(str(e).split())[:200] or type(e).__name__
+            trial.set_user_attr("error", text)
+            say(f"system trial {trial.number}: failed ({text})")
+            raise
         trial.set_user_attr("config", config)
         trial.set_user_attr("samples_per_s", speed)
         say(f"system trial {trial.number}: {speed:,.0f} samples/s ("
@@ -199,6 +217,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     done = len(study.get_trials(deepcopy=False,
                                 states=(optuna.trial.TrialState.COMPLETE,)))
     if options.trials > done:
-        study.optimize(objective, n_trials=options.trials - done)
+        study.optimize(objective, n_trials=options.trials - done,
+                       catch=(RuntimeError, ValueError, MemoryError))
     _write_report(study, options.out, options.command or "cetnet search --system")
     return study
