@@ -45,6 +45,33 @@ def cpu_name() -> str:
     return f"{model}, {cores} cores"
 
 
+def ring_step(loss_of, optimizer, batches: list):
+    """A training step on the next batch of ``batches`` (cycled): ``loss_of(batch)``'s loss,
+    backward, ``optimizer.step()``."""
+    it = [0]
+
+    def step():
+        batch = batches[it[0] % len(batches)]
+        it[0] += 1
+        loss = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def run_date(data: dict) -> str:
+    """A pytest-benchmark JSON's date as ``YYYY-MM-DD HH:MM UTC`` (as it is when unparsable)."""
+    from datetime import datetime
+
+    when = data.get("datetime", "")
+    try:
+        return datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return when
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()

@@ -38,7 +38,7 @@ from copy import deepcopy
 import pytest
 import torch
 
-from _common import InterleavedTimer, device_name, env_ints, env_strs
+from _common import InterleavedTimer, device_name, env_ints, env_strs, ring_step
 
 PROVIDERS = ("fused", "fused-dense-emb", "reference", "members-only")
 B_DEFAULT = (512, 2048)
@@ -106,19 +106,9 @@ def make_trainer(provider: str, B: int, seed: int = 0, workload: str = "ml100k")
         batches.append(batch)
         if len(batches) == RING:
             break
-    it = [0]
     if provider == "members-only":
         return _members_only_step(model, optimizer, batches), model, optimizer, dataset
-
-    def step():
-        batch = batches[it[0] % len(batches)]
-        it[0] += 1
-        loss, _ = model.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step, model, optimizer, dataset
+    return ring_step(lambda b: model.loss(b)[0], optimizer, batches), model, optimizer, dataset
 
 
 def _members_only_step(model, optimizer, batches):

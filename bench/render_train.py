@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime
 from pathlib import Path
+
+from _common import run_date
 
 HEADER = """# End-to-end training speed
 
@@ -42,11 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.setdefault((ei["workload"], int(ei["B"])), {})[provider] = {
                 "ms": st["median_s"] * 1e3, "sps": st["samples_per_s"],
                 "mb": st["state_bytes"] / 2**20}
-    when = data.get("datetime", "")
-    try:
-        when = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC")
-    except ValueError:
-        pass
+    when = run_date(data)
     mi = data.get("machine_info", {})
     lines = [HEADER, f"## CPU: {name}", "",
              f"- date {when} · torch {mi.get('torch_version', '?')} · source `{args.json.name}`",
