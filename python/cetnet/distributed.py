@@ -122,9 +122,11 @@ def collective_failure(e: BaseException) -> bool:
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e)
+    # gloo says a timeout in several ways: "Timed out waiting ...", or, when the wait is in
+    # its transport, "Application timeout caused pair closure"
     return isinstance(e, RuntimeError) and any(
         k in text for k in ("gloo", "Gloo", "NCCL", "Timed out", "timed out", "Connection closed",
-                            "Connection reset"))
+                            "Connection reset", "Application timeout", "pair closure"))
 
 
 class InjectedFault:

@@ -168,6 +168,22 @@ def test_the_timeout_setting(monkeypatch):
             distributed.timeout_seconds()
 
 
+@pytest.mark.parametrize("text, timed_out", [
+    ("[../gloo/transport/tcp/pair.cc:446] Timed out waiting 10000ms for recv", True),
+    ("[../gloo/transport/tcp/unbound_buffer.cc:81] Application timeout caused pair closure",
+     True),
+    ("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1234", False),
+])
+def test_gloo_failures_are_named_as_such(monkeypatch, text, timed_out):
+    # the ways gloo words a timeout or a dead peer (all seen in these tests' runs)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "10")
+    e = RuntimeError(text)
+    assert distributed.collective_failure(e)
+    line = runner._collective_failure_text(e)
+    assert ("waited $CETNET_DIST_TIMEOUT = 10 s for another rank" in line) == timed_out, line
+    assert not distributed.collective_failure(RuntimeError("CUDA out of memory"))
+
+
 def test_the_fault_hook_fires_on_the_first_attempt_only(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     monkeypatch.delenv(distributed.FAULT_ENV, raising=False)

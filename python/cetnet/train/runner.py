@@ -321,7 +321,8 @@ def _collective_failure_text(e: BaseException) -> str:
         limit = "its limit"
     text = first_line(e)
     head = f"data-parallel run, rank {distributed.launched_rank()}: "
-    if "timed out" in text.lower() and "connect" not in text.lower():
+    lowered = text.lower()
+    if ("timed out" in lowered and "connect" not in lowered) or "application timeout" in lowered:
         return (head + f"waited ${distributed.TIMEOUT_ENV} = {limit} for another rank at a "
                 "collective: a rank hangs (or is that much slower; then raise "
                 f"${distributed.TIMEOUT_ENV}) (torch: {text})")
