@@ -12,6 +12,8 @@ real batches, already converted to each library's input (conversion is not timed
 The four providers of one B run in interleaved rounds (bench/_common.py), so drift of a shared
 machine's speed hits them alike. ``extra_info["providers"]`` holds each one's median / min step
 time, samples/s and parameter count; bench/render_peers.py writes bench/PEER_RESULTS.md.
+``fuxictr-<kind>-narrow`` is FuxiCTR's model with cetnet's default hidden widths (256, 128)
+instead of its 500 x 3: the two libraries on networks of about the same size.
 Knobs: CETNET_PEER_BENCH_B (default 512,4096), CETNET_BENCH_TARGET_S (default 20).
 Needs FuxiCTR (``pip install --no-deps fuxictr==2.3.10`` plus the ``peers`` extra).
 """
@@ -25,7 +27,12 @@ import torch
 
 from _common import InterleavedTimer, device_name, env_ints, ring_step
 
-PROVIDERS = ("cetnet-dnn", "fuxictr-dnn", "cetnet-dcnv2", "fuxictr-dcnv2")
+PROVIDERS = ("cetnet-dnn", "fuxictr-dnn", "fuxictr-dnn-narrow", "cetnet-dcnv2", "fuxictr-dcnv2",
+             "fuxictr-dcnv2-narrow")
+#: ``-narrow``: FuxiCTR's model with cetnet's default hidden widths instead of its own 500 x 3
+#: (the reproduce peer row's config key model.<kind>.hidden): the libraries on networks of
+#: about the same size
+NARROW = [256, 128]
 B_DEFAULT = (512, 4096)
 RING = 8
 
@@ -78,15 +85,18 @@ def make_cetnet(kind: str, B: int):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def make_fuxictr(kind: str, B: int, tmp: str):
-    """(step, parameters) of FuxiCTR's ``kind`` as the peer row builds it, stepped by
-    FuxiCTR's own ``BaseModel.train_step``."""
+def make_fuxictr(kind: str, B: int, tmp: str, hidden: list[int] | None = None):
+    """(step, parameters) of FuxiCTR's ``kind`` as the peer row builds it (with ``hidden``
+    widths instead of FuxiCTR's defaults when given), stepped by FuxiCTR's own
+    ``BaseModel.train_step``."""
     from cetnet.reproduce import peers
 
     if not peers.fuxictr_available():
         pytest.skip("FuxiCTR is not installed")
     fx = peers.require_fuxictr()
     config = _row_config(f"fuxictr_{kind}", B)
+    if hidden is not None:
+        config["model"][kind] = {**(config["model"].get(kind) or {}), "hidden": hidden}
     dataset = _dataset(config)
     dim = config["model"]["embedding_dim"]
     fx.seed_everything(0)
@@ -118,10 +128,10 @@ def bench_peer_train_step(benchmark, B: int, tmp_path):
     """cetnet's DNN / DCNv2 and FuxiCTR's, timed in interleaved rounds (see the module doc)."""
     trainers = {}
     for p in PROVIDERS:
-        lib, kind = p.split("-")
+        lib, kind, *narrow = p.split("-")
         torch.manual_seed(0)
         step, params = make_cetnet(kind, B) if lib == "cetnet" else \
-            make_fuxictr(kind, B, str(tmp_path / p))
+            make_fuxictr(kind, B, str(tmp_path / p), NARROW if narrow else None)
         for _ in range(3):  # warm-up: allocator, first-call dispatch, optimizer state
             step()
         trainers[p] = (step, params)
