@@ -39,8 +39,8 @@ import yaml
 from cetnet.atomic import write_text_atomic
 from cetnet.messages import shorten
 
-__all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "EMBEDDINGS", "EMBEDDING_SHARDINGS", "Spec", "INT64_MAX", "SEED_RANGE",
-           "default_config_path", "load_config", "parse_value", "apply_overrides",
+__all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "EMBEDDINGS", "EMBEDDING_SHARDINGS",
+           "Spec", "INT64_MAX", "SEED_RANGE", "default_config_path", "load_config", "parse_value", "apply_overrides",
            "validate_config", "check_device", "dump_config", "read_yaml",
            "resolve_data_config"]
 

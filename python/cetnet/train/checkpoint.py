@@ -28,6 +28,9 @@ __all__ = ["BEST", "LAST", "LAST_PREV", "LAST_KEYS", "CheckpointError", "save_ch
 BEST = "best.pt"   # the model at the epoch with the best validation fused AUC
 LAST = "last.pt"   # everything needed to resume, written after every epoch
 LAST_PREV = "last.prev.pt"  # the last.pt before it: what a resume falls back to
+#: The file torch.distributed.checkpoint writes last in a folder: without it the folder (the
+#: TorchRec tables a checkpoint names, cetnet.train.sharded) is incomplete.
+DCP_METADATA = ".metadata"
 #: What ``last.pt`` holds besides ``model`` (see cetnet.train.loop.fit).
 LAST_KEYS = ("optimizer", "schedule", "rng", "epoch", "best_metric", "best_epoch", "bad_epochs",
              "stopped", "history", "train_seconds", "train_samples")
@@ -85,7 +88,7 @@ def load_last(run_dir: str | Path, keys: Iterable[str] = ("model", *LAST_KEYS),
         try:
             state = load_checkpoint(path, keys=keys)
             tables = state.get("tables")  # embedding: torchrec: the DCP folder it names
-            if tables is not None and not (run_dir / str(tables) / ".metadata").is_file():
+            if tables is not None and not (run_dir / str(tables) / DCP_METADATA).is_file():
                 raise CheckpointError(f"{path}: its tables folder {run_dir / str(tables)} is "
                                       f"missing or incomplete")
         except CheckpointError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +139,8 @@ def evaluate(model: nn.Module, split: Any, *, batch_size: int = 4096,
     n, world = len(split), distributed.world_size()
     # as many batches on every rank (the fewest that keep each within batch_size on the
     # largest share, at most one per row of the smallest share)
-    num_batches = max(1, min(-(-(-(-n // world)) // batch_size), n // world))
+    largest_share = math.ceil(n / world)
+    num_batches = max(1, min(math.ceil(largest_share / batch_size), n // world))
     share = RowRange(split, *distributed.shard_range(n), num_batches=num_batches)
     pred = gather_predictions(predict(model, share, batch_size=batch_size, device=device))
     return distributed.from_main(lambda: score(pred, names))

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from cetnet import distributed
-from cetnet.config import ConfigError
-from cetnet.train.checkpoint import CheckpointError
+from cetnet.config import EMBEDDING_SHARDINGS, ConfigError
+from cetnet.train.checkpoint import DCP_METADATA, CheckpointError
 from cetnet.train.rundir import RUN_FOLDER
 
 # cetnet.models (hence cetnet_kernels) is imported inside the functions: the CLI imports the
@@ -40,10 +40,10 @@ __all__ = ["SHARDINGS", "TABLES_DIR", "use_torchrec", "is_torchrec", "shard", "S
            "check_model_checkpoint", "load_model_state", "copy_into_shards", "gather_tables"]
 
 #: ``train.embedding_sharding``: ``auto`` lets the planner choose per table among the three.
-SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise")
+SHARDINGS = EMBEDDING_SHARDINGS
 #: Where a run directory keeps its DCP folders of tables (``tables/last-e3``, ``tables/best-e2``).
 TABLES_DIR = RUN_FOLDER
-_METADATA = ".metadata"  # DCP writes it last: a folder without it is incomplete
+_METADATA = DCP_METADATA
 
 
 def is_torchrec(model: nn.Module) -> bool:
@@ -245,13 +245,17 @@ def gather_tables(model: nn.Module) -> dict[str, torch.Tensor]:
     CPU, on every rank (for tests and small models: each rank holds every row)."""
     import torch.distributed as dist
 
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
     out = {}
     for name, value in model.front.state_dict().items():
         full = torch.zeros(value.size(), dtype=value.dtype)
         for local, where in _local_shards(value, name):
             full[where] = local.detach().cpu()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # shards do not overlap: a sum puts every row in place
+        if isinstance(value, ShardedTensor) and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            # shards do not overlap: a sum puts every row in place (a whole, replicated
+            # tensor is already complete on every rank)
             dist.all_reduce(full)
         out[name] = full
     return out
