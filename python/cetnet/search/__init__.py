@@ -9,7 +9,10 @@
 - :mod:`cetnet.search.proxies`: SiGeo-style statistics of a warmed-up candidate (``--proxy``).
 - :mod:`cetnet.search.predictor`: ``--sampler predictor``, a learned model of AUC proposing
   each trial from a random pool of candidates.
-- :mod:`cetnet.search.report`: trials.csv, pareto.csv, SEARCH.md, the plot, rank correlations.
+- :mod:`cetnet.search.report`: trials.csv, pareto.csv, SEARCH.md, best_config.yaml, the plot,
+  rank correlations.
+- :mod:`cetnet.search.compare`: ``--compare``, finished studies side by side (best-so-far
+  curves at equal budget, the proxies over all their trials, the winner retrained over seeds).
 
 Optuna is imported only when a search runs (``pip install optuna``; PostgreSQL storage also
 needs ``psycopg2``).

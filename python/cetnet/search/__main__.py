@@ -67,13 +67,47 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="the sampler's seed (give each worker its own)")
     a("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
       help="config overrides of every trial, e.g. data.num_rows=5000 train.epochs=3")
+    c = ap.add_argument_group("comparing finished studies (writes OUT/COMPARE.md)")
+    c.add_argument("--compare", nargs="+", type=Path, default=None, metavar="STUDY_OUT",
+                   help="the --out folders of finished studies: their best-so-far curves at "
+                   "equal budget, the proxies' correlations over all their trials, the best "
+                   "trial of all (trains nothing unless --retrain-seeds)")
+    c.add_argument("--retrain-seeds", type=int, default=0, metavar="N",
+                   help="with --compare: train the best trial's config from scratch with "
+                   "seeds 0..N-1 (and each --baseline likewise), paired by seed")
+    c.add_argument("--baseline", action="append", default=[], metavar="CONFIG",
+                   help="with --retrain-seeds: a config to compare the best trial with: "
+                   "default (the packaged one) or a YAML; repeatable")
     return ap
+
+
+def _compare(args: argparse.Namespace, argv: Sequence[str]) -> Path:
+    from cetnet.search.compare import CompareOptions, compare_studies
+    from cetnet.search.engine import main_command
+
+    given = [flag for flag, used in (
+        ("--system", args.system), ("--resume", args.resume), ("--storage", args.storage),
+        ("--set", args.overrides)) if used]
+    if given:
+        raise ConfigError(f"--compare reads finished studies: {', '.join(given)} belong to "
+                          f"running one")
+    out = args.out or Path("runs") / "search-compare"
+    compare_studies(CompareOptions(studies=args.compare, out=out,
+                                   retrain_seeds=args.retrain_seeds, baselines=args.baseline,
+                                   command=main_command(argv)))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.compare is not None:
+            out = _compare(args, argv)
+            print(f"{PROG}: wrote {out}/COMPARE.md, compare.csv")
+            return 0
+        if args.retrain_seeds or args.baseline:
+            raise ConfigError("--retrain-seeds and --baseline go with --compare")
         from cetnet.search.engine import SearchOptions, main_command, run_search
 
         try:

@@ -27,7 +27,7 @@ from cetnet.search.space import load_space, sample_config
 from cetnet.train.checkpoint import has_last
 
 __all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "run_search",
-           "SAMPLERS", "PRUNERS", "OBJECTIVES"]
+           "Progress", "progress_line", "SAMPLERS", "PRUNERS", "OBJECTIVES"]
 
 SAMPLERS = ("random", "tpe", "predictor")
 PRUNERS = ("median", "halving", "none")
@@ -299,6 +299,46 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
     return study
 
 
+class Progress:
+    """An Optuna callback printing, after each trial, how many of the study's trials are
+    finished and an ETA from the rate at which they finished since this invocation started
+    (concurrent workers' trials count: they shorten the wait too)."""
+
+    def __init__(self, trials: int, done: int, say: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.trials, self.done_at_start, self.say, self.clock = trials, done, say, clock
+        self.start = clock()
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        from optuna.trial import TrialState
+
+        done = len(study.get_trials(deepcopy=False,
+                                    states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        self.say(progress_line(done, self.trials, done - self.done_at_start,
+                               self.clock() - self.start))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_line(done: int, trials: int, finished_here: int, elapsed: float) -> str:
+    """``"progress: 7/20 trials finished, 5 min so far, about 9 min left"``; the ETA is the
+    remaining trials at the rate of ``finished_here`` per ``elapsed`` seconds (none before
+    one has finished)."""
+    line = f"progress: {min(done, trials)}/{trials} trials finished, {_duration(elapsed)} so far"
+    if done >= trials:
+        return line + ", done"
+    if finished_here > 0:
+        return line + f", about {_duration((trials - done) * elapsed / finished_here)} left"
+    return line
+
+
 def run_search(options: SearchOptions) -> Any:
     """Runs (or continues) the study until it holds ``options.trials`` finished (complete or
     pruned) trials, then writes trials.csv, pareto.csv, SEARCH.md and the plot into
@@ -413,10 +453,11 @@ def run_search(options: SearchOptions) -> Any:
         from cetnet.train.loop import TrainingError
         from cetnet.train.rundir import RunDirError
 
+        progress = Progress(options.trials, done, options.say)
         study.optimize(objective, n_trials=options.trials - done, gc_after_trial=True,
                        catch=(ConfigError, TrainingError, RunDirError),
                        callbacks=[optuna.study.MaxTrialsCallback(options.trials,
-                                                                 states=finished)])
+                                                                 states=finished), progress])
     write_outputs(study, options.out, objectives, options.command or
                   f"cetnet search --space {space_path}")
     return study

@@ -7,18 +7,19 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from cetnet.atomic import write_text_atomic
+from cetnet.atomic import atomic_write, write_text_atomic
 
 __all__ = ["kendall_tau", "spearman", "rank_correlation", "pareto_front", "trial_rows",
-           "write_outputs"]
+           "best_row", "csv_text", "write_plot", "write_outputs", "BEST_CONFIG"]
 
 METRICS = ("objective", "over_max_cost", "proxy_auc", "sigeo", "zico", "fisher_rao", "neg_warmup_loss", "valid_auc",
            "valid_gauc", "valid_logloss", "test_auc", "flops", "params", "seconds")
 #: What the report correlates with the full-training validation AUC: the proxies of a warmed-up
 #: trial (cetnet.search.proxies) and, as the naive baselines zero-cost proxies are measured
 #: against, the parameter count and the FLOPs.
+BEST_CONFIG = "best_config.yaml"  # the best trial's run config, for cetnet train --config
 CORRELATED = (("proxy_auc", "warm-up validation AUC"),
               ("sigeo", "SiGeo-style score (zico + fisher_rao - warm-up loss)"),
               ("zico", "ZiCo term (gradient mean / spread)"),
@@ -116,7 +117,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+def csv_text(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
@@ -144,7 +145,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path) -> bool:
+def write_plot(path: Path, draw: Callable[[Any], None], size: tuple[float, float] = (6, 4)
+               ) -> bool:
+    """Draws ``draw(ax)`` on a new figure and writes it to ``path`` as a PNG, atomically;
+    ``False`` (nothing written) when matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
 
@@ -152,8 +156,22 @@ def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path) -
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        draw(ax)
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+    return True
+
+
+def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path) -> bool:
+    return write_plot(path, lambda ax: _draw_front(ax, rows, front))
+
+
+def _draw_front(ax: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]]) -> None:
     done = [r for r in rows if r["valid_auc"] != "" and r["flops"] != ""]
-    fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([r["flops"] for r in done], [r["valid_auc"] for r in done], s=18,
                color="tab:blue", label="trials")
     if front:
@@ -163,34 +181,57 @@ def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path) -
     ax.set_xlabel("forward FLOPs per sample")
     ax.set_ylabel("validation AUC (full training)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str) -> dict:
     """Writes the four outputs; returns ``{"rows", "front", "correlation"}``."""
     rows = trial_rows(study)
     columns = list(rows[0]) if rows else ["number", "state", *METRICS, "run_dir", "error"]
-    write_text_atomic(out / "trials.csv", _csv(rows, columns))
+    write_text_atomic(out / "trials.csv", csv_text(rows, columns))
     multi = len(objectives) > 1
     front = _front_rows(study, rows, multi)
-    write_text_atomic(out / "pareto.csv", _csv(front, columns))
+    write_text_atomic(out / "pareto.csv", csv_text(front, columns))
     corr = {}
     for name, _ in CORRELATED:
         pairs = [(float(r[name]), r["valid_auc"]) for r in rows
                  if r["state"] == "COMPLETE" and r[name] != "" and r["valid_auc"] != ""]
         corr[name] = rank_correlation([p for p, _ in pairs], [a for _, a in pairs])
     plotted = _plot(rows, front, out / "auc_vs_flops.png")
+    best = best_row(rows, front, multi)
+    if best is not None:
+        _write_best_config(best, out / BEST_CONFIG)
     write_text_atomic(out / "SEARCH.md", _markdown(study, rows, front, corr, objectives,
-                                                   command, plotted))
-    return {"rows": rows, "front": front, "correlation": corr}
+                                                   command, plotted, best))
+    return {"rows": rows, "front": front, "correlation": corr, "best": best}
+
+
+def best_row(rows: list[dict[str, Any]], front: list[dict[str, Any]],
+             multi: bool) -> dict[str, Any] | None:
+    """The best completed trial: by the study's objective (the validation AUC, or the AUC
+    less the cost with ``--cost-weight``); with two objectives, the Pareto-front trial of the
+    highest validation AUC. ``None`` when no trial completed."""
+    complete = front if multi else [r for r in rows
+                                    if r["state"] == "COMPLETE" and r["valid_auc"] != ""]
+    if not complete:
+        return None
+    return max(complete, key=lambda r: r["valid_auc"] if multi or r["objective"] == ""
+               else r["objective"])
+
+
+def _write_best_config(best: dict[str, Any], path: Path) -> None:
+    """The best trial's resolved run config (its ``full/config.yaml``), a file ``cetnet train
+    --config`` takes as it is; skipped when that run directory is not on this machine (a
+    worker elsewhere trained it)."""
+    from cetnet.config import dump_config, read_yaml
+
+    source = Path(best["run_dir"]) / "full" / "config.yaml"
+    if source.is_file():
+        dump_config(read_yaml(source), path)
 
 
 def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]],
               corr: dict[str, dict[str, Any]], objectives: Sequence[str], command: str,
-              plotted: bool) -> str:
+              plotted: bool, best: dict[str, Any] | None) -> str:
     states: dict[str, int] = {}
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
@@ -199,16 +240,14 @@ def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]
              f"({'maximize validation AUC, minimize forward FLOPs per sample' if len(objectives) > 1 else 'maximize validation AUC'}).",
              "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ".",
              "", "Command:", "", "```", command, "```", "", "## Best trial", ""]
-    complete = [r for r in rows if r["state"] == "COMPLETE" and r["valid_auc"] != ""]
-    if complete:
-        # by the study's objective (the AUC, or the AUC less the cost with --cost-weight)
-        best = max(complete, key=lambda r: r["objective"] if r["objective"] != ""
-                   else r["valid_auc"])
+    if best is not None:
         lines += [f"Trial {best['number']}: validation AUC {_fmt(best['valid_auc'])}, gAUC "
                   f"{_fmt(best['valid_gauc'])}, logloss {_fmt(best['valid_logloss'])}, test AUC "
                   f"{_fmt(best['test_auc'])}, {_fmt(best['flops'], 0)} FLOPs/sample, "
                   f"{best['params']} parameters; its run: `{best['run_dir']}/full` "
-                  "(config.yaml, metrics.json).", "", "| parameter | value |", "|---|---|"]
+                  f"(config.yaml, metrics.json); as a train config: {BEST_CONFIG} "
+                  f"(`cetnet train --config {BEST_CONFIG}`).", "",
+                  "| parameter | value |", "|---|---|"]
         lines += [f"| {k[6:]} | {v} |" for k, v in best.items()
                   if k.startswith("param.") and v != ""]
     else:

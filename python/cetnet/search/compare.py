@@ -1,0 +1,310 @@
+"""``cetnet search --compare OUT [OUT ...]``: finished studies of one space side by side.
+
+- **Equal budget**: the best validation AUC found within the first n finished trials of each
+  study (its best-so-far curve), n up to the smallest study's count: random vs TPE vs the
+  predictor, say, each run with ``--pruner none`` and the same ``--trials``.
+- **Proxies**: the rank correlation of each proxy with the full-training AUC over every
+  distinct completed trial of all the studies (a config trained by several studies, such as
+  the random start-up trials samplers share when seeded alike, counts once).
+- **The winner retrained** (``--retrain-seeds N``): the best trial's config trained from
+  scratch with seeds 0..N-1, beside each ``--baseline`` config trained with the same seeds;
+  mean ± std of the test metrics and the paired difference per seed with its 95 % interval.
+
+Writes COMPARE.md, compare.csv (the curves) and best_so_far.png into ``--out``. The retrained
+runs live in ``OUT/retrain/<config key>/seed-<s>`` and are reused when found finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cetnet.atomic import write_text_atomic
+from cetnet.config import ConfigError
+from cetnet.search.report import (BEST_CONFIG, CORRELATED, METRICS, csv_text, rank_correlation,
+                                  write_plot)
+
+__all__ = ["CompareOptions", "StudyTrials", "read_trials", "best_so_far", "compare_studies"]
+
+FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards a study's --trials
+TEST_METRICS = (("auc", "AUC", True), ("gauc", "gAUC", True), ("logloss", "logloss", False))
+
+
+class CompareError(ConfigError):
+    """A study folder or baseline ``--compare`` cannot use (one line, naming it)."""
+
+
+@dataclass
+class CompareOptions:
+    studies: Sequence[Path]
+    out: Path
+    retrain_seeds: int = 0
+    baselines: Sequence[str] = ()
+    command: str = ""
+    say: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
+
+
+@dataclass
+class StudyTrials:
+    """One study's trials.csv: ``label`` (its folder's name) and rows by trial number, values
+    parsed (numbers as float, empty cells as ``None``)."""
+
+    label: str
+    folder: Path
+    rows: list[dict[str, Any]]
+
+    @property
+    def finished(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["state"] in FINISHED]
+
+
+def _number(text: str) -> float | None:
+    if text in ("", None):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_trials(folder: Path) -> StudyTrials:
+    """The trials of the study whose outputs are in ``folder`` (its ``trials.csv``)."""
+    path = Path(folder) / "trials.csv"
+    if not path.is_file():
+        raise CompareError(f"--compare {folder}: no trials.csv there (the --out of a finished "
+                           f"cetnet search)")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"number", "state", "valid_auc", "run_dir"} - set(reader.fieldnames or ())
+        if missing:
+            raise CompareError(f"--compare {path}: not a cetnet search trials.csv (no "
+                               f"{', '.join(sorted(missing))} column)")
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            row: dict[str, Any] = dict(raw)
+            try:
+                row["number"] = int(raw["number"])
+            except (TypeError, ValueError):
+                raise CompareError(f"--compare {path}:{line}: trial number "
+                                   f"{raw['number']!r} is not an integer") from None
+            for name in METRICS:
+                if name in row:
+                    row[name] = _number(raw[name])
+            rows.append(row)
+    rows.sort(key=lambda r: r["number"])
+    return StudyTrials(Path(folder).name or str(folder), Path(folder), rows)
+
+
+def _value(row: dict[str, Any]) -> float | None:
+    # the study's objective (the AUC, or the AUC less the cost with --cost-weight)
+    return row["objective"] if row.get("objective") is not None else row.get("valid_auc")
+
+
+def best_so_far(study: StudyTrials) -> list[tuple[float | None, dict[str, Any] | None]]:
+    """Per finished trial, in trial order: the best objective value among the finished trials
+    so far and the row that holds it (``(None, None)`` until one completed; pruned trials use
+    budget and add nothing)."""
+    best: tuple[float | None, dict[str, Any] | None] = (None, None)
+    curve = []
+    for row in study.finished:
+        value = _value(row) if row["state"] == "COMPLETE" else None
+        if value is not None and math.isfinite(value) and (best[0] is None or value > best[0]):
+            best = (value, row)
+        curve.append(best)
+    return curve
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _checkpoints(n: int) -> list[int]:
+    marks = sorted({k for k in (1, 5, 10, 15, 20, 30, 40, 50, 75, 100) if k < n} | {n})
+    return [k for k in marks if k >= 1]
+
+
+def _distinct_complete(studies: Sequence[StudyTrials]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for study in studies:
+        for row in study.rows:
+            if row["state"] == "COMPLETE" and row.get("valid_auc") is not None:
+                seen.setdefault(row["run_dir"] or f"{study.label}#{row['number']}", row)
+    return list(seen.values())
+
+
+def _plot(studies: Sequence[StudyTrials], curves: Sequence[list], n: int, path: Path) -> bool:
+    def draw(ax: Any) -> None:
+        for study, curve in zip(studies, curves):
+            points = [(i + 1, v) for i, (v, _) in enumerate(curve[:n]) if v is not None]
+            if points:
+                ax.step([p[0] for p in points], [p[1] for p in points], where="post",
+                        label=study.label)
+        ax.set_xlabel("finished trials")
+        ax.set_ylabel("best validation AUC so far")
+        ax.legend()
+
+    return write_plot(path, draw)
+
+
+# -- the winner retrained over seeds ---------------------------------------------------------
+
+def _baseline_config(spec: str) -> tuple[str, dict]:
+    from cetnet.config import load_config
+
+    if spec != "default" and not Path(spec).is_file():
+        raise CompareError(f"--baseline {spec}: no such file (default, or a config YAML)")
+    try:
+        config = load_config(None if spec == "default" else spec)
+    except ConfigError as e:
+        raise CompareError(f"--baseline {spec}: {e}") from None
+    label = "default config" if spec == "default" else Path(spec).name
+    return label, config
+
+
+def _train_seeds(config: dict, seeds: int, out: Path,
+                 say: Callable[[str], None], label: str) -> dict[int, dict]:
+    """``{seed: metrics}`` of ``config`` trained with ``train.seed`` 0..seeds-1 (reused when a
+    finished run of the same config and seed is in ``out``)."""
+    import copy
+
+    from cetnet.config import validate_config
+    from cetnet.reproduce.experiment import config_key
+    from cetnet.search.engine import _train
+
+    results = {}
+    for seed in range(seeds):
+        run = copy.deepcopy(config)
+        run["train"] = {**run["train"], "seed": seed}
+        run = validate_config(run)
+        key = config_key({**run, "name": ""})
+        metrics, reused = _train(run, out / "retrain" / key / f"seed-{seed}")
+        results[seed] = metrics
+        say(f"retrain {label}, seed {seed}: test AUC {metrics['fused']['auc']:.4f}"
+            + (" (reused)" if reused else ""))
+    return results
+
+
+def _retrain_section(winner: dict[str, Any], options: CompareOptions) -> list[str]:
+    from cetnet.config import read_yaml, validate_config
+    from cetnet.reproduce.stats import mean_std, paired_difference
+
+    source = Path(winner["run_dir"]) / "full" / "config.yaml"
+    if not source.is_file():
+        raise CompareError(f"--retrain-seeds: the best trial's config {source} is not on this "
+                           f"machine")
+    entries = [("best trial", validate_config(read_yaml(source)))]
+    entries += [_baseline_config(spec) for spec in options.baselines]
+    seeds = options.retrain_seeds
+    results = [(label, config, _train_seeds(config, seeds, options.out, options.say, label))
+               for label, config in entries]
+    lines = ["## The best trial retrained from scratch", "",
+             f"Each config trained with `train.seed` 0..{seeds - 1} (initial weights, batch "
+             "order, dropout; the data is the same), its own epochs and early stopping; test "
+             "metrics of the best validation epoch, mean ± std over seeds:", "",
+             "| config | members | epochs | AUC | gAUC | logloss | valid AUC |",
+             "|---|---|---:|---|---|---|---|"]
+    for label, config, runs in results:
+        cells = []
+        for key, _, _ in TEST_METRICS:
+            m, sd = mean_std([r["fused"][key] for r in runs.values()])
+            cells.append(f"{_fmt(m)} ± {_fmt(sd)}")
+        m, sd = mean_std([r["valid"]["fused"]["auc"] for r in runs.values()])
+        model = config["model"]
+        members = ", ".join(model.get("members") or []) or "-"
+        lines.append(f"| {label} ({model['ensemble']}) | {members} | "
+                     f"{config['train']['epochs']} | " + " | ".join(cells)
+                     + f" | {_fmt(m)} ± {_fmt(sd)} |")
+    if len(results) > 1:
+        lines += ["", "Paired by seed, best trial minus baseline (95 % t interval):", "",
+                  "| baseline | metric | mean difference | 95 % interval | verdict |",
+                  "|---|---|---:|---|---|"]
+        _, _, best_runs = results[0]
+        for label, _, runs in results[1:]:
+            for key, name, higher in TEST_METRICS:
+                d = paired_difference({s: r["fused"][key] for s, r in best_runs.items()},
+                                      {s: r["fused"][key] for s, r in runs.items()})
+                lines.append(f"| {label} | {name} | {d.mean:+.4f} | "
+                             f"[{_fmt(d.low)}, {_fmt(d.high)}] | {d.verdict(higher)} |")
+    return lines + [""]
+
+
+def compare_studies(options: CompareOptions) -> dict[str, Any]:
+    """Reads the studies, writes COMPARE.md, compare.csv and best_so_far.png into
+    ``options.out``; returns ``{"studies", "budget", "curves", "correlation", "winner"}``."""
+    if not options.studies:
+        raise CompareError("--compare needs the --out folder of at least one study")
+    if options.retrain_seeds < 0:
+        raise CompareError(f"--retrain-seeds must be >= 0, got {options.retrain_seeds}")
+    if options.baselines and not options.retrain_seeds:
+        raise CompareError("--baseline is trained beside the retrained best trial: give "
+                           "--retrain-seeds N too")
+    studies = [read_trials(Path(folder)) for folder in options.studies]
+    labels = [s.label for s in studies]
+    if len(set(labels)) != len(labels):
+        raise CompareError(f"--compare: two study folders share a name ({', '.join(labels)}); "
+                           f"the folder's name labels its study")
+    for spec in options.baselines:  # a bad baseline fails before anything trains
+        _baseline_config(spec)
+    budget = min(len(s.finished) for s in studies)
+    curves = [best_so_far(s) for s in studies]
+    options.out.mkdir(parents=True, exist_ok=True)
+
+    rows = [{"trials": k, **{s.label: _fmt(c[k - 1][0]) if k <= len(c) else ""
+                             for s, c in zip(studies, curves)}}
+            for k in range(1, max((len(c) for c in curves), default=0) + 1)]
+    write_text_atomic(options.out / "compare.csv", csv_text(rows, ["trials", *labels]))
+
+    lines = ["# Search studies compared", "", "Command:", "", "```", options.command, "```", "",
+             "## Best validation AUC so far, at equal budget", "",
+             f"Each study's best objective (validation AUC) within its first n finished trials, "
+             f"n up to {budget}, the finished trials of the smallest study (trial order; a "
+             "pruned trial uses budget and adds nothing):", "",
+             "| study | " + " | ".join(f"n = {k}" for k in _checkpoints(budget))
+             + " | found at trial | its test AUC |",
+             "|---|" + "---:|" * (len(_checkpoints(budget)) + 2)]
+    winner: dict[str, Any] | None = None
+    for study, curve in zip(studies, curves):
+        cells = [_fmt(curve[k - 1][0]) for k in _checkpoints(budget)]
+        value, row = curve[budget - 1] if budget else (None, None)
+        found = "-" if row is None else str(row["number"])
+        test = "-" if row is None else _fmt(row.get("test_auc"))
+        lines.append(f"| {study.label} | " + " | ".join(cells) + f" | {found} | {test} |")
+        if value is not None and (winner is None or value > _value(winner)):
+            winner = {**row, "study": study.label}
+    plotted = _plot(studies, curves, budget, options.out / "best_so_far.png")
+    if plotted:
+        lines += ["", "![best so far](best_so_far.png)"]
+
+    distinct = _distinct_complete(studies)
+    corr = {}
+    for name, _ in CORRELATED:
+        pairs = [(r[name], r["valid_auc"]) for r in distinct if r.get(name) is not None]
+        corr[name] = rank_correlation([p for p, _ in pairs], [a for _, a in pairs])
+    lines += ["", "## Warm-up proxies over all the studies", "",
+              f"Rank correlation with the full-training validation AUC over the {len(distinct)} "
+              "distinct completed trials (a config several studies trained counts once):", "",
+              "| proxy | trials | Kendall tau | Spearman |", "|---|---:|---:|---:|"]
+    lines += [f"| {what} | {corr[name]['n']} | {_fmt(corr[name]['kendall_tau'], 3)} | "
+              f"{_fmt(corr[name]['spearman'], 3)} |" for name, what in CORRELATED]
+    lines += ["", f"(computed by {corr['proxy_auc']['by']})", ""]
+
+    if winner is None:
+        lines += ["No trial completed.", ""]
+    else:
+        lines += ["## Best trial of all", "",
+                  f"Study {winner['study']}, trial {winner['number']}: validation AUC "
+                  f"{_fmt(winner['valid_auc'])}, test AUC {_fmt(winner.get('test_auc'))}; its "
+                  f"run `{winner['run_dir']}/full`, its config `{winner['study']}/{BEST_CONFIG}` "
+                  "when it is that study's best.", "",
+                  "| parameter | value |", "|---|---|"]
+        lines += [f"| {k[6:]} | {v} |" for k, v in winner.items()
+                  if k.startswith("param.") and v not in ("", None)]
+        lines.append("")
+        if options.retrain_seeds:
+            lines += _retrain_section(winner, options)
+    write_text_atomic(options.out / "COMPARE.md", "\n".join(lines))
+    return {"studies": studies, "budget": budget, "curves": curves, "correlation": corr,
+            "winner": winner}
