@@ -131,6 +131,7 @@ def test_a_study_runs_end_to_end(sampler, tmp_path, space_file, one_thread):
         assert float(r["sigeo"]) == pytest.approx(float(r["zico"]) + float(r["fisher_rao"])
                                                   + float(r["neg_warmup_loss"]))
         assert float(r["flops"]) > 0 and int(r["params"]) > 0 and float(r["seconds"]) > 0
+        assert float(r["step_ms"]) > 0
         for part in ("warmup", "full"):
             run = Path(r["run_dir"]) / part
             assert (run / "metrics.json").is_file() and (run / "config.yaml").is_file()

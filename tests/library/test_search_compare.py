@@ -130,6 +130,7 @@ def test_compare_writes_curves_correlations_and_the_retrained_winner(two_studies
     report = (out / "COMPARE.md").read_text()
     for text in ("## Best validation AUC so far, at equal budget", "| random |", "| tpe |",
                  "## Warm-up proxies over all the studies", "## Best trial of all",
+                 "## Pareto front of all the studies",
                  "## The best trial retrained from scratch", "| baseline.yaml |",
                  "within seed noise"):
         assert text in report, text

@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 
 from cetnet.atomic import write_text_atomic
 from cetnet.config import ConfigError
-from cetnet.search.report import (BEST_CONFIG, CORRELATED, METRICS, csv_text, rank_correlation,
-                                  write_plot)
+from cetnet.search.report import (BEST_CONFIG, CORRELATED, METRICS, csv_text, pareto_front,
+                                  rank_correlation, write_plot)
 
 __all__ = ["CompareOptions", "StudyTrials", "read_trials", "best_so_far", "compare_studies"]
 
@@ -127,12 +127,23 @@ def _checkpoints(n: int) -> list[int]:
 
 
 def _distinct_complete(studies: Sequence[StudyTrials]) -> list[dict[str, Any]]:
+    """The completed trials of all the studies, one per run directory (the first study that
+    has it names it: ``row["study"]``)."""
     seen: dict[str, dict[str, Any]] = {}
     for study in studies:
         for row in study.rows:
             if row["state"] == "COMPLETE" and row.get("valid_auc") is not None:
-                seen.setdefault(row["run_dir"] or f"{study.label}#{row['number']}", row)
+                seen.setdefault(row["run_dir"] or f"{study.label}#{row['number']}",
+                                {**row, "study": study.label})
     return list(seen.values())
+
+
+def _trial_name(row: dict[str, Any]) -> str:
+    return f"{row['study']} #{row['number']}"
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def _plot(studies: Sequence[StudyTrials], curves: Sequence[list], n: int, path: Path) -> bool:
@@ -290,6 +301,17 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
     lines += [f"| {what} | {corr[name]['n']} | {_fmt(corr[name]['kendall_tau'], 3)} | "
               f"{_fmt(corr[name]['spearman'], 3)} |" for name, what in CORRELATED]
     lines += ["", f"(computed by {corr['proxy_auc']['by']})", ""]
+    costed = [r for r in distinct if r.get("flops") is not None]
+    front = sorted((costed[i] for i in pareto_front([(r["valid_auc"], r["flops"])
+                                                     for r in costed])),
+                   key=lambda r: r["flops"])
+    lines += ["## Pareto front of all the studies (validation AUC vs FLOPs per sample)", "",
+              "| trial | valid AUC | test AUC | FLOPs/sample | parameters | step ms |",
+              "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {_trial_name(r)} | {_fmt(r['valid_auc'])} | {_fmt(r.get('test_auc'))} | "
+              f"{r['flops']:,.0f} | {_count(r.get('params'))} | {_fmt(r.get('step_ms'), 1)} |"
+              for r in front]
+    lines.append("")
 
     if winner is None:
         lines += ["No trial completed.", ""]

@@ -437,6 +437,9 @@ def run_search(options: SearchOptions) -> Any:
         trial.set_user_attr("valid_gauc", valid["gauc"])
         trial.set_user_attr("valid_logloss", valid["logloss"])
         trial.set_user_attr("test_auc", metrics["fused"]["auc"])
+        if metrics.get("train_samples_per_s"):  # the measured cost, beside FLOPs and params
+            trial.set_user_attr("step_ms", 1000.0 * config["train"]["batch_size"]
+                                / metrics["train_samples_per_s"])
         trial.set_user_attr("seconds", time.perf_counter() - start)
         trial.set_user_attr("reused", all(reused))
         options.say(f"trial {trial.number}: valid AUC {valid['auc']:.4f}, {flops:,.0f} "

@@ -15,7 +15,7 @@ __all__ = ["kendall_tau", "spearman", "rank_correlation", "pareto_front", "trial
            "best_row", "csv_text", "write_plot", "write_outputs", "BEST_CONFIG"]
 
 METRICS = ("objective", "over_max_cost", "proxy_auc", "sigeo", "zico", "fisher_rao", "neg_warmup_loss", "valid_auc",
-           "valid_gauc", "valid_logloss", "test_auc", "flops", "params", "seconds")
+           "valid_gauc", "valid_logloss", "test_auc", "flops", "params", "step_ms", "seconds")
 #: What the report correlates with the full-training validation AUC: the proxies of a warmed-up
 #: trial (cetnet.search.proxies) and, as the naive baselines zero-cost proxies are measured
 #: against, the parameter count and the FLOPs.
