@@ -140,6 +140,11 @@ def test_compare_writes_curves_correlations_and_the_retrained_winner(two_studies
     for label in ("random", "tpe"):
         values = [float(r[label]) for r in curves]
         assert values == sorted(values)  # best so far never falls
+    # one config trained by both studies (their seeded start-up trial) is one point
+    keys = [Path(r["run_dir"]).name for s in ("random", "tpe")
+            for r in read_trials(root / s).rows if r["state"] == "COMPLETE"]
+    assert len(set(keys)) < len(keys)
+    assert result["correlation"]["proxy_auc"]["n"] == len(set(keys))
     # the winner is the best complete trial of both studies
     best = max((read_trials(root / s) for s in ("random", "tpe")),
                key=lambda s: max(r["valid_auc"] for r in s.rows))

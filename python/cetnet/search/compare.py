@@ -127,14 +127,16 @@ def _checkpoints(n: int) -> list[int]:
 
 
 def _distinct_complete(studies: Sequence[StudyTrials]) -> list[dict[str, Any]]:
-    """The completed trials of all the studies, one per run directory (the first study that
-    has it names it: ``row["study"]``)."""
+    """The completed trials of all the studies, one per config (the first study that has it
+    names it: ``row["study"]``)."""
     seen: dict[str, dict[str, Any]] = {}
     for study in studies:
         for row in study.rows:
             if row["state"] == "COMPLETE" and row.get("valid_auc") is not None:
-                seen.setdefault(row["run_dir"] or f"{study.label}#{row['number']}",
-                                {**row, "study": study.label})
+                # the run folder's name is the hash of the trial's config: one config, once
+                key = Path(row["run_dir"]).name if row["run_dir"] else \
+                    f"{study.label}#{row['number']}"
+                seen.setdefault(key, {**row, "study": study.label})
     return list(seen.values())
 
 
