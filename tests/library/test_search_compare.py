@@ -97,19 +97,91 @@ def test_progress_lines_count_finished_trials_with_an_eta(two_studies):
     assert said == ["progress: 4/8 trials finished, 60 s so far, about 60 s left"]
 
 
-def test_best_so_far_is_a_running_maximum_and_pruned_trials_use_budget(tmp_path):
-    rows = [("0", "COMPLETE", "0.70"), ("1", "PRUNED", ""), ("2", "FAIL", ""),
-            ("3", "COMPLETE", "0.68"), ("4", "COMPLETE", "0.75")]
-    folder = tmp_path / "s"
-    folder.mkdir()
+def _trials_csv(folder: Path, rows, objective=None) -> Path:
+    """A trials.csv of (number, state, valid_auc[, flops]) rows; ``objective(auc)`` fills the
+    objective column (a --cost-weight study's), else it is the AUC."""
+    folder.mkdir(parents=True)
     with (folder / "trials.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["number", "state", "objective", "valid_auc", "run_dir"])
-        for number, state, auc in rows:
-            w.writerow([number, state, auc, auc, f"r{number}"])
-    curve = best_so_far(read_trials(folder))  # FAIL is not a finished trial
-    assert [v for v, _ in curve] == [0.70, 0.70, 0.70, 0.75]
-    assert [r["number"] for _, r in curve] == [0, 0, 0, 4]
+        w.writerow(["number", "state", "objective", "valid_auc", "test_auc", "flops",
+                    "proxy_auc", "run_dir"])
+        for number, state, auc, *flops in rows:
+            value = "" if auc == "" else (objective(float(auc)) if objective else auc)
+            w.writerow([number, state, value, auc, auc, (flops or ["1000"])[0], auc,
+                        f"runs/{folder.name}-{number}"])
+    return folder
+
+
+def test_best_so_far_is_a_running_maximum_and_pruned_trials_use_budget(tmp_path):
+    folder = _trials_csv(tmp_path / "s", [("0", "COMPLETE", "0.70"), ("1", "PRUNED", ""),
+                                          ("2", "FAIL", ""), ("3", "COMPLETE", "0.68"),
+                                          ("4", "COMPLETE", "nan"), ("5", "COMPLETE", "0.75")])
+    curve = best_so_far(read_trials(folder))  # FAIL is not a finished trial; NaN never best
+    assert [v for v, _ in curve] == [0.70, 0.70, 0.70, 0.70, 0.75]
+    assert [r["number"] for _, r in curve] == [0, 0, 0, 0, 5]
+
+
+def test_compare_is_on_the_auc_at_equal_budget_and_its_winner_is_the_best_of_all(tmp_path):
+    # a: 6 trials, its best (0.80) after the equal budget of 3; b: a --cost-weight study
+    # whose objective is far below its AUCs, best AUC 0.78; a NaN trial is nowhere
+    a = _trials_csv(tmp_path / "a", [("0", "COMPLETE", "0.70", "100"),
+                                     ("1", "COMPLETE", "0.72", "300"),
+                                     ("2", "COMPLETE", "nan", "50"),
+                                     ("3", "COMPLETE", "0.71", "10"),
+                                     ("4", "FAIL", ""), ("5", "COMPLETE", "0.80", "900")])
+    b = _trials_csv(tmp_path / "b", [("0", "COMPLETE", "0.78", "200"),
+                                     ("1", "PRUNED", ""), ("2", "COMPLETE", "0.74", "20")],
+                    objective=lambda auc: auc - 0.5)
+    result = compare_studies(CompareOptions(studies=[a, b], out=tmp_path / "out",
+                                            say=lambda text: None))
+    assert result["budget"] == 3
+    report = (tmp_path / "out" / "COMPARE.md").read_text()
+    assert "| a | 0.7000 | 0.7200 | 1 | 0.7200 |" in report  # n = 1, n = 3, at trial 1
+    assert "| b | 0.7800 | 0.7800 | 0 | 0.7800 |" in report  # the AUC, not the objective
+    assert result["winner"]["study"] == "a" and result["winner"]["number"] == 5
+    assert "Study a, trial 5: validation AUC 0.8000" in report
+    assert result["correlation"]["proxy_auc"]["n"] == 6  # 4 of a (no NaN), 2 of b
+    front = report.split("## Pareto front")[1].split("##")[0]
+    assert [line.split(" | ")[0] for line in front.splitlines() if line.startswith("| a")
+            or line.startswith("| b")] == ["| a #3", "| b #2", "| b #0", "| a #5"]
+
+
+def test_the_retrained_comparison_is_best_minus_baseline_by_seed(tmp_path, monkeypatch):
+    import cetnet.search.compare as compare
+
+    study = _trials_csv(tmp_path / "s", [("0", "COMPLETE", "0.75")])
+    run = tmp_path / "s" / "runs" / "s-0" / "full"  # found under the study's runs/ folder
+    run.mkdir(parents=True)
+    config = load_config(None)
+    dump_config(config, run / "config.yaml")
+    baseline = tmp_path / "base.yaml"
+    dump_config({**config, "name": "base"}, baseline)
+    other = tmp_path / "other.yaml"
+    dump_config({**config, "data": {"name": "synthetic"}}, other)
+
+    def fake(config, seeds, out, say, label):  # best: AUC +0.01 and logloss -0.02 per seed
+        shift = 0.0 if label == "best trial" else 1.0
+        return {s: {"fused": {"auc": 0.80 + 0.001 * s - 0.01 * shift, "gauc": 0.7 + 0.001 * s,
+                              "logloss": 0.50 + 0.003 * s + 0.02 * shift},
+                    "valid": {"fused": {"auc": 0.79}}} for s in range(seeds)}
+
+    monkeypatch.setattr(compare, "_train_seeds", fake)
+    compare_studies(CompareOptions(studies=[study], out=tmp_path / "out", retrain_seeds=3,
+                                   baselines=[str(baseline)], say=lambda text: None))
+    report = (tmp_path / "out" / "COMPARE.md").read_text()
+    assert "| base.yaml | AUC | +0.0100 | [0.0100, 0.0100] | better |" in report
+    assert "| base.yaml | gAUC | +0.0000 |" in report and "within seed noise" in report
+    assert "| base.yaml | logloss | -0.0200 | [-0.0200, -0.0200] | better |" in report
+    with pytest.raises(CompareError, match="other.yaml: its data section"):
+        compare_studies(CompareOptions(studies=[study], out=tmp_path / "out", retrain_seeds=1,
+                                       baselines=[str(other)], say=lambda text: None))
+
+
+def test_a_study_without_a_finished_trial_is_refused(tmp_path):
+    a = _trials_csv(tmp_path / "a", [("0", "COMPLETE", "0.70")])
+    b = _trials_csv(tmp_path / "b", [("0", "FAIL", "")])
+    with pytest.raises(CompareError, match="b: the study has no finished trial"):
+        compare_studies(CompareOptions(studies=[a, b], out=tmp_path / "out"))
 
 
 def test_compare_writes_curves_correlations_and_the_retrained_winner(two_studies, tmp_path):

@@ -98,20 +98,23 @@ def read_trials(folder: Path) -> StudyTrials:
     return StudyTrials(Path(folder).name or str(folder), Path(folder), rows)
 
 
-def _value(row: dict[str, Any]) -> float | None:
-    # the study's objective (the AUC, or the AUC less the cost with --cost-weight)
-    return row["objective"] if row.get("objective") is not None else row.get("valid_auc")
+def _auc(row: dict[str, Any]) -> float | None:
+    """The trial's full-training validation AUC; ``None`` when it has none or it is NaN.
+    (Not its objective: with ``--cost-weight`` that is the AUC less a cost, and studies are
+    compared on what they all share.)"""
+    value = row.get("valid_auc")
+    return value if value is not None and math.isfinite(value) else None
 
 
 def best_so_far(study: StudyTrials) -> list[tuple[float | None, dict[str, Any] | None]]:
-    """Per finished trial, in trial order: the best objective value among the finished trials
+    """Per finished trial, in trial order: the best validation AUC among the finished trials
     so far and the row that holds it (``(None, None)`` until one completed; pruned trials use
     budget and add nothing)."""
     best: tuple[float | None, dict[str, Any] | None] = (None, None)
     curve = []
     for row in study.finished:
-        value = _value(row) if row["state"] == "COMPLETE" else None
-        if value is not None and math.isfinite(value) and (best[0] is None or value > best[0]):
+        value = _auc(row) if row["state"] == "COMPLETE" else None
+        if value is not None and (best[0] is None or value > best[0]):
             best = (value, row)
         curve.append(best)
     return curve
@@ -132,7 +135,7 @@ def _distinct_complete(studies: Sequence[StudyTrials]) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for study in studies:
         for row in study.rows:
-            if row["state"] == "COMPLETE" and row.get("valid_auc") is not None:
+            if row["state"] == "COMPLETE" and _auc(row) is not None:
                 # the run folder's name is the hash of the trial's config: one config, once
                 key = Path(row["run_dir"]).name if row["run_dir"] else \
                     f"{study.label}#{row['number']}"
@@ -200,16 +203,30 @@ def _train_seeds(config: dict, seeds: int, out: Path,
     return results
 
 
+def _winner_config_path(winner: dict[str, Any]) -> Path:
+    """The best trial's ``full/config.yaml``: at its recorded run path, or (a path relative to
+    where the search ran) under the study folder's ``runs/``."""
+    recorded = Path(winner["run_dir"])
+    for run in (recorded, winner["folder"] / "runs" / recorded.name):
+        if (run / "full" / "config.yaml").is_file():
+            return run / "full" / "config.yaml"
+    raise CompareError(f"--retrain-seeds: the best trial's run {recorded}/full/config.yaml is "
+                       f"not on this machine (nor under {winner['folder'] / 'runs'})")
+
+
 def _retrain_section(winner: dict[str, Any], options: CompareOptions) -> list[str]:
     from cetnet.config import read_yaml, validate_config
     from cetnet.reproduce.stats import mean_std, paired_difference
 
-    source = Path(winner["run_dir"]) / "full" / "config.yaml"
-    if not source.is_file():
-        raise CompareError(f"--retrain-seeds: the best trial's config {source} is not on this "
-                           f"machine")
-    entries = [("best trial", validate_config(read_yaml(source)))]
-    entries += [_baseline_config(spec) for spec in options.baselines]
+    source = _winner_config_path(winner)
+    best = validate_config(read_yaml(source))
+    entries = [("best trial", best)]
+    for spec in options.baselines:
+        label, config = _baseline_config(spec)
+        if config["data"] != best["data"]:  # a paired comparison on other data means nothing
+            raise CompareError(f"--baseline {spec}: its data section {config['data']} is not "
+                               f"the best trial's {best['data']}")
+        entries.append((label, config))
     seeds = options.retrain_seeds
     results = [(label, config, _train_seeds(config, seeds, options.out, options.say, label))
                for label, config in entries]
@@ -259,6 +276,9 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
     if len(set(labels)) != len(labels):
         raise CompareError(f"--compare: two study folders share a name ({', '.join(labels)}); "
                            f"the folder's name labels its study")
+    for study in studies:
+        if not study.finished:
+            raise CompareError(f"--compare {study.folder}: the study has no finished trial")
     for spec in options.baselines:  # a bad baseline fails before anything trains
         _baseline_config(spec)
     budget = min(len(s.finished) for s in studies)
@@ -272,7 +292,7 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
 
     lines = ["# Search studies compared", "", "Command:", "", "```", options.command, "```", "",
              "## Best validation AUC so far, at equal budget", "",
-             f"Each study's best objective (validation AUC) within its first n finished trials, "
+             f"Each study's best validation AUC within its first n finished trials, "
              f"n up to {budget}, the finished trials of the smallest study (trial order; a "
              "pruned trial uses budget and adds nothing):", "",
              "| study | " + " | ".join(f"n = {k}" for k in _checkpoints(budget))
@@ -281,12 +301,13 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
     winner: dict[str, Any] | None = None
     for study, curve in zip(studies, curves):
         cells = [_fmt(curve[k - 1][0]) for k in _checkpoints(budget)]
-        value, row = curve[budget - 1] if budget else (None, None)
+        _, row = curve[budget - 1]
         found = "-" if row is None else str(row["number"])
         test = "-" if row is None else _fmt(row.get("test_auc"))
         lines.append(f"| {study.label} | " + " | ".join(cells) + f" | {found} | {test} |")
-        if value is not None and (winner is None or value > _value(winner)):
-            winner = {**row, "study": study.label}
+        value, row = curve[-1]  # the winner: of every trial, past the equal budget too
+        if value is not None and (winner is None or value > winner["valid_auc"]):
+            winner = {**row, "study": study.label, "folder": study.folder}
     plotted = _plot(studies, curves, budget, options.out / "best_so_far.png")
     if plotted:
         lines += ["", "![best so far](best_so_far.png)"]
@@ -294,7 +315,8 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
     distinct = _distinct_complete(studies)
     corr = {}
     for name, _ in CORRELATED:
-        pairs = [(r[name], r["valid_auc"]) for r in distinct if r.get(name) is not None]
+        pairs = [(r[name], r["valid_auc"]) for r in distinct
+                 if r.get(name) is not None and math.isfinite(r[name])]
         corr[name] = rank_correlation([p for p, _ in pairs], [a for _, a in pairs])
     lines += ["", "## Warm-up proxies over all the studies", "",
               f"Rank correlation with the full-training validation AUC over the {len(distinct)} "
@@ -303,7 +325,7 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
     lines += [f"| {what} | {corr[name]['n']} | {_fmt(corr[name]['kendall_tau'], 3)} | "
               f"{_fmt(corr[name]['spearman'], 3)} |" for name, what in CORRELATED]
     lines += ["", f"(computed by {corr['proxy_auc']['by']})", ""]
-    costed = [r for r in distinct if r.get("flops") is not None]
+    costed = [r for r in distinct if r.get("flops") is not None and math.isfinite(r["flops"])]
     front = sorted((costed[i] for i in pareto_front([(r["valid_auc"], r["flops"])
                                                      for r in costed])),
                    key=lambda r: r["flops"])
@@ -327,7 +349,9 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
         lines += [f"| {k[6:]} | {v} |" for k, v in winner.items()
                   if k.startswith("param.") and v not in ("", None)]
         lines.append("")
-        if options.retrain_seeds:
+        if options.retrain_seeds:  # hours of training: what is known is written first
+            write_text_atomic(options.out / "COMPARE.md", "\n".join(
+                lines + ["(The retrained runs are in progress.)", ""]))
             lines += _retrain_section(winner, options)
     write_text_atomic(options.out / "COMPARE.md", "\n".join(lines))
     return {"studies": studies, "budget": budget, "curves": curves, "correlation": corr,

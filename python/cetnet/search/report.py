@@ -198,10 +198,11 @@ def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str
         corr[name] = rank_correlation([p for p, _ in pairs], [a for _, a in pairs])
     plotted = _plot(rows, front, out / "auc_vs_flops.png")
     best = best_row(rows, front, multi)
-    if best is not None:
-        _write_best_config(best, out / BEST_CONFIG)
+    wrote_config = best is not None and _write_best_config(best, out / BEST_CONFIG)
+    if not wrote_config:  # never leave an earlier invocation's best config standing
+        (out / BEST_CONFIG).unlink(missing_ok=True)
     write_text_atomic(out / "SEARCH.md", _markdown(study, rows, front, corr, objectives,
-                                                   command, plotted, best))
+                                                   command, plotted, best, wrote_config))
     return {"rows": rows, "front": front, "correlation": corr, "best": best}
 
 
@@ -218,20 +219,22 @@ def best_row(rows: list[dict[str, Any]], front: list[dict[str, Any]],
                else r["objective"])
 
 
-def _write_best_config(best: dict[str, Any], path: Path) -> None:
-    """The best trial's resolved run config (its ``full/config.yaml``), a file ``cetnet train
-    --config`` takes as it is; skipped when that run directory is not on this machine (a
-    worker elsewhere trained it)."""
+def _write_best_config(best: dict[str, Any], path: Path) -> bool:
+    """Writes the best trial's resolved run config (its ``full/config.yaml``), a file ``cetnet
+    train --config`` takes as it is; ``False`` when that run directory is not on this machine
+    (a worker elsewhere trained it)."""
     from cetnet.config import dump_config, read_yaml
 
     source = Path(best["run_dir"]) / "full" / "config.yaml"
-    if source.is_file():
-        dump_config(read_yaml(source), path)
+    if not source.is_file():
+        return False
+    dump_config(read_yaml(source), path)
+    return True
 
 
 def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]],
               corr: dict[str, dict[str, Any]], objectives: Sequence[str], command: str,
-              plotted: bool, best: dict[str, Any] | None) -> str:
+              plotted: bool, best: dict[str, Any] | None, wrote_config: bool) -> str:
     states: dict[str, int] = {}
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
@@ -245,8 +248,11 @@ def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]
                   f"{_fmt(best['valid_gauc'])}, logloss {_fmt(best['valid_logloss'])}, test AUC "
                   f"{_fmt(best['test_auc'])}, {_fmt(best['flops'], 0)} FLOPs/sample, "
                   f"{best['params']} parameters; its run: `{best['run_dir']}/full` "
-                  f"(config.yaml, metrics.json); as a train config: {BEST_CONFIG} "
-                  f"(`cetnet train --config {BEST_CONFIG}`).", "",
+                  "(config.yaml, metrics.json)" + (
+                      f"; as a train config: {BEST_CONFIG} (`cetnet train --config "
+                      f"{BEST_CONFIG}`)." if wrote_config else
+                      f"; that run is not on this machine, so no {BEST_CONFIG} was written."),
+                  "",
                   "| parameter | value |", "|---|---|"]
         lines += [f"| {k[6:]} | {v} |" for k, v in best.items()
                   if k.startswith("param.") and v != ""]
