@@ -170,3 +170,19 @@ def test_library_members_and_an_ensemble_without_weights_export(tmp_path):
     torch.testing.assert_close(served["prob"], eager.prob, rtol=0, atol=1e-6)
     assert [n.target for n in program.graph.nodes if "cetnet" in str(n.target)] == \
         [torch.ops.cetnet.multi_embedding.default]  # the lookup, not the training op
+
+
+@pytest.mark.parametrize("name", ["ml100k_search_winner.yaml", "ml100k_results_best_row.yaml"])
+def test_the_search_examples_configs_are_valid_train_configs(name):
+    from cetnet.config import load_config
+
+    config = load_config(ROOT / "examples" / "search" / name)
+    assert config["data"]["name"] == "movielens-100k" and config["train"]["epochs"] == 6
+
+
+def test_the_search_examples_space_loads_and_limits_the_members():
+    pytest.importorskip("optuna")
+    from cetnet.search.space import load_space
+
+    space = load_space(ROOT / "examples" / "search" / "ml100k_dnn_dcnv2_space.yaml")
+    assert space["members"]["kinds"] == ["dnn", "dcnv2"]
