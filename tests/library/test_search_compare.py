@@ -253,3 +253,41 @@ def test_compare_errors_are_one_line(args, expected, two_studies, tmp_path, caps
     expected = expected.replace("NOWHERE", str(tmp_path / "nowhere")).replace(
         "MISSING.yaml", str(tmp_path / "MISSING.yaml"))
     assert err[0].startswith("cetnet search: error: ") and expected in err[0], err[0]
+
+
+def test_sigeo_weights_are_fitted_to_the_ranking_and_parsed():
+    import numpy as np
+
+    from cetnet.search.proxies import fit_sigeo_weights, parse_sigeo_weights, sigeo_score
+
+    rng = np.random.default_rng(0)
+    terms = rng.normal(size=(60, 3)) * [100.0, 2.0, 0.1]  # zico, fisher_rao, -loss scales
+    auc = 0.003 * terms[:, 0] + 10.0 * terms[:, 2] + 0.01 * rng.normal(size=60)
+    weights, tau = fit_sigeo_weights(terms, auc)
+    assert tau > 0.9 and max(abs(w) for w in weights) == pytest.approx(1.0)
+    assert weights[2] == pytest.approx(1.0) and weights[0] == pytest.approx(3e-4, rel=0.2)
+    assert abs(weights[1]) < 0.05
+    # the weights are sigeo_score's: its loss term is minus the loss
+    stats = {"zico": 200.0, "fisher_rao": 1.0, "loss": 0.5}
+    assert sigeo_score(stats, weights) == pytest.approx(
+        200.0 * weights[0] + weights[1] - 0.5 * weights[2])
+    assert parse_sigeo_weights("1, 0.5,-2") == (1.0, 0.5, -2.0)
+    for bad in ("1,2", "a,b,c", "0,0,0", "1,nan,1"):
+        with pytest.raises(ValueError, match="--sigeo-weights"):
+            parse_sigeo_weights(bad)
+
+
+def test_the_sigeo_score_follows_the_weights_given(tmp_path, capsys, one_thread):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    status = main(["search", "--dataset", "synthetic", "--space", str(space), "--trials", "1",
+                   "--pruner", "none", "--proxy", "sigeo", "--sigeo-weights", "0,0,1",
+                   "--warmup-fraction", "0.5", "--out", str(tmp_path / "z"), "--set", *DATA])
+    assert status == 0, capsys.readouterr().err
+    with (tmp_path / "z" / "trials.csv").open(newline="") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["sigeo"]) == pytest.approx(float(row["neg_warmup_loss"]))
+    status = main(["search", "--dataset", "synthetic", "--sigeo-weights", "1,2",
+                   "--out", str(tmp_path / "q"), "--set", *DATA])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--sigeo-weights" in err[0], err

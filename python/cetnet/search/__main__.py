@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--proxy", choices=PROXIES, default="auc",
       help="what the pruner ranks warmed-up trials by: their validation AUC (default) or the "
       "SiGeo-style score of their warmed-up weights (both are recorded)")
+    a("--sigeo-weights", default=None, metavar="Z,F,L",
+      help="weights of the SiGeo-style score's terms: zico, fisher_rao, warm-up loss (default "
+      "1,1,1; --compare fits them to finished trials)")
     a("--warmup-fraction", type=float, default=0.25,
       help="share of the training rows of the warm-up epoch (default 0.25; 0: no warm-up)")
     a("--storage", default=None,
@@ -87,7 +90,7 @@ def _compare(args: argparse.Namespace, argv: Sequence[str]) -> Path:
 
     given = [flag for flag, used in (
         ("--system", args.system), ("--resume", args.resume), ("--storage", args.storage),
-        ("--set", args.overrides)) if used]
+        ("--set", args.overrides), ("--sigeo-weights", args.sigeo_weights)) if used]
     if given:
         raise ConfigError(f"--compare reads finished studies: {', '.join(given)} belong to "
                           f"running one")
@@ -115,6 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             raise ConfigError("needs Optuna: pip install optuna") from None
         out = args.out or Path("runs") / f"search-{Path(args.dataset).stem}"
+        from cetnet.search.proxies import SIGEO_WEIGHTS, parse_sigeo_weights
+
+        try:
+            sigeo_weights = SIGEO_WEIGHTS if args.sigeo_weights is None else \
+                parse_sigeo_weights(args.sigeo_weights)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         options = SearchOptions(
             out=out, dataset=args.dataset, space=args.space, trials=args.trials,
             objective=args.objective,
@@ -122,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup_fraction=args.warmup_fraction, proxy=args.proxy, max_cost=args.max_cost,
             cost_weight=args.cost_weight, storage=args.storage, study=args.study,
             resume=args.resume, seed=args.seed, overrides=args.overrides,
-            command=main_command(argv))
+            command=main_command(argv), sigeo_weights=sigeo_weights)
         if args.system:
             from cetnet.search.system import run_system_search
 
@@ -130,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("--objective", args.objective != "auc"), ("--proxy", args.proxy != "auc"),
                 ("--max-cost", args.max_cost is not None), ("--cost-weight", args.cost_weight),
                 ("--pruner", args.pruner != "median"), ("--space", args.space != "default"),
-                ("--warmup-fraction", args.warmup_fraction != 0.25)) if given]
+                ("--warmup-fraction", args.warmup_fraction != 0.25),
+                ("--sigeo-weights", args.sigeo_weights is not None)) if given]
             if ignored:
                 raise ConfigError(f"--system measures one model's settings: "
                                   f"{', '.join(ignored)} belong to the architecture search")

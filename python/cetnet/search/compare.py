@@ -143,6 +143,44 @@ def _distinct_complete(studies: Sequence[StudyTrials]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def _sigeo_fit_section(distinct: list[dict[str, Any]]) -> list[str]:
+    """The SiGeo-style score's weights fitted to these trials, and how well a fit ranks trials
+    it was not fitted on (two folds: alternate trials)."""
+    from cetnet.search.proxies import SIGEO_TERMS, fit_sigeo_weights
+
+    rows = [r for r in distinct if all(r.get(t) is not None and math.isfinite(r[t])
+                                       for t in SIGEO_TERMS)]
+    if len(rows) < 8:
+        return []
+
+    def terms(part: list[dict[str, Any]]) -> list[list[float]]:
+        return [[r[t] for t in SIGEO_TERMS] for r in part]
+
+    def tau(weights: tuple[float, ...], part: list[dict[str, Any]]) -> dict[str, Any]:
+        scores = [sum(w * r[t] for w, t in zip(weights, SIGEO_TERMS)) for r in part]
+        return rank_correlation(scores, [r["valid_auc"] for r in part])
+
+    weights, _ = fit_sigeo_weights(terms(rows), [r["valid_auc"] for r in rows])
+    fitted = tau(weights, rows)
+    folds = (rows[0::2], rows[1::2])
+    held = []
+    for train, test in (folds, folds[::-1]):
+        w, _ = fit_sigeo_weights(terms(train), [r["valid_auc"] for r in train])
+        held.append(tau(w, test))
+    text = ",".join(f"{w:.4g}" for w in weights)
+    lines = ["### The SiGeo-style score with fitted weights", "",
+            f"Weights of (zico, fisher_rao, loss) fitted to these {len(rows)} trials (the "
+            "direction of the standardized terms with the highest Kendall tau): "
+            f"`--proxy sigeo --sigeo-weights {text}`.", "",
+            "| SiGeo-style score | Kendall tau | Spearman |", "|---|---:|---:|",
+            f"| weights fitted to all these trials (in sample) | "
+            f"{_fmt(fitted['kendall_tau'], 3)} | {_fmt(fitted['spearman'], 3)} |"]
+    lines += [f"| fitted to half {a} (every other trial), ranking half {b} ({h['n']} trials) | "
+              f"{_fmt(h['kendall_tau'], 3)} | {_fmt(h['spearman'], 3)} |"
+              for (a, b), h in zip((("A", "B"), ("B", "A")), held)]
+    return lines + [""]
+
+
 def _trial_name(row: dict[str, Any]) -> str:
     return f"{row['study']} #{row['number']}"
 
@@ -325,6 +363,7 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
     lines += [f"| {what} | {corr[name]['n']} | {_fmt(corr[name]['kendall_tau'], 3)} | "
               f"{_fmt(corr[name]['spearman'], 3)} |" for name, what in CORRELATED]
     lines += ["", f"(computed by {corr['proxy_auc']['by']})", ""]
+    lines += _sigeo_fit_section(distinct)
     costed = [r for r in distinct if r.get("flops") is not None and math.isfinite(r["flops"])]
     front = sorted((costed[i] for i in pareto_front([(r["valid_auc"], r["flops"])
                                                      for r in costed])),

@@ -65,6 +65,8 @@ class SearchOptions:
     overrides: Sequence[str] = ()
     command: str = ""
     say: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
+    #: the weights of the SiGeo-style score's terms (zico, fisher_rao, loss)
+    sigeo_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 def parse_objective(text: str) -> tuple[str, ...]:
@@ -198,6 +200,8 @@ def _setup(options: SearchOptions, space_text: str) -> dict:
         setup["max_cost"] = options.max_cost
     if options.cost_weight:
         setup["cost_weight"] = options.cost_weight
+    if tuple(options.sigeo_weights) != (1.0, 1.0, 1.0):
+        setup["sigeo_weights"] = list(options.sigeo_weights)
     return setup
 
 
@@ -210,7 +214,8 @@ def objective_value(auc: float, flops: float, cost_weight: float) -> float:
 
 
 def _warmup_proxies(trial: Any, config: dict, dataset: Any, run_dir: Path,
-                    say: Callable[[str], None], asked: bool) -> float | None:
+                    say: Callable[[str], None], asked: bool,
+                    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float | None:
     """Records the SiGeo-style statistics of the warmed-up weights in ``run_dir/best.pt`` as
     the trial's attributes; returns the SiGeo score (None, with the reason recorded, when they
     cannot be computed)."""
@@ -223,7 +228,7 @@ def _warmup_proxies(trial: Any, config: dict, dataset: Any, run_dir: Path,
         trial.set_user_attr("proxy_error", " ".join(str(e).split())[:200])
         say(f"trial {trial.number}: no SiGeo statistics ({' '.join(str(e).split())[:120]})")
         return None
-    score = sigeo_score(stats)
+    score = sigeo_score(stats, weights)
     for name, value in (("zico", stats["zico"]), ("fisher_rao", stats["fisher_rao"]),
                         ("neg_warmup_loss", -stats["loss"]), ("sigeo", score)):
         trial.set_user_attr(name, value)
@@ -420,7 +425,8 @@ def run_search(options: SearchOptions) -> Any:
             proxy = metrics["valid"]["fused"]["auc"]
             trial.set_user_attr("proxy_auc", proxy)
             sigeo = _warmup_proxies(trial, config, dataset, run_root / "warmup", options.say,
-                                    asked=options.proxy == "sigeo")
+                                    asked=options.proxy == "sigeo",
+                                    weights=tuple(options.sigeo_weights))
             ranked_by = sigeo if options.proxy == "sigeo" else proxy
             if not multi and ranked_by is not None:  # Optuna's pruners are single-objective
                 trial.report(ranked_by, WARMUP_STEP)

@@ -28,10 +28,13 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["warmup_statistics", "sigeo_score", "SIGEO_WEIGHTS", "PROXY_NAMES", "MAX_AUTO_WEIGHTS"]
+__all__ = ["warmup_statistics", "sigeo_score", "fit_sigeo_weights", "parse_sigeo_weights",
+           "SIGEO_WEIGHTS", "SIGEO_TERMS", "PROXY_NAMES", "MAX_AUTO_WEIGHTS"]
 
 #: The default weights of the three terms in :func:`sigeo_score` (zico, fisher_rao, loss).
 SIGEO_WEIGHTS = (1.0, 1.0, 1.0)
+#: The terms the weights multiply, by their trials.csv names (the loss enters as its negative).
+SIGEO_TERMS = ("zico", "fisher_rao", "neg_warmup_loss")
 #: Every proxy a trial records, by the attribute name of trials.csv.
 PROXY_NAMES = ("proxy_auc", "sigeo", "zico", "fisher_rao", "neg_warmup_loss")
 
@@ -41,6 +44,64 @@ def sigeo_score(stats: Mapping[str, float],
     """The SiGeo-style combination of :func:`warmup_statistics`' terms (higher is better)."""
     w_zico, w_fr, w_loss = weights
     return w_zico * stats["zico"] + w_fr * stats["fisher_rao"] - w_loss * stats["loss"]
+
+
+def parse_sigeo_weights(text: str) -> tuple[float, float, float]:
+    """``"Z,F,L"`` -> the three finite weights of :func:`sigeo_score` (``ValueError`` naming
+    what is wrong)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        weights = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--sigeo-weights takes three numbers Z,F,L (zico, fisher_rao, "
+                         f"loss), got {text!r}") from None
+    if len(weights) != 3 or not all(math.isfinite(w) for w in weights) or \
+            not any(weights):
+        raise ValueError(f"--sigeo-weights takes three finite numbers Z,F,L, not all 0, "
+                         f"got {text!r}")
+    return weights  # type: ignore[return-value]
+
+
+def _kendall_tau_a(scores: Any, signs: Any) -> Any:
+    # scores [C, n]; signs [n, n] = sign(auc_i - auc_j): tau-a of every row of scores at once
+    import numpy as np
+
+    pair = np.sign(scores[:, :, None] - scores[:, None, :])
+    n = signs.shape[0]
+    return (pair * signs).sum(axis=(1, 2)) / max(n * (n - 1), 1)
+
+
+def fit_sigeo_weights(terms: Any, auc: Any, *, step_degrees: float = 3.0
+                      ) -> tuple[tuple[float, float, float], float]:
+    """Weights of :func:`sigeo_score` that rank ``terms`` (``[n, 3]``: zico, fisher_rao and
+    minus the warm-up loss of n trials) most like ``auc`` (their full-training AUC): the
+    direction on the sphere of the standardized terms with the highest Kendall tau, on a grid
+    of ``step_degrees``. Returns ``(weights for the raw terms, the largest magnitude 1; the
+    training tau-a)``. The score's ranking depends on the direction only, so the fit has two
+    degrees of freedom; check it on trials it was not fitted on."""
+    import numpy as np
+
+    x = np.asarray(terms, dtype=np.float64)
+    y = np.asarray(auc, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 3 or len(x) != len(y) or len(y) < 3:
+        raise ValueError(f"fit_sigeo_weights: needs [n, 3] terms and n AUCs, n >= 3; got "
+                         f"{x.shape} and {y.shape}")
+    scale = x.std(axis=0)
+    scale[scale == 0] = 1.0
+    z = (x - x.mean(axis=0)) / scale
+    theta = np.radians(np.arange(0.0, 180.0 + 1e-9, step_degrees))
+    phi = np.radians(np.arange(0.0, 360.0, step_degrees))
+    t, f = np.meshgrid(theta, phi, indexing="ij")
+    directions = np.stack([np.sin(t) * np.cos(f), np.sin(t) * np.sin(f), np.cos(t)],
+                          axis=-1).reshape(-1, 3)
+    signs = np.sign(y[:, None] - y[None, :])
+    taus = np.concatenate([_kendall_tau_a(directions[i:i + 256] @ z.T, signs)
+                           for i in range(0, len(directions), 256)])
+    best = int(np.argmax(taus))
+    raw = directions[best] / scale  # w . z = (w / scale) . x + a constant: same ranking
+    raw = raw / np.abs(raw).max()
+    # sigeo_score subtracts w_loss * loss, so the weight of -loss is w_loss itself
+    return (float(raw[0]), float(raw[1]), float(raw[2])), float(taus[best])
 
 
 def _dense_model(config: dict, schema: Any, state: Mapping[str, torch.Tensor]) -> Any:
