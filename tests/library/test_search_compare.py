@@ -96,6 +96,26 @@ def test_progress_lines_count_finished_trials_with_an_eta(two_studies):
     Progress(8, 0, said.append, clock=lambda: next(clock))(_Study(), None)
     assert said == ["progress: 4/8 trials finished, 60 s so far, about 60 s left"]
 
+    # trials whose runs were reused (a resumed or seeded-alike study) do not set the rate
+    class _Trial:
+        def __init__(self, reused):
+            self.user_attrs = {"reused": reused}
+
+    class _Growing:
+        n = 0
+
+        def get_trials(self, deepcopy, states):
+            return [object()] * self.n
+
+    clock = iter([0.0, 2.0, 4.0, 64.0])
+    study, said = _Growing(), []
+    progress = Progress(10, 0, said.append, clock=lambda: next(clock))
+    for reused in (True, True, False):
+        study.n += 1
+        progress(study, _Trial(reused))
+    assert said[1] == "progress: 2/10 trials finished, 4 s so far"  # no rate yet
+    assert said[2] == "progress: 3/10 trials finished, 64 s so far, about 7 min left"
+
 
 def _trials_csv(folder: Path, rows, objective=None) -> Path:
     """A trials.csv of (number, state, valid_auc[, flops]) rows; ``objective(auc)`` fills the

@@ -307,20 +307,26 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
 class Progress:
     """An Optuna callback printing, after each trial, how many of the study's trials are
     finished and an ETA from the rate at which they finished since this invocation started
-    (concurrent workers' trials count: they shorten the wait too)."""
+    (concurrent workers' trials count: they shorten the wait too). The ETA's clock starts
+    after the trials whose runs were reused (seconds each): they say nothing of the rate."""
 
     def __init__(self, trials: int, done: int, say: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.trials, self.done_at_start, self.say, self.clock = trials, done, say, clock
-        self.start = clock()
+        self.start = self.rate_start = clock()
+        self.done_at_rate_start = done
 
     def __call__(self, study: Any, trial: Any) -> None:
         from optuna.trial import TrialState
 
         done = len(study.get_trials(deepcopy=False,
                                     states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        self.say(progress_line(done, self.trials, done - self.done_at_start,
-                               self.clock() - self.start))
+        now = self.clock()
+        if trial is not None and trial.user_attrs.get("reused") and \
+                self.done_at_rate_start == done - 1:  # only reused trials so far: restart
+            self.rate_start, self.done_at_rate_start = now, done
+        self.say(progress_line(done, self.trials, done - self.done_at_rate_start,
+                               now - self.start, rate_seconds=now - self.rate_start))
 
 
 def _duration(seconds: float) -> str:
@@ -332,15 +338,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def progress_line(done: int, trials: int, finished_here: int, elapsed: float) -> str:
+def progress_line(done: int, trials: int, finished_here: int, elapsed: float,
+                  rate_seconds: float | None = None) -> str:
     """``"progress: 7/20 trials finished, 5 min so far, about 9 min left"``; the ETA is the
-    remaining trials at the rate of ``finished_here`` per ``elapsed`` seconds (none before
-    one has finished)."""
+    remaining trials at the rate of ``finished_here`` per ``rate_seconds`` (default
+    ``elapsed``) seconds; none before one has finished."""
     line = f"progress: {min(done, trials)}/{trials} trials finished, {_duration(elapsed)} so far"
     if done >= trials:
         return line + ", done"
+    rate_seconds = elapsed if rate_seconds is None else rate_seconds
     if finished_here > 0:
-        return line + f", about {_duration((trials - done) * elapsed / finished_here)} left"
+        return line + f", about {_duration((trials - done) * rate_seconds / finished_here)} left"
     return line
 
 
