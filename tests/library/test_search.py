@@ -335,11 +335,20 @@ def _postgres_user() -> str | None:
     pytest.skip("running as root, which PostgreSQL refuses, and no postgres/nobody account")
 
 
+def _postgres_tool(name: str) -> str:
+    """A PostgreSQL server program: on PATH, or where Debian's packages keep it (off PATH)."""
+    import glob
+
+    found = shutil.which(name) or next(iter(sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        pytest.skip(f"PostgreSQL's {name} is neither on PATH nor in /usr/lib/postgresql/*/bin")
+    return found
+
+
 @pytest.fixture
 def postgres_url():
-    for tool in ("initdb", "pg_ctl"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"PostgreSQL's {tool} is not on PATH")
+    initdb, pg_ctl = _postgres_tool("initdb"), _postgres_tool("pg_ctl")
     pytest.importorskip("psycopg2")
     user = _postgres_user()
     # not under tmp_path: pytest makes it 0700 for root, where the postgres account cannot go
@@ -355,11 +364,11 @@ def postgres_url():
         port = s.getsockname()[1]
     run = dict(user=user, capture_output=True, text=True, timeout=60, cwd=root)
     try:
-        init = subprocess.run(["initdb", "-D", str(data), "-U", "cetnet", "--auth=trust",
+        init = subprocess.run([initdb, "-D", str(data), "-U", "cetnet", "--auth=trust",
                                "-E", "UTF8", "--no-sync"], **run)
         if init.returncode != 0:
             pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
-        start = subprocess.run(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w",
+        start = subprocess.run([pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w",
                                 "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
                                 "-c fsync=off", "start"], **run)
         if start.returncode != 0:
@@ -367,7 +376,7 @@ def postgres_url():
             pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-200:]} {log}")
         yield f"postgresql://cetnet@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(["pg_ctl", "-D", str(data), "-m", "immediate", "stop"], **run)
+        subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "stop"], **run)
         shutil.rmtree(root, ignore_errors=True)
 
 
