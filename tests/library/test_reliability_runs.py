@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from cetnet.cli import main
-from cetnet.config import ConfigError, dump_config
+from cetnet.config import ConfigError, dump_config, read_yaml
 from cetnet.train import (BEST, LAST, CheckpointError, RunDirError, TrainingError, check_run,
                           evaluate_run, load_checkpoint, run_training)
 from cetnet.train import loop as loop_module
@@ -328,6 +328,47 @@ def test_overwrite_clears_the_old_run_first(train_config, tmp_path, capsys):
     assert "holds files that are not a cetnet run's (notes.txt); refusing to delete them" in \
         _one_error_line(capsys.readouterr().err)
     assert _snapshot(run_dir) == before
+
+
+def test_train_or_reuse_reuses_only_a_finished_run_of_the_same_config(train_config,
+                                                                      tmp_path, capsys):
+    """The job runner of reproduce and search: a finished run of this config is reused, an
+    interrupted one resumed, one of another config or with a damaged checkpoint trained again;
+    never a result of another config."""
+    from cetnet.train.runner import train_or_reuse
+
+    config, run_dir = _quick(train_config, epochs=1), tmp_path / "run"
+    first, reused = train_or_reuse(config, run_dir)
+    assert not reused and first["epochs_completed"] == 1
+    again, reused = train_or_reuse(config, run_dir)
+    assert reused and again == first
+
+    # interrupted after epoch 1 of 2 (no metrics.json): resumed, not started over
+    longer = _quick(train_config, epochs=2)
+    (run_dir / "metrics.json").unlink()
+    resumed, reused = train_or_reuse(longer, run_dir)
+    assert not reused and resumed["epochs_completed"] == 2
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2]
+
+    # a finished run of another model: neither reused nor resumed; trained again in its place
+    other = _quick(train_config, epochs=1)
+    other["model"]["dnn"]["hidden"] = [8]
+    capsys.readouterr()
+    fresh, reused = train_or_reuse(other, run_dir)
+    assert not reused and fresh["epochs_completed"] == 1
+    assert read_yaml(run_dir / "config.yaml")["model"]["dnn"]["hidden"] == [8]
+
+    # a damaged checkpoint of an interrupted run: said on one line, then trained again
+    (run_dir / "metrics.json").unlink()
+    for name in (LAST, "last.prev.pt"):
+        if (run_dir / name).exists():
+            (run_dir / name).write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    other["train"]["epochs"] = 2
+    _, reused = train_or_reuse(other, run_dir)
+    assert not reused
+    assert f"cannot resume {run_dir} (CheckpointError: " in capsys.readouterr().err
+    assert read_json(run_dir / "metrics.json")["epochs_completed"] == 2
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen:

@@ -414,7 +414,7 @@ def test_an_interrupted_trial_is_queued_again_and_its_runs_reused(tmp_path, spac
                                                                   one_thread, monkeypatch):
     from cetnet.search import engine
 
-    train, calls = engine._train, []
+    train, calls = engine.train_or_reuse, []
 
     def interrupt_second_full_run(config, run_dir):
         calls.append(run_dir)
@@ -422,10 +422,10 @@ def test_an_interrupted_trial_is_queued_again_and_its_runs_reused(tmp_path, spac
             raise KeyboardInterrupt
         return train(config, run_dir)
 
-    monkeypatch.setattr(engine, "_train", interrupt_second_full_run)
+    monkeypatch.setattr(engine, "train_or_reuse", interrupt_second_full_run)
     with pytest.raises(KeyboardInterrupt):
         run_search(_options(tmp_path, space_file, trials=3, pruner="none"))
-    monkeypatch.setattr(engine, "_train", train)
+    monkeypatch.setattr(engine, "train_or_reuse", train)
     study = run_search(_options(tmp_path, space_file, trials=3, pruner="none", resume=True))
     trials = study.get_trials()
     stopped = [t for t in trials if t.user_attrs.get("interrupted")]

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +226,7 @@ class Experiment:
         """Trains one job (resuming its run directory if it was interrupted) and stores its
         result; a TrainingError / ConfigError is stored as a failed result."""
         from cetnet.train.loop import TrainingError
-        from cetnet.train.runner import run_training
+        from cetnet.train.runner import train_or_reuse
 
         run_dir = self.out / "runs" / job.key
         params = check_model(job.config, self.schema)
@@ -245,7 +244,7 @@ class Experiment:
                 metrics = train_fuxictr(job.config, job.config["model"]["members"][0], run_dir)
                 result["num_parameters"] = metrics.get("num_parameters", params)
             else:
-                metrics = self._train(run_training, job, run_dir)
+                metrics = train_or_reuse(job.config, run_dir)[0]
         except (TrainingError, ConfigError) as e:
             result["error"] = f"{type(e).__name__}: {e}"
             self.log(f"  failed: {result['error']}")
@@ -288,26 +287,6 @@ class Experiment:
         model = build_model(job.config["model"], self.schema, backend=job.config["backend"])
         model.load_state_dict(state)
         return model.information_abundance()
-
-    @staticmethod
-    def _train(run_training: Callable[..., Any], job: Job, run_dir: Path) -> dict:
-        metrics_file = run_dir / "metrics.json"
-        if metrics_file.exists():  # trained, but killed before its result was stored
-            try:
-                metrics = json.loads(metrics_file.read_text())
-                if metrics.get("name") == job.config["name"]:
-                    return metrics
-            except json.JSONDecodeError:
-                pass
-        if (run_dir / "last.pt").exists():
-            try:
-                return run_training(job.config, run_dir, resume=True, quiet=True,
-                                    plots=False)[1]
-            except Exception as e:  # noqa: BLE001 - a run that cannot resume starts again
-                print(f"  cannot resume {run_dir} ({type(e).__name__}: {e}); starting again",
-                      file=sys.stderr)
-        return run_training(job.config, run_dir, overwrite=run_dir.exists(), quiet=True,
-                            plots=False)[1]
 
     def run_order(self) -> list[str]:
         """The rows in the order given, except that scaled_single comes after every single row

@@ -226,7 +226,7 @@ def _train_seeds(config: dict, seeds: int, out: Path,
 
     from cetnet.config import validate_config
     from cetnet.reproduce.experiment import config_key
-    from cetnet.search.engine import _train
+    from cetnet.train.runner import train_or_reuse
 
     results = {}
     for seed in range(seeds):
@@ -234,7 +234,7 @@ def _train_seeds(config: dict, seeds: int, out: Path,
         run["train"] = {**run["train"], "seed": seed}
         run = validate_config(run)
         key = config_key({**run, "name": ""})
-        metrics, reused = _train(run, out / "retrain" / key / f"seed-{seed}")
+        metrics, reused = train_or_reuse(run, out / "retrain" / key / f"seed-{seed}")
         results[seed] = metrics
         say(f"retrain {label}, seed {seed}: test AUC {metrics['fused']['auc']:.4f}"
             + (" (reused)" if reused else ""))

@@ -22,9 +22,10 @@ from typing import Any, Callable, Sequence
 
 from cetnet.config import ConfigError, validate_config
 from cetnet.search.cost import model_cost
+from cetnet.search.proxies import SIGEO_WEIGHTS
 from cetnet.search.report import write_outputs
 from cetnet.search.space import load_space, sample_config
-from cetnet.train.checkpoint import has_last
+from cetnet.train.runner import train_or_reuse
 
 __all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "run_search",
            "Progress", "progress_line", "SAMPLERS", "PRUNERS", "OBJECTIVES"]
@@ -66,7 +67,7 @@ class SearchOptions:
     command: str = ""
     say: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
     #: the weights of the SiGeo-style score's terms (zico, fisher_rao, loss)
-    sigeo_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    sigeo_weights: tuple[float, float, float] = SIGEO_WEIGHTS
 
 
 def parse_objective(text: str) -> tuple[str, ...]:
@@ -165,21 +166,6 @@ def _load_dataset(config: dict) -> Any:
     return load_dataset(data.pop("name"), **data)
 
 
-def _train(config: dict, run_dir: Path) -> tuple[dict, bool]:
-    """``(metrics, reused)``: the finished run in ``run_dir`` when there is one, else the run
-    trained there (resumed from its ``last.pt``, or started over what a failed one left)."""
-    from cetnet.train import run_training
-    from cetnet.train.rundir import read_json
-
-    if (run_dir / "metrics.json").is_file():
-        return read_json(run_dir / "metrics.json"), True
-    resume = has_last(run_dir)  # last.pt, or last.prev.pt while it is being replaced
-    overwrite = run_dir.exists() and not resume
-    _, metrics = run_training(config, run_dir, resume=resume, overwrite=overwrite, quiet=True,
-                              plots=False)
-    return metrics, False
-
-
 def warmup_config(config: dict, fraction: float, train_rows: int) -> dict:
     """One epoch on ``fraction`` of the training rows (``train.max_steps_per_epoch``)."""
     cfg = copy.deepcopy(config)
@@ -200,7 +186,7 @@ def _setup(options: SearchOptions, space_text: str) -> dict:
         setup["max_cost"] = options.max_cost
     if options.cost_weight:
         setup["cost_weight"] = options.cost_weight
-    if tuple(options.sigeo_weights) != (1.0, 1.0, 1.0):
+    if tuple(options.sigeo_weights) != SIGEO_WEIGHTS:
         setup["sigeo_weights"] = list(options.sigeo_weights)
     return setup
 
@@ -215,7 +201,7 @@ def objective_value(auc: float, flops: float, cost_weight: float) -> float:
 
 def _warmup_proxies(trial: Any, config: dict, dataset: Any, run_dir: Path,
                     say: Callable[[str], None], asked: bool,
-                    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float | None:
+                    weights: tuple[float, float, float] = SIGEO_WEIGHTS) -> float | None:
     """Records the SiGeo-style statistics of the warmed-up weights in ``run_dir/best.pt`` as
     the trial's attributes; returns the SiGeo score (None, with the reason recorded, when they
     cannot be computed)."""
@@ -312,7 +298,7 @@ class Progress:
 
     def __init__(self, trials: int, done: int, say: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.trials, self.done_at_start, self.say, self.clock = trials, done, say, clock
+        self.trials, self.say, self.clock = trials, say, clock
         self.start = self.rate_start = clock()
         self.done_at_rate_start = done
 
@@ -427,8 +413,8 @@ def run_search(options: SearchOptions) -> Any:
             raise optuna.TrialPruned()
         start, reused = time.perf_counter(), []
         if options.warmup_fraction > 0:
-            metrics, hit = _train(warmup_config(config, options.warmup_fraction, train_rows),
-                                  run_root / "warmup")
+            metrics, hit = train_or_reuse(
+                warmup_config(config, options.warmup_fraction, train_rows), run_root / "warmup")
             reused.append(hit)
             proxy = metrics["valid"]["fused"]["auc"]
             trial.set_user_attr("proxy_auc", proxy)
@@ -444,7 +430,7 @@ def run_search(options: SearchOptions) -> Any:
                             f"{proxy:.4f}" + (f", SiGeo {sigeo:.2f}" if sigeo is not None
                                                else "") + f", {flops:,.0f} FLOPs/sample)")
                 raise optuna.TrialPruned()
-        metrics, hit = _train(config, run_root / "full")
+        metrics, hit = train_or_reuse(config, run_root / "full")
         reused.append(hit)
         valid = metrics["valid"]["fused"]
         trial.set_user_attr("valid_auc", valid["auc"])

@@ -28,7 +28,7 @@ from cetnet.atomic import remove_stale_temps
 from cetnet.config import ConfigError, read_yaml, validate_config
 from cetnet.messages import shorten
 from cetnet.train.builders import build_model, load_dataset
-from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV,
+from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV, CheckpointError,
                                      first_line, has_last, load_checkpoint, load_last)
 from cetnet.train.evaluate import evaluate
 from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_splits, fit,
@@ -40,7 +40,7 @@ from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirErr
                                  run_files, write_json)
 
 __all__ = ["RunPlan", "build_run", "check_run", "run_training", "restart_plan", "finished_run",
-           "evaluate_run",
+           "train_or_reuse", "evaluate_run",
            "load_run_config", "checkpoint_path", "evaluation_path"]
 
 #: The sections a resumed run must keep: they define what ``last.pt`` holds and what
@@ -389,6 +389,37 @@ def finished_run(config: dict, run_dir: Path) -> dict | None:
         return metrics
 
     return distributed.from_main(read)
+
+
+def _unnamed(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "name"}
+
+
+def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
+    """``(metrics, reused)`` for a job of an experiment (a reproduce row, a search trial):
+    the ``metrics.json`` of a run in ``run_dir`` that finished with this config (its ``name``
+    aside: search trials of one configuration share a run), else the run
+    trained there, quietly and without plots: resumed from its last checkpoint when it was
+    interrupted, or started again over what a failed attempt (or a run of another config)
+    left when it cannot resume."""
+    run_dir = Path(run_dir)
+    if (run_dir / METRICS_FILE).is_file():
+        try:
+            metrics = read_json(run_dir / METRICS_FILE)
+            saved = validate_config(read_yaml(run_dir / CONFIG_FILE))
+            same = _unnamed(saved) == _unnamed(validate_config(config))
+        except (ConfigError, OSError, ValueError):
+            same = False
+        if same and isinstance(metrics, dict):
+            return metrics, True
+    if has_last(run_dir):  # last.pt, or last.prev.pt while it was being replaced
+        try:
+            return run_training(config, run_dir, resume=True, quiet=True, plots=False)[1], False
+        except (CheckpointError, ConfigError, RunDirError) as e:
+            print(f"  cannot resume {run_dir} ({type(e).__name__}: {first_line(e)}); "
+                  "starting again", file=sys.stderr)
+    return run_training(config, run_dir, overwrite=run_dir.exists(), quiet=True,
+                        plots=False)[1], False
 
 
 def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwrite: bool,
