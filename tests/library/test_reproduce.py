@@ -285,6 +285,25 @@ def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path):
     assert len(keys) == 4
 
 
+def test_scaled_single_widens_the_best_single_row_even_when_not_a_member(base, monkeypatch):
+    """auto: the best single architecture by mean validation AUC among the study's single
+    rows (a DCNv2 better alone than DHEN or InterFormer is what a user would widen); the
+    members when the study has no single row."""
+    valid = {"dnn": 0.70, "dcnv2": 0.74, "dhen": 0.72, "interformer": 0.71}
+    base = {**base, "model": {**base["model"], "members": ["dhen", "interformer"]}}
+
+    def arch(rows):
+        experiment = ex.Experiment(base, rows, [0, 1], "none", "/tmp/unused",
+                                   log=lambda m: None)
+        monkeypatch.setattr(experiment, "chosen", lambda row, seed: {
+            "metrics": {"valid": {"fused": {"auc": valid[row] + 0.001 * seed}}}})
+        return experiment._scaled_arch()
+
+    assert arch(["dnn", "dcnv2", "dhen", "interformer", "scaled_single", "cetnet"]) == "dcnv2"
+    assert arch(["dnn", "dhen", "scaled_single"]) == "dhen"
+    assert arch(["scaled_single", "cetnet"]) == "dhen"  # no single row: of the members
+
+
 def test_scaled_single_runs_after_the_single_rows_but_otherwise_in_place(base):
     def order(rows):
         return ex.Experiment(base, rows, [0], "none", "/tmp/unused", log=lambda m: None) \

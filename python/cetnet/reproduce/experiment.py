@@ -178,16 +178,18 @@ class Experiment:
         return data
 
     def _scaled_arch(self) -> str:
-        """The architecture scaled_single widens: ``scaled_arch``, or with ``auto`` the single
-        row (among the default CETNet's members) with the best mean validation AUC over the
-        seeds it has finished; the first CETNet member when none has."""
+        """The architecture scaled_single widens: ``scaled_arch``, or with ``auto`` the best
+        single architecture by mean validation AUC over the seeds finished so far: among the
+        study's single rows (``dnn``, ``dcnv2``, ``dhen``, ``interformer``), or the default
+        CETNet's members when the study has none; the first CETNet member when none has
+        results (a user widens the best model they have, not only a member of the ensemble)."""
         if self.scaled_arch != "auto":
             return self.scaled_arch
         members = list(self.base["model"].get("members") or ["dhen", "interformer"])
+        candidates = [r for r in self.rows if r in SINGLE_ROWS] or \
+            [kind for kind in dict.fromkeys(members) if kind in SINGLE_ROWS]
         scores = {}
-        for kind in dict.fromkeys(members):
-            if kind not in SINGLE_ROWS:
-                continue
+        for kind in candidates:
             chosen = [self.chosen(kind, s) for s in self.seeds]
             vals = [c["metrics"]["valid"]["fused"]["auc"] for c in chosen if c]
             if vals:
