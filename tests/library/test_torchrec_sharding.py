@@ -356,6 +356,26 @@ def test_row_wise_pooled_tables_on_a_cpu_are_one_error():
     assert not dist.is_initialized()  # no process group left behind
 
 
+def test_dry_run_refuses_a_sharding_torchrec_does_not_offer_here(tmp_path, capsys):
+    """--dry-run checks the sharding as the run would (before, it said all was well and the
+    run failed when it built DistributedModelParallel)."""
+    from cetnet.cli import main
+    from cetnet.config import dump_config
+
+    cfg = _config()
+    cfg["train"]["embedding_sharding"] = "row_wise"
+    dump_config(cfg, tmp_path / "c.yaml")
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cetnet train: error: config: train.embedding_sharding=row_wise: "
+                          "TorchRec does not shard pooled"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()
+    cfg["train"]["embedding_sharding"] = "table_wise"
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--dry-run"]) == 0
+
+
 def test_torchrec_needs_a_fused_embedding_optimizer():
     cfg = _config()
     cfg["model"]["embedding_optimizer"] = None

@@ -208,6 +208,11 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
     dataset = _load_dataset(config)
     check_splits(dataset.splits)
     model = _meta_model(config, dataset.schema)
+    if config.get("embedding", "cetnet") == "torchrec":
+        from cetnet.train.sharded import check_sharding
+
+        check_sharding(model, resolve_device(config["device"]),
+                       config["train"]["embedding_sharding"])
     plan = RunPlan(config, dataset, run_dir, changes=changes,
                    num_parameters=sum(p.numel() for p in model.parameters()))
     if resume:

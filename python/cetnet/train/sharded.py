@@ -35,8 +35,8 @@ from cetnet.train.rundir import RUN_FOLDER
 # cetnet.models (hence cetnet_kernels) is imported inside the functions: the CLI imports the
 # trainer before it loads the kernels (which may refuse $CETNET_CPU_CAPABILITY in one line)
 
-__all__ = ["SHARDINGS", "TABLES_DIR", "use_torchrec", "is_torchrec", "shard", "ShardedRun",
-           "save_tables", "load_tables", "check_tables", "prune_tables", "dense_state",
+__all__ = ["SHARDINGS", "TABLES_DIR", "use_torchrec", "is_torchrec", "check_sharding", "shard",
+           "ShardedRun", "save_tables", "load_tables", "check_tables", "prune_tables", "dense_state",
            "check_model_checkpoint", "load_model_state", "copy_into_shards", "gather_tables"]
 
 #: ``train.embedding_sharding``: ``auto`` lets the planner choose per table among the three.
@@ -169,28 +169,41 @@ class ShardedRun:
                 self.own_group = False
 
 
+def _sharders_and_constraints(front: Any, device: torch.device, sharding: str
+                              ) -> tuple[list[Any], str, dict[str, Any]]:
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    if sharding not in SHARDINGS:
+        raise ConfigError(f"config: train.embedding_sharding must be one of {SHARDINGS}, got "
+                          f"{sharding!r}")
+    fused = _fused_params(front)
+    sharders = [EmbeddingBagCollectionSharder(fused_params=fused),
+                EmbeddingCollectionSharder(fused_params=fused)]
+    compute = "cuda" if device.type == "cuda" else "cpu"
+    return sharders, compute, _constraints(front, sharding, sharders, compute)
+
+
+def check_sharding(model: nn.Module, device: torch.device, sharding: str = "auto") -> None:
+    """What :func:`shard` checks before any process group or collective: ConfigError when
+    ``sharding`` is none of :data:`SHARDINGS` or TorchRec does not offer it for one of the
+    model's tables on ``device`` (``cetnet train --dry-run`` says so, as the run would)."""
+    _sharders_and_constraints(model.front, device, sharding)
+
+
 def shard(model: nn.Module, device: torch.device, sharding: str = "auto") -> ShardedRun:
     """``model`` (with a :class:`TorchRecEmbeddingFront`) under DistributedModelParallel over
     the default process group, or over a one-rank group of its own when there is none.
     A collective: every rank calls it with the same model config."""
     import torch.distributed as dist
     from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.types import ShardingEnv
 
     from cetnet.train.loop import _LossOf  # what DDP wraps too (imported here: loop imports us)
 
-    if sharding not in SHARDINGS:
-        raise ConfigError(f"config: train.embedding_sharding must be one of {SHARDINGS}, got "
-                          f"{sharding!r}")
     front = model.front
-    fused = _fused_params(front)
-    sharders = [EmbeddingBagCollectionSharder(fused_params=fused),
-                EmbeddingCollectionSharder(fused_params=fused)]
-    compute = "cuda" if device.type == "cuda" else "cpu"
-    constraints = _constraints(front, sharding, sharders, compute)
+    sharders, compute, constraints = _sharders_and_constraints(front, device, sharding)
     own = not dist.is_initialized()
     if own:  # a process group of one rank, in memory: DMP and the planner need one
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
