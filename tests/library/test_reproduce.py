@@ -206,7 +206,8 @@ def test_scaling_study_reports_members_and_abundance(tmp_path):
     for row in ("| dnn | 1 | separate | single |", "| dnn | 2 | separate | naive |",
                 "| dnn | 2 | shared | cetnet |", "| dnn | 2 | shared | kdef |"):
         assert row in report, row
-    assert (tmp_path / "doc" / "results" / "scaling_dnn.png").stat().st_size > 1000
+    # plots are named after the report (STUDY.md: study_*; RESULTS-scaling.md: scaling_*)
+    assert (tmp_path / "doc" / "results" / "study_dnn.png").stat().st_size > 1000
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     shared = data["summary"]["dnn_k2_shared_naive"]
     separate = data["summary"]["dnn_k2_separate_naive"]
@@ -225,7 +226,7 @@ def test_embedding_size_study_pairs_cetnet_with_larger_multi_embedding(tmp_path)
         assert f"| {a} | {b} |" in report
     assert "| cetnet_d8 | multi_embedding_d4 |" not in report
     assert (tmp_path / "doc" / "results" /
-            "embedding_size_auc_vs_embedding_parameters.png").stat().st_size > 1000
+            "study_auc_vs_embedding_parameters.png").stat().st_size > 1000
 
 
 def test_study_options_are_checked(tmp_path, capsys):

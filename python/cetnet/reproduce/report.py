@@ -103,7 +103,7 @@ def comparisons(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],
                 pairs.append(("cetnet", b, what))
         for v in CETNET_VARIANTS:
             if v in chosen:
-                pairs.append((v, "cetnet", "variant vs default CETNet"))
+                pairs.append((v, "cetnet", "variant vs the cetnet row"))
     for v in CETNET_VARIANTS:
         if v in chosen and "naive" in chosen:
             pairs.append((v, "naive", "variant vs naive ensemble"))
@@ -264,7 +264,7 @@ def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[s
     if scaled:
         lines.append(f"- scaled_single = `{scaled['kind']}` at embedding dim {scaled['dim']} "
                      f"(widths scaled alike): {scaled['num_parameters']:,} parameters vs the "
-                     f"default CETNet's {scaled['target']:,}")
+                     f"cetnet row's {scaled['target']:,}")
     lines += ["", "## Rows", "", "| row | what | parameters |", "|---|---|---:|"]
     for r, s in summary.items():
         p = s["num_parameters"]

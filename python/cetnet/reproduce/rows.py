@@ -1,12 +1,12 @@
 """The rows of the comparison, in one registry: each row is a set of overrides of the base
-config's ``model:`` section (the default CETNet: DHEN + InterFormer, confidence fusion).
+config's ``model:`` section (the paper's CETNet: DHEN + InterFormer, confidence fusion).
 
 Every row keeps the base config's data, training budget (epochs, batch size, schedule,
 patience) and embedding settings; only the model changes. :func:`row_config` gives a row's
 full config, checked by :func:`cetnet.config.validate_config` and by building the model on the
 meta device (:func:`check_model`), so a row the real schema refuses fails before training.
 ``scaled_single`` is resolved against a dataset schema: the chosen architecture widened
-(embedding dim and hidden sizes) until its parameter count is closest to the default CETNet's.
+(embedding dim and hidden sizes) until its parameter count is closest to the cetnet row's.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ _ROWS = [
     *(_single(k) for k in ("dnn", "dcnv2", "dhen", "interformer")),
     *(_peer(k) for k in ("dnn", "dcnv2")),
     Row("scaled_single", "the best single architecture, widened (embedding dim and hidden "
-        "sizes) to the default CETNet's parameter count", {}, "baseline"),
+        "sizes) to the cetnet row's parameter count", {}, "baseline"),
     Row("naive", "naive ensemble of dhen + interformer: independent members, mean probability",
         {"ensemble": "naive", "fusion": DELETE}, "baseline"),
     Row("multi_embedding", "multi-embedding model (2 embedding sets, cross-net branches, "
@@ -78,7 +78,7 @@ _ROWS = [
         {"ensemble": "kdef", "fusion": DELETE}, "baseline"),
     Row("kdef_shared", "KDEF with one shared embedding set",
         {"ensemble": "kdef", "fusion": DELETE, "shared_embedding": True}, "baseline"),
-    Row("cetnet", "CETNet, the default config (confidence fusion, temperature 1, prob space)",
+    Row("cetnet", "CETNet, the base config (confidence fusion, temperature 1, prob space)",
         {}, "cetnet"),
     Row("cetnet_distill", "CETNet + distillation of the fused prediction into the members "
         "(distill_weight 0.5)", {"fusion": {"distill_weight": 0.5}}, "cetnet"),

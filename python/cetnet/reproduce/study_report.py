@@ -155,7 +155,7 @@ def write_study_report(path: str | Path, study: str, *, command: Sequence[str],
                        seeds: Sequence[int], points: Sequence[Mapping], out: Path,
                        note: str = "", plots: bool = True) -> Path:
     """Writes the study's Markdown report (its plots into ``results/`` beside it, named after
-    the study, and ``results.json`` into ``out``); returns its path."""
+    the report, and ``results.json`` into ``out``); returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = machine_info()
@@ -164,7 +164,10 @@ def write_study_report(path: str | Path, study: str, *, command: Sequence[str],
     lines = report_header(title, command=command, base=base, seeds=seeds, points=points,
                           out=out, note=note, info=info)
     folder = path.parent / "results" if plots else None
-    prefix = f"{study.replace('-', '_')}_"
+    # named after the report (RESULTS-scaling.md: scaling_*.png), so that two reports of one
+    # study side by side keep their own plots
+    stem = path.stem.lower().removeprefix("results").strip("-_") or study
+    prefix = f"{stem.replace('-', '_')}_"
     if study == "embedding-size":
         lines += _embedding_size(specs, summary, chosen, folder, prefix)
     else:
