@@ -51,10 +51,11 @@ WORKLOADS = {
 
 
 def provider_config(provider: str, workload: str = "ml100k") -> dict:
-    """The run config of a provider: the default config with its backend and embedding mode."""
-    from cetnet.config import load_config
+    """The run config of a provider: the paper's CETNet (DHEN + InterFormer, the default config
+    when TRAIN_RESULTS.md was measured) with its backend and embedding mode."""
+    from cetnet.config import load_config, paper_config_path
 
-    cfg = load_config()
+    cfg = load_config(paper_config_path())
     if WORKLOADS[workload] is not None:
         cfg["data"] = dict(WORKLOADS[workload])
     if provider in ("fused", "members-only"):

@@ -40,11 +40,16 @@ from cetnet.atomic import write_text_atomic
 from cetnet.messages import shorten
 
 __all__ = ["ConfigError", "TRAIN_DEFAULTS", "TOP_LEVEL_KEYS", "EMBEDDINGS", "EMBEDDING_SHARDINGS",
-           "Spec", "INT64_MAX", "SEED_RANGE", "default_config_path", "load_config", "parse_value", "apply_overrides",
-           "validate_config", "check_device", "dump_config", "read_yaml",
+           "Spec", "INT64_MAX", "SEED_RANGE", "DEFAULT_CONFIG", "PAPER_CONFIG",
+           "default_config_path", "paper_config_path", "load_config", "parse_value",
+           "apply_overrides", "validate_config", "check_device", "dump_config", "read_yaml",
            "resolve_data_config"]
 
 DEFAULT_CONFIG = "cetnet_ml100k.yaml"
+#: CETNet as the paper pairs it (DHEN + InterFormer): the base of ``cetnet reproduce`` and
+#: ``cetnet search``, whose rows and trials are defined by it (the default config is what the
+#: evidence chose, and may change again)
+PAPER_CONFIG = "cetnet_dhen_interformer_ml100k.yaml"
 TOP_LEVEL_KEYS = ("name", "data", "model", "train", "backend", "device", "embedding")
 #: ``embedding``: the fused tables of cetnet_kernels, or TorchRec's sharded ones.
 EMBEDDINGS = ("cetnet", "torchrec")
@@ -204,8 +209,14 @@ def parse_value(text: str) -> Any:
 
 
 def default_config_path() -> Path:
-    """The packaged default config (CETNet with DHEN + InterFormer on MovieLens-100k)."""
+    """The packaged default config of ``cetnet train`` (CETNet on MovieLens-100k)."""
     return Path(str(resources.files("cetnet") / "configs" / DEFAULT_CONFIG))
+
+
+def paper_config_path() -> Path:
+    """The packaged config of CETNet as the paper pairs it (DHEN + InterFormer on
+    MovieLens-100k): the base config of ``cetnet reproduce`` and ``cetnet search``."""
+    return Path(str(resources.files("cetnet") / "configs" / PAPER_CONFIG))
 
 
 def _split_override(item: str) -> tuple[list[str], Any]:

@@ -1,5 +1,5 @@
 """The packaged configs (python/cetnet/configs/): every train config validates and builds its
-model; the MovieLens-100k ones differ from the default only in ``model:``; the BARS dataset
+model; the MovieLens-100k baselines differ from the paper's pair only in ``model:``; the BARS dataset
 YAMLs parse, hold the columns BARS defines, and load tiny csv files laid out as in FuxiCTR's
 data/ folder; a train config finds the dataset YAML beside it (``data.config``); one BARS config
 trains an epoch end to end through the documented command and resumes from its run directory."""
@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from cetnet.cli import main
-from cetnet.config import default_config_path, dump_config, load_config, read_yaml
+from cetnet.config import (DEFAULT_CONFIG, default_config_path, dump_config, load_config,
+                           paper_config_path, read_yaml)
 from cetnet.data import load_bars, load_dataset
 from cetnet.data.bars_config import read_config
 from cetnet.reproduce.rows import check_model
@@ -23,6 +24,7 @@ from cetnet.train.rundir import read_json
 from test_data_bars import CONFIGS as BARS_LAYOUTS, HEADERS, _cell
 
 CONFIG_DIR = default_config_path().parent
+ROOT = Path(__file__).resolve().parents[2]
 DATASET_YAMLS = sorted(CONFIG_DIR.glob("*_dataset.yaml"))
 TRAIN_CONFIGS = sorted(set(CONFIG_DIR.glob("*.yaml")) - set(DATASET_YAMLS))
 ML100K = [p for p in TRAIN_CONFIGS if p.stem.endswith("_ml100k")]
@@ -40,7 +42,8 @@ def _dataset_yaml(dataset_id: str) -> Path:
 
 def test_the_expected_configs_are_packaged():
     names = {p.name for p in CONFIG_DIR.glob("*.yaml")}
-    assert {"cetnet_ml100k.yaml", "naive_ml100k.yaml", "kdef_ml100k.yaml",
+    assert {"cetnet_ml100k.yaml", "cetnet_dhen_interformer_ml100k.yaml", "naive_ml100k.yaml",
+            "kdef_ml100k.yaml",
             "multi_embedding_ml100k.yaml", "single_dhen_ml100k.yaml"} <= names
     for dataset_id in BARS_IDS:
         assert {f"bars_{dataset_id}.yaml", f"bars_{dataset_id}_dataset.yaml"} <= names
@@ -56,11 +59,26 @@ def test_every_train_config_validates(path):
     assert {"name", "data", "model", "train"} <= set(read_yaml(path))
 
 
-@pytest.mark.parametrize("path", ML100K, ids=lambda p: p.stem)
-def test_ml100k_configs_differ_from_the_default_only_in_the_model(path):
-    default, config = load_config(), load_config(path)
+@pytest.mark.parametrize("path", [p for p in ML100K if p.name != DEFAULT_CONFIG],
+                         ids=lambda p: p.stem)
+def test_ml100k_baselines_differ_from_the_papers_pair_only_in_the_model(path):
+    paper, config = load_config(paper_config_path()), load_config(path)
     for key in ("data", "train", "backend", "device"):
-        assert config[key] == default[key], key
+        assert config[key] == paper[key], key
+
+
+def test_the_default_config_is_the_searched_design_as_found():
+    """docs/DEFAULTS.md: the default is the search's winner with its values as found (its
+    retrained runs are the default's evidence: the same config, the same cache key), on the
+    data of the paper's pair (its results compare with docs/RESULTS.md)."""
+    from cetnet.reproduce.experiment import config_key
+
+    default, paper = load_config(), load_config(paper_config_path())
+    winner = load_config(ROOT / "examples" / "search" / "ml100k_search_winner.yaml")
+    assert config_key(default) == config_key(winner)
+    assert default["model"]["members"] == ["dnn", "dcnv2", "dnn"]
+    assert default["data"] == paper["data"] and paper["model"]["members"] == ["dhen",
+                                                                              "interformer"]
 
 
 @pytest.mark.parametrize("path", ML100K, ids=lambda p: p.stem)

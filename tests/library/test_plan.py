@@ -126,8 +126,10 @@ def test_parse_counts() -> None:
 
 
 def test_config_fields() -> None:
-    fields = P.config_fields(CONFIGS / "cetnet_ml100k.yaml")
+    fields = P.config_fields(CONFIGS / "cetnet_dhen_interformer_ml100k.yaml")
     assert fields == {"dims": (16, 16), "optimizer": "rowwise_adagrad", "batch": 512}
+    fields = P.config_fields(CONFIGS / "cetnet_ml100k.yaml")
+    assert fields == {"dims": (8, 32, 8), "optimizer": "rowwise_adagrad", "batch": 1024}
     assert P.config_fields(CONFIGS / "kdef_ml100k.yaml")["dims"] in ((16,), (16, 16))
 
 
@@ -149,7 +151,8 @@ def test_cli_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_config_and_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = _plan(capsys, "--config", str(CONFIGS / "cetnet_ml100k.yaml"),
+    paper = CONFIGS / "cetnet_dhen_interformer_ml100k.yaml"
+    status, out, _ = _plan(capsys, "--config", str(paper),
                            "--vocab", "1682,943", "--gpus", "8", "--weights-dtype", "fp16",
                            "--optimizer", "sgd")
     assert status == 0

@@ -187,9 +187,13 @@ def test_the_retrained_comparison_is_best_minus_baseline_by_seed(tmp_path, monke
 
     monkeypatch.setattr(compare, "_train_seeds", fake)
     compare_studies(CompareOptions(studies=[study], out=tmp_path / "out", retrain_seeds=3,
-                                   baselines=[str(baseline)], say=lambda text: None))
+                                   baselines=[str(baseline), "default", "paper"],
+                                   say=lambda text: None))
     report = (tmp_path / "out" / "COMPARE.md").read_text()
     assert "| base.yaml | AUC | +0.0100 | [0.0100, 0.0100] | better |" in report
+    assert "| default config | AUC | +0.0100 |" in report
+    assert "| paper's CETNet (DHEN + InterFormer) | AUC | +0.0100 |" in report
+    assert "| paper's CETNet (DHEN + InterFormer) (cetnet) | dhen, interformer |" in report
     assert "| base.yaml | gAUC | +0.0000 |" in report and "within seed noise" in report
     assert "| base.yaml | logloss | -0.0200 | [-0.0200, -0.0200] | better |" in report
     with pytest.raises(CompareError, match="other.yaml: its data section"):

@@ -26,18 +26,19 @@ def test_parse_value_types(text, value):
 def test_default_config_loads_and_overrides_apply():
     base = load_config()
     assert base["model"]["ensemble"] == "cetnet"
-    assert base["model"]["members"] == ["dhen", "interformer"]
+    assert base["model"]["members"] == ["dnn", "dcnv2", "dnn"]
     assert base["data"]["name"] == "movielens-100k"
     assert set(base["train"]) == set(TRAIN_DEFAULTS)
     cfg = load_config(overrides=["train.epochs=3", "model.fusion.temperature=0.5",
                                  "train.lr=1e-2", "train.grad_clip=null", "train.patience=~",
-                                 "model.members=[dnn]", "model.dnn.hidden=[32, 16]",
+                                 "model.members=[dnn]", "model.embedding_dim=16",
+                                 "model.dnn.hidden=[32, 16]",
                                  "model.fusion.learnable_temperature=true", "device=cpu"])
     assert cfg["train"]["epochs"] == 3 and cfg["train"]["lr"] == 0.01
     assert cfg["train"]["grad_clip"] is None and cfg["train"]["patience"] is None
     assert cfg["model"]["fusion"]["temperature"] == 0.5
     assert cfg["model"]["fusion"]["learnable_temperature"] is True
-    assert cfg["model"]["members"] == ["dnn"] and cfg["model"]["dnn"] == {"hidden": [32, 16]}
+    assert cfg["model"]["members"] == ["dnn"] and cfg["model"]["dnn"]["hidden"] == [32, 16]
     assert cfg["device"] == "cpu"
     assert base["train"]["epochs"] != 3  # overrides copy, never mutate
 

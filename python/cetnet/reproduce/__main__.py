@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--grid", choices=list(GRIDS), default="small",
       help="tuning grid per (row, seed): small = train.lr x model.embedding_lr 2x2 (default), "
       "none = the config's values")
-    a("--config", default=None, help="base config (default: the packaged CETNet config)")
+    a("--config", default=None, help="base config (default: the packaged CETNet of the "
+      "paper's pair, DHEN + InterFormer: cetnet_dhen_interformer_ml100k.yaml)")
     a("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
       help="config overrides for every row, e.g. train.epochs=3 data.num_rows=5000")
     a("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")

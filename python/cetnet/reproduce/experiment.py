@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from cetnet.atomic import write_text_atomic
-from cetnet.config import ConfigError, apply_overrides, load_config, validate_config
+from cetnet.config import (ConfigError, apply_overrides, load_config, paper_config_path,
+                           validate_config)
 from cetnet.reproduce.rows import (SINGLE_ROWS, Row, check_model, embedding_parameter_count,
                                    row_config, row_spec, scaled_single_model)
 
@@ -54,11 +55,12 @@ def grid_points(grid: str | Mapping[str, Sequence[float]]) -> list[dict[str, flo
 
 def base_config(dataset: str = "movielens-100k", *, config: str | Path | None = None,
                 overrides: Sequence[str] = (), split: str | None = None) -> dict:
-    """The config every row starts from: the packaged CETNet config (or ``config``), its data
+    """The config every row starts from: the packaged CETNet of the paper's pair, DHEN +
+    InterFormer (:func:`cetnet.config.paper_config_path`; or ``config``), its data
     section replaced by ``dataset`` (``movielens-100k``, ``synthetic`` or a BARS dataset YAML,
     the other data options then dropped), ``split`` for MovieLens, then ``overrides``
     (``KEY=VALUE``, e.g. ``train.epochs=3``, ``data.num_rows=5000``)."""
-    cfg = load_config(config)
+    cfg = load_config(paper_config_path() if config is None else config)
     data = dict(cfg["data"])
     if dataset in ("movielens-100k", "movielens"):
         if data.get("name") != "movielens-100k":
@@ -203,7 +205,7 @@ class Experiment:
             kind = self._scaled_arch()
             self.scaled = scaled_single_model(self.base, self.schema, kind)
             self.log(f"scaled_single: {kind} at embedding dim {self.scaled['dim']}: "
-                     f"{self.scaled['num_parameters']:,} parameters (default CETNet "
+                     f"{self.scaled['num_parameters']:,} parameters (the cetnet row's "
                      f"{self.scaled['target']:,})")
         return self.scaled
 

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "seeds 0..N-1 (and each --baseline likewise), paired by seed")
     c.add_argument("--baseline", action="append", default=[], metavar="CONFIG",
                    help="with --retrain-seeds: a config to compare the best trial with: "
-                   "default (the packaged one) or a YAML; repeatable")
+                   "default (cetnet train's), paper (DHEN + InterFormer, the base of the "
+                   "trials) or a YAML; repeatable")
     return ap
 
 

@@ -205,17 +205,23 @@ def _plot(studies: Sequence[StudyTrials], curves: Sequence[list], n: int, path: 
 
 # -- the winner retrained over seeds ---------------------------------------------------------
 
-def _baseline_config(spec: str) -> tuple[str, dict]:
-    from cetnet.config import load_config
+#: the packaged configs ``--baseline`` takes by name
+BASELINE_NAMES = {"default": "default config", "paper": "paper's CETNet (DHEN + InterFormer)"}
 
-    if spec != "default" and not Path(spec).is_file():
-        raise CompareError(f"--baseline {spec}: no such file (default, or a config YAML)")
+
+def _baseline_config(spec: str) -> tuple[str, dict]:
+    """``(label, config)`` of ``--baseline``: ``default`` (``cetnet train``'s default config),
+    ``paper`` (the paper's pair, the base of the search's trials) or a config YAML."""
+    from cetnet.config import load_config, paper_config_path
+
+    if spec not in BASELINE_NAMES and not Path(spec).is_file():
+        raise CompareError(f"--baseline {spec}: no such file (default, paper, or a config "
+                           "YAML)")
     try:
-        config = load_config(None if spec == "default" else spec)
+        config = load_config({"default": None, "paper": paper_config_path()}.get(spec, spec))
     except ConfigError as e:
         raise CompareError(f"--baseline {spec}: {e}") from None
-    label = "default config" if spec == "default" else Path(spec).name
-    return label, config
+    return BASELINE_NAMES.get(spec, Path(spec).name), config
 
 
 def _train_seeds(config: dict, seeds: int, out: Path,
