@@ -182,8 +182,8 @@ class Experiment:
     def _scaled_arch(self) -> str:
         """The architecture scaled_single widens: ``scaled_arch``, or with ``auto`` the best
         single architecture by mean validation AUC over the seeds finished so far: among the
-        study's single rows (``dnn``, ``dcnv2``, ``dhen``, ``interformer``), or the default
-        CETNet's members when the study has none; the first CETNet member when none has
+        study's single rows (``dnn``, ``dcnv2``, ``dhen``, ``interformer``), or the base
+        config's members when the study has none; the first CETNet member when none has
         results (a user widens the best model they have, not only a member of the ensemble)."""
         if self.scaled_arch != "auto":
             return self.scaled_arch

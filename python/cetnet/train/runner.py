@@ -376,16 +376,10 @@ def finished_run(config: dict, run_dir: Path) -> dict | None:
     instead of failing with "nothing to resume". Decided by rank 0 for every rank."""
 
     def read() -> dict | None:
-        saved, path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
-        if not (saved.is_file() and path.is_file() and has_last(run_dir)):
+        if not has_last(run_dir):
             return None
-        try:
-            if validate_config(read_yaml(saved)) != validate_config(config):
-                return None
-            metrics = read_json(path)
-        except (ConfigError, OSError, ValueError):
-            return None
-        if not isinstance(metrics, dict) or not (
+        metrics = _saved_metrics(run_dir, config)
+        if metrics is None or not (
                 metrics.get("stopped_early")
                 or metrics.get("epochs_completed", 0) >= config["train"]["epochs"]):
             return None
@@ -396,8 +390,21 @@ def finished_run(config: dict, run_dir: Path) -> dict | None:
     return distributed.from_main(read)
 
 
-def _unnamed(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "name"}
+def _saved_metrics(run_dir: Path, config: dict, *, same_name: bool = True) -> dict | None:
+    """The ``metrics.json`` of ``run_dir`` when its ``config.yaml`` is ``config`` (``name``
+    aside unless ``same_name``), else None (either missing, unreadable or another config)."""
+
+    def key(cfg: dict) -> dict:
+        cfg = validate_config(cfg)
+        return cfg if same_name else {k: v for k, v in cfg.items() if k != "name"}
+
+    try:
+        if key(read_yaml(run_dir / CONFIG_FILE)) != key(config):
+            return None
+        metrics = read_json(run_dir / METRICS_FILE)
+    except (ConfigError, OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
@@ -408,15 +415,9 @@ def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
     interrupted, or started again over what a failed attempt (or a run of another config)
     left when it cannot resume."""
     run_dir = Path(run_dir)
-    if (run_dir / METRICS_FILE).is_file():
-        try:
-            metrics = read_json(run_dir / METRICS_FILE)
-            saved = validate_config(read_yaml(run_dir / CONFIG_FILE))
-            same = _unnamed(saved) == _unnamed(validate_config(config))
-        except (ConfigError, OSError, ValueError):
-            same = False
-        if same and isinstance(metrics, dict):
-            return metrics, True
+    metrics = _saved_metrics(run_dir, config, same_name=False)
+    if metrics is not None:
+        return metrics, True
     if has_last(run_dir):  # last.pt, or last.prev.pt while it was being replaced
         try:
             return run_training(config, run_dir, resume=True, quiet=True, plots=False)[1], False

@@ -36,8 +36,8 @@ from cetnet.train.rundir import RUN_FOLDER
 # trainer before it loads the kernels (which may refuse $CETNET_CPU_CAPABILITY in one line)
 
 __all__ = ["SHARDINGS", "TABLES_DIR", "use_torchrec", "is_torchrec", "check_sharding", "shard",
-           "ShardedRun", "save_tables", "load_tables", "check_tables", "prune_tables", "dense_state",
-           "check_model_checkpoint", "load_model_state", "copy_into_shards", "gather_tables"]
+           "ShardedRun", "save_tables", "load_tables", "check_tables", "prune_tables",
+           "dense_state", "check_model_checkpoint", "load_model_state", "copy_into_shards", "gather_tables"]
 
 #: ``train.embedding_sharding``: ``auto`` lets the planner choose per table among the three.
 SHARDINGS = EMBEDDING_SHARDINGS
