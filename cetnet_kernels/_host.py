@@ -4,13 +4,15 @@ Python front ends and the Triton launchers alike)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+import functools
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["acc_dtype", "check_count", "device_guard", "shape_only"]
+__all__ = ["acc_dtype", "check_count", "constant_tensor", "device_guard", "shape_only",
+           "upload"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,3 +43,31 @@ def check_count(value: object, name: str, op: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
     return value
+
+
+def upload(values: Sequence[int | float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without making the host wait: on
+    CUDA that call copies from pageable memory, which synchronizes with the stream; this stages
+    the values in pinned memory and copies asynchronously (small per-call metadata)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A blocking copy, once: the tensor is complete before any stream reads it.
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def constant_tensor(values: Sequence[int | float], dtype: torch.dtype,
+                    device: torch.device) -> Tensor:
+    """``values`` on ``device`` for values that repeat from call to call (a layout's dims,
+    bases, codes): copied once per (values, dtype, device), synchronously, then shared, so
+    later calls cost nothing; callers must not write to it. While a CUDA graph is being
+    captured it is an :func:`upload` instead (a cached tensor would live in the graph's pool)."""
+    key = tuple(values)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return upload(key, dtype, device)
+    return _cached_constant(key, dtype, device)

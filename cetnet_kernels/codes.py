@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["InputMode", "Optimizer", "Reduction", "OPTIMIZER_CODES", "REDUCTION_CODES"]
+__all__ = ["BOUNDS_CHECK_CODES", "BoundsCheck", "InputMode", "Optimizer", "Reduction",
+           "OPTIMIZER_CODES", "REDUCTION_CODES"]
 
 
 class InputMode(IntEnum):
@@ -30,6 +31,14 @@ class Optimizer(IntEnum):
     ROWWISE_ADAGRAD = 2  # one accumulator per row (FBGEMM's row-wise Adagrad), fused into backward
 
 
+class BoundsCheck(IntEnum):
+    """What the embedding ops do with an id outside ``[0, num_embeddings)`` that is not
+    ``padding_idx``."""
+
+    ERROR = 0  # raise IndexError naming feature, batch row, position and id (CUDA: one sync)
+    OFF = 1  # no host check, no synchronization: the id reads as zeros and is not updated
+
+
 class Reduction(IntEnum):
     """How ``collaborative_loss`` reduces its per-row loss."""
 
@@ -41,5 +50,7 @@ class Reduction(IntEnum):
 #: ``MultiTableEmbedding(optimizer=...)`` names -> codes of the fused update (None: dense).
 OPTIMIZER_CODES = {None: Optimizer.DENSE, "sgd": Optimizer.SGD,
                    "rowwise_adagrad": Optimizer.ROWWISE_ADAGRAD}
+#: ``MultiTableEmbedding(bounds_check=...)`` names -> codes.
+BOUNDS_CHECK_CODES = {"error": BoundsCheck.ERROR, "off": BoundsCheck.OFF}
 #: ``reduction=`` names -> codes.
 REDUCTION_CODES = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}

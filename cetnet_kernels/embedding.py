@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from cetnet_kernels._extension import HAS_C
 from cetnet_kernels._host import acc_dtype, check_count
 from cetnet_kernels.backends import BACKENDS, resolve_backend
-from cetnet_kernels.codes import OPTIMIZER_CODES, InputMode
+from cetnet_kernels.codes import BOUNDS_CHECK_CODES, OPTIMIZER_CODES, InputMode
 from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, OptimizerArgs,
                                            check_bag_values, check_batch_size, id_columns,
                                            invalid_ids, offsets_valid)
@@ -38,9 +38,10 @@ from cetnet_kernels.embedding_ops import ops_for
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
 from cetnet_kernels.layout import TableLayout, table_layout
 
-__all__ = ["EmbeddingFeature", "MultiTableEmbedding", "OPTIMIZERS", "POOLINGS"]
+__all__ = ["BOUNDS_CHECKS", "EmbeddingFeature", "MultiTableEmbedding", "OPTIMIZERS", "POOLINGS"]
 
 POOLINGS = ("sum", "mean")
+BOUNDS_CHECKS = tuple(BOUNDS_CHECK_CODES)  # "error", "off"
 OPTIMIZERS = tuple(OPTIMIZER_CODES)  # None, "sgd", "rowwise_adagrad"
 _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -125,6 +126,19 @@ class MultiTableEmbedding(nn.Module):
             storage is read and updated in float32 and the outputs are float32.
         padding_idx: ids equal to it give zero vectors and no gradient (and are left out of bag
             means); None disables padding.
+        bounds_check: what an id outside ``[0, num_embeddings)`` (other than ``padding_idx``)
+            does. ``"error"`` (default): IndexError naming the feature, the id, the batch row
+            and the position (malformed bag offsets: ValueError), checked before anything is
+            written; on CUDA this costs one small device-to-host copy, a synchronization, per
+            lookup and per backward. ``"off"`` (for CUDA graphs and the last bit of
+            throughput): the ``cpu``, ``cuda`` and ``triton`` backends check nothing on the host
+            and the GPU ones never synchronize; such an id is treated exactly as padding (a zero
+            vector, no gradient or update, not counted by a bag mean; unlike FBGEMM's IGNORE,
+            which reads and updates row 0 instead), and nothing out of range is ever read. Bag
+            offsets are still validated by the ``cpu`` and ``reference`` backends (the latter
+            also synchronizes for it); on ``cuda`` and ``triton`` malformed offsets then give
+            unspecified (but in-range) bags. Check your ids once, offline, before turning it
+            off.
         backend: ``"auto"``, ``"cpu"`` (C++), ``"cuda"``, ``"triton"`` or ``"reference"``
             (one ``F.embedding`` per table; dense gradient only). ``"auto"`` (or the
             ``CETNET_BACKEND`` environment variable) picks, for the tables' device at each call:
@@ -161,6 +175,7 @@ class MultiTableEmbedding(nn.Module):
         weight_decay: float = 0.0,
         weights_dtype: torch.dtype = torch.float32,
         padding_idx: int | None = -1,
+        bounds_check: str = "error",
         backend: str = "auto",
         init: str = "uniform",
         init_scale: float | None = None,
@@ -197,6 +212,9 @@ class MultiTableEmbedding(nn.Module):
         if padding_idx is not None and (isinstance(padding_idx, bool)
                                         or not isinstance(padding_idx, int)):
             raise TypeError(f"{op}: padding_idx must be an int or None, got {padding_idx!r}")
+        if bounds_check not in BOUNDS_CHECKS:
+            raise ValueError(f"{op}: bounds_check must be one of {BOUNDS_CHECKS}, got "
+                             f"{bounds_check!r}")
         if backend not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "cpu" and not HAS_C:
@@ -212,6 +230,7 @@ class MultiTableEmbedding(nn.Module):
         self.optimizer = optimizer
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.padding_idx = padding_idx
+        self.bounds_check = bounds_check
         self.backend = backend
         self._names = tuple(names)
         self._index = {n: i for i, n in enumerate(names)}
@@ -425,7 +444,8 @@ class MultiTableEmbedding(nn.Module):
             else:
                 check_batch_size(Bf, B, repr(name), repr(B_from), op)
         args = EmbeddingArgs(self.weight, vals, offs, psws, modes, list(self.dims),
-                             list(self._vocab), self.padding_idx, self._joined_names)
+                             list(self._vocab), self.padding_idx,
+                             int(BOUNDS_CHECK_CODES[self.bounds_check]), self._joined_names)
         return args, ncols
 
     @staticmethod
@@ -466,7 +486,8 @@ class MultiTableEmbedding(nn.Module):
 
         Raises:
             IndexError: an id outside ``[0, num_embeddings)`` other than ``padding_idx`` (the
-                message names the feature, the id and the vocabulary size).
+                message names the feature, the id and the vocabulary size), unless
+                ``bounds_check="off"``.
             TypeError: non-integer ids. ValueError: unknown/missing features, ragged batch
                 sizes, malformed offsets.
         """
@@ -489,15 +510,22 @@ class MultiTableEmbedding(nn.Module):
         return ops.lookup(args)
 
     def _forward_reference(self, args: EmbeddingArgs) -> list[Tensor]:
+        # bounds_check="off": a bad id is padding (-1 stands in when there is no padding_idx:
+        # it is never a valid id)
+        pad = self.padding_idx
+        ids = list(args.ids)
         for f, feat in enumerate(self.features):  # the reference needs valid ids up front
-            x = args.ids[f]
+            x = ids[f]
             if args.modes[f] != InputMode.IDS and not bool(offsets_valid(args.offsets[f],
                                                                          x.numel())):
                 raise ValueError(f"MultiTableEmbedding: feature {feat.name!r}: offsets must "
                                  f"start at 0, be non-decreasing and end at the number of "
                                  f"values ({x.numel()})")
             bad = invalid_ids(x, feat.num_embeddings, self.padding_idx)
-            if bool(bad.any()):
+            if self.bounds_check == "off":
+                pad = -1 if self.padding_idx is None else self.padding_idx
+                ids[f] = torch.where(bad, pad, x)
+            elif bool(bad.any()):
                 v = int(x[bad][0])
                 raise IndexError(f"MultiTableEmbedding: feature {feat.name!r}: id {v} is out of "
                                  f"range for its vocabulary of size {feat.num_embeddings}")
@@ -513,12 +541,13 @@ class MultiTableEmbedding(nn.Module):
             tables = [[t.float() for t in member] for member in tables]
         inputs = [v if mode == InputMode.IDS
                   else (v, o, p if mode == InputMode.BAG_WEIGHTED_SUM else None)
-                  for v, o, p, mode in zip(args.ids, args.offsets, args.per_sample_weights,
+                  for v, o, p, mode in zip(ids, args.offsets, args.per_sample_weights,
                                            args.modes)]
         return multi_table_embedding_reference(tables, inputs, [f.pooling for f in self.features],
-                                               self.padding_idx)
+                                               pad)
 
     def extra_repr(self) -> str:
         return (f"num_models={self.num_models}, features={len(self.features)}, dims={self.dims}, "
                 f"rows={sum(self._vocab)}, optimizer={self.optimizer!r}, "
-                f"weights_dtype={self.weight.dtype}, backend={self.backend!r}")
+                f"weights_dtype={self.weight.dtype}, bounds_check={self.bounds_check!r}, "
+                f"backend={self.backend!r}")

@@ -1,8 +1,8 @@
 """The arguments the ``cetnet::multi_embedding*`` ops share, bundled on the Python side.
 
-Every op of the family takes the same tail (csrc/registration.cpp): the flat weight, per
-feature the ids, offsets and per-sample weights, the input modes, the member dims, the
-vocabulary sizes, ``padding_idx`` and (lookups only) the feature names. The schemas stay
+Every op of the family takes the same tail (csrc/registration.cpp): the flat weight, per feature
+the ids, offsets and per-sample weights, the input modes, the member dims, the vocabulary sizes,
+``padding_idx``, the bounds-check mode and (lookups only) the feature names. The schemas stay
 positional; :class:`EmbeddingArgs` is how Python code passes, saves and unpacks that tail.
 """
 
@@ -23,7 +23,8 @@ class EmbeddingArgs(NamedTuple):
     ``ids[f]`` is ``[B]`` / ``[B, T]`` (mode IDS) or a bag's ``[L]`` values; ``offsets[f]`` the
     bag's ``[B + 1]`` offsets (empty for IDS); ``per_sample_weights[f]`` float32 ``[L]`` (empty
     unless BAG_WEIGHTED_SUM); ``modes`` :class:`cetnet_kernels.codes.InputMode` codes;
-    ``feature_names`` the names joined by newlines (for messages; "" when unknown).
+    ``bounds_check`` a :class:`cetnet_kernels.codes.BoundsCheck` code; ``feature_names`` the
+    names joined by newlines (for messages; "" when unknown).
     """
 
     weight: Tensor
@@ -34,6 +35,7 @@ class EmbeddingArgs(NamedTuple):
     dims: Sequence[int]
     vocab: Sequence[int]
     padding_idx: Optional[int]
+    bounds_check: int = 0
     feature_names: str = ""
 
     @property
@@ -42,8 +44,8 @@ class EmbeddingArgs(NamedTuple):
 
     def update_args(self) -> tuple:
         """The tail of ``multi_embedding_backward`` / ``_update`` after the weight (and state):
-        ids .. padding_idx (those ops take no feature names)."""
-        return tuple(self[1:8])
+        ids .. bounds_check (those ops take no feature names)."""
+        return tuple(self[1:9])
 
     def input_tensors(self) -> list[Tensor]:
         """ids, offsets and per-sample weights, flat (for ``ctx.save_for_backward``)."""
@@ -62,9 +64,9 @@ class EmbeddingArgs(NamedTuple):
                              per_sample_weights=list(saved[2 * F:]))
 
     def no_grads(self) -> tuple:
-        """The autograd result for these nine inputs when none of them gets a gradient."""
+        """The autograd result for these ten inputs when none of them gets a gradient."""
         none = [None] * self.num_features
-        return (None, none, none, none) + (None,) * 5
+        return (None, none, none, none) + (None,) * 6
 
 
 class OptimizerArgs(NamedTuple):

@@ -1,12 +1,13 @@
 """Registration of the ``cetnet::multi_embedding*`` ops: fake kernels, autograd, op table.
 
 Schemas (csrc/registration.cpp), with ``ARGS`` the shared tail of :class:`EmbeddingArgs`
-(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx, feature_names)::
+(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx, bounds_check,
+feature_names)::
 
     multi_embedding(ARGS) -> Tensor[]                                   (M outputs [B, N, D_m])
     multi_embedding_fused(weight, state, placeholder, ARGS[1:], optimizer, lr, eps, weight_decay)
-    multi_embedding_backward(grads, ARGS[:8]) -> grad_weight
-    multi_embedding_update(grads, weight, state, ARGS[1:8], optimizer, lr, eps, weight_decay)
+    multi_embedding_backward(grads, ARGS[:9]) -> grad_weight
+    multi_embedding_update(grads, weight, state, ARGS[1:9], optimizer, lr, eps, weight_decay)
 
 The C++ ops (CPU and CUDA) have no suffix; the Triton ones (cetnet_kernels/triton/embedding.py)
 end in ``_triton``. The fake kernels and autograd formulas registered here make the lookups work
@@ -37,7 +38,7 @@ __all__ = ["EmbeddingOps", "all_gather_rows", "ops_for"]
 def _split_fused(inputs: Sequence[Any]) -> tuple[EmbeddingArgs, Tensor, Tensor, OptimizerArgs]:
     """The fused lookup's inputs as (args, state, placeholder, optimizer arguments)."""
     weight, state, placeholder, *rest = inputs
-    return EmbeddingArgs(weight, *rest[:8]), state, placeholder, OptimizerArgs(*rest[8:])
+    return EmbeddingArgs(weight, *rest[:9]), state, placeholder, OptimizerArgs(*rest[9:])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def _make_backward_fused(update_op: Any) -> Any:
         a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors)
         update_op(_grads_or_empty(grads, ctx.weight), ctx.weight, ctx.state, *a.update_args(),
                   *ctx.opt)
-        # weight, state, placeholder, then the other eight of EmbeddingArgs and the optimizer's
+        # weight, state, placeholder, then the other nine of EmbeddingArgs and the optimizer's
         return (None, None) + a.no_grads() + (None,) * len(OptimizerArgs._fields)
 
     return _backward_fused

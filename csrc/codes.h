@@ -16,6 +16,13 @@ inline bool is_bag(int64_t mode) { return mode != kIds; }
 // multi_embedding_update, which takes kSGD and kRowwiseAdagrad; kDense is the plain backward).
 enum Optimizer : int64_t { kDense = 0, kSGD = 1, kRowwiseAdagrad = 2 };
 
+// What the embedding ops do with an id outside [0, vocab) other than padding_idx (`bounds_check`):
+// kBoundsError raises IndexError naming the feature, batch row, position and id (on CUDA after
+// one device-to-host copy of the per-feature records per call); kBoundsOff never checks on the
+// host (no synchronization): such an id reads as a zero vector and gets no gradient or update,
+// exactly like padding_idx, and nothing out of bounds is ever read.
+enum BoundsCheck : int64_t { kBoundsError = 0, kBoundsOff = 1 };
+
 // How collaborative_loss reduces its per-row loss (the values of at::Reduction).
 enum Reduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
 
@@ -29,6 +36,7 @@ inline constexpr CodeName kInputModeNames[] = {
     {"BAG_WEIGHTED_SUM", kBagWeightedSum}};
 inline constexpr CodeName kOptimizerNames[] = {
     {"DENSE", kDense}, {"SGD", kSGD}, {"ROWWISE_ADAGRAD", kRowwiseAdagrad}};
+inline constexpr CodeName kBoundsCheckNames[] = {{"ERROR", kBoundsError}, {"OFF", kBoundsOff}};
 inline constexpr CodeName kReductionNames[] = {
     {"NONE", kReduceNone}, {"MEAN", kReduceMean}, {"SUM", kReduceSum}};
 

@@ -30,7 +30,9 @@ struct EmbeddingArgs : TableLayout {
   std::vector<std::string> names;
   std::vector<int64_t> mode;
   std::optional<int64_t> padding_idx;
+  int64_t bounds_check = kBoundsError;  // codes.h: raise for a bad id, or treat it as padding
 
+  bool raises_on_bad_ids() const { return bounds_check == kBoundsError; }
   const std::string& name(int64_t f) const { return names[f]; }
 };
 
@@ -66,7 +68,7 @@ inline void check_int_tensor(const at::Tensor& t, const char* what, const std::s
 inline EmbeddingArgs check_embedding_args(
     const at::Tensor& weight, at::TensorList ids, at::TensorList offsets, at::TensorList psw,
     at::IntArrayRef modes, at::IntArrayRef dims, at::IntArrayRef vocab,
-    std::optional<int64_t> padding_idx, const std::string& feature_names,
+    std::optional<int64_t> padding_idx, int64_t bounds_check, const std::string& feature_names,
     at::DeviceType device_type, const char* op) {
   EmbeddingArgs A;
   A.names = split_names(feature_names, static_cast<int64_t>(vocab.size()));
@@ -80,6 +82,9 @@ inline EmbeddingArgs check_embedding_args(
                     psw.size(), ", ", modes.size());
   A.mode.assign(modes.begin(), modes.end());
   A.padding_idx = padding_idx;
+  TORCH_CHECK_VALUE(bounds_check == kBoundsError || bounds_check == kBoundsOff, op,
+                    ": bounds_check must be 0 (error) or 1 (off), got ", bounds_check);
+  A.bounds_check = bounds_check;
   TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op,
                    ": weight must be floating point, got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.numel() == A.weight_numel, op,

@@ -31,16 +31,16 @@ using KdefLossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tens
 using MultiEmbeddingFn = std::vector<at::Tensor>(const at::Tensor& weight, at::TensorList ids,
     at::TensorList offsets, at::TensorList per_sample_weights, at::IntArrayRef modes,
     at::IntArrayRef dims, at::IntArrayRef vocab, std::optional<int64_t> padding_idx,
-    const std::string& feature_names);
+    int64_t bounds_check, const std::string& feature_names);
 using MultiEmbeddingBackwardFn = at::Tensor(at::TensorList grads, const at::Tensor& weight,
     at::TensorList ids, at::TensorList offsets, at::TensorList per_sample_weights,
     at::IntArrayRef modes, at::IntArrayRef dims, at::IntArrayRef vocab,
-    std::optional<int64_t> padding_idx);
+    std::optional<int64_t> padding_idx, int64_t bounds_check);
 using MultiEmbeddingUpdateFn = void(at::TensorList grads, const at::Tensor& weight,
     const at::Tensor& state, at::TensorList ids, at::TensorList offsets,
     at::TensorList per_sample_weights, at::IntArrayRef modes, at::IntArrayRef dims,
-    at::IntArrayRef vocab, std::optional<int64_t> padding_idx, int64_t optimizer, double lr,
-    double eps, double weight_decay);
+    at::IntArrayRef vocab, std::optional<int64_t> padding_idx, int64_t bounds_check,
+    int64_t optimizer, double lr, double eps, double weight_decay);
 
 // Autograd-key kernels of the fused ops (autograd.cpp).
 ConfidenceFusionFn confidence_fusion_autograd;
@@ -54,10 +54,10 @@ std::vector<at::Tensor> multi_embedding_fused(
     const at::Tensor& weight, const at::Tensor& /*state*/, const at::Tensor& /*placeholder*/,
     at::TensorList ids, at::TensorList offsets, at::TensorList per_sample_weights,
     at::IntArrayRef modes, at::IntArrayRef dims, at::IntArrayRef vocab,
-    std::optional<int64_t> padding_idx, const std::string& feature_names, int64_t /*optimizer*/,
-    double /*lr*/, double /*eps*/, double /*weight_decay*/) {
+    std::optional<int64_t> padding_idx, int64_t bounds_check, const std::string& feature_names,
+    int64_t /*optimizer*/, double /*lr*/, double /*eps*/, double /*weight_decay*/) {
   return Lookup(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
-                feature_names);
+                bounds_check, feature_names);
 }
 
 }  // namespace cetnet

@@ -56,6 +56,7 @@ PYBIND11_MODULE(_C, m) {
         codes["InputMode"] = code_dict(cetnet::kInputModeNames);
         codes["Optimizer"] = code_dict(cetnet::kOptimizerNames);
         codes["Reduction"] = code_dict(cetnet::kReductionNames);
+        codes["BoundsCheck"] = code_dict(cetnet::kBoundsCheckNames);
         return codes;
       },
       "The integer codes of the op schemas (csrc/codes.h), by the member names of "

@@ -24,17 +24,18 @@
 // their fake kernels and autograd in Python): M members x F features, one flat weight
 // holding the T = M*F tables member-major, table (m, f) = row-major [vocab[f], dims[m]].
 //   multi_embedding(weight [W], ids[F], offsets[F], per_sample_weights[F], modes[F], dims[M],
-//                   vocab[F], padding_idx?, feature_names) -> M outputs [B, N, dims[m]]
+//                   vocab[F], padding_idx?, bounds_check, feature_names) -> M outputs [B, N, D_m]
 //       (float32 for 16-bit weights, else weight.dtype). modes[f]: 0 = ids [B] (1 column) or
 //       [B, T] (T columns); 1/2/3 = bag sum/mean/weighted sum of ids[f] (values, 1-D) split by
 //       offsets[f] [B+1]; per_sample_weights[f] (float32, mode 3 only, else ignored). Unused
 //       offsets/weights entries are empty tensors. feature_names: the F names joined by '\n'
 //       (error messages only). Ids == padding_idx give zeros; other ids outside [0, vocab[f])
-//       raise IndexError after the pass (never read).
+//       are never read: bounds_check 0 (codes.h) raises IndexError after the pass, 1 (off)
+//       treats them as padding (zeros, no gradient), with no host synchronization on CUDA.
 //   multi_embedding_fused(weight, state, placeholder, ..., optimizer, lr, eps, weight_decay)
 //       the same forward; its autograd applies multi_embedding_update (placeholder: a tensor
 //       that requires grad, so autograd runs although weight does not).
-//   multi_embedding_backward(grads[M], weight, ids..., padding_idx?) -> grad_weight [W]
+//   multi_embedding_backward(grads[M], weight, ids..., padding_idx?, bounds_check) -> grad [W]
 //       (dense, weight.dtype; empty grads[m] = zero gradient).
 //   multi_embedding_update(grads[M], weight!, state!, ..., optimizer 1 = sgd / 2 =
 //       rowwise_adagrad, lr, eps, weight_decay) -> (): in-place, deterministic sparse update of
@@ -63,21 +64,21 @@ TORCH_LIBRARY(cetnet, m) {
   m.def(
       "multi_embedding(Tensor weight, Tensor[] ids, Tensor[] offsets, "
       "Tensor[] per_sample_weights, int[] modes, int[] dims, int[] vocab, int? padding_idx, "
-      "str feature_names) -> Tensor[]");
+      "int bounds_check, str feature_names) -> Tensor[]");
   m.def(
       "multi_embedding_fused(Tensor weight, Tensor state, Tensor placeholder, Tensor[] ids, "
       "Tensor[] offsets, Tensor[] per_sample_weights, int[] modes, int[] dims, int[] vocab, "
-      "int? padding_idx, str feature_names, int optimizer, float lr, float eps, "
+      "int? padding_idx, int bounds_check, str feature_names, int optimizer, float lr, float eps, "
       "float weight_decay) -> Tensor[]");
   m.def(
       "multi_embedding_backward(Tensor[] grads, Tensor weight, Tensor[] ids, Tensor[] offsets, "
-      "Tensor[] per_sample_weights, int[] modes, int[] dims, int[] vocab, int? padding_idx) "
-      "-> Tensor");
+      "Tensor[] per_sample_weights, int[] modes, int[] dims, int[] vocab, int? padding_idx, "
+      "int bounds_check) -> Tensor");
   m.def(
       "multi_embedding_update(Tensor[] grads, Tensor(a!) weight, Tensor(b!) state, "
       "Tensor[] ids, Tensor[] offsets, Tensor[] per_sample_weights, int[] modes, int[] dims, "
-      "int[] vocab, int? padding_idx, int optimizer, float lr, float eps, float weight_decay) "
-      "-> ()");
+      "int[] vocab, int? padding_idx, int bounds_check, int optimizer, float lr, float eps, "
+      "float weight_decay) -> ()");
 }
 
 // Every op's kernel of backend `ns` (cetnet::cpu: the forwarders of cpu/dispatch.h to the

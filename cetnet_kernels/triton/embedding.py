@@ -14,9 +14,10 @@ member; member m's row-wise state of key k is ``state[m * Vtot + k]``):
   (row blocks of the [B, C] id columns, M); a [BLOCK_R, BLOCK_D] tile per program.
 * ``_bags_kernel``: every pooled bag (sum / mean / weighted) in one more launch, grid
   (B * bag features, M); the bag's values in [BLOCK_L, BLOCK_D] tiles.
-* ``_runs_kernel``: backward, grid (touched rows, M). The host sorts the (key, output row,
-  scale) entries of the batch by key with a stable ``torch.sort`` and cuts them into runs of
-  equal keys (``torch.unique_consecutive``); each program sums one run's gradient rows in sorted
+* ``_runs_kernel``: backward, grid (programs, M). The host sorts the (key, output row, scale)
+  entries of the batch by key with a stable ``torch.sort`` and cuts them into runs of equal keys
+  with device-side prefix counts (no synchronization: the number of runs stays on the device
+  and the programs stride over the runs); each program sums a run's gradient rows in sorted
   (= batch) order in fixed-size tiles and writes the dense gradient row or applies SGD /
   row-wise Adagrad (FBGEMM semantics, as the CPU kernel) to the row. Each row has one program:
   no atomics, a fixed summation order, bitwise reproducible.
@@ -33,13 +34,15 @@ launched in chunks of at most _MAX_GRID_X programs (CUDA's grid.x limit), the ch
 program id passed as ``pid0``. Only within-row column offsets (< D) stay int32. Every launch runs
 under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in the interpreter).
 
-Ids and offsets are checked on the host with torch ops before any launch (one synchronizing
-copy of a few flags per call): out-of-range ids other than ``padding_idx`` raise IndexError with
-the CPU's message, malformed offsets ValueError; the kernels also mask every load, so nothing is
-ever read out of bounds. The host-side checks, sort and run cut are data dependent, so these are
-opaque ``torch.library.custom_op``s (also on GPU, unlike the fusion ops' ``triton_op``):
-torch.compile calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors
-(tests).
+Ids and offsets are checked on the host with torch ops before any launch (one synchronizing copy of
+a few flags per call): out-of-range ids other than ``padding_idx`` raise IndexError with the CPU's
+message, malformed offsets ValueError; the kernels also mask every load, so nothing is ever read
+out of bounds. With ``bounds_check`` off (:class:`cetnet_kernels.codes.BoundsCheck`) there is no
+check and no synchronization in forward or backward: a bad id is padding and a bag's offsets are
+clamped into its values (``_Plan.bag_offsets``). The host-side checks, sort and run cut are data
+dependent, so these are opaque ``torch.library.custom_op``s (also on GPU, unlike the fusion ops'
+``triton_op``): torch.compile calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run
+on CPU tensors (tests).
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cetnet_kernels._host import acc_dtype, device_guard, shape_only
-from cetnet_kernels.codes import InputMode, Optimizer
+from cetnet_kernels._host import acc_dtype, constant_tensor, device_guard, shape_only, upload
+from cetnet_kernels.codes import BoundsCheck, InputMode, Optimizer
 from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, check_bag_values,
                                            check_batch_size, id_columns, invalid_ids,
                                            offsets_valid)
@@ -72,6 +75,9 @@ _MODE_DENSE = tl.constexpr(int(Optimizer.DENSE))
 _MODE_ROWWISE_ADAGRAD = tl.constexpr(int(Optimizer.ROWWISE_ADAGRAD))
 _TILE = 4096  # elements of one [rows, BLOCK_D] tile
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid.x: larger first axes are launched in chunks
+# Programs of _runs_kernel's grid-stride loop over the runs (per member); the interpreter runs
+# programs one by one, so there a few suffice.
+_RUN_PROGRAMS = 16 if INTERPRETED else 65536
 
 
 # =============================================================================================
@@ -184,57 +190,65 @@ def _runs_kernel(
     has_g_ptr,      # [M] int32: 0 when member m's gradient is zero (absent)
     src_ptr,        # [E] int64: output row (b * N + n) of each sorted entry
     scale_ptr,      # [E] acc dtype: factor of each sorted entry
-    run_start_ptr,  # [R] int64
-    run_end_ptr,    # [R] int64
-    run_key_ptr,    # [R] int64: row_base[f] + id
+    run_start_ptr,  # [E] int64: run r's first sorted entry (r < R)
+    run_end_ptr,    # [E] int64: one past its last
+    run_key_ptr,    # [E] int64: row_base[f] + id; Vtot for the run of padding entries
+    num_runs_ptr,   # [1] int64: R, known on the device only
     dims_ptr, table_base_ptr,
     hyper_ptr,      # [3] acc dtype: lr, eps, weight_decay
-    Vtot, pid0,
+    Vtot,
+    programs,       # the grid's first axis, all launch chunks together
+    pid0,
     MODE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64) + pid0
+    # Grid-stride over the runs: R is not known on the host (no synchronization), so a fixed
+    # grid walks r = pid, pid + programs, ... < R.
+    pid = tl.program_id(0).to(tl.int64) + pid0
     m = tl.program_id(1)
-    start = tl.load(run_start_ptr + r)
-    end = tl.load(run_end_ptr + r)
-    key = tl.load(run_key_ptr + r)
-    # The padding entries carry the key Vtot (past every row) and sort last: their run, if
-    # any, touches nothing (masked loads and stores, key clamped to a valid address).
-    live = key < Vtot
+    R = tl.load(num_runs_ptr)
     D = tl.load(dims_ptr + m)
     tb = tl.load(table_base_ptr + m)
     gd = tl.load(g_delta_ptr + m)
-    # an absent gradient: an empty range of entries (the row still gets decay / the update)
-    stop = start + (end - start) * tl.load(has_g_ptr + m).to(tl.int64) * live.to(tl.int64)
+    has_g = tl.load(has_g_ptr + m).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    dmask = (d < D) & ((d * 0 + key) < Vtot)  # block-shaped: no row of a padding run
-    key = tl.where(live, key, 0)
     acc_ty = g_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_D], dtype=acc_ty)
-    for i in range(start, stop, BLOCK_E):
-        ii = i + tl.arange(0, BLOCK_E).to(tl.int64)
-        im = ii < stop
-        src = tl.load(src_ptr + ii, mask=im, other=0)
-        sc = tl.load(scale_ptr + ii, mask=im, other=0.0)
-        g = tl.load(g_ptr + gd + src[:, None] * D + d[None, :], mask=im[:, None] & dmask[None, :],
-                    other=0.0)
-        acc += tl.sum(g * sc[:, None], axis=0)
-    row = tb + D * key + d
-    if MODE == _MODE_DENSE:
-        tl.store(gw_ptr + row, acc.to(gw_ptr.dtype.element_ty), mask=dmask)
-    else:
-        lr = tl.load(hyper_ptr)
-        wd = tl.load(hyper_ptr + 2)
-        cur = tl.load(w_ptr + row, mask=dmask, other=0.0).to(acc_ty)
-        a = tl.where(dmask, acc + wd * cur, 0.0)
-        step = lr
-        if MODE == _MODE_ROWWISE_ADAGRAD:
-            eps = tl.load(hyper_ptr + 1)
-            si = _state_index(m, Vtot, key)
-            s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D.to(acc_ty)  # key clamped
-            if live:
-                tl.store(state_ptr + si, s)
-            step = lr / (tl.sqrt(s) + eps)
-        tl.store(w_ptr + row, (cur - step * a).to(w_ptr.dtype.element_ty), mask=dmask)
+    for r in range(pid, R, programs):
+        start = tl.load(run_start_ptr + r)
+        end = tl.load(run_end_ptr + r)
+        key = tl.load(run_key_ptr + r)
+        # The padding entries carry the key Vtot (past every row) and sort last: their run
+        # touches nothing (masked loads and stores, key clamped to a valid address).
+        live = key < Vtot
+        # an absent gradient: an empty range of entries (the row still gets decay / the update)
+        stop = start + (end - start) * has_g * live.to(tl.int64)
+        dmask = (d < D) & ((d * 0 + key) < Vtot)  # block-shaped: no row of a padding run
+        key = tl.where(live, key, 0)
+        acc = tl.zeros([BLOCK_D], dtype=acc_ty)
+        for i in range(start, stop, BLOCK_E):
+            ii = i + tl.arange(0, BLOCK_E).to(tl.int64)
+            im = ii < stop
+            src = tl.load(src_ptr + ii, mask=im, other=0)
+            sc = tl.load(scale_ptr + ii, mask=im, other=0.0)
+            g = tl.load(g_ptr + gd + src[:, None] * D + d[None, :],
+                        mask=im[:, None] & dmask[None, :], other=0.0)
+            acc += tl.sum(g * sc[:, None], axis=0)
+        row = tb + D * key + d
+        if MODE == _MODE_DENSE:
+            tl.store(gw_ptr + row, acc.to(gw_ptr.dtype.element_ty), mask=dmask)
+        else:
+            lr = tl.load(hyper_ptr)
+            wd = tl.load(hyper_ptr + 2)
+            cur = tl.load(w_ptr + row, mask=dmask, other=0.0).to(acc_ty)
+            a = tl.where(dmask, acc + wd * cur, 0.0)
+            step = lr
+            if MODE == _MODE_ROWWISE_ADAGRAD:
+                eps = tl.load(hyper_ptr + 1)
+                si = _state_index(m, Vtot, key)
+                s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D.to(acc_ty)  # clamped key
+                if live:
+                    tl.store(state_ptr + si, s)
+                step = lr / (tl.sqrt(s) + eps)
+            tl.store(w_ptr + row, (cur - step * a).to(w_ptr.dtype.element_ty), mask=dmask)
 
 
 # =============================================================================================
@@ -243,8 +257,8 @@ def _runs_kernel(
 def _deltas(tensors: list[Tensor], base: Tensor) -> Tensor:
     """Element distances of the tensors' data pointers from ``base``'s (one dtype)."""
     es = base.element_size()
-    return torch.tensor([(t.data_ptr() - base.data_ptr()) // es for t in tensors],
-                        dtype=torch.int64, device=base.device)
+    return upload([(t.data_ptr() - base.data_ptr()) // es for t in tensors], torch.int64,
+                  base.device)
 
 
 class _Plan:
@@ -253,7 +267,8 @@ class _Plan:
     the layout itself is :func:`cetnet_kernels.layout.table_layout`)."""
 
     def __init__(self, op: str, a: EmbeddingArgs) -> None:
-        weight, ids, offsets, psw, modes, dims, vocab, padding_idx, feature_names = a
+        weight, ids, offsets, psw, modes, dims, vocab, padding_idx, bounds_check, \
+            feature_names = a
         M, F = len(dims), len(vocab)
         if M < 1 or F < 1:
             raise ValueError(f"{op}: dims and vocab must name at least one member and feature")
@@ -270,6 +285,12 @@ class _Plan:
         self.M, self.F = M, F
         self.dims, self.vocab, self.modes = list(dims), list(vocab), list(modes)
         self.padding_idx = padding_idx
+        if bounds_check not in tuple(BoundsCheck):
+            raise ValueError(f"{op}: bounds_check must be 0 (error) or 1 (off), got "
+                             f"{bounds_check}")
+        #: False with bounds checking off: no host check (and no synchronization); bad ids are
+        #: padding, and bags' offsets are clamped into range (:meth:`bag_offsets`).
+        self.raises = bounds_check == BoundsCheck.ERROR
         numel = table_layout(dims, vocab).weight_numel
         if not weight.dtype.is_floating_point:
             raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
@@ -326,8 +347,9 @@ class _Plan:
         batch row, feature, position, as on CPU). All is checked at once: every feature's ids in
         one concatenation against their vocabulary sizes, every bag's offsets in one stack, so a
         call costs a handful of launches and one synchronizing copy, whatever the number of
-        features; the per-feature search for the message runs only when something is wrong."""
-        if self._all_ok():
+        features; the per-feature search for the message runs only when something is wrong.
+        Nothing is checked (and nothing synchronizes) with bounds checking off."""
+        if not self.raises or self._all_ok():
             return
         self._raise_first_bad(op)
 
@@ -340,7 +362,7 @@ class _Plan:
         if single and self.B > 0:  # [B, C] ids against a [C] row of vocabulary sizes
             cols = torch.cat([self.ids[f].reshape(self.B, -1).to(torch.int64) for f in single],
                              dim=1)
-            flags.append(bad_of(cols, self.tensor([self.vocab[f] for f in single
+            flags.append(bad_of(cols, self.constant([self.vocab[f] for f in single
                                                    for _ in range(self.ncols[f])])))
         bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
         if bags:
@@ -348,10 +370,11 @@ class _Plan:
             if sum(counts) > 0:
                 vals = torch.cat([self.ids[f].to(torch.int64) for f in bags])
                 flags.append(bad_of(vals, torch.repeat_interleave(
-                    self.tensor([self.vocab[f] for f in bags]), self.tensor(counts),
+                    self.constant([self.vocab[f] for f in bags]),
+                    upload(counts, torch.int64, self.device),
                     output_size=sum(counts))))
             o = torch.stack([self.offsets[f].to(torch.int64) for f in bags])  # [J, B + 1]
-            flags.append(~offsets_valid(o, self.tensor(counts)).reshape(1))
+            flags.append(~offsets_valid(o, upload(counts, torch.int64, self.device)).reshape(1))
         return not flags or not bool(torch.cat(flags).any().cpu())
 
     def _raise_first_bad(self, op: str) -> None:
@@ -405,13 +428,28 @@ class _Plan:
     def _bad_mask(self, f: int) -> Tensor:
         return invalid_ids(self.ids[f], self.vocab[f], self.padding_idx)
 
-    def _valid_mask(self, x: Tensor) -> Tensor:
-        # after check(): every id is in range or padding
-        return x != self.padding_idx if self.padding_idx is not None else \
-            torch.ones_like(x, dtype=torch.bool)
+    def valid_mask(self, f: int, x: Tensor) -> Tensor:
+        """The ids of feature f that are looked up: in range and not padding (with bounds
+        checking on, check() has raised for any other id)."""
+        valid = (x >= 0) & (x < self.vocab[f])
+        return valid & (x != self.padding_idx) if self.padding_idx is not None else valid
 
-    def tensor(self, values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+    def bag_offsets(self, f: int) -> Tensor:
+        """Bag feature f's offsets as int64. With bounds checking off nothing has validated
+        them, so they are clamped into [0, values] and made non-decreasing (a running maximum),
+        first 0 and last the number of values: every bag then reads only its feature's values
+        (malformed offsets give unspecified bags, never an out-of-range read). No sync."""
+        o = self.offsets[f].to(torch.int64)
+        if self.raises:
+            return o
+        n = self.ids[f].numel()
+        o = torch.cummax(o.clamp(0, n), 0).values
+        edge = torch.arange(o.numel(), device=o.device)
+        return torch.where(edge == 0, 0, torch.where(edge == o.numel() - 1, n, o))
+
+    def constant(self, values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
+        """Layout metadata on the device (cached: the same every call of a layout; read only)."""
+        return constant_tensor(values, dtype, self.device)
 
 
 def _block_d(dims: list[int]) -> int:
@@ -429,11 +467,11 @@ def _launch(kernel, n: int, M: int, device_of: Tensor, *args, **constexprs) -> N
 # ------------------------------------------------------------------------------------ forward
 def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
                      per_sample_weights: list[Tensor], modes: list[int], dims: list[int],
-                     vocab: list[int], padding_idx: Optional[int],
+                     vocab: list[int], padding_idx: Optional[int], bounds_check: int,
                      feature_names: str) -> list[Tensor]:
     op = "cetnet::multi_embedding_triton"
     P = _Plan(op, EmbeddingArgs(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                                padding_idx, feature_names))
+                                padding_idx, bounds_check, feature_names))
     acc = acc_dtype(weight.dtype)
     B, N = P.B, P.N
     outs = [torch.empty((B, N, dm), dtype=acc, device=P.device) for dm in dims]
@@ -442,16 +480,16 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     P.check(op)
     has_pad = padding_idx is not None
     pad = int(padding_idx) if has_pad else 0
-    vocab_t, row_base_t = P.tensor(P.vocab), P.tensor(P.row_base)
-    dims_t, table_base_t = P.tensor(P.dims), P.tensor(P.table_base)
+    vocab_t, row_base_t = P.constant(P.vocab), P.constant(P.row_base)
+    dims_t, table_base_t = P.constant(P.dims), P.constant(P.table_base)
     out_delta = _deltas(outs, outs[0])
     block_d = _block_d(P.dims)
     M = P.M
     id_feats = [f for f in range(P.F) if modes[f] == InputMode.IDS and P.ncols[f] > 0]
     if id_feats:
         cols = torch.cat([ids[f].reshape(B, -1).to(torch.int64) for f in id_feats], dim=1)
-        col_feat = P.tensor([f for f in id_feats for _ in range(P.ncols[f])], torch.int32)
-        col_n = P.tensor([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
+        col_feat = P.constant([f for f in id_feats for _ in range(P.ncols[f])], torch.int32)
+        col_n = P.constant([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
         C = cols.shape[1]
         block_r = max(1, min(128, _TILE // block_d))
         _launch(
@@ -467,7 +505,7 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
             vals.append(x)
             psws.append(per_sample_weights[f] if modes[f] == InputMode.BAG_WEIGHTED_SUM
                         else torch.ones(x.shape, dtype=torch.float32, device=P.device))
-            offs.append(offsets[f].to(torch.int64) + base)
+            offs.append(P.bag_offsets(f) + base)
             base += x.numel()
         J = len(bag_feats)
         vals_t = torch.cat(vals) if base > 0 else torch.zeros(1, dtype=torch.int64,
@@ -477,8 +515,8 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
         _launch(
             _bags_kernel, B * J, M, weight,
             weight, vals_t, psw_t.contiguous(), torch.stack(offs).contiguous(),
-            P.tensor(bag_feats, torch.int32), P.tensor([P.col_start[f] for f in bag_feats]),
-            P.tensor([int(modes[f] == InputMode.BAG_MEAN) for f in bag_feats], torch.int32),
+            P.constant(bag_feats, torch.int32), P.constant([P.col_start[f] for f in bag_feats]),
+            P.constant([int(modes[f] == InputMode.BAG_MEAN) for f in bag_feats], torch.int32),
             vocab_t, row_base_t, dims_t, table_base_t, outs[0], out_delta, B, J, N, pad,
             HAS_PAD=has_pad, BLOCK_L=block_l, BLOCK_D=block_d)
     return outs
@@ -487,20 +525,22 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
 def _multi_embedding_fused(weight: Tensor, state: Tensor, placeholder: Tensor, ids: list[Tensor],
                            offsets: list[Tensor], per_sample_weights: list[Tensor],
                            modes: list[int], dims: list[int], vocab: list[int],
-                           padding_idx: Optional[int], feature_names: str, optimizer: int,
-                           lr: float, eps: float, weight_decay: float) -> list[Tensor]:
+                           padding_idx: Optional[int], bounds_check: int, feature_names: str,
+                           optimizer: int, lr: float, eps: float,
+                           weight_decay: float) -> list[Tensor]:
     # The plain lookup; the other inputs are for the fused backward (the update op).
     return _multi_embedding(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                            padding_idx, feature_names)
+                            padding_idx, bounds_check, feature_names)
 
 
 # ----------------------------------------------------------------------------------- backward
 def _runs(P: _Plan, op: str, acc: torch.dtype):
-    """The batch's entries sorted by key and cut into runs: (src, scale, start, end, key) or
-    None when the batch has no entry. Deterministic: a stable sort keeps equal keys in batch
-    order. Padding entries are kept with the key P.Vtot (no boolean-mask indexing, which would
-    synchronize three times per feature): they sort last and _runs_kernel skips their run. The
-    one synchronization is the number of runs (unique_consecutive)."""
+    """The batch's entries sorted by key and cut into runs: (src, scale, start, end, key, number of
+    runs [1]) or None when the batch has no entry. Deterministic: a stable sort keeps equal keys in
+    batch order. Padding (and, with bounds checking off, bad) entries are kept with the key P.Vtot
+    (no boolean-mask indexing, which would synchronize three times per feature): they sort last and
+    _runs_kernel skips their run. Nothing synchronizes: the number of runs R stays on the device (a
+    [1] tensor); start, end and key have E slots, the first R of them used."""
     keys, srcs, scales = [], [], []
     B, N, dev = P.B, P.N, P.device
     for f in range(P.F):
@@ -510,15 +550,15 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
             x = x.reshape(B, T)
             src = (torch.arange(B, device=dev)[:, None] * N + P.col_start[f]
                    + torch.arange(T, device=dev)[None, :])
-            keys.append(torch.where(P._valid_mask(x), x + P.row_base[f], P.Vtot).reshape(-1))
+            keys.append(torch.where(P.valid_mask(f, x), x + P.row_base[f], P.Vtot).reshape(-1))
             srcs.append(src.reshape(-1))
             scales.append(torch.ones(x.numel(), dtype=acc, device=dev))
             continue
-        o = P.offsets[f].to(torch.int64)
+        o = P.bag_offsets(f)
         lens = o[1:] - o[:-1]
         bag_of = torch.repeat_interleave(torch.arange(B, device=dev), lens,
                                          output_size=x.numel())
-        keep = P._valid_mask(x)
+        keep = P.valid_mask(f, x)
         if P.modes[f] == InputMode.BAG_WEIGHTED_SUM:
             sc = P.psw[f].to(acc)
         elif P.modes[f] == InputMode.BAG_MEAN:
@@ -533,14 +573,19 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
         srcs.append(bag_of * N + P.col_start[f])
         scales.append(sc)
     key = torch.cat(keys)
-    if key.numel() == 0:
+    E = key.numel()
+    if E == 0:
         return None
     skey, perm = torch.sort(key, stable=True)
-    ukey, counts = torch.unique_consecutive(skey, return_counts=True)
-    end = counts.cumsum(0)
-    start = end - counts
+    first = torch.ones(E, dtype=torch.bool, device=dev)  # where a run starts
+    first[1:] = skey[1:] != skey[:-1]
+    run_of = torch.cumsum(first, 0) - 1  # non-decreasing: each entry's run
+    # bounds[r] = the first entry of run r (E for r >= R): a binary search, deterministic
+    bounds = torch.searchsorted(run_of, torch.arange(E + 1, device=dev))
+    start, end = bounds[:E], bounds[1:]
+    run_key = torch.where(start < E, skey[start.clamp(max=E - 1)], P.Vtot)
     return (torch.cat(srcs)[perm].contiguous(), torch.cat(scales)[perm].contiguous(), start,
-            end, ukey)
+            end, run_key, run_of[-1:] + 1)
 
 
 def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Optional[Tensor],
@@ -566,28 +611,29 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     runs = _runs(P, op, acc)
     if runs is None:
         return
-    src, scale, start, end, ukey = runs
+    src, scale, start, end, run_key, num_runs = runs
     live = [g for g in gs if g is not None]
     g0 = live[0] if live else torch.zeros(1, dtype=acc, device=P.device)
     g_delta = _deltas([g if g is not None else g0 for g in gs], g0)
     block_d = _block_d(P.dims)
-    hyper = torch.tensor([lr, eps, wd], dtype=acc, device=P.device)
+    hyper = upload([lr, eps, wd], acc, P.device)  # per call: a schedule changes lr
+    programs = min(run_key.numel(), _RUN_PROGRAMS)
     _launch(
-        _runs_kernel, ukey.numel(), P.M, weight,
+        _runs_kernel, programs, P.M, weight,
         weight, grad_weight if grad_weight is not None else weight,
         state if state is not None and state.numel() > 0 else hyper,
-        g0, g_delta, P.tensor(has_g, torch.int32), src, scale, start, end, ukey,
-        P.tensor(P.dims), P.tensor(P.table_base), hyper, P.Vtot,
+        g0, g_delta, P.constant(has_g, torch.int32), src, scale, start, end, run_key, num_runs,
+        P.constant(P.dims), P.constant(P.table_base), hyper, P.Vtot, programs,
         MODE=int(mode), BLOCK_E=max(1, min(32, _TILE // block_d)), BLOCK_D=block_d)
 
 
 def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Tensor],
                               offsets: list[Tensor], per_sample_weights: list[Tensor],
                               modes: list[int], dims: list[int], vocab: list[int],
-                              padding_idx: Optional[int]) -> Tensor:
+                              padding_idx: Optional[int], bounds_check: int) -> Tensor:
     op = "cetnet::multi_embedding_backward_triton"
     P = _Plan(op, EmbeddingArgs(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                                padding_idx))
+                                padding_idx, bounds_check))
     grad_weight = torch.zeros_like(weight)
     _apply_runs(P, grads, weight, grad_weight, None, Optimizer.DENSE, 0.0, 0.0, 0.0, op)
     return grad_weight
@@ -596,11 +642,11 @@ def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Ten
 def _multi_embedding_update(grads: list[Tensor], weight: Tensor, state: Tensor,
                             ids: list[Tensor], offsets: list[Tensor],
                             per_sample_weights: list[Tensor], modes: list[int], dims: list[int],
-                            vocab: list[int], padding_idx: Optional[int], optimizer: int,
-                            lr: float, eps: float, weight_decay: float) -> None:
+                            vocab: list[int], padding_idx: Optional[int], bounds_check: int,
+                            optimizer: int, lr: float, eps: float, weight_decay: float) -> None:
     op = "cetnet::multi_embedding_update_triton"
     P = _Plan(op, EmbeddingArgs(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                                padding_idx))
+                                padding_idx, bounds_check))
     if optimizer not in (Optimizer.SGD, Optimizer.ROWWISE_ADAGRAD):
         raise ValueError(f"{op}: optimizer must be 1 (sgd) or 2 (rowwise_adagrad), got "
                          f"{optimizer}")

@@ -62,10 +62,11 @@ struct Layout : EmbeddingArgs {
 Layout make_layout(const at::Tensor& weight, at::TensorList ids, at::TensorList offsets,
                    at::TensorList psw, at::IntArrayRef modes, at::IntArrayRef dims,
                    at::IntArrayRef vocab, std::optional<int64_t> padding_idx,
-                   const std::string& feature_names, const char* op) {
+                   int64_t bounds_check, const std::string& feature_names, const char* op) {
   Layout L;
-  static_cast<EmbeddingArgs&>(L) = check_embedding_args(
-      weight, ids, offsets, psw, modes, dims, vocab, padding_idx, feature_names, at::kCPU, op);
+  static_cast<EmbeddingArgs&>(L) =
+      check_embedding_args(weight, ids, offsets, psw, modes, dims, vocab, padding_idx,
+                           bounds_check, feature_names, at::kCPU, op);
   L.ids.resize(L.F);
   L.offsets.resize(L.F);
   L.psw.resize(L.F);
@@ -97,12 +98,16 @@ Layout make_layout(const at::Tensor& weight, at::TensorList ids, at::TensorList 
 }
 
 // The first out-of-range id met (smallest batch row, then feature, then position), reported
-// after the pass. Threads only lock when they see a bad id.
+// after the pass unless bounds checking is off (the id was then treated as padding). Threads
+// only lock when they see a bad id.
 struct BadId {
+  explicit BadId(const Layout& L) : enabled(L.raises_on_bad_ids()) {}
+  const bool enabled;  // off: nothing to report, so no lock per bad id
   std::mutex mu;
   bool found = false;
   int64_t b = 0, f = 0, pos = 0, id = 0;
   void record(int64_t b_, int64_t f_, int64_t pos_, int64_t id_) {
+    if (!enabled) return;
     std::lock_guard<std::mutex> lock(mu);
     if (!found || std::tie(b_, f_, pos_) < std::tie(b, f, pos)) {
       found = true;
@@ -208,7 +213,7 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
     for (int64_t t = 0; t < L.ncols[f]; ++t) cols.push_back({f, t, L.ncols[f], L.col_start[f] + t});
   }
   const int64_t C = static_cast<int64_t>(cols.size()), M = L.M;
-  BadId bad;
+  BadId bad(L);
   at::parallel_for(0, L.B, forward_grain(L), [&](int64_t b0, int64_t b1) {
     // src[((b - bt) * C + c) * M + m]: the table row to copy, or nullptr for a zero row.
     std::vector<const scalar_t*> src(kTile * C * M);
@@ -348,7 +353,7 @@ std::vector<Entries> collect_entries(const Layout& L, const char* op) {
   std::vector<Entries> E(L.F);
   const bool has_pad = L.padding_idx.has_value();
   const int64_t pad = has_pad ? *L.padding_idx : 0;
-  BadId bad;
+  BadId bad(L);
   at::parallel_for(0, L.F, 1, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       Entries& e = E[f];
@@ -550,9 +555,10 @@ void update_kernel(const Layout& L, const std::vector<Entries>& E, const std::ve
 // gradient rows are read sequentially and table rows are prefetched. The ids were checked
 // beforehand (check_ids), so nothing is written when one is bad.
 void check_ids(const Layout& L, const char* op) {
+  if (!L.raises_on_bad_ids()) return;  // bad ids are skipped by the kernel
   const bool has_pad = L.padding_idx.has_value();
   const int64_t pad = has_pad ? *L.padding_idx : 0;
-  BadId bad;
+  BadId bad(L);
   at::parallel_for(0, L.F, 1, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       const IdReader& ids = L.id_r[f];
@@ -649,7 +655,8 @@ void sgd_direct_kernel(const Layout& L, const std::vector<const void*>& gv,
           acc_t scale = acc_t(1);
           if (L.mode[f] == kBagMean) {
             int64_t count = 0;
-            for (int64_t k = k0; k < k1; ++k) count += !(has_pad && ids[k] == pad);
+            for (int64_t k = k0; k < k1; ++k)  // the valid values (bad ones: bounds check off)
+              count += ids[k] >= 0 && ids[k] < V && !(has_pad && ids[k] == pad);
             if (count > 0) scale = acc_t(1) / static_cast<acc_t>(count);
           }
           for (int64_t k = k0; k < k1; ++k)
@@ -668,10 +675,11 @@ std::vector<at::Tensor> multi_embedding(const at::Tensor& weight, at::TensorList
                                         at::IntArrayRef modes, at::IntArrayRef dims,
                                         at::IntArrayRef vocab,
                                         std::optional<int64_t> padding_idx,
+                                        int64_t bounds_check,
                                         const std::string& feature_names) {
   const char* op = "cetnet::multi_embedding";
   Layout L = make_layout(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                         padding_idx, feature_names, op);
+                         padding_idx, bounds_check, feature_names, op);
   std::vector<at::Tensor> outs = embedding_outputs(L, weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "cetnet_multi_embedding_cpu",
@@ -683,10 +691,11 @@ at::Tensor multi_embedding_backward(at::TensorList grads, const at::Tensor& weig
                                     at::TensorList ids, at::TensorList offsets,
                                     at::TensorList per_sample_weights, at::IntArrayRef modes,
                                     at::IntArrayRef dims, at::IntArrayRef vocab,
-                                    std::optional<int64_t> padding_idx) {
+                                    std::optional<int64_t> padding_idx,
+                                    int64_t bounds_check) {
   const char* op = "cetnet::multi_embedding_backward";
   Layout L = make_layout(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                         padding_idx, "", op);
+                         padding_idx, bounds_check, "", op);
   at::Tensor grad_weight = at::zeros_like(weight);
   std::vector<Entries> E = collect_entries(L, op);
   std::vector<Run> runs = all_runs(E);
@@ -704,11 +713,11 @@ void multi_embedding_update(at::TensorList grads, const at::Tensor& weight,
                             const at::Tensor& state, at::TensorList ids, at::TensorList offsets,
                             at::TensorList per_sample_weights, at::IntArrayRef modes,
                             at::IntArrayRef dims, at::IntArrayRef vocab,
-                            std::optional<int64_t> padding_idx, int64_t optimizer, double lr,
-                            double eps, double weight_decay) {
+                            std::optional<int64_t> padding_idx, int64_t bounds_check,
+                            int64_t optimizer, double lr, double eps, double weight_decay) {
   const char* op = "cetnet::multi_embedding_update";
   Layout L = make_layout(weight, ids, offsets, per_sample_weights, modes, dims, vocab,
-                         padding_idx, "", op);
+                         padding_idx, bounds_check, "", op);
   check_update_args(L, optimizer, state, weight, op);
   std::vector<at::Tensor> keep;
   if (optimizer == kSGD && weight_decay == 0.0) {

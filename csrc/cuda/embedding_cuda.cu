@@ -16,12 +16,16 @@
 // zero row instead and record the smallest bad flat index of the feature with atomicMin (an
 // order-free, so deterministic, record). Malformed offsets are recorded the same way (the bag
 // is skipped, nothing out of range is read). After the launches one small D2H copy of the
-// 2 F records tells the host whether to raise IndexError / ValueError with the CPU's message.
+// 2 F records tells the host whether to raise IndexError / ValueError with the CPU's message;
+// with bounds_check off (codes.h) that copy is skipped: a bad id is padding, a malformed bag
+// empty, and forward, backward and fused update never synchronize with the host.
 //
 // Backward (dense gradient and fused SGD / row-wise Adagrad), deterministic and atomic-free:
 //   1. one launch writes an entry (key, output row, scale) per id slot and bag value, checking
 //      ids and offsets; the host raises before anything is written if one is bad;
-//   2. at::sort(stable) by key (a radix sort: deterministic), run starts via at::nonzero;
+//   2. a stable CUB radix sort by key of only the bits that hold Vtot (deterministic); run
+//      starts from a prefix count of the start flags, the number of runs left on the device
+//      (the apply kernels read it): no host synchronization anywhere in the backward;
 //   3. one launch with a group per run (= per touched row): for every member, each lane sums
 //      its dims over the run's entries in sorted (= batch) order, then writes the dense
 //      gradient row or applies the optimizer to the row. Every row belongs to one run: no races,
@@ -46,14 +50,17 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <sstream>
 #include <tuple>
+#include <type_traits>
 
 namespace cetnet::cuda {
 namespace {
@@ -255,7 +262,10 @@ __global__ void entries_kernel(const FeatureMeta* __restrict__ feats, int F, int
     }
     const int64_t b = local;
     int64_t k0, k1;
-    if (!bag_range(fm, b, B, &bad[F + f], k0, k1)) continue;  // the op raises; no writes used
+    // Malformed bag: with bounds checking on the op raises before any entry is used; off, its
+    // entries keep the sentinel the key was filled with. (Off, overlapping malformed bags may
+    // both write an entry: in-range values either way, the bags' result is unspecified.)
+    if (!bag_range(fm, b, B, &bad[F + f], k0, k1)) continue;
     int64_t count = 0;
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t id = read_index(fm.ids, fm.ids64, k);
@@ -280,10 +290,19 @@ __global__ void entries_kernel(const FeatureMeta* __restrict__ feats, int F, int
 
 template <typename key_t>
 __global__ void run_flags_kernel(const key_t* __restrict__ skey, int64_t E, key_t sentinel,
-                                 bool* __restrict__ flag) {
+                                 int32_t* __restrict__ flag) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < E;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     flag[i] = skey[i] != sentinel && (i == 0 || skey[i] != skey[i - 1]);
+}
+
+// starts[run] = the sorted position where the run begins (run = inclusive count - 1).
+__global__ void run_starts_kernel(const int32_t* __restrict__ flag,
+                                  const int64_t* __restrict__ count, int64_t E,
+                                  int64_t* __restrict__ starts) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < E;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    if (flag[i]) starts[count[i] - 1] = i;
 }
 
 // The feature whose rows hold `key` (row_base ascending).
@@ -342,12 +361,14 @@ __global__ void apply_runs_kernel(scalar_t* __restrict__ w, scalar_t* __restrict
                                   const int64_t* __restrict__ perm,
                                   const int64_t* __restrict__ src,
                                   const at::opmath_type<scalar_t>* __restrict__ scale,
-                                  const int64_t* __restrict__ starts, int64_t R, int64_t E,
+                                  const int64_t* __restrict__ starts,
+                                  const int64_t* __restrict__ num_runs, int64_t E,
                                   at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> eps,
                                   at::opmath_type<scalar_t> wd, int64_t* __restrict__ long_list,
                                   unsigned long long* __restrict__ long_count,
                                   int64_t long_cap) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t R = *num_runs;  // written by the run count (same stream)
   const int lane = threadIdx.x % G;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / G);
   // Every lane of a group runs the same number of iterations (the task and loop bounds are
@@ -419,7 +440,7 @@ __global__ void __launch_bounds__(kLongThreads) apply_long_runs_kernel(
     const MemberMeta* __restrict__ mem, int F, int M, int64_t Vtot,
     const key_t* __restrict__ skey, const int64_t* __restrict__ perm,
     const int64_t* __restrict__ src, const at::opmath_type<scalar_t>* __restrict__ scale,
-    const int64_t* __restrict__ starts, int64_t R, int64_t E,
+    const int64_t* __restrict__ starts, const int64_t* __restrict__ num_runs, int64_t E,
     at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> wd,
     const int64_t* __restrict__ long_list, const unsigned long long* __restrict__ long_count,
     int64_t long_cap) {
@@ -436,6 +457,7 @@ __global__ void __launch_bounds__(kLongThreads) apply_long_runs_kernel(
   const int tid = static_cast<int>(threadIdx.x);
   const int p = tid / W;
   const int lane = tid % W;
+  const int64_t R = *num_runs;
   const unsigned long long pushed = *long_count;  // written by launch 3 (same stream)
   const int64_t count = pushed < static_cast<unsigned long long>(long_cap)
                             ? static_cast<int64_t>(pushed) : long_cap;
@@ -555,11 +577,12 @@ struct Plan : EmbeddingArgs {
 
 Plan make_plan(const at::Tensor& weight, at::TensorList ids, at::TensorList offsets,
                at::TensorList psw, at::IntArrayRef modes, at::IntArrayRef dims,
-               at::IntArrayRef vocab, std::optional<int64_t> padding_idx,
+               at::IntArrayRef vocab, std::optional<int64_t> padding_idx, int64_t bounds_check,
                const std::string& feature_names, const char* op) {
   Plan P;
-  static_cast<EmbeddingArgs&>(P) = check_embedding_args(
-      weight, ids, offsets, psw, modes, dims, vocab, padding_idx, feature_names, at::kCUDA, op);
+  static_cast<EmbeddingArgs&>(P) =
+      check_embedding_args(weight, ids, offsets, psw, modes, dims, vocab, padding_idx,
+                           bounds_check, feature_names, at::kCUDA, op);
   P.device = weight.device();
   P.ids.resize(P.F);
   P.offsets.resize(P.F);
@@ -595,8 +618,22 @@ std::vector<FeatureMeta> feature_meta(const Plan& P) {
   return fm;
 }
 
+// Kernel parameters are copied into a CUDA graph when it is captured: the metadata bytes travel
+// in them while a capture is under way (see DeviceMeta::upload).
+constexpr int kMetaChunk = 3072;
+struct MetaChunk {
+  uint8_t bytes[kMetaChunk];
+};
+
+__global__ void write_meta_kernel(uint8_t* __restrict__ dst, MetaChunk chunk, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = chunk.bytes[i];
+}
+
 // Packs host arrays into one pinned buffer and copies it to the device with one asynchronous
 // copy (the caching host allocator keeps the pinned block alive until the copy is done).
+// While the current stream is being captured into a CUDA graph, a copy node would read the host
+// buffer again at every replay, long after it was freed and reused: the bytes are then written
+// by small kernels that carry them as parameters, which the graph keeps.
 class DeviceMeta {
  public:
   template <typename T>
@@ -607,8 +644,20 @@ class DeviceMeta {
     return at;
   }
   void upload(const at::Device& device) {
-    at::Tensor host = at::empty({static_cast<int64_t>(bytes_.size())},
-                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    const int64_t n = static_cast<int64_t>(bytes_.size());
+    if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
+      dev_ = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      for (int64_t at = 0; at < n; at += kMetaChunk) {
+        const int len = static_cast<int>(std::min<int64_t>(kMetaChunk, n - at));
+        MetaChunk chunk;
+        std::memcpy(chunk.bytes, bytes_.data() + at, len);
+        write_meta_kernel<<<1, 256, 0, stream>>>(dev_.data_ptr<uint8_t>() + at, chunk, len);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return;
+    }
+    at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(host.data_ptr(), bytes_.data(), bytes_.size());
     dev_ = host.to(device, /*non_blocking=*/true);
   }
@@ -769,10 +818,36 @@ void forward_impl(const Plan& P, const at::Tensor& weight, std::vector<at::Tenso
       });
     }
   });
-  raise_if_bad(P, bad, op);
+  if (P.raises_on_bad_ids()) raise_if_bad(P, bad, op);  // off: no copy, no synchronization
 }
 
 // ---- backward: entries, sort, runs, apply ----
+// (sorted keys, permutation): a stable LSD radix sort (CUB) of the `bits` low bits of the
+// non-negative keys, the permutation as int64 (cub takes int item counts: beyond that, at::sort).
+template <typename key_t>
+std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& key, int bits) {
+  const int64_t E = key.numel();
+  if (E > std::numeric_limits<int>::max())
+    return at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  using ukey_t = std::make_unsigned_t<key_t>;  // non-negative: the same bits, no sign flip
+  const at::Tensor iota = at::arange(E, key.options().dtype(at::kLong));
+  at::Tensor skey = at::empty_like(key), perm = at::empty_like(iota);
+  const auto* kin = reinterpret_cast<const ukey_t*>(key.const_data_ptr<key_t>());
+  auto* kout = reinterpret_cast<ukey_t*>(skey.data_ptr<key_t>());
+  const int n = static_cast<int>(E);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, kin, kout, iota.const_data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
+      n, 0, bits, stream));
+  at::Tensor temp = at::empty({static_cast<int64_t>(std::max<size_t>(temp_bytes, 1))},
+                              key.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      temp.data_ptr(), temp_bytes, kin, kout, iota.const_data_ptr<int64_t>(),
+      perm.data_ptr<int64_t>(), n, 0, bits, stream));
+  return {skey, perm};
+}
+
 template <typename key_t>
 void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight,
                    const at::Tensor& grad_weight, const at::Tensor& state, int opt, double lr,
@@ -803,8 +878,14 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
   meta.upload(P.device);
   const auto dev = at::TensorOptions().device(P.device);
   const auto key_dtype = std::is_same_v<key_t, int32_t> ? at::kInt : at::kLong;
-  const key_t sentinel = std::numeric_limits<key_t>::max();
-  at::Tensor key = at::empty({E}, dev.dtype(key_dtype));
+  // Keys are row keys in [0, Vtot) and the sentinel Vtot (padding and bad ids): the sort needs
+  // only the bits that hold Vtot.
+  const key_t sentinel = static_cast<key_t>(P.Vtot);
+  const int key_bits = std::max(1, 64 - __builtin_clzll(static_cast<uint64_t>(P.Vtot)));
+  // With bounds checking off nothing raises before the sort, so the entries of a malformed bag
+  // (which the entries kernel skips) must hold the sentinel too.
+  at::Tensor key = P.raises_on_bad_ids() ? at::empty({E}, dev.dtype(key_dtype))
+                                         : at::full({E}, P.Vtot, dev.dtype(key_dtype));
   at::Tensor src = at::empty({E}, dev.dtype(at::kLong));
   at::Tensor scale = at::empty({E}, dev.dtype(acc_dtype));
   at::Tensor bad = new_bad_record(P);
@@ -818,21 +899,29 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
         scale.data_ptr<acc_t>(), reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  raise_if_bad(P, bad, op);  // before anything is written
+  if (P.raises_on_bad_ids()) raise_if_bad(P, bad, op);  // before anything is written
   if (E == 0) return;
-  // A stable radix sort: equal keys keep their batch order, which fixes the summation order.
+  // A stable radix sort of the key_bits low bits: equal keys keep their batch order, which
+  // fixes the summation order.
   at::Tensor skey, perm;
-  std::tie(skey, perm) = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  at::Tensor flags = at::empty({E}, dev.dtype(at::kBool));
+  std::tie(skey, perm) = sort_keys<key_t>(key, key_bits);
+  // The runs without a host synchronization: flags mark run starts, their inclusive prefix
+  // count numbers the runs, starts[run] is scattered from it and the count's last element is
+  // the number of runs R, which the apply kernels read on the device.
+  at::Tensor flags = at::empty({E}, dev.dtype(at::kInt));
   run_flags_kernel<key_t><<<launch_blocks(E), kThreads, 0, stream>>>(
-      skey.const_data_ptr<key_t>(), E, sentinel, flags.data_ptr<bool>());
+      skey.const_data_ptr<key_t>(), E, sentinel, flags.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor starts = at::nonzero(flags).view({-1}).contiguous();  // synchronizes
-  const int64_t R = starts.numel();
-  if (R == 0) return;
+  const at::Tensor run_count = at::cumsum(flags, 0, at::kLong);
+  at::Tensor starts = at::empty({E}, dev.dtype(at::kLong));
+  run_starts_kernel<<<launch_blocks(E), kThreads, 0, stream>>>(
+      flags.const_data_ptr<int32_t>(), run_count.const_data_ptr<int64_t>(), E,
+      starts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t* num_runs = run_count.const_data_ptr<int64_t>() + (E - 1);
   // Long runs (> kLongRun entries) are disjoint, so there are at most E / (kLongRun + 1) of
-  // them (and at most R): the list's capacity. None can exist when that is 0.
-  const int64_t long_cap = std::min<int64_t>(R, E / (kLongRun + 1));
+  // them: the list's capacity. None can exist when that is 0.
+  const int64_t long_cap = E / (kLongRun + 1);
   at::Tensor long_list, long_count;
   if (long_cap > 0) {
     long_list = at::empty({long_cap}, dev.dtype(at::kLong));
@@ -854,7 +943,7 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
           w, gw, st, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
           static_cast<int>(P.F), static_cast<int>(P.M), P.Vtot, skey.const_data_ptr<key_t>(),
           perm.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(),
-          scale.const_data_ptr<acc_t>(), starts.const_data_ptr<int64_t>(), R, E,
+          scale.const_data_ptr<acc_t>(), starts.const_data_ptr<int64_t>(), num_runs, E,
           static_cast<acc_t>(lr), static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay),
           long_list_p, long_count_p, long_cap);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -863,7 +952,8 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
       constexpr int kOpt = decltype(kopt)::value;
       with_group(P.max_dim, [&](auto gsize) {
         constexpr int G = decltype(gsize)::value;
-        launch(apply_runs_kernel<scalar_t, key_t, G, kOpt>, launch_blocks(R * G), kThreads);
+        // R is known on the device only: a grid for E runs (capped), striding over r < R
+        launch(apply_runs_kernel<scalar_t, key_t, G, kOpt>, launch_blocks(E * G), kThreads);
       });
       if (long_cap == 0) return;
       // One block per long run (their number is known only on the device: a grid for the
@@ -898,11 +988,12 @@ std::vector<at::Tensor> multi_embedding(const at::Tensor& weight, at::TensorList
                                         at::IntArrayRef modes, at::IntArrayRef dims,
                                         at::IntArrayRef vocab,
                                         std::optional<int64_t> padding_idx,
+                                        int64_t bounds_check,
                                         const std::string& feature_names) {
   const char* op = "cetnet::multi_embedding";
   const c10::cuda::CUDAGuard guard(weight.device());
   Plan P = make_plan(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
-                     feature_names, op);
+                     bounds_check, feature_names, op);
   std::vector<at::Tensor> outs = embedding_outputs(P, weight);
   forward_impl(P, weight, outs, op);
   return outs;
@@ -912,11 +1003,12 @@ at::Tensor multi_embedding_backward(at::TensorList grads, const at::Tensor& weig
                                     at::TensorList ids, at::TensorList offsets,
                                     at::TensorList per_sample_weights, at::IntArrayRef modes,
                                     at::IntArrayRef dims, at::IntArrayRef vocab,
-                                    std::optional<int64_t> padding_idx) {
+                                    std::optional<int64_t> padding_idx,
+                                    int64_t bounds_check) {
   const char* op = "cetnet::multi_embedding_backward";
   const c10::cuda::CUDAGuard guard(weight.device());
   Plan P = make_plan(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
-                     "", op);
+                     bounds_check, "", op);
   at::Tensor grad_weight = at::zeros_like(weight);
   run_backward(P, grads, weight, grad_weight, at::Tensor(), kDense, 0.0, 0.0, 0.0, op);
   return grad_weight;
@@ -926,12 +1018,12 @@ void multi_embedding_update(at::TensorList grads, const at::Tensor& weight,
                             const at::Tensor& state, at::TensorList ids, at::TensorList offsets,
                             at::TensorList per_sample_weights, at::IntArrayRef modes,
                             at::IntArrayRef dims, at::IntArrayRef vocab,
-                            std::optional<int64_t> padding_idx, int64_t optimizer, double lr,
-                            double eps, double weight_decay) {
+                            std::optional<int64_t> padding_idx, int64_t bounds_check,
+                            int64_t optimizer, double lr, double eps, double weight_decay) {
   const char* op = "cetnet::multi_embedding_update";
   const c10::cuda::CUDAGuard guard(weight.device());
   Plan P = make_plan(weight, ids, offsets, per_sample_weights, modes, dims, vocab, padding_idx,
-                     "", op);
+                     bounds_check, "", op);
   check_update_args(P, optimizer, state, weight, op);
   run_backward(P, grads, weight, at::Tensor(), state, static_cast<int>(optimizer), lr, eps,
                weight_decay, op);

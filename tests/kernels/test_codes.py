@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(
     not _extension.HAS_C, reason=f"cetnet_kernels._C is not built ({_extension.load_error})"
 )
 
-ENUMS = [codes.InputMode, codes.Optimizer, codes.Reduction]
+ENUMS = [codes.InputMode, codes.Optimizer, codes.Reduction, codes.BoundsCheck]
 
 
 @pytest.mark.parametrize("enum", ENUMS, ids=lambda e: e.__name__)
@@ -38,3 +38,5 @@ def test_name_tables_map_to_the_codes():
     assert {k: int(v) for k, v in codes.REDUCTION_CODES.items()} == {
         "none": cpp["Reduction"]["NONE"], "mean": cpp["Reduction"]["MEAN"],
         "sum": cpp["Reduction"]["SUM"]}
+    assert {k: int(v) for k, v in codes.BOUNDS_CHECK_CODES.items()} == {
+        "error": cpp["BoundsCheck"]["ERROR"], "off": cpp["BoundsCheck"]["OFF"]}

@@ -242,28 +242,30 @@ def _op_args(mod: MultiTableEmbedding, ids):
 
 
 @needs_cpu
-def test_opcheck():
+@pytest.mark.parametrize("bounds_check", [0, 1])
+def test_opcheck(bounds_check):
     mod = MultiTableEmbedding(2, FEATURES, [3, 4])
     vals, offs, psws, modes, dims, vocab = _op_args(mod, make_ids())
     w = mod.weight.detach().clone().requires_grad_()
     names = "\n".join(f.name for f in FEATURES)
     torch.library.opcheck(torch.ops.cetnet.multi_embedding.default,
-                          (w, vals, offs, psws, modes, dims, vocab, -1, names))
+                          (w, vals, offs, psws, modes, dims, vocab, -1, bounds_check, names))
     outs = torch.ops.cetnet.multi_embedding(w.detach(), vals, offs, psws, modes, dims, vocab, -1,
-                                            names)
+                                            bounds_check, names)
     grads = [torch.randn_like(o) for o in outs]
     torch.library.opcheck(torch.ops.cetnet.multi_embedding_backward.default,
-                          (grads, w.detach(), vals, offs, psws, modes, dims, vocab, -1))
+                          (grads, w.detach(), vals, offs, psws, modes, dims, vocab, -1,
+                           bounds_check))
     state = torch.zeros(2 * sum(mod._vocab))
     placeholder = torch.zeros(0, requires_grad=True)
     torch.library.opcheck(torch.ops.cetnet.multi_embedding_fused.default,
                           (w.detach(), state, placeholder, vals, offs, psws, modes, dims, vocab,
-                           -1, names, 2, 0.1, 1e-8, 0.0),
+                           -1, bounds_check, names, 2, 0.1, 1e-8, 0.0),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_static"))
     torch.library.opcheck(torch.ops.cetnet.multi_embedding_update.default,
                           (grads, w.detach().clone(), state.clone(), vals, offs, psws, modes,
-                           dims, vocab, -1, 2, 0.1, 1e-8, 0.0))
+                           dims, vocab, -1, bounds_check, 2, 0.1, 1e-8, 0.0))
 
 
 @needs_cpu
@@ -351,8 +353,8 @@ def test_backward_op_checks_ids_before_writing():
     with pytest.raises(IndexError, match="id 9"):
         torch.ops.cetnet.multi_embedding_update(
             [torch.ones(1, 1, 2)], w, torch.zeros(0), [torch.tensor([9])],
-            [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0)], [0], [2], [5], None, 1, 0.1,
-            0.0, 0.0)
+            [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0)], [0], [2], [5], None, 0, 1,
+            0.1, 0.0, 0.0)
     assert torch.equal(w, mod.weight)
 
 
@@ -463,7 +465,7 @@ def test_direct_op_calls_refuse_sizes_that_overflow(suffix, dims, vocab):
     E = torch.zeros(0, dtype=torch.long)
     ids = [torch.tensor([2**40]), torch.tensor([0])]
     w = torch.zeros(16)
-    tail = (ids, [E, E], [torch.zeros(0)] * 2, [0, 0], dims, vocab, None)
+    tail = (ids, [E, E], [torch.zeros(0)] * 2, [0, 0], dims, vocab, None, 0)
     named = (*tail, "x\ny")
     grads = [torch.zeros(1, 2, d if d < 64 else 1) for d in dims]
     calls = {

@@ -201,8 +201,8 @@ def test_update_op_checks_ids_before_writing(backend, device, F, dims, vocab):
         update([torch.ones(1, F, d, device=device) for d in dims], w,
                torch.zeros(0, device=device), [torch.tensor([9], device=device)] * F,
                [torch.zeros(0, dtype=torch.int64, device=device)] * F,
-               [torch.zeros(0, device=device)] * F, [0] * F, dims, vocab, None, 1, 0.1, 0.0,
-               0.0)
+               [torch.zeros(0, device=device)] * F, [0] * F, dims, vocab, None, 0, 1, 0.1,
+               0.0, 0.0)
     assert torch.equal(w, w0)
 
 
@@ -267,7 +267,7 @@ def test_bounds_check_costs_the_same_for_any_number_of_features():
         vocab, dims = [9] * F + [5, 5], [3, 4]
         weight = torch.zeros(sum(vocab) * sum(dims))
         P = _Plan("op", EmbeddingArgs(weight, ids, offs, [torch.zeros(0)] * (F + 2),
-                                      [0] * F + [1, 2], dims, vocab, -1))
+                                      [0] * F + [1, 2], dims, vocab, -1, 0))
         with Count() as c:
             P.check("op")
         return c.n
@@ -304,33 +304,34 @@ def test_opcheck_forward(backend, device):
     _w, vals, offs, psws, modes, *_ = mod._normalize(sample_inputs(device, 3))[0]
     torch.library.opcheck(torch.ops.cetnet.multi_embedding_triton.default,
                           (mod.weight.detach().clone().requires_grad_(), vals, offs, psws, modes,
-                           [3, 4], list(mod._vocab), -1, mod._joined_names),
+                           [3, 4], list(mod._vocab), -1, 0, mod._joined_names),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
 
 
 @requires_expecttest
 @pytest.mark.parametrize("backend, device", TRITON_CASES)
-def test_opcheck_backward_fused_update(backend, device):
+@pytest.mark.parametrize("bounds_check", [0, 1])
+def test_opcheck_backward_fused_update(backend, device, bounds_check):
     mod = _triton(2, [3, 4], device)
     _w, vals, offs, psws, modes, *_ = mod._normalize(sample_inputs(device, 3))[0]
     dims, vocab, names = [3, 4], list(mod._vocab), mod._joined_names
     w = mod.weight.detach().clone()
     outs = torch.ops.cetnet.multi_embedding_triton(w, vals, offs, psws, modes, dims, vocab, -1,
-                                                   names)
+                                                   bounds_check, names)
     grads = [torch.randn_like(o) for o in outs]
     torch.library.opcheck(torch.ops.cetnet.multi_embedding_backward_triton.default,
-                          (grads, w, vals, offs, psws, modes, dims, vocab, -1),
+                          (grads, w, vals, offs, psws, modes, dims, vocab, -1, bounds_check),
                           test_utils=("test_schema", "test_faketensor"))
     state = torch.zeros(2 * sum(vocab), device=device)
     placeholder = torch.zeros(0, requires_grad=True, device=device)
     torch.library.opcheck(torch.ops.cetnet.multi_embedding_fused_triton.default,
                           (w, state, placeholder, vals, offs, psws, modes, dims, vocab, -1,
-                           names, 2, 0.1, 1e-8, 0.0),
+                           bounds_check, names, 2, 0.1, 1e-8, 0.0),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.cetnet.multi_embedding_update_triton.default,
                           (grads, w.clone(), state.clone(), vals, offs, psws, modes, dims, vocab,
-                           -1, 2, 0.1, 1e-8, 0.0),
+                           -1, bounds_check, 2, 0.1, 1e-8, 0.0),
                           test_utils=("test_schema", "test_faketensor"))
 
 
