@@ -51,6 +51,7 @@ def test_names_dims_and_sections():
     ({"shared_embedding": True, "embedding_dim": [8, 4]}, "one dim for all members"),
     ({"embedding_optimizer": "adam"}, "embedding_optimizer must be"),
     ({"dhen": [1, 2]}, "model.dhen must be a mapping"),
+    ({"embedding_bounds_check": "warn"}, "model.embedding_bounds_check"),
 ])
 def test_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -71,3 +72,13 @@ def test_sections_the_ensemble_does_not_read_are_still_checked(section, value):
     cfg = {"ensemble": "kdef", "members": ["dnn"], "embedding_optimizer": None, section: value}
     with pytest.raises(ValueError, match=f"in model.{section}"):
         build_model(cfg, tiny_schema())
+
+
+@pytest.mark.parametrize("ensemble", ["cetnet", "multi_embedding"])
+def test_embedding_bounds_check_reaches_the_embedding(ensemble):
+    """model.embedding_bounds_check is optional (configs without it resolve as before) and
+    sets the fused embedding's bounds_check."""
+    assert build_model({"ensemble": ensemble}, tiny_schema()).front.embedding.bounds_check \
+        == "error"
+    model = build_model({"ensemble": ensemble, "embedding_bounds_check": "off"}, tiny_schema())
+    assert model.front.embedding.bounds_check == "off"

@@ -384,6 +384,13 @@ def test_torchrec_needs_a_fused_embedding_optimizer():
         _model_and_data(cfg)
 
 
+def test_torchrec_refuses_the_fused_embeddings_bounds_check_option():
+    cfg = _config()
+    cfg["model"]["embedding_bounds_check"] = "off"
+    with pytest.raises(ConfigError, match="model.embedding_bounds_check applies to the fused"):
+        _model_and_data(cfg)
+
+
 def test_an_unknown_embedding_or_sharding_is_one_error():
     from cetnet.config import validate_config
 

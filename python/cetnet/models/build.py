@@ -25,6 +25,7 @@ from cetnet.models.ensembles import (CETNet, Ensemble, KDEF, MultiEmbedding, Nai
 from cetnet.models.front import EmbeddingFront
 from cetnet.models.interformer import InterFormer
 from cetnet_kernels import CETNetFusion
+from cetnet_kernels.embedding import BOUNDS_CHECKS
 
 __all__ = ["DEFAULTS", "ENSEMBLES", "MEMBERS", "build_member", "build_model"]
 
@@ -41,11 +42,14 @@ DEFAULTS: dict[str, Any] = {
     "shared_embedding": False,
     "fusion": {},
 }
+#: ``model.embedding_bounds_check``: MultiTableEmbedding's ``bounds_check``. Optional and not in
+#: DEFAULTS, so that configs without it resolve (and hash) as before.
+BOUNDS_CHECK_KEY = "embedding_bounds_check"
 # Sections of ensemble-specific options (keyword arguments of NaiveEnsemble / MultiEmbedding.build).
 _SECTIONS = ("naive", "multi_embedding")
 _FUSION_SKIP = ("self", "num_models", "backend")
 _MEMBER_SKIP = ("self", "schema", "dim")
-_MULTI_SKIP = ("schema", "dims", "optimizer", "lr", "backend")
+_MULTI_SKIP = ("schema", "dims", "optimizer", "lr", "bounds_check", "backend")
 
 # --- the values of model options ----------------------------------------------------------------
 # Every option is checked against the annotation of the keyword it feeds (int, float, bool, str,
@@ -222,7 +226,9 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     ``members`` (list of dnn / dcnv2 / dhen / interformer, repeats allowed and named ``dnn``,
     ``dnn_1``…; one member is an ensemble of one), ``embedding_dim`` (int or one per member),
     ``embedding_optimizer`` (null | sgd | rowwise_adagrad), ``embedding_lr``,
-    ``shared_embedding`` (one embedding set for all members, KDEF's variant), ``fusion``
+    ``shared_embedding`` (one embedding set for all members, KDEF's variant),
+    ``embedding_bounds_check`` (error | off: ``MultiTableEmbedding``'s ``bounds_check``; off
+    skips the id check and its GPU synchronization, a bad id then reads as padding), ``fusion``
     (:class:`~cetnet_kernels.CETNetFusion` keywords; CETNet only; ``reduction`` mean or sum),
     one section per member kind with its hyperparameters (``dhen: {num_layers: 2}``; repeats of
     a kind share it), ``naive: {average: prob|logit}`` and ``multi_embedding: {num_sets,
@@ -251,7 +257,8 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
             optimizer with ``backend="reference"``, or an option a member rejects.
     """
     config = dict(config or {})
-    _check_keys(config, list(DEFAULTS) + list(MEMBERS) + list(_SECTIONS), "model")
+    _check_keys(config, list(DEFAULTS) + [BOUNDS_CHECK_KEY] + list(MEMBERS) + list(_SECTIONS),
+                "model")
     cfg = {**DEFAULTS, **config}
     ensemble = Spec(str).check("model.ensemble", cfg["ensemble"])
     if ensemble not in ENSEMBLES:
@@ -268,6 +275,8 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     lr = Spec(float, 0).check("model.embedding_lr", cfg["embedding_lr"])
     dims = check_option("model.embedding_dim", cfg["embedding_dim"], int | typing.Sequence[int])
     shared = Spec(bool).check("model.shared_embedding", cfg["shared_embedding"])
+    bounds_check = Spec(str, choices=BOUNDS_CHECKS).check(
+        f"model.{BOUNDS_CHECK_KEY}", cfg.get(BOUNDS_CHECK_KEY, "error"))
     sections = _section_options(cfg)
 
     if ensemble == "multi_embedding":
@@ -279,7 +288,7 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
             opts.setdefault("num_sets", len(dims))
         with _building("model.multi_embedding"):
             return MultiEmbedding.build(schema, dims, optimizer=optimizer, lr=lr,
-                                        backend=backend, **opts)
+                                        bounds_check=bounds_check, backend=backend, **opts)
 
     kinds = _members(cfg["members"])
     K = len(kinds)
@@ -288,7 +297,7 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
         raise ConfigError(f"config: model.embedding_dim has {len(dims)} entries for {K} members")
     with _building("model"):
         front = EmbeddingFront(schema, dims, K, shared=shared, optimizer=optimizer, lr=lr,
-                               backend=backend)
+                               bounds_check=bounds_check, backend=backend)
     names = unique_names(kinds)
     members = {name: build_member(kind, schema, d, **sections.get(kind, {}))
                for name, kind, d in zip(names, kinds, dims)}

@@ -256,13 +256,13 @@ class MultiEmbedding(Ensemble):
     def build(cls, schema: Schema, dims: int | Sequence[int], *, num_sets: int = 2,
               cross_layers: int = 3, rank: int | None = None, hidden: Sequence[int] = (256, 128),
               activation: str = "relu", optimizer: str | None = None, lr: float = 0.01,
-              backend: str = "auto") -> "MultiEmbedding":
+              bounds_check: str = "error", backend: str = "auto") -> "MultiEmbedding":
         """M = ``num_sets`` embedding sets of ``dims``; each branch is a cross net and the first
         MLP layer (``hidden[0]``), the shared top the rest of the MLP (``hidden[1:]``) -> 1."""
         if num_sets < 1 or not hidden:
             raise ValueError("MultiEmbedding: num_sets must be >= 1 and hidden non-empty")
         front = EmbeddingFront(schema, dims, num_sets, optimizer=optimizer, lr=lr,
-                               backend=backend)
+                               bounds_check=bounds_check, backend=backend)
         branches = [CrossBranch(schema, d, cross_layers=cross_layers, rank=rank,
                                 width=hidden[0], activation=activation) for d in front.dims]
         top = MLP(hidden[0], list(hidden[1:]), 1, act=activation)

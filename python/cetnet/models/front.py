@@ -47,13 +47,15 @@ class EmbeddingFront(nn.Module):
         num_models: K members fed by this front.
         shared: one embedding set shared by all K members (KDEF's variant; dims must agree).
         optimizer, lr: the embedding's fused optimizer (None: a dense gradient on its weight).
+        bounds_check: the embedding's ``bounds_check`` (``"error"`` or ``"off"``: no id check,
+            no GPU synchronization; see :class:`~cetnet_kernels.MultiTableEmbedding`).
         backend: the embedding's backend (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or
             ``"reference"``), resolved by :class:`~cetnet_kernels.MultiTableEmbedding` itself.
     """
 
     def __init__(self, schema: Schema, dims: int | Sequence[int], num_models: int, *,
                  shared: bool = False, optimizer: str | None = None, lr: float = 0.01,
-                 backend: str = "auto") -> None:
+                 bounds_check: str = "error", backend: str = "auto") -> None:
         super().__init__()
         if isinstance(dims, int) and not isinstance(dims, bool):
             dims = [dims] * num_models
@@ -76,7 +78,7 @@ class EmbeddingFront(nn.Module):
         self.dims = dims
         self.embedding = MultiTableEmbedding(
             1 if shared else num_models, feats, dims[:1] if shared else dims,
-            optimizer=optimizer, lr=lr, padding_idx=PAD_ID,
+            optimizer=optimizer, lr=lr, padding_idx=PAD_ID, bounds_check=bounds_check,
             backend=backend)
 
     def fused_parameters(self) -> list[nn.Parameter]:

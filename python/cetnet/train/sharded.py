@@ -68,6 +68,10 @@ def use_torchrec(model: nn.Module) -> nn.Module:
         raise ConfigError(f"config: embedding: torchrec needs an ensemble built on "
                           f"cetnet.models.EmbeddingFront; {type(model).__name__} has "
                           f"{type(front).__name__}")
+    if front.embedding.bounds_check != "error":
+        raise ConfigError("config: model.embedding_bounds_check applies to the fused embedding "
+                          "(embedding: cetnet); TorchRec's tables check ids their own way, "
+                          f"remove it (got {front.embedding.bounds_check!r})")
     device = next((t.device for t in front.parameters()), None)
     try:
         model.front = TorchRecEmbeddingFront.from_front(front, device=device)
