@@ -25,7 +25,8 @@ hottest row holds several % of a feature's lookups; ``bench_gpu_embedding[<ids>-
 
 - mode ``forward``: the lookup alone (``torch.no_grad``).
 - mode ``sgd`` / ``rowwise_adagrad``: lookup + backward with the fused optimizer update.
-- providers ``cetnet-cuda``, ``cetnet-triton``; ``torch-loop`` (one ``nn.Embedding`` per member
+- providers ``cetnet-cuda``, ``cetnet-triton`` (and ``-nocheck``: ``bounds_check="off"``, no
+  host synchronization per call); ``torch-loop`` (one ``nn.Embedding`` per member
   and feature, ``sparse=True`` + ``torch.optim.SGD``/``Adagrad``: what a plain PyTorch user
   writes; forward and sgd only), and ``copy`` of the mode's bytes.
 
@@ -64,7 +65,9 @@ if not torch.cuda.is_available():
 FUSION_OPS = ("collaborative_loss", "confidence_fusion", "kdef_loss")
 FUSION_PROVIDERS = ("cetnet-cuda", "cetnet-triton", "kernels-cuda", "kernels-triton", "eager",
                     "copy")
-EMB_PROVIDERS = ("cetnet-cuda", "cetnet-triton", "torch-loop", "copy")
+# "-nocheck": MultiTableEmbedding(bounds_check="off"), no host synchronization per call
+EMB_PROVIDERS = ("cetnet-cuda", "cetnet-cuda-nocheck", "cetnet-triton", "cetnet-triton-nocheck",
+                 "torch-loop", "copy")
 EMB_MODES = ("forward", "sgd", "rowwise_adagrad")
 M, F, D = 2, 26, 64
 ROWS = int(os.environ.get("CETNET_BENCH_ROWS", "1000000"))
@@ -265,9 +268,10 @@ def hottest_share(batch: dict[str, torch.Tensor]) -> float:
     return max(float(torch.bincount(x).max()) / x.numel() for x in batch.values())
 
 
-def _module(backend: str, optimizer: str | None):
+def _module(backend: str, optimizer: str | None, bounds_check: str = "error"):
     return ck.MultiTableEmbedding(M, [(f"f{f}", ROWS) for f in range(F)], D, optimizer=optimizer,
-                                  lr=LR, backend=backend, device="cuda")
+                                  lr=LR, bounds_check=bounds_check, backend=backend,
+                                  device="cuda")
 
 
 def _emb_step(provider: str, mode: str, batches, B: int):
@@ -278,8 +282,9 @@ def _emb_step(provider: str, mode: str, batches, B: int):
 
     grads = [torch.ones(B, F, D, device="cuda") for _ in range(M)]
     if provider.startswith("cetnet-"):
-        backend = provider.split("-", 1)[1]
-        mod = _module(backend, None if mode == "forward" else mode)
+        backend, _, check = provider.split("-", 1)[1].partition("-")
+        mod = _module(backend, None if mode == "forward" else mode,
+                      "off" if check == "nocheck" else "error")
         if mode == "forward":
             def step():
                 with torch.no_grad():
@@ -319,7 +324,7 @@ def bench_gpu_embedding(benchmark, dist, mode, B):
     for p in env_strs("CETNET_BENCH_PROVIDERS", list(EMB_PROVIDERS)):
         if p not in EMB_PROVIDERS:
             continue
-        reason = _backend_reason(p.split("-", 1)[1]) if p.startswith("cetnet-") else None
+        reason = _backend_reason(p.split("-")[1]) if p.startswith("cetnet-") else None
         if reason is None:
             try:
                 steps[p] = (_copy_step(emb_bytes(mode, B)) if p == "copy"

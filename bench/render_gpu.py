@@ -10,7 +10,8 @@ import json
 import sys
 
 FUSION_ORDER = ("kernels-cuda", "kernels-triton", "cetnet-cuda", "cetnet-triton", "eager")
-EMB_ORDER = ("cetnet-cuda", "cetnet-triton", "torch-loop")
+EMB_CETNET = ("cetnet-cuda", "cetnet-cuda-nocheck", "cetnet-triton", "cetnet-triton-nocheck")
+EMB_ORDER = (*EMB_CETNET, "torch-loop")
 # Targets on H100/H200 (fraction of copy bandwidth).
 TARGETS = {"fusion": 0.70, "forward": 0.60, "backward": 0.30, "zipf_over_uniform": 1.5}
 
@@ -97,7 +98,7 @@ def render_embedding(benches: list[dict]) -> list[str]:
         bwd_bytes = e["bytes"] - fwd["extra_info"]["bytes"]
         t_copy = _median(b, "copy")
         copy_bw = e["bytes"] / t_copy if t_copy else None
-        for p in ("cetnet-cuda", "cetnet-triton"):
+        for p in EMB_CETNET:
             ts, tf = _median(b, p), _median(fwd, p)
             if ts is None or tf is None or ts <= tf:
                 continue
@@ -114,7 +115,7 @@ def render_embedding(benches: list[dict]) -> list[str]:
         if ids != "zipf" or ("uniform", mode, B) not in by:
             continue
         u = by[("uniform", mode, B)]
-        for p in ("cetnet-cuda", "cetnet-triton"):
+        for p in EMB_CETNET:
             tz, tu = _median(b, p), _median(u, p)
             if tz and tu:
                 ratios.append(f"{mode} {p} {tz / tu:.2f}x")
