@@ -431,7 +431,7 @@ class _Plan:
     def valid_mask(self, f: int, x: Tensor) -> Tensor:
         """The ids of feature f that are looked up: in range and not padding (with bounds
         checking on, check() has raised for any other id)."""
-        valid = (x >= 0) & (x < self.vocab[f])
+        valid = ~invalid_ids(x, self.vocab[f], None)  # in range (the one rule, embedding_args)
         return valid & (x != self.padding_idx) if self.padding_idx is not None else valid
 
     def bag_offsets(self, f: int) -> Tensor:
