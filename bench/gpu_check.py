@@ -111,6 +111,58 @@ else:
 """
 
 
+# Control experiments run when the probe crashes, each in its own process, to say where the fault
+# lies: "torch" (a C++ exception thrown by torch itself: if this crashes too, the image's torch
+# or its runtime libraries are at fault, not our build), "no-gpu-visible" (our probe with
+# CUDA_VISIBLE_DEVICES empty: the same build passes on machines without a GPU, so a pass here
+# points at the driver), "inline-extension" (a minimal extension built just now by the same
+# compiler with torch's own flags, throwing one TORCH_CHECK: if this crashes, the compiler /
+# toolchain is at fault, not our code). name -> (code, environment variables to set).
+_CONTROLS = {
+    "torch": ("""
+import torch
+try:
+    torch.mm(torch.ones(2, 3), torch.ones(2, 3))
+except RuntimeError as exc:
+    print("control ok: torch's own C++ exception:", str(exc).splitlines()[0])
+""", {}),
+    "no-gpu-visible": (_PROBE, {"CUDA_VISIBLE_DEVICES": ""}),
+    "inline-extension": ("""
+import tempfile, torch
+from torch.utils.cpp_extension import load_inline
+src = ('#include <torch/extension.h>\\n'
+       'void throws(torch::Tensor x) '
+       '{ TORCH_CHECK_VALUE(x.dim() == 2, "need 2-D, got ", x.dim()); }')
+mod = load_inline("cetnet_probe_ext", src, functions=["throws"], verbose=False,
+                  build_directory=tempfile.mkdtemp(prefix="cetnet-probe-"))
+try:
+    mod.throws(torch.ones(3))
+except ValueError as exc:
+    print("control ok: a fresh extension's TORCH_CHECK:", str(exc).splitlines()[0])
+""", {}),
+}
+
+
+def crash_controls(env: dict, timeout: float = 240) -> list[str]:
+    """One line per control experiment (_CONTROLS): ok, or how it failed."""
+    lines = []
+    for name, (code, extra_env) in _CONTROLS.items():
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                                  env={**env, **extra_env}, capture_output=True, text=True,
+                                  timeout=timeout)
+            rc = proc.returncode
+            said = proc.stdout if rc == 0 else proc.stdout + proc.stderr  # stderr: warnings
+            last = (said.strip().splitlines() or ["no output"])[-1][:200]
+            what = ("ok" if rc == 0 else f"killed by signal {-rc}" if rc < 0 else f"exit {rc}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            what, last = "did not finish", str(exc)[:200]
+        lines.append(f"control {name}: {what} in {time.monotonic() - t0:.0f} s: {last}")
+        log(lines[-1])
+    return lines
+
+
 def exception_probe(out: Path, env: dict) -> dict:
     """Raises a C++ argument error in the extension (CPU op, 1-D logits) in a subprocess."""
     t0 = time.monotonic()
@@ -130,7 +182,16 @@ def exception_probe(out: Path, env: dict) -> dict:
                 # adding -static-libstdc++) would give it its own exception runtime
                 ["sh", "-c", "readelf -d cetnet_kernels/_C*.so | grep NEEDED; echo "
                  "defines-cxa_throw: $(nm cetnet_kernels/_C*.so 2>/dev/null | "
-                 "grep -c -E ' [TtWw] (__cxa_throw|_Unwind_RaiseException)$')"]):
+                 "grep -c -E ' [TtWw] (__cxa_throw|_Unwind_RaiseException)$')"],
+                # the unwinder finds a shared object's frames through its PT_GNU_EH_FRAME
+                # header: a linker that leaves it out makes every throw through it fatal
+                ["sh", "-c", "echo eh_frame_hdr: $(readelf -lW cetnet_kernels/_C*.so | "
+                 "grep -c GNU_EH_FRAME); readelf -p .comment cetnet_kernels/_C*.so 2>/dev/null "
+                 "| grep -v '^$' | head -5"],
+                # what the compiler wrapper adds (a script is printed, a binary named)
+                ["sh", "-c", "for c in $(command -v c++ g++); do echo \"== $c\"; "
+                 "if file -L \"$c\" | grep -q text; then head -40 \"$c\"; else file -L \"$c\"; "
+                 "fi; done; g++ -v 2>&1 | tail -2"]):
         try:
             facts.append(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                         timeout=30).stdout.strip())
@@ -146,6 +207,7 @@ def exception_probe(out: Path, env: dict) -> dict:
         except (OSError, subprocess.TimeoutExpired) as exc:
             facts.append(f"{dbg}: {exc}")
     if rc < 0:
+        facts.extend(crash_controls(env))
         step["summary"] = (f"a C++ exception from cetnet_kernels._C does not reach Python "
                            f"(killed by signal {-rc}): argument errors crash the process on this "
                            "toolchain")

@@ -41,9 +41,21 @@ def test_exception_probe_reports_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "_PROBE",
                         "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # no debugger run
+    monkeypatch.setattr(gpu_check, "_CONTROLS", {"torch": gpu_check._CONTROLS["torch"]})
     step = gpu_check.exception_probe(tmp_path, _env())
     assert step["rc"] == -11 and "signal 11" in step["summary"]
-    assert (tmp_path / "exception-probe.log").exists()
+    log = (tmp_path / "exception-probe.log").read_text()
+    assert "eh_frame_hdr: 1" in log  # the toolchain facts
+    assert "control torch: ok" in log  # and the control experiments' verdicts
+
+
+def test_crash_controls_pass_where_exceptions_work():
+    # The three control experiments for real (one builds a small extension with torch's
+    # cpp_extension): on this machine C++ exceptions reach Python, so each must say ok, not
+    # crash or fail, else a GPU run's verdicts could not be trusted either.
+    lines = gpu_check.crash_controls(_env())
+    assert [ln.split(":")[0] for ln in lines] == [f"control {n}" for n in gpu_check._CONTROLS]
+    assert all(ln.split(": ")[1].startswith("ok in ") for ln in lines), lines
 
 
 def test_skip_reasons_from_junit(tmp_path):
