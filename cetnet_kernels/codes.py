@@ -37,6 +37,7 @@ class BoundsCheck(IntEnum):
 
     ERROR = 0  # raise IndexError naming feature, batch row, position and id (CUDA: one sync)
     OFF = 1  # no host check, no synchronization: the id reads as zeros and is not updated
+    WARN = 2  # as OFF, but the lookup checks (CUDA: one sync) and warns instead of raising
 
 
 class Reduction(IntEnum):
@@ -51,6 +52,7 @@ class Reduction(IntEnum):
 OPTIMIZER_CODES = {None: Optimizer.DENSE, "sgd": Optimizer.SGD,
                    "rowwise_adagrad": Optimizer.ROWWISE_ADAGRAD}
 #: ``MultiTableEmbedding(bounds_check=...)`` names -> codes.
-BOUNDS_CHECK_CODES = {"error": BoundsCheck.ERROR, "off": BoundsCheck.OFF}
+BOUNDS_CHECK_CODES = {"error": BoundsCheck.ERROR, "warn": BoundsCheck.WARN,
+                      "off": BoundsCheck.OFF}
 #: ``reduction=`` names -> codes.
 REDUCTION_CODES = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}

@@ -31,8 +31,9 @@ from cetnet_kernels._host import acc_dtype, check_count
 from cetnet_kernels.backends import BACKENDS, resolve_backend
 from cetnet_kernels.codes import BOUNDS_CHECK_CODES, OPTIMIZER_CODES, InputMode
 from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, OptimizerArgs,
-                                           check_bag_values, check_batch_size, id_columns,
-                                           invalid_ids, offsets_valid)
+                                           check_bag_values, check_batch_size, first_bad_id,
+                                           id_columns, invalid_ids, offsets_valid,
+                                           report_bad_id)
 from cetnet_kernels.embedding_kjt import is_kjt, kjt_to_ids
 from cetnet_kernels.embedding_ops import ops_for
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
@@ -138,7 +139,11 @@ class MultiTableEmbedding(nn.Module):
             offsets are still validated by the ``cpu`` and ``reference`` backends (the latter
             also synchronizes for it); on ``cuda`` and ``triton`` malformed offsets then give
             unspecified (but in-range) bags. Check your ids once, offline, before turning it
-            off.
+            off. ``"warn"`` (data with a few stray ids that should not stop a run): such an id
+            is padding, as with ``"off"``, and the lookup warns (``UserWarning`` naming the
+            first one, as the error would, and how many there were) instead of raising;
+            malformed offsets still raise. Backward and the fused update do not check again, so
+            on CUDA a step costs the lookup's one synchronization (``"error"``: two).
         backend: ``"auto"``, ``"cpu"`` (C++), ``"cuda"``, ``"triton"`` or ``"reference"``
             (one ``F.embedding`` per table; dense gradient only). ``"auto"`` (or the
             ``CETNET_BACKEND`` environment variable) picks, for the tables' device at each call:
@@ -487,7 +492,7 @@ class MultiTableEmbedding(nn.Module):
         Raises:
             IndexError: an id outside ``[0, num_embeddings)`` other than ``padding_idx`` (the
                 message names the feature, the id and the vocabulary size), unless
-                ``bounds_check="off"``.
+                ``bounds_check`` is ``"warn"`` (a UserWarning) or ``"off"``.
             TypeError: non-integer ids. ValueError: unknown/missing features, ragged batch
                 sizes, malformed offsets.
         """
@@ -510,25 +515,28 @@ class MultiTableEmbedding(nn.Module):
         return ops.lookup(args)
 
     def _forward_reference(self, args: EmbeddingArgs) -> list[Tensor]:
-        # bounds_check="off": a bad id is padding (-1 stands in when there is no padding_idx:
-        # it is never a valid id)
-        pad = self.padding_idx
-        ids = list(args.ids)
-        for f, feat in enumerate(self.features):  # the reference needs valid ids up front
-            x = ids[f]
+        # The reference needs valid ids up front: offsets are validated, bad ids raise (error)
+        # or become padding (warn, off; -1 stands in when there is no padding_idx: it is never
+        # a valid id), as the kernels do.
+        op = "MultiTableEmbedding"
+        for f, feat in enumerate(self.features):
+            x = args.ids[f]
             if args.modes[f] != InputMode.IDS and not bool(offsets_valid(args.offsets[f],
                                                                          x.numel())):
-                raise ValueError(f"MultiTableEmbedding: feature {feat.name!r}: offsets must "
-                                 f"start at 0, be non-decreasing and end at the number of "
-                                 f"values ({x.numel()})")
-            bad = invalid_ids(x, feat.num_embeddings, self.padding_idx)
-            if self.bounds_check == "off":
-                pad = -1 if self.padding_idx is None else self.padding_idx
-                ids[f] = torch.where(bad, pad, x)
-            elif bool(bad.any()):
-                v = int(x[bad][0])
-                raise IndexError(f"MultiTableEmbedding: feature {feat.name!r}: id {v} is out of "
-                                 f"range for its vocabulary of size {feat.num_embeddings}")
+                raise ValueError(f"{op}: feature {feat.name!r}: offsets must start at 0, be "
+                                 f"non-decreasing and end at the number of values "
+                                 f"({x.numel()})")
+        if self.bounds_check != "off":
+            bad = first_bad_id(args.ids, args.offsets, args.modes, self._vocab, self.padding_idx)
+            if bad is not None:
+                report_bad_id(op, self.features[bad.feature].name, bad,
+                              self._vocab[bad.feature], self.padding_idx, args.bounds_check)
+        pad = self.padding_idx
+        ids = list(args.ids)
+        if self.bounds_check != "error":
+            pad = -1 if self.padding_idx is None else self.padding_idx
+            ids = [torch.where(invalid_ids(x, self._vocab[f], self.padding_idx), pad, x)
+                   for f, x in enumerate(ids)]
         # One split of the flat weight into its M x F tables (the flat layout is (m, f)-major and
         # gap-free): autograd then assembles the flat gradient once, where M x F slices would
         # each materialize a full-size zero gradient (O(M F) times the table bytes per step).

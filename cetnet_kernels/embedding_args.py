@@ -8,13 +8,17 @@ positional; :class:`EmbeddingArgs` is how Python code passes, saves and unpacks 
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["EmbeddingArgs", "ID_DTYPES", "OptimizerArgs", "check_bag_values", "check_batch_size",
-           "id_columns", "invalid_ids", "offsets_valid"]
+from cetnet_kernels.codes import BoundsCheck, InputMode
+
+__all__ = ["BadId", "EmbeddingArgs", "ID_DTYPES", "OptimizerArgs", "check_bag_values",
+           "check_batch_size", "first_bad_id", "id_columns", "invalid_ids", "offsets_valid",
+           "report_bad_id"]
 
 
 class EmbeddingArgs(NamedTuple):
@@ -92,6 +96,59 @@ def invalid_ids(ids: Tensor, vocab: int | Tensor, padding_idx: Optional[int]) ->
     if padding_idx is not None:
         bad &= ids != padding_idx
     return bad
+
+
+class BadId(NamedTuple):
+    """The first out-of-range id of a call (smallest batch row, then feature, then position: the
+    order every backend reports in) and how many there were."""
+
+    row: int
+    feature: int
+    position: int
+    id: int
+    count: int
+
+
+def first_bad_id(ids: Sequence[Tensor], offsets: Sequence[Tensor], modes: Sequence[int],
+                 vocab: Sequence[int], padding_idx: Optional[int]) -> Optional[BadId]:
+    """The call's first out-of-range id (see :class:`BadId`), None when every id is valid. For
+    the error / warning path of the Python backends: synchronizes once per feature."""
+    first, count = None, 0
+    for f, x in enumerate(ids):
+        bad = invalid_ids(x, vocab[f], padding_idx).reshape(-1)
+        n = int(bad.sum())
+        if n == 0:
+            continue
+        count += n
+        i = int(bad.nonzero()[0, 0])
+        if modes[f] == InputMode.IDS:  # [B] or [B, T]
+            b, pos = divmod(i, x.shape[1] if x.dim() == 2 else 1)
+        else:  # the bag holding value i: the last b with offsets[b] <= i
+            o = offsets[f].cpu()
+            b = int(torch.searchsorted(o, torch.tensor(i, dtype=o.dtype), right=True)) - 1
+            b = min(max(b, 0), o.numel() - 2)
+            pos = i - int(o[b])
+        cand = (b, f, pos, int(x.reshape(-1)[i]))
+        if first is None or cand[:3] < first[:3]:
+            first = cand
+    return None if first is None else BadId(*first, count)
+
+
+def report_bad_id(op: str, name: str, bad: BadId, vocab: int, padding_idx: Optional[int],
+                  bounds_check: int) -> None:
+    """IndexError for ``bad`` (feature ``name``), or with ``bounds_check`` WARN a UserWarning:
+    the ids were read as padding. The message of the compiled kernels (csrc/embedding_args.h's
+    report_bad_id), word for word."""
+    pad = "" if padding_idx is None else f", or padding_idx = {padding_idx}"
+    msg = (f"{op}: feature '{name}': id {bad.id} is out of range for its vocabulary of size "
+           f"{vocab} (valid ids: 0 .. {vocab - 1}{pad}; batch row {bad.row}, position "
+           f"{bad.position})")
+    if bounds_check == BoundsCheck.WARN:
+        warnings.warn(f"{msg}; bounds_check='warn': {bad.count} "
+                      f"{'id' if bad.count == 1 else 'ids'} out of range in this lookup, read as "
+                      "padding (zero vectors, no gradient or update)", UserWarning, stacklevel=2)
+        return
+    raise IndexError(msg)
 
 
 def offsets_valid(offsets: Tensor, nvals: int | Tensor) -> Tensor:

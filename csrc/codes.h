@@ -20,8 +20,11 @@ enum Optimizer : int64_t { kDense = 0, kSGD = 1, kRowwiseAdagrad = 2 };
 // kBoundsError raises IndexError naming the feature, batch row, position and id (on CUDA after
 // one device-to-host copy of the per-feature records per call); kBoundsOff never checks on the
 // host (no synchronization): such an id reads as a zero vector and gets no gradient or update,
-// exactly like padding_idx, and nothing out of bounds is ever read.
-enum BoundsCheck : int64_t { kBoundsError = 0, kBoundsOff = 1 };
+// exactly like padding_idx, and nothing out of bounds is ever read. kBoundsWarn is kBoundsOff
+// plus the lookup's check: the lookup warns (naming the first such id, and how many there
+// were) instead of raising, and malformed bag offsets still raise; backward and the fused
+// update do not check again (one synchronization per step on CUDA, the lookup's).
+enum BoundsCheck : int64_t { kBoundsError = 0, kBoundsOff = 1, kBoundsWarn = 2 };
 
 // How collaborative_loss reduces its per-row loss (the values of at::Reduction).
 enum Reduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
@@ -36,7 +39,8 @@ inline constexpr CodeName kInputModeNames[] = {
     {"BAG_WEIGHTED_SUM", kBagWeightedSum}};
 inline constexpr CodeName kOptimizerNames[] = {
     {"DENSE", kDense}, {"SGD", kSGD}, {"ROWWISE_ADAGRAD", kRowwiseAdagrad}};
-inline constexpr CodeName kBoundsCheckNames[] = {{"ERROR", kBoundsError}, {"OFF", kBoundsOff}};
+inline constexpr CodeName kBoundsCheckNames[] = {
+    {"ERROR", kBoundsError}, {"OFF", kBoundsOff}, {"WARN", kBoundsWarn}};
 inline constexpr CodeName kReductionNames[] = {
     {"NONE", kReduceNone}, {"MEAN", kReduceMean}, {"SUM", kReduceSum}};
 

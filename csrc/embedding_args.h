@@ -30,11 +30,35 @@ struct EmbeddingArgs : TableLayout {
   std::vector<std::string> names;
   std::vector<int64_t> mode;
   std::optional<int64_t> padding_idx;
-  int64_t bounds_check = kBoundsError;  // codes.h: raise for a bad id, or treat it as padding
+  int64_t bounds_check = kBoundsError;  // codes.h: raise for a bad id, warn, or neither
 
+  // Every op checks the ids (and offsets) and raises: kBoundsError.
   bool raises_on_bad_ids() const { return bounds_check == kBoundsError; }
+  // The lookup checks them: kBoundsError raises, kBoundsWarn warns. With kBoundsWarn, backward
+  // and the fused update treat a bad id as padding without checking again (as kBoundsOff).
+  bool lookup_checks_ids() const { return bounds_check != kBoundsOff; }
   const std::string& name(int64_t f) const { return names[f]; }
 };
+
+// The first out-of-range id of a call (feature f, batch row b, position pos; `count` bad ids in
+// all): IndexError, or with kBoundsWarn a warning (the ids were read as padding). One message
+// for the CPU and CUDA kernels (the Triton and reference backends write the same in Python).
+inline void report_bad_id(const EmbeddingArgs& A, const char* op, int64_t f, int64_t id,
+                          int64_t b, int64_t pos, int64_t count) {
+  std::ostringstream msg;
+  msg << op << ": feature '" << A.name(f) << "': id " << id
+      << " is out of range for its vocabulary of size " << A.vocab[f] << " (valid ids: 0 .. "
+      << A.vocab[f] - 1;
+  if (A.padding_idx.has_value()) msg << ", or padding_idx = " << *A.padding_idx;
+  msg << "; batch row " << b << ", position " << pos << ")";
+  if (A.bounds_check == kBoundsWarn) {
+    TORCH_WARN(msg.str(), "; bounds_check='warn': ", count, count == 1 ? " id" : " ids",
+               " out of range in this lookup, read as padding (zero vectors, no gradient or "
+               "update)");
+    return;
+  }
+  TORCH_CHECK_INDEX(false, msg.str());
+}
 
 // Feature names travel joined by '\n' (for error messages); "#f" when they do not match F.
 inline std::vector<std::string> split_names(const std::string& joined, int64_t F) {
@@ -82,8 +106,10 @@ inline EmbeddingArgs check_embedding_args(
                     psw.size(), ", ", modes.size());
   A.mode.assign(modes.begin(), modes.end());
   A.padding_idx = padding_idx;
-  TORCH_CHECK_VALUE(bounds_check == kBoundsError || bounds_check == kBoundsOff, op,
-                    ": bounds_check must be 0 (error) or 1 (off), got ", bounds_check);
+  TORCH_CHECK_VALUE(bounds_check == kBoundsError || bounds_check == kBoundsOff ||
+                        bounds_check == kBoundsWarn,
+                    op, ": bounds_check must be 0 (error), 1 (off) or 2 (warn), got ",
+                    bounds_check);
   A.bounds_check = bounds_check;
   TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op,
                    ": weight must be floating point, got ", weight.scalar_type());

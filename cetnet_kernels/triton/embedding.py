@@ -39,10 +39,11 @@ a few flags per call): out-of-range ids other than ``padding_idx`` raise IndexEr
 message, malformed offsets ValueError; the kernels also mask every load, so nothing is ever read
 out of bounds. With ``bounds_check`` off (:class:`cetnet_kernels.codes.BoundsCheck`) there is no
 check and no synchronization in forward or backward: a bad id is padding and a bag's offsets are
-clamped into its values (``_Plan.bag_offsets``). The host-side checks, sort and run cut are data
-dependent, so these are opaque ``torch.library.custom_op``s (also on GPU, unlike the fusion ops'
-``triton_op``): torch.compile calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run
-on CPU tensors (tests).
+clamped into its values (``_Plan.bag_offsets``). With ``warn`` the lookup checks as above but
+warns for bad ids (read as padding) instead of raising; backward and the update do not check.
+The host-side checks, sort and run cut are data dependent, so these are opaque
+``torch.library.custom_op``s (also on GPU, unlike the fusion ops' ``triton_op``): torch.compile
+calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ from torch import Tensor
 from cetnet_kernels._host import acc_dtype, constant_tensor, device_guard, shape_only, upload
 from cetnet_kernels.codes import BoundsCheck, InputMode, Optimizer
 from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, check_bag_values,
-                                           check_batch_size, id_columns, invalid_ids,
-                                           offsets_valid)
+                                           check_batch_size, first_bad_id, id_columns,
+                                           invalid_ids, offsets_valid, report_bad_id)
 from cetnet_kernels.layout import table_layout
 from cetnet_kernels.triton.fusion import INTERPRETED  # TRITON_INTERPRET=1 at import time
 
@@ -286,11 +287,14 @@ class _Plan:
         self.dims, self.vocab, self.modes = list(dims), list(vocab), list(modes)
         self.padding_idx = padding_idx
         if bounds_check not in tuple(BoundsCheck):
-            raise ValueError(f"{op}: bounds_check must be 0 (error) or 1 (off), got "
+            raise ValueError(f"{op}: bounds_check must be 0 (error), 1 (off) or 2 (warn), got "
                              f"{bounds_check}")
-        #: False with bounds checking off: no host check (and no synchronization); bad ids are
-        #: padding, and bags' offsets are clamped into range (:meth:`bag_offsets`).
+        self.bounds_check = bounds_check
+        #: Every op checks ids and offsets on the host and raises (bounds check ERROR). Else
+        #: bad ids are padding, and bags' offsets are clamped into range (:meth:`bag_offsets`)
+        #: unless check() has validated them (the lookup's check with WARN).
         self.raises = bounds_check == BoundsCheck.ERROR
+        self._offsets_checked = False
         numel = table_layout(dims, vocab).weight_numel
         if not weight.dtype.is_floating_point:
             raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
@@ -342,16 +346,20 @@ class _Plan:
         self.ids, self.offsets, self.psw = ids, offsets, psw
 
     # ------------------------------------------------------------------ checks (host, torch)
-    def check(self, op: str) -> None:
-        """Raises ValueError for malformed offsets, then IndexError for the first bad id (by
-        batch row, feature, position, as on CPU). All is checked at once: every feature's ids in
-        one concatenation against their vocabulary sizes, every bag's offsets in one stack, so a
-        call costs a handful of launches and one synchronizing copy, whatever the number of
-        features; the per-feature search for the message runs only when something is wrong.
-        Nothing is checked (and nothing synchronizes) with bounds checking off."""
-        if not self.raises or self._all_ok():
+    def check(self, op: str, lookup: bool) -> None:
+        """Raises ValueError for malformed offsets, then reports the first bad id (by batch
+        row, feature, position, as on CPU): IndexError, or with bounds check WARN a warning
+        (``lookup`` only: backward and the update do not check again). All is checked at once:
+        every feature's ids in one concatenation against their vocabulary sizes, every bag's
+        offsets in one stack, so a call costs a handful of launches and one synchronizing copy,
+        whatever the number of features; the per-feature search for the message runs only when
+        something is wrong. Nothing is checked (and nothing synchronizes) with bounds checking
+        off, nor with WARN outside the lookup."""
+        if not (self.raises or (lookup and self.bounds_check == BoundsCheck.WARN)):
             return
-        self._raise_first_bad(op)
+        self._offsets_checked = True
+        if not self._all_ok():
+            self._report_first_bad(op)
 
     def _all_ok(self) -> bool:
         def bad_of(x: Tensor, vocab: Tensor) -> Tensor:
@@ -377,7 +385,7 @@ class _Plan:
             flags.append(~offsets_valid(o, upload(counts, torch.int64, self.device)).reshape(1))
         return not flags or not bool(torch.cat(flags).any().cpu())
 
-    def _raise_first_bad(self, op: str) -> None:
+    def _report_first_bad(self, op: str) -> None:
         flags = []  # per feature: offsets ok, ids ok
         dev = self.device
         for f in range(self.F):
@@ -403,27 +411,11 @@ class _Plan:
                                          f"{o[b + 1]}")
                 raise ValueError(f"{op}: feature '{nm}': offsets[-1] must equal the number of "
                                  f"values ({nvals}), got {o[-1]}")
-        first = None
-        for f in range(self.F):
-            if ok[2 * f + 1]:
-                continue
-            i = int(self._bad_mask(f).reshape(-1).nonzero()[0, 0])
-            if self.modes[f] == InputMode.IDS:
-                b, pos = divmod(i, self.ncols[f])
-            else:
-                o = self.offsets[f].cpu()
-                b = int(torch.searchsorted(o, torch.tensor(i, dtype=o.dtype), right=True)) - 1
-                b = min(max(b, 0), self.B - 1)
-                pos = i - int(o[b])
-            cand = (b, f, pos, int(self.ids[f].reshape(-1)[i]))
-            if first is None or cand[:3] < first[:3]:
-                first = cand
-        b, f, pos, v = first
-        V = self.vocab[f]
-        pad = "" if self.padding_idx is None else f", or padding_idx = {self.padding_idx}"
-        raise IndexError(f"{op}: feature '{self.names[f]}': id {v} is out of range for its "
-                         f"vocabulary of size {V} (valid ids: 0 .. {V - 1}{pad}; batch row {b}, "
-                         f"position {pos})")
+        bad = first_bad_id(self.ids, self.offsets, self.modes, self.vocab, self.padding_idx)
+        if bad is not None:
+            f = bad.feature
+            report_bad_id(op, self.names[f], bad, self.vocab[f], self.padding_idx,
+                          self.bounds_check)
 
     def _bad_mask(self, f: int) -> Tensor:
         return invalid_ids(self.ids[f], self.vocab[f], self.padding_idx)
@@ -440,7 +432,7 @@ class _Plan:
         first 0 and last the number of values: every bag then reads only its feature's values
         (malformed offsets give unspecified bags, never an out-of-range read). No sync."""
         o = self.offsets[f].to(torch.int64)
-        if self.raises:
+        if self.raises or self._offsets_checked:
             return o
         n = self.ids[f].numel()
         o = torch.cummax(o.clamp(0, n), 0).values
@@ -477,7 +469,7 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     outs = [torch.empty((B, N, dm), dtype=acc, device=P.device) for dm in dims]
     if B == 0 or shape_only(weight, *ids):
         return outs
-    P.check(op)
+    P.check(op, lookup=True)
     has_pad = padding_idx is not None
     pad = int(padding_idx) if has_pad else 0
     vocab_t, row_base_t = P.constant(P.vocab), P.constant(P.row_base)
@@ -607,7 +599,7 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
         has_g.append(1)
     if P.B == 0 or shape_only(weight, *P.ids):
         return
-    P.check(op)  # before anything is written
+    P.check(op, lookup=False)  # before anything is written
     runs = _runs(P, op, acc)
     if runs is None:
         return

@@ -97,33 +97,28 @@ Layout make_layout(const at::Tensor& weight, at::TensorList ids, at::TensorList 
   return L;
 }
 
-// The first out-of-range id met (smallest batch row, then feature, then position), reported
-// after the pass unless bounds checking is off (the id was then treated as padding). Threads
-// only lock when they see a bad id.
+// The first out-of-range id met (smallest batch row, then feature, then position) and how many
+// there were, reported after the pass (report_bad_id: raise, or warn with bounds_check warn;
+// the ids were treated as padding). Disabled (nothing recorded, no lock) where nothing is to
+// be reported: bounds checking off, and backward with warn. Threads lock only for a bad id.
 struct BadId {
-  explicit BadId(const Layout& L) : enabled(L.raises_on_bad_ids()) {}
-  const bool enabled;  // off: nothing to report, so no lock per bad id
+  explicit BadId(bool enabled_) : enabled(enabled_) {}
+  const bool enabled;
   std::mutex mu;
-  bool found = false;
+  int64_t count = 0;
   int64_t b = 0, f = 0, pos = 0, id = 0;
   void record(int64_t b_, int64_t f_, int64_t pos_, int64_t id_) {
     if (!enabled) return;
     std::lock_guard<std::mutex> lock(mu);
-    if (!found || std::tie(b_, f_, pos_) < std::tie(b, f, pos)) {
-      found = true;
+    if (count++ == 0 || std::tie(b_, f_, pos_) < std::tie(b, f, pos)) {
       b = b_;
       f = f_;
       pos = pos_;
       id = id_;
     }
   }
-  void raise_if_found(const Layout& L, const char* op) const {
-    if (!found) return;
-    TORCH_CHECK_INDEX(false, op, ": feature '", L.name(f), "': id ", id,
-                      " is out of range for its vocabulary of size ", L.vocab[f],
-                      " (valid ids: 0 .. ", L.vocab[f] - 1, L.padding_idx.has_value()
-                          ? ", or padding_idx = " + std::to_string(*L.padding_idx)
-                          : std::string(), "; batch row ", b, ", position ", pos, ")");
+  void report(const Layout& L, const char* op) const {
+    if (count > 0) report_bad_id(L, op, f, id, b, pos, count);
   }
 };
 
@@ -213,7 +208,7 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
     for (int64_t t = 0; t < L.ncols[f]; ++t) cols.push_back({f, t, L.ncols[f], L.col_start[f] + t});
   }
   const int64_t C = static_cast<int64_t>(cols.size()), M = L.M;
-  BadId bad(L);
+  BadId bad(L.lookup_checks_ids());
   at::parallel_for(0, L.B, forward_grain(L), [&](int64_t b0, int64_t b1) {
     // src[((b - bt) * C + c) * M + m]: the table row to copy, or nullptr for a zero row.
     std::vector<const scalar_t*> src(kTile * C * M);
@@ -299,7 +294,7 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
       }
     }
   });
-  bad.raise_if_found(L, op);
+  bad.report(L, op);
 }
 
 // ---- backward: entries, stable radix sort, runs ----
@@ -353,7 +348,7 @@ std::vector<Entries> collect_entries(const Layout& L, const char* op) {
   std::vector<Entries> E(L.F);
   const bool has_pad = L.padding_idx.has_value();
   const int64_t pad = has_pad ? *L.padding_idx : 0;
-  BadId bad(L);
+  BadId bad(L.raises_on_bad_ids());  // warn: the lookup has reported
   at::parallel_for(0, L.F, 1, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       Entries& e = E[f];
@@ -410,7 +405,7 @@ std::vector<Entries> collect_entries(const Layout& L, const char* op) {
       e.run.push_back(n);
     }
   });
-  bad.raise_if_found(L, op);
+  bad.report(L, op);
   return E;
 }
 
@@ -558,7 +553,7 @@ void check_ids(const Layout& L, const char* op) {
   if (!L.raises_on_bad_ids()) return;  // bad ids are skipped by the kernel
   const bool has_pad = L.padding_idx.has_value();
   const int64_t pad = has_pad ? *L.padding_idx : 0;
-  BadId bad(L);
+  BadId bad(true);
   at::parallel_for(0, L.F, 1, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       const IdReader& ids = L.id_r[f];
@@ -583,7 +578,7 @@ void check_ids(const Layout& L, const char* op) {
       }
     }
   });
-  bad.raise_if_found(L, op);
+  bad.report(L, op);
 }
 
 template <typename scalar_t>

@@ -14,11 +14,12 @@
 //
 // Bounds check: ids outside [0, V) other than padding_idx are never read; the kernels write a
 // zero row instead and record the smallest bad flat index of the feature with atomicMin (an
-// order-free, so deterministic, record). Malformed offsets are recorded the same way (the bag
-// is skipped, nothing out of range is read). After the launches one small D2H copy of the
-// 2 F records tells the host whether to raise IndexError / ValueError with the CPU's message;
-// with bounds_check off (codes.h) that copy is skipped: a bad id is padding, a malformed bag
-// empty, and forward, backward and fused update never synchronize with the host.
+// order-free, so deterministic, record), the lookup also counts them. Malformed offsets are
+// recorded the same way (the bag is skipped, nothing out of range is read). After the launches
+// one small D2H copy of the 2 F + 1 records tells the host whether to raise IndexError /
+// ValueError with the CPU's message (bounds_check warn: a warning for the ids, once, in the
+// lookup); with bounds_check off (codes.h) that copy is skipped: a bad id is padding, a
+// malformed bag empty, and forward, backward and fused update never synchronize with the host.
 //
 // Backward (dense gradient and fused SGD / row-wise Adagrad), deterministic and atomic-free:
 //   1. one launch writes an entry (key, output row, scale) per id slot and bag value, checking
@@ -103,6 +104,14 @@ __device__ __forceinline__ void record_min(unsigned long long* slot, int64_t v) 
   atomicMin(slot, static_cast<unsigned long long>(v));
 }
 
+// A bad id met by the lookup: the feature's smallest flat index, and one more in the count
+// (which starts at kNoBad: count = slot + 1 modulo 2^64, so it needs no initialization).
+__device__ __forceinline__ void record_bad_id(unsigned long long* slot, unsigned long long* count,
+                                              int64_t v) {
+  record_min(slot, v);
+  atomicAdd(count, 1ULL);
+}
+
 template <typename T>
 struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
@@ -118,7 +127,7 @@ __global__ void gather_columns_kernel(const scalar_t* __restrict__ w,
                                       const int32_t* __restrict__ col_f,
                                       const int32_t* __restrict__ col_t, int64_t B, int64_t C,
                                       int64_t N, int M, bool has_pad, int64_t pad,
-                                      unsigned long long* bad) {
+                                      unsigned long long* bad, unsigned long long* bad_count) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % G;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / G);
@@ -133,7 +142,7 @@ __global__ void gather_columns_kernel(const scalar_t* __restrict__ w,
     const int64_t id = read_index(fm.ids, fm.ids64, i);
     const bool is_pad = has_pad && id == pad;
     const bool valid = !is_pad && id >= 0 && id < fm.vocab;
-    if (!valid && !is_pad && lane == 0) record_min(&bad[f], i);
+    if (!valid && !is_pad && lane == 0) record_bad_id(&bad[f], bad_count, i);
     const int64_t n = fm.col_start + t;
     for (int m = 0; m < M; ++m) {
       const int64_t D = mem[m].dim;
@@ -180,7 +189,7 @@ __global__ void pool_bags_kernel(const scalar_t* __restrict__ w,
                                  const MemberMeta* __restrict__ mem,
                                  const int32_t* __restrict__ bag_f, int64_t B, int64_t J,
                                  int64_t N, int M, int64_t F, bool has_pad, int64_t pad,
-                                 unsigned long long* bad) {
+                                 unsigned long long* bad, unsigned long long* bad_count) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % G;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / G);
@@ -199,7 +208,7 @@ __global__ void pool_bags_kernel(const scalar_t* __restrict__ w,
       const int64_t id = read_index(fm.ids, fm.ids64, k);
       if (has_pad && id == pad) continue;
       if (id < 0 || id >= fm.vocab) {
-        if (lane == 0) record_min(&bad[f], k);
+        if (lane == 0) record_bad_id(&bad[f], bad_count, k);
         continue;
       }
       ++count;
@@ -696,9 +705,10 @@ void with_optimizer(int opt, const Fn& fn) {
   else fn(std::integral_constant<int, kRowwiseAdagrad>{});
 }
 
-// Raises the CPU's error for the first recorded bad id / malformed offsets (error path: the
-// offending values are copied to the host here).
-void raise_if_bad(const Plan& P, const at::Tensor& bad_dev, const char* op) {
+// Raises the CPU's error for malformed offsets, then reports the first recorded bad id as the
+// CPU does (report_bad_id: raise, or warn with bounds_check warn). The offending values are
+// copied to the host here.
+void report_bad(const Plan& P, const at::Tensor& bad_dev, const char* op) {
   const at::Tensor bad = bad_dev.to(at::kCPU);  // the one D2H copy (synchronizes)
   const int64_t* rec = bad.const_data_ptr<int64_t>();
   auto none = [](int64_t v) { return static_cast<unsigned long long>(v) == kNoBad; };
@@ -743,16 +753,15 @@ void raise_if_bad(const Plan& P, const at::Tensor& bad_dev, const char* op) {
   }
   if (!found) return;
   const int64_t id = P.ids[ff].reshape({-1})[fidx].item<int64_t>();
-  TORCH_CHECK_INDEX(false, op, ": feature '", P.names[ff], "': id ", id,
-                    " is out of range for its vocabulary of size ", P.vocab[ff],
-                    " (valid ids: 0 .. ", P.vocab[ff] - 1, P.padding_idx.has_value()
-                        ? ", or padding_idx = " + std::to_string(*P.padding_idx)
-                        : std::string(), "; batch row ", fb, ", position ", fpos, ")");
+  // the lookup's count of bad ids (record_bad_id); backward records no count
+  const int64_t count = static_cast<int64_t>(static_cast<unsigned long long>(rec[2 * P.F]) + 1);
+  report_bad_id(P, op, ff, id, fb, fpos, std::max<int64_t>(count, 1));
 }
 
 at::Tensor new_bad_record(const Plan& P) {
-  // all ones = kNoBad for every slot: [0, F) bad ids, [F, 2F) malformed offsets
-  return at::full({2 * P.F}, -1, at::TensorOptions().dtype(at::kLong).device(P.device));
+  // all ones = kNoBad for every slot: [0, F) bad ids, [F, 2F) malformed offsets, [2F] the
+  // count of bad ids minus one (record_bad_id)
+  return at::full({2 * P.F + 1}, -1, at::TensorOptions().dtype(at::kLong).device(P.device));
 }
 
 // ---- forward ----
@@ -803,7 +812,7 @@ void forward_impl(const Plan& P, const at::Tensor& weight, std::vector<at::Tenso
         gather_columns_kernel<scalar_t, G><<<launch_blocks(P.B * C * G), kThreads, 0, stream>>>(
             w, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
             meta.at_offset<int32_t>(o_cf), meta.at_offset<int32_t>(o_ct), P.B, C, P.N,
-            static_cast<int>(P.M), has_pad, pad, bad_p);
+            static_cast<int>(P.M), has_pad, pad, bad_p, bad_p + 2 * P.F);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
@@ -813,12 +822,13 @@ void forward_impl(const Plan& P, const at::Tensor& weight, std::vector<at::Tenso
         pool_bags_kernel<scalar_t, G><<<launch_blocks(P.B * J * G), kThreads, 0, stream>>>(
             w, meta.at_offset<FeatureMeta>(o_f), meta.at_offset<MemberMeta>(o_m),
             meta.at_offset<int32_t>(o_bf), P.B, J, P.N, static_cast<int>(P.M), P.F, has_pad,
-            pad, bad_p);
+            pad, bad_p, bad_p + 2 * P.F);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
   });
-  if (P.raises_on_bad_ids()) raise_if_bad(P, bad, op);  // off: no copy, no synchronization
+  // off: no copy, no synchronization; warn: the one copy, a warning instead of IndexError
+  if (P.lookup_checks_ids()) report_bad(P, bad, op);
 }
 
 // ---- backward: entries, sort, runs, apply ----
@@ -899,7 +909,8 @@ void backward_impl(const Plan& P, at::TensorList grads, const at::Tensor& weight
         scale.data_ptr<acc_t>(), reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (P.raises_on_bad_ids()) raise_if_bad(P, bad, op);  // before anything is written
+  // before anything is written; warn: not again (the lookup reported), bad ids are padding
+  if (P.raises_on_bad_ids()) report_bad(P, bad, op);
   if (E == 0) return;
   // A stable radix sort of the key_bits low bits: equal keys keep their batch order, which
   // fixes the summation order.

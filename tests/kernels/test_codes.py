@@ -39,4 +39,5 @@ def test_name_tables_map_to_the_codes():
         "none": cpp["Reduction"]["NONE"], "mean": cpp["Reduction"]["MEAN"],
         "sum": cpp["Reduction"]["SUM"]}
     assert {k: int(v) for k, v in codes.BOUNDS_CHECK_CODES.items()} == {
-        "error": cpp["BoundsCheck"]["ERROR"], "off": cpp["BoundsCheck"]["OFF"]}
+        "error": cpp["BoundsCheck"]["ERROR"], "off": cpp["BoundsCheck"]["OFF"],
+        "warn": cpp["BoundsCheck"]["WARN"]}

@@ -242,7 +242,7 @@ def _op_args(mod: MultiTableEmbedding, ids):
 
 
 @needs_cpu
-@pytest.mark.parametrize("bounds_check", [0, 1])
+@pytest.mark.parametrize("bounds_check", [0, 1, 2])
 def test_opcheck(bounds_check):
     mod = MultiTableEmbedding(2, FEATURES, [3, 4])
     vals, offs, psws, modes, dims, vocab = _op_args(mod, make_ids())

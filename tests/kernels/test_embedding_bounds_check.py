@@ -1,11 +1,15 @@
 """MultiTableEmbedding(bounds_check="off"), on every backend and device: an out-of-range id is
 treated exactly as padding (a zero vector, no gradient, no update, left out of bag means), with
 no host check and, on the Triton path, no synchronizing op at all; the default ("error") still
-raises before anything is written. On a GPU the CUDA and Triton steps also run under
-``torch.cuda.set_sync_debug_mode("error")``, and a CUDA-backend training step is captured in a
-CUDA graph and replayed."""
+raises before anything is written. bounds_check="warn" computes what "off" does and the lookup
+warns with the error's message (and the count of bad ids), once per step. On a GPU the CUDA and
+Triton steps also run under ``torch.cuda.set_sync_debug_mode("error")``, and a CUDA-backend
+training step is captured in a CUDA graph and replayed."""
 
 from __future__ import annotations
+
+import re
+import warnings
 
 import pytest
 import torch
@@ -153,9 +157,73 @@ def test_off_malformed_offsets_read_nothing_out_of_range(backend, device):
         torch.cuda.synchronize()  # no device-side fault was left behind
 
 
+# ------------------------------------------------------------------------------------------------
+# bounds_check="warn": "off" plus the lookup's check, a warning instead of IndexError
+# ------------------------------------------------------------------------------------------------
+WARN_OPTIMIZERS = [(None, 0.0), ("sgd", 0.0), ("rowwise_adagrad", 0.05)]
+
+
+def _bad_count(ids, padding_idx):
+    from cetnet_kernels.embedding_args import invalid_ids
+    return sum(int(invalid_ids(x if isinstance(x, torch.Tensor) else x[0], VOCAB[k],
+                               padding_idx).sum()) for k, x in ids.items())
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("optimizer, weight_decay", WARN_OPTIMIZERS,
+                         ids=[f"{o}-wd{w}" for o, w in WARN_OPTIMIZERS])
+@pytest.mark.parametrize("padding_idx", [-1, None])
+def test_warn_reads_bad_ids_as_padding_and_warns_once_per_step(backend, device, optimizer,
+                                                               weight_decay, padding_idx):
+    if backend == "reference" and optimizer is not None:
+        pytest.skip("the reference backend has a dense gradient only")
+    warn, err, pad = _twins(backend, device, optimizer, padding_idx, weight_decay)
+    warn.bounds_check = "warn"
+    base = sample_inputs(device, 7, pad=padding_idx)
+    bad, padded = _with_bad_ids(base), _with_bad_ids(base, pad_with=pad)
+    # the warning is the error a module with the same padding_idx raises, plus the count
+    strict = MultiTableEmbedding(2, FEATURES, DIMS, padding_idx=padding_idx,
+                                 optimizer=optimizer, backend=backend, device=device,
+                                 weights_dtype=torch.float64)
+    with pytest.raises(IndexError) as error:
+        strict(bad)
+    n = _bad_count(bad, padding_idx)
+    expected = (f"{error.value.args[0]}; bounds_check='warn': {n} ids out of range in this "
+                "lookup, read as padding (zero vectors, no gradient or update)")
+    for step in range(2):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _steps_agree(warn, err, bad, padded, optimizer, steps=1)
+        ours = [w for w in seen if "bounds_check='warn'" in str(w.message)]
+        # TORCH_WARN (the C++ kernels) appends where in csrc/ it was raised
+        messages = [re.sub(r" \(Triggered internally at .*\)$", "", str(w.message)) for w in ours]
+        assert messages == [expected], (step, messages)  # forward only: backward is silent
+        assert all(w.category is UserWarning for w in ours)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+def test_warn_is_silent_on_valid_ids_and_raises_on_malformed_offsets(backend, device):
+    optimizer = None if backend == "reference" else "sgd"
+    mod = MultiTableEmbedding(2, [("a", 5), ("t", 6)], DIMS, optimizer=optimizer, lr=0.1,
+                              bounds_check="warn", backend=backend, device=device)
+    values = torch.tensor([1, 2, 3, 4], device=device)
+    ids = {"a": torch.tensor([0, 1, 4], device=device),
+           "t": (values, torch.tensor([0, 1, 3, 4], device=device))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        loss_of(mod(ids), [torch.ones(3, 2, d, device=device) for d in DIMS]).backward()
+    w0 = mod.weight.detach().clone()
+    for offsets in ([0, 3, 1, 4], [0, 1, 3, 5], [1, 1, 3, 4]):
+        with pytest.raises(ValueError, match=re.escape("'t'") + ".*offsets"):
+            mod({**ids, "t": (values, torch.tensor(offsets, device=device))})
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(mod.weight.detach(), w0)
+
+
 def test_bounds_check_argument_is_validated():
     with pytest.raises(ValueError, match="bounds_check must be one of"):
-        MultiTableEmbedding(1, [("a", 5)], 2, bounds_check="warn")
+        MultiTableEmbedding(1, [("a", 5)], 2, bounds_check="ignore")
     assert "bounds_check='off'" in repr(MultiTableEmbedding(1, [("a", 5)], 2,
                                                             bounds_check="off"))
 
@@ -193,10 +261,11 @@ def test_triton_off_dispatches_no_synchronizing_op(backend, device, optimizer):
     args = mod._normalize(_with_bad_ids(sample_inputs(device, 5)))[0]
     vocab = list(mod._vocab)
     state = torch.zeros(2 * sum(vocab), device=device)
-    for check, expect_sync in ((1, False), (0, True)):
-        ids = args.ids if check == 1 else sample_inputs(device, 5)
-        if check == 0:
-            args = mod._normalize(ids)[0]
+    # (bounds check code, forward synchronizes, backward / update synchronizes): warn (2)
+    # checks in the lookup only
+    for check, fwd_sync, bwd_sync in ((1, False, False), (0, True, True), (2, True, False)):
+        if check != 1:
+            args = mod._normalize(sample_inputs(device, 5))[0]
         tail = (args.ids, args.offsets, args.per_sample_weights, args.modes, DIMS, vocab, -1,
                 check)
         w = mod.weight.detach().clone()
@@ -208,10 +277,10 @@ def test_triton_off_dispatches_no_synchronizing_op(backend, device, optimizer):
                 te._multi_embedding_backward(grads, w, *tail)
             else:
                 te._multi_embedding_update(grads, w, state, *tail, optimizer, 0.1, 1e-8, 0.0)
-        if expect_sync:
-            assert "aten::_local_scalar_dense" in fwd.seen
-        else:
-            assert fwd.seen == [] and bwd.seen == [], (fwd.seen, bwd.seen)
+        assert ("aten::_local_scalar_dense" in fwd.seen) == fwd_sync, (check, fwd.seen)
+        assert bool(bwd.seen) == bwd_sync, (check, bwd.seen)
+        if not fwd_sync:
+            assert fwd.seen == [], fwd.seen
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_names_dims_and_sections():
     ({"shared_embedding": True, "embedding_dim": [8, 4]}, "one dim for all members"),
     ({"embedding_optimizer": "adam"}, "embedding_optimizer must be"),
     ({"dhen": [1, 2]}, "model.dhen must be a mapping"),
-    ({"embedding_bounds_check": "warn"}, "model.embedding_bounds_check"),
+    ({"embedding_bounds_check": "ignore"}, "model.embedding_bounds_check"),
 ])
 def test_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -80,5 +80,6 @@ def test_embedding_bounds_check_reaches_the_embedding(ensemble):
     sets the fused embedding's bounds_check."""
     assert build_model({"ensemble": ensemble}, tiny_schema()).front.embedding.bounds_check \
         == "error"
-    model = build_model({"ensemble": ensemble, "embedding_bounds_check": "off"}, tiny_schema())
-    assert model.front.embedding.bounds_check == "off"
+    for mode in ("off", "warn"):
+        model = build_model({"ensemble": ensemble, "embedding_bounds_check": mode}, tiny_schema())
+        assert model.front.embedding.bounds_check == mode

@@ -227,8 +227,9 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     ``dnn_1``…; one member is an ensemble of one), ``embedding_dim`` (int or one per member),
     ``embedding_optimizer`` (null | sgd | rowwise_adagrad), ``embedding_lr``,
     ``shared_embedding`` (one embedding set for all members, KDEF's variant),
-    ``embedding_bounds_check`` (error | off: ``MultiTableEmbedding``'s ``bounds_check``; off
-    skips the id check and its GPU synchronization, a bad id then reads as padding), ``fusion``
+    ``embedding_bounds_check`` (error | warn | off: ``MultiTableEmbedding``'s
+    ``bounds_check``; off skips the id check and its GPU synchronization, a bad id then reads
+    as padding; warn reads it as padding and warns), ``fusion``
     (:class:`~cetnet_kernels.CETNetFusion` keywords; CETNet only; ``reduction`` mean or sum),
     one section per member kind with its hyperparameters (``dhen: {num_layers: 2}``; repeats of
     a kind share it), ``naive: {average: prob|logit}`` and ``multi_embedding: {num_sets,

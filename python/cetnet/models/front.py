@@ -47,8 +47,9 @@ class EmbeddingFront(nn.Module):
         num_models: K members fed by this front.
         shared: one embedding set shared by all K members (KDEF's variant; dims must agree).
         optimizer, lr: the embedding's fused optimizer (None: a dense gradient on its weight).
-        bounds_check: the embedding's ``bounds_check`` (``"error"`` or ``"off"``: no id check,
-            no GPU synchronization; see :class:`~cetnet_kernels.MultiTableEmbedding`).
+        bounds_check: the embedding's ``bounds_check`` (``"error"``, ``"warn"``: a bad id is
+            padding and the lookup warns, or ``"off"``: no id check, no GPU synchronization; see
+            :class:`~cetnet_kernels.MultiTableEmbedding`).
         backend: the embedding's backend (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or
             ``"reference"``), resolved by :class:`~cetnet_kernels.MultiTableEmbedding` itself.
     """
