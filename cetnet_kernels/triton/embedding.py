@@ -15,24 +15,27 @@ member; member m's row-wise state of key k is ``state[m * Vtot + k]``):
 * ``_bags_kernel``: every pooled bag (sum / mean / weighted) in one more launch, grid
   (B * bag features, M); the bag's values in [BLOCK_L, BLOCK_D] tiles.
 * ``_runs_kernel``: backward, grid (programs, M). The host sorts the (key, output row, scale)
-  entries of the batch by key with a stable ``torch.sort`` and cuts them into runs of equal keys
-  with device-side prefix counts (no synchronization: the number of runs stays on the device
-  and the programs stride over the runs); each program sums a run's gradient rows in sorted
-  (= batch) order in fixed-size tiles and writes the dense gradient row or applies SGD /
-  row-wise Adagrad (FBGEMM semantics, as the CPU kernel) to the row. Each row has one program:
-  no atomics, a fixed summation order, bitwise reproducible.
+  entries of the batch (every id column in one block, bags feature by feature) by key with a
+  stable ``torch.sort`` and cuts them into runs of equal keys with device-side prefix counts
+  (no synchronization: the number of runs stays on the device and the programs stride over the
+  runs); each program sums a run's gradient rows in sorted (= batch) order in fixed-size tiles
+  and writes the dense gradient row or applies SGD / row-wise Adagrad (FBGEMM semantics, as the
+  CPU kernel) to the row. Each row has one program: no atomics, a fixed summation order,
+  bitwise reproducible.
 
 The M outputs (and the M gradients in backward) are separate tensors; a kernel reaches member
 m's through ``base + delta[m]``, with ``delta[m]`` the element distance of its data pointer from
 member 0's (all have one dtype, so the distances are exact).
 
 Index arithmetic is int64 throughout: program ids are widened before any product, every loaded
-index (ids, keys, offsets, dims, table bases, output deltas) is int64, and the row-wise state index
-``m * Vtot + key`` is formed by _state_index with m widened first (``Vtot`` arrives as int32 when
-it is below 2^31, and ``(M - 1) * Vtot`` passes 2^31 for large tables). The grids' first axis is
-launched in chunks of at most _MAX_GRID_X programs (CUDA's grid.x limit), the chunk's first
-program id passed as ``pid0``. Only within-row column offsets (< D) stay int32. Every launch runs
-under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in the interpreter).
+index (ids, keys, offsets, dims, table bases, output deltas) is int64 (the sorted run keys are
+int32 when every key fits, a sort of half the passes, and widened on load), and the row-wise
+state index ``m * Vtot + key`` is formed by _state_index with m widened first (``Vtot`` arrives
+as int32 when it is below 2^31, and ``(M - 1) * Vtot`` passes 2^31 for large tables). The
+grids' first axis is launched in chunks of at most _MAX_GRID_X programs (CUDA's grid.x limit),
+the chunk's first program id passed as ``pid0``. Only within-row column offsets (< D) stay
+int32. Every launch runs under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in
+the interpreter).
 
 Ids and offsets are checked on the host with torch ops before any launch (one synchronizing copy of
 a few flags per call): out-of-range ids other than ``padding_idx`` raise IndexError with the CPU's
@@ -193,7 +196,7 @@ def _runs_kernel(
     scale_ptr,      # [E] acc dtype: factor of each sorted entry
     run_start_ptr,  # [E] int64: run r's first sorted entry (r < R)
     run_end_ptr,    # [E] int64: one past its last
-    run_key_ptr,    # [E] int64: row_base[f] + id; Vtot for the run of padding entries
+    run_key_ptr,    # [E] int32 or int64: row_base[f] + id; Vtot for the run of padding entries
     num_runs_ptr,   # [1] int64: R, known on the device only
     dims_ptr, table_base_ptr,
     hyper_ptr,      # [3] acc dtype: lr, eps, weight_decay
@@ -216,7 +219,7 @@ def _runs_kernel(
     for r in range(pid, R, programs):
         start = tl.load(run_start_ptr + r)
         end = tl.load(run_end_ptr + r)
-        key = tl.load(run_key_ptr + r)
+        key = tl.load(run_key_ptr + r).to(tl.int64)
         # The padding entries carry the key Vtot (past every row) and sort last: their run
         # touches nothing (masked loads and stores, key clamped to a valid address).
         live = key < Vtot
@@ -366,12 +369,9 @@ class _Plan:
             return invalid_ids(x, vocab, self.padding_idx).any().reshape(1)
 
         flags = []
-        single = [f for f in range(self.F) if self.modes[f] == InputMode.IDS and self.ncols[f] > 0]
-        if single and self.B > 0:  # [B, C] ids against a [C] row of vocabulary sizes
-            cols = torch.cat([self.ids[f].reshape(self.B, -1).to(torch.int64) for f in single],
-                             dim=1)
-            flags.append(bad_of(cols, self.constant([self.vocab[f] for f in single
-                                                   for _ in range(self.ncols[f])])))
+        single, cols = self.id_block()
+        if cols is not None and self.B > 0:  # [B, C] ids against a [C] row of vocabulary sizes
+            flags.append(bad_of(cols, self.per_column(single, self.vocab)))
         bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
         if bags:
             counts = [self.ids[f].numel() for f in bags]
@@ -420,10 +420,11 @@ class _Plan:
     def _bad_mask(self, f: int) -> Tensor:
         return invalid_ids(self.ids[f], self.vocab[f], self.padding_idx)
 
-    def valid_mask(self, f: int, x: Tensor) -> Tensor:
-        """The ids of feature f that are looked up: in range and not padding (with bounds
-        checking on, check() has raised for any other id)."""
-        valid = ~invalid_ids(x, self.vocab[f], None)  # in range (the one rule, embedding_args)
+    def valid_mask(self, x: Tensor, vocab: int | Tensor) -> Tensor:
+        """The ids of ``x`` that are looked up: in range (``vocab`` an int or a tensor that
+        broadcasts, one size per column) and not padding (with bounds checking ERROR, check()
+        has raised for any other id)."""
+        valid = ~invalid_ids(x, vocab, None)  # in range (the one rule, embedding_args)
         return valid & (x != self.padding_idx) if self.padding_idx is not None else valid
 
     def bag_offsets(self, f: int) -> Tensor:
@@ -438,6 +439,21 @@ class _Plan:
         o = torch.cummax(o.clamp(0, n), 0).values
         edge = torch.arange(o.numel(), device=o.device)
         return torch.where(edge == 0, 0, torch.where(edge == o.numel() - 1, n, o))
+
+    def id_block(self) -> tuple[list[int], Optional[Tensor]]:
+        """The single-id and sequence features (those with columns), and all their ids as one
+        int64 block [B, C], a feature's T columns side by side, features in order (None
+        without any): one tensor for every such feature, so the ops on it are as many for 26
+        features as for one."""
+        feats = [f for f in range(self.F) if self.modes[f] == InputMode.IDS and self.ncols[f] > 0]
+        if not feats:
+            return feats, None
+        return feats, torch.cat([self.ids[f].reshape(self.B, -1).to(torch.int64)
+                                 for f in feats], dim=1)
+
+    def per_column(self, feats: list[int], values: list[int]) -> Tensor:
+        """``values[f]`` for each column of :meth:`id_block` (int64, on the device, cached)."""
+        return self.constant([values[f] for f in feats for _ in range(self.ncols[f])])
 
     def constant(self, values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
         """Layout metadata on the device (cached: the same every call of a layout; read only)."""
@@ -477,9 +493,8 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     out_delta = _deltas(outs, outs[0])
     block_d = _block_d(P.dims)
     M = P.M
-    id_feats = [f for f in range(P.F) if modes[f] == InputMode.IDS and P.ncols[f] > 0]
-    if id_feats:
-        cols = torch.cat([ids[f].reshape(B, -1).to(torch.int64) for f in id_feats], dim=1)
+    id_feats, cols = P.id_block()
+    if cols is not None:
         col_feat = P.constant([f for f in id_feats for _ in range(P.ncols[f])], torch.int32)
         col_n = P.constant([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
         C = cols.shape[1]
@@ -535,22 +550,26 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
     [1] tensor); start, end and key have E slots, the first R of them used."""
     keys, srcs, scales = [], [], []
     B, N, dev = P.B, P.N, P.device
+    # Every single-id / sequence column at once, [B, C] (a fixed number of ops for any number
+    # of features). Row-major, so a feature's entries keep their (b, t) order: as each run holds
+    # one feature's row, its summation order is the same as feature by feature.
+    id_feats, cols = P.id_block()
+    if cols is not None:
+        valid = P.valid_mask(cols, P.per_column(id_feats, P.vocab))
+        col_n = P.constant([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
+        keys.append(torch.where(valid, cols + P.per_column(id_feats, P.row_base),
+                                P.Vtot).reshape(-1))
+        srcs.append((torch.arange(B, device=dev)[:, None] * N + col_n).reshape(-1))
+        scales.append(torch.ones(cols.numel(), dtype=acc, device=dev))
     for f in range(P.F):
-        x = P.ids[f].to(torch.int64)
         if P.modes[f] == InputMode.IDS:
-            T = P.ncols[f]
-            x = x.reshape(B, T)
-            src = (torch.arange(B, device=dev)[:, None] * N + P.col_start[f]
-                   + torch.arange(T, device=dev)[None, :])
-            keys.append(torch.where(P.valid_mask(f, x), x + P.row_base[f], P.Vtot).reshape(-1))
-            srcs.append(src.reshape(-1))
-            scales.append(torch.ones(x.numel(), dtype=acc, device=dev))
             continue
+        x = P.ids[f].to(torch.int64)
         o = P.bag_offsets(f)
         lens = o[1:] - o[:-1]
         bag_of = torch.repeat_interleave(torch.arange(B, device=dev), lens,
                                          output_size=x.numel())
-        keep = P.valid_mask(f, x)
+        keep = P.valid_mask(x, P.vocab[f])
         if P.modes[f] == InputMode.BAG_WEIGHTED_SUM:
             sc = P.psw[f].to(acc)
         elif P.modes[f] == InputMode.BAG_MEAN:
@@ -568,6 +587,8 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
     E = key.numel()
     if E == 0:
         return None
+    if P.Vtot < 2**31:  # keys in [0, Vtot]: a radix sort of 4 bytes, half the passes of 8
+        key = key.to(torch.int32)
     skey, perm = torch.sort(key, stable=True)
     first = torch.ones(E, dtype=torch.bool, device=dev)  # where a run starts
     first[1:] = skey[1:] != skey[:-1]

@@ -239,15 +239,16 @@ def test_single_and_odd_dims_int32_no_padding(backend, device):
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot run here (not installed, or no GPU "
                     "and no interpreter)")
-def test_bounds_check_costs_the_same_for_any_number_of_features():
+def test_host_ops_are_as_many_for_any_number_of_features():
     """The id / offsets check of a triton call is a fixed handful of kernels (one concatenation
     of every feature's ids, one stack of every bag's offsets, one synchronizing copy), not
-    kernels per feature: counted through a dispatch mode (views, which launch nothing, left
-    out), 4 and 40 features cost the same."""
+    kernels per feature; so is the backward's entry list of the id features (one [B, C] block
+    of every id column): counted through a dispatch mode (views, which launch nothing, left
+    out), 4 and 40 id features cost the same."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from cetnet_kernels.embedding_args import EmbeddingArgs
-    from cetnet_kernels.triton.embedding import _Plan
+    from cetnet_kernels.triton.embedding import _Plan, _runs
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -258,7 +259,7 @@ def test_bounds_check_costs_the_same_for_any_number_of_features():
             self.n += not func.is_view
             return func(*args, **(kwargs or {}))
 
-    def ops_of_check(F):
+    def ops_of(F):
         B = 16
         ids = [torch.randint(0, 9, (B, 2) if f % 2 else (B,)) for f in range(F)]
         ids += [torch.randint(-1, 5, (3 * B,)), torch.randint(0, 5, (2 * B,))]
@@ -268,11 +269,13 @@ def test_bounds_check_costs_the_same_for_any_number_of_features():
         weight = torch.zeros(sum(vocab) * sum(dims))
         P = _Plan("op", EmbeddingArgs(weight, ids, offs, [torch.zeros(0)] * (F + 2),
                                       [0] * F + [1, 2], dims, vocab, -1, 0))
-        with Count() as c:
+        with Count() as check:
             P.check("op", lookup=True)
-        return c.n
+        with Count() as entries:
+            _runs(P, "op", torch.float32)
+        return check.n, entries.n
 
-    assert ops_of_check(4) == ops_of_check(40)
+    assert ops_of(4) == ops_of(40)
 
 
 @pytest.mark.parametrize("backend, device", TRITON_CASES)
