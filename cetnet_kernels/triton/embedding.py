@@ -10,11 +10,14 @@ Kernels (storage as in csrc/cpu/embedding_cpu.cpp: table (m, f) is a row-major [
 at ``table_base[m] + D_m * row_base[f]``; ``row_base[f] + id`` is the "key" of a row of every
 member; member m's row-wise state of key k is ``state[m * Vtot + k]``):
 
-* ``_gather_kernel``: every single-id and sequence column of every member in one launch, grid
-  (row blocks of the [B, C] id columns, M); a [BLOCK_R, BLOCK_D] tile per program.
+Every kernel is launched once per member m, with the member's output (or gradient) tensor, its
+dim ``D_m`` and table base as arguments:
+
+* ``_gather_kernel``: every single-id and sequence column in one launch, grid (row blocks of the
+  [B, C] id columns); a [BLOCK_R, BLOCK_D] tile per program.
 * ``_bags_kernel``: every pooled bag (sum / mean / weighted) in one more launch, grid
-  (B * bag features, M); the bag's values in [BLOCK_L, BLOCK_D] tiles.
-* ``_runs_kernel``: backward, grid (programs, M). The host sorts the (key, output row, scale)
+  (B * bag features); the bag's values in [BLOCK_L, BLOCK_D] tiles.
+* ``_runs_kernel``: backward, grid (programs). The host sorts the (key, output row, scale)
   entries of the batch (every id column in one block, bags feature by feature) by key with a
   stable ``torch.sort`` and cuts them into runs of equal keys with device-side prefix counts
   (no synchronization: the number of runs stays on the device and the programs stride over the
@@ -23,19 +26,21 @@ member; member m's row-wise state of key k is ``state[m * Vtot + k]``):
   CPU kernel) to the row. Each row has one program: no atomics, a fixed summation order,
   bitwise reproducible.
 
-The M outputs (and the M gradients in backward) are separate tensors; a kernel reaches member
-m's through ``base + delta[m]``, with ``delta[m]`` the element distance of its data pointer from
-member 0's (all have one dtype, so the distances are exact).
+Why a launch per member (M of them, 2 to 4 in practice) rather than one with a member axis: an
+int argument divisible by 16 is specialized by Triton, so with ``D_m`` (and the table base) a
+multiple of 16 every row's address is provably 16-byte aligned and rows move in 128-bit loads
+and stores; a member axis has to read the dim from memory, and then every element is a 32-bit
+access (seen in the sm_90 PTX: ``ld.global.v4`` against ``ld.global.b32``). It also needs no
+per-call upload of the members' pointers, and each member's tile is sized to its own dim.
 
 Index arithmetic is int64 throughout: program ids are widened before any product, every loaded
-index (ids, keys, offsets, dims, table bases, output deltas) is int64 (the sorted run keys are
-int32 when every key fits, a sort of half the passes, and widened on load), and the row-wise
-state index ``m * Vtot + key`` is formed by _state_index with m widened first (``Vtot`` arrives
-as int32 when it is below 2^31, and ``(M - 1) * Vtot`` passes 2^31 for large tables). The
-grids' first axis is launched in chunks of at most _MAX_GRID_X programs (CUDA's grid.x limit),
-the chunk's first program id passed as ``pid0``. Only within-row column offsets (< D) stay
-int32. Every launch runs under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in
-the interpreter).
+index (ids, keys, offsets, row bases) is int64 (the sorted run keys are int32 when every key
+fits, a sort of half the passes, and widened on load), and the row-wise state index
+``m * Vtot + key`` is formed by _state_index with m widened first (``m`` and ``Vtot`` arrive as
+int32 when below 2^31, and ``(M - 1) * Vtot`` passes 2^31 for large tables). The grids are
+launched in chunks of at most _MAX_GRID_X programs (CUDA's grid.x limit), the chunk's first
+program id passed as ``pid0``. Only within-row column offsets (< D) stay int32. Every launch
+runs under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in the interpreter).
 
 Ids and offsets are checked on the host with torch ops before any launch (one synchronizing copy of
 a few flags per call): out-of-range ids other than ``padding_idx`` raise IndexError with the CPU's
@@ -89,9 +94,8 @@ _RUN_PROGRAMS = 16 if INTERPRETED else 65536
 # =============================================================================================
 @triton.jit
 def _state_index(m, Vtot, key):
-    # Member m's row-wise state of key: m * Vtot + key in int64. m (a program id) and Vtot (an
-    # int argument below 2^31) are int32: the product is widened first, as (M-1) * Vtot can
-    # pass 2^31.
+    # Member m's row-wise state of key: m * Vtot + key in int64. m and Vtot (int arguments
+    # below 2^31) are int32: the product is widened first, as (M-1) * Vtot can pass 2^31.
     return m.to(tl.int64) * Vtot + key
 
 
@@ -103,15 +107,13 @@ def _gather_kernel(
     col_n_ptr,      # [C] int64: output column of each id column
     vocab_ptr,      # [F] int64
     row_base_ptr,   # [F] int64
-    dims_ptr,       # [M] int64
-    table_base_ptr,  # [M] int64
-    out_ptr,        # member 0's output [B, N, D_0] (acc dtype)
-    out_delta_ptr,  # [M] int64: member m's output is out_ptr + out_delta[m]
+    out_ptr,        # the member's output [B, N, D] (acc dtype)
+    D,              # the member's dim (specialized when a multiple of 16: aligned rows)
+    tb,             # the member's first element in w
     BC, C, N, pad, pid0,
     HAS_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64) + pid0
-    m = tl.program_id(1)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rmask = r < BC
     b = r // C
@@ -124,14 +126,11 @@ def _gather_kernel(
     valid = rmask & (ids >= 0) & (ids < V)
     if HAS_PAD:
         valid = valid & (ids != pad)
-    D = tl.load(dims_ptr + m)
-    tb = tl.load(table_base_ptr + m)
-    od = tl.load(out_delta_ptr + m)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     src = w_ptr + tb + D * (rb + ids)[:, None] + d[None, :]
     rows = tl.load(src, mask=valid[:, None] & dmask[None, :], other=0.0)
-    dst = out_ptr + od + (b * N + n)[:, None] * D + d[None, :]
+    dst = out_ptr + (b * N + n)[:, None] * D + d[None, :]
     tl.store(dst, rows.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
@@ -144,12 +143,12 @@ def _bags_kernel(
     bag_feat_ptr,   # [J] int32
     bag_n_ptr,      # [J] int64: output column
     bag_mean_ptr,   # [J] int32: 1 for mean pooling
-    vocab_ptr, row_base_ptr, dims_ptr, table_base_ptr, out_ptr, out_delta_ptr,
+    vocab_ptr, row_base_ptr,
+    out_ptr, D, tb,  # the member's output, dim and first element in w (as _gather_kernel)
     B, J, N, pad, pid0,
     HAS_PAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64) + pid0
-    m = tl.program_id(1)
     b = pid // J
     j = pid - b * J
     f = tl.load(bag_feat_ptr + j)
@@ -158,9 +157,6 @@ def _bags_kernel(
     rb = tl.load(row_base_ptr + f)
     k0 = tl.load(offs_ptr + j * (B + 1) + b)
     k1 = tl.load(offs_ptr + j * (B + 1) + b + 1)
-    D = tl.load(dims_ptr + m)
-    tb = tl.load(table_base_ptr + m)
-    od = tl.load(out_delta_ptr + m)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     acc_ty = out_ptr.dtype.element_ty
@@ -181,39 +177,35 @@ def _bags_kernel(
     cnt = tl.sum(count, axis=0)
     is_mean = tl.load(bag_mean_ptr + j) != 0
     scale = tl.where(is_mean & (cnt > 1), 1.0 / tl.maximum(cnt, 1).to(acc_ty), 1.0).to(acc_ty)
-    tl.store(out_ptr + od + (b * N + n) * D + d, acc * scale, mask=dmask)
+    tl.store(out_ptr + (b * N + n) * D + d, acc * scale, mask=dmask)
 
 
-@triton.jit
+# m is never specialized (Triton would turn m = 1 into a constexpr, which has no .to()).
+@triton.jit(do_not_specialize=["m"])
 def _runs_kernel(
     w_ptr,          # [W] flat tables (updated in place by SGD / Adagrad)
     gw_ptr,         # [W] dense gradient (DENSE mode), else unused
     state_ptr,      # [M * Vtot] row-wise Adagrad state (acc dtype), else unused
-    g_ptr,          # member 0's gradient [B * N * D_0] (acc dtype)
-    g_delta_ptr,    # [M] int64: member m's gradient is g_ptr + g_delta[m]
-    has_g_ptr,      # [M] int32: 0 when member m's gradient is zero (absent)
+    g_ptr,          # the member's gradient [B * N * D] (acc dtype; a dummy without HAS_G)
     src_ptr,        # [E] int64: output row (b * N + n) of each sorted entry
     scale_ptr,      # [E] acc dtype: factor of each sorted entry
     run_start_ptr,  # [E] int64: run r's first sorted entry (r < R)
     run_end_ptr,    # [E] int64: one past its last
     run_key_ptr,    # [E] int32 or int64: row_base[f] + id; Vtot for the run of padding entries
     num_runs_ptr,   # [1] int64: R, known on the device only
-    dims_ptr, table_base_ptr,
     hyper_ptr,      # [3] acc dtype: lr, eps, weight_decay
+    D, tb,          # the member's dim and first element in w (as _gather_kernel)
+    m,              # the member (its row-wise state is m * Vtot + key)
     Vtot,
-    programs,       # the grid's first axis, all launch chunks together
+    programs,       # the grid, all launch chunks together
     pid0,
-    MODE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    MODE: tl.constexpr, HAS_G: tl.constexpr,  # HAS_G: the member's gradient is not zero
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Grid-stride over the runs: R is not known on the host (no synchronization), so a fixed
     # grid walks r = pid, pid + programs, ... < R.
     pid = tl.program_id(0).to(tl.int64) + pid0
-    m = tl.program_id(1)
     R = tl.load(num_runs_ptr)
-    D = tl.load(dims_ptr + m)
-    tb = tl.load(table_base_ptr + m)
-    gd = tl.load(g_delta_ptr + m)
-    has_g = tl.load(has_g_ptr + m).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     acc_ty = g_ptr.dtype.element_ty
     for r in range(pid, R, programs):
@@ -224,7 +216,9 @@ def _runs_kernel(
         # touches nothing (masked loads and stores, key clamped to a valid address).
         live = key < Vtot
         # an absent gradient: an empty range of entries (the row still gets decay / the update)
-        stop = start + (end - start) * has_g * live.to(tl.int64)
+        stop = start
+        if HAS_G:
+            stop = start + (end - start) * live.to(tl.int64)
         dmask = (d < D) & ((d * 0 + key) < Vtot)  # block-shaped: no row of a padding run
         key = tl.where(live, key, 0)
         acc = tl.zeros([BLOCK_D], dtype=acc_ty)
@@ -233,7 +227,7 @@ def _runs_kernel(
             im = ii < stop
             src = tl.load(src_ptr + ii, mask=im, other=0)
             sc = tl.load(scale_ptr + ii, mask=im, other=0.0)
-            g = tl.load(g_ptr + gd + src[:, None] * D + d[None, :],
+            g = tl.load(g_ptr + src[:, None] * D + d[None, :],
                         mask=im[:, None] & dmask[None, :], other=0.0)
             acc += tl.sum(g * sc[:, None], axis=0)
         row = tb + D * key + d
@@ -248,7 +242,8 @@ def _runs_kernel(
             if MODE == _MODE_ROWWISE_ADAGRAD:
                 eps = tl.load(hyper_ptr + 1)
                 si = _state_index(m, Vtot, key)
-                s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D.to(acc_ty)  # clamped key
+                # (D may be a constexpr: Triton specializes an int argument of 1)
+                s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D  # clamped key
                 if live:
                     tl.store(state_ptr + si, s)
                 step = lr / (tl.sqrt(s) + eps)
@@ -258,13 +253,6 @@ def _runs_kernel(
 # =============================================================================================
 # Host side
 # =============================================================================================
-def _deltas(tensors: list[Tensor], base: Tensor) -> Tensor:
-    """Element distances of the tensors' data pointers from ``base``'s (one dtype)."""
-    es = base.element_size()
-    return upload([(t.data_ptr() - base.data_ptr()) // es for t in tensors], torch.int64,
-                  base.device)
-
-
 class _Plan:
     """The validated layout of one call (the checks of csrc/embedding_args.h and
     csrc/embedding_layout.h;
@@ -460,16 +448,16 @@ class _Plan:
         return constant_tensor(values, dtype, self.device)
 
 
-def _block_d(dims: list[int]) -> int:
-    return triton.next_power_of_2(max(dims))
+def _block_d(dim: int) -> int:
+    return triton.next_power_of_2(dim)
 
 
-def _launch(kernel, n: int, M: int, device_of: Tensor, *args, **constexprs) -> None:
-    """kernel[(n, M)](*args, pid0, **constexprs) on device_of's device, the first grid axis
-    cut into chunks of at most _MAX_GRID_X programs (the kernel adds pid0 to its program id)."""
+def _launch(kernel, n: int, device_of: Tensor, *args, **constexprs) -> None:
+    """kernel[(n,)](*args, pid0, **constexprs) on device_of's device, the grid cut into chunks of
+    at most _MAX_GRID_X programs (the kernel adds pid0 to its program id)."""
     with device_guard(device_of):
         for pid0 in range(0, n, _MAX_GRID_X):
-            kernel[(min(_MAX_GRID_X, n - pid0), M)](*args, pid0, **constexprs)
+            kernel[(min(_MAX_GRID_X, n - pid0),)](*args, pid0, **constexprs)
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -489,21 +477,20 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     has_pad = padding_idx is not None
     pad = int(padding_idx) if has_pad else 0
     vocab_t, row_base_t = P.constant(P.vocab), P.constant(P.row_base)
-    dims_t, table_base_t = P.constant(P.dims), P.constant(P.table_base)
-    out_delta = _deltas(outs, outs[0])
-    block_d = _block_d(P.dims)
-    M = P.M
     id_feats, cols = P.id_block()
     if cols is not None:
         col_feat = P.constant([f for f in id_feats for _ in range(P.ncols[f])], torch.int32)
         col_n = P.constant([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
         C = cols.shape[1]
-        block_r = max(1, min(128, _TILE // block_d))
-        _launch(
-            _gather_kernel, triton.cdiv(B * C, block_r), M, weight,
-            weight, cols.contiguous(), col_feat, col_n, vocab_t, row_base_t, dims_t,
-            table_base_t, outs[0], out_delta, B * C, C, N, pad,
-            HAS_PAD=has_pad, BLOCK_R=block_r, BLOCK_D=block_d)
+        cols = cols.contiguous()
+        for m in range(P.M):  # one launch per member: see the module docstring
+            block_d = _block_d(P.dims[m])
+            block_r = max(1, min(128, _TILE // block_d))
+            _launch(
+                _gather_kernel, triton.cdiv(B * C, block_r), weight,
+                weight, cols, col_feat, col_n, vocab_t, row_base_t, outs[m], P.dims[m],
+                P.table_base[m], B * C, C, N, pad,
+                HAS_PAD=has_pad, BLOCK_R=block_r, BLOCK_D=block_d)
     bag_feats = [f for f in range(P.F) if modes[f] != InputMode.IDS]
     if bag_feats:
         vals, psws, offs, base = [], [], [], 0
@@ -518,14 +505,18 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
         vals_t = torch.cat(vals) if base > 0 else torch.zeros(1, dtype=torch.int64,
                                                               device=P.device)
         psw_t = torch.cat(psws) if base > 0 else torch.zeros(1, device=P.device)
-        block_l = max(1, min(64, _TILE // block_d))
-        _launch(
-            _bags_kernel, B * J, M, weight,
-            weight, vals_t, psw_t.contiguous(), torch.stack(offs).contiguous(),
-            P.constant(bag_feats, torch.int32), P.constant([P.col_start[f] for f in bag_feats]),
-            P.constant([int(modes[f] == InputMode.BAG_MEAN) for f in bag_feats], torch.int32),
-            vocab_t, row_base_t, dims_t, table_base_t, outs[0], out_delta, B, J, N, pad,
-            HAS_PAD=has_pad, BLOCK_L=block_l, BLOCK_D=block_d)
+        psw_t, offs_t = psw_t.contiguous(), torch.stack(offs).contiguous()
+        bag_feat_t = P.constant(bag_feats, torch.int32)
+        bag_n_t = P.constant([P.col_start[f] for f in bag_feats])
+        bag_mean_t = P.constant([int(modes[f] == InputMode.BAG_MEAN) for f in bag_feats],
+                                torch.int32)
+        for m in range(P.M):
+            block_d = _block_d(P.dims[m])
+            _launch(
+                _bags_kernel, B * J, weight,
+                weight, vals_t, psw_t, offs_t, bag_feat_t, bag_n_t, bag_mean_t, vocab_t,
+                row_base_t, outs[m], P.dims[m], P.table_base[m], B, J, N, pad,
+                HAS_PAD=has_pad, BLOCK_L=max(1, min(64, _TILE // block_d)), BLOCK_D=block_d)
     return outs
 
 
@@ -607,17 +598,15 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     acc = acc_dtype(weight.dtype)
     if len(grads) != P.M:
         raise ValueError(f"{op}: expected {P.M} gradients (one per member), got {len(grads)}")
-    gs, has_g = [], []
+    gs = []
     for m, g in enumerate(grads):
         if g is None or g.numel() == 0:
             gs.append(None)
-            has_g.append(0)
             continue
         if tuple(g.shape) != (P.B, P.N, P.dims[m]):
             raise ValueError(f"{op}: grads[{m}] must have shape [{P.B}, {P.N}, {P.dims[m]}], "
                              f"got {tuple(g.shape)}")
         gs.append(g.to(acc).contiguous())
-        has_g.append(1)
     if P.B == 0 or shape_only(weight, *P.ids):
         return
     P.check(op, lookup=False)  # before anything is written
@@ -625,19 +614,18 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     if runs is None:
         return
     src, scale, start, end, run_key, num_runs = runs
-    live = [g for g in gs if g is not None]
-    g0 = live[0] if live else torch.zeros(1, dtype=acc, device=P.device)
-    g_delta = _deltas([g if g is not None else g0 for g in gs], g0)
-    block_d = _block_d(P.dims)
     hyper = upload([lr, eps, wd], acc, P.device)  # per call: a schedule changes lr
     programs = min(run_key.numel(), _RUN_PROGRAMS)
-    _launch(
-        _runs_kernel, programs, P.M, weight,
-        weight, grad_weight if grad_weight is not None else weight,
-        state if state is not None and state.numel() > 0 else hyper,
-        g0, g_delta, P.constant(has_g, torch.int32), src, scale, start, end, run_key, num_runs,
-        P.constant(P.dims), P.constant(P.table_base), hyper, P.Vtot, programs,
-        MODE=int(mode), BLOCK_E=max(1, min(32, _TILE // block_d)), BLOCK_D=block_d)
+    for m in range(P.M):
+        block_d = _block_d(P.dims[m])
+        _launch(
+            _runs_kernel, programs, weight,
+            weight, grad_weight if grad_weight is not None else weight,
+            state if state is not None and state.numel() > 0 else hyper,
+            gs[m] if gs[m] is not None else hyper, src, scale, start, end, run_key, num_runs,
+            hyper, P.dims[m], P.table_base[m], m, P.Vtot, programs,
+            MODE=int(mode), HAS_G=gs[m] is not None, BLOCK_E=max(1, min(32, _TILE // block_d)),
+            BLOCK_D=block_d)
 
 
 def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Tensor],

@@ -58,8 +58,13 @@ def _record_launches(monkeypatch) -> list[dict]:
         def run(*args, **kwargs):
             names = list(self.arg_names)
             spec = {"module": self.fn.__module__, "kernel": self.fn.__name__,
-                    "signature": {}, "constexprs": {}}
+                    "signature": {}, "constexprs": {}, "div16": []}
             for name, value in zip(names, args):
+                # what Triton specializes on a GPU: a pointer 16-byte aligned, an int % 16 == 0
+                if (isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0) or (
+                        isinstance(value, int) and not isinstance(value, bool)
+                        and value % 16 == 0):
+                    spec["div16"].append(name)
                 kind = _arg_type(value)
                 if kind is None:
                     spec["signature"][name] = "constexpr"
@@ -133,21 +138,82 @@ _COMPILE = textwrap.dedent("""
 """)
 
 
+def _compile_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set, so Triton does not warn
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    return env
+
+
 def test_every_recorded_triton_launch_compiles_for_sm90(monkeypatch, tmp_path):
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
     seen = _record_launches(monkeypatch)
     _exercise_ops()
+    for s in seen:
+        del s["div16"]  # compiled as launched without alignment facts (the general variant)
     unique = {json.dumps(s, sort_keys=True): s for s in seen}
     kernels = {s["kernel"] for s in unique.values()}
     assert len(kernels) >= 5, kernels  # fusion fwd/bwd/loss and the embedding kernels
     print(f"{len(unique)} distinct launches of {len(kernels)} kernels")
     specs = tmp_path / "specs.json"
     specs.write_text(json.dumps(list(unique.values())))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set, so Triton does not warn
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(specs)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(specs)],
+                          env=_compile_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{len(unique)} launches; failures:\n{proc.stdout}{proc.stderr[-3000:]}"
+
+
+_VECTOR_WIDTHS = textwrap.dedent("""
+    import collections, importlib, json, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    widths = {}
+    for spec in json.load(open(sys.argv[1])):
+        kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec["div16"]}
+        src = ASTSource(kernel, spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        seen = widths.setdefault(spec["kernel"], collections.Counter())
+        access = r"\\b(ld|st)\\.global(?:\\.[a-z0-9_]+)*?(\\.v[248])?\\.[bfsu]32\\b"
+        for m in re.finditer(access, ptx):
+            seen[m.group(1) + (m.group(2) or "")] += 1
+    print(json.dumps(widths))
+""")
+
+
+def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
+    """With member dims that are multiples of 16 (64 and 32 here), the embedding kernels as a
+    GPU launch specializes them (16-byte aligned pointers and ints divisible by 16, recorded
+    from the interpreter's launches) load table and gradient rows with 128-bit vector loads
+    (``ld.global.v4``), and the lookup stores its rows the same way: the dim and table base are
+    kernel arguments, one launch per member. (When the dim was read from memory, every element
+    was its own 32-bit access.)"""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    from cetnet_kernels import MultiTableEmbedding
+
+    seen = _record_launches(monkeypatch)
+    ids = {"user": torch.tensor([1, 2, 6, 0]), "hist": torch.tensor([[0, 10], [3, 4], [5, 5],
+                                                                      [1, 2]]),
+           "tags": (torch.tensor([0, 1, 4, 2, 3]), torch.tensor([0, 2, 3, 4, 5]))}
+    for optimizer in ("sgd", "rowwise_adagrad"):
+        mod = MultiTableEmbedding(2, [("user", 7), ("hist", 11), ("tags", 5, "mean")], [64, 32],
+                                  optimizer=optimizer, backend="triton")
+        sum(o.sum() for o in mod(ids)).backward()
+    specs = [s for s in seen if s["module"].endswith("triton.embedding")]
+    assert {s["kernel"] for s in specs} == {"_gather_kernel", "_bags_kernel", "_runs_kernel"}
+    assert all({"D", "tb"} <= set(s["div16"]) for s in specs), specs
+    path = tmp_path / "specs.json"
+    unique = {json.dumps(s, sort_keys=True): s for s in specs}
+    path.write_text(json.dumps(list(unique.values())))
+    proc = subprocess.run([sys.executable, "-c", _VECTOR_WIDTHS, str(path)],
+                          env=_compile_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    widths = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kernel in ("_gather_kernel", "_bags_kernel", "_runs_kernel"):
+        assert widths[kernel].get("ld.v4", 0) > 0, widths
+    assert widths["_gather_kernel"].get("st.v4", 0) > 0, widths
+    assert widths["_gather_kernel"].get("st", 0) == 0, widths  # no 32-bit store of a row
