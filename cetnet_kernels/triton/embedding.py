@@ -574,6 +574,8 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
         keys.append(torch.where(keep, x + P.row_base[f], P.Vtot))
         srcs.append(bag_of * N + P.col_start[f])
         scales.append(sc)
+    if not keys:  # only [B, 0] sequences: no column, no entry
+        return None
     key = torch.cat(keys)
     E = key.numel()
     if E == 0:

@@ -278,6 +278,27 @@ def test_host_ops_are_as_many_for_any_number_of_features():
     assert ops_of(4) == ops_of(40)
 
 
+@pytest.mark.parametrize("backend, device",
+                         backend_device_params(backends=("cpu", "reference", "cuda", "triton")))
+@pytest.mark.parametrize("optimizer", [None, "sgd"])
+def test_only_empty_sequences(backend, device, optimizer):
+    """Every feature a [B, 0] sequence: no column, no entry; forward gives [B, 0, D] outputs and
+    backward changes nothing (the Triton backward once failed on its empty entry list)."""
+    if backend == "reference" and optimizer is not None:
+        pytest.skip("the reference backend has a dense gradient only")
+    mod = MultiTableEmbedding(2, [("s", 5), ("t", 3)], [3, 4], backend=backend, device=device,
+                              optimizer=optimizer, lr=0.5)
+    w0 = mod.weight.detach().clone()
+    ids = {"s": torch.zeros(4, 0, dtype=torch.int64, device=device),
+           "t": torch.zeros(4, 0, dtype=torch.int64, device=device)}
+    outs = mod(ids)
+    assert [tuple(o.shape) for o in outs] == [(4, 0, 3), (4, 0, 4)]
+    loss_of(outs, [torch.ones_like(o) for o in outs]).backward()
+    assert torch.equal(mod.weight.detach(), w0)
+    if optimizer is None:
+        assert float(mod.weight.grad.abs().sum()) == 0.0
+
+
 @pytest.mark.parametrize("backend, device", TRITON_CASES)
 @pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
 def test_padding_only_batch_touches_nothing(backend, device, optimizer):
