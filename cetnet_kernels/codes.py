@@ -37,7 +37,7 @@ class BoundsCheck(IntEnum):
 
     ERROR = 0  # raise IndexError naming feature, batch row, position and id (CUDA: one sync)
     OFF = 1  # no host check, no synchronization: the id reads as zeros and is not updated
-    WARN = 2  # as OFF, but the lookup checks (CUDA: one sync) and warns instead of raising
+    WARN = 2  # as OFF, but the lookup checks (CUDA: a sync) and warns instead of raising
 
 
 class Reduction(IntEnum):

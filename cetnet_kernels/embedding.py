@@ -42,7 +42,7 @@ from cetnet_kernels.layout import TableLayout, table_layout
 __all__ = ["BOUNDS_CHECKS", "EmbeddingFeature", "MultiTableEmbedding", "OPTIMIZERS", "POOLINGS"]
 
 POOLINGS = ("sum", "mean")
-BOUNDS_CHECKS = tuple(BOUNDS_CHECK_CODES)  # "error", "off"
+BOUNDS_CHECKS = tuple(BOUNDS_CHECK_CODES)  # "error", "warn", "off"
 OPTIMIZERS = tuple(OPTIMIZER_CODES)  # None, "sgd", "rowwise_adagrad"
 _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -143,7 +143,8 @@ class MultiTableEmbedding(nn.Module):
             is padding, as with ``"off"``, and the lookup warns (``UserWarning`` naming the
             first one, as the error would, and how many there were) instead of raising;
             malformed offsets still raise. Backward and the fused update do not check again, so
-            on CUDA a step costs the lookup's one synchronization (``"error"``: two).
+            on CUDA a step whose ids are valid costs the lookup's one synchronization
+            (``"error"``: two); a batch with bad ids a few more, to find and name the first.
         backend: ``"auto"``, ``"cpu"`` (C++), ``"cuda"``, ``"triton"`` or ``"reference"``
             (one ``F.embedding`` per table; dense gradient only). ``"auto"`` (or the
             ``CETNET_BACKEND`` environment variable) picks, for the tables' device at each call:

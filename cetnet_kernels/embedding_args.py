@@ -8,6 +8,8 @@ positional; :class:`EmbeddingArgs` is how Python code passes, saves and unpacks 
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import NamedTuple, Optional, Sequence
 
@@ -138,7 +140,8 @@ def report_bad_id(op: str, name: str, bad: BadId, vocab: int, padding_idx: Optio
                   bounds_check: int) -> None:
     """IndexError for ``bad`` (feature ``name``), or with ``bounds_check`` WARN a UserWarning:
     the ids were read as padding. The message of the compiled kernels (csrc/embedding_args.h's
-    report_bad_id), word for word."""
+    report_bad_id), word for word (torch appends "(Triggered internally at ...)" to a C++
+    warning). The warning names the user's line: the first frame outside cetnet and torch."""
     pad = "" if padding_idx is None else f", or padding_idx = {padding_idx}"
     msg = (f"{op}: feature '{name}': id {bad.id} is out of range for its vocabulary of size "
            f"{vocab} (valid ids: 0 .. {vocab - 1}{pad}; batch row {bad.row}, position "
@@ -146,9 +149,23 @@ def report_bad_id(op: str, name: str, bad: BadId, vocab: int, padding_idx: Optio
     if bounds_check == BoundsCheck.WARN:
         warnings.warn(f"{msg}; bounds_check='warn': {bad.count} "
                       f"{'id' if bad.count == 1 else 'ids'} out of range in this lookup, read as "
-                      "padding (zero vectors, no gradient or update)", UserWarning, stacklevel=2)
+                      "padding (zero vectors, no gradient or update)", UserWarning,
+                      stacklevel=_user_stacklevel())
         return
     raise IndexError(msg)
+
+
+_LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)),
+                 os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel, for a warnings.warn in the caller, of the first frame outside
+    cetnet_kernels and torch: the warning names the user's line (the module call), not ours."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def offsets_valid(offsets: Tensor, nvals: int | Tensor) -> Tensor:

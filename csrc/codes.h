@@ -23,7 +23,8 @@ enum Optimizer : int64_t { kDense = 0, kSGD = 1, kRowwiseAdagrad = 2 };
 // exactly like padding_idx, and nothing out of bounds is ever read. kBoundsWarn is kBoundsOff
 // plus the lookup's check: the lookup warns (naming the first such id, and how many there
 // were) instead of raising, and malformed bag offsets still raise; backward and the fused
-// update do not check again (one synchronization per step on CUDA, the lookup's).
+// update do not check again (on CUDA, while the ids are valid, one synchronization per step:
+// the lookup's).
 enum BoundsCheck : int64_t { kBoundsError = 0, kBoundsOff = 1, kBoundsWarn = 2 };
 
 // How collaborative_loss reduces its per-row loss (the values of at::Reduction).

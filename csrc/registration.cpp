@@ -31,7 +31,8 @@
 //       offsets/weights entries are empty tensors. feature_names: the F names joined by '\n'
 //       (error messages only). Ids == padding_idx give zeros; other ids outside [0, vocab[f])
 //       are never read: bounds_check 0 (codes.h) raises IndexError after the pass, 1 (off)
-//       treats them as padding (zeros, no gradient), with no host synchronization on CUDA.
+//       treats them as padding (zeros, no gradient), with no host synchronization on CUDA,
+//       2 (warn) treats them as padding and warns (the lookup only; offsets still checked).
 //   multi_embedding_fused(weight, state, placeholder, ..., optimizer, lr, eps, weight_decay)
 //       the same forward; its autograd applies multi_embedding_update (placeholder: a tensor
 //       that requires grad, so autograd runs although weight does not).
