@@ -117,7 +117,8 @@ else:
 # CUDA_VISIBLE_DEVICES empty: the same build passes on machines without a GPU, so a pass here
 # points at the driver), "inline-extension" (a minimal extension built just now by the same
 # compiler with torch's own flags, throwing one TORCH_CHECK: if this crashes, the compiler /
-# toolchain is at fault, not our code). name -> (code, environment variables to set).
+# toolchain is at fault, not our code). Each exits 0 only when the exception reached Python.
+# name -> (code, environment variables to set, time limit in seconds).
 _CONTROLS = {
     "torch": ("""
 import torch
@@ -125,8 +126,10 @@ try:
     torch.mm(torch.ones(2, 3), torch.ones(2, 3))
 except RuntimeError as exc:
     print("control ok: torch's own C++ exception:", str(exc).splitlines()[0])
-""", {}),
-    "no-gpu-visible": (_PROBE, {"CUDA_VISIBLE_DEVICES": ""}),
+else:
+    raise SystemExit("control: torch.mm of mismatched shapes did not raise")
+""", {}, 60),
+    "no-gpu-visible": (_PROBE, {"CUDA_VISIBLE_DEVICES": ""}, 60),
     "inline-extension": ("""
 import tempfile, torch
 from torch.utils.cpp_extension import load_inline
@@ -139,25 +142,36 @@ try:
     mod.throws(torch.ones(3))
 except ValueError as exc:
     print("control ok: a fresh extension's TORCH_CHECK:", str(exc).splitlines()[0])
-""", {}),
+else:
+    raise SystemExit("control: the fresh extension's check did not raise")
+""", {}, 180),
 }
 
 
-def crash_controls(env: dict, timeout: float = 240) -> list[str]:
-    """One line per control experiment (_CONTROLS): ok, or how it failed."""
+def crash_controls(env: dict) -> list[str]:
+    """One line per control experiment (_CONTROLS): ok, or how it failed. A control past its
+    limit is killed with its whole process group (the compiler of load_inline too)."""
     lines = []
-    for name, (code, extra_env) in _CONTROLS.items():
+    for name, (code, extra_env, limit) in _CONTROLS.items():
         t0 = time.monotonic()
         try:
-            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
-                                  env={**env, **extra_env}, capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
+                                    env={**env, **extra_env}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+        except OSError as exc:
+            lines.append(f"control {name}: did not start: {exc}")
+            log(lines[-1])
+            continue
+        try:
+            out, err = proc.communicate(timeout=limit)
             rc = proc.returncode
-            said = proc.stdout if rc == 0 else proc.stdout + proc.stderr  # stderr: warnings
+            said = out if rc == 0 else out + err  # stderr: warnings
             last = (said.strip().splitlines() or ["no output"])[-1][:200]
             what = ("ok" if rc == 0 else f"killed by signal {-rc}" if rc < 0 else f"exit {rc}")
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            what, last = "did not finish", str(exc)[:200]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            what, last = "did not finish", f"killed after {limit} s"
         lines.append(f"control {name}: {what} in {time.monotonic() - t0:.0f} s: {last}")
         log(lines[-1])
     return lines
@@ -166,8 +180,13 @@ def crash_controls(env: dict, timeout: float = 240) -> list[str]:
 def exception_probe(out: Path, env: dict) -> dict:
     """Raises a C++ argument error in the extension (CPU op, 1-D logits) in a subprocess."""
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        log("exception-probe: FAILED (no answer in 120 s)")
+        return {"name": "exception-probe", "rc": "timeout", "seconds": 120.0,
+                "summary": "the probe did not finish in 120 s"}
     rc = proc.returncode
     step = {"name": "exception-probe", "rc": 0 if rc == 0 else rc,
             "seconds": round(time.monotonic() - t0, 1)}
@@ -190,8 +209,8 @@ def exception_probe(out: Path, env: dict) -> dict:
                  "| grep -v '^$' | head -5"],
                 # what the compiler wrapper adds (a script is printed, a binary named)
                 ["sh", "-c", "for c in $(command -v c++ g++); do echo \"== $c\"; "
-                 "if file -L \"$c\" | grep -q text; then head -40 \"$c\"; else file -L \"$c\"; "
-                 "fi; done; g++ -v 2>&1 | tail -2"]):
+                 "if [ \"$(head -c2 \"$c\")\" = '#!' ]; then head -40 \"$c\"; "
+                 "else ls -lL \"$c\"; fi; done; g++ -v 2>&1 | tail -2"]):
         try:
             facts.append(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                         timeout=30).stdout.strip())
