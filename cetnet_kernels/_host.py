@@ -4,7 +4,7 @@ Python front ends and the Triton launchers alike)."""
 from __future__ import annotations
 
 import contextlib
-import functools
+from collections import OrderedDict
 from typing import Any, ContextManager, Sequence
 
 import torch
@@ -55,19 +55,28 @@ def upload(values: Sequence[int | float], dtype: torch.dtype, device: torch.devi
     return t.pin_memory().to(device, non_blocking=True)
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # A blocking copy, once: the tensor is complete before any stream reads it.
-    return torch.tensor(values, dtype=dtype, device=device)
+# (values, dtype, device) -> tensor, least recently used first
+_CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_MAX_CONSTANTS = 1024
 
 
 def constant_tensor(values: Sequence[int | float], dtype: torch.dtype,
                     device: torch.device) -> Tensor:
     """``values`` on ``device`` for values that repeat from call to call (a layout's dims,
-    bases, codes): copied once per (values, dtype, device), synchronously, then shared, so
-    later calls cost nothing; callers must not write to it. While a CUDA graph is being
-    captured it is an :func:`upload` instead (a cached tensor would live in the graph's pool)."""
-    key = tuple(values)
+    bases, codes): copied once per (values, dtype, device), synchronously (the tensor is
+    complete before any stream reads it), then shared, so later calls cost nothing; callers must
+    not write to it. While a CUDA graph is being captured a tensor made before (by the warm-up
+    calls the capture needs anyway) is used as is: it outlives the graph and never changes, so
+    a replay reads the right values; one not made yet is an :func:`upload` (a cached tensor
+    made now would live in the graph's memory pool)."""
+    key = (tuple(values), dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is not None:
+        _CONSTANTS.move_to_end(key)
+        return t
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return upload(key, dtype, device)
-    return _cached_constant(key, dtype, device)
+        return upload(key[0], dtype, device)
+    t = _CONSTANTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
+    if len(_CONSTANTS) > _MAX_CONSTANTS:
+        _CONSTANTS.popitem(last=False)
+    return t

@@ -193,13 +193,15 @@ def _runs_kernel(
     run_end_ptr,    # [E] int64: one past its last
     run_key_ptr,    # [E] int32 or int64: row_base[f] + id; Vtot for the run of padding entries
     num_runs_ptr,   # [1] int64: R, known on the device only
-    hyper_ptr,      # [3] acc dtype: lr, eps, weight_decay
+    hyper_ptr,      # [3] float64 lr, eps, weight_decay: read when HYPER_IN_MEMORY
+    lr_arg, eps_arg, wd_arg,  # the same as float32 arguments: used otherwise
     D, tb,          # the member's dim and first element in w (as _gather_kernel)
     m,              # the member (its row-wise state is m * Vtot + key)
     Vtot,
     programs,       # the grid, all launch chunks together
     pid0,
     MODE: tl.constexpr, HAS_G: tl.constexpr,  # HAS_G: the member's gradient is not zero
+    HYPER_IN_MEMORY: tl.constexpr,  # float64 tables (a float argument is float32)
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Grid-stride over the runs: R is not known on the host (no synchronization), so a fixed
@@ -234,13 +236,18 @@ def _runs_kernel(
         if MODE == _MODE_DENSE:
             tl.store(gw_ptr + row, acc.to(gw_ptr.dtype.element_ty), mask=dmask)
         else:
-            lr = tl.load(hyper_ptr)
-            wd = tl.load(hyper_ptr + 2)
+            if HYPER_IN_MEMORY:
+                lr = tl.load(hyper_ptr)
+                wd = tl.load(hyper_ptr + 2)
+                eps = tl.load(hyper_ptr + 1)
+            else:
+                lr = lr_arg
+                wd = wd_arg
+                eps = eps_arg
             cur = tl.load(w_ptr + row, mask=dmask, other=0.0).to(acc_ty)
             a = tl.where(dmask, acc + wd * cur, 0.0)
             step = lr
             if MODE == _MODE_ROWWISE_ADAGRAD:
-                eps = tl.load(hyper_ptr + 1)
                 si = _state_index(m, Vtot, key)
                 # (D may be a constexpr: Triton specializes an int argument of 1)
                 s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D  # clamped key
@@ -616,7 +623,12 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     if runs is None:
         return
     src, scale, start, end, run_key, num_runs = runs
-    hyper = upload([lr, eps, wd], acc, P.device)  # per call: a schedule changes lr
+    # The settings: float32 kernel arguments (no upload: a CUDA graph keeps them, as the CUDA
+    # backend's), except for float64 tables, whose float64 values are uploaded per call (a
+    # schedule changes lr).
+    in_memory = acc == torch.float64
+    hyper = (upload([lr, eps, wd], acc, P.device) if in_memory
+             else P.constant([0.0], acc))  # else a dummy pointer, also for absent tensors
     programs = min(run_key.numel(), _RUN_PROGRAMS)
     for m in range(P.M):
         block_d = _block_d(P.dims[m])
@@ -625,9 +637,9 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
             weight, grad_weight if grad_weight is not None else weight,
             state if state is not None and state.numel() > 0 else hyper,
             gs[m] if gs[m] is not None else hyper, src, scale, start, end, run_key, num_runs,
-            hyper, P.dims[m], P.table_base[m], m, P.Vtot, programs,
-            MODE=int(mode), HAS_G=gs[m] is not None, BLOCK_E=max(1, min(32, _TILE // block_d)),
-            BLOCK_D=block_d)
+            hyper, float(lr), float(eps), float(wd), P.dims[m], P.table_base[m], m, P.Vtot,
+            programs, MODE=int(mode), HAS_G=gs[m] is not None, HYPER_IN_MEMORY=in_memory,
+            BLOCK_E=max(1, min(32, _TILE // block_d)), BLOCK_D=block_d)
 
 
 def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Tensor],

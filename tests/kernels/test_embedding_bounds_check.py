@@ -319,13 +319,13 @@ def test_gpu_step_off_never_synchronizes(backend, device, optimizer):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("backend, device",
-                         backend_device_params(backends=("cuda",)))
+@pytest.mark.parametrize("backend, device", GPU_CASES)
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
 def test_cuda_graph_captures_a_fused_training_step(backend, device, optimizer):
-    """With bounds checking off, forward + backward + fused update of the CUDA backend is
-    captured by torch.cuda.graph (after warm-up on a side stream, as its docs ask) and each
-    replay equals an eager step of a twin module on the same batch."""
+    """With bounds checking off, forward + backward + fused update of the CUDA and Triton
+    backends is captured by torch.cuda.graph (after warm-up on a side stream, as its docs ask:
+    it also makes the Triton path's layout constants and compiled kernels) and each replay
+    equals an eager step of a twin module on the same batch."""
     B = 256
 
     def make():
