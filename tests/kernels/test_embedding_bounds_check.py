@@ -211,9 +211,11 @@ def test_warn_is_silent_on_valid_ids_and_raises_on_malformed_offsets(backend, de
     values = torch.tensor([1, 2, 3, 4], device=device)
     ids = {"a": torch.tensor([0, 1, 4], device=device),
            "t": (values, torch.tensor([0, 1, 3, 4], device=device))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # any warning fails the test
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         loss_of(mod(ids), [torch.ones(3, 2, d, device=device) for d in DIMS]).backward()
+    # (others' warnings aside: Triton 3.6's interpreter warns about numpy conversions)
+    assert not [w for w in seen if "out of range" in str(w.message)], [str(w.message) for w in seen]
     w0 = mod.weight.detach().clone()
     for offsets in ([0, 3, 1, 4], [0, 1, 3, 5], [1, 1, 3, 4]):
         with pytest.raises(ValueError, match=re.escape("'t'") + ".*offsets"):
