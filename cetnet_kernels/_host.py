@@ -58,6 +58,9 @@ def upload(values: Sequence[int | float], dtype: torch.dtype, device: torch.devi
 # (values, dtype, device) -> tensor, least recently used first
 _CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
 _MAX_CONSTANTS = 1024
+# The cached tensors a captured CUDA graph reads: kept alive for good, even once evicted from
+# _CONSTANTS (the graph reads their memory at every replay).
+_READ_BY_GRAPHS: dict[tuple, Tensor] = {}
 
 
 def constant_tensor(values: Sequence[int | float], dtype: torch.dtype,
@@ -66,15 +69,18 @@ def constant_tensor(values: Sequence[int | float], dtype: torch.dtype,
     bases, codes): copied once per (values, dtype, device), synchronously (the tensor is
     complete before any stream reads it), then shared, so later calls cost nothing; callers must
     not write to it. While a CUDA graph is being captured a tensor made before (by the warm-up
-    calls the capture needs anyway) is used as is: it outlives the graph and never changes, so
-    a replay reads the right values; one not made yet is an :func:`upload` (a cached tensor
-    made now would live in the graph's memory pool)."""
+    calls the capture needs anyway) is used as is and kept alive for good (it never changes, so
+    a replay reads the right values, even after the cache has dropped it); one not made yet is
+    an :func:`upload` (a cached tensor made now would live in the graph's memory pool)."""
     key = (tuple(values), dtype, device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     t = _CONSTANTS.get(key)
     if t is not None:
         _CONSTANTS.move_to_end(key)
+        if capturing:
+            _READ_BY_GRAPHS[key] = t
         return t
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         return upload(key[0], dtype, device)
     t = _CONSTANTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
     if len(_CONSTANTS) > _MAX_CONSTANTS:

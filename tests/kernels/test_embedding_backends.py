@@ -437,3 +437,21 @@ def test_tensors_on_another_gpu():
     for o, r in zip(outs, _reference(mod, ids, w64)):
         torch.testing.assert_close(o.detach().cpu(), r, rtol=1e-12, atol=1e-12)
     assert mod.optimizer_state.abs().sum() > 0
+
+
+def test_constant_tensor_is_made_once_per_values_dtype_and_device(monkeypatch):
+    """The layout constants of the Triton path: one tensor per (values, dtype, device), shared
+    by later calls, the least recently used dropped past the cache's size."""
+    from cetnet_kernels import _host
+
+    monkeypatch.setattr(_host, "_CONSTANTS", type(_host._CONSTANTS)())
+    monkeypatch.setattr(_host, "_MAX_CONSTANTS", 2)
+    cpu = torch.device("cpu")
+    a = _host.constant_tensor([1, 2], torch.int64, cpu)
+    assert _host.constant_tensor([1, 2], torch.int64, cpu) is a
+    b = _host.constant_tensor([1, 2], torch.int32, cpu)  # equal values, another dtype
+    assert b is not a and b.dtype == torch.int32 and b.tolist() == [1, 2]
+    _host.constant_tensor([1, 2], torch.int64, cpu)  # a is now the most recently used
+    _host.constant_tensor([3], torch.int64, cpu)  # evicts b, the least recently used
+    assert _host.constant_tensor([1, 2], torch.int64, cpu) is a
+    assert _host.constant_tensor([1, 2], torch.int32, cpu) is not b
