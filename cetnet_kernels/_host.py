@@ -4,6 +4,7 @@ Python front ends and the Triton launchers alike)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from typing import Any, ContextManager, Sequence
 
@@ -59,8 +60,15 @@ def upload(values: Sequence[int | float], dtype: torch.dtype, device: torch.devi
 _CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
 _MAX_CONSTANTS = 1024
 # The cached tensors a captured CUDA graph reads: kept alive for good, even once evicted from
-# _CONSTANTS (the graph reads their memory at every replay).
+# _CONSTANTS (the graph reads their memory at every replay), and the key's one tensor from then
+# on (a miss takes it back), so that no later capture replaces one that a graph reads.
 _READ_BY_GRAPHS: dict[tuple, Tensor] = {}
+_LOCK = threading.Lock()  # callers may run in threads (nn.DataParallel replicas)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def constant_tensor(values: Sequence[int | float], dtype: torch.dtype,
@@ -73,16 +81,20 @@ def constant_tensor(values: Sequence[int | float], dtype: torch.dtype,
     a replay reads the right values, even after the cache has dropped it); one not made yet is
     an :func:`upload` (a cached tensor made now would live in the graph's memory pool)."""
     key = (tuple(values), dtype, device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    t = _CONSTANTS.get(key)
-    if t is not None:
-        _CONSTANTS.move_to_end(key)
+    capturing = _capturing(device)
+    with _LOCK:
+        t = _CONSTANTS.get(key)
+        if t is None:
+            t = _READ_BY_GRAPHS.get(key)
+            if t is None:
+                if capturing:
+                    return upload(key[0], dtype, device)
+                t = torch.tensor(key[0], dtype=dtype, device=device)
+            _CONSTANTS[key] = t
+            if len(_CONSTANTS) > _MAX_CONSTANTS:
+                _CONSTANTS.popitem(last=False)
+        else:
+            _CONSTANTS.move_to_end(key)
         if capturing:
             _READ_BY_GRAPHS[key] = t
         return t
-    if capturing:
-        return upload(key[0], dtype, device)
-    t = _CONSTANTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
-    if len(_CONSTANTS) > _MAX_CONSTANTS:
-        _CONSTANTS.popitem(last=False)
-    return t

@@ -455,3 +455,57 @@ def test_constant_tensor_is_made_once_per_values_dtype_and_device(monkeypatch):
     _host.constant_tensor([3], torch.int64, cpu)  # evicts b, the least recently used
     assert _host.constant_tensor([1, 2], torch.int64, cpu) is a
     assert _host.constant_tensor([1, 2], torch.int32, cpu) is not b
+
+
+def test_constant_tensor_read_by_a_graph_stays_the_keys_tensor(monkeypatch):
+    """A constant handed to a CUDA graph being captured (simulated: the capture check patched)
+    stays alive and stays its key's one tensor, through eviction and later captures: a graph
+    keeps reading it at every replay. A constant first asked for during a capture is an upload,
+    not cached."""
+    from cetnet_kernels import _host
+
+    monkeypatch.setattr(_host, "_CONSTANTS", type(_host._CONSTANTS)())
+    monkeypatch.setattr(_host, "_READ_BY_GRAPHS", {})
+    monkeypatch.setattr(_host, "_MAX_CONSTANTS", 2)
+    capturing = [False]
+    monkeypatch.setattr(_host, "_capturing", lambda device: capturing[0])
+    cpu = torch.device("cpu")
+    t1 = _host.constant_tensor([7, 11], torch.int64, cpu)  # warm-up
+    capturing[0] = True
+    assert _host.constant_tensor([7, 11], torch.int64, cpu) is t1  # graph 1 reads t1
+    fresh = _host.constant_tensor([5], torch.int64, cpu)  # never made before: uploaded
+    assert fresh.tolist() == [5] and len(_host._CONSTANTS) == 1
+    capturing[0] = False
+    for v in range(3):  # evicts [7, 11]
+        _host.constant_tensor([100 + v], torch.int64, cpu)
+    assert (((7, 11), torch.int64, cpu)) not in _host._CONSTANTS
+    assert _host.constant_tensor([7, 11], torch.int64, cpu) is t1  # a miss takes t1 back
+    capturing[0] = True
+    assert _host.constant_tensor([7, 11], torch.int64, cpu) is t1  # graph 2 reads t1 too
+
+
+def test_constant_tensor_from_threads(monkeypatch):
+    """Many threads asking for many constants through a small cache (evicting all the time):
+    no error, and every answer holds its values."""
+    import threading
+
+    from cetnet_kernels import _host
+
+    monkeypatch.setattr(_host, "_CONSTANTS", type(_host._CONSTANTS)())
+    monkeypatch.setattr(_host, "_MAX_CONSTANTS", 8)
+    errors, cpu = [], torch.device("cpu")
+
+    def work(seed):
+        try:
+            for i in range(400):
+                v = [(seed * 7 + i) % 50]
+                assert _host.constant_tensor(v, torch.int64, cpu).tolist() == v
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
