@@ -133,7 +133,8 @@ class MultiTableEmbedding(nn.Module):
             written; on CUDA this costs one small device-to-host copy, a synchronization, per
             lookup and per backward. ``"off"`` (for CUDA graphs and the last bit of
             throughput): the ``cpu``, ``cuda`` and ``triton`` backends check nothing on the host
-            and the GPU ones never synchronize; such an id is treated exactly as padding (a zero
+            and the GPU ones never synchronize (Triton: after a layout's first call, which
+            copies its constants to the device); such an id is treated exactly as padding (a zero
             vector, no gradient or update, not counted by a bag mean; unlike FBGEMM's IGNORE,
             which reads and updates row 0 instead), and nothing out of range is ever read. Bag
             offsets are still validated by the ``cpu`` and ``reference`` backends (the latter

@@ -626,7 +626,7 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     # The settings: float32 kernel arguments (no upload: a CUDA graph keeps them, as the CUDA
     # backend's), except for float64 tables, whose float64 values are uploaded per call (a
     # schedule changes lr).
-    in_memory = acc == torch.float64
+    in_memory = acc == torch.float64 and mode != Optimizer.DENSE  # dense reads none
     hyper = (upload([lr, eps, wd], acc, P.device) if in_memory
              else P.constant([0.0], acc))  # else a dummy pointer, also for absent tensors
     programs = min(run_key.numel(), _RUN_PROGRAMS)

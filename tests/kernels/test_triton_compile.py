@@ -57,9 +57,17 @@ def _record_launches(monkeypatch) -> list[dict]:
 
         def run(*args, **kwargs):
             names = list(self.arg_names)
+            keep = set(self.kwargs.get("do_not_specialize") or ())
             spec = {"module": self.fn.__module__, "kernel": self.fn.__name__,
                     "signature": {}, "constexprs": {}, "div16": []}
             for name, value in zip(names, args):
+                # a GPU launch makes an int argument equal to 1 a constexpr (unless the kernel
+                # says do_not_specialize): compile it so, as a .to() on it would then fail
+                if (isinstance(value, int) and not isinstance(value, bool) and value == 1
+                        and name not in keep):
+                    spec["signature"][name] = "constexpr"
+                    spec["constexprs"][name] = 1
+                    continue
                 # what Triton specializes on a GPU: a pointer 16-byte aligned, an int % 16 == 0
                 if (isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0) or (
                         isinstance(value, int) and not isinstance(value, bool)
