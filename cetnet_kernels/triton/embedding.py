@@ -381,20 +381,13 @@ class _Plan:
         return not flags or not bool(torch.cat(flags).any().cpu())
 
     def _report_first_bad(self, op: str) -> None:
-        flags = []  # per feature: offsets ok, ids ok
-        dev = self.device
-        for f in range(self.F):
-            x = self.ids[f]
-            if self.modes[f] != InputMode.IDS:
-                flags.append(offsets_valid(self.offsets[f], x.numel()).reshape(1))
-            else:
-                flags.append(torch.ones(1, dtype=torch.bool, device=dev))
-            flags.append((~self._bad_mask(f)).all().reshape(1))
-        ok = torch.cat(flags).cpu().tolist()
-        if all(ok):
-            return
-        for f in range(self.F):
-            if not ok[2 * f]:
+        """After _all_ok() found something wrong: ValueError for the first malformed offsets,
+        else the first bad id (first_bad_id finds it, with its count)."""
+        bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
+        ok = (torch.stack([offsets_valid(self.offsets[f], self.ids[f].numel()) for f in bags])
+              .cpu().tolist() if bags else [])
+        for f, good in zip(bags, ok):
+            if not good:
                 o = self.offsets[f].cpu().tolist()
                 nm, nvals = self.names[f], self.ids[f].numel()
                 if o[0] != 0:
@@ -411,9 +404,6 @@ class _Plan:
             f = bad.feature
             report_bad_id(op, self.names[f], bad, self.vocab[f], self.padding_idx,
                           self.bounds_check)
-
-    def _bad_mask(self, f: int) -> Tensor:
-        return invalid_ids(self.ids[f], self.vocab[f], self.padding_idx)
 
     def valid_mask(self, x: Tensor, vocab: int | Tensor) -> Tensor:
         """The ids of ``x`` that are looked up: in range (``vocab`` an int or a tensor that
