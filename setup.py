@@ -20,6 +20,8 @@ import glob
 import os
 import platform
 import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -110,6 +112,45 @@ class BuildExtensionPerISA(BuildExtension):
                 extra_postargs=args, depends=ext.depends)
         ext.extra_objects = [o for o in (ext.extra_objects or []) if "/isa-" not in o] + objects
         super().build_extension(ext)
+        module = self.get_ext_fullpath(ext.name)
+        if _links_libstdcxx_statically(module):
+            os.remove(module)  # never leave a module behind that crashes on its first error
+            raise RuntimeError(
+                f"{module} was linked with a static copy of libstdc++ (compiler "
+                f"{os.environ.get('CXX', 'c++')}): its C++ error messages would crash the "
+                "process next to torch's shared libstdc++. Build with a compiler that links "
+                "libstdc++ dynamically, e.g. CXX=/usr/bin/g++")
+
+
+def _torch_libstdcxx() -> list[str]:
+    """The shared libstdc++ this process loaded with torch, as a link input (Linux), else [].
+
+    Linked by path, so the module uses torch's libstdc++ even where the compiler would link its
+    own statically: seen on a GPU image whose g++ wrapper (-B to a gcc whose folder holds only
+    libstdc++.a) did so. A second, static copy in the module shares no locale state with
+    torch's, and every error message that formatted a number crashed the process there (with
+    gcc 12 here, the message lost its numbers). ``-lstdc++`` would find the same archive."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                    return [path]
+    except OSError:
+        pass
+    return []
+
+
+def _links_libstdcxx_statically(module: str) -> bool:
+    """True when a built Linux module needs no shared libstdc++ (readelf's dynamic section);
+    False when it does, or when readelf is not there to say."""
+    readelf = shutil.which("readelf")
+    if readelf is None or not sys.platform.startswith("linux"):
+        return False
+    out = subprocess.run([readelf, "-d", module], capture_output=True, text=True).stdout
+    return "(NEEDED)" in out and "libstdc++" not in out
 
 
 def _extension():
@@ -140,7 +181,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + _torch_libstdcxx(),
     )
     ext.cpu_isas = isas
     return ext

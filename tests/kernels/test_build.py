@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -65,3 +66,35 @@ def test_import_without_extension_warns_and_falls_back():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+_NEEDS_EXTENSION = pytest.mark.skipif(not ck.build_info()["cpu"], reason="extension not built")
+
+
+@_NEEDS_EXTENSION
+def test_cxx_error_message_with_a_number_reaches_python():
+    # A message formatting a number goes through the module's libstdc++ locale. A module with
+    # its own static libstdc++ (a compiler wrapper linking it so) dropped the number (gcc 12)
+    # or crashed the process (gcc 13, a GPU image): in a subprocess, so a crash fails this test.
+    code = textwrap.dedent("""
+        import torch, cetnet_kernels
+        try:
+            torch.ops.cetnet.confidence_fusion(torch.randn(3), torch.tensor(1.0), False, False)
+        except ValueError as exc:
+            print(str(exc).splitlines()[0])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "logits must be 2-D [batch, members], got 1-D" in proc.stdout, proc.stdout
+
+
+@_NEEDS_EXTENSION
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="reads the ELF dynamic section with readelf (Linux)")
+def test_extension_uses_the_shared_libstdcxx():
+    import cetnet_kernels._C as ext
+
+    needed = subprocess.run(["readelf", "-d", ext.__file__], capture_output=True, text=True,
+                            check=True).stdout
+    assert "libstdc++.so" in needed, needed
