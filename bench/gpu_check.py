@@ -117,7 +117,8 @@ else:
 # CUDA_VISIBLE_DEVICES empty: the same build passes on machines without a GPU, so a pass here
 # points at the driver), "inline-extension" (a minimal extension built just now by the same
 # compiler with torch's own flags, throwing one TORCH_CHECK: if this crashes, the compiler /
-# toolchain is at fault, not our code). Each exits 0 only when the exception reached Python.
+# toolchain is at fault, not our code: on the image above it crashed, as load_inline links
+# libstdc++ the compiler's way). Each exits 0 only when the exception reached Python.
 # name -> (code, environment variables to set, time limit in seconds).
 _CONTROLS = {
     "torch": ("""
@@ -199,6 +200,8 @@ def exception_probe(out: Path, env: dict) -> dict:
                  "head -1; ldd cetnet_kernels/_C*.so | grep -E 'stdc|gcc_s|gomp'"],
                 # a libstdc++ / libgcc linked statically into the extension (a compiler wrapper
                 # adding -static-libstdc++) would give it its own exception runtime
+                # no libstdc++ among them: a static copy (seen: a CXX wrapper adding
+                # -static-libstdc++), whose locale state torch's copy does not share
                 ["sh", "-c", "readelf -d cetnet_kernels/_C*.so | grep NEEDED; echo "
                  "defines-cxa_throw: $(nm cetnet_kernels/_C*.so 2>/dev/null | "
                  "grep -c -E ' [TtWw] (__cxa_throw|_Unwind_RaiseException)$')"],
@@ -208,7 +211,7 @@ def exception_probe(out: Path, env: dict) -> dict:
                  "grep -c GNU_EH_FRAME); readelf -p .comment cetnet_kernels/_C*.so 2>/dev/null "
                  "| grep -v '^$' | head -5"],
                 # what the compiler wrapper adds (a script is printed, a binary named)
-                ["sh", "-c", "for c in $(command -v c++ g++); do echo \"== $c\"; "
+                ["sh", "-c", "for c in $(command -v c++ g++) $CXX; do echo \"== $c\"; "
                  "if [ \"$(head -c2 \"$c\")\" = '#!' ]; then head -40 \"$c\"; "
                  "else ls -lL \"$c\"; fi; done; g++ -v 2>&1 | tail -2"]):
         try:
@@ -246,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      ROOT / "build-gpu-check"))
     ap.add_argument("--skip-build", action="store_true", help="use the extension already built")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-sanitizers", action="store_true",
+                    help="no compute-sanitizer memcheck / racecheck")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--test-timeout", type=float, default=240)
     ap.add_argument("--bench-timeout", type=float, default=200)
@@ -306,9 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"build_info: {info['build_info']}")
 
     # 1b. A C++ exception from the extension must reach Python as an exception. On one GPU image
-    # (torch 2.11, the image's /opt/gcc wrapper around gcc 13.3) every such throw, CPU kernels'
-    # too, killed the process with SIGSEGV: probe it in a subprocess and, if so, say it plainly
-    # (with the toolchain facts) instead of leaving it to crashed pytest workers.
+    # (torch 2.11, the image's /opt/gcc wrapper around gcc 13.3) every such error, CPU kernels'
+    # too, killed the process with SIGSEGV while formatting its message: that compiler linked a
+    # static libstdc++ into the module (setup.py now links torch's shared one, and refuses a
+    # module without it). Probe it in a subprocess and, if it fails, say it plainly (with the
+    # toolchain facts) instead of leaving it to crashed pytest workers.
     steps.append(exception_probe(out, env))
 
     # 2. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py).
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         sanitizer = shutil.which("compute-sanitizer")
         if sanitizer is None and Path("/usr/local/cuda/bin/compute-sanitizer").exists():
             sanitizer = "/usr/local/cuda/bin/compute-sanitizer"
-        for tool in ("memcheck", "racecheck"):
+        for tool in () if args.skip_sanitizers else ("memcheck", "racecheck"):
             if sanitizer is None:
                 steps.append({"name": tool, "rc": "skipped", "seconds": 0,
                               "summary": "compute-sanitizer not found"})
