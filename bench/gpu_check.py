@@ -21,10 +21,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import sys
 import threading
 import time
@@ -83,6 +83,30 @@ def pytest_summary(text: str) -> str:
         if " in " in s and any(w in s for w in ("passed", "failed", "error", "skipped")):
             return s
     return "no summary line"
+
+
+_OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+::\S+)"
+                      r"|(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def test_outcomes(log_text: str) -> dict[str, str]:
+    """Test id -> outcome, from pytest -v lines ('[gw3] [ 5%] PASSED tests/a.py::t' with xdist,
+    'tests/a.py::t PASSED [ 5%]' without): what ran, even when the step was killed before
+    pytest's closing summary. The last line naming a test wins."""
+    seen: dict[str, str] = {}
+    for m in _OUTCOME.finditer(log_text):
+        outcome, name = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
+        seen[name] = outcome
+    return seen
+
+
+def outcomes_summary(outcomes: dict[str, str]) -> str:
+    """'1400 passed, 3 failed, 20 skipped' from test_outcomes, for a step with no summary."""
+    counts: dict[str, int] = {}
+    for o in outcomes.values():
+        counts[o.lower()] = counts.get(o.lower(), 0) + 1
+    order = ("failed", "error", "passed", "skipped", "xfail", "xpass")
+    return ", ".join(f"{counts[k]} {k}" for k in order if k in counts) or "no test finished"
 
 
 def skip_reasons(junit: Path) -> dict[str, int]:
@@ -320,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py).
     if not args.skip_tests:
-        junit = Path(tempfile.gettempdir()) / "cetnet-gpu-tests.xml"  # read for skip reasons
+        junit = out / "tests.xml"  # read for skip reasons
         # ... and the CPU kernel builds' agreement (the GPU host's CPU often runs avx512).
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu or cpu_isa", "-q", "-ra", "--durations=15",
+        # -v: a line per test, so a step killed at its limit still says what ran and failed.
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu or cpu_isa", "-v", "-ra", "--durations=15",
                "-p", "no:cacheprovider",
                "--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
         import importlib.util
@@ -333,8 +358,14 @@ def main(argv: list[str] | None = None) -> int:
             cmd[3:3] = ["--timeout", "150"]  # a hung test fails alone, not the whole step
         s = run_step("tests", cmd, out, args.test_timeout, env)
         s["summary"] = pytest_summary(s["tail"])
+        outcomes = test_outcomes((out / s["log"]).read_text(errors="replace"))
+        if s["summary"] == "no summary line":  # killed: what the per-test lines say
+            s["summary"] = f"no closing summary; per-test lines: {outcomes_summary(outcomes)}"
+        s["failed"] = sorted(n for n, o in outcomes.items() if o in ("FAILED", "ERROR"))
         s["skip_reasons"] = skip_reasons(junit)
         log(f"tests: {s['summary']}")
+        for name in s["failed"]:
+            log(f"  failed: {name}")
         for why, n in s["skip_reasons"].items():
             log(f"  skipped {n} x {why}")
         steps.append(s)

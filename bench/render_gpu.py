@@ -42,6 +42,12 @@ def render_steps(info: dict) -> list[str]:
         rc = s["rc"]
         res = "ok" if rc == 0 else ("skipped" if rc == "skipped" else f"FAILED ({rc})")
         lines.append(f"| {s['name']} | {res} | {s['seconds']} | {s.get('summary', '')} |")
+    failed = [name for s in info.get("steps", []) for name in s.get("failed", [])]
+    if failed:
+        lines += ["", f"Failed tests ({len(failed)}):", ""]
+        lines += [f"- `{name}`" for name in failed[:40]]
+        if len(failed) > 40:
+            lines.append(f"- … and {len(failed) - 40} more (the tests log has them all)")
     skipped = [(why, n) for s in info.get("steps", []) for why, n in s.get("skip_reasons", {})
                .items()]
     if skipped:

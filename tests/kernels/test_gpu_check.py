@@ -121,3 +121,32 @@ def test_render_tables_and_ratios():
     # backward alone: (2 - 0.8) ms for 3 L D 4 bytes against the sgd copy bandwidth
     assert "| uniform | sgd | 65,536 | cetnet-cuda | 1.2 |" in md
     assert "No benchmark results" in render(info, None)
+
+
+def test_test_outcomes_from_verbose_lines():
+    # xdist's and plain pytest's -v lines, a crashed worker's test, and the -ra summary's
+    # repeat of a failure: each test once, its last outcome
+    log = ("[gw0] [  1%] PASSED tests/kernels/test_a.py::test_x[cuda-fp32]\n"
+           "[gw1] [  2%] FAILED tests/kernels/test_a.py::test_y\n"
+           "tests/kernels/test_b.py::test_z SKIPPED (needs two GPUs)     [  3%]\n"
+           "[gw2] node down: Not properly terminated\n"
+           "[gw2] [  4%] FAILED tests/kernels/test_b.py::test_crash \n"
+           "FAILED tests/kernels/test_a.py::test_y - AssertionError: x\n")
+    outcomes = gpu_check.test_outcomes(log)
+    assert outcomes == {"tests/kernels/test_a.py::test_x[cuda-fp32]": "PASSED",
+                        "tests/kernels/test_a.py::test_y": "FAILED",
+                        "tests/kernels/test_b.py::test_z": "SKIPPED",
+                        "tests/kernels/test_b.py::test_crash": "FAILED"}
+    assert gpu_check.outcomes_summary(outcomes) == "2 failed, 1 passed, 1 skipped"
+    assert gpu_check.outcomes_summary({}) == "no test finished"
+
+
+def test_render_lists_failed_tests():
+    from render_gpu import render_steps
+
+    info = {"steps": [{"name": "tests", "rc": 1, "seconds": 9, "summary": "1 failed",
+                       "failed": ["tests/a.py::t"]}]}
+    text = "\n".join(render_steps(info))
+    assert "Failed tests (1):" in text and "- `tests/a.py::t`" in text
+    assert "Failed tests" not in "\n".join(render_steps({"steps": [{"name": "b", "rc": 0,
+                                                                       "seconds": 1}]}))
