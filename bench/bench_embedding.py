@@ -21,6 +21,10 @@ M=4 at B=4096, and the sequence case. CETNET_BENCH_EMB_FULL=1 runs M in {2, 4} x
 4096, 16384} x D in {10, 16, 64} + the sequence case. CETNET_BENCH_PROVIDERS filters providers,
 CETNET_BENCH_TARGET_S sets the timed seconds per benchmark (default 1.0).
 
+``bench_embedding_host_overhead``: host time of one fused-SGD step at B = 1, the module's eager
+path against the fused op called through torch.library's autograd (interleaved rounds; results
+in EMBEDDING_RESULTS.md).
+
 Useful bytes (FBGEMM's accounting): forward reads the looked-up rows and writes the outputs,
 ``2 * lookups * M * D * 4``; forward + backward counts twice that. ``extra_info`` carries them;
 ``python bench/bench_embedding.py summarize results.json`` prints the table of ms, GB/s and
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, env_strs  # noqa: E402
+from _common import InterleavedTimer, device_name, env_strs  # noqa: E402
 
 import cetnet_kernels as ck  # noqa: E402
 
@@ -218,6 +222,54 @@ def bench_embedding_step(benchmark, provider, M, B, D, T):
         M=M, F=F, B=B, D=D, T=T, rows=ROWS, zipf=ZIPF_A, bytes=useful_bytes(M, B, D, T),
         torch_version=torch.__version__, **info)
     benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)
+
+
+def _host_steps() -> dict:
+    """Two ways to run one fused-SGD step of M = 2 x F = 26 features at B = 1 (the kernels'
+    work is negligible: this is host time): ``module``, MultiTableEmbedding's eager path
+    (autograd.Functions over the ops), and ``registered-op``, the fused op called directly with
+    autograd, which goes through torch.library's Python autograd wrapper as the module did
+    before 2026-11-29."""
+    from cetnet_kernels.embedding import OPTIMIZER_CODES
+    from cetnet_kernels.embedding_args import OptimizerArgs
+
+    mod = ck.MultiTableEmbedding(2, [(f"f{i}", 1000) for i in range(F)], [16, 16],
+                                 optimizer="sgd", lr=LR)
+    gen = torch.Generator().manual_seed(0)
+    ids = {f"f{i}": torch.randint(0, 1000, (1,), generator=gen) for i in range(F)}
+    grads = [torch.ones(1, F, 16) for _ in range(2)]
+    opt = OptimizerArgs(int(OPTIMIZER_CODES["sgd"]), LR, mod.eps, mod.weight_decay)
+    fused = torch.ops.cetnet.multi_embedding_fused.default
+
+    def module_step() -> None:
+        torch.autograd.backward(mod(ids), grads)
+
+    def op_step() -> None:
+        a, _ = mod._normalize(ids)
+        outs = fused(a.weight, mod._empty_weights, mod._placeholder, *a[1:], *opt)
+        torch.autograd.backward(outs, grads)
+
+    return {"module": module_step, "registered-op": op_step}
+
+
+def bench_embedding_host_overhead(benchmark):
+    """Host time per step of ``module`` and ``registered-op`` (see ``_host_steps``), timed in
+    interleaved rounds (``extra_info["providers"]``: median / min seconds per step each);
+    pytest-benchmark's own stats are the module's."""
+    if "cpu" not in ck.available_backends("cpu"):
+        pytest.skip("cetnet_kernels._C is not built")
+    steps = _host_steps()
+    timer = InterleavedTimer(steps, burst={p: 50 for p in steps})
+    timer.calibrate()
+    for _ in range(40):
+        timer.round()
+    summary = timer.summary()
+    benchmark.group = f"embedding-host-M2-F{F}-B1-D16"
+    benchmark.extra_info.update(
+        op="embedding_host_overhead", device="cpu", device_name=device_name("cpu"), M=2, F=F,
+        B=1, D=16, providers=summary, torch_version=torch.__version__,
+        op_over_module=summary["registered-op"]["median_s"] / summary["module"]["median_s"])
+    benchmark.pedantic(steps["module"], rounds=200, iterations=1, warmup_rounds=5)
 
 
 def summarize(path: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from cetnet_kernels._host import acc_dtype
 from cetnet_kernels.backends import OpTable
@@ -81,28 +82,39 @@ def _grads_or_empty(grads: Sequence[Tensor | None], like: Tensor) -> list[Tensor
             for g in grads]
 
 
-def _setup_dense(ctx: Any, inputs: Sequence[Any], output: Any) -> None:
-    a = EmbeddingArgs(*inputs)
+# The formulas are written once and used twice: registered with torch.library for the ops
+# (what torch.compile traces and opcheck checks), and in the eager autograd.Functions below.
+def _save_dense(ctx: Any, a: EmbeddingArgs) -> None:
     ctx.save_for_backward(a.weight, *a.input_tensors())
     ctx.args = a.without_tensors()
+
+
+def _dense_grad_weight(ctx: Any, backward_op: Any, grads: Sequence[Tensor | None]
+                       ) -> tuple[Tensor | None, EmbeddingArgs]:
+    """(the weight's gradient, or None when the weight needs none; the lookup's arguments)."""
+    weight, *saved = ctx.saved_tensors
+    a = ctx.args.with_tensors(weight, saved)
+    grad_weight = None
+    if ctx.needs_input_grad[0]:  # the weight is input 0 of the op and of _EagerLookup
+        grad_weight = backward_op(_grads_or_empty(grads, weight), weight, *a.update_args())
+    return grad_weight, a
+
+
+def _setup_dense(ctx: Any, inputs: Sequence[Any], output: Any) -> None:
+    _save_dense(ctx, EmbeddingArgs(*inputs))
 
 
 def _make_backward_dense(backward_op: Any) -> Any:
     """The autograd formula of a lookup op whose dense backward is ``backward_op``."""
 
     def _backward_dense(ctx: Any, grads: Sequence[Tensor | None]) -> tuple:
-        weight, *saved = ctx.saved_tensors
-        a = ctx.args.with_tensors(weight, saved)
-        grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = backward_op(_grads_or_empty(grads, weight), weight, *a.update_args())
+        grad_weight, a = _dense_grad_weight(ctx, backward_op, grads)
         return (grad_weight,) + a.no_grads()[1:]
 
     return _backward_dense
 
 
-def _setup_fused(ctx: Any, inputs: Sequence[Any], output: Any) -> None:
-    a, state, _placeholder, opt = _split_fused(inputs)
+def _save_fused(ctx: Any, a: EmbeddingArgs, state: Tensor, opt: OptimizerArgs) -> None:
     # weight and state are updated in place by backward: they are kept as attributes, not saved
     # tensors, so that two lookups sharing one backward pass do not trip the version check.
     ctx.weight, ctx.state, ctx.opt = a.weight, state, opt
@@ -110,13 +122,29 @@ def _setup_fused(ctx: Any, inputs: Sequence[Any], output: Any) -> None:
     ctx.args = a.without_tensors()
 
 
+def _apply_fused_update(ctx: Any, update_op: Any, grads: Sequence[Tensor | None],
+                        group: Any = None) -> EmbeddingArgs:
+    """Applies the fused update of this lookup's batch in place, or with a ``torch.distributed``
+    ``group`` that of the whole global batch (:func:`_gather_global_batch`)."""
+    a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors)
+    if group is None:
+        full = _grads_or_empty(grads, ctx.weight)
+    else:
+        a, full = _gather_global_batch(a, grads, group)
+    update_op(full, ctx.weight, ctx.state, *a.update_args(), *ctx.opt)
+    return a
+
+
+def _setup_fused(ctx: Any, inputs: Sequence[Any], output: Any) -> None:
+    a, state, _placeholder, opt = _split_fused(inputs)
+    _save_fused(ctx, a, state, opt)
+
+
 def _make_backward_fused(update_op: Any) -> Any:
     """The autograd formula of a fused lookup op: applies ``update_op`` in place."""
 
     def _backward_fused(ctx: Any, grads: Sequence[Tensor | None]) -> tuple:
-        a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors)
-        update_op(_grads_or_empty(grads, ctx.weight), ctx.weight, ctx.state, *a.update_args(),
-                  *ctx.opt)
+        a = _apply_fused_update(ctx, update_op, grads)
         # weight, state, placeholder, then the other nine of EmbeddingArgs and the optimizer's
         return (None, None) + a.no_grads() + (None,) * len(OptimizerArgs._fields)
 
@@ -178,23 +206,45 @@ def _gather_global_batch(a: EmbeddingArgs, grads: Sequence[Tensor | None],
         [all_gather_rows(g, group) for g in full]
 
 
-class _DataParallelFused(torch.autograd.Function):
-    """The fused lookup of one rank's share of a global batch; backward applies the fused
-    update of the whole global batch (see :func:`_gather_global_batch`) on every rank."""
+# ------------------------------------------------------------------------------------------------
+# Eager autograd: the registered formulas as autograd.Functions
+# ------------------------------------------------------------------------------------------------
+# Called with autograd in eager mode, an op registered through torch.library flattens and
+# unflattens its arguments (3 tensors per feature) in Python on every call and again in
+# backward: ~0.4 ms of a 0.7 ms host step at 26 features on the CI CPU, and on a GPU host time
+# that a synchronizing bounds check exposes. These Functions call the ops below autograd instead
+# (same kernels, same formulas); under torch.compile the registered ops are used.
+class _EagerLookup(torch.autograd.Function):
+    """The lookup with a dense gradient for the weight."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, ops: "EmbeddingOps", a: EmbeddingArgs
+                ) -> tuple[Tensor, ...]:
+        _save_dense(ctx, a)
+        ctx.backward_op = ops._backward
+        return tuple(ops._lookup(*a))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple:
+        return _dense_grad_weight(ctx, ctx.backward_op, grads)[0], None, None
+
+
+class _EagerFused(torch.autograd.Function):
+    """The fused lookup: backward applies the optimizer in place, to this batch's rows or, with
+    a process ``group``, to the whole global batch's on every rank (data parallelism)."""
 
     @staticmethod
     def forward(ctx: Any, placeholder: Tensor, ops: "EmbeddingOps", a: EmbeddingArgs,
                 state: Tensor, opt: OptimizerArgs, group: Any) -> tuple[Tensor, ...]:
-        ctx.ops, ctx.weight, ctx.state, ctx.opt, ctx.group = ops, a.weight, state, opt, group
-        ctx.save_for_backward(*a.input_tensors())
-        ctx.args = a.without_tensors()
-        return tuple(ops.lookup(a))
+        _save_fused(ctx, a, state, opt)
+        ctx.update_op, ctx.group = ops._update, group
+        return tuple(ops._lookup(*a))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple:
-        a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors)
-        a, full = _gather_global_batch(a, grads, ctx.group)
-        ctx.ops._update(full, ctx.weight, ctx.state, *a.update_args(), *ctx.opt)
+        _apply_fused_update(ctx, ctx.update_op, grads, ctx.group)
         return (None,) * 6
 
 
@@ -208,16 +258,22 @@ class EmbeddingOps:
         ns = torch.ops.cetnet
         self._lookup = getattr(ns, "multi_embedding" + suffix).default
         self._fused = getattr(ns, "multi_embedding_fused" + suffix).default
+        self._backward = getattr(ns, "multi_embedding_backward" + suffix).default
         self._update = getattr(ns, "multi_embedding_update" + suffix).default
 
     def lookup(self, a: EmbeddingArgs) -> list[Tensor]:
         """The lookup with a dense backward."""
-        return self._lookup(*a)
+        if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+                or not a.weight.requires_grad):
+            return self._lookup(*a)
+        return list(_EagerLookup.apply(a.weight, self, a))
 
     def fused(self, a: EmbeddingArgs, state: Tensor, placeholder: Tensor,
               opt: OptimizerArgs) -> list[Tensor]:
         """The lookup whose backward applies the optimizer ``opt`` in place."""
-        return self._fused(a.weight, state, placeholder, *a[1:], *opt)
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return self._fused(a.weight, state, placeholder, *a[1:], *opt)
+        return list(_EagerFused.apply(placeholder, self, a, state, opt, None))
 
     def fused_data_parallel(self, a: EmbeddingArgs, state: Tensor, placeholder: Tensor,
                             opt: OptimizerArgs, group: Any) -> list[Tensor]:
@@ -226,7 +282,7 @@ class EmbeddingOps:
         applies ``opt`` to the rows the whole global batch touched, with every rank's output
         gradients divided by the world size (DDP's average), so every rank's tables get the
         same update. Eager only (not under torch.compile)."""
-        return list(_DataParallelFused.apply(placeholder, self, a, state, opt, group))
+        return list(_EagerFused.apply(placeholder, self, a, state, opt, group))
 
 
 def _register_ops(suffix: str) -> EmbeddingOps:

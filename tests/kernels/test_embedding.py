@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from cetnet_kernels import EmbeddingFeature, MultiTableEmbedding, available_backends
 from embedding_support import (DIMS, FEATURES, adagrad_matches_hand_written, batches,
                                compile_matches_eager, loss_of, make_ids, reference_outputs,
-                               sgd_matches_torch_optim, with_bad_id)
+                               sgd_matches_torch_optim, to_device, with_bad_id)
+from conftest import backend_device_params
 
 HAS_CPU = "cpu" in available_backends("cpu")
 BACKENDS = ["cpu", "reference"] if HAS_CPU else ["reference"]
@@ -480,3 +481,52 @@ def test_direct_op_calls_refuse_sizes_that_overflow(suffix, dims, vocab):
         with pytest.raises((ValueError, RuntimeError), match=r"overflow|weight must be 1-D"):
             call()
         assert torch.equal(w, torch.zeros(16)), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Eager autograd: the module's autograd.Functions against the ops' registered autograd
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, device",
+                         backend_device_params(backends=("cpu", "cuda", "triton")))
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_eager_functions_match_the_registered_autograd(backend, device, optimizer):
+    # In eager mode the module's lookups run as autograd.Functions (the registered formulas
+    # without torch.library's per-call argument flattening); the ops called directly with
+    # autograd run the registered formulas. Same kernels, so the same bits: two steps each.
+    from cetnet_kernels.embedding import OPTIMIZER_CODES
+    from cetnet_kernels.embedding_args import OptimizerArgs
+
+    torch.manual_seed(0)
+    eager = MultiTableEmbedding(3, FEATURES, DIMS, optimizer=optimizer, lr=0.3, backend=backend,
+                                device=device)
+    direct = MultiTableEmbedding(3, FEATURES, DIMS, optimizer=optimizer, lr=0.3,
+                                 backend=backend, device=device)
+    direct.load_state_dict(eager.state_dict())
+    ns, suffix = torch.ops.cetnet, "_triton" if backend == "triton" else ""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids = to_device(make_ids(5, gen=gen), device)
+        outs = eager(ids)
+        assert type(outs[0].grad_fn).__name__ == ("_EagerLookupBackward" if optimizer is None
+                                                 else "_EagerFusedBackward")
+        a, _ = direct._normalize(ids)
+        if optimizer is None:
+            ref = getattr(ns, "multi_embedding" + suffix).default(*a)
+        else:
+            state = (direct.optimizer_state if direct.optimizer_state is not None
+                     else direct._empty_weights)
+            opt = OptimizerArgs(int(OPTIMIZER_CODES[optimizer]), direct.lr, direct.eps,
+                                direct.weight_decay)
+            ref = getattr(ns, "multi_embedding_fused" + suffix).default(
+                a.weight, state, direct._placeholder, *a[1:], *opt)
+        assert all(torch.equal(o, r) for o, r in zip(outs, ref))
+        grads = [torch.randn(o.shape, generator=gen).to(device) for o in outs]
+        torch.autograd.backward(outs, grads)
+        torch.autograd.backward(ref, grads)
+        if optimizer is None:
+            assert torch.equal(eager.weight.grad, direct.weight.grad)
+            eager.weight.grad = direct.weight.grad = None
+        else:
+            assert torch.equal(eager.weight, direct.weight)
+            if eager.optimizer_state is not None:
+                assert torch.equal(eager.optimizer_state, direct.optimizer_state)
