@@ -144,13 +144,16 @@ def _torch_libstdcxx() -> list[str]:
 
 
 def _links_libstdcxx_statically(module: str) -> bool:
-    """True when a built Linux module needs no shared libstdc++ (readelf's dynamic section);
-    False when it does, or when readelf is not there to say."""
-    readelf = shutil.which("readelf")
-    if readelf is None or not sys.platform.startswith("linux"):
+    """True when a built Linux module needs no shared libstdc++ (readelf's dynamic section) or
+    defines std::locale itself (nm: a copy of libstdc++'s locale code was linked in); False
+    otherwise, or when binutils is not there to say."""
+    readelf, nm = shutil.which("readelf"), shutil.which("nm")
+    if readelf is None or nm is None or not sys.platform.startswith("linux"):
         return False
-    out = subprocess.run([readelf, "-d", module], capture_output=True, text=True).stdout
-    return "(NEEDED)" in out and "libstdc++" not in out
+    needed = subprocess.run([readelf, "-d", module], capture_output=True, text=True).stdout
+    defined = subprocess.run([nm, "-D", "--defined-only", module], capture_output=True,
+                             text=True).stdout
+    return ("(NEEDED)" in needed and "libstdc++" not in needed) or " _ZNSt6locale" in defined
 
 
 def _extension():

@@ -90,11 +90,16 @@ def test_cxx_error_message_with_a_number_reaches_python():
 
 
 @_NEEDS_EXTENSION
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
-                    reason="reads the ELF dynamic section with readelf (Linux)")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None
+                    or shutil.which("nm") is None,
+                    reason="reads the ELF dynamic section with binutils (Linux)")
 def test_extension_uses_the_shared_libstdcxx():
+    # needs torch's libstdc++ and carries none of its own (std::locale is where copies clash)
     import cetnet_kernels._C as ext
 
     needed = subprocess.run(["readelf", "-d", ext.__file__], capture_output=True, text=True,
                             check=True).stdout
     assert "libstdc++.so" in needed, needed
+    defined = subprocess.run(["nm", "-D", "--defined-only", ext.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    assert " _ZNSt6locale" not in defined
