@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -114,7 +115,12 @@ class BuildExtensionPerISA(BuildExtension):
         super().build_extension(ext)
         module = self.get_ext_fullpath(ext.name)
         if _links_libstdcxx_statically(module):
-            os.remove(module)  # never leave a module behind that crashes on its first error
+            # never leave a module behind that crashes on its first error, nor an older one in
+            # the source tree (where --inplace would have copied this one) to be tested instead
+            in_tree = os.path.join(ROOT, *ext.name.split(".")[:-1], os.path.basename(module))
+            for path in {module, in_tree}:
+                if os.path.exists(path):
+                    os.remove(path)
             raise RuntimeError(
                 f"{module} was linked with a static copy of libstdc++ (compiler "
                 f"{os.environ.get('CXX', 'c++')}): its C++ error messages would crash the "
@@ -135,7 +141,8 @@ def _torch_libstdcxx() -> list[str]:
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.split()[-1]
+                fields = line.rstrip("\n").split(maxsplit=5)  # the path may hold spaces
+                path = fields[5] if len(fields) == 6 else ""
                 if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
                     return [path]
     except OSError:
@@ -145,15 +152,17 @@ def _torch_libstdcxx() -> list[str]:
 
 def _links_libstdcxx_statically(module: str) -> bool:
     """True when a built Linux module needs no shared libstdc++ (readelf's dynamic section) or
-    defines std::locale itself (nm: a copy of libstdc++'s locale code was linked in); False
-    otherwise, or when binutils is not there to say."""
+    defines ``std::locale::classic()`` itself (nm: libstdc++'s locale code was linked in; weak
+    template instantiations from the headers, which a normal module may export, don't count);
+    False otherwise, or when binutils is not there to say."""
     readelf, nm = shutil.which("readelf"), shutil.which("nm")
     if readelf is None or nm is None or not sys.platform.startswith("linux"):
         return False
     needed = subprocess.run([readelf, "-d", module], capture_output=True, text=True).stdout
     defined = subprocess.run([nm, "-D", "--defined-only", module], capture_output=True,
                              text=True).stdout
-    return ("(NEEDED)" in needed and "libstdc++" not in needed) or " _ZNSt6locale" in defined
+    return (("(NEEDED)" in needed and "libstdc++" not in needed)
+            or re.search(r"\s_ZNSt6locale7classicEv$", defined, re.M) is not None)
 
 
 def _extension():

@@ -102,4 +102,4 @@ def test_extension_uses_the_shared_libstdcxx():
     assert "libstdc++.so" in needed, needed
     defined = subprocess.run(["nm", "-D", "--defined-only", ext.__file__], capture_output=True,
                              text=True, check=True).stdout
-    assert " _ZNSt6locale" not in defined
+    assert "_ZNSt6locale7classicEv" not in defined
