@@ -79,24 +79,39 @@ def run_step(name: str, cmd: list[str], out_dir: Path, timeout: float, env: dict
 def pytest_summary(text: str) -> str:
     """pytest's closing line ('== 12 passed, 3 skipped in 4.5s ==') from a log tail."""
     for line in reversed(text.splitlines()):
+        if line.startswith(("[gw", "tests/", "FAILED ", "ERROR ")):  # a test's line, not the end
+            continue
         s = line.strip().strip("=").strip()
         if " in " in s and any(w in s for w in ("passed", "failed", "error", "skipped")):
             return s
     return "no summary line"
 
 
-_OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+::\S+)"
-                      r"|(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+# One pattern per line format; test ids may hold spaces (parametrize ids from messages).
+_OUTCOME_LINES = (
+    # xdist -v: "[gw3] [  5%] PASSED tests/a.py::t[x y]"
+    re.compile(rf"^\[gw\d+\] \[\s*\d+%\] ({_OUTCOMES}) (tests/.+?::.+?)\s*$"),
+    # plain -v: "tests/a.py::t[x y] PASSED [  5%]", "tests/a.py::t SKIPPED (why) [  6%]"
+    re.compile(rf"^(tests/.+?::.+?) ({_OUTCOMES})\b.*\[\s*\d+%\]\s*$"),
+    # a file that failed to collect, from -ra's summary: "ERROR tests/a.py - ImportError: x"
+    re.compile(r"^(ERROR) (tests/[^\s:]+\.py)(?: - .*)?$"),
+)
 
 
 def test_outcomes(log_text: str) -> dict[str, str]:
     """Test id -> outcome, from pytest -v lines ('[gw3] [ 5%] PASSED tests/a.py::t' with xdist,
-    'tests/a.py::t PASSED [ 5%]' without): what ran, even when the step was killed before
-    pytest's closing summary. The last line naming a test wins."""
+    'tests/a.py::t PASSED [ 5%]' without) and files that failed to collect: what ran, even when
+    the step was killed before pytest's closing summary. The last line naming a test wins (a
+    teardown error after a pass counts as the error)."""
     seen: dict[str, str] = {}
-    for m in _OUTCOME.finditer(log_text):
-        outcome, name = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
-        seen[name] = outcome
+    for line in log_text.splitlines():
+        for i, pattern in enumerate(_OUTCOME_LINES):
+            m = pattern.match(line)
+            if m:
+                outcome, name = (m.group(2), m.group(1)) if i == 1 else (m.group(1), m.group(2))
+                seen[name] = outcome
+                break
     return seen
 
 
@@ -327,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(run_step("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace",
                                         "--build-temp", "build-gpu/tmp"], out, args.build_timeout,
                               benv))
+        if steps[-1]["rc"] != 0:  # what follows would test an older module, or none
+            log("build failed: the probe, tests, sanitizers and benchmarks need the fresh "
+                "build and are skipped")
+            args.skip_tests = args.skip_bench = True
     probe = subprocess.run(
         [sys.executable, "-c", "import json, cetnet_kernels as c; print(json.dumps("
          "{k: str(v) for k, v in c.build_info().items()}))"],
@@ -340,11 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     # static libstdc++ into the module (setup.py now links torch's shared one, and refuses a
     # module without it). Probe it in a subprocess and, if it fails, say it plainly (with the
     # toolchain facts) instead of leaving it to crashed pytest workers.
-    steps.append(exception_probe(out, env))
+    if not args.skip_tests:
+        steps.append(exception_probe(out, env))
 
     # 2. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py).
     if not args.skip_tests:
-        junit = out / "tests.xml"  # read for skip reasons
+        junit = out.resolve() / "tests.xml"  # read for skip reasons (pytest runs in ROOT)
+        junit.unlink(missing_ok=True)  # written at the session's end only: never a stale one
         # ... and the CPU kernel builds' agreement (the GPU host's CPU often runs avx512).
         # -v: a line per test, so a step killed at its limit still says what ran and failed.
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu or cpu_isa", "-v", "-ra", "--durations=15",

@@ -87,6 +87,10 @@ def test_pytest_summary():
     tail = "....\nFAILED x\n==== 2 failed, 580 passed, 8 skipped in 122.56s ====\n"
     assert gpu_check.pytest_summary(tail) == "2 failed, 580 passed, 8 skipped in 122.56s"
     assert gpu_check.pytest_summary("killed") == "no summary line"
+    # a killed -v run: a test's own line is never taken for the closing one
+    assert gpu_check.pytest_summary("[gw1] [ 9%] PASSED tests/a.py::t[failed in 2 s]\n"
+                                    "tests/a.py::u[skipped in 1 s] PASSED [ 9%]\n") \
+        == "no summary line"
 
 
 def _bench(kind: str, providers: dict, **extra) -> dict:
@@ -126,18 +130,29 @@ def test_render_tables_and_ratios():
 def test_test_outcomes_from_verbose_lines():
     # xdist's and plain pytest's -v lines, a crashed worker's test, and the -ra summary's
     # repeat of a failure: each test once, its last outcome
+    # ids with spaces (parametrized by messages) stay whole, so siblings don't overwrite
+    # each other; a file that failed to collect counts as an error
+    bad = "tests/kernels/test_bad_input.py::test_bad_logits[logits0-ValueError-logits must be"
     log = ("[gw0] [  1%] PASSED tests/kernels/test_a.py::test_x[cuda-fp32]\n"
            "[gw1] [  2%] FAILED tests/kernels/test_a.py::test_y\n"
            "tests/kernels/test_b.py::test_z SKIPPED (needs two GPUs)     [  3%]\n"
            "[gw2] node down: Not properly terminated\n"
            "[gw2] [  4%] FAILED tests/kernels/test_b.py::test_crash \n"
-           "FAILED tests/kernels/test_a.py::test_y - AssertionError: x\n")
+           f"[gw3] [  5%] PASSED {bad} 2-D-reference-cuda]\n"
+           f"[gw4] [  6%] FAILED {bad} 2-D-cuda-cuda]\n"
+           f"{bad} 2-D-triton-cuda] PASSED                  [  7%]\n"
+           "FAILED tests/kernels/test_a.py::test_y - AssertionError: x\n"
+           "ERROR tests/kernels/test_c.py - ImportError: no module\n")
     outcomes = gpu_check.test_outcomes(log)
     assert outcomes == {"tests/kernels/test_a.py::test_x[cuda-fp32]": "PASSED",
                         "tests/kernels/test_a.py::test_y": "FAILED",
                         "tests/kernels/test_b.py::test_z": "SKIPPED",
-                        "tests/kernels/test_b.py::test_crash": "FAILED"}
-    assert gpu_check.outcomes_summary(outcomes) == "2 failed, 1 passed, 1 skipped"
+                        "tests/kernels/test_b.py::test_crash": "FAILED",
+                        f"{bad} 2-D-reference-cuda]": "PASSED",
+                        f"{bad} 2-D-cuda-cuda]": "FAILED",
+                        f"{bad} 2-D-triton-cuda]": "PASSED",
+                        "tests/kernels/test_c.py": "ERROR"}
+    assert gpu_check.outcomes_summary(outcomes) == "3 failed, 1 error, 3 passed, 1 skipped"
     assert gpu_check.outcomes_summary({}) == "no test finished"
 
 
