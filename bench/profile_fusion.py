@@ -4,11 +4,11 @@ Runs the forward and backward ops of ``confidence_fusion`` and the ``collaborati
 (torch.ops.cetnet, no autograd: the ``kernels-*`` rows of bench/bench_gpu.py) once per backend
 (cuda, triton) at one size. Profile it with, for example::
 
-    ncu --clock-control none -k 'regex:fusion|collaborative' \\
+    ncu --clock-control none -k 'regex:fusion|collaborative|sums' \\
         --section SpeedOfLight --section SchedulerStats --section WarpStateStats \\
         python3 bench/profile_fusion.py --B 4194304 --K 4
 
-and compare "Issue Slots Busy" (SchedulerStats) with "DRAM Throughput" (SpeedOfLight): a
+(``sums``: the CUDA loss's final reduction kernel) and compare "Issue Slots Busy" (SchedulerStats) with "DRAM Throughput" (SpeedOfLight): a
 kernel near the issue ceiling with DRAM far under it needs fewer instructions per row, not a
 better access pattern. Needs a CUDA GPU; ncu replays each kernel, so the run's own timing means
 nothing (use bench/bench_gpu.py for times).
