@@ -3,7 +3,9 @@
 Builds the extension with CUDA for the local GPU's arch (all cores), runs every CUDA and Triton
 test (``pytest -m gpu``, in parallel when pytest-xdist is there), runs compute-sanitizer memcheck
 on a small smoke script when compute-sanitizer is on the PATH, then the GPU benchmarks
-(bench/bench_gpu.py), and writes bench/GPU_RESULTS.md naming the device. Needs torch >= 2.6 with
+(bench/bench_gpu.py), Nsight Compute over the fusion kernels when ``ncu`` is there
+(bench/profile_fusion.py: issue rate against DRAM throughput), and writes bench/GPU_RESULTS.md
+naming the device. Needs torch >= 2.6 with
 CUDA and Triton already installed; needs no internet. Prints progress; each step has a time
 limit so that a hang cannot eat the whole budget (the target: 8 minutes on an H200 from a bare
 checkout, build included).
@@ -122,6 +124,38 @@ def outcomes_summary(outcomes: dict[str, str]) -> str:
         counts[o.lower()] = counts.get(o.lower(), 0) + 1
     order = ("failed", "error", "passed", "skipped", "xfail", "xpass")
     return ", ".join(f"{counts[k]} {k}" for k in order if k in counts) or "no test finished"
+
+
+# Nsight Compute's details page: a launch's header line, then "    <metric> [unit] <value>" rows.
+_NCU_LAUNCH = re.compile(r"^  (\S.*?) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context")
+_NCU_METRICS = {"Duration": "us", "DRAM Throughput": "dram_pct",
+                "Compute (SM) Throughput": "sm_pct", "Issued Warp Per Scheduler": "issued",
+                "Registers Per Thread": "registers", "Achieved Occupancy": "occupancy_pct"}
+_NCU_ROW = re.compile(r"^    (" + "|".join(re.escape(m) for m in _NCU_METRICS)
+                      + r")\s+(?:(\S+)\s+)?([\d.,]+)\s*$")
+_TO_US = {"ns": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6}
+
+
+def ncu_rows(text: str) -> list[dict]:
+    """One dict per profiled launch in an ``ncu`` details report (default text output): the
+    kernel's base name, backend ("triton" for Triton's underscore-named kernels, else "cuda")
+    and the metrics of _NCU_METRICS (duration in microseconds whatever unit ncu chose)."""
+    rows: list[dict] = []
+    for line in text.splitlines():
+        head = _NCU_LAUNCH.match(line)
+        if head:
+            sig = re.sub(r"<unnamed>|\(anonymous namespace\)", "anon",
+                         head.group(1).removeprefix("void "))
+            name = re.split(r"[<(]", sig, maxsplit=1)[0].split("::")[-1].strip()
+            rows.append({"kernel": name, "backend": "triton" if name.startswith("_") else "cuda"})
+            continue
+        m = _NCU_ROW.match(line)
+        if m and rows:
+            key, unit, value = _NCU_METRICS[m.group(1)], m.group(2), float(m.group(3).replace(",", ""))
+            if key == "us":
+                value *= _TO_US.get(unit or "us", float("nan"))
+            rows[-1].setdefault(key, value)
+    return rows
 
 
 def skip_reasons(junit: Path) -> dict[str, int]:
@@ -291,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-sanitizers", action="store_true",
                     help="no compute-sanitizer memcheck / racecheck")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-ncu", action="store_true",
+                    help="no Nsight Compute pass over the fusion kernels")
+    ap.add_argument("--ncu-timeout", type=float, default=150)
     ap.add_argument("--test-timeout", type=float, default=240)
     ap.add_argument("--bench-timeout", type=float, default=200)
     ap.add_argument("--build-timeout", type=float, default=300)
@@ -307,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({torch.__version__}, CUDA {torch.version.cuda}); nothing to check")
         return 2
 
-    out = args.out
+    out = args.out.resolve()  # the steps run in ROOT: paths handed to them must be absolute
     out.mkdir(parents=True, exist_ok=True)
     cap = torch.cuda.get_device_capability()
     arch = f"{cap[0]}.{cap[1]}"
@@ -420,6 +457,26 @@ def main(argv: list[str] | None = None) -> int:
                                f"--benchmark-json={bench_json}"], out, args.bench_timeout, env)
         s["summary"] = pytest_summary(s["tail"])
         steps.append(s)
+
+    # 5. Nsight Compute over the fusion kernels (bench/profile_fusion.py): issue against memory.
+    ncu = shutil.which("ncu") or next((str(p) for p in (Path("/usr/local/cuda/bin/ncu"),)
+                                       if p.exists()), None)
+    if not (args.skip_bench or args.skip_ncu):
+        if ncu is None:
+            steps.append({"name": "ncu", "rc": "skipped", "seconds": 0,
+                          "summary": "ncu (Nsight Compute) not found"})
+        else:
+            s = run_step("ncu", [ncu, "--clock-control", "none", "-k",
+                                 "regex:fusion|collaborative|sums", "--section", "SpeedOfLight",
+                                 "--section", "SchedulerStats", "--section", "Occupancy",
+                                 "--section", "LaunchStats", sys.executable,
+                                 "bench/profile_fusion.py"], out, args.ncu_timeout, env)
+            info["ncu"] = ncu_rows((out / s["log"]).read_text(errors="replace"))
+            s["summary"] = f"{len(info['ncu'])} kernel launches profiled"
+            if s["rc"] != 0 and not info["ncu"]:  # e.g. a runtime without hardware counters
+                last = (s["tail"].strip().splitlines() or ["no output"])[-1][:160]
+                s["rc"], s["summary"] = "skipped", f"ncu could not profile here: {last}"
+            steps.append(s)
 
     info["steps"] = [{k: v for k, v in s.items() if k != "tail"} for s in steps]
     info["total_s"] = round(time.monotonic() - T0, 1)

@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(args.B, args.K, generator=gen, device="cuda") * 2
     labels = torch.randint(0, 2, (args.B,), generator=gen, device="cuda").float()
+    from cetnet_kernels import available_backends
+
     for backend in args.backends.split(","):
+        if backend not in available_backends("cuda"):
+            print(f"profile_fusion: backend {backend!r} is not available here; skipped")
+            continue
         for op in args.ops.split(","):
             _fusion_step(op, f"kernels-{backend}", logits, labels)()
             torch.cuda.synchronize()

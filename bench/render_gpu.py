@@ -176,7 +176,31 @@ def render(info: dict, bench: dict | None) -> str:
                       *render_embedding(emb)]
     else:
         lines += ["", "No benchmark results (the bench step did not run or failed)."]
+    lines += render_ncu(info.get("ncu") or [])
     return "\n".join(lines) + "\n"
+
+
+def render_ncu(rows: list[dict]) -> list[str]:
+    """The Nsight Compute table of the fusion kernels (gpu_check.ncu_rows), if any."""
+    if not rows:
+        return []
+
+    def cell(row: dict, key: str, fmt: str) -> str:
+        return format(row[key], fmt) if key in row else "–"
+
+    out = ["", "## Nsight Compute: the fusion kernels (bench/profile_fusion.py, B = 4M, K = 4, "
+           "fp32)", "",
+           "One launch each, `--clock-control none`. A kernel whose schedulers issue on most "
+           "cycles while DRAM is far under its peak is bound by instructions, not bandwidth.", "",
+           "| kernel | backend | µs | DRAM % of peak | SM % of peak | issued warps / scheduler "
+           "/ cycle | registers | achieved occupancy % |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['kernel']} | {r['backend']} | {cell(r, 'us', '.1f')} | "
+                   f"{cell(r, 'dram_pct', '.1f')} | {cell(r, 'sm_pct', '.1f')} | "
+                   f"{cell(r, 'issued', '.2f')} | {cell(r, 'registers', '.0f')} | "
+                   f"{cell(r, 'occupancy_pct', '.1f')} |")
+    return out
 
 
 def main(argv: list[str]) -> int:

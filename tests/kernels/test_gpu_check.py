@@ -165,3 +165,40 @@ def test_render_lists_failed_tests():
     assert "Failed tests (1):" in text and "- `tests/a.py::t`" in text
     assert "Failed tests" not in "\n".join(render_steps({"steps": [{"name": "b", "rc": 0,
                                                                        "seconds": 1}]}))
+
+
+# Excerpt of a real `ncu` details report (H200, 2026-11-29), trimmed to the rows parsed.
+_NCU_TEXT = """\
+==PROF== Profiling "fusion_forward_kernel": 0%....50%....100% - 17 passes
+  void cetnet::<unnamed>::fusion_forward_kernel<float, float, 1>(cetnet::<unnamed>::TileIO<T1, \
+T1>, cetnet::<unnamed>::TauRef, bool, T1 *) (528, 1, 1)x(256, 1, 1), Context 1, Stream 7, \
+Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    DRAM Throughput                   %        28.11
+    Duration                         us        94.21
+    Compute (SM) Throughput           %        73.07
+    Section: Scheduler Statistics
+    Issued Warp Per Scheduler                        0.78
+    Registers Per Thread             register/thread              64
+    Achieved Occupancy                        %        41.96
+  _collaborative_loss_kernel (16384, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    DRAM Throughput                   %        13.43
+    Duration                         ms         1.25
+    Elapsed Cycles                cycle      214,289
+"""
+
+
+def test_ncu_rows_and_table():
+    from render_gpu import render_ncu
+
+    rows = gpu_check.ncu_rows(_NCU_TEXT)
+    assert rows == [
+        {"kernel": "fusion_forward_kernel", "backend": "cuda", "dram_pct": 28.11, "us": 94.21,
+         "sm_pct": 73.07, "issued": 0.78, "registers": 64.0, "occupancy_pct": 41.96},
+        # a duration in ms is given in microseconds; metrics not profiled are absent
+        {"kernel": "_collaborative_loss_kernel", "backend": "triton", "dram_pct": 13.43,
+         "us": 1250.0}]
+    table = "\n".join(render_ncu(rows))
+    assert "| fusion_forward_kernel | cuda | 94.2 | 28.1 | 73.1 | 0.78 | 64 | 42.0 |" in table
+    assert "| _collaborative_loss_kernel | triton | 1250.0 | 13.4 | – | – | – | – |" in table
+    assert render_ncu([]) == [] and gpu_check.ncu_rows("no report") == []
