@@ -8,9 +8,10 @@ Runs the forward and backward ops of ``confidence_fusion`` and the ``collaborati
         --section SpeedOfLight --section SchedulerStats --section WarpStateStats \\
         python3 bench/profile_fusion.py --B 4194304 --K 4
 
-(``sums``: the CUDA loss's final reduction kernel) and compare "Issue Slots Busy" (SchedulerStats) with "DRAM Throughput" (SpeedOfLight): a
-kernel near the issue ceiling with DRAM far under it needs fewer instructions per row, not a
-better access pattern. Needs a CUDA GPU; ncu replays each kernel, so the run's own timing means
+(``sums``: the CUDA loss's final reduction kernel) and compare "Issued Warp Per Scheduler"
+(SchedulerStats; 1.0 is the most a scheduler issues per cycle) with "DRAM Throughput"
+(SpeedOfLight): a kernel issuing near that ceiling with DRAM far under its peak needs fewer
+instructions per row, not a better access pattern. Needs a CUDA GPU; ncu replays each kernel, so the run's own timing means
 nothing (use bench/bench_gpu.py for times).
 """
 
