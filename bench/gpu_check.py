@@ -40,6 +40,12 @@ def log(msg: str) -> None:
     print(f"[gpu-check {time.monotonic() - T0:6.1f} s] {msg}", flush=True)
 
 
+def cuda_tool(name: str) -> str | None:
+    """A CUDA toolkit program (compute-sanitizer, ncu): on the PATH, else in /usr/local/cuda."""
+    fallback = Path("/usr/local/cuda/bin") / name
+    return shutil.which(name) or (str(fallback) if fallback.exists() else None)
+
+
 def run_step(name: str, cmd: list[str], out_dir: Path, timeout: float, env: dict | None = None
              ) -> dict:
     """Runs ``cmd`` with its output teed to ``out_dir/<name>.log``; never raises."""
@@ -151,7 +157,8 @@ def ncu_rows(text: str) -> list[dict]:
             continue
         m = _NCU_ROW.match(line)
         if m and rows:
-            key, unit, value = _NCU_METRICS[m.group(1)], m.group(2), float(m.group(3).replace(",", ""))
+            key, unit = _NCU_METRICS[m.group(1)], m.group(2)
+            value = float(m.group(3).replace(",", ""))
             if key == "us":
                 value *= _TO_US.get(unit or "us", float("nan"))
             rows[-1].setdefault(key, value)
@@ -273,8 +280,8 @@ def exception_probe(out: Path, env: dict) -> dict:
                  "head -1; ldd cetnet_kernels/_C*.so | grep -E 'stdc|gcc_s|gomp'"],
                 # a libstdc++ / libgcc linked statically into the extension (a compiler wrapper
                 # adding -static-libstdc++) would give it its own exception runtime
-                # no libstdc++ among them: a static copy (seen: a CXX wrapper adding
-                # -static-libstdc++), whose locale state torch's copy does not share
+                # no libstdc++ among them: a static copy (seen: a CXX wrapper whose -B folder
+                # held only libstdc++.a), whose locale state torch's copy does not share
                 ["sh", "-c", "readelf -d cetnet_kernels/_C*.so | grep NEEDED; echo "
                  "defines-cxa_throw: $(nm cetnet_kernels/_C*.so 2>/dev/null | "
                  "grep -c -E ' [TtWw] (__cxa_throw|_Unwind_RaiseException)$')"],
@@ -401,12 +408,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py).
     if not args.skip_tests:
-        junit = out.resolve() / "tests.xml"  # read for skip reasons (pytest runs in ROOT)
+        junit = out / "tests.xml"  # read for skip reasons
         junit.unlink(missing_ok=True)  # written at the session's end only: never a stale one
         # ... and the CPU kernel builds' agreement (the GPU host's CPU often runs avx512).
         # -v: a line per test, so a step killed at its limit still says what ran and failed.
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu or cpu_isa", "-v", "-ra", "--durations=15",
-               "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu or cpu_isa", "-v", "-ra",
+               "--durations=15", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
         import importlib.util
 
@@ -430,9 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. compute-sanitizer over a small run of every CUDA and Triton kernel: memcheck (out
         # of bounds, misaligned, leaks) and racecheck (shared-memory hazards of the tiled kernels).
-        sanitizer = shutil.which("compute-sanitizer")
-        if sanitizer is None and Path("/usr/local/cuda/bin/compute-sanitizer").exists():
-            sanitizer = "/usr/local/cuda/bin/compute-sanitizer"
+        sanitizer = cuda_tool("compute-sanitizer")
         for tool in () if args.skip_sanitizers else ("memcheck", "racecheck"):
             if sanitizer is None:
                 steps.append({"name": tool, "rc": "skipped", "seconds": 0,
@@ -459,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(s)
 
     # 5. Nsight Compute over the fusion kernels (bench/profile_fusion.py): issue against memory.
-    ncu = shutil.which("ncu") or next((str(p) for p in (Path("/usr/local/cuda/bin/ncu"),)
-                                       if p.exists()), None)
+    ncu = cuda_tool("ncu")
     if not (args.skip_bench or args.skip_ncu):
         if ncu is None:
             steps.append({"name": "ncu", "rc": "skipped", "seconds": 0,

@@ -11,8 +11,9 @@ Runs the forward and backward ops of ``confidence_fusion`` and the ``collaborati
 (``sums``: the CUDA loss's final reduction kernel) and compare "Issued Warp Per Scheduler"
 (SchedulerStats; 1.0 is the most a scheduler issues per cycle) with "DRAM Throughput"
 (SpeedOfLight): a kernel issuing near that ceiling with DRAM far under its peak needs fewer
-instructions per row, not a better access pattern. Needs a CUDA GPU; ncu replays each kernel, so the run's own timing means
-nothing (use bench/bench_gpu.py for times).
+instructions per row, not a better access pattern. Needs a CUDA GPU; ncu replays each kernel,
+so the run's own timing means nothing (use bench/bench_gpu.py for times). `make gpu-check` runs
+this under ncu and tabulates the result in GPU_RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cetnet_kernels  # noqa: E402,F401  (registers the ops)
+from cetnet_kernels import available_backends  # noqa: E402  (and registers the ops)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(args.B, args.K, generator=gen, device="cuda") * 2
     labels = torch.randint(0, 2, (args.B,), generator=gen, device="cuda").float()
-    from cetnet_kernels import available_backends
-
     for backend in args.backends.split(","):
         if backend not in available_backends("cuda"):
             print(f"profile_fusion: backend {backend!r} is not available here; skipped")
