@@ -16,6 +16,11 @@
 //     (a warp's accesses hit 32 consecutive words: no bank conflicts), and the row's outputs
 //     (weights / grad) go back to the staged row, then to global memory with coalesced stores.
 //   * tau == 1 (read on the device) takes the log-free paths (exp_confidence), as the CPU does.
+//   * For float accumulation and K in 2..8 (kRegRowMaxK) the kernels are compiled per K and a
+//     row lives in registers (RegRow) instead of the per-thread shared-memory column: the member
+//     loops unroll, and the cache's stores, loads and address arithmetic, which cost more issue
+//     slots than the math at small K (the kernels are bound by instruction issue, not DRAM),
+//     are gone. The staging of the tile is unchanged.
 // Global path (larger K): one thread per row, member values recomputed from the global logits.
 // Blocks loop over tiles/rows (grid sized by the occupancy calculator); indices into global
 // memory are 64-bit. Reductions over rows are deterministic: each thread sums its rows in
@@ -57,6 +62,16 @@ constexpr int kFinalizeThreads = 256;
 template <typename acc_t>
 constexpr int min_blocks() {
   return sizeof(acc_t) == 8 ? 2 : 4;
+}
+// Register rows (KC > 0) hold K members' values (6 fields and e each) in registers: the kernels
+// whose rows would spill at 64 get 80 (3 blocks) or, for the loss at K > 4, 128 (2 blocks).
+template <int KC>
+constexpr int min_blocks_backward() {
+  return KC > 5 ? 3 : 4;
+}
+template <int KC>
+constexpr int min_blocks_loss() {
+  return KC > 4 ? 2 : KC > 0 ? 3 : 4;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -120,6 +135,43 @@ struct GlobalRow {
     return make_elem(static_cast<acc_t>(z[static_cast<int64_t>(k) * s1]));
   }
 };
+
+// A row held in registers, for K known at compile time (KC): the member loops of fusion_math.h
+// unroll, so every field lives in a register and nothing goes through a shared-memory cache.
+// At small K the cache's loads, stores and address arithmetic cost more instructions than the
+// math, and these kernels are bound by instruction issue. kFull as for SmemRow.
+template <typename acc_t, int KC, bool kFull>
+struct RegRow {
+  static_assert(KC > 0, "RegRow needs the member count at compile time");
+  static constexpr bool kCachesE = true;
+  static constexpr int K = KC;
+  Elem<acc_t> el[KC];
+  mutable acc_t ev[KC];  // the softmax exponentials (or weights): the row math's set_e is const
+  __device__ __forceinline__ const Elem<acc_t>& elem(int k) const { return el[k]; }
+  __device__ __forceinline__ void set_e(int k, acc_t v) const { ev[k] = v; }
+  __device__ __forceinline__ acc_t e(int k) const { return ev[k]; }
+  __device__ __forceinline__ void fill_row(const acc_t* z) {
+#pragma unroll
+    for (int k = 0; k < KC; ++k) {
+      if constexpr (kFull) {
+        set_elem(el[k], z[k]);
+      } else {
+        el[k] = make_elem_pq(z[k]);
+      }
+    }
+  }
+};
+
+// The row of a tiled kernel: in registers for a compile-time K (KC > 0), else the thread's
+// column of the shared-memory cache.
+template <typename acc_t, int KC, bool kFull>
+__device__ __forceinline__ auto tile_row(int K, int T, acc_t* col) {
+  if constexpr (KC > 0) {
+    return RegRow<acc_t, KC, kFull>{};
+  } else {
+    return SmemRow<acc_t, kFull>{K, T, col};
+  }
+}
 
 // The dynamic shared memory of a block, as acc_t.
 template <typename acc_t>
@@ -209,15 +261,16 @@ struct TileIO {
 // Runs body(zrow, gwrow, rs, b) for every row b of the block's tiles. zrow: the row's K staged
 // logits (acc_t, shared memory), overwritten by the body with the row's K outputs, which are
 // then stored to io.out; gwrow: its staged grad_weights (null if none); rs: its row scalar.
-// Shared memory: [cache: kCacheFields*K*T][logits: T*R*K][grad_weights: T*R*K if any].
+// Shared memory: [cache: kCacheFields*K*T][logits: T*R*K][grad_weights: T*R*K if any], without
+// the cache when KC > 0 (K = KC at compile time, rows in registers: RegRow).
 // Every thread of the block must call it (it synchronizes; the tile loop is block-uniform).
-template <typename acc_t, typename scalar_t, typename rs_t, typename Body>
+template <int KC, typename acc_t, typename scalar_t, typename rs_t, typename Body>
 __device__ __forceinline__ void tile_loop(const TileIO<scalar_t, rs_t>& io, acc_t* smem,
                                           const Body& body) {
   const int T = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
-  const int K = io.K, R = io.R;
+  const int K = KC > 0 ? KC : io.K, R = io.R;
   const int tile_rows = T * R;
-  acc_t* stage = smem + kCacheFields * K * T;
+  acc_t* stage = smem + (KC > 0 ? 0 : kCacheFields * K * T);
   acc_t* gstage = stage + tile_rows * K;
   const bool contiguous = io.s1 == 1 && io.s0 == K;
   const bool gw_contiguous = io.gw_s1 == 1 && io.gw_s0 == K;
@@ -303,8 +356,9 @@ __device__ __forceinline__ void tile_loop(const TileIO<scalar_t, rs_t>& io, acc_
 
 // ---------------------------------------------------------------------------------------------
 // Kernels. kCached: the tiled path (dynamic shared memory); otherwise the global path.
+// KC > 0 (tiled path only): K == KC, the rows held in registers (tile_row).
 // ---------------------------------------------------------------------------------------------
-template <typename scalar_t, typename acc_t, bool kCached>
+template <typename scalar_t, typename acc_t, bool kCached, int KC = 0>
 __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
     fusion_forward_kernel(TileIO<scalar_t, scalar_t> io, TauRef tau, bool logit_space,
                           scalar_t* __restrict__ p_out) {
@@ -316,15 +370,15 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
     acc_t* smem = shared_cache<acc_t>();
     acc_t* col = smem + threadIdx.x;
     const int T = static_cast<int>(blockDim.x);
-    tile_loop(io, smem, [&](acc_t* zrow, const acc_t*, acc_t, int64_t b) {
+    tile_loop<KC>(io, smem, [&](acc_t* zrow, const acc_t*, acc_t, int64_t b) {
       const auto put_w = [&](int k, acc_t w) { zrow[k] = w; };
       acc_t p;
       if (unit_tau) {
-        const SmemRow<acc_t, false> row{K, T, col};
+        auto row = tile_row<acc_t, KC, false>(K, T, col);
         row.fill_row(zrow);
         p = fusion_forward_row_unit_tau<acc_t>(row, logit_space, put_w);
       } else {
-        const SmemRow<acc_t, true> row{K, T, col};
+        auto row = tile_row<acc_t, KC, true>(K, T, col);
         row.fill_row(zrow);
         p = fusion_forward_row<acc_t>(row, ts, logit_space, put_w);
       }
@@ -342,8 +396,9 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
 }
 
 // gt_partial: one float64 partial of dL/dtau per block (want_gt), else gt_zero[0] is set to 0.
-template <typename scalar_t, typename acc_t, bool kCached>
-__global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
+template <typename scalar_t, typename acc_t, bool kCached, int KC = 0>
+__global__ void __launch_bounds__(kMaxThreads,
+                                  sizeof(acc_t) == 8 ? 2 : min_blocks_backward<KC>())
     fusion_backward_kernel(TileIO<scalar_t, scalar_t> io, TauRef tau, bool logit_space,
                            bool detach_weights, bool want_gt, double* __restrict__ gt_partial,
                            acc_t* __restrict__ gt_zero) {
@@ -356,12 +411,12 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
     acc_t* smem = shared_cache<acc_t>();
     acc_t* col = smem + threadIdx.x;
     const int T = static_cast<int>(blockDim.x);
-    tile_loop(io, smem, [&](acc_t* zrow, const acc_t* gwrow, acc_t g_p, int64_t) {
+    tile_loop<KC>(io, smem, [&](acc_t* zrow, const acc_t* gwrow, acc_t g_p, int64_t) {
       const auto get_gw = [&](int k) { return gwrow != nullptr ? gwrow[k] : acc_t(0); };
       const auto put_gz = [&](int k, acc_t g) { zrow[k] = g; };
       if (unit_tau && !want_gt) {
         // Weights from the log-free forward (kept in the e slots), then the VJP on z, p, q.
-        const SmemRow<acc_t, false> row{K, T, col};
+        auto row = tile_row<acc_t, KC, false>(K, T, col);
         row.fill_row(zrow);
         (void)fusion_forward_row_unit_tau<acc_t>(row, logit_space,
                                                  [&](int k, acc_t w) { row.set_e(k, w); });
@@ -369,7 +424,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
             row, ts, logit_space, detach_weights, /*want_gt=*/false, g_p,
             [&](int k) { return row.e(k); }, get_gw, put_gz);
       } else {
-        const SmemRow<acc_t, true> row{K, T, col};
+        auto row = tile_row<acc_t, KC, true>(K, T, col);
         row.fill_row(zrow);
         const acc_t gt = fusion_backward_row<acc_t>(row, ts, logit_space, detach_weights,
                                                     g_p, get_gw, put_gz);
@@ -405,8 +460,8 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<acc_t>())
 // block of the losses (partials[blockIdx.x]) and of dloss/dtau (partials[gridDim.x +
 // blockIdx.x], if want_gt). gt_zero (if not null) is set to 0.
 // (double: one block of 256 per SM guaranteed, which keeps it free of spills.)
-template <typename scalar_t, typename acc_t, bool kCached>
-__global__ void __launch_bounds__(kMaxThreads, sizeof(acc_t) == 8 ? 1 : min_blocks<acc_t>())
+template <typename scalar_t, typename acc_t, bool kCached, int KC = 0>
+__global__ void __launch_bounds__(kMaxThreads, sizeof(acc_t) == 8 ? 1 : min_blocks_loss<KC>())
     collaborative_loss_kernel(TileIO<scalar_t, acc_t> io, TauRef tau, bool logit_space,
                               bool detach_weights, LossWeights weights, bool compute_grad,
                               bool per_row, bool want_gt, scalar_t* __restrict__ p_out,
@@ -428,8 +483,8 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(acc_t) == 8 ? 1 : min_bloc
   };
   if constexpr (kCached) {
     acc_t* smem = shared_cache<acc_t>();
-    const SmemRow<acc_t, true> row{K, static_cast<int>(blockDim.x), smem + threadIdx.x};
-    tile_loop(io, smem, [&](acc_t* zrow, const acc_t*, acc_t y, int64_t b) {
+    auto row = tile_row<acc_t, KC, true>(K, static_cast<int>(blockDim.x), smem + threadIdx.x);
+    tile_loop<KC>(io, smem, [&](acc_t* zrow, const acc_t*, acc_t y, int64_t b) {
       row.fill_row(zrow);
       const LossRowOut<acc_t> r = collaborative_loss_row<acc_t>(
           row, y, ts, logit_space, detach_weights, weights, compute_grad,
@@ -473,13 +528,15 @@ struct LaunchConfig {
 
 // Tiled path: the most threads (a power of two in [32, 256]), then the most rows per thread,
 // whose cache and staging buffers fit in 48 KB (for float, K up to 48 without grad_weights; for
-// double, 24). Otherwise the global path, 256 threads. The grid is as many blocks as fit on the
+// double, 24; reg_rows: no cache, only the staging). Otherwise the global path, 256 threads. The grid is as many blocks as fit on the
 // device at once (occupancy calculator), at most one per tile/row group; blocks loop over the
 // rest. The grid depends only on the kernel, K and the device, so the reductions' order is fixed.
 template <typename acc_t, typename KC, typename KG>
-LaunchConfig launch_config(int64_t B, int K, bool has_gw, KC cached_kernel, KG global_kernel) {
+LaunchConfig launch_config(int64_t B, int K, bool has_gw, bool reg_rows, KC cached_kernel,
+                           KG global_kernel) {
   LaunchConfig cfg{false, kMaxThreads, 1, 0, 1};
-  const size_t cache = kCacheFields * static_cast<size_t>(K) * sizeof(acc_t);  // per thread
+  // per thread
+  const size_t cache = reg_rows ? 0 : kCacheFields * static_cast<size_t>(K) * sizeof(acc_t);
   const size_t stage = (has_gw ? 2 : 1) * static_cast<size_t>(K) * sizeof(acc_t);  // per row
   for (int t = kMaxThreads; t >= kMinThreads && !cfg.cached; t /= 2) {
     for (int r = kMaxRowsPerThread; r >= 1; --r) {
@@ -507,15 +564,38 @@ LaunchConfig launch_config(int64_t B, int K, bool has_gw, KC cached_kernel, KG g
   return cfg;
 }
 
+// Member counts with register-row kernels (float accumulation: float, half, bfloat16 logits).
+// Each costs three kernels per dtype in compile time; other K take the shared-memory cache.
+constexpr int kRegRowMaxK = 8;
+
+// Calls f(std::integral_constant<int, KC>{}): KC = K when K has register-row kernels, else 0.
+template <typename acc_t, typename F>
+void with_member_count(int K, const F& f) {
+  if constexpr (sizeof(acc_t) == sizeof(float)) {
+    switch (K) {
+      case 2: return f(std::integral_constant<int, 2>{});
+      case 3: return f(std::integral_constant<int, 3>{});
+      case 4: return f(std::integral_constant<int, 4>{});
+      case 5: return f(std::integral_constant<int, 5>{});
+      case 6: return f(std::integral_constant<int, 6>{});
+      case 7: return f(std::integral_constant<int, 7>{});
+      case kRegRowMaxK: return f(std::integral_constant<int, kRegRowMaxK>{});
+      default: break;
+    }
+  }
+  f(std::integral_constant<int, 0>{});
+}
+
+// In with_member_count's callback (KC in scope).
 #define CETNET_CONFIG(KERNEL, B, K, has_gw)                                                 \
-  launch_config<acc_t>((B), (K), (has_gw), KERNEL<scalar_t, acc_t, true>,                    \
+  launch_config<acc_t>((B), (K), (has_gw), KC > 0, KERNEL<scalar_t, acc_t, true, KC>,        \
                        KERNEL<scalar_t, acc_t, false>)
 
 // Launches KERNEL<scalar_t, acc_t, cached or not> with cfg on stream, then checks the launch.
 #define CETNET_LAUNCH(KERNEL, cfg, stream, ...)                                                \
   do {                                                                                         \
     if ((cfg).cached) {                                                                        \
-      KERNEL<scalar_t, acc_t, true><<<(cfg).blocks, (cfg).threads, (cfg).smem, (stream)>>>(    \
+      KERNEL<scalar_t, acc_t, true, KC><<<(cfg).blocks, (cfg).threads, (cfg).smem, (stream)>>>( \
           __VA_ARGS__);                                                                        \
     } else {                                                                                   \
       KERNEL<scalar_t, acc_t, false><<<(cfg).blocks, (cfg).threads, 0, (stream)>>>(__VA_ARGS__); \
@@ -570,21 +650,24 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion(const at::Tensor& logits,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LaunchConfig cfg = CETNET_CONFIG(fusion_forward_kernel, B, K, false);
-    const TileIO<scalar_t, scalar_t> io{logits.const_data_ptr<scalar_t>(),
-                                        logits.stride(0),
-                                        logits.stride(1),
-                                        nullptr,
-                                        0,
-                                        0,
-                                        nullptr,
-                                        0,
-                                        weights.mutable_data_ptr<scalar_t>(),
-                                        B,
-                                        K,
-                                        cfg.rows};
-    CETNET_LAUNCH(fusion_forward_kernel, cfg, stream, io, tau, logit_space,
-                  prob.mutable_data_ptr<scalar_t>());
+    with_member_count<acc_t>(K, [&](auto member_count) {
+      constexpr int KC = decltype(member_count)::value;
+      const LaunchConfig cfg = CETNET_CONFIG(fusion_forward_kernel, B, K, false);
+      const TileIO<scalar_t, scalar_t> io{logits.const_data_ptr<scalar_t>(),
+                                          logits.stride(0),
+                                          logits.stride(1),
+                                          nullptr,
+                                          0,
+                                          0,
+                                          nullptr,
+                                          0,
+                                          weights.mutable_data_ptr<scalar_t>(),
+                                          B,
+                                          K,
+                                          cfg.rows};
+      CETNET_LAUNCH(fusion_forward_kernel, cfg, stream, io, tau, logit_space,
+                    prob.mutable_data_ptr<scalar_t>());
+    });
   });
   return {prob, weights};
 }
@@ -616,30 +699,33 @@ std::tuple<at::Tensor, at::Tensor> confidence_fusion_backward(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LaunchConfig cfg = CETNET_CONFIG(fusion_backward_kernel, B, K, has_gw);
-    const TileIO<scalar_t, scalar_t> io{logits.const_data_ptr<scalar_t>(),
-                                        logits.stride(0),
-                                        logits.stride(1),
-                                        has_gw ? gw.const_data_ptr<scalar_t>() : nullptr,
-                                        has_gw ? gw.stride(0) : 0,
-                                        has_gw ? gw.stride(1) : 0,
-                                        has_gp ? gp.const_data_ptr<scalar_t>() : nullptr,
-                                        has_gp ? gp.stride(0) : 0,
-                                        grad_logits.mutable_data_ptr<scalar_t>(),
-                                        B,
-                                        K,
-                                        cfg.rows};
-    acc_t* gt_out = grad_temperature.mutable_data_ptr<acc_t>();
-    const at::Tensor partials =
-        want_gt ? at::empty({static_cast<int64_t>(cfg.blocks)}, logits.options().dtype(at::kDouble))
-                : at::Tensor();
-    CETNET_LAUNCH(fusion_backward_kernel, cfg, stream, io, tau, logit_space, detach_weights,
-                  want_gt, want_gt ? partials.mutable_data_ptr<double>() : nullptr,
-                  want_gt ? nullptr : gt_out);
-    if (want_gt) {
-      launch_finalize<acc_t>(partials, static_cast<int>(cfg.blocks), B, /*mean=*/false, gt_out,
-                             nullptr, stream);
-    }
+    with_member_count<acc_t>(K, [&](auto member_count) {
+      constexpr int KC = decltype(member_count)::value;
+      const LaunchConfig cfg = CETNET_CONFIG(fusion_backward_kernel, B, K, has_gw);
+      const TileIO<scalar_t, scalar_t> io{logits.const_data_ptr<scalar_t>(),
+                                          logits.stride(0),
+                                          logits.stride(1),
+                                          has_gw ? gw.const_data_ptr<scalar_t>() : nullptr,
+                                          has_gw ? gw.stride(0) : 0,
+                                          has_gw ? gw.stride(1) : 0,
+                                          has_gp ? gp.const_data_ptr<scalar_t>() : nullptr,
+                                          has_gp ? gp.stride(0) : 0,
+                                          grad_logits.mutable_data_ptr<scalar_t>(),
+                                          B,
+                                          K,
+                                          cfg.rows};
+      acc_t* gt_out = grad_temperature.mutable_data_ptr<acc_t>();
+      const at::Tensor partials =
+          want_gt ? at::empty({static_cast<int64_t>(cfg.blocks)}, logits.options().dtype(at::kDouble))
+                  : at::Tensor();
+      CETNET_LAUNCH(fusion_backward_kernel, cfg, stream, io, tau, logit_space, detach_weights,
+                    want_gt, want_gt ? partials.mutable_data_ptr<double>() : nullptr,
+                    want_gt ? nullptr : gt_out);
+      if (want_gt) {
+        launch_finalize<acc_t>(partials, static_cast<int>(cfg.blocks), B, /*mean=*/false, gt_out,
+                               nullptr, stream);
+      }
+    });
   });
   return {grad_logits, grad_temperature};
 }
@@ -678,34 +764,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> collaborative_loss(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cetnet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LaunchConfig cfg = CETNET_CONFIG(collaborative_loss_kernel, B, K, false);
-    const TileIO<scalar_t, acc_t> io{logits.const_data_ptr<scalar_t>(),
-                                     logits.stride(0),
-                                     logits.stride(1),
-                                     nullptr,
-                                     0,
-                                     0,
-                                     y_t.const_data_ptr<acc_t>(),
-                                     y_t.stride(0),
-                                     compute_grad ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr,
-                                     B,
-                                     K,
-                                     cfg.rows};
-    const at::Tensor partials =
-        per_row ? at::Tensor()
-                : at::empty({2, static_cast<int64_t>(cfg.blocks)},
-                            logits.options().dtype(at::kDouble));
-    acc_t* gt_ptr = grad_temperature.mutable_data_ptr<acc_t>();
-    CETNET_LAUNCH(collaborative_loss_kernel, cfg, stream, io, tau, logit_space, detach_weights,
-                  weights, compute_grad, per_row, want_gt, prob.mutable_data_ptr<scalar_t>(),
-                  per_row ? loss.mutable_data_ptr<acc_t>() : nullptr,
-                  (per_row && want_gt) ? gt_ptr : nullptr,
-                  per_row ? nullptr : partials.mutable_data_ptr<double>(),
-                  want_gt ? nullptr : gt_ptr);
-    if (!per_row) {
-      launch_finalize<acc_t>(partials, static_cast<int>(cfg.blocks), B, /*mean=*/reduction == kReduceMean,
-                             loss.mutable_data_ptr<acc_t>(), want_gt ? gt_ptr : nullptr, stream);
-    }
+    with_member_count<acc_t>(K, [&](auto member_count) {
+      constexpr int KC = decltype(member_count)::value;
+      const LaunchConfig cfg = CETNET_CONFIG(collaborative_loss_kernel, B, K, false);
+      const TileIO<scalar_t, acc_t> io{logits.const_data_ptr<scalar_t>(),
+                                       logits.stride(0),
+                                       logits.stride(1),
+                                       nullptr,
+                                       0,
+                                       0,
+                                       y_t.const_data_ptr<acc_t>(),
+                                       y_t.stride(0),
+                                       compute_grad ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr,
+                                       B,
+                                       K,
+                                       cfg.rows};
+      const at::Tensor partials =
+          per_row ? at::Tensor()
+                  : at::empty({2, static_cast<int64_t>(cfg.blocks)},
+                              logits.options().dtype(at::kDouble));
+      acc_t* gt_ptr = grad_temperature.mutable_data_ptr<acc_t>();
+      CETNET_LAUNCH(collaborative_loss_kernel, cfg, stream, io, tau, logit_space, detach_weights,
+                    weights, compute_grad, per_row, want_gt, prob.mutable_data_ptr<scalar_t>(),
+                    per_row ? loss.mutable_data_ptr<acc_t>() : nullptr,
+                    (per_row && want_gt) ? gt_ptr : nullptr,
+                    per_row ? nullptr : partials.mutable_data_ptr<double>(),
+                    want_gt ? nullptr : gt_ptr);
+      if (!per_row) {
+        launch_finalize<acc_t>(partials, static_cast<int>(cfg.blocks), B, /*mean=*/reduction == kReduceMean,
+                               loss.mutable_data_ptr<acc_t>(), want_gt ? gt_ptr : nullptr, stream);
+      }
+    });
   });
   return {loss, prob, grad_logits, grad_temperature};
 }

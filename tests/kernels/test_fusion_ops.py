@@ -414,6 +414,56 @@ def test_cpu_bitwise_deterministic_across_threads():
 
 
 # ------------------------------------------------------------------------------------------------
+# float32 at every member count: the CUDA kernels have a register-row variant per K in 2..8
+# (float accumulation), the shared-memory cache for other K; each K is its own code.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("tau", [1.0, 0.6])
+def test_float32_every_member_count(backend, device, tau):
+    """float32 forward, backward (with and without dL/dtau, upstream grads of p and w) and loss
+    (all terms) against the float64 reference on the same rounded logits, for K = 1..9 in both
+    spaces. tau = 1 without dL/dtau takes the log-free paths; with it, the general ones."""
+    B = 37 if _interpreted(backend, device) else 1300  # more than two 512-row tiles on CUDA
+    tol, gtol = dict(rtol=1e-5, atol=1e-6), dict(rtol=1e-4, atol=1e-5)
+    gen = torch.Generator().manual_seed(11)
+    for K in range(1, 10):
+        z = (torch.randn(B, K, generator=gen, dtype=torch.float64) * 3.0).float()
+        z[0, 0] = 30.0  # one sure member: weights near one-hot
+        y = torch.rand(B, generator=gen, dtype=torch.float64).float()
+        gp, gw = torch.randn(B, generator=gen), torch.randn(B, K, generator=gen)
+        for space in SPACES:
+            what = f"K={K} {space}"
+            zr = z.double().requires_grad_()
+            tr = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+            p_ref, w_ref = confidence_fusion_reference(zr, tr, fusion_space=space)
+            gz_ref, gt_ref = torch.autograd.grad(
+                (p_ref * gp.double()).sum() + (w_ref * gw.double()).sum(), [zr, tr])
+            for with_tau_grad in (False, True):
+                zo = _leaf(z, device)
+                to = torch.tensor(tau, device=device, requires_grad=with_tau_grad)
+                p, w = confidence_fusion(zo, to, fusion_space=space, backend=backend)
+                _close(p.double(), p_ref, msg=what, **tol)
+                _close(w.double(), w_ref, msg=what, **tol)
+                inputs = [zo, to] if with_tau_grad else [zo]
+                grads = torch.autograd.grad(
+                    (p * gp.to(device)).sum() + (w * gw.to(device)).sum(), inputs)
+                _close(grads[0].double(), gz_ref, msg=what, **gtol)
+                if with_tau_grad:
+                    _close(grads[1].double(), gt_ref, msg=what, **gtol)
+            kw = dict(fusion_space=space, **TERMS["all"])
+            l_ref, pl_ref, gzl_ref, gtl_ref = reference_loss_grads(z, y, tau, reduction="sum",
+                                                                    **kw)
+            zo, to = _leaf(z, device), torch.tensor(tau, device=device, requires_grad=True)
+            loss, prob = collaborative_loss(zo, y.to(device), to, reduction="sum",
+                                            backend=backend, **kw)
+            gz, gt = torch.autograd.grad(loss, [zo, to])
+            _close(loss.double(), l_ref, msg=what, rtol=1e-5, atol=1e-4)
+            _close(prob.double(), pl_ref, msg=what, **tol)
+            _close(gz.double(), gzl_ref, msg=what, **gtol)
+            _close(gt.double(), gtl_ref, msg=what, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
 # float32 fast paths of the CPU kernels: the in-register tile transposes (blocks of 8 and 4
 # members, any row stride, scalar for the rest and for partial tiles) and the log-free
 # forward at temperature 1.
