@@ -15,6 +15,11 @@ The per-row algorithm mirrors csrc/fusion_math.h (make_elem, fusion_stats, fusio
 collaborative_loss_row): everything in logit form from one exp(-|z|) and one log1p per member,
 max-subtracted softmax, log p / log(1-p) of the fused prediction as log-sum-exps, the ratios of the
 ensemble-BCE gradient formed in log space, nothing clamped; a NaN logit poisons only its row.
+At temperature 1 (the default; a branch on the loaded value) the fusion forward, and the backward
+when dL/dtau is not asked for, take the compiled kernels' path without a logarithm
+(exp_confidence): one exp and one division per member fewer, and no log1p. The kernels are bound
+by instruction issue on an H200, so this is their main cost (sm_90 SASS at K = 4: ~285 instead
+of ~630 instructions per row for the forward, ~370 instead of ~640 for the backward).
 
 Layout: one program handles BLOCK_B rows as a [BLOCK_B, BLOCK_K] tile, BLOCK_K =
 next_power_of_2(K); masked member slots contribute -inf to maxima / LSEs and 0 to sums. Any input
@@ -123,16 +128,22 @@ def _to_out(x, ptr):
 
 
 @triton.jit
-def _member(z):
-    # make_elem: p = sigmoid(z), q = sigmoid(-z) (exact, not 1 - p), lsp = log sigmoid(z),
-    # lsq = log sigmoid(-z), c = z p - softplus(z) = -H(p). One exp, one log1p.
+def _probs(z):
+    # set_probs: p = sigmoid(z), q = sigmoid(-z) (exact, not 1 - p), and e = exp(-|z|) for the
+    # logarithms. One exp, one division.
     e = tl.exp(-tl.abs(z))  # in (0, 1]: never overflows
-    l = _log1p_unit(e)
     r = 1.0 / (1.0 + e)
     er = e * r
     nonneg = z >= 0.0
-    p = tl.where(nonneg, r, er)
-    q = tl.where(nonneg, er, r)
+    return tl.where(nonneg, r, er), tl.where(nonneg, er, r), e
+
+
+@triton.jit
+def _member(z):
+    # make_elem: p = sigmoid(z), q = sigmoid(-z) (exact, not 1 - p), lsp = log sigmoid(z),
+    # lsq = log sigmoid(-z), c = z p - softplus(z) = -H(p). One exp, one log1p.
+    p, q, e = _probs(z)
+    l = _log1p_unit(e)
     lsp = -(tl.maximum(-z, 0.0) + l)
     lsq = -(tl.maximum(z, 0.0) + l)
     c = z * p + lsq
@@ -168,7 +179,9 @@ def _fusion_stats(
     # fusion_stats: log w_k = (c_k - m)/tau - logS with m = max_k c_k (the max is subtracted
     # before scaling: the winner's exponent is exactly 0 at any tau). Returns per-row [BLOCK_B]
     # (m, logS, cbar, zf, p_fused, log p, log(1 - p)); the logs only with WITH_LOGS or in logit
-    # space (else zeros). Without logs, prob-space p is the positive sum sum_k w_k p_k.
+    # space (else zeros). Without logs, prob-space p is the positive sum sum_k w_k p_k. Then the
+    # softmax exponentials e_k = exp((c_k - m)/tau) ([BLOCK_B, BLOCK_K], 0 in masked slots) and
+    # 1 / sum_k e_k, so that w_k = e_k / S needs no second exp.
     s = tl.where(kmask, c, float("-inf"))
     m = tl.max(s, axis=1)
     e = tl.exp(_over_tau(s - m[:, None], tau, inv_tau))  # masked slots: exp(-inf) = 0
@@ -193,7 +206,39 @@ def _fusion_stats(
         pf = tl.sum(e * p, axis=1) * invS
         logp = tl.zeros_like(pf)
         log1mp = tl.zeros_like(pf)
-    return m, logS, cbar, zf, pf, logp, log1mp
+    return m, logS, cbar, zf, pf, logp, log1mp, e, invS
+
+
+@triton.jit
+def _exp_confidence(z, p, q):
+    # exp(c) without a logarithm (fusion_math.h exp_confidence): with r = sigmoid(|z|) and
+    # s = sigmoid(-|z|), c = log r - |z| s, so exp(c) = r exp(-|z| s), in [exp(-0.279) / 2, 1]:
+    # nothing to subtract before the softmax at tau = 1.
+    nonneg = z >= 0.0
+    r = tl.where(nonneg, p, q)
+    s = tl.where(nonneg, q, p)
+    return r * tl.exp(-tl.abs(z) * s)
+
+
+@triton.jit
+def _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE: tl.constexpr):
+    # p, q, the weights w ([BLOCK_B, BLOCK_K], 0 in masked slots) and the fused probability: at
+    # tau == 1 (a branch on the loaded temperature, the default) from exp(c) without a logarithm
+    # as the compiled kernels do, else through fusion_stats. Masked slots hold z = 0.
+    if tau == 1.0:
+        p, q, _e = _probs(z)
+        e = tl.where(kmask, _exp_confidence(z, p, q), 0.0)
+        invS = 1.0 / tl.sum(e, axis=1)
+        if LOGIT_SPACE:
+            pf, _q, _e = _probs(tl.sum(e * z, axis=1) * invS)
+        else:
+            pf = tl.sum(e * p, axis=1) * invS
+    else:
+        p, q, lsp, lsq, c = _member(z)
+        m, logS, cbar, zf, pf, logp, log1mp, e, invS = _fusion_stats(
+            z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, False
+        )
+    return p, q, e * invS[:, None], pf
 
 
 @triton.jit
@@ -252,11 +297,7 @@ def _confidence_fusion_fwd_kernel(
     rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
         z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K)
 
-    p, q, lsp, lsq, c = _member(z)
-    m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
-        z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, False
-    )
-    w = tl.exp(_over_tau(c - m[:, None], tau, inv_tau) - logS[:, None])
+    p, q, w, pf = _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE)
 
     tl.store(prob_ptr + rows, _to_out(pf, prob_ptr), mask=row_mask)
     tl.store(w_ptr + rows[:, None] * K + cols[None, :], _to_out(w, w_ptr), mask=mask)
@@ -296,12 +337,15 @@ def _confidence_fusion_bwd_kernel(
     rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
         z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K)
 
-    p, q, lsp, lsq, c = _member(z)
-    m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
-        z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, False
-    )
-    # Masked member slots hold z = 0: zero their weight so they drop out of every sum.
-    w = tl.where(kmask, tl.exp(_over_tau(c - m[:, None], tau, inv_tau) - logS[:, None]), 0.0)
+    # Masked member slots hold z = 0 and weight 0: they drop out of every sum.
+    if COMPUTE_TGRAD:  # dL/dtau needs the confidences: the general path at any tau
+        p, q, lsp, lsq, c = _member(z)
+        m, logS, cbar, zf, pf, logp, log1mp, e, invS = _fusion_stats(
+            z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, False
+        )
+        w = e * invS[:, None]
+    else:
+        p, q, w, pf = _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE)
     pq = p * q
 
     if HAS_GP:
@@ -391,7 +435,7 @@ def _collaborative_loss_kernel(
     y = tl.load(y_ptr + rows * stride_y, mask=row_mask, other=0.0).to(z.dtype)
 
     p, q, lsp, lsq, c = _member(z)
-    m, logS, cbar, zf, pf, logp, log1mp = _fusion_stats(
+    m, logS, cbar, zf, pf, logp, log1mp, _e, _invS = _fusion_stats(
         z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, NEED_LOGS
     )
     # 1 - p, exact near p = 1 (p itself would round to 1).
