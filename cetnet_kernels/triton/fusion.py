@@ -17,9 +17,14 @@ max-subtracted softmax, log p / log(1-p) of the fused prediction as log-sum-exps
 ensemble-BCE gradient formed in log space, nothing clamped; a NaN logit poisons only its row.
 At temperature 1 (the default; a branch on the loaded value) the fusion forward, and the backward
 when dL/dtau is not asked for, take the compiled kernels' path without a logarithm
-(exp_confidence): one exp and one division per member fewer, and no log1p. The kernels are bound
-by instruction issue on an H200, so this is their main cost (sm_90 SASS at K = 4: ~285 instead
-of ~630 instructions per row for the forward, ~370 instead of ~640 for the backward).
+(exp_confidence): one exp and one division per member fewer, and no log1p.
+
+Instruction count: on an H200 these kernels were bound by instruction issue (Nsight Compute,
+0.55-0.71 issued warps per scheduler cycle at 13-25 % of DRAM bandwidth), so instructions per row
+are their cost. Besides the log-free path, contiguous inputs with K == BLOCK_K are addressed with
+a constant row stride (_row_offsets): a thread then holds whole rows. sm_90 SASS at K = 4, fp32,
+on the path a thread runs per row: forward 142 (tau = 1) / ~315, backward ~204 (tau = 1, no
+dL/dtau), loss ~665, against 632 / 632, ~640 and ~1290 before both changes.
 
 Layout: one program handles BLOCK_B rows as a [BLOCK_B, BLOCK_K] tile, BLOCK_K =
 next_power_of_2(K); masked member slots contribute -inf to maxima / LSEs and 0 to sums. Any input
@@ -258,16 +263,50 @@ def _tile_offsets(rows, cols, stride_b, stride_k):
 
 
 @triton.jit
+def _row_offsets(rows, cols, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    # [BLOCK_B, BLOCK_K] int64 offsets of a contiguous [B, K] tensor (the outputs, and inputs
+    # laid out so: Z_PACKED / GW_PACKED). EVEN_K (K == BLOCK_K): the row stride is the constant
+    # BLOCK_K, so Triton knows each row's members are contiguous and aligned and gives a thread
+    # whole rows: 128-bit loads and stores, row sums without cross-lane shuffles, and each row
+    # quantity computed once. With the stride a runtime argument (K = 4 is not a multiple of 16,
+    # the divisibility Triton specializes on) it spreads a row over K lanes, shuffles for every
+    # row sum and computes each row quantity on all K lanes: at K = 4 the loss kernel ran ~1290
+    # sm_90 instructions per row with 98 shuffles, ~700 without (module docstring).
+    if EVEN_K:
+        offs = rows[:, None] * BLOCK_K + cols[None, :].to(tl.int64)
+    else:
+        offs = rows[:, None] * K + cols[None, :].to(tl.int64)
+    return offs
+
+
+@triton.jit
+def _member_mask(cols, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    # [1, BLOCK_K] valid member slots; a constant (all true) when K == BLOCK_K, which keeps the
+    # loads and stores vectorizable (a mask must be provably uniform over a vector).
+    if EVEN_K:
+        kmask = (cols < BLOCK_K)[None, :]
+    else:
+        kmask = (cols < K)[None, :]
+    return kmask
+
+
+@triton.jit
 def _logits_tile(z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 Z_PACKED: tl.constexpr):
     # The common prologue of the fusion kernels: this program's rows and member columns, their
     # masks, the [BLOCK_B, BLOCK_K] logits tile in the compute dtype (masked slots hold 0), the
-    # temperature in that dtype and its inverse.
+    # temperature in that dtype and its inverse. Z_PACKED: the logits are contiguous with
+    # K == BLOCK_K (then the strides are not read).
     rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
     row_mask = rows < B
-    kmask = (cols < K)[None, :]
+    kmask = _member_mask(cols, K, EVEN_K, BLOCK_K)
     mask = row_mask[:, None] & kmask
-    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
+    if Z_PACKED:
+        z_offs = _row_offsets(rows, cols, K, True, BLOCK_K)
+    else:
+        z_offs = _tile_offsets(rows, cols, stride_zb, stride_zk)
+    z = tl.load(z_ptr + z_offs, mask=mask, other=0.0)
     if IS_FP64:
         z = z.to(tl.float64)
     else:
@@ -293,14 +332,16 @@ def _confidence_fusion_fwd_kernel(
     IS_FP64: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K == BLOCK_K
+    Z_PACKED: tl.constexpr,  # EVEN_K and the logits contiguous
 ):
     rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
-        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K)
+        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K, EVEN_K, Z_PACKED)
 
     p, q, w, pf = _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE)
 
     tl.store(prob_ptr + rows, _to_out(pf, prob_ptr), mask=row_mask)
-    tl.store(w_ptr + rows[:, None] * K + cols[None, :], _to_out(w, w_ptr), mask=mask)
+    tl.store(w_ptr + _row_offsets(rows, cols, K, EVEN_K, BLOCK_K), _to_out(w, w_ptr), mask=mask)
 
 
 # =============================================================================================
@@ -329,13 +370,16 @@ def _confidence_fusion_bwd_kernel(
     IS_FP64: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K == BLOCK_K
+    Z_PACKED: tl.constexpr,  # EVEN_K and the logits contiguous
+    GW_PACKED: tl.constexpr,  # EVEN_K and grad_weights contiguous
 ):
     # fusion_backward_row:
     #   u_k = g_w_k + g_m m_k, m_k = p_k (prob space) or z_k (logit space)
     #   g_c_k = w_k (u_k - sum_j w_j u_j) / tau                (0 with detach_weights)
     #   g_z_k = g_m w_k dm_k/dz_k + g_c_k z_k p_k (1-p_k),  g_tau = -(1/tau) sum_k g_c_k c_k
     rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
-        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K)
+        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K, EVEN_K, Z_PACKED)
 
     # Masked member slots hold z = 0 and weight 0: they drop out of every sum.
     if COMPUTE_TGRAD:  # dL/dtau needs the confidences: the general path at any tau
@@ -366,8 +410,11 @@ def _confidence_fusion_bwd_kernel(
         else:
             u = g_m[:, None] * p
         if HAS_GW:
-            gw = tl.load(gw_ptr + _tile_offsets(rows, cols, stride_gwb, stride_gwk), mask=mask,
-                         other=0.0)
+            if GW_PACKED:
+                gw_offs = _row_offsets(rows, cols, K, True, BLOCK_K)
+            else:
+                gw_offs = _tile_offsets(rows, cols, stride_gwb, stride_gwk)
+            gw = tl.load(gw_ptr + gw_offs, mask=mask, other=0.0)
             u = gw.to(z.dtype) + u
         ubar = tl.sum(w * u, axis=1)
         gc = _over_tau(w * (u - ubar[:, None]), tau, inv_tau)
@@ -378,7 +425,8 @@ def _confidence_fusion_bwd_kernel(
             gt = -_over_tau(tl.sum(gc * (c - m[:, None]), axis=1), tau, inv_tau)
             tl.store(gt_ptr + rows, gt, mask=row_mask)
 
-    tl.store(gz_ptr + rows[:, None] * K + cols[None, :], _to_out(gz, gz_ptr), mask=mask)
+    tl.store(gz_ptr + _row_offsets(rows, cols, K, EVEN_K, BLOCK_K), _to_out(gz, gz_ptr),
+             mask=mask)
 
 
 # =============================================================================================
@@ -429,9 +477,11 @@ def _collaborative_loss_kernel(
     IS_FP64: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K == BLOCK_K
+    Z_PACKED: tl.constexpr,  # EVEN_K and the logits contiguous
 ):
     rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
-        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K)
+        z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K, EVEN_K, Z_PACKED)
     y = tl.load(y_ptr + rows * stride_y, mask=row_mask, other=0.0).to(z.dtype)
 
     p, q, lsp, lsq, c = _member(z)
@@ -521,7 +571,8 @@ def _collaborative_loss_kernel(
                     pw = tl.sum(tl.where(kmask, tl.exp(lw) * p, 0.0), axis=1)
                     rho = rho + _over_tau(rho * z * (p - pw[:, None]), tau, inv_tau)
                 g = g + beta * rho
-        tl.store(gz_ptr + rows[:, None] * K + cols[None, :], _to_out(g, gz_ptr), mask=mask)
+        tl.store(gz_ptr + _row_offsets(rows, cols, K, EVEN_K, BLOCK_K), _to_out(g, gz_ptr),
+                 mask=mask)
 
 
 # =============================================================================================
@@ -547,12 +598,26 @@ def _blocks(K: int) -> tuple[int, int, int]:
     block_k = triton.next_power_of_2(K)
     block_b = max(1, min(_MAX_BLOCK_B, _TILE // block_k))
     # Up to one row per thread (8 warps for 256 rows): with 4 warps each thread held 2 rows at
-    # K <= 8 and twice the registers (sm_90 compile: 79 / 91 / 140 registers for the fusion
-    # forward / backward / loss kernels at K = 4, against 48 / 53 / 73), which capped occupancy
-    # at 36 % / 30 % / 24 % in Nsight Compute on an H200, with the schedulers idle 30-45 % of
-    # cycles; the instructions per row stay the same.
+    # K <= 8 and twice the registers, which capped occupancy at 36 % / 30 % / 24 % (forward /
+    # backward / loss) in Nsight Compute on an H200, with the schedulers idle 30-45 % of cycles.
+    # sm_90 compile at K = 4 with packed rows (_row_offsets): 32 / 38 / 48 registers at one row
+    # per thread, 56 / 60 / 108 at two; the instructions per row stay the same.
     num_warps = 8 if block_b * block_k >= 4096 or block_b >= 256 else 4
     return block_b, block_k, num_warps
+
+
+def _packing(K: int, block_k: int, logits: Tensor) -> dict[str, bool]:
+    """EVEN_K and Z_PACKED of a launch (see _row_offsets)."""
+    return dict(EVEN_K=K == block_k, Z_PACKED=_packed(K, block_k, logits))
+
+
+def _packed(K: int, block_k: int, t: Optional[Tensor]) -> bool:
+    """Whether the [B, K] tensor t may be addressed as contiguous rows of BLOCK_K members:
+    K == BLOCK_K and strides (K, 1) (a size-1 dimension's stride does not matter)."""
+    if t is None or K != block_k:
+        return False
+    B = t.shape[0]
+    return (K <= 1 or t.stride(1) == 1) and (B <= 1 or t.stride(0) == K)
 
 
 def _fp32(x: float) -> float:
@@ -638,6 +703,7 @@ def _confidence_fusion(
                 IS_FP64=logits.dtype == torch.float64,
                 BLOCK_B=block_b,
                 BLOCK_K=block_k,
+                **_packing(K, block_k, logits),
             ),
             num_warps,
         )
@@ -687,6 +753,8 @@ def _confidence_fusion_backward(
                 IS_FP64=logits.dtype == torch.float64,
                 BLOCK_B=block_b,
                 BLOCK_K=block_k,
+                GW_PACKED=_packed(K, block_k, grad_weights),
+                **_packing(K, block_k, logits),
             ),
             num_warps,
         )
@@ -759,6 +827,7 @@ def _collaborative_loss(
                 IS_FP64=logits.dtype == torch.float64,
                 BLOCK_B=block_b,
                 BLOCK_K=block_k,
+                **_packing(K, block_k, logits),
             ),
             num_warps,
         )

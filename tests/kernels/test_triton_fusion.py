@@ -499,13 +499,14 @@ def _strided_views(z):
     wide = torch.zeros(B, 2 * K + 3, dtype=z.dtype, device=z.device)
     wide[:, 1 : 2 * K + 1 : 2] = z
     zs = wide[:, 1 : 2 * K + 1 : 2]
-    assert not zt.is_contiguous() and not zs.is_contiguous()
+    assert not zs.is_contiguous() and (K == 1 or not zt.is_contiguous())  # [B, 1].T.T is
     return zt, zs
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_non_contiguous(dtype):
-    B, K = 37, 7
+@pytest.mark.parametrize("K", [7, 4, 1])  # K == BLOCK_K (4, 1): contiguous rows are addressed
+def test_non_contiguous(dtype, K):       # with a constant stride, strided ones are not
+    B = 37
     z = make_logits(B, K, dtype)
     y2 = make_labels(2 * B, dtype)
     y = y2[::2]  # strided labels
@@ -538,6 +539,22 @@ def test_non_contiguous(dtype):
             _check_loss_case(zv, y, tau, TERMS["all"], space, False, "none", dtype)
             for a, b, dt in zip(out_l, base_l, (acc, dtype, dtype, acc)):
                 same_values(a, b, dt, "collaborative loss")
+
+
+def test_packed_rows_decision():
+    """Which [B, K] tensors the kernels address as contiguous rows of BLOCK_K members (a constant
+    row stride): exactly the ones whose elements are there (anything else reads wrong memory)."""
+    packed = fusion._packed
+    z = torch.zeros(9, 4)
+    assert packed(4, 4, z)
+    assert not packed(4, 8, torch.zeros(9, 4)[:, :4])  # K < BLOCK_K: rows of 8 are not there
+    assert not packed(4, 4, torch.zeros(9, 7)[:, 1:5])  # row stride 7
+    assert not packed(4, 4, z.T.contiguous().T)  # member stride 9
+    assert packed(4, 4, torch.zeros(1, 11)[:, 2:6])  # one row: its stride(0) is never used
+    assert not packed(1, 1, torch.zeros(9, 3)[:, 1:2])  # a column: row stride 3
+    assert packed(1, 1, torch.zeros(9, 1).T.contiguous().T)  # [9, 1]: stride(1) never used
+    assert not packed(4, 4, None)
+    assert fusion._packing(5, 8, torch.zeros(3, 5)) == dict(EVEN_K=False, Z_PACKED=False)
 
 
 # ---------------------------------------------------------------------------------------------
