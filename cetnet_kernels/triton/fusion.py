@@ -13,8 +13,9 @@ Registers three ops, with the same contracts as the compiled ``cetnet::*`` ops
 
 The per-row algorithm mirrors csrc/fusion_math.h (make_elem, fusion_stats, fusion_backward_row,
 collaborative_loss_row): everything in logit form from one exp(-|z|) and one log1p per member,
-max-subtracted softmax, log p / log(1-p) of the fused prediction as log-sum-exps, the ratios of the
-ensemble-BCE gradient formed in log space, nothing clamped; a NaN logit poisons only its row.
+max-subtracted softmax, p, 1 - p, their logs and the ratios of the ensemble-BCE gradient from
+positive sums, with log-sum-exps for a row whose sums underflow (_prob_space_logs), nothing
+clamped; a NaN logit poisons only its row.
 At temperature 1 (the default; a branch on the loaded value) the fusion forward, and the backward
 when dL/dtau is not asked for, take the compiled kernels' path without a logarithm
 (exp_confidence): one exp and one division per member fewer, and no log1p.
@@ -24,7 +25,7 @@ Instruction count: on an H200 these kernels were bound by instruction issue (Nsi
 are their cost. Besides the log-free path, contiguous inputs with K == BLOCK_K are addressed with
 a constant row stride (_row_offsets): a thread then holds whole rows. sm_90 SASS at K = 4, fp32,
 on the path a thread runs per row: forward 142 (tau = 1) / ~315, backward ~204 (tau = 1, no
-dL/dtau), loss ~665, against 632 / 632, ~640 and ~1290 before both changes.
+dL/dtau), loss ~590, against 632 / 632, ~640 and ~1290 before these changes.
 
 Layout: one program handles BLOCK_B rows as a [BLOCK_B, BLOCK_K] tile, BLOCK_K =
 next_power_of_2(K); masked member slots contribute -inf to maxima / LSEs and 0 to sums. Any input
@@ -172,19 +173,16 @@ def _over_tau(x, tau, inv_tau):
 def _fusion_stats(
     z,  # [BLOCK_B, BLOCK_K] logits (acc dtype)
     p,  # [BLOCK_B, BLOCK_K] sigmoid(z)
-    lsp,  # [BLOCK_B, BLOCK_K] log sigmoid(z)
-    lsq,  # [BLOCK_B, BLOCK_K] log sigmoid(-z)
     c,  # [BLOCK_B, BLOCK_K] confidence
     kmask,  # [1, BLOCK_K] valid member slots
     tau,  # [] temperature (acc dtype)
     inv_tau,  # [] 1 / temperature
     LOGIT_SPACE: tl.constexpr,
-    WITH_LOGS: tl.constexpr,
 ):
     # fusion_stats: log w_k = (c_k - m)/tau - logS with m = max_k c_k (the max is subtracted
     # before scaling: the winner's exponent is exactly 0 at any tau). Returns per-row [BLOCK_B]
-    # (m, logS, cbar, zf, p_fused, log p, log(1 - p)); the logs only with WITH_LOGS or in logit
-    # space (else zeros). Without logs, prob-space p is the positive sum sum_k w_k p_k. Then the
+    # (m, logS, cbar, zf, p_fused, log p, log(1 - p)); the logs only in logit space (else zeros;
+    # prob space: _prob_space_logs), prob-space p is the positive sum sum_k w_k p_k. Then the
     # softmax exponentials e_k = exp((c_k - m)/tau) ([BLOCK_B, BLOCK_K], 0 in masked slots) and
     # 1 / sum_k e_k, so that w_k = e_k / S needs no second exp.
     s = tl.where(kmask, c, float("-inf"))
@@ -197,16 +195,6 @@ def _fusion_stats(
     zf = tl.sum(e * z, axis=1) * invS
     if LOGIT_SPACE:
         pf, qf, logp, log1mp, cf = _member(zf)
-    elif WITH_LOGS:
-        # log p = LSE_k(log w_k + log sigmoid(z_k)), log(1-p) = LSE_k(log w_k + log sigmoid(-z_k))
-        lw = _over_tau(c - m[:, None], tau, inv_tau) - logS[:, None]
-        a = tl.where(kmask, lw + lsp, float("-inf"))
-        b = tl.where(kmask, lw + lsq, float("-inf"))
-        ma = tl.max(a, axis=1)
-        mb = tl.max(b, axis=1)
-        logp = ma + tl.log(tl.sum(tl.exp(a - ma[:, None]), axis=1))
-        log1mp = mb + tl.log(tl.sum(tl.exp(b - mb[:, None]), axis=1))
-        pf = tl.exp(logp)
     else:
         pf = tl.sum(e * p, axis=1) * invS
         logp = tl.zeros_like(pf)
@@ -241,9 +229,49 @@ def _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE: tl.constexpr):
     else:
         p, q, lsp, lsq, c = _member(z)
         m, logS, cbar, zf, pf, logp, log1mp, e, invS = _fusion_stats(
-            z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, False
-        )
+            z, p, c, kmask, tau, inv_tau, LOGIT_SPACE)
     return p, q, e * invS[:, None], pf
+
+
+@triton.jit
+def _prob_space_logs(e, invS, logS, m, p, q, lsp, lsq, c, kmask, tau, inv_tau,
+                     IS_FP64: tl.constexpr):
+    # fusion_stats with logs in prob space, as the compiled kernels: p = Sp / S and
+    # 1 - p = Sq / S from the positive sums Sp = sum_k e_k p_k and Sq = sum_k e_k q_k,
+    # log p = log Sp - log S, log(1 - p) = log Sq - log S, and the ratios of the ensemble-BCE
+    # gradient a_k = w_k p_k / p = e_k p_k / Sp, b_k = w_k q_k / (1 - p) = e_k q_k / Sq. A row
+    # whose smaller sum is below 1e-30 (float64: 1e-290) may have lost precision to underflowed
+    # terms: it takes the log-space forms (log-sum-exps of log w_k + log sigmoid(+-z_k)). That
+    # is rare, so the tile computes them only when one of its rows needs them.
+    Sp = tl.sum(e * p, axis=1)
+    Sq = tl.sum(e * q, axis=1)
+    logp = tl.log(Sp) - logS
+    log1mp = tl.log(Sq) - logS
+    pf = Sp * invS
+    qf = Sq * invS
+    a = e * p * (1.0 / Sp)[:, None]
+    b = e * q * (1.0 / Sq)[:, None]
+    if IS_FP64:
+        tiny = 1e-290
+    else:
+        tiny = 1e-30
+    slow = tl.minimum(Sp, Sq) < tiny
+    if tl.max(slow.to(tl.int32), axis=0) > 0:
+        lw = tl.where(kmask, _over_tau(c - m[:, None], tau, inv_tau) - logS[:, None],
+                      float("-inf"))
+        la = lw + lsp
+        lb = lw + lsq
+        ma = tl.max(la, axis=1)
+        mb = tl.max(lb, axis=1)
+        logp_s = ma + tl.log(tl.sum(tl.exp(la - ma[:, None]), axis=1))
+        log1mp_s = mb + tl.log(tl.sum(tl.exp(lb - mb[:, None]), axis=1))
+        logp = tl.where(slow, logp_s, logp)
+        log1mp = tl.where(slow, log1mp_s, log1mp)
+        pf = tl.where(slow, tl.exp(logp_s), pf)
+        qf = tl.where(slow, tl.exp(log1mp_s), qf)
+        a = tl.where(slow[:, None], tl.exp(la - logp_s[:, None]), a)
+        b = tl.where(slow[:, None], tl.exp(lb - log1mp_s[:, None]), b)
+    return pf, qf, logp, log1mp, a, b
 
 
 @triton.jit
@@ -271,7 +299,7 @@ def _row_offsets(rows, cols, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     # quantity computed once. With the stride a runtime argument (K = 4 is not a multiple of 16,
     # the divisibility Triton specializes on) it spreads a row over K lanes, shuffles for every
     # row sum and computes each row quantity on all K lanes: at K = 4 the loss kernel ran ~1290
-    # sm_90 instructions per row with 98 shuffles, ~700 without (module docstring).
+    # sm_90 instructions per row with 98 shuffles, ~665 without.
     if EVEN_K:
         offs = rows[:, None] * BLOCK_K + cols[None, :].to(tl.int64)
     else:
@@ -385,8 +413,7 @@ def _confidence_fusion_bwd_kernel(
     if COMPUTE_TGRAD:  # dL/dtau needs the confidences: the general path at any tau
         p, q, lsp, lsq, c = _member(z)
         m, logS, cbar, zf, pf, logp, log1mp, e, invS = _fusion_stats(
-            z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, False
-        )
+            z, p, c, kmask, tau, inv_tau, LOGIT_SPACE)
         w = e * invS[:, None]
     else:
         p, q, w, pf = _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE)
@@ -485,12 +512,17 @@ def _collaborative_loss_kernel(
     y = tl.load(y_ptr + rows * stride_y, mask=row_mask, other=0.0).to(z.dtype)
 
     p, q, lsp, lsq, c = _member(z)
-    m, logS, cbar, zf, pf, logp, log1mp, _e, _invS = _fusion_stats(
-        z, p, lsp, lsq, c, kmask, tau, inv_tau, LOGIT_SPACE, NEED_LOGS
-    )
+    m, logS, cbar, zf, pf, logp, log1mp, e, invS = _fusion_stats(
+        z, p, c, kmask, tau, inv_tau, LOGIT_SPACE)
+    pw = pf  # prob space: sum_k w_k p_k as summed (pf may come from exp(log p) below)
     # 1 - p, exact near p = 1 (p itself would round to 1).
     if NEED_LOGS:
-        qf = tl.exp(log1mp)
+        if LOGIT_SPACE:
+            qf = tl.exp(log1mp)
+        else:
+            # a_k = w_k p_k / p, b_k = w_k q_k / (1 - p): the ensemble-BCE gradient's ratios.
+            pf, qf, logp, log1mp, a, b = _prob_space_logs(e, invS, logS, m, p, q, lsp, lsq, c,
+                                                          kmask, tau, inv_tau, IS_FP64)
     else:
         qf = 1.0 - pf
 
@@ -522,25 +554,19 @@ def _collaborative_loss_kernel(
     tl.store(prob_ptr + rows, _to_out(pf, prob_ptr), mask=row_mask)
 
     if COMPUTE_GRAD:
-        if USE_B:
-            # log w; -inf in masked slots so that every exp(lw + ...) there is 0.
-            lw = tl.where(kmask, _over_tau(c - m[:, None], tau, inv_tau) - logS[:, None],
-                          float("-inf"))
+        w = e * invS[:, None]  # 0 in masked slots
         # Temperature: only the ensemble BCE depends on tau (the gamma/delta targets are detached).
         if COMPUTE_TGRAD:
             # sum_k a_k c_k - cbar = sum_k (a_k - w_k) d_k and sum_k w_k z_k c_k - z_f cbar =
             # sum_k w_k (z_k - z_f) d_k with d_k = c_k - max c: accurate at small tau, exactly
             # 0 for one-hot weights (see csrc/fusion_math.h).
             d = c - m[:, None]
-            wl = tl.exp(lw)
+            wl = w
             if LOGIT_SPACE:
                 # d BCE/dtau = (p - y) dz_f/dtau, dz_f/dtau = -(1/tau^2) sum_k w_k (z_k - z_f) d_k
                 s1 = tl.sum(tl.where(kmask, wl * (z - zf[:, None]) * d, 0.0), axis=1)
                 gt = -beta * (pf - y) * _over_tau(_over_tau(s1, tau, inv_tau), tau, inv_tau)
             else:
-                # a_k = w_k p_k / p, b_k = w_k q_k / (1-p)
-                a = tl.exp(lw + lsp - logp[:, None])
-                b = tl.exp(lw + lsq - log1mp[:, None])
                 s1 = tl.sum(tl.where(kmask, (a - wl) * d, 0.0), axis=1)
                 s2 = tl.sum(tl.where(kmask, (b - wl) * d, 0.0), axis=1)
                 gt = beta * _over_tau(_over_tau(y * s1 + (1.0 - y) * s2, tau, inv_tau), tau,
@@ -557,18 +583,17 @@ def _collaborative_loss_kernel(
         if USE_B:
             # weight x (1 + x/tau) as weight + (weight x)/tau: an underflowed weight gives 0.
             if LOGIT_SPACE:
-                wl = tl.exp(lw)
+                wl = w
                 if not DETACH:
                     wl = wl + _over_tau(wl * z * p * q * (z - zf[:, None]), tau, inv_tau)
                 g = g + beta * (pf - y)[:, None] * wl
             else:
-                rho0 = tl.exp(lw + lsp - logp[:, None]) * q  # r_j / p
-                rho1 = tl.exp(lw + lsq - log1mp[:, None]) * p  # r_j / (1 - p)
+                rho0 = a * q  # r_j / p
+                rho1 = b * p  # r_j / (1 - p)
                 rho = (1.0 - y[:, None]) * rho1 - y[:, None] * rho0
                 if not DETACH:
-                    # p_j - p with p as the weighted sum (pf comes from exp(log p)): exactly 0
-                    # for the winner of one-hot weights, whose 1/tau would amplify a rounding.
-                    pw = tl.sum(tl.where(kmask, tl.exp(lw) * p, 0.0), axis=1)
+                    # p_j - p with p as the weighted sum (pf may come from exp(log p)): exactly
+                    # 0 for the winner of one-hot weights, whose 1/tau would amplify a rounding.
                     rho = rho + _over_tau(rho * z * (p - pw[:, None]), tau, inv_tau)
                 g = g + beta * rho
         tl.store(gz_ptr + _row_offsets(rows, cols, K, EVEN_K, BLOCK_K), _to_out(g, gz_ptr),
