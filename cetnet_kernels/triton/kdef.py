@@ -65,7 +65,9 @@ from cetnet_kernels.triton.fusion import (
     _check_rows,
     _launch,
     _member,
+    _packing,
     _register,
+    _row_offsets,
     _tile_offsets,
     _to_out,
 )
@@ -184,14 +186,23 @@ def _kdef_grad_kernel(
     IS_FP64: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K == BLOCK_K (fusion._row_offsets: a thread holds whole rows)
+    Z_PACKED: tl.constexpr,  # EVEN_K and the logits contiguous
 ):
     pid = tl.program_id(0).to(tl.int64) + pid0
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     rmask = rows < B
-    kmask = cols < K
+    if EVEN_K:  # a constant mask keeps the accesses vectorizable
+        kmask = cols < BLOCK_K
+    else:
+        kmask = cols < K
     mask = rmask[:, None] & kmask[None, :]
-    z = tl.load(z_ptr + _tile_offsets(rows, cols, stride_zb, stride_zk), mask=mask, other=0.0)
+    if Z_PACKED:
+        z_offs = _row_offsets(rows, cols, K, True, BLOCK_K)
+    else:
+        z_offs = _tile_offsets(rows, cols, stride_zb, stride_zk)
+    z = tl.load(z_ptr + z_offs, mask=mask, other=0.0)
     z = _to_acc(z, IS_FP64)
     y = _to_acc(tl.load(y_ptr + rows * stride_y, mask=rmask, other=0.0), IS_FP64)[:, None]
     e = tl.load(coef_ptr + cols, mask=kmask, other=0.0)[None, :]
@@ -208,7 +219,7 @@ def _kdef_grad_kernel(
     wd = tl.sum(tl.where(mask, e * d, 0.0), axis=1)[:, None]
     sgn = tl.where(y > p, 1.0, tl.where(y < p, -1.0, 0.0))  # sgn(0) = 0
     g = (p - y) * cbce + (p * q) * (ca * d + cs * (d * esum - wd) + sgn * cg)
-    tl.store(gz_ptr + rows[:, None] * K + cols[None, :], _to_out(g, gz_ptr), mask=mask)
+    tl.store(gz_ptr + _row_offsets(rows, cols, K, EVEN_K, BLOCK_K), _to_out(g, gz_ptr), mask=mask)
 
 
 # =============================================================================================
@@ -291,7 +302,8 @@ def _kdef_loss(logits: Tensor, labels: Tensor, compute_grad: bool) -> tuple[Tens
                 (min(_MAX_GRID_X, n - pid0),),
                 (logits, labels, coef, grad, B, K, logits.stride(0), logits.stride(1),
                  labels.stride(0), pid0),
-                dict(IS_FP64=is_fp64, BLOCK_B=block_b, BLOCK_K=block_k2),
+                dict(IS_FP64=is_fp64, BLOCK_B=block_b, BLOCK_K=block_k2,
+                     **_packing(K, block_k2, logits)),
                 warps2,
             )
     return loss, teacher, grad

@@ -168,11 +168,12 @@ def test_several_row_tiles_per_chunk(device, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 @device_param
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_non_contiguous_logits_and_labels(device, dtype):
-    z, y = make_inputs(37, 7, dtype=dtype, device=device, seed=10)
+@pytest.mark.parametrize("K", [7, 8])  # 8 = BLOCK_K: contiguous rows take a constant stride
+def test_non_contiguous_logits_and_labels(device, dtype, K):
+    z, y = make_inputs(37, K, dtype=dtype, device=device, seed=10)
     base = kdef_op(z, y, True)
     zt = z.t().contiguous().t()  # column-major view: stride (1, B)
-    zs = torch.empty(37, 20, dtype=dtype, device=device)[:, 3:17:2]  # stride (20, 2)
+    zs = torch.empty(37, 2 * K + 6, dtype=dtype, device=device)[:, 3:3 + 2 * K:2]  # (2K+6, 2)
     zs.copy_(z)
     ys = torch.empty(74, dtype=F64, device=device)[::2]
     ys.copy_(y)
