@@ -214,11 +214,13 @@ def _exp_confidence(z, p, q):
 
 
 @triton.jit
-def _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE: tl.constexpr):
+def _fusion_weights(z, kmask, tau, inv_tau, tau_ptr, LOGIT_SPACE: tl.constexpr):
     # p, q, the weights w ([BLOCK_B, BLOCK_K], 0 in masked slots) and the fused probability: at
-    # tau == 1 (a branch on the loaded temperature, the default) from exp(c) without a logarithm
-    # as the compiled kernels do, else through fusion_stats. Masked slots hold z = 0.
-    if tau == 1.0:
+    # tau == 1 (a branch on the temperature, the default) from exp(c) without a logarithm as the
+    # compiled kernels do, else through fusion_stats. Masked slots hold z = 0. The test is on the
+    # stored temperature, as theirs (a float64 1 + 2^-30 is not 1, though it rounds to 1 in
+    # float32).
+    if tl.load(tau_ptr) == 1.0:
         p, q, _e = _probs(z)
         e = tl.where(kmask, _exp_confidence(z, p, q), 0.0)
         invS = 1.0 / tl.sum(e, axis=1)
@@ -299,7 +301,7 @@ def _row_offsets(rows, cols, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     # quantity computed once. With the stride a runtime argument (K = 4 is not a multiple of 16,
     # the divisibility Triton specializes on) it spreads a row over K lanes, shuffles for every
     # row sum and computes each row quantity on all K lanes: at K = 4 the loss kernel ran ~1290
-    # sm_90 instructions per row with 98 shuffles, ~665 without.
+    # sm_90 instructions per row with 98 shuffles, about half as many without.
     if EVEN_K:
         offs = rows[:, None] * BLOCK_K + cols[None, :].to(tl.int64)
     else:
@@ -366,7 +368,7 @@ def _confidence_fusion_fwd_kernel(
     rows, cols, row_mask, kmask, mask, z, tau, inv_tau = _logits_tile(
         z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64, BLOCK_B, BLOCK_K, EVEN_K, Z_PACKED)
 
-    p, q, w, pf = _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE)
+    p, q, w, pf = _fusion_weights(z, kmask, tau, inv_tau, tau_ptr, LOGIT_SPACE)
 
     tl.store(prob_ptr + rows, _to_out(pf, prob_ptr), mask=row_mask)
     tl.store(w_ptr + _row_offsets(rows, cols, K, EVEN_K, BLOCK_K), _to_out(w, w_ptr), mask=mask)
@@ -416,7 +418,7 @@ def _confidence_fusion_bwd_kernel(
             z, p, c, kmask, tau, inv_tau, LOGIT_SPACE)
         w = e * invS[:, None]
     else:
-        p, q, w, pf = _fusion_weights(z, kmask, tau, inv_tau, LOGIT_SPACE)
+        p, q, w, pf = _fusion_weights(z, kmask, tau, inv_tau, tau_ptr, LOGIT_SPACE)
     pq = p * q
 
     if HAS_GP:
@@ -625,8 +627,8 @@ def _blocks(K: int) -> tuple[int, int, int]:
     # Up to one row per thread (8 warps for 256 rows): with 4 warps each thread held 2 rows at
     # K <= 8 and twice the registers, which capped occupancy at 36 % / 30 % / 24 % (forward /
     # backward / loss) in Nsight Compute on an H200, with the schedulers idle 30-45 % of cycles.
-    # sm_90 compile at K = 4 with packed rows (_row_offsets): 32 / 38 / 48 registers at one row
-    # per thread, 56 / 60 / 108 at two; the instructions per row stay the same.
+    # sm_90 compile at K = 4 with packed rows (_row_offsets): 32 / 38 / 59 registers at one row
+    # per thread; at two the loss needed over 100.
     num_warps = 8 if block_b * block_k >= 4096 or block_b >= 256 else 4
     return block_b, block_k, num_warps
 

@@ -65,6 +65,8 @@ constexpr int min_blocks() {
 }
 // Register rows (KC > 0) hold K members' values (6 fields and e each) in registers: the kernels
 // whose rows would spill at 64 get 80 (3 blocks) or, for the loss at K > 4, 128 (2 blocks).
+// What still spills (sm_90, float): 16-32 bytes of the tile's prefetch buffer in the backward at
+// K = 4 and 7 and the loss at K = 4, stored and reloaded once per tile, not per row.
 template <int KC>
 constexpr int min_blocks_backward() {
   return KC > 5 ? 3 : 4;
@@ -527,8 +529,8 @@ struct LaunchConfig {
 };
 
 // Tiled path: the most threads (a power of two in [32, 256]), then the most rows per thread,
-// whose cache and staging buffers fit in 48 KB (for float, K up to 48 without grad_weights; for
-// double, 24; reg_rows: no cache, only the staging). Otherwise the global path, 256 threads. The grid is as many blocks as fit on the
+// whose cache and staging buffers fit in 48 KB (for float, K up to 47 without grad_weights; for
+// double, 23; reg_rows: no cache, only the staging). Otherwise the global path, 256 threads. The grid is as many blocks as fit on the
 // device at once (occupancy calculator), at most one per tile/row group; blocks loop over the
 // rest. The grid depends only on the kernel, K and the device, so the reductions' order is fixed.
 template <typename acc_t, typename KC, typename KG>

@@ -351,6 +351,37 @@ def test_extreme_logits_exact_in_float32(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_float64_underflowing_rows_beside_ordinary_ones(backend, device, tau):
+    """float64 rows whose fused p or 1 - p underflows the prob-space sums (members at -800 give
+    p = 0 in float64, at -740 a subnormal p) take the log-space forms of log p, log(1 - p) and
+    the ensemble-BCE ratios, in the same tile as ordinary rows, which keep the sums."""
+    z = make_logits(40, 4)
+    z[3] = -800.0
+    z[4] = 800.0
+    z[5] = torch.tensor([-740.0, -730.0, -760.0, -745.0], dtype=torch.float64)
+    z[6] = torch.tensor([800.0, 2.0, -3.0, 745.0], dtype=torch.float64)
+    y = torch.rand(40, dtype=torch.float64)
+    for space in SPACES:
+        kw = dict(fusion_space=space, **TERMS["all"])
+        l_ref, p_ref, gz_ref, gt_ref = reference_loss_grads(z, y, tau, reduction="none", **kw)
+        zo, to = _leaf(z, device), _tau(tau, device)
+        loss, prob = collaborative_loss(zo, y.to(device), to, reduction="none", backend=backend,
+                                        **kw)
+        gz, gt = torch.autograd.grad(loss.sum(), [zo, to])
+        _close(loss, l_ref, **_tol64(device))
+        assert torch.isfinite(loss).all() and torch.isfinite(gz).all()
+        # p is 0 in row 3 and subnormal in row 5 (3e-322: a few bits): relative elsewhere
+        prob = prob.detach().cpu()
+        normal = p_ref > 1e-300
+        torch.testing.assert_close(prob[normal] / p_ref[normal],
+                                   torch.ones_like(p_ref[normal]), rtol=1e-9, atol=0)
+        torch.testing.assert_close(prob[~normal], p_ref[~normal], rtol=0, atol=1e-320)
+        _close(gz, gz_ref, **_tol64(device, grad=True))
+        _close(gt, gt_ref, **_tol64(device, grad=True))
+
+
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nan_row_is_isolated(backend, device, bad):
     z = make_logits(40, 4, dtype=torch.float32)
@@ -422,7 +453,8 @@ def test_cpu_bitwise_deterministic_across_threads():
 def test_float32_every_member_count(backend, device, tau):
     """float32 forward, backward (with and without dL/dtau, upstream grads of p and w) and loss
     (all terms) against the float64 reference on the same rounded logits, for K = 1..9 in both
-    spaces. tau = 1 without dL/dtau takes the log-free paths; with it, the general ones."""
+    spaces, contiguous and as a strided view (rows K + 3 apart, as a slice of wider logits).
+    tau = 1 without dL/dtau takes the log-free paths; with it, the general ones."""
     B = 37 if _interpreted(backend, device) else 1300  # more than two 512-row tiles on CUDA
     tol, gtol = dict(rtol=1e-5, atol=1e-6), dict(rtol=1e-4, atol=1e-5)
     gen = torch.Generator().manual_seed(11)
@@ -431,15 +463,21 @@ def test_float32_every_member_count(backend, device, tau):
         z[0, 0] = 30.0  # one sure member: weights near one-hot
         y = torch.rand(B, generator=gen, dtype=torch.float64).float()
         gp, gw = torch.randn(B, generator=gen), torch.randn(B, K, generator=gen)
-        for space in SPACES:
-            what = f"K={K} {space}"
+        wide = torch.zeros(B, K + 3)
+        wide[:, 2:2 + K] = z
+        for space, strided in [(sp, st) for sp in SPACES for st in (False, True)]:
+            what = f"K={K} {space} {'strided' if strided else 'contiguous'}"
+
+            def logits_in():  # requires grad: a leaf, or a view of one
+                return _leaf(wide, device)[:, 2:2 + K] if strided else _leaf(z, device)
+
             zr = z.double().requires_grad_()
             tr = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
             p_ref, w_ref = confidence_fusion_reference(zr, tr, fusion_space=space)
             gz_ref, gt_ref = torch.autograd.grad(
                 (p_ref * gp.double()).sum() + (w_ref * gw.double()).sum(), [zr, tr])
             for with_tau_grad in (False, True):
-                zo = _leaf(z, device)
+                zo = logits_in()
                 to = torch.tensor(tau, device=device, requires_grad=with_tau_grad)
                 p, w = confidence_fusion(zo, to, fusion_space=space, backend=backend)
                 _close(p.double(), p_ref, msg=what, **tol)
@@ -453,7 +491,7 @@ def test_float32_every_member_count(backend, device, tau):
             kw = dict(fusion_space=space, **TERMS["all"])
             l_ref, pl_ref, gzl_ref, gtl_ref = reference_loss_grads(z, y, tau, reduction="sum",
                                                                     **kw)
-            zo, to = _leaf(z, device), torch.tensor(tau, device=device, requires_grad=True)
+            zo, to = logits_in(), torch.tensor(tau, device=device, requires_grad=True)
             loss, prob = collaborative_loss(zo, y.to(device), to, reduction="sum",
                                             backend=backend, **kw)
             gz, gt = torch.autograd.grad(loss, [zo, to])
