@@ -11,6 +11,9 @@ Environment knobs:
                        "default" (none), or a comma list such as "avx2".
   TORCH_CUDA_ARCH_LIST  CUDA archs (default: the visible GPUs', else "8.0;9.0+PTX").
   CETNET_DEBUG=1       keep the C++ debug info (-g; default -g0: a module 20x smaller).
+  CETNET_NVCC_SPLIT_COMPILE=N
+                       nvcc's --split-compile=N (N threads per .cu file, 0 = every CPU): the
+                       fusion file, with kernels per member count, is the longest compile.
 Install with `pip install --no-build-isolation -e .` so the build uses the installed torch.
 """
 
@@ -35,6 +38,17 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _flag(name: str) -> str | None:
     value = os.environ.get(name)
     return value.strip().lower() if value else None
+
+
+def _nvcc_split_compile() -> list[str]:
+    """``--split-compile=N`` from CETNET_NVCC_SPLIT_COMPILE (unset: none)."""
+    value = _flag("CETNET_NVCC_SPLIT_COMPILE")
+    if value is None:
+        return []
+    if not value.isdigit():
+        raise RuntimeError(f"CETNET_NVCC_SPLIT_COMPILE must be a number of threads >= 0 (0: every "
+                           f"CPU), got {os.environ['CETNET_NVCC_SPLIT_COMPILE']!r}")
+    return [f"--split-compile={int(value)}"]
 
 
 def _want_cuda() -> bool:
@@ -181,7 +195,7 @@ def _extension():
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         macros.append(("CETNET_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + _nvcc_split_compile()
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         cls = CUDAExtension

@@ -46,6 +46,20 @@ def cuda_tool(name: str) -> str | None:
     return shutil.which(name) or (str(fallback) if fallback.exists() else None)
 
 
+def nvcc_splits(env: dict) -> bool:
+    """Whether the nvcc the build will use (CUDA_HOME's, else the PATH's) has --split-compile
+    (CUDA 11.8 on)."""
+    home = env.get("CUDA_HOME")
+    nvcc = str(Path(home, "bin", "nvcc")) if home else shutil.which("nvcc", path=env.get("PATH"))
+    if not nvcc or not Path(nvcc).exists():
+        return False
+    try:
+        out = subprocess.run([nvcc, "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--split-compile" in out.stdout
+
+
 def run_step(name: str, cmd: list[str], out_dir: Path, timeout: float, env: dict | None = None
              ) -> dict:
     """Runs ``cmd`` with its output teed to ``out_dir/<name>.log``; never raises."""
@@ -383,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             for guess in ("/usr/local/cuda", "/opt/cuda"):
                 if Path(guess, "bin", "nvcc").exists():
                     benv["CUDA_HOME"] = guess
+        if nvcc_splits(benv):  # the fusion file's per-K kernels compile on every core
+            benv.setdefault("CETNET_NVCC_SPLIT_COMPILE", "0")
         steps.append(run_step("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace",
                                         "--build-temp", "build-gpu/tmp"], out, args.build_timeout,
                               benv))

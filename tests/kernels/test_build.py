@@ -103,3 +103,27 @@ def test_extension_uses_the_shared_libstdcxx():
     defined = subprocess.run(["nm", "-D", "--defined-only", ext.__file__], capture_output=True,
                              text=True, check=True).stdout
     assert "_ZNSt6locale7classicEv" not in defined
+
+
+def _setup_functions(*names: str) -> dict:
+    """Functions of setup.py, without running it (it calls setup() at import)."""
+    import ast
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "setup.py"
+    tree = ast.parse(path.read_text())
+    body = [node for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name in names]
+    space: dict = {"os": os}
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), space)
+    return space
+
+
+def test_nvcc_split_compile_knob(monkeypatch):
+    split = _setup_functions("_flag", "_nvcc_split_compile")["_nvcc_split_compile"]
+    monkeypatch.delenv("CETNET_NVCC_SPLIT_COMPILE", raising=False)
+    assert split() == []
+    monkeypatch.setenv("CETNET_NVCC_SPLIT_COMPILE", "0")
+    assert split() == ["--split-compile=0"]
+    monkeypatch.setenv("CETNET_NVCC_SPLIT_COMPILE", "many")
+    with pytest.raises(RuntimeError, match="CETNET_NVCC_SPLIT_COMPILE.*'many'"):
+        split()

@@ -202,3 +202,15 @@ def test_ncu_rows_and_table():
     assert "| fusion_forward_kernel | cuda | 94.2 | 28.1 | 73.1 | 0.78 | 64 | 42.0 |" in table
     assert "| _collaborative_loss_kernel | triton | 1250.0 | 13.4 | – | – | – | – |" in table
     assert render_ncu([]) == [] and gpu_check.ncu_rows("no report") == []
+
+
+def test_nvcc_split_compile_probe(tmp_path):
+    # gpu-check asks nvcc whether it has --split-compile before it sets the build knob
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho '--split-compile <number>   (-split-compile)'\n")
+    nvcc.chmod(0o755)
+    assert gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "cuda")})
+    nvcc.write_text("#!/bin/sh\necho 'an older nvcc'\n")
+    assert not gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "cuda")})
+    assert not gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "none")})
