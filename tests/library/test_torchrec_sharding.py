@@ -5,7 +5,8 @@ Real processes (``torch.multiprocessing.spawn``, gloo on the CPU), real TorchRec
 one training step of 2 ranks equals the 1-process step on the same global batch (loss and
 updated rows), and a 2-rank training run equals the 1-process run, checkpoints its tables
 with torch.distributed.checkpoint, resumes on the same world size and is evaluated in one
-process from its checkpoint.
+process from its checkpoint; a run resumed on another world size (1 -> 2 -> 1 processes) equals
+the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -285,6 +286,35 @@ def test_two_rank_sharded_run_equals_one_process_resumes_and_evaluates(tmp_path)
         shard_file.unlink()
     with pytest.raises(CheckpointError, match=rf"{folder}: cannot load the tables \("):
         evaluate_run(out, write=False)
+
+
+def test_resume_on_another_world_size(tmp_path):
+    # One process trains epoch 1, two ranks resume it for epoch 2, one process finishes: DCP
+    # reshards the tables and the fused optimizer's state on load, and the run equals the
+    # uninterrupted one-process run (the ranks' shares concatenate to its batches).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _train(_config(), tmp_path / "one")
+        out = tmp_path / "run"
+        _train(_config(), out, stop_after=1)
+        two = _spawn_train(tmp_path, "two", out, resume=True, stop_after=2)
+        rest = _train(_config(), out, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(two[0]["tables"]) == [2] and sorted(rest["tables"]) == [3]
+    metrics, ref = rest["metrics"], one["metrics"]
+    assert metrics["world_size"] == 1
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    for h, h1 in zip(metrics["history"], ref["history"]):
+        assert _close(h["train_loss"], h1["train_loss"]), (h["epoch"], h["train_loss"],
+                                                           h1["train_loss"])
+    for m in ("auc", "gauc", "logloss"):
+        assert _close(metrics["fused"][m], ref["fused"][m]), m
+    for epoch, tables in ((2, two[0]["tables"]), (3, rest["tables"])):
+        for k, v in tables[epoch].items():
+            assert torch.allclose(v, one["tables"][epoch][k], rtol=RTOL, atol=1e-7), \
+                (epoch, k, float((v - one["tables"][epoch][k]).abs().max()))
 
 
 def test_one_process_run_overwrite_and_the_model_after_fit(tmp_path):
