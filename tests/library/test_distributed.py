@@ -187,6 +187,29 @@ def test_two_ranks_equal_one_rank_and_resume(single, tmp_path):
             (epoch, float((t0 - ref).abs().max()))
 
 
+def test_resume_on_another_world_size(single, tmp_path):
+    # two ranks train epochs 1-2, one process resumes and finishes: the replicated tables and
+    # the dense state load as they are, and the run equals the uninterrupted one-process run
+    out = tmp_path / "run"
+    _spawn(tmp_path, "first", _config(), out, stop_after=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = _run(_config(), out, resume=True, record=tmp_path / "tables.pt")
+    finally:
+        torch.set_num_threads(threads)
+    one = single["metrics"]
+    assert metrics["world_size"] == 1
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    for h, h1 in zip(metrics["history"], one["history"]):
+        assert _close(h["train_loss"], h1["train_loss"]), (h["epoch"], h["train_loss"],
+                                                           h1["train_loss"])
+    _assert_metrics_close(metrics, one)
+    tables = torch.load(tmp_path / "tables.pt")
+    assert sorted(tables) == [3]
+    assert torch.allclose(tables[3], single["tables"][3], rtol=RTOL, atol=1e-7)
+
+
 def test_dense_embedding_gradients_are_averaged_by_ddp(tmp_path):
     """optimizer=None: the flat weight is an ordinary parameter whose gradient DDP averages."""
     cfg = _config(embedding_optimizer=None)
