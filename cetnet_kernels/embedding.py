@@ -386,7 +386,13 @@ class MultiTableEmbedding(nn.Module):
             raise TypeError(f"{op}: ids must map feature names to tensors (or be a torchrec "
                             f"KeyedJaggedTensor), got "
                             f"{type(ids).__name__}")
-        if ids.keys() != self._index.keys():  # (a set comparison, at C speed)
+        # A dict's keys compare as a set at C speed; another Mapping's keys() need not be
+        # set-like (a list, a view without __eq__), so it gets the membership test.
+        if type(ids) is dict:
+            mismatch = ids.keys() != self._index.keys()
+        else:
+            mismatch = len(ids) != len(self._names) or any(k not in self._index for k in ids)
+        if mismatch:
             unknown = [k for k in ids if k not in self._index]
             if unknown:
                 raise ValueError(f"{op}: unknown feature name(s) {unknown}; features are "

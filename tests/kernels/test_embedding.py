@@ -5,6 +5,7 @@ Adagrad updates, determinism, opcheck, torch.compile, shape fuzzing and bad inpu
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -387,6 +388,27 @@ def test_bad_input_types_and_shapes(backend):
     del missing["genres"]
     with pytest.raises(ValueError, match="missing feature.*'genres'"):
         mod(missing)
+
+    class ListKeys(Mapping):  # a Mapping whose keys() is not set-like
+        def __init__(self, d):
+            self._d = d
+
+        def __getitem__(self, k):
+            return self._d[k]
+
+        def __iter__(self):
+            return iter(self._d)
+
+        def __len__(self):
+            return len(self._d)
+
+        def keys(self):
+            return list(self._d)
+
+    for a, b in zip(mod(ListKeys(base)), mod(base)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="missing feature.*'genres'"):
+        mod(ListKeys(missing))
     with pytest.raises(ValueError, match=r"\[B\] or \[B, T\]"):
         mod(with_("user", base["user"].view(6, 1, 1)))
     v, o = base["tags"]
