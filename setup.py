@@ -45,7 +45,7 @@ def _nvcc_split_compile() -> list[str]:
     value = _flag("CETNET_NVCC_SPLIT_COMPILE")
     if value is None:
         return []
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # ("²".isdigit() is True)
         raise RuntimeError(f"CETNET_NVCC_SPLIT_COMPILE must be a number of threads >= 0 (0: every "
                            f"CPU), got {os.environ['CETNET_NVCC_SPLIT_COMPILE']!r}")
     return [f"--split-compile={int(value)}"]

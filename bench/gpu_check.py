@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,15 +47,27 @@ def cuda_tool(name: str) -> str | None:
     return shutil.which(name) or (str(fallback) if fallback.exists() else None)
 
 
+def build_nvcc(env: dict) -> list[str] | None:
+    """The nvcc command torch's extension build will run under ``env``: PYTORCH_NVCC as
+    given, else CUDA_HOME's or CUDA_PATH's, else the PATH's, else /usr/local/cuda's (the order
+    of torch.utils.cpp_extension); None when there is none."""
+    if env.get("PYTORCH_NVCC"):
+        return shlex.split(env["PYTORCH_NVCC"])
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    if home:
+        nvcc = str(Path(home, "bin", "nvcc"))
+    else:
+        nvcc = shutil.which("nvcc", path=env.get("PATH")) or "/usr/local/cuda/bin/nvcc"
+    return [nvcc] if Path(nvcc).exists() else None
+
+
 def nvcc_splits(env: dict) -> bool:
-    """Whether the nvcc the build will use (CUDA_HOME's, else the PATH's) has --split-compile
-    (CUDA 11.8 on)."""
-    home = env.get("CUDA_HOME")
-    nvcc = str(Path(home, "bin", "nvcc")) if home else shutil.which("nvcc", path=env.get("PATH"))
-    if not nvcc or not Path(nvcc).exists():
+    """Whether the build's nvcc (:func:`build_nvcc`) has --split-compile (CUDA 11.8 on)."""
+    cmd = build_nvcc(env)
+    if cmd is None:
         return False
     try:
-        out = subprocess.run([nvcc, "--help"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return False
     return "--split-compile" in out.stdout

@@ -124,6 +124,7 @@ def test_nvcc_split_compile_knob(monkeypatch):
     assert split() == []
     monkeypatch.setenv("CETNET_NVCC_SPLIT_COMPILE", "0")
     assert split() == ["--split-compile=0"]
-    monkeypatch.setenv("CETNET_NVCC_SPLIT_COMPILE", "many")
-    with pytest.raises(RuntimeError, match="CETNET_NVCC_SPLIT_COMPILE.*'many'"):
-        split()
+    for bad in ("many", "-1", "\u00b2"):
+        monkeypatch.setenv("CETNET_NVCC_SPLIT_COMPILE", bad)
+        with pytest.raises(RuntimeError, match="CETNET_NVCC_SPLIT_COMPILE"):
+            split()

@@ -211,6 +211,16 @@ def test_nvcc_split_compile_probe(tmp_path):
     nvcc.write_text("#!/bin/sh\necho '--split-compile <number>   (-split-compile)'\n")
     nvcc.chmod(0o755)
     assert gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "cuda")})
-    nvcc.write_text("#!/bin/sh\necho 'an older nvcc'\n")
-    assert not gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "cuda")})
+    # the nvcc torch's build runs: CUDA_PATH when CUDA_HOME is unset, PYTORCH_NVCC first
+    assert gpu_check.nvcc_splits({"CUDA_PATH": str(tmp_path / "cuda")})
+    old = tmp_path / "old" / "bin" / "nvcc"
+    old.parent.mkdir(parents=True)
+    old.write_text("#!/bin/sh\necho 'an older nvcc'\n")
+    old.chmod(0o755)
+    assert not gpu_check.nvcc_splits({"CUDA_PATH": str(tmp_path / "old"),
+                                      "PATH": str(nvcc.parent)})
+    assert not gpu_check.nvcc_splits({"PYTORCH_NVCC": str(old),
+                                      "CUDA_HOME": str(tmp_path / "cuda")})
+    assert gpu_check.build_nvcc({"PYTORCH_NVCC": "ccache nvcc"}) == ["ccache", "nvcc"]
+    assert not gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "old")})
     assert not gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "none")})
