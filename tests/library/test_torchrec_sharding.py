@@ -303,12 +303,15 @@ def test_resume_on_another_world_size(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert sorted(two[0]["tables"]) == [2] and sorted(rest["tables"]) == [3]
+    for k, v in two[0]["tables"][2].items():  # the two ranks agree (whole tables gathered)
+        assert torch.equal(v, two[1]["tables"][2][k]), k
     metrics, ref = rest["metrics"], one["metrics"]
     assert metrics["world_size"] == 1
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     for h, h1 in zip(metrics["history"], ref["history"]):
         assert _close(h["train_loss"], h1["train_loss"]), (h["epoch"], h["train_loss"],
                                                            h1["train_loss"])
+        assert _close(h["valid"]["fused"]["auc"], h1["valid"]["fused"]["auc"]), h["epoch"]
     for m in ("auc", "gauc", "logloss"):
         assert _close(metrics["fused"][m], ref["fused"][m]), m
     for epoch, tables in ((2, two[0]["tables"]), (3, rest["tables"])):
