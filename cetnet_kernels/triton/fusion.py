@@ -302,21 +302,28 @@ def _row_offsets(rows, cols, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     # the divisibility Triton specializes on) it spreads a row over K lanes, shuffles for every
     # row sum and computes each row quantity on all K lanes: at K = 4 the loss kernel ran ~1290
     # sm_90 instructions per row with 98 shuffles, about half as many without.
-    if EVEN_K:
+    return _input_offsets(rows, cols, K, 1, EVEN_K, BLOCK_K)
+
+
+@triton.jit
+def _input_offsets(rows, cols, stride_b, stride_k, PACKED: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Offsets of a [B, K] input: _row_offsets' constant stride when PACKED (contiguous with
+    # K == BLOCK_K; the strides are then not read), else its strides (_tile_offsets).
+    if PACKED:
         offs = rows[:, None] * BLOCK_K + cols[None, :].to(tl.int64)
     else:
-        offs = rows[:, None] * K + cols[None, :].to(tl.int64)
+        offs = _tile_offsets(rows, cols, stride_b, stride_k)
     return offs
 
 
 @triton.jit
 def _member_mask(cols, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    # [1, BLOCK_K] valid member slots; a constant (all true) when K == BLOCK_K, which keeps the
+    # [BLOCK_K] valid member slots; a constant (all true) when K == BLOCK_K, which keeps the
     # loads and stores vectorizable (a mask must be provably uniform over a vector).
     if EVEN_K:
-        kmask = (cols < BLOCK_K)[None, :]
+        kmask = cols < BLOCK_K
     else:
-        kmask = (cols < K)[None, :]
+        kmask = cols < K
     return kmask
 
 
@@ -330,13 +337,10 @@ def _logits_tile(z_ptr, tau_ptr, B, K, stride_zb, stride_zk, IS_FP64: tl.constex
     # K == BLOCK_K (then the strides are not read).
     rows, cols = _row_col_offsets(BLOCK_B, BLOCK_K)
     row_mask = rows < B
-    kmask = _member_mask(cols, K, EVEN_K, BLOCK_K)
+    kmask = _member_mask(cols, K, EVEN_K, BLOCK_K)[None, :]
     mask = row_mask[:, None] & kmask
-    if Z_PACKED:
-        z_offs = _row_offsets(rows, cols, K, True, BLOCK_K)
-    else:
-        z_offs = _tile_offsets(rows, cols, stride_zb, stride_zk)
-    z = tl.load(z_ptr + z_offs, mask=mask, other=0.0)
+    z = tl.load(z_ptr + _input_offsets(rows, cols, stride_zb, stride_zk, Z_PACKED, BLOCK_K),
+                mask=mask, other=0.0)
     if IS_FP64:
         z = z.to(tl.float64)
     else:
@@ -439,11 +443,8 @@ def _confidence_fusion_bwd_kernel(
         else:
             u = g_m[:, None] * p
         if HAS_GW:
-            if GW_PACKED:
-                gw_offs = _row_offsets(rows, cols, K, True, BLOCK_K)
-            else:
-                gw_offs = _tile_offsets(rows, cols, stride_gwb, stride_gwk)
-            gw = tl.load(gw_ptr + gw_offs, mask=mask, other=0.0)
+            gw = tl.load(gw_ptr + _input_offsets(rows, cols, stride_gwb, stride_gwk, GW_PACKED,
+                                                 BLOCK_K), mask=mask, other=0.0)
             u = gw.to(z.dtype) + u
         ubar = tl.sum(w * u, axis=1)
         gc = _over_tau(w * (u - ubar[:, None]), tau, inv_tau)

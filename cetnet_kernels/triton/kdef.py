@@ -64,7 +64,9 @@ from cetnet_kernels.triton.fusion import (
     _check_logits,
     _check_rows,
     _launch,
+    _input_offsets,
     _member,
+    _member_mask,
     _packing,
     _register,
     _row_offsets,
@@ -193,16 +195,10 @@ def _kdef_grad_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     rmask = rows < B
-    if EVEN_K:  # a constant mask keeps the accesses vectorizable
-        kmask = cols < BLOCK_K
-    else:
-        kmask = cols < K
+    kmask = _member_mask(cols, K, EVEN_K, BLOCK_K)
     mask = rmask[:, None] & kmask[None, :]
-    if Z_PACKED:
-        z_offs = _row_offsets(rows, cols, K, True, BLOCK_K)
-    else:
-        z_offs = _tile_offsets(rows, cols, stride_zb, stride_zk)
-    z = tl.load(z_ptr + z_offs, mask=mask, other=0.0)
+    z = tl.load(z_ptr + _input_offsets(rows, cols, stride_zb, stride_zk, Z_PACKED, BLOCK_K),
+                mask=mask, other=0.0)
     z = _to_acc(z, IS_FP64)
     y = _to_acc(tl.load(y_ptr + rows * stride_y, mask=rmask, other=0.0), IS_FP64)[:, None]
     e = tl.load(coef_ptr + cols, mask=kmask, other=0.0)[None, :]

@@ -530,9 +530,10 @@ struct LaunchConfig {
 
 // Tiled path: the most threads (a power of two in [32, 256]), then the most rows per thread,
 // whose cache and staging buffers fit in 48 KB (for float, K up to 47 without grad_weights; for
-// double, 23; reg_rows: no cache, only the staging). Otherwise the global path, 256 threads. The grid is as many blocks as fit on the
-// device at once (occupancy calculator), at most one per tile/row group; blocks loop over the
-// rest. The grid depends only on the kernel, K and the device, so the reductions' order is fixed.
+// double, 23; reg_rows: no cache, only the staging). Otherwise the global path, 256 threads.
+// The grid is as many blocks as fit on the device at once (occupancy calculator), at most one
+// per tile/row group; blocks loop over the rest. The grid depends only on the kernel, K and the
+// device, so the reductions' order is fixed.
 template <typename acc_t, typename KC, typename KG>
 LaunchConfig launch_config(int64_t B, int K, bool has_gw, bool reg_rows, KC cached_kernel,
                            KG global_kernel) {
