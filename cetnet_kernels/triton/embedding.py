@@ -14,17 +14,24 @@ Every kernel is launched once per member m, with the member's output (or gradien
 dim ``D_m`` and table base as arguments:
 
 * ``_gather_kernel``: every single-id and sequence column in one launch, grid (row blocks of the
-  [B, C] id columns); a [BLOCK_R, BLOCK_D] tile per program.
+  [B, C] id columns); a [BLOCK_R, BLOCK_D] tile per program. Each column's vocabulary size, row
+  base and output column are read by the column, so they load beside the ids.
 * ``_bags_kernel``: every pooled bag (sum / mean / weighted) in one more launch, grid
   (B * bag features); the bag's values in [BLOCK_L, BLOCK_D] tiles.
-* ``_runs_kernel``: backward, grid (programs). The host sorts the (key, output row, scale)
-  entries of the batch (every id column in one block, bags feature by feature) by key with a
-  stable ``torch.sort`` and cuts them into runs of equal keys with device-side prefix counts
-  (no synchronization: the number of runs stays on the device and the programs stride over the
-  runs); each program sums a run's gradient rows in sorted (= batch) order in fixed-size tiles
-  and writes the dense gradient row or applies SGD / row-wise Adagrad (FBGEMM semantics, as the
-  CPU kernel) to the row. Each row has one program: no atomics, a fixed summation order,
-  bitwise reproducible.
+* ``_runs_kernel`` and ``_long_runs_kernel``: backward. The host sorts the (key, output row,
+  scale) entries of the batch (every id column in one block, bags feature by feature) by key
+  with a stable ``torch.sort`` and cuts them into runs of equal keys with device-side prefix
+  counts (no synchronization: the number of runs stays on the device and the programs stride
+  over the runs). ``_runs_kernel`` takes the runs in tiles of BLOCK_RUNS, a row of the tile per
+  run: step i adds each run's i-th gradient row, so every row is summed serially in sorted
+  (= batch) order and a tile's chain of dependent loads serves BLOCK_RUNS rows (a program per
+  run spent most of its time waiting on that chain: 7-8 % of copy bandwidth on an H200). A
+  tile takes as many steps as its longest run, so runs of more than _LONG_RUN entries (hot rows:
+  Zipf ids put thousands of lookups on one row) are listed by the first member's launch and
+  summed by ``_long_runs_kernel``, a program per run in [BLOCK_E, BLOCK_D] tiles. Either way
+  the summed row is written as the dense gradient or updated with SGD / row-wise Adagrad (FBGEMM
+  semantics, as the CPU kernel). Each row has one program: no atomics on floats, a fixed
+  summation order, bitwise reproducible.
 
 Why a launch per member (M of them, 2 to 4 in practice) rather than one with a member axis: an
 int argument divisible by 16 is specialized by Triton, so with ``D_m`` (and the table base) a
@@ -39,7 +46,10 @@ fits, a sort of half the passes, and widened on load), and the row-wise state in
 ``m * Vtot + key`` is formed by _state_index with m widened first (``m`` and ``Vtot`` arrive as
 int32 when below 2^31, and ``(M - 1) * Vtot`` passes 2^31 for large tables). The grids are
 launched in chunks of at most _MAX_GRID_X programs (CUDA's grid.x limit), the chunk's first
-program id passed as ``pid0``. Only within-row column offsets (< D) stay int32. Every launch
+program id passed as ``pid0``. Only within-row column offsets (< D) stay int32, as do the
+gather's (batch row, column) slots when the host knows every slot is below 2^31
+(``INDEX_32``: a 64-bit division is a long emulated sequence) and the long-run list's run
+indices when there are fewer than 2^31 entries. Every launch
 runs under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in the interpreter).
 
 Ids and offsets are checked on the host with torch ops before any launch (one synchronizing copy of
@@ -84,9 +94,13 @@ _MODE_DENSE = tl.constexpr(int(Optimizer.DENSE))
 _MODE_ROWWISE_ADAGRAD = tl.constexpr(int(Optimizer.ROWWISE_ADAGRAD))
 _TILE = 4096  # elements of one [rows, BLOCK_D] tile
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid.x: larger first axes are launched in chunks
-# Programs of _runs_kernel's grid-stride loop over the runs (per member); the interpreter runs
-# programs one by one, so there a few suffice.
+# Programs of _runs_kernel's and _long_runs_kernel's grid-stride loops (per member); the
+# interpreter runs programs one by one, so there a few suffice.
 _RUN_PROGRAMS = 16 if INTERPRETED else 65536
+_LONG_PROGRAMS = 16 if INTERPRETED else 4096
+# Runs (rows touched) of more entries than this go to _long_runs_kernel: _runs_kernel's tiles
+# take as many steps as their longest run.
+_LONG_RUN = 32
 
 
 # =============================================================================================
@@ -103,26 +117,33 @@ def _state_index(m, Vtot, key):
 def _gather_kernel(
     w_ptr,          # [W] flat tables (any float dtype)
     ids_ptr,        # [B, C] int64: every id column (single ids and sequence positions)
-    col_feat_ptr,   # [C] int32: feature of each column
+    col_vocab_ptr,  # [C] int64: vocabulary size of each column's feature
+    col_base_ptr,   # [C] int64: row_base of each column's feature
     col_n_ptr,      # [C] int64: output column of each id column
-    vocab_ptr,      # [F] int64
-    row_base_ptr,   # [F] int64
     out_ptr,        # the member's output [B, N, D] (acc dtype)
     D,              # the member's dim (specialized when a multiple of 16: aligned rows)
     tb,             # the member's first element in w
     BC, C, N, pad, pid0,
-    HAS_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PAD: tl.constexpr, INDEX_32: tl.constexpr,  # INDEX_32: every (b, c) slot < 2^31
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64) + pid0
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    # The column's metadata is indexed by the column itself (not through its feature), so the
+    # id and metadata loads are independent: one load latency before the rows' instead of two.
+    if INDEX_32:  # (b, c) from a 32-bit division: a 64-bit one is a long emulated sequence
+        r32 = (tl.program_id(0) + pid0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        b32 = r32 // C
+        c = r32 - b32 * C
+        r = r32.to(tl.int64)
+        b = b32.to(tl.int64)
+    else:
+        r = (tl.program_id(0).to(tl.int64) + pid0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+        b = r // C
+        c = r - b * C
     rmask = r < BC
-    b = r // C
-    c = r - b * C
     ids = tl.load(ids_ptr + r, mask=rmask, other=0)
-    f = tl.load(col_feat_ptr + c, mask=rmask, other=0)
+    V = tl.load(col_vocab_ptr + c, mask=rmask, other=1)
+    rb = tl.load(col_base_ptr + c, mask=rmask, other=0)
     n = tl.load(col_n_ptr + c, mask=rmask, other=0)
-    V = tl.load(vocab_ptr + f, mask=rmask, other=1)
-    rb = tl.load(row_base_ptr + f, mask=rmask, other=0)
     valid = rmask & (ids >= 0) & (ids < V)
     if HAS_PAD:
         valid = valid & (ids != pad)
@@ -180,6 +201,45 @@ def _bags_kernel(
     tl.store(out_ptr + (b * N + n) * D + d, acc * scale, mask=dmask)
 
 
+@triton.jit
+def _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc, row,
+                 key, live, mask, D, m, Vtot, MODE: tl.constexpr,
+                 HYPER_IN_MEMORY: tl.constexpr, MANY_ROWS: tl.constexpr):
+    """Writes the summed gradient ``acc`` of rows (element offsets ``row`` into w, masked by
+    ``mask``) as a dense gradient, or applies SGD / row-wise Adagrad (FBGEMM semantics, as the
+    CPU kernel) to them. MANY_ROWS: acc is [rows, BLOCK_D] and ``key`` / ``live`` (each row's key,
+    clamped to a valid one where not live, and whether it is written) are [rows]; else acc is
+    one row [BLOCK_D] and key / live are scalars."""
+    if MODE == _MODE_DENSE:
+        tl.store(gw_ptr + row, acc.to(gw_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HYPER_IN_MEMORY:
+            lr = tl.load(hyper_ptr)
+            wd = tl.load(hyper_ptr + 2)
+            eps = tl.load(hyper_ptr + 1)
+        else:
+            lr = lr_arg
+            wd = wd_arg
+            eps = eps_arg
+        cur = tl.load(w_ptr + row, mask=mask, other=0.0).to(acc.dtype)
+        a = tl.where(mask, acc + wd * cur, 0.0)
+        if MODE == _MODE_ROWWISE_ADAGRAD:
+            si = _state_index(m, Vtot, key)
+            # (D may be a constexpr: Triton specializes an int argument of 1)
+            if MANY_ROWS:
+                squares = tl.sum(a * a, axis=1)
+            else:
+                squares = tl.sum(a * a, axis=0)
+            s = tl.load(state_ptr + si) + squares / D
+            tl.store(state_ptr + si, s, mask=live)
+            step = lr / (tl.sqrt(s) + eps)
+            if MANY_ROWS:
+                step = step[:, None]
+        else:
+            step = lr
+        tl.store(w_ptr + row, (cur - step * a).to(w_ptr.dtype.element_ty), mask=mask)
+
+
 # m is never specialized (Triton would turn m = 1 into a constexpr, which has no .to()).
 @triton.jit(do_not_specialize=["m"])
 def _runs_kernel(
@@ -193,6 +253,8 @@ def _runs_kernel(
     run_end_ptr,    # [E] int64: one past its last
     run_key_ptr,    # [E] int32 or int64: row_base[f] + id; Vtot for the run of padding entries
     num_runs_ptr,   # [1] int64: R, known on the device only
+    long_ptr,       # [E // (LONG_RUN + 1)] int32 (int64 for E >= 2^31): the long runs
+    num_long_ptr,   # [1] int32: how many (PUSH_LONG adds to it)
     hyper_ptr,      # [3] float64 lr, eps, weight_decay: read when HYPER_IN_MEMORY
     lr_arg, eps_arg, wd_arg,  # the same as float32 arguments: used otherwise
     D, tb,          # the member's dim and first element in w (as _gather_kernel)
@@ -202,27 +264,78 @@ def _runs_kernel(
     pid0,
     MODE: tl.constexpr, HAS_G: tl.constexpr,  # HAS_G: the member's gradient is not zero
     HYPER_IN_MEMORY: tl.constexpr,  # float64 tables (a float argument is float32)
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    LONG_RUN: tl.constexpr,   # runs of more entries go to _long_runs_kernel
+    PUSH_LONG: tl.constexpr,  # list them (the first member's launch; the list serves all)
+    BLOCK_RUNS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Grid-stride over the runs: R is not known on the host (no synchronization), so a fixed
-    # grid walks r = pid, pid + programs, ... < R.
+    # Grid-stride over tiles of BLOCK_RUNS consecutive runs: R is not known on the host (no
+    # synchronization), so a fixed grid walks the tiles pid, pid + programs, ... A tile is a
+    # [BLOCK_RUNS, BLOCK_D] block, a row per run: step i adds every run's i-th entry (its
+    # gradient row times its scale) to the run's row, so a run's entries are summed one by one
+    # in sorted (= batch) order, with no reduction across lanes, and a tile makes one chain of
+    # dependent loads for BLOCK_RUNS rows. The tile takes as many steps as its longest run:
+    # runs of more than LONG_RUN entries (hot rows) are left to _long_runs_kernel.
     pid = tl.program_id(0).to(tl.int64) + pid0
     R = tl.load(num_runs_ptr)
     d = tl.arange(0, BLOCK_D)
+    dmask = d < D
     acc_ty = g_ptr.dtype.element_ty
-    for r in range(pid, R, programs):
-        start = tl.load(run_start_ptr + r)
-        end = tl.load(run_end_ptr + r)
-        key = tl.load(run_key_ptr + r).to(tl.int64)
+    for t in range(pid * BLOCK_RUNS, R, programs * BLOCK_RUNS):
+        r = t + tl.arange(0, BLOCK_RUNS).to(tl.int64)
+        rm = r < R
+        start = tl.load(run_start_ptr + r, mask=rm, other=0)
+        n = tl.load(run_end_ptr + r, mask=rm, other=0) - start
+        key = tl.load(run_key_ptr + r, mask=rm, other=Vtot).to(tl.int64)
         # The padding entries carry the key Vtot (past every row) and sort last: their run
-        # touches nothing (masked loads and stores, key clamped to a valid address).
-        live = key < Vtot
-        # an absent gradient: an empty range of entries (the row still gets decay / the update)
-        stop = start
-        if HAS_G:
-            stop = start + (end - start) * live.to(tl.int64)
-        dmask = (d < D) & ((d * 0 + key) < Vtot)  # block-shaped: no row of a padding run
+        # touches nothing.
+        live = rm & (key < Vtot)
+        if PUSH_LONG:
+            is_long = live & (n > LONG_RUN)
+            slot = tl.atomic_add(num_long_ptr + tl.zeros([BLOCK_RUNS], tl.int32), 1,
+                                 mask=is_long)
+            tl.store(long_ptr + slot, r.to(long_ptr.dtype.element_ty), mask=is_long)
+        live = live & (n <= LONG_RUN)
         key = tl.where(live, key, 0)
+        acc = tl.zeros([BLOCK_RUNS, BLOCK_D], dtype=acc_ty)
+        if HAS_G:  # else an absent gradient: no entry (the row still gets decay / the update)
+            n = tl.where(live, n, 0)
+            for i in range(0, tl.max(n, axis=0)):
+                em = i < n
+                src = tl.load(src_ptr + start + i, mask=em, other=0)
+                sc = tl.load(scale_ptr + start + i, mask=em, other=0.0)
+                g = tl.load(g_ptr + src[:, None] * D + d[None, :],
+                            mask=em[:, None] & dmask[None, :], other=0.0)
+                acc += g * sc[:, None]
+        row = tb + D * key[:, None] + d[None, :]
+        _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc, row,
+                     key, live, live[:, None] & dmask[None, :], D, m, Vtot, MODE,
+                     HYPER_IN_MEMORY, True)
+
+
+@triton.jit(do_not_specialize=["m"])
+def _long_runs_kernel(
+    w_ptr, gw_ptr, state_ptr, g_ptr, src_ptr, scale_ptr, run_start_ptr, run_end_ptr,
+    run_key_ptr, long_ptr, num_long_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, D, tb, m, Vtot,
+    programs, pid0,  # as _runs_kernel
+    MODE: tl.constexpr, HAS_G: tl.constexpr, HYPER_IN_MEMORY: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # A program per long run (grid-stride over the list _runs_kernel wrote; its order, set by
+    # atomics, does not matter: each run is summed by one program on its own): the run's entries
+    # in [BLOCK_E, BLOCK_D] tiles, each tile reduced over its entries in a fixed tree, the tiles
+    # in order. Bitwise reproducible, though not the serial association of _runs_kernel.
+    pid = tl.program_id(0).to(tl.int64) + pid0
+    count = tl.load(num_long_ptr)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    acc_ty = g_ptr.dtype.element_ty
+    for j in range(pid, count, programs):
+        r = tl.load(long_ptr + j).to(tl.int64)
+        start = tl.load(run_start_ptr + r)
+        stop = start
+        if HAS_G:  # else an absent gradient: no entry (the row still gets decay / the update)
+            stop = tl.load(run_end_ptr + r)
+        key = tl.load(run_key_ptr + r).to(tl.int64)
         acc = tl.zeros([BLOCK_D], dtype=acc_ty)
         for i in range(start, stop, BLOCK_E):
             ii = i + tl.arange(0, BLOCK_E).to(tl.int64)
@@ -232,29 +345,9 @@ def _runs_kernel(
             g = tl.load(g_ptr + src[:, None] * D + d[None, :],
                         mask=im[:, None] & dmask[None, :], other=0.0)
             acc += tl.sum(g * sc[:, None], axis=0)
-        row = tb + D * key + d
-        if MODE == _MODE_DENSE:
-            tl.store(gw_ptr + row, acc.to(gw_ptr.dtype.element_ty), mask=dmask)
-        else:
-            if HYPER_IN_MEMORY:
-                lr = tl.load(hyper_ptr)
-                wd = tl.load(hyper_ptr + 2)
-                eps = tl.load(hyper_ptr + 1)
-            else:
-                lr = lr_arg
-                wd = wd_arg
-                eps = eps_arg
-            cur = tl.load(w_ptr + row, mask=dmask, other=0.0).to(acc_ty)
-            a = tl.where(dmask, acc + wd * cur, 0.0)
-            step = lr
-            if MODE == _MODE_ROWWISE_ADAGRAD:
-                si = _state_index(m, Vtot, key)
-                # (D may be a constexpr: Triton specializes an int argument of 1)
-                s = tl.load(state_ptr + si) + tl.sum(a * a, axis=0) / D  # clamped key
-                if live:
-                    tl.store(state_ptr + si, s)
-                step = lr / (tl.sqrt(s) + eps)
-            tl.store(w_ptr + row, (cur - step * a).to(w_ptr.dtype.element_ty), mask=dmask)
+        _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc,
+                     tb + D * key + d, key, key < Vtot, dmask, D, m, Vtot, MODE,
+                     HYPER_IN_MEMORY, False)
 
 
 # =============================================================================================
@@ -476,18 +569,21 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     vocab_t, row_base_t = P.constant(P.vocab), P.constant(P.row_base)
     id_feats, cols = P.id_block()
     if cols is not None:
-        col_feat = P.constant([f for f in id_feats for _ in range(P.ncols[f])], torch.int32)
+        col_vocab = P.per_column(id_feats, P.vocab)
+        col_base = P.per_column(id_feats, P.row_base)
         col_n = P.constant([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
         C = cols.shape[1]
         cols = cols.contiguous()
         for m in range(P.M):  # one launch per member: see the module docstring
             block_d = _block_d(P.dims[m])
             block_r = max(1, min(128, _TILE // block_d))
+            programs = triton.cdiv(B * C, block_r)
             _launch(
-                _gather_kernel, triton.cdiv(B * C, block_r), weight,
-                weight, cols, col_feat, col_n, vocab_t, row_base_t, outs[m], P.dims[m],
+                _gather_kernel, programs, weight,
+                weight, cols, col_vocab, col_base, col_n, outs[m], P.dims[m],
                 P.table_base[m], B * C, C, N, pad,
-                HAS_PAD=has_pad, BLOCK_R=block_r, BLOCK_D=block_d)
+                HAS_PAD=has_pad, INDEX_32=programs * block_r < 2**31, BLOCK_R=block_r,
+                BLOCK_D=block_d)
     bag_feats = [f for f in range(P.F) if modes[f] != InputMode.IDS]
     if bag_feats:
         vals, psws, offs, base = [], [], [], 0
@@ -619,17 +715,37 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     in_memory = acc == torch.float64 and mode != Optimizer.DENSE  # dense reads none
     hyper = (upload([lr, eps, wd], acc, P.device) if in_memory
              else P.constant([0.0], acc))  # else a dummy pointer, also for absent tensors
-    programs = min(run_key.numel(), _RUN_PROGRAMS)
+    # Live runs of more than _LONG_RUN entries are disjoint: at most E // (_LONG_RUN + 1) of
+    # them. The first member's _runs_kernel lists them, every member's _long_runs_kernel walks
+    # the list (launch order on the stream: the list is complete before the first reads it).
+    E = run_key.numel()
+    long_cap = E // (_LONG_RUN + 1)
+    num_long = torch.zeros(1, dtype=torch.int32, device=P.device)
+    long_list = torch.empty(max(1, long_cap), device=P.device,
+                            dtype=torch.int32 if E < 2**31 else torch.int64)
+    args = (weight, grad_weight if grad_weight is not None else weight,
+            state if state is not None and state.numel() > 0 else hyper)
+    hypers = (hyper, float(lr), float(eps), float(wd))
+    consts = dict(MODE=int(mode), HYPER_IN_MEMORY=in_memory)
     for m in range(P.M):
         block_d = _block_d(P.dims[m])
-        _launch(
-            _runs_kernel, programs, weight,
-            weight, grad_weight if grad_weight is not None else weight,
-            state if state is not None and state.numel() > 0 else hyper,
-            gs[m] if gs[m] is not None else hyper, src, scale, start, end, run_key, num_runs,
-            hyper, float(lr), float(eps), float(wd), P.dims[m], P.table_base[m], m, P.Vtot,
-            programs, MODE=int(mode), HAS_G=gs[m] is not None, HYPER_IN_MEMORY=in_memory,
-            BLOCK_E=max(1, min(32, _TILE // block_d)), BLOCK_D=block_d)
+        g, has_g = (gs[m], True) if gs[m] is not None else (hyper, False)
+        member = (P.dims[m], P.table_base[m], m, P.Vtot)
+        # half a _TILE: at D = 64, 72 registers (sm_90) against 155 for 64 runs, so more
+        # programs per SM and as many row loads in flight
+        block_runs = max(1, min(128, _TILE // 2 // block_d))
+        programs = min(triton.cdiv(E, block_runs), _RUN_PROGRAMS)
+        _launch(_runs_kernel, programs, weight,
+                *args, g, src, scale, start, end, run_key, num_runs, long_list, num_long,
+                *hypers, *member, programs, HAS_G=has_g, LONG_RUN=_LONG_RUN,
+                PUSH_LONG=m == 0 and long_cap > 0, BLOCK_RUNS=block_runs, BLOCK_D=block_d,
+                **consts)
+        if long_cap > 0:
+            programs = min(long_cap, _LONG_PROGRAMS)
+            _launch(_long_runs_kernel, programs, weight,
+                    *args, g, src, scale, start, end, run_key, long_list, num_long, *hypers,
+                    *member, programs, HAS_G=has_g, BLOCK_E=max(1, min(32, _TILE // block_d)),
+                    BLOCK_D=block_d, **consts)
 
 
 def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Tensor],

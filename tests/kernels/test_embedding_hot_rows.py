@@ -85,6 +85,75 @@ def test_one_id_repeated(backend, device, optimizer, dtype):
     _step_and_check(mod, {"hot": ids}, device, tol)
 
 
+# Entries per run around the kernels' cuts between short and long runs (Triton: 32, CUDA: 64)
+RUN_LENGTHS = [1, 2, 31, 32, 33, 63, 64, 65, 200]
+
+
+def _runs_of_lengths(lengths, vocab: int, B: int, rng: np.random.Generator):
+    """[B] ids where row 2 r (r = 0, 1, ...) is looked up lengths[r] times and the rest of the
+    slots are padding (-1), in a shuffled order (a run's entries are spread over the batch)."""
+    ids = torch.full((B,), -1, dtype=torch.int64)
+    filled = torch.cat([torch.full((n,), 2 * r) for r, n in enumerate(lengths)])
+    assert 2 * len(lengths) <= vocab and filled.numel() <= B
+    ids[torch.from_numpy(rng.permutation(B)[:filled.numel()])] = filled
+    return ids
+
+
+@pytest.mark.parametrize("backend, device, optimizer", _cases())
+def test_runs_around_the_long_run_cuts(backend, device, optimizer):
+    """Runs of 1 to 200 entries, around the short/long cuts of the Triton and CUDA backwards
+    (a row's run is summed by a tile of runs or by a program / block of its own), side by side
+    in one batch, with a bag and a sequence feature; two members of different dims, two steps."""
+    rng = np.random.default_rng(3)
+    mod = _make([("a", 20), ("s", 20), ("bag", 20, "mean")], [16, 33], backend, device,
+                optimizer)
+    B = 1024
+    for _ in range(2):
+        a = _runs_of_lengths(RUN_LENGTHS, 20, B, rng)
+        seq = _runs_of_lengths(RUN_LENGTHS[::-1], 20, 2 * B, rng).reshape(B, 2)
+        vals = _runs_of_lengths(RUN_LENGTHS, 20, B, rng)
+        vals = vals[vals >= 0]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64),
+                             torch.sort(torch.from_numpy(rng.integers(0, vals.numel() + 1,
+                                                                      B - 1))).values,
+                             torch.tensor([vals.numel()])])
+        _step_and_check(mod, {"a": a, "s": seq, "bag": (vals, offsets)}, device, 1e-9)
+
+
+@pytest.mark.parametrize("backend, device, optimizer",
+                         [p for p in _cases() if p.values[2] is not None])
+def test_member_without_gradient(backend, device, optimizer):
+    """A member whose output does not enter the loss (its gradient is None, not zeros): its
+    looked-up rows, short and long runs, still get the update of a zero gradient (weight decay),
+    bitwise as with an explicit zero gradient."""
+    ids = {"a": _runs_of_lengths(RUN_LENGTHS, 20, 1024, np.random.default_rng(5))}
+
+    def step(zero_grad_tensor: bool):
+        torch.manual_seed(0)
+        mod = _make([("a", 20)], [16, 33], backend, device, optimizer)
+        outs = mod(to_device(ids, device))
+        loss = (outs[0] * outs[0]).sum()
+        if zero_grad_tensor:
+            loss = loss + (outs[1] * 0).sum()
+        loss.backward()
+        state = mod.optimizer_state.clone() if optimizer == "rowwise_adagrad" else None
+        return mod.weight.detach().clone(), state, mod
+
+    (w_none, s_none, mod), (w_zero, s_zero, _) = step(False), step(True)
+    assert torch.equal(w_none, w_zero)
+    if s_none is not None:
+        assert torch.equal(s_none, s_zero)
+    if optimizer == "sgd":  # member 1's touched rows: w - lr * wd * w
+        torch.manual_seed(0)
+        w0 = _make([("a", 20)], [16, 33], backend, device, optimizer).weight.detach()
+        second = slice(mod.layout.table_base[1], None)
+        rows = w0[second].reshape(20, 33).cpu()
+        touched = touched_rows(mod, ids)[20:]
+        expect = torch.where(touched[:, None], rows - LR * (WD * rows), rows)
+        torch.testing.assert_close(w_none[second].reshape(20, 33).cpu(), expect, rtol=1e-12,
+                                   atol=1e-12)
+
+
 @pytest.mark.parametrize("backend, device, optimizer", _cases())
 def test_wide_rows_hot_id(backend, device, optimizer):
     """Dims up to 1100 (several chunks, the last partial) on a run of a few thousand entries."""

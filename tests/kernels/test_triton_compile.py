@@ -205,13 +205,17 @@ def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
     seen = _record_launches(monkeypatch)
     ids = {"user": torch.tensor([1, 2, 6, 0]), "hist": torch.tensor([[0, 10], [3, 4], [5, 5],
                                                                       [1, 2]]),
-           "tags": (torch.tensor([0, 1, 4, 2, 3]), torch.tensor([0, 2, 3, 4, 5]))}
+           "tags": (torch.tensor([0, 1, 4, 2, 3]), torch.tensor([0, 2, 3, 4, 5])),
+           # a hot row: a run longer than _LONG_RUN entries (the long-run kernel)
+           "hot": (torch.full((40,), 2), torch.tensor([0, 10, 20, 30, 40]))}
     for optimizer in ("sgd", "rowwise_adagrad"):
-        mod = MultiTableEmbedding(2, [("user", 7), ("hist", 11), ("tags", 5, "mean")], [64, 32],
+        mod = MultiTableEmbedding(2, [("user", 7), ("hist", 11), ("tags", 5, "mean"),
+                                      ("hot", 3, "sum")], [64, 32],
                                   optimizer=optimizer, backend="triton")
         sum(o.sum() for o in mod(ids)).backward()
     specs = [s for s in seen if s["module"].endswith("triton.embedding")]
-    assert {s["kernel"] for s in specs} == {"_gather_kernel", "_bags_kernel", "_runs_kernel"}
+    assert {s["kernel"] for s in specs} == {"_gather_kernel", "_bags_kernel", "_runs_kernel",
+                                            "_long_runs_kernel"}
     assert all({"D", "tb"} <= set(s["div16"]) for s in specs), specs
     path = tmp_path / "specs.json"
     unique = {json.dumps(s, sort_keys=True): s for s in specs}
@@ -221,7 +225,7 @@ def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     widths = json.loads(proc.stdout.strip().splitlines()[-1])
-    for kernel in ("_gather_kernel", "_bags_kernel", "_runs_kernel"):
+    for kernel in ("_gather_kernel", "_bags_kernel", "_runs_kernel", "_long_runs_kernel"):
         assert widths[kernel].get("ld.v4", 0) > 0, widths
     assert widths["_gather_kernel"].get("st.v4", 0) > 0, widths
     assert widths["_gather_kernel"].get("st", 0) == 0, widths  # no 32-bit store of a row
