@@ -8,7 +8,9 @@ Run by ``make gpu-check`` (bench/gpu_check.py), or alone on a machine with a CUD
 
 Skipped without a CUDA GPU.
 
-Fusion (fp32 logits [B, K], K = 4, B in {1M, 4M}; ``bench_gpu_fusion[<op>-K4-B4194304]``):
+Fusion (fp32 logits [B, K], K = 4, B in {1M, 4M} at temperature 1, the default; also B = 4M at
+temperature 0.7, the general path a learned temperature takes;
+``bench_gpu_fusion[<op>-K4-B4194304]``, ``[<op>-K4-B4194304-tau0.7]``):
 
 - ``cetnet-cuda`` / ``cetnet-triton``: the public op, forward + ``backward()`` through autograd
   (``validate=False``), what a training step pays.
@@ -151,15 +153,27 @@ def _backend_reason(backend: str) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # Fusion ops
 # ------------------------------------------------------------------------------------------------
+# A temperature other than 1 (a learnable one leaves 1 after the first step) takes the kernels'
+# general path (exp / log of each member's term): timed at the larger batch only.
+OTHER_TAU = 0.7
+
+
 def _fusion_params():
     ks = env_ints("CETNET_BENCH_K", [4])
     bs = env_ints("CETNET_BENCH_B", [1 << 20, 1 << 22])
-    return [pytest.param(op, K, B, id=f"{op}-K{K}-B{B}")
-            for op in env_strs("CETNET_BENCH_OPS", list(FUSION_OPS)) for K in ks for B in bs]
+    params = []
+    for op in env_strs("CETNET_BENCH_OPS", list(FUSION_OPS)):
+        for K in ks:
+            params += [pytest.param(op, K, B, 1.0, id=f"{op}-K{K}-B{B}") for B in bs]
+            if op != "kdef_loss":  # (no temperature)
+                params.append(pytest.param(op, K, max(bs), OTHER_TAU,
+                                           id=f"{op}-K{K}-B{max(bs)}-tau{OTHER_TAU}"))
+    return params
 
 
-def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Tensor):
-    tau = torch.tensor(1.0, device="cuda")
+def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Tensor,
+                 temperature: float):
+    tau = torch.tensor(temperature, device="cuda")
     if provider.startswith("kernels-"):
         backend = provider.split("-", 1)[1]
         z = logits.detach()
@@ -202,21 +216,26 @@ def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Ten
         def fn(*args):
             return lib(*args, backend=backend, validate=False)
 
-    if op in ("collaborative_loss", "kdef_loss"):
+    if op == "kdef_loss":
         def step():
             logits.grad = None
             loss, _prob = fn(logits, labels)
             loss.backward()
+    elif op == "collaborative_loss":
+        def step():
+            logits.grad = None
+            loss, _prob = fn(logits, labels, temperature)
+            loss.backward()
     else:
         def step():
             logits.grad = None
-            prob, _w = fn(logits)
+            prob, _w = fn(logits, temperature)
             prob.sum().backward()
     return step
 
 
-@pytest.mark.parametrize("op,K,B", _fusion_params())
-def bench_gpu_fusion(benchmark, op, K, B):
+@pytest.mark.parametrize("op,K,B,tau", _fusion_params())
+def bench_gpu_fusion(benchmark, op, K, B, tau):
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(B, K, generator=gen, device="cuda") * 2).requires_grad_()
     labels = torch.randint(0, 2, (B,), generator=gen, device="cuda").float()
@@ -229,9 +248,10 @@ def bench_gpu_fusion(benchmark, op, K, B):
             skipped[p] = reason
             continue
         steps[p] = (_copy_step(bytes_moved(op, K, B)) if p == "copy"
-                    else _fusion_step(op, p, logits, labels))
-    _run(benchmark, steps, skipped, f"{op}-K{K}-B{B}",
-         dict(kind="fusion", op=op, K=K, B=B, dtype="float32", bytes=bytes_moved(op, K, B)))
+                    else _fusion_step(op, p, logits, labels, tau))
+    name = f"{op}-K{K}-B{B}" + ("" if tau == 1.0 else f"-tau{tau}")
+    _run(benchmark, steps, skipped, name, dict(kind="fusion", op=op, K=K, B=B, tau=tau,
+                                               dtype="float32", bytes=bytes_moved(op, K, B)))
 
 
 # ------------------------------------------------------------------------------------------------

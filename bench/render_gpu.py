@@ -60,13 +60,16 @@ def render_fusion(benches: list[dict]) -> list[str]:
     if not benches:
         return []
     provs = [p for p in FUSION_ORDER if any(_median(b, p) for b in benches)]
-    head = ["op", "K", "B", "copy ms", "copy GB/s"] + [f"{p} ms (%copy)" for p in provs]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    head = ["op", "K", "B", "τ", "copy ms", "copy GB/s"] + [f"{p} ms (%copy)" for p in provs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for b in sorted(benches, key=lambda b: (b["extra_info"]["op"], b["extra_info"]["K"],
-                                            b["extra_info"]["B"])):
+                                            b["extra_info"]["B"],
+                                            -b["extra_info"].get("tau", 1.0))):
         e = b["extra_info"]
         t_copy = _median(b, "copy")
-        cells = [e["op"], str(e["K"]), f"{e['B']:,}", _ms(t_copy), _gbs(e["bytes"], t_copy)]
+        tau = "–" if e["op"] == "kdef_loss" else f"{e.get('tau', 1.0):g}"
+        cells = [e["op"], str(e["K"]), f"{e['B']:,}", tau, _ms(t_copy),
+                 _gbs(e["bytes"], t_copy)]
         for p in provs:
             t = _median(b, p)
             cells.append(f"{_ms(t)} ({_pct(t_copy / t if t and t_copy else None)})")

@@ -109,6 +109,8 @@ def test_render_tables_and_ratios():
     bench = {"benchmarks": [
         _bench("fusion", {"copy": 4e-5, "kernels-cuda": 5e-5}, op="collaborative_loss", K=4,
                B=4194304, bytes=160 << 20),
+        _bench("fusion", {"copy": 4e-5, "kernels-cuda": 8e-5}, op="collaborative_loss", K=4,
+               B=4194304, tau=0.7, bytes=160 << 20),
         _bench("embedding", {"copy": 4e-4, "cetnet-cuda": 8e-4}, ids="uniform", mode="forward",
                bytes=2 * L * 256, **emb),
         _bench("embedding", {"copy": 1e-3, "cetnet-cuda": 2e-3}, ids="uniform", mode="sgd",
@@ -119,7 +121,9 @@ def test_render_tables_and_ratios():
     md = render(info, bench)
     assert "**NVIDIA H200**" in md and "| tests | FAILED (1) | 99 | 1 failed |" in md
     assert "2 × needs two GPUs" in md
-    assert "| collaborative_loss | 4 | 4,194,304 |" in md and "0.05 (80%)" in md
+    assert "| collaborative_loss | 4 | 4,194,304 | 1 |" in md and "0.05 (80%)" in md
+    assert "| collaborative_loss | 4 | 4,194,304 | 0.7 |" in md and "0.08 (50%)" in md
+    assert md.index("| 4,194,304 | 1 |") < md.index("| 4,194,304 | 0.7 |")
     assert "| uniform | forward | 65,536 | 5.0% |" in md and "0.8 (50%)" in md
     assert "sgd cetnet-cuda 1.50x" in md  # Zipf / uniform
     # backward alone: (2 - 0.8) ms for 3 L D 4 bytes against the sgd copy bandwidth
