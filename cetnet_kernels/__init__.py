@@ -16,6 +16,7 @@ The C++ CPU kernels are compiled for several vector ISAs; :func:`build_info` say
 from cetnet_kernels._extension import build_info, set_cpu_capability
 from cetnet_kernels.backends import BACKENDS, available_backends
 from cetnet_kernels.embedding import EmbeddingFeature, MultiTableEmbedding
+from cetnet_kernels.embedding_args import reset_bad_id_warnings
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
 from cetnet_kernels.fusion import collaborative_loss, confidence_fusion
 from cetnet_kernels.kdef import kdef_loss
@@ -40,5 +41,6 @@ __all__ = [
     "kdef_loss",
     "kdef_loss_reference",
     "multi_table_embedding_reference",
+    "reset_bad_id_warnings",
     "set_cpu_capability",
 ]

@@ -142,8 +142,10 @@ class MultiTableEmbedding(nn.Module):
             unspecified (but in-range) bags. Check your ids once, offline, before turning it
             off. ``"warn"`` (data with a few stray ids that should not stop a run): such an id
             is padding, as with ``"off"``, and the lookup warns (``UserWarning`` naming the
-            first one, as the error would, and how many there were) instead of raising;
-            malformed offsets still raise. Backward and the fused update do not check again, so
+            first one, as the error would, and how many there were) instead of raising, the
+            first time a feature (by name, in the process) has one
+            (:func:`cetnet_kernels.reset_bad_id_warnings` re-arms them); malformed offsets
+            still raise. Backward and the fused update do not check again, so
             on CUDA a step whose ids are valid costs the lookup's one synchronization
             (``"error"``: two); a batch with bad ids a few more, to find and name the first.
         backend: ``"auto"``, ``"cpu"`` (C++), ``"cuda"``, ``"triton"`` or ``"reference"``

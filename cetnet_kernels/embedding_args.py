@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from typing import NamedTuple, Optional, Sequence
 
@@ -20,7 +21,7 @@ from cetnet_kernels.codes import BoundsCheck, InputMode
 
 __all__ = ["BadId", "EmbeddingArgs", "ID_DTYPES", "OptimizerArgs", "check_bag_values",
            "check_batch_size", "first_bad_id", "id_columns", "invalid_ids", "offsets_valid",
-           "report_bad_id"]
+           "report_bad_id", "reset_bad_id_warnings"]
 
 
 class EmbeddingArgs(NamedTuple):
@@ -136,12 +137,48 @@ def first_bad_id(ids: Sequence[Tensor], offsets: Sequence[Tensor], modes: Sequen
     return None if first is None else BadId(*first, count)
 
 
+# Features bounds_check='warn' has warned about, when the compiled extension (which holds the
+# registry of its own kernels: csrc/bad_id_warnings.cpp) is not loaded.
+_WARNED_FEATURES: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _first_bad_id_warning(feature: str) -> bool:
+    """True the first time ``feature`` has an out-of-range id under bounds_check='warn' (since
+    the start or :func:`reset_bad_id_warnings`): one registry for every backend."""
+    from cetnet_kernels._extension import _C
+    if _C is not None:
+        return bool(_C.first_bad_id_warning(feature))
+    with _WARNED_LOCK:
+        first = feature not in _WARNED_FEATURES
+        _WARNED_FEATURES.add(feature)
+        return first
+
+
+def reset_bad_id_warnings() -> None:
+    """Make ``bounds_check="warn"`` warn again about the next out-of-range id of every feature.
+
+    The lookup warns about a feature's out-of-range ids the first time it meets one in the
+    process (naming the id, its batch row and position, and the lookup's count of bad ids) and
+    reads later ones as padding without a word: one warning per lookup would flood a run.
+    Features are told apart by name, across modules and backends. Call this to hear about
+    them again, e.g. at the start of each epoch."""
+    from cetnet_kernels._extension import _C
+    if _C is not None:
+        _C.reset_bad_id_warnings()
+    with _WARNED_LOCK:
+        _WARNED_FEATURES.clear()
+
+
 def report_bad_id(op: str, name: str, bad: BadId, vocab: int, padding_idx: Optional[int],
                   bounds_check: int) -> None:
-    """IndexError for ``bad`` (feature ``name``), or with ``bounds_check`` WARN a UserWarning:
-    the ids were read as padding. The message of the compiled kernels (csrc/embedding_args.h's
+    """IndexError for ``bad`` (feature ``name``), or with ``bounds_check`` WARN a UserWarning
+    the first time feature ``name`` has a bad id (:func:`reset_bad_id_warnings`): the ids were
+    read as padding. The message of the compiled kernels (csrc/embedding_args.h's
     report_bad_id), word for word (torch appends "(Triggered internally at ...)" to a C++
     warning). The warning names the user's line: the first frame outside cetnet and torch."""
+    if bounds_check == BoundsCheck.WARN and not _first_bad_id_warning(name):
+        return
     pad = "" if padding_idx is None else f", or padding_idx = {padding_idx}"
     msg = (f"{op}: feature '{name}': id {bad.id} is out of range for its vocabulary of size "
            f"{vocab} (valid ids: 0 .. {vocab - 1}{pad}; batch row {bad.row}, position "
@@ -149,7 +186,9 @@ def report_bad_id(op: str, name: str, bad: BadId, vocab: int, padding_idx: Optio
     if bounds_check == BoundsCheck.WARN:
         warnings.warn(f"{msg}; bounds_check='warn': {bad.count} "
                       f"{'id' if bad.count == 1 else 'ids'} out of range in this lookup, read as "
-                      "padding (zero vectors, no gradient or update)", UserWarning,
+                      "padding (zero vectors, no gradient or update). Warned once per feature: "
+                      f"later out-of-range ids of '{name}' are read as padding without a warning "
+                      "(cetnet_kernels.reset_bad_id_warnings() re-arms it)", UserWarning,
                       stacklevel=_user_stacklevel())
         return
     raise IndexError(msg)

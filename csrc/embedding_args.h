@@ -21,6 +21,13 @@
 #include <vector>
 
 namespace cetnet {
+
+// bounds_check='warn' warns once per process and feature name (bad_id_warnings.cpp, outside
+// the ISA namespaces: one registry): true for the first call with `feature` since the start
+// or the last reset_bad_id_warnings().
+bool first_bad_id_warning(const std::string& feature);
+void reset_bad_id_warnings();
+
 inline namespace CETNET_ISA_NS {  // isa.h
 
 // The validated shape of one call: the table layout (embedding_layout.h) plus B rows, the
@@ -41,10 +48,12 @@ struct EmbeddingArgs : TableLayout {
 };
 
 // The first out-of-range id of a call (feature f, batch row b, position pos; `count` bad ids in
-// all): IndexError, or with kBoundsWarn a warning (the ids were read as padding). One message
-// for the CPU and CUDA kernels (the Triton and reference backends write the same in Python).
+// all): IndexError, or with kBoundsWarn a warning (the ids were read as padding), the first
+// time feature f has one in this process (first_bad_id_warning). One message for the CPU and
+// CUDA kernels (the Triton and reference backends write the same in Python).
 inline void report_bad_id(const EmbeddingArgs& A, const char* op, int64_t f, int64_t id,
                           int64_t b, int64_t pos, int64_t count) {
+  if (A.bounds_check == kBoundsWarn && !first_bad_id_warning(A.name(f))) return;
   std::ostringstream msg;
   msg << op << ": feature '" << A.name(f) << "': id " << id
       << " is out of range for its vocabulary of size " << A.vocab[f] << " (valid ids: 0 .. "
@@ -54,7 +63,9 @@ inline void report_bad_id(const EmbeddingArgs& A, const char* op, int64_t f, int
   if (A.bounds_check == kBoundsWarn) {
     TORCH_WARN(msg.str(), "; bounds_check='warn': ", count, count == 1 ? " id" : " ids",
                " out of range in this lookup, read as padding (zero vectors, no gradient or "
-               "update)");
+               "update). Warned once per feature: later out-of-range ids of '", A.name(f),
+               "' are read as padding without a warning (cetnet_kernels."
+               "reset_bad_id_warnings() re-arms it)");
     return;
   }
   TORCH_CHECK_INDEX(false, msg.str());

@@ -47,6 +47,11 @@ PYBIND11_MODULE(_C, m) {
       },
       "Which backends and CPU kernel builds (vector ISAs) cetnet_kernels._C contains, and the "
       "one in use.");
+  m.def("first_bad_id_warning", &cetnet::first_bad_id_warning, pybind11::arg("feature"),
+        "bounds_check='warn': True the first time `feature` has an out-of-range id (then the "
+        "lookup warns), False after (bad_id_warnings.cpp).");
+  m.def("reset_bad_id_warnings", &cetnet::reset_bad_id_warnings,
+        "Forget which features bounds_check='warn' has warned about.");
   m.def("set_cpu_capability", &cetnet::cpu::set_capability, pybind11::arg("name"),
         "Run the CPU ops with the kernel build `name` (default, avx2 or avx512) from now on.");
   m.def(

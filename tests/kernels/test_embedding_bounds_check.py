@@ -2,7 +2,8 @@
 treated exactly as padding (a zero vector, no gradient, no update, left out of bag means), with
 no host check and, on the Triton path, no synchronizing op at all; the default ("error") still
 raises before anything is written. bounds_check="warn" computes what "off" does and the lookup
-warns with the error's message (and the count of bad ids), once per step. On a GPU the CUDA and
+warns with the error's message (and the count of bad ids), once per feature until
+reset_bad_id_warnings(). On a GPU the CUDA and
 Triton steps also run under ``torch.cuda.set_sync_debug_mode("error")``, and a CUDA-backend
 training step is captured in a CUDA graph and replayed."""
 
@@ -14,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from cetnet_kernels import MultiTableEmbedding
+from cetnet_kernels import MultiTableEmbedding, reset_bad_id_warnings
 from conftest import backend_device_params
 from embedding_support import FEATURES, loss_of, sample_inputs
 
@@ -161,6 +162,26 @@ def test_off_malformed_offsets_read_nothing_out_of_range(backend, device):
 # bounds_check="warn": "off" plus the lookup's check, a warning instead of IndexError
 # ------------------------------------------------------------------------------------------------
 WARN_OPTIMIZERS = [(None, 0.0), ("sgd", 0.0), ("rowwise_adagrad", 0.05)]
+TRIGGERED = re.compile(r" \(Triggered internally at .*\)$")  # TORCH_WARN's suffix (C++ kernels)
+
+
+@pytest.fixture(autouse=True)
+def _warnings_rearmed():
+    """Every test starts with no feature warned about (the registry is per process)."""
+    reset_bad_id_warnings()
+    yield
+    reset_bad_id_warnings()
+
+
+def _bad_id_warnings(fn) -> list[str]:
+    """The bounds_check='warn' messages ``fn()`` emits (every one shown), without TORCH_WARN's
+    suffix."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fn()
+    assert all(w.category is UserWarning for w in seen if "bounds_check='warn'" in str(w.message))
+    return [TRIGGERED.sub("", str(w.message)) for w in seen
+            if "bounds_check='warn'" in str(w.message)]
 
 
 def _bad_count(ids, padding_idx):
@@ -173,8 +194,8 @@ def _bad_count(ids, padding_idx):
 @pytest.mark.parametrize("optimizer, weight_decay", WARN_OPTIMIZERS,
                          ids=[f"{o}-wd{w}" for o, w in WARN_OPTIMIZERS])
 @pytest.mark.parametrize("padding_idx", [-1, None])
-def test_warn_reads_bad_ids_as_padding_and_warns_once_per_step(backend, device, optimizer,
-                                                               weight_decay, padding_idx):
+def test_warn_reads_bad_ids_as_padding_and_warns_once_per_feature(backend, device, optimizer,
+                                                                  weight_decay, padding_idx):
     if backend == "reference" and optimizer is not None:
         pytest.skip("the reference backend has a dense gradient only")
     warn, err, pad = _twins(backend, device, optimizer, padding_idx, weight_decay)
@@ -188,19 +209,57 @@ def test_warn_reads_bad_ids_as_padding_and_warns_once_per_step(backend, device, 
     with pytest.raises(IndexError) as error:
         strict(bad)
     n = _bad_count(bad, padding_idx)
+    name = re.search(r"feature '([^']*)'", error.value.args[0]).group(1)
     expected = (f"{error.value.args[0]}; bounds_check='warn': {n} ids out of range in this "
-                "lookup, read as padding (zero vectors, no gradient or update)")
-    for step in range(2):
+                "lookup, read as padding (zero vectors, no gradient or update). Warned once "
+                f"per feature: later out-of-range ids of '{name}' are read as padding without a "
+                "warning (cetnet_kernels.reset_bad_id_warnings() re-arms it)")
+    for step in range(3):  # warned, silent (the same feature), warned again after the reset
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             _steps_agree(warn, err, bad, padded, optimizer, steps=1)
         ours = [w for w in seen if "bounds_check='warn'" in str(w.message)]
-        # TORCH_WARN (the C++ kernels) appends where in csrc/ it was raised
-        messages = [re.sub(r" \(Triggered internally at .*\)$", "", str(w.message)) for w in ours]
-        assert messages == [expected], (step, messages)  # forward only: backward is silent
+        messages = [TRIGGERED.sub("", str(w.message)) for w in ours]
+        # forward only: backward is silent
+        assert messages == ([] if step == 1 else [expected]), (step, messages)
         assert all(w.category is UserWarning for w in ours)
         if backend in ("reference", "triton"):  # Python warnings name the caller's line
-            assert [w.filename for w in ours] == [__file__], [w.filename for w in ours]
+            assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]
+        if step == 1:
+            reset_bad_id_warnings()
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+def test_warn_once_per_feature_across_modules(backend, device):
+    """Each feature is warned about the first time it has a bad id, in any module on any
+    backend: a lookup whose first bad id is in a feature already warned about stays silent,
+    even when another feature also has one (the lookup reports its first bad id only)."""
+    optimizer = None if backend == "reference" else "sgd"
+
+    def make():
+        return MultiTableEmbedding(2, [("a", 5), ("t", 6)], DIMS, optimizer=optimizer,
+                                   bounds_check="warn", backend=backend, device=device)
+
+    mod, other = make(), make()
+    offsets = torch.tensor([0, 1, 3, 4], device=device)
+    good_t = torch.tensor([1, 2, 3, 4], device=device)
+
+    def lookup(module, a, t):
+        outs = module({"a": torch.tensor(a, device=device),
+                       "t": (torch.tensor(t, device=device), offsets)})
+        loss_of(outs, [torch.ones_like(o) for o in outs]).backward()
+
+    first = _bad_id_warnings(lambda: lookup(mod, [0, 9, 4], good_t.tolist()))
+    assert len(first) == 1 and "feature 'a': id 9 " in first[0] and "batch row 1" in first[0]
+    assert _bad_id_warnings(lambda: lookup(mod, [7, 1, 2], good_t.tolist())) == []
+    assert _bad_id_warnings(lambda: lookup(other, [8, 1, 2], good_t.tolist())) == []
+    t_bad = _bad_id_warnings(lambda: lookup(other, [0, 1, 2], [1, 2, 60, 4]))
+    assert len(t_bad) == 1 and "feature 't': id 60 " in t_bad[0] and "1 id out of" in t_bad[0]
+    # bad ids in both features: the first (row 0, feature 'a') is reported, and 'a' is known
+    assert _bad_id_warnings(lambda: lookup(mod, [5, 1, 2], [1, 2, 60, 4])) == []
+    reset_bad_id_warnings()
+    again = _bad_id_warnings(lambda: lookup(mod, [5, 1, 2], [1, 2, 60, 4]))
+    assert len(again) == 1 and "feature 'a': id 5 " in again[0] and "2 ids out of" in again[0]
 
 
 @pytest.mark.parametrize("backend, device", CASES)
@@ -360,3 +419,19 @@ def test_cuda_graph_captures_a_fused_training_step(backend, device, optimizer):
     if optimizer == "rowwise_adagrad":
         torch.testing.assert_close(graphed.optimizer_state, eager.optimizer_state, rtol=0,
                                    atol=0)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_warned_features_registry(monkeypatch, compiled):
+    """One registry of warned features: the compiled extension's (its kernels report there), or
+    a Python one when the extension is not loaded."""
+    from cetnet_kernels import _extension
+    from cetnet_kernels.embedding_args import _first_bad_id_warning
+    if compiled and _extension._C is None:
+        pytest.skip("the compiled extension is not loaded")
+    if not compiled:
+        monkeypatch.setattr(_extension, "_C", None)
+    assert _first_bad_id_warning("x") and _first_bad_id_warning("y")
+    assert not _first_bad_id_warning("x")
+    reset_bad_id_warnings()
+    assert _first_bad_id_warning("x") and not _first_bad_id_warning("x")
