@@ -23,7 +23,8 @@ temperature 0.7, the general path a learned temperature takes;
 
 Embedding (M = 2 members x F = 26 features, one table of ``ROWS`` rows each, D = 64, fp32,
 B = 65536 single ids per feature; ``uniform`` ids or Zipf(1.05) ids ``(zipf - 1) % ROWS``, whose
-hottest row holds several % of a feature's lookups; ``bench_gpu_embedding[<ids>-<mode>-...]``):
+hottest row holds several % of a feature's lookups; ``bags``: every feature a mean bag of 1 to
+15 uniform ids (8 on average, the pooled multi-hot input); ``bench_gpu_embedding[<ids>-<mode>-...]``):
 
 - mode ``forward``: the lookup alone (``torch.no_grad``).
 - mode ``sgd`` / ``rowwise_adagrad``: lookup + backward with the fused optimizer update.
@@ -32,10 +33,11 @@ hottest row holds several % of a feature's lookups; ``bench_gpu_embedding[<ids>-
   and feature, ``sparse=True`` + ``torch.optim.SGD``/``Adagrad``: what a plain PyTorch user
   writes; forward and sgd only), and ``copy`` of the mode's bytes.
 
-Useful bytes follow FBGEMM's accounting: the forward reads each looked-up row and writes its
-output (``2 * L * D * 4`` for ``L = M * F * B`` lookups); the fused backward reads the output
-gradient and reads + writes each looked-up row (``3 * L * D * 4`` more; rows shared by several
-lookups are counted once per lookup, so Zipf and uniform ids have the same byte count).
+Useful bytes follow FBGEMM's accounting: the forward reads each looked-up row and writes the
+outputs (``(L + M * F * B) * D * 4`` for ``L`` lookups in all: ``2 * L * D * 4`` for single
+ids, ``L = M * F * B``); the fused backward reads the output gradient for each lookup and reads
++ writes its row (``3 * L * D * 4`` more; rows shared by several lookups are counted once per
+lookup, so Zipf and uniform ids have the same byte count).
 
 Timing: every provider of one benchmark is timed in interleaved rounds; in a round each
 provider runs a burst of calls between two CUDA events (no host sync inside the burst), and its
@@ -71,6 +73,9 @@ FUSION_PROVIDERS = ("cetnet-cuda", "cetnet-triton", "kernels-cuda", "kernels-tri
 EMB_PROVIDERS = ("cetnet-cuda", "cetnet-cuda-nocheck", "cetnet-triton", "cetnet-triton-nocheck",
                  "torch-loop", "copy")
 EMB_MODES = ("forward", "sgd", "rowwise_adagrad")
+# ids: single ids, uniform or Zipf; "bags": every feature a mean bag of 1..BAG_MAX uniform ids
+EMB_IDS = ("uniform", "zipf", "bags")
+BAG_MAX = 15
 M, F, D = 2, 26, 64
 ROWS = int(os.environ.get("CETNET_BENCH_ROWS", "1000000"))
 ZIPF_A = 1.05
@@ -259,21 +264,34 @@ def bench_gpu_fusion(benchmark, op, K, B, tau):
 # ------------------------------------------------------------------------------------------------
 def _emb_params():
     bs = env_ints("CETNET_BENCH_EMB_B", [65536])
-    dists = env_strs("CETNET_BENCH_IDS", ["uniform", "zipf"])
+    dists = env_strs("CETNET_BENCH_IDS", list(EMB_IDS))
     modes = [m for m in env_strs("CETNET_BENCH_EMB_MODES", list(EMB_MODES)) if m in EMB_MODES]
     return [pytest.param(dist, mode, B, id=f"{dist}-{mode}-M{M}-F{F}-B{B}-D{D}")
             for dist in dists for mode in modes for B in bs]
 
 
-def emb_bytes(mode: str, B: int) -> int:
-    lookups = M * F * B
-    return (2 if mode == "forward" else 5) * lookups * D * 4
+def emb_bytes(mode: str, B: int, values: int) -> int:
+    """FBGEMM's accounting for ``values`` looked-up rows per member (B * F single ids, or the
+    bags' values): the forward reads each and writes the B * F outputs; the fused backward reads
+    the output gradient for each value and reads and writes its row."""
+    forward = M * (values + F * B) * D * 4
+    return forward if mode == "forward" else forward + 3 * M * values * D * 4
 
 
-def _emb_batches(dist: str, B: int) -> list[dict[str, torch.Tensor]]:
+def _emb_batches(dist: str, B: int) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     for _ in range(N_BATCHES):
+        if dist == "bags":  # per feature: B mean bags of 1..15 uniform ids
+            batch = {}
+            for f in range(F):
+                lengths = rng.integers(1, BAG_MAX + 1, B)
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                values = rng.integers(0, ROWS, int(offsets[-1]))
+                batch[f"f{f}"] = (torch.from_numpy(values).cuda(),
+                                  torch.from_numpy(offsets).cuda())
+            out.append(batch)
+            continue
         if dist == "uniform":
             ids = rng.integers(0, ROWS, (F, B))
         else:
@@ -283,19 +301,26 @@ def _emb_batches(dist: str, B: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def hottest_share(batch: dict[str, torch.Tensor]) -> float:
+def _values(x) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) else x
+
+
+def hottest_share(batch: dict) -> float:
     """The largest share of one feature's lookups that a single row takes."""
-    return max(float(torch.bincount(x).max()) / x.numel() for x in batch.values())
+    return max(float(torch.bincount(_values(x)).max()) / _values(x).numel()
+               for x in batch.values())
 
 
-def _module(backend: str, optimizer: str | None, bounds_check: str = "error"):
-    return ck.MultiTableEmbedding(M, [(f"f{f}", ROWS) for f in range(F)], D, optimizer=optimizer,
+def _module(backend: str, optimizer: str | None, bounds_check: str = "error", bags=False):
+    return ck.MultiTableEmbedding(M, [(f"f{f}", ROWS, "mean") if bags else (f"f{f}", ROWS)
+                                      for f in range(F)], D, optimizer=optimizer,
                                   lr=LR, bounds_check=bounds_check, backend=backend,
                                   device="cuda")
 
 
 def _emb_step(provider: str, mode: str, batches, B: int):
     it = iter(range(1 << 62))
+    bags = isinstance(batches[0]["f0"], tuple)
 
     def next_batch():
         return batches[next(it) % len(batches)]
@@ -304,7 +329,7 @@ def _emb_step(provider: str, mode: str, batches, B: int):
     if provider.startswith("cetnet-"):
         backend, _, check = provider.split("-", 1)[1].partition("-")
         mod = _module(backend, None if mode == "forward" else mode,
-                      "off" if check == "nocheck" else "error")
+                      "off" if check == "nocheck" else "error", bags)
         if mode == "forward":
             def step():
                 with torch.no_grad():
@@ -317,11 +342,15 @@ def _emb_step(provider: str, mode: str, batches, B: int):
     # torch-loop: M * F nn.Embedding(sparse=True) + a torch optimizer.
     if mode == "rowwise_adagrad":
         pytest.skip("torch has no row-wise Adagrad")
-    embs = torch.nn.ModuleList(torch.nn.Embedding(ROWS, D, sparse=True, device="cuda")
-                               for _ in range(M * F))
+    embs = torch.nn.ModuleList(
+        torch.nn.EmbeddingBag(ROWS, D, mode="mean", sparse=True, device="cuda") if bags
+        else torch.nn.Embedding(ROWS, D, sparse=True, device="cuda") for _ in range(M * F))
     opt = torch.optim.SGD(embs.parameters(), lr=LR)
 
     def lookup(ids):
+        if bags:  # (nn.EmbeddingBag takes the B start offsets, without the end)
+            return [torch.stack([embs[m * F + f](ids[f"f{f}"][0], ids[f"f{f}"][1][:-1])
+                                 for f in range(F)], dim=1) for m in range(M)]
         return [torch.stack([embs[m * F + f](ids[f"f{f}"]) for f in range(F)], dim=1)
                 for m in range(M)]
 
@@ -340,6 +369,8 @@ def _emb_step(provider: str, mode: str, batches, B: int):
 @pytest.mark.parametrize("dist,mode,B", _emb_params())
 def bench_gpu_embedding(benchmark, dist, mode, B):
     batches = _emb_batches(dist, B)
+    values = sum(_values(x).numel() for x in batches[0].values())  # per member
+    nbytes = emb_bytes(mode, B, values)
     steps, skipped = {}, {}
     for p in env_strs("CETNET_BENCH_PROVIDERS", list(EMB_PROVIDERS)):
         if p not in EMB_PROVIDERS:
@@ -347,7 +378,7 @@ def bench_gpu_embedding(benchmark, dist, mode, B):
         reason = _backend_reason(p.split("-")[1]) if p.startswith("cetnet-") else None
         if reason is None:
             try:
-                steps[p] = (_copy_step(emb_bytes(mode, B)) if p == "copy"
+                steps[p] = (_copy_step(nbytes) if p == "copy"
                             else _emb_step(p, mode, batches, B))
             except pytest.skip.Exception as exc:
                 reason = str(exc)
@@ -355,6 +386,7 @@ def bench_gpu_embedding(benchmark, dist, mode, B):
             skipped[p] = reason
     _run(benchmark, steps, skipped, f"embedding-{dist}-{mode}",
          dict(kind="embedding", ids=dist, mode=mode, M=M, F=F, B=B, D=D, rows=ROWS,
-              hottest_share=round(hottest_share(batches[0]), 4), bytes=emb_bytes(mode, B)))
+              values_per_output=round(values / (F * B), 3),
+              hottest_share=round(hottest_share(batches[0]), 4), bytes=nbytes))
     steps.clear()
     torch.cuda.empty_cache()  # the next benchmark allocates its own tables (13 GB a set)

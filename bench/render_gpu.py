@@ -170,9 +170,12 @@ def render(info: dict, bench: dict | None) -> str:
             lines += ["", f"## Multi-table embedding (M = {e0['M']} members × F = {e0['F']} "
                       f"features, {e0['rows']:,} rows per table, D = {e0['D']}, fp32)", "",
                       "`forward`: the lookup; `sgd` / `rowwise_adagrad`: lookup + backward with "
-                      "the fused update. Bytes: FBGEMM's accounting (forward 2·L·D·4, backward "
-                      "3·L·D·4 more, L = M·F·B lookups). `torch-loop`: one `nn.Embedding"
-                      "(sparse=True)` per member and feature + `torch.optim.SGD`. Targets: "
+                      "the fused update. ids: single ids (`uniform`, `zipf`) or `bags` (every "
+                      "feature a mean bag of 1-15 uniform ids). Bytes: FBGEMM's accounting "
+                      "(forward (L + M·F·B)·D·4, backward 3·L·D·4 more, for L lookups: M·F·B "
+                      "single ids, or the bags' values). `torch-loop`: one `nn.Embedding"
+                      "(sparse=True)` (`nn.EmbeddingBag` for bags) per member and feature + "
+                      "`torch.optim.SGD`. Targets: "
                       f"forward ≥ {100 * TARGETS['forward']:.0f}%, fused-SGD backward ≥ "
                       f"{100 * TARGETS['backward']:.0f}% of copy; Zipf within "
                       f"{TARGETS['zipf_over_uniform']}x of uniform.", "",

@@ -117,6 +117,8 @@ def test_render_tables_and_ratios():
                bytes=5 * L * 256, **emb),
         _bench("embedding", {"copy": 1e-3, "cetnet-cuda": 3e-3}, ids="zipf", mode="sgd",
                bytes=5 * L * 256, **emb),
+        _bench("embedding", {"copy": 2e-3, "cetnet-cuda": 5e-3}, ids="bags", mode="forward",
+               bytes=9 * L * 256, **emb),
     ]}
     md = render(info, bench)
     assert "**NVIDIA H200**" in md and "| tests | FAILED (1) | 99 | 1 failed |" in md
@@ -126,6 +128,7 @@ def test_render_tables_and_ratios():
     assert md.index("| 4,194,304 | 1 |") < md.index("| 4,194,304 | 0.7 |")
     assert "| uniform | forward | 65,536 | 5.0% |" in md and "0.8 (50%)" in md
     assert "sgd cetnet-cuda 1.50x" in md  # Zipf / uniform
+    assert "| bags | forward | 65,536 | 5.0% |" in md and "5 (40%)" in md
     # backward alone: (2 - 0.8) ms for 3 L D 4 bytes against the sgd copy bandwidth
     assert "| uniform | sgd | 65,536 | cetnet-cuda | 1.2 |" in md
     assert "No benchmark results" in render(info, None)
