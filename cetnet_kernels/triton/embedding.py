@@ -16,8 +16,10 @@ dim ``D_m`` and table base as arguments:
 * ``_gather_kernel``: every single-id and sequence column in one launch, grid (row blocks of the
   [B, C] id columns); a [BLOCK_R, BLOCK_D] tile per program. Each column's vocabulary size, row
   base and output column are read by the column, so they load beside the ids.
-* ``_bags_kernel``: every pooled bag (sum / mean / weighted) in one more launch, grid
-  (B * bag features); the bag's values in [BLOCK_L, BLOCK_D] tiles.
+* ``_bags_kernel``: every pooled bag (sum / mean / weighted) in one more launch, grid (tiles
+  of BLOCK_BAGS bags of the [B, bag features] slots): a row of the tile per bag, step i adds
+  each bag's i-th value (a bag summed in order, one chain of dependent loads per tile, as the
+  backward's runs below); a bag of more than _LONG_RUN values sums the rest on its own.
 * ``_runs_kernel`` and ``_long_runs_kernel``: backward. The host sorts the (key, output row,
   scale) entries of the batch (every id column in one block, bags feature by feature) by key
   with a stable ``torch.sort`` and cuts them into runs of equal keys with device-side prefix
@@ -156,49 +158,100 @@ def _gather_kernel(
 
 
 @triton.jit
+def _bag_values(w_ptr, vals_ptr, psw_ptr, k, em, V, rb, D, tb, pad, d, dmask, acc_ty,
+                HAS_PAD: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
+    """The weighted table rows of bag values k (masked by em; V / rb: their feature's
+    vocabulary size and row base, the shape of k) and which of them count (valid)."""
+    ids = tl.load(vals_ptr + k, mask=em, other=0)
+    valid = em & (ids >= 0) & (ids < V)
+    if HAS_PAD:
+        valid = valid & (ids != pad)
+    rows = tl.load(w_ptr + tb + D * (rb + ids)[:, None] + d[None, :],
+                   mask=valid[:, None] & dmask[None, :], other=0.0).to(acc_ty)
+    if HAS_WEIGHTS:
+        rows = rows * tl.load(psw_ptr + k, mask=valid, other=0.0).to(acc_ty)[:, None]
+    return rows, valid
+
+
+@triton.jit
 def _bags_kernel(
     w_ptr,          # [W] flat tables
     vals_ptr,       # [L] int64: every bag feature's values, concatenated
-    psw_ptr,        # [L] float32: per-value weights (1 for unweighted bags)
+    psw_ptr,        # [L] float32: per-value weights (1 for unweighted bags); read if HAS_WEIGHTS
     offs_ptr,       # [J, B + 1] int64: bag offsets into vals (already shifted)
-    bag_feat_ptr,   # [J] int32
-    bag_n_ptr,      # [J] int64: output column
+    bag_vocab_ptr,  # [J] int64: vocabulary size of each bag feature
+    bag_base_ptr,   # [J] int64: its row_base
+    bag_n_ptr,      # [J] int64: its output column
     bag_mean_ptr,   # [J] int32: 1 for mean pooling
-    vocab_ptr, row_base_ptr,
     out_ptr, D, tb,  # the member's output, dim and first element in w (as _gather_kernel)
-    B, J, N, pad, pid0,
-    HAS_PAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BJ, B, J, N, pad, pid0,
+    HAS_PAD: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    INDEX_32: tl.constexpr,  # every (b, j) slot < 2^31
+    LONG_BAG: tl.constexpr,  # values a tile takes step by step (see below)
+    BLOCK_BAGS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64) + pid0
-    b = pid // J
-    j = pid - b * J
-    f = tl.load(bag_feat_ptr + j)
-    n = tl.load(bag_n_ptr + j)
-    V = tl.load(vocab_ptr + f)
-    rb = tl.load(row_base_ptr + f)
-    k0 = tl.load(offs_ptr + j * (B + 1) + b)
-    k1 = tl.load(offs_ptr + j * (B + 1) + b + 1)
+    # A tile of BLOCK_BAGS bags (b, j) in order r = b * J + j, a row per bag, as _runs_kernel
+    # takes runs: step i adds each bag's i-th value, so a bag is summed in order with no
+    # reduction across lanes and a tile makes one chain of dependent loads for all its bags.
+    # A tile takes at most LONG_BAG steps; a bag with more values then sums the rest on its
+    # own, in [BLOCK_L, BLOCK_D] chunks (rare in practice: one long bag must not make its tile
+    # step through thousands of masked values).
+    first = (tl.program_id(0) + pid0).to(tl.int64) * BLOCK_BAGS
+    if INDEX_32:
+        r32 = (tl.program_id(0) + pid0) * BLOCK_BAGS + tl.arange(0, BLOCK_BAGS)
+        b32 = r32 // J
+        j = r32 - b32 * J
+        r = r32.to(tl.int64)
+        b = b32.to(tl.int64)
+    else:
+        r = first + tl.arange(0, BLOCK_BAGS).to(tl.int64)
+        b = r // J
+        j = r - b * J
+    rm = r < BJ
+    V = tl.load(bag_vocab_ptr + j, mask=rm, other=1)
+    rb = tl.load(bag_base_ptr + j, mask=rm, other=0)
+    n = tl.load(bag_n_ptr + j, mask=rm, other=0)
+    is_mean = tl.load(bag_mean_ptr + j, mask=rm, other=0) != 0
+    o = j.to(tl.int64) * (B + 1) + b
+    k0 = tl.load(offs_ptr + o, mask=rm, other=0)
+    length = tl.load(offs_ptr + o + 1, mask=rm, other=0) - k0
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     acc_ty = out_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_D], dtype=acc_ty)
-    count = tl.zeros([BLOCK_L], dtype=tl.int32)
-    for k in range(k0, k1, BLOCK_L):
-        kk = k + tl.arange(0, BLOCK_L).to(tl.int64)
-        km = kk < k1
-        ids = tl.load(vals_ptr + kk, mask=km, other=0)
-        valid = km & (ids >= 0) & (ids < V)
-        if HAS_PAD:
-            valid = valid & (ids != pad)
-        wgt = tl.load(psw_ptr + kk, mask=valid, other=0.0).to(acc_ty)
-        rows = tl.load(w_ptr + tb + D * (rb + ids)[:, None] + d[None, :],
-                       mask=valid[:, None] & dmask[None, :], other=0.0).to(acc_ty)
-        acc += tl.sum(rows * wgt[:, None], axis=0)
+    acc = tl.zeros([BLOCK_BAGS, BLOCK_D], dtype=acc_ty)
+    count = tl.zeros([BLOCK_BAGS], dtype=tl.int32)
+    longest = tl.max(length, axis=0)
+    for i in range(0, tl.minimum(longest, LONG_BAG)):
+        rows, valid = _bag_values(w_ptr, vals_ptr, psw_ptr, k0 + i, i < length, V, rb, D, tb,
+                                  pad, d, dmask, acc_ty, HAS_PAD, HAS_WEIGHTS)
+        acc += rows
         count += valid.to(tl.int32)
-    cnt = tl.sum(count, axis=0)
-    is_mean = tl.load(bag_mean_ptr + j) != 0
-    scale = tl.where(is_mean & (cnt > 1), 1.0 / tl.maximum(cnt, 1).to(acc_ty), 1.0).to(acc_ty)
-    tl.store(out_ptr + (b * N + n) * D + d, acc * scale, mask=dmask)
+    if longest > LONG_BAG:
+        slot = tl.arange(0, BLOCK_BAGS)
+        for q in range(0, BLOCK_BAGS):
+            rq = first + q
+            bq = rq // J
+            jq = rq - bq * J
+            oq = jq * (B + 1) + bq
+            k1 = tl.load(offs_ptr + oq + 1, mask=rq < BJ, other=0)
+            kq = tl.load(offs_ptr + oq, mask=rq < BJ, other=0) + LONG_BAG
+            if kq < k1:
+                Vq = tl.load(bag_vocab_ptr + jq)
+                rbq = tl.load(bag_base_ptr + jq)
+                part = tl.zeros([BLOCK_D], dtype=acc_ty)
+                part_count = tl.zeros([BLOCK_L], dtype=tl.int32)
+                for k in range(kq, k1, BLOCK_L):
+                    kk = k + tl.arange(0, BLOCK_L).to(tl.int64)
+                    rows, valid = _bag_values(w_ptr, vals_ptr, psw_ptr, kk, kk < k1, Vq, rbq, D,
+                                              tb, pad, d, dmask, acc_ty, HAS_PAD, HAS_WEIGHTS)
+                    part += tl.sum(rows, axis=0)
+                    part_count += valid.to(tl.int32)
+                mine = slot == q
+                acc = tl.where(mine[:, None], acc + part[None, :], acc)
+                count = tl.where(mine, count + tl.sum(part_count, axis=0), count)
+    scale = tl.where(is_mean & (count > 1), 1.0 / tl.maximum(count, 1).to(acc_ty), 1.0)
+    tl.store(out_ptr + (b * N + n)[:, None] * D + d[None, :], acc * scale.to(acc_ty)[:, None],
+             mask=rm[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -566,7 +619,6 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     P.check(op, lookup=True)
     has_pad = padding_idx is not None
     pad = int(padding_idx) if has_pad else 0
-    vocab_t, row_base_t = P.constant(P.vocab), P.constant(P.row_base)
     id_feats, cols = P.id_block()
     if cols is not None:
         col_vocab = P.per_column(id_feats, P.vocab)
@@ -586,30 +638,42 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
                 BLOCK_D=block_d)
     bag_feats = [f for f in range(P.F) if modes[f] != InputMode.IDS]
     if bag_feats:
+        # per-value weights only when a feature has them (else no array, no loads)
+        weighted = any(modes[f] == InputMode.BAG_WEIGHTED_SUM for f in bag_feats)
         vals, psws, offs, base = [], [], [], 0
         for f in bag_feats:
             x = ids[f].to(torch.int64)
             vals.append(x)
-            psws.append(per_sample_weights[f] if modes[f] == InputMode.BAG_WEIGHTED_SUM
-                        else torch.ones(x.shape, dtype=torch.float32, device=P.device))
+            if weighted:
+                psws.append(per_sample_weights[f] if modes[f] == InputMode.BAG_WEIGHTED_SUM
+                            else torch.ones(x.shape, dtype=torch.float32, device=P.device))
             offs.append(P.bag_offsets(f) + base)
             base += x.numel()
         J = len(bag_feats)
         vals_t = torch.cat(vals) if base > 0 else torch.zeros(1, dtype=torch.int64,
                                                               device=P.device)
-        psw_t = torch.cat(psws) if base > 0 else torch.zeros(1, device=P.device)
-        psw_t, offs_t = psw_t.contiguous(), torch.stack(offs).contiguous()
-        bag_feat_t = P.constant(bag_feats, torch.int32)
+        psw_t = (torch.cat(psws).contiguous() if weighted and base > 0
+                 else P.constant([0.0], torch.float32))  # (a dummy pointer)
+        offs_t = torch.stack(offs).contiguous()
+        bag_vocab_t = P.constant([P.vocab[f] for f in bag_feats])
+        bag_base_t = P.constant([P.row_base[f] for f in bag_feats])
         bag_n_t = P.constant([P.col_start[f] for f in bag_feats])
         bag_mean_t = P.constant([int(modes[f] == InputMode.BAG_MEAN) for f in bag_feats],
                                 torch.int32)
         for m in range(P.M):
             block_d = _block_d(P.dims[m])
+            # half a _TILE over 8 warps: at D = 64, 64 registers on sm_90 (4 warps: 116-128,
+            # and a spill with 64-value chunks for long bags)
+            block_bags = max(1, min(128, _TILE // 2 // block_d))
+            programs = triton.cdiv(B * J, block_bags)
             _launch(
-                _bags_kernel, B * J, weight,
-                weight, vals_t, psw_t, offs_t, bag_feat_t, bag_n_t, bag_mean_t, vocab_t,
-                row_base_t, outs[m], P.dims[m], P.table_base[m], B, J, N, pad,
-                HAS_PAD=has_pad, BLOCK_L=max(1, min(64, _TILE // block_d)), BLOCK_D=block_d)
+                _bags_kernel, programs, weight,
+                weight, vals_t, psw_t, offs_t, bag_vocab_t, bag_base_t, bag_n_t, bag_mean_t,
+                outs[m], P.dims[m], P.table_base[m], B * J, B, J, N, pad,
+                HAS_PAD=has_pad, HAS_WEIGHTS=weighted,
+                INDEX_32=programs * block_bags < 2**31, LONG_BAG=_LONG_RUN,
+                BLOCK_BAGS=block_bags, BLOCK_L=max(1, min(32, _TILE // 2 // block_d)),
+                BLOCK_D=block_d, num_warps=8)
     return outs
 
 

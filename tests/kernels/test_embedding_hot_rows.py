@@ -120,6 +120,30 @@ def test_runs_around_the_long_run_cuts(backend, device, optimizer):
         _step_and_check(mod, {"a": a, "s": seq, "bag": (vals, offsets)}, device, 1e-9)
 
 
+@pytest.mark.parametrize("backend, device, optimizer", _cases())
+@pytest.mark.parametrize("pooling", ["mean", "sum", "weighted_sum"])
+def test_bags_around_the_long_bag_cut(backend, device, optimizer, pooling):
+    """Bags of 0 to 300 values (the Triton lookup sums a bag's first 32 values with its tile's
+    other bags, the rest on its own), with padding inside long bags (left out of a mean's count),
+    one tile holding several long bags: the lookup and the backward against the float64
+    reference."""
+    rng = np.random.default_rng(11)
+    lengths = [0, 1, 31, 32, 33, 64, 65, 300, 2, 40, 3, 0, 100]
+    B = len(lengths)
+    vals = torch.from_numpy(rng.integers(0, 30, sum(lengths)))
+    vals[rng.permutation(vals.numel())[:vals.numel() // 5]] = -1  # padding
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]))
+    bag = (vals, offsets) if pooling != "weighted_sum" else (
+        vals, offsets, torch.from_numpy(rng.random(vals.numel())).float())
+    ids = {"a": torch.from_numpy(rng.integers(0, 30, B)), "bag": bag}
+    mod = _make([("a", 30), ("bag", 30, "sum" if pooling == "weighted_sum" else pooling)],
+                [16, 33], backend, device, optimizer)
+    outs = mod(to_device(ids, device))
+    for o, r in zip(outs, reference_outputs(mod, ids, mod.weight.detach().double().cpu())):
+        torch.testing.assert_close(o.double().cpu(), r, rtol=1e-12, atol=1e-12)
+    _step_and_check(mod, ids, device, 1e-9)
+
+
 @pytest.mark.parametrize("backend, device, optimizer",
                          [p for p in _cases() if p.values[2] is not None])
 def test_member_without_gradient(backend, device, optimizer):

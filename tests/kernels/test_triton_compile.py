@@ -83,6 +83,8 @@ def _record_launches(monkeypatch) -> list[dict]:
                 if name in names:
                     spec["signature"][name] = "constexpr"
                     spec["constexprs"][name] = value
+            # launch options change the compiled kernel (layouts, registers): compile with them
+            spec["options"] = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
             seen.append(spec)
             return launch(*args, **kwargs)
 
@@ -137,7 +139,8 @@ _COMPILE = textwrap.dedent("""
         kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
         try:
             src = ASTSource(kernel, spec["signature"], constexprs=spec["constexprs"])
-            out = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+            out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                 options=spec.get("options") or None)
             assert out.asm.get("cubin"), "no cubin"
         except Exception as e:  # report every kernel that fails, not only the first
             failures.append(f"{spec['kernel']} {spec['constexprs']}: {type(e).__name__}: {e}")
@@ -164,6 +167,8 @@ def test_every_recorded_triton_launch_compiles_for_sm90(monkeypatch, tmp_path):
     unique = {json.dumps(s, sort_keys=True): s for s in seen}
     kernels = {s["kernel"] for s in unique.values()}
     assert len(kernels) >= 5, kernels  # fusion fwd/bwd/loss and the embedding kernels
+    warps = {s["kernel"] for s in unique.values() if s["options"].get("num_warps") == 8}
+    assert "_bags_kernel" in warps, warps  # launch options are recorded and compiled with
     print(f"{len(unique)} distinct launches of {len(kernels)} kernels")
     specs = tmp_path / "specs.json"
     specs.write_text(json.dumps(list(unique.values())))
@@ -183,7 +188,8 @@ _VECTOR_WIDTHS = textwrap.dedent("""
         kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec["div16"]}
         src = ASTSource(kernel, spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options=spec.get("options") or None).asm["ptx"]
         seen = widths.setdefault(spec["kernel"], collections.Counter())
         access = r"\\b(ld|st)\\.global(?:\\.[a-z0-9_]+)*?(\\.v[248])?\\.[bfsu]32\\b"
         for m in re.finditer(access, ptx):
@@ -208,15 +214,19 @@ def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
            "tags": (torch.tensor([0, 1, 4, 2, 3]), torch.tensor([0, 2, 3, 4, 5])),
            # a hot row: a run longer than _LONG_RUN entries (the long-run kernel)
            "hot": (torch.full((40,), 2), torch.tensor([0, 10, 20, 30, 40]))}
+    weighted = dict(ids, hot=(*ids["hot"], torch.rand(40)))  # per-value weights: HAS_WEIGHTS
     for optimizer in ("sgd", "rowwise_adagrad"):
         mod = MultiTableEmbedding(2, [("user", 7), ("hist", 11), ("tags", 5, "mean"),
                                       ("hot", 3, "sum")], [64, 32],
                                   optimizer=optimizer, backend="triton")
         sum(o.sum() for o in mod(ids)).backward()
+        sum(o.sum() for o in mod(weighted)).backward()
     specs = [s for s in seen if s["module"].endswith("triton.embedding")]
     assert {s["kernel"] for s in specs} == {"_gather_kernel", "_bags_kernel", "_runs_kernel",
                                             "_long_runs_kernel"}
     assert all({"D", "tb"} <= set(s["div16"]) for s in specs), specs
+    assert {s["constexprs"]["HAS_WEIGHTS"] for s in specs
+            if s["kernel"] == "_bags_kernel"} == {False, True}
     path = tmp_path / "specs.json"
     unique = {json.dumps(s, sort_keys=True): s for s in specs}
     path.write_text(json.dumps(list(unique.values())))
