@@ -41,7 +41,7 @@ $(VENV_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.2" pytest hypothesis expecttest \
+	$(PIP) install -q setuptools wheel ninja numpy "triton>=3.6" pytest hypothesis expecttest \
 		pytest-benchmark matplotlib pyyaml tqdm
 	$(PIP) install -q tensorboard || echo "tensorboard not installable: runs write no event files"
 	$(PIP) install -q --no-deps torchrec==1.9.2 $(DISTRIBUTED_DEPS) portalocker \

@@ -159,7 +159,8 @@ def _backend_reason(backend: str) -> str | None:
 # Fusion ops
 # ------------------------------------------------------------------------------------------------
 # A temperature other than 1 (a learnable one leaves 1 after the first step) takes the kernels'
-# general path (exp / log of each member's term): timed at the larger batch only.
+# general path (exp / log of each member's term) and, in the cetnet-* and eager rows, the
+# temperature's gradient as well (a tensor requiring grad): timed at the larger batch only.
 OTHER_TAU = 0.7
 
 
@@ -220,6 +221,11 @@ def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Ten
 
         def fn(*args):
             return lib(*args, backend=backend, validate=False)
+
+    # Temperature 1 as the default passes it (a float); another stands for a learned one: a
+    # tensor that requires grad, so the backward also computes dL/dtau.
+    temperature = (temperature if temperature == 1.0 else
+                   torch.tensor(temperature, device="cuda", requires_grad=True))
 
     if op == "kdef_loss":
         def step():

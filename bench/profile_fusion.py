@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profile_fusion: backend {backend!r} is not available here; skipped")
             continue
         for op in args.ops.split(","):
-            _fusion_step(op, f"kernels-{backend}", logits, labels)()
+            _fusion_step(op, f"kernels-{backend}", logits, labels, 1.0)()
             torch.cuda.synchronize()
             print(f"profile_fusion: ran {op} on {backend} (B={args.B}, K={args.K})", flush=True)
     return 0

@@ -33,7 +33,7 @@ from cetnet_kernels.codes import BOUNDS_CHECK_CODES, OPTIMIZER_CODES, InputMode
 from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, OptimizerArgs,
                                            check_bag_values, check_batch_size, first_bad_id,
                                            id_columns, invalid_ids, offsets_valid,
-                                           report_bad_id)
+                                           report_bad_id, warned_features)
 from cetnet_kernels.embedding_kjt import is_kjt, kjt_to_ids
 from cetnet_kernels.embedding_ops import ops_for
 from cetnet_kernels.embedding_reference import multi_table_embedding_reference
@@ -548,7 +548,9 @@ class MultiTableEmbedding(nn.Module):
                                  f"non-decreasing and end at the number of values "
                                  f"({x.numel()})")
         if self.bounds_check != "off":
-            bad = first_bad_id(args.ids, args.offsets, args.modes, self._vocab, self.padding_idx)
+            bad = first_bad_id(args.ids, args.offsets, args.modes, self._vocab, self.padding_idx,
+                               warned_features([f.name for f in self.features],
+                                               args.bounds_check))
             if bad is not None:
                 report_bad_id(op, self.features[bad.feature].name, bad,
                               self._vocab[bad.feature], self.padding_idx, args.bounds_check)

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Collection, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from cetnet_kernels.codes import BoundsCheck, InputMode
 
 __all__ = ["BadId", "EmbeddingArgs", "ID_DTYPES", "OptimizerArgs", "check_bag_values",
            "check_batch_size", "first_bad_id", "id_columns", "invalid_ids", "offsets_valid",
-           "report_bad_id", "reset_bad_id_warnings"]
+           "report_bad_id", "reset_bad_id_warnings", "warned_features"]
 
 
 class EmbeddingArgs(NamedTuple):
@@ -113,9 +113,11 @@ class BadId(NamedTuple):
 
 
 def first_bad_id(ids: Sequence[Tensor], offsets: Sequence[Tensor], modes: Sequence[int],
-                 vocab: Sequence[int], padding_idx: Optional[int]) -> Optional[BadId]:
-    """The call's first out-of-range id (see :class:`BadId`), None when every id is valid. For
-    the error / warning path of the Python backends: synchronizes once per feature."""
+                 vocab: Sequence[int], padding_idx: Optional[int],
+                 skip: Collection[int] = ()) -> Optional[BadId]:
+    """The call's first out-of-range id (see :class:`BadId`) outside the features ``skip``
+    (:func:`warned_features`; their bad ids still count), None when there is none. For the
+    error / warning path of the Python backends: synchronizes once per feature."""
     first, count = None, 0
     for f, x in enumerate(ids):
         bad = invalid_ids(x, vocab[f], padding_idx).reshape(-1)
@@ -123,6 +125,8 @@ def first_bad_id(ids: Sequence[Tensor], offsets: Sequence[Tensor], modes: Sequen
         if n == 0:
             continue
         count += n
+        if f in skip:
+            continue
         i = int(bad.nonzero()[0, 0])
         if modes[f] == InputMode.IDS:  # [B] or [B, T]
             b, pos = divmod(i, x.shape[1] if x.dim() == 2 else 1)
@@ -143,16 +147,34 @@ _WARNED_FEATURES: set[str] = set()
 _WARNED_LOCK = threading.Lock()
 
 
+def _compiled_registry() -> Any:
+    """The compiled extension when it holds the registry (an older build does not)."""
+    from cetnet_kernels._extension import _C
+    return _C if _C is not None and hasattr(_C, "bad_id_warned") else None
+
+
 def _first_bad_id_warning(feature: str) -> bool:
     """True the first time ``feature`` has an out-of-range id under bounds_check='warn' (since
     the start or :func:`reset_bad_id_warnings`): one registry for every backend."""
-    from cetnet_kernels._extension import _C
-    if _C is not None:
-        return bool(_C.first_bad_id_warning(feature))
+    c = _compiled_registry()
+    if c is not None:
+        return bool(c.first_bad_id_warning(feature))
     with _WARNED_LOCK:
         first = feature not in _WARNED_FEATURES
         _WARNED_FEATURES.add(feature)
         return first
+
+
+def warned_features(names: Sequence[str], bounds_check: int) -> set[int]:
+    """The features (indices into ``names``) a lookup leaves out of its bad-id report: with
+    bounds_check WARN, those already warned about (their ids are still counted)."""
+    if bounds_check != BoundsCheck.WARN:
+        return set()
+    c = _compiled_registry()
+    if c is not None:
+        return {f for f, nm in enumerate(names) if c.bad_id_warned(nm)}
+    with _WARNED_LOCK:
+        return {f for f, nm in enumerate(names) if nm in _WARNED_FEATURES}
 
 
 def reset_bad_id_warnings() -> None:
@@ -163,9 +185,9 @@ def reset_bad_id_warnings() -> None:
     reads later ones as padding without a word: one warning per lookup would flood a run.
     Features are told apart by name, across modules and backends. Call this to hear about
     them again, e.g. at the start of each epoch."""
-    from cetnet_kernels._extension import _C
-    if _C is not None:
-        _C.reset_bad_id_warnings()
+    c = _compiled_registry()
+    if c is not None:
+        c.reset_bad_id_warnings()
     with _WARNED_LOCK:
         _WARNED_FEATURES.clear()
 

@@ -22,6 +22,11 @@ std::set<std::string>& warned_features() {
 
 }  // namespace
 
+bool bad_id_warned(const std::string& feature) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  return warned_features().count(feature) > 0;
+}
+
 bool first_bad_id_warning(const std::string& feature) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   return warned_features().insert(feature).second;

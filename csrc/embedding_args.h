@@ -23,9 +23,11 @@
 namespace cetnet {
 
 // bounds_check='warn' warns once per process and feature name (bad_id_warnings.cpp, outside
-// the ISA namespaces: one registry): true for the first call with `feature` since the start
-// or the last reset_bad_id_warnings().
+// the ISA namespaces: one registry). first_bad_id_warning: true for the first call with
+// `feature` since the start or the last reset_bad_id_warnings(); bad_id_warned: whether it
+// has been (a lookup reports its first bad id among the features not warned about yet).
 bool first_bad_id_warning(const std::string& feature);
+bool bad_id_warned(const std::string& feature);
 void reset_bad_id_warnings();
 
 inline namespace CETNET_ISA_NS {  // isa.h
@@ -45,6 +47,11 @@ struct EmbeddingArgs : TableLayout {
   // and the fused update treat a bad id as padding without checking again (as kBoundsOff).
   bool lookup_checks_ids() const { return bounds_check != kBoundsOff; }
   const std::string& name(int64_t f) const { return names[f]; }
+  // Whether a bad id of feature f is left out of the report: with kBoundsWarn, once the
+  // feature has been warned about (its ids are still counted and read as padding).
+  bool report_skips(int64_t f) const {
+    return bounds_check == kBoundsWarn && bad_id_warned(names[f]);
+  }
 };
 
 // The first out-of-range id of a call (feature f, batch row b, position pos; `count` bad ids in

@@ -50,6 +50,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("first_bad_id_warning", &cetnet::first_bad_id_warning, pybind11::arg("feature"),
         "bounds_check='warn': True the first time `feature` has an out-of-range id (then the "
         "lookup warns), False after (bad_id_warnings.cpp).");
+  m.def("bad_id_warned", &cetnet::bad_id_warned, pybind11::arg("feature"),
+        "bounds_check='warn': whether `feature` has been warned about.");
   m.def("reset_bad_id_warnings", &cetnet::reset_bad_id_warnings,
         "Forget which features bounds_check='warn' has warned about.");
   m.def("set_cpu_capability", &cetnet::cpu::set_capability, pybind11::arg("name"),

@@ -50,7 +50,8 @@ int32 when below 2^31, and ``(M - 1) * Vtot`` passes 2^31 for large tables). The
 launched in chunks of at most _MAX_GRID_X programs (CUDA's grid.x limit), the chunk's first
 program id passed as ``pid0``. Only within-row column offsets (< D) stay int32, as do the
 gather's (batch row, column) slots when the host knows every slot is below 2^31
-(``INDEX_32``: a 64-bit division is a long emulated sequence) and the long-run list's run
+(``INDEX_32``: a 64-bit division is a long emulated sequence; the bags' (batch row, bag
+feature) slots likewise) and the long-run list's run
 indices when there are fewer than 2^31 entries. Every launch
 runs under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in the interpreter).
 
@@ -79,7 +80,8 @@ from cetnet_kernels._host import acc_dtype, constant_tensor, device_guard, shape
 from cetnet_kernels.codes import BoundsCheck, InputMode, Optimizer
 from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, check_bag_values,
                                            check_batch_size, first_bad_id, id_columns,
-                                           invalid_ids, offsets_valid, report_bad_id)
+                                           invalid_ids, offsets_valid, report_bad_id,
+                                           warned_features)
 from cetnet_kernels.layout import table_layout
 from cetnet_kernels.triton.fusion import INTERPRETED  # TRITON_INTERPRET=1 at import time
 
@@ -96,6 +98,7 @@ _MODE_DENSE = tl.constexpr(int(Optimizer.DENSE))
 _MODE_ROWWISE_ADAGRAD = tl.constexpr(int(Optimizer.ROWWISE_ADAGRAD))
 _TILE = 4096  # elements of one [rows, BLOCK_D] tile
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid.x: larger first axes are launched in chunks
+_INDEX_32_SLOTS = 2**31 - 1  # grids of at most this many slots index them in 32 bits
 # Programs of _runs_kernel's and _long_runs_kernel's grid-stride loops (per member); the
 # interpreter runs programs one by one, so there a few suffice.
 _RUN_PROGRAMS = 16 if INTERPRETED else 65536
@@ -116,6 +119,21 @@ def _state_index(m, Vtot, key):
 
 
 @triton.jit
+def _tile_slots(pid0, C, INDEX_32: tl.constexpr, BLOCK: tl.constexpr):
+    """The program's BLOCK slots r of a row-major [rows, C] grid as int64 (r, row, column).
+    INDEX_32 (every slot below 2^31): row and column from a 32-bit division, as a 64-bit one
+    is a long emulated instruction sequence."""
+    if INDEX_32:
+        r32 = (tl.program_id(0) + pid0) * BLOCK + tl.arange(0, BLOCK)
+        row32 = r32 // C
+        return r32.to(tl.int64), row32.to(tl.int64), (r32 - row32 * C).to(tl.int64)
+    else:
+        r = (tl.program_id(0).to(tl.int64) + pid0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        row = r // C
+        return r, row, r - row * C
+
+
+@triton.jit
 def _gather_kernel(
     w_ptr,          # [W] flat tables (any float dtype)
     ids_ptr,        # [B, C] int64: every id column (single ids and sequence positions)
@@ -131,16 +149,7 @@ def _gather_kernel(
 ):
     # The column's metadata is indexed by the column itself (not through its feature), so the
     # id and metadata loads are independent: one load latency before the rows' instead of two.
-    if INDEX_32:  # (b, c) from a 32-bit division: a 64-bit one is a long emulated sequence
-        r32 = (tl.program_id(0) + pid0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        b32 = r32 // C
-        c = r32 - b32 * C
-        r = r32.to(tl.int64)
-        b = b32.to(tl.int64)
-    else:
-        r = (tl.program_id(0).to(tl.int64) + pid0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        b = r // C
-        c = r - b * C
+    r, b, c = _tile_slots(pid0, C, INDEX_32, BLOCK_R)
     rmask = r < BC
     ids = tl.load(ids_ptr + r, mask=rmask, other=0)
     V = tl.load(col_vocab_ptr + c, mask=rmask, other=1)
@@ -196,23 +205,14 @@ def _bags_kernel(
     # A tile takes at most LONG_BAG steps; a bag with more values then sums the rest on its
     # own, in [BLOCK_L, BLOCK_D] chunks (rare in practice: one long bag must not make its tile
     # step through thousands of masked values).
-    first = (tl.program_id(0) + pid0).to(tl.int64) * BLOCK_BAGS
-    if INDEX_32:
-        r32 = (tl.program_id(0) + pid0) * BLOCK_BAGS + tl.arange(0, BLOCK_BAGS)
-        b32 = r32 // J
-        j = r32 - b32 * J
-        r = r32.to(tl.int64)
-        b = b32.to(tl.int64)
-    else:
-        r = first + tl.arange(0, BLOCK_BAGS).to(tl.int64)
-        b = r // J
-        j = r - b * J
+    first = (tl.program_id(0).to(tl.int64) + pid0) * BLOCK_BAGS
+    r, b, j = _tile_slots(pid0, J, INDEX_32, BLOCK_BAGS)
     rm = r < BJ
     V = tl.load(bag_vocab_ptr + j, mask=rm, other=1)
     rb = tl.load(bag_base_ptr + j, mask=rm, other=0)
     n = tl.load(bag_n_ptr + j, mask=rm, other=0)
     is_mean = tl.load(bag_mean_ptr + j, mask=rm, other=0) != 0
-    o = j.to(tl.int64) * (B + 1) + b
+    o = j * B + j + b  # j * (B + 1) + b, in int64
     k0 = tl.load(offs_ptr + o, mask=rm, other=0)
     length = tl.load(offs_ptr + o + 1, mask=rm, other=0) - k0
     d = tl.arange(0, BLOCK_D)
@@ -232,7 +232,7 @@ def _bags_kernel(
             rq = first + q
             bq = rq // J
             jq = rq - bq * J
-            oq = jq * (B + 1) + bq
+            oq = jq * B + jq + bq
             k1 = tl.load(offs_ptr + oq + 1, mask=rq < BJ, other=0)
             kq = tl.load(offs_ptr + oq, mask=rq < BJ, other=0) + LONG_BAG
             if kq < k1:
@@ -545,7 +545,8 @@ class _Plan:
                                          f"{o[b + 1]}")
                 raise ValueError(f"{op}: feature '{nm}': offsets[-1] must equal the number of "
                                  f"values ({nvals}), got {o[-1]}")
-        bad = first_bad_id(self.ids, self.offsets, self.modes, self.vocab, self.padding_idx)
+        bad = first_bad_id(self.ids, self.offsets, self.modes, self.vocab, self.padding_idx,
+                           warned_features(self.names, self.bounds_check))
         if bad is not None:
             f = bad.feature
             report_bad_id(op, self.names[f], bad, self.vocab[f], self.padding_idx,
@@ -630,11 +631,12 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
             block_d = _block_d(P.dims[m])
             block_r = max(1, min(128, _TILE // block_d))
             programs = triton.cdiv(B * C, block_r)
+            index_32 = programs * block_r <= _INDEX_32_SLOTS
             _launch(
                 _gather_kernel, programs, weight,
                 weight, cols, col_vocab, col_base, col_n, outs[m], P.dims[m],
                 P.table_base[m], B * C, C, N, pad,
-                HAS_PAD=has_pad, INDEX_32=programs * block_r < 2**31, BLOCK_R=block_r,
+                HAS_PAD=has_pad, INDEX_32=index_32, BLOCK_R=block_r,
                 BLOCK_D=block_d)
     bag_feats = [f for f in range(P.F) if modes[f] != InputMode.IDS]
     if bag_feats:
@@ -671,7 +673,7 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
                 weight, vals_t, psw_t, offs_t, bag_vocab_t, bag_base_t, bag_n_t, bag_mean_t,
                 outs[m], P.dims[m], P.table_base[m], B * J, B, J, N, pad,
                 HAS_PAD=has_pad, HAS_WEIGHTS=weighted,
-                INDEX_32=programs * block_bags < 2**31, LONG_BAG=_LONG_RUN,
+                INDEX_32=programs * block_bags <= _INDEX_32_SLOTS, LONG_BAG=_LONG_RUN,
                 BLOCK_BAGS=block_bags, BLOCK_L=max(1, min(32, _TILE // 2 // block_d)),
                 BLOCK_D=block_d, num_warps=8)
     return outs

@@ -102,15 +102,24 @@ Layout make_layout(const at::Tensor& weight, at::TensorList ids, at::TensorList 
 // the ids were treated as padding). Disabled (nothing recorded, no lock) where nothing is to
 // be reported: bounds checking off, and backward with warn. Threads lock only for a bad id.
 struct BadId {
-  explicit BadId(bool enabled_) : enabled(enabled_) {}
+  // With bounds_check warn, features already warned about are counted but not reported.
+  BadId(const Layout& L, bool enabled_) : enabled(enabled_) {
+    if (enabled)
+      for (int64_t f = 0; f < L.F; ++f) skip.push_back(L.report_skips(f));
+  }
   const bool enabled;
+  std::vector<char> skip;
   std::mutex mu;
   int64_t count = 0;
+  bool found = false;
   int64_t b = 0, f = 0, pos = 0, id = 0;
   void record(int64_t b_, int64_t f_, int64_t pos_, int64_t id_) {
     if (!enabled) return;
     std::lock_guard<std::mutex> lock(mu);
-    if (count++ == 0 || std::tie(b_, f_, pos_) < std::tie(b, f, pos)) {
+    ++count;
+    if (skip[f_]) return;
+    if (!found || std::tie(b_, f_, pos_) < std::tie(b, f, pos)) {
+      found = true;
       b = b_;
       f = f_;
       pos = pos_;
@@ -118,7 +127,7 @@ struct BadId {
     }
   }
   void report(const Layout& L, const char* op) const {
-    if (count > 0) report_bad_id(L, op, f, id, b, pos, count);
+    if (found) report_bad_id(L, op, f, id, b, pos, count);
   }
 };
 
@@ -208,7 +217,7 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
     for (int64_t t = 0; t < L.ncols[f]; ++t) cols.push_back({f, t, L.ncols[f], L.col_start[f] + t});
   }
   const int64_t C = static_cast<int64_t>(cols.size()), M = L.M;
-  BadId bad(L.lookup_checks_ids());
+  BadId bad(L, L.lookup_checks_ids());
   at::parallel_for(0, L.B, forward_grain(L), [&](int64_t b0, int64_t b1) {
     // src[((b - bt) * C + c) * M + m]: the table row to copy, or nullptr for a zero row.
     std::vector<const scalar_t*> src(kTile * C * M);
@@ -348,7 +357,7 @@ std::vector<Entries> collect_entries(const Layout& L, const char* op) {
   std::vector<Entries> E(L.F);
   const bool has_pad = L.padding_idx.has_value();
   const int64_t pad = has_pad ? *L.padding_idx : 0;
-  BadId bad(L.raises_on_bad_ids());  // warn: the lookup has reported
+  BadId bad(L, L.raises_on_bad_ids());  // warn: the lookup has reported
   at::parallel_for(0, L.F, 1, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       Entries& e = E[f];
@@ -553,7 +562,7 @@ void check_ids(const Layout& L, const char* op) {
   if (!L.raises_on_bad_ids()) return;  // bad ids are skipped by the kernel
   const bool has_pad = L.padding_idx.has_value();
   const int64_t pad = has_pad ? *L.padding_idx : 0;
-  BadId bad(true);
+  BadId bad(L, true);
   at::parallel_for(0, L.F, 1, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       const IdReader& ids = L.id_r[f];

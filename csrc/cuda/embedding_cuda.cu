@@ -730,7 +730,7 @@ void report_bad(const Plan& P, const at::Tensor& bad_dev, const char* op) {
   bool found = false;
   int64_t fb = 0, ff = 0, fpos = 0, fidx = 0;
   for (int64_t f = 0; f < P.F; ++f) {
-    if (none(rec[f])) continue;
+    if (none(rec[f]) || P.report_skips(f)) continue;  // warn: reported once per feature
     const int64_t i = rec[f];
     int64_t b, pos;
     if (P.mode[f] == kIds) {

@@ -364,10 +364,12 @@ def test_chunked_grid(monkeypatch, backend, device):
     # Grids whose first axis passes CUDA's grid.x limit are launched in chunks (pid0 = the
     # chunk's first program): with a limit of 2 programs (and one-row tiles, so that the gather
     # has many programs too) every kernel runs in several chunks and still matches the float64
-    # reference (forward, dense gradient, row-wise Adagrad).
+    # reference (forward, dense gradient, row-wise Adagrad). Also with every slot indexed in
+    # 64 bits (the lookup's INDEX_32 off, as for grids past 2^31 slots).
     from cetnet_kernels.triton import embedding as triton_embedding
 
     monkeypatch.setattr(triton_embedding, "_MAX_GRID_X", 2)
+    monkeypatch.setattr(triton_embedding, "_INDEX_32_SLOTS", 0)
     monkeypatch.setattr(triton_embedding, "_TILE", 16)
     test_forward_every_input_kind(backend, device, torch.float64, 1e-12)
     test_dense_gradient(backend, device, torch.float64, 1e-12)

@@ -214,26 +214,39 @@ def test_warn_reads_bad_ids_as_padding_and_warns_once_per_feature(backend, devic
                 "lookup, read as padding (zero vectors, no gradient or update). Warned once "
                 f"per feature: later out-of-range ids of '{name}' are read as padding without a "
                 "warning (cetnet_kernels.reset_bad_id_warnings() re-arms it)")
-    for step in range(3):  # warned, silent (the same feature), warned again after the reset
+    bad_features = {k for k, x in bad.items() if _bad_count({k: x}, padding_idx) > 0}
+    warned = []
+    # Each step reports the first bad id among the features not warned about yet: one new
+    # feature per step until every bad feature is known, then silence; after a reset, the
+    # first message again.
+    for step in range(len(bad_features) + 2):
+        if step == len(bad_features) + 1:
+            reset_bad_id_warnings()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             _steps_agree(warn, err, bad, padded, optimizer, steps=1)
         ours = [w for w in seen if "bounds_check='warn'" in str(w.message)]
         messages = [TRIGGERED.sub("", str(w.message)) for w in ours]
-        # forward only: backward is silent
-        assert messages == ([] if step == 1 else [expected]), (step, messages)
+        if step == len(bad_features):
+            assert messages == [], (step, messages)
+            continue
+        assert len(messages) == 1, (step, messages)  # forward only: backward is silent
+        if step in (0, len(bad_features) + 1):
+            assert messages == [expected], (step, messages)
+        assert f"; bounds_check='warn': {n} ids out of range in this lookup" in messages[0]
+        if step < len(bad_features):
+            warned.append(re.search(r"feature '([^']*)'", messages[0]).group(1))
         assert all(w.category is UserWarning for w in ours)
         if backend in ("reference", "triton"):  # Python warnings name the caller's line
             assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]
-        if step == 1:
-            reset_bad_id_warnings()
+    assert len(warned) == len(set(warned)) and set(warned) == bad_features, warned
 
 
 @pytest.mark.parametrize("backend, device", CASES)
 def test_warn_once_per_feature_across_modules(backend, device):
     """Each feature is warned about the first time it has a bad id, in any module on any
-    backend: a lookup whose first bad id is in a feature already warned about stays silent,
-    even when another feature also has one (the lookup reports its first bad id only)."""
+    backend: a lookup reports its first bad id among the features not warned about yet (a
+    feature bad in every batch does not hide another's), and is silent when all are known."""
     optimizer = None if backend == "reference" else "sgd"
 
     def make():
@@ -253,9 +266,9 @@ def test_warn_once_per_feature_across_modules(backend, device):
     assert len(first) == 1 and "feature 'a': id 9 " in first[0] and "batch row 1" in first[0]
     assert _bad_id_warnings(lambda: lookup(mod, [7, 1, 2], good_t.tolist())) == []
     assert _bad_id_warnings(lambda: lookup(other, [8, 1, 2], good_t.tolist())) == []
-    t_bad = _bad_id_warnings(lambda: lookup(other, [0, 1, 2], [1, 2, 60, 4]))
-    assert len(t_bad) == 1 and "feature 't': id 60 " in t_bad[0] and "1 id out of" in t_bad[0]
-    # bad ids in both features: the first (row 0, feature 'a') is reported, and 'a' is known
+    # 'a' (row 0, known) and 't' (row 2, new): 't' is reported, the count covers both
+    t_bad = _bad_id_warnings(lambda: lookup(other, [5, 1, 2], [1, 2, 60, 4]))
+    assert len(t_bad) == 1 and "feature 't': id 60 " in t_bad[0] and "2 ids out of" in t_bad[0]
     assert _bad_id_warnings(lambda: lookup(mod, [5, 1, 2], [1, 2, 60, 4])) == []
     reset_bad_id_warnings()
     again = _bad_id_warnings(lambda: lookup(mod, [5, 1, 2], [1, 2, 60, 4]))
@@ -431,7 +444,11 @@ def test_warned_features_registry(monkeypatch, compiled):
         pytest.skip("the compiled extension is not loaded")
     if not compiled:
         monkeypatch.setattr(_extension, "_C", None)
+    from cetnet_kernels.codes import BoundsCheck
+    from cetnet_kernels.embedding_args import warned_features
     assert _first_bad_id_warning("x") and _first_bad_id_warning("y")
     assert not _first_bad_id_warning("x")
+    assert warned_features(["x", "z", "y"], BoundsCheck.WARN) == {0, 2}
+    assert warned_features(["x", "z", "y"], BoundsCheck.ERROR) == set()  # errors name any
     reset_bad_id_warnings()
     assert _first_bad_id_warning("x") and not _first_bad_id_warning("x")

@@ -215,7 +215,11 @@ def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
            # a hot row: a run longer than _LONG_RUN entries (the long-run kernel)
            "hot": (torch.full((40,), 2), torch.tensor([0, 10, 20, 30, 40]))}
     weighted = dict(ids, hot=(*ids["hot"], torch.rand(40)))  # per-value weights: HAS_WEIGHTS
+    from cetnet_kernels.triton import embedding as triton_embedding
     for optimizer in ("sgd", "rowwise_adagrad"):
+        # the second pass indexes every slot in 64 bits (INDEX_32 off: grids past 2^31 slots)
+        monkeypatch.setattr(triton_embedding, "_INDEX_32_SLOTS",
+                            2**31 - 1 if optimizer == "sgd" else 0)
         mod = MultiTableEmbedding(2, [("user", 7), ("hist", 11), ("tags", 5, "mean"),
                                       ("hot", 3, "sum")], [64, 32],
                                   optimizer=optimizer, backend="triton")
@@ -227,6 +231,8 @@ def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
     assert all({"D", "tb"} <= set(s["div16"]) for s in specs), specs
     assert {s["constexprs"]["HAS_WEIGHTS"] for s in specs
             if s["kernel"] == "_bags_kernel"} == {False, True}
+    assert {s["constexprs"]["INDEX_32"] for s in specs
+            if s["kernel"] in ("_gather_kernel", "_bags_kernel")} == {False, True}
     path = tmp_path / "specs.json"
     unique = {json.dumps(s, sort_keys=True): s for s in specs}
     path.write_text(json.dumps(list(unique.values())))
