@@ -439,6 +439,7 @@ class _Plan:
         #: unless check() has validated them (the lookup's check with WARN).
         self.raises = bounds_check == BoundsCheck.ERROR
         self._offsets_checked = False
+        self._id_block: Optional[tuple[list[int], Optional[Tensor]]] = None
         numel = table_layout(dims, vocab).weight_numel
         if not weight.dtype.is_floating_point:
             raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
@@ -576,12 +577,13 @@ class _Plan:
         """The single-id and sequence features (those with columns), and all their ids as one
         int64 block [B, C], a feature's T columns side by side, features in order (None
         without any): one tensor for every such feature, so the ops on it are as many for 26
-        features as for one."""
-        feats = [f for f in range(self.F) if self.modes[f] == InputMode.IDS and self.ncols[f] > 0]
-        if not feats:
-            return feats, None
-        return feats, torch.cat([self.ids[f].reshape(self.B, -1).to(torch.int64)
-                                 for f in feats], dim=1)
+        features as for one. Made once per call (the check and the kernels share it)."""
+        if self._id_block is None:
+            feats = [f for f in range(self.F)
+                     if self.modes[f] == InputMode.IDS and self.ncols[f] > 0]
+            self._id_block = (feats, torch.cat([self.ids[f].reshape(self.B, -1).to(torch.int64)
+                                                for f in feats], dim=1) if feats else None)
+        return self._id_block
 
     def per_column(self, feats: list[int], values: list[int]) -> Tensor:
         """``values[f]`` for each column of :meth:`id_block` (int64, on the device, cached)."""
