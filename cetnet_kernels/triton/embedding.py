@@ -301,7 +301,7 @@ def _runs_kernel(
     state_ptr,      # [M * Vtot] row-wise Adagrad state (acc dtype), else unused
     g_ptr,          # the member's gradient [B * N * D] (acc dtype; a dummy without HAS_G)
     src_ptr,        # [E] int64: output row (b * N + n) of each sorted entry
-    scale_ptr,      # [E] acc dtype: factor of each sorted entry
+    scale_ptr,      # [E] acc dtype: factor of each sorted entry (HAS_SCALE; else all 1)
     run_start_ptr,  # [E] int64: run r's first sorted entry (r < R)
     run_end_ptr,    # [E] int64: one past its last
     run_key_ptr,    # [E] int32 or int64: row_base[f] + id; Vtot for the run of padding entries
@@ -316,6 +316,7 @@ def _runs_kernel(
     programs,       # the grid, all launch chunks together
     pid0,
     MODE: tl.constexpr, HAS_G: tl.constexpr,  # HAS_G: the member's gradient is not zero
+    HAS_SCALE: tl.constexpr,  # some entry's factor is not 1 (mean or weighted bags)
     HYPER_IN_MEMORY: tl.constexpr,  # float64 tables (a float argument is float32)
     LONG_RUN: tl.constexpr,   # runs of more entries go to _long_runs_kernel
     PUSH_LONG: tl.constexpr,  # list them (the first member's launch; the list serves all)
@@ -355,10 +356,11 @@ def _runs_kernel(
             for i in range(0, tl.max(n, axis=0)):
                 em = i < n
                 src = tl.load(src_ptr + start + i, mask=em, other=0)
-                sc = tl.load(scale_ptr + start + i, mask=em, other=0.0)
                 g = tl.load(g_ptr + src[:, None] * D + d[None, :],
                             mask=em[:, None] & dmask[None, :], other=0.0)
-                acc += g * sc[:, None]
+                if HAS_SCALE:
+                    g = g * tl.load(scale_ptr + start + i, mask=em, other=0.0)[:, None]
+                acc += g
         row = tb + D * key[:, None] + d[None, :]
         _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc, row,
                      key, live, live[:, None] & dmask[None, :], D, m, Vtot, MODE,
@@ -370,8 +372,8 @@ def _long_runs_kernel(
     w_ptr, gw_ptr, state_ptr, g_ptr, src_ptr, scale_ptr, run_start_ptr, run_end_ptr,
     run_key_ptr, long_ptr, num_long_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, D, tb, m, Vtot,
     programs, pid0,  # as _runs_kernel
-    MODE: tl.constexpr, HAS_G: tl.constexpr, HYPER_IN_MEMORY: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    MODE: tl.constexpr, HAS_G: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HYPER_IN_MEMORY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # A program per long run (grid-stride over the list _runs_kernel wrote; its order, set by
     # atomics, does not matter: each run is summed by one program on its own): the run's entries
@@ -394,10 +396,11 @@ def _long_runs_kernel(
             ii = i + tl.arange(0, BLOCK_E).to(tl.int64)
             im = ii < stop
             src = tl.load(src_ptr + ii, mask=im, other=0)
-            sc = tl.load(scale_ptr + ii, mask=im, other=0.0)
             g = tl.load(g_ptr + src[:, None] * D + d[None, :],
                         mask=im[:, None] & dmask[None, :], other=0.0)
-            acc += tl.sum(g * sc[:, None], axis=0)
+            if HAS_SCALE:
+                g = g * tl.load(scale_ptr + ii, mask=im, other=0.0)[:, None]
+            acc += tl.sum(g, axis=0)
         _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc,
                      tb + D * key + d, key, key < Vtot, dmask, D, m, Vtot, MODE,
                      HYPER_IN_MEMORY, False)
@@ -695,13 +698,15 @@ def _multi_embedding_fused(weight: Tensor, state: Tensor, placeholder: Tensor, i
 # ----------------------------------------------------------------------------------- backward
 def _runs(P: _Plan, op: str, acc: torch.dtype):
     """The batch's entries sorted by key and cut into runs: (src, scale, start, end, key, number of
-    runs [1]) or None when the batch has no entry. Deterministic: a stable sort keeps equal keys in
+    runs [1]) or None when the batch has no entry; scale is None when every factor is 1 (no mean
+    or weighted bag). Deterministic: a stable sort keeps equal keys in
     batch order. Padding (and, with bounds checking off, bad) entries are kept with the key P.Vtot
     (no boolean-mask indexing, which would synchronize three times per feature): they sort last and
     _runs_kernel skips their run. Nothing synchronizes: the number of runs R stays on the device (a
     [1] tensor); start, end and key have E slots, the first R of them used."""
     keys, srcs, scales = [], [], []
     B, N, dev = P.B, P.N, P.device
+    scaled = any(m in (InputMode.BAG_MEAN, InputMode.BAG_WEIGHTED_SUM) for m in P.modes)
     # Every single-id / sequence column at once, [B, C] (a fixed number of ops for any number
     # of features). Row-major, so a feature's entries keep their (b, t) order: as each run holds
     # one feature's row, its summation order is the same as feature by feature.
@@ -712,7 +717,8 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
         keys.append(torch.where(valid, cols + P.per_column(id_feats, P.row_base),
                                 P.Vtot).reshape(-1))
         srcs.append((torch.arange(B, device=dev)[:, None] * N + col_n).reshape(-1))
-        scales.append(torch.ones(cols.numel(), dtype=acc, device=dev))
+        if scaled:
+            scales.append(torch.ones(cols.numel(), dtype=acc, device=dev))
     for f in range(P.F):
         if P.modes[f] == InputMode.IDS:
             continue
@@ -731,10 +737,11 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
             count = (cv[o[1:]] - cv[o[:-1]]).clamp_min(1).to(acc)
             sc = (1.0 / count)[bag_of]
         else:
-            sc = torch.ones(x.shape, dtype=acc, device=dev)
+            sc = torch.ones(x.shape, dtype=acc, device=dev) if scaled else None
         keys.append(torch.where(keep, x + P.row_base[f], P.Vtot))
         srcs.append(bag_of * N + P.col_start[f])
-        scales.append(sc)
+        if scaled:
+            scales.append(sc)
     if not keys:  # only [B, 0] sequences: no column, no entry
         return None
     key = torch.cat(keys)
@@ -751,8 +758,9 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
     bounds = torch.searchsorted(run_of, torch.arange(E + 1, device=dev))
     start, end = bounds[:E], bounds[1:]
     run_key = torch.where(start < E, skey[start.clamp(max=E - 1)], P.Vtot)
-    return (torch.cat(srcs)[perm].contiguous(), torch.cat(scales)[perm].contiguous(), start,
-            end, run_key, run_of[-1:] + 1)
+    return (torch.cat(srcs)[perm].contiguous(),
+            torch.cat(scales)[perm].contiguous() if scaled else None, start, end, run_key,
+            run_of[-1:] + 1)
 
 
 def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Optional[Tensor],
@@ -794,7 +802,8 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     args = (weight, grad_weight if grad_weight is not None else weight,
             state if state is not None and state.numel() > 0 else hyper)
     hypers = (hyper, float(lr), float(eps), float(wd))
-    consts = dict(MODE=int(mode), HYPER_IN_MEMORY=in_memory)
+    consts = dict(MODE=int(mode), HYPER_IN_MEMORY=in_memory, HAS_SCALE=scale is not None)
+    scale = scale if scale is not None else hyper  # (else a dummy pointer, never read)
     for m in range(P.M):
         block_d = _block_d(P.dims[m])
         g, has_g = (gs[m], True) if gs[m] is not None else (hyper, False)

@@ -225,6 +225,10 @@ def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
                                   optimizer=optimizer, backend="triton")
         sum(o.sum() for o in mod(ids)).backward()
         sum(o.sum() for o in mod(weighted)).backward()
+        # no mean or weighted bag: every entry's factor is 1 (HAS_SCALE off)
+        plain = MultiTableEmbedding(2, [("user", 7), ("hot", 3, "sum")], [64, 32],
+                                    optimizer=optimizer, backend="triton")
+        sum(o.sum() for o in plain({"user": ids["user"], "hot": ids["hot"]})).backward()
     specs = [s for s in seen if s["module"].endswith("triton.embedding")]
     assert {s["kernel"] for s in specs} == {"_gather_kernel", "_bags_kernel", "_runs_kernel",
                                             "_long_runs_kernel"}
@@ -233,6 +237,8 @@ def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
             if s["kernel"] == "_bags_kernel"} == {False, True}
     assert {s["constexprs"]["INDEX_32"] for s in specs
             if s["kernel"] in ("_gather_kernel", "_bags_kernel")} == {False, True}
+    assert {s["constexprs"]["HAS_SCALE"] for s in specs
+            if s["kernel"] in ("_runs_kernel", "_long_runs_kernel")} == {False, True}
     path = tmp_path / "specs.json"
     unique = {json.dumps(s, sort_keys=True): s for s in specs}
     path.write_text(json.dumps(list(unique.values())))
