@@ -29,8 +29,8 @@ dim ``D_m`` and table base as arguments:
   (= batch) order and a tile's chain of dependent loads serves BLOCK_RUNS rows (a program per
   run spent most of its time waiting on that chain: 7-8 % of copy bandwidth on an H200). A
   tile takes as many steps as its longest run, so runs of more than _LONG_RUN entries (hot rows:
-  Zipf ids put thousands of lookups on one row) are listed by the first member's launch and
-  summed by ``_long_runs_kernel``, a program per run in [BLOCK_E, BLOCK_D] tiles. Either way
+  Zipf ids put thousands of lookups on one row) are listed once by ``_list_long_runs_kernel``
+  and summed by ``_long_runs_kernel``, a program per run in [BLOCK_E, BLOCK_D] tiles. Either way
   the summed row is written as the dense gradient or updated with SGD / row-wise Adagrad (FBGEMM
   semantics, as the CPU kernel). Each row has one program: no atomics on floats, a fixed
   summation order, bitwise reproducible.
@@ -106,6 +106,7 @@ _LONG_PROGRAMS = 16 if INTERPRETED else 4096
 # Runs (rows touched) of more entries than this go to _long_runs_kernel: _runs_kernel's tiles
 # take as many steps as their longest run.
 _LONG_RUN = 32
+_LIST_BLOCK = 1024  # runs a program of _list_long_runs_kernel looks at in one step
 
 
 # =============================================================================================
@@ -306,8 +307,6 @@ def _runs_kernel(
     run_end_ptr,    # [E] int64: one past its last
     run_key_ptr,    # [E] int32 or int64: row_base[f] + id; Vtot for the run of padding entries
     num_runs_ptr,   # [1] int64: R, known on the device only
-    long_ptr,       # [E // (LONG_RUN + 1)] int32 (int64 for E >= 2^31): the long runs
-    num_long_ptr,   # [1] int32: how many (PUSH_LONG adds to it)
     hyper_ptr,      # [3] float64 lr, eps, weight_decay: read when HYPER_IN_MEMORY
     lr_arg, eps_arg, wd_arg,  # the same as float32 arguments: used otherwise
     D, tb,          # the member's dim and first element in w (as _gather_kernel)
@@ -318,8 +317,7 @@ def _runs_kernel(
     MODE: tl.constexpr, HAS_G: tl.constexpr,  # HAS_G: the member's gradient is not zero
     HAS_SCALE: tl.constexpr,  # some entry's factor is not 1 (mean or weighted bags)
     HYPER_IN_MEMORY: tl.constexpr,  # float64 tables (a float argument is float32)
-    LONG_RUN: tl.constexpr,   # runs of more entries go to _long_runs_kernel
-    PUSH_LONG: tl.constexpr,  # list them (the first member's launch; the list serves all)
+    LONG_RUN: tl.constexpr,  # runs of more entries are left to _long_runs_kernel
     BLOCK_RUNS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Grid-stride over tiles of BLOCK_RUNS consecutive runs: R is not known on the host (no
@@ -343,11 +341,6 @@ def _runs_kernel(
         # The padding entries carry the key Vtot (past every row) and sort last: their run
         # touches nothing.
         live = rm & (key < Vtot)
-        if PUSH_LONG:
-            is_long = live & (n > LONG_RUN)
-            slot = tl.atomic_add(num_long_ptr + tl.zeros([BLOCK_RUNS], tl.int32), 1,
-                                 mask=is_long)
-            tl.store(long_ptr + slot, r.to(long_ptr.dtype.element_ty), mask=is_long)
         live = live & (n <= LONG_RUN)
         key = tl.where(live, key, 0)
         acc = tl.zeros([BLOCK_RUNS, BLOCK_D], dtype=acc_ty)
@@ -367,6 +360,32 @@ def _runs_kernel(
                      HYPER_IN_MEMORY, True)
 
 
+@triton.jit
+def _list_long_runs_kernel(
+    run_start_ptr, run_end_ptr, run_key_ptr, num_runs_ptr,  # as _runs_kernel
+    long_ptr,       # [E // (LONG_RUN + 1)] int32 (int64 for E >= 2^31): the long runs
+    num_long_ptr,   # [1] int32, zero: how many
+    Vtot, programs, pid0,
+    LONG_RUN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The live runs of more than LONG_RUN entries, in any order (each is then summed by one
+    # program on its own). A block's long runs take consecutive slots after one scalar atomic.
+    pid = tl.program_id(0).to(tl.int64) + pid0
+    R = tl.load(num_runs_ptr)
+    for t in range(pid * BLOCK, R, programs * BLOCK):
+        r = t + tl.arange(0, BLOCK).to(tl.int64)
+        rm = r < R
+        n = tl.load(run_end_ptr + r, mask=rm, other=0) - tl.load(run_start_ptr + r, mask=rm,
+                                                                  other=0)
+        key = tl.load(run_key_ptr + r, mask=rm, other=Vtot).to(tl.int64)
+        is_long = (rm & (key < Vtot) & (n > LONG_RUN)).to(tl.int32)
+        n_long = tl.sum(is_long, axis=0)
+        if n_long > 0:
+            base = tl.atomic_add(num_long_ptr, n_long)
+            slot = base + tl.cumsum(is_long, axis=0) - is_long
+            tl.store(long_ptr + slot, r.to(long_ptr.dtype.element_ty), mask=is_long != 0)
+
+
 @triton.jit(do_not_specialize=["m"])
 def _long_runs_kernel(
     w_ptr, gw_ptr, state_ptr, g_ptr, src_ptr, scale_ptr, run_start_ptr, run_end_ptr,
@@ -375,8 +394,8 @@ def _long_runs_kernel(
     MODE: tl.constexpr, HAS_G: tl.constexpr, HAS_SCALE: tl.constexpr,
     HYPER_IN_MEMORY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # A program per long run (grid-stride over the list _runs_kernel wrote; its order, set by
-    # atomics, does not matter: each run is summed by one program on its own): the run's entries
+    # A program per long run (grid-stride over the list _list_long_runs_kernel wrote; its order,
+    # set by atomics, does not matter: each run is summed by one program on its own): the entries
     # in [BLOCK_E, BLOCK_D] tiles, each tile reduced over its entries in a fixed tree, the tiles
     # in order. Bitwise reproducible, though not the serial association of _runs_kernel.
     pid = tl.program_id(0).to(tl.int64) + pid0
@@ -792,13 +811,17 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     hyper = (upload([lr, eps, wd], acc, P.device) if in_memory
              else P.constant([0.0], acc))  # else a dummy pointer, also for absent tensors
     # Live runs of more than _LONG_RUN entries are disjoint: at most E // (_LONG_RUN + 1) of
-    # them. The first member's _runs_kernel lists them, every member's _long_runs_kernel walks
-    # the list (launch order on the stream: the list is complete before the first reads it).
+    # them. One launch lists them, every member's _long_runs_kernel walks the list (launch
+    # order on the stream: the list is complete before the first reads it).
     E = run_key.numel()
     long_cap = E // (_LONG_RUN + 1)
-    num_long = torch.zeros(1, dtype=torch.int32, device=P.device)
-    long_list = torch.empty(max(1, long_cap), device=P.device,
-                            dtype=torch.int32 if E < 2**31 else torch.int64)
+    if long_cap > 0:
+        num_long = torch.zeros(1, dtype=torch.int32, device=P.device)
+        long_list = torch.empty(long_cap, device=P.device,
+                                dtype=torch.int32 if E < 2**31 else torch.int64)
+        programs = min(triton.cdiv(E, _LIST_BLOCK), _RUN_PROGRAMS)
+        _launch(_list_long_runs_kernel, programs, weight, start, end, run_key, num_runs,
+                long_list, num_long, P.Vtot, programs, LONG_RUN=_LONG_RUN, BLOCK=_LIST_BLOCK)
     args = (weight, grad_weight if grad_weight is not None else weight,
             state if state is not None and state.numel() > 0 else hyper)
     hypers = (hyper, float(lr), float(eps), float(wd))
@@ -813,10 +836,9 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
         block_runs = max(1, min(128, _TILE // 2 // block_d))
         programs = min(triton.cdiv(E, block_runs), _RUN_PROGRAMS)
         _launch(_runs_kernel, programs, weight,
-                *args, g, src, scale, start, end, run_key, num_runs, long_list, num_long,
-                *hypers, *member, programs, HAS_G=has_g, LONG_RUN=_LONG_RUN,
-                PUSH_LONG=m == 0 and long_cap > 0, BLOCK_RUNS=block_runs, BLOCK_D=block_d,
-                **consts)
+                *args, g, src, scale, start, end, run_key, num_runs, *hypers, *member,
+                programs, HAS_G=has_g, LONG_RUN=_LONG_RUN, BLOCK_RUNS=block_runs,
+                BLOCK_D=block_d, **consts)
         if long_cap > 0:
             programs = min(long_cap, _LONG_PROGRAMS)
             _launch(_long_runs_kernel, programs, weight,
