@@ -119,7 +119,8 @@ triton-oldest-test:
 	PYTHONPATH=$(CURDIR):$(CURDIR)/python $(TRITON_OLDEST_VENV)/bin/python -m pytest -q \
 		-p no:cacheprovider --disable-warnings tests/kernels/test_triton_fusion.py tests/kernels/test_embedding_backends.py \
 		tests/kernels/test_fusion_ops.py tests/kernels/test_fusion_limits.py tests/kernels/test_kdef_ops.py tests/kernels/test_kdef_triton.py \
-		tests/kernels/test_triton_compile.py tests/kernels/test_embedding_bounds_check.py -k triton
+		tests/kernels/test_triton_compile.py tests/kernels/test_embedding_bounds_check.py \
+		tests/kernels/test_embedding_hot_rows.py -k triton
 
 # On a machine with an NVIDIA GPU and torch (CUDA) + Triton already installed, no internet needed:
 # CUDA build for the local arch, every CUDA/Triton test, compute-sanitizer, GPU benchmarks ->

@@ -176,8 +176,9 @@ def _bag_values(w_ptr, vals_ptr, psw_ptr, k, em, V, rb, D, tb, pad, d, dmask, ac
     valid = em & (ids >= 0) & (ids < V)
     if HAS_PAD:
         valid = valid & (ids != pad)
-    rows = tl.load(w_ptr + tb + D * (rb + ids)[:, None] + d[None, :],
-                   mask=valid[:, None] & dmask[None, :], other=0.0).to(acc_ty)
+    table_rows = w_ptr + tb + D * (rb + ids)  # (as _runs_kernel's gather: Triton 3.6)
+    rows = tl.load(table_rows[:, None] + d[None, :], mask=valid[:, None] & dmask[None, :],
+                   other=0.0).to(acc_ty)
     if HAS_WEIGHTS:
         rows = rows * tl.load(psw_ptr + k, mask=valid, other=0.0).to(acc_ty)[:, None]
     return rows, valid
@@ -312,7 +313,6 @@ def _runs_kernel(
     D, tb,          # the member's dim and first element in w (as _gather_kernel)
     m,              # the member (its row-wise state is m * Vtot + key)
     Vtot,
-    programs,       # the grid, all launch chunks together
     pid0,
     MODE: tl.constexpr, HAS_G: tl.constexpr,  # HAS_G: the member's gradient is not zero
     HAS_SCALE: tl.constexpr,  # some entry's factor is not 1 (mean or weighted bags)
@@ -320,44 +320,43 @@ def _runs_kernel(
     LONG_RUN: tl.constexpr,  # runs of more entries are left to _long_runs_kernel
     BLOCK_RUNS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Grid-stride over tiles of BLOCK_RUNS consecutive runs: R is not known on the host (no
-    # synchronization), so a fixed grid walks the tiles pid, pid + programs, ... A tile is a
-    # [BLOCK_RUNS, BLOCK_D] block, a row per run: step i adds every run's i-th entry (its
-    # gradient row times its scale) to the run's row, so a run's entries are summed one by one
-    # in sorted (= batch) order, with no reduction across lanes, and a tile makes one chain of
-    # dependent loads for BLOCK_RUNS rows. The tile takes as many steps as its longest run:
-    # runs of more than LONG_RUN entries (hot rows) are left to _long_runs_kernel.
-    pid = tl.program_id(0).to(tl.int64) + pid0
-    R = tl.load(num_runs_ptr)
+    # A program per tile of BLOCK_RUNS consecutive runs. R is not known on the host (no
+    # synchronization): the grid covers E runs (E >= R) and tiles past R do nothing. (Not a
+    # grid-stride loop: Triton 3.6 fails to compile one around this tile's gather for aligned
+    # rows, in TritonGPURemoveLayoutConversions.) A tile is a [BLOCK_RUNS, BLOCK_D] block, a row
+    # per run: step i adds every run's i-th entry (its gradient row times its scale) to the
+    # run's row, so a run's entries are summed one by one in sorted (= batch) order, with no
+    # reduction across lanes, and a tile makes one chain of dependent loads for BLOCK_RUNS rows.
+    # The tile takes as many steps as its longest run: runs of more than LONG_RUN entries (hot
+    # rows) are left to _long_runs_kernel.
+    r = (tl.program_id(0).to(tl.int64) + pid0) * BLOCK_RUNS + tl.arange(0, BLOCK_RUNS)
+    rm = r < tl.load(num_runs_ptr)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     acc_ty = g_ptr.dtype.element_ty
-    for t in range(pid * BLOCK_RUNS, R, programs * BLOCK_RUNS):
-        r = t + tl.arange(0, BLOCK_RUNS).to(tl.int64)
-        rm = r < R
-        start = tl.load(run_start_ptr + r, mask=rm, other=0)
-        n = tl.load(run_end_ptr + r, mask=rm, other=0) - start
-        key = tl.load(run_key_ptr + r, mask=rm, other=Vtot).to(tl.int64)
-        # The padding entries carry the key Vtot (past every row) and sort last: their run
-        # touches nothing.
-        live = rm & (key < Vtot)
-        live = live & (n <= LONG_RUN)
-        key = tl.where(live, key, 0)
-        acc = tl.zeros([BLOCK_RUNS, BLOCK_D], dtype=acc_ty)
-        if HAS_G:  # else an absent gradient: no entry (the row still gets decay / the update)
-            n = tl.where(live, n, 0)
-            for i in range(0, tl.max(n, axis=0)):
-                em = i < n
-                src = tl.load(src_ptr + start + i, mask=em, other=0)
-                g = tl.load(g_ptr + src[:, None] * D + d[None, :],
-                            mask=em[:, None] & dmask[None, :], other=0.0)
-                if HAS_SCALE:
-                    g = g * tl.load(scale_ptr + start + i, mask=em, other=0.0)[:, None]
-                acc += g
-        row = tb + D * key[:, None] + d[None, :]
-        _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc, row,
-                     key, live, live[:, None] & dmask[None, :], D, m, Vtot, MODE,
-                     HYPER_IN_MEMORY, True)
+    start = tl.load(run_start_ptr + r, mask=rm, other=0)
+    n = tl.load(run_end_ptr + r, mask=rm, other=0) - start
+    key = tl.load(run_key_ptr + r, mask=rm, other=Vtot).to(tl.int64)
+    # The padding entries carry the key Vtot (past every row) and sort last: their run touches
+    # nothing.
+    live = rm & (key < Vtot) & (n <= LONG_RUN)
+    key = tl.where(live, key, 0)
+    acc = tl.zeros([BLOCK_RUNS, BLOCK_D], dtype=acc_ty)
+    if HAS_G:  # else an absent gradient: no entry (the row still gets decay / the update)
+        n = tl.where(live, n, 0)
+        for i in range(0, tl.max(n, axis=0)):
+            em = i < n
+            # (each row's pointer first, then its dims: Triton 3.6 fails to compile the
+            # gather written as g_ptr + src[:, None] * D + d[None, :] in this loop)
+            grad_rows = g_ptr + tl.load(src_ptr + start + i, mask=em, other=0) * D
+            g = tl.load(grad_rows[:, None] + d[None, :], mask=em[:, None] & dmask[None, :],
+                        other=0.0)
+            if HAS_SCALE:
+                g = g * tl.load(scale_ptr + start + i, mask=em, other=0.0)[:, None]
+            acc += g
+    row = tb + D * key[:, None] + d[None, :]
+    _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc, row, key,
+                 live, live[:, None] & dmask[None, :], D, m, Vtot, MODE, HYPER_IN_MEMORY, True)
 
 
 @triton.jit
@@ -834,11 +833,10 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
         # half a _TILE: at D = 64, 72 registers (sm_90) against 155 for 64 runs, so more
         # programs per SM and as many row loads in flight
         block_runs = max(1, min(128, _TILE // 2 // block_d))
-        programs = min(triton.cdiv(E, block_runs), _RUN_PROGRAMS)
-        _launch(_runs_kernel, programs, weight,
+        _launch(_runs_kernel, triton.cdiv(E, block_runs), weight,
                 *args, g, src, scale, start, end, run_key, num_runs, *hypers, *member,
-                programs, HAS_G=has_g, LONG_RUN=_LONG_RUN, BLOCK_RUNS=block_runs,
-                BLOCK_D=block_d, **consts)
+                HAS_G=has_g, LONG_RUN=_LONG_RUN, BLOCK_RUNS=block_runs, BLOCK_D=block_d,
+                **consts)
         if long_cap > 0:
             programs = min(long_cap, _LONG_PROGRAMS)
             _launch(_long_runs_kernel, programs, weight,
