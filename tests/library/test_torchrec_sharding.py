@@ -101,6 +101,7 @@ def _lookup_worker(rank: int, port: int, sharding: str, results: str) -> None:
                         for ps in plan.values()})
         Path(results, f"rank{rank}.json").write_text(json.dumps(
             {"err": err, "table_err": table_err, "kinds": kinds}))
+        dist.barrier()  # both ranks done talking before either tears its group down
     finally:
         dist.destroy_process_group()
 
@@ -155,6 +156,7 @@ def _step_worker(rank: int, port: int, results: str) -> None:
         if rank == 0:
             torch.save({"loss": float(total) / 64, "tables": tables, "dense": dense},
                        Path(results, "two.pt"))
+        dist.barrier()  # both ranks done talking before either tears its group down
     finally:
         dist.destroy_process_group()
 
