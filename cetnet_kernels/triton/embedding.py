@@ -23,8 +23,8 @@ dim ``D_m`` and table base as arguments:
 * ``_runs_kernel`` and ``_long_runs_kernel``: backward. The host sorts the (key, output row,
   scale) entries of the batch (every id column in one block, bags feature by feature) by key
   with a stable ``torch.sort`` and cuts them into runs of equal keys with device-side prefix
-  counts (no synchronization: the number of runs stays on the device and the programs stride
-  over the runs). ``_runs_kernel`` takes the runs in tiles of BLOCK_RUNS, a row of the tile per
+  counts (no synchronization: the number of runs stays on the device; the grids cover the
+  E entries, an upper bound, and programs past the runs do nothing). ``_runs_kernel`` takes the runs in tiles of BLOCK_RUNS, a row of the tile per
   run: step i adds each run's i-th gradient row, so every row is summed serially in sorted
   (= batch) order and a tile's chain of dependent loads serves BLOCK_RUNS rows (a program per
   run spent most of its time waiting on that chain: 7-8 % of copy bandwidth on an H200). A
@@ -99,8 +99,9 @@ _MODE_ROWWISE_ADAGRAD = tl.constexpr(int(Optimizer.ROWWISE_ADAGRAD))
 _TILE = 4096  # elements of one [rows, BLOCK_D] tile
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid.x: larger first axes are launched in chunks
 _INDEX_32_SLOTS = 2**31 - 1  # grids of at most this many slots index them in 32 bits
-# Programs of _runs_kernel's and _long_runs_kernel's grid-stride loops (per member); the
-# interpreter runs programs one by one, so there a few suffice.
+# Programs of the grid-stride loops of _list_long_runs_kernel (over the runs) and
+# _long_runs_kernel (over the long runs, per member); the interpreter runs programs one by one,
+# so there a few suffice.
 _RUN_PROGRAMS = 16 if INTERPRETED else 65536
 _LONG_PROGRAMS = 16 if INTERPRETED else 4096
 # Runs (rows touched) of more entries than this go to _long_runs_kernel: _runs_kernel's tiles

@@ -102,12 +102,11 @@ Layout make_layout(const at::Tensor& weight, at::TensorList ids, at::TensorList 
 // the ids were treated as padding). Disabled (nothing recorded, no lock) where nothing is to
 // be reported: bounds checking off, and backward with warn. Threads lock only for a bad id.
 struct BadId {
-  // With bounds_check warn, features already warned about are counted but not reported.
-  BadId(const Layout& L, bool enabled_) : enabled(enabled_) {
-    if (enabled)
-      for (int64_t f = 0; f < L.F; ++f) skip.push_back(L.report_skips(f));
-  }
+  BadId(const Layout& L_, bool enabled_) : L(L_), enabled(enabled_) {}
+  const Layout& L;
   const bool enabled;
+  // With bounds_check warn, features already warned about are counted but not reported: read
+  // from the registry at the first bad id (a lookup without one never asks).
   std::vector<char> skip;
   std::mutex mu;
   int64_t count = 0;
@@ -117,6 +116,8 @@ struct BadId {
     if (!enabled) return;
     std::lock_guard<std::mutex> lock(mu);
     ++count;
+    if (skip.empty())
+      for (int64_t g = 0; g < L.F; ++g) skip.push_back(L.report_skips(g));
     if (skip[f_]) return;
     if (!found || std::tie(b_, f_, pos_) < std::tie(b, f, pos)) {
       found = true;
@@ -126,7 +127,7 @@ struct BadId {
       id = id_;
     }
   }
-  void report(const Layout& L, const char* op) const {
+  void report(const char* op) const {
     if (found) report_bad_id(L, op, f, id, b, pos, count);
   }
 };
@@ -303,7 +304,7 @@ void forward_kernel(const Layout& L, const at::Tensor& weight, std::vector<at::T
       }
     }
   });
-  bad.report(L, op);
+  bad.report(op);
 }
 
 // ---- backward: entries, stable radix sort, runs ----
@@ -414,7 +415,7 @@ std::vector<Entries> collect_entries(const Layout& L, const char* op) {
       e.run.push_back(n);
     }
   });
-  bad.report(L, op);
+  bad.report(op);
   return E;
 }
 
@@ -587,7 +588,7 @@ void check_ids(const Layout& L, const char* op) {
       }
     }
   });
-  bad.report(L, op);
+  bad.report(op);
 }
 
 template <typename scalar_t>
