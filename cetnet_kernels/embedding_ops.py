@@ -93,7 +93,7 @@ def _dense_grad_weight(ctx: Any, backward_op: Any, grads: Sequence[Tensor | None
                        ) -> tuple[Tensor | None, EmbeddingArgs]:
     """(the weight's gradient, or None when the weight needs none; the lookup's arguments)."""
     weight, *saved = ctx.saved_tensors
-    a = ctx.args.with_tensors(weight, saved)
+    a = ctx.args.with_tensors(weight, saved).checked()
     grad_weight = None
     if ctx.needs_input_grad[0]:  # the weight is input 0 of the op and of _EagerLookup
         grad_weight = backward_op(_grads_or_empty(grads, weight), weight, *a.update_args())
@@ -126,7 +126,7 @@ def _apply_fused_update(ctx: Any, update_op: Any, grads: Sequence[Tensor | None]
                         group: Any = None) -> EmbeddingArgs:
     """Applies the fused update of this lookup's batch in place, or with a ``torch.distributed``
     ``group`` that of the whole global batch (:func:`_gather_global_batch`)."""
-    a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors)
+    a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors).checked()
     if group is None:
         full = _grads_or_empty(grads, ctx.weight)
     else:

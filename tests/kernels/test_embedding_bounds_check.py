@@ -17,6 +17,7 @@ import torch
 
 from cetnet_kernels import MultiTableEmbedding, reset_bad_id_warnings
 from conftest import backend_device_params
+from cetnet_kernels.embedding_args import OptimizerArgs
 from embedding_support import FEATURES, loss_of, sample_inputs
 
 CASES = backend_device_params(backends=("cpu", "reference", "cuda", "triton"))
@@ -360,6 +361,111 @@ def test_triton_off_dispatches_no_synchronizing_op(backend, device, optimizer):
 
 
 # ------------------------------------------------------------------------------------------------
+# The backward of a lookup trusts the lookup's check
+# ------------------------------------------------------------------------------------------------
+OP_CASES = backend_device_params(backends=("cpu", "cuda", "triton"))
+
+
+class _EmbeddingOpCalls:
+    """A dispatch mode recording (op name, bounds_check argument) of every cetnet embedding op
+    call under it (the ops behind autograd are seen too)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Calls(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.seen = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                schema = func._schema
+                if schema.name.startswith("cetnet::multi_embedding"):
+                    names = [a.name for a in schema.arguments]
+                    self.seen.append((schema.name.split("::")[1],
+                                      int(args[names.index("bounds_check")])))
+                return func(*args, **(kwargs or {}))
+
+        return Calls()
+
+
+@pytest.mark.parametrize("backend, device", OP_CASES)
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("path", ["module", "op"])
+def test_backward_trusts_the_lookups_check(backend, device, optimizer, path):
+    """Through autograd the backward / fused update runs with bounds checking OFF whatever the
+    lookup's mode: the lookup has raised for a bad id (error) or read it as padding, as OFF
+    does (warn, off), so checking again would only cost the CUDA backend a second
+    synchronization per step. ``module``: MultiTableEmbedding (the eager autograd.Functions);
+    ``op``: the registered op called with autograd (the formula torch.compile uses). Results
+    equal those of the backward op called directly with the lookup's mode."""
+    from cetnet_kernels.codes import BoundsCheck
+    from cetnet_kernels.embedding_ops import ops_for
+
+    suffix = "_triton" if backend == "triton" else ""
+    for mode in ("error", "warn", "off"):
+        mod = MultiTableEmbedding(2, FEATURES, DIMS, optimizer=optimizer, lr=0.2,
+                                  bounds_check=mode, backend=backend, device=device,
+                                  weights_dtype=torch.float64)
+        ids = sample_inputs(device, 5)
+        grads = [torch.randn(5, 10, d, device=device, dtype=torch.float64) for d in DIMS]
+        args = mod._normalize(ids)[0]
+        w0 = mod.weight.detach().clone()
+        with _EmbeddingOpCalls() as calls:
+            if path == "module":
+                outs = mod(ids)
+            elif optimizer is None:
+                outs = getattr(torch.ops.cetnet, "multi_embedding" + suffix).default(*args)
+            else:
+                state = mod.optimizer_state if mod.optimizer_state is not None \
+                    else mod._empty_weights
+                opt = (int({"sgd": 1, "rowwise_adagrad": 2}[optimizer]), mod.lr, mod.eps,
+                       mod.weight_decay)
+                outs = getattr(torch.ops.cetnet, "multi_embedding_fused" + suffix).default(
+                    args.weight, state, mod._placeholder, *args[1:], *opt)
+            loss_of(outs, grads).backward()
+        lookup, backward = calls.seen[0], calls.seen[-1]
+        assert lookup == (("multi_embedding" if optimizer is None or path == "module"
+                           else "multi_embedding_fused") + suffix,
+                          int(BoundsCheck[mode.upper()])), calls.seen
+        assert backward == (("multi_embedding_backward" if optimizer is None
+                             else "multi_embedding_update") + suffix,
+                            int(BoundsCheck.OFF)), calls.seen
+        # the same result as the backward op called directly with the lookup's mode
+        ops = ops_for(backend)
+        checked = args._replace(weight=w0.clone())
+        if optimizer is None:
+            expected = ops._backward(grads, checked.weight, *checked.update_args())
+            torch.testing.assert_close(mod.weight.grad, expected, rtol=0, atol=0)
+        else:
+            state = torch.zeros_like(mod.optimizer_state) if optimizer == "rowwise_adagrad" \
+                else mod._empty_weights
+            ops._update(grads, checked.weight, state, *checked.update_args(),
+                        *OptimizerArgs(int({"sgd": 1, "rowwise_adagrad": 2}[optimizer]),
+                                       mod.lr, mod.eps, mod.weight_decay))
+            torch.testing.assert_close(mod.weight.detach(), checked.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend, device", OP_CASES)
+@pytest.mark.parametrize("optimizer", [None, "sgd"])
+def test_ids_changed_in_place_after_the_lookup_are_refused(backend, device, optimizer):
+    """What makes trusting the lookup's check safe: the backward gets the ids the lookup saw.
+    An id tensor changed in place between lookup and backward (here to an out-of-range id) is
+    refused by autograd's saved-tensor check, before any kernel runs."""
+    mod = MultiTableEmbedding(2, [("a", 5), ("t", 6)], DIMS, optimizer=optimizer, lr=0.1,
+                              backend=backend, device=device)
+    a = torch.tensor([0, 1, 4], device=device)
+    ids = {"a": a, "t": (torch.tensor([1, 2, 3, 4], device=device),
+                         torch.tensor([0, 1, 3, 4], device=device))}
+    outs = mod(ids)
+    w0 = mod.weight.detach().clone()
+    a[1] = 99
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss_of(outs, [torch.ones_like(o) for o in outs]).backward()
+    assert torch.equal(mod.weight.detach(), w0)
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU only: no synchronization under CUDA's sync debug mode; a CUDA graph of a training step
 # ------------------------------------------------------------------------------------------------
 GPU_CASES = backend_device_params(backends=("cuda", "triton"), skip_triton_interpreter=True)
@@ -391,6 +497,26 @@ def test_gpu_step_off_never_synchronizes(backend, device, optimizer):
             checked(sample_inputs(device, 64))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend, device", GPU_CASES)
+@pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
+def test_gpu_backward_of_a_checked_lookup_never_synchronizes(backend, device, optimizer):
+    """The default ("error") lookup synchronizes once, for its check; the backward / fused
+    update after it does not check again and never waits for the GPU."""
+    mod = MultiTableEmbedding(2, FEATURES, DIMS, optimizer=optimizer, backend=backend,
+                              device=device)
+    ids = sample_inputs(device, 64)
+    grads = [torch.randn(64, 10, d, device=device) for d in DIMS]
+    loss_of(mod(ids), grads).backward()  # warm-up: compilation, caches
+    outs = mod(ids)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_of(outs, grads).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("backend, device", GPU_CASES)
