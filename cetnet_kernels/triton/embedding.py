@@ -15,7 +15,9 @@ dim ``D_m`` and table base as arguments:
 
 * ``_gather_kernel``: every single-id and sequence column in one launch, grid (row blocks of the
   [B, C] id columns); a [BLOCK_R, BLOCK_D] tile per program. Each column's vocabulary size, row
-  base and output column are read by the column, so they load beside the ids.
+  base and output column are read by the column, so they load beside the ids. With the bounds
+  check on, the first member's launch also sets a flag (an atomic max, issued only by a lane
+  holding a bad id) that the host reads once.
 * ``_bags_kernel``: every pooled bag (sum / mean / weighted) in one more launch, grid (tiles
   of BLOCK_BAGS bags of the [B, bag features] slots): a row of the tile per bag, step i adds
   each bag's i-th value (a bag summed in order, one chain of dependent loads per tile, as the
@@ -55,13 +57,18 @@ feature) slots likewise) and the long-run list's run
 indices when there are fewer than 2^31 entries. Every launch
 runs under ``torch.cuda.device(weight.device)`` (a no-op for CPU tensors in the interpreter).
 
-Ids and offsets are checked on the host with torch ops before any launch (one synchronizing copy of
-a few flags per call): out-of-range ids other than ``padding_idx`` raise IndexError with the CPU's
-message, malformed offsets ValueError; the kernels also mask every load, so nothing is ever read
-out of bounds. With ``bounds_check`` off (:class:`cetnet_kernels.codes.BoundsCheck`) there is no
-check and no synchronization in forward or backward: a bad id is padding and a bag's offsets are
-clamped into its values (``_Plan.bag_offsets``). With ``warn`` the lookup checks as above but
-warns for bad ids (read as padding) instead of raising; backward and the update do not check.
+Bounds check (one synchronizing read of a few flags per call): out-of-range ids other than
+``padding_idx`` raise IndexError with the CPU's message, malformed offsets ValueError; the
+kernels also mask every load, so nothing is ever read out of bounds. The lookup's single ids and
+sequences are checked by its gather kernel (above), the bags' values and offsets by a few torch
+ops over all bags at once; the flags are read after the gathers are queued and before the bags'
+kernel, which needs valid offsets. The backward and update ops check everything with torch ops
+before anything is written; called through autograd they get bounds check OFF (the lookup has
+checked the same ids). With ``bounds_check`` off (:class:`cetnet_kernels.codes.BoundsCheck`)
+there is no check and no synchronization in forward or backward: a bad id is padding and a
+bag's offsets are clamped into its values (``_Plan.bag_offsets``). With ``warn`` the lookup
+checks as above but warns for bad ids (read as padding) instead of raising; backward and the
+update do not check.
 The host-side checks, sort and run cut are data dependent, so these are opaque
 ``torch.library.custom_op``s (also on GPU, unlike the fusion ops' ``triton_op``): torch.compile
 calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests).
@@ -136,6 +143,18 @@ def _tile_slots(pid0, C, INDEX_32: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _flag_bad_ids(bad_ptr, ids, mask, V, pad, HAS_PAD: tl.constexpr):
+    """Sets the call's bad-id flag (bad_ptr[0] = 1) when an id of ``ids`` under ``mask`` is
+    outside [0, V) and not padding: an atomic by each lane holding one, none in the common
+    case (no reduction across the program, so no barrier; setting 1 twice is harmless)."""
+    bad = mask & ((ids < 0) | (ids >= V))
+    if HAS_PAD:
+        bad = bad & (ids != pad)
+    tl.atomic_max(bad_ptr + tl.zeros_like(ids), tl.full(ids.shape, 1, tl.int32), mask=bad,
+                  sem="relaxed")
+
+
+@triton.jit
 def _gather_kernel(
     w_ptr,          # [W] flat tables (any float dtype)
     ids_ptr,        # [B, C] int64: every id column (single ids and sequence positions)
@@ -143,10 +162,12 @@ def _gather_kernel(
     col_base_ptr,   # [C] int64: row_base of each column's feature
     col_n_ptr,      # [C] int64: output column of each id column
     out_ptr,        # the member's output [B, N, D] (acc dtype)
+    bad_ptr,        # [1] int32: the bad-id flag, set if CHECK and an id is out of range
     D,              # the member's dim (specialized when a multiple of 16: aligned rows)
     tb,             # the member's first element in w
     BC, C, N, pad, pid0,
     HAS_PAD: tl.constexpr, INDEX_32: tl.constexpr,  # INDEX_32: every (b, c) slot < 2^31
+    CHECK: tl.constexpr,  # the bounds check (one member's launch does it)
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # The column's metadata is indexed by the column itself (not through its feature), so the
@@ -160,6 +181,8 @@ def _gather_kernel(
     valid = rmask & (ids >= 0) & (ids < V)
     if HAS_PAD:
         valid = valid & (ids != pad)
+    if CHECK:
+        _flag_bad_ids(bad_ptr, ids, rmask, V, pad, HAS_PAD)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     src = w_ptr + tb + D * (rb + ids)[:, None] + d[None, :]
@@ -456,9 +479,10 @@ class _Plan:
             raise ValueError(f"{op}: bounds_check must be 0 (error), 1 (off) or 2 (warn), got "
                              f"{bounds_check}")
         self.bounds_check = bounds_check
-        #: Every op checks ids and offsets on the host and raises (bounds check ERROR). Else
-        #: bad ids are padding, and bags' offsets are clamped into range (:meth:`bag_offsets`)
-        #: unless check() has validated them (the lookup's check with WARN).
+        #: Bounds check ERROR: the ops raise for a bad id (the lookup after its gather kernel
+        #: has flagged one, backward and update on the host before anything is written). Else
+        #: bad ids are padding. Bags' offsets are clamped into range (:meth:`bag_offsets`)
+        #: unless a check has validated them.
         self.raises = bounds_check == BoundsCheck.ERROR
         self._offsets_checked = False
         self._id_block: Optional[tuple[list[int], Optional[Tensor]]] = None
@@ -513,28 +537,35 @@ class _Plan:
         self.ids, self.offsets, self.psw = ids, offsets, psw
 
     # ------------------------------------------------------------------ checks (host, torch)
-    def check(self, op: str, lookup: bool) -> None:
-        """Raises ValueError for malformed offsets, then reports the first bad id (by batch
-        row, feature, position, as on CPU): IndexError, or with bounds check WARN a warning
-        (``lookup`` only: backward and the update do not check again). All is checked at once:
-        every feature's ids in one concatenation against their vocabulary sizes, every bag's
-        offsets in one stack, so a call costs a handful of launches and one synchronizing copy,
-        whatever the number of features; the per-feature search for the message runs only when
-        something is wrong. Nothing is checked (and nothing synchronizes) with bounds checking
-        off, nor with WARN outside the lookup."""
-        if not (self.raises or (lookup and self.bounds_check == BoundsCheck.WARN)):
-            return
+    def check(self, op: str) -> None:
+        """The backward's and the update's bounds check (ERROR only; WARN and OFF do not check
+        there, nor does the backward of a lookup: autograd passes OFF, the lookup having
+        checked): everything at once, before anything is written. See :meth:`report_if_bad`."""
+        if self.raises:
+            self.report_if_bad(op, self.bad_flags(ids=True))
+
+    def report_if_bad(self, op: str, flags: list[Tensor]) -> None:
+        """One synchronizing read of the device ``flags`` ([1] tensors, nonzero when something
+        is wrong: :meth:`bad_flags`, the lookup's kernel flag); if one is set, raises ValueError for malformed offsets, then
+        reports the first bad id (by batch row, feature, position, as on CPU): IndexError, or
+        with bounds check WARN a warning. The per-feature search for the message runs only when
+        something is wrong. Offsets are valid afterwards: :meth:`bag_offsets` need not clamp."""
         self._offsets_checked = True
-        if not self._all_ok():
+        if flags and bool((torch.cat(flags) if len(flags) > 1 else flags[0]).any()):
             self._report_first_bad(op)
 
-    def _all_ok(self) -> bool:
+    def bad_flags(self, ids: bool) -> list[Tensor]:
+        """Device flags of what is wrong, as [1] bools, without synchronizing: the single-id
+        and sequence ids (only if ``ids``: the lookup's gather kernel checks those itself), the
+        bags' values, the bags' offsets. Each kind is checked at once (one concatenation of
+        ids against their vocabulary sizes, one stack of offsets), so a call costs a handful of
+        launches whatever the number of features."""
         def bad_of(x: Tensor, vocab: Tensor) -> Tensor:
             return invalid_ids(x, vocab, self.padding_idx).any().reshape(1)
 
         flags = []
         single, cols = self.id_block()
-        if cols is not None and self.B > 0:  # [B, C] ids against a [C] row of vocabulary sizes
+        if ids and cols is not None and self.B > 0:  # [B, C] ids against [C] vocabulary sizes
             flags.append(bad_of(cols, self.per_column(single, self.vocab)))
         bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
         if bags:
@@ -547,11 +578,12 @@ class _Plan:
                     output_size=sum(counts))))
             o = torch.stack([self.offsets[f].to(torch.int64) for f in bags])  # [J, B + 1]
             flags.append(~offsets_valid(o, upload(counts, torch.int64, self.device)).reshape(1))
-        return not flags or not bool(torch.cat(flags).any().cpu())
+        return flags
 
     def _report_first_bad(self, op: str) -> None:
-        """After _all_ok() found something wrong: ValueError for the first malformed offsets,
-        else the first bad id (first_bad_id finds it, with its count)."""
+        """After a flag was set: ValueError for the first malformed offsets, else the first bad
+        id (first_bad_id finds it, with its count; none when WARN has warned about every
+        feature with one)."""
         bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
         ok = (torch.stack([offsets_valid(self.offsets[f], self.ids[f].numel()) for f in bags])
               .cpu().tolist() if bags else [])
@@ -583,12 +615,13 @@ class _Plan:
         return valid & (x != self.padding_idx) if self.padding_idx is not None else valid
 
     def bag_offsets(self, f: int) -> Tensor:
-        """Bag feature f's offsets as int64. With bounds checking off nothing has validated
-        them, so they are clamped into [0, values] and made non-decreasing (a running maximum),
-        first 0 and last the number of values: every bag then reads only its feature's values
-        (malformed offsets give unspecified bags, never an out-of-range read). No sync."""
+        """Bag feature f's offsets as int64. Unless a check has validated them (bounds checking
+        off, or the backward of a lookup), they are clamped into [0, values] and made
+        non-decreasing (a running maximum), first 0 and last the number of values: every bag
+        then reads only its feature's values (malformed offsets give unspecified bags, never an
+        out-of-range read). No sync."""
         o = self.offsets[f].to(torch.int64)
-        if self.raises or self._offsets_checked:
+        if self._offsets_checked:
             return o
         n = self.ids[f].numel()
         o = torch.cummax(o.clamp(0, n), 0).values
@@ -641,11 +674,18 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     outs = [torch.empty((B, N, dm), dtype=acc, device=P.device) for dm in dims]
     if B == 0 or shape_only(weight, *ids):
         return outs
-    P.check(op, lookup=True)
+    # The bounds check (ERROR, WARN): the first member's gather flags a bad id on the device,
+    # the bags' values and offsets are checked by torch ops (no sync), and one copy of the
+    # flags, after the gathers are queued, tells whether to report. The bags' kernels run
+    # after it, on validated offsets.
+    checking = bounds_check != BoundsCheck.OFF
     has_pad = padding_idx is not None
     pad = int(padding_idx) if has_pad else 0
     id_feats, cols = P.id_block()
+    flags = []
     if cols is not None:
+        no_flag = P.constant([0], torch.int32)  # (a dummy pointer: CHECK off never writes)
+        bad = torch.zeros(1, dtype=torch.int32, device=P.device) if checking else no_flag
         col_vocab = P.per_column(id_feats, P.vocab)
         col_base = P.per_column(id_feats, P.row_base)
         col_n = P.constant([P.col_start[f] + t for f in id_feats for t in range(P.ncols[f])])
@@ -656,12 +696,17 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
             block_r = max(1, min(128, _TILE // block_d))
             programs = triton.cdiv(B * C, block_r)
             index_32 = programs * block_r <= _INDEX_32_SLOTS
+            check = checking and m == 0
             _launch(
                 _gather_kernel, programs, weight,
-                weight, cols, col_vocab, col_base, col_n, outs[m], P.dims[m],
-                P.table_base[m], B * C, C, N, pad,
-                HAS_PAD=has_pad, INDEX_32=index_32, BLOCK_R=block_r,
+                weight, cols, col_vocab, col_base, col_n, outs[m], bad if check else no_flag,
+                P.dims[m], P.table_base[m], B * C, C, N, pad,
+                HAS_PAD=has_pad, INDEX_32=index_32, CHECK=check, BLOCK_R=block_r,
                 BLOCK_D=block_d)
+        if checking:
+            flags.append(bad)
+    if checking:
+        P.report_if_bad(op, P.bad_flags(ids=False) + flags)
     bag_feats = [f for f in range(P.F) if modes[f] != InputMode.IDS]
     if bag_feats:
         # per-value weights only when a feature has them (else no array, no loads)
@@ -799,7 +844,7 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
         gs.append(g.to(acc).contiguous())
     if P.B == 0 or shape_only(weight, *P.ids):
         return
-    P.check(op, lookup=False)  # before anything is written
+    P.check(op)  # before anything is written
     runs = _runs(P, op, acc)
     if runs is None:
         return

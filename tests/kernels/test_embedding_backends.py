@@ -242,13 +242,14 @@ def test_single_and_odd_dims_int32_no_padding(backend, device):
 def test_host_ops_are_as_many_for_any_number_of_features():
     """The id / offsets check of a triton call is a fixed handful of kernels (one concatenation
     of every feature's ids, one stack of every bag's offsets, one synchronizing copy), not
-    kernels per feature; so is the backward's entry list of the id features (one [B, C] block
-    of every id column): counted through a dispatch mode (views, which launch nothing, left
-    out), 4 and 40 id features cost the same."""
+    kernels per feature; so are the whole lookup (its gather kernel checks the ids) and the
+    backward's entry list of the id features (one [B, C] block of every id column): counted
+    through a dispatch mode (views, which launch nothing, left out), 4 and 40 id features cost
+    the same."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from cetnet_kernels.embedding_args import EmbeddingArgs
-    from cetnet_kernels.triton.embedding import _Plan, _runs
+    from cetnet_kernels.triton.embedding import _multi_embedding, _Plan, _runs
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -267,15 +268,77 @@ def test_host_ops_are_as_many_for_any_number_of_features():
                                                           torch.arange(0, 2 * B + 1, 2)]
         vocab, dims = [9] * F + [5, 5], [3, 4]
         weight = torch.zeros(sum(vocab) * sum(dims))
-        P = _Plan("op", EmbeddingArgs(weight, ids, offs, [torch.zeros(0)] * (F + 2),
-                                      [0] * F + [1, 2], dims, vocab, -1, 0))
+        a = EmbeddingArgs(weight, ids, offs, [torch.zeros(0)] * (F + 2), [0] * F + [1, 2],
+                          dims, vocab, -1, 0)
+        P = _Plan("op", a)
         with Count() as check:
-            P.check("op", lookup=True)
+            P.check("op")
         with Count() as entries:
             _runs(P, "op", torch.float32)
-        return check.n, entries.n
+        with Count() as lookup:
+            _multi_embedding(*a)
+        return check.n, entries.n, lookup.n
 
     assert ops_of(4) == ops_of(40)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot run here (not installed, or no GPU "
+                    "and no interpreter)")
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_triton_lookup_checks_ids_in_its_gather_kernel(padding_idx):
+    """The Triton lookup of single ids and sequences checks them in its gather kernel: with
+    the check (error, warn) it dispatches exactly the ops of bounds_check off plus the flag's
+    allocation, its ``any`` and the one synchronizing read (no torch op over the [B, C] id
+    block: the host check was six passes over it and a read before the first launch). A bad
+    id in any program's tile of the block is flagged: each position of a block of several
+    tiles, in turn, raises with the message the CPU backend gives."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cetnet_kernels.embedding_args import EmbeddingArgs
+    from cetnet_kernels.triton.embedding import _multi_embedding
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.names.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    B, vocab, dims = 50, [7, 9, 5], [3, 4]  # 50 x 4 slots: several gather tiles
+    ids = [torch.randint(1, 7, (B,)), torch.randint(1, 9, (B, 2)), torch.randint(1, 5, (B,))]
+    none = [torch.zeros(0, dtype=torch.int64)] * 3
+    weight = torch.randn(sum(vocab) * sum(dims), dtype=torch.float64)
+
+    def args(check, ids=ids):
+        return EmbeddingArgs(weight, ids, none, [torch.zeros(0)] * 3, [0, 0, 0], dims, vocab,
+                             padding_idx, check, "a\nseq\nc")
+
+    seen = {}
+    for check in (1, 0, 2):
+        _multi_embedding(*args(check))  # constants cached
+        with Ops() as ops:
+            _multi_embedding(*args(check))
+        seen[check] = ops.names
+    flag_ops = {"aten::zeros", "aten::any", "aten::_local_scalar_dense"}
+    assert seen[0] == seen[2] == seen[1] | flag_ops, seen
+    cpu = torch.ops.cetnet.multi_embedding.default if "cpu" in available_backends("cpu") \
+        else None
+    for f, shape in enumerate([(B,), (B, 2), (B,)]):
+        for pos in range(0, int(np.prod(shape)), 7):
+            bad = [x.clone() for x in ids]
+            bad[f].view(-1)[pos] = vocab[f] + pos
+            with pytest.raises(IndexError) as error:
+                _multi_embedding(*args(0, bad))
+            if cpu is not None:
+                with pytest.raises(IndexError) as expected:
+                    cpu(*args(0, bad))
+                assert str(error.value) == str(expected.value).replace(
+                    "cetnet::multi_embedding", "cetnet::multi_embedding_triton")
+            else:
+                assert f"id {vocab[f] + pos} " in str(error.value)
 
 
 @pytest.mark.parametrize("backend, device",

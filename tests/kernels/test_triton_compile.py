@@ -240,6 +240,9 @@ def test_embedding_rows_move_in_128_bit_accesses(monkeypatch, tmp_path):
             if s["kernel"] in ("_gather_kernel", "_bags_kernel")} == {False, True}
     assert {s["constexprs"]["HAS_SCALE"] for s in specs
             if s["kernel"] in ("_runs_kernel", "_long_runs_kernel")} == {False, True}
+    # the bounds check in the first member's gather (its atomic flag), not in the second's
+    assert {s["constexprs"]["CHECK"] for s in specs if s["kernel"] == "_gather_kernel"} == {
+        False, True}
     path = tmp_path / "specs.json"
     unique = {json.dumps(s, sort_keys=True): s for s in specs}
     path.write_text(json.dumps(list(unique.values())))
