@@ -131,7 +131,8 @@ class MultiTableEmbedding(nn.Module):
             does. ``"error"`` (default): IndexError naming the feature, the id, the batch row
             and the position (malformed bag offsets: ValueError), checked before anything is
             written; on CUDA this costs one small device-to-host copy, a synchronization, per
-            lookup and per backward. ``"off"`` (for CUDA graphs and the last bit of
+            lookup (the backward of a lookup trusts its check when the saved ids are unchanged,
+            and checks again otherwise). ``"off"`` (for CUDA graphs and the last bit of
             throughput): the ``cpu``, ``cuda`` and ``triton`` backends check nothing on the host
             and the GPU ones never synchronize (Triton: after a layout's first call, which
             copies its constants to the device); such an id is treated exactly as padding (a zero
@@ -145,9 +146,9 @@ class MultiTableEmbedding(nn.Module):
             first one, as the error would, and how many there were) instead of raising, the
             first time a feature (by name, in the process) has one
             (:func:`cetnet_kernels.reset_bad_id_warnings` re-arms them); malformed offsets
-            still raise. Backward and the fused update do not check again, so
-            on CUDA a step whose ids are valid costs the lookup's one synchronization
-            (``"error"``: two); a batch with bad ids a few more, to find and name the first.
+            still raise. As with ``"error"``, on CUDA a step whose ids are valid costs the
+            lookup's one synchronization; a batch with bad ids a few more, to find and name
+            the first.
         backend: ``"auto"``, ``"cpu"`` (C++), ``"cuda"``, ``"triton"`` or ``"reference"``
             (one ``F.embedding`` per table; dense gradient only). ``"auto"`` (or the
             ``CETNET_BACKEND`` environment variable) picks, for the tables' device at each call:

@@ -54,12 +54,12 @@ class EmbeddingArgs(NamedTuple):
         ids .. bounds_check (those ops take no feature names)."""
         return tuple(self[1:9])
 
-    def checked(self) -> "EmbeddingArgs":
-        """These arguments for the backward of a lookup that has checked them: bounds check
-        OFF, so the backward does not check the ids again (on CUDA, no second synchronization
-        per step). Safe because the lookup raised for a bad id (ERROR) or reads it as padding,
-        as OFF does (WARN, OFF), and autograd hands the backward the very ids the lookup saw:
-        saved tensors refuse to unpack after an in-place change."""
+    def trusted(self) -> "EmbeddingArgs":
+        """These arguments for the backward of the lookup that checked them: bounds check OFF,
+        so the backward does not check the ids again (on CUDA, no second synchronization per
+        step). Right only for the very ids the lookup saw (the autograd formulas compare the
+        saved tensors' versions): the lookup has raised for a bad id (ERROR) or read it as
+        padding, as OFF does (WARN, OFF)."""
         return self._replace(bounds_check=BoundsCheck.OFF)
 
     def input_tensors(self) -> list[Tensor]:

@@ -87,13 +87,29 @@ def _grads_or_empty(grads: Sequence[Tensor | None], like: Tensor) -> list[Tensor
 def _save_dense(ctx: Any, a: EmbeddingArgs) -> None:
     ctx.save_for_backward(a.weight, *a.input_tensors())
     ctx.args = a.without_tensors()
+    ctx.input_versions = _versions(a.input_tensors())
+
+
+def _versions(tensors: Sequence[Tensor]) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors)
+
+
+def _backward_args(ctx: Any, weight: Tensor, saved: Sequence[Tensor]) -> EmbeddingArgs:
+    """The lookup's arguments for its backward. When the saved ids, offsets and weights are
+    unchanged since the lookup (their version counters), the lookup has checked them, so the
+    backward runs with bounds checking off (:meth:`EmbeddingArgs.trusted`: no second
+    synchronization on CUDA). Autograd refuses a saved tensor changed in place, except under a
+    saved-tensor hook that hands back the same tensor: then the versions differ and the
+    backward checks again, with the lookup's mode."""
+    a = ctx.args.with_tensors(weight, saved)
+    return a.trusted() if _versions(saved) == ctx.input_versions else a
 
 
 def _dense_grad_weight(ctx: Any, backward_op: Any, grads: Sequence[Tensor | None]
                        ) -> tuple[Tensor | None, EmbeddingArgs]:
     """(the weight's gradient, or None when the weight needs none; the lookup's arguments)."""
     weight, *saved = ctx.saved_tensors
-    a = ctx.args.with_tensors(weight, saved).checked()
+    a = _backward_args(ctx, weight, saved)
     grad_weight = None
     if ctx.needs_input_grad[0]:  # the weight is input 0 of the op and of _EagerLookup
         grad_weight = backward_op(_grads_or_empty(grads, weight), weight, *a.update_args())
@@ -120,13 +136,14 @@ def _save_fused(ctx: Any, a: EmbeddingArgs, state: Tensor, opt: OptimizerArgs) -
     ctx.weight, ctx.state, ctx.opt = a.weight, state, opt
     ctx.save_for_backward(*a.input_tensors())
     ctx.args = a.without_tensors()
+    ctx.input_versions = _versions(a.input_tensors())
 
 
 def _apply_fused_update(ctx: Any, update_op: Any, grads: Sequence[Tensor | None],
                         group: Any = None) -> EmbeddingArgs:
     """Applies the fused update of this lookup's batch in place, or with a ``torch.distributed``
     ``group`` that of the whole global batch (:func:`_gather_global_batch`)."""
-    a = ctx.args.with_tensors(ctx.weight, ctx.saved_tensors).checked()
+    a = _backward_args(ctx, ctx.weight, ctx.saved_tensors)
     if group is None:
         full = _grads_or_empty(grads, ctx.weight)
     else:
@@ -195,9 +212,12 @@ def _gather_global_batch(a: EmbeddingArgs, grads: Sequence[Tensor | None],
             offsets.append(off)
             psws.append(psw)
             continue
-        # a bag's offsets from its rows' lengths: the global offsets are their running sum
+        # a bag's offsets from its rows' lengths: the global offsets are their running sum, in
+        # int64 (the global batch's values may pass int32). Every rank's lookup has checked
+        # its share (the ranks share one configuration), so the global batch is checked too.
         lengths = all_gather_rows(off[1:] - off[:-1], group)
-        offsets.append(torch.cat([off.new_zeros(1), torch.cumsum(lengths, 0).to(off.dtype)]))
+        offsets.append(torch.cat([lengths.new_zeros(1, dtype=torch.int64),
+                                  torch.cumsum(lengths, 0, dtype=torch.int64)]))
         psws.append(all_gather_rows(psw, group) if mode == InputMode.BAG_WEIGHTED_SUM else psw)
     out_dtype = acc_dtype(a.weight.dtype)
     full = [(g if g is not None else a.weight.new_zeros((B, N, d), dtype=out_dtype))

@@ -23,19 +23,19 @@ dim ``D_m`` and table base as arguments:
   each bag's i-th value (a bag summed in order, one chain of dependent loads per tile, as the
   backward's runs below); a bag of more than _LONG_RUN values sums the rest on its own.
 * ``_runs_kernel`` and ``_long_runs_kernel``: backward. The host sorts the (key, output row,
-  scale) entries of the batch (every id column in one block, bags feature by feature) by key
-  with a stable ``torch.sort`` and cuts them into runs of equal keys with device-side prefix
-  counts (no synchronization: the number of runs stays on the device; the grids cover the
-  E entries, an upper bound, and programs past the runs do nothing). ``_runs_kernel`` takes the runs in tiles of BLOCK_RUNS, a row of the tile per
-  run: step i adds each run's i-th gradient row, so every row is summed serially in sorted
-  (= batch) order and a tile's chain of dependent loads serves BLOCK_RUNS rows (a program per
-  run spent most of its time waiting on that chain: 7-8 % of copy bandwidth on an H200). A
-  tile takes as many steps as its longest run, so runs of more than _LONG_RUN entries (hot rows:
-  Zipf ids put thousands of lookups on one row) are listed once by ``_list_long_runs_kernel``
-  and summed by ``_long_runs_kernel``, a program per run in [BLOCK_E, BLOCK_D] tiles. Either way
-  the summed row is written as the dense gradient or updated with SGD / row-wise Adagrad (FBGEMM
-  semantics, as the CPU kernel). Each row has one program: no atomics on floats, a fixed
-  summation order, bitwise reproducible.
+  scale) entries of the batch (every id column in one block, bags feature by feature) by key with
+  a stable ``torch.sort`` and cuts them into runs of equal keys with device-side prefix counts (no
+  synchronization: the number of runs stays on the device; the grids cover the E entries, an upper
+  bound, and programs past the runs do nothing). ``_runs_kernel`` takes the runs in tiles of
+  BLOCK_RUNS, a row of the tile per run: step i adds each run's i-th gradient row, so every row is
+  summed serially in sorted (= batch) order and a tile's chain of dependent loads serves
+  BLOCK_RUNS rows (a program per run spent most of its time waiting on that chain: 7-8 % of copy
+  bandwidth on an H200). A tile takes as many steps as its longest run, so runs of more than
+  _LONG_RUN entries (hot rows: Zipf ids put thousands of lookups on one row) are listed once by
+  ``_list_long_runs_kernel`` and summed by ``_long_runs_kernel``, a program per run in [BLOCK_E,
+  BLOCK_D] tiles. Either way the summed row is written as the dense gradient or updated with SGD /
+  row-wise Adagrad (FBGEMM semantics, as the CPU kernel). Each row has one program: no atomics on
+  floats, a fixed summation order, bitwise reproducible.
 
 Why a launch per member (M of them, 2 to 4 in practice) rather than one with a member axis: an
 int argument divisible by 16 is specialized by Triton, so with ``D_m`` (and the table base) a
@@ -546,10 +546,11 @@ class _Plan:
 
     def report_if_bad(self, op: str, flags: list[Tensor]) -> None:
         """One synchronizing read of the device ``flags`` ([1] tensors, nonzero when something
-        is wrong: :meth:`bad_flags`, the lookup's kernel flag); if one is set, raises ValueError for malformed offsets, then
-        reports the first bad id (by batch row, feature, position, as on CPU): IndexError, or
-        with bounds check WARN a warning. The per-feature search for the message runs only when
-        something is wrong. Offsets are valid afterwards: :meth:`bag_offsets` need not clamp."""
+        is wrong: :meth:`bad_flags`, the lookup's kernel flag); if one is set, raises
+        ValueError for malformed offsets, then reports the first bad id (by batch row, feature,
+        position, as on CPU): IndexError, or with bounds check WARN a warning. The per-feature
+        search for the message runs only when something is wrong. Offsets are valid
+        afterwards: :meth:`bag_offsets` need not clamp."""
         self._offsets_checked = True
         if flags and bool((torch.cat(flags) if len(flags) > 1 else flags[0]).any()):
             self._report_first_bad(op)
@@ -615,8 +616,9 @@ class _Plan:
         return valid & (x != self.padding_idx) if self.padding_idx is not None else valid
 
     def bag_offsets(self, f: int) -> Tensor:
-        """Bag feature f's offsets as int64. Unless a check has validated them (bounds checking
-        off, or the backward of a lookup), they are clamped into [0, values] and made
+        """Bag feature f's offsets as int64. When nothing has validated them in this call
+        (bounds checking off; WARN outside the lookup; the backward of a lookup, which gets
+        OFF: EmbeddingArgs.trusted), they are clamped into [0, values] and made
         non-decreasing (a running maximum), first 0 and last the number of values: every bag
         then reads only its feature's values (malformed offsets give unspecified bags, never an
         out-of-range read). No sync."""
