@@ -76,6 +76,7 @@ calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tens
 
 from __future__ import annotations
 
+import struct
 from typing import Optional
 
 import torch
@@ -281,9 +282,9 @@ def _bags_kernel(
 
 
 @triton.jit
-def _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc, row,
-                 key, live, mask, D, m, Vtot, MODE: tl.constexpr,
-                 HYPER_IN_MEMORY: tl.constexpr, MANY_ROWS: tl.constexpr):
+def _update_rows(w_ptr, gw_ptr, state_ptr, lr_arg, eps_arg, wd_arg, acc, row, key, live, mask,
+                 D, m, Vtot, MODE: tl.constexpr, SETTINGS_BITS: tl.constexpr,
+                 MANY_ROWS: tl.constexpr):
     """Writes the summed gradient ``acc`` of rows (element offsets ``row`` into w, masked by
     ``mask``) as a dense gradient, or applies SGD / row-wise Adagrad (FBGEMM semantics, as the
     CPU kernel) to them. MANY_ROWS: acc is [rows, BLOCK_D] and ``key`` / ``live`` (each row's key,
@@ -292,10 +293,10 @@ def _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, a
     if MODE == _MODE_DENSE:
         tl.store(gw_ptr + row, acc.to(gw_ptr.dtype.element_ty), mask=mask)
     else:
-        if HYPER_IN_MEMORY:
-            lr = tl.load(hyper_ptr)
-            wd = tl.load(hyper_ptr + 2)
-            eps = tl.load(hyper_ptr + 1)
+        if SETTINGS_BITS:  # float64 values as their int64 bit patterns (see _settings)
+            lr = lr_arg.to(tl.int64).to(tl.float64, bitcast=True)
+            wd = wd_arg.to(tl.int64).to(tl.float64, bitcast=True)
+            eps = eps_arg.to(tl.int64).to(tl.float64, bitcast=True)
         else:
             lr = lr_arg
             wd = wd_arg
@@ -319,8 +320,9 @@ def _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, a
         tl.store(w_ptr + row, (cur - step * a).to(w_ptr.dtype.element_ty), mask=mask)
 
 
-# m is never specialized (Triton would turn m = 1 into a constexpr, which has no .to()).
-@triton.jit(do_not_specialize=["m"])
+# m and the settings are never specialized (Triton would turn an int argument equal to 1 into a
+# constexpr, which has no .to()).
+@triton.jit(do_not_specialize=["m", "lr_arg", "eps_arg", "wd_arg"])
 def _runs_kernel(
     w_ptr,          # [W] flat tables (updated in place by SGD / Adagrad)
     gw_ptr,         # [W] dense gradient (DENSE mode), else unused
@@ -332,15 +334,14 @@ def _runs_kernel(
     run_end_ptr,    # [E] int64: one past its last
     run_key_ptr,    # [E] int32 or int64: row_base[f] + id; Vtot for the run of padding entries
     num_runs_ptr,   # [1] int64: R, known on the device only
-    hyper_ptr,      # [3] float64 lr, eps, weight_decay: read when HYPER_IN_MEMORY
-    lr_arg, eps_arg, wd_arg,  # the same as float32 arguments: used otherwise
+    lr_arg, eps_arg, wd_arg,  # lr, eps, weight_decay: float32, or bit patterns (SETTINGS_BITS)
     D, tb,          # the member's dim and first element in w (as _gather_kernel)
     m,              # the member (its row-wise state is m * Vtot + key)
     Vtot,
     pid0,
     MODE: tl.constexpr, HAS_G: tl.constexpr,  # HAS_G: the member's gradient is not zero
     HAS_SCALE: tl.constexpr,  # some entry's factor is not 1 (mean or weighted bags)
-    HYPER_IN_MEMORY: tl.constexpr,  # float64 tables (a float argument is float32)
+    SETTINGS_BITS: tl.constexpr,  # float64 tables: the settings as int64 bit patterns
     LONG_RUN: tl.constexpr,  # runs of more entries are left to _long_runs_kernel
     BLOCK_RUNS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -379,8 +380,8 @@ def _runs_kernel(
                 g = g * tl.load(scale_ptr + start + i, mask=em, other=0.0)[:, None]
             acc += g
     row = tb + D * key[:, None] + d[None, :]
-    _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc, row, key,
-                 live, live[:, None] & dmask[None, :], D, m, Vtot, MODE, HYPER_IN_MEMORY, True)
+    _update_rows(w_ptr, gw_ptr, state_ptr, lr_arg, eps_arg, wd_arg, acc, row, key, live,
+                 live[:, None] & dmask[None, :], D, m, Vtot, MODE, SETTINGS_BITS, True)
 
 
 @triton.jit
@@ -409,13 +410,13 @@ def _list_long_runs_kernel(
             tl.store(long_ptr + slot, r.to(long_ptr.dtype.element_ty), mask=is_long != 0)
 
 
-@triton.jit(do_not_specialize=["m"])
+@triton.jit(do_not_specialize=["m", "lr_arg", "eps_arg", "wd_arg"])
 def _long_runs_kernel(
     w_ptr, gw_ptr, state_ptr, g_ptr, src_ptr, scale_ptr, run_start_ptr, run_end_ptr,
-    run_key_ptr, long_ptr, num_long_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, D, tb, m, Vtot,
+    run_key_ptr, long_ptr, num_long_ptr, lr_arg, eps_arg, wd_arg, D, tb, m, Vtot,
     programs, pid0,  # as _runs_kernel
     MODE: tl.constexpr, HAS_G: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HYPER_IN_MEMORY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    SETTINGS_BITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # A program per long run (grid-stride over the list _list_long_runs_kernel wrote; its order,
     # set by atomics, does not matter: each run is summed by one program on its own): the entries
@@ -443,9 +444,8 @@ def _long_runs_kernel(
             if HAS_SCALE:
                 g = g * tl.load(scale_ptr + ii, mask=im, other=0.0)[:, None]
             acc += tl.sum(g, axis=0)
-        _update_rows(w_ptr, gw_ptr, state_ptr, hyper_ptr, lr_arg, eps_arg, wd_arg, acc,
-                     tb + D * key + d, key, key < Vtot, dmask, D, m, Vtot, MODE,
-                     HYPER_IN_MEMORY, False)
+        _update_rows(w_ptr, gw_ptr, state_ptr, lr_arg, eps_arg, wd_arg, acc, tb + D * key + d,
+                     key, key < Vtot, dmask, D, m, Vtot, MODE, SETTINGS_BITS, False)
 
 
 # =============================================================================================
@@ -851,12 +851,7 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
     if runs is None:
         return
     src, scale, start, end, run_key, num_runs = runs
-    # The settings: float32 kernel arguments (no upload: a CUDA graph keeps them, as the CUDA
-    # backend's), except for float64 tables, whose float64 values are uploaded per call (a
-    # schedule changes lr).
-    in_memory = acc == torch.float64 and mode != Optimizer.DENSE  # dense reads none
-    hyper = (upload([lr, eps, wd], acc, P.device) if in_memory
-             else P.constant([0.0], acc))  # else a dummy pointer, also for absent tensors
+    dummy = P.constant([0.0], acc)  # a pointer for absent tensors (never read)
     # Live runs of more than _LONG_RUN entries are disjoint: at most E // (_LONG_RUN + 1) of
     # them. One launch lists them, every member's _long_runs_kernel walks the list (launch
     # order on the stream: the list is complete before the first reads it).
@@ -870,27 +865,38 @@ def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Opti
         _launch(_list_long_runs_kernel, programs, weight, start, end, run_key, num_runs,
                 long_list, num_long, P.Vtot, programs, LONG_RUN=_LONG_RUN, BLOCK=_LIST_BLOCK)
     args = (weight, grad_weight if grad_weight is not None else weight,
-            state if state is not None and state.numel() > 0 else hyper)
-    hypers = (hyper, float(lr), float(eps), float(wd))
-    consts = dict(MODE=int(mode), HYPER_IN_MEMORY=in_memory, HAS_SCALE=scale is not None)
-    scale = scale if scale is not None else hyper  # (else a dummy pointer, never read)
+            state if state is not None and state.numel() > 0 else dummy)
+    settings = _settings(acc, lr, eps, wd)
+    consts = dict(MODE=int(mode), SETTINGS_BITS=acc == torch.float64,
+                  HAS_SCALE=scale is not None)
+    scale = scale if scale is not None else dummy
     for m in range(P.M):
         block_d = _block_d(P.dims[m])
-        g, has_g = (gs[m], True) if gs[m] is not None else (hyper, False)
+        g, has_g = (gs[m], True) if gs[m] is not None else (dummy, False)
         member = (P.dims[m], P.table_base[m], m, P.Vtot)
         # half a _TILE: at D = 64, 72 registers (sm_90) against 155 for 64 runs, so more
         # programs per SM and as many row loads in flight
         block_runs = max(1, min(128, _TILE // 2 // block_d))
         _launch(_runs_kernel, triton.cdiv(E, block_runs), weight,
-                *args, g, src, scale, start, end, run_key, num_runs, *hypers, *member,
+                *args, g, src, scale, start, end, run_key, num_runs, *settings, *member,
                 HAS_G=has_g, LONG_RUN=_LONG_RUN, BLOCK_RUNS=block_runs, BLOCK_D=block_d,
                 **consts)
         if long_cap > 0:
             programs = min(long_cap, _LONG_PROGRAMS)
             _launch(_long_runs_kernel, programs, weight,
-                    *args, g, src, scale, start, end, run_key, long_list, num_long, *hypers,
+                    *args, g, src, scale, start, end, run_key, long_list, num_long, *settings,
                     *member, programs, HAS_G=has_g, BLOCK_E=max(1, min(32, _TILE // block_d)),
                     BLOCK_D=block_d, **consts)
+
+
+def _settings(acc: torch.dtype, lr: float, eps: float, wd: float) -> tuple:
+    """lr, eps and weight_decay as kernel arguments, so that a CUDA graph keeps them and nothing
+    is uploaded per call (as the CUDA backend's): Python floats (float32 arguments), or for
+    float64 tables the int64 bit patterns of the float64 values (a float argument is float32;
+    the kernels bitcast them back: SETTINGS_BITS)."""
+    if acc != torch.float64:
+        return float(lr), float(eps), float(wd)
+    return tuple(struct.unpack("<q", struct.pack("<d", float(v)))[0] for v in (lr, eps, wd))
 
 
 def _multi_embedding_backward(grads: list[Tensor], weight: Tensor, ids: list[Tensor],

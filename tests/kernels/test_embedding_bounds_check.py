@@ -539,17 +539,20 @@ def test_gpu_backward_of_a_checked_lookup_never_synchronizes(backend, device, op
 
 @pytest.mark.parametrize("backend, device", GPU_CASES)
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
-def test_cuda_graph_captures_a_fused_training_step(backend, device, optimizer):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_graph_captures_a_fused_training_step(backend, device, optimizer, dtype):
     """With bounds checking off, forward + backward + fused update of the CUDA and Triton
     backends is captured by torch.cuda.graph (after warm-up on a side stream, as its docs ask:
     it also makes the Triton path's layout constants and compiled kernels) and each replay
-    equals an eager step of a twin module on the same batch."""
+    equals an eager step of a twin module on the same batch. float64 tables too: their
+    settings are kernel arguments as well (Triton: bit patterns), nothing uploaded per call."""
     B = 256
 
     def make():
         torch.manual_seed(0)
         return MultiTableEmbedding(2, FEATURES, DIMS, optimizer=optimizer, lr=0.05,
-                                   bounds_check="off", backend=backend, device=device)
+                                   bounds_check="off", backend=backend, device=device,
+                                   weights_dtype=dtype)
 
     graphed, eager = make(), make()
     ids = _with_bad_ids(sample_inputs(device, B))

@@ -121,7 +121,8 @@ def _exercise_ops() -> None:
     ids = {"user": torch.tensor([1, 2, 6]), "item": torch.tensor([[0, 10], [3, 4], [5, 5]]),
            "tags": (torch.tensor([0, 1, 4, 2]), torch.tensor([0, 2, 3, 4]))}
     for optimizer in OPTIMIZERS:
-        for dtype in (torch.float32, torch.bfloat16):
+        # float64: the fused update's settings arrive as bit patterns (SETTINGS_BITS)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
             mod = MultiTableEmbedding(2, features, [4, 3], optimizer=optimizer,
                                       weights_dtype=dtype, backend="triton")
             outs = mod(ids)
