@@ -514,7 +514,8 @@ class MultiTableEmbedding(nn.Module):
         Raises:
             IndexError: an id outside ``[0, num_embeddings)`` other than ``padding_idx`` (the
                 message names the feature, the id and the vocabulary size), unless
-                ``bounds_check`` is ``"warn"`` (a UserWarning) or ``"off"``.
+                ``bounds_check`` is ``"warn"`` (a UserWarning, once per feature name and
+                process) or ``"off"``.
             TypeError: non-integer ids. ValueError: unknown/missing features, ragged batch
                 sizes, malformed offsets.
         """

@@ -85,14 +85,15 @@ def test_kernel_time_by_hand() -> None:
     tw = P.scheme_cost(TINY, "table-wise")
     # the busiest GPU looks up 4 columns for all 8 rows: forward 32 x (4 + 4) bytes, backward
     # 32 x (4 + 2 x 4)
-    assert tw.compute_s == pytest.approx(256 / 1850e9 + 384 / 1073e9)
+    assert tw.compute_s == pytest.approx(256 / 1766e9 + 384 / 1182e9)
     assert tw.step_s == tw.compute_s + tw.comm_s
 
 
-@pytest.mark.parametrize("optimizer, measured_ms", [("sgd", 3.38), ("rowwise_adagrad", 4.68)])
+@pytest.mark.parametrize("optimizer, measured_ms", [("sgd", 3.2), ("rowwise_adagrad", 5.12)])
 def test_rates_reproduce_the_h200_benchmark(optimizer: str, measured_ms: float) -> None:
-    """bench/GPU_RESULTS.md: M = 2, F = 26, 1e6 rows, D = 64, B = 65,536, uniform ids, one GPU:
-    the lookup + fused update step took 3.38 ms (SGD) and 4.68 ms (row-wise Adagrad)."""
+    """bench/GPU_RESULTS.md (2026-11-29): M = 2, F = 26, 1e6 rows, D = 64, B = 65,536, uniform
+    ids, one GPU, cetnet-cuda: the lookup + fused update step took 3.2 ms (SGD) and 5.12 ms
+    (row-wise Adagrad)."""
     work = P.Workload(dims=(64, 64), vocabs=(10 ** 6,) * 26, batch=65536, gpus=1,
                       optimizer=optimizer)
     cost = P.scheme_cost(work, "data-parallel")

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue the experiment in --out (re-running "
       "does the same: finished runs are never trained again); refuses an --out without results")
     a("--split", choices=SPLIT_KINDS, default=None,
-      help="MovieLens-100k split (default global_time)")
+      help="MovieLens-100k split (default: the base config's, user_time for the packaged one)")
     a("--grid", choices=list(GRIDS), default="small",
       help="tuning grid per (row, seed): small = train.lr x model.embedding_lr 2x2 (default), "
       "none = the config's values")
