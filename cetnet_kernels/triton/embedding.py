@@ -626,9 +626,10 @@ class _Plan:
         if self._offsets_checked:
             return o
         n = self.ids[f].numel()
-        o = torch.cummax(o.clamp(0, n), 0).values
-        edge = torch.arange(o.numel(), device=o.device)
-        return torch.where(edge == 0, 0, torch.where(edge == o.numel() - 1, n, o))
+        o = torch.cummax(o.clamp(0, n), 0).values  # a new tensor: set its ends in place
+        o[-1] = n
+        o[0] = 0  # (after the last: a single offset is 0)
+        return o
 
     def id_block(self) -> tuple[list[int], Optional[Tensor]]:
         """The single-id and sequence features (those with columns), and all their ids as one
@@ -785,28 +786,36 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
         srcs.append((torch.arange(B, device=dev)[:, None] * N + col_n).reshape(-1))
         if scaled:
             scales.append(torch.ones(cols.numel(), dtype=acc, device=dev))
-    for f in range(P.F):
-        if P.modes[f] == InputMode.IDS:
-            continue
-        x = P.ids[f].to(torch.int64)
-        o = P.bag_offsets(f)
-        lens = o[1:] - o[:-1]
-        bag_of = torch.repeat_interleave(torch.arange(B, device=dev), lens,
-                                         output_size=x.numel())
-        keep = P.valid_mask(x, P.vocab[f])
-        if P.modes[f] == InputMode.BAG_WEIGHTED_SUM:
-            sc = P.psw[f].to(acc)
-        elif P.modes[f] == InputMode.BAG_MEAN:
-            # valid values per bag from a prefix sum (exact, no atomics)
-            cv = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
-                            keep.to(torch.int64).cumsum(0)])
-            count = (cv[o[1:]] - cv[o[:-1]]).clamp_min(1).to(acc)
-            sc = (1.0 / count)[bag_of]
-        else:
-            sc = torch.ones(x.shape, dtype=acc, device=dev) if scaled else None
-        keys.append(torch.where(keep, x + P.row_base[f], P.Vtot))
-        srcs.append(bag_of * N + P.col_start[f])
-        if scaled:
+    # Every bag feature's values at once too (feature after feature, each in value order: the
+    # entries, and so the sums, are those of a feature-by-feature list): a fixed number of ops
+    # for any number of bag features, with each value's bag slot s = j * B + b.
+    bags = [f for f in range(P.F) if P.modes[f] != InputMode.IDS]
+    L = sum(P.ids[f].numel() for f in bags)
+    if L > 0:
+        J = len(bags)
+        x = torch.cat([P.ids[f].to(torch.int64) for f in bags])
+        o = torch.stack([P.bag_offsets(f) for f in bags])  # [J, B + 1]
+        slot = torch.repeat_interleave(torch.arange(J * B, device=dev),
+                                       (o[:, 1:] - o[:, :-1]).reshape(-1), output_size=L)
+        j = torch.div(slot, B, rounding_mode="floor")
+        keep = P.valid_mask(x, P.constant([P.vocab[f] for f in bags])[j])
+        keys.append(torch.where(keep, x + P.constant([P.row_base[f] for f in bags])[j], P.Vtot))
+        srcs.append((slot - j * B) * N + P.constant([P.col_start[f] for f in bags])[j])
+        if scaled:  # 1, a bag mean's 1 / (valid values of its bag), or the value's weight
+            sc = torch.ones(L, dtype=acc, device=dev)
+            if any(P.modes[f] == InputMode.BAG_MEAN for f in bags):
+                count = torch.zeros(J * B, dtype=torch.int64, device=dev).index_add_(
+                    0, slot, keep.to(torch.int64))  # (integer adds: exact in any order)
+                is_mean = P.constant([int(P.modes[f] == InputMode.BAG_MEAN) for f in bags],
+                                     torch.bool)[j]
+                sc = torch.where(is_mean, (1.0 / count.clamp_min(1).to(acc))[slot], sc)
+            if any(P.modes[f] == InputMode.BAG_WEIGHTED_SUM for f in bags):
+                ones = torch.ones(max(P.ids[f].numel() for f in bags), dtype=acc, device=dev)
+                weight = torch.cat([P.psw[f].to(acc) if P.modes[f] == InputMode.BAG_WEIGHTED_SUM
+                                    else ones[:P.ids[f].numel()] for f in bags])
+                is_weighted = P.constant([int(P.modes[f] == InputMode.BAG_WEIGHTED_SUM)
+                                          for f in bags], torch.bool)[j]
+                sc = torch.where(is_weighted, weight, sc)
             scales.append(sc)
     if not keys:  # only [B, 0] sequences: no column, no entry
         return None

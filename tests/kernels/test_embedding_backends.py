@@ -245,9 +245,11 @@ def test_host_ops_are_as_many_for_any_number_of_features():
     """The id / offsets check of a triton call is a fixed handful of kernels (one concatenation
     of every feature's ids, one stack of every bag's offsets, one synchronizing copy), not
     kernels per feature; so are the whole lookup (its gather kernel checks the ids) and the
-    backward's entry list of the id features (one [B, C] block of every id column): counted
-    through a dispatch mode (views, which launch nothing, left out), 4 and 40 id features cost
-    the same."""
+    backward's entry list (one [B, C] block of every id column, one concatenation of every bag
+    feature's values, whatever their poolings): counted through a dispatch mode (views, which
+    launch nothing, left out), 4 and 40 id features cost the same, and so do 3 and 30 bag
+    features in the check and the entry list. (Offsets nothing has validated are clamped
+    feature by feature: 4 ops each.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from cetnet_kernels.embedding_args import EmbeddingArgs
@@ -262,16 +264,22 @@ def test_host_ops_are_as_many_for_any_number_of_features():
             self.n += not func.is_view
             return func(*args, **(kwargs or {}))
 
-    def ops_of(F):
+    def ops_of(F, bag_triples):
         B = 16
         ids = [torch.randint(0, 9, (B, 2) if f % 2 else (B,)) for f in range(F)]
-        ids += [torch.randint(-1, 5, (3 * B,)), torch.randint(0, 5, (2 * B,))]
-        offs = [torch.zeros(0, dtype=torch.int64)] * F + [torch.arange(0, 3 * B + 1, 3),
-                                                          torch.arange(0, 2 * B + 1, 2)]
-        vocab, dims = [9] * F + [5, 5], [3, 4]
+        offs = [torch.zeros(0, dtype=torch.int64)] * F
+        psw = [torch.zeros(0)] * F
+        for _ in range(bag_triples):  # a sum, a mean and a weighted bag (3, 2 and 1 values)
+            ids += [torch.randint(-1, 5, (3 * B,)), torch.randint(0, 5, (2 * B,)),
+                    torch.randint(0, 5, (B,))]
+            offs += [torch.arange(0, 3 * B + 1, 3), torch.arange(0, 2 * B + 1, 2),
+                     torch.arange(0, B + 1)]
+            psw += [torch.zeros(0), torch.zeros(0), torch.rand(B)]
+        J = 3 * bag_triples
+        vocab, dims = [9] * F + [5] * J, [3, 4]
         weight = torch.zeros(sum(vocab) * sum(dims))
-        a = EmbeddingArgs(weight, ids, offs, [torch.zeros(0)] * (F + 2), [0] * F + [1, 2],
-                          dims, vocab, -1, 0)
+        a = EmbeddingArgs(weight, ids, offs, psw, [0] * F + [1, 2, 3] * bag_triples, dims,
+                          vocab, -1, 0)
         P = _Plan("op", a)
         with Count() as check:
             P.check("op")
@@ -279,9 +287,15 @@ def test_host_ops_are_as_many_for_any_number_of_features():
             _runs(P, "op", torch.float32)
         with Count() as lookup:
             _multi_embedding(*a)
-        return check.n, entries.n, lookup.n
+        unchecked = _Plan("op", a._replace(bounds_check=1))  # offsets clamped
+        with Count() as clamped:
+            _runs(unchecked, "op", torch.float32)
+        return check.n, entries.n, lookup.n, clamped.n - entries.n
 
-    assert ops_of(4) == ops_of(40)
+    assert ops_of(4, 1) == ops_of(40, 1)
+    assert ops_of(4, 1)[:2] == ops_of(4, 10)[:2]
+    few, many = (ops_of(4, k)[3] for k in (1, 10))
+    assert many - few == 4 * 27
 
 
 @pytest.mark.skipif(not HAVE_TRITON_INTERPRETER, reason="needs the Triton interpreter (the test "
