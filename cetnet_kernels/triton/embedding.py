@@ -486,6 +486,7 @@ class _Plan:
         self.raises = bounds_check == BoundsCheck.ERROR
         self._offsets_checked = False
         self._id_block: Optional[tuple[list[int], Optional[Tensor]]] = None
+        self._bag_values: Optional[tuple[list[int], list[int], Optional[Tensor]]] = None
         numel = table_layout(dims, vocab).weight_numel
         if not weight.dtype.is_floating_point:
             raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
@@ -568,17 +569,14 @@ class _Plan:
         single, cols = self.id_block()
         if ids and cols is not None and self.B > 0:  # [B, C] ids against [C] vocabulary sizes
             flags.append(bad_of(cols, self.per_column(single, self.vocab)))
-        bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
+        bags, counts, vals = self.bag_values()
         if bags:
-            counts = [self.ids[f].numel() for f in bags]
-            if sum(counts) > 0:
-                vals = torch.cat([self.ids[f].to(torch.int64) for f in bags])
+            n = upload(counts, torch.int64, self.device)
+            if vals is not None:
                 flags.append(bad_of(vals, torch.repeat_interleave(
-                    self.constant([self.vocab[f] for f in bags]),
-                    upload(counts, torch.int64, self.device),
-                    output_size=sum(counts))))
+                    self.constant([self.vocab[f] for f in bags]), n, output_size=vals.numel())))
             o = torch.stack([self.offsets[f].to(torch.int64) for f in bags])  # [J, B + 1]
-            flags.append(~offsets_valid(o, upload(counts, torch.int64, self.device)).reshape(1))
+            flags.append(~offsets_valid(o, n).reshape(1))
         return flags
 
     def _report_first_bad(self, op: str) -> None:
@@ -630,6 +628,17 @@ class _Plan:
         o[-1] = n
         o[0] = 0  # (after the last: a single offset is 0)
         return o
+
+    def bag_values(self) -> tuple[list[int], list[int], Optional[Tensor]]:
+        """The bag features, their value counts, and all their values as one int64 tensor,
+        feature after feature (None without any value). Made once per call (the check and the
+        kernels share it)."""
+        if self._bag_values is None:
+            bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
+            counts = [self.ids[f].numel() for f in bags]
+            self._bag_values = (bags, counts, torch.cat([self.ids[f].to(torch.int64)
+                                                         for f in bags]) if sum(counts) else None)
+        return self._bag_values
 
     def id_block(self) -> tuple[list[int], Optional[Tensor]]:
         """The single-id and sequence features (those with columns), and all their ids as one
@@ -710,25 +719,24 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
             flags.append(bad)
     if checking:
         P.report_if_bad(op, P.bad_flags(ids=False) + flags)
-    bag_feats = [f for f in range(P.F) if modes[f] != InputMode.IDS]
+    bag_feats, counts, vals_t = P.bag_values()
     if bag_feats:
         # per-value weights only when a feature has them (else no array, no loads)
         weighted = any(modes[f] == InputMode.BAG_WEIGHTED_SUM for f in bag_feats)
-        vals, psws, offs, base = [], [], [], 0
-        for f in bag_feats:
-            x = ids[f].to(torch.int64)
-            vals.append(x)
-            if weighted:
-                psws.append(per_sample_weights[f] if modes[f] == InputMode.BAG_WEIGHTED_SUM
-                            else torch.ones(x.shape, dtype=torch.float32, device=P.device))
-            offs.append(P.bag_offsets(f) + base)
-            base += x.numel()
+        if vals_t is None:
+            vals_t = P.constant([0], torch.int64)  # (a dummy pointer: no bag has a value)
+        psw_t = P.constant([0.0], torch.float32)  # (a dummy pointer)
+        if weighted and sum(counts) > 0:  # (ones for the other features: views of one tensor)
+            ones = torch.ones(max(counts), dtype=torch.float32, device=P.device)
+            psw_t = torch.cat([per_sample_weights[f] if modes[f] == InputMode.BAG_WEIGHTED_SUM
+                               else ones[:n] for f, n in zip(bag_feats, counts)]).contiguous()
+        # Each feature's offsets shifted to its values in vals_t: by the values of the features
+        # before it, a prefix sum of the offsets' last entries (validated or clamped: the
+        # feature's value count), on the device.
+        offs_t = torch.stack([P.bag_offsets(f) for f in bag_feats])
+        ends = offs_t[:, -1]
+        offs_t = offs_t + (torch.cumsum(ends, 0) - ends)[:, None]
         J = len(bag_feats)
-        vals_t = torch.cat(vals) if base > 0 else torch.zeros(1, dtype=torch.int64,
-                                                              device=P.device)
-        psw_t = (torch.cat(psws).contiguous() if weighted and base > 0
-                 else P.constant([0.0], torch.float32))  # (a dummy pointer)
-        offs_t = torch.stack(offs).contiguous()
         bag_vocab_t = P.constant([P.vocab[f] for f in bag_feats])
         bag_base_t = P.constant([P.row_base[f] for f in bag_feats])
         bag_n_t = P.constant([P.col_start[f] for f in bag_feats])
@@ -789,11 +797,9 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
     # Every bag feature's values at once too (feature after feature, each in value order: the
     # entries, and so the sums, are those of a feature-by-feature list): a fixed number of ops
     # for any number of bag features, with each value's bag slot s = j * B + b.
-    bags = [f for f in range(P.F) if P.modes[f] != InputMode.IDS]
-    L = sum(P.ids[f].numel() for f in bags)
-    if L > 0:
-        J = len(bags)
-        x = torch.cat([P.ids[f].to(torch.int64) for f in bags])
+    bags, _, x = P.bag_values()
+    if x is not None:
+        J, L = len(bags), x.numel()
         o = torch.stack([P.bag_offsets(f) for f in bags])  # [J, B + 1]
         slot = torch.repeat_interleave(torch.arange(J * B, device=dev),
                                        (o[:, 1:] - o[:, :-1]).reshape(-1), output_size=L)

@@ -248,8 +248,7 @@ def test_host_ops_are_as_many_for_any_number_of_features():
     backward's entry list (one [B, C] block of every id column, one concatenation of every bag
     feature's values, whatever their poolings): counted through a dispatch mode (views, which
     launch nothing, left out), 4 and 40 id features cost the same, and so do 3 and 30 bag
-    features in the check and the entry list. (Offsets nothing has validated are clamped
-    feature by feature: 4 ops each.)"""
+    features. (Offsets nothing has validated are clamped feature by feature: 4 ops each.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from cetnet_kernels.embedding_args import EmbeddingArgs
@@ -293,7 +292,7 @@ def test_host_ops_are_as_many_for_any_number_of_features():
         return check.n, entries.n, lookup.n, clamped.n - entries.n
 
     assert ops_of(4, 1) == ops_of(40, 1)
-    assert ops_of(4, 1)[:2] == ops_of(4, 10)[:2]
+    assert ops_of(4, 1)[:3] == ops_of(4, 10)[:3]
     few, many = (ops_of(4, k)[3] for k in (1, 10))
     assert many - few == 4 * 27
 
