@@ -14,7 +14,7 @@ CUDA_HOME ?= /usr/local/cuda
 DISTRIBUTED_DEPS = fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 pyre-extensions typing-inspect \
 	mypy-extensions iopath cloudpickle pyvers
 
-.PHONY: venv torchrec setup train demo test bench wheel cmake-test cuda-build-check triton-oldest-test gpu-check ci clean
+.PHONY: venv torchrec setup train demo test lint bench wheel cmake-test cuda-build-check triton-oldest-test gpu-check ci clean
 
 # Stamps in the venv make `make test` / `make train` start at once when nothing changed: the
 # environment is re-checked when this Makefile changes, the extension rebuilt when csrc/,
@@ -79,6 +79,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# ruff with pyproject's rules (unused imports and variables, undefined names, syntax errors)
+lint: venv
+	$(PIP) install -q "ruff==0.17.6"
+	$(PY) -m ruff check cetnet_kernels python bench tests examples setup.py
+
 bench: setup
 	$(PIP) install -q "fbgemm-gpu-cpu==1.8.0" || echo "fbgemm-gpu-cpu not installable: FBGEMM rows skipped"
 	$(PY) -m pytest bench/bench_fusion.py --benchmark-json=bench/fusion_cpu.json
@@ -128,7 +133,7 @@ triton-oldest-test:
 gpu-check:
 	$(PYTHON) bench/gpu_check.py
 
-ci: test triton-oldest-test cmake-test cuda-build-check
+ci: lint test triton-oldest-test cmake-test cuda-build-check
 
 clean:
 	rm -rf build build-cmake build-cuda dist *.egg-info cetnet_kernels/_C*.so $(VENV_STAMP) $(SETUP_STAMP)

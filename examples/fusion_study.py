@@ -35,7 +35,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -296,7 +296,7 @@ def part_a(runs: dict[int, Run], datas: dict[int, Data], gap_threshold: float) -
             fallback = float(gap.max() - gap.min()) > gap_threshold
             rows = [(name, *fuse_auc(z, y, t, space, k)) for name, t, space in rules]
             a, w = fuse_auc(z, y, UNIFORM_T if fallback else 1.0, "prob", k)
-            rows.append((f"T=1 + gap fallback", a, w))
+            rows.append(("T=1 + gap fallback", a, w))
             for name, a, w in rows:
                 r = per_rule.setdefault(name, {"auc": [], "best": [], "avg": [], "w": []})
                 r["auc"].append(a)

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     vocab, fields = 40, 4
     ids, y = synthetic_clicks(args.rows, vocab, fields, args.seed)
     split = int(0.8 * args.rows)
-    train, test = slice(0, split), slice(split, None)
+    test = slice(split, None)  # training rows: 0 .. split, in a new order each epoch
     members = nn.ModuleList([DNN(vocab, fields), FM(vocab, fields)])
     fusion = CETNetFusion(2, temperature=1.0, backend=args.backend)
     opt = torch.optim.Adam([*members.parameters(), *fusion.parameters()], lr=3e-3)

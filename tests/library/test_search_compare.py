@@ -6,7 +6,6 @@ baseline, paired by seed). Tiny runs on synthetic data, as in test_search.py."""
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import pytest
