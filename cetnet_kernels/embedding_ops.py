@@ -100,7 +100,9 @@ def _backward_args(ctx: Any, weight: Tensor, saved: Sequence[Tensor]) -> Embeddi
     backward runs with bounds checking off (:meth:`EmbeddingArgs.trusted`: no second
     synchronization on CUDA). Autograd refuses a saved tensor changed in place, except under a
     saved-tensor hook that hands back the same tensor: then the versions differ and the
-    backward checks again, with the lookup's mode."""
+    backward checks again, with the lookup's mode. (Under torch.compile the comparison runs once,
+    when the backward is traced, on the traced tensors: the compiled backward trusts the lookup.
+    A bad id then reads as padding, never out of range.)"""
     a = ctx.args.with_tensors(weight, saved)
     return a.trusted() if _versions(saved) == ctx.input_versions else a
 

@@ -63,8 +63,8 @@ kernels also mask every load, so nothing is ever read out of bounds. The lookup'
 sequences are checked by its gather kernel (above), the bags' values and offsets by a few torch
 ops over all bags at once; the flags are read after the gathers are queued and before the bags'
 kernel, which needs valid offsets. The backward and update ops check everything with torch ops
-before anything is written; called through autograd they get bounds check OFF (the lookup has
-checked the same ids). With ``bounds_check`` off (:class:`cetnet_kernels.codes.BoundsCheck`)
+before anything is written; called through autograd they get bounds check OFF while the saved
+ids are unchanged since the lookup, which checked them (embedding_ops._backward_args). With ``bounds_check`` off (:class:`cetnet_kernels.codes.BoundsCheck`)
 there is no check and no synchronization in forward or backward: a bad id is padding and a
 bag's offsets are clamped into its values (``_Plan.bag_offsets``). With ``warn`` the lookup
 checks as above but warns for bad ids (read as padding) instead of raising; backward and the
@@ -540,8 +540,8 @@ class _Plan:
     # ------------------------------------------------------------------ checks (host, torch)
     def check(self, op: str) -> None:
         """The backward's and the update's bounds check (ERROR only; WARN and OFF do not check
-        there, nor does the backward of a lookup: autograd passes OFF, the lookup having
-        checked): everything at once, before anything is written. See :meth:`report_if_bad`."""
+        there, nor does the backward of a lookup whose saved ids are unchanged: autograd passes
+        OFF, the lookup having checked them): everything at once, before anything is written. See :meth:`report_if_bad`."""
         if self.raises:
             self.report_if_bad(op, self.bad_flags(ids=True))
 
@@ -624,9 +624,9 @@ class _Plan:
         if self._offsets_checked:
             return o
         n = self.ids[f].numel()
-        o = torch.cummax(o.clamp(0, n), 0).values  # a new tensor: set its ends in place
-        o[-1] = n
-        o[0] = 0  # (after the last: a single offset is 0)
+        o = torch.cummax(o.clamp(0, n), 0).values  # a new tensor: set its ends in place, with
+        o[-1:].fill_(n)  # fill_ (o[-1] = n would copy a CPU scalar: a sync on CUDA)
+        o[:1].fill_(0)  # (after the last: a single offset is 0)
         return o
 
     def bag_values(self) -> tuple[list[int], list[int], Optional[Tensor]]:
@@ -810,8 +810,13 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
         if scaled:  # 1, a bag mean's 1 / (valid values of its bag), or the value's weight
             sc = torch.ones(L, dtype=acc, device=dev)
             if any(P.modes[f] == InputMode.BAG_MEAN for f in bags):
-                count = torch.zeros(J * B, dtype=torch.int64, device=dev).index_add_(
-                    0, slot, keep.to(torch.int64))  # (integer adds: exact in any order)
+                # valid values per bag from a prefix sum over all values (exact, no atomics),
+                # read at the offsets shifted to each feature's values
+                ends = o[:, -1]
+                cut = o + (torch.cumsum(ends, 0) - ends)[:, None]  # [J, B + 1]
+                cv = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
+                                keep.to(torch.int64).cumsum(0)])
+                count = (cv[cut[:, 1:]] - cv[cut[:, :-1]]).reshape(-1)  # [J * B], by slot
                 is_mean = P.constant([int(P.modes[f] == InputMode.BAG_MEAN) for f in bags],
                                      torch.bool)[j]
                 sc = torch.where(is_mean, (1.0 / count.clamp_min(1).to(acc))[slot], sc)
