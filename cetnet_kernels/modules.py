@@ -87,6 +87,12 @@ class CETNetFusion(nn.Module):
         detach_weights: no gradient through the fusion weights.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: kernel backend (``"auto"`` picks the fastest available).
+        validate: check the label values and a tensor temperature's value at every call on the
+            ``cuda``, ``triton`` and ``reference`` backends: a host synchronization per step on
+            a GPU (the CPU kernels check in their own pass, always). Turn it off in a GPU
+            training loop whose labels are validated upstream (cetnet's datasets are, so the
+            models ``build_model`` makes turn it off); a NaN temperature then gives a NaN loss
+            instead of an error.
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class CETNetFusion(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         temperature_range: tuple[float, float] | None = (0.5, 4.0),
+        validate: bool = True,
     ) -> None:
         super().__init__()
         check_count(num_models, "num_models", "CETNetFusion")
@@ -121,6 +128,7 @@ class CETNetFusion(nn.Module):
         self.detach_weights = detach_weights
         self.reduction = reduction
         self.backend = backend
+        self.validate = bool(validate)
         self.temperature_range: tuple[float, float] | None = None
         self.register_parameter("log_temperature", None)
         self.register_parameter("temperature_logit", None)
@@ -173,7 +181,8 @@ class CETNetFusion(nn.Module):
     def fuse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(prob, weights)`` of ``[B, K]`` logits."""
         return confidence_fusion(z, self.temperature, fusion_space=self.fusion_space,
-                                 detach_weights=self.detach_weights, backend=self.backend)
+                                 detach_weights=self.detach_weights, backend=self.backend,
+                                 validate=self.validate)
 
     def forward(self, logits: Tensor | Sequence[Tensor], labels: Tensor | None = None) -> FusionOutput:
         z = self.stack(logits)
@@ -184,7 +193,8 @@ class CETNetFusion(nn.Module):
             z, labels, self.temperature, ensemble_weight=self.ensemble_weight,
             member_weight=self.member_weight, distill_weight=self.distill_weight,
             mutual_weight=self.mutual_weight, fusion_space=self.fusion_space,
-            detach_weights=self.detach_weights, reduction=self.reduction, backend=self.backend)
+            detach_weights=self.detach_weights, reduction=self.reduction, backend=self.backend,
+            validate=self.validate)
         return FusionOutput(prob, z, None, loss, self)
 
     def extra_repr(self) -> str:

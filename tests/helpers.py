@@ -69,3 +69,31 @@ def lowp_tolerance_ok(ours, ref_lowp, ref64, atol: float) -> tuple[bool, float, 
 requires_expecttest = pytest.mark.skipif(
     importlib.util.find_spec("expecttest") is None,
     reason="torch.library.opcheck needs the 'expecttest' package (pip install expecttest)")
+
+
+#: Ops that make a GPU host wait for the device: reading a value, nonzero, unique, a Python
+#: number made a tensor (on CUDA a copy from pageable memory). A dispatch mode sees them on CPU
+#: tensors too, so the CPU suite catches a synchronization a GPU run would pay.
+SYNCHRONIZING_OPS = frozenset({
+    "aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::lift_fresh",
+    "aten::masked_select", "aten::is_nonzero", "aten::equal", "aten::unique_consecutive",
+    "aten::_unique2", "aten::unique_dim"})
+
+
+def synchronizing_ops(fn) -> list[str]:
+    """The :data:`SYNCHRONIZING_OPS` that ``fn()`` dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in SYNCHRONIZING_OPS:
+                self.seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with Syncs() as mode:
+        fn()
+    return mode.seen

@@ -20,6 +20,7 @@ from cetnet_kernels import MultiTableEmbedding, reset_bad_id_warnings
 from conftest import backend_device_params
 from cetnet_kernels.embedding_args import OptimizerArgs
 from embedding_support import FEATURES, loss_of, sample_inputs
+from helpers import SYNCHRONIZING_OPS
 
 CASES = backend_device_params(backends=("cpu", "reference", "cuda", "triton"))
 DIMS = [3, 4]
@@ -317,11 +318,9 @@ def test_triton_off_dispatches_no_synchronizing_op(backend, device, optimizer):
 
     from cetnet_kernels.triton import embedding as te
 
-    # (lift_fresh: a Python number made a tensor, e.g. by ``t[i] = n``: on CUDA a copy from
-    # pageable host memory, which waits for the stream; seen here on CPU tensors too)
-    sync_ops = {"aten::_local_scalar_dense", "aten::nonzero", "aten::unique_consecutive",
-                "aten::_unique2", "aten::unique_dim", "aten::masked_select", "aten::item",
-                "aten::lift_fresh"}
+    # (lift_fresh among them: a Python number made a tensor, e.g. by ``t[i] = n``: on CUDA a
+    # copy from pageable host memory, which waits for the stream)
+    sync_ops = SYNCHRONIZING_OPS
 
     class Syncs(TorchDispatchMode):
         def __init__(self):

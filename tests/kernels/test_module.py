@@ -11,6 +11,7 @@ from torch import nn
 from cetnet_kernels import CETNetFusion, collaborative_loss, confidence_fusion
 
 from conftest import backend_device_params
+from helpers import synchronizing_ops
 
 # (backend, device) pairs: "cpu-cpu", "reference-cuda", "cuda-cuda", "triton-cuda", ...
 CASES = backend_device_params()
@@ -147,3 +148,29 @@ def test_reduction_none_and_backend_choice(backend, device):
     out = fusion(torch.randn(7, 2).to(device), torch.rand(7).to(device))
     assert out.loss.shape == (7,) and out.loss.device.type == device
     assert "num_models=2" in repr(fusion)
+
+
+@pytest.mark.parametrize("backend, device",
+                         backend_device_params(backends=("triton", "reference", "cuda")))
+@pytest.mark.parametrize("learnable", [False, True])
+def test_validate_false_never_waits_for_the_device(backend, device, learnable):
+    """CETNetFusion(validate=True) (the default) checks the labels and a learnable
+    temperature's value on the non-CPU backends: a host synchronization per step on a GPU, seen
+    here; validate=False (what build_model's models use: their datasets validated the labels)
+    leaves both out: the loss, its backward and the fusion alone run no synchronizing op."""
+    torch.manual_seed(0)
+    z = torch.randn(16, 3, device=device, requires_grad=True)
+    y = (torch.rand(16, device=device) < 0.5).float()
+    for validate in (True, False):
+        fusion = CETNetFusion(3, learnable_temperature=learnable, mutual_weight=0.1,
+                              backend=backend, validate=validate).to(device)
+
+        def step():
+            fusion(z, y).loss.backward()
+            fusion(z).prob.sum().backward()
+
+        step()  # (first calls: cached constants)
+        seen = synchronizing_ops(step)
+        assert bool(seen) == validate, (validate, seen)
+    with pytest.raises(ValueError, match="labels must lie in"):  # validate=True still checks
+        CETNetFusion(3, backend=backend).to(device)(z, y + 2.0)

@@ -155,3 +155,28 @@ def test_the_backend_reaches_every_op_family(backend):
     assert model.fusion.backend == backend
     kdef = _model("kdef", embedding_optimizer=None, backend=backend)
     assert kdef.embedding.backend == kdef.backend == backend
+
+
+@pytest.mark.parametrize("ensemble, members", [("cetnet", ("dhen", "interformer")),
+                                               ("kdef", ("dnn", "dcnv2")),
+                                               ("naive", ("dnn", "dcnv2")),
+                                               ("multi_embedding", ("dnn", "dcnv2"))])
+def test_a_training_step_never_waits_for_the_device(ensemble, members):
+    """The models build_model makes run a training step (embedding lookup with its fused
+    row-wise Adagrad update, members, fusion or KDEF loss, backward) without an op that makes a
+    GPU host wait (reading a value, nonzero, unique, a Python number made a tensor), with
+    bounds checking off: seen through a dispatch mode on the Triton backend (interpreted on
+    CPU tensors). The fusion head and KDEF's loss leave the per-step label check out (their
+    labels come from a validated Dataset). (The optimizer step is not part of it: Adam reads
+    its step counters, which live on the CPU.)"""
+    from cetnet_kernels import available_backends
+    from helpers import synchronizing_ops
+
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("needs the Triton interpreter")
+    model = _model(ensemble, members, backend="triton", embedding_optimizer="rowwise_adagrad",
+                   embedding_lr=0.1, embedding_bounds_check="off")
+    batch = random_batch(tiny_schema(), B=16, seed=3)
+    model.loss(batch)[0].backward()  # (first call: the layout's constants)
+    seen = synchronizing_ops(lambda: model.loss(batch)[0].backward())
+    assert seen == [], seen

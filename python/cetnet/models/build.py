@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
 BOUNDS_CHECK_KEY = "embedding_bounds_check"
 # Sections of ensemble-specific options (keyword arguments of NaiveEnsemble / MultiEmbedding.build).
 _SECTIONS = ("naive", "multi_embedding")
-_FUSION_SKIP = ("self", "num_models", "backend")
+_FUSION_SKIP = ("self", "num_models", "backend", "validate")
 _MEMBER_SKIP = ("self", "schema", "dim")
 _MULTI_SKIP = ("schema", "dims", "optimizer", "lr", "bounds_check", "backend")
 
@@ -304,9 +304,11 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
                for name, kind, d in zip(names, kinds, dims)}
     if ensemble == "cetnet":
         with _building("model.fusion"):
-            return CETNet(front, members, CETNetFusion(K, backend=backend,
+            # labels are validated by the Dataset, and the training loop watches for a
+            # non-finite loss on the device: no per-step synchronization for the checks
+            return CETNet(front, members, CETNetFusion(K, backend=backend, validate=False,
                                                        **sections.get("fusion", {})))
     if ensemble == "naive":
         with _building("model.naive"):
             return NaiveEnsemble(front, members, **sections.get("naive", {}))
-    return KDEF(front, members, backend=backend)
+    return KDEF(front, members, backend=backend, validate=False)

@@ -192,13 +192,17 @@ class KDEF(Ensemble):
         front, members: see :class:`Ensemble`.
         backend: the loss kernel's backend (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``,
             ``"reference"``).
+        validate: check the label values at every step on the non-CPU backends (a host
+            synchronization on a GPU; see :class:`~cetnet_kernels.CETNetFusion`); ``build_model``
+            turns it off, cetnet's datasets having validated their labels.
     """
 
     def __init__(self, front: EmbeddingFront,
                  members: Mapping[str, nn.Module] | Sequence[nn.Module],
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", validate: bool = True) -> None:
         super().__init__(front, members)
         self.backend = backend
+        self.validate = bool(validate)
 
     def forward(self, batch: Batch) -> EnsembleOutput:
         z = self.member_logits(batch)
@@ -206,7 +210,7 @@ class KDEF(Ensemble):
 
     def loss(self, batch: Batch) -> tuple[Tensor, EnsembleOutput]:
         z = self.member_logits(batch)
-        loss, teacher = kdef_loss(z, batch.label, backend=self.backend)
+        loss, teacher = kdef_loss(z, batch.label, backend=self.backend, validate=self.validate)
         return loss, EnsembleOutput(z, teacher.detach())
 
 
