@@ -232,3 +232,32 @@ def test_registry():
         load_dataset("nope")
     with pytest.raises(ValueError, match="config"):
         load_dataset("bars")
+
+
+def test_batch_to_device_on_the_cpu_is_to():
+    from models_support import random_batch, tiny_schema
+
+    batch = random_batch(tiny_schema(), B=8)
+    moved = batch.to_device("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(batch.tensors(), moved.tensors()))
+    assert len(list(moved.tensors())) == len(list(batch.tensors()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_to_cuda_device_never_waits():
+    """Batch.to_device copies to a CUDA device through pinned memory without blocking (a copy
+    from pageable memory waits for everything queued on the device): nothing synchronizes
+    under CUDA's sync debug mode, and the copies equal the batch."""
+    from models_support import random_batch, tiny_schema
+
+    batch = random_batch(tiny_schema(), B=64)
+    batch.to_device("cuda")  # (first call: the pinned allocator's blocks)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = batch.to_device("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(b.is_cuda and torch.equal(a, b.cpu())
+               for a, b in zip(batch.tensors(), on_gpu.tensors()))

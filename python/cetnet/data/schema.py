@@ -7,7 +7,7 @@ Id conventions for every categorical vocabulary (built on the train split only):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -143,19 +143,30 @@ class Batch:
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        def mv(t: Tensor) -> Tensor:
-            return t.to(device, non_blocking=non_blocking)
-
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "Batch":
+        """This batch with ``fn`` applied to every tensor."""
         return Batch(
-            sparse={k: mv(v) for k, v in self.sparse.items()},
-            dense=mv(self.dense),
-            multihot={k: (mv(v), mv(o)) for k, (v, o) in self.multihot.items()},
-            sequence={k: mv(v) for k, v in self.sequence.items()},
-            label=mv(self.label),
-            group=mv(self.group),
-            extras={k: mv(v) for k, v in self.extras.items()},
+            sparse={k: fn(v) for k, v in self.sparse.items()},
+            dense=fn(self.dense),
+            multihot={k: (fn(v), fn(o)) for k, (v, o) in self.multihot.items()},
+            sequence={k: fn(v) for k, v in self.sequence.items()},
+            label=fn(self.label),
+            group=fn(self.group),
+            extras={k: fn(v) for k, v in self.extras.items()},
         )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def to_device(self, device: torch.device | str) -> "Batch":
+        """This batch on ``device``, for a training or evaluation step. To a CUDA device it goes
+        through pinned memory, asynchronously: a copy from pageable memory makes the host wait
+        for everything queued on the device, so the host could not prepare the next step while
+        the GPU runs this one. (The pinned copies stay reserved until the transfer is done.)"""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return self.to(device)
+        return self.map(lambda t: t.pin_memory()).to(device, non_blocking=True)
 
     def tensors(self) -> Iterator[Tensor]:
         yield from self.sparse.values()

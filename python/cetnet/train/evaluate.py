@@ -44,19 +44,20 @@ def predict(model: nn.Module, split: Any, *, batch_size: int = 4096,
     probs, logits, weights, labels, groups = [], [], [], [], []
     try:
         for batch in split.batches(batch_size, shuffle=False):
-            out = model(batch.to(device))
-            probs.append(out.prob.float().cpu())
-            logits.append(out.logits.float().cpu())
+            out = model(batch.to_device(device))
+            # kept on the device until the end: a copy to the CPU per batch would wait for it
+            probs.append(out.prob.float())
+            logits.append(out.logits.float())
             if out.weights is not None:
-                weights.append(out.weights.float().cpu())
+                weights.append(out.weights.float())
             labels.append(batch.label.cpu())
             groups.append(batch.group.cpu())
     finally:
         model.train(was_training)
     if not probs:
         raise ValueError("evaluate: the split has no rows")
-    return Predictions(torch.cat(probs), torch.cat(logits),
-                       torch.cat(weights) if len(weights) == len(probs) else None,
+    return Predictions(torch.cat(probs).cpu(), torch.cat(logits).cpu(),
+                       torch.cat(weights).cpu() if len(weights) == len(probs) else None,
                        torch.cat(labels), torch.cat(groups))
 
 

@@ -439,7 +439,7 @@ class EpochRunner:
                     continue
                 if self.fault is not None:
                     self.fault.at(epoch, step + 1)
-                batch = batch.to(device)
+                batch = batch.to_device(device)  # (no wait for the device)
                 lr = schedule.step()
                 if self.ddp is None:
                     loss, out = model.loss(batch)
