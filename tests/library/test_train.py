@@ -173,3 +173,35 @@ def test_lr_schedule_refuses_non_finite_rates(name, bad):
     with pytest.raises(ValueError, match=f"LRSchedule: {name} must be a finite number >= 0"):
         LRSchedule(torch.optim.SGD([p], lr=1.0), "cosine", kwargs.pop("base_lr"),
                    total_steps=10, **kwargs)
+
+
+@pytest.mark.parametrize("setting", [None, "error", "warn"])
+def test_training_skips_the_embedding_check_its_splits_made(tmp_path, train_config, setting):
+    """A Split checks its ids against every feature's vocabulary, so a run whose config leaves
+    model.embedding_bounds_check unset trains and evaluates with the fused embedding's check
+    off (on a GPU it is a synchronization per lookup); an explicit setting is kept; after the
+    run the model checks again (as an exported or served model must)."""
+    from cetnet_kernels import MultiTableEmbedding
+    from cetnet.train import runner
+
+    cfg = train_config(epochs=2)
+    if setting is not None:
+        cfg["model"]["embedding_bounds_check"] = setting
+    during, models = [], []
+    build = runner._build
+
+    def capture(c, schema):
+        models.append(build(c, schema))
+        return models[-1]
+
+    def checks(model):
+        return {m.bounds_check for m in model.modules() if isinstance(m, MultiTableEmbedding)}
+
+    runner._build = capture
+    try:
+        runner.run_training(cfg, tmp_path / "run", quiet=True, plots=False,
+                            on_epoch_end=lambda epoch, entry: during.append(checks(models[0])))
+    finally:
+        runner._build = build
+    assert during == [{setting or "off"}] * 2
+    assert checks(models[0]) == {setting or "error"}

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -286,6 +286,29 @@ def local_embeddings(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, MultiTableEmbedding):
             m.set_process_group(None)
+
+
+@contextlib.contextmanager
+def ids_checked_by_the_splits(model: nn.Module, config: dict) -> Iterator[None]:
+    """Runs the block with the model's fused embeddings' bounds checking off when the config
+    leaves ``model.embedding_bounds_check`` unset: a Split checks its ids against every
+    feature's vocabulary when it is built, so the default check could never fire on its
+    batches, and on a GPU it costs a synchronization per lookup. An explicit setting is kept;
+    the embeddings' own setting is back afterwards (an exported or served model checks the ids
+    it is given)."""
+    from cetnet.models.build import BOUNDS_CHECK_KEY
+    from cetnet_kernels import MultiTableEmbedding
+
+    embeddings = [] if BOUNDS_CHECK_KEY in config["model"] else [
+        m for m in model.modules() if isinstance(m, MultiTableEmbedding)]
+    saved = [m.bounds_check for m in embeddings]
+    for m in embeddings:
+        m.bounds_check = "off"
+    try:
+        yield
+    finally:
+        for m, check in zip(embeddings, saved):
+            m.bounds_check = check
 
 
 def shard_batches(split: Any, batch_size: int, seed: int) -> Any:
@@ -624,7 +647,9 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
             dump_config(config, out_dir / CONFIG_FILE)  # last: a failed resume leaves the old one
         log = RunLog(out_dir, quiet=quiet, first_epoch=state.epoch + 1) if main else \
             contextlib.nullcontext()
-        with log as runner.log:
+        # (after the runner: TorchRec sharding, which replaces the fused embedding, checks its
+        # setting)
+        with log as runner.log, ids_checked_by_the_splits(model, config):
             metrics = _train_and_test(runner, state, config, dataset, run_warnings, plots,
                                       on_epoch_end)
     finally:
