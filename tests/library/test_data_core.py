@@ -247,17 +247,24 @@ def test_batch_to_device_on_the_cpu_is_to():
 def test_batch_to_cuda_device_never_waits():
     """Batch.to_device copies to a CUDA device through pinned memory without blocking (a copy
     from pageable memory waits for everything queued on the device): nothing synchronizes
-    under CUDA's sync debug mode, and the copies equal the batch."""
+    under CUDA's sync debug mode, and the copies (extras too) equal the batch; a batch already
+    on the device is passed through. (Sync debug mode does not flag a non-blocking copy from
+    pageable memory either: this checks the result and the absence of a synchronizing call,
+    not the pinning itself.)"""
     from models_support import random_batch, tiny_schema
 
     batch = random_batch(tiny_schema(), B=64)
+    batch.extras["planted"] = torch.randn(64)
     batch.to_device("cuda")  # (first call: the pinned allocator's blocks)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         on_gpu = batch.to_device("cuda")
+        again = on_gpu.to_device("cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert all(b.is_cuda and torch.equal(a, b.cpu())
-               for a, b in zip(batch.tensors(), on_gpu.tensors()))
+    pairs = [*zip(batch.tensors(), on_gpu.tensors()),
+             (batch.extras["planted"], on_gpu.extras["planted"])]
+    assert all(b.is_cuda and torch.equal(a, b.cpu()) for a, b in pairs)
+    assert all(a is b for a, b in zip(on_gpu.tensors(), again.tensors()))

@@ -175,33 +175,60 @@ def test_lr_schedule_refuses_non_finite_rates(name, bad):
                    total_steps=10, **kwargs)
 
 
-@pytest.mark.parametrize("setting", [None, "error", "warn"])
-def test_training_skips_the_embedding_check_its_splits_made(tmp_path, train_config, setting):
-    """A Split checks its ids against every feature's vocabulary, so a run whose config leaves
-    model.embedding_bounds_check unset trains and evaluates with the fused embedding's check
-    off (on a GPU it is a synchronization per lookup); an explicit setting is kept; after the
-    run the model checks again (as an exported or served model must)."""
+def test_a_gpu_run_skips_the_embedding_check_its_splits_made(train_config):
+    """On a CUDA device, fit() runs its steps with bounds checking off in the fused embeddings
+    whose ids its Splits have checked (the default check could never fire there, and on a GPU
+    it is a synchronization per lookup), and puts the model's setting back afterwards, also
+    when the block raises. Anything else keeps its check: an explicit
+    model.embedding_bounds_check, a CPU device, a split that is not a cetnet Split, an
+    embedding with another vocabulary size than the splits' or another mode than "error".
+    (The context only sets a module attribute: tested here with a CUDA device object.)"""
+    from cetnet.data import load_dataset
+    from cetnet.models import build_model
+    from cetnet.train.loop import ids_checked_by_the_splits
     from cetnet_kernels import MultiTableEmbedding
-    from cetnet.train import runner
 
-    cfg = train_config(epochs=2)
-    if setting is not None:
-        cfg["model"]["embedding_bounds_check"] = setting
-    during, models = [], []
-    build = runner._build
-
-    def capture(c, schema):
-        models.append(build(c, schema))
-        return models[-1]
+    cfg = train_config()
+    data = dict(cfg["data"])
+    dataset = load_dataset(data.pop("name"), **data)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
 
     def checks(model):
-        return {m.bounds_check for m in model.modules() if isinstance(m, MultiTableEmbedding)}
+        return [m.bounds_check for m in model.modules() if isinstance(m, MultiTableEmbedding)]
 
-    runner._build = capture
-    try:
-        runner.run_training(cfg, tmp_path / "run", quiet=True, plots=False,
-                            on_epoch_end=lambda epoch, entry: during.append(checks(models[0])))
-    finally:
-        runner._build = build
-    assert during == [{setting or "off"}] * 2
-    assert checks(models[0]) == {setting or "error"}
+    def inside(model, config=cfg, splits=dataset.splits, device=cuda):
+        with ids_checked_by_the_splits(model, config, splits, device):
+            return checks(model)
+
+    model = build_model(cfg["model"], dataset.schema, backend="reference")
+    assert checks(model) == ["error"]
+    assert inside(model) == ["off"] and checks(model) == ["error"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ids_checked_by_the_splits(model, cfg, dataset.splits, cuda):
+            raise RuntimeError("boom")
+    assert checks(model) == ["error"]
+    explicit = {**cfg, "model": {**cfg["model"], "embedding_bounds_check": "error"}}
+    assert inside(model, config=explicit) == ["error"]
+    assert inside(model, device=cpu) == ["error"]
+
+    class OwnSplit:  # a registered dataset's own split: batches() and a length only
+        def __init__(self, split):
+            self.split = split
+
+        def __len__(self):
+            return len(self.split)
+
+        def batches(self, *a, **kw):
+            return self.split.batches(*a, **kw)
+
+    own = {**dataset.splits, "valid": OwnSplit(dataset.splits["valid"])}
+    assert inside(model, splits=own) == ["error"]
+    emb = next(m for m in model.modules() if isinstance(m, MultiTableEmbedding))
+    emb.bounds_check = "warn"
+    assert inside(model) == ["warn"]
+    other = train_config()
+    other["data"] = {**other["data"], "num_items": 150}  # other vocabulary sizes
+    data = dict(other["data"])
+    bigger = load_dataset(data.pop("name"), **data)
+    model = build_model(cfg["model"], bigger.schema, backend="reference")
+    assert inside(model) == ["error"]

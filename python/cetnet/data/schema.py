@@ -166,7 +166,8 @@ class Batch:
         device = torch.device(device)
         if device.type != "cuda":
             return self.to(device)
-        return self.map(lambda t: t.pin_memory()).to(device, non_blocking=True)
+        return self.map(lambda t: t.pin_memory() if t.device.type == "cpu" else t).to(
+            device, non_blocking=True)
 
     def tensors(self) -> Iterator[Tensor]:
         yield from self.sparse.values()

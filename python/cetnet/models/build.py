@@ -229,8 +229,9 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     ``shared_embedding`` (one embedding set for all members, KDEF's variant),
     ``embedding_bounds_check`` (error | warn | off: ``MultiTableEmbedding``'s
     ``bounds_check``; off skips the id check and its GPU synchronization, a bad id then reads
-    as padding; warn reads it as padding and warns; unset: error, though the training loop
-    runs its steps with the check off, its Splits having validated the ids), ``fusion``
+    as padding; warn reads it as padding and warns; unset: error, though on a CUDA device the
+    training loop runs its steps with the check off where its Splits validated the ids),
+    ``fusion``
     (:class:`~cetnet_kernels.CETNetFusion` keywords; CETNet only; ``reduction`` mean or sum),
     one section per member kind with its hyperparameters (``dhen: {num_layers: 2}``; repeats of
     a kind share it), ``naive: {average: prob|logit}`` and ``multi_embedding: {num_sets,

@@ -34,6 +34,10 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _to_host(t: Tensor) -> Tensor:
+    return t.float().to("cpu", non_blocking=True)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, split: Any, *, batch_size: int = 4096,
             device: torch.device | str | None = None) -> Predictions:
@@ -45,19 +49,22 @@ def predict(model: nn.Module, split: Any, *, batch_size: int = 4096,
     try:
         for batch in split.batches(batch_size, shuffle=False):
             out = model(batch.to_device(device))
-            # kept on the device until the end: a copy to the CPU per batch would wait for it
-            probs.append(out.prob.float())
-            logits.append(out.logits.float())
+            # to the host without waiting (a CUDA tensor lands in pinned memory): one wait at
+            # the end, not one per batch
+            probs.append(_to_host(out.prob))
+            logits.append(_to_host(out.logits))
             if out.weights is not None:
-                weights.append(out.weights.float())
+                weights.append(_to_host(out.weights))
             labels.append(batch.label.cpu())
             groups.append(batch.group.cpu())
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the copies above are done
     finally:
         model.train(was_training)
     if not probs:
         raise ValueError("evaluate: the split has no rows")
-    return Predictions(torch.cat(probs).cpu(), torch.cat(logits).cpu(),
-                       torch.cat(weights).cpu() if len(weights) == len(probs) else None,
+    return Predictions(torch.cat(probs), torch.cat(logits),
+                       torch.cat(weights) if len(weights) == len(probs) else None,
                        torch.cat(labels), torch.cat(groups))
 
 

@@ -289,18 +289,33 @@ def local_embeddings(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def ids_checked_by_the_splits(model: nn.Module, config: dict) -> Iterator[None]:
-    """Runs the block with the model's fused embeddings' bounds checking off when the config
-    leaves ``model.embedding_bounds_check`` unset: a Split checks its ids against every
-    feature's vocabulary when it is built, so the default check could never fire on its
-    batches, and on a GPU it costs a synchronization per lookup. An explicit setting is kept;
-    the embeddings' own setting is back afterwards (an exported or served model checks the ids
-    it is given)."""
+def ids_checked_by_the_splits(model: nn.Module, config: dict, splits: Mapping[str, Any],
+                              device: torch.device) -> Iterator[None]:
+    """Runs the block with bounds checking off in the model's fused embeddings whose ids the
+    splits have already checked: on a CUDA device (elsewhere the check is part of the
+    lookup's pass and costs next to nothing), when the config leaves
+    ``model.embedding_bounds_check`` unset, every split is a :class:`cetnet.data.Split` (which
+    checks each feature's ids against its vocabulary when it is built) and an embedding checks
+    with the default "error" and has the splits' vocabulary size for each of its features. The
+    default check could never fire on such batches, and on a GPU it costs a synchronization
+    per lookup. Anything else (an explicit setting, a registered dataset's own splits, a model
+    factory's own mode or vocabulary) keeps its check; the embeddings' own setting is back
+    afterwards (an exported or served model checks the ids it is given)."""
+    from cetnet.data import Split
     from cetnet.models.build import BOUNDS_CHECK_KEY
     from cetnet_kernels import MultiTableEmbedding
 
-    embeddings = [] if BOUNDS_CHECK_KEY in config["model"] else [
-        m for m in model.modules() if isinstance(m, MultiTableEmbedding)]
+    def checked_by_the_splits(m: MultiTableEmbedding) -> bool:
+        for split in splits.values():
+            vocab = {f.name: f.vocab_size for f in split.schema.features if f.categorical}
+            if any(vocab.get(f.name) != f.num_embeddings for f in m.features):
+                return False
+        return m.bounds_check == "error"
+
+    trusted = (device.type == "cuda" and BOUNDS_CHECK_KEY not in config["model"]
+               and all(isinstance(s, Split) for s in splits.values()))
+    embeddings = [m for m in model.modules()
+                  if trusted and isinstance(m, MultiTableEmbedding) and checked_by_the_splits(m)]
     saved = [m.bounds_check for m in embeddings]
     for m in embeddings:
         m.bounds_check = "off"
@@ -647,9 +662,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
             dump_config(config, out_dir / CONFIG_FILE)  # last: a failed resume leaves the old one
         log = RunLog(out_dir, quiet=quiet, first_epoch=state.epoch + 1) if main else \
             contextlib.nullcontext()
-        # (after the runner: TorchRec sharding, which replaces the fused embedding, checks its
-        # setting)
-        with log as runner.log, ids_checked_by_the_splits(model, config):
+        with log as runner.log, ids_checked_by_the_splits(model, config, dataset.splits, device):
             metrics = _train_and_test(runner, state, config, dataset, run_warnings, plots,
                                       on_epoch_end)
     finally:
