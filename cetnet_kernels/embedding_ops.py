@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from cetnet_kernels._host import acc_dtype
 from cetnet_kernels.backends import OpTable
-from cetnet_kernels.codes import InputMode
+from cetnet_kernels.codes import BoundsCheck, InputMode
 from cetnet_kernels.embedding_args import EmbeddingArgs, OptimizerArgs
 
 __all__ = ["EmbeddingOps", "all_gather_rows", "ops_for"]
@@ -87,11 +87,15 @@ def _grads_or_empty(grads: Sequence[Tensor | None], like: Tensor) -> list[Tensor
 def _save_dense(ctx: Any, a: EmbeddingArgs) -> None:
     ctx.save_for_backward(a.weight, *a.input_tensors())
     ctx.args = a.without_tensors()
-    ctx.input_versions = _versions(a.input_tensors())
+    ctx.input_versions = _versions(a)
 
 
-def _versions(tensors: Sequence[Tensor]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors)
+def _versions(a: EmbeddingArgs) -> tuple[int, ...] | None:
+    """The version counters of the lookup's input tensors, for :func:`_backward_args`; None
+    with bounds checking off (nothing to trust: the backward does not check either)."""
+    if a.bounds_check == BoundsCheck.OFF:
+        return None
+    return tuple(t._version for t in a.input_tensors())
 
 
 def _backward_args(ctx: Any, weight: Tensor, saved: Sequence[Tensor]) -> EmbeddingArgs:
@@ -104,7 +108,7 @@ def _backward_args(ctx: Any, weight: Tensor, saved: Sequence[Tensor]) -> Embeddi
     when the backward is traced, on the traced tensors: the compiled backward trusts the lookup.
     A bad id then reads as padding, never out of range.)"""
     a = ctx.args.with_tensors(weight, saved)
-    return a.trusted() if _versions(saved) == ctx.input_versions else a
+    return a.trusted() if _versions(a) == ctx.input_versions else a
 
 
 def _dense_grad_weight(ctx: Any, backward_op: Any, grads: Sequence[Tensor | None]
@@ -138,7 +142,7 @@ def _save_fused(ctx: Any, a: EmbeddingArgs, state: Tensor, opt: OptimizerArgs) -
     ctx.weight, ctx.state, ctx.opt = a.weight, state, opt
     ctx.save_for_backward(*a.input_tensors())
     ctx.args = a.without_tensors()
-    ctx.input_versions = _versions(a.input_tensors())
+    ctx.input_versions = _versions(a)
 
 
 def _apply_fused_update(ctx: Any, update_op: Any, grads: Sequence[Tensor | None],

@@ -487,6 +487,7 @@ class _Plan:
         self._offsets_checked = False
         self._id_block: Optional[tuple[list[int], Optional[Tensor]]] = None
         self._bag_values: Optional[tuple[list[int], list[int], Optional[Tensor]]] = None
+        self._raw_bag_offsets: Optional[Tensor] = None
         numel = table_layout(dims, vocab).weight_numel
         if not weight.dtype.is_floating_point:
             raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
@@ -541,7 +542,8 @@ class _Plan:
     def check(self, op: str) -> None:
         """The backward's and the update's bounds check (ERROR only; WARN and OFF do not check
         there, nor does the backward of a lookup whose saved ids are unchanged: autograd passes
-        OFF, the lookup having checked them): everything at once, before anything is written. See :meth:`report_if_bad`."""
+        OFF, the lookup having checked them): everything at once, before anything is written.
+        See :meth:`report_if_bad`."""
         if self.raises:
             self.report_if_bad(op, self.bad_flags(ids=True))
 
@@ -575,15 +577,14 @@ class _Plan:
             if vals is not None:
                 flags.append(bad_of(vals, torch.repeat_interleave(
                     self.constant([self.vocab[f] for f in bags]), n, output_size=vals.numel())))
-            o = torch.stack([self.offsets[f].to(torch.int64) for f in bags])  # [J, B + 1]
-            flags.append(~offsets_valid(o, n).reshape(1))
+            flags.append(~offsets_valid(self.raw_bag_offsets(), n).reshape(1))
         return flags
 
     def _report_first_bad(self, op: str) -> None:
         """After a flag was set: ValueError for the first malformed offsets, else the first bad
         id (first_bad_id finds it, with its count; none when WARN has warned about every
         feature with one)."""
-        bags = [f for f in range(self.F) if self.modes[f] != InputMode.IDS]
+        bags = self.bag_values()[0]
         ok = (torch.stack([offsets_valid(self.offsets[f], self.ids[f].numel()) for f in bags])
               .cpu().tolist() if bags else [])
         for f, good in zip(bags, ok):
@@ -629,6 +630,29 @@ class _Plan:
         o[:1].fill_(0)  # (after the last: a single offset is 0)
         return o
 
+    def raw_bag_offsets(self) -> Tensor:
+        """The bag features' offsets as given, as one int64 block [J, B + 1] (made once per
+        call: the check validates it, the kernels then use it)."""
+        if self._raw_bag_offsets is None:
+            self._raw_bag_offsets = torch.stack([self.offsets[f].to(torch.int64)
+                                                 for f in self.bag_values()[0]])
+        return self._raw_bag_offsets
+
+    def bag_offsets_block(self) -> Tensor:
+        """Every bag feature's :meth:`bag_offsets` as one int64 block [J, B + 1] (validated:
+        :meth:`raw_bag_offsets`)."""
+        if self._offsets_checked:
+            return self.raw_bag_offsets()
+        return torch.stack([self.bag_offsets(f) for f in self.bag_values()[0]])
+
+    def bag_weights(self, dtype: torch.dtype) -> Tensor:
+        """Each bag value's weight in ``dtype``, in :meth:`bag_values`' order: the
+        per-sample weights of weighted bags, 1 for the others (views of one ones tensor)."""
+        bags, counts, _ = self.bag_values()
+        ones = torch.ones(max(counts), dtype=dtype, device=self.device)
+        return torch.cat([self.psw[f].to(dtype) if self.modes[f] == InputMode.BAG_WEIGHTED_SUM
+                          else ones[:n] for f, n in zip(bags, counts)])
+
     def bag_values(self) -> tuple[list[int], list[int], Optional[Tensor]]:
         """The bag features, their value counts, and all their values as one int64 tensor,
         feature after feature (None without any value). Made once per call (the check and the
@@ -659,6 +683,14 @@ class _Plan:
     def constant(self, values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
         """Layout metadata on the device (cached: the same every call of a layout; read only)."""
         return constant_tensor(values, dtype, self.device)
+
+
+def _into_values(o: Tensor) -> Tensor:
+    """A [J, B + 1] offsets block (validated or clamped) moved to the features' values
+    concatenated: each row shifted by the value counts of the rows before it, a prefix sum of
+    the rows' last entries (each row's value count). On the device."""
+    ends = o[:, -1]
+    return o + (torch.cumsum(ends, 0) - ends)[:, None]
 
 
 def _block_d(dim: int) -> int:
@@ -725,17 +757,9 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
         weighted = any(modes[f] == InputMode.BAG_WEIGHTED_SUM for f in bag_feats)
         if vals_t is None:
             vals_t = P.constant([0], torch.int64)  # (a dummy pointer: no bag has a value)
-        psw_t = P.constant([0.0], torch.float32)  # (a dummy pointer)
-        if weighted and sum(counts) > 0:  # (ones for the other features: views of one tensor)
-            ones = torch.ones(max(counts), dtype=torch.float32, device=P.device)
-            psw_t = torch.cat([per_sample_weights[f] if modes[f] == InputMode.BAG_WEIGHTED_SUM
-                               else ones[:n] for f, n in zip(bag_feats, counts)]).contiguous()
-        # Each feature's offsets shifted to its values in vals_t: by the values of the features
-        # before it, a prefix sum of the offsets' last entries (validated or clamped: the
-        # feature's value count), on the device.
-        offs_t = torch.stack([P.bag_offsets(f) for f in bag_feats])
-        ends = offs_t[:, -1]
-        offs_t = offs_t + (torch.cumsum(ends, 0) - ends)[:, None]
+        psw_t = (P.bag_weights(torch.float32) if weighted and sum(counts) > 0
+                 else P.constant([0.0], torch.float32))  # (else a dummy pointer)
+        offs_t = _into_values(P.bag_offsets_block())  # each feature's offsets into vals_t
         J = len(bag_feats)
         bag_vocab_t = P.constant([P.vocab[f] for f in bag_feats])
         bag_base_t = P.constant([P.row_base[f] for f in bag_feats])
@@ -800,7 +824,7 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
     bags, _, x = P.bag_values()
     if x is not None:
         J, L = len(bags), x.numel()
-        o = torch.stack([P.bag_offsets(f) for f in bags])  # [J, B + 1]
+        o = P.bag_offsets_block()  # [J, B + 1]
         slot = torch.repeat_interleave(torch.arange(J * B, device=dev),
                                        (o[:, 1:] - o[:, :-1]).reshape(-1), output_size=L)
         j = torch.div(slot, B, rounding_mode="floor")
@@ -812,8 +836,7 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
             if any(P.modes[f] == InputMode.BAG_MEAN for f in bags):
                 # valid values per bag from a prefix sum over all values (exact, no atomics),
                 # read at the offsets shifted to each feature's values
-                ends = o[:, -1]
-                cut = o + (torch.cumsum(ends, 0) - ends)[:, None]  # [J, B + 1]
+                cut = _into_values(o)  # [J, B + 1]
                 cv = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
                                 keep.to(torch.int64).cumsum(0)])
                 count = (cv[cut[:, 1:]] - cv[cut[:, :-1]]).reshape(-1)  # [J * B], by slot
@@ -821,9 +844,7 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
                                      torch.bool)[j]
                 sc = torch.where(is_mean, (1.0 / count.clamp_min(1).to(acc))[slot], sc)
             if any(P.modes[f] == InputMode.BAG_WEIGHTED_SUM for f in bags):
-                ones = torch.ones(max(P.ids[f].numel() for f in bags), dtype=acc, device=dev)
-                weight = torch.cat([P.psw[f].to(acc) if P.modes[f] == InputMode.BAG_WEIGHTED_SUM
-                                    else ones[:P.ids[f].numel()] for f in bags])
+                weight = P.bag_weights(acc)
                 is_weighted = P.constant([int(P.modes[f] == InputMode.BAG_WEIGHTED_SUM)
                                           for f in bags], torch.bool)[j]
                 sc = torch.where(is_weighted, weight, sc)
