@@ -1,14 +1,16 @@
 """`make gpu-check`: the one command for a machine with an NVIDIA GPU.
 
-Builds the extension with CUDA for the local GPU's arch (all cores), runs every CUDA and Triton
-test (``pytest -m gpu``, in parallel when pytest-xdist is there), runs compute-sanitizer memcheck
-on a small smoke script when compute-sanitizer is on the PATH, then the GPU benchmarks
-(bench/bench_gpu.py), Nsight Compute over the fusion kernels when ``ncu`` is there
-(bench/profile_fusion.py: issue rate against DRAM throughput), and writes bench/GPU_RESULTS.md
-naming the device. Needs torch >= 2.6 with
-CUDA and Triton already installed; needs no internet. Prints progress; each step has a time
-limit so that a hang cannot eat the whole budget (the target: 8 minutes on an H200 from a bare
-checkout, build included).
+Builds the extension with CUDA for the local GPU's arch (all cores), probes that C++ exceptions
+reach Python, runs the GPU benchmarks (bench/bench_gpu.py), compute-sanitizer memcheck and
+racecheck on a small smoke script when compute-sanitizer is on the PATH, then every CUDA and
+Triton test (``pytest -m gpu``, in parallel when pytest-xdist is there), and Nsight Compute over
+the fusion kernels when ``ncu`` is there (bench/profile_fusion.py: issue rate against DRAM
+throughput), and writes bench/GPU_RESULTS.md naming the device. Needs torch >= 2.6 with CUDA
+and Triton already installed; needs no internet. Prints progress. The whole check has a budget
+(``--budget``, 8 minutes: the target on an H200 from a bare checkout, build included): each step
+has a time limit so that a hang cannot eat it, the tests get what the steps before them leave
+(the benchmarks come first, so a test step cut short still leaves the numbers), and Nsight
+Compute runs only in what is left after.
 
 Without a CUDA GPU it exits at once with status 2 and one line. Exit status 1 when a step failed
 (the report is still written), 0 when all passed.
@@ -71,6 +73,30 @@ def nvcc_splits(env: dict) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return "--split-compile" in out.stdout
+
+
+NCU_MIN_S = 30  # the 11-29 H200 profile took 17 s
+
+
+def test_time_limit(left: float, floor: float, cap: float) -> float:
+    """The test step's limit: what the budget has ``left``, but at least ``floor`` (the tests
+    are the check's point: a slow build must not starve them) and at most ``cap``."""
+    return max(floor, min(cap, left))
+
+
+def xdist_args(cpus: int) -> list[str]:
+    """pytest-xdist's options when it is installed: a worker per CPU (at most 16) and, from
+    xdist 3.2 on, ``--dist worksteal`` (an idle worker takes queued tests from a busy one, so a
+    worker stuck compiling Triton kernels does not hold the end of the run); [] without xdist."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("pytest-xdist")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    args = ["-n", str(max(1, min(16, cpus)))]
+    major_minor = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    return args + (["--dist", "worksteal"] if major_minor >= (3, 2) else [])
 
 
 def run_step(name: str, cmd: list[str], out_dir: Path, timeout: float, env: dict | None = None
@@ -361,8 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-ncu", action="store_true",
                     help="no Nsight Compute pass over the fusion kernels")
+    ap.add_argument("--budget", type=float, default=480,
+                    help="seconds for the whole check (the target: 8 minutes); the tests get "
+                         "what the build, probe, benchmarks and sanitizers leave of it, within "
+                         "[--min-test-time, --test-timeout], Nsight Compute what is left after")
     ap.add_argument("--ncu-timeout", type=float, default=150)
-    ap.add_argument("--test-timeout", type=float, default=240)
+    ap.add_argument("--test-timeout", type=float, default=420)
+    ap.add_argument("--min-test-time", type=float, default=150)
     ap.add_argument("--bench-timeout", type=float, default=200)
     ap.add_argument("--build-timeout", type=float, default=300)
     ap.add_argument("--memcheck-timeout", type=float, default=120)
@@ -435,7 +466,37 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_tests:
         steps.append(exception_probe(out, env))
 
-    # 2. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py).
+    # 2. Benchmarks -> GPU_RESULTS.md. Before the tests: short, and their numbers are the
+    # targets, so a test step that runs out of time still leaves them.
+    bench_json = out / "gpu_cuda.json"
+    if not args.skip_bench:
+        s = run_step("bench", [sys.executable, "-m", "pytest", "bench/bench_gpu.py", "-q",
+                               f"--benchmark-json={bench_json}"], out, args.bench_timeout, env)
+        s["summary"] = pytest_summary(s["tail"])
+        steps.append(s)
+
+    # 3. compute-sanitizer over a small run of every CUDA and Triton kernel: memcheck (out of
+    # bounds, misaligned, leaks) and racecheck (shared-memory hazards of the tiled kernels).
+    sanitizer = cuda_tool("compute-sanitizer")
+    for tool in () if args.skip_tests or args.skip_sanitizers else ("memcheck", "racecheck"):
+        if sanitizer is None:
+            steps.append({"name": tool, "rc": "skipped", "seconds": 0,
+                          "summary": "compute-sanitizer not found"})
+            log(f"{tool}: skipped (compute-sanitizer not found)")
+            continue
+        # racecheck: the CUDA kernels only. Triton's generated code showed write-write hazards
+        # on the per-row stores after a row reduction (every lane of the row stores the same
+        # value; H200, Triton 3.6): not ours to fix there, reported in the notes.
+        smoke = ["tests/kernels/gpu_smoke.py"] + (["cuda"] if tool == "racecheck" else [])
+        s = run_step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1",
+                            sys.executable, *smoke], out, args.memcheck_timeout, env)
+        s["summary"] = next((ln.strip("= ") for ln in reversed(s["tail"].splitlines())
+                             if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln),
+                            "no summary")
+        steps.append(s)
+
+    # 4. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py),
+    # with what the budget has left (most of it goes to Triton compiling each specialization).
     if not args.skip_tests:
         junit = out / "tests.xml"  # read for skip reasons
         junit.unlink(missing_ok=True)  # written at the session's end only: never a stale one
@@ -444,13 +505,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu or cpu_isa", "-v", "-ra",
                "--durations=15", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
+        cmd[3:3] = xdist_args(os.cpu_count() or 2)
         import importlib.util
 
-        if importlib.util.find_spec("xdist") is not None:
-            cmd[3:3] = ["-n", str(min(16, os.cpu_count() or 2))]
         if importlib.util.find_spec("pytest_timeout") is not None:
             cmd[3:3] = ["--timeout", "150"]  # a hung test fails alone, not the whole step
-        s = run_step("tests", cmd, out, args.test_timeout, env)
+        limit = test_time_limit(args.budget - (time.monotonic() - T0), args.min_test_time,
+                                args.test_timeout)
+        s = run_step("tests", cmd, out, limit, env)
         s["summary"] = pytest_summary(s["tail"])
         outcomes = test_outcomes((out / s["log"]).read_text(errors="replace"))
         if s["summary"] == "no summary line":  # killed: what the per-test lines say
@@ -464,46 +526,25 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  skipped {n} x {why}")
         steps.append(s)
 
-        # 3. compute-sanitizer over a small run of every CUDA and Triton kernel: memcheck (out
-        # of bounds, misaligned, leaks) and racecheck (shared-memory hazards of the tiled kernels).
-        sanitizer = cuda_tool("compute-sanitizer")
-        for tool in () if args.skip_sanitizers else ("memcheck", "racecheck"):
-            if sanitizer is None:
-                steps.append({"name": tool, "rc": "skipped", "seconds": 0,
-                              "summary": "compute-sanitizer not found"})
-                log(f"{tool}: skipped (compute-sanitizer not found)")
-                continue
-            # racecheck: the CUDA kernels only. Triton's generated code showed write-write
-            # hazards on the per-row stores after a row reduction (every lane of the row stores
-            # the same value; H200, Triton 3.6): not ours to fix there, reported in the notes.
-            smoke = ["tests/kernels/gpu_smoke.py"] + (["cuda"] if tool == "racecheck" else [])
-            s = run_step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1",
-                                sys.executable, *smoke], out, args.memcheck_timeout, env)
-            s["summary"] = next((ln.strip("= ") for ln in reversed(s["tail"].splitlines())
-                                 if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln),
-                                "no summary")
-            steps.append(s)
-
-    # 4. Benchmarks -> GPU_RESULTS.md
-    bench_json = out / "gpu_cuda.json"
-    if not args.skip_bench:
-        s = run_step("bench", [sys.executable, "-m", "pytest", "bench/bench_gpu.py", "-q",
-                               f"--benchmark-json={bench_json}"], out, args.bench_timeout, env)
-        s["summary"] = pytest_summary(s["tail"])
-        steps.append(s)
-
     # 5. Nsight Compute over the fusion kernels (bench/profile_fusion.py): issue against memory.
+    # Last and optional: it runs only in what is left of the budget.
     ncu = cuda_tool("ncu")
+    ncu_time = min(args.ncu_timeout, args.budget - (time.monotonic() - T0))
     if not (args.skip_bench or args.skip_ncu):
         if ncu is None:
             steps.append({"name": "ncu", "rc": "skipped", "seconds": 0,
                           "summary": "ncu (Nsight Compute) not found"})
+        elif ncu_time < NCU_MIN_S:
+            steps.append({"name": "ncu", "rc": "skipped", "seconds": 0,
+                          "summary": f"{max(ncu_time, 0):.0f} s of the budget left "
+                                     f"(--budget {args.budget:.0f})"})
+            log(f"ncu: skipped ({steps[-1]['summary']})")
         else:
             s = run_step("ncu", [ncu, "--clock-control", "none", "-k",
                                  "regex:fusion|collaborative|sums", "--section", "SpeedOfLight",
                                  "--section", "SchedulerStats", "--section", "Occupancy",
                                  "--section", "LaunchStats", sys.executable,
-                                 "bench/profile_fusion.py"], out, args.ncu_timeout, env)
+                                 "bench/profile_fusion.py"], out, ncu_time, env)
             info["ncu"] = ncu_rows((out / s["log"]).read_text(errors="replace"))
             s["summary"] = f"{len(info['ncu'])} kernel launches profiled"
             if s["rc"] != 0 and not info["ncu"]:  # e.g. a runtime without hardware counters

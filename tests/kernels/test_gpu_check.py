@@ -231,3 +231,30 @@ def test_nvcc_split_compile_probe(tmp_path):
     assert gpu_check.build_nvcc({"PYTORCH_NVCC": "ccache nvcc"}) == ["ccache", "nvcc"]
     assert not gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "old")})
     assert not gpu_check.nvcc_splits({"CUDA_HOME": str(tmp_path / "none")})
+
+
+def test_test_step_gets_what_the_budget_leaves_within_its_bounds():
+    assert gpu_check.test_time_limit(300, 150, 420) == 300
+    assert gpu_check.test_time_limit(40, 150, 420) == 150  # a slow build does not starve them
+    assert gpu_check.test_time_limit(900, 150, 420) == 420
+
+
+def test_xdist_args(monkeypatch):
+    import importlib.metadata
+
+    def version_is(v):
+        def version(name):
+            if v is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            assert name == "pytest-xdist"
+            return v
+        return version
+
+    monkeypatch.setattr(importlib.metadata, "version", version_is(None))
+    assert gpu_check.xdist_args(16) == []
+    monkeypatch.setattr(importlib.metadata, "version", version_is("3.1.0"))
+    assert gpu_check.xdist_args(64) == ["-n", "16"]
+    monkeypatch.setattr(importlib.metadata, "version", version_is("3.8.0"))
+    assert gpu_check.xdist_args(2) == ["-n", "2", "--dist", "worksteal"]
+    monkeypatch.setattr(importlib.metadata, "version", version_is("10.0.1rc1"))
+    assert gpu_check.xdist_args(0) == ["-n", "1", "--dist", "worksteal"]
