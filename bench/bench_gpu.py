@@ -33,6 +33,13 @@ hottest row holds several % of a feature's lookups; ``bags``: every feature a me
   and feature, ``sparse=True`` + ``torch.optim.SGD``/``Adagrad``: what a plain PyTorch user
   writes; forward and sgd only), and ``copy`` of the mode's bytes.
 
+Training step (``bench_gpu_train_step``): one `cetnet train` step of the packaged
+Criteo_x1 model (bench/train_step.py: CETNet of a DNN and a DCNv2, embedding dim 10 with the
+fused row-wise Adagrad, Adam + gradient clipping) on synthetic Criteo-shaped batches (13 dense,
+26 categorical features of ``CETNET_BENCH_TRAIN_ROWS`` ids, default 1M, Zipf ids), batches moved
+from the CPU in the step; providers ``cetnet-cuda`` and ``cetnet-triton`` (the model's
+``backend``). Reported as time per step and samples per second.
+
 Useful bytes follow FBGEMM's accounting: the forward reads each looked-up row and writes the
 outputs (``(L + M * F * B) * D * 4`` for ``L`` lookups in all: ``2 * L * D * 4`` for single
 ids, ``L = M * F * B``); the fused backward reads the output gradient for each lookup and reads
@@ -60,6 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import env_ints, env_strs  # noqa: E402
 from bench_fusion import bytes_moved  # noqa: E402
+from train_step import train_step  # noqa: E402
 
 import cetnet_kernels as ck  # noqa: E402
 
@@ -80,6 +88,8 @@ M, F, D = 2, 26, 64
 ROWS = int(os.environ.get("CETNET_BENCH_ROWS", "1000000"))
 ZIPF_A = 1.05
 N_BATCHES = 3
+TRAIN_PROVIDERS = ("cetnet-cuda", "cetnet-triton")
+TRAIN_BATCH = 4096  # the Criteo_x1 config's batch_size
 LR = 0.01
 
 
@@ -396,3 +406,24 @@ def bench_gpu_embedding(benchmark, dist, mode, B):
               hottest_share=round(hottest_share(batches[0]), 4), bytes=nbytes))
     steps.clear()
     torch.cuda.empty_cache()  # the next benchmark allocates its own tables (13 GB a set)
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole training step
+# ------------------------------------------------------------------------------------------------
+def bench_gpu_train_step(benchmark):
+    rows = env_ints("CETNET_BENCH_TRAIN_ROWS", [1_000_000])[0]
+    steps, skipped = {}, {}
+    for p in env_strs("CETNET_BENCH_PROVIDERS", list(TRAIN_PROVIDERS)):
+        if p not in TRAIN_PROVIDERS:
+            continue
+        backend = p.split("-", 1)[1]
+        reason = _backend_reason(backend)
+        if reason:
+            skipped[p] = reason
+            continue
+        _model, steps[p] = train_step(backend, "cuda", rows, TRAIN_BATCH)
+    _run(benchmark, steps, skipped, f"train-step-criteo-B{TRAIN_BATCH}",
+         dict(kind="train", config="bars_criteo_x1", B=TRAIN_BATCH, rows=rows))
+    steps.clear()
+    torch.cuda.empty_cache()

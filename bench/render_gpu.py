@@ -12,6 +12,7 @@ import sys
 FUSION_ORDER = ("kernels-cuda", "kernels-triton", "cetnet-cuda", "cetnet-triton", "eager")
 EMB_CETNET = ("cetnet-cuda", "cetnet-cuda-nocheck", "cetnet-triton", "cetnet-triton-nocheck")
 EMB_ORDER = (*EMB_CETNET, "torch-loop")
+TRAIN_ORDER = ("cetnet-cuda", "cetnet-triton")
 # Targets on H100/H200 (fraction of copy bandwidth).
 TARGETS = {"fusion": 0.70, "forward": 0.60, "backward": 0.30, "zipf_over_uniform": 1.5}
 
@@ -133,15 +134,35 @@ def render_embedding(benches: list[dict]) -> list[str]:
     return lines
 
 
+def render_train(benches: list[dict]) -> list[str]:
+    """Time per training step and samples per second, each backend against the first one."""
+    lines = []
+    for b in benches:
+        e = b["extra_info"]
+        provs = [p for p in TRAIN_ORDER if _median(b, p)]
+        if not provs:
+            continue
+        first = _median(b, provs[0])
+        lines += [f"{e['config']}, batch {e['B']:,}, {e['rows']:,} ids per feature:", "",
+                  "| backend | ms / step | samples / s | time vs " + provs[0] + " |",
+                  "|---|---:|---:|---:|"]
+        for p in provs:
+            t = _median(b, p)
+            lines.append(f"| {p} | {_ms(t)} | {e['B'] / t:,.0f} | {t / first:.2f}x |")
+        skipped = e.get("skipped") or {}
+        lines += [f"- {p} skipped: {why}" for p, why in skipped.items()]
+    return lines
+
+
 def render(info: dict, bench: dict | None) -> str:
     lines = [
         "# GPU results",
         "",
         "Written by `make gpu-check` (bench/gpu_check.py): build with CUDA for the local arch, "
-        "a probe that C++ exceptions reach Python, every CUDA and Triton test, compute-sanitizer "
-        "(memcheck, racecheck) over a smoke run, then bench/bench_gpu.py. Times are medians per "
-        "call from CUDA events over bursts of calls in interleaved rounds; `%copy` is the "
-        "provider's bandwidth (the op's minimum bytes over its time) as a share of a "
+        "a probe that C++ exceptions reach Python, bench/bench_gpu.py, compute-sanitizer "
+        "(memcheck, racecheck) over a smoke run, then every CUDA and Triton test. Times are "
+        "medians per call from CUDA events over bursts of calls in interleaved rounds; `%copy` "
+        "is the provider's bandwidth (the op's minimum bytes over its time) as a share of a "
         "device-to-device copy of the same bytes, measured in the same rounds.",
         "",
         f"- device: **{info.get('device')}** (compute capability {info.get('capability')}), "
@@ -158,6 +179,7 @@ def render(info: dict, bench: dict | None) -> str:
         benches = bench.get("benchmarks", [])
         fusion = [b for b in benches if b["extra_info"].get("kind") == "fusion"]
         emb = [b for b in benches if b["extra_info"].get("kind") == "embedding"]
+        train = [b for b in benches if b["extra_info"].get("kind") == "train"]
         if fusion:
             lines += ["", "## Fusion ops (fp32, forward + backward)", "",
                       "`kernels-*`: the backend's forward and backward ops alone "
@@ -180,6 +202,13 @@ def render(info: dict, bench: dict | None) -> str:
                       f"{100 * TARGETS['backward']:.0f}% of copy; Zipf within "
                       f"{TARGETS['zipf_over_uniform']}x of uniform.", "",
                       *render_embedding(emb)]
+        if train:
+            lines += ["", "## A whole training step", "",
+                      "`cetnet train`'s step (batch to the device, loss, backward with the "
+                      "embedding's fused row-wise Adagrad, gradient clipping, Adam) for the "
+                      "packaged Criteo_x1 config (CETNet of a DNN and a DCNv2, embedding dim 10) "
+                      "on synthetic Criteo-shaped batches (13 dense, 26 categorical features, "
+                      "Zipf ids); bench/train_step.py.", "", *render_train(train)]
     else:
         lines += ["", "No benchmark results (the bench step did not run or failed)."]
     lines += render_ncu(info.get("ncu") or [])

@@ -258,3 +258,31 @@ def test_xdist_args(monkeypatch):
     assert gpu_check.xdist_args(2) == ["-n", "2", "--dist", "worksteal"]
     monkeypatch.setattr(importlib.metadata, "version", version_is("10.0.1rc1"))
     assert gpu_check.xdist_args(0) == ["-n", "1", "--dist", "worksteal"]
+
+
+def test_render_training_step():
+    info = {"device": "NVIDIA H200", "steps": []}
+    bench = {"benchmarks": [_bench("train", {"cetnet-cuda": 0.01, "cetnet-triton": 0.0125},
+                                   config="bars_criteo_x1", B=4096, rows=10 ** 6,
+                                   skipped={"x": "why"})]}
+    md = render(info, bench)
+    assert "## A whole training step" in md
+    assert "| cetnet-cuda | 10 | 409,600 | 1.00x |" in md
+    assert "| cetnet-triton | 12.5 | 327,680 | 1.25x |" in md
+    assert "- x skipped: why" in md
+
+
+def test_the_timed_training_step_trains_the_packaged_criteo_model():
+    """bench_gpu_train_step's step, on the CPU: the packaged Criteo_x1 model, whose embedding
+    moves in backward (fused row-wise Adagrad) and whose dense layers move in Adam's step."""
+    from train_step import criteo_config, train_step
+
+    assert criteo_config()["model"]["members"] == ["dnn", "dcnv2"]
+    model, step = train_step("auto", "cpu", rows=50, batch_size=64)
+    table = next(p for n, p in model.named_parameters() if "embedding" in n)
+    dense = list(model.dense_parameters())
+    before = table.detach().clone(), [p.detach().clone() for p in dense]
+    losses = [float(step()) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(table, before[0])
+    assert all(not torch.equal(p, q) for p, q in zip(dense, before[1]) if p.grad is not None)
