@@ -180,3 +180,57 @@ def test_a_training_step_never_waits_for_the_device(ensemble, members):
     model.loss(batch)[0].backward()  # (first call: the layout's constants)
     seen = synchronizing_ops(lambda: model.loss(batch)[0].backward())
     assert seen == [], seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("ensemble, members", [("cetnet", ("dhen", "interformer")),
+                                               ("kdef", ("dnn", "dcnv2"))])
+def test_a_whole_training_step_is_captured_by_a_cuda_graph(backend, ensemble, members):
+    """With the embedding's bounds check off, a whole training step of a build_model model
+    (lookup, members, fusion loss, backward with the fused row-wise Adagrad, gradient clipping,
+    fused capturable Adam) is captured by torch.cuda.graph, as PyTorch's whole-network recipe
+    does it (warm-up on a side stream, gradients None before the capture), and each replay
+    equals an eager step of a twin model on the same batch (docs/GPU.md)."""
+    from cetnet_kernels import available_backends
+
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} not built / importable here")
+
+    def make():
+        torch.manual_seed(0)
+        model = _model(ensemble, members, backend=backend, embedding_optimizer="rowwise_adagrad",
+                       embedding_lr=0.1, embedding_bounds_check="off").cuda()
+        params = list(model.dense_parameters())
+        return model, params, torch.optim.Adam(params, lr=1e-2, fused=True, capturable=True)
+
+    graphed, eager = make(), make()
+    batch = random_batch(tiny_schema(), B=64, seed=3).to("cuda")
+
+    def step(model, params, opt):
+        loss, _out = model.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for twin in (graphed, eager):
+                twin[2].zero_grad(set_to_none=True)
+                step(*twin)
+    torch.cuda.current_stream().wait_stream(side)
+    graphed[2].zero_grad(set_to_none=True)  # backward's gradients come from the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(*graphed)
+    for _ in range(3):  # capturing ran nothing: both twins have had the 3 warm-up steps
+        graph.replay()
+        eager[2].zero_grad(set_to_none=True)
+        loss = step(*eager)
+        torch.testing.assert_close(static_loss, loss)
+    torch.cuda.synchronize()
+    for (name, p), q in zip(graphed[0].named_parameters(), eager[0].parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
