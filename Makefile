@@ -80,9 +80,12 @@ test: setup
 	$(PY) -m pytest -q
 
 # ruff with pyproject's rules (unused imports and variables, undefined names, syntax errors)
+# ruff (pyflakes' checks, syntax errors) over everything; mypy over the two packages (the public
+# API's annotations must hold: configured in pyproject.toml)
 lint: venv
-	$(PIP) install -q "ruff==0.17.6"
+	$(PIP) install -q "ruff==0.17.6" "mypy==2.4.1"
 	$(PY) -m ruff check cetnet_kernels python bench tests examples setup.py
+	$(PY) -m mypy
 
 bench: setup
 	$(PIP) install -q "fbgemm-gpu-cpu==1.8.0" || echo "fbgemm-gpu-cpu not installable: FBGEMM rows skipped"

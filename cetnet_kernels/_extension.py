@@ -13,11 +13,11 @@ import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 __all__ = ["HAS_C", "build_info", "load_error", "set_cpu_capability"]
 
-_C: Any = None
 load_error: str | None = None
 try:
-    from cetnet_kernels import _C  # noqa: F811  (runs the TORCH_LIBRARY registrations)
+    import cetnet_kernels._C as _C  # (runs the TORCH_LIBRARY registrations)
 except ImportError as exc:  # not built, or built against another torch
+    _C = None
     load_error = f"{type(exc).__name__}: {exc}"
 
 HAS_C = _C is not None

@@ -173,6 +173,12 @@ class MultiTableEmbedding(nn.Module):
             float64 for float64 weights); in the ``state_dict``.
     """
 
+    # buffers (registered in __init__)
+    optimizer_state: Tensor | None
+    _placeholder: Tensor
+    _empty_ids: Tensor
+    _empty_weights: Tensor
+
     def __init__(
         self,
         num_models: int,
@@ -201,7 +207,10 @@ class MultiTableEmbedding(nn.Module):
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"{op}: feature names must be unique, repeated: {dup}")
-        if isinstance(dims, int) and not isinstance(dims, bool):
+        if isinstance(dims, bool):
+            raise TypeError(f"{op}: dims must be one int or {num_models} ints (one per member), "
+                            f"got {dims!r}")
+        if isinstance(dims, int):
             dims = [dims] * num_models
         dims = list(dims)
         if len(dims) != num_models:
@@ -371,6 +380,7 @@ class MultiTableEmbedding(nn.Module):
         or under torch.compile, which records them too).
         """
         f = self._feature_index(name)
+        ncols: Sequence[int]
         if ids is not None:
             ncols = self._normalize(ids)[1]
         elif self._last_ncols is not None:

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import warnings
+from types import FrameType
 from typing import Any, Collection, NamedTuple, Optional, Sequence
 
 import torch
@@ -69,7 +70,9 @@ class EmbeddingArgs(NamedTuple):
     def without_tensors(self) -> "EmbeddingArgs":
         """These arguments with every tensor dropped: what an autograd ctx keeps besides the
         saved tensors (restored by :meth:`with_tensors`)."""
-        return self._replace(weight=None, ids=(), offsets=(), per_sample_weights=())
+        # weight None: only a ctx's copy holds it, and with_tensors restores it before any use
+        return self._replace(weight=None,  # type: ignore[arg-type]
+                             ids=(), offsets=(), per_sample_weights=())
 
     def with_tensors(self, weight: Tensor, saved: Sequence[Tensor]) -> "EmbeddingArgs":
         """These arguments with ``weight`` and the tensors of :meth:`input_tensors` (``saved``,
@@ -117,7 +120,7 @@ class BadId(NamedTuple):
     feature: int
     position: int
     id: int
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count (public field name)
 
 
 def first_bad_id(ids: Sequence[Tensor], offsets: Sequence[Tensor], modes: Sequence[int],
@@ -231,7 +234,8 @@ _LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)),
 def _user_stacklevel() -> int:
     """The stacklevel, for a warnings.warn in the caller, of the first frame outside
     cetnet_kernels and torch: the warning names the user's line (the module call), not ours."""
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
     return level

@@ -53,10 +53,10 @@ class FusionOutput:
 
 def _check_range(temperature_range: object, temperature: float) -> tuple[float, float]:
     """``(low, high)`` with ``0 < low < temperature < high``, finite; ValueError otherwise."""
-    ok = isinstance(temperature_range, (tuple, list)) and len(temperature_range) == 2 and all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-        for b in temperature_range)
-    if not ok or not 0 < temperature_range[0] < temperature < temperature_range[1]:
+    if not (isinstance(temperature_range, (tuple, list)) and len(temperature_range) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                    for b in temperature_range)
+            and 0 < temperature_range[0] < temperature < temperature_range[1]):
         raise ValueError(f"CETNetFusion: temperature_range must be (low, high) with 0 < low < "
                          f"temperature ({temperature!r}) < high, both finite, or None for an "
                          f"unbounded learnable temperature; got {temperature_range!r}")
@@ -150,6 +150,9 @@ class CETNetFusion(nn.Module):
     def temperature(self) -> float | Tensor:
         """The current temperature (a 0-dim tensor when learnable)."""
         if self.temperature_logit is not None:
+            if self.temperature_range is None:
+                raise RuntimeError("CETNetFusion: temperature_logit is set without a "
+                                   "temperature_range (the bounds it maps into)")
             low, high = (math.log(b) for b in self.temperature_range)
             return torch.exp(low + (high - low) * torch.sigmoid(self.temperature_logit))
         if self.log_temperature is not None:
@@ -198,7 +201,7 @@ class CETNetFusion(nn.Module):
         return FusionOutput(prob, z, None, loss, self)
 
     def extra_repr(self) -> str:
-        t = self._temperature
+        t: float | str = self._temperature
         if self.learnable_temperature:
             t = "learnable" + (f" in {self.temperature_range}" if self.temperature_range else "")
         return (f"num_models={self.num_models}, temperature={t}, fusion_space={self.fusion_space!r}, "

@@ -77,7 +77,7 @@ calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tens
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -497,7 +497,8 @@ class _Plan:
         if not weight.is_contiguous():
             raise ValueError(f"{op}: weight must be contiguous")
         self.device = weight.device
-        self.B, self.ncols = None, []
+        B: Optional[int] = None
+        self.ncols: list[int] = []
         for f in range(F):
             nm, mode, x = self.names[f], modes[f], ids[f]
             if mode not in tuple(InputMode):
@@ -528,11 +529,13 @@ class _Plan:
                         raise ValueError(f"{op}: feature '{nm}': per_sample_weights must have "
                                          f"shape [{x.numel()}], got {tuple(p.shape)}")
                 Bf, nc = o.numel() - 1, 1
-            if self.B is None:
-                self.B = Bf
+            if B is None:
+                B = Bf
             else:
-                check_batch_size(Bf, self.B, f"'{nm}'", f"'{self.names[0]}'", op)
+                check_batch_size(Bf, B, f"'{nm}'", f"'{self.names[0]}'", op)
             self.ncols.append(nc)
+        assert B is not None  # F >= 1
+        self.B: int = B
         self.layout = L = table_layout(dims, vocab, self.ncols)
         self.row_base, self.Vtot, self.table_base = list(L.row_base), L.rows, list(L.table_base)
         self.col_start, self.N = list(L.col_start), L.num_columns
@@ -680,7 +683,7 @@ class _Plan:
         """``values[f]`` for each column of :meth:`id_block` (int64, on the device, cached)."""
         return self.constant([values[f] for f in feats for _ in range(self.ncols[f])])
 
-    def constant(self, values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
+    def constant(self, values: Sequence[int | float], dtype: torch.dtype = torch.int64) -> Tensor:
         """Layout metadata on the device (cached: the same every call of a layout; read only)."""
         return constant_tensor(values, dtype, self.device)
 
@@ -724,7 +727,7 @@ def _multi_embedding(weight: Tensor, ids: list[Tensor], offsets: list[Tensor],
     # after it, on validated offsets.
     checking = bounds_check != BoundsCheck.OFF
     has_pad = padding_idx is not None
-    pad = int(padding_idx) if has_pad else 0
+    pad = int(padding_idx) if padding_idx is not None else 0
     id_feats, cols = P.id_block()
     flags = []
     if cols is not None:
@@ -870,13 +873,13 @@ def _runs(P: _Plan, op: str, acc: torch.dtype):
             run_of[-1:] + 1)
 
 
-def _apply_runs(P: _Plan, grads: list[Tensor], weight: Tensor, grad_weight: Optional[Tensor],
-                state: Optional[Tensor], mode: int, lr: float, eps: float, wd: float,
-                op: str) -> None:
+def _apply_runs(P: _Plan, grads: Sequence[Optional[Tensor]], weight: Tensor,
+                grad_weight: Optional[Tensor], state: Optional[Tensor], mode: int, lr: float,
+                eps: float, wd: float, op: str) -> None:
     acc = acc_dtype(weight.dtype)
     if len(grads) != P.M:
         raise ValueError(f"{op}: expected {P.M} gradients (one per member), got {len(grads)}")
-    gs = []
+    gs: list[Optional[Tensor]] = []
     for m, g in enumerate(grads):
         if g is None or g.numel() == 0:
             gs.append(None)

@@ -786,7 +786,7 @@ def _confidence_fusion_backward(
             ),
             num_warps,
         )
-    if tgrad:
+    if gt_rows is not None:  # tgrad
         grad_temperature = gt_rows.sum()
     else:
         grad_temperature = torch.zeros((), dtype=acc, device=logits.device)
@@ -868,7 +868,7 @@ def _collaborative_loss(
         # one reduction launch (mean), not a sum and a division
         loss = loss_rows.mean() if B > 0 else torch.zeros((), dtype=acc, device=dev)
 
-    if tgrad:
+    if gt_rows is not None:  # tgrad
         grad_temperature = gt_rows if reduction == Reduction.NONE else gt_rows.sum()
     elif tgrad_asked and reduction == Reduction.NONE:
         grad_temperature = torch.zeros((B,), dtype=acc, device=dev)

@@ -29,7 +29,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[IO], None], *, binary: bool = True,
+def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: bool = True,
                  fsync: bool = True) -> None:
     """Calls ``write(f)`` on a temporary file beside ``path``, then replaces ``path`` with it.
 

@@ -299,9 +299,10 @@ def _check_value(key: str, value: Any, spec: Spec) -> Any:
         value = int(value)  # e.g. 1e4 steps
     if not isinstance(value, spec.kind):
         raise ConfigError(f"config: {key} must be {_kind_name(spec)}, got {shorten(value)}")
-    if spec.kind is float and not math.isfinite(value):
+    # the isinstance checks below hold by now (value is a spec.kind); they narrow its type
+    if spec.kind is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config: {key} must be finite, got {value!r}")
-    if spec.kind in (int, float):
+    if spec.kind in (int, float) and isinstance(value, (int, float)):
         lo, hi = spec.minimum, spec.maximum
         if ((lo is not None and (value < lo or (spec.above and value == lo)))
                 or (hi is not None and value > hi)):
@@ -374,7 +375,9 @@ def resolve_data_config(config: dict, config_path: str | Path) -> dict:
     for it). A packaged train config thus finds the packaged dataset YAML beside it from any
     working directory. Returns ``config`` (changed in place)."""
     data = config.get("data")
-    value = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return config
+    value = data.get("config")
     if not isinstance(value, str) or not value or value.startswith("~"):
         return config
     try:

@@ -40,6 +40,8 @@ def synthetic_clicks(n: int, vocab: int, fields: int, seed: int) -> tuple[Tensor
 class DNN(nn.Module):
     """Embeddings -> MLP."""
 
+    offsets: Tensor
+
     def __init__(self, vocab: int, fields: int, dim: int = 8) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab * fields, dim)
@@ -53,6 +55,8 @@ class DNN(nn.Module):
 
 class FM(nn.Module):
     """Factorization machine: first-order weights + pairwise dot products."""
+
+    offsets: Tensor
 
     def __init__(self, vocab: int, fields: int, dim: int = 8) -> None:
         super().__init__()

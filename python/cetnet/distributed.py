@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -293,7 +293,7 @@ def from_main(fn: Callable[[], T]) -> T:
             raise
         broadcast_object((True, value))
         return value
-    ok, value = broadcast_object(None)
+    ok, value = cast("tuple[bool, Any]", broadcast_object(None))  # rank 0's (ok, value)
     if not ok:
         raise DistributedError(f"rank 0 failed: {value}")
     return value

@@ -316,9 +316,9 @@ def scheme_cost(work: Workload, scheme: str) -> Cost:
             if gather <= reduce:
                 comm, compute = gather, _compute_seconds(work, bl * c, b * c)
             else:
-                rows = sum(_touched(work, v) * d for d in work.dims for v in work.vocabs)
+                touched = sum(_touched(work, v) * d for d in work.dims for v in work.vocabs)
                 comm = reduce
-                compute = _compute_seconds(work, bl * c, bl * c) + rows * (
+                compute = _compute_seconds(work, bl * c, bl * c) + touched * (
                     OUT_BYTES + 2 * work.w) / (work.device.backward_gbs[work.optimizer] * GB)
         comm_s = collective_seconds(comm, n, net)
     else:
@@ -564,13 +564,10 @@ def plan_text(works: Sequence[Workload]) -> str:
 
 # --- the tables of docs/SCALING.md ---------------------------------------------------------------
 
-_CRITEO_LIKE = dict(vocabs=(10 ** 7,) * 26, batch=65536)
-
-
 def _scenarios() -> dict[str, list[Workload]]:
     gpus = (8, 128, 1024)
     base = {
-        "small": Workload(dims=(64,) * 4, **_CRITEO_LIKE, gpus=8),
+        "small": Workload(dims=(64,) * 4, vocabs=(10 ** 7,) * 26, batch=65536, gpus=8),
         "huge": Workload(dims=(64,) * 4, vocabs=(10 ** 9,) * 26, batch=65536, gpus=8),
         "wide": Workload(dims=(256,) * 2, vocabs=(10 ** 8,) * 8, batch=65536, gpus=8),
         "many": Workload(dims=(16,) * 4, vocabs=(10 ** 3,) * 500, batch=65536, gpus=8),

@@ -29,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from cetnet.data.cache import user_path
 from cetnet.data.csvio import DataFormatError, check_data_file, shorten
 from cetnet.data.dataset import Split, SplitStats
 from cetnet.data.schema import OOV_ID, PAD_ID, Batch, Schema
-from cetnet.train.builders import load_plugins
+from cetnet.train.builders import EnsembleModel, load_plugins
 from cetnet.train.checkpoint import BEST, LAST, load_checkpoint
 from cetnet.train.evaluate import Predictions, predict, score
 from cetnet.train.loop import check_backend, resolve_device
@@ -87,7 +87,7 @@ class LoadedRun:
 
     @property
     def member_names(self) -> list[str]:
-        return list(self.model.member_names)
+        return list(cast(EnsembleModel, self.model).member_names)
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None = None,

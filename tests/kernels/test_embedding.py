@@ -429,6 +429,8 @@ def test_bad_constructor_arguments():
         MultiTableEmbedding(2, [("a", 3)], [2])
     with pytest.raises(ValueError, match="dims"):
         MultiTableEmbedding(1, [("a", 3)], 0)
+    with pytest.raises(TypeError, match="dims must be one int or 2 ints.*got True"):
+        MultiTableEmbedding(2, [("a", 3)], True)  # a bool is an int to Python, not a dim
     with pytest.raises(ValueError, match="num_embeddings"):
         MultiTableEmbedding(1, [("a", 0)], 2)
     with pytest.raises(ValueError, match="pooling"):

@@ -85,3 +85,8 @@ def test_overfits_tiny_batch(kind):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], (kind, losses[0], losses[-1])
+
+
+def test_embedding_front_refuses_a_bool_dim():
+    with pytest.raises(TypeError, match="dims must be an int or a sequence of ints, got True"):
+        EmbeddingFront(tiny_schema(), True, 2, optimizer=None)

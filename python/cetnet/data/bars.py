@@ -57,7 +57,8 @@ _CACHE_VERSION = 3
 # The key of the gAUC group array among a split's raw arrays (no csv column is named so).
 _GROUP = "\x00group"
 
-Lookup = Callable[[list], list]  # tokens -> their codes (train) or ids (the other splits)
+# tokens -> their codes (train) or ids (the other splits)
+Lookup = Callable[[list[str]], list[int] | np.ndarray]
 Log = Callable[[str], None]
 Raw = dict[str, np.ndarray]  # a split as read: feature name / label / _GROUP -> its array
 

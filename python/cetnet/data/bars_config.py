@@ -283,7 +283,9 @@ def read_config(config: str | Path | Mapping[str, Any], *, dataset_id: str | Non
     if not isinstance(feature_cols, list) or not feature_cols:
         raise ConfigError(f"{where}: feature_cols: expected a list of features, got "
                           f"{shorten(feature_cols)}")
-    columns, positions, notes = [], [], []
+    columns: list[BarsColumn] = []
+    positions: list[int] = []
+    notes: list[str] = []
     for k, col in enumerate(feature_cols):
         cols = _feature(col, k, where, default_min, seq_order, notes)
         columns += cols

@@ -19,7 +19,7 @@ import os
 import stat
 from collections import Counter
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from cetnet.messages import SHORT, clip, shorten, shorten_list  # noqa: F401  (re-exported)
 
@@ -71,7 +71,7 @@ def check_data_file(path: str | Path, what: str = "a data file") -> os.stat_resu
     return st
 
 
-def _open_binary(path: Path) -> IO[bytes]:
+def _open_binary(path: Path) -> io.BufferedReader:
     try:
         return open(path, "rb")
     except FileNotFoundError:

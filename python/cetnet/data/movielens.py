@@ -299,7 +299,7 @@ def _read_local(source: Path) -> tuple[dict[str, bytes], dict[str, str]]:
     for d in (source, source / _DIR_NAME):
         if all((d / f).is_file() for f in _GROUPLENS_FILES):
             names = {p: str(d / f) for p, f in zip(_PARTS, _GROUPLENS_FILES)}
-            return _convert(*((d / f).read_bytes() for f in _GROUPLENS_FILES), names), names
+            return _convert([(d / f).read_bytes() for f in _GROUPLENS_FILES], names), names
         if all((d / f"ml-100k.{p}").is_file() for p in _PARTS):  # RecBole's atomic files
             return ({p: (d / f"ml-100k.{p}").read_bytes() for p in _PARTS},
                     {p: str(d / f"ml-100k.{p}") for p in _PARTS})
@@ -316,13 +316,14 @@ def _read_zip(z: zipfile.ZipFile, where: str | Path) -> dict[str, bytes]:
     if missing:
         raise DataFormatError(where, None, None, f"no {', '.join(missing)} in the zip "
                                                  f"({_LAYOUT})")
-    return _convert(*(z.read(prefix + f) for f in _GROUPLENS_FILES),
+    return _convert([z.read(prefix + f) for f in _GROUPLENS_FILES],
                     {p: f"{where}: {prefix}{f}" for p, f in zip(_PARTS, _GROUPLENS_FILES)})
 
 
-def _convert(u_data: bytes, u_user: bytes, u_item: bytes,
-             names: dict[str, str]) -> dict[str, bytes]:
-    """:func:`grouplens_to_atomic`, a malformed line named in the copy's own file."""
+def _convert(files: Sequence[bytes], names: dict[str, str]) -> dict[str, bytes]:
+    """:func:`grouplens_to_atomic` of ``u.data``, ``u.user``, ``u.item``, a malformed line named
+    in the copy's own file."""
+    u_data, u_user, u_item = files
     try:
         return grouplens_to_atomic(u_data, u_user, u_item)
     except DataFormatError as e:
@@ -429,7 +430,8 @@ class MovieLensRaw:
 
 
 def _read_table(path: Path, part: str) -> tuple[list[int], dict[str, tuple[str, ...]]]:
-    lines, cols = [], {c: () for c in _HEADERS[part]}
+    lines: list[int] = []
+    cols: dict[str, tuple[str, ...]] = {c: () for c in _HEADERS[part]}
     for chunk_lines, chunk in read_chunks(path, [c for c in _HEADERS[part]
                                                  if c != "movie_title:token_seq"],
                                           delimiter="\t", chunk_size=1 << 20):
@@ -478,9 +480,9 @@ def read_raw(folder: str | Path) -> MovieLensRaw:
     lines, c = _read_table(p, "user")
     ids = _ints(c["user_id:token"], p, lines, "user_id:token")
     ages = _ints(c["age:token"], p, lines, "age:token")  # the dense feature: whole years
-    users = {int(u): (str(a), *v) for u, a, *v in zip(ids, ages, c["gender:token"],
-                                                       c["occupation:token"],
-                                                       c["zip_code:token"])}
+    users = {int(u): (str(a), g, o, z) for u, a, g, o, z in zip(ids, ages, c["gender:token"],
+                                                                 c["occupation:token"],
+                                                                 c["zip_code:token"])}
     p = folder / "ml-100k.item"
     lines, c = _read_table(p, "item")
     ids = _ints(c["item_id:token"], p, lines, "item_id:token")
@@ -700,7 +702,8 @@ def load_movielens(root: str | Path | None = None, *, max_seq_len: int = 50, min
     folder = fetch_raw(root, sources=sources, timeout=timeout, verbose=verbose)
     stamps = [file_stamp(folder / f"ml-100k.{p}") for p in _PARTS]
     # the default split keeps its old key (and cache file); another split is another file
-    tag, key = "", (_CACHE_VERSION, max_seq_len, min_count, genre_pooling, stamps)
+    tag = ""
+    key: tuple[object, ...] = (_CACHE_VERSION, max_seq_len, min_count, genre_pooling, stamps)
     if split != "global_time":
         tag = f"-{split}" + (f"{split_seed}" if split == "random" else "")
         key += (split, split_seed if split == "random" else 0)

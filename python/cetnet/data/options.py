@@ -51,9 +51,10 @@ def check_float(value: Any, key: str, where: str, *, minimum: float | None = Non
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
             value):
         raise _fail(where, key, "a number" + _bounds(minimum, maximum), value)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+    number = float(value)
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
         raise _fail(where, key, "a number" + _bounds(minimum, maximum), value)
-    return float(value)
+    return number
 
 
 def check_bool(value: Any, key: str, where: str) -> bool:

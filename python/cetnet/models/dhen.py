@@ -23,6 +23,9 @@ class DotInteraction(nn.Module):
     slots, concatenated with the flattened slots, mapped by an MLP back to ``out_slots`` slots of
     dim d. ``[B, m, d] -> [B, out_slots, d]``."""
 
+    rows: Tensor
+    cols: Tensor
+
     def __init__(self, in_slots: int, dim: int, out_slots: int, hidden: Sequence[int] = (64,),
                  activation: str = "relu") -> None:
         super().__init__()

@@ -58,9 +58,10 @@ class EmbeddingFront(nn.Module):
                  shared: bool = False, optimizer: str | None = None, lr: float = 0.01,
                  bounds_check: str = "error", backend: str = "auto") -> None:
         super().__init__()
-        if isinstance(dims, int) and not isinstance(dims, bool):
-            dims = [dims] * num_models
-        dims = [int(d) for d in dims]
+        if isinstance(dims, bool):  # an int to Python, but not a dim
+            raise TypeError(f"EmbeddingFront: dims must be an int or a sequence of ints, got "
+                            f"{dims!r}")
+        dims = [int(d) for d in ([dims] * num_models if isinstance(dims, int) else dims)]
         if len(dims) != num_models:
             raise ValueError(f"EmbeddingFront: {len(dims)} embedding dims for {num_models} "
                              f"members")

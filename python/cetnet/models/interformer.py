@@ -4,7 +4,7 @@ interaction arch (X with the sequence summary) and a sequence arch (S personalis
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,8 @@ class PMA(nn.Module):
 
 class RotarySelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions and a key padding mask."""
+
+    inv_freq: Tensor
 
     def __init__(self, dim: int, heads: int, base: float = 10000.0) -> None:
         super().__init__()
@@ -264,18 +266,19 @@ class InterFormer(nn.Module):
 
     def forward(self, inputs: MemberInputs) -> Tensor:
         """``[B]`` logits."""
+        cross = cast("Sequence[CrossArch]", self.cross)  # a ModuleList of CrossArch
         x = self.tokens(inputs)
         s_seq, seq_mask = self.merged_sequence(inputs)
-        x_sum = self.cross[0].x_summary(x)
+        x_sum = cross[0].x_summary(x)
         s = torch.cat([x_sum, s_seq], dim=1)
         cls_mask = seq_mask.new_ones(seq_mask.shape[0], self.num_cls)
         mask = torch.cat([cls_mask, seq_mask], dim=1)
         for i, (inter, seq) in enumerate(zip(self.interaction, self.sequence)):
             if i:
-                x_sum = self.cross[i].x_summary(x)
-            s_sum = self.cross[i].s_summary(s, mask)
+                x_sum = cross[i].x_summary(x)
+            s_sum = cross[i].s_summary(s, mask)
             x, s = inter(torch.cat([x, s_sum], dim=1)), seq(x_sum, s, mask)
-        x_sum = self.cross[-1].x_summary(x)
-        s_sum = self.cross[-1].s_summary(s, mask)
+        x_sum = cross[-1].x_summary(x)
+        s_sum = cross[-1].s_summary(s, mask)
         h = torch.cat([x_sum.flatten(1), s_sum.flatten(1)], dim=1)
         return self.head(self.dropout(h)).squeeze(-1)

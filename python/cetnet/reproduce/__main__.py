@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         exp = Experiment(base, rows, list(range(args.seeds)), args.grid, out,
                          scaled_arch=args.scaled_arch, keep_checkpoints=args.keep_checkpoints,
                          retry_failed=args.retry_failed)
-        for row in exp.rows:  # every row validates before anything trains
+        for row in exp.specs:  # every row validates before anything trains
             if row != "scaled_single":
                 print(f"{row}: {exp.num_parameters(row):,} parameters", flush=True)
         exp.run(dry_run=args.dry_run)
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             return 0
         chosen = {}
         all_results = {}
-        for row in exp.rows:
+        for row in exp.specs:  # the rows' names
             results = [r for r in (exp.read_result(j.key) for j in exp._jobs_cached(row))
                        if r is not None]
             all_results[row] = results

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from cetnet.atomic import write_text_atomic
 from cetnet.config import (ConfigError, apply_overrides, load_config, paper_config_path,
@@ -112,13 +112,16 @@ class Job:
         return f"{self.row} seed {self.seed}" + (f" [{g}]" if g else "")
 
 
+_R = TypeVar("_R", bound=Mapping[str, Any])
+
+
 def _grid_overrides(point: Mapping[str, float]) -> tuple[dict, dict]:
     train = {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("train.")}
     model = {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("model.")}
     return train, model
 
 
-def select(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+def select(results: Sequence[_R]) -> _R | None:
     """The result with the best validation fused AUC (of its best epoch); failed results and
     NaN AUCs never win; ties go to the earlier grid point. None when none finished."""
     best, best_auc = None, -math.inf
@@ -136,6 +139,7 @@ class Experiment:
     """Rows x seeds x grid points on one base config, cached under ``out``."""
 
     base: dict
+    #: the rows as given (names or :class:`Row` s); their names once built (see ``specs``)
     rows: list[str | Row]
     seeds: list[int]
     grid: str | Mapping[str, Sequence[float]] = "small"
@@ -197,7 +201,7 @@ class Experiment:
             if vals:
                 scores[kind] = sum(vals) / len(vals)
         if scores:
-            return max(scores, key=scores.get)
+            return max(scores, key=scores.__getitem__)
         return members[0]
 
     def resolve_scaled(self) -> dict:
@@ -295,7 +299,7 @@ class Experiment:
     def run_order(self) -> list[str]:
         """The rows in the order given, except that scaled_single comes after every single row
         (its architecture is chosen from their validation AUCs)."""
-        order = [r for r in self.rows if r != "scaled_single"]
+        order = [r for r in self.specs if r != "scaled_single"]
         if "scaled_single" in self.rows:
             singles = [i for i, r in enumerate(order) if r in SINGLE_ROWS]
             at = max(self.rows.index("scaled_single"), singles[-1] + 1 if singles else 0)
@@ -308,7 +312,7 @@ class Experiment:
         order = self.run_order()
         # count what is left (scaled_single's jobs are known once its arch is chosen)
         total = sum(len(self.seeds) * len(self.points) for _ in order)
-        done = {r: [] for r in order}
+        done: dict[str, list[dict]] = {r: [] for r in order}
         pending_est = 0
         for row in order:
             if row == "scaled_single" and self.scaled_arch == "auto":

@@ -245,7 +245,8 @@ def model_classes() -> dict[str, type]:
     if _CLASSES is not None:
         return _CLASSES
     fx = require_fuxictr()
-    BaseModel, layers = fx.BaseModel, fx.layers
+    BaseModel: Any = fx.BaseModel  # a class known only at run time: a dynamic base
+    layers = fx.layers
 
     class _Recording:
         """Records, around FuxiCTR's own ``fit``: each epoch's mean train loss per row, its

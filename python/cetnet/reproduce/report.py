@@ -83,7 +83,7 @@ def best_member_row(summary: Mapping[str, dict], members: Sequence[str]) -> str 
     validation AUC (selection on validation, never test)."""
     cands = {k: mean_std(summary[k]["valid_auc"])[0] for k in dict.fromkeys(members)
              if k in SINGLE_ROWS and k in summary and summary[k]["valid_auc"]}
-    return max(cands, key=cands.get) if cands else None
+    return max(cands, key=cands.__getitem__) if cands else None
 
 
 def comparisons(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],

@@ -11,7 +11,7 @@ made from its parameters, trained and cached like the main table's rows.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from cetnet.config import ConfigError
 from cetnet.models.build import MEMBERS
@@ -27,7 +27,7 @@ DEFAULT_ARCHS = ("dnn", "dcnv2")
 #: CETNet's collaboration in the scaling study: distillation to the ensemble and mutual learning.
 COLLABORATION = {"distill_weight": 0.5, "mutual_weight": 0.5}
 #: method -> (what, model overrides) of the scaling study
-SCALING_METHODS = {
+SCALING_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "naive": ("naive ensemble (independent members, mean probability)",
               {"ensemble": "naive", "fusion": DELETE}),
     "cetnet": ("CETNet with collaboration (distill and mutual weights 0.5)",

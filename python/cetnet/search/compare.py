@@ -350,7 +350,8 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
         test = "-" if row is None else _fmt(row.get("test_auc"))
         lines.append(f"| {study.label} | " + " | ".join(cells) + f" | {found} | {test} |")
         value, row = curve[-1]  # the winner: of every trial, past the equal budget too
-        if value is not None and (winner is None or value > winner["valid_auc"]):
+        if value is not None and row is not None and \
+                (winner is None or value > winner["valid_auc"]):
             winner = {**row, "study": study.label, "folder": study.folder}
     plotted = _plot(studies, curves, budget, options.out / "best_so_far.png")
     if plotted:

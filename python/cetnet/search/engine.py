@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from cetnet.config import ConfigError, validate_config
 from cetnet.search.cost import model_cost
@@ -270,7 +270,8 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
         raise SearchError(f"study {options.study!r} already exists in "
                           f"{_hide_password(storage_url)}: add --resume to continue it, or "
                           "name another with --study")
-    directions = ["maximize"] + ["minimize"] * (len(objectives) - 1)
+    directions: list[Literal["maximize", "minimize"]] = \
+        ["minimize" if i else "maximize" for i in range(len(objectives))]
     study = optuna.create_study(storage=storage, study_name=options.study, directions=directions,
                                 sampler=_sampler(options.sampler, options.seed, options.trials,
                                                  sample),
@@ -420,7 +421,7 @@ def run_search(options: SearchOptions) -> Any:
             trial.set_user_attr("proxy_auc", proxy)
             sigeo = _warmup_proxies(trial, config, dataset, run_root / "warmup", options.say,
                                     asked=options.proxy == "sigeo",
-                                    weights=tuple(options.sigeo_weights))
+                                    weights=options.sigeo_weights)
             ranked_by = sigeo if options.proxy == "sigeo" else proxy
             if not multi and ranked_by is not None:  # Optuna's pruners are single-objective
                 trial.report(ranked_by, WARMUP_STEP)

@@ -59,7 +59,7 @@ def parse_sigeo_weights(text: str) -> tuple[float, float, float]:
             not any(weights):
         raise ValueError(f"--sigeo-weights takes three finite numbers Z,F,L, not all 0, "
                          f"got {text!r}")
-    return weights  # type: ignore[return-value]
+    return weights
 
 
 def _kendall_tau_a(scores: Any, signs: Any) -> Any:

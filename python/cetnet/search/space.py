@@ -97,11 +97,11 @@ def _choices(value: Any) -> list:
     return [value]
 
 
-def _check_space(space: Mapping, where: str) -> dict:
-    unknown = [k for k in space if k not in TOP_KEYS]
+def _check_space(raw: Mapping, where: str) -> dict:
+    unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise _fail(where, str(unknown[0]), f"unknown key; known: {', '.join(TOP_KEYS)}")
-    space = copy.deepcopy(dict(space))
+    space = copy.deepcopy(dict(raw))
     space.setdefault("ensemble", ["cetnet"])
     _check_param(where, "ensemble", space["ensemble"])
     bad = [e for e in _choices(space["ensemble"]) if e not in ENSEMBLES]

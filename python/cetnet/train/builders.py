@@ -11,19 +11,35 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 from cetnet.config import ConfigError
 from cetnet.data.schema import Schema
 
-__all__ = ["DatasetFactory", "ModelFactory", "register_dataset", "register_model",
-           "unregister_dataset", "unregister_model", "registered_datasets", "load_dataset", "build_model",
-           "prepare_dataset", "load_plugins", "PLUGINS_ENV"]
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+__all__ = ["DatasetFactory", "ModelFactory", "EnsembleModel", "register_dataset",
+           "register_model", "unregister_dataset", "unregister_model", "registered_datasets",
+           "load_dataset", "build_model", "prepare_dataset", "load_plugins", "PLUGINS_ENV"]
 
 #: ``factory(**options) -> CTRDataset`` (the options of the config's ``data:`` section).
 DatasetFactory = Callable[..., Any]
 #: ``factory(model_config, schema, backend=...) -> Ensemble``, as ``cetnet.models.build_model``.
 ModelFactory = Callable[..., Any]
+
+
+class EnsembleModel(Protocol):
+    """What training and evaluation use of a model beyond ``nn.Module`` (the Ensemble contract,
+    docs/MODEL_LIBRARY.md); a registered factory's model need not subclass
+    ``cetnet.models.Ensemble``."""
+
+    member_names: Sequence[str]
+
+    def loss(self, batch: Any) -> tuple[Tensor, Any]: ...
+
+    def dense_parameters(self) -> Iterable[nn.Parameter]: ...
+
 
 #: Comma-separated modules the CLI imports before running (each registers its factories).
 PLUGINS_ENV = "CETNET_PLUGINS"

@@ -95,8 +95,8 @@ def load_last(run_dir: str | Path, keys: Iterable[str] = ("model", *LAST_KEYS),
             errors.append(e)
             continue
         if errors and warn is not None:
-            for e in errors:
-                warn(f"{e}; resuming from {path} (epoch {state.get('epoch')}) instead")
+            for err in errors:
+                warn(f"{err}; resuming from {path} (epoch {state.get('epoch')}) instead")
         return state, path
     if errors:
         raise CheckpointError(f"resume: no usable checkpoint in {run_dir}: "
@@ -165,6 +165,8 @@ def check_model_state(state: Mapping[str, Any], model: torch.nn.Module | None,
     shape. Shapes are compared without touching values, so ``model`` may live on the meta
     device."""
     if expected is None:
+        if model is None:
+            raise ValueError("check_model_state: give model or expected")
         expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from cetnet import distributed
 from cetnet.metrics import auc, gauc, logloss
+from cetnet.train.builders import EnsembleModel
 
 __all__ = ["Predictions", "predict", "score", "evaluate", "model_device", "RowRange",
            "gather_predictions"]
@@ -138,7 +139,7 @@ def evaluate(model: nn.Module, split: Any, *, batch_size: int = 4096,
     groups are all-gathered in split order and rank 0 scores them (AUC and gAUC of all rows,
     not means of per-rank values) and hands the metrics to every rank, so all ranks agree on
     them exactly. Without a process group ``sharded`` changes nothing."""
-    names = list(model.member_names)
+    names = list(cast(EnsembleModel, model).member_names)
     if not (sharded and distributed.active()):
         return score(predict(model, split, batch_size=batch_size, device=device), names)
     if len(split) < distributed.world_size():

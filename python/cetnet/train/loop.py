@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from cetnet.metrics import auc
 from cetnet.train.checkpoint import (BEST, LAST, CheckpointError, first_line,
                                      load_checkpoint, load_last, save_checkpoint, save_last)
 from cetnet.train import sharded
+from cetnet.train.builders import EnsembleModel
 from cetnet.train.evaluate import evaluate
 from cetnet.train.plots import plot_run
 from cetnet.train.report import format_metrics_table
@@ -248,7 +249,7 @@ class _LossOf(nn.Module):
         self.model = model
 
     def forward(self, batch: Any) -> Any:
-        return self.model.loss(batch)
+        return cast(EnsembleModel, self.model).loss(batch)
 
 
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
@@ -365,7 +366,7 @@ class EpochRunner:
         self.log = log
         self.show_bars = not quiet and sys.stderr.isatty()
         # the dense parameters: the same before and after the tables are sharded
-        self.params = list(model.dense_parameters())
+        self.params = list(cast(EnsembleModel, model).dense_parameters())
         self.fault = distributed.InjectedFault.parse(distributed.rank())  # None but in tests
         self.optimizer = dense_optimizer(self.params, train["lr"], train["weight_decay"])
         self.schedule = LRSchedule(self.optimizer, train["lr_schedule"], train["lr"],
@@ -480,7 +481,7 @@ class EpochRunner:
                 batch = batch.to_device(device)  # (no wait for the device)
                 lr = schedule.step()
                 if self.ddp is None:
-                    loss, out = model.loss(batch)
+                    loss, out = cast(EnsembleModel, model).loss(batch)
                     objective = loss
                 else:
                     loss, out = self.ddp(batch)

@@ -27,7 +27,11 @@ def shuffle_seed(seed: int, epoch: int) -> int:
 def rng_state() -> dict[str, object]:
     """Every global RNG's state, as tensors and primitives."""
     version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = np.random.get_state()
+    if not isinstance(np_state, tuple):  # a dict only for a non-MT19937 bit generator
+        raise TypeError(f"numpy's global RNG is not MT19937 ({np_state.get('bit_generator')}); "
+                        f"its state cannot be checkpointed")
+    kind, keys, pos, has_gauss, cached = np_state
     state: dict[str, object] = {
         "torch": torch.get_rng_state(),
         "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),

@@ -455,7 +455,7 @@ def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwri
                       plots=plots, on_epoch_end=on_epoch_end,
                       checkpoint=plan.take_checkpoint())
     except KeyboardInterrupt as exc:
-        exc.run_dir = run_dir  # the CLI names it in its --resume hint
+        setattr(exc, "run_dir", run_dir)  # the CLI names it in its --resume hint
         raise
     finally:
         if claimed:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from cetnet import distributed
 from cetnet.config import EMBEDDING_SHARDINGS, ConfigError
 from cetnet.train.checkpoint import DCP_METADATA, CheckpointError
 from cetnet.train.rundir import RUN_FOLDER
+
+if TYPE_CHECKING:
+    from cetnet.models.torchrec_front import TorchRecEmbeddingFront
 
 # cetnet.models (hence cetnet_kernels) is imported inside the functions: the CLI imports the
 # trainer before it loads the kernels (which may refuse $CETNET_CPU_CAPABILITY in one line)
@@ -51,6 +54,17 @@ def is_torchrec(model: nn.Module) -> bool:
     from cetnet.models.torchrec_front import TorchRecEmbeddingFront
 
     return isinstance(getattr(model, "front", None), TorchRecEmbeddingFront)
+
+
+def _front(model: nn.Module) -> TorchRecEmbeddingFront:
+    """``model.front``, a TorchRecEmbeddingFront (TypeError otherwise)."""
+    from cetnet.models.torchrec_front import TorchRecEmbeddingFront
+
+    front = getattr(model, "front", None)
+    if not isinstance(front, TorchRecEmbeddingFront):
+        raise TypeError(f"{type(model).__name__}.front is {type(front).__name__}, not a "
+                        f"TorchRecEmbeddingFront (see use_torchrec)")
+    return front
 
 
 def use_torchrec(model: nn.Module) -> nn.Module:
@@ -159,7 +173,7 @@ class ShardedRun:
             from cetnet.models.torchrec_front import TorchRecEmbeddingFront
 
             try:
-                front = self.model.front
+                front = _front(self.model)
                 tables = gather_tables(self.model)
                 plain = TorchRecEmbeddingFront(
                     front.fields, front.sequences, front.n_dense, front.dims,
@@ -192,7 +206,7 @@ def check_sharding(model: nn.Module, device: torch.device, sharding: str = "auto
     """What :func:`shard` checks before any process group or collective: ConfigError when
     ``sharding`` is none of :data:`SHARDINGS` or TorchRec does not offer it for one of the
     model's tables on ``device`` (``cetnet train --dry-run`` says so, as the run would)."""
-    _sharders_and_constraints(model.front, device, sharding)
+    _sharders_and_constraints(_front(model), device, sharding)
 
 
 def shard(model: nn.Module, device: torch.device, sharding: str = "auto") -> ShardedRun:
@@ -206,7 +220,7 @@ def shard(model: nn.Module, device: torch.device, sharding: str = "auto") -> Sha
 
     from cetnet.train.loop import _LossOf  # what DDP wraps too (imported here: loop imports us)
 
-    front = model.front
+    front = _front(model)
     sharders, compute, constraints = _sharders_and_constraints(front, device, sharding)
     own = not dist.is_initialized()
     if own:  # a process group of one rank, in memory: DMP and the planner need one
@@ -226,7 +240,7 @@ def shard(model: nn.Module, device: torch.device, sharding: str = "auto") -> Sha
         dmp = DistributedModelParallel(wrapper, env=ShardingEnv.from_process_group(group),
                                        device=device, plan=plan, sharders=sharders)
         if initial is not None:
-            copy_into_shards(model.front.state_dict(), initial)
+            copy_into_shards(_front(model).state_dict(), initial)
     except BaseException:
         if own:
             dist.destroy_process_group()
@@ -265,7 +279,7 @@ def gather_tables(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     out = {}
-    for name, value in model.front.state_dict().items():
+    for name, value in _front(model).state_dict().items():
         full = torch.zeros(value.size(), dtype=value.dtype)
         for local, where in _local_shards(value, name):
             full[where] = local.detach().cpu()
@@ -279,7 +293,7 @@ def gather_tables(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _table_state(model: nn.Module) -> dict[str, Any]:
-    return {f"front.{k}": v for k, v in model.front.state_dict().items()}
+    return {f"front.{k}": v for k, v in _front(model).state_dict().items()}
 
 
 def dense_state(model: nn.Module) -> dict[str, Any]:
@@ -341,8 +355,8 @@ def load_tables(model: nn.Module, folder: Path, run: ShardedRun | None = None, *
             state["optimizer"] = run.fused_optimizer.state_dict()
         if run is None:
             dcp.load(state, checkpoint_id=str(folder), no_dist=True)
-            model.front.load_state_dict({k[len("front."):]: v
-                                         for k, v in state["tables"].items()})
+            _front(model).load_state_dict({k[len("front."):]: v
+                                           for k, v in state["tables"].items()})
         else:
             dcp.load(state, checkpoint_id=str(folder), process_group=run.group)
             if optimizer:
