@@ -79,10 +79,49 @@ SYNCHRONIZING_OPS = frozenset({
     "aten::masked_select", "aten::is_nonzero", "aten::equal", "aten::unique_consecutive",
     "aten::_unique2", "aten::unique_dim"})
 
+#: Indexing ops that synchronize when an index is a boolean mask (they run nonzero inside,
+#: where a dispatch mode does not see it).
+_INDEXING_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put_",
+                           "aten::_index_put_impl_"})
 
-def synchronizing_ops(fn) -> list[str]:
-    """The :data:`SYNCHRONIZING_OPS` that ``fn()`` dispatches, in order."""
+#: Tensor methods that read a device tensor's values into Python or host memory without an op
+#: a dispatch mode sees when the tensor is on the CPU (as it is in these tests).
+_HOST_READS = ("tolist", "numpy", "cpu")
+
+
+def _sync_name(func, args: tuple, kwargs: dict) -> str | None:
+    """The name :func:`synchronizing_ops` records for this dispatched op call, or None."""
+    name = func._schema.name
+    if name in SYNCHRONIZING_OPS:
+        return name
+    if name in _INDEXING_OPS:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+               for i in indices):
+            return f"{name} (boolean mask)"
+    if name in ("aten::_to_copy", "aten::copy_"):  # a device tensor copied to the host
+        src = args[1] if name == "aten::copy_" else args[0]
+        to_host = (args[0].device.type == "cpu" if name == "aten::copy_"
+                   else kwargs.get("device") == torch.device("cpu"))
+        if isinstance(src, torch.Tensor) and src.device.type not in ("cpu", "meta") and to_host:
+            return f"{name} (to the host)"
+    return None
+
+
+def synchronizing_ops(fn, *, host_code: tuple[str, ...] = ()) -> list[str]:
+    """What of ``fn()`` would make a GPU host wait for the device, in order: the
+    :data:`SYNCHRONIZING_OPS` it dispatches, boolean-mask indexing, copies of a device tensor to
+    the host, and calls of ``Tensor.tolist`` / ``numpy`` / ``cpu`` (on CPU tensors a dispatch
+    mode sees no op for those). ``host_code``: path fragments of files whose tensors stay on
+    the host in a GPU run too (e.g. the data pipeline): what is called from them is not
+    recorded."""
+    import traceback
+
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    def from_host_code() -> bool:
+        return bool(host_code) and any(part in frame.filename for frame in
+                                       traceback.extract_stack() for part in host_code)
 
     class Syncs(TorchDispatchMode):
         def __init__(self):
@@ -90,10 +129,29 @@ def synchronizing_ops(fn) -> list[str]:
             self.seen: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._schema.name in SYNCHRONIZING_OPS:
-                self.seen.append(func._schema.name)
+            name = _sync_name(func, args, kwargs or {})
+            if name is not None and not from_host_code():
+                self.seen.append(name)
             return func(*args, **(kwargs or {}))
 
-    with Syncs() as mode:
-        fn()
+    def recording(method: str, original):
+        def read(self, *args, **kwargs):
+            if not from_host_code():
+                mode.seen.append(f"Tensor.{method}")
+            return original(self, *args, **kwargs)
+        return read
+
+    own = {m: torch.Tensor.__dict__.get(m) for m in _HOST_READS}  # (None: inherited)
+    mode = Syncs()
+    try:
+        for m in _HOST_READS:
+            setattr(torch.Tensor, m, recording(m, getattr(torch.Tensor, m)))
+        with mode:
+            fn()
+    finally:
+        for m, original in own.items():
+            if original is None:
+                delattr(torch.Tensor, m)
+            else:
+                setattr(torch.Tensor, m, original)
     return mode.seen

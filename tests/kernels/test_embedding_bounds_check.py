@@ -20,7 +20,7 @@ from cetnet_kernels import MultiTableEmbedding, reset_bad_id_warnings
 from conftest import backend_device_params
 from cetnet_kernels.embedding_args import OptimizerArgs
 from embedding_support import FEATURES, loss_of, sample_inputs
-from helpers import SYNCHRONIZING_OPS
+from helpers import synchronizing_ops
 
 CASES = backend_device_params(backends=("cpu", "reference", "cuda", "triton"))
 DIMS = [3, 4]
@@ -314,28 +314,7 @@ def test_triton_off_dispatches_no_synchronizing_op(backend, device, optimizer):
     off runs no op that synchronizes with the host (reading a value, nonzero, unique, a copy to
     the CPU), seen through a dispatch mode around the ops' Python implementations; with the
     check on, the forward's one synchronizing read is seen (the detector works)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from cetnet_kernels.triton import embedding as te
-
-    # (lift_fresh among them: a Python number made a tensor, e.g. by ``t[i] = n``: on CUDA a
-    # copy from pageable host memory, which waits for the stream)
-    sync_ops = SYNCHRONIZING_OPS
-
-    class Syncs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func._schema.name
-            to_cpu = name in ("aten::_to_copy", "aten::copy_") and any(
-                isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args) and (
-                (kwargs or {}).get("device") == torch.device("cpu")
-                or (name == "aten::copy_" and args[0].device.type == "cpu"))
-            if name in sync_ops or to_cpu:
-                self.seen.append(name)
-            return func(*args, **(kwargs or {}))
 
     mod = MultiTableEmbedding(2, FEATURES, DIMS, backend="triton", device=device)
     args = mod._normalize(_with_bad_ids(sample_inputs(device, 5)))[0]
@@ -350,20 +329,21 @@ def test_triton_off_dispatches_no_synchronizing_op(backend, device, optimizer):
         tail = (args.ids, args.offsets, args.per_sample_weights, args.modes, DIMS, vocab, -1,
                 check)
         w = mod.weight.detach().clone()
-        with Syncs() as fwd:
-            outs = te._multi_embedding(w, *tail, mod._joined_names)
+        outs: list = []
+        fwd = synchronizing_ops(lambda: outs.extend(te._multi_embedding(w, *tail,
+                                                                        mod._joined_names)))
         grads = [torch.randn_like(o) for o in outs]
-        with Syncs() as bwd:
-            if optimizer == 0:
-                te._multi_embedding_backward(grads, w, *tail)
-            else:
-                te._multi_embedding_update(grads, w, state, *tail, optimizer, 0.1, 1e-8, 0.0)
+        if optimizer == 0:
+            bwd = synchronizing_ops(lambda: te._multi_embedding_backward(grads, w, *tail))
+        else:
+            bwd = synchronizing_ops(lambda: te._multi_embedding_update(
+                grads, w, state, *tail, optimizer, 0.1, 1e-8, 0.0))
         if fwd_sync is None:
             continue
-        assert ("aten::_local_scalar_dense" in fwd.seen) == fwd_sync, (check, fwd.seen)
-        assert bool(bwd.seen) == bwd_sync, (check, bwd.seen)
+        assert ("aten::_local_scalar_dense" in fwd) == fwd_sync, (check, fwd)
+        assert bool(bwd) == bwd_sync, (check, bwd)
         if not fwd_sync:
-            assert fwd.seen == [], fwd.seen
+            assert fwd == [], fwd
 
 
 # ------------------------------------------------------------------------------------------------

@@ -174,3 +174,19 @@ def test_validate_false_never_waits_for_the_device(backend, device, learnable):
         assert bool(seen) == validate, (validate, seen)
     with pytest.raises(ValueError, match="labels must lie in"):  # validate=True still checks
         CETNetFusion(3, backend=backend).to(device)(z, y + 2.0)
+
+
+def test_the_synchronization_detector_sees_what_a_cpu_run_hides():
+    """helpers.synchronizing_ops, on CPU tensors: reads of a value, boolean-mask indexing,
+    tolist / numpy / cpu (no op is dispatched for those on the CPU) are seen; plain arithmetic,
+    integer indexing and a device-side where are not; the patched methods are restored."""
+    x = torch.arange(6.0)
+    mask = x > 2
+    assert synchronizing_ops(lambda: (x * 2 + 1, x[torch.tensor([0, 2])],
+                                      torch.where(mask, x, 0.0))) == ["aten::lift_fresh"]
+    assert synchronizing_ops(lambda: x[mask]) == ["aten::index (boolean mask)"]
+    assert synchronizing_ops(lambda: x.clone().index_put_((mask,), torch.zeros(()))) == [
+        "aten::index_put_ (boolean mask)"]
+    assert synchronizing_ops(lambda: (x.tolist(), x.numpy(), x.cpu(), float(x[0]))) == [
+        "Tensor.tolist", "Tensor.numpy", "Tensor.cpu", "aten::_local_scalar_dense"]
+    assert "tolist" not in torch.Tensor.__dict__ and x.tolist() == [0, 1, 2, 3, 4, 5]

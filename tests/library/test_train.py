@@ -257,3 +257,29 @@ def test_a_default_cuda_training_step_never_waits_for_the_device(tmp_path, train
 
     few, many = waits(4), waits(12)
     assert many == few, f"{many - few} waits in 8 more steps"
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_a_training_run_reads_the_device_no_more_in_12_steps_than_in_4(tmp_path, train_config,
+                                                                       backend):
+    """The CPU suite's view of the GPU test above: what a run dispatches that would make a GPU
+    host wait (tests/helpers.py: value reads, boolean masks, nonzero, copies to the host,
+    tolist ...), outside the data pipeline (its tensors stay on the host in a GPU run), is the
+    same for 12 steps as for 4: no step waits. On the C++ kernels and on the Triton ones
+    (interpreted here, the host code a GPU runs), bounds check off as a GPU run has it."""
+    from cetnet_kernels import available_backends
+    from helpers import synchronizing_ops
+
+    if backend != "auto" and backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} not available on the CPU here")
+
+    def waits(steps: int) -> list[str]:
+        cfg = train_config(epochs=1, max_steps_per_epoch=steps, log_every=10**6)
+        cfg["backend"] = backend
+        cfg["model"].update(embedding_optimizer="rowwise_adagrad", embedding_bounds_check="off")
+        return synchronizing_ops(
+            lambda: run_training(cfg, tmp_path / f"run{steps}", quiet=True, plots=False),
+            host_code=("cetnet/data/",))
+
+    few, many = waits(4), waits(12)
+    assert sorted(many) == sorted(few), [op for op in many if many.count(op) > few.count(op)]
