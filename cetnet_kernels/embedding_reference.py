@@ -37,7 +37,7 @@ def _bag(values: Tensor, offsets: Tensor, psw: Tensor | None, table: Tensor, poo
     if padding_idx is not None:
         B = offsets.numel() - 1
         keep = values != padding_idx
-        bag_of = torch.repeat_interleave(torch.arange(B), offsets.diff())
+        bag_of = torch.repeat_interleave(torch.arange(B, device=offsets.device), offsets.diff())
         counts = torch.bincount(bag_of[keep], minlength=B)
         offsets = torch.cat([offsets.new_zeros(1), counts.cumsum(0)])
         values = values[keep]

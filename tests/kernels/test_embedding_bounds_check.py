@@ -503,10 +503,13 @@ def test_gpu_step_off_never_synchronizes(backend, device, optimizer):
     # The default mode's check does synchronize: the debug mode sees it (the detector works;
     # checked on the Triton path, whose check is Python code).
     checked = MultiTableEmbedding(2, FEATURES, DIMS, backend=backend, device=device)
+    checked_ids = sample_inputs(device, 64)  # (made before: a copy from pageable memory waits)
+    checked(checked_ids)  # (first call of the layout: its constants, one wait)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        with pytest.raises(RuntimeError):
-            checked(sample_inputs(device, 64))
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            checked(checked_ids)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -119,7 +119,7 @@ def test_extreme_logits(device):
     g = torch.Generator().manual_seed(6)
     big = (torch.rand(37, 5, generator=g, dtype=F64) * 70 + 30) \
         * torch.randn(37, 5, generator=g).sign()
-    z = torch.where(torch.rand(37, 5, generator=g) < 0.4, big.to(device), z)
+    z = torch.where((torch.rand(37, 5, generator=g) < 0.4).to(device), big.to(device), z)
     z[:, 0] = 100.0
     z[3, :] = 0.0
     check_against_reference(z, y, 1e-10)
