@@ -54,6 +54,7 @@ call in seconds; render_gpu.py turns them into GB/s and % of copy.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import statistics
@@ -99,18 +100,27 @@ LR = 0.01
 class EventTimer:
     """Interleaved rounds of bursts, each burst timed by a pair of CUDA events."""
 
-    def __init__(self, steps: dict, target_s: float) -> None:
-        self.steps = steps
-        self.names = list(steps)
-        self.times: dict[str, list[float]] = {p: [] for p in self.names}
+    def __init__(self, steps: dict, target_s: float, min_burst: int = 1) -> None:
+        self.steps = dict(steps)
+        self.failed: dict[str, str] = {}
         self.burst: dict[str, int] = {}
         for p, step in steps.items():  # warm-up (JIT, allocator) and burst size: ~5 ms a burst
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            t = self._burst(step, 3) / 3
-            self.burst[p] = max(1, min(200, math.ceil(5e-3 / max(t, 1e-7))))
-        per_round = sum(self.burst[p] * self._burst(s, 1) for p, s in steps.items())
+            try:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                t = self._burst(step, 3) / 3
+            except Exception as exc:  # one provider's failure (a compile error, out of
+                # memory) is its row's note, not the loss of the other providers' numbers
+                self.failed[p] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+                del self.steps[p]
+                continue
+            self.burst[p] = max(min_burst, min(200, math.ceil(5e-3 / max(t, 1e-7))))
+        if not self.steps:
+            raise RuntimeError(f"every provider failed: {self.failed}")
+        self.names = list(self.steps)
+        self.times: dict[str, list[float]] = {p: [] for p in self.names}
+        per_round = sum(self.burst[p] * self._burst(s, 1) for p, s in self.steps.items())
         self.rounds = max(5, min(400, math.ceil(target_s / max(per_round, 1e-7))))
         self._turn = 0
 
@@ -147,16 +157,27 @@ def _copy_step(nbytes: int):
     return lambda: dst.copy_(src)
 
 
-def _run(benchmark, steps: dict, skipped: dict, group: str, info: dict) -> None:
-    if not steps:
-        pytest.skip(f"no provider can run: {skipped}")
-    timer = EventTimer(steps, _target_s())
-    benchmark.group = group
-    benchmark.extra_info.update(device="cuda", device_name=torch.cuda.get_device_name(),
-                                torch_version=torch.__version__, skipped=skipped, **info)
-    benchmark.pedantic(timer.round, rounds=timer.rounds, iterations=1, warmup_rounds=0)
-    benchmark.extra_info["providers"] = timer.summary()
-    timer.steps.clear()  # drop the tables the steps hold (13 GB a set) before the next benchmark
+def _run(benchmark, steps: dict, skipped: dict, group: str, info: dict,
+         min_burst: int = 1) -> None:
+    """Times ``steps`` (provider -> step) in interleaved rounds; a provider whose warm-up fails
+    is listed in ``skipped`` with its error. Empties ``steps`` in the end, whatever happens:
+    they hold the tables (13 GB a set), which must be gone before the next benchmark."""
+    try:
+        if not steps:
+            pytest.skip(f"no provider can run: {skipped}")
+        timer = EventTimer(steps, _target_s(), min_burst)
+        skipped.update(timer.failed)
+        benchmark.group = group
+        benchmark.extra_info.update(device="cuda", device_name=torch.cuda.get_device_name(),
+                                    torch_version=torch.__version__, skipped=skipped, **info)
+        benchmark.pedantic(timer.round, rounds=timer.rounds, iterations=1, warmup_rounds=0)
+        benchmark.extra_info["providers"] = timer.summary()
+    finally:
+        steps.clear()
+        if "timer" in locals():
+            timer.steps.clear()
+        gc.collect()  # (a failed step's frames in a reference cycle hold its tensors)
+        torch.cuda.empty_cache()
 
 
 def _backend_reason(backend: str) -> str | None:
@@ -404,8 +425,6 @@ def bench_gpu_embedding(benchmark, dist, mode, B):
          dict(kind="embedding", ids=dist, mode=mode, M=M, F=F, B=B, D=D, rows=ROWS,
               values_per_output=round(values / (F * B), 3),
               hottest_share=round(hottest_share(batches[0]), 4), bytes=nbytes))
-    steps.clear()
-    torch.cuda.empty_cache()  # the next benchmark allocates its own tables (13 GB a set)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,8 +441,11 @@ def bench_gpu_train_step(benchmark):
         if reason:
             skipped[p] = reason
             continue
-        _model, steps[p] = train_step(backend, "cuda", rows, TRAIN_BATCH)
+        try:
+            _model, steps[p] = train_step(backend, "cuda", rows, TRAIN_BATCH)
+        except Exception as exc:  # e.g. out of memory: the other provider still runs
+            skipped[p] = f"failed to build: {type(exc).__name__}: {str(exc)[:300]}"
+    # bursts of several steps: a step's host work before its first kernel overlaps the previous
+    # step's kernels, as in a training loop
     _run(benchmark, steps, skipped, f"train-step-criteo-B{TRAIN_BATCH}",
-         dict(kind="train", config="bars_criteo_x1", B=TRAIN_BATCH, rows=rows))
-    steps.clear()
-    torch.cuda.empty_cache()
+         dict(kind="train", config="bars_criteo_x1", B=TRAIN_BATCH, rows=rows), min_burst=4)

@@ -15,8 +15,12 @@ Compute runs only in what is left after.
 Without a CUDA GPU it exits at once with status 2 and one line. Exit status 1 when a step failed
 (the report is still written), 0 when all passed.
 
-Logs, the benchmark JSON and a copy of the report go to ``--out`` (default ``$OUT`` when set,
-else ``build-gpu-check/``).
+Logs, the benchmark JSONs, gpu_check.json and a copy of the report go to ``--out`` (default
+``build-gpu-check/``). With ``$OUT`` set (a lent device machine, which sends back at most 8
+files), ``--out`` is also packed into ``$OUT/gpu-check.tgz`` with GPU_RESULTS.md and
+gpu_check.json beside it; the report and the archive are rewritten after every step, and no step
+runs past ``--hard-limit`` (570 s: that machine stops a command at 600 s), so a run stopped from
+outside still leaves what it had.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def nvcc_splits(env: dict) -> bool:
     if cmd is None:
         return False
     try:
-        out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, errors="replace", timeout=60)
     except (OSError, subprocess.SubprocessError):
         return False
     return "--split-compile" in out.stdout
@@ -108,7 +112,8 @@ def run_step(name: str, cmd: list[str], out_dir: Path, timeout: float, env: dict
     killed = threading.Event()
     with open(path, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, errors="replace",
+                                start_new_session=True)
 
         def kill() -> None:  # a hang with no output must not block the read below
             killed.set()
@@ -282,16 +287,25 @@ else:
 }
 
 
-def crash_controls(env: dict) -> list[str]:
+def crash_controls(env: dict, deadline: float = float("inf")) -> list[str]:
     """One line per control experiment (_CONTROLS): ok, or how it failed. A control past its
-    limit is killed with its whole process group (the compiler of load_inline too)."""
+    limit (or past ``deadline``, a time.monotonic() value) is killed with its whole process
+    group (the compiler of load_inline too); one that would start with under 5 s left is not
+    run."""
     lines = []
-    for name, (code, extra_env, limit) in _CONTROLS.items():
+    for name, (code, extra_env, own_limit) in _CONTROLS.items():
+        left = deadline - time.monotonic()
+        limit = min(own_limit, left)
+        if left < 5:
+            lines.append(f"control {name}: not run (no time left)")
+            log(lines[-1])
+            continue
         t0 = time.monotonic()
         try:
             proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
                                     env={**env, **extra_env}, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                    stderr=subprocess.PIPE, text=True, errors="replace",
+                                    start_new_session=True)
         except OSError as exc:
             lines.append(f"control {name}: did not start: {exc}")
             log(lines[-1])
@@ -305,27 +319,30 @@ def crash_controls(env: dict) -> list[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            what, last = "did not finish", f"killed after {limit} s"
+            what, last = "did not finish", f"killed after {limit:.0f} s"
         lines.append(f"control {name}: {what} in {time.monotonic() - t0:.0f} s: {last}")
         log(lines[-1])
     return lines
 
 
-def exception_probe(out: Path, env: dict) -> dict:
-    """Raises a C++ argument error in the extension (CPU op, 1-D logits) in a subprocess."""
+def exception_probe(out: Path, env: dict, limit: float = 120) -> dict:
+    """Raises a C++ argument error in the extension (CPU op, 1-D logits) in a subprocess. On a
+    failure, the toolchain facts (seconds) go to exception-probe.log at once; a crash's slow
+    diagnostics (a debugger's backtrace, the control experiments) are left to
+    :func:`probe_diagnostics`, run when the budget allows (``step["diagnose"]``)."""
     t0 = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, errors="replace", timeout=limit)
     except subprocess.TimeoutExpired:
-        log("exception-probe: FAILED (no answer in 120 s)")
-        return {"name": "exception-probe", "rc": "timeout", "seconds": 120.0,
-                "summary": "the probe did not finish in 120 s"}
+        log(f"exception-probe: FAILED (no answer in {limit:.0f} s)")
+        return {"name": "exception-probe", "rc": "timeout", "seconds": round(limit, 1),
+                "summary": f"the probe did not finish in {limit:.0f} s"}
     rc = proc.returncode
-    step = {"name": "exception-probe", "rc": 0 if rc == 0 else rc,
-            "seconds": round(time.monotonic() - t0, 1)}
+    step: dict = {"name": "exception-probe", "rc": 0 if rc == 0 else rc}
     if rc == 0:
         step["summary"] = "a C++ argument error reaches Python as ValueError"
+        step["seconds"] = round(time.monotonic() - t0, 1)
         log("exception-probe: ok")
         return step
     facts = []
@@ -349,20 +366,11 @@ def exception_probe(out: Path, env: dict) -> dict:
                  "else ls -lL \"$c\"; fi; done; g++ -v 2>&1 | tail -2"]):
         try:
             facts.append(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                        timeout=30).stdout.strip())
+                                        errors="replace", timeout=30).stdout.strip())
         except (OSError, subprocess.TimeoutExpired) as exc:
             facts.append(f"{cmd[-1][:40]}: {exc}")
-    dbg = shutil.which("gdb") or shutil.which("cuda-gdb")
-    if dbg and rc < 0:  # the innermost frames of the crash
-        try:
-            bt = subprocess.run([dbg, "-q", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
-                                 sys.executable, "-c", _PROBE], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=120).stdout
-            facts.append("\n".join(ln for ln in bt.splitlines() if ln.startswith("#")))
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            facts.append(f"{dbg}: {exc}")
     if rc < 0:
-        facts.extend(crash_controls(env))
+        step["diagnose"] = True
         step["summary"] = (f"a C++ exception from cetnet_kernels._C does not reach Python "
                            f"(killed by signal {-rc}): argument errors crash the process on this "
                            "toolchain")
@@ -372,14 +380,121 @@ def exception_probe(out: Path, env: dict) -> dict:
     why = ("killed by signal %d" % -rc) if rc < 0 else f"exit {rc}"
     (out / "exception-probe.log").write_text(proc.stdout + proc.stderr + "\n" + "\n".join(facts))
     step["log"] = "exception-probe.log"
+    step["seconds"] = round(time.monotonic() - t0, 1)
     log(f"exception-probe: FAILED ({why}); toolchain: {' | '.join(facts)[:600]}")
     return step
 
 
+def probe_diagnostics(out: Path, env: dict, deadline: float = float("inf")) -> dict:
+    """After a crashing probe: the crash's innermost frames (gdb or cuda-gdb, when there) and
+    the control experiments (:data:`_CONTROLS`), appended to exception-probe.log; nothing runs
+    past ``deadline`` (a time.monotonic() value)."""
+    t0 = time.monotonic()
+    facts = []
+    dbg = shutil.which("gdb") or shutil.which("cuda-gdb")
+    limit = min(120, deadline - time.monotonic())
+    if dbg and limit >= 10:
+        try:
+            bt = subprocess.run([dbg, "-q", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
+                                 sys.executable, "-c", _PROBE], cwd=ROOT, env=env,
+                                capture_output=True, text=True, errors="replace",
+                                timeout=limit).stdout
+            facts.append("\n".join(ln for ln in bt.splitlines() if ln.startswith("#")))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            facts.append(f"{dbg}: {exc}")
+    controls = crash_controls(env, deadline)
+    with open(out / "exception-probe.log", "a") as f:
+        f.write("\n" + "\n".join(facts + controls) + "\n")
+    summary = "; ".join(ln.split(" in ")[0] for ln in controls) or "no control ran"
+    if facts:
+        summary += f"; {dbg} backtrace in the log"
+    return {"name": "probe-diagnostics", "rc": 0, "seconds": round(time.monotonic() - t0, 1),
+            "summary": summary, "log": "exception-probe.log"}
+
+
+class Clock:
+    """The check's time: ``budget`` (the soft target the tests and the profile adapt to) and
+    ``hard`` (no step runs past it: the device's command limit, with time left to write the
+    report and pack it), both in seconds from the start."""
+
+    def __init__(self, budget: float, hard: float) -> None:
+        self.budget, self.hard = budget, hard
+
+    def elapsed(self) -> float:
+        return time.monotonic() - T0
+
+    def budget_left(self) -> float:
+        return self.budget - self.elapsed()
+
+    def deadline(self) -> float:
+        """The time.monotonic() value no step may pass."""
+        return T0 + self.hard - REPORT_RESERVE_S
+
+    def limit(self, own: float) -> float:
+        """A step's time limit: its own, cut to what the hard limit leaves."""
+        return min(own, self.deadline() - time.monotonic())
+
+
+REPORT_RESERVE_S = 10  # writing the report and the archive after the last step
+MIN_STEP_S = 15  # a step with less time than this left is not started
+BENCH_GROUPS = {"fusion": "bench_gpu_fusion", "embedding": "bench_gpu_embedding",
+                "train": "bench_gpu_train_step"}
+
+
+def merged_benchmarks(out: Path) -> dict | None:
+    """The bench groups' pytest-benchmark JSONs (bench-<group>.json) as one, or None."""
+    benches: list = []
+    found = False
+    for group in BENCH_GROUPS:
+        try:
+            benches += json.loads((out / f"bench-{group}.json").read_text())["benchmarks"]
+            found = True
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not run, killed before pytest wrote it, or cut short
+    return {"benchmarks": benches} if found else None
+
+
+def write_report(info: dict, steps: list[dict], out: Path, archive: Path | None,
+                 results: Path | None = None) -> str:
+    """gpu_check.json and GPU_RESULTS.md in ``out`` (and the report at ``results`` too), and,
+    with ``archive``, a tar.gz of ``out`` with the report and the JSON beside it: written after
+    every step, so a run killed from outside still leaves what it had."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    from render_gpu import render
+
+    info["steps"] = [{k: v for k, v in s.items() if k != "tail"} for s in steps]
+    info["total_s"] = round(time.monotonic() - T0, 1)
+    (out / "gpu_check.json").write_text(json.dumps(info, indent=1))
+    md = render(info, merged_benchmarks(out))
+    (out / "GPU_RESULTS.md").write_text(md)
+    if results is not None:
+        results.write_text(md)
+    if archive is not None:
+        import tarfile
+
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        tmp = archive.with_name(archive.name + ".tmp")
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(out, arcname=".")
+        tmp.replace(archive)
+        for name in ("GPU_RESULTS.md", "gpu_check.json"):
+            shutil.copyfile(out / name, archive.parent / name)
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or
-                                                     ROOT / "build-gpu-check"))
+    ap.add_argument("--out", type=Path, default=ROOT / "build-gpu-check",
+                    help="logs, benchmark JSONs, gpu_check.json and a copy of the report")
+    ap.add_argument("--archive", type=Path,
+                    default=Path(os.environ["OUT"], "gpu-check.tgz") if os.environ.get("OUT")
+                    else None,
+                    help="also pack --out into this tar.gz, with GPU_RESULTS.md and "
+                         "gpu_check.json beside it, after every step (default: $OUT/gpu-check.tgz "
+                         "when $OUT is set: three files to fetch)")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "GPU_RESULTS.md",
+                    help="where the report goes (besides --out)")
     ap.add_argument("--skip-build", action="store_true", help="use the extension already built")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-sanitizers", action="store_true",
@@ -391,10 +506,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds for the whole check (the target: 8 minutes); the tests get "
                          "what the build, probe, benchmarks and sanitizers leave of it, within "
                          "[--min-test-time, --test-timeout], Nsight Compute what is left after")
+    ap.add_argument("--hard-limit", type=float, default=570,
+                    help="seconds after which no step runs, whatever it was given (a device "
+                         "machine's command limit is 600 s)")
     ap.add_argument("--ncu-timeout", type=float, default=150)
     ap.add_argument("--test-timeout", type=float, default=420)
     ap.add_argument("--min-test-time", type=float, default=150)
-    ap.add_argument("--bench-timeout", type=float, default=200)
+    ap.add_argument("--bench-timeout", type=float, default=150, help="per benchmark group")
     ap.add_argument("--build-timeout", type=float, default=300)
     ap.add_argument("--memcheck-timeout", type=float, default=120)
     args = ap.parse_args(argv)
@@ -409,8 +527,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({torch.__version__}, CUDA {torch.version.cuda}); nothing to check")
         return 2
 
+    clock = Clock(args.budget, args.hard_limit)
     out = args.out.resolve()  # the steps run in ROOT: paths handed to them must be absolute
     out.mkdir(parents=True, exist_ok=True)
+    archive = args.archive.resolve() if args.archive else None
     cap = torch.cuda.get_device_capability()
     arch = f"{cap[0]}.{cap[1]}"
     try:
@@ -425,17 +545,36 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     log(f"{info['device']} (sm_{cap[0]}{cap[1]}), torch {info['torch']}, CUDA {info['cuda']}, "
-        f"triton {triton_version}, {info['cpus']} CPUs")
+        f"triton {triton_version}, {info['cpus']} CPUs; budget {args.budget:.0f} s, hard limit "
+        f"{args.hard_limit:.0f} s")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"),
                                          env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("TRITON_INTERPRET", None)
     steps: list[dict] = []
 
+    def step(name: str, cmd: list[str], own_limit: float, step_env: dict | None = None
+             ) -> dict | None:
+        """run_step within the hard limit; None (and a 'skipped' row) when no time is left."""
+        limit = clock.limit(own_limit)
+        if limit < MIN_STEP_S:
+            steps.append({"name": name, "rc": "skipped", "seconds": 0,
+                          "summary": f"no time left (hard limit {args.hard_limit:.0f} s)"})
+            log(f"{name}: skipped (no time left)")
+            return None
+        s = run_step(name, cmd, out, limit, step_env or env)
+        steps.append(s)
+        return s
+
+    def report() -> None:
+        try:
+            write_report(info, steps, out, archive, args.results)
+        except Exception as exc:  # the check goes on; the next report may succeed
+            log(f"report: not written ({type(exc).__name__}: {exc})")
+
     # 1. Build: in place (no pip, no network), CUDA on, for this GPU's arch, every core.
     if not args.skip_build:
-        # CETNET_DEBUG: debug info, for the frames gdb prints when the exception probe fails
-        benv = dict(env, CETNET_CUDA="1", CETNET_DEBUG="1", TORCH_CUDA_ARCH_LIST=arch,
+        benv = dict(env, CETNET_CUDA="1", TORCH_CUDA_ARCH_LIST=arch,
                     MAX_JOBS=str(os.cpu_count() or 4))
         if not shutil.which("nvcc") and not os.environ.get("CUDA_HOME"):
             for guess in ("/usr/local/cuda", "/opt/cuda"):
@@ -443,19 +582,22 @@ def main(argv: list[str] | None = None) -> int:
                     benv["CUDA_HOME"] = guess
         if nvcc_splits(benv):  # the fusion file's per-K kernels compile on every core
             benv.setdefault("CETNET_NVCC_SPLIT_COMPILE", "0")
-        steps.append(run_step("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace",
-                                        "--build-temp", "build-gpu/tmp"], out, args.build_timeout,
-                              benv))
-        if steps[-1]["rc"] != 0:  # what follows would test an older module, or none
+        s = step("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace",
+                           "--build-temp", "build-gpu/tmp"], args.build_timeout, benv)
+        if s is None or s["rc"] != 0:  # what follows would test an older module, or none
             log("build failed: the probe, tests, sanitizers and benchmarks need the fresh "
                 "build and are skipped")
             args.skip_tests = args.skip_bench = True
-    probe = subprocess.run(
-        [sys.executable, "-c", "import json, cetnet_kernels as c; print(json.dumps("
-         "{k: str(v) for k, v in c.build_info().items()}))"],
-        cwd=ROOT, env=env, capture_output=True, text=True)
-    info["build_info"] = probe.stdout.strip() or probe.stderr.strip()[-500:]
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import json, cetnet_kernels as c; print(json.dumps("
+             "{k: str(v) for k, v in c.build_info().items()}))"],
+            cwd=ROOT, env=env, capture_output=True, text=True, errors="replace", timeout=60)
+        info["build_info"] = probe.stdout.strip() or probe.stderr.strip()[-500:]
+    except subprocess.TimeoutExpired:
+        info["build_info"] = "importing cetnet_kernels took over 60 s"
     log(f"build_info: {info['build_info']}")
+    report()
 
     # 1b. A C++ exception from the extension must reach Python as an exception. On one GPU image
     # (torch 2.11, the image's /opt/gcc wrapper around gcc 13.3) every such error, CPU kernels'
@@ -463,21 +605,33 @@ def main(argv: list[str] | None = None) -> int:
     # static libstdc++ into the module (setup.py now links torch's shared one, and refuses a
     # module without it). Probe it in a subprocess and, if it fails, say it plainly (with the
     # toolchain facts) instead of leaving it to crashed pytest workers.
+    probe_step = None
     if not args.skip_tests:
-        steps.append(exception_probe(out, env))
+        probe_step = exception_probe(out, env, max(10.0, clock.limit(120)))
+        steps.append(probe_step)
+        report()
 
-    # 2. Benchmarks -> GPU_RESULTS.md. Before the tests: short, and their numbers are the
-    # targets, so a test step that runs out of time still leaves them.
-    bench_json = out / "gpu_cuda.json"
+    # 2. Benchmarks -> GPU_RESULTS.md, a process per group (a kernel fault or an out-of-memory
+    # in one group does not lose the others; each writes its JSON when it ends). Before the
+    # tests: short, and their numbers are the targets, so a test step cut short still leaves
+    # them.
     if not args.skip_bench:
-        s = run_step("bench", [sys.executable, "-m", "pytest", "bench/bench_gpu.py", "-q",
-                               f"--benchmark-json={bench_json}"], out, args.bench_timeout, env)
-        s["summary"] = pytest_summary(s["tail"])
-        steps.append(s)
+        for group, name in BENCH_GROUPS.items():
+            bench_json = out / f"bench-{group}.json"
+            bench_json.unlink(missing_ok=True)
+            s = step(f"bench-{group}", [sys.executable, "-m", "pytest", "bench/bench_gpu.py",
+                                        "-q", "-k", name, f"--benchmark-json={bench_json}"],
+                     args.bench_timeout)
+            if s is not None:
+                s["summary"] = pytest_summary(s["tail"])
+            report()
 
     # 3. compute-sanitizer over a small run of every CUDA and Triton kernel: memcheck (out of
     # bounds, misaligned, leaks) and racecheck (shared-memory hazards of the tiled kernels).
+    # Without the caching allocator, so that an access past a small tensor leaves its
+    # allocation instead of landing in a neighbour of the same cached block.
     sanitizer = cuda_tool("compute-sanitizer")
+    senv = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     for tool in () if args.skip_tests or args.skip_sanitizers else ("memcheck", "racecheck"):
         if sanitizer is None:
             steps.append({"name": tool, "rc": "skipped", "seconds": 0,
@@ -488,12 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         # on the per-row stores after a row reduction (every lane of the row stores the same
         # value; H200, Triton 3.6): not ours to fix there, reported in the notes.
         smoke = ["tests/kernels/gpu_smoke.py"] + (["cuda"] if tool == "racecheck" else [])
-        s = run_step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1",
-                            sys.executable, *smoke], out, args.memcheck_timeout, env)
-        s["summary"] = next((ln.strip("= ") for ln in reversed(s["tail"].splitlines())
-                             if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln),
-                            "no summary")
-        steps.append(s)
+        s = step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable,
+                        *smoke], args.memcheck_timeout, senv)
+        if s is not None:
+            s["summary"] = next((ln.strip("= ") for ln in reversed(s["tail"].splitlines())
+                                 if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln),
+                                "no summary")
+        report()
 
     # 4. Every CUDA and Triton test (tests carrying the `gpu` marker, see tests/conftest.py),
     # with what the budget has left (most of it goes to Triton compiling each specialization).
@@ -510,26 +665,35 @@ def main(argv: list[str] | None = None) -> int:
 
         if importlib.util.find_spec("pytest_timeout") is not None:
             cmd[3:3] = ["--timeout", "150"]  # a hung test fails alone, not the whole step
-        limit = test_time_limit(args.budget - (time.monotonic() - T0), args.min_test_time,
-                                args.test_timeout)
-        s = run_step("tests", cmd, out, limit, env)
-        s["summary"] = pytest_summary(s["tail"])
-        outcomes = test_outcomes((out / s["log"]).read_text(errors="replace"))
-        if s["summary"] == "no summary line":  # killed: what the per-test lines say
-            s["summary"] = f"no closing summary; per-test lines: {outcomes_summary(outcomes)}"
-        s["failed"] = sorted(n for n, o in outcomes.items() if o in ("FAILED", "ERROR"))
-        s["skip_reasons"] = skip_reasons(junit)
-        log(f"tests: {s['summary']}")
-        for name in s["failed"]:
-            log(f"  failed: {name}")
-        for why, n in s["skip_reasons"].items():
-            log(f"  skipped {n} x {why}")
-        steps.append(s)
+        # one inductor compile worker per test process: 16 xdist workers each starting a
+        # pool of one per CPU would fight over the same 16 cores
+        tenv = dict(env, TORCHINDUCTOR_COMPILE_THREADS="1")
+        s = step("tests", cmd, test_time_limit(clock.budget_left(), args.min_test_time,
+                                               args.test_timeout), tenv)
+        if s is not None:
+            s["summary"] = pytest_summary(s["tail"])
+            outcomes = test_outcomes((out / s["log"]).read_text(errors="replace"))
+            if s["summary"] == "no summary line":  # killed: what the per-test lines say
+                s["summary"] = (f"no closing summary; per-test lines: "
+                                f"{outcomes_summary(outcomes)}")
+            s["failed"] = sorted(n for n, o in outcomes.items() if o in ("FAILED", "ERROR"))
+            s["skip_reasons"] = skip_reasons(junit)
+            log(f"tests: {s['summary']}")
+            for name in s["failed"]:
+                log(f"  failed: {name}")
+            for why, n in s["skip_reasons"].items():
+                log(f"  skipped {n} x {why}")
+        report()
+
+    # 4b. A crashing probe's slow diagnostics (debugger, control experiments), in what is left.
+    if probe_step is not None and probe_step.get("diagnose"):
+        steps.append(probe_diagnostics(out, env, clock.deadline()))
+        report()
 
     # 5. Nsight Compute over the fusion kernels (bench/profile_fusion.py): issue against memory.
     # Last and optional: it runs only in what is left of the budget.
     ncu = cuda_tool("ncu")
-    ncu_time = min(args.ncu_timeout, args.budget - (time.monotonic() - T0))
+    ncu_time = min(args.ncu_timeout, clock.budget_left())
     if not (args.skip_bench or args.skip_ncu):
         if ncu is None:
             steps.append({"name": "ncu", "rc": "skipped", "seconds": 0,
@@ -540,30 +704,23 @@ def main(argv: list[str] | None = None) -> int:
                                      f"(--budget {args.budget:.0f})"})
             log(f"ncu: skipped ({steps[-1]['summary']})")
         else:
-            s = run_step("ncu", [ncu, "--clock-control", "none", "-k",
-                                 "regex:fusion|collaborative|sums", "--section", "SpeedOfLight",
-                                 "--section", "SchedulerStats", "--section", "Occupancy",
-                                 "--section", "LaunchStats", sys.executable,
-                                 "bench/profile_fusion.py"], out, ncu_time, env)
-            info["ncu"] = ncu_rows((out / s["log"]).read_text(errors="replace"))
-            s["summary"] = f"{len(info['ncu'])} kernel launches profiled"
-            if s["rc"] != 0 and not info["ncu"]:  # e.g. a runtime without hardware counters
-                last = (s["tail"].strip().splitlines() or ["no output"])[-1][:160]
-                s["rc"], s["summary"] = "skipped", f"ncu could not profile here: {last}"
-            steps.append(s)
+            s = step("ncu", [ncu, "--clock-control", "none", "-k",
+                             "regex:fusion|collaborative|sums", "--section", "SpeedOfLight",
+                             "--section", "SchedulerStats", "--section", "Occupancy",
+                             "--section", "LaunchStats", sys.executable,
+                             "bench/profile_fusion.py"], ncu_time)
+            if s is not None:
+                info["ncu"] = ncu_rows((out / s["log"]).read_text(errors="replace"))
+                s["summary"] = f"{len(info['ncu'])} kernel launches profiled"
+                if s["rc"] != 0 and not info["ncu"]:  # e.g. a runtime without counters
+                    last = (s["tail"].strip().splitlines() or ["no output"])[-1][:160]
+                    s["rc"], s["summary"] = "skipped", f"ncu could not profile here: {last}"
 
-    info["steps"] = [{k: v for k, v in s.items() if k != "tail"} for s in steps]
-    info["total_s"] = round(time.monotonic() - T0, 1)
-    (out / "gpu_check.json").write_text(json.dumps(info, indent=1))
-    sys.path.insert(0, str(ROOT / "bench"))
-    from render_gpu import render
-
-    md = render(info, json.loads(bench_json.read_text()) if bench_json.exists() else None)
-    (ROOT / "bench" / "GPU_RESULTS.md").write_text(md)
+    md = write_report(info, steps, out, archive, args.results)
     print(md)
     failed = [s["name"] for s in steps if s["rc"] not in (0, "skipped")]
-    log(f"done in {info['total_s']} s; " + (f"FAILED: {', '.join(failed)}" if failed
-                                             else "all steps passed"))
+    verdict = f"FAILED: {', '.join(failed)}" if failed else "all steps passed"
+    log(f"done in {time.monotonic() - T0:.1f} s; {verdict}")
     return 1 if failed else 0
 
 

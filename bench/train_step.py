@@ -58,10 +58,12 @@ def criteo_batches(rows: int, batch_size: int, n: int, seed: int = 0) -> list[Ba
 
 def train_step(backend: str, device: str | torch.device, rows: int, batch_size: int,
                n_batches: int = 3) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
-    """The model and a step closure: next batch to the device, loss, backward (which applies
-    the embedding's fused update), gradient clipping, Adam: the training loop's step
-    (cetnet.train.loop), with the embedding's bounds check off as that loop runs it on a GPU
-    when its splits validated the ids. The closure returns the loss (not read: no host wait)."""
+    """The model and a step closure: next batch to the device, loss, the loop's non-finite
+    watch, backward (which applies the embedding's fused update), gradient clipping, Adam, the
+    loss sum: the training loop's step (cetnet.train.loop) from a batch already made (the
+    loop's data pipeline and its learning-rate schedule, host work, are left out), with the
+    embedding's bounds check off as that loop runs it on a GPU when its splits validated the
+    ids. The closure returns the loss (not read: no host wait)."""
     config = criteo_config()
     model_cfg = dict(config["model"], embedding_bounds_check="off")
     model = build_model(model_cfg, criteo_schema(rows), backend=backend).to(device)
@@ -71,14 +73,24 @@ def train_step(backend: str, device: str | torch.device, rows: int, batch_size: 
     clip = config["train"]["grad_clip"]
     batches = criteo_batches(rows, batch_size, n_batches)
     turn = iter(range(1 << 62))
+    # the loop's bookkeeping on the device: the first non-finite step and loss, the loss sum
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     def step() -> torch.Tensor:
-        batch = batches[next(turn) % len(batches)].to_device(device)
+        nonlocal bad_step, bad_loss
+        i = next(turn)
+        batch = batches[i % len(batches)].to_device(device)
         loss, _out = model.loss(batch)
+        first = (bad_step < 0) & ~torch.isfinite(loss.detach())
+        bad_step = torch.where(first, i, bad_step)
+        bad_loss = torch.where(first, loss.detach().double(), bad_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
+        loss_sum.add_(loss.detach().double() * len(batch))
         return loss.detach()
 
     return model, step

@@ -3,6 +3,7 @@ no-GPU exit, the exception probe, skip reasons from junit XML, and the rendered 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,10 +46,15 @@ def test_exception_probe_reports_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # no debugger run
     monkeypatch.setattr(gpu_check, "_CONTROLS", {"torch": gpu_check._CONTROLS["torch"]})
     step = gpu_check.exception_probe(tmp_path, _env())
-    assert step["rc"] == -11 and "signal 11" in step["summary"]
+    assert step["rc"] == -11 and "signal 11" in step["summary"] and step["diagnose"]
     log = (tmp_path / "exception-probe.log").read_text()
-    assert re.search(r"eh_frame_hdr: [1-9]", log)  # the toolchain facts
-    assert "control torch: ok" in log  # and the control experiments' verdicts
+    assert re.search(r"eh_frame_hdr: [1-9]", log)  # the toolchain facts at once
+    assert "control torch" not in log  # the slow diagnostics later, if time allows
+    diag = gpu_check.probe_diagnostics(tmp_path, _env())
+    assert diag["summary"].startswith("control torch: ok")
+    assert "control torch: ok" in (tmp_path / "exception-probe.log").read_text()
+    past = gpu_check.probe_diagnostics(tmp_path, _env(), deadline=time.monotonic())
+    assert past["summary"] == "control torch: not run (no time left)"
 
 
 def test_a_control_past_its_limit_is_killed_and_said(monkeypatch):
@@ -286,3 +292,58 @@ def test_the_timed_training_step_trains_the_packaged_criteo_model():
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(table, before[0])
     assert all(not torch.equal(p, q) for p, q in zip(dense, before[1]) if p.grad is not None)
+
+
+def test_clock_cuts_each_step_to_the_hard_limit(monkeypatch):
+    clock = gpu_check.Clock(budget=480, hard=570)
+    monkeypatch.setattr(gpu_check, "T0", time.monotonic() - 500)  # 500 s into the check
+    assert clock.budget_left() == pytest.approx(-20, abs=1)
+    assert clock.limit(300) == pytest.approx(570 - 500 - gpu_check.REPORT_RESERVE_S, abs=1)
+    assert clock.limit(5) == 5
+
+
+def test_report_is_written_and_packed_after_each_step(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "device-out" / "gpu-check.tgz"
+    out.mkdir()
+    (out / "build.log").write_text("built")
+    (out / "bench-fusion.json").write_text('{"benchmarks": [{"extra_info": {"kind": "train", '
+                                          '"config": "c", "B": 8, "rows": 9, "providers": '
+                                          '{"cetnet-cuda": {"median_s": 0.5}}}}]}')
+    (out / "bench-embedding.json").write_text('{"benchm')  # killed while writing: left out
+    info = {"device": "NVIDIA H200"}
+    steps = [{"name": "build", "rc": 0, "seconds": 1.0, "tail": "x"}]
+    md = gpu_check.write_report(info, steps, out, archive)
+    assert "| build | ok | 1.0 |" in md and "| cetnet-cuda | 500 | 16 | 1.00x |" in md
+    assert (archive.parent / "GPU_RESULTS.md").read_text() == md
+    assert json.loads((archive.parent / "gpu_check.json").read_text())["steps"][0]["name"] == \
+        "build"
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        assert {"./build.log", "./gpu_check.json", "./GPU_RESULTS.md"} <= set(tar.getnames())
+    assert sorted(p.name for p in archive.parent.iterdir()) == [
+        "GPU_RESULTS.md", "gpu-check.tgz", "gpu_check.json"]  # three files for the device
+    assert gpu_check.merged_benchmarks(tmp_path) is None
+
+
+def test_the_whole_check_runs_through_on_a_faked_gpu(tmp_path, monkeypatch):
+    """gpu_check.main end to end with torch told there is a GPU (the steps' subprocesses know
+    better: the benchmarks skip, `pytest -m gpu` selects only the CPU-ISA tests): every step's
+    bookkeeping, the per-step report and the archive for the device's $OUT, no exception."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Faked H200")
+    monkeypatch.setenv("OUT", str(tmp_path / "device-out"))
+    results = tmp_path / "GPU_RESULTS.md"
+    rc = gpu_check.main(["--skip-build", "--skip-sanitizers", "--out", str(tmp_path / "gc"),
+                         "--results", str(results)])
+    assert rc == 1  # the bench groups ran no benchmark (pytest exit 5)
+    info = json.loads((tmp_path / "device-out" / "gpu_check.json").read_text())
+    names = [s["name"] for s in info["steps"]]
+    assert names == ["exception-probe", "bench-fusion", "bench-embedding", "bench-train",
+                     "tests", "ncu"], names
+    by = {s["name"]: s for s in info["steps"]}
+    assert by["exception-probe"]["rc"] == 0 and by["tests"]["rc"] == 0
+    assert "passed" in by["tests"]["summary"]
+    md = results.read_text()
+    assert "**Faked H200**" in md and md == (tmp_path / "device-out" / "GPU_RESULTS.md").read_text()
