@@ -162,10 +162,13 @@ def _over_tau(x, tau, inv_tau):
     # ~1/FLT_MAX), where x * inf would turn an exact 0 into NaN. The callers divide differences
     # that are exactly 0 at the winning member and multiply by a weight before dividing, so the
     # results stay exact (and free of 0 * inf) at any tau > 0, as in csrc/fusion_math.h.
+    # That tau is subnormal: both sides are scaled by 2^64 first (exact), because Triton lowers
+    # an fp32 "/" to PTX's approximate div.full.f32, which need not keep subnormal operands
+    # (a flushed tau would make the winner's 0 / tau a NaN); mul.f32 keeps them.
     if inv_tau < float("inf"):
         r = x * inv_tau
     else:
-        r = x / tau
+        r = (x * 18446744073709551616.0) / (tau * 18446744073709551616.0)
     return r
 
 
