@@ -55,6 +55,7 @@ call in seconds; render_gpu.py turns them into GB/s and % of copy.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import statistics
@@ -112,6 +113,8 @@ class EventTimer:
                 t = self._burst(step, 3) / 3
             except Exception as exc:  # one provider's failure (a compile error, out of
                 # memory) is its row's note, not the loss of the other providers' numbers
+                if not _device_usable():  # a sticky fault: nothing after it would run
+                    raise
                 self.failed[p] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
                 del self.steps[p]
                 continue
@@ -146,6 +149,34 @@ class EventTimer:
                     "calls_per_round": self.burst[p]} for p, ts in self.times.items() if ts}
 
 
+def _device_usable() -> bool:
+    """False after a sticky CUDA error (an illegal address: every later call fails too)."""
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:
+        return False
+
+
+def _free() -> None:
+    """Gives back the memory of tensors no longer referenced (earlier benchmarks' tables)."""
+    gc.collect()  # (a failed step's frames in a reference cycle hold its tensors)
+    try:
+        torch.cuda.empty_cache()
+    except Exception:  # after a sticky fault: the original error is the one to see
+        pass
+
+
+def _record(name: str, info: dict) -> None:
+    """Appends one finished benchmark (its extra_info) to $CETNET_BENCH_JSONL, when set:
+    pytest-benchmark writes its JSON only when the session ends, so a group stopped at its time
+    limit keeps the benchmarks it finished (make gpu-check reads them)."""
+    path = os.environ.get("CETNET_BENCH_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"name": name, "extra_info": info}, default=str) + "\n")
+
+
 def _target_s() -> float:
     return float(os.environ.get("CETNET_BENCH_TARGET_S", "0.5"))
 
@@ -162,22 +193,24 @@ def _run(benchmark, steps: dict, skipped: dict, group: str, info: dict,
     """Times ``steps`` (provider -> step) in interleaved rounds; a provider whose warm-up fails
     is listed in ``skipped`` with its error. Empties ``steps`` in the end, whatever happens:
     they hold the tables (13 GB a set), which must be gone before the next benchmark."""
+    timer = None
     try:
         if not steps:
             pytest.skip(f"no provider can run: {skipped}")
         timer = EventTimer(steps, _target_s(), min_burst)
+        steps.clear()
         skipped.update(timer.failed)
         benchmark.group = group
         benchmark.extra_info.update(device="cuda", device_name=torch.cuda.get_device_name(),
                                     torch_version=torch.__version__, skipped=skipped, **info)
         benchmark.pedantic(timer.round, rounds=timer.rounds, iterations=1, warmup_rounds=0)
         benchmark.extra_info["providers"] = timer.summary()
+        _record(group, dict(benchmark.extra_info))
     finally:
         steps.clear()
-        if "timer" in locals():
+        if timer is not None:
             timer.steps.clear()
-        gc.collect()  # (a failed step's frames in a reference cycle hold its tensors)
-        torch.cuda.empty_cache()
+        _free()
 
 
 def _backend_reason(backend: str) -> str | None:
@@ -278,6 +311,7 @@ def _fusion_step(op: str, provider: str, logits: torch.Tensor, labels: torch.Ten
 
 @pytest.mark.parametrize("op,K,B,tau", _fusion_params())
 def bench_gpu_fusion(benchmark, op, K, B, tau):
+    _free()  # what an earlier benchmark that failed may still hold
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(B, K, generator=gen, device="cuda") * 2).requires_grad_()
     labels = torch.randint(0, 2, (B,), generator=gen, device="cuda").float()
@@ -405,6 +439,7 @@ def _emb_step(provider: str, mode: str, batches, B: int):
 
 @pytest.mark.parametrize("dist,mode,B", _emb_params())
 def bench_gpu_embedding(benchmark, dist, mode, B):
+    _free()  # what an earlier benchmark that failed may still hold
     batches = _emb_batches(dist, B)
     values = sum(_values(x).numel() for x in batches[0].values())  # per member
     nbytes = emb_bytes(mode, B, values)
@@ -419,6 +454,10 @@ def bench_gpu_embedding(benchmark, dist, mode, B):
                             else _emb_step(p, mode, batches, B))
             except pytest.skip.Exception as exc:
                 reason = str(exc)
+            except Exception as exc:  # e.g. out of memory: the other providers still run
+                if not _device_usable():
+                    raise
+                reason = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         if reason:
             skipped[p] = reason
     _run(benchmark, steps, skipped, f"embedding-{dist}-{mode}",
@@ -431,6 +470,7 @@ def bench_gpu_embedding(benchmark, dist, mode, B):
 # A whole training step
 # ------------------------------------------------------------------------------------------------
 def bench_gpu_train_step(benchmark):
+    _free()  # what an earlier benchmark that failed may still hold
     rows = env_ints("CETNET_BENCH_TRAIN_ROWS", [1_000_000])[0]
     steps, skipped = {}, {}
     for p in env_strs("CETNET_BENCH_PROVIDERS", list(TRAIN_PROVIDERS)):
@@ -444,7 +484,9 @@ def bench_gpu_train_step(benchmark):
         try:
             _model, steps[p] = train_step(backend, "cuda", rows, TRAIN_BATCH)
         except Exception as exc:  # e.g. out of memory: the other provider still runs
-            skipped[p] = f"failed to build: {type(exc).__name__}: {str(exc)[:300]}"
+            if not _device_usable():
+                raise
+            skipped[p] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     # bursts of several steps: a step's host work before its first kernel overlaps the previous
     # step's kernels, as in a training loop
     _run(benchmark, steps, skipped, f"train-step-criteo-B{TRAIN_BATCH}",

@@ -111,9 +111,15 @@ def run_step(name: str, cmd: list[str], out_dir: Path, timeout: float, env: dict
     t0 = time.monotonic()
     killed = threading.Event()
     with open(path, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace",
-                                start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace",
+                                    start_new_session=True)
+        except OSError as exc:  # e.g. a tool found on disk that cannot run here
+            f.write(f"[gpu-check] could not start: {exc}\n")
+            log(f"{name}: FAILED (could not start: {exc})")
+            return {"name": name, "rc": "not started", "seconds": 0.0, "log": path.name,
+                    "tail": f"could not start: {exc}", "summary": f"could not start: {exc}"}
 
         def kill() -> None:  # a hang with no output must not block the read below
             killed.set()
@@ -441,17 +447,46 @@ BENCH_GROUPS = {"fusion": "bench_gpu_fusion", "embedding": "bench_gpu_embedding"
                 "train": "bench_gpu_train_step"}
 
 
-def merged_benchmarks(out: Path) -> dict | None:
-    """The bench groups' pytest-benchmark JSONs (bench-<group>.json) as one, or None."""
-    benches: list = []
-    found = False
-    for group in BENCH_GROUPS:
+def group_benchmarks(out: Path, group: str) -> list[dict] | None:
+    """One bench group's results: its pytest-benchmark JSON (bench-<group>.json), else the
+    benchmarks it finished before it was stopped (bench-<group>.jsonl, a line each, written by
+    bench_gpu.py as it goes); None when it has neither."""
+    try:
+        return json.loads((out / f"bench-{group}.json").read_text())["benchmarks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not run, or killed before pytest wrote it at the session's end
+    try:
+        lines = (out / f"bench-{group}.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    benches = []
+    for line in lines:
         try:
-            benches += json.loads((out / f"bench-{group}.json").read_text())["benchmarks"]
-            found = True
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not run, killed before pytest wrote it, or cut short
-    return {"benchmarks": benches} if found else None
+            benches.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by the kill
+    return benches
+
+
+def merged_benchmarks(out: Path) -> dict | None:
+    """The bench groups' results (:func:`group_benchmarks`) as one, or None."""
+    groups = [group_benchmarks(out, g) for g in BENCH_GROUPS]
+    if all(g is None for g in groups):
+        return None
+    return {"benchmarks": [b for g in groups for b in g or []]}
+
+
+def failed_providers(benches: list[dict]) -> list[str]:
+    """'<provider> in <group>' for every provider a benchmark could not time."""
+    return [f"{p} in {b.get('name') or b['extra_info'].get('op') or ''}".strip()
+            for b in benches for p, why in (b["extra_info"].get("skipped") or {}).items()
+            if str(why).startswith("failed")]
+
+
+# What a run leaves in --out: removed at the start, so that nothing of an earlier run is
+# reported (or packed) as this one's.
+_RUN_FILES = ("*.log", "bench-*.json", "bench-*.jsonl", "tests.xml", "gpu_check.json",
+              "GPU_RESULTS.md")
 
 
 def write_report(info: dict, steps: list[dict], out: Path, archive: Path | None,
@@ -465,8 +500,12 @@ def write_report(info: dict, steps: list[dict], out: Path, archive: Path | None,
 
     info["steps"] = [{k: v for k, v in s.items() if k != "tail"} for s in steps]
     info["total_s"] = round(time.monotonic() - T0, 1)
-    (out / "gpu_check.json").write_text(json.dumps(info, indent=1))
-    md = render(info, merged_benchmarks(out))
+    (out / "gpu_check.json").write_text(json.dumps(info, indent=1, default=str))
+    try:
+        md = render(info, merged_benchmarks(out))
+    except Exception as exc:  # the JSON and the logs still go out
+        md = (f"# GPU results\n\nThe report could not be rendered ({type(exc).__name__}: "
+              f"{exc}); gpu_check.json and the logs have the results.\n")
     (out / "GPU_RESULTS.md").write_text(md)
     if results is not None:
         results.write_text(md)
@@ -496,10 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "GPU_RESULTS.md",
                     help="where the report goes (besides --out)")
     ap.add_argument("--skip-build", action="store_true", help="use the extension already built")
-    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-tests", action="store_true",
+                    help="no tests, and no exception probe or sanitizers either")
     ap.add_argument("--skip-sanitizers", action="store_true",
                     help="no compute-sanitizer memcheck / racecheck")
-    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true",
+                    help="no benchmarks, and no Nsight Compute pass either")
     ap.add_argument("--skip-ncu", action="store_true",
                     help="no Nsight Compute pass over the fusion kernels")
     ap.add_argument("--budget", type=float, default=480,
@@ -527,10 +568,18 @@ def main(argv: list[str] | None = None) -> int:
               f"({torch.__version__}, CUDA {torch.version.cuda}); nothing to check")
         return 2
 
+    global T0
+    T0 = time.monotonic()  # (not the import's time: a caller may import long before)
     clock = Clock(args.budget, args.hard_limit)
     out = args.out.resolve()  # the steps run in ROOT: paths handed to them must be absolute
-    out.mkdir(parents=True, exist_ok=True)
     archive = args.archive.resolve() if args.archive else None
+    if archive is not None and (archive.parent == out or out in archive.parents):
+        print(f"gpu-check: --archive {archive} must lie outside --out {out} (it packs --out)")
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in _RUN_FILES:
+        for old_file in out.glob(pattern):
+            old_file.unlink()
     cap = torch.cuda.get_device_capability()
     arch = f"{cap[0]}.{cap[1]}"
     try:
@@ -618,12 +667,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_bench:
         for group, name in BENCH_GROUPS.items():
             bench_json = out / f"bench-{group}.json"
-            bench_json.unlink(missing_ok=True)
             s = step(f"bench-{group}", [sys.executable, "-m", "pytest", "bench/bench_gpu.py",
                                         "-q", "-k", name, f"--benchmark-json={bench_json}"],
-                     args.bench_timeout)
+                     args.bench_timeout,
+                     dict(env, CETNET_BENCH_JSONL=str(out / f"bench-{group}.jsonl")))
             if s is not None:
                 s["summary"] = pytest_summary(s["tail"])
+                failed = failed_providers(group_benchmarks(out, group) or [])
+                if failed:  # timed without them: a failure, though pytest passed
+                    s["summary"] += f"; not timed: {', '.join(failed)}"
+                    if s["rc"] == 0:
+                        s["rc"] = "providers failed"
             report()
 
     # 3. compute-sanitizer over a small run of every CUDA and Triton kernel: memcheck (out of
@@ -712,12 +766,15 @@ def main(argv: list[str] | None = None) -> int:
             if s is not None:
                 info["ncu"] = ncu_rows((out / s["log"]).read_text(errors="replace"))
                 s["summary"] = f"{len(info['ncu'])} kernel launches profiled"
-                if s["rc"] != 0 and not info["ncu"]:  # e.g. a runtime without counters
+                if isinstance(s["rc"], int) and s["rc"] != 0 and not info["ncu"]:
+                    # e.g. a runtime without hardware counters (a timeout stays a failure)
                     last = (s["tail"].strip().splitlines() or ["no output"])[-1][:160]
                     s["rc"], s["summary"] = "skipped", f"ncu could not profile here: {last}"
 
-    md = write_report(info, steps, out, archive, args.results)
-    print(md)
+    try:
+        print(write_report(info, steps, out, archive, args.results))
+    except Exception as exc:
+        log(f"report: not written ({type(exc).__name__}: {exc})")
     failed = [s["name"] for s in steps if s["rc"] not in (0, "skipped")]
     verdict = f"FAILED: {', '.join(failed)}" if failed else "all steps passed"
     log(f"done in {time.monotonic() - T0:.1f} s; {verdict}")

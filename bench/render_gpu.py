@@ -37,6 +37,19 @@ def _median(b: dict, p: str) -> float | None:
     return r["median_s"] if r else None
 
 
+def render_failures(benches: list[dict]) -> list[str]:
+    """The providers that failed (not timed) in these benchmarks, with their errors."""
+    lines = []
+    for b in benches:
+        e = b["extra_info"]
+        label = "-".join(str(e[k]) for k in ("op", "ids", "mode", "config", "K", "B", "tau")
+                         if k in e)
+        lines += [f"- **{p} failed** in {label}: {why.removeprefix('failed: ')}"
+                  for p, why in (e.get("skipped") or {}).items()
+                  if str(why).startswith("failed")]
+    return ["", "Not timed:", "", *lines] if lines else []
+
+
 def render_steps(info: dict) -> list[str]:
     lines = ["| step | result | seconds | summary |", "|---|---|---:|---|"]
     for s in info.get("steps", []):
@@ -75,7 +88,7 @@ def render_fusion(benches: list[dict]) -> list[str]:
             t = _median(b, p)
             cells.append(f"{_ms(t)} ({_pct(t_copy / t if t and t_copy else None)})")
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + render_failures(benches)
 
 
 def render_embedding(benches: list[dict]) -> list[str]:
@@ -131,7 +144,7 @@ def render_embedding(benches: list[dict]) -> list[str]:
                 ratios.append(f"{mode} {p} {tz / tu:.2f}x")
     if ratios:
         lines += ["", "Zipf / uniform time (target ≤ 1.5x): " + ", ".join(ratios) + "."]
-    return lines
+    return lines + render_failures(benches)
 
 
 def render_train(benches: list[dict]) -> list[str]:
@@ -150,8 +163,9 @@ def render_train(benches: list[dict]) -> list[str]:
             t = _median(b, p)
             lines.append(f"| {p} | {_ms(t)} | {e['B'] / t:,.0f} | {t / first:.2f}x |")
         skipped = e.get("skipped") or {}
-        lines += [f"- {p} skipped: {why}" for p, why in skipped.items()]
-    return lines
+        lines += [f"- {p} skipped: {why}" for p, why in skipped.items()
+                  if not str(why).startswith("failed")]
+    return lines + render_failures(benches)
 
 
 def render(info: dict, bench: dict | None) -> str:

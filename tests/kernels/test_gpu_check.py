@@ -335,6 +335,12 @@ def test_the_whole_check_runs_through_on_a_faked_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Faked H200")
     monkeypatch.setenv("OUT", str(tmp_path / "device-out"))
     results = tmp_path / "GPU_RESULTS.md"
+    (tmp_path / "gc").mkdir()
+    (tmp_path / "gc" / "bench-train.jsonl").write_text(  # an earlier run's: never reported
+        '{"name": "old", "extra_info": {"kind": "train", "config": "stale", "B": 1, '
+        '"rows": 1, "providers": {"cetnet-cuda": {"median_s": 1.0}}}}\n')
+    assert gpu_check.main(["--out", str(tmp_path / "gc"), "--archive",
+                           str(tmp_path / "gc" / "a.tgz")]) == 2  # it would pack itself
     rc = gpu_check.main(["--skip-build", "--skip-sanitizers", "--out", str(tmp_path / "gc"),
                          "--results", str(results)])
     assert rc == 1  # the bench groups ran no benchmark (pytest exit 5)
@@ -347,3 +353,30 @@ def test_the_whole_check_runs_through_on_a_faked_gpu(tmp_path, monkeypatch):
     assert "passed" in by["tests"]["summary"]
     md = results.read_text()
     assert "**Faked H200**" in md and md == (tmp_path / "device-out" / "GPU_RESULTS.md").read_text()
+    assert "stale" not in md and not (tmp_path / "gc" / "bench-train.jsonl").exists()
+
+
+def test_a_bench_group_stopped_early_keeps_what_it_finished(tmp_path):
+    """bench-<group>.json when pytest wrote it, else the .jsonl lines bench_gpu.py appends per
+    finished benchmark (the last one possibly cut short); failed providers are named."""
+    line = ('{"name": "embedding-uniform-forward", "extra_info": {"kind": "embedding", '
+            '"ids": "uniform", "mode": "forward", "skipped": {"cetnet-triton": "failed: '
+            'CompilationError: x"}, "providers": {}}}')
+    (tmp_path / "bench-embedding.jsonl").write_text(line + "\n" + line[:30])
+    benches = gpu_check.group_benchmarks(tmp_path, "embedding")
+    assert len(benches) == 1
+    assert gpu_check.failed_providers(benches) == ["cetnet-triton in embedding-uniform-forward"]
+    assert gpu_check.group_benchmarks(tmp_path, "fusion") is None
+    (tmp_path / "bench-fusion.json").write_text('{"benchmarks": []}')
+    assert gpu_check.merged_benchmarks(tmp_path) == {"benchmarks": benches}
+
+
+def test_render_names_the_providers_that_failed():
+    bench = {"benchmarks": [_bench("fusion", {"copy": 4e-5, "kernels-cuda": 5e-5},
+                                   op="kdef_loss", K=4, B=1024, bytes=1 << 20,
+                                   skipped={"kernels-triton": "failed: OutOfMemoryError: oom",
+                                            "eager": "not asked for"})]}
+    md = render({"device": "d", "steps": []}, bench)
+    assert "Not timed:" in md and "- **kernels-triton failed** in kdef_loss-4-1024: " \
+        "OutOfMemoryError: oom" in md
+    assert "not asked for" not in md
