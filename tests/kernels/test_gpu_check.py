@@ -380,3 +380,18 @@ def test_render_names_the_providers_that_failed():
     assert "Not timed:" in md and "- **kernels-triton failed** in kdef_loss-4-1024: " \
         "OutOfMemoryError: oom" in md
     assert "not asked for" not in md
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_gpu_smoke_runs_on_the_cpu_backends(backend):
+    """tests/kernels/gpu_smoke.py (what compute-sanitizer runs on a GPU) on CPU tensors, so a
+    change of the API it calls shows here and not in the one GPU run."""
+    from cetnet_kernels import available_backends
+
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} not available on the CPU here")
+    sys.path.insert(0, str(ROOT / "tests" / "kernels"))
+    import gpu_smoke
+
+    gpu_smoke.fusion(backend, "cpu")
+    gpu_smoke.embedding(backend, "cpu")
