@@ -395,3 +395,57 @@ def test_the_gpu_smoke_runs_on_the_cpu_backends(backend):
 
     gpu_smoke.fusion(backend, "cpu")
     gpu_smoke.embedding(backend, "cpu")
+
+
+def test_bench_timer_notes_a_failing_provider_and_records_each_benchmark(monkeypatch, tmp_path):
+    """bench_gpu.EventTimer / _run on the CPU, CUDA events faked by a wall clock: a provider
+    whose warm-up raises is a 'failed: ...' note, the others are timed; every finished
+    benchmark is appended to $CETNET_BENCH_JSONL; the steps (their tables) are dropped."""
+    import importlib
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = 0.0
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Faked H200")
+    monkeypatch.setenv("CETNET_BENCH_TARGET_S", "0.01")
+    monkeypatch.setenv("CETNET_BENCH_JSONL", str(tmp_path / "g.jsonl"))
+    bench_gpu = importlib.import_module("bench_gpu")
+
+    class Benchmark:  # what _run uses of pytest-benchmark's fixture
+        def __init__(self):
+            self.group, self.extra_info = None, {}
+
+        def pedantic(self, fn, rounds, iterations, warmup_rounds):
+            for _ in range(rounds):
+                fn()
+
+    def broken():
+        raise RuntimeError("no kernel image")
+
+    x = torch.ones(1000)
+    steps = {"ok": lambda: x.mul_(1.0), "broken": broken}
+    skipped = {"other": "not built"}
+    bench = Benchmark()
+    bench_gpu._run(bench, steps, skipped, "g1", {"kind": "fusion", "op": "x"})
+    assert steps == {}
+    assert skipped == {"other": "not built",
+                       "broken": "failed: RuntimeError: no kernel image"}
+    assert set(bench.extra_info["providers"]) == {"ok"}
+    line = json.loads((tmp_path / "g.jsonl").read_text())
+    assert line["name"] == "g1" and line["extra_info"]["skipped"]["broken"].startswith("failed")
+    with pytest.raises(RuntimeError, match="every provider failed"):
+        bench_gpu._run(Benchmark(), {"broken": broken}, {}, "g2", {})
