@@ -37,6 +37,85 @@ def _median(b: dict, p: str) -> float | None:
     return r["median_s"] if r else None
 
 
+def _share(b: dict, p: str) -> float | None:
+    """Provider ``p``'s time as a share of the copy's in benchmark ``b`` (its %copy)."""
+    t, t_copy = _median(b, p), _median(b, "copy")
+    return t_copy / t if t and t_copy else None
+
+
+def backward_shares(emb: list[dict]) -> list[tuple[str, str, int, str, float, float]]:
+    """(ids, optimizer, B, provider, seconds, %copy) of the fused backward alone: the step's
+    time minus the lookup's, against the backward's own bytes and the step's copy bandwidth."""
+    by = {(b["extra_info"]["ids"], b["extra_info"]["mode"], b["extra_info"]["B"]): b
+          for b in emb}
+    rows = []
+    for (ids, mode, B), b in sorted(by.items()):
+        fwd = by.get((ids, "forward", B))
+        t_copy = _median(b, "copy")
+        if mode == "forward" or fwd is None or not t_copy:
+            continue
+        bwd_bytes = b["extra_info"]["bytes"] - fwd["extra_info"]["bytes"]
+        copy_bw = b["extra_info"]["bytes"] / t_copy
+        for p in EMB_CETNET:
+            ts, tf = _median(b, p), _median(fwd, p)
+            if ts is None or tf is None or ts <= tf:
+                continue
+            rows.append((ids, mode, B, p, ts - tf, bwd_bytes / (ts - tf) / copy_bw))
+    return rows
+
+
+def render_targets(fusion: list[dict], emb: list[dict]) -> list[str]:
+    """The H100/H200 targets, each backend's worst case against its bound, met or not."""
+    rows = []  # (target, provider, worst value text, met)
+
+    def worst(target: str, provider: str, cases: list[tuple[float, str]], bound: float,
+              higher_is_better: bool = True) -> None:
+        if not cases:
+            return
+        value, case = min(cases) if higher_is_better else max(cases)
+        met = value >= bound if higher_is_better else value <= bound
+        text = f"{100 * value:.0f}% ({case})" if higher_is_better else f"{value:.2f}x ({case})"
+        rows.append((target, provider, text, "yes" if met else "**no**"))
+
+    big = max((b["extra_info"]["B"] for b in fusion), default=0)
+    for p in ("kernels-cuda", "kernels-triton", "cetnet-cuda", "cetnet-triton") if fusion else ():
+        cases = [(v, b["extra_info"]["op"]) for b in fusion
+                 if b["extra_info"]["B"] == big and b["extra_info"].get("tau", 1.0) == 1.0
+                 and (v := _share(b, p)) is not None]
+        worst(f"fusion ops ≥ {100 * TARGETS['fusion']:.0f}% of copy at B = {big:,}", p, cases,
+              TARGETS["fusion"])
+    single = [b for b in emb if b["extra_info"]["ids"] in ("uniform", "zipf")]
+    for p in EMB_CETNET:
+        cases = [(v, b["extra_info"]["ids"]) for b in single
+                 if b["extra_info"]["mode"] == "forward" and (v := _share(b, p)) is not None]
+        worst(f"embedding forward ≥ {100 * TARGETS['forward']:.0f}% of copy", p, cases,
+              TARGETS["forward"])
+    shares = backward_shares(single)
+    for p in EMB_CETNET:
+        cases = [(v, ids) for ids, mode, _B, q, _t, v in shares if mode == "sgd" and q == p]
+        worst(f"fused-SGD backward ≥ {100 * TARGETS['backward']:.0f}% of copy", p, cases,
+              TARGETS["backward"])
+    by = {(b["extra_info"]["ids"], b["extra_info"]["mode"], b["extra_info"]["B"]): b
+          for b in single}
+    for p in EMB_CETNET:
+        cases = []
+        for (ids, mode, B), b in by.items():
+            u = by.get(("uniform", mode, B))
+            if ids == "zipf" and u is not None and _median(b, p) and _median(u, p):
+                cases.append((_median(b, p) / _median(u, p), mode))
+        worst(f"Zipf ids ≤ {TARGETS['zipf_over_uniform']}x the time of uniform", p, cases,
+              TARGETS["zipf_over_uniform"], higher_is_better=False)
+    if not rows:
+        return []
+    met = sum(r[3] == "yes" for r in rows)
+    return ["", "## Targets", "",
+            f"Each backend's worst case against the H100/H200 targets: {met} of {len(rows)} met.",
+            "`kernels-*` are the fusion ops themselves, `cetnet-*` the public ops with autograd; "
+            "`-nocheck`: the embedding's bounds check off.", "",
+            "| target | provider | worst case | met |", "|---|---|---|---|",
+            *[f"| {t} | {p} | {v} | {m} |" for t, p, v, m in rows]]
+
+
 def render_failures(benches: list[dict]) -> list[str]:
     """The providers that failed (not timed) in these benchmarks, with their errors."""
     lines = []
@@ -113,21 +192,11 @@ def render_embedding(benches: list[dict]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     # The backward alone: (lookup + backward + update) - lookup, against its own bytes.
     derived = []
-    for (ids, mode, B), b in sorted(by.items()):
-        fwd = by.get((ids, "forward", B))
-        if mode == "forward" or fwd is None:
-            continue
-        e = b["extra_info"]
-        bwd_bytes = e["bytes"] - fwd["extra_info"]["bytes"]
-        t_copy = _median(b, "copy")
-        copy_bw = e["bytes"] / t_copy if t_copy else None
-        for p in EMB_CETNET:
-            ts, tf = _median(b, p), _median(fwd, p)
-            if ts is None or tf is None or ts <= tf:
-                continue
-            bw = bwd_bytes / (ts - tf)
-            derived.append(f"| {ids} | {mode} | {B:,} | {p} | {_ms(ts - tf)} | {bw / 1e9:.0f} | "
-                           f"{_pct(bw / copy_bw if copy_bw else None)} |")
+    for ids, mode, B, p, t, share in backward_shares(benches):
+        b = by[(ids, mode, B)]
+        bw = (b["extra_info"]["bytes"] - by[(ids, "forward", B)]["extra_info"]["bytes"]) / t
+        derived.append(f"| {ids} | {mode} | {B:,} | {p} | {_ms(t)} | {bw / 1e9:.0f} | "
+                       f"{_pct(share)} |")
     if derived:
         lines += ["", "The fused backward alone (step − lookup; reads the output gradient, reads "
                   "and writes each looked-up row):", "",
@@ -194,6 +263,7 @@ def render(info: dict, bench: dict | None) -> str:
         fusion = [b for b in benches if b["extra_info"].get("kind") == "fusion"]
         emb = [b for b in benches if b["extra_info"].get("kind") == "embedding"]
         train = [b for b in benches if b["extra_info"].get("kind") == "train"]
+        lines += render_targets(fusion, emb)
         if fusion:
             lines += ["", "## Fusion ops (fp32, forward + backward)", "",
                       "`kernels-*`: the backend's forward and backward ops alone "

@@ -138,6 +138,13 @@ def test_render_tables_and_ratios():
     # backward alone: (2 - 0.8) ms for 3 L D 4 bytes against the sgd copy bandwidth
     assert "| uniform | sgd | 65,536 | cetnet-cuda | 1.2 |" in md
     assert "No benchmark results" in render(info, None)
+    # the targets: each provider's worst case (fusion at the largest B and tau 1 only)
+    assert "4 of 4 met" not in md and "## Targets" in md
+    assert "| fusion ops ≥ 70% of copy at B = 4,194,304 | kernels-cuda | 80% " \
+        "(collaborative_loss) | yes |" in md
+    assert "| embedding forward ≥ 60% of copy | cetnet-cuda | 50% (uniform) | **no** |" in md
+    assert "| Zipf ids ≤ 1.5x the time of uniform | cetnet-cuda | 1.50x (sgd) | yes |" in md
+    assert md.index("## Targets") < md.index("## Fusion ops")
 
 
 def test_test_outcomes_from_verbose_lines():
