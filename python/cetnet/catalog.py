@@ -63,7 +63,29 @@ def version_text() -> str:
         + (f", CUDA {info.get('cuda_version')} {info.get('cuda_archs')}" if info.get("cuda")
            else ", no CUDA"))
     return (f"cetnet {version}\ntorch {torch.__version__}\nkernels: {kernels}\n"
-            f"triton: {'yes' if info.get('triton') else 'no'}")
+            f"triton: {'yes' if info.get('triton') else 'no'}" + gpu_text(info))
+
+
+def gpu_text(info: dict) -> str:
+    """The GPU line of :func:`version_text` ('' without one): the device, its arch, the backends
+    that run on it, and a note when the CUDA kernels were compiled for other archs only (their
+    launches then fail with "no kernel image", unless PTX of an older arch was embedded)."""
+    import torch
+
+    from cetnet_kernels import available_backends
+
+    if not torch.cuda.is_available():
+        return ""
+    major, minor = torch.cuda.get_device_capability()
+    arch = major * 10 + minor
+    text = (f"\ngpu: {torch.cuda.get_device_name()} (sm_{arch}), backends: "
+            f"{', '.join(b for b in available_backends('cuda') if b != 'reference')}")
+    compiled = [a // 10 for a in info.get("cuda_archs") or []]  # __CUDA_ARCH_LIST__: 900 -> 90
+    if info.get("cuda") and compiled and arch not in compiled:
+        text += (f"\n  note: the CUDA kernels were compiled for "
+                 f"{', '.join(f'sm_{a}' for a in compiled)}, not this GPU's sm_{arch}; if the "
+                 f"cuda backend fails to launch, rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+    return text
 
 
 def models_text() -> str:

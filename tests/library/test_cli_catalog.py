@@ -20,6 +20,27 @@ def test_version_names_cetnet_torch_and_the_kernels(capsys):
     assert out.startswith("cetnet ") and "torch " in out and "kernels: " in out
 
 
+def test_version_names_the_gpu_and_an_arch_the_kernels_lack(monkeypatch):
+    """On a GPU, --version names it, its arch and the backends that run there, and says when
+    the CUDA kernels were compiled for other archs (the "no kernel image" pitfall)."""
+    import torch
+
+    from cetnet.catalog import gpu_text
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    built_for_hopper = {"cuda": True, "cuda_archs": [900]}
+    assert gpu_text(built_for_hopper).startswith("\ngpu: NVIDIA H200 (sm_90), backends: ")
+    assert "note" not in gpu_text(built_for_hopper)
+    note = gpu_text({"cuda": True, "cuda_archs": [800, 860]})
+    assert "compiled for sm_80, sm_86, not this GPU's sm_90" in note
+    assert "TORCH_CUDA_ARCH_LIST=9.0" in note
+    assert "note" not in gpu_text({"cuda": False, "cuda_archs": []})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_text(built_for_hopper) == ""
+
+
 def test_models_lists_every_ensemble_and_member_with_defaults(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
