@@ -131,8 +131,10 @@ triton-oldest-test:
 		tests/kernels/test_embedding_hot_rows.py -k triton
 
 # On a machine with an NVIDIA GPU and torch (CUDA) + Triton already installed, no internet needed:
-# CUDA build for the local arch, every CUDA/Triton test, compute-sanitizer, GPU benchmarks ->
-# bench/GPU_RESULTS.md. Uses $(PYTHON) as it is (no venv). Exit 2 at once without a GPU.
+# CUDA build for the local arch, GPU benchmarks, compute-sanitizer, every CUDA/Triton test ->
+# bench/GPU_RESULTS.md, within an 8-minute budget (570 s at most); with $OUT set, also
+# $OUT/gpu-check.tgz + the report, rewritten after every step. Uses $(PYTHON) as it is (no
+# venv). Exit 2 at once without a GPU.
 gpu-check:
 	$(PYTHON) bench/gpu_check.py
 
