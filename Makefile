@@ -79,7 +79,6 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# ruff with pyproject's rules (unused imports and variables, undefined names, syntax errors)
 # ruff (pyflakes' checks, syntax errors) over everything; mypy over the two packages (the public
 # API's annotations must hold: configured in pyproject.toml)
 lint: venv

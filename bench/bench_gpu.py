@@ -69,7 +69,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import env_ints, env_strs  # noqa: E402
 from bench_fusion import bytes_moved  # noqa: E402
-from train_step import train_step  # noqa: E402
 
 import cetnet_kernels as ck  # noqa: E402
 
@@ -471,6 +470,10 @@ def bench_gpu_embedding(benchmark, dist, mode, B):
 # ------------------------------------------------------------------------------------------------
 def bench_gpu_train_step(benchmark):
     _free()  # what an earlier benchmark that failed may still hold
+    try:  # (imported here: the model library needs more packages than the kernels' benchmarks)
+        from train_step import train_step
+    except ImportError as exc:
+        pytest.skip(f"the model library does not import here: {exc}")
     rows = env_ints("CETNET_BENCH_TRAIN_ROWS", [1_000_000])[0]
     steps, skipped = {}, {}
     for p in env_strs("CETNET_BENCH_PROVIDERS", list(TRAIN_PROVIDERS)):

@@ -17,8 +17,8 @@ Without a CUDA GPU it exits at once with status 2 and one line. Exit status 1 wh
 (the report is still written), 0 when all passed.
 
 Logs, the benchmark JSONs, gpu_check.json and a copy of the report go to ``--out`` (default
-``build-gpu-check/``). With ``$OUT`` set (a lent device machine, which sends back at most 8
-files), ``--out`` is also packed into ``$OUT/gpu-check.tgz`` with GPU_RESULTS.md and
+``build-gpu-check/``). With ``$OUT`` set (a machine that returns only a few files from
+``$OUT``), ``--out`` is also packed into ``$OUT/gpu-check.tgz`` with GPU_RESULTS.md and
 gpu_check.json beside it; the report and the archive are rewritten after every step, and no step
 runs past ``--hard-limit`` (570 s: that machine stops a command at 600 s), so a run stopped from
 outside still leaves what it had.
@@ -563,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({torch.__version__}, CUDA {torch.version.cuda}); nothing to check")
         return 2
 
-    global T0
-    T0 = time.monotonic()  # (not the import's time: a caller may import long before)
+    if argv is not None:  # called, not run as a script: the clock starts now, not at import
+        global T0
+        T0 = time.monotonic()
     clock = Clock(args.budget, args.hard_limit)
     out = args.out.resolve()  # the steps run in ROOT: paths handed to them must be absolute
     archive = args.archive.resolve() if args.archive else None
@@ -601,10 +602,10 @@ def main(argv: list[str] | None = None) -> int:
              ) -> dict | None:
         """run_step within the hard limit; None (and a 'skipped' row) when no time is left."""
         limit = clock.limit(own_limit)
-        if limit < MIN_STEP_S:
-            steps.append({"name": name, "rc": "skipped", "seconds": 0,
-                          "summary": f"no time left (hard limit {args.hard_limit:.0f} s)"})
-            log(f"{name}: skipped (no time left)")
+        if limit < MIN_STEP_S:  # a failure: the check did not do what it is for
+            steps.append({"name": name, "rc": "no time", "seconds": 0,
+                          "summary": f"not run: no time left (hard limit {args.hard_limit:.0f} s)"})
+            log(f"{name}: not run (no time left)")
             return None
         s = run_step(name, cmd, out, limit, step_env or env)
         steps.append(s)
@@ -651,8 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     # toolchain facts) instead of leaving it to crashed pytest workers.
     probe_step = None
     if not args.skip_tests:
-        probe_step = exception_probe(out, env, max(10.0, clock.limit(120)))
-        steps.append(probe_step)
+        if clock.limit(120) < 5:
+            steps.append({"name": "exception-probe", "rc": "no time", "seconds": 0,
+                          "summary": "not run: no time left"})
+        else:
+            probe_step = exception_probe(out, env, clock.limit(120))
+            steps.append(probe_step)
         report()
 
     # 2. Benchmarks -> GPU_RESULTS.md, a process per group (a kernel fault or an out-of-memory

@@ -68,8 +68,9 @@ def version_text() -> str:
 
 def gpu_text(info: dict) -> str:
     """The GPU line of :func:`version_text` ('' without one): the device, its arch, the backends
-    that run on it, and a note when the CUDA kernels were compiled for other archs only (their
-    launches then fail with "no kernel image", unless PTX of an older arch was embedded)."""
+    that run on it, and a note when no compiled arch covers it (the same major arch, a minor one
+    at most the GPU's): the CUDA kernels' launches then fail with "no kernel image", unless PTX
+    of an older arch was embedded."""
     import torch
 
     from cetnet_kernels import available_backends
@@ -81,7 +82,9 @@ def gpu_text(info: dict) -> str:
     text = (f"\ngpu: {torch.cuda.get_device_name()} (sm_{arch}), backends: "
             f"{', '.join(b for b in available_backends('cuda') if b != 'reference')}")
     compiled = [a // 10 for a in info.get("cuda_archs") or []]  # __CUDA_ARCH_LIST__: 900 -> 90
-    if info.get("cuda") and compiled and arch not in compiled:
+    # a cubin runs on GPUs of its major arch and a minor one at least its own (sm_80 on sm_86)
+    covered = any(c // 10 == major and c % 10 <= minor for c in compiled)
+    if info.get("cuda") and compiled and not covered:
         text += (f"\n  note: the CUDA kernels were compiled for "
                  f"{', '.join(f'sm_{a}' for a in compiled)}, not this GPU's sm_{arch}; if the "
                  f"cuda backend fails to launch, rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")

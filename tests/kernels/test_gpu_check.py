@@ -450,3 +450,20 @@ def test_bench_timer_notes_a_failing_provider_and_records_each_benchmark(monkeyp
     assert line["name"] == "g1" and line["extra_info"]["skipped"]["broken"].startswith("failed")
     with pytest.raises(RuntimeError, match="every provider failed"):
         bench_gpu._run(Benchmark(), {"broken": broken}, {}, "g2", {})
+
+
+def test_a_step_left_without_time_fails_the_check(tmp_path, monkeypatch):
+    """Steps the hard limit leaves no time for are 'no time' rows and fail the check (the
+    tests not run is not a pass); the report is still written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Faked H200")
+    monkeypatch.delenv("OUT", raising=False)
+    rc = gpu_check.main(["--skip-build", "--hard-limit", "12", "--out", str(tmp_path / "gc"),
+                         "--results", str(tmp_path / "r.md")])
+    assert rc == 1
+    info = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
+    by = {s["name"]: s for s in info["steps"]}
+    assert by["tests"]["rc"] == "no time" and by["bench-fusion"]["rc"] == "no time"
+    report = (tmp_path / "r.md").read_text()
+    assert "| tests | FAILED (no time) | 0 | not run: no time left" in report

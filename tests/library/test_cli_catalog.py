@@ -36,6 +36,9 @@ def test_version_names_the_gpu_and_an_arch_the_kernels_lack(monkeypatch):
     note = gpu_text({"cuda": True, "cuda_archs": [800, 860]})
     assert "compiled for sm_80, sm_86, not this GPU's sm_90" in note
     assert "TORCH_CUDA_ARCH_LIST=9.0" in note
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))  # an L4
+    assert "note" not in gpu_text({"cuda": True, "cuda_archs": [800]})  # sm_80 runs on sm_89
+    assert "note" in gpu_text({"cuda": True, "cuda_archs": [900]})
     assert "note" not in gpu_text({"cuda": False, "cuda_archs": []})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_text(built_for_hopper) == ""
