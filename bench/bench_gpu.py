@@ -197,7 +197,6 @@ def _run(benchmark, steps: dict, skipped: dict, group: str, info: dict,
         if not steps:
             pytest.skip(f"no provider can run: {skipped}")
         timer = EventTimer(steps, _target_s(), min_burst)
-        steps.clear()
         skipped.update(timer.failed)
         benchmark.group = group
         benchmark.extra_info.update(device="cuda", device_name=torch.cuda.get_device_name(),

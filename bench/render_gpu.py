@@ -37,6 +37,12 @@ def _median(b: dict, p: str) -> float | None:
     return r["median_s"] if r else None
 
 
+def _by_case(emb: list[dict]) -> dict[tuple[str, str, int], dict]:
+    """The embedding benchmarks by (ids, mode, B)."""
+    return {(b["extra_info"]["ids"], b["extra_info"]["mode"], b["extra_info"]["B"]): b
+            for b in emb}
+
+
 def _share(b: dict, p: str) -> float | None:
     """Provider ``p``'s time as a share of the copy's in benchmark ``b`` (its %copy)."""
     t, t_copy = _median(b, p), _median(b, "copy")
@@ -46,8 +52,7 @@ def _share(b: dict, p: str) -> float | None:
 def backward_shares(emb: list[dict]) -> list[tuple[str, str, int, str, float, float]]:
     """(ids, optimizer, B, provider, seconds, %copy) of the fused backward alone: the step's
     time minus the lookup's, against the backward's own bytes and the step's copy bandwidth."""
-    by = {(b["extra_info"]["ids"], b["extra_info"]["mode"], b["extra_info"]["B"]): b
-          for b in emb}
+    by = _by_case(emb)
     rows = []
     for (ids, mode, B), b in sorted(by.items()):
         fwd = by.get((ids, "forward", B))
@@ -95,8 +100,7 @@ def render_targets(fusion: list[dict], emb: list[dict]) -> list[str]:
         cases = [(v, ids) for ids, mode, _B, q, _t, v in shares if mode == "sgd" and q == p]
         worst(f"fused-SGD backward ≥ {100 * TARGETS['backward']:.0f}% of copy", p, cases,
               TARGETS["backward"])
-    by = {(b["extra_info"]["ids"], b["extra_info"]["mode"], b["extra_info"]["B"]): b
-          for b in single}
+    by = _by_case(single)
     for p in EMB_CETNET:
         cases = []
         for (ids, mode, B), b in by.items():
@@ -173,8 +177,7 @@ def render_fusion(benches: list[dict]) -> list[str]:
 def render_embedding(benches: list[dict]) -> list[str]:
     if not benches:
         return []
-    by = {(b["extra_info"]["ids"], b["extra_info"]["mode"], b["extra_info"]["B"]): b
-          for b in benches}
+    by = _by_case(benches)
     provs = [p for p in EMB_ORDER if any(_median(b, p) for b in benches)]
     head = ["ids", "mode", "B", "hottest row", "copy GB/s"] + [f"{p} ms (%copy)" for p in provs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]

@@ -64,7 +64,8 @@ sequences are checked by its gather kernel (above), the bags' values and offsets
 ops over all bags at once; the flags are read after the gathers are queued and before the bags'
 kernel, which needs valid offsets. The backward and update ops check everything with torch ops
 before anything is written; called through autograd they get bounds check OFF while the saved
-ids are unchanged since the lookup, which checked them (embedding_ops._backward_args). With ``bounds_check`` off (:class:`cetnet_kernels.codes.BoundsCheck`)
+ids are unchanged since the lookup, which checked them (embedding_ops._backward_args). With
+``bounds_check`` off (:class:`cetnet_kernels.codes.BoundsCheck`)
 there is no check and no synchronization in forward or backward: a bad id is padding and a
 bag's offsets are clamped into its values (``_Plan.bag_offsets``). With ``warn`` the lookup
 checks as above but warns for bad ids (read as padding) instead of raising; backward and the
