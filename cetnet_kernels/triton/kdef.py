@@ -17,7 +17,7 @@ With p = sigmoid(z) (stable, q = 1 - p exact), teacher pT_b = sigmoid((1/K) sum_
   g_bk = (p - y)/(K B) + (2/B) pq [a_k d_bk + (1/K) sum_{j != k} b_kj (p_bk - p_bj)]
          + (1/B) pq sgn(y_b - p_bk) G_k,      d_bk = p_bk - pT_b
 
-Three steps, no host synchronization:
+Three or four launches, no host synchronization:
 
 1. ``_kdef_reduce_kernel``, grid (row chunks, member tiles). Program (c, t) walks the rows of
    chunk c in [BLOCK_R, BLOCK_K] tiles (the whole row: BLOCK_K = next_power_of_2(K)) and owns
@@ -32,9 +32,11 @@ Three steps, no host synchronization:
    buffer [chunks, K*K + 3K] (N row-major, then s, M, BCE per member). The t = 0 programs store
    the teacher. The chunking depends only on (B, K), never on the device, so results are
    bitwise reproducible; no atomics.
-2. Torch on the device: ``partials.sum(0)`` (fixed order) and the K-sized math (a, E, Z, b, R,
-   G, loss) in float64 — tiny tensors, no sync. The gradient coefficients go to a vector
-   coef = [E (K), 2a/B (K), 2/(K B Z) (K), G/B (K), sum E, 1/(K B)] in the acc dtype.
+2. ``partials.sum(0)`` (a torch reduction in a fixed order; skipped for one chunk), then
+   ``_kdef_finalize_kernel``, one program: the K-sized math (a, E, Z, b, R, G, loss) in
+   float64, N in tiles of rows. The gradient coefficients go to a vector
+   coef = [E (K), 2a/B (K), 2/(K B Z) (K), G/B (K), sum E, 1/(K B)] in the acc dtype. (As ~30
+   small torch ops it cost ~0.5 ms of host time per call, more than the passes at B = 4M.)
 3. ``_kdef_grad_kernel`` (with compute_grad), elementwise over [BLOCK_B, BLOCK_K] row tiles:
    the S2S sum in O(K) per row as sum_j E_j (d_k - d_j) = d_k sum E - sum_j E_j d_j with the
    teacher-centred d = p - pT (the centring keeps the rounding proportional to |p - pT|).
@@ -81,6 +83,7 @@ _ACC_TILE = 2048  # float64 [BLOCK_I, BLOCK_K] accumulator elements per program
 _PAIR_TILE = 4096  # [BLOCK_R, BLOCK_I, BLOCK_K] pairwise-difference elements per row tile
 _MAX_BLOCK_R = 64  # rows per tile of pass 1 (sums of at most this many rows in float32)
 _TARGET_PROGRAMS = 1024  # pass-1 programs (chunks x member tiles), at most
+_FINALIZE_TILE = 4096  # float64 [BLOCK_I, BLOCK_K] elements of N per step of the finalize loop
 _MAX_PARTIALS = 1 << 22  # float64 elements of the partials buffer (chunks x (K^2 + 3K)), about
 
 
@@ -171,6 +174,62 @@ def _kdef_reduce_kernel(
     tl.store(base + kk + icols, acc_s, mask=imask)
     tl.store(base + kk + K + icols, acc_m, mask=imask)
     tl.store(base + kk + 2 * K + icols, acc_l, mask=imask)
+
+
+@triton.jit
+def _kdef_finalize_kernel(
+    tot_ptr,  # [K*K + 3K] float64 batch sums: N (K*K row-major), s, M, BCE (per member)
+    loss_ptr,  # [] out loss, acc dtype
+    coef_ptr,  # [4K + 2] out acc dtype (see _kdef_grad_kernel); unused without HAS_COEF
+    B,
+    K,
+    HAS_COEF: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # The K-sized math in float64, one program: [BLOCK_K] vectors for the members and
+    # [BLOCK_I, BLOCK_K] tiles of rows i of N (all of K <= BLOCK_K columns of a row at once).
+    cols = tl.arange(0, BLOCK_K)
+    kmask = cols < K
+    kk = K * K
+    bf = tl.cast(B, tl.float64)  # (B or K may arrive as the constexpr 1)
+    kf = tl.cast(K, tl.float64)
+    s = tl.load(tot_ptr + kk + cols, mask=kmask, other=0.0) / bf
+    m = tl.load(tot_ptr + kk + K + cols, mask=kmask, other=0.0) / bf
+    lbce = tl.sum(tl.load(tot_ptr + kk + 2 * K + cols, mask=kmask, other=0.0), axis=0) / (kf * bf)
+    smax = tl.max(tl.where(kmask, s, -float("inf")), axis=0)
+    smin = tl.min(tl.where(kmask, s, float("inf")), axis=0)
+    ea = tl.where(kmask, tl.exp(smin - s), 0.0)  # softmax(-s), unnormalized
+    a = ea / tl.sum(ea, axis=0)
+    e = tl.where(kmask, tl.exp(s - smax), 0.0)
+    am = tl.sum(a * m, axis=0)
+    sr = tl.sum(tl.zeros([BLOCK_I], dtype=tl.float64), axis=0)  # sum_i R_i
+    gs = tl.zeros([BLOCK_K], dtype=tl.float64)  # sum_{i != k} (N_ik - R_i) / Z_i
+    for i0 in range(0, K, BLOCK_I):
+        irows = i0 + tl.arange(0, BLOCK_I)
+        imask = irows < K
+        m2 = imask[:, None] & kmask[None, :]
+        off = m2 & (irows[:, None] != cols[None, :])
+        n = tl.load(tot_ptr + irows[:, None] * K + cols[None, :], mask=m2, other=0.0) / bf
+        z = tl.sum(tl.where(off, e[None, :], 0.0), axis=1)  # Z_i = sum_{l != i} E_l
+        zs = tl.where(z > 0, z, 1.0)  # K = 1: Z = 0, b = 0, R = 0
+        r = tl.sum(tl.where(off, e[None, :] * n, 0.0), axis=1) / zs
+        sr += tl.sum(tl.where(imask, r, 0.0), axis=0)
+        # N is symmetric: N_ik is column k of row i
+        gs += tl.sum(tl.where(off, (n - r[:, None]) / zs[:, None], 0.0), axis=0)
+        if HAS_COEF:
+            cs = tl.where(z > 0, 2.0 / (kf * bf * zs), 0.0)
+            tl.store(coef_ptr + 2 * K + irows, cs.to(coef_ptr.dtype.element_ty), mask=imask)
+    loss = lbce + am + sr / kf
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+    if HAS_COEF:
+        g = -a * (m - am) + e * gs / kf
+        out = coef_ptr.dtype.element_ty
+        tl.store(coef_ptr + cols, e.to(out), mask=kmask)
+        tl.store(coef_ptr + K + cols, (2.0 * a / bf).to(out), mask=kmask)
+        tl.store(coef_ptr + 3 * K + cols, (g / bf).to(out), mask=kmask)
+        tl.store(coef_ptr + 4 * K, tl.sum(e, axis=0).to(out))
+        tl.store(coef_ptr + 4 * K + 1, (1.0 / (kf * bf)).to(out))
 
 
 @triton.jit
@@ -269,27 +328,22 @@ def _kdef_loss(logits: Tensor, labels: Tensor, compute_grad: bool) -> tuple[Tens
         num_warps,
     )
 
-    # The K-sized math, on the device in float64 (no host sync).
-    tot = part.sum(0)
-    N = tot[: K * K].view(K, K) / B
-    s = tot[K * K: K * K + K] / B
-    M = tot[K * K + K: K * K + 2 * K] / B
-    lbce = tot[K * K + 2 * K:].sum() / (K * B)
-    a = torch.softmax(-s, dim=0)
-    E = torch.exp(s - s.max())
-    off = ~torch.eye(K, dtype=torch.bool, device=dev)
-    Z = torch.where(off, E[None, :], 0.0).sum(1)  # sum_{l != i} E_l (0 for K = 1)
-    bmat = torch.where(off, E[None, :] / Z[:, None], 0.0)  # b_ij; K = 1: [[0]]
-    R = (bmat * N).sum(1)
-    aM = (a * M).sum()
-    loss = (lbce + aM + R.sum() / K).to(acc)
+    # The batch sums (a fixed-order torch reduction over the chunks), then the K-sized math in
+    # one float64 program: the loss and the gradient coefficients.
+    tot = part.sum(0) if n_chunks > 1 else part[0]
+    loss = torch.empty((), dtype=acc, device=dev)
+    coef = torch.empty((4 * K + 2,), dtype=acc, device=dev) if compute_grad else None
+    fin_k = triton.next_power_of_2(K)
+    _launch(
+        _kdef_finalize_kernel,
+        (1,),
+        (tot, loss, coef, B, K),
+        dict(HAS_COEF=compute_grad, BLOCK_I=max(1, min(fin_k, _FINALIZE_TILE // fin_k)),
+             BLOCK_K=fin_k),
+        4,
+    )
 
     if compute_grad:
-        G = -a * (M - aM) + (bmat * (N - R[:, None])).sum(0) / K
-        cs = torch.where(Z > 0, 2.0 / (K * B * Z), 0.0)  # K = 1: no S2S term
-        scal = torch.stack([E.sum(), torch.full((), 1.0 / (K * B), dtype=torch.float64,
-                                                device=dev)])
-        coef = torch.cat([E, (2.0 / B) * a, cs, G / B, scal]).to(acc)
         block_b, block_k2, warps2 = _blocks(K)
         n = triton.cdiv(B, block_b)
         for pid0 in range(0, n, _MAX_GRID_X):

@@ -114,9 +114,9 @@ def _exercise_ops() -> None:
                                              mutual_weight=0.2, distill_weight=0.3,
                                              backend="triton")
                 loss.backward()
-        for K in (1, 3, 16):
-            zk = (torch.randn(5, K, generator=g) * 2).to(dtype).requires_grad_()
-            kdef_loss(zk, y, backend="triton")[0].backward()
+        for B, K in ((5, 1), (5, 3), (5, 16), (1, 3)):  # B = 1, K = 1: constexpr arguments
+            zk = (torch.randn(B, K, generator=g) * 2).to(dtype).requires_grad_()
+            kdef_loss(zk, y[:B], backend="triton")[0].backward()
     features = [("user", 7), ("item", 11), ("tags", 5, "sum")]
     ids = {"user": torch.tensor([1, 2, 6]), "item": torch.tensor([[0, 10], [3, 4], [5, 5]]),
            "tags": (torch.tensor([0, 1, 4, 2]), torch.tensor([0, 2, 3, 4]))}
