@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 import torch
+from torch import Tensor
 
 from cetnet_kernels._extension import HAS_C, _C
+from cetnet_kernels._host import shape_only
 
-__all__ = ["BACKENDS", "OpTable", "TritonLoader", "available_backends", "resolve_backend"]
+__all__ = ["BACKENDS", "EagerOp", "OpTable", "TritonLoader", "available_backends",
+           "resolve_backend"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -137,3 +140,54 @@ class OpTable(Generic[Ops]):
         if backend == "triton":
             self.triton.ensure()
         return self._ops[backend]
+
+
+class EagerOp:
+    """A Python-implemented op (the Triton ones) called without torch.library's Python layers
+    in eager mode.
+
+    Through the dispatcher, an op registered with ``torch.library.custom_op`` / ``triton_op``
+    boxes its arguments and runs the Python autograd wrapper of ``register_autograd``: on the
+    CI CPU ~60 us per call for the dispatch and ~200 us per training step for the wrapper, more
+    than the kernels take at CTR batch sizes on a GPU. In eager mode this calls ``impl`` (the
+    op's own implementation, with launches straight to Triton) inside an
+    ``torch.autograd.Function`` built from the same ``setup_context`` / ``backward`` formulas as
+    the registered autograd; under torch.compile (and torch.export) it calls the registered
+    ``op``, which is what tracing needs (as it does for fake or meta tensors: all of a call's
+    tensors are, or none). Same kernels and formulas either way: the results are
+    bitwise equal.
+
+    Args:
+        op: the registered op (``torch.ops.cetnet.<name>.default``).
+        impl: the op's implementation, called with the op's arguments.
+        setup_context, backward: the op's autograd formulas (as for ``register_autograd``), or
+            None for an op that is not differentiable (backward ops).
+    """
+
+    def __init__(self, op: Callable[..., Any], impl: Callable[..., Any],
+                 setup_context: Callable[..., None] | None = None,
+                 backward: Callable[..., Any] | None = None) -> None:
+        self.op = op
+        self.impl = impl
+        self._function: type[torch.autograd.Function] | None = None
+        if backward is not None and setup_context is not None:
+            def forward(ctx: Any, *args: Any) -> Any:
+                # (A separate setup_context staticmethod would make every apply() bind the
+                # arguments through inspect.signature: ~60 us.)
+                output = impl(*args)
+                setup_context(ctx, args, output)
+                return output
+
+            self._function = type(f"Eager_{getattr(impl, '__name__', 'op')}",
+                                  (torch.autograd.Function,),
+                                  {"forward": staticmethod(forward),
+                                   "backward": staticmethod(backward)})
+
+    def __call__(self, *args: Any) -> Any:
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if torch.compiler.is_compiling() or (first is not None and shape_only(first)):
+            return self.op(*args)
+        if self._function is not None and torch.is_grad_enabled() and any(
+                isinstance(a, Tensor) and a.requires_grad for a in args):
+            return self._function.apply(*args)
+        return self.impl(*args)

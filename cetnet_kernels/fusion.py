@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
-from cetnet_kernels.backends import OpTable, resolve_backend
+from cetnet_kernels.backends import EagerOp, OpTable, resolve_backend
 from cetnet_kernels.codes import REDUCTION_CODES, Reduction
 
 __all__ = ["confidence_fusion", "collaborative_loss", "REDUCTIONS", "FUSION_SPACES"]
@@ -64,8 +64,9 @@ def _loss_fake(logits, labels, temperature, ensemble_weight, member_weight, dist
     return loss, logits.new_empty((B,)), grad, grad_t
 
 
-def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
-    fusion_name, loss_name = names
+def _autograd_formulas(ops: _OpSet) -> tuple[Callable, Callable, Callable, Callable]:
+    """``(fusion setup_context, fusion backward, loss setup_context, loss backward)``: the
+    autograd of the Triton ops, whose backward calls ``ops.fusion_backward``."""
 
     def fusion_setup(ctx, inputs, output):
         logits, temperature, logit_space, detach_weights = inputs
@@ -104,16 +105,21 @@ def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
                 raise RuntimeError(
                     "collaborative_loss was called with compute_grad=False; its gradient was not "
                     "computed in the forward pass")
+            # only what is asked for, as csrc/autograd.cpp
             if ctx.reduction == Reduction.NONE:
-                scale = grad_loss[:, None]
-                grad_z = grad_logits * scale
-                gt = (grad_t * grad_loss).sum() if grad_t.dim() == 1 else None
+                if need_z:
+                    grad_z = grad_logits * grad_loss[:, None]
+                if need_t and grad_t.dim() == 1:
+                    gt = (grad_t * grad_loss).sum()
             else:
                 B = logits.shape[0]
                 scale = grad_loss * (1.0 / B) if ctx.reduction == Reduction.MEAN and B > 0 else grad_loss
-                grad_z = grad_logits * scale  # bf16/fp16 * fp32 0-dim: computed in fp32
-                gt = grad_t * scale
-            grad_z = grad_z.to(logits.dtype)
+                if need_z:
+                    grad_z = grad_logits * scale  # bf16/fp16 * fp32 0-dim: computed in fp32
+                if need_t:
+                    gt = grad_t * scale
+            if grad_z is not None:
+                grad_z = grad_z.to(logits.dtype)
         if grad_prob is not None and (need_z or need_t):
             gz2, gt2 = ops.fusion_backward(grad_prob, None, logits, temperature, ctx.logit_space,
                                            ctx.detach_weights, need_t and not ctx.detach_weights)
@@ -125,8 +131,15 @@ def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
                 gt.to(temperature.dtype) if need_t else None,
                 None, None, None, None, None, None, None, None, None)
 
-    torch.library.register_autograd(fusion_name, fusion_backward, setup_context=fusion_setup)
-    torch.library.register_autograd(loss_name, loss_backward, setup_context=loss_setup)
+    return fusion_setup, fusion_backward, loss_setup, loss_backward
+
+
+def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
+    """Registers :func:`_autograd_formulas` as the autograd of the ops named ``names``
+    (fusion, loss)."""
+    fusion_setup, fusion_backward, loss_setup, loss_backward = _autograd_formulas(ops)
+    torch.library.register_autograd(names[0], fusion_backward, setup_context=fusion_setup)
+    torch.library.register_autograd(names[1], loss_backward, setup_context=loss_setup)
 
 
 def _compiled_ops() -> _OpSet:
@@ -141,13 +154,19 @@ def _compiled_ops() -> _OpSet:
 
 
 def _load_triton() -> _OpSet:
-    from cetnet_kernels.triton import fusion as tf  # noqa: F401  (defines the *_triton ops)
+    from cetnet_kernels.triton import fusion as tf  # defines the *_triton ops
 
     t = torch.ops.cetnet
-    ops = _OpSet(t.confidence_fusion_triton.default, t.confidence_fusion_backward_triton.default,
-                 t.collaborative_loss_triton.default)
-    _register_autograd(ops, ("cetnet::confidence_fusion_triton", "cetnet::collaborative_loss_triton"))
-    return ops
+    names = ("confidence_fusion_triton", "confidence_fusion_backward_triton",
+             "collaborative_loss_triton")
+    registered = _OpSet(*(getattr(t, n).default for n in names))
+    _register_autograd(registered, (f"cetnet::{names[0]}", f"cetnet::{names[2]}"))
+    # Eager calls run the implementations below torch.library, with the same formulas.
+    direct = _OpSet(*(tf.IMPLEMENTATIONS[n] for n in names))
+    fusion_setup, fusion_backward, loss_setup, loss_backward = _autograd_formulas(direct)
+    return _OpSet(EagerOp(registered.fusion, direct.fusion, fusion_setup, fusion_backward),
+                  EagerOp(registered.fusion_backward, direct.fusion_backward),
+                  EagerOp(registered.loss, direct.loss, loss_setup, loss_backward))
 
 
 _ops_for = OpTable(_compiled_ops, _load_triton)

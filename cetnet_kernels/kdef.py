@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
-from cetnet_kernels.backends import OpTable, resolve_backend
+from cetnet_kernels.backends import EagerOp, OpTable, resolve_backend
 from cetnet_kernels.fusion import _check_label_values, _check_labels, _check_logits
 
 __all__ = ["kdef_loss"]
@@ -82,9 +82,12 @@ def _compiled_op() -> Callable:
 
 def _load_triton() -> Callable:
     from cetnet_kernels.triton import kdef  # noqa: F401  (defines cetnet::kdef_loss_triton)
+    from cetnet_kernels.triton.fusion import IMPLEMENTATIONS
 
     torch.library.register_autograd("cetnet::kdef_loss_triton", _backward, setup_context=_setup)
-    return torch.ops.cetnet.kdef_loss_triton.default
+    # Eager calls run the implementation below torch.library, with the same formulas.
+    return EagerOp(torch.ops.cetnet.kdef_loss_triton.default,
+                   IMPLEMENTATIONS["kdef_loss_triton"], _setup, _backward)
 
 
 _op_for = OpTable(_compiled_op, _load_triton)

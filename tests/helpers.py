@@ -84,6 +84,25 @@ SYNCHRONIZING_OPS = frozenset({
 _INDEXING_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put_",
                            "aten::_index_put_impl_"})
 
+def dispatched_ops(fn):
+    """``(names, fn())``: the set of op names ``fn()`` dispatches, as a TorchDispatchMode sees
+    them (ops behind autograd included; what runs below the dispatcher is not seen)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        out = fn()
+    return seen.names, out
+
+
 #: Tensor methods that read a device tensor's values into Python or host memory without an op
 #: a dispatch mode sees when the tensor is on the CPU (as it is in these tests).
 _HOST_READS = ("tolist", "numpy", "cpu")

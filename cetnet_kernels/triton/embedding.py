@@ -78,7 +78,7 @@ calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tens
 from __future__ import annotations
 
 import struct
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import triton
@@ -95,6 +95,7 @@ from cetnet_kernels.layout import table_layout
 from cetnet_kernels.triton.fusion import INTERPRETED  # TRITON_INTERPRET=1 at import time
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "INTERPRETED",
     "multi_embedding_backward_triton",
     "multi_embedding_fused_triton",
@@ -991,3 +992,11 @@ multi_embedding_backward_triton = torch.library.custom_op(
 multi_embedding_update_triton = torch.library.custom_op(
     "cetnet::multi_embedding_update_triton", _multi_embedding_update,
     mutates_args=("weight", "state"))
+
+#: Each op's implementation by name: what embedding_ops.EmbeddingOps calls in eager mode.
+IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {
+    "multi_embedding_triton": _multi_embedding,
+    "multi_embedding_fused_triton": _multi_embedding_fused,
+    "multi_embedding_backward_triton": _multi_embedding_backward,
+    "multi_embedding_update_triton": _multi_embedding_update,
+}

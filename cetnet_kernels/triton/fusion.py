@@ -57,9 +57,10 @@ gives interpreted functions that cannot be traced into a graph; the ops are then
 torch.compile treats them as opaque calls.
 """
 
+import functools
 import math
 import struct
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import triton
@@ -72,6 +73,8 @@ from cetnet_kernels._host import shape_only
 from cetnet_kernels.codes import Reduction
 
 __all__ = [
+    "IMPLEMENTATIONS",
+    "direct",
     "confidence_fusion_triton",
     "confidence_fusion_backward_triton",
     "collaborative_loss_triton",
@@ -622,6 +625,27 @@ def _launch(kernel, grid, args, constexprs, num_warps):
             torch.library.wrap_triton(kernel)[grid](*args, **constexprs, num_warps=num_warps)
 
 
+_set_wrap_triton_enabled: Optional[Callable[[bool], Any]]
+try:
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # pragma: no cover (torch 2.6: eager launches then go through the wrapper)
+    _set_wrap_triton_enabled = None
+
+
+def direct(impl: Callable[..., Any]) -> Callable[..., Any]:
+    """``impl`` (an op's implementation) made callable below torch.library in eager mode
+    (backends.EagerOp): its launches go straight to Triton, as they do inside the registered
+    op, instead of through torch's traceable wrapper (wrap_triton), which only tracing needs."""
+    if INTERPRETED or _set_wrap_triton_enabled is None:
+        return impl
+
+    @functools.wraps(impl)
+    def call(*args: Any) -> Any:
+        with _set_wrap_triton_enabled(False):
+            return impl(*args)
+    return call
+
+
 _MAX_K = getattr(tl, "TRITON_MAX_TENSOR_NUMEL", 1 << 20)
 
 
@@ -883,8 +907,14 @@ def _collaborative_loss(
 # =============================================================================================
 # Registration
 # =============================================================================================
+#: The implementation of each op registered here and in kdef.py, by op name, made
+#: :func:`direct`: what backends.EagerOp calls in eager mode.
+IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {}
+
+
 def _register(name: str, fn):
     qualname = f"cetnet::{name}"
+    IMPLEMENTATIONS[name] = direct(fn)
     if INTERPRETED:
         # Interpreted kernels cannot be captured by wrap_triton: an opaque custom op whose fake
         # implementation is the same function (the launch is skipped for fake/meta tensors).

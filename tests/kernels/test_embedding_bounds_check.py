@@ -352,27 +352,46 @@ def test_triton_off_dispatches_no_synchronizing_op(backend, device, optimizer):
 OP_CASES = backend_device_params(backends=("cpu", "cuda", "triton"))
 
 
-class _EmbeddingOpCalls:
-    """A dispatch mode recording (op name, bounds_check argument) of every cetnet embedding op
-    call under it (the ops behind autograd are seen too)."""
+@contextlib.contextmanager
+def _embedding_op_calls(backend: str):
+    """Records (op name, bounds_check argument) of every cetnet embedding op call under it, in
+    a list: the registered ops through a dispatch mode (those behind autograd too), and the
+    implementations that eager calls of the backend's ops run below the dispatcher (Triton)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    from cetnet_kernels.embedding_ops import ops_for
 
-        class Calls(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.seen = []
+    seen: list[tuple[str, int]] = []
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                schema = func._schema
-                if schema.name.startswith("cetnet::multi_embedding"):
-                    names = [a.name for a in schema.arguments]
-                    self.seen.append((schema.name.split("::")[1],
-                                      int(args[names.index("bounds_check")])))
-                return func(*args, **(kwargs or {}))
+    def note(name: str, args) -> None:
+        schema = getattr(torch.ops.cetnet, name).default._schema
+        names = [a.name for a in schema.arguments]
+        seen.append((name, int(args[names.index("bounds_check")])))
 
-        return Calls()
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name.startswith("cetnet::multi_embedding"):
+                note(func._schema.name.split("::")[1], args)
+            return func(*args, **(kwargs or {}))
+
+    ops = ops_for(backend)
+    suffix = "_triton" if backend == "triton" else ""
+    kept = {}
+    for attr, name in (("_lookup", "multi_embedding"), ("_fused", "multi_embedding_fused"),
+                       ("_backward", "multi_embedding_backward"),
+                       ("_update", "multi_embedding_update")):
+        fn = kept[attr] = getattr(ops, attr)
+        if not isinstance(fn, torch._ops.OpOverload):  # an implementation: no dispatch to see
+            def recording(*args, fn=fn, name=name + suffix):
+                note(name, args)
+                return fn(*args)
+            setattr(ops, attr, recording)
+    try:
+        with Calls():
+            yield seen
+    finally:
+        for attr, fn in kept.items():
+            setattr(ops, attr, fn)
 
 
 @pytest.mark.parametrize("backend, device", OP_CASES)
@@ -397,7 +416,7 @@ def test_backward_trusts_the_lookups_check(backend, device, optimizer, path):
         grads = [torch.randn(5, 10, d, device=device, dtype=torch.float64) for d in DIMS]
         args = mod._normalize(ids)[0]
         w0 = mod.weight.detach().clone()
-        with _EmbeddingOpCalls() as calls:
+        with _embedding_op_calls(backend) as calls:
             if path == "module":
                 outs = mod(ids)
             elif optimizer is None:
@@ -410,13 +429,13 @@ def test_backward_trusts_the_lookups_check(backend, device, optimizer, path):
                 outs = getattr(torch.ops.cetnet, "multi_embedding_fused" + suffix).default(
                     args.weight, state, mod._placeholder, *args[1:], *opt)
             loss_of(outs, grads).backward()
-        lookup, backward = calls.seen[0], calls.seen[-1]
+        lookup, backward = calls[0], calls[-1]
         assert lookup == (("multi_embedding" if optimizer is None or path == "module"
                            else "multi_embedding_fused") + suffix,
-                          int(BoundsCheck[mode.upper()])), calls.seen
+                          int(BoundsCheck[mode.upper()])), calls
         assert backward == (("multi_embedding_backward" if optimizer is None
                              else "multi_embedding_update") + suffix,
-                            int(BoundsCheck.OFF)), calls.seen
+                            int(BoundsCheck.OFF)), calls
         # the same result as the backward op called directly with the lookup's mode
         ops = ops_for(backend)
         checked = args._replace(weight=w0.clone())
