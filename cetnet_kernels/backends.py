@@ -8,12 +8,18 @@ from typing import Any, Callable, Generic, TypeVar
 
 import torch
 from torch import Tensor
+from torch._C import _functions as _autograd_functions
 
 from cetnet_kernels._extension import HAS_C, _C
 from cetnet_kernels._host import shape_only
 
+try:
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode as _proxy_mode
+except ImportError:  # pragma: no cover (an older torch without it)
+    _proxy_mode = None  # type: ignore[assignment]
+
 __all__ = ["BACKENDS", "EagerOp", "OpTable", "TritonLoader", "available_backends",
-           "resolve_backend"]
+           "resolve_backend", "traced"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -142,6 +148,42 @@ class OpTable(Generic[Ops]):
         return self._ops[backend]
 
 
+def _first_order(backward: Callable[..., Any], op: Any) -> Callable[..., Any]:
+    """``backward`` run without building a graph; with ``create_graph=True`` its gradients
+    come out requiring grad through a node that raises when it is differentiated (as
+    ``once_differentiable`` does only when an upstream gradient requires grad), so a second
+    derivative through the op is an error, never silently zero."""
+    message = (f"{getattr(op, '__name__', op)} has no second derivative: its gradient cannot "
+               "be differentiated again (create_graph=True)").encode()
+
+    def first_order(ctx: Any, *grads: Any) -> Any:
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        out = out if isinstance(out, tuple) else (out,)
+        tensors = [i for i, g in enumerate(out) if isinstance(g, Tensor)]
+        if not tensors:
+            return out
+        marked = _autograd_functions.DelayedError(message, len(tensors))(
+            *[out[i].detach().requires_grad_() for i in tensors])
+        marked = marked if isinstance(marked, tuple) else (marked,)
+        result = list(out)
+        for i, g in zip(tensors, marked):
+            result[i] = g
+        return tuple(result)
+    return first_order
+
+
+def traced(t: Tensor | None) -> bool:
+    """Whether a call with tensor ``t`` among its arguments is being traced, so that it must go
+    through the registered op rather than run its implementation: under torch.compile or
+    torch.export (compiled autograd included), with fake or meta tensors, or under make_fx's
+    proxy mode (which records ops, and would miss the kernels of an implementation)."""
+    return (torch.compiler.is_compiling() or (t is not None and shape_only(t))
+            or (_proxy_mode is not None and _proxy_mode() is not None))
+
+
 class EagerOp:
     """A Python-implemented op (the Triton ones) called without torch.library's Python layers
     in eager mode.
@@ -153,9 +195,10 @@ class EagerOp:
     op's own implementation, with launches straight to Triton) inside an
     ``torch.autograd.Function`` built from the same ``setup_context`` / ``backward`` formulas as
     the registered autograd; under torch.compile (and torch.export) it calls the registered
-    ``op``, which is what tracing needs (as it does for fake or meta tensors: all of a call's
-    tensors are, or none). Same kernels and formulas either way: the results are
-    bitwise equal.
+    ``op``, which is what tracing needs (see :func:`traced`). Same kernels and formulas either
+    way: the results are bitwise equal. The gradients are first-order only: differentiating
+    them again (``create_graph=True``, then a backward through them) raises, naming the op,
+    instead of treating them as constants.
 
     Args:
         op: the registered op (``torch.ops.cetnet.<name>.default``).
@@ -181,11 +224,10 @@ class EagerOp:
             self._function = type(f"Eager_{getattr(impl, '__name__', 'op')}",
                                   (torch.autograd.Function,),
                                   {"forward": staticmethod(forward),
-                                   "backward": staticmethod(backward)})
+                                   "backward": staticmethod(_first_order(backward, op))})
 
     def __call__(self, *args: Any) -> Any:
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        if torch.compiler.is_compiling() or (first is not None and shape_only(first)):
+        if traced(next((a for a in args if isinstance(a, Tensor)), None)):
             return self.op(*args)
         if self._function is not None and torch.is_grad_enabled() and any(
                 isinstance(a, Tensor) and a.requires_grad for a in args):

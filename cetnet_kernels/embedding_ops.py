@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from cetnet_kernels._host import acc_dtype, shape_only
-from cetnet_kernels.backends import OpTable
+from cetnet_kernels._host import acc_dtype
+from cetnet_kernels.backends import EagerOp, OpTable, traced
 from cetnet_kernels.codes import BoundsCheck, InputMode
 from cetnet_kernels.embedding_args import EmbeddingArgs, OptimizerArgs
 
@@ -104,11 +104,14 @@ def _backward_args(ctx: Any, weight: Tensor, saved: Sequence[Tensor]) -> Embeddi
     backward runs with bounds checking off (:meth:`EmbeddingArgs.trusted`: no second
     synchronization on CUDA). Autograd refuses a saved tensor changed in place, except under a
     saved-tensor hook that hands back the same tensor: then the versions differ and the
-    backward checks again, with the lookup's mode. (Under torch.compile the comparison runs once,
-    when the backward is traced, on the traced tensors: the compiled backward trusts the lookup.
-    A bad id then reads as padding, never out of range.)"""
+    backward checks again, with the lookup's mode. (Under torch.compile the compiled backward
+    trusts the lookup: the comparison runs once, when the backward is traced, on the traced
+    tensors, or not at all when compiled autograd traces it, whose version counters are
+    symbolic. A bad id then reads as padding, never out of range.)"""
     a = ctx.args.with_tensors(weight, saved)
-    return a.trusted() if _versions(a) == ctx.input_versions else a
+    if torch.compiler.is_compiling() or _versions(a) == ctx.input_versions:
+        return a.trusted()
+    return a
 
 
 def _dense_grad_weight(ctx: Any, backward_op: Any, grads: Sequence[Tensor | None]
@@ -277,6 +280,17 @@ class _EagerFused(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 # Op table
 # ------------------------------------------------------------------------------------------------
+def _bumping_versions(update: Callable[..., Any]) -> Callable[..., Any]:
+    """``update`` (an implementation writing ``weight`` and ``state`` in place) bumping their
+    version counters as the registered op (``mutates_args``) does: autograd then refuses a
+    graph that saved the weight before the update instead of using the updated values."""
+    def call(grads: Any, weight: Tensor, state: Tensor, *rest: Any) -> None:
+        update(grads, weight, state, *rest)
+        torch.autograd.graph.increment_version(weight)
+        torch.autograd.graph.increment_version(state)
+    return call
+
+
 _OP_NAMES = ("multi_embedding", "multi_embedding_fused", "multi_embedding_backward",
              "multi_embedding_update")
 
@@ -297,14 +311,18 @@ class EmbeddingOps:
         ns = torch.ops.cetnet
         registered: list[Callable[..., Any]] = [getattr(ns, n + suffix).default
                                                 for n in _OP_NAMES]
-        eager = ([implementations[n + suffix] for n in _OP_NAMES] if implementations
-                 else registered)
         self._lookup_op, self._fused_op = registered[:2]
-        self._lookup, self._fused, self._backward, self._update = eager
+        self._lookup, self._fused, self._backward, self._update = registered
+        if implementations:
+            impl = [implementations[n + suffix] for n in _OP_NAMES]
+            self._lookup, self._fused = impl[:2]
+            # called from backward: compiled autograd traces them, and gets the registered ops
+            self._backward = EagerOp(registered[2], impl[2])
+            self._update = EagerOp(registered[3], _bumping_versions(impl[3]))
 
     @staticmethod
     def _traced(a: EmbeddingArgs) -> bool:
-        return torch.compiler.is_compiling() or shape_only(a.weight)
+        return traced(a.weight)
 
     def lookup(self, a: EmbeddingArgs) -> list[Tensor]:
         """The lookup with a dense backward."""

@@ -162,11 +162,13 @@ def _load_triton() -> _OpSet:
     registered = _OpSet(*(getattr(t, n).default for n in names))
     _register_autograd(registered, (f"cetnet::{names[0]}", f"cetnet::{names[2]}"))
     # Eager calls run the implementations below torch.library, with the same formulas.
+    # (Their backward calls the backward op as an EagerOp too: compiled autograd traces it.)
     direct = _OpSet(*(tf.IMPLEMENTATIONS[n] for n in names))
-    fusion_setup, fusion_backward, loss_setup, loss_backward = _autograd_formulas(direct)
+    backward = EagerOp(registered.fusion_backward, direct.fusion_backward)
+    fusion_setup, fusion_backward, loss_setup, loss_backward = _autograd_formulas(
+        _OpSet(direct.fusion, backward, direct.loss))
     return _OpSet(EagerOp(registered.fusion, direct.fusion, fusion_setup, fusion_backward),
-                  EagerOp(registered.fusion_backward, direct.fusion_backward),
-                  EagerOp(registered.loss, direct.loss, loss_setup, loss_backward))
+                  backward, EagerOp(registered.loss, direct.loss, loss_setup, loss_backward))
 
 
 _ops_for = OpTable(_compiled_ops, _load_triton)

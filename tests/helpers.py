@@ -84,6 +84,17 @@ SYNCHRONIZING_OPS = frozenset({
 _INDEXING_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put_",
                            "aten::_index_put_impl_"})
 
+def compiled_autograd():
+    """A context under which backward runs through compiled autograd (dynamo traces it; the
+    aot_eager backend, fullgraph); its entry point is ``_enable`` in recent torch versions,
+    ``enable`` in older ones."""
+    import torch._dynamo.compiled_autograd as ca
+
+    enable = getattr(ca, "_enable", None) or ca.enable
+    torch._dynamo.reset()
+    return enable(torch.compile(backend="aot_eager", fullgraph=True))
+
+
 def dispatched_ops(fn):
     """``(names, fn())``: the set of op names ``fn()`` dispatches, as a TorchDispatchMode sees
     them (ops behind autograd included; what runs below the dispatcher is not seen)."""

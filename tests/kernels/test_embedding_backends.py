@@ -22,7 +22,7 @@ from conftest import DEVICES, backend_device_params
 from embedding_support import (DIMS, FEATURES, adagrad_matches_hand_written, batches,
                                compile_matches_eager, loss_of, reference_outputs, sample_inputs,
                                sgd_matches_torch_optim, to_device, with_bad_id)
-from helpers import dispatched_ops, requires_expecttest
+from helpers import compiled_autograd, dispatched_ops, requires_expecttest
 
 # ("cuda", "cuda"), ("triton", "cpu"), ("triton", "cuda"): each a skipped parameter where it
 # cannot run.
@@ -258,20 +258,42 @@ def test_triton_eager_steps_skip_the_dispatcher_with_the_same_results(backend, d
             for step in range(2):
                 outs = mod(sample_inputs(device, gen=torch.Generator().manual_seed(step)))
                 loss_of(outs, [torch.ones_like(o) for o in outs]).backward()
+        version = mod.weight._version
         seen, _ = dispatched_ops(steps)
         kept = mod.weight.grad if optimizer is None else mod.optimizer_state  # (sgd: None)
-        return seen, [mod.weight.detach().clone()] + ([] if kept is None else [kept])
+        # version counters: an in-place update bumps them (autograd refuses what it outdated)
+        return seen, [mod.weight.detach().clone()] + ([] if kept is None else [kept]), \
+            mod.weight._version - version
 
-    seen_eager, eager = two_steps()
+    seen_eager, eager, bumps_eager = two_steps()
     registered = EmbeddingOps("_triton")  # the registered ops in eager mode too
     monkeypatch.setattr(embedding, "ops_for", lambda backend: registered)
-    seen_op, through_ops = two_steps()
+    seen_op, through_ops, bumps_op = two_steps()
+    assert bumps_eager == bumps_op == (0 if optimizer is None else 2)
     assert not any(n.startswith("cetnet::") for n in seen_eager), seen_eager
     second = "backward" if optimizer is None else "update"
     assert {"cetnet::multi_embedding_triton", f"cetnet::multi_embedding_{second}_triton"} \
         <= seen_op
     for a, b in zip(eager, through_ops, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend, device", TRITON_CASES)
+@pytest.mark.parametrize("optimizer", [None, "sgd"])
+def test_triton_backward_under_compiled_autograd(backend, device, optimizer):
+    """Compiled autograd traces the eager lookup's backward with dynamo: it must reach the
+    registered backward / update ops, and trust the lookup's check (the saved tensors'
+    version counters are symbolic there)."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        mod = _triton(2, [4, 3], device, optimizer=optimizer)
+        outs = mod(sample_inputs(device))
+        loss = loss_of(outs, [torch.ones_like(o) for o in outs])
+        with compiled_autograd() if compiled else contextlib.nullcontext():
+            loss.backward()
+        results.append(mod.weight.grad if optimizer is None else mod.weight.detach())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not HAVE_TRITON_INTERPRETER, reason="needs the Triton interpreter (the test "
