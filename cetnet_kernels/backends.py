@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover (an older torch without it)
     _proxy_mode = None  # type: ignore[assignment]
 
 __all__ = ["BACKENDS", "EagerOp", "OpTable", "TritonLoader", "available_backends",
-           "resolve_backend", "traced"]
+           "first_order", "resolve_backend", "traced"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -148,12 +148,13 @@ class OpTable(Generic[Ops]):
         return self._ops[backend]
 
 
-def _first_order(backward: Callable[..., Any], op: Any) -> Callable[..., Any]:
-    """``backward`` run without building a graph; with ``create_graph=True`` its gradients
+def first_order(backward: Callable[..., Any], op: str) -> Callable[..., Any]:
+    """``backward`` (an autograd formula of the op named ``op``) run without building a
+    graph; with ``create_graph=True`` its gradients
     come out requiring grad through a node that raises when it is differentiated (as
     ``once_differentiable`` does only when an upstream gradient requires grad), so a second
     derivative through the op is an error, never silently zero."""
-    message = (f"{getattr(op, '__name__', op)} has no second derivative: its gradient cannot "
+    message = (f"{op} has no second derivative: its gradient cannot "
                "be differentiated again (create_graph=True)").encode()
 
     def first_order(ctx: Any, *grads: Any) -> Any:
@@ -173,6 +174,11 @@ def _first_order(backward: Callable[..., Any], op: Any) -> Callable[..., Any]:
             result[i] = g
         return tuple(result)
     return first_order
+
+
+def _name(op: Any) -> str:
+    """``"cetnet::<name>"`` of a registered op (an OpOverload), else its str."""
+    return op.name() if isinstance(op, torch._ops.OpOverload) else str(op)
 
 
 def traced(t: Tensor | None) -> bool:
@@ -224,7 +230,7 @@ class EagerOp:
             self._function = type(f"Eager_{getattr(impl, '__name__', 'op')}",
                                   (torch.autograd.Function,),
                                   {"forward": staticmethod(forward),
-                                   "backward": staticmethod(_first_order(backward, op))})
+                                   "backward": staticmethod(first_order(backward, _name(op)))})
 
     def __call__(self, *args: Any) -> Any:
         if traced(next((a for a in args if isinstance(a, Tensor)), None)):

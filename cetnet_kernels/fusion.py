@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
-from cetnet_kernels.backends import EagerOp, OpTable, resolve_backend
+from cetnet_kernels.backends import EagerOp, OpTable, first_order, resolve_backend
 from cetnet_kernels.codes import REDUCTION_CODES, Reduction
 
 __all__ = ["confidence_fusion", "collaborative_loss", "REDUCTIONS", "FUSION_SPACES"]
@@ -138,8 +138,10 @@ def _register_autograd(ops: _OpSet, names: tuple[str, str]) -> None:
     """Registers :func:`_autograd_formulas` as the autograd of the ops named ``names``
     (fusion, loss)."""
     fusion_setup, fusion_backward, loss_setup, loss_backward = _autograd_formulas(ops)
-    torch.library.register_autograd(names[0], fusion_backward, setup_context=fusion_setup)
-    torch.library.register_autograd(names[1], loss_backward, setup_context=loss_setup)
+    torch.library.register_autograd(names[0], first_order(fusion_backward, names[0]),
+                                    setup_context=fusion_setup)
+    torch.library.register_autograd(names[1], first_order(loss_backward, names[1]),
+                                    setup_context=loss_setup)
 
 
 def _compiled_ops() -> _OpSet:

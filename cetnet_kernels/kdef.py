@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
-from cetnet_kernels.backends import EagerOp, OpTable, resolve_backend
+from cetnet_kernels.backends import EagerOp, OpTable, first_order, resolve_backend
 from cetnet_kernels.fusion import _check_label_values, _check_labels, _check_logits
 
 __all__ = ["kdef_loss"]
@@ -76,7 +76,8 @@ def _backward(ctx, grad_loss, grad_teacher, _grad_grad):
 
 def _compiled_op() -> Callable:
     torch.library.register_fake("cetnet::kdef_loss")(_kdef_fake)
-    torch.library.register_autograd("cetnet::kdef_loss", _backward, setup_context=_setup)
+    torch.library.register_autograd("cetnet::kdef_loss", first_order(_backward, "cetnet::kdef_loss"),
+                                    setup_context=_setup)
     return torch.ops.cetnet.kdef_loss.default
 
 
@@ -84,7 +85,9 @@ def _load_triton() -> Callable:
     from cetnet_kernels.triton import kdef  # noqa: F401  (defines cetnet::kdef_loss_triton)
     from cetnet_kernels.triton.fusion import IMPLEMENTATIONS
 
-    torch.library.register_autograd("cetnet::kdef_loss_triton", _backward, setup_context=_setup)
+    torch.library.register_autograd("cetnet::kdef_loss_triton",
+                                    first_order(_backward, "cetnet::kdef_loss_triton"),
+                                    setup_context=_setup)
     # Eager calls run the implementation below torch.library, with the same formulas.
     return EagerOp(torch.ops.cetnet.kdef_loss_triton.default,
                    IMPLEMENTATIONS["kdef_loss_triton"], _setup, _backward)

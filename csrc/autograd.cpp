@@ -9,6 +9,10 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+
+#include <string>
+#include <vector>
 
 namespace cetnet {
 namespace {
@@ -20,6 +24,31 @@ using at::Tensor;
 using FusionFn = ConfidenceFusionFn;
 using FusionBackwardFn = ConfidenceFusionBackwardFn;
 using LossFn = CollaborativeLossFn;
+
+// A backward's gradients, first order only. Computed without a graph (the backward ops have no
+// autograd); under create_graph they come out requiring grad through torch's DelayedError node,
+// so differentiating them again raises, naming the op, instead of treating them as constants.
+// (cetnet_kernels.backends.first_order does the same for the Python-registered ops.)
+variable_list first_order(variable_list grads, bool create_graph, const char* op) {
+  if (!create_graph) return grads;
+  variable_list inputs;
+  std::vector<size_t> where;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].defined()) {
+      where.push_back(i);
+      inputs.push_back(grads[i].detach().requires_grad_(true));
+    }
+  }
+  if (inputs.empty()) return grads;
+  auto error = std::make_shared<torch::autograd::DelayedError>(
+      std::string(op) +
+          " has no second derivative: its gradient cannot be differentiated again "
+          "(create_graph=True)",
+      static_cast<int64_t>(inputs.size()));
+  variable_list marked = (*error)(std::move(inputs));
+  for (size_t j = 0; j < where.size(); ++j) grads[where[j]] = marked[j];
+  return grads;
+}
 
 c10::TypedOperatorHandle<FusionFn>& fusion_op() {
   static auto op = c10::Dispatcher::singleton()
@@ -60,6 +89,13 @@ class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusi
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool create_graph = at::GradMode::is_enabled();
+    at::NoGradGuard no_graph;
+    return first_order(gradients(ctx, grads), create_graph, "cetnet::confidence_fusion");
+  }
+
+ private:
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor& logits = saved[0];
     const Tensor& temperature = saved[1];
@@ -106,6 +142,13 @@ class CollaborativeLossFunction : public torch::autograd::Function<Collaborative
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool create_graph = at::GradMode::is_enabled();
+    at::NoGradGuard no_graph;
+    return first_order(gradients(ctx, grads), create_graph, "cetnet::collaborative_loss");
+  }
+
+ private:
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor& logits = saved[0];
     const Tensor& temperature = saved[1];

@@ -601,3 +601,24 @@ def test_cpu_low_precision_nan_row_is_isolated(dtype):
     assert torch.isnan(p[5]) and torch.isnan(w[5]).all() and torch.isnan(zo.grad[5]).all()
     assert torch.isfinite(p[others]).all() and torch.isfinite(w[others]).all()
     assert torch.isfinite(zo.grad[others]).all()
+
+
+@pytest.mark.parametrize("backend, device", backend_device_params(exclude=("reference",)))
+@pytest.mark.parametrize("op", ["fusion", "loss", "kdef"])
+def test_gradients_refuse_a_second_derivative(backend, device, op):
+    """The kernels' gradients are first order: with create_graph=True they require grad (other
+    terms of a gradient penalty still flow), and differentiating them raises, naming the op,
+    instead of treating them as constants (the reference backend, plain torch ops, is twice
+    differentiable)."""
+    z = make_logits(9, 3, device=device).requires_grad_()
+    y = torch.rand(9, dtype=torch.float64, device=device)
+    tau = torch.tensor(0.7, dtype=torch.float64, device=device, requires_grad=True)
+    call = {"fusion": lambda: confidence_fusion(z, tau, backend=backend)[0].sum(),
+            "loss": lambda: collaborative_loss(z, y, tau, mutual_weight=0.3, backend=backend)[0],
+            "kdef": lambda: ck.kdef_loss(z, y, backend=backend)[0]}[op]
+    inputs = (z,) if op == "kdef" else (z, tau)
+    grads = torch.autograd.grad(call(), inputs, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (sum((g ** 2).sum() for g in grads) + (z ** 2).sum()).backward()
+    assert not any(g.requires_grad for g in torch.autograd.grad(call(), inputs))
