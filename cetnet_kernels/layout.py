@@ -13,6 +13,7 @@ Used by :class:`MultiTableEmbedding` (its tables and columns) and by the Triton 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -58,9 +59,15 @@ def table_layout(dims: Sequence[int], vocab: Sequence[int],
                  ncols: Sequence[int] | None = None) -> TableLayout:
     """The layout of tables of ``dims[m]`` columns and ``vocab[f]`` rows (unchecked: the callers
     validate their arguments first, each with its own messages), with ``ncols[f]`` output
-    columns per feature (default: one per feature)."""
-    if ncols is None:
-        ncols = [1] * len(vocab)
+    columns per feature (default: one per feature). Cached: the Triton ops ask for it twice
+    per call, with the same arguments call after call."""
+    return _layout(tuple(dims), tuple(vocab),
+                   tuple(ncols) if ncols is not None else (1,) * len(vocab))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(dims: tuple[int, ...], vocab: tuple[int, ...], ncols: tuple[int, ...]
+            ) -> TableLayout:
     row_base, rows = [], 0
     for v in vocab:
         row_base.append(rows)
