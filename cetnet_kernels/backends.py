@@ -150,30 +150,33 @@ class OpTable(Generic[Ops]):
 
 def first_order(backward: Callable[..., Any], op: str) -> Callable[..., Any]:
     """``backward`` (an autograd formula of the op named ``op``) run without building a
-    graph; with ``create_graph=True`` its gradients
-    come out requiring grad through a node that raises when it is differentiated (as
-    ``once_differentiable`` does only when an upstream gradient requires grad), so a second
-    derivative through the op is an error, never silently zero."""
-    message = (f"{op} has no second derivative: its gradient cannot "
-               "be differentiated again (create_graph=True)").encode()
+    graph; with ``create_graph=True`` its gradients come out requiring grad through a node that
+    raises when it is differentiated (as ``once_differentiable`` does only when an upstream
+    gradient requires grad), so a second derivative through the op is an error, never silently
+    zero. The node also takes the tensors the op saved that require grad (its inputs, or its
+    outputs, whose graph leads to them): a second backward restricted to the inputs
+    (``autograd.grad(penalty, params)``) reaches it too."""
+    message = (f"{op} has no second derivative: its gradient cannot be differentiated again "
+               "(create_graph=True)").encode()
 
-    def first_order(ctx: Any, *grads: Any) -> Any:
+    def first_order_backward(ctx: Any, *grads: Any) -> Any:
         with torch.no_grad():
             out = backward(ctx, *grads)
         if not torch.is_grad_enabled():
             return out
         out = out if isinstance(out, tuple) else (out,)
-        tensors = [i for i, g in enumerate(out) if isinstance(g, Tensor)]
-        if not tensors:
+        where = [i for i, g in enumerate(out) if isinstance(g, Tensor)]
+        if not where:
             return out
-        marked = _autograd_functions.DelayedError(message, len(tensors))(
-            *[out[i].detach().requires_grad_() for i in tensors])
+        anchors = [t for t in ctx.saved_tensors if isinstance(t, Tensor) and t.requires_grad]
+        marked = _autograd_functions.DelayedError(message, len(where) + len(anchors))(
+            *[out[i].detach().requires_grad_() for i in where], *anchors)
         marked = marked if isinstance(marked, tuple) else (marked,)
         result = list(out)
-        for i, g in zip(tensors, marked):
+        for i, g in zip(where, marked):
             result[i] = g
         return tuple(result)
-    return first_order
+    return first_order_backward
 
 
 def _name(op: Any) -> str:

@@ -28,9 +28,10 @@ using LossFn = CollaborativeLossFn;
 // A backward's gradients, first order only. Computed without a graph (the backward ops have no
 // autograd); under create_graph they come out requiring grad through torch's DelayedError node,
 // so differentiating them again raises, naming the op, instead of treating them as constants.
-// (cetnet_kernels.backends.first_order does the same for the Python-registered ops.)
-variable_list first_order(variable_list grads, bool create_graph, const char* op) {
-  if (!create_graph) return grads;
+// The node also takes the op's differentiable inputs (``anchors``): its edges then lead to them,
+// so a second backward restricted to those inputs (autograd.grad(penalty, params)) reaches it
+// too. (cetnet_kernels.backends.first_order does the same for the Python-registered ops.)
+variable_list first_order(variable_list grads, const char* op, const variable_list& anchors) {
   variable_list inputs;
   std::vector<size_t> where;
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -40,6 +41,9 @@ variable_list first_order(variable_list grads, bool create_graph, const char* op
     }
   }
   if (inputs.empty()) return grads;
+  for (const auto& a : anchors) {
+    if (a.defined() && a.requires_grad()) inputs.push_back(a);
+  }
   auto error = std::make_shared<torch::autograd::DelayedError>(
       std::string(op) +
           " has no second derivative: its gradient cannot be differentiated again "
@@ -90,8 +94,14 @@ class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusi
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool create_graph = at::GradMode::is_enabled();
-    at::NoGradGuard no_graph;
-    return first_order(gradients(ctx, grads), create_graph, "cetnet::confidence_fusion");
+    variable_list out;
+    {
+      at::NoGradGuard no_graph;
+      out = gradients(ctx, grads);
+    }
+    if (!create_graph) return out;
+    const auto saved = ctx->get_saved_variables();
+    return first_order(std::move(out), "cetnet::confidence_fusion", {saved[0], saved[1]});
   }
 
  private:
@@ -143,8 +153,14 @@ class CollaborativeLossFunction : public torch::autograd::Function<Collaborative
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool create_graph = at::GradMode::is_enabled();
-    at::NoGradGuard no_graph;
-    return first_order(gradients(ctx, grads), create_graph, "cetnet::collaborative_loss");
+    variable_list out;
+    {
+      at::NoGradGuard no_graph;
+      out = gradients(ctx, grads);
+    }
+    if (!create_graph) return out;
+    const auto saved = ctx->get_saved_variables();
+    return first_order(std::move(out), "cetnet::collaborative_loss", {saved[0], saved[1]});
   }
 
  private:

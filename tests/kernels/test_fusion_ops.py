@@ -617,8 +617,13 @@ def test_gradients_refuse_a_second_derivative(backend, device, op):
             "loss": lambda: collaborative_loss(z, y, tau, mutual_weight=0.3, backend=backend)[0],
             "kdef": lambda: ck.kdef_loss(z, y, backend=backend)[0]}[op]
     inputs = (z,) if op == "kdef" else (z, tau)
-    grads = torch.autograd.grad(call(), inputs, create_graph=True)
-    assert all(g.requires_grad for g in grads)
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        (sum((g ** 2).sum() for g in grads) + (z ** 2).sum()).backward()
+    for second in ("backward", "grad", "backward(inputs)"):  # the whole graph, or to the inputs
+        grads = torch.autograd.grad(call(), inputs, create_graph=True)
+        assert all(g.requires_grad for g in grads)
+        penalty = sum((g ** 2).sum() for g in grads) + (z ** 2).sum()
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            if second == "grad":
+                torch.autograd.grad(penalty, inputs)
+            else:
+                penalty.backward(inputs=list(inputs) if "inputs" in second else None)
     assert not any(g.requires_grad for g in torch.autograd.grad(call(), inputs))
