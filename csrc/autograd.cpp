@@ -54,6 +54,23 @@ variable_list first_order(variable_list grads, const char* op, const variable_li
   return grads;
 }
 
+// The backward of an op whose first two saved tensors are its differentiable inputs (logits,
+// temperature): ``gradients`` without a graph, then first_order under create_graph.
+variable_list first_order_backward(AutogradContext* ctx, const variable_list& grads,
+                                   const char* op,
+                                   variable_list (*gradients)(AutogradContext*,
+                                                              const variable_list&)) {
+  const bool create_graph = at::GradMode::is_enabled();
+  variable_list out;
+  {
+    at::NoGradGuard no_graph;
+    out = gradients(ctx, grads);
+  }
+  if (!create_graph) return out;
+  const auto saved = ctx->get_saved_variables();
+  return first_order(std::move(out), op, {saved[0], saved[1]});
+}
+
 c10::TypedOperatorHandle<FusionFn>& fusion_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("cetnet::confidence_fusion", "")
@@ -93,15 +110,7 @@ class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusi
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool create_graph = at::GradMode::is_enabled();
-    variable_list out;
-    {
-      at::NoGradGuard no_graph;
-      out = gradients(ctx, grads);
-    }
-    if (!create_graph) return out;
-    const auto saved = ctx->get_saved_variables();
-    return first_order(std::move(out), "cetnet::confidence_fusion", {saved[0], saved[1]});
+    return first_order_backward(ctx, grads, "cetnet::confidence_fusion", &gradients);
   }
 
  private:
@@ -152,15 +161,7 @@ class CollaborativeLossFunction : public torch::autograd::Function<Collaborative
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool create_graph = at::GradMode::is_enabled();
-    variable_list out;
-    {
-      at::NoGradGuard no_graph;
-      out = gradients(ctx, grads);
-    }
-    if (!create_graph) return out;
-    const auto saved = ctx->get_saved_variables();
-    return first_order(std::move(out), "cetnet::collaborative_loss", {saved[0], saved[1]});
+    return first_order_backward(ctx, grads, "cetnet::collaborative_loss", &gradients);
   }
 
  private:
