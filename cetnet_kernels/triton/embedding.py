@@ -72,7 +72,9 @@ checks as above but warns for bad ids (read as padding) instead of raising; back
 update do not check.
 The host-side checks, sort and run cut are data dependent, so these are opaque
 ``torch.library.custom_op``s (also on GPU, unlike the fusion ops' ``triton_op``): torch.compile
-calls them as they are. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests).
+calls them as they are. In eager mode ``MultiTableEmbedding`` calls their implementations
+(``IMPLEMENTATIONS``) below the dispatcher (embedding_ops.EmbeddingOps). Under
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests).
 """
 
 from __future__ import annotations

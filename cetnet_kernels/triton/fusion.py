@@ -54,7 +54,9 @@ Launch: on GPU the ops are ``torch.library.triton_op``s launched through ``wrap_
 torch.compile traces into the kernels. Under ``TRITON_INTERPRET=1`` (CPU tests) ``@triton.jit``
 gives interpreted functions that cannot be traced into a graph; the ops are then plain
 ``torch.library.custom_op``s (same names and schemas) with a fake implementation, so
-torch.compile treats them as opaque calls.
+torch.compile treats them as opaque calls. Eager calls from the public functions skip the
+registered ops (backends.EagerOp runs ``IMPLEMENTATIONS[name]``, whose launches go straight to
+Triton: :func:`direct`), which saves the dispatcher's and the Python autograd wrapper's host time.
 """
 
 import functools
