@@ -116,6 +116,16 @@ class InterleavedTimer:
             ts.clear()
         return self._clock() - t0
 
+    @classmethod
+    def run(cls, steps: dict, calls: int, rounds: int) -> dict[str, dict]:
+        """The :meth:`summary` of ``rounds`` timed rounds (after an untimed one) of ``calls``
+        calls of each step."""
+        timer = cls(steps, burst={p: calls for p in steps})
+        timer.calibrate()
+        for _ in range(rounds):
+            timer.round()
+        return timer.summary()
+
     def summary(self) -> dict[str, dict]:
         """name -> median_s, min_s, rounds, calls_per_round."""
         import statistics

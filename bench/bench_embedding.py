@@ -259,11 +259,7 @@ def bench_embedding_host_overhead(benchmark):
     if "cpu" not in ck.available_backends("cpu"):
         pytest.skip("cetnet_kernels._C is not built")
     steps = _host_steps()
-    timer = InterleavedTimer(steps, burst={p: 50 for p in steps})
-    timer.calibrate()
-    for _ in range(40):
-        timer.round()
-    summary = timer.summary()
+    summary = InterleavedTimer.run(steps, calls=50, rounds=40)
     benchmark.group = f"embedding-host-M2-F{F}-B1-D16"
     benchmark.extra_info.update(
         op="embedding_host_overhead", device="cpu", device_name=device_name("cpu"), M=2, F=F,
