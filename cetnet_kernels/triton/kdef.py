@@ -36,7 +36,8 @@ Three or four launches, no host synchronization:
    ``_kdef_finalize_kernel``, one program: the K-sized math (a, E, Z, b, R, G, loss) in
    float64, N in tiles of rows. The gradient coefficients go to a vector
    coef = [E (K), 2a/B (K), 2/(K B Z) (K), G/B (K), sum E, 1/(K B)] in the acc dtype. (As ~30
-   small torch ops it cost ~0.5 ms of host time per call, more than the passes at B = 4M.)
+   small torch ops it cost ~0.2 ms of host time per call on the CI CPU, and was the likely
+   reason the Triton loss took ~0.7 ms at any batch size on an H200.)
 3. ``_kdef_grad_kernel`` (with compute_grad), elementwise over [BLOCK_B, BLOCK_K] row tiles:
    the S2S sum in O(K) per row as sum_j E_j (d_k - d_j) = d_k sum E - sum_j E_j d_j with the
    teacher-centred d = p - pT (the centring keeps the rounding proportional to |p - pT|).

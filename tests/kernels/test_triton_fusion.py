@@ -665,26 +665,6 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results(op):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("op", ["fusion", "loss", "kdef"])
-def test_eager_gradients_refuse_a_second_derivative(op):
-    """create_graph=True through an eager call: the gradient requires grad (so other terms of a
-    gradient penalty still flow) but differentiating it raises, naming the op, rather than
-    treating it as a constant."""
-    import cetnet_kernels as ck
-
-    z = make_logits(9, 3, F64).requires_grad_()
-    y = make_labels(9, F64)
-    call = {"fusion": lambda: ck.confidence_fusion(z, 0.7, backend="triton")[0].sum(),
-            "loss": lambda: ck.collaborative_loss(z, y, 0.7, backend="triton")[0],
-            "kdef": lambda: ck.kdef_loss(z, y, backend="triton")[0]}[op]
-    (g,) = torch.autograd.grad(call(), z, create_graph=True)
-    assert g.requires_grad
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        ((g ** 2).sum() + (z ** 2).sum()).backward()
-    (g,) = torch.autograd.grad(call(), z)  # without create_graph: a plain gradient
-    assert not g.requires_grad
-
-
 def test_compiled_autograd_traces_the_registered_backward_ops():
     """Compiled autograd traces an eager call's backward with dynamo: the formulas' backward op
     calls must then take the registered op (not the Triton implementation's Python)."""
