@@ -92,8 +92,15 @@ c10::TypedOperatorHandle<LossFn>& loss_op() {
   return op;
 }
 
+// Both Functions are traceable by compiled autograd (torch._dynamo.compiled_autograd): their
+// backward reads only saved tensors and saved_data and calls registered ops, which have fake
+// kernels. (Not traceable, dynamo would run them outside the graph: a graph break, an error
+// under fullgraph.) Compiled autograd refuses mark_non_differentiable and mark_dirty, so neither
+// is used here.
 class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusionFunction> {
  public:
+  static constexpr bool is_traceable = true;
+
   static variable_list forward(AutogradContext* ctx, const Tensor& logits,
                                const Tensor& temperature, bool logit_space, bool detach_weights) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -140,6 +147,8 @@ class ConfidenceFusionFunction : public torch::autograd::Function<ConfidenceFusi
 
 class CollaborativeLossFunction : public torch::autograd::Function<CollaborativeLossFunction> {
  public:
+  static constexpr bool is_traceable = true;
+
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& labels,
                                const Tensor& temperature, double ensemble_weight,
                                double member_weight, double distill_weight, double mutual_weight,
@@ -155,7 +164,9 @@ class CollaborativeLossFunction : public torch::autograd::Function<Collaborative
     ctx->saved_data["detach_weights"] = detach_weights;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["compute_grad"] = compute_grad;
-    ctx->mark_non_differentiable({grad_logits, grad_t});
+    // grad_logits and grad_t are differentiable outputs here (compiled autograd refuses
+    // mark_non_differentiable); collaborative_loss_autograd returns them detached, so no
+    // gradient ever reaches them.
     ctx->set_materialize_grads(false);
     return {loss, prob, grad_logits, grad_t};
   }
@@ -227,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> collaborative_loss_autograd(
   auto out = CollaborativeLossFunction::apply(
       logits, labels, temperature, ensemble_weight, member_weight, distill_weight, mutual_weight,
       logit_space, detach_weights, reduction, compute_grad, compute_temperature_grad);
-  return {out[0], out[1], out[2], out[3]};
+  return {out[0], out[1], out[2].detach(), out[3].detach()};
 }
 
 }  // namespace cetnet

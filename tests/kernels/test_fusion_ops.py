@@ -11,8 +11,8 @@ import cetnet_kernels as ck
 from cetnet_kernels import collaborative_loss, confidence_fusion, confidence_fusion_reference
 
 from conftest import DEVICES, backend_device_params
-from helpers import (TERMS, lowp_tolerance_ok, make_logits, reference_loss_grads,
-                     requires_expecttest)
+from helpers import (TERMS, compiled_autograd, lowp_tolerance_ok, make_logits,
+                     reference_loss_grads, requires_expecttest)
 
 # (backend, device) for every backend that runs on each device: "cpu-cpu", "triton-cpu" (the
 # interpreter), "reference-cuda", "cuda-cuda", "triton-cuda", ...
@@ -224,6 +224,33 @@ def test_torch_compile_fullgraph_dynamic(backend, device):
         out_e.backward()
         _close(zc.grad, ze.grad)
         _close(tc.grad, te.grad)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("op", ["fusion", "loss", "kdef"])
+def test_compiled_autograd(backend, device, op):
+    """Compiled autograd (dynamo tracing the backward, fullgraph) gives eager's gradients: the
+    C++ autograd Functions are traceable (no graph break, no refused mark_non_differentiable)
+    and the Python ones call registered ops in their backward."""
+    z = make_logits(9, 3, dtype=torch.float32, device=device).requires_grad_()
+    y = torch.rand(9, device=device)
+    tau = torch.tensor(0.7, device=device, requires_grad=True)
+
+    def total():
+        if op == "fusion":
+            prob, w = confidence_fusion(z, tau, backend=backend)
+            return prob.sum() + w[:, 1].sum()
+        if op == "loss":  # the returned prob's gradient adds the fusion backward
+            loss, prob = collaborative_loss(z, y, tau, mutual_weight=0.2, backend=backend)
+            return loss + prob.sum()
+        return ck.kdef_loss(z, y, backend=backend)[0]
+
+    inputs = (z,) if op == "kdef" else (z, tau)
+    expected = torch.autograd.grad(total(), inputs)
+    with compiled_autograd():
+        total().backward()
+    for got, want in zip((z.grad, tau.grad), expected):
+        _close(got, want, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from cetnet_kernels.reference import (  # noqa: E402
 )
 from cetnet_kernels.triton import fusion  # noqa: E402
 from cetnet_kernels.triton.fusion import _row_col_offsets, _tile_offsets  # noqa: E402
-from helpers import compiled_autograd, dispatched_ops, requires_expecttest  # noqa: E402
+from helpers import dispatched_ops, requires_expecttest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not fusion.INTERPRETED:
@@ -663,23 +663,6 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results(op):
     assert not any(n.startswith("cetnet::") for n in seen_eager), seen_eager
     for a, b in zip(out_eager, out_op, strict=True):  # the same kernel launches and formulas
         assert torch.equal(a, b)
-
-
-def test_compiled_autograd_traces_the_registered_backward_ops():
-    """Compiled autograd traces an eager call's backward with dynamo: the formulas' backward op
-    calls must then take the registered op (not the Triton implementation's Python)."""
-    import cetnet_kernels as ck
-
-    z = make_logits(9, 3, F32).requires_grad_()
-    y = make_labels(9, F32)
-    tau = tau_t(0.7, F32).requires_grad_()
-    loss, prob = ck.collaborative_loss(z, y, tau, mutual_weight=0.2, backend="triton")
-    total = loss + prob.sum()  # the fused prob's gradient: the fusion backward op
-    expected = torch.autograd.grad(total, (z, tau), retain_graph=True)
-    with compiled_autograd():
-        total.backward()
-    torch.testing.assert_close(z.grad, expected[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(tau.grad, expected[1], rtol=1e-6, atol=1e-7)
 
 
 def test_eager_calls_without_grad_skip_the_dispatcher():
