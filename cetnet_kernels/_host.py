@@ -46,7 +46,8 @@ def check_count(value: object, name: str, op: str) -> int:
     return value
 
 
-def upload(values: Sequence[int | float], dtype: torch.dtype, device: torch.device) -> Tensor:
+def upload(values: Sequence[int | float] | float, dtype: torch.dtype,
+           device: torch.device) -> Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` without making the host wait: on
     CUDA that call copies from pageable memory, which synchronizes with the stream; this stages
     the values in pinned memory and copies asynchronously (small per-call metadata)."""
@@ -71,16 +72,28 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def constant_tensor(values: Sequence[int | float], dtype: torch.dtype,
+def _cacheable(t: Tensor) -> bool:
+    """Whether a tensor just made can serve later calls: not a fake tensor (made under a fake
+    mode: torch.compile, make_fx) nor a torch.func transform's wrapper (a tensor made while
+    a grad transform runs belongs to its level)."""
+    return (type(t) is Tensor and not is_fake(t)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def constant_tensor(values: Sequence[int | float] | float, dtype: torch.dtype,
                     device: torch.device) -> Tensor:
-    """``values`` on ``device`` for values that repeat from call to call (a layout's dims,
-    bases, codes): copied once per (values, dtype, device), synchronously (the tensor is
-    complete before any stream reads it), then shared, so later calls cost nothing; callers must
-    not write to it. While a CUDA graph is being captured a tensor made before (by the warm-up
-    calls the capture needs anyway) is used as is and kept alive for good (it never changes, so
-    a replay reads the right values, even after the cache has dropped it); one not made yet is
-    an :func:`upload` (a cached tensor made now would live in the graph's memory pool)."""
-    key = (tuple(values), dtype, device)
+    """``values`` on ``device`` (a Python number: a 0-dim tensor) for values that repeat from
+    call to call (a layout's dims, bases, codes, a temperature): copied once per (values, dtype,
+    device), synchronously (the tensor is complete before any stream reads it), then shared, so
+    later calls cost nothing; callers must not write to it. Made outside inference mode (an
+    inference tensor could not be saved for backward by a later call), and not cached when
+    it is a fake tensor or a torch.func transform's wrapper (see :func:`_cacheable`). While a
+    CUDA graph is being captured a tensor made before (by the warm-up calls the capture needs
+    anyway) is used as is and kept alive for good (it never changes, so a replay reads the
+    right values, even after the cache has dropped it); one not made yet is an :func:`upload`
+    (a cached tensor made now would live in the graph's memory pool, and be filled only by
+    replays)."""
+    key = (values if isinstance(values, (int, float)) else tuple(values), dtype, device)
     capturing = _capturing(device)
     with _LOCK:
         t = _CONSTANTS.get(key)
@@ -89,7 +102,10 @@ def constant_tensor(values: Sequence[int | float], dtype: torch.dtype,
             if t is None:
                 if capturing:
                     return upload(key[0], dtype, device)
-                t = torch.tensor(key[0], dtype=dtype, device=device)
+                with torch.inference_mode(False):
+                    t = torch.tensor(key[0], dtype=dtype, device=device)
+                if not _cacheable(t):
+                    return t
             _CONSTANTS[key] = t
             if len(_CONSTANTS) > _MAX_CONSTANTS:
                 _CONSTANTS.popitem(last=False)

@@ -189,8 +189,32 @@ def traced(t: Tensor | None) -> bool:
     through the registered op rather than run its implementation: under torch.compile or
     torch.export (compiled autograd included), with fake or meta tensors, or under make_fx's
     proxy mode (which records ops, and would miss the kernels of an implementation)."""
-    return (torch.compiler.is_compiling() or (t is not None and shape_only(t))
+    return (torch.compiler.is_compiling()
+            or (t is not None and (shape_only(t) or _functorch_wrapped(t)))
             or (_proxy_mode is not None and _proxy_mode() is not None))
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a torch.func transform's wrapper (vmap's batched tensor, grad's
+    tracking tensor): only the registered op knows how to run on it (vmap: torch's batching
+    rule or fallback), an implementation would read its storage."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def refuse_grad_transform(op: str, backend: str, *tensors: Tensor) -> None:
+    """RuntimeError naming ``op`` when one of ``tensors`` is being differentiated by a
+    torch.func transform (grad, vjp, jacrev, ...): the kernel backends' autograd is a C++
+    ``torch::autograd::Function`` or torch.library's Python one, neither of which functorch can
+    run, and torch's own message for it names neither the op nor a way out. (vmap works: the
+    ops take torch's batching fallback.)"""
+    if torch.compiler.is_compiling():
+        return
+    if any(torch._C._functorch.is_gradtrackingtensor(t) for t in tensors):
+        raise RuntimeError(
+            f"{op}: backend {backend!r} does not support torch.func's grad transforms (grad, "
+            f"vjp, jacrev, ...): its autograd cannot run under functorch. Use "
+            f"backend='reference' under torch.func, or torch.autograd (loss.backward(), "
+            f"torch.autograd.grad) with this backend")
 
 
 class EagerOp:

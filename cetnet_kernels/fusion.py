@@ -21,7 +21,9 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
-from cetnet_kernels.backends import EagerOp, OpTable, first_order, resolve_backend
+from cetnet_kernels._host import constant_tensor
+from cetnet_kernels.backends import (EagerOp, OpTable, first_order, refuse_grad_transform,
+                                     resolve_backend)
 from cetnet_kernels.codes import REDUCTION_CODES, Reduction
 
 __all__ = ["confidence_fusion", "collaborative_loss", "REDUCTIONS", "FUSION_SPACES"]
@@ -232,9 +234,6 @@ def _check_weight(value: object, name: str, op: str) -> float:
     return value
 
 
-_TAU_CACHE: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
-
-
 def _check_representable(t: float, logits: Tensor, op: str) -> torch.dtype:
     """The compute dtype of ``logits``, after checking that ``t`` is finite and > 0 in it."""
     dtype = _acc_dtype(logits.dtype)
@@ -282,13 +281,7 @@ def _temperature(temperature: object, logits: Tensor, op: str, validate: bool,
     dtype = _check_representable(t, logits, op)
     if torch.compiler.is_compiling():
         return torch.full((), t, dtype=dtype, device=logits.device)
-    key = (t, dtype, logits.device)
-    cached = _TAU_CACHE.get(key)
-    if cached is None:
-        if len(_TAU_CACHE) > 64:
-            _TAU_CACHE.clear()
-        cached = _TAU_CACHE[key] = torch.full((), t, dtype=dtype, device=logits.device)
-    return cached
+    return constant_tensor(t, dtype, logits.device)
 
 
 def _fusion_space(fusion_space: object, op: str) -> bool:
@@ -347,6 +340,7 @@ def confidence_fusion(
     if be == "reference":
         return reference.confidence_fusion_reference(
             logits, tau, fusion_space=fusion_space, detach_weights=detach_weights)
+    refuse_grad_transform(op, be, logits, tau)
     return _ops_for(be).fusion(logits, tau, logit_space, bool(detach_weights))
 
 
@@ -413,6 +407,7 @@ def collaborative_loss(
             logits, labels, tau, ensemble_weight=weights[0], member_weight=weights[1],
             distill_weight=weights[2], mutual_weight=weights[3], fusion_space=fusion_space,
             detach_weights=detach_weights, reduction=reduction)
+    refuse_grad_transform(op, be, logits, tau)
     grad_on = torch.is_grad_enabled()
     want_t = grad_on and tau.requires_grad
     compute_grad = grad_on and (logits.requires_grad or want_t)

@@ -37,7 +37,8 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
-from cetnet_kernels.backends import EagerOp, OpTable, first_order, resolve_backend
+from cetnet_kernels.backends import (EagerOp, OpTable, first_order, refuse_grad_transform,
+                                     resolve_backend)
 from cetnet_kernels.fusion import _check_label_values, _check_labels, _check_logits
 
 __all__ = ["kdef_loss"]
@@ -122,6 +123,7 @@ def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",
         _check_label_values(labels, op)  # the CPU kernel checks labels in its own pass
     if be == "reference":
         return reference.kdef_loss_reference(logits, labels)
+    refuse_grad_transform(op, be, logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, teacher, _ = _op_for(be)(logits, labels, compute_grad)
     return loss, teacher

@@ -34,6 +34,8 @@ class _DivideByTemperature(torch.autograd.Function):
     is -inf with an upstream gradient of exactly 0, and autograd's ``-g * (x / tau) / tau``
     would make the temperature's gradient NaN where its true limit is 0."""
 
+    generate_vmap_rule = True  # torch.func.vmap (and grad of it) work on the reference
+
     @staticmethod
     def forward(x: Tensor, tau: Tensor) -> Tensor:
         return x / tau

@@ -253,6 +253,53 @@ def test_compiled_autograd(backend, device, op):
         _close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend, device", CASES)
+def test_inference_mode_call_then_training(backend, device):
+    """A call under torch.inference_mode (an evaluation loop's) with a float temperature, then
+    a training call at the same temperature: the cached temperature tensor is an ordinary one
+    (an inference tensor cannot be saved for backward)."""
+    z = make_logits(9, 3, dtype=torch.float32, device=device)
+    y = torch.rand(9, device=device)
+    with torch.inference_mode():
+        confidence_fusion(z, 0.55, backend=backend)
+        collaborative_loss(z, y, 0.55, backend=backend)
+        ck.kdef_loss(z, y, backend=backend)
+    zt = _leaf(z, device)
+    loss, prob = collaborative_loss(zt, y, 0.55, backend=backend)
+    (loss + confidence_fusion(zt, 0.55, backend=backend)[0].sum()
+     + ck.kdef_loss(zt, y, backend=backend)[0]).backward()
+    assert torch.isfinite(zt.grad).all()
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("op", ["fusion", "loss", "kdef"])
+def test_torch_func(backend, device, op):
+    """torch.func: vmap works on every backend (the kernels through torch's per-sample
+    fallback); grad works on the reference and is refused by name on the kernel backends,
+    whose autograd functorch cannot run; a refused call leaves nothing behind (the
+    temperature's cache holds no transform's tensors)."""
+    y = torch.rand(9, device=device)
+    call = {"fusion": lambda z: confidence_fusion(z, 0.6, backend=backend)[0].sum(),
+            "loss": lambda z: collaborative_loss(z, y, 0.6, mutual_weight=0.2,
+                                                 backend=backend)[0],
+            "kdef": lambda z: ck.kdef_loss(z, y, backend=backend)[0]}[op]
+    z = make_logits(9, 3, device=device)
+    batched = torch.stack([z, z.flip(0)])
+    got = torch.func.vmap(call)(batched)
+    _close(got, torch.stack([call(batched[0]), call(batched[1])]), rtol=0, atol=0)
+    if backend == "reference":
+        zr = _leaf(z, device)
+        call(zr).backward()
+        _close(torch.func.grad(call)(z), zr.grad, rtol=0, atol=0)
+    else:
+        with pytest.raises(RuntimeError, match=f"{'kdef_loss' if op == 'kdef' else ''}.*"
+                                               f"backend '{backend}' does not support torch.func"):
+            torch.func.grad(call)(z)
+    zr = _leaf(z, device)  # an ordinary call after the transforms
+    call(zr).backward()
+    assert torch.isfinite(zr.grad).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # Precision, shapes and layouts
 # ------------------------------------------------------------------------------------------------
