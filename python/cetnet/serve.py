@@ -24,7 +24,6 @@ place; without gradients it is the plain lookup ``cetnet::multi_embedding``.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 from cetnet.atomic import atomic_write, write_text_atomic
 from cetnet.config import ConfigError, Spec
 from cetnet.data.cache import user_path
-from cetnet.data.csvio import DataFormatError, check_data_file, shorten
+from cetnet.data.csvio import DataFormatError, parse_float, read_chunks, shorten
 from cetnet.data.dataset import Split, SplitStats
 from cetnet.data.schema import OOV_ID, PAD_ID, Batch, Schema
 from cetnet.train.builders import EnsembleModel, load_plugins
@@ -192,59 +191,66 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
     unknown value is OOV) or, for a dataset without vocabularies (the synthetic one), the id;
     a multi-hot bag or a sequence holds its values separated by ``list_sep`` (a sequence most
     recent first; longer ones are cut to the schema's ``max_len``); a dense feature holds a
-    number, empty for missing (normalized with ``dataset.dense_stats``, a missing one imputed
-    with the train mean). The label column (``schema.label``) is optional: without it every
-    label is 0 and scores of these rows mean nothing. The gAUC group is the group feature's id.
+    finite number, empty for missing (normalized with ``dataset.dense_stats``, a missing one
+    imputed with the train mean). The label column (``schema.label``) is optional: without it,
+    or with every cell of it empty, every label is 0 and scores of these rows mean nothing;
+    otherwise every row needs a label in [0, 1]. The gAUC group is the raw value of the
+    dataset's group column (``dataset.group_key``, e.g. the user): unseen users are groups of
+    their own, as in the dataset's splits; without that column every row is one group.
 
-    Meant for a batch of new rows (the whole file is read at once).
+    The file is read as the dataset readers read theirs (:func:`cetnet.data.csvio.read_chunks`:
+    a UTF-8 byte-order mark dropped, blank lines skipped, quoted fields may span lines, every
+    row must have the header's number of fields). Meant for a batch of new rows (the whole
+    file is encoded at once).
 
     Raises:
         FileNotFoundError: no such file.
-        DataFormatError: no header, a missing feature column, a bad number (naming the file,
-            line and column).
+        DataFormatError: no header or no data rows, a missing feature column, a row with too
+            few or too many fields, a quote never closed, bytes that are not UTF-8, a dense
+            value that is not a finite number, a label outside [0, 1] or missing (naming the
+            file, line and column).
     """
+    return _read_csv(dataset, path, delimiter=delimiter, list_sep=list_sep)[0]
+
+
+def _read_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
+              list_sep: str = LIST_SEP) -> tuple[Split, bool]:
+    """:func:`encode_csv`'s Split, and whether its rows have labels."""
     path = Path(path)
-    check_data_file(path, "a csv file")
     schema: Schema = dataset.schema
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        if not header:
-            raise DataFormatError(path, 1, None, "no header (one column per feature expected)")
-        missing = [ft.name for ft in schema.features if ft.name not in header]
-        if missing:
-            raise DataFormatError(path, 1, None, f"no column for the feature(s) {missing}; the "
-                                  f"run's features are {[ft.name for ft in schema.features]}")
-        rows = list(reader)
-    n = len(rows)
+    group_column = getattr(dataset, "group_key", None) or schema.group
+    columns = [ft.name for ft in schema.features]
+    optional = [c for c in (schema.label, group_column) if c and c not in columns]
     ids: dict[str, list[list[int]]] = {ft.name: [] for ft in schema.categorical}
     oov = {ft.name: 0 for ft in schema.categorical}
-    dense = np.full((n, len(schema.dense)), np.nan)
-    labels = np.zeros(n, dtype=np.float32)
-    for r, row in enumerate(rows):
-        line = r + 2  # the header is line 1
+    dense_parts: list[np.ndarray] = []
+    label_cells: list[str] = []
+    label_lines: list[int] = []
+    groups: dict[str, int] = {}  # raw group value -> gAUC group id
+    group_ids: list[int] = []
+    for lines, chunk in read_chunks(path, columns, delimiter=delimiter, optional=optional):
         for ft in schema.categorical:
-            cell = (row.get(ft.name) or "").strip()
-            tokens = [cell] if ft.kind == "sparse" else [t for t in cell.split(list_sep) if t]
-            got, bad = _encode_tokens(tokens, _vocab_of(dataset, ft), ft.vocab_size, path, line,
-                                      ft.name)
-            ids[ft.name].append(got)
-            oov[ft.name] += bad
-        for j, ft in enumerate(schema.dense):
-            cell = (row.get(ft.name) or "").strip()
-            if cell:
-                try:
-                    dense[r, j] = float(cell)
-                except ValueError:
-                    raise DataFormatError(path, line, ft.name,
-                                          f"{shorten(cell)} is not a number") from None
-        cell = (row.get(schema.label) or "").strip()
-        if cell:
-            try:
-                labels[r] = float(cell)
-            except ValueError:
-                raise DataFormatError(path, line, schema.label,
-                                      f"{shorten(cell)} is not a label in [0, 1]") from None
+            vocab = _vocab_of(dataset, ft)
+            for line, cell in zip(lines, chunk[ft.name]):
+                cell = cell.strip()
+                tokens = ([cell] if ft.kind == "sparse"
+                          else [t.strip() for t in cell.split(list_sep) if t.strip()])
+                got, bad = _encode_tokens(tokens, vocab, ft.vocab_size, path, line, ft.name)
+                ids[ft.name].append(got)
+                oov[ft.name] += bad
+        dense_parts.append(np.asarray(
+            [parse_float(chunk[ft.name], path, lines, ft.name) for ft in schema.dense],
+            dtype=np.float64).T.reshape(len(lines), len(schema.dense)))
+        if schema.label in chunk:
+            label_cells += [c.strip() for c in chunk[schema.label]]
+            label_lines += lines
+        if group_column and group_column in chunk:
+            group_ids += [groups.setdefault(v.strip(), len(groups))
+                          for v in chunk[group_column]]
+        else:
+            group_ids += [0] * len(lines)
+    labels, labelled = _labels(label_cells, label_lines, len(group_ids), path, schema.label)
+    dense = np.concatenate(dense_parts)
     stats = getattr(dataset, "dense_stats", None)
     if stats is not None and schema.dense:
         z, imputed = stats.transform(dense)
@@ -256,13 +262,32 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
     bags = {ft.name: _padded(ids[ft.name], max(map(len, ids[ft.name]), default=1))
             for ft in schema.multihot}
     seqs = {ft.name: _padded(ids[ft.name], ft.max_len) for ft in schema.sequence}
-    group = sparse.get(schema.group) if schema.group else None
     cells = {name: sum(map(len, v)) for name, v in ids.items()}
-    return Split(schema, sparse=sparse, dense=z, multihot=bags, sequence=seqs,
-                 label=labels, group=group if group is not None else np.zeros(n, np.int64),
-                 stats=SplitStats(oov=oov, cells=cells,
-                                  imputed={ft.name: int(c) for ft, c in zip(schema.dense,
-                                                                            imputed)}))
+    split = Split(schema, sparse=sparse, dense=z, multihot=bags, sequence=seqs, label=labels,
+                  group=np.asarray(group_ids, dtype=np.int64),
+                  stats=SplitStats(oov=oov, cells=cells,
+                                   imputed={ft.name: int(c) for ft, c in zip(schema.dense,
+                                                                             imputed)}))
+    return split, labelled
+
+
+def _labels(cells: list[str], lines: list[int], n: int, path: Path,
+            column: str) -> tuple[np.ndarray, bool]:
+    """``(labels [n] float32, labelled)``: all 0 and False without a label column or with every
+    cell of it empty; else each cell must be a number in [0, 1] (DataFormatError naming the
+    first that is not, or the first empty one)."""
+    if not any(cells):
+        return np.zeros(n, dtype=np.float32), False
+    for cell, line in zip(cells, lines):
+        if not cell:
+            raise DataFormatError(path, line, column, "no label, while other rows have one "
+                                  "(give every row a label, or none)")
+    y = np.asarray(parse_float(cells, path, lines, column))
+    bad = np.flatnonzero((y < 0) | (y > 1))
+    if len(bad):
+        raise DataFormatError(path, lines[bad[0]], column,
+                              f"label must lie in [0, 1], got {shorten(cells[bad[0]])}")
+    return y.astype(np.float32), True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,8 +324,7 @@ def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "te
     label column holding both classes), else None."""
     run = load_run(run_dir, checkpoint=checkpoint, device=device, plugins=plugins)
     if csv_path is not None:
-        rows = encode_csv(run.dataset, csv_path)
-        labelled = _has_label_column(Path(csv_path), run.dataset.schema.label)
+        rows, labelled = _read_csv(run.dataset, csv_path)
     else:
         if split not in run.dataset.splits:
             raise ConfigError(f"--split: the dataset has no split {shorten(split)}, only "
@@ -311,11 +335,6 @@ def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "te
     both = bool((pred.label > 0.5).any() and (pred.label <= 0.5).any())
     scores = score(pred, run.member_names) if labelled and both else None
     return write_predictions(pred, run.member_names, out), scores
-
-
-def _has_label_column(path: Path, label: str) -> bool:
-    with open(path, newline="", encoding="utf-8") as f:
-        return label in (next(csv.reader(f), None) or [])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,9 +46,10 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _split_as_csv(run: serve.LoadedRun, split: str, path: Path) -> int:
+def _split_as_csv(run: serve.LoadedRun, split: str, path: Path, labels: bool = False) -> int:
     """The rows of ``split`` as raw values (dense features un-normalized, bags and sequences
-    '|'-separated without padding), plus a column the run does not read."""
+    '|'-separated without padding), plus a column the run does not read (and the label
+    column with ``labels``)."""
     schema, rows = run.dataset.schema, run.dataset.splits[split]
     stats = run.dataset.dense_stats
     raw = rows.dense.double().numpy() * stats.std + stats.mean
@@ -60,6 +61,8 @@ def _split_as_csv(run: serve.LoadedRun, split: str, path: Path) -> int:
         for f in (*schema.multihot, *schema.sequence):
             ids = (rows.multihot | rows.sequence)[f.name][r]
             line[f.name] = "|".join(str(int(i)) for i in ids if int(i) != 0)
+        if labels:
+            line[schema.label] = int(rows.label[r])
         table.append(line | {"note": "ignored"})
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
@@ -97,6 +100,99 @@ def test_predict_a_csv_of_new_rows_as_the_run_reads_its_own(run_dir, tmp_path, c
     assert len(got) == n and {r["label"] for r in _rows(out)} == {"0"}
     expected = predict(run.model, run.dataset.splits["test"]).prob
     torch.testing.assert_close(got, expected.double().float(), rtol=0, atol=2e-6)
+
+
+def _edit_lines(path: Path, edit) -> Path:
+    """``path`` rewritten with ``edit(lines) -> lines`` (lines without their line ends)."""
+    lines = path.read_text().splitlines()
+    out = path.with_name(f"edited_{path.name}")
+    out.write_text("\n".join(edit(lines)) + "\n")
+    return out
+
+
+def _set_cell(lines: list[str], line: int, column: str, value: str) -> list[str]:
+    """``lines`` with ``column``'s cell on (1-based) ``line`` set to ``value``."""
+    header = lines[0].split(",")
+    cells = lines[line - 1].split(",")
+    cells[header.index(column)] = value
+    return lines[:line - 1] + [",".join(cells)] + lines[line:]
+
+
+def test_predict_a_labelled_csv_scores_it_as_the_split(run_dir, tmp_path):
+    """The csv of a split with its labels: the split's scores, gAUC included (grouped by the
+    raw user value); a byte-order mark and CRLF line ends change nothing; a label column
+    left empty means unlabelled rows (no scores)."""
+    run = serve.load_run(run_dir)
+    path = tmp_path / "labelled.csv"
+    _split_as_csv(run, "test", path, labels=True)
+    split_out, split_scores = serve.predict_run(run_dir, tmp_path / "s.csv", split="test")
+    csv_out, csv_scores = serve.predict_run(run_dir, tmp_path / "c.csv", csv_path=path)
+    assert split_scores is not None and csv_scores is not None
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+    want = flat(split_scores)
+    assert "fused.gauc" in want and flat(csv_scores) == pytest.approx(want, abs=1e-5)
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + path.read_text().replace("\n", "\r\n").encode())
+    _, excel_scores = serve.predict_run(run_dir, tmp_path / "e.csv", csv_path=excel)
+    assert excel_scores == csv_scores
+    blank = _edit_lines(path, lambda ls: [ls[0]] + [_set_cell([ls[0], x], 2, "label", "")[1]
+                                                   for x in ls[1:]])
+    assert serve.predict_run(run_dir, tmp_path / "b.csv", csv_path=blank)[1] is None
+
+
+def test_predict_csv_groups_unseen_users_apart(run_dir, tmp_path):
+    """gAUC groups by the raw group value: two users the run never saw (both OOV as a
+    feature) are two groups, not one."""
+    run = serve.load_run(run_dir)
+    path = tmp_path / "rows.csv"
+    _split_as_csv(run, "test", path, labels=True)
+    group = run.dataset.group_key
+    lines = path.read_text().splitlines()[:5]
+    for line, user in ((2, "900001"), (3, "900001"), (4, "900002"), (5, "900002")):
+        lines = _set_cell(lines, line, group, user)
+    path.write_text("\n".join(lines) + "\n")
+    rows = serve.encode_csv(run.dataset, path)
+    assert rows.group.tolist() == [0, 0, 1, 1]
+
+
+# (how a good labelled csv is broken, the line and column the error must name)
+BAD_ROWS = {
+    "not a number": (lambda ls, c: _set_cell(ls, 3, c["dense"], "abc"), 3, "dense"),
+    "inf": (lambda ls, c: _set_cell(ls, 2, c["dense"], "inf"), 2, "dense"),
+    "nan": (lambda ls, c: _set_cell(ls, 4, c["dense"], "nan"), 4, "dense"),
+    "label 2": (lambda ls, c: _set_cell(ls, 3, c["label"], "2"), 3, "label"),
+    "label -1": (lambda ls, c: _set_cell(ls, 2, c["label"], "-1"), 2, "label"),
+    "label missing": (lambda ls, c: _set_cell(ls, 4, c["label"], ""), 4, "label"),
+    "short row": (lambda ls, c: ls[:2] + ["1,2,3"] + ls[3:], 3, None),
+    "extra field": (lambda ls, c: ls[:3] + [ls[3] + ",x"] + ls[4:], 4, None),
+    "blank lines count": (lambda ls, c: _set_cell(ls[:2] + ["", ""] + ls[2:], 5, c["dense"],
+                                                  "abc"), 5, "dense"),
+    "header only": (lambda ls, c: ls[:1], 1, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_predict_csv_bad_rows_are_one_line_naming_line_and_column(run_dir, tmp_path, capsys,
+                                                                  case):
+    run = serve.load_run(run_dir)
+    path = tmp_path / "good.csv"
+    _split_as_csv(run, "test", path, labels=True)
+    schema = run.dataset.schema
+    edit, line, column = BAD_ROWS[case]
+    names = {"dense": schema.dense[0].name, "label": schema.label}
+    bad = _edit_lines(path, lambda ls: edit(ls, names))
+    out = tmp_path / "p.csv"
+    assert _status(["predict", str(run_dir), "--csv", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"line {line}" in err, err
+    if column is not None:
+        assert f"column {names[column]!r}" in err, err
+    assert not out.exists()
 
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"),

@@ -86,6 +86,35 @@ def test_dense_normalized_with_train_stats_and_imputed():
     assert abs(float(np.mean(z_train[[0, 1, 3], 0]))) < 1e-6
 
 
+def test_dense_stats_near_the_float64_limit_stay_finite():
+    """Finite values up to 1e308 (the csv readers accept them) give finite statistics and
+    normalized values (the sums and squares are taken on power-of-two scaled columns, which
+    leaves ordinary data's statistics bitwise as they were); a normalized value beyond
+    float32's range saturates; an empty matrix has the statistics of no data."""
+    with np.errstate(all="raise"):
+        st = DenseStats.fit(np.array([[1e308], [1e308], [1.0], [np.nan]]))
+        assert np.isfinite(st.mean).all() and np.isfinite(st.std).all()
+        z, _ = st.transform(np.array([[1e308], [1.0], [-1e308]]))
+        assert np.isfinite(z).all() and z[0, 0] > 0 > z[1, 0] > z[2, 0]
+        outlier = DenseStats.fit(np.array([[1e200], [1.0], [2.0]]))
+        assert math.isclose(outlier.mean[0], 1e200 / 3)
+        unit = DenseStats.fit(np.array([[1.0], [2.0], [4.0]]))
+        far, _ = unit.transform(np.array([[1e300], [-1e300]]))
+        limit = float(np.finfo(np.float32).max)
+        assert far[:, 0].tolist() == [limit, -limit]
+    rng = np.random.default_rng(0)
+    data = rng.normal(1e3, 7.0, (999, 3))
+    data[5, 1] = np.nan
+    st = DenseStats.fit(data)
+    present = ~np.isnan(data)
+    n = present.sum(0)
+    mean = np.where(present, data, 0.0).sum(0) / n
+    std = np.sqrt((np.where(present, data - mean, 0.0) ** 2).sum(0) / n)
+    assert st.mean.tolist() == mean.tolist() and st.std.tolist() == std.tolist()
+    empty = DenseStats.fit(np.zeros((0, 2)))
+    assert empty.mean.tolist() == [0.0, 0.0] and empty.transform(np.zeros((0, 2)))[0].shape == (0, 2)
+
+
 # ------------------------------------------------------------------------------ csv reader
 
 def _write(path, text):

@@ -169,6 +169,7 @@ def _missing_column(path: Path, line: int, name: str, header: list[str],
 def read_chunks(path: str | Path, required: Sequence[str], *, delimiter: str = ",",
                 chunk_size: int = 100_000, header: Sequence[str] | None = None,
                 encoding: str = "utf-8", allow_empty: bool = False,
+                optional: Sequence[str] = (),
                 ) -> Iterator[tuple[list[int], dict[str, tuple[str, ...]]]]:
     """Yields ``(line_numbers, {column: values})`` for consecutive chunks of data rows.
 
@@ -183,6 +184,8 @@ def read_chunks(path: str | Path, required: Sequence[str], *, delimiter: str = "
         header: the column names when the file has no header line; by default the first line.
         encoding: text encoding.
         allow_empty: a file without data rows yields nothing instead of raising.
+        optional: columns returned too when the header has them (absent ones are left out of
+            the chunks).
 
     Raises:
         FileNotFoundError: no such file.
@@ -209,7 +212,7 @@ def read_chunks(path: str | Path, required: Sequence[str], *, delimiter: str = "
         reader = csv.reader(f, delimiter=delimiter)
         try:
             yield from _read_rows(path, reader, required, chunk_size, found, allow_empty,
-                                  text_encoding, delimiter)
+                                  text_encoding, delimiter, optional)
         except UnicodeDecodeError as e:
             raise _decode_error(path, text_encoding, delimiter, found, e) from None
         except csv.Error as e:
@@ -218,8 +221,8 @@ def read_chunks(path: str | Path, required: Sequence[str], *, delimiter: str = "
 
 
 def _read_rows(path: Path, reader, required: Sequence[str], chunk_size: int, found: dict,
-               allow_empty: bool, encoding: str,
-               delimiter: str) -> Iterator[tuple[list[int], dict[str, tuple[str, ...]]]]:
+               allow_empty: bool, encoding: str, delimiter: str, optional: Sequence[str] = (),
+               ) -> Iterator[tuple[list[int], dict[str, tuple[str, ...]]]]:
     header, header_line = found["header"], 0
     if header is None:
         header = next((row for row in reader if row), None)  # blank lines before it: skipped
@@ -237,6 +240,7 @@ def _read_rows(path: Path, reader, required: Sequence[str], chunk_size: int, fou
     for name in required:
         if name not in counts:
             raise _missing_column(path, header_line or 1, name, header, delimiter)
+    required = [*required, *(n for n in optional if n in counts and n not in required)]
     pos = [header.index(name) for name in required]
     width = len(header)
     rows: list[list[str]] = []
