@@ -65,7 +65,7 @@ def _steps(name: str) -> dict:
         def registered() -> None:
             a, _ = mod._normalize(ids)
             outs = t.multi_embedding_fused_triton.default(
-                a.weight, mod._empty_weights, mod._placeholder, *a[1:], *opt)
+                a.weight, mod._no_state, mod._placeholder, *a[1:], *opt)
             torch.autograd.backward(outs, grads)
         return {"eager": eager, "registered-op": registered}
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Generic, TypeVar
 import torch
 from torch import Tensor
 from torch._C import _functions as _autograd_functions
+from torch.autograd import forward_ad as _forward_ad
 
 from cetnet_kernels._extension import HAS_C, _C
 from cetnet_kernels._host import shape_only
@@ -188,10 +189,14 @@ def traced(t: Tensor | None) -> bool:
     """Whether a call with tensor ``t`` among its arguments is being traced, so that it must go
     through the registered op rather than run its implementation: under torch.compile or
     torch.export (compiled autograd included), with fake or meta tensors, or under make_fx's
-    proxy mode (which records ops, and would miss the kernels of an implementation)."""
+    proxy mode (which records ops, and would miss the kernels of an implementation); also
+    under torch.func transforms and inside a forward-mode AD level (``dual_level``), where
+    the registered op gets torch's handling (vmap's fallback; an error for a jvp the op does
+    not define) instead of an implementation dropping the tangents silently."""
     return (torch.compiler.is_compiling()
             or (t is not None and (shape_only(t) or _functorch_wrapped(t)))
-            or (_proxy_mode is not None and _proxy_mode() is not None))
+            or (_proxy_mode is not None and _proxy_mode() is not None)
+            or _forward_ad.__dict__.get("_current_level", -1) >= 0)
 
 
 def _functorch_wrapped(t: Tensor) -> bool:
@@ -201,20 +206,27 @@ def _functorch_wrapped(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def refuse_grad_transform(op: str, backend: str, *tensors: Tensor) -> None:
-    """RuntimeError naming ``op`` when one of ``tensors`` is being differentiated by a
-    torch.func transform (grad, vjp, jacrev, ...): the kernel backends' autograd is a C++
-    ``torch::autograd::Function`` or torch.library's Python one, neither of which functorch can
-    run, and torch's own message for it names neither the op nor a way out. (vmap works: the
-    ops take torch's batching fallback.)"""
+def refuse_unsupported_ad(op: str, backend: str, *tensors: Tensor) -> None:
+    """RuntimeError naming ``op`` when one of ``tensors`` is being differentiated in a way the
+    kernel backends cannot: by a torch.func transform (grad, vjp, jvp, jacrev, ...: their autograd
+    is a C++ ``torch::autograd::Function`` or torch.library's Python one, neither of which
+    functorch can run, and torch's own message names neither the op nor a way out), or in
+    forward mode (a dual tensor's tangent; torch.library's Python ops would silently drop it).
+    vmap works: the ops take torch's batching fallback."""
     if torch.compiler.is_compiling():
         return
     if any(torch._C._functorch.is_gradtrackingtensor(t) for t in tensors):
         raise RuntimeError(
-            f"{op}: backend {backend!r} does not support torch.func's grad transforms (grad, "
-            f"vjp, jacrev, ...): its autograd cannot run under functorch. Use "
+            f"{op}: backend {backend!r} does not support torch.func's differentiation "
+            f"transforms (grad, vjp, jvp, jacrev, jacfwd, ...): its autograd cannot run "
+            f"under functorch. Use "
             f"backend='reference' under torch.func, or torch.autograd (loss.backward(), "
             f"torch.autograd.grad) with this backend")
+    if _forward_ad.__dict__.get("_current_level", -1) >= 0 and any(
+            _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(
+            f"{op}: backend {backend!r} does not support forward-mode AD (dual tensors, "
+            f"torch.func.jvp): use backend='reference', or reverse mode (loss.backward())")
 
 
 class EagerOp:

@@ -124,7 +124,10 @@ class MultiTableEmbedding(nn.Module):
             per table row: ``s += mean(g**2); w -= lr * g / (sqrt(s) + eps)``. ``weight_decay``
             adds ``weight_decay * w`` to the gradient of the touched rows (FBGEMM's L2 mode).
         weights_dtype: storage dtype: float32 (default), float64, float16 or bfloat16; 16-bit
-            storage is read and updated in float32 and the outputs are float32.
+            storage is read and updated in float32 and the outputs are float32. Module
+            conversions (``.half()``, ``.to(dtype)``) convert the tables the same way; row-wise
+            Adagrad's state keeps the tables' compute dtype. A module built on
+            ``device="meta"`` trains after ``to_empty(device=...)`` and ``reset_parameters()``.
         padding_idx: ids equal to it give zero vectors and no gradient (and are left out of bag
             means); None disables padding.
         bounds_check: what an id outside ``[0, num_embeddings)`` (other than ``padding_idx``)
@@ -178,6 +181,7 @@ class MultiTableEmbedding(nn.Module):
     _placeholder: Tensor
     _empty_ids: Tensor
     _empty_weights: Tensor
+    _no_state: Tensor
 
     def __init__(
         self,
@@ -273,11 +277,35 @@ class MultiTableEmbedding(nn.Module):
         self.register_buffer("_empty_ids", torch.zeros(0, dtype=torch.int64, device=device),
                              persistent=False)
         self.register_buffer("_empty_weights", torch.zeros(0, device=device), persistent=False)
+        # SGD's (absent) optimizer state: its own tensor, as the update bumps its version
+        # (_empty_weights, saved by every lookup, would then fail autograd's version check
+        # when two lookups share one backward).
+        self.register_buffer("_no_state", torch.zeros(0, device=device), persistent=False)
         # Output columns per feature of the latest forward call (eager or compiled).
         self._last_ncols: tuple[int, ...] | None = None
         #: The torch.distributed group whose ranks share each fused update (None: local).
         self.process_group: Any = None
         self.reset_parameters(init, init_scale)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "MultiTableEmbedding":
+        """nn.Module's conversions (``.to``, ``.half()``, ``.double()``, ``to_empty``), then what
+        they must not change: the placeholder stays a float32 leaf that requires grad in fused
+        mode (else the outputs would not reach the update in backward: the tables would
+        silently stop training, and deepcopy would refuse the non-leaf), the empty buffers
+        stay float32, and row-wise Adagrad's state stays in the tables' compute dtype
+        (float32 for 16-bit tables, converted from its value before the call)."""
+        state = self.optimizer_state
+        super()._apply(fn, recurse)
+        device = self.weight.device
+        self._placeholder = torch.zeros(0, device=device,
+                                        requires_grad=self.optimizer is not None)
+        self._empty_weights = torch.zeros(0, device=device)
+        self._no_state = torch.zeros(0, device=device)
+        acc = acc_dtype(self.weight.dtype)
+        if state is not None and self.optimizer_state is not None \
+                and self.optimizer_state.dtype != acc:
+            self.optimizer_state = state.to(device=device, dtype=acc)
+        return self
 
     # -------------------------------------------------------------------------------- tables
     @classmethod
@@ -538,7 +566,7 @@ class MultiTableEmbedding(nn.Module):
         ops = ops_for(be)
         if self.optimizer is not None and torch.is_grad_enabled():
             state = self.optimizer_state if self.optimizer_state is not None \
-                else self._empty_weights
+                else self._no_state
             opt = OptimizerArgs(int(OPTIMIZER_CODES[self.optimizer]), self.lr, self.eps,
                                 self.weight_decay)
             if self.process_group is not None:

@@ -22,7 +22,7 @@ from torch import Tensor
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
 from cetnet_kernels._host import constant_tensor
-from cetnet_kernels.backends import (EagerOp, OpTable, first_order, refuse_grad_transform,
+from cetnet_kernels.backends import (EagerOp, OpTable, first_order, refuse_unsupported_ad,
                                      resolve_backend)
 from cetnet_kernels.codes import REDUCTION_CODES, Reduction
 
@@ -340,7 +340,7 @@ def confidence_fusion(
     if be == "reference":
         return reference.confidence_fusion_reference(
             logits, tau, fusion_space=fusion_space, detach_weights=detach_weights)
-    refuse_grad_transform(op, be, logits, tau)
+    refuse_unsupported_ad(op, be, logits, tau)
     return _ops_for(be).fusion(logits, tau, logit_space, bool(detach_weights))
 
 
@@ -407,7 +407,7 @@ def collaborative_loss(
             logits, labels, tau, ensemble_weight=weights[0], member_weight=weights[1],
             distill_weight=weights[2], mutual_weight=weights[3], fusion_space=fusion_space,
             detach_weights=detach_weights, reduction=reduction)
-    refuse_grad_transform(op, be, logits, tau)
+    refuse_unsupported_ad(op, be, logits, tau)
     grad_on = torch.is_grad_enabled()
     want_t = grad_on and tau.requires_grad
     compute_grad = grad_on and (logits.requires_grad or want_t)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
-from cetnet_kernels.backends import (EagerOp, OpTable, first_order, refuse_grad_transform,
+from cetnet_kernels.backends import (EagerOp, OpTable, first_order, refuse_unsupported_ad,
                                      resolve_backend)
 from cetnet_kernels.fusion import _check_label_values, _check_labels, _check_logits
 
@@ -123,7 +123,7 @@ def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",
         _check_label_values(labels, op)  # the CPU kernel checks labels in its own pass
     if be == "reference":
         return reference.kdef_loss_reference(logits, labels)
-    refuse_grad_transform(op, be, logits)
+    refuse_unsupported_ad(op, be, logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, teacher, _ = _op_for(be)(logits, labels, compute_grad)
     return loss, teacher

@@ -43,6 +43,17 @@ class _DivideByTemperature(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1], output)
+        ctx.save_for_forward(inputs[1], output)
+
+    @staticmethod
+    def jvp(ctx, grad_x, grad_tau):
+        """Forward mode: d(x / tau) = dx / tau - (x / tau) * dtau / tau."""
+        tau, out = ctx.saved_tensors
+        tangent = grad_x / tau if grad_x is not None else torch.zeros_like(out)
+        if grad_tau is not None:
+            tangent = tangent - torch.where(grad_tau == 0, torch.zeros_like(out),
+                                            out * grad_tau) / tau
+        return tangent
 
     @staticmethod
     def backward(ctx, grad: Tensor):

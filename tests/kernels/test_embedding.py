@@ -4,6 +4,7 @@ Adagrad updates, determinism, opcheck, torch.compile, shape fuzzing and bad inpu
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
@@ -193,21 +194,67 @@ def test_fused_sgd_weight_decay_touches_only_batch_rows():
     torch.testing.assert_close(w, expect, rtol=1e-14, atol=1e-14)
 
 
-@needs_cpu
-def test_fused_no_update_without_grad_and_two_lookups_one_backward():
-    mod = MultiTableEmbedding(1, [("a", 10)], 2, optimizer="sgd", lr=1.0,
-                              weights_dtype=torch.float64)
+@pytest.mark.parametrize("backend, device",
+                         backend_device_params(backends=("cpu", "cuda", "triton")))
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_no_update_without_grad_and_two_lookups_one_backward(backend, device, optimizer):
+    """No update without grad; two lookups sharing one backward apply one update each (the
+    second lookup's saved tensors are not the state the first update bumps), also through
+    retain_graph."""
+    mod = MultiTableEmbedding(1, [("a", 10)], 2, optimizer=optimizer, lr=1.0,
+                              weights_dtype=torch.float64, backend=backend, device=device)
     w0 = mod.weight.detach().clone()
     with torch.no_grad():
-        mod({"a": torch.tensor([1])})
+        mod({"a": torch.tensor([1], device=device)})
     assert torch.equal(mod.weight, w0)
-    o1 = mod({"a": torch.tensor([1])})[0]
-    o2 = mod({"a": torch.tensor([1, 4])})[0]
+    o1 = mod({"a": torch.tensor([1], device=device)})[0]
+    o2 = mod({"a": torch.tensor([1, 4], device=device)})[0]
     (o1.sum() + o2.sum()).backward()  # two updates, one per lookup
-    expect = w0.clone().view(10, 2)
-    expect[1] -= 2.0
-    expect[4] -= 1.0
-    torch.testing.assert_close(mod.weight.view(10, 2), expect, rtol=0, atol=1e-15)
+    if optimizer == "sgd":
+        expect = w0.clone().view(10, 2)
+        expect[1] -= 2.0
+        expect[4] -= 1.0
+        torch.testing.assert_close(mod.weight.view(10, 2), expect, rtol=0, atol=1e-15)
+    touched = (mod.weight.view(10, 2) != w0.view(10, 2)).any(1).nonzero().flatten().tolist()
+    assert touched == [1, 4]
+    loss = mod({"a": torch.tensor([2], device=device)})[0].sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert (mod.weight.view(10, 2)[2] != w0.view(10, 2)[2]).all()
+
+
+@pytest.mark.parametrize("backend, device",
+                         backend_device_params(backends=("cpu", "cuda", "triton")))
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_module_survives_conversions(backend, device, optimizer):
+    """nn.Module conversions keep the fused update working: a module built on the meta device
+    then ``to_empty`` + ``reset_parameters`` (lazy init) trains; ``.half()`` keeps row-wise
+    Adagrad's state float32 (its values too); ``.double()`` then deepcopy works."""
+    ids = {"a": torch.tensor([1, 3], device=device)}
+    lazy = MultiTableEmbedding(1, [("a", 10)], 4, optimizer=optimizer, lr=0.5, backend=backend,
+                               device="meta")
+    lazy.to_empty(device=device)
+    lazy.reset_parameters()
+    w0 = lazy.weight.detach().clone()
+    lazy(ids)[0].sum().backward()
+    assert (lazy.weight.view(10, 4)[[1, 3]] != w0.view(10, 4)[[1, 3]]).all()
+
+    mod = MultiTableEmbedding(1, [("a", 10)], 4, optimizer=optimizer, lr=0.5, backend=backend,
+                              device=device)
+    mod(ids)[0].sum().backward()
+    state = None if mod.optimizer_state is None else mod.optimizer_state.clone()
+    mod.half()
+    assert mod.weight.dtype == torch.float16
+    if state is not None:
+        assert torch.equal(mod.optimizer_state, state)  # float32, its values kept
+    w1 = mod.weight.detach().clone()
+    mod(ids)[0].sum().backward()
+    assert (mod.weight.view(10, 4)[[1, 3]] != w1.view(10, 4)[[1, 3]]).all()
+    twin = copy.deepcopy(mod.double())
+    assert twin.weight.dtype == torch.float64 and twin._placeholder.is_leaf
+    w2 = twin.weight.detach().clone()
+    twin(ids)[0].sum().backward()
+    assert (twin.weight != w2).any() and torch.equal(mod.weight, w2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -538,7 +585,7 @@ def test_eager_functions_match_the_registered_autograd(backend, device, optimize
             ref = getattr(ns, "multi_embedding" + suffix).default(*a)
         else:
             state = (direct.optimizer_state if direct.optimizer_state is not None
-                     else direct._empty_weights)
+                     else direct._no_state)
             opt = OptimizerArgs(int(OPTIMIZER_CODES[optimizer]), direct.lr, direct.eps,
                                 direct.weight_decay)
             ref = getattr(ns, "multi_embedding_fused" + suffix).default(

@@ -423,7 +423,7 @@ def test_backward_trusts_the_lookups_check(backend, device, optimizer, path):
                 outs = getattr(torch.ops.cetnet, "multi_embedding" + suffix).default(*args)
             else:
                 state = mod.optimizer_state if mod.optimizer_state is not None \
-                    else mod._empty_weights
+                    else mod._no_state
                 opt = (int({"sgd": 1, "rowwise_adagrad": 2}[optimizer]), mod.lr, mod.eps,
                        mod.weight_decay)
                 outs = getattr(torch.ops.cetnet, "multi_embedding_fused" + suffix).default(
@@ -444,7 +444,7 @@ def test_backward_trusts_the_lookups_check(backend, device, optimizer, path):
             torch.testing.assert_close(mod.weight.grad, expected, rtol=0, atol=0)
         else:
             state = torch.zeros_like(mod.optimizer_state) if optimizer == "rowwise_adagrad" \
-                else mod._empty_weights
+                else mod._no_state
             ops._update(grads, checked.weight, state, *checked.update_args(),
                         *OptimizerArgs(int({"sgd": 1, "rowwise_adagrad": 2}[optimizer]),
                                        mod.lr, mod.eps, mod.weight_decay))

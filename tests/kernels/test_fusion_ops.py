@@ -300,6 +300,34 @@ def test_torch_func(backend, device, op):
     assert torch.isfinite(zr.grad).all()
 
 
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("op", ["fusion", "loss", "kdef"])
+def test_forward_mode_ad(backend, device, op):
+    """Forward mode (torch.func.jvp, dual tensors): the reference's tangent is the Jacobian
+    times the direction (its temperature division has a jvp); the kernel backends refuse by
+    name rather than drop the tangent (torch.library's Python ops would return none)."""
+    import torch.autograd.forward_ad as fwAD
+
+    y = torch.rand(7, dtype=torch.float64, device=device)
+    call = {"fusion": lambda z, t: confidence_fusion(z, t, backend=backend)[0],
+            "loss": lambda z, t: collaborative_loss(z, y, t, distill_weight=0.2,
+                                                    mutual_weight=0.3, backend=backend)[0],
+            "kdef": lambda z, t: ck.kdef_loss(z, y, backend=backend)[0]}[op]
+    z = make_logits(7, 3, device=device)
+    tau = torch.tensor(0.7, dtype=torch.float64, device=device)
+    dz, dtau = torch.randn_like(z), torch.tensor(0.3, dtype=torch.float64, device=device)
+    if backend != "reference":
+        with pytest.raises(RuntimeError, match="does not support torch.func's differentiation"):
+            torch.func.jvp(call, (z, tau), (dz, dtau))
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+            call(fwAD.make_dual(z, dz), tau)
+        return
+    _, tangent = torch.func.jvp(call, (z, tau), (dz, dtau))
+    jz, jt = torch.autograd.functional.jacobian(call, (z, tau))
+    expected = (jz * dz).sum(dim=(-2, -1)) + jt * dtau
+    _close(tangent, expected, rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # Precision, shapes and layouts
 # ------------------------------------------------------------------------------------------------
