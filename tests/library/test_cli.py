@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cetnet.cli import main, parse_args
 from cetnet.config import dump_config
@@ -59,10 +60,13 @@ def test_cli_resume_extends_a_run(train_config, tmp_path, capsys):
     assert "fused" in capsys.readouterr().out  # the table, also when quiet
     # overrides before and after --resume RUN_DIR; --out may repeat the directory
     assert main(["train", "train.log_every=5", "--resume", str(run_dir), "train.epochs=2",
-                 "--quiet", "--out", str(run_dir), "--no-plots"]) == 0
+                 "--quiet", "--out", str(run_dir), "--no-plots", "train.weight_decay=0.25"]) == 0
     metrics = read_json(run_dir / "metrics.json")
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert "log_every: 5" in (run_dir / "config.yaml").read_text()
+    # the changed weight decay is what epoch 2 trained with (not the checkpoint's 0)
+    groups = torch.load(run_dir / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.25] * len(groups)
 
 
 def test_cli_errors_are_clear(train_config, tmp_path, capsys):

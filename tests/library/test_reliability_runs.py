@@ -371,6 +371,43 @@ def test_train_or_reuse_reuses_only_a_finished_run_of_the_same_config(train_conf
     assert read_json(run_dir / "metrics.json")["epochs_completed"] == 2
 
 
+def test_an_interrupted_extension_is_finished_not_taken_for_the_shorter_run(train_config,
+                                                                             tmp_path, capsys):
+    """A finished 1-epoch run resumed to 3 epochs and interrupted after epoch 2 holds the
+    1-epoch run's metrics.json beside epoch 2's last.pt: the run is not finished. A resume to
+    2 epochs scores epoch 2 (before: "has finished its 2 epochs: nothing to resume", and the
+    directory stayed mixed), and the job runner does not reuse the stale metrics for the
+    3-epoch config (before: reused, epochs_completed 1) but trains on."""
+    import shutil
+
+    from cetnet.train.runner import train_or_reuse
+
+    _, run_dir = _finished_run(train_config, tmp_path, epochs=1)
+
+    def stop_after_epoch_2(epoch: int, entry: dict) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    longer = _quick(train_config, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(longer, run_dir, resume=True, quiet=True, plots=False,
+                     on_epoch_end=stop_after_epoch_2)
+    assert load_checkpoint(run_dir / LAST)["epoch"] == 2
+    assert read_json(run_dir / "metrics.json")["epochs_completed"] == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / LOCK_FILE).unlink(missing_ok=True)
+
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "train.epochs=2", "--quiet",
+                 "--no-plots"]) == 0, capsys.readouterr().err
+    assert read_json(run_dir / "metrics.json")["epochs_completed"] == 2
+
+    metrics, reused = train_or_reuse(longer, copy)
+    assert not reused and metrics["epochs_completed"] == 3
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen([sys.executable, "-m", "cetnet", *args], cwd=cwd, env=env,

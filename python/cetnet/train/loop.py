@@ -408,6 +408,10 @@ class EpochRunner:
             # a TorchRec front's tables with their fused optimizer's state
             sharded.load_model_state(self.model, ckpt, path, self.sharded, optimizer=True)
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            # load_state_dict restores the saved hyperparameters too; a resume may change
+            # train.weight_decay (the schedule sets the lr at every step)
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = self.t["weight_decay"]
             self.schedule.load_state_dict(ckpt["schedule"])
             set_rng_state(ckpt["rng"])
             state = LoopState.from_checkpoint(ckpt)

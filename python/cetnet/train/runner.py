@@ -167,8 +167,10 @@ def _check_resumable(ckpt: dict, config: dict, run_dir: Path) -> None:
     if done > epochs:
         raise ConfigError(f"resume: train.epochs={epochs} is below the {done} epochs the run in "
                           f"{run_dir} has completed; give train.epochs > {done} to train on")
-    if not (run_dir / METRICS_FILE).exists():
-        return  # interrupted after its last epoch, before its test scores: finish it
+    if _scored_epochs(run_dir) != done:
+        # interrupted after its last epoch, before its test scores, or while training on
+        # after a finished run (metrics.json still tells of the shorter run): finish it
+        return
     if ckpt["stopped"]:
         raise ConfigError(f"resume: the run in {run_dir} stopped early at epoch {done} "
                           f"({ckpt['bad_epochs']} epochs without a better validation AUC) and "
@@ -176,6 +178,25 @@ def _check_resumable(ckpt: dict, config: dict, run_dir: Path) -> None:
     if done == epochs:
         raise ConfigError(f"resume: the run in {run_dir} has finished its {done} epochs: nothing "
                           f"to resume; give train.epochs > {done} (--epochs) to train on")
+
+
+def _scored_epochs(run_dir: Path) -> int | None:
+    """``epochs_completed`` of the run's ``metrics.json`` (the checkpoint its test scores are
+    of), None without a readable one."""
+    try:
+        metrics = read_json(run_dir / METRICS_FILE)
+    except (OSError, ValueError):
+        return None
+    return metrics.get("epochs_completed") if isinstance(metrics, dict) else None
+
+
+def _has_finished(metrics: dict | None, config: dict) -> bool:
+    """Whether ``metrics`` (a run's ``metrics.json``) are those of a run that has trained all
+    of ``config``'s epochs or stopped early: not the leftover of a shorter run that a resume
+    is training on."""
+    return metrics is not None and bool(
+        metrics.get("stopped_early")
+        or metrics.get("epochs_completed", 0) >= config["train"]["epochs"])
 
 
 def check_run(config: dict, out: str | Path | None = None, *, resume: bool = False,
@@ -379,9 +400,7 @@ def finished_run(config: dict, run_dir: Path) -> dict | None:
         if not has_last(run_dir):
             return None
         metrics = _saved_metrics(run_dir, config)
-        if metrics is None or not (
-                metrics.get("stopped_early")
-                or metrics.get("epochs_completed", 0) >= config["train"]["epochs"]):
+        if not _has_finished(metrics, config):
             return None
         print(f"torchrun restart {distributed.restart_count()}: {run_dir} has finished "
               f"({METRICS_FILE}): nothing to train", file=sys.stderr)
@@ -416,7 +435,7 @@ def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
     left when it cannot resume."""
     run_dir = Path(run_dir)
     metrics = _saved_metrics(run_dir, config, same_name=False)
-    if metrics is not None:
+    if metrics is not None and _has_finished(metrics, config):
         return metrics, True
     if has_last(run_dir):  # last.pt, or last.prev.pt while it was being replaced
         try:
