@@ -156,6 +156,30 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
 
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Any:
+    """A mapping, refusing a key given twice: YAML keeps the last silently (a second ``train:``
+    block would replace the first whole, a second ``lr:`` the first value). Merge keys
+    (``<<: *base``) may still be overridden."""
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node)
+        except TypeError:  # an unhashable key: SafeLoader's own error follows
+            continue
+        if first is not key_node:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {shorten(str(key), 40)} is given twice in one mapping "
+                f"(first on line {first.start_mark.line + 1}); YAML would silently keep the "
+                "last", key_node.start_mark)
+    return yaml.SafeLoader.construct_yaml_map(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -343,7 +367,8 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     if not isinstance(out.get("model"), dict):
         raise ConfigError(f"config: model must be a mapping (see docs/MODEL_LIBRARY.md), got "
                           f"{shorten(out.get('model'))}")
-    train = out.get("train") or {}
+    train = out.get("train")
+    train = {} if train is None else train  # "train:" with nothing under it: the defaults
     if not isinstance(train, dict):
         raise ConfigError(f"config: train must be a mapping, got {shorten(train)}")
     _reject_unknown(train, TRAIN_DEFAULTS, "train")
@@ -404,7 +429,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         default = read_yaml(default_config_path())
         for key in ("name", "data", "model"):
             config.setdefault(key, copy.deepcopy(default.get(key)))
-    train = config.setdefault("train", {}) or {}
+    train = config.setdefault("train", {})
+    train = {} if train is None else train
     if not isinstance(train, dict):
         raise ConfigError(f"{path}: train must be a mapping, got {shorten(train)}")
     config["train"] = {**TRAIN_DEFAULTS, **train}

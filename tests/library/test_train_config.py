@@ -178,6 +178,13 @@ def test_float_literals_beyond_float64_in_a_file_name_the_line(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("name: [unclosed\n", r"not valid YAML: line 2, column 1: expected ',' or ']'"),
     ("train: [1, 2]\n", r"c.yaml: train must be a mapping, got \[1, 2\]"),
+    ("train: []\n", r"c.yaml: train must be a mapping, got \[\]"),
+    ("train: 0\n", r"c.yaml: train must be a mapping, got 0"),
+    ("train: {lr: 0.1, lr: 0.001}\n", r"not valid YAML: line 1, column 18: the key 'lr' is given "
+                                      r"twice in one mapping \(first on line 1\); YAML would "
+                                      r"silently keep the last"),
+    ("train: {lr: 0.1}\nmodel: {}\ntrain: {epochs: 2}\n",
+     r"line 3, column 1: the key 'train' is given twice in one mapping \(first on line 1\)"),
     ("train:\n  1: 2\n", r"unknown train key\(s\) \[1\]"),
 ])
 def test_bad_files_give_one_line_errors(tmp_path, text, message):
