@@ -257,8 +257,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 args.args = argv[i + 1:]
                 return args
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
-        args.overrides += [x for x in extra if not x.startswith("-")]
+    # KEY=VALUE words after an option (train's --quiet, data prepare's --from PATH): argparse
+    # fills the positional list before the option and leaves these over
+    positional = {"train": "overrides", "data": "options"}.get(args.command)
+    if positional is not None and hasattr(args, positional):
+        setattr(args, positional, [*getattr(args, positional),
+                                   *(x for x in extra if not x.startswith("-"))])
         extra = [x for x in extra if x.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -290,7 +294,10 @@ def train_config(args: argparse.Namespace) -> tuple[dict, Path | None, bool]:
             overrides.append(f"{key}={value}")
     config = load_config(path, overrides)
     model_cfg = config["model"]
-    fused = model_cfg.get("embedding_optimizer")
+    from cetnet.models.build import DEFAULTS as MODEL_DEFAULTS
+
+    # (a config without the key gets build_model's default, a fused optimizer)
+    fused = model_cfg.get("embedding_optimizer", MODEL_DEFAULTS["embedding_optimizer"])
     if config["backend"] == "reference" and fused in FUSED_EMBEDDING_OPTIMIZERS:
         # The plain-PyTorch embedding has no fused optimizer: the comparison run trains its
         # tables with Adam on dense gradients instead (said, not silently). Another value is

@@ -90,6 +90,10 @@ def test_train_arguments_parse_unambiguously(capsys):
     args = parse_args(["train", "--set", "a.b=1", "--resume", "runs/lr=0.1"])
     assert args.resume == Path("runs/lr=0.1") and args.set_ == ["a.b=1"] and not args.overrides
     assert parse_args(["train", "--quiet", "a.b=1"]).resume is None
+    # data prepare's options may follow --from PATH too
+    args = parse_args(["data", "prepare", "movielens-100k", "--from", "ml.zip", "root=r", "x=1"])
+    assert args.options == ["root=r", "x=1"] and args.from_ == Path("ml.zip")
+    assert parse_args(["data", "prepare", "m", "root=r", "--from", "z"]).options == ["root=r"]
     # RUN_DIR is required: never the run's --out, never the next option
     for argv in (["train", "--resume"], ["train", "--resume", "--set", "a.b=1"],
                  ["train", "--out", "runs/x", "--resume"]):
@@ -129,15 +133,21 @@ def test_data_prepare_prints_the_summary(one_thread, capsys):
 
 def test_reference_backend_switches_a_fused_embedding_optimizer_off(train_config, tmp_path,
                                                                     capsys):
-    cfg = train_config(epochs=1, max_steps_per_epoch=3)
-    cfg["model"]["embedding_optimizer"] = "rowwise_adagrad"
-    cfg["backend"] = "auto"
-    config = _write_config(cfg, tmp_path / "c.yaml")
-    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet",
-                 "--no-plots", "--backend", "reference"]) == 0
-    assert "training the embedding with Adam instead" in capsys.readouterr().err
-    resolved = (tmp_path / "run" / "config.yaml").read_text()
-    assert "backend: reference" in resolved and "embedding_optimizer: null" in resolved
+    # set explicitly, or left to build_model's default (rowwise_adagrad, also fused)
+    for given in (True, False):
+        cfg = train_config(epochs=1, max_steps_per_epoch=3)
+        if given:
+            cfg["model"]["embedding_optimizer"] = "rowwise_adagrad"
+        else:
+            cfg["model"].pop("embedding_optimizer", None)
+        cfg["backend"] = "auto"
+        config = _write_config(cfg, tmp_path / "c.yaml")
+        run = tmp_path / f"run{given}"
+        assert main(["train", "--config", str(config), "--out", str(run), "--quiet",
+                     "--no-plots", "--backend", "reference"]) == 0, capsys.readouterr().err
+        assert "training the embedding with Adam instead" in capsys.readouterr().err
+        resolved = (run / "config.yaml").read_text()
+        assert "backend: reference" in resolved and "embedding_optimizer: null" in resolved
 
 
 def test_interrupt_hint_names_the_run_directory(train_config, tmp_path):
@@ -216,6 +226,19 @@ def test_reproduce_is_a_subcommand(tmp_path, capsys):
     assert main(["reproduce", "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cetnet reproduce: error:") and len(err.splitlines()) == 1
+
+
+def test_an_out_that_cannot_be_created_is_refused_up_front(train_config, tmp_path, capsys):
+    """--out under a file: --dry-run says so (it said "fine"), and so does the run, before
+    loading anything (it failed at mkdir, naming neither --out nor the file)."""
+    config = _write_config(train_config(epochs=1), tmp_path / "c.yaml")
+    (tmp_path / "afile").write_text("mine")
+    for extra in (["--dry-run"], []):
+        assert main(["train", "--config", str(config), "--out", str(tmp_path / "afile" / "sub"),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot create" in err and "is a file" in err, err
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_train_prints_its_summary_from_rank_0_only(train_config, tmp_path, capsys, monkeypatch):

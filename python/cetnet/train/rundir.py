@@ -111,6 +111,9 @@ def check_run_dir(run_dir: str | Path, *, resume: bool = False, overwrite: bool 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is a file, not a run directory")
+    if not run_dir.exists():
+        _check_creatable(run_dir)
+        return
     lock = run_dir / LOCK_FILE
     if lock.exists():
         RunLock(run_dir).probe()
@@ -122,6 +125,19 @@ def check_run_dir(run_dir: str | Path, *, resume: bool = False, overwrite: bool 
                           f"--resume {run_dir}, replace it with --overwrite, or give another "
                           "--out")
     _refuse_foreign(run_dir)
+
+
+def _check_creatable(run_dir: Path) -> None:
+    """RunDirError when ``run_dir`` (which does not exist) cannot be created: its nearest
+    existing ancestor is a file, or a directory this process may not write into. Checked up
+    front, so that a run does not fail at mkdir after loading its data and model."""
+    parent = run_dir.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(f"cannot create {run_dir}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot create {run_dir}: no permission to write in {parent}")
 
 
 def _refuse_foreign(run_dir: Path) -> None:
