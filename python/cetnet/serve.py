@@ -42,7 +42,7 @@ from cetnet.data.csvio import DataFormatError, parse_float, read_chunks, shorten
 from cetnet.data.dataset import Split, SplitStats
 from cetnet.data.schema import OOV_ID, PAD_ID, Batch, Schema
 from cetnet.train.builders import EnsembleModel, load_plugins
-from cetnet.train.checkpoint import BEST, LAST, load_checkpoint
+from cetnet.train.checkpoint import BEST, LAST, check_data_digest, load_checkpoint
 from cetnet.train.evaluate import Predictions, predict, score
 from cetnet.train.loop import check_backend, resolve_device
 from cetnet.train.rundir import CONFIG_FILE
@@ -120,6 +120,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None 
     check_backend(config["backend"], dev)
     dataset, model = build_run(config)
     state = load_checkpoint(path, map_location=dev, keys=("model",))
+    check_data_digest(state, dataset, path)
     load_model_state(model, state, path)
     model.to(dev).eval()
     return LoadedRun(run_dir, config, dataset, model, dev, state.get("epoch"))

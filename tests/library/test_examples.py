@@ -127,6 +127,31 @@ def test_a_csv_is_encoded_as_the_dataset_encodes_its_own_rows(dataset_run, click
     assert scores is not None and 0 <= scores["fused"]["auc"] <= 1
 
 
+def test_a_run_on_data_that_changed_since_training_is_refused(tmp_path, capsys):
+    """The csv a run was trained on replaced by other rows: its vocabularies refit to other
+    id orders, so the checkpoint's embeddings would be looked up by other tokens' ids.
+    evaluate, predict and --resume refuse it, naming the checkpoint (before: evaluate scored
+    the mismatched model and overwrote eval_test.json, exit 0)."""
+    from cetnet.cli import main
+    from cetnet.train import CheckpointError
+
+    data = custom_dataset.write_clicks_csv(tmp_path / "clicks.csv", 400, users=30, ads=20)
+    run = tmp_path / "run"
+    assert custom_dataset.main(["--csv", str(data), "--epochs", "1", "--dim", "4",
+                                "--batch-size", "256", "--out", str(run), "--quiet"]) == 0
+    plugin = ["examples.custom_dataset"]
+    serve.load_run(run, plugins=plugin)  # unchanged data: fine
+    custom_dataset.write_clicks_csv(data, 400, users=30, ads=20, seed=7)
+    with pytest.raises(CheckpointError, match="now encodes rows differently"):
+        serve.load_run(run, plugins=plugin)
+    capsys.readouterr()
+    for argv in (["evaluate", str(run)], ["train", "--resume", str(run), "train.epochs=2"]):
+        assert main(["--plugin", plugin[0], *argv]) == 2
+        err = capsys.readouterr().err
+        assert "now encodes rows differently" in err and err.count("\n") == 1, err
+    assert not (run / "eval_test.json").exists()
+
+
 def test_exported_run_matches_eager_in_a_fresh_process(member_run, capfd):
     program = member_run / "model.pt2"
     # the fresh process imports torch and cetnet_kernels only: not the plugin, not cetnet

@@ -7,6 +7,8 @@ an int64 cast, so a 2-core CPU can loop over it every epoch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -204,6 +206,28 @@ class CTRDataset:
     dense_stats: DenseStats | None = None
     group_key: str | None = None
     notes: list[str] = field(default_factory=list)
+
+    def encoding_digest(self) -> str:
+        """A digest (sha256 hex) of how this dataset encodes rows: the schema (features, vocab
+        sizes, label, group), every vocabulary's tokens in id order and the dense statistics.
+        Checkpoints record it, so that a run evaluated or resumed on data that now encodes
+        differently (its files changed, a vocabulary refit) is refused instead of looking
+        its embeddings up by other tokens' ids. Computed once per object."""
+        cached = self.__dict__.get("_encoding_digest")
+        if cached is not None:
+            return cached
+        h = hashlib.sha256()
+        h.update(json.dumps(self.schema.to_dict(), sort_keys=True, default=str).encode())
+        for name in sorted(self.vocabs):
+            vocab = self.vocabs[name]
+            h.update(f"\x00{name}\x00{len(vocab.tokens)}\x00".encode())
+            for token in vocab.tokens:
+                h.update(str(token).encode("utf-8", "surrogatepass") + b"\x00")
+        if self.dense_stats is not None:
+            h.update(np.ascontiguousarray(self.dense_stats.mean, np.float64).tobytes())
+            h.update(np.ascontiguousarray(self.dense_stats.std, np.float64).tobytes())
+        digest = self.__dict__["_encoding_digest"] = h.hexdigest()
+        return digest
 
     def summary_dict(self) -> dict:
         """The summary as data: rows and positive rate per split, vocab sizes, OOV and imputed

@@ -21,7 +21,8 @@ import torch
 
 from cetnet.atomic import TEMP_SUFFIX, atomic_write
 
-__all__ = ["BEST", "LAST", "LAST_PREV", "LAST_KEYS", "CheckpointError", "save_checkpoint",
+__all__ = ["BEST", "LAST", "LAST_PREV", "LAST_KEYS", "CheckpointError", "DATA_DIGEST",
+           "check_data_digest", "data_digest", "save_checkpoint",
            "load_checkpoint", "save_last", "load_last", "has_last", "check_model_state",
            "first_line"]
 
@@ -130,6 +131,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
             raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes, truncated "
                                   f"or corrupt: {first_line(e)})") from e
     return _check_state(state, path, keys)
+
+
+#: The checkpoint entry holding the dataset's :meth:`~cetnet.data.CTRDataset.encoding_digest`.
+DATA_DIGEST = "data_digest"
+
+
+def data_digest(dataset: Any) -> dict[str, str]:
+    """``{DATA_DIGEST: digest}`` for a checkpoint of a model trained on ``dataset`` ({} for a
+    dataset object without :meth:`~cetnet.data.CTRDataset.encoding_digest`, e.g. a
+    plugin's)."""
+    digest = getattr(dataset, "encoding_digest", None)
+    return {DATA_DIGEST: digest()} if callable(digest) else {}
+
+
+def check_data_digest(state: dict, dataset: Any, path: str | Path) -> None:
+    """CheckpointError when the checkpoint ``state`` (read from ``path``) was trained on data
+    that encoded differently from ``dataset`` now: its embedding rows would be looked up by
+    other tokens' ids, a silently wrong model. Checkpoints from before digests (none
+    recorded) are taken as they are."""
+    saved = state.get(DATA_DIGEST)
+    now = data_digest(dataset).get(DATA_DIGEST)
+    if saved is None or now is None or saved == now:
+        return
+    raise CheckpointError(
+        f"{path}: the run's dataset now encodes rows differently from the data this "
+        f"checkpoint was trained on (its vocabularies, dense statistics or features changed: "
+        f"were the data files replaced, or prepared with other options?); its embeddings "
+        f"would be looked up by other tokens' ids. Restore the data the run was trained on, "
+        f"or train a new run")
 
 
 def first_line(e: BaseException) -> str:

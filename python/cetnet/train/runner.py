@@ -29,7 +29,8 @@ from cetnet.config import ConfigError, read_yaml, validate_config
 from cetnet.messages import shorten
 from cetnet.train.builders import build_model, load_dataset
 from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV, CheckpointError,
-                                     first_line, has_last, load_checkpoint, load_last)
+                                     check_data_digest, first_line, has_last, load_checkpoint,
+                                     load_last)
 from cetnet.train.evaluate import evaluate
 from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_splits, fit,
                                resolve_device, split_warnings)
@@ -241,6 +242,7 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
         plan._stamps = {n: _stamp(run_dir / n) for n in (CONFIG_FILE, LAST, LAST_PREV)}
         plan.checkpoint, path = _load_last(run_dir)
         check_model_checkpoint(model, plan.checkpoint, path)
+        check_data_digest(plan.checkpoint, dataset, path)
         _check_resumable(plan.checkpoint, config, run_dir)
     return plan
 
@@ -538,6 +540,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
         if len(dataset.splits[split]) == 0:
             raise TrainingError(f"evaluate: the dataset's {split} split has no rows")
         state = load_checkpoint(path, map_location=dev, keys=("model",))
+        check_data_digest(state, dataset, path)
         load_model_state(model, state, path)
         model.to(dev)
         # The same flag as the run's metrics.json: scores of a valid split that is the test
