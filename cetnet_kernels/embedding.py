@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import operator
 import os
 import sys
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from cetnet_kernels._extension import HAS_C
-from cetnet_kernels._host import acc_dtype, check_count
+from cetnet_kernels._host import acc_dtype, check_count, shape_only
 from cetnet_kernels.backends import BACKENDS, resolve_backend
 from cetnet_kernels.codes import BOUNDS_CHECK_CODES, OPTIMIZER_CODES, InputMode
 from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, OptimizerArgs,
@@ -75,6 +76,44 @@ class EmbeddingFeature:
 
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
+
+
+def _dim_list(dims: Any, num_models: int, op: str) -> list:
+    """``dims`` as a list of one entry per member: one integer (a Python, NumPy or 0-dim
+    tensor integer) repeated, or a sequence of them (entries that are integers of another
+    type made ints; anything else left for check_count to name)."""
+    def as_int(d: Any) -> Any:
+        try:
+            return operator.index(d) if not isinstance(d, bool) else d
+        except TypeError:
+            return d
+
+    one = as_int(dims)
+    if isinstance(one, int) and not isinstance(one, bool):
+        return [one] * num_models
+    if isinstance(dims, (str, bytes)):
+        raise TypeError(f"{op}: dims must be one int or {num_models} ints (one per member), "
+                        f"got {dims!r}")
+    try:
+        return [as_int(d) for d in dims]
+    except TypeError:
+        raise TypeError(f"{op}: dims must be one int or {num_models} ints (one per member), "
+                        f"got {dims!r}") from None
+
+
+def _ordinary_inputs(args: EmbeddingArgs) -> EmbeddingArgs:
+    """``args`` with ids, offsets and per-sample weights made under ``torch.inference_mode``
+    (an evaluation loop's batches) copied: autograd cannot save an inference tensor for the
+    backward of a lookup that records one (the reference's ``F.embedding`` takes them; so do
+    the kernels, now)."""
+    # (the ids alone decide: a batch is made in one mode, and this runs on every lookup)
+    if torch.is_inference_mode_enabled() or not any(t.is_inference() for t in args.ids):
+        return args
+
+    def ordinary(ts: Sequence[Tensor]) -> list[Tensor]:
+        return [t.clone() if t.is_inference() else t for t in ts]
+    return args._replace(ids=ordinary(args.ids), offsets=ordinary(args.offsets),
+                         per_sample_weights=ordinary(args.per_sample_weights))
 
 
 def _advise_hugepages(t: Tensor) -> bool:
@@ -214,9 +253,7 @@ class MultiTableEmbedding(nn.Module):
         if isinstance(dims, bool):
             raise TypeError(f"{op}: dims must be one int or {num_models} ints (one per member), "
                             f"got {dims!r}")
-        if isinstance(dims, int):
-            dims = [dims] * num_models
-        dims = list(dims)
+        dims = _dim_list(dims, num_models, op)
         if len(dims) != num_models:
             raise ValueError(f"{op}: dims must be one int or {num_models} ints (one per member), "
                              f"got {len(dims)}")
@@ -342,6 +379,11 @@ class MultiTableEmbedding(nn.Module):
         if init not in ("uniform", "normal"):
             raise ValueError(f"MultiTableEmbedding: init must be 'uniform' or 'normal', got "
                              f"{init!r}")
+        if init_scale is not None and (isinstance(init_scale, bool)
+                                       or not isinstance(init_scale, (int, float))
+                                       or not 0 < init_scale < math.inf):
+            raise ValueError(f"MultiTableEmbedding: init_scale must be None or a finite float "
+                             f"> 0, got {init_scale!r}")
         for m in range(self.num_models):
             for feat in self.features:
                 t = self.table(m, feat.name)
@@ -558,6 +600,8 @@ class MultiTableEmbedding(nn.Module):
                 sizes, malformed offsets.
         """
         args, ncols = self._normalize(ids)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            args = _ordinary_inputs(args)
         # ints, also when compiled: torch.compile replays this assignment after the graph
         self._last_ncols = tuple(ncols)
         be = self._resolved_backend()
@@ -580,14 +624,15 @@ class MultiTableEmbedding(nn.Module):
         # or become padding (warn, off; -1 stands in when there is no padding_idx: it is never
         # a valid id), as the kernels do.
         op = "MultiTableEmbedding"
+        values = not shape_only(args.weight)  # meta / fake tensors: shapes only, no checks
         for f, feat in enumerate(self.features):
             x = args.ids[f]
-            if args.modes[f] != InputMode.IDS and not bool(offsets_valid(args.offsets[f],
+            if values and args.modes[f] != InputMode.IDS and not bool(offsets_valid(args.offsets[f],
                                                                          x.numel())):
                 raise ValueError(f"{op}: feature {feat.name!r}: offsets must start at 0, be "
                                  f"non-decreasing and end at the number of values "
                                  f"({x.numel()})")
-        if self.bounds_check != "off":
+        if values and self.bounds_check != "off":
             bad = first_bad_id(args.ids, args.offsets, args.modes, self._vocab, self.padding_idx,
                                warned_features([f.name for f in self.features],
                                                args.bounds_check))
@@ -596,7 +641,7 @@ class MultiTableEmbedding(nn.Module):
                               self._vocab[bad.feature], self.padding_idx, args.bounds_check)
         pad = self.padding_idx
         ids = list(args.ids)
-        if self.bounds_check != "error":
+        if values and self.bounds_check != "error":
             pad = -1 if self.padding_idx is None else self.padding_idx
             ids = [torch.where(invalid_ids(x, self._vocab[f], self.padding_idx), pad, x)
                    for f, x in enumerate(ids)]
@@ -614,8 +659,10 @@ class MultiTableEmbedding(nn.Module):
                   else (v, o, p if mode == InputMode.BAG_WEIGHTED_SUM else None)
                   for v, o, p, mode in zip(ids, args.offsets, args.per_sample_weights,
                                            args.modes)]
+        # (no padding on meta / fake tensors: it would drop values by their contents, and the
+        # output shapes do not depend on it)
         return multi_table_embedding_reference(tables, inputs, [f.pooling for f in self.features],
-                                               pad)
+                                               pad if values else None)
 
     def extra_repr(self) -> str:
         return (f"num_models={self.num_models}, features={len(self.features)}, dims={self.dims}, "

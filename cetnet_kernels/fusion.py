@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cetnet_kernels import reference
 from cetnet_kernels._host import acc_dtype as _acc_dtype
-from cetnet_kernels._host import constant_tensor
+from cetnet_kernels._host import constant_tensor, shape_only
 from cetnet_kernels.backends import (EagerOp, OpTable, first_order, refuse_unsupported_ad,
                                      resolve_backend)
 from cetnet_kernels.codes import REDUCTION_CODES, Reduction
@@ -219,6 +219,8 @@ def _check_labels(labels: object, logits: Tensor, op: str) -> Tensor:
 
 
 def _check_label_values(labels: Tensor, op: str) -> None:
+    if shape_only(labels):  # meta / fake tensors hold no values to check
+        return
     bad = ~((labels >= 0) & (labels <= 1))  # NaN is bad too
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -266,7 +268,8 @@ def _temperature(temperature: object, logits: Tensor, op: str, validate: bool,
             temperature = temperature.to(logits.device)
         temperature = temperature.reshape(())
         # The CPU kernel checks the value itself; elsewhere it costs a host sync.
-        if validate and backend != "cpu" and not torch.compiler.is_compiling():
+        if validate and backend != "cpu" and not torch.compiler.is_compiling() \
+                and not shape_only(temperature):  # (meta / fake: no value to check)
             t = float(temperature.detach())
             if not (0 < t < math.inf):
                 raise ValueError(f"{op}: temperature must be finite and > 0, got {t}")

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from cetnet_kernels._host import check_count
-from cetnet_kernels.fusion import (_fusion_space, _reduction_code, collaborative_loss,
-                                   confidence_fusion)
+from cetnet_kernels.backends import BACKENDS
+from cetnet_kernels.fusion import (_check_weight, _fusion_space, _reduction_code,
+                                   collaborative_loss, confidence_fusion)
 
 __all__ = ["CETNetFusion", "FusionOutput"]
 
@@ -113,18 +114,30 @@ class CETNetFusion(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        check_count(num_models, "num_models", "CETNetFusion")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+        op = "CETNetFusion"
+        check_count(num_models, "num_models", op)
+        if isinstance(temperature, bool) or not (
+                isinstance(temperature, (int, float)) and math.isfinite(temperature)
                 and temperature > 0):
-            raise ValueError(f"CETNetFusion: temperature must be finite and > 0, got {temperature!r}")
-        _fusion_space(fusion_space, "CETNetFusion")
-        _reduction_code(reduction, "CETNetFusion")
+            raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature!r}")
+        _fusion_space(fusion_space, op)
+        _reduction_code(reduction, op)
+        # checked here, not at the first forward with labels (or never, without labels)
+        weights = {n: _check_weight(v, n, op) for n, v in (
+            ("ensemble_weight", ensemble_weight), ("member_weight", member_weight),
+            ("distill_weight", distill_weight), ("mutual_weight", mutual_weight))}
+        for name, flag in (("learnable_temperature", learnable_temperature),
+                           ("detach_weights", detach_weights), ("validate", validate)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{op}: {name} must be a bool, got {flag!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
         self.num_models = num_models
         self.fusion_space = fusion_space
-        self.ensemble_weight = ensemble_weight
-        self.member_weight = member_weight
-        self.distill_weight = distill_weight
-        self.mutual_weight = mutual_weight
+        self.ensemble_weight = weights["ensemble_weight"]
+        self.member_weight = weights["member_weight"]
+        self.distill_weight = weights["distill_weight"]
+        self.mutual_weight = weights["mutual_weight"]
         self.detach_weights = detach_weights
         self.reduction = reduction
         self.backend = backend

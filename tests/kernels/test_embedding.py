@@ -257,6 +257,39 @@ def test_fused_module_survives_conversions(backend, device, optimizer):
     assert (twin.weight != w2).any() and torch.equal(mod.weight, w2)
 
 
+@pytest.mark.parametrize("backend, device", backend_device_params())
+@pytest.mark.parametrize("optimizer", [None, "sgd"])
+def test_ids_made_in_inference_mode_train(backend, device, optimizer):
+    """A batch made under torch.inference_mode (an evaluation loop's) trains like any other:
+    the lookup copies such ids rather than fail to save them for backward."""
+    if backend == "reference" and optimizer is not None:
+        pytest.skip("the reference backend has no fused optimizer")
+    mod = MultiTableEmbedding(len(DIMS), FEATURES, DIMS, backend=backend, device=device,
+                              optimizer=optimizer)
+    with torch.inference_mode():
+        ids = to_device(make_ids(5), device)
+    w0 = mod.weight.detach().clone()
+    outs = mod(ids)
+    sum(o.sum() for o in outs).backward()
+    changed = mod.weight.grad if optimizer is None else mod.weight.detach() - w0
+    assert changed.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bounds_check", ["error", "warn", "off"])
+def test_meta_tensors_give_shapes(bounds_check):
+    """On the meta device (shape inference, lazy init) the reference lookup gives the shapes
+    of a real one and checks no values (there are none)."""
+    feats = [("a", 10), ("b", 5, "mean"), ("c", 7)]
+    ids = {"a": torch.zeros(3, dtype=torch.long), "c": torch.zeros(3, 2, dtype=torch.long),
+           "b": (torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 2, 4]))}
+    real = MultiTableEmbedding(2, feats, [4, 3], backend="reference", bounds_check=bounds_check)
+    meta = MultiTableEmbedding(2, feats, [4, 3], backend="reference", bounds_check=bounds_check,
+                               device="meta")
+    on_meta = {k: (tuple(t.to("meta") for t in v) if isinstance(v, tuple) else v.to("meta"))
+               for k, v in ids.items()}
+    assert [o.shape for o in meta(on_meta)] == [o.shape for o in real(ids)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Determinism
 # ------------------------------------------------------------------------------------------------
@@ -490,6 +523,18 @@ def test_bad_constructor_arguments():
         MultiTableEmbedding(1, [("a", 3)], 2, optimizer="sgd", backend="reference")
     with pytest.raises(TypeError, match="weights_dtype"):
         MultiTableEmbedding(1, [("a", 3)], 2, weights_dtype=torch.int32)
+    for dims in (3.0, "ab"):
+        with pytest.raises(TypeError, match=r"dims must be one int or 2 ints"):
+            MultiTableEmbedding(2, [("a", 3)], dims)
+    with pytest.raises(ValueError, match=r"dims\[0\] must be an int >= 1, got 2.5"):
+        MultiTableEmbedding(2, [("a", 3)], [2.5, 3])
+    for scale in (float("nan"), -1.0, 0.0, "a"):
+        with pytest.raises(ValueError, match="init_scale must be None or a finite float > 0"):
+            MultiTableEmbedding(1, [("a", 3)], 2, init_scale=scale)
+    # integers of other types are integers
+    assert MultiTableEmbedding(2, [("a", 3)], np.int64(3)).dims == (3, 3)
+    assert MultiTableEmbedding(2, [("a", 3)], torch.tensor(2)).dims == (2, 2)
+    assert MultiTableEmbedding(2, [("a", 3)], [np.int32(2), 4]).dims == (2, 4)
 
 
 @needs_cpu

@@ -328,6 +328,18 @@ def test_forward_mode_ad(backend, device, op):
     _close(tangent, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_meta_tensors_give_shapes_with_validation_on():
+    """Meta tensors (shape inference) with validate=True: the value checks (temperature,
+    labels) are skipped, there being no values, instead of failing on .item()."""
+    z = torch.empty(5, 3, device="meta")
+    y, tau = torch.empty(5, device="meta"), torch.tensor(0.5, device="meta")
+    prob, w = confidence_fusion(z, tau)
+    loss, p2 = collaborative_loss(z, y, tau)
+    kloss, teacher = ck.kdef_loss(z, y)
+    assert (prob.shape, w.shape, loss.shape, p2.shape, kloss.shape, teacher.shape) == (
+        (5,), (5, 3), (), (5,), (), (5,))
+
+
 # ------------------------------------------------------------------------------------------------
 # Precision, shapes and layouts
 # ------------------------------------------------------------------------------------------------

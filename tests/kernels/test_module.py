@@ -115,6 +115,22 @@ def test_temperature_range_is_checked_and_state_dicts_do_not_mix():
         CETNetFusion(2, learnable_temperature=True).load_state_dict(unbounded.state_dict())
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"temperature": True}, ValueError, "temperature must be finite and > 0"),
+    ({"ensemble_weight": -1.0}, ValueError, "ensemble_weight must be finite and >= 0"),
+    ({"mutual_weight": math.nan}, ValueError, "mutual_weight must be finite and >= 0"),
+    ({"member_weight": "a"}, TypeError, "member_weight must be a float"),
+    ({"backend": "gpu"}, ValueError, "backend must be one of"),
+    ({"detach_weights": "no"}, TypeError, "detach_weights must be a bool"),
+    ({"learnable_temperature": 1}, TypeError, "learnable_temperature must be a bool"),
+])
+def test_constructor_arguments_are_checked_when_given(kwargs, error, message):
+    """Bad settings fail at construction, naming the argument (not at the first forward with
+    labels, or never when the module is only used for predictions)."""
+    with pytest.raises(error, match=f"CETNetFusion: {message}"):
+        CETNetFusion(2, **kwargs)
+
+
 # 60 steps of 2048 rows: too slow for the Triton interpreter.
 @pytest.mark.parametrize("backend, device", backend_device_params(skip_triton_interpreter=True))
 def test_drop_in_ensemble_of_two_models_trains(backend, device):
