@@ -100,7 +100,10 @@ def _autograd_formulas(ops: _OpSet) -> tuple[Callable, Callable, Callable, Calla
 
     def loss_backward(ctx, grad_loss, grad_prob, _g_grad, _g_t):
         logits, temperature, grad_logits, grad_t = ctx.saved_tensors
-        need_z, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        # detached weights: the temperature reaches nothing differentiable, so no gradient
+        # (None, as autograd gives the reference), not a zero
+        need_z = ctx.needs_input_grad[0]
+        need_t = ctx.needs_input_grad[2] and not ctx.detach_weights
         grad_z = gt = None
         if (need_z or need_t) and grad_loss is not None:
             if not ctx.compute_grad:
@@ -124,7 +127,7 @@ def _autograd_formulas(ops: _OpSet) -> tuple[Callable, Callable, Callable, Calla
                 grad_z = grad_z.to(logits.dtype)
         if grad_prob is not None and (need_z or need_t):
             gz2, gt2 = ops.fusion_backward(grad_prob, None, logits, temperature, ctx.logit_space,
-                                           ctx.detach_weights, need_t and not ctx.detach_weights)
+                                           ctx.detach_weights, need_t)
             grad_z = gz2 if grad_z is None else grad_z + gz2
             gt = gt2 if gt is None else gt + gt2
         if need_t and gt is None:

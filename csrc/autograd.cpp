@@ -185,7 +185,9 @@ class CollaborativeLossFunction : public torch::autograd::Function<Collaborative
     const bool detach = ctx->saved_data["detach_weights"].toBool();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const bool need_z = ctx->needs_input_grad(0);
-    const bool need_t = ctx->needs_input_grad(2);
+    // detached weights: the temperature reaches nothing differentiable: no gradient (as
+    // autograd gives the reference), not a zero
+    const bool need_t = ctx->needs_input_grad(2) && !detach;
     const Tensor& g_loss = grads[0];
     const Tensor& g_prob = grads[1];
     Tensor gz, gt;
@@ -209,7 +211,7 @@ class CollaborativeLossFunction : public torch::autograd::Function<Collaborative
       auto [gz2, gt2] = fusion_backward_op().call(g_prob, std::nullopt, logits, std::nullopt,
                                                   temperature,
                                                   ctx->saved_data["logit_space"].toBool(), detach,
-                                                  need_t && !detach);
+                                                  need_t);
       gz = gz.defined() ? gz + gz2 : gz2;
       gt = gt.defined() ? gt + gt2 : gt2;
     }
