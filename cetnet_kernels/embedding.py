@@ -158,7 +158,9 @@ class MultiTableEmbedding(nn.Module):
             optimizer, which touches only the rows a batch looked up),
             ``"sgd"`` or ``"rowwise_adagrad"``: the update of the rows a batch touched is applied
             inside backward (FBGEMM's EXACT_SGD / EXACT_ROWWISE_ADAGRAD), deterministically, with
-            no gradient tensor; :attr:`weight` then does not require grad.
+            no gradient tensor; :attr:`weight` then does not require grad. So
+            ``requires_grad_(False)`` does not freeze such tables: to freeze them, call the
+            lookup under ``torch.no_grad()`` (its outputs then lead no gradient back to them).
         lr, eps, weight_decay: the fused optimizer's settings. Row-wise Adagrad keeps one state
             per table row: ``s += mean(g**2); w -= lr * g / (sqrt(s) + eps)``. ``weight_decay``
             adds ``weight_decay * w`` to the gradient of the touched rows (FBGEMM's L2 mode).
