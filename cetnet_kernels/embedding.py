@@ -274,6 +274,9 @@ class MultiTableEmbedding(nn.Module):
         if padding_idx is not None and (isinstance(padding_idx, bool)
                                         or not isinstance(padding_idx, int)):
             raise TypeError(f"{op}: padding_idx must be an int or None, got {padding_idx!r}")
+        if padding_idx is not None and not -2**63 <= padding_idx < 2**63:
+            raise ValueError(f"{op}: padding_idx must fit in int64 (ids are int32 or int64), "
+                             f"got {padding_idx}")
         if bounds_check not in BOUNDS_CHECKS:
             raise ValueError(f"{op}: bounds_check must be one of {BOUNDS_CHECKS}, got "
                              f"{bounds_check!r}")

@@ -24,6 +24,10 @@ def kjt_to_ids(kjt: Any) -> dict[str, tuple]:
     key boundaries. Variable batch sizes per key are not supported.
     """
     keys = list(kjt.keys())
+    if len(set(keys)) != len(keys):  # the dict below would keep the last one silently
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"MultiTableEmbedding: KeyedJaggedTensor keys must be unique, "
+                         f"repeated: {dup}")
     vsk = getattr(kjt, "variable_stride_per_key", None)
     if callable(vsk) and vsk():
         raise ValueError("MultiTableEmbedding: KeyedJaggedTensor with a variable batch size per "

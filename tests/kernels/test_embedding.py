@@ -528,6 +528,8 @@ def test_bad_constructor_arguments():
             MultiTableEmbedding(2, [("a", 3)], dims)
     with pytest.raises(ValueError, match=r"dims\[0\] must be an int >= 1, got 2.5"):
         MultiTableEmbedding(2, [("a", 3)], [2.5, 3])
+    with pytest.raises(ValueError, match="padding_idx must fit in int64"):
+        MultiTableEmbedding(1, [("a", 3)], 2, padding_idx=2**63)
     for scale in (float("nan"), -1.0, 0.0, "a"):
         with pytest.raises(ValueError, match="init_scale must be None or a finite float > 0"):
             MultiTableEmbedding(1, [("a", 3)], 2, init_scale=scale)

@@ -76,6 +76,8 @@ def test_duck_typed_kjt():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # float32 weights
     with pytest.raises(ValueError, match="unknown feature"):
         mod(DuckKJT(["user", "tags", "nope"], values, lengths))
+    with pytest.raises(ValueError, match=r"keys must be unique, repeated: \['user'\]"):
+        mod(DuckKJT(["user", "tags", "user"], values, lengths))
 
 
 def test_real_torchrec_kjt():
