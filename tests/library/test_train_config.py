@@ -155,6 +155,14 @@ def test_seed_range_is_what_torch_accepts():
     for seed in (SEED_RANGE[0] - 1, SEED_RANGE[1] + 1):
         with pytest.raises((RuntimeError, ValueError)):
             torch.manual_seed(seed)
+    # a data-parallel rank seeds with seed + rank: past the range it wraps, as torch does
+    # for negative seeds, instead of failing on rank >= 1
+    from cetnet.train.rng import seed_everything
+
+    seed_everything(SEED_RANGE[1] + 1)
+    assert torch.initial_seed() == 0
+    seed_everything(-1)
+    assert torch.initial_seed() == 2**64 - 1
 
 
 def test_backends_match_the_kernels():

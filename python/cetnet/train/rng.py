@@ -12,10 +12,12 @@ __all__ = ["seed_everything", "rng_state", "set_rng_state", "shuffle_seed"]
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device)."""
+    """Seeds Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device).
+    ``seed`` may pass torch's range (a per-rank ``seed + rank`` of the largest seed): it is
+    taken modulo 2**64 there, which changes no seed in range."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2**64)
 
 
 def shuffle_seed(seed: int, epoch: int) -> int:
