@@ -34,7 +34,8 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: boo
     """Calls ``write(f)`` on a temporary file beside ``path``, then replaces ``path`` with it.
 
     The parent directory must exist (creating it is the caller's decision). On any exception
-    (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched.
+    (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched. With
+    ``fsync`` the file's data and then the directory entry are synced to disk.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -49,6 +50,24 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: boo
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if fsync:
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Makes a rename in ``directory`` durable (the new file's data is, by the fsync before
+    it; the directory entry needs its own after a power loss). Best effort: a filesystem or
+    platform that cannot open or sync a directory is left as it is."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
