@@ -199,6 +199,10 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
     dataset's group column (``dataset.group_key``, e.g. the user): unseen users are groups of
     their own, as in the dataset's splits; without that column every row is one group.
 
+    A dataset whose own files have another format (``dataset.row_encoder``: BARS, whose
+    config names the columns, the sequence separators and order and the ``copy_from``
+    features) reads the file as it reads its own files instead.
+
     The file is read as the dataset readers read theirs (:func:`cetnet.data.csvio.read_chunks`:
     a UTF-8 byte-order mark dropped, blank lines skipped, quoted fields may span lines, every
     row must have the header's number of fields). Meant for a batch of new rows (the whole
@@ -217,6 +221,9 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
 def _read_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
               list_sep: str = LIST_SEP) -> tuple[Split, bool]:
     """:func:`encode_csv`'s Split, and whether its rows have labels."""
+    encoder = getattr(dataset, "row_encoder", None)
+    if encoder is not None:  # a dataset with a file format of its own (BARS)
+        return encoder(path)
     path = Path(path)
     schema: Schema = dataset.schema
     group_column = getattr(dataset, "group_key", None) or schema.group

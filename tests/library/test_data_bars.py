@@ -440,6 +440,45 @@ def test_a_run_without_valid_data_records_that_it_selected_on_test(train_config,
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["taobaoad_x1", "amazonelectronics_x1"])
+def test_predict_reads_new_rows_in_the_datasets_own_format(train_config, tmp_path, capsys,
+                                                           name):
+    """``cetnet predict --csv`` of a BARS run takes rows as the dataset's files hold them
+    (``^``-separated sequences in the config's order, ``copy_from`` features, the meta group
+    column): the test file scores as the test split, to the bit; without its label column
+    the rows are unlabelled. (Before: refused, or a sequence cell read as one OOV token.)"""
+    from cetnet import serve
+
+    cfg_path = make_bars(tmp_path, name)
+    run = train_config(epochs=1, max_steps_per_epoch=2, batch_size=64)
+    run["data"] = {"name": "bars", "config": str(cfg_path)}
+    dump_config(run, tmp_path / "run.yaml")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(run_dir),
+                 "--quiet", "--no-plots"]) == 0
+    split_out, split_scores = serve.predict_run(run_dir, tmp_path / "s.csv", split="test")
+    test_csv = cfg_path.parent / "test.csv"
+    csv_out, csv_scores = serve.predict_run(run_dir, tmp_path / "c.csv", csv_path=test_csv)
+    assert csv_out.read_text() == split_out.read_text()
+    assert csv_scores is not None and split_scores is not None
+    # the same scores (gAUC's groups are numbered in another order: equal to rounding)
+    assert csv_scores["fused"] == pytest.approx(split_scores["fused"], rel=1e-12)
+    assert csv_scores["members"].keys() == split_scores["members"].keys()
+    for member, scores in split_scores["members"].items():
+        assert csv_scores["members"][member] == pytest.approx(scores, rel=1e-12)
+    label = read_rows(test_csv)[0]
+    lines = test_csv.read_text().splitlines()
+    header = lines[0].split(",")
+    drop = header.index(next(k for k in label if k in ("label", "clk", "is_click")))
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("\n".join(",".join(c for i, c in enumerate(line.split(","))
+                                             if i != drop) for line in lines) + "\n")
+    out, scores = serve.predict_run(run_dir, tmp_path / "u.csv", csv_path=unlabelled)
+    assert scores is None
+    probs = [line.split(",")[1] for line in out.read_text().splitlines()]
+    assert probs == [line.split(",")[1] for line in split_out.read_text().splitlines()]
+
+
 def test_cli_reports_a_malformed_file_without_a_traceback(train_config, tmp_path, capsys):
     cfg_path = make_bars(tmp_path, "criteo_x1")
     train = cfg_path.parent / "train.csv"

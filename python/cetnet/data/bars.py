@@ -33,6 +33,7 @@ one table lookup turns them into vocabulary ids.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -74,27 +75,36 @@ class _SplitReader:
     """Reads one csv into id / float / label / group arrays, a chunk at a time."""
 
     def __init__(self, cfg: BarsConfig, lookups: Mapping[str, Lookup], groups: dict[str, int],
-                 chunk_size: int, max_rows: int | None) -> None:
+                 chunk_size: int, max_rows: int | None, *, label_optional: bool = False) -> None:
         self.cfg, self.lookups, self.groups = cfg, lookups, groups
         self.chunk_size, self.max_rows = chunk_size, max_rows
+        #: new rows to score may come without the label column (then all 0, :attr:`labelled`
+        #: False); a split's file must have it
+        self.label_optional = label_optional
+        self.labelled = True
 
     def read(self, path: Path) -> Raw:
         """Feature name / label / ``_GROUP`` -> the file's array."""
         cfg = self.cfg
         feats = [c for c in cfg.columns if c.type != "meta"]  # metas only matter as the group
-        wanted = sorted({c.column for c in feats} | {cfg.label} | (
+        wanted = sorted({c.column for c in feats} | (
+            set() if self.label_optional else {cfg.label}) | (
             {cfg.group_column} if cfg.group_column else set()))
+        optional = [cfg.label] if self.label_optional and cfg.label not in wanted else []
         parts: dict[str, list[np.ndarray]] = {c.name: [] for c in feats}
         parts[cfg.label], parts[_GROUP] = [], []
         rows = 0
-        for lines, chunk in read_chunks(path, wanted, chunk_size=self.chunk_size):
+        for lines, chunk in read_chunks(path, wanted, chunk_size=self.chunk_size,
+                                        optional=optional):
             if self.max_rows is not None:
                 keep = self.max_rows - rows
                 if keep <= 0:
                     break
                 lines, chunk = lines[:keep], {k: v[:keep] for k, v in chunk.items()}
             rows += len(lines)
-            parts[cfg.label].append(self._label(chunk[cfg.label], path, lines))
+            self.labelled = cfg.label in chunk
+            parts[cfg.label].append(self._label(chunk[cfg.label], path, lines) if self.labelled
+                                    else np.zeros(len(lines)))
             for c in feats:
                 parts[c.name].append(self._column(c, chunk[c.column], path, lines))
             parts[_GROUP].append(self._groups(chunk[cfg.group_column]) if cfg.group_column
@@ -176,7 +186,24 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
         stamps = sorted({file_stamp(p) for p in cfg.files.values()})
         path = cache_file(open_cache_dir(cache_dir), cfg.dataset_id,
                           (_CACHE_VERSION, cfg, stamps, max_rows))
-    return cached(path, lambda: _encode(cfg, chunk_size, max_rows, verbose), verbose=verbose)
+    dataset = cached(path, lambda: _encode(cfg, chunk_size, max_rows, verbose), verbose=verbose)
+    dataset.row_encoder = functools.partial(_encode_rows, cfg, dataset, chunk_size)
+    return dataset
+
+
+def _encode_rows(cfg: BarsConfig, dataset: CTRDataset, chunk_size: int,
+                 path: str | Path) -> tuple[Split, bool]:
+    """New rows in the format of the dataset's own csv files (its config's columns, sequence
+    separators and order, ``copy_from`` features), encoded with its train vocabularies and
+    dense statistics: ``(split, labelled)``. The label column is optional (without it the rows
+    are unlabelled); gAUC groups are the rows' raw group values."""
+    feats = [c for c in cfg.columns if c.type != "meta"]
+    numeric = [c.name for c in feats if c.type == "numeric"]
+    lookups = {c.name: dataset.vocabs[c.name].encode for c in feats if c.type != "numeric"}
+    reader = _SplitReader(cfg, lookups, {}, chunk_size, None, label_optional=True)
+    raw = reader.read(Path(path))
+    assert dataset.dense_stats is not None  # a BARS dataset always has them (maybe empty)
+    return _split(raw, dataset.schema, dataset.dense_stats, numeric), reader.labelled
 
 
 def _check_files(cfg: BarsConfig) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -197,6 +197,7 @@ class CTRDataset:
         dense_stats: the train mean/std the dense features were normalized with.
         group_key: what :attr:`Batch.group` holds (e.g. ``"user_id"``), None when it is all 0.
         notes: anything worth knowing about how the data was read (skipped columns, sources).
+        row_encoder: reads new rows in the dataset's own file format (see the field).
     """
 
     name: str
@@ -206,6 +207,11 @@ class CTRDataset:
     dense_stats: DenseStats | None = None
     group_key: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: ``path -> (Split, labelled)``: new rows in the format of the dataset's own files, for a
+    #: dataset whose files are not one column per feature (BARS); None: the generic csv of
+    #: :func:`cetnet.serve.encode_csv`. Set by the loader, not saved with the dataset.
+    row_encoder: Callable[[str | Path], tuple[Split, bool]] | None = field(
+        default=None, repr=False, compare=False)
 
     def encoding_digest(self) -> str:
         """A digest (sha256 hex) of how this dataset encodes rows: the schema (features, vocab
