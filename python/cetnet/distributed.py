@@ -33,6 +33,8 @@ __all__ = ["DistributedError", "active", "world_size", "rank", "is_main", "env_w
 #: fails (instead of hanging the job forever).
 TIMEOUT_ENV = "CETNET_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+#: The largest timeout: ~31 years (a timedelta of 1e15 s overflows before torch sees it).
+MAX_TIMEOUT_S = 1e9
 #: Test hook (docs/DISTRIBUTED.md): ``kill|hang:RANK:EPOCH:STEP``.
 FAULT_ENV = "CETNET_TEST_FAULT"
 
@@ -101,7 +103,8 @@ def restart_count() -> int:
 
 
 def timeout_seconds() -> float:
-    """``$CETNET_DIST_TIMEOUT`` (seconds, > 0; default :data:`DEFAULT_TIMEOUT_S`): how long a
+    """``$CETNET_DIST_TIMEOUT`` (seconds, > 0 and at most :data:`MAX_TIMEOUT_S`; default
+    :data:`DEFAULT_TIMEOUT_S`): how long a
     collective waits for the other ranks before it fails."""
     text = os.environ.get(TIMEOUT_ENV, "").strip()
     if not text:
@@ -110,8 +113,9 @@ def timeout_seconds() -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise DistributedError(f"${TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise DistributedError(f"${TIMEOUT_ENV} must be a number of seconds > 0 and <= "
+                               f"{MAX_TIMEOUT_S:.0e}, got {text!r}")
     return value
 
 

@@ -342,6 +342,35 @@ def test_a_batch_size_the_world_size_does_not_divide_is_refused(monkeypatch, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_split_with_fewer_rows_than_ranks_is_refused_up_front(monkeypatch, tmp_path):
+    """4 ranks and a 3-row valid split: refused by the check (and --dry-run), before anything
+    is written, not after a whole epoch when the sharded evaluation finds no share for a
+    rank."""
+    from cetnet.train import TrainingError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = _config()
+    cfg["data"]["num_rows"] = 30  # 24 / 3 / 3 rows
+    cfg["train"]["batch_size"] = 4
+    with pytest.raises(TrainingError, match=r"split has 3 rows, fewer than the 4 ranks"):
+        runner.check_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    runner.check_run(cfg, tmp_path / "run")  # one process: fine
+
+
+def test_a_sum_loss_is_refused_in_a_data_parallel_run(monkeypatch, tmp_path):
+    """The ranks' gradients are averaged: right for a mean loss only (a sum trained with half
+    its gradient on 2 ranks, silently)."""
+    cfg = _config()
+    cfg["model"]["fusion"]["reduction"] = "sum"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="reduction: sum is not supported in a data-parallel"):
+        runner.check_run(cfg, tmp_path / "run")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    runner.check_run(cfg, tmp_path / "run")
+
+
 def test_without_a_process_group_nothing_is_collective(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not distributed.active() and distributed.world_size() == 1

@@ -162,7 +162,7 @@ def test_the_timeout_setting(monkeypatch):
     assert distributed.timeout_seconds() == distributed.DEFAULT_TIMEOUT_S
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
     assert distributed.timeout_seconds() == 2.5
-    for bad in ("0", "-3", "ten", "nan"):
+    for bad in ("0", "-3", "ten", "nan", "1e15"):  # 1e15: past what timedelta holds
         monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
         with pytest.raises(distributed.DistributedError, match=r"\$CETNET_DIST_TIMEOUT must be"):
             distributed.timeout_seconds()

@@ -53,6 +53,9 @@ VALID_IS_TEST_WARNING = ("the dataset has no separate validation data: its valid
                          "the test set and the test metrics are optimistic")
 SCORED_ON_TRAIN_WARNING = ("the dataset's {split} split is its train split: {split} metrics are "
                            "measured on training data")
+KDEF_DATA_PARALLEL_WARNING = ("KDEF weights its members by exam scores over the batch, which "
+                              "each rank computes on its share: this data-parallel run is close "
+                              "to a single-process one, not equal to it")
 
 
 class TrainingError(RuntimeError):
@@ -126,12 +129,18 @@ def _better(value: float, best: float) -> bool:
     return math.isfinite(value) and value > best
 
 
-def check_splits(splits: dict) -> None:
-    """TrainingError unless the train, valid and test splits have rows and the valid split
-    has both classes (with one, its AUC is NaN every epoch and nothing can be selected)."""
+def check_splits(splits: dict, world_size: int = 1) -> None:
+    """TrainingError unless the train, valid and test splits have rows (in a data-parallel run
+    of ``world_size`` ranks, at least one per rank: each rank trains on and scores its share)
+    and the valid split has both classes (with one, its AUC is NaN every epoch and nothing can
+    be selected)."""
     for name in ("train", "valid", "test"):
         if len(splits[name]) == 0:
             raise TrainingError(f"the dataset's {name} split has no rows")
+        if len(splits[name]) < world_size:
+            raise TrainingError(f"the dataset's {name} split has {len(splits[name])} rows, "
+                                f"fewer than the {world_size} ranks of this data-parallel run "
+                                f"(each rank needs a share): use fewer ranks or more data")
     labels = getattr(splits["valid"], "label", None)
     if labels is None:
         return
@@ -644,13 +653,15 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     device = distributed.local_device(resolve_device(config["device"]))
     check_backend(config["backend"], device)
     train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
-    check_splits(dataset.splits)
+    check_splits(dataset.splits, world)
     model.to(device)
 
     # A benchmark without validation data (BARS' valid_data: test.csv, or none given) hands the
     # test split in as "valid": then early stopping selects on the test set. The run still
     # trains (that is how those benchmarks are reported) but says so, loudly and in metrics.json.
     run_warnings = split_warnings(dataset.splits)
+    if world > 1 and config["model"].get("ensemble") == "kdef":
+        run_warnings.append(KDEF_DATA_PARALLEL_WARNING)
     if main:
         print_warnings(run_warnings)
     steps_per_epoch = math.ceil(len(train_split) / t["batch_size"])

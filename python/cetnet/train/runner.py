@@ -227,8 +227,15 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
                                      distributed.planned_world_size())
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
+    fusion = config["model"].get("fusion") or {}
+    if distributed.planned_world_size() > 1 and isinstance(fusion, dict) \
+            and fusion.get("reduction") == "sum":
+        # the ranks' gradients are averaged, which is the gradient of a mean loss only
+        raise ConfigError("config: model.fusion.reduction: sum is not supported in a "
+                          "data-parallel run (the ranks' gradients are averaged: a sum loss "
+                          "would train with 1/world_size of its gradient); use mean")
     dataset = _load_dataset(config)
-    check_splits(dataset.splits)
+    check_splits(dataset.splits, distributed.planned_world_size())
     model = _meta_model(config, dataset.schema)
     if config.get("embedding", "cetnet") == "torchrec":
         from cetnet.train.sharded import check_sharding
