@@ -492,14 +492,27 @@ def config_fields(path: str | Path) -> ConfigFields:
         count = (model.get("multi_embedding") or {}).get(
             "num_sets", 2 if isinstance(dims, int) else len(dims))
     else:
-        count = len(model.get("members") or [None, None])
+        members = model.get("members", [None, None])  # build_model's default: two members
+        if not isinstance(members, list) or not members:
+            raise ConfigError(f"{path}: model.members must be a non-empty list, got "
+                              f"{members!r}")
+        count = len(members)
     if model.get("shared_embedding"):
         count, dims = 1, dims if isinstance(dims, int) else dims[:1]
+    if not isinstance(dims, int) and len(dims) != count:
+        raise ConfigError(f"{path}: model.embedding_dim has {len(dims)} values for {count} "
+                          f"embedding sets (one per member)")
     dims = (dims,) * count if isinstance(dims, int) else tuple(dims)
     optimizer = model.get("embedding_optimizer", "rowwise_adagrad") or "adam"
     return {"dims": tuple(dims), "optimizer": str(optimizer),
             "batch": int(train["batch_size"])}
 
+
+#: Bounds of the flags whose work grows with them (tables are placed GPU by GPU, feature by
+#: feature): far above any cluster or model, far below what would take minutes here.
+MAX_GPUS = 100_000
+MAX_FEATURES = 100_000
+MAX_MEMBERS = 1_000
 
 #: The flag that sets each Workload field (for the error messages).
 FLAGS = {"dims": "--dim", "vocabs": "--vocab", "batch": "--batch", "gpus": "--gpus",
@@ -541,8 +554,16 @@ def workloads_from_flags(members: int | None, features: int | None, vocab: str |
         if not value > 0:
             raise ConfigError(f"{flag}: expected a positive number, got {value}")
     net = Network(int(gpus_per_node), float(nvlink_gbytes), float(link_gbps))
+    if features is not None and features > MAX_FEATURES:
+        raise ConfigError(f"--features: at most {MAX_FEATURES:,} (one table per feature is "
+                          f"planned), got {features:,}")
+    if members is not None and members > MAX_MEMBERS:
+        raise ConfigError(f"--members: at most {MAX_MEMBERS:,}, got {members:,}")
     works = []
     for n in parse_counts("--gpus", gpus):
+        if n > MAX_GPUS:
+            raise ConfigError(f"--gpus: at most {MAX_GPUS:,} (the tables are placed GPU by "
+                              f"GPU), got {n:,}")
         try:
             works.append(Workload(
                 dims=dims, vocabs=vocabs, batch=batch, gpus=n,

@@ -166,6 +166,22 @@ def test_cli_config_and_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert "200 Gb/s between nodes" in out
 
 
+def test_config_fields_check_the_members_and_dims(tmp_path) -> None:
+    """A config whose members and dims do not agree is refused naming the key (``members:
+    []`` was planned as two sets; two dims for three members as two sets)."""
+    from cetnet.config import dump_config
+
+    for key, value, message in (("members", [], "model.members must be a non-empty list"),
+                                ("embedding_dim", [8, 16],
+                                 "model.embedding_dim has 2 values for 3 embedding sets")):
+        cfg = P.load_config(CONFIGS / "cetnet_ml100k.yaml")
+        cfg["model"][key] = value
+        path = tmp_path / f"{key}.yaml"
+        dump_config(cfg, path)
+        with pytest.raises(P.ConfigError, match=message):
+            P.config_fields(path)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--vocab", "lots", "--dim", "8", "--batch", "8"], "--vocab: expected positive integers"),
     (["--vocab", "10", "--dim", "8,x", "--batch", "8"], "--dim: expected positive integers"),
@@ -182,6 +198,14 @@ def test_cli_config_and_flags(capsys: pytest.CaptureFixture[str]) -> None:
     (["--vocab", "10", "--dim", "8", "--batch", "8", "--ids-per-feature", "0"],
      "--ids-per-feature: "),
     (["--vocab", "10", "--dim", "8", "--batch", "8", "--members", "0"], "--members: "),
+    # work that grows with them: bounded far above any cluster or model (1e8 GPUs ran out of
+    # memory after 30 s, with a traceback)
+    (["--vocab", "10", "--dim", "8", "--batch", "8", "--gpus", "1e8"], "--gpus: at most 100,000"),
+    (["--vocab", "10", "--dim", "8", "--batch", "8", "--gpus", "2^63"], "--gpus: at most"),
+    (["--vocab", "10", "--features", "100000000", "--dim", "8", "--batch", "8"],
+     "--features: at most 100,000"),
+    (["--vocab", "10", "--dim", "8", "--members", "5000", "--batch", "8"],
+     "--members: at most 1,000"),
     (["--vocab", "10", "--config", "no/such.yaml"], "no/such.yaml"),
 ])
 def test_cli_errors_name_the_flag(capsys: pytest.CaptureFixture[str], argv: list[str],
