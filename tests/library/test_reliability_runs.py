@@ -306,6 +306,12 @@ def test_a_used_out_directory_is_refused_without_resume_or_overwrite(train_confi
     assert main(["train", "--config", str(config), "--out", str(run_dir), "--overwrite",
                  "--resume", str(run_dir)]) == 2
     assert "give one" in _one_error_line(capsys.readouterr().err)
+    # a run stopped before its first checkpoint: --resume is not offered (it has nothing)
+    for name in (LAST, "last.prev.pt", BEST):
+        (run_dir / name).unlink(missing_ok=True)
+    assert main(["train", "--config", str(config), "--out", str(run_dir)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "without a checkpoint" in line and "--resume" not in line and "--overwrite" in line
 
 
 def test_overwrite_clears_the_old_run_first(train_config, tmp_path, capsys):

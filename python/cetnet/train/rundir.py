@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cetnet.atomic import TEMP_SUFFIX, write_text_atomic
+from cetnet.train.checkpoint import has_last
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "LOCK_FILE", "RunDirError", "RunLock",
            "default_run_dir", "make_run_dir", "run_files", "foreign_files", "check_run_dir",
@@ -121,6 +122,10 @@ def check_run_dir(run_dir: str | Path, *, resume: bool = False, overwrite: bool 
     if resume or not names:
         return
     if not overwrite:
+        if not has_last(run_dir):
+            raise RunDirError(f"{run_dir} already holds a run ({_listing(names)}) without a "
+                              "checkpoint (it stopped before its first epoch ended: nothing to "
+                              "resume): replace it with --overwrite, or give another --out")
         raise RunDirError(f"{run_dir} already holds a run ({_listing(names)}): continue it with "
                           f"--resume {run_dir}, replace it with --overwrite, or give another "
                           "--out")
