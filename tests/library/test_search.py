@@ -172,6 +172,75 @@ def test_resume_continues_without_redoing_finished_trials(tmp_path, space_file, 
     assert len(again.get_trials()) == len(trials)
 
 
+def test_a_resumed_study_draws_new_parameters(tmp_path, space_file, one_thread):
+    """--resume with the same --seed: the sampler is seeded with the trials the study holds,
+    so the new trials are new configurations (before: the first trials' parameters again,
+    each counted as a finished trial on a reused run)."""
+    run_search(_options(tmp_path, space_file, trials=2, pruner="none", warmup_fraction=0))
+    study = run_search(_options(tmp_path, space_file, trials=4, pruner="none",
+                                warmup_fraction=0, resume=True))
+    params = [tuple(sorted(t.params.items())) for t in _finished(study)]
+    assert len(params) == 4 and len(set(params)) == 4
+    assert not any(t.user_attrs.get("reused") for t in _finished(study)[2:])
+
+
+def test_a_failed_trial_is_one_line(tmp_path):
+    """A trial whose config is rejected fails alone, said in one line and recorded in
+    trials.csv; Optuna's traceback of it is not printed."""
+    space = tmp_path / "bad.yaml"
+    space.write_text(SPACE.replace("batch_size: [128, 256]", "batch_size: [-4]"))
+    # a process of its own: Optuna's log handler holds the stderr of its import
+    done = subprocess.run(
+        [sys.executable, "-m", "cetnet", "search", "--dataset", "synthetic", "--space",
+         str(space), "--out", str(tmp_path / "out"), "--trials", "1", "--sampler", "random",
+         "--warmup-fraction", "0", "--set", *DATA], capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text
+    assert "Traceback" not in text and "trial 0: invalid config" in text, text
+    rows = _rows(tmp_path / "out" / "trials.csv")
+    assert rows[0]["state"] == "FAIL" and "batch_size" in rows[0]["error"]
+
+
+def test_a_study_is_tied_to_its_data(tmp_path, space_file, one_thread):
+    """A study records its data (the resolved data section and the dataset's encoding
+    digest): a resume on other data is refused, so one study never mixes two datasets; a
+    dataset that fails to load leaves no study behind (a retry with it fixed starts cleanly);
+    one --out holds one study; --seed and --study are checked."""
+    from cetnet.data import make_synthetic
+    from cetnet.train import register_dataset, unregister_dataset
+
+    seed = {"value": 0}  # the "files" of a dataset that a user replaces between two runs
+    register_dataset("replaceable", lambda **o: make_synthetic(seed=seed["value"], **o))
+    try:
+        data = [*DATA, "data.name=replaceable"]
+        opts = dict(trials=1, pruner="none", warmup_fraction=0)
+        tiny = [*data, "data.num_rows=5"]
+        with pytest.raises(Exception):  # (the dataset's own error: too few rows)
+            run_search(SearchOptions(out=tmp_path / "out", dataset="synthetic",
+                                     space=str(space_file), overrides=tiny,
+                                     say=lambda text: None, **opts))
+        assert not (tmp_path / "out" / "study.db").exists()
+        options = SearchOptions(out=tmp_path / "out", dataset="synthetic",
+                                space=str(space_file), overrides=data, say=lambda text: None,
+                                **opts)
+        run_search(options)
+        seed["value"] = 1
+        with pytest.raises(SearchError, match="was started with another data_digest"):
+            run_search(SearchOptions(**{**vars(options), "trials": 2, "resume": True}))
+        seed["value"] = 0
+        assert len(_finished(run_search(SearchOptions(**{**vars(options), "trials": 2,
+                                                         "resume": True})))) == 2
+        with pytest.raises(SearchError, match="holds study 'cetnet-search'"):
+            run_search(SearchOptions(**{**vars(options), "study": "another"}))
+        for key, value, message in (("seed", -1, "--seed must be an integer"),
+                                    ("study", " ", "--study must be a non-empty name")):
+            with pytest.raises(SearchError, match=message):
+                run_search(SearchOptions(**{**vars(options), key: value}))
+    finally:
+        unregister_dataset("replaceable")
+
+
 @pytest.mark.parametrize("pruner", ["median", "halving"])
 def test_the_pruner_prunes_under_the_warmup_proxy(pruner, tmp_path, space_file, one_thread):
     study = run_search(_options(tmp_path, space_file, trials=6, pruner=pruner,
@@ -310,7 +379,23 @@ def test_space_errors_name_the_key(tmp_path):
                       ("train: {lrr: [0.1]}\n", "train.lrr"),
                       ("member: {transformer: {}}\n", "member.transformer"),
                       ("model: {embedding_lr: {low: 0, high: 1, log: true}}\n",
-                       "model.embedding_lr")]:
+                       "model.embedding_lr"),
+                      # option names of the sections are checked when the space is read (they
+                      # failed every trial, with a traceback, and the search exited 0)
+                      ("fusion: {temprature: [1.0, 2.0]}\n", "fusion.temprature"),
+                      ("member: {dnn: {hiden: [16]}}\n", "member.dnn.hiden"),
+                      ("naive: {foo: [1, 2]}\n", "naive.foo"),
+                      ("base: {train: {lrr: 0.1}}\n", "base.train.lrr"),
+                      ("base: {model: {dnn: {hiden: [8]}}}\n", "base.model.dnn.hiden"),
+                      ("base: {trian: {}}\n", "base.trian"),
+                      # a range must be finite (nan passed low <= high, then crashed Optuna)
+                      ("train: {lr: {low: .nan, high: 0.01}}\n", "train.lr"),
+                      ("train: {lr: {low: 0.001, high: .inf}}\n", "train.lr"),
+                      # a count range of floats never reached its top (sampled, truncated)
+                      ("members: {count: {low: 1.0, high: 3.0}, kinds: [dnn]}\n",
+                       "members.count"),
+                      ("multi_embedding: {num_sets: {low: 1.0, high: 4.0}}\n",
+                       "multi_embedding.num_sets")]:
         path = tmp_path / "s.yaml"
         path.write_text(text)
         with pytest.raises(SpaceError, match=f"{path}: {key}: "):

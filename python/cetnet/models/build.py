@@ -162,18 +162,35 @@ def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _section_options(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The checked options of every section present (keys and values), also of those this
-    ensemble does not read (a ``fusion:`` under kdef, a ``dhen:`` with no dhen member): a typo
-    there must not pass unnoticed."""
-    targets: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+def _section_targets() -> dict[str, tuple[Callable[..., Any], tuple[str, ...]]]:
+    """Each ``model:`` section (a member kind, fusion, naive, multi_embedding): the callable
+    whose keyword arguments are its options, and the arguments that are not options."""
+    return {
         **{kind: (cls, _MEMBER_SKIP) for kind, cls in MEMBERS.items()},
         "fusion": (CETNetFusion.__init__, _FUSION_SKIP),
         "naive": (NaiveEnsemble.__init__, ("self", "front", "members")),
         "multi_embedding": (MultiEmbedding.build, _MULTI_SKIP),
     }
+
+
+def section_option_names(key: str) -> list[str]:
+    """The options ``model.<key>`` takes (``key``: a member kind, ``fusion``, ``naive`` or
+    ``multi_embedding``): what ``cetnet search`` checks a space's sections against."""
+    fn, skip = _section_targets()[key]
+    return [k for k in inspect.signature(fn, eval_str=True).parameters if k not in skip]
+
+
+def model_keys() -> list[str]:
+    """The keys a ``model:`` section may hold."""
+    return list(DEFAULTS) + [BOUNDS_CHECK_KEY] + list(MEMBERS) + list(_SECTIONS)
+
+
+def _section_options(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The checked options of every section present (keys and values), also of those this
+    ensemble does not read (a ``fusion:`` under kdef, a ``dhen:`` with no dhen member): a typo
+    there must not pass unnoticed."""
     out = {key: _checked_options(_section(cfg, key), fn, skip, f"model.{key}")
-           for key, (fn, skip) in targets.items() if key in cfg}
+           for key, (fn, skip) in _section_targets().items() if key in cfg}
     if out.get("fusion", {}).get("reduction", "mean") == "none":
         raise ConfigError("config: model.fusion.reduction must be mean or sum (a run trains on "
                           "one loss value), got 'none'")
@@ -260,8 +277,7 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
             optimizer with ``backend="reference"``, or an option a member rejects.
     """
     config = dict(config or {})
-    _check_keys(config, list(DEFAULTS) + [BOUNDS_CHECK_KEY] + list(MEMBERS) + list(_SECTIONS),
-                "model")
+    _check_keys(config, model_keys(), "model")
     cfg = {**DEFAULTS, **config}
     ensemble = Spec(str).check("model.ensemble", cfg["ensemble"])
     if ensemble not in ENSEMBLES:

@@ -10,6 +10,7 @@ that holds ``metrics.json`` is reused as it is; one that holds ``last.pt`` is re
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import re
@@ -265,7 +266,13 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
 
     storage_url = options.storage or f"sqlite:///{(options.out / 'study.db').resolve()}"
     storage = open_storage(storage_url)
-    exists = any(s.study_name == options.study for s in storage.get_all_studies())
+    names = [s.study_name for s in storage.get_all_studies()]
+    exists = options.study in names
+    others = [n for n in names if n != options.study]
+    if options.storage is None and others and not exists:
+        # one --out holds one study's reports (SEARCH.md, trials.csv, best_config.yaml)
+        raise SearchError(f"{options.out} holds study {others[0]!r}: continue it with --study "
+                          f"{others[0]} --resume, or give another --out")
     if exists and not options.resume:
         raise SearchError(f"study {options.study!r} already exists in "
                           f"{_hide_password(storage_url)}: add --resume to continue it, or "
@@ -283,12 +290,79 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
         def full(d: dict) -> dict:  # a setup saved without the later keys: their defaults
             return {"proxy": "auc", "max_cost": None, "cost_weight": 0.0, **d}
 
-        changed = [k for k in full(setup) if full(saved).get(k) != full(setup)[k]]
+        changed = setup_changes(full(saved), full(setup))
         if changed:
             raise SearchError(f"study {options.study!r} was started with another "
                               f"{', '.join(changed)}: continue it with the same options, or "
                               "name a new study with --study")
+    reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials, sample),
+           options.seed)
     return study
+
+
+#: Setup keys a study started before they were recorded lacks: not compared then.
+UNRECORDED_BEFORE = ("data", "data_digest")
+
+
+class _TrialFailureFilter(logging.Filter):
+    """Drops Optuna's log of a failed trial (a traceback of a known failure, or of Ctrl-C):
+    the search says each failure in one line itself and records it in trials.csv."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not re.match(r"Trial \d+ failed", record.getMessage())
+
+
+def quiet_trial_failures() -> None:
+    """Optuna's logging at WARNING, without its per-failure tracebacks (idempotent)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logger = logging.getLogger("optuna")
+    if not any(isinstance(f, _TrialFailureFilter) for f in logger.filters):
+        logger.addFilter(_TrialFailureFilter())
+    for handler in logger.handlers:  # records of optuna.* loggers reach these handlers
+        if not any(isinstance(f, _TrialFailureFilter) for f in handler.filters):
+            handler.addFilter(_TrialFailureFilter())
+
+
+def setup_changes(saved: dict, setup: dict) -> list[str]:
+    """The keys of ``setup`` whose value differs from the study's ``saved`` one (the data
+    keys only when the study recorded them)."""
+    return [k for k in setup if not (k in UNRECORDED_BEFORE and k not in saved)
+            and saved.get(k) != setup[k]]
+
+
+def data_identity(base: dict, dataset: Any) -> dict:
+    """What a study records of its data, so that a resume on other data is refused: the
+    resolved ``data:`` section (paths made absolute by the loader) and the dataset's
+    encoding digest (its files' contents, through the vocabularies and statistics)."""
+    out: dict[str, Any] = {"data": copy.deepcopy(base["data"])}
+    digest = getattr(dataset, "encoding_digest", None)
+    if callable(digest):
+        out["data_digest"] = digest()
+    return out
+
+
+def reseed(study: Any, make_sampler: Callable[[int], Any], seed: int) -> None:
+    """A resumed study's sampler seeded with ``seed`` and the number of trials it holds: one
+    seeded as at the study's start would draw the first trials' parameters again (each
+    counted as a new finished trial, reusing their runs)."""
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        study.sampler = make_sampler((seed + existing * 1_000_003) % 2**32)
+
+
+def check_seed(seed: int) -> None:
+    """SearchError unless ``seed`` is what Optuna's samplers take (an int in [0, 2**32))."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise SearchError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
+
+
+def check_study_name(name: str) -> None:
+    """SearchError for an empty ``--study`` (it would be a second study beside the named one,
+    overwriting its reports)."""
+    if not isinstance(name, str) or not name.strip():
+        raise SearchError(f"--study must be a non-empty name, got {name!r}")
 
 
 class Progress:
@@ -366,25 +440,38 @@ def run_search(options: SearchOptions) -> Any:
     if options.sampler == "predictor" and len(objectives) > 1:
         raise SearchError("--sampler predictor optimizes one objective: use --objective auc "
                           "(or tpe / random for auc,cost)")
+    check_seed(options.seed)
+    check_study_name(options.study)
     space = load_space(options.space)
     space_path = options.space
     base = _base(options)
-    options.out.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _open_study(options, objectives, _setup(options, repr(space)),
-                        lambda trial: sample_config(trial, space, base))
+    # the data first: a dataset that fails to load must leave no study behind (a retry with
+    # the data fixed would find one "started with other options")
     dataset = _load_dataset(base)
     train_rows = len(dataset.splits["train"])
+    options.out.mkdir(parents=True, exist_ok=True)
+    quiet_trial_failures()
+    study = _open_study(options, objectives,
+                        {**_setup(options, repr(space)), **data_identity(base, dataset)},
+                        lambda trial: sample_config(trial, space, base))
     if options.resume:
         _requeue_interrupted(study, options.say)
     multi = len(objectives) > 1
     prune = options.warmup_fraction > 0 and not multi and options.pruner != "none"
+
+    from cetnet.train.loop import TrainingError
+    from cetnet.train.rundir import RunDirError
 
     def objective(trial: optuna.Trial) -> Any:
         try:
             return run_trial(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # --resume queues its parameters again
+            raise
+        except (TrainingError, RunDirError) as e:  # the trial fails, the study goes on
+            text = " ".join(str(e).split())
+            trial.set_user_attr("error", text[:500])
+            options.say(f"trial {trial.number}: failed: {text[:300]}")
             raise
 
     def run_trial(trial: optuna.Trial) -> Any:
@@ -454,9 +541,6 @@ def run_search(options: SearchOptions) -> Any:
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
     if options.trials > done:
-        from cetnet.train.loop import TrainingError
-        from cetnet.train.rundir import RunDirError
-
         progress = Progress(options.trials, done, options.say)
         study.optimize(objective, n_trials=options.trials - done, gc_after_trial=True,
                        catch=(ConfigError, TrainingError, RunDirError),

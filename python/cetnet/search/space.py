@@ -17,13 +17,14 @@ ensemble section only in a trial of that ensemble: Optuna records only what was 
 from __future__ import annotations
 
 import copy
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from cetnet.config import TRAIN_DEFAULTS, ConfigError, read_yaml
+from cetnet.config import TOP_LEVEL_KEYS, TRAIN_DEFAULTS, ConfigError, read_yaml
 from cetnet.messages import shorten
-from cetnet.models.build import ENSEMBLES, MEMBERS
+from cetnet.models.build import ENSEMBLES, MEMBERS, model_keys, section_option_names
 
 __all__ = ["SpaceError", "default_space_path", "load_space", "sample_config", "merge"]
 
@@ -69,9 +70,9 @@ def _check_param(where: str, key: str, value: Any, layers: bool = False) -> None
             allowed = "{low, high[, log]}" + (" or {width, depth}" if layers else "")
             raise _fail(where, key, f"a range is {allowed}, got {shorten(dict(value))}")
         lo, hi = value["low"], value["high"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) \
-                or lo > hi:
-            raise _fail(where, key, f"low and high must be numbers with low <= high, got "
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in (lo, hi)) or lo > hi:
+            raise _fail(where, key, f"low and high must be finite numbers with low <= high, got "
                                     f"{shorten(lo)}, {shorten(hi)}")
         log = value.get("log", False)
         if not isinstance(log, bool) or (log and lo <= 0):
@@ -80,6 +81,27 @@ def _check_param(where: str, key: str, value: Any, layers: bool = False) -> None
     if not isinstance(value, scalar):
         raise _fail(where, key, f"expected a list of choices, a {{low, high}} range or a value, "
                                 f"got {shorten(value)}")
+
+
+def _check_count(where: str, key: str, value: Any, low: int, high: int) -> None:
+    """A parameter that is a count (members, layers, embedding sets): integers in
+    [low, high]; a range needs integer bounds (a float range would be sampled as floats and
+    truncated, never reaching its top)."""
+    _check_param(where, key, value)
+    if isinstance(value, Mapping) and not all(
+            isinstance(value[k], int) and not isinstance(value[k], bool) for k in ("low", "high")):
+        raise _fail(where, key, f"a count range needs integer low and high, got "
+                                f"{shorten(dict(value))}")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and low <= c <= high
+               for c in _choices(value)):
+        raise _fail(where, key, f"must be integers in [{low}, {high}], got {shorten(value)}")
+
+
+def _check_keys(where: str, section: str, given: Mapping, allowed: list[str]) -> None:
+    unknown = [k for k in given if k not in allowed]
+    if unknown:
+        raise _fail(where, f"{section}.{unknown[0]}", f"unknown key; known: "
+                                                      f"{', '.join(sorted(allowed))}")
 
 
 def _section(where: str, space: Mapping, key: str) -> dict:
@@ -113,11 +135,7 @@ def _check_space(raw: Mapping, where: str) -> dict:
         raise _fail(where, f"members.{unknown[0]}", "unknown key; known: count, kinds")
     members.setdefault("count", 2)
     members.setdefault("kinds", list(MEMBERS))
-    _check_param(where, "members.count", members["count"])
-    counts = _choices(members["count"])
-    if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 16 for c in counts):
-        raise _fail(where, "members.count", f"member counts must be integers in [1, 16], got "
-                                            f"{shorten(members['count'])}")
+    _check_count(where, "members.count", members["count"], 1, 16)
     _check_param(where, "members.kinds", members["kinds"])
     kinds = _choices(members["kinds"])
     if isinstance(members["kinds"], Mapping) or any(k not in MEMBERS for k in kinds):
@@ -133,8 +151,11 @@ def _check_space(raw: Mapping, where: str) -> dict:
                                                  f"{', '.join(MEMBERS)}")
         if not isinstance(options, Mapping):
             raise _fail(where, f"member.{kind}", f"must be a mapping, got {shorten(options)}")
+        _check_keys(where, f"member.{kind}", options, section_option_names(kind))
         for k, v in options.items():
             _check_param(where, f"member.{kind}.{k}", v, layers=True)
+            if isinstance(v, Mapping) and "depth" in v:
+                _check_count(where, f"member.{kind}.{k}.depth", v["depth"], 0, 64)
     space["member"] = member
     for key in ("fusion", "naive", "multi_embedding", "model", "train"):
         section = _section(where, space, key)
@@ -146,9 +167,34 @@ def _check_space(raw: Mapping, where: str) -> dict:
                 raise _fail(where, f"train.{k}", f"unknown key; known: "
                                                  f"{', '.join(TRAIN_DEFAULTS)}")
             _check_param(where, f"{key}.{k}", v, layers=key == "multi_embedding")
+        if key in ENSEMBLE_SECTIONS:
+            _check_keys(where, key, section, section_option_names(key))
         space[key] = section
-    space["base"] = _section(where, space, "base")
+    if "num_sets" in space["multi_embedding"]:
+        _check_count(where, "multi_embedding.num_sets", space["multi_embedding"]["num_sets"],
+                     1, 16)
+    space["base"] = _check_base(where, _section(where, space, "base"))
     return space
+
+
+def _check_base(where: str, base: dict) -> dict:
+    """The space's fixed config values: keys a run config has (top level, ``train``,
+    ``model`` and its sections), so that a typo fails here, not in every trial."""
+    _check_keys(where, "base", base, list(TOP_LEVEL_KEYS))
+    for key, allowed in (("train", list(TRAIN_DEFAULTS)), ("model", model_keys())):
+        section = base.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, Mapping):
+            raise _fail(where, f"base.{key}", f"must be a mapping, got {shorten(section)}")
+        _check_keys(where, f"base.{key}", section, allowed)
+    for name, options in (base.get("model") or {}).items():
+        if name in MEMBERS or name in ENSEMBLE_SECTIONS:
+            if not isinstance(options, Mapping):
+                raise _fail(where, f"base.model.{name}", f"must be a mapping, got "
+                                                         f"{shorten(options)}")
+            _check_keys(where, f"base.model.{name}", options, section_option_names(name))
+    return base
 
 
 def load_space(path: str | Path | None = None) -> dict:

@@ -162,9 +162,13 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     import optuna
 
     from cetnet.search.engine import (SearchError, _base, _load_dataset, _sampler,
-                                      open_storage)
+                                      check_seed, check_study_name, data_identity,
+                                      open_storage, quiet_trial_failures, reseed,
+                                      setup_changes)
 
     say = say or options.say
+    check_seed(options.seed)
+    check_study_name(options.study)
     if options.trials < 1:
         raise SearchError(f"--trials must be >= 1 with --system, got {options.trials}")
     base = _base(options)
@@ -174,7 +178,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
         raise SearchError(f"--system: the train split has {rows} rows, fewer than the smallest "
                           f"batch size {SYSTEM_SPACE['train.batch_size'][0]}")
     options.out.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_trial_failures()
     storage_url = options.storage or f"sqlite:///{(options.out / 'system.db').resolve()}"
     storage = open_storage(storage_url)
     name = f"{options.study}-system"
@@ -189,15 +193,19 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
                                 sampler=sampler, load_if_exists=True)
     # the study remembers what it measures: the model, the data and the settings offered
     setup = {"dataset": options.dataset, "overrides": list(options.overrides),
-             "batch_sizes": batch_sizes(rows), "cpus": os.cpu_count() or 1}
+             "batch_sizes": batch_sizes(rows), "cpus": os.cpu_count() or 1,
+             **data_identity(base, dataset)}
     saved = study.user_attrs.get("setup")
     if saved is None:
         study.set_user_attr("setup", setup)
-    elif saved != setup:
-        changed = [k for k in setup if saved.get(k) != setup[k]]
-        raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
-                          "continue it with the same options (and machine), or name a new "
-                          "study with --study")
+    else:
+        changed = setup_changes(saved, setup)
+        if changed:
+            raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
+                              "continue it with the same options (and machine), or name a new "
+                              "study with --study")
+    reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials,
+                                        lambda t: sample_system(t, base, rows)), options.seed)
 
     def objective(trial: Any) -> float:
         config, threads = sample_system(trial, base, rows)
