@@ -70,6 +70,25 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def check_output_file(path: str | Path, what: str) -> None:
+    """OSError naming ``what`` (e.g. ``--report``) unless ``path`` can be written as a file
+    (its directory created if needed): not an existing directory, under an existing
+    directory (not a file) this process may write. For outputs written at the end of a long
+    command: checked first, they cannot fail it last."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path}: is a directory, not a file")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{what} {path}: cannot create it: {parent} is a file, not a "
+                                 f"directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: cannot create it: no permission to write in "
+                              f"{parent}")
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically."""
     atomic_write(path, lambda f: f.write(data))

@@ -448,7 +448,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataFormatError, Checkp
                                             RunDirError, TrainingError, OSError)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """The message on one line (a multi-line message joined with '; ')."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return "; ".join(lines) or type(exc).__name__
@@ -464,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # that is one line whatever command would have imported it.
         import cetnet_kernels  # noqa: F401
     except ValueError as e:
-        print(f"cetnet: error: {_one_line(e)}", file=sys.stderr)
+        print(f"cetnet: error: {one_line(e)}", file=sys.stderr)
         return 2
     try:
         try:
@@ -527,7 +527,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise
     except USER_ERRORS as e:
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
-        print(f"cetnet {command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"cetnet {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         from cetnet.distributed import launched_rank

@@ -226,6 +226,16 @@ def test_reproduce_is_a_subcommand(tmp_path, capsys):
     assert main(["reproduce", "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cetnet reproduce: error:") and len(err.splitlines()) == 1
+    # checked before anything trains: a huge seed count (it ran out of memory), a report
+    # path that is a directory or under a file (it failed after all the training)
+    (tmp_path / "afile").write_text("mine")
+    for extra, named in ((["--seeds", "1000000000"], "--seeds must be in [1, 1000]"),
+                         (["--report", str(tmp_path)], "--report"),
+                         (["--report", str(tmp_path / "afile" / "r.md")], "--report")):
+        assert main([*args[:4], "2", *args[5:], *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cetnet reproduce: error:") and named in err, err
+        assert len(err.splitlines()) == 1
 
 
 def test_an_out_that_cannot_be_created_is_refused_up_front(train_config, tmp_path, capsys):

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cetnet.atomic import check_output_file
 from cetnet.config import ConfigError
+from cetnet.cli import USER_ERRORS, one_line
 from cetnet.data.movielens import SPLIT_KINDS
 from cetnet.models.build import MEMBERS
 from cetnet.reproduce.experiment import GRIDS, Experiment, base_config, grid_points
@@ -77,6 +79,10 @@ def study_rows(args: argparse.Namespace) -> list:
     return parse_rows(args.rows)
 
 
+#: The most seeds a study takes (each trains every row once).
+MAX_SEEDS = 1000
+
+
 def build_parser() -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(
         prog="cetnet reproduce", description=__doc__.splitlines()[0]))
@@ -88,8 +94,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "reproduce" else sys.argv[1:]
     try:
-        if args.seeds < 1:
-            raise ConfigError("reproduce: --seeds must be >= 1")
+        if not 1 <= args.seeds <= MAX_SEEDS:
+            raise ConfigError(f"reproduce: --seeds must be in [1, {MAX_SEEDS}], got "
+                              f"{args.seeds}")
         overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"]
                                             if args.epochs is not None else [])
         base = base_config(args.dataset, config=args.config, overrides=overrides,
@@ -98,6 +105,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             else args.dataset
         suffix = "" if args.study == "main" else f"-{args.study}"
         out = Path(args.out or f"runs/reproduce-{stem}{suffix}")
+        report = args.report or f"docs/RESULTS{suffix}.md"
+        check_output_file(report, "--report")  # before hours of training, not after
         if args.resume and not (out / "results").is_dir():
             raise FileNotFoundError(f"reproduce: --resume: no results in {out} to continue")
         rows = study_rows(args)
@@ -126,7 +135,6 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             chosen[row] = {s: c for s in exp.seeds
                            if (c := exp.chosen(row, s)) is not None}
         summary = summarize(chosen, all_results)
-        report = args.report or f"docs/RESULTS{suffix}.md"
         if args.study != "main":
             path = write_study_report(report, args.study, command=list(argv), specs=exp.specs,
                                       summary=summary, chosen=chosen, base=base,
@@ -146,8 +154,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
                   + (f"[{d.low:+.4f}, {d.high:+.4f}] " if d.n >= 2 else "")
                   + f"-> {d.verdict()}")
         return 0
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"cetnet reproduce: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # as `cetnet`'s own: also when run as python -m cetnet.reproduce
+        print(f"cetnet reproduce: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to continue where it stopped",
