@@ -278,6 +278,33 @@ def test_compare_errors_are_one_line(args, expected, two_studies, tmp_path, caps
     assert err[0].startswith("cetnet search: error: ") and expected in err[0], err[0]
 
 
+def test_studies_on_other_data_are_not_pooled(two_studies, tmp_path):
+    """A study on other data is refused (its curve, proxies and front were pooled with the
+    others' and a best trial of all named); a baseline on other data is refused before
+    COMPARE.md says the retraining is in progress."""
+    import torch
+
+    root, *_ = two_studies
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        space = tmp_path / "space.yaml"
+        space.write_text(SPACE)
+        run_search(SearchOptions(out=tmp_path / "other", dataset="synthetic",
+                                 space=str(space), overrides=[*DATA, "data.seed=7"], trials=1,
+                                 sampler="random", pruner="none", warmup_fraction=0,
+                                 say=lambda text: None))
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(CompareError, match="ran on different data"):
+        compare_studies(CompareOptions(studies=[root / "random", tmp_path / "other"],
+                                       out=tmp_path / "out"))
+    with pytest.raises(CompareError, match="--baseline paper: its data section"):
+        compare_studies(CompareOptions(studies=[root / "random"], out=tmp_path / "out2",
+                                       retrain_seeds=1, baselines=["paper"]))
+    assert not (tmp_path / "out2" / "COMPARE.md").exists()
+
+
 def test_sigeo_weights_are_fitted_to_the_ranking_and_parsed():
     import numpy as np
 

@@ -258,12 +258,13 @@ def _winner_config_path(winner: dict[str, Any]) -> Path:
                        f"not on this machine (nor under {winner['folder'] / 'runs'})")
 
 
-def _retrain_section(winner: dict[str, Any], options: CompareOptions) -> list[str]:
+def _retrain_entries(winner: dict[str, Any], options: CompareOptions
+                     ) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, config)`` of the best trial and each baseline, checked (a baseline must
+    train on the best trial's data): before anything is written or trained."""
     from cetnet.config import read_yaml, validate_config
-    from cetnet.reproduce.stats import mean_std, paired_difference
 
-    source = _winner_config_path(winner)
-    best = validate_config(read_yaml(source))
+    best = validate_config(read_yaml(_winner_config_path(winner)))
     entries = [("best trial", best)]
     for spec in options.baselines:
         label, config = _baseline_config(spec)
@@ -271,6 +272,26 @@ def _retrain_section(winner: dict[str, Any], options: CompareOptions) -> list[st
             raise CompareError(f"--baseline {spec}: its data section {config['data']} is not "
                                f"the best trial's {best['data']}")
         entries.append((label, config))
+    return entries
+
+
+def _study_data(study: StudyTrials) -> dict[str, Any] | None:
+    """The data section of a finished trial's run config, when a run of the study is on this
+    machine (None otherwise: nothing to check)."""
+    from cetnet.config import read_yaml
+
+    for row in study.finished:
+        try:
+            return read_yaml(_winner_config_path({**row, "folder": study.folder})).get("data")
+        except (CompareError, ConfigError, OSError):
+            continue
+    return None
+
+
+def _retrain_section(entries: list[tuple[str, dict[str, Any]]],
+                     options: CompareOptions) -> list[str]:
+    from cetnet.reproduce.stats import mean_std, paired_difference
+
     seeds = options.retrain_seeds
     results = [(label, config, _train_seeds(config, seeds, options.out, options.say, label))
                for label, config in entries]
@@ -325,6 +346,12 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
             raise CompareError(f"--compare {study.folder}: the study has no finished trial")
     for spec in options.baselines:  # a bad baseline fails before anything trains
         _baseline_config(spec)
+    data = {s.label: d for s in studies if (d := _study_data(s)) is not None}
+    if len({repr(d) for d in data.values()}) > 1:  # their curves and front would be pooled
+        first, *_ = data
+        other = next(k for k in data if data[k] != data[first])
+        raise CompareError(f"--compare: studies {first} and {other} ran on different data "
+                           f"({data[first]} vs {data[other]}); compare studies of one dataset")
     budget = min(len(s.finished) for s in studies)
     curves = [best_so_far(s) for s in studies]
     options.out.mkdir(parents=True, exist_ok=True)
@@ -396,9 +423,10 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
                   if k.startswith("param.") and v not in ("", None)]
         lines.append("")
         if options.retrain_seeds:  # hours of training: what is known is written first
+            entries = _retrain_entries(winner, options)
             write_text_atomic(options.out / "COMPARE.md", "\n".join(
                 lines + ["(The retrained runs are in progress.)", ""]))
-            lines += _retrain_section(winner, options)
+            lines += _retrain_section(entries, options)
     write_text_atomic(options.out / "COMPARE.md", "\n".join(lines))
     return {"studies": studies, "budget": budget, "curves": curves, "correlation": corr,
             "winner": winner}
