@@ -112,8 +112,11 @@ def open_storage(url: str) -> Any:
             except Exception as e:  # sqlalchemy: a bad URL, no driver, no server, no database
                 text = " ".join(str(e).split()) or type(e).__name__
                 # two workers creating the tables of a new database at once: one loses the race
-                # (a table that "already exists"); the tables are there when it tries again
-                if ("already exists" in text or "duplicate key" in text) and attempt < 2:
+                # (a table that "already exists", a row of the schema version already there:
+                # PostgreSQL's duplicate key, SQLite's UNIQUE constraint); the tables are there
+                # when it tries again
+                if any(race in text for race in ("already exists", "duplicate key",
+                                                 "UNIQUE constraint failed")) and attempt < 2:
                     time.sleep(1.0 + attempt)
                     continue
                 raise SearchError(f"--storage {_hide_password(url)}: cannot open it "
