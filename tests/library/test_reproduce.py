@@ -171,6 +171,26 @@ def test_runs_are_cached_resumed_and_reported(tmp_path, monkeypatch):
     assert trained == []
 
 
+def test_cached_results_of_other_data_are_refused(tmp_path):
+    """Results cached in --out record the dataset's digest: the same command after its data
+    changed (same options, other contents) is refused instead of reusing the runs."""
+    from cetnet.data import make_synthetic
+    from cetnet.train import register_dataset, unregister_dataset
+
+    seed = {"value": 0}
+    register_dataset("replaceable", lambda **o: make_synthetic(seed=seed["value"], **o))
+    try:
+        args = _args(tmp_path, "data.name=replaceable", rows="dnn", seeds=1)
+        assert main(args) == 0
+        seed["value"] = 1
+        assert main(args) == 2
+        assert main([*args, "--dry-run"]) == 2
+        seed["value"] = 0
+        assert main(args) == 0
+    finally:
+        unregister_dataset("replaceable")
+
+
 def test_report_has_plots(tmp_path):
     args = [a for a in _args(tmp_path, rows="dnn", seeds=1) if a != "--no-plots"]
     assert main(args) == 0

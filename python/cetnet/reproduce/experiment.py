@@ -149,6 +149,7 @@ class Experiment:
     retry_failed: bool = False
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
     _schema: Any = None
+    _data_digest: str | None = None
     scaled: dict | None = None
 
     def __post_init__(self) -> None:
@@ -162,11 +163,39 @@ class Experiment:
     @property
     def schema(self) -> Any:
         if self._schema is None:
-            from cetnet.data import load_dataset
-
-            data = dict(self.base["data"])
-            self._schema = load_dataset(data.pop("name"), **data).schema
+            self._load_data()
         return self._schema
+
+    def _load_data(self) -> None:
+        from cetnet.train import load_dataset  # registered (plugin) datasets too
+
+        data = dict(self.base["data"])
+        dataset = load_dataset(data.pop("name"), **data)
+        self._schema = dataset.schema
+        digest = getattr(dataset, "encoding_digest", None)
+        self._data_digest = digest() if callable(digest) else None
+
+    def check_data(self, write: bool = True) -> None:
+        """ConfigError when the results cached in ``out`` were trained on data that encodes
+        differently from the dataset now (its files replaced under the same paths: the cached
+        runs would be reused as if they were of this data); else records the dataset's digest
+        there (``data.json``) with ``write``."""
+        if self._schema is None:
+            self._load_data()
+        digest = self._data_digest
+        path = self.out / "data.json"
+        try:
+            saved = json.loads(path.read_text()).get("data_digest")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved is not None and digest is not None and saved != digest:
+            raise ConfigError(f"reproduce: the results cached in {self.out} were trained on "
+                              f"data that encodes differently from the dataset now (were its "
+                              f"files replaced?): give another --out, or remove {self.out}")
+        if write and saved is None and digest is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps({"data": self.base["data"],
+                                                "data_digest": digest}, indent=1) + "\n")
 
     def result_path(self, key: str) -> Path:
         return self.out / "results" / f"{key}.json"
@@ -310,6 +339,7 @@ class Experiment:
         """Runs every job not yet cached (rows in order: scaled_single after the single
         rows it is chosen from); returns ``{row: [results]}``."""
         order = self.run_order()
+        self.check_data(write=not dry_run)
         # count what is left (scaled_single's jobs are known once its arch is chosen)
         total = sum(len(self.seeds) * len(self.points) for _ in order)
         done: dict[str, list[dict]] = {r: [] for r in order}
