@@ -246,7 +246,7 @@ def _host_steps() -> dict:
 
     def op_step() -> None:
         a, _ = mod._normalize(ids)
-        outs = fused(a.weight, mod._empty_weights, mod._placeholder, *a[1:], *opt)
+        outs = fused(a.weight, mod._no_state, mod._placeholder, *a[1:], *opt)
         torch.autograd.backward(outs, grads)
 
     return {"module": module_step, "registered-op": op_step}
