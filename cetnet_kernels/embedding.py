@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from cetnet_kernels._extension import HAS_C
-from cetnet_kernels._host import acc_dtype, check_count, shape_only
+from cetnet_kernels._host import acc_dtype, check_count
 from cetnet_kernels.backends import BACKENDS, resolve_backend
 from cetnet_kernels.codes import BOUNDS_CHECK_CODES, OPTIMIZER_CODES, InputMode
 from cetnet_kernels.embedding_args import (ID_DTYPES, EmbeddingArgs, OptimizerArgs,
@@ -83,8 +83,10 @@ def _dim_list(dims: Any, num_models: int, op: str) -> list:
     tensor integer) repeated, or a sequence of them (entries that are integers of another
     type made ints; anything else left for check_count to name)."""
     def as_int(d: Any) -> Any:
+        if isinstance(d, bool) or getattr(d, "ndim", 0) != 0:  # a 1-element array is a list
+            return d
         try:
-            return operator.index(d) if not isinstance(d, bool) else d
+            return operator.index(d)
         except TypeError:
             return d
 
@@ -106,8 +108,12 @@ def _ordinary_inputs(args: EmbeddingArgs) -> EmbeddingArgs:
     (an evaluation loop's batches) copied: autograd cannot save an inference tensor for the
     backward of a lookup that records one (the reference's ``F.embedding`` takes them; so do
     the kernels, now)."""
-    # (the ids alone decide: a batch is made in one mode, and this runs on every lookup)
-    if torch.is_inference_mode_enabled() or not any(t.is_inference() for t in args.ids):
+    # (ids, and the offsets and weights of bags: the empty ones are the module's buffers)
+    if torch.is_inference_mode_enabled() or not any(
+            x.is_inference() or (mode != InputMode.IDS
+                                 and (o.is_inference() or p.is_inference()))
+            for x, o, p, mode in zip(args.ids, args.offsets, args.per_sample_weights,
+                                     args.modes)):
         return args
 
     def ordinary(ts: Sequence[Tensor]) -> list[Tensor]:
@@ -629,7 +635,9 @@ class MultiTableEmbedding(nn.Module):
         # or become padding (warn, off; -1 stands in when there is no padding_idx: it is never
         # a valid id), as the kernels do.
         op = "MultiTableEmbedding"
-        values = not shape_only(args.weight)  # meta / fake tensors: shapes only, no checks
+        # meta tensors: shapes only, no values to check (fake ones, under torch.compile and
+        # torch.export, must trace the checks and the padding like real ones)
+        values = args.weight.device.type != "meta"
         for f, feat in enumerate(self.features):
             x = args.ids[f]
             if values and args.modes[f] != InputMode.IDS and not bool(offsets_valid(args.offsets[f],
@@ -664,8 +672,8 @@ class MultiTableEmbedding(nn.Module):
                   else (v, o, p if mode == InputMode.BAG_WEIGHTED_SUM else None)
                   for v, o, p, mode in zip(ids, args.offsets, args.per_sample_weights,
                                            args.modes)]
-        # (no padding on meta / fake tensors: it would drop values by their contents, and the
-        # output shapes do not depend on it)
+        # (no padding on meta tensors: it would drop values by their contents, and the output
+        # shapes do not depend on it)
         return multi_table_embedding_reference(tables, inputs, [f.pooling for f in self.features],
                                                pad if values else None)
 

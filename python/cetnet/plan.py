@@ -493,6 +493,7 @@ def config_fields(path: str | Path) -> ConfigFields:
             "num_sets", 2 if isinstance(dims, int) else len(dims))
     else:
         members = model.get("members", [None, None])  # build_model's default: two members
+        members = [members] if isinstance(members, str) else members  # an ensemble of one
         if not isinstance(members, list) or not members:
             raise ConfigError(f"{path}: model.members must be a non-empty list, got "
                               f"{members!r}")

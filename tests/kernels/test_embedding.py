@@ -266,13 +266,45 @@ def test_ids_made_in_inference_mode_train(backend, device, optimizer):
         pytest.skip("the reference backend has no fused optimizer")
     mod = MultiTableEmbedding(len(DIMS), FEATURES, DIMS, backend=backend, device=device,
                               optimizer=optimizer)
-    with torch.inference_mode():
-        ids = to_device(make_ids(5), device)
-    w0 = mod.weight.detach().clone()
-    outs = mod(ids)
-    sum(o.sum() for o in outs).backward()
-    changed = mod.weight.grad if optimizer is None else mod.weight.detach() - w0
-    assert changed.abs().sum() > 0
+    for mixed in (False, True):  # all of the batch, or only a bag's offsets
+        batch = to_device(make_ids(5), device)
+        with torch.inference_mode():
+            made = to_device(make_ids(5), device)
+        ids = made if not mixed else {
+            k: (v if not isinstance(v, tuple) else (v[0].clone(), *made[k][1:]))
+            for k, v in batch.items()}
+        w0 = mod.weight.detach().clone()
+        mod.weight.grad = None
+        outs = mod(ids)
+        sum(o.sum() for o in outs).backward()
+        changed = mod.weight.grad if optimizer is None else mod.weight.detach() - w0
+        assert changed.abs().sum() > 0
+
+
+def test_reference_lookup_traces_its_padding():
+    """torch.compile(fullgraph) and torch.export of the reference lookup keep the padding and
+    the bad-id replacement (fake tensors are traced like real ones; only meta tensors skip
+    the value checks)."""
+    mod = MultiTableEmbedding(1, [("a", 10), ("c", 10)], 4, backend="reference", padding_idx=0,
+                              bounds_check="off")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = mod
+
+        def forward(self, a, c):
+            return self.emb({"a": a, "c": c})[0]
+
+    a, c = torch.tensor([0, 3, 0, 12]), torch.tensor([[1, 0], [0, 0], [2, 11], [4, 5]])
+    with torch.no_grad():
+        eager = Wrap()(a, c)
+        assert (eager[0, 0] == 0).all() and (eager[1, 1:] == 0).all()
+        torch._dynamo.reset()
+        compiled = torch.compile(Wrap(), fullgraph=True)(a, c)
+        exported = torch.export.export(Wrap(), (a, c)).module()(a, c)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(exported, eager, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bounds_check", ["error", "warn", "off"])

@@ -180,6 +180,10 @@ def test_config_fields_check_the_members_and_dims(tmp_path) -> None:
         dump_config(cfg, path)
         with pytest.raises(P.ConfigError, match=message):
             P.config_fields(path)
+    cfg = P.load_config(CONFIGS / "cetnet_ml100k.yaml")  # one member by name: a set of one
+    cfg["model"].update(members="dnn", embedding_dim=8)
+    dump_config(cfg, tmp_path / "one.yaml")
+    assert P.config_fields(tmp_path / "one.yaml")["dims"] == (8,)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -187,6 +187,10 @@ def test_cached_results_of_other_data_are_refused(tmp_path):
         assert main([*args, "--dry-run"]) == 2
         seed["value"] = 0
         assert main(args) == 0
+        # other data options are other keys: they share the --out
+        assert main(_args(tmp_path, "data.name=replaceable", "data.num_rows=1300", rows="dnn",
+                          seeds=1)) == 0
+        assert main(args) == 0
     finally:
         unregister_dataset("replaceable")
 

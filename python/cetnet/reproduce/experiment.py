@@ -176,26 +176,32 @@ class Experiment:
         self._data_digest = digest() if callable(digest) else None
 
     def check_data(self, write: bool = True) -> None:
-        """ConfigError when the results cached in ``out`` were trained on data that encodes
-        differently from the dataset now (its files replaced under the same paths: the cached
-        runs would be reused as if they were of this data); else records the dataset's digest
-        there (``data.json``) with ``write``."""
+        """ConfigError when the results cached in ``out`` for this data section were trained
+        on data that encodes differently from the dataset now (its files replaced under the
+        same paths: the cached runs would be reused as if they were of this data); else
+        records the dataset's digest there (``data.json``, one per data section: another
+        section is another key, nothing of it is reused) with ``write``."""
         if self._schema is None:
             self._load_data()
         digest = self._data_digest
+        if digest is None:
+            return
         path = self.out / "data.json"
+        section = json.dumps(self.base["data"], sort_keys=True, default=str)
         try:
-            saved = json.loads(path.read_text()).get("data_digest")
-        except (OSError, ValueError, AttributeError):
-            saved = None
-        if saved is not None and digest is not None and saved != digest:
+            saved = json.loads(path.read_text())
+            digests = saved.get("digests") if isinstance(saved, dict) else None
+        except (OSError, ValueError):
+            digests = None
+        digests = digests if isinstance(digests, dict) else {}
+        if section in digests and digests[section] != digest:
             raise ConfigError(f"reproduce: the results cached in {self.out} were trained on "
                               f"data that encodes differently from the dataset now (were its "
                               f"files replaced?): give another --out, or remove {self.out}")
-        if write and saved is None and digest is not None:
+        if write and section not in digests:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps({"data": self.base["data"],
-                                                "data_digest": digest}, indent=1) + "\n")
+            write_text_atomic(path, json.dumps({"digests": {**digests, section: digest}},
+                                               indent=1) + "\n")
 
     def result_path(self, key: str) -> Path:
         return self.out / "results" / f"{key}.json"

@@ -17,6 +17,7 @@ runs live in ``OUT/retrain/<config key>/seed-<s>`` and are reused when found fin
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +348,8 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
     for spec in options.baselines:  # a bad baseline fails before anything trains
         _baseline_config(spec)
     data = {s.label: d for s in studies if (d := _study_data(s)) is not None}
-    if len({repr(d) for d in data.values()}) > 1:  # their curves and front would be pooled
+    if len({json.dumps(d, sort_keys=True, default=str) for d in data.values()}) > 1:
+        # their curves and front would be pooled
         first, *_ = data
         other = next(k for k in data if data[k] != data[first])
         raise CompareError(f"--compare: studies {first} and {other} ran on different data "

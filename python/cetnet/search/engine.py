@@ -304,7 +304,7 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
 
 
 #: Setup keys a study started before they were recorded lacks: not compared then.
-UNRECORDED_BEFORE = ("data", "data_digest")
+UNRECORDED_BEFORE = ("data_digest",)
 
 
 class _TrialFailureFilter(logging.Filter):
@@ -336,14 +336,12 @@ def setup_changes(saved: dict, setup: dict) -> list[str]:
 
 
 def data_identity(base: dict, dataset: Any) -> dict:
-    """What a study records of its data, so that a resume on other data is refused: the
-    resolved ``data:`` section (paths made absolute by the loader) and the dataset's
-    encoding digest (its files' contents, through the vocabularies and statistics)."""
-    out: dict[str, Any] = {"data": copy.deepcopy(base["data"])}
+    """What a study records of its data, besides ``--dataset`` and ``--set``, so that a resume
+    on other data is refused: the dataset's encoding digest (its files' contents, through the
+    vocabularies, statistics and features). Not its paths: workers on other hosts, or a
+    study moved with its data, mount them elsewhere."""
     digest = getattr(dataset, "encoding_digest", None)
-    if callable(digest):
-        out["data_digest"] = digest()
-    return out
+    return {"data_digest": digest()} if callable(digest) else {}
 
 
 def reseed(study: Any, make_sampler: Callable[[int], Any], seed: int) -> None:
@@ -471,10 +469,11 @@ def run_search(options: SearchOptions) -> Any:
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # --resume queues its parameters again
             raise
-        except (TrainingError, RunDirError) as e:  # the trial fails, the study goes on
-            text = " ".join(str(e).split())
-            trial.set_user_attr("error", text[:500])
-            options.say(f"trial {trial.number}: failed: {text[:300]}")
+        except (TrainingError, RunDirError, ConfigError) as e:  # the trial fails, the study
+            if "error" not in trial.user_attrs:  # goes on (run_trial said its invalid config)
+                text = " ".join(str(e).split())
+                trial.set_user_attr("error", text[:500])
+                options.say(f"trial {trial.number}: failed: {text[:300]}")
             raise
 
     def run_trial(trial: optuna.Trial) -> Any:

@@ -229,7 +229,8 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
         raise ConfigError(f"config: {e}") from None
     fusion = config["model"].get("fusion") or {}
     if distributed.planned_world_size() > 1 and isinstance(fusion, dict) \
-            and fusion.get("reduction") == "sum":
+            and fusion.get("reduction") == "sum" \
+            and config["model"].get("ensemble", "cetnet") == "cetnet":  # (its loss only)
         # the ranks' gradients are averaged, which is the gradient of a mean loss only
         raise ConfigError("config: model.fusion.reduction: sum is not supported in a "
                           "data-parallel run (the ranks' gradients are averaged: a sum loss "
