@@ -210,6 +210,18 @@ def test_resume_on_another_world_size(single, tmp_path):
     assert torch.allclose(tables[3], single["tables"][3], rtol=RTOL, atol=1e-7)
 
 
+def test_a_kdef_run_says_it_is_close_to_one_process_not_equal(tmp_path):
+    """KDEF weights its members by exam scores over the batch, which each rank computes on
+    its share: every rank's run (and metrics.json) carries the warning."""
+    cfg = _config(ensemble="kdef")
+    cfg["train"].update(epochs=1, max_steps_per_epoch=2)
+    ranks = _spawn(tmp_path, "kdef", cfg, tmp_path / "run")
+    for rank in ranks:
+        assert loop.KDEF_DATA_PARALLEL_WARNING in rank["metrics"]["warnings"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert loop.KDEF_DATA_PARALLEL_WARNING in saved["warnings"]
+
+
 def test_dense_embedding_gradients_are_averaged_by_ddp(tmp_path):
     """optimizer=None: the flat weight is an ordinary parameter whose gradient DDP averages."""
     cfg = _config(embedding_optimizer=None)

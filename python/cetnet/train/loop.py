@@ -129,6 +129,18 @@ def _better(value: float, best: float) -> bool:
     return math.isfinite(value) and value > best
 
 
+def check_mean_loss(config: dict, world_size: int) -> None:
+    """ConfigError for a CETNet sum loss in a data-parallel run: the ranks' gradients are
+    averaged, the gradient of a mean loss only (a sum would train with 1/world_size of its
+    gradient)."""
+    fusion = config["model"].get("fusion") or {}
+    if world_size > 1 and isinstance(fusion, dict) and fusion.get("reduction") == "sum" \
+            and config["model"].get("ensemble", "cetnet") == "cetnet":  # (its loss only)
+        raise ConfigError("config: model.fusion.reduction: sum is not supported in a "
+                          "data-parallel run (the ranks' gradients are averaged: a sum loss "
+                          "would train with 1/world_size of its gradient); use mean")
+
+
 def check_splits(splits: dict, world_size: int = 1) -> None:
     """TrainingError unless the train, valid and test splits have rows (in a data-parallel run
     of ``world_size`` ranks, at least one per rank: each rank trains on and scores its share)
@@ -650,6 +662,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
         distributed.check_batch_size(t["batch_size"], world)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
+    check_mean_loss(config, world)
     device = distributed.local_device(resolve_device(config["device"]))
     check_backend(config["backend"], device)
     train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))

@@ -32,8 +32,8 @@ from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV, Checkpoin
                                      check_data_digest, first_line, has_last, load_checkpoint,
                                      load_last)
 from cetnet.train.evaluate import evaluate
-from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_splits, fit,
-                               resolve_device, split_warnings)
+from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_mean_loss,
+                               check_splits, fit, resolve_device, split_warnings)
 from cetnet.train.rng import seed_everything
 from cetnet.train.sharded import check_model_checkpoint, load_model_state
 from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirError, RunLock,
@@ -227,14 +227,7 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
                                      distributed.planned_world_size())
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
-    fusion = config["model"].get("fusion") or {}
-    if distributed.planned_world_size() > 1 and isinstance(fusion, dict) \
-            and fusion.get("reduction") == "sum" \
-            and config["model"].get("ensemble", "cetnet") == "cetnet":  # (its loss only)
-        # the ranks' gradients are averaged, which is the gradient of a mean loss only
-        raise ConfigError("config: model.fusion.reduction: sum is not supported in a "
-                          "data-parallel run (the ranks' gradients are averaged: a sum loss "
-                          "would train with 1/world_size of its gradient); use mean")
+    check_mean_loss(config, distributed.planned_world_size())
     dataset = _load_dataset(config)
     check_splits(dataset.splits, distributed.planned_world_size())
     model = _meta_model(config, dataset.schema)
