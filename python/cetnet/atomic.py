@@ -78,15 +78,23 @@ def check_output_file(path: str | Path, what: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path}: is a directory, not a file")
-    parent = path.absolute().parent
+    problem = creation_problem(path)
+    if problem is not None:
+        raise OSError(f"{what} {path}: cannot create it: {problem}")
+
+
+def creation_problem(path: str | Path) -> str | None:
+    """Why ``path`` (file or directory, with its missing parents) could not be created, as a
+    phrase (its nearest existing ancestor is a file, or one this process may not write into),
+    or None when it can be."""
+    parent = Path(path).absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(f"{what} {path}: cannot create it: {parent} is a file, not a "
-                                 f"directory")
+        return f"{parent} is a file, not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what} {path}: cannot create it: no permission to write in "
-                              f"{parent}")
+        return f"no permission to write in {parent}"
+    return None
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

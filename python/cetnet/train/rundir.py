@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cetnet.atomic import TEMP_SUFFIX, write_text_atomic
+from cetnet.atomic import TEMP_SUFFIX, creation_problem, write_text_atomic
 from cetnet.train.checkpoint import has_last
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "LOCK_FILE", "RunDirError", "RunLock",
@@ -136,13 +136,9 @@ def _check_creatable(run_dir: Path) -> None:
     """RunDirError when ``run_dir`` (which does not exist) cannot be created: its nearest
     existing ancestor is a file, or a directory this process may not write into. Checked up
     front, so that a run does not fail at mkdir after loading its data and model."""
-    parent = run_dir.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise RunDirError(f"cannot create {run_dir}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunDirError(f"cannot create {run_dir}: no permission to write in {parent}")
+    problem = creation_problem(run_dir)
+    if problem is not None:
+        raise RunDirError(f"cannot create {run_dir}: {problem}")
 
 
 def _refuse_foreign(run_dir: Path) -> None:
