@@ -196,7 +196,13 @@ def traced(t: Tensor | None) -> bool:
     return (torch.compiler.is_compiling()
             or (t is not None and (shape_only(t) or _functorch_wrapped(t)))
             or (_proxy_mode is not None and _proxy_mode() is not None)
-            or _forward_ad.__dict__.get("_current_level", -1) >= 0)
+            or _in_dual_level())
+
+
+def _in_dual_level() -> bool:
+    """Whether a forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is open.
+    torch keeps the level in a private module global; read defensively, as it is not API."""
+    return _forward_ad.__dict__.get("_current_level", -1) >= 0
 
 
 def _functorch_wrapped(t: Tensor) -> bool:
@@ -222,7 +228,7 @@ def refuse_unsupported_ad(op: str, backend: str, *tensors: Tensor) -> None:
             f"under functorch. Use "
             f"backend='reference' under torch.func, or torch.autograd (loss.backward(), "
             f"torch.autograd.grad) with this backend")
-    if _forward_ad.__dict__.get("_current_level", -1) >= 0 and any(
+    if _in_dual_level() and any(
             _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise RuntimeError(
             f"{op}: backend {backend!r} does not support forward-mode AD (dual tensors, "
