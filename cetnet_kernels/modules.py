@@ -52,16 +52,22 @@ class FusionOutput:
         return f"FusionOutput(B={self.prob.shape[0]}, K={self.logits.shape[1]}, loss={loss})"
 
 
-def _check_range(temperature_range: object, temperature: float) -> tuple[float, float]:
-    """``(low, high)`` with ``0 < low < temperature < high``, finite; ValueError otherwise."""
-    if not (isinstance(temperature_range, (tuple, list)) and len(temperature_range) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-                    for b in temperature_range)
-            and 0 < temperature_range[0] < temperature < temperature_range[1]):
-        raise ValueError(f"CETNetFusion: temperature_range must be (low, high) with 0 < low < "
-                         f"temperature ({temperature!r}) < high, both finite, or None for an "
-                         f"unbounded learnable temperature; got {temperature_range!r}")
-    return float(temperature_range[0]), float(temperature_range[1])
+def _check_range(temperature_range: object, temperature: float | None) -> tuple[float, float]:
+    """``(low, high)`` with ``0 < low < temperature < high`` (``0 < low < high`` when
+    ``temperature`` is None: a fixed temperature, which the range does not bound), finite;
+    ValueError otherwise."""
+    bounds: tuple[float, ...] = ()
+    if isinstance(temperature_range, (tuple, list)) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+            for b in temperature_range):
+        bounds = tuple(float(b) for b in temperature_range)
+    inside = "low < high" if temperature is None else f"low < temperature ({temperature!r}) < high"
+    if len(bounds) != 2 or not 0 < bounds[0] < bounds[1] or (
+            temperature is not None and not bounds[0] < temperature < bounds[1]):
+        raise ValueError(f"CETNetFusion: temperature_range must be (low, high) with 0 < "
+                         f"{inside}, both finite, or None for an unbounded learnable "
+                         f"temperature; got {temperature_range!r}")
+    return bounds[0], bounds[1]
 
 
 class CETNetFusion(nn.Module):
@@ -81,7 +87,8 @@ class CETNetFusion(nn.Module):
             ``temperature_logit``. A learned temperature drifts down in training, and a low
             one lets an over-confident member take most of the weight (docs/FUSION_GUIDE.md),
             so the default bounds it to ``(0.5, 4.0)``; ``None``: unbounded, parameterized as
-            ``log_temperature``. Ignored for a fixed temperature.
+            ``log_temperature``. A fixed temperature ignores it (it must still be a valid
+            pair, or None).
         fusion_space: ``"prob"`` (mix probabilities) or ``"logit"`` (mix logits).
         ensemble_weight, member_weight, distill_weight, mutual_weight: loss-term weights, see
             :func:`cetnet_kernels.collaborative_loss`.
@@ -154,6 +161,8 @@ class CETNetFusion(nn.Module):
             self.temperature_logit = nn.Parameter(torch.tensor(math.log(share / (1 - share))))
         elif learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        elif temperature_range is not None:
+            _check_range(temperature_range, None)  # unused, but a typo is still refused
 
     @property
     def learnable_temperature(self) -> bool:

@@ -91,7 +91,8 @@ SEED_RANGE = (-2**63, 2**64 - 1)
 class Spec:
     """The type and range of a config value: ``kind`` int, float, str or bool (a bool is never
     an int or a float here, although Python makes it one); floats must be finite; ``minimum``
-    / ``maximum`` bound numbers (inclusive; ``above=True`` makes the minimum exclusive); ints
+    / ``maximum`` bound numbers (inclusive; ``above=True`` makes the minimum exclusive,
+    ``below=True`` the maximum); ints
     are at most :data:`INT64_MAX` unless ``maximum`` says otherwise; ``choices`` lists the
     strings allowed; ``why`` is said after a range error."""
 
@@ -99,6 +100,7 @@ class Spec:
     minimum: float | None = None
     maximum: float | None = None
     above: bool = False
+    below: bool = False
     nullable: bool = False
     choices: tuple[str, ...] = ()
     why: str = ""
@@ -298,10 +300,13 @@ def _kind_name(spec: Spec) -> str:
 
 def _range_text(spec: Spec) -> str:
     lo, hi = spec.minimum, spec.maximum
-    if lo is not None and hi is not None and not spec.above:
-        return f"in [{lo:g}, {hi:g}]" if spec.kind is float else f"in [{lo}, {hi}]"
+    if lo is not None and hi is not None:
+        close = ")" if spec.below else "]"
+        if spec.kind is float:
+            return f"in {'(' if spec.above else '['}{lo:g}, {hi:g}{close}"
+        return f"in {'(' if spec.above else '['}{lo}, {hi}{close}"
     parts = [f"{'>' if spec.above else '>='} {lo}"] if lo is not None else []
-    parts += [f"<= {hi}"] if hi is not None else []
+    parts += [f"{'<' if spec.below else '<='} {hi}"] if hi is not None else []
     return " and ".join(parts)
 
 
@@ -329,7 +334,7 @@ def _check_value(key: str, value: Any, spec: Spec) -> Any:
     if spec.kind in (int, float) and isinstance(value, (int, float)):
         lo, hi = spec.minimum, spec.maximum
         if ((lo is not None and (value < lo or (spec.above and value == lo)))
-                or (hi is not None and value > hi)):
+                or (hi is not None and (value > hi or (spec.below and value == hi)))):
             raise ConfigError(f"config: {key} must be {'null or ' if spec.nullable else ''}"
                               f"{_range_text(spec)}, got {shorten(value)}"
                               + (f" ({spec.why})" if spec.why else ""))

@@ -52,6 +52,13 @@ def test_names_dims_and_sections():
     ({"embedding_optimizer": "adam"}, "embedding_optimizer must be"),
     ({"dhen": [1, 2]}, "model.dhen must be a mapping"),
     ({"embedding_bounds_check": "ignore"}, "model.embedding_bounds_check"),
+    # a dropout of 1 trains a constant model whose tables get no gradient
+    ({"dnn": {"dropout": 1.0}}, r"model.dnn.dropout must be in \[0, 1\), got 1"),
+    ({"interformer": {"dropout": 1}, "members": ["interformer"]},
+     r"model.interformer.dropout must be in \[0, 1\)"),
+    # unused by a fixed temperature, but a typo all the same
+    ({"fusion": {"temperature_range": "abc"}}, "temperature_range must be"),
+    ({"fusion": {"temperature_range": [4.0, 0.5]}}, "0 < low < high"),
 ])
 def test_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -83,3 +90,20 @@ def test_embedding_bounds_check_reaches_the_embedding(ensemble):
     for mode in ("off", "warn"):
         model = build_model({"ensemble": ensemble, "embedding_bounds_check": mode}, tiny_schema())
         assert model.front.embedding.bounds_check == mode
+
+
+def test_a_fixed_temperature_takes_any_valid_range():
+    model = build_model({"fusion": {"temperature": 8.0, "temperature_range": [0.5, 4.0]}},
+                        tiny_schema())
+    assert model.fusion.temperature == 8.0 and not model.fusion.learnable_temperature
+
+
+def test_a_dcnv2_rank_at_or_above_its_input_width_warns():
+    with pytest.warns(UserWarning, match=r"DCNv2: rank 100000 >= the cross input width"):
+        build_model({"members": ["dcnv2"], "dcnv2": {"rank": 100000, "cross_layers": 1}},
+                    tiny_schema())
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_model({"members": ["dcnv2"], "dcnv2": {"rank": 4, "cross_layers": 1}},
+                    tiny_schema())

@@ -234,3 +234,12 @@ def test_a_whole_training_step_is_captured_by_a_cuda_graph(backend, ensemble, me
     torch.cuda.synchronize()
     for (name, p), q in zip(graphed[0].named_parameters(), eager[0].parameters()):
         torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_an_empty_batch_has_a_zero_loss(ensemble):
+    # as the fused losses give; the naive and multi-embedding BCE means were NaN
+    model = _model(ensemble)
+    loss, out = model.loss(random_batch(tiny_schema(), B=0, empty_rows=0))
+    assert loss.item() == 0.0 and out.prob.shape == (0,)
+    loss.backward()

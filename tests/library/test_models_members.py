@@ -90,3 +90,53 @@ def test_overfits_tiny_batch(kind):
 def test_embedding_front_refuses_a_bool_dim():
     with pytest.raises(TypeError, match="dims must be an int or a sequence of ints, got True"):
         EmbeddingFront(tiny_schema(), True, 2, optimizer=None)
+
+
+@pytest.mark.parametrize("kind", list(MEMBERS))
+def test_every_member_runs_in_float64_with_dense_features(kind):
+    # the front cast the dense values to float32, which DHEN's and InterFormer's dense
+    # projection refused beside float64 weights
+    schema, front, (member,) = _member_setup(kind, {})
+    front.double()
+    member.double()
+    view = front(random_batch(schema, B=8))[0]
+    assert view.dense.dtype == view.fields.dtype == torch.float64
+    z = member(view)
+    assert z.dtype == torch.float64 and torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("interaction", ["dhen", "dot"])
+def test_interformer_with_one_non_sequence_token(interaction):
+    # an item and its history: one token, which DHEN's concat could not split between DOT
+    # and DCN
+    from cetnet.data.schema import FeatureSpec, Schema
+
+    schema = Schema([FeatureSpec("item", "sparse", 40),
+                     FeatureSpec("hist_item", "sequence", 40, max_len=5, source="item")],
+                    group=None)
+    _, front, (member,) = _member_setup("interformer", {"interaction": interaction,
+                                                        "num_layers": 1}, schema=schema)
+    z = member(front(random_batch(schema, B=6))[0])
+    assert z.shape == (6,) and torch.isfinite(z).all()
+    z.sum().backward()
+
+
+@pytest.mark.parametrize("kind", list(MEMBERS))
+def test_an_out_of_range_sequence_id_is_padding_under_bounds_check_off(kind):
+    # the lookup reads a bad id as a zero vector; the mask must count it as padding too (a
+    # real item changed mean pools and added an attended token)
+    schema = tiny_schema()
+    front = EmbeddingFront(schema, DIM, 1, optimizer=None, bounds_check="off")
+    member = build_member(kind, schema, DIM)
+    member.eval()
+    batch = random_batch(schema, B=8, empty_rows=0)
+    seq = batch.sequence["hist_item"]
+    padded = seq == 0
+    assert padded.any()
+    bad = seq.clone()
+    bad[padded] = torch.where(torch.arange(int(padded.sum())) % 2 == 0, 10**6, -3)
+    clean = member(front(batch)[0])
+    batch.sequence["hist_item"] = bad
+    view = front(batch)[0]
+    assert torch.equal(view.seq_mask["hist_item"], ~padded)
+    torch.testing.assert_close(member(view), clean, rtol=0, atol=0)

@@ -287,3 +287,55 @@ def test_a_training_run_reads_the_device_no_more_in_12_steps_than_in_4(tmp_path,
     waits(2)
     few, many = waits(4), waits(12)
     assert sorted(many) == sorted(few), [op for op in many if many.count(op) > few.count(op)]
+
+
+def test_batch_size_one_trains_every_step_of_a_model_without_batch_norm(train_config, tmp_path):
+    # a remainder batch of one row is skipped only for BatchNorm, which cannot train on it:
+    # with batch_size 1 every step was skipped after the first (one row trained per epoch)
+    cfg = train_config(epochs=1, batch_size=1, max_steps_per_epoch=20)
+    _, metrics = run_training(cfg, tmp_path / "run", quiet=True, plots=False)
+    assert metrics["train_samples"] == 20
+
+
+def _with_batch_norm(cfg: dict) -> dict:
+    for member in ("dnn", "dcnv2"):
+        cfg["model"][member]["batch_norm"] = True
+    return cfg
+
+
+def test_a_one_row_remainder_batch_is_trained_unless_the_model_has_batch_norm(train_config,
+                                                                            tmp_path):
+    # one batch of the whole split gives its size; one row less as the batch size leaves a
+    # remainder batch of one row
+    _, first = run_training(train_config(epochs=1, batch_size=4096), tmp_path / "all",
+                            quiet=True, plots=False)
+    rows = first["train_samples"]
+    cfg = train_config(epochs=1, batch_size=rows - 1)
+    _, plain = run_training(cfg, tmp_path / "plain", quiet=True, plots=False)
+    assert plain["train_samples"] == rows
+    _, normed = run_training(_with_batch_norm(train_config(epochs=1, batch_size=rows - 1)),
+                             tmp_path / "bn", quiet=True, plots=False)
+    assert normed["train_samples"] == rows - 1
+
+
+def test_batch_norm_with_one_row_a_batch_is_one_config_error(train_config, tmp_path):
+    from cetnet.config import ConfigError
+    from cetnet.train.runner import check_run
+
+    cfg = _with_batch_norm(train_config(epochs=1, batch_size=1))
+    for attempt in (lambda: check_run(cfg, tmp_path / "dry"),
+                    lambda: run_training(cfg, tmp_path / "run", quiet=True, plots=False)):
+        with pytest.raises(ConfigError, match=r"train.batch_size = 1 .*BatchNorm.*>= 2"):
+            attempt()
+    assert not (tmp_path / "run" / LAST).exists()
+
+
+def test_the_train_loss_of_a_sum_reduction_is_a_mean_per_row(train_config, tmp_path):
+    # lr 0: both runs score the same model; the sum loss was reported batch_size times larger
+    losses = []
+    for reduction in ("mean", "sum"):
+        cfg = train_config(epochs=1, lr=0.0, batch_size=64, max_steps_per_epoch=5)
+        cfg["model"]["fusion"]["reduction"] = reduction
+        _, metrics = run_training(cfg, tmp_path / reduction, quiet=True, plots=False)
+        losses.append(metrics["history"][0]["train_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)

@@ -71,7 +71,8 @@ _COUNTS = {"cross_layers", "dcn_layers", "num_layers", "num_sets", "num_heads", 
 #: any CTR model.
 MAX_WIDTH = 2**20
 _FLOATS = {
-    "dropout": Spec(float, 0, 1),
+    # 1 drops every activation in training: a constant model whose tables get no gradient
+    "dropout": Spec(float, 0, 1, below=True),
     "temperature": Spec(float, MIN_TEMPERATURE, why="float32's smallest normal number: the "
                         "fusion divides float32 logits by it; a smaller literal such as 1e-400 "
                         "reads as 0.0"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -20,6 +21,12 @@ class CrossNetV2(nn.Module):
 
     def __init__(self, in_dim: int, num_layers: int = 3, rank: int | None = None) -> None:
         super().__init__()
+        if rank is not None and rank >= in_dim:
+            # U V^T then has full rank at twice the parameters of a full matrix, or more
+            warnings.warn(f"DCNv2: rank {rank} >= the cross input width {in_dim}: the low-rank "
+                          f"cross is full rank with {2 * rank * in_dim + in_dim} parameters a "
+                          f"layer, against {in_dim * in_dim + in_dim} for rank: null (full "
+                          f"rank); use a rank below {in_dim}", UserWarning, stacklevel=2)
         if rank is None:
             self.layers = nn.ModuleList(nn.Linear(in_dim, in_dim) for _ in range(num_layers))
         else:

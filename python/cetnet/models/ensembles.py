@@ -126,6 +126,19 @@ class Ensemble(nn.Module):
     def loss(self, batch: Batch) -> tuple[Tensor, EnsembleOutput]:  # pragma: no cover
         raise NotImplementedError
 
+    @property
+    def loss_reduction(self) -> str:
+        """How :meth:`loss` reduces over the batch's rows: ``"mean"`` or ``"sum"``."""
+        return "mean"
+
+
+def _mean_bce(z: Tensor, y: Tensor) -> Tensor:
+    """The mean binary cross-entropy of logits ``z`` and labels ``y``; 0 for an empty batch
+    (as the fused losses give), not the NaN of a mean over nothing."""
+    if z.numel() == 0:
+        return z.sum()
+    return F.binary_cross_entropy_with_logits(z, y)
+
 
 class CETNet(Ensemble):
     """Collaborative Ensemble Training Network: confidence-weighted fusion of the members and the
@@ -156,6 +169,10 @@ class CETNet(Ensemble):
         out = self.fusion(self.member_logits(batch), batch.label)
         return out.loss, EnsembleOutput(out.logits, out.prob, out.weights)
 
+    @property
+    def loss_reduction(self) -> str:
+        return self.fusion.reduction
+
 
 class NaiveEnsemble(Ensemble):
     """Independently trained members: loss = mean of the member BCEs (no collaboration);
@@ -180,7 +197,7 @@ class NaiveEnsemble(Ensemble):
     def loss(self, batch: Batch) -> tuple[Tensor, EnsembleOutput]:
         z = self.member_logits(batch)
         y = batch.label.to(z.dtype).unsqueeze(1).expand_as(z)
-        return F.binary_cross_entropy_with_logits(z, y), self._output(z)
+        return _mean_bce(z, y), self._output(z)
 
 
 class KDEF(Ensemble):
@@ -284,5 +301,5 @@ class MultiEmbedding(Ensemble):
 
     def loss(self, batch: Batch) -> tuple[Tensor, EnsembleOutput]:
         z = self.member_logits(batch)
-        loss = F.binary_cross_entropy_with_logits(z[:, 0], batch.label.to(z.dtype))
+        loss = _mean_bce(z[:, 0], batch.label.to(z.dtype))
         return loss, EnsembleOutput(z, torch.sigmoid(z[:, 0]))

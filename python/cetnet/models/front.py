@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from cetnet.data.schema import PAD_ID, Batch, Schema
@@ -21,15 +20,23 @@ class MemberInputs:
     Attributes:
         fields: ``[B, n_fields, D]`` one token per sparse and multihot feature, schema order
             (multihot bags pooled by the embedding, sum or mean per the feature's spec).
-        dense: ``[B, n_dense]`` float32 (members project it themselves; n_dense may be 0).
+        dense: ``[B, n_dense]`` in the dtype of ``fields`` (float32 unless the tables are
+            float64; members project it themselves; n_dense may be 0).
         sequences: name -> ``[B, T, D]`` per sequence feature (padding positions are zero).
-        seq_mask: name -> ``[B, T]`` bool, True where the id is a real item (id != 0).
+        seq_mask: name -> ``[B, T]`` bool, True where the id is a real item (in
+            ``[1, vocab)``: not padding 0, nor an out-of-range id read as padding).
     """
 
     fields: Tensor
     dense: Tensor
     sequences: dict[str, Tensor]
     seq_mask: dict[str, Tensor]
+
+
+def _real_items(ids: Tensor, vocab_size: int) -> Tensor:
+    """``[B, T]`` bool: True where a sequence id is a real item, ``0 < id < vocab_size``."""
+    assert PAD_ID == 0
+    return (ids > 0) & (ids < vocab_size)
 
 
 class EmbeddingFront(nn.Module):
@@ -101,8 +108,12 @@ class EmbeddingFront(nn.Module):
         """One lookup for all members; returns K :class:`MemberInputs`."""
         tables = self.embedding(self.ids(batch))
         nf = len(self.fields)
-        masks = {f.name: batch.sequence[f.name] != PAD_ID for f in self.sequences}
-        dense = batch.dense.to(torch.float32)
+        # real items: an id out of range, padding under bounds_check "warn" or "off", is
+        # masked as padding too (PAD_ID is 0: real ids are 1 .. vocab - 1)
+        masks = {f.name: _real_items(batch.sequence[f.name], f.vocab_size)
+                 for f in self.sequences}
+        # the tables' output dtype: float32, or float64 for float64 tables
+        dense = batch.dense.to(tables[0].dtype)
         views = []
         for out in tables:
             seqs, start = {}, nf

@@ -173,7 +173,8 @@ class InterFormer(nn.Module):
     tokens (always unmasked, so an empty sequence is fine). Each of ``num_layers`` layers, on
     its input (X, S): cross arch ``X_sum, S_sum``; interaction arch ``X ← Interaction([X ‖
     S_sum])`` back to n tokens (a :class:`~cetnet.models.dhen.DHENLayer` with DOT + DCN modules
-    for ``interaction="dhen"``, DOT only for ``"dot"``; their MLPs are the paper's MLP);
+    for ``interaction="dhen"``, DOT only for ``"dot"``; their MLPs are the paper's MLP; the
+    modules' outputs are concatenated, or summed when n is 1);
     sequence arch ``S ← MHA(PFFN(X_sum, S))``. A final cross arch gives the head's input
     ``[X_sum ‖ S_sum]`` -> MLP -> logit.
 
@@ -227,9 +228,12 @@ class InterFormer(nn.Module):
             CrossArch(n, dim, num_cls, num_pma, num_recent, num_heads, activation, gate)
             for _ in range(num_layers + 1))
         modules = ("dot", "dcn") if interaction == "dhen" else ("dot",)
+        # concat splits the n output tokens among the modules: with one token (e.g. an item and
+        # its history) each module outputs the token and they are summed instead
+        ensemble = "concat" if n >= len(modules) else "sum"
         self.interaction = nn.ModuleList(
-            DHENLayer(n + n_ssum, n, dim, modules=modules, dot_hidden=dot_hidden,
-                      activation=activation) for _ in range(num_layers))
+            DHENLayer(n + n_ssum, n, dim, modules=modules, ensemble=ensemble,
+                      dot_hidden=dot_hidden, activation=activation) for _ in range(num_layers))
         self.sequence = nn.ModuleList(SequenceLayer(dim, num_cls, num_heads)
                                       for _ in range(num_layers))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

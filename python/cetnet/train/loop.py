@@ -141,6 +141,26 @@ def check_mean_loss(config: dict, world_size: int) -> None:
                           "would train with 1/world_size of its gradient); use mean")
 
 
+def min_batch_rows(model: nn.Module) -> int:
+    """Rows a training batch (a rank's share of one) needs: 2 when the model has BatchNorm,
+    whose batch statistics are undefined on one row, else 1."""
+    return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    for m in model.modules()) else 1
+
+
+def check_batch_rows(model: nn.Module, batch_size: int, world_size: int = 1) -> None:
+    """ConfigError when a full training batch gives a rank fewer rows than the model needs
+    (:func:`min_batch_rows`): a BatchNorm model with ``train.batch_size`` 1 per rank would fail
+    at its first step (and skipping such batches would train on nothing)."""
+    need = min_batch_rows(model)
+    if batch_size // max(world_size, 1) < need:
+        per_rank = f" per rank ({world_size} ranks)" if world_size > 1 else ""
+        raise ConfigError(f"config: train.batch_size = {batch_size} gives {batch_size // world_size}"
+                          f" row(s){per_rank}, and the model has BatchNorm (e.g. "
+                          f"batch_norm: true), which needs at least {need} rows a batch to "
+                          f"train: use train.batch_size >= {need * world_size}")
+
+
 def check_splits(splits: dict, world_size: int = 1) -> None:
     """TrainingError unless the train, valid and test splits have rows (in a data-parallel run
     of ``world_size`` ranks, at least one per rank: each rank trains on and scores its share)
@@ -391,6 +411,8 @@ class EpochRunner:
         # the dense parameters: the same before and after the tables are sharded
         self.params = list(cast(EnsembleModel, model).dense_parameters())
         self.fault = distributed.InjectedFault.parse(distributed.rank())  # None but in tests
+        #: rows each rank's share of a batch needs to train: BatchNorm needs two
+        self.min_rows = min_batch_rows(model)
         self.optimizer = dense_optimizer(self.params, train["lr"], train["weight_decay"])
         self.schedule = LRSchedule(self.optimizer, train["lr_schedule"], train["lr"],
                                    total_steps=train["epochs"] * steps_per_epoch,
@@ -488,6 +510,7 @@ class EpochRunner:
         lr = schedule.lr()
         seed = shuffle_seed(t["seed"], epoch)
         world = distributed.world_size() if self.ddp is not None else 1
+        per_row_mean = getattr(model, "loss_reduction", "mean") == "mean"
         if self.ddp is None:
             batches = ((b, len(b)) for b in split.batches(t["batch_size"], shuffle=True,
                                                           seed=seed))
@@ -498,10 +521,11 @@ class EpochRunner:
             for step, (batch, global_rows) in enumerate(batches):
                 if step >= steps_per_epoch:
                     break
-                if step > 0 and global_rows < 2 * world:
-                    # A remainder batch that leaves a rank one row: BatchNorm cannot train on
-                    # one row. Skipping it depends only on the split size (and the world
-                    # size), so runs stay reproducible.
+                if step > 0 and global_rows < self.min_rows * world:
+                    # A remainder batch that leaves a rank too few rows: none (data-parallel),
+                    # or one when the model has BatchNorm, which cannot train on one row.
+                    # Skipping it depends only on the split size (and the world size), so
+                    # runs stay reproducible.
                     continue
                 if self.fault is not None:
                     self.fault.at(epoch, step + 1)
@@ -525,7 +549,8 @@ class EpochRunner:
                 if t["grad_clip"] is not None:
                     nn.utils.clip_grad_norm_(self.params, t["grad_clip"])
                 optimizer.step()
-                loss_sum += loss.detach().double() * len(batch)
+                # the epoch's train loss is a mean per row, whatever the loss's reduction
+                loss_sum += loss.detach().double() * (len(batch) if per_row_mean else 1)
                 rows += len(batch)
                 if self.show_bars:
                     window.append((out.prob.detach(), batch.label))
@@ -663,6 +688,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
     check_mean_loss(config, world)
+    check_batch_rows(model, t["batch_size"], world)
     device = distributed.local_device(resolve_device(config["device"]))
     check_backend(config["backend"], device)
     train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))

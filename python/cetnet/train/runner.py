@@ -32,8 +32,9 @@ from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV, Checkpoin
                                      check_data_digest, first_line, has_last, load_checkpoint,
                                      load_last)
 from cetnet.train.evaluate import evaluate
-from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_mean_loss,
-                               check_splits, fit, resolve_device, split_warnings)
+from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_batch_rows,
+                               check_mean_loss, check_splits, fit, resolve_device,
+                               split_warnings)
 from cetnet.train.rng import seed_everything
 from cetnet.train.sharded import check_model_checkpoint, load_model_state
 from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirError, RunLock,
@@ -231,6 +232,7 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
     dataset = _load_dataset(config)
     check_splits(dataset.splits, distributed.planned_world_size())
     model = _meta_model(config, dataset.schema)
+    check_batch_rows(model, config["train"]["batch_size"], distributed.planned_world_size())
     if config.get("embedding", "cetnet") == "torchrec":
         from cetnet.train.sharded import check_sharding
 
