@@ -339,3 +339,35 @@ def test_scaled_single_runs_after_the_single_rows_but_otherwise_in_place(base):
     assert order(["dnn", "scaled_single", "cetnet", "kdef"]) == [
         "dnn", "scaled_single", "cetnet", "kdef"]
     assert order(["cetnet", "scaled_single"]) == ["cetnet", "scaled_single"]
+
+
+def test_scaled_single_without_single_rows_reads_the_members_from_the_cache(tmp_path, capsys):
+    # the members trained alone are not in the study: their jobs were looked up among the
+    # study's rows (a KeyError traceback); now they are read from the cache, of which an
+    # earlier run with the single rows leaves some
+    assert main(_args(tmp_path, rows="dnn", seeds=1)) == 0
+    assert main(_args(tmp_path, "--dry-run", rows="cetnet,scaled_single", seeds=1)) == 0
+    out = capsys.readouterr()
+    assert "scaled_single: dnn at embedding dim" in out.out + out.err
+
+
+def test_rows_of_a_base_with_one_embedding_dim_per_member(schema):
+    # the packaged default gives [8, 32, 8] for dnn, dcnv2, dnn: a row of other members takes
+    # each member's dim by kind (the first member's for a kind the base lacks), a shared
+    # embedding its first member's
+    base = ex.base_config("synthetic", overrides=TINY[:1])
+    base["model"] = {**base["model"], "members": ["dnn", "dcnv2", "dnn"],
+                     "embedding_dim": [4, 12, 4]}
+    dims = {row: row_config(base, row)["model"]["embedding_dim"]
+            for row in ROW_NAMES if row != "scaled_single"}
+    assert dims["dnn"] == 4 and dims["dcnv2"] == 12 and dims["dhen"] == 4
+    assert dims["kdef_shared"] == 4 and dims["cetnet"] == dims["naive"] == [4, 12, 4]
+    assert dims["kdef"] == [4, 12, 4] and dims["multi_embedding"] == [4, 12, 4]
+    for row in dims:
+        check_model(row_config(base, row), schema)
+    assert scaled_single_model(base, schema, "dcnv2")["dim"] >= 12
+    from cetnet.reproduce.studies import scaling_rows
+    for row in scaling_rows(["dcnv2"], [1, 2]):
+        cfg = row_config(base, row)
+        check_model(cfg, schema)
+        assert cfg["model"]["embedding_dim"] in (12, [12, 12])

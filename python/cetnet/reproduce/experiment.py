@@ -222,11 +222,12 @@ class Experiment:
         """The architecture scaled_single widens: ``scaled_arch``, or with ``auto`` the best
         single architecture by mean validation AUC over the seeds finished so far: among the
         study's single rows (``dnn``, ``dcnv2``, ``dhen``, ``interformer``), or the base
-        config's members when the study has none; the first CETNet member when none has
-        results (a user widens the best model they have, not only a member of the ensemble)."""
+        config's members when the study has none (their results in this ``--out``'s cache, if
+        an earlier run trained them); the first CETNet member when none has results (a user widens the best model they have, not only a member of the ensemble)."""
         if self.scaled_arch != "auto":
             return self.scaled_arch
-        members = list(self.base["model"].get("members") or ["dhen", "interformer"])
+        members = self.base["model"].get("members") or ["dhen", "interformer"]
+        members = [members] if isinstance(members, str) else list(members)
         candidates = [r for r in self.rows if r in SINGLE_ROWS] or \
             [kind for kind in dict.fromkeys(members) if kind in SINGLE_ROWS]
         scores = {}
@@ -249,16 +250,17 @@ class Experiment:
         return self.scaled
 
     def jobs(self, row: str) -> list[Job]:
+        """The runs of ``row`` (one per seed and grid point); a row outside the study (a
+        member trained alone, which scaled_single reads from the cache) is a registered one."""
         extra = self.resolve_scaled()["model"] if row == "scaled_single" else None
+        spec = self.specs.get(row) or row_spec(row)
         out = []
         for seed in self.seeds:
             for i, point in enumerate(self.points):
                 train, model = _grid_overrides(point)
                 model = {**(extra or {}), **model}
-                cfg = row_config(self.base, self.specs[row], seed=seed, train=train,
-                                 model=model)
-                out.append(Job(row, seed, i, dict(point), cfg,
-                               config_key(cfg, self.specs[row].trainer)))
+                cfg = row_config(self.base, spec, seed=seed, train=train, model=model)
+                out.append(Job(row, seed, i, dict(point), cfg, config_key(cfg, spec.trainer)))
         return out
 
     def num_parameters(self, row: str) -> int:

@@ -129,6 +129,39 @@ def _apply(model: dict, overrides: Mapping[str, Any]) -> dict:
     return model
 
 
+def _kinds(members: Any) -> list:
+    return [members] if isinstance(members, str) else list(members or [])
+
+
+def _member_dim(model: Mapping[str, Any], kind: str) -> Any:
+    """The embedding dim of ``kind`` in ``model``: its one dim, or with one dim per member that
+    of the first member of this kind (the first member's when there is none of it)."""
+    dims = model.get("embedding_dim", 16)
+    if not isinstance(dims, (list, tuple)):
+        return dims
+    kinds = _kinds(model.get("members"))
+    return dims[kinds.index(kind)] if kind in kinds[:len(dims)] else dims[0]
+
+
+def _fit_dims(base: Mapping[str, Any], model: dict) -> dict:
+    """``model`` (a row of ``base``) with the embedding dims fitted to its members when the base
+    gives one dim per member (as the packaged default does) and the row changed the members:
+    each member takes the dim of the base's member of its kind (:func:`_member_dim`), a shared
+    embedding its first member's. A row or override that sets its own dims keeps them."""
+    dims = base.get("embedding_dim")
+    if (not isinstance(dims, (list, tuple)) or model.get("embedding_dim") != dims
+            or model.get("ensemble") == "multi_embedding"
+            or len(dims) != len(_kinds(base.get("members")))):  # (a bad base: validation says)
+        return model
+    kinds = _kinds(model.get("members"))
+    if kinds == _kinds(base.get("members")) and not model.get("shared_embedding"):
+        return model
+    fitted = [_member_dim(base, k) for k in kinds] or list(dims)
+    model["embedding_dim"] = fitted[0] if model.get("shared_embedding") or len(fitted) == 1 \
+        else fitted
+    return model
+
+
 def row_spec(row: str | Row) -> Row:
     """``row`` itself, or the registered row of that name (ConfigError for an unknown one)."""
     if isinstance(row, Row):
@@ -148,7 +181,7 @@ def row_config(base: Mapping[str, Any], row: str | Row, *, seed: int | None = No
     spec = row_spec(row)
     config = copy.deepcopy(dict(base))
     config["name"] = f"reproduce-{spec.name}"
-    config["model"] = _apply(config["model"], spec.model)
+    config["model"] = _fit_dims(base["model"], _apply(config["model"], spec.model))
     if model:
         config["model"] = _apply(config["model"], model)
     config["train"] = {**config["train"], **(train or {})}
@@ -186,9 +219,7 @@ def _member_defaults(kind: str) -> dict[str, Any]:
 def scale_member(model: Mapping[str, Any], kind: str, dim: int) -> dict:
     """Model overrides that make ``kind`` alone with embedding dim ``dim``, its widths scaled by
     ``dim / base dim`` (rounded, at least 1)."""
-    base_dim = model.get("embedding_dim", 16)
-    if not isinstance(base_dim, int):
-        base_dim = int(base_dim[0])
+    base_dim = int(_member_dim(model, kind))
     section = {**_member_defaults(kind), **dict(model.get(kind) or {})}
     factor = dim / base_dim
     widths = {k: [max(1, round(int(w) * factor)) for w in section[k]] for k in WIDTH_KEYS[kind]}
@@ -209,8 +240,7 @@ def scaled_single_model(base: Mapping[str, Any], schema: Any, kind: str,
     if target is None:
         target = check_model(row_config(base, "cetnet"), schema)
     base_model = row_config(base, "cetnet")["model"]
-    dim0 = base_model.get("embedding_dim", 16)
-    dim0 = dim0 if isinstance(dim0, int) else int(dim0[0])
+    dim0 = int(_member_dim(base_model, kind))
     best: tuple[int, int, dict] | None = None  # (|count - target|, dim, overrides)
     for dim in range(max(1, dim0 // 2), max_dim + 1):
         overrides = scale_member(base_model, kind, dim)
