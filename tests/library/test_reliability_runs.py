@@ -203,7 +203,7 @@ def test_dry_run_checks_everything_and_writes_nothing(train_config, tmp_path, ca
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"),
                  "--dry-run", "model.dnn.hidden=[4096, 4096]"]) == 0
     out = capsys.readouterr().out
-    assert "dry run: " in out and "parameters" in out and "nothing was written" in out
+    assert "dry run: " in out and "parameters" in out and "no run was written" in out
     assert not (tmp_path / "run").exists()
     assert main(["train", "--config", str(config), "--dry-run", "model.dnn.hidden=[0]"]) == 2
     assert "model.dnn.hidden[0] must be in [1, " in _one_error_line(capsys.readouterr().err)
@@ -334,6 +334,32 @@ def test_overwrite_clears_the_old_run_first(train_config, tmp_path, capsys):
     assert "holds files that are not a cetnet run's (notes.txt); refusing to delete them" in \
         _one_error_line(capsys.readouterr().err)
     assert _snapshot(run_dir) == before
+    # without --overwrite: --overwrite is not suggested when it would refuse
+    assert main(["train", "--config", str(config), "--out", str(run_dir)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "already holds a run" in line and "--overwrite" not in line
+    only_mine = tmp_path / "mine"
+    only_mine.mkdir()
+    (only_mine / "notes.txt").write_text("mine")
+    assert main(["train", "--config", str(config), "--out", str(only_mine)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "holds files that are not a cetnet run's (notes.txt): give another --out" in line
+    assert "--overwrite" not in line
+
+
+def test_overwrite_replaces_a_run_with_its_export_and_predictions_beside_it(train_config,
+                                                                             tmp_path):
+    # the README's export (RUN_DIR/model.pt2) and the examples' default outputs were foreign
+    # files: --overwrite refused the directory
+    config = tmp_path / "c.yaml"
+    dump_config(train_config(epochs=1), config)
+    run_dir = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--out", str(run_dir), "--quiet", "--no-plots"]
+    assert main(argv) == 0
+    for name in ("model.pt2", "model.check.pt", "predictions_test.csv", "predictions_new.csv"):
+        (run_dir / name).write_text("derived from the old run")
+    assert main([*argv, "--overwrite"]) == 0
+    assert not any((run_dir / n).exists() for n in ("model.pt2", "predictions_test.csv"))
 
 
 def test_train_or_reuse_reuses_only_a_finished_run_of_the_same_config(train_config,
@@ -597,3 +623,59 @@ def test_check_run_loads_and_checks_the_resume_checkpoint(train_config, tmp_path
     plan = check_run(cfg, tmp_path / "run", resume=True)
     assert plan.checkpoint["epoch"] == 1 and plan.changes == ["train.epochs: 1 -> 2"]
     assert plan.num_parameters > 0
+
+
+def test_a_job_whose_run_directory_is_busy_fails_instead_of_starting_again(train_config,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    # a search trial or reproduce job meeting another worker's run: "cannot resume ...
+    # starting again" replaced the run the other worker was finishing
+    from cetnet.train.rundir import RunDirBusy
+    from cetnet.train.runner import train_or_reuse
+
+    run_dir = tmp_path / "run"
+    train_or_reuse(train_config(epochs=1), run_dir)
+
+    def files() -> dict:
+        return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != LOCK_FILE}
+
+    before = files()
+    with RunLock(run_dir):  # another process training it
+        with pytest.raises(RunDirBusy, match="another cetnet process is using it"):
+            train_or_reuse(train_config(epochs=2), run_dir)
+    assert files() == before
+    # had the other process released the directory just after the refused resume, the
+    # fresh start that followed would have deleted its run: no fresh start is tried at all
+    from cetnet.train import runner
+
+    calls = []
+
+    def busy(config, out, **kw):
+        calls.append(kw)
+        raise RunDirBusy(f"{out}: another cetnet process is using it")
+
+    monkeypatch.setattr(runner, "run_training", busy)
+    with pytest.raises(RunDirBusy):
+        train_or_reuse(train_config(epochs=2), run_dir)
+    assert [c.get("resume") for c in calls] == [True]
+
+
+def test_overwrite_never_deletes_a_run_written_after_its_checks(train_config, tmp_path):
+    # between check_run and the claim of the directory another process finished a run there:
+    # --overwrite (and a job starting again) deleted it unseen
+    from cetnet.train import runner
+    from cetnet.train.rundir import RunDirChanged
+
+    run_dir = tmp_path / "run"
+    run_training(train_config(epochs=1), run_dir, quiet=True, plots=False)
+    plan = check_run(train_config(epochs=1), run_dir, overwrite=True)
+    metrics = run_dir / "metrics.json"
+    metrics.write_text(metrics.read_text() + " ")  # written again meanwhile
+    with pytest.raises(RunDirChanged, match="changed while this one was starting.*nothing was "
+                                            "deleted"):
+        runner._claim(plan, False, True)
+    assert (run_dir / LAST).exists() and metrics.exists()
+    plan = check_run(train_config(epochs=1), run_dir, overwrite=True)  # as checked: it goes
+    run_dir_, lock, _ = runner._claim(plan, False, True)
+    lock.release()
+    assert not (run_dir / LAST).exists()

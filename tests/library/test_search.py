@@ -520,3 +520,129 @@ def test_an_interrupted_trial_is_queued_again_and_its_runs_reused(tmp_path, spac
     assert retry[0].params == stopped[0].params
     assert retry[0].user_attrs["run_dir"] == stopped[0].user_attrs["run_dir"]
     assert len(_finished(study)) == 3
+
+
+def _start_together(tmp_path: Path, argvs: list[list[str]]) -> list[tuple[int, str, str]]:
+    """Runs ``cetnet search`` once per argv in processes that import everything, then wait
+    for each other before starting: ``(returncode, stdout, stderr)`` of each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), str(REPO),
+                                          os.environ.get("PYTHONPATH", "")])}
+    barrier = ("import sys, time, pathlib; import cetnet.search.engine, cetnet.train; "
+               "me, others = pathlib.Path(sys.argv[1]), sys.argv[2].split(','); me.touch(); "
+               "[time.sleep(0.01) for _ in range(24000) "
+               " if not all(pathlib.Path(o).exists() for o in others)]; "
+               "from cetnet.search.__main__ import main; sys.exit(main(sys.argv[3:]))")
+    ready = [tmp_path / f"ready{i}" for i in range(len(argvs))]
+    workers = [subprocess.Popen(
+        [sys.executable, "-c", barrier, str(ready[i]),
+         ",".join(str(r) for r in ready if r != ready[i]), *argv], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, argv in enumerate(argvs)]
+    outs = [w.communicate(timeout=300) for w in workers]
+    return [(w.returncode, o, e) for w, (o, e) in zip(workers, outs)]
+
+
+def _cli_args(tmp_path, space_file, *extra: str) -> list[str]:
+    return ["--dataset", "synthetic", "--space", str(space_file), "--sampler", "random",
+            "--pruner", "none", "--warmup-fraction", "0.3", "--out", str(tmp_path / "out"),
+            *extra, "--set", *DATA]
+
+
+def test_two_workers_starting_one_new_study_at_once_one_is_refused(tmp_path, space_file):
+    # both listed the studies before either created one, and both ran trials into it (or two
+    # studies into one --out); the study is now created atomically, under --out's lock
+    results = _start_together(tmp_path, [
+        _cli_args(tmp_path, space_file, "--trials", "1", "--study", "s"),
+        _cli_args(tmp_path, space_file, "--trials", "1", "--study", "t")])
+    codes = sorted(code for code, _, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, [e[-800:] for _, _, e in results]
+    refused = next(e for code, _, e in results if code != 0)
+    assert "holds study" in refused and "Traceback" not in refused
+    storage = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    assert len(optuna.get_all_study_summaries(storage)) == 1
+
+
+def test_two_resumers_queue_an_interrupted_trial_once(tmp_path, space_file, one_thread,
+                                                      monkeypatch):
+    # each resumer read the trials, saw no retry of the interrupted one and queued it: it
+    # trained twice (or the second copy failed on the busy run directory)
+    from cetnet.search import engine
+
+    train, calls = engine.train_or_reuse, []
+
+    def interrupt_first_full_run(config, run_dir):
+        calls.append(run_dir)
+        if run_dir.name == "full":
+            raise KeyboardInterrupt
+        return train(config, run_dir)
+
+    monkeypatch.setattr(engine, "train_or_reuse", interrupt_first_full_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_options(tmp_path, space_file, trials=2, pruner="none",
+                            warmup_fraction=0.3, study="r"))
+    monkeypatch.setattr(engine, "train_or_reuse", train)
+    args = _cli_args(tmp_path, space_file, "--trials", "2", "--study", "r", "--resume")
+    results = _start_together(tmp_path, [args, args])
+    assert all(code == 0 for code, _, _ in results), [e[-800:] for _, _, e in results]
+    queued = sum((o + e).count("it was interrupted; queued again") for _, o, e in results)
+    assert queued == 1
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    stopped = [t for t in study.get_trials() if t.user_attrs.get("interrupted")]
+    assert len(stopped) == 1
+    assert [t.user_attrs.get("retry_of") for t in study.get_trials()].count(
+        stopped[0].number) == 1
+
+
+def test_a_second_retry_of_one_trial_fails_at_once(tmp_path):
+    # resumers on other machines (one storage, each its own --out) can each queue it
+    from cetnet.search.engine import _refuse_duplicate_retry
+    from cetnet.train.rundir import RunDirError
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    for _ in range(2):
+        study.enqueue_trial({"x": 1.0}, user_attrs={"retry_of": 0}, skip_if_exists=False)
+    first, second = study.ask(), study.ask()
+    _refuse_duplicate_retry(study, first)
+    with pytest.raises(RunDirError, match="a second retry of trial 0: trial 0 retries it"):
+        _refuse_duplicate_retry(study, second)
+
+
+def test_a_worker_that_finds_a_study_without_its_setup_waits_for_it(tmp_path):
+    import threading
+
+    from cetnet.search.engine import claim_study, open_storage
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    creator = optuna.create_study(storage=url, study_name="s")  # the setup comes next
+    timer = threading.Timer(0.5, creator.set_user_attr, ("setup", {"dataset": "first"}))
+    timer.start()
+    try:
+        study, saved = claim_study(open_storage(url), "s", resume=True,
+                                   setup={"dataset": "second"}, where=url)
+    finally:
+        timer.join()
+    assert saved == {"dataset": "first"} and study.user_attrs["setup"] == saved
+    with pytest.raises(SearchError, match="already exists .*add --resume"):
+        claim_study(open_storage(url), "s", resume=False, setup={}, where=url)
+    study, saved = claim_study(open_storage(url), "new", resume=False, setup={"a": 1},
+                               where=url)
+    assert saved is None and study.user_attrs["setup"] == {"a": 1}
+
+
+def test_a_resumer_tolerates_a_trial_another_resumer_has_failed(tmp_path, monkeypatch):
+    # a dead process's RUNNING trial: both resumers tried to fail it, the second crashed
+    from cetnet.search import engine
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", dead.pid)
+    stale = study.get_trials(deepcopy=False)  # what the second resumer read
+    said: list[str] = []
+    engine._requeue_interrupted(study, said.append)
+    monkeypatch.setattr(study, "get_trials", lambda deepcopy=True, states=None: stale)
+    engine._requeue_interrupted(study, said.append)
+    assert said == [f"trial {trial.number}: its process ({dead.pid}) is gone; queued again"]

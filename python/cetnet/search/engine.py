@@ -9,7 +9,9 @@ that holds ``metrics.json`` is reused as it is; one that holds ``last.pt`` is re
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import logging
 import math
 import os
@@ -19,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 from cetnet.config import ConfigError, validate_config
 from cetnet.search.cost import model_cost
@@ -231,6 +233,7 @@ def _requeue_interrupted(study: Any, say: Callable[[str], None]) -> None:
     whose finished warm-up is reused and whose training resumes from its last checkpoint.
     Trials of other hosts are failed (and retried) by the heartbeat after GRACE_S seconds of
     silence."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     host = socket.gethostname()
@@ -243,7 +246,10 @@ def _requeue_interrupted(study: Any, say: Callable[[str], None]) -> None:
             pid = t.user_attrs.get("pid")
             if t.user_attrs.get("host") != host or not isinstance(pid, int) or _pid_alive(pid):
                 continue
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            try:
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # another resumer failed (and queued) it first
+                continue
             why = f"its process ({pid}) is gone"
         elif t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
             why = "it was interrupted"
@@ -251,6 +257,21 @@ def _requeue_interrupted(study: Any, say: Callable[[str], None]) -> None:
             continue
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         say(f"trial {t.number}: {why}; queued again")
+
+
+def _refuse_duplicate_retry(study: Any, trial: Any) -> None:
+    """RunDirError (the trial fails at once, one line) when ``trial`` retries an interrupted
+    trial that a trial of a lower number retries too: two resumers on other machines (sharing
+    the storage, not the ``--out`` and its lock) can each queue it once."""
+    retry_of = trial.user_attrs.get("retry_of")
+    if retry_of is None:
+        return
+    first = min(t.number for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("retry_of") == retry_of)
+    if first != trial.number:
+        from cetnet.train.rundir import RunDirError
+
+        raise RunDirError(f"a second retry of trial {retry_of}: trial {first} retries it")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -263,10 +284,62 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict,
-                sample: Callable[[Any], Any] | None = None) -> Any:
+#: The lock file in ``--out`` that workers starting there take in turn while they open the
+#: study (create it or check it, record its setup, queue interrupted trials again).
+STUDY_LOCK = ".study.lock"
+#: How long a worker that loaded a study without its setup waits for the worker that has just
+#: created it to record it.
+SETUP_WAIT_S = 30.0
+
+
+@contextlib.contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """Holds ``out/.study.lock`` (``fcntl.flock``, waiting for it): workers starting in one
+    ``--out`` open the study one at a time, so that listing, creating and recording its setup,
+    and queuing interrupted trials again, are not interleaved. (Workers on other machines with
+    their own ``--out`` and one shared storage are kept apart by the storage itself:
+    :func:`claim_study`, and the duplicate-retry check of a trial.)"""
+    fd = os.open(out / STUDY_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def claim_study(storage: Any, name: str, *, resume: bool, setup: dict, where: str,
+                **create: Any) -> tuple[Any, dict | None]:
+    """``(study, the setup it was started with, or None when this call created it)``.
+
+    The study is created atomically (the storage refuses a second study of the name), so of two
+    workers starting at once exactly one creates it and records ``setup``; the other, with
+    ``resume``, loads it and waits up to :data:`SETUP_WAIT_S` for that setup (it compares
+    against it), and without ``resume`` is refused (SearchError). ``create``: the keywords of
+    ``optuna.create_study`` besides storage and name (directions, sampler, pruner)."""
     import optuna
 
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, load_if_exists=False,
+                                    **create)
+    except optuna.exceptions.DuplicatedStudyError:
+        if not resume:
+            raise SearchError(f"study {name!r} already exists in {where}: add --resume to "
+                              "continue it, or name another with --study") from None
+    else:
+        study.set_user_attr("setup", setup)
+        return study, None
+    study = optuna.load_study(storage=storage, study_name=name, sampler=create.get("sampler"),
+                              pruner=create.get("pruner"))
+    deadline = time.monotonic() + SETUP_WAIT_S
+    while (saved := study.user_attrs.get("setup")) is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # created an instant ago by another worker, which records it next
+    if saved is None:  # its creator died before recording it: this worker's setup it is
+        study.set_user_attr("setup", setup)
+    return study, saved
+
+
+def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict,
+                sample: Callable[[Any], Any] | None = None) -> Any:
     storage_url = options.storage or f"sqlite:///{(options.out / 'study.db').resolve()}"
     storage = open_storage(storage_url)
     names = [s.study_name for s in storage.get_all_studies()]
@@ -276,20 +349,14 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
         # one --out holds one study's reports (SEARCH.md, trials.csv, best_config.yaml)
         raise SearchError(f"{options.out} holds study {others[0]!r}: continue it with --study "
                           f"{others[0]} --resume, or give another --out")
-    if exists and not options.resume:
-        raise SearchError(f"study {options.study!r} already exists in "
-                          f"{_hide_password(storage_url)}: add --resume to continue it, or "
-                          "name another with --study")
     directions: list[Literal["maximize", "minimize"]] = \
         ["minimize" if i else "maximize" for i in range(len(objectives))]
-    study = optuna.create_study(storage=storage, study_name=options.study, directions=directions,
-                                sampler=_sampler(options.sampler, options.seed, options.trials,
-                                                 sample),
-                                pruner=_pruner(options.pruner), load_if_exists=True)
-    saved = study.user_attrs.get("setup")
-    if saved is None:
-        study.set_user_attr("setup", setup)
-    else:
+    study, saved = claim_study(storage, options.study, resume=options.resume, setup=setup,
+                               where=_hide_password(storage_url), directions=directions,
+                               sampler=_sampler(options.sampler, options.seed, options.trials,
+                                                sample),
+                               pruner=_pruner(options.pruner))
+    if saved is not None:
         def full(d: dict) -> dict:  # a setup saved without the later keys: their defaults
             return {"proxy": "auc", "max_cost": None, "cost_weight": 0.0, **d}
 
@@ -452,11 +519,12 @@ def run_search(options: SearchOptions) -> Any:
     train_rows = len(dataset.splits["train"])
     options.out.mkdir(parents=True, exist_ok=True)
     quiet_trial_failures()
-    study = _open_study(options, objectives,
-                        {**_setup(options, repr(space)), **data_identity(base, dataset)},
-                        lambda trial: sample_config(trial, space, base))
-    if options.resume:
-        _requeue_interrupted(study, options.say)
+    with study_lock(options.out):
+        study = _open_study(options, objectives,
+                            {**_setup(options, repr(space)), **data_identity(base, dataset)},
+                            lambda trial: sample_config(trial, space, base))
+        if options.resume:
+            _requeue_interrupted(study, options.say)
     multi = len(objectives) > 1
     prune = options.warmup_fraction > 0 and not multi and options.pruner != "none"
 
@@ -481,6 +549,7 @@ def run_search(options: SearchOptions) -> Any:
 
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        _refuse_duplicate_retry(study, trial)
         config = sample_config(trial, space, base)
         config["name"] = f"{options.study}-{trial.number}"
         try:

@@ -161,10 +161,10 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     then ``OUT/SYSTEM.md``, ``system.csv`` and ``best_system.yaml``. Returns the study."""
     import optuna
 
-    from cetnet.search.engine import (SearchError, _base, _load_dataset, _sampler,
-                                      check_seed, check_study_name, data_identity,
-                                      open_storage, quiet_trial_failures, reseed,
-                                      setup_changes)
+    from cetnet.search.engine import (SearchError, _base, _hide_password, _load_dataset,
+                                      _sampler, check_seed, check_study_name, claim_study,
+                                      data_identity, open_storage, quiet_trial_failures,
+                                      reseed, setup_changes, study_lock)
 
     say = say or options.say
     check_seed(options.seed)
@@ -180,25 +180,20 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     options.out.mkdir(parents=True, exist_ok=True)
     quiet_trial_failures()
     storage_url = options.storage or f"sqlite:///{(options.out / 'system.db').resolve()}"
-    storage = open_storage(storage_url)
     name = f"{options.study}-system"
-    if any(s.study_name == name for s in storage.get_all_studies()) and not options.resume:
-        raise SearchError(f"study {name!r} already exists: add --resume to continue it, or "
-                          "name another with --study")
     sampler = _sampler(options.sampler, options.seed, options.trials,
                        lambda t: sample_system(t, base, rows))
-    # the trial's value is log(samples/s): the predictor models log throughput, in which a
-    # speed-up by a factor is the same step wherever it starts
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                sampler=sampler, load_if_exists=True)
     # the study remembers what it measures: the model, the data and the settings offered
     setup = {"dataset": options.dataset, "overrides": list(options.overrides),
              "batch_sizes": batch_sizes(rows), "cpus": os.cpu_count() or 1,
              **data_identity(base, dataset)}
-    saved = study.user_attrs.get("setup")
-    if saved is None:
-        study.set_user_attr("setup", setup)
-    else:
+    # the trial's value is log(samples/s): the predictor models log throughput, in which a
+    # speed-up by a factor is the same step wherever it starts
+    with study_lock(options.out):
+        study, saved = claim_study(open_storage(storage_url), name, resume=options.resume,
+                                   setup=setup, where=_hide_password(storage_url),
+                                   direction="maximize", sampler=sampler)
+    if saved is not None:
         changed = setup_changes(saved, setup)
         if changed:
             raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "

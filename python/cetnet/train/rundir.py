@@ -30,7 +30,8 @@ from typing import Any
 from cetnet.atomic import TEMP_SUFFIX, creation_problem, write_text_atomic
 from cetnet.train.checkpoint import has_last
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "LOCK_FILE", "RunDirError", "RunLock",
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "LOCK_FILE", "RunDirError", "RunDirBusy",
+           "RunDirChanged", "RunLock",
            "default_run_dir", "make_run_dir", "run_files", "foreign_files", "check_run_dir",
            "clear_run", "write_json", "read_json", "json_safe"]
 
@@ -39,8 +40,12 @@ METRICS_FILE = "metrics.json"
 LOCK_FILE = ".lock"
 # What a run writes (checkpoint and plot names are repeated here to keep this module free of
 # torch and matplotlib; tests check they agree).
+# Besides, what the commands and examples write into a run directory by default: an export
+# (model.pt2, and the example's model.check.pt) and predictions (predictions_<split>.csv), which
+# --overwrite deletes with the run they came from (kept, they would sit beside another run).
 _RUN_FILE = re.compile(r"config\.yaml|metrics\.json|best\.pt|last\.pt|last\.prev\.pt|curves\.png"
                        r"|members_auc\.png|eval_[a-z]+(?:_[A-Za-z0-9_.-]+)?\.json|\.lock"
+                       r"|model\.pt2|model\.check\.pt|predictions_[A-Za-z0-9_.-]+\.csv"
                        r"|train\.log|history\.csv|events\.out\.tfevents\.[^/]+"
                        rf"|\..+\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}")
 
@@ -48,6 +53,15 @@ _RUN_FILE = re.compile(r"config\.yaml|metrics\.json|best\.pt|last\.pt|last\.prev
 class RunDirError(Exception):
     """A run directory that cannot be used as asked: in use by another process, holding a run
     already, or holding files that are not a run's (the message names the directory)."""
+
+
+class RunDirBusy(RunDirError):
+    """The run directory's lock is held by another process (a run training in it)."""
+
+
+class RunDirChanged(RunDirError):
+    """Another process wrote the run directory between the checks of a run and its claim of
+    the directory: what the checks decided (resume it, replace it) no longer holds."""
 
 
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:
@@ -122,13 +136,19 @@ def check_run_dir(run_dir: str | Path, *, resume: bool = False, overwrite: bool 
     if resume or not names:
         return
     if not overwrite:
+        foreign = foreign_files(run_dir)
+        if len(foreign) == len(names):
+            raise RunDirError(f"{run_dir} holds files that are not a cetnet run's "
+                              f"({_listing(names)}): give another --out (a new or empty "
+                              "directory)")
+        # --overwrite deletes a run's files only: suggested when nothing else is there
+        replace = "replace it with --overwrite, " if not foreign else ""
         if not has_last(run_dir):
             raise RunDirError(f"{run_dir} already holds a run ({_listing(names)}) without a "
                               "checkpoint (it stopped before its first epoch ended: nothing to "
-                              "resume): replace it with --overwrite, or give another --out")
+                              f"resume): {replace}give another --out")
         raise RunDirError(f"{run_dir} already holds a run ({_listing(names)}): continue it with "
-                          f"--resume {run_dir}, replace it with --overwrite, or give another "
-                          "--out")
+                          f"--resume {run_dir}, {replace}or give another --out")
     _refuse_foreign(run_dir)
 
 
@@ -195,8 +215,8 @@ class RunLock:
     def _busy(self) -> RunDirError:
         what = ("a training run is writing it" if self.shared
                 else "another cetnet process is using it")
-        return RunDirError(f"{self.run_dir}: {what}{self._holder()} (it holds {self.path}); "
-                           "wait for it to finish or use another directory")
+        return RunDirBusy(f"{self.run_dir}: {what}{self._holder()} (it holds {self.path}); "
+                          "wait for it to finish or use another directory")
 
     def probe(self, attempts: int = 5) -> None:
         """RunDirError if another process holds the lock now; takes nothing, writes nothing.

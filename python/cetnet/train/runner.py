@@ -37,7 +37,8 @@ from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, chec
                                split_warnings)
 from cetnet.train.rng import seed_everything
 from cetnet.train.sharded import check_model_checkpoint, load_model_state
-from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirError, RunLock,
+from cetnet.train.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunDirBusy,
+                                 RunDirChanged, RunDirError, RunLock,
                                  check_run_dir, clear_run, foreign_files, make_run_dir, read_json,
                                  run_files, write_json)
 
@@ -240,6 +241,10 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
                        config["train"]["embedding_sharding"])
     plan = RunPlan(config, dataset, run_dir, changes=changes,
                    num_parameters=sum(p.numel() for p in model.parameters()))
+    if overwrite and run_dir is not None:
+        # what --overwrite will delete is what was checked: _claim refuses if it changed
+        plan._stamps = {n: _stamp(run_dir / n)
+                        for n in (CONFIG_FILE, METRICS_FILE, LAST, LAST_PREV)}
     if resume:
         assert run_dir is not None
         plan._stamps = {n: _stamp(run_dir / n) for n in (CONFIG_FILE, LAST, LAST_PREV)}
@@ -278,11 +283,17 @@ def _claim(plan: RunPlan, resume: bool, overwrite: bool) -> tuple[Path, RunLock,
     run_dir = make_run_dir(plan.config["name"], plan.run_dir)
     lock = RunLock(run_dir).acquire()
     try:
+        changed = any(_stamp(run_dir / n) != s for n, s in plan._stamps.items())
         if resume:
-            if any(_stamp(run_dir / n) != s for n, s in plan._stamps.items()):
-                raise RunDirError(f"{run_dir}: the run changed while this one was starting "
-                                  "(another process resumed it?); start the resume again")
+            if changed:
+                raise RunDirChanged(f"{run_dir}: the run changed while this one was starting "
+                                    "(another process resumed it?); start the resume again")
         elif overwrite:
+            if changed:  # another process wrote (or finished) a run there after the checks:
+                # never delete what was not checked
+                raise RunDirChanged(f"{run_dir}: the run changed while this one was starting "
+                                    "(another process wrote it?); nothing was deleted: look at "
+                                    "it, then start again")
             clear_run(run_dir)
         elif run_files(run_dir):
             raise RunDirError(f"{run_dir} already holds a run: another process wrote it while "
@@ -439,17 +450,28 @@ def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
     interrupted, or started again over what a failed attempt (or a run of another config)
     left when it cannot resume."""
     run_dir = Path(run_dir)
-    metrics = _saved_metrics(run_dir, config, same_name=False)
-    if metrics is not None and _has_finished(metrics, config):
-        return metrics, True
-    if has_last(run_dir):  # last.pt, or last.prev.pt while it was being replaced
+    for look in range(3):
+        metrics = _saved_metrics(run_dir, config, same_name=False)
+        if metrics is not None and _has_finished(metrics, config):
+            return metrics, True
         try:
-            return run_training(config, run_dir, resume=True, quiet=True, plots=False)[1], False
-        except (CheckpointError, ConfigError, RunDirError) as e:
-            print(f"  cannot resume {run_dir} ({type(e).__name__}: {first_line(e)}); "
-                  "starting again", file=sys.stderr)
-    return run_training(config, run_dir, overwrite=run_dir.exists(), quiet=True,
-                        plots=False)[1], False
+            if has_last(run_dir):  # last.pt, or last.prev.pt while it was being replaced
+                try:
+                    return run_training(config, run_dir, resume=True, quiet=True,
+                                        plots=False)[1], False
+                except (RunDirBusy, RunDirChanged):
+                    raise  # another process trains (or just trained) it: never start again
+                except (CheckpointError, ConfigError, RunDirError) as e:
+                    print(f"  cannot resume {run_dir} ({type(e).__name__}: {first_line(e)}); "
+                          "starting again", file=sys.stderr)
+            return run_training(config, run_dir, overwrite=run_dir.exists(), quiet=True,
+                                plots=False)[1], False
+        except RunDirChanged:
+            # another process wrote the run after it was looked at (e.g. finished it): look
+            # again rather than resume or delete what was not checked
+            if look == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwrite: bool,
