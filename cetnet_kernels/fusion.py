@@ -221,11 +221,23 @@ def _check_labels(labels: object, logits: Tensor, op: str) -> Tensor:
     return labels
 
 
+def _all_values(t: Tensor) -> Tensor:
+    """``t``, or under ``torch.func.vmap`` the tensor of all its vmapped values (a batched
+    tensor's values cannot be read one call at a time: a data-dependent branch on it raises)."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def _check_label_values(labels: Tensor, op: str) -> None:
     if shape_only(labels):  # meta / fake tensors hold no values to check
         return
-    bad = ~((labels >= 0) & (labels <= 1))  # NaN is bad too
+    values = _all_values(labels)
+    bad = ~((values >= 0) & (values <= 1))  # NaN is bad too
     if bool(bad.any()):
+        if values is not labels:
+            raise ValueError(f"{op}: labels must lie in [0, 1]; one of the vmapped labels is "
+                             f"{values[bad][0].item()}")
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{op}: labels must lie in [0, 1]; labels[{i}] = {labels[i].item()}")
 
@@ -273,10 +285,10 @@ def _temperature(temperature: object, logits: Tensor, op: str, validate: bool,
         # The CPU kernel checks the value itself; elsewhere it costs a host sync.
         if validate and backend != "cpu" and not torch.compiler.is_compiling() \
                 and not shape_only(temperature):  # (meta / fake: no value to check)
-            t = float(temperature.detach())
-            if not (0 < t < math.inf):
-                raise ValueError(f"{op}: temperature must be finite and > 0, got {t}")
-            _check_representable(t, logits, op)
+            for t in _all_values(temperature.detach()).reshape(-1).tolist():
+                if not (0 < t < math.inf):
+                    raise ValueError(f"{op}: temperature must be finite and > 0, got {t}")
+                _check_representable(t, logits, op)
         return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{op}: temperature must be a float or a tensor, got "

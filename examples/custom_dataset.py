@@ -14,7 +14,8 @@ Run ``python examples/custom_dataset.py`` to write a csv of generated impression
 (:func:`cetnet.train.run_training`); from the command line the same run is::
 
     python -m cetnet --plugin examples.custom_dataset train \\
-        --set 'data={name: clicks_csv, path: clicks.csv}' 'model.members=[dnn, dcnv2]'
+        --set 'data={name: clicks_csv, path: clicks.csv}' 'model.members=[dnn, dcnv2]' \\
+              model.embedding_dim=16
 
 The csv has a header and these columns: ``user``, ``ad``, ``category``, ``device`` (raw
 strings), ``hour``, ``price`` (numbers, empty for missing), ``interests`` (a bag: values

@@ -94,7 +94,7 @@ def gpu_text(info: dict) -> str:
 def models_text() -> str:
     """The ensembles and the member kinds with their options (keys of the ``model:`` config
     section and of ``model.<kind>``), defaults included."""
-    from cetnet.models.build import DEFAULTS, ENSEMBLES, MEMBERS
+    from cetnet.models.build import _FUSION_SKIP, _MEMBER_SKIP, DEFAULTS, ENSEMBLES, MEMBERS
     from cetnet_kernels import CETNetFusion
 
     lines = ["Ensembles (model.ensemble):"]
@@ -102,11 +102,12 @@ def models_text() -> str:
     lines += ["", "Common keys of model: (defaults):"]
     lines += [f"  {k}: {v!r}" for k, v in DEFAULTS.items() if k != "fusion"]
     lines += ["", "model.fusion (cetnet only):",
-              "  " + ", ".join(signature_options(CETNetFusion, skip=("num_models", "backend")))]
+              # the options a config may set (validate, num_models, backend: build_model's)
+              "  " + ", ".join(signature_options(CETNetFusion, skip=_FUSION_SKIP))]
     lines += ["", "Members (model.members; options under model.<kind>):"]
     for kind, cls in MEMBERS.items():
         lines.append(f"  {kind:<12} {_first_line(cls)}")
-        lines.append("    " + ", ".join(signature_options(cls, skip=("schema", "dim"))))
+        lines.append("    " + ", ".join(signature_options(cls, skip=_MEMBER_SKIP)))
     lines += ["", "docs/MODEL_LIBRARY.md has the full reference."]
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ Examples::
     cetnet train --config my.yaml --epochs 3 --set model.fusion.temperature=0.5
     cetnet train --resume runs/cetnet_ml100k-20250101-120000 --epochs 12
     cetnet train --out runs/t05 --overwrite        # replace the run in runs/t05
-    cetnet train --dry-run --set model.dnn.hidden=[64]   # check everything, write nothing
+    cetnet train --dry-run --set model.dnn.hidden=[64]   # check everything, write no run
     cetnet evaluate runs/cetnet_ml100k-20250101-120000 --split valid
     cetnet predict runs/t05 --csv new_rows.csv --out new_rows_predictions.csv
     cetnet export runs/t05 runs/t05/model.pt2      # torch.export program for serving
@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "--overwrite")
     tr.add_argument("--overwrite", action="store_true",
                     help="replace the run in --out: its files are deleted before the new run "
-                         "writes (files that are not a run's are never deleted)")
+                         "writes, with an export or predictions under their default names "
+                         "(model.pt2, predictions_*.csv); files that are not a run's are never "
+                         "deleted")
     tr.add_argument("--epochs", type=int, help="train.epochs")
     tr.add_argument("--seed", type=int, help="train.seed")
     # RUN_DIR is required: with an optional one, `--resume train.epochs=3` read the override
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "its data and model must not change, other changes are printed")
     tr.add_argument("--dry-run", action="store_true",
                     help="check the config, the dataset, the model (built without memory), the "
-                         "run directory and the --resume checkpoint; write nothing")
+                         "run directory and the --resume checkpoint; write no run (the dataset "
+                         "is fetched and its encoding cached, as a run would)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     tr.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
 
@@ -195,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "one per feature")
     pl.add_argument("--vocab", required=True, metavar="V[,V2,...]",
                     help="rows per table (1e9, 10^9 and 2^20 are fine)")
-    pl.add_argument("--dim", metavar="D[,D2,...]", help="embedding dim(s)")
-    pl.add_argument("--batch", type=int, help="global batch (rows per step, all GPUs)")
+    pl.add_argument("--dim", metavar="D[,D2,...]",
+                    help="embedding dim(s) (required without --config)")
+    pl.add_argument("--batch", type=int,
+                    help="global batch (rows per step, all GPUs; required without --config)")
     pl.add_argument("--gpus", default="8,64,1024", metavar="N[,N2,...]",
                     help="GPU counts to plan for (default 8,64,1024)")
     pl.add_argument("--optimizer", choices=["sgd", "rowwise_adagrad", "adam"],
@@ -327,7 +332,7 @@ def _train(args: argparse.Namespace) -> int:
                 else f"train into {out or 'a new directory under runs/'}")
         say(f"dry run: the config, the dataset ({rows} rows), the model "
             f"({plan.num_parameters:,} parameters) and the run directory are fine; it would "
-            f"{what}; nothing was written")
+            f"{what}; no run was written")
         return 0
     run_dir, metrics = run_training(config, out, resume=resume, overwrite=args.overwrite,
                                     quiet=args.quiet, plots=not args.no_plots)

@@ -301,10 +301,12 @@ def _labels(cells: list[str], lines: list[int], n: int, path: Path,
 # ------------------------------------------------------------------------------------------------
 # Predictions
 # ------------------------------------------------------------------------------------------------
-def write_predictions(pred: Predictions, member_names: Sequence[str], path: str | Path) -> Path:
-    """Writes ``pred`` as csv: ``row, prob, label`` (0 for rows read without a label), then
-    ``prob_<member>`` per member and, when the ensemble has fusion weights,
-    ``weight_<member>`` (written atomically)."""
+def write_predictions(pred: Predictions, member_names: Sequence[str], path: str | Path, *,
+                      labelled: bool = True) -> Path:
+    """Writes ``pred`` as csv: ``row, prob, label`` (empty when ``labelled`` is False: rows
+    read without a label, whose 0 in ``pred.label`` is no label), then ``prob_<member>`` per
+    member and, when the ensemble has fusion weights, ``weight_<member>`` (written
+    atomically)."""
     names = list(member_names)
     cols = ["row", "prob", "label", *(f"prob_{m}" for m in names)]
     member = torch.sigmoid(pred.logits.double())
@@ -314,7 +316,11 @@ def write_predictions(pred: Predictions, member_names: Sequence[str], path: str 
         parts.append(pred.weights.double())
     table = torch.cat(parts, 1).tolist()
     lines = [",".join(cols)]
-    lines += [",".join([str(i), *(f"{v:.6g}" for v in values)]) for i, values in enumerate(table)]
+    cells = [[f"{v:.6g}" for v in values] for values in table]
+    if not labelled:
+        for row in cells:
+            row[1] = ""
+    lines += [",".join([str(i), *row]) for i, row in enumerate(cells)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -342,7 +348,7 @@ def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "te
                    run.config["train"]["eval_batch_size"], device=run.device)
     both = bool((pred.label > 0.5).any() and (pred.label <= 0.5).any())
     scores = score(pred, run.member_names) if labelled and both else None
-    return write_predictions(pred, run.member_names, out), scores
+    return write_predictions(pred, run.member_names, out, labelled=labelled), scores
 
 
 # ------------------------------------------------------------------------------------------------

@@ -278,6 +278,27 @@ def test_inference_mode_call_then_training(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", CASES)
+def test_vmap_over_labels_and_temperatures_too(backend, device):
+    """The label and temperature checks read values: under vmap over them too (not only the
+    logits) they read every vmapped value at once instead of raising vmap's data-dependent
+    control flow error, and a bad one is still refused."""
+    z = torch.stack([make_logits(9, 3, device=device), make_logits(9, 3, device=device).flip(0)])
+    y = torch.rand(2, 9, device=device)
+    t = torch.tensor([0.5, 1.5], device=device)
+    calls = [lambda z, y, t: collaborative_loss(z, y, t, mutual_weight=0.2, backend=backend)[0],
+             lambda z, y, t: ck.kdef_loss(z, y, backend=backend)[0],
+             lambda z, y, t: confidence_fusion(z, t, backend=backend)[0].sum()]
+    for call in calls:
+        got = torch.func.vmap(call)(z, y, t)
+        _close(got, torch.stack([call(z[i], y[i], t[i]) for i in range(2)]), rtol=0, atol=0)
+    bad = y.clone()
+    bad[1, 4] = 1.5
+    for call in calls[:2]:
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+            torch.func.vmap(call)(z, bad, t)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("op", ["fusion", "loss", "kdef"])
 def test_torch_func(backend, device, op):
     """torch.func: vmap works on every backend (the kernels through torch's per-sample

@@ -52,6 +52,25 @@ def test_models_lists_every_ensemble_and_member_with_defaults(capsys):
     assert "hidden=[256, 128]" in out and "temperature=1.0" in out
 
 
+def test_models_lists_only_options_a_config_may_set(capsys):
+    # every listed option builds; validate was listed and refused as an unknown key
+    import inspect
+    import re
+
+    from cetnet.models.build import build_model
+    from cetnet_kernels import CETNetFusion
+    from models_support import tiny_schema
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    fusion = out.split("model.fusion (cetnet only):\n", 1)[1].split("\n", 1)[0]
+    names = re.findall(r"(?:^\s*|, )(\w+)=", fusion)
+    assert "validate" not in names and {"temperature", "temperature_range"} <= set(names)
+    defaults = inspect.signature(CETNetFusion).parameters
+    for name in names:
+        build_model({"fusion": {name: defaults[name].default}}, tiny_schema())
+
+
 def test_data_list_names_the_datasets_and_their_options(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out

@@ -97,7 +97,8 @@ def test_predict_a_csv_of_new_rows_as_the_run_reads_its_own(run_dir, tmp_path, c
     printed = capsys.readouterr().out
     assert "AUC" not in printed  # no label column: no scores
     got = torch.tensor([float(r["prob"]) for r in _rows(out)])
-    assert len(got) == n and {r["label"] for r in _rows(out)} == {"0"}
+    # no label: the label cells are empty (a 0 there read as a negative label)
+    assert len(got) == n and {r["label"] for r in _rows(out)} == {""}
     expected = predict(run.model, run.dataset.splits["test"]).prob
     torch.testing.assert_close(got, expected.double().float(), rtol=0, atol=2e-6)
 
@@ -142,6 +143,8 @@ def test_predict_a_labelled_csv_scores_it_as_the_split(run_dir, tmp_path):
     blank = _edit_lines(path, lambda ls: [ls[0]] + [_set_cell([ls[0], x], 2, "label", "")[1]
                                                    for x in ls[1:]])
     assert serve.predict_run(run_dir, tmp_path / "b.csv", csv_path=blank)[1] is None
+    assert {r["label"] for r in _rows(tmp_path / "b.csv")} == {""}
+    assert {r["label"] for r in _rows(tmp_path / "e.csv")} == {"0", "1"}
 
 
 def test_predict_csv_groups_unseen_users_apart(run_dir, tmp_path):

@@ -217,6 +217,18 @@ def test_parser_exposes_the_options():
         3, "dnn", "random", "small", "movielens-100k")
 
 
+def test_set_is_cumulative_in_reproduce_and_search_as_in_train():
+    # a second --set replaced the first silently
+    from cetnet.search.__main__ import build_parser as search_parser
+
+    argv = ["--set", "data.num_rows=3000", "--set", "train.max_steps_per_epoch=5", "train.lr=1"]
+    expected = ["data.num_rows=3000", "train.max_steps_per_epoch=5", "train.lr=1"]
+    assert build_parser().parse_args(argv).overrides == expected
+    assert search_parser().parse_args(argv).overrides == expected
+    assert "train and compare the rows over seeds with equal data" in \
+        build_parser().format_help().replace("\n", " ").lower().replace("  ", " ")
+
+
 def _study_args(tmp_path, study, *extra):
     return ["--dataset", "synthetic", "--study", study, "--seeds", "2", "--grid", "none",
             "--out", str(tmp_path / "out"), "--report", str(tmp_path / "doc" / "STUDY.md"),

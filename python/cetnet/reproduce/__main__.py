@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
       "none = the config's values")
     a("--config", default=None, help="base config (default: the packaged CETNet of the "
       "paper's pair, DHEN + InterFormer: cetnet_dhen_interformer_ml100k.yaml)")
-    a("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+    a("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
       help="config overrides for every row, e.g. train.epochs=3 data.num_rows=5000")
     a("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
     a("--scaled-arch", default="auto", choices=["auto", *MEMBERS],
@@ -85,7 +85,9 @@ MAX_SEEDS = 1000
 
 def build_parser() -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(
-        prog="cetnet reproduce", description=__doc__.splitlines()[0]))
+        prog="cetnet reproduce",
+        description="Train and compare the rows over seeds with equal data, budget and tuning, "
+                    "then write the report (docs/REPRODUCE.md)."))
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true",
       help="continue the study (finished trials are kept, their runs reused)")
     a("--seed", type=int, default=0, help="the sampler's seed (give each worker its own)")
-    a("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+    a("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
       help="config overrides of every trial, e.g. data.num_rows=5000 train.epochs=3")
     c = ap.add_argument_group("comparing finished studies (writes OUT/COMPARE.md)")
     c.add_argument("--compare", nargs="+", type=Path, default=None, metavar="STUDY_OUT",
