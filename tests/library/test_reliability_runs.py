@@ -661,6 +661,7 @@ def test_a_job_whose_run_directory_is_busy_fails_instead_of_starting_again(train
 
 
 def test_overwrite_never_deletes_a_run_written_after_its_checks(train_config, tmp_path):
+    # (the stamps are taken as the directory is checked, before the data and model load)
     # between check_run and the claim of the directory another process finished a run there:
     # --overwrite (and a job starting again) deleted it unseen
     from cetnet.train import runner
@@ -668,11 +669,25 @@ def test_overwrite_never_deletes_a_run_written_after_its_checks(train_config, tm
 
     run_dir = tmp_path / "run"
     run_training(train_config(epochs=1), run_dir, quiet=True, plots=False)
-    plan = check_run(train_config(epochs=1), run_dir, overwrite=True)
     metrics = run_dir / "metrics.json"
-    metrics.write_text(metrics.read_text() + " ")  # written again meanwhile
-    with pytest.raises(RunDirChanged, match="changed while this one was starting.*nothing was "
-                                            "deleted"):
+    load = runner._load_dataset
+
+    def load_while_another_process_writes(config):
+        metrics.write_text(metrics.read_text() + " ")  # during the slow part of the checks
+        return load(config)
+
+    runner._load_dataset = load_while_another_process_writes
+    try:
+        with pytest.raises(RunDirChanged, match="changed while this one was starting.*nothing "
+                                                "was deleted"):
+            run_training(train_config(epochs=1), run_dir, overwrite=True, quiet=True,
+                         plots=False)
+    finally:
+        runner._load_dataset = load
+    assert (run_dir / LAST).exists() and metrics.exists()
+    plan = check_run(train_config(epochs=1), run_dir, overwrite=True)
+    metrics.write_text(metrics.read_text() + " ")  # between the checks and the claim
+    with pytest.raises(RunDirChanged):
         runner._claim(plan, False, True)
     assert (run_dir / LAST).exists() and metrics.exists()
     plan = check_run(train_config(epochs=1), run_dir, overwrite=True)  # as checked: it goes

@@ -383,3 +383,8 @@ def test_rows_of_a_base_with_one_embedding_dim_per_member(schema):
         cfg = row_config(base, row)
         check_model(cfg, schema)
         assert cfg["model"]["embedding_dim"] in (12, [12, 12])
+    # dims that build are kept as given (and so are the rows' cache keys)
+    base["model"] = {**base["model"], "members": ["dnn", "dcnv2"], "embedding_dim": [8, 8]}
+    assert row_config(base, "kdef_shared")["model"]["embedding_dim"] == [8, 8]
+    base["model"] = {**base["model"], "members": ["dnn"], "embedding_dim": [8]}
+    assert row_config(base, "dcnv2")["model"]["embedding_dim"] == [8]

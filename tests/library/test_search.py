@@ -600,11 +600,18 @@ def test_a_second_retry_of_one_trial_fails_at_once(tmp_path):
     from cetnet.train.rundir import RunDirError
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
-    for _ in range(2):
+    interrupted = study.ask()
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    for _ in range(2):  # two resumers
         study.enqueue_trial({"x": 1.0}, user_attrs={"retry_of": 0}, skip_if_exists=False)
     first, second = study.ask(), study.ask()
+    # Optuna's heartbeat retry of a silent trial copies its attributes: not a duplicate
+    study.enqueue_trial({"x": 1.0}, user_attrs={"retry_of": 0}, skip_if_exists=False)
+    heartbeat = study.ask()
+    study._storage.set_trial_system_attr(heartbeat._trial_id, "failed_trial", first.number)
     _refuse_duplicate_retry(study, first)
-    with pytest.raises(RunDirError, match="a second retry of trial 0: trial 0 retries it"):
+    _refuse_duplicate_retry(study, heartbeat)
+    with pytest.raises(RunDirError, match="a second retry of trial 0: trial 1 retries it"):
         _refuse_duplicate_retry(study, second)
 
 

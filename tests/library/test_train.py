@@ -330,6 +330,20 @@ def test_batch_norm_with_one_row_a_batch_is_one_config_error(train_config, tmp_p
     assert not (tmp_path / "run" / LAST).exists()
 
 
+def test_batch_norm_with_a_one_row_train_split_is_refused_before_training():
+    # the first batch is never skipped: a one-row split failed with torch's BatchNorm error
+    from cetnet.models.layers import MLP
+    from cetnet.train.loop import TrainingError, check_batch_rows
+
+    model = MLP(3, [4], 1, batch_norm=True)
+    check_batch_rows(model, 8, 1, train_rows=2)
+    with pytest.raises(TrainingError, match="the train split has 1 row.*BatchNorm"):
+        check_batch_rows(model, 8, 1, train_rows=1)
+    with pytest.raises(TrainingError, match="3 row.*on each of the 2 ranks"):
+        check_batch_rows(model, 8, 2, train_rows=3)
+    check_batch_rows(MLP(3, [4], 1), 1, 1, train_rows=1)  # no BatchNorm: any row count
+
+
 def test_the_train_loss_of_a_sum_reduction_is_a_mean_per_row(train_config, tmp_path):
     # lr 0: both runs score the same model; the sum loss was reported batch_size times larger
     losses = []

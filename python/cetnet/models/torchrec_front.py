@@ -181,6 +181,7 @@ class TorchRecEmbeddingFront(nn.Module):
                     rows = looked[self.key(k, i, "s")].values()
                     out = rows.new_zeros(*mask.shape, self.dims[k])
                     seqs[k][f.name] = out.masked_scatter(mask.unsqueeze(-1), rows)
+        dense = dense.to(fields[0].dtype)  # as the fused front: the tables' output dtype
         views = [MemberInputs(fields[k], dense, seqs[k], masks) for k in range(self.num_sets)]
         return views * self.num_members if self.shared else views
 

@@ -22,7 +22,7 @@ from cetnet.atomic import write_text_atomic
 from cetnet.config import (ConfigError, apply_overrides, load_config, paper_config_path,
                            validate_config)
 from cetnet.reproduce.rows import (SINGLE_ROWS, Row, check_model, embedding_parameter_count,
-                                   row_config, row_spec, scaled_single_model)
+                                   member_kinds, row_config, row_spec, scaled_single_model)
 
 __all__ = ["GRIDS", "RESULT_VERSION", "Job", "Experiment", "base_config", "config_key",
            "grid_points", "select"]
@@ -226,8 +226,7 @@ class Experiment:
         an earlier run trained them); the first CETNet member when none has results (a user widens the best model they have, not only a member of the ensemble)."""
         if self.scaled_arch != "auto":
             return self.scaled_arch
-        members = self.base["model"].get("members") or ["dhen", "interformer"]
-        members = [members] if isinstance(members, str) else list(members)
+        members = member_kinds(self.base["model"].get("members") or ["dhen", "interformer"])
         candidates = [r for r in self.rows if r in SINGLE_ROWS] or \
             [kind for kind in dict.fromkeys(members) if kind in SINGLE_ROWS]
         scores = {}

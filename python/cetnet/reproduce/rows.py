@@ -25,7 +25,7 @@ __all__ = ["Row", "ROWS", "ROW_NAMES", "SINGLE_ROWS", "PEER_ROWS", "CETNET_VARIA
            "DELETE",
            "row_config", "row_spec", "check_model", "count_model_parameters",
            "embedding_parameter_count", "scale_member",
-           "scaled_single_model", "parse_rows"]
+           "scaled_single_model", "parse_rows", "member_kinds"]
 
 #: In a row's overrides: remove the key from the model section.
 DELETE = object()
@@ -129,7 +129,8 @@ def _apply(model: dict, overrides: Mapping[str, Any]) -> dict:
     return model
 
 
-def _kinds(members: Any) -> list:
+def member_kinds(members: Any) -> list:
+    """A config's ``model.members`` as a list (a single name is one member)."""
     return [members] if isinstance(members, str) else list(members or [])
 
 
@@ -139,26 +140,28 @@ def _member_dim(model: Mapping[str, Any], kind: str) -> Any:
     dims = model.get("embedding_dim", 16)
     if not isinstance(dims, (list, tuple)):
         return dims
-    kinds = _kinds(model.get("members"))
+    kinds = member_kinds(model.get("members"))
     return dims[kinds.index(kind)] if kind in kinds[:len(dims)] else dims[0]
 
 
 def _fit_dims(base: Mapping[str, Any], model: dict) -> dict:
     """``model`` (a row of ``base``) with the embedding dims fitted to its members when the base
-    gives one dim per member (as the packaged default does) and the row changed the members:
-    each member takes the dim of the base's member of its kind (:func:`_member_dim`), a shared
-    embedding its first member's. A row or override that sets its own dims keeps them."""
+    gives one dim per member (as the packaged default does) and the row's members cannot take
+    them (another count, or a shared embedding of unequal dims): each member takes the dim of
+    the base's member of its kind (:func:`_member_dim`), a shared embedding its first member's.
+    Dims that build are kept (so are the rows' cache keys); a row or override that sets its
+    own dims keeps them."""
     dims = base.get("embedding_dim")
     if (not isinstance(dims, (list, tuple)) or model.get("embedding_dim") != dims
             or model.get("ensemble") == "multi_embedding"
-            or len(dims) != len(_kinds(base.get("members")))):  # (a bad base: validation says)
+            or len(dims) != len(member_kinds(base.get("members")))):  # (bad: validation says)
         return model
-    kinds = _kinds(model.get("members"))
-    if kinds == _kinds(base.get("members")) and not model.get("shared_embedding"):
+    kinds = member_kinds(model.get("members"))
+    shared = bool(model.get("shared_embedding"))
+    if len(kinds) == len(dims) and not (shared and len(set(dims)) > 1):
         return model
     fitted = [_member_dim(base, k) for k in kinds] or list(dims)
-    model["embedding_dim"] = fitted[0] if model.get("shared_embedding") or len(fitted) == 1 \
-        else fitted
+    model["embedding_dim"] = fitted[0] if shared or len(fitted) == 1 else fitted
     return model
 
 

@@ -266,12 +266,22 @@ def _refuse_duplicate_retry(study: Any, trial: Any) -> None:
     retry_of = trial.user_attrs.get("retry_of")
     if retry_of is None:
         return
-    first = min(t.number for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("retry_of") == retry_of)
+    trials = study.get_trials(deepcopy=False)  # (frozen: their system attributes are read)
+    if any(t.number == trial.number and _heartbeat_retry(t) for t in trials):
+        return  # Optuna's heartbeat retried a silent retry: it copies the attributes
+    first = min(t.number for t in trials
+                if t.user_attrs.get("retry_of") == retry_of and not _heartbeat_retry(t))
     if first != trial.number:
         from cetnet.train.rundir import RunDirError
 
         raise RunDirError(f"a second retry of trial {retry_of}: trial {first} retries it")
+
+
+def _heartbeat_retry(trial: Any) -> bool:
+    """Whether Optuna's heartbeat made ``trial`` (a FrozenTrial) as the retry of a silent one
+    (it copies that trial's user attributes, ``retry_of`` included, and records
+    ``failed_trial``)."""
+    return "failed_trial" in trial.system_attrs
 
 
 def _pid_alive(pid: int) -> bool:

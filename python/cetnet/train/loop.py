@@ -148,17 +148,24 @@ def min_batch_rows(model: nn.Module) -> int:
                     for m in model.modules()) else 1
 
 
-def check_batch_rows(model: nn.Module, batch_size: int, world_size: int = 1) -> None:
-    """ConfigError when a full training batch gives a rank fewer rows than the model needs
-    (:func:`min_batch_rows`): a BatchNorm model with ``train.batch_size`` 1 per rank would fail
-    at its first step (and skipping such batches would train on nothing)."""
-    need = min_batch_rows(model)
-    if batch_size // max(world_size, 1) < need:
-        per_rank = f" per rank ({world_size} ranks)" if world_size > 1 else ""
-        raise ConfigError(f"config: train.batch_size = {batch_size} gives {batch_size // world_size}"
+def check_batch_rows(model: nn.Module, batch_size: int, world_size: int = 1,
+                     train_rows: int | None = None) -> None:
+    """ConfigError when the first training batch (``train.batch_size`` rows, or the whole
+    train split of ``train_rows`` when smaller) gives a rank fewer rows than the model needs
+    (:func:`min_batch_rows`): a BatchNorm model would fail at its first step (later ones are
+    skipped, and skipping every one would train on nothing)."""
+    need, world = min_batch_rows(model), max(world_size, 1)
+    if batch_size // world < need:
+        per_rank = f" per rank ({world} ranks)" if world > 1 else ""
+        raise ConfigError(f"config: train.batch_size = {batch_size} gives {batch_size // world}"
                           f" row(s){per_rank}, and the model has BatchNorm (e.g. "
                           f"batch_norm: true), which needs at least {need} rows a batch to "
-                          f"train: use train.batch_size >= {need * world_size}")
+                          f"train: use train.batch_size >= {need * world}")
+    if train_rows is not None and train_rows // world < need:
+        ranks = f" on each of the {world} ranks" if world > 1 else ""
+        raise TrainingError(f"the train split has {train_rows} row(s), too few for a model with "
+                            f"BatchNorm (e.g. batch_norm: true), which needs at least {need} "
+                            f"rows a batch{ranks}")
 
 
 def check_splits(splits: dict, world_size: int = 1) -> None:
@@ -688,11 +695,11 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
     check_mean_loss(config, world)
-    check_batch_rows(model, t["batch_size"], world)
     device = distributed.local_device(resolve_device(config["device"]))
     check_backend(config["backend"], device)
     train_split, valid_split, test_split = (dataset.splits[s] for s in ("train", "valid", "test"))
     check_splits(dataset.splits, world)
+    check_batch_rows(model, t["batch_size"], world, len(train_split))
     model.to(device)
 
     # A benchmark without validation data (BARS' valid_data: test.csv, or none given) hands the

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -80,6 +80,17 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_size, st.st_mtime_ns
+
+
+#: The files whose stamps tell whether another process wrote a run directory: what
+#: ``--overwrite`` would delete (and a job decided on), and what a resume reads.
+_OVERWRITE_STAMPED = (CONFIG_FILE, METRICS_FILE, LAST, LAST_PREV)
+_RESUME_STAMPED = (CONFIG_FILE, LAST, LAST_PREV)
+
+
+def _run_stamps(run_dir: Path, names: Sequence[str] = _OVERWRITE_STAMPED
+                ) -> dict[str, tuple[int, int] | None]:
+    return {n: _stamp(run_dir / n) for n in names}
 
 
 def _load_dataset(config: dict) -> Any:
@@ -221,6 +232,9 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
         if resume and not has_last(run_dir):
             raise FileNotFoundError(f"resume: no {LAST} in {run_dir} (nothing to resume)")
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        # what --overwrite will delete is what was checked, now (before the slow loads): a
+        # run another process writes from here on makes _claim refuse (RunDirChanged)
+        seen = _run_stamps(run_dir) if overwrite else {}
         if resume:
             changes = _resume_changes(run_dir, config)
     check_backend(config["backend"], resolve_device(config["device"]))
@@ -233,7 +247,8 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
     dataset = _load_dataset(config)
     check_splits(dataset.splits, distributed.planned_world_size())
     model = _meta_model(config, dataset.schema)
-    check_batch_rows(model, config["train"]["batch_size"], distributed.planned_world_size())
+    check_batch_rows(model, config["train"]["batch_size"], distributed.planned_world_size(),
+                     len(dataset.splits["train"]))
     if config.get("embedding", "cetnet") == "torchrec":
         from cetnet.train.sharded import check_sharding
 
@@ -242,12 +257,10 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
     plan = RunPlan(config, dataset, run_dir, changes=changes,
                    num_parameters=sum(p.numel() for p in model.parameters()))
     if overwrite and run_dir is not None:
-        # what --overwrite will delete is what was checked: _claim refuses if it changed
-        plan._stamps = {n: _stamp(run_dir / n)
-                        for n in (CONFIG_FILE, METRICS_FILE, LAST, LAST_PREV)}
+        plan._stamps = seen
     if resume:
         assert run_dir is not None
-        plan._stamps = {n: _stamp(run_dir / n) for n in (CONFIG_FILE, LAST, LAST_PREV)}
+        plan._stamps = _run_stamps(run_dir, _RESUME_STAMPED)
         plan.checkpoint, path = _load_last(run_dir)
         check_model_checkpoint(model, plan.checkpoint, path)
         check_data_digest(plan.checkpoint, dataset, path)
@@ -340,11 +353,18 @@ def run_training(config: dict, out: str | Path | None = None, *, resume: bool = 
     that fails (another rank died, or waited on longer than ``$CETNET_DIST_TIMEOUT`` seconds)
     is a TrainingError saying so.
     """
+    return _run_in_group(config, out, resume=resume, overwrite=overwrite, quiet=quiet,
+                         plots=plots, on_epoch_end=on_epoch_end)
+
+
+def _run_in_group(config: dict, out: str | Path | None, *, seen: dict | None = None,
+                  **options: Any) -> tuple[Path, dict]:
+    """:func:`run_training`; ``seen``: the stamps of the run files an ``overwrite`` decided on
+    (:func:`train_or_reuse`), refused by the claim if the directory changed since."""
     device = resolve_device(validate_config(config)["device"])
     try:
         with distributed.process_group(distributed.local_device(device, initialized=False)):
-            return _run_training(config, out, resume=resume, overwrite=overwrite, quiet=quiet,
-                                 plots=plots, on_epoch_end=on_epoch_end)
+            return _run_training(config, out, seen=seen, **options)
     except TrainingError:
         raise
     except distributed.DistributedError as e:
@@ -451,6 +471,7 @@ def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
     left when it cannot resume."""
     run_dir = Path(run_dir)
     for look in range(3):
+        seen = _run_stamps(run_dir)  # before the look: a later write is refused, not deleted
         metrics = _saved_metrics(run_dir, config, same_name=False)
         if metrics is not None and _has_finished(metrics, config):
             return metrics, True
@@ -464,8 +485,8 @@ def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
                 except (CheckpointError, ConfigError, RunDirError) as e:
                     print(f"  cannot resume {run_dir} ({type(e).__name__}: {first_line(e)}); "
                           "starting again", file=sys.stderr)
-            return run_training(config, run_dir, overwrite=run_dir.exists(), quiet=True,
-                                plots=False)[1], False
+            return _run_in_group(config, run_dir, resume=False, overwrite=run_dir.exists(),
+                                 quiet=True, plots=False, on_epoch_end=None, seen=seen)[1], False
         except RunDirChanged:
             # another process wrote the run after it was looked at (e.g. finished it): look
             # again rather than resume or delete what was not checked
@@ -475,8 +496,8 @@ def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
 
 
 def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwrite: bool,
-                  quiet: bool, plots: bool, on_epoch_end: EpochCallback | None
-                  ) -> tuple[Path, dict]:
+                  quiet: bool, plots: bool, on_epoch_end: EpochCallback | None,
+                  seen: dict | None = None) -> tuple[Path, dict]:
     if out is not None and distributed.restart_count() > 0:
         done = finished_run(config, Path(out))
         if done is not None:
@@ -484,6 +505,8 @@ def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwri
     resume, overwrite = restart_plan(config, None if out is None else Path(out), resume,
                                      overwrite)
     plan = check_run(config, out, resume=resume, overwrite=overwrite)
+    if overwrite and seen is not None:
+        plan._stamps = seen
     if distributed.is_main():
         for change in plan.changes:
             print(f"resume: {change} (config.yaml is updated)", file=sys.stderr)
