@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 2. the rows: a split of the run's dataset, or a csv encoded like it
     if args.csv is not None:
-        rows, name = encode_csv(run.dataset, args.csv), args.csv.stem
+        rows, name = encode_csv(run.dataset, args.csv), args.csv.stem  # labelled or not
         oov = {k: v for k, v in rows.stats.oov.items() if v}
         print(f"{args.csv}: {len(rows)} rows; OOV values per feature: {oov or 'none'}")
     else:
@@ -63,12 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 3. predict (eval mode, no grad, in row order) and score when there are both classes
     pred = predict(run.model, rows, batch_size=args.batch_size, device=run.device)
-    if 0 < int((pred.label > 0.5).sum()) < len(pred.label):
+    if rows.stats.labelled and 0 < int((pred.label > 0.5).sum()) < len(pred.label):
         print(format_metrics_table(score(pred, run.member_names), name))
 
-    # 4. one csv line per row
+    # 4. one csv line per row (empty label cells for rows read without labels)
     out = write_predictions(pred, run.member_names,
-                            args.out or args.run_dir / f"predictions_{name}.csv")
+                            args.out or args.run_dir / f"predictions_{name}.csv",
+                            labelled=rows.stats.labelled)
     print(f"written: {out} ({len(pred.prob)} rows)")
     return 0
 

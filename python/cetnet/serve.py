@@ -194,7 +194,8 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
     recent first; longer ones are cut to the schema's ``max_len``); a dense feature holds a
     finite number, empty for missing (normalized with ``dataset.dense_stats``, a missing one
     imputed with the train mean). The label column (``schema.label``) is optional: without it,
-    or with every cell of it empty, every label is 0 and scores of these rows mean nothing;
+    or with every cell of it empty, every label is 0 and scores of these rows mean nothing
+    (``stats.labelled`` is then False: pass it to :func:`write_predictions`);
     otherwise every row needs a label in [0, 1]. The gAUC group is the raw value of the
     dataset's group column (``dataset.group_key``, e.g. the user): unseen users are groups of
     their own, as in the dataset's splits; without that column every row is one group.
@@ -220,10 +221,19 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
 
 def _read_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
               list_sep: str = LIST_SEP) -> tuple[Split, bool]:
-    """:func:`encode_csv`'s Split, and whether its rows have labels."""
+    """:func:`encode_csv`'s Split, and whether its rows have labels (also its
+    ``stats.labelled``)."""
     encoder = getattr(dataset, "row_encoder", None)
     if encoder is not None:  # a dataset with a file format of its own (BARS)
-        return encoder(path)
+        split, labelled = encoder(path)
+    else:
+        split, labelled = _read_plain_csv(dataset, path, delimiter, list_sep)
+    split.stats.labelled = labelled
+    return split, labelled
+
+
+def _read_plain_csv(dataset: Any, path: str | Path, delimiter: str,
+                    list_sep: str) -> tuple[Split, bool]:
     path = Path(path)
     schema: Schema = dataset.schema
     group_column = getattr(dataset, "group_key", None) or schema.group

@@ -114,6 +114,8 @@ def test_predict_run_scores_a_split_and_a_csv(dataset_run, clicks, tmp_path, cap
                              "examples.custom_dataset", "--out", str(tmp_path / "p.csv")]) == 0
     assert "OOV values per feature" in capsys.readouterr().out
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 13
+    with open(tmp_path / "p.csv", newline="") as f:  # no label: empty cells, not 0
+        assert {r["label"] for r in csv.DictReader(f)} == {""}
 
 
 def test_a_csv_is_encoded_as_the_dataset_encodes_its_own_rows(dataset_run, clicks):

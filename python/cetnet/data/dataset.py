@@ -46,6 +46,9 @@ class SplitStats:
     oov: dict[str, int] = field(default_factory=dict)
     cells: dict[str, int] = field(default_factory=dict)
     imputed: dict[str, int] = field(default_factory=dict)
+    #: whether the rows came with labels: False for new rows read without any (a csv without
+    #: a label column), whose labels are 0 and mean nothing
+    labelled: bool = True
 
 
 def _ids(x: Tensor | np.ndarray) -> Tensor:
