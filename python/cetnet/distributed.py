@@ -26,6 +26,7 @@ from torch import Tensor, nn
 __all__ = ["DistributedError", "active", "world_size", "rank", "is_main", "env_world_size",
            "planned_world_size", "check_batch_size", "process_group", "local_device", "comm_device",
            "shard_range", "all_gather_rows", "broadcast_object", "from_main", "broadcast_state",
+           "broadcast_batch_norm_stats",
            "all_sum", "all_gather_objects", "barrier", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S",
            "timeout_seconds", "restart_count", "collective_failure", "InjectedFault"]
 
@@ -311,6 +312,20 @@ def broadcast_state(module: nn.Module, src: int = 0) -> None:
         for t in module.state_dict().values():
             if isinstance(t, Tensor):
                 dist.broadcast(t, src=src)
+
+
+def broadcast_batch_norm_stats(module: nn.Module, src: int = 0) -> None:
+    """Collective: copies rank ``src``'s BatchNorm running statistics into ``module`` on every
+    rank. Training updates them from each rank's own share (DDP copies rank 0's only at the
+    start of a forward; TorchRec's model-parallel wrapper never does), so before an evaluation
+    or a checkpoint every rank takes rank 0's: all score with, and save, the same model."""
+    dist = _dist()
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for t in (m.running_mean, m.running_var, m.num_batches_tracked):
+                    if isinstance(t, Tensor):
+                        dist.broadcast(t, src=src)
 
 
 def all_sum(values: Sequence[float]) -> list[float]:

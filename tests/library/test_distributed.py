@@ -222,6 +222,24 @@ def test_a_kdef_run_says_it_is_close_to_one_process_not_equal(tmp_path):
     assert loop.KDEF_DATA_PARALLEL_WARNING in saved["warnings"]
 
 
+def test_batch_norm_statistics_are_rank_0s_when_scored_and_saved(tmp_path):
+    """Each rank's last training step updates its own BatchNorm running statistics (DDP
+    copies rank 0's only at the start of a forward): the validation scores mixed rank 1's
+    statistics into the predictions, so `evaluate` of best.pt did not give metrics.json's
+    scores. Every rank now takes rank 0's before it scores and before rank 0 saves."""
+    from cetnet.train import evaluate_run
+
+    cfg = _config()
+    cfg["model"]["dnn"]["batch_norm"] = True
+    cfg["train"].update(epochs=2, max_steps_per_epoch=4)
+    ranks = _spawn(tmp_path, "bn", cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert ranks[0]["metrics"]["valid"] == ranks[1]["metrics"]["valid"] == saved["valid"]
+    again = evaluate_run(tmp_path / "run", "valid", write=False)
+    for m in ("auc", "gauc", "logloss"):
+        assert again["fused"][m] == pytest.approx(saved["valid"]["fused"][m], rel=1e-9), m
+
+
 def test_dense_embedding_gradients_are_averaged_by_ddp(tmp_path):
     """optimizer=None: the flat weight is an ordinary parameter whose gradient DDP averages."""
     cfg = _config(embedding_optimizer=None)

@@ -449,3 +449,58 @@ def test_a_fused_checkpoint_does_not_load_into_a_torchrec_model(tmp_path):
         load_model_state(model, {"model": fused.state_dict()}, tmp_path / "best.pt")
     with pytest.raises(CheckpointError, match="holds TorchRec tables"):
         load_model_state(fused, {"model": {}, "tables": "tables/best-e1"}, tmp_path / "best.pt")
+
+
+def test_a_tables_folder_that_cannot_be_written_is_one_error_line(tmp_path, monkeypatch,
+                                                                  capsys):
+    """DCP wraps a write failure (a full disk) in its CheckpointException, a BaseException:
+    it went past every handler as a traceback with exit status 1. It is now one line naming
+    the folder, exit status 2, as when last.pt cannot be written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from cetnet.cli import main
+    from cetnet.config import dump_config
+
+    def full_disk(*args, **kwargs):
+        raise CheckpointException("save", {0: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    cfg = _config()
+    cfg["train"].update(epochs=1, max_steps_per_epoch=2)
+    path = tmp_path / "c.yaml"
+    dump_config(cfg, path)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run"), "--quiet",
+                 "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("cetnet train: error")]
+    assert len(lines) == 1 and "cannot write the tables (OSError: [Errno 28] No space" in lines[0]
+    assert "Traceback" not in err
+
+
+def test_a_rank_lost_while_tables_load_is_not_called_a_bad_checkpoint(tmp_path, monkeypatch):
+    """A collective failure inside DCP's load (another rank died) was reported as "cannot load
+    the tables", a CheckpointError, which a job would take for a damaged run and start over;
+    it now reaches the runner, which says a rank failed. A real load failure is still one."""
+    import torch.distributed.checkpoint as dcp
+
+    from cetnet.train.checkpoint import CheckpointError
+    from cetnet.train.sharded import load_tables
+
+    _, model = _model_and_data(_config())
+    folder = tmp_path / "tables" / "last-e1"
+    folder.mkdir(parents=True)
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection reset by peer")
+
+    monkeypatch.setattr(dcp, "load", lost)
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        load_tables(model, folder)
+
+    def bad(*args, **kwargs):
+        raise ValueError("Missing key in checkpoint state_dict: tables.front.x")
+
+    monkeypatch.setattr(dcp, "load", bad)
+    with pytest.raises(CheckpointError, match="cannot load the tables \\(ValueError: Missing"):
+        load_tables(model, folder)

@@ -585,6 +585,8 @@ class EpochRunner:
         (best tracking, early stopping), writes ``best.pt`` when it is the best and ``last.pt``
         always, and logs a line. Returns the epoch's history entry."""
         t = self.t
+        if self.ddp is not None:  # every rank scores (and rank 0 saves) rank 0's statistics
+            distributed.broadcast_batch_norm_stats(self.model)
         # data-parallel: every rank gets rank 0's scores of the gathered predictions, so all
         # ranks record the same best epoch and stop at the same epoch
         valid = self.evaluate(valid_split)

@@ -316,10 +316,19 @@ def save_tables(run: ShardedRun, run_dir: Path, tag: str, *, optimizer: bool) ->
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier(group=run.group)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state: dict[str, Any] = {"tables": _table_state(run.model)}
     if optimizer:
         state["optimizer"] = run.fused_optimizer.state_dict()
-    dcp.save(state, checkpoint_id=str(tmp), process_group=run.group)
+    try:
+        dcp.save(state, checkpoint_id=str(tmp), process_group=run.group)
+    except (RuntimeError, ValueError, OSError, CheckpointException) as e:
+        if distributed.collective_failure(e):
+            raise  # another rank died or timed out: the runner says so
+        # e.g. a full disk: one line (an OSError, as when last.pt cannot be written), not
+        # DCP's traceback of a BaseException; the temporary folder is pruned with the next
+        raise OSError(f"{tmp}: cannot write the tables ({_dcp_failure_text(e)})") from None
     dist.barrier(group=run.group)
     if distributed.rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -362,17 +371,24 @@ def load_tables(model: nn.Module, folder: Path, run: ShardedRun | None = None, *
             if optimizer:
                 run.fused_optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
-        # DCP's CheckpointException (a BaseException) holds each rank's failure
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict) and failures:
-            first_failure = next(iter(failures.values()))  # (exception, stack summary)
-            if isinstance(first_failure, tuple):
-                first_failure = first_failure[0]
-            e_text = f"{type(first_failure).__name__}: {first_failure}"
-        else:
-            e_text = f"{type(e).__name__}: {e}"
-        first = (e_text.strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{folder}: cannot load the tables ({first})") from None
+        if distributed.collective_failure(e):
+            raise  # another rank died or timed out: not the folder's fault
+        raise CheckpointError(f"{folder}: cannot load the tables ({_dcp_failure_text(e)})"
+                              ) from None
+
+
+def _dcp_failure_text(e: BaseException) -> str:
+    """The first line of a DCP failure: of the first rank's exception that DCP's
+    CheckpointException (a BaseException) holds, else of ``e``."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first_failure = next(iter(failures.values()))  # (exception, stack summary)
+        if isinstance(first_failure, tuple):
+            first_failure = first_failure[0]
+        e_text = f"{type(first_failure).__name__}: {first_failure}"
+    else:
+        e_text = f"{type(e).__name__}: {e}"
+    return (e_text.strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def prune_tables(run_dir: Path, keep: set[str]) -> None:
