@@ -47,8 +47,9 @@ class SplitStats:
     cells: dict[str, int] = field(default_factory=dict)
     imputed: dict[str, int] = field(default_factory=dict)
     #: whether the rows came with labels: False for new rows read without any (a csv without
-    #: a label column), whose labels are 0 and mean nothing
-    labelled: bool = True
+    #: a label column), whose labels are 0 and mean nothing. A class default, not a field: a
+    #: dataset's splits always have labels, and their saved form (pinned) stays as it was.
+    labelled = True
 
 
 def _ids(x: Tensor | np.ndarray) -> Tensor:
