@@ -150,10 +150,10 @@ def min_batch_rows(model: nn.Module) -> int:
 
 def check_batch_rows(model: nn.Module, batch_size: int, world_size: int = 1,
                      train_rows: int | None = None) -> None:
-    """ConfigError when the first training batch (``train.batch_size`` rows, or the whole
-    train split of ``train_rows`` when smaller) gives a rank fewer rows than the model needs
-    (:func:`min_batch_rows`): a BatchNorm model would fail at its first step (later ones are
-    skipped, and skipping every one would train on nothing)."""
+    """Refuses a first training batch that gives a rank fewer rows than the model needs
+    (:func:`min_batch_rows`): ConfigError when ``train.batch_size`` is too small, TrainingError
+    when the train split (``train_rows``) is. A BatchNorm model would fail at its first step
+    (later ones are skipped, and skipping every one would train on nothing)."""
     need, world = min_batch_rows(model), max(world_size, 1)
     if batch_size // world < need:
         per_rank = f" per rank ({world} ranks)" if world > 1 else ""
@@ -585,7 +585,7 @@ class EpochRunner:
         (best tracking, early stopping), writes ``best.pt`` when it is the best and ``last.pt``
         always, and logs a line. Returns the epoch's history entry."""
         t = self.t
-        if self.ddp is not None:  # every rank scores (and rank 0 saves) rank 0's statistics
+        if distributed.active():  # every rank scores (and rank 0 saves) rank 0's statistics
             distributed.broadcast_batch_norm_stats(self.model)
         # data-parallel: every rank gets rank 0's scores of the gathered predictions, so all
         # ranks record the same best epoch and stop at the same epoch

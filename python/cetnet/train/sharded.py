@@ -309,6 +309,7 @@ def save_tables(run: ShardedRun, run_dir: Path, tag: str, *, optimizer: bool) ->
     folder's name relative to ``run_dir``."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     final = Path(run_dir) / TABLES_DIR / tag
     tmp = final.with_name(f".{tag}.tmp")
@@ -316,8 +317,6 @@ def save_tables(run: ShardedRun, run_dir: Path, tag: str, *, optimizer: bool) ->
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier(group=run.group)
-    from torch.distributed.checkpoint.api import CheckpointException
-
     state: dict[str, Any] = {"tables": _table_state(run.model)}
     if optimizer:
         state["optimizer"] = run.fused_optimizer.state_dict()
@@ -327,7 +326,7 @@ def save_tables(run: ShardedRun, run_dir: Path, tag: str, *, optimizer: bool) ->
         if distributed.collective_failure(e):
             raise  # another rank died or timed out: the runner says so
         # e.g. a full disk: one line (an OSError, as when last.pt cannot be written), not
-        # DCP's traceback of a BaseException; the temporary folder is pruned with the next
+        # DCP's traceback of a BaseException; a later save or pruning removes the temporary folder
         raise OSError(f"{tmp}: cannot write the tables ({_dcp_failure_text(e)})") from None
     dist.barrier(group=run.group)
     if distributed.rank() == 0:
