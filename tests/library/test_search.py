@@ -24,6 +24,7 @@ optuna = pytest.importorskip("optuna")
 from cetnet.cli import main  # noqa: E402
 from cetnet.config import validate_config  # noqa: E402
 from cetnet.models.build import build_model  # noqa: E402
+from cetnet.processes import process_space  # noqa: E402
 from cetnet.search.cost import model_cost  # noqa: E402
 from cetnet.search.engine import SearchError, SearchOptions, run_search  # noqa: E402
 from cetnet.search.report import kendall_tau, pareto_front, spearman  # noqa: E402
@@ -157,7 +158,7 @@ def test_resume_continues_without_redoing_finished_trials(tmp_path, space_file, 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = first.ask()
-    stale.set_user_attr("host", socket.gethostname())
+    stale.set_user_attr("host", process_space())
     stale.set_user_attr("pid", dead.pid)
     study = run_search(_options(tmp_path, space_file, trials=5, pruner="none", resume=True))
     trials = study.get_trials()
@@ -637,6 +638,30 @@ def test_a_worker_that_finds_a_study_without_its_setup_waits_for_it(tmp_path):
     assert saved is None and study.user_attrs["setup"] == {"a": 1}
 
 
+def test_a_dead_pid_of_another_container_with_this_hostname_is_left_to_the_heartbeat(tmp_path):
+    # containers sharing a hostname number their own processes: a pid this one lacks may be
+    # alive in the other, whose running trial must not be failed and run a second time
+    import socket
+
+    from cetnet.search import engine
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ours, theirs = (study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+                    for _ in range(2))
+    host, boot, namespace = process_space().split("/")
+    assert host == socket.gethostname() and boot and namespace  # Linux exposes both
+    for trial, space in ((ours, process_space()), (theirs, f"{host}/{boot}/{namespace}0")):
+        trial.set_user_attr("host", space)
+        trial.set_user_attr("pid", dead.pid)
+    said: list[str] = []
+    engine._requeue_interrupted(study, said.append)
+    assert said == [f"trial {ours.number}: its process ({dead.pid}) is gone; queued again"]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[theirs.number] == optuna.trial.TrialState.RUNNING
+
+
 def test_a_resumer_tolerates_a_trial_another_resumer_has_failed(tmp_path, monkeypatch):
     # a dead process's RUNNING trial: both resumers tried to fail it, the second crashed
     from cetnet.search import engine
@@ -645,7 +670,7 @@ def test_a_resumer_tolerates_a_trial_another_resumer_has_failed(tmp_path, monkey
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("host", process_space())
     trial.set_user_attr("pid", dead.pid)
     stale = study.get_trials(deepcopy=False)  # what the second resumer read
     said: list[str] = []

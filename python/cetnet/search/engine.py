@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 from cetnet.config import ConfigError, validate_config
+from cetnet.processes import pid_alive, process_space
 from cetnet.search.cost import model_cost
 from cetnet.search.proxies import SIGEO_WEIGHTS
 from cetnet.search.report import write_outputs
@@ -231,12 +231,13 @@ def _requeue_interrupted(study: Any, say: Callable[[str], None]) -> None:
     """Trials interrupted (Ctrl-C) or left RUNNING by a dead process of this host are failed
     and their parameters queued again, once: the same config, hence the same run directory,
     whose finished warm-up is reused and whose training resumes from its last checkpoint.
-    Trials of other hosts are failed (and retried) by the heartbeat after GRACE_S seconds of
-    silence."""
+    Trials of other hosts (another :func:`~cetnet.processes.process_space`: a container that
+    shares this hostname is another host) are failed (and retried) by the heartbeat after
+    GRACE_S seconds of silence."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
+    host = process_space()
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
@@ -244,7 +245,7 @@ def _requeue_interrupted(study: Any, say: Callable[[str], None]) -> None:
             continue
         if t.state == TrialState.RUNNING:
             pid = t.user_attrs.get("pid")
-            if t.user_attrs.get("host") != host or not isinstance(pid, int) or _pid_alive(pid):
+            if t.user_attrs.get("host") != host or not isinstance(pid, int) or pid_alive(pid):
                 continue
             try:
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -282,16 +283,6 @@ def _heartbeat_retry(trial: Any) -> bool:
     (it copies that trial's user attributes, ``retry_of`` included, and records
     ``failed_trial``)."""
     return "failed_trial" in trial.system_attrs
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 #: The lock file in ``--out`` that workers starting there take in turn while they open the
@@ -557,7 +548,7 @@ def run_search(options: SearchOptions) -> Any:
     def run_trial(trial: optuna.Trial) -> Any:
         from cetnet.reproduce.experiment import config_key
 
-        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("host", process_space())
         trial.set_user_attr("pid", os.getpid())
         _refuse_duplicate_retry(study, trial)
         config = sample_config(trial, space, base)

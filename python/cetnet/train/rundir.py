@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cetnet.atomic import TEMP_SUFFIX, creation_problem, write_text_atomic
+from cetnet.processes import pid_alive
 from cetnet.train.checkpoint import has_last
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "LOCK_FILE", "RunDirError", "RunDirBusy",
@@ -183,16 +184,6 @@ def clear_run(run_dir: str | Path) -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
 class RunLock:
     """``fcntl.flock`` on ``run_dir/.lock``: exclusive for a training run (which writes its pid
     into the file), shared for an evaluation. Non-blocking: a lock held by another process is a
@@ -210,7 +201,7 @@ class RunLock:
             pid = int(self.path.read_text().strip() or 0)
         except (OSError, ValueError):
             return ""
-        return f" (pid {pid})" if pid > 0 and pid != os.getpid() and _pid_alive(pid) else ""
+        return f" (pid {pid})" if pid > 0 and pid != os.getpid() and pid_alive(pid) else ""
 
     def _busy(self) -> RunDirError:
         what = ("a training run is writing it" if self.shared
