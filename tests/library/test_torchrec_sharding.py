@@ -124,6 +124,39 @@ def test_sharded_lookups_equal_unsharded(tmp_path, sharding, kinds):
             assert set(out["kinds"]) <= {"table_wise", "row_wise", "column_wise"}, out
 
 
+def _column_blocks(optimizer: str, sharding: str, world: int) -> dict[str, int]:
+    """Table -> the number of column blocks the planner cuts it into, for a 256-wide model on
+    ``world`` CPU ranks (the plan alone: no process group)."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+    from cetnet.train import sharded
+
+    cfg = _config(embedding_sharding=sharding)
+    cfg["model"].update(embedding_dim=256, embedding_optimizer=optimizer)
+    _, model = _model_and_data(cfg)
+    sharders, compute, constraints = sharded._sharders_and_constraints(
+        sharded._front(model), torch.device("cpu"), sharding)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device=compute), constraints=constraints)
+    plan = planner.plan(model, sharders)
+    return {name: len({s.shard_offsets[1] for s in ps.sharding_spec.shards})
+            for module_plan in plan.plan.values() for name, ps in module_plan.items()
+            if str(ps.sharding_type) == "column_wise"}
+
+
+@pytest.mark.parametrize("sharding, world", [("column_wise", 1), ("auto", 8)])
+def test_row_wise_adagrad_tables_are_never_cut_into_column_blocks(sharding, world):
+    # its accumulator is per row (the mean of g^2 over the row): one per 128-column block
+    # made each block's update its own, 2 % off the whole row's, and the result depended on
+    # the plan (auto cut 4 tables in two on 8 ranks, none on 2)
+    whole = _column_blocks("rowwise_adagrad", sharding, world)
+    assert set(whole.values()) <= {1}, whole  # (auto places them table-wise then)
+    if sharding == "column_wise":
+        assert len(whole) == 12  # every table of the 2 members
+    # SGD's per-element update may be cut: the planner does, in both settings
+    assert set(_column_blocks("sgd", sharding, world).values()) == {2}
+
+
 # -- one training step --------------------------------------------------------------------
 
 def _step(model, run, batch, params, lr=0.01):

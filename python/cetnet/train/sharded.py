@@ -130,8 +130,19 @@ def _constraints(front: Any, sharding: str, sharders: list[Any],
             module.embedding_configs()
         for c in configs:
             out[c.name] = ParameterConstraints(
-                sharding_types=types, compute_kernels=[EmbeddingComputeKernel.FUSED.value])
+                sharding_types=types, compute_kernels=[EmbeddingComputeKernel.FUSED.value],
+                min_partition=_whole_rows(front, c.embedding_dim))
     return out
+
+
+def _whole_rows(front: Any, dim: int) -> int | None:
+    """The narrowest column-wise shard the planner may cut a table of width ``dim`` into:
+    row-wise Adagrad's one accumulator per row is the mean of g^2 over the row's ``dim``
+    columns, and FBGEMM keeps it per shard, so its tables are cut in whole rows only (TorchRec
+    cuts a table wider than 128 into 128-wide blocks otherwise: one accumulator per block, a
+    result that depends on the plan, and optimizer state of another shape on another world
+    size). SGD's update is per element: any cut."""
+    return dim if front.optimizer == "rowwise_adagrad" else None
 
 
 class ShardedRun:
