@@ -91,6 +91,38 @@ def test_paired_interval_matches_a_hand_computation():
     assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
 
 
+def test_a_nan_seed_is_counted_and_named_not_hidden():
+    # one NaN seed (a one-class test split, NaN predictions) showed the row as "–", as a
+    # row without seeds, and the comparison said "fewer than 2 seeds" of three
+    from cetnet.reproduce.report import _ci, _ms
+
+    assert _ms([0.80, math.nan, 0.81]) == "0.8050 ± 0.0071 (1 of 3 NaN)"
+    assert _ms([math.nan, math.nan]) == "NaN (2 of 2)" and _ms([]) == "–"
+    d = paired_difference({0: 0.80, 1: math.nan, 2: 0.81, 3: 0.82},
+                          {0: 0.70, 1: 0.70, 2: 0.71, 3: 0.715})
+    assert d.n == 3 and d.seeds == [0, 2, 3] and d.nonfinite == [1]
+    assert math.isfinite(d.mean) and math.isfinite(d.low)
+    assert d.verdict() == "better (seed 1 left out: not finite)"
+    few = paired_difference({0: 0.8, 1: math.nan}, {0: 0.7, 1: 0.7})
+    assert few.verdict() == "n/a (1 seed with finite values) (seed 1 left out: not finite)"
+    assert _ci(paired_difference({1: math.nan}, {1: 0.7})) == "NaN"
+
+
+def test_a_peer_row_runs_the_grid_points_its_trainer_tells_apart(base):
+    # FuxiCTR never reads model.embedding_lr: the small grid's 4 points were 2 runs, each
+    # trained twice (and the row's tuning time counted twice)
+    experiment = ex.Experiment(base, ["dnn", "fuxictr_dnn"], [0, 1], "small", "/tmp/unused",
+                               log=lambda m: None)
+    ours, peer = experiment.jobs("dnn"), experiment.jobs("fuxictr_dnn")
+    assert len(ours) == 8 and len(peer) == 4
+    assert [(j.seed, j.point) for j in peer] == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    assert [j.grid for j in peer[:2]] == [{"train.lr": 1e-3}, {"train.lr": 3e-3}]
+    # each kept point is the run (and cache entry) it was: the first point's config
+    for j in peer:
+        assert j.config["model"]["embedding_lr"] == 0.02
+        assert j.key == ex.config_key(j.config, "fuxictr")
+
+
 def _result(seed, point, valid, test, error=None):
     m = {"fused": {"auc": test, "gauc": test, "logloss": 1 - test},
          "members": {"m": {"auc": test, "gauc": test, "logloss": 1 - test}},
@@ -305,12 +337,15 @@ def test_abundance_leaves_the_padding_row_out(base, schema):
         information_abundance(emb.table(0, name)[1:]))
 
 
-def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path):
+def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path, capsys):
     from cetnet.reproduce.peers import INSTALL_HINT, fuxictr_available
 
     if not fuxictr_available():
         pytest.skip(f"fuxictr is not installed ({INSTALL_HINT})")
     assert main(_args(tmp_path, rows="dnn,fuxictr_dnn")) == 0
+    said = capsys.readouterr().out
+    # cetnet's count of the peer's config is not FuxiCTR's model: not printed as its count
+    assert "fuxictr_dnn: parameters counted by its trainer as it trains" in said
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     peer = data["summary"]["fuxictr_dnn"]
     assert peer["seeds"] == [0, 1] and list(peer["members"]) == ["fuxictr_dnn"]

@@ -123,8 +123,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
                          scaled_arch=args.scaled_arch, keep_checkpoints=args.keep_checkpoints,
                          retry_failed=args.retry_failed)
         for row in exp.specs:  # every row validates before anything trains
-            if row != "scaled_single":
-                print(f"{row}: {exp.num_parameters(row):,} parameters", flush=True)
+            if row == "scaled_single":
+                continue
+            count = exp.num_parameters(row)  # (a peer's config is validated by cetnet too)
+            print(f"{row}: " + (f"{count:,} parameters" if exp.specs[row].trainer == "cetnet"
+                                else "parameters counted by its trainer as it trains"),
+                  flush=True)
         exp.run(dry_run=args.dry_run)
         if args.dry_run:
             return 0

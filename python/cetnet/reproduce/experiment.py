@@ -121,6 +121,11 @@ def _grid_overrides(point: Mapping[str, float]) -> tuple[dict, dict]:
     return train, model
 
 
+def _trainer_reads(point: Mapping[str, float]) -> dict[str, float]:
+    """The keys of a grid point a peer trainer (FuxiCTR) reads: ``train.*`` only."""
+    return {k: v for k, v in point.items() if k.startswith("train.")}
+
+
 def select(results: Sequence[_R]) -> _R | None:
     """The result with the best validation fused AUC (of its best epoch); failed results and
     NaN AUCs never win; ties go to the earlier grid point. None when none finished."""
@@ -255,11 +260,27 @@ class Experiment:
         spec = self.specs.get(row) or row_spec(row)
         out = []
         for seed in self.seeds:
-            for i, point in enumerate(self.points):
+            for i, point in self._points_of(spec.trainer):
                 train, model = _grid_overrides(point)
                 model = {**(extra or {}), **model}
                 cfg = row_config(self.base, spec, seed=seed, train=train, model=model)
-                out.append(Job(row, seed, i, dict(point), cfg, config_key(cfg, spec.trainer)))
+                shown = point if spec.trainer == "cetnet" else _trainer_reads(point)
+                out.append(Job(row, seed, i, dict(shown), cfg, config_key(cfg, spec.trainer)))
+        return out
+
+    def _points_of(self, trainer: str) -> list[tuple[int, dict[str, float]]]:
+        """``(index, point)`` of the grid points ``trainer`` tells apart: FuxiCTR trains its
+        tables with its Adam at ``train.lr`` and never reads ``model.embedding_lr``, so points
+        differing only there are one run (the first stands for them: it was run twice, and the
+        row's tuning time counted twice)."""
+        if trainer == "cetnet":
+            return list(enumerate(self.points))
+        seen: list[dict[str, float]] = []
+        out = []
+        for i, point in enumerate(self.points):
+            if _trainer_reads(point) not in seen:
+                seen.append(_trainer_reads(point))
+                out.append((i, point))
         return out
 
     def num_parameters(self, row: str) -> int:
@@ -285,8 +306,10 @@ class Experiment:
             if self.specs[job.row].trainer == "fuxictr":
                 from cetnet.reproduce.peers import train_fuxictr
 
+                # cetnet's count of this config is not FuxiCTR's model: FuxiCTR counts it
+                result["num_parameters"] = None
                 metrics = train_fuxictr(job.config, job.config["model"]["members"][0], run_dir)
-                result["num_parameters"] = metrics.get("num_parameters", params)
+                result["num_parameters"] = metrics.get("num_parameters")
             else:
                 metrics = train_or_reuse(job.config, run_dir)[0]
         except (TrainingError, ConfigError) as e:
@@ -348,17 +371,22 @@ class Experiment:
         order = self.run_order()
         self.check_data(write=not dry_run)
         # count what is left (scaled_single's jobs are known once its arch is chosen)
-        total = sum(len(self.seeds) * len(self.points) for _ in order)
         done: dict[str, list[dict]] = {r: [] for r in order}
-        pending_est = 0
+        total = pending_est = 0
         for row in order:
             if row == "scaled_single" and self.scaled_arch == "auto":
+                total += len(self.seeds) * len(self.points)
                 pending_est += len(self.seeds) * len(self.points)
                 continue
-            pending_est += sum(self.read_result(j.key) is None for j in self.jobs(row))
+            jobs = self.jobs(row)
+            total += len(jobs)
+            pending_est += sum(self.read_result(j.key) is None for j in jobs)
+        peers = any((self.specs.get(r) or row_spec(r)).trainer != "cetnet" for r in order)
         self.log(f"reproduce: {len(order)} rows x {len(self.seeds)} seeds x "
-                 f"{len(self.points)} grid points = {total} runs, ~{pending_est} to train, "
-                 f"cached in {self.out}")
+                 f"{len(self.points)} grid points"
+                 + (" (FuxiCTR rows: their distinct train.lr)" if peers and
+                    len(self._points_of("fuxictr")) < len(self.points) else "")
+                 + f" = {total} runs, ~{pending_est} to train, cached in {self.out}")
         trained, spent, k = 0, 0.0, 0
         for row in order:
             for job in self.jobs(row):

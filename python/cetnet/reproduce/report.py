@@ -24,10 +24,16 @@ METRICS = (("auc", True), ("gauc", True), ("logloss", False))
 
 
 def _ms(values: Sequence[float], digits: int = 4) -> str:
-    m, s = mean_std([v for v in values if v is not None])
+    """``mean ± std`` of the finite values; non-finite ones (a NaN metric of a seed) are
+    counted, not hidden: ``0.8050 ± 0.0071 (1 of 3 NaN)``, or ``NaN (3 of 3)``."""
+    given = [float(v) for v in values if v is not None]
+    finite = [v for v in given if math.isfinite(v)]
+    bad = len(given) - len(finite)
+    note = f" ({bad} of {len(given)} NaN)" if bad else ""
+    m, s = mean_std(finite)
     if math.isnan(m):
-        return "–"
-    return f"{m:.{digits}f}" + ("" if math.isnan(s) else f" ± {s:.{digits}f}")
+        return f"NaN ({bad} of {len(given)})" if bad else "–"
+    return f"{m:.{digits}f}" + ("" if math.isnan(s) else f" ± {s:.{digits}f}") + note
 
 
 def _mean_finite(values: Any) -> float:
@@ -138,7 +144,7 @@ def machine_info() -> dict[str, Any]:
 
 def _ci(d: PairedDiff, digits: int = 4) -> str:
     if d.n == 0:
-        return "–"
+        return "NaN" if d.nonfinite else "–"
     if d.n < 2:
         return f"{d.mean:+.{digits}f} (1 seed)"
     return f"{d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
@@ -217,7 +223,7 @@ def _plots(summary: Mapping[str, dict], comps: Sequence[dict], folder: Path,
 
 def report_header(title: str, *, command: Sequence[str], base: Mapping[str, Any],
                   seeds: Sequence[int], points: Sequence[Mapping], out: Path, note: str,
-                  info: Mapping[str, Any]) -> list[str]:
+                  info: Mapping[str, Any], peer_rows: bool = False) -> list[str]:
     """The report's first lines: title, note, the exact command, machine, data, the training
     budget every row shares, seeds, tuning and where the raw results are."""
     t = base["train"]
@@ -243,6 +249,9 @@ def report_header(title: str, *, command: Sequence[str], base: Mapping[str, Any]
         + (": " + ", ".join("{" + ", ".join(f"{k}={v:g}" for k, v in p.items()) + "}"
                             for p in points) if points and points[0] else
            " (the base config's train.lr and model.embedding_lr)")
+        + ("; a FuxiCTR row runs the points' distinct train.lr only (FuxiCTR's Adam trains its "
+           "tables at train.lr; model.embedding_lr is cetnet's)"
+           if peer_rows and any(k.startswith("model.") for p in points for k in p) else "")
         + "; the point with the best validation fused AUC is kept, its test metrics reported",
         f"- raw results: `{out}` (one JSON per run, keyed by a hash of its config)",
     ]
@@ -260,7 +269,8 @@ def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[s
     path.parent.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     lines = report_header("# CETNet reproduction results", command=command, base=base,
-                          seeds=seeds, points=points, out=out, note=note, info=info)
+                          seeds=seeds, points=points, out=out, note=note, info=info,
+                          peer_rows=any(r.startswith("fuxictr_") for r in summary))
     if scaled:
         lines.append(f"- scaled_single = `{scaled['kind']}` at embedding dim {scaled['dim']} "
                      f"(widths scaled alike): {scaled['num_parameters']:,} parameters vs the "

@@ -5,7 +5,7 @@ differences with their t confidence interval."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 __all__ = ["T975", "t_quantile_975", "mean_std", "PairedDiff", "paired_difference"]
@@ -25,7 +25,7 @@ def t_quantile_975(df: int) -> float:
         raise ValueError(f"t quantile: df must be >= 1, got {df}")
     if df <= len(T975):
         return T975[df - 1]
-    z = _Z975  # Cornish-Fisher: error < 1e-6 for df > 30
+    z = _Z975  # Cornish-Fisher: error < 2e-6 for df > 30 (1.75e-6 at 31)
     return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
             + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
@@ -45,7 +45,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 @dataclass
 class PairedDiff:
     """``a - b`` paired by seed: the mean difference, its sample std, the 95 % t interval
-    ``mean ± t_{0.975, n-1} * std / sqrt(n)`` (NaN for n < 2) and the seeds used."""
+    ``mean ± t_{0.975, n-1} * std / sqrt(n)`` (NaN for n < 2), the seeds used, and the seeds
+    both sides have but left out because a value is not finite (``nonfinite``)."""
 
     n: int
     mean: float
@@ -54,19 +55,27 @@ class PairedDiff:
     high: float
     seeds: list[int]
     diffs: list[float]
+    nonfinite: list[int] = field(default_factory=list)
 
     def verdict(self, higher_is_better: bool = True) -> str:
-        """``better`` / ``worse`` when the interval excludes 0, else ``within seed noise``."""
+        """``better`` / ``worse`` when the interval excludes 0, else ``within seed noise``;
+        the seeds left out for a non-finite value are named."""
+        left_out = (f" (seed {', '.join(map(str, self.nonfinite))} left out: not finite)"
+                    if self.nonfinite else "")
         if self.n < 2 or not math.isfinite(self.low):
-            return "n/a (fewer than 2 seeds)"
+            return f"n/a ({self.n} seed{'s' if self.n != 1 else ''} with finite values)" \
+                + left_out
         good, bad = (self.low > 0, self.high < 0) if higher_is_better else \
             (self.high < 0, self.low > 0)
-        return "better" if good else "worse" if bad else "within seed noise"
+        return ("better" if good else "worse" if bad else "within seed noise") + left_out
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff:
-    """``a[s] - b[s]`` over the seeds both have."""
-    seeds = sorted(set(a) & set(b))
+    """``a[s] - b[s]`` over the seeds both have where both values are finite (a NaN metric: a
+    one-class test split, or NaN predictions); the others are ``nonfinite``."""
+    both = sorted(set(a) & set(b))
+    finite = [s for s in both if math.isfinite(float(a[s])) and math.isfinite(float(b[s]))]
+    seeds, nonfinite = finite, [s for s in both if s not in finite]
     diffs = [float(a[s]) - float(b[s]) for s in seeds]
     m, sd = mean_std(diffs)
     if len(diffs) >= 2:
@@ -74,4 +83,4 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff:
         low, high = m - half, m + half
     else:
         low = high = math.nan
-    return PairedDiff(len(diffs), m, sd, low, high, seeds, diffs)
+    return PairedDiff(len(diffs), m, sd, low, high, seeds, diffs, nonfinite)
