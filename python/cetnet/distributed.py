@@ -28,7 +28,8 @@ __all__ = ["DistributedError", "active", "world_size", "rank", "is_main", "env_w
            "shard_range", "all_gather_rows", "broadcast_object", "from_main", "broadcast_state",
            "broadcast_batch_norm_stats",
            "all_sum", "all_gather_objects", "barrier", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S",
-           "timeout_seconds", "restart_count", "collective_failure", "InjectedFault"]
+           "timeout_seconds", "restart_count", "collective_failure", "InjectedFault",
+           "mark_claimed", "claimed_by_this_job"]
 
 #: The process group's timeout in seconds: a collective that waits longer for another rank
 #: fails (instead of hanging the job forever).
@@ -103,6 +104,51 @@ def restart_count() -> int:
     return _env_int("TORCHELASTIC_RESTART_COUNT", 0, 0)
 
 
+#: The key (with the run directory's path) rank 0 sets in torchrun's store once it has claimed
+#: a run directory: the agent keeps its store across restarts, so a restarted attempt knows
+#: whether what the directory holds is this job's (see :func:`claimed_by_this_job`).
+CLAIMED_KEY = "cetnet/claimed/"
+_agent_store: list[Any] = []  # torchrun's store, connected once per process
+
+
+def _job_store() -> Any | None:
+    """The store torchrun's agent hosts for this job (it outlives every attempt), or None when
+    the process was not started by torchrun with an agent store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if not _agent_store:
+        from torch.distributed.rendezvous import rendezvous
+
+        timeout = datetime.timedelta(seconds=timeout_seconds())
+        store, _, _ = next(rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        _agent_store.append(store)
+    return _agent_store[0]
+
+
+def _claim_key(run_dir: Any) -> str:
+    return CLAIMED_KEY + os.path.abspath(os.fspath(run_dir))
+
+
+def mark_claimed(run_dir: Any) -> None:
+    """Rank 0, once it has claimed ``run_dir`` (cleared it for ``--overwrite``, or checked it):
+    records so in torchrun's store, for the attempts that restart this job."""
+    store = _job_store()
+    if store is not None:
+        store.set(_claim_key(run_dir), "1")
+
+
+def claimed_by_this_job(run_dir: Any) -> bool:
+    """Whether an earlier attempt of this torchrun job claimed ``run_dir``: only then is what
+    it holds (a checkpoint, a finished run) this job's to resume or return. An attempt that
+    failed before rank 0 claimed it (a rank lost while the data loaded) leaves the run of
+    before, which the restart must treat as the command says (``--overwrite`` replaces it).
+    True without torchrun's store (``$TORCHELASTIC_RESTART_COUNT`` set by hand): the
+    directory is trusted."""
+    store = _job_store()
+    return True if store is None else bool(store.check([_claim_key(run_dir)]))
+
+
 def timeout_seconds() -> float:
     """``$CETNET_DIST_TIMEOUT`` (seconds, > 0 and at most :data:`MAX_TIMEOUT_S`; default
     :data:`DEFAULT_TIMEOUT_S`): how long a
@@ -137,7 +183,7 @@ def collective_failure(e: BaseException) -> bool:
 class InjectedFault:
     """Test hook: ``$CETNET_TEST_FAULT=ACTION:RANK:EPOCH:STEP`` makes rank RANK, on torchrun's
     first attempt only, SIGKILL itself (``kill``) or sleep forever (``hang``) right before step
-    STEP (1-based) of epoch EPOCH. Unset (always, outside tests): :meth:`parse` is None."""
+    STEP (1-based) of epoch EPOCH (epoch 0, step 0: before rank 0 claims the run directory). Unset (always, outside tests): :meth:`parse` is None."""
 
     def __init__(self, action: str, epoch: int, step: int) -> None:
         self.action, self.epoch, self.step = action, epoch, step
@@ -217,6 +263,8 @@ def process_group(device: torch.device) -> Iterator[None]:
 
     store, r, world = next(rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
+    if not _agent_store and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _agent_store.append(store)  # (the claims of run directories go there too)
     store = dist.PrefixStore(f"cetnet/attempt{restart_count()}/default_pg", store)
     dist.init_process_group(backend=backend, store=store, rank=r, world_size=world,
                             timeout=timeout)

@@ -10,8 +10,11 @@
 - A rank that hangs: the other rank's collective fails after ``$CETNET_DIST_TIMEOUT`` seconds
   with a clear message and the job exits non-zero instead of hanging.
 
+- A rank SIGKILLed before rank 0 claimed the directory of an ``--overwrite``: the restart
+  replaces the finished run that was there (it returned it as its own).
+
 The faults come from the test hook ``$CETNET_TEST_FAULT`` (``kill|hang:RANK:EPOCH:STEP``, on
-torchrun's first attempt only).
+torchrun's first attempt only; epoch 0, step 0: before the run directory is claimed).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ JOB_TIMEOUT_S = 150  # a job that runs longer hangs: the test fails instead of w
 
 
 def _torchrun(tmp_path: Path, out: Path, *, restarts: int = 0, fault: str | None = None,
-              timeout_s: float | None = None, epochs: int = 3) -> subprocess.CompletedProcess:
+              timeout_s: float | None = None, epochs: int = 3,
+              args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2 -m cetnet train --config ... --out out`` as a subprocess."""
     cfg = _config()
     cfg["train"]["epochs"] = epochs
@@ -57,7 +61,7 @@ def _torchrun(tmp_path: Path, out: Path, *, restarts: int = 0, fault: str | None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--max-restarts", str(restarts), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "cetnet", "train", "--config", str(config),
-           "--out", str(out), "--quiet", "--no-plots"]
+           "--out", str(out), "--quiet", "--no-plots", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 
@@ -86,6 +90,24 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
     assert a["world_size"] == 2 and a["epochs_completed"] == 2
     _same_results(a, b)
     assert (tmp_path / "killed" / LAST_PREV).is_file()
+
+
+def test_a_rank_lost_before_the_claim_does_not_return_the_run_overwrite_replaces(tmp_path):
+    # the restart took the finished run of before (same config) for its own and returned its
+    # metrics, training nothing, though --overwrite asked for a new run
+    out = tmp_path / "run"
+    first = _torchrun(tmp_path, out, epochs=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    old = read_json(out / "metrics.json")
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    # rank 1 SIGKILLs itself before rank 0 claims (and clears) the directory
+    again = _torchrun(tmp_path, out, restarts=1, fault="kill:1:0:0", epochs=1,
+                      args=("--overwrite",))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to train" not in again.stderr and "resuming" not in again.stderr, \
+        again.stderr[-3000:]
+    assert (out / "metrics.json").stat().st_mtime_ns != stamp  # trained and written anew
+    _same_results(read_json(out / "metrics.json"), old)
 
 
 def test_a_hanging_rank_fails_the_job_within_the_timeout(tmp_path):

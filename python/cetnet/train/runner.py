@@ -399,7 +399,9 @@ def restart_plan(config: dict, out: Path | None, resume: bool, overwrite: bool
     checkpoint (``last.pt`` / ``last.prev.pt``: the failed attempt's last complete epoch);
     without one, start again over what the failed attempt left (its ``config.yaml``, logs) when
     its ``config.yaml`` is this run's config. Otherwise (first attempt, no directory given, or a
-    directory of another run) what the command asked. Decided by rank 0 for every rank."""
+    directory of another run) what the command asked. Decided by rank 0 for every rank.
+    ``out`` is None too when no earlier attempt of the job claimed the directory
+    (:func:`cetnet.distributed.claimed_by_this_job`): what it holds is not this job's."""
     count = distributed.restart_count()
     if count == 0 or out is None or resume:
         return resume, overwrite
@@ -498,12 +500,17 @@ def train_or_reuse(config: dict, run_dir: str | Path) -> tuple[dict, bool]:
 def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwrite: bool,
                   quiet: bool, plots: bool, on_epoch_end: EpochCallback | None,
                   seen: dict | None = None) -> tuple[Path, dict]:
+    # a restart continues only what an earlier attempt of this job claimed: a rank lost before
+    # that leaves the run of before, which --overwrite replaces (not returned, nor resumed)
+    restarted = None
     if out is not None and distributed.restart_count() > 0:
-        done = finished_run(config, Path(out))
-        if done is not None:
-            return Path(out), done
-    resume, overwrite = restart_plan(config, None if out is None else Path(out), resume,
-                                     overwrite)
+        path = Path(out)
+        if distributed.from_main(lambda: distributed.claimed_by_this_job(path)):
+            restarted = path
+            done = finished_run(config, path)
+            if done is not None:
+                return path, done
+    resume, overwrite = restart_plan(config, restarted, resume, overwrite)
     plan = check_run(config, out, resume=resume, overwrite=overwrite)
     if overwrite and seen is not None:
         plan._stamps = seen
@@ -511,11 +518,15 @@ def _run_training(config: dict, out: str | Path | None, *, resume: bool, overwri
         for change in plan.changes:
             print(f"resume: {change} (config.yaml is updated)", file=sys.stderr)
     model = _build(plan.config, plan.dataset.schema)
+    fault = distributed.InjectedFault.parse(distributed.rank())
+    if fault is not None:  # test hook: a rank lost before the directory is claimed
+        fault.at(0, 0)
     distributed.barrier()  # every rank has checked the directory before rank 0 locks it
     claimed: list = []
 
     def claim() -> str:
         claimed.extend(_claim(plan, resume, overwrite))
+        distributed.mark_claimed(claimed[0])
         return str(claimed[0])
 
     run_dir = Path(distributed.from_main(claim))
