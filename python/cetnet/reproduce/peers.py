@@ -23,6 +23,7 @@ FuxiCTR is optional (``pip install --no-deps fuxictr==2.3.10`` plus ``polars h5p
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -473,6 +474,28 @@ def train_fuxictr(config: Mapping[str, Any], kind: str, run_dir: str | Path) -> 
     ``peer`` (library, version, model, its FuxiCTR arguments). ConfigError for a bad kind or
     config or a missing FuxiCTR; TrainingError when FuxiCTR's training fails on the data (e.g.
     non-finite predictions or a one-class validation split)."""
+    with _process_settings_kept():
+        return _train_fuxictr(config, kind, run_dir)
+
+
+@contextlib.contextmanager
+def _process_settings_kept() -> Iterator[None]:
+    """FuxiCTR's ``seed_everything`` sets process-wide settings (cuDNN's deterministic mode,
+    ``$PYTHONHASHSEED``): they are restored once the peer has trained, so that the cetnet rows
+    a ``reproduce`` process trains after it run as they would without it."""
+    deterministic = torch.backends.cudnn.deterministic
+    hash_seed = os.environ.get("PYTHONHASHSEED")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+        if hash_seed is None:
+            os.environ.pop("PYTHONHASHSEED", None)
+        else:
+            os.environ["PYTHONHASHSEED"] = hash_seed
+
+
+def _train_fuxictr(config: Mapping[str, Any], kind: str, run_dir: str | Path) -> dict[str, Any]:
     from cetnet.train.loop import TrainingError
 
     fx = require_fuxictr()
