@@ -268,13 +268,13 @@ def test_two_rank_sharded_run_equals_one_process_resumes_and_evaluates(tmp_path)
 
     out = tmp_path / "two"
     first = _spawn_train(tmp_path, "first", out, stop_after=2)
-    assert sorted(p.name for p in (out / "tables").iterdir()) == [
-        "best-e2", "last-e1", "last-e2"]
-    assert all((out / "tables" / n / ".metadata").is_file() for n in ("last-e1", "last-e2"))
+    folders = {p.name.rsplit("-", 1)[0]: p for p in (out / "tables").iterdir()}
+    assert sorted(folders) == ["best-e2", "last-e1", "last-e2"]  # each with its write's token
+    assert all((folders[n] / ".metadata").is_file() for n in ("last-e1", "last-e2"))
     # a last.pt whose tables folder is gone: the resume falls back to last.prev.pt (epoch 1)
     import shutil
 
-    shutil.rmtree(out / "tables" / "last-e2")
+    shutil.rmtree(folders["last-e2"])
     second = _spawn_train(tmp_path, "second", out, resume=True)
 
     two = read_json(out / "metrics.json")
@@ -314,7 +314,7 @@ def test_two_rank_sharded_run_equals_one_process_resumes_and_evaluates(tmp_path)
 
     from cetnet.train.checkpoint import load_checkpoint
 
-    folder = load_checkpoint(out / "best.pt")["tables"]  # tables/best-e<best epoch>
+    folder = load_checkpoint(out / "best.pt")["tables"]  # tables/best-e<best epoch>-<token>
     shards = list((out / folder).glob("*.distcp"))
     assert shards
     for shard_file in shards:
@@ -384,6 +384,36 @@ def test_one_process_run_overwrite_and_the_model_after_fit(tmp_path):
     assert after["fused"]["auc"] == pytest.approx(metrics["fused"]["auc"], rel=1e-6)
     again = evaluate_run(out, write=False)
     assert again["fused"]["auc"] == pytest.approx(metrics["fused"]["auc"], rel=1e-6)
+
+
+def test_an_epoch_trained_again_never_replaces_a_folder_a_checkpoint_names(tmp_path,
+                                                                          monkeypatch):
+    """A resume that falls back to last.prev.pt trains an epoch again: its tables went into
+    the folder of the same name, which last.pt of the first attempt still named, so a later
+    resume paired that attempt's dense weights with the other attempt's tables (0.107 apart
+    in the reviewer's run). Every write is a folder of its own now."""
+    from cetnet.train import checkpoint, loop, sharded
+
+    cfg = _config()
+    out = tmp_path / "run"
+    _train(cfg, out, stop_after=2)
+    first = checkpoint.load_checkpoint(out / "last.pt")["tables"]
+    (out / first / ".metadata").unlink()  # last.pt's folder incomplete: resumes fall back
+    files = {p.name: p.read_bytes() for p in (out / first).iterdir()}
+
+    def lost(*args, **kwargs):  # the second attempt dies before its last.pt is written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "save_last", lost)
+    with pytest.raises(KeyboardInterrupt):
+        _train({**cfg, "train": {**cfg["train"], "lr": 0.002}}, out, resume=True)
+    monkeypatch.undo()
+    epoch2 = [p.name for p in (out / sharded.TABLES_DIR).iterdir()
+              if p.name.split("-")[:2] == ["last", "e2"]]
+    assert len(epoch2) == 2, epoch2  # the first attempt's and the second's
+    assert {p.name: p.read_bytes() for p in (out / first).iterdir()} == files  # untouched
+    warned: list[str] = []
+    _, path = checkpoint.load_last(out, warn=warned.append)
+    assert path.name == checkpoint.LAST_PREV and "incomplete" in warned[0]  # not paired
 
 
 def test_mixed_member_dims_with_sequences_match_the_fused_front():

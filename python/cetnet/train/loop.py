@@ -607,10 +607,9 @@ class EpochRunner:
                                 self.out_dir / BEST)
             save_last(last, self.out_dir)  # the previous last.pt stays as last.prev.pt
             if self.sharded is not None:  # the folders no checkpoint names any more
-                sharded.prune_tables(self.out_dir, {
-                    f"{sharded.TABLES_DIR}/last-e{epoch}",
-                    f"{sharded.TABLES_DIR}/last-e{epoch - 1}",
-                    f"{sharded.TABLES_DIR}/best-e{state.best_epoch}"})
+                # (last.prev.pt's and best.pt's were written by this attempt or one before)
+                sharded.prune_tables(self.out_dir, {last["tables"]},
+                                     {f"last-e{epoch - 1}", f"best-e{state.best_epoch}"})
         if self.log is not None:
             self.log.epoch(state.history)
         f = valid["fused"]

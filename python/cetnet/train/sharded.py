@@ -20,9 +20,10 @@ into sharded tables (every rank its shards) or, in one process, into the unshard
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection
 
 import torch
 from torch import nn
@@ -44,7 +45,8 @@ __all__ = ["SHARDINGS", "TABLES_DIR", "use_torchrec", "is_torchrec", "check_shar
 
 #: ``train.embedding_sharding``: ``auto`` lets the planner choose per table among the three.
 SHARDINGS = EMBEDDING_SHARDINGS
-#: Where a run directory keeps its DCP folders of tables (``tables/last-e3``, ``tables/best-e2``).
+#: Where a run directory keeps its DCP folders of tables (``tables/last-e3-<token>``,
+#: ``tables/best-e2-<token>``: a token per write, see :func:`save_tables`).
 TABLES_DIR = RUN_FOLDER
 _METADATA = DCP_METADATA
 
@@ -315,13 +317,19 @@ def dense_state(model: nn.Module) -> dict[str, Any]:
 
 def save_tables(run: ShardedRun, run_dir: Path, tag: str, *, optimizer: bool) -> str:
     """Collective: writes the tables (and, with ``optimizer``, their fused optimizer's state)
-    to ``run_dir/tables/<tag>`` as a DCP folder, complete or absent (written under a temporary
-    name, renamed by rank 0 once every rank's shards and the metadata are in). Returns the
-    folder's name relative to ``run_dir``."""
+    to ``run_dir/tables/<tag>-<token>`` as a DCP folder, complete or absent (written under a
+    temporary name, renamed by rank 0 once every rank's shards and the metadata are in).
+    Returns the folder's name relative to ``run_dir``.
+
+    The token (rank 0's, random) makes every write a folder of its own: an epoch trained again
+    (a resume that fell back to ``last.prev.pt``) must not replace the folder a checkpoint of
+    the first attempt still names, which would then pair that checkpoint's dense weights with
+    the other attempt's tables."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    tag = f"{tag}-{distributed.from_main(lambda: secrets.token_hex(4))}"
     final = Path(run_dir) / TABLES_DIR / tag
     tmp = final.with_name(f".{tag}.tmp")
     if distributed.rank() == 0:
@@ -401,14 +409,17 @@ def _dcp_failure_text(e: BaseException) -> str:
     return (e_text.strip().splitlines() or [type(e).__name__])[0][:160]
 
 
-def prune_tables(run_dir: Path, keep: set[str]) -> None:
-    """Removes the DCP folders of ``run_dir/tables`` not named in ``keep`` (rank 0, after
-    the checkpoints naming the kept ones are written)."""
+def prune_tables(run_dir: Path, keep: set[str], keep_tags: Collection[str] = ()) -> None:
+    """Removes the DCP folders of ``run_dir/tables`` not named in ``keep`` nor written for a
+    tag of ``keep_tags`` (``last-e2``: ``tables/last-e2-<token>`` of any attempt, and the
+    untokened ``tables/last-e2`` of runs written before tokens) (rank 0, after the checkpoints
+    naming the kept ones are written)."""
     root = Path(run_dir) / TABLES_DIR
     if not root.is_dir():
         return
     for child in root.iterdir():
-        if f"{TABLES_DIR}/{child.name}" not in keep:
+        tag = child.name.rsplit("-", 1)[0] if child.name.count("-") >= 2 else child.name
+        if f"{TABLES_DIR}/{child.name}" not in keep and tag not in keep_tags:
             shutil.rmtree(child, ignore_errors=True)
 
 
