@@ -78,8 +78,13 @@ def test_a_resume_with_other_data_and_search_flags_are_one_line_errors(tmp_path,
     run_system_search(_options(tmp_path, trials=1))
     other = SearchOptions(out=tmp_path / "out", dataset="synthetic", resume=True, trials=2,
                           overrides=[*DATA[1:], "data.num_rows=9000"], say=lambda t: None)
-    with pytest.raises(SearchError, match="was started with another overrides, batch_sizes"):
+    with pytest.raises(SearchError, match="was started with another overrides, batch_sizes") \
+            as refused:
         run_system_search(other)
+    # what differs, so that the user can give the study's own options
+    text = str(refused.value)
+    assert "the study's overrides ['data.num_rows=3000'" in text, text
+    assert "'data.num_rows=9000']" in text, text
     from cetnet.cli import main
 
     status = main(["search", "--system", "--dataset", "synthetic", "--out", str(tmp_path / "x"),

@@ -365,7 +365,8 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
         if changed:
             raise SearchError(f"study {options.study!r} was started with another "
                               f"{', '.join(changed)}: continue it with the same options, or "
-                              "name a new study with --study")
+                              "name a new study with --study"
+                              + setup_difference(full(saved), full(setup), changed))
     reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials, sample),
            options.seed)
     return study
@@ -401,6 +402,17 @@ def setup_changes(saved: dict, setup: dict) -> list[str]:
     keys only when the study recorded them)."""
     return [k for k in setup if not (k in UNRECORDED_BEFORE and k not in saved)
             and saved.get(k) != setup[k]]
+
+
+def setup_difference(saved: dict, setup: dict, changed: Sequence[str]) -> str:
+    """`` (the study's overrides ['a=1']; given ['a=1', 'b=2'])``: what a refused resume
+    would change, each value cut to 100 characters (a digest to its first 12)."""
+    def shown(key: str, value: Any) -> str:
+        text = str(value)[:12] if key == "data_digest" and isinstance(value, str) else repr(value)
+        return text if len(text) <= 100 else text[:97] + "..."
+
+    return " (" + "; ".join(f"the study's {k} {shown(k, saved.get(k))}, given "
+                            f"{shown(k, setup.get(k))}" for k in changed) + ")"
 
 
 def data_identity(base: dict, dataset: Any) -> dict:

@@ -164,7 +164,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     from cetnet.search.engine import (SearchError, _base, _hide_password, _load_dataset,
                                       _sampler, check_seed, check_study_name, claim_study,
                                       data_identity, open_storage, quiet_trial_failures,
-                                      reseed, setup_changes, study_lock)
+                                      reseed, setup_changes, setup_difference, study_lock)
 
     say = say or options.say
     check_seed(options.seed)
@@ -198,7 +198,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
         if changed:
             raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
                               "continue it with the same options (and machine), or name a new "
-                              "study with --study")
+                              "study with --study" + setup_difference(saved, setup, changed))
     reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials,
                                         lambda t: sample_system(t, base, rows)), options.seed)
 
