@@ -227,6 +227,40 @@ def test_cached_results_of_other_data_are_refused(tmp_path):
         unregister_dataset("replaceable")
 
 
+def test_cached_results_of_other_rows_with_the_same_encoding_are_refused(tmp_path):
+    """A test label flipped (valid/test files edited: the vocabularies and dense statistics,
+    hence the encoding digest, unchanged) is other data too: the cached runs were reused and
+    reported as this data's. An --out recorded by an earlier cetnet (the encoding's digest
+    only) is still read, and gets the rows' digest."""
+    from cetnet.data import make_synthetic
+    from cetnet.train import register_dataset, unregister_dataset
+
+    flip = {"value": False}
+
+    def make(**options):
+        ds = make_synthetic(**options)
+        if flip["value"]:
+            ds.splits["test"].label[:5] = 1 - ds.splits["test"].label[:5]
+        return ds
+
+    register_dataset("edited", make)
+    try:
+        args = _args(tmp_path, "data.name=edited", rows="dnn", seeds=1)
+        assert main(args) == 0
+        record = json.loads((tmp_path / "out" / "data.json").read_text())
+        assert list(record) == ["digests", "contents"]
+        flip["value"] = True
+        assert main(args) == 2
+        # an --out of before (no rows' digest): accepted, the digest added
+        (tmp_path / "out" / "data.json").write_text(json.dumps({"digests": record["digests"]}))
+        assert main(args) == 0
+        assert "contents" in json.loads((tmp_path / "out" / "data.json").read_text())
+        flip["value"] = False
+        assert main(args) == 2
+    finally:
+        unregister_dataset("edited")
+
+
 def test_report_has_plots(tmp_path):
     args = [a for a in _args(tmp_path, rows="dnn", seeds=1) if a != "--no-plots"]
     assert main(args) == 0

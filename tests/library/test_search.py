@@ -638,6 +638,22 @@ def test_a_worker_that_finds_a_study_without_its_setup_waits_for_it(tmp_path):
     assert saved is None and study.user_attrs["setup"] == {"a": 1}
 
 
+def test_a_study_records_its_rows_not_only_their_encoding():
+    # test labels edited (the encoding unchanged): a resume on them was accepted and mixed
+    # trials of two datasets in one study
+    from cetnet.data import make_synthetic
+    from cetnet.search.engine import data_identity, setup_changes
+
+    base = make_synthetic(num_rows=600)
+    edited = make_synthetic(num_rows=600)
+    edited.splits["test"].label[:3] = 1 - edited.splits["test"].label[:3]
+    before, after = data_identity({}, base), data_identity({}, edited)
+    assert before["data_digest"] == after["data_digest"]
+    assert setup_changes(before, after) == ["data_content"]
+    # a study recorded by an earlier cetnet (no data_content) is not refused for it
+    assert setup_changes({"data_digest": before["data_digest"]}, after) == []
+
+
 def test_a_dead_pid_of_another_container_with_this_hostname_is_left_to_the_heartbeat(tmp_path):
     # containers sharing a hostname number their own processes: a pid this one lacks may be
     # alive in the other, whose running trial must not be failed and run a second time

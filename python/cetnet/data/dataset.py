@@ -239,6 +239,33 @@ class CTRDataset:
         digest = self.__dict__["_encoding_digest"] = h.hexdigest()
         return digest
 
+    def content_digest(self) -> str:
+        """A digest (sha256 hex) of the rows themselves: :meth:`encoding_digest` and every
+        split's tensors (ids, dense values, labels, groups, extras). What a cache of results
+        trained on this data (``cetnet reproduce``'s ``--out``, a search study) is checked
+        against: a valid or test file, or a label, can change while the encoding stays the
+        same. Computed once per object (one pass over the data, about a second per GB)."""
+        cached = self.__dict__.get("_content_digest")
+        if cached is not None:
+            return cached
+        h = hashlib.sha256(self.encoding_digest().encode())
+        for name in sorted(self.splits):
+            split = self.splits[name]
+            h.update(f"\x00split\x00{name}\x00".encode())
+            for group, tensors in (("sparse", split.sparse), ("multihot", split.multihot),
+                                   ("sequence", split.sequence), ("extras", split.extras),
+                                   ("rows", {"dense": split.dense, "label": split.label,
+                                             "group": split.group})):
+                for key in sorted(tensors):
+                    t = tensors[key].detach().cpu().contiguous()
+                    h.update(f"\x00{group}\x00{key}\x00{t.dtype}\x00{tuple(t.shape)}\x00"
+                             .encode())
+                    data = memoryview(t.view(-1).numpy()).cast("B")  # type: ignore[arg-type]
+                    for at in range(0, len(data), 1 << 26):  # (no copy of a large tensor)
+                        h.update(data[at:at + (1 << 26)])
+        digest = self.__dict__["_content_digest"] = h.hexdigest()
+        return digest
+
     def summary_dict(self) -> dict:
         """The summary as data: rows and positive rate per split, vocab sizes, OOV and imputed
         counts per feature and split."""

@@ -155,6 +155,7 @@ class Experiment:
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
     _schema: Any = None
     _data_digest: str | None = None
+    _content_digest: str | None = None
     scaled: dict | None = None
 
     def __post_init__(self) -> None:
@@ -179,13 +180,18 @@ class Experiment:
         self._schema = dataset.schema
         digest = getattr(dataset, "encoding_digest", None)
         self._data_digest = digest() if callable(digest) else None
+        content = getattr(dataset, "content_digest", None)
+        self._content_digest = content() if callable(content) else None
 
     def check_data(self, write: bool = True) -> None:
         """ConfigError when the results cached in ``out`` for this data section were trained
-        on data that encodes differently from the dataset now (its files replaced under the
-        same paths: the cached runs would be reused as if they were of this data); else
-        records the dataset's digest there (``data.json``, one per data section: another
-        section is another key, nothing of it is reused) with ``write``."""
+        on other data than the dataset now (its files replaced or edited under the same paths:
+        the cached runs would be reused as if they were of this data); else records the
+        dataset's digests there (``data.json``, one per data section: another section is
+        another key, nothing of it is reused) with ``write``. The rows' digest
+        (:meth:`~cetnet.data.CTRDataset.content_digest`: a changed test label is other data)
+        is compared where it was recorded; an ``--out`` of an earlier cetnet has only the
+        encoding's, which is compared then, and the rows' is added."""
         if self._schema is None:
             self._load_data()
         digest = self._data_digest
@@ -195,18 +201,27 @@ class Experiment:
         section = json.dumps(self.base["data"], sort_keys=True, default=str)
         try:
             saved = json.loads(path.read_text())
-            digests = saved.get("digests") if isinstance(saved, dict) else None
         except (OSError, ValueError):
-            digests = None
-        digests = digests if isinstance(digests, dict) else {}
-        if section in digests and digests[section] != digest:
+            saved = None
+        saved = saved if isinstance(saved, dict) else {}
+        def recorded(key: str) -> dict[str, str]:
+            value = saved.get(key)
+            return value if isinstance(value, dict) else {}
+
+        digests, contents = recorded("digests"), recorded("contents")
+        content = self._content_digest
+        if section in digests and (digests[section] != digest or (
+                section in contents and content is not None and contents[section] != content)):
             raise ConfigError(f"reproduce: the results cached in {self.out} were trained on "
-                              f"data that encodes differently from the dataset now (were its "
-                              f"files replaced?): give another --out, or remove {self.out}")
-        if write and section not in digests:
+                              f"other data than the dataset now (were its files replaced or "
+                              f"edited?): give another --out, or remove {self.out}")
+        if write and (section not in digests or (content is not None
+                                                  and section not in contents)):
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps({"digests": {**digests, section: digest}},
-                                               indent=1) + "\n")
+            record = {"digests": {**digests, section: digest}}
+            if content is not None or contents:
+                record["contents"] = {**contents, **({section: content} if content else {})}
+            write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
     def result_path(self, key: str) -> Path:
         return self.out / "results" / f"{key}.json"

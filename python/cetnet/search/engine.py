@@ -373,7 +373,7 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
 
 
 #: Setup keys a study started before they were recorded lacks: not compared then.
-UNRECORDED_BEFORE = ("data_digest",)
+UNRECORDED_BEFORE = ("data_digest", "data_content")
 
 
 class _TrialFailureFilter(logging.Filter):
@@ -408,7 +408,8 @@ def setup_difference(saved: dict, setup: dict, changed: Sequence[str]) -> str:
     """`` (the study's overrides ['a=1']; given ['a=1', 'b=2'])``: what a refused resume
     would change, each value cut to 100 characters (a digest to its first 12)."""
     def shown(key: str, value: Any) -> str:
-        text = str(value)[:12] if key == "data_digest" and isinstance(value, str) else repr(value)
+        text = str(value)[:12] if key in UNRECORDED_BEFORE and isinstance(value, str) \
+            else repr(value)
         return text if len(text) <= 100 else text[:97] + "..."
 
     return " (" + "; ".join(f"the study's {k} {shown(k, saved.get(k))}, given "
@@ -418,10 +419,13 @@ def setup_difference(saved: dict, setup: dict, changed: Sequence[str]) -> str:
 def data_identity(base: dict, dataset: Any) -> dict:
     """What a study records of its data, besides ``--dataset`` and ``--set``, so that a resume
     on other data is refused: the dataset's encoding digest (its files' contents, through the
-    vocabularies, statistics and features). Not its paths: workers on other hosts, or a
-    study moved with its data, mount them elsewhere."""
+    vocabularies, statistics and features) and its rows' (an edited valid or test label).
+    Not its paths: workers on other hosts, or a study moved with its data, mount them
+    elsewhere."""
     digest = getattr(dataset, "encoding_digest", None)
-    return {"data_digest": digest()} if callable(digest) else {}
+    content = getattr(dataset, "content_digest", None)  # its rows: an edited label is other data
+    return {**({"data_digest": digest()} if callable(digest) else {}),
+            **({"data_content": content()} if callable(content) else {})}
 
 
 def reseed(study: Any, make_sampler: Callable[[int], Any], seed: int) -> None:
