@@ -355,6 +355,27 @@ def test_bars_chunked_reading_matches_one_chunk(tmp_path):
     assert small.splits["train"].sequence["cate_his"].dtype == torch.int32  # compact storage
 
 
+def test_a_checkpoint_refuses_the_data_read_in_another_sequence_order(tmp_path):
+    # the order of a sequence's ids changes no vocabulary (hence no encoding digest): a run
+    # evaluated on data read newest-first was accepted and scored other inputs (AUC moved)
+    from cetnet.train.checkpoint import (DATA_OPTIONS, CheckpointError, check_data_digest,
+                                         data_digest)
+
+    cfg = make_bars(tmp_path, "amazonelectronics_x1")
+    oldest = load_bars(cfg)
+    newest = load_bars(cfg, seq_order="newest_first", cache_dir=tmp_path / "cache")
+    cached = load_bars(cfg, seq_order="newest_first", cache_dir=tmp_path / "cache")
+    assert oldest.encoding_digest() == newest.encoding_digest()
+    assert newest.encoding_options == cached.encoding_options == {
+        "newest_first": ["cate_history", "item_history"]}
+    state = data_digest(oldest)
+    with pytest.raises(CheckpointError, match="sequence's order"):
+        check_data_digest(state, newest, "run/best.pt")
+    check_data_digest(data_digest(newest), cached, "run/best.pt")  # read from its cache
+    old = {k: v for k, v in state.items() if k != DATA_OPTIONS}  # a checkpoint of before
+    check_data_digest(old, newest, "run/best.pt")
+
+
 def test_bars_min_count_and_seq_order_options(tmp_path):
     cfg = make_bars(tmp_path, "amazonelectronics_x1")
     ds = load_dataset("bars", config=str(cfg), min_count=40, seq_order="newest_first")

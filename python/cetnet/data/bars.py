@@ -188,6 +188,8 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
                           (_CACHE_VERSION, cfg, stamps, max_rows))
     dataset = cached(path, lambda: _encode(cfg, chunk_size, max_rows, verbose), verbose=verbose)
     dataset.row_encoder = functools.partial(_encode_rows, cfg, dataset, chunk_size)
+    newest = sorted(c.name for c in cfg.columns if c.type == "sequence" and c.newest_first)
+    dataset.encoding_options = {"newest_first": newest} if newest else {}
     return dataset
 
 

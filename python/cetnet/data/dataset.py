@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -201,6 +201,10 @@ class CTRDataset:
         dense_stats: the train mean/std the dense features were normalized with.
         group_key: what :attr:`Batch.group` holds (e.g. ``"user_id"``), None when it is all 0.
         notes: anything worth knowing about how the data was read (skipped columns, sources).
+        encoding_options: how the loader arranged values that the schema does not say (a BARS
+            sequence read newest first): checkpoints record them beside the encoding digest.
+            Set by the loader from its options, like ``row_encoder``, not saved with the
+            dataset (a cache of before gets them too).
         row_encoder: reads new rows in the dataset's own file format (see the field).
     """
 
@@ -211,6 +215,7 @@ class CTRDataset:
     dense_stats: DenseStats | None = None
     group_key: str | None = None
     notes: list[str] = field(default_factory=list)
+    encoding_options: dict[str, Any] = field(default_factory=dict, compare=False)
     #: ``path -> (Split, labelled)``: new rows in the format of the dataset's own files, for a
     #: dataset whose files are not one column per feature (BARS); None: the generic csv of
     #: :func:`cetnet.serve.encode_csv`. Set by the loader, not saved with the dataset.
@@ -238,6 +243,11 @@ class CTRDataset:
             h.update(np.ascontiguousarray(self.dense_stats.std, np.float64).tobytes())
         digest = self.__dict__["_encoding_digest"] = h.hexdigest()
         return digest
+
+    def options_digest(self) -> str:
+        """A digest (sha256 hex) of :attr:`encoding_options` (of ``{}`` when there are none)."""
+        text = json.dumps(self.encoding_options, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def content_digest(self) -> str:
         """A digest (sha256 hex) of the rows themselves: :meth:`encoding_digest` and every

@@ -135,6 +135,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 #: The checkpoint entry holding the dataset's :meth:`~cetnet.data.CTRDataset.encoding_digest`.
 DATA_DIGEST = "data_digest"
+#: The entry holding :meth:`~cetnet.data.CTRDataset.options_digest` (how the loader arranged
+#: values the schema does not say, e.g. a sequence's order); checkpoints of before lack it.
+DATA_OPTIONS = "data_options"
 
 
 def data_digest(dataset: Any) -> dict[str, str]:
@@ -142,7 +145,9 @@ def data_digest(dataset: Any) -> dict[str, str]:
     dataset object without :meth:`~cetnet.data.CTRDataset.encoding_digest`, e.g. a
     plugin's)."""
     digest = getattr(dataset, "encoding_digest", None)
-    return {DATA_DIGEST: digest()} if callable(digest) else {}
+    options = getattr(dataset, "options_digest", None)
+    return {**({DATA_DIGEST: digest()} if callable(digest) else {}),
+            **({DATA_OPTIONS: options()} if callable(options) else {})}
 
 
 def check_data_digest(state: dict, dataset: Any, path: str | Path) -> None:
@@ -150,13 +155,14 @@ def check_data_digest(state: dict, dataset: Any, path: str | Path) -> None:
     that encoded differently from ``dataset`` now: its embedding rows would be looked up by
     other tokens' ids, a silently wrong model. Checkpoints from before digests (none
     recorded) are taken as they are."""
-    saved = state.get(DATA_DIGEST)
-    now = data_digest(dataset).get(DATA_DIGEST)
-    if saved is None or now is None or saved == now:
+    now = data_digest(dataset)
+    if all(state.get(k) is None or now.get(k) is None or state[k] == now[k]
+           for k in (DATA_DIGEST, DATA_OPTIONS)):
         return
     raise CheckpointError(
         f"{path}: the run's dataset now encodes rows differently from the data this "
-        f"checkpoint was trained on (its vocabularies, dense statistics or features changed: "
+        f"checkpoint was trained on (its vocabularies, dense statistics, features or a "
+        f"sequence's order changed: "
         f"were the data files replaced, or prepared with other options?); its embeddings "
         f"would be looked up by other tokens' ids. Restore the data the run was trained on, "
         f"or train a new run")
