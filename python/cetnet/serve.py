@@ -13,8 +13,9 @@ checkpoints ``best.pt`` / ``last.pt``. This module turns it into predictions and
   ensemble as a ``torch.export`` program over plain tensors (``export_run`` is what
   ``cetnet export`` calls). The fused ops are registered with ``torch.library``
   and have fake kernels, so the program holds them as ``torch.ops.cetnet.*`` calls: it runs
-  wherever ``cetnet_kernels`` is importable (``import cetnet_kernels`` before
-  ``torch.export.load``), without the ``cetnet`` library or the run directory.
+  wherever ``cetnet_kernels`` is importable with its compiled extension (``import
+  cetnet_kernels`` before ``torch.export.load``), without the ``cetnet`` library or the run
+  directory.
 
 Export runs under ``torch.no_grad()`` on an eval-mode model: with gradients enabled, an
 embedding trained by a fused optimizer (``model.embedding_optimizer: sgd | rowwise_adagrad``)
@@ -42,7 +43,8 @@ from cetnet.data.csvio import DataFormatError, parse_float, read_chunks, shorten
 from cetnet.data.dataset import Split, SplitStats
 from cetnet.data.schema import OOV_ID, PAD_ID, Batch, Schema
 from cetnet.train.builders import EnsembleModel, load_plugins
-from cetnet.train.checkpoint import BEST, LAST, check_data_digest, load_checkpoint
+from cetnet.train.checkpoint import (BEST, LAST, check_data_digest, check_model_config,
+                                     load_checkpoint)
 from cetnet.train.evaluate import Predictions, predict, score
 from cetnet.train.loop import check_backend, resolve_device
 from cetnet.train.rundir import CONFIG_FILE
@@ -121,6 +123,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None 
     dataset, model = build_run(config)
     state = load_checkpoint(path, map_location=dev, keys=("model",))
     check_data_digest(state, dataset, path)
+    check_model_config(state, config, path)  # (config.yaml and the checkpoint read unlocked)
     load_model_state(model, state, path)
     model.to(dev).eval()
     return LoadedRun(run_dir, config, dataset, model, dev, state.get("epoch"))
@@ -515,8 +518,12 @@ def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = B
 def load_exported(path: str | Path) -> ExportedRun:
     """Loads a file written by :func:`export_run` (importing ``cetnet_kernels`` first, which
     registers the ``cetnet::*`` ops the program calls)."""
-    import cetnet_kernels  # noqa: F401  (registers torch.ops.cetnet.*)
+    from cetnet_kernels import _extension  # (registers torch.ops.cetnet.*)
 
+    if not _extension.HAS_C:  # the program's ops come from the compiled module
+        raise RuntimeError(f"{path}: the program calls the compiled ops of cetnet_kernels._C, "
+                           f"which is not available here ({_extension.load_error}); build the "
+                           "extension (pip install --no-build-isolation -e .)")
     extra = {SCHEMA_FILE: ""}
     program = torch.export.load(Path(path), extra_files=extra)
     if not extra[SCHEMA_FILE]:

@@ -233,6 +233,20 @@ def test_export_without_the_compiled_kernels_says_so(run_dir, tmp_path, capsys, 
     assert not (tmp_path / "m.pt2").exists()
 
 
+def test_loading_a_program_without_the_compiled_kernels_says_so(run_dir, tmp_path,
+                                                                monkeypatch):
+    # cetnet_kernels imports without its extension (a warning), and torch.export.load then
+    # failed with "an error when deserializing the saved file" after screens of warnings
+    from cetnet_kernels import _extension
+
+    path = serve.export_run(run_dir, tmp_path / "m.pt2")
+    monkeypatch.setattr(_extension, "HAS_C", False)
+    monkeypatch.setattr(_extension, "load_error", "ImportError: no _C here")
+    with pytest.raises(RuntimeError, match=r"compiled ops of cetnet_kernels._C, which is not "
+                                           r"available here \(ImportError: no _C here\)"):
+        serve.load_exported(path)
+
+
 def _bad_csv(tmp_path: Path) -> Path:
     path = tmp_path / "bad.csv"
     path.write_text("user,item\n1,2\n")
@@ -295,3 +309,35 @@ def test_a_closed_pipe_ends_quietly():
                            shell=True, capture_output=True, text=True, env=env, timeout=120)
     assert shell.returncode == 0 and shell.stdout.startswith("Datasets")
     assert shell.stderr == ""
+
+
+def test_a_checkpoint_of_another_model_config_is_refused(run_dir, tmp_path, capsys):
+    """config.yaml and best.pt are read unlocked by predict and export: a run overwritten with
+    another fusion temperature in between paired the new config with the old weights (they fit
+    the shapes) and predicted other probabilities without a word (reviewer: up to 0.0068)."""
+    import shutil
+
+    import yaml
+
+    from cetnet.train.checkpoint import MODEL_CONFIG, CheckpointError, load_checkpoint
+    from cetnet.train.runner import evaluate_run
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    assert load_checkpoint(other / "best.pt")[MODEL_CONFIG] == config["model"]
+    config["model"]["fusion"]["temperature"] = 0.05  # the overwriting run's config
+    (other / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for load in (lambda: serve.load_run(other), lambda: evaluate_run(other, write=False),
+                 lambda: evaluate_run(other)):
+        with pytest.raises(CheckpointError, match="another model config"):
+            load()
+    assert main(["predict", str(other), "--split", "test", "--out",
+                 str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with another model config" in err[0], err
+    # a checkpoint of before (no model section recorded) is taken as it is
+    state = load_checkpoint(other / "best.pt")
+    del state[MODEL_CONFIG]
+    torch.save(state, other / "best.pt")
+    assert serve.load_run(other).config["model"]["fusion"]["temperature"] == 0.05

@@ -22,7 +22,8 @@ import torch
 from cetnet.atomic import TEMP_SUFFIX, atomic_write
 
 __all__ = ["BEST", "LAST", "LAST_PREV", "LAST_KEYS", "CheckpointError", "DATA_DIGEST",
-           "check_data_digest", "data_digest", "save_checkpoint",
+           "check_data_digest", "data_digest", "MODEL_CONFIG", "model_config",
+           "check_model_config", "save_checkpoint",
            "load_checkpoint", "save_last", "load_last", "has_last", "check_model_state",
            "first_line"]
 
@@ -166,6 +167,39 @@ def check_data_digest(state: dict, dataset: Any, path: str | Path) -> None:
         f"were the data files replaced, or prepared with other options?); its embeddings "
         f"would be looked up by other tokens' ids. Restore the data the run was trained on, "
         f"or train a new run")
+
+
+#: The checkpoint entry holding the ``model`` section of the config it was trained with.
+MODEL_CONFIG = "model_config"
+
+
+def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{MODEL_CONFIG: config["model"]}`` for a checkpoint (see :func:`check_model_config`)."""
+    return {MODEL_CONFIG: config["model"]}
+
+
+def check_model_config(state: dict, config: Mapping[str, Any], path: str | Path) -> None:
+    """CheckpointError when the checkpoint ``state`` (read from ``path``) was trained with
+    another ``model`` section than the validated ``config`` (a run's ``config.yaml``) has: a
+    run overwritten while it was read (its new ``config.yaml`` with the old ``best.pt``), or
+    another run's checkpoint, whose weights fit the shapes but not a setting such as the
+    fusion temperature (silently other predictions). Both sections are compared validated,
+    so a default added by a later cetnet is no difference; checkpoints of before (no section
+    recorded) are taken as they are."""
+    from cetnet.config import ConfigError, validate_config
+
+    saved = state.get(MODEL_CONFIG)
+    if saved is None:
+        return
+    try:
+        then = validate_config({**config, "model": saved})["model"]
+    except (ConfigError, TypeError, ValueError):
+        then = saved
+    if then != config["model"]:
+        raise CheckpointError(
+            f"{path}: trained with another model config than {Path(path).parent / 'config.yaml'}"
+            " says (was the run overwritten while this read it, or is the checkpoint another "
+            "run's?); read the run again, or give the run's own checkpoint")
 
 
 def first_line(e: BaseException) -> str:

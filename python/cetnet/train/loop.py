@@ -26,7 +26,8 @@ from cetnet import distributed
 from cetnet.config import ConfigError, check_device, dump_config, validate_config
 from cetnet.metrics import auc
 from cetnet.train.checkpoint import (BEST, LAST, CheckpointError, data_digest, first_line,
-                                     load_checkpoint, load_last, save_checkpoint, save_last)
+                                     load_checkpoint, load_last, model_config, save_checkpoint,
+                                     save_last)
 from cetnet.train import sharded
 from cetnet.train.builders import EnsembleModel
 from cetnet.train.evaluate import evaluate
@@ -413,7 +414,9 @@ class EpochRunner:
         self.quiet = quiet
         self.log = log
         #: ``{DATA_DIGEST: ...}`` of the dataset, saved in every checkpoint (set by fit)
-        self.data_digest: dict[str, str] = {}
+        #: what every checkpoint records of its data and model config (set by fit; see
+        #: check_data_digest and check_model_config)
+        self.identity: dict[str, Any] = {}
         self.show_bars = not quiet and sys.stderr.isatty()
         # the dense parameters: the same before and after the tables are sharded
         self.params = list(cast(EnsembleModel, model).dense_parameters())
@@ -484,7 +487,7 @@ class EpochRunner:
         """What ``last.pt`` holds: everything :meth:`restore` needs to continue exactly."""
         ckpt = {"model": self.model_state(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "rng": rng_state(),
-                **state.state_dict(), **self.data_digest}
+                **state.state_dict(), **self.identity}
         if distributed.active():  # a collective: every rank's RNG states, in rank order
             ckpt["rng_ranks"] = distributed.all_gather_objects(ckpt["rng"])
         if self.sharded is not None:  # a collective: every rank writes its shards
@@ -603,7 +606,7 @@ class EpochRunner:
         if distributed.is_main():  # rank 0 alone writes the run directory
             if best:
                 save_checkpoint({"model": self.model_state(), "epoch": epoch,
-                                 "valid": valid, **best_tables, **self.data_digest},
+                                 "valid": valid, **best_tables, **self.identity},
                                 self.out_dir / BEST)
             save_last(last, self.out_dir)  # the previous last.pt stays as last.prev.pt
             if self.sharded is not None:  # the folders no checkpoint names any more
@@ -715,7 +718,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     if t["max_steps_per_epoch"] is not None:
         steps_per_epoch = min(steps_per_epoch, t["max_steps_per_epoch"])
     runner = EpochRunner(model, t, device, out_dir, steps_per_epoch, quiet=quiet or not main)
-    runner.data_digest = data_digest(dataset)  # in every checkpoint: see check_data_digest
+    runner.identity = {**data_digest(dataset), **model_config(config)}
     try:
         if resume:
             state = resume_state(runner, out_dir, checkpoint)

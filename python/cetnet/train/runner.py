@@ -29,8 +29,8 @@ from cetnet.config import ConfigError, read_yaml, validate_config
 from cetnet.messages import shorten
 from cetnet.train.builders import build_model, load_dataset
 from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV, CheckpointError,
-                                     check_data_digest, first_line, has_last, load_checkpoint,
-                                     load_last)
+                                     check_data_digest, check_model_config, first_line,
+                                     has_last, load_checkpoint, load_last)
 from cetnet.train.evaluate import evaluate
 from cetnet.train.loop import (EpochCallback, TrainingError, check_backend, check_batch_rows,
                                check_mean_loss, check_splits, fit, resolve_device,
@@ -585,13 +585,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
     run directory when ``write``, holding the directory's shared lock: a training run writing
     it is an error (RunDirError), not a mixture."""
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    path = checkpoint_path(run_dir, checkpoint)
-    dev = resolve_device(device or config["device"], "evaluate: --device" if device else
-                         f"{run_dir / CONFIG_FILE}: device")
-    check_backend(config["backend"], dev)
+    load_run_config(run_dir)  # first: a directory that is no run is not locked (gets no .lock)
     lock = RunLock(run_dir, shared=True).acquire() if write else None
     try:
+        config = load_run_config(run_dir)  # locked: an overwrite meanwhile is refused, not mixed
+        path = checkpoint_path(run_dir, checkpoint)
+        dev = resolve_device(device or config["device"], "evaluate: --device" if device else
+                             f"{run_dir / CONFIG_FILE}: device")
+        check_backend(config["backend"], dev)
         dataset, model = build_run(config)
         if split not in dataset.splits:
             raise ConfigError(f"evaluate: no split {split!r}; the dataset has "
@@ -600,6 +601,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
             raise TrainingError(f"evaluate: the dataset's {split} split has no rows")
         state = load_checkpoint(path, map_location=dev, keys=("model",))
         check_data_digest(state, dataset, path)
+        check_model_config(state, config, path)
         load_model_state(model, state, path)
         model.to(dev)
         # The same flag as the run's metrics.json: scores of a valid split that is the test
