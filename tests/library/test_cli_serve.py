@@ -20,6 +20,7 @@ from cetnet import serve
 from cetnet.atomic import TEMP_SUFFIX
 from cetnet.cli import BROKEN_PIPE_STATUS, main
 from cetnet.config import dump_config
+from cetnet.data.csvio import DataFormatError
 from cetnet.train import predict
 from cetnet.train.rundir import read_json
 
@@ -245,6 +246,32 @@ def test_loading_a_program_without_the_compiled_kernels_says_so(run_dir, tmp_pat
     with pytest.raises(RuntimeError, match=r"compiled ops of cetnet_kernels._C, which is not "
                                            r"available here \(ImportError: no _C here\)"):
         serve.load_exported(path)
+
+
+def test_one_very_wide_bag_is_refused_not_padded_into_every_row(run_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    # every row is padded to the widest bag: one bag of 6,000 ids in 6,000 rows took 0.4 GiB,
+    # one of 100k in 100k rows would take 80 (killed for memory instead of an error)
+    run = serve.load_run(run_dir)
+    path = tmp_path / "wide.csv"
+    _split_as_csv(run, "test", path)
+    rows = _rows(path)
+    bag = run.dataset.schema.multihot[0].name
+    rows[3][bag] = "|".join(["1"] * 2000)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.setattr(serve, "MAX_BAG_CELLS", 1000)  # (the file is small)
+    assert main(["predict", str(run_dir), "--csv", str(path), "--out",
+                 str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a bag of 2,000 ids; rows are padded" in err[0], err
+    with pytest.raises(DataFormatError, match=f"line 5, column '{bag}': a bag of 2,000 ids"):
+        serve.encode_csv(run.dataset, path)
+    monkeypatch.setattr(serve, "MAX_BAG_CELLS", 1 << 24)
+    assert main(["predict", str(run_dir), "--csv", str(path), "--out",
+                 str(tmp_path / "p.csv")]) == 0  # within the budget: padded as before
 
 
 def _bad_csv(tmp_path: Path) -> Path:
