@@ -404,6 +404,11 @@ class ServingModule(nn.Module):
     def forward(self, sparse: dict[str, Tensor], dense: Tensor,
                 multihot: dict[str, tuple[Tensor, Tensor]],
                 sequence: dict[str, Tensor]) -> dict[str, Tensor]:
+        # a NaN or infinite dense value would come out as NaN probabilities: an error instead,
+        # read on the host (an exported program keeps it as a runtime assertion: no
+        # device-side assert on a GPU, which would end the process's CUDA context)
+        torch._check(torch.isfinite(dense).all().item(),
+                     lambda: "dense: a value is NaN or infinite (dense inputs must be finite)")
         # label and group are not read by a forward pass; Batch wants them
         rows = torch.zeros(dense.shape[0], dtype=torch.int64, device=dense.device)
         out = self.model(Batch(sparse, dense, multihot, sequence, rows.float(), rows))

@@ -7,6 +7,7 @@ by a closed pipe (``cetnet data list | head -1``) ends quietly."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -214,6 +215,20 @@ def test_export_writes_a_program_that_matches_the_run(run_dir, tmp_path, capsys)
         eager = run.model(batch)
     torch.testing.assert_close(served["prob"], eager.prob, rtol=0, atol=1e-6)
     torch.testing.assert_close(served["weights"], eager.weights, rtol=0, atol=1e-6)
+    # a NaN or infinite dense value: an error, not NaN probabilities (a runtime assertion of
+    # the program; eager, the message names dense)
+    assert run.dataset.schema.dense
+    for bad in (math.nan, math.inf):
+        sparse, dense, bags, sequences = serve.batch_inputs(batch)
+        inputs = (sparse, dense.clone(), bags, sequences)
+        inputs[1][2, 0] = bad
+        with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+            exported.module()(*inputs)
+        with pytest.raises(RuntimeError, match="dense: a value is NaN or infinite"):
+            serve.ServingModule(run.model)(*inputs)
+    with torch.no_grad():  # and the program goes on serving
+        again = exported.module()(*serve.batch_inputs(batch))
+    torch.testing.assert_close(again["prob"], eager.prob, rtol=0, atol=1e-6)
     # an existing program is kept unless --overwrite; a write leaves no temporary behind
     before = out.read_bytes()
     assert main(["export", str(run_dir), str(out), "--checkpoint", "last.pt"]) == 2
