@@ -1,4 +1,5 @@
-"""Atomic file writes, shared by run directories, checkpoints and the dataset cache.
+"""Atomic file writes, shared by run directories, checkpoints and the dataset cache, and the
+check that a torch.save file read back is whole (:func:`zip_damage`).
 
 Every write goes to a temporary file with a unique name in the target's directory, is flushed
 to disk, then ``os.replace``-d over the target: a reader sees the old file or the new one, never
@@ -10,14 +11,17 @@ not ``mkstemp``'s ``0o600``, so the files of one run all look alike.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import IO, Callable
 
 __all__ = ["TEMP_SUFFIX", "atomic_write", "write_bytes_atomic", "write_text_atomic",
-           "remove_stale_temps"]
+           "remove_stale_temps", "zip_damage"]
 
 TEMP_SUFFIX = ".tmp"  # temporaries are ".<target name>.<random>.tmp" beside the target
 
@@ -42,7 +46,10 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: boo
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:
+                raise _write_failure(e, path) from None
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -52,6 +59,38 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: boo
         raise
     if fsync:
         _fsync_directory(path.parent)
+
+
+def _write_failure(e: RuntimeError, path: Path) -> BaseException:
+    """``e`` as the OSError it is when torch.save's zip writer failed to write (it reports a
+    full disk or a file size limit as ``RuntimeError: [enforce fail at inline_container.cc]
+    ... unexpected pos``); ``e`` itself otherwise."""
+    text = str(e)
+    if "inline_container" not in text and "PytorchStreamWriter" not in text:
+        return e
+    try:
+        full = shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        full = False
+    reason = text.strip().splitlines()[0][:120] if text.strip() else type(e).__name__
+    return OSError(errno.ENOSPC if full else errno.EIO,
+                   f"{os.strerror(errno.ENOSPC) if full else 'a write failed'} (torch: {reason})",
+                   str(path))
+
+
+def zip_damage(file: IO[bytes]) -> str | None:
+    """What is damaged in the zip archive (a ``torch.save`` file) ``file`` holds: its first
+    member whose bytes fail their CRC, which ``torch.load`` does not check (a flipped bit in a
+    tensor loads as another value), or None. ``file`` is left at its start; a file that is no
+    zip archive is its reader's to refuse (None)."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        bad = None
+    finally:
+        file.seek(0)
+    return None if bad is None else f"its part {bad} fails its CRC check (damaged bytes)"
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -53,3 +53,36 @@ def test_remove_stale_temps_keeps_young_ones_and_other_files(tmp_path):
     assert remove_stale_temps(tmp_path) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".x.pt.def.tmp", "x.pt"]
     assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_a_checkpoint_or_cache_that_does_not_fit_is_one_oserror(tmp_path):
+    """torch.save reports a failed write (a full disk, a file size limit) as a RuntimeError
+    of its zip writer; after a whole encode the dataset cache ended in its traceback, a
+    checkpoint too. Run under a file size limit in a child process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from cetnet.atomic import atomic_write
+        from cetnet.data import make_synthetic
+        from cetnet.data.cache import CacheError, write_cache
+        from pathlib import Path
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+        out = Path({str(tmp_path)!r})
+        try:
+            atomic_write(out / "last.pt", lambda f: torch.save(torch.zeros(100000), f))
+        except OSError as e:
+            print("OSError", e.filename == str(out / "last.pt"), "torch:" in e.strerror)
+        try:
+            write_cache(make_synthetic(num_rows=3000), out / "data.pt")
+        except CacheError as e:
+            print("CacheError", "cannot write the cache file" in str(e))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split("\n")[:2] == ["OSError True True", "CacheError True"], \
+        done.stdout + done.stderr[-2000:]
+    assert os.listdir(tmp_path) == []  # no temporary left behind

@@ -355,6 +355,24 @@ def test_bars_chunked_reading_matches_one_chunk(tmp_path):
     assert small.splits["train"].sequence["cate_his"].dtype == torch.int32  # compact storage
 
 
+def test_a_file_rewritten_with_its_size_and_mtime_kept_is_encoded_again(tmp_path):
+    # cp -p, rsync -t or an archive unpacked over the data keep both: the cache keyed on them
+    # returned the old rows (a train positive rate of 0.50 for a file of all positives)
+    import os
+
+    cfg = make_bars(tmp_path, "criteo_x1")
+    before = load_bars(cfg, cache_dir=tmp_path / "cache")
+    train = tmp_path / "criteo_x1" / "train.csv"
+    st = train.stat()
+    lines = train.read_bytes().splitlines(keepends=True)
+    assert lines[0].startswith(b"label,") and all(r[:2] in (b"0,", b"1,") for r in lines[1:])
+    train.write_bytes(b"".join([lines[0], *(b"1" + r[1:] for r in lines[1:])]))  # same size
+    os.utime(train, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert train.stat().st_size == st.st_size and train.stat().st_mtime_ns == st.st_mtime_ns
+    after = load_bars(cfg, cache_dir=tmp_path / "cache")
+    assert before.splits["train"].positive_rate < 1.0 == after.splits["train"].positive_rate
+
+
 def test_a_checkpoint_refuses_the_data_read_in_another_sequence_order(tmp_path):
     # the order of a sequence's ids changes no vocabulary (hence no encoding digest): a run
     # evaluated on data read newest-first was accepted and scored other inputs (AUC moved)

@@ -28,6 +28,8 @@ from cetnet.data import cache as cache_mod
 from cetnet.data import csvio
 from cetnet.data import movielens as ml
 from cetnet.data.csvio import read_chunks, shorten
+
+from helpers import flip_a_stored_byte
 from cetnet.data.dataset import FORMAT_VERSION, CacheError
 from cetnet.data.movielens import FetchError, load_movielens
 
@@ -88,7 +90,7 @@ def test_concurrent_cli_prepares_into_one_cache_all_succeed(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "other_version",
-                                    "not_a_dataset"])
+                                    "not_a_dataset", "flipped_byte"])
 def test_a_damaged_bars_cache_is_detected_and_rebuilt(tmp_path, damage, capfd):
     cfg = make_bars(tmp_path, "amazonelectronics_x1")
     cache = tmp_path / "cache"
@@ -101,6 +103,8 @@ def test_a_damaged_bars_cache_is_detected_and_rebuilt(tmp_path, damage, capfd):
         path.write_bytes(good[:len(good) // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif damage == "flipped_byte":  # loaded silently with one id changed, before CRCs
+        path.write_bytes(flip_a_stored_byte(good))
     elif damage == "other_version":
         torch.save({"version": FORMAT_VERSION + 1}, path)
     else:

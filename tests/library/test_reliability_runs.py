@@ -31,6 +31,8 @@ from cetnet.train import (BEST, LAST, CheckpointError, RunDirError, TrainingErro
 from cetnet.train import loop as loop_module
 from cetnet.train.rundir import LOCK_FILE, RunLock, make_run_dir, read_json
 
+from helpers import flip_a_stored_byte
+
 TIMING_KEYS = ("train_seconds", "train_samples_per_s")
 
 
@@ -566,6 +568,8 @@ def test_every_file_of_a_run_gets_the_same_permissions(train_config, tmp_path):
     (lambda b: b"", "empty file (0 bytes), not a checkpoint"),
     (lambda b: b[:len(b) // 2], "not a readable checkpoint ("),
     (lambda b: b"hello" * 20, "not a readable checkpoint (100 bytes, truncated or corrupt"),
+    # one flipped bit in a weight loaded silently as another value before the CRCs were read
+    (flip_a_stored_byte, "not a readable checkpoint (its part "),
 ])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(train_config, tmp_path, capsys,
                                                          damage, message):

@@ -72,10 +72,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise CacheError(path, f"cannot write it ({e.strerror or e})") from None
 
 
-def file_stamp(path: Path) -> tuple[str, int, int]:
-    """What a cache key records of an input file: resolved path, size, modification time."""
+def file_stamp(path: Path) -> tuple[str, int, int, int, int]:
+    """What a cache key records of an input file: resolved path, size, modification time,
+    status-change time and inode. The last two catch a file rewritten in place with its size
+    and modification time kept (``cp -p``, ``rsync -t``, an archive unpacked over it), which
+    a cache keyed on size and mtime took for the old one: no program can set them back."""
     st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def cache_file(directory: Path, stem: str, key: Any) -> Path:
@@ -113,8 +116,8 @@ def write_cache(ds: CTRDataset, path: Path) -> None:
     try:
         ds.save(path)
     except OSError as e:
-        raise CacheError(path, f"cannot write the cache file ({e.strerror or e}); fix the "
-                               f"directory's permissions or choose another cache "
+        raise CacheError(path, f"cannot write the cache file ({e.strerror or e}); free space, "
+                               f"fix the directory's permissions or choose another cache "
                                f"directory") from None
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cetnet.atomic import atomic_write
+from cetnet.atomic import atomic_write, zip_damage
 from cetnet.data.csvio import DataFormatError, clip, shorten
 from cetnet.data.normalize import DenseStats
 from cetnet.data.schema import Batch, Schema
@@ -343,7 +343,13 @@ class CTRDataset:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file")
         try:
-            state = torch.load(path, weights_only=True)
+            with open(path, "rb") as f:
+                damage = zip_damage(f)
+                if damage is not None:
+                    raise CacheError(path, f"unreadable saved dataset: {damage}")
+                state = torch.load(f, weights_only=True)
+        except CacheError:
+            raise
         except Exception as e:  # noqa: BLE001 - whatever the bytes are, the file is unusable
             size = path.stat().st_size if path.exists() else 0
             what = "empty (0 bytes)" if size == 0 else f"truncated or corrupt ({size:,} bytes)"

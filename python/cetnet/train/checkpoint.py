@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from cetnet.atomic import TEMP_SUFFIX, atomic_write
+from cetnet.atomic import TEMP_SUFFIX, atomic_write, zip_damage
 
 __all__ = ["BEST", "LAST", "LAST_PREV", "LAST_KEYS", "CheckpointError", "DATA_DIGEST",
            "check_data_digest", "data_digest", "MODEL_CONFIG", "model_config",
@@ -119,6 +119,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     path = Path(path)
     with open(path, "rb") as f:  # an OSError here: the file cannot be opened
         size = os.fstat(f.fileno()).st_size
+        damage = zip_damage(f)
+        if damage is not None:
+            raise CheckpointError(f"{path}: not a readable checkpoint ({damage})")
         try:
             state = torch.load(f, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
