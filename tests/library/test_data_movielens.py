@@ -197,6 +197,7 @@ def test_fetch_falls_back_to_the_next_source(tmp_path, monkeypatch):
     fake = {p: ("\t".join(ml._HEADERS[p]) + "\n" + rows[p] + "\n").encode() for p in rows}
     monkeypatch.setattr(ml, "_from_grouplens", unreachable)
     monkeypatch.setattr(ml, "_from_recbole", lambda timeout: fake)
+    monkeypatch.setattr(ml, "ROW_COUNTS", None)  # (a one-row copy)
     folder = fetch_raw(tmp_path, verbose=False)
     assert (folder / "SOURCE").read_text() == "recbole"
     assert (folder / "ml-100k.user").read_bytes() == fake["user"]

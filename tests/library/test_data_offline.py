@@ -73,6 +73,7 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.delenv(URL_ENV, raising=False)
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     monkeypatch.setattr(ml, "_from_recbole", no_index)
+    monkeypatch.setattr(ml, "ROW_COUNTS", None)  # small copies (one test puts them back)
     return cache / "movielens-100k"
 
 
@@ -310,3 +311,18 @@ def test_train_without_data_leaves_no_run_directory(train_config, offline, tmp_p
     # with both ready, the run is written (and the copy installed from the cache folder)
     assert main(["train", "--config", str(config), "--out", "run", "--no-plots", "--quiet"]) == 0
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_copy_cut_short_is_refused_not_installed(tmp_path, monkeypatch):
+    # a ratings file cut mid-line (a failed copy) still parses: it was installed, with fewer
+    # rows and one timestamp cut to another time
+    files = grouplens_files(ratings=80)
+    data = files["u.data"]
+    cut = data[:data.index(b"\t88", len(data) // 2) + 4]  # inside a timestamp: 4 columns
+    source = write_folder(tmp_path / "copy", {**files, "u.data": cut})
+    monkeypatch.setattr(ml, "ROW_COUNTS", {"inter": 80, "user": len(files["u.user"].splitlines()),
+                                           "item": len(files["u.item"].splitlines())})
+    with pytest.raises(DataFormatError, match=r"u.data.*: \d+ rows, MovieLens-100k has 80: a "
+                                              r"copy cut short"):
+        install_raw(source)
+    install_raw(write_folder(tmp_path / "whole", files))  # the whole copy: installed

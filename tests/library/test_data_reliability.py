@@ -153,6 +153,19 @@ def test_a_cache_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(CTRDataset, "save", denied)  # as root, chmod cannot deny a write
     with pytest.raises(CacheError, match=r"cannot write the cache file \(Permission denied\)"):
         load_bars(cfg, cache_dir=tmp_path / "cache")
+    # a directory that takes no file is said before the encode (hours on a large dataset),
+    # not after it; an existing cache in it is still read
+    built = []
+    monkeypatch.setattr(cache_mod.tempfile, "TemporaryFile",
+                        lambda dir: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    with pytest.raises(CacheError, match=r"cannot write the cache file \(Read-only file system"):
+        cache_mod.cached(tmp_path / "ro" / "x.pt", lambda: built.append(1))
+    assert built == []
+    monkeypatch.undo()
+    first = load_bars(cfg, cache_dir=tmp_path / "shared")
+    monkeypatch.setattr(cache_mod.tempfile, "TemporaryFile",
+                        lambda dir: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    assert load_bars(cfg, cache_dir=tmp_path / "shared").summary() == first.summary()
 
 
 def _old(path: Path, seconds: float = 7200.0) -> Path:

@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ from cetnet.atomic import remove_stale_temps, write_bytes_atomic
 from cetnet.data.dataset import FORMAT_VERSION, CacheError, CTRDataset
 
 __all__ = ["default_root", "user_path", "write_atomic", "open_cache_dir", "cache_file",
-           "file_stamp", "read_cache", "write_cache", "cached", "CacheError"]
+           "file_stamp", "read_cache", "write_cache", "check_writable", "cached", "CacheError"]
 
 
 def user_path(path: str | Path) -> Path:
@@ -128,7 +129,21 @@ def cached(path: Path | None, build: Callable[[], CTRDataset], *, refresh: bool 
         ds = read_cache(path, verbose)
         if ds is not None:
             return ds
+    if path is not None:
+        check_writable(path)  # before the encode (hours for a large dataset), not after it
     ds = build()
     if path is not None:
         write_cache(ds, path)
     return ds
+
+
+def check_writable(path: Path) -> None:
+    """CacheError unless a cache file can be created beside ``path`` (a file is created in
+    its directory and removed: permissions, a read-only mount, a full disk's inodes)."""
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise CacheError(path, f"cannot write the cache file ({e.strerror or e}); fix the "
+                               f"directory's permissions or choose another cache "
+                               f"directory") from None

@@ -347,21 +347,36 @@ def _staged(folder: Path, files: dict[str, bytes], source: str) -> Iterator[Path
         shutil.rmtree(staged, ignore_errors=True)
 
 
+#: The rows of MovieLens-100k's tables (ratings, users, items), which a copy must have: a file
+#: cut short (a failed copy) parses, and would be installed as the dataset. None: any (tests'
+#: small copies).
+ROW_COUNTS: dict[str, int] | None = {"inter": 100_000, "user": 943, "item": 1_682}
+
+
 def _check_staged(staged: Path, names: dict[str, str]) -> None:
-    """DataFormatError (naming the copy's file) unless the staged tables have rows and parse.
-    A line number of a converted GroupLens file is one less: it has no header."""
+    """DataFormatError (naming the copy's file) unless the staged tables have rows, parse and
+    have MovieLens-100k's row counts (:data:`ROW_COUNTS`). A line number of a converted
+    GroupLens file is one less: it has no header."""
     for part in _PARTS:
         with open(staged / f"ml-100k.{part}", "rb") as f:
             if len(list(itertools.islice((ln for ln in f if ln.strip()), 2))) < 2:
                 raise DataFormatError(names[part], None, None, "it has no rows")
     try:
-        read_raw(staged)
+        raw = read_raw(staged)
     except DataFormatError as e:
         part = Path(e.path).suffix.lstrip(".")
         name = names.get(part, e.path)
         shift = 1 if name.endswith(_GROUPLENS_FILES) else 0
         line = e.line - shift if e.line is not None and e.line > shift else None
         raise DataFormatError(name, line, e.column, e.reason) from None
+    if ROW_COUNTS is None:
+        return
+    for part, got in (("inter", len(raw.user)), ("user", len(raw.users)),
+                      ("item", len(raw.items))):
+        if got != ROW_COUNTS[part]:
+            raise DataFormatError(names[part], None, None,
+                                  f"{got:,} rows, MovieLens-100k has {ROW_COUNTS[part]:,}: a "
+                                  "copy cut short, or another dataset")
 
 
 def _commit(staged: Path, folder: Path) -> bool:
