@@ -172,30 +172,32 @@ def _make_step(provider: str, M: int, B: int, D: int, T: int, info: dict):
                         "pip install fbgemm-gpu-cpu==1.8.0")
         if D % 4:
             pytest.skip(f"FBGEMM's TBE needs embedding dims that are multiples of 4, got D={D}")
-        pooling = PoolingMode.NONE if T else PoolingMode.SUM
-        tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(ROWS, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * (M * F),
-            optimizer=EmbOptimType.EXACT_SGD, learning_rate=LR, pooling_mode=pooling)
-        # Feature-major TBE input: table t = m * F + f reads feature f's ids (bag length 1 for
-        # single ids; with PoolingMode.NONE a bag of length T is the sequence).
-        prepared = []
+        # SUM-pooled TBEs (FBGEMM's fast CPU path; PoolingMode.NONE, its other way to return
+        # every position of a sequence, runs ~10x slower): one over the single-id tables (B
+        # bags of one id) and, with a sequence, one over its M tables whose B * T positions are
+        # bags of one id each: the same rows read and updated, the same outputs
+        # (bit-identical tables after an SGD step).
+        seq = ["f0"] if T else []
+        single = [f"f{f}" for f in range(F) if f"f{f}" not in seq]
+        groups = [names for names in (single, seq) if names]
+        tbes = [SplitTableBatchedEmbeddingBagsCodegen(
+            [(ROWS, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * (M * len(names)),
+            optimizer=EmbOptimType.EXACT_SGD, learning_rate=LR, pooling_mode=PoolingMode.SUM)
+            for names in groups]
+        prepared = []  # per batch, per TBE: (indices, offsets), tables member-major
         for ids in batches:
-            indices, lengths = [], []
-            for m in range(M):
-                for f in range(F):
-                    x = ids[f"f{f}"]
-                    indices.append(x.reshape(-1))
-                    lengths.append(torch.full((B,), x.shape[1] if x.dim() == 2 else 1))
-            lengths = torch.cat(lengths)
-            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-            prepared.append((torch.cat(indices), offsets))
+            inputs = []
+            for names in groups:
+                indices = torch.cat([ids[name].reshape(-1) for _ in range(M) for name in names])
+                offsets = torch.arange(len(indices) + 1, dtype=torch.int64)  # bags of one id
+                inputs.append((indices, offsets))
+            prepared.append(inputs)
         next_input = _Cycle(prepared)
-        out0 = tbe(*prepared[0])
-        grad = torch.ones_like(out0)
+        grads = [torch.ones_like(tbe(*inp)) for tbe, inp in zip(tbes, prepared[0])]
 
         def step():
-            out = tbe(*next_input())
-            out.backward(grad)
+            outs = [tbe(*inp) for tbe, inp in zip(tbes, next_input())]
+            torch.autograd.backward(outs, grads)
 
         return step
 
@@ -274,6 +276,8 @@ def summarize(path: str) -> str:
     rows: dict[tuple, dict[str, dict]] = {}
     for b in data["benchmarks"]:
         e = b["extra_info"]
+        if e.get("op") != "embedding_step":  # (the host-overhead bench has its own table)
+            continue
         key = (e["M"], e["B"], e["D"], e["T"])
         rows.setdefault(key, {})[e["provider"]] = {"ms": b["stats"]["median"] * 1e3,
                                                     "min_ms": b["stats"]["min"] * 1e3,
@@ -302,7 +306,8 @@ def summarize(path: str) -> str:
 
 
 def interleaved(shapes, providers, rounds: int) -> str:
-    """Times the providers round-robin (one step each per round) and reports median / min ms,
+    """Times the providers round-robin (one step each per round, the order rotating from round
+    to round) and reports median / min ms,
     useful GB/s and ratios. On a shared machine, load changes hit every provider alike, which
     pytest-benchmark's one-provider-after-the-other runs cannot guarantee."""
     lines = [f"threads = {torch.get_num_threads()}, rounds = {rounds}, {device_name('cpu')}", "",
@@ -319,10 +324,12 @@ def interleaved(shapes, providers, rounds: int) -> str:
             step()
             step()
         times: dict[str, list[float]] = {p: [] for p in steps}
-        for _ in range(rounds):
-            for p, step in steps.items():
+        order = list(steps)
+        for r in range(rounds):
+            # the order rotates each round: no provider always runs after the same one
+            for p in order[r % len(order):] + order[:r % len(order)]:
                 t0 = time.perf_counter()
-                step()
+                steps[p]()
                 times[p].append(time.perf_counter() - t0)
         med = {p: sorted(v)[len(v) // 2] * 1e3 for p, v in times.items()}
         for p in steps:
@@ -348,6 +355,7 @@ if __name__ == "__main__":
     s2.add_argument("--rounds", type=int, default=20)
     s2.add_argument("--providers", default="cetnet-cpu,loop,fbgemm")
     s2.add_argument("--headline", action="store_true", help="only M=2, B=4096, D=16")
+    s2.add_argument("--sequence", action="store_true", help="only M=2, B=4096, D=16, T=50")
     a = ap.parse_args()
     if a.cmd == "summarize":
         table = summarize(a.json)
@@ -377,5 +385,6 @@ if __name__ == "__main__":
             print(table)
     else:
         torch.set_num_threads(a.threads)
-        shapes = [(2, 4096, 16, 0)] if a.headline else _shapes()
+        shapes = [(2, 4096, 16, 0)] if a.headline else [(2, 4096, 16, 50)] if a.sequence \
+            else _shapes()
         print(interleaved(shapes, a.providers.split(","), a.rounds))

@@ -42,7 +42,7 @@ Ratios `eager / X` and `compile / X` are speedups of cetnet provider X (> 1: X i
 `X %copy` is the bandwidth of X (the bytes the op must move at minimum, see `bytes_moved` in
 bench_fusion.py) as a percentage of a device-to-device copy of the same bytes.
 `autograd-floor` is `logits.sum().backward()` alone: the fixed cost of one autograd backward
-pass, which every provider's time includes (at small B it is most of the time). `ops-direct` is
+pass, which every provider's time includes (at B = 256 it is about half of cetnet-cpu's time). `ops-direct` is
 cetnet's forward and backward op called through `torch.ops.cetnet` without the autograd engine
 (the kernels' own cost plus dispatch; no ratio columns: it is not a drop-in step).
 
