@@ -178,9 +178,10 @@ def _encode_tokens(tokens: list[str], vocab: Any, vocab_size: int, path: Path, l
     return ids, sum(i == OOV_ID for i in ids)
 
 
-#: Padding a file's bags to its widest bag may take this many cells, or 16 per id of the
-#: bags, whichever is more: beyond, one very wide bag is refused rather than take the memory.
-MAX_BAG_CELLS = 1 << 24
+#: Padding a file's bags to its widest bag may take this many cells (2 GiB of ids), or 16 per
+#: id of the bags, whichever is more: beyond, one very wide bag is refused rather than take
+#: the memory (200k rows padded to a widest bag of 100 take 160 MB, and pass).
+MAX_BAG_CELLS = 1 << 28
 
 
 def _bags(rows: list[list[int]], lines: list[int], path: Path, column: str) -> np.ndarray:
@@ -465,8 +466,10 @@ def export_model(model: nn.Module, schema: Schema) -> torch.export.ExportedProgr
     model.eval()
     try:
         with torch.no_grad():
+            # non-strict (torch >= 2.7's default; 2.6's strict dynamo cannot trace the dense
+            # check's torch._check with a message, and without one drops the check)
             program = torch.export.export(ServingModule(model), example_inputs(schema, 4, device),
-                                          dynamic_shapes=dynamic_shapes(schema))
+                                          dynamic_shapes=dynamic_shapes(schema), strict=False)
     finally:
         model.train(was_training)
     # An embedding trained by a fused optimizer has a buffer that requires grad (its autograd

@@ -284,7 +284,7 @@ def test_one_very_wide_bag_is_refused_not_padded_into_every_row(run_dir, tmp_pat
     assert len(err) == 1 and "a bag of 2,000 ids; rows are padded" in err[0], err
     with pytest.raises(DataFormatError, match=f"line 5, column '{bag}': a bag of 2,000 ids"):
         serve.encode_csv(run.dataset, path)
-    monkeypatch.setattr(serve, "MAX_BAG_CELLS", 1 << 24)
+    monkeypatch.undo()
     assert main(["predict", str(run_dir), "--csv", str(path), "--out",
                  str(tmp_path / "p.csv")]) == 0  # within the budget: padded as before
 
@@ -378,6 +378,12 @@ def test_a_checkpoint_of_another_model_config_is_refused(run_dir, tmp_path, caps
                  str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trained with another model config" in err[0], err
+    # a tuple in memory (a config made in Python) is a list in config.yaml; NaN equals NaN:
+    # the run's own checkpoint was refused
+    from cetnet.train.checkpoint import check_model_config
+
+    check_model_config({MODEL_CONFIG: {"members": ("dnn", "dcnv2"), "x": math.nan}},
+                       {"model": {"members": ["dnn", "dcnv2"], "x": math.nan}}, "best.pt")
     # a checkpoint of before (no model section recorded) is taken as it is
     state = load_checkpoint(other / "best.pt")
     del state[MODEL_CONFIG]

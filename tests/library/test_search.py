@@ -650,8 +650,14 @@ def test_a_study_records_its_rows_not_only_their_encoding():
     before, after = data_identity({}, base), data_identity({}, edited)
     assert before["data_digest"] == after["data_digest"]
     assert setup_changes(before, after) == ["data_content"]
-    # a study recorded by an earlier cetnet (no data_content) is not refused for it
-    assert setup_changes({"data_digest": before["data_digest"]}, after) == []
+    # a study recorded by an earlier cetnet (no data_content) is not refused for it, and
+    # records it then: the next resume compares it
+    study = optuna.create_study()
+    old = {"data_digest": before["data_digest"]}
+    study.set_user_attr("setup", old)
+    assert setup_changes(old, after, study=study) == []
+    assert study.user_attrs["setup"] == {**old, "data_content": after["data_content"]}
+    assert setup_changes(study.user_attrs["setup"], before) == ["data_content"]
 
 
 def test_a_dead_pid_of_another_container_with_this_hostname_is_left_to_the_heartbeat(tmp_path):

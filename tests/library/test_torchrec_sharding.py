@@ -157,6 +157,23 @@ def test_row_wise_adagrad_tables_are_never_cut_into_column_blocks(sharding, worl
     assert set(_column_blocks("sgd", sharding, world).values()) == {2}
 
 
+def test_a_run_saved_with_row_wise_adagrad_in_column_blocks_says_why_it_cannot_resume(
+        tmp_path, monkeypatch):
+    # runs of before cut 256-wide tables into 128-column blocks, each with its own Adagrad
+    # accumulator: their state does not load into whole-row shards (a bare size mismatch)
+    from cetnet.train import sharded
+    from cetnet.train.checkpoint import CheckpointError
+
+    cfg = _config(embedding_sharding="column_wise")
+    cfg["model"]["embedding_dim"] = 256
+    monkeypatch.setattr(sharded, "_whole_rows", lambda front, dim: None)  # the old plan
+    _train(cfg, tmp_path / "run", stop_after=1)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"saved per column block of a table .* start it "
+                                              r"again \(--overwrite\)"):
+        _train(cfg, tmp_path / "run", resume=True)
+
+
 # -- one training step --------------------------------------------------------------------
 
 def _step(model, run, batch, params, lr=0.01):

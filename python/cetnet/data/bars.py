@@ -160,7 +160,8 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
         seq_order: default order of ids in sequence cells (see :func:`read_config`).
         max_rows: read at most this many rows of each file (quick looks at big files).
         cache_dir: if given, the encoded dataset is saved there and reloaded while the config,
-            the options and the csv files (size and modification time) are unchanged.
+            the options and the csv files (size, modification and status-change times,
+            inode: see :func:`~cetnet.data.cache.file_stamp`) are unchanged.
         verbose: report progress on stderr.
 
     Raises:

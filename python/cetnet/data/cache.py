@@ -1,8 +1,9 @@
 """Where downloaded and processed datasets are kept, and how encoded datasets are cached.
 
 A cache file's name carries a digest of everything its contents depend on (the loader's cache
-version, :data:`~cetnet.data.dataset.FORMAT_VERSION`, the options, the input files' sizes and
-modification times), so a cache of other options or another format is never read for this one.
+version, :data:`~cetnet.data.dataset.FORMAT_VERSION`, the options, the input files' sizes,
+modification and status-change times and inodes), so a cache of other options, another format or
+rewritten files is never read for this one.
 Every write is atomic (:mod:`cetnet.atomic`): concurrent prepares into one directory each write
 through their own temporary and the last ``os.replace`` wins with a complete file; temporaries of
 killed writes are swept on the next start. An unreadable cache file (empty, truncated, corrupt,

@@ -361,7 +361,7 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
         def full(d: dict) -> dict:  # a setup saved without the later keys: their defaults
             return {"proxy": "auc", "max_cost": None, "cost_weight": 0.0, **d}
 
-        changed = setup_changes(full(saved), full(setup))
+        changed = setup_changes(full(saved), full(setup), study=study)
         if changed:
             raise SearchError(f"study {options.study!r} was started with another "
                               f"{', '.join(changed)}: continue it with the same options, or "
@@ -397,11 +397,17 @@ def quiet_trial_failures() -> None:
             handler.addFilter(_TrialFailureFilter())
 
 
-def setup_changes(saved: dict, setup: dict) -> list[str]:
+def setup_changes(saved: dict, setup: dict, *, study: Any = None) -> list[str]:
     """The keys of ``setup`` whose value differs from the study's ``saved`` one (the data
-    keys only when the study recorded them)."""
-    return [k for k in setup if not (k in UNRECORDED_BEFORE and k not in saved)
-            and saved.get(k) != setup[k]]
+    keys only when the study recorded them). With ``study`` and no difference, the data keys
+    a study of an earlier cetnet lacks are recorded into it now, so that later resumes
+    compare them."""
+    changed = [k for k in setup if not (k in UNRECORDED_BEFORE and k not in saved)
+               and saved.get(k) != setup[k]]
+    missing = {k: setup[k] for k in UNRECORDED_BEFORE if k in setup and k not in saved}
+    if study is not None and not changed and missing:
+        study.set_user_attr("setup", {**study.user_attrs.get("setup", saved), **missing})
+    return changed
 
 
 def setup_difference(saved: dict, setup: dict, changed: Sequence[str]) -> str:

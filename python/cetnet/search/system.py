@@ -194,7 +194,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
                                    setup=setup, where=_hide_password(storage_url),
                                    direction="maximize", sampler=sampler)
     if saved is not None:
-        changed = setup_changes(saved, setup)
+        changed = setup_changes(saved, setup, study=study)
         if changed:
             raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
                               "continue it with the same options (and machine), or name a new "

@@ -12,6 +12,7 @@ into a :class:`CheckpointError` naming it; :func:`check_model_state` says, befor
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -183,26 +184,23 @@ def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_model_config(state: dict, config: Mapping[str, Any], path: str | Path) -> None:
     """CheckpointError when the checkpoint ``state`` (read from ``path``) was trained with
-    another ``model`` section than the validated ``config`` (a run's ``config.yaml``) has: a
-    run overwritten while it was read (its new ``config.yaml`` with the old ``best.pt``), or
-    another run's checkpoint, whose weights fit the shapes but not a setting such as the
-    fusion temperature (silently other predictions). Both sections are compared validated,
-    so a default added by a later cetnet is no difference; checkpoints of before (no section
-    recorded) are taken as they are."""
-    from cetnet.config import ConfigError, validate_config
-
+    another ``model`` section than ``config`` (a run's ``config.yaml``) has: a run overwritten
+    while it was read (its new ``config.yaml`` with the old ``best.pt``), or another run's
+    checkpoint, whose weights fit the shapes but not a setting such as the fusion temperature
+    (silently other predictions). Compared as JSON (a tuple in memory is a list once in
+    ``config.yaml``, NaN equals NaN); checkpoints of before (no section recorded) are taken as
+    they are."""
     saved = state.get(MODEL_CONFIG)
-    if saved is None:
+    if saved is None or _canonical(saved) == _canonical(config["model"]):
         return
-    try:
-        then = validate_config({**config, "model": saved})["model"]
-    except (ConfigError, TypeError, ValueError):
-        then = saved
-    if then != config["model"]:
-        raise CheckpointError(
-            f"{path}: trained with another model config than {Path(path).parent / 'config.yaml'}"
-            " says (was the run overwritten while this read it, or is the checkpoint another "
-            "run's?); read the run again, or give the run's own checkpoint")
+    raise CheckpointError(
+        f"{path}: trained with another model config than {Path(path).parent / 'config.yaml'}"
+        " says (was the run overwritten while this read it, or is the checkpoint another "
+        "run's?); read the run again, or give the run's own checkpoint")
+
+
+def _canonical(section: Any) -> str:
+    return json.dumps(section, sort_keys=True, default=str)
 
 
 def first_line(e: BaseException) -> str:

@@ -391,8 +391,15 @@ def load_tables(model: nn.Module, folder: Path, run: ShardedRun | None = None, *
     except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
         if distributed.collective_failure(e):
             raise  # another rank died or timed out: not the folder's fault
-        raise CheckpointError(f"{folder}: cannot load the tables ({_dcp_failure_text(e)})"
-                              ) from None
+        text = _dcp_failure_text(e)
+        hint = ""
+        if optimizer and "Size mismatch" in text and "optimizer" in text:
+            # written by a cetnet that cut row-wise Adagrad tables into column blocks (one
+            # accumulator per block); the whole-row state cannot be made of it exactly
+            hint = ("; its row-wise Adagrad state was saved per column block of a table (a "
+                    "cetnet before 2026-11-30 cut tables wider than 128 so): the run cannot "
+                    "continue, start it again (--overwrite); its best.pt still evaluates")
+        raise CheckpointError(f"{folder}: cannot load the tables ({text}){hint}") from None
 
 
 def _dcp_failure_text(e: BaseException) -> str:
