@@ -2,7 +2,7 @@
 
 CubicML (Meta) fits an ML model that predicts the training throughput of a job's system
 settings from a few measured runs, and lets a search pick the settings it predicts fastest.
-Here the model is the dataset config's (the default CETNet on MovieLens-100k, or ``--set``
+Here the model is the dataset config's (the paper's CETNet pair on MovieLens-100k, or ``--set``
 overrides of it); a trial samples
 
 - ``train.batch_size`` (256 ... 4096),
