@@ -108,7 +108,23 @@ def restart_count() -> int:
 #: a run directory: the agent keeps its store across restarts, so a restarted attempt knows
 #: whether what the directory holds is this job's (see :func:`claimed_by_this_job`).
 CLAIMED_KEY = "cetnet/claimed/"
-_agent_store: list[Any] = []  # torchrun's store, connected once per process
+_agent_rendezvous: list[tuple[Any, int, int]] = []  # torchrun's, made once per process
+
+
+def _rendezvous() -> tuple[Any, int, int]:
+    """``(store, rank, world size)`` from torchrun's environment. Under torchrun's agent store
+    (one job per process, its store outliving every attempt) made once and kept."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if agent and _agent_rendezvous:
+        return _agent_rendezvous[0]
+    from torch.distributed.rendezvous import rendezvous
+
+    timeout = datetime.timedelta(seconds=timeout_seconds())
+    store, r, world = next(rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    if agent:
+        _agent_rendezvous.append((store, r, world))
+    return store, r, world
 
 
 def _job_store() -> Any | None:
@@ -116,14 +132,7 @@ def _job_store() -> Any | None:
     the process was not started by torchrun with an agent store."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    if not _agent_store:
-        from torch.distributed.rendezvous import rendezvous
-
-        timeout = datetime.timedelta(seconds=timeout_seconds())
-        store, _, _ = next(rendezvous("env://", timeout=timeout))
-        store.set_timeout(timeout)
-        _agent_store.append(store)
-    return _agent_store[0]
+    return _rendezvous()[0]
 
 
 def _claim_key(run_dir: Any) -> str:
@@ -183,7 +192,8 @@ def collective_failure(e: BaseException) -> bool:
 class InjectedFault:
     """Test hook: ``$CETNET_TEST_FAULT=ACTION:RANK:EPOCH:STEP`` makes rank RANK, on torchrun's
     first attempt only, SIGKILL itself (``kill``) or sleep forever (``hang``) right before step
-    STEP (1-based) of epoch EPOCH (epoch 0, step 0: before rank 0 claims the run directory). Unset (always, outside tests): :meth:`parse` is None."""
+    STEP (1-based) of epoch EPOCH (epoch 0, step 0: before rank 0 claims the run directory).
+    Unset (always, outside tests): :meth:`parse` is None."""
 
     def __init__(self, action: str, epoch: int, step: int) -> None:
         self.action, self.epoch, self.step = action, epoch, step
@@ -259,12 +269,7 @@ def process_group(device: torch.device) -> Iterator[None]:
     # torchrun's agent keeps one store across restarts: without a key prefix per attempt a
     # restarted rank can read the address a dead rank of the failed attempt published there
     # (gloo: "connectFullMesh failed ... Connection refused")
-    from torch.distributed.rendezvous import rendezvous
-
-    store, r, world = next(rendezvous("env://", timeout=timeout))
-    store.set_timeout(timeout)
-    if not _agent_store and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        _agent_store.append(store)  # (the claims of run directories go there too)
+    store, r, world = _rendezvous()
     store = dist.PrefixStore(f"cetnet/attempt{restart_count()}/default_pg", store)
     dist.init_process_group(backend=backend, store=store, rank=r, world_size=world,
                             timeout=timeout)
