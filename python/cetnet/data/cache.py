@@ -118,9 +118,12 @@ def write_cache(ds: CTRDataset, path: Path) -> None:
     try:
         ds.save(path)
     except OSError as e:
-        raise CacheError(path, f"cannot write the cache file ({e.strerror or e}); free space, "
-                               f"fix the directory's permissions or choose another cache "
-                               f"directory") from None
+        raise _cannot_write(path, e) from None
+
+
+def _cannot_write(path: Path, e: OSError) -> CacheError:
+    return CacheError(path, f"cannot write the cache file ({e.strerror or e}); free space, fix "
+                            f"the directory's permissions or choose another cache directory")
 
 
 def cached(path: Path | None, build: Callable[[], CTRDataset], *, refresh: bool = False,
@@ -145,6 +148,4 @@ def check_writable(path: Path) -> None:
         with tempfile.TemporaryFile(dir=path.parent):
             pass
     except OSError as e:
-        raise CacheError(path, f"cannot write the cache file ({e.strerror or e}); fix the "
-                               f"directory's permissions or choose another cache "
-                               f"directory") from None
+        raise _cannot_write(path, e) from None
