@@ -151,7 +151,7 @@ def test_comparisons_pick_the_best_member_on_validation():
     chosen = {"dnn": {s: _result(s, 0, 0.60, 0.70 + s / 100) for s in range(3)},
               "dcnv2": {s: _result(s, 0, 0.65, 0.60) for s in range(3)},
               "cetnet": {s: _result(s, 0, 0.7, 0.72 + s / 100) for s in range(3)},
-              "naive": {s: _result(s, 0, 0.7, 0.71) for s in range(3)}}
+              "naive": {s: _result(s, 0, 0.69 - s / 1000, 0.71) for s in range(3)}}
     summary = summarize(chosen, {r: list(c.values()) for r, c in chosen.items()})
     assert summary["dnn"]["test"]["auc"] == [0.70, 0.71, 0.72]
     comps = comparisons(chosen, summary, ["dnn", "dcnv2"])
@@ -160,6 +160,8 @@ def test_comparisons_pick_the_best_member_on_validation():
     naive = next(c for c in comps if c["b"] == "naive")
     assert naive["diffs"]["auc"].diffs == pytest.approx([0.01, 0.02, 0.03])
     assert naive["diffs"]["logloss"].mean == pytest.approx(-0.02)
+    # and the validation AUC the rows were chosen on
+    assert naive["diffs"]["valid_auc"].diffs == pytest.approx([0.01, 0.011, 0.012])
 
 
 def test_runs_are_cached_resumed_and_reported(tmp_path, monkeypatch):
@@ -187,6 +189,7 @@ def test_runs_are_cached_resumed_and_reported(tmp_path, monkeypatch):
     assert "cetnet reproduce --dataset synthetic" in report and "torch" in report
     assert "| cetnet |" in report and "| dnn |" in report and "(a) best member alone (dnn)" \
         in report
+    assert "| AUC verdict | Δvalid AUC | n |" in report
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["summary"]["cetnet"]["seeds"] == [0, 1]
     one = json.loads(results[0].read_text())
@@ -327,6 +330,7 @@ def test_embedding_size_study_pairs_cetnet_with_larger_multi_embedding(tmp_path)
                  ("cetnet_d8", "multi_embedding_d8")):
         assert f"| {a} | {b} |" in report
     assert "| cetnet_d8 | multi_embedding_d4 |" not in report
+    assert "| ΔAUC | verdict | Δvalid AUC | n |" in report
     assert (tmp_path / "doc" / "results" /
             "study_auc_vs_embedding_parameters.png").stat().st_size > 1000
 

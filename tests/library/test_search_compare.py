@@ -165,7 +165,8 @@ def test_compare_is_on_the_auc_at_equal_budget_and_its_winner_is_the_best_of_all
             or line.startswith("| b")] == ["| a #3", "| b #2", "| b #0", "| a #5"]
 
 
-def test_the_retrained_comparison_is_best_minus_baseline_by_seed(tmp_path, monkeypatch):
+def test_the_retrained_comparison_pairs_every_config_by_seed_on_valid_and_test(tmp_path,
+                                                                                 monkeypatch):
     import cetnet.search.compare as compare
 
     study = _trials_csv(tmp_path / "s", [("0", "COMPLETE", "0.75")])
@@ -180,21 +181,38 @@ def test_the_retrained_comparison_is_best_minus_baseline_by_seed(tmp_path, monke
 
     def fake(config, seeds, out, say, label):  # best: AUC +0.01 and logloss -0.02 per seed
         shift = 0.0 if label == "best trial" else 1.0
+        # validation: the paper's pair 0.002 below the others, seed 1 noisier
+        def valid(s):
+            return 0.79 - (0.002 if label.startswith("paper") else 0.0) + 0.001 * (s == 1)
+
         return {s: {"fused": {"auc": 0.80 + 0.001 * s - 0.01 * shift, "gauc": 0.7 + 0.001 * s,
                               "logloss": 0.50 + 0.003 * s + 0.02 * shift},
-                    "valid": {"fused": {"auc": 0.79}}} for s in range(seeds)}
+                    "valid": {"fused": {"auc": valid(s)}}} for s in range(seeds)}
 
     monkeypatch.setattr(compare, "_train_seeds", fake)
     compare_studies(CompareOptions(studies=[study], out=tmp_path / "out", retrain_seeds=3,
                                    baselines=[str(baseline), "default", "paper"],
                                    say=lambda text: None))
     report = (tmp_path / "out" / "COMPARE.md").read_text()
-    assert "| base.yaml | AUC | +0.0100 | [0.0100, 0.0100] | better |" in report
-    assert "| default config | AUC | +0.0100 |" in report
-    assert "| paper's CETNet (DHEN + InterFormer) | AUC | +0.0100 |" in report
-    assert "| paper's CETNet (DHEN + InterFormer) (cetnet) | dhen, interformer |" in report
-    assert "| base.yaml | gAUC | +0.0000 |" in report and "within seed noise" in report
-    assert "| base.yaml | logloss | -0.0200 | [-0.0200, -0.0200] | better |" in report
+    paper = "paper's CETNet (DHEN + InterFormer)"
+    assert "| best trial | base.yaml | AUC | +0.0100 | [0.0100, 0.0100] | better |" in report
+    assert "| best trial | default config | AUC | +0.0100 |" in report
+    assert f"| best trial | {paper} | AUC | +0.0100 |" in report
+    assert f"| {paper} (cetnet) | dhen, interformer |" in report
+    assert "| best trial | base.yaml | gAUC | +0.0000 |" in report
+    assert "| best trial | base.yaml | logloss | -0.0200 | [-0.0200, -0.0200] | better |" in report
+    # every pair, in the order given; validation first (what configs are chosen on)
+    assert "| base.yaml | default config | AUC | +0.0000 |" in report
+    assert (f"| default config | {paper} | valid AUC | +0.0020 | [0.0020, 0.0020] | better |"
+            in report)
+    assert "| best trial | base.yaml | valid AUC | +0.0000 | [0.0000, 0.0000] |" in report
+    retrained = report.split("## The best trial retrained")[1]
+    assert len([line for line in retrained.splitlines()
+                if " | valid AUC | " in line]) == 6  # 4 configs: 6 pairs
+    # per seed, validation / test of each config
+    assert f"| seed | best trial | base.yaml | default config | {paper} |" in report
+    assert "| 1 | 0.7910 / 0.8010 | 0.7910 / 0.7910 | 0.7910 / 0.7910 | 0.7890 / 0.7910 |" \
+        in report
     with pytest.raises(CompareError, match="other.yaml: its data section"):
         compare_studies(CompareOptions(studies=[study], out=tmp_path / "out", retrain_seeds=1,
                                        baselines=[str(other)], say=lambda text: None))

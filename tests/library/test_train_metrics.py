@@ -117,3 +117,19 @@ def test_length_mismatch_is_an_error_in_every_metric():
         logloss(s, y)  # before: [5] vs [1] broadcast silently
     with pytest.raises(ValueError, match="logloss: eps"):
         logloss(s[:4], y, eps=float("nan"))
+
+
+def test_member_metrics_rank_logits_a_float32_sigmoid_would_tie():
+    """Logits 18 and 20 both round to 1.0 through a float32 sigmoid (an AUC of 0.5 from the
+    tie); the member's AUC ranks the logits themselves, its logloss takes a float64 sigmoid."""
+    from cetnet.train.evaluate import Predictions, score
+
+    logits = torch.tensor([[18.0], [20.0], [-3.0], [22.0]])
+    label = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    group = torch.tensor([0, 0, 1, 1])
+    assert torch.sigmoid(logits[0]) == torch.sigmoid(logits[1])  # the tie this avoids
+    pred = Predictions(torch.sigmoid(logits[:, 0]), logits, None, label, group)
+    member = score(pred, ["m"])["members"]["m"]
+    assert member["auc"] == 1.0 and member["gauc"] == 1.0
+    assert member["logloss"] == pytest.approx(logloss(torch.sigmoid(logits[:, 0].double()),
+                                                      label), rel=1e-12)

@@ -81,6 +81,10 @@ def summarize(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],
 
 
 def _by_seed(chosen: Mapping[int, Mapping[str, Any]], metric: str) -> dict[int, float]:
+    """Per seed, the fused test ``metric``; ``valid_auc``: the fused validation AUC (the
+    metric the grid point and the best epoch were chosen on)."""
+    if metric == "valid_auc":
+        return {s: r["metrics"]["valid"]["fused"]["auc"] for s, r in chosen.items()}
     return {s: r["metrics"]["fused"][metric] for s, r in chosen.items()}
 
 
@@ -94,8 +98,8 @@ def best_member_row(summary: Mapping[str, dict], members: Sequence[str]) -> str 
 
 def comparisons(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],
                 summary: Mapping[str, dict], members: Sequence[str]) -> list[dict]:
-    """Paired (per seed) differences ``a - b`` of the test metrics with 95 % t intervals:
-    cetnet vs its best member alone, scaled_single, naive, multi_embedding, kdef(_shared); each
+    """Paired (per seed) differences ``a - b`` of the test metrics and of the validation AUC
+    (``diffs["valid_auc"]``) with 95 % t intervals: cetnet vs its best member alone, scaled_single, naive, multi_embedding, kdef(_shared); each
     CETNet variant vs cetnet and vs naive."""
     pairs: list[tuple[str, str, str]] = []
     best = best_member_row(summary, members)
@@ -120,7 +124,7 @@ def comparisons(chosen: Mapping[str, Mapping[int, Mapping[str, Any]]],
     out = []
     for a, b, what in pairs:
         diffs = {m: paired_difference(_by_seed(chosen[a], m), _by_seed(chosen[b], m))
-                 for m, _ in METRICS}
+                 for m in [*(name for name, _ in METRICS), "valid_auc"]}
         out.append({"a": a, "b": b, "what": what, "diffs": diffs})
     return out
 
@@ -301,16 +305,20 @@ def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[s
                              f"{_ms(mm['logloss'])} | {_ms(w, 3) if w else '–'} |")
     if comps:
         lines += ["", "## Paired differences over seeds (a − b), 95 % t intervals", "",
-                  "Per seed, the difference of the two rows' test metrics; mean [95 % CI] with "
-                  "t_{0.975, n−1}. *better/worse*: the interval excludes 0 (for logloss lower is "
-                  "better); *within seed noise*: it does not.", "",
-                  "| a | b | question | ΔAUC | ΔgAUC | Δlogloss | AUC verdict | n |",
-                  "|---|---|---|---|---|---|---|---:|"]
+                  "Per seed, the difference of the two rows' test metrics, and of their "
+                  "validation AUC (the metric each row's grid point and epoch were chosen on); "
+                  "mean [95 % CI] with t_{0.975, n−1}. *better/worse*: the interval excludes 0 "
+                  "(for logloss lower is better); *within seed noise*: it does not. The verdict "
+                  "is for each comparison on its own: no correction for the many comparisons "
+                  "of the table.", "",
+                  "| a | b | question | ΔAUC | ΔgAUC | Δlogloss | AUC verdict | Δvalid AUC "
+                  "| n |",
+                  "|---|---|---|---|---|---|---|---|---:|"]
         for c in comps:
             d = c["diffs"]
             lines.append(f"| {c['a']} | {c['b']} | {c['what']} | {_ci(d['auc'])} | "
                          f"{_ci(d['gauc'])} | {_ci(d['logloss'])} | {d['auc'].verdict()} "
-                         f"| {d['auc'].n} |")
+                         f"| {_ci(d['valid_auc'])} | {d['auc'].n} |")
     failed = [f"{r}: {f}" for r, s in summary.items() for f in s["failed"]]
     missing = [f"{r} seed {x}" for r, s in summary.items() for x in seeds if x not in s["seeds"]]
     if failed or missing:

@@ -69,14 +69,17 @@ def _embedding_size(specs: Mapping[str, Row], summary: Mapping[str, dict],
         lines += ["", "## CETNet at a dim against multi-embedding at the same or a larger dim",
                   "", "Paired by seed, test AUC `a − b`, mean [95 % t interval]. The claim holds "
                   "at a pair when the interval is above 0 (*better*) or contains 0 (*comparable*) "
-                  "while CETNet uses fewer embedding parameters.", "",
-                  "| a | b | embedding parameters a / b | ΔAUC | verdict | n |",
-                  "|---|---|---|---|---|---:|"]
+                  "while CETNet uses fewer embedding parameters. Δvalid AUC: the same for the "
+                  "validation AUC each row was chosen on.", "",
+                  "| a | b | embedding parameters a / b | ΔAUC | verdict | Δvalid AUC | n |",
+                  "|---|---|---|---|---|---|---:|"]
         for a, b in pairs:
             d = paired_difference(_by_seed(chosen[a], "auc"), _by_seed(chosen[b], "auc"))
+            dv = paired_difference(_by_seed(chosen[a], "valid_auc"),
+                                   _by_seed(chosen[b], "valid_auc"))
             ea, eb = summary[a]["embedding_parameters"], summary[b]["embedding_parameters"]
             lines.append(f"| {a} | {b} | {ea or 0:,} / {eb or 0:,} | {_ci(d)} | {d.verdict()} "
-                         f"| {d.n} |")
+                         f"| {_ci(dv)} | {d.n} |")
     if folder is not None and rows:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -107,21 +107,31 @@ def gather_predictions(pred: Predictions) -> Predictions:
                        gather(pred.label), gather(pred.group))
 
 
-def _scores(prob: Tensor, label: Tensor, group: Tensor) -> dict[str, float]:
-    return {"auc": auc(prob, label), "gauc": gauc(prob, label, group),
+def _scores(prob: Tensor, label: Tensor, group: Tensor,
+            ranking: Tensor | None = None) -> dict[str, float]:
+    """AUC and gAUC rank ``ranking`` (default ``prob``: any increasing function of it ranks
+    alike), logloss scores ``prob``."""
+    ranking = prob if ranking is None else ranking
+    return {"auc": auc(ranking, label), "gauc": gauc(ranking, label, group),
             "logloss": logloss(prob, label)}
+
+
+def _member_scores(logits: Tensor, label: Tensor, group: Tensor) -> dict[str, float]:
+    # ranked by the logit itself: a float32 sigmoid rounds logits past ~17 to 1.0 and would
+    # tie them; the logloss takes a float64 sigmoid
+    return _scores(torch.sigmoid(logits.double()), label, group, ranking=logits)
 
 
 def score(pred: Predictions, member_names: list[str]) -> dict[str, Any]:
     """``{"fused": {auc, gauc, logloss}, "members": {name: {...}}}`` plus, when the ensemble
-    has fusion weights, ``"fusion_weights": {name: mean weight}``. A member's probability is
-    ``sigmoid(logits[:, k])``."""
+    has fusion weights, ``"fusion_weights": {name: mean weight}``. A member's AUC and gAUC rank
+    its logits ``logits[:, k]``, its logloss scores ``sigmoid(logits[:, k])`` (in float64)."""
     if pred.logits.shape[1] != len(member_names):
         raise ValueError(f"evaluate: the model has {len(member_names)} member names but "
                          f"{pred.logits.shape[1]} logit columns")
     out: dict[str, Any] = {
         "fused": _scores(pred.prob, pred.label, pred.group),
-        "members": {name: _scores(torch.sigmoid(pred.logits[:, k]), pred.label, pred.group)
+        "members": {name: _member_scores(pred.logits[:, k], pred.label, pred.group)
                     for k, name in enumerate(member_names)},
     }
     if pred.weights is not None:
