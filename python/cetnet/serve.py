@@ -497,11 +497,34 @@ class ExportedRun:
 
     def module(self) -> nn.Module:
         """The callable module of the program (``module()(*batch_inputs(batch))``), for
-        inference: its parameters do not require grad."""
+        inference: its parameters do not require grad. A NaN or infinite dense value fails
+        with the message :class:`ServingModule` gives (``dense: a value is NaN or infinite``),
+        not the program's bare runtime assertion; ``.program`` is the program's own module."""
         module = self.program.module()
         for p in module.parameters():
             p.requires_grad_(False)
-        return module
+        return _NamedChecks(module)
+
+
+class _NamedChecks(nn.Module):
+    """An exported program's module whose failed dense check says what failed (an exported
+    program keeps the assertion but not its message)."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, sparse: dict[str, Tensor], dense: Tensor,
+                multihot: dict[str, tuple[Tensor, Tensor]],
+                sequence: dict[str, Tensor]) -> dict[str, Tensor]:
+        try:
+            return self.program(sparse, dense, multihot, sequence)
+        except RuntimeError as e:  # read only on the error path: no cost to a good call
+            if "Runtime assertion failed" in str(e) and isinstance(dense, Tensor) \
+                    and not bool(torch.isfinite(dense).all()):
+                raise RuntimeError(
+                    "dense: a value is NaN or infinite (dense inputs must be finite)") from e
+            raise
 
 
 def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = BEST,

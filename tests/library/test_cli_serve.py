@@ -215,15 +215,18 @@ def test_export_writes_a_program_that_matches_the_run(run_dir, tmp_path, capsys)
         eager = run.model(batch)
     torch.testing.assert_close(served["prob"], eager.prob, rtol=0, atol=1e-6)
     torch.testing.assert_close(served["weights"], eager.weights, rtol=0, atol=1e-6)
-    # a NaN or infinite dense value: an error, not NaN probabilities (a runtime assertion of
-    # the program; eager, the message names dense)
+    # a NaN or infinite dense value: an error naming dense, not NaN probabilities (the
+    # program's runtime assertion; its message is ServingModule's)
     assert run.dataset.schema.dense
     for bad in (math.nan, math.inf):
         sparse, dense, bags, sequences = serve.batch_inputs(batch)
         inputs = (sparse, dense.clone(), bags, sequences)
         inputs[1][2, 0] = bad
-        with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+        with pytest.raises(RuntimeError, match="dense: a value is NaN or infinite") as failed:
             exported.module()(*inputs)
+        assert "Runtime assertion failed" in str(failed.value.__cause__)
+        with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+            exported.module().program(*inputs)  # the program's own module
         with pytest.raises(RuntimeError, match="dense: a value is NaN or infinite"):
             serve.ServingModule(run.model)(*inputs)
     with torch.no_grad():  # and the program goes on serving
