@@ -108,6 +108,8 @@ __all__ = [
 # The optimizer codes as constexprs: _runs_kernel's MODE is one of them.
 _MODE_DENSE = tl.constexpr(int(Optimizer.DENSE))
 _MODE_ROWWISE_ADAGRAD = tl.constexpr(int(Optimizer.ROWWISE_ADAGRAD))
+_INPUT_MODES = frozenset(InputMode)  # built once: tuple(InputMode) per feature was half of the
+_BOUNDS_CHECKS = frozenset(BoundsCheck)  # plan's host time (~55 of 113 us at 26 features)
 _TILE = 4096  # elements of one [rows, BLOCK_D] tile
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid.x: larger first axes are launched in chunks
 _INDEX_32_SLOTS = 2**31 - 1  # grids of at most this many slots index them in 32 bits
@@ -479,7 +481,7 @@ class _Plan:
         self.M, self.F = M, F
         self.dims, self.vocab, self.modes = list(dims), list(vocab), list(modes)
         self.padding_idx = padding_idx
-        if bounds_check not in tuple(BoundsCheck):
+        if bounds_check not in _BOUNDS_CHECKS:
             raise ValueError(f"{op}: bounds_check must be 0 (error), 1 (off) or 2 (warn), got "
                              f"{bounds_check}")
         self.bounds_check = bounds_check
@@ -505,7 +507,7 @@ class _Plan:
         self.ncols: list[int] = []
         for f in range(F):
             nm, mode, x = self.names[f], modes[f], ids[f]
-            if mode not in tuple(InputMode):
+            if mode not in _INPUT_MODES:
                 raise ValueError(f"{op}: feature '{nm}': unknown mode {mode}")
             if x.dtype not in ID_DTYPES:
                 raise TypeError(f"{op}: feature '{nm}': ids must be int32 or int64, got {x.dtype}")
