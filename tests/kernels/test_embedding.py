@@ -633,6 +633,27 @@ def test_direct_op_calls_refuse_sizes_that_overflow(suffix, dims, vocab):
         assert torch.equal(w, torch.zeros(16)), name
 
 
+@pytest.mark.parametrize("suffix", _op_suffixes())
+@pytest.mark.parametrize("mode, bounds_check, match", [
+    (7, 0, r"feature '(f|#0)': unknown mode 7"),
+    (-1, 0, r"feature '(f|#0)': unknown mode -1"),
+    (0, 5, r"bounds_check must be 0 \(error\), 1 \(off\) or 2 \(warn\), got 5"),
+])
+def test_direct_op_calls_refuse_unknown_codes(suffix, mode, bounds_check, match):
+    """A feature's input mode and the bounds-check code are checked by every op of every
+    backend before anything is read or written (the update has no feature names: '#0')."""
+    ns = torch.ops.cetnet
+    E = torch.zeros(0, dtype=torch.long)
+    w = torch.zeros(2 * 4)
+    tail = ([torch.tensor([1])], [E], [torch.zeros(0)], [mode], [4], [2], None, bounds_check)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        getattr(ns, "multi_embedding" + suffix)(w, *tail, "f")
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        getattr(ns, "multi_embedding_update" + suffix)(
+            [torch.ones(1, 1, 4)], w, torch.zeros(0), *tail, 1, 0.1, 0.0, 0.0)
+    assert torch.equal(w, torch.zeros(8))
+
+
 # ------------------------------------------------------------------------------------------------
 # Eager autograd: the module's autograd.Functions against the ops' registered autograd
 # ------------------------------------------------------------------------------------------------
