@@ -457,6 +457,32 @@ def test_mixed_member_dims_with_sequences_match_the_fused_front():
             assert torch.equal(got.sequences[n], want.sequences[n])
 
 
+@pytest.mark.parametrize("dims, shared", [([8, 4], False), ([4, 4], True)])
+def test_torchrec_tables_copied_into_the_fused_front_look_up_alike(dims, shared):
+    """tables_into: the TorchRec front's tables in a fused front (what export needs), mixed
+    dims with sequences, and one shared set; a front of other dims is refused."""
+    cfg = _config()
+    cfg["model"]["embedding_dim"] = dims
+    if shared:
+        cfg["model"].update(ensemble="kdef", shared_embedding=True)
+    dataset, torchrec_model = _model_and_data(cfg)
+    _, fused = _model_and_data({**cfg, "embedding": "cetnet"})
+    front = torchrec_model.front
+    assert front.num_sets == (1 if shared else 2)
+    torchrec_model.front.tables_into(fused.front)
+    batch = dataset.splits["train"].take(slice(0, 50))
+    with torch.no_grad():
+        for got, want in zip(fused.front(batch), front(batch)):
+            assert torch.allclose(got.fields, want.fields, atol=1e-6)
+            for n in want.sequences:
+                assert torch.equal(got.sequences[n], want.sequences[n])
+    _, other = _model_and_data({**cfg, "embedding": "cetnet",
+                                "model": {**cfg["model"],
+                                          "embedding_dim": [8, 8] if shared else [4, 8]}})
+    with pytest.raises(ValueError, match="tables_into: the fronts differ"):
+        front.tables_into(other.front)
+
+
 # -- errors -------------------------------------------------------------------------------
 
 def test_row_wise_pooled_tables_on_a_cpu_are_one_error():

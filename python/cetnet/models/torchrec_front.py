@@ -126,6 +126,33 @@ class TorchRecEmbeddingFront(nn.Module):
         return cls(front.fields, front.sequences, front.n_dense, front.dims, front.num_members,
                    shared=front.shared, optimizer=emb.optimizer, lr=emb.lr, device=device)
 
+    def tables_into(self, front: EmbeddingFront) -> None:
+        """Copies every table into ``front``'s :class:`~cetnet_kernels.MultiTableEmbedding`
+        (a front of the same features, dims and sharing): the same lookups on the fused
+        kernels, for what TorchRec's modules cannot do (``torch.export`` does not trace their
+        KeyedJaggedTensor lookups). Weights only: the optimizer's state stays behind.
+
+        Raises:
+            ValueError: ``front`` holds other features, dims or sharing.
+        """
+        mine = ([f.name for f in self.fields], [f.name for f in self.sequences], self.dims,
+                self.shared, self.n_dense)
+        theirs = ([f.name for f in front.fields], [f.name for f in front.sequences],
+                  list(front.dims), front.shared, front.n_dense)
+        if mine != theirs:
+            raise ValueError(f"TorchRecEmbeddingFront.tables_into: the fronts differ (features, "
+                             f"sequences, dims, shared, dense: {mine} vs {theirs})")
+        emb = front.embedding
+        bags: Any = self.tables.embedding_bags if self.tables is not None else {}
+        with torch.no_grad():
+            for k in range(self.num_sets):
+                sequences: Any = self.sequence_tables[f"d{self.dims[k]}"] \
+                    if self.sequences else None
+                for i, f in enumerate(self.fields):
+                    emb.table(k, f.name).copy_(bags[self.key(k, i)].weight)
+                for i, f in enumerate(self.sequences):
+                    emb.table(k, f.name).copy_(sequences.embeddings[self.key(k, i, "s")].weight)
+
     def fused_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the front: the tables, updated by their fused optimizer."""
         return list(self.parameters())
