@@ -25,11 +25,12 @@ place; without gradients it is the plain lookup ``cetnet::multi_embedding``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, cast
+from typing import IO, Any, Iterator, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -178,9 +179,14 @@ def _encode_tokens(tokens: list[str], vocab: Any, vocab_size: int, path: Path, l
     return ids, sum(i == OOV_ID for i in ids)
 
 
-#: Padding a file's bags to its widest bag may take this many cells (2 GiB of ids), or 16 per
-#: id of the bags, whichever is more: beyond, one very wide bag is refused rather than take
-#: the memory (200k rows padded to a widest bag of 100 take 160 MB, and pass).
+#: Data lines of a ``--csv`` that :func:`predict_run` encodes and predicts at a time (rounded
+#: up to whole forward batches), so that its memory does not grow with the file.
+CSV_CHUNK_ROWS = 65_536
+
+#: Padding the bags of a chunk of rows (:data:`CSV_CHUNK_ROWS`; :func:`encode_csv`: the file)
+#: to their widest bag may take this many cells (2 GiB of ids), or 16 per id of the bags,
+#: whichever is more: beyond, one very wide bag is refused rather than take the memory (200k
+#: rows padded to a widest bag of 100 take 160 MB, and pass).
 MAX_BAG_CELLS = 1 << 28
 
 
@@ -193,8 +199,8 @@ def _bags(rows: list[list[int]], lines: list[int], path: Path, column: str) -> n
     if cells > max(MAX_BAG_CELLS, 16 * sum(map(len, rows))):
         r = max(range(len(rows)), key=lambda i: len(rows[i]))
         raise DataFormatError(path, lines[r], column, f"a bag of {width:,} ids; rows are "
-                              f"padded to the widest bag ({cells * 8 / 2**20:,.0f} MiB): predict "
-                              "it in a file of its own")
+                              f"padded to the widest bag ({cells * 8 / 2**20:,.0f} MiB for "
+                              f"{len(rows):,} rows): predict it in a file of its own")
     return _padded(rows, width)
 
 
@@ -229,8 +235,9 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
 
     The file is read as the dataset readers read theirs (:func:`cetnet.data.csvio.read_chunks`:
     a UTF-8 byte-order mark dropped, blank lines skipped, quoted fields may span lines, every
-    row must have the header's number of fields). Meant for a batch of new rows (the whole
-    file is encoded at once).
+    row must have the header's number of fields). The whole file becomes one Split, its bags
+    padded to the file's widest (:data:`MAX_BAG_CELLS`): for a file of any size,
+    :func:`predict_run` encodes and predicts it a chunk of rows at a time.
 
     Raises:
         FileNotFoundError: no such file.
@@ -239,39 +246,65 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
             value that is not a finite number, a label outside [0, 1] or missing (naming the
             file, line and column).
     """
-    return _read_csv(dataset, path, delimiter=delimiter, list_sep=list_sep)[0]
+    return next(_csv_splits(dataset, path, None, delimiter=delimiter, list_sep=list_sep))
 
 
-def _read_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
-              list_sep: str = LIST_SEP) -> tuple[Split, bool]:
-    """:func:`encode_csv`'s Split, and whether its rows have labels (also its
-    ``stats.labelled``)."""
+@dataclass
+class _Rows:
+    """Rows of a plain csv encoded as far as lists go (what :func:`_split` makes a Split of):
+    their line numbers, ids per categorical feature, OOV counts, raw dense values (NaN:
+    missing), label cells (none without a label column) and gAUC group ids."""
+
+    lines: list[int]
+    ids: dict[str, list[list[int]]]
+    oov: dict[str, int]
+    dense: list[np.ndarray]
+    labels: list[str]
+    groups: list[int]
+
+
+def _csv_splits(dataset: Any, path: str | Path, chunk_rows: int | None, *,
+                delimiter: str = ",", list_sep: str = LIST_SEP) -> Iterator[Split]:
+    """The rows of ``path`` as :func:`encode_csv` encodes them: a Split per ``chunk_rows``
+    data lines, or one of the whole file with None (a ``row_encoder`` dataset: always one).
+    Each has ``stats.labelled`` of the whole file: the first chunk decides it, and a later
+    chunk with labels after one without is the error of a file mixing them."""
     encoder = getattr(dataset, "row_encoder", None)
     if encoder is not None:  # a dataset with a file format of its own (BARS)
         split, labelled = encoder(path)
-    else:
-        split, labelled = _read_plain_csv(dataset, path, delimiter, list_sep)
-    split.stats.labelled = labelled
-    return split, labelled
-
-
-def _read_plain_csv(dataset: Any, path: str | Path, delimiter: str,
-                    list_sep: str) -> tuple[Split, bool]:
+        split.stats.labelled = labelled
+        yield split
+        return
     path = Path(path)
+    labelled, first = None, 0
+    for rows in _encoded_rows(dataset, path, chunk_rows, delimiter, list_sep):
+        if labelled is None:
+            labelled, first = any(rows.labels), rows.lines[0]
+        elif not labelled and any(rows.labels):  # the file's first row has no label
+            raise _no_label(path, first, dataset.schema.label)
+        split = _split(dataset, rows, path, labelled)
+        split.stats.labelled = labelled
+        yield split
+
+
+def _encoded_rows(dataset: Any, path: Path, chunk_rows: int | None, delimiter: str,
+                  list_sep: str) -> Iterator[_Rows]:
+    """:class:`_Rows` of ``chunk_rows`` data lines at a time (None: the whole file, read a
+    :data:`CSV_CHUNK_ROWS` at a time). Groups are numbered across the file."""
     schema: Schema = dataset.schema
     group_column = getattr(dataset, "group_key", None) or schema.group
     columns = [ft.name for ft in schema.features]
     optional = [c for c in (schema.label, group_column) if c and c not in columns]
-    ids: dict[str, list[list[int]]] = {ft.name: [] for ft in schema.categorical}
-    oov = {ft.name: 0 for ft in schema.categorical}
-    dense_parts: list[np.ndarray] = []
-    label_cells: list[str] = []
-    label_lines: list[int] = []
     groups: dict[str, int] = {}  # raw group value -> gAUC group id
-    group_ids: list[int] = []
-    row_lines: list[int] = []
-    for lines, chunk in read_chunks(path, columns, delimiter=delimiter, optional=optional):
-        row_lines += lines
+
+    def empty() -> _Rows:
+        return _Rows([], {ft.name: [] for ft in schema.categorical},
+                     {ft.name: 0 for ft in schema.categorical}, [], [], [])
+
+    rows = empty()
+    for lines, chunk in read_chunks(path, columns, delimiter=delimiter, optional=optional,
+                                    chunk_size=chunk_rows or CSV_CHUNK_ROWS):
+        rows.lines += lines
         for ft in schema.categorical:
             vocab = _vocab_of(dataset, ft)
             for line, cell in zip(lines, chunk[ft.name]):
@@ -279,57 +312,71 @@ def _read_plain_csv(dataset: Any, path: str | Path, delimiter: str,
                 tokens = ([cell] if ft.kind == "sparse"
                           else [t.strip() for t in cell.split(list_sep) if t.strip()])
                 got, bad = _encode_tokens(tokens, vocab, ft.vocab_size, path, line, ft.name)
-                ids[ft.name].append(got)
-                oov[ft.name] += bad
-        dense_parts.append(np.asarray(
+                rows.ids[ft.name].append(got)
+                rows.oov[ft.name] += bad
+        rows.dense.append(np.asarray(
             [parse_float(chunk[ft.name], path, lines, ft.name) for ft in schema.dense],
             dtype=np.float64).T.reshape(len(lines), len(schema.dense)))
         if schema.label in chunk:
-            label_cells += [c.strip() for c in chunk[schema.label]]
-            label_lines += lines
+            rows.labels += [c.strip() for c in chunk[schema.label]]
         if group_column and group_column in chunk:
-            group_ids += [groups.setdefault(v.strip(), len(groups))
-                          for v in chunk[group_column]]
+            rows.groups += [groups.setdefault(v.strip(), len(groups))
+                            for v in chunk[group_column]]
         else:
-            group_ids += [0] * len(lines)
-    labels, labelled = _labels(label_cells, label_lines, len(group_ids), path, schema.label)
-    dense = np.concatenate(dense_parts)
+            rows.groups += [0] * len(lines)
+        if chunk_rows is not None:
+            yield rows
+            rows = empty()
+    if chunk_rows is None:
+        yield rows
+
+
+def _split(dataset: Any, rows: _Rows, path: Path, labelled: bool) -> Split:
+    """The Split of ``rows``: labels checked (``labelled``: the file's rows have labels),
+    dense values normalized, bags padded to their widest."""
+    schema: Schema = dataset.schema
+    labels = _labels(rows.labels, rows.lines, len(rows.lines), path, schema.label, labelled)
+    dense = np.concatenate(rows.dense)
     stats = getattr(dataset, "dense_stats", None)
     if stats is not None and schema.dense:
         z, imputed = stats.transform(dense)
     else:
         imputed = np.isnan(dense).sum(0)
         z = np.nan_to_num(dense).astype(np.float32)
+    ids = rows.ids
     sparse = {ft.name: np.asarray([i[0] for i in ids[ft.name]], dtype=np.int64)
               for ft in schema.sparse}
-    bags = {ft.name: _bags(ids[ft.name], row_lines, path, ft.name) for ft in schema.multihot}
+    bags = {ft.name: _bags(ids[ft.name], rows.lines, path, ft.name) for ft in schema.multihot}
     seqs = {ft.name: _padded(ids[ft.name], ft.max_len) for ft in schema.sequence}
     cells = {name: sum(map(len, v)) for name, v in ids.items()}
-    split = Split(schema, sparse=sparse, dense=z, multihot=bags, sequence=seqs, label=labels,
-                  group=np.asarray(group_ids, dtype=np.int64),
-                  stats=SplitStats(oov=oov, cells=cells,
-                                   imputed={ft.name: int(c) for ft, c in zip(schema.dense,
-                                                                             imputed)}))
-    return split, labelled
+    return Split(schema, sparse=sparse, dense=z, multihot=bags, sequence=seqs, label=labels,
+                 group=np.asarray(rows.groups, dtype=np.int64),
+                 stats=SplitStats(oov=rows.oov, cells=cells,
+                                  imputed={ft.name: int(c) for ft, c in zip(schema.dense,
+                                                                            imputed)}))
 
 
-def _labels(cells: list[str], lines: list[int], n: int, path: Path,
-            column: str) -> tuple[np.ndarray, bool]:
-    """``(labels [n] float32, labelled)``: all 0 and False without a label column or with every
-    cell of it empty; else each cell must be a number in [0, 1] (DataFormatError naming the
-    first that is not, or the first empty one)."""
-    if not any(cells):
-        return np.zeros(n, dtype=np.float32), False
+def _labels(cells: list[str], lines: list[int], n: int, path: Path, column: str,
+            labelled: bool) -> np.ndarray:
+    """``[n]`` float32 labels: all 0 unless ``labelled`` (the file has a label column with a
+    cell that is not empty); else each cell must be a number in [0, 1] (DataFormatError
+    naming the first that is not, or the first empty one)."""
+    if not labelled:
+        return np.zeros(n, dtype=np.float32)
     for cell, line in zip(cells, lines):
         if not cell:
-            raise DataFormatError(path, line, column, "no label, while other rows have one "
-                                  "(give every row a label, or none)")
+            raise _no_label(path, line, column)
     y = np.asarray(parse_float(cells, path, lines, column))
     bad = np.flatnonzero((y < 0) | (y > 1))
     if len(bad):
         raise DataFormatError(path, lines[bad[0]], column,
                               f"label must lie in [0, 1], got {shorten(cells[bad[0]])}")
-    return y.astype(np.float32), True
+    return y.astype(np.float32)
+
+
+def _no_label(path: Path, line: int, column: str) -> DataFormatError:
+    return DataFormatError(path, line, column, "no label, while other rows have one (give "
+                           "every row a label, or none)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,24 +388,31 @@ def write_predictions(pred: Predictions, member_names: Sequence[str], path: str 
     read without a label, whose 0 in ``pred.label`` is no label), then ``prob_<member>`` per
     member and, when the ensemble has fusion weights, ``weight_<member>`` (written
     atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, _header(member_names, pred.weights is not None)
+                      + _lines(pred, labelled, 0))
+    return path
+
+
+def _header(member_names: Sequence[str], weights: bool) -> str:
+    """The header line of a predictions csv (:func:`write_predictions`)."""
     names = list(member_names)
     cols = ["row", "prob", "label", *(f"prob_{m}" for m in names)]
+    return ",".join(cols + [f"weight_{m}" for m in names if weights]) + "\n"
+
+
+def _lines(pred: Predictions, labelled: bool, first_row: int) -> str:
+    """The lines of ``pred``'s rows in a predictions csv, numbered from ``first_row``."""
     member = torch.sigmoid(pred.logits.double())
     parts = [pred.prob.double().unsqueeze(1), pred.label.double().unsqueeze(1), member]
     if pred.weights is not None:
-        cols += [f"weight_{m}" for m in names]
         parts.append(pred.weights.double())
-    table = torch.cat(parts, 1).tolist()
-    lines = [",".join(cols)]
-    cells = [[f"{v:.6g}" for v in values] for values in table]
+    cells = [[f"{v:.6g}" for v in values] for values in torch.cat(parts, 1).tolist()]
     if not labelled:
         for row in cells:
             row[1] = ""
-    lines += [",".join([str(i), *row]) for i, row in enumerate(cells)]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
+    return "".join(",".join([str(i), *row]) + "\n" for i, row in enumerate(cells, first_row))
 
 
 def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "test",
@@ -369,20 +423,62 @@ def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "te
     it wins over ``split``), with the run's ``checkpoint`` and writes the predictions to
     ``out`` (:func:`write_predictions`). Returns ``(out, scores)``: scores are
     :func:`cetnet.train.evaluate.score`'s when the rows have labels (a split, or a csv with a
-    label column holding both classes), else None."""
+    label column holding both classes), else None.
+
+    A csv is encoded, predicted and written :data:`CSV_CHUNK_ROWS` rows at a time (its bags
+    padded per chunk), its predictions byte for byte those of the file encoded whole; ``out``
+    is still written atomically (an error halfway leaves it as it was)."""
     run = load_run(run_dir, checkpoint=checkpoint, device=device, plugins=plugins)
+    batch = batch_size or run.config["train"]["eval_batch_size"]
     if csv_path is not None:
-        rows, labelled = _read_csv(run.dataset, csv_path)
-    else:
-        if split not in run.dataset.splits:
-            raise ConfigError(f"--split: the dataset has no split {shorten(split)}, only "
-                              f"{', '.join(run.dataset.splits)}")
-        rows, labelled = run.dataset.splits[split], True
-    pred = predict(run.model, rows, batch_size=batch_size or
-                   run.config["train"]["eval_batch_size"], device=run.device)
+        return _predict_csv(run, Path(csv_path), Path(out), batch)
+    if split not in run.dataset.splits:
+        raise ConfigError(f"--split: the dataset has no split {shorten(split)}, only "
+                          f"{', '.join(run.dataset.splits)}")
+    pred = predict(run.model, run.dataset.splits[split], batch_size=batch, device=run.device)
+    return write_predictions(pred, run.member_names, out), _scores(pred, run.member_names)
+
+
+def _predict_csv(run: LoadedRun, csv_path: Path, out: Path,
+                 batch_size: int) -> tuple[Path, dict | None]:
+    # Chunks of whole batches: every forward pass sees the rows it sees when the file is
+    # predicted whole (a row's bits depend on its batch's rows: BLAS blocks by shape).
+    chunk_rows = -(-CSV_CHUNK_ROWS // batch_size) * batch_size
+    splits = _csv_splits(run.dataset, csv_path, chunk_rows)
+    first = next(splits)  # a bad header or first chunk fails before anything is created
+    labelled = first.stats.labelled
+    kept: list[Predictions] = []  # for the scores of labelled rows (a few numbers per row)
+
+    def write(f: IO) -> None:
+        done = 0
+        for rows in itertools.chain([first], splits):
+            pred = predict(run.model, rows, batch_size=batch_size, device=run.device)
+            if not done:
+                f.write(_header(run.member_names, pred.weights is not None))
+            f.write(_lines(pred, labelled, done))
+            done += len(rows)
+            if labelled:
+                kept.append(pred)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, write, binary=False)
+    return out, (_scores(_joined(kept), run.member_names) if kept else None)
+
+
+def _joined(parts: Sequence[Predictions]) -> Predictions:
+    """``parts`` (predictions of consecutive rows) as one."""
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
+    return Predictions(cat("prob"), cat("logits"),
+                       cat("weights") if parts[0].weights is not None else None,
+                       cat("label"), cat("group"))
+
+
+def _scores(pred: Predictions, member_names: Sequence[str]) -> dict | None:
+    """:func:`score` of ``pred`` (rows with labels) when it has both classes, else None."""
     both = bool((pred.label > 0.5).any() and (pred.label <= 0.5).any())
-    scores = score(pred, run.member_names) if labelled and both else None
-    return write_predictions(pred, run.member_names, out, labelled=labelled), scores
+    return score(pred, list(member_names)) if both else None
 
 
 # ------------------------------------------------------------------------------------------------

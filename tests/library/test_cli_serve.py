@@ -1,8 +1,9 @@
 """``cetnet predict`` and ``cetnet export`` on a tiny trained run (the synthetic dataset of the
 ``train_config`` fixture, one short epoch): the predictions of a split, of a csv of the same
-rows, an exported program that matches the eager model, outputs that are never replaced
-without ``--overwrite``, and bad input as one line naming the argument. Also: output cut short
-by a closed pipe (``cetnet data list | head -1``) ends quietly."""
+rows, a csv predicted in chunks of rows exactly as whole, an exported program that matches the
+eager model, outputs that are never replaced without ``--overwrite`` (nor half written), and
+bad input as one line naming the argument. Also: output cut short by a closed pipe (``cetnet
+data list | head -1``) ends quietly."""
 
 from __future__ import annotations
 
@@ -121,6 +122,25 @@ def _set_cell(lines: list[str], line: int, column: str, value: str) -> list[str]
     return lines[:line - 1] + [",".join(cells)] + lines[line:]
 
 
+def _without_labels(lines: list[str], column: str, first: int, stop: int) -> list[str]:
+    """``lines`` with ``column``'s cells of (1-based) lines ``first`` to ``stop - 1`` emptied."""
+    for line in range(first, min(stop, len(lines) + 1)):
+        lines = _set_cell(lines, line, column, "")
+    return lines
+
+
+def _recording(monkeypatch) -> list:
+    """The predictions of every ``predict`` call of cetnet.serve from now on, in order."""
+    calls = []
+
+    def recorder(*args, **kwargs):
+        calls.append(predict(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(serve, "predict", recorder)
+    return calls
+
+
 def test_predict_a_labelled_csv_scores_it_as_the_split(run_dir, tmp_path):
     """The csv of a split with its labels: the split's scores, gAUC included (grouped by the
     raw user value); a byte-order mark and CRLF line ends change nothing; a label column
@@ -164,6 +184,77 @@ def test_predict_csv_groups_unseen_users_apart(run_dir, tmp_path):
     assert rows.group.tolist() == [0, 0, 1, 1]
 
 
+@pytest.mark.parametrize("chunk, batch", [(1, 1), (1, 3), (7, 3), (10**6, 3)])
+def test_predict_csv_in_chunks_is_the_file_predicted_whole(run_dir, tmp_path, monkeypatch,
+                                                           chunk, batch):
+    """A csv is encoded and predicted a chunk of rows at a time (rounded up to whole batches:
+    a row's bits depend on the rows of its forward pass), with the predictions, output bytes
+    and scores of the file predicted whole, bit for bit; bags (one row's much wider than the
+    rest) and sequences are padded per chunk, groups and labels are the file's."""
+    run = serve.load_run(run_dir)
+    schema = run.dataset.schema
+    assert schema.multihot and schema.sequence and run.dataset.group_key
+    path = tmp_path / "rows.csv"
+    n = _split_as_csv(run, "test", path, labels=True)
+    bag = schema.multihot[0].name
+    path = _edit_lines(path, lambda ls: _set_cell(ls, 9, bag, "|".join(["3"] * 40)))
+    whole = _recording(monkeypatch)
+    want, want_scores = serve.predict_run(run_dir, tmp_path / "whole.csv", csv_path=path,
+                                          batch_size=batch)
+    assert len(whole) == 1 and want_scores is not None and "gauc" in want_scores["fused"]
+    chunked = _recording(monkeypatch)
+    monkeypatch.setattr(serve, "CSV_CHUNK_ROWS", chunk)
+    got, got_scores = serve.predict_run(run_dir, tmp_path / "chunked.csv", csv_path=path,
+                                        batch_size=batch)
+    rows = -(-chunk // batch) * batch
+    assert [len(p.prob) for p in chunked] == [rows] * (n // rows) + [n % rows] * (n % rows > 0)
+    assert got.read_bytes() == want.read_bytes()
+    assert got_scores == want_scores
+    for name in ("prob", "logits", "weights", "label", "group"):
+        assert torch.equal(torch.cat([getattr(p, name) for p in chunked]),
+                           getattr(whole[0], name)), name
+
+
+def test_predict_csv_stopped_halfway_leaves_the_output_as_it_was(run_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Chunks go to a temporary beside ``--out``, which replaces it at the end only: Ctrl-C or
+    a bad row halfway leaves an existing output as it was and no temporary behind."""
+    run = serve.load_run(run_dir)
+    path = tmp_path / "rows.csv"
+    _split_as_csv(run, "test", path)
+    out = tmp_path / "out" / "p.csv"
+    out.parent.mkdir()
+    out.write_text("mine\n")
+    monkeypatch.setattr(serve, "CSV_CHUNK_ROWS", 10)
+    real = serve.predict
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            assert list(out.parent.glob(f".p.csv.*{TEMP_SUFFIX}"))  # two chunks written there
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "predict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        serve.predict_run(run_dir, out, csv_path=path, batch_size=10)
+    assert [len(rows) for rows in calls] == [10, 10, 10]
+    assert out.read_text() == "mine\n" and [p.name for p in out.parent.iterdir()] == ["p.csv"]
+    monkeypatch.setattr(serve, "predict", real)
+    bad = _edit_lines(path, lambda ls: _set_cell(ls, 200, run.dataset.schema.dense[0].name,
+                                                 "abc"))
+    assert main(["predict", str(run_dir), "--csv", str(bad), "--out", str(out), "--overwrite",
+                 "--batch-size", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 200" in err[0], err
+    assert out.read_text() == "mine\n" and [p.name for p in out.parent.iterdir()] == ["p.csv"]
+    # a new output directory is made only once the header and the first chunk are read
+    assert main(["predict", str(run_dir), "--csv", str(_bad_csv(tmp_path)), "--out",
+                 str(tmp_path / "new" / "p.csv")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 # (how a good labelled csv is broken, the line and column the error must name)
 BAD_ROWS = {
     "not a number": (lambda ls, c: _set_cell(ls, 3, c["dense"], "abc"), 3, "dense"),
@@ -177,12 +268,23 @@ BAD_ROWS = {
     "blank lines count": (lambda ls, c: _set_cell(ls[:2] + ["", ""] + ls[2:], 5, c["dense"],
                                                   "abc"), 5, "dense"),
     "header only": (lambda ls, c: ls[:1], 1, None),
+    "late bad value": (lambda ls, c: _set_cell(ls, 250, c["dense"], "abc"), 250, "dense"),
+    "labels after rows without": (lambda ls, c: _without_labels(ls, c["label"], 2, 100), 2,
+                                  "label"),
+    "rows without labels after labels": (lambda ls, c: _without_labels(ls, c["label"], 150,
+                                                                       400), 150, "label"),
 }
 
 
+@pytest.mark.parametrize("chunk", [None, 1], ids=["whole", "chunks of 1"])
 @pytest.mark.parametrize("case", list(BAD_ROWS))
 def test_predict_csv_bad_rows_are_one_line_naming_line_and_column(run_dir, tmp_path, capsys,
-                                                                  case):
+                                                                  monkeypatch, case, chunk):
+    """The same error, naming the file's own line, whether the file is read whole or a row
+    at a time (blank lines and the header counted; labels mixed across chunks refused as
+    within one)."""
+    if chunk is not None:
+        monkeypatch.setattr(serve, "CSV_CHUNK_ROWS", chunk)
     run = serve.load_run(run_dir)
     path = tmp_path / "good.csv"
     _split_as_csv(run, "test", path, labels=True)
@@ -191,13 +293,14 @@ def test_predict_csv_bad_rows_are_one_line_naming_line_and_column(run_dir, tmp_p
     names = {"dense": schema.dense[0].name, "label": schema.label}
     bad = _edit_lines(path, lambda ls: edit(ls, names))
     out = tmp_path / "p.csv"
-    assert _status(["predict", str(run_dir), "--csv", str(bad), "--out", str(out)]) == 2
+    assert _status(["predict", str(run_dir), "--csv", str(bad), "--out", str(out),
+                    "--batch-size", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"line {line}" in err, err
     if column is not None:
         assert f"column {names[column]!r}" in err, err
-    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited_good.csv", "good.csv"]
 
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"),
@@ -268,8 +371,10 @@ def test_loading_a_program_without_the_compiled_kernels_says_so(run_dir, tmp_pat
 
 def test_one_very_wide_bag_is_refused_not_padded_into_every_row(run_dir, tmp_path, capsys,
                                                                  monkeypatch):
-    # every row is padded to the widest bag: one bag of 6,000 ids in 6,000 rows took 0.4 GiB,
-    # one of 100k in 100k rows would take 80 (killed for memory instead of an error)
+    # every row of a chunk is padded to its widest bag: one bag of 6,000 ids in 6,000 rows
+    # took 0.4 GiB, one of 100k in 100k rows would take 80 (killed for memory instead of an
+    # error). A file of one chunk (or encode_csv's whole file) is refused; smaller chunks
+    # predict it, the wide bag padding only its own chunk.
     run = serve.load_run(run_dir)
     path = tmp_path / "wide.csv"
     _split_as_csv(run, "test", path)
@@ -285,11 +390,21 @@ def test_one_very_wide_bag_is_refused_not_padded_into_every_row(run_dir, tmp_pat
                  str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a bag of 2,000 ids; rows are padded" in err[0], err
+    assert "for 300 rows" in err[0] and not (tmp_path / "p.csv").exists()
     with pytest.raises(DataFormatError, match=f"line 5, column '{bag}': a bag of 2,000 ids"):
         serve.encode_csv(run.dataset, path)
+    monkeypatch.setattr(serve, "CSV_CHUNK_ROWS", 4)
+    assert main(["predict", str(run_dir), "--csv", str(path), "--out", str(tmp_path / "p.csv"),
+                 "--batch-size", "64"]) == 2  # a chunk of 64 rows, still too wide
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"line 5, column '{bag}': a bag of 2,000 ids" in err[0], err
+    assert "for 64 rows" in err[0] and not (tmp_path / "p.csv").exists()
+    assert main(["predict", str(run_dir), "--csv", str(path), "--out", str(tmp_path / "p.csv"),
+                 "--batch-size", "4"]) == 0  # chunks of 4 rows
     monkeypatch.undo()
     assert main(["predict", str(run_dir), "--csv", str(path), "--out",
-                 str(tmp_path / "p.csv")]) == 0  # within the budget: padded as before
+                 str(tmp_path / "whole.csv"), "--batch-size", "4"]) == 0  # within the budget
+    assert (tmp_path / "p.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
 
 
 def _bad_csv(tmp_path: Path) -> Path:
