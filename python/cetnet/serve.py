@@ -634,13 +634,10 @@ def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = B
     with ``backend: reference`` is rebuilt with ``auto`` (the same weights). Where only the
     reference backend runs (the C++ extension not built, or ``CETNET_BACKEND=reference``),
     ConfigError: its checks of the ids read tensor values, which ``torch.export`` cannot
-    trace."""
+    trace. A run of ``embedding: torchrec`` is traced on the fused embedding, its tables
+    copied in and the copy checked to predict alike (TorchRec's lookups cannot be traced)."""
     load_plugins(plugins)
     run_config = load_run_config(run_dir)
-    if run_config.get("embedding") == "torchrec":
-        raise ConfigError(f"{run_dir}: a run of embedding: torchrec cannot be exported "
-                          "(torch.export does not trace TorchRec's KeyedJaggedTensor lookups); "
-                          "serve it with cetnet predict / cetnet.serve.load_run")
     trained = run_config["backend"]
     run = load_run(run_dir, checkpoint=checkpoint, device=device,
                    backend="auto" if trained == "reference" else None)
@@ -650,7 +647,7 @@ def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = B
                           "CETNET_BACKEND=reference); exporting needs the compiled kernels' "
                           "ops (the reference embedding checks ids by their values, which "
                           "torch.export cannot trace)")
-    program = export_model(run.model, run.dataset.schema)
+    program = export_model(_exportable(run), run.dataset.schema)
     meta = {"schema": run.dataset.schema.to_dict(), "member_names": run.member_names,
             "run_dir": str(run.run_dir), "checkpoint": checkpoint, "epoch": run.epoch,
             "device": str(run.device)}
@@ -660,6 +657,38 @@ def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = B
     atomic_write(out_path, lambda f: torch.export.save(
         program, f, extra_files={SCHEMA_FILE: json.dumps(meta)}))
     return out_path
+
+
+def _exportable(run: LoadedRun) -> nn.Module:
+    """The run's model, or for a run of ``embedding: torchrec`` (torch.export cannot trace
+    TorchRec's KeyedJaggedTensor lookups) the same model on the fused embedding: its TorchRec
+    tables copied into a fused front (:meth:`TorchRecEmbeddingFront.tables_into`), every
+    other weight and buffer loaded, then checked to predict as the TorchRec model does."""
+    if run.config.get("embedding") != "torchrec":
+        return run.model
+    from cetnet.models import build_model
+    from cetnet.models.torchrec_front import TABLES_PREFIX
+
+    model = cast(Any, run.model)
+    twin: Any = build_model(run.config["model"], run.dataset.schema,
+                            backend=run.config["backend"]).to(run.device)
+    dense = {k: v for k, v in model.state_dict().items() if not k.startswith(TABLES_PREFIX)}
+    missing, unexpected = twin.load_state_dict(dense, strict=False)
+    stray = [k for k in missing if not k.startswith(TABLES_PREFIX)] + list(unexpected)
+    if stray:  # the two builds disagree beyond the front: nothing to export faithfully
+        raise RuntimeError(f"{run.run_dir}: the fused twin of the TorchRec model differs in "
+                           f"{stray[:3]}")
+    model.front.tables_into(twin.front)
+    twin.eval()
+    # the same predictions, up to the order of float sums (TorchRec pools in its own order)
+    rows = max(run.dataset.splits.values(), key=len)
+    batch = rows.take(torch.arange(min(len(rows), 256))).to(run.device)
+    with torch.no_grad():
+        got, want = twin(batch).prob, model(batch).prob
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"{run.run_dir}: the fused twin of the TorchRec model predicts "
+                           f"otherwise (max difference {float((got - want).abs().max()):.3g})")
+    return twin
 
 
 def load_exported(path: str | Path) -> ExportedRun:

@@ -321,11 +321,20 @@ def test_two_rank_sharded_run_equals_one_process_resumes_and_evaluates(tmp_path)
         assert again["fused"][m] == pytest.approx(two["fused"][m], rel=1e-6)
     last = evaluate_run(out, checkpoint=LAST, write=False)
     assert last["epoch"] == 3
-    # export: one error (torch.export does not trace TorchRec's lookups)
-    from cetnet.serve import export_run
+    # export (torch.export cannot trace TorchRec's lookups): the tables go into a fused
+    # front, and the program predicts as the TorchRec model does
+    from cetnet import serve
 
-    with pytest.raises(ConfigError, match="embedding: torchrec cannot be exported"):
-        export_run(out, tmp_path / "m.pt2")
+    program = serve.load_exported(serve.export_run(out, tmp_path / "m.pt2"))
+    run = serve.load_run(out)
+    test = run.dataset.splits["test"]
+    for rows in (1, 7, len(test)):
+        batch = test.take(torch.arange(rows))
+        with torch.no_grad():
+            served = program.module()(*serve.batch_inputs(batch))
+            eager = run.model(batch)
+        torch.testing.assert_close(served["prob"], eager.prob, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(served["logits"], eager.logits, rtol=1e-4, atol=1e-5)
     # a shard file gone (its .metadata still there): one CheckpointError naming the folder
     from cetnet.train.checkpoint import CheckpointError
 
@@ -401,6 +410,19 @@ def test_one_process_run_overwrite_and_the_model_after_fit(tmp_path):
     assert after["fused"]["auc"] == pytest.approx(metrics["fused"]["auc"], rel=1e-6)
     again = evaluate_run(out, write=False)
     assert again["fused"]["auc"] == pytest.approx(metrics["fused"]["auc"], rel=1e-6)
+    # export checks the fused twin it traces: tables left behind are an error, not a program
+    from cetnet import serve
+    from cetnet.models.torchrec_front import TorchRecEmbeddingFront
+
+    tables_into = TorchRecEmbeddingFront.tables_into
+    TorchRecEmbeddingFront.tables_into = lambda self, front: None  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="the fused twin of the TorchRec model predicts "
+                                               "otherwise"):
+            serve.export_run(out, tmp_path / "m.pt2")
+    finally:
+        TorchRecEmbeddingFront.tables_into = tables_into  # type: ignore[method-assign]
+    assert not (tmp_path / "m.pt2").exists()
 
 
 def test_an_epoch_trained_again_never_replaces_a_folder_a_checkpoint_names(tmp_path,

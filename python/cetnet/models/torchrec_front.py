@@ -10,8 +10,8 @@ by a TorchRec ``EmbeddingBagCollection`` (sparse and multihot features, pooled) 
 bag pools to zeros, a padding position of a sequence stays a zero vector, as in the fused
 front.
 
-Unsharded, the modules run TorchRec's plain PyTorch lookups (what evaluation and export of a
-finished run use); sharded, FBGEMM's table-batched kernels look rows up and apply the fused
+Unsharded, the modules run TorchRec's plain PyTorch lookups (what evaluation of a finished
+run uses; export copies the tables into a fused front, :meth:`TorchRecEmbeddingFront.tables_into`); sharded, FBGEMM's table-batched kernels look rows up and apply the fused
 optimizer (``sgd`` or ``rowwise_adagrad``, the config's ``model.embedding_lr``) in backward.
 """
 
