@@ -1,5 +1,6 @@
 """``cetnet search`` / ``python -m cetnet.search``: the command line of the search
-(docs/SEARCH.md). An error of the input is one line ``cetnet search: error: ...``, status 2."""
+(docs/SEARCH.md). An error of the input is one line ``cetnet search: error: ...``, status 2;
+a search whose every trial failed writes its reports and ends in one such line, status 1."""
 
 from __future__ import annotations
 
@@ -150,7 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_system_search(options)
             print(f"{PROG}: wrote {out}/SYSTEM.md, system.csv, best_system.yaml")
         else:
-            run_search(options)
+            from cetnet.search.engine import AllTrialsFailed
+
+            try:
+                run_search(options)
+            except AllTrialsFailed as e:  # ran, wrote its reports, found nothing: status 1
+                print(f"{PROG}: error: {e} (reports in {out})", file=sys.stderr)
+                return 1
             print(f"{PROG}: wrote {out}/SEARCH.md, trials.csv, pareto.csv")
         return 0
     except (ConfigError, DataFormatError, CheckpointError, TrainingError, RunDirError,

@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 from cetnet.config import ConfigError, validate_config
 from cetnet.processes import pid_alive, process_space
-from cetnet.search.cost import model_cost
+from cetnet.search.cost import COST_VERSION, model_cost
 from cetnet.search.proxies import SIGEO_WEIGHTS
 from cetnet.search.report import write_outputs
-from cetnet.search.space import load_space, sample_config
+from cetnet.search.space import check_values, default_space_path, load_space, sample_config
 from cetnet.train.runner import train_or_reuse
 
 __all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "run_search",
@@ -47,6 +47,11 @@ WARMUP_STEP = 1  # the intermediate value's step: the warm-up proxy
 
 class SearchError(ConfigError):
     """A bad option or study state of ``cetnet search`` (one line, naming it)."""
+
+
+class AllTrialsFailed(SearchError):
+    """Every trial this invocation ran failed (its reports are written; trials.csv says why):
+    the command exits non-zero rather than saying it wrote a search."""
 
 
 @dataclass
@@ -173,18 +178,50 @@ def _load_dataset(config: dict) -> Any:
 
 
 def warmup_config(config: dict, fraction: float, train_rows: int) -> dict:
-    """One epoch on ``fraction`` of the training rows (``train.max_steps_per_epoch``)."""
+    """One epoch on ``fraction`` of the training rows (``train.max_steps_per_epoch``), and no
+    more steps than the config's own cap."""
     cfg = copy.deepcopy(config)
     t = cfg["train"]
     steps = max(1, math.ceil(fraction * train_rows / t["batch_size"]))
     t["epochs"], t["patience"] = 1, None
-    t["max_steps_per_epoch"] = None if fraction >= 1 else steps
+    cap = t.get("max_steps_per_epoch")
+    if fraction < 1:
+        t["max_steps_per_epoch"] = steps if cap is None else min(cap, steps)
     return cfg
+
+
+def check_candidate(config: dict, schema: Any) -> None:
+    """The checks a trial's config passes before it trains that need no data and no memory:
+    the config's validation and the model builder's (on the meta device, whatever the
+    model's size); a ConfigError names the key. What :func:`cetnet.search.space.check_values`
+    runs on the space's values."""
+    import torch
+
+    from cetnet.train import build_model
+
+    config = validate_config({**config, "name": "space-check"})
+    try:
+        with torch.device("meta"):
+            build_model(config["model"], schema, backend=config["backend"])
+    except (NotImplementedError, RuntimeError):
+        pass  # a part that cannot be built on the meta device: the trial's own build checks it
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed (what a run's build turns into a
+    one-line ConfigError, :func:`cetnet.train.runner._build`): a MemoryError, or torch's
+    RuntimeError saying it cannot allocate / is out of memory."""
+    text = str(error)
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and ("allocate" in text or "out of memory" in text))
 
 
 def _setup(options: SearchOptions, space_text: str) -> dict:
     setup = {"dataset": options.dataset, "space": space_text, "objective": options.objective,
-             "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides)}
+             "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides),
+             # what a trial's FLOPs and warm-up loss measure: always saved, so that a study
+             # measured otherwise (saved without it: version 1) is not resumed
+             "cost_version": COST_VERSION}
     # keys added later are saved only when set: older studies resume as they were
     if options.proxy != "auc":
         setup["proxy"] = options.proxy
@@ -216,7 +253,8 @@ def _warmup_proxies(trial: Any, config: dict, dataset: Any, run_dir: Path,
     try:  # asked (--proxy sigeo): whatever the model's size; else for models up to a size
         stats = warmup_statistics(config, dataset, run_dir / "best.pt",
                                   max_weights=None if asked else MAX_AUTO_WEIGHTS)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, MemoryError) as e:  # (a ConfigError is a
+        # ValueError: a rebuild that does not fit in memory; so are the float64 sums)
         trial.set_user_attr("proxy_error", " ".join(str(e).split())[:200])
         say(f"trial {trial.number}: no SiGeo statistics ({' '.join(str(e).split())[:120]})")
         return None
@@ -358,6 +396,15 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
                                                 sample),
                                pruner=_pruner(options.pruner))
     if saved is not None:
+        measured = saved.get("cost_version", 1)  # saved without it: the first way
+        if measured != setup.get("cost_version", measured):
+            earlier = " (FLOPs without attention, the warm-up loss of the training " \
+                "objective)" if measured == 1 else ""
+            raise SearchError(f"study {options.study!r} was measured by another cetnet (cost "
+                              f"version {measured}{earlier}, this one {COST_VERSION}): its "
+                              "trials do not compare with new ones; start a new study (another "
+                              "--out, or --study)")
+
         def full(d: dict) -> dict:  # a setup saved without the later keys: their defaults
             return {"proxy": "auc", "max_cost": None, "cost_weight": 0.0, **d}
 
@@ -403,11 +450,28 @@ def setup_changes(saved: dict, setup: dict, *, study: Any = None) -> list[str]:
     a study of an earlier cetnet lacks are recorded into it now, so that later resumes
     compare them."""
     changed = [k for k in setup if not (k in UNRECORDED_BEFORE and k not in saved)
-               and saved.get(k) != setup[k]]
+               and not _same_setting(k, saved.get(k), setup[k])]
     missing = {k: setup[k] for k in UNRECORDED_BEFORE if k in setup and k not in saved}
     if study is not None and not changed and missing:
         study.set_user_attr("setup", {**study.user_attrs.get("setup", saved), **missing})
     return changed
+
+
+def _override_key(text: Any) -> str:
+    return str(text).split("=", 1)[0].strip()
+
+
+def _same_setting(key: str, saved: Any, given: Any) -> bool:
+    """Whether a setup's ``key`` is unchanged. ``--set`` overrides are one setting in any
+    order unless one's key repeats another's or lies under it (``train=...`` and
+    ``train.lr=...``): the later of those wins, so their order is part of the setting."""
+    if key != "overrides" or saved == given or not isinstance(saved, list) or \
+            not isinstance(given, list):
+        return saved == given
+    keys = [_override_key(o) for o in given]
+    independent = not any(a == b or b.startswith(a + ".")
+                          for i, a in enumerate(keys) for j, b in enumerate(keys) if i != j)
+    return independent and sorted(map(str, saved)) == sorted(map(str, given))
 
 
 def setup_difference(saved: dict, setup: dict, changed: Sequence[str]) -> str:
@@ -540,6 +604,10 @@ def run_search(options: SearchOptions) -> Any:
     # the data fixed would find one "started with other options")
     dataset = _load_dataset(base)
     train_rows = len(dataset.splits["train"])
+    # every value of the space, before a study exists: a bad one would fail each trial
+    # that samples it
+    check_values(space, base, lambda config: check_candidate(config, dataset.schema),
+                 str(default_space_path() if space_path in (None, "default") else space_path))
     options.out.mkdir(parents=True, exist_ok=True)
     quiet_trial_failures()
     with study_lock(options.out):
@@ -554,9 +622,18 @@ def run_search(options: SearchOptions) -> Any:
     from cetnet.train.loop import TrainingError
     from cetnet.train.rundir import RunDirError
 
+    ran: list[int] = []  # the trials of this invocation
+
     def objective(trial: optuna.Trial) -> Any:
+        ran.append(trial.number)
         try:
-            return run_trial(trial)
+            try:
+                return run_trial(trial)
+            except (MemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
+                # training that does not fit in memory fails its trial, not the search
+                raise TrainingError(f"out of memory: {' '.join(str(e).split())[:200]}") from e
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # --resume queues its parameters again
             raise
@@ -642,6 +719,10 @@ def run_search(options: SearchOptions) -> Any:
                                                                  states=finished), progress])
     write_outputs(study, options.out, objectives, options.command or
                   f"cetnet search --space {space_path}")
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    if ran and all(states.get(n) == TrialState.FAIL for n in ran):
+        raise AllTrialsFailed(f"all {len(ran)} trial(s) of this run failed: see the error "
+                              f"column of {options.out / 'trials.csv'}")
     return study
 
 

@@ -3,14 +3,19 @@
 SiGeo (Meta's sub-one-shot NAS) ranks candidates after a short warm-up by combining three
 statistics of the warmed-up weights: how consistent the gradients are across batches (the
 ZiCo term: gradient mean over gradient spread, which the paper links to convergence speed),
-the Fisher-Rao norm of the weights (linked to generalization), and the warm-up training loss.
+the Fisher-Rao norm of the weights (linked to generalization), and the warm-up loss.
 :func:`warmup_statistics` measures them on the candidate's warm-up checkpoint:
 
 - ``zico``: ``sum over parameter tensors of log(sum over elements of mean_b |g| / std_b g)``
   over ``batches`` training batches (elements whose gradient never varies are left out);
 - ``fisher_rao``: ``log(mean_b (theta . g_b)^2)``, the empirical Fisher-Rao norm of all
   weights theta;
-- ``loss``: the mean training loss of those batches.
+- ``loss``: the mean log loss (binary cross-entropy) of the fused prediction on those
+  batches, from the forward passes the gradients come from (training mode). Not the
+  ensemble's training objective, which the sampled member and distillation weights and the
+  ensemble kind scale (a CETNet's is about three times a naive ensemble's for the same
+  predictions); cetnet before the cost version 2 (:data:`cetnet.search.cost.COST_VERSION`)
+  took that one.
 
 :func:`sigeo_score` is ``w_zico * zico + w_fr * fisher_rao - w_loss * loss`` (weights 1, 1, 1
 by default, a combination of the paper's terms, not its tuned weights). The gradients are those
@@ -21,7 +26,6 @@ gradient, its warm-up weights loaded, and nothing is updated.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -107,12 +111,9 @@ def fit_sigeo_weights(terms: Any, auc: Any, *, step_degrees: float = 3.0
 def _dense_model(config: dict, schema: Any, state: Mapping[str, torch.Tensor]) -> Any:
     """The candidate on the reference backend with a dense embedding gradient, its weights
     ``state`` (a fused embedding's optimizer state is not a weight and is left out)."""
-    from cetnet.train import build_model
+    from cetnet.search.cost import build_for_measuring
 
-    model_cfg = copy.deepcopy(config["model"])
-    model_cfg["embedding_optimizer"] = None
-    torch.manual_seed(0)
-    model = build_model(model_cfg, schema, backend="reference")
+    model = build_for_measuring(config, schema)
     missing, unexpected = model.load_state_dict(dict(state), strict=False)
     extra = [k for k in unexpected if not k.endswith("optimizer_state")]
     if missing or extra:
@@ -131,9 +132,11 @@ def warmup_statistics(config: dict, dataset: Any, checkpoint: str | Path, *,
                       max_weights: int | None = None) -> dict[str, float]:
     """``{"zico", "fisher_rao", "loss"}`` of the model of ``config`` with the weights of
     ``checkpoint`` (a warm-up run's ``best.pt``), on the first ``batches`` training batches
-    of ``train.batch_size`` rows (dropout drawn from ``seed``). The gradients are summed as
+    of ``train.batch_size`` rows (dropout drawn from ``seed``); ``loss`` is the fused
+    prediction's log loss, the gradients those of the training objective. The gradients are summed as
     they come (sum, sum of squares, sum of absolute values per weight, in float64), not kept;
     a model of more than ``max_weights`` weights is a ValueError (None: no limit)."""
+    from cetnet.metrics import logloss
     from cetnet.train.checkpoint import load_checkpoint
 
     if batches < 2:
@@ -158,9 +161,11 @@ def warmup_statistics(config: dict, dataset: Any, checkpoint: str | Path, *,
         if i >= batches:
             break
         model.zero_grad(set_to_none=True)
-        loss, _ = model.loss(batch)
+        loss, out = model.loss(batch)
         loss.backward()
-        losses.append(float(loss.detach()))
+        # the quality of the prediction, not the training objective: that one is scaled by
+        # the member and distillation weights and the ensemble kind, whatever the prediction
+        losses.append(logloss(out.prob.detach(), batch.label))
         projection = 0.0
         with torch.no_grad():
             for j, p in enumerate(params):

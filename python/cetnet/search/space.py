@@ -16,17 +16,20 @@ ensemble section only in a trial of that ensemble: Optuna records only what was 
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import math
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from cetnet.config import TOP_LEVEL_KEYS, TRAIN_DEFAULTS, ConfigError, read_yaml
-from cetnet.messages import shorten
+from cetnet.messages import clip, shorten
 from cetnet.models.build import ENSEMBLES, MEMBERS, model_keys, section_option_names
 
-__all__ = ["SpaceError", "default_space_path", "load_space", "sample_config", "merge"]
+__all__ = ["SpaceError", "default_space_path", "load_space", "check_values", "sample_config",
+           "merge"]
 
 TOP_KEYS = ("ensemble", "members", "embedding_dim", "member", "fusion", "naive",
             "multi_embedding", "model", "train", "base")
@@ -34,6 +37,13 @@ ENSEMBLE_SECTIONS = {"fusion": "cetnet", "naive": "naive", "multi_embedding": "m
 MODEL_KEYS = ("embedding_optimizer", "embedding_lr", "shared_embedding")
 RANGE_KEYS = ("low", "high", "log")
 LAYERS_KEYS = ("width", "depth")
+#: ``base`` keys a space may not set, and why: the study records its data (and sizes the
+#: warm-up and counts the cost on it) from --dataset and --set, and names each trial's run.
+BASE_REFUSED = {
+    "data": "the trials' data is --dataset with --set data.<key>=... (what the study records, "
+            "sizes its warm-up from and resumes against)",
+    "name": "the search names each trial's run (<study>-<trial>)",
+}
 
 
 class SpaceError(ConfigError):
@@ -97,6 +107,45 @@ def _check_count(where: str, key: str, value: Any, low: int, high: int) -> None:
         raise _fail(where, key, f"must be integers in [{low}, {high}], got {shorten(value)}")
 
 
+def _layer_options(section: str) -> list[str]:
+    """The options of a ``model:`` section (a member kind, ``multi_embedding``) that take a list
+    of widths (``hidden``, ``head``, ...): the only ones a ``{width, depth}`` parameter fits."""
+    import inspect
+    import types
+    import typing
+
+    from cetnet.models.build import _section_targets
+
+    fn, skip = _section_targets()[section]
+    found = []
+    for name, p in inspect.signature(fn, eval_str=True).parameters.items():
+        union = typing.get_origin(p.annotation) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(p.annotation) if union else (p.annotation,)
+        if name not in skip and any(
+                typing.get_origin(k) in (collections.abc.Sequence, list, tuple)
+                and typing.get_args(k) == (int,) for k in kinds):
+            found.append(name)
+    return found
+
+
+def _check_layers(where: str, path: str, section: str, key: str, value: Any) -> None:
+    """``{width, depth}`` only for a layer list; a layer list never as a list of widths or a
+    width: a list is a choice of one value (``hidden: [64, 128]`` would sample 64 or 128, which
+    no layer list is)."""
+    layers = _layer_options(section)
+    if key in layers:
+        widths = value if isinstance(value, list) else [value]
+        if any(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+            raise _fail(where, f"{path}.{key}", f"a list here is a choice of one width, "
+                                                   f"but {key} is a list of layer widths: give "
+                                                   f"{{width: {shorten(value)}, depth: "
+                                                   f"<layers>}}")
+    elif isinstance(value, Mapping) and value and set(value) <= set(LAYERS_KEYS):
+        raise _fail(where, f"{path}.{key}", f"{{width, depth}} makes a list of layer widths, "
+                                               f"which {key} is not (layer lists here: "
+                                               f"{', '.join(layers) or 'none'})")
+
+
 def _check_keys(where: str, section: str, given: Mapping, allowed: list[str]) -> None:
     unknown = [k for k in given if k not in allowed]
     if unknown:
@@ -153,6 +202,7 @@ def _check_space(raw: Mapping, where: str) -> dict:
             raise _fail(where, f"member.{kind}", f"must be a mapping, got {shorten(options)}")
         _check_keys(where, f"member.{kind}", options, section_option_names(kind))
         for k, v in options.items():
+            _check_layers(where, f"member.{kind}", kind, k, v)
             _check_param(where, f"member.{kind}.{k}", v, layers=True)
             if isinstance(v, Mapping) and "depth" in v:
                 _check_count(where, f"member.{kind}.{k}.depth", v["depth"], 0, 64)
@@ -166,6 +216,8 @@ def _check_space(raw: Mapping, where: str) -> dict:
             if key == "train" and k not in TRAIN_DEFAULTS:
                 raise _fail(where, f"train.{k}", f"unknown key; known: "
                                                  f"{', '.join(TRAIN_DEFAULTS)}")
+            if key == "multi_embedding":
+                _check_layers(where, key, key, k, v)
             _check_param(where, f"{key}.{k}", v, layers=key == "multi_embedding")
         if key in ENSEMBLE_SECTIONS:
             _check_keys(where, key, section, section_option_names(key))
@@ -181,6 +233,9 @@ def _check_base(where: str, base: dict) -> dict:
     """The space's fixed config values: keys a run config has (top level, ``train``,
     ``model`` and its sections), so that a typo fails here, not in every trial."""
     _check_keys(where, "base", base, list(TOP_LEVEL_KEYS))
+    for key, why in BASE_REFUSED.items():
+        if key in base:
+            raise _fail(where, f"base.{key}", f"not in a space: {why}")
     for key, allowed in (("train", list(TRAIN_DEFAULTS)), ("model", model_keys())):
         section = base.get(key)
         if section is None:
@@ -204,7 +259,11 @@ def load_space(path: str | Path | None = None) -> dict:
         path = default_space_path()
     if not Path(path).is_file():
         raise SpaceError(f"search space {path}: no such file (give a space YAML or 'default')")
-    return _check_space(read_yaml(path), str(path))
+    raw = read_yaml(path)
+    if not raw:  # it would be a space of the checks' defaults, not the packaged one
+        raise SpaceError(f"search space {path}: the file is empty: give at least one key (see "
+                         f"{default_space_path().name}), or --space default")
+    return _check_space(raw, str(path))
 
 
 def _suggest(trial: Any, name: str, value: Any) -> Any:
@@ -275,3 +334,135 @@ def sample_config(trial: Any, space: Mapping, base: Mapping) -> dict:
         train[k] = _suggest(trial, f"train.{k}", v)
     config["train"] = train
     return config
+
+
+class _Probe:
+    """An Optuna trial's stand-in for :func:`check_values`: each parameter takes the value
+    ``values`` gives it, else its first choice (a range: its low end); every parameter asked
+    for is recorded with the values to try (the choices; a range's ends, and a float range's
+    inside too: an integer option fails there only)."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.values = dict(values)
+        self.asked: dict[str, tuple[list, Any]] = {}  # name -> (values to try, value taken)
+        self.float_ranges: set[str] = set()  # (their third value is inside)
+
+    def _take(self, name: str, tries: list) -> Any:
+        value = self.values.get(name, tries[0])
+        self.asked[name] = (tries, value)
+        return value
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        return self._take(name, list(choices))
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        return int(self._take(name, [low, high]))
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        inside = math.exp(math.log(low) + 0.382 * (math.log(high) - math.log(low))) if log \
+            else low + 0.382 * (high - low)  # not a round number: an integer option fails
+        self.float_ranges.add(name)
+        return float(self._take(name, [low, high, inside]))
+
+
+def _space_key(name: str) -> str:
+    """The space key of an Optuna parameter name (``members.1.kind`` -> ``members.kinds``)."""
+    name = re.sub(r"^members\.\d+\.kind$", "members.kinds", name)
+    return re.sub(r"^embedding_dim\.\d+$", "embedding_dim", name)
+
+
+def _lookup(space: Mapping, key: str) -> Any:
+    value: Any = space
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _key_of_error(error: str, space: Mapping) -> str | None:
+    """The space key of the config key a ConfigError names (``config: model.dnn.hidden[0]
+    must ...`` -> ``member.dnn.hidden``), when the space gives it; else None."""
+    found = re.search(r"config: (model|train)\.(\w+)(?:\.(\w+))?", error)
+    if found is None:
+        return None
+    section, first, second = found.groups()
+    if section == "train":
+        key = f"train.{first}"
+    elif first == "embedding_dim":
+        key = first
+    elif first in MODEL_KEYS:
+        key = f"model.{first}"
+    elif first in MEMBERS and second:
+        key = f"member.{first}.{second}"
+    elif first in ENSEMBLE_SECTIONS and second:
+        key = f"{first}.{second}"
+    else:
+        return None
+    try:
+        _lookup(space, key)
+    except (KeyError, TypeError):
+        return None
+    return key
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def check_values(space: Mapping, base: Mapping, check: Callable[[dict], None],
+                 where: str) -> None:
+    """Every value of the space checked before a trial runs: ``check`` (a ConfigError for a
+    config no trial could run) is called on trial configs that differ from one already
+    checked in one parameter, until every choice and every range end (and a point inside a
+    float range) of every parameter reachable has been in one. The first failure is a
+    SpaceError naming the file, the key and the value; a failure of every parameter's first
+    choice together names the one whose other choice passes, else none."""
+    float_ranges: set[str] = set()
+
+    def probe(values: Mapping[str, Any]) -> tuple[dict[str, tuple[list, Any]], str | None]:
+        trial = _Probe(values)
+        error = None
+        try:
+            config = sample_config(trial, space, base)
+            check(config)
+        except (ValueError, TypeError) as e:  # (a ConfigError is a ValueError)
+            error = str(e)
+        float_ranges.update(trial.float_ranges)
+        return trial.asked, error
+
+    asked, error = probe({})
+    if error is not None:
+        for name, (tries, taken) in asked.items():
+            for value in tries:
+                if not _same(value, taken) and probe({name: value})[1] is None:
+                    raise _fail(where, _space_key(name), f"{shorten(taken)} makes an invalid "
+                                                         f"trial config: {clip(error, 300)}")
+        key = _key_of_error(error, space)
+        if key is not None:  # a value every choice of it fails with, or a fixed one
+            name, taken = next(((_space_key(n), t) for n, (_, t) in asked.items()
+                                if _space_key(n) == key or n.startswith(key + ".")),
+                               (key, _lookup(space, key)))
+            if isinstance(taken, list) and len(taken) == 1:  # one choice: a fixed value
+                taken = taken[0]
+            raise _fail(where, name, f"{shorten(taken)} makes an invalid trial config: "
+                                     f"{clip(error, 300)}")
+        raise SpaceError(f"search space {where}: the trial config of every parameter's first "
+                         f"choice is invalid: {clip(error, 300)}")
+    done = {(name, type(taken), repr(taken)) for name, (_, taken) in asked.items()}
+    queue: list[tuple[dict[str, Any], dict[str, tuple[list, Any]]]] = [({}, asked)]
+    while queue:
+        values, asked = queue.pop(0)
+        for name, (tries, _) in asked.items():
+            for value in tries:
+                if (name, type(value), repr(value)) in done:
+                    continue
+                more, error = probe({**values, name: value})
+                if error is not None:
+                    inside = "" if name not in float_ranges or \
+                        any(_same(value, t) for t in tries[:2]) else \
+                        " (inside the range: float bounds sample floats; an integer needs " \
+                        "integer low and high)"
+                    raise _fail(where, _space_key(name), f"{shorten(value)}{inside} makes an "
+                                                         f"invalid trial config: "
+                                                         f"{clip(error, 300)}")
+                done |= {(n, type(t), repr(t)) for n, (_, t) in more.items()}
+                queue.append(({**values, name: value}, more))
