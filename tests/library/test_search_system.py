@@ -13,8 +13,8 @@ optuna = pytest.importorskip("optuna")
 
 from cetnet.config import load_config  # noqa: E402
 from cetnet.search.engine import SearchError, SearchOptions, _base, _load_dataset  # noqa: E402
-from cetnet.search.system import (batch_sizes, measure_throughput,  # noqa: E402
-                                  run_system_search, sample_system)
+from cetnet.search.system import (REPEATS, batch_sizes, measure_repeats,  # noqa: E402
+                                  measure_throughput, run_system_search, sample_system)
 
 DATA = ["data.num_rows=3000", "data.num_users=60", "data.num_items=120", "data.max_seq_len=6"]
 
@@ -22,8 +22,8 @@ DATA = ["data.num_rows=3000", "data.num_users=60", "data.num_items=120", "data.m
 def _options(tmp_path: Path, **kw) -> SearchOptions:
     kw.setdefault("trials", 4)
     kw.setdefault("sampler", "predictor")
-    return SearchOptions(out=tmp_path / "out", dataset="synthetic", overrides=DATA,
-                         say=lambda text: None, **kw)
+    kw.setdefault("overrides", DATA)
+    return SearchOptions(out=tmp_path / "out", dataset="synthetic", say=lambda text: None, **kw)
 
 
 def test_measured_throughput_is_positive_and_threads_are_restored(tmp_path):
@@ -44,7 +44,10 @@ def test_measured_throughput_is_positive_and_threads_are_restored(tmp_path):
     assert batch_sizes(300) == [256] and batch_sizes(100) == []
 
 
-def test_a_system_study_measures_proposes_and_reports(tmp_path):
+def test_a_system_study_measures_proposes_and_reports(tmp_path, monkeypatch):
+    import cetnet.search.system as system
+
+    monkeypatch.setattr(system, "STEPS", 4)  # 3 runs of 4 steps: this CPU is shared
     options = _options(tmp_path, command="cetnet search --system --dataset synthetic")
     study = run_system_search(options)
     out = options.out
@@ -54,17 +57,92 @@ def test_a_system_study_measures_proposes_and_reports(tmp_path):
     assert len(trials) == 4
     # 2 random startup trials, then the throughput predictor proposes (its prediction kept)
     assert [("predicted_value" in t.user_attrs) for t in trials] == [False, False, True, True]
-    for t in trials:
+    for t in trials:  # the median of a few runs, each recorded
+        runs = t.user_attrs["samples_per_s_repeats"]
+        assert len(runs) == REPEATS == 3 and t.user_attrs["samples_per_s"] == sorted(runs)[1]
         assert t.value == pytest.approx(math.log(t.user_attrs["samples_per_s"]))
+    csv_rows = (out / "system.csv").read_text().splitlines()
+    assert csv_rows[0].endswith(",runs,min_samples_per_s,max_samples_per_s")
+    assert all(row.split(",")[-3] == "3" for row in csv_rows[1:])
     best = max(trials, key=lambda t: t.value)
     config = load_config(out / "best_system.yaml")
     assert config["train"]["batch_size"] == best.params["train.batch_size"]
     assert config["backend"] == best.params["backend"]
     report = (out / "SYSTEM.md").read_text()
     assert f"Fastest: trial {best.number}," in report and "Kendall tau" in report
+    assert "Measured on cpu: each trial's throughput is the median of 3 runs of 4" in report
     with pytest.raises(SearchError, match="already exists"):
         run_system_search(_options(tmp_path))
     assert len(run_system_search(_options(tmp_path, resume=True)).trials) == 4  # nothing added
+
+
+def _setting(tmp_path: Path, **train) -> tuple[dict, object]:
+    base = _base(_options(tmp_path))
+    dataset = _load_dataset(base)
+    trial = optuna.trial.FixedTrial({"train.batch_size": 256, "threads": 1, "backend": "auto",
+                                     "model.embedding_optimizer": "sgd"})
+    config, _ = sample_system(trial, base, len(dataset.splits["train"]), max_threads=1)
+    config["train"].update(train)
+    return config, dataset
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_measured_step_clips_gradients_as_training_does(tmp_path, monkeypatch, clip):
+    config, dataset = _setting(tmp_path, grad_clip=clip)
+    norms: list[float] = []
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+
+    def clipped(params, max_norm, *args, **kw):
+        norms.append(max_norm)
+        return clip_grad_norm(params, max_norm, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clipped)
+    speeds = measure_repeats(config, dataset, 1, steps=2, warmup=1, repeats=2)
+    assert len(speeds) == 2 and all(v > 0 and math.isfinite(v) for v in speeds)
+    # every step, the warm-up's too, as EpochRunner.train's (train.grad_clip: none, never)
+    assert norms == ([] if clip is None else [clip] * (1 + 2 * 2))
+
+
+def test_the_model_and_batches_are_measured_on_the_configs_device(tmp_path, monkeypatch):
+    import cetnet.train.loop as loop
+    from cetnet.data.schema import Batch
+
+    config, dataset = _setting(tmp_path)
+    config["device"] = "cuda:1"
+    there = torch.device("cpu", 0)  # what this machine would train "cuda:1" on (made up)
+    asked: list[str] = []
+    moved: dict[str, list] = {"model": [], "batch": []}
+
+    def resolve(name: str, key: str = "config: device") -> torch.device:
+        asked.append(name)
+        return there
+
+    to, to_device = torch.nn.Module.to, Batch.to_device
+
+    def model_to(self, *args, **kw):
+        moved["model"].append(args[0] if args else kw.get("device"))
+        return to(self, *args, **kw)
+
+    def batch_to_device(self, device):
+        moved["batch"].append(device)
+        return to_device(self, device)
+
+    monkeypatch.setattr(loop, "resolve_device", resolve)
+    monkeypatch.setattr(torch.nn.Module, "to", model_to)
+    monkeypatch.setattr(Batch, "to_device", batch_to_device)
+    measure_repeats(config, dataset, 1, steps=2, warmup=1, repeats=1)
+    assert asked == ["cuda:1"]
+    assert moved["model"] and all(d == there for d in moved["model"]), moved["model"]
+    assert moved["batch"] == [there] * 3  # every step's batch, copied there as training does
+    # a device this machine lacks is one error line before anything is measured; a study
+    # measured on the CPU is not continued on another device
+    monkeypatch.undo()
+    with pytest.raises(SearchError, match="--system: config: device is 'cuda:1'"):
+        run_system_search(_options(tmp_path, overrides=[*DATA, "device=cuda:1"]))
+    run_system_search(_options(tmp_path, trials=1, sampler="random"))
+    monkeypatch.setattr(loop, "resolve_device", lambda name, key="": torch.device("cuda", 0))
+    with pytest.raises(SearchError, match="was started with another device"):
+        run_system_search(_options(tmp_path, trials=2, sampler="random", resume=True))
 
 
 def test_a_split_smaller_than_every_batch_size_is_one_error(tmp_path):

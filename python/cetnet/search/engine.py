@@ -718,7 +718,7 @@ def run_search(options: SearchOptions) -> Any:
                        callbacks=[optuna.study.MaxTrialsCallback(options.trials,
                                                                  states=finished), progress])
     write_outputs(study, options.out, objectives, options.command or
-                  f"cetnet search --space {space_path}")
+                  f"cetnet search --space {space_path}", cost_weight=options.cost_weight)
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     if ran and all(states.get(n) == TrialState.FAIL for n in ran):
         raise AllTrialsFailed(f"all {len(ran)} trial(s) of this run failed: see the error "

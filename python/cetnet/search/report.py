@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from cetnet.atomic import atomic_write, write_text_atomic
 
 __all__ = ["kendall_tau", "spearman", "rank_correlation", "pareto_front", "trial_rows",
-           "best_row", "csv_text", "write_plot", "write_outputs", "BEST_CONFIG"]
+           "distinct_rows", "best_row", "csv_text", "write_plot", "write_outputs", "BEST_CONFIG"]
 
 METRICS = ("objective", "over_max_cost", "proxy_auc", "sigeo", "zico", "fisher_rao", "neg_warmup_loss", "valid_auc",
            "valid_gauc", "valid_logloss", "test_auc", "flops", "params", "step_ms", "seconds")
@@ -112,6 +112,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         row.update({m: t.user_attrs.get(m, "") for m in METRICS})
         row["run_dir"] = t.user_attrs.get("run_dir", "")
         row["error"] = t.user_attrs.get("error", "")
+        # why the trial has no SiGeo statistics (e.g. a split of too few batches)
+        row["proxy_error"] = t.user_attrs.get("proxy_error", "")
         row.update({f"param.{n}": t.params.get(n, "") for n in names})
         rows.append(row)
     return rows
@@ -125,9 +127,29 @@ def csv_text(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+def distinct_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The completed trials of ``rows``, one per run directory (the first trial that trained
+    it; ``row["same_as"]``: the later trials' numbers). A sampler that draws a config again
+    gets the same run back, reused: the same metrics, not a new measurement, so it must count
+    once in a correlation and appear once on a front (as ``--compare`` counts configs)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["state"] != "COMPLETE":
+            continue
+        key = r["run_dir"] or f"#{r['number']}"  # a trial without a run directory: itself
+        if key in seen:
+            seen[key]["same_as"].append(r["number"])
+        else:
+            seen[key] = {**r, "same_as": []}
+    return list(seen.values())
+
+
+def _finite(value: Any) -> bool:
+    return value != "" and value is not None and math.isfinite(float(value))
+
+
 def _front_rows(study: Any, rows: list[dict[str, Any]], multi: bool) -> list[dict[str, Any]]:
-    complete = [r for r in rows if r["state"] == "COMPLETE" and r["valid_auc"] != ""
-                and r["flops"] != ""]
+    complete = [r for r in distinct_rows(rows) if _finite(r["valid_auc"]) and _finite(r["flops"])]
     if multi:
         best = {t.number for t in study.best_trials}
         front = [r for r in complete if r["number"] in best]
@@ -183,18 +205,27 @@ def _draw_front(ax: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]]
     ax.legend()
 
 
-def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str) -> dict:
-    """Writes the four outputs; returns ``{"rows", "front", "correlation"}``."""
+def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str,
+                  cost_weight: float | None = None) -> dict:
+    """Writes the four outputs; returns ``{"rows", "front", "correlation", "best"}``.
+    ``cost_weight``: the study's ``--cost-weight`` (None: the one its setup recorded)."""
+    if cost_weight is None:  # the setup records it when it is set
+        cost_weight = float(getattr(study, "user_attrs", {}).get("setup", {})
+                            .get("cost_weight") or 0.0)
     rows = trial_rows(study)
-    columns = list(rows[0]) if rows else ["number", "state", *METRICS, "run_dir", "error"]
+    columns = list(rows[0]) if rows else ["number", "state", *METRICS, "run_dir", "error",
+                                          "proxy_error"]
     write_text_atomic(out / "trials.csv", csv_text(rows, columns))
     multi = len(objectives) > 1
     front = _front_rows(study, rows, multi)
-    write_text_atomic(out / "pareto.csv", csv_text(front, columns))
+    write_text_atomic(out / "pareto.csv", csv_text([{c: r[c] for c in columns} for r in front],
+                                                   columns))
+    distinct = distinct_rows(rows)
     corr = {}
     for name, _ in CORRELATED:
-        pairs = [(float(r[name]), r["valid_auc"]) for r in rows
-                 if r["state"] == "COMPLETE" and r[name] != "" and r["valid_auc"] != ""]
+        # finite pairs only: one NaN (a diverged warm-up, a log of 0) makes the whole row NaN
+        pairs = [(float(r[name]), float(r["valid_auc"])) for r in distinct
+                 if _finite(r[name]) and _finite(r["valid_auc"])]
         corr[name] = rank_correlation([p for p, _ in pairs], [a for _, a in pairs])
     plotted = _plot(rows, front, out / "auc_vs_flops.png")
     best = best_row(rows, front, multi)
@@ -202,7 +233,8 @@ def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str
     if not wrote_config:  # never leave an earlier invocation's best config standing
         (out / BEST_CONFIG).unlink(missing_ok=True)
     write_text_atomic(out / "SEARCH.md", _markdown(study, rows, front, corr, objectives,
-                                                   command, plotted, best, wrote_config))
+                                                   command, plotted, best, wrote_config,
+                                                   cost_weight))
     return {"rows": rows, "front": front, "correlation": corr, "best": best}
 
 
@@ -232,19 +264,34 @@ def _write_best_config(best: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _numbers(row: dict[str, Any]) -> str:
+    """``"3"``, or ``"3 (= 5, 8)"`` when later trials drew the same config."""
+    again = row.get("same_as") or []
+    return f"{row['number']}" + (f" (= {', '.join(map(str, again))})" if again else "")
+
+
 def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]],
               corr: dict[str, dict[str, Any]], objectives: Sequence[str], command: str,
-              plotted: bool, best: dict[str, Any] | None, wrote_config: bool) -> str:
+              plotted: bool, best: dict[str, Any] | None, wrote_config: bool,
+              cost_weight: float = 0.0) -> str:
     states: dict[str, int] = {}
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
-    lines = [f"# Search: {study.study_name}", "",
-             f"Objective: {' and '.join(objectives)} "
-             f"({'maximize validation AUC, minimize forward FLOPs per sample' if len(objectives) > 1 else 'maximize validation AUC'}).",
+    if len(objectives) > 1:
+        objective = (f"{' and '.join(objectives)} (maximize validation AUC, minimize forward "
+                     "FLOPs per sample)")
+    elif cost_weight:  # what the study maximizes, not the AUC alone
+        objective = (f"auc - {cost_weight:g} * log10(FLOPs per sample) (maximize validation "
+                     f"AUC less {cost_weight:g} per decade of forward FLOPs per sample; "
+                     "--cost-weight)")
+    else:
+        objective = f"{' and '.join(objectives)} (maximize validation AUC)"
+    lines = [f"# Search: {study.study_name}", "", f"Objective: {objective}.",
              "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ".",
              "", "Command:", "", "```", command, "```", "", "## Best trial", ""]
     if best is not None:
-        lines += [f"Trial {best['number']}: validation AUC {_fmt(best['valid_auc'])}, gAUC "
+        by = f"objective {_fmt(best['objective'])}, " if cost_weight else ""
+        lines += [f"Trial {best['number']}: {by}validation AUC {_fmt(best['valid_auc'])}, gAUC "
                   f"{_fmt(best['valid_gauc'])}, logloss {_fmt(best['valid_logloss'])}, test AUC "
                   f"{_fmt(best['test_auc'])}, {_fmt(best['flops'], 0)} FLOPs/sample, "
                   f"{best['params']} parameters; its run: `{best['run_dir']}/full` "
@@ -259,17 +306,22 @@ def _markdown(study: Any, rows: list[dict[str, Any]], front: list[dict[str, Any]
     else:
         lines.append("No trial completed.")
     lines += ["", "## Pareto front (validation AUC vs FLOPs per sample)", "",
+              "One row per config: when later trials drew it again (and got its run back), "
+              "their numbers follow the first's, as in \"3 (= 5, 8)\".", "",
               "| trial | valid AUC | FLOPs/sample | parameters | proxy AUC |",
               "|---|---|---|---|---|"]
-    lines += [f"| {r['number']} | {_fmt(r['valid_auc'])} | {_fmt(r['flops'], 0)} | "
+    lines += [f"| {_numbers(r)} | {_fmt(r['valid_auc'])} | {_fmt(r['flops'], 0)} | "
               f"{r['params']} | {_fmt(r['proxy_auc'])} |" for r in front]
     lines += ["", "## Warm-up proxies", "",
               "Rank correlation of each proxy with the full-training validation AUC, over the "
-              "completed trials that have both (pruned trials have no full AUC):", "",
+              "distinct completed trials (a config drawn again counts once: its run was reused) "
+              "whose proxy and AUC are both finite, n of them per row (pruned trials have no "
+              "full AUC):", "",
               "| proxy | trials | Kendall tau | Spearman |", "|---|---:|---:|---:|"]
     lines += [f"| {what} | {corr[name]['n']} | {_fmt(corr[name]['kendall_tau'], 3)} | "
               f"{_fmt(corr[name]['spearman'], 3)} |" for name, what in CORRELATED]
-    lines += ["", f"(computed by {corr['proxy_auc']['by']})", ""]
+    by = next((c["by"] for c in corr.values() if c["by"] != "-"), "-")  # rows of n < 3: none
+    lines += ["", f"(computed by {by})", ""]
     if plotted:
         lines += ["![AUC vs FLOPs](auc_vs_flops.png)", ""]
     lines += ["All trials: trials.csv; the front: pareto.csv.", ""]

@@ -11,8 +11,10 @@ overrides of it); a trial samples
 - ``model.embedding_optimizer``: ``rowwise_adagrad``, ``sgd`` or ``null`` (a dense gradient
   trained by Adam; the only choice of the reference backend, which has no fused optimizer),
 
-and **measures** them: ``steps`` training steps (forward, backward, Adam and the fused update)
-on a ring of real batches after ``warmup`` untimed ones, as training samples per second.
+and **measures** them on the config's device: ``steps`` training steps as the training loop
+takes them (forward, backward with the fused update, ``train.grad_clip``, Adam) on a ring of
+real batches after ``warmup`` untimed ones, as training samples per second, the median of
+:data:`REPEATS` such runs.
 The trials run in an Optuna study with the predictor-guided sampler
 (:mod:`cetnet.search.predictor`): after a few random trials an ensemble of small MLPs, fit to
 the measured log-throughputs, proposes the settings it predicts fastest (CubicML's loop).
@@ -29,13 +31,15 @@ from __future__ import annotations
 import copy
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["SYSTEM_SPACE", "sample_system", "measure_throughput", "run_system_search"]
+__all__ = ["SYSTEM_SPACE", "REPEATS", "STEPS", "WARMUP", "sample_system", "measure_repeats",
+           "measure_throughput", "run_system_search"]
 
 #: The system settings a trial samples (see the module docstring).
 SYSTEM_SPACE: dict[str, list] = {
@@ -43,6 +47,12 @@ SYSTEM_SPACE: dict[str, list] = {
     "backend": ["auto", "reference"],
     "model.embedding_optimizer": ["rowwise_adagrad", "sgd", "null"],
 }
+#: Timed runs of ``steps`` steps per measurement, of which the median counts: on a shared
+#: machine one run of 12 steps moves by tens of percent (the warm-up and the build are paid
+#: once, so each repeat costs only its steps).
+REPEATS = 3
+#: Timed steps per run and untimed steps before the first, of each trial's measurement.
+STEPS, WARMUP = 12, 3
 
 
 def batch_sizes(train_rows: int) -> list[int]:
@@ -68,15 +78,21 @@ def sample_system(trial: Any, base: Mapping[str, Any], train_rows: int,
     return config, int(threads)
 
 
-def measure_throughput(config: dict, dataset: Any, threads: int, *, steps: int = 12,
-                       warmup: int = 3, ring: int = 4) -> float:
-    """Training samples per second of ``config``'s model: ``steps`` timed steps after
-    ``warmup`` untimed ones, on a ring of ``ring`` real batches of ``train.batch_size``,
-    with ``threads`` torch threads (restored after)."""
+def measure_repeats(config: dict, dataset: Any, threads: int, *, steps: int = STEPS,
+                    warmup: int = WARMUP, ring: int = 4, repeats: int = REPEATS) -> list[float]:
+    """Training samples per second of ``config``'s model, ``repeats`` times: each ``steps``
+    timed steps, after ``warmup`` untimed ones (once), on a ring of ``ring`` real batches of
+    ``train.batch_size``, with ``threads`` torch threads (restored after). The model and the
+    batches are on the config's device (``device``, resolved as training resolves it), and a
+    step is the training loop's: forward, backward (with the embedding's fused update),
+    ``train.grad_clip``, Adam."""
+    from torch import nn
+
     from cetnet.train import build_model
-    from cetnet.train.loop import dense_optimizer
+    from cetnet.train.loop import check_backend, dense_optimizer, resolve_device
 
     batch_size = config["train"]["batch_size"]
+    clip = config["train"].get("grad_clip")
     split = dataset.splits["train"]
     batches = []
     for b in split.batches(batch_size, shuffle=True, seed=0):
@@ -87,30 +103,61 @@ def measure_throughput(config: dict, dataset: Any, threads: int, *, steps: int =
     if not batches:
         raise ValueError(f"system search: the train split has fewer than train.batch_size="
                          f"{batch_size} rows")
+    # the device the settings will train on: measured on the CPU, a best_system.yaml that
+    # trains on a GPU would have been tuned for the wrong machine
+    device = resolve_device(config.get("device", "auto"))
+    check_backend(config["backend"], device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
         model = build_model(config["model"], dataset.schema, backend=config["backend"])
+        model.to(device)
         model.train()
-        optimizer = dense_optimizer(list(model.dense_parameters()), config["train"]["lr"],
+        params = list(model.dense_parameters())
+        optimizer = dense_optimizer(params, config["train"]["lr"],
                                     config["train"]["weight_decay"])
 
-        def step(i: int) -> None:
-            loss, _ = model.loss(batches[i % len(batches)])
+        def step(i: int) -> None:  # as EpochRunner.train's step (its bookkeeping aside)
+            batch = batches[i % len(batches)].to_device(device)  # copied every step, as there
+            loss, _ = model.loss(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # also applies the embedding's fused optimizer, if any
+            if clip is not None:
+                nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
 
         for i in range(warmup):
             step(i)
-        start = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        seconds = time.perf_counter() - start
+        speeds = []
+        for _ in range(repeats):  # the median of a few: one burst of another job moves one
+            _synchronize(device)
+            start = time.perf_counter()
+            for i in range(steps):
+                step(i)
+            _synchronize(device)  # a CUDA step has only been queued when step() returns
+            speeds.append(steps * batch_size / (time.perf_counter() - start))
     finally:
         torch.set_num_threads(before)
-    return steps * batch_size / seconds
+    return speeds
+
+
+def measure_throughput(config: dict, dataset: Any, threads: int, *, steps: int = STEPS,
+                       warmup: int = WARMUP, ring: int = 4, repeats: int = REPEATS) -> float:
+    """The median of :func:`measure_repeats`: training samples per second of ``config``."""
+    return statistics.median(measure_repeats(config, dataset, threads, steps=steps,
+                                             warmup=warmup, ring=ring, repeats=repeats))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _spread(speeds: list[float]) -> str:
+    """``"3 runs, 5,812-6,104"``: the measurements a trial's median is of."""
+    return f"{len(speeds)} run{'s' if len(speeds) > 1 else ''}, " \
+        f"{min(speeds):,.0f}-{max(speeds):,.0f}"
 
 
 def _write_report(study: Any, out: Path, command: str) -> dict:
@@ -122,18 +169,29 @@ def _write_report(study: Any, out: Path, command: str) -> dict:
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = sorted({n for t in done for n in t.params})
-    lines = ["number," + ",".join(names) + ",samples_per_s,predicted_samples_per_s"]
+    # a trial of a study measured before the repeats has one measurement, no list
+    runs = {t.number: t.user_attrs.get("samples_per_s_repeats") or [] for t in done}
+    lines = ["number," + ",".join(names) + ",samples_per_s,predicted_samples_per_s,"
+             "runs,min_samples_per_s,max_samples_per_s"]
     for t in done:
         pred = t.user_attrs.get("predicted_value")
+        r = runs[t.number]
         lines.append(",".join([str(t.number), *(str(t.params.get(n, "")) for n in names),
                                f"{t.user_attrs['samples_per_s']:.1f}",
-                               "" if pred is None else f"{math.exp(pred):.1f}"]))
+                               "" if pred is None else f"{math.exp(pred):.1f}",
+                               str(len(r)) if r else "",
+                               f"{min(r):.1f}" if r else "", f"{max(r):.1f}" if r else ""]))
     write_text_atomic(out / "system.csv", "\n".join(lines) + "\n")
     pairs = [(t.user_attrs["predicted_value"], t.value) for t in done
              if t.user_attrs.get("predicted_value") is not None]
     corr = rank_correlation([p for p, _ in pairs], [m for _, m in pairs])
     best = max(done, key=lambda t: t.value) if done else None
-    md = [f"# System search: {study.study_name}", "", "Command:", "", "```", command, "```", ""]
+    device = study.user_attrs.get("setup", {}).get("device", "cpu")
+    md = [f"# System search: {study.study_name}", "", "Command:", "", "```", command, "```", "",
+          f"Measured on {device}: each trial's throughput is the median of {REPEATS} runs of "
+          f"{STEPS} training steps (forward, backward with the embedding's fused update, "
+          f"train.grad_clip, Adam), after {WARMUP} untimed steps; the runs' range is beside it.",
+          ""]
     if best is not None:
         md += [f"Fastest: trial {best.number}, {best.user_attrs['samples_per_s']:,.0f} "
                f"training samples/s with "
@@ -141,12 +199,14 @@ def _write_report(study: Any, out: Path, command: str) -> dict:
                + " (its config: best_system.yaml; no config key holds the thread count: "
                f"run it with OMP_NUM_THREADS={best.params.get('threads', 1)}).", ""]
         dump_config(best.user_attrs["config"], out / "best_system.yaml")
-    md += ["| trial | " + " | ".join(names) + " | samples/s | predicted |",
-           "|---|" + "---|" * len(names) + "---:|---:|"]
+    md += ["| trial | " + " | ".join(names) + " | samples/s | runs | predicted |",
+           "|---|" + "---|" * len(names) + "---:|---:|---:|"]
     for t in sorted(done, key=lambda t: -t.value):
         pred = t.user_attrs.get("predicted_value")
+        r = runs[t.number]
         md.append(f"| {t.number} | " + " | ".join(str(t.params.get(n, "–")) for n in names)
                   + f" | {t.user_attrs['samples_per_s']:,.0f} | "
+                  + (_spread(r) if r else "1 run") + " | "
                   + ("–" if pred is None else f"{math.exp(pred):,.0f}") + " |")
     md += ["", f"Predicted vs measured throughput of the {corr['n']} proposed trials: Kendall "
            f"tau {corr['kendall_tau']:.3f}, Spearman {corr['spearman']:.3f} (by {corr['by']}).",
@@ -161,10 +221,12 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     then ``OUT/SYSTEM.md``, ``system.csv`` and ``best_system.yaml``. Returns the study."""
     import optuna
 
+    from cetnet.config import ConfigError
     from cetnet.search.engine import (SearchError, _base, _hide_password, _load_dataset,
                                       _sampler, check_seed, check_study_name, claim_study,
                                       data_identity, open_storage, quiet_trial_failures,
                                       reseed, setup_changes, setup_difference, study_lock)
+    from cetnet.train.loop import resolve_device
 
     say = say or options.say
     check_seed(options.seed)
@@ -172,6 +234,10 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     if options.trials < 1:
         raise SearchError(f"--trials must be >= 1 with --system, got {options.trials}")
     base = _base(options)
+    try:  # one error line, not every trial failing on a device that is not there
+        device = resolve_device(base.get("device", "auto"))
+    except ConfigError as e:
+        raise SearchError(f"--system: {e}") from None
     dataset = _load_dataset(base)
     rows = len(dataset.splits["train"])
     if not batch_sizes(rows):
@@ -187,6 +253,8 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     setup = {"dataset": options.dataset, "overrides": list(options.overrides),
              "batch_sizes": batch_sizes(rows), "cpus": os.cpu_count() or 1,
              **data_identity(base, dataset)}
+    if device.type != "cpu":  # measured there; recorded only then, as studies before it resume
+        setup["device"] = str(device)
     # the trial's value is log(samples/s): the predictor models log throughput, in which a
     # speed-up by a factor is the same step wherever it starts
     with study_lock(options.out):
@@ -194,26 +262,31 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
                                    setup=setup, where=_hide_password(storage_url),
                                    direction="maximize", sampler=sampler)
     if saved is not None:
-        changed = setup_changes(saved, setup, study=study)
+        # a study without the device was measured on the CPU
+        saved, now = {"device": "cpu", **saved}, {"device": "cpu", **setup}
+        changed = setup_changes(saved, now, study=study)
         if changed:
             raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
                               "continue it with the same options (and machine), or name a new "
-                              "study with --study" + setup_difference(saved, setup, changed))
+                              "study with --study" + setup_difference(saved, now, changed))
     reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials,
                                         lambda t: sample_system(t, base, rows)), options.seed)
 
     def objective(trial: Any) -> float:
         config, threads = sample_system(trial, base, rows)
         try:
-            speed = measure_throughput(config, dataset, threads)
+            speeds = measure_repeats(config, dataset, threads, steps=STEPS, warmup=WARMUP)
         except (RuntimeError, ValueError, MemoryError) as e:  # the trial fails, the study goes on
             text = " ".join(str(e).split())[:200] or type(e).__name__
             trial.set_user_attr("error", text)
             say(f"system trial {trial.number}: failed ({text})")
             raise
+        speed = statistics.median(speeds)
         trial.set_user_attr("config", config)
         trial.set_user_attr("samples_per_s", speed)
-        say(f"system trial {trial.number}: {speed:,.0f} samples/s ("
+        trial.set_user_attr("samples_per_s_repeats", speeds)  # how far the median can be trusted
+        say(f"system trial {trial.number}: {speed:,.0f} samples/s (median of "
+            f"{_spread(speeds)}; "
             + ", ".join(f"{k}={v}" for k, v in sorted(trial.params.items())) + ")")
         return math.log(speed)
 
