@@ -159,6 +159,47 @@ def test_the_space_values_are_checked_when_it_is_read(text, message, tmp_path, t
     assert message in str(raised.value) and "\n" not in str(raised.value), raised.value
 
 
+def _check_text(text, tmp_path, tiny_dataset):
+    base, dataset = tiny_dataset
+    path = tmp_path / "s.yaml"
+    path.write_text("base: {backend: reference, model: {embedding_optimizer: null}}\n" + text)
+    check_values(load_space(path), base, lambda c: check_candidate(c, dataset.schema),
+                 str(path))
+
+
+@pytest.mark.parametrize("text", [
+    # 8 heads fail at dim 8 only: the trials that draw both fail, as any invalid trial
+    "ensemble: [cetnet]\nmembers: {count: 2, kinds: [dnn, interformer]}\n"
+    "embedding_dim: [8, 16, 32]\nmember: {interformer: {num_heads: [2, 8]}}\n",
+    # a shared embedding fails with multi_embedding only, whichever comes first
+    "ensemble: [multi_embedding, cetnet]\nmembers: {count: 2, kinds: [dnn]}\n"
+    "embedding_dim: [8]\nmodel: {shared_embedding: [true, false]}\n",
+    "ensemble: [cetnet, multi_embedding]\nmembers: {count: 2, kinds: [dnn]}\n"
+    "embedding_dim: [8]\nmodel: {shared_embedding: [false, true]}\n",
+])
+def test_a_value_only_some_combinations_refuse_is_left_to_the_trials(text, tmp_path,
+                                                                       tiny_dataset):
+    _check_text(text, tmp_path, tiny_dataset)  # no error
+
+
+@pytest.mark.parametrize("text, message", [
+    # 8 heads at the one dim offered: no config holds it validly
+    ("ensemble: [cetnet]\nmembers: {count: 2, kinds: [dnn, interformer]}\n"
+     "embedding_dim: [8]\nmember: {interformer: {num_heads: [2, 8]}}\n",
+     "member.interformer.num_heads: 8 makes"),
+    # a fixed bad value is named by its key, not by a parameter that avoids it
+    ("ensemble: [cetnet, multi_embedding]\nmembers: {count: 2, kinds: [dnn, dcnv2]}\n"
+     "member: {dnn: {dropout: 1.5}}\n", "member.dnn.dropout: 1.5 makes"),
+    ("ensemble: [cetnet, naive]\nmembers: {count: 2, kinds: [dnn, dcnv2]}\n"
+     "member: {dnn: {hidden: {width: [0], depth: 1}}}\n", "member.dnn.hidden"),
+])
+def test_a_value_no_config_can_hold_is_refused_by_its_key(text, message, tmp_path,
+                                                         tiny_dataset):
+    with pytest.raises(SpaceError, match="makes an invalid trial config") as raised:
+        _check_text(text, tmp_path, tiny_dataset)
+    assert message in str(raised.value), raised.value
+
+
 def test_a_space_is_checked_before_a_study_exists(tmp_path, capsys):
     from cetnet.cli import main
 

@@ -411,11 +411,13 @@ def _same(a: Any, b: Any) -> bool:
 def check_values(space: Mapping, base: Mapping, check: Callable[[dict], None],
                  where: str) -> None:
     """Every value of the space checked before a trial runs: ``check`` (a ConfigError for a
-    config no trial could run) is called on trial configs that differ from one already
-    checked in one parameter, until every choice and every range end (and a point inside a
-    float range) of every parameter reachable has been in one. The first failure is a
-    SpaceError naming the file, the key and the value; a failure of every parameter's first
-    choice together names the one whose other choice passes, else none."""
+    config no trial could run) is called on trial configs that differ from a valid one in one
+    parameter, until every choice and every range end (and a point inside a float range) of
+    every parameter reachable has been in one. A value no checked config holding it passes
+    (tried again with every other choice of each other parameter) is a SpaceError naming the
+    file, the key the config's error names (when the space gives it; else the parameter) and
+    the value. A value that only some combinations refuse (8 heads at dim 8, not at dim 16) is
+    left to the trials that draw it: they fail as any invalid trial does."""
     float_ranges: set[str] = set()
 
     def probe(values: Mapping[str, Any]) -> tuple[dict[str, tuple[list, Any]], str | None]:
@@ -429,40 +431,72 @@ def check_values(space: Mapping, base: Mapping, check: Callable[[dict], None],
         float_ranges.update(trial.float_ranges)
         return trial.asked, error
 
-    asked, error = probe({})
-    if error is not None:
-        for name, (tries, taken) in asked.items():
-            for value in tries:
-                if not _same(value, taken) and probe({name: value})[1] is None:
-                    raise _fail(where, _space_key(name), f"{shorten(taken)} makes an invalid "
-                                                         f"trial config: {clip(error, 300)}")
+    def refuse(name: str, value: Any, error: str, asked: Mapping[str, tuple[list, Any]],
+               inside: str = "") -> SpaceError:
         key = _key_of_error(error, space)
-        if key is not None:  # a value every choice of it fails with, or a fixed one
-            name, taken = next(((_space_key(n), t) for n, (_, t) in asked.items()
+        if key is not None and key != _space_key(name):  # what the error names, if given:
+            # the value the failed config took for it (a fixed value: the space's)
+            name, value = next(((n, t) for n, (_, t) in asked.items()
                                 if _space_key(n) == key or n.startswith(key + ".")),
                                (key, _lookup(space, key)))
-            if isinstance(taken, list) and len(taken) == 1:  # one choice: a fixed value
-                taken = taken[0]
-            raise _fail(where, name, f"{shorten(taken)} makes an invalid trial config: "
-                                     f"{clip(error, 300)}")
-        raise SpaceError(f"search space {where}: the trial config of every parameter's first "
-                         f"choice is invalid: {clip(error, 300)}")
-    done = {(name, type(taken), repr(taken)) for name, (_, taken) in asked.items()}
-    queue: list[tuple[dict[str, Any], dict[str, tuple[list, Any]]]] = [({}, asked)]
+            inside = ""
+        if isinstance(value, list) and len(value) == 1:  # one choice: a fixed value
+            value = value[0]
+        return _fail(where, _space_key(name), f"{shorten(value)}{inside} makes an invalid "
+                                              f"trial config: {clip(error, 300)}")
+
+    def seen(name: str, value: Any) -> tuple[str, type, str]:
+        return name, type(value), repr(value)
+
+    asked, error = probe({})
+    start: dict[str, Any] = {}
+    if error is not None:  # a valid config one parameter away from the first choices
+        first = error
+        start = next(({name: value} for name, (tries, taken) in asked.items() for value in tries
+                      if not _same(value, taken) and probe({name: value})[1] is None), None)
+        if start is None:
+            key = _key_of_error(first, space)
+            if key is not None:  # the value the first choices took for the key it names
+                raise refuse(*next(((n, t) for n, (_, t) in asked.items()
+                                    if _space_key(n) == key or n.startswith(key + ".")),
+                                   (key, _lookup(space, key))), first, asked)
+            raise SpaceError(f"search space {where}: the trial config of every parameter's "
+                             f"first choice is invalid: {clip(first, 300)}")
+        asked, _ = probe(start)
+    tries_of = {name: tries for name, (tries, _) in asked.items()}
+    passed = {seen(name, taken) for name, (_, taken) in asked.items()}
+    failed: dict[tuple, tuple[str, Any, dict[str, Any], str, dict]] = {}
+    queue: list[tuple[dict[str, Any], dict[str, tuple[list, Any]]]] = [(start, asked)]
     while queue:
         values, asked = queue.pop(0)
         for name, (tries, _) in asked.items():
             for value in tries:
-                if (name, type(value), repr(value)) in done:
+                k = seen(name, value)
+                if k in passed or k in failed:
                     continue
                 more, error = probe({**values, name: value})
+                tries_of.update({n: t for n, (t, _) in more.items()})
                 if error is not None:
-                    inside = "" if name not in float_ranges or \
-                        any(_same(value, t) for t in tries[:2]) else \
-                        " (inside the range: float bounds sample floats; an integer needs " \
-                        "integer low and high)"
-                    raise _fail(where, _space_key(name), f"{shorten(value)}{inside} makes an "
-                                                         f"invalid trial config: "
-                                                         f"{clip(error, 300)}")
-                done |= {(n, type(t), repr(t)) for n, (_, t) in more.items()}
+                    failed[k] = (name, value, {**values, name: value}, error, more)
+                    continue
+                passed |= {seen(n, t) for n, (_, t) in more.items()}
                 queue.append(({**values, name: value}, more))
+    for k, (name, value, values, error, failed_asked) in failed.items():
+        if k in passed:  # it passed beside other values
+            continue
+        for other, tries in tries_of.items():  # with each other choice of the others
+            for alt in tries:
+                if other == name or _same(alt, values.get(other)):
+                    continue
+                more, err = probe({**values, other: alt})
+                if err is None and name in more and _same(more[name][1], value):
+                    passed.add(k)
+                    break
+            if k in passed:
+                break
+        if k not in passed:
+            inside = "" if name not in float_ranges or \
+                any(_same(value, t) for t in tries_of[name][:2]) else \
+                " (inside the range: float bounds sample floats; an integer needs integer " \
+                "low and high)"
+            raise refuse(name, value, error, failed_asked, inside)
