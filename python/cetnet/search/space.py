@@ -452,9 +452,10 @@ def check_values(space: Mapping, base: Mapping, check: Callable[[dict], None],
     start: dict[str, Any] = {}
     if error is not None:  # a valid config one parameter away from the first choices
         first = error
-        start = next(({name: value} for name, (tries, taken) in asked.items() for value in tries
-                      if not _same(value, taken) and probe({name: value})[1] is None), None)
-        if start is None:
+        found: dict[str, Any] | None = next(
+            ({name: value} for name, (tries, taken) in asked.items() for value in tries
+             if not _same(value, taken) and probe({name: value})[1] is None), None)
+        if found is None:
             key = _key_of_error(first, space)
             if key is not None:  # the value the first choices took for the key it names
                 raise refuse(*next(((n, t) for n, (_, t) in asked.items()
@@ -462,6 +463,7 @@ def check_values(space: Mapping, base: Mapping, check: Callable[[dict], None],
                                    (key, _lookup(space, key))), first, asked)
             raise SpaceError(f"search space {where}: the trial config of every parameter's "
                              f"first choice is invalid: {clip(first, 300)}")
+        start = found
         asked, _ = probe(start)
     tries_of = {name: tries for name, (tries, _) in asked.items()}
     passed = {seen(name, taken) for name, (_, taken) in asked.items()}
