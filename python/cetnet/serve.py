@@ -460,8 +460,17 @@ def _predict_csv(run: LoadedRun, csv_path: Path, out: Path,
             if labelled:
                 kept.append(pred)
 
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, write, binary=False)
+    try:
+        atomic_write(out, write, binary=False)
+    except BaseException:  # a bad row of a later chunk, Ctrl-C: leave no new folder either
+        for d in made:  # deepest first; only if still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     return out, (_scores(_joined(kept), run.member_names) if kept else None)
 
 
@@ -593,34 +602,28 @@ class ExportedRun:
 
     def module(self) -> nn.Module:
         """The callable module of the program (``module()(*batch_inputs(batch))``), for
-        inference: its parameters do not require grad. A NaN or infinite dense value fails
-        with the message :class:`ServingModule` gives (``dense: a value is NaN or infinite``),
-        not the program's bare runtime assertion; ``.program`` is the program's own module."""
+        inference: its parameters do not require grad. It is the program's own module (its
+        parameters, buffers, ``state_dict`` and graph as ``torch.export`` gives them), whose
+        call says ``dense: a value is NaN or infinite`` when the program's dense check fails,
+        as :class:`ServingModule` does, not only the bare runtime assertion."""
         module = self.program.module()
         for p in module.parameters():
             p.requires_grad_(False)
-        return _NamedChecks(module)
+        call = module.forward
 
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return call(*args, **kwargs)
+            except RuntimeError as e:  # read only on the error path: no cost to a good call
+                dense = args[1] if len(args) > 1 else kwargs.get("dense")
+                if "Runtime assertion failed" in str(e) and isinstance(dense, Tensor) \
+                        and not bool(torch.isfinite(dense).all()):
+                    raise RuntimeError("dense: a value is NaN or infinite (dense inputs must "
+                                       "be finite)") from e
+                raise
 
-class _NamedChecks(nn.Module):
-    """An exported program's module whose failed dense check says what failed (an exported
-    program keeps the assertion but not its message)."""
-
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        self.program = program
-
-    def forward(self, sparse: dict[str, Tensor], dense: Tensor,
-                multihot: dict[str, tuple[Tensor, Tensor]],
-                sequence: dict[str, Tensor]) -> dict[str, Tensor]:
-        try:
-            return self.program(sparse, dense, multihot, sequence)
-        except RuntimeError as e:  # read only on the error path: no cost to a good call
-            if "Runtime assertion failed" in str(e) and isinstance(dense, Tensor) \
-                    and not bool(torch.isfinite(dense).all()):
-                raise RuntimeError(
-                    "dense: a value is NaN or infinite (dense inputs must be finite)") from e
-            raise
+        module.forward = forward  # type: ignore[method-assign]  # this instance's call only
+        return module
 
 
 def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = BEST,
@@ -676,9 +679,12 @@ def _exportable(run: LoadedRun) -> nn.Module:
     missing, unexpected = twin.load_state_dict(dense, strict=False)
     stray = [k for k in missing if not k.startswith(TABLES_PREFIX)] + list(unexpected)
     if stray:  # the two builds disagree beyond the front: nothing to export faithfully
-        raise RuntimeError(f"{run.run_dir}: the fused twin of the TorchRec model differs in "
+        raise ConfigError(f"{run.run_dir}: the fused twin of the TorchRec model differs in "
                            f"{stray[:3]}")
-    model.front.tables_into(twin.front)
+    try:
+        model.front.tables_into(twin.front)
+    except ValueError as e:
+        raise ConfigError(f"{run.run_dir}: {e}") from None
     twin.eval()
     # the same predictions, up to the order of float sums (TorchRec pools in its own order)
     rows = max(run.dataset.splits.values(), key=len)
@@ -686,7 +692,7 @@ def _exportable(run: LoadedRun) -> nn.Module:
     with torch.no_grad():
         got, want = twin(batch).prob, model(batch).prob
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise RuntimeError(f"{run.run_dir}: the fused twin of the TorchRec model predicts "
+        raise ConfigError(f"{run.run_dir}: the fused twin of the TorchRec model predicts "
                            f"otherwise (max difference {float((got - want).abs().max()):.3g})")
     return twin
 

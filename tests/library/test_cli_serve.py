@@ -253,6 +253,10 @@ def test_predict_csv_stopped_halfway_leaves_the_output_as_it_was(run_dir, tmp_pa
     assert main(["predict", str(run_dir), "--csv", str(_bad_csv(tmp_path)), "--out",
                  str(tmp_path / "new" / "p.csv")]) == 2
     assert not (tmp_path / "new").exists()
+    # and removed again when a later chunk fails (folders made for it, deepest first)
+    assert main(["predict", str(run_dir), "--csv", str(bad), "--out",
+                 str(tmp_path / "new" / "deeper" / "p.csv"), "--batch-size", "10"]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 # (how a good labelled csv is broken, the line and column the error must name)
@@ -329,9 +333,13 @@ def test_export_writes_a_program_that_matches_the_run(run_dir, tmp_path, capsys)
             exported.module()(*inputs)
         assert "Runtime assertion failed" in str(failed.value.__cause__)
         with pytest.raises(RuntimeError, match="Runtime assertion failed"):
-            exported.module().program(*inputs)  # the program's own module
+            exported.program.module()(*inputs)  # the plain module of the program
         with pytest.raises(RuntimeError, match="dense: a value is NaN or infinite"):
             serve.ServingModule(run.model)(*inputs)
+    # module() is the program's own module (its state_dict keys, graph), its call patched
+    module, plain = exported.module(), exported.program.module()
+    assert isinstance(module, torch.fx.GraphModule) and hasattr(module, "graph")
+    assert list(module.state_dict()) == list(plain.state_dict())
     with torch.no_grad():  # and the program goes on serving
         again = exported.module()(*serve.batch_inputs(batch))
     torch.testing.assert_close(again["prob"], eager.prob, rtol=0, atol=1e-6)

@@ -417,9 +417,12 @@ def test_one_process_run_overwrite_and_the_model_after_fit(tmp_path):
     tables_into = TorchRecEmbeddingFront.tables_into
     TorchRecEmbeddingFront.tables_into = lambda self, front: None  # type: ignore[method-assign]
     try:
-        with pytest.raises(RuntimeError, match="the fused twin of the TorchRec model predicts "
-                                               "otherwise"):
+        with pytest.raises(ConfigError, match="the fused twin of the TorchRec model predicts "
+                                              "otherwise"):
             serve.export_run(out, tmp_path / "m.pt2")
+        from cetnet.cli import main  # the command: one line, status 2
+
+        assert main(["export", str(out), str(tmp_path / "m.pt2")]) == 2
     finally:
         TorchRecEmbeddingFront.tables_into = tables_into  # type: ignore[method-assign]
     assert not (tmp_path / "m.pt2").exists()
