@@ -622,7 +622,7 @@ class ExportedRun:
                                        "be finite)") from e
                 raise
 
-        module.forward = forward  # type: ignore[method-assign]  # this instance's call only
+        module.forward = forward  # this instance's call only
         return module
 
 
