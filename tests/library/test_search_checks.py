@@ -6,6 +6,8 @@ base cannot move the data; --set in another order resumes."""
 
 from __future__ import annotations
 
+import csv
+
 import math
 from pathlib import Path
 
@@ -295,6 +297,9 @@ def test_a_study_measured_the_earlier_way_is_not_resumed(tmp_path, one_thread):
     options = _options(tmp_path, trials=1)
     study = run_search(options)
     assert study.user_attrs["setup"]["cost_version"] == COST_VERSION
+    # trials.csv says it too, for --compare (which refuses to pool two versions)
+    with (options.out / "trials.csv").open() as f:
+        assert {r["cost_version"] for r in csv.DictReader(f)} == {str(COST_VERSION)}
     setup = dict(study.user_attrs["setup"])
     del setup["cost_version"]  # as cetnet recorded it before the version
     study.set_user_attr("setup", setup)

@@ -359,3 +359,17 @@ def test_the_sigeo_score_follows_the_weights_given(tmp_path, capsys, one_thread)
                    "--out", str(tmp_path / "q"), "--set", *DATA])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "--sigeo-weights" in err[0], err
+
+
+def test_studies_measured_two_ways_are_not_pooled(tmp_path):
+    """A study of before cost version 2 (no cost_version column: attention without FLOPs, the
+    warm-up loss of the training objective) is not compared with one of version 2."""
+    old = _trials_csv(tmp_path / "old", [("0", "COMPLETE", "0.70")])
+    new = _trials_csv(tmp_path / "new", [("0", "COMPLETE", "0.71")])
+    text = (new / "trials.csv").read_text().splitlines()
+    (new / "trials.csv").write_text("\n".join([text[0] + ",cost_version"]
+                                              + [line + ",2" for line in text[1:]]) + "\n")
+    with pytest.raises(CompareError, match="studies old and new measured FLOPs and the warm-up "
+                                           "proxies differently .cost version 1 vs 2"):
+        compare_studies(CompareOptions(studies=[old, new], out=tmp_path / "out"))
+    compare_studies(CompareOptions(studies=[new], out=tmp_path / "out"))  # one version: fine

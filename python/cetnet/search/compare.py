@@ -61,6 +61,12 @@ class StudyTrials:
     def finished(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["state"] in FINISHED]
 
+    @property
+    def cost_versions(self) -> set[str]:
+        """How the study measured FLOPs and the warm-up proxies (``trials.csv``'s
+        ``cost_version``; a file written before the column: ``"1"``)."""
+        return {str(r.get("cost_version") or "1") for r in self.rows} or {"1"}
+
 
 def _number(text: str) -> float | None:
     if text in ("", None):
@@ -362,6 +368,15 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
             raise CompareError(f"--compare {study.folder}: the study has no finished trial")
     for spec in options.baselines:  # a bad baseline fails before anything trains
         _baseline_config(spec)
+    versions = {s.label: ",".join(sorted(s.cost_versions)) for s in studies}
+    if len(set(versions.values())) > 1:  # their fronts and proxy fits would pool two measures
+        first, *_ = versions
+        other = next(k for k in versions if versions[k] != versions[first])
+        raise CompareError(f"--compare: studies {first} and {other} measured FLOPs and the "
+                           f"warm-up proxies differently (cost version {versions[first]} vs "
+                           f"{versions[other]}: before version 2 attention counted no FLOPs and "
+                           f"the warm-up loss was the training objective); compare studies of "
+                           f"one version")
     data = {s.label: d for s in studies if (d := _study_data(s)) is not None}
     if len({json.dumps(d, sort_keys=True, default=str) for d in data.values()}) > 1:
         # their curves and front would be pooled

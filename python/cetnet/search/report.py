@@ -106,6 +106,9 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     and every parameter (``param.<name>``; empty where the trial did not sample it)."""
     trials = study.get_trials(deepcopy=False)
     names = sorted({name for t in trials for name in t.params})
+    # how the study measured FLOPs and the warm-up proxies (cost.COST_VERSION; a study saved
+    # without it: 1), so that --compare does not pool trials measured two ways
+    version = getattr(study, "user_attrs", {}).get("setup", {}).get("cost_version", 1)
     rows = []
     for t in trials:
         row = {"number": t.number, "state": t.state.name}
@@ -114,6 +117,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         row["error"] = t.user_attrs.get("error", "")
         # why the trial has no SiGeo statistics (e.g. a split of too few batches)
         row["proxy_error"] = t.user_attrs.get("proxy_error", "")
+        row["cost_version"] = version
         row.update({f"param.{n}": t.params.get(n, "") for n in names})
         rows.append(row)
     return rows
@@ -214,7 +218,7 @@ def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str
                             .get("cost_weight") or 0.0)
     rows = trial_rows(study)
     columns = list(rows[0]) if rows else ["number", "state", *METRICS, "run_dir", "error",
-                                          "proxy_error"]
+                                          "proxy_error", "cost_version"]
     write_text_atomic(out / "trials.csv", csv_text(rows, columns))
     multi = len(objectives) > 1
     front = _front_rows(study, rows, multi)
