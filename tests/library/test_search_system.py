@@ -153,7 +153,18 @@ def test_a_split_smaller_than_every_batch_size_is_one_error(tmp_path):
 
 
 def test_a_resume_with_other_data_and_search_flags_are_one_line_errors(tmp_path, capsys):
-    run_system_search(_options(tmp_path, trials=1))
+    study = run_system_search(_options(tmp_path, trials=1))
+    # a study measured the earlier way (one run, no clipping: saved without the measurement)
+    # is not resumed: the predictor would fit the two measures as one
+    from cetnet.search.system import MEASUREMENT
+
+    setup = dict(study.user_attrs["setup"])
+    assert setup["measurement"] == MEASUREMENT
+    study.set_user_attr("setup", {k: v for k, v in setup.items() if k != "measurement"})
+    with pytest.raises(SearchError, match=r"was measured by another cetnet \(measurement 1: "
+                                          r"one run .* start a new study"):
+        run_system_search(_options(tmp_path, trials=2, resume=True))
+    study.set_user_attr("setup", setup)
     other = SearchOptions(out=tmp_path / "out", dataset="synthetic", resume=True, trials=2,
                           overrides=[*DATA[1:], "data.num_rows=9000"], say=lambda t: None)
     with pytest.raises(SearchError, match="was started with another overrides, batch_sizes") \

@@ -53,6 +53,11 @@ SYSTEM_SPACE: dict[str, list] = {
 REPEATS = 3
 #: Timed steps per run and untimed steps before the first, of each trial's measurement.
 STEPS, WARMUP = 12, 3
+#: How a trial is measured, recorded in the study's setup: 2 is the training loop's step
+#: (gradient clipping included), the median of :data:`REPEATS` runs; 1 (a study saved
+#: without it) one run without clipping. A study measured otherwise is not resumed: the
+#: predictor would fit the two measures as one.
+MEASUREMENT = 2
 
 
 def batch_sizes(train_rows: int) -> list[int]:
@@ -252,7 +257,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     # the study remembers what it measures: the model, the data and the settings offered
     setup = {"dataset": options.dataset, "overrides": list(options.overrides),
              "batch_sizes": batch_sizes(rows), "cpus": os.cpu_count() or 1,
-             **data_identity(base, dataset)}
+             **data_identity(base, dataset), "measurement": MEASUREMENT}
     if device.type != "cpu":  # measured there; recorded only then, as studies before it resume
         setup["device"] = str(device)
     # the trial's value is log(samples/s): the predictor models log throughput, in which a
@@ -262,8 +267,16 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
                                    setup=setup, where=_hide_password(storage_url),
                                    direction="maximize", sampler=sampler)
     if saved is not None:
-        # a study without the device was measured on the CPU
-        saved, now = {"device": "cpu", **saved}, {"device": "cpu", **setup}
+        # a study without the device was measured on the CPU, without the measurement: by
+        # one run of steps without gradient clipping
+        saved, now = {"device": "cpu", "measurement": 1, **saved}, {"device": "cpu", **setup}
+        if saved["measurement"] != MEASUREMENT:
+            raise SearchError(f"study {name!r} was measured by another cetnet (measurement "
+                              f"{saved['measurement']}: one run of {STEPS} steps without "
+                              f"gradient clipping; this one {MEASUREMENT}: the median of "
+                              f"{REPEATS} runs of the training loop's step): the predictor "
+                              "would fit both as one; start a new study (another --out, or "
+                              "--study)")
         changed = setup_changes(saved, now, study=study)
         if changed:
             raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
