@@ -274,9 +274,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_config(args: argparse.Namespace) -> tuple[dict, Path | None, bool]:
+def train_config(args: argparse.Namespace, notes: list[str] | None = None
+                 ) -> tuple[dict, Path | None, bool]:
     """``(config, run_dir, resume)`` of parsed ``cetnet train`` arguments: the config file
-    (with ``--resume``: the run's) with the overrides and flags applied, validated."""
+    (with ``--resume``: the run's) with the overrides and flags applied, validated. What it
+    changes and says so (a fused embedding optimizer with ``backend: reference``) goes into
+    ``notes``, or on stderr at once without it."""
     out, resume = args.out, args.resume is not None
     if resume:
         if "=" in str(args.resume) and not args.resume.is_dir():
@@ -307,9 +310,13 @@ def train_config(args: argparse.Namespace) -> tuple[dict, Path | None, bool]:
         # The plain-PyTorch embedding has no fused optimizer: the comparison run trains its
         # tables with Adam on dense gradients instead (said, not silently). Another value is
         # left for build_model to reject.
-        print(f"backend reference: embedding_optimizer {fused!r} is a fused-kernel optimizer; "
-              "training the embedding with Adam instead (model.embedding_optimizer=null)",
-              file=sys.stderr)
+        note = (f"backend reference: embedding_optimizer {fused!r} is a fused-kernel "
+                "optimizer; training the embedding with Adam instead "
+                "(model.embedding_optimizer=null)")
+        if notes is None:
+            print(note, file=sys.stderr)
+        else:
+            notes.append(note)
         model_cfg["embedding_optimizer"] = None
     return config, out, resume
 
@@ -322,9 +329,12 @@ def _train(args: argparse.Namespace) -> int:
 
     # under torchrun every rank runs this: rank 0 alone prints the summary lines
     say = print if launched_rank() == 0 else (lambda *a, **k: None)
-    config, out, resume = train_config(args)
+    notes: list[str] = []  # printed once the config passed its checks: a bad one is one line
+    config, out, resume = train_config(args, notes)
     if args.dry_run:
         plan = check_run(config, out, resume=resume, overwrite=args.overwrite)
+        for note in notes:
+            print(note, file=sys.stderr)
         for change in plan.changes:
             say(f"resume: {change} (config.yaml would be updated)", file=sys.stderr)
         rows = ", ".join(f"{s} {len(split):,}" for s, split in plan.dataset.splits.items())
@@ -334,6 +344,10 @@ def _train(args: argparse.Namespace) -> int:
             f"({plan.num_parameters:,} parameters) and the run directory are fine; it would "
             f"{what}; no run was written")
         return 0
+    if notes:  # (rare: a reference-backend comparison) checked first, then said, then run
+        check_run(config, out, resume=resume, overwrite=args.overwrite)
+        for note in notes:
+            print(note, file=sys.stderr)
     run_dir, metrics = run_training(config, out, resume=resume, overwrite=args.overwrite,
                                     quiet=args.quiet, plots=not args.no_plots)
     if launched_rank() == 0:

@@ -148,6 +148,17 @@ def test_reference_backend_switches_a_fused_embedding_optimizer_off(train_config
         assert "training the embedding with Adam instead" in capsys.readouterr().err
         resolved = (run / "config.yaml").read_text()
         assert "backend: reference" in resolved and "embedding_optimizer: null" in resolved
+    # a config that fails its checks is one error line, without the note first (the fuzz
+    # test found "backend reference ... Adam instead" above the error); a dry run that
+    # passes still says it
+    for flag in ("--dry-run", "--quiet"):
+        assert main(["train", "--config", str(config), "--out", str(tmp_path / "bad"), flag,
+                     "--backend", "reference", "model.ensemble=0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cetnet train: error: "), err
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "dry"), "--dry-run",
+                 "--backend", "reference"]) == 0
+    assert "training the embedding with Adam instead" in capsys.readouterr().err
 
 
 def test_interrupt_hint_names_the_run_directory(train_config, tmp_path):
