@@ -28,7 +28,7 @@ from cetnet.search.cost import COST_VERSION, model_cost
 from cetnet.search.proxies import SIGEO_WEIGHTS
 from cetnet.search.report import write_outputs
 from cetnet.search.space import check_values, default_space_path, load_space, sample_config
-from cetnet.train.runner import train_or_reuse
+from cetnet.train.runner import out_of_memory, train_or_reuse
 
 __all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "run_search",
            "Progress", "progress_line", "SAMPLERS", "PRUNERS", "OBJECTIVES"]
@@ -205,15 +205,6 @@ def check_candidate(config: dict, schema: Any) -> None:
             build_model(config["model"], schema, backend=config["backend"])
     except (NotImplementedError, RuntimeError):
         pass  # a part that cannot be built on the meta device: the trial's own build checks it
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation that failed (what a run's build turns into a
-    one-line ConfigError, :func:`cetnet.train.runner._build`): a MemoryError, or torch's
-    RuntimeError saying it cannot allocate / is out of memory."""
-    text = str(error)
-    return isinstance(error, MemoryError) or (
-        isinstance(error, RuntimeError) and ("allocate" in text or "out of memory" in text))
 
 
 def _setup(options: SearchOptions, space_text: str) -> dict:

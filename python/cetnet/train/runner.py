@@ -106,13 +106,21 @@ def _build(config: dict, schema: Any) -> Any:
         return _with_embedding(build_model(config["model"], schema, backend=config["backend"]),
                                config)
     except (MemoryError, RuntimeError) as e:
-        text = str(e)
-        if not isinstance(e, MemoryError) and "allocate" not in text and \
-                "out of memory" not in text:
+        if not out_of_memory(e):
             raise
+        text = str(e)
         raise ConfigError(f"config: model: its parameters do not fit in memory "
                           f"({shorten(text.strip().splitlines()[-1] if text else '', 100)})"
                           ) from e
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed: a MemoryError, or torch's RuntimeError
+    saying it cannot allocate / is out of memory (a run's build makes it a one-line
+    ConfigError; a search trial fails on it, not the search)."""
+    text = str(error)
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and ("allocate" in text or "out of memory" in text))
 
 
 def _with_embedding(model: Any, config: dict) -> Any:
