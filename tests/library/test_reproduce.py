@@ -264,6 +264,82 @@ def test_cached_results_of_other_rows_with_the_same_encoding_are_refused(tmp_pat
         unregister_dataset("edited")
 
 
+def test_results_of_other_code_are_trained_again_unless_reused(tmp_path, monkeypatch, capsys):
+    """A result records the code that trained it: after an upgrade (another digest) the same
+    command trains it again, the old result and run kept under superseded/, instead of pairing
+    old runs with new ones; --reuse-other-code reuses them and the report says so. A result
+    written before results recorded their code counts as other code."""
+    from cetnet import code_identity as ci
+
+    trained = []
+    real = ex.Experiment.run_job
+
+    def counting(self, job):
+        trained.append(job.label())
+        return real(self, job)
+
+    monkeypatch.setattr(ex.Experiment, "run_job", counting)
+    args = _args(tmp_path, "--keep-checkpoints", rows="dnn", seeds=2)
+    assert main(args) == 0 and len(trained) == 2
+    out = tmp_path / "out"
+    first = {p.name: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
+    mine = ci.code_identity()
+    assert all(r["code"] == mine for r in first.values())
+    report = (tmp_path / "doc" / "RESULTS.md").read_text()
+    assert f"- trained by: cetnet {mine['cetnet']}, code {mine['digest']}" in report
+
+    upgraded = {**mine, "digest": "0123456789abcdef"}
+    monkeypatch.setattr(ex, "code_identity", lambda: upgraded)
+    trained.clear()
+    assert main([*args, "--reuse-other-code"]) == 0 and trained == []
+    assert "2 cached results trained by other code" in capsys.readouterr().out
+    report = (tmp_path / "doc" / "RESULTS.md").read_text()
+    assert "**trained by 1 builds" not in report and f"code {mine['digest']}" in report
+    trained.clear()
+    assert main(args) == 0 and len(trained) == 2
+    assert "trained again" in capsys.readouterr().out
+    kept = out / "superseded" / mine["digest"]
+    assert {p.name: json.loads(p.read_text()) for p in (kept / "results").glob("*.json")} \
+        == first
+    assert sorted(p.name for p in (kept / "runs").iterdir()) == sorted(
+        n.removesuffix(".json") for n in first)
+    assert all(json.loads(p.read_text())["code"] == upgraded
+               for p in (out / "results").glob("*.json"))
+    # trained, not read back from the moved runs' metrics.json
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        n.removesuffix(".json") for n in first)
+
+    # one result of before results recorded their code, reused beside the others: the report
+    # names both builds
+    path = next((out / "results").glob("*.json"))
+    old = json.loads(path.read_text())
+    del old["code"]
+    path.write_text(json.dumps(old))
+    trained.clear()
+    assert main([*args, "--reuse-other-code"]) == 0 and trained == []
+    report = (tmp_path / "doc" / "RESULTS.md").read_text()
+    assert "**trained by 2 builds of the code**" in report and "unrecorded" in report
+    assert sum(json.loads((out / "results.json").read_text())["codes"].values()) == 2
+    assert main(args) == 0 and len(trained) == 1
+    assert (out / "superseded" / "unrecorded" / "results" / path.name).exists()
+
+
+def test_code_digest_ignores_prose_not_code(tmp_path):
+    from cetnet.code_identity import source_digest
+
+    module = tmp_path / "m.py"
+    module.write_text('"""Doc."""\n\ndef f(x):\n    """Adds one."""\n    return x + 1  # why\n')
+    before = source_digest([("m.py", module)])
+    module.write_text('"""Other words."""\n\ndef f(x):\n    # a comment\n    return x + 1\n')
+    assert source_digest([("m.py", module)]) == before
+    module.write_text('"""Doc."""\n\ndef f(x):\n    return x + 2\n')
+    assert source_digest([("m.py", module)]) != before
+    native = tmp_path / "k.cu"
+    native.write_text("int a;")
+    assert source_digest([("k.cu", native), ("m.py", module)]) == \
+        source_digest([("m.py", module), ("k.cu", native)])
+
+
 def test_report_has_plots(tmp_path):
     args = [a for a in _args(tmp_path, rows="dnn", seeds=1) if a != "--no-plots"]
     assert main(args) == 0

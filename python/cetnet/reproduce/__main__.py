@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from cetnet.atomic import check_output_file
 from cetnet.config import ConfigError
 from cetnet.cli import USER_ERRORS, one_line
+from cetnet.code_identity import describe
 from cetnet.data.movielens import SPLIT_KINDS
 from cetnet.models.build import MEMBERS
 from cetnet.reproduce.experiment import GRIDS, Experiment, base_config, grid_points
@@ -65,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--keep-checkpoints", action="store_true", help="keep each run's directory "
       "(checkpoints); by default only its result JSON is kept")
     a("--retry-failed", action="store_true", help="train again the runs stored as failed")
+    a("--reuse-other-code", action="store_true", help="reuse cached results trained by other "
+      "code (another cetnet build or torch version) instead of training them again; the "
+      "report names each result's code")
     a("--dry-run", action="store_true", help="list the runs (and parameter counts), train "
       "nothing, write no report")
     return parser
@@ -121,7 +126,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
                                   f"{INSTALL_HINT}; or leave those rows out with --rows")
         exp = Experiment(base, rows, list(range(args.seeds)), args.grid, out,
                          scaled_arch=args.scaled_arch, keep_checkpoints=args.keep_checkpoints,
-                         retry_failed=args.retry_failed)
+                         retry_failed=args.retry_failed,
+                         reuse_other_code=args.reuse_other_code)
         for row in exp.specs:  # every row validates before anything trains
             if row == "scaled_single":
                 continue
@@ -141,18 +147,20 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             chosen[row] = {s: c for s in exp.seeds
                            if (c := exp.chosen(row, s)) is not None}
         summary = summarize(chosen, all_results)
+        codes = Counter(describe(r.get("code")) for rs in all_results.values() for r in rs)
         if args.study != "main":
             path = write_study_report(report, args.study, command=list(argv), specs=exp.specs,
                                       summary=summary, chosen=chosen, base=base,
                                       seeds=exp.seeds, points=grid_points(args.grid), out=out,
-                                      note=args.note, plots=not args.no_plots)
+                                      note=args.note, plots=not args.no_plots,
+                                      codes=codes)
             print(f"reproduce: report written to {path}")
             return 0
         comps = comparisons(chosen, summary, base["model"].get("members") or [])
         path = write_report(report, command=list(argv), summary=summary, comps=comps,
                             base=base, seeds=exp.seeds, grid=args.grid,
                             points=grid_points(args.grid), scaled=exp.scaled, out=out,
-                            note=args.note, plots=not args.no_plots)
+                            note=args.note, plots=not args.no_plots, codes=codes)
         print(f"reproduce: report written to {path}")
         for c in comps:
             d = c["diffs"]["auc"]

@@ -4,7 +4,9 @@ the grid point on validation.
 Each job's result is a JSON file ``<out>/results/<key>.json`` where ``key`` hashes the job's
 resolved config (everything but its ``name``): the same config is never trained twice, and an
 interrupted experiment continues where it stopped (a job interrupted mid-training resumes from
-its run directory's ``last.pt``).
+its run directory's ``last.pt``). A result also records the code that trained it
+(:func:`cetnet.code_identity.code_identity`): one of other code is trained again (the old result
+and run kept under ``<out>/superseded/``) unless ``reuse_other_code``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from cetnet.atomic import write_text_atomic
+from cetnet.code_identity import code_identity, describe
 from cetnet.config import (ConfigError, apply_overrides, load_config, paper_config_path,
                            validate_config)
 from cetnet.reproduce.rows import (SINGLE_ROWS, Row, check_model, embedding_parameter_count,
@@ -152,6 +155,9 @@ class Experiment:
     scaled_arch: str = "auto"
     keep_checkpoints: bool = False
     retry_failed: bool = False
+    #: reuse cached results trained by other code (another cetnet build, another torch) instead
+    #: of training them again; the report then names every result's code
+    reuse_other_code: bool = False
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
     _schema: Any = None
     _data_digest: str | None = None
@@ -236,7 +242,46 @@ class Experiment:
             return None
         if data.get("error") and self.retry_failed:
             return None
+        if not self.reuse_other_code and not _same_code(data):
+            return None
         return data
+
+    def other_code_results(self, jobs: Sequence[Job]) -> dict[str, int]:
+        """``{description of the code: count}`` of the cached results of ``jobs`` (valid
+        otherwise) trained by other code than this process's."""
+        found: dict[str, int] = {}
+        for job in jobs:
+            try:
+                data = json.loads(self.result_path(job.key).read_text())
+            except (OSError, ValueError):
+                continue
+            if (isinstance(data, dict) and data.get("version") == RESULT_VERSION
+                    and data.get("key") == job.key and not _same_code(data)):
+                what = describe(data.get("code"))
+                found[what] = found.get(what, 0) + 1
+        return found
+
+    def _supersede(self, job: Job) -> None:
+        """Moves a cached result of other code (and its run directory, whose finished
+        ``metrics.json`` would be reused) to ``<out>/superseded/<code>/``: trained again,
+        nothing lost."""
+        path = self.result_path(job.key)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(data, dict) or _same_code(data):
+            return
+        code = data.get("code")
+        where = self.out / "superseded" / (code["digest"] if isinstance(code, dict)
+                                           and "digest" in code else "unrecorded")
+        for src, dst in ((self.out / "runs" / job.key, where / "runs" / job.key),
+                         (path, where / "results" / path.name)):
+            if src.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.exists():  # an older copy of the same code's result
+                    shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+                src.replace(dst)
 
     def _scaled_arch(self) -> str:
         """The architecture scaled_single widens: ``scaled_arch``, or with ``auto`` the best
@@ -310,8 +355,10 @@ class Experiment:
 
         run_dir = self.out / "runs" / job.key
         params = check_model(job.config, self.schema)
+        self._supersede(job)
         start = time.perf_counter()
         result: dict[str, Any] = {"version": RESULT_VERSION, "key": job.key, "row": job.row,
+                                  "code": code_identity(),
                                   "seed": job.seed, "point": job.point, "grid": job.grid,
                                   "num_parameters": params,
                                   "embedding_parameters": embedding_parameter_count(
@@ -402,6 +449,7 @@ class Experiment:
                  + (" (FuxiCTR rows: their distinct train.lr)" if peers and
                     len(self._points_of("fuxictr")) < len(self.points) else "")
                  + f" = {total} runs, ~{pending_est} to train, cached in {self.out}")
+        self._say_other_code(order)
         trained, spent, k = 0, 0.0, 0
         for row in order:
             for job in self.jobs(row):
@@ -428,6 +476,21 @@ class Experiment:
                  f"{total - trained} were cached" if not dry_run else "reproduce: dry run")
         return done
 
+    def _say_other_code(self, order: Sequence[str]) -> None:
+        jobs = [j for row in order if not (row == "scaled_single" and self.scaled_arch == "auto")
+                for j in self.jobs(row)]
+        other = self.other_code_results(jobs)
+        if not other:
+            return
+        n = sum(other.values())
+        codes = "; ".join(f"{c}: {k}" for c, k in other.items())
+        self.log(f"reproduce: {n} cached result{'s' if n > 1 else ''} trained by other code "
+                 f"than this one ({describe(code_identity())}): {codes}; "
+                 + ("reused (--reuse-other-code): the report names each result's code"
+                    if self.reuse_other_code else
+                    f"trained again (the old ones kept in {self.out / 'superseded'}; "
+                    "--reuse-other-code reuses them)"))
+
     def chosen(self, row: str, seed: int) -> dict | None:
         """The selected grid point's result for (row, seed), from the cache."""
         return select([r for r in (self.read_result(j.key) for j in self._jobs_cached(row))
@@ -437,6 +500,12 @@ class Experiment:
         if row == "scaled_single" and self.scaled is None:
             return []
         return self.jobs(row)
+
+
+def _same_code(result: Mapping[str, Any]) -> bool:
+    """Whether ``result`` was trained by this process's code (same digest and torch)."""
+    code, mine = result.get("code"), code_identity()
+    return isinstance(code, dict) and all(code.get(k) == mine[k] for k in ("digest", "torch"))
 
 
 def _hms(seconds: float) -> str:

@@ -227,8 +227,10 @@ def _plots(summary: Mapping[str, dict], comps: Sequence[dict], folder: Path,
 
 def report_header(title: str, *, command: Sequence[str], base: Mapping[str, Any],
                   seeds: Sequence[int], points: Sequence[Mapping], out: Path, note: str,
-                  info: Mapping[str, Any], peer_rows: bool = False) -> list[str]:
-    """The report's first lines: title, note, the exact command, machine, data, the training
+                  info: Mapping[str, Any], peer_rows: bool = False,
+                  codes: Mapping[str, int] | None = None) -> list[str]:
+    """The report's first lines: title, note, the exact command, machine, the code that
+    trained the results (``codes``: {description: number of results}), data, the training
     budget every row shares, seeds, tuning and where the raw results are."""
     t = base["train"]
     lines = [title, ""]
@@ -241,6 +243,7 @@ def report_header(title: str, *, command: Sequence[str], base: Mapping[str, Any]
         + (f", GPU {info['cuda']}" if info["cuda"] else ""),
         f"- python {info['python']}, torch {info['torch']}; device `{base['device']}`, "
         f"backend `{base['backend']}`",
+        *_code_lines(codes or {}),
         f"- data: `{json.dumps(base['data'])}`",
         f"- training budget (every row): epochs {t['epochs']}, batch {t['batch_size']}, "
         f"max_steps_per_epoch {t['max_steps_per_epoch']}, patience {t['patience']}, "
@@ -262,11 +265,23 @@ def report_header(title: str, *, command: Sequence[str], base: Mapping[str, Any]
     return lines
 
 
+def _code_lines(codes: Mapping[str, int]) -> list[str]:
+    if not codes:
+        return []
+    if len(codes) == 1:
+        (what, n), = codes.items()
+        return [f"- trained by: {what} (all {n} results)"]
+    parts = "; ".join(f"{what}: {n}" for what, n in codes.items())
+    return [f"- **trained by {len(codes)} builds of the code** ({parts}): results of other "
+            "code were reused (--reuse-other-code), so a paired difference may compare runs "
+            "of different code"]
+
+
 def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[str, dict],
                  comps: Sequence[dict], base: Mapping[str, Any], seeds: Sequence[int],
                  grid: Mapping[str, Sequence[float]] | str, points: Sequence[Mapping],
                  scaled: Mapping[str, Any] | None, out: Path, note: str = "",
-                 plots: bool = True) -> Path:
+                 plots: bool = True, codes: Mapping[str, int] | None = None) -> Path:
     """Writes the Markdown report (and ``results/*.png`` beside it, and ``results.json`` in
     ``out``); returns its path."""
     path = Path(path)
@@ -274,7 +289,7 @@ def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[s
     info = machine_info()
     lines = report_header("# CETNet reproduction results", command=command, base=base,
                           seeds=seeds, points=points, out=out, note=note, info=info,
-                          peer_rows=any(r.startswith("fuxictr_") for r in summary))
+                          peer_rows=any(r.startswith("fuxictr_") for r in summary), codes=codes)
     if scaled:
         lines.append(f"- scaled_single = `{scaled['kind']}` at embedding dim {scaled['dim']} "
                      f"(widths scaled alike): {scaled['num_parameters']:,} parameters vs the "
@@ -333,7 +348,8 @@ def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[s
             lines += ["", "## Plots", ""] + [f"![{n}](results/{n})" for n in pngs]
     lines.append("")
     write_text_atomic(path, "\n".join(lines))
-    raw = {"command": list(command), "machine": info, "seeds": list(seeds), "grid": grid,
+    raw = {"command": list(command), "machine": info, "codes": dict(codes or {}),
+           "seeds": list(seeds), "grid": grid,
            "scaled_single": scaled, "summary": summary,
            "comparisons": [{**c, "diffs": {k: vars(v) for k, v in c["diffs"].items()}}
                            for c in comps]}

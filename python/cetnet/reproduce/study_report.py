@@ -156,7 +156,8 @@ def write_study_report(path: str | Path, study: str, *, command: Sequence[str],
                        specs: Mapping[str, Row], summary: Mapping[str, dict],
                        chosen: Mapping[str, Mapping[int, Any]], base: Mapping[str, Any],
                        seeds: Sequence[int], points: Sequence[Mapping], out: Path,
-                       note: str = "", plots: bool = True) -> Path:
+                       note: str = "", plots: bool = True,
+                       codes: Mapping[str, int] | None = None) -> Path:
     """Writes the study's Markdown report (its plots into ``results/`` beside it, named after
     the report, and ``results.json`` into ``out``); returns its path."""
     path = Path(path)
@@ -165,7 +166,7 @@ def write_study_report(path: str | Path, study: str, *, command: Sequence[str],
     title = {"embedding-size": "# Study: embedding size (CETNet against multi-embedding)",
              "scaling": "# Study: scaling the number of members"}[study]
     lines = report_header(title, command=command, base=base, seeds=seeds, points=points,
-                          out=out, note=note, info=info)
+                          out=out, note=note, info=info, codes=codes)
     folder = path.parent / "results" if plots else None
     # named after the report (RESULTS-scaling.md: scaling_*.png), so that two reports of one
     # study side by side keep their own plots
@@ -182,7 +183,8 @@ def write_study_report(path: str | Path, study: str, *, command: Sequence[str],
         lines += ["", "## Failures", ""] + [f"- {x}" for x in failed + missing]
     lines.append("")
     write_text_atomic(path, "\n".join(lines))
-    raw = {"command": list(command), "study": study, "machine": info, "seeds": list(seeds),
+    raw = {"command": list(command), "study": study, "machine": info,
+           "codes": dict(codes or {}), "seeds": list(seeds),
            "rows": {r: {"what": specs[r].what, "params": dict(specs[r].params)} for r in summary},
            "summary": summary}
     out.mkdir(parents=True, exist_ok=True)

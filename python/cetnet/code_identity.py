@@ -1,0 +1,114 @@
+"""Which code computed a result: cetnet's version, torch's, and a digest of the sources that
+training's numbers depend on.
+
+``cetnet reproduce`` keys its cached results by config; two builds of cetnet can train one
+config to different numbers (a kernel's summation order, a model fix), so every result also
+records the :func:`code_identity` that trained it, and results of other code are not paired
+with new ones unless asked (docs/REPRODUCE.md, "Caching").
+
+The digest covers the Python sources of ``cetnet`` and ``cetnet_kernels`` as code (their syntax
+trees without docstrings and comments: editing prose changes nothing) except the modules that
+only present results (:data:`PRESENTATION_MODULES`), and the extension's C++/CUDA sources where
+the package runs from a source checkout (``csrc/`` beside it), else the compiled extension's
+bytes.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["PRESENTATION_MODULES", "code_identity", "describe", "source_digest"]
+
+#: Modules (relative to the directory holding the packages) that read, render or serve
+#: results but never compute one: editing them keeps the digest, so a report can be re-rendered
+#: from its cache after a change to how it is written.
+PRESENTATION_MODULES = frozenset({
+    "cetnet/catalog.py", "cetnet/cli.py", "cetnet/demo.py", "cetnet/messages.py",
+    "cetnet/plan.py", "cetnet/serve.py", "cetnet/code_identity.py",
+    "cetnet/reproduce/__main__.py", "cetnet/reproduce/report.py",
+    "cetnet/reproduce/study_report.py", "cetnet/reproduce/stats.py",
+    "cetnet/search/__main__.py", "cetnet/search/compare.py", "cetnet/search/report.py",
+})
+
+_NATIVE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _python_code(path: Path) -> bytes:
+    """The module as code: its syntax tree without docstrings (comments are not in it)."""
+    source = path.read_bytes()
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except (SyntaxError, ValueError):
+        return source
+    return ast.dump(_without_docstrings(tree), include_attributes=False).encode()
+
+
+def source_digest(files: Iterable[tuple[str, Path]]) -> str:
+    """A digest (16 hex digits) of ``(name, path)`` files: Python files as code (see the module
+    docstring), other files as bytes; independent of the order given."""
+    h = hashlib.sha256()
+    for name, path in sorted(files):
+        h.update(name.encode() + b"\0")
+        h.update(_python_code(path) if path.suffix == ".py" else path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _package_files() -> list[tuple[str, Path]]:
+    import cetnet
+    import cetnet_kernels
+
+    files: list[tuple[str, Path]] = []
+    for package in (cetnet, cetnet_kernels):
+        root = Path(str(package.__file__)).parent
+        for path in root.rglob("*.py"):
+            name = path.relative_to(root.parent).as_posix()
+            if name not in PRESENTATION_MODULES:
+                files.append((name, path))
+    kernels = Path(str(cetnet_kernels.__file__)).parent
+    csrc = kernels.parent / "csrc"
+    if csrc.is_dir():  # a source checkout (editable install): the sources the build compiles
+        files += [(p.relative_to(csrc.parent).as_posix(), p) for p in csrc.rglob("*")
+                  if p.is_file() and p.suffix in _NATIVE_SUFFIXES]
+    else:  # an installed wheel: the compiled extension itself
+        files += [(f"cetnet_kernels/{p.name}", p) for p in kernels.glob("_C*")
+                  if p.is_file() and p.suffix in (".so", ".pyd")]
+    return files
+
+
+@functools.lru_cache(maxsize=None)
+def code_identity() -> dict[str, str]:
+    """``{"cetnet": version, "torch": version, "digest": 16 hex digits}`` of this process's
+    code (computed once per process: ~0.5 s)."""
+    import torch
+
+    try:
+        version = metadata.version("cetnet")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"cetnet": version, "torch": torch.__version__,
+            "digest": source_digest(_package_files())}
+
+
+def describe(identity: object) -> str:
+    """One line naming a recorded identity ("unrecorded" for a result written before cetnet
+    recorded it)."""
+    if not isinstance(identity, dict) or "digest" not in identity:
+        return "unrecorded (an earlier cetnet)"
+    return (f"cetnet {identity.get('cetnet', '?')}, code {identity['digest']}, "
+            f"torch {identity.get('torch', '?')}")
