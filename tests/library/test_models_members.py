@@ -140,3 +140,21 @@ def test_an_out_of_range_sequence_id_is_padding_under_bounds_check_off(kind):
     view = front(batch)[0]
     assert torch.equal(view.seq_mask["hist_item"], ~padded)
     torch.testing.assert_close(member(view), clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("two, hp", [(False, {}), (True, {}), (True, {"seq_merge": "masknet"})])
+def test_interformer_ignores_what_padding_positions_hold(two, hp):
+    """MemberInputs promises zero padding; a user's front that breaks it (row 0 trained, say)
+    must not move InterFormer's predictions: they changed by up to 0.046 with 5.0 there."""
+    from cetnet.models.front import MemberInputs
+
+    schema = tiny_schema(T=6, two_sequences=two)
+    torch.manual_seed(0)
+    front = EmbeddingFront(schema, 8, 1)
+    member = build_member("interformer", schema, 8, **hp).eval()
+    batch = random_batch(schema, B=12, empty_rows=2)
+    with torch.no_grad():
+        v = front(batch)[0]
+        assert any((~m).any() for m in v.seq_mask.values())  # the batch has padding
+        noisy = {n: s + 5.0 * (~v.seq_mask[n]).unsqueeze(-1) for n, s in v.sequences.items()}
+        assert torch.equal(member(MemberInputs(v.fields, v.dense, noisy, v.seq_mask)), member(v))

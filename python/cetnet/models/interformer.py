@@ -249,8 +249,11 @@ class InterFormer(nn.Module):
     def merged_sequence(self, inputs: MemberInputs) -> tuple[Tensor, Tensor]:
         """``(S [B, T, d], mask [B, T])`` of the behaviour sequences (see the class doc)."""
         names = self.shape.sequences
-        seqs = [inputs.sequences[n] for n in names]
         masks = [inputs.seq_mask[n] for n in names]
+        # padding zeroed here, not trusted to the front (MemberInputs promises zeros, a front
+        # of a user's may not keep it): the recent tokens, the merges and masknet's position
+        # compression read padded positions. A no-op on zeros: the same bits.
+        seqs = [inputs.sequences[n] * m.unsqueeze(-1) for n, m in zip(names, masks)]
         if len(seqs) == 1:
             return seqs[0], masks[0]
         if self.seq_merge == "concat":
