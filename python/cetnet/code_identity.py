@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["PRESENTATION_MODULES", "code_identity", "describe", "source_digest"]
+__all__ = ["PRESENTATION_MODULES", "code_identity", "describe", "same_code", "source_digest"]
 
 #: Modules (relative to the directory holding the packages) that read, render or serve
 #: results but never compute one: editing them keeps the digest, so a report can be re-rendered
@@ -103,6 +103,14 @@ def code_identity() -> dict[str, str]:
         version = "unknown"
     return {"cetnet": version, "torch": torch.__version__,
             "digest": source_digest(_package_files())}
+
+
+def same_code(identity: object) -> bool:
+    """Whether a recorded :func:`code_identity` is this process's (same digest and torch; the
+    version alone is not compared: a development tree keeps one across changes)."""
+    mine = code_identity()
+    return isinstance(identity, dict) and all(identity.get(k) == mine[k]
+                                              for k in ("digest", "torch"))
 
 
 def describe(identity: object) -> str:

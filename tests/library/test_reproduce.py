@@ -289,7 +289,7 @@ def test_results_of_other_code_are_trained_again_unless_reused(tmp_path, monkeyp
     assert f"- trained by: cetnet {mine['cetnet']}, code {mine['digest']}" in report
 
     upgraded = {**mine, "digest": "0123456789abcdef"}
-    monkeypatch.setattr(ex, "code_identity", lambda: upgraded)
+    monkeypatch.setattr(ci, "code_identity", lambda: upgraded)
     trained.clear()
     assert main([*args, "--reuse-other-code"]) == 0 and trained == []
     assert "2 cached results trained by other code" in capsys.readouterr().out

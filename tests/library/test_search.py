@@ -698,6 +698,37 @@ def test_a_dead_pid_of_another_container_with_this_hostname_is_left_to_the_heart
     assert states[theirs.number] == optuna.trial.TrialState.RUNNING
 
 
+def test_a_trial_the_heartbeat_retried_is_not_queued_again(tmp_path, space_file, one_thread):
+    """A worker Ctrl-C'd, dead before Optuna recorded the FAIL, leaves a RUNNING trial marked
+    interrupted; a live worker's heartbeat fails it and queues a copy (attributes included).
+    A resume queued it a second time (the config trained twice, one of --trials spent on it),
+    and the copy, still marked interrupted, would be queued again after a real failure."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from cetnet.search import engine
+
+    study = run_search(_options(tmp_path, space_file, trials=1, pruner="none"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    silent = study.ask(dict(study.trials[0].distributions))
+    for name, value in (("host", process_space()), ("pid", dead.pid), ("interrupted", True)):
+        silent.set_user_attr(name, value)
+    frozen = study._storage.get_trial(silent._trial_id)
+    study._storage.set_trial_state_values(silent._trial_id, optuna.trial.TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback(max_retry=2)(study, frozen)  # what the heartbeat does
+    said: list[str] = []
+    engine._requeue_interrupted(study, said.append)
+    assert said == []
+    resumed = run_search(_options(tmp_path, space_file, trials=2, pruner="none", resume=True))
+    trials = resumed.get_trials()
+    assert len(trials) == 3  # the first, the silent one, its heartbeat copy: none queued again
+    copy = trials[2]
+    assert copy.state == optuna.trial.TrialState.COMPLETE
+    assert copy.params.items() >= frozen.params.items()  # (with what its config samples)
+    assert copy.system_attrs["failed_trial"] == silent.number
+    assert copy.user_attrs["interrupted"] is False
+
+
 def test_a_resumer_tolerates_a_trial_another_resumer_has_failed(tmp_path, monkeypatch):
     # a dead process's RUNNING trial: both resumers tried to fail it, the second crashed
     from cetnet.search import engine

@@ -310,6 +310,41 @@ def test_a_study_measured_the_earlier_way_is_not_resumed(tmp_path, one_thread):
         run_search(resumed)
 
 
+def test_a_study_trained_by_other_code_is_resumed_only_when_asked(tmp_path, one_thread,
+                                                                   monkeypatch):
+    """A study records the code that trains it, each trial its own: an upgraded cetnet (another
+    digest) refuses to rank new trials with the old ones unless --reuse-other-code, which
+    continues it and records the new code; a study of an earlier cetnet (no code recorded)
+    resumes and gets it."""
+    from cetnet import code_identity as ci
+
+    options = _options(tmp_path, trials=1)
+    study = run_search(options)
+    mine = ci.code_identity()
+    assert study.user_attrs["setup"]["code"] == mine
+    assert [t.user_attrs["code"] for t in study.trials] == [mine["digest"]]
+    upgraded = {**mine, "digest": "0123456789abcdef"}
+    monkeypatch.setattr(ci, "code_identity", lambda: upgraded)
+    resumed = SearchOptions(**{**vars(options), "trials": 2, "resume": True})
+    with pytest.raises(SearchError, match=rf"was run by other code \(cetnet .*code "
+                                          rf"{mine['digest']}.*this is .*0123456789abcdef.*"
+                                          r"--reuse-other-code"):
+        run_search(resumed)
+    said = []
+    study = run_search(SearchOptions(**{**vars(resumed), "reuse_other_code": True,
+                                        "say": said.append}))
+    assert any("continued by other code" in line for line in said)
+    assert study.user_attrs["setup"]["code"] == upgraded
+    with (options.out / "trials.csv").open() as f:
+        assert [r["code"] for r in csv.DictReader(f)] == [mine["digest"], "0123456789abcdef"]
+    # a study of before (no code recorded) resumes and records it
+    setup = dict(study.user_attrs["setup"])
+    del setup["code"]
+    study.set_user_attr("setup", setup)
+    study = run_search(SearchOptions(**{**vars(resumed), "trials": 3}))
+    assert study.user_attrs["setup"]["code"] == upgraded
+
+
 # --- 4. the warm-up loss term --------------------------------------------------------------------
 
 def test_the_warmup_loss_term_is_the_fused_predictions_log_loss(tmp_path, tiny_dataset):

@@ -152,6 +152,21 @@ def test_a_split_smaller_than_every_batch_size_is_one_error(tmp_path):
         run_system_search(options)
 
 
+def test_a_system_study_of_other_code_is_resumed_only_when_asked(tmp_path, monkeypatch):
+    """Speeds measured by other code (another kernel build) do not compare with new ones."""
+    from cetnet import code_identity as ci
+
+    study = run_system_search(_options(tmp_path, trials=1))
+    mine = ci.code_identity()
+    assert study.user_attrs["setup"]["code"] == mine
+    assert study.trials[0].user_attrs["code"] == mine["digest"]
+    monkeypatch.setattr(ci, "code_identity", lambda: {**mine, "digest": "0123456789abcdef"})
+    with pytest.raises(SearchError, match=r"was run by other code.*--reuse-other-code"):
+        run_system_search(_options(tmp_path, trials=2, resume=True))
+    study = run_system_search(_options(tmp_path, trials=2, resume=True, reuse_other_code=True))
+    assert [t.user_attrs["code"] for t in study.trials] == [mine["digest"], "0123456789abcdef"]
+
+
 def test_a_resume_with_other_data_and_search_flags_are_one_line_errors(tmp_path, capsys):
     study = run_system_search(_options(tmp_path, trials=1))
     # a study measured the earlier way (one run, no clipping: saved without the measurement)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from cetnet.atomic import write_text_atomic
-from cetnet.code_identity import code_identity, describe
+from cetnet import code_identity as code_id
 from cetnet.config import (ConfigError, apply_overrides, load_config, paper_config_path,
                            validate_config)
 from cetnet.reproduce.rows import (SINGLE_ROWS, Row, check_model, embedding_parameter_count,
@@ -242,7 +242,7 @@ class Experiment:
             return None
         if data.get("error") and self.retry_failed:
             return None
-        if not self.reuse_other_code and not _same_code(data):
+        if not self.reuse_other_code and not code_id.same_code(data.get("code")):
             return None
         return data
 
@@ -256,8 +256,8 @@ class Experiment:
             except (OSError, ValueError):
                 continue
             if (isinstance(data, dict) and data.get("version") == RESULT_VERSION
-                    and data.get("key") == job.key and not _same_code(data)):
-                what = describe(data.get("code"))
+                    and data.get("key") == job.key and not code_id.same_code(data.get("code"))):
+                what = code_id.describe(data.get("code"))
                 found[what] = found.get(what, 0) + 1
         return found
 
@@ -270,7 +270,7 @@ class Experiment:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return
-        if not isinstance(data, dict) or _same_code(data):
+        if not isinstance(data, dict) or code_id.same_code(data.get("code")):
             return
         code = data.get("code")
         where = self.out / "superseded" / (code["digest"] if isinstance(code, dict)
@@ -358,7 +358,7 @@ class Experiment:
         self._supersede(job)
         start = time.perf_counter()
         result: dict[str, Any] = {"version": RESULT_VERSION, "key": job.key, "row": job.row,
-                                  "code": code_identity(),
+                                  "code": code_id.code_identity(),
                                   "seed": job.seed, "point": job.point, "grid": job.grid,
                                   "num_parameters": params,
                                   "embedding_parameters": embedding_parameter_count(
@@ -485,7 +485,7 @@ class Experiment:
         n = sum(other.values())
         codes = "; ".join(f"{c}: {k}" for c, k in other.items())
         self.log(f"reproduce: {n} cached result{'s' if n > 1 else ''} trained by other code "
-                 f"than this one ({describe(code_identity())}): {codes}; "
+                 f"than this one ({code_id.describe(code_id.code_identity())}): {codes}; "
                  + ("reused (--reuse-other-code): the report names each result's code"
                     if self.reuse_other_code else
                     f"trained again (the old ones kept in {self.out / 'superseded'}; "
@@ -500,12 +500,6 @@ class Experiment:
         if row == "scaled_single" and self.scaled is None:
             return []
         return self.jobs(row)
-
-
-def _same_code(result: Mapping[str, Any]) -> bool:
-    """Whether ``result`` was trained by this process's code (same digest and torch)."""
-    code, mine = result.get("code"), code_identity()
-    return isinstance(code, dict) and all(code.get(k) == mine[k] for k in ("digest", "torch"))
 
 
 def _hms(seconds: float) -> str:

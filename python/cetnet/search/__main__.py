@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, default=None, help="runs and reports (default runs/search-<dataset>)")
     a("--resume", action="store_true",
       help="continue the study (finished trials are kept, their runs reused)")
+    a("--reuse-other-code", action="store_true",
+      help="with --resume: continue a study whose trials other code trained (another cetnet "
+      "build or torch version; refused otherwise); trials.csv's code column names each "
+      "trial's")
     a("--seed", type=int, default=0, help="the sampler's seed (give each worker its own)")
     a("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
       help="config overrides of every trial, e.g. data.num_rows=5000 train.epochs=3")
@@ -92,7 +96,8 @@ def _compare(args: argparse.Namespace, argv: Sequence[str]) -> Path:
 
     given = [flag for flag, used in (
         ("--system", args.system), ("--resume", args.resume), ("--storage", args.storage),
-        ("--set", args.overrides), ("--sigeo-weights", args.sigeo_weights)) if used]
+        ("--set", args.overrides), ("--sigeo-weights", args.sigeo_weights),
+        ("--reuse-other-code", args.reuse_other_code)) if used]
     if given:
         raise ConfigError(f"--compare reads finished studies: {', '.join(given)} belong to "
                           f"running one")
@@ -134,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup_fraction=args.warmup_fraction, proxy=args.proxy, max_cost=args.max_cost,
             cost_weight=args.cost_weight, storage=args.storage, study=args.study,
             resume=args.resume, seed=args.seed, overrides=args.overrides,
-            command=main_command(argv), sigeo_weights=sigeo_weights)
+            command=main_command(argv), sigeo_weights=sigeo_weights,
+            reuse_other_code=args.reuse_other_code)
         if args.system:
             from cetnet.search.system import run_system_search
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
+from cetnet import code_identity as code_id
 from cetnet.config import ConfigError, validate_config
 from cetnet.processes import pid_alive, process_space
 from cetnet.search.cost import COST_VERSION, model_cost
@@ -76,6 +77,9 @@ class SearchOptions:
     say: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
     #: the weights of the SiGeo-style score's terms (zico, fisher_rao, loss)
     sigeo_weights: tuple[float, float, float] = SIGEO_WEIGHTS
+    #: continue a study whose trials other code trained (another cetnet build or torch):
+    #: without it such a resume is refused, as its trials would be ranked with new ones
+    reuse_other_code: bool = False
 
 
 def parse_objective(text: str) -> tuple[str, ...]:
@@ -212,7 +216,10 @@ def _setup(options: SearchOptions, space_text: str) -> dict:
              "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides),
              # what a trial's FLOPs and warm-up loss measure: always saved, so that a study
              # measured otherwise (saved without it: version 1) is not resumed
-             "cost_version": COST_VERSION}
+             "cost_version": COST_VERSION,
+             # the code that trains the trials (cetnet.code_identity): another one does not
+             # continue the study unless asked (a study of an earlier cetnet gets it recorded)
+             "code": code_id.code_identity()}
     # keys added later are saved only when set: older studies resume as they were
     if options.proxy != "auc":
         setup["proxy"] = options.proxy
@@ -268,7 +275,12 @@ def _requeue_interrupted(study: Any, say: Callable[[str], None]) -> None:
 
     host = process_space()
     trials = study.get_trials(deepcopy=False)
+    # retried already: by a resumer (retry_of), or by Optuna's heartbeat, whose copy lists the
+    # trials it retries (a Ctrl-C'd worker that died before its FAIL was recorded leaves a
+    # silent RUNNING trial marked interrupted: the heartbeat fails and retries it)
     retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried |= {n for t in trials if _heartbeat_retry(t)
+                for n in t.system_attrs.get("retry_history", [])}
     for t in trials:
         if t.number in retried:
             continue
@@ -396,6 +408,10 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
                               "trials do not compare with new ones; start a new study (another "
                               "--out, or --study)")
 
+        check_code(study, options.study, options, saved.get("code"), setup["code"])
+        saved = {k: v for k, v in saved.items() if k != "code"}
+        setup = {k: v for k, v in setup.items() if k != "code"}
+
         def full(d: dict) -> dict:  # a setup saved without the later keys: their defaults
             return {"proxy": "auc", "max_cost": None, "cost_weight": 0.0, **d}
 
@@ -408,6 +424,24 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
     reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials, sample),
            options.seed)
     return study
+
+
+def check_code(study: Any, name: str, options: SearchOptions, saved: Any, mine: dict) -> None:
+    """SearchError when study ``name``'s trials were run by other code than this process's,
+    unless ``options.reuse_other_code``; records this code in the study's setup when it is
+    continued (each trial records its own in ``code``)."""
+    if saved is not None and not code_id.same_code(saved):
+        if not options.reuse_other_code:
+            raise SearchError(f"study {name!r} was run by other code "
+                              f"({code_id.describe(saved)}; this is {code_id.describe(mine)}): "
+                              "its trials would be ranked with new ones; start a new study "
+                              "(another --out, or --study), or continue it with "
+                              "--reuse-other-code")
+        options.say(f"study {name!r}: continued by other code than its trials' "
+                    f"({code_id.describe(saved)}; this is {code_id.describe(mine)}, "
+                    "--reuse-other-code): trials.csv's code column names each trial's")
+    if saved is None or not code_id.same_code(saved):
+        study.set_user_attr("setup", {**study.user_attrs.get("setup", {}), "code": mine})
 
 
 #: Setup keys a study started before they were recorded lacks: not compared then.
@@ -640,6 +674,9 @@ def run_search(options: SearchOptions) -> Any:
 
         trial.set_user_attr("host", process_space())
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("code", code_id.code_identity()["digest"])
+        if trial.user_attrs.get("interrupted"):  # copied by a heartbeat retry: this one is not
+            trial.set_user_attr("interrupted", False)
         _refuse_duplicate_retry(study, trial)
         config = sample_config(trial, space, base)
         config["name"] = f"{options.study}-{trial.number}"

@@ -118,6 +118,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         # why the trial has no SiGeo statistics (e.g. a split of too few batches)
         row["proxy_error"] = t.user_attrs.get("proxy_error", "")
         row["cost_version"] = version
+        # the code that trained it (cetnet.code_identity's digest; empty: an earlier cetnet)
+        row["code"] = t.user_attrs.get("code", "")
         row.update({f"param.{n}": t.params.get(n, "") for n in names})
         rows.append(row)
     return rows
@@ -218,7 +220,7 @@ def write_outputs(study: Any, out: Path, objectives: Sequence[str], command: str
                             .get("cost_weight") or 0.0)
     rows = trial_rows(study)
     columns = list(rows[0]) if rows else ["number", "state", *METRICS, "run_dir", "error",
-                                          "proxy_error", "cost_version"]
+                                          "proxy_error", "cost_version", "code"]
     write_text_atomic(out / "trials.csv", csv_text(rows, columns))
     multi = len(objectives) > 1
     front = _front_rows(study, rows, multi)

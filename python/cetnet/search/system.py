@@ -38,6 +38,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from cetnet import code_identity as code_id
+
 __all__ = ["SYSTEM_SPACE", "REPEATS", "STEPS", "WARMUP", "sample_system", "measure_repeats",
            "measure_throughput", "run_system_search"]
 
@@ -228,8 +230,8 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
 
     from cetnet.config import ConfigError
     from cetnet.search.engine import (SearchError, _base, _hide_password, _load_dataset,
-                                      _sampler, check_seed, check_study_name, claim_study,
-                                      data_identity, open_storage, quiet_trial_failures,
+                                      _sampler, check_code, check_seed, check_study_name,
+                                      claim_study, data_identity, open_storage, quiet_trial_failures,
                                       reseed, setup_changes, setup_difference, study_lock)
     from cetnet.train.loop import resolve_device
 
@@ -257,7 +259,8 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     # the study remembers what it measures: the model, the data and the settings offered
     setup = {"dataset": options.dataset, "overrides": list(options.overrides),
              "batch_sizes": batch_sizes(rows), "cpus": os.cpu_count() or 1,
-             **data_identity(base, dataset), "measurement": MEASUREMENT}
+             **data_identity(base, dataset), "measurement": MEASUREMENT,
+             "code": code_id.code_identity()}  # (speeds of other code do not compare)
     if device.type != "cpu":  # measured there; recorded only then, as studies before it resume
         setup["device"] = str(device)
     # the trial's value is log(samples/s): the predictor models log throughput, in which a
@@ -269,7 +272,11 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     if saved is not None:
         # a study without the device was measured on the CPU, without the measurement: by
         # one run of steps without gradient clipping
-        saved, now = {"device": "cpu", "measurement": 1, **saved}, {"device": "cpu", **setup}
+        check_code(study, name, options, saved.get("code"), setup["code"])
+        saved, now = ({"device": "cpu", "measurement": 1, **saved},
+                      {"device": "cpu", **setup})
+        saved.pop("code", None)
+        now.pop("code")
         if saved["measurement"] != MEASUREMENT:
             raise SearchError(f"study {name!r} was measured by another cetnet (measurement "
                               f"{saved['measurement']}: one run of {STEPS} steps without "
@@ -296,6 +303,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
             raise
         speed = statistics.median(speeds)
         trial.set_user_attr("config", config)
+        trial.set_user_attr("code", code_id.code_identity()["digest"])
         trial.set_user_attr("samples_per_s", speed)
         trial.set_user_attr("samples_per_s_repeats", speeds)  # how far the median can be trusted
         say(f"system trial {trial.number}: {speed:,.0f} samples/s (median of "
