@@ -160,9 +160,35 @@ def test_compare_is_on_the_auc_at_equal_budget_and_its_winner_is_the_best_of_all
     assert result["winner"]["study"] == "a" and result["winner"]["number"] == 5
     assert "Study a, trial 5: validation AUC 0.8000" in report
     assert result["correlation"]["proxy_auc"]["n"] == 6  # 4 of a (no NaN), 2 of b
+    # trials.csv files of before the code column: the report says it was not recorded
+    assert "Trials trained by code a: unrecorded; b: unrecorded." in report
     front = report.split("## Pareto front")[1].split("##")[0]
     assert [line.split(" | ")[0] for line in front.splitlines() if line.startswith("| a")
             or line.startswith("| b")] == ["| a #3", "| b #2", "| b #0", "| a #5"]
+
+
+def test_compare_says_when_studies_were_trained_by_different_code(tmp_path):
+    import csv
+
+    def with_code(folder, code):
+        path = folder / "trials.csv"
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*rows[0], "code"])
+            writer.writeheader()
+            writer.writerows({**r, "code": code} for r in rows)
+        return folder
+
+    a = with_code(_trials_csv(tmp_path / "a", [("0", "COMPLETE", "0.70")]), "aaaa")
+    b = with_code(_trials_csv(tmp_path / "b", [("0", "COMPLETE", "0.71")]), "aaaa")
+    compare_studies(CompareOptions(studies=[a, b], out=tmp_path / "out", say=lambda text: None))
+    report = (tmp_path / "out" / "COMPARE.md").read_text()
+    assert "Trials trained by code a: aaaa; b: aaaa." in report
+    with_code(b, "bbbb")
+    compare_studies(CompareOptions(studies=[a, b], out=tmp_path / "out", say=lambda text: None))
+    report = (tmp_path / "out" / "COMPARE.md").read_text()
+    assert "a: aaaa; b: bbbb (**studies of different code**" in report
 
 
 def test_the_retrained_comparison_pairs_every_config_by_seed_on_valid_and_test(tmp_path,

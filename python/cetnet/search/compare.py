@@ -393,7 +393,16 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
             for k in range(1, max((len(c) for c in curves), default=0) + 1)]
     write_text_atomic(options.out / "compare.csv", csv_text(rows, ["trials", *labels]))
 
+    # the code that trained the trials (trials.csv's code; empty: a cetnet that did not record
+    # it): the studies are compared as they were run, and the reader sees when code differs
+    codes = {s.label: sorted({r.get("code") or "unrecorded" for r in s.finished})
+             for s in studies}
+    code_line = ("Trials trained by code " + "; ".join(
+        f"{label}: {', '.join(c)}" for label, c in codes.items())
+        + (" (**studies of different code**: a difference between them may be the code's)"
+           if len({tuple(c) for c in codes.values()}) > 1 else "") + ".")
     lines = ["# Search studies compared", "", "Command:", "", "```", options.command, "```", "",
+             code_line, "",
              "## Best validation AUC so far, at equal budget", "",
              f"Each study's best validation AUC within its first n finished trials, "
              f"n up to {budget}, the finished trials of the smallest study (trial order; a "
