@@ -324,6 +324,50 @@ def test_results_of_other_code_are_trained_again_unless_reused(tmp_path, monkeyp
     assert (out / "superseded" / "unrecorded" / "results" / path.name).exists()
 
 
+def test_a_run_other_code_started_is_trained_again_not_finished(tmp_path, monkeypatch, capsys):
+    """An interrupted run resumed by other code (an upgrade between two invocations) would be
+    one run of two codes: the code that starts a run is recorded (out/started/) until its
+    result records it, and a run of other code, or of no record, is moved aside and trained
+    from the start, unless --reuse-other-code; a run another process holds is not moved."""
+    from cetnet import code_identity as ci
+    from cetnet.train.rundir import RunLock
+
+    args = _args(tmp_path, "--keep-checkpoints", rows="dnn", seeds=1)
+    assert main(args) == 0
+    out = tmp_path / "out"
+    result = next((out / "results").glob("*.json"))
+    key, mine = result.stem, ci.code_identity()
+    started, metrics = out / "started" / f"{key}.json", out / "runs" / key / "metrics.json"
+    assert not started.exists()  # the result records the code now
+    other = {**mine, "digest": "0123456789abcdef"}
+
+    def interrupted(code):  # as if stopped after training, before the result was stored
+        result.unlink()
+        started.parent.mkdir(exist_ok=True)
+        if code is None:
+            started.unlink(missing_ok=True)
+        else:
+            started.write_text(json.dumps({"code": code}))
+        return metrics.stat().st_mtime_ns
+
+    stamp = interrupted(mine)
+    assert main(args) == 0 and metrics.stat().st_mtime_ns == stamp  # its metrics read back
+    stamp = interrupted(other)
+    assert main([*args, "--reuse-other-code"]) == 0 and metrics.stat().st_mtime_ns == stamp
+    stamp = interrupted(other)
+    with RunLock(out / "runs" / key):  # another process trains it: refused, nothing moved
+        assert main(args) == 2
+    assert "another cetnet process is using it" in capsys.readouterr().err
+    assert metrics.stat().st_mtime_ns == stamp and not (out / "superseded").exists()
+    assert main(args) == 0
+    assert (out / "superseded" / other["digest"] / "runs" / key / "metrics.json").exists()
+    assert metrics.stat().st_mtime_ns != stamp  # trained again
+    assert json.loads(result.read_text())["code"] == mine
+    interrupted(None)  # a run of a cetnet that did not record its code
+    assert main(args) == 0
+    assert (out / "superseded" / "unrecorded" / "runs" / key / "metrics.json").exists()
+
+
 def test_code_digest_ignores_prose_not_code(tmp_path):
     from cetnet.code_identity import source_digest
 

@@ -11,6 +11,7 @@ and run kept under ``<out>/superseded/``) unless ``reuse_other_code``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -261,27 +262,40 @@ class Experiment:
                 found[what] = found.get(what, 0) + 1
         return found
 
+    def _started_path(self, key: str) -> Path:
+        """Where the code that started a job's run is recorded while it trains."""
+        return self.out / "started" / f"{key}.json"
+
     def _supersede(self, job: Job) -> None:
-        """Moves a cached result of other code (and its run directory, whose finished
-        ``metrics.json`` would be reused) to ``<out>/superseded/<code>/``: trained again,
-        nothing lost."""
-        path = self.result_path(job.key)
+        """Moves what other code left of ``job`` to ``<out>/superseded/<code>/``, so that this
+        code trains it from the start and nothing is lost: a cached result of other code and
+        its run directory (whose finished ``metrics.json`` would be reused), or a run that
+        other code started and was interrupted (resuming it would finish one run with two
+        codes; a run of a cetnet that did not record its code counts as other code). With
+        ``reuse_other_code`` an interrupted run of other code is resumed instead."""
+        path, run_dir = self.result_path(job.key), self.out / "runs" / job.key
+        record = path if path.exists() else self._started_path(job.key)
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
+            code = json.loads(record.read_text()).get("code")
+        except (OSError, ValueError, AttributeError):
+            code = None
+        if not (path.exists() or run_dir.exists()) or code_id.same_code(code) or \
+                (self.reuse_other_code and not path.exists()):
             return
-        if not isinstance(data, dict) or code_id.same_code(data.get("code")):
-            return
-        code = data.get("code")
-        where = self.out / "superseded" / (code["digest"] if isinstance(code, dict)
-                                           and "digest" in code else "unrecorded")
-        for src, dst in ((self.out / "runs" / job.key, where / "runs" / job.key),
-                         (path, where / "results" / path.name)):
-            if src.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if dst.exists():  # an older copy of the same code's result
-                    shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-                src.replace(dst)
+        from cetnet.train.rundir import RunLock
+
+        digest = code.get("digest") if isinstance(code, dict) else None
+        where = self.out / "superseded" / (str(digest) if digest else "unrecorded")
+        with contextlib.ExitStack() as held:
+            if run_dir.is_dir():  # RunDirBusy while another process trains it: not moved
+                held.enter_context(RunLock(run_dir))
+            for src, dst in ((run_dir, where / "runs" / job.key),
+                             (path, where / "results" / path.name)):
+                if src.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if dst.exists():  # an older copy of the same code's result
+                        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+                    src.replace(dst)
 
     def _scaled_arch(self) -> str:
         """The architecture scaled_single widens: ``scaled_arch``, or with ``auto`` the best
@@ -356,6 +370,9 @@ class Experiment:
         run_dir = self.out / "runs" / job.key
         params = check_model(job.config, self.schema)
         self._supersede(job)
+        started = self._started_path(job.key)
+        started.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(started, json.dumps({"code": code_id.code_identity()}) + "\n")
         start = time.perf_counter()
         result: dict[str, Any] = {"version": RESULT_VERSION, "key": job.key, "row": job.row,
                                   "code": code_id.code_identity(),
@@ -392,6 +409,7 @@ class Experiment:
         result["wall_seconds"] = time.perf_counter() - start
         self.result_path(job.key).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.result_path(job.key), json.dumps(result, indent=1) + "\n")
+        started.unlink(missing_ok=True)  # the result records the code now
         if not self.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
         return result
