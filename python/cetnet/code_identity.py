@@ -18,11 +18,13 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["PRESENTATION_MODULES", "code_identity", "describe", "same_code", "source_digest"]
+__all__ = ["PRESENTATION_MODULES", "code_identity", "code_tag", "describe", "same_code",
+           "source_digest"]
 
 #: Modules (relative to the directory holding the packages) that read, render or serve
 #: results but never compute one: editing them keeps the digest, so a report can be re-rendered
@@ -103,6 +105,13 @@ def code_identity() -> dict[str, str]:
         version = "unknown"
     return {"cetnet": version, "torch": torch.__version__,
             "digest": source_digest(_package_files())}
+
+
+def code_tag() -> str:
+    """This code as a folder name: ``<digest>-torch<version>`` (what :func:`same_code`
+    compares)."""
+    mine = code_identity()
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{mine['digest']}-torch{mine['torch']}")
 
 
 def same_code(identity: object) -> bool:

@@ -191,6 +191,30 @@ def test_compare_says_when_studies_were_trained_by_different_code(tmp_path):
     assert "a: aaaa; b: bbbb (**studies of different code**" in report
 
 
+def test_retrained_runs_are_kept_per_code(tmp_path, monkeypatch):
+    """A finished retrain run of an earlier build is not reused: the pairs would mix codes."""
+    import cetnet.search.compare as compare
+    import cetnet.train.runner as runner
+    from cetnet import code_identity as ci
+
+    runs = []
+
+    def fake(config, run_dir):
+        runs.append(Path(run_dir))
+        return {"fused": {"auc": 0.8}}, False
+
+    monkeypatch.setattr(runner, "train_or_reuse", fake)
+    config = load_config(None)
+    compare._train_seeds(config, 2, tmp_path, lambda text: None, "x")
+    mine = ci.code_identity()
+    assert [r.relative_to(tmp_path).parts[:2] for r in runs] == \
+        [("retrain", f"{mine['digest']}-torch{mine['torch']}")] * 2
+    monkeypatch.setattr(ci, "code_identity", lambda: {**mine, "digest": "0123456789abcdef"})
+    compare._train_seeds(config, 1, tmp_path, lambda text: None, "x")
+    assert runs[2].relative_to(tmp_path).parts[1].startswith("0123456789abcdef-torch")
+    assert runs[2].parts[-2:] == runs[0].parts[-2:]  # the same config key and seed
+
+
 def test_the_retrained_comparison_pairs_every_config_by_seed_on_valid_and_test(tmp_path,
                                                                                  monkeypatch):
     import cetnet.search.compare as compare

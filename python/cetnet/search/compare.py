@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cetnet import code_identity as code_id
 from cetnet.atomic import write_text_atomic
 from cetnet.config import ConfigError
 from cetnet.search.report import (BEST_CONFIG, CORRELATED, METRICS, csv_text, pareto_front,
@@ -234,7 +235,8 @@ def _baseline_config(spec: str) -> tuple[str, dict]:
 def _train_seeds(config: dict, seeds: int, out: Path,
                  say: Callable[[str], None], label: str) -> dict[int, dict]:
     """``{seed: metrics}`` of ``config`` trained with ``train.seed`` 0..seeds-1 (reused when a
-    finished run of the same config and seed is in ``out``)."""
+    finished run of the same config and seed, trained by this code, is in ``out``: the runs are
+    kept per code, so a comparison never pairs a run of an earlier build with new ones)."""
     import copy
 
     from cetnet.config import validate_config
@@ -247,7 +249,8 @@ def _train_seeds(config: dict, seeds: int, out: Path,
         run["train"] = {**run["train"], "seed": seed}
         run = validate_config(run)
         key = config_key({**run, "name": ""})
-        metrics, reused = train_or_reuse(run, out / "retrain" / key / f"seed-{seed}")
+        metrics, reused = train_or_reuse(run, out / "retrain" / code_id.code_tag() / key
+                                         / f"seed-{seed}")
         results[seed] = metrics
         say(f"retrain {label}, seed {seed}: test AUC {metrics['fused']['auc']:.4f}"
             + (" (reused)" if reused else ""))
