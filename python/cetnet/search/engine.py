@@ -408,7 +408,7 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
                               "trials do not compare with new ones; start a new study (another "
                               "--out, or --study)")
 
-        check_code(study, options.study, options, saved.get("code"), setup["code"])
+        saved_code, code = saved.get("code"), setup["code"]
         saved = {k: v for k, v in saved.items() if k != "code"}
         setup = {k: v for k, v in setup.items() if k != "code"}
 
@@ -421,6 +421,7 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
                               f"{', '.join(changed)}: continue it with the same options, or "
                               "name a new study with --study"
                               + setup_difference(full(saved), full(setup), changed))
+        check_code(study, options.study, options, saved_code, code)  # (last: it records)
     reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials, sample),
            options.seed)
     return study

@@ -272,7 +272,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     if saved is not None:
         # a study without the device was measured on the CPU, without the measurement: by
         # one run of steps without gradient clipping
-        check_code(study, name, options, saved.get("code"), setup["code"])
+        saved_code = saved.get("code")
         saved, now = ({"device": "cpu", "measurement": 1, **saved},
                       {"device": "cpu", **setup})
         saved.pop("code", None)
@@ -289,6 +289,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
             raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
                               "continue it with the same options (and machine), or name a new "
                               "study with --study" + setup_difference(saved, now, changed))
+        check_code(study, name, options, saved_code, setup["code"])  # (last: it records)
     reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials,
                                         lambda t: sample_system(t, base, rows)), options.seed)
 
