@@ -317,6 +317,9 @@ def _update_rows(w_ptr, gw_ptr, state_ptr, lr_arg, eps_arg, wd_arg, acc, row, ke
             else:
                 squares = tl.sum(a * a, axis=0)
             s = tl.load(state_ptr + si) + squares / D
+            # every thread holds the row (the one-row path) and read the state above: on a GPU
+            # a warp lagging behind the store below would read the new state and step twice
+            tl.debug_barrier()
             tl.store(state_ptr + si, s, mask=live)
             step = lr / (tl.sqrt(s) + eps)
             if MANY_ROWS:

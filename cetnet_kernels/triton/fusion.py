@@ -620,8 +620,8 @@ def _launch(kernel, grid, args, constexprs, num_warps):
         # The interpreter reads data pointers: nothing to do for fake/meta tensors (shape-only).
         if shape_only(*args):
             return
-        with _device_guard(first):
-            kernel[grid](*args, **constexprs)
+        with _device_guard(first):  # (num_warps: ignored, but recorded by the compile test)
+            kernel[grid](*args, **constexprs, num_warps=num_warps)
     else:
         with _device_guard(first):
             torch.library.wrap_triton(kernel)[grid](*args, **constexprs, num_warps=num_warps)
