@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["acc_dtype", "check_count", "constant_tensor", "device_guard", "shape_only",
-           "upload"]
+__all__ = ["acc_dtype", "check_count", "constant_tensor", "device_guard", "filled",
+           "shape_only", "upload"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,11 +50,27 @@ def upload(values: Sequence[int | float] | float, dtype: torch.dtype,
            device: torch.device) -> Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` without making the host wait: on
     CUDA that call copies from pageable memory, which synchronizes with the stream; this stages
-    the values in pinned memory and copies asynchronously (small per-call metadata)."""
+    the values in pinned memory and copies asynchronously (small per-call metadata); while a
+    CUDA graph is captured, see :func:`filled`."""
     t = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
+    if _capturing(device):
+        return filled(t, device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def filled(values: Tensor, device: torch.device) -> Tensor:
+    """A copy of the host tensor ``values`` on ``device`` made by one fill kernel per element,
+    the values travelling as the kernels' parameters: what :func:`upload` does while a CUDA
+    graph is captured, as the graph's copy node would read the pinned host buffer again at
+    every replay, long after it was freed and reused (the per-element kernels cost only a
+    capture that met a constant its warm-up did not make)."""
+    out = torch.empty(values.shape, dtype=values.dtype, device=device)
+    flat = out.view(-1)
+    for i, v in enumerate(values.reshape(-1).tolist()):
+        flat[i].fill_(v)
+    return out
 
 
 # (values, dtype, device) -> tensor, least recently used first
@@ -92,7 +108,7 @@ def constant_tensor(values: Sequence[int | float] | float, dtype: torch.dtype,
     anyway) is used as is and kept alive for good (it never changes, so a replay reads the
     right values, even after the cache has dropped it); one not made yet is an :func:`upload`
     (a cached tensor made now would live in the graph's memory pool, and be filled only by
-    replays)."""
+    replays), which fills it by kernels the graph replays (:func:`filled`)."""
     key = (values if isinstance(values, (int, float)) else tuple(values), dtype, device)
     capturing = _capturing(device)
     with _LOCK:

@@ -625,6 +625,46 @@ def test_constant_tensor_read_by_a_graph_stays_the_keys_tensor(monkeypatch):
     assert _host.constant_tensor([7, 11], torch.int64, cpu) is t1  # graph 2 reads t1 too
 
 
+def test_values_captured_by_a_graph_travel_as_kernel_parameters():
+    """upload() while a CUDA graph is captured: fill kernels, no copy from a host buffer that a
+    replay would read after it is freed (on a GPU: the capture test below and
+    test_a_constant_first_made_during_cuda_graph_capture_replays_its_values); exact for any value."""
+    from cetnet_kernels._host import filled
+
+    for values in ([2**62 + 1, -3, 0], [0.1, -2.5e-300, float("inf")], 7, [[1, 2], [3, 4]]):
+        for dtype in (torch.int64, torch.float64, torch.int32, torch.float32):
+            if isinstance(values, list) and any(isinstance(v, float) for v in values) \
+                    and not dtype.is_floating_point:
+                continue
+            if dtype == torch.int32 and values == [2**62 + 1, -3, 0]:
+                continue
+            host = torch.tensor(values, dtype=dtype)
+            out = filled(host, torch.device("cpu"))
+            assert out.shape == host.shape and torch.equal(out, host)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_constant_first_made_during_cuda_graph_capture_replays_its_values(monkeypatch):
+    """A layout constant that the warm-up did not make, asked for during a capture: its values
+    are still right at every replay, after pinned host memory was reused."""
+    from cetnet_kernels import _host
+
+    monkeypatch.setattr(_host, "_CONSTANTS", type(_host._CONSTANTS)())
+    dev = torch.device("cuda")
+    out = torch.empty(3, dtype=torch.int64, device=dev)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(_host.constant_tensor([2**40 + 5, -7, 123], torch.int64, dev))
+    for _ in range(3):
+        junk = [torch.full((64,), 99, dtype=torch.int64).pin_memory() for _ in range(8)]
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert out.tolist() == [2**40 + 5, -7, 123]
+        del junk
+
+
 def test_constant_tensor_from_threads(monkeypatch):
     """Many threads asking for many constants through a small cache (evicting all the time):
     no error, and every answer holds its values."""
