@@ -28,15 +28,17 @@ in EMBEDDING_RESULTS.md).
 Useful bytes (FBGEMM's accounting): forward reads the looked-up rows and writes the outputs,
 ``2 * lookups * M * D * 4``; forward + backward counts twice that. ``extra_info`` carries them;
 ``python bench/bench_embedding.py summarize results.json`` prints the table of ms, GB/s and
-ratios. ``python bench/bench_embedding.py interleaved [--headline] [--threads N]`` times the
-providers round-robin instead (robust to load from other processes on a shared machine).
-"""
+ratios. ``python bench/bench_embedding.py interleaved [--headline | --sequence | --full]
+[--threads N] [--into FILE]`` times the providers round-robin instead (robust to load from other
+processes on a shared machine); ``--into`` writes the wide table into FILE's matrix markers (how
+EMBEDDING_RESULTS.md's matrix is made)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -282,6 +284,12 @@ def summarize(path: str) -> str:
         rows.setdefault(key, {})[e["provider"]] = {"ms": b["stats"]["median"] * 1e3,
                                                     "min_ms": b["stats"]["min"] * 1e3,
                                                     "bytes": e["bytes"]}
+    return matrix_table(rows)
+
+
+def matrix_table(rows: dict[tuple, dict[str, dict]]) -> str:
+    """The wide markdown table of ``{(M, B, D, T): {provider: {"ms", "bytes"}}}``: ms and useful
+    GB/s per provider, then each provider's time over cetnet's."""
     provs = [p for p in PROVIDERS if any(p in r for r in rows.values())]
     head = ("| M | B | D | T | " + " | ".join(f"{p} ms (GB/s)" for p in provs)
             + " | " + " | ".join(f"{p} / cetnet" for p in provs if p != "cetnet-cpu") + " |")
@@ -305,11 +313,14 @@ def summarize(path: str) -> str:
     return "\n".join(lines)
 
 
-def interleaved(shapes, providers, rounds: int) -> str:
+def interleaved(shapes, providers, rounds: int,
+                matrix: dict[tuple, dict[str, dict]] | None = None) -> str:
     """Times the providers round-robin (one step each per round, the order rotating from round
     to round) and reports median / min ms,
     useful GB/s and ratios. On a shared machine, load changes hit every provider alike, which
-    pytest-benchmark's one-provider-after-the-other runs cannot guarantee."""
+    pytest-benchmark's one-provider-after-the-other runs cannot guarantee. ``matrix``, when
+    given, receives ``{(M, B, D, T): {provider: {"ms", "min_ms", "bytes"}}}`` (for
+    :func:`matrix_table`)."""
     lines = [f"threads = {torch.get_num_threads()}, rounds = {rounds}, {device_name('cpu')}", "",
              "| M | B | D | T | provider | median ms | min ms | useful GB/s | / cetnet-cpu |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -320,6 +331,7 @@ def interleaved(shapes, providers, rounds: int) -> str:
                 steps[p] = _make_step(p, M, B, D, T, {})
             except pytest.skip.Exception as exc:
                 lines.append(f"| {M} | {B} | {D} | {T or '-'} | {p} | skipped: {exc} | | | |")
+                print(f"M={M} B={B} D={D} T={T}: {p} skipped ({exc})", file=sys.stderr)
         for step in steps.values():
             step()
             step()
@@ -332,6 +344,11 @@ def interleaved(shapes, providers, rounds: int) -> str:
                 steps[p]()
                 times[p].append(time.perf_counter() - t0)
         med = {p: sorted(v)[len(v) // 2] * 1e3 for p, v in times.items()}
+        if matrix is not None:
+            matrix[(M, B, D, T)] = {p: {"ms": med[p], "min_ms": min(times[p]) * 1e3,
+                                        "bytes": useful_bytes(M, B, D, T)} for p in steps}
+        print(f"M={M} B={B} D={D} T={T}: " + ", ".join(f"{p} {med[p]:.2f} ms" for p in steps),
+              file=sys.stderr, flush=True)
         for p in steps:
             gbs = useful_bytes(M, B, D, T) / med[p] / 1e6
             ratio = f"{med[p] / med['cetnet-cpu']:.2f}x" if "cetnet-cpu" in med else "-"
@@ -348,19 +365,34 @@ if __name__ == "__main__":
     sub = ap.add_subparsers(dest="cmd", required=True)
     s1 = sub.add_parser("summarize", help="table from a --benchmark-json file")
     s1.add_argument("json")
-    s1.add_argument("--into", help="write the table between the <!-- matrix:begin/end --> "
-                                   "markers of this markdown file (bench/EMBEDDING_RESULTS.md)")
+    into_help = ("write the table between the <!-- matrix:begin/end --> markers of this "
+                 "markdown file (bench/EMBEDDING_RESULTS.md)")
+    s1.add_argument("--into", help=into_help)
     s2 = sub.add_parser("interleaved", help="round-robin timing of the providers")
     s2.add_argument("--threads", type=int, default=torch.get_num_threads())
     s2.add_argument("--rounds", type=int, default=20)
     s2.add_argument("--providers", default="cetnet-cpu,loop,fbgemm")
     s2.add_argument("--headline", action="store_true", help="only M=2, B=4096, D=16")
     s2.add_argument("--sequence", action="store_true", help="only M=2, B=4096, D=16, T=50")
+    s2.add_argument("--full", action="store_true",
+                    help="the full matrix (as CETNET_BENCH_EMB_FULL=1)")
+    s2.add_argument("--into", help=into_help)
     a = ap.parse_args()
+
+    def write_into(target: Path, heading: str, table: str) -> None:
+        import re
+
+        block = f"<!-- matrix:begin -->\n{heading}:\n\n{table}\n<!-- matrix:end -->"
+        text = target.read_text()
+        pattern = re.compile(r"<!-- matrix:begin -->.*?<!-- matrix:end -->", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{target}: no <!-- matrix:begin/end --> markers")
+        target.write_text(pattern.sub(lambda _: block, text))
+        print(f"wrote the matrix into {target}")
+
     if a.cmd == "summarize":
         table = summarize(a.json)
         if a.into:
-            import re
             from datetime import datetime
 
             meta = json.loads(Path(a.json).read_text())
@@ -370,21 +402,30 @@ if __name__ == "__main__":
             except ValueError:
                 pass
             names = {b["extra_info"].get("device_name") for b in meta["benchmarks"]}
-            block = (f"<!-- matrix:begin -->\nMedian ms of pytest-benchmark rounds (useful GB/s), "
-                     f"{', '.join(sorted(n for n in names if n))}, {when}, torch "
-                     f"{meta.get('machine_info', {}).get('torch_version', '?')}, source "
-                     f"`{Path(a.json).name}`:\n\n{table}\n<!-- matrix:end -->")
-            target = Path(a.into)
-            text = target.read_text()
-            pattern = re.compile(r"<!-- matrix:begin -->.*?<!-- matrix:end -->", re.S)
-            if not pattern.search(text):
-                raise SystemExit(f"{target}: no <!-- matrix:begin/end --> markers")
-            target.write_text(pattern.sub(lambda _: block, text))
-            print(f"wrote the matrix into {target}")
+            write_into(Path(a.into),
+                       f"Median ms of pytest-benchmark rounds (useful GB/s), "
+                       f"{', '.join(sorted(n for n in names if n))}, {when}, torch "
+                       f"{meta.get('machine_info', {}).get('torch_version', '?')}, source "
+                       f"`{Path(a.json).name}`", table)
         else:
             print(table)
     else:
+        from datetime import datetime, timezone
+
         torch.set_num_threads(a.threads)
+        if a.full:
+            os.environ["CETNET_BENCH_EMB_FULL"] = "1"
         shapes = [(2, 4096, 16, 0)] if a.headline else [(2, 4096, 16, 50)] if a.sequence \
             else _shapes()
-        print(interleaved(shapes, a.providers.split(","), a.rounds))
+        start = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        matrix: dict[tuple, dict[str, dict]] = {}
+        long_table = interleaved(shapes, a.providers.split(","), a.rounds, matrix)
+        if a.into:
+            write_into(Path(a.into),
+                       f"Median ms of {a.rounds} interleaved rounds (each round one step of "
+                       f"every provider, the order rotating; useful GB/s), "
+                       f"{device_name('cpu')}, started {start}, torch {torch.__version__}, "
+                       f"`{shlex.join(['python', 'bench/bench_embedding.py', *sys.argv[1:]])}`",
+                       matrix_table(matrix))
+        else:
+            print(long_table)
