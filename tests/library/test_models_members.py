@@ -156,5 +156,8 @@ def test_interformer_ignores_what_padding_positions_hold(two, hp):
     with torch.no_grad():
         v = front(batch)[0]
         assert any((~m).any() for m in v.seq_mask.values())  # the batch has padding
-        noisy = {n: s + 5.0 * (~v.seq_mask[n]).unsqueeze(-1) for n, s in v.sequences.items()}
-        assert torch.equal(member(MemberInputs(v.fields, v.dense, noisy, v.seq_mask)), member(v))
+        for junk in (5.0, float("nan")):
+            noisy = {n: torch.where(v.seq_mask[n].unsqueeze(-1), s, junk)
+                     for n, s in v.sequences.items()}
+            assert torch.equal(member(MemberInputs(v.fields, v.dense, noisy, v.seq_mask)),
+                               member(v))

@@ -252,8 +252,10 @@ class InterFormer(nn.Module):
         masks = [inputs.seq_mask[n] for n in names]
         # padding zeroed here, not trusted to the front (MemberInputs promises zeros, a front
         # of a user's may not keep it): the recent tokens, the merges and masknet's position
-        # compression read padded positions. A no-op on zeros: the same bits.
-        seqs = [inputs.sequences[n] * m.unsqueeze(-1) for n, m in zip(names, masks)]
+        # compression read padded positions. A no-op on zeros: the same bits (and NaN there
+        # becomes 0, which a product would keep).
+        seqs = [torch.where(m.unsqueeze(-1), inputs.sequences[n], 0.0)
+                for n, m in zip(names, masks)]
         if len(seqs) == 1:
             return seqs[0], masks[0]
         if self.seq_merge == "concat":
