@@ -7,10 +7,11 @@ records the :func:`code_identity` that trained it, and results of other code are
 with new ones unless asked (docs/REPRODUCE.md, "Caching").
 
 The digest covers the Python sources of ``cetnet`` and ``cetnet_kernels`` as code (their syntax
-trees without docstrings and comments: editing prose changes nothing) except the modules that
-only present results (:data:`PRESENTATION_MODULES`), and the extension's C++/CUDA sources where
-the package runs from a source checkout (``csrc/`` beside it), else the compiled extension's
-bytes.
+trees without docstrings and comments: editing prose changes nothing; the syntax tree's printed
+form depends on Python's minor version, which the identity names) except the modules that
+only present results (:data:`PRESENTATION_MODULES`), and the bytes of the compiled extension
+this process loaded (``cetnet_kernels._C``: what runs, not the sources beside it, which may
+have been edited without a rebuild).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import ast
 import functools
 import hashlib
 import re
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["PRESENTATION_MODULES", "code_identity", "code_tag", "describe", "same_code",
-           "source_digest"]
+__all__ = ["COMPARED", "PRESENTATION_MODULES", "code_identity", "code_tag", "describe",
+           "same_code", "source_digest"]
 
 #: Modules (relative to the directory holding the packages) that read, render or serve
 #: results but never compute one: editing them keeps the digest, so a report can be re-rendered
@@ -37,7 +39,8 @@ PRESENTATION_MODULES = frozenset({
     "cetnet/search/__main__.py", "cetnet/search/compare.py", "cetnet/search/report.py",
 })
 
-_NATIVE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+#: What :func:`same_code` compares: the digest, and the versions outside it.
+COMPARED = ("digest", "torch", "python", "cetnet")
 
 
 def _without_docstrings(tree: ast.AST) -> ast.AST:
@@ -82,21 +85,18 @@ def _package_files() -> list[tuple[str, Path]]:
             name = path.relative_to(root.parent).as_posix()
             if name not in PRESENTATION_MODULES:
                 files.append((name, path))
-    kernels = Path(str(cetnet_kernels.__file__)).parent
-    csrc = kernels.parent / "csrc"
-    if csrc.is_dir():  # a source checkout (editable install): the sources the build compiles
-        files += [(p.relative_to(csrc.parent).as_posix(), p) for p in csrc.rglob("*")
-                  if p.is_file() and p.suffix in _NATIVE_SUFFIXES]
-    else:  # an installed wheel: the compiled extension itself
-        files += [(f"cetnet_kernels/{p.name}", p) for p in kernels.glob("_C*")
-                  if p.is_file() and p.suffix in (".so", ".pyd")]
+    from cetnet_kernels import _extension
+
+    loaded = getattr(_extension._C, "__file__", None)
+    if loaded:  # the binary that runs (without it the ops run their Python references)
+        files.append(("cetnet_kernels/_C", Path(loaded)))
     return files
 
 
 @functools.lru_cache(maxsize=None)
 def code_identity() -> dict[str, str]:
-    """``{"cetnet": version, "torch": version, "digest": 16 hex digits}`` of this process's
-    code (computed once per process: ~0.5 s)."""
+    """``{"cetnet": version, "torch": version, "python": "3.11", "digest": 16 hex digits}``
+    of this process's code (computed once per process: ~0.5 s)."""
     import torch
 
     try:
@@ -104,22 +104,29 @@ def code_identity() -> dict[str, str]:
     except metadata.PackageNotFoundError:
         version = "unknown"
     return {"cetnet": version, "torch": torch.__version__,
+            "python": "{}.{}".format(*sys.version_info[:2]),
             "digest": source_digest(_package_files())}
 
 
-def code_tag() -> str:
-    """This code as a folder name: ``<digest>-torch<version>`` (what :func:`same_code`
-    compares)."""
-    mine = code_identity()
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{mine['digest']}-torch{mine['torch']}")
+_MINE = object()
+
+
+def code_tag(identity: object = _MINE) -> str:
+    """A recorded identity (default: this code's) as a folder name, naming everything
+    :func:`same_code` compares (``unrecorded`` for None or a record of an earlier cetnet): two
+    identities that differ get two names."""
+    code = code_identity() if identity is _MINE else identity
+    if not isinstance(code, dict) or "digest" not in code:
+        return "unrecorded"
+    text = f"{code['digest']}-torch{code.get('torch')}-py{code.get('python')}-v{code.get('cetnet')}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
 
 
 def same_code(identity: object) -> bool:
-    """Whether a recorded :func:`code_identity` is this process's (same digest and torch; the
-    version alone is not compared: a development tree keeps one across changes)."""
+    """Whether a recorded :func:`code_identity` is this process's (every key of
+    :data:`COMPARED`; a record of an earlier cetnet, which lacks some, is other code)."""
     mine = code_identity()
-    return isinstance(identity, dict) and all(identity.get(k) == mine[k]
-                                              for k in ("digest", "torch"))
+    return isinstance(identity, dict) and all(identity.get(k) == mine[k] for k in COMPARED)
 
 
 def describe(identity: object) -> str:
@@ -128,4 +135,4 @@ def describe(identity: object) -> str:
     if not isinstance(identity, dict) or "digest" not in identity:
         return "unrecorded (an earlier cetnet)"
     return (f"cetnet {identity.get('cetnet', '?')}, code {identity['digest']}, "
-            f"torch {identity.get('torch', '?')}")
+            f"torch {identity.get('torch', '?')}, Python {identity.get('python', '?')}")

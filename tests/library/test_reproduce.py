@@ -298,7 +298,7 @@ def test_results_of_other_code_are_trained_again_unless_reused(tmp_path, monkeyp
     trained.clear()
     assert main(args) == 0 and len(trained) == 2
     assert "trained again" in capsys.readouterr().out
-    kept = out / "superseded" / mine["digest"]
+    kept = out / "superseded" / ci.code_tag(mine)
     assert {p.name: json.loads(p.read_text()) for p in (kept / "results").glob("*.json")} \
         == first
     assert sorted(p.name for p in (kept / "runs").iterdir()) == sorted(
@@ -354,13 +354,17 @@ def test_a_run_other_code_started_is_trained_again_not_finished(tmp_path, monkey
     assert main(args) == 0 and metrics.stat().st_mtime_ns == stamp  # its metrics read back
     stamp = interrupted(other)
     assert main([*args, "--reuse-other-code"]) == 0 and metrics.stat().st_mtime_ns == stamp
+    # kept, it counts as the code that started it, and says who finished it
+    kept = json.loads(result.read_text())
+    assert kept["code"] == other and kept["finished_by"] == mine
     stamp = interrupted(other)
     with RunLock(out / "runs" / key):  # another process trains it: refused, nothing moved
         assert main(args) == 2
     assert "another cetnet process is using it" in capsys.readouterr().err
     assert metrics.stat().st_mtime_ns == stamp and not (out / "superseded").exists()
+    assert json.loads(started.read_text())["code"] == other  # its record untouched
     assert main(args) == 0
-    assert (out / "superseded" / other["digest"] / "runs" / key / "metrics.json").exists()
+    assert (out / "superseded" / ci.code_tag(other) / "runs" / key / "metrics.json").exists()
     assert metrics.stat().st_mtime_ns != stamp  # trained again
     assert json.loads(result.read_text())["code"] == mine
     interrupted(None)  # a run of a cetnet that did not record its code

@@ -314,15 +314,15 @@ def test_a_study_trained_by_other_code_is_resumed_only_when_asked(tmp_path, one_
                                                                    monkeypatch):
     """A study records the code that trains it, each trial its own: an upgraded cetnet (another
     digest) refuses to rank new trials with the old ones unless --reuse-other-code, which
-    continues it and records the new code; a study of an earlier cetnet (no code recorded)
-    resumes and gets it."""
+    continues it and records the new code, its runs kept apart; a study of an earlier cetnet
+    (no code recorded) is other code."""
     from cetnet import code_identity as ci
 
     options = _options(tmp_path, trials=1)
     study = run_search(options)
     mine = ci.code_identity()
     assert study.user_attrs["setup"]["code"] == mine
-    assert [t.user_attrs["code"] for t in study.trials] == [mine["digest"]]
+    assert [t.user_attrs["code"] for t in study.trials] == [ci.code_tag(mine)]
     upgraded = {**mine, "digest": "0123456789abcdef"}
     monkeypatch.setattr(ci, "code_identity", lambda: upgraded)
     resumed = SearchOptions(**{**vars(options), "trials": 2, "resume": True})
@@ -336,12 +336,19 @@ def test_a_study_trained_by_other_code_is_resumed_only_when_asked(tmp_path, one_
     assert any("continued by other code" in line for line in said)
     assert study.user_attrs["setup"]["code"] == upgraded
     with (options.out / "trials.csv").open() as f:
-        assert [r["code"] for r in csv.DictReader(f)] == [mine["digest"], "0123456789abcdef"]
-    # a study of before (no code recorded) resumes and records it
+        assert [r["code"] for r in csv.DictReader(f)] == [ci.code_tag(mine),
+                                                           ci.code_tag(upgraded)]
+    # runs are kept per code: the new trial never reuses a run the earlier build trained
+    runs = [Path(t.user_attrs["run_dir"]) for t in study.trials]
+    assert [r.parent.name for r in runs] == [ci.code_tag(mine), ci.code_tag(upgraded)]
+    assert study.trials[1].user_attrs["reused"] is False
+    # a study of a cetnet that did not record its code is other code too
     setup = dict(study.user_attrs["setup"])
     del setup["code"]
     study.set_user_attr("setup", setup)
-    study = run_search(SearchOptions(**{**vars(resumed), "trials": 3}))
+    with pytest.raises(SearchError, match=r"was run by other code \(unrecorded"):
+        run_search(SearchOptions(**{**vars(resumed), "trials": 3}))
+    study = run_search(SearchOptions(**{**vars(resumed), "trials": 3, "reuse_other_code": True}))
     assert study.user_attrs["setup"]["code"] == upgraded
 
 

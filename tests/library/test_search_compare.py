@@ -208,7 +208,7 @@ def test_retrained_runs_are_kept_per_code(tmp_path, monkeypatch):
     compare._train_seeds(config, 2, tmp_path, lambda text: None, "x")
     mine = ci.code_identity()
     assert [r.relative_to(tmp_path).parts[:2] for r in runs] == \
-        [("retrain", f"{mine['digest']}-torch{mine['torch']}")] * 2
+        [("retrain", ci.code_tag(mine))] * 2
     monkeypatch.setattr(ci, "code_identity", lambda: {**mine, "digest": "0123456789abcdef"})
     compare._train_seeds(config, 1, tmp_path, lambda text: None, "x")
     assert runs[2].relative_to(tmp_path).parts[1].startswith("0123456789abcdef-torch")

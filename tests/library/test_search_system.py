@@ -159,12 +159,13 @@ def test_a_system_study_of_other_code_is_resumed_only_when_asked(tmp_path, monke
     study = run_system_search(_options(tmp_path, trials=1))
     mine = ci.code_identity()
     assert study.user_attrs["setup"]["code"] == mine
-    assert study.trials[0].user_attrs["code"] == mine["digest"]
+    assert study.trials[0].user_attrs["code"] == ci.code_tag(mine)
     monkeypatch.setattr(ci, "code_identity", lambda: {**mine, "digest": "0123456789abcdef"})
     with pytest.raises(SearchError, match=r"was run by other code.*--reuse-other-code"):
         run_system_search(_options(tmp_path, trials=2, resume=True))
     study = run_system_search(_options(tmp_path, trials=2, resume=True, reuse_other_code=True))
-    assert [t.user_attrs["code"] for t in study.trials] == [mine["digest"], "0123456789abcdef"]
+    assert [t.user_attrs["code"] for t in study.trials] == [
+        ci.code_tag(mine), ci.code_tag({**mine, "digest": "0123456789abcdef"})]
 
 
 def test_a_resume_with_other_data_and_search_flags_are_one_line_errors(tmp_path, capsys):

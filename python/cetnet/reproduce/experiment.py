@@ -266,6 +266,14 @@ class Experiment:
         """Where the code that started a job's run is recorded while it trains."""
         return self.out / "started" / f"{key}.json"
 
+    def _recorded_code(self, path: Path) -> Any:
+        """The ``code`` a result or started record holds (None: none recorded, unreadable)."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data.get("code") if isinstance(data, dict) else None
+
     def _supersede(self, job: Job) -> None:
         """Moves what other code left of ``job`` to ``<out>/superseded/<code>/``, so that this
         code trains it from the start and nothing is lost: a cached result of other code and
@@ -274,18 +282,13 @@ class Experiment:
         codes; a run of a cetnet that did not record its code counts as other code). With
         ``reuse_other_code`` an interrupted run of other code is resumed instead."""
         path, run_dir = self.result_path(job.key), self.out / "runs" / job.key
-        record = path if path.exists() else self._started_path(job.key)
-        try:
-            code = json.loads(record.read_text()).get("code")
-        except (OSError, ValueError, AttributeError):
-            code = None
+        code = self._recorded_code(path if path.exists() else self._started_path(job.key))
         if not (path.exists() or run_dir.exists()) or code_id.same_code(code) or \
                 (self.reuse_other_code and not path.exists()):
             return
         from cetnet.train.rundir import RunLock
 
-        digest = code.get("digest") if isinstance(code, dict) else None
-        where = self.out / "superseded" / (str(digest) if digest else "unrecorded")
+        where = self.out / "superseded" / code_id.code_tag(code)
         with contextlib.ExitStack() as held:
             if run_dir.is_dir():  # RunDirBusy while another process trains it: not moved
                 held.enter_context(RunLock(run_dir))
@@ -293,7 +296,7 @@ class Experiment:
                              (path, where / "results" / path.name)):
                 if src.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    if dst.exists():  # an older copy of the same code's result
+                    if dst.exists():  # an older copy of the same identity's result
                         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
                     src.replace(dst)
 
@@ -371,11 +374,18 @@ class Experiment:
         params = check_model(job.config, self.schema)
         self._supersede(job)
         started = self._started_path(job.key)
-        started.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(started, json.dumps({"code": code_id.code_identity()}) + "\n")
+        mine = code_id.code_identity()
+        if run_dir.exists():
+            # resumed (or read back): the code that started it, which is this one unless
+            # --reuse-other-code kept another's run (its result then counts as that code's)
+            begun = self._recorded_code(started)
+        else:  # a run starts now: recorded before it can leave anything behind
+            started.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(started, json.dumps({"code": mine}) + "\n")
+            begun = mine
         start = time.perf_counter()
         result: dict[str, Any] = {"version": RESULT_VERSION, "key": job.key, "row": job.row,
-                                  "code": code_id.code_identity(),
+                                  "code": begun,
                                   "seed": job.seed, "point": job.point, "grid": job.grid,
                                   "num_parameters": params,
                                   "embedding_parameters": embedding_parameter_count(
@@ -408,6 +418,8 @@ class Experiment:
                 result["metrics"]["abundance"] = abundance
         result["wall_seconds"] = time.perf_counter() - start
         self.result_path(job.key).parent.mkdir(parents=True, exist_ok=True)
+        if not code_id.same_code(begun):
+            result["finished_by"] = mine  # a run of other code, resumed by this one
         write_text_atomic(self.result_path(job.key), json.dumps(result, indent=1) + "\n")
         started.unlink(missing_ok=True)  # the result records the code now
         if not self.keep_checkpoints:

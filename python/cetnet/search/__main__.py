@@ -118,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.retrain_seeds or args.baseline:
             raise ConfigError("--retrain-seeds and --baseline go with --compare")
+        if args.reuse_other_code and not args.resume:
+            raise ConfigError("--reuse-other-code continues a study: it goes with --resume")
         from cetnet.search.engine import SearchOptions, main_command, run_search
 
         try:

@@ -11,7 +11,8 @@
   mean ± std of the test metrics and the paired difference per seed with its 95 % interval.
 
 Writes COMPARE.md, compare.csv (the curves) and best_so_far.png into ``--out``. The retrained
-runs live in ``OUT/retrain/<config key>/seed-<s>`` and are reused when found finished.
+runs live in ``OUT/retrain/<code>/<config key>/seed-<s>`` and are reused when found finished
+(``<code>``: :func:`cetnet.code_identity.code_tag`, so runs of another build are not).
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ def _winner_config_path(winner: dict[str, Any]) -> Path:
     """The best trial's ``full/config.yaml``: at its recorded run path, or (a path relative to
     where the search ran) under the study folder's ``runs/``."""
     recorded = Path(winner["run_dir"])
-    for run in (recorded, winner["folder"] / "runs" / recorded.name):
+    runs = winner["folder"] / "runs"  # runs/<code>/<key>, or runs/<key> before runs were per code
+    for run in (recorded, runs / recorded.parent.name / recorded.name, runs / recorded.name):
         if (run / "full" / "config.yaml").is_file():
             return run / "full" / "config.yaml"
     raise CompareError(f"--retrain-seeds: the best trial's run {recorded}/full/config.yaml is "

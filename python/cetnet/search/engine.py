@@ -428,10 +428,11 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
 
 
 def check_code(study: Any, name: str, options: SearchOptions, saved: Any, mine: dict) -> None:
-    """SearchError when study ``name``'s trials were run by other code than this process's,
-    unless ``options.reuse_other_code``; records this code in the study's setup when it is
-    continued (each trial records its own in ``code``)."""
-    if saved is not None and not code_id.same_code(saved):
+    """SearchError when study ``name``'s trials were run by other code than this process's (or
+    by a cetnet that did not record its code), unless ``options.reuse_other_code``; records
+    this code in the study's setup when it is continued (each trial records its own in
+    ``code``)."""
+    if not code_id.same_code(saved):
         if not options.reuse_other_code:
             raise SearchError(f"study {name!r} was run by other code "
                               f"({code_id.describe(saved)}; this is {code_id.describe(mine)}): "
@@ -441,7 +442,6 @@ def check_code(study: Any, name: str, options: SearchOptions, saved: Any, mine: 
         options.say(f"study {name!r}: continued by other code than its trials' "
                     f"({code_id.describe(saved)}; this is {code_id.describe(mine)}, "
                     "--reuse-other-code): trials.csv's code column names each trial's")
-    if saved is None or not code_id.same_code(saved):
         study.set_user_attr("setup", {**study.user_attrs.get("setup", {}), "code": mine})
 
 
@@ -675,7 +675,7 @@ def run_search(options: SearchOptions) -> Any:
 
         trial.set_user_attr("host", process_space())
         trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("code", code_id.code_identity()["digest"])
+        trial.set_user_attr("code", code_id.code_tag())
         if trial.user_attrs.get("interrupted"):  # copied by a heartbeat retry: this one is not
             trial.set_user_attr("interrupted", False)
         _refuse_duplicate_retry(study, trial)
@@ -689,7 +689,8 @@ def run_search(options: SearchOptions) -> Any:
             options.say(f"trial {trial.number}: invalid config: {e}")
             raise
         key = config_key({**config, "name": ""})
-        run_root = options.out / "runs" / key
+        # runs are kept per code: a run another build trained is never reused as this one's
+        run_root = options.out / "runs" / code_id.code_tag() / key
         trial.set_user_attr("flops", flops)
         trial.set_user_attr("params", params)
         trial.set_user_attr("run_dir", str(run_root))

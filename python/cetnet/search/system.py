@@ -304,7 +304,7 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
             raise
         speed = statistics.median(speeds)
         trial.set_user_attr("config", config)
-        trial.set_user_attr("code", code_id.code_identity()["digest"])
+        trial.set_user_attr("code", code_id.code_tag())
         trial.set_user_attr("samples_per_s", speed)
         trial.set_user_attr("samples_per_s_repeats", speeds)  # how far the median can be trusted
         say(f"system trial {trial.number}: {speed:,.0f} samples/s (median of "
