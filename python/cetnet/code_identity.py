@@ -39,8 +39,9 @@ PRESENTATION_MODULES = frozenset({
     "cetnet/search/__main__.py", "cetnet/search/compare.py", "cetnet/search/report.py",
 })
 
-#: What :func:`same_code` compares: the digest, and the versions outside it.
-COMPARED = ("digest", "torch", "python", "cetnet")
+#: What :func:`same_code` compares: the digest, the versions outside it, and the CPU kernel build
+#: in use (``default``, ``avx2``, ``avx512``: they may round differently in the last bits).
+COMPARED = ("digest", "torch", "python", "cetnet", "cpu")
 
 
 def _without_docstrings(tree: ast.AST) -> ast.AST:
@@ -94,18 +95,25 @@ def _package_files() -> list[tuple[str, Path]]:
 
 
 @functools.lru_cache(maxsize=None)
-def code_identity() -> dict[str, str]:
-    """``{"cetnet": version, "torch": version, "python": "3.11", "digest": 16 hex digits}``
-    of this process's code (computed once per process: ~0.5 s)."""
+def _fixed_identity() -> tuple[tuple[str, str], ...]:
     import torch
 
     try:
         version = metadata.version("cetnet")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    return {"cetnet": version, "torch": torch.__version__,
-            "python": "{}.{}".format(*sys.version_info[:2]),
-            "digest": source_digest(_package_files())}
+    return (("cetnet", version), ("torch", torch.__version__),
+            ("python", "{}.{}".format(*sys.version_info[:2])),
+            ("digest", source_digest(_package_files())))
+
+
+def code_identity() -> dict[str, str]:
+    """``{"cetnet": version, "torch": version, "python": "3.11", "digest": 16 hex digits,
+    "cpu": the CPU kernel build in use}`` of this process's code (the digest computed once per
+    process: ~0.5 s; the CPU build read at each call, as ``set_cpu_capability`` may change it)."""
+    from cetnet_kernels import build_info
+
+    return {**dict(_fixed_identity()), "cpu": str(build_info().get("cpu_capability"))}
 
 
 _MINE = object()
@@ -118,7 +126,8 @@ def code_tag(identity: object = _MINE) -> str:
     code = code_identity() if identity is _MINE else identity
     if not isinstance(code, dict) or "digest" not in code:
         return "unrecorded"
-    text = f"{code['digest']}-torch{code.get('torch')}-py{code.get('python')}-v{code.get('cetnet')}"
+    text = (f"{code['digest']}-torch{code.get('torch')}-py{code.get('python')}"
+            f"-v{code.get('cetnet')}-{code.get('cpu')}")
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
 
 
@@ -126,7 +135,7 @@ def same_code(identity: object) -> bool:
     """Whether a recorded :func:`code_identity` is this process's (every key of
     :data:`COMPARED`; a record of an earlier cetnet, which lacks some, is other code)."""
     mine = code_identity()
-    return isinstance(identity, dict) and all(identity.get(k) == mine[k] for k in COMPARED)
+    return isinstance(identity, dict) and all(identity.get(k) == mine.get(k) for k in COMPARED)
 
 
 def describe(identity: object) -> str:
@@ -135,4 +144,5 @@ def describe(identity: object) -> str:
     if not isinstance(identity, dict) or "digest" not in identity:
         return "unrecorded (an earlier cetnet)"
     return (f"cetnet {identity.get('cetnet', '?')}, code {identity['digest']}, "
-            f"torch {identity.get('torch', '?')}, Python {identity.get('python', '?')}")
+            f"torch {identity.get('torch', '?')}, Python {identity.get('python', '?')}, "
+            f"CPU kernels {identity.get('cpu', '?')}")

@@ -372,6 +372,26 @@ def test_a_run_other_code_started_is_trained_again_not_finished(tmp_path, monkey
     assert (out / "superseded" / "unrecorded" / "runs" / key / "metrics.json").exists()
 
 
+def test_the_cpu_kernel_build_in_use_is_part_of_the_code():
+    """The CPU kernel builds (default, avx2, avx512) may round differently in the last bits:
+    results of one are other code for another."""
+    from cetnet import code_identity as ci
+    from cetnet_kernels import build_info, set_cpu_capability
+
+    info = build_info()
+    before = ci.code_identity()
+    others = [c for c in info["cpu_capabilities_runnable"] if c != before["cpu"]]
+    if not info["cpu"] or not others:
+        pytest.skip("one CPU kernel build runs here")
+    previous = set_cpu_capability(others[0])
+    try:
+        assert not ci.same_code(before) and ci.code_tag() != ci.code_tag(before)
+        assert ci.code_identity()["digest"] == before["digest"]
+    finally:
+        set_cpu_capability(previous)
+    assert ci.same_code(before)
+
+
 def test_code_digest_ignores_prose_not_code(tmp_path):
     from cetnet.code_identity import source_digest
 
