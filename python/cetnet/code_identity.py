@@ -1,5 +1,5 @@
-"""Which code computed a result: cetnet's version, torch's, and a digest of the sources that
-training's numbers depend on.
+"""Which code computed a result: cetnet's version, torch's, a digest of the sources that
+training's numbers depend on, and the device they ran on.
 
 ``cetnet reproduce`` keys its cached results by config; two builds of cetnet can train one
 config to different numbers (a kernel's summation order, a model fix), so every result also
@@ -12,6 +12,11 @@ form depends on Python's minor version, which the identity names) except the mod
 only present results (:data:`PRESENTATION_MODULES`), and the bytes of the compiled extension
 this process loaded (``cetnet_kernels._C``: what runs, not the sources beside it, which may
 have been edited without a rebuild).
+
+The identity also names the device a config's ``device`` setting trains on here (``cpu``, or the
+GPU's name and compute capability with Triton's version): a GPU runs other kernels than the CPU
+(and its own speed), so a result trained on one is other code for the other, as a machine with
+``device: auto`` resolves to whichever it has.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 __all__ = ["COMPARED", "PRESENTATION_MODULES", "code_identity", "code_tag", "describe",
-           "same_code", "source_digest"]
+           "device_identity", "same_code", "source_digest"]
 
 #: Modules (relative to the directory holding the packages) that read, render or serve
 #: results but never compute one: editing them keeps the digest, so a report can be re-rendered
@@ -39,9 +44,10 @@ PRESENTATION_MODULES = frozenset({
     "cetnet/search/__main__.py", "cetnet/search/compare.py", "cetnet/search/report.py",
 })
 
-#: What :func:`same_code` compares: the digest, the versions outside it, and the CPU kernel build
-#: in use (``default``, ``avx2``, ``avx512``: they may round differently in the last bits).
-COMPARED = ("digest", "torch", "python", "cetnet", "cpu")
+#: What :func:`same_code` compares: the digest, the versions outside it, the CPU kernel build in
+#: use (``default``, ``avx2``, ``avx512``: they may round differently in the last bits), and the
+#: device with, on a GPU, Triton's version (its kernels are compiled by it).
+COMPARED = ("digest", "torch", "python", "cetnet", "cpu", "device", "triton")
 
 
 def _without_docstrings(tree: ast.AST) -> ast.AST:
@@ -107,34 +113,60 @@ def _fixed_identity() -> tuple[tuple[str, str], ...]:
             ("digest", source_digest(_package_files())))
 
 
-def code_identity() -> dict[str, str]:
+def device_identity(device: str) -> dict[str, str]:
+    """What a config's ``device`` setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``) trains on in
+    this process: ``{"device": "cpu"}``, or ``{"device": "<GPU name> (sm_XY)", "triton":
+    version or "none"}``; a CUDA device this machine lacks is ``"<setting> (unavailable)"``
+    (training it is refused elsewhere, with the reason)."""
+    import torch
+
+    from cetnet.config import ConfigError
+    from cetnet.train.loop import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except ConfigError:
+        return {"device": f"{device} (unavailable)"}
+    if resolved.type != "cuda":
+        return {"device": resolved.type}
+    major, minor = torch.cuda.get_device_capability(resolved)
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = "none"
+    return {"device": f"{torch.cuda.get_device_name(resolved)} (sm_{major}{minor})",
+            "triton": triton}
+
+
+def code_identity(device: str) -> dict[str, str]:
     """``{"cetnet": version, "torch": version, "python": "3.11", "digest": 16 hex digits,
-    "cpu": the CPU kernel build in use}`` of this process's code (the digest computed once per
-    process: ~0.5 s; the CPU build read at each call, as ``set_cpu_capability`` may change it)."""
+    "cpu": the CPU kernel build in use, **device_identity(device)}`` of this process's code
+    training on a config's ``device`` setting (the digest computed once per process: ~0.5 s;
+    the CPU build read at each call, as ``set_cpu_capability`` may change it)."""
     from cetnet_kernels import build_info
 
-    return {**dict(_fixed_identity()), "cpu": str(build_info().get("cpu_capability"))}
+    return {**dict(_fixed_identity()), "cpu": str(build_info().get("cpu_capability")),
+            **device_identity(device)}
 
 
-_MINE = object()
-
-
-def code_tag(identity: object = _MINE) -> str:
-    """A recorded identity (default: this code's) as a folder name, naming everything
-    :func:`same_code` compares (``unrecorded`` for None or a record of an earlier cetnet): two
-    identities that differ get two names."""
-    code = code_identity() if identity is _MINE else identity
-    if not isinstance(code, dict) or "digest" not in code:
+def code_tag(identity: object) -> str:
+    """A recorded identity as a folder name, naming everything :func:`same_code` compares
+    (``unrecorded`` for None or a record of an earlier cetnet): two identities that differ get
+    two names."""
+    if not isinstance(identity, dict) or "digest" not in identity:
         return "unrecorded"
-    text = (f"{code['digest']}-torch{code.get('torch')}-py{code.get('python')}"
-            f"-v{code.get('cetnet')}-{code.get('cpu')}")
+    text = (f"{identity['digest']}-torch{identity.get('torch')}-py{identity.get('python')}"
+            f"-v{identity.get('cetnet')}-{identity.get('cpu')}")
+    if "device" in identity:  # (recorded since 2026-12-01)
+        text += f"-{identity['device']}" + (f"-triton{identity.get('triton')}"
+                                             if "triton" in identity else "")
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
 
 
-def same_code(identity: object) -> bool:
-    """Whether a recorded :func:`code_identity` is this process's (every key of
-    :data:`COMPARED`; a record of an earlier cetnet, which lacks some, is other code)."""
-    mine = code_identity()
+def same_code(identity: object, device: str) -> bool:
+    """Whether a recorded :func:`code_identity` is this process's training on ``device`` (every
+    key of :data:`COMPARED`; a record of an earlier cetnet, which lacks some, is other code)."""
+    mine = code_identity(device)
     return isinstance(identity, dict) and all(identity.get(k) == mine.get(k) for k in COMPARED)
 
 
@@ -143,6 +175,8 @@ def describe(identity: object) -> str:
     recorded it)."""
     if not isinstance(identity, dict) or "digest" not in identity:
         return "unrecorded (an earlier cetnet)"
+    device = identity.get("device", "?")
     return (f"cetnet {identity.get('cetnet', '?')}, code {identity['digest']}, "
             f"torch {identity.get('torch', '?')}, Python {identity.get('python', '?')}, "
-            f"CPU kernels {identity.get('cpu', '?')}")
+            f"CPU kernels {identity.get('cpu', '?')}, device {device}"
+            + (f" with Triton {identity['triton']}" if "triton" in identity else ""))

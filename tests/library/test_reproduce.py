@@ -283,13 +283,13 @@ def test_results_of_other_code_are_trained_again_unless_reused(tmp_path, monkeyp
     assert main(args) == 0 and len(trained) == 2
     out = tmp_path / "out"
     first = {p.name: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
-    mine = ci.code_identity()
+    mine = ci.code_identity("auto")
     assert all(r["code"] == mine for r in first.values())
     report = (tmp_path / "doc" / "RESULTS.md").read_text()
     assert f"- trained by: cetnet {mine['cetnet']}, code {mine['digest']}" in report
 
     upgraded = {**mine, "digest": "0123456789abcdef"}
-    monkeypatch.setattr(ci, "code_identity", lambda: upgraded)
+    monkeypatch.setattr(ci, "code_identity", lambda device: upgraded)
     trained.clear()
     assert main([*args, "--reuse-other-code"]) == 0 and trained == []
     assert "2 cached results trained by other code" in capsys.readouterr().out
@@ -336,7 +336,7 @@ def test_a_run_other_code_started_is_trained_again_not_finished(tmp_path, monkey
     assert main(args) == 0
     out = tmp_path / "out"
     result = next((out / "results").glob("*.json"))
-    key, mine = result.stem, ci.code_identity()
+    key, mine = result.stem, ci.code_identity("auto")
     started, metrics = out / "started" / f"{key}.json", out / "runs" / key / "metrics.json"
     assert not started.exists()  # the result records the code now
     other = {**mine, "digest": "0123456789abcdef"}
@@ -379,17 +379,54 @@ def test_the_cpu_kernel_build_in_use_is_part_of_the_code():
     from cetnet_kernels import build_info, set_cpu_capability
 
     info = build_info()
-    before = ci.code_identity()
+    before = ci.code_identity("auto")
     others = [c for c in info["cpu_capabilities_runnable"] if c != before["cpu"]]
     if not info["cpu"] or not others:
         pytest.skip("one CPU kernel build runs here")
     previous = set_cpu_capability(others[0])
     try:
-        assert not ci.same_code(before) and ci.code_tag() != ci.code_tag(before)
-        assert ci.code_identity()["digest"] == before["digest"]
+        assert not ci.same_code(before, "auto") and ci.code_tag(ci.code_identity("auto")) != ci.code_tag(before)
+        assert ci.code_identity("auto")["digest"] == before["digest"]
     finally:
         set_cpu_capability(previous)
-    assert ci.same_code(before)
+    assert ci.same_code(before, "auto")
+
+
+def test_the_device_trained_on_is_part_of_the_code(tmp_path, monkeypatch, capsys):
+    """A GPU runs other kernels than the CPU (other rounding, other times): with ``device:
+    auto`` one --out can hold results of a GPU machine and a CPU one, and the two are other
+    code for each other (trained again, the GPU's kept under superseded/ in a folder naming
+    it); the report names the device of its results."""
+    import torch
+
+    from cetnet import code_identity as ci
+
+    if torch.cuda.is_available():
+        pytest.skip("the test plays a GPU's results on a CPU machine")
+    assert ci.device_identity("auto") == ci.device_identity("cpu") == {"device": "cpu"}
+    assert ci.device_identity("cuda:7") == {"device": "cuda:7 (unavailable)"}
+    gpu = {"device": "NVIDIA H200 (sm_90)", "triton": "3.6.0"}
+    real = ci.device_identity
+    monkeypatch.setattr(ci, "device_identity", lambda device: gpu)
+    args = _args(tmp_path, "--keep-checkpoints", rows="dnn", seeds=1)
+    assert main(args) == 0
+    out = tmp_path / "out"
+    on_gpu = json.loads(next((out / "results").glob("*.json")).read_text())["code"]
+    assert on_gpu["device"] == gpu["device"] and on_gpu["triton"] == "3.6.0"
+    assert "device NVIDIA H200 (sm_90) with Triton 3.6.0" in \
+        (tmp_path / "doc" / "RESULTS.md").read_text()
+    monkeypatch.setattr(ci, "device_identity", real)
+    assert not ci.same_code(on_gpu, "auto")
+    assert main(args) == 0
+    assert "1 cached result trained by other code" in capsys.readouterr().out
+    tag = ci.code_tag(on_gpu)
+    assert "NVIDIA_H200" in tag and "triton3.6.0" in tag and tag != ci.code_tag(
+        ci.code_identity("auto"))
+    assert len(list((out / "superseded" / tag / "results").glob("*.json"))) == 1
+    now = json.loads(next((out / "results").glob("*.json")).read_text())["code"]
+    assert now["device"] == "cpu" and "triton" not in now
+    assert ci.same_code(now, "auto") and ci.same_code(now, "cpu")
+    assert not ci.same_code({k: v for k, v in now.items() if k != "device"}, "cpu")
 
 
 def test_code_digest_ignores_prose_not_code(tmp_path):

@@ -320,11 +320,12 @@ def test_a_study_trained_by_other_code_is_resumed_only_when_asked(tmp_path, one_
 
     options = _options(tmp_path, trials=1)
     study = run_search(options)
-    mine = ci.code_identity()
+    mine = ci.code_identity("auto")
     assert study.user_attrs["setup"]["code"] == mine
     assert [t.user_attrs["code"] for t in study.trials] == [ci.code_tag(mine)]
     upgraded = {**mine, "digest": "0123456789abcdef"}
-    monkeypatch.setattr(ci, "code_identity", lambda: upgraded)
+    real = ci.code_identity
+    monkeypatch.setattr(ci, "code_identity", lambda device: upgraded)
     resumed = SearchOptions(**{**vars(options), "trials": 2, "resume": True})
     with pytest.raises(SearchError, match=rf"was run by other code \(cetnet .*code "
                                           rf"{mine['digest']}.*this is .*0123456789abcdef.*"
@@ -350,6 +351,13 @@ def test_a_study_trained_by_other_code_is_resumed_only_when_asked(tmp_path, one_
         run_search(SearchOptions(**{**vars(resumed), "trials": 3}))
     study = run_search(SearchOptions(**{**vars(resumed), "trials": 3, "reuse_other_code": True}))
     assert study.user_attrs["setup"]["code"] == upgraded
+    # a study trained on a GPU is other code for a CPU machine (device: auto trains on either)
+    monkeypatch.setattr(ci, "code_identity", real)
+    study.set_user_attr("setup", {**study.user_attrs["setup"], "code": {**mine, "device": "NVIDIA H200 (sm_90)",
+                                                    "triton": "3.6.0"}})
+    with pytest.raises(SearchError, match=r"was run by other code \(.*device NVIDIA H200 "
+                                          r"\(sm_90\) with Triton 3\.6\.0; this is .*device cpu\)"):
+        run_search(SearchOptions(**{**vars(resumed), "trials": 4}))
 
 
 # --- 4. the warm-up loss term --------------------------------------------------------------------

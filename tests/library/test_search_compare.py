@@ -206,10 +206,10 @@ def test_retrained_runs_are_kept_per_code(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "train_or_reuse", fake)
     config = load_config(None)
     compare._train_seeds(config, 2, tmp_path, lambda text: None, "x")
-    mine = ci.code_identity()
+    mine = ci.code_identity("auto")
     assert [r.relative_to(tmp_path).parts[:2] for r in runs] == \
         [("retrain", ci.code_tag(mine))] * 2
-    monkeypatch.setattr(ci, "code_identity", lambda: {**mine, "digest": "0123456789abcdef"})
+    monkeypatch.setattr(ci, "code_identity", lambda device: {**mine, "digest": "0123456789abcdef"})
     compare._train_seeds(config, 1, tmp_path, lambda text: None, "x")
     assert runs[2].relative_to(tmp_path).parts[1].startswith("0123456789abcdef-torch")
     assert runs[2].parts[-2:] == runs[0].parts[-2:]  # the same config key and seed

@@ -105,6 +105,7 @@ def test_a_measured_step_clips_gradients_as_training_does(tmp_path, monkeypatch,
 
 def test_the_model_and_batches_are_measured_on_the_configs_device(tmp_path, monkeypatch):
     import cetnet.train.loop as loop
+    from cetnet import code_identity
     from cetnet.data.schema import Batch
 
     config, dataset = _setting(tmp_path)
@@ -141,6 +142,8 @@ def test_the_model_and_batches_are_measured_on_the_configs_device(tmp_path, monk
         run_system_search(_options(tmp_path, overrides=[*DATA, "device=cuda:1"]))
     run_system_search(_options(tmp_path, trials=1, sampler="random"))
     monkeypatch.setattr(loop, "resolve_device", lambda name, key="": torch.device("cuda", 0))
+    monkeypatch.setattr(code_identity, "device_identity",  # (what a GPU would say)
+                        lambda device: {"device": "NVIDIA H200 (sm_90)", "triton": "3.6.0"})
     with pytest.raises(SearchError, match="was started with another device"):
         run_system_search(_options(tmp_path, trials=2, sampler="random", resume=True))
 
@@ -157,10 +160,10 @@ def test_a_system_study_of_other_code_is_resumed_only_when_asked(tmp_path, monke
     from cetnet import code_identity as ci
 
     study = run_system_search(_options(tmp_path, trials=1))
-    mine = ci.code_identity()
+    mine = ci.code_identity("auto")
     assert study.user_attrs["setup"]["code"] == mine
     assert study.trials[0].user_attrs["code"] == ci.code_tag(mine)
-    monkeypatch.setattr(ci, "code_identity", lambda: {**mine, "digest": "0123456789abcdef"})
+    monkeypatch.setattr(ci, "code_identity", lambda device: {**mine, "digest": "0123456789abcdef"})
     with pytest.raises(SearchError, match=r"was run by other code.*--reuse-other-code"):
         run_system_search(_options(tmp_path, trials=2, resume=True))
     study = run_system_search(_options(tmp_path, trials=2, resume=True, reuse_other_code=True))

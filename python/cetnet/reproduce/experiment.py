@@ -243,7 +243,7 @@ class Experiment:
             return None
         if data.get("error") and self.retry_failed:
             return None
-        if not self.reuse_other_code and not code_id.same_code(data.get("code")):
+        if not self.reuse_other_code and not self._same_code(data.get("code")):
             return None
         return data
 
@@ -257,10 +257,18 @@ class Experiment:
             except (OSError, ValueError):
                 continue
             if (isinstance(data, dict) and data.get("version") == RESULT_VERSION
-                    and data.get("key") == job.key and not code_id.same_code(data.get("code"))):
+                    and data.get("key") == job.key and not self._same_code(data.get("code"))):
                 what = code_id.describe(data.get("code"))
                 found[what] = found.get(what, 0) + 1
         return found
+
+    def _code(self) -> dict[str, str]:
+        """This process's code identity, training on the base config's device (the rows share
+        it): a result of another device is other code."""
+        return code_id.code_identity(self.base["device"])
+
+    def _same_code(self, code: Any) -> bool:
+        return code_id.same_code(code, self.base["device"])
 
     def _started_path(self, key: str) -> Path:
         """Where the code that started a job's run is recorded while it trains."""
@@ -283,7 +291,7 @@ class Experiment:
         ``reuse_other_code`` an interrupted run of other code is resumed instead."""
         path, run_dir = self.result_path(job.key), self.out / "runs" / job.key
         code = self._recorded_code(path if path.exists() else self._started_path(job.key))
-        if not (path.exists() or run_dir.exists()) or code_id.same_code(code) or \
+        if not (path.exists() or run_dir.exists()) or self._same_code(code) or \
                 (self.reuse_other_code and not path.exists()):
             return
         from cetnet.train.rundir import RunLock
@@ -374,7 +382,7 @@ class Experiment:
         params = check_model(job.config, self.schema)
         self._supersede(job)
         started = self._started_path(job.key)
-        mine = code_id.code_identity()
+        mine = self._code()
         if run_dir.exists():
             # resumed (or read back): the code that started it, which is this one unless
             # --reuse-other-code kept another's run (its result then counts as that code's)
@@ -418,7 +426,7 @@ class Experiment:
                 result["metrics"]["abundance"] = abundance
         result["wall_seconds"] = time.perf_counter() - start
         self.result_path(job.key).parent.mkdir(parents=True, exist_ok=True)
-        if not code_id.same_code(begun):
+        if not self._same_code(begun):
             result["finished_by"] = mine  # a run of other code, resumed by this one
         write_text_atomic(self.result_path(job.key), json.dumps(result, indent=1) + "\n")
         started.unlink(missing_ok=True)  # the result records the code now
@@ -515,7 +523,7 @@ class Experiment:
         n = sum(other.values())
         codes = "; ".join(f"{c}: {k}" for c, k in other.items())
         self.log(f"reproduce: {n} cached result{'s' if n > 1 else ''} trained by other code "
-                 f"than this one ({code_id.describe(code_id.code_identity())}): {codes}; "
+                 f"than this one ({code_id.describe(self._code())}): {codes}; "
                  + ("reused (--reuse-other-code): the report names each result's code"
                     if self.reuse_other_code else
                     f"trained again (the old ones kept in {self.out / 'superseded'}; "

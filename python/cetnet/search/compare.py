@@ -250,8 +250,8 @@ def _train_seeds(config: dict, seeds: int, out: Path,
         run["train"] = {**run["train"], "seed": seed}
         run = validate_config(run)
         key = config_key({**run, "name": ""})
-        metrics, reused = train_or_reuse(run, out / "retrain" / code_id.code_tag() / key
-                                         / f"seed-{seed}")
+        code = code_id.code_tag(code_id.code_identity(run["device"]))
+        metrics, reused = train_or_reuse(run, out / "retrain" / code / key / f"seed-{seed}")
         results[seed] = metrics
         say(f"retrain {label}, seed {seed}: test AUC {metrics['fused']['auc']:.4f}"
             + (" (reused)" if reused else ""))

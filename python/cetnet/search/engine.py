@@ -211,15 +211,15 @@ def check_candidate(config: dict, schema: Any) -> None:
         pass  # a part that cannot be built on the meta device: the trial's own build checks it
 
 
-def _setup(options: SearchOptions, space_text: str) -> dict:
+def _setup(options: SearchOptions, space_text: str, device: str) -> dict:
     setup = {"dataset": options.dataset, "space": space_text, "objective": options.objective,
              "warmup_fraction": options.warmup_fraction, "overrides": list(options.overrides),
              # what a trial's FLOPs and warm-up loss measure: always saved, so that a study
              # measured otherwise (saved without it: version 1) is not resumed
              "cost_version": COST_VERSION,
-             # the code that trains the trials (cetnet.code_identity): another one does not
-             # continue the study unless asked (a study of an earlier cetnet gets it recorded)
-             "code": code_id.code_identity()}
+             # the code that trains the trials on the base config's device
+             # (cetnet.code_identity): another one does not continue the study unless asked
+             "code": code_id.code_identity(device)}
     # keys added later are saved only when set: older studies resume as they were
     if options.proxy != "auc":
         setup["proxy"] = options.proxy
@@ -380,7 +380,7 @@ def claim_study(storage: Any, name: str, *, resume: bool, setup: dict, where: st
     return study, saved
 
 
-def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict,
+def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict, device: str,
                 sample: Callable[[Any], Any] | None = None) -> Any:
     storage_url = options.storage or f"sqlite:///{(options.out / 'study.db').resolve()}"
     storage = open_storage(storage_url)
@@ -408,7 +408,7 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
                               "trials do not compare with new ones; start a new study (another "
                               "--out, or --study)")
 
-        saved_code, code = saved.get("code"), setup["code"]
+        saved_code = saved.get("code")
         saved = {k: v for k, v in saved.items() if k != "code"}
         setup = {k: v for k, v in setup.items() if k != "code"}
 
@@ -421,18 +421,20 @@ def _open_study(options: SearchOptions, objectives: tuple[str, ...], setup: dict
                               f"{', '.join(changed)}: continue it with the same options, or "
                               "name a new study with --study"
                               + setup_difference(full(saved), full(setup), changed))
-        check_code(study, options.study, options, saved_code, code)  # (last: it records)
+        check_code(study, options.study, options, saved_code, device)  # (last: it records)
     reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials, sample),
            options.seed)
     return study
 
 
-def check_code(study: Any, name: str, options: SearchOptions, saved: Any, mine: dict) -> None:
-    """SearchError when study ``name``'s trials were run by other code than this process's (or
-    by a cetnet that did not record its code), unless ``options.reuse_other_code``; records
+def check_code(study: Any, name: str, options: SearchOptions, saved: Any, device: str) -> None:
+    """SearchError when study ``name``'s trials were run by other code than this process's
+    training on ``device`` (a config's setting; or by a cetnet that did not record its code),
+    unless ``options.reuse_other_code``; records
     this code in the study's setup when it is continued (each trial records its own in
     ``code``)."""
-    if not code_id.same_code(saved):
+    mine = code_id.code_identity(device)
+    if not code_id.same_code(saved, device):
         if not options.reuse_other_code:
             raise SearchError(f"study {name!r} was run by other code "
                               f"({code_id.describe(saved)}; this is {code_id.describe(mine)}): "
@@ -638,7 +640,8 @@ def run_search(options: SearchOptions) -> Any:
     quiet_trial_failures()
     with study_lock(options.out):
         study = _open_study(options, objectives,
-                            {**_setup(options, repr(space)), **data_identity(base, dataset)},
+                            {**_setup(options, repr(space), base["device"]),
+                             **data_identity(base, dataset)}, base["device"],
                             lambda trial: sample_config(trial, space, base))
         if options.resume:
             _requeue_interrupted(study, options.say)
@@ -675,7 +678,8 @@ def run_search(options: SearchOptions) -> Any:
 
         trial.set_user_attr("host", process_space())
         trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("code", code_id.code_tag())
+        code = code_id.code_tag(code_id.code_identity(base["device"]))
+        trial.set_user_attr("code", code)
         if trial.user_attrs.get("interrupted"):  # copied by a heartbeat retry: this one is not
             trial.set_user_attr("interrupted", False)
         _refuse_duplicate_retry(study, trial)
@@ -690,7 +694,7 @@ def run_search(options: SearchOptions) -> Any:
             raise
         key = config_key({**config, "name": ""})
         # runs are kept per code: a run another build trained is never reused as this one's
-        run_root = options.out / "runs" / code_id.code_tag() / key
+        run_root = options.out / "runs" / code / key
         trial.set_user_attr("flops", flops)
         trial.set_user_attr("params", params)
         trial.set_user_attr("run_dir", str(run_root))

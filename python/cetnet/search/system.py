@@ -260,7 +260,8 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
     setup = {"dataset": options.dataset, "overrides": list(options.overrides),
              "batch_sizes": batch_sizes(rows), "cpus": os.cpu_count() or 1,
              **data_identity(base, dataset), "measurement": MEASUREMENT,
-             "code": code_id.code_identity()}  # (speeds of other code do not compare)
+             # (speeds of other code, or of another device, do not compare)
+             "code": code_id.code_identity(base.get("device", "auto"))}
     if device.type != "cpu":  # measured there; recorded only then, as studies before it resume
         setup["device"] = str(device)
     # the trial's value is log(samples/s): the predictor models log throughput, in which a
@@ -289,7 +290,8 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
             raise SearchError(f"study {name!r} was started with another {', '.join(changed)}: "
                               "continue it with the same options (and machine), or name a new "
                               "study with --study" + setup_difference(saved, now, changed))
-        check_code(study, name, options, saved_code, setup["code"])  # (last: it records)
+        # (last: it records)
+        check_code(study, name, options, saved_code, base.get("device", "auto"))
     reseed(study, lambda seed: _sampler(options.sampler, seed, options.trials,
                                         lambda t: sample_system(t, base, rows)), options.seed)
 
@@ -304,7 +306,8 @@ def run_system_search(options: Any, say: Callable[[str], None] | None = None) ->
             raise
         speed = statistics.median(speeds)
         trial.set_user_attr("config", config)
-        trial.set_user_attr("code", code_id.code_tag())
+        trial.set_user_attr("code", code_id.code_tag(code_id.code_identity(
+            base.get("device", "auto"))))
         trial.set_user_attr("samples_per_s", speed)
         trial.set_user_attr("samples_per_s_repeats", speeds)  # how far the median can be trusted
         say(f"system trial {trial.number}: {speed:,.0f} samples/s (median of "
