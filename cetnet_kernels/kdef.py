@@ -98,8 +98,30 @@ _op_for = OpTable(_compiled_op, _load_triton)
 _TRITON = _op_for.triton
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """``all_reduce(SUM)`` whose gradient is all-reduced too: a loss every rank computes from the
+    sum passes each rank's share of the gradient to every rank's addends."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: object) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",
-              validate: bool = True) -> tuple[Tensor, Tensor]:
+              validate: bool = True, process_group: object = None) -> tuple[Tensor, Tensor]:
     """The KDEF training loss of K member logits and the teacher prediction, fused.
 
     Args:
@@ -109,6 +131,15 @@ def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
         validate: check label values on non-CPU backends (a host sync; the CPU kernel always
             checks, in its first pass).
+        process_group: for data-parallel training (DDP), the ``torch.distributed`` group whose
+            ranks each hold a share of the batch: the exam scores and every batch mean are then
+            the whole batch's (one all-reduce of ``K^2 + 2K + 2`` numbers in the forward and
+            one in the backward), so that DDP's average of the ranks' gradients is the
+            gradient of one process on the whole batch, shares of unequal size included (when
+            each rank's loss is weighted by its rows' share, as for any mean loss). Every rank
+            gets the whole batch's loss. Computed by the plain-PyTorch formulas (eager only,
+            not under ``torch.compile``; ``backend`` is not used); with one rank, or ``None``,
+            the fused kernel on this batch.
 
     Returns:
         ``(loss, teacher_prob)``: the scalar loss in float32 (float64 for float64 logits; 0 for
@@ -118,6 +149,27 @@ def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",
     op = "kdef_loss"
     _check_logits(logits, op)
     labels = _check_labels(labels, logits, op)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(f"{op}: process_group is given but torch.distributed is not "
+                             "initialized")
+        if dist.get_world_size(process_group) > 1:  # type: ignore[arg-type]
+            def over_ranks(sums: Tensor) -> Tensor:
+                # the label check rides on the all-reduce: every rank raises, none waits for
+                # one that did
+                bad = (~((labels >= 0) & (labels <= 1))).sum() if validate else labels.new_zeros(())
+                total = _SumOverRanks.apply(torch.cat([sums, bad.to(sums).reshape(1)]),
+                                            process_group)
+                if validate and bool(total[-1] > 0):
+                    _check_label_values(labels, op)  # this rank's bad label, named
+                    raise ValueError(f"{op}: labels must lie in [0, 1]; another rank of the "
+                                     "process group has one outside")
+                return total[:-1]
+
+            terms = reference.kdef_loss_terms_reference(logits, labels, over_ranks)
+            return terms["label"] + terms["t2s"] + terms["s2s"], terms["teacher"]
     be = resolve_backend(backend, logits.device)
     if be != "cpu" and validate and not torch.compiler.is_compiling():
         _check_label_values(labels, op)  # the CPU kernel checks labels in its own pass

@@ -7,6 +7,8 @@ float32 for fp32/fp16/bf16 inputs and in float64 for float64 inputs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -172,7 +174,9 @@ def collaborative_loss_reference(
     return loss, p.to(logits.dtype)
 
 
-def kdef_loss_terms_reference(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+def kdef_loss_terms_reference(logits: Tensor, labels: Tensor,
+                              sum_over: Callable[[Tensor], Tensor] | None = None
+                              ) -> dict[str, Tensor]:
     """The KDEF loss of :func:`cetnet_kernels.kdef_loss` term by term: ``label``, ``t2s``,
     ``s2s`` (0-dim) and ``teacher`` (``[B]``, logits dtype).
 
@@ -184,26 +188,35 @@ def kdef_loss_terms_reference(logits: Tensor, labels: Tensor) -> dict[str, Tenso
         s2s   = (1/K) sum_i sum_{j != i} b_ij mean_b (p_bi - sg(p_bj))^2,
                 b_ij = exp(s_j) / sum_{l != i} exp(s_l)
 
-    An empty batch has every term 0. Labels get no gradient. Memory: ``B x K x K`` (the pairs).
+    Every batch mean is a sum over the rows divided by their count: ``sum_over`` (e.g. a
+    differentiable all-reduce) maps this batch's sums ``[1 + 2K + K^2 + 1]`` (the BCE, the
+    scores, the two squared distances, the row count) to those of a larger batch it is part
+    of, whose terms are then returned. An empty batch has every term 0. Labels get no gradient.
+    Memory: ``B x K x K`` (the pairs).
     """
     cdt = acc_dtype(logits.dtype)
     z = logits.to(cdt)
     y = labels.detach().to(cdt).reshape(-1, 1)
     B, K = z.shape
-    teacher = torch.sigmoid(z.mean(dim=1))
-    zero = (z * 0).sum()  # connected to z: a zero term has gradient 0
-    terms = {"label": zero, "t2s": zero, "s2s": zero, "teacher": teacher.to(logits.dtype)}
-    if B == 0:
-        return terms
     p = torch.sigmoid(z)
-    terms["label"] = (_softplus(z) - y * z).mean()
-    scores = (1 - (y - p).abs()).mean(dim=0)
+    teacher = torch.sigmoid(z.mean(dim=1))
+    sums = torch.cat([(_softplus(z) - y * z).sum().reshape(1),
+                      (1 - (y - p).abs()).sum(dim=0),
+                      (p - teacher.detach()[:, None]).pow(2).sum(dim=0),
+                      (p[:, :, None] - p.detach()[:, None, :]).pow(2).sum(dim=0).reshape(-1),
+                      z.new_full((1,), float(B))])  # the count: no gradient
+    if sum_over is not None:
+        sums = sum_over(sums)
+    rows = sums[-1].detach().clamp_min(1)  # an empty batch: every sum is 0, every term too
+    scores, m = sums[1:1 + K] / rows, sums[1 + K:1 + 2 * K] / rows
+    terms = {"label": sums[0] / (rows * K), "teacher": teacher.to(logits.dtype)}
     a = torch.softmax(-scores, dim=0)
-    terms["t2s"] = (a * (p - teacher.detach()[:, None]).pow(2).mean(dim=0)).sum()
+    terms["t2s"] = (a * m).sum()
+    terms["s2s"] = (z * 0).sum()  # connected to z: a zero term has gradient 0
     if K > 1:
         off = ~torch.eye(K, dtype=torch.bool, device=z.device)
         b = torch.softmax(scores.expand(K, K).masked_fill(~off, float("-inf")), dim=1)
-        n = (p[:, :, None] - p.detach()[:, None, :]).pow(2).mean(dim=0)  # n[i, j]
+        n = sums[1 + 2 * K:1 + 2 * K + K * K].reshape(K, K) / rows  # n[i, j]
         terms["s2s"] = (b * n).masked_fill(~off, 0.0).sum() / K
     return terms
 

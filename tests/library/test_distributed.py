@@ -74,6 +74,17 @@ def _run(config: dict, out: Path, *, resume: bool = False, stop_after: int | Non
     return metrics
 
 
+def _run_one_thread(config: dict, out: Path, **kw: object) -> dict:
+    """The single process's run, on one thread as each rank (summation order of the dense
+    layers' products)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(config, out, **kw)  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _writes_under(root: Path, events: list) -> None:
     """Records every write-like file operation under ``root`` (an audit hook)."""
     root_s = str(root)
@@ -132,13 +143,8 @@ def _assert_metrics_close(two: dict, one: dict) -> None:
 def single(tmp_path_factory) -> dict:
     """The 1-rank reference run (no process group)."""
     tmp = tmp_path_factory.mktemp("single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert not distributed.active() and "WORLD_SIZE" not in os.environ
-        metrics = _run(_config(), tmp / "run", record=tmp / "tables.pt")
-    finally:
-        torch.set_num_threads(threads)
+    assert not distributed.active() and "WORLD_SIZE" not in os.environ
+    metrics = _run_one_thread(_config(), tmp / "run", record=tmp / "tables.pt")
     return {"metrics": metrics, "tables": torch.load(tmp / "tables.pt"), "dir": tmp / "run"}
 
 
@@ -192,12 +198,7 @@ def test_resume_on_another_world_size(single, tmp_path):
     # the dense state load as they are, and the run equals the uninterrupted one-process run
     out = tmp_path / "run"
     _spawn(tmp_path, "first", _config(), out, stop_after=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        metrics = _run(_config(), out, resume=True, record=tmp_path / "tables.pt")
-    finally:
-        torch.set_num_threads(threads)
+    metrics = _run_one_thread(_config(), out, resume=True, record=tmp_path / "tables.pt")
     one = single["metrics"]
     assert metrics["world_size"] == 1
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
@@ -210,16 +211,29 @@ def test_resume_on_another_world_size(single, tmp_path):
     assert torch.allclose(tables[3], single["tables"][3], rtol=RTOL, atol=1e-7)
 
 
-def test_a_kdef_run_says_it_is_close_to_one_process_not_equal(tmp_path):
-    """KDEF weights its members by exam scores over the batch, which each rank computes on
-    its share: every rank's run (and metrics.json) carries the warning."""
+def test_a_kdef_run_on_two_ranks_equals_one_process(tmp_path):
+    """KDEF weights its members by exam scores over the batch: its loss takes them, and every
+    batch mean, over the ranks' shares (an all-reduce in the forward and the backward), so a
+    2-rank run equals one process on the global batches, whose last of each epoch (7 rows:
+    shares of 4 and 3) weighs its shares by their rows. The single process runs the fused CPU
+    kernel, the ranks the plain-PyTorch formulas."""
     cfg = _config(ensemble="kdef")
-    cfg["train"].update(epochs=1, max_steps_per_epoch=2)
+    cfg["train"].update(epochs=2)
+    one = _run_one_thread(cfg, tmp_path / "one", record=tmp_path / "tables.pt")
     ranks = _spawn(tmp_path, "kdef", cfg, tmp_path / "run")
-    for rank in ranks:
-        assert loop.KDEF_DATA_PARALLEL_WARNING in rank["metrics"]["warnings"]
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert loop.KDEF_DATA_PARALLEL_WARNING in saved["warnings"]
+    two = read_json(tmp_path / "run" / "metrics.json")
+    assert two["world_size"] == WORLD and not any("exam" in w for w in two["warnings"])
+    assert ranks[0]["metrics"]["fused"] == ranks[1]["metrics"]["fused"]
+    for h2, h1 in zip(two["history"], one["history"], strict=True):
+        assert _close(h2["train_loss"], h1["train_loss"]), (h2["train_loss"], h1["train_loss"])
+        _assert_metrics_close(h2["valid"], h1["valid"])
+    _assert_metrics_close(two, one)
+    tables = torch.load(tmp_path / "tables.pt")
+    for epoch in (1, 2):
+        t0, t1 = ranks[0]["tables"][epoch], ranks[1]["tables"][epoch]
+        assert torch.equal(t0, t1), f"epoch {epoch}: the ranks' tables differ"
+        assert torch.allclose(t0, tables[epoch], rtol=RTOL, atol=1e-7), \
+            (epoch, float((t0 - tables[epoch]).abs().max()))
 
 
 def test_batch_norm_statistics_are_rank_0s_when_scored_and_saved(tmp_path):
@@ -244,12 +258,7 @@ def test_dense_embedding_gradients_are_averaged_by_ddp(tmp_path):
     """optimizer=None: the flat weight is an ordinary parameter whose gradient DDP averages."""
     cfg = _config(embedding_optimizer=None)
     cfg["train"]["epochs"] = 1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = _run(cfg, tmp_path / "one", record=tmp_path / "one.pt")
-    finally:
-        torch.set_num_threads(threads)
+    one = _run_one_thread(cfg, tmp_path / "one", record=tmp_path / "one.pt")
     ranks = _spawn(tmp_path, "dense", cfg, tmp_path / "two")
     two = read_json(tmp_path / "two" / "metrics.json")
     for h2, h1 in zip(two["history"], one["history"]):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +220,16 @@ class KDEF(Ensemble):
         super().__init__(front, members)
         self.backend = backend
         self.validate = bool(validate)
+        #: the data-parallel group whose ranks' shares make the batch (:meth:`set_process_group`)
+        self.process_group: Any = None
+
+    def set_process_group(self, group: Any) -> "KDEF":
+        """Exam scores and batch means of the whole data-parallel batch, whose shares the ranks
+        of the ``torch.distributed`` process ``group`` hold (``loss`` is then a collective: see
+        :func:`~cetnet_kernels.kdef_loss`'s ``process_group``), or of this rank's share again
+        (None)."""
+        self.process_group = group
+        return self
 
     def forward(self, batch: Batch) -> EnsembleOutput:
         z = self.member_logits(batch)
@@ -227,7 +237,8 @@ class KDEF(Ensemble):
 
     def loss(self, batch: Batch) -> tuple[Tensor, EnsembleOutput]:
         z = self.member_logits(batch)
-        loss, teacher = kdef_loss(z, batch.label, backend=self.backend, validate=self.validate)
+        loss, teacher = kdef_loss(z, batch.label, backend=self.backend, validate=self.validate,
+                                  process_group=self.process_group)
         return loss, EnsembleOutput(z, teacher.detach())
 
 

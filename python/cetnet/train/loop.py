@@ -39,7 +39,7 @@ from cetnet.train.runlog import RunLog, environment
 from cetnet.train.schedule import LRSchedule
 
 __all__ = ["fit", "EpochRunner", "EpochResult", "LoopState", "resume_state", "resolve_device",
-           "data_parallel", "local_embeddings", "shard_batches", "print_warnings",
+           "data_parallel", "leave_data_parallel", "shard_batches", "print_warnings",
            "split_warnings", "EpochCallback", "TrainingError", "check_backend", "check_splits",
            "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING"]
 
@@ -54,10 +54,6 @@ VALID_IS_TEST_WARNING = ("the dataset has no separate validation data: its valid
                          "the test set and the test metrics are optimistic")
 SCORED_ON_TRAIN_WARNING = ("the dataset's {split} split is its train split: {split} metrics are "
                            "measured on training data")
-KDEF_DATA_PARALLEL_WARNING = ("KDEF weights its members by exam scores over the batch, which "
-                              "each rank computes on its share: this data-parallel run is close "
-                              "to a single-process one, not equal to it")
-
 
 class TrainingError(RuntimeError):
     """A run that cannot go on: a non-finite training loss, a valid split with one class, no
@@ -302,20 +298,24 @@ class _LossOf(nn.Module):
 
 
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model.loss`` under DistributedDataParallel (dense gradients averaged over the ranks)
-    and its fused embeddings' updates shared by the ranks
-    (:meth:`~cetnet_kernels.MultiTableEmbedding.set_process_group`). A fused embedding's
+    """``model.loss`` under DistributedDataParallel (dense gradients averaged over the ranks),
+    its fused embeddings' updates shared by the ranks
+    (:meth:`~cetnet_kernels.MultiTableEmbedding.set_process_group`) and a KDEF's exam scores
+    taken over the ranks' shares (:meth:`cetnet.models.KDEF.set_process_group`). A fused embedding's
     weight and optimizer state are left out of DDP (DDP has no gradient of them to reduce and
     would broadcast the whole tables every step): the ranks build them identically and update
     them identically."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from cetnet.models import KDEF
     from cetnet_kernels import MultiTableEmbedding
 
     wrapper = _LossOf(model)
     own: set[int] = set()
     for m in model.modules():
+        if isinstance(m, KDEF):
+            m.set_process_group(dist.group.WORLD)
         if isinstance(m, MultiTableEmbedding) and m.optimizer is not None:
             m.set_process_group(dist.group.WORLD)
             own |= {id(t) for t in (m.weight, m.optimizer_state, m._placeholder)
@@ -328,13 +328,14 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
         wrapper, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def local_embeddings(model: nn.Module) -> None:
-    """Undoes :func:`data_parallel`'s process group on the model's fused embeddings: their
-    updates are local again (the model is usable without the group)."""
+def leave_data_parallel(model: nn.Module) -> None:
+    """Undoes :func:`data_parallel`'s process group on the model's fused embeddings and KDEF
+    losses: they are local again (the model is usable without the group)."""
+    from cetnet.models import KDEF
     from cetnet_kernels import MultiTableEmbedding
 
     for m in model.modules():
-        if isinstance(m, MultiTableEmbedding):
+        if isinstance(m, (MultiTableEmbedding, KDEF)):
             m.set_process_group(None)
 
 
@@ -710,8 +711,6 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     # test split in as "valid": then early stopping selects on the test set. The run still
     # trains (that is how those benchmarks are reported) but says so, loudly and in metrics.json.
     run_warnings = split_warnings(dataset.splits)
-    if world > 1 and config["model"].get("ensemble") == "kdef":
-        run_warnings.append(KDEF_DATA_PARALLEL_WARNING)
     if main:
         print_warnings(run_warnings)
     steps_per_epoch = math.ceil(len(train_split) / t["batch_size"])
@@ -739,7 +738,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
         if runner.sharded is not None:
             runner.sharded.close()
         elif runner.ddp is not None:
-            local_embeddings(model)
+            leave_data_parallel(model)
     if not quiet and main:  # again under the results: the start of a long run has scrolled away
         print_warnings(run_warnings)
     return metrics
