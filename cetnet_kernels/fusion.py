@@ -12,7 +12,6 @@ scales the stored gradient (plus a fusion VJP if the returned ``prob`` also rece
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -251,18 +250,20 @@ def _check_weight(value: object, name: str, op: str) -> float:
     return value
 
 
+_F32_TO_ZERO = 2.0 ** -150  # (ties to even: 0)
+_F32_TO_INF = (2.0 - 2.0 ** -24) * 2.0 ** 127
+
+
 def _check_representable(t: float, logits: Tensor, op: str) -> torch.dtype:
     """The compute dtype of ``logits``, after checking that ``t`` is finite and > 0 in it."""
     dtype = _acc_dtype(logits.dtype)
-    if dtype == torch.float32:
-        try:
-            t32 = struct.unpack("f", struct.pack("f", t))[0]
-        except OverflowError:  # above float32's max
-            t32 = math.inf
-        if t32 == 0 or t32 == math.inf:
-            what = "underflows to 0" if t32 == 0 else "overflows to inf"
-            raise ValueError(f"{op}: temperature {t!r} {what} in {dtype}, the compute dtype of "
-                             f"{logits.dtype} logits; use float64 logits or another temperature")
+    # float32 rounds t (> 0) to 0 at or below half its least subnormal and to inf at or above
+    # its largest value plus half an ulp (plain compares: a float torch.compile made dynamic
+    # is a symbol, which struct cannot pack)
+    if dtype == torch.float32 and (t <= _F32_TO_ZERO or t >= _F32_TO_INF):
+        what = "underflows to 0" if t <= _F32_TO_ZERO else "overflows to inf"
+        raise ValueError(f"{op}: temperature {t!r} {what} in {dtype}, the compute dtype of "
+                         f"{logits.dtype} logits; use float64 logits or another temperature")
     return dtype
 
 

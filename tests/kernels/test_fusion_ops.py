@@ -232,6 +232,31 @@ def test_torch_compile_fullgraph_dynamic(backend, device):
         _close(tc.grad, te.grad)
 
 
+@pytest.mark.parametrize("backend, device", backend_device_params(exclude=("reference",)))
+def test_torch_compile_with_a_float_temperature_that_changes(backend, device):
+    """A Python float temperature (annealed by the caller) that dynamo makes a symbol, at its
+    second value or with dynamic=True: it compiled to a RecursionError in struct.pack's
+    polyfill (the float32 range check); a float32-unrepresentable value still raises, naming
+    itself."""
+    z, y = make_logits(8, 3, dtype=torch.float32).to(device), torch.rand(8).to(device)
+
+    def f(z, y, t):
+        loss, prob = collaborative_loss(z, y, t, backend=backend)
+        return loss + confidence_fusion(z, t, backend=backend)[0].sum() + prob.sum()
+
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        cf = torch.compile(f, fullgraph=True, dynamic=dynamic)
+        for t in (0.5, 0.7, 1.3):
+            _close(cf(z, y, t), f(z, y, t))
+        with pytest.raises(Exception, match="temperature 1e-46 underflows to 0 in torch.float32"):
+            cf(z, y, 1e-46)
+    module = ck.CETNetFusion(3, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda z, y: module(z, y).loss, fullgraph=True, dynamic=True)
+    _close(compiled(z, y), module(z, y).loss)
+
+
 @pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("op", ["fusion", "loss", "kdef"])
 def test_compiled_autograd(backend, device, op):
