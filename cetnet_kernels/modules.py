@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,22 +25,26 @@ class FusionOutput:
         loss: the collaborative loss when labels were given, else ``None``.
         logits: the ``[B, K]`` member logits that were fused.
         weights: ``[B, K]`` fusion weights. With labels they are computed on first access (the
-            loss kernel does not write them), without gradient.
+            loss kernel does not write them), without gradient, with the temperature and
+            settings of the forward that made this output (an optimizer step since then does
+            not change them).
     """
 
     def __init__(self, prob: Tensor, logits: Tensor, weights: Tensor | None,
-                 loss: Tensor | None, fusion: "CETNetFusion") -> None:
+                 loss: Tensor | None, fuse: Callable[[], Tensor] | None = None) -> None:
         self.prob = prob
         self.logits = logits
         self.loss = loss
         self._weights = weights
-        self._fusion = fusion
+        self._fuse = fuse
 
     @property
     def weights(self) -> Tensor:
         if self._weights is None:
+            if self._fuse is None:
+                raise RuntimeError("FusionOutput: made without weights or a way to compute them")
             with torch.no_grad():
-                _, self._weights = self._fusion.fuse(self.logits.detach())
+                self._weights = self._fuse()
         return self._weights
 
     @property
@@ -88,7 +93,9 @@ class CETNetFusion(nn.Module):
             one lets an over-confident member take most of the weight (docs/FUSION_GUIDE.md),
             so the default bounds it to ``(0.5, 4.0)``; ``None``: unbounded, parameterized as
             ``log_temperature``. A fixed temperature ignores it (it must still be a valid
-            pair, or None).
+            pair, or None). The state dict keeps the bounds (``temperature_bounds``): a state
+            of another range is refused by ``load_state_dict``, since its ``temperature_logit``
+            would be another temperature.
         fusion_space: ``"prob"`` (mix probabilities) or ``"logit"`` (mix logits).
         ensemble_weight, member_weight, distill_weight, mutual_weight: loss-term weights, see
             :func:`cetnet_kernels.collaborative_loss`.
@@ -156,6 +163,10 @@ class CETNetFusion(nn.Module):
         if learnable_temperature and temperature_range is not None:
             low, high = _check_range(temperature_range, temperature)
             self.temperature_range = (low, high)
+            # in the state too: temperature_logit means a temperature only within its bounds
+            # (loading it into other bounds would change the learned temperature silently)
+            self.register_buffer("temperature_bounds",
+                                 torch.tensor([low, high], dtype=torch.float64))
             # sigmoid(theta) places log(temperature) between log(low) and log(high)
             share = (math.log(temperature) - math.log(low)) / (math.log(high) - math.log(low))
             self.temperature_logit = nn.Parameter(torch.tensor(math.log(share / (1 - share))))
@@ -163,6 +174,28 @@ class CETNetFusion(nn.Module):
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         elif temperature_range is not None:
             _check_range(temperature_range, None)  # unused, but a typo is still refused
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list, unexpected_keys: list,
+                              error_msgs: list) -> None:
+        key = prefix + "temperature_bounds"
+        saved = state_dict.get(key)
+        if self.temperature_range is not None and isinstance(saved, Tensor) \
+                and saved.device.type != "meta":
+            bounds = tuple(float(b) for b in saved.detach().double().reshape(-1).tolist())
+            # (a state of a module cast to half precision holds its bounds rounded)
+            rtol = torch.finfo(saved.dtype).eps if saved.is_floating_point() else 0.0
+            if len(bounds) != 2 or any(abs(b - mine) > rtol * mine
+                                       for b, mine in zip(bounds, self.temperature_range)):
+                error_msgs.append(
+                    f"CETNetFusion: the state's temperature_logit is a temperature within "
+                    f"temperature_range {bounds}, but this module's range is "
+                    f"{self.temperature_range}: loading it would change the learned "
+                    f"temperature; build the module with temperature_range={bounds}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)  # a state saved before the bounds were kept: unchecked
 
     @property
     def learnable_temperature(self) -> bool:
@@ -203,24 +236,34 @@ class CETNetFusion(nn.Module):
                              f"([B, {self.num_models}]), got shape {tuple(z.shape)}")
         return z
 
-    def fuse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(prob, weights)`` of ``[B, K]`` logits."""
-        return confidence_fusion(z, self.temperature, fusion_space=self.fusion_space,
+    def fuse(self, z: Tensor, temperature: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(prob, weights)`` of ``[B, K]`` logits (at ``temperature``, default the current
+        one)."""
+        return confidence_fusion(z, self.temperature if temperature is None else temperature,
+                                 fusion_space=self.fusion_space,
                                  detach_weights=self.detach_weights, backend=self.backend,
                                  validate=self.validate)
 
     def forward(self, logits: Tensor | Sequence[Tensor], labels: Tensor | None = None) -> FusionOutput:
         z = self.stack(logits)
+        tau = self.temperature
         if labels is None:
-            prob, weights = self.fuse(z)
-            return FusionOutput(prob, z, weights, None, self)
+            prob, weights = self.fuse(z, tau)
+            return FusionOutput(prob, z, weights, None)
         loss, prob = collaborative_loss(
-            z, labels, self.temperature, ensemble_weight=self.ensemble_weight,
+            z, labels, tau, ensemble_weight=self.ensemble_weight,
             member_weight=self.member_weight, distill_weight=self.distill_weight,
             mutual_weight=self.mutual_weight, fusion_space=self.fusion_space,
             detach_weights=self.detach_weights, reduction=self.reduction, backend=self.backend,
             validate=self.validate)
-        return FusionOutput(prob, z, None, loss, self)
+        # the weights of this forward, if asked for later: its logits, temperature (a learned
+        # one detached: an optimizer step does not reach it) and settings
+        z_now = z.detach()
+        tau_now = tau.detach() if isinstance(tau, Tensor) else tau
+        fuse = functools.partial(confidence_fusion, z_now, tau_now,
+                                 fusion_space=self.fusion_space, backend=self.backend,
+                                 validate=self.validate)
+        return FusionOutput(prob, z, None, loss, lambda: fuse()[1])
 
     def extra_repr(self) -> str:
         t: float | str = self._temperature

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cetnet_kernels import CETNetFusion, collaborative_loss, confidence_fusion
+from cetnet_kernels import (CETNetFusion, collaborative_loss, confidence_fusion,
+                            confidence_fusion_reference)
 
 from conftest import backend_device_params
 from helpers import synchronizing_ops
@@ -113,6 +114,50 @@ def test_temperature_range_is_checked_and_state_dicts_do_not_mix():
     unbounded = CETNetFusion(2, learnable_temperature=True, temperature_range=None)
     with pytest.raises(RuntimeError, match="temperature_logit|log_temperature"):
         CETNetFusion(2, learnable_temperature=True).load_state_dict(unbounded.state_dict())
+
+
+def test_a_learned_temperature_keeps_its_bounds_in_the_state():
+    """temperature_logit is a temperature only within its range: a state loaded into a module
+    of another range would change the learned temperature silently (0.501 -> 0.100), so the
+    state keeps the bounds and another range is refused, in half precision too; a state saved
+    before it kept them still loads."""
+    trained = CETNetFusion(2, learnable_temperature=True)
+    with torch.no_grad():
+        trained.temperature_logit.fill_(-3.0)
+    state = trained.state_dict()
+    assert state["temperature_bounds"].tolist() == [0.5, 4.0]
+    same = CETNetFusion(2, learnable_temperature=True)
+    same.load_state_dict(state)
+    assert float(same.temperature) == float(trained.temperature)
+    other = CETNetFusion(2, learnable_temperature=True, temperature_range=(0.1, 10.0))
+    with pytest.raises(RuntimeError, match=r"temperature_range \(0.5, 4.0\), but this module's "
+                                           r"range is \(0.1, 10.0\).*temperature_range="
+                                           r"\(0.5, 4.0\)"):
+        other.load_state_dict(state)
+    half = CETNetFusion(2, learnable_temperature=True, temperature_range=(0.3, 7.0)).half()
+    CETNetFusion(2, learnable_temperature=True, temperature_range=(0.3, 7.0)).half() \
+        .load_state_dict(half.state_dict())  # its bounds rounded to half precision: the same
+    with pytest.raises(RuntimeError, match="temperature_range"):
+        CETNetFusion(2, learnable_temperature=True, temperature_range=(0.3, 7.05)).half() \
+            .load_state_dict(half.state_dict())
+    before = {k: v for k, v in state.items() if k != "temperature_bounds"}
+    same.load_state_dict(before)  # strict: the bounds are not a missing key
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_an_outputs_weights_are_those_of_its_forward(labels):
+    """FusionOutput.weights (computed on first access when the loss kernel ran) are the
+    forward's: they were computed with the module's temperature at access, so reading them
+    after the optimizer step (the usual place to log them) gave other weights."""
+    fusion = CETNetFusion(2, learnable_temperature=True)
+    opt = torch.optim.SGD(fusion.parameters(), lr=100.0)
+    z, y = torch.tensor([[3.0, 0.1], [-2.0, 0.5]]), torch.tensor([1.0, 0.0])
+    expected = confidence_fusion_reference(z, fusion.temperature.detach())[1]
+    out = fusion(z, y if labels else None)
+    (out.loss if labels else out.prob.sum()).backward()
+    opt.step()
+    assert abs(float(fusion.temperature) - 1.0) > 0.05  # it moved
+    torch.testing.assert_close(out.weights, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
