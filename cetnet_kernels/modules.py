@@ -175,6 +175,9 @@ class CETNetFusion(nn.Module):
         elif temperature_range is not None:
             _check_range(temperature_range, None)  # unused, but a typo is still refused
 
+    #: State keys added after states were saved without them (those still load).
+    OPTIONAL_STATE_KEYS = ("temperature_bounds",)
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list, unexpected_keys: list,
                               error_msgs: list) -> None:

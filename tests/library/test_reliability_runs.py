@@ -261,6 +261,29 @@ def test_a_checkpoint_of_another_architecture_is_refused_before_writing(train_co
     assert _snapshot(run_dir) == before  # no config.yaml written
 
 
+def test_a_run_saved_before_the_temperature_bounds_were_kept_still_loads(train_config,
+                                                                         tmp_path):
+    """A learned temperature's state now keeps its bounds (CETNetFusion's
+    temperature_bounds): checkpoints saved without them still fit, evaluate and resume (a run
+    is never lost to a new state key)."""
+    cfg = _quick(train_config, epochs=1)
+    cfg["model"]["fusion"]["learnable_temperature"] = True
+    config = tmp_path / "c.yaml"
+    dump_config(cfg, config)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run_dir), "--quiet",
+                 "--no-plots"]) == 0
+    scored = evaluate_run(run_dir, "test", write=False)
+    for name in (BEST, LAST):
+        state = load_checkpoint(run_dir / name)
+        assert "fusion.temperature_bounds" in state["model"]
+        del state["model"]["fusion.temperature_bounds"]
+        torch.save(state, run_dir / name)
+    assert evaluate_run(run_dir, "test", write=False)["fused"] == scored["fused"]
+    assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet",
+                 "--no-plots"]) == 0
+
+
 def test_resuming_a_finished_run_does_not_rewrite_its_config(train_config, tmp_path, capsys):
     _, run_dir = _finished_run(train_config, tmp_path)
     before = _snapshot(run_dir)

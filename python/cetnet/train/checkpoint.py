@@ -26,6 +26,7 @@ __all__ = ["BEST", "LAST", "LAST_PREV", "LAST_KEYS", "CheckpointError", "DATA_DI
            "check_data_digest", "data_digest", "MODEL_CONFIG", "model_config",
            "check_model_config", "save_checkpoint",
            "load_checkpoint", "save_last", "load_last", "has_last", "check_model_state",
+           "optional_state_keys",
            "first_line"]
 
 BEST = "best.pt"   # the model at the epoch with the best validation fused AUC
@@ -229,6 +230,14 @@ def _names(keys: list[str], limit: int = 4) -> str:
                                       else "")
 
 
+def optional_state_keys(model: torch.nn.Module) -> set[str]:
+    """The state keys of ``model`` that its modules added after states were saved without them
+    (a module's ``OPTIONAL_STATE_KEYS``, e.g. a learned temperature's bounds): a checkpoint
+    without them still fits (the module loads it as before)."""
+    return {f"{name}.{key}" if name else key for name, module in model.named_modules()
+            for key in getattr(module, "OPTIONAL_STATE_KEYS", ())}
+
+
 def check_model_state(state: Mapping[str, Any], model: torch.nn.Module | None,
                       path: str | Path, expected: Mapping[str, Any] | None = None) -> None:
     """CheckpointError naming ``path`` when the state dict ``state`` does not fit ``model``
@@ -239,7 +248,8 @@ def check_model_state(state: Mapping[str, Any], model: torch.nn.Module | None,
         if model is None:
             raise ValueError("check_model_state: give model or expected")
         expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    optional = optional_state_keys(model) if model is not None else set()
+    missing = [k for k in expected if k not in state and k not in optional]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {_shape(state[k])} vs {_shape(v)}" for k, v in expected.items()
               if k in state and _shape(state[k]) != _shape(v)]

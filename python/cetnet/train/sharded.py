@@ -444,7 +444,7 @@ def check_model_checkpoint(model: nn.Module, checkpoint: dict, path: str | Path)
         check_model_state(checkpoint["model"], model, path)
         return
     check_tables(path.parent, checkpoint.get("tables"), path)
-    check_model_state(checkpoint["model"], None, path, expected=dense_state(model))
+    check_model_state(checkpoint["model"], model, path, expected=dense_state(model))
 
 
 def load_model_state(model: nn.Module, checkpoint: dict, path: str | Path,
