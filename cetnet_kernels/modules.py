@@ -225,13 +225,17 @@ class CETNetFusion(nn.Module):
             parts = list(logits)
             if not parts or not all(isinstance(t, Tensor) for t in parts):
                 raise TypeError("CETNetFusion: logits must be a [B, K] tensor or a list of K tensors")
-            flat = []
+            flat: list[Tensor] = []
             for i, t in enumerate(parts):
                 if t.dim() == 2 and t.shape[1] == 1:
                     t = t[:, 0]
                 if t.dim() != 1:
                     raise ValueError(f"CETNetFusion: member {i} output must be [B] or [B, 1], "
                                      f"got shape {tuple(t.shape)}")
+                if flat and t.shape[0] != flat[0].shape[0]:
+                    raise ValueError(f"CETNetFusion: member {i} output has {t.shape[0]} rows, "
+                                     f"member 0's {flat[0].shape[0]}: the members must score "
+                                     "the same batch")
                 flat.append(t)
             z = torch.stack(flat, dim=1)
         if z.dim() != 2 or z.shape[1] != self.num_models:

@@ -200,3 +200,6 @@ def test_module_arguments():
         m(torch.randn(5, 2))
     with pytest.raises(ValueError, match=r"member 1 output must be \[B\] or \[B, 1\]"):
         m([torch.randn(5), torch.randn(5, 2), torch.randn(5)])
+    with pytest.raises(ValueError, match=r"member 2 output has 6 rows, member 0's 5: the "
+                                         r"members must score the same batch"):
+        m([torch.randn(5), torch.randn(5, 1), torch.randn(6)])

@@ -243,3 +243,33 @@ def test_an_empty_batch_has_a_zero_loss(ensemble):
     loss, out = model.loss(random_batch(tiny_schema(), B=0, empty_rows=0))
     assert loss.item() == 0.0 and out.prob.shape == (0,)
     loss.backward()
+
+
+@pytest.mark.parametrize("ensemble", ["naive", "cetnet", "kdef"])
+def test_a_member_of_another_output_shape_is_named(ensemble):
+    """Members (a user's) returning [B, 1] are squeezed: with every member at [B, 1] and
+    B == K the naive ensemble's labels broadcast transposed, a finite, wrong loss. Any other
+    shape is one error naming the member (torch.stack's said nothing of whose)."""
+    batch = random_batch(tiny_schema(), B=2)
+    model = _model(ensemble)  # two members: K == B
+    loss, out = model.loss(batch)
+
+    class Reshaped(torch.nn.Module):
+        def __init__(self, inner, shape):
+            super().__init__()
+            self.inner, self.shape = inner, shape
+
+        def forward(self, view):
+            return self.inner(view).reshape(self.shape)
+
+    plain = dict(model.members)
+    for name in model.member_names:
+        model.members[name] = Reshaped(plain[name], (-1, 1))
+    again, out2 = model.loss(batch)
+    torch.testing.assert_close(again, loss)
+    torch.testing.assert_close(out2.prob, out.prob)
+    name = model.member_names[-1]
+    model.members[name] = Reshaped(plain[name], (1, -1))
+    with pytest.raises(ValueError, match=rf"member '{name}' returned logits of shape \(1, 2\); "
+                                         r"a member returns \[B\] or \[B, 1\] logits \(B = 2\)"):
+        model.loss(batch)

@@ -80,9 +80,22 @@ class Ensemble(nn.Module):
         return self.front.embedding
 
     def member_logits(self, batch: Batch) -> Tensor:
-        """``[B, K]``: one embedding lookup, then every member on its own view."""
+        """``[B, K]``: one embedding lookup, then every member on its own view (a member returns
+        ``[B]`` or ``[B, 1]`` logits; another shape is a ValueError naming the member: stacked
+        or broadcast against the labels, it would fail without a name, or give a wrong loss)."""
         views = self.front(batch)
-        return torch.stack([m(v) for m, v in zip(self.members.values(), views)], dim=1)
+        rows = batch.label.shape[0]
+        logits = []
+        for name, member, view in zip(self.member_names, self.members.values(), views):
+            z = member(view)
+            if z.dim() == 2 and z.shape[1] == 1:
+                z = z[:, 0]
+            if z.dim() != 1 or z.shape[0] != rows:
+                raise ValueError(f"{type(self).__name__}: member '{name}' returned logits of "
+                                 f"shape {tuple(z.shape)}; a member returns [B] or [B, 1] "
+                                 f"logits (B = {rows})")
+            logits.append(z)
+        return torch.stack(logits, dim=1)
 
     def embedding_sets(self) -> list[str]:
         """A name per embedding set of the front: the member names, ``["shared"]`` for one
