@@ -519,7 +519,8 @@ class MultiTableEmbedding(nn.Module):
                 psws.append(empty_weights)
                 modes.append(InputMode.IDS)
                 ncols.append(nc)
-            elif isinstance(x, (tuple, list)) and len(x) in (2, 3):
+            elif isinstance(x, (tuple, list)) and len(x) in (2, 3) and \
+                    all(isinstance(t, Tensor) for t in x[:2]):
                 values, offsets = x[0], x[1]
                 psw = x[2] if len(x) == 3 else None
                 self._check_ids(values, name, "bag values", device)
@@ -554,9 +555,12 @@ class MultiTableEmbedding(nn.Module):
                     modes.append(InputMode.BAG_WEIGHTED_SUM)
                 ncols.append(1)
             else:
+                what = type(x).__name__ + (
+                    f" of {len(x)} items ({', '.join(sorted({type(t).__name__ for t in x}))})"
+                    if isinstance(x, (tuple, list)) else "")
                 raise TypeError(f"{op}: feature {name!r}: expected an int tensor [B] or [B, T] "
-                                f"or a (values, offsets[, per_sample_weights]) bag, got "
-                                f"{type(x).__name__}")
+                                f"or a (values, offsets[, per_sample_weights]) bag of "
+                                f"tensors, got a {what}")
             if B is None:
                 B, B_from = Bf, name
             elif Bf != B:

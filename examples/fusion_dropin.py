@@ -8,7 +8,8 @@ ids to ``[B]`` logits (the DNN and FM of ``cetnet.demo``, stand-ins for yours) a
 2. fuses them *after* training, with no further training: ``confidence_fusion`` (each row's
    weights from the members' confidences) against the plain average;
 3. fine-tunes both together with ``CETNetFusion``: the collaborative loss (ensemble BCE +
-   member BCE + mutual learning), loss and gradient in one fused kernel;
+   member BCE; mutual learning too with ``--mutual-weight``), loss and gradient in one fused
+   kernel;
 4. fine-tunes copies of the same two models with ``kdef_loss`` instead (KDEF: the mean-logit
    teacher, exam-weighted teacher-to-student and student-to-student transfer);
 
@@ -96,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--mutual-weight", type=float, default=0.1)
+    ap.add_argument("--mutual-weight", type=float, default=0.0,
+                    help="mutual learning's weight in the fine-tuning (default 0, as "
+                    "docs/FUSION_GUIDE.md advises: its effect changed sign with the data size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto", help="auto, cpu, triton or reference")
     args = ap.parse_args(argv)

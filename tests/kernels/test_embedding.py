@@ -488,6 +488,11 @@ def test_bad_input_types_and_shapes(backend):
         mod(with_("tags", (base["tags"][0].double(), base["tags"][1])))
     with pytest.raises(TypeError):
         mod(with_("user", [1, 2, 3, 4, 5, 6]))
+    # two or three plain ids were read as a bag: "bag values must be a tensor, got int"
+    with pytest.raises(TypeError, match=r"'user': expected an int tensor \[B\] or \[B, T\] or a "
+                                        r"\(values, offsets\[, per_sample_weights\]\) bag of "
+                                        r"tensors, got a list of 2 items \(int\)"):
+        mod(with_("user", [1, 2]))
     with pytest.raises(TypeError):
         mod([base["user"]])
     with pytest.raises(ValueError, match="'item' has batch size 5"):

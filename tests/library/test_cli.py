@@ -197,7 +197,8 @@ def test_input_errors_are_one_line_with_exit_status_2(train_config, tmp_path, ca
     capsys.readouterr()
     cases = [
         (["--plugin", "no_such_plugin", "train"], "train",
-         "--plugin no_such_plugin: no module named 'no_such_plugin'"),
+         "--plugin no_such_plugin: no module named 'no_such_plugin' (not on the Python path: "
+         "a module of the current directory needs PYTHONPATH=. or python -m cetnet"),
         (["train", "--config", str(tmp_path)], "train", "Is a directory"),
         (["train", "--config", str(tmp_path / "missing.yaml")], "train", "missing.yaml"),
         (["train", "--config", str(binary)], "train", "not a YAML file (not UTF-8 text)"),

@@ -83,7 +83,8 @@ def load_dataset(name: str = "movielens-100k", **options: Any) -> CTRDataset:
     loader = DATASETS.get(name) if isinstance(name, str) else None
     if loader is None:
         raise ConfigError(f"unknown dataset {shorten(name)}; choose one of "
-                          f"{shorten_list(sorted(DATASETS))}")
+                          f"{shorten_list(sorted(DATASETS))} (a dataset a plugin registers "
+                          "needs its module: cetnet --plugin MODULE, or $CETNET_PLUGINS)")
     _check_options(name, loader, options)
     return loader(**options)
 

@@ -117,4 +117,6 @@ def load_plugins(modules: Sequence[str] = ()) -> None:
             if e.name is None or not (name == e.name or name.startswith(f"{e.name}.")):
                 raise
             where = f"${PLUGINS_ENV}" if name in names else "--plugin"
-            raise ConfigError(f"{where} {name}: no module named {e.name!r}") from None
+            raise ConfigError(f"{where} {name}: no module named {e.name!r} (not on the Python "
+                              "path: a module of the current directory needs PYTHONPATH=. or "
+                              "python -m cetnet, which puts the directory on the path)") from None
