@@ -266,14 +266,15 @@ class _Rows:
 def _csv_splits(dataset: Any, path: str | Path, chunk_rows: int | None, *,
                 delimiter: str = ",", list_sep: str = LIST_SEP) -> Iterator[Split]:
     """The rows of ``path`` as :func:`encode_csv` encodes them: a Split per ``chunk_rows``
-    data lines, or one of the whole file with None (a ``row_encoder`` dataset: always one).
-    Each has ``stats.labelled`` of the whole file: the first chunk decides it, and a later
-    chunk with labels after one without is the error of a file mixing them."""
+    data lines, or one of the whole file with None. Each has ``stats.labelled`` of the whole
+    file: the first chunk decides it, and a later chunk with labels after one without is the
+    error of a file mixing them (a ``row_encoder`` dataset's: whether its header has the
+    label column)."""
     encoder = getattr(dataset, "row_encoder", None)
     if encoder is not None:  # a dataset with a file format of its own (BARS)
-        split, labelled = encoder(path)
-        split.stats.labelled = labelled
-        yield split
+        for split, labelled in encoder(path, chunk_rows):
+            split.stats.labelled = labelled
+            yield split
         return
     path = Path(path)
     labelled, first = None, 0

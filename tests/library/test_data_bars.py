@@ -479,14 +479,32 @@ def test_a_run_without_valid_data_records_that_it_selected_on_test(train_config,
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunks"])
 @pytest.mark.parametrize("name", ["taobaoad_x1", "amazonelectronics_x1"])
 def test_predict_reads_new_rows_in_the_datasets_own_format(train_config, tmp_path, capsys,
-                                                           name):
+                                                           monkeypatch, name, chunk):
     """``cetnet predict --csv`` of a BARS run takes rows as the dataset's files hold them
     (``^``-separated sequences in the config's order, ``copy_from`` features, the meta group
     column): the test file scores as the test split, to the bit; without its label column
-    the rows are unlabelled. (Before: refused, or a sequence cell read as one OOV token.)"""
+    the rows are unlabelled. (Before: refused, or a sequence cell read as one OOV token.)
+    The file is read a chunk of whole batches at a time, as a plain csv is (it was read
+    whole): the same bits."""
     from cetnet import serve
+    from cetnet.data import bars
+
+    sizes: list[int] = []
+    batch = None
+    if chunk is not None:  # chunks of 7 rows, rounded up to 3 batches of 3: 9 rows
+        batch = 3
+        monkeypatch.setattr(serve, "CSV_CHUNK_ROWS", chunk)
+        encode = bars._encode_rows
+
+        def counted(*args, **kw):
+            for split, labelled in encode(*args, **kw):
+                sizes.append(len(split))
+                yield split, labelled
+
+        monkeypatch.setattr(bars, "_encode_rows", counted)
 
     cfg_path = make_bars(tmp_path, name)
     run = train_config(epochs=1, max_steps_per_epoch=2, batch_size=64)
@@ -495,10 +513,13 @@ def test_predict_reads_new_rows_in_the_datasets_own_format(train_config, tmp_pat
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(run_dir),
                  "--quiet", "--no-plots"]) == 0
-    split_out, split_scores = serve.predict_run(run_dir, tmp_path / "s.csv", split="test")
+    split_out, split_scores = serve.predict_run(run_dir, tmp_path / "s.csv", split="test",
+                                                batch_size=batch)
     test_csv = cfg_path.parent / "test.csv"
-    csv_out, csv_scores = serve.predict_run(run_dir, tmp_path / "c.csv", csv_path=test_csv)
+    csv_out, csv_scores = serve.predict_run(run_dir, tmp_path / "c.csv", csv_path=test_csv,
+                                            batch_size=batch)
     assert csv_out.read_text() == split_out.read_text()
+    assert sizes == ([] if chunk is None else [9] * 8 + [8])  # 80 rows
     assert csv_scores is not None and split_scores is not None
     # the same scores (gAUC's groups are numbered in another order: equal to rounding)
     assert csv_scores["fused"] == pytest.approx(split_scores["fused"], rel=1e-12)
@@ -512,7 +533,8 @@ def test_predict_reads_new_rows_in_the_datasets_own_format(train_config, tmp_pat
     unlabelled = tmp_path / "unlabelled.csv"
     unlabelled.write_text("\n".join(",".join(c for i, c in enumerate(line.split(","))
                                              if i != drop) for line in lines) + "\n")
-    out, scores = serve.predict_run(run_dir, tmp_path / "u.csv", csv_path=unlabelled)
+    out, scores = serve.predict_run(run_dir, tmp_path / "u.csv", csv_path=unlabelled,
+                                    batch_size=batch)
     assert scores is None
     probs = [line.split(",")[1] for line in out.read_text().splitlines()]
     assert probs == [line.split(",")[1] for line in split_out.read_text().splitlines()]

@@ -37,7 +37,7 @@ import functools
 import itertools
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -85,14 +85,18 @@ class _SplitReader:
 
     def read(self, path: Path) -> Raw:
         """Feature name / label / ``_GROUP`` -> the file's array."""
+        parts = list(self.chunks(path))  # read_chunks: >= 1 row
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def chunks(self, path: Path) -> Iterator[Raw]:
+        """Feature name / label / ``_GROUP`` -> the array of ``chunk_size`` rows of the file at
+        a time (the last: the rest)."""
         cfg = self.cfg
         feats = [c for c in cfg.columns if c.type != "meta"]  # metas only matter as the group
         wanted = sorted({c.column for c in feats} | (
             set() if self.label_optional else {cfg.label}) | (
             {cfg.group_column} if cfg.group_column else set()))
         optional = [cfg.label] if self.label_optional and cfg.label not in wanted else []
-        parts: dict[str, list[np.ndarray]] = {c.name: [] for c in feats}
-        parts[cfg.label], parts[_GROUP] = [], []
         rows = 0
         for lines, chunk in read_chunks(path, wanted, chunk_size=self.chunk_size,
                                         optional=optional):
@@ -103,13 +107,12 @@ class _SplitReader:
                 lines, chunk = lines[:keep], {k: v[:keep] for k, v in chunk.items()}
             rows += len(lines)
             self.labelled = cfg.label in chunk
-            parts[cfg.label].append(self._label(chunk[cfg.label], path, lines) if self.labelled
-                                    else np.zeros(len(lines)))
-            for c in feats:
-                parts[c.name].append(self._column(c, chunk[c.column], path, lines))
-            parts[_GROUP].append(self._groups(chunk[cfg.group_column]) if cfg.group_column
-                                 else np.zeros(len(lines), np.int64))
-        return {k: np.concatenate(v) for k, v in parts.items()}  # read_chunks: >= 1 row
+            part = {c.name: self._column(c, chunk[c.column], path, lines) for c in feats}
+            part[cfg.label] = self._label(chunk[cfg.label], path, lines) if self.labelled \
+                else np.zeros(len(lines))
+            part[_GROUP] = self._groups(chunk[cfg.group_column]) if cfg.group_column \
+                else np.zeros(len(lines), np.int64)
+            yield part
 
     def _groups(self, values) -> np.ndarray:
         # By raw value, with ids shared across splits: a user unseen in train (OOV as a feature)
@@ -194,19 +197,21 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
     return dataset
 
 
-def _encode_rows(cfg: BarsConfig, dataset: CTRDataset, chunk_size: int,
-                 path: str | Path) -> tuple[Split, bool]:
+def _encode_rows(cfg: BarsConfig, dataset: CTRDataset, chunk_size: int, path: str | Path,
+                 chunk_rows: int | None = None) -> Iterator[tuple[Split, bool]]:
     """New rows in the format of the dataset's own csv files (its config's columns, sequence
     separators and order, ``copy_from`` features), encoded with its train vocabularies and
-    dense statistics: ``(split, labelled)``. The label column is optional (without it the rows
-    are unlabelled); gAUC groups are the rows' raw group values."""
+    dense statistics: ``(split, labelled)`` of ``chunk_rows`` data lines at a time (None: one
+    of the whole file). The label column is optional (without it the rows are unlabelled);
+    gAUC groups are the rows' raw group values, numbered across the chunks."""
     feats = [c for c in cfg.columns if c.type != "meta"]
     numeric = [c.name for c in feats if c.type == "numeric"]
     lookups = {c.name: dataset.vocabs[c.name].encode for c in feats if c.type != "numeric"}
-    reader = _SplitReader(cfg, lookups, {}, chunk_size, None, label_optional=True)
-    raw = reader.read(Path(path))
+    reader = _SplitReader(cfg, lookups, {}, chunk_rows or chunk_size, None, label_optional=True)
     assert dataset.dense_stats is not None  # a BARS dataset always has them (maybe empty)
-    return _split(raw, dataset.schema, dataset.dense_stats, numeric), reader.labelled
+    raws = reader.chunks(Path(path)) if chunk_rows else iter([reader.read(Path(path))])
+    for raw in raws:
+        yield _split(raw, dataset.schema, dataset.dense_stats, numeric), reader.labelled
 
 
 def _check_files(cfg: BarsConfig) -> None:

@@ -216,11 +216,12 @@ class CTRDataset:
     group_key: str | None = None
     notes: list[str] = field(default_factory=list)
     encoding_options: dict[str, Any] = field(default_factory=dict, compare=False)
-    #: ``path -> (Split, labelled)``: new rows in the format of the dataset's own files, for a
-    #: dataset whose files are not one column per feature (BARS); None: the generic csv of
+    #: ``(path, chunk_rows) -> (Split, labelled) per chunk_rows data lines`` (None: one of the
+    #: whole file): new rows in the format of the dataset's own files, for a dataset whose
+    #: files are not one column per feature (BARS); None: the generic csv of
     #: :func:`cetnet.serve.encode_csv`. Set by the loader, not saved with the dataset.
-    row_encoder: Callable[[str | Path], tuple[Split, bool]] | None = field(
-        default=None, repr=False, compare=False)
+    row_encoder: Callable[[str | Path, int | None], Iterator[tuple[Split, bool]]] | None = \
+        field(default=None, repr=False, compare=False)
 
     def encoding_digest(self) -> str:
         """A digest (sha256 hex) of how this dataset encodes rows: the schema (features, vocab
