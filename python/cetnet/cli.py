@@ -182,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="options of the dataset (e.g. root=~/.cache/cetnet); for the dataset "
                          "of the default config, its options (e.g. max_seq_len) unless given")
 
+    ca = dsub.add_parser(
+        "caches", help="list the encoded-dataset caches in folders; --prune removes superseded",
+        description="List the encoded-dataset cache files under each DIR (default: the data "
+                    "root, $CETNET_DATA or ~/.cache/cetnet; a BARS dataset's is its "
+                    "data.cache_dir) with their size and status: current, superseded (an input "
+                    "file changed or is gone since: the cache can never be read again), "
+                    "other-format (another cetnet's) or unknown (written before cetnet recorded "
+                    "its inputs). --prune deletes the superseded ones.")
+    ca.add_argument("dirs", nargs="*", type=Path, metavar="DIR")
+    ca.add_argument("--prune", action="store_true", help="delete the superseded caches")
+
     pl = sub.add_parser(
         "plan", help="memory, communication and step time of the embedding tables on N GPUs",
         description="Per GPU and training step, under data-parallel, table-wise, column-wise "
@@ -424,6 +435,37 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caches(dirs: Sequence[Path], prune: bool) -> int:
+    """``cetnet data caches``: the cache files under ``dirs`` with size and status; with
+    ``prune`` the superseded ones (and their records) are deleted."""
+    from cetnet.data.cache import cache_status, default_root, find_caches, sources_path
+
+    roots = list(dirs) or [default_root()]
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such directory")
+    superseded: list[tuple[Path, int]] = []
+    count = 0
+    for root in roots:
+        for path in find_caches(root):
+            count += 1
+            status, why = cache_status(path)
+            size = path.stat().st_size
+            print(f"{status:<12} {size / 2**20:10.1f} MB  {path}  ({why})")
+            if status == "superseded":
+                superseded.append((path, size))
+    freed = sum(size for _, size in superseded)
+    if not prune:
+        print(f"{count} cache file(s); {len(superseded)} superseded ({freed / 2**20:.1f} MB)"
+              + (": --prune deletes them" if superseded else ""))
+        return 0
+    for path, _ in superseded:
+        path.unlink(missing_ok=True)
+        sources_path(path).unlink(missing_ok=True)
+    print(f"deleted {len(superseded)} superseded cache file(s), {freed / 2**20:.1f} MB")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from cetnet.train import prepare_dataset
 
@@ -541,6 +583,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
             print(datasets_text())
             return 0
+        if args.data_command == "caches":
+            return _caches(args.dirs, args.prune)
         return _prepare(args)
     except BrokenPipeError:  # an OSError, but no error of the input: main ends quietly
         raise

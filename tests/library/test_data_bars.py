@@ -373,6 +373,41 @@ def test_a_file_rewritten_with_its_size_and_mtime_kept_is_encoded_again(tmp_path
     assert before.splits["train"].positive_rate < 1.0 == after.splits["train"].positive_rate
 
 
+def test_superseded_caches_are_listed_and_pruned(tmp_path, capsys):
+    """A cache whose input files changed can never be read again (its name holds their old
+    stamps) but stayed on disk: each records its inputs, `cetnet data caches DIR` tells
+    current from superseded and `--prune` deletes the superseded ones only. A cache written
+    before the record is 'unknown' until it is read (its key matched: it gets the record)."""
+    from cetnet.cli import main
+    from cetnet.data.cache import cache_status, find_caches, sources_path
+
+    cfg = make_bars(tmp_path, "criteo_x1")
+    cache = tmp_path / "cache"
+    load_bars(cfg, cache_dir=cache)
+    (old,) = find_caches(cache)
+    assert cache_status(old)[0] == "current"
+    train = tmp_path / "criteo_x1" / "train.csv"
+    train.write_bytes(train.read_bytes() + train.read_bytes().splitlines(keepends=True)[-1])
+    assert cache_status(old) == ("superseded", f"{train.resolve()} changed since")
+    load_bars(cfg, cache_dir=cache)
+    new = next(p for p in find_caches(cache) if p != old)
+    sources_path(new).unlink()  # as written by a cetnet of before
+    assert cache_status(new)[0] == "unknown"
+    capsys.readouterr()
+    assert main(["data", "caches", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "superseded" in out and f"{old}" in out and "unknown" in out
+    assert out.strip().endswith(f"2 cache file(s); 1 superseded "
+                                f"({old.stat().st_size / 2**20:.1f} MB): --prune deletes them")
+    load_bars(cfg, cache_dir=cache)  # read from the cache: its record is written
+    assert cache_status(new)[0] == "current"
+    assert main(["data", "caches", str(cache), "--prune"]) == 0
+    assert "deleted 1 superseded cache file(s)" in capsys.readouterr().out
+    assert list(find_caches(cache)) == [new] and not sources_path(old).exists()
+    assert main(["data", "caches", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
 def test_a_checkpoint_refuses_the_data_read_in_another_sequence_order(tmp_path):
     # the order of a sequence's ids changes no vocabulary (hence no encoding digest): a run
     # evaluated on data read newest-first was accepted and scored other inputs (AUC moved)
@@ -407,7 +442,7 @@ def test_bars_min_count_and_seq_order_options(tmp_path):
         first)
     cached = load_bars(cfg, cache_dir=tmp_path / "cache")
     again = load_bars(cfg, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert again.summary() == cached.summary() and again.splits["valid"] is again.splits["test"]
     few = load_bars(cfg, max_rows=17)
     assert len(few.splits["train"]) == 17 and len(few.splits["test"]) == 17

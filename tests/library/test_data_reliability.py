@@ -83,8 +83,10 @@ def test_concurrent_cli_prepares_into_one_cache_all_succeed(tmp_path):
         assert p.returncode == 0, err
         assert "Traceback" not in err
     assert len({out for out, _ in outs}) == 1  # the same summary, whoever wrote the cache
-    files = sorted(cache.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".pt", files
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == 1, files
+    assert sorted(p.name for p in cache.iterdir()) == [  # and its record of the inputs
+        files[0].name, files[0].stem + ".sources.json"]
     assert load_bars(cfg, cache_dir=cache).summary() == load_bars(cfg).summary()
     assert outs[0][0].strip() == load_bars(cfg).summary()
 
@@ -95,7 +97,7 @@ def test_a_damaged_bars_cache_is_detected_and_rebuilt(tmp_path, damage, capfd):
     cfg = make_bars(tmp_path, "amazonelectronics_x1")
     cache = tmp_path / "cache"
     first = load_bars(cfg, cache_dir=cache)
-    (path,) = cache.iterdir()
+    (path,) = cache.glob("*.pt")
     good = path.read_bytes()
     if damage == "empty":
         path.write_bytes(b"")
@@ -115,7 +117,7 @@ def test_a_damaged_bars_cache_is_detected_and_rebuilt(tmp_path, damage, capfd):
     assert "warning" in err and str(path) in err and "rebuilding" in err
     assert again.summary() == first.summary()
     assert path.read_bytes() != b"" and CTRDataset.load(path).summary() == first.summary()
-    assert [p.name for p in cache.iterdir()] == [path.name]
+    assert [p.name for p in cache.glob("*.pt")] == [path.name]
 
 
 @pytest.mark.parametrize("content, pattern", [
@@ -242,7 +244,7 @@ def test_bars_cache_keys_separate_options_versions_and_files(tmp_path, monkeypat
     cache = tmp_path / "cache"
 
     def names() -> set[str]:
-        return {p.name for p in cache.iterdir()}
+        return {p.name for p in cache.glob("*.pt")}
 
     load_bars(cfg, cache_dir=cache)
     load_bars(cfg, cache_dir=cache, chunk_size=7)  # chunking does not change the encoding

@@ -182,7 +182,7 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
         max_rows = check_int(max_rows, "max_rows", "bars", minimum=1)
     verbose = check_bool(verbose, "verbose", "bars")
     _check_files(cfg)  # all of them before reading any: a missing test file fails at once
-    path = None
+    path, stamps = None, []
     if cache_dir is not None:
         if not isinstance(cache_dir, (str, Path)):
             raise ConfigError(f"bars: cache_dir: expected a directory path, got "
@@ -190,7 +190,8 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
         stamps = sorted({file_stamp(p) for p in cfg.files.values()})
         path = cache_file(open_cache_dir(cache_dir), cfg.dataset_id,
                           (_CACHE_VERSION, cfg, stamps, max_rows))
-    dataset = cached(path, lambda: _encode(cfg, chunk_size, max_rows, verbose), verbose=verbose)
+    dataset = cached(path, lambda: _encode(cfg, chunk_size, max_rows, verbose), verbose=verbose,
+                     sources=stamps)
     dataset.row_encoder = functools.partial(_encode_rows, cfg, dataset, chunk_size)
     newest = sorted(c.name for c in cfg.columns if c.type == "sequence" and c.newest_first)
     dataset.encoding_options = {"newest_first": newest} if newest else {}

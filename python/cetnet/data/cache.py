@@ -8,23 +8,30 @@ Every write is atomic (:mod:`cetnet.atomic`): concurrent prepares into one direc
 through their own temporary and the last ``os.replace`` wins with a complete file; temporaries of
 killed writes are swept on the next start. An unreadable cache file (empty, truncated, corrupt,
 another format) is rebuilt.
+
+Beside each cache file, ``<name>.sources.json`` records the input files' stamps it was made from
+and the format version: a cache whose inputs have changed since can never be read again (its
+name holds their old stamps), so :func:`cache_status` can tell it superseded and
+``cetnet data caches DIR --prune`` remove it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 from cetnet.atomic import remove_stale_temps, write_bytes_atomic
 from cetnet.data.dataset import FORMAT_VERSION, CacheError, CTRDataset
 
 __all__ = ["default_root", "user_path", "write_atomic", "open_cache_dir", "cache_file",
-           "file_stamp", "read_cache", "write_cache", "check_writable", "cached", "CacheError"]
+           "file_stamp", "read_cache", "write_cache", "check_writable", "cached", "CacheError",
+           "cache_status", "find_caches", "sources_path"]
 
 
 def user_path(path: str | Path) -> Path:
@@ -127,18 +134,69 @@ def _cannot_write(path: Path, e: OSError) -> CacheError:
 
 
 def cached(path: Path | None, build: Callable[[], CTRDataset], *, refresh: bool = False,
-           verbose: bool = False) -> CTRDataset:
-    """``path``'s dataset if readable (and not ``refresh``), else ``build()`` saved there."""
+           verbose: bool = False,
+           sources: Sequence[tuple[str, int, int, int, int]] = ()) -> CTRDataset:
+    """``path``'s dataset if readable (and not ``refresh``), else ``build()`` saved there;
+    ``sources``: the :func:`file_stamp` of each input file its key holds, recorded beside it
+    (:func:`sources_path`; a cache read without the record gets it: its key matched)."""
     if path is not None and not refresh:
         ds = read_cache(path, verbose)
         if ds is not None:
+            if sources and not sources_path(path).exists():
+                _record_sources(path, sources)
             return ds
     if path is not None:
         check_writable(path)  # before the encode (hours for a large dataset), not after it
     ds = build()
     if path is not None:
         write_cache(ds, path)
+        if sources:
+            _record_sources(path, sources)
     return ds
+
+
+def sources_path(path: Path) -> Path:
+    """The record of the input files a cache file was made from (``<name>.sources.json``)."""
+    return path.with_name(path.stem + ".sources.json")
+
+
+def _record_sources(path: Path, sources: Sequence[tuple[str, int, int, int, int]]) -> None:
+    record = {"format": FORMAT_VERSION, "sources": [list(s) for s in sources]}
+    try:
+        write_bytes_atomic(sources_path(path), (json.dumps(record) + "\n").encode())
+    except OSError:  # only a help for pruning: the cache itself is written
+        pass
+
+
+def cache_status(path: Path) -> tuple[str, str]:
+    """``(status, why)`` of a cache file: ``current`` (its input files are as recorded),
+    ``superseded`` (one changed or is gone: the cache can never be read again, its name holds
+    the old stamps), ``other-format`` (written by a cetnet of another dataset format) or
+    ``unknown`` (no record of its inputs: written before cetnet kept one)."""
+    try:
+        record = json.loads(sources_path(path).read_text())
+        stamps = [tuple(s) for s in record["sources"]]
+        fmt = record["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown", "no record of its input files"
+    if fmt != FORMAT_VERSION:
+        return "other-format", f"dataset format {fmt}, this cetnet's {FORMAT_VERSION}"
+    for stamp in stamps:
+        try:
+            now = file_stamp(Path(stamp[0]))
+        except OSError:
+            return "superseded", f"{stamp[0]} is gone"
+        if now != stamp:
+            return "superseded", f"{stamp[0]} changed since"
+    return "current", f"{len(stamps)} input file(s) unchanged"
+
+
+def find_caches(directory: Path) -> Iterator[Path]:
+    """The cache files under ``directory`` (any depth): ``*-<16 hex digits>.pt``."""
+    pattern = re.compile(r".*-[0-9a-f]{16}\.pt")
+    for path in sorted(directory.rglob("*.pt")):
+        if pattern.fullmatch(path.name) and path.is_file():
+            yield path
 
 
 def check_writable(path: Path) -> None:
