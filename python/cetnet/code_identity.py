@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 __all__ = ["COMPARED", "PRESENTATION_MODULES", "code_identity", "code_tag", "describe",
-           "device_identity", "same_code", "source_digest"]
+           "device_identity", "fuxictr_identity", "same_code", "source_digest"]
 
 #: Modules (relative to the directory holding the packages) that read, render or serve
 #: results but never compute one: editing them keeps the digest, so a report can be re-rendered
@@ -46,8 +46,9 @@ PRESENTATION_MODULES = frozenset({
 
 #: What :func:`same_code` compares: the digest, the versions outside it, the CPU kernel build in
 #: use (``default``, ``avx2``, ``avx512``: they may round differently in the last bits), and the
-#: device with, on a GPU, Triton's version (its kernels are compiled by it).
-COMPARED = ("digest", "torch", "python", "cetnet", "cpu", "device", "triton")
+#: device with, on a GPU, Triton's version (its kernels are compiled by it); a result FuxiCTR
+#: trained (a peer row of ``cetnet reproduce``) names FuxiCTR's version too.
+COMPARED = ("digest", "torch", "python", "cetnet", "cpu", "device", "triton", "fuxictr")
 
 
 def _without_docstrings(tree: ast.AST) -> ast.AST:
@@ -138,6 +139,15 @@ def device_identity(device: str) -> dict[str, str]:
             "triton": triton}
 
 
+def fuxictr_identity() -> dict[str, str]:
+    """``{"fuxictr": its installed version, or "none"}``: what a result FuxiCTR trained adds to
+    its :func:`code_identity` (the peer's own code)."""
+    try:
+        return {"fuxictr": metadata.version("fuxictr")}
+    except metadata.PackageNotFoundError:
+        return {"fuxictr": "none"}
+
+
 def code_identity(device: str) -> dict[str, str]:
     """``{"cetnet": version, "torch": version, "python": "3.11", "digest": 16 hex digits,
     "cpu": the CPU kernel build in use, **device_identity(device)}`` of this process's code
@@ -160,13 +170,16 @@ def code_tag(identity: object) -> str:
     if "device" in identity:  # (recorded since 2026-12-01)
         text += f"-{identity['device']}" + (f"-triton{identity.get('triton')}"
                                              if "triton" in identity else "")
+    if "fuxictr" in identity:
+        text += f"-fuxictr{identity['fuxictr']}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
 
 
-def same_code(identity: object, device: str) -> bool:
+def same_code(identity: object, device: str, *, fuxictr: bool = False) -> bool:
     """Whether a recorded :func:`code_identity` is this process's training on ``device`` (every
-    key of :data:`COMPARED`; a record of an earlier cetnet, which lacks some, is other code)."""
-    mine = code_identity(device)
+    key of :data:`COMPARED`; a record of an earlier cetnet, which lacks some, is other code),
+    with FuxiCTR's version too for a result FuxiCTR trained (``fuxictr``)."""
+    mine = {**code_identity(device), **(fuxictr_identity() if fuxictr else {})}
     return isinstance(identity, dict) and all(identity.get(k) == mine.get(k) for k in COMPARED)
 
 
@@ -179,4 +192,5 @@ def describe(identity: object) -> str:
     return (f"cetnet {identity.get('cetnet', '?')}, code {identity['digest']}, "
             f"torch {identity.get('torch', '?')}, Python {identity.get('python', '?')}, "
             f"CPU kernels {identity.get('cpu', '?')}, device {device}"
-            + (f" with Triton {identity['triton']}" if "triton" in identity else ""))
+            + (f" with Triton {identity['triton']}" if "triton" in identity else "")
+            + (f", FuxiCTR {identity['fuxictr']}" if "fuxictr" in identity else ""))

@@ -556,7 +556,7 @@ def test_abundance_leaves_the_padding_row_out(base, schema):
         information_abundance(emb.table(0, name)[1:]))
 
 
-def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path, capsys):
+def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path, capsys, monkeypatch):
     from cetnet.reproduce.peers import INSTALL_HINT, fuxictr_available
 
     if not fuxictr_available():
@@ -574,6 +574,19 @@ def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path, capsys):
     # the same config under another trainer is another cache entry
     keys = {p.stem for p in (tmp_path / "out" / "results").glob("*.json")}
     assert len(keys) == 4
+    # a peer's result names FuxiCTR's version: another version's is other code (cetnet's
+    # rows are not FuxiCTR's, another version leaves them be)
+    from cetnet import code_identity as ci
+
+    codes = {json.loads(p.read_text())["row"]: json.loads(p.read_text())["code"]
+             for p in (tmp_path / "out" / "results").glob("*.json")}
+    assert codes["fuxictr_dnn"]["fuxictr"] == "2.3.10" and "fuxictr" not in codes["dnn"]
+    assert "FuxiCTR 2.3.10" in report
+    monkeypatch.setattr(ci, "fuxictr_identity", lambda: {"fuxictr": "2.4.0"})
+    assert main([*_args(tmp_path, rows="dnn,fuxictr_dnn"), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "2 cached results trained by other code" in said and "FuxiCTR 2.3.10: 2" in said
+    assert said.count(": to train (") == 2  # the peer's two seeds, not cetnet's dnn
 
 
 def test_scaled_single_widens_the_best_single_row_even_when_not_a_member(base, monkeypatch):

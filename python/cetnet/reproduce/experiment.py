@@ -25,7 +25,7 @@ from cetnet.atomic import write_text_atomic
 from cetnet import code_identity as code_id
 from cetnet.config import (ConfigError, apply_overrides, load_config, paper_config_path,
                            validate_config)
-from cetnet.reproduce.rows import (SINGLE_ROWS, Row, check_model, embedding_parameter_count,
+from cetnet.reproduce.rows import (ROWS, SINGLE_ROWS, Row, check_model, embedding_parameter_count,
                                    member_kinds, row_config, row_spec, scaled_single_model)
 
 __all__ = ["GRIDS", "RESULT_VERSION", "Job", "Experiment", "base_config", "config_key",
@@ -243,7 +243,7 @@ class Experiment:
             return None
         if data.get("error") and self.retry_failed:
             return None
-        if not self.reuse_other_code and not self._same_code(data.get("code")):
+        if not self.reuse_other_code and not self._same_code(data.get("code"), data.get("row")):
             return None
         return data
 
@@ -257,18 +257,25 @@ class Experiment:
             except (OSError, ValueError):
                 continue
             if (isinstance(data, dict) and data.get("version") == RESULT_VERSION
-                    and data.get("key") == job.key and not self._same_code(data.get("code"))):
+                    and data.get("key") == job.key
+                    and not self._same_code(data.get("code"), job.row)):
                 what = code_id.describe(data.get("code"))
                 found[what] = found.get(what, 0) + 1
         return found
 
-    def _code(self) -> dict[str, str]:
-        """This process's code identity, training on the base config's device (the rows share
-        it): a result of another device is other code."""
-        return code_id.code_identity(self.base["device"])
+    def _peer(self, row: Any) -> bool:
+        """Whether ``row`` (a name; None: none) is trained by FuxiCTR."""
+        spec = (self.specs.get(row) or ROWS.get(row)) if isinstance(row, str) else None
+        return spec is not None and spec.trainer == "fuxictr"
 
-    def _same_code(self, code: Any) -> bool:
-        return code_id.same_code(code, self.base["device"])
+    def _code(self, row: str | None = None) -> dict[str, str]:
+        """This process's code identity, training on the base config's device (the rows share
+        it): a result of another device is other code; a peer row's names FuxiCTR's version."""
+        code = code_id.code_identity(self.base["device"])
+        return {**code, **code_id.fuxictr_identity()} if self._peer(row) else code
+
+    def _same_code(self, code: Any, row: str | None) -> bool:
+        return code_id.same_code(code, self.base["device"], fuxictr=self._peer(row))
 
     def _started_path(self, key: str) -> Path:
         """Where the code that started a job's run is recorded while it trains."""
@@ -291,7 +298,7 @@ class Experiment:
         ``reuse_other_code`` an interrupted run of other code is resumed instead."""
         path, run_dir = self.result_path(job.key), self.out / "runs" / job.key
         code = self._recorded_code(path if path.exists() else self._started_path(job.key))
-        if not (path.exists() or run_dir.exists()) or self._same_code(code) or \
+        if not (path.exists() or run_dir.exists()) or self._same_code(code, job.row) or \
                 (self.reuse_other_code and not path.exists()):
             return
         from cetnet.train.rundir import RunLock
@@ -382,7 +389,7 @@ class Experiment:
         params = check_model(job.config, self.schema)
         self._supersede(job)
         started = self._started_path(job.key)
-        mine = self._code()
+        mine = self._code(job.row)
         if run_dir.exists():
             # resumed (or read back): the code that started it, which is this one unless
             # --reuse-other-code kept another's run (its result then counts as that code's)
@@ -426,7 +433,7 @@ class Experiment:
                 result["metrics"]["abundance"] = abundance
         result["wall_seconds"] = time.perf_counter() - start
         self.result_path(job.key).parent.mkdir(parents=True, exist_ok=True)
-        if not self._same_code(begun):
+        if not self._same_code(begun, job.row):
             result["finished_by"] = mine  # a run of other code, resumed by this one
         write_text_atomic(self.result_path(job.key), json.dumps(result, indent=1) + "\n")
         started.unlink(missing_ok=True)  # the result records the code now
