@@ -189,6 +189,23 @@ def test_compare_says_when_studies_were_trained_by_different_code(tmp_path):
     compare_studies(CompareOptions(studies=[a, b], out=tmp_path / "out", say=lambda text: None))
     report = (tmp_path / "out" / "COMPARE.md").read_text()
     assert "a: aaaa; b: bbbb (**studies of different code**" in report
+    # two studies each of the same two codes (each continued with --reuse-other-code): the
+    # sets agree, the trials of each still mix codes
+    a, b = tmp_path / "a2", tmp_path / "b2"
+    for folder in (a, b):
+        _trials_csv(folder, [("0", "COMPLETE", "0.70"), ("1", "COMPLETE", "0.71")])
+        path = folder / "trials.csv"
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*rows[0], "code"])
+            writer.writeheader()
+            writer.writerows({**r, "code": code} for r, code in zip(rows, ("aaaa", "bbbb")))
+    compare_studies(CompareOptions(studies=[a, b], out=tmp_path / "out", say=lambda text: None))
+    report = (tmp_path / "out" / "COMPARE.md").read_text()
+    assert ("Trials trained by code a2: aaaa, bbbb; b2: aaaa, bbbb (**a2, b2: trials of "
+            "several codes**, continued with --reuse-other-code") in report
+    assert "studies of different code" not in report
 
 
 def test_retrained_runs_are_kept_per_code(tmp_path, monkeypatch):

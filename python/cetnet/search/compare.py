@@ -402,10 +402,14 @@ def compare_studies(options: CompareOptions) -> dict[str, Any]:
     # it): the studies are compared as they were run, and the reader sees when code differs
     codes = {s.label: sorted({r.get("code") or "unrecorded" for r in s.finished})
              for s in studies}
+    mixed = [label for label, c in codes.items() if len(c) > 1]
     code_line = ("Trials trained by code " + "; ".join(
         f"{label}: {', '.join(c)}" for label, c in codes.items())
         + (" (**studies of different code**: a difference between them may be the code's)"
-           if len({tuple(c) for c in codes.values()}) > 1 else "") + ".")
+           if len({tuple(c) for c in codes.values()}) > 1 else "")
+        + (f" (**{', '.join(mixed)}: trials of several codes**, continued with "
+           "--reuse-other-code: a difference between their trials may be the code's)"
+           if mixed else "") + ".")
     lines = ["# Search studies compared", "", "Command:", "", "```", options.command, "```", "",
              code_line, "",
              "## Best validation AUC so far, at equal budget", "",
