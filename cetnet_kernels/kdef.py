@@ -133,7 +133,7 @@ def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",
             checks, in its first pass).
         process_group: for data-parallel training (DDP), the ``torch.distributed`` group whose
             ranks each hold a share of the batch: the exam scores and every batch mean are then
-            the whole batch's (one all-reduce of ``K^2 + 2K + 2`` numbers in the forward and
+            the whole batch's (one all-reduce of ``K^2 + 2K + 3`` numbers in the forward and
             one in the backward), so that DDP's average of the ranks' gradients is the
             gradient of one process on the whole batch, shares of unequal size included (when
             each rank's loss is weighted by its rows' share, as for any mean loss). Every rank

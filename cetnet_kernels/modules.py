@@ -31,12 +31,18 @@ class FusionOutput:
     """
 
     def __init__(self, prob: Tensor, logits: Tensor, weights: Tensor | None,
-                 loss: Tensor | None, fuse: Callable[[], Tensor] | None = None) -> None:
+                 loss: Tensor | None,
+                 fuse: "Callable[[], Tensor] | CETNetFusion | None" = None) -> None:
         self.prob = prob
         self.logits = logits
         self.loss = loss
         self._weights = weights
-        self._fuse = fuse
+        if isinstance(fuse, CETNetFusion):  # (as before 2026-12-01: its settings when read)
+            module = fuse
+            self._fuse: Callable[[], Tensor] | None = \
+                lambda: module.fuse(self.logits.detach())[1]
+        else:
+            self._fuse = fuse
 
     @property
     def weights(self) -> Tensor:
@@ -73,6 +79,11 @@ def _check_range(temperature_range: object, temperature: float | None) -> tuple[
                          f"{inside}, both finite, or None for an unbounded learnable "
                          f"temperature; got {temperature_range!r}")
     return bounds[0], bounds[1]
+
+
+#: How far a state's temperature bounds may be from a module's and still be its range: the
+#: rounding of the coarsest cast a state can go through (bfloat16 keeps 8 significant bits).
+_BOUNDS_RTOL = 2.0 ** -8
 
 
 class CETNetFusion(nn.Module):
@@ -164,9 +175,10 @@ class CETNetFusion(nn.Module):
             low, high = _check_range(temperature_range, temperature)
             self.temperature_range = (low, high)
             # in the state too: temperature_logit means a temperature only within its bounds
-            # (loading it into other bounds would change the learned temperature silently)
+            # (loading it into other bounds would change the learned temperature silently);
+            # float32: every device has it (a cast to 16 bits rounds it, see the load)
             self.register_buffer("temperature_bounds",
-                                 torch.tensor([low, high], dtype=torch.float64))
+                                 torch.tensor([low, high], dtype=torch.float32))
             # sigmoid(theta) places log(temperature) between log(low) and log(high)
             share = (math.log(temperature) - math.log(low)) / (math.log(high) - math.log(low))
             self.temperature_logit = nn.Parameter(torch.tensor(math.log(share / (1 - share))))
@@ -186,9 +198,9 @@ class CETNetFusion(nn.Module):
         if self.temperature_range is not None and isinstance(saved, Tensor) \
                 and saved.device.type != "meta":
             bounds = tuple(float(b) for b in saved.detach().double().reshape(-1).tolist())
-            # (a state of a module cast to half precision holds its bounds rounded)
-            rtol = torch.finfo(saved.dtype).eps if saved.is_floating_point() else 0.0
-            if len(bounds) != 2 or any(abs(b - mine) > rtol * mine
+            # equal up to the rounding of any cast the state went through (bfloat16: 2^-8 of
+            # the value): a range that close is the same temperature mapping
+            if len(bounds) != 2 or any(abs(b - mine) > _BOUNDS_RTOL * mine
                                        for b, mine in zip(bounds, self.temperature_range)):
                 error_msgs.append(
                     f"CETNetFusion: the state's temperature_logit is a temperature within "
@@ -199,6 +211,11 @@ class CETNetFusion(nn.Module):
                                       missing_keys, unexpected_keys, error_msgs)
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)  # a state saved before the bounds were kept: unchecked
+        bounds_buffer = self._buffers.get("temperature_bounds")
+        if self.temperature_range is not None and bounds_buffer is not None \
+                and bounds_buffer.device.type != "meta":
+            with torch.no_grad():  # this module's own bounds, not the state's rounded copy
+                bounds_buffer.copy_(torch.tensor(self.temperature_range))
 
     @property
     def learnable_temperature(self) -> bool:

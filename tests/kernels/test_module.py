@@ -142,6 +142,16 @@ def test_a_learned_temperature_keeps_its_bounds_in_the_state():
             .load_state_dict(half.state_dict())
     before = {k: v for k, v in state.items() if k != "temperature_bounds"}
     same.load_state_dict(before)  # strict: the bounds are not a missing key
+    # a state that went through a cast (rounded bounds) loads, and the module keeps its own
+    # bounds: its state loads into the next module of that range (it did not: the rounded
+    # copy, compared in float64, was "another range")
+    for cast in (torch.float16, torch.bfloat16, torch.float64):
+        first = CETNetFusion(2, learnable_temperature=True, temperature_range=(0.3, 3.0))
+        second = CETNetFusion(2, learnable_temperature=True, temperature_range=(0.3, 3.0))
+        second.load_state_dict(first.to(cast).state_dict())
+        assert second.temperature_bounds.tolist() == torch.tensor([0.3, 3.0]).tolist()
+        CETNetFusion(2, learnable_temperature=True, temperature_range=(0.3, 3.0)) \
+            .load_state_dict(second.state_dict())
 
 
 @pytest.mark.parametrize("labels", [True, False])
@@ -158,6 +168,12 @@ def test_an_outputs_weights_are_those_of_its_forward(labels):
     opt.step()
     assert abs(float(fusion.temperature) - 1.0) > 0.05  # it moved
     torch.testing.assert_close(out.weights, expected, rtol=1e-6, atol=1e-7)
+    # made as before, with the module: its weights at the module's settings when read
+    from cetnet_kernels import FusionOutput
+
+    made = FusionOutput(out.prob, z, None, out.loss, fusion)
+    now = confidence_fusion_reference(z, fusion.temperature.detach())[1]
+    torch.testing.assert_close(made.weights, now, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

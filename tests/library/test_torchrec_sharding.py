@@ -349,6 +349,41 @@ def test_two_rank_sharded_run_equals_one_process_resumes_and_evaluates(tmp_path)
         evaluate_run(out, write=False)
 
 
+def _kdef_config() -> dict:
+    cfg = _config()
+    cfg["train"]["epochs"] = 1
+    cfg["model"].update(ensemble="kdef")
+    return cfg
+
+
+def _kdef_worker(rank: int, port: int, out: str, results: str) -> None:
+    _env(rank, port)
+    torch.save(_train(_kdef_config(), Path(out)), Path(results, f"rank{rank}.pt"))
+
+
+def test_a_two_rank_sharded_kdef_run_equals_one_process(tmp_path):
+    """KDEF's exam scores are taken over the ranks' shares with TorchRec's tables too (the
+    sharded path never went through data_parallel, which set them for the fused embedding
+    only: the ranks' tables were ~1e-4 off the one-process run's)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _train(_kdef_config(), tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    results = tmp_path / "kdef"
+    results.mkdir()
+    _spawn(_kdef_worker, str(tmp_path / "two"), str(results))
+    ranks = [torch.load(results / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    two = ranks[0]["metrics"]
+    for m in ("auc", "logloss"):
+        assert _close(two["fused"][m], one["metrics"]["fused"][m]), m
+    assert _close(two["history"][0]["train_loss"], one["metrics"]["history"][0]["train_loss"])
+    for k, v in ranks[0]["tables"][1].items():
+        assert torch.allclose(v, one["tables"][1][k], rtol=RTOL, atol=1e-7), \
+            (k, float((v - one["tables"][1][k]).abs().max()))
+
+
 def test_resume_on_another_world_size(tmp_path):
     # One process trains epoch 1, two ranks resume it for epoch 2, one process finishes: DCP
     # reshards the tables and the fused optimizer's state on load, and the run equals the

@@ -39,7 +39,7 @@ from cetnet.train.runlog import RunLog, environment
 from cetnet.train.schedule import LRSchedule
 
 __all__ = ["fit", "EpochRunner", "EpochResult", "LoopState", "resume_state", "resolve_device",
-           "data_parallel", "leave_data_parallel", "shard_batches", "print_warnings",
+           "data_parallel", "losses_over_ranks", "leave_data_parallel", "shard_batches", "print_warnings",
            "split_warnings", "EpochCallback", "TrainingError", "check_backend", "check_splits",
            "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING"]
 
@@ -298,24 +298,20 @@ class _LossOf(nn.Module):
 
 
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model.loss`` under DistributedDataParallel (dense gradients averaged over the ranks),
-    its fused embeddings' updates shared by the ranks
-    (:meth:`~cetnet_kernels.MultiTableEmbedding.set_process_group`) and a KDEF's exam scores
-    taken over the ranks' shares (:meth:`cetnet.models.KDEF.set_process_group`). A fused embedding's
+    """``model.loss`` under DistributedDataParallel (dense gradients averaged over the ranks)
+    and its fused embeddings' updates shared by the ranks
+    (:meth:`~cetnet_kernels.MultiTableEmbedding.set_process_group`). A fused embedding's
     weight and optimizer state are left out of DDP (DDP has no gradient of them to reduce and
     would broadcast the whole tables every step): the ranks build them identically and update
     them identically."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from cetnet.models import KDEF
     from cetnet_kernels import MultiTableEmbedding
 
     wrapper = _LossOf(model)
     own: set[int] = set()
     for m in model.modules():
-        if isinstance(m, KDEF):
-            m.set_process_group(dist.group.WORLD)
         if isinstance(m, MultiTableEmbedding) and m.optimizer is not None:
             m.set_process_group(dist.group.WORLD)
             own |= {id(t) for t in (m.weight, m.optimizer_state, m._placeholder)
@@ -328,9 +324,24 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
         wrapper, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def losses_over_ranks(model: nn.Module) -> None:
+    """A KDEF's exam scores and batch means taken over the ranks' shares of each batch
+    (:meth:`cetnet.models.KDEF.set_process_group`), whichever embedding the data-parallel run
+    has: its loss is no row mean, and DDP's average of per-share losses would not be the
+    whole batch's."""
+    import torch.distributed as dist
+
+    from cetnet.models import KDEF
+
+    for m in model.modules():
+        if isinstance(m, KDEF):
+            m.set_process_group(dist.group.WORLD)
+
+
 def leave_data_parallel(model: nn.Module) -> None:
-    """Undoes :func:`data_parallel`'s process group on the model's fused embeddings and KDEF
-    losses: they are local again (the model is usable without the group)."""
+    """Undoes the process groups of :func:`data_parallel` (the fused embeddings) and
+    :func:`losses_over_ranks` (KDEF losses): the model is local again, usable without the
+    group."""
     from cetnet.models import KDEF
     from cetnet_kernels import MultiTableEmbedding
 
@@ -440,6 +451,8 @@ class EpochRunner:
         # data-parallel: model.loss under DDP (None in a single process: no collective at all)
         self.ddp = self.sharded if self.sharded is not None else \
             data_parallel(model, device) if distributed.active() else None
+        if distributed.active():
+            losses_over_ranks(model)
 
     def say(self, msg: str) -> None:
         """A line of the run's log: printed on stdout (below the progress bars, flushed) unless
@@ -737,7 +750,7 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     finally:
         if runner.sharded is not None:
             runner.sharded.close()
-        elif runner.ddp is not None:
+        if runner.ddp is not None:
             leave_data_parallel(model)
     if not quiet and main:  # again under the results: the start of a long run has scrolled away
         print_warnings(run_warnings)
