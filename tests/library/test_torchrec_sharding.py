@@ -11,11 +11,13 @@ the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import socket
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -239,6 +241,17 @@ def test_one_step_of_two_ranks_equals_the_one_process_step(tmp_path):
 
 # -- training runs, checkpoints, resume ---------------------------------------------------
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The one-process runs on one thread, as each rank (the order of the dense sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train(config: dict, out: Path, *, resume: bool = False,
            stop_after: int | None = None) -> dict:
     """A run (1 process, or this rank's) and its whole tables after every epoch."""
@@ -276,12 +289,8 @@ def test_two_rank_sharded_run_equals_one_process_resumes_and_evaluates(tmp_path)
     from cetnet.train.rundir import read_json
     from cetnet.train.runner import evaluate_run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         one = _train(_config(), tmp_path / "one")
-    finally:
-        torch.set_num_threads(threads)
 
     out = tmp_path / "two"
     first = _spawn_train(tmp_path, "first", out, stop_after=2)
@@ -365,12 +374,8 @@ def test_a_two_rank_sharded_kdef_run_equals_one_process(tmp_path):
     """KDEF's exam scores are taken over the ranks' shares with TorchRec's tables too (the
     sharded path never went through data_parallel, which set them for the fused embedding
     only: the ranks' tables were ~1e-4 off the one-process run's)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         one = _train(_kdef_config(), tmp_path / "one")
-    finally:
-        torch.set_num_threads(threads)
     results = tmp_path / "kdef"
     results.mkdir()
     _spawn(_kdef_worker, str(tmp_path / "two"), str(results))
@@ -388,16 +393,12 @@ def test_resume_on_another_world_size(tmp_path):
     # One process trains epoch 1, two ranks resume it for epoch 2, one process finishes: DCP
     # reshards the tables and the fused optimizer's state on load, and the run equals the
     # uninterrupted one-process run (the ranks' shares concatenate to its batches).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         one = _train(_config(), tmp_path / "one")
         out = tmp_path / "run"
         _train(_config(), out, stop_after=1)
         two = _spawn_train(tmp_path, "two", out, resume=True, stop_after=2)
         rest = _train(_config(), out, resume=True)
-    finally:
-        torch.set_num_threads(threads)
     assert sorted(two[0]["tables"]) == [2] and sorted(rest["tables"]) == [3]
     for k, v in two[0]["tables"][2].items():  # the two ranks agree (whole tables gathered)
         assert torch.equal(v, two[1]["tables"][2][k]), k
