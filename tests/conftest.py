@@ -2,6 +2,7 @@
 variable must be set before anything imports triton."""
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -101,6 +102,19 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _plugins_of_this_test():
+    """The plugin modules a test loads count as its process's code (cetnet.code_identity)
+    for that test only: a later test's in-process identity would otherwise differ from its
+    subprocesses'."""
+    before = sys.modules.get("cetnet.train.builders")
+    saved = list(before.LOADED_PLUGINS) if before is not None else []
+    yield
+    builders = sys.modules.get("cetnet.train.builders")
+    if builders is not None:
+        builders.LOADED_PLUGINS[:] = saved
 
 
 # --- training tests (tests/library/test_train*.py, tests/library/test_cli*.py) -------------------

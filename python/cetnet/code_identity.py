@@ -9,9 +9,10 @@ with new ones unless asked (docs/REPRODUCE.md, "Caching").
 The digest covers the Python sources of ``cetnet`` and ``cetnet_kernels`` as code (their syntax
 trees without docstrings and comments: editing prose changes nothing; the syntax tree's printed
 form depends on Python's minor version, which the identity names) except the modules that
-only present results (:data:`PRESENTATION_MODULES`), and the bytes of the compiled extension
-this process loaded (``cetnet_kernels._C``: what runs, not the sources beside it, which may
-have been edited without a rebuild).
+only present results (:data:`PRESENTATION_MODULES`), the plugin modules loaded
+(``cetnet --plugin``: their datasets and models train by their code), and the bytes of the
+compiled extension this process loaded (``cetnet_kernels._C``: what runs, not the sources
+beside it, which may have been edited without a rebuild).
 
 The identity also names the device a config's ``device`` setting trains on here (``cpu``, or the
 GPU's name and compute capability with Triton's version): a GPU runs other kernels than the CPU
@@ -82,6 +83,21 @@ def source_digest(files: Iterable[tuple[str, Path]]) -> str:
     return h.hexdigest()[:16]
 
 
+def _plugin_files(plugins: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """The Python files of the plugin modules loaded (a package: every file under it): a
+    dataset or model a plugin registers trains by its code."""
+    files: list[tuple[str, Path]] = []
+    for name in plugins:
+        module = sys.modules.get(name)
+        where = getattr(module, "__file__", None)
+        if not where:
+            continue
+        path = Path(where)
+        paths = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+        files += [(f"plugin:{name}/{p.relative_to(path.parent).as_posix()}", p) for p in paths]
+    return files
+
+
 def _package_files() -> list[tuple[str, Path]]:
     import cetnet
     import cetnet_kernels
@@ -102,7 +118,7 @@ def _package_files() -> list[tuple[str, Path]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _fixed_identity() -> tuple[tuple[str, str], ...]:
+def _fixed_identity(plugins: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     import torch
 
     try:
@@ -111,7 +127,7 @@ def _fixed_identity() -> tuple[tuple[str, str], ...]:
         version = "unknown"
     return (("cetnet", version), ("torch", torch.__version__),
             ("python", "{}.{}".format(*sys.version_info[:2])),
-            ("digest", source_digest(_package_files())))
+            ("digest", source_digest(_package_files() + _plugin_files(plugins))))
 
 
 def device_identity(device: str) -> dict[str, str]:
@@ -153,10 +169,11 @@ def code_identity(device: str) -> dict[str, str]:
     "cpu": the CPU kernel build in use, **device_identity(device)}`` of this process's code
     training on a config's ``device`` setting (the digest computed once per process: ~0.5 s;
     the CPU build read at each call, as ``set_cpu_capability`` may change it)."""
+    from cetnet.train.builders import LOADED_PLUGINS
     from cetnet_kernels import build_info
 
-    return {**dict(_fixed_identity()), "cpu": str(build_info().get("cpu_capability")),
-            **device_identity(device)}
+    return {**dict(_fixed_identity(tuple(LOADED_PLUGINS))),
+            "cpu": str(build_info().get("cpu_capability")), **device_identity(device)}
 
 
 def code_tag(identity: object) -> str:

@@ -429,6 +429,35 @@ def test_the_device_trained_on_is_part_of_the_code(tmp_path, monkeypatch, capsys
     assert not ci.same_code({k: v for k, v in now.items() if k != "device"}, "cpu")
 
 
+def test_the_plugins_loaded_are_part_of_the_code(tmp_path, monkeypatch):
+    """A dataset or model a plugin registers trains by the plugin's code: results of another
+    version of it are other code (a module, or every file of a package)."""
+    from cetnet import code_identity as ci
+    from cetnet.train import builders
+
+    monkeypatch.setattr(builders, "LOADED_PLUGINS", [])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_members.py").write_text('"""Doc."""\nSCALE = 1\n')
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "layers.py").write_text("WIDTH = 8\n")
+    plain = ci.code_identity("cpu")["digest"]
+
+    def digest() -> str:
+        ci._fixed_identity.cache_clear()  # (read once per process otherwise)
+        return ci.code_identity("cpu")["digest"]
+
+    builders.load_plugins(["my_members", "my_pkg"])
+    assert builders.LOADED_PLUGINS == ["my_members", "my_pkg"]
+    with_plugins = digest()
+    assert with_plugins != plain
+    (tmp_path / "my_members.py").write_text('"""Other words."""\nSCALE = 1  # why\n')
+    assert digest() == with_plugins  # prose
+    (tmp_path / "my_pkg" / "layers.py").write_text("WIDTH = 16\n")
+    assert digest() != with_plugins  # a file of the package's
+    ci._fixed_identity.cache_clear()
+
+
 def test_code_digest_ignores_prose_not_code(tmp_path):
     from cetnet.code_identity import source_digest
 

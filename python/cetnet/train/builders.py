@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DatasetFactory", "ModelFactory", "EnsembleModel", "register_dataset",
            "register_model", "unregister_dataset", "unregister_model", "registered_datasets",
-           "load_dataset", "build_model", "prepare_dataset", "load_plugins", "PLUGINS_ENV"]
+           "load_dataset", "build_model", "prepare_dataset", "load_plugins", "PLUGINS_ENV",
+           "LOADED_PLUGINS"]
 
 #: ``factory(**options) -> CTRDataset`` (the options of the config's ``data:`` section).
 DatasetFactory = Callable[..., Any]
@@ -104,6 +105,11 @@ def build_model(config: dict, schema: Schema, *, backend: str = "auto") -> Any:
     return library_build(config, schema, backend=backend)
 
 
+#: The plugin modules :func:`load_plugins` imported, in order (their code is part of the code
+#: identity that reproduce and search record: :mod:`cetnet.code_identity`).
+LOADED_PLUGINS: list[str] = []
+
+
 def load_plugins(modules: Sequence[str] = ()) -> None:
     """Imports plugin modules (and those named in ``$CETNET_PLUGINS``) so that they can
     register datasets and models; ConfigError naming one that does not exist."""
@@ -111,6 +117,8 @@ def load_plugins(modules: Sequence[str] = ()) -> None:
     for name in [*names, *modules]:
         try:
             importlib.import_module(name)
+            if name not in LOADED_PLUGINS:
+                LOADED_PLUGINS.append(name)
         except ModuleNotFoundError as e:
             # the plugin itself (or its package) is missing: the user's input, one line; a
             # module missing inside the plugin is the plugin's error and keeps its traceback
