@@ -106,15 +106,14 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _plugins_of_this_test():
-    """The plugin modules a test loads count as its process's code (cetnet.code_identity)
-    for that test only: a later test's in-process identity would otherwise differ from its
-    subprocesses'."""
-    before = sys.modules.get("cetnet.train.builders")
-    saved = list(before.LOADED_PLUGINS) if before is not None else []
+    """The plugin modules a test (or a module fixture it uses) loads count as its process's
+    code (cetnet.code_identity) for that test only: a later test's in-process identity would
+    otherwise differ from its subprocesses' (a search resumed by a worker process was refused
+    as other code)."""
     yield
     builders = sys.modules.get("cetnet.train.builders")
     if builders is not None:
-        builders.LOADED_PLUGINS[:] = saved
+        builders.LOADED_PLUGINS.clear()
 
 
 # --- training tests (tests/library/test_train*.py, tests/library/test_cli*.py) -------------------
