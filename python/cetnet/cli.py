@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the encoded-dataset cache files under each DIR (default: the data "
                     "root, $CETNET_DATA or ~/.cache/cetnet; a BARS dataset's is its "
                     "data.cache_dir) with their size and status: current, superseded (an input "
-                    "file changed or is gone since: the cache can never be read again), "
-                    "other-format (another cetnet's) or unknown (written before cetnet recorded "
-                    "its inputs). --prune deletes the superseded ones.")
+                    "file was rewritten or replaced since: the cache can never be read again), "
+                    "missing-input (an input cannot be read now: kept), other-version (another "
+                    "cetnet's: kept) or unknown (written before cetnet recorded its inputs). "
+                    "--prune deletes the superseded ones.")
     ca.add_argument("dirs", nargs="*", type=Path, metavar="DIR")
     ca.add_argument("--prune", action="store_true", help="delete the superseded caches")
 
@@ -441,6 +442,9 @@ def _caches(dirs: Sequence[Path], prune: bool) -> int:
     from cetnet.data.cache import cache_status, default_root, find_caches, sources_path
 
     roots = list(dirs) or [default_root()]
+    if not dirs and not roots[0].is_dir():
+        print(f"0 cache file(s): no data root {roots[0]} yet")
+        return 0
     for root in roots:
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such directory")
@@ -448,9 +452,12 @@ def _caches(dirs: Sequence[Path], prune: bool) -> int:
     count = 0
     for root in roots:
         for path in find_caches(root):
-            count += 1
             status, why = cache_status(path)
-            size = path.stat().st_size
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            count += 1
             print(f"{status:<12} {size / 2**20:10.1f} MB  {path}  ({why})")
             if status == "superseded":
                 superseded.append((path, size))

@@ -94,7 +94,8 @@ def _plugin_files(plugins: tuple[str, ...]) -> list[tuple[str, Path]]:
             continue
         path = Path(where)
         paths = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
-        files += [(f"plugin:{name}/{p.relative_to(path.parent).as_posix()}", p) for p in paths]
+        files += [(f"plugin:{name}/{p.relative_to(path.parent).as_posix()}", p) for p in paths
+                  if p.is_file()]  # (an editor's lock file is a dangling .py link)
     return files
 
 
@@ -107,7 +108,7 @@ def _package_files() -> list[tuple[str, Path]]:
         root = Path(str(package.__file__)).parent
         for path in root.rglob("*.py"):
             name = path.relative_to(root.parent).as_posix()
-            if name not in PRESENTATION_MODULES:
+            if name not in PRESENTATION_MODULES and path.is_file():
                 files.append((name, path))
     from cetnet_kernels import _extension
 

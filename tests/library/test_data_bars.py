@@ -373,12 +373,13 @@ def test_a_file_rewritten_with_its_size_and_mtime_kept_is_encoded_again(tmp_path
     assert before.splits["train"].positive_rate < 1.0 == after.splits["train"].positive_rate
 
 
-def test_superseded_caches_are_listed_and_pruned(tmp_path, capsys):
+def test_superseded_caches_are_listed_and_pruned(tmp_path, capsys, monkeypatch):
     """A cache whose input files changed can never be read again (its name holds their old
     stamps) but stayed on disk: each records its inputs, `cetnet data caches DIR` tells
     current from superseded and `--prune` deletes the superseded ones only. A cache written
     before the record is 'unknown' until it is read (its key matched: it gets the record)."""
     from cetnet.cli import main
+    from cetnet.data import bars
     from cetnet.data.cache import cache_status, find_caches, sources_path
 
     cfg = make_bars(tmp_path, "criteo_x1")
@@ -406,6 +407,19 @@ def test_superseded_caches_are_listed_and_pruned(tmp_path, capsys):
     assert list(find_caches(cache)) == [new] and not sources_path(old).exists()
     assert main(["data", "caches", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    # an input that cannot be read now (its folder moved): kept, readable once it is back
+    data = tmp_path / "criteo_x1"
+    data.rename(tmp_path / "moved")
+    assert cache_status(new)[0] == "missing-input"
+    assert main(["data", "caches", str(cache), "--prune"]) == 0
+    assert "deleted 0 superseded" in capsys.readouterr().out
+    (tmp_path / "moved").rename(data)
+    assert cache_status(new)[0] == "current"
+    # another loader version (an upgrade): this cetnet never reads it; kept for that version
+    monkeypatch.setattr(bars, "_CACHE_VERSION", bars._CACHE_VERSION + 1)
+    assert cache_status(new) == ("other-version", f"bars cache version "
+                                 f"{bars._CACHE_VERSION - 1}, this cetnet's "
+                                 f"{bars._CACHE_VERSION}")
 
 
 def test_a_checkpoint_refuses_the_data_read_in_another_sequence_order(tmp_path):

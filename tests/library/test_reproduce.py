@@ -454,7 +454,10 @@ def test_the_plugins_loaded_are_part_of_the_code(tmp_path, monkeypatch):
     (tmp_path / "my_members.py").write_text('"""Other words."""\nSCALE = 1  # why\n')
     assert digest() == with_plugins  # prose
     (tmp_path / "my_pkg" / "layers.py").write_text("WIDTH = 16\n")
-    assert digest() != with_plugins  # a file of the package's
+    changed = digest()
+    assert changed != with_plugins  # a file of the package's
+    (tmp_path / "my_pkg" / ".#layers.py").symlink_to("root@host.1234")  # an editor's lock
+    assert digest() == changed  # (a dangling link: FileNotFoundError before)
     ci._fixed_identity.cache_clear()
 
 
@@ -610,7 +613,10 @@ def test_fuxictr_peer_row_is_trained_by_fuxictr_and_compared(tmp_path, capsys, m
     codes = {json.loads(p.read_text())["row"]: json.loads(p.read_text())["code"]
              for p in (tmp_path / "out" / "results").glob("*.json")}
     assert codes["fuxictr_dnn"]["fuxictr"] == "2.3.10" and "fuxictr" not in codes["dnn"]
-    assert "FuxiCTR 2.3.10" in report
+    # one build of cetnet, the peer's FuxiCTR apart (not "2 builds": nothing was reused)
+    assert "- trained by: cetnet " in report and "(all 4 results)" in report
+    assert "- peer rows trained by FuxiCTR 2.3.10 (2 results)" in report
+    assert "**trained by" not in report
     monkeypatch.setattr(ci, "fuxictr_identity", lambda: {"fuxictr": "2.4.0"})
     assert main([*_args(tmp_path, rows="dnn,fuxictr_dnn"), "--dry-run"]) == 0
     said = capsys.readouterr().out

@@ -191,7 +191,7 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
         path = cache_file(open_cache_dir(cache_dir), cfg.dataset_id,
                           (_CACHE_VERSION, cfg, stamps, max_rows))
     dataset = cached(path, lambda: _encode(cfg, chunk_size, max_rows, verbose), verbose=verbose,
-                     sources=stamps)
+                     sources=stamps, loader=("bars", _CACHE_VERSION))
     dataset.row_encoder = functools.partial(_encode_rows, cfg, dataset, chunk_size)
     newest = sorted(c.name for c in cfg.columns if c.type == "sequence" and c.newest_first)
     dataset.encoding_options = {"newest_first": newest} if newest else {}

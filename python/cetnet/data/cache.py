@@ -134,16 +134,17 @@ def _cannot_write(path: Path, e: OSError) -> CacheError:
 
 
 def cached(path: Path | None, build: Callable[[], CTRDataset], *, refresh: bool = False,
-           verbose: bool = False,
-           sources: Sequence[tuple[str, int, int, int, int]] = ()) -> CTRDataset:
+           verbose: bool = False, sources: Sequence[tuple[str, int, int, int, int]] = (),
+           loader: tuple[str, int] | None = None) -> CTRDataset:
     """``path``'s dataset if readable (and not ``refresh``), else ``build()`` saved there;
     ``sources``: the :func:`file_stamp` of each input file its key holds, recorded beside it
-    (:func:`sources_path`; a cache read without the record gets it: its key matched)."""
+    with ``loader`` (its name and cache version: :data:`LOADER_VERSIONS`) in
+    :func:`sources_path` (a cache read without the record gets it: its key matched)."""
     if path is not None and not refresh:
         ds = read_cache(path, verbose)
         if ds is not None:
             if sources and not sources_path(path).exists():
-                _record_sources(path, sources)
+                _record_sources(path, sources, loader)
             return ds
     if path is not None:
         check_writable(path)  # before the encode (hours for a large dataset), not after it
@@ -151,8 +152,16 @@ def cached(path: Path | None, build: Callable[[], CTRDataset], *, refresh: bool 
     if path is not None:
         write_cache(ds, path)
         if sources:
-            _record_sources(path, sources)
+            _record_sources(path, sources, loader)
     return ds
+
+
+def loader_versions() -> dict[str, int]:
+    """The cache version of each loader that records its caches' inputs (a cache of another
+    version is in a key this cetnet never makes)."""
+    from cetnet.data import bars, movielens
+
+    return {"bars": bars._CACHE_VERSION, "movielens-100k": movielens._CACHE_VERSION}
 
 
 def sources_path(path: Path) -> Path:
@@ -160,8 +169,11 @@ def sources_path(path: Path) -> Path:
     return path.with_name(path.stem + ".sources.json")
 
 
-def _record_sources(path: Path, sources: Sequence[tuple[str, int, int, int, int]]) -> None:
-    record = {"format": FORMAT_VERSION, "sources": [list(s) for s in sources]}
+def _record_sources(path: Path, sources: Sequence[tuple[str, int, int, int, int]],
+                    loader: tuple[str, int] | None) -> None:
+    record: dict[str, Any] = {"format": FORMAT_VERSION, "sources": [list(s) for s in sources]}
+    if loader is not None:
+        record["loader"], record["loader_version"] = loader
     try:
         write_bytes_atomic(sources_path(path), (json.dumps(record) + "\n").encode())
     except OSError:  # only a help for pruning: the cache itself is written
@@ -170,22 +182,29 @@ def _record_sources(path: Path, sources: Sequence[tuple[str, int, int, int, int]
 
 def cache_status(path: Path) -> tuple[str, str]:
     """``(status, why)`` of a cache file: ``current`` (its input files are as recorded),
-    ``superseded`` (one changed or is gone: the cache can never be read again, its name holds
-    the old stamps), ``other-format`` (written by a cetnet of another dataset format) or
-    ``unknown`` (no record of its inputs: written before cetnet kept one)."""
+    ``superseded`` (one was rewritten or replaced since: the cache can never be read again,
+    its name holds the old stamps), ``missing-input`` (an input file cannot be read now, e.g.
+    a folder moved or unmounted: readable again when it is back), ``other-version`` (written
+    by a cetnet of another dataset format or loader version: this one never reads it, one of
+    that version may) or ``unknown`` (no record of its inputs: written before cetnet kept
+    one)."""
     try:
         record = json.loads(sources_path(path).read_text())
         stamps = [tuple(s) for s in record["sources"]]
         fmt = record["format"]
     except (OSError, ValueError, KeyError, TypeError):
         return "unknown", "no record of its input files"
+    loader, version = record.get("loader"), record.get("loader_version")
     if fmt != FORMAT_VERSION:
-        return "other-format", f"dataset format {fmt}, this cetnet's {FORMAT_VERSION}"
+        return "other-version", f"dataset format {fmt}, this cetnet's {FORMAT_VERSION}"
+    if loader is not None and version != loader_versions().get(loader, version):
+        return "other-version", (f"{loader} cache version {version}, this cetnet's "
+                                 f"{loader_versions()[loader]}")
     for stamp in stamps:
         try:
             now = file_stamp(Path(stamp[0]))
-        except OSError:
-            return "superseded", f"{stamp[0]} is gone"
+        except OSError as e:
+            return "missing-input", f"{stamp[0]}: {e.strerror or e}"
         if now != stamp:
             return "superseded", f"{stamp[0]} changed since"
     return "current", f"{len(stamps)} input file(s) unchanged"

@@ -733,4 +733,5 @@ def load_movielens(root: str | Path | None = None, *, max_seq_len: int = 50, min
         _log(f"encoded MovieLens-100k, caching it at {path}", verbose)
         return ds
 
-    return cached(path, build, refresh=refresh, sources=stamps)
+    return cached(path, build, refresh=refresh, sources=stamps,
+                  loader=("movielens-100k", _CACHE_VERSION))

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from cetnet.atomic import check_output_file
 from cetnet.config import ConfigError
 from cetnet.cli import USER_ERRORS, one_line
-from cetnet.code_identity import describe
 from cetnet.data.movielens import SPLIT_KINDS
 from cetnet.models.build import MEMBERS
 from cetnet.reproduce.experiment import GRIDS, Experiment, base_config, grid_points
-from cetnet.reproduce.report import comparisons, summarize, write_report
+from cetnet.reproduce.report import code_counts, comparisons, summarize, write_report
 from cetnet.reproduce.rows import ROW_NAMES, ROWS, parse_rows
 from cetnet.reproduce.studies import (DEFAULT_ARCHS, DEFAULT_DIMS, DEFAULT_KS, STUDIES,
                                       embedding_size_rows, parse_archs, parse_ints, scaling_rows)
@@ -147,7 +145,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             chosen[row] = {s: c for s in exp.seeds
                            if (c := exp.chosen(row, s)) is not None}
         summary = summarize(chosen, all_results)
-        codes = Counter(describe(r.get("code")) for rs in all_results.values() for r in rs)
+        codes = code_counts(r for rs in all_results.values() for r in rs)
         if args.study != "main":
             path = write_study_report(report, args.study, command=list(argv), specs=exp.specs,
                                       summary=summary, chosen=chosen, base=base,

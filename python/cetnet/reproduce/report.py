@@ -8,11 +8,13 @@ import math
 import os
 import platform
 import shlex
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from cetnet.atomic import write_bytes_atomic, write_text_atomic
+from cetnet.code_identity import describe
 from cetnet.reproduce.rows import CETNET_VARIANTS, PEER_ROWS, ROWS, SINGLE_ROWS
 from cetnet.reproduce.stats import PairedDiff, mean_std, paired_difference
 
@@ -265,16 +267,43 @@ def report_header(title: str, *, command: Sequence[str], base: Mapping[str, Any]
     return lines
 
 
+#: How :func:`code_counts` names the FuxiCTR version of the peer rows' results.
+PEER_CODE = "FuxiCTR "
+
+
+def code_counts(results: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """``{description: number of results}`` of the cetnet builds that trained ``results``, and
+    ``{"FuxiCTR <version>": n}`` of the peer rows' (a peer result names both)."""
+    counts: Counter[str] = Counter()
+    for r in results:
+        code = r.get("code")
+        if isinstance(code, dict) and "fuxictr" in code:
+            counts[f"{PEER_CODE}{code['fuxictr']}"] += 1
+            code = {k: v for k, v in code.items() if k != "fuxictr"}
+        counts[describe(code)] += 1
+    return dict(counts)
+
+
 def _code_lines(codes: Mapping[str, int]) -> list[str]:
-    if not codes:
-        return []
-    if len(codes) == 1:
-        (what, n), = codes.items()
-        return [f"- trained by: {what} (all {n} results)"]
-    parts = "; ".join(f"{what}: {n}" for what, n in codes.items())
-    return [f"- **trained by {len(codes)} builds of the code** ({parts}): results of other "
-            "code were reused (--reuse-other-code), so a paired difference may compare runs "
-            "of different code"]
+    peers = {k: n for k, n in codes.items() if k.startswith(PEER_CODE)}
+    builds = {k: n for k, n in codes.items() if k not in peers}
+    lines = []
+    if len(builds) == 1:
+        (what, n), = builds.items()
+        lines.append(f"- trained by: {what} (all {n} results)")
+    elif builds:
+        parts = "; ".join(f"{what}: {n}" for what, n in builds.items())
+        lines.append(f"- **trained by {len(builds)} builds of the code** ({parts}): results "
+                     "of other code were reused (--reuse-other-code), so a paired difference "
+                     "may compare runs of different code")
+    if len(peers) == 1:
+        (what, n), = peers.items()
+        lines.append(f"- peer rows trained by {what} ({n} results)")
+    elif peers:
+        parts = "; ".join(f"{what}: {n}" for what, n in peers.items())
+        lines.append(f"- **peer rows trained by {len(peers)} FuxiCTR versions** ({parts}): "
+                     "results of another were reused (--reuse-other-code)")
+    return lines
 
 
 def write_report(path: str | Path, *, command: Sequence[str], summary: Mapping[str, dict],
