@@ -285,24 +285,23 @@ def code_counts(results: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def _code_lines(codes: Mapping[str, int]) -> list[str]:
+    """A line for the cetnet builds that trained the results and one for the peer rows'
+    FuxiCTR versions, in bold when there are several (results of other code reused)."""
     peers = {k: n for k, n in codes.items() if k.startswith(PEER_CODE)}
     builds = {k: n for k, n in codes.items() if k not in peers}
     lines = []
-    if len(builds) == 1:
-        (what, n), = builds.items()
-        lines.append(f"- trained by: {what} (all {n} results)")
-    elif builds:
-        parts = "; ".join(f"{what}: {n}" for what, n in builds.items())
-        lines.append(f"- **trained by {len(builds)} builds of the code** ({parts}): results "
-                     "of other code were reused (--reuse-other-code), so a paired difference "
-                     "may compare runs of different code")
-    if len(peers) == 1:
-        (what, n), = peers.items()
-        lines.append(f"- peer rows trained by {what} ({n} results)")
-    elif peers:
-        parts = "; ".join(f"{what}: {n}" for what, n in peers.items())
-        lines.append(f"- **peer rows trained by {len(peers)} FuxiCTR versions** ({parts}): "
-                     "results of another were reused (--reuse-other-code)")
+    for counts, one, several in (
+            (builds, "trained by: {} (all {} results)",
+             "**trained by {} builds of the code** ({}): results of other code were reused "
+             "(--reuse-other-code), so a paired difference may compare runs of different code"),
+            (peers, "peer rows trained by {} ({} results)",
+             "**peer rows trained by {} FuxiCTR versions** ({}): results of another were "
+             "reused (--reuse-other-code)")):
+        if len(counts) == 1:
+            lines.append("- " + one.format(*next(iter(counts.items()))))
+        elif counts:
+            parts = "; ".join(f"{what}: {n}" for what, n in counts.items())
+            lines.append("- " + several.format(len(counts), parts))
     return lines
 
 
