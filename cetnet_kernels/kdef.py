@@ -137,9 +137,9 @@ def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",
             one in the backward), so that DDP's average of the ranks' gradients is the
             gradient of one process on the whole batch, shares of unequal size included (when
             each rank's loss is weighted by its rows' share, as for any mean loss). Every rank
-            gets the whole batch's loss. Computed by the plain-PyTorch formulas (eager only,
-            not under ``torch.compile``; ``backend`` is not used); with one rank, or ``None``,
-            the fused kernel on this batch.
+            gets the whole batch's loss. Computed by the plain-PyTorch formulas (``backend``
+            is not used; tested in eager mode, as cetnet's trainer runs it); with one rank, or
+            ``None``, the fused kernel on this batch.
 
     Returns:
         ``(loss, teacher_prob)``: the scalar loss in float32 (float64 for float64 logits; 0 for

@@ -9,10 +9,10 @@ through their own temporary and the last ``os.replace`` wins with a complete fil
 killed writes are swept on the next start. An unreadable cache file (empty, truncated, corrupt,
 another format) is rebuilt.
 
-Beside each cache file, ``<name>.sources.json`` records the input files' stamps it was made from
-and the format version: a cache whose inputs have changed since can never be read again (its
-name holds their old stamps), so :func:`cache_status` can tell it superseded and
-``cetnet data caches DIR --prune`` remove it.
+Beside each cache file, ``<name>.sources.json`` records the input files' stamps it was made from,
+the dataset format and the loader's cache version: a cache whose inputs have changed since can
+never be read again (its name holds their old stamps), so :func:`cache_status` can tell it
+superseded and ``cetnet data caches DIR --prune`` remove it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from cetnet.data.dataset import FORMAT_VERSION, CacheError, CTRDataset
 
 __all__ = ["default_root", "user_path", "write_atomic", "open_cache_dir", "cache_file",
            "file_stamp", "read_cache", "write_cache", "check_writable", "cached", "CacheError",
-           "cache_status", "find_caches", "sources_path"]
+           "cache_status", "find_caches", "loader_versions", "sources_path"]
 
 
 def user_path(path: str | Path) -> Path:
@@ -138,7 +138,7 @@ def cached(path: Path | None, build: Callable[[], CTRDataset], *, refresh: bool 
            loader: tuple[str, int] | None = None) -> CTRDataset:
     """``path``'s dataset if readable (and not ``refresh``), else ``build()`` saved there;
     ``sources``: the :func:`file_stamp` of each input file its key holds, recorded beside it
-    with ``loader`` (its name and cache version: :data:`LOADER_VERSIONS`) in
+    with ``loader`` (its name and cache version: :func:`loader_versions`) in
     :func:`sources_path` (a cache read without the record gets it: its key matched)."""
     if path is not None and not refresh:
         ds = read_cache(path, verbose)
