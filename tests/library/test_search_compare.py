@@ -170,14 +170,16 @@ def test_compare_is_on_the_auc_at_equal_budget_and_its_winner_is_the_best_of_all
 def test_compare_says_when_studies_were_trained_by_different_code(tmp_path):
     import csv
 
-    def with_code(folder, code):
+    def with_code(folder, *codes):  # one code for every trial, or one per trial
         path = folder / "trials.csv"
         with path.open() as f:
             rows = list(csv.DictReader(f))
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[*rows[0], "code"])
             writer.writeheader()
-            writer.writerows({**r, "code": code} for r in rows)
+            writer.writerows({**r, "code": code}
+                             for r, code in zip(rows, codes * len(rows) if len(codes) == 1
+                                                else codes))
         return folder
 
     a = with_code(_trials_csv(tmp_path / "a", [("0", "COMPLETE", "0.70")]), "aaaa")
@@ -193,14 +195,8 @@ def test_compare_says_when_studies_were_trained_by_different_code(tmp_path):
     # sets agree, the trials of each still mix codes
     a, b = tmp_path / "a2", tmp_path / "b2"
     for folder in (a, b):
-        _trials_csv(folder, [("0", "COMPLETE", "0.70"), ("1", "COMPLETE", "0.71")])
-        path = folder / "trials.csv"
-        with path.open() as f:
-            rows = list(csv.DictReader(f))
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*rows[0], "code"])
-            writer.writeheader()
-            writer.writerows({**r, "code": code} for r, code in zip(rows, ("aaaa", "bbbb")))
+        with_code(_trials_csv(folder, [("0", "COMPLETE", "0.70"), ("1", "COMPLETE", "0.71")]),
+                  "aaaa", "bbbb")
     compare_studies(CompareOptions(studies=[a, b], out=tmp_path / "out", say=lambda text: None))
     report = (tmp_path / "out" / "COMPARE.md").read_text()
     assert ("Trials trained by code a2: aaaa, bbbb; b2: aaaa, bbbb (**a2, b2: trials of "
