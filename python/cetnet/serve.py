@@ -227,7 +227,8 @@ def encode_csv(dataset: Any, path: str | Path, *, delimiter: str = ",",
     (``stats.labelled`` is then False: pass it to :func:`write_predictions`);
     otherwise every row needs a label in [0, 1]. The gAUC group is the raw value of the
     dataset's group column (``dataset.group_key``, e.g. the user): unseen users are groups of
-    their own, as in the dataset's splits; without that column every row is one group.
+    their own, as in the dataset's splits; without that column there are no groups, and gAUC
+    is NaN (one group of every row would only repeat the AUC).
 
     A dataset whose own files have another format (``dataset.row_encoder``: BARS, whose
     config names the columns, the sequence separators and order and the ``copy_from``
@@ -261,6 +262,7 @@ class _Rows:
     dense: list[np.ndarray]
     labels: list[str]
     groups: list[int]
+    grouped: bool = False  # the file has the dataset's group column (else every row is group 0)
 
 
 def _csv_splits(dataset: Any, path: str | Path, chunk_rows: int | None, *,
@@ -321,6 +323,7 @@ def _encoded_rows(dataset: Any, path: Path, chunk_rows: int | None, delimiter: s
         if schema.label in chunk:
             rows.labels += [c.strip() for c in chunk[schema.label]]
         if group_column and group_column in chunk:
+            rows.grouped = True
             rows.groups += [groups.setdefault(v.strip(), len(groups))
                             for v in chunk[group_column]]
         else:
@@ -354,7 +357,8 @@ def _split(dataset: Any, rows: _Rows, path: Path, labelled: bool) -> Split:
                  group=np.asarray(rows.groups, dtype=np.int64),
                  stats=SplitStats(oov=rows.oov, cells=cells,
                                   imputed={ft.name: int(c) for ft, c in zip(schema.dense,
-                                                                            imputed)}))
+                                                                            imputed)}),
+                 grouped=rows.grouped)
 
 
 def _labels(cells: list[str], lines: list[int], n: int, path: Path, column: str,
@@ -482,7 +486,7 @@ def _joined(parts: Sequence[Predictions]) -> Predictions:
 
     return Predictions(cat("prob"), cat("logits"),
                        cat("weights") if parts[0].weights is not None else None,
-                       cat("label"), cat("group"))
+                       cat("label"), cat("group"), parts[0].grouped)
 
 
 def _scores(pred: Predictions, member_names: Sequence[str]) -> dict | None:

@@ -4,6 +4,7 @@ configs of AmazonElectronics_x1, TaobaoAd_x1, KuaiVideo_x1, Criteo_x1 and Avazu_
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from collections import Counter
 from pathlib import Path
@@ -619,3 +620,115 @@ def test_a_valid_split_read_from_the_train_file_is_flagged(train_config, tmp_pat
     assert metrics["warnings"] == [SCORED_ON_TRAIN_WARNING.format(split="valid")]
     evaluated = evaluate_run(tmp_path / "run", "valid", write=False)
     assert evaluated["warnings"] == metrics["warnings"]
+
+
+def test_fill_na_and_normalizer_are_read_as_fuxictr_reads_them(tmp_path):
+    """``fill_na`` (an empty cell reads as that number or token, the number counting in the
+    statistics, as FuxiCTR fills before it fits) and ``normalizer: MinMaxScaler`` (train
+    min / max to [0, 1]) are honoured; they were ignored (every empty numeric cell took the
+    train mean, every column was standardized)."""
+    cfg_path = make_bars(tmp_path, "criteo_x1")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cols = cfg["criteo_x1"]["feature_cols"]
+    cols[:1] = [{"name": "I1", "type": "numeric", "fill_na": 0, "normalizer": "MinMaxScaler"},
+                {"name": "I2", "type": "numeric", "normalizer": "StandardScaler"},
+                {"name": "I3", "type": "numeric", "fill_na": -1.5},
+                {"name": CRITEO_I[3:], "type": "numeric"}]
+    cols[-1] = {"name": "C1", "type": "categorical", "fill_na": "__missing__"}
+    cols.append({"name": CRITEO_C[1:], "type": "categorical"})
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    ds = load_bars(cfg_path)
+    plain = load_bars(make_bars(tmp_path / "plain", "criteo_x1"))
+    rows = {s: read_rows(cfg_path.parent / f"{s}.csv") for s in ("train", "valid", "test")}
+
+    def column(split, name, fill):
+        return np.array([float(r[name]) if r[name] else fill for r in rows[split]])
+
+    lo, hi = column("train", "I1", 0.0).min(), column("train", "I1", 0.0).max()
+    filled = column("train", "I3", -1.5)
+    for split in rows:
+        dense = ds.splits[split].dense.numpy()
+        want = (column(split, "I1", 0.0) - lo) / (hi - lo)
+        assert np.allclose(dense[:, 0], want, atol=1e-6)
+        assert np.allclose(dense[:, 2], (column(split, "I3", -1.5) - filled.mean())
+                           / filled.std(), atol=1e-5)
+        # StandardScaler and no key: the defaults, to the bit
+        assert torch.equal(ds.splits[split].dense[:, 1:2], plain.splits[split].dense[:, 1:2])
+        assert torch.equal(ds.splits[split].dense[:, 3:], plain.splits[split].dense[:, 3:])
+        # empty cells are still counted
+        assert ds.splits[split].stats.imputed == plain.splits[split].stats.imputed
+        empty = [i for i, r in enumerate(rows[split]) if not r["C1"]]
+        assert empty and all(int(ds.splits[split].sparse["C1"][i])
+                             == ds.vocabs["C1"].id("__missing__") for i in empty)
+    assert ds.vocabs["C1"].id("__missing__") > 1  # a real token of train, not OOV
+    assert "min" in ds.summary() and "fill -1.5" in ds.summary()
+    # a plain-csv prediction of these rows encodes them alike (the statistics carry the fill)
+    stats = type(ds.dense_stats).from_dict(ds.dense_stats.to_dict())
+    raw = np.stack([column("test", c, np.nan) for c in CRITEO_I], 1)
+    assert np.array_equal(stats.transform(raw)[0], ds.splits["test"].dense.numpy())
+    assert ds.encoding_digest() != plain.encoding_digest()
+
+
+def test_fill_na_changes_the_cache_key_and_defaults_keep_theirs(tmp_path):
+    from cetnet.data import bars
+
+    cfg_path = make_bars(tmp_path, "criteo_x1")
+    text = cfg_path.read_text()
+    cache = tmp_path / "cache"
+    first = load_bars(cfg_path, cache_dir=cache)
+    cfg_path.write_text(text.replace("type: numeric}", "type: numeric, fill_na: 7}"))
+    filled = load_bars(cfg_path, cache_dir=cache)
+    assert not torch.equal(first.splits["train"].dense, filled.splits["train"].dense)
+    assert len(list(cache.glob("*.pt"))) == 2
+    # a YAML without the new keys has the key it had before them (its cache is still read)
+    cfg = bars.read_config(cfg_path.parent / "dataset_config.yaml")
+    assert all(c.settings() for c in cfg.columns if c.type == "numeric")
+    plain = [dataclasses.replace(c, fill_na=None, scaler=None) for c in cfg.columns]
+    assert repr(cfg.columns) == repr(plain)
+
+
+@pytest.mark.parametrize("feature, pattern", [
+    ({"name": "I1", "type": "numeric", "spliter": "^"},
+     r"feature_cols\[0\] 'I1': unknown key 'spliter'; did you mean 'splitter'\?"),
+    ({"name": "I1", "type": "numeric", "normalizer": "RobustScaler"},
+     r"'I1': normalizer: expected one of 'StandardScaler', 'MinMaxScaler', got 'RobustScaler'"),
+    ({"name": "I1", "type": "categorical", "normalizer": "MinMaxScaler"},
+     r"'I1': normalizer: only a numeric feature is normalized"),
+    ({"name": "I1", "type": "numeric", "fill_na": "zero"},
+     r"'I1': fill_na: expected a number, got 'zero'"),
+    ({"name": "I1", "type": "categorical", "fill_na": [1]},
+     r"'I1': fill_na: expected a token \(a string or a number\), got \[1\]"),
+    ({"name": "I1", "type": "categorical", "category_processor": "hash_bucket"},
+     r"'I1': category_processor 'hash_bucket' is not supported"),
+])
+def test_feature_keys_that_cannot_be_honoured_are_errors(tmp_path, feature, pattern):
+    cfg = yaml.safe_load(CONFIGS["criteo_x1"])["criteo_x1"]
+    cfg["feature_cols"] = [feature, {"name": "C1", "type": "categorical"}]
+    with pytest.raises(ValueError, match=pattern):
+        load_bars(cfg)
+
+
+def test_fuxictr_model_keys_are_named_in_the_notes(tmp_path):
+    ds = load_bars(make_bars(tmp_path, "amazonelectronics_x1"))
+    assert any(n.startswith("ignored feature_encoder of item_history") for n in ds.notes)
+
+
+def test_without_a_group_column_gauc_is_not_reported(train_config, tmp_path, capsys):
+    """Criteo has no group column: every row was group 0 and "gAUC" repeated the AUC under
+    another name. It is now NaN, in the run's metrics and in a prediction's scores."""
+    from cetnet import serve
+
+    ds = load_bars(make_bars(tmp_path, "criteo_x1"))
+    assert ds.group_key is None and not any(s.grouped for s in ds.splits.values())
+    assert "gAUC group none (no group column: gAUC is not reported)" in ds.summary()
+    run = train_config(epochs=1, max_steps_per_epoch=2, batch_size=64)
+    run["data"] = {"name": "bars", "config": str(tmp_path / "criteo_x1" / "dataset_config.yaml")}
+    _, metrics = run_training(run, tmp_path / "run", quiet=True, plots=False)
+    assert np.isnan(metrics["fused"]["gauc"]) and np.isfinite(metrics["fused"]["auc"])
+    assert all(np.isnan(m["gauc"]) for m in metrics["members"].values())
+    _, scores = serve.predict_run(tmp_path / "run", tmp_path / "p.csv",
+                                  csv_path=tmp_path / "criteo_x1" / "test.csv")
+    assert scores is not None and np.isnan(scores["fused"]["gauc"])
+    # a dataset with groups still reports them
+    tb = load_bars(make_bars(tmp_path, "taobaoad_x1"))
+    assert all(s.grouped for s in tb.splits.values())

@@ -16,12 +16,18 @@ BARS tuner config with a ``dataset_config:`` section, or the config mapping itse
     label_col: {name: label, dtype: float}
 
 Honoured keys: ``name`` (str or list), ``type`` (categorical, numeric, sequence, meta),
-``active``, ``splitter``, ``max_len``, ``share_embedding``, ``min_categr_count``, ``preprocess:
-copy_from(col)``, ``group_id`` (in the dataset config or a tuner config's ``tuner_space``: the
-meta or categorical column gAUC groups by, default the first meta column), and our own ``order:
-oldest_first | newest_first`` for sequences. Columns with
-``pretrained_emb`` are skipped (no h5 reader here) and listed in the dataset's notes; model keys
-(``embedding_dim``, ``feature_encoder``, ...) are ignored. Sequence cells in the BARS x1 files list
+``active``, ``splitter``, ``max_len``, ``share_embedding`` (the ids of the named feature's
+vocabulary; the embedding table is the feature's own), ``min_categr_count``, ``preprocess:
+copy_from(col)``, ``fill_na`` (what an empty cell reads as: a number for a numeric feature,
+counted in its statistics; a token for a categorical or sequence one; without it a numeric cell
+takes the train mean and a categorical one is OOV), ``normalizer`` (numeric: ``StandardScaler``,
+the default, or ``MinMaxScaler``), ``group_id`` (in the dataset config or a tuner config's
+``tuner_space``: the meta or categorical column gAUC groups by, default the first meta column;
+without one gAUC is not reported), and our own ``order: oldest_first | newest_first`` for
+sequences. Columns with ``pretrained_emb`` are skipped (no h5 reader here) and listed in the
+dataset's notes; FuxiCTR's model keys (``embedding_dim``, ``feature_encoder``, ...) are ignored
+and named in the notes; ``category_processor`` is refused, and so is any key FuxiCTR does not
+know either (a typo). Sequence cells in the BARS x1 files list
 the oldest behaviour first (FuxiCTR pads and truncates at the front); they are reversed so column 0
 is the most recent, and the ``max_len`` most recent are kept. :mod:`cetnet.data.bars_config`
 parses and checks the YAML (:func:`read_config`); this module reads the csv files it names.
@@ -37,7 +43,7 @@ import functools
 import itertools
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, cast
 
 import numpy as np
 
@@ -132,6 +138,8 @@ class _SplitReader:
         if c.type == "numeric":
             return np.asarray(parse_float(values, path, lines, c.column))
         lookup = self.lookups[c.name]
+        if c.fill_na is not None:  # an empty cell reads as the fill token (FuxiCTR's fill_na)
+            values = [v if v else c.fill_na for v in values]
         if c.type == "categorical":
             return np.asarray(lookup(list(values)), dtype=np.int32)
         seqs = [v.split(c.splitter) if v else [] for v in values]
@@ -188,8 +196,10 @@ def load_bars(config: str | Path | Mapping[str, Any], *, dataset_id: str | None 
             raise ConfigError(f"bars: cache_dir: expected a directory path, got "
                               f"{shorten(cache_dir)}")
         stamps = sorted({file_stamp(p) for p in cfg.files.values()})
+        settings = [c.settings() for c in cfg.columns if c.settings()]
         path = cache_file(open_cache_dir(cache_dir), cfg.dataset_id,
-                          (_CACHE_VERSION, cfg, stamps, max_rows))
+                          (_CACHE_VERSION, cfg, stamps, max_rows, *([settings] if settings
+                                                                    else [])))
     dataset = cached(path, lambda: _encode(cfg, chunk_size, max_rows, verbose), verbose=verbose,
                      sources=stamps, loader=("bars", _CACHE_VERSION))
     dataset.row_encoder = functools.partial(_encode_rows, cfg, dataset, chunk_size)
@@ -212,7 +222,8 @@ def _encode_rows(cfg: BarsConfig, dataset: CTRDataset, chunk_size: int, path: st
     assert dataset.dense_stats is not None  # a BARS dataset always has them (maybe empty)
     raws = reader.chunks(Path(path)) if chunk_rows else iter([reader.read(Path(path))])
     for raw in raws:
-        yield _split(raw, dataset.schema, dataset.dense_stats, numeric), reader.labelled
+        yield (_split(raw, dataset.schema, dataset.dense_stats, numeric, cfg.group is not None),
+               reader.labelled)
 
 
 def _check_files(cfg: BarsConfig) -> None:
@@ -253,13 +264,17 @@ def _encode(cfg: BarsConfig, chunk_size: int, max_rows: int | None,
                         "train", log)
     # fit on train (and turn its provisional codes into ids)
     vocabs = _fit_vocabularies(counters, roots, train)
-    dense_stats = DenseStats.fit(_dense_matrix(train, numeric, cfg.label))
+    by_name = {c.name: c for c in feats}
+    dense_stats = DenseStats.fit(
+        _dense_matrix(train, numeric, cfg.label),
+        fill=[cast(float | None, by_name[n].fill_na) for n in numeric],
+        scalers=[by_name[n].scaler or "standard" for n in numeric])
     # transform: the other splits are read through the train vocabularies
     raw = _read_eval_splits(cfg, train, reader({n: vocabs[r.name].encode
                                                 for n, r in roots.items()}), log)
     # assemble
     schema = _schema(cfg, feats, roots, vocabs)
-    splits = _assemble_splits(raw, schema, dense_stats, numeric)
+    splits = _assemble_splits(raw, schema, dense_stats, numeric, cfg.group is not None)
     feature_vocabs = {c.name: vocabs[roots[c.name].name] for c in feats if c.name in roots}
     return CTRDataset(cfg.dataset_id, schema, splits, feature_vocabs, dense_stats, cfg.group,
                       _notes(cfg, splits))
@@ -328,19 +343,20 @@ def _schema(cfg: BarsConfig, feats: list[BarsColumn], roots: Mapping[str, BarsCo
 
 
 def _assemble_splits(raw: Mapping[str, Raw], schema: Schema, dense_stats: DenseStats,
-                     numeric: list[str]) -> dict[str, Split]:
+                     numeric: list[str], grouped: bool) -> dict[str, Split]:
     """One Split per name; names whose arrays are shared share one Split object."""
     splits: dict[str, Split] = {}
     for split, data in raw.items():
         twin = next((k for k in splits if raw[k] is data), None)
         splits[split] = splits[twin] if twin is not None else _split(data, schema, dense_stats,
-                                                                     numeric)
+                                                                     numeric, grouped)
     return splits
 
 
-def _split(data: Raw, schema: Schema, dense_stats: DenseStats, numeric: list[str]) -> Split:
+def _split(data: Raw, schema: Schema, dense_stats: DenseStats, numeric: list[str],
+           grouped: bool) -> Split:
     """A split's arrays as a Split: dense columns normalized with the train statistics, OOV,
-    cell and imputation counts in its stats."""
+    cell and imputation counts in its stats; ``grouped``: the config names a group column."""
     dense, imputed = dense_stats.transform(_dense_matrix(data, numeric, schema.label))
     stats = SplitStats(imputed={k: int(v) for k, v in zip(numeric, imputed)})
     ids = {f.name: data[f.name] for f in schema.categorical}
@@ -350,12 +366,12 @@ def _split(data: Raw, schema: Schema, dense_stats: DenseStats, numeric: list[str
         stats.oov[f.name] = int((x == OOV_ID).sum())
         stats.cells[f.name] = int(real.sum())
     return Split(schema, sparse=ids, dense=dense, multihot={}, sequence=ids,
-                 label=data[schema.label], group=data[_GROUP], stats=stats)
+                 label=data[schema.label], group=data[_GROUP], stats=stats, grouped=grouped)
 
 
 def _notes(cfg: BarsConfig, splits: Mapping[str, Split]) -> list[str]:
     """The config's notes, and which splits read the same file."""
-    notes = list(cfg.notes)
+    notes = list(cfg.notes) + cfg.ignored
     if splits["valid"] is splits["test"]:  # what fit checks to flag metrics.json valid_is_test
         notes.append(f"valid and test are the same file ({cfg.files['test'].name}): no separate "
                      f"validation data, so early stopping selects on the test set")

@@ -6,6 +6,8 @@ which reads the csv files a config names.
 
 from __future__ import annotations
 
+import difflib
+import numbers
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,8 +18,8 @@ import yaml
 
 from cetnet.data.cache import user_path
 from cetnet.data.csvio import DataFormatError, check_data_file, clip, shorten, shorten_list
-from cetnet.data.options import (MAX_SEQ_LEN, ConfigError, check_bool, check_choice, check_int,
-                                 check_str)
+from cetnet.data.options import (MAX_SEQ_LEN, ConfigError, check_bool, check_choice,
+                                 check_float, check_int, check_str)
 
 __all__ = ["BarsColumn", "BarsConfig", "read_config"]
 
@@ -36,6 +38,18 @@ class BarsColumn:
     share: str | None = None    # share_embedding: the feature whose vocabulary it uses
     min_count: int = 1
     newest_first: bool = False  # sequence cells list the most recent behaviour first
+    # Set only by YAMLs that name fill_na / normalizer; kept out of the repr (a cache key), so
+    # the caches of every other YAML keep their keys: load_bars adds these to the key itself.
+    #: what an empty cell reads as: a number (numeric) or a token (categorical, sequence);
+    #: None: numeric cells are imputed with the train mean, categorical ones are OOV
+    fill_na: float | str | None = field(default=None, repr=False)
+    #: numeric only: "minmax" (FuxiCTR's MinMaxScaler) or None (standardized, the default)
+    scaler: str | None = field(default=None, repr=False)
+
+    def settings(self) -> tuple:
+        """The settings kept out of the repr, when set: ``()`` by default."""
+        return () if self.fill_na is None and self.scaler is None else (
+            self.name, self.fill_na, self.scaler)
 
 
 @dataclass
@@ -52,9 +66,22 @@ class BarsConfig:
     notes: list[str]
     where: str = field(default="dataset config", repr=False, compare=False)  # message prefix
     file_keys: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    #: notes naming the FuxiCTR model keys the YAML sets, which cetnet ignores: kept out of the
+    #: repr (the cache key), as they change nothing in the encoding
+    ignored: list[str] = field(default_factory=list, repr=False, compare=False)
 
 
 _TYPES = ("categorical", "numeric", "sequence", "meta")
+# A feature's keys: those read here, FuxiCTR's that only its models use (noted as ignored), and
+# FuxiCTR's that need nothing here (silent). Any other key is a typo: an error.
+_READ_KEYS = ("name", "type", "active", "splitter", "max_len", "share_embedding",
+              "min_categr_count", "preprocess", "order", "pretrained_emb", "fill_na",
+              "normalizer", "category_processor")
+_MODEL_KEYS = ("embedding_dim", "feature_encoder", "embedding_callback", "encoder",
+               "emb_output_dim", "vocab_size")
+_SILENT_KEYS = ("dtype", "remap", "padding", "source", "freeze_emb", "pretrain_dim",
+                "pretrain_usage", "num_buckets")
+_NORMALIZERS = {"StandardScaler": None, "MinMaxScaler": "minmax"}
 _ORDERS = ("oldest_first", "newest_first")
 _MAX_CONFIG_BYTES = 16 << 20  # a dataset YAML is a few KB; anything this big is a data file
 
@@ -127,7 +154,7 @@ def _names(value: Any, where: str) -> list[str]:
 
 
 def _feature(col: Any, k: int, where: str, default_min: int, seq_order: str,
-             notes: list[str]) -> list[BarsColumn]:
+             notes: list[str], ignored: list[str]) -> list[BarsColumn]:
     """The columns of ``feature_cols[k]`` (none when inactive or skipped)."""
     at = f"{where}: feature_cols[{k}]"
     if not isinstance(col, Mapping):
@@ -137,12 +164,26 @@ def _feature(col: Any, k: int, where: str, default_min: int, seq_order: str,
         raise ConfigError(f"{at}: 'name' is missing (every feature names its column)")
     names = _names(col["name"], at)
     at += f" {shorten(names[0] if len(names) == 1 else names)}"
+    known = _READ_KEYS + _MODEL_KEYS + _SILENT_KEYS
+    for key in col:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, 1, 0.75)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{at}: unknown key {shorten(key)}{hint} (the keys read are "
+                              f"{', '.join(_READ_KEYS)}; FuxiCTR's model keys are ignored)")
     kind = col.get("type")
     if kind not in _TYPES:
         raise ConfigError(f"{at}: type: unsupported type {shorten(kind)}; one of "
                           f"{', '.join(_TYPES)}")
     if not check_bool(col.get("active", True), "active", at):
         return []
+    if col.get("category_processor") is not None:
+        raise ConfigError(f"{at}: category_processor {shorten(col['category_processor'])} is "
+                          f"not supported (bucketize the column before, or leave the key out)")
+    model_keys = [k for k in _MODEL_KEYS if col.get(k) is not None]
+    if model_keys:
+        ignored.append(f"ignored {', '.join(model_keys)} of {', '.join(names)}: FuxiCTR model "
+                       f"settings (cetnet's come from the train config)")
     if col.get("pretrained_emb"):
         notes.append(f"skipped {', '.join(names)}: pretrained embeddings are not read")
         return []
@@ -169,8 +210,29 @@ def _feature(col: Any, k: int, where: str, default_min: int, seq_order: str,
                               f"table to share")
     min_count = check_int(col.get("min_categr_count", default_min), "min_categr_count", at,
                           minimum=1)
+    fill_na = _fill_na(col.get("fill_na"), kind, at)
+    scaler = None
+    if col.get("normalizer") is not None:
+        if kind != "numeric":
+            raise ConfigError(f"{at}: normalizer: only a numeric feature is normalized")
+        scaler = _NORMALIZERS[check_choice(col["normalizer"], "normalizer", at,
+                                           tuple(_NORMALIZERS))]
     return [BarsColumn(name, source or name, kind, splitter, max_len if kind == "sequence"
-                       else 0, share, min_count, order == "newest_first") for name in names]
+                       else 0, share, min_count, order == "newest_first", fill_na, scaler)
+            for name in names]
+
+
+def _fill_na(value: Any, kind: str, at: str) -> float | str | None:
+    """``fill_na`` as FuxiCTR takes it: a number for a numeric feature, a token (a string, or
+    a number read as one) for a categorical or sequence one; a meta column ignores it."""
+    if value is None or kind == "meta":
+        return None
+    if kind == "numeric":
+        return check_float(value, "fill_na", at)
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        raise ConfigError(f"{at}: fill_na: expected a token (a string or a number), got "
+                          f"{shorten(value)}")
+    return value if isinstance(value, str) else str(value)
 
 
 def _check_columns(columns: list[BarsColumn], positions: list[int], label: str,
@@ -286,8 +348,9 @@ def read_config(config: str | Path | Mapping[str, Any], *, dataset_id: str | Non
     columns: list[BarsColumn] = []
     positions: list[int] = []
     notes: list[str] = []
+    ignored: list[str] = []
     for k, col in enumerate(feature_cols):
-        cols = _feature(col, k, where, default_min, seq_order, notes)
+        cols = _feature(col, k, where, default_min, seq_order, notes, ignored)
         columns += cols
         positions += [k] * len(cols)
     label = cfg["label_col"]
@@ -306,7 +369,7 @@ def read_config(config: str | Path | Mapping[str, Any], *, dataset_id: str | Non
     group = _group_column(cfg, top, columns, where)
     return BarsConfig(dataset_id, files, columns, label,
                       group.name if group else None, group.column if group else None, notes,
-                      where, keys)
+                      where, keys, ignored)
 
 
 def _group_column(cfg: Mapping, top: Mapping, columns: list[BarsColumn],

@@ -89,6 +89,9 @@ class Split:
         label: ``[N]`` clicks in {0, 1}.
         group: ``[N]`` gAUC keys.
         stats: OOV / imputed counts found while encoding.
+        grouped: whether ``group`` holds real gAUC keys. False for data without a group
+            column (every row in group 0): its gAUC would only repeat the AUC under another
+            name, so it is reported as NaN.
         extras: name -> ``[N, ...]`` tensors carried into :attr:`Batch.extras` (e.g. the planted
             logit of the synthetic data).
     """
@@ -97,8 +100,10 @@ class Split:
                  dense: Tensor | np.ndarray, multihot: Mapping[str, Tensor | np.ndarray],
                  sequence: Mapping[str, Tensor | np.ndarray], label: Tensor | np.ndarray,
                  group: Tensor | np.ndarray, stats: SplitStats | None = None,
-                 extras: Mapping[str, Tensor | np.ndarray] | None = None) -> None:
+                 extras: Mapping[str, Tensor | np.ndarray] | None = None,
+                 grouped: bool = True) -> None:
         self.schema = schema
+        self.grouped = grouped
         self.label = _labels(label)
         n = self.num_rows = int(self.label.shape[0])
         self.sparse = {f.name: _ids(sparse[f.name]) for f in schema.sparse}
@@ -223,6 +228,11 @@ class CTRDataset:
     row_encoder: Callable[[str | Path, int | None], Iterator[tuple[Split, bool]]] | None = \
         field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.group_key is None:  # every row in group 0: no gAUC to report
+            for split in self.splits.values():
+                split.grouped = False
+
     def encoding_digest(self) -> str:
         """A digest (sha256 hex) of how this dataset encodes rows: the schema (features, vocab
         sizes, label, group), every vocabulary's tokens in id order and the dense statistics.
@@ -240,8 +250,7 @@ class CTRDataset:
             for token in vocab.tokens:
                 h.update(str(token).encode("utf-8", "surrogatepass") + b"\x00")
         if self.dense_stats is not None:
-            h.update(np.ascontiguousarray(self.dense_stats.mean, np.float64).tobytes())
-            h.update(np.ascontiguousarray(self.dense_stats.std, np.float64).tobytes())
+            h.update(self.dense_stats.digest_bytes())
         digest = self.__dict__["_encoding_digest"] = h.hexdigest()
         return digest
 
@@ -292,7 +301,8 @@ class CTRDataset:
         names = list(self.splits)
         lines = [f"dataset {self.name}: {sum(s.num_rows for s in self.splits.values()):,} rows"
                  f" over {', '.join(names)}; label {self.schema.label!r}; gAUC group "
-                 f"{self.group_key!r}"]
+                 + (repr(self.group_key) if self.group_key is not None
+                    else "none (no group column: gAUC is not reported)")]
         for k, s in self.splits.items():
             lines.append(f"  {k:<6} {s.num_rows:>11,} rows   positive rate {s.positive_rate:.4f}")
         head = " / ".join(names)
@@ -300,8 +310,7 @@ class CTRDataset:
         for f in self.schema.features:
             if f.kind == "dense":
                 i = self.schema.dense.index(f)
-                extra = (f"mean {self.dense_stats.mean[i]:.4g} std {self.dense_stats.std[i]:.4g}"
-                         if self.dense_stats is not None else "")
+                extra = self.dense_stats.describe(i) if self.dense_stats is not None else ""
                 counts = " / ".join(f"{s.stats.imputed.get(f.name, 0):,}"
                                     for s in self.splits.values())
                 lines.append(f"    {f.name:<22} dense                imputed {counts}  {extra}")

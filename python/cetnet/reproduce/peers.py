@@ -433,7 +433,8 @@ def _scores(prob: np.ndarray, split: Any) -> dict[str, float]:
     from cetnet.metrics import auc, gauc, logloss
 
     p = torch.from_numpy(np.asarray(prob, dtype=np.float64))
-    return {"auc": auc(p, split.label), "gauc": gauc(p, split.label, split.group),
+    return {"auc": auc(p, split.label),
+            "gauc": gauc(p, split.label, split.group) if split.grouped else math.nan,
             "logloss": logloss(p, split.label)}
 
 

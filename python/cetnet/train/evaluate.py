@@ -26,6 +26,8 @@ class Predictions:
     weights: Tensor | None     # [N, K] fusion weights, when the ensemble has them
     label: Tensor              # [N]
     group: Tensor              # [N]
+    #: whether ``group`` holds real gAUC keys (the split's ``grouped``): without, gAUC is NaN
+    grouped: bool = True
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -66,7 +68,7 @@ def predict(model: nn.Module, split: Any, *, batch_size: int = 4096,
         raise ValueError("evaluate: the split has no rows")
     return Predictions(torch.cat(probs), torch.cat(logits),
                        torch.cat(weights) if len(weights) == len(probs) else None,
-                       torch.cat(labels), torch.cat(groups))
+                       torch.cat(labels), torch.cat(groups), getattr(split, "grouped", True))
 
 
 class RowRange:
@@ -78,6 +80,7 @@ class RowRange:
     def __init__(self, split: Any, start: int, stop: int, num_batches: int | None = None) -> None:
         self.split, self.start, self.stop = split, start, stop
         self.num_batches = num_batches
+        self.grouped = getattr(split, "grouped", True)
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -104,19 +107,20 @@ def gather_predictions(pred: Predictions) -> Predictions:
 
     return Predictions(gather(pred.prob), gather(pred.logits),
                        None if pred.weights is None else gather(pred.weights),
-                       gather(pred.label), gather(pred.group))
+                       gather(pred.label), gather(pred.group), pred.grouped)
 
 
-def _scores(prob: Tensor, label: Tensor, group: Tensor,
+def _scores(prob: Tensor, label: Tensor, group: Tensor | None,
             ranking: Tensor | None = None) -> dict[str, float]:
     """AUC and gAUC rank ``ranking`` (default ``prob``: any increasing function of it ranks
-    alike), logloss scores ``prob``."""
+    alike), logloss scores ``prob``; gAUC is NaN without groups (``group`` None)."""
     ranking = prob if ranking is None else ranking
-    return {"auc": auc(ranking, label), "gauc": gauc(ranking, label, group),
+    return {"auc": auc(ranking, label),
+            "gauc": math.nan if group is None else gauc(ranking, label, group),
             "logloss": logloss(prob, label)}
 
 
-def _member_scores(logits: Tensor, label: Tensor, group: Tensor) -> dict[str, float]:
+def _member_scores(logits: Tensor, label: Tensor, group: Tensor | None) -> dict[str, float]:
     # ranked by the logit itself: a float32 sigmoid rounds logits past ~17 to 1.0 and would
     # tie them; the logloss takes a float64 sigmoid
     return _scores(torch.sigmoid(logits.double()), label, group, ranking=logits)
@@ -129,9 +133,10 @@ def score(pred: Predictions, member_names: list[str]) -> dict[str, Any]:
     if pred.logits.shape[1] != len(member_names):
         raise ValueError(f"evaluate: the model has {len(member_names)} member names but "
                          f"{pred.logits.shape[1]} logit columns")
+    group = pred.group if pred.grouped else None
     out: dict[str, Any] = {
-        "fused": _scores(pred.prob, pred.label, pred.group),
-        "members": {name: _member_scores(pred.logits[:, k], pred.label, pred.group)
+        "fused": _scores(pred.prob, pred.label, group),
+        "members": {name: _member_scores(pred.logits[:, k], pred.label, group)
                     for k, name in enumerate(member_names)},
     }
     if pred.weights is not None:
