@@ -642,14 +642,27 @@ class MultiTableEmbedding(nn.Module):
         # meta tensors: shapes only, no values to check (fake ones, under torch.compile and
         # torch.export, must trace the checks and the padding like real ones)
         values = args.weight.device.type != "meta"
+        # torch.compile cannot branch on a value: the checks become asserts in the graph (an
+        # error without the bad row's name), and "warn" pads without its warning
+        compiling = torch.compiler.is_compiling()
         for f, feat in enumerate(self.features):
             x = args.ids[f]
-            if values and args.modes[f] != InputMode.IDS and not bool(offsets_valid(args.offsets[f],
-                                                                         x.numel())):
-                raise ValueError(f"{op}: feature {feat.name!r}: offsets must start at 0, be "
-                                 f"non-decreasing and end at the number of values "
-                                 f"({x.numel()})")
-        if values and self.bounds_check != "off":
+            if not values or args.modes[f] == InputMode.IDS:
+                continue
+            bad_offsets = (f"{op}: feature {feat.name!r}: offsets must start at 0, be "
+                           f"non-decreasing and end at the number of values ({x.numel()})")
+            ok = offsets_valid(args.offsets[f], x.numel())
+            if compiling:
+                torch._assert_async(ok, bad_offsets)
+            elif not bool(ok):
+                raise ValueError(bad_offsets)
+        if values and compiling and self.bounds_check == "error":
+            for f, x in enumerate(args.ids):
+                torch._assert_async(
+                    ~invalid_ids(x, self._vocab[f], self.padding_idx).any(),
+                    f"{op}: feature {self.features[f].name!r}: an id outside [0, "
+                    f"{self._vocab[f]}) (bounds_check='error'; run eagerly to see which)")
+        elif values and not compiling and self.bounds_check != "off":
             bad = first_bad_id(args.ids, args.offsets, args.modes, self._vocab, self.padding_idx,
                                warned_features([f.name for f in self.features],
                                                args.bounds_check))

@@ -346,6 +346,7 @@ def confidence_fusion(
         detach_weights: treat the weights as constants in backward (no gradient through them).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
         validate: check a CUDA temperature tensor's value (a host sync); CPU always checks.
+            Under ``torch.compile`` the reference and Triton backends skip value checks.
 
     Returns:
         ``(prob [B], weights [B, K])`` in the dtype of ``logits``; computed in float32 (float64
@@ -403,7 +404,8 @@ def collaborative_loss(
         reduction: ``"mean"`` (of an empty batch: 0), ``"sum"`` or ``"none"`` (per row).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
         validate: check label values on non-CPU backends (a host sync; the CPU kernel always
-            checks, fused into its pass).
+            checks, fused into its pass). Under ``torch.compile`` the reference and Triton
+            backends skip value checks (labels, a temperature tensor's value).
 
     Returns:
         ``(loss, prob)``: the loss in float32 (float64 for float64 logits) and the fused

@@ -21,7 +21,8 @@ two batch means above, ``R_i = sum_{j != i} b_ij N_ij`` and ``pq = p (1 - p)``::
 The kernels make two passes over ``[B, K]``: the batch statistics (s, M, N, the BCE sum) and the
 teacher, then the gradient, which the forward computes when autograd will need it (backward is a
 scaling). ``K = 1`` is plain BCE with logits; an empty batch has loss 0. Because the loss couples
-the rows through batch statistics, a NaN or inf logit makes the whole loss NaN (not an error).
+the rows through batch statistics, a NaN or inf logit makes the whole loss non-finite (NaN, or
++inf for a -inf logit with label 1; not an error).
 
 Registered op (schema in csrc/registration.cpp): ``cetnet::kdef_loss(logits, labels,
 compute_grad) -> (loss, teacher_prob, grad_logits)``, and ``cetnet::kdef_loss_triton``
@@ -130,7 +131,8 @@ def kdef_loss(logits: Tensor, labels: Tensor, *, backend: str = "auto",
             Labels get no gradient.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
         validate: check label values on non-CPU backends (a host sync; the CPU kernel always
-            checks, in its first pass).
+            checks, in its first pass). Under ``torch.compile`` the reference and Triton
+            backends skip the check.
         process_group: for data-parallel training (DDP), the ``torch.distributed`` group whose
             ranks each hold a share of the batch: the exam scores and every batch mean are then
             the whole batch's (one all-reduce of ``K^2 + 2K + 3`` numbers in the forward and

@@ -31,16 +31,35 @@ def _softplus(z: Tensor) -> Tensor:
     return -F.logsigmoid(-z)
 
 
-class _DivideByTemperature(torch.autograd.Function):
+class _DivideByTemperatureTraced(torch.autograd.Function):
     """``x / tau`` whose backward takes ``0 * inf = 0``: at a tiny tau the losing members' x/tau
     is -inf with an upstream gradient of exactly 0, and autograd's ``-g * (x / tau) / tau``
-    would make the temperature's gradient NaN where its true limit is 0."""
+    would make the temperature's gradient NaN where its true limit is 0. Without a forward-mode
+    rule: what torch.compile traces (dynamo refuses a custom jvp)."""
 
     generate_vmap_rule = True  # torch.func.vmap (and grad of it) work on the reference
 
     @staticmethod
     def forward(x: Tensor, tau: Tensor) -> Tensor:
         return x / tau
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        tau, out = ctx.saved_tensors
+        grad_x = grad / tau if ctx.needs_input_grad[0] else None
+        grad_tau = None
+        if ctx.needs_input_grad[1]:
+            terms = torch.where(grad == 0, torch.zeros_like(grad), grad * out)
+            grad_tau = -(terms / tau).sum_to_size(tau.shape)  # tau may broadcast
+        return grad_x, grad_tau
+
+
+class _DivideByTemperature(_DivideByTemperatureTraced):
+    """The same, with its forward-mode rule (torch.func.jvp, dual tensors): eager mode."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -57,25 +76,20 @@ class _DivideByTemperature(torch.autograd.Function):
                                             out * grad_tau) / tau
         return tangent
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        tau, out = ctx.saved_tensors
-        grad_x = grad / tau if ctx.needs_input_grad[0] else None
-        grad_tau = None
-        if ctx.needs_input_grad[1]:
-            terms = torch.where(grad == 0, torch.zeros_like(grad), grad * out)
-            grad_tau = -(terms / tau).sum_to_size(tau.shape)  # tau may broadcast
-        return grad_x, grad_tau
-
 
 def _log_weights(z: Tensor, tau: Tensor, detach_weights: bool) -> Tensor:
     """log w = log_softmax_k(c_k / tau): finite where softmax would underflow to 0 (so that
     log w and its gradient stay exact), -inf only where the exponent itself is -inf."""
-    confidence = z * torch.sigmoid(z) - _softplus(z)  # -H(sigmoid(z)), logit form
+    # -H(sigmoid(z)) as two terms of one sign: z sigmoid(z) - softplus(z), the same value,
+    # cancels to a few digits in float32 for a large |z| (small temperatures magnify that)
+    a = z.abs()
+    confidence = -(_softplus(-a) + a * torch.sigmoid(-a))
     # Subtract the row max before dividing (the softmax is invariant to it, so it is detached):
     # the winner's exponent is exactly 0 at any tau > 0, where c/tau alone overflows to -inf.
     centred = confidence - confidence.amax(dim=1, keepdim=True).detach()
-    log_w = torch.log_softmax(_DivideByTemperature.apply(centred, tau), dim=1)
+    divide = (_DivideByTemperatureTraced if torch.compiler.is_compiling()
+              else _DivideByTemperature)
+    log_w = torch.log_softmax(divide.apply(centred, tau), dim=1)
     return log_w.detach() if detach_weights else log_w
 
 

@@ -63,7 +63,7 @@ struct Elem {
   V q;    // 1 - p = sigmoid(-z), exact (not 1 - p)
   V lsp;  // log sigmoid(z)  = -softplus(-z)
   V lsq;  // log sigmoid(-z) = -softplus(z)
-  V c;    // confidence = -H(p) = z*p - softplus(z)
+  V c;    // confidence = -H(p) = -(log1p(e^-|z|) + |z| sigmoid(-|z|))
 };
 
 // Sets z, p and q of `out` (nothing else) and returns e = exp(-|z|) for the logs. Written in
@@ -99,7 +99,9 @@ CETNET_HD void set_elem(Elem<V>& out, V z) {
   const V l = vlog1p_unit(set_probs(out, z));
   out.lsp = -(vmax(-z, zero) + l);
   out.lsq = -(vmax(z, zero) + l);
-  out.c = z * out.p + out.lsq;
+  // -H(p) as two terms of one sign: z*p + lsq, the same value, cancels to a few digits for a
+  // large |z| (z = 15: -5.7e-6 for -4.9e-6 in float), which small temperatures magnify.
+  out.c = -(l + vabs(z) * select_nonneg(z, out.q, out.p));
 }
 
 template <typename V>

@@ -152,12 +152,13 @@ def _probs(z):
 @triton.jit
 def _member(z):
     # make_elem: p = sigmoid(z), q = sigmoid(-z) (exact, not 1 - p), lsp = log sigmoid(z),
-    # lsq = log sigmoid(-z), c = z p - softplus(z) = -H(p). One exp, one log1p.
+    # lsq = log sigmoid(-z), c = -H(p) = -(log1p(e^-|z|) + |z| sigmoid(-|z|)): two terms of one
+    # sign (z p + lsq cancels for a large |z|, as in csrc/fusion_math.h). One exp, one log1p.
     p, q, e = _probs(z)
     l = _log1p_unit(e)
     lsp = -(tl.maximum(-z, 0.0) + l)
     lsq = -(tl.maximum(z, 0.0) + l)
-    c = z * p + lsq
+    c = -(l + tl.abs(z) * tl.where(z >= 0.0, q, p))
     return p, q, lsp, lsq, c
 
 

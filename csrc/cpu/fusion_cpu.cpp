@@ -92,13 +92,16 @@ double read_temperature(const at::Tensor& temperature, const char* op) {
 }
 
 // The temperature's scale in the compute type, refusing a tau that rounds to 0 there (1e-300
-// is 0 in float: the kernels would divide by zero).
+// is 0 in float: the kernels would divide by zero) or to inf (a float64 tensor of 1e39: every
+// weight would be NaN).
 template <typename acc_t>
 TempScale<Vec<acc_t>> checked_temp_scale(double tau, const char* op) {
-  TORCH_CHECK_VALUE(static_cast<acc_t>(tau) > acc_t(0), op, ": temperature ", tau,
-                    " underflows to 0 in ", c10::CppTypeToScalarType<acc_t>::value,
-                    ", the compute dtype of these logits; use a larger temperature or float64 "
-                    "logits");
+  const acc_t t = static_cast<acc_t>(tau);
+  TORCH_CHECK_VALUE(t > acc_t(0) && std::isfinite(t), op, ": temperature ", tau,
+                    (t > acc_t(0) ? " overflows to inf" : " underflows to 0"), " in ",
+                    c10::CppTypeToScalarType<acc_t>::value,
+                    ", the compute dtype of these logits; use float64 logits or another "
+                    "temperature");
   return temp_scale<Vec<acc_t>, acc_t>(tau);
 }
 

@@ -308,6 +308,32 @@ def test_reference_lookup_traces_its_padding():
 
 
 @pytest.mark.parametrize("bounds_check", ["error", "warn", "off"])
+def test_reference_lookup_compiles_with_every_bounds_check_and_bags(bounds_check):
+    """torch.compile(fullgraph=True) of the reference module (what "auto" picks without the
+    extension) in every bounds-check mode and with bags: its host checks failed to trace
+    ("Could not guard on data-dependent expression"; "warn": a skipped function). Compiled,
+    "error" and bad offsets are asserts in the graph (one error naming the feature), "warn"
+    pads like "off" without its warning."""
+    mod = MultiTableEmbedding(1, [("a", 10), ("b", 10)], 4, backend="reference",
+                              bounds_check=bounds_check)
+    ids, bag = torch.tensor([1, 2, 3]), (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 1, 4]))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: mod({"a": a, "b": b})[0], fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, bag), mod({"a": ids, "b": bag})[0],
+                                   rtol=1e-6, atol=1e-7)
+        bad = torch.tensor([1, 12, 3])
+        if bounds_check == "error":
+            with pytest.raises(RuntimeError, match=r"feature 'a': an id outside \[0, 10\)"):
+                compiled(bad, bag)
+        else:
+            torch.testing.assert_close(compiled(bad, bag), mod({"a": bad, "b": bag})[0],
+                                       rtol=1e-6, atol=1e-7)
+        with pytest.raises(RuntimeError, match="feature 'b': offsets must start at 0"):
+            compiled(ids, (bag[0], torch.tensor([0, 3, 1, 4])))
+
+
+@pytest.mark.parametrize("bounds_check", ["error", "warn", "off"])
 def test_meta_tensors_give_shapes(bounds_check):
     """On the meta device (shape inference, lazy init) the reference lookup gives the shapes
     of a real one and checks no values (there are none)."""

@@ -122,6 +122,21 @@ def test_temperature_not_representable_in_compute_dtype_is_named(backend, device
 
 
 @pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("tau, what", [(1e-300, "underflows to 0"), (1e39, "overflows to inf"),
+                                       (3.5e38, "overflows to inf")])
+def test_a_float64_temperature_tensor_not_representable_in_float32_is_named(backend, device, tau,
+                                                                           what):
+    """The same value as a float64 tensor: the CPU kernel refused only one rounding to 0, and a
+    tensor of 1e39 (inf in float32) made every weight NaN, silently."""
+    z = torch.tensor(LOGITS, device=device)
+    t = torch.tensor(tau, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=f"temperature {re.escape(repr(tau))}.* {what}"):
+        confidence_fusion(z, t, backend=backend)
+    with pytest.raises(ValueError, match=what):
+        collaborative_loss(z, torch.ones(2, device=device), t, backend=backend)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
 def test_too_many_members_refused_not_truncated(backend, device):
     """A stride-0 view with K >= 2^31 members: refused by name on every backend (the CPU
     kernel narrowed K to int and computed K mod 2^32 members)."""
