@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 __all__ = ["TEMP_SUFFIX", "atomic_write", "write_bytes_atomic", "write_text_atomic",
-           "remove_stale_temps", "zip_damage"]
+           "remove_stale_temps", "zip_damage", "FirstWriteError"]
 
 TEMP_SUFFIX = ".tmp"  # temporaries are ".<target name>.<random>.tmp" beside the target
 
@@ -54,11 +54,41 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: boo
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # e.g. closing the file flushed into a size limit: say which
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     if fsync:
         _fsync_directory(path.parent)
+
+
+class FirstWriteError:
+    """A binary file that, after its first failed write, takes every later write without
+    writing (``error`` holds the failure: raise it once the writer is done). For a writer
+    whose C++ destructor writes the end of its archive when it was not finished, as
+    torch.export.save's does after a full disk: that write failing too throws from a
+    destructor, which aborts the process (C++ terminate) after the Python error was given."""
+
+    def __init__(self, f: IO) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                return self._f.write(data)
+            except OSError as e:
+                self.error = e
+                raise
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            self._f.flush()
 
 
 def _write_failure(e: RuntimeError, path: Path) -> BaseException:

@@ -37,7 +37,7 @@ import torch
 from cetnet_kernels.backends import BACKENDS, resolve_backend
 from torch import Tensor, nn
 
-from cetnet.atomic import atomic_write, write_text_atomic
+from cetnet.atomic import FirstWriteError, atomic_write, write_text_atomic
 from cetnet.config import ConfigError, Spec
 from cetnet.data.cache import user_path
 from cetnet.data.csvio import DataFormatError, parse_float, read_chunks, shorten
@@ -124,7 +124,8 @@ def load_run(run_dir: str | Path, *, checkpoint: str = BEST, device: str | None 
     dataset, model = build_run(config)
     state = load_checkpoint(path, map_location=dev, keys=("model",))
     check_data_digest(state, dataset, path)
-    check_model_config(state, config, path)  # (config.yaml and the checkpoint read unlocked)
+    # (config.yaml and the checkpoint read unlocked; the checkpoint may be another run's)
+    check_model_config(state, config, path, run_dir / CONFIG_FILE)
     load_model_state(model, state, path)
     model.to(dev).eval()
     return LoadedRun(run_dir, config, dataset, model, dev, state.get("epoch"))
@@ -662,9 +663,22 @@ def export_run(run_dir: str | Path, out_path: str | Path, *, checkpoint: str = B
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # atomically: a reader (or a server reloading the file) never sees half of a program
-    atomic_write(out_path, lambda f: torch.export.save(
-        program, f, extra_files={SCHEMA_FILE: json.dumps(meta)}))
+    atomic_write(out_path, lambda f: _export_save(program, f, json.dumps(meta)))
     return out_path
+
+
+def _export_save(program: Any, f: IO, meta: str) -> None:
+    """torch.export.save into ``f``; a failed write (a full disk) is raised as itself, and the
+    writer's own end-of-archive write at its destruction is absorbed (it aborted the process)."""
+    guarded = FirstWriteError(f)
+    try:
+        torch.export.save(program, cast(IO[bytes], guarded),
+                          extra_files={SCHEMA_FILE: meta})
+    except Exception:
+        if guarded.error is None:
+            raise
+    if guarded.error is not None:
+        raise guarded.error
 
 
 def _exportable(run: LoadedRun) -> nn.Module:

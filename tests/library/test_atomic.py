@@ -86,3 +86,28 @@ def test_a_checkpoint_or_cache_that_does_not_fit_is_one_oserror(tmp_path):
     assert done.stdout.split("\n")[:2] == ["OSError True True", "CacheError True"], \
         done.stdout + done.stderr[-2000:]
     assert os.listdir(tmp_path) == []  # no temporary left behind
+
+
+def test_a_size_limit_met_when_the_file_is_closed_names_the_file(tmp_path):
+    """A write that fits the buffer fails only when the file is closed (its last flush); that
+    error named no file ("[Errno 27] File too large") where a failed write names it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from pathlib import Path
+        from cetnet.atomic import atomic_write
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+        target = Path({str(tmp_path)!r}) / "best.pt"
+        try:
+            atomic_write(target, lambda f: f.write(b"x" * 4000), fsync=False)
+        except OSError as e:
+            print(e.filename == str(target), e.errno, str(target) in str(e))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["True", "27", "True"], done.stdout + done.stderr[-2000:]
+    assert os.listdir(tmp_path) == []

@@ -309,6 +309,32 @@ def test_predict_csv_bad_rows_are_one_line_naming_line_and_column(run_dir, tmp_p
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"),
                     reason="export traces the compiled kernels; cetnet_kernels._C is not built")
+def test_export_past_a_file_size_limit_is_one_error_not_an_abort(run_dir, tmp_path):
+    """A full disk or a file size limit while exporting: the error line, then the writer's
+    destructor wrote the end of its archive, failed again and aborted the process (C++
+    terminate, exit 134, ~30 native frames). Now one error naming the file, exit 2, and
+    nothing left behind."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "served"
+    out.mkdir()
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from cetnet.cli import main
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50000, 50000))
+        sys.exit(main(["export", {str(run_dir)!r}, {str(out / "m.pt2")!r}]))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "cetnet export: error:" in done.stderr and str(out / "m.pt2") in done.stderr
+    assert "terminate called" not in done.stderr and "Traceback" not in done.stderr
+    assert list(out.iterdir()) == []
+
+
 def test_export_writes_a_program_that_matches_the_run(run_dir, tmp_path, capsys):
     out = tmp_path / "served" / "model.pt2"
     assert main(["export", str(run_dir), str(out)]) == 0
@@ -504,6 +530,12 @@ def test_a_checkpoint_of_another_model_config_is_refused(run_dir, tmp_path, caps
                  str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trained with another model config" in err[0], err
+    # another run's checkpoint: the config it does not fit is this run's (the message named
+    # the config beside the checkpoint, which it fits)
+    assert main(["predict", str(other), "--checkpoint", str(run_dir / "best.pt"), "--split",
+                 "test", "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"trained with another model config than {other / 'config.yaml'} says" in err, err
     # a tuple in memory (a config made in Python) is a list in config.yaml; NaN equals NaN:
     # the run's own checkpoint was refused
     from cetnet.train.checkpoint import check_model_config

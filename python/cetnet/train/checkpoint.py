@@ -183,19 +183,22 @@ def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {MODEL_CONFIG: config["model"]}
 
 
-def check_model_config(state: dict, config: Mapping[str, Any], path: str | Path) -> None:
+def check_model_config(state: dict, config: Mapping[str, Any], path: str | Path,
+                       config_path: str | Path | None = None) -> None:
     """CheckpointError when the checkpoint ``state`` (read from ``path``) was trained with
     another ``model`` section than ``config`` (a run's ``config.yaml``) has: a run overwritten
     while it was read (its new ``config.yaml`` with the old ``best.pt``), or another run's
     checkpoint, whose weights fit the shapes but not a setting such as the fusion temperature
     (silently other predictions). Compared as JSON (a tuple in memory is a list once in
     ``config.yaml``, NaN equals NaN); checkpoints of before (no section recorded) are taken as
-    they are."""
+    they are. ``config_path`` names ``config``'s file in the message (default: the
+    ``config.yaml`` beside the checkpoint; another run's checkpoint is beside another one)."""
     saved = state.get(MODEL_CONFIG)
     if saved is None or _canonical(saved) == _canonical(config["model"]):
         return
+    where = config_path if config_path is not None else Path(path).parent / "config.yaml"
     raise CheckpointError(
-        f"{path}: trained with another model config than {Path(path).parent / 'config.yaml'}"
+        f"{path}: trained with another model config than {where}"
         " says (was the run overwritten while this read it, or is the checkpoint another "
         "run's?); read the run again, or give the run's own checkpoint")
 
