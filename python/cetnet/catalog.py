@@ -93,12 +93,17 @@ def gpu_text(info: dict) -> str:
 
 def models_text() -> str:
     """The ensembles and the member kinds with their options (keys of the ``model:`` config
-    section and of ``model.<kind>``), defaults included."""
+    section and of ``model.<kind>``), defaults included, and the ensembles that plugins
+    registered (``cetnet --plugin MODULE models``)."""
     from cetnet.models.build import _FUSION_SKIP, _MEMBER_SKIP, DEFAULTS, ENSEMBLES, MEMBERS
+    from cetnet.train.builders import registered_models
     from cetnet_kernels import CETNetFusion
 
     lines = ["Ensembles (model.ensemble):"]
     lines += [f"  {name:<16} {ENSEMBLE_TEXT.get(name, '')}" for name in ENSEMBLES]
+    extra = registered_models()
+    if extra:  # a plugin's factory reads its own options: only its name is known here
+        lines += ["", "Registered by plugins: " + ", ".join(extra)]
     lines += ["", "Common keys of model: (defaults):"]
     lines += [f"  {k}: {v!r}" for k, v in DEFAULTS.items() if k != "fusion"]
     lines += ["", "model.fusion (cetnet only):",

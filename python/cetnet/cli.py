@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from cetnet.config import ConfigError, load_config, parse_value
 from cetnet.data.csvio import DataFormatError
@@ -40,7 +40,8 @@ from cetnet.train.checkpoint import LAST, CheckpointError, has_last
 from cetnet.train.loop import TrainingError
 from cetnet.train.rundir import CONFIG_FILE, RunDirError
 
-__all__ = ["main", "build_parser", "parse_args", "train_config"]
+__all__ = ["main", "build_parser", "parse_args", "train_config", "OOVTally", "list_separators",
+           "OOV_WARN_SHARE", "OOV_WARN_RATIO"]
 
 #: The embedding optimizers of the fused kernels (``model.embedding_optimizer``).
 FUSED_EMBEDDING_OPTIMIZERS = ("sgd", "rowwise_adagrad")
@@ -119,11 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     tr.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
 
-    ev = sub.add_parser("evaluate", help="score a finished run's checkpoint on a split")
-    ev.add_argument("run_dir", type=Path)
+    ev = _run_parser(
+        sub, "evaluate", "score a finished run's checkpoint on a split",
+        "Rebuild a run's dataset and model from RUN_DIR (config.yaml and a checkpoint), score "
+        "a split of its dataset (fused and per-member AUC, gAUC, logloss, mean fusion "
+        "weights), print the table and write it into RUN_DIR as eval_<split>.json "
+        "(eval_<split>_last.json for last.pt; a checkpoint given as a path gets a name of its "
+        "own). A run of a registered dataset or model needs `cetnet --plugin MODULE evaluate "
+        "...`.")
     ev.add_argument("--split", default="test", choices=SPLITS,
                     help="the split to score (default test)")
-    ev.add_argument("--checkpoint", default="best.pt", help="best.pt (default) or last.pt")
+    ev.add_argument("--batch-size", type=_positive_int, metavar="N",
+                    help="rows per forward pass (default the run's train.eval_batch_size)")
     ev.add_argument("--device", help="override the run's device")
 
     pd = _run_parser(
@@ -139,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     rows.add_argument("--csv", type=Path, metavar="FILE",
                       help="new rows to score: a header and one column per feature of the run, "
                            "raw values as in the dataset's files ('|' between the values of a "
-                           "bag or a sequence); the label column is optional")
+                           "bag or a sequence); the label column is optional. A run on a BARS "
+                           "dataset (data: {name: bars, config: YAML}) reads the rows in that "
+                           "dataset's own csv format instead: its YAML's columns, and between "
+                           "the values of a sequence the feature's splitter there (default "
+                           "'^'); a value in another format reads as out of vocabulary")
     pd.add_argument("--out", type=Path, required=True, metavar="FILE",
                     help="the predictions csv (refused if it exists, unless --overwrite)")
     pd.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -376,7 +388,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cetnet.train.loop import print_warnings
 
     metrics = evaluate_run(args.run_dir, args.split, checkpoint=args.checkpoint,
-                           device=args.device)
+                           device=args.device, batch_size=args.batch_size)
     print(format_metrics_table(metrics, args.split))
     print_warnings(metrics["warnings"])
     print(f"written: {evaluation_path(args.run_dir, args.split, args.checkpoint)}")
@@ -407,15 +419,18 @@ def _check_inputs(args: argparse.Namespace, out: Path, out_flag: str) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from cetnet.serve import predict_run
     from cetnet.train import format_metrics_table
+    from cetnet.train.loop import print_warnings
 
     _check_inputs(args, args.out, "--out")
     if args.csv is not None and not args.csv.exists():
         raise FileNotFoundError(f"--csv {args.csv}: no such file")
+    tally = OOVTally(f"--csv {args.csv}" if args.csv is not None else f"the {args.split} split")
     try:
         out, scores = predict_run(args.run_dir, args.out,
                                   split=None if args.csv is not None else args.split,
                                   csv_path=args.csv, checkpoint=args.checkpoint,
-                                  device=args.device, batch_size=args.batch_size)
+                                  device=args.device, batch_size=args.batch_size,
+                                  on_rows=tally.add)
     except DataFormatError as e:  # a bad --csv is named as the argument
         if args.csv is None or e.path != str(args.csv):
             raise
@@ -423,7 +438,110 @@ def _predict(args: argparse.Namespace) -> int:
     if scores is not None:
         print(format_metrics_table(scores, args.csv.name if args.csv else args.split))
     print(f"written: {out}")
+    print("\n".join(tally.lines()))
+    print_warnings(tally.warnings())
     return 0
+
+
+#: ``cetnet predict`` warns about a feature whose share of out-of-vocabulary values in the rows
+#: it read is above this and above :data:`OOV_WARN_RATIO` times its share in the run's test
+#: split: a column in another format than the dataset's files (a sequence joined by another
+#: separator reads as one unknown value per row), not new values.
+OOV_WARN_SHARE = 0.5
+OOV_WARN_RATIO = 2.0
+
+
+class OOVTally:
+    """Out-of-vocabulary values per categorical feature over the rows ``cetnet predict``
+    reads (summed over the chunks of a csv), set against the run's test split.
+
+    ``add(run, rows)`` takes the loaded run (a :class:`cetnet.serve.LoadedRun`) and each
+    :class:`~cetnet.data.Split` of rows read (``rows.stats.oov`` / ``.cells``); :meth:`lines`
+    is the table ``cetnet predict`` prints, :meth:`warnings` its warnings."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source  # what the rows are: "--csv new.csv", "the test split"
+        self.rows = 0
+        self.oov: dict[str, int] = {}
+        self.cells: dict[str, int] = {}
+        self.test: dict[str, float] = {}  # the test split's share per feature
+        self.separators: dict[str, str | None] | None = None  # (set by the first add)
+
+    def add(self, run: Any, rows: Any) -> None:
+        if self.separators is None:  # the first chunk: what the run's data holds
+            test = run.dataset.splits["test"].stats
+            self.test = {name: test.oov.get(name, 0) / cells
+                         for name, cells in test.cells.items() if cells}
+            self.separators = list_separators(run.config, run.dataset)
+        self.rows += len(rows)
+        for name, cells in rows.stats.cells.items():
+            self.cells[name] = self.cells.get(name, 0) + cells
+            self.oov[name] = self.oov.get(name, 0) + rows.stats.oov.get(name, 0)
+
+    def share(self, name: str) -> float | None:
+        return self.oov[name] / self.cells[name] if self.cells.get(name) else None
+
+    def lines(self) -> list[str]:
+        """``out-of-vocabulary values of the N rows of SOURCE`` and one line per feature:
+        count, of how many values, the share, and the test split's share."""
+        if not self.cells:
+            return []
+        width = max(map(len, self.cells))
+        out = [f"out-of-vocabulary values of the {self.rows:,} rows of {self.source} "
+               f"(share in the run's test split):"]
+        for name in self.cells:
+            share, test = self.share(name), self.test.get(name)
+            out.append(f"  {name:<{width}} {self.oov[name]:>10,} of {self.cells[name]:,}"
+                       + (f" ({share:.1%}" if share is not None else " (-")
+                       + (f"; test {test:.1%})" if test is not None else ")"))
+        return out
+
+    def warnings(self) -> list[str]:
+        """One sentence per feature whose share is far above the test split's
+        (:data:`OOV_WARN_SHARE`, :data:`OOV_WARN_RATIO`), naming the separator the dataset
+        expects for a bag or a sequence."""
+        out = []
+        for name in self.cells:
+            share, test = self.share(name), self.test.get(name, 0.0)
+            if share is None or share <= OOV_WARN_SHARE or share <= OOV_WARN_RATIO * test:
+                continue
+            text = (f"{self.source}: {share:.1%} of {name}'s values are out of vocabulary, "
+                    f"against {test:.1%} in the run's test split")
+            seps = self.separators or {}
+            if name in seps:
+                sep = seps[name]
+                text += (f": each {name} cell must hold raw values as in the dataset's files, "
+                         + (f"separated by {sep!r}" if sep is not None else
+                            "separated as there") + " (a cell joined otherwise reads as one "
+                         "unknown value)")
+            else:
+                text += ": its cells must hold raw values as in the dataset's files"
+            out.append(text)
+        return out
+
+
+def list_separators(config: dict, dataset: Any) -> dict[str, str | None]:
+    """What separates the values of each bag or sequence feature in a row ``cetnet predict``
+    reads: ``'|'`` in the csv of :func:`cetnet.serve.encode_csv`; a BARS dataset reads its own
+    format (``dataset.row_encoder``), with its YAML's per-feature ``splitter``; None where it
+    is not known (another dataset with a format of its own, a YAML that no longer reads)."""
+    from cetnet.serve import LIST_SEP
+
+    schema = dataset.schema
+    names = [f.name for f in (*schema.multihot, *schema.sequence)]
+    if getattr(dataset, "row_encoder", None) is None:
+        return dict.fromkeys(names, LIST_SEP)
+    data = config.get("data") or {}
+    found: dict[str, str] = {}
+    if data.get("name") == "bars":
+        from cetnet.data.bars_config import read_config
+
+        try:
+            columns = read_config(data["config"], dataset_id=data.get("dataset_id")).columns
+        except (ConfigError, OSError, KeyError):  # the run read it: changed since
+            columns = []
+        found = {c.name: c.splitter for c in columns if c.type == "sequence"}
+    return {name: found.get(name) for name in names}
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -1,13 +1,14 @@
 """Values quoted in one-line error messages, cut short: a 10 MB cell, a huge YAML structure (or
 one built from aliases) or another exception's long text never lands whole in a message.
-Shared by the config checks and the data readers."""
+Shared by the config checks and the data readers, with the hint of an unknown name that a
+plugin may register (:func:`plugin_hint`)."""
 
 from __future__ import annotations
 
 import reprlib
 from typing import Sequence
 
-__all__ = ["SHORT", "shorten", "clip", "shorten_list"]
+__all__ = ["SHORT", "shorten", "clip", "shorten_list", "plugin_hint"]
 
 SHORT = 80          # characters of a user's value quoted in a message
 _repr = reprlib.Repr()
@@ -40,3 +41,11 @@ def shorten_list(values: Sequence[object], limit: int = 12) -> str:
     head = ", ".join(shorten(v, 40) for v in values[:limit])
     more = f", … ({len(values):,} in all)" if len(values) > limit else ""
     return f"[{head}{more}]"
+
+
+def plugin_hint(what: str) -> str:
+    """The hint that ends an unknown-name error of something a plugin may register: ``what``
+    with its article (``"a dataset"``, ``"an ensemble"``). One wording for every registry, so a
+    user who forgot ``--plugin`` on any command reads the same fix."""
+    return (f"({what} a plugin registers needs its module: cetnet --plugin MODULE, or "
+            "$CETNET_PLUGINS)")

@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence, cast
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -424,7 +424,9 @@ def _lines(pred: Predictions, labelled: bool, first_row: int) -> str:
 def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "test",
                 csv_path: str | Path | None = None, checkpoint: str = BEST,
                 device: str | None = None, batch_size: int | None = None,
-                plugins: Sequence[str] = ()) -> tuple[Path, dict | None]:
+                plugins: Sequence[str] = (),
+                on_rows: Callable[[LoadedRun, Split], None] | None = None,
+                ) -> tuple[Path, dict | None]:
     """Scores a split of the run's dataset, or the rows of ``csv_path`` (:func:`encode_csv`;
     it wins over ``split``), with the run's ``checkpoint`` and writes the predictions to
     ``out`` (:func:`write_predictions`). Returns ``(out, scores)``: scores are
@@ -433,20 +435,26 @@ def predict_run(run_dir: str | Path, out: str | Path, *, split: str | None = "te
 
     A csv is encoded, predicted and written :data:`CSV_CHUNK_ROWS` rows at a time (its bags
     padded per chunk), its predictions byte for byte those of the file encoded whole; ``out``
-    is still written atomically (an error halfway leaves it as it was)."""
+    is still written atomically (an error halfway leaves it as it was). ``on_rows(run, rows)``
+    is called with each Split of rows before it is predicted (e.g. to count its
+    out-of-vocabulary values)."""
     run = load_run(run_dir, checkpoint=checkpoint, device=device, plugins=plugins)
     batch = batch_size or run.config["train"]["eval_batch_size"]
     if csv_path is not None:
-        return _predict_csv(run, Path(csv_path), Path(out), batch)
+        return _predict_csv(run, Path(csv_path), Path(out), batch, on_rows)
     if split not in run.dataset.splits:
         raise ConfigError(f"--split: the dataset has no split {shorten(split)}, only "
                           f"{', '.join(run.dataset.splits)}")
-    pred = predict(run.model, run.dataset.splits[split], batch_size=batch, device=run.device)
+    rows = run.dataset.splits[split]
+    if on_rows is not None:
+        on_rows(run, rows)
+    pred = predict(run.model, rows, batch_size=batch, device=run.device)
     return write_predictions(pred, run.member_names, out), _scores(pred, run.member_names)
 
 
-def _predict_csv(run: LoadedRun, csv_path: Path, out: Path,
-                 batch_size: int) -> tuple[Path, dict | None]:
+def _predict_csv(run: LoadedRun, csv_path: Path, out: Path, batch_size: int,
+                 on_rows: Callable[[LoadedRun, Split], None] | None = None,
+                 ) -> tuple[Path, dict | None]:
     # Chunks of whole batches: every forward pass sees the rows it sees when the file is
     # predicted whole (a row's bits depend on its batch's rows: BLAS blocks by shape).
     chunk_rows = -(-CSV_CHUNK_ROWS // batch_size) * batch_size
@@ -458,6 +466,8 @@ def _predict_csv(run: LoadedRun, csv_path: Path, out: Path,
     def write(f: IO) -> None:
         done = 0
         for rows in itertools.chain([first], splits):
+            if on_rows is not None:
+                on_rows(run, rows)
             pred = predict(run.model, rows, batch_size=batch_size, device=run.device)
             if not done:
                 f.write(_header(run.member_names, pred.weights is not None))

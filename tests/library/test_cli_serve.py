@@ -3,7 +3,8 @@
 rows, a csv predicted in chunks of rows exactly as whole, an exported program that matches the
 eager model, outputs that are never replaced without ``--overwrite`` (nor half written), and
 bad input as one line naming the argument. Also: output cut short by a closed pipe (``cetnet
-data list | head -1``) ends quietly."""
+data list | head -1``) ends quietly. And the out-of-vocabulary values of the rows predict reads
+(``cetnet.cli.OOVTally``), with a warning naming a BARS sequence's separator."""
 
 from __future__ import annotations
 
@@ -547,3 +548,165 @@ def test_a_checkpoint_of_another_model_config_is_refused(run_dir, tmp_path, caps
     del state[MODEL_CONFIG]
     torch.save(state, other / "best.pt")
     assert serve.load_run(other).config["model"]["fusion"]["temperature"] == 0.05
+
+
+# --- out-of-vocabulary values of the rows predict reads (cetnet.cli.OOVTally) -------------------
+
+def test_predict_help_says_a_bars_run_reads_its_own_format_and_splitter(capsys):
+    # the help said '|' between a sequence's values for every run; a BARS run splits them by
+    # its YAML's splitter ('^' by default), and a user following the help got every history
+    # read as one unknown value, silently
+    assert _status(["predict", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'|' between the values of a bag or a sequence" in text
+    assert "A run on a BARS dataset" in text and "splitter there (default '^')" in text
+
+
+def test_oov_tally_sums_the_chunks_as_the_file_read_whole(run_dir, tmp_path):
+    """Summed over chunks, the counts are those of the file encoded whole; the rows of the
+    test split have its shares, and nothing is warned about."""
+    from cetnet.cli import OOVTally
+
+    run = serve.load_run(run_dir)
+    path = tmp_path / "rows.csv"
+    n = _split_as_csv(run, "test", path)
+    lines = path.read_text().splitlines()
+    halves = [_edit_lines(path, lambda ls: ls[:120]), tmp_path / "rest.csv"]
+    halves[1].write_text("\n".join([lines[0], *lines[120:]]) + "\n")
+    tally = OOVTally("--csv rows.csv")
+    for half in halves:
+        tally.add(run, serve.encode_csv(run.dataset, half))
+    whole = serve.encode_csv(run.dataset, path).stats
+    test = run.dataset.splits["test"].stats
+    assert tally.rows == n and tally.oov == whole.oov and tally.cells == whole.cells
+    assert tally.oov == test.oov and tally.cells == test.cells
+    assert tally.warnings() == []
+    table = tally.lines()
+    assert table[0] == (f"out-of-vocabulary values of the {n:,} rows of --csv rows.csv "
+                        f"(share in the run's test split):")
+    assert len(table) == 1 + len(run.dataset.schema.categorical)
+
+
+def test_oov_tally_warns_about_a_feature_far_above_the_test_split(run_dir, tmp_path):
+    """A column whose values are mostly unknown while the test split's are not is named, with
+    the separator a bag or sequence needs; a share above the test split's but not past the
+    threshold (half the values, twice the test split's) is only listed."""
+    from cetnet.cli import OOV_WARN_SHARE, OOVTally
+
+    run = serve.load_run(run_dir)
+    schema = run.dataset.schema
+    seq, sparse = schema.sequence[0].name, schema.sparse[0].name
+    path = tmp_path / "rows.csv"
+    n = _split_as_csv(run, "test", path)
+    unknown = str(10**9)  # an id outside every vocabulary: OOV
+
+    def edit(lines: list[str]) -> list[str]:
+        for line in range(2, n + 2):
+            lines = _set_cell(lines, line, seq, unknown)
+            if line < 2 + n * 0.4:  # 40 % of the rows: above the test split's, below the bar
+                lines = _set_cell(lines, line, sparse, unknown)
+        return lines
+
+    edited = _edit_lines(path, edit)
+    tally = OOVTally("--csv rows.csv")
+    tally.add(run, serve.encode_csv(run.dataset, edited))
+    assert tally.share(seq) == 1.0 and 0.3 < tally.share(sparse) <= OOV_WARN_SHARE
+    (warning,) = tally.warnings()
+    test_share = run.dataset.splits["test"].stats.oov[seq] / \
+        run.dataset.splits["test"].stats.cells[seq]
+    assert warning.startswith(f"--csv rows.csv: 100.0% of {seq}'s values are out of "
+                              f"vocabulary, against {test_share:.1%} in the run's test split")
+    assert "separated by '|'" in warning
+    assert any(line.split()[0] == sparse and "40.0%" in line for line in tally.lines())
+
+
+BARS_YAML = """\
+tiny_x1:
+    data_format: csv
+    train_data: train.csv
+    valid_data: valid.csv
+    test_data: test.csv
+    min_categr_count: 1
+    feature_cols:
+        - {name: user_id, type: meta}
+        - {name: item_id, type: categorical}
+        - {name: item_history, type: sequence, splitter: ^, max_len: 5, share_embedding: item_id}
+        - {name: tag_history, type: sequence, splitter: ;, max_len: 5}
+    label_col: {name: label, dtype: float}
+"""
+
+
+def _bars_dataset(tmp_path: Path):
+    """A small BARS dataset: histories of items joined by '^' and of tags joined by ';'."""
+    import random
+
+    from cetnet.data import load_bars
+
+    rng = random.Random(0)
+    for split, n in (("train", 200), ("valid", 60), ("test", 60)):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["label", "user_id", "item_id", "item_history", "tag_history"])
+            for _ in range(n):
+                w.writerow([rng.randint(0, 1), rng.randint(1, 20), f"i{rng.randint(1, 15)}",
+                            "^".join(f"i{rng.randint(1, 15)}" for _ in range(3)),
+                            ";".join(f"t{rng.randint(1, 6)}" for _ in range(2))])
+    path = tmp_path / "dataset_config.yaml"
+    path.write_text(BARS_YAML)
+    return path, load_bars(path)
+
+
+def test_oov_tally_names_the_splitter_of_a_bars_sequence(tmp_path):
+    """The reviewer's case: a BARS run's new rows with histories joined by '|' (as the help
+    said) read each history as one unknown value. The warning names the YAML's splitter of
+    the feature; the rows of the dataset's own test file warn about nothing."""
+    from types import SimpleNamespace
+
+    from cetnet.cli import OOVTally, list_separators
+
+    yaml_path, dataset = _bars_dataset(tmp_path)
+    config = {"data": {"name": "bars", "config": str(yaml_path)}}
+    assert list_separators(config, dataset) == {"item_history": "^", "tag_history": ";"}
+    run = SimpleNamespace(dataset=dataset, config=config)
+    own = OOVTally("--csv test.csv")
+    for rows, _ in dataset.row_encoder(tmp_path / "test.csv", 25):  # in chunks, as predict reads
+        own.add(run, rows)
+    assert own.rows == 60 and own.warnings() == []
+    piped = tmp_path / "piped.csv"
+    piped.write_text((tmp_path / "test.csv").read_text().replace("^", "|"))
+    tally = OOVTally("--csv piped.csv")
+    for rows, _ in dataset.row_encoder(piped, None):
+        tally.add(run, rows)
+    (warning,) = tally.warnings()
+    assert warning.startswith("--csv piped.csv: 100.0% of item_history's values are out of "
+                              "vocabulary, against 0.0% in the run's test split")
+    assert "separated by '^'" in warning
+    assert tally.cells["item_history"] == 60  # one (unknown) value per row, not three
+    # another dataset with a format of its own: the separator is not known, only the advice
+    assert list_separators({"data": {"name": "elsewhere"}}, dataset) == {
+        "item_history": None, "tag_history": None}
+
+
+def test_predict_prints_the_oov_of_the_rows_it_read_and_warns(tmp_path, capsys, one_thread):
+    """End to end: `cetnet predict` on a BARS run prints the out-of-vocabulary values of the
+    rows it read and warns about histories joined by '|' instead of the YAML's '^'."""
+    yaml_path, _ = _bars_dataset(tmp_path)
+    config = small_run_config(epochs=1, batch_size=64)
+    config["data"] = {"name": "bars", "config": str(yaml_path)}
+    dump_config(config, tmp_path / "run.yaml")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(run_dir),
+                 "--quiet", "--no-plots"]) == 0
+    piped = tmp_path / "piped.csv"
+    piped.write_text((tmp_path / "test.csv").read_text().replace("^", "|"))
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), "--csv", str(piped), "--out",
+                 str(tmp_path / "p.csv"), "--batch-size", "16"]) == 0  # 4 chunks of 16 rows
+    captured = capsys.readouterr()
+    assert (f"out-of-vocabulary values of the 60 rows of --csv {piped} (share in the run's "
+            "test split):") in captured.out
+    assert any(line.split()[:4] == ["item_history", "60", "of", "60"]
+               for line in captured.out.splitlines()), captured.out
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "item_history's values" in warnings[0] \
+        and "separated by '^'" in warnings[0], captured.err

@@ -7,7 +7,8 @@
 - one directory, one run: a non-empty --out is refused unless --resume / --overwrite, and a lock
   makes a second concurrent run (a real second process) fail at once;
 - stale temporaries are swept, every file of a run gets the same permissions;
-- unreadable checkpoints and checkpoints outside the run directory are one-line errors.
+- unreadable checkpoints and missing ones (by name in the run directory, or by path, as
+  predict takes them) are one-line errors.
 
 Dataset and model come from the ``train_config`` fixture (tests/conftest.py).
 """
@@ -624,22 +625,26 @@ def test_a_checkpoint_that_is_no_mapping_or_lacks_the_model(tmp_path):
         load_checkpoint(tmp_path / "nomodel.pt", keys=("model",))
 
 
-def test_evaluate_reads_checkpoints_only_inside_the_run_directory(train_config, tmp_path,
-                                                                  capsys):
+def test_evaluate_reads_a_checkpoint_by_name_or_path_as_predict_does(train_config, tmp_path,
+                                                                     capsys):
+    """evaluate takes --checkpoint as predict and export do (cetnet.serve.checkpoint_file): a
+    bare name is a file of the run directory, anything with a '/' a path; it refused paths."""
     _, run_dir = _finished_run(train_config, tmp_path)
     outside = tmp_path / "outside.pt"
     outside.write_bytes((run_dir / BEST).read_bytes())
     (run_dir / "link.pt").symlink_to(outside)
     capsys.readouterr()
-    for name, message in ((str(outside), "takes the name of a checkpoint in the run directory"),
-                          ("../outside.pt", "takes the name of a checkpoint in the run"),
-                          ("..", "takes the name of a checkpoint"),
-                          ("link.pt", "'link.pt' leads outside"),
+    for name, message in (("../no-such-dir/outside.pt",
+                           "--checkpoint ../no-such-dir/outside.pt: no such file"),
+                          ("..", f"--checkpoint: no .. in {run_dir}"),
+                          ("", "--checkpoint: expected best.pt, last.pt or a path"),
                           ("nope.pt", f"no nope.pt in {run_dir}")):
         assert main(["evaluate", str(run_dir), "--checkpoint", name]) == 2
         assert message in _one_error_line(capsys.readouterr().err, "evaluate"), name
     assert not list(run_dir.glob("eval_*.json"))
-    assert main(["evaluate", str(run_dir), "--checkpoint", LAST]) == 0
+    for name in (str(outside), "link.pt", LAST):
+        assert main(["evaluate", str(run_dir), "--checkpoint", name]) == 0
+    assert len(list(run_dir.glob("eval_test_*.json"))) == 3
 
 
 def test_check_run_loads_and_checks_the_resume_checkpoint(train_config, tmp_path):

@@ -2,7 +2,8 @@
 allocate fails its trial, not the search; the space's values are checked when it is read; a
 run whose every trial failed exits non-zero; attention's FLOPs are counted; the warm-up loss
 term is the fused prediction's log loss; the warm-up keeps the config's step cap; a space's
-base cannot move the data; --set in another order resumes."""
+base cannot move the data; --set in another order resumes; a --set the space overrides is
+named in a warning."""
 
 from __future__ import annotations
 
@@ -446,3 +447,57 @@ def test_a_member_the_data_cannot_feed_is_refused_when_the_space_is_read(tiny_da
                                          "makes an invalid trial config: .*no sequence"):
         check_values(load_space("default"), base, lambda c: check_candidate(c, schema),
                      "default")
+
+
+# --- 8. a --set the space overrides is warned about --------------------------------------------
+
+def test_a_set_the_space_overrides_is_named_with_both_values(tmp_path):
+    """--set applies to the dataset's config, which the space's base and its sampled values
+    override (docs/SEARCH.md): `--set train.epochs=1` under a base of 6 epochs trained 6
+    silently. One sentence per such --set, naming the key and both values."""
+    from cetnet.search.space import overridden_sets
+
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.replace("epochs: 1,", "epochs: 6,"))
+    space = load_space(path)
+    found = overridden_sets(space, [*DATA, "train.epochs=1", "train.lr=0.5", "backend=auto",
+                                    "train.patience=1", "model.embedding_lr=0.1",
+                                    "model.dnn.hidden=[64]", "model.dnn.dropout=0.2",
+                                    "train={seed: 3, batch_size: 64}"])
+    assert found == [
+        "--set train.epochs=1 does not reach the trials: the space's base sets train.epochs: 6 "
+        "(a space's base wins over --set)",
+        "--set train.lr=0.5 does not reach the trials: the space searches train.lr over [0.01]",
+        "--set backend=auto does not reach the trials: the space's base sets backend: "
+        "'reference' (a space's base wins over --set)",
+        "--set model.dnn.hidden=[64] does not reach the trials: the trials' model is the "
+        "space's (model.dnn.hidden: the space's member.dnn.hidden {'depth': 1, 'width': [8, "
+        "16]}); of model, --set sets only embedding_optimizer, embedding_lr, shared_embedding",
+        "--set model.dnn.dropout=0.2 does not reach the trials: the trials' model is the "
+        "space's (model.dnn.dropout: its default); of model, --set sets only "
+        "embedding_optimizer, embedding_lr, shared_embedding",
+        "--set train={seed: 3, batch_size: 64} does not reach the trials: the space searches "
+        "train.batch_size over [128]",
+    ]
+
+
+def test_search_warns_once_per_set_the_space_overrides(tmp_path, capsys, one_thread):
+    from cetnet.cli import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.replace("epochs: 1,", "epochs: 6,"))
+    assert main(["search", "--dataset", "synthetic", "--space", str(path), "--out",
+                 str(tmp_path / "out"), "--trials", "0", "--set", *DATA, "train.epochs=1",
+                 "train.patience=1"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert err == ["warning: --set train.epochs=1 does not reach the trials: the space's base "
+                   "sets train.epochs: 6 (a space's base wins over --set)"], err
+
+
+def test_search_help_says_the_space_wins_over_set(capsys):
+    from cetnet.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the space's base and its searched values win over them" in text

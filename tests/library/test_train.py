@@ -1,4 +1,5 @@
-"""cetnet.train: fit, early stopping, the run directory, checkpoints and exact resume.
+"""cetnet.train: fit, early stopping, the run directory, checkpoints and exact resume, the lr
+schedule (and the warning of a warm-up as long as the run).
 
 The dataset and model come from the ``train_config`` fixture (tests/conftest.py)."""
 
@@ -155,6 +156,51 @@ def test_lr_schedule_shapes():
     plateau = lrs("plateau", 8, per_epoch=2, metrics=[0.6, 0.6, 0.6, 0.6],
                   plateau_factor=0.1, plateau_patience=1)
     assert plateau == pytest.approx([1, 1, 1, 1, 1, 1, 0.1, 0.1])
+
+
+def test_a_warmup_at_least_the_runs_steps_is_warned_about_at_the_start(train_config, tmp_path,
+                                                                         capsys):
+    """train.warmup_steps >= epochs x steps per epoch ended the run with the lr still rising,
+    without a word: one warning line naming the key and the total, when training starts (not
+    for epochs the step cap cuts short: a quick look or a search's warm-up, on purpose)."""
+    from cetnet.train.loop import warmup_warning
+
+    t = {"epochs": 3, "warmup_steps": 100, "lr_schedule": "cosine"}
+    assert warmup_warning(t, 16) == (
+        "train.warmup_steps=100 is at least the run's 48 optimizer steps (3 epoch(s) x 16): the "
+        "learning rate is still warming up when training ends (it reaches train.lr at the last "
+        "step at best) (no cosine decay); lower train.warmup_steps")
+    assert warmup_warning({**t, "warmup_steps": 48}, 16) is not None  # full lr at the last step
+    assert warmup_warning({**t, "warmup_steps": 47}, 16) is None
+    assert warmup_warning({**t, "warmup_steps": 0}, 16) is None
+    assert "cosine" not in warmup_warning({**t, "lr_schedule": "constant"}, 16)
+    # 2400 train rows in batches of 600: 4 steps
+    for warmup, capped, warned in ((100, None, True), (4, None, True), (3, None, False),
+                                   (100, 2, False), (100, 4, True)):
+        cfg = train_config(epochs=1, batch_size=600, warmup_steps=warmup,
+                           max_steps_per_epoch=capped)
+        _, metrics = run_training(cfg, tmp_path / f"run{warmup}-{capped}", quiet=True,
+                                  plots=False)
+        err = capsys.readouterr().err
+        steps = 2 if capped == 2 else 4
+        line = (f"warning: train.warmup_steps={warmup} is at least the run's {steps} optimizer "
+                f"steps (1 epoch(s) x {steps})")
+        assert err.count(line) == (1 if warned else 0), (warmup, capped, err)
+        assert err.count("warning:") == err.count(line)  # nothing else, and once
+        assert metrics["warnings"] == []  # said when training starts, not a result's warning
+
+
+def test_a_resume_with_more_epochs_continues_on_the_longer_cosine():
+    """What the README says of `--resume --epochs N`: the schedule of the new total, so the
+    lr goes up where the run resumes (not the run of N epochs from the start)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    short = LRSchedule(torch.optim.SGD([p], lr=1.0), "cosine", 1.0, total_steps=10)
+    for _ in range(5):
+        short.step()
+    longer = LRSchedule(torch.optim.SGD([p], lr=1.0), "cosine", 1.0, total_steps=20)
+    longer.load_state_dict(short.state_dict())
+    assert short.lr() == pytest.approx(0.5) and longer.lr() == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 5 / 20))) and longer.lr() > short.lr()
 
 
 def test_a_one_row_remainder_batch_is_skipped_with_batch_norm(train_config, tmp_path):

@@ -13,6 +13,7 @@ from cetnet.data.dataset import CTRDataset
 from cetnet.data.movielens import install_raw, load_movielens
 from cetnet.data.options import ConfigError
 from cetnet.data.synthetic import make_synthetic
+from cetnet.messages import plugin_hint
 
 __all__ = ["DATASETS", "INSTALLERS", "load_dataset", "prepare", "install"]
 
@@ -83,8 +84,7 @@ def load_dataset(name: str = "movielens-100k", **options: Any) -> CTRDataset:
     loader = DATASETS.get(name) if isinstance(name, str) else None
     if loader is None:
         raise ConfigError(f"unknown dataset {shorten(name)}; choose one of "
-                          f"{shorten_list(sorted(DATASETS))} (a dataset a plugin registers "
-                          "needs its module: cetnet --plugin MODULE, or $CETNET_PLUGINS)")
+                          f"{shorten_list(sorted(DATASETS))} {plugin_hint('a dataset')}")
     _check_options(name, loader, options)
     return loader(**options)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cetnet.config import ConfigError, Spec
-from cetnet.messages import shorten
+from cetnet.messages import plugin_hint, shorten
 from cetnet.data.schema import Schema
 from cetnet.models.dcnv2 import DCNv2
 from cetnet.models.dhen import DHEN
@@ -282,8 +282,10 @@ def build_model(config: Mapping[str, Any] | None, schema: Schema, *,
     cfg = {**DEFAULTS, **config}
     ensemble = Spec(str).check("model.ensemble", cfg["ensemble"])
     if ensemble not in ENSEMBLES:
+        # a plugin's ensemble lands here when its module was not loaded (evaluate without
+        # --plugin): say how to load it
         raise ConfigError(f"config: unknown ensemble {shorten(ensemble)} in model.ensemble; "
-                          f"choose from {ENSEMBLES}")
+                          f"choose from {ENSEMBLES} {plugin_hint('an ensemble')}")
     optimizer = Spec(str, nullable=True).check("model.embedding_optimizer",
                                                cfg["embedding_optimizer"])
     if optimizer not in (None, "sgd", "rowwise_adagrad"):

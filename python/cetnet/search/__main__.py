@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
       "trial's")
     a("--seed", type=int, default=0, help="the sampler's seed (give each worker its own)")
     a("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-      help="config overrides of every trial, e.g. data.num_rows=5000 train.epochs=3")
+      help="config overrides of every trial, e.g. data.num_rows=5000 train.epochs=3; they "
+      "apply to the dataset's config, so the space's base and its searched values win over "
+      "them (a --set they override is named in a warning: set that key in the space's base "
+      "instead)")
     c = ap.add_argument_group("comparing finished studies (writes OUT/COMPARE.md)")
     c.add_argument("--compare", nargs="+", type=Path, default=None, metavar="STUDY_OUT",
                    help="the --out folders of finished studies: their best-so-far curves at "

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from cetnet.processes import pid_alive, process_space
 from cetnet.search.cost import COST_VERSION, model_cost
 from cetnet.search.proxies import SIGEO_WEIGHTS
 from cetnet.search.report import write_outputs
-from cetnet.search.space import check_values, default_space_path, load_space, sample_config
+from cetnet.search.space import (check_values, default_space_path, load_space, overridden_sets,
+                                 sample_config)
 from cetnet.train.runner import out_of_memory, train_or_reuse
 
 __all__ = ["SearchError", "SearchOptions", "parse_objective", "open_storage", "run_search",
@@ -628,6 +630,10 @@ def run_search(options: SearchOptions) -> Any:
     space = load_space(options.space)
     space_path = options.space
     base = _base(options)
+    # the space's base and sampled values win over --set (docs/SEARCH.md): a --set they
+    # override would change nothing without a word
+    for line in overridden_sets(space, options.overrides):
+        print(f"warning: {line}", file=sys.stderr)
     # the data first: a dataset that fails to load must leave no study behind (a retry with
     # the data fixed would find one "started with other options")
     dataset = _load_dataset(base)

@@ -22,14 +22,14 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-from cetnet.config import TOP_LEVEL_KEYS, TRAIN_DEFAULTS, ConfigError, read_yaml
+from cetnet.config import TOP_LEVEL_KEYS, TRAIN_DEFAULTS, ConfigError, parse_value, read_yaml
 from cetnet.messages import clip, shorten
 from cetnet.models.build import ENSEMBLES, MEMBERS, model_keys, section_option_names
 
 __all__ = ["SpaceError", "default_space_path", "load_space", "check_values", "sample_config",
-           "merge"]
+           "merge", "overridden_sets"]
 
 TOP_KEYS = ("ensemble", "members", "embedding_dim", "member", "fusion", "naive",
             "multi_embedding", "model", "train", "base")
@@ -334,6 +334,66 @@ def sample_config(trial: Any, space: Mapping, base: Mapping) -> dict:
         train[k] = _suggest(trial, f"train.{k}", v)
     config["train"] = train
     return config
+
+
+def overridden_sets(space: Mapping, overrides: Sequence[str]) -> list[str]:
+    """One sentence per ``--set KEY=VALUE`` of ``overrides`` that no trial sees, as
+    :func:`sample_config` builds a trial's config (the dataset's config with ``--set``, then the
+    space's ``base``, then the sampled values): a key the space's ``base`` sets, a ``train`` or
+    ``model`` key the space searches, or a ``model`` key besides :data:`MODEL_KEYS` (the trials'
+    model is the space's). Each names the key and both values. ``overrides`` are those the
+    dataset's config took (well-formed)."""
+    out = []
+    for item in overrides:
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        found = [why for path in _leaves(parts, parse_value(text))
+                 if (why := _set_over(space, path)) is not None]
+        if found:
+            out.append(f"--set {key.strip()}={text} does not reach the trials: "
+                       + "; ".join(dict.fromkeys(found)))
+    return out
+
+
+_UNSET = object()
+
+
+def _leaves(parts: list[str], value: Any) -> list[list[str]]:
+    """The keys a ``--set`` value fills: ``train={epochs: 1}`` fills ``train.epochs``."""
+    if isinstance(value, Mapping) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves([*parts, str(k)], v)]
+    return [parts]
+
+
+def _set_over(space: Mapping, path: list[str]) -> str | None:
+    """What the space puts over the config key ``path`` (None: nothing)."""
+    node: Any = space["base"]
+    for depth, part in enumerate(path):
+        if not isinstance(node, Mapping) or part not in node:
+            break
+        node = node[part]
+        if depth == len(path) - 1 or not isinstance(node, Mapping):  # merge replaces a leaf
+            return (f"the space's base sets {'.'.join(path[:depth + 1])}: {shorten(node)} (a "
+                    f"space's base wins over --set)")
+    section, name = path[0], path[1] if len(path) > 1 else None
+    if section == "train" and name in space["train"]:
+        return f"the space searches train.{name} over {shorten(space['train'][name])}"
+    if section != "model" or name is None:
+        return None
+    if name in MODEL_KEYS:
+        return (f"the space searches model.{name} over {shorten(space['model'][name])}"
+                if name in space["model"] else None)
+    # sample_config keeps only MODEL_KEYS of the dataset's model: the rest is the space's
+    searched = {"ensemble": space["ensemble"], "members": space["members"],
+                "embedding_dim": space["embedding_dim"], **space["member"],
+                **{k: space[k] for k in ENSEMBLE_SECTIONS}}
+    node, label = searched.get(name, _UNSET), ("member." if name in MEMBERS else "") + name
+    for part in path[2:]:
+        node = node.get(part, _UNSET) if isinstance(node, Mapping) else _UNSET
+        label += f".{part}"
+    what = "its default" if node is _UNSET else f"the space's {label} {shorten(node)}"
+    return (f"the trials' model is the space's ({'.'.join(path)}: {what}); of model, --set "
+            f"sets only {', '.join(MODEL_KEYS)}")
 
 
 class _Probe:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DatasetFactory", "ModelFactory", "EnsembleModel", "register_dataset",
            "register_model", "unregister_dataset", "unregister_model", "registered_datasets",
+           "registered_models",
            "load_dataset", "build_model", "prepare_dataset", "load_plugins", "PLUGINS_ENV",
            "LOADED_PLUGINS"]
 
@@ -64,6 +65,11 @@ def register_model(ensemble: str, factory: ModelFactory) -> None:
 def registered_datasets() -> list[str]:
     """The dataset names registered (by plugins or code) besides the library's."""
     return sorted(_DATASETS)
+
+
+def registered_models() -> list[str]:
+    """The ensemble names registered (by plugins or code) besides the library's."""
+    return sorted(_MODELS)
 
 
 def unregister_dataset(name: str) -> None:

@@ -41,7 +41,7 @@ from cetnet.train.schedule import LRSchedule
 __all__ = ["fit", "EpochRunner", "EpochResult", "LoopState", "resume_state", "resolve_device",
            "data_parallel", "losses_over_ranks", "leave_data_parallel", "shard_batches", "print_warnings",
            "split_warnings", "EpochCallback", "TrainingError", "check_backend", "check_splits",
-           "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING"]
+           "VALID_IS_TEST_WARNING", "SCORED_ON_TRAIN_WARNING", "warmup_warning"]
 
 #: ``callback(epoch, history_entry)``, called after each epoch's checkpoints are written.
 EpochCallback = Callable[[int, dict], None]
@@ -70,6 +70,21 @@ def split_warnings(splits: dict) -> list[str]:
     warnings += [SCORED_ON_TRAIN_WARNING.format(split=s) for s in ("valid", "test")
                  if splits[s] is splits["train"]]
     return warnings
+
+
+def warmup_warning(train: Mapping[str, Any], steps_per_epoch: int) -> str | None:
+    """The warning of a ``train.warmup_steps`` at least the run's optimizer steps (``epochs``
+    times ``steps_per_epoch``): its learning rate rises until training ends, and a cosine
+    never decays. None when the warm-up ends in time (or there is none)."""
+    total = train["epochs"] * steps_per_epoch
+    if not train["warmup_steps"] or train["warmup_steps"] < total:
+        return None
+    return (f"train.warmup_steps={train['warmup_steps']} is at least the run's {total} "
+            f"optimizer steps ({train['epochs']} epoch(s) x {steps_per_epoch}): the learning "
+            f"rate is still warming up when training ends (it reaches train.lr at the last "
+            f"step at best)"
+            + (" (no cosine decay)" if train["lr_schedule"] == "cosine" else "")
+            + "; lower train.warmup_steps")
 
 
 def dense_optimizer(params: list[nn.Parameter], lr: float,
@@ -689,6 +704,9 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     (/ ``fusion_weights``) metrics, the validation ``history``, the best epoch, the train
     throughput, ``valid_is_test`` (the dataset's valid split is its test split: selection was
     on the test set) and ``warnings`` (sentences, also printed on stderr; empty when all is well).
+    A ``train.warmup_steps`` at least the run's optimizer steps is one more warning on stderr
+    at the start (:func:`warmup_warning`; not for epochs that ``train.max_steps_per_epoch``
+    cuts short).
 
     Args:
         model: an Ensemble (docs/MODEL_LIBRARY.md), freshly built (its weights are replaced
@@ -727,8 +745,14 @@ def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
     if main:
         print_warnings(run_warnings)
     steps_per_epoch = math.ceil(len(train_split) / t["batch_size"])
-    if t["max_steps_per_epoch"] is not None:
-        steps_per_epoch = min(steps_per_epoch, t["max_steps_per_epoch"])
+    capped = t["max_steps_per_epoch"] is not None and t["max_steps_per_epoch"] < steps_per_epoch
+    if capped:
+        steps_per_epoch = t["max_steps_per_epoch"]
+    # (not for epochs cut short by the cap: a quick look, or a search's warm-up stage, which
+    # trains a candidate's first steps on purpose as its full run would)
+    warmup = warmup_warning(t, steps_per_epoch) if not capped else None
+    if warmup is not None and main:
+        print_warnings([warmup])
     runner = EpochRunner(model, t, device, out_dir, steps_per_epoch, quiet=quiet or not main)
     runner.identity = {**data_digest(dataset), **model_config(config)}
     try:

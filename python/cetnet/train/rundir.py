@@ -3,9 +3,10 @@
 Layout: ``config.yaml`` (the resolved config), ``metrics.json``, ``best.pt`` / ``last.pt``
 (see :mod:`cetnet.train.checkpoint`; ``last.prev.pt``: the ``last.pt`` before the latest,
 kept for a resume when ``last.pt`` is unreadable), ``curves.png`` / ``members_auc.png`` (plots),
-``eval_<split>.json`` (``eval_<split>_last.json`` for ``--checkpoint last.pt``) from
-``cetnet evaluate``, ``train.log`` (the log lines), ``history.csv`` (metrics per epoch),
-TensorBoard's ``events.out.tfevents.*`` when tensorboard is installed, and ``.lock``.
+``eval_<split>.json`` (``eval_<split>_last.json`` for ``--checkpoint last.pt``,
+``eval_<split>_<stem>-<hash>.json`` for a checkpoint given as a path) from ``cetnet
+evaluate``, ``train.log`` (the log lines), ``history.csv`` (metrics per epoch), TensorBoard's
+``events.out.tfevents.*`` when tensorboard is installed, and ``.lock``.
 
 One directory holds one run. A training run holds an exclusive ``fcntl.flock`` on ``.lock``
 for its whole life (the OS releases it when the process ends, however it ends), so a second

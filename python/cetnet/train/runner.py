@@ -16,6 +16,9 @@ run resumes from the run directory's last complete checkpoint (:func:`restart_pl
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 from cetnet import distributed
 from cetnet.atomic import remove_stale_temps
 from cetnet.config import ConfigError, read_yaml, validate_config
+from cetnet.data.cache import user_path
 from cetnet.messages import shorten
 from cetnet.train.builders import build_model, load_dataset
 from cetnet.train.checkpoint import (BEST, LAST, LAST_KEYS, LAST_PREV, CheckpointError,
@@ -560,38 +564,48 @@ def load_run_config(run_dir: str | Path) -> dict:
 
 
 def checkpoint_path(run_dir: str | Path, name: str) -> Path:
-    """``run_dir/name`` for a checkpoint file name; ConfigError for anything that is not the
-    name of a file inside the run directory (a path, ``..``, a link leading out of it),
-    FileNotFoundError when there is no such file."""
-    run_dir = Path(run_dir)
-    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
-        raise ConfigError(f"evaluate: --checkpoint takes the name of a checkpoint in the run "
-                          f"directory ({BEST} or {LAST}), got {shorten(name)}")
-    path = run_dir / name
-    if path.resolve().parent != run_dir.resolve():
-        raise ConfigError(f"evaluate: --checkpoint {name!r} leads outside {run_dir}")
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluate: no {name} in {run_dir}"
-                                + (" (no epoch of the run has finished?)"
-                                   if name in (BEST, LAST) else ""))
-    return path
+    """The checkpoint file ``name`` names, as ``cetnet predict`` / ``export`` read it
+    (:func:`cetnet.serve.checkpoint_file`): a bare file name (``best.pt``, ``last.pt``) is a file
+    of ``run_dir``, anything with a ``/`` a path (a copy kept elsewhere; it must still fit the
+    run's model). ConfigError for an empty name, FileNotFoundError naming ``--checkpoint`` when
+    there is no such file."""
+    from cetnet.serve import checkpoint_file  # (serve is built on this module)
+
+    return checkpoint_file(run_dir, name)
 
 
 def evaluation_path(run_dir: str | Path, split: str, checkpoint: str = BEST) -> Path:
     """Where :func:`evaluate_run` writes: ``eval_<split>.json`` for the best checkpoint,
-    ``eval_<split>_<checkpoint stem>.json`` for another (``last.pt`` never overwrites the best
-    checkpoint's evaluation)."""
-    stem = Path(checkpoint).stem
-    suffix = "" if Path(checkpoint).name == BEST else f"_{stem}"
-    return Path(run_dir) / f"eval_{split}{suffix}.json"
+    ``eval_<split>_<checkpoint stem>.json`` for another of the run's files (``last.pt`` never
+    overwrites the best checkpoint's evaluation), ``eval_<split>_<stem>-<8 hex digits>.json``
+    for a checkpoint kept elsewhere (given as a path; the digits hash its absolute path, so a
+    copy named ``best.pt`` neither overwrites the run's own evaluation nor another copy's)."""
+    run_dir, text = Path(run_dir), str(checkpoint)
+    name = Path(text).name
+    if "/" in text or os.sep in text:
+        path = user_path(text).resolve()
+        if path.parent != run_dir.resolve():
+            tag = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+            return run_dir / f"eval_{split}_{_file_word(path.stem)}-{tag}.json"
+        name = path.name  # the run's own file, named by a path
+    suffix = "" if name == BEST else f"_{_file_word(Path(name).stem)}"
+    return run_dir / f"eval_{split}{suffix}.json"
+
+
+def _file_word(stem: str) -> str:
+    """``stem`` with what a run file's name may not hold as ``_`` (rundir's pattern: an
+    evaluation named otherwise would not be known as the run's by ``--overwrite``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "_"
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = BEST,
-                 device: str | None = None, write: bool = True) -> dict:
+                 device: str | None = None, write: bool = True,
+                 batch_size: int | None = None) -> dict:
     """Rebuilds a run's dataset and model from its ``config.yaml``, loads ``checkpoint`` (the
-    name of a file in ``run_dir``) and scores ``split``; writes :func:`evaluation_path` into the
-    run directory when ``write``, holding the directory's shared lock: a training run writing
-    it is an error (RunDirError), not a mixture."""
+    name of a file in ``run_dir``, or a path: :func:`checkpoint_path`) and scores ``split``,
+    ``batch_size`` rows per forward pass (default the run's ``train.eval_batch_size``); writes
+    :func:`evaluation_path` into the run directory when ``write``, holding the directory's
+    shared lock: a training run writing it is an error (RunDirError), not a mixture."""
     run_dir = Path(run_dir)
     load_run_config(run_dir)  # first: a directory that is no run is not locked (gets no .lock)
     lock = RunLock(run_dir, shared=True).acquire() if write else None
@@ -614,11 +628,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
         model.to(dev)
         # The same flag as the run's metrics.json: scores of a valid split that is the test
         # split are test scores the checkpoint was selected on.
-        metrics = {"split": split, "checkpoint": checkpoint, "epoch": state.get("epoch"),
+        # a checkpoint kept elsewhere is recorded by its absolute path (the file name's hash)
+        given = str(checkpoint)
+        name = given if "/" not in given and os.sep not in given else str(path.resolve())
+        metrics = {"split": split, "checkpoint": name, "epoch": state.get("epoch"),
                    "valid_is_test": dataset.splits["valid"] is dataset.splits["test"],
                    "warnings": split_warnings(dataset.splits),
                    **evaluate(model, dataset.splits[split],
-                              batch_size=config["train"]["eval_batch_size"], device=dev)}
+                              batch_size=batch_size or config["train"]["eval_batch_size"],
+                              device=dev)}
         if write:
             write_json(metrics, evaluation_path(run_dir, split, checkpoint))
     finally:
