@@ -726,3 +726,56 @@ def test_overwrite_never_deletes_a_run_written_after_its_checks(train_config, tm
     run_dir_, lock, _ = runner._claim(plan, False, True)
     lock.release()
     assert not (run_dir / LAST).exists()
+
+
+def test_a_stop_between_last_pt_and_best_pt_is_repaired_by_the_resume(train_config, tmp_path,
+                                                                       monkeypatch, capsys):
+    """best.pt was written before last.pt: a stop between the two left the best.pt of an epoch
+    that a resume trained again, so a resume with a changed setting ended with "best.pt holds
+    epoch 2, but the run's best epoch is 1" and no metrics.json, for good. Now last.pt comes
+    first, and a resume whose checkpoint is the best epoch rewrites best.pt from it."""
+    config = tmp_path / "c.yaml"
+    dump_config(_quick(train_config, epochs=1), config)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "whole"), "--quiet",
+                 "--no-plots"]) == 0
+    whole = read_json(tmp_path / "whole" / "metrics.json")
+
+    save = loop_module.save_checkpoint
+
+    def stop_at_best(state, path):
+        if Path(path).name == BEST:
+            raise KeyboardInterrupt  # the process dies here
+        save(state, path)
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", stop_at_best)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        from cetnet.train import run_training
+
+        run_training(read_yaml(config), run_dir, quiet=True, plots=False)
+    assert (run_dir / LAST).exists() and not (run_dir / BEST).exists()
+    monkeypatch.setattr(loop_module, "save_checkpoint", save)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--quiet", "--no-plots"]) == 0
+    assert "rewritten from the checkpoint resumed" in capsys.readouterr().err
+    assert _without_timing(read_json(run_dir / "metrics.json")) == _without_timing(whole)
+
+
+def test_a_resume_refuses_a_config_yaml_whose_model_section_was_edited(train_config, tmp_path,
+                                                                       capsys):
+    """A run's config.yaml edited in its model section (the fusion temperature: the shapes
+    still fit) was resumed without a word, and its old best.pt then scored under the new
+    config: the metrics of neither. Refused like another architecture, nothing written."""
+    _, run_dir = _finished_run(train_config, tmp_path)
+    (run_dir / "metrics.json").unlink()  # as if interrupted after its last checkpoint
+    config = read_yaml(run_dir / "config.yaml")
+    config["model"]["fusion"]["temperature"] = 0.5
+    dump_config(config, run_dir / "config.yaml")
+    before = _snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--epochs", "3", "--quiet",
+                 "--no-plots"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{run_dir / LAST}: trained with another model config than " \
+           f"{run_dir / 'config.yaml'}" in line
+    assert _snapshot(run_dir) == before

@@ -501,3 +501,27 @@ def test_search_help_says_the_space_wins_over_set(capsys):
         main(["search", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "the space's base and its searched values win over them" in text
+
+
+def test_ctrl_c_inside_optunas_bookkeeping_is_an_interrupt_not_a_traceback(tmp_path, capsys,
+                                                                           one_thread,
+                                                                           monkeypatch):
+    """Ctrl-C while Optuna recorded a finished trial surfaced as Optuna's own UnboundLocalError
+    (raised while handling the KeyboardInterrupt): a traceback and exit 1 instead of the
+    interrupt's line and 130. The study itself resumes (the trial stays failed)."""
+    import optuna.study._tell as tell
+
+    from cetnet.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tell, "_get_frozen_trial", interrupted)
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    assert main(["search", "--dataset", "synthetic", "--space", str(path), "--out",
+                 str(tmp_path / "out"), "--trials", "1", "--warmup-fraction", "0", "--set",
+                 *DATA]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: continue with the same command and --resume" in err, err
+    assert "Traceback" not in err

@@ -177,9 +177,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {text or type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted: continue with the same command and --resume",
-              file=sys.stderr)
-        return 130
+        return _interrupted()
+    except Exception as e:
+        # Ctrl-C inside Optuna's bookkeeping of a finished trial surfaces as another error
+        # raised while handling it (UnboundLocalError in its _run_trial): still an interrupt
+        if not _during_interrupt(e):
+            raise
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    print(f"\n{PROG}: interrupted: continue with the same command and --resume", file=sys.stderr)
+    return 130
+
+
+def _during_interrupt(e: BaseException) -> bool:
+    """Whether ``e`` was raised while a KeyboardInterrupt was being handled."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 if __name__ == "__main__":

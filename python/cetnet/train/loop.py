@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from cetnet import distributed
 from cetnet.config import ConfigError, check_device, dump_config, validate_config
 from cetnet.metrics import auc
-from cetnet.train.checkpoint import (BEST, LAST, CheckpointError, data_digest, first_line,
-                                     load_checkpoint, load_last, model_config, save_checkpoint,
-                                     save_last)
+from cetnet.train.checkpoint import (BEST, LAST, CheckpointError, check_model_config,
+                                     data_digest, first_line, load_checkpoint, load_last,
+                                     model_config, save_checkpoint, save_last)
 from cetnet.train import sharded
 from cetnet.train.builders import EnsembleModel
 from cetnet.train.evaluate import evaluate
@@ -633,11 +633,15 @@ class EpochRunner:
             best_tables["tables"] = sharded.save_tables(self.sharded, self.out_dir,
                                                         f"best-e{epoch}", optimizer=False)
         if distributed.is_main():  # rank 0 alone writes the run directory
+            # last.pt first: a crash between the two leaves best.pt of an earlier epoch, which
+            # a resume rebuilds from last.pt (repair_best). In the other order a crash left the
+            # best.pt of an epoch that a resume with changed settings trains again otherwise,
+            # over the true best one.
+            save_last(last, self.out_dir)  # the previous last.pt stays as last.prev.pt
             if best:
                 save_checkpoint({"model": self.model_state(), "epoch": epoch,
                                  "valid": valid, **best_tables, **self.identity},
                                 self.out_dir / BEST)
-            save_last(last, self.out_dir)  # the previous last.pt stays as last.prev.pt
             if self.sharded is not None:  # the folders no checkpoint names any more
                 # (last.prev.pt's and best.pt's were written by this attempt or one before)
                 sharded.prune_tables(self.out_dir, {last["tables"]},
@@ -671,7 +675,33 @@ def resume_state(runner: EpochRunner, out_dir: Path, checkpoint: dict | None = N
     if state.epoch > epochs:
         raise ConfigError(f"resume: train.epochs={epochs} is below the {state.epoch} "
                           f"epochs the run in {out_dir} has completed")
+    if distributed.is_main():
+        repair_best(runner, out_dir, checkpoint, state)
     return state
+
+
+def repair_best(runner: EpochRunner, out_dir: Path, checkpoint: dict, state: LoopState) -> None:
+    """Writes ``best.pt`` from the resumed ``checkpoint`` when its epoch is the run's best and
+    ``best.pt`` holds another (or none): the run stopped after writing ``last.pt`` and before
+    ``best.pt`` (the model of that epoch is in both). Not for a TorchRec run (its best tables
+    are a folder of their own: its load then names the mismatch)."""
+    if state.best_epoch != state.epoch or state.epoch == 0 or "tables" in checkpoint:
+        return
+    path = out_dir / BEST
+    try:
+        held = load_checkpoint(path, keys=("model",)).get("epoch") if path.exists() else None
+    except CheckpointError:
+        held = None  # unreadable: rebuilt too
+    if held == state.epoch:
+        return
+    entry = next((h for h in state.history if h.get("epoch") == state.epoch), None)
+    if entry is None or "valid" not in entry:  # (a loop state fit did not make)
+        return
+    save_checkpoint({"model": checkpoint["model"], "epoch": state.epoch, "valid": entry["valid"],
+                     **runner.identity}, path)
+    print(f"warning: {path} held epoch {held}, not the run's best epoch {state.epoch}; "
+          f"rewritten from the checkpoint resumed (the run stopped between the two writes)",
+          file=sys.stderr)
 
 
 def fit(model: nn.Module, dataset: Any, config: dict, out_dir: str | Path, *,
@@ -799,6 +829,7 @@ def _train_and_test(runner: EpochRunner, state: LoopState, config: dict, dataset
 
     def load_best() -> None:
         best = load_checkpoint(out_dir / BEST, map_location=device, keys=("model",))
+        check_model_config(best, config, out_dir / BEST)
         if best.get("epoch") != state.best_epoch:
             # e.g. a resume from last.prev.pt whose best epoch was not chosen again
             raise TrainingError(f"{out_dir / BEST} holds epoch {best.get('epoch')}, but the "

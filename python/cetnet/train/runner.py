@@ -276,6 +276,9 @@ def check_run(config: dict, out: str | Path | None = None, *, resume: bool = Fal
         plan.checkpoint, path = _load_last(run_dir)
         check_model_checkpoint(model, plan.checkpoint, path)
         check_data_digest(plan.checkpoint, dataset, path)
+        # the shapes can fit another model section (an edited fusion temperature): a resume
+        # keeps the model, as it keeps the data
+        check_model_config(plan.checkpoint, config, path)
         _check_resumable(plan.checkpoint, config, run_dir)
     return plan
 
