@@ -634,7 +634,7 @@ def test_fill_na_and_normalizer_are_read_as_fuxictr_reads_them(tmp_path):
                 {"name": "I2", "type": "numeric", "normalizer": "StandardScaler"},
                 {"name": "I3", "type": "numeric", "fill_na": -1.5},
                 {"name": CRITEO_I[3:], "type": "numeric"}]
-    cols[-1] = {"name": "C1", "type": "categorical", "fill_na": "__missing__"}
+    cols[-1] = {"name": "C1", "type": "categorical", "fill_na": 7}  # FuxiCTR's na token
     cols.append({"name": CRITEO_C[1:], "type": "categorical"})
     cfg_path.write_text(yaml.safe_dump(cfg))
     ds = load_bars(cfg_path)
@@ -657,10 +657,12 @@ def test_fill_na_and_normalizer_are_read_as_fuxictr_reads_them(tmp_path):
         assert torch.equal(ds.splits[split].dense[:, 3:], plain.splits[split].dense[:, 3:])
         # empty cells are still counted
         assert ds.splits[split].stats.imputed == plain.splits[split].stats.imputed
-        empty = [i for i, r in enumerate(rows[split]) if not r["C1"]]
-        assert empty and all(int(ds.splits[split].sparse["C1"][i])
-                             == ds.vocabs["C1"].id("__missing__") for i in empty)
-    assert ds.vocabs["C1"].id("__missing__") > 1  # a real token of train, not OOV
+        # C1's na token reads as an empty cell does: out of vocabulary (as FuxiCTR's Tokenizer)
+        missing = [i for i, r in enumerate(rows[split]) if r["C1"] in ("", "7")]
+        assert any(r["C1"] == "7" for r in rows[split])
+        assert all(int(ds.splits[split].sparse["C1"][i]) == 1 for i in missing)
+        assert torch.equal(ds.splits[split].sparse["C2"], plain.splits[split].sparse["C2"])
+    assert "7" not in ds.vocabs["C1"].tokens and "7" in plain.vocabs["C1"].tokens
     assert "min" in ds.summary() and "fill -1.5" in ds.summary()
     # a plain-csv prediction of these rows encodes them alike (the statistics carry the fill)
     stats = type(ds.dense_stats).from_dict(ds.dense_stats.to_dict())

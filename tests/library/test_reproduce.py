@@ -690,3 +690,15 @@ def test_rows_of_a_base_with_one_embedding_dim_per_member(schema):
     assert row_config(base, "kdef_shared")["model"]["embedding_dim"] == [8, 8]
     base["model"] = {**base["model"], "members": ["dnn"], "embedding_dim": [8]}
     assert row_config(base, "dcnv2")["model"]["embedding_dim"] == [8]
+
+
+def test_a_metric_stored_as_null_reads_as_nan():
+    """metrics.json stores a NaN as null: the gAUC of data without groups, read back from a
+    reused run, crashed the reports (float(None)); it is a non-finite value like NaN."""
+    import math
+
+    from cetnet.reproduce.stats import mean_std, paired_difference
+
+    assert all(math.isnan(x) for x in mean_std([None, None]))
+    d = paired_difference({0: None, 1: 0.6, 2: 0.7}, {0: 0.5, 1: 0.5, 2: 0.5})
+    assert d.nonfinite == [0] and d.seeds == [1, 2]

@@ -18,9 +18,9 @@ BARS tuner config with a ``dataset_config:`` section, or the config mapping itse
 Honoured keys: ``name`` (str or list), ``type`` (categorical, numeric, sequence, meta),
 ``active``, ``splitter``, ``max_len``, ``share_embedding`` (the ids of the named feature's
 vocabulary; the embedding table is the feature's own), ``min_categr_count``, ``preprocess:
-copy_from(col)``, ``fill_na`` (what an empty cell reads as: a number for a numeric feature,
-counted in its statistics; a token for a categorical or sequence one; without it a numeric cell
-takes the train mean and a categorical one is OOV), ``normalizer`` (numeric: ``StandardScaler``,
+copy_from(col)``, ``fill_na`` (numeric: the number an empty cell reads as, counted in its
+statistics; without it the train mean; categorical or sequence: FuxiCTR's missing-value token,
+read as out of vocabulary (padding in a sequence) like an empty cell), ``normalizer`` (numeric: ``StandardScaler``,
 the default, or ``MinMaxScaler``), ``group_id`` (in the dataset config or a tuner config's
 ``tuner_space``: the meta or categorical column gAUC groups by, default the first meta column;
 without one gAUC is not reported), and our own ``order: oldest_first | newest_first`` for
@@ -138,11 +138,14 @@ class _SplitReader:
         if c.type == "numeric":
             return np.asarray(parse_float(values, path, lines, c.column))
         lookup = self.lookups[c.name]
-        if c.fill_na is not None:  # an empty cell reads as the fill token (FuxiCTR's fill_na)
-            values = [v if v else c.fill_na for v in values]
+        na = c.fill_na  # FuxiCTR's na value: never a vocabulary entry, read as a missing value
+        if na is not None:
+            values = ["" if v == na else v for v in values]
         if c.type == "categorical":
             return np.asarray(lookup(list(values)), dtype=np.int32)
         seqs = [v.split(c.splitter) if v else [] for v in values]
+        if na is not None:  # (FuxiCTR pads it)
+            seqs = [[t for t in s if t != na] for s in seqs]
         if not c.newest_first:
             seqs = [s[::-1] for s in seqs]
         seqs = [s[:c.max_len] for s in seqs]

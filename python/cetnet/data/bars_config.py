@@ -40,8 +40,8 @@ class BarsColumn:
     newest_first: bool = False  # sequence cells list the most recent behaviour first
     # Set only by YAMLs that name fill_na / normalizer; kept out of the repr (a cache key), so
     # the caches of every other YAML keep their keys: load_bars adds these to the key itself.
-    #: what an empty cell reads as: a number (numeric) or a token (categorical, sequence);
-    #: None: numeric cells are imputed with the train mean, categorical ones are OOV
+    #: numeric: what an empty cell reads as (None: the train mean); categorical, sequence: a
+    #: token read as missing (OOV, padding in a sequence), as FuxiCTR reads its na value
     fill_na: float | str | None = field(default=None, repr=False)
     #: numeric only: "minmax" (FuxiCTR's MinMaxScaler) or None (standardized, the default)
     scaler: str | None = field(default=None, repr=False)
@@ -223,8 +223,9 @@ def _feature(col: Any, k: int, where: str, default_min: int, seq_order: str,
 
 
 def _fill_na(value: Any, kind: str, at: str) -> float | str | None:
-    """``fill_na`` as FuxiCTR takes it: a number for a numeric feature, a token (a string, or
-    a number read as one) for a categorical or sequence one; a meta column ignores it."""
+    """``fill_na``: a number for a numeric feature (what an empty cell reads as); for a
+    categorical or sequence one FuxiCTR's missing-value token (a string, or a number read as
+    one), which is never a vocabulary entry; a meta column ignores it."""
     if value is None or kind == "meta":
         return None
     if kind == "numeric":

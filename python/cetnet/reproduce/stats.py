@@ -33,7 +33,7 @@ def t_quantile_975(df: int) -> float:
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample standard deviation); std is NaN for fewer than 2 values, both NaN for
     none."""
-    xs = [float(v) for v in values]
+    xs = [_number(v) for v in values]
     if not xs:
         return math.nan, math.nan
     m = sum(xs) / len(xs)
@@ -70,13 +70,19 @@ class PairedDiff:
         return ("better" if good else "worse" if bad else "within seed noise") + left_out
 
 
+def _number(v: object) -> float:
+    """A metric as a float: None (a NaN as metrics.json stores it, e.g. the gAUC of data
+    without groups) is NaN."""
+    return math.nan if v is None else float(v)  # type: ignore[arg-type]
+
+
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff:
     """``a[s] - b[s]`` over the seeds both have where both values are finite (a NaN metric: a
     one-class test split, or NaN predictions); the others are ``nonfinite``."""
     both = sorted(set(a) & set(b))
-    finite = [s for s in both if math.isfinite(float(a[s])) and math.isfinite(float(b[s]))]
+    finite = [s for s in both if math.isfinite(_number(a[s])) and math.isfinite(_number(b[s]))]
     seeds, nonfinite = finite, [s for s in both if s not in finite]
-    diffs = [float(a[s]) - float(b[s]) for s in seeds]
+    diffs = [_number(a[s]) - _number(b[s]) for s in seeds]
     m, sd = mean_std(diffs)
     if len(diffs) >= 2:
         half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))

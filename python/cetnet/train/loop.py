@@ -636,12 +636,16 @@ class EpochRunner:
             # last.pt first: a crash between the two leaves best.pt of an earlier epoch, which
             # a resume rebuilds from last.pt (repair_best). In the other order a crash left the
             # best.pt of an epoch that a resume with changed settings trains again otherwise,
-            # over the true best one.
-            save_last(last, self.out_dir)  # the previous last.pt stays as last.prev.pt
+            # over the true best one. A TorchRec run keeps best.pt first: its best tables are
+            # a folder of their own, which repair_best does not rebuild.
+            if self.sharded is None:
+                save_last(last, self.out_dir)  # the previous last.pt stays as last.prev.pt
             if best:
                 save_checkpoint({"model": self.model_state(), "epoch": epoch,
                                  "valid": valid, **best_tables, **self.identity},
                                 self.out_dir / BEST)
+            if self.sharded is not None:
+                save_last(last, self.out_dir)
             if self.sharded is not None:  # the folders no checkpoint names any more
                 # (last.prev.pt's and best.pt's were written by this attempt or one before)
                 sharded.prune_tables(self.out_dir, {last["tables"]},

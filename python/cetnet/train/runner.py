@@ -626,7 +626,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
             raise TrainingError(f"evaluate: the dataset's {split} split has no rows")
         state = load_checkpoint(path, map_location=dev, keys=("model",))
         check_data_digest(state, dataset, path)
-        check_model_config(state, config, path)
+        check_model_config(state, config, path, Path(run_dir) / CONFIG_FILE)
         load_model_state(model, state, path)
         model.to(dev)
         # The same flag as the run's metrics.json: scores of a valid split that is the test
